@@ -1,0 +1,28 @@
+//! Candle-free retrieval core for Tevatron in Rust.
+//!
+//! This crate holds everything that does not need a neural network: reading Tevatron's JSONL
+//! records ([`records`]), the on-disk embeddings format ([`vectors`]), exact inner-product search
+//! ([`search`]), TREC run and qrels I/O ([`trec`]) and trec_eval-equal metrics ([`metrics`]).
+//! It builds in seconds, so search and evaluation can be tested and reused on their own.
+//!
+//! ```
+//! use tevatron_ir::metrics::{evaluate, Measure};
+//! use tevatron_ir::trec::{Qrels, Run};
+//!
+//! let qrels = Qrels::parse_str("q1 0 d1 1\nq1 0 d2 0\n", "qrels").unwrap();
+//! let run = Run::parse_str("q1\td2\t2.0\nq1\td1\t1.0\n", "run").unwrap();
+//! let measures = [Measure::parse("mrr@10").unwrap()];
+//! let result = evaluate(&run, &qrels, &measures, false);
+//! assert_eq!(result.means[0], 0.5);
+//! ```
+#![warn(missing_docs)]
+
+pub mod atomic;
+pub mod error;
+pub mod metrics;
+pub mod records;
+pub mod search;
+pub mod trec;
+pub mod vectors;
+
+pub use error::{Error, Result};

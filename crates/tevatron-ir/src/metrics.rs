@@ -1,0 +1,255 @@
+//! Retrieval metrics with the semantics of trec_eval 9 / pytrec_eval.
+//!
+//! Each query's documents are ordered by score descending, then doc id descending (trec_eval's
+//! `comp_sim_docno`); the rank column and line order of the run play no part. A document is
+//! relevant when its judgement is at least 1; nDCG uses the judgement as a graded gain.
+//! Means are taken over the queries that are in both the run and the qrels, or, with
+//! `complete` (trec_eval `-c`), over every judged query, counting a missing one as 0.
+//! This module knows nothing of file formats: it takes a [`Run`] and [`Qrels`].
+
+use std::cmp::Ordering;
+use std::collections::HashMap;
+
+use crate::trec::{Qrels, Run};
+use crate::{Error, Result};
+
+/// What a measure computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MeasureKind {
+    /// Reciprocal rank of the first relevant document, on the run cut to `k` if given.
+    RecipRank(Option<usize>),
+    /// nDCG at a cut-off (`ndcg_cut.k`), or over the whole ranking (`ndcg`).
+    Ndcg(Option<usize>),
+    /// Fraction of relevant documents retrieved in the top `k`.
+    Recall(usize),
+    /// Fraction of the top `k` that is relevant (divided by `k` even if fewer were retrieved).
+    Precision(usize),
+    /// Mean average precision, over the whole ranking or cut at `k` (`map_cut.k`).
+    Map(Option<usize>),
+}
+
+/// A measure and the name the user gave it (used as the key of the output).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Measure {
+    /// The name as written by the user.
+    pub name: String,
+    /// What it computes.
+    pub kind: MeasureKind,
+}
+
+fn cutoff(name: &str, k: &str) -> Result<usize> {
+    match k.parse::<usize>() {
+        Ok(k) if k > 0 => Ok(k),
+        _ => Err(Error::Invalid(format!("measure {name:?}: cut-off {k:?} is not a positive integer"))),
+    }
+}
+
+impl Measure {
+    /// Parses one measure: `mrr@K`, `ndcg@K`, `recall@K`, `p@K`, `map`, `map@K`, or the
+    /// trec_eval spellings `recip_rank`, `ndcg`, `ndcg_cut.K`, `recall.K`, `P.K`, `map_cut.K`
+    /// (also with `_` before the number, as trec_eval prints them).
+    pub fn parse(name: &str) -> Result<Measure> {
+        let unknown = || {
+            Error::Invalid(format!(
+                "unknown measure {name:?}; use mrr@K, ndcg@K, recall@K, p@K, map, map@K, \
+                 recip_rank, ndcg, ndcg_cut.K, recall.K, P.K or map_cut.K"
+            ))
+        };
+        let (base, k) = match name.find(['@', '.']) {
+            Some(i) => (&name[..i], Some(&name[i + 1..])),
+            None => match name.rfind('_') {
+                Some(i) if name[i + 1..].chars().all(|c| c.is_ascii_digit()) && i + 1 < name.len() => {
+                    (&name[..i], Some(&name[i + 1..]))
+                }
+                _ => (name, None),
+            },
+        };
+        let k = k.map(|k| cutoff(name, k)).transpose()?;
+        let kind = match (base.to_ascii_lowercase().as_str(), k) {
+            ("mrr" | "recip_rank", k) => MeasureKind::RecipRank(k),
+            ("ndcg" | "ndcg_cut", k) => MeasureKind::Ndcg(k),
+            ("recall", Some(k)) => MeasureKind::Recall(k),
+            ("p" | "precision", Some(k)) => MeasureKind::Precision(k),
+            ("map" | "map_cut", k) => MeasureKind::Map(k),
+            _ => return Err(unknown()),
+        };
+        Ok(Measure { name: name.to_string(), kind })
+    }
+
+    /// Parses a `-m` value, which may list several cut-offs as trec_eval allows
+    /// (`recall.5,100` gives `recall.5` and `recall.100`).
+    pub fn parse_list(spec: &str) -> Result<Vec<Measure>> {
+        let mut parts = spec.split(',');
+        let first = parts.next().unwrap_or_default();
+        let mut out = vec![Measure::parse(first)?];
+        let stem = match first.find(['@', '.']) {
+            Some(i) => &first[..=i],
+            None => return if spec.contains(',') { Err(Error::Invalid(format!("measure {spec:?}: a list of cut-offs needs a base like recall.5,100"))) } else { Ok(out) },
+        };
+        for k in parts {
+            out.push(Measure::parse(&format!("{stem}{k}"))?);
+        }
+        Ok(out)
+    }
+}
+
+/// trec_eval's order: score descending, then doc id descending.
+pub fn trec_order<S: AsRef<str>>(a: &(S, f64), b: &(S, f64)) -> Ordering {
+    b.1.partial_cmp(&a.1).unwrap_or(Ordering::Equal).then_with(|| b.0.as_ref().cmp(a.0.as_ref()))
+}
+
+/// Computes one measure for one query, given relevance of the ranked list (best first) and the
+/// query's judgements.
+fn measure_query(kind: MeasureKind, ranked_rel: &[i64], judged: &HashMap<String, i64>) -> f64 {
+    let num_rel = judged.values().filter(|&&r| r >= 1).count();
+    let cut = |k: Option<usize>| k.map_or(ranked_rel.len(), |k| k.min(ranked_rel.len()));
+    match kind {
+        MeasureKind::RecipRank(k) => ranked_rel[..cut(k)]
+            .iter()
+            .position(|&r| r >= 1)
+            .map_or(0.0, |i| 1.0 / (i + 1) as f64),
+        MeasureKind::Precision(k) => {
+            ranked_rel[..cut(Some(k))].iter().filter(|&&r| r >= 1).count() as f64 / k as f64
+        }
+        MeasureKind::Recall(k) => {
+            if num_rel == 0 {
+                return 0.0;
+            }
+            ranked_rel[..cut(Some(k))].iter().filter(|&&r| r >= 1).count() as f64 / num_rel as f64
+        }
+        MeasureKind::Map(k) => {
+            if num_rel == 0 {
+                return 0.0;
+            }
+            let mut found = 0usize;
+            let mut sum = 0.0;
+            for (i, &r) in ranked_rel[..cut(k)].iter().enumerate() {
+                if r >= 1 {
+                    found += 1;
+                    sum += found as f64 / (i + 1) as f64;
+                }
+            }
+            sum / num_rel as f64
+        }
+        MeasureKind::Ndcg(k) => {
+            let dcg: f64 = ranked_rel[..cut(k)]
+                .iter()
+                .enumerate()
+                .filter(|(_, &r)| r > 0)
+                .map(|(i, &r)| r as f64 / ((i + 2) as f64).log2())
+                .sum();
+            let mut gains: Vec<i64> = judged.values().copied().filter(|&r| r > 0).collect();
+            gains.sort_unstable_by(|a, b| b.cmp(a));
+            let ideal_len = k.map_or(gains.len(), |k| k.min(gains.len()));
+            let idcg: f64 = gains[..ideal_len]
+                .iter()
+                .enumerate()
+                .map(|(i, &r)| r as f64 / ((i + 2) as f64).log2())
+                .sum();
+            if idcg > 0.0 {
+                dcg / idcg
+            } else {
+                0.0
+            }
+        }
+    }
+}
+
+/// The result of [`evaluate`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Evaluation {
+    /// Measure names, in the order asked.
+    pub names: Vec<String>,
+    /// Mean of each measure.
+    pub means: Vec<f64>,
+    /// Per-query values, in run order (then, with `complete`, judged queries missing from the run).
+    pub per_query: Vec<(String, Vec<f64>)>,
+}
+
+/// Evaluates `run` against `qrels` on every measure.
+pub fn evaluate(run: &Run, qrels: &Qrels, measures: &[Measure], complete: bool) -> Evaluation {
+    let judged: HashMap<&str, &HashMap<String, i64>> =
+        qrels.queries.iter().map(|(q, j)| (q.as_str(), j)).collect();
+    let mut per_query = Vec::new();
+    let mut in_run = std::collections::HashSet::new();
+    for (qid, docs) in &run.queries {
+        let Some(j) = judged.get(qid.as_str()) else { continue };
+        in_run.insert(qid.as_str());
+        let mut ranked: Vec<&(String, f64)> = docs.iter().collect();
+        ranked.sort_by(|a, b| trec_order(*a, *b));
+        let rels: Vec<i64> = ranked.iter().map(|(d, _)| j.get(d).copied().unwrap_or(0)).collect();
+        let values: Vec<f64> = measures.iter().map(|m| measure_query(m.kind, &rels, j)).collect();
+        per_query.push((qid.clone(), values));
+    }
+    let mut denominator = per_query.len();
+    if complete {
+        for (qid, j) in &qrels.queries {
+            if !in_run.contains(qid.as_str()) {
+                let values: Vec<f64> = measures.iter().map(|m| measure_query(m.kind, &[], j)).collect();
+                per_query.push((qid.clone(), values));
+            }
+        }
+        denominator = qrels.queries.len();
+    }
+    let means = (0..measures.len())
+        .map(|i| {
+            if denominator == 0 {
+                0.0
+            } else {
+                per_query.iter().map(|(_, v)| v[i]).sum::<f64>() / denominator as f64
+            }
+        })
+        .collect();
+    Evaluation { names: measures.iter().map(|m| m.name.clone()).collect(), means, per_query }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eval1(run: &str, qrels: &str, m: &str) -> f64 {
+        let run = Run::parse_str(run, "r").unwrap();
+        let qrels = Qrels::parse_str(qrels, "q").unwrap();
+        evaluate(&run, &qrels, &[Measure::parse(m).unwrap()], false).means[0]
+    }
+
+    #[test]
+    fn measures_parse_in_both_spellings() {
+        use MeasureKind::*;
+        for (s, k) in [
+            ("mrr@10", RecipRank(Some(10))),
+            ("recip_rank", RecipRank(None)),
+            ("ndcg@10", Ndcg(Some(10))),
+            ("ndcg_cut.10", Ndcg(Some(10))),
+            ("ndcg_cut_10", Ndcg(Some(10))),
+            ("recall.100", Recall(100)),
+            ("P.10", Precision(10)),
+            ("p@5", Precision(5)),
+            ("map", Map(None)),
+            ("map_cut.100", Map(Some(100))),
+        ] {
+            assert_eq!(Measure::parse(s).unwrap().kind, k, "{s}");
+        }
+        assert!(Measure::parse("bpref").is_err());
+        assert!(Measure::parse("recall@0").is_err());
+        let names: Vec<String> =
+            Measure::parse_list("recall.5,100").unwrap().into_iter().map(|m| m.name).collect();
+        assert_eq!(names, ["recall.5", "recall.100"]);
+    }
+
+    #[test]
+    fn ties_break_by_docid_descending() {
+        // Both at score 1: d2 ranks before d10? No: "d2" > "d10" as strings, so d2 first.
+        assert_eq!(eval1("q d10 1\nq d2 1\n", "q 0 d2 1\n", "mrr@1"), 1.0);
+        assert_eq!(eval1("q d10 1\nq d2 1\n", "q 0 d10 1\n", "mrr@1"), 0.0);
+    }
+
+    #[test]
+    fn ndcg_graded_by_hand() {
+        // ranking: d1 (rel 2), d2 (rel 0), d3 (rel 1); ideal: 2, 1
+        let dcg = 2.0 + 1.0 / 4f64.log2();
+        let idcg = 2.0 + 1.0 / 3f64.log2();
+        let got = eval1("q d1 3\nq d2 2\nq d3 1\n", "q 0 d1 2\nq 0 d2 0\nq 0 d3 1\n", "ndcg@10");
+        assert!((got - dcg / idcg).abs() < 1e-12);
+    }
+}

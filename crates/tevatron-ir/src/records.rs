@@ -1,0 +1,361 @@
+//! Tevatron's input records, read as a stream: JSONL and `.jsonl.gz` files of queries
+//! (`query_id` + `query_text`/`query`) or corpus passages (`docid` + optional `title` + `text`).
+//!
+//! This module owns how a record becomes an id and a text, exactly as Tevatron's encode dataset
+//! builds it; it knows nothing of tokenizers. Errors name the file, the line and the field.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::{Error, Result};
+
+/// Which kind of record a file holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordKind {
+    /// `{query_id, query_text | query}`.
+    Query,
+    /// `{docid, title?, text}`.
+    Doc,
+}
+
+/// One record ready for tokenization: its id and its text (without any prefix).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TextRecord {
+    /// `query_id` or `docid`, as a string (integers are written in decimal).
+    pub id: String,
+    /// The text Tevatron would encode.
+    pub text: String,
+}
+
+/// Python's `str.isspace`, which `str.strip()` uses: Unicode white space plus the four
+/// information separators U+001C..U+001F that Rust's `char::is_whitespace` leaves out.
+pub fn py_isspace(c: char) -> bool {
+    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
+}
+
+/// Python's `str.strip()` with no argument.
+pub fn py_strip(s: &str) -> &str {
+    s.trim_matches(py_isspace)
+}
+
+/// Hugging Face `Dataset.shard(num_shards, index)` with contiguous blocks: shard `i` of `n` rows
+/// split `k` ways covers `[div*i + min(i, mod), +div + (i < mod))`.
+pub fn shard_range(n: usize, num_shards: usize, index: usize) -> Range<usize> {
+    let div = n / num_shards;
+    let rem = n % num_shards;
+    let start = div * index + index.min(rem);
+    let len = div + usize::from(index < rem);
+    start..start + len
+}
+
+/// A stream of JSON objects from one JSONL file (plain or gzip), with line numbers.
+pub struct JsonlReader {
+    path: PathBuf,
+    reader: Box<dyn BufRead + Send>,
+    line: usize,
+    buf: Vec<u8>,
+}
+
+/// Opens a JSONL file; a name ending in `.gz` is decompressed on the fly.
+pub fn open_jsonl(path: &Path) -> Result<JsonlReader> {
+    let file = File::open(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
+    let reader: Box<dyn BufRead + Send> = if path.extension().is_some_and(|e| e == "gz") {
+        Box::new(BufReader::with_capacity(1 << 20, flate2::read::MultiGzDecoder::new(file)))
+    } else if path.extension().is_some_and(|e| e == "parquet") {
+        return Err(Error::Invalid(format!(
+            "{}: Parquet input is not supported yet; convert it to JSONL first \
+             (pandas: pd.read_parquet(p).to_json(out, orient='records', lines=True, force_ascii=False))",
+            path.display()
+        )));
+    } else {
+        Box::new(BufReader::with_capacity(1 << 20, file))
+    };
+    Ok(JsonlReader { path: path.to_path_buf(), reader, line: 0, buf: Vec::new() })
+}
+
+impl JsonlReader {
+    /// The file being read.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads the next non-blank line as raw UTF-8 text; returns its line number.
+    pub fn next_line(&mut self) -> Option<Result<(usize, &str)>> {
+        loop {
+            self.buf.clear();
+            match self.reader.read_until(b'\n', &mut self.buf) {
+                Ok(0) => return None,
+                Ok(_) => {}
+                Err(source) => return Some(Err(Error::Read { path: self.path.clone(), source })),
+            }
+            self.line += 1;
+            let text = match std::str::from_utf8(&self.buf) {
+                Ok(t) => t,
+                Err(_) => {
+                    return Some(Err(Error::NotUtf8 { path: self.path.clone(), line: self.line }))
+                }
+            };
+            if text.trim().is_empty() {
+                continue;
+            }
+            // Re-borrow after the checks so the returned slice outlives the loop.
+            let text = std::str::from_utf8(&self.buf).expect("checked above");
+            return Some(Ok((self.line, text)));
+        }
+    }
+
+    /// Reads the next non-blank line as a JSON object.
+    pub fn next_object(&mut self) -> Option<Result<(usize, Value)>> {
+        let path = self.path.clone();
+        Some(self.next_line()?.and_then(|(line, text)| {
+            let value: Value =
+                serde_json::from_str(text).map_err(|source| Error::Json { path: path.clone(), line, source })?;
+            if !value.is_object() {
+                return Err(Error::FieldType { path, line, field: "<row>".into(), expected: "a JSON object" });
+            }
+            Ok((line, value))
+        }))
+    }
+
+    /// Counts the non-blank lines left in the file (used to shard without loading it).
+    pub fn count_rows(mut self) -> Result<usize> {
+        let mut n = 0;
+        loop {
+            self.buf.clear();
+            match self.reader.read_until(b'\n', &mut self.buf) {
+                Ok(0) => return Ok(n),
+                Ok(_) => n += usize::from(self.buf.iter().any(|b| !b.is_ascii_whitespace())),
+                Err(source) => return Err(Error::Read { path: self.path, source }),
+            }
+        }
+    }
+}
+
+/// Reads an id field: a JSON string, or an integer written in decimal.
+pub fn id_field(obj: &Value, field: &str, path: &Path, line: usize) -> Result<String> {
+    match obj.get(field) {
+        None | Some(Value::Null) => {
+            Err(Error::MissingField { path: path.to_path_buf(), line, field: field.into() })
+        }
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Ok(n.to_string()),
+        Some(_) => Err(Error::FieldType {
+            path: path.to_path_buf(),
+            line,
+            field: field.into(),
+            expected: "a string or an integer",
+        }),
+    }
+}
+
+/// Reads an optional text field: `None` when absent, `""` when null.
+pub fn text_field<'a>(obj: &'a Value, field: &str, path: &Path, line: usize) -> Result<Option<&'a str>> {
+    match obj.get(field) {
+        None => Ok(None),
+        Some(Value::Null) => Ok(Some("")),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(Error::FieldType {
+            path: path.to_path_buf(),
+            line,
+            field: field.into(),
+            expected: "a string",
+        }),
+    }
+}
+
+/// Builds the record Tevatron's encode dataset would build from one JSON row.
+///
+/// Queries: `query_text or query or ''` (a row with neither field is an error). Documents:
+/// `(title + ' ' + text).strip()` when a `title` key exists, else `text.strip()`.
+pub fn text_record(obj: &Value, kind: RecordKind, path: &Path, line: usize) -> Result<TextRecord> {
+    match kind {
+        RecordKind::Query => {
+            let id = id_field(obj, "query_id", path, line)?;
+            let text = match text_field(obj, "query_text", path, line)? {
+                Some(t) if !t.is_empty() => t,
+                _ => match text_field(obj, "query", path, line)? {
+                    Some(t) => t,
+                    None if obj.get("query_text").is_some() => "",
+                    None => {
+                        return Err(Error::MissingField {
+                            path: path.to_path_buf(),
+                            line,
+                            field: "query".into(),
+                        })
+                    }
+                },
+            };
+            Ok(TextRecord { id, text: text.to_string() })
+        }
+        RecordKind::Doc => {
+            let id = id_field(obj, "docid", path, line)?;
+            let text = text_field(obj, "text", path, line)?.ok_or_else(|| Error::MissingField {
+                path: path.to_path_buf(),
+                line,
+                field: "text".into(),
+            })?;
+            let text = match text_field(obj, "title", path, line)? {
+                Some(title) => py_strip(&format!("{title} {text}")).to_string(),
+                None => py_strip(text).to_string(),
+            };
+            Ok(TextRecord { id, text })
+        }
+    }
+}
+
+/// A stream of [`TextRecord`]s over several files read in order, optionally restricted to a
+/// contiguous range of row numbers (for `--dataset_number_of_shards`).
+pub struct RecordStream {
+    files: std::vec::IntoIter<PathBuf>,
+    current: Option<JsonlReader>,
+    kind: RecordKind,
+    range: Range<usize>,
+    row: usize,
+}
+
+impl RecordStream {
+    /// Streams every record of `files`, in order.
+    pub fn open(files: Vec<PathBuf>, kind: RecordKind) -> Self {
+        Self { files: files.into_iter(), current: None, kind, range: 0..usize::MAX, row: 0 }
+    }
+
+    /// Keeps only rows whose 0-based position across all files falls in `range`.
+    pub fn with_range(mut self, range: Range<usize>) -> Self {
+        self.range = range;
+        self
+    }
+}
+
+/// Counts the rows of all files (non-blank lines), for sharding.
+pub fn count_rows(files: &[PathBuf]) -> Result<usize> {
+    files.iter().map(|f| open_jsonl(f)?.count_rows()).sum()
+}
+
+impl Iterator for RecordStream {
+    type Item = Result<TextRecord>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if self.row >= self.range.end {
+                return None;
+            }
+            if self.current.is_none() {
+                let path = self.files.next()?;
+                match open_jsonl(&path) {
+                    Ok(r) => self.current = Some(r),
+                    Err(e) => return Some(Err(e)),
+                }
+            }
+            let reader = self.current.as_mut().expect("set above");
+            if self.row < self.range.start {
+                match reader.next_line() {
+                    None => self.current = None,
+                    Some(Err(e)) => return Some(Err(e)),
+                    Some(Ok(_)) => self.row += 1,
+                }
+                continue;
+            }
+            match reader.next_object() {
+                None => self.current = None,
+                Some(Err(e)) => return Some(Err(e)),
+                Some(Ok((line, obj))) => {
+                    self.row += 1;
+                    return Some(text_record(&obj, self.kind, reader.path(), line));
+                }
+            }
+        }
+    }
+}
+
+/// Reads a whole file into memory, naming the path in the error.
+pub fn read_to_string(path: &Path) -> Result<String> {
+    let mut s = String::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_string(&mut s))
+        .map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(json: &str, kind: RecordKind) -> Result<TextRecord> {
+        let v: Value = serde_json::from_str(json).expect("test json");
+        text_record(&v, kind, Path::new("f.jsonl"), 3)
+    }
+
+    #[test]
+    fn doc_text_joins_title_and_strips() {
+        let r = rec(r#"{"docid": 7, "title": "", "text": " body \n"}"#, RecordKind::Doc).unwrap();
+        assert_eq!(r, TextRecord { id: "7".into(), text: "body".into() });
+        let r = rec(r#"{"docid": "a", "title": "T", "text": "x"}"#, RecordKind::Doc).unwrap();
+        assert_eq!(r.text, "T x");
+        let r = rec(r#"{"docid": "a", "text": "\u001fx "}"#, RecordKind::Doc).unwrap();
+        assert_eq!(r.text, "x");
+    }
+
+    #[test]
+    fn query_text_prefers_query_text_then_query() {
+        assert_eq!(rec(r#"{"query_id":"1","query_text":"a","query":"b"}"#, RecordKind::Query).unwrap().text, "a");
+        assert_eq!(rec(r#"{"query_id":"1","query_text":null,"query":"b"}"#, RecordKind::Query).unwrap().text, "b");
+        assert_eq!(rec(r#"{"query_id":"1","query_text":null}"#, RecordKind::Query).unwrap().text, "");
+    }
+
+    #[test]
+    fn missing_fields_name_file_line_and_field() {
+        let e = rec(r#"{"text":"x"}"#, RecordKind::Doc).unwrap_err();
+        assert_eq!(e.to_string(), "f.jsonl:3: missing field `docid`");
+        let e = rec(r#"{"docid":"1"}"#, RecordKind::Doc).unwrap_err();
+        assert_eq!(e.to_string(), "f.jsonl:3: missing field `text`");
+        let e = rec(r#"{"query_id":"1"}"#, RecordKind::Query).unwrap_err();
+        assert_eq!(e.to_string(), "f.jsonl:3: missing field `query`");
+        let e = rec(r#"{"docid":[1],"text":"x"}"#, RecordKind::Doc).unwrap_err();
+        assert_eq!(e.to_string(), "f.jsonl:3: field `docid` must be a string or an integer");
+    }
+
+    #[test]
+    fn shards_are_contiguous_like_hugging_face() {
+        // datasets: Dataset.from_dict({'a': range(10)}).shard(3, i) -> [0..4), [4..7), [7..10)
+        assert_eq!(shard_range(10, 3, 0), 0..4);
+        assert_eq!(shard_range(10, 3, 1), 4..7);
+        assert_eq!(shard_range(10, 3, 2), 7..10);
+        assert_eq!(shard_range(2, 4, 3), 2..2);
+    }
+
+    #[test]
+    fn stream_reads_gzip_skips_blank_lines_and_shards() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.jsonl.gz");
+        let mut gz = flate2::write::GzEncoder::new(File::create(&path).unwrap(), Default::default());
+        for i in 0..5 {
+            writeln!(gz, r#"{{"docid": "d{i}", "text": "t{i}"}}"#).unwrap();
+            writeln!(gz).unwrap();
+        }
+        gz.finish().unwrap();
+        assert_eq!(count_rows(std::slice::from_ref(&path)).unwrap(), 5);
+        let ids: Vec<String> = RecordStream::open(vec![path], RecordKind::Doc)
+            .with_range(shard_range(5, 2, 1))
+            .map(|r| r.unwrap().id)
+            .collect();
+        assert_eq!(ids, ["d3", "d4"]);
+    }
+
+    #[test]
+    fn malformed_and_non_utf8_lines_are_located() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.jsonl");
+        std::fs::write(&path, b"{\"docid\":\"1\",\"text\":\"a\"}\n{oops\n").unwrap();
+        let errs: Vec<String> =
+            RecordStream::open(vec![path.clone()], RecordKind::Doc).filter_map(|r| r.err()).map(|e| e.to_string()).collect();
+        assert_eq!(errs, [format!("{}:2: malformed JSON", path.display())]);
+        std::fs::write(&path, b"{\"docid\":\"1\",\"text\":\"\xff\"}\n").unwrap();
+        let err = RecordStream::open(vec![path.clone()], RecordKind::Doc).next().unwrap().unwrap_err();
+        assert_eq!(err.to_string(), format!("{}:1: text is not valid UTF-8", path.display()));
+    }
+}

@@ -1,0 +1,232 @@
+//! TREC runs and qrels: reading the 6-column run (`qid Q0 docid rank score tag`), Tevatron's
+//! 3-column ranking (`qid docid score`) and 4-column qrels (`qid iter docid rel`), and writing
+//! runs in each format. The rank column and line order play no part; metrics re-sort.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::atomic::AtomicFile;
+use crate::records::read_to_string;
+use crate::{Error, Result};
+
+/// Relevance judgements: query id → (doc id → relevance).
+#[derive(Clone, Debug, Default)]
+pub struct Qrels {
+    /// Judgements by query, in first-seen order of queries.
+    pub queries: Vec<(String, HashMap<String, i64>)>,
+}
+
+/// A ranking: query id → list of (doc id, score). A doc id seen twice for a query keeps the
+/// last score (as pytrec_eval's dict does).
+#[derive(Clone, Debug, Default)]
+pub struct Run {
+    /// Retrieved documents by query, in first-seen order of queries.
+    pub queries: Vec<(String, Vec<(String, f64)>)>,
+}
+
+fn line_err(path: &Path, line: usize, what: String) -> Error {
+    Error::Line { path: path.to_path_buf(), line, what }
+}
+
+impl Qrels {
+    /// Reads a 4-column qrels file.
+    pub fn read(path: &Path) -> Result<Self> {
+        Self::parse_str(&read_to_string(path)?, path)
+    }
+
+    /// Parses qrels text; `path` is only used in error messages.
+    pub fn parse_str(text: &str, path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let mut index: HashMap<String, usize> = HashMap::new();
+        let mut qrels = Qrels::default();
+        for (i, line) in text.lines().enumerate() {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.is_empty() {
+                continue;
+            }
+            let [qid, _, docid, rel] = cols[..] else {
+                return Err(line_err(path, i + 1, format!("qrels line needs 4 columns, found {}", cols.len())));
+            };
+            let rel: i64 = rel
+                .parse()
+                .map_err(|_| line_err(path, i + 1, format!("relevance {rel:?} is not an integer")))?;
+            let slot = *index.entry(qid.to_string()).or_insert_with(|| {
+                qrels.queries.push((qid.to_string(), HashMap::new()));
+                qrels.queries.len() - 1
+            });
+            qrels.queries[slot].1.insert(docid.to_string(), rel);
+        }
+        Ok(qrels)
+    }
+}
+
+impl Run {
+    /// Reads a TREC 6-column run or Tevatron's 3-column TSV (whitespace-separated either way).
+    pub fn read(path: &Path) -> Result<Self> {
+        Self::parse_str(&read_to_string(path)?, path)
+    }
+
+    /// Parses run text; `path` is only used in error messages.
+    pub fn parse_str(text: &str, path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let mut index: HashMap<String, usize> = HashMap::new();
+        let mut seen: Vec<HashMap<String, usize>> = Vec::new();
+        let mut run = Run::default();
+        for (i, line) in text.lines().enumerate() {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let (qid, docid, score) = match cols[..] {
+                [] => continue,
+                [q, d, s] => (q, d, s),
+                [q, _, d, _, s, _] => (q, d, s),
+                _ => {
+                    return Err(line_err(
+                        path,
+                        i + 1,
+                        format!("run line needs 6 columns (qid Q0 docid rank score tag) or 3 (qid docid score), found {}", cols.len()),
+                    ))
+                }
+            };
+            let score: f64 = score
+                .parse()
+                .map_err(|_| line_err(path, i + 1, format!("score {score:?} is not a number")))?;
+            let slot = *index.entry(qid.to_string()).or_insert_with(|| {
+                run.queries.push((qid.to_string(), Vec::new()));
+                seen.push(HashMap::new());
+                run.queries.len() - 1
+            });
+            let docs = &mut run.queries[slot].1;
+            match seen[slot].get(docid) {
+                Some(&at) => docs[at].1 = score,
+                None => {
+                    seen[slot].insert(docid.to_string(), docs.len());
+                    docs.push((docid.to_string(), score));
+                }
+            }
+        }
+        Ok(run)
+    }
+}
+
+/// One ranked row, as search produces them: per query, rows come sorted best first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RankedRow<'a> {
+    /// Query id.
+    pub qid: &'a str,
+    /// Document id.
+    pub docid: &'a str,
+    /// Score.
+    pub score: f32,
+}
+
+/// The output formats of rankings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunFormat {
+    /// Tevatron's `qid\tdocid\tscore`.
+    Tsv,
+    /// `qid Q0 docid rank score dense`.
+    Trec,
+    /// MS MARCO's `qid\tdocid\trank`.
+    Marco,
+}
+
+/// Writes a ranking file atomically. Ranks restart at 1 when the query id changes, as in
+/// Tevatron's converters; with `remove_query`, rows whose doc id equals the query id are dropped
+/// without consuming a rank.
+pub fn write_run<'a>(
+    path: &Path,
+    rows: impl IntoIterator<Item = (&'a str, &'a str, String)>,
+    format: RunFormat,
+    remove_query: bool,
+) -> Result<()> {
+    let mut out = AtomicFile::create(path)?;
+    let mut last: Option<&str> = None;
+    let mut rank = 0usize;
+    for (qid, docid, score) in rows {
+        if remove_query && qid == docid {
+            continue;
+        }
+        if last != Some(qid) {
+            rank = 0;
+            last = Some(qid);
+        }
+        rank += 1;
+        let w = out.writer();
+        let r = match format {
+            RunFormat::Tsv => writeln!(w, "{qid}\t{docid}\t{score}"),
+            RunFormat::Trec => writeln!(w, "{qid} Q0 {docid} {rank} {score} dense"),
+            RunFormat::Marco => writeln!(w, "{qid}\t{docid}\t{rank}"),
+        };
+        r.map_err(|e| out.err(e))?;
+    }
+    out.commit()
+}
+
+/// Reads Tevatron's whitespace-separated `qid docid score` ranking as raw string columns, in
+/// file order (the converters keep the order and the score text as they are).
+pub fn read_ranking_columns(path: &Path) -> Result<Vec<(String, String, String)>> {
+    let text = read_to_string(path)?;
+    let mut rows = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        match cols[..] {
+            [] => continue,
+            [q, d, s] => rows.push((q.to_string(), d.to_string(), s.to_string())),
+            _ => {
+                return Err(line_err(
+                    path,
+                    i + 1,
+                    format!("ranking line needs 3 columns (qid docid score), found {}", cols.len()),
+                ))
+            }
+        }
+    }
+    Ok(rows)
+}
+
+/// A path for error messages when text did not come from a file.
+pub fn no_path() -> PathBuf {
+    PathBuf::from("<input>")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_reads_both_formats_and_keeps_last_duplicate() {
+        let run = Run::parse_str("q1 Q0 d1 1 2.5 t\nq1\td2\t-1\nq2 d1 0\nq1 d1 3\n", "r").unwrap();
+        assert_eq!(run.queries[0].0, "q1");
+        assert_eq!(run.queries[0].1, vec![("d1".into(), 3.0), ("d2".into(), -1.0)]);
+        assert_eq!(run.queries[1].1, vec![("d1".into(), 0.0)]);
+    }
+
+    #[test]
+    fn malformed_lines_name_file_and_line() {
+        let e = Run::parse_str("q1 d1 1\nq1 d2\n", "run.txt").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "run.txt:2: run line needs 6 columns (qid Q0 docid rank score tag) or 3 (qid docid score), found 2"
+        );
+        let e = Run::parse_str("q1 d1 x\n", "run.txt").unwrap_err();
+        assert_eq!(e.to_string(), "run.txt:1: score \"x\" is not a number");
+        let e = Qrels::parse_str("q 0 d\n", "q.txt").unwrap_err();
+        assert_eq!(e.to_string(), "q.txt:1: qrels line needs 4 columns, found 3");
+        let e = Qrels::parse_str("q 0 d 1.5\n", "q.txt").unwrap_err();
+        assert_eq!(e.to_string(), "q.txt:1: relevance \"1.5\" is not an integer");
+    }
+
+    #[test]
+    fn converters_renumber_and_remove_self_hits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.trec");
+        let rows = vec![("q1", "q1", "9".to_string()), ("q1", "d1", "8".into()), ("q2", "d3", "1".into())];
+        write_run(&path, rows.clone(), RunFormat::Trec, true).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "q1 Q0 d1 1 8 dense\nq2 Q0 d3 1 1 dense\n"
+        );
+        write_run(&path, rows, RunFormat::Marco, false).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "q1\tq1\t1\nq1\td1\t2\nq2\td3\t1\n");
+    }
+}

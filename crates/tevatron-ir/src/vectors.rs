@@ -1,0 +1,384 @@
+//! The on-disk embeddings format: one safetensors file per shard holding `embeddings` `[N, D]`
+//! (F32, F16 or BF16) and `ids`, a U8 tensor with the ids' UTF-8 joined by `\n`.
+//! `__metadata__` records the model, pooling, normalization and dtype.
+//!
+//! Python reads it in three lines:
+//! ```python
+//! from safetensors.numpy import load_file
+//! t = load_file("corpus.0.safetensors")
+//! reps, ids = t["embeddings"], bytes(t["ids"]).decode().split("\n")
+//! ```
+//! [`VectorWriter`] streams rows to disk as they come (only the ids stay in memory) and renames
+//! the file into place when done; [`Vectors`] memory-maps a file for search.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+
+use crate::atomic::AtomicFile;
+use crate::{Error, Result};
+
+/// The element type of stored embeddings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VecDType {
+    /// 32-bit float (the default).
+    F32,
+    /// IEEE half precision.
+    F16,
+    /// bfloat16.
+    BF16,
+}
+
+impl VecDType {
+    /// The safetensors spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            VecDType::F32 => "F32",
+            VecDType::F16 => "F16",
+            VecDType::BF16 => "BF16",
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            VecDType::F32 => 4,
+            VecDType::F16 | VecDType::BF16 => 2,
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "F32" => Some(VecDType::F32),
+            "F16" => Some(VecDType::F16),
+            "BF16" => Some(VecDType::BF16),
+            _ => None,
+        }
+    }
+}
+
+/// Writes an embeddings file row by row; see the module docs for the layout.
+pub struct VectorWriter {
+    file: AtomicFile,
+    dim: usize,
+    dtype: VecDType,
+    rows: usize,
+    ids: Vec<u8>,
+    metadata: BTreeMap<String, String>,
+    header_room: usize,
+}
+
+fn header_json(
+    rows: u64,
+    dim: u64,
+    dtype: VecDType,
+    ids_len: u64,
+    metadata: &BTreeMap<String, String>,
+) -> String {
+    // Saturating so that the u64::MAX placeholders used to size the header cannot overflow.
+    let emb_bytes = rows.saturating_mul(dim).saturating_mul(dtype.size() as u64);
+    let header = serde_json::json!({
+        "__metadata__": metadata,
+        "embeddings": {"dtype": dtype.name(), "shape": [rows, dim], "data_offsets": [0, emb_bytes]},
+        "ids": {"dtype": "U8", "shape": [ids_len], "data_offsets": [emb_bytes, emb_bytes.saturating_add(ids_len)]},
+    });
+    header.to_string()
+}
+
+impl VectorWriter {
+    /// Opens a temporary file beside `path`; the header is written by [`VectorWriter::finish`].
+    pub fn create(
+        path: &Path,
+        dim: usize,
+        dtype: VecDType,
+        mut metadata: BTreeMap<String, String>,
+    ) -> Result<Self> {
+        metadata.insert("format".into(), "tevatron-embeddings-v1".into());
+        metadata.insert("dtype".into(), dtype.name().to_lowercase());
+        // Room for the largest header these numbers can produce (20 digits each), rounded to 8
+        // so the data stays 8-byte aligned; the real header is padded with spaces to fit.
+        let max = header_json(u64::MAX, u64::MAX, dtype, u64::MAX, &metadata);
+        let header_room = (max.len() + 8).div_ceil(8) * 8;
+        let mut file = AtomicFile::create(path)?;
+        let zeros = vec![0u8; header_room + 8];
+        file.writer().write_all(&zeros).map_err(|e| Error::Write { path: path.into(), source: e })?;
+        Ok(Self { file, dim, dtype, rows: 0, ids: Vec::new(), metadata, header_room })
+    }
+
+    /// Appends rows (`ids.len()` rows of `dim` values, row-major) converted to the file dtype.
+    pub fn push(&mut self, rows: &[f32], ids: &[impl AsRef<str>]) -> Result<()> {
+        assert_eq!(rows.len(), ids.len() * self.dim, "rows and ids disagree");
+        for id in ids {
+            let id = id.as_ref();
+            if id.contains('\n') {
+                return Err(Error::Invalid(format!(
+                    "id {id:?} contains a newline, which the embeddings format cannot store"
+                )));
+            }
+            if self.rows > 0 || !self.ids.is_empty() {
+                self.ids.push(b'\n');
+            }
+            self.ids.extend_from_slice(id.as_bytes());
+            self.rows += 1;
+        }
+        let bytes: Vec<u8> = match self.dtype {
+            VecDType::F32 => bytemuck::cast_slice(rows).to_vec(),
+            VecDType::F16 => {
+                rows.iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()).collect()
+            }
+            VecDType::BF16 => {
+                rows.iter().flat_map(|&x| bf16::from_f32(x).to_le_bytes()).collect()
+            }
+        };
+        let w = self.file.writer();
+        w.write_all(&bytes).map_err(|e| self.file.err(e))
+    }
+
+    /// Number of rows written so far.
+    pub fn len(&self) -> usize {
+        self.rows
+    }
+
+    /// Whether no row has been written.
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
+    /// Writes the ids and the header, then renames the file into place.
+    pub fn finish(mut self) -> Result<()> {
+        // A file with rows but only empty ids would be ambiguous with one empty id; the
+        // separator-count rule (rows - 1 newlines) keeps it exact.
+        let ids = std::mem::take(&mut self.ids);
+        let w = self.file.writer();
+        w.write_all(&ids).map_err(|e| self.file.err(e))?;
+        let mut header = header_json(
+            self.rows as u64,
+            self.dim as u64,
+            self.dtype,
+            ids.len() as u64,
+            &self.metadata,
+        );
+        assert!(header.len() <= self.header_room, "header room is an upper bound");
+        header.extend(std::iter::repeat_n(' ', self.header_room - header.len()));
+        let path = self.file.target().to_path_buf();
+        let err = |source| Error::Write { path: path.clone(), source };
+        let w = self.file.writer();
+        w.flush().map_err(err)?;
+        let f = w.get_mut();
+        f.seek(SeekFrom::Start(0)).map_err(err)?;
+        f.write_all(&(header.len() as u64).to_le_bytes()).map_err(err)?;
+        f.write_all(header.as_bytes()).map_err(err)?;
+        f.seek(SeekFrom::End(0)).map_err(err)?;
+        self.file.commit()
+    }
+}
+
+/// The embedding rows of a file, borrowed from the memory map.
+#[derive(Clone, Copy, Debug)]
+pub enum Rows<'a> {
+    /// F32 rows.
+    F32(&'a [f32]),
+    /// F16 rows.
+    F16(&'a [f16]),
+    /// BF16 rows.
+    BF16(&'a [bf16]),
+}
+
+impl Rows<'_> {
+    /// Converts rows `start..end` to f32 into `out` (cleared first).
+    pub fn to_f32(&self, dim: usize, start: usize, end: usize, out: &mut Vec<f32>) {
+        out.clear();
+        let range = start * dim..end * dim;
+        match self {
+            Rows::F32(x) => out.extend_from_slice(&x[range]),
+            Rows::F16(x) => out.extend(x[range].iter().map(|v| v.to_f32())),
+            Rows::BF16(x) => out.extend(x[range].iter().map(|v| v.to_f32())),
+        }
+    }
+}
+
+enum Storage {
+    Mapped { map: memmap2::Mmap, start: usize, len: usize },
+    Owned(Vec<u8>),
+}
+
+/// A memory-mapped embeddings file.
+pub struct Vectors {
+    path: PathBuf,
+    storage: Storage,
+    dtype: VecDType,
+    rows: usize,
+    dim: usize,
+    ids: Vec<String>,
+    metadata: BTreeMap<String, String>,
+}
+
+impl Vectors {
+    /// Opens and validates an embeddings file written by `tevatron encode`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let bad = |what: String| Error::Embeddings { path: path.to_path_buf(), what };
+        let file = File::open(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
+        // SAFETY: the file is opened read-only; like every mmap reader we assume nobody truncates
+        // it while we search.
+        let map = unsafe { memmap2::Mmap::map(&file) }
+            .map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
+        let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map)
+            .map_err(|e| bad(format!("not a readable safetensors file ({e})")))?;
+        let data_start = 8 + header_len;
+        let emb = meta.info("embeddings").ok_or_else(|| bad("no `embeddings` tensor".into()))?;
+        let dtype = VecDType::from_name(&format!("{:?}", emb.dtype))
+            .ok_or_else(|| bad(format!("embeddings dtype {:?} is not F32, F16 or BF16", emb.dtype)))?;
+        let [rows, dim] = emb.shape[..] else {
+            return Err(bad(format!("embeddings must be 2-D, found shape {:?}", emb.shape)));
+        };
+        let ids_info = meta.info("ids").ok_or_else(|| bad("no `ids` tensor".into()))?;
+        if format!("{:?}", ids_info.dtype) != "U8" {
+            return Err(bad("`ids` must be a U8 tensor".into()));
+        }
+        let ids_bytes = &map[data_start + ids_info.data_offsets.0..data_start + ids_info.data_offsets.1];
+        let ids_text =
+            std::str::from_utf8(ids_bytes).map_err(|_| bad("`ids` is not valid UTF-8".into()))?;
+        let ids: Vec<String> =
+            if rows == 0 { Vec::new() } else { ids_text.split('\n').map(str::to_owned).collect() };
+        if ids.len() != rows {
+            return Err(bad(format!("{} ids for {rows} embedding rows", ids.len())));
+        }
+        let (start, end) = emb.data_offsets;
+        let (start, len) = (data_start + start, end - start);
+        let aligned = (map.as_ptr() as usize + start) % 4 == 0;
+        let storage = if aligned {
+            Storage::Mapped { map, start, len }
+        } else {
+            Storage::Owned(map[start..start + len].to_vec())
+        };
+        let metadata = meta.metadata().clone().unwrap_or_default().into_iter().collect();
+        Ok(Self { path: path.to_path_buf(), storage, dtype, rows, dim, ids, metadata })
+    }
+
+    /// The file path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.rows
+    }
+    /// Whether the file holds no rows.
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+    /// Vector width.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+    /// Stored element type.
+    pub fn dtype(&self) -> VecDType {
+        self.dtype
+    }
+    /// Row ids in order.
+    pub fn ids(&self) -> &[String] {
+        &self.ids
+    }
+    /// The `__metadata__` map.
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    /// The rows, borrowed without copying.
+    pub fn rows(&self) -> Rows<'_> {
+        let bytes: &[u8] = match &self.storage {
+            Storage::Mapped { map, start, len } => &map[*start..*start + *len],
+            Storage::Owned(v) => v,
+        };
+        match self.dtype {
+            VecDType::F32 => Rows::F32(bytemuck::cast_slice(bytes)),
+            VecDType::F16 => Rows::F16(bytemuck::cast_slice(bytes)),
+            VecDType::BF16 => Rows::BF16(bytemuck::cast_slice(bytes)),
+        }
+    }
+
+    /// All rows as f32 (a copy; meant for queries and tests, not for corpora).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = Vec::new();
+        self.rows().to_f32(self.dim, 0, self.rows, &mut out);
+        out
+    }
+}
+
+/// Expands a glob into a sorted list of files, as Tevatron's `sorted(glob.glob(...))`.
+pub fn expand_glob(pattern: &str) -> Result<Vec<PathBuf>> {
+    let paths = glob::glob(pattern).map_err(|e| Error::Glob(format!("invalid glob {pattern:?}: {e}")))?;
+    let mut files = Vec::new();
+    for p in paths {
+        files.push(p.map_err(|e| Error::Glob(format!("reading glob {pattern:?}: {e}")))?);
+    }
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::Glob(format!("no file matches {pattern:?}")));
+    }
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_then_read_every_dtype() {
+        let dir = tempfile::tempdir().unwrap();
+        for dtype in [VecDType::F32, VecDType::F16, VecDType::BF16] {
+            let path = dir.path().join(format!("e.{}.safetensors", dtype.name()));
+            let mut meta = BTreeMap::new();
+            meta.insert("pooling".to_string(), "mean".to_string());
+            let mut w = VectorWriter::create(&path, 3, dtype, meta).unwrap();
+            w.push(&[1.0, 2.0, 3.0], &["a"]).unwrap();
+            w.push(&[-0.5, 0.25, 4.0, 0.0, 1.5, -2.0], &["b c", "é"]).unwrap();
+            w.finish().unwrap();
+            let v = Vectors::open(&path).unwrap();
+            assert_eq!((v.len(), v.dim(), v.dtype()), (3, 3, dtype));
+            assert_eq!(v.ids(), ["a", "b c", "é"]);
+            assert_eq!(v.to_f32(), [1.0, 2.0, 3.0, -0.5, 0.25, 4.0, 0.0, 1.5, -2.0]);
+            assert_eq!(v.metadata()["pooling"], "mean");
+            assert_eq!(v.metadata()["dtype"], dtype.name().to_lowercase());
+        }
+    }
+
+    #[test]
+    fn empty_and_single_empty_id_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("e.safetensors");
+        VectorWriter::create(&path, 2, VecDType::F32, BTreeMap::new()).unwrap().finish().unwrap();
+        assert_eq!(Vectors::open(&path).unwrap().len(), 0);
+        let mut w = VectorWriter::create(&path, 2, VecDType::F32, BTreeMap::new()).unwrap();
+        w.push(&[1.0, 2.0], &[""]).unwrap();
+        w.finish().unwrap();
+        assert_eq!(Vectors::open(&path).unwrap().ids(), [""]);
+    }
+
+    #[test]
+    fn newline_in_id_is_refused_and_no_file_is_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("e.safetensors");
+        let mut w = VectorWriter::create(&path, 1, VecDType::F32, BTreeMap::new()).unwrap();
+        let err = w.push(&[1.0], &["a\nb"]).unwrap_err();
+        assert!(err.to_string().contains("contains a newline"), "{err}");
+        drop(w);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn truncated_file_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("e.safetensors");
+        let mut w = VectorWriter::create(&path, 2, VecDType::F32, BTreeMap::new()).unwrap();
+        w.push(&[1.0, 2.0], &["x"]).unwrap();
+        w.finish().unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
+        let err = Vectors::open(&path).err().unwrap().to_string();
+        assert!(err.contains("not a readable safetensors file"), "{err}");
+    }
+}
