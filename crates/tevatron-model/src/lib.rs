@@ -1,1 +1,34 @@
-//! placeholder
+//! Hugging Face models for dense retrieval: loading (`config.json`, tokenizer, safetensors or
+//! `pytorch_model.bin`, from a folder or the hub cache), BERT-family backbones written for both
+//! inference and training, Tevatron's tokenization rules, pooling, and the [`Encoder`] that ties
+//! them together.
+//!
+//! ```no_run
+//! use tevatron_model::{Encoder, EncoderOptions, TextOptions};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let model = tevatron_model::hub::resolve_model("sentence-transformers/all-MiniLM-L6-v2", None)?;
+//! let encoder = Encoder::load(&model, None, &EncoderOptions::default())?;
+//! let text = TextOptions { max_len: 32, ..TextOptions::default() };
+//! let reps = encoder.embed(&["what is a dense retriever?".to_string()], &text, 64)?;
+//! assert_eq!(reps.len(), encoder.hidden_size());
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+pub mod backbone;
+pub mod collate;
+pub mod config;
+pub mod encoder;
+pub mod error;
+pub mod hub;
+pub mod pooling;
+pub mod testing;
+pub mod text;
+pub mod weights;
+
+pub use backbone::Mode;
+pub use collate::{Batch, PaddingSide};
+pub use encoder::{Encoder, EncoderOptions};
+pub use error::{Error, Result};
+pub use pooling::Pooling;
+pub use text::{TextOptions, TextTokenizer};

@@ -1,0 +1,204 @@
+//! BERT, RoBERTa and XLM-RoBERTa (one weight layout, two position rules). Port of
+//! transformers' `modeling_bert.py` / `modeling_roberta.py` (v4.57), absolute positions only.
+//! Weight names are HF's exactly: `embeddings.*`, `encoder.layer.{i}.*`.
+
+use candle_core::{Device, Module, Result, Tensor};
+use candle_nn::{Embedding, Linear, VarBuilder};
+use serde::Deserialize;
+
+use super::layers::{self, Activation, LayerNorm};
+use super::{Backbone, Mode};
+use crate::collate::Batch;
+
+fn default_eps() -> f64 {
+    1e-12
+}
+fn default_dropout() -> f64 {
+    0.1
+}
+fn default_type_vocab() -> usize {
+    2
+}
+fn default_act() -> Activation {
+    Activation::Gelu
+}
+fn default_position_type() -> String {
+    "absolute".into()
+}
+
+/// Fields of `BertConfig`/`RobertaConfig` named as in `config.json`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Config {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Hidden width.
+    pub hidden_size: usize,
+    /// Number of layers.
+    pub num_hidden_layers: usize,
+    /// Attention heads.
+    pub num_attention_heads: usize,
+    /// Feed-forward width.
+    pub intermediate_size: usize,
+    /// Feed-forward activation.
+    #[serde(default = "default_act")]
+    pub hidden_act: Activation,
+    /// Dropout on hidden states.
+    #[serde(default = "default_dropout")]
+    pub hidden_dropout_prob: f64,
+    /// Dropout on attention probabilities.
+    #[serde(default = "default_dropout")]
+    pub attention_probs_dropout_prob: f64,
+    /// Length of the position table.
+    pub max_position_embeddings: usize,
+    /// Token type vocabulary (1 for RoBERTa).
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab_size: usize,
+    /// LayerNorm epsilon.
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    /// Padding token id (RoBERTa's positions start after it).
+    #[serde(default)]
+    pub pad_token_id: u32,
+    /// Only `absolute` is implemented.
+    #[serde(default = "default_position_type")]
+    pub position_embedding_type: String,
+}
+
+/// How position ids are made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Positions {
+    /// BERT: `0..l`.
+    Absolute,
+    /// RoBERTa: `cumsum(input_ids != pad) * (input_ids != pad) + pad`.
+    AfterPadding,
+}
+
+struct Layer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attn_out: Linear,
+    attn_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    out_norm: LayerNorm,
+}
+
+/// The BERT-family encoder.
+pub struct Bert {
+    word: Embedding,
+    position: Embedding,
+    token_type: Embedding,
+    emb_norm: LayerNorm,
+    layers: Vec<Layer>,
+    cfg: Config,
+    positions: Positions,
+}
+
+impl Bert {
+    /// Loads the weights under `vb` (already stripped of any `bert.`/`roberta.` prefix).
+    pub fn load(vb: VarBuilder, cfg: &Config, positions: Positions) -> Result<Self> {
+        if cfg.position_embedding_type != "absolute" {
+            candle_core::bail!(
+                "position_embedding_type {:?} is not supported (only \"absolute\")",
+                cfg.position_embedding_type
+            );
+        }
+        if cfg.hidden_size % cfg.num_attention_heads != 0 {
+            candle_core::bail!("hidden_size is not a multiple of num_attention_heads");
+        }
+        let h = cfg.hidden_size;
+        let e = vb.pp("embeddings");
+        let word = candle_nn::embedding(cfg.vocab_size, h, e.pp("word_embeddings"))?;
+        let position = candle_nn::embedding(cfg.max_position_embeddings, h, e.pp("position_embeddings"))?;
+        let token_type = candle_nn::embedding(cfg.type_vocab_size, h, e.pp("token_type_embeddings"))?;
+        let emb_norm = LayerNorm::load(e.pp("LayerNorm"), h, cfg.layer_norm_eps)?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let l = vb.pp("encoder").pp("layer").pp(i);
+            let a = l.pp("attention");
+            layers.push(Layer {
+                query: layers::linear(a.pp("self").pp("query"), h, h)?,
+                key: layers::linear(a.pp("self").pp("key"), h, h)?,
+                value: layers::linear(a.pp("self").pp("value"), h, h)?,
+                attn_out: layers::linear(a.pp("output").pp("dense"), h, h)?,
+                attn_norm: LayerNorm::load(a.pp("output").pp("LayerNorm"), h, cfg.layer_norm_eps)?,
+                intermediate: layers::linear(l.pp("intermediate").pp("dense"), h, cfg.intermediate_size)?,
+                output: layers::linear(l.pp("output").pp("dense"), cfg.intermediate_size, h)?,
+                out_norm: LayerNorm::load(l.pp("output").pp("LayerNorm"), h, cfg.layer_norm_eps)?,
+            });
+        }
+        Ok(Self { word, position, token_type, emb_norm, layers, cfg: cfg.clone(), positions })
+    }
+
+    fn position_ids(&self, batch: &Batch, device: &Device) -> Result<Tensor> {
+        let (b, l) = batch.input_ids.dims2()?;
+        let offset = match self.positions {
+            Positions::Absolute => 0,
+            Positions::AfterPadding => self.cfg.pad_token_id as usize + 1,
+        };
+        if offset + l > self.cfg.max_position_embeddings {
+            candle_core::bail!(
+                "sequence length {l} exceeds the model's {} positions; lower --query_max_len/--passage_max_len",
+                self.cfg.max_position_embeddings - offset
+            );
+        }
+        match self.positions {
+            Positions::Absolute => Tensor::arange(0u32, l as u32, device)?.unsqueeze(0)?.repeat((b, 1)),
+            Positions::AfterPadding => {
+                let pad = self.cfg.pad_token_id;
+                let ids = batch.input_ids.to_device(&Device::Cpu)?.to_vec2::<u32>()?;
+                let mut pos = Vec::with_capacity(b * l);
+                for row in ids {
+                    let mut count = 0u32;
+                    for id in row {
+                        if id != pad {
+                            count += 1;
+                            pos.push(count + pad);
+                        } else {
+                            pos.push(pad);
+                        }
+                    }
+                }
+                Tensor::from_vec(pos, (b, l), device)
+            }
+        }
+    }
+}
+
+impl Backbone for Bert {
+    fn forward(&self, batch: &Batch, mode: Mode) -> Result<Tensor> {
+        let device = batch.input_ids.device();
+        let positions = self.position_ids(batch, device)?;
+        let x = self
+            .word
+            .forward(&batch.input_ids)?
+            .add(&self.position.forward(&positions)?)?
+            .add(&self.token_type.forward(&batch.token_type_ids)?)?;
+        let x = self.emb_norm.forward(&x, mode)?;
+        let mut x = layers::dropout(&x, self.cfg.hidden_dropout_prob, mode)?;
+        let dtype = x.dtype();
+        let bias = layers::mask_bias(&batch.attention_mask, dtype)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &bias, &self.cfg, mode)?;
+        }
+        Ok(x)
+    }
+}
+
+impl Layer {
+    fn forward(&self, x: &Tensor, bias: &Tensor, cfg: &Config, mode: Mode) -> Result<Tensor> {
+        let q = layers::apply(&self.query, x)?;
+        let k = layers::apply(&self.key, x)?;
+        let v = layers::apply(&self.value, x)?;
+        let ctx = layers::attention(&q, &k, &v, bias, cfg.num_attention_heads, cfg.attention_probs_dropout_prob, mode)?;
+        let a = layers::apply(&self.attn_out, &ctx)?;
+        let a = layers::dropout(&a, cfg.hidden_dropout_prob, mode)?;
+        let a = self.attn_norm.forward(&(a + x)?, mode)?;
+        let f = cfg.hidden_act.forward(&layers::apply(&self.intermediate, &a)?)?;
+        let f = layers::apply(&self.output, &f)?;
+        let f = layers::dropout(&f, cfg.hidden_dropout_prob, mode)?;
+        self.out_norm.forward(&(f + a)?, mode)
+    }
+}
+

@@ -1,0 +1,117 @@
+//! DistilBERT. Port of transformers' `modeling_distilbert.py` (v4.57): learned (or stored
+//! sinusoidal) positions, no token types, post-norm blocks with HF's names
+//! (`transformer.layer.{i}.attention.q_lin`, `sa_layer_norm`, `ffn.lin1`, `output_layer_norm`).
+
+use candle_core::{Device, Module, Result, Tensor};
+use candle_nn::{Embedding, Linear, VarBuilder};
+use serde::Deserialize;
+
+use super::layers::{self, Activation, LayerNorm};
+use super::{Backbone, Mode};
+use crate::collate::Batch;
+
+fn default_act() -> Activation {
+    Activation::Gelu
+}
+
+/// Fields of `DistilBertConfig` named as in `config.json`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Config {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Hidden width.
+    pub dim: usize,
+    /// Number of layers.
+    pub n_layers: usize,
+    /// Attention heads.
+    pub n_heads: usize,
+    /// Feed-forward width.
+    pub hidden_dim: usize,
+    /// Dropout on hidden states.
+    pub dropout: f64,
+    /// Dropout on attention probabilities.
+    pub attention_dropout: f64,
+    /// Length of the position table.
+    pub max_position_embeddings: usize,
+    /// Feed-forward activation.
+    #[serde(default = "default_act")]
+    pub activation: Activation,
+}
+
+struct Layer {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    sa_norm: LayerNorm,
+    lin1: Linear,
+    lin2: Linear,
+    out_norm: LayerNorm,
+}
+
+/// The DistilBERT encoder.
+pub struct DistilBert {
+    word: Embedding,
+    position: Embedding,
+    emb_norm: LayerNorm,
+    layers: Vec<Layer>,
+    cfg: Config,
+}
+
+const EPS: f64 = 1e-12;
+
+impl DistilBert {
+    /// Loads the weights under `vb` (already stripped of any `distilbert.` prefix).
+    pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        let h = cfg.dim;
+        let e = vb.pp("embeddings");
+        let word = candle_nn::embedding(cfg.vocab_size, h, e.pp("word_embeddings"))?;
+        let position = candle_nn::embedding(cfg.max_position_embeddings, h, e.pp("position_embeddings"))?;
+        let emb_norm = LayerNorm::load(e.pp("LayerNorm"), h, EPS)?;
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let l = vb.pp("transformer").pp("layer").pp(i);
+            let a = l.pp("attention");
+            layers.push(Layer {
+                q: layers::linear(a.pp("q_lin"), h, h)?,
+                k: layers::linear(a.pp("k_lin"), h, h)?,
+                v: layers::linear(a.pp("v_lin"), h, h)?,
+                out: layers::linear(a.pp("out_lin"), h, h)?,
+                sa_norm: LayerNorm::load(l.pp("sa_layer_norm"), h, EPS)?,
+                lin1: layers::linear(l.pp("ffn").pp("lin1"), h, cfg.hidden_dim)?,
+                lin2: layers::linear(l.pp("ffn").pp("lin2"), cfg.hidden_dim, h)?,
+                out_norm: LayerNorm::load(l.pp("output_layer_norm"), h, EPS)?,
+            });
+        }
+        Ok(Self { word, position, emb_norm, layers, cfg: cfg.clone() })
+    }
+}
+
+impl Backbone for DistilBert {
+    fn forward(&self, batch: &Batch, mode: Mode) -> Result<Tensor> {
+        let (b, l) = batch.input_ids.dims2()?;
+        if l > self.cfg.max_position_embeddings {
+            candle_core::bail!(
+                "sequence length {l} exceeds the model's {} positions; lower --query_max_len/--passage_max_len",
+                self.cfg.max_position_embeddings
+            );
+        }
+        let device: &Device = batch.input_ids.device();
+        let positions = Tensor::arange(0u32, l as u32, device)?.unsqueeze(0)?.repeat((b, 1))?;
+        let x = self.word.forward(&batch.input_ids)?.add(&self.position.forward(&positions)?)?;
+        let x = self.emb_norm.forward(&x, mode)?;
+        let mut x = layers::dropout(&x, self.cfg.dropout, mode)?;
+        let bias = layers::mask_bias(&batch.attention_mask, x.dtype())?;
+        for layer in &self.layers {
+            let q = layers::apply(&layer.q, &x)?;
+            let k = layers::apply(&layer.k, &x)?;
+            let v = layers::apply(&layer.v, &x)?;
+            let ctx = layers::attention(&q, &k, &v, &bias, self.cfg.n_heads, self.cfg.attention_dropout, mode)?;
+            let sa = layer.sa_norm.forward(&(layers::apply(&layer.out, &ctx)? + &x)?, mode)?;
+            let f = self.cfg.activation.forward(&layers::apply(&layer.lin1, &sa)?)?;
+            let f = layers::dropout(&layers::apply(&layer.lin2, &f)?, self.cfg.dropout, mode)?;
+            x = layer.out_norm.forward(&(f + sa)?, mode)?;
+        }
+        Ok(x)
+    }
+}

@@ -1,0 +1,338 @@
+//! The [`Encoder`]: a backbone plus pooling and optional normalisation, loaded from a Hugging
+//! Face folder with its tokenizer. `Encoder::encode` is the differentiable core shared by
+//! training and inference; `Encoder::embed_sequences` is the inference path that sorts by
+//! length, cuts batches by a token budget and restores the input order. Knows nothing of files
+//! beyond the model folder, nor of the command line.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+
+use crate::backbone::bert::{Bert, Positions};
+use crate::backbone::distilbert::DistilBert;
+use crate::backbone::{Backbone, Mode};
+use crate::collate::{collate, Batch, PaddingSide};
+use crate::config::ModelConfig;
+use crate::pooling::{l2_normalize, Pooling};
+use crate::text::{TextOptions, TextTokenizer};
+use crate::{weights, Error, Result};
+
+/// How to load an [`Encoder`].
+#[derive(Clone, Debug)]
+pub struct EncoderOptions {
+    /// Pooling; `None` takes the sentence-transformers folder's, else Tevatron's default `cls`.
+    pub pooling: Option<Pooling>,
+    /// L2-normalise; `None` takes the sentence-transformers folder's, else `false`.
+    pub normalize: Option<bool>,
+    /// Compute dtype of weights and activations.
+    pub dtype: DType,
+    /// Where to run.
+    pub device: Device,
+    /// Keep weights as trainable variables (training); otherwise plain tensors.
+    pub trainable: bool,
+    /// Set every dropout probability to 0 (parity checks).
+    pub disable_dropout: bool,
+}
+
+impl Default for EncoderOptions {
+    fn default() -> Self {
+        Self {
+            pooling: None,
+            normalize: None,
+            dtype: DType::F32,
+            device: Device::Cpu,
+            trainable: false,
+            disable_dropout: false,
+        }
+    }
+}
+
+/// How sequences are grouped into batches for inference.
+#[derive(Clone, Debug)]
+pub struct BatchOptions {
+    /// At most this many sequences per batch (`--per_device_eval_batch_size`).
+    pub batch_size: usize,
+    /// At most this many padded tokens per batch; short texts form larger batches. A single
+    /// sequence longer than the budget still makes a batch of one.
+    pub token_budget: usize,
+    /// Pad lengths up to a multiple of this (`--pad_to_multiple_of`).
+    pub pad_to_multiple_of: usize,
+    /// Side padding goes on (`--padding_side`).
+    pub padding_side: PaddingSide,
+}
+
+/// Where the pooling and normalisation defaults came from, for the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DefaultsSource {
+    /// The user gave both.
+    User,
+    /// Taken from `modules.json` / `1_Pooling/config.json`.
+    SentenceTransformers(String),
+    /// Tevatron's own defaults (`cls`, no normalisation).
+    Tevatron,
+}
+
+/// A loaded retrieval encoder.
+pub struct Encoder {
+    backbone: Box<dyn Backbone>,
+    config: ModelConfig,
+    pooling: Pooling,
+    normalize: bool,
+    tokenizer: TextTokenizer,
+    device: Device,
+    dtype: DType,
+    varmap: Option<VarMap>,
+    model_dir: PathBuf,
+    defaults: DefaultsSource,
+}
+
+/// Pooling and normalisation stated by a sentence-transformers folder, and the sub-folder its
+/// Transformer module lives in.
+struct StModules {
+    transformer_dir: Option<String>,
+    pooling: Option<Pooling>,
+    normalize: bool,
+}
+
+fn read_st_modules(dir: &Path) -> Result<Option<StModules>> {
+    let path = dir.join("modules.json");
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(None) };
+    let modules: Vec<serde_json::Value> =
+        serde_json::from_str(&text).map_err(|source| Error::Json { path: path.clone(), source })?;
+    let mut st = StModules { transformer_dir: None, pooling: None, normalize: false };
+    for m in modules {
+        let ty = m["type"].as_str().unwrap_or_default();
+        let sub = m["path"].as_str().unwrap_or_default();
+        if ty.ends_with("models.Transformer") && !sub.is_empty() {
+            st.transformer_dir = Some(sub.to_string());
+        } else if ty.ends_with("models.Pooling") {
+            let cfg_path = dir.join(sub).join("config.json");
+            let cfg_text = std::fs::read_to_string(&cfg_path)
+                .map_err(|source| Error::Read { path: cfg_path.clone(), source })?;
+            let cfg: serde_json::Value = serde_json::from_str(&cfg_text)
+                .map_err(|source| Error::Json { path: cfg_path.clone(), source })?;
+            let on = |k: &str| cfg[k].as_bool().unwrap_or(false);
+            st.pooling = if on("pooling_mode_cls_token") {
+                Some(Pooling::Cls)
+            } else if on("pooling_mode_mean_tokens") {
+                Some(Pooling::Mean)
+            } else if on("pooling_mode_lasttoken") {
+                Some(Pooling::Last)
+            } else {
+                None
+            };
+        } else if ty.ends_with("models.Normalize") {
+            st.normalize = true;
+        }
+    }
+    Ok(Some(st))
+}
+
+impl Encoder {
+    /// Loads the model in `model_dir` (and the tokenizer from `tokenizer_dir`, default the
+    /// model folder).
+    pub fn load(model_dir: &Path, tokenizer_dir: Option<&Path>, opts: &EncoderOptions) -> Result<Self> {
+        if !model_dir.is_dir() {
+            return Err(Error::NotFound(format!("model folder {} does not exist", model_dir.display())));
+        }
+        let st = read_st_modules(model_dir)?;
+        let weights_dir = match st.as_ref().and_then(|s| s.transformer_dir.as_ref()) {
+            Some(sub) => model_dir.join(sub),
+            None => model_dir.to_path_buf(),
+        };
+        let config_path = weights_dir.join("config.json");
+        if !config_path.is_file() {
+            return Err(Error::NotFound(format!("{}: no config.json", weights_dir.display())));
+        }
+        let mut config = ModelConfig::read(&config_path)?;
+        if opts.disable_dropout {
+            config.disable_dropout();
+        }
+        let tok_dir = tokenizer_dir.map(Path::to_path_buf).unwrap_or_else(|| {
+            if weights_dir.join("tokenizer.json").is_file() { weights_dir.clone() } else { model_dir.to_path_buf() }
+        });
+        let tokenizer = TextTokenizer::load(&tok_dir)?;
+
+        let (pooling, normalize, defaults) = match (&st, opts.pooling, opts.normalize) {
+            (_, Some(p), Some(n)) => (p, n, DefaultsSource::User),
+            (Some(st), p, n) if st.pooling.is_some() || st.normalize => {
+                let pooling = match (p, st.pooling) {
+                    (Some(p), _) => p,
+                    (None, Some(p)) => p,
+                    (None, None) => Pooling::Cls,
+                };
+                let normalize = n.unwrap_or(st.normalize);
+                let what = format!(
+                    "pooling {} and normalize {} from the sentence-transformers modules of {}",
+                    pooling.name(),
+                    normalize,
+                    model_dir.display()
+                );
+                (pooling, normalize, DefaultsSource::SentenceTransformers(what))
+            }
+            (_, p, n) => (p.unwrap_or(Pooling::Cls), n.unwrap_or(false), DefaultsSource::Tevatron),
+        };
+
+        let tensors = weights::load(&weights_dir, config.weight_prefixes(), &opts.device)?;
+        // Trainable weights are variables; the backbone is built over their tensors (same ids, so
+        // gradients reach them), and only the names it asked for are kept in the VarMap.
+        let mut vars = std::collections::HashMap::new();
+        let tensors = if opts.trainable {
+            let mut as_vars = std::collections::HashMap::new();
+            for (name, t) in tensors {
+                let var = candle_core::Var::from_tensor(&t.to_dtype(opts.dtype)?)?;
+                as_vars.insert(name.clone(), var.as_tensor().clone());
+                vars.insert(name, var);
+            }
+            as_vars
+        } else {
+            tensors
+        };
+        let (backend, used) = weights::TrackedWeights::new(tensors);
+        let vb = VarBuilder::from_backend(Box::new(backend), opts.dtype, opts.device.clone());
+        let arch = |e: candle_core::Error| Error::Weights {
+            path: weights_dir.clone(),
+            what: format!("weights do not fit the {} architecture ({e})", config.model_type()),
+        };
+        let backbone: Box<dyn Backbone> = match &config {
+            ModelConfig::Bert(c) => Box::new(Bert::load(vb, c, Positions::Absolute).map_err(arch)?),
+            ModelConfig::Roberta(c) | ModelConfig::XlmRoberta(c) => {
+                Box::new(Bert::load(vb, c, Positions::AfterPadding).map_err(arch)?)
+            }
+            ModelConfig::DistilBert(c) => Box::new(DistilBert::load(vb, c).map_err(arch)?),
+        };
+        let varmap = if opts.trainable {
+            let vm = VarMap::new();
+            {
+                let used = used.lock().expect("weight tracker lock");
+                let mut data = vm.data().lock().expect("fresh varmap lock");
+                for name in used.iter() {
+                    if let Some(var) = vars.remove(name) {
+                        data.insert(name.clone(), var);
+                    }
+                }
+            }
+            Some(vm)
+        } else {
+            None
+        };
+        Ok(Self {
+            backbone,
+            config,
+            pooling,
+            normalize,
+            tokenizer,
+            device: opts.device.clone(),
+            dtype: opts.dtype,
+            varmap,
+            model_dir: model_dir.to_path_buf(),
+            defaults,
+        })
+    }
+
+    /// Hidden states of the backbone `(b, l, h)`.
+    pub fn hidden_states(&self, batch: &Batch, mode: Mode) -> candle_core::Result<Tensor> {
+        self.backbone.forward(batch, mode)
+    }
+
+    /// Pooled (and, if configured, normalised) representations `(b, h)`, in F32.
+    pub fn encode(&self, batch: &Batch, mode: Mode) -> candle_core::Result<Tensor> {
+        let hidden = self.hidden_states(batch, mode)?;
+        let reps = self.pooling.pool(&hidden, &batch.attention_mask)?.to_dtype(DType::F32)?;
+        if self.normalize {
+            l2_normalize(&reps)
+        } else {
+            Ok(reps)
+        }
+    }
+
+    /// Checks that a batch layout suits the pooling (cls with left padding reads a pad token).
+    pub fn check_padding(&self, side: PaddingSide) -> Result<()> {
+        if side == PaddingSide::Left && self.pooling == Pooling::Cls {
+            return Err(Error::Invalid(
+                "--pooling cls with --padding_side left would pool a padding token; use right padding or eos/last pooling".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Encodes id sequences for inference and returns `(n, h)` rows in input order. Sequences
+    /// are sorted by length (longest first) and cut into batches by `opts`.
+    pub fn embed_sequences(&self, seqs: &[Vec<u32>], opts: &BatchOptions) -> Result<Vec<f32>> {
+        self.check_padding(opts.padding_side)?;
+        let h = self.hidden_size();
+        let mut out = vec![0f32; seqs.len() * h];
+        let mut order: Vec<usize> = (0..seqs.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].len()));
+        let mut start = 0;
+        while start < order.len() {
+            let longest = seqs[order[start]].len().max(1);
+            let padded = longest.div_ceil(opts.pad_to_multiple_of.max(1)) * opts.pad_to_multiple_of.max(1);
+            let by_budget = (opts.token_budget / padded.max(1)).max(1);
+            let end = (start + opts.batch_size.max(1).min(by_budget)).min(order.len());
+            let idx = &order[start..end];
+            let rows: Vec<&[u32]> = idx.iter().map(|&i| seqs[i].as_slice()).collect();
+            let batch = collate(&rows, self.tokenizer.pad_id(), opts.pad_to_multiple_of, opts.padding_side, &self.device)?;
+            let reps = self.encode(&batch, Mode::Eval)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
+            for (&i, r) in idx.iter().zip(reps) {
+                out[i * h..(i + 1) * h].copy_from_slice(&r);
+            }
+            start = end;
+        }
+        Ok(out)
+    }
+
+    /// Tokenizes and encodes texts (a convenience over [`Encoder::embed_sequences`]).
+    pub fn embed(&self, texts: &[String], text: &TextOptions, batch_size: usize) -> Result<Vec<f32>> {
+        let seqs = self.tokenizer.prepare(text)?.tokenize(texts)?;
+        let opts = BatchOptions {
+            batch_size,
+            token_budget: batch_size * text.max_len.max(1),
+            pad_to_multiple_of: 16,
+            padding_side: PaddingSide::Right,
+        };
+        self.embed_sequences(&seqs, &opts)
+    }
+
+    /// Width of the representations.
+    pub fn hidden_size(&self) -> usize {
+        self.config.hidden_size()
+    }
+    /// The parsed `config.json`.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    /// The pooling in use.
+    pub fn pooling(&self) -> Pooling {
+        self.pooling
+    }
+    /// Whether representations are L2-normalised.
+    pub fn normalize(&self) -> bool {
+        self.normalize
+    }
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        &self.tokenizer
+    }
+    /// The device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    /// The trainable variables, when loaded with `trainable`.
+    pub fn varmap(&self) -> Option<&VarMap> {
+        self.varmap.as_ref()
+    }
+    /// The model folder.
+    pub fn model_dir(&self) -> &Path {
+        &self.model_dir
+    }
+    /// Where pooling and normalisation came from.
+    pub fn defaults_source(&self) -> &DefaultsSource {
+        &self.defaults
+    }
+}

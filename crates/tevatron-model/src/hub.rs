@@ -1,0 +1,116 @@
+//! Where a `--model_name_or_path` lives: a local folder, or a Hugging Face hub id resolved
+//! through the standard cache (`HF_HUB_CACHE`, else `HF_HOME/hub`, else
+//! `~/.cache/huggingface/hub`) and downloaded with the hub client when the network allows.
+
+use std::path::{Path, PathBuf};
+
+use hf_hub::{Cache, Repo, RepoType};
+
+use crate::{Error, Result};
+
+/// Files a model folder may need; the first two are required.
+const MODEL_FILES: &[&str] = &[
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "modules.json",
+    "1_Pooling/config.json",
+];
+const WEIGHT_FILES: &[&str] = &["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"];
+
+/// The hub cache folder, honouring `cache_dir`, `HF_HUB_CACHE` and `HF_HOME`.
+pub fn cache_dir(explicit: Option<&Path>) -> PathBuf {
+    if let Some(p) = explicit {
+        return p.to_path_buf();
+    }
+    if let Some(p) = std::env::var_os("HF_HUB_CACHE") {
+        return PathBuf::from(p);
+    }
+    if let Some(p) = std::env::var_os("HF_HOME") {
+        return PathBuf::from(p).join("hub");
+    }
+    Cache::default().path().clone()
+}
+
+fn offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Resolves a model folder or hub id to a local folder holding its files.
+pub fn resolve_model(name_or_path: &str, cache: Option<&Path>) -> Result<PathBuf> {
+    let path = Path::new(name_or_path);
+    if path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    let looks_like_id = !name_or_path.is_empty()
+        && !name_or_path.starts_with(['.', '/'])
+        && name_or_path.split('/').count() <= 2;
+    if !looks_like_id {
+        return Err(Error::NotFound(format!("model folder {name_or_path} does not exist")));
+    }
+    let cache_path = cache_dir(cache);
+    let repo = Repo::new(name_or_path.to_string(), RepoType::Model);
+    let cached = Cache::new(cache_path.clone()).repo(repo.clone());
+    if let (Some(config), Some(_)) = (cached.get("config.json"), cached.get("tokenizer.json")) {
+        if WEIGHT_FILES.iter().any(|w| cached.get(w).is_some()) {
+            let snapshot = config.parent().expect("cached file has a folder").to_path_buf();
+            tracing::info!("using {name_or_path} from the hub cache at {}", snapshot.display());
+            return Ok(snapshot);
+        }
+    }
+    if offline() {
+        return Err(Error::NotFound(format!(
+            "model {name_or_path:?} is not a local folder and not in the Hugging Face cache at {} \
+             (HF_HUB_OFFLINE is set, so it was not downloaded)",
+            cache_path.display()
+        )));
+    }
+    download(name_or_path, repo, &cache_path).map_err(|cause| {
+        Error::NotFound(format!(
+            "model {name_or_path:?} is not a local folder and not in the Hugging Face cache at {}, \
+             and downloading it failed: {cause}",
+            cache_path.display()
+        ))
+    })
+}
+
+fn download(name: &str, repo: Repo, cache_path: &Path) -> std::result::Result<PathBuf, String> {
+    let api = hf_hub::api::sync::ApiBuilder::from_cache(Cache::new(cache_path.to_path_buf()))
+        .with_progress(false)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let api = api.repo(repo);
+    let config = api.get("config.json").map_err(|e| e.to_string())?;
+    for f in &MODEL_FILES[1..] {
+        // Optional files: a 404 just means the model does not have them.
+        let got = api.get(f);
+        if *f == "tokenizer.json" {
+            got.map_err(|e| format!("{name} has no tokenizer.json ({e})"))?;
+        }
+    }
+    let mut found = false;
+    for w in WEIGHT_FILES {
+        if let Ok(p) = api.get(w) {
+            found = true;
+            if *w == "model.safetensors.index.json" {
+                let text = std::fs::read_to_string(&p).map_err(|e| e.to_string())?;
+                let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+                let mut shards: Vec<&str> = v["weight_map"]
+                    .as_object()
+                    .map(|m| m.values().filter_map(|x| x.as_str()).collect())
+                    .unwrap_or_default();
+                shards.sort_unstable();
+                shards.dedup();
+                for s in shards {
+                    api.get(s).map_err(|e| e.to_string())?;
+                }
+            }
+            break;
+        }
+    }
+    if !found {
+        return Err(format!("{name} has none of {WEIGHT_FILES:?}"));
+    }
+    Ok(config.parent().expect("downloaded file has a folder").to_path_buf())
+}

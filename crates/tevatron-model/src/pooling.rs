@@ -1,0 +1,98 @@
+//! Turning hidden states `(b, l, h)` into one vector per text, as Tevatron's `_pooling` does,
+//! then optional L2 normalisation. Knows nothing of backbone internals.
+
+use candle_core::{DType, Result, Tensor, D};
+
+/// Tevatron's pooling modes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pooling {
+    /// `cls`/`first`: the first position.
+    Cls,
+    /// `mean`/`avg`/`average`: masked mean over real tokens.
+    Mean,
+    /// `last`/`eos`: the last real token (with Tevatron's padding-side detection).
+    Last,
+}
+
+impl Pooling {
+    /// Parses Tevatron's names and aliases.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "cls" | "first" => Some(Pooling::Cls),
+            "mean" | "avg" | "average" => Some(Pooling::Mean),
+            "last" | "eos" => Some(Pooling::Last),
+            _ => None,
+        }
+    }
+
+    /// Canonical name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Pooling::Cls => "cls",
+            Pooling::Mean => "mean",
+            Pooling::Last => "last",
+        }
+    }
+
+    /// Pools `hidden` `(b, l, h)` under `mask` `(b, l)` into `(b, h)`.
+    pub fn pool(self, hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, l, _) = hidden.dims3()?;
+        match self {
+            Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1),
+            Pooling::Mean => {
+                let m = mask.to_dtype(hidden.dtype())?.unsqueeze(2)?; // (b, l, 1)
+                let sum = hidden.broadcast_mul(&m)?.sum(1)?; // (b, h)
+                let count = m.sum(1)?; // (b, 1)
+                sum.broadcast_div(&count)
+            }
+            Pooling::Last => {
+                // Left padding (or none): every row has a real token in the last column.
+                let last_col = mask.narrow(1, l - 1, 1)?.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()?;
+                if last_col as usize == b {
+                    return hidden.narrow(1, l - 1, 1)?.squeeze(1);
+                }
+                let lengths = mask.to_dtype(DType::U32)?.sum(1)?.to_vec1::<u32>()?;
+                // Python's h[b, -1] for an empty row wraps to the last column.
+                let idx: Vec<u32> =
+                    lengths.iter().map(|&n| if n == 0 { l as u32 - 1 } else { n - 1 }).collect();
+                let idx = Tensor::from_vec(idx, (b, 1, 1), hidden.device())?
+                    .broadcast_as((b, 1, hidden.dim(2)?))?
+                    .contiguous()?;
+                hidden.gather(&idx, 1)?.squeeze(1)
+            }
+        }
+    }
+}
+
+/// `x / max(||x||_2, 1e-12)` per row, as `torch.nn.functional.normalize`.
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+    x.broadcast_div(&norm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn pools_by_hand() {
+        let dev = Device::Cpu;
+        // b=2, l=3, h=1: row0 = [1,2,3] len 2 (right padded), row1 = [4,5,6] len 3
+        let h = Tensor::new(&[[[1f32], [2.], [3.]], [[4.], [5.], [6.]]], &dev).unwrap();
+        let m = Tensor::new(&[[1u32, 1, 0], [1, 1, 1]], &dev).unwrap();
+        let v = |p: Pooling| p.pool(&h, &m).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(v(Pooling::Cls), [1.0, 4.0]);
+        assert_eq!(v(Pooling::Mean), [1.5, 5.0]);
+        assert_eq!(v(Pooling::Last), [2.0, 6.0]);
+        // left padding: last column is real everywhere -> take it
+        let m = Tensor::new(&[[0u32, 1, 1], [1, 1, 1]], &dev).unwrap();
+        assert_eq!(Pooling::Last.pool(&h, &m).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), [3.0, 6.0]);
+    }
+
+    #[test]
+    fn normalize_is_unit_length_and_safe_on_zero() {
+        let x = Tensor::new(&[[3f32, 4.], [0., 0.]], &Device::Cpu).unwrap();
+        assert_eq!(l2_normalize(&x).unwrap().to_vec2::<f32>().unwrap(), [[0.6, 0.8], [0., 0.]]);
+    }
+}

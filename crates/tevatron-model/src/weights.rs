@@ -1,0 +1,101 @@
+//! Model weights from a folder: `model.safetensors`, sharded safetensors with
+//! `model.safetensors.index.json`, or `pytorch_model.bin`. Names are kept as HF writes them,
+//! minus a task prefix such as `bert.` (so `BertForMaskedLM` checkpoints load as `BertModel`).
+//! Knows nothing of architectures.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+
+use crate::{Error, Result};
+
+/// Reads every tensor of the checkpoint in `dir` onto `device`, stripping `prefixes`.
+pub fn load(dir: &Path, prefixes: &[&str], device: &Device) -> Result<HashMap<String, Tensor>> {
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    let pickle = dir.join("pytorch_model.bin");
+    let mut raw: Vec<(String, Tensor)> = Vec::new();
+    let bad = |path: &Path, e: candle_core::Error| Error::Weights {
+        path: path.to_path_buf(),
+        what: format!("cannot read weights ({e})"),
+    };
+    if single.is_file() {
+        raw.extend(candle_core::safetensors::load(&single, device).map_err(|e| bad(&single, e))?);
+    } else if index.is_file() {
+        let text =
+            std::fs::read_to_string(&index).map_err(|source| Error::Read { path: index.clone(), source })?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| Error::Json { path: index.clone(), source })?;
+        let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::Weights {
+            path: index.clone(),
+            what: "no `weight_map` object".into(),
+        })?;
+        let files: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
+        for f in files {
+            let shard = dir.join(f);
+            raw.extend(candle_core::safetensors::load(&shard, device).map_err(|e| bad(&shard, e))?);
+        }
+    } else if pickle.is_file() {
+        for (name, t) in candle_core::pickle::read_all(&pickle).map_err(|e| bad(&pickle, e))? {
+            raw.push((name, t.to_device(device)?));
+        }
+    } else {
+        return Err(Error::NotFound(format!(
+            "{}: no weights (looked for model.safetensors, model.safetensors.index.json, pytorch_model.bin)",
+            dir.display()
+        )));
+    }
+    Ok(raw
+        .into_iter()
+        .map(|(name, t)| {
+            let name = prefixes.iter().find_map(|p| name.strip_prefix(p)).map(str::to_owned).unwrap_or(name);
+            (name, t)
+        })
+        .collect())
+}
+
+/// A `VarBuilder` backend over loaded tensors that records which names the architecture asked
+/// for, so a trainable model holds exactly the weights it uses (a checkpoint's unused pooler or
+/// MLM head gets no variable, and "every variable receives a gradient" can be asserted).
+pub struct TrackedWeights {
+    tensors: HashMap<String, Tensor>,
+    used: std::sync::Arc<std::sync::Mutex<BTreeSet<String>>>,
+}
+
+impl TrackedWeights {
+    /// Wraps tensors; returns the backend and a handle on the names it will have served.
+    pub fn new(
+        tensors: HashMap<String, Tensor>,
+    ) -> (Self, std::sync::Arc<std::sync::Mutex<BTreeSet<String>>>) {
+        let used = std::sync::Arc::new(std::sync::Mutex::new(BTreeSet::new()));
+        (Self { tensors, used: used.clone() }, used)
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for TrackedWeights {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: candle_core::DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, dev)?;
+        if t.shape() != &s {
+            candle_core::bail!("tensor {name} has shape {:?}, the architecture expects {:?}", t.dims(), s.dims());
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: candle_core::DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self.tensors.get(name).ok_or_else(|| candle_core::Error::Msg(format!("missing tensor {name}")))?;
+        self.used.lock().expect("weight tracker lock").insert(name.to_string());
+        t.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+}
