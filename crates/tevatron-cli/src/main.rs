@@ -1,1 +1,51 @@
-fn main() {}
+//! `tevatron`: dense retrieval from one binary. A thin `main` (ripgrep's shape): parse flags,
+//! run one command, print the error chain once and exit 2 on failure.
+
+mod args;
+mod cmd;
+mod dataset;
+mod progress;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let argv = match args::expand_json_args(std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("tevatron: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = match args::Cli::try_parse_from(argv) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let quiet = cli.quiet();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TEVATRON_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(if quiet { "warn" } else { "info" })),
+        )
+        .init();
+    match cmd::run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // A closed pipe (`tevatron eval ... | head`) is not a failure.
+            if err.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+            }) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("tevatron: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}

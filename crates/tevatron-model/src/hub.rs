@@ -114,3 +114,41 @@ fn download(name: &str, repo: Repo, cache_path: &Path) -> std::result::Result<Pa
     }
     Ok(config.parent().expect("downloaded file has a folder").to_path_buf())
 }
+
+/// Resolves `--tokenizer_name`: a local folder, or a hub id of which only the tokenizer files
+/// are needed.
+pub fn resolve_model_tokenizer(name_or_path: &str, cache: Option<&Path>) -> Result<PathBuf> {
+    let path = Path::new(name_or_path);
+    if path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    let cache_path = cache_dir(cache);
+    let repo = Repo::new(name_or_path.to_string(), RepoType::Model);
+    if let Some(t) = Cache::new(cache_path.clone()).repo(repo.clone()).get("tokenizer.json") {
+        return Ok(t.parent().expect("cached file has a folder").to_path_buf());
+    }
+    if offline() {
+        return Err(Error::NotFound(format!(
+            "tokenizer {name_or_path:?} is not a local folder and not in the Hugging Face cache at {} (HF_HUB_OFFLINE is set)",
+            cache_path.display()
+        )));
+    }
+    let fetch = || -> std::result::Result<PathBuf, String> {
+        let api = hf_hub::api::sync::ApiBuilder::from_cache(Cache::new(cache_path.clone()))
+            .with_progress(false)
+            .build()
+            .map_err(|e| e.to_string())?
+            .repo(repo);
+        let t = api.get("tokenizer.json").map_err(|e| e.to_string())?;
+        for f in ["tokenizer_config.json", "special_tokens_map.json"] {
+            let _ = api.get(f);
+        }
+        Ok(t.parent().expect("downloaded file has a folder").to_path_buf())
+    };
+    fetch().map_err(|cause| {
+        Error::NotFound(format!(
+            "tokenizer {name_or_path:?} is not a local folder and not in the Hugging Face cache at {}, and downloading it failed: {cause}",
+            cache_path.display()
+        ))
+    })
+}

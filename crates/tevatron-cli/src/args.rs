@@ -1,0 +1,341 @@
+//! Command-line flags, spelled as Tevatron spells them (`--model_name_or_path`,
+//! `--passage_max_len`, ...) so that its recipes carry over. Each command's raw flags are turned
+//! into validated library options in `cmd::*` before any work starts.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Dense retrieval in one binary: encode, search and evaluate, with Tevatron's flags.
+#[derive(Debug, Parser)]
+#[command(name = "tevatron", version, about, long_about = None)]
+pub struct Cli {
+    /// The command to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+impl Cli {
+    /// Whether the command was asked to be quiet (logs at warn level only).
+    pub fn quiet(&self) -> bool {
+        match &self.command {
+            Command::Encode(a) => a.quiet,
+            Command::Search(a) => a.quiet,
+            Command::Eval(_) | Command::Convert(_) => false,
+        }
+    }
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Encode queries or a corpus into an embeddings file (safetensors).
+    Encode(Box<EncodeArgs>),
+    /// Exact inner-product search of query embeddings over passage embeddings.
+    Search(SearchArgs),
+    /// Evaluate a run against qrels with trec_eval's semantics.
+    Eval(EvalArgs),
+    /// Convert Tevatron's `qid docid score` ranking to TREC or MS MARCO format.
+    Convert(ConvertArgs),
+}
+
+/// Parses Hugging Face style booleans: `--flag`, `--flag true`, `--flag False`, `--flag 0`.
+pub fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "y" | "t" => Ok(true),
+        "false" | "0" | "no" | "n" | "f" => Ok(false),
+        _ => Err(format!("{s:?} is not a boolean (true/false)")),
+    }
+}
+
+/// `--pooling` values, with Tevatron's aliases.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PoolingArg {
+    /// First token.
+    #[value(alias = "first")]
+    Cls,
+    /// Masked mean.
+    #[value(aliases = ["avg", "average"])]
+    Mean,
+    /// Last real token.
+    #[value(alias = "eos")]
+    Last,
+}
+
+/// `--padding_side` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SideArg {
+    /// Pad after the text.
+    Right,
+    /// Pad before the text.
+    Left,
+}
+
+/// Element type of written embeddings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum VecDTypeArg {
+    /// 32-bit float.
+    F32,
+    /// Half precision.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+/// Flags of `tevatron encode` (Tevatron's `driver.encode`).
+#[derive(Debug, Args)]
+#[command(rename_all = "snake_case")]
+pub struct EncodeArgs {
+    /// Model folder or Hugging Face hub id.
+    #[arg(long)]
+    pub model_name_or_path: String,
+    /// Tokenizer folder or hub id, when it differs from the model's.
+    #[arg(long)]
+    pub tokenizer_name: Option<String>,
+    /// Hugging Face hub cache folder (default: HF_HUB_CACHE, HF_HOME/hub or ~/.cache/huggingface/hub).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// `json` for local files given by --dataset_path, a local folder, or a hub dataset id.
+    #[arg(long, default_value = "json")]
+    pub dataset_name: String,
+    /// Data file or glob (quote it), e.g. 'corpus/*.jsonl.gz'.
+    #[arg(long)]
+    pub dataset_path: Option<String>,
+    /// Dataset configuration (hub datasets with several, e.g. Tevatron/beir scifact).
+    #[arg(long)]
+    pub dataset_config: Option<String>,
+    /// Dataset split (train, dev, test, ...).
+    #[arg(long, default_value = "train")]
+    pub dataset_split: String,
+    /// Hub datasets cache folder.
+    #[arg(long)]
+    pub dataset_cache_dir: Option<PathBuf>,
+    /// Encode queries (`query_id`, `query_text`/`query`) instead of passages.
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub encode_is_query: bool,
+    /// Output embeddings file (safetensors; one per shard).
+    #[arg(long)]
+    pub encode_output_path: PathBuf,
+    /// Maximum query tokens, special tokens included.
+    #[arg(long, default_value_t = 32)]
+    pub query_max_len: usize,
+    /// Maximum passage tokens, special tokens included.
+    #[arg(long, default_value_t = 128)]
+    pub passage_max_len: usize,
+    /// Text put before each query, e.g. "query: ".
+    #[arg(long, default_value = "")]
+    pub query_prefix: String,
+    /// Text put before each passage, e.g. "passage: ".
+    #[arg(long, default_value = "")]
+    pub passage_prefix: String,
+    /// Pooling: cls/first, mean/avg/average, last/eos. Default: the sentence-transformers
+    /// folder's pooling if it has one, else cls.
+    #[arg(long, value_enum)]
+    pub pooling: Option<PoolingArg>,
+    /// L2-normalise embeddings. Default: true for a sentence-transformers folder with a
+    /// Normalize module, else false.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub normalize: Option<bool>,
+    /// Truncate to max_len-1 and append the EOS token (decoder models with eos pooling).
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub append_eos_token: bool,
+    /// Add the tokenizer's special tokens ([CLS], [SEP], BOS...).
+    #[arg(long, num_args = 0..=1, default_value = "true", default_missing_value = "true", value_parser = parse_bool)]
+    pub add_special_tokens: bool,
+    /// Side to pad on; left suits last/eos pooling of decoder models.
+    #[arg(long, value_enum, default_value = "right")]
+    pub padding_side: SideArg,
+    /// Pad each batch to its longest text rounded up to a multiple of this.
+    #[arg(long, default_value_t = 16)]
+    pub pad_to_multiple_of: usize,
+    /// Texts per batch (batches of short texts may hold more, up to the same token count).
+    #[arg(long, default_value_t = 8)]
+    pub per_device_eval_batch_size: usize,
+    /// Split the input into this many contiguous shards (Hugging Face's rule) ...
+    #[arg(long, default_value_t = 1)]
+    pub dataset_number_of_shards: usize,
+    /// ... and encode this one (0-based).
+    #[arg(long, default_value_t = 0)]
+    pub dataset_shard_index: usize,
+    /// Compute in float16.
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub fp16: bool,
+    /// Compute in bfloat16.
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub bf16: bool,
+    /// Element type of the written embeddings (f32 unless you want smaller files).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub embedding_dtype: VecDTypeArg,
+    /// Accepted and unused, as in Tevatron's encode driver.
+    #[arg(long)]
+    pub output_dir: Option<PathBuf>,
+    /// Encoding with a LoRA adapter is not supported yet; the flag is refused, not ignored.
+    #[arg(long)]
+    pub lora_name_or_path: Option<String>,
+    /// No progress bar, warnings only.
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub quiet: bool,
+}
+
+/// Flags of `tevatron search` (Tevatron's `driver.search`).
+#[derive(Debug, Args)]
+#[command(rename_all = "snake_case")]
+pub struct SearchArgs {
+    /// Query embeddings file.
+    #[arg(long)]
+    pub query_reps: PathBuf,
+    /// Passage embeddings glob, quoted (e.g. 'emb/corpus.*.safetensors'); expanded and sorted.
+    #[arg(long)]
+    pub passage_reps: String,
+    /// Hits per query.
+    #[arg(long, default_value_t = 1000)]
+    pub depth: usize,
+    /// Queries scored per pass over the corpus; 0 or less means all at once.
+    #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
+    pub batch_size: i64,
+    /// Output path.
+    #[arg(long)]
+    pub save_ranking_to: PathBuf,
+    /// Write `qid<TAB>docid<TAB>score` text instead of a safetensors file.
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub save_text: bool,
+    /// Open and search one shard at a time, merging top-k (memory bounded by one shard).
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub shard_search: bool,
+    /// No progress output.
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub quiet: bool,
+}
+
+/// Flags of `tevatron eval`.
+#[derive(Debug, Args)]
+#[command(rename_all = "snake_case")]
+pub struct EvalArgs {
+    /// TREC qrels (`qid iter docid rel`).
+    #[arg(long)]
+    pub qrels: PathBuf,
+    /// Run: TREC 6 columns or Tevatron's `qid docid score`.
+    #[arg(long)]
+    pub run: PathBuf,
+    /// Measure (repeatable): mrr@K, ndcg@K, recall@K, p@K, map, map@K, or trec_eval's
+    /// recip_rank, ndcg_cut.K, recall.K, P.K, map_cut.K (lists like recall.100,1000).
+    /// Default: mrr@10, ndcg@10, recall@100, recall@1000.
+    #[arg(short = 'm', long = "metric")]
+    pub metric: Vec<String>,
+    /// Average over every judged query, counting ones missing from the run as 0 (trec_eval -c).
+    #[arg(short = 'c', long)]
+    pub complete: bool,
+    /// Print one JSON object `{measure: mean}`.
+    #[arg(long)]
+    pub json: bool,
+    /// Also print per-query values.
+    #[arg(long)]
+    pub per_query: bool,
+}
+
+/// Target format of `tevatron convert`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ConvertTo {
+    /// `qid Q0 docid rank score dense`.
+    Trec,
+    /// `qid<TAB>docid<TAB>rank`.
+    Marco,
+}
+
+/// Flags of `tevatron convert` (Tevatron's `convert_result_to_trec` / `_to_marco`).
+#[derive(Debug, Args)]
+#[command(rename_all = "snake_case")]
+pub struct ConvertArgs {
+    /// Output format.
+    #[arg(long, value_enum)]
+    pub to: ConvertTo,
+    /// Tevatron ranking (`qid docid score`), grouped by query.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Output file.
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Drop rows whose docid equals the qid without consuming a rank (BEIR ArguAna/Quora).
+    #[arg(long)]
+    pub remove_query: bool,
+}
+
+/// Tevatron's drivers accept a single `args.json` instead of flags: `tevatron encode args.json`.
+/// Keys become `--key value`; `true` becomes a bare `--key`, `false` and null are left out,
+/// lists become repeated values.
+pub fn expand_json_args(argv: Vec<OsString>) -> Result<Vec<OsString>> {
+    let is_json = argv.len() == 3 && argv[2].to_str().is_some_and(|s| s.ends_with(".json") && !s.starts_with('-'));
+    if !is_json {
+        return Ok(argv);
+    }
+    let path = PathBuf::from(&argv[2]);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading arguments {}", path.display()))?;
+    let obj: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&text).with_context(|| format!("{}: arguments must be a JSON object", path.display()))?;
+    let mut out = vec![argv[0].clone(), argv[1].clone()];
+    for (k, v) in obj {
+        let flag = OsString::from(format!("--{k}"));
+        match v {
+            serde_json::Value::Bool(true) => out.push(flag),
+            serde_json::Value::Bool(false) | serde_json::Value::Null => {}
+            serde_json::Value::String(s) => out.extend([flag, s.into()]),
+            serde_json::Value::Number(n) => out.extend([flag, n.to_string().into()]),
+            serde_json::Value::Array(items) => {
+                out.push(flag);
+                for i in items {
+                    out.push(match i {
+                        serde_json::Value::String(s) => s.into(),
+                        other => other.to_string().into(),
+                    });
+                }
+            }
+            serde_json::Value::Object(_) => bail!("{}: argument {k:?} is an object", path.display()),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn tevatron_spellings_and_hf_booleans_parse() {
+        let cli = Cli::try_parse_from([
+            "tevatron", "encode", "--model_name_or_path", "m", "--dataset_path", "c.jsonl",
+            "--encode_output_path", "o", "--normalize", "--fp16", "True", "--pooling", "avg",
+            "--encode_is_query", "--per_device_eval_batch_size", "64",
+        ])
+        .unwrap();
+        let Command::Encode(a) = cli.command else { panic!("encode") };
+        assert_eq!(a.normalize, Some(true));
+        assert!(a.fp16 && a.encode_is_query && !a.bf16);
+        assert_eq!(a.pooling, Some(PoolingArg::Mean));
+        assert_eq!(a.per_device_eval_batch_size, 64);
+        let cli = Cli::try_parse_from([
+            "tevatron", "search", "--query_reps", "q", "--passage_reps", "p*", "--batch_size", "-1",
+            "--save_ranking_to", "r", "--save_text",
+        ])
+        .unwrap();
+        let Command::Search(a) = cli.command else { panic!("search") };
+        assert_eq!((a.batch_size, a.save_text, a.depth), (-1, true, 1000));
+    }
+
+    #[test]
+    fn json_argument_file_expands_to_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("args.json");
+        std::fs::write(&path, r#"{"model_name_or_path": "m", "normalize": true, "fp16": false, "query_max_len": 16}"#).unwrap();
+        let argv = expand_json_args(vec!["tevatron".into(), "encode".into(), path.clone().into()]).unwrap();
+        let argv: Vec<String> = argv.into_iter().map(|s| s.into_string().unwrap()).collect();
+        assert_eq!(argv, ["tevatron", "encode", "--model_name_or_path", "m", "--normalize", "--query_max_len", "16"]);
+    }
+}

@@ -1,0 +1,188 @@
+//! `tevatron encode`: stream records, tokenize ahead on a second thread, encode length-sorted
+//! batches and write rows to the embeddings file as they come (bounded memory on any corpus).
+
+use std::collections::BTreeMap;
+use std::sync::mpsc;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use tevatron_ir::records::{count_rows, shard_range, RecordKind, RecordStream};
+use tevatron_ir::vectors::{VecDType, VectorWriter};
+use tevatron_model::encoder::{BatchOptions, DefaultsSource};
+use tevatron_model::{Encoder, EncoderOptions, PaddingSide, Pooling, TextOptions};
+
+use crate::args::{EncodeArgs, PoolingArg, SideArg, VecDTypeArg};
+use crate::{dataset, progress};
+
+/// Records tokenized and encoded together: large enough to sort by length usefully, small
+/// enough that memory stays at a few batches.
+const CHUNK: usize = 4096;
+
+/// Validated settings of one encode run.
+struct EncodeConfig {
+    files: Vec<std::path::PathBuf>,
+    kind: RecordKind,
+    text: TextOptions,
+    batch: BatchOptions,
+    encoder: EncoderOptions,
+    out_dtype: VecDType,
+    shards: (usize, usize),
+}
+
+fn validate(a: &EncodeArgs) -> Result<EncodeConfig> {
+    if let Some(lora) = &a.lora_name_or_path {
+        bail!("--lora_name_or_path {lora}: encoding with a LoRA adapter is not supported yet; merge the adapter into the base model first (PEFT merge_and_unload) and pass the merged folder");
+    }
+    if a.fp16 && a.bf16 {
+        bail!("--fp16 and --bf16 are exclusive");
+    }
+    if a.dataset_number_of_shards == 0 || a.dataset_shard_index >= a.dataset_number_of_shards {
+        bail!(
+            "--dataset_shard_index {} must be below --dataset_number_of_shards {}",
+            a.dataset_shard_index,
+            a.dataset_number_of_shards
+        );
+    }
+    if a.per_device_eval_batch_size == 0 {
+        bail!("--per_device_eval_batch_size must be at least 1");
+    }
+    let files = dataset::resolve(
+        &a.dataset_name,
+        a.dataset_path.as_deref(),
+        a.dataset_config.as_deref(),
+        &a.dataset_split,
+        a.dataset_cache_dir.as_deref(),
+    )?;
+    let (kind, max_len, prefix) = if a.encode_is_query {
+        (RecordKind::Query, a.query_max_len, a.query_prefix.clone())
+    } else {
+        (RecordKind::Doc, a.passage_max_len, a.passage_prefix.clone())
+    };
+    let padding_side = match a.padding_side {
+        SideArg::Right => PaddingSide::Right,
+        SideArg::Left => PaddingSide::Left,
+    };
+    let dtype = if a.fp16 {
+        DType::F16
+    } else if a.bf16 {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    Ok(EncodeConfig {
+        files,
+        kind,
+        text: TextOptions { max_len, prefix, append_eos: a.append_eos_token, add_special_tokens: a.add_special_tokens },
+        batch: BatchOptions {
+            batch_size: a.per_device_eval_batch_size,
+            token_budget: a.per_device_eval_batch_size * max_len.max(1),
+            pad_to_multiple_of: a.pad_to_multiple_of.max(1),
+            padding_side,
+        },
+        encoder: EncoderOptions {
+            pooling: a.pooling.map(|p| match p {
+                PoolingArg::Cls => Pooling::Cls,
+                PoolingArg::Mean => Pooling::Mean,
+                PoolingArg::Last => Pooling::Last,
+            }),
+            normalize: a.normalize,
+            dtype,
+            device: Device::Cpu,
+            trainable: false,
+            disable_dropout: false,
+        },
+        out_dtype: match a.embedding_dtype {
+            VecDTypeArg::F32 => VecDType::F32,
+            VecDTypeArg::F16 => VecDType::F16,
+            VecDTypeArg::Bf16 => VecDType::BF16,
+        },
+        shards: (a.dataset_number_of_shards, a.dataset_shard_index),
+    })
+}
+
+type Chunk = (Vec<String>, Vec<Vec<u32>>);
+
+pub fn run(a: &EncodeArgs) -> Result<()> {
+    let cfg = validate(a)?;
+    let model_dir = tevatron_model::hub::resolve_model(&a.model_name_or_path, a.cache_dir.as_deref())?;
+    let tok_dir = a
+        .tokenizer_name
+        .as_deref()
+        .map(|t| tevatron_model::hub::resolve_model_tokenizer(t, a.cache_dir.as_deref()))
+        .transpose()?;
+    let encoder = Encoder::load(&model_dir, tok_dir.as_deref(), &cfg.encoder)
+        .with_context(|| format!("loading model {}", a.model_name_or_path))?;
+    match encoder.defaults_source() {
+        DefaultsSource::SentenceTransformers(what) => tracing::info!("using {what}"),
+        DefaultsSource::Tevatron => tracing::info!("using Tevatron's defaults: pooling cls, no normalization"),
+        DefaultsSource::User => {}
+    }
+    encoder.check_padding(cfg.batch.padding_side)?;
+    let tokenizer = encoder.tokenizer().prepare(&cfg.text)?;
+
+    let total = count_rows(&cfg.files)?;
+    let range = shard_range(total, cfg.shards.0, cfg.shards.1);
+    let rows = range.len();
+    tracing::info!(
+        "encoding {rows} {} from {} file(s) with {} ({} pooling, normalize {})",
+        if cfg.kind == RecordKind::Query { "queries" } else { "passages" },
+        cfg.files.len(),
+        a.model_name_or_path,
+        encoder.pooling().name(),
+        encoder.normalize()
+    );
+
+    let mut meta = BTreeMap::new();
+    meta.insert("model".to_string(), a.model_name_or_path.clone());
+    meta.insert("pooling".to_string(), encoder.pooling().name().to_string());
+    meta.insert("normalize".to_string(), encoder.normalize().to_string());
+    meta.insert("is_query".to_string(), a.encode_is_query.to_string());
+    meta.insert("max_len".to_string(), cfg.text.max_len.to_string());
+    meta.insert("prefix".to_string(), cfg.text.prefix.clone());
+    let mut writer = VectorWriter::create(&a.encode_output_path, encoder.hidden_size(), cfg.out_dtype, meta)?;
+
+    let stream = RecordStream::open(cfg.files.clone(), cfg.kind).with_range(range);
+    let (tx, rx) = mpsc::sync_channel::<Result<Chunk>>(2);
+    let bar = progress::bar(Some(rows as u64), if a.encode_is_query { "queries" } else { "passages" }, a.quiet);
+    std::thread::scope(|s| -> Result<()> {
+        // Reader + tokenizer thread: keeps the next chunks ready while the model runs.
+        s.spawn(move || {
+            let mut stream = stream;
+            loop {
+                let mut ids = Vec::with_capacity(CHUNK);
+                let mut texts = Vec::with_capacity(CHUNK);
+                for rec in stream.by_ref().take(CHUNK) {
+                    match rec {
+                        Ok(r) => {
+                            ids.push(r.id);
+                            texts.push(r.text);
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e.into()));
+                            return;
+                        }
+                    }
+                }
+                if ids.is_empty() {
+                    return;
+                }
+                let msg = tokenizer.tokenize(&texts).map(|seqs| (ids, seqs)).map_err(anyhow::Error::from);
+                if tx.send(msg).is_err() {
+                    return;
+                }
+            }
+        });
+        for msg in rx {
+            let (ids, seqs) = msg?;
+            let reps = encoder.embed_sequences(&seqs, &cfg.batch)?;
+            writer.push(&reps, &ids)?;
+            bar.inc(ids.len() as u64);
+        }
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+    let n = writer.len();
+    writer.finish()?;
+    tracing::info!("wrote {n} embeddings to {}", a.encode_output_path.display());
+    Ok(())
+}

@@ -1,0 +1,87 @@
+//! `tevatron search`: exact inner-product top-k of query embeddings over memory-mapped passage
+//! shards, written as Tevatron's TSV or a safetensors file.
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Context, Result};
+use safetensors::tensor::{Dtype, TensorView};
+use tevatron_ir::search::{check_queries, search_shards, Hit};
+use tevatron_ir::trec::{write_run, RunFormat};
+use tevatron_ir::vectors::{expand_glob, Vectors};
+
+use crate::args::SearchArgs;
+
+pub fn run(a: &SearchArgs) -> Result<()> {
+    if a.depth == 0 {
+        bail!("--depth must be at least 1");
+    }
+    let queries = Vectors::open(&a.query_reps).context("reading --query_reps")?;
+    let q = check_queries(&queries)?;
+    let files = expand_glob(&a.passage_reps).context("resolving --passage_reps")?;
+    let batch = if a.batch_size <= 0 { 0 } else { a.batch_size as usize };
+    let dim = queries.dim();
+    let start = std::time::Instant::now();
+    let hits = if a.shard_search {
+        search_shards(&q, dim, files.iter().map(|f| Vectors::open(f)), a.depth, batch)?
+    } else {
+        // Open and validate every shard before any work.
+        let shards = files.iter().map(|f| Vectors::open(f)).collect::<Result<Vec<_>, _>>()?;
+        if let Some(bad) = shards.iter().find(|s| s.dim() != shards[0].dim()) {
+            bail!(
+                "{} has dimension {} but {} has {}",
+                bad.path().display(),
+                bad.dim(),
+                shards[0].path().display(),
+                shards[0].dim()
+            );
+        }
+        search_shards(&q, dim, shards.iter().map(Ok), a.depth, batch)?
+    };
+    if !a.quiet {
+        tracing::info!(
+            "searched {} queries over {} shard(s) in {:.2}s",
+            queries.len(),
+            files.len(),
+            start.elapsed().as_secs_f64()
+        );
+    }
+    if a.save_text {
+        let rows = queries.ids().iter().zip(&hits).flat_map(|(qid, hs)| {
+            hs.iter().map(move |h| (qid.as_str(), h.docid.as_str(), format!("{:?}", h.score)))
+        });
+        write_run(&a.save_ranking_to, rows, RunFormat::Tsv, false)?;
+    } else {
+        write_safetensors(a, queries.ids(), &hits)?;
+    }
+    Ok(())
+}
+
+/// `scores` `[Q, k]` F32, `docids` and `query_ids` as `\n`-joined UTF-8 (U8), k = min(depth, N).
+fn write_safetensors(a: &SearchArgs, qids: &[String], hits: &[Vec<Hit>]) -> Result<()> {
+    let k = hits.iter().map(Vec::len).max().unwrap_or(0);
+    let mut scores = Vec::with_capacity(qids.len() * k * 4);
+    let mut docids = Vec::new();
+    for hs in hits {
+        for (i, h) in hs.iter().enumerate() {
+            scores.extend_from_slice(&h.score.to_le_bytes());
+            if !docids.is_empty() || i > 0 {
+                docids.push(b'\n');
+            }
+            docids.extend_from_slice(h.docid.as_bytes());
+        }
+    }
+    let qbytes = qids.join("\n").into_bytes();
+    let tensors = [
+        ("scores", TensorView::new(Dtype::F32, vec![qids.len(), k], &scores)?),
+        ("docids", TensorView::new(Dtype::U8, vec![docids.len()], &docids)?),
+        ("query_ids", TensorView::new(Dtype::U8, vec![qbytes.len()], &qbytes)?),
+    ];
+    let mut meta = BTreeMap::new();
+    meta.insert("format".to_string(), "tevatron-ranking-v1".to_string());
+    meta.insert("depth".to_string(), k.to_string());
+    let bytes = safetensors::serialize(tensors, Some(meta.into_iter().collect()))?;
+    let mut out = tevatron_ir::atomic::AtomicFile::create(&a.save_ranking_to)?;
+    std::io::Write::write_all(&mut out, &bytes).map_err(|e| out.err(e))?;
+    out.commit()?;
+    Ok(())
+}

@@ -1,0 +1,163 @@
+//! Where `--dataset_name/--dataset_path/--dataset_config/--dataset_split` point: local files
+//! (`json` + a path or glob), a local folder, or a Hugging Face hub dataset id (looked up in the
+//! hub cache, then downloaded when the network allows). The result is a sorted list of files.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+const DATA_EXTS: &[&str] = &[".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet"];
+
+fn is_data_file(p: &Path) -> bool {
+    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    DATA_EXTS.iter().any(|e| name.ends_with(e))
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading folder {}", dir.display()))? {
+        let path = entry.with_context(|| format!("reading folder {}", dir.display()))?.path();
+        if path.is_dir() {
+            if !path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')) {
+                walk(&path, out)?;
+            }
+        } else if is_data_file(&path) {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// Picks the files of one split (and configuration) from a dataset folder, the way Hugging Face
+/// data-file patterns do: files or folders named after the split (`dev.jsonl`,
+/// `data/dev-00000.parquet`), or, for `train`, everything when nothing names a split.
+fn split_files(root: &Path, config: Option<&str>, split: &str) -> Result<Vec<PathBuf>> {
+    let mut all = Vec::new();
+    walk(root, &mut all)?;
+    if let Some(cfg) = config {
+        let in_cfg: Vec<PathBuf> = all
+            .iter()
+            .filter(|p| p.strip_prefix(root).is_ok_and(|r| r.components().any(|c| c.as_os_str() == cfg)))
+            .cloned()
+            .collect();
+        if !in_cfg.is_empty() {
+            all = in_cfg;
+        }
+    }
+    let names_split = |p: &Path, s: &str| {
+        p.strip_prefix(root).is_ok_and(|r| {
+            r.components().any(|c| {
+                let c = c.as_os_str().to_string_lossy();
+                c == s || c.starts_with(&format!("{s}.")) || c.starts_with(&format!("{s}-")) || c.starts_with(&format!("{s}_"))
+            })
+        })
+    };
+    let mut files: Vec<PathBuf> = all.iter().filter(|p| names_split(p, split)).cloned().collect();
+    if files.is_empty() && split == "train" {
+        let known = ["dev", "test", "validation", "valid"];
+        files = all.into_iter().filter(|p| !known.iter().any(|s| names_split(p, s))).collect();
+    }
+    files.sort();
+    if files.is_empty() {
+        bail!("{}: no data files for split {split:?}", root.display());
+    }
+    Ok(files)
+}
+
+/// Resolves the dataset flags to data files.
+pub fn resolve(
+    name: &str,
+    path: Option<&str>,
+    config: Option<&str>,
+    split: &str,
+    cache_dir: Option<&Path>,
+) -> Result<Vec<PathBuf>> {
+    if let Some(pattern) = path {
+        let base = if name != "json" && Path::new(name).is_dir() { Some(Path::new(name)) } else { None };
+        let pattern = match base {
+            Some(b) if Path::new(pattern).is_relative() => b.join(pattern).to_string_lossy().into_owned(),
+            _ => pattern.to_string(),
+        };
+        return Ok(tevatron_ir::vectors::expand_glob(&pattern)
+            .with_context(|| "resolving --dataset_path".to_string())?);
+    }
+    if name == "json" {
+        bail!("--dataset_name json needs --dataset_path (a file or a quoted glob)");
+    }
+    let dir = Path::new(name);
+    if dir.is_dir() {
+        return split_files(dir, config, split);
+    }
+    let root = hub_dataset(name, cache_dir)?;
+    split_files(&root, config, split)
+}
+
+/// A hub dataset's snapshot folder: from the cache, or downloaded (data files only).
+fn hub_dataset(id: &str, cache_dir: Option<&Path>) -> Result<PathBuf> {
+    let cache = tevatron_model::hub::cache_dir(cache_dir);
+    let folder = cache.join(format!("datasets--{}", id.replace('/', "--")));
+    let snapshots = folder.join("snapshots");
+    if let Ok(entries) = std::fs::read_dir(&snapshots) {
+        let mut snaps: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        snaps.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+        if let Some(latest) = snaps.pop() {
+            tracing::info!("using dataset {id} from the hub cache at {}", latest.display());
+            return Ok(latest);
+        }
+    }
+    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0");
+    if offline {
+        bail!(
+            "dataset {id:?} is not a local folder and not in the Hugging Face cache at {} (HF_HUB_OFFLINE is set)",
+            cache.display()
+        );
+    }
+    let download = || -> std::result::Result<PathBuf, String> {
+        let api = hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(cache.clone()))
+            .with_progress(false)
+            .build()
+            .map_err(|e| e.to_string())?;
+        let repo = api.dataset(id.to_string());
+        let info = repo.info().map_err(|e| e.to_string())?;
+        let mut root = None;
+        for s in info.siblings {
+            if is_data_file(Path::new(&s.rfilename)) {
+                let local = repo.get(&s.rfilename).map_err(|e| e.to_string())?;
+                let depth = Path::new(&s.rfilename).components().count();
+                root = local.ancestors().nth(depth).map(Path::to_path_buf);
+            }
+        }
+        root.ok_or_else(|| format!("{id} has no JSONL or Parquet data files"))
+    };
+    download().map_err(|cause| {
+        anyhow::anyhow!(
+            "dataset {id:?} is not a local folder and not in the Hugging Face cache at {}, and downloading it failed: {cause}",
+            cache.display()
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn folder_splits_follow_file_names() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["train.jsonl", "dev.jsonl", "data/test-00000.jsonl.gz", "README.md"] {
+            let p = dir.path().join(f);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, "").unwrap();
+        }
+        let names = |split: &str| -> Vec<String> {
+            split_files(dir.path(), None, split)
+                .unwrap()
+                .iter()
+                .map(|p| p.strip_prefix(dir.path()).unwrap().to_string_lossy().into_owned())
+                .collect()
+        };
+        assert_eq!(names("dev"), ["dev.jsonl"]);
+        assert_eq!(names("test"), ["data/test-00000.jsonl.gz"]);
+        assert_eq!(names("train"), ["train.jsonl"]);
+        assert!(split_files(dir.path(), None, "dl19").is_err());
+    }
+}

