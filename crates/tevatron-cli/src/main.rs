@@ -10,7 +10,21 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// Keeps freed tensor buffers in the heap instead of returning them to the OS. candle allocates
+/// a fresh buffer per op; with glibc's default (mmap above 128 KiB, adaptive) every large
+/// activation costs page faults and zeroing, about a tenth of encode time on CPU.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator thresholds; called before any other thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let argv = match args::expand_json_args(std::env::args_os().collect()) {
         Ok(a) => a,
         Err(e) => {

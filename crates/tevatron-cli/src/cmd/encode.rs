@@ -18,6 +18,9 @@ use crate::{dataset, progress};
 /// enough that memory stays at a few batches.
 const CHUNK: usize = 4096;
 
+/// Largest padded token count per batch; larger batches add no speed on CPU but bigger buffers.
+const MAX_BATCH_TOKENS: usize = 4096;
+
 /// Validated settings of one encode run.
 struct EncodeConfig {
     files: Vec<std::path::PathBuf>,
@@ -75,7 +78,8 @@ fn validate(a: &EncodeArgs) -> Result<EncodeConfig> {
         text: TextOptions { max_len, prefix, append_eos: a.append_eos_token, add_special_tokens: a.add_special_tokens },
         batch: BatchOptions {
             batch_size: a.per_device_eval_batch_size,
-            token_budget: a.per_device_eval_batch_size * max_len.max(1),
+            // Capped so that activations stay under the allocator's mmap threshold (see main).
+            token_budget: (a.per_device_eval_batch_size * max_len.max(1)).min(MAX_BATCH_TOKENS),
             pad_to_multiple_of: a.pad_to_multiple_of.max(1),
             padding_side,
         },

@@ -3,10 +3,10 @@
 //! Weight names are HF's exactly: `embeddings.*`, `encoder.layer.{i}.*`.
 
 use candle_core::{Device, Module, Result, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
-use super::layers::{self, Activation, LayerNorm};
+use super::layers::{self, Activation, LayerNorm, Linear};
 use super::{Backbone, Mode};
 use crate::collate::Batch;
 
@@ -195,7 +195,7 @@ impl Layer {
         let a = layers::apply(&self.attn_out, &ctx)?;
         let a = layers::dropout(&a, cfg.hidden_dropout_prob, mode)?;
         let a = self.attn_norm.forward(&(a + x)?, mode)?;
-        let f = cfg.hidden_act.forward(&layers::apply(&self.intermediate, &a)?)?;
+        let f = cfg.hidden_act.forward(&layers::apply(&self.intermediate, &a)?, mode)?;
         let f = layers::apply(&self.output, &f)?;
         let f = layers::dropout(&f, cfg.hidden_dropout_prob, mode)?;
         self.out_norm.forward(&(f + a)?, mode)

@@ -3,10 +3,10 @@
 //! (`transformer.layer.{i}.attention.q_lin`, `sa_layer_norm`, `ffn.lin1`, `output_layer_norm`).
 
 use candle_core::{Device, Module, Result, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
-use super::layers::{self, Activation, LayerNorm};
+use super::layers::{self, Activation, LayerNorm, Linear};
 use super::{Backbone, Mode};
 use crate::collate::Batch;
 
@@ -108,7 +108,7 @@ impl Backbone for DistilBert {
             let v = layers::apply(&layer.v, &x)?;
             let ctx = layers::attention(&q, &k, &v, &bias, self.cfg.n_heads, self.cfg.attention_dropout, mode)?;
             let sa = layer.sa_norm.forward(&(layers::apply(&layer.out, &ctx)? + &x)?, mode)?;
-            let f = self.cfg.activation.forward(&layers::apply(&layer.lin1, &sa)?)?;
+            let f = self.cfg.activation.forward(&layers::apply(&layer.lin1, &sa)?, mode)?;
             let f = layers::dropout(&layers::apply(&layer.lin2, &f)?, self.cfg.dropout, mode)?;
             x = layer.out_norm.forward(&(f + sa)?, mode)?;
         }

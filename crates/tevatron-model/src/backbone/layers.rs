@@ -2,7 +2,7 @@
 //! and `softmax_last_dim` have no backward and would silently cut gradients, so `Mode::Train`
 //! always takes the composed versions here.
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{DType, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::Mode;
@@ -43,6 +43,7 @@ impl LayerNorm {
 /// Softmax over the last dimension.
 pub fn softmax_last(x: &Tensor, mode: Mode) -> Result<Tensor> {
     match mode {
+        Mode::Eval if super::fast::applies(x) => super::fast::softmax_last(x),
         Mode::Eval => candle_nn::ops::softmax_last_dim(x),
         Mode::Train => candle_nn::ops::softmax(x, D::Minus1),
     }
@@ -57,8 +58,36 @@ pub fn dropout(x: &Tensor, p: f64, mode: Mode) -> Result<Tensor> {
 }
 
 /// A linear layer `x W^T + b` with HF names `weight` `(out, in)` and `bias`.
-pub fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<candle_nn::Linear> {
-    candle_nn::linear(in_dim, out_dim, vb)
+///
+/// Inputs of any rank are flattened to one `(rows, in)` matrix first, so each projection is a
+/// single large matrix product rather than one small product per batch row (candle-nn's
+/// `Linear` broadcasts the weight per row); every op used has a backward.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Applies the layer to `(..., in)`, giving `(..., out)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (out_dim, in_dim) = self.weight.dims2()?;
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out = dims;
+        *out.last_mut().expect("input has at least one dimension") = out_dim;
+        y.reshape(out)
+    }
+}
+
+/// Loads a linear layer with a bias.
+pub fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Linear> {
+    Ok(Linear { weight: vb.get((out_dim, in_dim), "weight")?, bias: Some(vb.get(out_dim, "bias")?) })
 }
 
 /// The activation functions HF configs name in `hidden_act` / `activation`.
@@ -78,9 +107,11 @@ pub enum Activation {
 }
 
 impl Activation {
-    /// Applies the activation (all variants have a backward in candle).
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// Applies the activation. `Train` uses candle's ops (all have a backward); `Eval` takes
+    /// the SIMD-friendly GELU on CPU.
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         match self {
+            Activation::Gelu if mode == Mode::Eval && super::fast::applies(x) => super::fast::gelu(x),
             Activation::Gelu => x.gelu_erf(),
             Activation::GeluNew => x.gelu(),
             Activation::Relu => x.relu(),
@@ -128,6 +159,6 @@ pub fn mask_bias(attention_mask: &Tensor, dtype: DType) -> Result<Tensor> {
 }
 
 /// Applies a linear layer (a thin wrapper so backbones read the same way everywhere).
-pub fn apply(layer: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
+pub fn apply(layer: &Linear, x: &Tensor) -> Result<Tensor> {
     layer.forward(x)
 }

@@ -4,6 +4,7 @@
 
 pub mod bert;
 pub mod distilbert;
+mod fast;
 pub mod layers;
 
 use candle_core::{Result, Tensor};

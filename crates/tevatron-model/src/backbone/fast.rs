@@ -1,0 +1,187 @@
+//! Vectorisable CPU kernels for the two element-wise ops that dominate BERT inference after the
+//! matrix products: GELU (erf) and the attention softmax (exp). candle 0.11 calls scalar libm
+//! `erff`/`expf` per element; these branch-free polynomials let the compiler use SIMD.
+//! Inference only (`Mode::Eval`, F32 on CPU): they have no backward, by design.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// erf(x) as a rational function (Eigen's `generic_fast_erf_float`), |error| < 1e-7.
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let mut p = -2.726_142_2e-10_f32;
+    p = p * x2 + 2.770_681_4e-8;
+    p = p * x2 - 2.101_024e-6;
+    p = p * x2 - 5.692_506_4e-5;
+    p = p * x2 - 7.349_906_3e-4;
+    p = p * x2 - 2.954_6e-3;
+    p = p * x2 - 1.609_603_3e-2;
+    p *= x;
+    let mut q = -1.456_607_2e-5_f32;
+    q = q * x2 - 2.133_740_6e-4;
+    q = q * x2 - 1.682_827e-3;
+    q = q * x2 - 7.373_329e-3;
+    q = q * x2 - 1.426_473_9e-2;
+    p / q
+}
+
+/// exp(x) by range reduction to 2^n * e^g, |g| <= ln2/2, and a degree-6 Taylor polynomial;
+/// relative error < 2e-7. Inputs below -87 give 0-ish values, as softmax needs.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    let t = x * std::f32::consts::LOG2_E;
+    // Round to nearest with the 1.5 * 2^23 trick (vectorises, unlike f32::round).
+    let n = (t + 12_582_912.0) - 12_582_912.0;
+    let g = (t - n) * std::f32::consts::LN_2;
+    let p = 1.0 + g * (1.0 + g * (0.5 + g * (1.0 / 6.0 + g * (1.0 / 24.0 + g * (1.0 / 120.0 + g / 720.0)))));
+    f32::from_bits(((n as i32 + 127) << 23) as u32) * p
+}
+
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else { candle_core::bail!("{op}: only f32 is supported") };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
+/// Reduces with 16 independent lanes so the compiler can keep them in one SIMD register
+/// (a single running accumulator is a serial dependency chain).
+#[inline(always)]
+fn lanes_reduce(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [init; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for i in 0..16 {
+            acc[i] = f(acc[i], c[i]);
+        }
+    }
+    let mut r = chunks.remainder().iter().fold(init, |a, &b| f(a, b));
+    for a in acc {
+        r = f(r, a);
+    }
+    r
+}
+
+/// Chunk of elements per rayon task, so small tensors are not split needlessly.
+const CHUNK: usize = 1 << 14;
+
+struct Gelu;
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "fast-gelu"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "fast-gelu")?;
+        let mut out: Vec<f32> = Vec::with_capacity(x.len());
+        let spare = &mut out.spare_capacity_mut()[..x.len()];
+        spare.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| {
+            for (o, &v) in o.iter_mut().zip(x) {
+                o.write(0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2)));
+            }
+        });
+        // SAFETY: every element of the first x.len() slots was written above.
+        unsafe { out.set_len(x.len()) };
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+}
+
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "fast-softmax"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "fast-softmax")?;
+        let n = l.dims().last().copied().unwrap_or(1).max(1);
+        let mut out: Vec<f32> = Vec::with_capacity(x.len());
+        let spare = &mut out.spare_capacity_mut()[..x.len()];
+        let rows_per_task = (CHUNK / n).max(1) * n;
+        spare.par_chunks_mut(rows_per_task).zip(x.par_chunks(rows_per_task)).for_each(|(o, x)| {
+            for (o, x) in o.chunks_mut(n).zip(x.chunks(n)) {
+                let max = lanes_reduce(x, f32::NEG_INFINITY, f32::max);
+                for (o, &v) in o.iter_mut().zip(x) {
+                    o.write(exp(v - max));
+                }
+                // SAFETY: the whole row was written just above.
+                let o: &mut [f32] = unsafe { &mut *(o as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
+                let inv = 1.0 / lanes_reduce(o, 0.0, |a, b| a + b);
+                o.iter_mut().for_each(|v| *v *= inv);
+            }
+        });
+        // SAFETY: every row was written above.
+        unsafe { out.set_len(x.len()) };
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+}
+
+/// Whether the fast kernels apply to `x` (F32 on CPU).
+pub fn applies(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == candle_core::DType::F32
+}
+
+/// Exact-erf GELU (HF `gelu`), SIMD-friendly; inference only.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&Gelu)
+}
+
+/// Softmax over the last dimension, SIMD-friendly; inference only.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&Softmax)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn erf_and_exp_are_accurate() {
+        for i in -3000..3000 {
+            let x = i as f32 / 1000.0;
+            let want = taylor_erf(x as f64);
+            assert!((erf(x) as f64 - want).abs() < 5e-7, "erf({x})");
+        }
+        for i in 3000..9000 {
+            // erfc(3) = 2.2e-5 bounds the distance to +-1 beyond 3.
+            let x = i as f32 / 1000.0;
+            assert!((erf(x) - 1.0).abs() < 2.3e-5 && (erf(-x) + 1.0).abs() < 2.3e-5, "erf({x})");
+        }
+        for i in -8700..8800 {
+            let x = i as f32 / 100.0;
+            let want = (x as f64).exp();
+            assert!(((exp(x) as f64) / want - 1.0).abs() < 5e-7, "exp({x})");
+        }
+    }
+
+    /// erf in f64 by its Taylor series (accurate to ~1e-13 for |x| <= 3).
+    fn taylor_erf(x: f64) -> f64 {
+        let mut sum = 0f64;
+        let mut term = x;
+        let mut n = 0f64;
+        while term.abs() > 1e-17 * sum.abs().max(1e-300) || n < 3.0 {
+            sum += term / (2.0 * n + 1.0);
+            n += 1.0;
+            term *= -x * x / n;
+            if n > 400.0 {
+                break;
+            }
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    }
+
+    #[test]
+    fn kernels_match_candle() {
+        let dev = candle_core::Device::Cpu;
+        let x = Tensor::randn(0f32, 3.0, (7, 33), &dev).unwrap();
+        let d = |a: Tensor, b: Tensor| {
+            (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+        };
+        assert!(d(gelu(&x).unwrap(), x.gelu_erf().unwrap()) < 1e-6);
+        assert!(d(softmax_last(&x).unwrap(), candle_nn::ops::softmax_last_dim(&x).unwrap()) < 1e-6);
+    }
+}
