@@ -141,7 +141,7 @@ pub struct EncodeArgs {
     /// Truncate to max_len-1 and append the EOS token (decoder models with eos pooling).
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub append_eos_token: bool,
-    /// Add the tokenizer's special tokens ([CLS], [SEP], BOS...).
+    /// Add the tokenizer's special tokens (`[CLS]`, `[SEP]`, BOS...).
     #[arg(long, num_args = 0..=1, default_value = "true", default_missing_value = "true", value_parser = parse_bool)]
     pub add_special_tokens: bool,
     /// Side to pad on; left suits last/eos pooling of decoder models.
@@ -266,14 +266,16 @@ pub struct ConvertArgs {
 /// Keys become `--key value`; `true` becomes a bare `--key`, `false` and null are left out,
 /// lists become repeated values.
 pub fn expand_json_args(argv: Vec<OsString>) -> Result<Vec<OsString>> {
-    let is_json = argv.len() == 3 && argv[2].to_str().is_some_and(|s| s.ends_with(".json") && !s.starts_with('-'));
+    let is_json = argv.len() == 3
+        && argv[2].to_str().is_some_and(|s| s.ends_with(".json") && !s.starts_with('-'));
     if !is_json {
         return Ok(argv);
     }
     let path = PathBuf::from(&argv[2]);
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading arguments {}", path.display()))?;
-    let obj: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_str(&text).with_context(|| format!("{}: arguments must be a JSON object", path.display()))?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading arguments {}", path.display()))?;
+    let obj: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
+        .with_context(|| format!("{}: arguments must be a JSON object", path.display()))?;
     let mut out = vec![argv[0].clone(), argv[1].clone()];
     for (k, v) in obj {
         let flag = OsString::from(format!("--{k}"));
@@ -291,7 +293,9 @@ pub fn expand_json_args(argv: Vec<OsString>) -> Result<Vec<OsString>> {
                     });
                 }
             }
-            serde_json::Value::Object(_) => bail!("{}: argument {k:?} is an object", path.display()),
+            serde_json::Value::Object(_) => {
+                bail!("{}: argument {k:?} is an object", path.display())
+            }
         }
     }
     Ok(out)
@@ -310,9 +314,22 @@ mod tests {
     #[test]
     fn tevatron_spellings_and_hf_booleans_parse() {
         let cli = Cli::try_parse_from([
-            "tevatron", "encode", "--model_name_or_path", "m", "--dataset_path", "c.jsonl",
-            "--encode_output_path", "o", "--normalize", "--fp16", "True", "--pooling", "avg",
-            "--encode_is_query", "--per_device_eval_batch_size", "64",
+            "tevatron",
+            "encode",
+            "--model_name_or_path",
+            "m",
+            "--dataset_path",
+            "c.jsonl",
+            "--encode_output_path",
+            "o",
+            "--normalize",
+            "--fp16",
+            "True",
+            "--pooling",
+            "avg",
+            "--encode_is_query",
+            "--per_device_eval_batch_size",
+            "64",
         ])
         .unwrap();
         let Command::Encode(a) = cli.command else { panic!("encode") };
@@ -321,8 +338,17 @@ mod tests {
         assert_eq!(a.pooling, Some(PoolingArg::Mean));
         assert_eq!(a.per_device_eval_batch_size, 64);
         let cli = Cli::try_parse_from([
-            "tevatron", "search", "--query_reps", "q", "--passage_reps", "p*", "--batch_size", "-1",
-            "--save_ranking_to", "r", "--save_text",
+            "tevatron",
+            "search",
+            "--query_reps",
+            "q",
+            "--passage_reps",
+            "p*",
+            "--batch_size",
+            "-1",
+            "--save_ranking_to",
+            "r",
+            "--save_text",
         ])
         .unwrap();
         let Command::Search(a) = cli.command else { panic!("search") };
@@ -333,9 +359,25 @@ mod tests {
     fn json_argument_file_expands_to_flags() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("args.json");
-        std::fs::write(&path, r#"{"model_name_or_path": "m", "normalize": true, "fp16": false, "query_max_len": 16}"#).unwrap();
-        let argv = expand_json_args(vec!["tevatron".into(), "encode".into(), path.clone().into()]).unwrap();
+        std::fs::write(
+            &path,
+            r#"{"model_name_or_path": "m", "normalize": true, "fp16": false, "query_max_len": 16}"#,
+        )
+        .unwrap();
+        let argv = expand_json_args(vec!["tevatron".into(), "encode".into(), path.clone().into()])
+            .unwrap();
         let argv: Vec<String> = argv.into_iter().map(|s| s.into_string().unwrap()).collect();
-        assert_eq!(argv, ["tevatron", "encode", "--model_name_or_path", "m", "--normalize", "--query_max_len", "16"]);
+        assert_eq!(
+            argv,
+            [
+                "tevatron",
+                "encode",
+                "--model_name_or_path",
+                "m",
+                "--normalize",
+                "--query_max_len",
+                "16"
+            ]
+        );
     }
 }

@@ -14,7 +14,9 @@ fn is_data_file(p: &Path) -> bool {
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    for entry in std::fs::read_dir(dir).with_context(|| format!("reading folder {}", dir.display()))? {
+    for entry in
+        std::fs::read_dir(dir).with_context(|| format!("reading folder {}", dir.display()))?
+    {
         let path = entry.with_context(|| format!("reading folder {}", dir.display()))?.path();
         if path.is_dir() {
             if !path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')) {
@@ -36,7 +38,9 @@ fn split_files(root: &Path, config: Option<&str>, split: &str) -> Result<Vec<Pat
     if let Some(cfg) = config {
         let in_cfg: Vec<PathBuf> = all
             .iter()
-            .filter(|p| p.strip_prefix(root).is_ok_and(|r| r.components().any(|c| c.as_os_str() == cfg)))
+            .filter(|p| {
+                p.strip_prefix(root).is_ok_and(|r| r.components().any(|c| c.as_os_str() == cfg))
+            })
             .cloned()
             .collect();
         if !in_cfg.is_empty() {
@@ -47,7 +51,10 @@ fn split_files(root: &Path, config: Option<&str>, split: &str) -> Result<Vec<Pat
         p.strip_prefix(root).is_ok_and(|r| {
             r.components().any(|c| {
                 let c = c.as_os_str().to_string_lossy();
-                c == s || c.starts_with(&format!("{s}.")) || c.starts_with(&format!("{s}-")) || c.starts_with(&format!("{s}_"))
+                c == s
+                    || c.starts_with(&format!("{s}."))
+                    || c.starts_with(&format!("{s}-"))
+                    || c.starts_with(&format!("{s}_"))
             })
         })
     };
@@ -72,13 +79,15 @@ pub fn resolve(
     cache_dir: Option<&Path>,
 ) -> Result<Vec<PathBuf>> {
     if let Some(pattern) = path {
-        let base = if name != "json" && Path::new(name).is_dir() { Some(Path::new(name)) } else { None };
+        let base =
+            if name != "json" && Path::new(name).is_dir() { Some(Path::new(name)) } else { None };
         let pattern = match base {
-            Some(b) if Path::new(pattern).is_relative() => b.join(pattern).to_string_lossy().into_owned(),
+            Some(b) if Path::new(pattern).is_relative() => {
+                b.join(pattern).to_string_lossy().into_owned()
+            }
             _ => pattern.to_string(),
         };
-        return Ok(tevatron_ir::vectors::expand_glob(&pattern)
-            .with_context(|| "resolving --dataset_path".to_string())?);
+        return tevatron_ir::vectors::expand_glob(&pattern).context("resolving --dataset_path");
     }
     if name == "json" {
         bail!("--dataset_name json needs --dataset_path (a file or a quoted glob)");

@@ -2,6 +2,8 @@
 //! → eval on `testdata/toy` with the tiny BERT, sharding, and every bad input the issues list
 //! (exit code 2, a one-line cause chain, no partial output file).
 
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -16,7 +18,11 @@ fn tiny(name: &str) -> String {
 }
 
 fn tevatron(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tevatron")).current_dir(dir).args(args).output().expect("binary runs")
+    Command::new(env!("CARGO_BIN_EXE_tevatron"))
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("binary runs")
 }
 
 fn ok(out: Output) -> String {
@@ -38,8 +44,20 @@ fn fails_with(out: Output, needle: &str) -> String {
 fn encode(dir: &Path, input: &str, out: &str, extra: &[&str]) -> Output {
     let model = tiny_bert();
     let mut args = vec![
-        "encode", "--model_name_or_path", &model, "--dataset_path", input, "--encode_output_path", out,
-        "--passage_max_len", "12", "--query_max_len", "8", "--pooling", "mean", "--quiet",
+        "encode",
+        "--model_name_or_path",
+        &model,
+        "--dataset_path",
+        input,
+        "--encode_output_path",
+        out,
+        "--passage_max_len",
+        "12",
+        "--query_max_len",
+        "8",
+        "--pooling",
+        "mean",
+        "--quiet",
     ];
     args.extend_from_slice(extra);
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
@@ -52,8 +70,10 @@ fn tiny_bert() -> String {
 }
 
 fn files(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> =
-        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     v.sort();
     v
 }
@@ -64,34 +84,86 @@ fn encode_search_eval_end_to_end() {
     let d = tmp.path();
     ok(encode(d, &toy("corpus.jsonl"), "emb/corpus.safetensors", &[]));
     ok(encode(d, &toy("queries.jsonl"), "emb/queries.safetensors", &["--encode_is_query"]));
-    ok(tevatron(d, &[
-        "search", "--query_reps", "emb/queries.safetensors", "--passage_reps", "emb/corpus*.safetensors",
-        "--depth", "5", "--save_ranking_to", "run.tsv", "--save_text",
-    ]));
+    ok(tevatron(
+        d,
+        &[
+            "search",
+            "--query_reps",
+            "emb/queries.safetensors",
+            "--passage_reps",
+            "emb/corpus*.safetensors",
+            "--depth",
+            "5",
+            "--save_ranking_to",
+            "run.tsv",
+            "--save_text",
+        ],
+    ));
     let run = std::fs::read_to_string(d.join("run.tsv")).unwrap();
     assert_eq!(run.lines().count(), 15, "3 queries x depth 5");
     let qids: Vec<&str> = run.lines().map(|l| l.split('\t').next().unwrap()).collect();
     assert_eq!(qids[0], "q1");
     assert_eq!(qids[14], "3", "integer ids are written in decimal");
-    let out = ok(tevatron(d, &["eval", "--qrels", &toy("qrels.txt"), "--run", "run.tsv", "-m", "ndcg@10", "-m", "recall.5", "--json"]));
+    let out = ok(tevatron(
+        d,
+        &[
+            "eval",
+            "--qrels",
+            &toy("qrels.txt"),
+            "--run",
+            "run.tsv",
+            "-m",
+            "ndcg@10",
+            "-m",
+            "recall.5",
+            "--json",
+        ],
+    ));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let ndcg = v["ndcg@10"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&ndcg) && ndcg > 0.0, "{out}");
     assert!(v.get("recall.5").is_some());
     // Conversion to TREC then eval gives the same numbers.
     ok(tevatron(d, &["convert", "--to", "trec", "--input", "run.tsv", "--output", "run.trec"]));
-    let out2 = ok(tevatron(d, &["eval", "--qrels", &toy("qrels.txt"), "--run", "run.trec", "-m", "ndcg@10", "-m", "recall.5", "--json"]));
+    let out2 = ok(tevatron(
+        d,
+        &[
+            "eval",
+            "--qrels",
+            &toy("qrels.txt"),
+            "--run",
+            "run.trec",
+            "-m",
+            "ndcg@10",
+            "-m",
+            "recall.5",
+            "--json",
+        ],
+    ));
     assert_eq!(out, out2);
     // The safetensors ranking holds the same top hit.
-    ok(tevatron(d, &[
-        "search", "--query_reps", "emb/queries.safetensors", "--passage_reps", "emb/corpus*.safetensors",
-        "--depth", "5", "--save_ranking_to", "run.safetensors",
-    ]));
+    ok(tevatron(
+        d,
+        &[
+            "search",
+            "--query_reps",
+            "emb/queries.safetensors",
+            "--passage_reps",
+            "emb/corpus*.safetensors",
+            "--depth",
+            "5",
+            "--save_ranking_to",
+            "run.safetensors",
+        ],
+    ));
     let bytes = std::fs::read(d.join("run.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     assert_eq!(st.tensor("scores").unwrap().shape(), [3, 5]);
     let docids = String::from_utf8(st.tensor("docids").unwrap().data().to_vec()).unwrap();
-    assert_eq!(docids.split('\n').next().unwrap(), run.lines().next().unwrap().split('\t').nth(1).unwrap());
+    assert_eq!(
+        docids.split('\n').next().unwrap(),
+        run.lines().next().unwrap().split('\t').nth(1).unwrap()
+    );
 }
 
 #[test]
@@ -101,14 +173,29 @@ fn shards_cover_the_corpus_and_search_the_same() {
     ok(encode(d, &toy("corpus.jsonl"), "full.safetensors", &[]));
     for i in 0..3 {
         let idx = i.to_string();
-        ok(encode(d, &toy("corpus.jsonl"), &format!("shard.{i}.safetensors"), &[
-            "--dataset_number_of_shards", "3", "--dataset_shard_index", &idx,
-        ]));
+        ok(encode(
+            d,
+            &toy("corpus.jsonl"),
+            &format!("shard.{i}.safetensors"),
+            &["--dataset_number_of_shards", "3", "--dataset_shard_index", &idx],
+        ));
     }
     ok(encode(d, &toy("queries.jsonl"), "q.safetensors", &["--encode_is_query"]));
     let search = |glob: &str, out: &str, extra: &[&str]| {
-        let mut a = vec!["search", "--query_reps", "q.safetensors", "--passage_reps", glob, "--depth", "7",
-            "--save_ranking_to", out, "--save_text", "--batch_size", "2"];
+        let mut a = vec![
+            "search",
+            "--query_reps",
+            "q.safetensors",
+            "--passage_reps",
+            glob,
+            "--depth",
+            "7",
+            "--save_ranking_to",
+            out,
+            "--save_text",
+            "--batch_size",
+            "2",
+        ];
         a.extend_from_slice(extra);
         ok(tevatron(d, &a));
         std::fs::read_to_string(d.join(out)).unwrap()
@@ -152,14 +239,29 @@ fn bad_model_inputs_are_clear_errors() {
     let d = tmp.path();
     let corpus = toy("corpus.jsonl");
     let run = |model: &str| {
-        tevatron(d, &["encode", "--model_name_or_path", model, "--dataset_path", &corpus, "--encode_output_path", "o.safetensors", "--quiet"])
+        tevatron(
+            d,
+            &[
+                "encode",
+                "--model_name_or_path",
+                model,
+                "--dataset_path",
+                &corpus,
+                "--encode_output_path",
+                "o.safetensors",
+                "--quiet",
+            ],
+        )
     };
     fails_with(run("./no/such/model"), "model folder ./no/such/model does not exist");
     // Unknown model type.
     let m = d.join("gpt");
     std::fs::create_dir(&m).unwrap();
     std::fs::write(m.join("config.json"), r#"{"model_type": "gpt2"}"#).unwrap();
-    fails_with(run(m.to_str().unwrap()), "model_type \"gpt2\" is not supported (supported: bert, roberta, xlm-roberta, distilbert)");
+    fails_with(
+        run(m.to_str().unwrap()),
+        "model_type \"gpt2\" is not supported (supported: bert, roberta, xlm-roberta, distilbert)",
+    );
     // Missing weights, then truncated weights.
     let m = d.join("broken");
     std::fs::create_dir(&m).unwrap();
@@ -171,8 +273,20 @@ fn bad_model_inputs_are_clear_errors() {
     std::fs::write(m.join("model.safetensors"), &w[..w.len() / 2]).unwrap();
     fails_with(run(m.to_str().unwrap()), "model.safetensors: cannot read weights");
     // LoRA encoding is refused, not ignored.
-    let out = tevatron(d, &["encode", "--model_name_or_path", &tiny_bert(), "--dataset_path", &corpus,
-        "--encode_output_path", "o.safetensors", "--lora_name_or_path", "adapter"]);
+    let out = tevatron(
+        d,
+        &[
+            "encode",
+            "--model_name_or_path",
+            &tiny_bert(),
+            "--dataset_path",
+            &corpus,
+            "--encode_output_path",
+            "o.safetensors",
+            "--lora_name_or_path",
+            "adapter",
+        ],
+    );
     fails_with(out, "encoding with a LoRA adapter is not supported yet");
     assert!(!d.join("o.safetensors").exists());
 }
@@ -182,15 +296,31 @@ fn bad_data_inputs_name_file_line_and_field() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let cases: [(&str, &[u8], &str); 4] = [
-        ("malformed.jsonl", b"{\"docid\":\"1\",\"text\":\"a\"}\n{\"docid\": \n", "malformed.jsonl:2: malformed JSON"),
-        ("noid.jsonl", b"{\"docid\":\"1\",\"text\":\"a\"}\n\n{\"text\":\"b\"}\n", "noid.jsonl:3: missing field `docid`"),
+        (
+            "malformed.jsonl",
+            b"{\"docid\":\"1\",\"text\":\"a\"}\n{\"docid\": \n",
+            "malformed.jsonl:2: malformed JSON",
+        ),
+        (
+            "noid.jsonl",
+            b"{\"docid\":\"1\",\"text\":\"a\"}\n\n{\"text\":\"b\"}\n",
+            "noid.jsonl:3: missing field `docid`",
+        ),
         ("notext.jsonl", b"{\"docid\":\"1\"}\n", "notext.jsonl:1: missing field `text`"),
-        ("latin1.jsonl", b"{\"docid\":\"1\",\"text\":\"caf\xe9\"}\n", "latin1.jsonl:1: text is not valid UTF-8"),
+        (
+            "latin1.jsonl",
+            b"{\"docid\":\"1\",\"text\":\"caf\xe9\"}\n",
+            "latin1.jsonl:1: text is not valid UTF-8",
+        ),
     ];
     for (name, body, needle) in cases {
         std::fs::write(d.join(name), body).unwrap();
         fails_with(encode(d, name, "out/e.safetensors", &[]), needle);
-        assert!(!d.join("out").exists() || files(&d.join("out")).is_empty(), "partial output left: {:?}", files(&d.join("out")));
+        assert!(
+            !d.join("out").exists() || files(&d.join("out")).is_empty(),
+            "partial output left: {:?}",
+            files(&d.join("out"))
+        );
     }
     // A newline inside an id cannot be stored.
     std::fs::write(d.join("nl.jsonl"), b"{\"docid\":\"a\\nb\",\"text\":\"x\"}\n").unwrap();
@@ -208,7 +338,21 @@ fn bad_search_and_eval_inputs_are_clear_errors() {
     ok(encode(d, &toy("corpus.jsonl"), "c.safetensors", &[]));
     ok(encode(d, &toy("queries.jsonl"), "q.safetensors", &["--encode_is_query"]));
     let search = |q: &str, p: &str, depth: &str| {
-        tevatron(d, &["search", "--query_reps", q, "--passage_reps", p, "--depth", depth, "--save_ranking_to", "r.tsv", "--save_text"])
+        tevatron(
+            d,
+            &[
+                "search",
+                "--query_reps",
+                q,
+                "--passage_reps",
+                p,
+                "--depth",
+                depth,
+                "--save_ranking_to",
+                "r.tsv",
+                "--save_text",
+            ],
+        )
     };
     fails_with(search("q.safetensors", "none*.safetensors", "5"), "no file matches");
     std::fs::write(d.join("junk.safetensors"), b"not a header").unwrap();
@@ -218,25 +362,49 @@ fn bad_search_and_eval_inputs_are_clear_errors() {
     assert_eq!(std::fs::read_to_string(d.join("r.tsv")).unwrap().lines().count(), 3 * 7);
     // Different dimensions, NaN vectors, empty query file.
     write_vectors(&d.join("wide.safetensors"), 3, &[1.0, 2.0, 3.0], &["x"]);
-    fails_with(search("q.safetensors", "wide.safetensors", "5"), "query dimension 32 does not match passage dimension 3");
-    fails_with(search("q.safetensors", "[cw]*.safetensors", "5"), "wide.safetensors has dimension 3 but c.safetensors has 32");
+    fails_with(
+        search("q.safetensors", "wide.safetensors", "5"),
+        "query dimension 32 does not match passage dimension 3",
+    );
+    fails_with(
+        search("q.safetensors", "[cw]*.safetensors", "5"),
+        "wide.safetensors has dimension 3 but c.safetensors has 32",
+    );
     let mut nan = vec![0.5f32; 32];
     nan[3] = f32::NAN;
     write_vectors(&d.join("nan.safetensors"), 32, &nan, &["n"]);
-    fails_with(search("q.safetensors", "nan.safetensors", "5"), "row 0 holds a NaN or infinite value");
+    fails_with(
+        search("q.safetensors", "nan.safetensors", "5"),
+        "row 0 holds a NaN or infinite value",
+    );
     write_vectors(&d.join("empty.safetensors"), 32, &[], &[]);
     fails_with(search("empty.safetensors", "c.safetensors", "5"), "holds no query");
     assert!(!d.join("r.tsv.tmp").exists());
     // Malformed run and qrels lines.
     std::fs::write(d.join("bad.run"), "q1 d1 1.0\nq1 d2\n").unwrap();
     std::fs::write(d.join("bad.qrels"), "q1 0 d1\n").unwrap();
-    fails_with(tevatron(d, &["eval", "--qrels", &toy("qrels.txt"), "--run", "bad.run"]), "bad.run:2: run line needs 6 columns");
-    fails_with(tevatron(d, &["eval", "--qrels", "bad.qrels", "--run", "r.tsv"]), "bad.qrels:1: qrels line needs 4 columns, found 3");
-    fails_with(tevatron(d, &["eval", "--qrels", &toy("qrels.txt"), "--run", "r.tsv", "-m", "bpref"]), "unknown measure \"bpref\"");
+    fails_with(
+        tevatron(d, &["eval", "--qrels", &toy("qrels.txt"), "--run", "bad.run"]),
+        "bad.run:2: run line needs 6 columns",
+    );
+    fails_with(
+        tevatron(d, &["eval", "--qrels", "bad.qrels", "--run", "r.tsv"]),
+        "bad.qrels:1: qrels line needs 4 columns, found 3",
+    );
+    fails_with(
+        tevatron(d, &["eval", "--qrels", &toy("qrels.txt"), "--run", "r.tsv", "-m", "bpref"]),
+        "unknown measure \"bpref\"",
+    );
 }
 
 fn write_vectors(path: &Path, dim: usize, rows: &[f32], ids: &[&str]) {
-    let mut w = tevatron_ir::vectors::VectorWriter::create(path, dim, tevatron_ir::vectors::VecDType::F32, Default::default()).unwrap();
+    let mut w = tevatron_ir::vectors::VectorWriter::create(
+        path,
+        dim,
+        tevatron_ir::vectors::VecDType::F32,
+        Default::default(),
+    )
+    .unwrap();
     w.push(rows, ids).unwrap();
     w.finish().unwrap();
 }

@@ -25,8 +25,8 @@ impl AtomicFile {
         let mut name = target.file_name().map(|n| n.to_os_string()).unwrap_or_default();
         name.push(format!(".tmp.{}", std::process::id()));
         let temp = target.with_file_name(name);
-        let file =
-            File::create(&temp).map_err(|source| Error::Write { path: target.to_path_buf(), source })?;
+        let file = File::create(&temp)
+            .map_err(|source| Error::Write { path: target.to_path_buf(), source })?;
         Ok(Self {
             target: target.to_path_buf(),
             temp,

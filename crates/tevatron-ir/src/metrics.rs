@@ -40,7 +40,9 @@ pub struct Measure {
 fn cutoff(name: &str, k: &str) -> Result<usize> {
     match k.parse::<usize>() {
         Ok(k) if k > 0 => Ok(k),
-        _ => Err(Error::Invalid(format!("measure {name:?}: cut-off {k:?} is not a positive integer"))),
+        _ => Err(Error::Invalid(format!(
+            "measure {name:?}: cut-off {k:?} is not a positive integer"
+        ))),
     }
 }
 
@@ -58,7 +60,9 @@ impl Measure {
         let (base, k) = match name.find(['@', '.']) {
             Some(i) => (&name[..i], Some(&name[i + 1..])),
             None => match name.rfind('_') {
-                Some(i) if name[i + 1..].chars().all(|c| c.is_ascii_digit()) && i + 1 < name.len() => {
+                Some(i)
+                    if name[i + 1..].chars().all(|c| c.is_ascii_digit()) && i + 1 < name.len() =>
+                {
                     (&name[..i], Some(&name[i + 1..]))
                 }
                 _ => (name, None),
@@ -84,7 +88,15 @@ impl Measure {
         let mut out = vec![Measure::parse(first)?];
         let stem = match first.find(['@', '.']) {
             Some(i) => &first[..=i],
-            None => return if spec.contains(',') { Err(Error::Invalid(format!("measure {spec:?}: a list of cut-offs needs a base like recall.5,100"))) } else { Ok(out) },
+            None => {
+                return if spec.contains(',') {
+                    Err(Error::Invalid(format!(
+                        "measure {spec:?}: a list of cut-offs needs a base like recall.5,100"
+                    )))
+                } else {
+                    Ok(out)
+                }
+            }
         };
         for k in parts {
             out.push(Measure::parse(&format!("{stem}{k}"))?);
@@ -104,10 +116,9 @@ fn measure_query(kind: MeasureKind, ranked_rel: &[i64], judged: &HashMap<String,
     let num_rel = judged.values().filter(|&&r| r >= 1).count();
     let cut = |k: Option<usize>| k.map_or(ranked_rel.len(), |k| k.min(ranked_rel.len()));
     match kind {
-        MeasureKind::RecipRank(k) => ranked_rel[..cut(k)]
-            .iter()
-            .position(|&r| r >= 1)
-            .map_or(0.0, |i| 1.0 / (i + 1) as f64),
+        MeasureKind::RecipRank(k) => {
+            ranked_rel[..cut(k)].iter().position(|&r| r >= 1).map_or(0.0, |i| 1.0 / (i + 1) as f64)
+        }
         MeasureKind::Precision(k) => {
             ranked_rel[..cut(Some(k))].iter().filter(|&&r| r >= 1).count() as f64 / k as f64
         }
@@ -176,7 +187,7 @@ pub fn evaluate(run: &Run, qrels: &Qrels, measures: &[Measure], complete: bool) 
         let Some(j) = judged.get(qid.as_str()) else { continue };
         in_run.insert(qid.as_str());
         let mut ranked: Vec<&(String, f64)> = docs.iter().collect();
-        ranked.sort_by(|a, b| trec_order(*a, *b));
+        ranked.sort_by(|a, b| trec_order(a, b));
         let rels: Vec<i64> = ranked.iter().map(|(d, _)| j.get(d).copied().unwrap_or(0)).collect();
         let values: Vec<f64> = measures.iter().map(|m| measure_query(m.kind, &rels, j)).collect();
         per_query.push((qid.clone(), values));
@@ -185,7 +196,8 @@ pub fn evaluate(run: &Run, qrels: &Qrels, measures: &[Measure], complete: bool) 
     if complete {
         for (qid, j) in &qrels.queries {
             if !in_run.contains(qid.as_str()) {
-                let values: Vec<f64> = measures.iter().map(|m| measure_query(m.kind, &[], j)).collect();
+                let values: Vec<f64> =
+                    measures.iter().map(|m| measure_query(m.kind, &[], j)).collect();
                 per_query.push((qid.clone(), values));
             }
         }

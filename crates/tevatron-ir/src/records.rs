@@ -62,7 +62,8 @@ pub struct JsonlReader {
 
 /// Opens a JSONL file; a name ending in `.gz` is decompressed on the fly.
 pub fn open_jsonl(path: &Path) -> Result<JsonlReader> {
-    let file = File::open(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
+    let file =
+        File::open(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
     let reader: Box<dyn BufRead + Send> = if path.extension().is_some_and(|e| e == "gz") {
         Box::new(BufReader::with_capacity(1 << 20, flate2::read::MultiGzDecoder::new(file)))
     } else if path.extension().is_some_and(|e| e == "parquet") {
@@ -112,10 +113,18 @@ impl JsonlReader {
     pub fn next_object(&mut self) -> Option<Result<(usize, Value)>> {
         let path = self.path.clone();
         Some(self.next_line()?.and_then(|(line, text)| {
-            let value: Value =
-                serde_json::from_str(text).map_err(|source| Error::Json { path: path.clone(), line, source })?;
+            let value: Value = serde_json::from_str(text).map_err(|source| Error::Json {
+                path: path.clone(),
+                line,
+                source,
+            })?;
             if !value.is_object() {
-                return Err(Error::FieldType { path, line, field: "<row>".into(), expected: "a JSON object" });
+                return Err(Error::FieldType {
+                    path,
+                    line,
+                    field: "<row>".into(),
+                    expected: "a JSON object",
+                });
             }
             Ok((line, value))
         }))
@@ -153,7 +162,12 @@ pub fn id_field(obj: &Value, field: &str, path: &Path, line: usize) -> Result<St
 }
 
 /// Reads an optional text field: `None` when absent, `""` when null.
-pub fn text_field<'a>(obj: &'a Value, field: &str, path: &Path, line: usize) -> Result<Option<&'a str>> {
+pub fn text_field<'a>(
+    obj: &'a Value,
+    field: &str,
+    path: &Path,
+    line: usize,
+) -> Result<Option<&'a str>> {
     match obj.get(field) {
         None => Ok(None),
         Some(Value::Null) => Ok(Some("")),
@@ -301,9 +315,22 @@ mod tests {
 
     #[test]
     fn query_text_prefers_query_text_then_query() {
-        assert_eq!(rec(r#"{"query_id":"1","query_text":"a","query":"b"}"#, RecordKind::Query).unwrap().text, "a");
-        assert_eq!(rec(r#"{"query_id":"1","query_text":null,"query":"b"}"#, RecordKind::Query).unwrap().text, "b");
-        assert_eq!(rec(r#"{"query_id":"1","query_text":null}"#, RecordKind::Query).unwrap().text, "");
+        assert_eq!(
+            rec(r#"{"query_id":"1","query_text":"a","query":"b"}"#, RecordKind::Query)
+                .unwrap()
+                .text,
+            "a"
+        );
+        assert_eq!(
+            rec(r#"{"query_id":"1","query_text":null,"query":"b"}"#, RecordKind::Query)
+                .unwrap()
+                .text,
+            "b"
+        );
+        assert_eq!(
+            rec(r#"{"query_id":"1","query_text":null}"#, RecordKind::Query).unwrap().text,
+            ""
+        );
     }
 
     #[test]
@@ -332,7 +359,8 @@ mod tests {
         use std::io::Write;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.jsonl.gz");
-        let mut gz = flate2::write::GzEncoder::new(File::create(&path).unwrap(), Default::default());
+        let mut gz =
+            flate2::write::GzEncoder::new(File::create(&path).unwrap(), Default::default());
         for i in 0..5 {
             writeln!(gz, r#"{{"docid": "d{i}", "text": "t{i}"}}"#).unwrap();
             writeln!(gz).unwrap();
@@ -351,11 +379,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.jsonl");
         std::fs::write(&path, b"{\"docid\":\"1\",\"text\":\"a\"}\n{oops\n").unwrap();
-        let errs: Vec<String> =
-            RecordStream::open(vec![path.clone()], RecordKind::Doc).filter_map(|r| r.err()).map(|e| e.to_string()).collect();
+        let errs: Vec<String> = RecordStream::open(vec![path.clone()], RecordKind::Doc)
+            .filter_map(|r| r.err())
+            .map(|e| e.to_string())
+            .collect();
         assert_eq!(errs, [format!("{}:2: malformed JSON", path.display())]);
         std::fs::write(&path, b"{\"docid\":\"1\",\"text\":\"\xff\"}\n").unwrap();
-        let err = RecordStream::open(vec![path.clone()], RecordKind::Doc).next().unwrap().unwrap_err();
+        let err =
+            RecordStream::open(vec![path.clone()], RecordKind::Doc).next().unwrap().unwrap_err();
         assert_eq!(err.to_string(), format!("{}:1: text is not valid UTF-8", path.display()));
     }
 }

@@ -67,7 +67,9 @@ impl TopK {
             return;
         }
         let (root_score, root_row) = self.heap[0];
-        if score < root_score || !better(score, &ids[row as usize], root_score, &ids[root_row as usize]) {
+        if score < root_score
+            || !better(score, &ids[row as usize], root_score, &ids[root_row as usize])
+        {
             return;
         }
         self.heap[0] = (score, row);
@@ -102,7 +104,12 @@ impl TopK {
 }
 
 /// Checks that every value is finite; names the file and row otherwise.
-fn check_finite(values: &[f32], dim: usize, first_row: usize, what: &std::path::Path) -> Result<()> {
+fn check_finite(
+    values: &[f32],
+    dim: usize,
+    first_row: usize,
+    what: &std::path::Path,
+) -> Result<()> {
     match values.iter().position(|v| !v.is_finite()) {
         None => Ok(()),
         Some(i) => Err(Error::Embeddings {
@@ -212,7 +219,11 @@ pub fn search_shard(
         for heap in heaps {
             let mut hits: Vec<(f32, u32)> = heap.heap;
             hits.sort_by(|a, b| rank_cmp(a.0, &ids[a.1 as usize], b.0, &ids[b.1 as usize]));
-            out.push(hits.into_iter().map(|(s, r)| Hit { score: s, docid: ids[r as usize].clone() }).collect());
+            out.push(
+                hits.into_iter()
+                    .map(|(s, r)| Hit { score: s, docid: ids[r as usize].clone() })
+                    .collect(),
+            );
         }
     }
     Ok(out)
@@ -256,7 +267,10 @@ pub fn search_shards<S: std::borrow::Borrow<Vectors>>(
 /// Validates query vectors before any search work.
 pub fn check_queries(queries: &Vectors) -> Result<Vec<f32>> {
     if queries.is_empty() {
-        return Err(Error::Embeddings { path: queries.path().into(), what: "holds no query".into() });
+        return Err(Error::Embeddings {
+            path: queries.path().into(),
+            what: "holds no query".into(),
+        });
     }
     let q = queries.to_f32();
     check_finite(&q, queries.dim(), 0, queries.path())?;
@@ -270,7 +284,14 @@ mod tests {
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 
-    fn write(dir: &std::path::Path, name: &str, rows: &[f32], ids: &[String], dim: usize, dt: VecDType) -> Vectors {
+    fn write(
+        dir: &std::path::Path,
+        name: &str,
+        rows: &[f32],
+        ids: &[String],
+        dim: usize,
+        dt: VecDType,
+    ) -> Vectors {
         let path = dir.join(name);
         let mut w = VectorWriter::create(&path, dim, dt, BTreeMap::new()).unwrap();
         w.push(rows, ids).unwrap();
@@ -284,7 +305,10 @@ mod tests {
                 let mut all: Vec<Hit> = docs
                     .chunks(dim)
                     .zip(ids)
-                    .map(|(d, id)| Hit { score: qv.iter().zip(d).map(|(a, b)| a * b).sum(), docid: id.clone() })
+                    .map(|(d, id)| Hit {
+                        score: qv.iter().zip(d).map(|(a, b)| a * b).sum(),
+                        docid: id.clone(),
+                    })
                     .collect();
                 all.sort_by(|x, y| rank_cmp(x.score, &x.docid, y.score, &y.docid));
                 all.truncate(depth);
@@ -356,7 +380,14 @@ mod tests {
         let e = search_shard(&[1.0, 1.0, 1.0], 3, &v, 5, 1).unwrap_err().to_string();
         assert_eq!(e, "query dimension 3 does not match passage dimension 2");
         // depth beyond the corpus returns what exists
-        let v = write(dir.path(), "d", &[1.0, 0.0, 0.0, 1.0], &["a".into(), "b".into()], 2, VecDType::F32);
+        let v = write(
+            dir.path(),
+            "d",
+            &[1.0, 0.0, 0.0, 1.0],
+            &["a".into(), "b".into()],
+            2,
+            VecDType::F32,
+        );
         assert_eq!(search_shard(&[1.0, 2.0], 2, &v, 1000, 0).unwrap()[0].len(), 2);
     }
 }

@@ -46,11 +46,15 @@ impl Qrels {
                 continue;
             }
             let [qid, _, docid, rel] = cols[..] else {
-                return Err(line_err(path, i + 1, format!("qrels line needs 4 columns, found {}", cols.len())));
+                return Err(line_err(
+                    path,
+                    i + 1,
+                    format!("qrels line needs 4 columns, found {}", cols.len()),
+                ));
             };
-            let rel: i64 = rel
-                .parse()
-                .map_err(|_| line_err(path, i + 1, format!("relevance {rel:?} is not an integer")))?;
+            let rel: i64 = rel.parse().map_err(|_| {
+                line_err(path, i + 1, format!("relevance {rel:?} is not an integer"))
+            })?;
             let slot = *index.entry(qid.to_string()).or_insert_with(|| {
                 qrels.queries.push((qid.to_string(), HashMap::new()));
                 qrels.queries.len() - 1
@@ -220,7 +224,8 @@ mod tests {
     fn converters_renumber_and_remove_self_hits() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run.trec");
-        let rows = vec![("q1", "q1", "9".to_string()), ("q1", "d1", "8".into()), ("q2", "d3", "1".into())];
+        let rows =
+            vec![("q1", "q1", "9".to_string()), ("q1", "d1", "8".into()), ("q2", "d3", "1".into())];
         write_run(&path, rows.clone(), RunFormat::Trec, true).unwrap();
         assert_eq!(
             std::fs::read_to_string(&path).unwrap(),

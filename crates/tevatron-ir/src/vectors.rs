@@ -104,7 +104,9 @@ impl VectorWriter {
         let header_room = (max.len() + 8).div_ceil(8) * 8;
         let mut file = AtomicFile::create(path)?;
         let zeros = vec![0u8; header_room + 8];
-        file.writer().write_all(&zeros).map_err(|e| Error::Write { path: path.into(), source: e })?;
+        file.writer()
+            .write_all(&zeros)
+            .map_err(|e| Error::Write { path: path.into(), source: e })?;
         Ok(Self { file, dim, dtype, rows: 0, ids: Vec::new(), metadata, header_room })
     }
 
@@ -126,12 +128,8 @@ impl VectorWriter {
         }
         let bytes: Vec<u8> = match self.dtype {
             VecDType::F32 => bytemuck::cast_slice(rows).to_vec(),
-            VecDType::F16 => {
-                rows.iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()).collect()
-            }
-            VecDType::BF16 => {
-                rows.iter().flat_map(|&x| bf16::from_f32(x).to_le_bytes()).collect()
-            }
+            VecDType::F16 => rows.iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()).collect(),
+            VecDType::BF16 => rows.iter().flat_map(|&x| bf16::from_f32(x).to_le_bytes()).collect(),
         };
         let w = self.file.writer();
         w.write_all(&bytes).map_err(|e| self.file.err(e))
@@ -220,7 +218,8 @@ impl Vectors {
     /// Opens and validates an embeddings file written by `tevatron encode`.
     pub fn open(path: &Path) -> Result<Self> {
         let bad = |what: String| Error::Embeddings { path: path.to_path_buf(), what };
-        let file = File::open(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
+        let file =
+            File::open(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
         // SAFETY: the file is opened read-only; like every mmap reader we assume nobody truncates
         // it while we search.
         let map = unsafe { memmap2::Mmap::map(&file) }
@@ -229,8 +228,9 @@ impl Vectors {
             .map_err(|e| bad(format!("not a readable safetensors file ({e})")))?;
         let data_start = 8 + header_len;
         let emb = meta.info("embeddings").ok_or_else(|| bad("no `embeddings` tensor".into()))?;
-        let dtype = VecDType::from_name(&format!("{:?}", emb.dtype))
-            .ok_or_else(|| bad(format!("embeddings dtype {:?} is not F32, F16 or BF16", emb.dtype)))?;
+        let dtype = VecDType::from_name(&format!("{:?}", emb.dtype)).ok_or_else(|| {
+            bad(format!("embeddings dtype {:?} is not F32, F16 or BF16", emb.dtype))
+        })?;
         let [rows, dim] = emb.shape[..] else {
             return Err(bad(format!("embeddings must be 2-D, found shape {:?}", emb.shape)));
         };
@@ -238,7 +238,8 @@ impl Vectors {
         if format!("{:?}", ids_info.dtype) != "U8" {
             return Err(bad("`ids` must be a U8 tensor".into()));
         }
-        let ids_bytes = &map[data_start + ids_info.data_offsets.0..data_start + ids_info.data_offsets.1];
+        let ids_bytes =
+            &map[data_start + ids_info.data_offsets.0..data_start + ids_info.data_offsets.1];
         let ids_text =
             std::str::from_utf8(ids_bytes).map_err(|_| bad("`ids` is not valid UTF-8".into()))?;
         let ids: Vec<String> =
@@ -248,7 +249,7 @@ impl Vectors {
         }
         let (start, end) = emb.data_offsets;
         let (start, len) = (data_start + start, end - start);
-        let aligned = (map.as_ptr() as usize + start) % 4 == 0;
+        let aligned = (map.as_ptr() as usize + start).is_multiple_of(4);
         let storage = if aligned {
             Storage::Mapped { map, start, len }
         } else {
@@ -310,7 +311,8 @@ impl Vectors {
 
 /// Expands a glob into a sorted list of files, as Tevatron's `sorted(glob.glob(...))`.
 pub fn expand_glob(pattern: &str) -> Result<Vec<PathBuf>> {
-    let paths = glob::glob(pattern).map_err(|e| Error::Glob(format!("invalid glob {pattern:?}: {e}")))?;
+    let paths =
+        glob::glob(pattern).map_err(|e| Error::Glob(format!("invalid glob {pattern:?}: {e}")))?;
     let mut files = Vec::new();
     for p in paths {
         files.push(p.map_err(|e| Error::Glob(format!("reading glob {pattern:?}: {e}")))?);

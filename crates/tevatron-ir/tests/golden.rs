@@ -1,6 +1,8 @@
 //! Every measure equals pytrec_eval on a run full of edge cases (see
 //! `scripts/fixtures/make_eval_golden.py`, which wrote `testdata/eval/`).
 
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
 use std::path::PathBuf;
 
 use serde_json::Value;

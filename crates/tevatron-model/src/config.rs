@@ -43,9 +43,14 @@ impl ModelConfig {
             .map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
         let model_type = ty.model_type.unwrap_or_default();
         if !["bert", "roberta", "xlm-roberta", "distilbert"].contains(&model_type.as_str()) {
-            return Err(Error::UnsupportedModel { path: path.to_path_buf(), model_type, supported: SUPPORTED });
+            return Err(Error::UnsupportedModel {
+                path: path.to_path_buf(),
+                model_type,
+                supported: SUPPORTED,
+            });
         }
-        serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_path_buf(), source })
+        serde_json::from_str(&text)
+            .map_err(|source| Error::Json { path: path.to_path_buf(), source })
     }
 
     /// The `model_type` string.
@@ -61,7 +66,9 @@ impl ModelConfig {
     /// Width of the hidden states.
     pub fn hidden_size(&self) -> usize {
         match self {
-            ModelConfig::Bert(c) | ModelConfig::Roberta(c) | ModelConfig::XlmRoberta(c) => c.hidden_size,
+            ModelConfig::Bert(c) | ModelConfig::Roberta(c) | ModelConfig::XlmRoberta(c) => {
+                c.hidden_size
+            }
             ModelConfig::DistilBert(c) => c.dim,
         }
     }

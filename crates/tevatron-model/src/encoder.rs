@@ -132,9 +132,16 @@ fn read_st_modules(dir: &Path) -> Result<Option<StModules>> {
 impl Encoder {
     /// Loads the model in `model_dir` (and the tokenizer from `tokenizer_dir`, default the
     /// model folder).
-    pub fn load(model_dir: &Path, tokenizer_dir: Option<&Path>, opts: &EncoderOptions) -> Result<Self> {
+    pub fn load(
+        model_dir: &Path,
+        tokenizer_dir: Option<&Path>,
+        opts: &EncoderOptions,
+    ) -> Result<Self> {
         if !model_dir.is_dir() {
-            return Err(Error::NotFound(format!("model folder {} does not exist", model_dir.display())));
+            return Err(Error::NotFound(format!(
+                "model folder {} does not exist",
+                model_dir.display()
+            )));
         }
         let st = read_st_modules(model_dir)?;
         let weights_dir = match st.as_ref().and_then(|s| s.transformer_dir.as_ref()) {
@@ -150,7 +157,11 @@ impl Encoder {
             config.disable_dropout();
         }
         let tok_dir = tokenizer_dir.map(Path::to_path_buf).unwrap_or_else(|| {
-            if weights_dir.join("tokenizer.json").is_file() { weights_dir.clone() } else { model_dir.to_path_buf() }
+            if weights_dir.join("tokenizer.json").is_file() {
+                weights_dir.clone()
+            } else {
+                model_dir.to_path_buf()
+            }
         });
         let tokenizer = TextTokenizer::load(&tok_dir)?;
 
@@ -268,13 +279,21 @@ impl Encoder {
         let mut start = 0;
         while start < order.len() {
             let longest = seqs[order[start]].len().max(1);
-            let padded = longest.div_ceil(opts.pad_to_multiple_of.max(1)) * opts.pad_to_multiple_of.max(1);
+            let padded =
+                longest.div_ceil(opts.pad_to_multiple_of.max(1)) * opts.pad_to_multiple_of.max(1);
             let by_budget = (opts.token_budget / padded.max(1)).max(1);
             let end = (start + opts.batch_size.max(1).min(by_budget)).min(order.len());
             let idx = &order[start..end];
             let rows: Vec<&[u32]> = idx.iter().map(|&i| seqs[i].as_slice()).collect();
-            let batch = collate(&rows, self.tokenizer.pad_id(), opts.pad_to_multiple_of, opts.padding_side, &self.device)?;
-            let reps = self.encode(&batch, Mode::Eval)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
+            let batch = collate(
+                &rows,
+                self.tokenizer.pad_id(),
+                opts.pad_to_multiple_of,
+                opts.padding_side,
+                &self.device,
+            )?;
+            let reps =
+                self.encode(&batch, Mode::Eval)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
             for (&i, r) in idx.iter().zip(reps) {
                 out[i * h..(i + 1) * h].copy_from_slice(&r);
             }
@@ -284,7 +303,12 @@ impl Encoder {
     }
 
     /// Tokenizes and encodes texts (a convenience over [`Encoder::embed_sequences`]).
-    pub fn embed(&self, texts: &[String], text: &TextOptions, batch_size: usize) -> Result<Vec<f32>> {
+    pub fn embed(
+        &self,
+        texts: &[String],
+        text: &TextOptions,
+        batch_size: usize,
+    ) -> Result<Vec<f32>> {
         let seqs = self.tokenizer.prepare(text)?.tokenize(texts)?;
         let opts = BatchOptions {
             batch_size,

@@ -17,7 +17,8 @@ const MODEL_FILES: &[&str] = &[
     "modules.json",
     "1_Pooling/config.json",
 ];
-const WEIGHT_FILES: &[&str] = &["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"];
+const WEIGHT_FILES: &[&str] =
+    &["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"];
 
 /// The hub cache folder, honouring `cache_dir`, `HF_HUB_CACHE` and `HF_HOME`.
 pub fn cache_dir(explicit: Option<&Path>) -> PathBuf {
@@ -95,7 +96,8 @@ fn download(name: &str, repo: Repo, cache_path: &Path) -> std::result::Result<Pa
             found = true;
             if *w == "model.safetensors.index.json" {
                 let text = std::fs::read_to_string(&p).map_err(|e| e.to_string())?;
-                let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+                let v: serde_json::Value =
+                    serde_json::from_str(&text).map_err(|e| e.to_string())?;
                 let mut shards: Vec<&str> = v["weight_map"]
                     .as_object()
                     .map(|m| m.values().filter_map(|x| x.as_str()).collect())

@@ -47,7 +47,11 @@ impl Pooling {
             }
             Pooling::Last => {
                 // Left padding (or none): every row has a real token in the last column.
-                let last_col = mask.narrow(1, l - 1, 1)?.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()?;
+                let last_col = mask
+                    .narrow(1, l - 1, 1)?
+                    .to_dtype(DType::U32)?
+                    .sum_all()?
+                    .to_scalar::<u32>()?;
                 if last_col as usize == b {
                     return hidden.narrow(1, l - 1, 1)?.squeeze(1);
                 }
@@ -81,13 +85,17 @@ mod tests {
         // b=2, l=3, h=1: row0 = [1,2,3] len 2 (right padded), row1 = [4,5,6] len 3
         let h = Tensor::new(&[[[1f32], [2.], [3.]], [[4.], [5.], [6.]]], &dev).unwrap();
         let m = Tensor::new(&[[1u32, 1, 0], [1, 1, 1]], &dev).unwrap();
-        let v = |p: Pooling| p.pool(&h, &m).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let v =
+            |p: Pooling| p.pool(&h, &m).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(v(Pooling::Cls), [1.0, 4.0]);
         assert_eq!(v(Pooling::Mean), [1.5, 5.0]);
         assert_eq!(v(Pooling::Last), [2.0, 6.0]);
         // left padding: last column is real everywhere -> take it
         let m = Tensor::new(&[[0u32, 1, 1], [1, 1, 1]], &dev).unwrap();
-        assert_eq!(Pooling::Last.pool(&h, &m).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), [3.0, 6.0]);
+        assert_eq!(
+            Pooling::Last.pool(&h, &m).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            [3.0, 6.0]
+        );
     }
 
     #[test]

@@ -82,7 +82,8 @@ impl TextTokenizer {
             }
         }
         let eos_id = eos.and_then(|t| tokenizer.token_to_id(&t));
-        let pad_id = pad.and_then(|t| tokenizer.token_to_id(&t)).or(stored_pad).or(eos_id).unwrap_or(0);
+        let pad_id =
+            pad.and_then(|t| tokenizer.token_to_id(&t)).or(stored_pad).or(eos_id).unwrap_or(0);
         Ok(Self { tokenizer, path, eos_id, pad_id })
     }
 
@@ -106,7 +107,10 @@ impl TextTokenizer {
         }
         let budget = if opts.append_eos { opts.max_len.saturating_sub(1) } else { opts.max_len };
         if budget == 0 {
-            return Err(Error::Invalid(format!("max length {} leaves no room for text", opts.max_len)));
+            return Err(Error::Invalid(format!(
+                "max length {} leaves no room for text",
+                opts.max_len
+            )));
         }
         let mut tokenizer = self.tokenizer.clone();
         tokenizer
@@ -117,7 +121,12 @@ impl TextTokenizer {
                 direction: TruncationDirection::Right,
             }))
             .map_err(|e| Error::Tokenizer { path: self.path.clone(), message: e.to_string() })?;
-        Ok(PreparedTokenizer { tokenizer, opts: opts.clone(), eos_id: self.eos_id, path: self.path.clone() })
+        Ok(PreparedTokenizer {
+            tokenizer,
+            opts: opts.clone(),
+            eos_id: self.eos_id,
+            path: self.path.clone(),
+        })
     }
 }
 

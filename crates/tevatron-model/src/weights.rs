@@ -23,13 +23,12 @@ pub fn load(dir: &Path, prefixes: &[&str], device: &Device) -> Result<HashMap<St
     if single.is_file() {
         raw.extend(candle_core::safetensors::load(&single, device).map_err(|e| bad(&single, e))?);
     } else if index.is_file() {
-        let text =
-            std::fs::read_to_string(&index).map_err(|source| Error::Read { path: index.clone(), source })?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|source| Error::Json { path: index.clone(), source })?;
-        let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::Weights {
-            path: index.clone(),
-            what: "no `weight_map` object".into(),
+        let text = std::fs::read_to_string(&index)
+            .map_err(|source| Error::Read { path: index.clone(), source })?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|source| Error::Json { path: index.clone(), source })?;
+        let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
+            Error::Weights { path: index.clone(), what: "no `weight_map` object".into() }
         })?;
         let files: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
         for f in files {
@@ -49,7 +48,11 @@ pub fn load(dir: &Path, prefixes: &[&str], device: &Device) -> Result<HashMap<St
     Ok(raw
         .into_iter()
         .map(|(name, t)| {
-            let name = prefixes.iter().find_map(|p| name.strip_prefix(p)).map(str::to_owned).unwrap_or(name);
+            let name = prefixes
+                .iter()
+                .find_map(|p| name.strip_prefix(p))
+                .map(str::to_owned)
+                .unwrap_or(name);
             (name, t)
         })
         .collect())
@@ -84,13 +87,25 @@ impl candle_nn::var_builder::SimpleBackend for TrackedWeights {
     ) -> candle_core::Result<Tensor> {
         let t = self.get_unchecked(name, dtype, dev)?;
         if t.shape() != &s {
-            candle_core::bail!("tensor {name} has shape {:?}, the architecture expects {:?}", t.dims(), s.dims());
+            candle_core::bail!(
+                "tensor {name} has shape {:?}, the architecture expects {:?}",
+                t.dims(),
+                s.dims()
+            );
         }
         Ok(t)
     }
 
-    fn get_unchecked(&self, name: &str, dtype: candle_core::DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let t = self.tensors.get(name).ok_or_else(|| candle_core::Error::Msg(format!("missing tensor {name}")))?;
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: candle_core::DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("missing tensor {name}")))?;
         self.used.lock().expect("weight tracker lock").insert(name.to_string());
         t.to_dtype(dtype)?.to_device(dev)
     }

@@ -3,6 +3,8 @@
 //! sentence-transformers and transformers within 1e-4 on varied texts (empty, over 512 tokens,
 //! accents, CJK, emoji, numbers, white space). Expected values: `scripts/fixtures/make_minilm.py`.
 
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
@@ -29,7 +31,8 @@ fn fixture() -> (Vec<String>, std::collections::HashMap<String, Tensor>) {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/minilm");
     let texts: Vec<String> =
         serde_json::from_str(&std::fs::read_to_string(dir.join("texts.json")).unwrap()).unwrap();
-    let exp = candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
+    let exp =
+        candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
     (texts, exp)
 }
 
@@ -47,7 +50,8 @@ fn mean_normalized_embeddings_match_sentence_transformers() {
     // No pooling given: the folder's sentence-transformers modules say mean + normalize.
     let enc = Encoder::load(&dir, None, &EncoderOptions::default()).unwrap();
     assert_eq!((enc.pooling(), enc.normalize()), (Pooling::Mean, true));
-    let got = enc.embed(&texts, &TextOptions { max_len: 256, ..TextOptions::default() }, 4).unwrap();
+    let got =
+        enc.embed(&texts, &TextOptions { max_len: 256, ..TextOptions::default() }, 4).unwrap();
     check(got, &exp["mean_norm"], "mean+normalize");
 }
 
@@ -55,10 +59,16 @@ fn mean_normalized_embeddings_match_sentence_transformers() {
 fn cls_embeddings_match_transformers_at_512_and_32_tokens() {
     let Some(dir) = model_dir() else { return };
     let (texts, exp) = fixture();
-    let opts = EncoderOptions { pooling: Some(Pooling::Cls), normalize: Some(false), ..EncoderOptions::default() };
+    let opts = EncoderOptions {
+        pooling: Some(Pooling::Cls),
+        normalize: Some(false),
+        ..EncoderOptions::default()
+    };
     let enc = Encoder::load(&dir, None, &opts).unwrap();
-    let got = enc.embed(&texts, &TextOptions { max_len: 512, ..TextOptions::default() }, 3).unwrap();
+    let got =
+        enc.embed(&texts, &TextOptions { max_len: 512, ..TextOptions::default() }, 3).unwrap();
     check(got, &exp["cls"], "cls@512");
-    let got = enc.embed(&texts, &TextOptions { max_len: 32, ..TextOptions::default() }, 16).unwrap();
+    let got =
+        enc.embed(&texts, &TextOptions { max_len: 32, ..TextOptions::default() }, 16).unwrap();
     check(got, &exp["cls32"], "cls@32");
 }

@@ -2,6 +2,8 @@
 //! `scripts/fixtures/make_tiny.py`): tokenization, hidden states and every pooling; plus the
 //! invariants batch == single, Train-without-dropout == Eval, and gradients reaching every weight.
 
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
@@ -17,7 +19,8 @@ fn dir(name: &str) -> PathBuf {
 }
 
 fn expected_json(name: &str) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(dir(name).join("expected.json")).unwrap()).unwrap()
+    serde_json::from_str(&std::fs::read_to_string(dir(name).join("expected.json")).unwrap())
+        .unwrap()
 }
 
 fn expected_tensors(name: &str) -> std::collections::HashMap<String, Tensor> {
@@ -33,16 +36,24 @@ fn ids_of(v: &serde_json::Value) -> Vec<Vec<u32>> {
 }
 
 fn load(name: &str, pooling: Pooling, opts: EncoderOptions) -> Encoder {
-    Encoder::load(&dir(name), None, &EncoderOptions { pooling: Some(pooling), normalize: Some(false), ..opts })
-        .unwrap()
+    Encoder::load(
+        &dir(name),
+        None,
+        &EncoderOptions { pooling: Some(pooling), normalize: Some(false), ..opts },
+    )
+    .unwrap()
 }
 
 #[test]
 fn tokenization_matches_transformers() {
     for name in MODELS {
         let exp = expected_json(name);
-        let texts: Vec<String> =
-            exp["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect();
+        let texts: Vec<String> = exp["texts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap().to_string())
+            .collect();
         let enc = load(name, Pooling::Cls, EncoderOptions::default());
         let max_len = exp["max_len"].as_u64().unwrap() as usize;
         let opts = TextOptions { max_len, ..TextOptions::default() };
@@ -73,8 +84,15 @@ fn hidden_states_and_pools_match_transformers() {
         let rows: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
         let pad = expected_json(name)["pad_id"].as_u64().unwrap() as u32;
         let ours = collate(&rows, pad, 16, PaddingSide::Right, &Device::Cpu).unwrap();
-        assert_eq!(ours.input_ids.to_vec2::<u32>().unwrap(), batch.input_ids.to_vec2::<u32>().unwrap());
-        for (pooling, key) in [(Pooling::Cls, "pooled_cls"), (Pooling::Mean, "pooled_mean"), (Pooling::Last, "pooled_last")] {
+        assert_eq!(
+            ours.input_ids.to_vec2::<u32>().unwrap(),
+            batch.input_ids.to_vec2::<u32>().unwrap()
+        );
+        for (pooling, key) in [
+            (Pooling::Cls, "pooled_cls"),
+            (Pooling::Mean, "pooled_mean"),
+            (Pooling::Last, "pooled_last"),
+        ] {
             let enc = load(name, pooling, EncoderOptions::default());
             let h = enc.hidden_states(&batch, Mode::Eval).unwrap();
             let d = max_abs_diff(&h, &exp["last_hidden_state"]).unwrap();
@@ -91,7 +109,12 @@ fn batch_equals_single() {
     for name in MODELS {
         let enc = load(name, Pooling::Mean, EncoderOptions::default());
         let seqs = ids_of(&expected_json(name)["ids"]);
-        let opts = BatchOptions { batch_size: 64, token_budget: 1 << 20, pad_to_multiple_of: 16, padding_side: PaddingSide::Right };
+        let opts = BatchOptions {
+            batch_size: 64,
+            token_budget: 1 << 20,
+            pad_to_multiple_of: 16,
+            padding_side: PaddingSide::Right,
+        };
         let batched = enc.embed_sequences(&seqs, &opts).unwrap();
         let single = enc.embed_sequences(&seqs, &BatchOptions { batch_size: 1, ..opts }).unwrap();
         let d = batched.iter().zip(&single).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
@@ -102,7 +125,8 @@ fn batch_equals_single() {
 #[test]
 fn train_mode_without_dropout_equals_eval() {
     for name in MODELS {
-        let opts = EncoderOptions { trainable: true, disable_dropout: true, ..EncoderOptions::default() };
+        let opts =
+            EncoderOptions { trainable: true, disable_dropout: true, ..EncoderOptions::default() };
         let enc = load(name, Pooling::Mean, opts);
         let exp = expected_tensors(name);
         let ids = exp["input_ids"].to_dtype(DType::U32).unwrap();
@@ -122,7 +146,11 @@ fn train_mode_without_dropout_equals_eval() {
 fn every_weight_receives_a_gradient_in_train_mode() {
     for name in MODELS {
         for pooling in [Pooling::Cls, Pooling::Mean] {
-            let enc = load(name, pooling, EncoderOptions { trainable: true, ..EncoderOptions::default() });
+            let enc = load(
+                name,
+                pooling,
+                EncoderOptions { trainable: true, ..EncoderOptions::default() },
+            );
             let exp = expected_tensors(name);
             let ids = exp["input_ids"].to_dtype(DType::U32).unwrap();
             let batch = tevatron_model::Batch {
@@ -140,7 +168,9 @@ fn every_weight_receives_a_gradient_in_train_mode() {
             for (n, var) in data.iter() {
                 // Position rows beyond the batch length and unused vocabulary rows get no
                 // gradient by construction; the table as a whole must.
-                let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient for {n}"));
+                let g = grads
+                    .get(var.as_tensor())
+                    .unwrap_or_else(|| panic!("{name}: no gradient for {n}"));
                 let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
                 assert!(norm > 0.0, "{name} {pooling:?}: zero gradient for {n}");
             }
@@ -152,9 +182,15 @@ fn every_weight_receives_a_gradient_in_train_mode() {
 fn text_options_flow_through_embed() {
     let enc = load("roberta", Pooling::Last, EncoderOptions::default());
     let texts = vec!["what is a dense retriever".to_string()];
-    let plain = enc.embed(&texts, &TextOptions { max_len: 12, ..TextOptions::default() }, 8).unwrap();
-    let prefixed =
-        enc.embed(&texts, &TextOptions { max_len: 12, prefix: "the ".into(), ..TextOptions::default() }, 8).unwrap();
+    let plain =
+        enc.embed(&texts, &TextOptions { max_len: 12, ..TextOptions::default() }, 8).unwrap();
+    let prefixed = enc
+        .embed(
+            &texts,
+            &TextOptions { max_len: 12, prefix: "the ".into(), ..TextOptions::default() },
+            8,
+        )
+        .unwrap();
     assert_eq!(plain.len(), 32);
     assert_ne!(plain, prefixed);
 }

@@ -11,6 +11,11 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
         ConvertTo::Trec => RunFormat::Trec,
         ConvertTo::Marco => RunFormat::Marco,
     };
-    write_run(&a.output, rows.iter().map(|(q, d, s)| (q.as_str(), d.as_str(), s.clone())), format, a.remove_query)?;
+    write_run(
+        &a.output,
+        rows.iter().map(|(q, d, s)| (q.as_str(), d.as_str(), s.clone())),
+        format,
+        a.remove_query,
+    )?;
     Ok(())
 }

@@ -75,7 +75,12 @@ fn validate(a: &EncodeArgs) -> Result<EncodeConfig> {
     Ok(EncodeConfig {
         files,
         kind,
-        text: TextOptions { max_len, prefix, append_eos: a.append_eos_token, add_special_tokens: a.add_special_tokens },
+        text: TextOptions {
+            max_len,
+            prefix,
+            append_eos: a.append_eos_token,
+            add_special_tokens: a.add_special_tokens,
+        },
         batch: BatchOptions {
             batch_size: a.per_device_eval_batch_size,
             // Capped so that activations stay under the allocator's mmap threshold (see main).
@@ -108,7 +113,8 @@ type Chunk = (Vec<String>, Vec<Vec<u32>>);
 
 pub fn run(a: &EncodeArgs) -> Result<()> {
     let cfg = validate(a)?;
-    let model_dir = tevatron_model::hub::resolve_model(&a.model_name_or_path, a.cache_dir.as_deref())?;
+    let model_dir =
+        tevatron_model::hub::resolve_model(&a.model_name_or_path, a.cache_dir.as_deref())?;
     let tok_dir = a
         .tokenizer_name
         .as_deref()
@@ -118,7 +124,9 @@ pub fn run(a: &EncodeArgs) -> Result<()> {
         .with_context(|| format!("loading model {}", a.model_name_or_path))?;
     match encoder.defaults_source() {
         DefaultsSource::SentenceTransformers(what) => tracing::info!("using {what}"),
-        DefaultsSource::Tevatron => tracing::info!("using Tevatron's defaults: pooling cls, no normalization"),
+        DefaultsSource::Tevatron => {
+            tracing::info!("using Tevatron's defaults: pooling cls, no normalization")
+        }
         DefaultsSource::User => {}
     }
     encoder.check_padding(cfg.batch.padding_side)?;
@@ -143,11 +151,16 @@ pub fn run(a: &EncodeArgs) -> Result<()> {
     meta.insert("is_query".to_string(), a.encode_is_query.to_string());
     meta.insert("max_len".to_string(), cfg.text.max_len.to_string());
     meta.insert("prefix".to_string(), cfg.text.prefix.clone());
-    let mut writer = VectorWriter::create(&a.encode_output_path, encoder.hidden_size(), cfg.out_dtype, meta)?;
+    let mut writer =
+        VectorWriter::create(&a.encode_output_path, encoder.hidden_size(), cfg.out_dtype, meta)?;
 
     let stream = RecordStream::open(cfg.files.clone(), cfg.kind).with_range(range);
     let (tx, rx) = mpsc::sync_channel::<Result<Chunk>>(2);
-    let bar = progress::bar(Some(rows as u64), if a.encode_is_query { "queries" } else { "passages" }, a.quiet);
+    let bar = progress::bar(
+        Some(rows as u64),
+        if a.encode_is_query { "queries" } else { "passages" },
+        a.quiet,
+    );
     std::thread::scope(|s| -> Result<()> {
         // Reader + tokenizer thread: keeps the next chunks ready while the model runs.
         s.spawn(move || {
@@ -170,7 +183,8 @@ pub fn run(a: &EncodeArgs) -> Result<()> {
                 if ids.is_empty() {
                     return;
                 }
-                let msg = tokenizer.tokenize(&texts).map(|seqs| (ids, seqs)).map_err(anyhow::Error::from);
+                let msg =
+                    tokenizer.tokenize(&texts).map(|seqs| (ids, seqs)).map_err(anyhow::Error::from);
                 if tx.send(msg).is_err() {
                     return;
                 }

@@ -28,8 +28,12 @@ pub fn run(a: &EvalArgs) -> Result<()> {
         if a.per_query {
             let mut per = serde_json::Map::new();
             for (q, vals) in &result.per_query {
-                let m: serde_json::Map<String, serde_json::Value> =
-                    result.names.iter().zip(vals).map(|(n, v)| (n.clone(), serde_json::json!(v))).collect();
+                let m: serde_json::Map<String, serde_json::Value> = result
+                    .names
+                    .iter()
+                    .zip(vals)
+                    .map(|(n, v)| (n.clone(), serde_json::json!(v)))
+                    .collect();
                 per.insert(q.clone(), m.into());
             }
             obj.insert("per_query".into(), per.into());

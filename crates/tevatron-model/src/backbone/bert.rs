@@ -104,14 +104,16 @@ impl Bert {
                 cfg.position_embedding_type
             );
         }
-        if cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             candle_core::bail!("hidden_size is not a multiple of num_attention_heads");
         }
         let h = cfg.hidden_size;
         let e = vb.pp("embeddings");
         let word = candle_nn::embedding(cfg.vocab_size, h, e.pp("word_embeddings"))?;
-        let position = candle_nn::embedding(cfg.max_position_embeddings, h, e.pp("position_embeddings"))?;
-        let token_type = candle_nn::embedding(cfg.type_vocab_size, h, e.pp("token_type_embeddings"))?;
+        let position =
+            candle_nn::embedding(cfg.max_position_embeddings, h, e.pp("position_embeddings"))?;
+        let token_type =
+            candle_nn::embedding(cfg.type_vocab_size, h, e.pp("token_type_embeddings"))?;
         let emb_norm = LayerNorm::load(e.pp("LayerNorm"), h, cfg.layer_norm_eps)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
@@ -123,7 +125,11 @@ impl Bert {
                 value: layers::linear(a.pp("self").pp("value"), h, h)?,
                 attn_out: layers::linear(a.pp("output").pp("dense"), h, h)?,
                 attn_norm: LayerNorm::load(a.pp("output").pp("LayerNorm"), h, cfg.layer_norm_eps)?,
-                intermediate: layers::linear(l.pp("intermediate").pp("dense"), h, cfg.intermediate_size)?,
+                intermediate: layers::linear(
+                    l.pp("intermediate").pp("dense"),
+                    h,
+                    cfg.intermediate_size,
+                )?,
                 output: layers::linear(l.pp("output").pp("dense"), cfg.intermediate_size, h)?,
                 out_norm: LayerNorm::load(l.pp("output").pp("LayerNorm"), h, cfg.layer_norm_eps)?,
             });
@@ -144,7 +150,9 @@ impl Bert {
             );
         }
         match self.positions {
-            Positions::Absolute => Tensor::arange(0u32, l as u32, device)?.unsqueeze(0)?.repeat((b, 1)),
+            Positions::Absolute => {
+                Tensor::arange(0u32, l as u32, device)?.unsqueeze(0)?.repeat((b, 1))
+            }
             Positions::AfterPadding => {
                 let pad = self.cfg.pad_token_id;
                 let ids = batch.input_ids.to_device(&Device::Cpu)?.to_vec2::<u32>()?;
@@ -191,7 +199,15 @@ impl Layer {
         let q = layers::apply(&self.query, x)?;
         let k = layers::apply(&self.key, x)?;
         let v = layers::apply(&self.value, x)?;
-        let ctx = layers::attention(&q, &k, &v, bias, cfg.num_attention_heads, cfg.attention_probs_dropout_prob, mode)?;
+        let ctx = layers::attention(
+            &q,
+            &k,
+            &v,
+            bias,
+            cfg.num_attention_heads,
+            cfg.attention_probs_dropout_prob,
+            mode,
+        )?;
         let a = layers::apply(&self.attn_out, &ctx)?;
         let a = layers::dropout(&a, cfg.hidden_dropout_prob, mode)?;
         let a = self.attn_norm.forward(&(a + x)?, mode)?;
@@ -201,4 +217,3 @@ impl Layer {
         self.out_norm.forward(&(f + a)?, mode)
     }
 }
-

@@ -66,7 +66,8 @@ impl DistilBert {
         let h = cfg.dim;
         let e = vb.pp("embeddings");
         let word = candle_nn::embedding(cfg.vocab_size, h, e.pp("word_embeddings"))?;
-        let position = candle_nn::embedding(cfg.max_position_embeddings, h, e.pp("position_embeddings"))?;
+        let position =
+            candle_nn::embedding(cfg.max_position_embeddings, h, e.pp("position_embeddings"))?;
         let emb_norm = LayerNorm::load(e.pp("LayerNorm"), h, EPS)?;
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
@@ -106,7 +107,15 @@ impl Backbone for DistilBert {
             let q = layers::apply(&layer.q, &x)?;
             let k = layers::apply(&layer.k, &x)?;
             let v = layers::apply(&layer.v, &x)?;
-            let ctx = layers::attention(&q, &k, &v, &bias, self.cfg.n_heads, self.cfg.attention_dropout, mode)?;
+            let ctx = layers::attention(
+                &q,
+                &k,
+                &v,
+                &bias,
+                self.cfg.n_heads,
+                self.cfg.attention_dropout,
+                mode,
+            )?;
             let sa = layer.sa_norm.forward(&(layers::apply(&layer.out, &ctx)? + &x)?, mode)?;
             let f = self.cfg.activation.forward(&layers::apply(&layer.lin1, &sa)?, mode)?;
             let f = layers::dropout(&layers::apply(&layer.lin2, &f)?, self.cfg.dropout, mode)?;

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 fn erf(x: f32) -> f32 {
     let x = x.clamp(-4.0, 4.0);
     let x2 = x * x;
-    let mut p = -2.726_142_2e-10_f32;
+    let mut p = -2.726_142e-10_f32;
     p = p * x2 + 2.770_681_4e-8;
     p = p * x2 - 2.101_024e-6;
     p = p * x2 - 5.692_506_4e-5;
@@ -37,7 +37,9 @@ fn exp(x: f32) -> f32 {
     // Round to nearest with the 1.5 * 2^23 trick (vectorises, unlike f32::round).
     let n = (t + 12_582_912.0) - 12_582_912.0;
     let g = (t - n) * std::f32::consts::LN_2;
-    let p = 1.0 + g * (1.0 + g * (0.5 + g * (1.0 / 6.0 + g * (1.0 / 24.0 + g * (1.0 / 120.0 + g / 720.0)))));
+    let p = 1.0
+        + g * (1.0
+            + g * (0.5 + g * (1.0 / 6.0 + g * (1.0 / 24.0 + g * (1.0 / 120.0 + g / 720.0)))));
     f32::from_bits(((n as i32 + 127) << 23) as u32) * p
 }
 
@@ -110,7 +112,8 @@ impl CustomOp1 for Softmax {
                     o.write(exp(v - max));
                 }
                 // SAFETY: the whole row was written just above.
-                let o: &mut [f32] = unsafe { &mut *(o as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
+                let o: &mut [f32] =
+                    unsafe { &mut *(o as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
                 let inv = 1.0 / lanes_reduce(o, 0.0, |a, b| a + b);
                 o.iter_mut().for_each(|v| *v *= inv);
             }
@@ -156,7 +159,10 @@ mod tests {
             let x = i as f32 / 100.0;
             let want = (x as f64).exp();
             // f32 range reduction loses about |x| ulps; softmax inputs near 0 are what matter.
-            assert!(((exp(x) as f64) / want - 1.0).abs() < 2e-7 * f64::from(x.abs().max(1.0)), "exp({x})");
+            assert!(
+                ((exp(x) as f64) / want - 1.0).abs() < 2e-7 * f64::from(x.abs().max(1.0)),
+                "exp({x})"
+            );
         }
     }
 
@@ -181,7 +187,16 @@ mod tests {
         let dev = candle_core::Device::Cpu;
         let x = Tensor::randn(0f32, 3.0, (7, 33), &dev).unwrap();
         let d = |a: Tensor, b: Tensor| {
-            (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
         };
         assert!(d(gelu(&x).unwrap(), x.gelu_erf().unwrap()) < 1e-6);
         assert!(d(softmax_last(&x).unwrap(), candle_nn::ops::softmax_last_dim(&x).unwrap()) < 1e-6);

@@ -24,12 +24,19 @@ impl LayerNorm {
     /// Normalises `x`; fused in `Eval`, composed of differentiable ops in `Train`.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         match mode {
-            Mode::Eval => {
-                candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)
-            }
+            Mode::Eval => candle_nn::ops::layer_norm(
+                &x.contiguous()?,
+                &self.weight,
+                &self.bias,
+                self.eps as f32,
+            ),
             Mode::Train => {
                 let dtype = x.dtype();
-                let x = if matches!(dtype, DType::F16 | DType::BF16) { x.to_dtype(DType::F32)? } else { x.clone() };
+                let x = if matches!(dtype, DType::F16 | DType::BF16) {
+                    x.to_dtype(DType::F32)?
+                } else {
+                    x.clone()
+                };
                 let mean = x.mean_keepdim(D::Minus1)?;
                 let centered = x.broadcast_sub(&mean)?;
                 let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
@@ -87,7 +94,10 @@ impl Linear {
 
 /// Loads a linear layer with a bias.
 pub fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Linear> {
-    Ok(Linear { weight: vb.get((out_dim, in_dim), "weight")?, bias: Some(vb.get(out_dim, "bias")?) })
+    Ok(Linear {
+        weight: vb.get((out_dim, in_dim), "weight")?,
+        bias: Some(vb.get(out_dim, "bias")?),
+    })
 }
 
 /// The activation functions HF configs name in `hidden_act` / `activation`.
@@ -111,7 +121,9 @@ impl Activation {
     /// the SIMD-friendly GELU on CPU.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         match self {
-            Activation::Gelu if mode == Mode::Eval && super::fast::applies(x) => super::fast::gelu(x),
+            Activation::Gelu if mode == Mode::Eval && super::fast::applies(x) => {
+                super::fast::gelu(x)
+            }
             Activation::Gelu => x.gelu_erf(),
             Activation::GeluNew => x.gelu(),
             Activation::Relu => x.relu(),
