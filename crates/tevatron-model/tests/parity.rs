@@ -194,3 +194,21 @@ fn text_options_flow_through_embed() {
     assert_eq!(plain.len(), 32);
     assert_ne!(plain, prefixed);
 }
+
+#[test]
+fn every_checkpoint_layout_loads_the_same_model() {
+    // pytorch_model.bin, sharded safetensors + index, and `bert.`-prefixed names (make_tiny.py).
+    let exp = expected_tensors("bert");
+    let ids = exp["input_ids"].to_dtype(DType::U32).unwrap();
+    let batch = tevatron_model::Batch {
+        token_type_ids: ids.zeros_like().unwrap(),
+        input_ids: ids,
+        attention_mask: exp["attention_mask"].to_dtype(DType::U32).unwrap(),
+    };
+    for layout in ["bert-pth", "bert-sharded", "bert-prefixed"] {
+        let enc = load(layout, Pooling::Cls, EncoderOptions::default());
+        let h = enc.hidden_states(&batch, Mode::Eval).unwrap();
+        let d = max_abs_diff(&h, &exp["last_hidden_state"]).unwrap();
+        assert!(d <= HIDDEN_ATOL, "{layout}: hidden states differ by {d}");
+    }
+}
