@@ -19,6 +19,7 @@
 
 pub mod atomic;
 pub mod error;
+pub mod fxhash;
 pub mod metrics;
 pub mod records;
 pub mod search;

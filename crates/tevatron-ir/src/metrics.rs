@@ -8,8 +8,10 @@
 //! This module knows nothing of file formats: it takes a [`Run`] and [`Qrels`].
 
 use std::cmp::Ordering;
-use std::collections::HashMap;
 
+use rayon::prelude::*;
+
+use crate::fxhash::FxHashMap;
 use crate::trec::{Qrels, Run};
 use crate::{Error, Result};
 
@@ -112,7 +114,7 @@ pub fn trec_order<S: AsRef<str>>(a: &(S, f64), b: &(S, f64)) -> Ordering {
 
 /// Computes one measure for one query, given relevance of the ranked list (best first) and the
 /// query's judgements.
-fn measure_query(kind: MeasureKind, ranked_rel: &[i64], judged: &HashMap<String, i64>) -> f64 {
+fn measure_query(kind: MeasureKind, ranked_rel: &[i64], judged: &FxHashMap<String, i64>) -> f64 {
     let num_rel = judged.values().filter(|&&r| r >= 1).count();
     let cut = |k: Option<usize>| k.map_or(ranked_rel.len(), |k| k.min(ranked_rel.len()));
     match kind {
@@ -179,23 +181,34 @@ pub struct Evaluation {
 
 /// Evaluates `run` against `qrels` on every measure.
 pub fn evaluate(run: &Run, qrels: &Qrels, measures: &[Measure], complete: bool) -> Evaluation {
-    let judged: HashMap<&str, &HashMap<String, i64>> =
+    let judged: FxHashMap<&str, &FxHashMap<String, i64>> =
         qrels.queries.iter().map(|(q, j)| (q.as_str(), j)).collect();
     let mut per_query = Vec::new();
     let mut in_run = std::collections::HashSet::new();
-    for (qid, docs) in &run.queries {
-        let Some(j) = judged.get(qid.as_str()) else { continue };
-        in_run.insert(qid.as_str());
-        let mut ranked: Vec<&(String, f64)> = docs.iter().collect();
-        ranked.sort_by(|a, b| trec_order(a, b));
-        let rels: Vec<i64> = ranked.iter().map(|(d, _)| j.get(d).copied().unwrap_or(0)).collect();
-        let values: Vec<f64> = measures.iter().map(|m| measure_query(m.kind, &rels, j)).collect();
-        per_query.push((qid.clone(), values));
+    // Queries are independent: evaluate them on all cores, keeping run order.
+    let evaluated: Vec<Option<(String, Vec<f64>)>> = run
+        .queries
+        .par_iter()
+        .map(|(qid, docs)| {
+            let j = judged.get(qid.as_str())?;
+            let mut ranked: Vec<&(String, f64)> = docs.iter().collect();
+            // Doc ids are unique per query, so the order is total and an unstable sort is exact.
+            ranked.sort_unstable_by(|a, b| trec_order(a, b));
+            let rels: Vec<i64> =
+                ranked.iter().map(|(d, _)| j.get(d).copied().unwrap_or(0)).collect();
+            let values: Vec<f64> =
+                measures.iter().map(|m| measure_query(m.kind, &rels, j)).collect();
+            Some((qid.clone(), values))
+        })
+        .collect();
+    for (qid, values) in evaluated.into_iter().flatten() {
+        in_run.insert(qid.clone());
+        per_query.push((qid, values));
     }
     let mut denominator = per_query.len();
     if complete {
         for (qid, j) in &qrels.queries {
-            if !in_run.contains(qid.as_str()) {
+            if !in_run.contains(qid) {
                 let values: Vec<f64> =
                     measures.iter().map(|m| measure_query(m.kind, &[], j)).collect();
                 per_query.push((qid.clone(), values));

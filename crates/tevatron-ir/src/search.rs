@@ -138,17 +138,20 @@ pub fn search_shard(
     let k = depth.min(n);
     let batch_size = if batch_size == 0 { nq.max(1) } else { batch_size };
     let mut out = Vec::with_capacity(nq);
+    let blocks: Vec<usize> = (0..n).step_by(DOC_BLOCK).collect();
+    // One contiguous run of blocks per thread: each keeps one heap per query, so there are only
+    // as many heaps to merge as threads (many small tasks would each fill `depth` entries).
+    let parts = rayon::current_num_threads().max(1);
+    let per_part = blocks.len().div_ceil(parts).max(1);
     for (batch_index, qb) in queries.chunks(batch_size * dim).enumerate() {
         let bq = qb.len() / dim;
-        let blocks: Vec<usize> = (0..n).step_by(DOC_BLOCK).collect();
         let heaps = blocks
-            .par_iter()
-            .try_fold(
-                || (Vec::<TopK>::new(), Vec::<f32>::new(), Vec::<f32>::new()),
-                |(mut heaps, mut scores, mut widened), &start| -> Result<_> {
-                    if heaps.is_empty() {
-                        heaps = (0..bq).map(|_| TopK::new(k)).collect();
-                    }
+            .par_chunks(per_part)
+            .map(|part| -> Result<Vec<TopK>> {
+                let mut heaps: Vec<TopK> = (0..bq).map(|_| TopK::new(k)).collect();
+                let mut scores = Vec::<f32>::new();
+                let mut widened = Vec::<f32>::new();
+                for &start in part {
                     let end = (start + DOC_BLOCK).min(n);
                     let nb = end - start;
                     let block: &[f32] = match rows {
@@ -197,10 +200,9 @@ pub fn search_shard(
                             }
                         }
                     }
-                    Ok((heaps, scores, widened))
-                },
-            )
-            .map(|r| r.map(|(heaps, _, _)| heaps))
+                }
+                Ok(heaps)
+            })
             .try_reduce(Vec::new, |mut a, b| {
                 if a.is_empty() {
                     return Ok(b);

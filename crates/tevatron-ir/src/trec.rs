@@ -2,11 +2,11 @@
 //! 3-column ranking (`qid docid score`) and 4-column qrels (`qid iter docid rel`), and writing
 //! runs in each format. The rank column and line order play no part; metrics re-sort.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::atomic::AtomicFile;
+use crate::fxhash::FxHashMap;
 use crate::records::read_to_string;
 use crate::{Error, Result};
 
@@ -14,7 +14,7 @@ use crate::{Error, Result};
 #[derive(Clone, Debug, Default)]
 pub struct Qrels {
     /// Judgements by query, in first-seen order of queries.
-    pub queries: Vec<(String, HashMap<String, i64>)>,
+    pub queries: Vec<(String, FxHashMap<String, i64>)>,
 }
 
 /// A ranking: query id → list of (doc id, score). A doc id seen twice for a query keeps the
@@ -23,6 +23,21 @@ pub struct Qrels {
 pub struct Run {
     /// Retrieved documents by query, in first-seen order of queries.
     pub queries: Vec<(String, Vec<(String, f64)>)>,
+}
+
+/// Splits a line on white space into at most 7 columns without allocating; returns the count
+/// (7 means "more than 6").
+fn columns(line: &str) -> ([&str; 7], usize) {
+    let mut cols = [""; 7];
+    let mut n = 0;
+    for c in line.split_ascii_whitespace() {
+        if n == 7 {
+            break;
+        }
+        cols[n] = c;
+        n += 1;
+    }
+    (cols, n)
 }
 
 fn line_err(path: &Path, line: usize, what: String) -> Error {
@@ -38,25 +53,27 @@ impl Qrels {
     /// Parses qrels text; `path` is only used in error messages.
     pub fn parse_str(text: &str, path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let mut index: HashMap<String, usize> = HashMap::new();
+        let mut index: FxHashMap<&str, usize> = FxHashMap::default();
         let mut qrels = Qrels::default();
         for (i, line) in text.lines().enumerate() {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            if cols.is_empty() {
+            let (cols, n) = columns(line);
+            if n == 0 {
                 continue;
             }
-            let [qid, _, docid, rel] = cols[..] else {
+            if n != 4 {
+                let found = if n == 7 { line.split_whitespace().count() } else { n };
                 return Err(line_err(
                     path,
                     i + 1,
-                    format!("qrels line needs 4 columns, found {}", cols.len()),
+                    format!("qrels line needs 4 columns, found {found}"),
                 ));
-            };
+            }
+            let [qid, _, docid, rel, ..] = cols;
             let rel: i64 = rel.parse().map_err(|_| {
                 line_err(path, i + 1, format!("relevance {rel:?} is not an integer"))
             })?;
-            let slot = *index.entry(qid.to_string()).or_insert_with(|| {
-                qrels.queries.push((qid.to_string(), HashMap::new()));
+            let slot = *index.entry(qid).or_insert_with(|| {
+                qrels.queries.push((qid.to_string(), FxHashMap::default()));
                 qrels.queries.len() - 1
             });
             qrels.queries[slot].1.insert(docid.to_string(), rel);
@@ -74,36 +91,50 @@ impl Run {
     /// Parses run text; `path` is only used in error messages.
     pub fn parse_str(text: &str, path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let mut index: HashMap<String, usize> = HashMap::new();
-        let mut seen: Vec<HashMap<String, usize>> = Vec::new();
+        // Keys borrow from `text`: no allocation per line beyond the stored doc id.
+        let mut index: FxHashMap<&str, usize> = FxHashMap::default();
+        // Doc ids already given, per query; each new map starts at the size of the previous
+        // query's, which avoids rehashing as maps grow (runs have a fixed depth per query).
+        let mut seen: Vec<FxHashMap<&str, usize>> = Vec::new();
         let mut run = Run::default();
+        let mut current: Option<(&str, usize)> = None;
         for (i, line) in text.lines().enumerate() {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            let (qid, docid, score) = match cols[..] {
-                [] => continue,
-                [q, d, s] => (q, d, s),
-                [q, _, d, _, s, _] => (q, d, s),
+            let (cols, n) = columns(line);
+            let (qid, docid, score) = match n {
+                0 => continue,
+                3 => (cols[0], cols[1], cols[2]),
+                6 => (cols[0], cols[2], cols[4]),
                 _ => {
+                    let found = if n == 7 { line.split_whitespace().count() } else { n };
                     return Err(line_err(
                         path,
                         i + 1,
-                        format!("run line needs 6 columns (qid Q0 docid rank score tag) or 3 (qid docid score), found {}", cols.len()),
-                    ))
+                        format!("run line needs 6 columns (qid Q0 docid rank score tag) or 3 (qid docid score), found {found}"),
+                    ));
                 }
             };
             let score: f64 = score
                 .parse()
                 .map_err(|_| line_err(path, i + 1, format!("score {score:?} is not a number")))?;
-            let slot = *index.entry(qid.to_string()).or_insert_with(|| {
-                run.queries.push((qid.to_string(), Vec::new()));
-                seen.push(HashMap::new());
-                run.queries.len() - 1
-            });
+            // Runs are grouped by query, so the current slot is almost always the one.
+            let slot = match current {
+                Some((q, slot)) if q == qid => slot,
+                _ => {
+                    let slot = *index.entry(qid).or_insert_with(|| {
+                        let guess = seen.last().map_or(0, |m| m.len());
+                        seen.push(FxHashMap::with_capacity_and_hasher(guess, Default::default()));
+                        run.queries.push((qid.to_string(), Vec::with_capacity(guess)));
+                        run.queries.len() - 1
+                    });
+                    current = Some((qid, slot));
+                    slot
+                }
+            };
             let docs = &mut run.queries[slot].1;
             match seen[slot].get(docid) {
                 Some(&at) => docs[at].1 = score,
                 None => {
-                    seen[slot].insert(docid.to_string(), docs.len());
+                    seen[slot].insert(docid, docs.len());
                     docs.push((docid.to_string(), score));
                 }
             }
