@@ -168,6 +168,10 @@ pub struct EncodeArgs {
     /// Element type of the written embeddings (f32 unless you want smaller files).
     #[arg(long, value_enum, default_value = "f32")]
     pub embedding_dtype: VecDTypeArg,
+    /// Where to run: cpu, cuda or cuda:N (default: a GPU when the binary has CUDA and one is
+    /// visible, else the CPU).
+    #[arg(long)]
+    pub device: Option<String>,
     /// Accepted and unused, as in Tevatron's encode driver.
     #[arg(long)]
     pub output_dir: Option<PathBuf>,

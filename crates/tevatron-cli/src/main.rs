@@ -12,8 +12,9 @@ use clap::Parser;
 
 /// Keeps freed tensor buffers in the heap instead of returning them to the OS. candle allocates
 /// a fresh buffer per op; with glibc's default (mmap above 128 KiB, adaptive) every large
-/// activation costs page faults and zeroing, about a tenth of encode time on CPU.
-fn tune_allocator() {
+/// activation costs page faults and zeroing, about a tenth of encode time on CPU. Only `encode`
+/// calls it: search and eval gain nothing and would keep the freed memory resident.
+pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator thresholds; called before any other thread starts.
     unsafe {
@@ -24,7 +25,6 @@ fn tune_allocator() {
 }
 
 fn main() -> ExitCode {
-    tune_allocator();
     let argv = match args::expand_json_args(std::env::args_os().collect()) {
         Ok(a) => a,
         Err(e) => {

@@ -288,6 +288,21 @@ fn bad_model_inputs_are_clear_errors() {
         ],
     );
     fails_with(out, "encoding with a LoRA adapter is not supported yet");
+    let out = tevatron(
+        d,
+        &[
+            "encode",
+            "--model_name_or_path",
+            &tiny_bert(),
+            "--dataset_path",
+            &corpus,
+            "--encode_output_path",
+            "o.safetensors",
+            "--device",
+            "cuda",
+        ],
+    );
+    fails_with(out, "this binary was built without CUDA");
     assert!(!d.join("o.safetensors").exists());
 }
 

@@ -189,13 +189,14 @@ pub fn evaluate(run: &Run, qrels: &Qrels, measures: &[Measure], complete: bool) 
     let evaluated: Vec<Option<(String, Vec<f64>)>> = run
         .queries
         .par_iter()
-        .map(|(qid, docs)| {
+        .enumerate()
+        .map(|(i, (qid, _))| {
             let j = judged.get(qid.as_str())?;
-            let mut ranked: Vec<&(String, f64)> = docs.iter().collect();
+            let mut ranked: Vec<(&str, f64)> = run.docs(i).collect();
             // Doc ids are unique per query, so the order is total and an unstable sort is exact.
             ranked.sort_unstable_by(|a, b| trec_order(a, b));
             let rels: Vec<i64> =
-                ranked.iter().map(|(d, _)| j.get(d).copied().unwrap_or(0)).collect();
+                ranked.iter().map(|(d, _)| j.get(*d).copied().unwrap_or(0)).collect();
             let values: Vec<f64> =
                 measures.iter().map(|m| measure_query(m.kind, &rels, j)).collect();
             Some((qid.clone(), values))

@@ -10,7 +10,7 @@ use std::cmp::Ordering;
 
 use rayon::prelude::*;
 
-use crate::vectors::{Rows, Vectors};
+use crate::vectors::{Ids, Rows, Vectors};
 use crate::{Error, Result};
 
 /// Rows per corpus block: big enough to amortise the kernel call, small enough that
@@ -44,14 +44,14 @@ impl TopK {
     }
 
     #[inline]
-    fn worse(&self, a: usize, b: usize, ids: &[String]) -> bool {
+    fn worse(&self, a: usize, b: usize, ids: &Ids) -> bool {
         let (sa, ra) = self.heap[a];
         let (sb, rb) = self.heap[b];
         better(sb, &ids[rb as usize], sa, &ids[ra as usize])
     }
 
     #[inline]
-    fn push(&mut self, score: f32, row: u32, ids: &[String]) {
+    fn push(&mut self, score: f32, row: u32, ids: &Ids) {
         if self.heap.len() < self.k {
             self.heap.push((score, row));
             let mut i = self.heap.len() - 1;
@@ -223,7 +223,7 @@ pub fn search_shard(
             hits.sort_by(|a, b| rank_cmp(a.0, &ids[a.1 as usize], b.0, &ids[b.1 as usize]));
             out.push(
                 hits.into_iter()
-                    .map(|(s, r)| Hit { score: s, docid: ids[r as usize].clone() })
+                    .map(|(s, r)| Hit { score: s, docid: ids[r as usize].to_string() })
                     .collect(),
             );
         }

@@ -21,8 +21,29 @@ pub struct Qrels {
 /// last score (as pytrec_eval's dict does).
 #[derive(Clone, Debug, Default)]
 pub struct Run {
+    /// The run's text; doc ids are [`Span`]s into it, so parsing allocates nothing per line.
+    text: String,
     /// Retrieved documents by query, in first-seen order of queries.
-    pub queries: Vec<(String, Vec<(String, f64)>)>,
+    pub queries: Vec<(String, Vec<(Span, f64)>)>,
+}
+
+/// Where a doc id lies in a [`Run`]'s text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Span {
+    start: usize,
+    end: usize,
+}
+
+impl Run {
+    /// The doc id a span points at.
+    pub fn docid(&self, span: Span) -> &str {
+        &self.text[span.start..span.end]
+    }
+
+    /// The documents of query `i` as `(docid, score)`, in first-seen order.
+    pub fn docs(&self, i: usize) -> impl Iterator<Item = (&str, f64)> + '_ {
+        self.queries[i].1.iter().map(|&(span, score)| (self.docid(span), score))
+    }
 }
 
 /// Splits a line on white space into at most 7 columns without allocating; returns the count
@@ -85,18 +106,24 @@ impl Qrels {
 impl Run {
     /// Reads a TREC 6-column run or Tevatron's 3-column TSV (whitespace-separated either way).
     pub fn read(path: &Path) -> Result<Self> {
-        Self::parse_str(&read_to_string(path)?, path)
+        Self::parse_string(read_to_string(path)?, path)
     }
 
     /// Parses run text; `path` is only used in error messages.
     pub fn parse_str(text: &str, path: impl AsRef<Path>) -> Result<Self> {
+        Self::parse_string(text.to_owned(), path)
+    }
+
+    fn parse_string(owned: String, path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
+        let text = owned.as_str();
+        let base = text.as_ptr() as usize;
         // Keys borrow from `text`: no allocation per line beyond the stored doc id.
         let mut index: FxHashMap<&str, usize> = FxHashMap::default();
         // Doc ids already given, per query; each new map starts at the size of the previous
         // query's, which avoids rehashing as maps grow (runs have a fixed depth per query).
         let mut seen: Vec<FxHashMap<&str, usize>> = Vec::new();
-        let mut run = Run::default();
+        let mut queries: Vec<(String, Vec<(Span, f64)>)> = Vec::new();
         let mut current: Option<(&str, usize)> = None;
         for (i, line) in text.lines().enumerate() {
             let (cols, n) = columns(line);
@@ -123,23 +150,25 @@ impl Run {
                     let slot = *index.entry(qid).or_insert_with(|| {
                         let guess = seen.last().map_or(0, |m| m.len());
                         seen.push(FxHashMap::with_capacity_and_hasher(guess, Default::default()));
-                        run.queries.push((qid.to_string(), Vec::with_capacity(guess)));
-                        run.queries.len() - 1
+                        queries.push((qid.to_string(), Vec::with_capacity(guess)));
+                        queries.len() - 1
                     });
                     current = Some((qid, slot));
                     slot
                 }
             };
-            let docs = &mut run.queries[slot].1;
+            let docs = &mut queries[slot].1;
             match seen[slot].get(docid) {
                 Some(&at) => docs[at].1 = score,
                 None => {
                     seen[slot].insert(docid, docs.len());
-                    docs.push((docid.to_string(), score));
+                    let start = docid.as_ptr() as usize - base;
+                    docs.push((Span { start, end: start + docid.len() }, score));
                 }
             }
         }
-        Ok(run)
+        drop(seen);
+        Ok(Run { text: owned, queries })
     }
 }
 
@@ -232,8 +261,8 @@ mod tests {
     fn run_reads_both_formats_and_keeps_last_duplicate() {
         let run = Run::parse_str("q1 Q0 d1 1 2.5 t\nq1\td2\t-1\nq2 d1 0\nq1 d1 3\n", "r").unwrap();
         assert_eq!(run.queries[0].0, "q1");
-        assert_eq!(run.queries[0].1, vec![("d1".into(), 3.0), ("d2".into(), -1.0)]);
-        assert_eq!(run.queries[1].1, vec![("d1".into(), 0.0)]);
+        assert_eq!(run.docs(0).collect::<Vec<_>>(), [("d1", 3.0), ("d2", -1.0)]);
+        assert_eq!(run.docs(1).collect::<Vec<_>>(), [("d1", 0.0)]);
     }
 
     #[test]

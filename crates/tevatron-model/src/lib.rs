@@ -18,6 +18,7 @@
 pub mod backbone;
 pub mod collate;
 pub mod config;
+pub mod device;
 pub mod encoder;
 pub mod error;
 pub mod hub;

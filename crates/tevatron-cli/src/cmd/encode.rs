@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::mpsc;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use tevatron_ir::records::{count_rows, shard_range, RecordKind, RecordStream};
 use tevatron_ir::vectors::{VecDType, VectorWriter};
 use tevatron_model::encoder::{BatchOptions, DefaultsSource};
@@ -65,6 +65,11 @@ fn validate(a: &EncodeArgs) -> Result<EncodeConfig> {
         SideArg::Right => PaddingSide::Right,
         SideArg::Left => PaddingSide::Left,
     };
+    let device = tevatron_model::device::select(a.device.as_deref())?;
+    let tokens = a.per_device_eval_batch_size * max_len.max(1);
+    // On CPU, capped so that activations stay under the allocator's mmap threshold (see main);
+    // a GPU takes whole batches.
+    let token_budget = if device.is_cpu() { tokens.min(MAX_BATCH_TOKENS) } else { tokens };
     let dtype = if a.fp16 {
         DType::F16
     } else if a.bf16 {
@@ -83,8 +88,7 @@ fn validate(a: &EncodeArgs) -> Result<EncodeConfig> {
         },
         batch: BatchOptions {
             batch_size: a.per_device_eval_batch_size,
-            // Capped so that activations stay under the allocator's mmap threshold (see main).
-            token_budget: (a.per_device_eval_batch_size * max_len.max(1)).min(MAX_BATCH_TOKENS),
+            token_budget,
             pad_to_multiple_of: a.pad_to_multiple_of.max(1),
             padding_side,
         },
@@ -96,7 +100,7 @@ fn validate(a: &EncodeArgs) -> Result<EncodeConfig> {
             }),
             normalize: a.normalize,
             dtype,
-            device: Device::Cpu,
+            device,
             trainable: false,
             disable_dropout: false,
         },
@@ -112,6 +116,7 @@ fn validate(a: &EncodeArgs) -> Result<EncodeConfig> {
 type Chunk = (Vec<String>, Vec<Vec<u32>>);
 
 pub fn run(a: &EncodeArgs) -> Result<()> {
+    crate::tune_allocator();
     let cfg = validate(a)?;
     let model_dir =
         tevatron_model::hub::resolve_model(&a.model_name_or_path, a.cache_dir.as_deref())?;

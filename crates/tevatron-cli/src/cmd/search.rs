@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use safetensors::tensor::{Dtype, TensorView};
 use tevatron_ir::search::{check_queries, search_shards, Hit};
 use tevatron_ir::trec::{write_run, RunFormat};
-use tevatron_ir::vectors::{expand_glob, Vectors};
+use tevatron_ir::vectors::{expand_glob, Ids, Vectors};
 
 use crate::args::SearchArgs;
 
@@ -47,7 +47,7 @@ pub fn run(a: &SearchArgs) -> Result<()> {
     }
     if a.save_text {
         let rows = queries.ids().iter().zip(&hits).flat_map(|(qid, hs)| {
-            hs.iter().map(move |h| (qid.as_str(), h.docid.as_str(), format!("{:?}", h.score)))
+            hs.iter().map(move |h| (qid, h.docid.as_str(), format!("{:?}", h.score)))
         });
         write_run(&a.save_ranking_to, rows, RunFormat::Tsv, false)?;
     } else {
@@ -57,7 +57,7 @@ pub fn run(a: &SearchArgs) -> Result<()> {
 }
 
 /// `scores` `[Q, k]` F32, `docids` and `query_ids` as `\n`-joined UTF-8 (U8), k = min(depth, N).
-fn write_safetensors(a: &SearchArgs, qids: &[String], hits: &[Vec<Hit>]) -> Result<()> {
+fn write_safetensors(a: &SearchArgs, qids: &Ids, hits: &[Vec<Hit>]) -> Result<()> {
     let k = hits.iter().map(Vec::len).max().unwrap_or(0);
     let mut scores = Vec::with_capacity(qids.len() * k * 4);
     let mut docids = Vec::new();
@@ -70,7 +70,7 @@ fn write_safetensors(a: &SearchArgs, qids: &[String], hits: &[Vec<Hit>]) -> Resu
             docids.extend_from_slice(h.docid.as_bytes());
         }
     }
-    let qbytes = qids.join("\n").into_bytes();
+    let qbytes = qids.iter().collect::<Vec<_>>().join("\n").into_bytes();
     let tensors = [
         ("scores", TensorView::new(Dtype::F32, vec![qids.len(), k], &scores)?),
         ("docids", TensorView::new(Dtype::U8, vec![docids.len()], &docids)?),
