@@ -194,7 +194,7 @@ pub fn evaluate(run: &Run, qrels: &Qrels, measures: &[Measure], complete: bool) 
             let j = judged.get(qid.as_str())?;
             let mut ranked: Vec<(&str, f64)> = run.docs(i).collect();
             // Doc ids are unique per query, so the order is total and an unstable sort is exact.
-            ranked.sort_unstable_by(|a, b| trec_order(a, b));
+            ranked.sort_unstable_by(trec_order);
             let rels: Vec<i64> =
                 ranked.iter().map(|(d, _)| j.get(*d).copied().unwrap_or(0)).collect();
             let values: Vec<f64> =
