@@ -17,19 +17,31 @@ use crate::{Error, Result};
 /// `queries x block` scores stay in cache.
 const DOC_BLOCK: usize = 1024;
 
-/// One retrieved document: its score and its id.
-#[derive(Clone, Debug, PartialEq)]
+/// One retrieved document: its score and where it lives (shard and row), 12 bytes, so that a
+/// million hits do not cost a million strings; [`Ranking::docid`] gives its id.
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Hit {
     /// Inner product with the query.
     pub score: f32,
-    /// Document id.
-    pub docid: String,
+    /// Index of the shard in search order.
+    pub shard: u32,
+    /// Row within the shard.
+    pub row: u32,
 }
 
-/// `true` when `(sa, ia)` ranks before `(sb, ib)`: higher score, then larger id.
-#[inline]
-fn better(sa: f32, ia: &str, sb: f32, ib: &str) -> bool {
-    sa > sb || (sa == sb && ia > ib)
+/// The result of a search: each query's hits, best first, and the ids to name them.
+#[derive(Clone, Debug, Default)]
+pub struct Ranking {
+    /// Hits per query, in query order, best first.
+    pub hits: Vec<Vec<Hit>>,
+    shard_ids: Vec<Ids>,
+}
+
+impl Ranking {
+    /// The document id of a hit.
+    pub fn docid(&self, hit: &Hit) -> &str {
+        self.shard_ids[hit.shard as usize].get(hit.row as usize)
+    }
 }
 
 /// A bounded heap keeping the `k` best `(score, row)` pairs; its root is the worst kept.
@@ -47,7 +59,8 @@ impl TopK {
     fn worse(&self, a: usize, b: usize, ids: &Ids) -> bool {
         let (sa, ra) = self.heap[a];
         let (sb, rb) = self.heap[b];
-        better(sb, &ids[rb as usize], sa, &ids[ra as usize])
+        // Ids are only looked at on exact score ties.
+        sb > sa || (sb == sa && ids[rb as usize] > ids[ra as usize])
     }
 
     #[inline]
@@ -67,8 +80,10 @@ impl TopK {
             return;
         }
         let (root_score, root_row) = self.heap[0];
+        // Enter only if strictly better than the worst kept: higher score, or equal score and a
+        // larger id (ids are looked at on exact ties only).
         if score < root_score
-            || !better(score, &ids[row as usize], root_score, &ids[root_row as usize])
+            || (score == root_score && ids[row as usize] <= ids[root_row as usize])
         {
             return;
         }
@@ -120,14 +135,14 @@ fn check_finite(
 }
 
 /// Scores `queries` (`nq x dim`, row-major f32) against one shard and returns each query's
-/// best `depth` hits, best first. `batch_size` queries are scored per pass over the shard.
+/// best `depth` `(score, row)` pairs, best first. `batch_size` queries are scored per pass over the shard.
 pub fn search_shard(
     queries: &[f32],
     dim: usize,
     shard: &Vectors,
     depth: usize,
     batch_size: usize,
-) -> Result<Vec<Vec<Hit>>> {
+) -> Result<Vec<Vec<(f32, u32)>>> {
     if shard.dim() != dim {
         return Err(Error::DimMismatch { expected: shard.dim(), got: dim });
     }
@@ -220,50 +235,53 @@ pub fn search_shard(
         }
         for heap in heaps {
             let mut hits: Vec<(f32, u32)> = heap.heap;
-            hits.sort_by(|a, b| rank_cmp(a.0, &ids[a.1 as usize], b.0, &ids[b.1 as usize]));
-            out.push(
-                hits.into_iter()
-                    .map(|(s, r)| Hit { score: s, docid: ids[r as usize].to_string() })
-                    .collect(),
-            );
+            hits.sort_by(|a, b| rank_cmp(a.0, || &ids[a.1 as usize], b.0, || &ids[b.1 as usize]));
+            out.push(hits);
         }
     }
     Ok(out)
 }
 
-/// Ordering that puts better hits first.
-fn rank_cmp(sa: f32, ia: &str, sb: f32, ib: &str) -> Ordering {
-    sb.partial_cmp(&sa).unwrap_or(Ordering::Equal).then_with(|| ib.cmp(ia))
+/// Ordering that puts better hits first; ids are fetched only on exact score ties.
+fn rank_cmp<'a>(
+    sa: f32,
+    ia: impl FnOnce() -> &'a str,
+    sb: f32,
+    ib: impl FnOnce() -> &'a str,
+) -> Ordering {
+    sb.partial_cmp(&sa).unwrap_or(Ordering::Equal).then_with(|| ib().cmp(ia()))
 }
 
-/// Merges two best-first hit lists into the best `depth`, best first.
-pub fn merge_hits(a: Vec<Hit>, b: Vec<Hit>, depth: usize) -> Vec<Hit> {
-    let mut all = a;
-    all.extend(b);
-    all.sort_by(|x, y| rank_cmp(x.score, &x.docid, y.score, &y.docid));
-    all.truncate(depth);
-    all
-}
-
-/// Searches several shards in turn, merging as it goes; memory holds one shard's map and the
-/// running top-k. Shards are taken one at a time from the iterator, so a caller can open them lazily.
+/// Searches several shards in turn, merging as it goes; memory holds one shard's map, the
+/// running top-k and each shard's ids. Shards are taken one at a time from the iterator, so a
+/// caller can open them lazily. Ties across shards are broken by doc id like everything else.
 pub fn search_shards<S: std::borrow::Borrow<Vectors>>(
     queries: &[f32],
     dim: usize,
     shards: impl IntoIterator<Item = Result<S>>,
     depth: usize,
     batch_size: usize,
-) -> Result<Vec<Vec<Hit>>> {
+) -> Result<Ranking> {
     let nq = queries.len() / dim;
-    let mut acc: Vec<Vec<Hit>> = vec![Vec::new(); nq];
-    for shard in shards {
+    let mut ranking = Ranking { hits: vec![Vec::new(); nq], shard_ids: Vec::new() };
+    for (index, shard) in shards.into_iter().enumerate() {
         let shard = shard?;
-        let found = search_shard(queries, dim, shard.borrow(), depth, batch_size)?;
-        for (a, f) in acc.iter_mut().zip(found) {
-            *a = merge_hits(std::mem::take(a), f, depth);
+        let shard: &Vectors = shard.borrow();
+        let found = search_shard(queries, dim, shard, depth, batch_size)?;
+        ranking.shard_ids.push(shard.ids().clone());
+        let Ranking { hits, shard_ids } = &mut ranking;
+        let id = |h: &Hit| shard_ids[h.shard as usize].get(h.row as usize);
+        for (acc, rows) in hits.iter_mut().zip(found) {
+            acc.extend(rows.into_iter().map(|(score, row)| Hit {
+                score,
+                shard: index as u32,
+                row,
+            }));
+            acc.sort_by(|x, y| rank_cmp(x.score, || id(x), y.score, || id(y)));
+            acc.truncate(depth);
         }
     }
-    Ok(acc)
+    Ok(ranking)
 }
 
 /// Validates query vectors before any search work.
@@ -301,25 +319,51 @@ mod tests {
         Vectors::open(&path).unwrap()
     }
 
-    fn brute(q: &[f32], docs: &[f32], ids: &[String], dim: usize, depth: usize) -> Vec<Vec<Hit>> {
+    /// A hit named by its id, for comparing results.
+    #[derive(Clone, Debug, PartialEq)]
+    struct Named {
+        score: f32,
+        docid: String,
+    }
+
+    fn named_rows(rows: Vec<Vec<(f32, u32)>>, v: &Vectors) -> Vec<Vec<Named>> {
+        rows.into_iter()
+            .map(|r| {
+                r.into_iter()
+                    .map(|(score, row)| Named { score, docid: v.ids()[row as usize].to_string() })
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn named(r: &Ranking) -> Vec<Vec<Named>> {
+        r.hits
+            .iter()
+            .map(|hs| {
+                hs.iter().map(|h| Named { score: h.score, docid: r.docid(h).to_string() }).collect()
+            })
+            .collect()
+    }
+
+    fn brute(q: &[f32], docs: &[f32], ids: &[String], dim: usize, depth: usize) -> Vec<Vec<Named>> {
         q.chunks(dim)
             .map(|qv| {
-                let mut all: Vec<Hit> = docs
+                let mut all: Vec<Named> = docs
                     .chunks(dim)
                     .zip(ids)
-                    .map(|(d, id)| Hit {
+                    .map(|(d, id)| Named {
                         score: qv.iter().zip(d).map(|(a, b)| a * b).sum(),
                         docid: id.clone(),
                     })
                     .collect();
-                all.sort_by(|x, y| rank_cmp(x.score, &x.docid, y.score, &y.docid));
+                all.sort_by(|x, y| rank_cmp(x.score, || &x.docid, y.score, || &y.docid));
                 all.truncate(depth);
                 all
             })
             .collect()
     }
 
-    fn same(a: &[Vec<Hit>], b: &[Vec<Hit>]) {
+    fn same(a: &[Vec<Named>], b: &[Vec<Named>]) {
         assert_eq!(a.len(), b.len());
         for (x, y) in a.iter().zip(b) {
             let xi: Vec<&str> = x.iter().map(|h| h.docid.as_str()).collect();
@@ -346,7 +390,7 @@ mod tests {
             let ids: Vec<String> = (0..n).map(|i| format!("d{}", (i * 7919) % 10007)).collect();
             let dir = tempfile::tempdir().unwrap();
             let v = write(dir.path(), "c", &docs, &ids, dim, VecDType::F32);
-            let got = search_shard(&q, dim, &v, depth, batch).unwrap();
+            let got = named_rows(search_shard(&q, dim, &v, depth, batch).unwrap(), &v);
             same(&got, &brute(&q, &docs, &ids, dim, depth));
             // Sharded in either order equals unsharded.
             let cut = n / 2;
@@ -354,7 +398,7 @@ mod tests {
             let b = write(dir.path(), "b", &docs[cut * dim..], &ids[cut..], dim, VecDType::F32);
             for order in [[&a, &b], [&b, &a]] {
                 let merged = search_shards(&q, dim, order.map(Ok), depth, batch).unwrap();
-                same(&merged, &got);
+                same(&named(&merged), &got);
             }
         }
     }
@@ -369,7 +413,7 @@ mod tests {
         for dt in [VecDType::F16, VecDType::BF16] {
             let v = write(dir.path(), dt.name(), &docs, &ids, 4, dt);
             // values are exact in both half formats (multiples of 1/64 below 1)
-            same(&search_shard(&q, 4, &v, 10, 128).unwrap(), &want);
+            same(&named_rows(search_shard(&q, 4, &v, 10, 128).unwrap(), &v), &want);
         }
     }
 

@@ -227,7 +227,11 @@ impl Ids {
     }
     /// The `i`-th id.
     pub fn get(&self, i: usize) -> &str {
-        &self.text[self.starts[i]..self.starts[i + 1] - 1]
+        let (a, b) = (self.starts[i], self.starts[i + 1] - 1);
+        debug_assert!(a <= b && b <= self.text.len());
+        // SAFETY: starts are 0, one past each '\n' (ASCII) and len + 1, so every range lies on
+        // char boundaries within the text.
+        unsafe { self.text.get_unchecked(a..b) }
     }
     /// All ids in order.
     pub fn iter(&self) -> impl Iterator<Item = &str> + '_ {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{bail, Context, Result};
 use safetensors::tensor::{Dtype, TensorView};
-use tevatron_ir::search::{check_queries, search_shards, Hit};
+use tevatron_ir::search::{check_queries, search_shards, Ranking};
 use tevatron_ir::trec::{write_run, RunFormat};
 use tevatron_ir::vectors::{expand_glob, Ids, Vectors};
 
@@ -21,7 +21,7 @@ pub fn run(a: &SearchArgs) -> Result<()> {
     let batch = if a.batch_size <= 0 { 0 } else { a.batch_size as usize };
     let dim = queries.dim();
     let start = std::time::Instant::now();
-    let hits = if a.shard_search {
+    let ranking = if a.shard_search {
         search_shards(&q, dim, files.iter().map(|f| Vectors::open(f)), a.depth, batch)?
     } else {
         // Open and validate every shard before any work.
@@ -46,18 +46,20 @@ pub fn run(a: &SearchArgs) -> Result<()> {
         );
     }
     if a.save_text {
-        let rows = queries.ids().iter().zip(&hits).flat_map(|(qid, hs)| {
-            hs.iter().map(move |h| (qid, h.docid.as_str(), format!("{:?}", h.score)))
+        let ranking = &ranking;
+        let rows = queries.ids().iter().zip(&ranking.hits).flat_map(|(qid, hs)| {
+            hs.iter().map(move |h| (qid, ranking.docid(h), format!("{:?}", h.score)))
         });
         write_run(&a.save_ranking_to, rows, RunFormat::Tsv, false)?;
     } else {
-        write_safetensors(a, queries.ids(), &hits)?;
+        write_safetensors(a, queries.ids(), &ranking)?;
     }
     Ok(())
 }
 
 /// `scores` `[Q, k]` F32, `docids` and `query_ids` as `\n`-joined UTF-8 (U8), k = min(depth, N).
-fn write_safetensors(a: &SearchArgs, qids: &Ids, hits: &[Vec<Hit>]) -> Result<()> {
+fn write_safetensors(a: &SearchArgs, qids: &Ids, ranking: &Ranking) -> Result<()> {
+    let hits = &ranking.hits;
     let k = hits.iter().map(Vec::len).max().unwrap_or(0);
     let mut scores = Vec::with_capacity(qids.len() * k * 4);
     let mut docids = Vec::new();
@@ -67,7 +69,7 @@ fn write_safetensors(a: &SearchArgs, qids: &Ids, hits: &[Vec<Hit>]) -> Result<()
             if !docids.is_empty() || i > 0 {
                 docids.push(b'\n');
             }
-            docids.extend_from_slice(h.docid.as_bytes());
+            docids.extend_from_slice(ranking.docid(h).as_bytes());
         }
     }
     let qbytes = qids.iter().collect::<Vec<_>>().join("\n").into_bytes();
