@@ -24,6 +24,18 @@ pub fn tune_allocator() {
     }
 }
 
+/// The opposite trade for `search`: a fixed mmap threshold (which also turns off glibc's dynamic
+/// raising of it) so that freed scratch buffers go back to the OS and peak memory stays close to
+/// the mapped corpus (about 40 MB less at 2 threads).
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator thresholds.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 10);
+    }
+}
+
 fn main() -> ExitCode {
     let argv = match args::expand_json_args(std::env::args_os().collect()) {
         Ok(a) => a,

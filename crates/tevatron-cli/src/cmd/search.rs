@@ -12,6 +12,7 @@ use tevatron_ir::vectors::{expand_glob, Ids, Vectors};
 use crate::args::SearchArgs;
 
 pub fn run(a: &SearchArgs) -> Result<()> {
+    crate::release_freed_memory();
     if a.depth == 0 {
         bail!("--depth must be at least 1");
     }
