@@ -27,6 +27,20 @@ fn expected_tensors(name: &str) -> std::collections::HashMap<String, Tensor> {
     candle_core::safetensors::load(dir(name).join("expected.safetensors"), &Device::Cpu).unwrap()
 }
 
+/// The fixture's padded batch, as transformers saw it, with the expected tensors.
+fn expected_batch(
+    name: &str,
+) -> (std::collections::HashMap<String, Tensor>, tevatron_model::Batch) {
+    let exp = expected_tensors(name);
+    let ids = exp["input_ids"].to_dtype(DType::U32).unwrap();
+    let batch = tevatron_model::Batch {
+        token_type_ids: ids.zeros_like().unwrap(),
+        input_ids: ids,
+        attention_mask: exp["attention_mask"].to_dtype(DType::U32).unwrap(),
+    };
+    (exp, batch)
+}
+
 fn ids_of(v: &serde_json::Value) -> Vec<Vec<u32>> {
     v.as_array()
         .unwrap()
@@ -71,14 +85,7 @@ fn tokenization_matches_transformers() {
 #[test]
 fn hidden_states_and_pools_match_transformers() {
     for name in MODELS {
-        let exp = expected_tensors(name);
-        let ids = exp["input_ids"].to_dtype(DType::U32).unwrap();
-        let mask = exp["attention_mask"].to_dtype(DType::U32).unwrap();
-        let batch = tevatron_model::Batch {
-            token_type_ids: ids.zeros_like().unwrap(),
-            input_ids: ids,
-            attention_mask: mask,
-        };
+        let (exp, batch) = expected_batch(name);
         // Our collator must produce exactly the padded batch transformers saw.
         let seqs = ids_of(&expected_json(name)["ids"]);
         let rows: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
@@ -128,13 +135,7 @@ fn train_mode_without_dropout_equals_eval() {
         let opts =
             EncoderOptions { trainable: true, disable_dropout: true, ..EncoderOptions::default() };
         let enc = load(name, Pooling::Mean, opts);
-        let exp = expected_tensors(name);
-        let ids = exp["input_ids"].to_dtype(DType::U32).unwrap();
-        let batch = tevatron_model::Batch {
-            token_type_ids: ids.zeros_like().unwrap(),
-            input_ids: ids,
-            attention_mask: exp["attention_mask"].to_dtype(DType::U32).unwrap(),
-        };
+        let (_, batch) = expected_batch(name);
         let train = enc.encode(&batch, Mode::Train).unwrap();
         let eval = enc.encode(&batch, Mode::Eval).unwrap();
         let d = max_abs_diff(&train, &eval).unwrap();
@@ -151,13 +152,7 @@ fn every_weight_receives_a_gradient_in_train_mode() {
                 pooling,
                 EncoderOptions { trainable: true, ..EncoderOptions::default() },
             );
-            let exp = expected_tensors(name);
-            let ids = exp["input_ids"].to_dtype(DType::U32).unwrap();
-            let batch = tevatron_model::Batch {
-                token_type_ids: ids.zeros_like().unwrap(),
-                input_ids: ids,
-                attention_mask: exp["attention_mask"].to_dtype(DType::U32).unwrap(),
-            };
+            let (_, batch) = expected_batch(name);
             let reps = enc.encode(&batch, Mode::Train).unwrap();
             // A loss that depends on every output coordinate.
             let w = Tensor::arange(0f32, reps.dim(1).unwrap() as f32, &Device::Cpu).unwrap();
@@ -198,13 +193,7 @@ fn text_options_flow_through_embed() {
 #[test]
 fn every_checkpoint_layout_loads_the_same_model() {
     // pytorch_model.bin, sharded safetensors + index, and `bert.`-prefixed names (make_tiny.py).
-    let exp = expected_tensors("bert");
-    let ids = exp["input_ids"].to_dtype(DType::U32).unwrap();
-    let batch = tevatron_model::Batch {
-        token_type_ids: ids.zeros_like().unwrap(),
-        input_ids: ids,
-        attention_mask: exp["attention_mask"].to_dtype(DType::U32).unwrap(),
-    };
+    let (exp, batch) = expected_batch("bert");
     for layout in ["bert-pth", "bert-sharded", "bert-prefixed"] {
         let enc = load(layout, Pooling::Cls, EncoderOptions::default());
         let h = enc.hidden_states(&batch, Mode::Eval).unwrap();
