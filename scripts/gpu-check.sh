@@ -10,7 +10,7 @@
 set -euo pipefail
 out=${OUT:-/tmp/gpu-check}
 mkdir -p "$out" /tmp/tev
-xz -dc .device/tevatron.xz > /tmp/tev/tevatron
+python3 -c 'import lzma, shutil; shutil.copyfileobj(lzma.open(".device/tevatron.xz"), open("/tmp/tev/tevatron", "wb"))'
 chmod +x /tmp/tev/tevatron
 py=$(command -v python3)
 # cuBLAS/cuRAND/NVRTC/cudart from PyTorch's CUDA 13 wheels.
@@ -59,8 +59,8 @@ echo "== throughput (20,000 passages of 60-140 words, max 128 tokens, batch 256)
 for flag in "" "--fp16"; do
   start=$(date +%s.%N)
   enc --dataset_path "$out/p.jsonl" --device cuda $flag --encode_output_path "$out/tp.st" --per_device_eval_batch_size 256
-  s=$(echo "$(date +%s.%N) - $start" | bc -l)
-  echo "ours ${flag:-fp32}: $(printf %.2f "$s") s = $(echo "20000 / $s" | bc -l | xargs printf %.0f) passages/s (whole command)"
+  end=$(date +%s.%N)
+  "$py" -c "s = $end - $start; print(f'ours ${flag:-fp32}: {s:.2f} s = {20000 / s:.0f} passages/s (whole command)')"
 done
 "$py" - "$out" <<'PY'
 import json, sys, time, torch
