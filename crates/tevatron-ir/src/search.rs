@@ -17,6 +17,9 @@ use crate::{Error, Result};
 /// `queries x block` scores stay in cache.
 const DOC_BLOCK: usize = 1024;
 
+/// Queries scored per matrix product: with `DOC_BLOCK`, a 1 MiB score buffer per thread.
+const QUERY_BLOCK: usize = 256;
+
 /// One retrieved document: its score and where it lives (shard and row), 12 bytes, so that a
 /// million hits do not cost a million strings; [`Ranking::docid`] gives its id.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -179,39 +182,45 @@ pub fn search_shard(
                     if batch_index == 0 {
                         check_finite(block, dim, start, shard.path())?;
                     }
-                    scores.resize(bq * nb, 0.0);
-                    // SAFETY: dst is bq x nb row-major, lhs bq x dim row-major, rhs is the
-                    // block viewed as dim x nb column-major; all slices have those lengths.
-                    unsafe {
-                        gemm::gemm(
-                            bq,
-                            nb,
-                            dim,
-                            scores.as_mut_ptr(),
-                            1,
-                            nb as isize,
-                            false,
-                            qb.as_ptr(),
-                            1,
-                            dim as isize,
-                            block.as_ptr(),
-                            dim as isize,
-                            1,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
-                    }
-                    for (q, heap) in heaps.iter_mut().enumerate() {
-                        let row = &scores[q * nb..(q + 1) * nb];
-                        let mut floor = heap.floor();
-                        for (j, &s) in row.iter().enumerate() {
-                            if s >= floor {
-                                heap.push(s, (start + j) as u32, ids);
-                                floor = heap.floor();
+                    // Queries in sub-blocks keep the score buffer at QUERY_BLOCK x DOC_BLOCK
+                    // (1 MiB) whatever the batch size.
+                    for q0 in (0..bq).step_by(QUERY_BLOCK) {
+                        let mq = QUERY_BLOCK.min(bq - q0);
+                        scores.resize(mq * nb, 0.0);
+                        // SAFETY: dst is mq x nb row-major, lhs mq x dim row-major (rows q0..),
+                        // rhs is the block viewed as dim x nb column-major; all slices have
+                        // those lengths.
+                        unsafe {
+                            gemm::gemm(
+                                mq,
+                                nb,
+                                dim,
+                                scores.as_mut_ptr(),
+                                1,
+                                nb as isize,
+                                false,
+                                qb[q0 * dim..].as_ptr(),
+                                1,
+                                dim as isize,
+                                block.as_ptr(),
+                                dim as isize,
+                                1,
+                                0.0,
+                                1.0,
+                                false,
+                                false,
+                                false,
+                                gemm::Parallelism::None,
+                            );
+                        }
+                        for (q, heap) in heaps[q0..q0 + mq].iter_mut().enumerate() {
+                            let row = &scores[q * nb..(q + 1) * nb];
+                            let mut floor = heap.floor();
+                            for (j, &s) in row.iter().enumerate() {
+                                if s >= floor {
+                                    heap.push(s, (start + j) as u32, ids);
+                                    floor = heap.floor();
+                                }
                             }
                         }
                     }
@@ -400,6 +409,21 @@ mod tests {
                 let merged = search_shards(&q, dim, order.map(Ok), depth, batch).unwrap();
                 same(&named(&merged), &got);
             }
+        }
+    }
+
+    #[test]
+    fn many_queries_span_several_query_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (n, nq, dim) = (3000, 600, 8);
+        let docs: Vec<f32> = (0..n * dim).map(|i| ((i * 7919 % 97) as f32 - 48.0) / 16.0).collect();
+        let q: Vec<f32> =
+            (0..nq * dim).map(|i| ((i * 104_729 % 89) as f32 - 44.0) / 16.0).collect();
+        let ids: Vec<String> = (0..n).map(|i| format!("d{i}")).collect();
+        let v = write(dir.path(), "c", &docs, &ids, dim, VecDType::F32);
+        let want = brute(&q, &docs, &ids, dim, 20);
+        for batch in [0, 300, 1000] {
+            same(&named_rows(search_shard(&q, dim, &v, 20, batch).unwrap(), &v), &want);
         }
     }
 
