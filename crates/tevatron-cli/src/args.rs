@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Dense retrieval in one binary: encode, search and evaluate, with Tevatron's flags.
 #[derive(Debug, Parser)]
-#[command(name = "tevatron", version, about, long_about = None)]
+#[command(name = "tevatron", version, long_about = None)]
 pub struct Cli {
     /// The command to run.
     #[command(subcommand)]
