@@ -1,5 +1,9 @@
-//! Progress bars on stderr with rate and ETA, hidden by `--quiet` or when stderr is not a TTY
-//! consumer that wants them (indicatif decides).
+//! Progress on stderr with rate and ETA: a bar on a terminal (indicatif), and, when stderr is
+//! a file or pipe (batch jobs, where indicatif draws nothing), a log line every 30 seconds.
+//! `--quiet` hides both.
+
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -17,4 +21,49 @@ pub fn bar(total: Option<u64>, unit: &str, quiet: bool) -> ProgressBar {
     );
     pb.set_style(ProgressStyle::with_template(&template).expect("static template is valid"));
     pb
+}
+
+/// Periodic progress lines for non-terminal stderr.
+pub struct LogProgress {
+    total: usize,
+    done: usize,
+    unit: &'static str,
+    start: Instant,
+    last: Instant,
+    enabled: bool,
+}
+
+impl LogProgress {
+    /// Logs only when stderr is not a terminal and the command is not quiet.
+    pub fn new(total: usize, unit: &'static str, quiet: bool) -> Self {
+        let now = Instant::now();
+        Self {
+            total,
+            done: 0,
+            unit,
+            start: now,
+            last: now,
+            enabled: !quiet && !std::io::stderr().is_terminal(),
+        }
+    }
+
+    /// Counts `n` more items and logs if 30 seconds passed since the last line.
+    pub fn advance(&mut self, n: usize) {
+        self.done += n;
+        if !self.enabled || self.last.elapsed() < Duration::from_secs(30) {
+            return;
+        }
+        self.last = Instant::now();
+        let secs = self.start.elapsed().as_secs_f64();
+        let rate = self.done as f64 / secs.max(1e-9);
+        let eta = (self.total.saturating_sub(self.done)) as f64 / rate.max(1e-9);
+        tracing::info!(
+            "{}/{} {} ({:.1}/s, ETA {:.0} s)",
+            self.done,
+            self.total,
+            self.unit,
+            rate,
+            eta
+        );
+    }
 }

@@ -195,11 +195,14 @@ pub fn run(a: &EncodeArgs) -> Result<()> {
                 }
             }
         });
+        let unit = if a.encode_is_query { "queries" } else { "passages" };
+        let mut log = progress::LogProgress::new(rows, unit, a.quiet);
         for msg in rx {
             let (ids, seqs) = msg?;
             let reps = encoder.embed_sequences(&seqs, &cfg.batch)?;
             writer.push(&reps, &ids)?;
             bar.inc(ids.len() as u64);
+            log.advance(ids.len());
         }
         Ok(())
     })?;
