@@ -1,4 +1,4 @@
-//! Tevatron's input records, read as a stream: JSONL and `.jsonl.gz` files of queries
+//! Tevatron's input records, read as a stream: JSONL, `.jsonl.gz` and Parquet files of queries
 //! (`query_id` + `query_text`/`query`) or corpus passages (`docid` + optional `title` + `text`).
 //!
 //! This module owns how a record becomes an id and a text, exactly as Tevatron's encode dataset
@@ -52,12 +52,27 @@ pub fn shard_range(n: usize, num_shards: usize, index: usize) -> Range<usize> {
     start..start + len
 }
 
-/// A stream of JSON objects from one JSONL file (plain or gzip), with line numbers.
+/// A stream of JSON objects from one JSONL file (plain or gzip) or Parquet file, with line
+/// numbers (row numbers, 1-based, for Parquet).
 pub struct JsonlReader {
     path: PathBuf,
     reader: Box<dyn BufRead + Send>,
+    parquet: Option<(parquet::record::reader::RowIter<'static>, usize)>,
     line: usize,
     buf: Vec<u8>,
+}
+
+fn open_parquet(
+    path: &Path,
+    file: File,
+) -> Result<(parquet::record::reader::RowIter<'static>, usize)> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let bad = |e: parquet::errors::ParquetError| {
+        Error::Invalid(format!("{}: cannot read Parquet ({e})", path.display()))
+    };
+    let reader = SerializedFileReader::new(file).map_err(bad)?;
+    let rows = reader.metadata().file_metadata().num_rows().max(0) as usize;
+    Ok((reader.into_iter(), rows))
 }
 
 /// Opens a JSONL file; a name ending in `.gz` is decompressed on the fly.
@@ -67,15 +82,18 @@ pub fn open_jsonl(path: &Path) -> Result<JsonlReader> {
     let reader: Box<dyn BufRead + Send> = if path.extension().is_some_and(|e| e == "gz") {
         Box::new(BufReader::with_capacity(1 << 20, flate2::read::MultiGzDecoder::new(file)))
     } else if path.extension().is_some_and(|e| e == "parquet") {
-        return Err(Error::Invalid(format!(
-            "{}: Parquet input is not supported yet; convert it to JSONL first \
-             (pandas: pd.read_parquet(p).to_json(out, orient='records', lines=True, force_ascii=False))",
-            path.display()
-        )));
+        let parquet = Some(open_parquet(path, file)?);
+        return Ok(JsonlReader {
+            path: path.to_path_buf(),
+            reader: Box::new(std::io::empty()),
+            parquet,
+            line: 0,
+            buf: Vec::new(),
+        });
     } else {
         Box::new(BufReader::with_capacity(1 << 20, file))
     };
-    Ok(JsonlReader { path: path.to_path_buf(), reader, line: 0, buf: Vec::new() })
+    Ok(JsonlReader { path: path.to_path_buf(), reader, parquet: None, line: 0, buf: Vec::new() })
 }
 
 impl JsonlReader {
@@ -84,8 +102,21 @@ impl JsonlReader {
         &self.path
     }
 
-    /// Reads the next non-blank line as raw UTF-8 text; returns its line number.
+    /// Reads the next non-blank line as raw UTF-8 text; returns its line number. For Parquet,
+    /// skips one row and returns an empty text.
     pub fn next_line(&mut self) -> Option<Result<(usize, &str)>> {
+        if let Some((rows, _)) = self.parquet.as_mut() {
+            let row = rows.next()?;
+            self.line += 1;
+            return Some(match row {
+                Ok(_) => Ok((self.line, "")),
+                Err(e) => Err(Error::Invalid(format!(
+                    "{}: row {}: cannot read Parquet ({e})",
+                    self.path.display(),
+                    self.line
+                ))),
+            });
+        }
         loop {
             self.buf.clear();
             match self.reader.read_until(b'\n', &mut self.buf) {
@@ -109,9 +140,21 @@ impl JsonlReader {
         }
     }
 
-    /// Reads the next non-blank line as a JSON object.
+    /// Reads the next non-blank line (or Parquet row) as a JSON object.
     pub fn next_object(&mut self) -> Option<Result<(usize, Value)>> {
         let path = self.path.clone();
+        if let Some((rows, _)) = self.parquet.as_mut() {
+            let row = rows.next()?;
+            self.line += 1;
+            return Some(match row {
+                Ok(r) => Ok((self.line, r.to_json_value())),
+                Err(e) => Err(Error::Invalid(format!(
+                    "{}: row {}: cannot read Parquet ({e})",
+                    path.display(),
+                    self.line
+                ))),
+            });
+        }
         Some(self.next_line()?.and_then(|(line, text)| {
             let value: Value = serde_json::from_str(text).map_err(|source| Error::Json {
                 path: path.clone(),
@@ -130,8 +173,12 @@ impl JsonlReader {
         }))
     }
 
-    /// Counts the non-blank lines left in the file (used to shard without loading it).
+    /// Counts the non-blank lines left in the file (used to shard without loading it); Parquet
+    /// files give their row count from the footer.
     pub fn count_rows(mut self) -> Result<usize> {
+        if let Some((_, rows)) = self.parquet {
+            return Ok(rows);
+        }
         let mut n = 0;
         loop {
             self.buf.clear();
@@ -372,6 +419,43 @@ mod tests {
             .map(|r| r.unwrap().id)
             .collect();
         assert_eq!(ids, ["d3", "d4"]);
+    }
+
+    #[test]
+    fn parquet_rows_read_like_jsonl() {
+        use parquet::data_type::{ByteArray, ByteArrayType};
+        use parquet::file::writer::SerializedFileWriter;
+        use parquet::schema::parser::parse_message_type;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.parquet");
+        let schema = std::sync::Arc::new(
+            parse_message_type("message c { required binary docid (UTF8); required binary title (UTF8); required binary text (UTF8); }")
+                .unwrap(),
+        );
+        let mut w =
+            SerializedFileWriter::new(File::create(&path).unwrap(), schema, Default::default())
+                .unwrap();
+        let mut rg = w.next_row_group().unwrap();
+        for col in [["d1", "d2", "d3"], ["T", "", "x"], ["one ", "two", " three"]] {
+            let mut c = rg.next_column().unwrap().unwrap();
+            let vals: Vec<ByteArray> = col.iter().map(|v| ByteArray::from(*v)).collect();
+            c.typed::<ByteArrayType>().write_batch(&vals, None, None).unwrap();
+            c.close().unwrap();
+        }
+        rg.close().unwrap();
+        w.close().unwrap();
+        assert_eq!(count_rows(std::slice::from_ref(&path)).unwrap(), 3);
+        let got: Vec<TextRecord> = RecordStream::open(vec![path], RecordKind::Doc)
+            .with_range(1..3)
+            .map(|r| r.unwrap())
+            .collect();
+        assert_eq!(
+            got,
+            [
+                TextRecord { id: "d2".into(), text: "two".into() },
+                TextRecord { id: "d3".into(), text: "x  three".into() }
+            ]
+        );
     }
 
     #[test]
