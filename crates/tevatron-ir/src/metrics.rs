@@ -184,7 +184,6 @@ pub fn evaluate(run: &Run, qrels: &Qrels, measures: &[Measure], complete: bool) 
     let judged: FxHashMap<&str, &FxHashMap<String, i64>> =
         qrels.queries.iter().map(|(q, j)| (q.as_str(), j)).collect();
     let mut per_query = Vec::new();
-    let mut in_run = std::collections::HashSet::new();
     // Queries are independent: evaluate them on all cores, keeping run order.
     let evaluated: Vec<Option<(String, Vec<f64>)>> = run
         .queries
@@ -203,13 +202,14 @@ pub fn evaluate(run: &Run, qrels: &Qrels, measures: &[Measure], complete: bool) 
         })
         .collect();
     for (qid, values) in evaluated.into_iter().flatten() {
-        in_run.insert(qid.clone());
         per_query.push((qid, values));
     }
     let mut denominator = per_query.len();
     if complete {
+        let in_run: std::collections::HashSet<&str> =
+            run.queries.iter().map(|(q, _)| q.as_str()).collect();
         for (qid, j) in &qrels.queries {
-            if !in_run.contains(qid) {
+            if !in_run.contains(qid.as_str()) {
                 let values: Vec<f64> =
                     measures.iter().map(|m| measure_query(m.kind, &[], j)).collect();
                 per_query.push((qid.clone(), values));

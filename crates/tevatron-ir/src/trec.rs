@@ -3,7 +3,7 @@
 //! runs in each format. The rank column and line order play no part; metrics re-sort.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::atomic::AtomicFile;
 use crate::fxhash::FxHashMap;
@@ -246,11 +246,6 @@ pub fn read_ranking_columns(path: &Path) -> Result<Vec<(String, String, String)>
         }
     }
     Ok(rows)
-}
-
-/// A path for error messages when text did not come from a file.
-pub fn no_path() -> PathBuf {
-    PathBuf::from("<input>")
 }
 
 #[cfg(test)]

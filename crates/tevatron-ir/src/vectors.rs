@@ -120,7 +120,7 @@ impl VectorWriter {
                     "id {id:?} contains a newline, which the embeddings format cannot store"
                 )));
             }
-            if self.rows > 0 || !self.ids.is_empty() {
+            if self.rows > 0 {
                 self.ids.push(b'\n');
             }
             self.ids.extend_from_slice(id.as_bytes());

@@ -196,9 +196,9 @@ impl Backbone for Bert {
 
 impl Layer {
     fn forward(&self, x: &Tensor, bias: &Tensor, cfg: &Config, mode: Mode) -> Result<Tensor> {
-        let q = layers::apply(&self.query, x)?;
-        let k = layers::apply(&self.key, x)?;
-        let v = layers::apply(&self.value, x)?;
+        let q = self.query.forward(x)?;
+        let k = self.key.forward(x)?;
+        let v = self.value.forward(x)?;
         let ctx = layers::attention(
             &q,
             &k,
@@ -208,11 +208,11 @@ impl Layer {
             cfg.attention_probs_dropout_prob,
             mode,
         )?;
-        let a = layers::apply(&self.attn_out, &ctx)?;
+        let a = self.attn_out.forward(&ctx)?;
         let a = layers::dropout(&a, cfg.hidden_dropout_prob, mode)?;
         let a = self.attn_norm.forward(&(a + x)?, mode)?;
-        let f = cfg.hidden_act.forward(&layers::apply(&self.intermediate, &a)?, mode)?;
-        let f = layers::apply(&self.output, &f)?;
+        let f = cfg.hidden_act.forward(&self.intermediate.forward(&a)?, mode)?;
+        let f = self.output.forward(&f)?;
         let f = layers::dropout(&f, cfg.hidden_dropout_prob, mode)?;
         self.out_norm.forward(&(f + a)?, mode)
     }

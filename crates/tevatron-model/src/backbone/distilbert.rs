@@ -104,9 +104,9 @@ impl Backbone for DistilBert {
         let mut x = layers::dropout(&x, self.cfg.dropout, mode)?;
         let bias = layers::mask_bias(&batch.attention_mask, x.dtype())?;
         for layer in &self.layers {
-            let q = layers::apply(&layer.q, &x)?;
-            let k = layers::apply(&layer.k, &x)?;
-            let v = layers::apply(&layer.v, &x)?;
+            let q = layer.q.forward(&x)?;
+            let k = layer.k.forward(&x)?;
+            let v = layer.v.forward(&x)?;
             let ctx = layers::attention(
                 &q,
                 &k,
@@ -116,9 +116,9 @@ impl Backbone for DistilBert {
                 self.cfg.attention_dropout,
                 mode,
             )?;
-            let sa = layer.sa_norm.forward(&(layers::apply(&layer.out, &ctx)? + &x)?, mode)?;
-            let f = self.cfg.activation.forward(&layers::apply(&layer.lin1, &sa)?, mode)?;
-            let f = layers::dropout(&layers::apply(&layer.lin2, &f)?, self.cfg.dropout, mode)?;
+            let sa = layer.sa_norm.forward(&(layer.out.forward(&ctx)? + &x)?, mode)?;
+            let f = self.cfg.activation.forward(&layer.lin1.forward(&sa)?, mode)?;
+            let f = layers::dropout(&layer.lin2.forward(&f)?, self.cfg.dropout, mode)?;
             x = layer.out_norm.forward(&(f + sa)?, mode)?;
         }
         Ok(x)

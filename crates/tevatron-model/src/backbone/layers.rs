@@ -169,8 +169,3 @@ pub fn mask_bias(attention_mask: &Tensor, dtype: DType) -> Result<Tensor> {
     let bias = ((keep.ones_like()? - keep)? * min)?;
     bias.to_dtype(dtype)?.reshape((b, 1, 1, l))
 }
-
-/// Applies a linear layer (a thin wrapper so backbones read the same way everywhere).
-pub fn apply(layer: &Linear, x: &Tensor) -> Result<Tensor> {
-    layer.forward(x)
-}
