@@ -23,6 +23,7 @@ impl Cli {
         match &self.command {
             Command::Encode(a) => a.quiet,
             Command::Search(a) => a.quiet,
+            Command::Train(a) => a.quiet,
             Command::Eval(_) | Command::Convert(_) => false,
         }
     }
@@ -31,6 +32,8 @@ impl Cli {
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Train a dense retriever with Tevatron's contrastive recipe (`driver.train`).
+    Train(Box<TrainArgs>),
     /// Encode queries or a corpus into an embeddings file (safetensors).
     Encode(Box<EncodeArgs>),
     /// Exact inner-product search of query embeddings over passage embeddings.
@@ -51,7 +54,8 @@ pub fn parse_bool(s: &str) -> Result<bool, String> {
 }
 
 /// `--pooling` values, with Tevatron's aliases.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum PoolingArg {
     /// First token.
     #[value(alias = "first")]
@@ -65,7 +69,8 @@ pub enum PoolingArg {
 }
 
 /// `--padding_side` values.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum SideArg {
     /// Pad after the text.
     Right,
@@ -181,6 +186,250 @@ pub struct EncodeArgs {
     /// No progress bar, warnings only.
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub quiet: bool,
+}
+
+/// `--save_strategy` / `--logging_strategy` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StrategyArg {
+    /// Every `--save_steps` / `--logging_steps` optimizer steps.
+    Steps,
+    /// At the end of every epoch.
+    Epoch,
+    /// Never (a checkpoint is still written at the end of training, so the run can be resumed
+    /// and its final state inspected, only with `steps`/`epoch`; `no` writes none).
+    No,
+}
+
+/// Flags of `tevatron train` (Tevatron's `driver.train` and the Hugging Face
+/// `TrainingArguments` it relies on).
+#[derive(Debug, Args, serde::Serialize)]
+#[command(rename_all = "snake_case")]
+pub struct TrainArgs {
+    /// Where checkpoints (`checkpoint-<step>/`), `trainer_state.json` and the final model go.
+    #[arg(long)]
+    pub output_dir: PathBuf,
+    /// Start afresh: remove existing checkpoints instead of resuming from the latest one.
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub overwrite_output_dir: bool,
+    /// Resume from this checkpoint folder instead of the latest `checkpoint-*` of --output_dir.
+    #[arg(long)]
+    pub resume_from_checkpoint: Option<PathBuf>,
+    /// Accepted for compatibility (Hugging Face uses it only for the output-folder check, which
+    /// always applies here).
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub do_train: bool,
+    /// Model folder or Hugging Face hub id.
+    #[arg(long)]
+    pub model_name_or_path: String,
+    /// Tokenizer folder or hub id, when it differs from the model's.
+    #[arg(long)]
+    pub tokenizer_name: Option<String>,
+    /// Hugging Face hub cache folder.
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Pooling: cls/first, mean/avg/average, last/eos (default: the sentence-transformers
+    /// folder's, else cls).
+    #[arg(long, value_enum)]
+    pub pooling: Option<PoolingArg>,
+    /// L2-normalise representations (default: the sentence-transformers folder's, else false).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub normalize: Option<bool>,
+    /// Scores are divided by this before the cross-entropy (also under --grad_cache).
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    /// Attention implementation; every value computes exact attention with this tool's own
+    /// kernels (eager, sdpa and flash_attention_2 are numerically the same computation).
+    #[arg(long)]
+    pub attn_implementation: Option<String>,
+    /// `json` for local files given by --dataset_path, a local folder, or a hub dataset id.
+    #[arg(long, default_value = "json")]
+    pub dataset_name: String,
+    /// Training file or glob (JSONL, .jsonl.gz or Parquet).
+    #[arg(long)]
+    pub dataset_path: Option<String>,
+    /// Dataset configuration.
+    #[arg(long)]
+    pub dataset_config: Option<String>,
+    /// Dataset split.
+    #[arg(long, default_value = "train")]
+    pub dataset_split: String,
+    /// Cache folder: hub datasets, and the row indexes built for random access (default:
+    /// HF_DATASETS_CACHE, else HF_HOME/datasets, else ~/.cache/huggingface/datasets).
+    #[arg(long)]
+    pub dataset_cache_dir: Option<PathBuf>,
+    /// Corpus for id-based training rows: `json`, a local folder or a hub dataset id.
+    #[arg(long)]
+    pub corpus_name: Option<String>,
+    /// Corpus file or glob.
+    #[arg(long)]
+    pub corpus_path: Option<String>,
+    /// Corpus configuration.
+    #[arg(long)]
+    pub corpus_config: Option<String>,
+    /// Corpus split.
+    #[arg(long, default_value = "train")]
+    pub corpus_split: String,
+    /// Passages per query: one positive and G-1 negatives.
+    #[arg(long, default_value_t = 8)]
+    pub train_group_size: usize,
+    /// Maximum query tokens, special tokens included.
+    #[arg(long, default_value_t = 32)]
+    pub query_max_len: usize,
+    /// Maximum passage tokens, special tokens included.
+    #[arg(long, default_value_t = 128)]
+    pub passage_max_len: usize,
+    /// Text put before each query.
+    #[arg(long, default_value = "")]
+    pub query_prefix: String,
+    /// Text put before each passage.
+    #[arg(long, default_value = "")]
+    pub passage_prefix: String,
+    /// Truncate to max_len-1 and append the EOS token.
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub append_eos_token: bool,
+    /// Add the tokenizer's special tokens.
+    #[arg(long, num_args = 0..=1, default_value = "true", default_missing_value = "true", value_parser = parse_bool)]
+    pub add_special_tokens: bool,
+    /// Pad each batch to its longest text rounded up to a multiple of this.
+    #[arg(long, default_value_t = 16)]
+    pub pad_to_multiple_of: usize,
+    /// Side to pad on.
+    #[arg(long, value_enum, default_value = "right")]
+    pub padding_side: SideArg,
+    /// Queries per micro-batch.
+    #[arg(long, default_value_t = 8)]
+    pub per_device_train_batch_size: usize,
+    /// Micro-batches per optimizer step (more queries per update, not more in-batch negatives).
+    #[arg(long, default_value_t = 1)]
+    pub gradient_accumulation_steps: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 5e-5)]
+    pub learning_rate: f64,
+    /// AdamW decoupled weight decay (not applied to biases and LayerNorm weights).
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// AdamW beta1.
+    #[arg(long, default_value_t = 0.9)]
+    pub adam_beta1: f64,
+    /// AdamW beta2.
+    #[arg(long, default_value_t = 0.999)]
+    pub adam_beta2: f64,
+    /// AdamW epsilon.
+    #[arg(long, default_value_t = 1e-8)]
+    pub adam_epsilon: f64,
+    /// Gradient clipping by global L2 norm (0 disables).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    /// Epochs (fractions allowed).
+    #[arg(long, default_value_t = 3.0)]
+    pub num_train_epochs: f64,
+    /// Optimizer steps; overrides --num_train_epochs when positive.
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+    pub max_steps: i64,
+    /// linear, cosine, constant or constant_with_warmup.
+    #[arg(long, default_value = "linear")]
+    pub lr_scheduler_type: String,
+    /// Warmup as a fraction of all steps (Tevatron's default 0.1).
+    #[arg(long, default_value_t = 0.1)]
+    pub warmup_ratio: f64,
+    /// Warmup steps; overrides --warmup_ratio when positive.
+    #[arg(long, default_value_t = 0)]
+    pub warmup_steps: usize,
+    /// Log loss, grad_norm and learning rate every this many steps.
+    #[arg(long, default_value_t = 500)]
+    pub logging_steps: usize,
+    /// When to log.
+    #[arg(long, value_enum, default_value = "steps")]
+    pub logging_strategy: StrategyArg,
+    /// Save a checkpoint every this many steps.
+    #[arg(long, default_value_t = 500)]
+    pub save_steps: usize,
+    /// When to save checkpoints.
+    #[arg(long, value_enum, default_value = "steps")]
+    pub save_strategy: StrategyArg,
+    /// Keep at most this many checkpoints (oldest removed first).
+    #[arg(long)]
+    pub save_total_limit: Option<usize>,
+    /// Seed of sampling, shuffling and dropout.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Mixed precision with bfloat16 matrix products (F32 master weights and optimizer).
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub bf16: bool,
+    /// Mixed precision with float16 matrix products and dynamic loss scaling.
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub fp16: bool,
+    /// Recompute each layer in backward instead of storing its activations.
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub gradient_checkpointing: bool,
+    /// GradCache: large batches in bounded memory (chunks of the sizes below).
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub grad_cache: bool,
+    /// Queries per GradCache chunk.
+    #[arg(long, default_value_t = 4)]
+    pub gc_q_chunk_size: usize,
+    /// Passages per GradCache chunk.
+    #[arg(long, default_value_t = 32)]
+    pub gc_p_chunk_size: usize,
+    /// Threads tokenizing micro-batches ahead of the model (0: tokenize in the loop).
+    #[arg(long, default_value_t = 0)]
+    pub dataloader_num_workers: usize,
+    /// Drop the last incomplete micro-batch of each epoch.
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub dataloader_drop_last: bool,
+    /// Where to run: cpu, cuda or cuda:N.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Turn off every dropout of the model (deterministic steps, e.g. for parity checks).
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub disable_dropout: bool,
+    /// No progress bar, warnings only.
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub quiet: bool,
+}
+
+/// Flags Tevatron or Hugging Face accept that this tool does not, each with what to do instead.
+/// They are refused by name rather than left to a generic "unexpected argument".
+pub const REFUSED_TRAIN_FLAGS: &[(&str, &str)] = &[
+    ("deepspeed", "DeepSpeed is not used; drop --deepspeed (one process trains the whole model; see docs/train.md for memory options: --gradient_checkpointing, --grad_cache, --bf16)"),
+    ("lora", "LoRA training is not supported yet; train the full model without --lora"),
+    ("lora_name_or_path", "LoRA adapters are not supported yet"),
+    ("lora_r", "LoRA training is not supported yet"),
+    ("lora_alpha", "LoRA training is not supported yet"),
+    ("lora_dropout", "LoRA training is not supported yet"),
+    ("lora_target_modules", "LoRA training is not supported yet"),
+    ("report_to", "no experiment trackers; the log is in OUTPUT_DIR/trainer_state.json (drop --report_to)"),
+    ("local_rank", "multi-process training is not supported yet; run one process"),
+    ("model_revision", "revisions are not supported; download the revision and pass its folder"),
+    ("train_yaml", "multi-dataset YAML is a multimodal feature; pass --dataset_path"),
+    ("tf32", "TF32 is a GPU matmul mode this tool does not expose; drop --tf32"),
+    ("eval_strategy", "no evaluation during training; evaluate checkpoints with tevatron encode/search/eval"),
+    ("evaluation_strategy", "no evaluation during training; evaluate checkpoints with tevatron encode/search/eval"),
+];
+
+/// Refuses the flags in [`REFUSED_TRAIN_FLAGS`] with their message (for `train` only).
+pub fn refuse_unsupported(argv: &[OsString]) -> Result<()> {
+    if argv.get(1).and_then(|s| s.to_str()) != Some("train") {
+        return Ok(());
+    }
+    let args: Vec<&str> = argv.iter().skip(2).filter_map(|s| s.to_str()).collect();
+    for (i, a) in args.iter().enumerate() {
+        let Some(flag) = a.strip_prefix("--") else { continue };
+        let mut parts = flag.splitn(2, '=');
+        let name = parts.next().unwrap_or(flag).replace('-', "_");
+        let value = parts.next().or_else(|| args.get(i + 1).copied()).unwrap_or("");
+        // Saying "no tracker" or "no LoRA" explicitly is what this tool does anyway.
+        let harmless = (name == "report_to" && value == "none")
+            || (name == "lora" && parse_bool(value) == Ok(false));
+        if harmless {
+            continue;
+        }
+        if let Some((_, why)) = REFUSED_TRAIN_FLAGS.iter().find(|(n, _)| *n == name) {
+            bail!("--{name} is not supported: {why}");
+        }
+    }
+    Ok(())
 }
 
 /// Flags of `tevatron search` (Tevatron's `driver.search`).

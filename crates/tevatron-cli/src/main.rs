@@ -37,7 +37,9 @@ pub fn release_freed_memory() {
 }
 
 fn main() -> ExitCode {
-    let argv = match args::expand_json_args(std::env::args_os().collect()) {
+    let argv = match args::expand_json_args(std::env::args_os().collect())
+        .and_then(|argv| args::refuse_unsupported(&argv).map(|()| argv))
+    {
         Ok(a) => a,
         Err(e) => {
             eprintln!("tevatron: {e:#}");

@@ -17,7 +17,7 @@ pub fn bar(total: Option<u64>, unit: &str, quiet: bool) -> ProgressBar {
         None => ProgressBar::new_spinner(),
     };
     let template = format!(
-        "{{spinner}} [{{elapsed_precise}}] {{wide_bar}} {{human_pos}}/{{human_len}} {unit} ({{per_sec}}, ETA {{eta}})"
+        "{{spinner}} [{{elapsed_precise}}] {{wide_bar}} {{human_pos}}/{{human_len}} {unit} ({{per_sec}}, ETA {{eta}}) {{msg}}"
     );
     pb.set_style(ProgressStyle::with_template(&template).expect("static template is valid"));
     pb

@@ -22,6 +22,7 @@ pub mod error;
 pub mod fxhash;
 pub mod metrics;
 pub mod records;
+pub mod rows;
 pub mod search;
 pub mod trec;
 pub mod vectors;

@@ -83,9 +83,37 @@ pub struct Encoder {
     device: Device,
     dtype: DType,
     varmap: Option<VarMap>,
+    /// Checkpoint tensors the architecture does not use (a pooler), kept so that a trained
+    /// model is saved whole. Empty unless trainable.
+    unused: std::collections::BTreeMap<String, Tensor>,
     model_dir: PathBuf,
+    weights_dir: PathBuf,
+    tokenizer_dir: PathBuf,
     defaults: DefaultsSource,
 }
+
+/// Task heads that are not part of the base model a retriever trains (MLM, classification).
+const HEAD_PREFIXES: &[&str] = &[
+    "cls.",
+    "lm_head",
+    "classifier",
+    "qa_outputs",
+    "vocab_transform",
+    "vocab_layer_norm",
+    "vocab_projector",
+];
+
+/// Files copied from the tokenizer folder into a saved model.
+const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "sentencepiece.bpe.model",
+    "added_tokens.json",
+];
 
 /// Pooling and normalisation stated by a sentence-transformers folder, and the sub-folder its
 /// Transformer module lives in.
@@ -213,6 +241,7 @@ impl Encoder {
             }
             ModelConfig::DistilBert(c) => Box::new(DistilBert::load(vb, c).map_err(arch)?),
         };
+        let mut unused = std::collections::BTreeMap::new();
         let varmap = if opts.trainable {
             let vm = VarMap::new();
             {
@@ -222,6 +251,11 @@ impl Encoder {
                     if let Some(var) = vars.remove(name) {
                         data.insert(name.clone(), var);
                     }
+                }
+            }
+            for (name, var) in vars {
+                if !HEAD_PREFIXES.iter().any(|p| name.starts_with(p)) {
+                    unused.insert(name, var.as_tensor().clone());
                 }
             }
             Some(vm)
@@ -237,7 +271,10 @@ impl Encoder {
             device: opts.device.clone(),
             dtype: opts.dtype,
             varmap,
+            unused,
             model_dir: model_dir.to_path_buf(),
+            weights_dir,
+            tokenizer_dir: tok_dir,
             defaults,
         })
     }
@@ -247,15 +284,69 @@ impl Encoder {
         self.backbone.forward(batch, mode)
     }
 
-    /// Pooled (and, if configured, normalised) representations `(b, h)`, in F32.
+    /// Pooled (and, if configured, normalised) representations `(b, h)`, in F32 (F64 for an
+    /// F64 model).
     pub fn encode(&self, batch: &Batch, mode: Mode) -> candle_core::Result<Tensor> {
         let hidden = self.hidden_states(batch, mode)?;
-        let reps = self.pooling.pool(&hidden, &batch.attention_mask)?.to_dtype(DType::F32)?;
+        self.represent(&hidden, batch)
+    }
+
+    /// Pools last hidden states `(b, l, h)` into representations (and normalises them).
+    pub fn represent(&self, hidden: &Tensor, batch: &Batch) -> candle_core::Result<Tensor> {
+        let reps = self.pooling.pool(hidden, &batch.attention_mask)?;
+        // Half-precision representations are widened; F64 stays F64 (gradient checks).
+        let reps = if reps.dtype() == DType::F64 { reps } else { reps.to_dtype(DType::F32)? };
         if self.normalize {
             l2_normalize(&reps)
         } else {
             Ok(reps)
         }
+    }
+
+    /// The backbone, layer by layer (gradient checkpointing drives it directly).
+    pub fn backbone(&self) -> &dyn Backbone {
+        self.backbone.as_ref()
+    }
+
+    /// Every tensor a saved model holds, by Hugging Face name: the trainable variables'
+    /// current values and the untouched unused tensors.
+    pub fn state_dict(&self) -> Vec<(String, Tensor)> {
+        let mut out: Vec<(String, Tensor)> =
+            self.unused.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        if let Some(vm) = &self.varmap {
+            let data = vm.data().lock().expect("varmap lock");
+            out.extend(data.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Writes a Hugging Face model folder into `dir` (which must exist): `config.json`,
+    /// `model.safetensors` (F32) and the tokenizer files, loadable by transformers'
+    /// `AutoModel` and by [`Encoder::load`].
+    pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        let write_err =
+            |path: &Path, source: std::io::Error| Error::Write { path: path.to_path_buf(), source };
+        let config = self.weights_dir.join("config.json");
+        std::fs::copy(&config, dir.join("config.json"))
+            .map_err(|e| write_err(&dir.join("config.json"), e))?;
+        for f in TOKENIZER_FILES {
+            let src = self.tokenizer_dir.join(f);
+            if src.is_file() {
+                std::fs::copy(&src, dir.join(f)).map_err(|e| write_err(&dir.join(f), e))?;
+            }
+        }
+        let tensors: Vec<(String, Tensor)> = self
+            .state_dict()
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)))
+            .collect::<candle_core::Result<_>>()?;
+        let path = dir.join("model.safetensors");
+        let meta: std::collections::HashMap<String, String> =
+            [("format".to_string(), "pt".to_string())].into();
+        let views: Vec<(String, &Tensor)> = tensors.iter().map(|(k, t)| (k.clone(), t)).collect();
+        safetensors::tensor::serialize_to_file(views, Some(meta), &path)
+            .map_err(|e| Error::Weights { path: path.clone(), what: format!("cannot write ({e})") })
     }
 
     /// Checks that a batch layout suits the pooling (cls with left padding reads a pad token).

@@ -21,6 +21,15 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A file could not be written (a full disk, a read-only folder).
+    #[error("could not write {path}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// `config.json` or another JSON file is malformed.
     #[error("{path}: invalid JSON")]
     Json {

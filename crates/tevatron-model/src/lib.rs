@@ -23,6 +23,7 @@ pub mod encoder;
 pub mod error;
 pub mod hub;
 pub mod pooling;
+pub mod rng;
 pub mod testing;
 pub mod text;
 pub mod weights;

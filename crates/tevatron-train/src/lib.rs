@@ -1,8 +1,10 @@
 //! Contrastive training of dense retrievers, as Tevatron trains them.
 //!
-//! Today this crate holds the loss ([`loss::contrastive`]), checked against PyTorch and by
-//! finite differences; the trainer (data sampling, AdamW, schedules, checkpoints) is the subject
-//! of the training issue and builds on it.
+//! [`data`] samples Tevatron's training groups from memory-mapped rows, [`loss`] is the
+//! contrastive loss, [`step`] computes a micro-batch's gradients (plain, GradCache or
+//! gradient checkpointing), [`optim`] and [`schedule`] are Hugging Face's AdamW and learning
+//! rate schedules, [`checkpoint`] writes HF-layout checkpoints and [`trainer`] is the loop with
+//! accumulation, logging, saving and auto-resume.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -13,4 +15,13 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod checkpoint;
+pub mod data;
+pub mod error;
 pub mod loss;
+pub mod optim;
+pub mod schedule;
+pub mod step;
+pub mod trainer;
+
+pub use error::{Error, Result};

@@ -4,6 +4,7 @@ mod convert;
 mod encode;
 mod eval;
 mod search;
+mod train;
 
 use anyhow::Result;
 
@@ -12,6 +13,7 @@ use crate::args::{Cli, Command};
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Train(a) => train::run(&a),
         Command::Encode(a) => encode::run(&a),
         Command::Search(a) => search::run(&a),
         Command::Eval(a) => eval::run(&a),

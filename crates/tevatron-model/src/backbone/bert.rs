@@ -175,7 +175,7 @@ impl Bert {
 }
 
 impl Backbone for Bert {
-    fn forward(&self, batch: &Batch, mode: Mode) -> Result<Tensor> {
+    fn embed(&self, batch: &Batch, mode: Mode) -> Result<Tensor> {
         let device = batch.input_ids.device();
         let positions = self.position_ids(batch, device)?;
         let x = self
@@ -184,13 +184,15 @@ impl Backbone for Bert {
             .add(&self.position.forward(&positions)?)?
             .add(&self.token_type.forward(&batch.token_type_ids)?)?;
         let x = self.emb_norm.forward(&x, mode)?;
-        let mut x = layers::dropout(&x, self.cfg.hidden_dropout_prob, mode)?;
-        let dtype = x.dtype();
-        let bias = layers::mask_bias(&batch.attention_mask, dtype)?;
-        for layer in &self.layers {
-            x = layer.forward(&x, &bias, &self.cfg, mode)?;
-        }
-        Ok(x)
+        layers::dropout(&x, self.cfg.hidden_dropout_prob, mode)
+    }
+
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn layer(&self, i: usize, x: &Tensor, bias: &Tensor, mode: Mode) -> Result<Tensor> {
+        self.layers[i].forward(x, bias, &self.cfg, mode)
     }
 }
 

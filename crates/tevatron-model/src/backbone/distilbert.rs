@@ -89,7 +89,7 @@ impl DistilBert {
 }
 
 impl Backbone for DistilBert {
-    fn forward(&self, batch: &Batch, mode: Mode) -> Result<Tensor> {
+    fn embed(&self, batch: &Batch, mode: Mode) -> Result<Tensor> {
         let (b, l) = batch.input_ids.dims2()?;
         if l > self.cfg.max_position_embeddings {
             candle_core::bail!(
@@ -101,26 +101,30 @@ impl Backbone for DistilBert {
         let positions = Tensor::arange(0u32, l as u32, device)?.unsqueeze(0)?.repeat((b, 1))?;
         let x = self.word.forward(&batch.input_ids)?.add(&self.position.forward(&positions)?)?;
         let x = self.emb_norm.forward(&x, mode)?;
-        let mut x = layers::dropout(&x, self.cfg.dropout, mode)?;
-        let bias = layers::mask_bias(&batch.attention_mask, x.dtype())?;
-        for layer in &self.layers {
-            let q = layer.q.forward(&x)?;
-            let k = layer.k.forward(&x)?;
-            let v = layer.v.forward(&x)?;
-            let ctx = layers::attention(
-                &q,
-                &k,
-                &v,
-                &bias,
-                self.cfg.n_heads,
-                self.cfg.attention_dropout,
-                mode,
-            )?;
-            let sa = layer.sa_norm.forward(&(layer.out.forward(&ctx)? + &x)?, mode)?;
-            let f = self.cfg.activation.forward(&layer.lin1.forward(&sa)?, mode)?;
-            let f = layers::dropout(&layer.lin2.forward(&f)?, self.cfg.dropout, mode)?;
-            x = layer.out_norm.forward(&(f + sa)?, mode)?;
-        }
-        Ok(x)
+        layers::dropout(&x, self.cfg.dropout, mode)
+    }
+
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn layer(&self, i: usize, x: &Tensor, bias: &Tensor, mode: Mode) -> Result<Tensor> {
+        let layer = &self.layers[i];
+        let q = layer.q.forward(x)?;
+        let k = layer.k.forward(x)?;
+        let v = layer.v.forward(x)?;
+        let ctx = layers::attention(
+            &q,
+            &k,
+            &v,
+            bias,
+            self.cfg.n_heads,
+            self.cfg.attention_dropout,
+            mode,
+        )?;
+        let sa = layer.sa_norm.forward(&(layer.out.forward(&ctx)? + x)?, mode)?;
+        let f = self.cfg.activation.forward(&layer.lin1.forward(&sa)?, mode)?;
+        let f = layers::dropout(&layer.lin2.forward(&f)?, self.cfg.dropout, mode)?;
+        layer.out_norm.forward(&(f + sa)?, mode)
     }
 }

@@ -6,6 +6,7 @@ use candle_core::{DType, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::Mode;
+use crate::rng::SplitMix64;
 
 /// Layer normalisation over the last dimension, with HF weight names `weight`/`bias`.
 #[derive(Clone, Debug)]
@@ -56,12 +57,65 @@ pub fn softmax_last(x: &Tensor, mode: Mode) -> Result<Tensor> {
     }
 }
 
-/// Inverted dropout with probability `p`, active only in `Train`.
+thread_local! {
+    static AUTOCAST: std::cell::Cell<Option<DType>> = const { std::cell::Cell::new(None) };
+    static DROPOUT_RNG: std::cell::RefCell<SplitMix64> = std::cell::RefCell::new(SplitMix64::new(0));
+}
+
+/// Mixed precision as PyTorch's autocast does it: while set, matrix products (projections and
+/// attention) run in `dtype` (bf16/f16) on weights kept in F32, and their outputs come back in
+/// the input's dtype, so normalisation, softmax, residuals and the loss stay in F32. Gradients
+/// flow through the casts to the F32 master weights.
+pub fn set_autocast(dtype: Option<DType>) {
+    AUTOCAST.with(|a| a.set(dtype));
+}
+
+/// A matrix product under the current autocast setting.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    match AUTOCAST.with(|c| c.get()) {
+        Some(dt) if a.dtype() != dt => {
+            a.to_dtype(dt)?.matmul(&b.to_dtype(dt)?)?.to_dtype(a.dtype())
+        }
+        _ => a.matmul(b),
+    }
+}
+
+/// Restarts this thread's dropout stream. Training seeds it from `(seed, step, chunk, layer)`
+/// before each forward, so masks are reproducible: a resumed run, a GradCache chunk and a
+/// recomputed checkpointed layer draw the same masks as the first pass.
+pub fn seed_dropout(seed: u64) {
+    DROPOUT_RNG.with(|r| *r.borrow_mut() = SplitMix64::new(seed));
+}
+
+/// Inverted dropout with probability `p`, active only in `Train`. The mask comes from this
+/// thread's seeded stream (see [`seed_dropout`]), not from candle's unseeded `rand`.
 pub fn dropout(x: &Tensor, p: f64, mode: Mode) -> Result<Tensor> {
     if mode == Mode::Eval || p <= 0.0 {
         return Ok(x.clone());
     }
-    candle_nn::ops::dropout(x, p as f32)
+    if p >= 1.0 {
+        return x.zeros_like();
+    }
+    let n = x.elem_count();
+    let scale = (1.0 / (1.0 - p)) as f32;
+    // Compare 32-bit draws with the threshold, two draws per 64-bit output.
+    let threshold = (p * 4_294_967_296.0) as u64;
+    let mut mask = Vec::with_capacity(n);
+    DROPOUT_RNG.with(|r| {
+        let mut r = r.borrow_mut();
+        while mask.len() < n {
+            let bits = r.next_u64();
+            for half in [bits & 0xffff_ffff, bits >> 32] {
+                if mask.len() < n {
+                    mask.push(if half < threshold { 0.0 } else { scale });
+                }
+            }
+        }
+    });
+    let mask = Tensor::from_vec(mask, x.shape(), &candle_core::Device::Cpu)?
+        .to_device(x.device())?
+        .to_dtype(x.dtype())?;
+    x * mask
 }
 
 /// A linear layer `x W^T + b` with HF names `weight` `(out, in)` and `bias`.
@@ -81,7 +135,7 @@ impl Linear {
         let dims = x.dims().to_vec();
         let (out_dim, in_dim) = self.weight.dims2()?;
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let y = matmul(&x.reshape((rows, in_dim))?, &self.weight.t()?)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -124,6 +178,12 @@ impl Activation {
             Activation::Gelu if mode == Mode::Eval && super::fast::applies(x) => {
                 super::fast::gelu(x)
             }
+            // candle's fused gelu_erf backward rounds 1/sqrt(2 pi) to 0.398942 (7e-7 relative);
+            // composed from erf, whose backward is exact, training gets exact gradients.
+            Activation::Gelu if mode == Mode::Train => {
+                let cdf = ((x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)?;
+                (x * 0.5)? * cdf
+            }
             Activation::Gelu => x.gelu_erf(),
             Activation::GeluNew => x.gelu(),
             Activation::Relu => x.relu(),
@@ -148,11 +208,11 @@ pub fn attention(
     let split = |t: &Tensor| t.reshape((b, l, heads, dh))?.transpose(1, 2)?.contiguous();
     let (q, k, v) = (split(q)?, split(k)?, split(v)?);
     let q = (q * (1.0 / (dh as f64).sqrt()))?;
-    let scores = q.matmul(&k.t()?)?; // (b, heads, l, l)
+    let scores = matmul(&q, &k.t()?)?; // (b, heads, l, l)
     let scores = scores.broadcast_add(mask_bias)?;
     let probs = softmax_last(&scores, mode)?;
     let probs = dropout(&probs, dropout_p, mode)?;
-    let ctx = probs.matmul(&v)?; // (b, heads, l, dh)
+    let ctx = matmul(&probs, &v)?; // (b, heads, l, dh)
     ctx.transpose(1, 2)?.reshape((b, l, h))
 }
 
@@ -165,7 +225,8 @@ pub fn mask_bias(attention_mask: &Tensor, dtype: DType) -> Result<Tensor> {
         DType::F64 => f64::MIN,
         _ => f64::from(f32::MIN),
     };
-    let keep = attention_mask.to_dtype(DType::F32)?;
+    // Computed in the target dtype: the minimum of F64 does not fit an F32 intermediate.
+    let keep = attention_mask.to_dtype(dtype)?;
     let bias = ((keep.ones_like()? - keep)? * min)?;
-    bias.to_dtype(dtype)?.reshape((b, 1, 1, l))
+    bias.reshape((b, 1, 1, l))
 }

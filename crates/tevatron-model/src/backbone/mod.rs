@@ -7,7 +7,7 @@ pub mod distilbert;
 mod fast;
 pub mod layers;
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 use crate::collate::Batch;
 
@@ -20,8 +20,27 @@ pub enum Mode {
     Eval,
 }
 
-/// A model that maps a token batch to its last hidden states `(b, l, h)`.
+/// A model that maps a token batch to its last hidden states `(b, l, h)`, exposed layer by
+/// layer so that training can recompute one layer at a time (gradient checkpointing) without
+/// knowing the architecture.
 pub trait Backbone: Send + Sync {
-    /// Runs the model.
-    fn forward(&self, batch: &Batch, mode: Mode) -> Result<Tensor>;
+    /// Token embeddings (with positions, normalisation and dropout): the input of layer 0.
+    fn embed(&self, batch: &Batch, mode: Mode) -> Result<Tensor>;
+    /// The additive attention bias every layer uses, in the dtype of the hidden states.
+    fn attention_bias(&self, batch: &Batch, dtype: DType) -> Result<Tensor> {
+        layers::mask_bias(&batch.attention_mask, dtype)
+    }
+    /// Number of transformer layers.
+    fn num_layers(&self) -> usize;
+    /// Runs layer `i` on hidden states `x`.
+    fn layer(&self, i: usize, x: &Tensor, bias: &Tensor, mode: Mode) -> Result<Tensor>;
+    /// Runs the whole model.
+    fn forward(&self, batch: &Batch, mode: Mode) -> Result<Tensor> {
+        let mut x = self.embed(batch, mode)?;
+        let bias = self.attention_bias(batch, x.dtype())?;
+        for i in 0..self.num_layers() {
+            x = self.layer(i, &x, &bias, mode)?;
+        }
+        Ok(x)
+    }
 }

@@ -1,0 +1,267 @@
+//! `tevatron train`: Tevatron's `driver.train` flags → a validated [`TrainConfig`], the model
+//! loaded trainable, the data indexed for random access, then the library's loop with a
+//! progress bar.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use candle_core::DType;
+use tevatron_model::backbone::layers::set_autocast;
+use tevatron_model::encoder::DefaultsSource;
+use tevatron_model::{Encoder, EncoderOptions, PaddingSide, Pooling, TextOptions};
+use tevatron_train::data::{Corpus, TrainData};
+use tevatron_train::optim::AdamWConfig;
+use tevatron_train::schedule::ScheduleKind;
+use tevatron_train::step::StepOptions;
+use tevatron_train::trainer::{prepare_output_dir, train, Plan, TrainConfig};
+
+use crate::args::{PoolingArg, SideArg, StrategyArg, TrainArgs};
+use crate::{dataset, progress};
+
+/// Where row indexes are cached: `--dataset_cache_dir`, else the Hugging Face datasets cache.
+fn index_cache(a: &TrainArgs) -> PathBuf {
+    let root = a.dataset_cache_dir.clone().unwrap_or_else(|| {
+        if let Some(p) = std::env::var_os("HF_DATASETS_CACHE") {
+            PathBuf::from(p)
+        } else if let Some(p) = std::env::var_os("HF_HOME") {
+            PathBuf::from(p).join("datasets")
+        } else {
+            std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(std::env::temp_dir)
+                .join(".cache/huggingface/datasets")
+        }
+    });
+    root.join("tevatron-rows")
+}
+
+fn check(a: &TrainArgs) -> Result<()> {
+    if a.fp16 && a.bf16 {
+        bail!("--fp16 and --bf16 are exclusive");
+    }
+    if a.per_device_train_batch_size == 0 || a.gradient_accumulation_steps == 0 {
+        bail!("--per_device_train_batch_size and --gradient_accumulation_steps must be at least 1");
+    }
+    if a.train_group_size == 0 {
+        bail!("--train_group_size must be at least 1");
+    }
+    if a.temperature <= 0.0 || !a.temperature.is_finite() {
+        bail!("--temperature must be positive, got {}", a.temperature);
+    }
+    if a.grad_cache && (a.gc_q_chunk_size == 0 || a.gc_p_chunk_size == 0) {
+        bail!("--gc_q_chunk_size and --gc_p_chunk_size must be at least 1");
+    }
+    if !(0.0..1.0).contains(&a.warmup_ratio) {
+        bail!("--warmup_ratio must be in [0, 1), got {}", a.warmup_ratio);
+    }
+    if a.learning_rate < 0.0 || !a.learning_rate.is_finite() {
+        bail!("--learning_rate must be a non-negative number");
+    }
+    if a.max_steps <= 0 && a.num_train_epochs <= 0.0 {
+        bail!("give --num_train_epochs > 0 or --max_steps > 0");
+    }
+    if let Some(attn) = &a.attn_implementation {
+        if !["eager", "sdpa", "flash_attention_2"].contains(&attn.as_str()) {
+            bail!("--attn_implementation {attn:?}: expected eager, sdpa or flash_attention_2");
+        }
+    }
+    Ok(())
+}
+
+/// The flags as a JSON object, saved beside checkpoints (`training_args.json`).
+fn args_json(a: &TrainArgs) -> serde_json::Value {
+    serde_json::to_value(a).unwrap_or(serde_json::Value::Null)
+}
+
+pub fn run(a: &TrainArgs) -> Result<()> {
+    crate::tune_allocator();
+    check(a)?;
+    let schedule = ScheduleKind::parse(&a.lr_scheduler_type).with_context(|| {
+        format!(
+            "--lr_scheduler_type {:?}: supported are linear, cosine, constant, constant_with_warmup",
+            a.lr_scheduler_type
+        )
+    })?;
+    let resume = match &a.resume_from_checkpoint {
+        Some(dir) => {
+            if !dir.join("trainer_state.json").is_file() {
+                bail!(
+                    "--resume_from_checkpoint {}: not a checkpoint folder (no trainer_state.json)",
+                    dir.display()
+                );
+            }
+            std::fs::create_dir_all(&a.output_dir)
+                .with_context(|| format!("creating {}", a.output_dir.display()))?;
+            Some(dir.clone())
+        }
+        None => prepare_output_dir(&a.output_dir, a.overwrite_output_dir)?,
+    };
+
+    let files = dataset::resolve(
+        &a.dataset_name,
+        a.dataset_path.as_deref(),
+        a.dataset_config.as_deref(),
+        &a.dataset_split,
+        a.dataset_cache_dir.as_deref(),
+    )
+    .context("resolving the training data")?;
+    let cache = index_cache(a);
+    let corpus = match (&a.corpus_name, &a.corpus_path) {
+        (None, None) => None,
+        (name, path) => {
+            let corpus_files = dataset::resolve(
+                name.as_deref().unwrap_or("json"),
+                path.as_deref(),
+                a.corpus_config.as_deref(),
+                &a.corpus_split,
+                a.dataset_cache_dir.as_deref(),
+            )
+            .context("resolving the corpus")?;
+            tracing::info!(
+                "indexing the corpus ({} file(s)) under {}",
+                corpus_files.len(),
+                cache.display()
+            );
+            Some(Corpus::open(&corpus_files, &cache)?)
+        }
+    };
+    tracing::info!("indexing {} training file(s) under {}", files.len(), cache.display());
+    let data = TrainData::open(&files, corpus, &cache, a.train_group_size, a.seed)?;
+
+    let device = tevatron_model::device::select(a.device.as_deref())?;
+    let model_dir =
+        tevatron_model::hub::resolve_model(&a.model_name_or_path, a.cache_dir.as_deref())?;
+    let tok_dir = a
+        .tokenizer_name
+        .as_deref()
+        .map(|t| tevatron_model::hub::resolve_model_tokenizer(t, a.cache_dir.as_deref()))
+        .transpose()?;
+    let encoder = Encoder::load(
+        &model_dir,
+        tok_dir.as_deref(),
+        &EncoderOptions {
+            pooling: a.pooling.map(|p| match p {
+                PoolingArg::Cls => Pooling::Cls,
+                PoolingArg::Mean => Pooling::Mean,
+                PoolingArg::Last => Pooling::Last,
+            }),
+            normalize: a.normalize,
+            dtype: DType::F32,
+            device,
+            trainable: true,
+            disable_dropout: a.disable_dropout,
+        },
+    )
+    .with_context(|| format!("loading model {}", a.model_name_or_path))?;
+    match encoder.defaults_source() {
+        DefaultsSource::SentenceTransformers(what) => tracing::info!("using {what}"),
+        DefaultsSource::Tevatron => {
+            tracing::info!("using Tevatron's defaults: pooling cls, no normalization")
+        }
+        DefaultsSource::User => {}
+    }
+    let padding_side = match a.padding_side {
+        SideArg::Right => PaddingSide::Right,
+        SideArg::Left => PaddingSide::Left,
+    };
+    encoder.check_padding(padding_side)?;
+
+    let text = |max_len, prefix: &str| TextOptions {
+        max_len,
+        prefix: prefix.to_string(),
+        append_eos: a.append_eos_token,
+        add_special_tokens: a.add_special_tokens,
+    };
+    let save_steps = match a.save_strategy {
+        StrategyArg::Steps => a.save_steps,
+        StrategyArg::No => 0,
+        StrategyArg::Epoch => 0,
+    };
+    let mut cfg = TrainConfig {
+        output_dir: a.output_dir.clone(),
+        batch_size: a.per_device_train_batch_size,
+        grad_accum: a.gradient_accumulation_steps,
+        epochs: a.num_train_epochs,
+        max_steps: (a.max_steps > 0).then_some(a.max_steps as usize),
+        schedule,
+        learning_rate: a.learning_rate,
+        warmup_steps: a.warmup_steps,
+        warmup_ratio: a.warmup_ratio,
+        adam: AdamWConfig {
+            beta1: a.adam_beta1,
+            beta2: a.adam_beta2,
+            eps: a.adam_epsilon,
+            weight_decay: a.weight_decay,
+        },
+        max_grad_norm: a.max_grad_norm,
+        seed: a.seed,
+        logging_steps: match a.logging_strategy {
+            StrategyArg::Steps => a.logging_steps,
+            StrategyArg::No | StrategyArg::Epoch => 0,
+        },
+        save_steps,
+        save_total_limit: a.save_total_limit,
+        save_at_end: a.save_strategy != StrategyArg::No,
+        drop_last: a.dataloader_drop_last,
+        num_workers: a.dataloader_num_workers,
+        query_text: text(a.query_max_len, &a.query_prefix),
+        passage_text: text(a.passage_max_len, &a.passage_prefix),
+        step: StepOptions {
+            temperature: a.temperature,
+            grad_cache: a.grad_cache.then_some((a.gc_q_chunk_size, a.gc_p_chunk_size)),
+            checkpointing: a.gradient_checkpointing,
+            pad_to_multiple_of: a.pad_to_multiple_of.max(1),
+            padding_side,
+        },
+        mixed_precision: if a.bf16 {
+            Some(DType::BF16)
+        } else if a.fp16 {
+            Some(DType::F16)
+        } else {
+            None
+        },
+        args: args_json(a),
+    };
+    // Epoch strategies become step intervals of one epoch's updates.
+    let plan = Plan::new(data.len(), &cfg)?;
+    if a.save_strategy == StrategyArg::Epoch {
+        cfg.save_steps = plan.updates_per_epoch;
+    }
+    if a.logging_strategy == StrategyArg::Epoch {
+        cfg.logging_steps = plan.updates_per_epoch;
+    }
+    tracing::info!(
+        "training {} ({} pooling, normalize {}, temperature {}) on {}",
+        a.model_name_or_path,
+        encoder.pooling().name(),
+        encoder.normalize(),
+        a.temperature,
+        format!("{:?}", encoder.device().location())
+    );
+
+    let bar = progress::bar(Some(plan.total_steps as u64), "steps", a.quiet);
+    let mut log = progress::LogProgress::new(plan.total_steps, "steps", a.quiet);
+    let mut first = true;
+    let mut on_step = |p: &tevatron_train::trainer::Progress| {
+        if first {
+            bar.set_position(p.step as u64 - 1);
+            first = false;
+        }
+        bar.set_message(format!(
+            "loss {:.4} lr {:.2e} epoch {:.2}",
+            p.loss, p.learning_rate, p.epoch
+        ));
+        bar.inc(1);
+        log.advance(1);
+    };
+    set_autocast(cfg.mixed_precision);
+    let result = train(&encoder, &data, &cfg, resume.as_deref(), &mut on_step);
+    set_autocast(None);
+    bar.finish_and_clear();
+    let state = result?;
+    if let Some(summary) = state.log_history.last() {
+        tracing::info!("{summary}");
+    }
+    tracing::info!("model saved to {}", a.output_dir.display());
+    Ok(())
+}

@@ -1,0 +1,481 @@
+//! Training groups as Tevatron's `TrainDataset` builds them: one query, its positive and
+//! `G - 1` negatives, sampled per epoch by Tevatron's rule, from rows read by random access
+//! (memory-mapped, see [`tevatron_ir::rows`]).
+//!
+//! Two row formats, detected per row by the `positive_passages` key:
+//! - inline: `query`, `positive_passages`/`negative_passages` of `{docid, title, text}`; the
+//!   passage text is `title + ' ' + text` when a `title` key exists, else `text` (not stripped);
+//! - ids: `query_text`, `positive_document_ids`/`negative_document_ids`, resolved through a
+//!   corpus; the passage text is the corpus row's `text` (no title, as Tevatron does).
+//!
+//! Sampling for dataset item `i` in epoch `e` with `h = i + seed`, `n = G - 1`:
+//! positive `positives[(h + e) % len]`; negatives: when fewer than `n`, `n` draws with
+//! replacement (from a stream seeded by `(seed, e, i)`); otherwise a fixed per-item shuffle
+//! (seeded by `h`) read in the window starting at `(e * n) % len`, wrapping around. The
+//! generator is SplitMix64, not Python's Mersenne Twister, so the permutations differ from
+//! Python's while the rule and its determinism are the same.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use tevatron_ir::rows::{DocIndex, RowStore};
+use tevatron_model::rng::{mix, SplitMix64};
+
+/// Errors of training data, each naming the file, line and field.
+pub type Result<T> = std::result::Result<T, tevatron_ir::Error>;
+
+fn invalid(path: &Path, line: usize, what: String) -> tevatron_ir::Error {
+    tevatron_ir::Error::Line { path: path.to_path_buf(), line, what }
+}
+
+/// A corpus for id-based training rows.
+pub struct Corpus {
+    rows: RowStore,
+    ids: DocIndex,
+}
+
+impl Corpus {
+    /// Indexes the corpus files (`docid`, `text`, optional `title`).
+    pub fn open(files: &[PathBuf], cache_root: &Path) -> Result<Self> {
+        let rows = RowStore::open(files, cache_root)?;
+        let ids = DocIndex::open(&rows, files, "docid", cache_root)?;
+        Ok(Self { rows, ids })
+    }
+
+    /// Number of passages.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether the corpus has no passages.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    fn text(&self, docid: &str) -> Result<Option<String>> {
+        let Some(row) = self.ids.find(&self.rows, docid)? else { return Ok(None) };
+        let r = self.rows.get(row)?;
+        match r.value.get("text") {
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(Value::Null) => Ok(Some(String::new())),
+            _ => Err(tevatron_ir::Error::MissingField {
+                path: r.path.to_path_buf(),
+                line: r.line,
+                field: "text".into(),
+            }),
+        }
+    }
+}
+
+/// A passage reference inside a training row.
+enum PassageRef {
+    Inline(String),
+    Id(String),
+}
+
+/// One parsed training row.
+struct TrainRow {
+    query: String,
+    positives: Vec<PassageRef>,
+    negatives: Vec<PassageRef>,
+}
+
+/// One sampled training group: the query text and `G` passage texts, positive first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TextGroup {
+    /// Query text (without prefix; the tokenizer adds it).
+    pub query: String,
+    /// Positive, then negatives.
+    pub passages: Vec<String>,
+}
+
+/// The training rows, random access, with an optional corpus.
+pub struct TrainData {
+    rows: RowStore,
+    corpus: Option<Corpus>,
+    group_size: usize,
+    seed: u64,
+}
+
+fn inline_passages(v: &Value, field: &str, path: &Path, line: usize) -> Result<Vec<PassageRef>> {
+    let Some(list) = v.get(field) else { return Ok(Vec::new()) };
+    let Value::Array(items) = list else {
+        return Err(invalid(path, line, format!("field `{field}` must be a list of passages")));
+    };
+    items
+        .iter()
+        .enumerate()
+        .map(|(k, p)| {
+            let text = match p.get("text") {
+                Some(Value::String(s)) => s.as_str(),
+                Some(Value::Null) => "",
+                _ => {
+                    return Err(invalid(path, line, format!("`{field}[{k}]` has no string `text`")))
+                }
+            };
+            Ok(PassageRef::Inline(match p.get("title") {
+                Some(Value::String(t)) => format!("{t} {text}"),
+                Some(Value::Null) => format!(" {text}"),
+                None => text.to_string(),
+                Some(_) => {
+                    return Err(invalid(
+                        path,
+                        line,
+                        format!("`{field}[{k}].title` must be a string"),
+                    ))
+                }
+            }))
+        })
+        .collect()
+}
+
+fn id_list(v: &Value, field: &str, path: &Path, line: usize) -> Result<Vec<PassageRef>> {
+    let Some(list) = v.get(field) else { return Ok(Vec::new()) };
+    let Value::Array(items) = list else {
+        return Err(invalid(path, line, format!("field `{field}` must be a list of ids")));
+    };
+    items
+        .iter()
+        .map(|id| match id {
+            Value::String(s) => Ok(PassageRef::Id(s.clone())),
+            Value::Number(n) => Ok(PassageRef::Id(n.to_string())),
+            _ => Err(invalid(path, line, format!("field `{field}` holds a non-id value {id}"))),
+        })
+        .collect()
+}
+
+fn text_of(v: &Value, fields: &[&str]) -> Option<String> {
+    fields.iter().find_map(|f| match v.get(*f) {
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Null) => Some(String::new()),
+        _ => None,
+    })
+}
+
+impl TrainData {
+    /// Indexes the training files (and the corpus, for id-based rows) and checks every row:
+    /// a query text, at least one positive, ids that exist in the corpus, and negatives when
+    /// `group_size > 1`. The first problem is reported with its file, line and field.
+    pub fn open(
+        train_files: &[PathBuf],
+        corpus: Option<Corpus>,
+        cache_root: &Path,
+        group_size: usize,
+        seed: u64,
+    ) -> Result<Self> {
+        if group_size == 0 {
+            return Err(tevatron_ir::Error::Invalid(
+                "--train_group_size must be at least 1".into(),
+            ));
+        }
+        let rows = RowStore::open(train_files, cache_root)?;
+        if rows.is_empty() {
+            return Err(tevatron_ir::Error::Invalid(format!(
+                "no training rows in {}",
+                train_files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            )));
+        }
+        let data = Self { rows, corpus, group_size, seed };
+        data.check()?;
+        Ok(data)
+    }
+
+    fn parse(&self, item: usize) -> Result<TrainRow> {
+        let r = self.rows.get(item)?;
+        let (v, path, line) = (&r.value, r.path, r.line);
+        let inline = v.get("positive_passages").is_some();
+        let row = if inline {
+            TrainRow {
+                query: text_of(v, &["query", "query_text"]).ok_or_else(|| {
+                    tevatron_ir::Error::MissingField {
+                        path: path.into(),
+                        line,
+                        field: "query".into(),
+                    }
+                })?,
+                positives: inline_passages(v, "positive_passages", path, line)?,
+                negatives: inline_passages(v, "negative_passages", path, line)?,
+            }
+        } else if v.get("positive_document_ids").is_some() {
+            if self.corpus.is_none() {
+                return Err(invalid(
+                    path,
+                    line,
+                    "row lists `positive_document_ids`; give the corpus with --corpus_name/--corpus_path".into(),
+                ));
+            }
+            TrainRow {
+                query: text_of(v, &["query_text", "query"]).unwrap_or_default(),
+                positives: id_list(v, "positive_document_ids", path, line)?,
+                negatives: id_list(v, "negative_document_ids", path, line)?,
+            }
+        } else {
+            return Err(tevatron_ir::Error::MissingField {
+                path: path.into(),
+                line,
+                field: "positive_passages (or positive_document_ids)".into(),
+            });
+        };
+        if row.positives.is_empty() {
+            let field = if inline { "positive_passages" } else { "positive_document_ids" };
+            return Err(invalid(
+                path,
+                line,
+                format!("`{field}` is empty: every row needs a positive"),
+            ));
+        }
+        Ok(row)
+    }
+
+    fn check(&self) -> Result<()> {
+        let mut any_negatives = false;
+        let mut first_without = None;
+        for item in 0..self.rows.len() {
+            let row = self.parse(item)?;
+            if let Some(corpus) = &self.corpus {
+                for p in row.positives.iter().chain(&row.negatives) {
+                    if let PassageRef::Id(id) = p {
+                        if corpus.ids.find(&corpus.rows, id)?.is_none() {
+                            let (path, line) = self.rows.location(item);
+                            return Err(invalid(
+                                path,
+                                line,
+                                format!("document id {id:?} is not in the corpus"),
+                            ));
+                        }
+                    }
+                }
+            }
+            if row.negatives.is_empty() {
+                first_without.get_or_insert(item);
+            } else {
+                any_negatives = true;
+            }
+        }
+        if self.group_size > 1 {
+            if !any_negatives {
+                return Err(tevatron_ir::Error::Invalid(format!(
+                    "--train_group_size {} needs hard negatives, and no training row has any; use --train_group_size 1 for in-batch negatives only",
+                    self.group_size
+                )));
+            }
+            if let Some(item) = first_without {
+                let (path, line) = self.rows.location(item);
+                return Err(invalid(
+                    path,
+                    line,
+                    format!(
+                        "no negatives, and --train_group_size {} needs {} per query (Tevatron fails on such rows too)",
+                        self.group_size,
+                        self.group_size - 1
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of training rows (queries).
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether there are no rows (never, once opened).
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Passages per query (`--train_group_size`).
+    pub fn group_size(&self) -> usize {
+        self.group_size
+    }
+
+    fn resolve(&self, p: &PassageRef) -> Result<String> {
+        match p {
+            PassageRef::Inline(t) => Ok(t.clone()),
+            PassageRef::Id(id) => {
+                let corpus = self.corpus.as_ref().expect("checked when the row was parsed");
+                corpus.text(id)?.ok_or_else(|| {
+                    tevatron_ir::Error::Invalid(format!("document id {id:?} is not in the corpus"))
+                })
+            }
+        }
+    }
+
+    /// The group of row `item` in epoch `epoch` (0-based), by Tevatron's sampling rule.
+    pub fn group(&self, item: usize, epoch: usize) -> Result<TextGroup> {
+        let row = self.parse(item)?;
+        let (picked_pos, picked_negs) = sample(
+            row.positives.len(),
+            row.negatives.len(),
+            item,
+            epoch,
+            self.group_size - 1,
+            self.seed,
+        );
+        let mut passages = Vec::with_capacity(self.group_size);
+        passages.push(self.resolve(&row.positives[picked_pos])?);
+        for k in picked_negs {
+            passages.push(self.resolve(&row.negatives[k])?);
+        }
+        Ok(TextGroup { query: row.query, passages })
+    }
+}
+
+/// Tevatron's per-epoch choice: the positive's index and the negatives' indices.
+pub fn sample(
+    n_pos: usize,
+    n_neg: usize,
+    item: usize,
+    epoch: usize,
+    n: usize,
+    seed: u64,
+) -> (usize, Vec<usize>) {
+    let h = item as u64 + seed;
+    let pos = ((h + epoch as u64) % n_pos as u64) as usize;
+    if n == 0 || n_neg == 0 {
+        return (pos, Vec::new());
+    }
+    if n_neg < n {
+        let mut r = SplitMix64::new(mix(seed, &[epoch as u64, item as u64, 1]));
+        return (pos, (0..n).map(|_| r.below(n_neg)).collect());
+    }
+    let mut order: Vec<usize> = (0..n_neg).collect();
+    SplitMix64::new(mix(h, &[])).shuffle(&mut order);
+    let offset = (epoch * n) % n_neg;
+    (pos, (0..n).map(|k| order[(offset + k) % n_neg]).collect())
+}
+
+/// The order in which epoch `epoch` visits the rows: a permutation seeded by `(seed, epoch)`.
+pub fn epoch_order(len: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..len).collect();
+    SplitMix64::new(mix(seed, &[epoch as u64, 0x0e90c4])).shuffle(&mut order);
+    order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positives_rotate_and_negative_windows_walk_the_fixed_shuffle() {
+        // 3 positives: epochs 0, 1, 2 pick (h+e) % 3.
+        let picks: Vec<usize> = (0..3).map(|e| sample(3, 10, 5, e, 4, 42).0).collect();
+        assert_eq!(picks, [(47 % 3), (48 % 3), (49 % 3)]);
+        // 10 negatives, 4 per epoch: epochs 0 and 1 take disjoint windows of one permutation;
+        // epoch 2 wraps (offset 8: two from the end, two from the start).
+        let w: Vec<Vec<usize>> = (0..3).map(|e| sample(3, 10, 5, e, 4, 42).1).collect();
+        let mut first_two: Vec<usize> = w[0].iter().chain(&w[1]).copied().collect();
+        first_two.sort();
+        first_two.dedup();
+        assert_eq!(first_two.len(), 8);
+        assert_eq!(sample(3, 10, 5, 0, 4, 42), sample(3, 10, 5, 0, 4, 42));
+        let mut all: Vec<usize> = (0..5).flat_map(|e| sample(3, 10, 5, e, 4, 42).1).collect();
+        all.sort();
+        // Five windows of four over ten negatives visit each exactly twice.
+        assert_eq!(all, (0..10).flat_map(|k| [k, k]).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn too_few_negatives_are_drawn_with_replacement() {
+        let (_, negs) = sample(1, 2, 0, 0, 7, 1);
+        assert_eq!(negs.len(), 7);
+        assert!(negs.iter().all(|&k| k < 2));
+        assert_eq!(sample(1, 2, 0, 0, 7, 1), sample(1, 2, 0, 0, 7, 1));
+        assert_eq!(sample(1, 5, 0, 0, 0, 1).1, Vec::<usize>::new());
+    }
+
+    #[test]
+    fn epochs_shuffle_queries_differently_and_reproducibly() {
+        let a = epoch_order(50, 42, 0);
+        assert_eq!(a, epoch_order(50, 42, 0));
+        assert_ne!(a, epoch_order(50, 42, 1));
+        let mut s = a.clone();
+        s.sort();
+        assert_eq!(s, (0..50).collect::<Vec<_>>());
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn both_formats_build_tevatron_texts() {
+        let dir = tempfile::tempdir().unwrap();
+        let train = write(
+            dir.path(),
+            "train.jsonl",
+            concat!(
+                r#"{"query":"q a","positive_passages":[{"docid":"1","title":"T","text":"body"}],"negative_passages":[{"docid":"2","text":"neg"}]}"#,
+                "\n",
+                r#"{"query_id":"7","query_text":"q b","positive_document_ids":["d1"],"negative_document_ids":[5]}"#,
+                "\n"
+            ),
+        );
+        let corpus = write(
+            dir.path(),
+            "corpus.jsonl",
+            "{\"docid\":\"d1\",\"title\":\"ignored\",\"text\":\"corpus one\"}\n{\"docid\":\"5\",\"text\":\"five\"}\n",
+        );
+        let cache = dir.path().join("cache");
+        let corpus = Corpus::open(&[corpus], &cache).unwrap();
+        let data = TrainData::open(&[train], Some(corpus), &cache, 2, 42).unwrap();
+        let g = data.group(0, 0).unwrap();
+        assert_eq!(
+            g,
+            TextGroup { query: "q a".into(), passages: vec!["T body".into(), "neg".into()] }
+        );
+        let g = data.group(1, 3).unwrap();
+        assert_eq!(
+            g,
+            TextGroup { query: "q b".into(), passages: vec!["corpus one".into(), "five".into()] }
+        );
+    }
+
+    #[test]
+    fn bad_rows_are_named_by_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        let case = |name: &str, text: &str, g: usize, corpus: Option<&str>| -> String {
+            let train = write(dir.path(), name, text);
+            let corpus = corpus.map(|c| {
+                Corpus::open(&[write(dir.path(), &format!("{name}.corpus.jsonl"), c)], &cache)
+                    .unwrap()
+            });
+            TrainData::open(&[train], corpus, &cache, g, 1).err().unwrap().to_string()
+        };
+        let ok = r#"{"query":"q","positive_passages":[{"text":"p"}],"negative_passages":[{"text":"n"}]}"#;
+        let e = case(
+            "nopos.jsonl",
+            &format!("{ok}\n{{\"query\":\"q\",\"positive_passages\":[]}}\n"),
+            1,
+            None,
+        );
+        assert!(e.contains("nopos.jsonl:2") && e.contains("positive_passages"), "{e}");
+        let e = case("malformed.jsonl", &format!("{ok}\n{{\"query\": \n"), 1, None);
+        assert!(e.contains("malformed.jsonl:2") && e.contains("JSON"), "{e}");
+        let e = case(
+            "ids.jsonl",
+            "{\"query_text\":\"q\",\"positive_document_ids\":[\"x\"]}\n",
+            1,
+            Some("{\"docid\":\"y\",\"text\":\"t\"}\n"),
+        );
+        assert!(e.contains("ids.jsonl:1") && e.contains("\"x\" is not in the corpus"), "{e}");
+        let e = case(
+            "noneg.jsonl",
+            "{\"query\":\"q\",\"positive_passages\":[{\"text\":\"p\"}]}\n",
+            4,
+            None,
+        );
+        assert!(e.contains("needs hard negatives"), "{e}");
+        let e = case(
+            "nocorpus.jsonl",
+            "{\"query_text\":\"q\",\"positive_document_ids\":[\"x\"]}\n",
+            1,
+            None,
+        );
+        assert!(e.contains("nocorpus.jsonl:1") && e.contains("--corpus_path"), "{e}");
+    }
+}

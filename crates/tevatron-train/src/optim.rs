@@ -1,0 +1,216 @@
+//! AdamW as `torch.optim.AdamW` computes it, over the trainable variables only, with Hugging
+//! Face's weight-decay exclusions (biases and normalisation weights) and
+//! `clip_grad_norm_`'s global L2 clipping. State (moments, step count) is F32 and can be saved
+//! and restored exactly.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Result, Tensor, Var};
+
+/// AdamW hyper-parameters (`--adam_beta1/2`, `--adam_epsilon`, `--weight_decay`).
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWConfig {
+    /// First-moment decay.
+    pub beta1: f64,
+    /// Second-moment decay.
+    pub beta2: f64,
+    /// Denominator epsilon.
+    pub eps: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+    }
+}
+
+/// HF's rule (`get_decay_parameter_names`): no decay for biases and normalisation weights.
+pub fn decays(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    let segments: Vec<&str> = lower.split('.').collect();
+    !(lower.contains("bias")
+        || lower.contains("layernorm")
+        || lower.contains("layer_norm")
+        || lower.contains("rmsnorm")
+        || segments.iter().any(|s| *s == "norm" || s.ends_with("_norm")))
+}
+
+/// Moments are F32 (F64 for F64 variables, as in gradient checks).
+fn state_dtype(var: DType) -> DType {
+    if var == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// One trainable tensor and its optimizer state.
+struct Param {
+    name: String,
+    var: Var,
+    decay: bool,
+    m: Tensor,
+    v: Tensor,
+}
+
+/// The optimizer.
+pub struct AdamW {
+    params: Vec<Param>,
+    cfg: AdamWConfig,
+    step: usize,
+}
+
+impl AdamW {
+    /// Takes the variables (sorted by name, so the order is stable across runs).
+    pub fn new(mut vars: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let params = vars
+            .into_iter()
+            .map(|(name, var)| {
+                let zeros = Tensor::zeros(var.shape(), state_dtype(var.dtype()), var.device())?;
+                Ok(Param { decay: decays(&name), name, m: zeros.clone(), v: zeros, var })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { params, cfg, step: 0 })
+    }
+
+    /// The variables, in the optimizer's order.
+    pub fn vars(&self) -> Vec<&Var> {
+        self.params.iter().map(|p| &p.var).collect()
+    }
+
+    /// `(name, variable)` pairs in the optimizer's order.
+    pub fn named_vars(&self) -> impl Iterator<Item = (&str, &Var)> {
+        self.params.iter().map(|p| (p.name.as_str(), &p.var))
+    }
+
+    /// Optimizer steps taken.
+    pub fn steps(&self) -> usize {
+        self.step
+    }
+
+    /// One update with rate `lr` from gradients aligned with [`AdamW::vars`].
+    pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        self.step += 1;
+        let c = self.cfg;
+        let t = self.step as i32;
+        let bc1 = 1.0 - c.beta1.powi(t);
+        let bc2 = 1.0 - c.beta2.powi(t);
+        let step_size = lr / bc1;
+        for (p, g) in self.params.iter_mut().zip(grads) {
+            let dt = p.m.dtype();
+            let g = g.to_dtype(dt)?;
+            p.m = ((&p.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+            p.v = ((&p.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let denom = ((p.v.sqrt()? / bc2.sqrt())? + c.eps)?;
+            let mut w = p.var.as_tensor().to_dtype(dt)?;
+            if p.decay && c.weight_decay != 0.0 {
+                w = (w * (1.0 - lr * c.weight_decay))?;
+            }
+            let w = (w - ((&p.m / denom)? * step_size)?)?;
+            p.var.set(&w.to_dtype(p.var.dtype())?)?;
+        }
+        Ok(())
+    }
+
+    /// The optimizer state as named tensors (`exp_avg.<name>`, `exp_avg_sq.<name>`) plus the
+    /// step count, for checkpoints.
+    pub fn state(&self) -> (Vec<(String, Tensor)>, usize) {
+        let mut out = Vec::with_capacity(self.params.len() * 2);
+        for p in &self.params {
+            out.push((format!("exp_avg.{}", p.name), p.m.clone()));
+            out.push((format!("exp_avg_sq.{}", p.name), p.v.clone()));
+        }
+        (out, self.step)
+    }
+
+    /// Restores a state written by [`AdamW::state`]; every moment must be present.
+    pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, step: usize) -> Result<()> {
+        for p in &mut self.params {
+            let get = |k: String| {
+                tensors
+                    .get(&k)
+                    .cloned()
+                    .ok_or_else(|| candle_core::Error::Msg(format!("optimizer state lacks {k}")))
+            };
+            let dt = state_dtype(p.var.dtype());
+            p.m = get(format!("exp_avg.{}", p.name))?.to_dtype(dt)?.to_device(p.var.device())?;
+            p.v = get(format!("exp_avg_sq.{}", p.name))?.to_dtype(dt)?.to_device(p.var.device())?;
+        }
+        self.step = step;
+        Ok(())
+    }
+}
+
+/// Global L2 norm of `grads` (computed in F64 so that it is exact to report), then scales them
+/// in place by `min(1, max_norm / (norm + 1e-6))` as `clip_grad_norm_` does. Returns the
+/// norm before clipping. `max_norm <= 0` only measures.
+pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
+    let mut sq = 0f64;
+    for g in grads.iter() {
+        sq += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+    }
+    let norm = sq.sqrt();
+    if max_norm > 0.0 {
+        let coef = (max_norm / (norm + 1e-6)).min(1.0);
+        if coef < 1.0 {
+            for g in grads.iter_mut() {
+                *g = (&*g * coef)?;
+            }
+        }
+    }
+    Ok(norm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn decay_exclusions_match_hugging_face_names() {
+        assert!(decays("encoder.layer.0.attention.self.query.weight"));
+        assert!(!decays("encoder.layer.0.attention.self.query.bias"));
+        assert!(!decays("embeddings.LayerNorm.weight"));
+        assert!(!decays("transformer.layer.0.sa_layer_norm.weight"));
+        assert!(!decays("layers.0.input_layernorm.weight"));
+        assert!(!decays("norm.weight"));
+        assert!(decays("embeddings.word_embeddings.weight"));
+    }
+
+    /// Two steps on a scalar against the closed form of torch.optim.AdamW.
+    #[test]
+    fn two_steps_match_torch_formula() {
+        let var = Var::from_tensor(&Tensor::new(&[1.0f32], &Device::Cpu).unwrap()).unwrap();
+        let cfg = AdamWConfig { weight_decay: 0.1, ..AdamWConfig::default() };
+        let mut opt = AdamW::new(vec![("w".into(), var.clone())], cfg).unwrap();
+        let (lr, g1, g2) = (0.01f64, 0.5f64, -0.25f64);
+        opt.step(&[Tensor::new(&[g1 as f32], &Device::Cpu).unwrap()], lr).unwrap();
+        opt.step(&[Tensor::new(&[g2 as f32], &Device::Cpu).unwrap()], lr).unwrap();
+        let mut p = 1.0f64;
+        let (mut m, mut v) = (0.0, 0.0);
+        for (t, g) in [(1, g1), (2, g2)] {
+            p *= 1.0 - lr * 0.1;
+            m = 0.9 * m + 0.1 * g;
+            v = 0.999 * v + 0.001 * g * g;
+            let denom = v.sqrt() / (1.0 - 0.999f64.powi(t)).sqrt() + 1e-8;
+            p -= lr / (1.0 - 0.9f64.powi(t)) * m / denom;
+        }
+        let got = var.as_tensor().to_vec1::<f32>().unwrap()[0] as f64;
+        assert!((got - p).abs() < 1e-6, "{got} vs {p}");
+    }
+
+    #[test]
+    fn clipping_scales_to_the_max_norm_and_reports_the_norm_before() {
+        let mut g = vec![
+            Tensor::new(&[3.0f32], &Device::Cpu).unwrap(),
+            Tensor::new(&[4.0f32], &Device::Cpu).unwrap(),
+        ];
+        let norm = clip_grad_norm(&mut g, 1.0).unwrap();
+        assert!((norm - 5.0).abs() < 1e-12);
+        let a = g[0].to_vec1::<f32>().unwrap()[0];
+        assert!((a - 0.6).abs() < 1e-5, "{a}");
+    }
+}

@@ -1,0 +1,256 @@
+//! The gradient of one micro-batch: forward queries and passages, the contrastive loss,
+//! backward, with gradients summed into an [`Accumulator`].
+//!
+//! Three ways to get the same numbers with different memory:
+//! - plain: one graph over the whole batch (fastest, most activation memory);
+//! - GradCache (`--grad_cache`): representations of every chunk are computed without a graph,
+//!   the loss gives their gradients, then each chunk is re-run with a graph and back-propagates
+//!   `sum(reps * cached_grad)`; memory is bounded by one chunk (Gao et al., 2021);
+//! - gradient checkpointing (`--gradient_checkpointing`): each layer's input is kept, its graph
+//!   is not; backward recomputes one layer at a time, so activation memory is one layer's.
+//!
+//! Dropout masks are drawn from a stream seeded by `(seed, kind, chunk, layer)` before every
+//! layer, so a recomputation (GradCache's second pass, a checkpointed layer) replays exactly the
+//! masks of the first pass, and a resumed run draws those of the run it continues.
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Result, Tensor, Var};
+use tevatron_model::backbone::layers::seed_dropout;
+use tevatron_model::collate::{collate, PaddingSide};
+use tevatron_model::rng::mix;
+use tevatron_model::{Encoder, Mode};
+
+use crate::loss::contrastive;
+
+/// How to compute a step.
+#[derive(Clone, Copy, Debug)]
+pub struct StepOptions {
+    /// Logits are `scores / temperature`.
+    pub temperature: f64,
+    /// GradCache chunk sizes `(queries, passages)`, or `None` for a single pass.
+    pub grad_cache: Option<(usize, usize)>,
+    /// Recompute layers in backward instead of keeping their activations.
+    pub checkpointing: bool,
+    /// Pad to a multiple of this.
+    pub pad_to_multiple_of: usize,
+    /// Padding side.
+    pub padding_side: PaddingSide,
+}
+
+/// Gradients summed over micro-batches, one slot per trainable variable.
+pub struct Accumulator {
+    vars: Vec<Var>,
+    grads: Vec<Option<Tensor>>,
+}
+
+impl Accumulator {
+    /// An empty accumulator for `vars` (in the optimizer's order).
+    pub fn new(vars: Vec<Var>) -> Self {
+        let grads = vec![None; vars.len()];
+        Self { vars, grads }
+    }
+
+    /// Adds the gradients a backward pass left for our variables.
+    pub fn add(&mut self, store: &GradStore) -> Result<()> {
+        for (slot, var) in self.grads.iter_mut().zip(&self.vars) {
+            if let Some(g) = store.get(var.as_tensor()) {
+                *slot = Some(match slot.take() {
+                    Some(acc) => (acc + g)?,
+                    None => g.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The summed gradients (zeros for variables that received none) and a reset.
+    pub fn take(&mut self) -> Result<Vec<Tensor>> {
+        let mut out = Vec::with_capacity(self.vars.len());
+        for (slot, var) in self.grads.iter_mut().zip(&self.vars) {
+            out.push(match slot.take() {
+                Some(g) => g,
+                None => var.as_tensor().zeros_like()?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Positions of the variables that have received no gradient so far.
+    pub fn missing(&self) -> Vec<usize> {
+        self.grads.iter().enumerate().filter(|(_, g)| g.is_none()).map(|(i, _)| i).collect()
+    }
+}
+
+/// Queries or passages: a different dropout stream for each.
+#[derive(Clone, Copy)]
+enum Side {
+    Query = 1,
+    Passage = 2,
+}
+
+/// One chunk of queries or passages and where its dropout stream comes from.
+struct Chunk<'a> {
+    batch: &'a tevatron_model::Batch,
+    seed: u64,
+    side: Side,
+    index: usize,
+}
+
+impl Chunk<'_> {
+    /// Restarts dropout for the embeddings (layer 0) or transformer layer `layer - 1`.
+    fn seed_layer(&self, layer: usize) {
+        seed_dropout(mix(self.seed, &[self.side as u64, self.index as u64, layer as u64]));
+    }
+}
+
+/// Runs the backbone in training mode, reseeding dropout before the embeddings and every
+/// layer. With `detach`, no graph is kept; with `keep`, every layer's input is returned.
+fn run(enc: &Encoder, chunk: &Chunk, detach: bool, keep: bool) -> Result<(Tensor, Vec<Tensor>)> {
+    let bb = enc.backbone();
+    let cut = |t: Tensor| if detach { t.detach() } else { t };
+    chunk.seed_layer(0);
+    let mut x = cut(bb.embed(chunk.batch, Mode::Train)?);
+    let bias = bb.attention_bias(chunk.batch, x.dtype())?;
+    let mut inputs = Vec::new();
+    for i in 0..bb.num_layers() {
+        if keep {
+            inputs.push(x.clone());
+        }
+        chunk.seed_layer(i + 1);
+        x = cut(bb.layer(i, &x, &bias, Mode::Train)?);
+    }
+    Ok((x, inputs))
+}
+
+/// Back-propagates `grad_reps` through a chunk one layer at a time from the kept layer
+/// inputs, adding parameter gradients to `acc`.
+fn backward_checkpointed(
+    enc: &Encoder,
+    chunk: &Chunk,
+    (last, inputs): (&Tensor, &[Tensor]),
+    grad_reps: &Tensor,
+    acc: &mut Accumulator,
+) -> Result<()> {
+    let bb = enc.backbone();
+    let batch = chunk.batch;
+    let top = Var::from_tensor(last)?;
+    let reps = enc.represent(top.as_tensor(), batch)?;
+    let store = (reps * grad_reps)?.sum_all()?.backward()?;
+    let mut grad = store
+        .get(top.as_tensor())
+        .cloned()
+        .ok_or_else(|| candle_core::Error::Msg("pooling passed no gradient".into()))?;
+    let bias = bb.attention_bias(batch, last.dtype())?;
+    for i in (0..bb.num_layers()).rev() {
+        let input = Var::from_tensor(&inputs[i])?;
+        chunk.seed_layer(i + 1);
+        let out = bb.layer(i, input.as_tensor(), &bias, Mode::Train)?;
+        let store = (out * &grad)?.sum_all()?.backward()?;
+        acc.add(&store)?;
+        grad = store
+            .get(input.as_tensor())
+            .cloned()
+            .ok_or_else(|| candle_core::Error::Msg(format!("layer {i} passed no gradient")))?;
+    }
+    chunk.seed_layer(0);
+    let x0 = bb.embed(batch, Mode::Train)?;
+    let store = (x0 * grad)?.sum_all()?.backward()?;
+    acc.add(&store)
+}
+
+/// Result of one micro-batch.
+#[derive(Clone, Copy, Debug)]
+pub struct StepOutput {
+    /// The contrastive loss of the batch (unscaled).
+    pub loss: f64,
+}
+
+fn chunks(n: usize, size: Option<usize>) -> Vec<std::ops::Range<usize>> {
+    let size = size.unwrap_or(n).max(1);
+    (0..n.div_ceil(size)).map(|c| c * size..((c + 1) * size).min(n)).collect()
+}
+
+/// Computes the loss of one micro-batch (`queries[i]` with passages `passages[i*G..(i+1)*G]`)
+/// and adds `scale * d(loss)` to `acc`. `seed` fixes the dropout masks.
+pub fn micro_step(
+    enc: &Encoder,
+    queries: &[Vec<u32>],
+    passages: &[Vec<u32>],
+    opts: &StepOptions,
+    scale: f64,
+    seed: u64,
+    acc: &mut Accumulator,
+) -> Result<StepOutput> {
+    let device = enc.device().clone();
+    let pad = enc.tokenizer().pad_id();
+    let make = |seqs: &[Vec<u32>]| {
+        let rows: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        collate(&rows, pad, opts.pad_to_multiple_of, opts.padding_side, &device)
+    };
+    if opts.grad_cache.is_none() && !opts.checkpointing {
+        let qb = make(queries)?;
+        let pb = make(passages)?;
+        let qchunk = Chunk { batch: &qb, seed, side: Side::Query, index: 0 };
+        let pchunk = Chunk { batch: &pb, seed, side: Side::Passage, index: 0 };
+        let (qh, _) = run(enc, &qchunk, false, false)?;
+        let (ph, _) = run(enc, &pchunk, false, false)?;
+        let q = enc.represent(&qh, &qb)?;
+        let p = enc.represent(&ph, &pb)?;
+        let loss = contrastive(&q, &p, opts.temperature)?;
+        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        acc.add(&(loss * scale)?.backward()?)?;
+        return Ok(StepOutput { loss: value });
+    }
+
+    // First pass: representations without a graph, chunk by chunk. Without GradCache the
+    // single chunk keeps its layer inputs so backward need not run the forward again.
+    let (qc, pc) = match opts.grad_cache {
+        Some((q, p)) => (Some(q), Some(p)),
+        None => (None, None),
+    };
+    let keep = opts.grad_cache.is_none();
+    let mut sides = Vec::new();
+    for (seqs, size, side) in [(queries, qc, Side::Query), (passages, pc, Side::Passage)] {
+        let mut parts = Vec::new();
+        for (c, range) in chunks(seqs.len(), size).into_iter().enumerate() {
+            let batch = make(&seqs[range.clone()])?;
+            let chunk = Chunk { batch: &batch, seed, side, index: c };
+            let (h, inputs) = run(enc, &chunk, true, keep && opts.checkpointing)?;
+            let reps = enc.represent(&h, &batch)?.detach();
+            parts.push((range, batch, reps, h, inputs));
+        }
+        sides.push((side, parts));
+    }
+    let q_all = Var::from_tensor(&Tensor::cat(
+        &sides[0].1.iter().map(|p| p.2.clone()).collect::<Vec<_>>(),
+        0,
+    )?)?;
+    let p_all = Var::from_tensor(&Tensor::cat(
+        &sides[1].1.iter().map(|p| p.2.clone()).collect::<Vec<_>>(),
+        0,
+    )?)?;
+    let loss = contrastive(q_all.as_tensor(), p_all.as_tensor(), opts.temperature)?;
+    let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let store = (loss * scale)?.backward()?;
+    let cached = [store.get(q_all.as_tensor()).cloned(), store.get(p_all.as_tensor()).cloned()];
+
+    // Second pass: each chunk back-propagates its slice of the cached representation gradient.
+    for ((side, parts), cached) in sides.into_iter().zip(cached) {
+        let cached =
+            cached.ok_or_else(|| candle_core::Error::Msg("the loss passed no gradient".into()))?;
+        for (c, (range, batch, _, last, inputs)) in parts.into_iter().enumerate() {
+            let grad = cached.narrow(0, range.start, range.len())?;
+            let chunk = Chunk { batch: &batch, seed, side, index: c };
+            if opts.checkpointing {
+                let (last, inputs) =
+                    if inputs.is_empty() { run(enc, &chunk, true, true)? } else { (last, inputs) };
+                backward_checkpointed(enc, &chunk, (&last, &inputs), &grad, acc)?;
+            } else {
+                let (h, _) = run(enc, &chunk, false, false)?;
+                let reps = enc.represent(&h, &batch)?;
+                acc.add(&(reps * grad)?.sum_all()?.backward()?)?;
+            }
+        }
+    }
+    Ok(StepOutput { loss: value })
+}

@@ -1,0 +1,458 @@
+//! The training loop with Hugging Face Trainer semantics: epochs of shuffled queries cut into
+//! micro-batches, `--gradient_accumulation_steps` micro-batches per optimizer step (the last
+//! window of an epoch may be shorter; its loss is divided by its own length), global-norm
+//! clipping, AdamW with a schedule, a log entry every `--logging_steps` and a checkpoint every
+//! `--save_steps` (and at the end), auto-resume from the latest checkpoint, and the final model
+//! written to `output_dir`.
+//!
+//! Everything random is a function of `(seed, step, ...)`, so a run resumed from a checkpoint
+//! ends with the same weights, bit for bit, as one that never stopped.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Instant;
+
+use serde_json::{json, Value};
+use tevatron_model::rng::mix;
+use tevatron_model::text::PreparedTokenizer;
+use tevatron_model::{Encoder, TextOptions};
+
+use crate::checkpoint::{self, ResumeState, TrainerState};
+use crate::data::{epoch_order, TrainData};
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::schedule::{warmup_steps, LrSchedule, ScheduleKind};
+use crate::step::{micro_step, Accumulator, StepOptions};
+use crate::{Error, Result};
+
+/// torch.cuda.amp.GradScaler's initial scale and growth interval.
+const INIT_LOSS_SCALE: f64 = 65536.0;
+const SCALE_GROWTH_INTERVAL: usize = 2000;
+
+/// Everything the loop needs besides the model and the data.
+#[derive(Clone, Debug)]
+pub struct TrainConfig {
+    /// Where checkpoints and the final model go.
+    pub output_dir: PathBuf,
+    /// Queries per micro-batch (`--per_device_train_batch_size`).
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// `--num_train_epochs` (fractions allowed).
+    pub epochs: f64,
+    /// `--max_steps` (overrides epochs when set).
+    pub max_steps: Option<usize>,
+    /// Learning-rate formula.
+    pub schedule: ScheduleKind,
+    /// `--learning_rate`.
+    pub learning_rate: f64,
+    /// `--warmup_steps` (used when positive).
+    pub warmup_steps: usize,
+    /// `--warmup_ratio`.
+    pub warmup_ratio: f64,
+    /// AdamW settings.
+    pub adam: AdamWConfig,
+    /// `--max_grad_norm` (0 disables clipping).
+    pub max_grad_norm: f64,
+    /// `--seed`.
+    pub seed: u64,
+    /// `--logging_steps`.
+    pub logging_steps: usize,
+    /// `--save_steps` (0: only at the end).
+    pub save_steps: usize,
+    /// `--save_total_limit`.
+    pub save_total_limit: Option<usize>,
+    /// Save a checkpoint after the last step (Hugging Face does unless saving is off).
+    pub save_at_end: bool,
+    /// `--bf16` / `--fp16`: the dtype of matrix products (weights and optimizer stay F32).
+    /// The caller sets the autocast on the training thread; f16 adds dynamic loss scaling.
+    pub mixed_precision: Option<candle_core::DType>,
+    /// `--dataloader_drop_last`.
+    pub drop_last: bool,
+    /// Tokenization threads working ahead of the model (`--dataloader_num_workers`).
+    pub num_workers: usize,
+    /// Query tokenization.
+    pub query_text: TextOptions,
+    /// Passage tokenization.
+    pub passage_text: TextOptions,
+    /// Loss and memory strategy.
+    pub step: StepOptions,
+    /// The arguments as given, saved in each checkpoint.
+    pub args: Value,
+}
+
+/// What the loop reports after each optimizer step (for a progress bar).
+#[derive(Clone, Debug)]
+pub struct Progress {
+    /// Steps done.
+    pub step: usize,
+    /// Steps planned.
+    pub total: usize,
+    /// Loss of this step (mean over its micro-batches).
+    pub loss: f64,
+    /// Rate used by this step.
+    pub learning_rate: f64,
+    /// Fractional epoch.
+    pub epoch: f64,
+}
+
+/// Sizes of the run, derived as Hugging Face derives them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// Micro-batches per epoch.
+    pub batches_per_epoch: usize,
+    /// Optimizer steps per epoch: `ceil(batches / accumulation)`.
+    pub updates_per_epoch: usize,
+    /// Optimizer steps in all.
+    pub total_steps: usize,
+}
+
+impl Plan {
+    /// Plans `rows` training rows under `cfg`.
+    pub fn new(rows: usize, cfg: &TrainConfig) -> Result<Self> {
+        let bs = cfg.batch_size.max(1);
+        let batches_per_epoch = if cfg.drop_last { rows / bs } else { rows.div_ceil(bs) };
+        if batches_per_epoch == 0 {
+            return Err(Error::Invalid(format!(
+                "{rows} training rows make no full batch of {bs} with --dataloader_drop_last"
+            )));
+        }
+        let updates_per_epoch = batches_per_epoch.div_ceil(cfg.grad_accum.max(1)).max(1);
+        let total_steps = match cfg.max_steps {
+            Some(m) => m,
+            None => (cfg.epochs * updates_per_epoch as f64).ceil() as usize,
+        };
+        if total_steps == 0 {
+            return Err(Error::Invalid(
+                "the run has 0 optimizer steps; raise --num_train_epochs or --max_steps".into(),
+            ));
+        }
+        Ok(Self { batches_per_epoch, updates_per_epoch, total_steps })
+    }
+
+    /// The micro-batches `(epoch, batch index)` of optimizer step `step` (0-based).
+    pub fn micro_batches(&self, step: usize, grad_accum: usize) -> Vec<(usize, usize)> {
+        let epoch = step / self.updates_per_epoch;
+        let u = step % self.updates_per_epoch;
+        let ga = grad_accum.max(1);
+        (u * ga..((u + 1) * ga).min(self.batches_per_epoch)).map(|b| (epoch, b)).collect()
+    }
+}
+
+/// One micro-batch, tokenized.
+struct Tokenized {
+    queries: Vec<Vec<u32>>,
+    passages: Vec<Vec<u32>>,
+}
+
+/// Builds micro-batches: query order of the epoch, Tevatron's groups, tokenization.
+struct BatchMaker<'a> {
+    data: &'a TrainData,
+    batch_size: usize,
+    seed: u64,
+    query: PreparedTokenizer,
+    passage: PreparedTokenizer,
+}
+
+impl BatchMaker<'_> {
+    fn make(&self, order: &[usize], epoch: usize, batch: usize) -> Result<Tokenized> {
+        let items =
+            &order[batch * self.batch_size..((batch + 1) * self.batch_size).min(order.len())];
+        let mut queries = Vec::with_capacity(items.len());
+        let mut passages = Vec::with_capacity(items.len() * self.data.group_size());
+        for &item in items {
+            let g = self.data.group(item, epoch)?;
+            queries.push(g.query);
+            passages.extend(g.passages);
+        }
+        Ok(Tokenized {
+            queries: self.query.tokenize(&queries)?,
+            passages: self.passage.tokenize(&passages)?,
+        })
+    }
+
+    fn order(&self, epoch: usize) -> Vec<usize> {
+        epoch_order(self.data.len(), self.seed, epoch)
+    }
+}
+
+/// Prepares the output folder: resume from its latest checkpoint, start afresh, or refuse a
+/// non-empty folder without checkpoints (as Hugging Face refuses it). Returns the checkpoint
+/// to resume from.
+pub fn prepare_output_dir(output_dir: &Path, overwrite: bool) -> Result<Option<PathBuf>> {
+    let io = |source| Error::Io { path: output_dir.to_path_buf(), source };
+    if !output_dir.exists() {
+        std::fs::create_dir_all(output_dir).map_err(io)?;
+        return Ok(None);
+    }
+    let checkpoints = checkpoint::list(output_dir);
+    if overwrite {
+        for (_, dir) in &checkpoints {
+            std::fs::remove_dir_all(dir)
+                .map_err(|source| Error::Io { path: dir.clone(), source })?;
+        }
+        if !checkpoints.is_empty() {
+            tracing::info!(
+                "--overwrite_output_dir: removed {} checkpoint(s) of {}",
+                checkpoints.len(),
+                output_dir.display()
+            );
+        }
+        return Ok(None);
+    }
+    if let Some((step, dir)) = checkpoints.last() {
+        tracing::info!(
+            "resuming from {} (step {step}); pass --overwrite_output_dir to start afresh",
+            dir.display()
+        );
+        return Ok(Some(dir.clone()));
+    }
+    let non_empty = std::fs::read_dir(output_dir).map_err(io)?.next().is_some();
+    if non_empty {
+        return Err(Error::Invalid(format!(
+            "output directory {} already exists and is not empty (and holds no checkpoint-* to resume from); use --overwrite_output_dir to overcome",
+            output_dir.display()
+        )));
+    }
+    Ok(None)
+}
+
+fn check_finite(value: f64, what: &str, step: usize, epoch: f64, output_dir: &Path) -> Result<()> {
+    if value.is_finite() {
+        return Ok(());
+    }
+    let last_checkpoint = match checkpoint::list(output_dir).last() {
+        Some((_, dir)) => format!("The last good checkpoint, {}, is intact.", dir.display()),
+        None => "No checkpoint had been saved yet.".to_string(),
+    };
+    Err(Error::Diverged { what: format!("{what} is {value}"), step, epoch, last_checkpoint })
+}
+
+/// Trains `encoder` (loaded trainable) on `data`, resuming from `resume` when given, and
+/// writes checkpoints and the final model. `on_step` sees every optimizer step.
+pub fn train(
+    encoder: &Encoder,
+    data: &TrainData,
+    cfg: &TrainConfig,
+    resume: Option<&Path>,
+    on_step: &mut dyn FnMut(&Progress),
+) -> Result<TrainerState> {
+    let vars = encoder
+        .varmap()
+        .ok_or_else(|| Error::Invalid("the encoder was not loaded trainable".into()))?;
+    let named: Vec<(String, candle_core::Var)> = vars
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut opt = AdamW::new(named, cfg.adam)?;
+    let plan = Plan::new(data.len(), cfg)?;
+    let schedule = LrSchedule {
+        kind: cfg.schedule,
+        base: cfg.learning_rate,
+        warmup: warmup_steps(plan.total_steps, cfg.warmup_steps, cfg.warmup_ratio),
+        total: plan.total_steps,
+    };
+    let mut state = match resume {
+        Some(dir) => {
+            let s = checkpoint::load(dir, &mut opt)?;
+            if s.tevatron.seed != cfg.seed {
+                return Err(Error::Invalid(format!(
+                    "{} was trained with --seed {}, not {}; resume with the same seed or pass --overwrite_output_dir",
+                    dir.display(),
+                    s.tevatron.seed,
+                    cfg.seed
+                )));
+            }
+            s
+        }
+        None => TrainerState {
+            is_local_process_zero: true,
+            is_world_process_zero: true,
+            tevatron: ResumeState { seed: cfg.seed, ..ResumeState::default() },
+            ..TrainerState::default()
+        },
+    };
+    state.max_steps = plan.total_steps;
+    state.logging_steps = cfg.logging_steps;
+    state.save_steps = cfg.save_steps;
+    state.train_batch_size = cfg.batch_size;
+    state.num_train_epochs = plan.total_steps.div_ceil(plan.updates_per_epoch);
+    tracing::info!(
+        "{} queries, {} micro-batches of {} per epoch, {} optimizer steps (warmup {}), group size {}",
+        data.len(),
+        plan.batches_per_epoch,
+        cfg.batch_size,
+        plan.total_steps,
+        schedule.warmup,
+        data.group_size()
+    );
+
+    let maker = BatchMaker {
+        data,
+        batch_size: cfg.batch_size,
+        seed: cfg.seed,
+        query: encoder.tokenizer().prepare(&cfg.query_text)?,
+        passage: encoder.tokenizer().prepare(&cfg.passage_text)?,
+    };
+    let keys: Vec<(usize, usize)> = (state.global_step..plan.total_steps)
+        .flat_map(|s| plan.micro_batches(s, cfg.grad_accum))
+        .collect();
+    let mut acc = Accumulator::new(opt.vars().into_iter().cloned().collect());
+    let start = Instant::now();
+    let first_step = state.global_step;
+
+    std::thread::scope(|scope| -> Result<()> {
+        // Workers tokenize ahead: worker w makes micro-batches w, w + W, ...; each sends in
+        // order on its own bounded channel, and the loop reads the channels round-robin.
+        let workers = cfg.num_workers;
+        let mut receivers = Vec::new();
+        for w in 0..workers {
+            let (tx, rx) = mpsc::sync_channel::<Result<Tokenized>>(2);
+            receivers.push(rx);
+            let (maker, keys) = (&maker, &keys);
+            scope.spawn(move || {
+                let mut cached: Option<(usize, Vec<usize>)> = None;
+                for &(epoch, batch) in keys.iter().skip(w).step_by(workers) {
+                    if cached.as_ref().is_none_or(|(e, _)| *e != epoch) {
+                        cached = Some((epoch, maker.order(epoch)));
+                    }
+                    let order = &cached.as_ref().expect("set above").1;
+                    if tx.send(maker.make(order, epoch, batch)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        let mut inline_order: Option<(usize, Vec<usize>)> = None;
+        let mut next = 0usize;
+        let mut fetch = |epoch: usize, batch: usize| -> Result<Tokenized> {
+            let k = next;
+            next += 1;
+            if workers > 0 {
+                return receivers[k % workers]
+                    .recv()
+                    .map_err(|_| Error::Invalid("a tokenization worker stopped".into()))?;
+            }
+            if inline_order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+                inline_order = Some((epoch, maker.order(epoch)));
+            }
+            maker.make(&inline_order.as_ref().expect("set above").1, epoch, batch)
+        };
+
+        let fp16 = cfg.mixed_precision == Some(candle_core::DType::F16);
+        if fp16 && state.tevatron.loss_scale.is_none() {
+            state.tevatron.loss_scale = Some(INIT_LOSS_SCALE);
+        }
+        while state.global_step < plan.total_steps {
+            let loss_scale =
+                if fp16 { state.tevatron.loss_scale.unwrap_or(INIT_LOSS_SCALE) } else { 1.0 };
+            let step = state.global_step;
+            let micro = plan.micro_batches(step, cfg.grad_accum);
+            let window = micro.len();
+            let mut loss_sum = 0.0;
+            let (epoch, last_batch) = *micro.last().expect("a step has micro-batches");
+            let epoch_f = epoch as f64 + (last_batch + 1) as f64 / plan.batches_per_epoch as f64;
+            for (k, &(e, b)) in micro.iter().enumerate() {
+                let batch = fetch(e, b)?;
+                let out = micro_step(
+                    encoder,
+                    &batch.queries,
+                    &batch.passages,
+                    &cfg.step,
+                    loss_scale / window as f64,
+                    mix(cfg.seed, &[step as u64, k as u64]),
+                    &mut acc,
+                )?;
+                if !fp16 {
+                    check_finite(out.loss, "the loss", step + 1, epoch_f, &cfg.output_dir)?;
+                }
+                loss_sum += out.loss;
+            }
+            let mut grads = acc.take()?;
+            if fp16 {
+                grads = grads.iter().map(|g| g / loss_scale).collect::<candle_core::Result<_>>()?;
+            }
+            let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
+            let lr = schedule.lr(step);
+            if fp16 && !(grad_norm.is_finite() && loss_sum.is_finite()) {
+                // As torch's GradScaler: skip the update, halve the scale.
+                let scale = loss_scale * 0.5;
+                tracing::warn!(
+                    "fp16 overflow at step {}: update skipped, loss scale now {scale}",
+                    step + 1
+                );
+                state.tevatron.loss_scale = Some(scale);
+                state.tevatron.scale_growth_tracker = 0;
+            } else {
+                check_finite(grad_norm, "the gradient norm", step + 1, epoch_f, &cfg.output_dir)?;
+                opt.step(&grads, lr)?;
+                if fp16 {
+                    state.tevatron.scale_growth_tracker += 1;
+                    if state.tevatron.scale_growth_tracker == SCALE_GROWTH_INTERVAL {
+                        state.tevatron.loss_scale = Some(loss_scale * 2.0);
+                        state.tevatron.scale_growth_tracker = 0;
+                    }
+                }
+            }
+            drop(grads);
+            let loss = loss_sum / window as f64;
+            state.global_step += 1;
+            state.epoch = epoch_f;
+            state.tevatron.loss_since_log += loss;
+            state.tevatron.total_loss += loss;
+            on_step(&Progress {
+                step: state.global_step,
+                total: plan.total_steps,
+                loss,
+                learning_rate: lr,
+                epoch: epoch_f,
+            });
+            if cfg.logging_steps > 0 && state.global_step % cfg.logging_steps == 0 {
+                let n = (state.global_step - state.tevatron.last_logged_step) as f64;
+                let entry = json!({
+                    "epoch": epoch_f,
+                    "grad_norm": grad_norm,
+                    "learning_rate": lr,
+                    "loss": state.tevatron.loss_since_log / n,
+                    "step": state.global_step,
+                });
+                tracing::info!("{entry}");
+                state.log_history.push(entry);
+                state.tevatron.loss_since_log = 0.0;
+                state.tevatron.last_logged_step = state.global_step;
+            }
+            let at_end = cfg.save_at_end && state.global_step == plan.total_steps;
+            if at_end || (cfg.save_steps > 0 && state.global_step % cfg.save_steps == 0) {
+                let dir = checkpoint::save(
+                    &cfg.output_dir,
+                    encoder,
+                    &opt,
+                    &state,
+                    &cfg.args,
+                    cfg.save_total_limit,
+                )?;
+                tracing::info!("saved {}", dir.display());
+            }
+        }
+        drop(receivers);
+        Ok(())
+    })?;
+
+    let runtime = start.elapsed().as_secs_f64();
+    let steps_run = (state.global_step - first_step).max(1) as f64;
+    state.log_history.push(json!({
+        "epoch": state.epoch,
+        "step": state.global_step,
+        "train_loss": state.tevatron.total_loss / state.global_step.max(1) as f64,
+        "train_runtime": runtime,
+        "train_steps_per_second": steps_run / runtime.max(1e-9),
+        "train_samples_per_second": steps_run * (cfg.batch_size * cfg.grad_accum) as f64 / runtime.max(1e-9),
+        "total_flos": 0.0,
+    }));
+    checkpoint::save_final(&cfg.output_dir, encoder)?;
+    checkpoint::write_json(&cfg.output_dir.join("trainer_state.json"), &state)?;
+    checkpoint::write_json(&cfg.output_dir.join("training_args.json"), &cfg.args)?;
+    Ok(state)
+}

@@ -1,0 +1,225 @@
+//! One training step against PyTorch (testdata/train, made by
+//! scripts/fixtures/make_train_step.py), finite differences in f64, every weight receiving a
+//! gradient, and GradCache / gradient checkpointing giving the plain step's gradients.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use tevatron_model::{Encoder, EncoderOptions, PaddingSide, Pooling};
+use tevatron_train::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use tevatron_train::step::{micro_step, Accumulator, StepOptions};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata")
+}
+
+fn encoder(pooling: Pooling, normalize: bool, dtype: DType, dropout: bool) -> Encoder {
+    let opts = EncoderOptions {
+        pooling: Some(pooling),
+        normalize: Some(normalize),
+        dtype,
+        device: Device::Cpu,
+        trainable: true,
+        disable_dropout: !dropout,
+    };
+    Encoder::load(&root().join("tiny/bert"), None, &opts).unwrap()
+}
+
+struct Fixture {
+    tensors: HashMap<String, Tensor>,
+    meta: serde_json::Value,
+    queries: Vec<Vec<u32>>,
+    passages: Vec<Vec<u32>>,
+}
+
+fn ragged(ids: &Tensor, lens: &Tensor) -> Vec<Vec<u32>> {
+    let ids = ids.to_vec1::<i64>().unwrap();
+    let mut out = Vec::new();
+    let mut at = 0;
+    for n in lens.to_vec1::<i64>().unwrap() {
+        out.push(ids[at..at + n as usize].iter().map(|&x| x as u32).collect());
+        at += n as usize;
+    }
+    out
+}
+
+fn fixture() -> Fixture {
+    let dir = root().join("train");
+    let tensors =
+        candle_core::safetensors::load(dir.join("step.safetensors"), &Device::Cpu).unwrap();
+    let meta =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("step.json")).unwrap()).unwrap();
+    let queries = ragged(&tensors["query_ids"], &tensors["query_lens"]);
+    let passages = ragged(&tensors["passage_ids"], &tensors["passage_lens"]);
+    Fixture { tensors, meta, queries, passages }
+}
+
+fn opts(temperature: f64) -> StepOptions {
+    StepOptions {
+        temperature,
+        grad_cache: None,
+        checkpointing: false,
+        pad_to_multiple_of: 16,
+        padding_side: PaddingSide::Right,
+    }
+}
+
+/// Loss and gradients of one micro-batch, with the optimizer holding the variables.
+fn step(enc: &Encoder, f: &Fixture, o: &StepOptions) -> (f64, AdamW, Vec<Tensor>) {
+    let vars = enc.varmap().unwrap().data().lock().unwrap().clone().into_iter().collect();
+    let cfg = AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() };
+    let opt = AdamW::new(vars, cfg).unwrap();
+    let mut acc = Accumulator::new(opt.vars().into_iter().cloned().collect());
+    let out = micro_step(enc, &f.queries, &f.passages, o, 1.0, 0, &mut acc).unwrap();
+    let grads = acc.take().unwrap();
+    (out.loss, opt, grads)
+}
+
+fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_dtype(DType::F64).unwrap();
+    let b = b.to_dtype(DType::F64).unwrap();
+    let diff = (&a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+    // A floor on the scale: some gradients are exactly zero in theory (attention key biases,
+    // by softmax's shift invariance) and hold only rounding noise in both frameworks.
+    let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap().max(1e-4);
+    diff / scale
+}
+
+/// Our f32 step (what training runs) against PyTorch's: loss and grad norm to relative 1e-4.
+#[test]
+fn f32_loss_and_grad_norm_match_pytorch() {
+    let f = fixture();
+    for (name, case) in f.meta["cases"].as_object().unwrap() {
+        let pooling = Pooling::parse(case["pooling"].as_str().unwrap()).unwrap();
+        let normalize = case["normalize"].as_bool().unwrap();
+        let t = case["temperature"].as_f64().unwrap();
+        let enc = encoder(pooling, normalize, DType::F32, false);
+        let (loss, _, mut grads) = step(&enc, &f, &opts(t));
+        let want = case["loss_f32"].as_f64().unwrap();
+        assert!((loss - want).abs() <= 1e-4 * want.abs(), "{name}: loss {loss} vs {want}");
+        let norm = clip_grad_norm(&mut grads, 1.0).unwrap();
+        let want = case["grad_norm_f32"].as_f64().unwrap();
+        assert!((norm - want).abs() <= 1e-4 * want, "{name}: grad_norm {norm} vs {want}");
+    }
+}
+
+/// The same step in f64 against PyTorch in float64: the math is the same to rounding — every
+/// gradient, the clipped norm, and every weight after one AdamW update.
+#[test]
+fn f64_gradients_and_adamw_step_match_pytorch() {
+    let f = fixture();
+    for (name, case) in f.meta["cases"].as_object().unwrap() {
+        let pooling = Pooling::parse(case["pooling"].as_str().unwrap()).unwrap();
+        let normalize = case["normalize"].as_bool().unwrap();
+        let t = case["temperature"].as_f64().unwrap();
+        let enc = encoder(pooling, normalize, DType::F64, false);
+        let (loss, mut opt, mut grads) = step(&enc, &f, &opts(t));
+        let want = case["loss"].as_f64().unwrap();
+        assert!((loss - want).abs() <= 1e-10 * want.abs(), "{name}: loss {loss} vs {want}");
+        let names: Vec<String> = opt.named_vars().map(|(n, _)| n.to_string()).collect();
+        let mut compared = 0;
+        for (n, g) in names.iter().zip(&grads) {
+            if let Some(w) = f.tensors.get(&format!("{name}.grad.{n}")) {
+                let d = max_rel(g, w);
+                assert!(d < 1e-8, "{name}: gradient of {n} differs by {d}");
+                compared += 1;
+            }
+        }
+        if name == "cls_t1" || name == "mean_t001" {
+            assert_eq!(compared, names.len(), "{name}: every gradient is compared");
+        }
+        let norm = clip_grad_norm(&mut grads, f.meta["max_grad_norm"].as_f64().unwrap()).unwrap();
+        let want = case["grad_norm"].as_f64().unwrap();
+        assert!((norm - want).abs() <= 1e-8 * want, "{name}: grad_norm {norm} vs {want}");
+        if name != "mean_t001" {
+            continue;
+        }
+        // The optimizer on PyTorch's own gradients: Adam's first update is about
+        // lr * g / |g|, which would magnify the 1e-8 relative gradient noise of near-zero
+        // entries, so the update is checked on identical inputs, tightly.
+        let mut torch: Vec<Tensor> =
+            names.iter().map(|n| f.tensors[&format!("{name}.grad.{n}")].clone()).collect();
+        clip_grad_norm(&mut torch, f.meta["max_grad_norm"].as_f64().unwrap()).unwrap();
+        opt.step(&torch, f.meta["lr"].as_f64().unwrap()).unwrap();
+        for (n, var) in opt.named_vars() {
+            let w = &f.tensors[&format!("{name}.after.{n}")];
+            let d = (var.as_tensor() - w).unwrap().abs().unwrap().max_all().unwrap();
+            let d = d.to_scalar::<f64>().unwrap();
+            assert!(d < 1e-12, "{name}: {n} after AdamW differs by {d}");
+        }
+    }
+}
+
+#[test]
+fn every_trainable_weight_receives_a_nonzero_gradient() {
+    let f = fixture();
+    let enc = encoder(Pooling::Cls, false, DType::F32, true);
+    let (_, opt, grads) = step(&enc, &f, &opts(1.0));
+    assert!(grads.len() > 30);
+    for ((n, _), g) in opt.named_vars().zip(&grads) {
+        let total = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(total > 0.0, "{n} received no gradient");
+    }
+}
+
+#[test]
+fn grad_cache_and_checkpointing_give_the_plain_gradients() {
+    let f = fixture();
+    let enc = encoder(Pooling::Mean, true, DType::F32, false);
+    let (loss, _, plain) = step(&enc, &f, &opts(0.05));
+    for (gc, ckpt) in [(Some((1, 2)), false), (None, true), (Some((2, 4)), true)] {
+        let o = StepOptions { grad_cache: gc, checkpointing: ckpt, ..opts(0.05) };
+        let (l, opt, grads) = step(&enc, &f, &o);
+        assert!((l - loss).abs() < 1e-6 * loss, "{gc:?} {ckpt}: loss {l} vs {loss}");
+        for ((a, b), (n, _)) in grads.iter().zip(&plain).zip(opt.named_vars()) {
+            let d = max_rel(a, b);
+            assert!(d < 1e-5, "{gc:?} {ckpt}: gradient of {n} differs by {d}");
+        }
+    }
+}
+
+/// Autograd through the whole model (embeddings, a transformer layer, mean pooling with
+/// normalisation, the loss) agrees with central differences in f64.
+#[test]
+fn gradients_match_finite_differences_in_f64() {
+    let f = fixture();
+    let enc = encoder(Pooling::Mean, true, DType::F64, false);
+    let o = opts(0.5);
+    let (_, opt, grads) = step(&enc, &f, &o);
+    let loss_at = || {
+        let mut acc = Accumulator::new(Vec::new());
+        micro_step(&enc, &f.queries, &f.passages, &o, 1.0, 0, &mut acc).unwrap().loss
+    };
+    let probes = [
+        "encoder.layer.1.attention.self.query.weight",
+        "encoder.layer.1.intermediate.dense.weight",
+        "encoder.layer.1.output.LayerNorm.weight",
+        "embeddings.position_embeddings.weight",
+    ];
+    let mut checked = 0;
+    for ((name, var), g) in opt.named_vars().zip(&grads) {
+        if !probes.contains(&name) {
+            continue;
+        }
+        let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let auto = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        for i in [0, base.len() / 3, base.len() - 1] {
+            let eps = 1e-5;
+            let eval = |d: f64| {
+                let mut v = base.clone();
+                v[i] += d;
+                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+                loss_at()
+            };
+            let num = (eval(eps) - eval(-eps)) / (2.0 * eps);
+            var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
+            let a = auto[i];
+            let tol = 1e-7 + 1e-5 * a.abs().max(num.abs());
+            assert!((a - num).abs() <= tol, "{name}[{i}]: {a} vs {num}");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, probes.len() * 3);
+}
