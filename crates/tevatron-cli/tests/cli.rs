@@ -4,41 +4,17 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+mod common;
+use common::{fails_with, ok, repo, tevatron};
+
 fn toy(f: &str) -> String {
     repo().join("testdata/toy").join(f).to_string_lossy().into_owned()
 }
 fn tiny(name: &str) -> String {
     repo().join("testdata/tiny").join(name).to_string_lossy().into_owned()
-}
-
-fn tevatron(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tevatron"))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("binary runs")
-}
-
-fn ok(out: Output) -> String {
-    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Asserts exit code 2, a single `tevatron: ...` line containing `needle`, and no panic.
-fn fails_with(out: Output, needle: &str) -> String {
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
-    let last = err.lines().last().unwrap_or_default().to_string();
-    assert!(last.starts_with("tevatron: "), "stderr: {err}");
-    assert!(last.contains(needle), "expected {needle:?} in {last:?}");
-    assert!(!err.contains("panicked"), "{err}");
-    last
 }
 
 fn encode(dir: &Path, input: &str, out: &str, extra: &[&str]) -> Output {

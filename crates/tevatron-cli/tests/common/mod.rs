@@ -1,0 +1,36 @@
+//! Helpers shared by the end-to-end tests: run the real binary and check its outcome.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Runs `tevatron args...` in `dir`.
+pub fn tevatron(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tevatron"))
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("binary runs")
+}
+
+/// Asserts success and returns stdout.
+pub fn ok(out: Output) -> String {
+    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Asserts exit code 2, a single `tevatron: ...` line containing `needle`, and no panic.
+pub fn fails_with(out: Output, needle: &str) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
+    let last = err.lines().last().unwrap_or_default().to_string();
+    assert!(last.starts_with("tevatron: "), "stderr: {err}");
+    assert!(last.contains(needle), "expected {needle:?} in {last:?}");
+    assert!(!err.contains("panicked"), "{err}");
+    last
+}

@@ -1,0 +1,292 @@
+//! `tevatron train` end to end on the tiny BERT: outputs in Hugging Face's layout, a killed run
+//! resumed to the same weights bit for bit, and every bad input the training issue lists
+//! (exit code 2, one clear line, no panic, the last good checkpoint intact).
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{fails_with, ok, repo, tevatron};
+
+fn data(f: &str) -> String {
+    repo().join("testdata/train").join(f).to_string_lossy().into_owned()
+}
+
+fn tiny_bert() -> String {
+    repo().join("testdata/tiny/bert").to_string_lossy().into_owned()
+}
+
+/// The arguments of a small run writing into `out` (the row-index cache stays inside `dir`).
+fn train_args(dir: &Path, out: &str, extra: &[&str]) -> Vec<String> {
+    let cache = dir.join("cache").to_string_lossy().into_owned();
+    let mut args: Vec<String> = [
+        "train",
+        "--output_dir",
+        out,
+        "--model_name_or_path",
+        &tiny_bert(),
+        "--dataset_name",
+        "json",
+        "--dataset_path",
+        &data("tiny.jsonl"),
+        "--dataset_cache_dir",
+        &cache,
+        "--per_device_train_batch_size",
+        "4",
+        "--train_group_size",
+        "3",
+        "--query_max_len",
+        "16",
+        "--passage_max_len",
+        "32",
+        "--learning_rate",
+        "1e-3",
+        "--num_train_epochs",
+        "2",
+        "--logging_steps",
+        "2",
+        "--save_steps",
+        "1",
+        "--quiet",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn train(dir: &Path, out: &str, extra: &[&str]) -> std::process::Output {
+    let args = train_args(dir, out, extra);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    tevatron(dir, &refs)
+}
+
+fn read_json(p: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// The BERT recipe of Tevatron's README (minus the launcher and --deepspeed), on tiny data:
+/// checkpoints and the final model in HF layout, log entries with HF's fields, and a model
+/// that `tevatron encode` loads.
+#[test]
+fn readme_recipe_trains_and_writes_hugging_face_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("model").to_string_lossy().into_owned();
+    ok(train(
+        dir.path(),
+        &out,
+        &["--bf16", "--pooling", "cls", "--overwrite_output_dir", "--save_total_limit", "2"],
+    ));
+    let out = PathBuf::from(out);
+    let files = names(&out);
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "trainer_state.json"] {
+        assert!(files.contains(&f.to_string()), "{f} missing from {files:?}");
+    }
+    // 24 rows / 4 = 6 micro-batches per epoch, 2 epochs: 12 steps; only the last 2 kept.
+    assert_eq!(
+        files.iter().filter(|f| f.starts_with("checkpoint-")).collect::<Vec<_>>(),
+        ["checkpoint-11", "checkpoint-12"]
+    );
+    let ck = names(&out.join("checkpoint-12"));
+    for f in ["model.safetensors", "optimizer.safetensors", "scheduler.json", "rng_state.json"] {
+        assert!(ck.contains(&f.to_string()), "{f} missing from {ck:?}");
+    }
+    let state = read_json(&out.join("trainer_state.json"));
+    assert_eq!(state["global_step"], 12);
+    let log = state["log_history"].as_array().unwrap();
+    assert_eq!(log.len(), 7, "six log entries and the summary");
+    for (i, e) in log[..6].iter().enumerate() {
+        assert_eq!(e["step"], 2 * (i + 1));
+        for k in ["loss", "grad_norm", "learning_rate", "epoch"] {
+            assert!(e[k].as_f64().unwrap().is_finite(), "{k} in {e}");
+        }
+    }
+    assert!((log[5]["epoch"].as_f64().unwrap() - 2.0).abs() < 1e-12);
+    assert!(log[6]["train_runtime"].as_f64().is_some());
+    // Warmup 10% of 12 steps = 2 steps, then linear decay: step 2 logs the peak rate.
+    assert!((log[0]["learning_rate"].as_f64().unwrap() - 5e-4).abs() < 1e-12);
+    // The trained model encodes.
+    let emb = dir.path().join("q.safetensors").to_string_lossy().into_owned();
+    let queries = repo().join("testdata/toy/queries.jsonl").to_string_lossy().into_owned();
+    ok(tevatron(
+        dir.path(),
+        &[
+            "encode",
+            "--model_name_or_path",
+            out.to_str().unwrap(),
+            "--dataset_path",
+            &queries,
+            "--encode_is_query",
+            "--encode_output_path",
+            &emb,
+            "--quiet",
+        ],
+    ));
+}
+
+/// Kills a run at a random step with SIGKILL, runs the same command again: it resumes from the
+/// latest checkpoint and ends with the weights (and log) of a run that never stopped.
+#[test]
+fn a_killed_run_resumes_to_bit_identical_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let whole = dir.path().join("whole").to_string_lossy().into_owned();
+    ok(train(dir.path(), &whole, &[]));
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let mut killed_at = None;
+    let parts = dir.path().join("parts").to_string_lossy().into_owned();
+    for attempt in 0..20u64 {
+        let _ = std::fs::remove_dir_all(&parts);
+        let k = 2 + ((seed.subsec_nanos() as u64 + attempt * 7) % 9) as usize; // 2..=10 of 12
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tevatron"))
+            .current_dir(dir.path())
+            .args(train_args(dir.path(), &parts, &[]))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let marker = Path::new(&parts).join(format!("checkpoint-{k}"));
+        let start = Instant::now();
+        while !marker.exists() && start.elapsed() < Duration::from_secs(60) {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        child.kill().unwrap_or(());
+        let status = child.wait().unwrap();
+        if !status.success() && !Path::new(&parts).join("checkpoint-12").exists() {
+            killed_at = Some(k);
+            break;
+        }
+    }
+    let k = killed_at.expect("the run was killed before its end in one of 20 attempts");
+    eprintln!("killed after checkpoint-{k}");
+    let out = train(dir.path(), &parts, &[]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{err}");
+    let whole = PathBuf::from(whole);
+    let parts = PathBuf::from(parts);
+    assert_eq!(
+        std::fs::read(whole.join("model.safetensors")).unwrap(),
+        std::fs::read(parts.join("model.safetensors")).unwrap(),
+        "final weights differ after resuming from checkpoint {k}"
+    );
+    let logs = |p: &Path| {
+        let mut log = read_json(&p.join("trainer_state.json"))["log_history"].clone();
+        log.as_array_mut().unwrap().pop(); // the summary holds run times
+        log
+    };
+    assert_eq!(logs(&whole), logs(&parts));
+}
+
+#[test]
+fn bad_training_inputs_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let write = |name: &str, text: &str| {
+        let p = d.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_string_lossy().into_owned()
+    };
+    let good = std::fs::read_to_string(data("tiny.jsonl")).unwrap();
+    let first = good.lines().next().unwrap();
+    let run = |out: &str, path: &str, extra: &[&str]| {
+        let mut args = train_args(d, &d.join(out).to_string_lossy(), extra);
+        let i = args.iter().position(|a| a == "--dataset_path").unwrap();
+        args[i + 1] = path.to_string();
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        tevatron(d, &refs)
+    };
+    let nopos =
+        write("nopos.jsonl", &format!("{first}\n{{\"query\":\"q\",\"positive_passages\":[]}}\n"));
+    fails_with(run("o1", &nopos, &[]), "nopos.jsonl:2");
+    let bad = write("bad.jsonl", &format!("{first}\n{{\"query\": \n"));
+    fails_with(run("o2", &bad, &[]), "bad.jsonl:2: malformed JSON");
+    let noneg =
+        write("noneg.jsonl", "{\"query\":\"q\",\"positive_passages\":[{\"text\":\"a\"}]}\n");
+    fails_with(run("o3", &noneg, &[]), "needs hard negatives");
+    let ids = write(
+        "ids.jsonl",
+        "{\"query_id\":\"1\",\"query_text\":\"q\",\"positive_document_ids\":[\"d1\"],\"negative_document_ids\":[\"zz\"]}\n",
+    );
+    let corpus = write("corpus.jsonl", "{\"docid\":\"d1\",\"text\":\"a b\"}\n");
+    fails_with(
+        run("o4", &ids, &["--corpus_path", &corpus]),
+        "ids.jsonl:1: document id \"zz\" is not in the corpus",
+    );
+    // A non-empty output folder without checkpoints is refused, as Hugging Face refuses it.
+    std::fs::create_dir_all(d.join("busy")).unwrap();
+    std::fs::write(d.join("busy/notes.txt"), "mine").unwrap();
+    fails_with(run("busy", &data("tiny.jsonl"), &[]), "--overwrite_output_dir");
+    assert!(d.join("busy/notes.txt").exists());
+    // Flags we do not support are refused by name, with what to do instead.
+    fails_with(run("o5", &data("tiny.jsonl"), &["--deepspeed", "ds.json"]), "drop --deepspeed");
+    fails_with(
+        run("o6", &data("tiny.jsonl"), &["--lr_scheduler_type", "polynomial"]),
+        "linear, cosine",
+    );
+}
+
+/// NaN loss stops the run with a message naming the last good checkpoint, which stays intact.
+#[test]
+fn a_diverging_run_stops_and_keeps_its_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o").to_string_lossy().into_owned();
+    ok(train(dir.path(), &out, &["--max_steps", "2"]));
+    let ck = Path::new(&out).join("checkpoint-2");
+    let before = std::fs::read(ck.join("model.safetensors")).unwrap();
+    // Resume with a temperature so small that the scores overflow: the loss is not finite.
+    let msg = fails_with(
+        train(dir.path(), &out, &["--max_steps", "4", "--temperature", "1e-300"]),
+        "the loss is NaN at step 3",
+    );
+    assert!(msg.contains("checkpoint-2") && msg.contains("intact"), "{msg}");
+    assert_eq!(std::fs::read(ck.join("model.safetensors")).unwrap(), before);
+    assert!(!Path::new(&out).join("checkpoint-3").exists());
+}
+
+/// Saving into a folder where files cannot grow (a file-size limit stands in for a full disk:
+/// writes fail with EFBIG) fails cleanly and leaves the previous checkpoint as it was.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_failed_save_leaves_the_previous_checkpoint_intact() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o").to_string_lossy().into_owned();
+    ok(train(dir.path(), &out, &["--max_steps", "2"]));
+    let ck = Path::new(&out).join("checkpoint-2");
+    let before = std::fs::read(ck.join("optimizer.safetensors")).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tevatron"));
+    cmd.current_dir(dir.path()).args(train_args(dir.path(), &out, &["--max_steps", "4"]));
+    // SAFETY: only async-signal-safe libc calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let lim = libc::rlimit { rlim_cur: 16 * 1024, rlim_max: 16 * 1024 };
+            libc::setrlimit(libc::RLIMIT_FSIZE, &lim);
+            Ok(())
+        });
+    }
+    let msg = fails_with(cmd.output().unwrap(), "checkpoint-3");
+    assert!(msg.contains("File too large") || msg.contains("cannot write"), "{msg}");
+    assert_eq!(std::fs::read(ck.join("optimizer.safetensors")).unwrap(), before);
+    assert!(!Path::new(&out).join("checkpoint-3").exists());
+    assert!(!Path::new(&out).join(".checkpoint-3.tmp").exists(), "no half checkpoint is left");
+    // And the run resumes from checkpoint-2 once the disk has room again.
+    ok(train(dir.path(), &out, &["--max_steps", "4"]));
+    assert!(Path::new(&out).join("checkpoint-4").exists());
+}
