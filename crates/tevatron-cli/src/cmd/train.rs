@@ -74,7 +74,7 @@ fn args_json(a: &TrainArgs) -> serde_json::Value {
 }
 
 pub fn run(a: &TrainArgs) -> Result<()> {
-    crate::tune_allocator();
+    crate::tune_allocator_for_training();
     check(a)?;
     let schedule = ScheduleKind::parse(&a.lr_scheduler_type).with_context(|| {
         format!(

@@ -1,14 +1,15 @@
 //! Vectorisable CPU kernels for the two element-wise ops that dominate BERT inference after the
 //! matrix products: GELU (erf) and the attention softmax (exp). candle 0.11 calls scalar libm
 //! `erff`/`expf` per element; these branch-free polynomials let the compiler use SIMD.
-//! Inference only (`Mode::Eval`, F32 on CPU): they have no backward, by design.
+//! These two are inference only (`Mode::Eval`, F32 on CPU), with no backward; the training
+//! versions, with a backward, are in `train_ops`.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// erf(x) as a rational function (Eigen's `generic_fast_erf_float`), |error| < 1e-7.
 #[inline(always)]
-fn erf(x: f32) -> f32 {
+pub(super) fn erf(x: f32) -> f32 {
     let x = x.clamp(-4.0, 4.0);
     let x2 = x * x;
     let mut p = -2.726_142e-10_f32;
@@ -28,10 +29,14 @@ fn erf(x: f32) -> f32 {
 }
 
 /// exp(x) by range reduction to 2^n * e^g, |g| <= ln2/2, and a degree-6 Taylor polynomial;
-/// relative error about 2e-7 * max(1, |x|); inputs are clamped to [-87, 88], so very negative
-/// ones give tiny values, as softmax needs.
+/// relative error about 2e-7 * max(1, |x|); inputs below -87 give exactly 0 (as softmax over
+/// masked positions needs), above 88 are clamped.
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+pub(super) fn exp(x: f32) -> f32 {
+    // Below -87 the result is (as good as) zero; returning exactly 0 keeps masked attention
+    // probabilities out of the subnormal range, where every later multiply takes a slow
+    // microcode path (a masked softmax made the following matrix products 10x slower).
+    let underflow = x < -87.0;
     let x = x.clamp(-87.0, 88.0);
     let t = x * std::f32::consts::LOG2_E;
     // Round to nearest with the 1.5 * 2^23 trick (vectorises, unlike f32::round).
@@ -40,10 +45,15 @@ fn exp(x: f32) -> f32 {
     let p = 1.0
         + g * (1.0
             + g * (0.5 + g * (1.0 / 6.0 + g * (1.0 / 24.0 + g * (1.0 / 120.0 + g / 720.0)))));
-    f32::from_bits(((n as i32 + 127) << 23) as u32) * p
+    let r = f32::from_bits(((n as i32 + 127) << 23) as u32) * p;
+    if underflow {
+        0.0
+    } else {
+        r
+    }
 }
 
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+pub(super) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else { candle_core::bail!("{op}: only f32 is supported") };
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
@@ -54,7 +64,7 @@ fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f3
 /// Reduces with 16 independent lanes so the compiler can keep them in one SIMD register
 /// (a single running accumulator is a serial dependency chain).
 #[inline(always)]
-fn lanes_reduce(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+pub(super) fn lanes_reduce(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
     let mut acc = [init; 16];
     let mut chunks = x.chunks_exact(16);
     for c in &mut chunks {
@@ -70,7 +80,7 @@ fn lanes_reduce(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
 }
 
 /// Chunk of elements per rayon task, so small tensors are not split needlessly.
-const CHUNK: usize = 1 << 14;
+pub(super) const CHUNK: usize = 1 << 14;
 
 struct Gelu;
 

@@ -31,6 +31,9 @@ impl LayerNorm {
                 &self.bias,
                 self.eps as f32,
             ),
+            Mode::Train if super::train_ops::applies(x) => {
+                super::train_ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+            }
             Mode::Train => {
                 let dtype = x.dtype();
                 let x = if matches!(dtype, DType::F16 | DType::BF16) {
@@ -100,18 +103,22 @@ pub fn dropout(x: &Tensor, p: f64, mode: Mode) -> Result<Tensor> {
     let scale = (1.0 / (1.0 - p)) as f32;
     // Compare 32-bit draws with the threshold, two draws per 64-bit output.
     let threshold = (p * 4_294_967_296.0) as u64;
-    let mut mask = Vec::with_capacity(n);
+    let mut keep = Vec::with_capacity(n);
     DROPOUT_RNG.with(|r| {
         let mut r = r.borrow_mut();
-        while mask.len() < n {
+        while keep.len() < n {
             let bits = r.next_u64();
             for half in [bits & 0xffff_ffff, bits >> 32] {
-                if mask.len() < n {
-                    mask.push(if half < threshold { 0.0 } else { scale });
+                if keep.len() < n {
+                    keep.push(u8::from(half >= threshold));
                 }
             }
         }
     });
+    if super::train_ops::applies(x) {
+        return super::train_ops::dropout(x, keep, scale);
+    }
+    let mask: Vec<f32> = keep.iter().map(|&k| f32::from(k) * scale).collect();
     let mask = Tensor::from_vec(mask, x.shape(), &candle_core::Device::Cpu)?
         .to_device(x.device())?
         .to_dtype(x.dtype())?;
@@ -180,6 +187,9 @@ impl Activation {
             }
             // candle's fused gelu_erf backward rounds 1/sqrt(2 pi) to 0.398942 (7e-7 relative);
             // composed from erf, whose backward is exact, training gets exact gradients.
+            Activation::Gelu if mode == Mode::Train && super::train_ops::applies(x) => {
+                super::train_ops::gelu(x)
+            }
             Activation::Gelu if mode == Mode::Train => {
                 let cdf = ((x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)?;
                 (x * 0.5)? * cdf
@@ -209,8 +219,11 @@ pub fn attention(
     let (q, k, v) = (split(q)?, split(k)?, split(v)?);
     let q = (q * (1.0 / (dh as f64).sqrt()))?;
     let scores = matmul(&q, &k.t()?)?; // (b, heads, l, l)
-    let scores = scores.broadcast_add(mask_bias)?;
-    let probs = softmax_last(&scores, mode)?;
+    let probs = if mode == Mode::Train && super::train_ops::applies(&scores) {
+        super::train_ops::masked_softmax(&scores, mask_bias)?
+    } else {
+        softmax_last(&scores.broadcast_add(mask_bias)?, mode)?
+    };
     let probs = dropout(&probs, dropout_p, mode)?;
     let ctx = matmul(&probs, &v)?; // (b, heads, l, dh)
     ctx.transpose(1, 2)?.reshape((b, l, h))

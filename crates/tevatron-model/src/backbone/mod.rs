@@ -6,6 +6,7 @@ pub mod bert;
 pub mod distilbert;
 mod fast;
 pub mod layers;
+pub mod train_ops;
 
 use candle_core::{DType, Result, Tensor};
 

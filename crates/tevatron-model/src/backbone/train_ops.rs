@@ -1,0 +1,416 @@
+//! Fused CPU kernels with a backward, for training in F32: GELU, the masked attention softmax,
+//! layer normalisation and dropout. Composed from candle's element-wise ops, each of these keeps
+//! four to seven full-size intermediates alive for backward (an attention score tensor of a
+//! 64 x 128-token batch is 50 MB per layer); fused, each keeps only its input or output, and
+//! backward is one pass. Other devices and dtypes use the composed ops in `layers`, which the
+//! tests compare these against.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::fast::{contiguous_f32, erf, exp, lanes_reduce, CHUNK};
+
+/// Whether the fused kernels apply (F32 on CPU).
+pub fn applies(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == candle_core::DType::F32
+}
+
+/// Fills a new vector of `n` elements in parallel chunks of whole rows of width `row`.
+fn par_rows(n: usize, row: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; n];
+    let per_task = (CHUNK / row.max(1)).max(1) * row.max(1);
+    out.par_chunks_mut(per_task).enumerate().for_each(|(i, o)| fill(i * per_task, o));
+    out
+}
+
+const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+
+struct Gelu;
+struct GeluGrad;
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "train-gelu"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "train-gelu")?;
+        let out = par_rows(x.len(), 1, |start, o| {
+            for (o, &v) in o.iter_mut().zip(&x[start..]) {
+                *o = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
+            }
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(arg.apply_op2_no_bwd(&grad.contiguous()?, &GeluGrad)?))
+    }
+}
+
+impl CustomOp2 for GeluGrad {
+    fn name(&self) -> &'static str {
+        "train-gelu-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "train-gelu-grad")?;
+        let g = contiguous_f32(s2, l2, "train-gelu-grad")?;
+        let out = par_rows(x.len(), 1, |start, o| {
+            for ((o, &v), &g) in o.iter_mut().zip(&x[start..]).zip(&g[start..]) {
+                let cdf = 0.5 * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
+                *o = g * (cdf + v * FRAC_1_SQRT_2PI * exp(-0.5 * v * v));
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Exact-erf GELU with a fused backward.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Gelu)
+}
+
+struct MaskedSoftmax;
+struct SoftmaxGrad;
+
+impl CustomOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "train-masked-softmax"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "train-masked-softmax")?;
+        let bias = contiguous_f32(s2, l2, "train-masked-softmax")?;
+        let n = l1.dims().last().copied().unwrap_or(1).max(1);
+        let batches = l2.dims().first().copied().unwrap_or(1).max(1);
+        if bias.len() != batches * n || x.len() % (batches * n) != 0 {
+            candle_core::bail!(
+                "train-masked-softmax: bias {:?} does not fit scores {:?}",
+                l2.dims(),
+                l1.dims()
+            );
+        }
+        let rows_per_batch = x.len() / n / batches;
+        let out = par_rows(x.len(), n, |start, o| {
+            for (k, o) in o.chunks_mut(n).enumerate() {
+                let row = start / n + k;
+                let x = &x[row * n..(row + 1) * n];
+                let b = &bias[(row / rows_per_batch) * n..(row / rows_per_batch + 1) * n];
+                for ((o, &v), &b) in o.iter_mut().zip(x).zip(b) {
+                    *o = v + b;
+                }
+                let max = lanes_reduce(o, f32::NEG_INFINITY, f32::max);
+                for o in o.iter_mut() {
+                    *o = exp(*o - max);
+                }
+                let inv = 1.0 / lanes_reduce(o, 0.0, |a, b| a + b);
+                o.iter_mut().for_each(|v| *v *= inv);
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        _scores: &Tensor,
+        _bias: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxGrad)?), None))
+    }
+}
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "train-softmax-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = contiguous_f32(s1, l1, "train-softmax-grad")?;
+        let g = contiguous_f32(s2, l2, "train-softmax-grad")?;
+        let n = l1.dims().last().copied().unwrap_or(1).max(1);
+        let out = par_rows(y.len(), n, |start, o| {
+            for (k, o) in o.chunks_mut(n).enumerate() {
+                let at = start + k * n;
+                let (y, g) = (&y[at..at + n], &g[at..at + n]);
+                let mut dot = 0f32;
+                for (&a, &b) in y.iter().zip(g) {
+                    dot += a * b;
+                }
+                for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
+                    *o = y * (g - dot);
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// `softmax(scores + bias)` over the last dimension, where `bias` `(b, 1, 1, l)` is the
+/// additive attention mask of `scores` `(b, heads, l, l)`; only `scores` gets a gradient.
+pub fn masked_softmax(scores: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    scores.contiguous()?.apply_op2(&bias.contiguous()?, MaskedSoftmax)
+}
+
+struct LayerNormOp {
+    eps: f32,
+}
+struct LayerNormGrad {
+    eps: f32,
+}
+
+fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = lanes_reduce(x, 0.0, |a, b| a + b) / n;
+    let mut var = 0f32;
+    for &v in x {
+        var += (v - mean) * (v - mean);
+    }
+    (mean, 1.0 / (var / n + eps).sqrt())
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "train-layer-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "train-layer-norm")?;
+        let w = contiguous_f32(s2, l2, "train-layer-norm")?;
+        let b = contiguous_f32(s3, l3, "train-layer-norm")?;
+        let h = w.len();
+        let out = par_rows(x.len(), h, |start, o| {
+            for (k, o) in o.chunks_mut(h).enumerate() {
+                let x = &x[start + k * h..start + (k + 1) * h];
+                let (mean, rstd) = row_stats(x, self.eps);
+                for (((o, &v), &w), &b) in o.iter_mut().zip(x).zip(w).zip(b) {
+                    *o = (v - mean) * rstd * w + b;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let h = w.elem_count();
+        let packed =
+            x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormGrad { eps: self.eps })?;
+        let n = x.elem_count();
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, n, h)?.reshape(w.shape())?;
+        let db = packed.narrow(0, n + h, h)?.reshape(w.shape())?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+impl CustomOp3 for LayerNormGrad {
+    fn name(&self) -> &'static str {
+        "train-layer-norm-grad"
+    }
+    /// Returns `[dx (all elements), dw (h), db (h)]` flattened into one vector.
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "train-layer-norm-grad")?;
+        let w = contiguous_f32(s2, l2, "train-layer-norm-grad")?;
+        let g = contiguous_f32(s3, l3, "train-layer-norm-grad")?;
+        let h = w.len();
+        let mut out = vec![0f32; x.len() + 2 * h];
+        let (dx, tail) = out.split_at_mut(x.len());
+        let per_task = (CHUNK / h).max(1) * h;
+        let (dw, db) = dx
+            .par_chunks_mut(per_task)
+            .enumerate()
+            .map(|(i, dx)| {
+                let mut dw = vec![0f32; h];
+                let mut db = vec![0f32; h];
+                let mut xhat = vec![0f32; h];
+                let mut dxhat = vec![0f32; h];
+                for (k, dx) in dx.chunks_mut(h).enumerate() {
+                    let at = i * per_task + k * h;
+                    let (x, g) = (&x[at..at + h], &g[at..at + h]);
+                    let (mean, rstd) = row_stats(x, self.eps);
+                    let (mut m1, mut m2) = (0f32, 0f32);
+                    for j in 0..h {
+                        xhat[j] = (x[j] - mean) * rstd;
+                        dxhat[j] = g[j] * w[j];
+                        dw[j] += g[j] * xhat[j];
+                        db[j] += g[j];
+                        m1 += dxhat[j];
+                        m2 += dxhat[j] * xhat[j];
+                    }
+                    let (m1, m2) = (m1 / h as f32, m2 / h as f32);
+                    for j in 0..h {
+                        dx[j] = rstd * (dxhat[j] - m1 - xhat[j] * m2);
+                    }
+                }
+                (dw, db)
+            })
+            .reduce(
+                || (vec![0f32; h], vec![0f32; h]),
+                |(mut a, mut b), (c, d)| {
+                    a.iter_mut().zip(c).for_each(|(a, c)| *a += c);
+                    b.iter_mut().zip(d).for_each(|(b, d)| *b += d);
+                    (a, b)
+                },
+            );
+        tail[..h].copy_from_slice(&dw);
+        tail[h..].copy_from_slice(&db);
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+}
+
+/// Layer normalisation over the last dimension with a fused backward for `x`, `w` and `b`.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(w, b, LayerNormOp { eps: eps as f32 })
+}
+
+struct Dropout {
+    keep: Arc<Vec<u8>>,
+    scale: f32,
+}
+
+impl CustomOp1 for Dropout {
+    fn name(&self) -> &'static str {
+        "train-dropout"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "train-dropout")?;
+        if x.len() != self.keep.len() {
+            candle_core::bail!(
+                "train-dropout: mask of {} for {} elements",
+                self.keep.len(),
+                x.len()
+            );
+        }
+        let out = par_rows(x.len(), 1, |start, o| {
+            for ((o, &v), &k) in o.iter_mut().zip(&x[start..]).zip(&self.keep[start..]) {
+                *o = if k != 0 { v * self.scale } else { 0.0 };
+            }
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let same = Dropout { keep: self.keep.clone(), scale: self.scale };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&same)?))
+    }
+}
+
+/// Inverted dropout with a given keep mask (1 = keep), stored as bytes rather than a float
+/// tensor; backward applies the same mask.
+pub fn dropout(x: &Tensor, keep: Vec<u8>, scale: f32) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Dropout { keep: Arc::new(keep), scale })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var, D};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    /// Each fused op and its gradient equal the composed candle ops (which have exact
+    /// backwards) on random inputs.
+    #[test]
+    fn fused_ops_match_composed_ops_and_their_gradients() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (3, 2, 5, 7), &dev).unwrap()).unwrap();
+        let g = Tensor::randn(0f32, 1.0, (3, 2, 5, 7), &dev).unwrap();
+        let grad_of = |y: &Tensor| {
+            let gs = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            gs.get(x.as_tensor()).unwrap().clone()
+        };
+        // GELU
+        let fused = gelu(x.as_tensor()).unwrap();
+        let t = x.as_tensor();
+        let composed = ((t * 0.5).unwrap()
+            * ((t * std::f64::consts::FRAC_1_SQRT_2).unwrap().erf().unwrap() + 1.0).unwrap())
+        .unwrap();
+        assert!(max_diff(&fused, &composed) < 1e-6);
+        assert!(max_diff(&grad_of(&fused), &grad_of(&composed)) < 1e-5);
+        // Masked softmax: a mask with two padded keys in batch 1.
+        let mut m = vec![0f32; 3 * 7];
+        m[7 + 5] = f32::MIN;
+        m[7 + 6] = f32::MIN;
+        let bias = Tensor::from_vec(m, (3, 1, 1, 7), &dev).unwrap();
+        let fused = masked_softmax(x.as_tensor(), &bias).unwrap();
+        let composed =
+            candle_nn::ops::softmax(&x.as_tensor().broadcast_add(&bias).unwrap(), D::Minus1)
+                .unwrap();
+        assert!(max_diff(&fused, &composed) < 1e-6);
+        assert!(max_diff(&grad_of(&fused), &grad_of(&composed)) < 1e-6);
+        // Layer norm, gradients for x, w and b.
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.5, 7, &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.5, 7, &dev).unwrap()).unwrap();
+        let fused = layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
+        let mean = t.mean_keepdim(D::Minus1).unwrap();
+        let c = t.broadcast_sub(&mean).unwrap();
+        let var = c.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        let composed = c
+            .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+            .unwrap()
+            .broadcast_mul(w.as_tensor())
+            .unwrap()
+            .broadcast_add(b.as_tensor())
+            .unwrap();
+        assert!(max_diff(&fused, &composed) < 1e-5);
+        let all = |y: &Tensor| {
+            let gs = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            [x.as_tensor(), w.as_tensor(), b.as_tensor()].map(|v| gs.get(v).unwrap().clone())
+        };
+        for (a, c) in all(&fused).iter().zip(all(&composed).iter()) {
+            assert!(max_diff(a, c) < 1e-4, "{}", max_diff(a, c));
+        }
+        // Dropout: the mask applies forward and backward.
+        let keep: Vec<u8> = (0..x.as_tensor().elem_count()).map(|i| (i % 3 != 0) as u8).collect();
+        let mask = Tensor::from_vec(
+            keep.iter().map(|&k| k as f32 * 2.0).collect::<Vec<_>>(),
+            (3, 2, 5, 7),
+            &dev,
+        )
+        .unwrap();
+        let fused = dropout(x.as_tensor(), keep, 2.0).unwrap();
+        let composed = (x.as_tensor() * &mask).unwrap();
+        assert_eq!(max_diff(&fused, &composed), 0.0);
+        assert_eq!(max_diff(&grad_of(&fused), &grad_of(&composed)), 0.0);
+        assert_eq!(fused.dtype(), DType::F32);
+    }
+}

@@ -1,0 +1,67 @@
+"""PyTorch peer of `tevatron train` for the benchmark: Tevatron's training step (shared
+encoder, pooling, normalize, q p^T / T, cross-entropy with targets i*G, AdamW, clipping) on the
+same rows, batch, group and lengths, timed per optimizer step.
+
+    python train_step.py MODEL TRAIN_JSONL STEPS BATCH GROUP QLEN PLEN POOLING NORMALIZE TEMP [gc|ckpt]
+Prints one JSON line: seconds per step (median of steps 2..N), peak RSS in MB, losses.
+"""
+import json
+import resource
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModel, AutoTokenizer
+
+torch.set_num_threads(2)
+torch.manual_seed(42)
+model_dir, path, steps, bs, group, qlen, plen, pooling, normalize, temp = sys.argv[1:11]
+mode = sys.argv[11] if len(sys.argv) > 11 else "plain"
+steps, bs, group, qlen, plen, temp = int(steps), int(bs), int(group), int(qlen), int(plen), float(temp)
+normalize = normalize == "true"
+rows = [json.loads(l) for l in open(path)][: steps * bs]
+tok = AutoTokenizer.from_pretrained(model_dir)
+model = AutoModel.from_pretrained(model_dir)
+model.train()
+if mode == "ckpt":
+    model.gradient_checkpointing_enable()
+opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+
+def text(p):
+    return p["title"] + " " + p["text"] if "title" in p else p["text"]
+
+
+def batch(texts, n):
+    return tok(texts, truncation=True, max_length=n, padding=True, pad_to_multiple_of=16, return_tensors="pt")
+
+
+def encode(b):
+    h = model(**b).last_hidden_state
+    if pooling == "cls":
+        r = h[:, 0]
+    else:
+        m = b["attention_mask"].unsqueeze(-1).float()
+        r = (h * m).sum(1) / m.sum(1)
+    return F.normalize(r, dim=-1) if normalize else r
+
+
+times, losses = [], []
+for s in range(steps):
+    chunk = rows[s * bs:(s + 1) * bs]
+    qs = [r["query"] for r in chunk]
+    ps = [text(p) for r in chunk for p in ([r["positive_passages"][0]] + r["negative_passages"][: group - 1])]
+    t = time.perf_counter()
+    qb, pb = batch(qs, qlen), batch(ps, plen)
+    q, p = encode(qb), encode(pb)
+    loss = F.cross_entropy(q @ p.T / temp, torch.arange(len(qs)) * group)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad()
+    times.append(time.perf_counter() - t)
+    losses.append(loss.item())
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"sec_per_step": statistics.median(times[1:]), "peak_rss_mb": rss, "losses": losses}))
