@@ -144,6 +144,9 @@ impl Linear {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let y = matmul(&x.reshape((rows, in_dim))?, &self.weight.t()?)?;
         let y = match &self.bias {
+            Some(b) if super::train_ops::applies(&y) && b.dtype() == y.dtype() && is_tracked(b) => {
+                super::train_ops::bias_add(&y, b)?
+            }
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
@@ -151,6 +154,12 @@ impl Linear {
         *out.last_mut().expect("input has at least one dimension") = out_dim;
         y.reshape(out)
     }
+}
+
+/// Whether gradients flow into `t` (a trainable variable or a tensor computed from one):
+/// only then is the fused bias add worth its custom-op call.
+fn is_tracked(t: &Tensor) -> bool {
+    t.is_variable() || t.track_op()
 }
 
 /// Loads a linear layer with a bias.

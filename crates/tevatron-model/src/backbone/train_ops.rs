@@ -18,10 +18,20 @@ pub fn applies(x: &Tensor) -> bool {
 }
 
 /// Fills a new vector of `n` elements in parallel chunks of whole rows of width `row`.
+/// `fill(start, out)` must write every element of `out` (it may read back what it wrote);
+/// the memory is not zeroed first, which would cost a pass over every fresh page.
 fn par_rows(n: usize, row: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
-    let mut out = vec![0f32; n];
+    let mut out: Vec<f32> = Vec::with_capacity(n);
     let per_task = (CHUNK / row.max(1)).max(1) * row.max(1);
-    out.par_chunks_mut(per_task).enumerate().for_each(|(i, o)| fill(i * per_task, o));
+    let spare = &mut out.spare_capacity_mut()[..n];
+    spare.par_chunks_mut(per_task).enumerate().for_each(|(i, o)| {
+        // SAFETY: f32 has no invalid bit patterns and `fill` writes each element before any
+        // read of it (the contract above), so no uninitialised value is ever observed.
+        let o = unsafe { &mut *(o as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
+        fill(i * per_task, o)
+    });
+    // SAFETY: every element was written by `fill`.
+    unsafe { out.set_len(n) };
     out
 }
 
@@ -301,6 +311,80 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
     x.contiguous()?.apply_op3(w, b, LayerNormOp { eps: eps as f32 })
 }
 
+struct BiasAdd;
+struct ColumnSum;
+
+impl CustomOp2 for BiasAdd {
+    fn name(&self) -> &'static str {
+        "train-bias-add"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = contiguous_f32(s1, l1, "train-bias-add")?;
+        let b = contiguous_f32(s2, l2, "train-bias-add")?;
+        let h = b.len();
+        let out = par_rows(y.len(), h, |start, o| {
+            for (k, o) in o.chunks_mut(h).enumerate() {
+                let y = &y[start + k * h..start + (k + 1) * h];
+                for ((o, &y), &b) in o.iter_mut().zip(y).zip(b) {
+                    *o = y + b;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        _y: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let db = grad.contiguous()?.apply_op1_no_bwd(&ColumnSum)?.reshape(b.shape())?;
+        Ok((Some(grad.clone()), Some(db)))
+    }
+}
+
+impl CustomOp1 for ColumnSum {
+    fn name(&self) -> &'static str {
+        "train-column-sum"
+    }
+    /// Sums a `(.., h)` tensor over every dimension but the last, in parallel.
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = contiguous_f32(s, l, "train-column-sum")?;
+        let h = l.dims().last().copied().unwrap_or(1).max(1);
+        let per_task = (CHUNK / h).max(1) * h;
+        let sum = g
+            .par_chunks(per_task)
+            .map(|rows| {
+                let mut acc = vec![0f32; h];
+                for row in rows.chunks(h) {
+                    acc.iter_mut().zip(row).for_each(|(a, &v)| *a += v);
+                }
+                acc
+            })
+            .reduce(
+                || vec![0f32; h],
+                |mut a, b| {
+                    a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                    a
+                },
+            );
+        Ok((CpuStorage::F32(sum), Shape::from(h)))
+    }
+}
+
+/// `y + b` with `b` broadcast over the rows of `y` `(.., h)`; the bias gradient is a parallel
+/// column sum (candle's broadcast backward sums on one thread).
+pub fn bias_add(y: &Tensor, b: &Tensor) -> Result<Tensor> {
+    y.contiguous()?.apply_op2(&b.contiguous()?, BiasAdd)
+}
+
 struct Dropout {
     keep: Arc<Vec<u8>>,
     scale: f32,
@@ -398,6 +482,18 @@ mod tests {
         };
         for (a, c) in all(&fused).iter().zip(all(&composed).iter()) {
             assert!(max_diff(a, c) < 1e-4, "{}", max_diff(a, c));
+        }
+        // Bias add: the bias gradient is the column sum.
+        let bv = Var::from_tensor(&Tensor::randn(0f32, 1.0, 7, &dev).unwrap()).unwrap();
+        let fused = bias_add(x.as_tensor(), bv.as_tensor()).unwrap();
+        let composed = x.as_tensor().broadcast_add(bv.as_tensor()).unwrap();
+        assert_eq!(max_diff(&fused, &composed), 0.0);
+        let both = |y: &Tensor| {
+            let gs = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            [x.as_tensor(), bv.as_tensor()].map(|v| gs.get(v).unwrap().clone())
+        };
+        for (a, c) in both(&fused).iter().zip(both(&composed).iter()) {
+            assert!(max_diff(a, c) < 1e-5);
         }
         // Dropout: the mask applies forward and backward.
         let keep: Vec<u8> = (0..x.as_tensor().elem_count()).map(|i| (i % 3 != 0) as u8).collect();

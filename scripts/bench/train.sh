@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Training step time and peak memory, ours vs PyTorch, same machine, same run, 2 threads each.
+#   scripts/bench/train.sh [STEPS]   (default 6)
+# The issue's setting: all-MiniLM-L6-v2, 8 queries, group 8 (64 passages), lengths 32/128,
+# mean pooling, normalize, temperature 0.05, on the first InsuranceQA training rows (text form,
+# 7 hard negatives each). Time per optimizer step is the median of steps 2..N (ours from the
+# log's timestamps with --logging_steps 1, PyTorch's around forward+backward+clip+AdamW);
+# peak RSS is the whole process. Ours also runs with --grad_cache and --gradient_checkpointing
+# (PyTorch with gradient_checkpointing_enable()) to show the memory they save.
+# Needs TEVATRON_BENCH_VENV (or .cache/bench-venv) with torch and transformers.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$root"
+data=${INSURANCEQA:-$root/../shared/data/insuranceqa}/train.small.jsonl
+steps=${1:-6}
+work=$root/.cache/bench/train
+mkdir -p "$work"
+model=$(scripts/fetch-minilm.sh)
+cargo build --release -q -p tevatron-cli
+venv=${TEVATRON_BENCH_VENV:-$root/.cache/bench-venv}
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q torch transformers
+fi
+py=$venv/bin/python
+common=(--model_name_or_path "$model" --dataset_path "$data" --per_device_train_batch_size 8
+  --train_group_size 8 --query_max_len 32 --passage_max_len 128 --max_steps "$steps"
+  --pooling mean --normalize --temperature 0.05 --learning_rate 1e-5 --logging_steps 1
+  --save_strategy no --dataset_cache_dir "$work/cache" --overwrite_output_dir)
+ours() {  # $1 label, rest: extra flags; prints "sec_per_step peak_mb"
+  local label=$1; shift
+  /usr/bin/time -f "%M" -o "$work/$label.rss" env RAYON_NUM_THREADS=2 \
+    target/release/tevatron train --output_dir "$work/$label" "${common[@]}" "$@" 2> "$work/$label.log"
+  "$py" - "$work/$label.log" "$work/$label.rss" <<'PY'
+import re, statistics, sys
+from datetime import datetime
+stamps = [datetime.fromisoformat(m.group(1).rstrip("Z")) for m in
+          (re.search(r"(\d{4}-\d\d-\d\dT[\d:.]+Z).*\"step\":\d+\}", l) for l in open(sys.argv[1])) if m]
+gaps = [(b - a).total_seconds() for a, b in zip(stamps, stamps[1:])]
+rss = int(open(sys.argv[2]).read().split()[-1]) / 1024
+print(f"{statistics.median(gaps):.2f} {rss:.0f}")
+PY
+}
+theirs() {  # $1 mode (plain|ckpt)
+  OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 "$py" scripts/bench/train_step.py "$model" "$data" "$steps" 8 8 32 128 mean true 0.05 "$1" \
+    | "$py" -c 'import json,sys; d=json.loads(sys.stdin.read()); print("%.2f %.0f" % (d["sec_per_step"], d["peak_rss_mb"]))'
+}
+read -r o_t o_m < <(ours plain)
+read -r p_t p_m < <(theirs plain)
+read -r oc_t oc_m < <(ours ckpt --gradient_checkpointing)
+read -r pc_t pc_m < <(theirs ckpt)
+read -r og_t og_m < <(ours gc --grad_cache --gc_q_chunk_size 2 --gc_p_chunk_size 16)
+printf "| setting | ours s/step | PyTorch s/step | speed ratio | ours peak RSS | PyTorch peak RSS |\n|---|---|---|---|---|---|\n"
+printf "| plain | %s | %s | %sx | %s MB | %s MB |\n" "$o_t" "$p_t" "$(echo "$p_t / $o_t" | bc -l | xargs printf %.2f)" "$o_m" "$p_m"
+printf "| --gradient_checkpointing | %s | %s | %sx | %s MB | %s MB |\n" "$oc_t" "$pc_t" "$(echo "$pc_t / $oc_t" | bc -l | xargs printf %.2f)" "$oc_m" "$pc_m"
+printf "| --grad_cache (chunks 2/16) | %s | - | - | %s MB | - |\n" "$og_t" "$og_m"
