@@ -101,6 +101,11 @@ fn readme_recipe_trains_and_writes_hugging_face_outputs() {
         files.iter().filter(|f| f.starts_with("checkpoint-")).collect::<Vec<_>>(),
         ["checkpoint-11", "checkpoint-12"]
     );
+    // The pooling it was trained with travels with the model (sentence-transformers modules).
+    let pooling = read_json(&out.join("1_Pooling/config.json"));
+    assert_eq!(pooling["pooling_mode_cls_token"], true);
+    assert_eq!(pooling["pooling_mode_mean_tokens"], false);
+    assert!(!out.join("2_Normalize").exists());
     let ck = names(&out.join("checkpoint-12"));
     for f in ["model.safetensors", "optimizer.safetensors", "scheduler.json", "rng_state.json"] {
         assert!(ck.contains(&f.to_string()), "{f} missing from {ck:?}");

@@ -308,6 +308,41 @@ impl Encoder {
         self.backbone.as_ref()
     }
 
+    fn write_st_modules(&self, dir: &Path) -> Result<()> {
+        let write = |path: PathBuf, value: serde_json::Value| -> Result<()> {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|source| Error::Write { path: parent.to_path_buf(), source })?;
+            }
+            let text = serde_json::to_string_pretty(&value).unwrap_or_default();
+            std::fs::write(&path, text + "\n").map_err(|source| Error::Write { path, source })
+        };
+        let module = |idx: usize, path: &str, ty: &str| {
+            serde_json::json!({"idx": idx, "name": idx.to_string(), "path": path,
+                               "type": format!("sentence_transformers.models.{ty}")})
+        };
+        let mut modules = vec![module(0, "", "Transformer"), module(1, "1_Pooling", "Pooling")];
+        if self.normalize {
+            modules.push(module(2, "2_Normalize", "Normalize"));
+            std::fs::create_dir_all(dir.join("2_Normalize"))
+                .map_err(|source| Error::Write { path: dir.join("2_Normalize"), source })?;
+        }
+        write(dir.join("modules.json"), serde_json::Value::from(modules))?;
+        write(
+            dir.join("1_Pooling/config.json"),
+            serde_json::json!({
+                "word_embedding_dimension": self.hidden_size(),
+                "pooling_mode_cls_token": self.pooling == Pooling::Cls,
+                "pooling_mode_mean_tokens": self.pooling == Pooling::Mean,
+                "pooling_mode_max_tokens": false,
+                "pooling_mode_mean_sqrt_len_tokens": false,
+                "pooling_mode_weightedmean_tokens": false,
+                "pooling_mode_lasttoken": self.pooling == Pooling::Last,
+                "include_prompt": true
+            }),
+        )
+    }
+
     /// Every tensor a saved model holds, by Hugging Face name: the trainable variables'
     /// current values and the untouched unused tensors.
     pub fn state_dict(&self) -> Vec<(String, Tensor)> {
@@ -323,7 +358,9 @@ impl Encoder {
 
     /// Writes a Hugging Face model folder into `dir` (which must exist): `config.json`,
     /// `model.safetensors` (F32) and the tokenizer files, loadable by transformers'
-    /// `AutoModel` and by [`Encoder::load`].
+    /// `AutoModel` and by [`Encoder::load`], plus sentence-transformers modules stating this
+    /// encoder's pooling and normalisation, so that `tevatron encode` (and
+    /// `SentenceTransformer`) embed with the settings the model was trained with.
     pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
         let write_err =
             |path: &Path, source: std::io::Error| Error::Write { path: path.to_path_buf(), source };
@@ -336,6 +373,7 @@ impl Encoder {
                 std::fs::copy(&src, dir.join(f)).map_err(|e| write_err(&dir.join(f), e))?;
             }
         }
+        self.write_st_modules(dir)?;
         let tensors: Vec<(String, Tensor)> = self
             .state_dict()
             .into_iter()

@@ -205,6 +205,9 @@ pub fn save_final(output_dir: &Path, encoder: &Encoder) -> Result<()> {
     for entry in std::fs::read_dir(&tmp).map_err(io(&tmp))? {
         let entry = entry.map_err(io(&tmp))?;
         let target = output_dir.join(entry.file_name());
+        if target.is_dir() {
+            std::fs::remove_dir_all(&target).map_err(io(&target))?;
+        }
         std::fs::rename(entry.path(), &target).map_err(io(&target))?;
     }
     std::fs::remove_dir_all(&tmp).map_err(io(&tmp))
