@@ -37,6 +37,17 @@ fn par_rows(n: usize, row: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -> Ve
 
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 
+/// Sums per-chunk partial vectors in chunk order. Chunks are fixed by the data size, not by
+/// rayon's work stealing, so the result is the same bits on every run: resumed training must
+/// replay the uninterrupted run exactly.
+fn sum_in_order(partial: Vec<Vec<f32>>, h: usize) -> Vec<f32> {
+    let mut sum = vec![0f32; h];
+    for p in partial {
+        sum.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+    }
+    sum
+}
+
 struct Gelu;
 struct GeluGrad;
 
@@ -263,7 +274,7 @@ impl CustomOp3 for LayerNormGrad {
         let mut out = vec![0f32; x.len() + 2 * h];
         let (dx, tail) = out.split_at_mut(x.len());
         let per_task = (CHUNK / h).max(1) * h;
-        let (dw, db) = dx
+        let partial: Vec<(Vec<f32>, Vec<f32>)> = dx
             .par_chunks_mut(per_task)
             .enumerate()
             .map(|(i, dx)| {
@@ -291,14 +302,9 @@ impl CustomOp3 for LayerNormGrad {
                 }
                 (dw, db)
             })
-            .reduce(
-                || (vec![0f32; h], vec![0f32; h]),
-                |(mut a, mut b), (c, d)| {
-                    a.iter_mut().zip(c).for_each(|(a, c)| *a += c);
-                    b.iter_mut().zip(d).for_each(|(b, d)| *b += d);
-                    (a, b)
-                },
-            );
+            .collect();
+        let (dws, dbs): (Vec<Vec<f32>>, Vec<Vec<f32>>) = partial.into_iter().unzip();
+        let (dw, db) = (sum_in_order(dws, h), sum_in_order(dbs, h));
         tail[..h].copy_from_slice(&dw);
         tail[h..].copy_from_slice(&db);
         let len = out.len();
@@ -359,7 +365,7 @@ impl CustomOp1 for ColumnSum {
         let g = contiguous_f32(s, l, "train-column-sum")?;
         let h = l.dims().last().copied().unwrap_or(1).max(1);
         let per_task = (CHUNK / h).max(1) * h;
-        let sum = g
+        let partial: Vec<Vec<f32>> = g
             .par_chunks(per_task)
             .map(|rows| {
                 let mut acc = vec![0f32; h];
@@ -368,13 +374,8 @@ impl CustomOp1 for ColumnSum {
                 }
                 acc
             })
-            .reduce(
-                || vec![0f32; h],
-                |mut a, b| {
-                    a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
-                    a
-                },
-            );
+            .collect();
+        let sum = sum_in_order(partial, h);
         Ok((CpuStorage::F32(sum), Shape::from(h)))
     }
 }
