@@ -3,7 +3,7 @@
 # fine-tune it with `tevatron train`, encode, search, evaluate again, and compare.
 #   scripts/quickstart.sh            # the documented subset, about 12 minutes on 2 CPU cores
 #   QUICKSTART_FULL=1 scripts/quickstart.sh   # all 2,000 dev questions, all 27,413 answers,
-#                                             # 12,881 training questions (hours on a CPU)
+#                                             # 12,881 training questions (about an hour)
 # Subset: the first 200 dev questions; a corpus of their 322 gold answers plus 3,678 other answers
 # drawn with a fixed seed (4,000 in all); training on the first 1,000 training questions
 # (train.small.jsonl, passages inline) for QUICKSTART_STEPS optimizer steps (default 80).

@@ -8,9 +8,10 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-/// Dense retrieval in one binary: encode, search and evaluate, with Tevatron's flags.
+/// Dense retrieval in one binary: train, encode, search and evaluate, with Tevatron's flags.
+/// A flag given twice takes its last value, as with Python's argparse.
 #[derive(Debug, Parser)]
-#[command(name = "tevatron", version, long_about = None)]
+#[command(name = "tevatron", version, long_about = None, args_override_self = true)]
 pub struct Cli {
     /// The command to run.
     #[command(subcommand)]

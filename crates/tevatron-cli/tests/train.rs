@@ -295,3 +295,37 @@ fn a_failed_save_leaves_the_previous_checkpoint_intact() {
     ok(train(dir.path(), &out, &["--max_steps", "4"]));
     assert!(Path::new(&out).join("checkpoint-4").exists());
 }
+
+/// The memory and precision flags together: fp16 autocast with loss scaling, GradCache,
+/// gradient checkpointing and tokenization workers; the run trains and logs finite numbers.
+#[test]
+fn fp16_grad_cache_and_checkpointing_run_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o").to_string_lossy().into_owned();
+    ok(train(
+        dir.path(),
+        &out,
+        &[
+            "--fp16",
+            "--grad_cache",
+            "--gc_q_chunk_size",
+            "2",
+            "--gc_p_chunk_size",
+            "5",
+            "--gradient_checkpointing",
+            "--dataloader_num_workers",
+            "2",
+            "--max_steps",
+            "4",
+            "--logging_steps",
+            "1",
+        ],
+    ));
+    let state = read_json(&Path::new(&out).join("trainer_state.json"));
+    assert_eq!(state["tevatron"]["loss_scale"], 65536.0);
+    let log = state["log_history"].as_array().unwrap();
+    assert_eq!(log.len(), 5);
+    for e in &log[..4] {
+        assert!(e["loss"].as_f64().unwrap().is_finite() && e["grad_norm"].as_f64().unwrap() > 0.0);
+    }
+}
