@@ -329,3 +329,18 @@ fn fp16_grad_cache_and_checkpointing_run_together() {
         assert!(e["loss"].as_f64().unwrap().is_finite() && e["grad_norm"].as_f64().unwrap() > 0.0);
     }
 }
+
+/// The same rows as Parquet (nested lists of structs, as `datasets` writes them) train to the
+/// same weights, bit for bit, as the JSONL file.
+#[test]
+fn parquet_training_data_trains_like_jsonl() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a").to_string_lossy().into_owned();
+    let b = dir.path().join("b").to_string_lossy().into_owned();
+    ok(train(dir.path(), &a, &["--max_steps", "3"]));
+    ok(train(dir.path(), &b, &["--max_steps", "3", "--dataset_path", &data("tiny.parquet")]));
+    assert_eq!(
+        std::fs::read(Path::new(&a).join("model.safetensors")).unwrap(),
+        std::fs::read(Path::new(&b).join("model.safetensors")).unwrap()
+    );
+}
