@@ -69,6 +69,16 @@ pub enum PoolingArg {
     Last,
 }
 
+impl From<PoolingArg> for tevatron_model::Pooling {
+    fn from(p: PoolingArg) -> Self {
+        match p {
+            PoolingArg::Cls => Self::Cls,
+            PoolingArg::Mean => Self::Mean,
+            PoolingArg::Last => Self::Last,
+        }
+    }
+}
+
 /// `--padding_side` values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -77,6 +87,15 @@ pub enum SideArg {
     Right,
     /// Pad before the text.
     Left,
+}
+
+impl From<SideArg> for tevatron_model::PaddingSide {
+    fn from(s: SideArg) -> Self {
+        match s {
+            SideArg::Right => Self::Right,
+            SideArg::Left => Self::Left,
+        }
+    }
 }
 
 /// Element type of written embeddings.

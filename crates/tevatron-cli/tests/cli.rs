@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Output;
 
 mod common;
-use common::{fails_with, ok, repo, tevatron};
+use common::{fails_with, names, ok, repo, tevatron};
 
 fn toy(f: &str) -> String {
     repo().join("testdata/toy").join(f).to_string_lossy().into_owned()
@@ -43,15 +43,6 @@ fn encode(dir: &Path, input: &str, out: &str, extra: &[&str]) -> Output {
 
 fn tiny_bert() -> String {
     tiny("bert")
-}
-
-fn files(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
 }
 
 #[test]
@@ -308,9 +299,9 @@ fn bad_data_inputs_name_file_line_and_field() {
         std::fs::write(d.join(name), body).unwrap();
         fails_with(encode(d, name, "out/e.safetensors", &[]), needle);
         assert!(
-            !d.join("out").exists() || files(&d.join("out")).is_empty(),
+            !d.join("out").exists() || names(&d.join("out")).is_empty(),
             "partial output left: {:?}",
-            files(&d.join("out"))
+            names(&d.join("out"))
         );
     }
     // A newline inside an id cannot be stored.

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{fails_with, ok, repo, tevatron};
+use common::{fails_with, names, ok, repo, tevatron};
 
 fn data(f: &str) -> String {
     repo().join("testdata/train").join(f).to_string_lossy().into_owned()
@@ -68,15 +68,6 @@ fn train(dir: &Path, out: &str, extra: &[&str]) -> std::process::Output {
 
 fn read_json(p: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-}
-
-fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
 }
 
 /// The BERT recipe of Tevatron's README (minus the launcher and --deepspeed), on tiny data:

@@ -11,12 +11,13 @@
 //! simply rebuilt.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 use serde_json::Value;
 
+use crate::atomic::AtomicFile;
 use crate::records::{id_field, open_jsonl};
 use crate::{Error, Result};
 
@@ -57,6 +58,8 @@ pub struct Row<'a> {
     pub path: &'a Path,
     /// 1-based line (row, for Parquet) in that file.
     pub line: usize,
+    /// Its position in the store.
+    pub row: usize,
 }
 
 fn cache_key(path: &Path) -> Result<String> {
@@ -87,18 +90,14 @@ fn map(path: &Path) -> Result<Option<Mmap>> {
     Ok(Some(m))
 }
 
-/// Writes `path` through a temporary file and a rename.
+/// Writes `path` through [`AtomicFile`] (temporary name, then rename).
 fn write_atomic(
     path: &Path,
-    fill: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>,
+    fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
 ) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let werr = |source| Error::Write { path: path.to_path_buf(), source };
-    let file = File::create(&tmp).map_err(werr)?;
-    let mut w = BufWriter::with_capacity(1 << 20, file);
-    fill(&mut w).map_err(werr)?;
-    w.into_inner().map_err(|e| werr(e.into_error()))?.sync_all().map_err(werr)?;
-    std::fs::rename(&tmp, path).map_err(werr)
+    let mut file = AtomicFile::create(path)?;
+    fill(file.writer()).map_err(|e| file.err(e))?;
+    file.commit()
 }
 
 fn push_entry(out: &mut Vec<u8>, offset: usize, len: usize, line: usize) {
@@ -227,7 +226,7 @@ impl RowStore {
                 expected: "a JSON object",
             });
         }
-        Ok(Row { value, path, line })
+        Ok(Row { value, path, line, row })
     }
 }
 
@@ -297,8 +296,9 @@ impl DocIndex {
         (u64::from_le_bytes(h), u32::from_le_bytes(r) as usize)
     }
 
-    /// The row whose id equals `id`, if any (the first one, for duplicate ids).
-    pub fn find(&self, store: &RowStore, id: &str) -> Result<Option<usize>> {
+    /// The row whose id equals `id`, if any (the first one, for duplicate ids), parsed: the
+    /// candidate has to be parsed anyway to settle hash collisions.
+    pub fn get<'s>(&self, store: &'s RowStore, id: &str) -> Result<Option<Row<'s>>> {
         let table = self.table.as_deref().unwrap_or(&[]);
         let n = table.len() / 12;
         let want = id_hash(id);
@@ -319,11 +319,16 @@ impl DocIndex {
             }
             let r = store.get(row)?;
             if id_field(&r.value, &self.field, r.path, r.line)? == id {
-                return Ok(Some(row));
+                return Ok(Some(r));
             }
             i += 1;
         }
         Ok(None)
+    }
+
+    /// The position of the row whose id equals `id`, if any.
+    pub fn find(&self, store: &RowStore, id: &str) -> Result<Option<usize>> {
+        Ok(self.get(store, id)?.map(|r| r.row))
     }
 }
 

@@ -6,11 +6,13 @@
 //! or a full disk never leaves a half checkpoint under a real name.
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use tevatron_ir::atomic::AtomicFile;
 use tevatron_model::Encoder;
 
 use crate::optim::AdamW;
@@ -76,12 +78,13 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io { path: path.to_path_buf(), source }
 }
 
-/// Writes JSON through a temporary file and a rename.
+/// Writes JSON through a temporary file and a rename ([`AtomicFile`]).
 pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(value).map_err(|e| Error::Invalid(e.to_string()))?;
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, text + "\n").map_err(io(path))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+    let mut file = AtomicFile::create(path)?;
+    file.writer().write_all(text.as_bytes()).map_err(|e| file.err(e))?;
+    file.writer().write_all(b"\n").map_err(|e| file.err(e))?;
+    Ok(file.commit()?)
 }
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
@@ -105,11 +108,6 @@ pub fn list(output_dir: &Path) -> Vec<(usize, PathBuf)> {
     out
 }
 
-/// Writes a model folder (weights, config, tokenizer) into `dir`.
-fn save_model(encoder: &Encoder, dir: &Path) -> Result<()> {
-    encoder.save_pretrained(dir).map_err(Error::Model)
-}
-
 /// Saves `checkpoint-<step>` into `output_dir` and removes the oldest checkpoints beyond
 /// `limit`. Returns the folder.
 pub fn save(
@@ -128,7 +126,7 @@ pub fn save(
             std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
         }
         std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-        save_model(encoder, &tmp)?;
+        encoder.save_pretrained(&tmp)?;
         let (moments, steps) = opt.state();
         let cpu: Vec<(String, candle_core::Tensor)> = moments
             .into_iter()
@@ -201,7 +199,7 @@ pub fn save_final(output_dir: &Path, encoder: &Encoder) -> Result<()> {
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    save_model(encoder, &tmp)?;
+    encoder.save_pretrained(&tmp)?;
     for entry in std::fs::read_dir(&tmp).map_err(io(&tmp))? {
         let entry = entry.map_err(io(&tmp))?;
         let target = output_dir.join(entry.file_name());

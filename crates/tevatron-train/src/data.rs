@@ -53,8 +53,7 @@ impl Corpus {
     }
 
     fn text(&self, docid: &str) -> Result<Option<String>> {
-        let Some(row) = self.ids.find(&self.rows, docid)? else { return Ok(None) };
-        let r = self.rows.get(row)?;
+        let Some(r) = self.ids.get(&self.rows, docid)? else { return Ok(None) };
         match r.value.get("text") {
             Some(Value::String(s)) => Ok(Some(s.clone())),
             Some(Value::Null) => Ok(Some(String::new())),
@@ -97,12 +96,23 @@ pub struct TrainData {
     seed: u64,
 }
 
+/// The items of an optional list field (absent: none).
+fn list_field<'v>(
+    v: &'v Value,
+    field: &str,
+    of: &str,
+    path: &Path,
+    line: usize,
+) -> Result<&'v [Value]> {
+    match v.get(field) {
+        None => Ok(&[]),
+        Some(Value::Array(items)) => Ok(items),
+        Some(_) => Err(invalid(path, line, format!("field `{field}` must be a list of {of}"))),
+    }
+}
+
 fn inline_passages(v: &Value, field: &str, path: &Path, line: usize) -> Result<Vec<PassageRef>> {
-    let Some(list) = v.get(field) else { return Ok(Vec::new()) };
-    let Value::Array(items) = list else {
-        return Err(invalid(path, line, format!("field `{field}` must be a list of passages")));
-    };
-    items
+    list_field(v, field, "passages", path, line)?
         .iter()
         .enumerate()
         .map(|(k, p)| {
@@ -130,11 +140,7 @@ fn inline_passages(v: &Value, field: &str, path: &Path, line: usize) -> Result<V
 }
 
 fn id_list(v: &Value, field: &str, path: &Path, line: usize) -> Result<Vec<PassageRef>> {
-    let Some(list) = v.get(field) else { return Ok(Vec::new()) };
-    let Value::Array(items) = list else {
-        return Err(invalid(path, line, format!("field `{field}` must be a list of ids")));
-    };
-    items
+    list_field(v, field, "ids", path, line)?
         .iter()
         .map(|id| match id {
             Value::String(s) => Ok(PassageRef::Id(s.clone())),

@@ -74,11 +74,6 @@ impl Accumulator {
         }
         Ok(out)
     }
-
-    /// Positions of the variables that have received no gradient so far.
-    pub fn missing(&self) -> Vec<usize> {
-        self.grads.iter().enumerate().filter(|(_, g)| g.is_none()).map(|(i, _)| i).collect()
-    }
 }
 
 /// Queries or passages: a different dropout stream for each.
@@ -165,6 +160,15 @@ pub struct StepOutput {
     pub loss: f64,
 }
 
+/// What the first pass keeps of one chunk.
+struct FirstPass {
+    range: std::ops::Range<usize>,
+    batch: tevatron_model::Batch,
+    reps: Tensor,
+    /// Last hidden states and layer inputs, only when backward can start from them.
+    kept: Option<(Tensor, Vec<Tensor>)>,
+}
+
 fn chunks(n: usize, size: Option<usize>) -> Vec<std::ops::Range<usize>> {
     let size = size.unwrap_or(n).max(1);
     (0..n.div_ceil(size)).map(|c| c * size..((c + 1) * size).min(n)).collect()
@@ -202,33 +206,33 @@ pub fn micro_step(
         return Ok(StepOutput { loss: value });
     }
 
-    // First pass: representations without a graph, chunk by chunk. Without GradCache the
-    // single chunk keeps its layer inputs so backward need not run the forward again.
+    // First pass: representations without a graph, chunk by chunk. With checkpointing but no
+    // GradCache the single chunk keeps its last hidden states and layer inputs, so backward need
+    // not run the forward again; otherwise nothing but the representations is kept.
     let (qc, pc) = match opts.grad_cache {
         Some((q, p)) => (Some(q), Some(p)),
         None => (None, None),
     };
-    let keep = opts.grad_cache.is_none();
+    let keep = opts.grad_cache.is_none() && opts.checkpointing;
     let mut sides = Vec::new();
     for (seqs, size, side) in [(queries, qc, Side::Query), (passages, pc, Side::Passage)] {
         let mut parts = Vec::new();
         for (c, range) in chunks(seqs.len(), size).into_iter().enumerate() {
             let batch = make(&seqs[range.clone()])?;
             let chunk = Chunk { batch: &batch, seed, side, index: c };
-            let (h, inputs) = run(enc, &chunk, true, keep && opts.checkpointing)?;
+            let (h, inputs) = run(enc, &chunk, true, keep)?;
             let reps = enc.represent(&h, &batch)?.detach();
-            parts.push((range, batch, reps, h, inputs));
+            parts.push(FirstPass { range, batch, reps, kept: keep.then_some((h, inputs)) });
         }
         sides.push((side, parts));
     }
-    let q_all = Var::from_tensor(&Tensor::cat(
-        &sides[0].1.iter().map(|p| p.2.clone()).collect::<Vec<_>>(),
-        0,
-    )?)?;
-    let p_all = Var::from_tensor(&Tensor::cat(
-        &sides[1].1.iter().map(|p| p.2.clone()).collect::<Vec<_>>(),
-        0,
-    )?)?;
+    let all = |parts: &[FirstPass]| -> Result<Var> {
+        Var::from_tensor(&Tensor::cat(
+            &parts.iter().map(|p| p.reps.clone()).collect::<Vec<_>>(),
+            0,
+        )?)
+    };
+    let (q_all, p_all) = (all(&sides[0].1)?, all(&sides[1].1)?);
     let loss = contrastive(q_all.as_tensor(), p_all.as_tensor(), opts.temperature)?;
     let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     let store = (loss * scale)?.backward()?;
@@ -238,16 +242,18 @@ pub fn micro_step(
     for ((side, parts), cached) in sides.into_iter().zip(cached) {
         let cached =
             cached.ok_or_else(|| candle_core::Error::Msg("the loss passed no gradient".into()))?;
-        for (c, (range, batch, _, last, inputs)) in parts.into_iter().enumerate() {
-            let grad = cached.narrow(0, range.start, range.len())?;
-            let chunk = Chunk { batch: &batch, seed, side, index: c };
+        for (c, part) in parts.into_iter().enumerate() {
+            let grad = cached.narrow(0, part.range.start, part.range.len())?;
+            let chunk = Chunk { batch: &part.batch, seed, side, index: c };
             if opts.checkpointing {
-                let (last, inputs) =
-                    if inputs.is_empty() { run(enc, &chunk, true, true)? } else { (last, inputs) };
+                let (last, inputs) = match part.kept {
+                    Some(kept) => kept,
+                    None => run(enc, &chunk, true, true)?,
+                };
                 backward_checkpointed(enc, &chunk, (&last, &inputs), &grad, acc)?;
             } else {
                 let (h, _) = run(enc, &chunk, false, false)?;
-                let reps = enc.represent(&h, &batch)?;
+                let reps = enc.represent(&h, &part.batch)?;
                 acc.add(&(reps * grad)?.sum_all()?.backward()?)?;
             }
         }

@@ -4,14 +4,14 @@
 use std::collections::BTreeMap;
 use std::sync::mpsc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::DType;
 use tevatron_ir::records::{count_rows, shard_range, RecordKind, RecordStream};
 use tevatron_ir::vectors::{VecDType, VectorWriter};
-use tevatron_model::encoder::{BatchOptions, DefaultsSource};
-use tevatron_model::{Encoder, EncoderOptions, PaddingSide, Pooling, TextOptions};
+use tevatron_model::encoder::BatchOptions;
+use tevatron_model::{EncoderOptions, PaddingSide, Pooling, TextOptions};
 
-use crate::args::{EncodeArgs, PoolingArg, SideArg, VecDTypeArg};
+use crate::args::{EncodeArgs, VecDTypeArg};
 use crate::{dataset, progress};
 
 /// Records tokenized and encoded together: large enough to sort by length usefully, small
@@ -61,10 +61,7 @@ fn validate(a: &EncodeArgs) -> Result<EncodeConfig> {
     } else {
         (RecordKind::Doc, a.passage_max_len, a.passage_prefix.clone())
     };
-    let padding_side = match a.padding_side {
-        SideArg::Right => PaddingSide::Right,
-        SideArg::Left => PaddingSide::Left,
-    };
+    let padding_side = PaddingSide::from(a.padding_side);
     let device = tevatron_model::device::select(a.device.as_deref())?;
     let tokens = a.per_device_eval_batch_size * max_len.max(1);
     // On CPU, capped so that activations stay under the allocator's mmap threshold (see main);
@@ -93,11 +90,7 @@ fn validate(a: &EncodeArgs) -> Result<EncodeConfig> {
             padding_side,
         },
         encoder: EncoderOptions {
-            pooling: a.pooling.map(|p| match p {
-                PoolingArg::Cls => Pooling::Cls,
-                PoolingArg::Mean => Pooling::Mean,
-                PoolingArg::Last => Pooling::Last,
-            }),
+            pooling: a.pooling.map(Pooling::from),
             normalize: a.normalize,
             dtype,
             device,
@@ -118,22 +111,12 @@ type Chunk = (Vec<String>, Vec<Vec<u32>>);
 pub fn run(a: &EncodeArgs) -> Result<()> {
     crate::tune_allocator();
     let cfg = validate(a)?;
-    let model_dir =
-        tevatron_model::hub::resolve_model(&a.model_name_or_path, a.cache_dir.as_deref())?;
-    let tok_dir = a
-        .tokenizer_name
-        .as_deref()
-        .map(|t| tevatron_model::hub::resolve_model_tokenizer(t, a.cache_dir.as_deref()))
-        .transpose()?;
-    let encoder = Encoder::load(&model_dir, tok_dir.as_deref(), &cfg.encoder)
-        .with_context(|| format!("loading model {}", a.model_name_or_path))?;
-    match encoder.defaults_source() {
-        DefaultsSource::SentenceTransformers(what) => tracing::info!("using {what}"),
-        DefaultsSource::Tevatron => {
-            tracing::info!("using Tevatron's defaults: pooling cls, no normalization")
-        }
-        DefaultsSource::User => {}
-    }
+    let encoder = super::load_encoder(
+        &a.model_name_or_path,
+        a.tokenizer_name.as_deref(),
+        a.cache_dir.as_deref(),
+        &cfg.encoder,
+    )?;
     encoder.check_padding(cfg.batch.padding_side)?;
     let tokenizer = encoder.tokenizer().prepare(&cfg.text)?;
 

@@ -6,7 +6,11 @@ mod eval;
 mod search;
 mod train;
 
-use anyhow::Result;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use tevatron_model::encoder::DefaultsSource;
+use tevatron_model::{Encoder, EncoderOptions};
 
 use crate::args::{Cli, Command};
 
@@ -19,4 +23,28 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => eval::run(&a),
         Command::Convert(a) => convert::run(&a),
     }
+}
+
+/// Resolves `--model_name_or_path` / `--tokenizer_name` (local folders or hub ids), loads the
+/// encoder and says where its pooling and normalisation came from.
+pub fn load_encoder(
+    model: &str,
+    tokenizer: Option<&str>,
+    cache_dir: Option<&Path>,
+    opts: &EncoderOptions,
+) -> Result<Encoder> {
+    let model_dir = tevatron_model::hub::resolve_model(model, cache_dir)?;
+    let tok_dir = tokenizer
+        .map(|t| tevatron_model::hub::resolve_model_tokenizer(t, cache_dir))
+        .transpose()?;
+    let encoder = Encoder::load(&model_dir, tok_dir.as_deref(), opts)
+        .with_context(|| format!("loading model {model}"))?;
+    match encoder.defaults_source() {
+        DefaultsSource::SentenceTransformers(what) => tracing::info!("using {what}"),
+        DefaultsSource::Tevatron => {
+            tracing::info!("using Tevatron's defaults: pooling cls, no normalization")
+        }
+        DefaultsSource::User => {}
+    }
+    Ok(encoder)
 }

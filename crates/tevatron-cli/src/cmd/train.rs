@@ -7,15 +7,14 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use tevatron_model::backbone::layers::set_autocast;
-use tevatron_model::encoder::DefaultsSource;
-use tevatron_model::{Encoder, EncoderOptions, PaddingSide, Pooling, TextOptions};
+use tevatron_model::{EncoderOptions, PaddingSide, Pooling, TextOptions};
 use tevatron_train::data::{Corpus, TrainData};
 use tevatron_train::optim::AdamWConfig;
 use tevatron_train::schedule::ScheduleKind;
 use tevatron_train::step::StepOptions;
 use tevatron_train::trainer::{prepare_output_dir, train, Plan, TrainConfig};
 
-use crate::args::{PoolingArg, SideArg, StrategyArg, TrainArgs};
+use crate::args::{StrategyArg, TrainArgs};
 use crate::{dataset, progress};
 
 /// Where row indexes are cached: `--dataset_cache_dir`, else the Hugging Face datasets cache.
@@ -129,41 +128,20 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     let data = TrainData::open(&files, corpus, &cache, a.train_group_size, a.seed)?;
 
     let device = tevatron_model::device::select(a.device.as_deref())?;
-    let model_dir =
-        tevatron_model::hub::resolve_model(&a.model_name_or_path, a.cache_dir.as_deref())?;
-    let tok_dir = a
-        .tokenizer_name
-        .as_deref()
-        .map(|t| tevatron_model::hub::resolve_model_tokenizer(t, a.cache_dir.as_deref()))
-        .transpose()?;
-    let encoder = Encoder::load(
-        &model_dir,
-        tok_dir.as_deref(),
+    let encoder = super::load_encoder(
+        &a.model_name_or_path,
+        a.tokenizer_name.as_deref(),
+        a.cache_dir.as_deref(),
         &EncoderOptions {
-            pooling: a.pooling.map(|p| match p {
-                PoolingArg::Cls => Pooling::Cls,
-                PoolingArg::Mean => Pooling::Mean,
-                PoolingArg::Last => Pooling::Last,
-            }),
+            pooling: a.pooling.map(Pooling::from),
             normalize: a.normalize,
             dtype: DType::F32,
             device,
             trainable: true,
             disable_dropout: a.disable_dropout,
         },
-    )
-    .with_context(|| format!("loading model {}", a.model_name_or_path))?;
-    match encoder.defaults_source() {
-        DefaultsSource::SentenceTransformers(what) => tracing::info!("using {what}"),
-        DefaultsSource::Tevatron => {
-            tracing::info!("using Tevatron's defaults: pooling cls, no normalization")
-        }
-        DefaultsSource::User => {}
-    }
-    let padding_side = match a.padding_side {
-        SideArg::Right => PaddingSide::Right,
-        SideArg::Left => PaddingSide::Left,
-    };
+    )?;
+    let padding_side = PaddingSide::from(a.padding_side);
     encoder.check_padding(padding_side)?;
 
     let text = |max_len, prefix: &str| TextOptions {
@@ -174,8 +152,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     };
     let save_steps = match a.save_strategy {
         StrategyArg::Steps => a.save_steps,
-        StrategyArg::No => 0,
-        StrategyArg::Epoch => 0,
+        StrategyArg::No | StrategyArg::Epoch => 0,
     };
     let mut cfg = TrainConfig {
         output_dir: a.output_dir.clone(),

@@ -34,3 +34,13 @@ pub fn fails_with(out: Output, needle: &str) -> String {
     assert!(!err.contains("panicked"), "{err}");
     last
 }
+
+/// The entry names of a folder, sorted.
+pub fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}

@@ -82,7 +82,8 @@ pub(super) fn lanes_reduce(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) ->
 /// Chunk of elements per rayon task, so small tensors are not split needlessly.
 pub(super) const CHUNK: usize = 1 << 14;
 
-struct Gelu;
+/// The GELU kernel (its forward is shared with the training op).
+pub(super) struct Gelu;
 
 impl CustomOp1 for Gelu {
     fn name(&self) -> &'static str {

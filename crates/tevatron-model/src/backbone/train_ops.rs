@@ -12,10 +12,8 @@ use rayon::prelude::*;
 
 use super::fast::{contiguous_f32, erf, exp, lanes_reduce, CHUNK};
 
-/// Whether the fused kernels apply (F32 on CPU).
-pub fn applies(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == candle_core::DType::F32
-}
+/// Whether the fused kernels apply (F32 on CPU), the same rule as the inference kernels'.
+pub use super::fast::applies;
 
 /// Fills a new vector of `n` elements in parallel chunks of whole rows of width `row`.
 /// `fill(start, out)` must write every element of `out` (it may read back what it wrote);
@@ -55,14 +53,9 @@ impl CustomOp1 for Gelu {
     fn name(&self) -> &'static str {
         "train-gelu"
     }
+    /// The inference kernel's forward; only the backward is new here.
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s, l, "train-gelu")?;
-        let out = par_rows(x.len(), 1, |start, o| {
-            for (o, &v) in o.iter_mut().zip(&x[start..]) {
-                *o = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
-            }
-        });
-        Ok((CpuStorage::F32(out), l.shape().clone()))
+        super::fast::Gelu.cpu_fwd(s, l)
     }
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(arg.apply_op2_no_bwd(&grad.contiguous()?, &GeluGrad)?))
