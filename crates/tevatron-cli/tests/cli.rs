@@ -390,3 +390,14 @@ fn write_vectors(path: &Path, dim: usize, rows: &[f32], ids: &[&str]) {
     w.push(rows, ids).unwrap();
     w.finish().unwrap();
 }
+
+#[test]
+fn prepare_insuranceqa_names_the_missing_source_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tevatron(
+        dir.path(),
+        &["prepare", "insuranceqa", "--source", "no-such-folder", "--output_dir", "out"],
+    );
+    fails_with(out, "no-such-folder/answers.json.gz");
+    assert!(!dir.path().join("out").exists());
+}

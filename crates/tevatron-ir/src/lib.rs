@@ -20,6 +20,7 @@
 pub mod atomic;
 pub mod error;
 pub mod fxhash;
+pub mod insuranceqa;
 pub mod metrics;
 pub mod records;
 pub mod rows;

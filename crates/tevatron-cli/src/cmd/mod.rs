@@ -3,6 +3,7 @@
 mod convert;
 mod encode;
 mod eval;
+mod prepare;
 mod search;
 mod train;
 
@@ -22,6 +23,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Search(a) => search::run(&a),
         Command::Eval(a) => eval::run(&a),
         Command::Convert(a) => convert::run(&a),
+        Command::Prepare(a) => prepare::run(&a),
     }
 }
 
