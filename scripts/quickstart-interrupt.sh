@@ -2,6 +2,7 @@
 # Checks that the quickstart survives interruption: runs it in a fresh folder, interrupts it
 # (SIGINT to the whole process group, as Ctrl-C does; SIGKILL with KILL=1) after each of the
 # given numbers of seconds, then lets it finish and compares metrics.json with a reference run.
+# (A job started with & ignores SIGINT, so python restores the default before starting it.)
 #   scripts/quickstart-interrupt.sh runs/quickstart/metrics.json 45 200 330
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -11,7 +12,9 @@ out=$(mktemp -d)/quickstart
 signal=${KILL:+KILL}
 signal=${signal:-INT}
 for seconds in "$@"; do
-  setsid env QUICKSTART_OUT="$out" "$root/scripts/quickstart.sh" > /dev/null 2>&1 &
+  QUICKSTART_OUT="$out" setsid python3 -c 'import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+os.execv(sys.argv[1], sys.argv[1:])' "$root/scripts/quickstart.sh" > /dev/null 2>&1 &
   pid=$!
   sleep "$seconds"
   if kill -0 "$pid" 2>/dev/null; then

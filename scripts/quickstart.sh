@@ -98,7 +98,7 @@ if [ ! -f "$out/model/trainer_state.json" ]; then  # written last, when training
     --dataset_path "$train_data" "${train_flags[@]}" \
     --per_device_train_batch_size 32 --train_group_size 1 --query_max_len 32 --passage_max_len 128 \
     --pooling mean --normalize --temperature 0.05 --learning_rate 2e-5 --warmup_ratio 0.1 \
-    --logging_steps 10 --save_steps 20 --save_total_limit 1 --seed 42 \
+    --logging_steps 2 --save_steps 20 --save_total_limit 1 --seed 42 \
     --dataset_cache_dir "$out/cache"
 fi
 

@@ -25,7 +25,9 @@ impl Cli {
             Command::Encode(a) => a.quiet,
             Command::Search(a) => a.quiet,
             Command::Train(a) => a.quiet,
-            Command::Eval(_) | Command::Convert(_) | Command::Prepare(_) => false,
+            Command::Eval(_) | Command::Convert(_) | Command::Prepare(_) | Command::Plot(_) => {
+                false
+            }
         }
     }
 }
@@ -45,6 +47,8 @@ pub enum Command {
     Convert(ConvertArgs),
     /// Convert a public dataset's download into Tevatron's JSONL files.
     Prepare(PrepareArgs),
+    /// Draw the loss and learning-rate curves of a training output (PNG and SVG).
+    Plot(PlotArgs),
 }
 
 /// Parses Hugging Face style booleans: `--flag`, `--flag true`, `--flag False`, `--flag 0`.
@@ -550,6 +554,16 @@ pub struct PrepareArgs {
     pub source: PathBuf,
     /// Where to write the JSONL files.
     #[arg(long)]
+    pub output_dir: PathBuf,
+}
+
+/// Flags of `tevatron plot`.
+#[derive(Debug, Args)]
+#[command(rename_all = "snake_case")]
+pub struct PlotArgs {
+    /// A `tevatron train` output folder or one of its `checkpoint-*` folders (anything holding a
+    /// `trainer_state.json`, Hugging Face Trainer outputs included). The pictures are written
+    /// into it as `training_curves.png` and `training_curves.svg`.
     pub output_dir: PathBuf,
 }
 

@@ -4,6 +4,7 @@
 mod args;
 mod cmd;
 mod dataset;
+mod plot;
 mod progress;
 
 use std::process::ExitCode;

@@ -84,7 +84,14 @@ fn readme_recipe_trains_and_writes_hugging_face_outputs() {
     ));
     let out = PathBuf::from(out);
     let files = names(&out);
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "trainer_state.json"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "trainer_state.json",
+        "training_curves.png",
+        "training_curves.svg",
+    ] {
         assert!(files.contains(&f.to_string()), "{f} missing from {files:?}");
     }
     // 24 rows / 4 = 6 micro-batches per epoch, 2 epochs: 12 steps; only the last 2 kept.

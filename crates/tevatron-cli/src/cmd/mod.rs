@@ -24,6 +24,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => eval::run(&a),
         Command::Convert(a) => convert::run(&a),
         Command::Prepare(a) => prepare::run(&a),
+        Command::Plot(a) => {
+            for path in crate::plot::plot_training(&a.output_dir)? {
+                println!("{}", path.display());
+            }
+            Ok(())
+        }
     }
 }
 

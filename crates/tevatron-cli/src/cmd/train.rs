@@ -240,5 +240,11 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         tracing::info!("{summary}");
     }
     tracing::info!("model saved to {}", a.output_dir.display());
+    // The pictures are a view of trainer_state.json: a training run that cannot draw them (no
+    // logged step, a full disk) has still succeeded, so this only warns.
+    match crate::plot::plot_training(&a.output_dir) {
+        Ok(files) => tracing::info!("training curves in {}", files[0].display()),
+        Err(e) => tracing::warn!("no training curves: {e:#}"),
+    }
     Ok(())
 }

@@ -1,0 +1,285 @@
+//! Training curves as pictures: the loss and the learning rate against the optimizer step, read
+//! from a training output's `trainer_state.json` and drawn as PNG and SVG side by side with it.
+//!
+//! Text is drawn with an ASCII subset of DejaVu Sans compiled into the binary (10 KB, made by
+//! `scripts/fixtures/make_plot_font.sh`), so a picture looks the same on every machine and no
+//! system font library is needed.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use anyhow::{bail, Context, Result};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use plotters::style::FontStyle;
+use tevatron_ir::atomic::AtomicFile;
+
+/// The ASCII subset of DejaVu Sans (license: `assets/DejaVuSans-LICENSE.txt`).
+static FONT: &[u8] = include_bytes!("../assets/DejaVuSans-ascii.ttf");
+
+/// Picture size in pixels (SVG units for the SVG).
+const SIZE: (u32, u32) = (1200, 450);
+
+/// One logged step of `log_history`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Logged {
+    /// Optimizer step.
+    pub step: f64,
+    /// Mean training loss over the logging window.
+    pub loss: f64,
+    /// Learning rate at the step.
+    pub learning_rate: f64,
+}
+
+/// Reads the logged steps (entries with `step`, `loss` and `learning_rate`, as the trainer and
+/// Hugging Face's Trainer write them) of `dir/trainer_state.json`.
+pub fn read_log(dir: &Path) -> Result<Vec<Logged>> {
+    let path = dir.join("trainer_state.json");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!("could not read {} (is it a training output folder?)", path.display())
+    })?;
+    let state: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: malformed JSON", path.display()))?;
+    let Some(history) = state.get("log_history").and_then(|h| h.as_array()) else {
+        bail!("{}: field `log_history` must be a list", path.display());
+    };
+    let number = |e: &serde_json::Value, k: &str| e.get(k).and_then(|v| v.as_f64());
+    let log: Vec<Logged> = history
+        .iter()
+        .filter_map(|e| {
+            Some(Logged {
+                step: number(e, "step")?,
+                loss: number(e, "loss")?,
+                learning_rate: number(e, "learning_rate")?,
+            })
+        })
+        .filter(|l| l.step.is_finite() && l.loss.is_finite() && l.learning_rate.is_finite())
+        .collect();
+    if log.is_empty() {
+        bail!(
+            "{}: no logged step with `step`, `loss` and `learning_rate` (train with --logging_steps \
+             smaller than the number of steps)",
+            path.display()
+        );
+    }
+    Ok(log)
+}
+
+/// Draws `dir/training_curves.png` and `.svg` from `dir/trainer_state.json`; returns their paths.
+/// Each file is written under a temporary name and renamed.
+pub fn plot_training(dir: &Path) -> Result<Vec<PathBuf>> {
+    let log = read_log(dir)?;
+    let title = dir
+        .canonicalize()
+        .ok()
+        .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_default();
+    register_font()?;
+
+    let svg_path = dir.join("training_curves.svg");
+    let mut svg = String::new();
+    draw(SVGBackend::with_string(&mut svg, SIZE).into_drawing_area(), &log, &title)?;
+    let mut file = AtomicFile::create(&svg_path)?;
+    std::io::Write::write_all(&mut file, svg.as_bytes()).map_err(|e| file.err(e))?;
+    file.commit()?;
+
+    // The PNG encoder picks the format from the extension, so the temporary name ends in .png.
+    let png_path = dir.join("training_curves.png");
+    let temp = dir.join(format!(".training_curves.{}.png", std::process::id()));
+    let drawn = draw(BitMapBackend::new(&temp, SIZE).into_drawing_area(), &log, &title);
+    if let Err(e) = drawn {
+        let _ = std::fs::remove_file(&temp);
+        return Err(e);
+    }
+    std::fs::rename(&temp, &png_path)
+        .with_context(|| format!("could not write {}", png_path.display()))?;
+    Ok(vec![png_path, svg_path])
+}
+
+fn register_font() -> Result<()> {
+    static REGISTERED: OnceLock<bool> = OnceLock::new();
+    let ok = *REGISTERED.get_or_init(|| {
+        plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).is_ok()
+    });
+    if !ok {
+        bail!("the plot font compiled into this binary is not a valid font");
+    }
+    Ok(())
+}
+
+/// A range with a margin, never empty (a constant learning rate still gets an axis).
+fn padded(values: impl Iterator<Item = f64> + Clone, from_zero: bool) -> Range<f64> {
+    let lo = values.clone().fold(f64::INFINITY, f64::min);
+    let hi = values.fold(f64::NEG_INFINITY, f64::max);
+    let lo = if from_zero { lo.min(0.0) } else { lo };
+    let span = if hi > lo { hi - lo } else { hi.abs().max(1e-12) };
+    let lo = if from_zero { lo } else { lo - 0.05 * span };
+    lo..hi + 0.05 * span
+}
+
+/// One panel of the picture: what it shows and how.
+struct Panel {
+    caption: &'static str,
+    color: RGBColor,
+    value: fn(&Logged) -> f64,
+    /// Whether the axis starts at zero (the learning rate warms up from it).
+    from_zero: bool,
+}
+
+const PANELS: [Panel; 2] = [
+    Panel {
+        caption: "training loss",
+        color: RGBColor(31, 119, 180),
+        value: |l| l.loss,
+        from_zero: false,
+    },
+    Panel {
+        caption: "learning rate",
+        color: RGBColor(214, 39, 40),
+        value: |l| l.learning_rate,
+        from_zero: true,
+    },
+];
+
+fn draw<B: DrawingBackend>(area: DrawingArea<B, Shift>, log: &[Logged], title: &str) -> Result<()>
+where
+    B::ErrorType: 'static,
+{
+    let fail = |e: DrawingAreaErrorKind<B::ErrorType>| anyhow::anyhow!("drawing the plot: {e}");
+    area.fill(&WHITE).map_err(fail)?;
+    let heading =
+        if title.is_empty() { "training".to_string() } else { format!("training: {title}") };
+    let area = area.titled(&heading, ("sans-serif", 24)).map_err(fail)?;
+    let (left, right) = area.split_horizontally(SIZE.0 / 2);
+    let steps = {
+        let last = log.iter().map(|l| l.step).fold(0.0, f64::max);
+        0.0..last.max(1.0) * 1.02
+    };
+    for (area, panel) in [left, right].iter().zip(PANELS) {
+        let (value, color) = (panel.value, panel.color);
+        let mut chart = ChartBuilder::on(area)
+            .caption(panel.caption, ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d(steps.clone(), padded(log.iter().map(value), panel.from_zero))
+            .map_err(fail)?;
+        chart
+            .configure_mesh()
+            .light_line_style(RGBColor(240, 240, 240))
+            .bold_line_style(RGBColor(215, 215, 215))
+            .x_desc("step")
+            .y_desc(panel.caption)
+            .label_style(("sans-serif", 13))
+            .axis_desc_style(("sans-serif", 15))
+            .y_label_formatter(&|v| format_number(*v))
+            .x_label_formatter(&|v| format!("{v:.0}"))
+            .draw()
+            .map_err(fail)?;
+        chart
+            .draw_series(LineSeries::new(
+                log.iter().map(|l| (l.step, value(l))),
+                color.stroke_width(2),
+            ))
+            .map_err(fail)?;
+        chart
+            .draw_series(log.iter().map(|l| Circle::new((l.step, value(l)), 3, color.filled())))
+            .map_err(fail)?;
+    }
+    area.present().map_err(fail)?;
+    Ok(())
+}
+
+/// Axis labels short enough for the label area: `2e-5` rather than `0.00002`.
+fn format_number(v: f64) -> String {
+    if v == 0.0 {
+        "0".into()
+    } else if v.abs() < 1e-3 || v.abs() >= 1e5 {
+        let s = format!("{v:.1e}");
+        s.replace(".0e", "e")
+    } else {
+        let s = format!("{v:.4}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_state(dir: &Path, history: serde_json::Value) {
+        let state = serde_json::json!({"global_step": 30, "log_history": history});
+        std::fs::write(dir.join("trainer_state.json"), state.to_string()).unwrap();
+    }
+
+    #[test]
+    fn reads_logged_steps_and_skips_the_summary() {
+        let dir = tempfile::tempdir().unwrap();
+        write_state(
+            dir.path(),
+            serde_json::json!([
+                {"step": 10, "epoch": 0.5, "loss": 0.9, "grad_norm": 3.0, "learning_rate": 2e-5},
+                {"step": 20, "epoch": 1.0, "loss": 0.5, "grad_norm": 2.0, "learning_rate": 1e-5},
+                {"step": 20, "train_loss": 0.7, "train_runtime": 12.0}
+            ]),
+        );
+        let log = read_log(dir.path()).unwrap();
+        assert_eq!(
+            log,
+            [
+                Logged { step: 10.0, loss: 0.9, learning_rate: 2e-5 },
+                Logged { step: 20.0, loss: 0.5, learning_rate: 1e-5 }
+            ]
+        );
+    }
+
+    #[test]
+    fn draws_png_and_svg_with_the_curves() {
+        let dir = tempfile::tempdir().unwrap();
+        let history: Vec<_> = (1..=30)
+            .map(|s| serde_json::json!({"step": s, "loss": 1.0 / s as f64, "learning_rate": 2e-5}))
+            .collect();
+        write_state(dir.path(), serde_json::Value::Array(history));
+        let files = plot_training(dir.path()).unwrap();
+        let png = std::fs::read(&files[0]).unwrap();
+        assert_eq!(&png[1..4], b"PNG");
+        // Width and height from the IHDR chunk.
+        let dims = (
+            u32::from_be_bytes(png[16..20].try_into().unwrap()),
+            u32::from_be_bytes(png[20..24].try_into().unwrap()),
+        );
+        assert_eq!(dims, SIZE);
+        let svg = std::fs::read_to_string(&files[1]).unwrap();
+        assert!(svg.starts_with("<svg"), "{}", &svg[..60]);
+        assert!(svg.contains("training loss") && svg.contains("learning rate"));
+        // One marker per logged step in each panel.
+        assert_eq!(svg.matches("<circle").count(), 60);
+        // No temporary file is left behind.
+        let mut names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["trainer_state.json", "training_curves.png", "training_curves.svg"]);
+    }
+
+    #[test]
+    fn a_state_without_logged_steps_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = read_log(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("trainer_state.json"), "{err}");
+        write_state(dir.path(), serde_json::json!([{"step": 5, "train_loss": 0.7}]));
+        let err = read_log(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("--logging_steps"), "{err}");
+    }
+
+    #[test]
+    fn axis_numbers_stay_short() {
+        assert_eq!(format_number(2e-5), "2e-5");
+        assert_eq!(format_number(1.5e-5), "1.5e-5");
+        assert_eq!(format_number(0.25), "0.25");
+        assert_eq!(format_number(0.0), "0");
+        assert_eq!(format_number(3.0), "3");
+    }
+}
