@@ -27,6 +27,8 @@ pub fn bar(total: Option<u64>, unit: &str, quiet: bool) -> ProgressBar {
 pub struct LogProgress {
     total: usize,
     done: usize,
+    /// Items done before this process started (a resumed run); not part of the rate.
+    before: usize,
     unit: &'static str,
     start: Instant,
     last: Instant,
@@ -40,11 +42,26 @@ impl LogProgress {
         Self {
             total,
             done: 0,
+            before: 0,
             unit,
             start: now,
             last: now,
             enabled: !quiet && !std::io::stderr().is_terminal(),
         }
+    }
+
+    /// Starts the count at `done` items finished by an earlier run (resumed training), so that
+    /// the line reads `61/80` and the rate and ETA cover this run's work only.
+    pub fn resume_at(&mut self, done: usize) {
+        self.done = done;
+        self.before = done;
+    }
+
+    /// `done/total unit (rate/s, ETA s)` after `secs` seconds of this process's work.
+    fn line(&self, secs: f64) -> String {
+        let rate = (self.done - self.before) as f64 / secs.max(1e-9);
+        let eta = (self.total.saturating_sub(self.done)) as f64 / rate.max(1e-9);
+        format!("{}/{} {} ({rate:.1}/s, ETA {eta:.0} s)", self.done, self.total, self.unit)
     }
 
     /// Counts `n` more items and logs if 30 seconds passed since the last line.
@@ -54,16 +71,19 @@ impl LogProgress {
             return;
         }
         self.last = Instant::now();
-        let secs = self.start.elapsed().as_secs_f64();
-        let rate = self.done as f64 / secs.max(1e-9);
-        let eta = (self.total.saturating_sub(self.done)) as f64 / rate.max(1e-9);
-        tracing::info!(
-            "{}/{} {} ({:.1}/s, ETA {:.0} s)",
-            self.done,
-            self.total,
-            self.unit,
-            rate,
-            eta
-        );
+        tracing::info!("{}", self.line(self.start.elapsed().as_secs_f64()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resumed_run_counts_from_its_checkpoint_and_rates_only_its_own_work() {
+        let mut p = LogProgress::new(80, "steps", true);
+        p.resume_at(60);
+        p.advance(10);
+        assert_eq!(p.line(20.0), "70/80 steps (0.5/s, ETA 20 s)");
     }
 }

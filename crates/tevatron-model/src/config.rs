@@ -5,11 +5,11 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::backbone::{bert, distilbert};
+use crate::backbone::{bert, distilbert, llama};
 use crate::{Error, Result};
 
 /// The model families this build implements, as `config.json` names them.
-pub const SUPPORTED: &str = "bert, roberta, xlm-roberta, distilbert";
+pub const SUPPORTED: &str = "bert, roberta, xlm-roberta, distilbert, llama, mistral, qwen2, qwen3";
 
 /// A parsed `config.json`.
 #[derive(Clone, Debug, Deserialize)]
@@ -27,6 +27,18 @@ pub enum ModelConfig {
     /// DistilBERT.
     #[serde(rename = "distilbert")]
     DistilBert(distilbert::Config),
+    /// Llama 2 and 3.
+    #[serde(rename = "llama")]
+    Llama(llama::Config),
+    /// Mistral.
+    #[serde(rename = "mistral")]
+    Mistral(llama::Config),
+    /// Qwen2 (and Qwen2.5).
+    #[serde(rename = "qwen2")]
+    Qwen2(llama::Config),
+    /// Qwen3 (Qwen3-Embedding among others).
+    #[serde(rename = "qwen3")]
+    Qwen3(llama::Config),
 }
 
 #[derive(Deserialize)]
@@ -42,7 +54,7 @@ impl ModelConfig {
         let ty: TypeOnly = serde_json::from_str(&text)
             .map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
         let model_type = ty.model_type.unwrap_or_default();
-        if !["bert", "roberta", "xlm-roberta", "distilbert"].contains(&model_type.as_str()) {
+        if !SUPPORTED.split(", ").any(|t| t == model_type) {
             return Err(Error::UnsupportedModel {
                 path: path.to_path_buf(),
                 model_type,
@@ -60,6 +72,10 @@ impl ModelConfig {
             ModelConfig::Roberta(_) => "roberta",
             ModelConfig::XlmRoberta(_) => "xlm-roberta",
             ModelConfig::DistilBert(_) => "distilbert",
+            ModelConfig::Llama(_) => "llama",
+            ModelConfig::Mistral(_) => "mistral",
+            ModelConfig::Qwen2(_) => "qwen2",
+            ModelConfig::Qwen3(_) => "qwen3",
         }
     }
 
@@ -70,6 +86,10 @@ impl ModelConfig {
                 c.hidden_size
             }
             ModelConfig::DistilBert(c) => c.dim,
+            ModelConfig::Llama(c)
+            | ModelConfig::Mistral(c)
+            | ModelConfig::Qwen2(c)
+            | ModelConfig::Qwen3(c) => c.hidden_size,
         }
     }
 
@@ -84,6 +104,10 @@ impl ModelConfig {
                 c.dropout = 0.0;
                 c.attention_dropout = 0.0;
             }
+            ModelConfig::Llama(c)
+            | ModelConfig::Mistral(c)
+            | ModelConfig::Qwen2(c)
+            | ModelConfig::Qwen3(c) => c.attention_dropout = 0.0,
         }
     }
 
@@ -94,6 +118,10 @@ impl ModelConfig {
             ModelConfig::Bert(_) => &["bert."],
             ModelConfig::Roberta(_) | ModelConfig::XlmRoberta(_) => &["roberta."],
             ModelConfig::DistilBert(_) => &["distilbert."],
+            ModelConfig::Llama(_)
+            | ModelConfig::Mistral(_)
+            | ModelConfig::Qwen2(_)
+            | ModelConfig::Qwen3(_) => &["model."],
         }
     }
 }

@@ -11,6 +11,7 @@ use candle_nn::{VarBuilder, VarMap};
 
 use crate::backbone::bert::{Bert, Positions};
 use crate::backbone::distilbert::DistilBert;
+use crate::backbone::llama::{Family, Llama};
 use crate::backbone::{Backbone, Mode};
 use crate::collate::{collate, Batch, PaddingSide};
 use crate::config::ModelConfig;
@@ -240,6 +241,10 @@ impl Encoder {
                 Box::new(Bert::load(vb, c, Positions::AfterPadding).map_err(arch)?)
             }
             ModelConfig::DistilBert(c) => Box::new(DistilBert::load(vb, c).map_err(arch)?),
+            ModelConfig::Llama(c) => Box::new(Llama::load(vb, c, Family::Llama).map_err(arch)?),
+            ModelConfig::Mistral(c) => Box::new(Llama::load(vb, c, Family::Mistral).map_err(arch)?),
+            ModelConfig::Qwen2(c) => Box::new(Llama::load(vb, c, Family::Qwen2).map_err(arch)?),
+            ModelConfig::Qwen3(c) => Box::new(Llama::load(vb, c, Family::Qwen3).map_err(arch)?),
         };
         let mut unused = std::collections::BTreeMap::new();
         let varmap = if opts.trainable {

@@ -114,28 +114,33 @@ fn run(enc: &Encoder, chunk: &Chunk, detach: bool, keep: bool) -> Result<(Tensor
         chunk.seed_layer(i + 1);
         x = cut(bb.layer(i, &x, &bias, Mode::Train)?);
     }
-    Ok((x, inputs))
+    if keep {
+        inputs.push(x.clone());
+    }
+    Ok((cut(bb.finish(&x, Mode::Train)?), inputs))
 }
 
 /// Back-propagates `grad_reps` through a chunk one layer at a time from the kept layer
-/// inputs, adding parameter gradients to `acc`.
+/// inputs (the last one being the input of the backbone's final step, such as a decoder's
+/// closing norm), adding parameter gradients to `acc`.
 fn backward_checkpointed(
     enc: &Encoder,
     chunk: &Chunk,
-    (last, inputs): (&Tensor, &[Tensor]),
+    inputs: &[Tensor],
     grad_reps: &Tensor,
     acc: &mut Accumulator,
 ) -> Result<()> {
     let bb = enc.backbone();
     let batch = chunk.batch;
-    let top = Var::from_tensor(last)?;
-    let reps = enc.represent(top.as_tensor(), batch)?;
+    let top = Var::from_tensor(&inputs[bb.num_layers()])?;
+    let reps = enc.represent(&bb.finish(top.as_tensor(), Mode::Train)?, batch)?;
     let store = (reps * grad_reps)?.sum_all()?.backward()?;
+    acc.add(&store)?;
     let mut grad = store
         .get(top.as_tensor())
         .cloned()
         .ok_or_else(|| candle_core::Error::Msg("pooling passed no gradient".into()))?;
-    let bias = bb.attention_bias(batch, last.dtype())?;
+    let bias = bb.attention_bias(batch, top.dtype())?;
     for i in (0..bb.num_layers()).rev() {
         let input = Var::from_tensor(&inputs[i])?;
         chunk.seed_layer(i + 1);
@@ -165,8 +170,8 @@ struct FirstPass {
     range: std::ops::Range<usize>,
     batch: tevatron_model::Batch,
     reps: Tensor,
-    /// Last hidden states and layer inputs, only when backward can start from them.
-    kept: Option<(Tensor, Vec<Tensor>)>,
+    /// Layer inputs (and the final step's input), only when backward can start from them.
+    kept: Option<Vec<Tensor>>,
 }
 
 fn chunks(n: usize, size: Option<usize>) -> Vec<std::ops::Range<usize>> {
@@ -222,7 +227,7 @@ pub fn micro_step(
             let chunk = Chunk { batch: &batch, seed, side, index: c };
             let (h, inputs) = run(enc, &chunk, true, keep)?;
             let reps = enc.represent(&h, &batch)?.detach();
-            parts.push(FirstPass { range, batch, reps, kept: keep.then_some((h, inputs)) });
+            parts.push(FirstPass { range, batch, reps, kept: keep.then_some(inputs) });
         }
         sides.push((side, parts));
     }
@@ -246,11 +251,11 @@ pub fn micro_step(
             let grad = cached.narrow(0, part.range.start, part.range.len())?;
             let chunk = Chunk { batch: &part.batch, seed, side, index: c };
             if opts.checkpointing {
-                let (last, inputs) = match part.kept {
-                    Some(kept) => kept,
-                    None => run(enc, &chunk, true, true)?,
+                let inputs = match part.kept {
+                    Some(inputs) => inputs,
+                    None => run(enc, &chunk, true, true)?.1,
                 };
-                backward_checkpointed(enc, &chunk, (&last, &inputs), &grad, acc)?;
+                backward_checkpointed(enc, &chunk, &inputs, &grad, acc)?;
             } else {
                 let (h, _) = run(enc, &chunk, false, false)?;
                 let reps = enc.represent(&h, &part.batch)?;

@@ -222,6 +222,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     let mut on_step = |p: &tevatron_train::trainer::Progress| {
         if first {
             bar.set_position(p.step as u64 - 1);
+            log.resume_at(p.step - 1);
             first = false;
         }
         bar.set_message(format!(

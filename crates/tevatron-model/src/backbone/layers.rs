@@ -162,6 +162,11 @@ fn is_tracked(t: &Tensor) -> bool {
     t.is_variable() || t.track_op()
 }
 
+/// Loads a linear layer without a bias (decoder LLMs' projections).
+pub fn linear_no_bias(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Linear> {
+    Ok(Linear { weight: vb.get((out_dim, in_dim), "weight")?, bias: None })
+}
+
 /// Loads a linear layer with a bias.
 pub fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Linear> {
     Ok(Linear {
@@ -228,14 +233,20 @@ pub fn attention(
     let (q, k, v) = (split(q)?, split(k)?, split(v)?);
     let q = (q * (1.0 / (dh as f64).sqrt()))?;
     let scores = matmul(&q, &k.t()?)?; // (b, heads, l, l)
-    let probs = if mode == Mode::Train && super::train_ops::applies(&scores) {
-        super::train_ops::masked_softmax(&scores, mask_bias)?
-    } else {
-        softmax_last(&scores.broadcast_add(mask_bias)?, mode)?
-    };
+    let probs = masked_softmax(&scores, mask_bias, mode)?;
     let probs = dropout(&probs, dropout_p, mode)?;
     let ctx = matmul(&probs, &v)?; // (b, heads, l, dh)
     ctx.transpose(1, 2)?.reshape((b, l, h))
+}
+
+/// `softmax(scores + bias)` over the last dimension: fused with its backward when training on
+/// CPU in F32, composed otherwise. `bias` is `(b, 1, 1, l)` or `(b, 1, l, l)`.
+pub fn masked_softmax(scores: &Tensor, bias: &Tensor, mode: Mode) -> Result<Tensor> {
+    if mode == Mode::Train && super::train_ops::applies(scores) {
+        super::train_ops::masked_softmax(scores, bias)
+    } else {
+        softmax_last(&scores.broadcast_add(bias)?, mode)
+    }
 }
 
 /// The additive attention mask `(b, 1, 1, l)`: 0 on real tokens, the dtype's minimum on padding.

@@ -6,6 +6,7 @@ pub mod bert;
 pub mod distilbert;
 mod fast;
 pub mod layers;
+pub mod llama;
 pub mod train_ops;
 
 use candle_core::{DType, Result, Tensor};
@@ -35,6 +36,10 @@ pub trait Backbone: Send + Sync {
     fn num_layers(&self) -> usize;
     /// Runs layer `i` on hidden states `x`.
     fn layer(&self, i: usize, x: &Tensor, bias: &Tensor, mode: Mode) -> Result<Tensor>;
+    /// What follows the last layer (a decoder's final norm); nothing for BERT-style encoders.
+    fn finish(&self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
+        Ok(x.clone())
+    }
     /// Runs the whole model.
     fn forward(&self, batch: &Batch, mode: Mode) -> Result<Tensor> {
         let mut x = self.embed(batch, mode)?;
@@ -42,6 +47,6 @@ pub trait Backbone: Send + Sync {
         for i in 0..self.num_layers() {
             x = self.layer(i, &x, &bias, mode)?;
         }
-        Ok(x)
+        self.finish(&x, mode)
     }
 }

@@ -108,19 +108,26 @@ impl CustomOp2 for MaskedSoftmax {
         let bias = contiguous_f32(s2, l2, "train-masked-softmax")?;
         let n = l1.dims().last().copied().unwrap_or(1).max(1);
         let batches = l2.dims().first().copied().unwrap_or(1).max(1);
-        if bias.len() != batches * n || x.len() % (batches * n) != 0 {
+        // Bias rows per batch: 1 (a padding mask) or one per query (a causal mask).
+        let queries = bias.len() / (batches * n).max(1);
+        let rows_per_batch = x.len() / n / batches;
+        if bias.len() != batches * queries * n
+            || x.len() % (batches * n) != 0
+            || queries == 0
+            || rows_per_batch % queries != 0
+        {
             candle_core::bail!(
                 "train-masked-softmax: bias {:?} does not fit scores {:?}",
                 l2.dims(),
                 l1.dims()
             );
         }
-        let rows_per_batch = x.len() / n / batches;
         let out = par_rows(x.len(), n, |start, o| {
             for (k, o) in o.chunks_mut(n).enumerate() {
                 let row = start / n + k;
                 let x = &x[row * n..(row + 1) * n];
-                let b = &bias[(row / rows_per_batch) * n..(row / rows_per_batch + 1) * n];
+                let b_row = (row / rows_per_batch) * queries + (row % rows_per_batch) % queries;
+                let b = &bias[b_row * n..(b_row + 1) * n];
                 for ((o, &v), &b) in o.iter_mut().zip(x).zip(b) {
                     *o = v + b;
                 }
@@ -176,8 +183,9 @@ impl CustomOp2 for SoftmaxGrad {
     }
 }
 
-/// `softmax(scores + bias)` over the last dimension, where `bias` `(b, 1, 1, l)` is the
-/// additive attention mask of `scores` `(b, heads, l, l)`; only `scores` gets a gradient.
+/// `softmax(scores + bias)` over the last dimension, where `bias` `(b, 1, 1, l)` (padding) or
+/// `(b, 1, l, l)` (causal) is the additive attention mask of `scores` `(b, heads, l, l)`; only
+/// `scores` gets a gradient.
 pub fn masked_softmax(scores: &Tensor, bias: &Tensor) -> Result<Tensor> {
     scores.contiguous()?.apply_op2(&bias.contiguous()?, MaskedSoftmax)
 }
@@ -449,6 +457,17 @@ mod tests {
         m[7 + 5] = f32::MIN;
         m[7 + 6] = f32::MIN;
         let bias = Tensor::from_vec(m, (3, 1, 1, 7), &dev).unwrap();
+        let fused = masked_softmax(x.as_tensor(), &bias).unwrap();
+        let composed =
+            candle_nn::ops::softmax(&x.as_tensor().broadcast_add(&bias).unwrap(), D::Minus1)
+                .unwrap();
+        assert!(max_diff(&fused, &composed) < 1e-6);
+        assert!(max_diff(&grad_of(&fused), &grad_of(&composed)) < 1e-6);
+        // A per-query (causal-style) mask (b, 1, queries, keys): key j hidden from query i > j.
+        let m: Vec<f32> = (0..3 * 5 * 7)
+            .map(|k| if (k % 7) > (k / 7) % 5 + 1 { f32::MIN } else { 0.0 })
+            .collect();
+        let bias = Tensor::from_vec(m, (3, 1, 5, 7), &dev).unwrap();
         let fused = masked_softmax(x.as_tensor(), &bias).unwrap();
         let composed =
             candle_nn::ops::softmax(&x.as_tensor().broadcast_add(&bias).unwrap(), D::Minus1)

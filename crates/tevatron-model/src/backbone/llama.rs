@@ -1,0 +1,410 @@
+//! Decoder LLMs of the Llama family: Llama 2 and 3, Mistral, Qwen2 and Qwen3 (one weight layout,
+//! a few switches). Port of transformers' `modeling_llama.py` / `modeling_mistral.py` /
+//! `modeling_qwen2.py` / `modeling_qwen3.py` (v5): RMSNorm, rotary positions (with Llama 3
+//! scaling), grouped-query attention, SwiGLU, a causal mask over padding on either side, and
+//! Mistral's sliding window. Weight names are HF's: `embed_tokens`, `layers.{i}.self_attn.*`,
+//! `layers.{i}.mlp.*`, `norm` (a causal-LM checkpoint's `model.` prefix is stripped and its
+//! `lm_head` left unused).
+//!
+//! Positions are `0..l` for every row, whatever the padding, as transformers computes them when
+//! only `input_ids` and `attention_mask` are given (which is what Tevatron passes).
+
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::{Embedding, VarBuilder};
+use serde::Deserialize;
+
+use super::layers::{self, Activation, Linear};
+use super::{Backbone, Mode};
+use crate::collate::Batch;
+
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_theta() -> f64 {
+    10_000.0
+}
+fn default_act() -> Activation {
+    Activation::Silu
+}
+
+/// Rotary settings: transformers 5 writes them as `rope_parameters`; older configs as
+/// `rope_theta` plus `rope_scaling`.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct RopeParameters {
+    /// Base of the frequencies.
+    pub rope_theta: Option<f64>,
+    /// `default` or `llama3` (others are refused when loading).
+    #[serde(default, alias = "type")]
+    pub rope_type: Option<String>,
+    /// Llama 3: how much long wavelengths are stretched.
+    pub factor: Option<f64>,
+    /// Llama 3: wavelengths above `original / low_freq_factor` are divided by `factor`.
+    pub low_freq_factor: Option<f64>,
+    /// Llama 3: wavelengths below `original / high_freq_factor` are kept.
+    pub high_freq_factor: Option<f64>,
+    /// Llama 3: the context length the frequencies were trained for.
+    pub original_max_position_embeddings: Option<f64>,
+}
+
+/// Fields of `LlamaConfig`/`MistralConfig`/`Qwen2Config`/`Qwen3Config` named as in `config.json`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Config {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Hidden width.
+    pub hidden_size: usize,
+    /// Feed-forward width.
+    pub intermediate_size: usize,
+    /// Number of layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention); defaults to the query heads.
+    pub num_key_value_heads: Option<usize>,
+    /// Width of one head; defaults to `hidden_size / num_attention_heads`.
+    pub head_dim: Option<usize>,
+    /// RMSNorm epsilon.
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    /// Legacy rotary base.
+    pub rope_theta: Option<f64>,
+    /// Legacy rotary scaling.
+    pub rope_scaling: Option<RopeParameters>,
+    /// transformers 5 rotary settings.
+    pub rope_parameters: Option<RopeParameters>,
+    /// Feed-forward activation (SwiGLU's gate).
+    #[serde(default = "default_act")]
+    pub hidden_act: Activation,
+    /// Llama: biases on q/k/v/o.
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// Llama: biases in the MLP.
+    #[serde(default)]
+    pub mlp_bias: bool,
+    /// Dropout on attention probabilities.
+    #[serde(default)]
+    pub attention_dropout: f64,
+    /// Mistral: keys further back than this are not attended to.
+    pub sliding_window: Option<usize>,
+    /// Qwen2/Qwen3: whether `sliding_window` applies at all.
+    pub use_sliding_window: Option<bool>,
+}
+
+/// Which member of the family, for the few places they differ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// Llama 2/3: optional biases everywhere (`attention_bias`, `mlp_bias`).
+    Llama,
+    /// Mistral: no biases; sliding window.
+    Mistral,
+    /// Qwen2: biases on q/k/v only.
+    Qwen2,
+    /// Qwen3: RMSNorm on each head's queries and keys; `attention_bias` on q/k/v/o.
+    Qwen3,
+}
+
+impl Config {
+    fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    fn rope(&self) -> RopeParameters {
+        let mut r =
+            self.rope_parameters.clone().or_else(|| self.rope_scaling.clone()).unwrap_or_default();
+        r.rope_theta = r.rope_theta.or(self.rope_theta);
+        r
+    }
+
+    /// The window Mistral (and Qwen with `use_sliding_window`) applies, if any.
+    fn window(&self, family: Family) -> Option<usize> {
+        match family {
+            Family::Mistral => self.sliding_window,
+            Family::Qwen2 | Family::Qwen3 if self.use_sliding_window == Some(true) => {
+                self.sliding_window
+            }
+            _ => None,
+        }
+    }
+}
+
+/// RMSNorm with HF's weight name `weight`: `x / sqrt(mean(x^2) + eps) * weight`, computed in F32.
+#[derive(Clone, Debug)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        Ok(Self { weight: vb.get(size, "weight")?, eps })
+    }
+
+    fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        match mode {
+            Mode::Eval => candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32),
+            Mode::Train => {
+                let dtype = x.dtype();
+                let x = if dtype == DType::F64 { x.clone() } else { x.to_dtype(DType::F32)? };
+                let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+                let normed = x.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
+                normed.to_dtype(dtype)?.broadcast_mul(&self.weight)
+            }
+        }
+    }
+}
+
+struct Layer {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    input_norm: RmsNorm,
+    post_norm: RmsNorm,
+}
+
+/// The decoder stack, without a language-model head.
+pub struct Llama {
+    embed: Embedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    /// `(max_positions, head_dim / 2)` inverse frequencies times positions: the rotary angles.
+    angles: Tensor,
+    cfg: Config,
+    family: Family,
+    max_positions: usize,
+}
+
+/// Inverse frequencies of the rotary embedding, Llama 3 scaling applied when configured.
+fn inverse_frequencies(cfg: &Config) -> Result<Vec<f64>> {
+    let rope = cfg.rope();
+    let theta = rope.rope_theta.unwrap_or_else(default_theta);
+    let d = cfg.head_dim();
+    let inv: Vec<f64> = (0..d / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / d as f64)).collect();
+    match rope.rope_type.as_deref().unwrap_or("default") {
+        "default" => Ok(inv),
+        "llama3" => {
+            let get = |v: Option<f64>, name: &str| {
+                v.ok_or_else(|| {
+                    candle_core::Error::Msg(format!("llama3 rope scaling needs `{name}`"))
+                })
+            };
+            let factor = get(rope.factor, "factor")?;
+            let low = get(rope.low_freq_factor, "low_freq_factor")?;
+            let high = get(rope.high_freq_factor, "high_freq_factor")?;
+            let original =
+                get(rope.original_max_position_embeddings, "original_max_position_embeddings")?;
+            let (low_wavelen, high_wavelen) = (original / low, original / high);
+            Ok(inv
+                .into_iter()
+                .map(|f| {
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    if wavelen < high_wavelen {
+                        f
+                    } else if wavelen > low_wavelen {
+                        f / factor
+                    } else {
+                        let smooth = (original / wavelen - low) / (high - low);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect())
+        }
+        other => {
+            candle_core::bail!("rope type {other:?} is not supported (supported: default, llama3)")
+        }
+    }
+}
+
+impl Llama {
+    /// Loads the weights under `vb` (already stripped of a `model.` prefix).
+    pub fn load(vb: VarBuilder, cfg: &Config, family: Family) -> Result<Self> {
+        let (h, heads, kv, d) =
+            (cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
+        if kv == 0 || heads % kv != 0 {
+            candle_core::bail!(
+                "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"
+            );
+        }
+        if d % 2 != 0 {
+            candle_core::bail!("head_dim {d} must be even for rotary positions");
+        }
+        let (qkv_bias, o_bias) = match family {
+            Family::Llama | Family::Qwen3 => (cfg.attention_bias, cfg.attention_bias),
+            Family::Mistral => (false, false),
+            Family::Qwen2 => (true, false),
+        };
+        let lin = |vb: VarBuilder, i: usize, o: usize, bias: bool| {
+            if bias {
+                layers::linear(vb, i, o)
+            } else {
+                layers::linear_no_bias(vb, i, o)
+            }
+        };
+        let embed = candle_nn::embedding(cfg.vocab_size, h, vb.pp("embed_tokens"))?;
+        let mut stack = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let l = vb.pp("layers").pp(i);
+            let a = l.pp("self_attn");
+            let m = l.pp("mlp");
+            let head_norm = |name: &str| -> Result<Option<RmsNorm>> {
+                if family == Family::Qwen3 {
+                    Ok(Some(RmsNorm::load(a.pp(name), d, cfg.rms_norm_eps)?))
+                } else {
+                    Ok(None)
+                }
+            };
+            stack.push(Layer {
+                q: lin(a.pp("q_proj"), h, heads * d, qkv_bias)?,
+                k: lin(a.pp("k_proj"), h, kv * d, qkv_bias)?,
+                v: lin(a.pp("v_proj"), h, kv * d, qkv_bias)?,
+                o: lin(a.pp("o_proj"), heads * d, h, o_bias)?,
+                q_norm: head_norm("q_norm")?,
+                k_norm: head_norm("k_norm")?,
+                gate: lin(m.pp("gate_proj"), h, cfg.intermediate_size, cfg.mlp_bias)?,
+                up: lin(m.pp("up_proj"), h, cfg.intermediate_size, cfg.mlp_bias)?,
+                down: lin(m.pp("down_proj"), cfg.intermediate_size, h, cfg.mlp_bias)?,
+                input_norm: RmsNorm::load(l.pp("input_layernorm"), h, cfg.rms_norm_eps)?,
+                post_norm: RmsNorm::load(l.pp("post_attention_layernorm"), h, cfg.rms_norm_eps)?,
+            });
+        }
+        let norm = RmsNorm::load(vb.pp("norm"), h, cfg.rms_norm_eps)?;
+        let inv = inverse_frequencies(cfg)?;
+        // Angles are computed in f64 and rounded once (transformers computes them in f32).
+        let max_positions = 1 << 16;
+        let inv_t = Tensor::from_vec(
+            inv.iter().map(|&f| f as f32).collect::<Vec<_>>(),
+            (1, d / 2),
+            &Device::Cpu,
+        )?;
+        let angles = Tensor::arange(0u32, max_positions as u32, &Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .unsqueeze(1)?
+            .broadcast_mul(&inv_t)?;
+        Ok(Self { embed, layers: stack, norm, angles, cfg: cfg.clone(), family, max_positions })
+    }
+
+    /// `cos` and `sin` `(l, head_dim)` (each half repeated, HF's `rotate_half` layout).
+    fn rotary(&self, l: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+        if l > self.max_positions {
+            candle_core::bail!("sequence length {l} exceeds {} positions", self.max_positions);
+        }
+        let a = self.angles.narrow(0, 0, l)?;
+        let a = Tensor::cat(&[&a, &a], 1)?;
+        let to = |t: Tensor| t.to_dtype(dtype)?.to_device(device);
+        Ok((to(a.cos()?)?, to(a.sin()?)?))
+    }
+}
+
+/// `x * cos + rotate_half(x) * sin` over `(b, heads, l, d)`; differentiable.
+fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}
+
+impl Backbone for Llama {
+    fn embed(&self, batch: &Batch, _mode: Mode) -> Result<Tensor> {
+        self.embed.forward(&batch.input_ids)
+    }
+
+    /// `(b, 1, l, l)`: 0 where query `i` may see key `j` (`j <= i`, `j` a real token, and within
+    /// the sliding window if there is one), the dtype's minimum elsewhere.
+    fn attention_bias(&self, batch: &Batch, dtype: DType) -> Result<Tensor> {
+        let (b, l) = batch.attention_mask.dims2()?;
+        let mask = batch.attention_mask.to_device(&Device::Cpu)?.to_vec2::<u32>()?;
+        let window = self.cfg.window(self.family);
+        let mut allowed = Vec::with_capacity(b * l * l);
+        for row in &mask {
+            for i in 0..l {
+                for (j, &m) in row.iter().enumerate() {
+                    let in_window = window.is_none_or(|w| i - j.min(i) < w);
+                    allowed.push(u8::from(j <= i && m != 0 && in_window));
+                }
+            }
+        }
+        let allowed = Tensor::from_vec(allowed, (b, l * l), &Device::Cpu)?
+            .to_device(batch.attention_mask.device())?;
+        layers::mask_bias(&allowed, dtype)?.reshape((b, 1, l, l))
+    }
+
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn layer(&self, i: usize, x: &Tensor, bias: &Tensor, mode: Mode) -> Result<Tensor> {
+        let (_, l, _) = x.dims3()?;
+        let (cos, sin) = self.rotary(l, x.dtype(), x.device())?;
+        self.layers[i].forward(x, bias, &cos, &sin, &self.cfg, mode)
+    }
+
+    fn forward(&self, batch: &Batch, mode: Mode) -> Result<Tensor> {
+        let mut x = self.embed(batch, mode)?;
+        let bias = self.attention_bias(batch, x.dtype())?;
+        let (_, l, _) = x.dims3()?;
+        let (cos, sin) = self.rotary(l, x.dtype(), x.device())?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &bias, &cos, &sin, &self.cfg, mode)?;
+        }
+        self.finish(&x, mode)
+    }
+
+    fn finish(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        self.norm.forward(x, mode)
+    }
+}
+
+impl Layer {
+    fn forward(
+        &self,
+        x: &Tensor,
+        bias: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        cfg: &Config,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let (b, l, _) = x.dims3()?;
+        let (heads, kv, d) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
+        let h = self.input_norm.forward(x, mode)?;
+        let split = |t: Tensor, n: usize| t.reshape((b, l, n, d));
+        let mut q = split(self.q.forward(&h)?, heads)?;
+        let mut k = split(self.k.forward(&h)?, kv)?;
+        let v = split(self.v.forward(&h)?, kv)?.transpose(1, 2)?.contiguous()?;
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = qn.forward(&q, mode)?;
+            k = kn.forward(&k, mode)?;
+        }
+        let q = apply_rotary(&q.transpose(1, 2)?.contiguous()?, cos, sin)?;
+        let k = apply_rotary(&k.transpose(1, 2)?.contiguous()?, cos, sin)?;
+        // Grouped-query attention: each key/value head serves heads/kv query heads.
+        let repeat = |t: Tensor| -> Result<Tensor> {
+            if heads == kv {
+                return Ok(t);
+            }
+            t.unsqueeze(2)?.expand((b, kv, heads / kv, l, d))?.reshape((b, heads, l, d))
+        };
+        let (k, v) = (repeat(k)?, repeat(v)?);
+        let q = (q * (1.0 / (d as f64).sqrt()))?;
+        let scores = layers::matmul(&q.contiguous()?, &k.t()?.contiguous()?)?;
+        let probs = layers::masked_softmax(&scores, bias, mode)?;
+        let probs = layers::dropout(&probs, cfg.attention_dropout, mode)?;
+        let ctx = layers::matmul(&probs, &v.contiguous()?)?;
+        let ctx = ctx.transpose(1, 2)?.reshape((b, l, heads * d))?;
+        let x = (self.o.forward(&ctx)? + x)?;
+        let h = self.post_norm.forward(&x, mode)?;
+        let gate = cfg.hidden_act.forward(&self.gate.forward(&h)?, mode)?;
+        let f = self.down.forward(&(gate * self.up.forward(&h)?)?)?;
+        x + f
+    }
+}
