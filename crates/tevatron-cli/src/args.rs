@@ -206,7 +206,8 @@ pub struct EncodeArgs {
     /// Accepted and unused, as in Tevatron's encode driver.
     #[arg(long)]
     pub output_dir: Option<PathBuf>,
-    /// Encoding with a LoRA adapter is not supported yet; the flag is refused, not ignored.
+    /// A PEFT LoRA adapter (folder or hub id) trained on `--model_name_or_path`: merged into
+    /// the base weights (`W + alpha/r * B A`) before encoding.
     #[arg(long)]
     pub lora_name_or_path: Option<String>,
     /// No progress bar, warnings only.
@@ -410,6 +411,27 @@ pub struct TrainArgs {
     /// Turn off every dropout of the model (deterministic steps, e.g. for parity checks).
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub disable_dropout: bool,
+    /// Train a LoRA adapter on the frozen base model instead of the whole model; checkpoints
+    /// and the output hold the adapter as PEFT writes it.
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub lora: bool,
+    /// A PEFT adapter (folder or hub id) to continue training from (implies --lora; its own
+    /// adapter_config.json sets r, alpha, dropout and targets).
+    #[arg(long)]
+    pub lora_name_or_path: Option<String>,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 16)]
+    pub lora_r: usize,
+    /// LoRA scale numerator (the update is scaled by alpha / r).
+    #[arg(long, default_value_t = 64.0)]
+    pub lora_alpha: f64,
+    /// Dropout on the adapters' input.
+    #[arg(long, default_value_t = 0.1)]
+    pub lora_dropout: f64,
+    /// Comma-separated module names that get adapters (PEFT's rule: a module matches when its
+    /// name ends with one of them). BERT-family models name theirs `query,key,value,dense`.
+    #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj,down_proj,up_proj,gate_proj")]
+    pub lora_target_modules: String,
     /// No progress bar, warnings only.
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub quiet: bool,
@@ -419,12 +441,6 @@ pub struct TrainArgs {
 /// They are refused by name rather than left to a generic "unexpected argument".
 pub const REFUSED_TRAIN_FLAGS: &[(&str, &str)] = &[
     ("deepspeed", "DeepSpeed is not used; drop --deepspeed (one process trains the whole model; see docs/train.md for memory options: --gradient_checkpointing, --grad_cache, --bf16)"),
-    ("lora", "LoRA training is not supported yet; train the full model without --lora"),
-    ("lora_name_or_path", "LoRA adapters are not supported yet"),
-    ("lora_r", "LoRA training is not supported yet"),
-    ("lora_alpha", "LoRA training is not supported yet"),
-    ("lora_dropout", "LoRA training is not supported yet"),
-    ("lora_target_modules", "LoRA training is not supported yet"),
     ("report_to", "no experiment trackers; the log is in OUTPUT_DIR/trainer_state.json (drop --report_to)"),
     ("local_rank", "multi-process training is not supported yet; run one process"),
     ("model_revision", "revisions are not supported; download the revision and pass its folder"),
@@ -445,9 +461,8 @@ pub fn refuse_unsupported(argv: &[OsString]) -> Result<()> {
         let mut parts = flag.splitn(2, '=');
         let name = parts.next().unwrap_or(flag).replace('-', "_");
         let value = parts.next().or_else(|| args.get(i + 1).copied()).unwrap_or("");
-        // Saying "no tracker" or "no LoRA" explicitly is what this tool does anyway.
-        let harmless = (name == "report_to" && value == "none")
-            || (name == "lora" && parse_bool(value) == Ok(false));
+        // Saying "no tracker" explicitly is what this tool does anyway.
+        let harmless = name == "report_to" && value == "none";
         if harmless {
             continue;
         }

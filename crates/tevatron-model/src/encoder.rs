@@ -11,10 +11,12 @@ use candle_nn::{VarBuilder, VarMap};
 
 use crate::backbone::bert::{Bert, Positions};
 use crate::backbone::distilbert::DistilBert;
+use crate::backbone::layers::Linears;
 use crate::backbone::llama::{Family, Llama};
 use crate::backbone::{Backbone, Mode};
 use crate::collate::{collate, Batch, PaddingSide};
 use crate::config::ModelConfig;
+use crate::lora::{self, LoraConfig, LoraOptions, LoraPlan, TrainableAdapter};
 use crate::pooling::{l2_normalize, Pooling};
 use crate::text::{TextOptions, TextTokenizer};
 use crate::{weights, Error, Result};
@@ -34,6 +36,8 @@ pub struct EncoderOptions {
     pub trainable: bool,
     /// Set every dropout probability to 0 (parity checks).
     pub disable_dropout: bool,
+    /// LoRA: train an adapter on a frozen base, or merge a saved one for inference.
+    pub lora: Option<LoraOptions>,
 }
 
 impl Default for EncoderOptions {
@@ -45,6 +49,7 @@ impl Default for EncoderOptions {
             device: Device::Cpu,
             trainable: false,
             disable_dropout: false,
+            lora: None,
         }
     }
 }
@@ -91,6 +96,8 @@ pub struct Encoder {
     weights_dir: PathBuf,
     tokenizer_dir: PathBuf,
     defaults: DefaultsSource,
+    /// Trainable LoRA adapters and their settings; saved in PEFT's format.
+    adapters: Option<(LoraConfig, Vec<TrainableAdapter>)>,
 }
 
 /// Task heads that are not part of the base model a retriever trains (MLM, classification).
@@ -215,10 +222,23 @@ impl Encoder {
         };
 
         let tensors = weights::load(&weights_dir, config.weight_prefixes(), &opts.device)?;
+        let plan = opts
+            .lora
+            .as_ref()
+            .map(|l| LoraPlan::new(l, opts.dtype, &opts.device))
+            .transpose()?
+            .map(|mut p| {
+                if opts.disable_dropout {
+                    p.config.lora_dropout = 0.0;
+                }
+                p
+            });
         // Trainable weights are variables; the backbone is built over their tensors (same ids, so
-        // gradients reach them), and only the names it asked for are kept in the VarMap.
+        // gradients reach them), and only the names it asked for are kept in the VarMap. With
+        // LoRA the base stays frozen: only the adapters become variables.
+        let full_training = opts.trainable && plan.is_none();
         let mut vars = std::collections::HashMap::new();
-        let tensors = if opts.trainable {
+        let tensors = if full_training {
             let mut as_vars = std::collections::HashMap::new();
             for (name, t) in tensors {
                 let var = candle_core::Var::from_tensor(&t.to_dtype(opts.dtype)?)?;
@@ -235,19 +255,48 @@ impl Encoder {
             path: weights_dir.clone(),
             what: format!("weights do not fit the {} architecture ({e})", config.model_type()),
         };
+        let lin = Linears { lora: plan.as_ref() };
         let backbone: Box<dyn Backbone> = match &config {
-            ModelConfig::Bert(c) => Box::new(Bert::load(vb, c, Positions::Absolute).map_err(arch)?),
-            ModelConfig::Roberta(c) | ModelConfig::XlmRoberta(c) => {
-                Box::new(Bert::load(vb, c, Positions::AfterPadding).map_err(arch)?)
+            ModelConfig::Bert(c) => {
+                Box::new(Bert::load(vb, c, Positions::Absolute, &lin).map_err(arch)?)
             }
-            ModelConfig::DistilBert(c) => Box::new(DistilBert::load(vb, c).map_err(arch)?),
-            ModelConfig::Llama(c) => Box::new(Llama::load(vb, c, Family::Llama).map_err(arch)?),
-            ModelConfig::Mistral(c) => Box::new(Llama::load(vb, c, Family::Mistral).map_err(arch)?),
-            ModelConfig::Qwen2(c) => Box::new(Llama::load(vb, c, Family::Qwen2).map_err(arch)?),
-            ModelConfig::Qwen3(c) => Box::new(Llama::load(vb, c, Family::Qwen3).map_err(arch)?),
+            ModelConfig::Roberta(c) | ModelConfig::XlmRoberta(c) => {
+                Box::new(Bert::load(vb, c, Positions::AfterPadding, &lin).map_err(arch)?)
+            }
+            ModelConfig::DistilBert(c) => Box::new(DistilBert::load(vb, c, &lin).map_err(arch)?),
+            ModelConfig::Llama(c) => {
+                Box::new(Llama::load(vb, c, Family::Llama, &lin).map_err(arch)?)
+            }
+            ModelConfig::Mistral(c) => {
+                Box::new(Llama::load(vb, c, Family::Mistral, &lin).map_err(arch)?)
+            }
+            ModelConfig::Qwen2(c) => {
+                Box::new(Llama::load(vb, c, Family::Qwen2, &lin).map_err(arch)?)
+            }
+            ModelConfig::Qwen3(c) => {
+                Box::new(Llama::load(vb, c, Family::Qwen3, &lin).map_err(arch)?)
+            }
         };
+        let mut adapters = None;
+        if let Some(plan) = &plan {
+            plan.check_matched()?;
+            plan.check_adapter_fits()?;
+            if opts.trainable && !plan.merges() {
+                adapters = Some((plan.config.clone(), plan.built()));
+            }
+        }
         let mut unused = std::collections::BTreeMap::new();
-        let varmap = if opts.trainable {
+        let varmap = if let Some((_, built)) = &adapters {
+            let vm = VarMap::new();
+            {
+                let mut data = vm.data().lock().expect("fresh varmap lock");
+                for t in built {
+                    data.insert(lora::peft_name(&t.module, 'A'), t.a.clone());
+                    data.insert(lora::peft_name(&t.module, 'B'), t.b.clone());
+                }
+            }
+            Some(vm)
+        } else if full_training {
             let vm = VarMap::new();
             {
                 let used = used.lock().expect("weight tracker lock");
@@ -281,6 +330,7 @@ impl Encoder {
             weights_dir,
             tokenizer_dir: tok_dir,
             defaults,
+            adapters,
         })
     }
 
@@ -366,9 +416,26 @@ impl Encoder {
     /// `AutoModel` and by [`Encoder::load`], plus sentence-transformers modules stating this
     /// encoder's pooling and normalisation, so that `tevatron encode` (and
     /// `SentenceTransformer`) embed with the settings the model was trained with.
+    ///
+    /// With trainable LoRA adapters it writes what PEFT's `save_pretrained` writes instead:
+    /// `adapter_config.json` and `adapter_model.safetensors` (plus the tokenizer files), which
+    /// `PeftModel.from_pretrained(base, dir)` and `--lora_name_or_path dir` load.
     pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
         let write_err =
             |path: &Path, source: std::io::Error| Error::Write { path: path.to_path_buf(), source };
+        if let Some((config, built)) = &self.adapters {
+            for f in TOKENIZER_FILES {
+                let src = self.tokenizer_dir.join(f);
+                if src.is_file() {
+                    std::fs::copy(&src, dir.join(f)).map_err(|e| write_err(&dir.join(f), e))?;
+                }
+            }
+            let modules: Vec<(String, Tensor, Tensor)> = built
+                .iter()
+                .map(|t| (t.module.clone(), t.a.as_tensor().clone(), t.b.as_tensor().clone()))
+                .collect();
+            return lora::save_adapter(dir, config, &self.model_dir.to_string_lossy(), &modules);
+        }
         let config = self.weights_dir.join("config.json");
         std::fs::copy(&config, dir.join("config.json"))
             .map_err(|e| write_err(&dir.join("config.json"), e))?;
@@ -481,9 +548,13 @@ impl Encoder {
     pub fn dtype(&self) -> DType {
         self.dtype
     }
-    /// The trainable variables, when loaded with `trainable`.
+    /// The trainable variables, when loaded with `trainable` (only the adapters with LoRA).
     pub fn varmap(&self) -> Option<&VarMap> {
         self.varmap.as_ref()
+    }
+    /// Whether training updates LoRA adapters rather than the whole model.
+    pub fn trains_adapters(&self) -> bool {
+        self.adapters.is_some()
     }
     /// The model folder.
     pub fn model_dir(&self) -> &Path {

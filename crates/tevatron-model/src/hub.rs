@@ -154,3 +154,42 @@ pub fn resolve_model_tokenizer(name_or_path: &str, cache: Option<&Path>) -> Resu
         ))
     })
 }
+
+/// Resolves `--lora_name_or_path`: a local adapter folder, or a hub id of which only the
+/// adapter files (`adapter_config.json`, `adapter_model.safetensors`) are needed.
+pub fn resolve_adapter(name_or_path: &str, cache: Option<&Path>) -> Result<PathBuf> {
+    let path = Path::new(name_or_path);
+    if path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    let cache_path = cache_dir(cache);
+    let repo = Repo::new(name_or_path.to_string(), RepoType::Model);
+    let cached = Cache::new(cache_path.clone()).repo(repo.clone());
+    if let (Some(c), Some(_)) =
+        (cached.get("adapter_config.json"), cached.get("adapter_model.safetensors"))
+    {
+        return Ok(c.parent().expect("cached file has a folder").to_path_buf());
+    }
+    if offline() {
+        return Err(Error::NotFound(format!(
+            "adapter {name_or_path:?} is not a local folder and not in the Hugging Face cache at {} (HF_HUB_OFFLINE is set)",
+            cache_path.display()
+        )));
+    }
+    let fetch = || -> std::result::Result<PathBuf, String> {
+        let api = hf_hub::api::sync::ApiBuilder::from_cache(Cache::new(cache_path.clone()))
+            .with_progress(false)
+            .build()
+            .map_err(|e| e.to_string())?
+            .repo(repo);
+        let c = api.get("adapter_config.json").map_err(|e| e.to_string())?;
+        api.get("adapter_model.safetensors").map_err(|e| e.to_string())?;
+        Ok(c.parent().expect("downloaded file has a folder").to_path_buf())
+    };
+    fetch().map_err(|cause| {
+        Error::NotFound(format!(
+            "adapter {name_or_path:?} is not a local folder and not in the Hugging Face cache at {}, and downloading it failed: {cause}",
+            cache_path.display()
+        ))
+    })
+}

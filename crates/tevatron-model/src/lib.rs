@@ -1,7 +1,7 @@
 //! Hugging Face models for dense retrieval: loading (`config.json`, tokenizer, safetensors or
-//! `pytorch_model.bin`, from a folder or the hub cache), BERT-family backbones written for both
-//! inference and training, Tevatron's tokenization rules, pooling, and the [`Encoder`] that ties
-//! them together.
+//! `pytorch_model.bin`, from a folder or the hub cache), BERT-family and Llama-family backbones
+//! written for both inference and training, LoRA adapters in PEFT's format, Tevatron's
+//! tokenization rules, pooling, and the [`Encoder`] that ties them together.
 //!
 //! ```no_run
 //! use tevatron_model::{Encoder, EncoderOptions, TextOptions};
@@ -22,6 +22,7 @@ pub mod device;
 pub mod encoder;
 pub mod error;
 pub mod hub;
+pub mod lora;
 pub mod pooling;
 pub mod rng;
 pub mod testing;

@@ -173,7 +173,10 @@ pub fn load(dir: &Path, opt: &mut AdamW) -> Result<TrainerState> {
     let bad = |path: &Path, e: candle_core::Error| {
         Error::Invalid(format!("{}: cannot read ({e})", path.display()))
     };
-    let model_path = dir.join("model.safetensors");
+    // A LoRA run saves only its adapters, under PEFT's names (which are the variables' names).
+    let adapter_path = dir.join("adapter_model.safetensors");
+    let model_path =
+        if adapter_path.is_file() { adapter_path } else { dir.join("model.safetensors") };
     let device = opt.vars().first().map(|v| v.device().clone()).unwrap_or(Device::Cpu);
     let weights: HashMap<String, candle_core::Tensor> =
         candle_core::safetensors::load(&model_path, &device).map_err(|e| bad(&model_path, e))?;

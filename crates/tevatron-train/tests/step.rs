@@ -23,6 +23,7 @@ fn encoder(pooling: Pooling, normalize: bool, dtype: DType, dropout: bool) -> En
         device: Device::Cpu,
         trainable: true,
         disable_dropout: !dropout,
+        lora: None,
     };
     Encoder::load(&root().join("tiny/bert"), None, &opts).unwrap()
 }

@@ -33,9 +33,6 @@ struct EncodeConfig {
 }
 
 fn validate(a: &EncodeArgs) -> Result<EncodeConfig> {
-    if let Some(lora) = &a.lora_name_or_path {
-        bail!("--lora_name_or_path {lora}: encoding with a LoRA adapter is not supported yet; merge the adapter into the base model first (PEFT merge_and_unload) and pass the merged folder");
-    }
     if a.fp16 && a.bf16 {
         bail!("--fp16 and --bf16 are exclusive");
     }
@@ -96,6 +93,11 @@ fn validate(a: &EncodeArgs) -> Result<EncodeConfig> {
             device,
             trainable: false,
             disable_dropout: false,
+            lora: a
+                .lora_name_or_path
+                .as_deref()
+                .map(|l| super::merged_adapter(l, a.cache_dir.as_deref()))
+                .transpose()?,
         },
         out_dtype: match a.embedding_dtype {
             VecDTypeArg::F32 => VecDType::F32,

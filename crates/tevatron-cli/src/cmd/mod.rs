@@ -11,6 +11,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use tevatron_model::encoder::DefaultsSource;
+use tevatron_model::lora::{LoraConfig, LoraOptions};
 use tevatron_model::{Encoder, EncoderOptions};
 
 use crate::args::{Cli, Command};
@@ -31,6 +32,24 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `--lora_name_or_path` for inference: the adapter folder (or hub id) to merge.
+pub fn merged_adapter(name: &str, cache_dir: Option<&Path>) -> Result<LoraOptions> {
+    let dir = tevatron_model::hub::resolve_adapter(name, cache_dir)?;
+    tracing::info!("merging the LoRA adapter {}", dir.display());
+    Ok(LoraOptions {
+        config: LoraConfig {
+            r: 1,
+            lora_alpha: 1.0,
+            lora_dropout: 0.0,
+            target_modules: vec![],
+            use_rslora: false,
+        },
+        adapter: Some(dir),
+        merge: true,
+        seed: 0,
+    })
 }
 
 /// Resolves `--model_name_or_path` / `--tokenizer_name` (local folders or hub ids), loads the

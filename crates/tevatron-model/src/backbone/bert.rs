@@ -6,7 +6,7 @@ use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
-use super::layers::{self, Activation, LayerNorm, Linear};
+use super::layers::{self, Activation, LayerNorm, Linear, Linears};
 use super::{Backbone, Mode};
 use crate::collate::Batch;
 
@@ -97,7 +97,7 @@ pub struct Bert {
 
 impl Bert {
     /// Loads the weights under `vb` (already stripped of any `bert.`/`roberta.` prefix).
-    pub fn load(vb: VarBuilder, cfg: &Config, positions: Positions) -> Result<Self> {
+    pub fn load(vb: VarBuilder, cfg: &Config, positions: Positions, lin: &Linears) -> Result<Self> {
         if cfg.position_embedding_type != "absolute" {
             candle_core::bail!(
                 "position_embedding_type {:?} is not supported (only \"absolute\")",
@@ -120,17 +120,17 @@ impl Bert {
             let l = vb.pp("encoder").pp("layer").pp(i);
             let a = l.pp("attention");
             layers.push(Layer {
-                query: layers::linear(a.pp("self").pp("query"), h, h)?,
-                key: layers::linear(a.pp("self").pp("key"), h, h)?,
-                value: layers::linear(a.pp("self").pp("value"), h, h)?,
-                attn_out: layers::linear(a.pp("output").pp("dense"), h, h)?,
+                query: lin.with_bias(a.pp("self").pp("query"), h, h)?,
+                key: lin.with_bias(a.pp("self").pp("key"), h, h)?,
+                value: lin.with_bias(a.pp("self").pp("value"), h, h)?,
+                attn_out: lin.with_bias(a.pp("output").pp("dense"), h, h)?,
                 attn_norm: LayerNorm::load(a.pp("output").pp("LayerNorm"), h, cfg.layer_norm_eps)?,
-                intermediate: layers::linear(
+                intermediate: lin.with_bias(
                     l.pp("intermediate").pp("dense"),
                     h,
                     cfg.intermediate_size,
                 )?,
-                output: layers::linear(l.pp("output").pp("dense"), cfg.intermediate_size, h)?,
+                output: lin.with_bias(l.pp("output").pp("dense"), cfg.intermediate_size, h)?,
                 out_norm: LayerNorm::load(l.pp("output").pp("LayerNorm"), h, cfg.layer_norm_eps)?,
             });
         }
@@ -198,9 +198,9 @@ impl Backbone for Bert {
 
 impl Layer {
     fn forward(&self, x: &Tensor, bias: &Tensor, cfg: &Config, mode: Mode) -> Result<Tensor> {
-        let q = self.query.forward(x)?;
-        let k = self.key.forward(x)?;
-        let v = self.value.forward(x)?;
+        let q = self.query.forward(x, mode)?;
+        let k = self.key.forward(x, mode)?;
+        let v = self.value.forward(x, mode)?;
         let ctx = layers::attention(
             &q,
             &k,
@@ -210,11 +210,11 @@ impl Layer {
             cfg.attention_probs_dropout_prob,
             mode,
         )?;
-        let a = self.attn_out.forward(&ctx)?;
+        let a = self.attn_out.forward(&ctx, mode)?;
         let a = layers::dropout(&a, cfg.hidden_dropout_prob, mode)?;
         let a = self.attn_norm.forward(&(a + x)?, mode)?;
-        let f = cfg.hidden_act.forward(&self.intermediate.forward(&a)?, mode)?;
-        let f = self.output.forward(&f)?;
+        let f = cfg.hidden_act.forward(&self.intermediate.forward(&a, mode)?, mode)?;
+        let f = self.output.forward(&f, mode)?;
         let f = layers::dropout(&f, cfg.hidden_dropout_prob, mode)?;
         self.out_norm.forward(&(f + a)?, mode)
     }

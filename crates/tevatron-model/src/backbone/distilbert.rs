@@ -6,7 +6,7 @@ use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
-use super::layers::{self, Activation, LayerNorm, Linear};
+use super::layers::{self, Activation, LayerNorm, Linear, Linears};
 use super::{Backbone, Mode};
 use crate::collate::Batch;
 
@@ -62,7 +62,7 @@ const EPS: f64 = 1e-12;
 
 impl DistilBert {
     /// Loads the weights under `vb` (already stripped of any `distilbert.` prefix).
-    pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+    pub fn load(vb: VarBuilder, cfg: &Config, lin: &Linears) -> Result<Self> {
         let h = cfg.dim;
         let e = vb.pp("embeddings");
         let word = candle_nn::embedding(cfg.vocab_size, h, e.pp("word_embeddings"))?;
@@ -74,13 +74,13 @@ impl DistilBert {
             let l = vb.pp("transformer").pp("layer").pp(i);
             let a = l.pp("attention");
             layers.push(Layer {
-                q: layers::linear(a.pp("q_lin"), h, h)?,
-                k: layers::linear(a.pp("k_lin"), h, h)?,
-                v: layers::linear(a.pp("v_lin"), h, h)?,
-                out: layers::linear(a.pp("out_lin"), h, h)?,
+                q: lin.with_bias(a.pp("q_lin"), h, h)?,
+                k: lin.with_bias(a.pp("k_lin"), h, h)?,
+                v: lin.with_bias(a.pp("v_lin"), h, h)?,
+                out: lin.with_bias(a.pp("out_lin"), h, h)?,
                 sa_norm: LayerNorm::load(l.pp("sa_layer_norm"), h, EPS)?,
-                lin1: layers::linear(l.pp("ffn").pp("lin1"), h, cfg.hidden_dim)?,
-                lin2: layers::linear(l.pp("ffn").pp("lin2"), cfg.hidden_dim, h)?,
+                lin1: lin.with_bias(l.pp("ffn").pp("lin1"), h, cfg.hidden_dim)?,
+                lin2: lin.with_bias(l.pp("ffn").pp("lin2"), cfg.hidden_dim, h)?,
                 out_norm: LayerNorm::load(l.pp("output_layer_norm"), h, EPS)?,
             });
         }
@@ -110,9 +110,9 @@ impl Backbone for DistilBert {
 
     fn layer(&self, i: usize, x: &Tensor, bias: &Tensor, mode: Mode) -> Result<Tensor> {
         let layer = &self.layers[i];
-        let q = layer.q.forward(x)?;
-        let k = layer.k.forward(x)?;
-        let v = layer.v.forward(x)?;
+        let q = layer.q.forward(x, mode)?;
+        let k = layer.k.forward(x, mode)?;
+        let v = layer.v.forward(x, mode)?;
         let ctx = layers::attention(
             &q,
             &k,
@@ -122,9 +122,9 @@ impl Backbone for DistilBert {
             self.cfg.attention_dropout,
             mode,
         )?;
-        let sa = layer.sa_norm.forward(&(layer.out.forward(&ctx)? + x)?, mode)?;
-        let f = self.cfg.activation.forward(&layer.lin1.forward(&sa)?, mode)?;
-        let f = layers::dropout(&layer.lin2.forward(&f)?, self.cfg.dropout, mode)?;
+        let sa = layer.sa_norm.forward(&(layer.out.forward(&ctx, mode)? + x)?, mode)?;
+        let f = self.cfg.activation.forward(&layer.lin1.forward(&sa, mode)?, mode)?;
+        let f = layers::dropout(&layer.lin2.forward(&f, mode)?, self.cfg.dropout, mode)?;
         layer.out_norm.forward(&(f + sa)?, mode)
     }
 }

@@ -6,6 +6,7 @@ use candle_core::{DType, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::Mode;
+use crate::lora::{LoraPlan, LoraWeights};
 use crate::rng::SplitMix64;
 
 /// Layer normalisation over the last dimension, with HF weight names `weight`/`bias`.
@@ -125,7 +126,8 @@ pub fn dropout(x: &Tensor, p: f64, mode: Mode) -> Result<Tensor> {
     x * mask
 }
 
-/// A linear layer `x W^T + b` with HF names `weight` `(out, in)` and `bias`.
+/// A linear layer `x W^T + b` with HF names `weight` `(out, in)` and `bias`, and optionally a
+/// LoRA adapter added to its output (`crate::lora`).
 ///
 /// Inputs of any rank are flattened to one `(rows, in)` matrix first, so each projection is a
 /// single large matrix product rather than one small product per batch row (candle-nn's
@@ -134,20 +136,31 @@ pub fn dropout(x: &Tensor, p: f64, mode: Mode) -> Result<Tensor> {
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    lora: Option<LoraWeights>,
 }
 
 impl Linear {
-    /// Applies the layer to `(..., in)`, giving `(..., out)`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// Applies the layer to `(..., in)`, giving `(..., out)`. `mode` switches the adapter's
+    /// dropout on in training.
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let (out_dim, in_dim) = self.weight.dims2()?;
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let y = matmul(&x.reshape((rows, in_dim))?, &self.weight.t()?)?;
+        let x2 = x.reshape((rows, in_dim))?;
+        let y = matmul(&x2, &self.weight.t()?)?;
         let y = match &self.bias {
             Some(b) if super::train_ops::applies(&y) && b.dtype() == y.dtype() && is_tracked(b) => {
                 super::train_ops::bias_add(&y, b)?
             }
             Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let y = match &self.lora {
+            Some(l) => {
+                let xa = dropout(&x2, l.dropout, mode)?;
+                let update = matmul(&matmul(&xa, &l.a.t()?)?, &l.b.t()?)?;
+                (y + (update * l.scale)?)?
+            }
             None => y,
         };
         let mut out = dims;
@@ -162,17 +175,55 @@ fn is_tracked(t: &Tensor) -> bool {
     t.is_variable() || t.track_op()
 }
 
-/// Loads a linear layer without a bias (decoder LLMs' projections).
-pub fn linear_no_bias(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Linear> {
-    Ok(Linear { weight: vb.get((out_dim, in_dim), "weight")?, bias: None })
+/// Builds a backbone's linear layers, giving the ones LoRA targets their adapter (or merging
+/// it into the weight) as the plan says.
+#[derive(Clone, Copy, Default)]
+pub struct Linears<'a> {
+    /// LoRA, when the model is loaded with it.
+    pub lora: Option<&'a LoraPlan>,
 }
 
-/// Loads a linear layer with a bias.
-pub fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Linear> {
-    Ok(Linear {
-        weight: vb.get((out_dim, in_dim), "weight")?,
-        bias: Some(vb.get(out_dim, "bias")?),
-    })
+impl Linears<'_> {
+    /// A linear layer with a bias.
+    pub fn with_bias(&self, vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Linear> {
+        let bias = Some(vb.get(out_dim, "bias")?);
+        self.build(vb, in_dim, out_dim, bias)
+    }
+
+    /// A linear layer without a bias (decoder LLMs' projections).
+    pub fn no_bias(&self, vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Linear> {
+        self.build(vb, in_dim, out_dim, None)
+    }
+
+    /// A linear layer with a bias when `bias` is true.
+    pub fn maybe_bias(
+        &self,
+        vb: VarBuilder,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+    ) -> Result<Linear> {
+        if bias {
+            self.with_bias(vb, in_dim, out_dim)
+        } else {
+            self.no_bias(vb, in_dim, out_dim)
+        }
+    }
+
+    fn build(
+        &self,
+        vb: VarBuilder,
+        in_dim: usize,
+        out_dim: usize,
+        bias: Option<Tensor>,
+    ) -> Result<Linear> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let (weight, lora) = match self.lora {
+            Some(plan) => plan.apply(&vb.prefix(), weight)?,
+            None => (weight, None),
+        };
+        Ok(Linear { weight, bias, lora })
+    }
 }
 
 /// The activation functions HF configs name in `hidden_act` / `activation`.

@@ -13,9 +13,17 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
-use super::layers::{self, Activation, Linear};
+use super::layers::{self, Activation, Linear, Linears};
 use super::{Backbone, Mode};
 use crate::collate::Batch;
+
+/// `candle_core::bail!` without the backtrace it attaches (which `Display` prints when
+/// `RUST_BACKTRACE` is set, turning a one-line error into a page).
+macro_rules! fail {
+    ($($t:tt)*) => {
+        return Err(candle_core::Error::Msg(format!($($t)*)))
+    };
+}
 
 fn default_eps() -> f64 {
     1e-6
@@ -219,36 +227,29 @@ fn inverse_frequencies(cfg: &Config) -> Result<Vec<f64>> {
                 .collect())
         }
         other => {
-            candle_core::bail!("rope type {other:?} is not supported (supported: default, llama3)")
+            fail!("rope type {other:?} is not supported (supported: default, llama3)")
         }
     }
 }
 
 impl Llama {
     /// Loads the weights under `vb` (already stripped of a `model.` prefix).
-    pub fn load(vb: VarBuilder, cfg: &Config, family: Family) -> Result<Self> {
+    pub fn load(vb: VarBuilder, cfg: &Config, family: Family, linears: &Linears) -> Result<Self> {
         let (h, heads, kv, d) =
             (cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
         if kv == 0 || heads % kv != 0 {
-            candle_core::bail!(
-                "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"
-            );
+            fail!("num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}");
         }
         if d % 2 != 0 {
-            candle_core::bail!("head_dim {d} must be even for rotary positions");
+            fail!("head_dim {d} must be even for rotary positions");
         }
         let (qkv_bias, o_bias) = match family {
             Family::Llama | Family::Qwen3 => (cfg.attention_bias, cfg.attention_bias),
             Family::Mistral => (false, false),
             Family::Qwen2 => (true, false),
         };
-        let lin = |vb: VarBuilder, i: usize, o: usize, bias: bool| {
-            if bias {
-                layers::linear(vb, i, o)
-            } else {
-                layers::linear_no_bias(vb, i, o)
-            }
-        };
+        let lin =
+            |vb: VarBuilder, i: usize, o: usize, bias: bool| linears.maybe_bias(vb, i, o, bias);
         let embed = candle_nn::embedding(cfg.vocab_size, h, vb.pp("embed_tokens"))?;
         let mut stack = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
@@ -295,7 +296,7 @@ impl Llama {
     /// `cos` and `sin` `(l, head_dim)` (each half repeated, HF's `rotate_half` layout).
     fn rotary(&self, l: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
         if l > self.max_positions {
-            candle_core::bail!("sequence length {l} exceeds {} positions", self.max_positions);
+            fail!("sequence length {l} exceeds {} positions", self.max_positions);
         }
         let a = self.angles.narrow(0, 0, l)?;
         let a = Tensor::cat(&[&a, &a], 1)?;
@@ -378,9 +379,9 @@ impl Layer {
         let (heads, kv, d) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
         let h = self.input_norm.forward(x, mode)?;
         let split = |t: Tensor, n: usize| t.reshape((b, l, n, d));
-        let mut q = split(self.q.forward(&h)?, heads)?;
-        let mut k = split(self.k.forward(&h)?, kv)?;
-        let v = split(self.v.forward(&h)?, kv)?.transpose(1, 2)?.contiguous()?;
+        let mut q = split(self.q.forward(&h, mode)?, heads)?;
+        let mut k = split(self.k.forward(&h, mode)?, kv)?;
+        let v = split(self.v.forward(&h, mode)?, kv)?.transpose(1, 2)?.contiguous()?;
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = qn.forward(&q, mode)?;
             k = kn.forward(&k, mode)?;
@@ -401,10 +402,10 @@ impl Layer {
         let probs = layers::dropout(&probs, cfg.attention_dropout, mode)?;
         let ctx = layers::matmul(&probs, &v.contiguous()?)?;
         let ctx = ctx.transpose(1, 2)?.reshape((b, l, heads * d))?;
-        let x = (self.o.forward(&ctx)? + x)?;
+        let x = (self.o.forward(&ctx, mode)? + x)?;
         let h = self.post_norm.forward(&x, mode)?;
-        let gate = cfg.hidden_act.forward(&self.gate.forward(&h)?, mode)?;
-        let f = self.down.forward(&(gate * self.up.forward(&h)?)?)?;
+        let gate = cfg.hidden_act.forward(&self.gate.forward(&h, mode)?, mode)?;
+        let f = self.down.forward(&(gate * self.up.forward(&h, mode)?)?, mode)?;
         x + f
     }
 }

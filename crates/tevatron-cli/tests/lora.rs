@@ -1,0 +1,249 @@
+//! LoRA from the command line on the tiny random Mistral: the Mistral recipe of Tevatron's
+//! README (minus the launcher and --deepspeed) trains an adapter saved as PEFT saves it,
+//! `tevatron encode --lora_name_or_path` encodes with it merged, a LoRA run resumed from a
+//! checkpoint ends with the same adapter bit for bit, and bad adapters are clear errors.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+mod common;
+
+use std::path::Path;
+
+use common::{fails_with, names, ok, repo, tevatron};
+
+fn path(p: &str) -> String {
+    repo().join(p).to_string_lossy().into_owned()
+}
+
+/// Tevatron README's Mistral command, scaled to the tiny model and data.
+fn mistral_recipe(dir: &Path, out: &str, extra: &[&str]) -> std::process::Output {
+    let cache = dir.join("cache").to_string_lossy().into_owned();
+    let (model, data) = (path("testdata/tiny/mistral"), path("testdata/train/tiny.jsonl"));
+    let mut args = vec![
+        "train",
+        "--output_dir",
+        out,
+        "--model_name_or_path",
+        &model,
+        "--lora",
+        "--lora_target_modules",
+        "q_proj,k_proj,v_proj,o_proj,down_proj,up_proj,gate_proj",
+        "--save_steps",
+        "50",
+        "--dataset_name",
+        "json",
+        "--dataset_path",
+        &data,
+        "--query_prefix",
+        "Query: ",
+        "--passage_prefix",
+        "Passage: ",
+        "--bf16",
+        "--pooling",
+        "eos",
+        "--append_eos_token",
+        "--normalize",
+        "--temperature",
+        "0.01",
+        "--per_device_train_batch_size",
+        "4",
+        "--gradient_checkpointing",
+        "--train_group_size",
+        "3",
+        "--learning_rate",
+        "1e-4",
+        "--query_max_len",
+        "32",
+        "--passage_max_len",
+        "64",
+        "--num_train_epochs",
+        "1",
+        "--logging_steps",
+        "1",
+        "--overwrite_output_dir",
+        "--gradient_accumulation_steps",
+        "2",
+        "--dataset_cache_dir",
+        &cache,
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    tevatron(dir, &args)
+}
+
+fn encode(dir: &Path, out: &str, extra: &[&str]) -> Vec<u8> {
+    let model = path("testdata/tiny/mistral");
+    let corpus = path("testdata/toy/corpus.jsonl");
+    let mut args = vec![
+        "encode",
+        "--model_name_or_path",
+        &model,
+        "--dataset_path",
+        &corpus,
+        "--encode_output_path",
+        out,
+        "--pooling",
+        "eos",
+        "--append_eos_token",
+        "--normalize",
+        "--passage_prefix",
+        "Passage: ",
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    ok(tevatron(dir, &args));
+    std::fs::read(dir.join(out)).unwrap()
+}
+
+#[test]
+fn the_mistral_recipe_trains_an_adapter_that_encode_merges() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out").to_string_lossy().into_owned();
+    ok(mistral_recipe(dir.path(), &out, &[]));
+    let files = names(Path::new(&out));
+    for f in ["adapter_config.json", "adapter_model.safetensors", "trainer_state.json"] {
+        assert!(files.contains(&f.to_string()), "{f} missing from {files:?}");
+    }
+    assert!(!files.contains(&"model.safetensors".to_string()), "the frozen base is not saved");
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(&out).join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!((config["r"].as_u64(), config["lora_alpha"].as_f64()), (Some(16), Some(64.0)));
+    assert_eq!(config["target_modules"].as_array().unwrap().len(), 7);
+    // 24 rows / 4 = 6 micro-batches, 2 per step: 3 logged steps with a finite loss.
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(&out).join("trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    let losses: Vec<f64> = state["log_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["loss"].as_f64())
+        .collect();
+    assert_eq!(losses.len(), 3);
+    assert!(losses.iter().all(|l| l.is_finite() && *l > 0.0), "{losses:?}");
+
+    let base = encode(dir.path(), "base.safetensors", &[]);
+    let tuned = encode(dir.path(), "tuned.safetensors", &["--lora_name_or_path", &out]);
+    assert_ne!(base, tuned, "the trained adapter changed nothing");
+}
+
+#[test]
+fn a_resumed_lora_run_ends_with_the_same_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let whole = dir.path().join("whole").to_string_lossy().into_owned();
+    let parts = dir.path().join("parts").to_string_lossy().into_owned();
+    let flags = ["--num_train_epochs", "2", "--save_steps", "2"];
+    ok(mistral_recipe(dir.path(), &whole, &flags));
+    ok(mistral_recipe(dir.path(), &parts, &flags));
+    // Keep only checkpoint-2 of the second run and resume from it (no --overwrite_output_dir).
+    for f in names(Path::new(&parts)) {
+        let p = Path::new(&parts).join(&f);
+        if f != "checkpoint-2" {
+            if p.is_dir() {
+                std::fs::remove_dir_all(p).unwrap();
+            } else {
+                std::fs::remove_file(p).unwrap();
+            }
+        }
+    }
+    assert!(names(&Path::new(&parts).join("checkpoint-2"))
+        .contains(&"adapter_model.safetensors".to_string()));
+    let args: Vec<&str> = ["--num_train_epochs", "2", "--save_steps", "2"].to_vec();
+    let out = {
+        let cache = dir.path().join("cache").to_string_lossy().into_owned();
+        let (model, data) = (path("testdata/tiny/mistral"), path("testdata/train/tiny.jsonl"));
+        let mut a = vec![
+            "train",
+            "--output_dir",
+            &parts,
+            "--model_name_or_path",
+            &model,
+            "--lora",
+            "--lora_target_modules",
+            "q_proj,k_proj,v_proj,o_proj,down_proj,up_proj,gate_proj",
+            "--dataset_name",
+            "json",
+            "--dataset_path",
+            &data,
+            "--query_prefix",
+            "Query: ",
+            "--passage_prefix",
+            "Passage: ",
+            "--bf16",
+            "--pooling",
+            "eos",
+            "--append_eos_token",
+            "--normalize",
+            "--temperature",
+            "0.01",
+            "--per_device_train_batch_size",
+            "4",
+            "--gradient_checkpointing",
+            "--train_group_size",
+            "3",
+            "--learning_rate",
+            "1e-4",
+            "--query_max_len",
+            "32",
+            "--passage_max_len",
+            "64",
+            "--logging_steps",
+            "1",
+            "--gradient_accumulation_steps",
+            "2",
+            "--dataset_cache_dir",
+            &cache,
+            "--quiet",
+        ];
+        a.extend_from_slice(&args);
+        tevatron(dir.path(), &a)
+    };
+    ok(out);
+    let read = |d: &str| std::fs::read(Path::new(d).join("adapter_model.safetensors")).unwrap();
+    assert_eq!(read(&whole), read(&parts), "resumed adapter differs from the uninterrupted one");
+}
+
+#[test]
+fn bad_adapters_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let llama_lora = path("testdata/tiny/llama-lora");
+    // A Llama adapter on Qwen3: same module names, other shapes.
+    let qwen3 = path("testdata/tiny/qwen3");
+    let corpus = path("testdata/toy/corpus.jsonl");
+    let out = tevatron(
+        dir.path(),
+        &[
+            "encode",
+            "--model_name_or_path",
+            &qwen3,
+            "--lora_name_or_path",
+            &llama_lora,
+            "--dataset_path",
+            &corpus,
+            "--encode_output_path",
+            "x.safetensors",
+            "--pooling",
+            "eos",
+        ],
+    );
+    fails_with(out, "another base model");
+    // Targets that match nothing list the modules there are.
+    let out = mistral_recipe(
+        dir.path(),
+        &dir.path().join("o").to_string_lossy(),
+        &["--lora_target_modules", "query,value"],
+    );
+    let line = fails_with(out, "match no module");
+    assert!(line.contains("q_proj") && line.contains("gate_proj"), "{line}");
+    // cls pooling with left padding pools a pad token.
+    let out = mistral_recipe(
+        dir.path(),
+        &dir.path().join("o").to_string_lossy(),
+        &["--pooling", "cls", "--padding_side", "left"],
+    );
+    fails_with(out, "--pooling cls with --padding_side left");
+    assert!(!dir.path().join("x.safetensors").exists());
+}

@@ -1,0 +1,401 @@
+//! LoRA adapters as PEFT writes them: `adapter_config.json` plus `adapter_model.safetensors`
+//! with tensors named `base_model.model.<module>.lora_A.weight` `(r, in)` and `.lora_B.weight`
+//! `(out, r)`. A targeted linear layer computes `x W^T + b + (alpha / r) * dropout(x) A^T B^T`.
+//!
+//! Three uses: training a fresh adapter (A drawn as PEFT draws it, B zero, so the model starts
+//! equal to its base), continuing from a saved one, and folding one into the base weights for
+//! inference (`W + (alpha / r) B A`, what PEFT's `merge_and_unload` computes).
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// `candle_core::bail!` without the backtrace it attaches (which `Display` prints when
+/// `RUST_BACKTRACE` is set, turning a one-line error into a page).
+macro_rules! fail {
+    ($($t:tt)*) => {
+        return Err(candle_core::Error::Msg(format!($($t)*)))
+    };
+}
+
+/// The adapter settings PEFT stores in `adapter_config.json` (the fields this tool uses).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    /// Rank of the update.
+    pub r: usize,
+    /// Scale numerator: the update is multiplied by `lora_alpha / r`.
+    pub lora_alpha: f64,
+    /// Dropout on the adapter's input while training.
+    #[serde(default)]
+    pub lora_dropout: f64,
+    /// Module names (or name suffixes) that get an adapter, PEFT's matching rule.
+    pub target_modules: Vec<String>,
+    /// rsLoRA: scale by `alpha / sqrt(r)` instead of `alpha / r`.
+    #[serde(default)]
+    pub use_rslora: bool,
+}
+
+impl LoraConfig {
+    /// `lora_alpha / r` (`lora_alpha / sqrt(r)` with rsLoRA).
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.lora_alpha / (self.r as f64).sqrt()
+        } else {
+            self.lora_alpha / self.r as f64
+        }
+    }
+
+    /// PEFT's rule: a module is targeted when its name equals a target or ends with
+    /// `.<target>`.
+    pub fn targets(&self, module: &str) -> bool {
+        self.target_modules.iter().any(|t| module == t || module.ends_with(&format!(".{t}")))
+    }
+}
+
+/// How an encoder uses LoRA.
+#[derive(Clone, Debug)]
+pub struct LoraOptions {
+    /// Settings of a fresh adapter; an adapter folder's own `adapter_config.json` wins.
+    pub config: LoraConfig,
+    /// A PEFT adapter folder to continue from (training) or to merge (inference).
+    pub adapter: Option<PathBuf>,
+    /// Fold the adapter into the base weights instead of keeping it trainable.
+    pub merge: bool,
+    /// Seed of a fresh adapter's A matrices.
+    pub seed: u64,
+}
+
+/// The name PEFT gives a module's adapter tensor.
+pub fn peft_name(module: &str, which: char) -> String {
+    format!("base_model.model.{module}.lora_{which}.weight")
+}
+
+/// A saved adapter: its settings and the `(A, B)` pair of each module.
+pub struct Adapter {
+    /// `adapter_config.json`.
+    pub config: LoraConfig,
+    /// The base model it was trained on, as recorded (`base_model_name_or_path`).
+    pub base_model: Option<String>,
+    /// Module path (without PEFT's `base_model.model.` and any `model.` prefix) → `(A, B)`.
+    pub modules: HashMap<String, (Tensor, Tensor)>,
+}
+
+impl Adapter {
+    /// Reads a PEFT adapter folder.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let config_path = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&config_path)
+            .map_err(|source| Error::Read { path: config_path.clone(), source })?;
+        let raw: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|source| Error::Json { path: config_path.clone(), source })?;
+        if let Some(t) = raw.get("peft_type").and_then(|t| t.as_str()) {
+            if t != "LORA" {
+                return Err(Error::Invalid(format!(
+                    "{}: peft_type {t:?} is not supported (only LORA)",
+                    config_path.display()
+                )));
+            }
+        }
+        for unsupported in ["use_dora", "use_qalora"] {
+            if raw.get(unsupported).and_then(|v| v.as_bool()) == Some(true) {
+                return Err(Error::Invalid(format!(
+                    "{}: {unsupported} adapters are not supported (plain LoRA and rsLoRA are)",
+                    config_path.display()
+                )));
+            }
+        }
+        let mut raw_targets = raw.get("target_modules").cloned().unwrap_or_default();
+        if let Some(s) = raw_targets.as_str() {
+            // PEFT also allows one string (a regex); a plain name is the common case.
+            raw_targets = serde_json::json!([s]);
+        }
+        let mut fixed = raw.clone();
+        fixed["target_modules"] = raw_targets;
+        let config: LoraConfig = serde_json::from_value(fixed)
+            .map_err(|source| Error::Json { path: config_path.clone(), source })?;
+        let weights = dir.join("adapter_model.safetensors");
+        if !weights.is_file() {
+            return Err(Error::NotFound(format!(
+                "{}: no adapter_model.safetensors",
+                dir.display()
+            )));
+        }
+        let tensors = candle_core::safetensors::load(&weights, device).map_err(|e| {
+            Error::Weights { path: weights.clone(), what: format!("cannot read ({e})") }
+        })?;
+        let mut halves: HashMap<String, (Option<Tensor>, Option<Tensor>)> = HashMap::new();
+        for (name, t) in tensors {
+            let module = name
+                .strip_prefix("base_model.model.")
+                .map(|m| m.strip_prefix("model.").unwrap_or(m))
+                .and_then(|m| {
+                    m.strip_suffix(".lora_A.weight")
+                        .map(|m| (m, 'A'))
+                        .or_else(|| m.strip_suffix(".lora_B.weight").map(|m| (m, 'B')))
+                });
+            let Some((module, which)) = module else {
+                return Err(Error::Weights {
+                    path: weights.clone(),
+                    what: format!("tensor {name:?} is not a LoRA weight (base_model.model.<module>.lora_A/B.weight)"),
+                });
+            };
+            let slot = halves.entry(module.to_string()).or_default();
+            if which == 'A' {
+                slot.0 = Some(t);
+            } else {
+                slot.1 = Some(t);
+            }
+        }
+        let mut modules = HashMap::new();
+        for (module, pair) in halves {
+            match pair {
+                (Some(a), Some(b)) => {
+                    modules.insert(module, (a, b));
+                }
+                _ => {
+                    return Err(Error::Weights {
+                        path: weights.clone(),
+                        what: format!("module {module} has only one of lora_A and lora_B"),
+                    })
+                }
+            }
+        }
+        let base_model =
+            raw.get("base_model_name_or_path").and_then(|v| v.as_str()).map(str::to_owned);
+        Ok(Self { config, base_model, modules })
+    }
+}
+
+/// Writes `adapter_config.json` and `adapter_model.safetensors` (F32) into `dir`, as PEFT does,
+/// from `(module path, A, B)` triples.
+pub fn save_adapter(
+    dir: &Path,
+    config: &LoraConfig,
+    base_model: &str,
+    modules: &[(String, Tensor, Tensor)],
+) -> Result<()> {
+    let config_json = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "FEATURE_EXTRACTION",
+        "base_model_name_or_path": base_model,
+        "r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+        "target_modules": config.target_modules,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "modules_to_save": null,
+        "use_rslora": config.use_rslora,
+        "use_dora": false,
+        "layers_to_transform": null,
+        "layers_pattern": null,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": null,
+    });
+    let path = dir.join("adapter_config.json");
+    let text = serde_json::to_string_pretty(&config_json).unwrap_or_default() + "\n";
+    std::fs::write(&path, text).map_err(|source| Error::Write { path: path.clone(), source })?;
+    let mut tensors = Vec::with_capacity(modules.len() * 2);
+    for (module, a, b) in modules {
+        let f32 = |t: &Tensor| -> candle_core::Result<Tensor> {
+            t.to_dtype(DType::F32)?.to_device(&Device::Cpu)
+        };
+        tensors.push((peft_name(module, 'A'), f32(a)?));
+        tensors.push((peft_name(module, 'B'), f32(b)?));
+    }
+    tensors.sort_by(|x, y| x.0.cmp(&y.0));
+    let path = dir.join("adapter_model.safetensors");
+    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let views: Vec<(String, &Tensor)> = tensors.iter().map(|(k, t)| (k.clone(), t)).collect();
+    safetensors::tensor::serialize_to_file(views, Some(meta), &path)
+        .map_err(|e| Error::Weights { path: path.clone(), what: format!("cannot write ({e})") })
+}
+
+/// What a backbone's linear layers consult while loading: which modules get an adapter, with
+/// which starting weights, and a record of what was built.
+pub struct LoraPlan {
+    /// The settings in force (the adapter folder's, else the options').
+    pub config: LoraConfig,
+    merge: bool,
+    start: HashMap<String, (Tensor, Tensor)>,
+    seed: u64,
+    dtype: DType,
+    device: Device,
+    /// Every linear module the backbone built, for the error when no target matches.
+    seen: Mutex<BTreeSet<String>>,
+    /// Every adapter built for training.
+    built: Mutex<Vec<TrainableAdapter>>,
+}
+
+/// One module's adapter as trainable variables.
+#[derive(Clone, Debug)]
+pub struct TrainableAdapter {
+    /// Module path, e.g. `layers.0.self_attn.q_proj`.
+    pub module: String,
+    /// `(r, in)`.
+    pub a: Var,
+    /// `(out, r)`.
+    pub b: Var,
+}
+
+/// A linear layer's adapter in training form.
+#[derive(Clone, Debug)]
+pub struct LoraWeights {
+    /// `(r, in)`.
+    pub a: Tensor,
+    /// `(out, r)`.
+    pub b: Tensor,
+    /// `alpha / r`.
+    pub scale: f64,
+    /// Dropout on the adapter's input.
+    pub dropout: f64,
+}
+
+impl LoraPlan {
+    /// Resolves the options: reads the adapter folder when one is given.
+    pub fn new(opts: &LoraOptions, dtype: DType, device: &Device) -> Result<Self> {
+        let (config, start) = match &opts.adapter {
+            Some(dir) => {
+                let adapter = Adapter::load(dir, device)?;
+                (adapter.config, adapter.modules)
+            }
+            None => (opts.config.clone(), HashMap::new()),
+        };
+        if config.r == 0 {
+            return Err(Error::Invalid("--lora_r must be at least 1".into()));
+        }
+        Ok(Self {
+            config,
+            merge: opts.merge,
+            start,
+            seed: opts.seed,
+            dtype,
+            device: device.clone(),
+            seen: Mutex::new(BTreeSet::new()),
+            built: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Called for every linear layer `module` with base weight `weight` `(out, in)`: returns
+    /// the weight to use (merged when merging) and the adapter to apply (when training).
+    pub fn apply(
+        &self,
+        module: &str,
+        weight: Tensor,
+    ) -> candle_core::Result<(Tensor, Option<LoraWeights>)> {
+        self.seen.lock().expect("lora plan lock").insert(module.to_string());
+        if !self.config.targets(module) {
+            return Ok((weight, None));
+        }
+        let (out_dim, in_dim) = weight.dims2()?;
+        let (a, b) = match self.start.get(module) {
+            Some((a, b)) => {
+                if a.dims() != [self.config.r, in_dim] || b.dims() != [out_dim, self.config.r] {
+                    fail!(
+                        "the adapter's {module} has shapes {:?} and {:?}, but the base layer is ({out_dim}, {in_dim}) with r = {}: the adapter was trained on another base model",
+                        a.dims(),
+                        b.dims(),
+                        self.config.r
+                    );
+                }
+                (a.to_dtype(self.dtype)?, b.to_dtype(self.dtype)?)
+            }
+            None if self.merge => {
+                fail!("the adapter has no weights for {module}, which its target_modules name")
+            }
+            None => (
+                self.fresh_a(module, in_dim)?,
+                Tensor::zeros((out_dim, self.config.r), self.dtype, &self.device)?,
+            ),
+        };
+        if self.merge {
+            let delta = (b.matmul(&a)? * self.config.scale())?;
+            let delta = delta.to_dtype(weight.dtype())?;
+            return Ok(((weight + delta)?, None));
+        }
+        let (a, b) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
+        self.built.lock().expect("lora plan lock").push(TrainableAdapter {
+            module: module.to_string(),
+            a: a.clone(),
+            b: b.clone(),
+        });
+        let lora = LoraWeights {
+            a: a.as_tensor().clone(),
+            b: b.as_tensor().clone(),
+            scale: self.config.scale(),
+            dropout: self.config.lora_dropout,
+        };
+        Ok((weight, Some(lora)))
+    }
+
+    /// PEFT's initialisation of A: Kaiming-uniform with `a = sqrt(5)`, i.e. uniform in
+    /// `±1/sqrt(in)`, drawn from a stream seeded by `(seed, module)`.
+    fn fresh_a(&self, module: &str, in_dim: usize) -> candle_core::Result<Tensor> {
+        let bound = 1.0 / (in_dim as f64).sqrt();
+        let key = crate::rng::mix(self.seed, &[fxhash(module)]);
+        let mut rng = crate::rng::SplitMix64::new(key);
+        let n = self.config.r * in_dim;
+        let values: Vec<f32> = (0..n)
+            .map(|_| {
+                let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+                ((2.0 * u - 1.0) * bound) as f32
+            })
+            .collect();
+        Tensor::from_vec(values, (self.config.r, in_dim), &Device::Cpu)?
+            .to_dtype(self.dtype)?
+            .to_device(&self.device)
+    }
+
+    /// Checks that the targets matched something, listing the modules that exist if not.
+    pub fn check_matched(&self) -> Result<()> {
+        let seen = self.seen.lock().expect("lora plan lock");
+        if seen.iter().any(|m| self.config.targets(m)) {
+            return Ok(());
+        }
+        let names: BTreeSet<&str> =
+            seen.iter().map(|m| m.rsplit('.').next().unwrap_or(m)).collect();
+        Err(Error::Invalid(format!(
+            "--lora_target_modules {} match no module of this model; its linear modules are: {}",
+            self.config.target_modules.join(","),
+            names.into_iter().collect::<Vec<_>>().join(", ")
+        )))
+    }
+
+    /// Checks that every module of a loaded adapter exists in the model.
+    pub fn check_adapter_fits(&self) -> Result<()> {
+        let seen = self.seen.lock().expect("lora plan lock");
+        let mut missing: Vec<&String> = self.start.keys().filter(|m| !seen.contains(*m)).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        missing.sort();
+        Err(Error::Invalid(format!(
+            "the adapter has weights for modules this model does not have (it was trained on another base model): {}",
+            missing.iter().take(5).map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+        )))
+    }
+
+    /// The adapters built for training, in load order.
+    pub fn built(&self) -> Vec<TrainableAdapter> {
+        self.built.lock().expect("lora plan lock").clone()
+    }
+
+    /// Whether adapters are folded into the base weights.
+    pub fn merges(&self) -> bool {
+        self.merge
+    }
+}
+
+/// A stable 64-bit hash of a module name (FNV-1a), so initial weights do not depend on the
+/// order modules are built in.
+fn fxhash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
