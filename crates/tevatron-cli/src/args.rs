@@ -25,9 +25,11 @@ impl Cli {
             Command::Encode(a) => a.quiet,
             Command::Search(a) => a.quiet,
             Command::Train(a) => a.quiet,
-            Command::Eval(_) | Command::Convert(_) | Command::Prepare(_) | Command::Plot(_) => {
-                false
-            }
+            Command::Eval(_)
+            | Command::Convert(_)
+            | Command::Prepare(_)
+            | Command::Plot(_)
+            | Command::MergeLora(_) => false,
         }
     }
 }
@@ -49,6 +51,8 @@ pub enum Command {
     Prepare(PrepareArgs),
     /// Draw the loss and learning-rate curves of a training output (PNG and SVG).
     Plot(PlotArgs),
+    /// Fold a LoRA adapter into its base model and write a plain Hugging Face folder.
+    MergeLora(MergeLoraArgs),
 }
 
 /// Parses Hugging Face style booleans: `--flag`, `--flag true`, `--flag False`, `--flag 0`.
@@ -570,6 +574,24 @@ pub struct PrepareArgs {
     /// Where to write the JSONL files.
     #[arg(long)]
     pub output_dir: PathBuf,
+}
+
+/// Flags of `tevatron merge-lora`.
+#[derive(Debug, Args)]
+#[command(rename_all = "snake_case")]
+pub struct MergeLoraArgs {
+    /// The base model (folder or hub id) the adapter was trained on.
+    #[arg(long)]
+    pub model_name_or_path: String,
+    /// The PEFT adapter (folder or hub id).
+    #[arg(long)]
+    pub lora_name_or_path: String,
+    /// Where to write the merged model (replaced if it exists).
+    #[arg(long)]
+    pub output_dir: PathBuf,
+    /// Hugging Face cache folder for hub ids.
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// Flags of `tevatron plot`.

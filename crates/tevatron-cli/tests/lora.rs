@@ -247,3 +247,56 @@ fn bad_adapters_are_clear_errors() {
     fails_with(out, "--pooling cls with --padding_side left");
     assert!(!dir.path().join("x.safetensors").exists());
 }
+
+/// The `embeddings` tensor of an embeddings file, as raw bytes.
+fn embeddings(bytes: &[u8]) -> Vec<u8> {
+    let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
+    st.tensor("embeddings").unwrap().data().to_vec()
+}
+
+#[test]
+fn merge_lora_writes_a_model_that_encodes_as_the_adapter_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, adapter) = (path("testdata/tiny/llama"), path("testdata/tiny/llama-lora"));
+    ok(tevatron(
+        dir.path(),
+        &[
+            "merge-lora",
+            "--model_name_or_path",
+            &base,
+            "--lora_name_or_path",
+            &adapter,
+            "--output_dir",
+            "merged",
+        ],
+    ));
+    let files = names(&dir.path().join("merged"));
+    assert_eq!(
+        files,
+        ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    );
+    let corpus = path("testdata/toy/corpus.jsonl");
+    let run = |model: &str, out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "encode",
+            "--model_name_or_path",
+            model,
+            "--dataset_path",
+            &corpus,
+            "--encode_output_path",
+            out,
+            "--pooling",
+            "eos",
+            "--append_eos_token",
+            "--quiet",
+        ];
+        args.extend_from_slice(extra);
+        ok(tevatron(dir.path(), &args));
+        embeddings(&std::fs::read(dir.path().join(out)).unwrap())
+    };
+    let merged = run("merged", "merged.safetensors", &[]);
+    let with_adapter = run(&base, "adapter.safetensors", &["--lora_name_or_path", &adapter]);
+    let plain = run(&base, "base.safetensors", &[]);
+    assert_eq!(merged, with_adapter);
+    assert_ne!(merged, plain);
+}

@@ -112,7 +112,7 @@ const HEAD_PREFIXES: &[&str] = &[
 ];
 
 /// Files copied from the tokenizer folder into a saved model.
-const TOKENIZER_FILES: &[&str] = &[
+pub(crate) const TOKENIZER_FILES: &[&str] = &[
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",

@@ -171,6 +171,46 @@ impl Adapter {
     }
 }
 
+/// Folds `adapter` into a checkpoint's tensors (`W += alpha/r * B A`, computed in F32 and stored
+/// in the weight's dtype), as PEFT's `merge_and_unload` does. `tensors` keep their file names;
+/// a module's weight is found under `<module>.weight` or with one of `prefixes` before it.
+pub fn merge_into(
+    tensors: &mut HashMap<String, Tensor>,
+    adapter: &Adapter,
+    prefixes: &[&str],
+) -> Result<()> {
+    let scale = adapter.config.scale();
+    let mut modules: Vec<&String> = adapter.modules.keys().collect();
+    modules.sort();
+    for module in modules {
+        let (a, b) = &adapter.modules[module];
+        let plain = format!("{module}.weight");
+        let name = std::iter::once(plain.clone())
+            .chain(prefixes.iter().map(|p| format!("{p}{plain}")))
+            .find(|n| tensors.contains_key(n))
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "the adapter has weights for {module}, which this model does not have (it was trained on another base model)"
+                ))
+            })?;
+        let w = &tensors[&name];
+        let fits = matches!((w.dims(), a.dims(), b.dims()),
+            ([o, i], [r, ai], [bo, br]) if ai == i && bo == o && r == br && *r == adapter.config.r);
+        if !fits {
+            return Err(Error::Invalid(format!(
+                "the adapter's {module} has shapes {:?} and {:?}, but the base weight is {:?}: the adapter was trained on another base model",
+                a.dims(),
+                b.dims(),
+                w.dims()
+            )));
+        }
+        let delta = (b.to_dtype(DType::F32)?.matmul(&a.to_dtype(DType::F32)?)? * scale)?;
+        let merged = (w.to_dtype(DType::F32)? + delta)?.to_dtype(w.dtype())?;
+        tensors.insert(name, merged);
+    }
+    Ok(())
+}
+
 /// Writes `adapter_config.json` and `adapter_model.safetensors` (F32) into `dir`, as PEFT does,
 /// from `(module path, A, B)` triples.
 pub fn save_adapter(
@@ -398,4 +438,43 @@ impl LoraPlan {
 /// order modules are built in.
 fn fxhash(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// `tevatron merge-lora`: writes a Hugging Face folder `out` holding the base model of
+/// `base_dir` with the adapter of `adapter_dir` folded in (`config.json`, tokenizer files and
+/// one `model.safetensors` with the base checkpoint's tensor names and dtypes), which
+/// transformers and `tevatron encode` load without PEFT. Written in `out.tmp` and renamed.
+pub fn write_merged(base_dir: &Path, adapter_dir: &Path, out: &Path) -> Result<()> {
+    let config = crate::config::ModelConfig::read(&base_dir.join("config.json"))?;
+    let adapter = Adapter::load(adapter_dir, &Device::Cpu)?;
+    let mut tensors = crate::weights::load(base_dir, &[], &Device::Cpu)?;
+    merge_into(&mut tensors, &adapter, config.weight_prefixes())?;
+    let mut tmp = out.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Write { path, source }
+    };
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    for f in std::iter::once("config.json").chain(crate::encoder::TOKENIZER_FILES.iter().copied()) {
+        let src = base_dir.join(f);
+        if src.is_file() {
+            std::fs::copy(&src, tmp.join(f)).map_err(io(&tmp.join(f)))?;
+        }
+    }
+    let mut named: Vec<(String, Tensor)> = tensors.into_iter().collect();
+    named.sort_by(|x, y| x.0.cmp(&y.0));
+    let path = tmp.join("model.safetensors");
+    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let views: Vec<(String, &Tensor)> = named.iter().map(|(k, t)| (k.clone(), t)).collect();
+    safetensors::tensor::serialize_to_file(views, Some(meta), &path)
+        .map_err(|e| Error::Weights { path: path.clone(), what: format!("cannot write ({e})") })?;
+    if out.exists() {
+        std::fs::remove_dir_all(out).map_err(io(out))?;
+    }
+    std::fs::rename(&tmp, out).map_err(io(out))
 }

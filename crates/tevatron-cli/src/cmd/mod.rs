@@ -25,6 +25,16 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => eval::run(&a),
         Command::Convert(a) => convert::run(&a),
         Command::Prepare(a) => prepare::run(&a),
+        Command::MergeLora(a) => {
+            let cache = a.cache_dir.as_deref();
+            let base = tevatron_model::hub::resolve_model(&a.model_name_or_path, cache)?;
+            let adapter = tevatron_model::hub::resolve_adapter(&a.lora_name_or_path, cache)?;
+            tevatron_model::lora::write_merged(&base, &adapter, &a.output_dir).with_context(
+                || format!("merging {} into {}", adapter.display(), base.display()),
+            )?;
+            tracing::info!("merged model written to {}", a.output_dir.display());
+            Ok(())
+        }
         Command::Plot(a) => {
             for path in crate::plot::plot_training(&a.output_dir)? {
                 println!("{}", path.display());
