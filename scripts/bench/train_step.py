@@ -2,7 +2,7 @@
 encoder, pooling, normalize, q p^T / T, cross-entropy with targets i*G, AdamW, clipping) on the
 same rows, batch, group and lengths, timed per optimizer step.
 
-    python train_step.py MODEL TRAIN_JSONL STEPS BATCH GROUP QLEN PLEN POOLING NORMALIZE TEMP [gc|ckpt]
+    python train_step.py MODEL TRAIN_JSONL STEPS BATCH GROUP QLEN PLEN POOLING NORMALIZE TEMP [plain|ckpt|lora]
 Prints one JSON line: seconds per step (median of steps 2..N), peak RSS in MB, losses.
 """
 import json
@@ -27,7 +27,13 @@ model = AutoModel.from_pretrained(model_dir)
 model.train()
 if mode == "ckpt":
     model.gradient_checkpointing_enable()
-opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+if mode == "lora":  # Tevatron's LoRA defaults: r 16, alpha 64, dropout 0.1, all seven projections
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(model, LoraConfig(
+        r=16, lora_alpha=64, lora_dropout=0.1,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj", "up_proj", "gate_proj"]))
+    model.train()
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
 
 def text(p):
@@ -42,6 +48,8 @@ def encode(b):
     h = model(**b).last_hidden_state
     if pooling == "cls":
         r = h[:, 0]
+    elif pooling == "last":  # right padding: the last real token
+        r = h[torch.arange(h.shape[0]), b["attention_mask"].sum(1) - 1]
     else:
         m = b["attention_mask"].unsqueeze(-1).float()
         r = (h * m).sum(1) / m.sum(1)

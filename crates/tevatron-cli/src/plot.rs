@@ -125,6 +125,8 @@ struct Panel {
     value: fn(&Logged) -> f64,
     /// Whether the axis starts at zero (the learning rate warms up from it).
     from_zero: bool,
+    /// Whether a moving mean is drawn over the points (a batch loss is noisy).
+    smooth: bool,
 }
 
 const PANELS: [Panel; 2] = [
@@ -133,12 +135,14 @@ const PANELS: [Panel; 2] = [
         color: RGBColor(31, 119, 180),
         value: |l| l.loss,
         from_zero: false,
+        smooth: true,
     },
     Panel {
         caption: "learning rate",
         color: RGBColor(214, 39, 40),
         value: |l| l.learning_rate,
         from_zero: true,
+        smooth: false,
     },
 ];
 
@@ -177,18 +181,54 @@ where
             .x_label_formatter(&|v| format!("{v:.0}"))
             .draw()
             .map_err(fail)?;
+        let points: Vec<(f64, f64)> = log.iter().map(|l| (l.step, value(l))).collect();
+        let smoothed = if panel.smooth { moving_mean(&points, SMOOTH_WINDOW) } else { None };
+        // With a smoothed line on top, the raw points are drawn lighter.
+        let raw = if smoothed.is_some() { color.mix(0.35) } else { color.to_rgba() };
         chart
-            .draw_series(LineSeries::new(
-                log.iter().map(|l| (l.step, value(l))),
-                color.stroke_width(2),
-            ))
+            .draw_series(LineSeries::new(points.iter().copied(), raw.stroke_width(2)))
             .map_err(fail)?;
-        chart
-            .draw_series(log.iter().map(|l| Circle::new((l.step, value(l)), 3, color.filled())))
-            .map_err(fail)?;
+        chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, raw.filled()))).map_err(fail)?;
+        if let Some(line) = smoothed {
+            chart
+                .draw_series(LineSeries::new(line, color.stroke_width(3)))
+                .map_err(fail)?
+                .label(format!("mean of {SMOOTH_WINDOW} logged steps"))
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 20, y)], color.stroke_width(3))
+                });
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperRight)
+                .background_style(WHITE.mix(0.8))
+                .border_style(RGBColor(215, 215, 215))
+                .label_font(("sans-serif", 13))
+                .draw()
+                .map_err(fail)?;
+        }
     }
     area.present().map_err(fail)?;
     Ok(())
+}
+
+/// Logged steps averaged by the loss panel's smoothed line.
+const SMOOTH_WINDOW: usize = 5;
+
+/// The centred moving mean of `points` over `window` points (shorter at the ends), or `None`
+/// when there are too few points for it to say more than the points themselves.
+fn moving_mean(points: &[(f64, f64)], window: usize) -> Option<Vec<(f64, f64)>> {
+    if points.len() < 2 * window {
+        return None;
+    }
+    let half = window / 2;
+    Some(
+        (0..points.len())
+            .map(|i| {
+                let span = &points[i.saturating_sub(half)..(i + half + 1).min(points.len())];
+                (points[i].0, span.iter().map(|p| p.1).sum::<f64>() / span.len() as f64)
+            })
+            .collect(),
+    )
 }
 
 /// Axis labels short enough for the label area: `2e-5` rather than `0.00002`.
@@ -272,6 +312,15 @@ mod tests {
         write_state(dir.path(), serde_json::json!([{"step": 5, "train_loss": 0.7}]));
         let err = read_log(dir.path()).unwrap_err().to_string();
         assert!(err.contains("--logging_steps"), "{err}");
+    }
+
+    #[test]
+    fn the_moving_mean_is_centred_and_needs_enough_points() {
+        let points: Vec<(f64, f64)> = (0..10).map(|i| (i as f64, i as f64)).collect();
+        let m = moving_mean(&points, 5).unwrap();
+        assert_eq!(m[5], (5.0, 5.0));
+        assert_eq!(m[0], (0.0, 1.0)); // mean of 0, 1, 2
+        assert!(moving_mean(&points[..9], 5).is_none());
     }
 
     #[test]

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Peak memory of a 0.5B decoder on CPU: a random-weight model with Qwen2-0.5B's shape (494M
+# parameters, F32; scripts/bench/make_decoder.py 0.5b), peak RSS (whole process) of
+#   - encoding 256 InsuranceQA answers (max 128 tokens, batch 16, last-token pooling),
+#   - 2 LoRA training steps (Tevatron's defaults, --gradient_checkpointing, 4 queries x group 2,
+#     lengths 32/128),
+#   - 2 full training steps with the same settings (every weight trainable),
+# so the difference between the last two is what a frozen base saves (gradients and AdamW's two
+# moments for every base weight).
+#   scripts/bench/decoder-memory.sh
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$root"
+work=$root/.cache/bench/decoder
+mkdir -p "$work"
+cargo build --release -q -p tevatron-cli
+data=${INSURANCEQA:-$(scripts/fetch-insuranceqa.sh)}
+minilm=$(scripts/fetch-minilm.sh)
+py=${TEVATRON_BENCH_VENV:-$root/.cache/bench-venv}/bin/python
+model=$work/qwen2-0.5b
+[ -f "$model/model.safetensors" ] || "$py" scripts/bench/make_decoder.py 0.5b "$minilm" "$model" > /dev/null
+head -n 256 "$data/corpus.jsonl" > "$work/passages-256.jsonl"
+peak() {  # label, command...: prints "label: peak MB, seconds"
+  local label=$1; shift
+  /usr/bin/time -f "%M %e" -o "$work/$label.time" "$@" 2> "$work/$label.log" > /dev/null
+  read -r kb secs < "$work/$label.time"
+  printf "| %s | %.0f MB | %s s |\n" "$label" "$(echo "$kb / 1024" | bc -l)" "$secs"
+}
+train=(target/release/tevatron train --model_name_or_path "$model" --dataset_path "$data/train.small.jsonl"
+  --per_device_train_batch_size 4 --train_group_size 2 --query_max_len 32 --passage_max_len 128
+  --pooling last --normalize --temperature 0.01 --learning_rate 1e-4 --max_steps 2
+  --gradient_checkpointing --logging_steps 1 --save_strategy no --overwrite_output_dir
+  --dataset_cache_dir "$work/cache")
+echo "| run | peak RSS | wall time |"
+echo "|---|---|---|"
+du -b "$model/model.safetensors" | awk '{printf "| (weights file) | %.0f MB | - |\n", $1 / 1048576}'
+peak encode target/release/tevatron encode --model_name_or_path "$model" \
+  --dataset_path "$work/passages-256.jsonl" --encode_output_path "$work/big.safetensors" \
+  --passage_max_len 128 --per_device_eval_batch_size 16 --pooling last --quiet
+peak train-lora "${train[@]}" --output_dir "$work/big-lora" --lora
+peak train-full "${train[@]}" --output_dir "$work/big-full"
