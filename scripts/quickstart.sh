@@ -123,6 +123,7 @@ report = "\n".join([
     f"Fine-tuning: {state['global_step']} steps, batch 32, in-batch negatives, temperature 0.05, "
     f"lr 2e-5; loss {losses[0]['loss']:.3f} (step {losses[0]['step']}) -> {losses[-1]['loss']:.3f} "
     f"(step {losses[-1]['step']}); {summary.get('train_runtime', 0):.0f} s of training.", "",
+    "![loss and learning rate](model/training_curves.png)", "",
 ])
 open(f"{out}/report.md", "w").write(report)
 print("\n".join(rows))
