@@ -154,6 +154,9 @@ impl RmsNorm {
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         match mode {
             Mode::Eval => candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32),
+            Mode::Train if super::train_ops::applies(x) && self.weight.dtype() == DType::F32 => {
+                super::train_ops::rms_norm(x, &self.weight, self.eps)
+            }
             Mode::Train => {
                 let dtype = x.dtype();
                 let x = if dtype == DType::F64 { x.clone() } else { x.to_dtype(DType::F32)? };

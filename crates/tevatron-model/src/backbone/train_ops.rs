@@ -318,6 +318,127 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
     x.contiguous()?.apply_op3(w, b, LayerNormOp { eps: eps as f32 })
 }
 
+struct RmsNormOp {
+    eps: f32,
+}
+struct RmsNormGrad {
+    eps: f32,
+}
+
+fn rms_rstd(x: &[f32], eps: f32) -> f32 {
+    let ms = lanes_reduce_sq(x) / x.len() as f32;
+    1.0 / (ms + eps).sqrt()
+}
+
+fn lanes_reduce_sq(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += v * v;
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+impl CustomOp2 for RmsNormOp {
+    fn name(&self) -> &'static str {
+        "train-rms-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "train-rms-norm")?;
+        let w = contiguous_f32(s2, l2, "train-rms-norm")?;
+        let h = w.len();
+        let out = par_rows(x.len(), h, |start, o| {
+            for (k, o) in o.chunks_mut(h).enumerate() {
+                let x = &x[start + k * h..start + (k + 1) * h];
+                let rstd = rms_rstd(x, self.eps);
+                for ((o, &v), &w) in o.iter_mut().zip(x).zip(w) {
+                    *o = v * rstd * w;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let h = w.elem_count();
+        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &RmsNormGrad { eps: self.eps })?;
+        let n = x.elem_count();
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, n, h)?.reshape(w.shape())?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl CustomOp3 for RmsNormGrad {
+    fn name(&self) -> &'static str {
+        "train-rms-norm-grad"
+    }
+    /// Returns `[dx (all elements), dw (h)]` flattened into one vector.
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "train-rms-norm-grad")?;
+        let w = contiguous_f32(s2, l2, "train-rms-norm-grad")?;
+        let g = contiguous_f32(s3, l3, "train-rms-norm-grad")?;
+        let h = w.len();
+        let mut out = vec![0f32; x.len() + h];
+        let (dx, tail) = out.split_at_mut(x.len());
+        let per_task = (CHUNK / h).max(1) * h;
+        let partial: Vec<Vec<f32>> = dx
+            .par_chunks_mut(per_task)
+            .enumerate()
+            .map(|(i, dx)| {
+                let mut dw = vec![0f32; h];
+                for (k, dx) in dx.chunks_mut(h).enumerate() {
+                    let at = i * per_task + k * h;
+                    let (x, g) = (&x[at..at + h], &g[at..at + h]);
+                    let rstd = rms_rstd(x, self.eps);
+                    let mut dot = 0f32;
+                    for j in 0..h {
+                        let xhat = x[j] * rstd;
+                        dw[j] += g[j] * xhat;
+                        dot += g[j] * w[j] * xhat;
+                    }
+                    let dot = dot / h as f32;
+                    for j in 0..h {
+                        dx[j] = rstd * (g[j] * w[j] - x[j] * rstd * dot);
+                    }
+                }
+                dw
+            })
+            .collect();
+        tail.copy_from_slice(&sum_in_order(partial, h));
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+}
+
+/// RMS normalisation over the last dimension (`x / sqrt(mean(x^2) + eps) * w`) with a fused
+/// backward for `x` and `w`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(w, RmsNormOp { eps: eps as f32 })
+}
+
 struct BiasAdd;
 struct ColumnSum;
 
@@ -474,6 +595,22 @@ mod tests {
                 .unwrap();
         assert!(max_diff(&fused, &composed) < 1e-6);
         assert!(max_diff(&grad_of(&fused), &grad_of(&composed)) < 1e-6);
+        // RMS norm, gradients for x and w.
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.5, 7, &dev).unwrap()).unwrap();
+        let fused = rms_norm(x.as_tensor(), w.as_tensor(), 1e-6).unwrap();
+        let ms = t.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        let composed = t
+            .broadcast_div(&(ms + 1e-6).unwrap().sqrt().unwrap())
+            .unwrap()
+            .broadcast_mul(w.as_tensor())
+            .unwrap();
+        assert!(max_diff(&fused, &composed) < 1e-5);
+        assert!(max_diff(&grad_of(&fused), &grad_of(&composed)) < 1e-4);
+        let gw = |y: &Tensor| {
+            let gs = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            gs.get(w.as_tensor()).unwrap().clone()
+        };
+        assert!(max_diff(&gw(&fused), &gw(&composed)) < 1e-4);
         // Layer norm, gradients for x, w and b.
         let w = Var::from_tensor(&Tensor::randn(1f32, 0.5, 7, &dev).unwrap()).unwrap();
         let b = Var::from_tensor(&Tensor::randn(0f32, 0.5, 7, &dev).unwrap()).unwrap();
