@@ -165,6 +165,17 @@ fn read_st_modules(dir: &Path) -> Result<Option<StModules>> {
     Ok(Some(st))
 }
 
+/// The name an adapter records for its base: the hub id for a folder of the Hugging Face cache
+/// (`.../models--org--name/snapshots/<sha>` → `org/name`), else the folder as given.
+fn base_model_name(model_dir: &Path) -> String {
+    model_dir
+        .components()
+        .filter_map(|c| c.as_os_str().to_str())
+        .find_map(|c| c.strip_prefix("models--"))
+        .map(|id| id.replacen("--", "/", 1))
+        .unwrap_or_else(|| model_dir.to_string_lossy().into_owned())
+}
+
 impl Encoder {
     /// Loads the model in `model_dir` (and the tokenizer from `tokenizer_dir`, default the
     /// model folder).
@@ -434,7 +445,7 @@ impl Encoder {
                 .iter()
                 .map(|t| (t.module.clone(), t.a.as_tensor().clone(), t.b.as_tensor().clone()))
                 .collect();
-            return lora::save_adapter(dir, config, &self.model_dir.to_string_lossy(), &modules);
+            return lora::save_adapter(dir, config, &base_model_name(&self.model_dir), &modules);
         }
         let config = self.weights_dir.join("config.json");
         std::fs::copy(&config, dir.join("config.json"))
@@ -563,5 +574,19 @@ impl Encoder {
     /// Where pooling and normalisation came from.
     pub fn defaults_source(&self) -> &DefaultsSource {
         &self.defaults
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adapters_record_the_hub_id_of_a_cached_base() {
+        let cached = Path::new(
+            "/home/u/.cache/huggingface/hub/models--mistralai--Mistral-7B-v0.1/snapshots/abc",
+        );
+        assert_eq!(base_model_name(cached), "mistralai/Mistral-7B-v0.1");
+        assert_eq!(base_model_name(Path::new("models/local")), "models/local");
     }
 }
