@@ -20,7 +20,8 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 full=${QUICKSTART_FULL:-0}
-out=${QUICKSTART_OUT:-$root/runs/quickstart$([ "$full" = 1 ] && echo -full)}
+if [ "$full" = 1 ]; then default_out=$root/runs/quickstart-full; else default_out=$root/runs/quickstart; fi
+out=${QUICKSTART_OUT:-$default_out}
 steps=${QUICKSTART_STEPS:-80}
 mkdir -p "$out"
 cargo build --release -q -p tevatron-cli --manifest-path "$root/Cargo.toml"

@@ -151,57 +151,8 @@ fn a_resumed_lora_run_ends_with_the_same_adapter() {
     }
     assert!(names(&Path::new(&parts).join("checkpoint-2"))
         .contains(&"adapter_model.safetensors".to_string()));
-    let args: Vec<&str> = ["--num_train_epochs", "2", "--save_steps", "2"].to_vec();
-    let out = {
-        let cache = dir.path().join("cache").to_string_lossy().into_owned();
-        let (model, data) = (path("testdata/tiny/mistral"), path("testdata/train/tiny.jsonl"));
-        let mut a = vec![
-            "train",
-            "--output_dir",
-            &parts,
-            "--model_name_or_path",
-            &model,
-            "--lora",
-            "--lora_target_modules",
-            "q_proj,k_proj,v_proj,o_proj,down_proj,up_proj,gate_proj",
-            "--dataset_name",
-            "json",
-            "--dataset_path",
-            &data,
-            "--query_prefix",
-            "Query: ",
-            "--passage_prefix",
-            "Passage: ",
-            "--bf16",
-            "--pooling",
-            "eos",
-            "--append_eos_token",
-            "--normalize",
-            "--temperature",
-            "0.01",
-            "--per_device_train_batch_size",
-            "4",
-            "--gradient_checkpointing",
-            "--train_group_size",
-            "3",
-            "--learning_rate",
-            "1e-4",
-            "--query_max_len",
-            "32",
-            "--passage_max_len",
-            "64",
-            "--logging_steps",
-            "1",
-            "--gradient_accumulation_steps",
-            "2",
-            "--dataset_cache_dir",
-            &cache,
-            "--quiet",
-        ];
-        a.extend_from_slice(&args);
-        tevatron(dir.path(), &a)
-    };
-    ok(out);
+    // Repeated flags take their last value: the same recipe without --overwrite_output_dir.
+    ok(mistral_recipe(dir.path(), &parts, &[&flags[..], &["--overwrite_output_dir", "false"]].concat()));
     let read = |d: &str| std::fs::read(Path::new(d).join("adapter_model.safetensors")).unwrap();
     assert_eq!(read(&whole), read(&parts), "resumed adapter differs from the uninterrupted one");
 }

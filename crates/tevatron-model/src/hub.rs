@@ -120,44 +120,36 @@ fn download(name: &str, repo: Repo, cache_path: &Path) -> std::result::Result<Pa
 /// Resolves `--tokenizer_name`: a local folder, or a hub id of which only the tokenizer files
 /// are needed.
 pub fn resolve_model_tokenizer(name_or_path: &str, cache: Option<&Path>) -> Result<PathBuf> {
-    let path = Path::new(name_or_path);
-    if path.is_dir() {
-        return Ok(path.to_path_buf());
-    }
-    let cache_path = cache_dir(cache);
-    let repo = Repo::new(name_or_path.to_string(), RepoType::Model);
-    if let Some(t) = Cache::new(cache_path.clone()).repo(repo.clone()).get("tokenizer.json") {
-        return Ok(t.parent().expect("cached file has a folder").to_path_buf());
-    }
-    if offline() {
-        return Err(Error::NotFound(format!(
-            "tokenizer {name_or_path:?} is not a local folder and not in the Hugging Face cache at {} (HF_HUB_OFFLINE is set)",
-            cache_path.display()
-        )));
-    }
-    let fetch = || -> std::result::Result<PathBuf, String> {
-        let api = hf_hub::api::sync::ApiBuilder::from_cache(Cache::new(cache_path.clone()))
-            .with_progress(false)
-            .build()
-            .map_err(|e| e.to_string())?
-            .repo(repo);
-        let t = api.get("tokenizer.json").map_err(|e| e.to_string())?;
-        for f in ["tokenizer_config.json", "special_tokens_map.json"] {
-            let _ = api.get(f);
-        }
-        Ok(t.parent().expect("downloaded file has a folder").to_path_buf())
-    };
-    fetch().map_err(|cause| {
-        Error::NotFound(format!(
-            "tokenizer {name_or_path:?} is not a local folder and not in the Hugging Face cache at {}, and downloading it failed: {cause}",
-            cache_path.display()
-        ))
-    })
+    resolve_files(
+        name_or_path,
+        cache,
+        "tokenizer",
+        &["tokenizer.json"],
+        &["tokenizer_config.json", "special_tokens_map.json"],
+    )
 }
 
 /// Resolves `--lora_name_or_path`: a local adapter folder, or a hub id of which only the
 /// adapter files (`adapter_config.json`, `adapter_model.safetensors`) are needed.
 pub fn resolve_adapter(name_or_path: &str, cache: Option<&Path>) -> Result<PathBuf> {
+    resolve_files(
+        name_or_path,
+        cache,
+        "adapter",
+        &["adapter_config.json", "adapter_model.safetensors"],
+        &[],
+    )
+}
+
+/// A local folder, or the hub-cache (or freshly downloaded) snapshot of a repository holding
+/// the `required` files (and the `optional` ones when they exist).
+fn resolve_files(
+    name_or_path: &str,
+    cache: Option<&Path>,
+    what: &str,
+    required: &[&str],
+    optional: &[&str],
+) -> Result<PathBuf> {
     let path = Path::new(name_or_path);
     if path.is_dir() {
         return Ok(path.to_path_buf());
@@ -165,14 +157,13 @@ pub fn resolve_adapter(name_or_path: &str, cache: Option<&Path>) -> Result<PathB
     let cache_path = cache_dir(cache);
     let repo = Repo::new(name_or_path.to_string(), RepoType::Model);
     let cached = Cache::new(cache_path.clone()).repo(repo.clone());
-    if let (Some(c), Some(_)) =
-        (cached.get("adapter_config.json"), cached.get("adapter_model.safetensors"))
-    {
-        return Ok(c.parent().expect("cached file has a folder").to_path_buf());
+    let found: Option<Vec<PathBuf>> = required.iter().map(|f| cached.get(f)).collect();
+    if let Some(first) = found.as_ref().and_then(|f| f.first()) {
+        return Ok(first.parent().expect("cached file has a folder").to_path_buf());
     }
     if offline() {
         return Err(Error::NotFound(format!(
-            "adapter {name_or_path:?} is not a local folder and not in the Hugging Face cache at {} (HF_HUB_OFFLINE is set)",
+            "{what} {name_or_path:?} is not a local folder and not in the Hugging Face cache at {} (HF_HUB_OFFLINE is set)",
             cache_path.display()
         )));
     }
@@ -182,14 +173,21 @@ pub fn resolve_adapter(name_or_path: &str, cache: Option<&Path>) -> Result<PathB
             .build()
             .map_err(|e| e.to_string())?
             .repo(repo);
-        let c = api.get("adapter_config.json").map_err(|e| e.to_string())?;
-        api.get("adapter_model.safetensors").map_err(|e| e.to_string())?;
-        Ok(c.parent().expect("downloaded file has a folder").to_path_buf())
+        let mut folder = None;
+        for f in required {
+            let got = api.get(f).map_err(|e| e.to_string())?;
+            folder = got.parent().map(Path::to_path_buf);
+        }
+        for f in optional {
+            let _ = api.get(f);
+        }
+        folder.ok_or_else(|| "nothing to download".to_string())
     };
     fetch().map_err(|cause| {
         Error::NotFound(format!(
-            "adapter {name_or_path:?} is not a local folder and not in the Hugging Face cache at {}, and downloading it failed: {cause}",
+            "{what} {name_or_path:?} is not a local folder and not in the Hugging Face cache at {}, and downloading it failed: {cause}",
             cache_path.display()
         ))
     })
 }
+
