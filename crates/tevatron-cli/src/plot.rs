@@ -84,16 +84,24 @@ pub fn plot_training(dir: &Path) -> Result<Vec<PathBuf>> {
     std::io::Write::write_all(&mut file, svg.as_bytes()).map_err(|e| file.err(e))?;
     file.commit()?;
 
-    // The PNG encoder picks the format from the extension, so the temporary name ends in .png.
+    // Drawn into an RGB buffer and encoded here (the png crate), written via temp + rename.
     let png_path = dir.join("training_curves.png");
-    let temp = dir.join(format!(".training_curves.{}.png", std::process::id()));
-    let drawn = draw(BitMapBackend::new(&temp, SIZE).into_drawing_area(), &log, &title);
-    if let Err(e) = drawn {
-        let _ = std::fs::remove_file(&temp);
-        return Err(e);
+    let mut rgb = vec![0u8; (SIZE.0 * SIZE.1 * 3) as usize];
+    draw(BitMapBackend::with_buffer(&mut rgb, SIZE).into_drawing_area(), &log, &title)?;
+    let mut file = AtomicFile::create(&png_path)?;
+    {
+        let mut encoder = png::Encoder::new(&mut file, SIZE.0, SIZE.1);
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        encoder.set_compression(png::Compression::Best);
+        let mut writer = encoder
+            .write_header()
+            .with_context(|| format!("could not write {}", png_path.display()))?;
+        writer
+            .write_image_data(&rgb)
+            .with_context(|| format!("could not write {}", png_path.display()))?;
     }
-    std::fs::rename(&temp, &png_path)
-        .with_context(|| format!("could not write {}", png_path.display()))?;
+    file.commit()?;
     Ok(vec![png_path, svg_path])
 }
 

@@ -227,7 +227,7 @@ fn bad_model_inputs_are_clear_errors() {
     std::fs::write(m.join("config.json"), r#"{"model_type": "gpt2"}"#).unwrap();
     fails_with(
         run(m.to_str().unwrap()),
-        "model_type \"gpt2\" is not supported (supported: bert, roberta, xlm-roberta, distilbert)",
+        "model_type \"gpt2\" is not supported (supported: bert, roberta, xlm-roberta, distilbert, llama, mistral, qwen2, qwen3)",
     );
     // Missing weights, then truncated weights.
     let m = d.join("broken");
@@ -251,10 +251,10 @@ fn bad_model_inputs_are_clear_errors() {
             "--encode_output_path",
             "o.safetensors",
             "--lora_name_or_path",
-            "adapter",
+            "./no-adapter",
         ],
     );
-    fails_with(out, "encoding with a LoRA adapter is not supported yet");
+    fails_with(out, "adapter folder ./no-adapter does not exist");
     let out = tevatron(
         d,
         &[

@@ -152,7 +152,11 @@ fn a_resumed_lora_run_ends_with_the_same_adapter() {
     assert!(names(&Path::new(&parts).join("checkpoint-2"))
         .contains(&"adapter_model.safetensors".to_string()));
     // Repeated flags take their last value: the same recipe without --overwrite_output_dir.
-    ok(mistral_recipe(dir.path(), &parts, &[&flags[..], &["--overwrite_output_dir", "false"]].concat()));
+    ok(mistral_recipe(
+        dir.path(),
+        &parts,
+        &[&flags[..], &["--overwrite_output_dir", "false"]].concat(),
+    ));
     let read = |d: &str| std::fs::read(Path::new(d).join("adapter_model.safetensors")).unwrap();
     assert_eq!(read(&whole), read(&parts), "resumed adapter differs from the uninterrupted one");
 }

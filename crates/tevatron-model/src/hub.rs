@@ -38,16 +38,18 @@ fn offline() -> bool {
     std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
+/// Whether a name that is not a local folder can be a hub id (`name` or `org/name`).
+fn looks_like_id(name: &str) -> bool {
+    !name.is_empty() && !name.starts_with(['.', '/']) && name.split('/').count() <= 2
+}
+
 /// Resolves a model folder or hub id to a local folder holding its files.
 pub fn resolve_model(name_or_path: &str, cache: Option<&Path>) -> Result<PathBuf> {
     let path = Path::new(name_or_path);
     if path.is_dir() {
         return Ok(path.to_path_buf());
     }
-    let looks_like_id = !name_or_path.is_empty()
-        && !name_or_path.starts_with(['.', '/'])
-        && name_or_path.split('/').count() <= 2;
-    if !looks_like_id {
+    if !looks_like_id(name_or_path) {
         return Err(Error::NotFound(format!("model folder {name_or_path} does not exist")));
     }
     let cache_path = cache_dir(cache);
@@ -154,6 +156,9 @@ fn resolve_files(
     if path.is_dir() {
         return Ok(path.to_path_buf());
     }
+    if !looks_like_id(name_or_path) {
+        return Err(Error::NotFound(format!("{what} folder {name_or_path} does not exist")));
+    }
     let cache_path = cache_dir(cache);
     let repo = Repo::new(name_or_path.to_string(), RepoType::Model);
     let cached = Cache::new(cache_path.clone()).repo(repo.clone());
@@ -190,4 +195,3 @@ fn resolve_files(
         ))
     })
 }
-
