@@ -71,13 +71,14 @@ fn mistral_recipe(dir: &Path, out: &str, extra: &[&str]) -> std::process::Output
     tevatron(dir, &args)
 }
 
-fn encode(dir: &Path, out: &str, extra: &[&str]) -> Vec<u8> {
-    let model = path("testdata/tiny/mistral");
+/// Encodes the toy corpus with `model` (eos pooling, EOS appended, normalized, passage
+/// prefix) and returns the `embeddings` tensor's bytes.
+fn encode(dir: &Path, model: &str, out: &str, extra: &[&str]) -> Vec<u8> {
     let corpus = path("testdata/toy/corpus.jsonl");
     let mut args = vec![
         "encode",
         "--model_name_or_path",
-        &model,
+        model,
         "--dataset_path",
         &corpus,
         "--encode_output_path",
@@ -92,7 +93,7 @@ fn encode(dir: &Path, out: &str, extra: &[&str]) -> Vec<u8> {
     ];
     args.extend_from_slice(extra);
     ok(tevatron(dir, &args));
-    std::fs::read(dir.join(out)).unwrap()
+    embeddings(&std::fs::read(dir.join(out)).unwrap())
 }
 
 #[test]
@@ -125,8 +126,9 @@ fn the_mistral_recipe_trains_an_adapter_that_encode_merges() {
     assert_eq!(losses.len(), 3);
     assert!(losses.iter().all(|l| l.is_finite() && *l > 0.0), "{losses:?}");
 
-    let base = encode(dir.path(), "base.safetensors", &[]);
-    let tuned = encode(dir.path(), "tuned.safetensors", &["--lora_name_or_path", &out]);
+    let mistral = path("testdata/tiny/mistral");
+    let base = encode(dir.path(), &mistral, "base.safetensors", &[]);
+    let tuned = encode(dir.path(), &mistral, "tuned.safetensors", &["--lora_name_or_path", &out]);
     assert_ne!(base, tuned, "the trained adapter changed nothing");
 }
 
@@ -230,25 +232,7 @@ fn merge_lora_writes_a_model_that_encodes_as_the_adapter_does() {
         files,
         ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     );
-    let corpus = path("testdata/toy/corpus.jsonl");
-    let run = |model: &str, out: &str, extra: &[&str]| {
-        let mut args = vec![
-            "encode",
-            "--model_name_or_path",
-            model,
-            "--dataset_path",
-            &corpus,
-            "--encode_output_path",
-            out,
-            "--pooling",
-            "eos",
-            "--append_eos_token",
-            "--quiet",
-        ];
-        args.extend_from_slice(extra);
-        ok(tevatron(dir.path(), &args));
-        embeddings(&std::fs::read(dir.path().join(out)).unwrap())
-    };
+    let run = |model: &str, out: &str, extra: &[&str]| encode(dir.path(), model, out, extra);
     let merged = run("merged", "merged.safetensors", &[]);
     let with_adapter = run(&base, "adapter.safetensors", &["--lora_name_or_path", &adapter]);
     let plain = run(&base, "base.safetensors", &[]);

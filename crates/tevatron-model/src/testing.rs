@@ -17,3 +17,20 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
     let b = b.to_dtype(candle_core::DType::F32)?;
     (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
 }
+
+/// A committed tiny random model of `testdata/tiny` (parity fixtures).
+pub fn tiny_dir(name: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/tiny").join(name)
+}
+
+/// Loads a tiny fixture model with `pooling`, no normalisation and `opts` otherwise; panics
+/// with the loader's message if it fails (tests only).
+pub fn load_tiny(
+    name: &str,
+    pooling: crate::Pooling,
+    opts: crate::EncoderOptions,
+) -> crate::Encoder {
+    let opts = crate::EncoderOptions { pooling: Some(pooling), normalize: Some(false), ..opts };
+    crate::Encoder::load(&tiny_dir(name), None, &opts)
+        .unwrap_or_else(|e| panic!("loading tiny model {name}: {e}"))
+}

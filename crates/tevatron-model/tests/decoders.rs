@@ -7,23 +7,18 @@
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use tevatron_model::collate::collate;
-use tevatron_model::testing::{max_abs_diff, HIDDEN_ATOL};
-use tevatron_model::{Encoder, EncoderOptions, Mode, PaddingSide, Pooling, TextOptions};
+use tevatron_model::testing::{load_tiny, max_abs_diff, tiny_dir, HIDDEN_ATOL};
+use tevatron_model::{EncoderOptions, Mode, PaddingSide, Pooling, TextOptions};
 
 const MODELS: [&str; 4] = ["llama", "mistral", "qwen2", "qwen3"];
 
-fn dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/tiny").join(name)
-}
-
 fn expected(name: &str) -> (serde_json::Value, HashMap<String, Tensor>) {
-    let json = std::fs::read_to_string(dir(name).join("expected.json")).unwrap();
+    let json = std::fs::read_to_string(tiny_dir(name).join("expected.json")).unwrap();
     let tensors =
-        candle_core::safetensors::load(dir(name).join("expected.safetensors"), &Device::Cpu)
+        candle_core::safetensors::load(tiny_dir(name).join("expected.safetensors"), &Device::Cpu)
             .unwrap();
     (serde_json::from_str(&json).unwrap(), tensors)
 }
@@ -35,15 +30,6 @@ fn batch(exp: &HashMap<String, Tensor>, side: &str) -> tevatron_model::Batch {
         input_ids: ids,
         attention_mask: exp[&format!("attention_mask_{side}")].to_dtype(DType::U32).unwrap(),
     }
-}
-
-fn load(name: &str, pooling: Pooling, opts: EncoderOptions) -> Encoder {
-    Encoder::load(
-        &dir(name),
-        None,
-        &EncoderOptions { pooling: Some(pooling), normalize: Some(false), ..opts },
-    )
-    .unwrap()
 }
 
 /// Hidden states compared on real tokens only: transformers' rows for padding queries are
@@ -59,7 +45,7 @@ fn tokenization_appends_eos_and_pads_with_it() {
         let (exp, tensors) = expected(name);
         let texts: Vec<String> = serde_json::from_value(exp["texts"].clone()).unwrap();
         let want: Vec<Vec<u32>> = serde_json::from_value(exp["ids_append_eos"].clone()).unwrap();
-        let enc = load(name, Pooling::Last, EncoderOptions::default());
+        let enc = load_tiny(name, Pooling::Last, EncoderOptions::default());
         let max_len = exp["max_len"].as_u64().unwrap() as usize;
         let opts = TextOptions { max_len, append_eos: true, ..TextOptions::default() };
         let got = enc.tokenizer().prepare(&opts).unwrap().tokenize(&texts).unwrap();
@@ -86,7 +72,7 @@ fn hidden_states_and_pools_match_transformers_with_either_padding() {
         for side in ["right", "left"] {
             let b = batch(&exp, side);
             for (pooling, key) in [(Pooling::Last, "pooled_last"), (Pooling::Mean, "pooled_mean")] {
-                let enc = load(name, pooling, EncoderOptions::default());
+                let enc = load_tiny(name, pooling, EncoderOptions::default());
                 let h = enc.hidden_states(&b, Mode::Eval).unwrap();
                 let want = &exp[&format!("last_hidden_state_{side}")];
                 let d = masked_diff(&h, want, &b.attention_mask);
@@ -106,7 +92,7 @@ fn train_mode_equals_eval_and_every_weight_gets_a_gradient() {
         let b = batch(&exp, "left");
         let opts =
             EncoderOptions { trainable: true, disable_dropout: true, ..EncoderOptions::default() };
-        let enc = load(name, Pooling::Last, opts);
+        let enc = load_tiny(name, Pooling::Last, opts);
         let train = enc.encode(&b, Mode::Train).unwrap();
         let eval = enc.encode(&b, Mode::Eval).unwrap();
         let d = max_abs_diff(&train, &eval).unwrap();

@@ -4,27 +4,22 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
-use std::path::PathBuf;
-
 use candle_core::{DType, Device, Tensor};
 use tevatron_model::collate::collate;
 use tevatron_model::encoder::BatchOptions;
-use tevatron_model::testing::{max_abs_diff, HIDDEN_ATOL};
-use tevatron_model::{Encoder, EncoderOptions, Mode, PaddingSide, Pooling, TextOptions};
+use tevatron_model::testing::{load_tiny, max_abs_diff, tiny_dir, HIDDEN_ATOL};
+use tevatron_model::{EncoderOptions, Mode, PaddingSide, Pooling, TextOptions};
 
 const MODELS: [&str; 4] = ["bert", "roberta", "xlm-roberta", "distilbert"];
 
-fn dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/tiny").join(name)
-}
-
 fn expected_json(name: &str) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(dir(name).join("expected.json")).unwrap())
+    serde_json::from_str(&std::fs::read_to_string(tiny_dir(name).join("expected.json")).unwrap())
         .unwrap()
 }
 
 fn expected_tensors(name: &str) -> std::collections::HashMap<String, Tensor> {
-    candle_core::safetensors::load(dir(name).join("expected.safetensors"), &Device::Cpu).unwrap()
+    candle_core::safetensors::load(tiny_dir(name).join("expected.safetensors"), &Device::Cpu)
+        .unwrap()
 }
 
 /// The fixture's padded batch, as transformers saw it, with the expected tensors.
@@ -49,15 +44,6 @@ fn ids_of(v: &serde_json::Value) -> Vec<Vec<u32>> {
         .collect()
 }
 
-fn load(name: &str, pooling: Pooling, opts: EncoderOptions) -> Encoder {
-    Encoder::load(
-        &dir(name),
-        None,
-        &EncoderOptions { pooling: Some(pooling), normalize: Some(false), ..opts },
-    )
-    .unwrap()
-}
-
 #[test]
 fn tokenization_matches_transformers() {
     for name in MODELS {
@@ -68,7 +54,7 @@ fn tokenization_matches_transformers() {
             .iter()
             .map(|t| t.as_str().unwrap().to_string())
             .collect();
-        let enc = load(name, Pooling::Cls, EncoderOptions::default());
+        let enc = load_tiny(name, Pooling::Cls, EncoderOptions::default());
         let max_len = exp["max_len"].as_u64().unwrap() as usize;
         let opts = TextOptions { max_len, ..TextOptions::default() };
         let got = enc.tokenizer().prepare(&opts).unwrap().tokenize(&texts).unwrap();
@@ -100,7 +86,7 @@ fn hidden_states_and_pools_match_transformers() {
             (Pooling::Mean, "pooled_mean"),
             (Pooling::Last, "pooled_last"),
         ] {
-            let enc = load(name, pooling, EncoderOptions::default());
+            let enc = load_tiny(name, pooling, EncoderOptions::default());
             let h = enc.hidden_states(&batch, Mode::Eval).unwrap();
             let d = max_abs_diff(&h, &exp["last_hidden_state"]).unwrap();
             assert!(d <= HIDDEN_ATOL, "{name} hidden states differ by {d}");
@@ -114,7 +100,7 @@ fn hidden_states_and_pools_match_transformers() {
 #[test]
 fn batch_equals_single() {
     for name in MODELS {
-        let enc = load(name, Pooling::Mean, EncoderOptions::default());
+        let enc = load_tiny(name, Pooling::Mean, EncoderOptions::default());
         let seqs = ids_of(&expected_json(name)["ids"]);
         let opts = BatchOptions {
             batch_size: 64,
@@ -134,7 +120,7 @@ fn train_mode_without_dropout_equals_eval() {
     for name in MODELS {
         let opts =
             EncoderOptions { trainable: true, disable_dropout: true, ..EncoderOptions::default() };
-        let enc = load(name, Pooling::Mean, opts);
+        let enc = load_tiny(name, Pooling::Mean, opts);
         let (_, batch) = expected_batch(name);
         let train = enc.encode(&batch, Mode::Train).unwrap();
         let eval = enc.encode(&batch, Mode::Eval).unwrap();
@@ -147,7 +133,7 @@ fn train_mode_without_dropout_equals_eval() {
 fn every_weight_receives_a_gradient_in_train_mode() {
     for name in MODELS {
         for pooling in [Pooling::Cls, Pooling::Mean] {
-            let enc = load(
+            let enc = load_tiny(
                 name,
                 pooling,
                 EncoderOptions { trainable: true, ..EncoderOptions::default() },
@@ -175,7 +161,7 @@ fn every_weight_receives_a_gradient_in_train_mode() {
 
 #[test]
 fn text_options_flow_through_embed() {
-    let enc = load("roberta", Pooling::Last, EncoderOptions::default());
+    let enc = load_tiny("roberta", Pooling::Last, EncoderOptions::default());
     let texts = vec!["what is a dense retriever".to_string()];
     let plain =
         enc.embed(&texts, &TextOptions { max_len: 12, ..TextOptions::default() }, 8).unwrap();
@@ -195,7 +181,7 @@ fn every_checkpoint_layout_loads_the_same_model() {
     // pytorch_model.bin, sharded safetensors + index, and `bert.`-prefixed names (make_tiny.py).
     let (exp, batch) = expected_batch("bert");
     for layout in ["bert-pth", "bert-sharded", "bert-prefixed"] {
-        let enc = load(layout, Pooling::Cls, EncoderOptions::default());
+        let enc = load_tiny(layout, Pooling::Cls, EncoderOptions::default());
         let h = enc.hidden_states(&batch, Mode::Eval).unwrap();
         let d = max_abs_diff(&h, &exp["last_hidden_state"]).unwrap();
         assert!(d <= HIDDEN_ATOL, "{layout}: hidden states differ by {d}");
