@@ -112,7 +112,7 @@ const HEAD_PREFIXES: &[&str] = &[
 ];
 
 /// Files copied from the tokenizer folder into a saved model.
-pub(crate) const TOKENIZER_FILES: &[&str] = &[
+const TOKENIZER_FILES: &[&str] = &[
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -174,6 +174,18 @@ fn base_model_name(model_dir: &Path) -> String {
         .find_map(|c| c.strip_prefix("models--"))
         .map(|id| id.replacen("--", "/", 1))
         .unwrap_or_else(|| model_dir.to_string_lossy().into_owned())
+}
+
+/// Copies the tokenizer files that `from` has into `to` (a saved model or adapter folder).
+pub(crate) fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<()> {
+    for f in TOKENIZER_FILES {
+        let src = from.join(f);
+        if src.is_file() {
+            std::fs::copy(&src, to.join(f))
+                .map_err(|source| Error::Write { path: to.join(f), source })?;
+        }
+    }
+    Ok(())
 }
 
 impl Encoder {
@@ -432,15 +444,8 @@ impl Encoder {
     /// `adapter_config.json` and `adapter_model.safetensors` (plus the tokenizer files), which
     /// `PeftModel.from_pretrained(base, dir)` and `--lora_name_or_path dir` load.
     pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
-        let write_err =
-            |path: &Path, source: std::io::Error| Error::Write { path: path.to_path_buf(), source };
+        copy_tokenizer_files(&self.tokenizer_dir, dir)?;
         if let Some((config, built)) = &self.adapters {
-            for f in TOKENIZER_FILES {
-                let src = self.tokenizer_dir.join(f);
-                if src.is_file() {
-                    std::fs::copy(&src, dir.join(f)).map_err(|e| write_err(&dir.join(f), e))?;
-                }
-            }
             let modules: Vec<(String, Tensor, Tensor)> = built
                 .iter()
                 .map(|t| (t.module.clone(), t.a.as_tensor().clone(), t.b.as_tensor().clone()))
@@ -449,25 +454,24 @@ impl Encoder {
         }
         let config = self.weights_dir.join("config.json");
         std::fs::copy(&config, dir.join("config.json"))
-            .map_err(|e| write_err(&dir.join("config.json"), e))?;
-        for f in TOKENIZER_FILES {
-            let src = self.tokenizer_dir.join(f);
-            if src.is_file() {
-                std::fs::copy(&src, dir.join(f)).map_err(|e| write_err(&dir.join(f), e))?;
-            }
-        }
+            .map_err(|source| Error::Write { path: dir.join("config.json"), source })?;
         self.write_st_modules(dir)?;
         let tensors: Vec<(String, Tensor)> = self
             .state_dict()
             .into_iter()
-            .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)))
+            .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?)))
             .collect::<candle_core::Result<_>>()?;
-        let path = dir.join("model.safetensors");
-        let meta: std::collections::HashMap<String, String> =
-            [("format".to_string(), "pt".to_string())].into();
-        let views: Vec<(String, &Tensor)> = tensors.iter().map(|(k, t)| (k.clone(), t)).collect();
-        safetensors::tensor::serialize_to_file(views, Some(meta), &path)
-            .map_err(|e| Error::Weights { path: path.clone(), what: format!("cannot write ({e})") })
+        weights::save(&dir.join("model.safetensors"), tensors)
+    }
+
+    /// The weights file [`Encoder::save_pretrained`] writes: PEFT's adapter file when training
+    /// LoRA adapters, the whole model's otherwise.
+    pub fn weights_file(&self) -> &'static str {
+        if self.adapters.is_some() {
+            "adapter_model.safetensors"
+        } else {
+            "model.safetensors"
+        }
     }
 
     /// Checks that a batch layout suits the pooling (cls with left padding reads a pad token).
@@ -562,10 +566,6 @@ impl Encoder {
     /// The trainable variables, when loaded with `trainable` (only the adapters with LoRA).
     pub fn varmap(&self) -> Option<&VarMap> {
         self.varmap.as_ref()
-    }
-    /// Whether training updates LoRA adapters rather than the whole model.
-    pub fn trains_adapters(&self) -> bool {
-        self.adapters.is_some()
     }
     /// The model folder.
     pub fn model_dir(&self) -> &Path {

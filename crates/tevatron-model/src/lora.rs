@@ -57,13 +57,20 @@ impl LoraConfig {
     }
 }
 
+/// Where an encoder's adapters come from.
+#[derive(Clone, Debug)]
+pub enum AdapterSource {
+    /// New adapters with these settings (A drawn from the seed, B zero).
+    Fresh(LoraConfig),
+    /// A PEFT adapter folder; its own `adapter_config.json` gives the settings.
+    Saved(PathBuf),
+}
+
 /// How an encoder uses LoRA.
 #[derive(Clone, Debug)]
 pub struct LoraOptions {
-    /// Settings of a fresh adapter; an adapter folder's own `adapter_config.json` wins.
-    pub config: LoraConfig,
-    /// A PEFT adapter folder to continue from (training) or to merge (inference).
-    pub adapter: Option<PathBuf>,
+    /// Fresh adapters, or a saved one to continue from (training) or to merge (inference).
+    pub source: AdapterSource,
     /// Fold the adapter into the base weights instead of keeping it trainable.
     pub merge: bool,
     /// Seed of a fresh adapter's A matrices.
@@ -79,8 +86,6 @@ pub fn peft_name(module: &str, which: char) -> String {
 pub struct Adapter {
     /// `adapter_config.json`.
     pub config: LoraConfig,
-    /// The base model it was trained on, as recorded (`base_model_name_or_path`).
-    pub base_model: Option<String>,
     /// Module path (without PEFT's `base_model.model.` and any `model.` prefix) → `(A, B)`.
     pub modules: HashMap<String, (Tensor, Tensor)>,
 }
@@ -165,9 +170,7 @@ impl Adapter {
                 }
             }
         }
-        let base_model =
-            raw.get("base_model_name_or_path").and_then(|v| v.as_str()).map(str::to_owned);
-        Ok(Self { config, base_model, modules })
+        Ok(Self { config, modules })
     }
 }
 
@@ -194,21 +197,34 @@ pub fn merge_into(
                 ))
             })?;
         let w = &tensors[&name];
-        let fits = matches!((w.dims(), a.dims(), b.dims()),
-            ([o, i], [r, ai], [bo, br]) if ai == i && bo == o && r == br && *r == adapter.config.r);
-        if !fits {
-            return Err(Error::Invalid(format!(
-                "the adapter's {module} has shapes {:?} and {:?}, but the base weight is {:?}: the adapter was trained on another base model",
-                a.dims(),
-                b.dims(),
-                w.dims()
-            )));
+        if let Some(why) = misfit(module, w, a, b, adapter.config.r) {
+            return Err(Error::Invalid(why));
         }
-        let delta = (b.to_dtype(DType::F32)?.matmul(&a.to_dtype(DType::F32)?)? * scale)?;
-        let merged = (w.to_dtype(DType::F32)? + delta)?.to_dtype(w.dtype())?;
+        let merged = merged(w, a, b, scale)?;
         tensors.insert(name, merged);
     }
     Ok(())
+}
+
+/// Why an adapter pair `a` `(r, in)`, `b` `(out, r)` cannot apply to the base weight `w`
+/// `(out, in)`, if it cannot.
+fn misfit(module: &str, w: &Tensor, a: &Tensor, b: &Tensor, r: usize) -> Option<String> {
+    let fits = matches!((w.dims(), a.dims(), b.dims()),
+        ([o, i], [ar, ai], [bo, br]) if ai == i && bo == o && *ar == r && *br == r);
+    (!fits).then(|| {
+        format!(
+            "the adapter's {module} has shapes {:?} and {:?} (r = {r}), but the base weight is {:?}: the adapter was trained on another base model",
+            a.dims(),
+            b.dims(),
+            w.dims()
+        )
+    })
+}
+
+/// `W + scale * B A`, computed in F32 and stored in `W`'s dtype: PEFT's merge.
+fn merged(w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    let delta = (b.to_dtype(DType::F32)?.matmul(&a.to_dtype(DType::F32)?)? * scale)?;
+    (w.to_dtype(DType::F32)? + delta)?.to_dtype(w.dtype())
 }
 
 /// Writes `adapter_config.json` and `adapter_model.safetensors` (F32) into `dir`, as PEFT does,
@@ -245,18 +261,10 @@ pub fn save_adapter(
     std::fs::write(&path, text).map_err(|source| Error::Write { path: path.clone(), source })?;
     let mut tensors = Vec::with_capacity(modules.len() * 2);
     for (module, a, b) in modules {
-        let f32 = |t: &Tensor| -> candle_core::Result<Tensor> {
-            t.to_dtype(DType::F32)?.to_device(&Device::Cpu)
-        };
-        tensors.push((peft_name(module, 'A'), f32(a)?));
-        tensors.push((peft_name(module, 'B'), f32(b)?));
+        tensors.push((peft_name(module, 'A'), a.to_dtype(DType::F32)?));
+        tensors.push((peft_name(module, 'B'), b.to_dtype(DType::F32)?));
     }
-    tensors.sort_by(|x, y| x.0.cmp(&y.0));
-    let path = dir.join("adapter_model.safetensors");
-    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    let views: Vec<(String, &Tensor)> = tensors.iter().map(|(k, t)| (k.clone(), t)).collect();
-    safetensors::tensor::serialize_to_file(views, Some(meta), &path)
-        .map_err(|e| Error::Weights { path: path.clone(), what: format!("cannot write ({e})") })
+    crate::weights::save(&dir.join("adapter_model.safetensors"), tensors)
 }
 
 /// What a backbone's linear layers consult while loading: which modules get an adapter, with
@@ -302,12 +310,12 @@ pub struct LoraWeights {
 impl LoraPlan {
     /// Resolves the options: reads the adapter folder when one is given.
     pub fn new(opts: &LoraOptions, dtype: DType, device: &Device) -> Result<Self> {
-        let (config, start) = match &opts.adapter {
-            Some(dir) => {
+        let (config, start) = match &opts.source {
+            AdapterSource::Saved(dir) => {
                 let adapter = Adapter::load(dir, device)?;
                 (adapter.config, adapter.modules)
             }
-            None => (opts.config.clone(), HashMap::new()),
+            AdapterSource::Fresh(config) => (config.clone(), HashMap::new()),
         };
         if config.r == 0 {
             return Err(Error::Invalid("--lora_r must be at least 1".into()));
@@ -336,31 +344,25 @@ impl LoraPlan {
             return Ok((weight, None));
         }
         let (out_dim, in_dim) = weight.dims2()?;
-        let (a, b) = match self.start.get(module) {
-            Some((a, b)) => {
-                if a.dims() != [self.config.r, in_dim] || b.dims() != [out_dim, self.config.r] {
-                    fail!(
-                        "the adapter's {module} has shapes {:?} and {:?}, but the base layer is ({out_dim}, {in_dim}) with r = {}: the adapter was trained on another base model",
-                        a.dims(),
-                        b.dims(),
-                        self.config.r
-                    );
-                }
-                (a.to_dtype(self.dtype)?, b.to_dtype(self.dtype)?)
+        let start = self.start.get(module);
+        if let Some((a, b)) = start {
+            if let Some(why) = misfit(module, &weight, a, b, self.config.r) {
+                fail!("{why}");
             }
-            None if self.merge => {
+        }
+        if self.merge {
+            let Some((a, b)) = start else {
                 fail!("the adapter has no weights for {module}, which its target_modules name")
-            }
+            };
+            return Ok((merged(&weight, a, b, self.config.scale())?, None));
+        }
+        let (a, b) = match start {
+            Some((a, b)) => (a.to_dtype(self.dtype)?, b.to_dtype(self.dtype)?),
             None => (
                 self.fresh_a(module, in_dim)?,
                 Tensor::zeros((out_dim, self.config.r), self.dtype, &self.device)?,
             ),
         };
-        if self.merge {
-            let delta = (b.matmul(&a)? * self.config.scale())?;
-            let delta = delta.to_dtype(weight.dtype())?;
-            return Ok(((weight + delta)?, None));
-        }
         let (a, b) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
         self.built.lock().expect("lora plan lock").push(TrainableAdapter {
             module: module.to_string(),
@@ -377,10 +379,11 @@ impl LoraPlan {
     }
 
     /// PEFT's initialisation of A: Kaiming-uniform with `a = sqrt(5)`, i.e. uniform in
-    /// `±1/sqrt(in)`, drawn from a stream seeded by `(seed, module)`.
+    /// `±1/sqrt(in)`, drawn from a stream seeded by `(seed, module)` (the module name hashed,
+    /// so initial weights do not depend on the order modules are built in).
     fn fresh_a(&self, module: &str, in_dim: usize) -> candle_core::Result<Tensor> {
         let bound = 1.0 / (in_dim as f64).sqrt();
-        let key = crate::rng::mix(self.seed, &[fxhash(module)]);
+        let key = crate::rng::mix(self.seed, &[fnv1a(module)]);
         let mut rng = crate::rng::SplitMix64::new(key);
         let n = self.config.r * in_dim;
         let values: Vec<f32> = (0..n)
@@ -434,12 +437,6 @@ impl LoraPlan {
     }
 }
 
-/// A stable 64-bit hash of a module name (FNV-1a), so initial weights do not depend on the
-/// order modules are built in.
-fn fxhash(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
-}
-
 /// `tevatron merge-lora`: writes a Hugging Face folder `out` holding the base model of
 /// `base_dir` with the adapter of `adapter_dir` folded in (`config.json`, tokenizer files and
 /// one `model.safetensors` with the base checkpoint's tensor names and dtypes), which
@@ -460,21 +457,18 @@ pub fn write_merged(base_dir: &Path, adapter_dir: &Path, out: &Path) -> Result<(
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    for f in std::iter::once("config.json").chain(crate::encoder::TOKENIZER_FILES.iter().copied()) {
-        let src = base_dir.join(f);
-        if src.is_file() {
-            std::fs::copy(&src, tmp.join(f)).map_err(io(&tmp.join(f)))?;
-        }
-    }
-    let mut named: Vec<(String, Tensor)> = tensors.into_iter().collect();
-    named.sort_by(|x, y| x.0.cmp(&y.0));
-    let path = tmp.join("model.safetensors");
-    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    let views: Vec<(String, &Tensor)> = named.iter().map(|(k, t)| (k.clone(), t)).collect();
-    safetensors::tensor::serialize_to_file(views, Some(meta), &path)
-        .map_err(|e| Error::Weights { path: path.clone(), what: format!("cannot write ({e})") })?;
+    std::fs::copy(base_dir.join("config.json"), tmp.join("config.json"))
+        .map_err(io(&tmp.join("config.json")))?;
+    crate::encoder::copy_tokenizer_files(base_dir, &tmp)?;
+    crate::weights::save(&tmp.join("model.safetensors"), tensors.into_iter().collect())?;
     if out.exists() {
         std::fs::remove_dir_all(out).map_err(io(out))?;
     }
     std::fs::rename(&tmp, out).map_err(io(out))
+}
+
+/// FNV-1a of a module name: the stable key of its adapter's initial weights. (Not the project's
+/// `FxHasher`: switching would change every fresh adapter's initial weights.)
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }

@@ -58,6 +58,22 @@ pub fn load(dir: &Path, prefixes: &[&str], device: &Device) -> Result<HashMap<St
         .collect())
 }
 
+/// Writes `tensors` (moved to the CPU, sorted by name) as one safetensors file with PyTorch's
+/// `format: pt` metadata, which transformers and PEFT expect of the files they load.
+pub fn save(path: &Path, tensors: Vec<(String, Tensor)>) -> Result<()> {
+    let mut cpu: Vec<(String, Tensor)> = tensors
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?)))
+        .collect::<candle_core::Result<_>>()?;
+    cpu.sort_by(|x, y| x.0.cmp(&y.0));
+    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let views: Vec<(String, &Tensor)> = cpu.iter().map(|(k, t)| (k.clone(), t)).collect();
+    safetensors::tensor::serialize_to_file(views, Some(meta), path).map_err(|e| Error::Weights {
+        path: path.to_path_buf(),
+        what: format!("cannot write ({e})"),
+    })
+}
+
 /// A `VarBuilder` backend over loaded tensors that records which names the architecture asked
 /// for, so a trainable model holds exactly the weights it uses (a checkpoint's unused pooler or
 /// MLM head gets no variable, and "every variable receives a gradient" can be asserted).

@@ -128,15 +128,7 @@ pub fn save(
         std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
         encoder.save_pretrained(&tmp)?;
         let (moments, steps) = opt.state();
-        let cpu: Vec<(String, candle_core::Tensor)> = moments
-            .into_iter()
-            .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?)))
-            .collect::<candle_core::Result<_>>()?;
-        let path = tmp.join("optimizer.safetensors");
-        let views: Vec<(String, &candle_core::Tensor)> =
-            cpu.iter().map(|(k, t)| (k.clone(), t)).collect();
-        safetensors::tensor::serialize_to_file(views, None, &path)
-            .map_err(|e| Error::Invalid(format!("{}: cannot write ({e})", path.display())))?;
+        tevatron_model::weights::save(&tmp.join("optimizer.safetensors"), moments)?;
         write_json(&tmp.join("scheduler.json"), &serde_json::json!({ "step": steps }))?;
         write_json(
             &tmp.join("rng_state.json"),
@@ -167,16 +159,14 @@ pub fn save(
     Ok(final_dir)
 }
 
-/// Restores weights, optimizer moments and the loop state from a checkpoint folder.
-pub fn load(dir: &Path, opt: &mut AdamW) -> Result<TrainerState> {
+/// Restores weights (from `weights_file`, the one [`Encoder::weights_file`] names), optimizer
+/// moments and the loop state from a checkpoint folder.
+pub fn load(dir: &Path, weights_file: &str, opt: &mut AdamW) -> Result<TrainerState> {
     let state: TrainerState = read_json(&dir.join("trainer_state.json"))?;
     let bad = |path: &Path, e: candle_core::Error| {
         Error::Invalid(format!("{}: cannot read ({e})", path.display()))
     };
-    // A LoRA run saves only its adapters, under PEFT's names (which are the variables' names).
-    let adapter_path = dir.join("adapter_model.safetensors");
-    let model_path =
-        if adapter_path.is_file() { adapter_path } else { dir.join("model.safetensors") };
+    let model_path = dir.join(weights_file);
     let device = opt.vars().first().map(|v| v.device().clone()).unwrap_or(Device::Cpu);
     let weights: HashMap<String, candle_core::Tensor> =
         candle_core::safetensors::load(&model_path, &device).map_err(|e| bad(&model_path, e))?;

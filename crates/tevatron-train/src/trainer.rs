@@ -256,7 +256,7 @@ pub fn train(
     };
     let mut state = match resume {
         Some(dir) => {
-            let s = checkpoint::load(dir, &mut opt)?;
+            let s = checkpoint::load(dir, encoder.weights_file(), &mut opt)?;
             if s.tevatron.seed != cfg.seed {
                 return Err(Error::Invalid(format!(
                     "{} was trained with --seed {}, not {}; resume with the same seed or pass --overwrite_output_dir",

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Device};
-use tevatron_model::lora::{LoraConfig, LoraOptions};
+use tevatron_model::lora::{AdapterSource, LoraConfig, LoraOptions};
 use tevatron_model::{Encoder, EncoderOptions, PaddingSide, Pooling, TextOptions};
 use tevatron_train::data::TrainData;
 use tevatron_train::optim::AdamWConfig;
@@ -84,7 +84,7 @@ fn the_loss_falls_by_half_within_30_steps() {
 #[test]
 fn a_lora_adapter_on_a_decoder_learns_too() {
     let lora = LoraOptions {
-        config: LoraConfig {
+        source: AdapterSource::Fresh(LoraConfig {
             r: 8,
             lora_alpha: 16.0,
             lora_dropout: 0.1,
@@ -100,8 +100,7 @@ fn a_lora_adapter_on_a_decoder_learns_too() {
             .map(String::from)
             .to_vec(),
             use_rslora: false,
-        },
-        adapter: None,
+        }),
         merge: false,
         seed: 42,
     };

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use tevatron_model::lora::{LoraConfig, LoraOptions};
+use tevatron_model::lora::{AdapterSource, LoraConfig, LoraOptions};
 use tevatron_model::testing::{max_abs_diff, HIDDEN_ATOL};
 use tevatron_model::{Batch, Encoder, EncoderOptions, Mode, Pooling};
 use tevatron_train::loss::contrastive;
@@ -35,14 +35,16 @@ fn batch(ids: &Tensor, mask: &Tensor) -> Batch {
     }
 }
 
-fn fresh_config() -> LoraConfig {
-    LoraConfig {
+/// Fresh adapters (r 4, alpha 8) on the named modules.
+fn fresh(targets: &[&str], seed: u64) -> LoraOptions {
+    let config = LoraConfig {
         r: 4,
         lora_alpha: 8.0,
         lora_dropout: 0.0,
-        target_modules: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
+        target_modules: targets.iter().map(|t| t.to_string()).collect(),
         use_rslora: false,
-    }
+    };
+    LoraOptions { source: AdapterSource::Fresh(config), merge: false, seed }
 }
 
 fn load(base: &str, lora: Option<LoraOptions>, trainable: bool, dtype: DType) -> Encoder {
@@ -62,8 +64,9 @@ fn load(base: &str, lora: Option<LoraOptions>, trainable: bool, dtype: DType) ->
     .unwrap()
 }
 
-fn adapter(dir: PathBuf, merge: bool) -> Option<LoraOptions> {
-    Some(LoraOptions { config: fresh_config(), adapter: Some(dir), merge, seed: 0 })
+/// A saved PEFT adapter, merged or trainable.
+fn saved(dir: PathBuf, merge: bool) -> LoraOptions {
+    LoraOptions { source: AdapterSource::Saved(dir), merge, seed: 0 }
 }
 
 fn left_batch() -> Batch {
@@ -76,7 +79,7 @@ fn left_batch() -> Batch {
 #[test]
 fn a_peft_adapter_merged_encodes_as_merge_and_unload() {
     let exp = expected();
-    let enc = load("llama", adapter(tiny("llama-lora"), true), false, DType::F32);
+    let enc = load("llama", Some(saved(tiny("llama-lora"), true)), false, DType::F32);
     let b = left_batch();
     let h = enc.hidden_states(&b, Mode::Eval).unwrap();
     let m = b.attention_mask.to_dtype(DType::F32).unwrap().unsqueeze(2).unwrap();
@@ -98,7 +101,7 @@ fn a_peft_adapter_merged_encodes_as_merge_and_unload() {
 #[test]
 fn one_step_matches_peft_and_only_adapters_train() {
     let exp = expected();
-    let enc = load("llama", adapter(tiny("llama-lora"), false), true, DType::F32);
+    let enc = load("llama", Some(saved(tiny("llama-lora"), false)), true, DType::F32);
     let q = enc.encode(&batch(&exp["q_ids"], &exp["q_mask"]), Mode::Train).unwrap();
     let p = enc.encode(&batch(&exp["p_ids"], &exp["p_mask"]), Mode::Train).unwrap();
     let loss = contrastive(&q, &p, 0.01).unwrap();
@@ -126,8 +129,7 @@ fn one_step_matches_peft_and_only_adapters_train() {
 fn a_fresh_adapter_starts_as_the_base_model_and_saves_as_peft_does() {
     let b = left_batch();
     let base = load("llama", None, false, DType::F32);
-    let fresh = LoraOptions { config: fresh_config(), adapter: None, merge: false, seed: 7 };
-    let enc = load("llama", Some(fresh), true, DType::F32);
+    let enc = load("llama", Some(fresh(&["q_proj", "v_proj", "down_proj"], 7)), true, DType::F32);
     let want = base.encode(&b, Mode::Eval).unwrap();
     for mode in [Mode::Eval, Mode::Train] {
         let d = max_abs_diff(&enc.encode(&b, mode).unwrap(), &want).unwrap();
@@ -159,7 +161,7 @@ fn a_fresh_adapter_starts_as_the_base_model_and_saves_as_peft_does() {
     .unwrap();
     assert_eq!(config["peft_type"], "LORA");
     assert_eq!(config["r"], 4);
-    let saved =
+    let written =
         candle_core::safetensors::load(dir.path().join("adapter_model.safetensors"), &Device::Cpu)
             .unwrap();
     // PEFT's names, as the PEFT-made fixture has them.
@@ -168,12 +170,12 @@ fn a_fresh_adapter_starts_as_the_base_model_and_saves_as_peft_does() {
         &Device::Cpu,
     )
     .unwrap();
-    for name in saved.keys() {
+    for name in written.keys() {
         assert!(peft.contains_key(name), "{name} is not a name PEFT writes");
-        assert_eq!(saved[name].dims(), peft[name].dims(), "{name}");
+        assert_eq!(written[name].dims(), peft[name].dims(), "{name}");
     }
     for merge in [true, false] {
-        let again = load("llama", adapter(dir.path().to_path_buf(), merge), false, DType::F32);
+        let again = load("llama", Some(saved(dir.path().to_path_buf(), merge)), false, DType::F32);
         let d = max_abs_diff(&again.encode(&b, Mode::Eval).unwrap(), &trained).unwrap();
         assert!(d <= 1e-5, "reloaded adapter (merge {merge}) differs by {d}");
     }
@@ -182,7 +184,7 @@ fn a_fresh_adapter_starts_as_the_base_model_and_saves_as_peft_does() {
 #[test]
 fn lora_gradient_matches_finite_differences() {
     let exp = expected();
-    let enc = load("llama", adapter(tiny("llama-lora"), false), true, DType::F64);
+    let enc = load("llama", Some(saved(tiny("llama-lora"), false)), true, DType::F64);
     let (qb, pb) = (batch(&exp["q_ids"], &exp["q_mask"]), batch(&exp["p_ids"], &exp["p_mask"]));
     let loss_of = |enc: &Encoder| {
         let q = enc.encode(&qb, Mode::Train).unwrap();
@@ -227,42 +229,17 @@ fn bad_targets_and_mismatched_adapters_are_clear_errors() {
         lora: Some(lora),
         ..EncoderOptions::default()
     };
-    let nothing = LoraOptions {
-        config: LoraConfig { target_modules: vec!["query".into()], ..fresh_config() },
-        adapter: None,
-        merge: false,
-        seed: 0,
-    };
-    let err = Encoder::load(&tiny("llama"), None, &opts(nothing)).err().unwrap().to_string();
+    let load_err =
+        |base: &str, lora| Encoder::load(&tiny(base), None, &opts(lora)).err().unwrap().to_string();
+    let err = load_err("llama", fresh(&["query"], 0));
     assert!(err.contains("match no module") && err.contains("q_proj"), "{err}");
     // BERT's own names work there.
-    let bert = LoraOptions {
-        config: LoraConfig {
-            target_modules: vec!["query".into(), "value".into()],
-            ..fresh_config()
-        },
-        adapter: None,
-        merge: false,
-        seed: 0,
-    };
-    let enc = Encoder::load(&tiny("bert"), None, &opts(bert)).unwrap();
+    let enc = Encoder::load(&tiny("bert"), None, &opts(fresh(&["query", "value"], 0))).unwrap();
     assert_eq!(enc.varmap().unwrap().data().lock().unwrap().len(), 8);
     // The Llama adapter on Qwen3 (same module names, other shapes).
-    let wrong = LoraOptions {
-        config: fresh_config(),
-        adapter: Some(tiny("llama-lora")),
-        merge: true,
-        seed: 0,
-    };
-    let err = Encoder::load(&tiny("qwen3"), None, &opts(wrong)).err().unwrap().to_string();
+    let err = load_err("qwen3", saved(tiny("llama-lora"), true));
     assert!(err.contains("another base model"), "{err}");
     // The Llama adapter on BERT (no such modules).
-    let wrong = LoraOptions {
-        config: fresh_config(),
-        adapter: Some(tiny("llama-lora")),
-        merge: true,
-        seed: 0,
-    };
-    let err = Encoder::load(&tiny("bert"), None, &opts(wrong)).err().unwrap().to_string();
+    let err = load_err("bert", saved(tiny("llama-lora"), true));
     assert!(err.contains("match no module") || err.contains("another base model"), "{err}");
 }

@@ -11,7 +11,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use tevatron_model::encoder::DefaultsSource;
-use tevatron_model::lora::{LoraConfig, LoraOptions};
+use tevatron_model::lora::{AdapterSource, LoraOptions};
 use tevatron_model::{Encoder, EncoderOptions};
 
 use crate::args::{Cli, Command};
@@ -48,18 +48,7 @@ pub fn run(cli: Cli) -> Result<()> {
 pub fn merged_adapter(name: &str, cache_dir: Option<&Path>) -> Result<LoraOptions> {
     let dir = tevatron_model::hub::resolve_adapter(name, cache_dir)?;
     tracing::info!("merging the LoRA adapter {}", dir.display());
-    Ok(LoraOptions {
-        config: LoraConfig {
-            r: 1,
-            lora_alpha: 1.0,
-            lora_dropout: 0.0,
-            target_modules: vec![],
-            use_rslora: false,
-        },
-        adapter: Some(dir),
-        merge: true,
-        seed: 0,
-    })
+    Ok(LoraOptions { source: AdapterSource::Saved(dir), merge: true, seed: 0 })
 }
 
 /// Resolves `--model_name_or_path` / `--tokenizer_name` (local folders or hub ids), loads the

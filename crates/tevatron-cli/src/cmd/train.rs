@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use tevatron_model::backbone::layers::set_autocast;
-use tevatron_model::lora::{LoraConfig, LoraOptions};
+use tevatron_model::lora::{AdapterSource, LoraConfig, LoraOptions};
 use tevatron_model::{EncoderOptions, PaddingSide, Pooling, TextOptions};
 use tevatron_train::data::{Corpus, TrainData};
 use tevatron_train::optim::AdamWConfig;
@@ -73,34 +73,37 @@ fn args_json(a: &TrainArgs) -> serde_json::Value {
     serde_json::to_value(a).unwrap_or(serde_json::Value::Null)
 }
 
-/// `--lora` and its settings; `--lora_name_or_path` alone also turns LoRA on, as in Tevatron.
+/// `--lora` and its settings; `--lora_name_or_path` alone also turns LoRA on (continuing from
+/// that adapter, whose own settings then apply), as in Tevatron.
 fn lora_options(a: &TrainArgs) -> Result<Option<LoraOptions>> {
     if !a.lora && a.lora_name_or_path.is_none() {
         return Ok(None);
     }
-    let adapter = a
-        .lora_name_or_path
-        .as_deref()
-        .map(|l| tevatron_model::hub::resolve_adapter(l, a.cache_dir.as_deref()))
-        .transpose()?;
-    if !(0.0..1.0).contains(&a.lora_dropout) {
-        bail!("--lora_dropout must be in [0, 1), got {}", a.lora_dropout);
-    }
-    let target_modules: Vec<String> = (a.lora_target_modules.split(','))
-        .map(|t| t.trim().to_string())
-        .filter(|t| !t.is_empty())
-        .collect();
-    if target_modules.is_empty() {
-        bail!("--lora_target_modules names no module");
-    }
-    let config = LoraConfig {
-        r: a.lora_r,
-        lora_alpha: a.lora_alpha,
-        lora_dropout: if a.disable_dropout { 0.0 } else { a.lora_dropout },
-        target_modules,
-        use_rslora: false,
+    let source = match &a.lora_name_or_path {
+        Some(l) => {
+            AdapterSource::Saved(tevatron_model::hub::resolve_adapter(l, a.cache_dir.as_deref())?)
+        }
+        None => {
+            if !(0.0..1.0).contains(&a.lora_dropout) {
+                bail!("--lora_dropout must be in [0, 1), got {}", a.lora_dropout);
+            }
+            let target_modules: Vec<String> = (a.lora_target_modules.split(','))
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
+                .collect();
+            if target_modules.is_empty() {
+                bail!("--lora_target_modules names no module");
+            }
+            AdapterSource::Fresh(LoraConfig {
+                r: a.lora_r,
+                lora_alpha: a.lora_alpha,
+                lora_dropout: a.lora_dropout,
+                target_modules,
+                use_rslora: false,
+            })
+        }
     };
-    Ok(Some(LoraOptions { config, adapter, merge: false, seed: a.seed }))
+    Ok(Some(LoraOptions { source, merge: false, seed: a.seed }))
 }
 
 pub fn run(a: &TrainArgs) -> Result<()> {
