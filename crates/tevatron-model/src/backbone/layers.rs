@@ -281,13 +281,27 @@ pub fn attention(
     let (b, l, h) = q.dims3()?;
     let dh = h / heads;
     let split = |t: &Tensor| t.reshape((b, l, heads, dh))?.transpose(1, 2)?.contiguous();
-    let (q, k, v) = (split(q)?, split(k)?, split(v)?);
-    let q = (q * (1.0 / (dh as f64).sqrt()))?;
+    attend(&split(q)?, &split(k)?, &split(v)?, mask_bias, dropout_p, mode)
+}
+
+/// Attention over heads already split, `(b, heads, l, d)` each (encoders and decoders alike):
+/// `softmax(q k^T / sqrt(d) + bias) v`, with dropout on the probabilities; returns the heads
+/// merged back, `(b, l, heads * d)`.
+pub fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    dropout_p: f64,
+    mode: Mode,
+) -> Result<Tensor> {
+    let (b, heads, l, d) = q.dims4()?;
+    let q = (q * (1.0 / (d as f64).sqrt()))?;
     let scores = matmul(&q, &k.t()?)?; // (b, heads, l, l)
-    let probs = masked_softmax(&scores, mask_bias, mode)?;
+    let probs = masked_softmax(&scores, bias, mode)?;
     let probs = dropout(&probs, dropout_p, mode)?;
-    let ctx = matmul(&probs, &v)?; // (b, heads, l, dh)
-    ctx.transpose(1, 2)?.reshape((b, l, h))
+    let ctx = matmul(&probs, v)?; // (b, heads, l, d)
+    ctx.transpose(1, 2)?.reshape((b, l, heads * d))
 }
 
 /// `softmax(scores + bias)` over the last dimension: fused with its backward when training on

@@ -9,6 +9,8 @@
 //! Positions are `0..l` for every row, whatever the padding, as transformers computes them when
 //! only `input_ids` and `attention_mask` are given (which is what Tevatron passes).
 
+use std::sync::Mutex;
+
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
@@ -187,11 +189,22 @@ pub struct Llama {
     embed: Embedding,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    /// `(max_positions, head_dim / 2)` inverse frequencies times positions: the rotary angles.
-    angles: Tensor,
+    /// `(1, head_dim / 2)` inverse frequencies of the rotary embedding (F32, CPU).
+    inv_freq: Tensor,
+    /// `cos`/`sin` of the last length and dtype asked for: every layer of a batch (and every
+    /// recomputed layer under gradient checkpointing) reuses them.
+    rotary_cache: Mutex<Option<Rotary>>,
     cfg: Config,
     family: Family,
-    max_positions: usize,
+}
+
+/// Rotary tables `(l, head_dim)` for one length and dtype.
+#[derive(Clone)]
+struct Rotary {
+    len: usize,
+    dtype: DType,
+    cos: Tensor,
+    sin: Tensor,
 }
 
 /// Inverse frequencies of the rotary embedding, Llama 3 scaling applied when configured.
@@ -282,29 +295,39 @@ impl Llama {
         }
         let norm = RmsNorm::load(vb.pp("norm"), h, cfg.rms_norm_eps)?;
         let inv = inverse_frequencies(cfg)?;
-        // Angles are computed in f64 and rounded once (transformers computes them in f32).
-        let max_positions = 1 << 16;
-        let inv_t = Tensor::from_vec(
+        // Computed in f64, rounded to F32 once, then multiplied by the positions in F32, as
+        // transformers does it.
+        let inv_freq = Tensor::from_vec(
             inv.iter().map(|&f| f as f32).collect::<Vec<_>>(),
             (1, d / 2),
             &Device::Cpu,
         )?;
-        let angles = Tensor::arange(0u32, max_positions as u32, &Device::Cpu)?
-            .to_dtype(DType::F32)?
-            .unsqueeze(1)?
-            .broadcast_mul(&inv_t)?;
-        Ok(Self { embed, layers: stack, norm, angles, cfg: cfg.clone(), family, max_positions })
+        Ok(Self {
+            embed,
+            layers: stack,
+            norm,
+            inv_freq,
+            rotary_cache: Mutex::new(None),
+            cfg: cfg.clone(),
+            family,
+        })
     }
 
     /// `cos` and `sin` `(l, head_dim)` (each half repeated, HF's `rotate_half` layout).
     fn rotary(&self, l: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
-        if l > self.max_positions {
-            fail!("sequence length {l} exceeds {} positions", self.max_positions);
+        let mut cache = self.rotary_cache.lock().expect("rotary cache lock");
+        if let Some(r) = cache.as_ref().filter(|r| r.len == l && r.dtype == dtype) {
+            return Ok((r.cos.clone(), r.sin.clone()));
         }
-        let a = self.angles.narrow(0, 0, l)?;
-        let a = Tensor::cat(&[&a, &a], 1)?;
+        let angles = Tensor::arange(0u32, l as u32, &Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .unsqueeze(1)?
+            .broadcast_mul(&self.inv_freq)?;
+        let angles = Tensor::cat(&[&angles, &angles], 1)?;
         let to = |t: Tensor| t.to_dtype(dtype)?.to_device(device);
-        Ok((to(a.cos()?)?, to(a.sin()?)?))
+        let (cos, sin) = (to(angles.cos()?)?, to(angles.sin()?)?);
+        *cache = Some(Rotary { len: l, dtype, cos: cos.clone(), sin: sin.clone() });
+        Ok((cos, sin))
     }
 }
 
@@ -332,8 +355,8 @@ impl Backbone for Llama {
         for row in &mask {
             for i in 0..l {
                 for (j, &m) in row.iter().enumerate() {
-                    let in_window = window.is_none_or(|w| i - j.min(i) < w);
-                    allowed.push(u8::from(j <= i && m != 0 && in_window));
+                    let visible = j <= i && m != 0 && window.is_none_or(|w| i - j < w);
+                    allowed.push(u8::from(visible));
                 }
             }
         }
@@ -350,17 +373,6 @@ impl Backbone for Llama {
         let (_, l, _) = x.dims3()?;
         let (cos, sin) = self.rotary(l, x.dtype(), x.device())?;
         self.layers[i].forward(x, bias, &cos, &sin, &self.cfg, mode)
-    }
-
-    fn forward(&self, batch: &Batch, mode: Mode) -> Result<Tensor> {
-        let mut x = self.embed(batch, mode)?;
-        let bias = self.attention_bias(batch, x.dtype())?;
-        let (_, l, _) = x.dims3()?;
-        let (cos, sin) = self.rotary(l, x.dtype(), x.device())?;
-        for layer in &self.layers {
-            x = layer.forward(&x, &bias, &cos, &sin, &self.cfg, mode)?;
-        }
-        self.finish(&x, mode)
     }
 
     fn finish(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
@@ -399,12 +411,7 @@ impl Layer {
             t.unsqueeze(2)?.expand((b, kv, heads / kv, l, d))?.reshape((b, heads, l, d))
         };
         let (k, v) = (repeat(k)?, repeat(v)?);
-        let q = (q * (1.0 / (d as f64).sqrt()))?;
-        let scores = layers::matmul(&q.contiguous()?, &k.t()?.contiguous()?)?;
-        let probs = layers::masked_softmax(&scores, bias, mode)?;
-        let probs = layers::dropout(&probs, cfg.attention_dropout, mode)?;
-        let ctx = layers::matmul(&probs, &v.contiguous()?)?;
-        let ctx = ctx.transpose(1, 2)?.reshape((b, l, heads * d))?;
+        let ctx = layers::attend(&q, &k, &v, bias, cfg.attention_dropout, mode)?;
         let x = (self.o.forward(&ctx, mode)? + x)?;
         let h = self.post_norm.forward(&x, mode)?;
         let gate = cfg.hidden_act.forward(&self.gate.forward(&h, mode)?, mode)?;
