@@ -46,6 +46,43 @@ fn sum_in_order(partial: Vec<Vec<f32>>, h: usize) -> Vec<f32> {
     sum
 }
 
+/// [`par_rows`] one row at a time: `fill(r, out)` writes row `r` (`row` elements long).
+fn par_map_rows(n: usize, row: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    par_rows(n, row, |start, o| {
+        for (k, o) in o.chunks_mut(row).enumerate() {
+            fill(start / row + k, o)
+        }
+    })
+}
+
+/// The backward of a row-wise op with per-column parameters: `row_grad(r, dx, acc)` writes row
+/// `r`'s input gradient and adds its parameter gradients into `acc` (`width` long). Rows go in
+/// fixed tasks whose partial `acc`s are summed in task order ([`sum_in_order`]). Returns
+/// `[dx (n elements), acc (width)]` in one vector.
+fn par_rows_with_param_grad(
+    n: usize,
+    row: usize,
+    width: usize,
+    row_grad: impl Fn(usize, &mut [f32], &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let mut out = vec![0f32; n + width];
+    let (dx, tail) = out.split_at_mut(n);
+    let per_task = (CHUNK / row).max(1) * row;
+    let partial: Vec<Vec<f32>> = dx
+        .par_chunks_mut(per_task)
+        .enumerate()
+        .map(|(i, dx)| {
+            let mut acc = vec![0f32; width];
+            for (k, dx) in dx.chunks_mut(row).enumerate() {
+                row_grad(i * per_task / row + k, dx, &mut acc);
+            }
+            acc
+        })
+        .collect();
+    tail.copy_from_slice(&sum_in_order(partial, width));
+    out
+}
+
 struct Gelu;
 struct GeluGrad;
 
@@ -122,22 +159,19 @@ impl CustomOp2 for MaskedSoftmax {
                 l1.dims()
             );
         }
-        let out = par_rows(x.len(), n, |start, o| {
-            for (k, o) in o.chunks_mut(n).enumerate() {
-                let row = start / n + k;
-                let x = &x[row * n..(row + 1) * n];
-                let b_row = (row / rows_per_batch) * queries + (row % rows_per_batch) % queries;
-                let b = &bias[b_row * n..(b_row + 1) * n];
-                for ((o, &v), &b) in o.iter_mut().zip(x).zip(b) {
-                    *o = v + b;
-                }
-                let max = lanes_reduce(o, f32::NEG_INFINITY, f32::max);
-                for o in o.iter_mut() {
-                    *o = exp(*o - max);
-                }
-                let inv = 1.0 / lanes_reduce(o, 0.0, |a, b| a + b);
-                o.iter_mut().for_each(|v| *v *= inv);
+        let out = par_map_rows(x.len(), n, |row, o| {
+            let x = &x[row * n..(row + 1) * n];
+            let b_row = (row / rows_per_batch) * queries + (row % rows_per_batch) % queries;
+            let b = &bias[b_row * n..(b_row + 1) * n];
+            for ((o, &v), &b) in o.iter_mut().zip(x).zip(b) {
+                *o = v + b;
             }
+            let max = lanes_reduce(o, f32::NEG_INFINITY, f32::max);
+            for o in o.iter_mut() {
+                *o = exp(*o - max);
+            }
+            let inv = 1.0 / lanes_reduce(o, 0.0, |a, b| a + b);
+            o.iter_mut().for_each(|v| *v *= inv);
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -166,17 +200,14 @@ impl CustomOp2 for SoftmaxGrad {
         let y = contiguous_f32(s1, l1, "train-softmax-grad")?;
         let g = contiguous_f32(s2, l2, "train-softmax-grad")?;
         let n = l1.dims().last().copied().unwrap_or(1).max(1);
-        let out = par_rows(y.len(), n, |start, o| {
-            for (k, o) in o.chunks_mut(n).enumerate() {
-                let at = start + k * n;
-                let (y, g) = (&y[at..at + n], &g[at..at + n]);
-                let mut dot = 0f32;
-                for (&a, &b) in y.iter().zip(g) {
-                    dot += a * b;
-                }
-                for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
-                    *o = y * (g - dot);
-                }
+        let out = par_map_rows(y.len(), n, |row, o| {
+            let (y, g) = (&y[row * n..(row + 1) * n], &g[row * n..(row + 1) * n]);
+            let mut dot = 0f32;
+            for (&a, &b) in y.iter().zip(g) {
+                dot += a * b;
+            }
+            for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
+                *o = y * (g - dot);
             }
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -224,13 +255,11 @@ impl CustomOp3 for LayerNormOp {
         let w = contiguous_f32(s2, l2, "train-layer-norm")?;
         let b = contiguous_f32(s3, l3, "train-layer-norm")?;
         let h = w.len();
-        let out = par_rows(x.len(), h, |start, o| {
-            for (k, o) in o.chunks_mut(h).enumerate() {
-                let x = &x[start + k * h..start + (k + 1) * h];
-                let (mean, rstd) = row_stats(x, self.eps);
-                for (((o, &v), &w), &b) in o.iter_mut().zip(x).zip(w).zip(b) {
-                    *o = (v - mean) * rstd * w + b;
-                }
+        let out = par_map_rows(x.len(), h, |row, o| {
+            let x = &x[row * h..(row + 1) * h];
+            let (mean, rstd) = row_stats(x, self.eps);
+            for (((o, &v), &w), &b) in o.iter_mut().zip(x).zip(w).zip(b) {
+                *o = (v - mean) * rstd * w + b;
             }
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -272,42 +301,27 @@ impl CustomOp3 for LayerNormGrad {
         let w = contiguous_f32(s2, l2, "train-layer-norm-grad")?;
         let g = contiguous_f32(s3, l3, "train-layer-norm-grad")?;
         let h = w.len();
-        let mut out = vec![0f32; x.len() + 2 * h];
-        let (dx, tail) = out.split_at_mut(x.len());
-        let per_task = (CHUNK / h).max(1) * h;
-        let partial: Vec<(Vec<f32>, Vec<f32>)> = dx
-            .par_chunks_mut(per_task)
-            .enumerate()
-            .map(|(i, dx)| {
-                let mut dw = vec![0f32; h];
-                let mut db = vec![0f32; h];
-                let mut xhat = vec![0f32; h];
-                let mut dxhat = vec![0f32; h];
-                for (k, dx) in dx.chunks_mut(h).enumerate() {
-                    let at = i * per_task + k * h;
-                    let (x, g) = (&x[at..at + h], &g[at..at + h]);
-                    let (mean, rstd) = row_stats(x, self.eps);
-                    let (mut m1, mut m2) = (0f32, 0f32);
-                    for j in 0..h {
-                        xhat[j] = (x[j] - mean) * rstd;
-                        dxhat[j] = g[j] * w[j];
-                        dw[j] += g[j] * xhat[j];
-                        db[j] += g[j];
-                        m1 += dxhat[j];
-                        m2 += dxhat[j] * xhat[j];
-                    }
-                    let (m1, m2) = (m1 / h as f32, m2 / h as f32);
-                    for j in 0..h {
-                        dx[j] = rstd * (dxhat[j] - m1 - xhat[j] * m2);
-                    }
-                }
-                (dw, db)
-            })
-            .collect();
-        let (dws, dbs): (Vec<Vec<f32>>, Vec<Vec<f32>>) = partial.into_iter().unzip();
-        let (dw, db) = (sum_in_order(dws, h), sum_in_order(dbs, h));
-        tail[..h].copy_from_slice(&dw);
-        tail[h..].copy_from_slice(&db);
+        // Two passes over a row recompute xhat rather than keep it: the same operations in
+        // the same order, so the same bits.
+        let out = par_rows_with_param_grad(x.len(), h, 2 * h, |row, dx, acc| {
+            let (x, g) = (&x[row * h..(row + 1) * h], &g[row * h..(row + 1) * h]);
+            let (mean, rstd) = row_stats(x, self.eps);
+            let (dw, db) = acc.split_at_mut(h);
+            let (mut m1, mut m2) = (0f32, 0f32);
+            for j in 0..h {
+                let xhat = (x[j] - mean) * rstd;
+                let dxhat = g[j] * w[j];
+                dw[j] += g[j] * xhat;
+                db[j] += g[j];
+                m1 += dxhat;
+                m2 += dxhat * xhat;
+            }
+            let (m1, m2) = (m1 / h as f32, m2 / h as f32);
+            for j in 0..h {
+                let xhat = (x[j] - mean) * rstd;
+                dx[j] = rstd * (g[j] * w[j] - m1 - xhat * m2);
+            }
+        });
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
     }
@@ -356,13 +370,11 @@ impl CustomOp2 for RmsNormOp {
         let x = contiguous_f32(s1, l1, "train-rms-norm")?;
         let w = contiguous_f32(s2, l2, "train-rms-norm")?;
         let h = w.len();
-        let out = par_rows(x.len(), h, |start, o| {
-            for (k, o) in o.chunks_mut(h).enumerate() {
-                let x = &x[start + k * h..start + (k + 1) * h];
-                let rstd = rms_rstd(x, self.eps);
-                for ((o, &v), &w) in o.iter_mut().zip(x).zip(w) {
-                    *o = v * rstd * w;
-                }
+        let out = par_map_rows(x.len(), h, |row, o| {
+            let x = &x[row * h..(row + 1) * h];
+            let rstd = rms_rstd(x, self.eps);
+            for ((o, &v), &w) in o.iter_mut().zip(x).zip(w) {
+                *o = v * rstd * w;
             }
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -401,33 +413,20 @@ impl CustomOp3 for RmsNormGrad {
         let w = contiguous_f32(s2, l2, "train-rms-norm-grad")?;
         let g = contiguous_f32(s3, l3, "train-rms-norm-grad")?;
         let h = w.len();
-        let mut out = vec![0f32; x.len() + h];
-        let (dx, tail) = out.split_at_mut(x.len());
-        let per_task = (CHUNK / h).max(1) * h;
-        let partial: Vec<Vec<f32>> = dx
-            .par_chunks_mut(per_task)
-            .enumerate()
-            .map(|(i, dx)| {
-                let mut dw = vec![0f32; h];
-                for (k, dx) in dx.chunks_mut(h).enumerate() {
-                    let at = i * per_task + k * h;
-                    let (x, g) = (&x[at..at + h], &g[at..at + h]);
-                    let rstd = rms_rstd(x, self.eps);
-                    let mut dot = 0f32;
-                    for j in 0..h {
-                        let xhat = x[j] * rstd;
-                        dw[j] += g[j] * xhat;
-                        dot += g[j] * w[j] * xhat;
-                    }
-                    let dot = dot / h as f32;
-                    for j in 0..h {
-                        dx[j] = rstd * (g[j] * w[j] - x[j] * rstd * dot);
-                    }
-                }
-                dw
-            })
-            .collect();
-        tail.copy_from_slice(&sum_in_order(partial, h));
+        let out = par_rows_with_param_grad(x.len(), h, h, |row, dx, dw| {
+            let (x, g) = (&x[row * h..(row + 1) * h], &g[row * h..(row + 1) * h]);
+            let rstd = rms_rstd(x, self.eps);
+            let mut dot = 0f32;
+            for j in 0..h {
+                let xhat = x[j] * rstd;
+                dw[j] += g[j] * xhat;
+                dot += g[j] * w[j] * xhat;
+            }
+            let dot = dot / h as f32;
+            for j in 0..h {
+                dx[j] = rstd * (g[j] * w[j] - x[j] * rstd * dot);
+            }
+        });
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
     }
@@ -456,12 +455,9 @@ impl CustomOp2 for BiasAdd {
         let y = contiguous_f32(s1, l1, "train-bias-add")?;
         let b = contiguous_f32(s2, l2, "train-bias-add")?;
         let h = b.len();
-        let out = par_rows(y.len(), h, |start, o| {
-            for (k, o) in o.chunks_mut(h).enumerate() {
-                let y = &y[start + k * h..start + (k + 1) * h];
-                for ((o, &y), &b) in o.iter_mut().zip(y).zip(b) {
-                    *o = y + b;
-                }
+        let out = par_map_rows(y.len(), h, |row, o| {
+            for ((o, &y), &b) in o.iter_mut().zip(&y[row * h..(row + 1) * h]).zip(b) {
+                *o = y + b;
             }
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
