@@ -87,6 +87,7 @@ echo "quickstart: zero-shot evaluation" >&2
 evaluate "$model" zero-shot
 
 # 3. Fine-tune (resumes from runs/quickstart/model/checkpoint-* if interrupted).
+source "$root/scripts/quickstart-recipe.sh"
 train_data=$data/train.small.jsonl
 train_flags=(--max_steps "$steps")
 if [ "$full" = 1 ]; then
@@ -96,11 +97,8 @@ fi
 if [ ! -f "$out/model/trainer_state.json" ]; then  # written last, when training is complete
   echo "quickstart: fine-tuning" >&2
   "$bin" train --output_dir "$out/model" --model_name_or_path "$model" \
-    --dataset_path "$train_data" "${train_flags[@]}" \
-    --per_device_train_batch_size 32 --train_group_size 1 --query_max_len 32 --passage_max_len 128 \
-    --pooling mean --normalize --temperature 0.05 --learning_rate 2e-5 --warmup_ratio 0.1 \
-    --logging_steps 2 --save_steps 20 --save_total_limit 1 --seed 42 \
-    --dataset_cache_dir "$out/cache"
+    --dataset_path "$train_data" "${train_flags[@]}" "${recipe[@]}" \
+    --save_steps 20 --save_total_limit 1 --dataset_cache_dir "$out/cache"
 fi
 
 echo "quickstart: fine-tuned evaluation" >&2

@@ -25,11 +25,10 @@ mkdir -p "$out/reference"
 echo "reference: timing tevatron train ($steps steps)" >&2
 rm -rf "$out/reference/tevatron-model"
 start=$(date +%s.%N)
+source "$root/scripts/quickstart-recipe.sh"
 "$bin" train --output_dir "$out/reference/tevatron-model" --model_name_or_path "$model" \
-  --dataset_path "$data/train.small.jsonl" --max_steps "$steps" \
-  --per_device_train_batch_size 32 --train_group_size 1 --query_max_len 32 --passage_max_len 128 \
-  --pooling mean --normalize --temperature 0.05 --learning_rate 2e-5 --warmup_ratio 0.1 \
-  --logging_steps 2 --save_strategy no --seed 42 --dataset_cache_dir "$out/cache" --quiet
+  --dataset_path "$data/train.small.jsonl" --max_steps "$steps" "${recipe[@]}" \
+  --save_strategy no --dataset_cache_dir "$out/cache" --quiet
 python3 -c "import sys; print(f'{{\"train_seconds\": {float(sys.argv[2]) - float(sys.argv[1]):.1f}}}')" \
   "$start" "$(date +%s.%N)" > "$out/reference/tevatron-timing.json"
 rm -rf "$out/reference/tevatron-model"

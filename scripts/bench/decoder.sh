@@ -61,14 +61,7 @@ RAYON_NUM_THREADS=2 target/release/tevatron train --output_dir "$work/lora" \
   --pooling last --normalize --temperature 0.01 --learning_rate 1e-4 --max_steps "$steps" \
   --logging_steps 1 --save_strategy no --overwrite_output_dir \
   --dataset_cache_dir "$work/cache" 2> "$work/lora.log"
-ours_step=$("$py" - "$work/lora.log" <<'PY'
-import re, statistics, sys
-from datetime import datetime
-stamps = [datetime.fromisoformat(m.group(1).rstrip("Z")) for m in
-          (re.search(r"(\d{4}-\d\d-\d\dT[\d:.]+Z).*\"step\":\d+\}", l) for l in open(sys.argv[1])) if m]
-print(f"{statistics.median([(b - a).total_seconds() for a, b in zip(stamps, stamps[1:])]):.2f}")
-PY
-)
+ours_step=$("$py" scripts/bench/step_seconds.py "$work/lora.log")
 theirs_step=$(OMP_NUM_THREADS=2 "$py" scripts/bench/train_step.py "$model" "$data/train.small.jsonl" \
   "$steps" 8 4 32 128 last true 0.01 lora \
   | "$py" -c 'import json,sys; print("%.2f" % json.loads(sys.stdin.read())["sec_per_step"])')

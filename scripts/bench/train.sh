@@ -31,15 +31,7 @@ ours() {  # $1 label, rest: extra flags; prints "sec_per_step peak_mb"
   local label=$1; shift
   /usr/bin/time -f "%M" -o "$work/$label.rss" env RAYON_NUM_THREADS=2 \
     target/release/tevatron train --output_dir "$work/$label" "${common[@]}" "$@" 2> "$work/$label.log"
-  "$py" - "$work/$label.log" "$work/$label.rss" <<'PY'
-import re, statistics, sys
-from datetime import datetime
-stamps = [datetime.fromisoformat(m.group(1).rstrip("Z")) for m in
-          (re.search(r"(\d{4}-\d\d-\d\dT[\d:.]+Z).*\"step\":\d+\}", l) for l in open(sys.argv[1])) if m]
-gaps = [(b - a).total_seconds() for a, b in zip(stamps, stamps[1:])]
-rss = int(open(sys.argv[2]).read().split()[-1]) / 1024
-print(f"{statistics.median(gaps):.2f} {rss:.0f}")
-PY
+  "$py" scripts/bench/step_seconds.py "$work/$label.log" "$work/$label.rss"
 }
 theirs() {  # $1 mode (plain|ckpt)
   OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 "$py" scripts/bench/train_step.py "$model" "$data" "$steps" 8 8 32 128 mean true 0.05 "$1" \

@@ -19,7 +19,7 @@
 //! scores a question the model was trained on (8 of 12,889). Query ids are `train-<n>`,
 //! `dev-<n>`, `test-<n>`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufReader, Write};
 use std::path::Path;
@@ -108,14 +108,12 @@ pub struct Counts {
 /// `valid.json.gz`, `test.json.gz`) into Tevatron's files under `output`. Every file is written
 /// to a temporary name and renamed, so an interrupted conversion leaves no partial file.
 pub fn convert(source: &Path, output: &Path) -> Result<Counts> {
-    let answers: BTreeMap<String, Answer> = read_object(&source.join("answers.json.gz"))?;
-    let mut corpus = Vec::with_capacity(answers.len());
-    for (docid, a) in answers {
-        corpus.push((numeric_key(&source.join("answers.json.gz"), &docid)?, docid, clean(&a.en)));
-    }
-    corpus.sort_unstable_by_key(|(n, _, _)| *n);
+    let corpus: Vec<(String, String)> = read_numbered::<Answer>(&source.join("answers.json.gz"))?
+        .into_iter()
+        .map(|(docid, a)| (docid, clean(&a.en)))
+        .collect();
     let texts: HashMap<&str, &str> =
-        corpus.iter().map(|(_, id, text)| (id.as_str(), text.as_str())).collect();
+        corpus.iter().map(|(id, text)| (id.as_str(), text.as_str())).collect();
 
     let dev = read_split(source, "valid", "dev", &texts)?;
     let test = read_split(source, "test", "test", &texts)?;
@@ -125,10 +123,7 @@ pub fn convert(source: &Path, output: &Path) -> Result<Counts> {
     let before = train.len();
     train.retain(|q| !held_out.contains(&q.text.to_lowercase()));
 
-    write_jsonl(
-        &output.join("corpus.jsonl"),
-        corpus.iter().map(|(_, id, text)| passage(id, text)),
-    )?;
+    write_jsonl(&output.join("corpus.jsonl"), corpus.iter().map(|(id, text)| passage(id, text)))?;
     write_jsonl(
         &output.join("train.jsonl"),
         train.iter().map(|q| IdsRow {
@@ -180,12 +175,6 @@ fn clean(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// The source's keys are integers; ordering by their value keeps the package's order.
-fn numeric_key(path: &Path, key: &str) -> Result<u64> {
-    key.parse()
-        .map_err(|_| Error::Invalid(format!("{}: key {key:?} is not a number", path.display())))
-}
-
 /// Reads one split file, in key order, checking that every answer id is in the corpus.
 fn read_split(
     source: &Path,
@@ -194,10 +183,9 @@ fn read_split(
     corpus: &HashMap<&str, &str>,
 ) -> Result<Vec<Converted>> {
     let path = source.join(format!("{file}.json.gz"));
-    let questions: BTreeMap<String, Question> = read_object(&path)?;
+    let questions: Vec<(String, Question)> = read_numbered(&path)?;
     let mut out = Vec::with_capacity(questions.len());
     for (key, q) in questions {
-        let n = numeric_key(&path, &key)?;
         for id in q.answers.iter().chain(&q.negatives) {
             if !corpus.contains_key(id.as_str()) {
                 return Err(Error::Invalid(format!(
@@ -216,13 +204,24 @@ fn read_split(
         gold.sort_by_key(|id| id.parse::<u64>().unwrap_or(u64::MAX));
         gold.dedup();
         let negatives = q.negatives.into_iter().filter(|d| !gold.contains(d)).collect();
-        out.push((
-            n,
-            Converted { id: format!("{prefix}-{key}"), text: clean(&q.en), gold, negatives },
-        ));
+        out.push(Converted { id: format!("{prefix}-{key}"), text: clean(&q.en), gold, negatives });
     }
-    out.sort_unstable_by_key(|(n, _)| *n);
-    Ok(out.into_iter().map(|(_, q)| q).collect())
+    Ok(out)
+}
+
+/// Reads a gzipped JSON object keyed by integers, entries in the order of their keys' values
+/// (the package's order).
+fn read_numbered<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<(String, T)>> {
+    let object: HashMap<String, T> = read_object(path)?;
+    let mut numbered = Vec::with_capacity(object.len());
+    for (key, value) in object {
+        let n: u64 = key.parse().map_err(|_| {
+            Error::Invalid(format!("{}: key {key:?} is not a number", path.display()))
+        })?;
+        numbered.push((n, key, value));
+    }
+    numbered.sort_unstable_by_key(|(n, _, _)| *n);
+    Ok(numbered.into_iter().map(|(_, key, value)| (key, value)).collect())
 }
 
 /// Parses a gzipped JSON object; serde's message carries the line and column of a bad field.
