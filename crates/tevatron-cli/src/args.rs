@@ -415,6 +415,19 @@ pub struct TrainArgs {
     /// Turn off every dropout of the model (deterministic steps, e.g. for parity checks).
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub disable_dropout: bool,
+    /// Data-parallel ranks to start on this machine (torchrun's flag): the command starts
+    /// itself once per rank with RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set.
+    /// Without it, those variables (from torchrun, SLURM or any launcher) make this process
+    /// one rank of a larger run.
+    #[arg(long, default_value_t = 1)]
+    pub nproc_per_node: usize,
+    /// Seconds a rank waits for the others (at the start and in every exchange) before it
+    /// gives up with a message.
+    #[arg(long, default_value_t = 1800)]
+    pub ddp_timeout: u64,
+    /// The rank on this machine, as passed by torch.distributed.launch (LOCAL_RANK wins).
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+    pub local_rank: i64,
     /// Train a LoRA adapter on the frozen base model instead of the whole model; checkpoints
     /// and the output hold the adapter as PEFT writes it.
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
@@ -446,7 +459,6 @@ pub struct TrainArgs {
 pub const REFUSED_TRAIN_FLAGS: &[(&str, &str)] = &[
     ("deepspeed", "DeepSpeed is not used; drop --deepspeed (one process trains the whole model; see docs/train.md for memory options: --gradient_checkpointing, --grad_cache, --bf16)"),
     ("report_to", "no experiment trackers; the log is in OUTPUT_DIR/trainer_state.json (drop --report_to)"),
-    ("local_rank", "multi-process training is not supported yet; run one process"),
     ("model_revision", "revisions are not supported; download the revision and pass its folder"),
     ("train_yaml", "multi-dataset YAML is a multimodal feature; pass --dataset_path"),
     ("tf32", "TF32 is a GPU matmul mode this tool does not expose; drop --tf32"),

@@ -4,6 +4,7 @@
 mod args;
 mod cmd;
 mod dataset;
+mod launch;
 mod plot;
 mod progress;
 
@@ -70,7 +71,9 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    let quiet = cli.quiet();
+    // Only rank 0 of a data-parallel run logs progress (Hugging Face's replicas log warnings).
+    let replica = std::env::var("RANK").is_ok_and(|r| r.trim() != "0");
+    let quiet = cli.quiet() || replica;
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_target(false)

@@ -342,3 +342,91 @@ fn parquet_training_data_trains_like_jsonl() {
         std::fs::read(Path::new(&b).join("model.safetensors")).unwrap()
     );
 }
+
+/// The f32 tensors of a safetensors file, by name.
+fn tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let values = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (name, values)
+        })
+        .collect()
+}
+
+/// `--nproc_per_node 2` starts two ranks that train as one process with twice the batch
+/// (the same logged losses, the same weights within float rounding), and only rank 0 writes.
+#[test]
+fn two_ranks_train_as_one_process_with_twice_the_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |out: &str, batch: &str, extra: &[&str]| {
+        let out = dir.path().join(out).to_string_lossy().into_owned();
+        let mut args = train_args(dir.path(), &out, &["--disable_dropout", "--save_steps", "3"]);
+        let i = args.iter().position(|a| a == "--per_device_train_batch_size").unwrap();
+        args[i + 1] = batch.to_string();
+        let i = args.iter().position(|a| a == "--save_steps").unwrap();
+        args.remove(i);
+        args.remove(i);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        ok(tevatron(dir.path(), &refs));
+        PathBuf::from(out)
+    };
+    let one = run("one", "8", &[]);
+    let two = run("two", "4", &["--nproc_per_node", "2"]);
+    let (a, b) = (tensors(&one.join("model.safetensors")), tensors(&two.join("model.safetensors")));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (name, x) in &a {
+        let d = x.iter().zip(&b[name]).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        assert!(d <= 1e-5, "{name} differs by {d}");
+    }
+    let losses = |dir: &Path| -> Vec<f64> {
+        let state = read_json(&dir.join("trainer_state.json"));
+        state["log_history"].as_array().unwrap().iter().filter_map(|e| e["loss"].as_f64()).collect()
+    };
+    let (la, lb) = (losses(&one), losses(&two));
+    assert_eq!(la.len(), 3, "6 steps logged every 2");
+    for (x, y) in la.iter().zip(&lb) {
+        assert!((x - y).abs() <= 1e-5 * x.abs(), "{la:?} vs {lb:?}");
+    }
+    assert_eq!(names(&one), names(&two));
+    assert!(names(&two).contains(&"checkpoint-6".to_string()));
+}
+
+/// A rank whose peers never come, or whose variables make no sense, stops with a message.
+#[test]
+fn bad_rank_settings_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let run = |out: &str, env: &[(&str, String)]| {
+        let args = train_args(dir.path(), &dir.path().join(out).to_string_lossy(), &[]);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tevatron"));
+        cmd.current_dir(dir.path()).args(&args).args(["--ddp_timeout", "2"]);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let env = |rank: &str, world: &str| {
+        vec![
+            ("RANK", rank.to_string()),
+            ("WORLD_SIZE", world.to_string()),
+            ("MASTER_ADDR", "127.0.0.1".to_string()),
+            ("MASTER_PORT", port.to_string()),
+        ]
+    };
+    let start = Instant::now();
+    fails_with(run("o1", &env("1", "2")), "rank 1: could not reach rank 0 at 127.0.0.1:");
+    fails_with(run("o2", &env("0", "2")), "rank(s) 1 did not connect");
+    assert!(start.elapsed() < Duration::from_secs(60));
+    fails_with(run("o3", &env("2", "2")), "RANK=2 is out of range for WORLD_SIZE=2");
+    let mut no_port = env("0", "2");
+    no_port.pop();
+    fails_with(run("o4", &no_port), "needs MASTER_PORT");
+}

@@ -16,14 +16,18 @@ pub struct AtomicFile {
 }
 
 impl AtomicFile {
-    /// Creates the parent folder if needed and opens `target.tmp.<pid>` for writing.
+    /// Creates the parent folder if needed and opens `target.tmp.<pid>.<n>` for writing (`n`
+    /// counts this process's files, so that threads writing the same target, such as ranks
+    /// of a data-parallel test indexing one dataset, never share a temporary file).
     pub fn create(target: &Path) -> Result<Self> {
         if let Some(parent) = target.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent)
                 .map_err(|source| Error::Write { path: parent.to_path_buf(), source })?;
         }
         let mut name = target.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-        name.push(format!(".tmp.{}", std::process::id()));
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        name.push(format!(".tmp.{}.{n}", std::process::id()));
         let temp = target.with_file_name(name);
         let file = File::create(&temp)
             .map_err(|source| Error::Write { path: target.to_path_buf(), source })?;

@@ -17,6 +17,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod loss;
 pub mod optim;

@@ -20,6 +20,7 @@ use tevatron_model::collate::{collate, PaddingSide};
 use tevatron_model::rng::mix;
 use tevatron_model::{Encoder, Mode};
 
+use crate::dist::Group;
 use crate::loss::contrastive;
 
 /// How to compute a step.
@@ -179,8 +180,22 @@ fn chunks(n: usize, size: Option<usize>) -> Vec<std::ops::Range<usize>> {
     (0..n.div_ceil(size)).map(|c| c * size..((c + 1) * size).min(n)).collect()
 }
 
+/// The contrastive loss over every rank's representations (Tevatron's DDP forward): each rank
+/// scores its queries against all ranks' passages, and the gradient reaches only the local
+/// rows. Tevatron multiplies this loss by the world size and DDP then averages gradients over
+/// ranks; summing the ranks' gradients of the unscaled loss (the trainer's all-reduce) is the
+/// same gradient, that of the loss of the whole global batch.
+fn global_loss(q: &Tensor, p: &Tensor, temperature: f64, group: &Group) -> Result<Tensor> {
+    let gather =
+        |t: &Tensor| group.gather_rows(t).map_err(|e| candle_core::Error::Msg(e.to_string()));
+    contrastive(&gather(q)?, &gather(p)?, temperature)
+}
+
 /// Computes the loss of one micro-batch (`queries[i]` with passages `passages[i*G..(i+1)*G]`)
-/// and adds `scale * d(loss)` to `acc`. `seed` fixes the dropout masks.
+/// and adds `scale * d(loss)` to `acc`. `seed` fixes the dropout masks. With several ranks in
+/// `group`, the batch is this rank's slice, the loss is that of the global batch, and `acc`
+/// receives this rank's share of its gradient (to be summed over ranks).
+#[allow(clippy::too_many_arguments)]
 pub fn micro_step(
     enc: &Encoder,
     queries: &[Vec<u32>],
@@ -188,6 +203,7 @@ pub fn micro_step(
     opts: &StepOptions,
     scale: f64,
     seed: u64,
+    group: &Group,
     acc: &mut Accumulator,
 ) -> Result<StepOutput> {
     let device = enc.device().clone();
@@ -205,7 +221,7 @@ pub fn micro_step(
         let (ph, _) = run(enc, &pchunk, false, false)?;
         let q = enc.represent(&qh, &qb)?;
         let p = enc.represent(&ph, &pb)?;
-        let loss = contrastive(&q, &p, opts.temperature)?;
+        let loss = global_loss(&q, &p, opts.temperature, group)?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         acc.add(&(loss * scale)?.backward()?)?;
         return Ok(StepOutput { loss: value });
@@ -238,7 +254,7 @@ pub fn micro_step(
         )?)
     };
     let (q_all, p_all) = (all(&sides[0].1)?, all(&sides[1].1)?);
-    let loss = contrastive(q_all.as_tensor(), p_all.as_tensor(), opts.temperature)?;
+    let loss = global_loss(q_all.as_tensor(), p_all.as_tensor(), opts.temperature, group)?;
     let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     let store = (loss * scale)?.backward()?;
     let cached = [store.get(q_all.as_tensor()).cloned(), store.get(p_all.as_tensor()).cloned()];

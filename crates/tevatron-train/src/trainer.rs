@@ -7,6 +7,14 @@
 //!
 //! Everything random is a function of `(seed, step, ...)`, so a run resumed from a checkpoint
 //! ends with the same weights, bit for bit, as one that never stopped.
+//!
+//! With several ranks ([`Group`]), each micro-batch is a global batch of
+//! `world_size x per_device_train_batch_size` queries, cut into one contiguous slice per rank;
+//! as PyTorch's DistributedSampler, each epoch's order is first padded with its own first
+//! queries to a multiple of the world size so that every rank gets as many. The ranks' loss is
+//! that of the global batch and their gradients are summed before clipping, so a run on W
+//! ranks takes the steps of one process with a W times larger batch. Rank 0 writes
+//! checkpoints and the final model; all ranks resume from the same checkpoint.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -19,6 +27,7 @@ use tevatron_model::{Encoder, TextOptions};
 
 use crate::checkpoint::{self, ResumeState, TrainerState};
 use crate::data::{epoch_order, TrainData};
+use crate::dist::Group;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::schedule::{warmup_steps, LrSchedule, ScheduleKind};
 use crate::step::{micro_step, Accumulator, StepOptions};
@@ -107,13 +116,15 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Plans `rows` training rows under `cfg`.
-    pub fn new(rows: usize, cfg: &TrainConfig) -> Result<Self> {
+    /// Plans `rows` training rows under `cfg`, shared by `world_size` ranks (each sees
+    /// `ceil(rows / world_size)` of them per epoch, as under DistributedSampler).
+    pub fn new(rows: usize, world_size: usize, cfg: &TrainConfig) -> Result<Self> {
         let bs = cfg.batch_size.max(1);
-        let batches_per_epoch = if cfg.drop_last { rows / bs } else { rows.div_ceil(bs) };
+        let per_rank = rows.div_ceil(world_size.max(1));
+        let batches_per_epoch = if cfg.drop_last { per_rank / bs } else { per_rank.div_ceil(bs) };
         if batches_per_epoch == 0 {
             return Err(Error::Invalid(format!(
-                "{rows} training rows make no full batch of {bs} with --dataloader_drop_last"
+                "{per_rank} training rows per rank make no full batch of {bs} with --dataloader_drop_last"
             )));
         }
         let updates_per_epoch = batches_per_epoch.div_ceil(cfg.grad_accum.max(1)).max(1);
@@ -144,19 +155,21 @@ struct Tokenized {
     passages: Vec<Vec<u32>>,
 }
 
-/// Builds micro-batches: query order of the epoch, Tevatron's groups, tokenization.
+/// Builds micro-batches: query order of the epoch, this rank's slice of the global batch,
+/// Tevatron's groups, tokenization.
 struct BatchMaker<'a> {
     data: &'a TrainData,
     batch_size: usize,
     seed: u64,
+    rank: usize,
+    world_size: usize,
     query: PreparedTokenizer,
     passage: PreparedTokenizer,
 }
 
 impl BatchMaker<'_> {
     fn make(&self, order: &[usize], epoch: usize, batch: usize) -> Result<Tokenized> {
-        let items =
-            &order[batch * self.batch_size..((batch + 1) * self.batch_size).min(order.len())];
+        let items = rank_slice(order, batch, self.batch_size, self.rank, self.world_size);
         let mut queries = Vec::with_capacity(items.len());
         let mut passages = Vec::with_capacity(items.len() * self.data.group_size());
         for &item in items {
@@ -170,9 +183,35 @@ impl BatchMaker<'_> {
         })
     }
 
+    /// The epoch's shuffled order, padded with its first queries to a multiple of the world
+    /// size.
     fn order(&self, epoch: usize) -> Vec<usize> {
-        epoch_order(self.data.len(), self.seed, epoch)
+        pad_order(epoch_order(self.data.len(), self.seed, epoch), self.world_size)
     }
+}
+
+/// Pads an epoch's order with its own first items to a multiple of `world_size`
+/// (DistributedSampler's padding), so that every rank gets as many queries.
+fn pad_order(mut order: Vec<usize>, world_size: usize) -> Vec<usize> {
+    let padded = order.len().div_ceil(world_size) * world_size;
+    let extra: Vec<usize> = order.iter().cycle().take(padded - order.len()).copied().collect();
+    order.extend(extra);
+    order
+}
+
+/// Rank `rank`'s queries of global batch `batch`: one contiguous slice per rank, `batch_size`
+/// each in a full batch; the last, shorter batch of a padded order is split evenly.
+fn rank_slice(
+    order: &[usize],
+    batch: usize,
+    batch_size: usize,
+    rank: usize,
+    world_size: usize,
+) -> &[usize] {
+    let global = batch_size * world_size;
+    let all = &order[batch * global..((batch + 1) * global).min(order.len())];
+    let per = all.len() / world_size;
+    &all[rank * per..(rank + 1) * per]
 }
 
 /// Prepares the output folder: resume from its latest checkpoint, start afresh, or refuse a
@@ -227,12 +266,14 @@ fn check_finite(value: f64, what: &str, step: usize, epoch: f64, output_dir: &Pa
     Err(Error::Diverged { what: format!("{what} is {value}"), step, epoch, last_checkpoint })
 }
 
-/// Trains `encoder` (loaded trainable) on `data`, resuming from `resume` when given, and
-/// writes checkpoints and the final model. `on_step` sees every optimizer step.
+/// Trains `encoder` (loaded trainable) on `data` as one rank of `group`, resuming from
+/// `resume` when given, and writes checkpoints and the final model (rank 0). `on_step` sees
+/// every optimizer step.
 pub fn train(
     encoder: &Encoder,
     data: &TrainData,
     cfg: &TrainConfig,
+    group: &Group,
     resume: Option<&Path>,
     on_step: &mut dyn FnMut(&Progress),
 ) -> Result<TrainerState> {
@@ -247,7 +288,7 @@ pub fn train(
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let mut opt = AdamW::new(named, cfg.adam)?;
-    let plan = Plan::new(data.len(), cfg)?;
+    let plan = Plan::new(data.len(), group.world_size(), cfg)?;
     let schedule = LrSchedule {
         kind: cfg.schedule,
         base: cfg.learning_rate,
@@ -268,8 +309,8 @@ pub fn train(
             s
         }
         None => TrainerState {
-            is_local_process_zero: true,
-            is_world_process_zero: true,
+            is_local_process_zero: group.is_main(),
+            is_world_process_zero: group.is_main(),
             tevatron: ResumeState { seed: cfg.seed, ..ResumeState::default() },
             ..TrainerState::default()
         },
@@ -280,10 +321,11 @@ pub fn train(
     state.train_batch_size = cfg.batch_size;
     state.num_train_epochs = plan.total_steps.div_ceil(plan.updates_per_epoch);
     tracing::info!(
-        "{} queries, {} micro-batches of {} per epoch, {} optimizer steps (warmup {}), group size {}",
+        "{} queries, {} micro-batches of {} x {} rank(s) per epoch, {} optimizer steps (warmup {}), group size {}",
         data.len(),
         plan.batches_per_epoch,
         cfg.batch_size,
+        group.world_size(),
         plan.total_steps,
         schedule.warmup,
         data.group_size()
@@ -293,6 +335,8 @@ pub fn train(
         data,
         batch_size: cfg.batch_size,
         seed: cfg.seed,
+        rank: group.rank(),
+        world_size: group.world_size(),
         query: encoder.tokenizer().prepare(&cfg.query_text)?,
         passage: encoder.tokenizer().prepare(&cfg.passage_text)?,
     };
@@ -356,13 +400,19 @@ pub fn train(
             let epoch_f = epoch as f64 + (last_batch + 1) as f64 / plan.batches_per_epoch as f64;
             for (k, &(e, b)) in micro.iter().enumerate() {
                 let batch = fetch(e, b)?;
+                // Each rank draws its own dropout masks; rank 0 those of a one-process run.
+                let mut seed = mix(cfg.seed, &[step as u64, k as u64]);
+                if group.rank() > 0 {
+                    seed = mix(seed, &[group.rank() as u64]);
+                }
                 let out = micro_step(
                     encoder,
                     &batch.queries,
                     &batch.passages,
                     &cfg.step,
                     loss_scale / window as f64,
-                    mix(cfg.seed, &[step as u64, k as u64]),
+                    seed,
+                    group,
                     &mut acc,
                 )?;
                 if !fp16 {
@@ -370,7 +420,7 @@ pub fn train(
                 }
                 loss_sum += out.loss;
             }
-            let mut grads = acc.take()?;
+            let mut grads = group.all_reduce_sum(acc.take()?)?;
             if fp16 {
                 grads = grads.iter().map(|g| g / loss_scale).collect::<candle_core::Result<_>>()?;
             }
@@ -424,7 +474,8 @@ pub fn train(
                 state.tevatron.last_logged_step = state.global_step;
             }
             let at_end = cfg.save_at_end && state.global_step == plan.total_steps;
-            if at_end || (cfg.save_steps > 0 && state.global_step % cfg.save_steps == 0) {
+            let due = at_end || (cfg.save_steps > 0 && state.global_step % cfg.save_steps == 0);
+            if due && group.is_main() {
                 let dir = checkpoint::save(
                     &cfg.output_dir,
                     encoder,
@@ -448,11 +499,35 @@ pub fn train(
         "train_loss": state.tevatron.total_loss / state.global_step.max(1) as f64,
         "train_runtime": runtime,
         "train_steps_per_second": steps_run / runtime.max(1e-9),
-        "train_samples_per_second": steps_run * (cfg.batch_size * cfg.grad_accum) as f64 / runtime.max(1e-9),
+        "train_samples_per_second": steps_run * (cfg.batch_size * cfg.grad_accum * group.world_size()) as f64 / runtime.max(1e-9),
         "total_flos": 0.0,
     }));
-    checkpoint::save_final(&cfg.output_dir, encoder)?;
-    checkpoint::write_json(&cfg.output_dir.join("trainer_state.json"), &state)?;
-    checkpoint::write_json(&cfg.output_dir.join("training_args.json"), &cfg.args)?;
+    if group.is_main() {
+        checkpoint::save_final(&cfg.output_dir, encoder)?;
+        checkpoint::write_json(&cfg.output_dir.join("trainer_state.json"), &state)?;
+        checkpoint::write_json(&cfg.output_dir.join("training_args.json"), &cfg.args)?;
+    }
+    // No rank reports success before the output is complete.
+    group.barrier()?;
     Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_rank_gets_its_own_equal_slice_of_each_global_batch() {
+        // 11 queries on 3 ranks: padded to 12 with the first, batches of 3 x 3 then 3 x 1.
+        let order = pad_order((0..11).collect(), 3);
+        assert_eq!(order, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0]);
+        let slices: Vec<Vec<&[usize]>> =
+            (0..2).map(|b| (0..3).map(|r| rank_slice(&order, b, 3, r, 3)).collect()).collect();
+        assert_eq!(slices[0], [&[0, 1, 2][..], &[3, 4, 5], &[6, 7, 8]]);
+        assert_eq!(slices[1], [&[9][..], &[10], &[0]]);
+        // One rank: the plain batches of a single process.
+        let one = pad_order((0..5).collect(), 1);
+        assert_eq!(rank_slice(&one, 1, 2, 0, 1), &[2, 3]);
+        assert_eq!(rank_slice(&one, 2, 2, 0, 1), &[4]);
+    }
 }

@@ -9,6 +9,7 @@ use candle_core::{DType, Device};
 use tevatron_model::lora::{AdapterSource, LoraConfig, LoraOptions};
 use tevatron_model::{Encoder, EncoderOptions, PaddingSide, Pooling, TextOptions};
 use tevatron_train::data::TrainData;
+use tevatron_train::dist::Group;
 use tevatron_train::optim::AdamWConfig;
 use tevatron_train::schedule::ScheduleKind;
 use tevatron_train::step::StepOptions;
@@ -56,7 +57,8 @@ fn losses(model: &str, opts: EncoderOptions, learning_rate: f64, append_eos: boo
     };
     std::fs::create_dir_all(&cfg.output_dir).unwrap();
     let mut losses = Vec::new();
-    let state = train(&encoder, &data, &cfg, None, &mut |p| losses.push(p.loss)).unwrap();
+    let state =
+        train(&encoder, &data, &cfg, &Group::single(), None, &mut |p| losses.push(p.loss)).unwrap();
     assert_eq!(state.global_step, 30);
     losses
 }

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use tevatron_model::{Encoder, EncoderOptions, PaddingSide, Pooling};
+use tevatron_train::dist::Group;
 use tevatron_train::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use tevatron_train::step::{micro_step, Accumulator, StepOptions};
 
@@ -73,7 +74,8 @@ fn step(enc: &Encoder, f: &Fixture, o: &StepOptions) -> (f64, AdamW, Vec<Tensor>
     let cfg = AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() };
     let opt = AdamW::new(vars, cfg).unwrap();
     let mut acc = Accumulator::new(opt.vars().into_iter().cloned().collect());
-    let out = micro_step(enc, &f.queries, &f.passages, o, 1.0, 0, &mut acc).unwrap();
+    let out =
+        micro_step(enc, &f.queries, &f.passages, o, 1.0, 0, &Group::single(), &mut acc).unwrap();
     let grads = acc.take().unwrap();
     (out.loss, opt, grads)
 }
@@ -191,7 +193,9 @@ fn gradients_match_finite_differences_in_f64() {
     let (_, opt, grads) = step(&enc, &f, &o);
     let loss_at = || {
         let mut acc = Accumulator::new(Vec::new());
-        micro_step(&enc, &f.queries, &f.passages, &o, 1.0, 0, &mut acc).unwrap().loss
+        micro_step(&enc, &f.queries, &f.passages, &o, 1.0, 0, &Group::single(), &mut acc)
+            .unwrap()
+            .loss
     };
     let probes = [
         "encoder.layer.1.attention.self.query.weight",

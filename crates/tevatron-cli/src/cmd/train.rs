@@ -2,7 +2,9 @@
 //! loaded trainable, the data indexed for random access, then the library's loop with a
 //! progress bar.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
@@ -10,13 +12,14 @@ use tevatron_model::backbone::layers::set_autocast;
 use tevatron_model::lora::{AdapterSource, LoraConfig, LoraOptions};
 use tevatron_model::{EncoderOptions, PaddingSide, Pooling, TextOptions};
 use tevatron_train::data::{Corpus, TrainData};
+use tevatron_train::dist::{Group, Rendezvous, TcpTransport};
 use tevatron_train::optim::AdamWConfig;
 use tevatron_train::schedule::ScheduleKind;
 use tevatron_train::step::StepOptions;
 use tevatron_train::trainer::{prepare_output_dir, train, Plan, TrainConfig};
 
 use crate::args::{StrategyArg, TrainArgs};
-use crate::{dataset, progress};
+use crate::{dataset, launch, progress};
 
 /// Where row indexes are cached: `--dataset_cache_dir`, else the Hugging Face datasets cache.
 fn index_cache(a: &TrainArgs) -> PathBuf {
@@ -106,16 +109,41 @@ fn lora_options(a: &TrainArgs) -> Result<Option<LoraOptions>> {
     Ok(Some(LoraOptions { source, merge: false, seed: a.seed }))
 }
 
-pub fn run(a: &TrainArgs) -> Result<()> {
-    crate::tune_allocator_for_training();
-    check(a)?;
-    let schedule = ScheduleKind::parse(&a.lr_scheduler_type).with_context(|| {
-        format!(
-            "--lr_scheduler_type {:?}: supported are linear, cosine, constant, constant_with_warmup",
-            a.lr_scheduler_type
-        )
-    })?;
-    let resume = match &a.resume_from_checkpoint {
+/// This process's place in a data-parallel run: torchrun's variables when set, else alone.
+fn join_group(a: &TrainArgs) -> Result<Group> {
+    let var = |k: &str| std::env::var(k).ok();
+    let Some(rv) = Rendezvous::from_env(var, Duration::from_secs(a.ddp_timeout))? else {
+        return Ok(Group::single());
+    };
+    tracing::info!(
+        "rank {} of {}: meeting the others at {}:{}",
+        rv.rank,
+        rv.world_size,
+        rv.master_addr,
+        rv.master_port
+    );
+    Ok(Group::new(Arc::new(TcpTransport::connect(&rv)?)))
+}
+
+/// The rank on this machine: LOCAL_RANK, else `--local_rank`, else 0.
+fn local_rank(a: &TrainArgs) -> Result<usize> {
+    match std::env::var("LOCAL_RANK") {
+        Ok(v) => v.trim().parse().with_context(|| format!("LOCAL_RANK={v:?} is not a number")),
+        Err(_) => Ok(a.local_rank.max(0) as usize),
+    }
+}
+
+/// The checkpoint to resume from, decided by rank 0 (which may have cleared the folder for
+/// `--overwrite_output_dir`) and shared with every rank.
+fn resume_point(a: &TrainArgs, group: &Group) -> Result<Option<PathBuf>> {
+    let mine = if group.is_main() { resume_here(a)? } else { None };
+    let path = mine.as_deref().map(Path::to_string_lossy).unwrap_or_default();
+    let shared = group.broadcast_bytes(path.as_bytes())?;
+    Ok((!shared.is_empty()).then(|| PathBuf::from(String::from_utf8_lossy(&shared).into_owned())))
+}
+
+fn resume_here(a: &TrainArgs) -> Result<Option<PathBuf>> {
+    Ok(match &a.resume_from_checkpoint {
         Some(dir) => {
             if !dir.join("trainer_state.json").is_file() {
                 bail!(
@@ -128,7 +156,26 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             Some(dir.clone())
         }
         None => prepare_output_dir(&a.output_dir, a.overwrite_output_dir)?,
-    };
+    })
+}
+
+pub fn run(a: &TrainArgs) -> Result<()> {
+    if a.nproc_per_node == 0 {
+        bail!("--nproc_per_node must be at least 1");
+    }
+    if a.nproc_per_node > 1 && !launch::is_launched_rank() {
+        return launch::spawn_ranks(a.nproc_per_node);
+    }
+    crate::tune_allocator_for_training();
+    check(a)?;
+    let schedule = ScheduleKind::parse(&a.lr_scheduler_type).with_context(|| {
+        format!(
+            "--lr_scheduler_type {:?}: supported are linear, cosine, constant, constant_with_warmup",
+            a.lr_scheduler_type
+        )
+    })?;
+    let group = join_group(a)?;
+    let resume = resume_point(a, &group)?;
 
     let files = dataset::resolve(
         &a.dataset_name,
@@ -161,7 +208,16 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     tracing::info!("indexing {} training file(s) under {}", files.len(), cache.display());
     let data = TrainData::open(&files, corpus, &cache, a.train_group_size, a.seed)?;
 
-    let device = tevatron_model::device::select(a.device.as_deref())?;
+    // Each rank of a multi-GPU run takes the GPU of its local rank.
+    let device_spec = match a.device.as_deref() {
+        None | Some("cuda")
+            if group.world_size() > 1 && candle_core::utils::cuda_is_available() =>
+        {
+            Some(format!("cuda:{}", local_rank(a)?))
+        }
+        spec => spec.map(str::to_string),
+    };
+    let device = tevatron_model::device::select(device_spec.as_deref())?;
     let encoder = super::load_encoder(
         &a.model_name_or_path,
         a.tokenizer_name.as_deref(),
@@ -235,7 +291,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         args: args_json(a),
     };
     // Epoch strategies become step intervals of one epoch's updates.
-    let plan = Plan::new(data.len(), &cfg)?;
+    let plan = Plan::new(data.len(), group.world_size(), &cfg)?;
     if a.save_strategy == StrategyArg::Epoch {
         cfg.save_steps = plan.updates_per_epoch;
     }
@@ -251,8 +307,9 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         format!("{:?}", encoder.device().location())
     );
 
-    let bar = progress::bar(Some(plan.total_steps as u64), "steps", a.quiet);
-    let mut log = progress::LogProgress::new(plan.total_steps, "steps", a.quiet);
+    let quiet = a.quiet || !group.is_main();
+    let bar = progress::bar(Some(plan.total_steps as u64), "steps", quiet);
+    let mut log = progress::LogProgress::new(plan.total_steps, "steps", quiet);
     let mut first = true;
     let mut on_step = |p: &tevatron_train::trainer::Progress| {
         if first {
@@ -268,10 +325,13 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         log.advance(1);
     };
     set_autocast(cfg.mixed_precision);
-    let result = train(&encoder, &data, &cfg, resume.as_deref(), &mut on_step);
+    let result = train(&encoder, &data, &cfg, &group, resume.as_deref(), &mut on_step);
     set_autocast(None);
     bar.finish_and_clear();
     let state = result?;
+    if !group.is_main() {
+        return Ok(());
+    }
     if let Some(summary) = state.log_history.last() {
         tracing::info!("{summary}");
     }

@@ -1,0 +1,128 @@
+//! `--nproc_per_node N`: torchrun's job inside the binary. The command starts itself N times
+//! with the rendezvous variables set, waits for all ranks, and stops the others as soon as
+//! one fails (a rank left alone would wait for its peers until `--ddp_timeout`).
+
+use std::ffi::OsString;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+/// Set in the ranks this launcher starts, so that a flag read from a JSON arguments file
+/// (where it cannot be removed) does not start ranks again.
+const LAUNCHED: &str = "TEVATRON_LAUNCHED_RANK";
+
+/// Whether this process is a rank started by [`spawn_ranks`].
+pub fn is_launched_rank() -> bool {
+    std::env::var_os(LAUNCHED).is_some()
+}
+
+/// The arguments without `--nproc_per_node` and its value (in either spelling).
+fn without_launcher_flag(args: &[OsString]) -> Vec<OsString> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut skip_value = false;
+    for a in args {
+        if std::mem::take(&mut skip_value) {
+            continue;
+        }
+        let text = a.to_string_lossy().replace('-', "_");
+        if text == "__nproc_per_node" {
+            skip_value = true;
+            continue;
+        }
+        if text.starts_with("__nproc_per_node=") {
+            continue;
+        }
+        out.push(a.clone());
+    }
+    out
+}
+
+/// A port free on this machine now (the OS picks it); used when MASTER_PORT is not set.
+fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Runs this command as `n` ranks on this machine and waits for them.
+pub fn spawn_ranks(n: usize) -> Result<()> {
+    if std::env::var_os("WORLD_SIZE").is_some() {
+        bail!(
+            "--nproc_per_node {n} with WORLD_SIZE already set: this process was started by a \
+             launcher (torchrun, SLURM); drop --nproc_per_node or the launcher"
+        );
+    }
+    let exe = std::env::current_exe().context("locating this binary to start the ranks")?;
+    let args = without_launcher_flag(&std::env::args_os().skip(1).collect::<Vec<_>>());
+    let addr = std::env::var("MASTER_ADDR").unwrap_or_else(|_| "127.0.0.1".into());
+    let port = match std::env::var("MASTER_PORT") {
+        Ok(p) => p,
+        Err(_) => free_port()?.to_string(),
+    };
+    tracing::info!("starting {n} ranks (MASTER_ADDR={addr} MASTER_PORT={port}); rank 0 logs");
+    let mut children: Vec<Option<Child>> = Vec::with_capacity(n);
+    for rank in 0..n {
+        let child = Command::new(&exe)
+            .args(&args)
+            .env("RANK", rank.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("WORLD_SIZE", n.to_string())
+            .env("LOCAL_WORLD_SIZE", n.to_string())
+            .env("MASTER_ADDR", &addr)
+            .env("MASTER_PORT", &port)
+            .env(LAUNCHED, "1")
+            .spawn()
+            .with_context(|| format!("starting rank {rank}"));
+        match child {
+            Ok(c) => children.push(Some(c)),
+            Err(e) => {
+                stop(&mut children);
+                return Err(e);
+            }
+        }
+    }
+    loop {
+        let mut running = 0;
+        for rank in 0..n {
+            let Some(child) = children[rank].as_mut() else { continue };
+            match child.try_wait().with_context(|| format!("waiting for rank {rank}"))? {
+                None => running += 1,
+                Some(status) if status.success() => children[rank] = None,
+                Some(status) => {
+                    children[rank] = None;
+                    stop(&mut children);
+                    bail!("rank {rank} failed ({status}); the other ranks were stopped");
+                }
+            }
+        }
+        if running == 0 {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn stop(children: &mut [Option<Child>]) {
+    for child in children.iter_mut().flatten() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_launcher_flag_is_removed_in_both_spellings() {
+        let args = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        assert_eq!(
+            without_launcher_flag(&args(&["train", "--nproc_per_node", "2", "--seed", "3"])),
+            args(&["train", "--seed", "3"])
+        );
+        assert_eq!(
+            without_launcher_flag(&args(&["train", "--nproc-per-node=4", "--quiet"])),
+            args(&["train", "--quiet"])
+        );
+    }
+}
