@@ -514,6 +514,16 @@ pub struct SearchArgs {
     /// Open and search one shard at a time, merging top-k (memory bounded by one shard).
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub shard_search: bool,
+    /// Where to score: cpu, cuda or cuda:N (default: a GPU when the binary has CUDA and one is
+    /// visible).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Search on the CPU even when a GPU is available (Tevatron's flag).
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub cpu_search: bool,
+    /// Keep the GPU index in f32 (the default GPU index is f16, as Tevatron's).
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub gpu_float32: bool,
     /// No progress output.
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub quiet: bool,

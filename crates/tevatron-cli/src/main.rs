@@ -4,6 +4,7 @@
 mod args;
 mod cmd;
 mod dataset;
+mod device_search;
 mod launch;
 mod plot;
 mod progress;

@@ -361,6 +361,25 @@ fn bad_search_and_eval_inputs_are_clear_errors() {
     );
     write_vectors(&d.join("empty.safetensors"), 32, &[], &[]);
     fails_with(search("empty.safetensors", "c.safetensors", "5"), "holds no query");
+    // Device flags: contradictory, or a GPU this binary cannot use.
+    let with = |extra: &[&str]| {
+        let mut args = vec![
+            "search",
+            "--query_reps",
+            "q.safetensors",
+            "--passage_reps",
+            "c.safetensors",
+            "--save_ranking_to",
+            "r2.tsv",
+        ];
+        args.extend(extra);
+        tevatron(d, &args)
+    };
+    fails_with(with(&["--cpu_search", "--device", "cuda"]), "contradict");
+    if !cfg!(feature = "cuda") {
+        fails_with(with(&["--device", "cuda:0"]), "built without CUDA");
+    }
+    ok(with(&["--cpu_search", "--gpu_float32"]));
     assert!(!d.join("r.tsv.tmp").exists());
     // Malformed run and qrels lines.
     std::fs::write(d.join("bad.run"), "q1 d1 1.0\nq1 d2\n").unwrap();

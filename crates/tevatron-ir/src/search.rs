@@ -122,7 +122,7 @@ impl TopK {
 }
 
 /// Checks that every value is finite; names the file and row otherwise.
-fn check_finite(
+pub fn check_finite(
     values: &[f32],
     dim: usize,
     first_row: usize,
@@ -242,13 +242,58 @@ pub fn search_shard(
             out.extend((0..bq).map(|_| Vec::new()));
             continue;
         }
-        for heap in heaps {
-            let mut hits: Vec<(f32, u32)> = heap.heap;
-            hits.sort_by(|a, b| rank_cmp(a.0, || &ids[a.1 as usize], b.0, || &ids[b.1 as usize]));
-            out.push(hits);
-        }
+        out.extend(heaps.into_iter().map(|heap| best_first(heap, ids)));
     }
     Ok(out)
+}
+
+fn best_first(heap: TopK, ids: &Ids) -> Vec<(f32, u32)> {
+    let mut hits: Vec<(f32, u32)> = heap.heap;
+    hits.sort_by(|a, b| rank_cmp(a.0, || &ids[a.1 as usize], b.0, || &ids[b.1 as usize]));
+    hits
+}
+
+/// Scores of `queries x rows start..start + len`, row-major, computed elsewhere (on a GPU).
+pub struct ScoreBlock {
+    /// First row of the shard the block covers.
+    pub start: usize,
+    /// Rows covered.
+    pub len: usize,
+    /// `queries x len` scores, row-major.
+    pub scores: Vec<f32>,
+}
+
+/// Each of `nq` queries' best `depth` `(score, row)` pairs of a shard whose ids are `ids`,
+/// best first, from score blocks computed elsewhere: the top-k half of [`search_shard`] with
+/// the same tie rule, so a device that computes the scores gets the same ranking. Queries
+/// are spread over rayon threads.
+pub fn top_k_of_blocks(
+    ids: &Ids,
+    nq: usize,
+    depth: usize,
+    blocks: impl IntoIterator<Item = Result<ScoreBlock>>,
+) -> Result<Vec<Vec<(f32, u32)>>> {
+    let k = depth.min(ids.len());
+    let mut heaps: Vec<TopK> = (0..nq).map(|_| TopK::new(k)).collect();
+    for block in blocks {
+        let ScoreBlock { start, len, scores } = block?;
+        if scores.len() != nq * len {
+            return Err(Error::Invalid(format!(
+                "a score block of {} values for {nq} queries x {len} rows",
+                scores.len()
+            )));
+        }
+        heaps.par_iter_mut().zip(scores.par_chunks(len.max(1))).for_each(|(heap, row)| {
+            let mut floor = heap.floor();
+            for (j, &s) in row.iter().enumerate() {
+                if s >= floor {
+                    heap.push(s, (start + j) as u32, ids);
+                    floor = heap.floor();
+                }
+            }
+        });
+    }
+    Ok(heaps.into_iter().map(|heap| best_first(heap, ids)).collect())
 }
 
 /// Ordering that puts better hits first; ids are fetched only on exact score ties.
@@ -271,12 +316,24 @@ pub fn search_shards<S: std::borrow::Borrow<Vectors>>(
     depth: usize,
     batch_size: usize,
 ) -> Result<Ranking> {
-    let nq = queries.len() / dim;
+    merge_shards(queries.len() / dim, shards, depth, |shard| {
+        search_shard(queries, dim, shard, depth, batch_size)
+    })
+}
+
+/// [`search_shards`] with the search of one shard supplied by the caller (a GPU search):
+/// `search` gives each of the `nq` queries' best `(score, row)` pairs of a shard, best first.
+pub fn merge_shards<S: std::borrow::Borrow<Vectors>>(
+    nq: usize,
+    shards: impl IntoIterator<Item = Result<S>>,
+    depth: usize,
+    mut search: impl FnMut(&Vectors) -> Result<Vec<Vec<(f32, u32)>>>,
+) -> Result<Ranking> {
     let mut ranking = Ranking { hits: vec![Vec::new(); nq], shard_ids: Vec::new() };
     for (index, shard) in shards.into_iter().enumerate() {
         let shard = shard?;
         let shard: &Vectors = shard.borrow();
-        let found = search_shard(queries, dim, shard, depth, batch_size)?;
+        let found = search(shard)?;
         ranking.shard_ids.push(shard.ids().clone());
         let Ranking { hits, shard_ids } = &mut ranking;
         let id = |h: &Hit| shard_ids[h.shard as usize].get(h.row as usize);

@@ -4,8 +4,9 @@
 use std::collections::BTreeMap;
 
 use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
 use safetensors::tensor::{Dtype, TensorView};
-use tevatron_ir::search::{check_queries, search_shards, Ranking};
+use tevatron_ir::search::{check_queries, merge_shards, search_shard, Ranking};
 use tevatron_ir::trec::{write_run, RunFormat};
 use tevatron_ir::vectors::{expand_glob, Ids, Vectors};
 
@@ -21,9 +22,19 @@ pub fn run(a: &SearchArgs) -> Result<()> {
     let files = expand_glob(&a.passage_reps).context("resolving --passage_reps")?;
     let batch = if a.batch_size <= 0 { 0 } else { a.batch_size as usize };
     let dim = queries.dim();
+    let device = search_device(a)?;
+    let index_dtype = if a.gpu_float32 { DType::F32 } else { DType::F16 };
+    let nq = queries.len();
+    let depth = a.depth;
+    let search = |shard: &Vectors| match &device {
+        Device::Cpu => search_shard(&q, dim, shard, depth, batch),
+        gpu => {
+            crate::device_search::search_shard_on(gpu, index_dtype, &q, dim, shard, depth, batch)
+        }
+    };
     let start = std::time::Instant::now();
     let ranking = if a.shard_search {
-        search_shards(&q, dim, files.iter().map(|f| Vectors::open(f)), a.depth, batch)?
+        merge_shards(nq, files.iter().map(|f| Vectors::open(f)), depth, search)?
     } else {
         // Open and validate every shard before any work.
         let shards = files.iter().map(|f| Vectors::open(f)).collect::<Result<Vec<_>, _>>()?;
@@ -36,7 +47,7 @@ pub fn run(a: &SearchArgs) -> Result<()> {
                 shards[0].dim()
             );
         }
-        search_shards(&q, dim, shards.iter().map(Ok), a.depth, batch)?
+        merge_shards(nq, shards.iter().map(Ok), depth, search)?
     };
     if !a.quiet {
         tracing::info!(
@@ -56,6 +67,27 @@ pub fn run(a: &SearchArgs) -> Result<()> {
         write_safetensors(a, queries.ids(), &ranking)?;
     }
     Ok(())
+}
+
+/// The CPU with `--cpu_search`, else `--device` (default: a GPU when there is one).
+fn search_device(a: &SearchArgs) -> Result<Device> {
+    if a.cpu_search {
+        if a.device.as_deref().is_some_and(|d| d != "cpu") {
+            bail!(
+                "--cpu_search and --device {} contradict each other",
+                a.device.as_deref().unwrap_or("")
+            );
+        }
+        return Ok(Device::Cpu);
+    }
+    let device = tevatron_model::device::select(a.device.as_deref())?;
+    if !device.is_cpu() {
+        let index = if a.gpu_float32 { "f32" } else { "f16" };
+        tracing::info!("searching on {:?} with an {index} index", device.location());
+    } else if a.gpu_float32 {
+        tracing::info!("--gpu_float32 has no effect: searching on the CPU in f32");
+    }
+    Ok(device)
 }
 
 /// `scores` `[Q, k]` F32, `docids` and `query_ids` as `\n`-joined UTF-8 (U8), k = min(depth, N).
