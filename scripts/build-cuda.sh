@@ -2,7 +2,9 @@
 # Builds `tevatron` with candle's CUDA backend on a machine without a GPU, from PyPI wheels
 # (recipe: ../shared/docs/cuda-build.md). CUDA 13.0 to match the GPU machines' driver; sm_90.
 #   scripts/build-cuda.sh           release build -> target/cuda/release/tevatron
-#   scripts/build-cuda.sh check     cargo check --features cuda only (what CI runs)
+#   scripts/build-cuda.sh check     cargo check --features cuda,nccl only (what CI runs)
+# Features: cuda (candle's CUDA backend, cuBLAS) and nccl (GPU collectives for --nproc_per_node;
+# NCCL 2.30 from the nvidia-nccl-cu13 wheel, the version PyTorch's CUDA 13 wheels carry).
 # The wheels (~1.6 GB) go to a virtualenv in .cache/cuda-venv (or TEVATRON_CUDA_VENV), reused.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -14,7 +16,12 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import nvidia' 2>/dev
     nvidia-curand==10.4.0.35 nvidia-cuda-cccl==13.0.85 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 \
     nvidia-cublas==13.0.2.14
 fi
+if [ -z "$(find "$venv" -name 'libnccl.so.2' -print -quit)" ]; then
+  "$venv/bin/pip" install -q nvidia-nccl-cu13==2.30.7
+fi
 cu=$("$venv/bin/python" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13"))')
+nccl=$(dirname "$(find "$venv" -name 'libnccl.so.2' -print -quit)")
+[ -e "$nccl/libnccl.so" ] || ln -s libnccl.so.2 "$nccl/libnccl.so"
 # Unversioned names for the linker.
 for l in cublas cublasLt cudart nvrtc; do
   [ -e "$cu/lib/lib$l.so" ] || ln -s "lib$l.so.13" "$cu/lib/lib$l.so"
@@ -32,11 +39,11 @@ if [ ! -f "$cu/lib/stubs/libcuda.so" ]; then
   ln -sf libcuda.so "$cu/lib/stubs/libcuda.so.1"
 fi
 export CUDA_HOME=$cu CUDA_PATH=$cu PATH=$cu/bin:$PATH CUDA_COMPUTE_CAP=90 CUDARC_CUDA_VERSION=13000
-export LIBRARY_PATH=$cu/lib:$cu/lib/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}
-export RUSTFLAGS="${RUSTFLAGS:-} -L $cu/lib -L $cu/lib/stubs"
+export LIBRARY_PATH=$cu/lib:$cu/lib/stubs:$nccl${LIBRARY_PATH:+:$LIBRARY_PATH}
+export RUSTFLAGS="${RUSTFLAGS:-} -L $cu/lib -L $cu/lib/stubs -L $nccl"
 if [ "${1:-build}" = check ]; then
-  cargo check --features cuda -p tevatron-cli --target-dir target/cuda
+  cargo check --features cuda,nccl -p tevatron-cli --target-dir target/cuda
 else
-  cargo build --release --features cuda -p tevatron-cli --target-dir target/cuda
+  cargo build --release --features cuda,nccl -p tevatron-cli --target-dir target/cuda
   echo "built target/cuda/release/tevatron"
 fi

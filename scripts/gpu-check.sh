@@ -5,19 +5,37 @@
 #   tokenizer + config: the all-MiniLM-L6-v2 files without weights).
 # It builds a random-weight MiniLM-shaped BERT with transformers, then checks
 #   1. CUDA vs CPU parity of our embeddings (f32 max abs <= 1e-4; bf16/f16 cosine >= 0.999 per row),
-#   2. encode throughput, ours vs transformers (mean pooling) on the same GPU, f32 and fp16.
-# Not covered yet (not built): GPU training and GPU search. Prints every figure.
+#   2. encode throughput, ours vs transformers (mean pooling) on the same GPU, f32 and fp16,
+#   3. search: GPU (f32 and the default f16 index) against CPU over the same embeddings,
+#   4. training on the GPU: a 30-step bf16 run whose loss must fall, its step time against a
+#      PyTorch Tevatron-style step (same model, batch, lengths, bf16 autocast), and two ranks on
+#      the one GPU (--nproc_per_node 2, TCP collectives) against one process with twice the batch.
+# Prints every figure and the ratios; ends with "gpu-check: all checks passed" or a FAIL line.
+# A dry run of the script's logic on a machine without a GPU (any binary, fewer passages):
+#   GPU_CHECK_DEVICE=cpu GPU_CHECK_PASSAGES=1000 GPU_CHECK_STEPS=9 GPU_CHECK_BATCH=8 \
+#     GPU_CHECK_BINARY=target/release/tevatron scripts/gpu-check.sh
 set -euo pipefail
+dev=${GPU_CHECK_DEVICE:-cuda}
+n_passages=${GPU_CHECK_PASSAGES:-20000}
+steps=${GPU_CHECK_STEPS:-30}
+bs=${GPU_CHECK_BATCH:-32}
+dev0=$dev; [ "$dev" = cuda ] && dev0=cuda:0
 out=${OUT:-/tmp/gpu-check}
 mkdir -p "$out" /tmp/tev
-python3 -c 'import lzma, shutil; shutil.copyfileobj(lzma.open(".device/tevatron.xz"), open("/tmp/tev/tevatron", "wb"))'
+py=${GPU_CHECK_PYTHON:-$(command -v python3)}
+if [ -n "${GPU_CHECK_BINARY:-}" ]; then
+  cp "$GPU_CHECK_BINARY" /tmp/tev/tevatron
+else
+  python3 -c 'import lzma, shutil; shutil.copyfileobj(lzma.open(".device/tevatron.xz"), open("/tmp/tev/tevatron", "wb"))'
+fi
 chmod +x /tmp/tev/tevatron
-py=$(command -v python3)
-# cuBLAS/cuRAND/NVRTC/cudart from PyTorch's CUDA 13 wheels.
-libs=$("$py" -c 'import nvidia, os, glob; print(":".join(sorted({os.path.dirname(p) for d in nvidia.__path__ for p in glob.glob(d + "/**/lib*.so*", recursive=True)})))')
-export LD_LIBRARY_PATH=$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-"$py" - "$out" <<'PY'
+if [ "$dev" = cuda ]; then
+  # cuBLAS/cuRAND/NVRTC/cudart from PyTorch's CUDA 13 wheels.
+  libs=$("$py" -c 'import nvidia, os, glob; print(":".join(sorted({os.path.dirname(p) for d in nvidia.__path__ for p in glob.glob(d + "/**/lib*.so*", recursive=True)})))')
+  export LD_LIBRARY_PATH=$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+fi
+"$py" - "$out" "$n_passages" <<'PY'
 import json, os, random, shutil, sys
 import torch
 from transformers import BertConfig, BertModel
@@ -32,19 +50,32 @@ for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", 
 vocab = [w for w in open(".device/tok/vocab.txt").read().split("\n") if w.isalpha()]
 rng = random.Random(0)
 with open(f"{out}/p.jsonl", "w") as f:
-    for i in range(20000):
+    for i in range(int(sys.argv[2])):
         f.write(json.dumps({"docid": str(i), "text": " ".join(rng.choice(vocab) for _ in range(rng.randint(60, 140)))}) + "\n")
 with open(f"{out}/small.jsonl", "w") as f:
     for i in range(256):
         f.write(json.dumps({"docid": str(i), "text": " ".join(rng.choice(vocab) for _ in range(rng.randint(1, 200)))}) + "\n")
+# Queries for search, and lexical-match training groups: a query is 8 words of its positive.
+passages = [" ".join(rng.choice(vocab) for _ in range(rng.randint(40, 100))) for _ in range(4000)]
+with open(f"{out}/q.jsonl", "w") as f:
+    for i in range(256):
+        words = passages[i].split()
+        f.write(json.dumps({"query_id": str(i), "query": " ".join(rng.sample(words, 8))}) + "\n")
+with open(f"{out}/train.jsonl", "w") as f:
+    for i in range(1920):
+        pos = passages[i]
+        negs = [passages[rng.randrange(len(passages))] for _ in range(3)]
+        f.write(json.dumps({"query": " ".join(rng.sample(pos.split(), 8)),
+                            "positive_passages": [{"text": pos}],
+                            "negative_passages": [{"text": n} for n in negs]}) + "\n")
 PY
 T=/tmp/tev/tevatron
 enc() { "$T" encode --model_name_or_path "$out/model" --pooling mean --normalize --passage_max_len 128 --quiet "$@"; }
 echo "== parity (256 passages of 1 to 200 words, mean pooling, normalized)"
 enc --dataset_path "$out/small.jsonl" --device cpu --encode_output_path "$out/cpu.st" --per_device_eval_batch_size 32
-enc --dataset_path "$out/small.jsonl" --device cuda --encode_output_path "$out/gpu32.st" --per_device_eval_batch_size 32
-enc --dataset_path "$out/small.jsonl" --device cuda --fp16 --encode_output_path "$out/gpu16.st" --per_device_eval_batch_size 32
-enc --dataset_path "$out/small.jsonl" --device cuda --bf16 --encode_output_path "$out/gpubf16.st" --per_device_eval_batch_size 32
+enc --dataset_path "$out/small.jsonl" --device "$dev" --encode_output_path "$out/gpu32.st" --per_device_eval_batch_size 32
+enc --dataset_path "$out/small.jsonl" --device "$dev" --fp16 --encode_output_path "$out/gpu16.st" --per_device_eval_batch_size 32
+enc --dataset_path "$out/small.jsonl" --device "$dev" --bf16 --encode_output_path "$out/gpubf16.st" --per_device_eval_batch_size 32
 "$py" - "$out" <<'PY'
 import sys, numpy as np
 from safetensors.numpy import load_file
@@ -55,29 +86,96 @@ for name in ("gpu32", "gpu16", "gpubf16"):
     cos = (g * cpu).sum(1) / np.linalg.norm(g, axis=1) / np.linalg.norm(cpu, axis=1)
     print(f"{name}: max abs diff {np.abs(g - cpu).max():.2e}, min cosine {cos.min():.6f}")
 PY
-echo "== throughput (20,000 passages of 60-140 words, max 128 tokens, batch 256)"
+echo "== throughput ($n_passages passages of 60-140 words, max 128 tokens, batch 256)"
 for flag in "" "--fp16"; do
   start=$(date +%s.%N)
-  enc --dataset_path "$out/p.jsonl" --device cuda $flag --encode_output_path "$out/tp.st" --per_device_eval_batch_size 256
+  enc --dataset_path "$out/p.jsonl" --device "$dev" $flag --encode_output_path "$out/tp.st" --per_device_eval_batch_size 256
   end=$(date +%s.%N)
-  "$py" -c "s = $end - $start; print(f'ours ${flag:-fp32}: {s:.2f} s = {20000 / s:.0f} passages/s (whole command)')"
+  "$py" -c "s = $end - $start; print(f'ours ${flag:-fp32}: {s:.2f} s = {$n_passages / s:.0f} passages/s (whole command)')"
 done
-"$py" - "$out" <<'PY'
+"$py" - "$out" "$dev" <<'PY'
 import json, sys, time, torch
 from transformers import AutoModel, AutoTokenizer
-out = sys.argv[1]
+out, dev = sys.argv[1], sys.argv[2]
+sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 tok = AutoTokenizer.from_pretrained(f"{out}/model")
 texts = [json.loads(l)["text"] for l in open(f"{out}/p.jsonl")]
-for dtype in (torch.float32, torch.float16):
-    model = AutoModel.from_pretrained(f"{out}/model", torch_dtype=dtype).cuda().eval()
+for dtype in (torch.float32, torch.float16 if dev == "cuda" else torch.bfloat16):
+    model = AutoModel.from_pretrained(f"{out}/model", torch_dtype=dtype).to(dev).eval()
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    torch.cuda.synchronize(); t = time.perf_counter()
+    sync(); t = time.perf_counter()
     with torch.inference_mode():
         for s in range(0, len(texts), 256):
-            b = tok([texts[i] for i in order[s:s + 256]], truncation=True, max_length=128, padding=True, return_tensors="pt").to("cuda")
+            b = tok([texts[i] for i in order[s:s + 256]], truncation=True, max_length=128, padding=True, return_tensors="pt").to(dev)
             h = model(**b).last_hidden_state
             m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
             r = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1).float().cpu()
-    torch.cuda.synchronize(); s = time.perf_counter() - t
+    sync(); s = time.perf_counter() - t
     print(f"transformers {dtype}: {s:.2f} s = {len(texts) / s:.0f} passages/s (tokenize + encode, model loaded)")
 PY
+
+echo "== search (256 queries over the $n_passages embeddings above, depth 100)"
+enc --dataset_path "$out/q.jsonl" --encode_is_query --device "$dev" --encode_output_path "$out/q.st" --query_max_len 32
+srch() { local label=$1; shift; local start end; start=$(date +%s.%N)
+  "$T" search --query_reps "$out/q.st" --passage_reps "$out/tp.st" --depth 100 --save_ranking_to "$out/$label.tsv" --save_text --quiet "$@"
+  end=$(date +%s.%N); "$py" -c "print(f'search $label: {$end - $start:.2f} s (whole command)')"; }
+srch cpu --device cpu
+srch gpu32 --device "$dev" --gpu_float32
+srch gpu16 --device "$dev"
+"$py" - "$out" <<'PY'
+import sys
+from collections import defaultdict
+out = sys.argv[1]
+def read(name):
+    r = defaultdict(list)
+    for line in open(f"{out}/{name}.tsv"):
+        q, d, s = line.split("\t")
+        r[q].append((d, float(s)))
+    return r
+cpu = read("cpu")
+for name in ("gpu32", "gpu16"):
+    g = read(name)
+    same = sum([d for d, _ in g[q]] == [d for d, _ in cpu[q]] for q in cpu)
+    top10 = sum(len({d for d, _ in g[q][:10]} & {d for d, _ in cpu[q][:10]}) for q in cpu) / (10 * len(cpu))
+    diff = max(abs(a[1] - b[1]) for q in cpu for a, b in zip(g[q], cpu[q]))
+    print(f"{name} vs cpu: identical rankings {same}/{len(cpu)}, top-10 overlap {top10:.4f}, max score diff {diff:.2e}")
+    if name == "gpu32" and top10 < 0.999:
+        sys.exit("FAIL: the f32 GPU search differs from the CPU search")
+PY
+
+echo "== training on the GPU (random-weight MiniLM-shaped BERT, 1,920 lexical-match groups, $steps steps of $bs x group 4, q32/p128)"
+tr() { local label=$1; shift
+  "$T" train --model_name_or_path "$out/model" --dataset_path "$out/train.jsonl" --output_dir "$out/$label" \
+    --train_group_size 4 --query_max_len 32 --passage_max_len 128 --pooling mean --normalize --temperature 0.05 \
+    --learning_rate 1e-4 --warmup_ratio 0 --logging_steps 1 --save_strategy no --overwrite_output_dir \
+    --dataset_cache_dir "$out/cache" "$@" 2> "$out/$label.log" || { tail -5 "$out/$label.log"; exit 1; }; }
+tr bf16 --device "$dev" --bf16 --per_device_train_batch_size "$bs" --max_steps "$steps"
+ours=$("$py" scripts/bench/step_seconds.py "$out/bf16.log")
+theirs=$(TRAIN_STEP_DEVICE=$dev TRAIN_STEP_AMP=bf16 "$py" scripts/bench/train_step.py "$out/model" "$out/train.jsonl" "$steps" "$bs" 4 32 128 mean true 0.05 2>/dev/null \
+  | "$py" -c 'import json,sys; print("%.4g" % json.loads(sys.stdin.read())["sec_per_step"])')
+"$py" - "$out" "$ours" "$theirs" <<'PY'
+import json, sys
+out, ours, theirs = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+losses = [e["loss"] for e in json.load(open(f"{out}/bf16/trainer_state.json"))["log_history"] if "loss" in e]
+first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+print(f"bf16 loss: first 5 steps {first:.4f} -> last 5 steps {last:.4f} ({len(losses)} steps)")
+print(f"train step (bf16): ours {ours * 1000:.1f} ms, PyTorch {theirs * 1000:.1f} ms, ratio (PyTorch/ours) {theirs / ours:.2f}x")
+if not last < first:
+    sys.exit("FAIL: the loss did not fall")
+PY
+echo "-- two ranks on one GPU (TCP collectives, f32) vs one process with twice the batch, $((steps / 3)) steps"
+# Dropout off: each rank draws its own masks, so only then are the two runs the same steps.
+tr one --device "$dev0" --disable_dropout --per_device_train_batch_size "$bs" --max_steps $((steps / 3))
+tr two --device "$dev0" --disable_dropout --per_device_train_batch_size $((bs / 2)) --max_steps $((steps / 3)) --nproc_per_node 2
+"$py" - "$out" <<'PY'
+import json, sys
+out = sys.argv[1]
+loss = lambda n: [e["loss"] for e in json.load(open(f"{out}/{n}/trainer_state.json"))["log_history"] if "loss" in e]
+a, b = loss("one"), loss("two")
+rel = max(abs(x - y) / abs(x) for x, y in zip(a, b))
+print(f"one process: {' '.join(f'{x:.4f}' for x in a)}")
+print(f"two ranks:   {' '.join(f'{x:.4f}' for x in b)}  (max relative difference {rel:.1e})")
+if len(a) != len(b) or rel > 1e-3:
+    sys.exit("FAIL: two ranks do not train as one process with twice the batch")
+PY
+echo "gpu-check: all checks passed"

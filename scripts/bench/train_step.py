@@ -4,7 +4,10 @@ same rows, batch, group and lengths, timed per optimizer step.
 
     python train_step.py MODEL TRAIN_JSONL STEPS BATCH GROUP QLEN PLEN POOLING NORMALIZE TEMP [plain|ckpt|lora]
 Prints one JSON line: seconds per step (median of steps 2..N), peak RSS in MB, losses.
+TRAIN_STEP_DEVICE=cuda runs on the GPU (timed with synchronisation) and TRAIN_STEP_AMP=bf16|fp16
+adds autocast (fp16 with a GradScaler), as the Hugging Face Trainer does for --bf16/--fp16.
 """
+import os
 import json
 import resource
 import statistics
@@ -24,6 +27,9 @@ normalize = normalize == "true"
 rows = [json.loads(l) for l in open(path)][: steps * bs]
 tok = AutoTokenizer.from_pretrained(model_dir)
 model = AutoModel.from_pretrained(model_dir)
+device = os.environ.get("TRAIN_STEP_DEVICE", "cpu")
+amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(os.environ.get("TRAIN_STEP_AMP", ""))
+model.to(device)
 model.train()
 if mode == "ckpt":
     model.gradient_checkpointing_enable()
@@ -41,7 +47,7 @@ def text(p):
 
 
 def batch(texts, n):
-    return tok(texts, truncation=True, max_length=n, padding=True, pad_to_multiple_of=16, return_tensors="pt")
+    return tok(texts, truncation=True, max_length=n, padding=True, pad_to_multiple_of=16, return_tensors="pt").to(device)
 
 
 def encode(b):
@@ -56,19 +62,37 @@ def encode(b):
     return F.normalize(r, dim=-1) if normalize else r
 
 
+def sync():
+    if device != "cpu":
+        torch.cuda.synchronize()
+
+
+scaler = torch.amp.GradScaler(device) if amp == torch.float16 else None
 times, losses = [], []
 for s in range(steps):
     chunk = rows[s * bs:(s + 1) * bs]
     qs = [r["query"] for r in chunk]
     ps = [text(p) for r in chunk for p in ([r["positive_passages"][0]] + r["negative_passages"][: group - 1])]
+    sync()
     t = time.perf_counter()
     qb, pb = batch(qs, qlen), batch(ps, plen)
-    q, p = encode(qb), encode(pb)
-    loss = F.cross_entropy(q @ p.T / temp, torch.arange(len(qs)) * group)
-    loss.backward()
+    with torch.autocast(device_type=device, dtype=amp, enabled=amp is not None):
+        q, p = encode(qb), encode(pb)
+        scores = (q @ p.T).float() / temp
+    loss = F.cross_entropy(scores, torch.arange(len(qs), device=device) * group)
+    if scaler:
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+    else:
+        loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
+    if scaler:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
     opt.zero_grad()
+    sync()
     times.append(time.perf_counter() - t)
     losses.append(loss.item())
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

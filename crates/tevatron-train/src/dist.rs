@@ -11,6 +11,10 @@
 //!
 //! Reductions add the ranks' contributions in rank order on every rank, so all ranks hold
 //! bit-identical gradients and their weights never drift apart.
+//!
+//! With the `nccl` feature, GPU ranks move representations and gradients with NCCL instead
+//! ([`Group::with_nccl`]); the TCP transport then only carries the rendezvous and small
+//! control messages.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
@@ -41,12 +45,18 @@ const REDUCE_CHUNK: usize = 4 << 20;
 #[derive(Clone)]
 pub struct Group {
     transport: Option<Arc<dyn Transport>>,
+    #[cfg(feature = "nccl")]
+    nccl: Option<Arc<nccl::Nccl>>,
 }
 
 impl Group {
     /// A run of one process.
     pub fn single() -> Self {
-        Self { transport: None }
+        Self {
+            transport: None,
+            #[cfg(feature = "nccl")]
+            nccl: None,
+        }
     }
 
     /// A run whose ranks talk through `transport`.
@@ -54,7 +64,29 @@ impl Group {
         if transport.world_size() <= 1 {
             return Self::single();
         }
-        Self { transport: Some(transport) }
+        Self {
+            transport: Some(transport),
+            #[cfg(feature = "nccl")]
+            nccl: None,
+        }
+    }
+
+    /// Moves the group's tensors with NCCL when `device` is a GPU (every rank must call this
+    /// with its own GPU); a CPU device or a single rank keep the transport alone.
+    #[cfg(feature = "nccl")]
+    pub fn with_nccl(mut self, device: &Device) -> Result<Self> {
+        if let (Some(t), true) = (&self.transport, device.is_cuda()) {
+            self.nccl = Some(Arc::new(nccl::Nccl::connect(t.as_ref(), device)?));
+        }
+        Ok(self)
+    }
+
+    /// Whether NCCL carries this group's tensors.
+    pub fn uses_nccl(&self) -> bool {
+        #[cfg(feature = "nccl")]
+        return self.nccl.is_some();
+        #[cfg(not(feature = "nccl"))]
+        false
     }
 
     /// This process's rank.
@@ -96,7 +128,28 @@ impl Group {
     /// kept). Ranks may hold different numbers of rows.
     pub fn gather_rows(&self, local: &Tensor) -> Result<Tensor> {
         let Some(t) = &self.transport else { return Ok(local.clone()) };
-        let (_, width) = local.dims2()?;
+        let (rows, width) = local.dims2()?;
+        #[cfg(feature = "nccl")]
+        if let Some(nccl) = self.nccl.as_ref().filter(|_| local.device().is_cuda()) {
+            // NCCL's all-gather needs equal parts (the trainer's slices always are).
+            let counts = t.all_gather_bytes(&(rows as u64).to_le_bytes())?;
+            if counts.iter().all(|c| c == &counts[t.rank()]) {
+                let all = nccl
+                    .all_gather(&local.detach().to_dtype(DType::F32)?.contiguous()?)?
+                    .to_dtype(local.dtype())?;
+                let parts = (0..t.world_size())
+                    .map(|r| {
+                        if r == t.rank() {
+                            Ok(local.clone())
+                        } else {
+                            all.narrow(0, r * rows, rows)
+                        }
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                return Ok(Tensor::cat(&parts, 0)?);
+            }
+        }
+        let _ = rows;
         let wire = Wire::of(&[local]);
         let parts = t.all_gather_bytes(&wire.encode(&local.detach())?)?;
         let mut rows = Vec::with_capacity(parts.len());
@@ -127,6 +180,26 @@ impl Group {
     /// taken in f64 in rank order, so every rank gets the same bits.
     pub fn all_reduce_sum(&self, tensors: Vec<Tensor>) -> Result<Vec<Tensor>> {
         let Some(t) = &self.transport else { return Ok(tensors) };
+        #[cfg(feature = "nccl")]
+        if let Some(nccl) = &self.nccl {
+            if tensors.iter().all(|x| x.device().is_cuda() && x.dtype() == DType::F32) {
+                let flat = Tensor::cat(
+                    &tensors
+                        .iter()
+                        .map(Tensor::flatten_all)
+                        .collect::<candle_core::Result<Vec<_>>>()?,
+                    0,
+                )?;
+                let summed = nccl.all_reduce(&flat)?;
+                let mut at = 0;
+                let mut out = Vec::with_capacity(tensors.len());
+                for x in &tensors {
+                    out.push(summed.narrow(0, at, x.elem_count())?.reshape(x.shape())?);
+                    at += x.elem_count();
+                }
+                return Ok(out);
+            }
+        }
         let wire = Wire::of(&tensors.iter().collect::<Vec<_>>());
         let flat = Tensor::cat(
             &tensors
@@ -203,6 +276,156 @@ impl Wire {
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")) as f64)
                 .collect()
+        }
+    }
+}
+
+/// NCCL collectives on the ranks' GPUs, as candle's multi-process example runs them: custom
+/// ops whose CUDA forward calls NCCL on the device's own stream, so they are ordered with the
+/// model's kernels.
+#[cfg(feature = "nccl")]
+mod nccl {
+    use std::sync::Mutex;
+
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
+    use candle_core::{CpuStorage, CudaStorage, CustomOp1, Device, Layout, Shape, Tensor};
+
+    use super::Transport;
+    use crate::{Error, Result};
+
+    /// A communicator over every rank's GPU.
+    pub struct Nccl {
+        comm: Mutex<Comm>,
+        world: usize,
+    }
+
+    // SAFETY: the communicator is used under the mutex only, one collective at a time, which
+    // NCCL allows from any thread.
+    unsafe impl Send for Nccl {}
+    // SAFETY: as above; shared references only reach the communicator through the mutex.
+    unsafe impl Sync for Nccl {}
+
+    impl Nccl {
+        /// Rank 0 makes the NCCL id and the transport hands it to the others; then every rank
+        /// joins with its GPU's stream.
+        pub fn connect(t: &dyn Transport, device: &Device) -> Result<Self> {
+            let Device::Cuda(cuda) = device else {
+                return Err(Error::Invalid("NCCL needs a CUDA device".into()));
+            };
+            let mine: Vec<u8> = if t.rank() == 0 {
+                let id = Id::new()
+                    .map_err(|e| Error::Invalid(format!("creating the NCCL id: {e:?}")))?;
+                id.internal().iter().map(|&c| c as u8).collect()
+            } else {
+                Vec::new()
+            };
+            let shared = t.all_gather_bytes(&mine)?.swap_remove(0);
+            let mut internal = [0 as std::ffi::c_char; 128];
+            if shared.len() != internal.len() {
+                return Err(Error::Invalid(format!(
+                    "rank 0 sent an NCCL id of {} bytes, not 128; is every rank built with NCCL?",
+                    shared.len()
+                )));
+            }
+            for (d, s) in internal.iter_mut().zip(&shared) {
+                *d = *s as std::ffi::c_char;
+            }
+            let comm = Comm::from_rank(cuda.cuda_stream(), t.rank(), t.world_size(), Id::uninit(internal))
+                .map_err(|e| {
+                    Error::Invalid(format!(
+                        "rank {}: joining the NCCL communicator: {e:?} (is libnccl.so.2 on LD_LIBRARY_PATH, and each rank on its own GPU?)",
+                        t.rank()
+                    ))
+                })?;
+            Ok(Self { comm: Mutex::new(comm), world: t.world_size() })
+        }
+
+        /// Every rank's rows of `x` (F32, `(n, d)`, contiguous), in rank order.
+        pub fn all_gather(&self, x: &Tensor) -> Result<Tensor> {
+            Ok(x.apply_op1_no_bwd(&AllGather(self))?)
+        }
+
+        /// The element-wise sum over ranks of `x` (F32).
+        pub fn all_reduce(&self, x: &Tensor) -> Result<Tensor> {
+            Ok(x.apply_op1_no_bwd(&AllReduce(self))?)
+        }
+
+        fn comm(&self) -> candle_core::Result<std::sync::MutexGuard<'_, Comm>> {
+            self.comm
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("the NCCL communicator was poisoned".into()))
+        }
+    }
+
+    struct AllGather<'a>(&'a Nccl);
+    struct AllReduce<'a>(&'a Nccl);
+
+    fn cuda_only<T>() -> candle_core::Result<T> {
+        candle_core::bail!("NCCL collectives take CUDA tensors only")
+    }
+
+    fn input<'s>(
+        s: &'s CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaView<'s, f32>> {
+        let (start, end) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("NCCL needs a contiguous tensor".into()))?;
+        Ok(s.as_cuda_slice::<f32>()?.slice(start..end))
+    }
+
+    impl CustomOp1 for AllGather<'_> {
+        fn name(&self) -> &'static str {
+            "nccl-all-gather"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            cuda_only()
+        }
+
+        fn cuda_fwd(
+            &self,
+            s: &CudaStorage,
+            l: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let src = input(s, l)?;
+            let dev = s.device().clone();
+            // SAFETY: the all-gather writes every element before anything reads it.
+            let mut dst = unsafe { dev.alloc::<f32>(l.shape().elem_count() * self.0.world) }?;
+            self.0
+                .comm()?
+                .all_gather(&src, &mut dst)
+                .map_err(|e| candle_core::Error::Msg(format!("NCCL all-gather: {e:?}")))?;
+            let mut dims = l.shape().dims().to_vec();
+            dims[0] *= self.0.world;
+            Ok((CudaStorage::wrap_cuda_slice(dst, dev), Shape::from(dims)))
+        }
+    }
+
+    impl CustomOp1 for AllReduce<'_> {
+        fn name(&self) -> &'static str {
+            "nccl-all-reduce"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            cuda_only()
+        }
+
+        fn cuda_fwd(
+            &self,
+            s: &CudaStorage,
+            l: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let src = input(s, l)?;
+            let dev = s.device().clone();
+            // SAFETY: the all-reduce writes every element before anything reads it.
+            let mut dst = unsafe { dev.alloc::<f32>(l.shape().elem_count()) }?;
+            self.0
+                .comm()?
+                .all_reduce(&src, &mut dst, &ReduceOp::Sum)
+                .map_err(|e| candle_core::Error::Msg(format!("NCCL all-reduce: {e:?}")))?;
+            Ok((CudaStorage::wrap_cuda_slice(dst, dev), l.shape().clone()))
         }
     }
 }

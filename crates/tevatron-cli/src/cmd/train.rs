@@ -218,6 +218,15 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         spec => spec.map(str::to_string),
     };
     let device = tevatron_model::device::select(device_spec.as_deref())?;
+    #[cfg(feature = "nccl")]
+    let group = group.with_nccl(&device)?;
+    if group.world_size() > 1 {
+        let how = if group.uses_nccl() { "NCCL" } else { "TCP through rank 0" };
+        tracing::info!(
+            "{} ranks exchanging representations and gradients over {how}",
+            group.world_size()
+        );
+    }
     let encoder = super::load_encoder(
         &a.model_name_or_path,
         a.tokenizer_name.as_deref(),
