@@ -2,7 +2,7 @@
 # Builds `tevatron` with candle's CUDA backend on a machine without a GPU, from PyPI wheels
 # (recipe: ../shared/docs/cuda-build.md). CUDA 13.0 to match the GPU machines' driver; sm_90.
 #   scripts/build-cuda.sh           release build -> target/cuda/release/tevatron
-#   scripts/build-cuda.sh check     cargo check --features cuda,nccl only (what CI runs)
+#   scripts/build-cuda.sh check     cargo clippy --features cuda,nccl only (what CI runs)
 # Features: cuda (candle's CUDA backend, cuBLAS) and nccl (GPU collectives for --nproc_per_node;
 # NCCL 2.30 from the nvidia-nccl-cu13 wheel, the version PyTorch's CUDA 13 wheels carry).
 # The wheels (~1.6 GB) go to a virtualenv in .cache/cuda-venv (or TEVATRON_CUDA_VENV), reused.
@@ -42,7 +42,7 @@ export CUDA_HOME=$cu CUDA_PATH=$cu PATH=$cu/bin:$PATH CUDA_COMPUTE_CAP=90 CUDARC
 export LIBRARY_PATH=$cu/lib:$cu/lib/stubs:$nccl${LIBRARY_PATH:+:$LIBRARY_PATH}
 export RUSTFLAGS="${RUSTFLAGS:-} -L $cu/lib -L $cu/lib/stubs -L $nccl"
 if [ "${1:-build}" = check ]; then
-  cargo check --features cuda,nccl -p tevatron-cli --target-dir target/cuda
+  cargo clippy --features cuda,nccl -p tevatron-cli -p tevatron-train -p tevatron-model --target-dir target/cuda -- -D warnings
 else
   cargo build --release --features cuda,nccl -p tevatron-cli --target-dir target/cuda
   echo "built target/cuda/release/tevatron"
