@@ -425,6 +425,10 @@ pub struct TrainArgs {
     /// gives up with a message.
     #[arg(long, default_value_t = 1800)]
     pub ddp_timeout: u64,
+    /// How ranks exchange tensors: nccl (GPU ranks of a build with NCCL) or gloo (TCP through
+    /// rank 0, any device). Default: nccl where it can work, else gloo.
+    #[arg(long)]
+    pub ddp_backend: Option<String>,
     /// The rank on this machine, as passed by torch.distributed.launch (LOCAL_RANK wins).
     #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
     pub local_rank: i64,

@@ -429,4 +429,15 @@ fn bad_rank_settings_are_clear_errors() {
     let mut no_port = env("0", "2");
     no_port.pop();
     fails_with(run("o4", &no_port), "needs MASTER_PORT");
+    // A backend that does not exist, or NCCL where it cannot work (CPU ranks).
+    let train_with = |out: &str, extra: &[&str]| {
+        let args = train_args(dir.path(), &dir.path().join(out).to_string_lossy(), extra);
+        tevatron(dir.path(), &args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    fails_with(train_with("o5", &["--ddp_backend", "mpi"]), "supported are nccl");
+    let out =
+        train_with("o6", &["--ddp_backend", "nccl", "--nproc_per_node", "2", "--device", "cpu"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    fails_with(out, "the other ranks were stopped");
+    assert!(err.contains("--ddp_backend nccl: "), "{err}");
 }

@@ -71,13 +71,27 @@ impl Group {
         }
     }
 
-    /// Moves the group's tensors with NCCL when `device` is a GPU (every rank must call this
-    /// with its own GPU); a CPU device or a single rank keep the transport alone.
+    /// Moves the group's tensors with NCCL when `device` is a GPU (every rank calls this with
+    /// its own device). A CPU device, a single rank, or ranks sharing a GPU (which one NCCL
+    /// communicator cannot hold) keep the transport alone; [`Group::uses_nccl`] says which.
     #[cfg(feature = "nccl")]
     pub fn with_nccl(mut self, device: &Device) -> Result<Self> {
-        if let (Some(t), true) = (&self.transport, device.is_cuda()) {
-            self.nccl = Some(Arc::new(nccl::Nccl::connect(t.as_ref(), device)?));
+        let Some(t) = &self.transport else { return Ok(self) };
+        if !device.is_cuda() {
+            return Ok(self);
         }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let visible = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_default();
+        let me = format!("{}/{visible}/{:?}", host.trim(), device.location());
+        let all = t.all_gather_bytes(me.as_bytes())?;
+        let distinct: std::collections::HashSet<&Vec<u8>> = all.iter().collect();
+        if distinct.len() < all.len() {
+            if t.rank() == 0 {
+                tracing::warn!("several ranks share a GPU, which NCCL cannot do: using TCP");
+            }
+            return Ok(self);
+        }
+        self.nccl = Some(Arc::new(nccl::Nccl::connect(t.as_ref(), device)?));
         Ok(self)
     }
 

@@ -63,6 +63,9 @@ fn check(a: &TrainArgs) -> Result<()> {
     if a.max_steps <= 0 && a.num_train_epochs <= 0.0 {
         bail!("give --num_train_epochs > 0 or --max_steps > 0");
     }
+    if let Some(b) = a.ddp_backend.as_deref().filter(|b| !["nccl", "gloo"].contains(b)) {
+        bail!("--ddp_backend {b:?}: supported are nccl (GPU ranks) and gloo (TCP, any device)");
+    }
     if let Some(attn) = &a.attn_implementation {
         if !["eager", "sdpa", "flash_attention_2"].contains(&attn.as_str()) {
             bail!("--attn_implementation {attn:?}: expected eager, sdpa or flash_attention_2");
@@ -123,6 +126,28 @@ fn join_group(a: &TrainArgs) -> Result<Group> {
         rv.master_port
     );
     Ok(Group::new(Arc::new(TcpTransport::connect(&rv)?)))
+}
+
+/// `--ddp_backend`: NCCL for GPU ranks when the binary has it (unless `gloo` is asked for),
+/// else the TCP transport; `nccl` that cannot be honoured is refused.
+fn choose_backend(a: &TrainArgs, group: Group, device: &candle_core::Device) -> Result<Group> {
+    let want = a.ddp_backend.as_deref();
+    if want == Some("gloo") || group.world_size() == 1 {
+        return Ok(group);
+    }
+    #[cfg(feature = "nccl")]
+    let group = group.with_nccl(device)?;
+    if want == Some("nccl") && !group.uses_nccl() {
+        let why = if !cfg!(feature = "nccl") {
+            "this binary was built without NCCL (scripts/build-cuda.sh builds it)"
+        } else if device.is_cpu() {
+            "the ranks run on the CPU"
+        } else {
+            "several ranks share a GPU"
+        };
+        bail!("--ddp_backend nccl: {why}; use --ddp_backend gloo");
+    }
+    Ok(group)
 }
 
 /// The rank on this machine: LOCAL_RANK, else `--local_rank`, else 0.
@@ -218,8 +243,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         spec => spec.map(str::to_string),
     };
     let device = tevatron_model::device::select(device_spec.as_deref())?;
-    #[cfg(feature = "nccl")]
-    let group = group.with_nccl(&device)?;
+    let group = choose_backend(a, group, &device)?;
     if group.world_size() > 1 {
         let how = if group.uses_nccl() { "NCCL" } else { "TCP through rank 0" };
         tracing::info!(
