@@ -357,12 +357,12 @@ mod nccl {
 
         /// Every rank's rows of `x` (F32, `(n, d)`, contiguous), in rank order.
         pub fn all_gather(&self, x: &Tensor) -> Result<Tensor> {
-            Ok(x.apply_op1_no_bwd(&AllGather(self))?)
+            Ok(x.apply_op1_no_bwd(&Collective(self, Kind::AllGather))?)
         }
 
         /// The element-wise sum over ranks of `x` (F32).
         pub fn all_reduce(&self, x: &Tensor) -> Result<Tensor> {
-            Ok(x.apply_op1_no_bwd(&AllReduce(self))?)
+            Ok(x.apply_op1_no_bwd(&Collective(self, Kind::AllReduce))?)
         }
 
         fn comm(&self) -> candle_core::Result<std::sync::MutexGuard<'_, Comm>> {
@@ -372,30 +372,26 @@ mod nccl {
         }
     }
 
-    struct AllGather<'a>(&'a Nccl);
-    struct AllReduce<'a>(&'a Nccl);
-
-    fn cuda_only<T>() -> candle_core::Result<T> {
-        candle_core::bail!("NCCL collectives take CUDA tensors only")
+    /// Which collective a [`Collective`] op runs.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Kind {
+        AllGather,
+        AllReduce,
     }
 
-    fn input<'s>(
-        s: &'s CudaStorage,
-        l: &Layout,
-    ) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaView<'s, f32>> {
-        let (start, end) = l
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("NCCL needs a contiguous tensor".into()))?;
-        Ok(s.as_cuda_slice::<f32>()?.slice(start..end))
-    }
+    /// One NCCL collective as a candle op (no backward: its inputs are detached).
+    struct Collective<'a>(&'a Nccl, Kind);
 
-    impl CustomOp1 for AllGather<'_> {
+    impl CustomOp1 for Collective<'_> {
         fn name(&self) -> &'static str {
-            "nccl-all-gather"
+            match self.1 {
+                Kind::AllGather => "nccl-all-gather",
+                Kind::AllReduce => "nccl-all-reduce",
+            }
         }
 
         fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-            cuda_only()
+            candle_core::bail!("NCCL collectives take CUDA tensors only")
         }
 
         fn cuda_fwd(
@@ -403,43 +399,24 @@ mod nccl {
             s: &CudaStorage,
             l: &Layout,
         ) -> candle_core::Result<(CudaStorage, Shape)> {
-            let src = input(s, l)?;
+            let (start, end) = l
+                .contiguous_offsets()
+                .ok_or_else(|| candle_core::Error::Msg("NCCL needs a contiguous tensor".into()))?;
+            let src = s.as_cuda_slice::<f32>()?.slice(start..end);
             let dev = s.device().clone();
-            // SAFETY: the all-gather writes every element before anything reads it.
-            let mut dst = unsafe { dev.alloc::<f32>(l.shape().elem_count() * self.0.world) }?;
-            self.0
-                .comm()?
-                .all_gather(&src, &mut dst)
-                .map_err(|e| candle_core::Error::Msg(format!("NCCL all-gather: {e:?}")))?;
             let mut dims = l.shape().dims().to_vec();
-            dims[0] *= self.0.world;
+            if self.1 == Kind::AllGather {
+                dims[0] *= self.0.world;
+            }
+            // SAFETY: the collective writes every element before anything reads it.
+            let mut dst = unsafe { dev.alloc::<f32>(dims.iter().product()) }?;
+            let comm = self.0.comm()?;
+            match self.1 {
+                Kind::AllGather => comm.all_gather(&src, &mut dst),
+                Kind::AllReduce => comm.all_reduce(&src, &mut dst, &ReduceOp::Sum),
+            }
+            .map_err(|e| candle_core::Error::Msg(format!("{}: {e:?}", self.name())))?;
             Ok((CudaStorage::wrap_cuda_slice(dst, dev), Shape::from(dims)))
-        }
-    }
-
-    impl CustomOp1 for AllReduce<'_> {
-        fn name(&self) -> &'static str {
-            "nccl-all-reduce"
-        }
-
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-            cuda_only()
-        }
-
-        fn cuda_fwd(
-            &self,
-            s: &CudaStorage,
-            l: &Layout,
-        ) -> candle_core::Result<(CudaStorage, Shape)> {
-            let src = input(s, l)?;
-            let dev = s.device().clone();
-            // SAFETY: the all-reduce writes every element before anything reads it.
-            let mut dst = unsafe { dev.alloc::<f32>(l.shape().elem_count()) }?;
-            self.0
-                .comm()?
-                .all_reduce(&src, &mut dst, &ReduceOp::Sum)
-                .map_err(|e| candle_core::Error::Msg(format!("NCCL all-reduce: {e:?}")))?;
-            Ok((CudaStorage::wrap_cuda_slice(dst, dev), l.shape().clone()))
         }
     }
 }
