@@ -13,7 +13,7 @@
 //! bit-identical gradients and their weights never drift apart.
 //!
 //! With the `nccl` feature, GPU ranks move representations and gradients with NCCL instead
-//! ([`Group::with_nccl`]); the TCP transport then only carries the rendezvous and small
+//! (`Group::with_nccl`); the TCP transport then only carries the rendezvous and small
 //! control messages.
 
 use std::io::{Read, Write};
