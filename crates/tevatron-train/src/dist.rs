@@ -142,28 +142,11 @@ impl Group {
     /// kept). Ranks may hold different numbers of rows.
     pub fn gather_rows(&self, local: &Tensor) -> Result<Tensor> {
         let Some(t) = &self.transport else { return Ok(local.clone()) };
-        let (rows, width) = local.dims2()?;
+        let (_, width) = local.dims2()?;
         #[cfg(feature = "nccl")]
-        if let Some(nccl) = self.nccl.as_ref().filter(|_| local.device().is_cuda()) {
-            // NCCL's all-gather needs equal parts (the trainer's slices always are).
-            let counts = t.all_gather_bytes(&(rows as u64).to_le_bytes())?;
-            if counts.iter().all(|c| c == &counts[t.rank()]) {
-                let all = nccl
-                    .all_gather(&local.detach().to_dtype(DType::F32)?.contiguous()?)?
-                    .to_dtype(local.dtype())?;
-                let parts = (0..t.world_size())
-                    .map(|r| {
-                        if r == t.rank() {
-                            Ok(local.clone())
-                        } else {
-                            all.narrow(0, r * rows, rows)
-                        }
-                    })
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                return Ok(Tensor::cat(&parts, 0)?);
-            }
+        if let Some(all) = self.gather_rows_nccl(t.as_ref(), local)? {
+            return Ok(all);
         }
-        let _ = rows;
         let wire = Wire::of(&[local]);
         let parts = t.all_gather_bytes(&wire.encode(&local.detach())?)?;
         let mut rows = Vec::with_capacity(parts.len());
@@ -187,6 +170,27 @@ impl Group {
             );
         }
         Ok(Tensor::cat(&rows, 0)?)
+    }
+
+    /// [`Group::gather_rows`] by NCCL, for GPU tensors of equal row counts on every rank (the
+    /// trainer's slices always are); `None` where NCCL does not apply.
+    #[cfg(feature = "nccl")]
+    fn gather_rows_nccl(&self, t: &dyn Transport, local: &Tensor) -> Result<Option<Tensor>> {
+        let Some(nccl) = self.nccl.as_ref().filter(|_| local.device().is_cuda()) else {
+            return Ok(None);
+        };
+        let rows = local.dim(0)?;
+        let counts = t.all_gather_bytes(&(rows as u64).to_le_bytes())?;
+        if counts.iter().any(|c| c != &counts[t.rank()]) {
+            return Ok(None);
+        }
+        let all = nccl
+            .all_gather(&local.detach().to_dtype(DType::F32)?.contiguous()?)?
+            .to_dtype(local.dtype())?;
+        let parts = (0..t.world_size())
+            .map(|r| if r == t.rank() { Ok(local.clone()) } else { all.narrow(0, r * rows, rows) })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Some(Tensor::cat(&parts, 0)?))
     }
 
     /// The sum over ranks of each tensor (DDP's all-reduce before its division by the world
