@@ -110,6 +110,19 @@ impl TopK {
         }
     }
 
+    /// Offers one query's scores of rows `start..start + row.len()`, skipping without a heap
+    /// operation every score below the current floor.
+    #[inline]
+    fn push_row(&mut self, row: &[f32], start: usize, ids: &Ids) {
+        let mut floor = self.floor();
+        for (j, &s) in row.iter().enumerate() {
+            if s >= floor {
+                self.push(s, (start + j) as u32, ids);
+                floor = self.floor();
+            }
+        }
+    }
+
     /// Score below which nothing can enter (NEG_INFINITY until full).
     #[inline]
     fn floor(&self) -> f32 {
@@ -214,14 +227,7 @@ pub fn search_shard(
                             );
                         }
                         for (q, heap) in heaps[q0..q0 + mq].iter_mut().enumerate() {
-                            let row = &scores[q * nb..(q + 1) * nb];
-                            let mut floor = heap.floor();
-                            for (j, &s) in row.iter().enumerate() {
-                                if s >= floor {
-                                    heap.push(s, (start + j) as u32, ids);
-                                    floor = heap.floor();
-                                }
-                            }
+                            heap.push_row(&scores[q * nb..(q + 1) * nb], start, ids);
                         }
                     }
                 }
@@ -283,15 +289,10 @@ pub fn top_k_of_blocks(
                 scores.len()
             )));
         }
-        heaps.par_iter_mut().zip(scores.par_chunks(len.max(1))).for_each(|(heap, row)| {
-            let mut floor = heap.floor();
-            for (j, &s) in row.iter().enumerate() {
-                if s >= floor {
-                    heap.push(s, (start + j) as u32, ids);
-                    floor = heap.floor();
-                }
-            }
-        });
+        heaps
+            .par_iter_mut()
+            .zip(scores.par_chunks(len.max(1)))
+            .for_each(|(heap, row)| heap.push_row(row, start, ids));
     }
     Ok(heaps.into_iter().map(|heap| best_first(heap, ids)).collect())
 }
