@@ -12,9 +12,9 @@ use crate::rng::SplitMix64;
 /// Layer normalisation over the last dimension, with HF weight names `weight`/`bias`.
 #[derive(Clone, Debug)]
 pub struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
+    pub(super) weight: Tensor,
+    pub(super) bias: Tensor,
+    pub(super) eps: f64,
 }
 
 impl LayerNorm {
@@ -134,9 +134,9 @@ pub fn dropout(x: &Tensor, p: f64, mode: Mode) -> Result<Tensor> {
 /// `Linear` broadcasts the weight per row); every op used has a backward.
 #[derive(Clone, Debug)]
 pub struct Linear {
-    weight: Tensor,
-    bias: Option<Tensor>,
-    lora: Option<LoraWeights>,
+    pub(super) weight: Tensor,
+    pub(super) bias: Option<Tensor>,
+    pub(super) lora: Option<LoraWeights>,
 }
 
 impl Linear {

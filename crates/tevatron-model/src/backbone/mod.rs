@@ -3,6 +3,7 @@
 //! hidden states only; pooling and loss live outside them.
 
 pub mod bert;
+mod cpu_encoder;
 pub mod distilbert;
 mod fast;
 pub mod layers;

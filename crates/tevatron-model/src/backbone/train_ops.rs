@@ -10,7 +10,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::fast::{contiguous_f32, erf, exp, lanes_reduce, CHUNK};
+use super::fast::{contiguous_f32, erf, exp, lanes_reduce, lanes_reduce_sq, CHUNK};
 
 /// Whether the fused kernels apply (F32 on CPU), the same rule as the inference kernels'.
 pub use super::fast::applies;
@@ -342,18 +342,6 @@ struct RmsNormGrad {
 fn rms_rstd(x: &[f32], eps: f32) -> f32 {
     let ms = lanes_reduce_sq(x) / x.len() as f32;
     1.0 / (ms + eps).sqrt()
-}
-
-fn lanes_reduce_sq(x: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let mut chunks = x.chunks_exact(8);
-    for c in &mut chunks {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            *a += v * v;
-        }
-    }
-    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
-    acc.iter().sum::<f32>() + tail
 }
 
 impl CustomOp2 for RmsNormOp {
