@@ -6,7 +6,7 @@ use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
-use super::cpu_encoder::PostNormLayer;
+use super::cpu_infer::PostNormLayer;
 use super::layers::{self, Activation, LayerNorm, Linear, Linears};
 use super::{Backbone, Mode};
 use crate::collate::Batch;

@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
+use super::cpu_infer::{DecoderLayer, Heads, RmsNormRef};
 use super::layers::{self, Activation, Linear, Linears};
 use super::{Backbone, Mode};
 use crate::collate::Batch;
@@ -151,6 +152,10 @@ struct RmsNorm {
 impl RmsNorm {
     fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
         Ok(Self { weight: vb.get(size, "weight")?, eps })
+    }
+
+    fn as_ref(&self) -> RmsNormRef<'_> {
+        RmsNormRef { weight: &self.weight, eps: self.eps }
     }
 
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
@@ -392,6 +397,26 @@ impl Layer {
     ) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let (heads, kv, d) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
+        if mode == Mode::Eval {
+            let fast = DecoderLayer {
+                q: &self.q,
+                k: &self.k,
+                v: &self.v,
+                o: &self.o,
+                q_norm: self.q_norm.as_ref().map(RmsNorm::as_ref),
+                k_norm: self.k_norm.as_ref().map(RmsNorm::as_ref),
+                gate: &self.gate,
+                up: &self.up,
+                down: &self.down,
+                input_norm: self.input_norm.as_ref(),
+                post_norm: self.post_norm.as_ref(),
+                act: cfg.hidden_act,
+                heads: Heads { query: heads, kv, dim: d },
+            };
+            if fast.applies(x, bias, cos, sin) {
+                return fast.forward(x, bias, cos, sin);
+            }
+        }
         let h = self.input_norm.forward(x, mode)?;
         let split = |t: Tensor, n: usize| t.reshape((b, l, n, d));
         let mut q = split(self.q.forward(&h, mode)?, heads)?;

@@ -3,7 +3,7 @@
 //! hidden states only; pooling and loss live outside them.
 
 pub mod bert;
-mod cpu_encoder;
+mod cpu_infer;
 pub mod distilbert;
 mod fast;
 pub mod layers;

@@ -1,14 +1,15 @@
-//! The post-norm encoder layer of BERT, RoBERTa, XLM-RoBERTa and DistilBERT for inference on
-//! the CPU in F32, computed on raw buffers instead of candle ops.
+//! Transformer layers for inference on the CPU in F32, computed on raw buffers instead of
+//! candle ops: the post-norm encoder layer of BERT, RoBERTa, XLM-RoBERTa and DistilBERT, and the
+//! pre-norm decoder layer of Llama, Mistral, Qwen2 and Qwen3.
 //!
 //! Why it exists: composed from candle ops, a MiniLM layer spent about 40% of `encode`'s time
 //! outside its matrix products (broadcast bias and residual adds, copies that split and merge
 //! heads, one small batched product per head, single-threaded strided copies), and left one of
 //! two cores idle a quarter of the time. Here each projection is one multithreaded `gemm` whose
 //! output starts as the bias; attention runs one task per (sequence, head), reading Q, K and V in
-//! place through strides and writing its slice of the context in place; the residual add is
-//! fused into LayerNorm and the activation runs in place. Only `Mode::Eval` takes this path;
-//! training keeps the differentiable ops.
+//! place through strides (grouped-query heads included) and writing its slice of the context in
+//! place; residual adds are fused into the norms, activations and rotary positions run in place.
+//! Only `Mode::Eval` takes this path; training keeps the differentiable ops.
 
 use candle_core::{CpuStorage, Device, Result, Storage, StorageRef, Tensor};
 use gemm::{gemm, Parallelism};
@@ -32,22 +33,26 @@ pub(super) struct PostNormLayer<'a> {
     pub heads: usize,
 }
 
-impl PostNormLayer<'_> {
-    fn linears(&self) -> [&Linear; 6] {
-        [self.query, self.key, self.value, self.attn_out, self.up, self.down]
-    }
+/// Whether `t` is contiguous F32 on the CPU (what this module reads).
+fn plain(t: &Tensor) -> bool {
+    Data::of(t).is_ok()
+}
 
+/// Whether a linear layer can run here: plain weights (and bias, if any), no unmerged adapter.
+fn plain_linear(lin: &Linear) -> bool {
+    lin.lora.is_none() && plain(&lin.weight) && lin.bias.as_ref().is_none_or(plain)
+}
+
+impl PostNormLayer<'_> {
     /// Whether this path can run the layer on `x` with attention bias `bias`: F32 on the CPU,
     /// plain weights with biases (no unmerged LoRA adapter), and a padding-only bias `(b,1,1,l)`.
     pub fn applies(&self, x: &Tensor, bias: &Tensor) -> bool {
-        let plain = |t: &Tensor| Data::of(t).is_ok();
         let Ok((b, l, _)) = x.dims3() else { return false };
+        let linears = [self.query, self.key, self.value, self.attn_out, self.up, self.down];
         plain(x)
             && plain(bias)
             && bias.elem_count() == b * l
-            && self.linears().iter().all(|lin| {
-                lin.lora.is_none() && plain(&lin.weight) && lin.bias.as_ref().is_some_and(plain)
-            })
+            && linears.iter().all(|lin| plain_linear(lin) && lin.bias.is_some())
             && [self.attn_norm, self.out_norm].iter().all(|n| plain(&n.weight) && plain(&n.bias))
     }
 
@@ -65,7 +70,8 @@ impl PostNormLayer<'_> {
         let k = linear(x, rows, self.key)?;
         let v = linear(x, rows, self.value)?;
         let mask = Data::of(bias)?;
-        let ctx = attention(&q, &k, &v, mask.slice(), (b, l, h), self.heads);
+        let heads = Heads { query: self.heads, kv: self.heads, dim: h / self.heads };
+        let ctx = attention(&q, &k, &v, mask.slice(), (b, l), heads)?;
         drop((q, k, v));
         let mut a = linear(&ctx, rows, self.attn_out)?;
         drop(ctx);
@@ -80,6 +86,102 @@ impl PostNormLayer<'_> {
     }
 }
 
+/// An RMSNorm's weight and epsilon: `x / sqrt(mean(x^2) + eps) * weight`.
+pub(super) struct RmsNormRef<'a> {
+    pub weight: &'a Tensor,
+    pub eps: f64,
+}
+
+/// The weights of one pre-norm decoder layer (Llama family), borrowed from the backbone:
+/// `x1 = x + O(attn(rope(Q n1(x)), rope(K n1(x)), V n1(x)))`,
+/// `out = x1 + down(act(gate(n2(x1))) * up(n2(x1)))`; Qwen3 also norms each head of Q and K.
+pub(super) struct DecoderLayer<'a> {
+    pub q: &'a Linear,
+    pub k: &'a Linear,
+    pub v: &'a Linear,
+    pub o: &'a Linear,
+    pub q_norm: Option<RmsNormRef<'a>>,
+    pub k_norm: Option<RmsNormRef<'a>>,
+    pub gate: &'a Linear,
+    pub up: &'a Linear,
+    pub down: &'a Linear,
+    pub input_norm: RmsNormRef<'a>,
+    pub post_norm: RmsNormRef<'a>,
+    pub act: Activation,
+    pub heads: Heads,
+}
+
+impl DecoderLayer<'_> {
+    /// Whether this path can run the layer on `x` with the attention bias `(b, 1, l, l)` and
+    /// rotary tables `(l, head_dim)`: all F32 on the CPU, no unmerged LoRA adapter.
+    pub fn applies(&self, x: &Tensor, bias: &Tensor, cos: &Tensor, sin: &Tensor) -> bool {
+        let Ok((b, l, _)) = x.dims3() else { return false };
+        let linears = [self.q, self.k, self.v, self.o, self.gate, self.up, self.down];
+        let norms = [Some(&self.input_norm), Some(&self.post_norm)];
+        let head_norms = [self.q_norm.as_ref(), self.k_norm.as_ref()];
+        plain(x)
+            && plain(bias)
+            && bias.elem_count() == b * l * l
+            && plain(cos)
+            && plain(sin)
+            && cos.elem_count() == l * self.heads.dim
+            && sin.elem_count() == l * self.heads.dim
+            && linears.iter().all(|lin| plain_linear(lin))
+            && norms.iter().chain(&head_norms).flatten().all(|n| plain(n.weight))
+    }
+
+    /// Runs the layer. Call only where [`DecoderLayer::applies`] holds.
+    pub fn forward(&self, x: &Tensor, bias: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let (b, l, h) = x.dims3()?;
+        let rows = b * l;
+        let Heads { query, kv, dim } = self.heads;
+        if kv == 0 || !query.is_multiple_of(kv) {
+            candle_core::bail!("{query} query heads are not a multiple of {kv} key/value heads");
+        }
+        let xd = Data::of(x)?;
+        let x = xd.slice();
+        let normed = rms_norm(x, h, &self.input_norm)?;
+        let mut q = linear(&normed, rows, self.q)?;
+        let mut k = linear(&normed, rows, self.k)?;
+        let v = linear(&normed, rows, self.v)?;
+        drop(normed);
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = rms_norm(&q, dim, qn)?;
+            k = rms_norm(&k, dim, kn)?;
+        }
+        let (cd, sd) = (Data::of(cos)?, Data::of(sin)?);
+        rotate(&mut q, query * dim, l, dim, cd.slice(), sd.slice());
+        rotate(&mut k, kv * dim, l, dim, cd.slice(), sd.slice());
+        let mask = Data::of(bias)?;
+        let ctx = attention(&q, &k, &v, mask.slice(), (b, l), self.heads)?;
+        drop((q, k, v));
+        let mut x1 = linear(&ctx, rows, self.o)?;
+        drop(ctx);
+        add_in_place(&mut x1, x);
+        drop(xd);
+        let normed = rms_norm(&x1, h, &self.post_norm)?;
+        let mut gate = linear(&normed, rows, self.gate)?;
+        let up = linear(&normed, rows, self.up)?;
+        drop(normed);
+        activate(&mut gate, self.act);
+        gate.par_chunks_mut(CHUNK).zip(up.par_chunks(CHUNK)).for_each(|(g, u)| {
+            g.iter_mut().zip(u).for_each(|(g, u)| *g *= u);
+        });
+        drop(up);
+        let mut out = linear(&gate, rows, self.down)?;
+        add_in_place(&mut out, &x1);
+        Tensor::from_vec(out, (b, l, h), &Device::Cpu)
+    }
+}
+
+/// Head counts and width: `query` heads share `kv` key/value heads (grouped-query attention).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Heads {
+    pub query: usize,
+    pub kv: usize,
+    pub dim: usize,
+}
+
 /// A tensor's F32 values on the CPU, borrowed from its storage; contiguous only.
 struct Data<'a> {
     guard: StorageRef<'a>,
@@ -90,10 +192,10 @@ impl<'a> Data<'a> {
     fn of(t: &'a Tensor) -> Result<Self> {
         let (guard, layout) = t.storage_and_layout();
         let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("cpu encoder: tensor is not contiguous")
+            candle_core::bail!("cpu inference: tensor is not contiguous")
         };
         if !matches!(&*guard, Storage::Cpu(CpuStorage::F32(_))) {
-            candle_core::bail!("cpu encoder: tensor is not F32 on the CPU")
+            candle_core::bail!("cpu inference: tensor is not F32 on the CPU")
         }
         Ok(Self { guard, range: start..end })
     }
@@ -107,23 +209,28 @@ impl<'a> Data<'a> {
     }
 }
 
-/// `x W^T + b` for `rows` rows: the output starts as the bias and one multithreaded gemm adds
-/// the product to it.
+/// `x W^T (+ b)` for `rows` rows: the output starts as the bias (or zero) and one multithreaded
+/// gemm adds the product to it.
 fn linear(x: &[f32], rows: usize, lin: &Linear) -> Result<Vec<f32>> {
     let (out_dim, in_dim) = lin.weight.dims2()?;
     let wd = Data::of(&lin.weight)?;
     let w = wd.slice();
-    let Some(bias) = &lin.bias else { candle_core::bail!("cpu encoder: linear without bias") };
-    let bd = Data::of(bias)?;
-    let bias = bd.slice();
-    if x.len() != rows * in_dim || w.len() != out_dim * in_dim || bias.len() != out_dim {
-        candle_core::bail!("cpu encoder: linear shapes do not match");
+    let bd = lin.bias.as_ref().map(Data::of).transpose()?;
+    let bias = bd.as_ref().map(Data::slice);
+    if x.len() != rows * in_dim
+        || w.len() != out_dim * in_dim
+        || bias.is_some_and(|b| b.len() != out_dim)
+    {
+        candle_core::bail!("cpu inference: linear shapes do not match");
     }
     let mut y: Vec<f32> = Vec::with_capacity(rows * out_dim);
-    y.spare_capacity_mut()[..rows * out_dim].par_chunks_mut(out_dim).for_each(|row| {
-        for (o, &b) in row.iter_mut().zip(bias) {
+    y.spare_capacity_mut()[..rows * out_dim].par_chunks_mut(out_dim).for_each(|row| match bias {
+        Some(bias) => row.iter_mut().zip(bias).for_each(|(o, &b)| {
             o.write(b);
-        }
+        }),
+        None => row.iter_mut().for_each(|o| {
+            o.write(0.0);
+        }),
     });
     // SAFETY: every row was written just above.
     unsafe { y.set_len(rows * out_dim) };
@@ -170,43 +277,56 @@ impl SharedOut {
     }
 }
 
-/// `softmax(q k^T / sqrt(d) + mask) v` for every sequence and head, one rayon task each.
-/// `q`, `k`, `v` are `(b*l, h)` row-major with head `j` in columns `j*d..(j+1)*d`; the context
-/// comes back in the same layout (the heads already merged).
+/// `softmax(q k^T / sqrt(d) + mask) v` for every sequence and query head, one rayon task each.
+/// `q` is `(b*l, query*dim)` and `k`, `v` are `(b*l, kv*dim)`, row-major, head `j` in columns
+/// `j*dim..(j+1)*dim`; query head `j` reads key/value head `j / (query/kv)`. `mask` is
+/// additive, either per key `(b, l)` (padding) or per query and key `(b, l, l)` (causal).
+/// The context comes back as `(b*l, query*dim)`, the heads already merged.
 fn attention(
     q: &[f32],
     k: &[f32],
     v: &[f32],
     mask: &[f32],
-    (b, l, h): (usize, usize, usize),
-    heads: usize,
-) -> Vec<f32> {
-    let d = h / heads;
-    let scale = 1.0 / (d as f32).sqrt();
-    let mut ctx = vec![0f32; b * l * h];
+    (b, l): (usize, usize),
+    heads: Heads,
+) -> Result<Vec<f32>> {
+    let Heads { query, kv, dim } = heads;
+    let (qw, kw) = (query * dim, kv * dim);
+    let mask_row_stride = match mask.len() {
+        n if n == b * l => 0,
+        n if n == b * l * l => l,
+        n => candle_core::bail!("cpu inference: attention mask of {n} values for {b} x {l}"),
+    };
+    if q.len() != b * l * qw || k.len() != b * l * kw || v.len() != k.len() {
+        candle_core::bail!("cpu inference: attention shapes do not match");
+    }
+    let group = query / kv;
+    let scale = 1.0 / (dim as f32).sqrt();
+    let mut ctx = vec![0f32; b * l * qw];
     let out = SharedOut(ctx.as_mut_ptr());
-    (0..b * heads).into_par_iter().for_each_init(
+    (0..b * query).into_par_iter().for_each_init(
         || vec![0f32; l * l],
         |scores, task| {
-            let (seq, head) = (task / heads, task % heads);
-            let base = seq * l * h + head * d;
-            // SAFETY: q/k/v hold b*l rows of h; rows seq*l..(seq+1)*l and columns
-            // head*d..(head+1)*d are in bounds. scores is l x l. Each task writes only its own
+            let (seq, head) = (task / query, task % query);
+            let q_at = seq * l * qw + head * dim;
+            let kv_at = seq * l * kw + (head / group) * dim;
+            // SAFETY: rows seq*l..(seq+1)*l and the head's dim columns are within q, k and v
+            // (lengths checked above); scores is l x l. Each task writes only its own
             // (sequence, head) block of ctx, so writes never overlap.
             unsafe {
                 gemm(
                     l,
                     l,
-                    d,
+                    dim,
                     scores.as_mut_ptr(),
                     1,
                     l as isize,
                     false,
-                    q.as_ptr().add(base),
+                    q.as_ptr().add(q_at),
                     1,
-                    h as isize,
-                    k.as_ptr().add(base),
-                    h as isize,
+                    qw as isize,
+                    k.as_ptr().add(kv_at),
+                    kw as isize,
                     1,
                     0.0,
                     scale,
@@ -216,23 +336,24 @@ fn attention(
                     Parallelism::None,
                 );
             }
-            softmax_rows(scores, &mask[seq * l..(seq + 1) * l]);
-            // SAFETY: as above; the destination block is rows seq*l.. of ctx, columns of `head`.
+            let block = seq * l * mask_row_stride.max(1);
+            softmax_rows(scores, &mask[block..], l, mask_row_stride);
+            // SAFETY: as above; the destination is rows seq*l.. of ctx, the head's columns.
             unsafe {
                 gemm(
                     l,
-                    d,
+                    dim,
                     l,
-                    out.ptr().add(base),
+                    out.ptr().add(q_at),
                     1,
-                    h as isize,
+                    qw as isize,
                     false,
                     scores.as_ptr(),
                     1,
                     l as isize,
-                    v.as_ptr().add(base),
+                    v.as_ptr().add(kv_at),
                     1,
-                    h as isize,
+                    kw as isize,
                     0.0,
                     1.0,
                     false,
@@ -243,29 +364,31 @@ fn attention(
             }
         },
     );
-    ctx
+    Ok(ctx)
 }
 
-/// `softmax(row + keys)` for each row of `scores` (rows as long as `keys`), in place; compiled
-/// for AVX-512 when the CPU has it (the portable build's SSE code took 9% of encode time).
-fn softmax_rows(scores: &mut [f32], keys: &[f32]) {
+/// `softmax(row + mask row)` for each row of `scores` (rows of `l`), in place; mask row `i`
+/// starts at `i * mask_row_stride` (0: one mask for all rows). Compiled for AVX-512 when the CPU
+/// has it (the portable build's SSE code took 9% of encode time).
+fn softmax_rows(scores: &mut [f32], mask: &[f32], l: usize, mask_row_stride: usize) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512F, checked just above.
-        return unsafe { softmax_rows_avx512(scores, keys) };
+        return unsafe { softmax_rows_avx512(scores, mask, l, mask_row_stride) };
     }
-    softmax_rows_portable(scores, keys)
+    softmax_rows_portable(scores, mask, l, mask_row_stride)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn softmax_rows_avx512(scores: &mut [f32], keys: &[f32]) {
-    softmax_rows_portable(scores, keys)
+unsafe fn softmax_rows_avx512(scores: &mut [f32], mask: &[f32], l: usize, stride: usize) {
+    softmax_rows_portable(scores, mask, l, stride)
 }
 
 #[inline(always)]
-fn softmax_rows_portable(scores: &mut [f32], keys: &[f32]) {
-    for row in scores.chunks_mut(keys.len()) {
+fn softmax_rows_portable(scores: &mut [f32], mask: &[f32], l: usize, stride: usize) {
+    for (i, row) in scores.chunks_mut(l).enumerate() {
+        let keys = &mask[i * stride..i * stride + l];
         for (s, &m) in row.iter_mut().zip(keys) {
             *s += m;
         }
@@ -284,7 +407,7 @@ fn add_layer_norm(y: &mut [f32], residual: &[f32], h: usize, norm: &LayerNorm) -
     let bd = Data::of(&norm.bias)?;
     let (w, b) = (wd.slice(), bd.slice());
     if y.len() != residual.len() || w.len() != h || b.len() != h {
-        candle_core::bail!("cpu encoder: layer norm shapes do not match");
+        candle_core::bail!("cpu inference: layer norm shapes do not match");
     }
     let eps = norm.eps as f32;
     let rows_per_task = (CHUNK / h).max(1) * h;
@@ -303,6 +426,54 @@ fn add_layer_norm(y: &mut [f32], residual: &[f32], h: usize, norm: &LayerNorm) -
     Ok(())
 }
 
+/// RMSNorm of each `width`-long row of `x` (a hidden state, or one head of Q or K) into a new
+/// buffer.
+fn rms_norm(x: &[f32], width: usize, norm: &RmsNormRef) -> Result<Vec<f32>> {
+    let wd = Data::of(norm.weight)?;
+    let w = wd.slice();
+    if w.len() != width || !x.len().is_multiple_of(width) {
+        candle_core::bail!("cpu inference: rms norm shapes do not match");
+    }
+    let eps = norm.eps as f32;
+    let mut y = vec![0f32; x.len()];
+    let rows_per_task = (CHUNK / width).max(1) * width;
+    y.par_chunks_mut(rows_per_task).zip(x.par_chunks(rows_per_task)).for_each(|(y, x)| {
+        for (y, x) in y.chunks_mut(width).zip(x.chunks(width)) {
+            let rstd = 1.0 / (lanes_reduce_sq(x) / width as f32 + eps).sqrt();
+            for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+                *y = w * (x * rstd);
+            }
+        }
+    });
+    Ok(y)
+}
+
+/// Rotary positions in place over `x` `(b*l, width)` (heads of `dim` side by side): row `r`
+/// has position `r % l`, and each head becomes `x * cos + rotate_half(x) * sin` with
+/// `cos`/`sin` `(l, dim)` in HF's layout (each half of the frequencies repeated).
+fn rotate(x: &mut [f32], width: usize, l: usize, dim: usize, cos: &[f32], sin: &[f32]) {
+    let half = dim / 2;
+    x.par_chunks_mut(width).enumerate().for_each(|(r, row)| {
+        let pos = r % l;
+        let (c, s) = (&cos[pos * dim..(pos + 1) * dim], &sin[pos * dim..(pos + 1) * dim]);
+        for head in row.chunks_mut(dim) {
+            let (x1, x2) = head.split_at_mut(half);
+            for j in 0..half {
+                let (a, b) = (x1[j], x2[j]);
+                x1[j] = a * c[j] - b * s[j];
+                x2[j] = b * c[half + j] + a * s[half + j];
+            }
+        }
+    });
+}
+
+/// `y += x`, in place.
+fn add_in_place(y: &mut [f32], x: &[f32]) {
+    y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
+        y.iter_mut().zip(x).for_each(|(y, x)| *y += x);
+    });
+}
+
 /// The feed-forward activation, in place.
 fn activate(x: &mut [f32], act: Activation) {
     // One monomorphised loop per activation, so each inlines and vectorises.
@@ -310,7 +481,9 @@ fn activate(x: &mut [f32], act: Activation) {
         x.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v = f(*v)));
     }
     match act {
-        Activation::Gelu => each(x, |v| 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2))),
+        Activation::Gelu => {
+            each(x, |v| 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2)))
+        }
         Activation::GeluNew => each(x, |v| {
             let c = (2.0 / std::f32::consts::PI).sqrt();
             0.5 * v * (1.0 + (c * (v + 0.044_715 * v * v * v)).tanh())
