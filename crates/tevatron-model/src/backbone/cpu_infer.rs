@@ -209,34 +209,44 @@ impl<'a> Data<'a> {
     }
 }
 
-/// `x W^T (+ b)` for `rows` rows: the output starts as the bias (or zero) and one multithreaded
-/// gemm adds the product to it.
+/// `x W^T (+ b)` for `rows` rows (see [`project`]).
 fn linear(x: &[f32], rows: usize, lin: &Linear) -> Result<Vec<f32>> {
-    let (out_dim, in_dim) = lin.weight.dims2()?;
-    let wd = Data::of(&lin.weight)?;
+    if x.len() != rows * lin.weight.dims2()?.1 {
+        candle_core::bail!("cpu inference: linear input does not match the weight");
+    }
+    project(x, &lin.weight, lin.bias.as_ref())
+}
+
+/// `x W^T (+ b)` over the rows of `x` (row-major, as wide as `weight` `(out, in)` is deep),
+/// all F32 on the CPU: the output starts as the bias (or zero) and one multithreaded gemm adds
+/// the product to it. Each output element is summed by one thread in a fixed order, so the
+/// result is the same bits on every run.
+pub(super) fn project(x: &[f32], weight: &Tensor, bias: Option<&Tensor>) -> Result<Vec<f32>> {
+    let (out_dim, in_dim) = weight.dims2()?;
+    let wd = Data::of(weight)?;
     let w = wd.slice();
-    let bd = lin.bias.as_ref().map(Data::of).transpose()?;
+    let bd = bias.map(Data::of).transpose()?;
     let bias = bd.as_ref().map(Data::slice);
-    if x.len() != rows * in_dim
-        || w.len() != out_dim * in_dim
-        || bias.is_some_and(|b| b.len() != out_dim)
-    {
+    if in_dim == 0 || !x.len().is_multiple_of(in_dim) || bias.is_some_and(|b| b.len() != out_dim) {
         candle_core::bail!("cpu inference: linear shapes do not match");
     }
+    let rows = x.len() / in_dim;
     let mut y: Vec<f32> = Vec::with_capacity(rows * out_dim);
-    y.spare_capacity_mut()[..rows * out_dim].par_chunks_mut(out_dim).for_each(|row| match bias {
-        Some(bias) => row.iter_mut().zip(bias).for_each(|(o, &b)| {
-            o.write(b);
-        }),
-        None => row.iter_mut().for_each(|o| {
-            o.write(0.0);
-        }),
+    y.spare_capacity_mut()[..rows * out_dim].par_chunks_mut(out_dim.max(1)).for_each(|row| {
+        match bias {
+            Some(bias) => row.iter_mut().zip(bias).for_each(|(o, &b)| {
+                o.write(b);
+            }),
+            None => row.iter_mut().for_each(|o| {
+                o.write(0.0);
+            }),
+        }
     });
     // SAFETY: every row was written just above.
     unsafe { y.set_len(rows * out_dim) };
     // SAFETY: y is rows x out_dim row-major, x is rows x in_dim row-major, and W^T is read from
-    // W (out_dim x in_dim row-major) with column stride in_dim and row stride 1; the lengths
-    // were checked above.
+    // W (out_dim x in_dim row-major, its length that of its contiguous layout) with column
+    // stride in_dim and row stride 1; the lengths were checked above.
     unsafe {
         gemm(
             rows,
@@ -481,9 +491,7 @@ fn activate(x: &mut [f32], act: Activation) {
         x.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v = f(*v)));
     }
     match act {
-        Activation::Gelu => {
-            each(x, |v| 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2)))
-        }
+        Activation::Gelu => each(x, |v| 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2))),
         Activation::GeluNew => each(x, |v| {
             let c = (2.0 / std::f32::consts::PI).sqrt();
             0.5 * v * (1.0 + (c * (v + 0.044_715 * v * v * v)).tanh())

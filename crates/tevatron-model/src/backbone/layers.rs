@@ -143,10 +143,14 @@ impl Linear {
     /// Applies the layer to `(..., in)`, giving `(..., out)`. `mode` switches the adapter's
     /// dropout on in training.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let (out_dim, in_dim) = self.weight.dims2()?;
+        let dims = x.dims();
+        let in_dim = self.weight.dim(1)?;
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, in_dim))?;
+        if self.frozen_on_cpu(&x2) {
+            let y = super::train_ops::frozen_linear(&x2, &self.weight, self.bias.as_ref())?;
+            return self.finish(x, x2, y, mode);
+        }
         let y = matmul(&x2, &self.weight.t()?)?;
         let y = match &self.bias {
             Some(b) if super::train_ops::applies(&y) && b.dtype() == y.dtype() && is_tracked(b) => {
@@ -155,6 +159,27 @@ impl Linear {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
+        self.finish(x, x2, y, mode)
+    }
+
+    /// Whether the projection takes the frozen-weight kernel: weight and bias frozen (not
+    /// trained, as a LoRA base model's are), everything F32 on the CPU, no autocast, and an
+    /// input that carries gradient (otherwise there is no backward to save).
+    fn frozen_on_cpu(&self, x: &Tensor) -> bool {
+        let f32_cpu = |t: &Tensor| super::train_ops::applies(t) && t.is_contiguous();
+        x.track_op()
+            && AUTOCAST.with(|c| c.get()).is_none()
+            && super::train_ops::applies(x)
+            && !is_tracked(&self.weight)
+            && f32_cpu(&self.weight)
+            && self.bias.as_ref().is_none_or(|b| !is_tracked(b) && f32_cpu(b))
+    }
+
+    /// Adds the LoRA update (if any) to the projection `y` of `x2` (`x` flattened to rows) and
+    /// restores `x`'s leading dimensions.
+    fn finish(&self, x: &Tensor, x2: Tensor, y: Tensor, mode: Mode) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let out_dim = self.weight.dim(0)?;
         let y = match &self.lora {
             Some(l) => {
                 let xa = dropout(&x2, l.dropout, mode)?;
