@@ -529,6 +529,37 @@ pub fn dropout(x: &Tensor, keep: Vec<u8>, scale: f32) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Dropout { keep: Arc::new(keep), scale })
 }
 
+/// `x W^T (+ b)` with a frozen weight and bias (a LoRA base model's projections): they are
+/// fields of the op, not inputs, so backward computes only the input gradient `dy W`. candle's
+/// matmul backward always computes the weight's gradient as well (a product as large as the
+/// forward, plus a gradient buffer per weight), wasted on weights that never train.
+struct FrozenLinear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "frozen-linear")?;
+        let (out_dim, in_dim) = self.weight.dims2()?;
+        let y = super::cpu_infer::project(x, &self.weight, self.bias.as_ref())?;
+        Ok((CpuStorage::F32(y), Shape::from((x.len() / in_dim.max(1), out_dim))))
+    }
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.weight)?))
+    }
+}
+
+/// `x W^T (+ b)` for `x` `(rows, in)` with `weight` `(out, in)` and `bias` that receive no
+/// gradient; all F32 on the CPU, weight and bias contiguous.
+pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let op = FrozenLinear { weight: weight.clone(), bias: bias.cloned() };
+    x.contiguous()?.apply_op1(op)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -643,35 +674,4 @@ mod tests {
         assert_eq!(max_diff(&grad_of(&fused), &grad_of(&composed)), 0.0);
         assert_eq!(fused.dtype(), DType::F32);
     }
-}
-
-/// `x W^T (+ b)` with a frozen weight and bias (a LoRA base model's projections): they are
-/// fields of the op, not inputs, so backward computes only the input gradient `dy W`. candle's
-/// matmul backward always computes the weight's gradient as well (a product as large as the
-/// forward, plus a gradient buffer per weight), wasted on weights that never train.
-struct FrozenLinear {
-    weight: Tensor,
-    bias: Option<Tensor>,
-}
-
-impl CustomOp1 for FrozenLinear {
-    fn name(&self) -> &'static str {
-        "frozen-linear"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s, l, "frozen-linear")?;
-        let (out_dim, in_dim) = self.weight.dims2()?;
-        let y = super::cpu_infer::project(x, &self.weight, self.bias.as_ref())?;
-        Ok((CpuStorage::F32(y), Shape::from((x.len() / in_dim.max(1), out_dim))))
-    }
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.weight)?))
-    }
-}
-
-/// `x W^T (+ b)` for `x` `(rows, in)` with `weight` `(out, in)` and `bias` that receive no
-/// gradient; all F32 on the CPU, weight and bias contiguous.
-pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let op = FrozenLinear { weight: weight.clone(), bias: bias.cloned() };
-    x.contiguous()?.apply_op1(op)
 }
