@@ -150,8 +150,9 @@ impl DecoderLayer<'_> {
             k = rms_norm(&k, dim, kn)?;
         }
         let (cd, sd) = (Data::of(cos)?, Data::of(sin)?);
-        rotate(&mut q, query * dim, l, dim, cd.slice(), sd.slice());
-        rotate(&mut k, kv * dim, l, dim, cd.slice(), sd.slice());
+        let table = (cd.slice(), sd.slice());
+        rotate(&mut q, query * dim, l, dim, table, false);
+        rotate(&mut k, kv * dim, l, dim, table, false);
         let mask = Data::of(bias)?;
         let ctx = attention(&q, &k, &v, mask.slice(), (b, l), self.heads)?;
         drop((q, k, v));
@@ -183,13 +184,14 @@ pub(super) struct Heads {
 }
 
 /// A tensor's F32 values on the CPU, borrowed from its storage; contiguous only.
-struct Data<'a> {
+pub(super) struct Data<'a> {
     guard: StorageRef<'a>,
     range: std::ops::Range<usize>,
 }
 
 impl<'a> Data<'a> {
-    fn of(t: &'a Tensor) -> Result<Self> {
+    /// Borrows `t`'s values; an error unless `t` is contiguous F32 on the CPU.
+    pub fn of(t: &'a Tensor) -> Result<Self> {
         let (guard, layout) = t.storage_and_layout();
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("cpu inference: tensor is not contiguous")
@@ -200,7 +202,8 @@ impl<'a> Data<'a> {
         Ok(Self { guard, range: start..end })
     }
 
-    fn slice(&self) -> &[f32] {
+    /// The values.
+    pub fn slice(&self) -> &[f32] {
         match &*self.guard {
             Storage::Cpu(CpuStorage::F32(v)) => &v[self.range.clone()],
             // `of` admits only F32 CPU storage.
@@ -460,9 +463,19 @@ fn rms_norm(x: &[f32], width: usize, norm: &RmsNormRef) -> Result<Vec<f32>> {
 
 /// Rotary positions in place over `x` `(b*l, width)` (heads of `dim` side by side): row `r`
 /// has position `r % l`, and each head becomes `x * cos + rotate_half(x) * sin` with
-/// `cos`/`sin` `(l, dim)` in HF's layout (each half of the frequencies repeated).
-fn rotate(x: &mut [f32], width: usize, l: usize, dim: usize, cos: &[f32], sin: &[f32]) {
+/// `cos`/`sin` `(l, dim)` in HF's layout (each half of the frequencies repeated). With
+/// `inverse`, each pair turns back by its angle (`sin` negated): the transpose of the rotation,
+/// which is its backward.
+pub(super) fn rotate(
+    x: &mut [f32],
+    width: usize,
+    l: usize,
+    dim: usize,
+    (cos, sin): (&[f32], &[f32]),
+    inverse: bool,
+) {
     let half = dim / 2;
+    let sign = if inverse { -1.0 } else { 1.0 };
     x.par_chunks_mut(width).enumerate().for_each(|(r, row)| {
         let pos = r % l;
         let (c, s) = (&cos[pos * dim..(pos + 1) * dim], &sin[pos * dim..(pos + 1) * dim]);
@@ -470,8 +483,8 @@ fn rotate(x: &mut [f32], width: usize, l: usize, dim: usize, cos: &[f32], sin: &
             let (x1, x2) = head.split_at_mut(half);
             for j in 0..half {
                 let (a, b) = (x1[j], x2[j]);
-                x1[j] = a * c[j] - b * s[j];
-                x2[j] = b * c[half + j] + a * s[half + j];
+                x1[j] = a * c[j] - b * (sign * s[j]);
+                x2[j] = b * c[half + j] + a * (sign * s[half + j]);
             }
         }
     });

@@ -183,8 +183,9 @@ impl Linear {
         let y = match &self.lora {
             Some(l) => {
                 let xa = dropout(&x2, l.dropout, mode)?;
-                let update = matmul(&matmul(&xa, &l.a.t()?)?, &l.b.t()?)?;
-                (y + (update * l.scale)?)?
+                // Scaled at rank width (rows x r), not at the output's (rows x out).
+                let update = matmul(&(matmul(&xa, &l.a.t()?)? * l.scale)?, &l.b.t()?)?;
+                (y + update)?
             }
             None => y,
         };

@@ -426,8 +426,15 @@ impl Layer {
             q = qn.forward(&q, mode)?;
             k = kn.forward(&k, mode)?;
         }
-        let q = apply_rotary(&q.transpose(1, 2)?.contiguous()?, cos, sin)?;
-        let k = apply_rotary(&k.transpose(1, 2)?.contiguous()?, cos, sin)?;
+        // (b, l, n, d) -> rotated (b, n, l, d): one fused op on CPU in F32, composed elsewhere.
+        let rope = |t: Tensor| -> Result<Tensor> {
+            if super::train_ops::applies(&t) && super::train_ops::applies(cos) {
+                super::train_ops::rotary(&t, cos, sin)?.transpose(1, 2)?.contiguous()
+            } else {
+                apply_rotary(&t.transpose(1, 2)?.contiguous()?, cos, sin)
+            }
+        };
+        let (q, k) = (rope(q)?, rope(k)?);
         // Grouped-query attention: each key/value head serves heads/kv query heads.
         let repeat = |t: Tensor| -> Result<Tensor> {
             if heads == kv {
@@ -439,8 +446,13 @@ impl Layer {
         let ctx = layers::attend(&q, &k, &v, bias, cfg.attention_dropout, mode)?;
         let x = (self.o.forward(&ctx, mode)? + x)?;
         let h = self.post_norm.forward(&x, mode)?;
-        let gate = cfg.hidden_act.forward(&self.gate.forward(&h, mode)?, mode)?;
-        let f = self.down.forward(&(gate * self.up.forward(&h, mode)?)?, mode)?;
+        let (gate, up) = (self.gate.forward(&h, mode)?, self.up.forward(&h, mode)?);
+        let glu = if cfg.hidden_act == Activation::Silu && super::train_ops::applies(&gate) {
+            super::train_ops::swiglu(&gate, &up)?
+        } else {
+            (cfg.hidden_act.forward(&gate, mode)? * up)?
+        };
+        let f = self.down.forward(&glu, mode)?;
         x + f
     }
 }

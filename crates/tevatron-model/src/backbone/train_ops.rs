@@ -10,6 +10,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::cpu_infer::{rotate, Data};
 use super::fast::{contiguous_f32, erf, exp, lanes_reduce, lanes_reduce_sq, CHUNK};
 
 /// Whether the fused kernels apply (F32 on CPU), the same rule as the inference kernels'.
@@ -558,6 +559,127 @@ impl CustomOp1 for FrozenLinear {
 pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let op = FrozenLinear { weight: weight.clone(), bias: bias.cloned() };
     x.contiguous()?.apply_op1(op)
+}
+
+/// Rotary positions over `x` `(b, l, heads, d)` with tables `(l, d)`: one pass forward, and
+/// backward the inverse rotation of the gradient (composed, rotary is seven ops on q and k each
+/// way, every one a full-size buffer).
+struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+    inverse: bool,
+}
+
+impl CustomOp1 for Rotary {
+    fn name(&self) -> &'static str {
+        "train-rotary"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "train-rotary")?;
+        let (_, len, heads, d) = l.shape().dims4()?;
+        let (cos, sin) = (Data::of(&self.cos)?, Data::of(&self.sin)?);
+        if cos.slice().len() != len * d || sin.slice().len() != len * d {
+            candle_core::bail!("train-rotary: tables do not match {len} positions of {d}");
+        }
+        let mut out = x.to_vec();
+        rotate(&mut out, heads * d, len, d, (cos.slice(), sin.slice()), self.inverse);
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let back = Rotary { cos: self.cos.clone(), sin: self.sin.clone(), inverse: !self.inverse };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&back)?))
+    }
+}
+
+/// HF's `x * cos + rotate_half(x) * sin` for `x` `(b, l, heads, d)`, position `i` of every
+/// sequence taking row `i` of `cos`/`sin` `(l, d)` (F32 on the CPU).
+pub fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let op = Rotary { cos: cos.clone(), sin: sin.clone(), inverse: false };
+    x.contiguous()?.apply_op1(op)
+}
+
+/// `silu(gate) * up`, the SwiGLU of Llama-family MLPs, with a one-pass backward.
+struct SwiGlu;
+struct SwiGluGrad;
+
+fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + exp(-v))
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "train-swiglu"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = contiguous_f32(s1, l1, "train-swiglu")?;
+        let u = contiguous_f32(s2, l2, "train-swiglu")?;
+        if g.len() != u.len() {
+            candle_core::bail!("train-swiglu: gate and up differ in size");
+        }
+        let out = par_rows(g.len(), 1, |start, o| {
+            for ((o, &g), &u) in o.iter_mut().zip(&g[start..]).zip(&u[start..]) {
+                *o = g * sigmoid(g) * u;
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let both = gate.apply_op3_no_bwd(up, &grad.contiguous()?, &SwiGluGrad)?;
+        let shape = gate.shape();
+        let (dg, du) = (both.get(0)?, both.get(1)?);
+        Ok((Some(dg.reshape(shape)?), Some(du.reshape(shape)?)))
+    }
+}
+
+impl CustomOp3 for SwiGluGrad {
+    fn name(&self) -> &'static str {
+        "train-swiglu-grad"
+    }
+    /// `[d gate; d up]` as one `(2, n)` tensor.
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = contiguous_f32(s1, l1, "train-swiglu-grad")?;
+        let u = contiguous_f32(s2, l2, "train-swiglu-grad")?;
+        let dy = contiguous_f32(s3, l3, "train-swiglu-grad")?;
+        let n = g.len();
+        let out = par_rows(2 * n, 1, |start, o| {
+            // The first half of the output is d gate, the second d up.
+            for (k, o) in o.iter_mut().enumerate() {
+                let i = (start + k) % n;
+                let s = sigmoid(g[i]);
+                *o = if start + k < n {
+                    dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s))
+                } else {
+                    dy[i] * g[i] * s
+                };
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((2, n))))
+    }
+}
+
+/// `silu(gate) * up` with a fused backward (F32 on the CPU).
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
 }
 
 #[cfg(test)]
