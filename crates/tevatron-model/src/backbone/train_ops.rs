@@ -661,18 +661,19 @@ impl CustomOp3 for SwiGluGrad {
         let u = contiguous_f32(s2, l2, "train-swiglu-grad")?;
         let dy = contiguous_f32(s3, l3, "train-swiglu-grad")?;
         let n = g.len();
-        let out = par_rows(2 * n, 1, |start, o| {
-            // The first half of the output is d gate, the second d up.
-            for (k, o) in o.iter_mut().enumerate() {
-                let i = (start + k) % n;
-                let s = sigmoid(g[i]);
-                *o = if start + k < n {
-                    dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s))
-                } else {
-                    dy[i] * g[i] * s
-                };
-            }
-        });
+        let mut out = vec![0f32; 2 * n];
+        let (dg, du) = out.split_at_mut(n);
+        dg.par_chunks_mut(CHUNK).zip(du.par_chunks_mut(CHUNK)).enumerate().for_each(
+            |(c, (dg, du))| {
+                let at = c * CHUNK;
+                let (g, u, dy) = (&g[at..], &u[at..], &dy[at..]);
+                for (k, (dg, du)) in dg.iter_mut().zip(du.iter_mut()).enumerate() {
+                    let s = sigmoid(g[k]);
+                    *dg = dy[k] * u[k] * s * (1.0 + g[k] * (1.0 - s));
+                    *du = dy[k] * g[k] * s;
+                }
+            },
+        );
         Ok((CpuStorage::F32(out), Shape::from((2, n))))
     }
 }
