@@ -78,12 +78,20 @@ pub fn resolve_model(name_or_path: &str, cache: Option<&Path>) -> Result<PathBuf
     })
 }
 
+/// The hub client: files go to `cache_path` in the hub's cache layout; `HF_ENDPOINT` (a mirror
+/// or a private hub, as huggingface_hub reads it) replaces https://huggingface.co.
+fn api(cache_path: &Path) -> std::result::Result<hf_hub::api::sync::Api, String> {
+    let mut builder =
+        hf_hub::api::sync::ApiBuilder::from_cache(Cache::new(cache_path.to_path_buf()))
+            .with_progress(false);
+    if let Some(endpoint) = std::env::var("HF_ENDPOINT").ok().filter(|e| !e.trim().is_empty()) {
+        builder = builder.with_endpoint(endpoint.trim().trim_end_matches('/').to_string());
+    }
+    builder.build().map_err(|e| e.to_string())
+}
+
 fn download(name: &str, repo: Repo, cache_path: &Path) -> std::result::Result<PathBuf, String> {
-    let api = hf_hub::api::sync::ApiBuilder::from_cache(Cache::new(cache_path.to_path_buf()))
-        .with_progress(false)
-        .build()
-        .map_err(|e| e.to_string())?;
-    let api = api.repo(repo);
+    let api = api(cache_path)?.repo(repo);
     let config = api.get("config.json").map_err(|e| e.to_string())?;
     for f in &MODEL_FILES[1..] {
         // Optional files: a 404 just means the model does not have them.
@@ -173,11 +181,7 @@ fn resolve_files(
         )));
     }
     let fetch = || -> std::result::Result<PathBuf, String> {
-        let api = hf_hub::api::sync::ApiBuilder::from_cache(Cache::new(cache_path.clone()))
-            .with_progress(false)
-            .build()
-            .map_err(|e| e.to_string())?
-            .repo(repo);
+        let api = api(&cache_path)?.repo(repo);
         let mut folder = None;
         for f in required {
             let got = api.get(f).map_err(|e| e.to_string())?;

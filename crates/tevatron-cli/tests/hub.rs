@@ -1,0 +1,187 @@
+//! The Hugging Face hub path with a hub id: `--model_name_or_path acme/tiny-bert` downloaded by
+//! the real hub client (`hf-hub`) from a local server that speaks the hub's file protocol
+//! (`GET {endpoint}/{repo}/resolve/main/{file}` with `Range`, answered with `ETag`,
+//! `X-Repo-Commit` and `Content-Range`), reached through `HF_ENDPOINT` as a mirror would be.
+//! The machine running the tests has no route to huggingface.co, so this is how the download,
+//! the cache layout and the offline reuse are proven.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{fails_with, ok, repo};
+
+const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+/// Serves `root/{org}/{name}/{file}` as the hub serves `{org}/{name}/resolve/main/{file}`, on
+/// a free local port, until the test process ends. Returns the endpoint URL.
+fn serve(root: PathBuf) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let root = root.clone();
+            std::thread::spawn(move || answer(stream, &root));
+        }
+    });
+    endpoint
+}
+
+/// Answers the requests of one connection (the client keeps connections alive).
+fn answer(stream: TcpStream, root: &Path) {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut out = stream;
+    loop {
+        let mut request = String::new();
+        if reader.read_line(&mut request).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut range = None;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+                break;
+            }
+            let (name, value) = line.split_once(':').unwrap_or((&line, ""));
+            if name.eq_ignore_ascii_case("range") {
+                range = value.trim().strip_prefix("bytes=").map(str::to_string);
+            }
+        }
+        let path = request.split_whitespace().nth(1).unwrap_or("/").to_string();
+        let file = path
+            .trim_start_matches('/')
+            .split_once("/resolve/main/")
+            .map(|(repo, file)| root.join(repo).join(file))
+            .filter(|f| f.is_file());
+        let Some(file) = file else {
+            let _ = out.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
+            continue;
+        };
+        let mut body = Vec::new();
+        std::fs::File::open(&file).unwrap().read_to_end(&mut body).unwrap();
+        let total = body.len();
+        let (start, end) = match range.as_deref().and_then(|r| r.split_once('-')) {
+            Some((a, b)) => {
+                let a: usize = a.parse().unwrap_or(0);
+                let b = b.parse::<usize>().map(|b| b + 1).unwrap_or(total).min(total);
+                (a.min(b), b)
+            }
+            None => (0, total),
+        };
+        // The blob's name in the cache: any stable content hash will do.
+        let etag = body.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        let head = format!(
+            "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{}/{total}\r\n\
+             ETag: \"{etag:016x}\"\r\nX-Repo-Commit: {COMMIT}\r\n\r\n",
+            end - start,
+            end.max(1) - 1
+        );
+        if out.write_all(head.as_bytes()).and_then(|()| out.write_all(&body[start..end])).is_err() {
+            return;
+        }
+    }
+}
+
+/// `tevatron encode` of the toy corpus with the given model and environment.
+fn encode(dir: &Path, model: &str, out: &str, env: &[(&str, &str)]) -> Output {
+    let corpus = repo().join("testdata/toy/corpus.jsonl");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tevatron"));
+    cmd.current_dir(dir)
+        .args(["encode", "--model_name_or_path", model, "--dataset_path"])
+        .arg(corpus)
+        .args(["--encode_output_path", out, "--passage_max_len", "12", "--pooling", "mean"])
+        .args(["--quiet"])
+        .env_remove("HF_ENDPOINT")
+        .env_remove("HF_HUB_OFFLINE")
+        .env_remove("HF_HOME");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+/// A hub with `acme/tiny-bert` (the tiny BERT's files) and `acme/no-weights` (its config and
+/// tokenizer only).
+fn hub(dir: &Path) -> String {
+    let bert = repo().join("testdata/tiny/bert");
+    for (name, files) in [
+        (
+            "tiny-bert",
+            &["config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"][..],
+        ),
+        ("no-weights", &["config.json", "tokenizer.json"][..]),
+    ] {
+        let to = dir.join("acme").join(name);
+        std::fs::create_dir_all(&to).unwrap();
+        for f in files {
+            std::fs::copy(bert.join(f), to.join(f)).unwrap();
+        }
+    }
+    serve(dir.to_path_buf())
+}
+
+#[test]
+fn a_hub_id_downloads_into_the_cache_then_loads_offline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let endpoint = hub(&d.join("hub"));
+    let cache = d.join("cache");
+    let cache_s = cache.to_string_lossy().into_owned();
+    let env = [("HF_ENDPOINT", endpoint.as_str()), ("HF_HUB_CACHE", cache_s.as_str())];
+    ok(encode(d, "acme/tiny-bert", "hub.safetensors", &env));
+    // The hub's cache layout, as huggingface_hub and transformers read it.
+    let snapshot = cache.join("models--acme--tiny-bert/snapshots").join(COMMIT);
+    for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+        let got = std::fs::read(snapshot.join(f)).unwrap();
+        assert_eq!(got, std::fs::read(repo().join("testdata/tiny/bert").join(f)).unwrap(), "{f}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(cache.join("models--acme--tiny-bert/refs/main")).unwrap(),
+        COMMIT
+    );
+    // The same embeddings as the local folder gives.
+    let local = repo().join("testdata/tiny/bert").to_string_lossy().into_owned();
+    ok(encode(d, &local, "local.safetensors", &[]));
+    let read = |f: &str| safetensors_embeddings(&d.join(f));
+    assert_eq!(read("hub.safetensors"), read("local.safetensors"));
+    // Offline, with no server named, the cache alone serves the same id.
+    let offline = [("HF_HUB_OFFLINE", "1"), ("HF_HUB_CACHE", cache_s.as_str())];
+    ok(encode(d, "acme/tiny-bert", "offline.safetensors", &offline));
+    assert_eq!(read("offline.safetensors"), read("local.safetensors"));
+}
+
+#[test]
+fn hub_failures_say_what_was_missing_and_where_the_cache_is() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let endpoint = hub(&d.join("hub"));
+    let cache = d.join("cache").to_string_lossy().into_owned();
+    let env = [("HF_ENDPOINT", endpoint.as_str()), ("HF_HUB_CACHE", cache.as_str())];
+    let line = fails_with(encode(d, "acme/no-weights", "x.safetensors", &env), "has none of");
+    assert!(line.contains(&cache), "{line}");
+    fails_with(encode(d, "acme/absent", "x.safetensors", &env), "downloading it failed");
+    // A server that is not there: a clear error, not a hang.
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let gone = format!("http://{closed}");
+    let env = [("HF_ENDPOINT", gone.as_str()), ("HF_HUB_CACHE", cache.as_str())];
+    fails_with(encode(d, "acme/tiny-bert", "x.safetensors", &env), "downloading it failed");
+    let offline = [("HF_HUB_OFFLINE", "1"), ("HF_HUB_CACHE", cache.as_str())];
+    fails_with(encode(d, "acme/tiny-bert", "x.safetensors", &offline), "HF_HUB_OFFLINE is set");
+    assert!(!d.join("x.safetensors").exists());
+}
+
+/// The `embeddings` tensor's bytes of an encode output.
+fn safetensors_embeddings(path: &Path) -> Vec<u8> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let offsets = &header["embeddings"]["data_offsets"];
+    let (a, b) = (offsets[0].as_u64().unwrap() as usize, offsets[1].as_u64().unwrap() as usize);
+    bytes[8 + n + a..8 + n + b].to_vec()
+}
