@@ -100,7 +100,20 @@ pub fn dropout(x: &Tensor, p: f64, mode: Mode) -> Result<Tensor> {
     if p >= 1.0 {
         return x.zeros_like();
     }
-    let n = x.elem_count();
+    let (keep, scale) = draw_keep_mask(x.elem_count(), p);
+    if super::train_ops::applies(x) {
+        return super::train_ops::dropout(x, keep, scale);
+    }
+    let mask: Vec<f32> = keep.iter().map(|&k| f32::from(k) * scale).collect();
+    let mask = Tensor::from_vec(mask, x.shape(), &candle_core::Device::Cpu)?
+        .to_device(x.device())?
+        .to_dtype(x.dtype())?;
+    x * mask
+}
+
+/// The next dropout mask of `n` values from this thread's stream (1 = keep, each with
+/// probability `1 - p`, `0 < p < 1`) and the scale kept values get.
+fn draw_keep_mask(n: usize, p: f64) -> (Vec<u8>, f32) {
     let scale = (1.0 / (1.0 - p)) as f32;
     // Compare 32-bit draws with the threshold, two draws per 64-bit output.
     let threshold = (p * 4_294_967_296.0) as u64;
@@ -116,14 +129,7 @@ pub fn dropout(x: &Tensor, p: f64, mode: Mode) -> Result<Tensor> {
             }
         }
     });
-    if super::train_ops::applies(x) {
-        return super::train_ops::dropout(x, keep, scale);
-    }
-    let mask: Vec<f32> = keep.iter().map(|&k| f32::from(k) * scale).collect();
-    let mask = Tensor::from_vec(mask, x.shape(), &candle_core::Device::Cpu)?
-        .to_device(x.device())?
-        .to_dtype(x.dtype())?;
-    x * mask
+    (keep, scale)
 }
 
 /// A linear layer `x W^T + b` with HF names `weight` `(out, in)` and `bias`, and optionally a
@@ -147,6 +153,15 @@ impl Linear {
         let in_dim = self.weight.dim(1)?;
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, in_dim))?;
+        if let Some(l) = self.lora.as_ref().filter(|l| self.fused_lora(&x2, l)) {
+            let keep = (mode == Mode::Train && l.dropout > 0.0)
+                .then(|| draw_keep_mask(x2.elem_count(), l.dropout));
+            let base = (&self.weight, self.bias.as_ref());
+            let y = super::train_ops::lora_linear(&x2, base, (&l.a, &l.b, l.scale), keep)?;
+            let mut out = dims.to_vec();
+            *out.last_mut().expect("input has at least one dimension") = self.weight.dim(0)?;
+            return y.reshape(out);
+        }
         if self.frozen_on_cpu(&x2) {
             let y = super::train_ops::frozen_linear(&x2, &self.weight, self.bias.as_ref())?;
             return self.finish(x, x2, y, mode);
@@ -170,6 +185,20 @@ impl Linear {
         x.track_op()
             && AUTOCAST.with(|c| c.get()).is_none()
             && super::train_ops::applies(x)
+            && !is_tracked(&self.weight)
+            && f32_cpu(&self.weight)
+            && self.bias.as_ref().is_none_or(|b| !is_tracked(b) && f32_cpu(b))
+    }
+
+    /// Whether the adapter and its frozen base run as one fused op: everything F32 on the CPU,
+    /// no autocast, base weight and bias frozen (dropout at 1 or more keeps the composed path).
+    fn fused_lora(&self, x: &Tensor, l: &LoraWeights) -> bool {
+        let f32_cpu = |t: &Tensor| super::train_ops::applies(t) && t.is_contiguous();
+        AUTOCAST.with(|c| c.get()).is_none()
+            && l.dropout < 1.0
+            && super::train_ops::applies(x)
+            && f32_cpu(&l.a)
+            && f32_cpu(&l.b)
             && !is_tracked(&self.weight)
             && f32_cpu(&self.weight)
             && self.bias.as_ref().is_none_or(|b| !is_tracked(b) && f32_cpu(b))

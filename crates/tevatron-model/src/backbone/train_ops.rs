@@ -498,12 +498,9 @@ struct Dropout {
     scale: f32,
 }
 
-impl CustomOp1 for Dropout {
-    fn name(&self) -> &'static str {
-        "train-dropout"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s, l, "train-dropout")?;
+impl Dropout {
+    /// `x` with the mask applied: kept values scaled, dropped ones zero.
+    fn apply(&self, x: &[f32]) -> Result<Vec<f32>> {
         if x.len() != self.keep.len() {
             candle_core::bail!(
                 "train-dropout: mask of {} for {} elements",
@@ -511,12 +508,21 @@ impl CustomOp1 for Dropout {
                 x.len()
             );
         }
-        let out = par_rows(x.len(), 1, |start, o| {
+        Ok(par_rows(x.len(), 1, |start, o| {
             for ((o, &v), &k) in o.iter_mut().zip(&x[start..]).zip(&self.keep[start..]) {
                 *o = if k != 0 { v * self.scale } else { 0.0 };
             }
-        });
-        Ok((CpuStorage::F32(out), l.shape().clone()))
+        }))
+    }
+}
+
+impl CustomOp1 for Dropout {
+    fn name(&self) -> &'static str {
+        "train-dropout"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "train-dropout")?;
+        Ok((CpuStorage::F32(self.apply(x)?), l.shape().clone()))
     }
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let same = Dropout { keep: self.keep.clone(), scale: self.scale };
@@ -683,6 +689,151 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
 }
 
+/// A LoRA-adapted projection with a frozen base, `x W^T + b + s (drop(x) A^T) B^T`, as one op
+/// over `(x, A, B)`: forward adds the rank-`r` update into the base projection's output
+/// (no full-size buffer for the update, the sum or the dropped input is kept), and backward
+/// gives `dx`, `dA`, `dB` directly. Composed, the adapter is five graph nodes per projection,
+/// each keeping a full-size intermediate and paying candle's zero-then-add gradient
+/// accumulation.
+struct LoraLinear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    scale: f32,
+    dropout: Option<Dropout>,
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "train-lora-linear"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "train-lora-linear")?;
+        let a = contiguous_f32(s2, l2, "train-lora-linear")?;
+        let b = contiguous_f32(s3, l3, "train-lora-linear")?;
+        let (r, in_dim) = l2.shape().dims2()?;
+        let (out_dim, r_b) = l3.shape().dims2()?;
+        if r != r_b || self.weight.dims2()? != (out_dim, in_dim) || !x.len().is_multiple_of(in_dim)
+        {
+            candle_core::bail!("train-lora-linear: adapter shapes do not match the weight");
+        }
+        let rows = x.len() / in_dim;
+        let dropped;
+        let input = match &self.dropout {
+            Some(d) => {
+                dropped = d.apply(x)?;
+                &dropped[..]
+            }
+            None => x,
+        };
+        let mut xa = vec![0f32; rows * r];
+        // SAFETY: xa is rows x r, input rows x in_dim, and A^T is read from A (r x in_dim,
+        // row-major) with column stride in_dim; all lengths were checked above.
+        unsafe {
+            gemm::gemm(
+                rows,
+                r,
+                in_dim,
+                xa.as_mut_ptr(),
+                1,
+                r as isize,
+                false,
+                input.as_ptr(),
+                1,
+                in_dim as isize,
+                a.as_ptr(),
+                in_dim as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(0),
+            );
+        }
+        let mut y = super::cpu_infer::project(x, &self.weight, self.bias.as_ref())?;
+        // SAFETY: y is rows x out_dim, xa rows x r, and B^T is read from B (out_dim x r,
+        // row-major) with column stride r: y += scale * xa B^T.
+        unsafe {
+            gemm::gemm(
+                rows,
+                out_dim,
+                r,
+                y.as_mut_ptr(),
+                1,
+                out_dim as isize,
+                true,
+                xa.as_ptr(),
+                1,
+                r as isize,
+                b.as_ptr(),
+                r as isize,
+                1,
+                1.0,
+                self.scale,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(0),
+            );
+        }
+        Ok((CpuStorage::F32(y), Shape::from((rows, out_dim))))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, a, b) = (x.detach(), a.detach(), b.detach());
+        let dy = grad.detach().contiguous()?;
+        let dropped = match &self.dropout {
+            Some(d) => x.apply_op1_no_bwd(d)?,
+            None => x,
+        };
+        let s = f64::from(self.scale);
+        let xa = dropped.matmul(&a.t()?)?;
+        let du = (dy.matmul(&b)? * s)?;
+        let db = (dy.t()?.matmul(&xa)? * s)?;
+        let da = du.t()?.matmul(&dropped)?;
+        let dx_adapter = du.matmul(&a)?;
+        let dx_adapter = match &self.dropout {
+            Some(d) => dx_adapter.apply_op1_no_bwd(d)?,
+            None => dx_adapter,
+        };
+        let dx = (dy.matmul(&self.weight)? + dx_adapter)?;
+        Ok((Some(dx), Some(da), Some(db)))
+    }
+}
+
+/// `x W^T (+ b) + scale (drop(x) A^T) B^T` for `x` `(rows, in)`, a frozen `weight` `(out, in)`
+/// and `bias`, and the trainable adapter `a` `(r, in)`, `b` `(out, r)`; `keep` is the dropout
+/// mask of `x` with its scale (none without dropout). All F32 on the CPU.
+pub fn lora_linear(
+    x: &Tensor,
+    (weight, bias): (&Tensor, Option<&Tensor>),
+    (a, b, scale): (&Tensor, &Tensor, f64),
+    keep: Option<(Vec<u8>, f32)>,
+) -> Result<Tensor> {
+    let op = LoraLinear {
+        weight: weight.clone(),
+        bias: bias.cloned(),
+        scale: scale as f32,
+        dropout: keep.map(|(keep, scale)| Dropout { keep: Arc::new(keep), scale }),
+    };
+    x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -690,6 +841,73 @@ mod tests {
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    /// The decoder and LoRA ops (rotary, SwiGLU, frozen linear, LoRA linear with dropout) and
+    /// their gradients equal the same maths composed of candle ops.
+    #[test]
+    fn decoder_and_lora_ops_match_composed_ops_and_their_gradients() {
+        let dev = Device::Cpu;
+        let var = |shape: &[usize]| {
+            Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev).unwrap()).unwrap()
+        };
+        let grads = |y: &Tensor, g: &Tensor, wrt: &[&Var]| -> Vec<Tensor> {
+            let gs = (y * g).unwrap().sum_all().unwrap().backward().unwrap();
+            wrt.iter().map(|v| gs.get(v.as_tensor()).unwrap().clone()).collect()
+        };
+        let same = |what: &str, fused: &Tensor, composed: &Tensor, wrt: &[&Var], tol: f32| {
+            assert!(max_diff(fused, composed) < tol, "{what}: values");
+            let g = Tensor::randn(0f32, 1.0, fused.shape(), &dev).unwrap();
+            let (gf, gc) = (grads(fused, &g, wrt), grads(composed, &g, wrt));
+            for (k, (a, b)) in gf.iter().zip(&gc).enumerate() {
+                assert!(max_diff(a, b) < tol, "{what}: gradient {k} differs by {}", max_diff(a, b));
+            }
+        };
+        // Rotary over (b, l, heads, d) with HF's tables (l, d).
+        let x = var(&[2, 5, 3, 8]);
+        let angles: Vec<f32> = (0..5)
+            .flat_map(|p| (0..8).map(move |j| p as f32 * 0.7f32.powi((j % 4) as i32)))
+            .collect();
+        let angles = Tensor::from_vec(angles, (5, 8), &dev).unwrap();
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let t = x.as_tensor();
+        let rotated = Tensor::cat(
+            &[&t.narrow(3, 4, 4).unwrap().neg().unwrap(), &t.narrow(3, 0, 4).unwrap()],
+            3,
+        )
+        .unwrap();
+        let table = |m: &Tensor| m.reshape((1, 5, 1, 8)).unwrap();
+        let composed = (t.broadcast_mul(&table(&cos)).unwrap()
+            + rotated.broadcast_mul(&table(&sin)).unwrap())
+        .unwrap();
+        same("rotary", &rotary(t, &cos, &sin).unwrap(), &composed, &[&x], 1e-5);
+        // SwiGLU.
+        let (gate, up) = (var(&[4, 6]), var(&[4, 6]));
+        let composed = (gate.as_tensor().silu().unwrap() * up.as_tensor()).unwrap();
+        let fused = swiglu(gate.as_tensor(), up.as_tensor()).unwrap();
+        same("swiglu", &fused, &composed, &[&gate, &up], 1e-5);
+        // Frozen linear and LoRA linear with a dropout mask.
+        let x = var(&[6, 5]);
+        let w = Tensor::randn(0f32, 1.0, (4, 5), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, 4, &dev).unwrap();
+        let t = x.as_tensor();
+        let base = t.matmul(&w.t().unwrap()).unwrap().broadcast_add(&bias).unwrap();
+        same("frozen", &frozen_linear(t, &w, Some(&bias)).unwrap(), &base, &[&x], 1e-5);
+        let (a, b) = (var(&[2, 5]), var(&[4, 2]));
+        let keep: Vec<u8> = (0..30).map(|i| u8::from(i % 3 != 0)).collect();
+        let mask: Vec<f32> = keep.iter().map(|&k| f32::from(k) * 1.5).collect();
+        let mask = Tensor::from_vec(mask, (6, 5), &dev).unwrap();
+        let xa = (t * mask).unwrap().matmul(&a.as_tensor().t().unwrap()).unwrap();
+        let update = (xa * 2.0).unwrap().matmul(&b.as_tensor().t().unwrap()).unwrap();
+        let composed = (&base + update).unwrap();
+        let fused = lora_linear(
+            t,
+            (&w, Some(&bias)),
+            (a.as_tensor(), b.as_tensor(), 2.0),
+            Some((keep, 1.5)),
+        )
+        .unwrap();
+        same("lora", &fused, &composed, &[&x, &a, &b], 1e-5);
     }
 
     /// Each fused op and its gradient equal the composed candle ops (which have exact
