@@ -865,9 +865,8 @@ mod tests {
         };
         // Rotary over (b, l, heads, d) with HF's tables (l, d).
         let x = var(&[2, 5, 3, 8]);
-        let angles: Vec<f32> = (0..5)
-            .flat_map(|p| (0..8).map(move |j| p as f32 * 0.7f32.powi(j % 4)))
-            .collect();
+        let angles: Vec<f32> =
+            (0..5).flat_map(|p| (0..8).map(move |j| p as f32 * 0.7f32.powi(j % 4))).collect();
         let angles = Tensor::from_vec(angles, (5, 8), &dev).unwrap();
         let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
         let t = x.as_tensor();
