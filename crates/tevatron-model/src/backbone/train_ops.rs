@@ -1,5 +1,6 @@
 //! Fused CPU kernels with a backward, for training in F32: GELU, the masked attention softmax,
-//! layer normalisation and dropout. Composed from candle's element-wise ops, each of these keeps
+//! layer and RMS normalisation, dropout, rotary positions, SwiGLU, and linear layers over a
+//! frozen weight (plain, or with a LoRA adapter). Composed from candle's element-wise ops, each of these keeps
 //! four to seven full-size intermediates alive for backward (an attention score tensor of a
 //! 64 x 128-token batch is 50 MB per layer); fused, each keeps only its input or output, and
 //! backward is one pass. Other devices and dtypes use the composed ops in `layers`, which the
