@@ -11,11 +11,13 @@
 //! place; residual adds are fused into the norms, activations and rotary positions run in place.
 //! Only `Mode::Eval` takes this path; training keeps the differentiable ops.
 
-use candle_core::{CpuStorage, Device, Result, Storage, StorageRef, Tensor};
+use candle_core::{Device, Result, Tensor};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
-use super::fast::{erf, exp, lanes_reduce, lanes_reduce_sq, CHUNK};
+use super::fast::{
+    erf, exp, lanes_reduce, lanes_reduce_sq, project, rotate, softmax_in_place, Data, CHUNK,
+};
 use super::layers::{Activation, LayerNorm, Linear};
 
 /// The weights of one post-norm encoder layer, borrowed from the backbone:
@@ -63,23 +65,22 @@ impl PostNormLayer<'_> {
         if !h.is_multiple_of(self.heads) {
             candle_core::bail!("hidden size {h} is not a multiple of {} heads", self.heads);
         }
-        let rows = b * l;
         let xd = Data::of(x)?;
         let x = xd.slice();
-        let q = linear(x, rows, self.query)?;
-        let k = linear(x, rows, self.key)?;
-        let v = linear(x, rows, self.value)?;
+        let q = linear(x, self.query)?;
+        let k = linear(x, self.key)?;
+        let v = linear(x, self.value)?;
         let mask = Data::of(bias)?;
         let heads = Heads { query: self.heads, kv: self.heads, dim: h / self.heads };
         let ctx = attention(&q, &k, &v, mask.slice(), (b, l), heads)?;
         drop((q, k, v));
-        let mut a = linear(&ctx, rows, self.attn_out)?;
+        let mut a = linear(&ctx, self.attn_out)?;
         drop(ctx);
         add_layer_norm(&mut a, x, h, self.attn_norm)?;
         drop(xd);
-        let mut f = linear(&a, rows, self.up)?;
+        let mut f = linear(&a, self.up)?;
         activate(&mut f, self.act);
-        let mut out = linear(&f, rows, self.down)?;
+        let mut out = linear(&f, self.down)?;
         drop(f);
         add_layer_norm(&mut out, &a, h, self.out_norm)?;
         Tensor::from_vec(out, (b, l, h), &Device::Cpu)
@@ -133,7 +134,6 @@ impl DecoderLayer<'_> {
     /// Runs the layer. Call only where [`DecoderLayer::applies`] holds.
     pub fn forward(&self, x: &Tensor, bias: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let (b, l, h) = x.dims3()?;
-        let rows = b * l;
         let Heads { query, kv, dim } = self.heads;
         if kv == 0 || !query.is_multiple_of(kv) {
             candle_core::bail!("{query} query heads are not a multiple of {kv} key/value heads");
@@ -141,9 +141,9 @@ impl DecoderLayer<'_> {
         let xd = Data::of(x)?;
         let x = xd.slice();
         let normed = rms_norm(x, h, &self.input_norm)?;
-        let mut q = linear(&normed, rows, self.q)?;
-        let mut k = linear(&normed, rows, self.k)?;
-        let v = linear(&normed, rows, self.v)?;
+        let mut q = linear(&normed, self.q)?;
+        let mut k = linear(&normed, self.k)?;
+        let v = linear(&normed, self.v)?;
         drop(normed);
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = rms_norm(&q, dim, qn)?;
@@ -156,20 +156,20 @@ impl DecoderLayer<'_> {
         let mask = Data::of(bias)?;
         let ctx = attention(&q, &k, &v, mask.slice(), (b, l), self.heads)?;
         drop((q, k, v));
-        let mut x1 = linear(&ctx, rows, self.o)?;
+        let mut x1 = linear(&ctx, self.o)?;
         drop(ctx);
         add_in_place(&mut x1, x);
         drop(xd);
         let normed = rms_norm(&x1, h, &self.post_norm)?;
-        let mut gate = linear(&normed, rows, self.gate)?;
-        let up = linear(&normed, rows, self.up)?;
+        let mut gate = linear(&normed, self.gate)?;
+        let up = linear(&normed, self.up)?;
         drop(normed);
         activate(&mut gate, self.act);
         gate.par_chunks_mut(CHUNK).zip(up.par_chunks(CHUNK)).for_each(|(g, u)| {
             g.iter_mut().zip(u).for_each(|(g, u)| *g *= u);
         });
         drop(up);
-        let mut out = linear(&gate, rows, self.down)?;
+        let mut out = linear(&gate, self.down)?;
         add_in_place(&mut out, &x1);
         Tensor::from_vec(out, (b, l, h), &Device::Cpu)
     }
@@ -183,97 +183,9 @@ pub(super) struct Heads {
     pub dim: usize,
 }
 
-/// A tensor's F32 values on the CPU, borrowed from its storage; contiguous only.
-pub(super) struct Data<'a> {
-    guard: StorageRef<'a>,
-    range: std::ops::Range<usize>,
-}
-
-impl<'a> Data<'a> {
-    /// Borrows `t`'s values; an error unless `t` is contiguous F32 on the CPU.
-    pub fn of(t: &'a Tensor) -> Result<Self> {
-        let (guard, layout) = t.storage_and_layout();
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("cpu inference: tensor is not contiguous")
-        };
-        if !matches!(&*guard, Storage::Cpu(CpuStorage::F32(_))) {
-            candle_core::bail!("cpu inference: tensor is not F32 on the CPU")
-        }
-        Ok(Self { guard, range: start..end })
-    }
-
-    /// The values.
-    pub fn slice(&self) -> &[f32] {
-        match &*self.guard {
-            Storage::Cpu(CpuStorage::F32(v)) => &v[self.range.clone()],
-            // `of` admits only F32 CPU storage.
-            _ => &[],
-        }
-    }
-}
-
-/// `x W^T (+ b)` for `rows` rows (see [`project`]).
-fn linear(x: &[f32], rows: usize, lin: &Linear) -> Result<Vec<f32>> {
-    if x.len() != rows * lin.weight.dims2()?.1 {
-        candle_core::bail!("cpu inference: linear input does not match the weight");
-    }
+/// `x W^T (+ b)` over the rows of `x` with a linear layer's weights (see [`project`]).
+fn linear(x: &[f32], lin: &Linear) -> Result<Vec<f32>> {
     project(x, &lin.weight, lin.bias.as_ref())
-}
-
-/// `x W^T (+ b)` over the rows of `x` (row-major, as wide as `weight` `(out, in)` is deep),
-/// all F32 on the CPU: the output starts as the bias (or zero) and one multithreaded gemm adds
-/// the product to it. Each output element is summed by one thread in a fixed order, so the
-/// result is the same bits on every run.
-pub(super) fn project(x: &[f32], weight: &Tensor, bias: Option<&Tensor>) -> Result<Vec<f32>> {
-    let (out_dim, in_dim) = weight.dims2()?;
-    let wd = Data::of(weight)?;
-    let w = wd.slice();
-    let bd = bias.map(Data::of).transpose()?;
-    let bias = bd.as_ref().map(Data::slice);
-    if in_dim == 0 || !x.len().is_multiple_of(in_dim) || bias.is_some_and(|b| b.len() != out_dim) {
-        candle_core::bail!("cpu inference: linear shapes do not match");
-    }
-    let rows = x.len() / in_dim;
-    let mut y: Vec<f32> = Vec::with_capacity(rows * out_dim);
-    y.spare_capacity_mut()[..rows * out_dim].par_chunks_mut(out_dim.max(1)).for_each(|row| {
-        match bias {
-            Some(bias) => row.iter_mut().zip(bias).for_each(|(o, &b)| {
-                o.write(b);
-            }),
-            None => row.iter_mut().for_each(|o| {
-                o.write(0.0);
-            }),
-        }
-    });
-    // SAFETY: every row was written just above.
-    unsafe { y.set_len(rows * out_dim) };
-    // SAFETY: y is rows x out_dim row-major, x is rows x in_dim row-major, and W^T is read from
-    // W (out_dim x in_dim row-major, its length that of its contiguous layout) with column
-    // stride in_dim and row stride 1; the lengths were checked above.
-    unsafe {
-        gemm(
-            rows,
-            out_dim,
-            in_dim,
-            y.as_mut_ptr(),
-            1,
-            out_dim as isize,
-            true,
-            x.as_ptr(),
-            1,
-            in_dim as isize,
-            w.as_ptr(),
-            in_dim as isize,
-            1,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::Rayon(0),
-        );
-    }
-    Ok(y)
 }
 
 /// A raw pointer that rayon tasks may share; each task writes a disjoint part.
@@ -405,12 +317,7 @@ fn softmax_rows_portable(scores: &mut [f32], mask: &[f32], l: usize, stride: usi
         for (s, &m) in row.iter_mut().zip(keys) {
             *s += m;
         }
-        let max = lanes_reduce(row, f32::NEG_INFINITY, f32::max);
-        for s in row.iter_mut() {
-            *s = exp(*s - max);
-        }
-        let inv = 1.0 / lanes_reduce(row, 0.0, |a, b| a + b);
-        row.iter_mut().for_each(|s| *s *= inv);
+        softmax_in_place(row);
     }
 }
 
@@ -459,35 +366,6 @@ fn rms_norm(x: &[f32], width: usize, norm: &RmsNormRef) -> Result<Vec<f32>> {
         }
     });
     Ok(y)
-}
-
-/// Rotary positions in place over `x` `(b*l, width)` (heads of `dim` side by side): row `r`
-/// has position `r % l`, and each head becomes `x * cos + rotate_half(x) * sin` with
-/// `cos`/`sin` `(l, dim)` in HF's layout (each half of the frequencies repeated). With
-/// `inverse`, each pair turns back by its angle (`sin` negated): the transpose of the rotation,
-/// which is its backward.
-pub(super) fn rotate(
-    x: &mut [f32],
-    width: usize,
-    l: usize,
-    dim: usize,
-    (cos, sin): (&[f32], &[f32]),
-    inverse: bool,
-) {
-    let half = dim / 2;
-    let sign = if inverse { -1.0 } else { 1.0 };
-    x.par_chunks_mut(width).enumerate().for_each(|(r, row)| {
-        let pos = r % l;
-        let (c, s) = (&cos[pos * dim..(pos + 1) * dim], &sin[pos * dim..(pos + 1) * dim]);
-        for head in row.chunks_mut(dim) {
-            let (x1, x2) = head.split_at_mut(half);
-            for j in 0..half {
-                let (a, b) = (x1[j], x2[j]);
-                x1[j] = a * c[j] - b * (sign * s[j]);
-                x2[j] = b * c[half + j] + a * (sign * s[half + j]);
-            }
-        }
-    });
 }
 
 /// `y += x`, in place.

@@ -4,7 +4,7 @@
 //! These two are inference only (`Mode::Eval`, F32 on CPU), with no backward; the training
 //! versions, with a backward, are in `train_ops`.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, StorageRef, Tensor};
 use rayon::prelude::*;
 
 /// erf(x) as a rational function (Eigen's `generic_fast_erf_float`), |error| < 1e-7.
@@ -96,6 +96,137 @@ pub(super) fn lanes_reduce_sq(x: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// A tensor's F32 values on the CPU, borrowed from its storage; contiguous only.
+pub(super) struct Data<'a> {
+    guard: StorageRef<'a>,
+    range: std::ops::Range<usize>,
+}
+
+impl<'a> Data<'a> {
+    /// Borrows `t`'s values; an error unless `t` is contiguous F32 on the CPU.
+    pub fn of(t: &'a Tensor) -> Result<Self> {
+        let (guard, layout) = t.storage_and_layout();
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("cpu kernels: tensor is not contiguous")
+        };
+        if !matches!(&*guard, Storage::Cpu(CpuStorage::F32(_))) {
+            candle_core::bail!("cpu kernels: tensor is not F32 on the CPU")
+        }
+        Ok(Self { guard, range: start..end })
+    }
+
+    /// The values.
+    pub fn slice(&self) -> &[f32] {
+        match &*self.guard {
+            Storage::Cpu(CpuStorage::F32(v)) => &v[self.range.clone()],
+            // `of` admits only F32 CPU storage.
+            _ => &[],
+        }
+    }
+}
+
+/// `x W^T (+ b)` over the rows of `x` (row-major, as wide as `weight` `(out, in)` is deep),
+/// all F32 on the CPU: the output starts as the bias (or zero) and one multithreaded gemm adds
+/// the product to it. Each output element is summed by one thread in a fixed order, so the
+/// result is the same bits on every run.
+pub(super) fn project(x: &[f32], weight: &Tensor, bias: Option<&Tensor>) -> Result<Vec<f32>> {
+    let (out_dim, in_dim) = weight.dims2()?;
+    let wd = Data::of(weight)?;
+    let bd = bias.map(Data::of).transpose()?;
+    let bias = bd.as_ref().map(Data::slice);
+    if in_dim == 0 || !x.len().is_multiple_of(in_dim) || bias.is_some_and(|b| b.len() != out_dim) {
+        candle_core::bail!("cpu kernels: linear shapes do not match");
+    }
+    let mut y = match bias {
+        Some(bias) => {
+            let mut y = vec![0f32; x.len() / in_dim * out_dim];
+            y.par_chunks_mut(out_dim.max(1)).for_each(|row| row.copy_from_slice(bias));
+            y
+        }
+        None => vec![0f32; x.len() / in_dim * out_dim],
+    };
+    add_xwt(&mut y, x, wd.slice(), in_dim, 1.0)?;
+    Ok(y)
+}
+
+/// `y += beta * x W^T` for row-major `x` `(rows, k)`, `w` `(n, k)` and `y` `(rows, n)`: one
+/// multithreaded gemm (each output element summed by one thread in a fixed order).
+pub(super) fn add_xwt(y: &mut [f32], x: &[f32], w: &[f32], k: usize, beta: f32) -> Result<()> {
+    if k == 0 || !x.len().is_multiple_of(k) || !w.len().is_multiple_of(k) {
+        candle_core::bail!("cpu kernels: inner dimension {k} does not divide the operands");
+    }
+    let (rows, n) = (x.len() / k, w.len() / k);
+    if y.len() != rows * n {
+        candle_core::bail!("cpu kernels: output of {} for {rows} x {n}", y.len());
+    }
+    // SAFETY: y is rows x n, x rows x k, both row-major, and W^T is read from W (n x k,
+    // row-major) with column stride k and row stride 1; the lengths were checked above.
+    unsafe {
+        gemm::gemm(
+            rows,
+            n,
+            k,
+            y.as_mut_ptr(),
+            1,
+            n as isize,
+            true,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(0),
+        );
+    }
+    Ok(())
+}
+
+/// Softmax of one row in place.
+#[inline(always)]
+pub(super) fn softmax_in_place(row: &mut [f32]) {
+    let max = lanes_reduce(row, f32::NEG_INFINITY, f32::max);
+    for s in row.iter_mut() {
+        *s = exp(*s - max);
+    }
+    let inv = 1.0 / lanes_reduce(row, 0.0, |a, b| a + b);
+    row.iter_mut().for_each(|s| *s *= inv);
+}
+
+/// Rotary positions in place over `x` `(b*l, width)` (heads of `dim` side by side): row `r`
+/// has position `r % l`, and each head becomes `x * cos + rotate_half(x) * sin` with
+/// `cos`/`sin` `(l, dim)` in HF's layout (each half of the frequencies repeated). With
+/// `inverse`, each pair turns back by its angle (`sin` negated): the transpose of the rotation,
+/// which is its backward.
+pub(super) fn rotate(
+    x: &mut [f32],
+    width: usize,
+    l: usize,
+    dim: usize,
+    (cos, sin): (&[f32], &[f32]),
+    inverse: bool,
+) {
+    let half = dim / 2;
+    let sign = if inverse { -1.0 } else { 1.0 };
+    x.par_chunks_mut(width).enumerate().for_each(|(r, row)| {
+        let pos = r % l;
+        let (c, s) = (&cos[pos * dim..(pos + 1) * dim], &sin[pos * dim..(pos + 1) * dim]);
+        for head in row.chunks_mut(dim) {
+            let (x1, x2) = head.split_at_mut(half);
+            for j in 0..half {
+                let (a, b) = (x1[j], x2[j]);
+                x1[j] = a * c[j] - b * (sign * s[j]);
+                x2[j] = b * c[half + j] + a * (sign * s[half + j]);
+            }
+        }
+    });
+}
+
 /// Chunk of elements per rayon task, so small tensors are not split needlessly.
 pub(super) const CHUNK: usize = 1 << 14;
 
@@ -130,24 +261,10 @@ impl CustomOp1 for Softmax {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, "fast-softmax")?;
         let n = l.dims().last().copied().unwrap_or(1).max(1);
-        let mut out: Vec<f32> = Vec::with_capacity(x.len());
-        let spare = &mut out.spare_capacity_mut()[..x.len()];
-        let rows_per_task = (CHUNK / n).max(1) * n;
-        spare.par_chunks_mut(rows_per_task).zip(x.par_chunks(rows_per_task)).for_each(|(o, x)| {
-            for (o, x) in o.chunks_mut(n).zip(x.chunks(n)) {
-                let max = lanes_reduce(x, f32::NEG_INFINITY, f32::max);
-                for (o, &v) in o.iter_mut().zip(x) {
-                    o.write(exp(v - max));
-                }
-                // SAFETY: the whole row was written just above.
-                let o: &mut [f32] =
-                    unsafe { &mut *(o as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
-                let inv = 1.0 / lanes_reduce(o, 0.0, |a, b| a + b);
-                o.iter_mut().for_each(|v| *v *= inv);
-            }
+        let mut out = x.to_vec();
+        out.par_chunks_mut((CHUNK / n).max(1) * n).for_each(|rows| {
+            rows.chunks_mut(n).for_each(softmax_in_place);
         });
-        // SAFETY: every row was written above.
-        unsafe { out.set_len(x.len()) };
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 }

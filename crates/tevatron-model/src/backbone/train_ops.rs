@@ -11,8 +11,10 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu_infer::{rotate, Data};
-use super::fast::{contiguous_f32, erf, exp, lanes_reduce, lanes_reduce_sq, CHUNK};
+use super::fast::{
+    add_xwt, contiguous_f32, erf, exp, lanes_reduce, lanes_reduce_sq, project, rotate,
+    softmax_in_place, Data, CHUNK,
+};
 
 /// Whether the fused kernels apply (F32 on CPU), the same rule as the inference kernels'.
 pub use super::fast::applies;
@@ -168,12 +170,7 @@ impl CustomOp2 for MaskedSoftmax {
             for ((o, &v), &b) in o.iter_mut().zip(x).zip(b) {
                 *o = v + b;
             }
-            let max = lanes_reduce(o, f32::NEG_INFINITY, f32::max);
-            for o in o.iter_mut() {
-                *o = exp(*o - max);
-            }
-            let inv = 1.0 / lanes_reduce(o, 0.0, |a, b| a + b);
-            o.iter_mut().for_each(|v| *v *= inv);
+            softmax_in_place(o);
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -553,7 +550,7 @@ impl CustomOp1 for FrozenLinear {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, "frozen-linear")?;
         let (out_dim, in_dim) = self.weight.dims2()?;
-        let y = super::cpu_infer::project(x, &self.weight, self.bias.as_ref())?;
+        let y = project(x, &self.weight, self.bias.as_ref())?;
         Ok((CpuStorage::F32(y), Shape::from((x.len() / in_dim.max(1), out_dim))))
     }
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -735,57 +732,9 @@ impl CustomOp3 for LoraLinear {
             None => x,
         };
         let mut xa = vec![0f32; rows * r];
-        // SAFETY: xa is rows x r, input rows x in_dim, and A^T is read from A (r x in_dim,
-        // row-major) with column stride in_dim; all lengths were checked above.
-        unsafe {
-            gemm::gemm(
-                rows,
-                r,
-                in_dim,
-                xa.as_mut_ptr(),
-                1,
-                r as isize,
-                false,
-                input.as_ptr(),
-                1,
-                in_dim as isize,
-                a.as_ptr(),
-                in_dim as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::Rayon(0),
-            );
-        }
-        let mut y = super::cpu_infer::project(x, &self.weight, self.bias.as_ref())?;
-        // SAFETY: y is rows x out_dim, xa rows x r, and B^T is read from B (out_dim x r,
-        // row-major) with column stride r: y += scale * xa B^T.
-        unsafe {
-            gemm::gemm(
-                rows,
-                out_dim,
-                r,
-                y.as_mut_ptr(),
-                1,
-                out_dim as isize,
-                true,
-                xa.as_ptr(),
-                1,
-                r as isize,
-                b.as_ptr(),
-                r as isize,
-                1,
-                1.0,
-                self.scale,
-                false,
-                false,
-                false,
-                gemm::Parallelism::Rayon(0),
-            );
-        }
+        add_xwt(&mut xa, input, a, in_dim, 1.0)?;
+        let mut y = project(x, &self.weight, self.bias.as_ref())?;
+        add_xwt(&mut y, &xa, b, r, self.scale)?;
         Ok((CpuStorage::F32(y), Shape::from((rows, out_dim))))
     }
     fn bwd(
