@@ -150,78 +150,66 @@ impl Linear {
     /// dropout on in training.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let dims = x.dims();
-        let in_dim = self.weight.dim(1)?;
+        let (out_dim, in_dim) = self.weight.dims2()?;
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, in_dim))?;
-        if let Some(l) = self.lora.as_ref().filter(|l| self.fused_lora(&x2, l)) {
-            let keep = (mode == Mode::Train && l.dropout > 0.0)
-                .then(|| draw_keep_mask(x2.elem_count(), l.dropout));
-            let base = (&self.weight, self.bias.as_ref());
-            let y = super::train_ops::lora_linear(&x2, base, (&l.a, &l.b, l.scale), keep)?;
-            let mut out = dims.to_vec();
-            *out.last_mut().expect("input has at least one dimension") = self.weight.dim(0)?;
-            return y.reshape(out);
+        let frozen_base = self.frozen_base_on_cpu(&x2);
+        let y = match &self.lora {
+            // The adapter and its frozen base as one op.
+            Some(l) if frozen_base && l.dropout < 1.0 && f32_cpu(&l.a) && f32_cpu(&l.b) => {
+                let keep = (mode == Mode::Train && l.dropout > 0.0)
+                    .then(|| draw_keep_mask(x2.elem_count(), l.dropout));
+                let base = (&self.weight, self.bias.as_ref());
+                super::train_ops::lora_linear(&x2, base, (&l.a, &l.b, l.scale), keep)?
+            }
+            lora => {
+                let y = self.project(&x2, frozen_base && x2.track_op())?;
+                match lora {
+                    Some(l) => {
+                        let xa = dropout(&x2, l.dropout, mode)?;
+                        // Scaled at rank width (rows x r), not at the output's (rows x out).
+                        let update = matmul(&(matmul(&xa, &l.a.t()?)? * l.scale)?, &l.b.t()?)?;
+                        (y + update)?
+                    }
+                    None => y,
+                }
+            }
+        };
+        let mut out = dims.to_vec();
+        *out.last_mut().expect("input has at least one dimension") = out_dim;
+        y.reshape(out)
+    }
+
+    /// `x W^T + b` for `x` `(rows, in)`; `frozen` takes the kernel whose backward computes only
+    /// the input's gradient (worth it only when the input carries one).
+    fn project(&self, x: &Tensor, frozen: bool) -> Result<Tensor> {
+        if frozen {
+            return super::train_ops::frozen_linear(x, &self.weight, self.bias.as_ref());
         }
-        if self.frozen_on_cpu(&x2) {
-            let y = super::train_ops::frozen_linear(&x2, &self.weight, self.bias.as_ref())?;
-            return self.finish(x, x2, y, mode);
-        }
-        let y = matmul(&x2, &self.weight.t()?)?;
-        let y = match &self.bias {
+        let y = matmul(x, &self.weight.t()?)?;
+        Ok(match &self.bias {
             Some(b) if super::train_ops::applies(&y) && b.dtype() == y.dtype() && is_tracked(b) => {
                 super::train_ops::bias_add(&y, b)?
             }
             Some(b) => y.broadcast_add(b)?,
             None => y,
-        };
-        self.finish(x, x2, y, mode)
+        })
     }
 
-    /// Whether the projection takes the frozen-weight kernel: weight and bias frozen (not
-    /// trained, as a LoRA base model's are), everything F32 on the CPU, no autocast, and an
-    /// input that carries gradient (otherwise there is no backward to save).
-    fn frozen_on_cpu(&self, x: &Tensor) -> bool {
-        let f32_cpu = |t: &Tensor| super::train_ops::applies(t) && t.is_contiguous();
-        x.track_op()
-            && AUTOCAST.with(|c| c.get()).is_none()
-            && super::train_ops::applies(x)
-            && !is_tracked(&self.weight)
-            && f32_cpu(&self.weight)
-            && self.bias.as_ref().is_none_or(|b| !is_tracked(b) && f32_cpu(b))
-    }
-
-    /// Whether the adapter and its frozen base run as one fused op: everything F32 on the CPU,
-    /// no autocast, base weight and bias frozen (dropout at 1 or more keeps the composed path).
-    fn fused_lora(&self, x: &Tensor, l: &LoraWeights) -> bool {
-        let f32_cpu = |t: &Tensor| super::train_ops::applies(t) && t.is_contiguous();
+    /// Whether the fused CPU kernels over a frozen base apply: weight and bias frozen (not
+    /// trained, as a LoRA base model's are), everything F32 on the CPU, no autocast.
+    fn frozen_base_on_cpu(&self, x: &Tensor) -> bool {
         AUTOCAST.with(|c| c.get()).is_none()
-            && l.dropout < 1.0
             && super::train_ops::applies(x)
-            && f32_cpu(&l.a)
-            && f32_cpu(&l.b)
             && !is_tracked(&self.weight)
             && f32_cpu(&self.weight)
             && self.bias.as_ref().is_none_or(|b| !is_tracked(b) && f32_cpu(b))
     }
+}
 
-    /// Adds the LoRA update (if any) to the projection `y` of `x2` (`x` flattened to rows) and
-    /// restores `x`'s leading dimensions.
-    fn finish(&self, x: &Tensor, x2: Tensor, y: Tensor, mode: Mode) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let out_dim = self.weight.dim(0)?;
-        let y = match &self.lora {
-            Some(l) => {
-                let xa = dropout(&x2, l.dropout, mode)?;
-                // Scaled at rank width (rows x r), not at the output's (rows x out).
-                let update = matmul(&(matmul(&xa, &l.a.t()?)? * l.scale)?, &l.b.t()?)?;
-                (y + update)?
-            }
-            None => y,
-        };
-        let mut out = dims;
-        *out.last_mut().expect("input has at least one dimension") = out_dim;
-        y.reshape(out)
-    }
+/// Whether `t` is contiguous F32 on the CPU, as the fused kernels read their weights.
+fn f32_cpu(t: &Tensor) -> bool {
+    super::train_ops::applies(t) && t.is_contiguous()
 }
 
 /// Whether gradients flow into `t` (a trainable variable or a tensor computed from one):
