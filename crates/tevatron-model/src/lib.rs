@@ -15,6 +15,14 @@
 //! ```
 #![warn(missing_docs)]
 
+/// `candle_core::bail!` without the backtrace it attaches (which `Display` prints when
+/// `RUST_BACKTRACE` is set, turning a one-line error into a page).
+macro_rules! fail {
+    ($($t:tt)*) => {
+        return Err(candle_core::Error::Msg(format!($($t)*)))
+    };
+}
+
 pub mod backbone;
 pub mod collate;
 pub mod config;

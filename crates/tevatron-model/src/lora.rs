@@ -15,14 +15,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
-/// `candle_core::bail!` without the backtrace it attaches (which `Display` prints when
-/// `RUST_BACKTRACE` is set, turning a one-line error into a page).
-macro_rules! fail {
-    ($($t:tt)*) => {
-        return Err(candle_core::Error::Msg(format!($($t)*)))
-    };
-}
-
 /// The adapter settings PEFT stores in `adapter_config.json` (the fields this tool uses).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LoraConfig {

@@ -64,21 +64,18 @@ pub fn load(dir: &Path, prefixes: &[&str], device: &Device) -> Result<HashMap<St
 fn read_safetensors(path: &Path, device: &Device) -> candle_core::Result<Vec<(String, Tensor)>> {
     use candle_core::safetensors::Load;
     use std::io::{Read, Seek, SeekFrom};
-    // A plain message: `bail!` would attach a backtrace that `Display` prints under
-    // RUST_BACKTRACE, turning the one-line error into a page.
-    let msg = candle_core::Error::Msg;
     let mut file = std::fs::File::open(path)?;
     let file_len = file.metadata()?.len();
     let mut n = [0u8; 8];
     file.read_exact(&mut n)?;
     let n = u64::from_le_bytes(n);
     if n > 100 << 20 || 8 + n > file_len {
-        return Err(msg(format!("a header of {n} bytes does not fit a file of {file_len} bytes")));
+        fail!("a header of {n} bytes does not fit a file of {file_len} bytes");
     }
     let mut header = vec![0u8; n as usize];
     file.read_exact(&mut header)?;
     let meta: safetensors::tensor::Metadata = serde_json::from_slice(&header)
-        .map_err(|e| msg(format!("bad safetensors header ({e})")))?;
+        .map_err(|e| candle_core::Error::Msg(format!("bad safetensors header ({e})")))?;
     let mut tensors: Vec<_> = meta.tensors().into_iter().collect();
     tensors.sort_by_key(|(_, info)| info.data_offsets.0);
     let mut out = Vec::with_capacity(tensors.len());
@@ -86,9 +83,7 @@ fn read_safetensors(path: &Path, device: &Device) -> candle_core::Result<Vec<(St
         let (start, end) = info.data_offsets;
         let (start, end) = (8 + n + start as u64, 8 + n + end as u64);
         if end > file_len || start > end {
-            return Err(msg(format!(
-                "tensor {name} ends at byte {end} of a {file_len}-byte file (truncated?)"
-            )));
+            fail!("tensor {name} ends at byte {end} of a {file_len}-byte file (truncated?)");
         }
         file.seek(SeekFrom::Start(start))?;
         let mut bytes = vec![0u8; (end - start) as usize];

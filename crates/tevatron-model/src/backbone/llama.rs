@@ -20,14 +20,6 @@ use super::layers::{self, Activation, Linear, Linears};
 use super::{Backbone, Mode};
 use crate::collate::Batch;
 
-/// `candle_core::bail!` without the backtrace it attaches (which `Display` prints when
-/// `RUST_BACKTRACE` is set, turning a one-line error into a page).
-macro_rules! fail {
-    ($($t:tt)*) => {
-        return Err(candle_core::Error::Msg(format!($($t)*)))
-    };
-}
-
 fn default_eps() -> f64 {
     1e-6
 }
