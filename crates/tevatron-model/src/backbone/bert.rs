@@ -199,20 +199,22 @@ impl Backbone for Bert {
 
 impl Layer {
     fn forward(&self, x: &Tensor, bias: &Tensor, cfg: &Config, mode: Mode) -> Result<Tensor> {
-        let fast = PostNormLayer {
-            query: &self.query,
-            key: &self.key,
-            value: &self.value,
-            attn_out: &self.attn_out,
-            attn_norm: &self.attn_norm,
-            up: &self.intermediate,
-            down: &self.output,
-            out_norm: &self.out_norm,
-            act: cfg.hidden_act,
-            heads: cfg.num_attention_heads,
-        };
-        if mode == Mode::Eval && fast.applies(x, bias) {
-            return fast.forward(x, bias);
+        if mode == Mode::Eval {
+            let fast = PostNormLayer {
+                query: &self.query,
+                key: &self.key,
+                value: &self.value,
+                attn_out: &self.attn_out,
+                attn_norm: &self.attn_norm,
+                up: &self.intermediate,
+                down: &self.output,
+                out_norm: &self.out_norm,
+                act: cfg.hidden_act,
+                heads: cfg.num_attention_heads,
+            };
+            if fast.applies(x, bias) {
+                return fast.forward(x, bias);
+            }
         }
         let q = self.query.forward(x, mode)?;
         let k = self.key.forward(x, mode)?;

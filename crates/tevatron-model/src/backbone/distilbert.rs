@@ -111,20 +111,22 @@ impl Backbone for DistilBert {
 
     fn layer(&self, i: usize, x: &Tensor, bias: &Tensor, mode: Mode) -> Result<Tensor> {
         let layer = &self.layers[i];
-        let fast = PostNormLayer {
-            query: &layer.q,
-            key: &layer.k,
-            value: &layer.v,
-            attn_out: &layer.out,
-            attn_norm: &layer.sa_norm,
-            up: &layer.lin1,
-            down: &layer.lin2,
-            out_norm: &layer.out_norm,
-            act: self.cfg.activation,
-            heads: self.cfg.n_heads,
-        };
-        if mode == Mode::Eval && fast.applies(x, bias) {
-            return fast.forward(x, bias);
+        if mode == Mode::Eval {
+            let fast = PostNormLayer {
+                query: &layer.q,
+                key: &layer.k,
+                value: &layer.v,
+                attn_out: &layer.out,
+                attn_norm: &layer.sa_norm,
+                up: &layer.lin1,
+                down: &layer.lin2,
+                out_norm: &layer.out_norm,
+                act: self.cfg.activation,
+                heads: self.cfg.n_heads,
+            };
+            if fast.applies(x, bias) {
+                return fast.forward(x, bias);
+            }
         }
         let q = layer.q.forward(x, mode)?;
         let k = layer.k.forward(x, mode)?;
