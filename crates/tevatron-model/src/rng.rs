@@ -3,6 +3,8 @@
 //! [`mix`] derives a stream's seed from `(seed, step, ...)`, so a resumed run or a replayed
 //! GradCache chunk draws exactly the numbers of the original one, whatever ran before.
 
+use rayon::prelude::*;
+
 /// SplitMix64 (Steele, Lea, Flood 2014): 64 bits of state, passes BigCrush, trivially seeded.
 #[derive(Clone, Debug)]
 pub struct SplitMix64 {
@@ -17,11 +19,25 @@ impl SplitMix64 {
 
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.state = self.state.wrapping_add(GOLDEN);
+        finalize(self.state)
+    }
+
+    /// The next `n` dropout decisions with drop probability `p` (`0 < p < 1`): 1 = keep. Each
+    /// 64-bit draw gives two decisions (its low, then its high 32 bits compared with
+    /// `p * 2^32`), exactly as `n` sequential calls would, but drawn in parallel: the `k`-th
+    /// output of SplitMix64 is a pure function of the state and `k`. A LoRA step draws one
+    /// mask per adapted projection, hundreds of millions of decisions, and drawing them one by
+    /// one kept a core idle.
+    pub fn keep_mask(&mut self, n: usize, p: f64) -> Vec<u8> {
+        let threshold = (p * 4_294_967_296.0) as u64;
+        let base = self.state;
+        self.state = base.wrapping_add((n.div_ceil(2) as u64).wrapping_mul(GOLDEN));
+        let mut keep = vec![0u8; n];
+        keep.par_chunks_mut(MASK_CHUNK)
+            .enumerate()
+            .for_each(|(i, out)| fill_keep(base, (i * MASK_CHUNK / 2) as u64, threshold, out));
+        keep
     }
 
     /// A uniform integer in `0..n` (Lemire's method with rejection, so unbiased); `n > 0`.
@@ -46,6 +62,51 @@ impl SplitMix64 {
     }
 }
 
+const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// Decisions per parallel task of [`SplitMix64::keep_mask`] (even: a task starts on a draw).
+const MASK_CHUNK: usize = 1 << 16;
+
+/// SplitMix64's output function.
+#[inline(always)]
+fn finalize(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Writes the decisions of draws `first..` after state `base` into `out`, two per draw.
+fn fill_keep(base: u64, first: u64, threshold: u64, out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512dq") {
+        // SAFETY: the CPU has the features the function is compiled for.
+        return unsafe { fill_keep_avx512(base, first, threshold, out) };
+    }
+    fill_keep_body(base, first, threshold, out)
+}
+
+/// [`fill_keep_body`] compiled for AVX-512 (64-bit multiplies in vector registers).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+unsafe fn fill_keep_avx512(base: u64, first: u64, threshold: u64, out: &mut [u8]) {
+    fill_keep_body(base, first, threshold, out)
+}
+
+#[inline(always)]
+fn fill_keep_body(base: u64, first: u64, threshold: u64, out: &mut [u8]) {
+    let half = (out.len() / 2) as u64;
+    let mut pairs = out.chunks_exact_mut(2);
+    for (k, pair) in (&mut pairs).enumerate() {
+        let bits = finalize(base.wrapping_add((first + k as u64 + 1).wrapping_mul(GOLDEN)));
+        pair[0] = u8::from(bits & 0xffff_ffff >= threshold);
+        pair[1] = u8::from(bits >> 32 >= threshold);
+    }
+    if let [last] = pairs.into_remainder() {
+        let bits = finalize(base.wrapping_add((first + half + 1).wrapping_mul(GOLDEN)));
+        *last = u8::from(bits & 0xffff_ffff >= threshold);
+    }
+}
+
 /// Combines a seed with counters into a new, well-spread seed.
 pub fn mix(seed: u64, parts: &[u64]) -> u64 {
     let mut h = SplitMix64::new(seed ^ 0x5851_f42d_4c95_7f2d).next_u64();
@@ -58,6 +119,35 @@ pub fn mix(seed: u64, parts: &[u64]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The parallel mask equals the sequential draws it stands for (odd lengths, lengths over
+    /// one task, and two masks in a row), and leaves the stream where they would.
+    #[test]
+    fn keep_mask_equals_sequential_draws() {
+        let p = 0.1;
+        let threshold = (p * 4_294_967_296.0) as u64;
+        let sequential = |r: &mut SplitMix64, n: usize| {
+            let mut keep = Vec::with_capacity(n);
+            while keep.len() < n {
+                let bits = r.next_u64();
+                for half in [bits & 0xffff_ffff, bits >> 32] {
+                    if keep.len() < n {
+                        keep.push(u8::from(half >= threshold));
+                    }
+                }
+            }
+            keep
+        };
+        for n in [0, 1, 7, MASK_CHUNK + 3, 3 * MASK_CHUNK] {
+            let (mut a, mut b) = (SplitMix64::new(42), SplitMix64::new(42));
+            assert_eq!(a.keep_mask(n, p), sequential(&mut b, n), "n = {n}");
+            assert_eq!(a.keep_mask(5, p), sequential(&mut b, 5), "after n = {n}");
+            assert_eq!(a.next_u64(), b.next_u64());
+        }
+        let kept =
+            SplitMix64::new(1).keep_mask(100_000, p).iter().map(|&k| k as usize).sum::<usize>();
+        assert!((89_000..91_000).contains(&kept), "{kept}");
+    }
 
     #[test]
     fn below_is_in_range_and_roughly_uniform() {

@@ -227,6 +227,30 @@ pub(super) fn rotate(
     });
 }
 
+/// `out = x * keep * scale` elementwise (`keep` 0 or 1): inverted dropout with a byte mask.
+/// Written as a product rather than a branch so that it compiles to vector code.
+pub(super) fn mask_scale(out: &mut [f32], x: &[f32], keep: &[u8], scale: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has the feature the function is compiled for.
+        return unsafe { mask_scale_avx512(out, x, keep, scale) };
+    }
+    mask_scale_body(out, x, keep, scale)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn mask_scale_avx512(out: &mut [f32], x: &[f32], keep: &[u8], scale: f32) {
+    mask_scale_body(out, x, keep, scale)
+}
+
+#[inline(always)]
+fn mask_scale_body(out: &mut [f32], x: &[f32], keep: &[u8], scale: f32) {
+    for ((o, &v), &k) in out.iter_mut().zip(x).zip(keep) {
+        *o = v * (f32::from(k) * scale);
+    }
+}
+
 /// Chunk of elements per rayon task, so small tensors are not split needlessly.
 pub(super) const CHUNK: usize = 1 << 14;
 

@@ -114,22 +114,8 @@ pub fn dropout(x: &Tensor, p: f64, mode: Mode) -> Result<Tensor> {
 /// The next dropout mask of `n` values from this thread's stream (1 = keep, each with
 /// probability `1 - p`, `0 < p < 1`) and the scale kept values get.
 fn draw_keep_mask(n: usize, p: f64) -> (Vec<u8>, f32) {
-    let scale = (1.0 / (1.0 - p)) as f32;
-    // Compare 32-bit draws with the threshold, two draws per 64-bit output.
-    let threshold = (p * 4_294_967_296.0) as u64;
-    let mut keep = Vec::with_capacity(n);
-    DROPOUT_RNG.with(|r| {
-        let mut r = r.borrow_mut();
-        while keep.len() < n {
-            let bits = r.next_u64();
-            for half in [bits & 0xffff_ffff, bits >> 32] {
-                if keep.len() < n {
-                    keep.push(u8::from(half >= threshold));
-                }
-            }
-        }
-    });
-    (keep, scale)
+    let keep = DROPOUT_RNG.with(|r| r.borrow_mut().keep_mask(n, p));
+    (keep, (1.0 / (1.0 - p)) as f32)
 }
 
 /// A linear layer `x W^T + b` with HF names `weight` `(out, in)` and `bias`, and optionally a

@@ -12,7 +12,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, S
 use rayon::prelude::*;
 
 use super::fast::{
-    add_xwt, contiguous_f32, erf, exp, lanes_reduce, lanes_reduce_sq, project, rotate,
+    add_xwt, contiguous_f32, erf, exp, lanes_reduce, lanes_reduce_sq, mask_scale, project, rotate,
     softmax_in_place, Data, CHUNK,
 };
 
@@ -507,9 +507,8 @@ impl Dropout {
             );
         }
         Ok(par_rows(x.len(), 1, |start, o| {
-            for ((o, &v), &k) in o.iter_mut().zip(&x[start..]).zip(&self.keep[start..]) {
-                *o = if k != 0 { v * self.scale } else { 0.0 };
-            }
+            let end = start + o.len();
+            mask_scale(o, &x[start..end], &self.keep[start..end], self.scale)
         }))
     }
 }
