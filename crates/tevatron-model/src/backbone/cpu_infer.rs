@@ -12,12 +12,10 @@
 //! Only `Mode::Eval` takes this path; training keeps the differentiable ops.
 
 use candle_core::{Device, Result, Tensor};
-use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
-use super::fast::{
-    erf, exp, lanes_reduce, lanes_reduce_sq, project, rotate, softmax_in_place, Data, CHUNK,
-};
+use super::attention::{forward as attention, Heads};
+use super::fast::{erf, exp, lanes_reduce, lanes_reduce_sq, project, rotate, Data, CHUNK};
 use super::layers::{Activation, LayerNorm, Linear};
 
 /// The weights of one post-norm encoder layer, borrowed from the backbone:
@@ -175,150 +173,9 @@ impl DecoderLayer<'_> {
     }
 }
 
-/// Head counts and width: `query` heads share `kv` key/value heads (grouped-query attention).
-#[derive(Clone, Copy, Debug)]
-pub(super) struct Heads {
-    pub query: usize,
-    pub kv: usize,
-    pub dim: usize,
-}
-
 /// `x W^T (+ b)` over the rows of `x` with a linear layer's weights (see [`project`]).
 fn linear(x: &[f32], lin: &Linear) -> Result<Vec<f32>> {
     project(x, &lin.weight, lin.bias.as_ref())
-}
-
-/// A raw pointer that rayon tasks may share; each task writes a disjoint part.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: tasks holding it write disjoint elements (see `attention`).
-unsafe impl Send for SharedOut {}
-// SAFETY: as above.
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
-}
-
-/// `softmax(q k^T / sqrt(d) + mask) v` for every sequence and query head, one rayon task each.
-/// `q` is `(b*l, query*dim)` and `k`, `v` are `(b*l, kv*dim)`, row-major, head `j` in columns
-/// `j*dim..(j+1)*dim`; query head `j` reads key/value head `j / (query/kv)`. `mask` is
-/// additive, either per key `(b, l)` (padding) or per query and key `(b, l, l)` (causal).
-/// The context comes back as `(b*l, query*dim)`, the heads already merged.
-fn attention(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    mask: &[f32],
-    (b, l): (usize, usize),
-    heads: Heads,
-) -> Result<Vec<f32>> {
-    let Heads { query, kv, dim } = heads;
-    let (qw, kw) = (query * dim, kv * dim);
-    let mask_row_stride = match mask.len() {
-        n if n == b * l => 0,
-        n if n == b * l * l => l,
-        n => candle_core::bail!("cpu inference: attention mask of {n} values for {b} x {l}"),
-    };
-    if q.len() != b * l * qw || k.len() != b * l * kw || v.len() != k.len() {
-        candle_core::bail!("cpu inference: attention shapes do not match");
-    }
-    let group = query / kv;
-    let scale = 1.0 / (dim as f32).sqrt();
-    let mut ctx = vec![0f32; b * l * qw];
-    let out = SharedOut(ctx.as_mut_ptr());
-    (0..b * query).into_par_iter().for_each_init(
-        || vec![0f32; l * l],
-        |scores, task| {
-            let (seq, head) = (task / query, task % query);
-            let q_at = seq * l * qw + head * dim;
-            let kv_at = seq * l * kw + (head / group) * dim;
-            // SAFETY: rows seq*l..(seq+1)*l and the head's dim columns are within q, k and v
-            // (lengths checked above); scores is l x l. Each task writes only its own
-            // (sequence, head) block of ctx, so writes never overlap.
-            unsafe {
-                gemm(
-                    l,
-                    l,
-                    dim,
-                    scores.as_mut_ptr(),
-                    1,
-                    l as isize,
-                    false,
-                    q.as_ptr().add(q_at),
-                    1,
-                    qw as isize,
-                    k.as_ptr().add(kv_at),
-                    kw as isize,
-                    1,
-                    0.0,
-                    scale,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
-            }
-            let block = seq * l * mask_row_stride.max(1);
-            softmax_rows(scores, &mask[block..], l, mask_row_stride);
-            // SAFETY: as above; the destination is rows seq*l.. of ctx, the head's columns.
-            unsafe {
-                gemm(
-                    l,
-                    dim,
-                    l,
-                    out.ptr().add(q_at),
-                    1,
-                    qw as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    l as isize,
-                    v.as_ptr().add(kv_at),
-                    1,
-                    kw as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
-            }
-        },
-    );
-    Ok(ctx)
-}
-
-/// `softmax(row + mask row)` for each row of `scores` (rows of `l`), in place; mask row `i`
-/// starts at `i * mask_row_stride` (0: one mask for all rows). Compiled for AVX-512 when the CPU
-/// has it (the portable build's SSE code took 9% of encode time).
-fn softmax_rows(scores: &mut [f32], mask: &[f32], l: usize, mask_row_stride: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F, checked just above.
-        return unsafe { softmax_rows_avx512(scores, mask, l, mask_row_stride) };
-    }
-    softmax_rows_portable(scores, mask, l, mask_row_stride)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn softmax_rows_avx512(scores: &mut [f32], mask: &[f32], l: usize, stride: usize) {
-    softmax_rows_portable(scores, mask, l, stride)
-}
-
-#[inline(always)]
-fn softmax_rows_portable(scores: &mut [f32], mask: &[f32], l: usize, stride: usize) {
-    for (i, row) in scores.chunks_mut(l).enumerate() {
-        let keys = &mask[i * stride..i * stride + l];
-        for (s, &m) in row.iter_mut().zip(keys) {
-            *s += m;
-        }
-        softmax_in_place(row);
-    }
 }
 
 /// `y = LayerNorm(y + residual)` row by row, in place.

@@ -74,6 +74,12 @@ pub fn set_autocast(dtype: Option<DType>) {
     AUTOCAST.with(|a| a.set(dtype));
 }
 
+/// Whether autocast is on: fused F32 kernels then stand aside so that products run in the
+/// autocast dtype, as PyTorch's do.
+pub(super) fn autocast_active() -> bool {
+    AUTOCAST.with(|c| c.get()).is_some()
+}
+
 /// A matrix product under the current autocast setting.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     match AUTOCAST.with(|c| c.get()) {
@@ -185,7 +191,7 @@ impl Linear {
     /// Whether the fused CPU kernels over a frozen base apply: weight and bias frozen (not
     /// trained, as a LoRA base model's are), everything F32 on the CPU, no autocast.
     fn frozen_base_on_cpu(&self, x: &Tensor) -> bool {
-        AUTOCAST.with(|c| c.get()).is_none()
+        !autocast_active()
             && super::train_ops::applies(x)
             && !is_tracked(&self.weight)
             && f32_cpu(&self.weight)

@@ -15,7 +15,8 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
-use super::cpu_infer::{DecoderLayer, Heads, RmsNormRef};
+use super::attention::Heads;
+use super::cpu_infer::{DecoderLayer, RmsNormRef};
 use super::layers::{self, Activation, Linear, Linears};
 use super::{Backbone, Mode};
 use crate::collate::Batch;
@@ -413,11 +414,47 @@ impl Layer {
         let split = |t: Tensor, n: usize| t.reshape((b, l, n, d));
         let mut q = split(self.q.forward(&h, mode)?, heads)?;
         let mut k = split(self.k.forward(&h, mode)?, kv)?;
-        let v = split(self.v.forward(&h, mode)?, kv)?.transpose(1, 2)?.contiguous()?;
+        let v = split(self.v.forward(&h, mode)?, kv)?;
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = qn.forward(&q, mode)?;
             k = kn.forward(&k, mode)?;
         }
+        let ctx = self.attention(q, k, v, (bias, cos, sin), cfg, mode)?;
+        let x = (self.o.forward(&ctx, mode)? + x)?;
+        let h = self.post_norm.forward(&x, mode)?;
+        let (gate, up) = (self.gate.forward(&h, mode)?, self.up.forward(&h, mode)?);
+        let glu = if cfg.hidden_act == Activation::Silu && super::train_ops::applies(&gate) {
+            super::train_ops::swiglu(&gate, &up)?
+        } else {
+            (cfg.hidden_act.forward(&gate, mode)? * up)?
+        };
+        let f = self.down.forward(&glu, mode)?;
+        x + f
+    }
+
+    /// Rotary positions and attention over `q` `(b, l, heads, d)` and `k`, `v` `(b, l, kv, d)`;
+    /// returns `(b, l, heads * d)`. On the CPU in F32 without attention dropout or autocast, fused ops with
+    /// their own backward (`train_ops::rotary`, `attention::attention`) that keep the heads in
+    /// place; otherwise composed candle ops.
+    fn attention(
+        &self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        (bias, cos, sin): (&Tensor, &Tensor, &Tensor),
+        cfg: &Config,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let (b, l, heads, d) = q.dims4()?;
+        let kv = k.dim(2)?;
+        let fused = !layers::autocast_active()
+            && [&q, &k, &v, bias, cos, sin].iter().all(|t| super::train_ops::applies(t));
+        if fused && (mode == Mode::Eval || cfg.attention_dropout == 0.0) {
+            let q = super::train_ops::rotary(&q, cos, sin)?;
+            let k = super::train_ops::rotary(&k, cos, sin)?;
+            return super::attention::attention(&q, &k, &v, bias);
+        }
+        let v = v.transpose(1, 2)?.contiguous()?;
         // (b, l, n, d) -> rotated (b, n, l, d): one fused op on CPU in F32, composed elsewhere.
         let rope = |t: Tensor| -> Result<Tensor> {
             if super::train_ops::applies(&t) && super::train_ops::applies(cos) {
@@ -435,16 +472,6 @@ impl Layer {
             t.unsqueeze(2)?.expand((b, kv, heads / kv, l, d))?.reshape((b, heads, l, d))
         };
         let (k, v) = (repeat(k)?, repeat(v)?);
-        let ctx = layers::attend(&q, &k, &v, bias, cfg.attention_dropout, mode)?;
-        let x = (self.o.forward(&ctx, mode)? + x)?;
-        let h = self.post_norm.forward(&x, mode)?;
-        let (gate, up) = (self.gate.forward(&h, mode)?, self.up.forward(&h, mode)?);
-        let glu = if cfg.hidden_act == Activation::Silu && super::train_ops::applies(&gate) {
-            super::train_ops::swiglu(&gate, &up)?
-        } else {
-            (cfg.hidden_act.forward(&gate, mode)? * up)?
-        };
-        let f = self.down.forward(&glu, mode)?;
-        x + f
+        layers::attend(&q, &k, &v, bias, cfg.attention_dropout, mode)
     }
 }

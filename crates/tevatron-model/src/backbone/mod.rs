@@ -5,6 +5,7 @@
 //! which the tests compare both against. Backbones return
 //! hidden states only; pooling and loss live outside them.
 
+mod attention;
 pub mod bert;
 mod cpu_infer;
 pub mod distilbert;
