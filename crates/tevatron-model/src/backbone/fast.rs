@@ -134,18 +134,37 @@ pub(super) fn project(x: &[f32], weight: &Tensor, bias: Option<&Tensor>) -> Resu
     let wd = Data::of(weight)?;
     let bd = bias.map(Data::of).transpose()?;
     let bias = bd.as_ref().map(Data::slice);
-    if in_dim == 0 || !x.len().is_multiple_of(in_dim) || bias.is_some_and(|b| b.len() != out_dim) {
+    let w = wd.slice();
+    if in_dim == 0
+        || !x.len().is_multiple_of(in_dim)
+        || w.len() != out_dim * in_dim
+        || bias.is_some_and(|b| b.len() != out_dim)
+    {
         candle_core::bail!("cpu kernels: linear shapes do not match");
     }
-    let mut y = match bias {
+    let n = x.len() / in_dim * out_dim;
+    let mut y: Vec<f32> = Vec::with_capacity(n);
+    match bias {
         Some(bias) => {
-            let mut y = vec![0f32; x.len() / in_dim * out_dim];
-            y.par_chunks_mut(out_dim.max(1)).for_each(|row| row.copy_from_slice(bias));
-            y
+            let spare = &mut y.spare_capacity_mut()[..n];
+            spare.par_chunks_mut(out_dim.max(1)).for_each(|row| {
+                row.iter_mut().zip(bias).for_each(|(o, &b)| {
+                    o.write(b);
+                })
+            });
+            // SAFETY: every row was written with the bias just above.
+            unsafe { y.set_len(n) };
+            add_xwt(&mut y, x, w, in_dim, 1.0)?;
         }
-        None => vec![0f32; x.len() / in_dim * out_dim],
-    };
-    add_xwt(&mut y, x, wd.slice(), in_dim, 1.0)?;
+        None => {
+            // SAFETY: the gemm writes all rows x out_dim elements without reading them
+            // (in_dim > 0 and the lengths were checked above), before the length is set.
+            unsafe {
+                xwt(y.as_mut_ptr(), x, w, in_dim, 1.0, false);
+                y.set_len(n);
+            }
+        }
+    }
     Ok(y)
 }
 
@@ -159,32 +178,41 @@ pub(super) fn add_xwt(y: &mut [f32], x: &[f32], w: &[f32], k: usize, beta: f32) 
     if y.len() != rows * n {
         candle_core::bail!("cpu kernels: output of {} for {rows} x {n}", y.len());
     }
-    // SAFETY: y is rows x n, x rows x k, both row-major, and W^T is read from W (n x k,
-    // row-major) with column stride k and row stride 1; the lengths were checked above.
-    unsafe {
-        gemm::gemm(
-            rows,
-            n,
-            k,
-            y.as_mut_ptr(),
-            1,
-            n as isize,
-            true,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(0),
-        );
-    }
+    // SAFETY: the lengths were checked above.
+    unsafe { xwt(y.as_mut_ptr(), x, w, k, beta, true) };
     Ok(())
+}
+
+/// `y = beta * x W^T`, or `y += ...` with `read_dst`: the gemm behind [`project`] and
+/// [`add_xwt`].
+///
+/// # Safety
+/// `k > 0`, `x` and `w` are whole rows of `k`, and `y` has room for `x.len() / k` rows of
+/// `w.len() / k` (initialised when `read_dst`).
+unsafe fn xwt(y: *mut f32, x: &[f32], w: &[f32], k: usize, beta: f32, read_dst: bool) {
+    let (rows, n) = (x.len() / k, w.len() / k);
+    // W^T is read from W (n x k, row-major) with column stride k and row stride 1.
+    gemm::gemm(
+        rows,
+        n,
+        k,
+        y,
+        1,
+        n as isize,
+        read_dst,
+        x.as_ptr(),
+        1,
+        k as isize,
+        w.as_ptr(),
+        k as isize,
+        1,
+        1.0,
+        beta,
+        false,
+        false,
+        false,
+        gemm::Parallelism::Rayon(0),
+    );
 }
 
 /// Softmax of one row in place.
