@@ -15,7 +15,7 @@ use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 
 use super::attention::{forward as attention, Heads};
-use super::fast::{erf, exp, lanes_reduce, lanes_reduce_sq, project, rotate, Data, CHUNK};
+use super::fast::{erf, exp, lanes_reduce, lanes_reduce_sq, project, rotate, simd, Data, CHUNK};
 use super::layers::{Activation, LayerNorm, Linear};
 
 /// The weights of one post-norm encoder layer, borrowed from the backbone:
@@ -188,19 +188,47 @@ fn add_layer_norm(y: &mut [f32], residual: &[f32], h: usize, norm: &LayerNorm) -
     }
     let eps = norm.eps as f32;
     let rows_per_task = (CHUNK / h).max(1) * h;
-    y.par_chunks_mut(rows_per_task).zip(residual.par_chunks(rows_per_task)).for_each(|(y, r)| {
-        for (y, r) in y.chunks_mut(h).zip(r.chunks(h)) {
-            y.iter_mut().zip(r).for_each(|(y, r)| *y += r);
-            let mean = lanes_reduce(y, 0.0, |a, b| a + b) / h as f32;
-            y.iter_mut().for_each(|v| *v -= mean);
-            let var = lanes_reduce_sq(y) / h as f32;
-            let rstd = 1.0 / (var + eps).sqrt();
-            for ((v, &w), &b) in y.iter_mut().zip(w).zip(b) {
-                *v = *v * rstd * w + b;
-            }
-        }
-    });
+    y.par_chunks_mut(rows_per_task)
+        .zip(residual.par_chunks(rows_per_task))
+        .for_each(|(y, r)| add_layer_norm_rows(y, r, (w, b), eps));
     Ok(())
+}
+
+/// [`add_layer_norm`] over whole rows of `y` and `residual` (rows as wide as `w`), compiled
+/// for AVX-512 when the CPU has it.
+fn add_layer_norm_rows(y: &mut [f32], residual: &[f32], (w, b): (&[f32], &[f32]), eps: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F, checked just above.
+        return unsafe { add_layer_norm_rows_avx512(y, residual, (w, b), eps) };
+    }
+    add_layer_norm_rows_portable(y, residual, (w, b), eps)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn add_layer_norm_rows_avx512(y: &mut [f32], r: &[f32], wb: (&[f32], &[f32]), eps: f32) {
+    add_layer_norm_rows_portable(y, r, wb, eps)
+}
+
+#[inline(always)]
+fn add_layer_norm_rows_portable(
+    y: &mut [f32],
+    residual: &[f32],
+    (w, b): (&[f32], &[f32]),
+    eps: f32,
+) {
+    let h = w.len();
+    for (y, r) in y.chunks_mut(h).zip(residual.chunks(h)) {
+        y.iter_mut().zip(r).for_each(|(y, r)| *y += r);
+        let mean = lanes_reduce(y, 0.0, |a, b| a + b) / h as f32;
+        y.iter_mut().for_each(|v| *v -= mean);
+        let var = lanes_reduce_sq(y) / h as f32;
+        let rstd = 1.0 / (var + eps).sqrt();
+        for ((v, &w), &b) in y.iter_mut().zip(w).zip(b) {
+            *v = *v * rstd * w + b;
+        }
+    }
 }
 
 /// RMSNorm of each `width`-long row of `x` (a hidden state, or one head of Q or K) into a new
@@ -215,28 +243,30 @@ fn rms_norm(x: &[f32], width: usize, norm: &RmsNormRef) -> Result<Vec<f32>> {
     let mut y = vec![0f32; x.len()];
     let rows_per_task = (CHUNK / width).max(1) * width;
     y.par_chunks_mut(rows_per_task).zip(x.par_chunks(rows_per_task)).for_each(|(y, x)| {
-        for (y, x) in y.chunks_mut(width).zip(x.chunks(width)) {
-            let rstd = 1.0 / (lanes_reduce_sq(x) / width as f32 + eps).sqrt();
-            for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
-                *y = w * (x * rstd);
+        simd(|| {
+            for (y, x) in y.chunks_mut(width).zip(x.chunks(width)) {
+                let rstd = 1.0 / (lanes_reduce_sq(x) / width as f32 + eps).sqrt();
+                for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+                    *y = w * (x * rstd);
+                }
             }
-        }
+        })
     });
     Ok(y)
 }
 
 /// `y += x`, in place.
 fn add_in_place(y: &mut [f32], x: &[f32]) {
-    y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
-        y.iter_mut().zip(x).for_each(|(y, x)| *y += x);
-    });
+    y.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(y, x)| simd(|| y.iter_mut().zip(x).for_each(|(y, x)| *y += x)));
 }
 
 /// The feed-forward activation, in place.
 fn activate(x: &mut [f32], act: Activation) {
     // One monomorphised loop per activation, so each inlines and vectorises.
     fn each(x: &mut [f32], f: impl Fn(f32) -> f32 + Sync) {
-        x.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v = f(*v)));
+        x.par_chunks_mut(CHUNK).for_each(|c| simd(|| c.iter_mut().for_each(|v| *v = f(*v))));
     }
     match act {
         Activation::Gelu => each(x, |v| 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2))),

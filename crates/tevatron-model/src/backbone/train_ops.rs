@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use super::fast::{
     add_xwt, contiguous_f32, erf, exp, lanes_reduce, lanes_reduce_sq, mask_scale, project, rotate,
-    softmax_in_place, Data, CHUNK,
+    simd, softmax_in_place, Data, CHUNK,
 };
 
 /// Whether the fused kernels apply (F32 on CPU), the same rule as the inference kernels'.
@@ -30,7 +30,7 @@ fn par_rows(n: usize, row: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -> Ve
         // SAFETY: f32 has no invalid bit patterns and `fill` writes each element before any
         // read of it (the contract above), so no uninitialised value is ever observed.
         let o = unsafe { &mut *(o as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
-        fill(i * per_task, o)
+        simd(|| fill(i * per_task, o))
     });
     // SAFETY: every element was written by `fill`.
     unsafe { out.set_len(n) };
@@ -77,9 +77,11 @@ fn par_rows_with_param_grad(
         .enumerate()
         .map(|(i, dx)| {
             let mut acc = vec![0f32; width];
-            for (k, dx) in dx.chunks_mut(row).enumerate() {
-                row_grad(i * per_task / row + k, dx, &mut acc);
-            }
+            simd(|| {
+                for (k, dx) in dx.chunks_mut(row).enumerate() {
+                    row_grad(i * per_task / row + k, dx, &mut acc);
+                }
+            });
             acc
         })
         .collect();
