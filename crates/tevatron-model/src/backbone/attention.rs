@@ -54,7 +54,6 @@ pub(super) fn forward(
     let (qw, kw) = (query * dim, kv * dim);
     let mask_row_stride = check_shapes(q, k, v, mask, (b, l), heads)?;
     let group = query / kv;
-    let scale = 1.0 / (dim as f32).sqrt();
     let mut ctx = vec![0f32; b * l * qw];
     let out = SharedOut(ctx.as_mut_ptr());
     (0..b * query).into_par_iter().for_each_init(
@@ -63,67 +62,103 @@ pub(super) fn forward(
             let (seq, head) = (task / query, task % query);
             let q_at = seq * l * qw + head * dim;
             let kv_at = seq * l * kw + (head / group) * dim;
+            let block = seq * l * mask_row_stride.max(1);
             // SAFETY: rows seq*l..(seq+1)*l and the head's dim columns are within q, k and v
             // (lengths checked above); scores is l x l. Each task writes only its own
             // (sequence, head) block of ctx, so writes never overlap.
             unsafe {
-                gemm(
-                    l,
-                    l,
-                    dim,
-                    scores.as_mut_ptr(),
-                    1,
-                    l as isize,
-                    false,
-                    q.as_ptr().add(q_at),
-                    1,
-                    qw as isize,
-                    k.as_ptr().add(kv_at),
-                    kw as isize,
-                    1,
-                    0.0,
-                    scale,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
-            }
-            let block = seq * l * mask_row_stride.max(1);
-            softmax_rows(scores, &mask[block..], l, mask_row_stride);
-            // SAFETY: as above; the destination is rows seq*l.. of ctx, the head's columns.
-            unsafe {
-                gemm(
-                    l,
-                    dim,
-                    l,
-                    out.ptr().add(q_at),
-                    1,
-                    qw as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    l as isize,
-                    v.as_ptr().add(kv_at),
-                    1,
-                    kw as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
+                let q_h = Mat::new(q.as_ptr().add(q_at), qw);
+                let k_g = Mat::new(k.as_ptr().add(kv_at), kw);
+                probabilities(scores, q_h, k_g, (&mask[block..], mask_row_stride), (l, dim));
+                // ctx_h = P V
+                let p = Mat::new(scores.as_ptr(), l);
+                let v_g = Mat::new(v.as_ptr().add(kv_at), kw);
+                product((out.ptr().add(q_at), qw), false, p, v_g, (l, dim, l), 1.0);
             }
         },
     );
     Ok(ctx)
 }
 
+/// A read-only row-major matrix inside a larger buffer: element `(i, j)` at `ptr + i * row +
+/// j * col` (a head's block of Q, K or V, or a transposed view of one).
+#[derive(Clone, Copy)]
+struct Mat {
+    ptr: *const f32,
+    row: isize,
+    col: isize,
+}
+
+impl Mat {
+    /// Rows `row_stride` apart, columns adjacent.
+    fn new(ptr: *const f32, row_stride: usize) -> Self {
+        Self { ptr, row: row_stride as isize, col: 1 }
+    }
+
+    /// The transpose: the same elements with the strides swapped.
+    fn t(self) -> Self {
+        Self { ptr: self.ptr, row: self.col, col: self.row }
+    }
+}
+
+/// `dst = beta * lhs rhs` (`m x k` times `k x n`), or `dst += ...` with `accumulate`, where
+/// `dst` is `(ptr, row stride)`; one thread (each attention task is one rayon task already).
+///
+/// # Safety
+/// Every element the three views reach for these dimensions lies in its buffer, and `dst` is
+/// written by no one else meanwhile.
+unsafe fn product(
+    (dst, dst_row): (*mut f32, usize),
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    (m, n, k): (usize, usize, usize),
+    beta: f32,
+) {
+    gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_row as isize,
+        accumulate,
+        lhs.ptr,
+        lhs.col,
+        lhs.row,
+        rhs.ptr,
+        rhs.col,
+        rhs.row,
+        1.0,
+        beta,
+        false,
+        false,
+        false,
+        Parallelism::None,
+    );
+}
+
+/// `probs = softmax(q_h k_g^T / sqrt(dim) + mask)` for one (sequence, head): `l x l`, the
+/// forward pass's probabilities, recomputed by the backward pass.
+///
+/// # Safety
+/// As for [`product`]: `q_h` and `k_g` reach `l` rows of `dim` values.
+unsafe fn probabilities(
+    probs: &mut [f32],
+    q_h: Mat,
+    k_g: Mat,
+    (mask, mask_row_stride): (&[f32], usize),
+    (l, dim): (usize, usize),
+) {
+    let scale = 1.0 / (dim as f32).sqrt();
+    product((probs.as_mut_ptr(), l), false, q_h, k_g.t(), (l, l, dim), scale);
+    softmax_rows(probs, mask, l, mask_row_stride);
+}
+
 /// `softmax(row + mask row)` for each row of `scores` (rows of `l`), in place; mask row `i`
 /// starts at `i * mask_row_stride` (0: one mask for all rows). Compiled for AVX-512 when the CPU
 /// has it (the portable build's SSE code took 9% of encode time).
-pub(super) fn softmax_rows(scores: &mut [f32], mask: &[f32], l: usize, mask_row_stride: usize) {
+fn softmax_rows(scores: &mut [f32], mask: &[f32], l: usize, mask_row_stride: usize) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512F, checked just above.
@@ -210,118 +245,22 @@ pub(super) fn backward(
                 // was checked; probs and dprobs are l x l. This task alone writes the query heads
                 // of key/value head g in dq, and block (seq, g) of dk and dv.
                 unsafe {
-                    // P = softmax(q_h K^T / sqrt(d) + mask), as the forward pass had it.
-                    gemm(
-                        l,
-                        l,
-                        dim,
-                        probs.as_mut_ptr(),
-                        1,
-                        l as isize,
-                        false,
-                        q.as_ptr().add(q_at),
-                        1,
-                        qw as isize,
-                        k.as_ptr().add(kv_at),
-                        kw as isize,
-                        1,
-                        0.0,
-                        scale,
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
-                    );
-                    softmax_rows(probs, &mask[block..], l, mask_row_stride);
-                    // dP = dctx_h V^T
-                    gemm(
-                        l,
-                        l,
-                        dim,
-                        dprobs.as_mut_ptr(),
-                        1,
-                        l as isize,
-                        false,
-                        dctx.as_ptr().add(q_at),
-                        1,
-                        qw as isize,
-                        v.as_ptr().add(kv_at),
-                        kw as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
-                    );
+                    let (q_h, dctx_h) =
+                        (Mat::new(q.as_ptr().add(q_at), qw), Mat::new(dctx.as_ptr().add(q_at), qw));
+                    let (k_g, v_g) =
+                        (Mat::new(k.as_ptr().add(kv_at), kw), Mat::new(v.as_ptr().add(kv_at), kw));
+                    // P, as the forward pass had it.
+                    probabilities(probs, q_h, k_g, (&mask[block..], mask_row_stride), (l, dim));
+                    // dP = dctx_h V^T, then dS over it.
+                    product((dprobs.as_mut_ptr(), l), false, dctx_h, v_g.t(), (l, l, dim), 1.0);
                     softmax_backward_rows(probs, dprobs, l);
+                    let (p, ds) = (Mat::new(probs.as_ptr(), l), Mat::new(dprobs.as_ptr(), l));
                     // dq_h = dS K / sqrt(d)
-                    gemm(
-                        l,
-                        dim,
-                        l,
-                        dq_out.ptr().add(q_at),
-                        1,
-                        qw as isize,
-                        false,
-                        dprobs.as_ptr(),
-                        1,
-                        l as isize,
-                        k.as_ptr().add(kv_at),
-                        1,
-                        kw as isize,
-                        0.0,
-                        scale,
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
-                    );
+                    product((dq_out.ptr().add(q_at), qw), false, ds, k_g, (l, dim, l), scale);
                     // dK += dS^T q_h / sqrt(d)
-                    gemm(
-                        l,
-                        dim,
-                        l,
-                        dk_out.ptr().add(kv_at),
-                        1,
-                        kw as isize,
-                        !first,
-                        dprobs.as_ptr(),
-                        l as isize,
-                        1,
-                        q.as_ptr().add(q_at),
-                        1,
-                        qw as isize,
-                        1.0,
-                        scale,
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
-                    );
+                    product((dk_out.ptr().add(kv_at), kw), !first, ds.t(), q_h, (l, dim, l), scale);
                     // dV += P^T dctx_h
-                    gemm(
-                        l,
-                        dim,
-                        l,
-                        dv_out.ptr().add(kv_at),
-                        1,
-                        kw as isize,
-                        !first,
-                        probs.as_ptr(),
-                        l as isize,
-                        1,
-                        dctx.as_ptr().add(q_at),
-                        1,
-                        qw as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
-                    );
+                    product((dv_out.ptr().add(kv_at), kw), !first, p.t(), dctx_h, (l, dim, l), 1.0);
                 }
             }
         },
