@@ -20,20 +20,30 @@ py=${TEVATRON_BENCH_VENV:-$root/.cache/bench-venv}/bin/python
 model=$work/qwen2-0.5b
 [ -f "$model/model.safetensors" ] || "$py" scripts/bench/make_decoder.py 0.5b "$minilm" "$model" > /dev/null
 head -n 256 "$data/corpus.jsonl" > "$work/passages-256.jsonl"
-peak() {  # label, command...: prints "label: peak MB, seconds"
+peak() {  # label, command...: prints peak RSS, its anonymous and file-backed parts, seconds
   local label=$1; shift
-  /usr/bin/time -f "%M %e" -o "$work/$label.time" "$@" 2> "$work/$label.log" > /dev/null
-  read -r kb secs < "$work/$label.time"
-  printf "| %s | %.0f MB | %s s |\n" "$label" "$(echo "$kb / 1024" | bc -l)" "$secs"
+  local start=$SECONDS hwm=0 anon=0 file=0 a f h
+  "$@" 2> "$work/$label.log" > /dev/null &
+  local pid=$!
+  # VmHWM is the kernel's own high-water mark; the split is sampled every 0.1 s. RssFile is
+  # the mapped weights: page cache, shared with every process that maps the file.
+  while read -r h a f < <(awk '/^VmHWM/{h=$2} /^RssAnon/{a=$2} /^RssFile/{f=$2}
+      END{if (h) print h, a, f}' "/proc/$pid/status" 2>/dev/null) && [ -n "$h" ]; do
+    hwm=$h; (( a > anon )) && anon=$a; (( f > file )) && file=$f
+    sleep 0.1
+  done
+  wait "$pid" || { echo "$label failed: see $work/$label.log" >&2; return 1; }
+  printf "| %s | %d MB | %d MB | %d MB | %d s |\n" "$label" $((hwm / 1024)) $((anon / 1024)) \
+    $((file / 1024)) $((SECONDS - start))
 }
 train=(target/release/tevatron train --model_name_or_path "$model" --dataset_path "$data/train.small.jsonl"
   --per_device_train_batch_size 4 --train_group_size 2 --query_max_len 32 --passage_max_len 128
   --pooling last --normalize --temperature 0.01 --learning_rate 1e-4 --max_steps 2
   --gradient_checkpointing --logging_steps 1 --save_strategy no --overwrite_output_dir
   --dataset_cache_dir "$work/cache")
-echo "| run | peak RSS | wall time |"
-echo "|---|---|---|"
-du -b "$model/model.safetensors" | awk '{printf "| (weights file) | %.0f MB | - |\n", $1 / 1048576}'
+echo "| run | peak RSS | of it anonymous (peak) | of it mapped files (peak) | wall time |"
+echo "|---|---|---|---|---|"
+du -b "$model/model.safetensors" | awk '{printf "| (weights file) | %.0f MB | | | |\n", $1 / 1048576}'
 peak encode target/release/tevatron encode --model_name_or_path "$model" \
   --dataset_path "$work/passages-256.jsonl" --encode_output_path "$work/big.safetensors" \
   --passage_max_len 128 --per_device_eval_batch_size 16 --pooling last --quiet

@@ -13,6 +13,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// The system allocator, plus the bookkeeping that lets model weights stay memory-mapped
+/// (`tevatron_model::mapped`).
+#[global_allocator]
+static ALLOC: tevatron_model::mapped::MappedAlloc = tevatron_model::mapped::MappedAlloc;
+
 /// Keeps freed tensor buffers in the heap instead of returning them to the OS. candle allocates
 /// a fresh buffer per op; with glibc's default (mmap above 128 KiB, adaptive) every large
 /// activation costs page faults and zeroing, about a tenth of encode time on CPU. Only `encode`

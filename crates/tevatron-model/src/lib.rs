@@ -31,6 +31,7 @@ pub mod encoder;
 pub mod error;
 pub mod hub;
 pub mod lora;
+pub mod mapped;
 pub mod pooling;
 pub mod rng;
 pub mod testing;

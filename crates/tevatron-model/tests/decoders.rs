@@ -6,6 +6,10 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
+/// As in the `tevatron` binary: the weights these comparisons run on are memory-mapped.
+#[global_allocator]
+static ALLOC: tevatron_model::mapped::MappedAlloc = tevatron_model::mapped::MappedAlloc;
+
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
