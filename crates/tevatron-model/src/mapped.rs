@@ -77,22 +77,26 @@ fn release(i: usize) {
     drop(unmapped);
 }
 
+/// Records that [`MappedAlloc`] serves allocations; a load first, so that the shared flag's
+/// cache line is written once, not on every allocation.
+fn mark_installed() {
+    if !INSTALLED.load(Ordering::Relaxed) {
+        INSTALLED.store(true, Ordering::Relaxed);
+    }
+}
+
 // SAFETY: every block not inside a mapping is the system allocator's, passed through unchanged;
 // blocks inside a mapping were handed out by `MappedFile::buffer` (which keeps the mapping
 // alive until each is freed) and are never passed to the system allocator.
 unsafe impl GlobalAlloc for MappedAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if !INSTALLED.load(Ordering::Relaxed) {
-            INSTALLED.store(true, Ordering::Relaxed);
-        }
+        mark_installed();
         // SAFETY: the caller's contract is the system allocator's.
         unsafe { System.alloc(layout) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if !INSTALLED.load(Ordering::Relaxed) {
-            INSTALLED.store(true, Ordering::Relaxed);
-        }
+        mark_installed();
         // SAFETY: as `alloc`.
         unsafe { System.alloc_zeroed(layout) }
     }
