@@ -80,7 +80,15 @@ fn read_safetensors(path: &Path, device: &Device) -> candle_core::Result<Vec<(St
         .map_err(|e| candle_core::Error::Msg(format!("bad safetensors header ({e})")))?;
     let mut tensors: Vec<_> = meta.tensors().into_iter().collect();
     tensors.sort_by_key(|(_, info)| info.data_offsets.0);
-    let mapping = if device.is_cpu() { crate::mapped::MappedFile::open(&file)? } else { None };
+    // Mapping is an optimisation: a file system that cannot map falls back to reading.
+    let mapping = match device.is_cpu().then(|| crate::mapped::MappedFile::open(&file)) {
+        Some(Ok(map)) => map,
+        Some(Err(e)) => {
+            tracing::debug!("{}: not memory-mapped ({e}); reading it", path.display());
+            None
+        }
+        None => None,
+    };
     let mut out = Vec::with_capacity(tensors.len());
     for (name, info) in tensors {
         let (start, end) = info.data_offsets;
