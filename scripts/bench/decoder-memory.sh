@@ -6,6 +6,8 @@
 #   - two such encodes at once, one shard each: their summed PSS counts the mapped weights once,
 #   - 2 LoRA training steps (Tevatron's defaults, --gradient_checkpointing, 4 queries x group 2,
 #     lengths 32/128),
+#   - the same with --bf16 and --gradient_accumulation_steps 2 (bf16 products are computed by
+#     widening on the CPU: slow, shown for its memory),
 #   - 2 full training steps with the same settings (every weight trainable),
 # so the difference between the last two is what a frozen base saves (gradients and AdamW's two
 # moments for every base weight).
@@ -71,4 +73,6 @@ peak encode target/release/tevatron encode --model_name_or_path "$model" \
   --passage_max_len 128 --per_device_eval_batch_size 16 --pooling last --quiet
 pair
 peak train-lora "${train[@]}" --output_dir "$work/big-lora" --lora
+peak train-lora-bf16-accum "${train[@]}" --output_dir "$work/big-lora-bf16" --lora --bf16 \
+  --gradient_accumulation_steps 2
 peak train-full "${train[@]}" --output_dir "$work/big-full"
