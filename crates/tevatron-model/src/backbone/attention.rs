@@ -7,13 +7,36 @@
 //! copies that split heads, repeat key/value heads and merge them back), each keeping a full
 //! `(b, heads, l, l)` or `(b, l, h)` intermediate and its gradient. Inference (`cpu_infer`) uses
 //! [`forward`]; training uses [`attention`], whose backward recomputes the probabilities one
-//! head at a time (as FlashAttention does) instead of keeping them.
+//! head at a time (as FlashAttention does) instead of keeping them. Dropout on the
+//! probabilities (BERT's attention dropout) is a byte mask applied inside the op.
 
 use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
-use super::fast::{contiguous_f32, softmax_in_place, Data};
+use super::fast::{contiguous_f32, simd, softmax_in_place, Data};
+
+/// Dropout on the attention probabilities: `keep` holds one byte per probability, laid out
+/// `(b, query heads, l, l)` as the composed path's `(b, heads, l, l)` tensor (so the same stream
+/// draws the same mask); kept values are multiplied by `scale`.
+pub(super) struct Dropout {
+    pub keep: Vec<u8>,
+    pub scale: f32,
+}
+
+impl Dropout {
+    /// Applies the mask of (sequence, head) `task` (`seq * query + head`) to its `l x l` block.
+    fn apply(&self, block: &mut [f32], task: usize) {
+        let n = block.len();
+        let keep = &self.keep[task * n..(task + 1) * n];
+        let scale = self.scale;
+        simd(|| {
+            for (v, &k) in block.iter_mut().zip(keep) {
+                *v *= f32::from(k) * scale;
+            }
+        })
+    }
+}
 
 /// Head counts and width: `query` heads share `kv` key/value heads (grouped-query attention).
 #[derive(Clone, Copy, Debug)]
@@ -41,18 +64,18 @@ impl SharedOut {
 /// `q` is `(b*l, query*dim)` and `k`, `v` are `(b*l, kv*dim)`, row-major, head `j` in columns
 /// `j*dim..(j+1)*dim`; query head `j` reads key/value head `j / (query/kv)`. `mask` is
 /// additive, either per key `(b, l)` (padding) or per query and key `(b, l, l)` (causal).
-/// The context comes back as `(b*l, query*dim)`, the heads already merged.
+/// The context comes back as `(b*l, query*dim)`, the heads already merged. With `dropout`,
+/// its mask is applied to the probabilities before they weight `v`.
 pub(super) fn forward(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    (q, k, v): (&[f32], &[f32], &[f32]),
     mask: &[f32],
     (b, l): (usize, usize),
     heads: Heads,
+    dropout: Option<&Dropout>,
 ) -> Result<Vec<f32>> {
     let Heads { query, kv, dim } = heads;
     let (qw, kw) = (query * dim, kv * dim);
-    let mask_row_stride = check_shapes(q, k, v, mask, (b, l), heads)?;
+    let mask_row_stride = check_shapes(q, k, v, mask, (b, l), heads, dropout)?;
     let group = query / kv;
     let mut ctx = vec![0f32; b * l * qw];
     let out = SharedOut(ctx.as_mut_ptr());
@@ -70,6 +93,9 @@ pub(super) fn forward(
                 let q_h = Mat::new(q.as_ptr().add(q_at), qw);
                 let k_g = Mat::new(k.as_ptr().add(kv_at), kw);
                 probabilities(scores, q_h, k_g, (&mask[block..], mask_row_stride), (l, dim));
+                if let Some(dropout) = dropout {
+                    dropout.apply(scores, task);
+                }
                 // ctx_h = P V
                 let p = Mat::new(scores.as_ptr(), l);
                 let v_g = Mat::new(v.as_ptr().add(kv_at), kw);
@@ -193,6 +219,7 @@ fn check_shapes(
     mask: &[f32],
     (b, l): (usize, usize),
     heads: Heads,
+    dropout: Option<&Dropout>,
 ) -> Result<usize> {
     let Heads { query, kv, dim } = heads;
     let stride = match mask.len() {
@@ -206,6 +233,9 @@ fn check_shapes(
     if q.len() != b * l * query * dim || k.len() != b * l * kv * dim || v.len() != k.len() {
         candle_core::bail!("attention: shapes do not match");
     }
+    if dropout.is_some_and(|d| d.keep.len() != b * query * l * l) {
+        candle_core::bail!("attention: dropout mask does not match {b} x {query} x {l} x {l}");
+    }
     Ok(stride)
 }
 
@@ -213,15 +243,17 @@ fn check_shapes(
 /// of its output. One task per (sequence, key/value head) so that the query heads sharing a
 /// key/value head add their parts in a fixed order: the same bits on every run. Per query head
 /// `h`: `P` recomputed, `dP = dctx_h V^T`, `dS = P (dP - rowsum(P dP))`, `dq_h = dS K / sqrt(d)`,
-/// `dK += dS^T q_h / sqrt(d)`, `dV += P^T dctx_h`.
+/// `dK += dS^T q_h / sqrt(d)`, `dV += P^T dctx_h`. With `dropout` (mask `M`), `P' = P M` weighted
+/// `v`: `dP` is `(dctx_h V^T) M` and `dV += P'^T dctx_h`.
 pub(super) fn backward(
     (q, k, v): (&[f32], &[f32], &[f32]),
     mask: &[f32],
     (b, l): (usize, usize),
     heads: Heads,
     dctx: &[f32],
+    dropout: Option<&Dropout>,
 ) -> Result<[Vec<f32>; 3]> {
-    let mask_row_stride = check_shapes(q, k, v, mask, (b, l), heads)?;
+    let mask_row_stride = check_shapes(q, k, v, mask, (b, l), heads, dropout)?;
     if dctx.len() != q.len() {
         candle_core::bail!("attention: gradient of {} values for {}", dctx.len(), q.len());
     }
@@ -253,7 +285,13 @@ pub(super) fn backward(
                     probabilities(probs, q_h, k_g, (&mask[block..], mask_row_stride), (l, dim));
                     // dP = dctx_h V^T, then dS over it.
                     product((dprobs.as_mut_ptr(), l), false, dctx_h, v_g.t(), (l, l, dim), 1.0);
+                    if let Some(dropout) = dropout {
+                        dropout.apply(dprobs, seq * query + head);
+                    }
                     softmax_backward_rows(probs, dprobs, l);
+                    if let Some(dropout) = dropout {
+                        dropout.apply(probs, seq * query + head);
+                    }
                     let (p, ds) = (Mat::new(probs.as_ptr(), l), Mat::new(dprobs.as_ptr(), l));
                     // dq_h = dS K / sqrt(d)
                     product((dq_out.ptr().add(q_at), qw), false, ds, k_g, (l, dim, l), scale);
@@ -278,11 +316,12 @@ fn softmax_backward_rows(probs: &[f32], dprobs: &mut [f32], l: usize) {
     }
 }
 
-/// Attention as a training op over `(q, k, v)`; the additive mask is a field (it gets no
-/// gradient).
+/// Attention as a training op over `(q, k, v)`; the additive mask and the dropout mask are
+/// fields (they get no gradient).
 struct Attention {
     mask: Tensor,
     heads: Heads,
+    dropout: Option<Dropout>,
 }
 
 impl Attention {
@@ -311,7 +350,7 @@ impl CustomOp3 for Attention {
         let v = contiguous_f32(s3, l3, "train-attention")?;
         let (b, l) = self.batch(l1.shape())?;
         let mask = Data::of(&self.mask)?;
-        let ctx = forward(q, k, v, mask.slice(), (b, l), self.heads)?;
+        let ctx = forward((q, k, v), mask.slice(), (b, l), self.heads, self.dropout.as_ref())?;
         Ok((CpuStorage::F32(ctx), Shape::from((b, l, self.heads.query * self.heads.dim))))
     }
     fn bwd(
@@ -332,19 +371,27 @@ impl CustomOp3 for Attention {
             (b, l),
             self.heads,
             gd.slice(),
+            self.dropout.as_ref(),
         )?;
         let tensor = |d: Vec<f32>, like: &Tensor| Tensor::from_vec(d, like.shape(), &Device::Cpu);
         Ok((Some(tensor(dq, q)?), Some(tensor(dk, k)?), Some(tensor(dv, v)?)))
     }
 }
 
-/// `softmax(q k^T / sqrt(d) + bias) v` for training on the CPU in F32, without attention
-/// dropout: `q` `(b, l, query heads, d)`, `k` and `v` `(b, l, kv heads, d)`, `bias` the additive
-/// mask `(b, 1, 1, l)` or `(b, 1, l, l)`. Returns the heads merged, `(b, l, query heads * d)`.
-pub(super) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
+/// `softmax(q k^T / sqrt(d) + bias) v` for training on the CPU in F32: `q` `(b, l, query
+/// heads, d)`, `k` and `v` `(b, l, kv heads, d)`, `bias` the additive mask `(b, 1, 1, l)` or
+/// `(b, 1, l, l)`, `dropout` on the probabilities if any. Returns the heads merged, `(b, l,
+/// query heads * d)`.
+pub(super) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    dropout: Option<Dropout>,
+) -> Result<Tensor> {
     let (_, _, query, dim) = q.dims4()?;
     let (_, _, kv, _) = k.dims4()?;
-    let op = Attention { mask: bias.contiguous()?, heads: Heads { query, kv, dim } };
+    let op = Attention { mask: bias.contiguous()?, heads: Heads { query, kv, dim }, dropout };
     q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
@@ -361,7 +408,7 @@ mod tests {
 
     /// The fused op and its gradients for q, k and v equal candle's composed attention (key and
     /// value heads repeated for grouped-query attention), with a padding mask and with a causal
-    /// mask over left padding.
+    /// mask over left padding, without dropout and with dropout drawn from the same stream.
     #[test]
     fn fused_attention_and_its_gradients_equal_the_composed_ops() -> Result<()> {
         let dev = Device::Cpu;
@@ -387,8 +434,17 @@ mod tests {
             Tensor::from_vec(padding, (b, 1, 1, l), &dev)?,
             Tensor::from_vec(causal, (b, 1, l, l), &dev)?,
         ];
-        for bias in &masks {
-            let fused = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), bias)?;
+        for (bias, dropout) in masks.iter().flat_map(|m| [(m, 0.0), (m, 0.4)]) {
+            layers::seed_dropout(7);
+            let fused = layers::fused_attention(
+                q.as_tensor(),
+                k.as_tensor(),
+                v.as_tensor(),
+                bias,
+                dropout,
+                Mode::Train,
+            )?;
+            layers::seed_dropout(7);
             let heads_first = |t: &Tensor| t.transpose(1, 2)?.contiguous();
             let repeat = |t: &Tensor| -> Result<Tensor> {
                 heads_first(t)?
@@ -401,10 +457,22 @@ mod tests {
                 &repeat(k.as_tensor())?,
                 &repeat(v.as_tensor())?,
                 bias,
-                0.0,
+                dropout,
                 Mode::Train,
             )?;
-            assert!(max_diff(&fused, &composed) < 1e-5, "values");
+            assert!(max_diff(&fused, &composed) < 1e-5, "values (dropout {dropout})");
+            if dropout > 0.0 {
+                layers::seed_dropout(8);
+                let other = layers::fused_attention(
+                    q.as_tensor(),
+                    k.as_tensor(),
+                    v.as_tensor(),
+                    bias,
+                    dropout,
+                    Mode::Train,
+                )?;
+                assert!(max_diff(&fused, &other) > 1e-3, "another stream drops other entries");
+            }
             let g = Tensor::randn(0f32, 1.0, fused.shape(), &dev)?;
             let grads = |y: &Tensor| -> Result<Vec<Tensor>> {
                 let store = (y * &g)?.sum_all()?.backward()?;
@@ -417,7 +485,7 @@ mod tests {
                 ["q", "k", "v"].iter().zip(grads(&fused)?.iter().zip(&grads(&composed)?))
             {
                 let diff = max_diff(a, c);
-                assert!(diff < 1e-5, "gradient of {name} differs by {diff}");
+                assert!(diff < 1e-5, "gradient of {name} differs by {diff} (dropout {dropout})");
                 assert!(max_diff(a, &a.zeros_like()?) > 0.0, "gradient of {name} is zero");
             }
         }

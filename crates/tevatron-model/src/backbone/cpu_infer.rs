@@ -70,7 +70,7 @@ impl PostNormLayer<'_> {
         let v = linear(x, self.value)?;
         let mask = Data::of(bias)?;
         let heads = Heads { query: self.heads, kv: self.heads, dim: h / self.heads };
-        let ctx = attention(&q, &k, &v, mask.slice(), (b, l), heads)?;
+        let ctx = attention((&q, &k, &v), mask.slice(), (b, l), heads, None)?;
         drop((q, k, v));
         let mut a = linear(&ctx, self.attn_out)?;
         drop(ctx);
@@ -152,7 +152,7 @@ impl DecoderLayer<'_> {
         rotate(&mut q, query * dim, l, dim, table, false);
         rotate(&mut k, kv * dim, l, dim, table, false);
         let mask = Data::of(bias)?;
-        let ctx = attention(&q, &k, &v, mask.slice(), (b, l), self.heads)?;
+        let ctx = attention((&q, &k, &v), mask.slice(), (b, l), self.heads, None)?;
         drop((q, k, v));
         let mut x1 = linear(&ctx, self.o)?;
         drop(ctx);

@@ -303,7 +303,8 @@ impl Activation {
 }
 
 /// Multi-head self-attention core: `softmax(q k^T / sqrt(d) + mask) v` over `(b, l, h)`
-/// projections, with HF's additive mask (the dtype's minimum on padded keys).
+/// projections, with HF's additive mask (the dtype's minimum on padded keys). One fused op
+/// with its own backward on the CPU in F32 (`fused_attention`), composed candle ops otherwise.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -315,8 +316,40 @@ pub fn attention(
 ) -> Result<Tensor> {
     let (b, l, h) = q.dims3()?;
     let dh = h / heads;
+    if fused_attention_applies(&[q, k, v, mask_bias], dropout_p) {
+        let split = |t: &Tensor| t.reshape((b, l, heads, dh));
+        return fused_attention(&split(q)?, &split(k)?, &split(v)?, mask_bias, dropout_p, mode);
+    }
     let split = |t: &Tensor| t.reshape((b, l, heads, dh))?.transpose(1, 2)?.contiguous();
     attend(&split(q)?, &split(k)?, &split(v)?, mask_bias, dropout_p, mode)
+}
+
+/// Whether [`fused_attention`] serves these operands: all F32 on the CPU, no autocast (its
+/// products would be low precision), and a dropout that keeps something.
+pub(super) fn fused_attention_applies(operands: &[&Tensor], dropout_p: f64) -> bool {
+    !autocast_active() && dropout_p < 1.0 && operands.iter().all(|t| super::train_ops::applies(t))
+}
+
+/// `softmax(q k^T / sqrt(d) + bias) v` as one op (`attention::attention`): `q` `(b, l, heads,
+/// d)`, `k` and `v` `(b, l, kv heads, d)`; returns `(b, l, heads * d)`. In `Train` the dropout
+/// mask on the probabilities comes from this thread's stream, drawn as [`attend`] draws it for
+/// its `(b, heads, l, l)` probabilities, so both paths drop the same entries.
+pub(super) fn fused_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    dropout_p: f64,
+    mode: Mode,
+) -> Result<Tensor> {
+    let dropout = (mode == Mode::Train && dropout_p > 0.0)
+        .then(|| -> Result<_> {
+            let (b, l, heads, _) = q.dims4()?;
+            let (keep, scale) = draw_keep_mask(b * heads * l * l, dropout_p);
+            Ok(super::attention::Dropout { keep, scale })
+        })
+        .transpose()?;
+    super::attention::attention(q, k, v, bias, dropout)
 }
 
 /// Attention over heads already split, `(b, heads, l, d)` each (encoders and decoders alike):

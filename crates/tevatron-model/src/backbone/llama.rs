@@ -433,7 +433,7 @@ impl Layer {
     }
 
     /// Rotary positions and attention over `q` `(b, l, heads, d)` and `k`, `v` `(b, l, kv, d)`;
-    /// returns `(b, l, heads * d)`. On the CPU in F32 without attention dropout or autocast, fused ops with
+    /// returns `(b, l, heads * d)`. On the CPU in F32 without autocast, fused ops with
     /// their own backward (`train_ops::rotary`, `attention::attention`) that keep the heads in
     /// place; otherwise composed candle ops.
     fn attention(
@@ -447,12 +447,10 @@ impl Layer {
     ) -> Result<Tensor> {
         let (b, l, heads, d) = q.dims4()?;
         let kv = k.dim(2)?;
-        let fused = !layers::autocast_active()
-            && [&q, &k, &v, bias, cos, sin].iter().all(|t| super::train_ops::applies(t));
-        if fused && (mode == Mode::Eval || cfg.attention_dropout == 0.0) {
+        if layers::fused_attention_applies(&[&q, &k, &v, bias, cos, sin], cfg.attention_dropout) {
             let q = super::train_ops::rotary(&q, cos, sin)?;
             let k = super::train_ops::rotary(&k, cos, sin)?;
-            return super::attention::attention(&q, &k, &v, bias);
+            return layers::fused_attention(&q, &k, &v, bias, cfg.attention_dropout, mode);
         }
         let v = v.transpose(1, 2)?.contiguous()?;
         // (b, l, n, d) -> rotated (b, n, l, d): one fused op on CPU in F32, composed elsewhere.
