@@ -76,6 +76,8 @@ fn read_safetensors(path: &Path, device: &Device) -> candle_core::Result<Vec<(St
     }
     let mut header = vec![0u8; n as usize];
     file.read_exact(&mut header)?;
+    // Deserialising validates the offsets: tensors are contiguous and never overlap, so no two
+    // mapped buffers share bytes.
     let meta: safetensors::tensor::Metadata = serde_json::from_slice(&header)
         .map_err(|e| candle_core::Error::Msg(format!("bad safetensors header ({e})")))?;
     let mut tensors: Vec<_> = meta.tensors().into_iter().collect();

@@ -118,3 +118,25 @@ fn a_mapped_buffer_that_grows_moves_to_the_heap() {
     assert!(map.buffer::<u8>(4..4).is_none());
     assert!(map.buffer::<f32>(1..5).is_none());
 }
+
+/// Two tensors over the same bytes would be two buffers over one mapping: the header parser
+/// refuses them, naming the file and the tensor.
+#[test]
+fn overlapping_tensors_are_refused() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let mut header = String::from(
+        r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
+    );
+    while header.len() % 8 != 0 {
+        header.push(' ');
+    }
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend(header.as_bytes());
+    file.extend([0u8; 12]);
+    std::fs::write(dir.path().join("model.safetensors"), file).unwrap();
+    let err = weights::load(dir.path(), &[], &Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("invalid offset for tensor `b`"), "{err}");
+    assert!(err.contains("model.safetensors"), "{err}");
+    assert_eq!(mapped::mapped_bytes(), 0);
+}
