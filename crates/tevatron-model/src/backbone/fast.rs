@@ -288,6 +288,16 @@ pub(super) fn mask_scale(out: &mut [f32], x: &[f32], keep: &[u8], scale: f32) {
     })
 }
 
+/// [`mask_scale`] in place: `x *= keep * scale`, the same arithmetic, so that dropout applied
+/// inside a fused op gives the bits the dropout op gives.
+pub(super) fn mask_scale_in_place(x: &mut [f32], keep: &[u8], scale: f32) {
+    simd(|| {
+        for (v, &k) in x.iter_mut().zip(keep) {
+            *v *= f32::from(k) * scale;
+        }
+    })
+}
+
 /// Chunk of elements per rayon task, so small tensors are not split needlessly.
 pub(super) const CHUNK: usize = 1 << 14;
 

@@ -342,13 +342,13 @@ pub(super) fn fused_attention(
     dropout_p: f64,
     mode: Mode,
 ) -> Result<Tensor> {
-    let dropout = (mode == Mode::Train && dropout_p > 0.0)
-        .then(|| -> Result<_> {
-            let (b, l, heads, _) = q.dims4()?;
-            let (keep, scale) = draw_keep_mask(b * heads * l * l, dropout_p);
-            Ok(super::attention::Dropout { keep, scale })
-        })
-        .transpose()?;
+    let dropout = if mode == Mode::Train && dropout_p > 0.0 {
+        let (b, l, heads, _) = q.dims4()?;
+        let (keep, scale) = draw_keep_mask(b * heads * l * l, dropout_p);
+        Some(super::attention::Dropout { keep, scale })
+    } else {
+        None
+    };
     super::attention::attention(q, k, v, bias, dropout)
 }
 
