@@ -9,7 +9,8 @@
 #   3. search: GPU (f32 and the default f16 index) against CPU over the same embeddings,
 #   4. training on the GPU: a 30-step bf16 run whose loss must fall, its step time against a
 #      PyTorch Tevatron-style step (same model, batch, lengths, bf16 autocast), and two ranks on
-#      the one GPU (--nproc_per_node 2, TCP collectives) against one process with twice the batch.
+#      the one GPU (--nproc_per_node 2, TCP collectives) against one process with twice the batch,
+#      and a few f32 steps with dropout on against the same steps on the CPU (same masks).
 # Prints every figure and the ratios; ends with "gpu-check: all checks passed" or a FAIL line.
 # A dry run of the script's logic on a machine without a GPU (any binary, fewer passages):
 #   GPU_CHECK_DEVICE=cpu GPU_CHECK_PASSAGES=1000 GPU_CHECK_STEPS=9 GPU_CHECK_BATCH=8 \
@@ -177,5 +178,19 @@ print(f"one process: {' '.join(f'{x:.4f}' for x in a)}")
 print(f"two ranks:   {' '.join(f'{x:.4f}' for x in b)}  (max relative difference {rel:.1e})")
 if len(a) != len(b) or rel > 1e-3:
     sys.exit("FAIL: two ranks do not train as one process with twice the batch")
+PY
+echo "-- dropout on, f32: the GPU draws the CPU's masks, so both train alike (3 steps of 8 groups)"
+tr dcpu --device cpu --per_device_train_batch_size 8 --max_steps 3
+tr dgpu --device "$dev0" --per_device_train_batch_size 8 --max_steps 3
+"$py" - "$out" <<'PY'
+import json, sys
+out = sys.argv[1]
+loss = lambda n: [e["loss"] for e in json.load(open(f"{out}/{n}/trainer_state.json"))["log_history"] if "loss" in e]
+a, b = loss("dcpu"), loss("dgpu")
+rel = max(abs(x - y) / abs(x) for x, y in zip(a, b))
+print(f"cpu: {' '.join(f'{x:.5f}' for x in a)}")
+print(f"gpu: {' '.join(f'{x:.5f}' for x in b)}  (max relative difference {rel:.1e})")
+if len(a) != len(b) or rel > 1e-3:
+    sys.exit("FAIL: GPU training with dropout differs from CPU training with the same seed")
 PY
 echo "gpu-check: all checks passed"

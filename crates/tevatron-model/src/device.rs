@@ -11,7 +11,7 @@ pub fn select(spec: Option<&str>) -> Result<Device> {
     let Some(spec) = spec else {
         if candle_core::utils::cuda_is_available() {
             if let Ok(dev) = Device::new_cuda(0) {
-                return Ok(dev);
+                return Ok(single_stream(dev));
             }
         }
         return Ok(Device::Cpu);
@@ -30,9 +30,58 @@ pub fn select(spec: Option<&str>) -> Result<Device> {
              (cargo build --release --features cuda) or use --device cpu"
         )));
     }
-    Device::new_cuda(ordinal).map_err(|e| {
+    let dev = Device::new_cuda(ordinal).map_err(|e| {
         Error::Invalid(format!("--device {spec}: no usable GPU {ordinal} ({e}); check CUDA_VISIBLE_DEVICES and the driver"))
-    })
+    })?;
+    Ok(single_stream(dev))
+}
+
+/// Prepares a GPU for thousands of small ops a step:
+/// - cudarc's per-buffer event tracking is turned off: it creates and destroys two CUDA events
+///   with every allocation (every op's output). It is only needed when buffers cross streams,
+///   and everything here (candle's ops, cuBLAS, NCCL) runs on the device's one stream.
+/// - Freed memory stays in the device's memory pool. By default the pool hands all free memory
+///   back to the driver at every synchronisation (each step reads its loss), so every step
+///   mapped its activations afresh, host time that grew with the batch. PyTorch's caching
+///   allocator keeps freed blocks the same way.
+fn single_stream(dev: Device) -> Device {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = &dev {
+        // SAFETY: called before this device allocates any tensor, and all work on it is
+        // issued to its one stream (see above), so no buffer is used across streams.
+        unsafe { cuda.disable_event_tracking() };
+        keep_freed_memory(cuda);
+    }
+    dev
+}
+
+/// Sets the release threshold of `cuda`'s memory pool to its maximum (see [`single_stream`]).
+/// A driver that refuses leaves the default, which is only slower.
+#[cfg(feature = "cuda")]
+fn keep_freed_memory(cuda: &candle_core::CudaDevice) {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let stream = cuda.cuda_stream();
+    let ctx = stream.context();
+    if ctx.bind_to_thread().is_err() {
+        return;
+    }
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: driver calls on this context's device with pointers to live locals; the
+    // attribute takes a u64.
+    let result = unsafe {
+        match sys::cuDeviceGetMemPool(&mut pool, ctx.cu_device()) {
+            sys::CUresult::CUDA_SUCCESS => sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            ),
+            error => error,
+        }
+    };
+    if result != sys::CUresult::CUDA_SUCCESS {
+        tracing::debug!("the GPU memory pool keeps its release threshold: {result:?}");
+    }
 }
 
 #[cfg(test)]

@@ -26,9 +26,12 @@ macro_rules! fail {
 pub mod backbone;
 pub mod collate;
 pub mod config;
+#[cfg(feature = "cuda")]
+mod cuda_kernels;
 pub mod device;
 pub mod encoder;
 pub mod error;
+pub mod fused_adamw;
 pub mod hub;
 pub mod lora;
 pub mod mapped;

@@ -30,16 +30,37 @@ impl SplitMix64 {
     /// mask per adapted projection, hundreds of millions of decisions, and drawing them one by
     /// one kept a core idle.
     pub fn keep_mask(&mut self, n: usize, p: f64) -> Vec<u8> {
-        let threshold = (p * 4_294_967_296.0) as u64;
-        let base = self.state;
-        self.state = base.wrapping_add((n.div_ceil(2) as u64).wrapping_mul(GOLDEN));
-        let mut keep = vec![0u8; n];
-        keep.par_chunks_mut(MASK_CHUNK)
-            .enumerate()
-            .for_each(|(i, out)| fill_keep(base, (i * MASK_CHUNK / 2) as u64, threshold, out));
-        keep
+        let base = self.skip_mask(n);
+        keep_mask_at(base, n, p)
     }
 
+    /// Moves the stream past a mask of `n` decisions without drawing it, and returns the
+    /// state the mask starts from: [`keep_mask_at`] (or the CUDA kernel of
+    /// `backbone::counter_dropout`) computes it from there when it is needed.
+    pub fn skip_mask(&mut self, n: usize) -> u64 {
+        let base = self.state;
+        self.state = base.wrapping_add((n.div_ceil(2) as u64).wrapping_mul(GOLDEN));
+        base
+    }
+}
+
+/// The `n` dropout decisions (1 = keep, drop probability `p`) that [`SplitMix64::keep_mask`]
+/// draws from state `base`: a pure function of `base`, so any device can compute it.
+pub fn keep_mask_at(base: u64, n: usize, p: f64) -> Vec<u8> {
+    let threshold = keep_threshold(p);
+    let mut keep = vec![0u8; n];
+    keep.par_chunks_mut(MASK_CHUNK)
+        .enumerate()
+        .for_each(|(i, out)| fill_keep(base, (i * MASK_CHUNK / 2) as u64, threshold, out));
+    keep
+}
+
+/// A decision keeps its element when its 32 random bits are at least this (`p * 2^32`).
+pub fn keep_threshold(p: f64) -> u64 {
+    (p * 4_294_967_296.0) as u64
+}
+
+impl SplitMix64 {
     /// A uniform integer in `0..n` (Lemire's method with rejection, so unbiased); `n > 0`.
     pub fn below(&mut self, n: usize) -> usize {
         let n = n as u64;

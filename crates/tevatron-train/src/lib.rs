@@ -21,6 +21,7 @@ pub mod dist;
 pub mod error;
 pub mod loss;
 pub mod optim;
+pub mod profile;
 pub mod schedule;
 pub mod step;
 pub mod trainer;

@@ -22,6 +22,7 @@ use tevatron_model::{Encoder, Mode};
 
 use crate::dist::Group;
 use crate::loss::contrastive;
+use crate::profile;
 
 /// How to compute a step.
 #[derive(Clone, Copy, Debug)]
@@ -215,15 +216,22 @@ pub fn micro_step(
     if opts.grad_cache.is_none() && !opts.checkpointing {
         let qb = make(queries)?;
         let pb = make(passages)?;
+        profile::mark("fetch and collate", &device)?;
         let qchunk = Chunk { batch: &qb, seed, side: Side::Query, index: 0 };
         let pchunk = Chunk { batch: &pb, seed, side: Side::Passage, index: 0 };
         let (qh, _) = run(enc, &qchunk, false, false)?;
+        profile::mark("forward q", &device)?;
         let (ph, _) = run(enc, &pchunk, false, false)?;
+        profile::mark("forward p", &device)?;
         let q = enc.represent(&qh, &qb)?;
         let p = enc.represent(&ph, &pb)?;
         let loss = global_loss(&q, &p, opts.temperature, group)?;
+        profile::mark("loss", &device)?;
+        acc.add(&(&loss * scale)?.backward()?)?;
+        profile::mark("backward", &device)?;
+        // Read after backward is issued: reading waits for the device, which would otherwise
+        // idle while the host issues backward.
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        acc.add(&(loss * scale)?.backward()?)?;
         return Ok(StepOutput { loss: value });
     }
 

@@ -29,6 +29,7 @@ use crate::checkpoint::{self, ResumeState, TrainerState};
 use crate::data::{epoch_order, TrainData};
 use crate::dist::Group;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::profile;
 use crate::schedule::{warmup_steps, LrSchedule, ScheduleKind};
 use crate::step::{micro_step, Accumulator, StepOptions};
 use crate::{Error, Result};
@@ -425,6 +426,7 @@ pub fn train(
                 grads = grads.iter().map(|g| g / loss_scale).collect::<candle_core::Result<_>>()?;
             }
             let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
+            profile::mark("reduce and clip", encoder.device())?;
             let lr = schedule.lr(step);
             if fp16 && !(grad_norm.is_finite() && loss_sum.is_finite()) {
                 // As torch's GradScaler: skip the update, halve the scale.
@@ -447,6 +449,8 @@ pub fn train(
                 }
             }
             drop(grads);
+            profile::mark("optimizer", encoder.device())?;
+            profile::report(step + 1);
             let loss = loss_sum / window as f64;
             state.global_step += 1;
             state.epoch = epoch_f;

@@ -106,15 +106,13 @@ pub fn dropout(x: &Tensor, p: f64, mode: Mode) -> Result<Tensor> {
     if p >= 1.0 {
         return x.zeros_like();
     }
-    let (keep, scale) = draw_keep_mask(x.elem_count(), p);
     if super::train_ops::applies(x) {
+        let (keep, scale) = draw_keep_mask(x.elem_count(), p);
         return super::train_ops::dropout(x, keep, scale);
     }
-    let mask: Vec<f32> = keep.iter().map(|&k| f32::from(k) * scale).collect();
-    let mask = Tensor::from_vec(mask, x.shape(), &candle_core::Device::Cpu)?
-        .to_device(x.device())?
-        .to_dtype(x.dtype())?;
-    x * mask
+    // Other devices and dtypes compute the same mask where the tensor lives.
+    let base = DROPOUT_RNG.with(|r| r.borrow_mut().skip_mask(x.elem_count()));
+    super::counter_dropout::dropout(x, base, p)
 }
 
 /// The next dropout mask of `n` values from this thread's stream (1 = keep, each with

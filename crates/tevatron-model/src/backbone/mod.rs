@@ -7,6 +7,7 @@
 
 mod attention;
 pub mod bert;
+mod counter_dropout;
 mod cpu_infer;
 pub mod distilbert;
 mod fast;

@@ -1,0 +1,31 @@
+//! With the `cuda` feature, compiles the crate's CUDA kernels (`kernels/*.cu`) to PTX with
+//! `nvcc`, for the virtual architecture `CUDA_COMPUTE_CAP` names (default 75, the oldest that
+//! CUDA 13 targets; the driver compiles PTX for the GPU it runs on).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn main() {
+    println!("cargo:rerun-if-changed=kernels/train.cu");
+    println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
+    println!("cargo:rerun-if-env-changed=NVCC");
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "75".into());
+    let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
+    let ptx = out_dir.join("train.ptx");
+    let status = Command::new(&nvcc)
+        .args(["--ptx", "-O3", &format!("-arch=compute_{cap}"), "kernels/train.cu", "-o"])
+        .arg(&ptx)
+        .status();
+    match status {
+        Ok(s) if s.success() => {}
+        Ok(s) => panic!("{nvcc} failed on kernels/train.cu ({s})"),
+        Err(e) => panic!(
+            "the cuda feature needs nvcc to compile kernels/train.cu, and `{nvcc}` did not run \
+             ({e}); scripts/build-cuda.sh puts one on PATH, or set NVCC"
+        ),
+    }
+}
