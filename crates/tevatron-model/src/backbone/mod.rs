@@ -2,7 +2,8 @@
 //! differentiable ops and real dropout, `Eval` may use candle's fused kernels. On the CPU in F32,
 //! `Eval` layers run on raw buffers (`cpu_infer`) and training takes fused kernels that carry
 //! their own backward (`train_ops`); every other device and dtype takes the composed candle ops,
-//! which the tests compare both against. Backbones return
+//! which the tests compare both against, except dropout, whose mask every device computes from
+//! the seeded stream's position (`counter_dropout`). Backbones return
 //! hidden states only; pooling and loss live outside them.
 
 mod attention;
