@@ -199,7 +199,8 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
 
 /// The sum of the squares of `g`, in F64, as a scalar tensor on `g`'s device: one parallel
 /// pass over an F32 gradient on the CPU (a MiniLM's gradients are 22M values, which the
-/// composed F64 conversion, square and sum took 80 ms a step to cross), candle's ops elsewhere.
+/// composed F64 conversion, square and sum took 80 ms a step to cross), candle's ops elsewhere
+/// (the GPU).
 fn squared_norm(g: &Tensor) -> Result<Tensor> {
     if g.device().is_cpu() {
         let (storage, layout) = g.storage_and_layout();
@@ -213,7 +214,25 @@ fn squared_norm(g: &Tensor) -> Result<Tensor> {
             return Tensor::new(sum, g.device());
         }
     }
-    g.to_dtype(DType::F64)?.sqr()?.sum_all()
+    // In rows of 1024 first: candle's GPU `sum_all` is one thread block over the whole tensor,
+    // which took milliseconds on an embedding's 11.7M-value gradient; a row sum spreads it.
+    const ROW: usize = 1024;
+    let squares = g.flatten_all()?.to_dtype(DType::F64)?.sqr()?;
+    let n = squares.elem_count();
+    let rows = n / ROW;
+    let mut parts = Vec::new();
+    if rows > 0 {
+        parts.push(squares.narrow(0, 0, rows * ROW)?.reshape((rows, ROW))?.sum(1)?.sum_all()?);
+    }
+    if n > rows * ROW {
+        parts.push(squares.narrow(0, rows * ROW, n - rows * ROW)?.sum_all()?);
+    }
+    match parts.as_slice() {
+        [] => Tensor::new(0f64, g.device()),
+        [one] => Ok(one.clone()),
+        [a, b] => a + b,
+        _ => unreachable!("at most two parts"),
+    }
 }
 
 #[cfg(test)]
@@ -310,7 +329,10 @@ mod tests {
         let want: f64 = (0..50_000).map(|i| (i as f64) * (i as f64)).sum();
         let strided = Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &Device::Cpu).unwrap().t().unwrap();
         let wide = Tensor::new(&[12f64], &Device::Cpu).unwrap();
-        let norm = clip_grad_norm(&mut [big, strided, wide], 0.0).unwrap();
+        // F64 takes the device path: whole rows of 1024 and a remainder.
+        let rows = Tensor::arange(0f64, 5000.0, &Device::Cpu).unwrap();
+        let norm = clip_grad_norm(&mut [big, strided, wide, rows], 0.0).unwrap();
+        let want = want + (0..5000).map(|i| (i as f64) * (i as f64)).sum::<f64>();
         let want = (want + 30.0 + 144.0).sqrt();
         assert!((norm - want).abs() <= 1e-12 * want, "{norm} vs {want}");
         let a = g[0].to_vec1::<f32>().unwrap()[0];
