@@ -1,13 +1,13 @@
 //! Dropout whose mask is a pure function of a stream position and each element's index: the
 //! decisions `SplitMix64::keep_mask` would draw from that position. Forward and backward
 //! compute the mask again instead of storing it, and every device computes the same one: the
-//! CPU with `rng::keep_mask_at`, a GPU with the kernel in `kernels/dropout.cu`. So a GPU run
+//! CPU with `rng::keep_mask_at`, a GPU with the kernel in `kernels/train.cu`. So a GPU run
 //! drops exactly the values a CPU run drops.
 //!
 //! It serves every tensor that the fused CPU kernels (`train_ops`, F32 on the CPU) do not: GPU
 //! tensors, and half or double precision on the CPU. Before it, those drew the mask on the CPU
 //! and copied it to the device as a float tensor, 600 MB a step for a MiniLM batch of 128
-//! passages, which took five sixths of a GPU training step.
+//! passages: about 250 ms of a 400 ms step on an H200.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
