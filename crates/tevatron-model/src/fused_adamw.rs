@@ -12,6 +12,8 @@
 use candle_core::{CpuStorage, CustomOp3, InplaceOp2, InplaceOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::backbone::{contiguous_f32, contiguous_f32_mut};
+
 /// The scalars of one step, as `torch.optim.AdamW` derives them from the step count.
 #[derive(Clone, Copy, Debug)]
 pub struct AdamWStep {
@@ -36,10 +38,23 @@ pub struct AdamWStep {
 impl AdamWStep {
     /// The update of element `(w, g, m, v)`: `(w', m', v')`.
     fn update(&self, w: f32, g: f32, m: f32, v: f32) -> (f32, f32, f32) {
-        let m = m * self.beta1 + g * self.one_minus_beta1;
-        let v = v * self.beta2 + g * g * self.one_minus_beta2;
-        let denom = v.sqrt() / self.bc2_sqrt + self.eps;
-        (w * self.decay - m / denom * self.step_size, m, v)
+        let (m, v) = (self.first_moment(m, g), self.second_moment(v, g));
+        (self.weight(w, m, v), m, v)
+    }
+
+    /// `m' = beta1 m + (1 - beta1) g`.
+    fn first_moment(&self, m: f32, g: f32) -> f32 {
+        m * self.beta1 + g * self.one_minus_beta1
+    }
+
+    /// `v' = beta2 v + (1 - beta2) g^2`.
+    fn second_moment(&self, v: f32, g: f32) -> f32 {
+        v * self.beta2 + g * g * self.one_minus_beta2
+    }
+
+    /// `w' = w decay - step_size m' / (sqrt(v') / bc2_sqrt + eps)` from the new moments.
+    fn weight(&self, w: f32, m: f32, v: f32) -> f32 {
+        w * self.decay - m / (v.sqrt() / self.bc2_sqrt + self.eps) * self.step_size
     }
 }
 
@@ -58,7 +73,8 @@ impl CustomOp3 for AdamWStep {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (w, g, mv) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
+        let slice = |s, l| contiguous_f32(s, l, "fused-adamw");
+        let (w, g, mv) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
         let n = w.len();
         if g.len() != n || mv.len() != 2 * n {
             candle_core::bail!(
@@ -145,22 +161,6 @@ impl CustomOp3 for AdamWStep {
 /// Elements per parallel task on the CPU.
 const CHUNK: usize = 1 << 14;
 
-/// The F32 values of a contiguous CPU input.
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(x), Some((a, b))) => Ok(&x[a..b]),
-        _ => candle_core::bail!("fused-adamw: F32 contiguous inputs only"),
-    }
-}
-
-/// The F32 values of a contiguous CPU tensor being updated in place.
-fn f32_slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(x), Some((a, b))) => Ok(&mut x[a..b]),
-        _ => candle_core::bail!("fused-adamw: F32 contiguous tensors only"),
-    }
-}
-
 /// `dst[i] = f(dst[i], src[i])` in parallel chunks; the lengths must agree.
 fn zip_in_place(dst: &mut [f32], src: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Result<()> {
     if dst.len() != src.len() {
@@ -174,12 +174,11 @@ fn zip_in_place(dst: &mut [f32], src: &[f32], f: impl Fn(f32, f32) -> f32 + Sync
     Ok(())
 }
 
-/// A moment updated in place from the gradient: `m = beta1 m + (1 - beta1) g`, or with
-/// `square`, `v = beta2 v + (1 - beta2) g^2`.
+/// A moment updated in place from the gradient by `update` (`AdamWStep::first_moment` or
+/// `second_moment`).
 struct MomentInPlace {
-    beta: f32,
-    one_minus_beta: f32,
-    square: bool,
+    step: AdamWStep,
+    update: fn(&AdamWStep, f32, f32) -> f32,
 }
 
 impl InplaceOp2 for MomentInPlace {
@@ -193,11 +192,9 @@ impl InplaceOp2 for MomentInPlace {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<()> {
-        let g = f32_slice(s2, l2)?;
-        zip_in_place(f32_slice_mut(s1, l1)?, g, |m, g| {
-            let g = if self.square { g * g } else { g };
-            m * self.beta + g * self.one_minus_beta
-        })
+        let g = contiguous_f32(s2, l2, self.name())?;
+        let moment = contiguous_f32_mut(s1, l1, self.name())?;
+        zip_in_place(moment, g, |m, g| (self.update)(&self.step, m, g))
     }
 }
 
@@ -217,8 +214,8 @@ impl InplaceOp3 for WeightInPlace {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<()> {
-        let (m, v) = (f32_slice(s2, l2)?, f32_slice(s3, l3)?);
-        let w = f32_slice_mut(s1, l1)?;
+        let (m, v) = (contiguous_f32(s2, l2, self.name())?, contiguous_f32(s3, l3, self.name())?);
+        let w = contiguous_f32_mut(s1, l1, self.name())?;
         if m.len() != w.len() || v.len() != w.len() {
             candle_core::bail!(
                 "fused-adamw: {} weights, {} and {} moments",
@@ -227,11 +224,10 @@ impl InplaceOp3 for WeightInPlace {
                 v.len()
             );
         }
-        let s = self.0;
         w.par_chunks_mut(CHUNK).enumerate().for_each(|(c, w)| {
             for (j, w) in w.iter_mut().enumerate() {
                 let i = c * CHUNK + j;
-                *w = *w * s.decay - m[i] / (v[i].sqrt() / s.bc2_sqrt + s.eps) * s.step_size;
+                *w = self.0.weight(*w, m[i], v[i]);
             }
         });
         Ok(())
@@ -248,12 +244,8 @@ pub fn adamw_step_in_place(
     step: AdamWStep,
 ) -> Result<()> {
     let g = g.contiguous()?;
-    let first =
-        MomentInPlace { beta: step.beta1, one_minus_beta: step.one_minus_beta1, square: false };
-    let second =
-        MomentInPlace { beta: step.beta2, one_minus_beta: step.one_minus_beta2, square: true };
-    m.inplace_op2(&g, &first)?;
-    v.inplace_op2(&g, &second)?;
+    m.inplace_op2(&g, &MomentInPlace { step, update: AdamWStep::first_moment })?;
+    v.inplace_op2(&g, &MomentInPlace { step, update: AdamWStep::second_moment })?;
     w.inplace_op3(m, v, &WeightInPlace(step))
 }
 

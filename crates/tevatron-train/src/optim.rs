@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::{CpuStorage, DType, Result, Storage, Tensor, Var};
+use candle_core::{CpuStorage, DType, Result, Storage, Tensor, Var, D};
 use rayon::prelude::*;
 use tevatron_model::fused_adamw::{adamw_step, adamw_step_in_place, AdamWStep};
 
@@ -57,6 +57,52 @@ struct Param {
     v: Tensor,
 }
 
+impl Param {
+    /// The update as one op: in place on the CPU (the moments are contiguous buffers of their
+    /// own), one kernel with fresh outputs on a GPU.
+    fn fused_update(&mut self, g: &Tensor, step: AdamWStep) -> Result<()> {
+        let g = g.to_dtype(DType::F32)?;
+        if self.var.device().is_cpu() {
+            return adamw_step_in_place(self.var.as_tensor(), &g, &self.m, &self.v, step);
+        }
+        let (w, m, v) = adamw_step(self.var.as_tensor(), &g, &self.m, &self.v, step)?;
+        (self.m, self.v) = (m, v);
+        self.var.set(&w)
+    }
+
+    /// The update composed of tensor ops, in the state's dtype (F64 for F64 variables).
+    fn composed_update(&mut self, g: &Tensor, c: &AdamWConfig, lr: f64, t: i32) -> Result<()> {
+        let bc2 = 1.0 - c.beta2.powi(t);
+        let step_size = lr / (1.0 - c.beta1.powi(t));
+        let dt = self.m.dtype();
+        let g = g.to_dtype(dt)?;
+        self.m = ((&self.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+        self.v = ((&self.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+        let denom = ((self.v.sqrt()? / bc2.sqrt())? + c.eps)?;
+        let mut w = self.var.as_tensor().to_dtype(dt)?;
+        if self.decay && c.weight_decay != 0.0 {
+            w = (w * (1.0 - lr * c.weight_decay))?;
+        }
+        let w = (w - ((&self.m / denom)? * step_size)?)?;
+        self.var.set(&w.to_dtype(self.var.dtype())?)
+    }
+}
+
+/// The scalars of step `t` (from 1) at rate `lr` as `torch.optim.AdamW` derives them, for a
+/// parameter with or without weight decay.
+fn fused_step(c: &AdamWConfig, lr: f64, t: i32, decay: bool) -> AdamWStep {
+    AdamWStep {
+        beta1: c.beta1 as f32,
+        one_minus_beta1: (1.0 - c.beta1) as f32,
+        beta2: c.beta2 as f32,
+        one_minus_beta2: (1.0 - c.beta2) as f32,
+        eps: c.eps as f32,
+        bc2_sqrt: (1.0 - c.beta2.powi(t)).sqrt() as f32,
+        step_size: (lr / (1.0 - c.beta1.powi(t))) as f32,
+        decay: if decay { (1.0 - lr * c.weight_decay) as f32 } else { 1.0 },
+    }
+}
+
 /// The optimizer.
 pub struct AdamW {
     params: Vec<Param>,
@@ -100,46 +146,13 @@ impl AdamW {
     /// One update with rate `lr` from gradients aligned with [`AdamW::vars`].
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
         self.step += 1;
-        let c = self.cfg;
         let t = self.step as i32;
-        let bc1 = 1.0 - c.beta1.powi(t);
-        let bc2 = 1.0 - c.beta2.powi(t);
-        let step_size = lr / bc1;
-        let fused = AdamWStep {
-            beta1: c.beta1 as f32,
-            one_minus_beta1: (1.0 - c.beta1) as f32,
-            beta2: c.beta2 as f32,
-            one_minus_beta2: (1.0 - c.beta2) as f32,
-            eps: c.eps as f32,
-            bc2_sqrt: bc2.sqrt() as f32,
-            step_size: step_size as f32,
-            decay: 1.0,
-        };
         for (p, g) in self.params.iter_mut().zip(grads) {
             if self.fused && p.var.dtype() == DType::F32 {
-                let decay = if p.decay { 1.0 - lr * c.weight_decay } else { 1.0 };
-                let step = AdamWStep { decay: decay as f32, ..fused };
-                let g = g.to_dtype(DType::F32)?;
-                if p.var.device().is_cpu() && p.m.is_contiguous() && p.v.is_contiguous() {
-                    adamw_step_in_place(p.var.as_tensor(), &g, &p.m, &p.v, step)?;
-                } else {
-                    let (w, m, v) = adamw_step(p.var.as_tensor(), &g, &p.m, &p.v, step)?;
-                    (p.m, p.v) = (m, v);
-                    p.var.set(&w)?;
-                }
-                continue;
+                p.fused_update(g, fused_step(&self.cfg, lr, t, p.decay))?;
+            } else {
+                p.composed_update(g, &self.cfg, lr, t)?;
             }
-            let dt = p.m.dtype();
-            let g = g.to_dtype(dt)?;
-            p.m = ((&p.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
-            p.v = ((&p.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let denom = ((p.v.sqrt()? / bc2.sqrt())? + c.eps)?;
-            let mut w = p.var.as_tensor().to_dtype(dt)?;
-            if p.decay && c.weight_decay != 0.0 {
-                w = (w * (1.0 - lr * c.weight_decay))?;
-            }
-            let w = (w - ((&p.m / denom)? * step_size)?)?;
-            p.var.set(&w.to_dtype(p.var.dtype())?)?;
         }
         Ok(())
     }
@@ -214,24 +227,13 @@ fn squared_norm(g: &Tensor) -> Result<Tensor> {
             return Tensor::new(sum, g.device());
         }
     }
-    // In rows of 1024 first: candle's GPU `sum_all` is one thread block over the whole tensor,
-    // which took milliseconds on an embedding's 11.7M-value gradient; a row sum spreads it.
-    const ROW: usize = 1024;
-    let squares = g.flatten_all()?.to_dtype(DType::F64)?.sqr()?;
-    let n = squares.elem_count();
-    let rows = n / ROW;
-    let mut parts = Vec::new();
-    if rows > 0 {
-        parts.push(squares.narrow(0, 0, rows * ROW)?.reshape((rows, ROW))?.sum(1)?.sum_all()?);
-    }
-    if n > rows * ROW {
-        parts.push(squares.narrow(0, rows * ROW, n - rows * ROW)?.sum_all()?);
-    }
-    match parts.as_slice() {
-        [] => Tensor::new(0f64, g.device()),
-        [one] => Ok(one.clone()),
-        [a, b] => a + b,
-        _ => unreachable!("at most two parts"),
+    // Summed along the last dimension first: candle's GPU `sum_all` is one thread block over
+    // the whole tensor, which took milliseconds on an embedding's 11.7M-value gradient; a row
+    // sum spreads it over a block per row.
+    let squares = g.to_dtype(DType::F64)?.sqr()?;
+    match squares.rank() {
+        0 | 1 => squares.sum_all(),
+        _ => squares.sum(D::Minus1)?.sum_all(),
     }
 }
 
@@ -269,17 +271,7 @@ mod tests {
         let (mut w, mut m, mut v) = (w0.clone(), zeros.clone(), zeros);
         for (t, g) in (1..).zip(&grads) {
             opt.step(std::slice::from_ref(g), lr).unwrap();
-            let step = AdamWStep {
-                beta1: 0.9,
-                one_minus_beta1: 0.1,
-                beta2: 0.999,
-                one_minus_beta2: 0.001,
-                eps: 1e-8,
-                bc2_sqrt: (1.0 - 0.999f64.powi(t)).sqrt() as f32,
-                step_size: (lr / (1.0 - 0.9f64.powi(t))) as f32,
-                decay: (1.0 - lr * wd) as f32,
-            };
-            (w, m, v) = adamw_step(&w, g, &m, &v, step).unwrap();
+            (w, m, v) = adamw_step(&w, g, &m, &v, fused_step(&cfg, lr, t, true)).unwrap();
         }
         let (state, _) = opt.state();
         let pairs = [(var.as_tensor(), &w), (&state[0].1, &m), (&state[1].1, &v)];
@@ -329,8 +321,8 @@ mod tests {
         let want: f64 = (0..50_000).map(|i| (i as f64) * (i as f64)).sum();
         let strided = Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &Device::Cpu).unwrap().t().unwrap();
         let wide = Tensor::new(&[12f64], &Device::Cpu).unwrap();
-        // F64 takes the device path: whole rows of 1024 and a remainder.
-        let rows = Tensor::arange(0f64, 5000.0, &Device::Cpu).unwrap();
+        // F64 takes the device path, here with rows.
+        let rows = Tensor::arange(0f64, 5000.0, &Device::Cpu).unwrap().reshape((50, 100)).unwrap();
         let norm = clip_grad_norm(&mut [big, strided, wide, rows], 0.0).unwrap();
         let want = want + (0..5000).map(|i| (i as f64) * (i as f64)).sum::<f64>();
         let want = (want + 30.0 + 144.0).sqrt();

@@ -56,10 +56,24 @@ pub(super) fn exp(x: f32) -> f32 {
     }
 }
 
-pub(super) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+/// The F32 values of a contiguous CPU input of custom op `op`; an error naming `op` otherwise.
+pub(crate) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else { candle_core::bail!("{op}: only f32 is supported") };
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
+/// [`contiguous_f32`] for a storage an in-place op writes.
+pub(crate) fn contiguous_f32_mut<'a>(
+    s: &'a mut CpuStorage,
+    l: &Layout,
+    op: &str,
+) -> Result<&'a mut [f32]> {
+    let CpuStorage::F32(v) = s else { candle_core::bail!("{op}: only f32 is supported") };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&mut v[a..b]),
         None => candle_core::bail!("{op}: input must be contiguous"),
     }
 }

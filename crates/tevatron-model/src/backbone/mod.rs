@@ -18,6 +18,8 @@ pub mod train_ops;
 
 use candle_core::{DType, Result, Tensor};
 
+pub(crate) use fast::{contiguous_f32, contiguous_f32_mut};
+
 use crate::collate::Batch;
 
 /// Whether a forward pass trains (dropout on, differentiable ops only) or infers.
