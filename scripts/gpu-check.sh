@@ -150,6 +150,22 @@ tr() { local label=$1; shift
     --train_group_size 4 --query_max_len 32 --passage_max_len 128 --pooling mean --normalize --temperature 0.05 \
     --learning_rate 1e-4 --warmup_ratio 0 --logging_steps 1 --save_strategy no --overwrite_output_dir \
     --dataset_cache_dir "$out/cache" "$@" 2> "$out/$label.log" || { tail -5 "$out/$label.log"; exit 1; }; }
+# same_losses RUN_A LABEL_A RUN_B LABEL_B WHAT: prints both runs' per-step losses and fails with
+# "FAIL: WHAT" unless they agree step by step within 1e-3 relative.
+same_losses() {
+  "$py" - "$out" "$@" <<'PY'
+import json, sys
+out, run_a, label_a, run_b, label_b, what = sys.argv[1:]
+loss = lambda n: [e["loss"] for e in json.load(open(f"{out}/{n}/trainer_state.json"))["log_history"] if "loss" in e]
+a, b = loss(run_a), loss(run_b)
+rel = max(abs(x - y) / abs(x) for x, y in zip(a, b))
+width = max(len(label_a), len(label_b)) + 1
+print(f"{label_a + ':':<{width}} {' '.join(f'{x:.5f}' for x in a)}")
+print(f"{label_b + ':':<{width}} {' '.join(f'{x:.5f}' for x in b)}  (max relative difference {rel:.1e})")
+if len(a) != len(b) or rel > 1e-3:
+    sys.exit(f"FAIL: {what}")
+PY
+}
 tr bf16 --device "$dev" --bf16 --per_device_train_batch_size "$bs" --max_steps "$steps"
 ours=$("$py" scripts/bench/step_seconds.py "$out/bf16.log")
 theirs=$(TRAIN_STEP_DEVICE=$dev TRAIN_STEP_AMP=bf16 "$py" scripts/bench/train_step.py "$out/model" "$out/train.jsonl" "$steps" "$bs" 4 32 128 mean true 0.05 2>/dev/null \
@@ -168,29 +184,9 @@ echo "-- two ranks on one GPU (TCP collectives, f32) vs one process with twice t
 # Dropout off: each rank draws its own masks, so only then are the two runs the same steps.
 tr one --device "$dev0" --disable_dropout --per_device_train_batch_size "$bs" --max_steps $((steps / 3))
 tr two --device "$dev0" --disable_dropout --per_device_train_batch_size $((bs / 2)) --max_steps $((steps / 3)) --nproc_per_node 2
-"$py" - "$out" <<'PY'
-import json, sys
-out = sys.argv[1]
-loss = lambda n: [e["loss"] for e in json.load(open(f"{out}/{n}/trainer_state.json"))["log_history"] if "loss" in e]
-a, b = loss("one"), loss("two")
-rel = max(abs(x - y) / abs(x) for x, y in zip(a, b))
-print(f"one process: {' '.join(f'{x:.4f}' for x in a)}")
-print(f"two ranks:   {' '.join(f'{x:.4f}' for x in b)}  (max relative difference {rel:.1e})")
-if len(a) != len(b) or rel > 1e-3:
-    sys.exit("FAIL: two ranks do not train as one process with twice the batch")
-PY
+same_losses one "one process" two "two ranks" "two ranks do not train as one process with twice the batch"
 echo "-- dropout on, f32: the GPU draws the CPU's masks, so both train alike (3 steps of 8 groups)"
 tr dcpu --device cpu --per_device_train_batch_size 8 --max_steps 3
 tr dgpu --device "$dev0" --per_device_train_batch_size 8 --max_steps 3
-"$py" - "$out" <<'PY'
-import json, sys
-out = sys.argv[1]
-loss = lambda n: [e["loss"] for e in json.load(open(f"{out}/{n}/trainer_state.json"))["log_history"] if "loss" in e]
-a, b = loss("dcpu"), loss("dgpu")
-rel = max(abs(x - y) / abs(x) for x, y in zip(a, b))
-print(f"cpu: {' '.join(f'{x:.5f}' for x in a)}")
-print(f"gpu: {' '.join(f'{x:.5f}' for x in b)}  (max relative difference {rel:.1e})")
-if len(a) != len(b) or rel > 1e-3:
-    sys.exit("FAIL: GPU training with dropout differs from CPU training with the same seed")
-PY
+same_losses dcpu cpu dgpu gpu "GPU training with dropout differs from CPU training with the same seed"
 echo "gpu-check: all checks passed"

@@ -11,7 +11,7 @@ pub fn select(spec: Option<&str>) -> Result<Device> {
     let Some(spec) = spec else {
         if candle_core::utils::cuda_is_available() {
             if let Ok(dev) = Device::new_cuda(0) {
-                return Ok(single_stream(dev));
+                return Ok(prepare_gpu(dev));
             }
         }
         return Ok(Device::Cpu);
@@ -33,7 +33,7 @@ pub fn select(spec: Option<&str>) -> Result<Device> {
     let dev = Device::new_cuda(ordinal).map_err(|e| {
         Error::Invalid(format!("--device {spec}: no usable GPU {ordinal} ({e}); check CUDA_VISIBLE_DEVICES and the driver"))
     })?;
-    Ok(single_stream(dev))
+    Ok(prepare_gpu(dev))
 }
 
 /// Prepares a GPU for thousands of small ops a step:
@@ -44,7 +44,7 @@ pub fn select(spec: Option<&str>) -> Result<Device> {
 ///   back to the driver at every synchronisation (each step reads its loss), so every step
 ///   mapped its activations afresh, host time that grew with the batch. PyTorch's caching
 ///   allocator keeps freed blocks the same way.
-fn single_stream(dev: Device) -> Device {
+fn prepare_gpu(dev: Device) -> Device {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(cuda) = &dev {
         // SAFETY: called before this device allocates any tensor, and all work on it is
@@ -55,7 +55,7 @@ fn single_stream(dev: Device) -> Device {
     dev
 }
 
-/// Sets the release threshold of `cuda`'s memory pool to its maximum (see [`single_stream`]).
+/// Sets the release threshold of `cuda`'s memory pool to its maximum (see [`prepare_gpu`]).
 /// A driver that refuses leaves the default, which is only slower.
 #[cfg(feature = "cuda")]
 fn keep_freed_memory(cuda: &candle_core::CudaDevice) {

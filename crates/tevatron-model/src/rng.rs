@@ -42,25 +42,7 @@ impl SplitMix64 {
         self.state = base.wrapping_add((n.div_ceil(2) as u64).wrapping_mul(GOLDEN));
         base
     }
-}
 
-/// The `n` dropout decisions (1 = keep, drop probability `p`) that [`SplitMix64::keep_mask`]
-/// draws from state `base`: a pure function of `base`, so any device can compute it.
-pub fn keep_mask_at(base: u64, n: usize, p: f64) -> Vec<u8> {
-    let threshold = keep_threshold(p);
-    let mut keep = vec![0u8; n];
-    keep.par_chunks_mut(MASK_CHUNK)
-        .enumerate()
-        .for_each(|(i, out)| fill_keep(base, (i * MASK_CHUNK / 2) as u64, threshold, out));
-    keep
-}
-
-/// A decision keeps its element when its 32 random bits are at least this (`p * 2^32`).
-pub fn keep_threshold(p: f64) -> u64 {
-    (p * 4_294_967_296.0) as u64
-}
-
-impl SplitMix64 {
     /// A uniform integer in `0..n` (Lemire's method with rejection, so unbiased); `n > 0`.
     pub fn below(&mut self, n: usize) -> usize {
         let n = n as u64;
@@ -81,6 +63,22 @@ impl SplitMix64 {
             items.swap(i, j);
         }
     }
+}
+
+/// The `n` dropout decisions (1 = keep, drop probability `p`) that [`SplitMix64::keep_mask`]
+/// draws from state `base`: a pure function of `base`, so any device can compute it.
+pub fn keep_mask_at(base: u64, n: usize, p: f64) -> Vec<u8> {
+    let threshold = keep_threshold(p);
+    let mut keep = vec![0u8; n];
+    keep.par_chunks_mut(MASK_CHUNK)
+        .enumerate()
+        .for_each(|(i, out)| fill_keep(base, (i * MASK_CHUNK / 2) as u64, threshold, out));
+    keep
+}
+
+/// A decision keeps its element when its 32 random bits are at least this (`p * 2^32`).
+pub fn keep_threshold(p: f64) -> u64 {
+    (p * 4_294_967_296.0) as u64
 }
 
 const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;

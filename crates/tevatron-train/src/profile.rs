@@ -14,8 +14,14 @@ use candle_core::{Device, Result};
 /// One phase: name, host milliseconds to issue, milliseconds until the device was done.
 type Phase = (&'static str, f64, f64);
 
+/// This thread's current step: when its current phase began, and its finished phases.
+struct Step {
+    phase_start: Option<Instant>,
+    phases: Vec<Phase>,
+}
+
 thread_local! {
-    static PHASES: RefCell<(Option<Instant>, Vec<Phase>)> = const { RefCell::new((None, Vec::new())) };
+    static STEP: RefCell<Step> = const { RefCell::new(Step { phase_start: None, phases: Vec::new() }) };
 }
 
 /// Whether `TEVATRON_PROFILE_STEPS` is set (to anything but empty or 0).
@@ -31,14 +37,14 @@ pub fn mark(name: &'static str, device: &Device) -> Result<()> {
     if !enabled() {
         return Ok(());
     }
-    let start = PHASES.with(|p| *p.borrow_mut().0.get_or_insert_with(Instant::now));
+    let start = STEP.with(|s| *s.borrow_mut().phase_start.get_or_insert_with(Instant::now));
     let issued = start.elapsed().as_secs_f64() * 1e3;
     device.synchronize()?;
     let done = start.elapsed().as_secs_f64() * 1e3;
-    PHASES.with(|p| {
-        let mut p = p.borrow_mut();
-        p.1.push((name, issued, done));
-        p.0 = Some(Instant::now());
+    STEP.with(|s| {
+        let mut s = s.borrow_mut();
+        s.phases.push((name, issued, done));
+        s.phase_start = Some(Instant::now());
     });
     Ok(())
 }
@@ -48,13 +54,13 @@ pub fn report(step: usize) {
     if !enabled() {
         return;
     }
-    PHASES.with(|p| {
-        let mut p = p.borrow_mut();
-        let total: f64 = p.1.iter().map(|(_, _, done)| done).sum();
+    STEP.with(|s| {
+        let mut s = s.borrow_mut();
+        let total: f64 = s.phases.iter().map(|(_, _, done)| done).sum();
         let parts: Vec<String> =
-            p.1.iter().map(|(n, issued, done)| format!("{n} {issued:.1}/{done:.1}")).collect();
+            s.phases.iter().map(|(n, issued, done)| format!("{n} {issued:.1}/{done:.1}")).collect();
         eprintln!("profile step {step}: {total:.1} ms; issued/done ms: {}", parts.join(", "));
-        p.1.clear();
-        p.0 = Some(Instant::now());
+        s.phases.clear();
+        s.phase_start = Some(Instant::now());
     });
 }

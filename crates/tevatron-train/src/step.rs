@@ -266,6 +266,7 @@ pub fn micro_step(
     let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     let store = (loss * scale)?.backward()?;
     let cached = [store.get(q_all.as_tensor()).cloned(), store.get(p_all.as_tensor()).cloned()];
+    profile::mark("first pass and loss", &device)?;
 
     // Second pass: each chunk back-propagates its slice of the cached representation gradient.
     for ((side, parts), cached) in sides.into_iter().zip(cached) {
@@ -287,5 +288,6 @@ pub fn micro_step(
             }
         }
     }
+    profile::mark("second pass and backward", &device)?;
     Ok(StepOutput { loss: value })
 }
