@@ -10,7 +10,8 @@
 #   4. training on the GPU: a 30-step bf16 run whose loss must fall, its step time against a
 #      PyTorch Tevatron-style step (same model, batch, lengths, bf16 autocast), and two ranks on
 #      the one GPU (--nproc_per_node 2, TCP collectives) against one process with twice the batch,
-#      and a few f32 steps with dropout on against the same steps on the CPU (same masks).
+#   5. a few f32 steps with dropout on against the same steps on the CPU (same masks),
+#   6. a profile of four bf16 steps: per phase, the host's issue time and the device's.
 # Prints every figure and the ratios; ends with "gpu-check: all checks passed" or a FAIL line.
 # A dry run of the script's logic on a machine without a GPU (any binary, fewer passages):
 #   GPU_CHECK_DEVICE=cpu GPU_CHECK_PASSAGES=1000 GPU_CHECK_STEPS=9 GPU_CHECK_BATCH=8 \
@@ -189,4 +190,7 @@ echo "-- dropout on, f32: the GPU draws the CPU's masks, so both train alike (3 
 tr dcpu --device cpu --per_device_train_batch_size 8 --max_steps 3
 tr dgpu --device "$dev0" --per_device_train_batch_size 8 --max_steps 3
 same_losses dcpu cpu dgpu gpu "GPU training with dropout differs from CPU training with the same seed"
+echo "-- where a bf16 step's time goes (TEVATRON_PROFILE_STEPS=1: host issue / device done, per phase)"
+TEVATRON_PROFILE_STEPS=1 tr prof --device "$dev" --bf16 --per_device_train_batch_size "$bs" --max_steps 4
+grep '^profile step' "$out/prof.log" | tail -n 2
 echo "gpu-check: all checks passed"

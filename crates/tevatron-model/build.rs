@@ -1,17 +1,33 @@
-//! With the `cuda` feature, compiles the crate's CUDA kernels (`kernels/*.cu`) to PTX with
-//! `nvcc`, for the virtual architecture `CUDA_COMPUTE_CAP` names (default 75, the oldest that
-//! CUDA 13 targets; the driver compiles PTX for the GPU it runs on).
+//! Builds the crate's CUDA kernels (`kernels/train.cu`) two ways:
+//!
+//! - for the CPU, always: `kernels/emulate.cpp` compiles the same source against a small CUDA
+//!   stand-in (`kernels/emulate.hpp`) with the system C++ compiler, so that tests run the
+//!   kernels on machines without a GPU (`src/kernel_emulation.rs`);
+//! - with the `cuda` feature, to PTX with `nvcc`, for the virtual architecture
+//!   `CUDA_COMPUTE_CAP` names (default 75, the oldest that CUDA 13 targets; the driver compiles
+//!   PTX for the GPU it runs on).
 
 use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
-    println!("cargo:rerun-if-changed=kernels/train.cu");
+    for f in ["kernels/train.cu", "kernels/emulate.hpp", "kernels/emulate.cpp"] {
+        println!("cargo:rerun-if-changed={f}");
+    }
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
-    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
-        return;
+    cc::Build::new()
+        .cpp(true)
+        .std("c++20")
+        .file("kernels/emulate.cpp")
+        .warnings_into_errors(true)
+        .compile("tevatron_kernel_emulation");
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        ptx();
     }
+}
+
+fn ptx() {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "75".into());
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".into());

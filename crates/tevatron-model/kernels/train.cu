@@ -4,9 +4,19 @@
 // half of SplitMix64 draw i / 2 after state `base` (low half for even i, high for odd) is at
 // least `threshold`, exactly the decisions `SplitMix64::keep_mask` draws on the CPU. Kept
 // values are scaled in float (double for f64) and rounded back to the element type.
+//
+// The same source also compiles as C++ against kernels/emulate.hpp (TEVATRON_EMULATE, see
+// kernels/emulate.cpp), where the F32 and F64 kernels run on the CPU in `cargo test`; the
+// half-precision dropouts need CUDA's types and stay GPU-only.
+#ifdef TEVATRON_EMULATE
+#include "emulate.hpp"
+#define KERNEL static
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+#define KERNEL extern "C" __global__
+#endif
 
 __device__ __forceinline__ uint64_t finalize(uint64_t z) {
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
@@ -21,7 +31,7 @@ __device__ __forceinline__ bool keep(uint64_t base, uint64_t threshold, uint64_t
 }
 
 #define DROPOUT(NAME, T, ACC, LOAD, STORE)                                                     \
-  extern "C" __global__ void NAME(const T *x, T *y, uint64_t n, uint64_t base,                \
+  KERNEL void NAME(const T *x, T *y, uint64_t n, uint64_t base,                \
                                   uint64_t threshold, float scale) {                          \
     for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;                 \
          i += (uint64_t)blockDim.x * gridDim.x) {                                             \
@@ -32,16 +42,17 @@ __device__ __forceinline__ bool keep(uint64_t base, uint64_t threshold, uint64_t
 #define SAME(v) (v)
 DROPOUT(dropout_f32, float, float, SAME, SAME)
 DROPOUT(dropout_f64, double, double, SAME, SAME)
+#ifndef TEVATRON_EMULATE
 DROPOUT(dropout_bf16, __nv_bfloat16, float, __bfloat162float, __float2bfloat16)
 DROPOUT(dropout_f16, __half, float, __half2float, __float2half)
+#endif
 
 // One AdamW step over a parameter (src/adamw.rs), as torch.optim.AdamW computes it in F32:
 // m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2 (1 - b computed in double, as torch does); w = w * decay - step_size * m / (sqrt(v) /
 // bc2_sqrt + eps). Reads w, g and the moments packed as [m | v]; writes [w | m | v] to out.
-extern "C" __global__ void adamw_f32(const float *w, const float *g, const float *mv, float *out,
-                                     uint64_t n, float b1, float one_minus_b1, float b2,
-                                     float one_minus_b2, float eps, float bc2_sqrt,
-                                     float step_size, float decay) {
+KERNEL void adamw_f32(const float *w, const float *g, const float *mv, float *out, uint64_t n,
+                      float b1, float one_minus_b1, float b2, float one_minus_b2, float eps,
+                      float bc2_sqrt, float step_size, float decay) {
   for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
        i += (uint64_t)blockDim.x * gridDim.x) {
     float gi = g[i];
@@ -52,4 +63,179 @@ extern "C" __global__ void adamw_f32(const float *w, const float *g, const float
     out[n + i] = m;
     out[2 * n + i] = v;
   }
+}
+
+// ---- Row-wise training ops in F32 (src/backbone/train_ops.rs has the CPU twins) ----
+//
+// One warp per row: each lane takes every 32nd element and the warp combines the lanes'
+// partial results with butterfly shuffles, so all lanes end with the same total. A launch
+// covers rows with a grid-stride loop over warps (`row_launch` in src/cuda_kernels.rs).
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int m = 16; m > 0; m >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, m));
+  return v;
+}
+
+#define LANE (threadIdx.x % 32)
+#define FOR_EACH_ROW(r, rows)                                                                 \
+  for (uint64_t r = (blockIdx.x * (uint64_t)blockDim.x + threadIdx.x) / 32; r < (rows);       \
+       r += (uint64_t)gridDim.x * blockDim.x / 32)
+
+// Mean and 1/std of a row of h, as the CPU's row_stats: the variance from the centred values.
+__device__ __forceinline__ void row_stats(const float *x, uint32_t h, float eps, float *mean,
+                                          float *rstd) {
+  float s = 0.0f;
+  for (uint32_t j = LANE; j < h; j += 32) s += x[j];
+  float m = warp_sum(s) / (float)h;
+  float v = 0.0f;
+  for (uint32_t j = LANE; j < h; j += 32) v += (x[j] - m) * (x[j] - m);
+  *mean = m;
+  *rstd = 1.0f / sqrtf(warp_sum(v) / (float)h + eps);
+}
+
+// y = (x - mean) / sqrt(var + eps) * w + b over rows of h.
+KERNEL void layer_norm_f32(const float *x, const float *w, const float *b, float *y,
+                           uint64_t rows, uint32_t h, float eps) {
+  FOR_EACH_ROW(r, rows) {
+    const float *xr = x + r * h;
+    float mean, rstd;
+    row_stats(xr, h, eps, &mean, &rstd);
+    for (uint32_t j = LANE; j < h; j += 32) y[r * h + j] = (xr[j] - mean) * rstd * w[j] + b[j];
+  }
+}
+
+// Layer norm's input gradient, dx = rstd (g w - mean(g w) - xhat mean(g w xhat)), and each
+// row's (mean, rstd) into stats for the parameter gradients (layer_norm_param_partials_f32).
+KERNEL void layer_norm_grad_f32(const float *x, const float *w, const float *g, float *dx,
+                                float *stats, uint64_t rows, uint32_t h, float eps) {
+  FOR_EACH_ROW(r, rows) {
+    const float *xr = x + r * h, *gr = g + r * h;
+    float mean, rstd;
+    row_stats(xr, h, eps, &mean, &rstd);
+    float m1 = 0.0f, m2 = 0.0f;
+    for (uint32_t j = LANE; j < h; j += 32) {
+      float dxhat = gr[j] * w[j];
+      m1 += dxhat;
+      m2 += dxhat * (xr[j] - mean) * rstd;
+    }
+    m1 = warp_sum(m1) / (float)h;
+    m2 = warp_sum(m2) / (float)h;
+    for (uint32_t j = LANE; j < h; j += 32)
+      dx[r * h + j] = rstd * (gr[j] * w[j] - m1 - (xr[j] - mean) * rstd * m2);
+    if (LANE == 0) {
+      stats[2 * r] = mean;
+      stats[2 * r + 1] = rstd;
+    }
+  }
+}
+
+// Column sums in two launches with a fixed order (so the same bits every run): the rows are cut
+// into chunks of `chunk_rows`; thread (chunk, column) sums its chunk, and column_chunks_sum_f32
+// adds the chunks' partials in chunk order. Blocks are numbered chunk-major over
+// `column_blocks` blocks per chunk, so that a warp reads one row's consecutive columns.
+#define FOR_COLUMN_OF_CHUNK(j, chunk, width, column_blocks)                                   \
+  uint32_t j = (blockIdx.x % (column_blocks)) * blockDim.x + threadIdx.x;                    \
+  uint64_t chunk = blockIdx.x / (column_blocks);                                              \
+  if (j >= (width)) return;
+
+// Per-chunk sums of g * xhat (dw, columns 0..h) and g (db, columns h..2h) of layer norm.
+KERNEL void layer_norm_param_partials_f32(const float *x, const float *g, const float *stats,
+                                          float *partial, uint64_t rows, uint32_t h,
+                                          uint64_t chunk_rows, uint32_t column_blocks) {
+  FOR_COLUMN_OF_CHUNK(j, chunk, h, column_blocks)
+  uint64_t end = (chunk + 1) * chunk_rows < rows ? (chunk + 1) * chunk_rows : rows;
+  float dw = 0.0f, db = 0.0f;
+  for (uint64_t r = chunk * chunk_rows; r < end; ++r) {
+    float gv = g[r * h + j];
+    dw += gv * (x[r * h + j] - stats[2 * r]) * stats[2 * r + 1];
+    db += gv;
+  }
+  partial[chunk * 2 * h + j] = dw;
+  partial[chunk * 2 * h + h + j] = db;
+}
+
+// Per-chunk sums of the columns of g (rows of `width`).
+KERNEL void column_partials_f32(const float *g, float *partial, uint64_t rows, uint32_t width,
+                                uint64_t chunk_rows, uint32_t column_blocks) {
+  FOR_COLUMN_OF_CHUNK(j, chunk, width, column_blocks)
+  uint64_t end = (chunk + 1) * chunk_rows < rows ? (chunk + 1) * chunk_rows : rows;
+  float s = 0.0f;
+  for (uint64_t r = chunk * chunk_rows; r < end; ++r) s += g[r * width + j];
+  partial[chunk * width + j] = s;
+}
+
+// out[j] = the sum over chunks of partial[chunk * width + j], in chunk order.
+KERNEL void column_chunks_sum_f32(const float *partial, float *out, uint64_t chunks,
+                                  uint32_t width) {
+  for (uint64_t j = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; j < width;
+       j += (uint64_t)blockDim.x * gridDim.x) {
+    float s = 0.0f;
+    for (uint64_t c = 0; c < chunks; ++c) s += partial[c * width + j];
+    out[j] = s;
+  }
+}
+
+// softmax(x + bias) over rows of n. Rows come in batches of `rows_per_batch` (heads x queries);
+// each batch has `queries` bias rows (1 for a padding mask, one per query for a causal one),
+// and row r reads bias row (r / rows_per_batch) * queries + (r % rows_per_batch) % queries.
+KERNEL void masked_softmax_f32(const float *x, const float *bias, float *y, uint64_t rows,
+                               uint32_t n, uint64_t rows_per_batch, uint64_t queries) {
+  FOR_EACH_ROW(r, rows) {
+    const float *xr = x + r * n;
+    const float *br = bias + ((r / rows_per_batch) * queries + (r % rows_per_batch) % queries) * n;
+    float *yr = y + r * n;
+    float m = -INFINITY;
+    for (uint32_t j = LANE; j < n; j += 32) m = fmaxf(m, xr[j] + br[j]);
+    m = warp_max(m);
+    float s = 0.0f;
+    for (uint32_t j = LANE; j < n; j += 32) {
+      float e = expf(xr[j] + br[j] - m);
+      yr[j] = e;
+      s += e;
+    }
+    float inv = 1.0f / warp_sum(s);
+    for (uint32_t j = LANE; j < n; j += 32) yr[j] *= inv;
+  }
+}
+
+// The softmax's input gradient from its output y: dx = y (g - sum(y g)).
+KERNEL void softmax_grad_f32(const float *y, const float *g, float *dx, uint64_t rows,
+                             uint32_t n) {
+  FOR_EACH_ROW(r, rows) {
+    const float *yr = y + r * n, *gr = g + r * n;
+    float dot = 0.0f;
+    for (uint32_t j = LANE; j < n; j += 32) dot += yr[j] * gr[j];
+    dot = warp_sum(dot);
+    for (uint32_t j = LANE; j < n; j += 32) dx[r * n + j] = yr[j] * (gr[j] - dot);
+  }
+}
+
+// Exact GELU, x Phi(x), and its input gradient g (Phi(x) + x phi(x)).
+KERNEL void gelu_f32(const float *x, float *y, uint64_t n) {
+  for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
+       i += (uint64_t)blockDim.x * gridDim.x) {
+    float v = x[i];
+    y[i] = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+  }
+}
+
+KERNEL void gelu_grad_f32(const float *x, const float *g, float *dx, uint64_t n) {
+  for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
+       i += (uint64_t)blockDim.x * gridDim.x) {
+    float v = x[i];
+    float cdf = 0.5f * (1.0f + erff(v * 0.70710678118654752f));
+    dx[i] = g[i] * (cdf + v * 0.39894228040143268f * expf(-0.5f * v * v));
+  }
+}
+
+// out = y + b, with b (h) broadcast over the rows of y.
+KERNEL void bias_add_f32(const float *y, const float *b, float *out, uint64_t n, uint32_t h) {
+  for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
+       i += (uint64_t)blockDim.x * gridDim.x)
+    out[i] = y[i] + b[i % h];
 }

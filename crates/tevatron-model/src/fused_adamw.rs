@@ -113,18 +113,10 @@ impl CustomOp3 for AdamWStep {
         use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
         use candle_core::cuda_backend::WrapErr;
 
-        use crate::cuda_kernels::{function, grid};
+        use crate::cuda_kernels::{f32_view, function, Launch};
 
-        fn slice<'a>(
-            s: &'a candle_core::CudaStorage,
-            l: &Layout,
-        ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, f32>> {
-            match l.contiguous_offsets() {
-                Some((a, b)) => Ok(s.as_cuda_slice::<f32>()?.slice(a..b)),
-                None => candle_core::bail!("fused-adamw: F32 contiguous inputs only"),
-            }
-        }
-        let (w, g, mv) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let view = |s, l| f32_view(s, l, "fused-adamw");
+        let (w, g, mv) = (view(s1, l1)?, view(s2, l2)?, view(s3, l3)?);
         let n = l1.shape().elem_count();
         let dev = s1.device.clone();
         // SAFETY: the kernel writes all 3n elements before anything reads them.
@@ -153,7 +145,7 @@ impl CustomOp3 for AdamWStep {
         }
         // SAFETY: the arguments match adamw_f32's signature; w and g hold n elements, mv 2n,
         // out 3n.
-        unsafe { launch.launch(grid(n)) }.w()?;
+        unsafe { launch.launch(Launch::elements(n).config()) }.w()?;
         Ok((candle_core::CudaStorage::wrap_cuda_slice(out, dev), Shape::from(3 * n)))
     }
 }

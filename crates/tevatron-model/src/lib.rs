@@ -26,13 +26,15 @@ macro_rules! fail {
 pub mod backbone;
 pub mod collate;
 pub mod config;
-#[cfg(feature = "cuda")]
+#[cfg(any(test, feature = "cuda"))]
 mod cuda_kernels;
 pub mod device;
 pub mod encoder;
 pub mod error;
 pub mod fused_adamw;
 pub mod hub;
+#[cfg(test)]
+mod kernel_emulation;
 pub mod lora;
 pub mod mapped;
 pub mod pooling;

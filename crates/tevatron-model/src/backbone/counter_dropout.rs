@@ -93,7 +93,7 @@ mod cuda {
     use candle_core::cuda_backend::{kernel_name, Map1, WrapErr};
     use candle_core::{CudaDevice, Layout, Result, WithDType};
 
-    use crate::cuda_kernels::{function, grid};
+    use crate::cuda_kernels::{function, Launch};
 
     /// One launch of `dropout_<dtype>` over a contiguous input.
     pub(super) struct Kernel {
@@ -128,7 +128,7 @@ mod cuda {
             launch.arg(&self.scale);
             // SAFETY: the arguments match the kernel's signature (const T*, T*, u64, u64, u64,
             // float) and `src` and `out` hold `n` elements each.
-            unsafe { launch.launch(grid(n)) }.w()?;
+            unsafe { launch.launch(Launch::elements(n).config()) }.w()?;
             Ok(out)
         }
     }

@@ -23,7 +23,8 @@ impl LayerNorm {
         Ok(Self { weight: vb.get(size, "weight")?, bias: vb.get(size, "bias")?, eps })
     }
 
-    /// Normalises `x`; fused in `Eval`, composed of differentiable ops in `Train`.
+    /// Normalises `x`: candle's fused kernel in `Eval`; in `Train` our fused op with its own
+    /// backward for F32 (CPU or GPU), differentiable candle ops otherwise.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         match mode {
             Mode::Eval => candle_nn::ops::layer_norm(
@@ -32,7 +33,7 @@ impl LayerNorm {
                 &self.bias,
                 self.eps as f32,
             ),
-            Mode::Train if super::train_ops::applies(x) => {
+            Mode::Train if super::train_ops::has_kernel(x) && self.weight.dtype() == DType::F32 => {
                 super::train_ops::layer_norm(x, &self.weight, &self.bias, self.eps)
             }
             Mode::Train => {
@@ -178,7 +179,9 @@ impl Linear {
         }
         let y = matmul(x, &self.weight.t()?)?;
         Ok(match &self.bias {
-            Some(b) if super::train_ops::applies(&y) && b.dtype() == y.dtype() && is_tracked(b) => {
+            Some(b)
+                if super::train_ops::has_kernel(&y) && b.dtype() == y.dtype() && is_tracked(b) =>
+            {
                 super::train_ops::bias_add(&y, b)?
             }
             Some(b) => y.broadcast_add(b)?,
@@ -285,7 +288,7 @@ impl Activation {
             }
             // candle's fused gelu_erf backward rounds 1/sqrt(2 pi) to 0.398942 (7e-7 relative);
             // composed from erf, whose backward is exact, training gets exact gradients.
-            Activation::Gelu if mode == Mode::Train && super::train_ops::applies(x) => {
+            Activation::Gelu if mode == Mode::Train && super::train_ops::has_kernel(x) => {
                 super::train_ops::gelu(x)
             }
             Activation::Gelu if mode == Mode::Train => {
@@ -370,10 +373,10 @@ pub fn attend(
     ctx.transpose(1, 2)?.reshape((b, l, heads * d))
 }
 
-/// `softmax(scores + bias)` over the last dimension: fused with its backward when training on
-/// CPU in F32, composed otherwise. `bias` is `(b, 1, 1, l)` or `(b, 1, l, l)`.
+/// `softmax(scores + bias)` over the last dimension: fused with its backward when training in
+/// F32 (on the CPU or a GPU), composed otherwise. `bias` is `(b, 1, 1, l)` or `(b, 1, l, l)`.
 pub fn masked_softmax(scores: &Tensor, bias: &Tensor, mode: Mode) -> Result<Tensor> {
-    if mode == Mode::Train && super::train_ops::applies(scores) {
+    if mode == Mode::Train && super::train_ops::has_kernel(scores) && bias.dtype() == DType::F32 {
         super::train_ops::masked_softmax(scores, bias)
     } else {
         softmax_last(&scores.broadcast_add(bias)?, mode)

@@ -3,8 +3,9 @@
 //! frozen weight (plain, or with a LoRA adapter). Composed from candle's element-wise ops, each of these keeps
 //! four to seven full-size intermediates alive for backward (an attention score tensor of a
 //! 64 x 128-token batch is 50 MB per layer); fused, each keeps only its input or output, and
-//! backward is one pass. Other devices and dtypes use the composed ops in `layers`, which the
-//! tests compare these against.
+//! backward is one pass. GELU, the masked softmax, layer norm and the bias add also run on a
+//! GPU in F32 (the `cuda` module below, kernels in `kernels/train.cu`). Other devices and
+//! dtypes use the composed ops in `layers`, which the tests compare these against.
 
 use std::sync::Arc;
 
@@ -18,6 +19,14 @@ use super::fast::{
 
 /// Whether the fused kernels apply (F32 on CPU), the same rule as the inference kernels'.
 pub use super::fast::applies;
+
+/// Whether GELU, the masked softmax, layer norm and the bias add run fused here: F32 on the
+/// CPU, or F32 on a GPU in a CUDA build (their kernels in `kernels/train.cu`). The other fused
+/// ops are CPU-only ([`applies`]).
+pub fn has_kernel(x: &Tensor) -> bool {
+    x.dtype() == candle_core::DType::F32
+        && (x.device().is_cpu() || (cfg!(feature = "cuda") && x.device().is_cuda()))
+}
 
 /// Fills a new vector of `n` elements in parallel chunks of whole rows of width `row`.
 /// `fill(start, out)` must write every element of `out` (it may read back what it wrote);
@@ -96,6 +105,14 @@ impl CustomOp1 for Gelu {
     fn name(&self) -> &'static str {
         "train-gelu"
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::gelu(s, l)
+    }
     /// The inference kernel's forward; only the backward is new here.
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         super::fast::Gelu.cpu_fwd(s, l)
@@ -108,6 +125,16 @@ impl CustomOp1 for Gelu {
 impl CustomOp2 for GeluGrad {
     fn name(&self) -> &'static str {
         "train-gelu-grad"
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::gelu_grad((s1, l1), (s2, l2))
     }
     fn cpu_fwd(
         &self,
@@ -136,9 +163,50 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 struct MaskedSoftmax;
 struct SoftmaxGrad;
 
+/// How the rows of attention scores `(b, .., n)` meet the rows of their additive mask `(b, ..,
+/// n)`: rows come in `b` batches of `rows_per_batch`, and each batch has `queries` mask rows (1
+/// for a padding mask, one per query for a causal mask), which its rows take in turn.
+struct SoftmaxRows {
+    n: usize,
+    rows_per_batch: usize,
+    queries: usize,
+}
+
+impl SoftmaxRows {
+    fn new(scores: &Layout, bias: &Layout) -> Result<Self> {
+        let (len, bias_len) = (scores.shape().elem_count(), bias.shape().elem_count());
+        let n = scores.dims().last().copied().unwrap_or(1).max(1);
+        let batches = bias.dims().first().copied().unwrap_or(1).max(1);
+        let queries = bias_len / (batches * n).max(1);
+        let rows_per_batch = len / n / batches;
+        if bias_len != batches * queries * n
+            || len % (batches * n) != 0
+            || queries == 0
+            || rows_per_batch % queries != 0
+        {
+            candle_core::bail!(
+                "train-masked-softmax: bias {:?} does not fit scores {:?}",
+                bias.dims(),
+                scores.dims()
+            );
+        }
+        Ok(Self { n, rows_per_batch, queries })
+    }
+}
+
 impl CustomOp2 for MaskedSoftmax {
     fn name(&self) -> &'static str {
         "train-masked-softmax"
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::masked_softmax((s1, l1), (s2, l2))
     }
     fn cpu_fwd(
         &self,
@@ -149,22 +217,7 @@ impl CustomOp2 for MaskedSoftmax {
     ) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s1, l1, "train-masked-softmax")?;
         let bias = contiguous_f32(s2, l2, "train-masked-softmax")?;
-        let n = l1.dims().last().copied().unwrap_or(1).max(1);
-        let batches = l2.dims().first().copied().unwrap_or(1).max(1);
-        // Bias rows per batch: 1 (a padding mask) or one per query (a causal mask).
-        let queries = bias.len() / (batches * n).max(1);
-        let rows_per_batch = x.len() / n / batches;
-        if bias.len() != batches * queries * n
-            || x.len() % (batches * n) != 0
-            || queries == 0
-            || rows_per_batch % queries != 0
-        {
-            candle_core::bail!(
-                "train-masked-softmax: bias {:?} does not fit scores {:?}",
-                l2.dims(),
-                l1.dims()
-            );
-        }
+        let SoftmaxRows { n, rows_per_batch, queries } = SoftmaxRows::new(l1, l2)?;
         let out = par_map_rows(x.len(), n, |row, o| {
             let x = &x[row * n..(row + 1) * n];
             let b_row = (row / rows_per_batch) * queries + (row % rows_per_batch) % queries;
@@ -190,6 +243,16 @@ impl CustomOp2 for MaskedSoftmax {
 impl CustomOp2 for SoftmaxGrad {
     fn name(&self) -> &'static str {
         "train-softmax-grad"
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::softmax_grad((s1, l1), (s2, l2))
     }
     fn cpu_fwd(
         &self,
@@ -243,6 +306,18 @@ impl CustomOp3 for LayerNormOp {
     fn name(&self) -> &'static str {
         "train-layer-norm"
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::layer_norm((s1, l1), (s2, l2), (s3, l3), self.eps)
+    }
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -287,6 +362,18 @@ impl CustomOp3 for LayerNormOp {
 impl CustomOp3 for LayerNormGrad {
     fn name(&self) -> &'static str {
         "train-layer-norm-grad"
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::layer_norm_grad((s1, l1), (s2, l2), (s3, l3), self.eps)
     }
     /// Returns `[dx (all elements), dw (h), db (h)]` flattened into one vector.
     fn cpu_fwd(
@@ -434,6 +521,16 @@ impl CustomOp2 for BiasAdd {
     fn name(&self) -> &'static str {
         "train-bias-add"
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::bias_add((s1, l1), (s2, l2))
+    }
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -466,6 +563,14 @@ impl CustomOp2 for BiasAdd {
 impl CustomOp1 for ColumnSum {
     fn name(&self) -> &'static str {
         "train-column-sum"
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::column_sum(s, l)
     }
     /// Sums a `(.., h)` tensor over every dimension but the last, in parallel.
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -783,6 +888,251 @@ pub fn lora_linear(
         dropout: keep.map(|(keep, scale)| Dropout { keep: Arc::new(keep), scale }),
     };
     x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)
+}
+
+/// GPU twins of the row-wise ops above (`kernels/train.cu`), F32 only: the same operands,
+/// checked the same way, the same formulas (the kernels run on the CPU in tests through
+/// `kernel_emulation`, against these ops' CPU forwards).
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::{CudaStorage, Layout, Result, Shape};
+
+    use super::SoftmaxRows;
+    use crate::cuda_kernels::{f32_view, function, ColumnChunks, Launch, CHUNK_ROWS};
+
+    /// Launches kernel `$name` of `kernels/train.cu` on `$dev`'s stream with `$launch`'s shape
+    /// and the arguments in order (each a reference that lives past the launch).
+    macro_rules! launch {
+        ($dev:expr, $name:expr, $launch:expr, $($arg:expr),+ $(,)?) => {{
+            let func = function($dev, $name)?;
+            let stream = $dev.cuda_stream();
+            let mut builder = stream.launch_builder(&func);
+            $(builder.arg($arg);)+
+            // SAFETY: every call below passes the arguments of the kernel's signature in
+            // `kernels/train.cu`, in order, with buffers as long as the launch covers.
+            unsafe { builder.launch($launch.config()) }.w()?;
+        }};
+    }
+
+    /// Rows of width `h` in an operand of `len` elements, or an error naming the op.
+    fn rows_of(len: usize, h: usize, op: &str) -> Result<usize> {
+        if h == 0 || !len.is_multiple_of(h) {
+            candle_core::bail!("{op}: {len} elements are not rows of {h}");
+        }
+        Ok(len / h)
+    }
+
+    pub(super) fn gelu(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let x = f32_view(s, l, "train-gelu")?;
+        let n = l.shape().elem_count();
+        let dev = s.device.clone();
+        // SAFETY: the kernel writes all n elements before anything reads them.
+        let y = unsafe { dev.alloc::<f32>(n)? };
+        let len = n as u64;
+        launch!(&dev, "gelu_f32", Launch::elements(n), &x, &y, &len);
+        Ok((CudaStorage::wrap_cuda_slice(y, dev), l.shape().clone()))
+    }
+
+    pub(super) fn gelu_grad(
+        (s1, l1): (&CudaStorage, &Layout),
+        (s2, l2): (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)> {
+        let (x, g) = (f32_view(s1, l1, "train-gelu-grad")?, f32_view(s2, l2, "train-gelu-grad")?);
+        let n = l1.shape().elem_count();
+        let dev = s1.device.clone();
+        // SAFETY: the kernel writes all n elements before anything reads them.
+        let dx = unsafe { dev.alloc::<f32>(n)? };
+        let len = n as u64;
+        launch!(&dev, "gelu_grad_f32", Launch::elements(n), &x, &g, &dx, &len);
+        Ok((CudaStorage::wrap_cuda_slice(dx, dev), l1.shape().clone()))
+    }
+
+    pub(super) fn masked_softmax(
+        (s1, l1): (&CudaStorage, &Layout),
+        (s2, l2): (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)> {
+        let SoftmaxRows { n, rows_per_batch, queries } = SoftmaxRows::new(l1, l2)?;
+        let x = f32_view(s1, l1, "train-masked-softmax")?;
+        let bias = f32_view(s2, l2, "train-masked-softmax")?;
+        let len = l1.shape().elem_count();
+        let dev = s1.device.clone();
+        // SAFETY: the kernel writes all `len` elements before anything reads them.
+        let y = unsafe { dev.alloc::<f32>(len)? };
+        let rows = len / n;
+        let (rows64, n32) = (rows as u64, n as u32);
+        let (per_batch, queries) = (rows_per_batch as u64, queries as u64);
+        let shape = Launch::rows(rows);
+        launch!(
+            &dev,
+            "masked_softmax_f32",
+            shape,
+            &x,
+            &bias,
+            &y,
+            &rows64,
+            &n32,
+            &per_batch,
+            &queries
+        );
+        Ok((CudaStorage::wrap_cuda_slice(y, dev), l1.shape().clone()))
+    }
+
+    pub(super) fn softmax_grad(
+        (s1, l1): (&CudaStorage, &Layout),
+        (s2, l2): (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)> {
+        let y = f32_view(s1, l1, "train-softmax-grad")?;
+        let g = f32_view(s2, l2, "train-softmax-grad")?;
+        let len = l1.shape().elem_count();
+        let n = l1.dims().last().copied().unwrap_or(1).max(1);
+        let rows = rows_of(len, n, "train-softmax-grad")?;
+        let dev = s1.device.clone();
+        // SAFETY: the kernel writes all `len` elements before anything reads them.
+        let dx = unsafe { dev.alloc::<f32>(len)? };
+        let (rows64, n32) = (rows as u64, n as u32);
+        launch!(&dev, "softmax_grad_f32", Launch::rows(rows), &y, &g, &dx, &rows64, &n32);
+        Ok((CudaStorage::wrap_cuda_slice(dx, dev), l1.shape().clone()))
+    }
+
+    pub(super) fn layer_norm(
+        (s1, l1): (&CudaStorage, &Layout),
+        (s2, l2): (&CudaStorage, &Layout),
+        (s3, l3): (&CudaStorage, &Layout),
+        eps: f32,
+    ) -> Result<(CudaStorage, Shape)> {
+        let x = f32_view(s1, l1, "train-layer-norm")?;
+        let w = f32_view(s2, l2, "train-layer-norm")?;
+        let b = f32_view(s3, l3, "train-layer-norm")?;
+        let (len, h) = (l1.shape().elem_count(), l2.shape().elem_count());
+        let rows = rows_of(len, h, "train-layer-norm")?;
+        let dev = s1.device.clone();
+        // SAFETY: the kernel writes all `len` elements before anything reads them.
+        let y = unsafe { dev.alloc::<f32>(len)? };
+        let (rows64, h32) = (rows as u64, h as u32);
+        launch!(&dev, "layer_norm_f32", Launch::rows(rows), &x, &w, &b, &y, &rows64, &h32, &eps);
+        Ok((CudaStorage::wrap_cuda_slice(y, dev), l1.shape().clone()))
+    }
+
+    /// `[dx (all elements), dw (h), db (h)]` in one buffer, as the CPU op returns them.
+    pub(super) fn layer_norm_grad(
+        (s1, l1): (&CudaStorage, &Layout),
+        (s2, l2): (&CudaStorage, &Layout),
+        (s3, l3): (&CudaStorage, &Layout),
+        eps: f32,
+    ) -> Result<(CudaStorage, Shape)> {
+        let x = f32_view(s1, l1, "train-layer-norm-grad")?;
+        let w = f32_view(s2, l2, "train-layer-norm-grad")?;
+        let g = f32_view(s3, l3, "train-layer-norm-grad")?;
+        let (len, h) = (l1.shape().elem_count(), l2.shape().elem_count());
+        let rows = rows_of(len, h, "train-layer-norm-grad")?;
+        let dev = s1.device.clone();
+        let chunks = ColumnChunks::new(rows, h);
+        // SAFETY: the three launches below write every element of each buffer (dx and the
+        // stats by row, the partials by chunk and column, the sums by column) before any read.
+        let (mut out, stats, partial) = unsafe {
+            (
+                dev.alloc::<f32>(len + 2 * h)?,
+                dev.alloc::<f32>(2 * rows)?,
+                dev.alloc::<f32>(chunks.chunks as usize * 2 * h)?,
+            )
+        };
+        let (rows64, h32, h2) = (rows as u64, h as u32, 2 * h as u32);
+        let (chunk_rows, column_blocks) = (CHUNK_ROWS, chunks.column_blocks);
+        {
+            let mut dx = out.slice_mut(0..len);
+            let shape = Launch::rows(rows);
+            launch!(
+                &dev,
+                "layer_norm_grad_f32",
+                shape,
+                &x,
+                &w,
+                &g,
+                &mut dx,
+                &stats,
+                &rows64,
+                &h32,
+                &eps
+            );
+        }
+        launch!(
+            &dev,
+            "layer_norm_param_partials_f32",
+            chunks.partials(),
+            &x,
+            &g,
+            &stats,
+            &partial,
+            &rows64,
+            &h32,
+            &chunk_rows,
+            &column_blocks
+        );
+        {
+            let mut sums = out.slice_mut(len..len + 2 * h);
+            let n_chunks = chunks.chunks;
+            launch!(
+                &dev,
+                "column_chunks_sum_f32",
+                Launch::elements(2 * h),
+                &partial,
+                &mut sums,
+                &n_chunks,
+                &h2
+            );
+        }
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(len + 2 * h)))
+    }
+
+    pub(super) fn bias_add(
+        (s1, l1): (&CudaStorage, &Layout),
+        (s2, l2): (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)> {
+        let y = f32_view(s1, l1, "train-bias-add")?;
+        let b = f32_view(s2, l2, "train-bias-add")?;
+        let (len, h) = (l1.shape().elem_count(), l2.shape().elem_count());
+        rows_of(len, h, "train-bias-add")?;
+        let dev = s1.device.clone();
+        // SAFETY: the kernel writes all `len` elements before anything reads them.
+        let out = unsafe { dev.alloc::<f32>(len)? };
+        let (len64, h32) = (len as u64, h as u32);
+        launch!(&dev, "bias_add_f32", Launch::elements(len), &y, &b, &out, &len64, &h32);
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), l1.shape().clone()))
+    }
+
+    /// The sums of the columns of a `(.., width)` operand, in a fixed order.
+    pub(super) fn column_sum(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let g = f32_view(s, l, "train-column-sum")?;
+        let len = l.shape().elem_count();
+        let width = l.dims().last().copied().unwrap_or(1).max(1);
+        let rows = rows_of(len, width, "train-column-sum")?;
+        let dev = s.device.clone();
+        let chunks = ColumnChunks::new(rows, width);
+        // SAFETY: the partials are written by chunk and column, the sums by column, before
+        // any read.
+        let (partial, sums) = unsafe {
+            (dev.alloc::<f32>(chunks.chunks as usize * width)?, dev.alloc::<f32>(width)?)
+        };
+        let (rows64, w32, n_chunks) = (rows as u64, width as u32, chunks.chunks);
+        let (chunk_rows, column_blocks) = (CHUNK_ROWS, chunks.column_blocks);
+        let p = chunks.partials();
+        launch!(
+            &dev,
+            "column_partials_f32",
+            p,
+            &g,
+            &partial,
+            &rows64,
+            &w32,
+            &chunk_rows,
+            &column_blocks
+        );
+        let s = Launch::elements(width);
+        launch!(&dev, "column_chunks_sum_f32", s, &partial, &sums, &n_chunks, &w32);
+        Ok((CudaStorage::wrap_cuda_slice(sums, dev), Shape::from(width)))
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,82 @@
+// A CPU stand-in for the CUDA features that kernels/train.cu uses, so that the kernels' own
+// source runs in `cargo test` on a machine without a GPU (src/kernel_emulation.rs).
+//
+// A launch runs its blocks one after another; each block runs as one OS thread per CUDA thread,
+// so lanes really run concurrently. `__shfl_xor_sync` meets the other 31 lanes of its warp at a
+// barrier, as the hardware exchanges registers in lock step: every lane of a warp must call it
+// the same number of times (the CUDA rule for a full mask, which the kernels follow). Nothing
+// else of CUDA is emulated: no shared memory, no `__syncthreads`, no atomics.
+#pragma once
+
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+};
+
+namespace emulate {
+/// What a warp's lanes exchange through: one slot per lane and the barrier they meet at.
+struct Warp {
+  std::barrier<> meet{32};
+  uint64_t slot[32] = {};
+};
+inline thread_local dim3 thread_idx;
+inline thread_local dim3 block_idx;
+inline thread_local Warp *warp = nullptr;
+inline dim3 block_dim;
+inline dim3 grid_dim;
+}  // namespace emulate
+
+#define threadIdx (emulate::thread_idx)
+#define blockIdx (emulate::block_idx)
+#define blockDim (emulate::block_dim)
+#define gridDim (emulate::grid_dim)
+#define __global__
+#define __device__
+#define __forceinline__ inline
+
+/// Lane `lane ^ mask`'s value of `v`, as the hardware's butterfly shuffle returns it.
+template <class T>
+T __shfl_xor_sync(unsigned, T v, int mask) {
+  static_assert(sizeof(T) <= sizeof(uint64_t), "one slot per lane");
+  emulate::Warp &w = *emulate::warp;
+  unsigned lane = threadIdx.x % 32;
+  std::memcpy(&w.slot[lane], &v, sizeof(T));
+  w.meet.arrive_and_wait();
+  T other;
+  std::memcpy(&other, &w.slot[lane ^ unsigned(mask)], sizeof(T));
+  w.meet.arrive_and_wait();  // nobody overwrites a slot before every lane has read it
+  return other;
+}
+
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+
+namespace emulate {
+/// Runs `kernel` over a 1-D grid of `grid` blocks of `block` threads (a multiple of 32).
+template <class Kernel>
+void launch(unsigned grid, unsigned block, Kernel kernel) {
+  grid_dim = dim3{grid, 1, 1};
+  block_dim = dim3{block, 1, 1};
+  for (unsigned b = 0; b < grid; ++b) {
+    std::vector<std::unique_ptr<Warp>> warps;
+    for (unsigned w = 0; w < (block + 31) / 32; ++w) warps.push_back(std::make_unique<Warp>());
+    std::vector<std::thread> threads;
+    threads.reserve(block);
+    for (unsigned t = 0; t < block; ++t) {
+      threads.emplace_back([&, b, t] {
+        block_idx = dim3{b, 0, 0};
+        thread_idx = dim3{t, 0, 0};
+        warp = warps[t / 32].get();
+        kernel();
+      });
+    }
+    for (auto &t : threads) t.join();
+  }
+}
+}  // namespace emulate
