@@ -50,3 +50,21 @@ EMULATE(gelu_f32, P(const float *x, float *y, uint64_t n), (x, y, n))
 EMULATE(gelu_grad_f32, P(const float *x, const float *g, float *dx, uint64_t n), (x, g, dx, n))
 EMULATE(bias_add_f32, P(const float *y, const float *b, float *out, uint64_t n, uint32_t h),
         (y, b, out, n, h))
+EMULATE(rms_norm_f32,
+        P(const float *x, const float *w, float *y, uint64_t rows, uint32_t h, float eps),
+        (x, w, y, rows, h, eps))
+EMULATE(rms_norm_grad_f32,
+        P(const float *x, const float *w, const float *g, float *dx, float *stats, uint64_t rows,
+          uint32_t h, float eps),
+        (x, w, g, dx, stats, rows, h, eps))
+EMULATE(rms_norm_param_partials_f32,
+        P(const float *x, const float *g, const float *stats, float *partial, uint64_t rows,
+          uint32_t h, uint64_t chunk_rows, uint32_t column_blocks),
+        (x, g, stats, partial, rows, h, chunk_rows, column_blocks))
+EMULATE(rotary_f32,
+        P(const float *x, const float *cos, const float *sin, float *y, uint64_t pairs,
+          uint32_t width, uint32_t len, uint32_t dim, float sign),
+        (x, cos, sin, y, pairs, width, len, dim, sign))
+EMULATE(swiglu_f32, P(const float *g, const float *u, float *y, uint64_t n), (g, u, y, n))
+EMULATE(swiglu_grad_f32, P(const float *g, const float *u, const float *dy, float *out, uint64_t n),
+        (g, u, dy, out, n))

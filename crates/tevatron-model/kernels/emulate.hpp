@@ -29,8 +29,10 @@ struct Warp {
 inline thread_local dim3 thread_idx;
 inline thread_local dim3 block_idx;
 inline thread_local Warp *warp = nullptr;
-inline dim3 block_dim;
-inline dim3 grid_dim;
+// Per thread too, as the launch sets them for its own threads: launches from several test
+// threads at once must not see each other's shapes.
+inline thread_local dim3 block_dim;
+inline thread_local dim3 grid_dim;
 }  // namespace emulate
 
 #define threadIdx (emulate::thread_idx)
@@ -61,8 +63,6 @@ namespace emulate {
 /// Runs `kernel` over a 1-D grid of `grid` blocks of `block` threads (a multiple of 32).
 template <class Kernel>
 void launch(unsigned grid, unsigned block, Kernel kernel) {
-  grid_dim = dim3{grid, 1, 1};
-  block_dim = dim3{block, 1, 1};
   for (unsigned b = 0; b < grid; ++b) {
     std::vector<std::unique_ptr<Warp>> warps;
     for (unsigned w = 0; w < (block + 31) / 32; ++w) warps.push_back(std::make_unique<Warp>());
@@ -70,6 +70,8 @@ void launch(unsigned grid, unsigned block, Kernel kernel) {
     threads.reserve(block);
     for (unsigned t = 0; t < block; ++t) {
       threads.emplace_back([&, b, t] {
+        grid_dim = dim3{grid, 1, 1};
+        block_dim = dim3{block, 1, 1};
         block_idx = dim3{b, 0, 0};
         thread_idx = dim3{t, 0, 0};
         warp = warps[t / 32].get();

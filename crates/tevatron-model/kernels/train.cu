@@ -239,3 +239,80 @@ KERNEL void bias_add_f32(const float *y, const float *b, float *out, uint64_t n,
        i += (uint64_t)blockDim.x * gridDim.x)
     out[i] = y[i] + b[i % h];
 }
+
+// ---- Decoder ops in F32: RMSNorm, rotary positions, SwiGLU ----
+
+// y = x / sqrt(mean(x^2) + eps) * w over rows of h.
+KERNEL void rms_norm_f32(const float *x, const float *w, float *y, uint64_t rows, uint32_t h,
+                         float eps) {
+  FOR_EACH_ROW(r, rows) {
+    const float *xr = x + r * h;
+    float s = 0.0f;
+    for (uint32_t j = LANE; j < h; j += 32) s += xr[j] * xr[j];
+    float rstd = 1.0f / sqrtf(warp_sum(s) / (float)h + eps);
+    for (uint32_t j = LANE; j < h; j += 32) y[r * h + j] = xr[j] * rstd * w[j];
+  }
+}
+
+// RMSNorm's input gradient, dx = rstd (g w - xhat mean(g w xhat)), and each row's rstd into
+// stats for the weight gradient (rms_norm_param_partials_f32).
+KERNEL void rms_norm_grad_f32(const float *x, const float *w, const float *g, float *dx,
+                              float *stats, uint64_t rows, uint32_t h, float eps) {
+  FOR_EACH_ROW(r, rows) {
+    const float *xr = x + r * h, *gr = g + r * h;
+    float s = 0.0f;
+    for (uint32_t j = LANE; j < h; j += 32) s += xr[j] * xr[j];
+    float rstd = 1.0f / sqrtf(warp_sum(s) / (float)h + eps);
+    float dot = 0.0f;
+    for (uint32_t j = LANE; j < h; j += 32) dot += gr[j] * w[j] * (xr[j] * rstd);
+    dot = warp_sum(dot) / (float)h;
+    for (uint32_t j = LANE; j < h; j += 32)
+      dx[r * h + j] = rstd * (gr[j] * w[j] - xr[j] * rstd * dot);
+    if (LANE == 0) stats[r] = rstd;
+  }
+}
+
+// Per-chunk sums of g * xhat, RMSNorm's weight gradient.
+KERNEL void rms_norm_param_partials_f32(const float *x, const float *g, const float *stats,
+                                        float *partial, uint64_t rows, uint32_t h,
+                                        uint64_t chunk_rows, uint32_t column_blocks) {
+  FOR_COLUMN_OF_CHUNK(j, chunk, h, column_blocks)
+  uint64_t end = (chunk + 1) * chunk_rows < rows ? (chunk + 1) * chunk_rows : rows;
+  float dw = 0.0f;
+  for (uint64_t r = chunk * chunk_rows; r < end; ++r) dw += g[r * h + j] * (x[r * h + j] * stats[r]);
+  partial[chunk * h + j] = dw;
+}
+
+// HF's rotary positions, x * cos + rotate_half(x) * sin, over rows of `width` (heads of `dim`
+// side by side), row r at position r % len, cos and sin (len, dim). One thread per pair
+// (j, j + dim / 2) of a head; `sign` -1 turns each pair back (the backward).
+KERNEL void rotary_f32(const float *x, const float *cos, const float *sin, float *y,
+                       uint64_t pairs, uint32_t width, uint32_t len, uint32_t dim, float sign) {
+  uint32_t half = dim / 2, heads = width / dim;
+  for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < pairs;
+       i += (uint64_t)blockDim.x * gridDim.x) {
+    uint64_t j = i % half, t = i / half;
+    uint64_t r = t / heads, at = r * width + (t % heads) * dim;
+    const float *c = cos + (r % len) * dim, *s = sin + (r % len) * dim;
+    float a = x[at + j], b = x[at + half + j];
+    y[at + j] = a * c[j] - b * (sign * s[j]);
+    y[at + half + j] = b * c[half + j] + a * (sign * s[half + j]);
+  }
+}
+
+// silu(gate) * up, and its gradients [d gate | d up] from dy.
+KERNEL void swiglu_f32(const float *g, const float *u, float *y, uint64_t n) {
+  for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
+       i += (uint64_t)blockDim.x * gridDim.x)
+    y[i] = g[i] * (1.0f / (1.0f + expf(-g[i]))) * u[i];
+}
+
+KERNEL void swiglu_grad_f32(const float *g, const float *u, const float *dy, float *out,
+                            uint64_t n) {
+  for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
+       i += (uint64_t)blockDim.x * gridDim.x) {
+    float s = 1.0f / (1.0f + expf(-g[i]));
+    out[i] = dy[i] * u[i] * s * (1.0f + g[i] * (1.0f - s));
+    out[n + i] = dy[i] * g[i] * s;
+  }
+}

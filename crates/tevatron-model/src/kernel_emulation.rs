@@ -12,6 +12,64 @@ use crate::fused_adamw::{adamw_step, AdamWStep};
 use crate::rng::{keep_threshold, SplitMix64};
 
 extern "C" {
+    fn emu_rms_norm_f32(
+        g: u32,
+        b: u32,
+        x: *const f32,
+        w: *const f32,
+        y: *mut f32,
+        rows: u64,
+        h: u32,
+        eps: f32,
+    );
+    fn emu_rms_norm_grad_f32(
+        g: u32,
+        b: u32,
+        x: *const f32,
+        w: *const f32,
+        grad: *const f32,
+        dx: *mut f32,
+        stats: *mut f32,
+        rows: u64,
+        h: u32,
+        eps: f32,
+    );
+    fn emu_rms_norm_param_partials_f32(
+        g: u32,
+        b: u32,
+        x: *const f32,
+        grad: *const f32,
+        stats: *const f32,
+        partial: *mut f32,
+        rows: u64,
+        h: u32,
+        chunk_rows: u64,
+        column_blocks: u32,
+    );
+    #[allow(clippy::too_many_arguments)]
+    fn emu_rotary_f32(
+        g: u32,
+        b: u32,
+        x: *const f32,
+        cos: *const f32,
+        sin: *const f32,
+        y: *mut f32,
+        pairs: u64,
+        width: u32,
+        len: u32,
+        dim: u32,
+        sign: f32,
+    );
+    fn emu_swiglu_f32(g: u32, b: u32, gate: *const f32, up: *const f32, y: *mut f32, n: u64);
+    fn emu_swiglu_grad_f32(
+        g: u32,
+        b: u32,
+        gate: *const f32,
+        up: *const f32,
+        dy: *const f32,
+        out: *mut f32,
+        n: u64,
+    );
     fn emu_dropout_f32(
         g: u32,
         b: u32,
@@ -466,4 +524,172 @@ fn emulated_bias_add_and_column_sum_equal_the_cpu_op() {
         )
     };
     assert!(max_rel_diff(&sums, &values(grads.get(&bv).unwrap())) < 1e-5);
+}
+
+/// RMSNorm forward and backward over rows of 48 and of 300, in several column-sum chunks.
+#[test]
+fn emulated_rms_norm_and_its_gradients_equal_the_cpu_op() {
+    let eps = 1e-6;
+    for (rows, h) in [(150usize, 48usize), (70, 300)] {
+        let n = rows * h;
+        let (x, w, g) = (wave(n, 0.53), wave(h, 1.1), wave(n, 1.7));
+        let xv = Var::from_tensor(&tensor(&x, &[rows, h])).unwrap();
+        let wv = Var::from_tensor(&tensor(&w, &[h])).unwrap();
+        let y = train_ops::rms_norm(&xv, &wv, eps).unwrap();
+        let grads =
+            (y.clone() * tensor(&g, &[rows, h])).unwrap().sum_all().unwrap().backward().unwrap();
+        let grad = |v: &Var| values(grads.get(v).unwrap());
+
+        let l = Launch::rows(rows);
+        let (rows64, h32, e) = (rows as u64, h as u32, eps as f32);
+        let mut got = vec![f32::NAN; n];
+        unsafe {
+            emu_rms_norm_f32(
+                l.grid,
+                l.block,
+                x.as_ptr(),
+                w.as_ptr(),
+                got.as_mut_ptr(),
+                rows64,
+                h32,
+                e,
+            )
+        };
+        assert!(max_rel_diff(&got, &values(&y)) < 1e-5, "forward, h {h}");
+
+        let (mut dx, mut stats) = (vec![f32::NAN; n], vec![f32::NAN; rows]);
+        unsafe {
+            emu_rms_norm_grad_f32(
+                l.grid,
+                l.block,
+                x.as_ptr(),
+                w.as_ptr(),
+                g.as_ptr(),
+                dx.as_mut_ptr(),
+                stats.as_mut_ptr(),
+                rows64,
+                h32,
+                e,
+            )
+        };
+        assert!(max_rel_diff(&dx, &grad(&xv)) < 1e-4, "dx, h {h}");
+
+        let chunks = ColumnChunks::new(rows, h);
+        let mut partial = vec![f32::NAN; chunks.chunks as usize * h];
+        let p = chunks.partials();
+        unsafe {
+            emu_rms_norm_param_partials_f32(
+                p.grid,
+                p.block,
+                x.as_ptr(),
+                g.as_ptr(),
+                stats.as_ptr(),
+                partial.as_mut_ptr(),
+                rows64,
+                h32,
+                CHUNK_ROWS,
+                chunks.column_blocks,
+            )
+        };
+        let mut dw = vec![f32::NAN; h];
+        let s = Launch::elements(h);
+        unsafe {
+            emu_column_chunks_sum_f32(
+                s.grid,
+                s.block,
+                partial.as_ptr(),
+                dw.as_mut_ptr(),
+                chunks.chunks,
+                h32,
+            )
+        };
+        assert!(max_rel_diff(&dw, &grad(&wv)) < 1e-4, "dw, h {h}");
+    }
+}
+
+/// Rotary positions over `(b, len, heads, d)` with HF's tables, and the turn back that is its
+/// backward.
+#[test]
+fn emulated_rotary_and_its_gradient_equal_the_cpu_op() {
+    let (b, len, heads, d) = (2usize, 5usize, 3usize, 8usize);
+    let n = b * len * heads * d;
+    let (x, g) = (wave(n, 0.83), wave(n, 1.21));
+    let (mut cos, mut sin) = (vec![0f32; len * d], vec![0f32; len * d]);
+    for p in 0..len {
+        for j in 0..d {
+            let angle = p as f32 / 10000f32.powf((2 * (j % (d / 2))) as f32 / d as f32);
+            (cos[p * d + j], sin[p * d + j]) = (angle.cos(), angle.sin());
+        }
+    }
+    let xv = Var::from_tensor(&tensor(&x, &[b, len, heads, d])).unwrap();
+    let (ct, st) = (tensor(&cos, &[len, d]), tensor(&sin, &[len, d]));
+    let y = train_ops::rotary(&xv, &ct, &st).unwrap();
+    let grads = (y.clone() * tensor(&g, &[b, len, heads, d]))
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+
+    let pairs = (n / 2) as u64;
+    let l = Launch::elements(n / 2);
+    let (mut got, mut dx) = (vec![f32::NAN; n], vec![f32::NAN; n]);
+    let (width, len32, d32) = ((heads * d) as u32, len as u32, d as u32);
+    unsafe {
+        emu_rotary_f32(
+            l.grid,
+            l.block,
+            x.as_ptr(),
+            cos.as_ptr(),
+            sin.as_ptr(),
+            got.as_mut_ptr(),
+            pairs,
+            width,
+            len32,
+            d32,
+            1.0,
+        );
+        emu_rotary_f32(
+            l.grid,
+            l.block,
+            g.as_ptr(),
+            cos.as_ptr(),
+            sin.as_ptr(),
+            dx.as_mut_ptr(),
+            pairs,
+            width,
+            len32,
+            d32,
+            -1.0,
+        );
+    }
+    assert_eq!(got, values(&y));
+    assert_eq!(dx, values(grads.get(&xv).unwrap()));
+}
+
+#[test]
+fn emulated_swiglu_and_its_gradients_equal_the_cpu_op() {
+    let n = 1300;
+    let (gate, up, dy) = (wave(n, 0.9), wave(n, 0.31), wave(n, 1.4));
+    let gv = Var::from_tensor(&tensor(&gate, &[n])).unwrap();
+    let uv = Var::from_tensor(&tensor(&up, &[n])).unwrap();
+    let y = train_ops::swiglu(&gv, &uv).unwrap();
+    let grads = (y.clone() * tensor(&dy, &[n])).unwrap().sum_all().unwrap().backward().unwrap();
+    let l = Launch::elements(n);
+    let (mut got, mut both) = (vec![f32::NAN; n], vec![f32::NAN; 2 * n]);
+    unsafe {
+        emu_swiglu_f32(l.grid, l.block, gate.as_ptr(), up.as_ptr(), got.as_mut_ptr(), n as u64);
+        emu_swiglu_grad_f32(
+            l.grid,
+            l.block,
+            gate.as_ptr(),
+            up.as_ptr(),
+            dy.as_ptr(),
+            both.as_mut_ptr(),
+            n as u64,
+        );
+    }
+    assert!(max_rel_diff(&got, &values(&y)) < 1e-6);
+    assert!(max_rel_diff(&both[..n], &values(grads.get(&gv).unwrap())) < 1e-6);
+    assert!(max_rel_diff(&both[n..], &values(grads.get(&uv).unwrap())) < 1e-6);
 }

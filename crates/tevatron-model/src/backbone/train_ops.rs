@@ -3,8 +3,8 @@
 //! frozen weight (plain, or with a LoRA adapter). Composed from candle's element-wise ops, each of these keeps
 //! four to seven full-size intermediates alive for backward (an attention score tensor of a
 //! 64 x 128-token batch is 50 MB per layer); fused, each keeps only its input or output, and
-//! backward is one pass. GELU, the masked softmax, layer norm and the bias add also run on a
-//! GPU in F32 (the `cuda` module below, kernels in `kernels/train.cu`). Other devices and
+//! backward is one pass. All but dropout, attention and the frozen and LoRA linears also run on
+//! a GPU in F32 (the `cuda` module below, kernels in `kernels/train.cu`). Other devices and
 //! dtypes use the composed ops in `layers`, which the tests compare these against.
 
 use std::sync::Arc;
@@ -20,9 +20,9 @@ use super::fast::{
 /// Whether the fused kernels apply (F32 on CPU), the same rule as the inference kernels'.
 pub use super::fast::applies;
 
-/// Whether GELU, the masked softmax, layer norm and the bias add run fused here: F32 on the
-/// CPU, or F32 on a GPU in a CUDA build (their kernels in `kernels/train.cu`). The other fused
-/// ops are CPU-only ([`applies`]).
+/// Whether GELU, the masked softmax, layer and RMS norm, the bias add, rotary positions and
+/// SwiGLU run fused here: F32 on the CPU, or F32 on a GPU in a CUDA build (their kernels in
+/// `kernels/train.cu`). The other fused ops are CPU-only ([`applies`]).
 pub fn has_kernel(x: &Tensor) -> bool {
     x.dtype() == candle_core::DType::F32
         && (x.device().is_cpu() || (cfg!(feature = "cuda") && x.device().is_cuda()))
@@ -436,6 +436,16 @@ impl CustomOp2 for RmsNormOp {
     fn name(&self) -> &'static str {
         "train-rms-norm"
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::rms_norm((s1, l1), (s2, l2), self.eps)
+    }
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -474,6 +484,18 @@ impl CustomOp2 for RmsNormOp {
 impl CustomOp3 for RmsNormGrad {
     fn name(&self) -> &'static str {
         "train-rms-norm-grad"
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::rms_norm_grad((s1, l1), (s2, l2), (s3, l3), self.eps)
     }
     /// Returns `[dx (all elements), dw (h)]` flattened into one vector.
     fn cpu_fwd(
@@ -684,6 +706,14 @@ impl CustomOp1 for Rotary {
     fn name(&self) -> &'static str {
         "train-rotary"
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::rotary((s, l), &self.cos, &self.sin, self.inverse)
+    }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, "train-rotary")?;
         let (_, len, heads, d) = l.shape().dims4()?;
@@ -719,6 +749,16 @@ fn sigmoid(v: f32) -> f32 {
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
         "train-swiglu"
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::swiglu((s1, l1), (s2, l2))
     }
     fn cpu_fwd(
         &self,
@@ -756,6 +796,18 @@ impl CustomOp2 for SwiGlu {
 impl CustomOp3 for SwiGluGrad {
     fn name(&self) -> &'static str {
         "train-swiglu-grad"
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::swiglu_grad((s1, l1), (s2, l2), (s3, l3))
     }
     /// `[d gate; d up]` as one `(2, n)` tensor.
     fn cpu_fwd(
@@ -897,7 +949,7 @@ pub fn lora_linear(
 mod cuda {
     use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
     use candle_core::cuda_backend::WrapErr;
-    use candle_core::{CudaStorage, Layout, Result, Shape};
+    use candle_core::{CudaStorage, Layout, Result, Shape, Storage, Tensor};
 
     use super::SoftmaxRows;
     use crate::cuda_kernels::{f32_view, function, ColumnChunks, Launch, CHUNK_ROWS};
@@ -1100,6 +1152,153 @@ mod cuda {
         let (len64, h32) = (len as u64, h as u32);
         launch!(&dev, "bias_add_f32", Launch::elements(len), &y, &b, &out, &len64, &h32);
         Ok((CudaStorage::wrap_cuda_slice(out, dev), l1.shape().clone()))
+    }
+
+    pub(super) fn rms_norm(
+        (s1, l1): (&CudaStorage, &Layout),
+        (s2, l2): (&CudaStorage, &Layout),
+        eps: f32,
+    ) -> Result<(CudaStorage, Shape)> {
+        let x = f32_view(s1, l1, "train-rms-norm")?;
+        let w = f32_view(s2, l2, "train-rms-norm")?;
+        let (len, h) = (l1.shape().elem_count(), l2.shape().elem_count());
+        let rows = rows_of(len, h, "train-rms-norm")?;
+        let dev = s1.device.clone();
+        // SAFETY: the kernel writes all `len` elements before anything reads them.
+        let y = unsafe { dev.alloc::<f32>(len)? };
+        let (rows64, h32) = (rows as u64, h as u32);
+        launch!(&dev, "rms_norm_f32", Launch::rows(rows), &x, &w, &y, &rows64, &h32, &eps);
+        Ok((CudaStorage::wrap_cuda_slice(y, dev), l1.shape().clone()))
+    }
+
+    /// `[dx (all elements), dw (h)]` in one buffer, as the CPU op returns them.
+    pub(super) fn rms_norm_grad(
+        (s1, l1): (&CudaStorage, &Layout),
+        (s2, l2): (&CudaStorage, &Layout),
+        (s3, l3): (&CudaStorage, &Layout),
+        eps: f32,
+    ) -> Result<(CudaStorage, Shape)> {
+        let x = f32_view(s1, l1, "train-rms-norm-grad")?;
+        let w = f32_view(s2, l2, "train-rms-norm-grad")?;
+        let g = f32_view(s3, l3, "train-rms-norm-grad")?;
+        let (len, h) = (l1.shape().elem_count(), l2.shape().elem_count());
+        let rows = rows_of(len, h, "train-rms-norm-grad")?;
+        let dev = s1.device.clone();
+        let chunks = ColumnChunks::new(rows, h);
+        // SAFETY: as in `layer_norm_grad`, every element is written before any read.
+        let (mut out, stats, partial) = unsafe {
+            (
+                dev.alloc::<f32>(len + h)?,
+                dev.alloc::<f32>(rows)?,
+                dev.alloc::<f32>(chunks.chunks as usize * h)?,
+            )
+        };
+        let (rows64, h32) = (rows as u64, h as u32);
+        let (chunk_rows, column_blocks, n_chunks) =
+            (CHUNK_ROWS, chunks.column_blocks, chunks.chunks);
+        {
+            let mut dx = out.slice_mut(0..len);
+            let shape = Launch::rows(rows);
+            launch!(
+                &dev,
+                "rms_norm_grad_f32",
+                shape,
+                &x,
+                &w,
+                &g,
+                &mut dx,
+                &stats,
+                &rows64,
+                &h32,
+                &eps
+            );
+        }
+        let p = chunks.partials();
+        launch!(
+            &dev,
+            "rms_norm_param_partials_f32",
+            p,
+            &x,
+            &g,
+            &stats,
+            &partial,
+            &rows64,
+            &h32,
+            &chunk_rows,
+            &column_blocks
+        );
+        {
+            let mut dw = out.slice_mut(len..len + h);
+            let shape = Launch::elements(h);
+            launch!(&dev, "column_chunks_sum_f32", shape, &partial, &mut dw, &n_chunks, &h32);
+        }
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(len + h)))
+    }
+
+    /// Rotary positions over `(b, len, heads, d)` with `cos`/`sin` `(len, d)` on the same
+    /// device; `inverse` turns each pair back (the backward).
+    pub(super) fn rotary(
+        (s, l): (&CudaStorage, &Layout),
+        cos: &Tensor,
+        sin: &Tensor,
+        inverse: bool,
+    ) -> Result<(CudaStorage, Shape)> {
+        let x = f32_view(s, l, "train-rotary")?;
+        let (_, len, heads, d) = l.shape().dims4()?;
+        if cos.elem_count() != len * d || sin.elem_count() != len * d || !d.is_multiple_of(2) {
+            candle_core::bail!("train-rotary: tables do not match {len} positions of {d}");
+        }
+        let (cos_storage, cos_layout) = cos.storage_and_layout();
+        let (sin_storage, sin_layout) = sin.storage_and_layout();
+        let (Storage::Cuda(cs), Storage::Cuda(ss)) = (&*cos_storage, &*sin_storage) else {
+            candle_core::bail!("train-rotary: the tables are not on the input's GPU");
+        };
+        let c = f32_view(cs, cos_layout, "train-rotary")?;
+        let sn = f32_view(ss, sin_layout, "train-rotary")?;
+        let n = l.shape().elem_count();
+        let dev = s.device.clone();
+        // SAFETY: the kernel writes both elements of every pair, all `n`, before any read.
+        let y = unsafe { dev.alloc::<f32>(n)? };
+        let (pairs, width, len32, d32) = ((n / 2) as u64, (heads * d) as u32, len as u32, d as u32);
+        let sign = if inverse { -1f32 } else { 1.0 };
+        let shape = Launch::elements(n / 2);
+        launch!(&dev, "rotary_f32", shape, &x, &c, &sn, &y, &pairs, &width, &len32, &d32, &sign);
+        Ok((CudaStorage::wrap_cuda_slice(y, dev), l.shape().clone()))
+    }
+
+    pub(super) fn swiglu(
+        (s1, l1): (&CudaStorage, &Layout),
+        (s2, l2): (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)> {
+        let (g, u) = (f32_view(s1, l1, "train-swiglu")?, f32_view(s2, l2, "train-swiglu")?);
+        let n = l1.shape().elem_count();
+        if l2.shape().elem_count() != n {
+            candle_core::bail!("train-swiglu: gate and up differ in size");
+        }
+        let dev = s1.device.clone();
+        // SAFETY: the kernel writes all n elements before anything reads them.
+        let y = unsafe { dev.alloc::<f32>(n)? };
+        let len = n as u64;
+        launch!(&dev, "swiglu_f32", Launch::elements(n), &g, &u, &y, &len);
+        Ok((CudaStorage::wrap_cuda_slice(y, dev), l1.shape().clone()))
+    }
+
+    /// `[d gate; d up]` as one `(2, n)` buffer, as the CPU op returns them.
+    pub(super) fn swiglu_grad(
+        (s1, l1): (&CudaStorage, &Layout),
+        (s2, l2): (&CudaStorage, &Layout),
+        (s3, l3): (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)> {
+        let g = f32_view(s1, l1, "train-swiglu-grad")?;
+        let u = f32_view(s2, l2, "train-swiglu-grad")?;
+        let dy = f32_view(s3, l3, "train-swiglu-grad")?;
+        let n = l1.shape().elem_count();
+        let dev = s1.device.clone();
+        // SAFETY: the kernel writes all 2n elements before anything reads them.
+        let out = unsafe { dev.alloc::<f32>(2 * n)? };
+        let len = n as u64;
+        launch!(&dev, "swiglu_grad_f32", Launch::elements(n), &g, &u, &dy, &out, &len);
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((2, n))))
     }
 
     /// The sums of the columns of a `(.., width)` operand, in a fixed order.
