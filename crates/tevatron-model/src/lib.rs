@@ -33,8 +33,19 @@ pub mod encoder;
 pub mod error;
 pub mod fused_adamw;
 pub mod hub;
-#[cfg(test)]
+#[cfg(all(test, kernel_emulation))]
 mod kernel_emulation;
+#[cfg(all(test, not(kernel_emulation)))]
+mod kernel_emulation_missing {
+    /// Stands in for the kernel tests when `build.rs` could not compile the emulation.
+    #[test]
+    fn the_gpu_kernels_cpu_emulation_was_built() {
+        panic!(
+            "build.rs could not compile kernels/emulate.cpp (its warning says why): the GPU \
+             kernels' tests need a C++20 compiler"
+        );
+    }
+}
 pub mod lora;
 pub mod mapped;
 pub mod pooling;
