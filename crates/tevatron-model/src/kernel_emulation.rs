@@ -3,6 +3,7 @@
 //! `cuda_kernels`, against the CPU ops they stand in for on a GPU. This proves the kernels'
 //! indexing, reductions and formulas on machines without a GPU; the Rust launch code around
 //! them runs only on a GPU (`scripts/gpu-check.sh`, whose training parts go through it).
+#![cfg(kernel_emulation)]
 
 use candle_core::{DType, Device, Tensor, Var};
 

@@ -33,7 +33,7 @@ pub mod encoder;
 pub mod error;
 pub mod fused_adamw;
 pub mod hub;
-#[cfg(all(test, kernel_emulation))]
+#[cfg(test)]
 mod kernel_emulation;
 #[cfg(all(test, not(kernel_emulation)))]
 mod kernel_emulation_missing {
