@@ -11,7 +11,8 @@
 #      PyTorch Tevatron-style step (same model, batch, lengths, bf16 autocast), and two ranks on
 #      the one GPU (--nproc_per_node 2, TCP collectives) against one process with twice the batch,
 #   5. a few f32 steps with dropout on against the same steps on the CPU (same masks),
-#   6. a profile of four bf16 steps: per phase, the host's issue time and the device's,
+#   6. a profile of four bf16 steps: per phase, the host's issue time and the device's, with our
+#      fused kernels and with candle's composed ops (TEVATRON_GPU_COMPOSED_OPS=1),
 #   7. three LoRA steps of a tiny Mistral (testdata/tiny) on the GPU against the CPU.
 # Prints every figure and the ratios; ends with "gpu-check: all checks passed" or a FAIL line.
 # A dry run of the script's logic on a machine without a GPU (any binary, fewer passages):
@@ -194,6 +195,9 @@ same_losses dcpu cpu dgpu gpu "GPU training with dropout differs from CPU traini
 echo "-- where a bf16 step's time goes (TEVATRON_PROFILE_STEPS=1: host issue / device done, per phase)"
 TEVATRON_PROFILE_STEPS=1 tr prof --device "$dev" --bf16 --per_device_train_batch_size "$bs" --max_steps 4
 grep '^profile step' "$out/prof.log" | tail -n 2
+echo "   the same with candle's composed ops instead of our fused kernels (TEVATRON_GPU_COMPOSED_OPS=1):"
+TEVATRON_GPU_COMPOSED_OPS=1 TEVATRON_PROFILE_STEPS=1 tr profc --device "$dev" --bf16 --per_device_train_batch_size "$bs" --max_steps 4
+grep '^profile step' "$out/profc.log" | tail -n 2
 echo "-- a tiny Mistral with LoRA (Tevatron's recipe in f32, dropout on): GPU against CPU, 3 steps"
 # Goes through the decoder kernels (RMSNorm, rotary, SwiGLU) and LoRA on the GPU.
 dec() { local label=$1; shift

@@ -22,10 +22,22 @@ pub use super::fast::applies;
 
 /// Whether GELU, the masked softmax, layer and RMS norm, the bias add, rotary positions and
 /// SwiGLU run fused here: F32 on the CPU, or F32 on a GPU in a CUDA build (their kernels in
-/// `kernels/train.cu`). The other fused ops are CPU-only ([`applies`]).
+/// `kernels/train.cu`) unless `TEVATRON_GPU_COMPOSED_OPS` is set. The other fused ops are
+/// CPU-only ([`applies`]).
 pub fn has_kernel(x: &Tensor) -> bool {
     x.dtype() == candle_core::DType::F32
-        && (x.device().is_cpu() || (cfg!(feature = "cuda") && x.device().is_cuda()))
+        && (x.device().is_cpu()
+            || (cfg!(feature = "cuda") && x.device().is_cuda() && !gpu_composed_ops()))
+}
+
+/// Whether `TEVATRON_GPU_COMPOSED_OPS` is set (to anything but empty or 0): a GPU then trains
+/// with candle's composed ops instead of our kernels, to measure what the kernels gain or to
+/// rule them out when a GPU run goes wrong, without another build.
+fn gpu_composed_ops() -> bool {
+    static SET: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SET.get_or_init(|| {
+        std::env::var("TEVATRON_GPU_COMPOSED_OPS").is_ok_and(|v| !v.is_empty() && v != "0")
+    })
 }
 
 /// Fills a new vector of `n` elements in parallel chunks of whole rows of width `row`.
