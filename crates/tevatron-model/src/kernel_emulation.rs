@@ -195,6 +195,22 @@ extern "C" {
     fn emu_gelu_grad_f32(g: u32, b: u32, x: *const f32, grad: *const f32, dx: *mut f32, n: u64);
 }
 
+/// A column sum's two passes as the GPU runs them: `partials(launch, buffer)` runs a per-chunk
+/// kernel into a buffer of `chunks` rows of `width`, then the chunks are added in order.
+fn column_sums(
+    chunks: ColumnChunks,
+    width: usize,
+    partials: impl FnOnce(Launch, *mut f32),
+) -> Vec<f32> {
+    let mut partial = vec![f32::NAN; chunks.chunks as usize * width];
+    partials(chunks.partials(), partial.as_mut_ptr());
+    let mut sums = vec![f32::NAN; width];
+    let s = Launch::elements(width);
+    let (p, out) = (partial.as_ptr(), sums.as_mut_ptr());
+    unsafe { emu_column_chunks_sum_f32(s.grid, s.block, p, out, chunks.chunks, width as u32) };
+    sums
+}
+
 /// `n` values spread over about [-3, 3] without a pattern a wrong index could hide behind.
 fn wave(n: usize, k: f32) -> Vec<f32> {
     (0..n).map(|i| 3.0 * ((i as f32 + 1.0) * k).sin() * ((i as f32) * 0.013).cos()).collect()
@@ -357,34 +373,20 @@ fn emulated_layer_norm_and_its_gradients_equal_the_cpu_op() {
 
         let chunks = ColumnChunks::new(rows, h);
         assert!(chunks.chunks > 1 && !(rows as u64).is_multiple_of(CHUNK_ROWS));
-        let mut partial = vec![f32::NAN; chunks.chunks as usize * 2 * h];
-        let p = chunks.partials();
-        unsafe {
+        let sums = column_sums(chunks, 2 * h, |p, partial| unsafe {
             emu_layer_norm_param_partials_f32(
                 p.grid,
                 p.block,
                 x.as_ptr(),
                 g.as_ptr(),
                 stats.as_ptr(),
-                partial.as_mut_ptr(),
+                partial,
                 rows64,
                 h32,
                 CHUNK_ROWS,
                 chunks.column_blocks,
             )
-        };
-        let mut sums = vec![f32::NAN; 2 * h];
-        let s = Launch::elements(2 * h);
-        unsafe {
-            emu_column_chunks_sum_f32(
-                s.grid,
-                s.block,
-                partial.as_ptr(),
-                sums.as_mut_ptr(),
-                chunks.chunks,
-                2 * h32,
-            )
-        };
+        });
         assert!(max_rel_diff(&sums[..h], &grad(&wv)) < 1e-4, "dw, h {h}");
         assert!(max_rel_diff(&sums[h..], &grad(&bv)) < 1e-4, "db, h {h}");
     }
@@ -498,32 +500,18 @@ fn emulated_bias_add_and_column_sum_equal_the_cpu_op() {
 
     let chunks = ColumnChunks::new(rows, h);
     assert!(chunks.chunks > 1 && chunks.column_blocks > 1);
-    let mut partial = vec![f32::NAN; chunks.chunks as usize * h];
-    let p = chunks.partials();
-    unsafe {
+    let sums = column_sums(chunks, h, |p, partial| unsafe {
         emu_column_partials_f32(
             p.grid,
             p.block,
             g.as_ptr(),
-            partial.as_mut_ptr(),
+            partial,
             rows as u64,
             h as u32,
             CHUNK_ROWS,
             chunks.column_blocks,
         )
-    };
-    let mut sums = vec![f32::NAN; h];
-    let s = Launch::elements(h);
-    unsafe {
-        emu_column_chunks_sum_f32(
-            s.grid,
-            s.block,
-            partial.as_ptr(),
-            sums.as_mut_ptr(),
-            chunks.chunks,
-            h as u32,
-        )
-    };
+    });
     assert!(max_rel_diff(&sums, &values(grads.get(&bv).unwrap())) < 1e-5);
 }
 
@@ -576,34 +564,20 @@ fn emulated_rms_norm_and_its_gradients_equal_the_cpu_op() {
         assert!(max_rel_diff(&dx, &grad(&xv)) < 1e-4, "dx, h {h}");
 
         let chunks = ColumnChunks::new(rows, h);
-        let mut partial = vec![f32::NAN; chunks.chunks as usize * h];
-        let p = chunks.partials();
-        unsafe {
+        let dw = column_sums(chunks, h, |p, partial| unsafe {
             emu_rms_norm_param_partials_f32(
                 p.grid,
                 p.block,
                 x.as_ptr(),
                 g.as_ptr(),
                 stats.as_ptr(),
-                partial.as_mut_ptr(),
+                partial,
                 rows64,
                 h32,
                 CHUNK_ROWS,
                 chunks.column_blocks,
             )
-        };
-        let mut dw = vec![f32::NAN; h];
-        let s = Launch::elements(h);
-        unsafe {
-            emu_column_chunks_sum_f32(
-                s.grid,
-                s.block,
-                partial.as_ptr(),
-                dw.as_mut_ptr(),
-                chunks.chunks,
-                h32,
-            )
-        };
+        });
         assert!(max_rel_diff(&dw, &grad(&wv)) < 1e-4, "dw, h {h}");
     }
 }

@@ -385,7 +385,7 @@ impl CustomOp3 for LayerNormGrad {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::layer_norm_grad((s1, l1), (s2, l2), (s3, l3), self.eps)
+        cuda::norm_grad(cuda::Norm::Layer, (s1, l1), (s2, l2), (s3, l3), self.eps)
     }
     /// Returns `[dx (all elements), dw (h), db (h)]` flattened into one vector.
     fn cpu_fwd(
@@ -507,7 +507,7 @@ impl CustomOp3 for RmsNormGrad {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::rms_norm_grad((s1, l1), (s2, l2), (s3, l3), self.eps)
+        cuda::norm_grad(cuda::Norm::Rms, (s1, l1), (s2, l2), (s3, l3), self.eps)
     }
     /// Returns `[dx (all elements), dw (h)]` flattened into one vector.
     fn cpu_fwd(

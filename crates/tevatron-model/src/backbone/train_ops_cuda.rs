@@ -3,9 +3,9 @@
 //! through `kernel_emulation`, against the ops' CPU forwards; this launch code runs only on a
 //! GPU (`scripts/gpu-check.sh`).
 
-use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaViewMut, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
-use candle_core::{CudaStorage, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape, Storage, Tensor};
 
 use super::SoftmaxRows;
 use crate::cuda_kernels::{f32_view, function, ColumnChunks, Launch, CHUNK_ROWS};
@@ -112,52 +112,75 @@ pub(super) fn layer_norm(
     Ok((CudaStorage::wrap_cuda_slice(y, dev), l1.shape().clone()))
 }
 
-/// `[dx (all elements), dw (h), db (h)]` in one buffer, as the CPU op returns them.
-pub(super) fn layer_norm_grad(
+/// The two normalisations whose backward has the same three passes: the input gradient and
+/// per-row statistics, per-chunk partial sums of the parameter gradients, then their sum.
+#[derive(Clone, Copy)]
+pub(super) enum Norm {
+    /// Layer norm: statistics (mean, 1/std) per row; gradients dw and db.
+    Layer,
+    /// RMSNorm: statistic 1/rms per row; gradient dw.
+    Rms,
+}
+
+impl Norm {
+    /// Its op name, for errors, and its two kernels.
+    fn names(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Norm::Layer => {
+                ("train-layer-norm-grad", "layer_norm_grad_f32", "layer_norm_param_partials_f32")
+            }
+            Norm::Rms => {
+                ("train-rms-norm-grad", "rms_norm_grad_f32", "rms_norm_param_partials_f32")
+            }
+        }
+    }
+
+    /// Values per row in `stats`, and parameter gradients (each `h` long).
+    fn per_row(self) -> usize {
+        match self {
+            Norm::Layer => 2,
+            Norm::Rms => 1,
+        }
+    }
+}
+
+/// The backward of `norm` from `(x, w, g)`: `[dx (all elements), then each parameter
+/// gradient (h)]` in one buffer, as the CPU ops return them.
+pub(super) fn norm_grad(
+    norm: Norm,
     (s1, l1): (&CudaStorage, &Layout),
     (s2, l2): (&CudaStorage, &Layout),
     (s3, l3): (&CudaStorage, &Layout),
     eps: f32,
 ) -> Result<(CudaStorage, Shape)> {
-    let x = f32_view(s1, l1, "train-layer-norm-grad")?;
-    let w = f32_view(s2, l2, "train-layer-norm-grad")?;
-    let g = f32_view(s3, l3, "train-layer-norm-grad")?;
+    let (op, grad_kernel, partials_kernel) = norm.names();
+    let (x, w, g) = (f32_view(s1, l1, op)?, f32_view(s2, l2, op)?, f32_view(s3, l3, op)?);
     let (len, h) = (l1.shape().elem_count(), l2.shape().elem_count());
-    let rows = rows_of(len, h, "train-layer-norm-grad")?;
+    let rows = rows_of(len, h, op)?;
+    let width = norm.per_row() * h;
     let dev = s1.device.clone();
     let chunks = ColumnChunks::new(rows, h);
-    // SAFETY: the three launches below write every element of each buffer (dx and the
-    // stats by row, the partials by chunk and column, the sums by column) before any read.
+    // SAFETY: the launches below write every element of each buffer (dx and the stats by row,
+    // the partials by chunk and column, the sums by column) before any read.
     let (mut out, stats, partial) = unsafe {
         (
-            dev.alloc::<f32>(len + 2 * h)?,
-            dev.alloc::<f32>(2 * rows)?,
-            dev.alloc::<f32>(chunks.chunks as usize * 2 * h)?,
+            dev.alloc::<f32>(len + width)?,
+            dev.alloc::<f32>(norm.per_row() * rows)?,
+            dev.alloc::<f32>(chunks.chunks as usize * width)?,
         )
     };
-    let (rows64, h32, h2) = (rows as u64, h as u32, 2 * h as u32);
+    let (rows64, h32) = (rows as u64, h as u32);
     let (chunk_rows, column_blocks) = (CHUNK_ROWS, chunks.column_blocks);
     {
         let mut dx = out.slice_mut(0..len);
         let shape = Launch::rows(rows);
-        launch!(
-            &dev,
-            "layer_norm_grad_f32",
-            shape,
-            &x,
-            &w,
-            &g,
-            &mut dx,
-            &stats,
-            &rows64,
-            &h32,
-            &eps
-        );
+        launch!(&dev, grad_kernel, shape, &x, &w, &g, &mut dx, &stats, &rows64, &h32, &eps);
     }
+    let p = chunks.partials();
     launch!(
         &dev,
-        "layer_norm_param_partials_f32",
-        chunks.partials(),
+        partials_kernel,
+        p,
         &x,
         &g,
         &stats,
@@ -167,20 +190,21 @@ pub(super) fn layer_norm_grad(
         &chunk_rows,
         &column_blocks
     );
-    {
-        let mut sums = out.slice_mut(len..len + 2 * h);
-        let n_chunks = chunks.chunks;
-        launch!(
-            &dev,
-            "column_chunks_sum_f32",
-            Launch::elements(2 * h),
-            &partial,
-            &mut sums,
-            &n_chunks,
-            &h2
-        );
-    }
-    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(len + 2 * h)))
+    sum_chunks(&dev, &partial, chunks.chunks, &mut out.slice_mut(len..len + width))?;
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(len + width)))
+}
+
+/// Adds per-chunk partial column sums (`chunks` rows of `out`'s length) in chunk order into
+/// `out`, the second pass of every column sum here.
+fn sum_chunks(
+    dev: &CudaDevice,
+    partial: &CudaSlice<f32>,
+    chunks: u64,
+    out: &mut CudaViewMut<f32>,
+) -> Result<()> {
+    let (width, shape) = (out.len() as u32, Launch::elements(out.len()));
+    launch!(dev, "column_chunks_sum_f32", shape, partial, out, &chunks, &width);
+    Ok(())
 }
 
 pub(super) fn bias_add(
@@ -214,57 +238,6 @@ pub(super) fn rms_norm(
     let (rows64, h32) = (rows as u64, h as u32);
     launch!(&dev, "rms_norm_f32", Launch::rows(rows), &x, &w, &y, &rows64, &h32, &eps);
     Ok((CudaStorage::wrap_cuda_slice(y, dev), l1.shape().clone()))
-}
-
-/// `[dx (all elements), dw (h)]` in one buffer, as the CPU op returns them.
-pub(super) fn rms_norm_grad(
-    (s1, l1): (&CudaStorage, &Layout),
-    (s2, l2): (&CudaStorage, &Layout),
-    (s3, l3): (&CudaStorage, &Layout),
-    eps: f32,
-) -> Result<(CudaStorage, Shape)> {
-    let x = f32_view(s1, l1, "train-rms-norm-grad")?;
-    let w = f32_view(s2, l2, "train-rms-norm-grad")?;
-    let g = f32_view(s3, l3, "train-rms-norm-grad")?;
-    let (len, h) = (l1.shape().elem_count(), l2.shape().elem_count());
-    let rows = rows_of(len, h, "train-rms-norm-grad")?;
-    let dev = s1.device.clone();
-    let chunks = ColumnChunks::new(rows, h);
-    // SAFETY: as in `layer_norm_grad`, every element is written before any read.
-    let (mut out, stats, partial) = unsafe {
-        (
-            dev.alloc::<f32>(len + h)?,
-            dev.alloc::<f32>(rows)?,
-            dev.alloc::<f32>(chunks.chunks as usize * h)?,
-        )
-    };
-    let (rows64, h32) = (rows as u64, h as u32);
-    let (chunk_rows, column_blocks, n_chunks) = (CHUNK_ROWS, chunks.column_blocks, chunks.chunks);
-    {
-        let mut dx = out.slice_mut(0..len);
-        let shape = Launch::rows(rows);
-        launch!(&dev, "rms_norm_grad_f32", shape, &x, &w, &g, &mut dx, &stats, &rows64, &h32, &eps);
-    }
-    let p = chunks.partials();
-    launch!(
-        &dev,
-        "rms_norm_param_partials_f32",
-        p,
-        &x,
-        &g,
-        &stats,
-        &partial,
-        &rows64,
-        &h32,
-        &chunk_rows,
-        &column_blocks
-    );
-    {
-        let mut dw = out.slice_mut(len..len + h);
-        let shape = Launch::elements(h);
-        launch!(&dev, "column_chunks_sum_f32", shape, &partial, &mut dw, &n_chunks, &h32);
-    }
-    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(len + h)))
 }
 
 /// Rotary positions over `(b, len, heads, d)` with `cos`/`sin` `(len, d)` on the same
@@ -343,9 +316,9 @@ pub(super) fn column_sum(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Sh
     let chunks = ColumnChunks::new(rows, width);
     // SAFETY: the partials are written by chunk and column, the sums by column, before
     // any read.
-    let (partial, sums) =
+    let (partial, mut sums) =
         unsafe { (dev.alloc::<f32>(chunks.chunks as usize * width)?, dev.alloc::<f32>(width)?) };
-    let (rows64, w32, n_chunks) = (rows as u64, width as u32, chunks.chunks);
+    let (rows64, w32) = (rows as u64, width as u32);
     let (chunk_rows, column_blocks) = (CHUNK_ROWS, chunks.column_blocks);
     let p = chunks.partials();
     launch!(
@@ -359,7 +332,6 @@ pub(super) fn column_sum(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Sh
         &chunk_rows,
         &column_blocks
     );
-    let s = Launch::elements(width);
-    launch!(&dev, "column_chunks_sum_f32", s, &partial, &sums, &n_chunks, &w32);
+    sum_chunks(&dev, &partial, chunks.chunks, &mut sums.slice_mut(..))?;
     Ok((CudaStorage::wrap_cuda_slice(sums, dev), Shape::from(width)))
 }
