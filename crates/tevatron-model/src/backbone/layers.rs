@@ -33,7 +33,7 @@ impl LayerNorm {
                 &self.bias,
                 self.eps as f32,
             ),
-            Mode::Train if super::train_ops::has_kernel(x) && self.weight.dtype() == DType::F32 => {
+            Mode::Train if super::train_ops::has_kernel(&[x, &self.weight, &self.bias]) => {
                 super::train_ops::layer_norm(x, &self.weight, &self.bias, self.eps)
             }
             Mode::Train => {
@@ -179,9 +179,7 @@ impl Linear {
         }
         let y = matmul(x, &self.weight.t()?)?;
         Ok(match &self.bias {
-            Some(b)
-                if super::train_ops::has_kernel(&y) && b.dtype() == y.dtype() && is_tracked(b) =>
-            {
+            Some(b) if super::train_ops::has_kernel(&[&y, b]) && is_tracked(b) => {
                 super::train_ops::bias_add(&y, b)?
             }
             Some(b) => y.broadcast_add(b)?,
@@ -288,7 +286,7 @@ impl Activation {
             }
             // candle's fused gelu_erf backward rounds 1/sqrt(2 pi) to 0.398942 (7e-7 relative);
             // composed from erf, whose backward is exact, training gets exact gradients.
-            Activation::Gelu if mode == Mode::Train && super::train_ops::has_kernel(x) => {
+            Activation::Gelu if mode == Mode::Train && super::train_ops::has_kernel(&[x]) => {
                 super::train_ops::gelu(x)
             }
             Activation::Gelu if mode == Mode::Train => {
@@ -376,7 +374,7 @@ pub fn attend(
 /// `softmax(scores + bias)` over the last dimension: fused with its backward when training in
 /// F32 (on the CPU or a GPU), composed otherwise. `bias` is `(b, 1, 1, l)` or `(b, 1, l, l)`.
 pub fn masked_softmax(scores: &Tensor, bias: &Tensor, mode: Mode) -> Result<Tensor> {
-    if mode == Mode::Train && super::train_ops::has_kernel(scores) && bias.dtype() == DType::F32 {
+    if mode == Mode::Train && super::train_ops::has_kernel(&[scores, bias]) {
         super::train_ops::masked_softmax(scores, bias)
     } else {
         softmax_last(&scores.broadcast_add(bias)?, mode)

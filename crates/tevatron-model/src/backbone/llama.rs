@@ -154,7 +154,7 @@ impl RmsNorm {
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         match mode {
             Mode::Eval => candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32),
-            Mode::Train if super::train_ops::has_kernel(x) && self.weight.dtype() == DType::F32 => {
+            Mode::Train if super::train_ops::has_kernel(&[x, &self.weight]) => {
                 super::train_ops::rms_norm(x, &self.weight, self.eps)
             }
             Mode::Train => {
@@ -423,14 +423,12 @@ impl Layer {
         let x = (self.o.forward(&ctx, mode)? + x)?;
         let h = self.post_norm.forward(&x, mode)?;
         let (gate, up) = (self.gate.forward(&h, mode)?, self.up.forward(&h, mode)?);
-        let glu = if cfg.hidden_act == Activation::Silu
-            && super::train_ops::has_kernel(&gate)
-            && super::train_ops::has_kernel(&up)
-        {
-            super::train_ops::swiglu(&gate, &up)?
-        } else {
-            (cfg.hidden_act.forward(&gate, mode)? * up)?
-        };
+        let glu =
+            if cfg.hidden_act == Activation::Silu && super::train_ops::has_kernel(&[&gate, &up]) {
+                super::train_ops::swiglu(&gate, &up)?
+            } else {
+                (cfg.hidden_act.forward(&gate, mode)? * up)?
+            };
         let f = self.down.forward(&glu, mode)?;
         x + f
     }
@@ -458,10 +456,7 @@ impl Layer {
         let v = v.transpose(1, 2)?.contiguous()?;
         // (b, l, n, d) -> rotated (b, n, l, d): one fused op on CPU in F32, composed elsewhere.
         let rope = |t: Tensor| -> Result<Tensor> {
-            let tables = [cos, sin]
-                .iter()
-                .all(|c| super::train_ops::has_kernel(c) && c.device().same_device(t.device()));
-            if super::train_ops::has_kernel(&t) && tables {
+            if super::train_ops::has_kernel(&[&t, cos, sin]) {
                 super::train_ops::rotary(&t, cos, sin)?.transpose(1, 2)?.contiguous()
             } else {
                 apply_rotary(&t.transpose(1, 2)?.contiguous()?, cos, sin)

@@ -22,12 +22,18 @@ pub use super::fast::applies;
 
 /// Whether GELU, the masked softmax, layer and RMS norm, the bias add, rotary positions and
 /// SwiGLU run fused here: F32 on the CPU, or F32 on a GPU in a CUDA build (their kernels in
-/// `kernels/train.cu`) unless `TEVATRON_GPU_COMPOSED_OPS` is set. The other fused ops are
-/// CPU-only ([`applies`]).
-pub fn has_kernel(x: &Tensor) -> bool {
-    x.dtype() == candle_core::DType::F32
-        && (x.device().is_cpu()
-            || (cfg!(feature = "cuda") && x.device().is_cuda() && !gpu_composed_ops()))
+/// `kernels/train.cu`) unless `TEVATRON_GPU_COMPOSED_OPS` is set. Checks every operand (the
+/// input, weights, mask or tables): all F32, all on the first one's device. The other fused
+/// ops are CPU-only ([`applies`]).
+pub fn has_kernel(operands: &[&Tensor]) -> bool {
+    let Some(first) = operands.first() else { return false };
+    let device = first.device();
+    let on_device =
+        device.is_cpu() || (cfg!(feature = "cuda") && device.is_cuda() && !gpu_composed_ops());
+    on_device
+        && operands
+            .iter()
+            .all(|t| t.dtype() == candle_core::DType::F32 && t.device().same_device(device))
 }
 
 /// Whether `TEVATRON_GPU_COMPOSED_OPS` is set (to anything but empty or 0): a GPU then trains
