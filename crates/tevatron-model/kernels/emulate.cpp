@@ -1,70 +1,95 @@
-// kernels/train.cu compiled for the CPU (kernels/emulate.hpp): one C entry point per kernel,
-// `emu_<kernel>(grid, block, <the kernel's own arguments>)`, that src/kernel_emulation.rs calls
-// with the launch shapes of src/cuda_kernels.rs. Built by build.rs into every build; only tests
-// call it.
+// kernels/train.cu compiled for the CPU (kernels/emulate.hpp), with one C entry point that
+// launches a kernel by name as the CUDA driver's cuLaunchKernel does: a grid, a block and an
+// array of pointers to the parameters. Unlike the driver, it checks each parameter's kind
+// (pointer, unsigned integer, float) and size against the kernel's signature, so a Rust launch
+// that would pass a u32 where the kernel takes a u64, or arguments out of order, fails in
+// `cargo test` instead of reading garbage on a GPU. Built by build.rs into every build; only
+// tests call it (src/kernel_emulation.rs).
 #define TEVATRON_EMULATE
 #include "train.cu"
 
-#define EMULATE(NAME, PARAMS, ARGS)                                                           \
-  extern "C" void emu_##NAME(unsigned grid, unsigned block, PARAMS) {                         \
-    emulate::launch(grid, block, [&] { NAME ARGS; });                                         \
-  }
-#define P(...) __VA_ARGS__
+#include <cstddef>
+#include <cstring>
+#include <type_traits>
+#include <utility>
 
-EMULATE(dropout_f32,
-        P(const float *x, float *y, uint64_t n, uint64_t base, uint64_t threshold, float scale),
-        (x, y, n, base, threshold, scale))
-EMULATE(dropout_f64,
-        P(const double *x, double *y, uint64_t n, uint64_t base, uint64_t threshold, float scale),
-        (x, y, n, base, threshold, scale))
-EMULATE(adamw_f32,
-        P(const float *w, const float *g, const float *mv, float *out, uint64_t n, float b1,
-          float one_minus_b1, float b2, float one_minus_b2, float eps, float bc2_sqrt,
-          float step_size, float decay),
-        (w, g, mv, out, n, b1, one_minus_b1, b2, one_minus_b2, eps, bc2_sqrt, step_size, decay))
-EMULATE(layer_norm_f32,
-        P(const float *x, const float *w, const float *b, float *y, uint64_t rows, uint32_t h,
-          float eps),
-        (x, w, b, y, rows, h, eps))
-EMULATE(layer_norm_grad_f32,
-        P(const float *x, const float *w, const float *g, float *dx, float *stats, uint64_t rows,
-          uint32_t h, float eps),
-        (x, w, g, dx, stats, rows, h, eps))
-EMULATE(layer_norm_param_partials_f32,
-        P(const float *x, const float *g, const float *stats, float *partial, uint64_t rows,
-          uint32_t h, uint64_t chunk_rows, uint32_t column_blocks),
-        (x, g, stats, partial, rows, h, chunk_rows, column_blocks))
-EMULATE(column_partials_f32,
-        P(const float *g, float *partial, uint64_t rows, uint32_t width, uint64_t chunk_rows,
-          uint32_t column_blocks),
-        (g, partial, rows, width, chunk_rows, column_blocks))
-EMULATE(column_chunks_sum_f32, P(const float *partial, float *out, uint64_t chunks, uint32_t width),
-        (partial, out, chunks, width))
-EMULATE(masked_softmax_f32,
-        P(const float *x, const float *bias, float *y, uint64_t rows, uint32_t n,
-          uint64_t rows_per_batch, uint64_t queries),
-        (x, bias, y, rows, n, rows_per_batch, queries))
-EMULATE(softmax_grad_f32, P(const float *y, const float *g, float *dx, uint64_t rows, uint32_t n),
-        (y, g, dx, rows, n))
-EMULATE(gelu_f32, P(const float *x, float *y, uint64_t n), (x, y, n))
-EMULATE(gelu_grad_f32, P(const float *x, const float *g, float *dx, uint64_t n), (x, g, dx, n))
-EMULATE(bias_add_f32, P(const float *y, const float *b, float *out, uint64_t n, uint32_t h),
-        (y, b, out, n, h))
-EMULATE(rms_norm_f32,
-        P(const float *x, const float *w, float *y, uint64_t rows, uint32_t h, float eps),
-        (x, w, y, rows, h, eps))
-EMULATE(rms_norm_grad_f32,
-        P(const float *x, const float *w, const float *g, float *dx, float *stats, uint64_t rows,
-          uint32_t h, float eps),
-        (x, w, g, dx, stats, rows, h, eps))
-EMULATE(rms_norm_param_partials_f32,
-        P(const float *x, const float *g, const float *stats, float *partial, uint64_t rows,
-          uint32_t h, uint64_t chunk_rows, uint32_t column_blocks),
-        (x, g, stats, partial, rows, h, chunk_rows, column_blocks))
-EMULATE(rotary_f32,
-        P(const float *x, const float *cos, const float *sin, float *y, uint64_t pairs,
-          uint32_t width, uint32_t len, uint32_t dim, float sign),
-        (x, cos, sin, y, pairs, width, len, dim, sign))
-EMULATE(swiglu_f32, P(const float *g, const float *u, float *y, uint64_t n), (g, u, y, n))
-EMULATE(swiglu_grad_f32, P(const float *g, const float *u, const float *dy, float *out, uint64_t n),
-        (g, u, dy, out, n))
+namespace {
+/// 'p' for a pointer, 'f' for a float, 'u' for an unsigned integer: the kinds Rust passes.
+template <class T>
+constexpr char kind() {
+  if constexpr (std::is_pointer_v<T>) {
+    return 'p';
+  } else if constexpr (std::is_floating_point_v<T>) {
+    return 'f';
+  } else {
+    static_assert(std::is_unsigned_v<T>, "kernel parameters are pointers, floats or unsigned");
+    return 'u';
+  }
+}
+
+/// Calls `k` with the values `params` point at, taking them as the kernel's own types.
+template <class... A, std::size_t... I>
+void call(void (*k)(A...), void **params, std::index_sequence<I...>) {
+  k(*static_cast<A *>(params[I])...);
+}
+
+/// 0 after running `k` with `params`; -1 if their count, or i + 1 if parameter i's kind or
+/// size, differs from the kernel's signature.
+template <class... A>
+int run(void (*k)(A...), unsigned grid, unsigned block, void **params, const char *kinds,
+        const unsigned char *sizes, std::size_t n) {
+  if (n != sizeof...(A)) return -1;
+  const char want_kinds[] = {kind<A>()...};
+  const std::size_t want_sizes[] = {sizeof(A)...};
+  for (std::size_t i = 0; i < n; ++i)
+    if (kinds[i] != want_kinds[i] || sizes[i] != want_sizes[i]) return int(i) + 1;
+  emulate::launch(grid, block, [&] { call(k, params, std::index_sequence_for<A...>{}); });
+  return 0;
+}
+
+using Runner = int (*)(unsigned, unsigned, void **, const char *, const unsigned char *,
+                       std::size_t);
+
+struct Entry {
+  const char *name;
+  Runner run;
+};
+
+#define ENTRY(K)                                                                               \
+  Entry {                                                                                      \
+    #K, [](unsigned g, unsigned b, void **p, const char *k, const unsigned char *s,            \
+           std::size_t n) { return run(K, g, b, p, k, s, n); }                                 \
+  }
+
+const Entry KERNELS[] = {
+    ENTRY(dropout_f32),
+    ENTRY(dropout_f64),
+    ENTRY(adamw_f32),
+    ENTRY(layer_norm_f32),
+    ENTRY(layer_norm_grad_f32),
+    ENTRY(layer_norm_param_partials_f32),
+    ENTRY(column_partials_f32),
+    ENTRY(column_chunks_sum_f32),
+    ENTRY(masked_softmax_f32),
+    ENTRY(softmax_grad_f32),
+    ENTRY(gelu_f32),
+    ENTRY(gelu_grad_f32),
+    ENTRY(bias_add_f32),
+    ENTRY(rms_norm_f32),
+    ENTRY(rms_norm_grad_f32),
+    ENTRY(rms_norm_param_partials_f32),
+    ENTRY(rotary_f32),
+    ENTRY(swiglu_f32),
+    ENTRY(swiglu_grad_f32),
+};
+}  // namespace
+
+/// Launches kernel `name` over `grid` blocks of `block` threads with `n` parameters
+/// (`params[i]` points at parameter i, of kind `kinds[i]` and `sizes[i]` bytes). Returns 0, -2
+/// for an unknown kernel, or `run`'s mismatch code.
+extern "C" int emu_launch(const char *name, unsigned grid, unsigned block, void **params,
+                          const char *kinds, const unsigned char *sizes, std::size_t n) {
+  for (const Entry &e : KERNELS)
+    if (std::strcmp(e.name, name) == 0) return e.run(grid, block, params, kinds, sizes, n);
+  return -2;
+}

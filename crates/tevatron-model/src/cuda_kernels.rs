@@ -3,6 +3,8 @@
 //! `build.rs`) on a device. The shapes are also what the CPU emulation of the kernels runs
 //! with in tests (`kernel_emulation`), so a launch there covers the data as it does on a GPU.
 
+use candle_core::Result;
+
 /// Threads per block, for every kernel: eight warps.
 pub(crate) const BLOCK: u32 = 256;
 /// Rows a warp-per-row kernel's block covers at once (its warps).
@@ -70,13 +72,75 @@ impl ColumnChunks {
     }
 }
 
+/// One parameter of a kernel launch, as the kernel's signature in `kernels/train.cu` takes
+/// it: a device pointer (`const float *`, `float *`), or a scalar of the kernel's width.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Arg {
+    Ptr(u64),
+    U64(u64),
+    U32(u32),
+    F32(f32),
+}
+
+/// `len` contiguous F32 elements at a device address: an input of a launch, or a buffer, or
+/// part of one, that a launch writes.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Operand {
+    pub(crate) address: u64,
+    pub(crate) len: usize,
+}
+
+impl Operand {
+    /// The operand as a pointer parameter.
+    pub(crate) fn arg(self) -> Arg {
+        Arg::Ptr(self.address)
+    }
+
+    /// Elements `start..start + len` of the operand, which must hold them.
+    pub(crate) fn part(self, start: usize, len: usize, op: &str) -> Result<Self> {
+        if start.checked_add(len).is_none_or(|end| end > self.len) {
+            candle_core::bail!("{op}: elements {start}..+{len} of a buffer of {}", self.len);
+        }
+        Ok(Self { address: self.address + 4 * start as u64, len })
+    }
+}
+
+/// A device that runs the kernels of `kernels/train.cu`: a GPU through the CUDA driver, or, in
+/// tests, their CPU emulation (`kernel_emulation`). The launch code (`train_ops`' `cuda`
+/// module) is written once against this, so tests run the argument lists, buffer sizes and
+/// launch shapes that a GPU gets.
+pub(crate) trait Kernels {
+    /// An F32 buffer the device owns.
+    type Buffer;
+
+    /// A buffer of `len` F32 elements whose values are undefined: every launch here writes
+    /// its outputs whole before anything reads them.
+    fn alloc(&self, len: usize) -> Result<Self::Buffer>;
+
+    /// `buffer`, whole, as an operand of launches.
+    fn operand(&self, buffer: &Self::Buffer) -> Operand;
+
+    /// Launches kernel `kernel` with `shape` on the device's stream, after every launch before
+    /// it.
+    ///
+    /// # Safety
+    /// `args` are the kernel's parameters, in order and of its types, and every pointer holds
+    /// the elements the launch reads or writes through it.
+    unsafe fn launch(&self, kernel: &str, shape: Launch, args: &[Arg]) -> Result<()>;
+}
+
 #[cfg(feature = "cuda")]
-pub(crate) use device::{f32_view, function};
+pub(crate) use device::{f32_view, function, storage_operand};
 
 #[cfg(feature = "cuda")]
 mod device {
-    use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaView};
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaFunction, CudaSlice, CudaView, DevicePtr, PushKernelArg,
+    };
+    use candle_core::cuda_backend::WrapErr;
     use candle_core::{CudaDevice, CudaStorage, Layout, Result};
+
+    use super::{Arg, Kernels, Launch, Operand};
 
     /// `kernels/train.cu` as PTX; the driver compiles it for the GPU it runs on.
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/train.ptx"));
@@ -85,6 +149,46 @@ mod device {
     /// `dev.cuda_stream()`.
     pub(crate) fn function(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
         Ok(dev.get_or_load_custom_func(name, "tevatron_train_kernels", PTX)?.into_cuda_function())
+    }
+
+    impl Kernels for CudaDevice {
+        type Buffer = CudaSlice<f32>;
+
+        fn alloc(&self, len: usize) -> Result<CudaSlice<f32>> {
+            // SAFETY: F32 has no invalid bit patterns, and the launches write before reading.
+            unsafe { CudaDevice::alloc::<f32>(self, len) }
+        }
+
+        fn operand(&self, buffer: &CudaSlice<f32>) -> Operand {
+            let stream = self.cuda_stream();
+            let (address, _read) = buffer.device_ptr(&stream);
+            Operand { address, len: buffer.len() }
+        }
+
+        unsafe fn launch(&self, kernel: &str, shape: Launch, args: &[Arg]) -> Result<()> {
+            let func = function(self, kernel)?;
+            let stream = self.cuda_stream();
+            let mut builder = stream.launch_builder(&func);
+            for a in args {
+                match a {
+                    Arg::Ptr(v) | Arg::U64(v) => builder.arg(v),
+                    Arg::U32(v) => builder.arg(v),
+                    Arg::F32(v) => builder.arg(v),
+                };
+            }
+            // SAFETY: the caller's contract. Raw addresses are enough: candle runs every op
+            // of a device on its one stream, in order, and frees buffers in stream order.
+            unsafe { builder.launch(shape.config()) }.w()?;
+            Ok(())
+        }
+    }
+
+    /// A contiguous F32 storage of op `op` as an operand, or an error naming the op.
+    pub(crate) fn storage_operand(s: &CudaStorage, l: &Layout, op: &str) -> Result<Operand> {
+        let view = f32_view(s, l, op)?;
+        let stream = s.device.cuda_stream();
+        let (address, _read) = view.device_ptr(&stream);
+        Ok(Operand { address, len: view.len() })
     }
 
     /// The elements of a contiguous F32 operand of op `op`, or an error naming the op.

@@ -1,214 +1,130 @@
 //! The GPU kernels of `kernels/train.cu`, run on the CPU (`kernels/emulate.hpp`: a block's
-//! threads are OS threads, a warp's shuffles meet at a barrier) with the launch shapes of
-//! `cuda_kernels`, against the CPU ops they stand in for on a GPU. This proves the kernels'
-//! indexing, reductions and formulas on machines without a GPU; the Rust launch code around
-//! them runs only on a GPU (`scripts/gpu-check.sh`, whose training parts go through it).
+//! threads are OS threads, a warp's shuffles meet at a barrier) through the same launch code a
+//! GPU runs (`train_ops::cuda`, written against [`Kernels`]), against the CPU ops they stand in
+//! for on a GPU. The emulation checks every launch's parameters against the kernel's signature
+//! (kind, size, count), and its buffers start as NaN, so a launch that passes a wrong argument
+//! or leaves an output element unwritten fails here. This proves the kernels' indexing,
+//! reductions and formulas and the launch code's arguments and buffer sizes on machines without
+//! a GPU; what is left to a GPU (`scripts/gpu-check.sh`) is the glue from candle's storages to
+//! operands and the driver itself.
 #![cfg(kernel_emulation)]
 
-use candle_core::{DType, Device, Tensor, Var};
+use std::cell::Cell;
+use std::ffi::{c_char, c_void, CString};
 
-use crate::backbone::train_ops;
-use crate::cuda_kernels::{ColumnChunks, Launch, CHUNK_ROWS};
+use candle_core::{DType, Device, Result, Tensor, Var};
+
+use crate::backbone::train_ops::{self, cuda};
+use crate::cuda_kernels::{Arg, ColumnChunks, Kernels, Launch, Operand, CHUNK_ROWS};
 use crate::fused_adamw::{adamw_step, AdamWStep};
 use crate::rng::{keep_threshold, SplitMix64};
 
 extern "C" {
-    fn emu_rms_norm_f32(
-        g: u32,
-        b: u32,
-        x: *const f32,
-        w: *const f32,
-        y: *mut f32,
-        rows: u64,
-        h: u32,
-        eps: f32,
-    );
-    fn emu_rms_norm_grad_f32(
-        g: u32,
-        b: u32,
-        x: *const f32,
-        w: *const f32,
-        grad: *const f32,
-        dx: *mut f32,
-        stats: *mut f32,
-        rows: u64,
-        h: u32,
-        eps: f32,
-    );
-    fn emu_rms_norm_param_partials_f32(
-        g: u32,
-        b: u32,
-        x: *const f32,
-        grad: *const f32,
-        stats: *const f32,
-        partial: *mut f32,
-        rows: u64,
-        h: u32,
-        chunk_rows: u64,
-        column_blocks: u32,
-    );
-    #[allow(clippy::too_many_arguments)]
-    fn emu_rotary_f32(
-        g: u32,
-        b: u32,
-        x: *const f32,
-        cos: *const f32,
-        sin: *const f32,
-        y: *mut f32,
-        pairs: u64,
-        width: u32,
-        len: u32,
-        dim: u32,
-        sign: f32,
-    );
-    fn emu_swiglu_f32(g: u32, b: u32, gate: *const f32, up: *const f32, y: *mut f32, n: u64);
-    fn emu_swiglu_grad_f32(
-        g: u32,
-        b: u32,
-        gate: *const f32,
-        up: *const f32,
-        dy: *const f32,
-        out: *mut f32,
-        n: u64,
-    );
-    fn emu_dropout_f32(
-        g: u32,
-        b: u32,
-        x: *const f32,
-        y: *mut f32,
-        n: u64,
-        base: u64,
-        threshold: u64,
-        scale: f32,
-    );
-    fn emu_dropout_f64(
-        g: u32,
-        b: u32,
-        x: *const f64,
-        y: *mut f64,
-        n: u64,
-        base: u64,
-        threshold: u64,
-        scale: f32,
-    );
-    #[allow(clippy::too_many_arguments)]
-    fn emu_adamw_f32(
-        g: u32,
-        b: u32,
-        w: *const f32,
-        grad: *const f32,
-        mv: *const f32,
-        out: *mut f32,
-        n: u64,
-        b1: f32,
-        one_minus_b1: f32,
-        b2: f32,
-        one_minus_b2: f32,
-        eps: f32,
-        bc2_sqrt: f32,
-        step_size: f32,
-        decay: f32,
-    );
-    fn emu_layer_norm_f32(
-        g: u32,
-        b: u32,
-        x: *const f32,
-        w: *const f32,
-        bias: *const f32,
-        y: *mut f32,
-        rows: u64,
-        h: u32,
-        eps: f32,
-    );
-    fn emu_layer_norm_grad_f32(
-        g: u32,
-        b: u32,
-        x: *const f32,
-        w: *const f32,
-        grad: *const f32,
-        dx: *mut f32,
-        stats: *mut f32,
-        rows: u64,
-        h: u32,
-        eps: f32,
-    );
-    fn emu_layer_norm_param_partials_f32(
-        g: u32,
-        b: u32,
-        x: *const f32,
-        grad: *const f32,
-        stats: *const f32,
-        partial: *mut f32,
-        rows: u64,
-        h: u32,
-        chunk_rows: u64,
-        column_blocks: u32,
-    );
-    fn emu_column_partials_f32(
-        g: u32,
-        b: u32,
-        grad: *const f32,
-        partial: *mut f32,
-        rows: u64,
-        width: u32,
-        chunk_rows: u64,
-        column_blocks: u32,
-    );
-    fn emu_bias_add_f32(
-        g: u32,
-        b: u32,
-        y: *const f32,
-        bias: *const f32,
-        out: *mut f32,
-        n: u64,
-        h: u32,
-    );
-    fn emu_column_chunks_sum_f32(
-        g: u32,
-        b: u32,
-        partial: *const f32,
-        out: *mut f32,
-        chunks: u64,
-        width: u32,
-    );
-    fn emu_masked_softmax_f32(
-        g: u32,
-        b: u32,
-        x: *const f32,
-        bias: *const f32,
-        y: *mut f32,
-        rows: u64,
-        n: u32,
-        rows_per_batch: u64,
-        queries: u64,
-    );
-    fn emu_softmax_grad_f32(
-        g: u32,
-        b: u32,
-        y: *const f32,
-        grad: *const f32,
-        dx: *mut f32,
-        rows: u64,
-        n: u32,
-    );
-    fn emu_gelu_f32(g: u32, b: u32, x: *const f32, y: *mut f32, n: u64);
-    fn emu_gelu_grad_f32(g: u32, b: u32, x: *const f32, grad: *const f32, dx: *mut f32, n: u64);
+    /// `kernels/emulate.cpp`: launches kernel `name` as cuLaunchKernel does, after checking
+    /// each parameter's kind and size against its signature.
+    fn emu_launch(
+        name: *const c_char,
+        grid: u32,
+        block: u32,
+        params: *mut *mut c_void,
+        kinds: *const c_char,
+        sizes: *const u8,
+        n: usize,
+    ) -> i32;
 }
 
-/// A column sum's two passes as the GPU runs them: `partials(launch, buffer)` runs a per-chunk
-/// kernel into a buffer of `chunks` rows of `width`, then the chunks are added in order.
-fn column_sums(
-    chunks: ColumnChunks,
-    width: usize,
-    partials: impl FnOnce(Launch, *mut f32),
-) -> Vec<f32> {
-    let mut partial = vec![f32::NAN; chunks.chunks as usize * width];
-    partials(chunks.partials(), partial.as_mut_ptr());
-    let mut sums = vec![f32::NAN; width];
-    let s = Launch::elements(width);
-    let (p, out) = (partial.as_ptr(), sums.as_mut_ptr());
-    unsafe { emu_column_chunks_sum_f32(s.grid, s.block, p, out, chunks.chunks, width as u32) };
-    sums
+/// The CPU emulation of the kernels as a device for the launch code.
+struct Emulator;
+
+/// Cells past the end of every emulated buffer, NaN, that no launch may write.
+const GUARD: usize = 64;
+
+/// An emulated device buffer: cells, as a launch writes it through a shared borrow, NaN at
+/// first so that an element no launch writes shows in every comparison, with [`GUARD`] cells
+/// past its end that must stay NaN: a launch that writes past the buffer fails the test when
+/// the buffer is read or dropped.
+struct HostBuffer {
+    cells: Box<[Cell<f32>]>,
+    len: usize,
+}
+
+impl HostBuffer {
+    /// Its values, after checking that nothing wrote past its end.
+    fn values(&self) -> Vec<f32> {
+        self.check_guard();
+        self.cells[..self.len].iter().map(Cell::get).collect()
+    }
+
+    fn check_guard(&self) {
+        let written = self.cells[self.len..].iter().any(|c| !c.get().is_nan());
+        assert!(!written, "a launch wrote past the end of a buffer of {}", self.len);
+    }
+}
+
+impl Drop for HostBuffer {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            self.check_guard();
+        }
+    }
+}
+
+impl Kernels for Emulator {
+    type Buffer = HostBuffer;
+
+    fn alloc(&self, len: usize) -> Result<HostBuffer> {
+        Ok(HostBuffer { cells: (0..len + GUARD).map(|_| Cell::new(f32::NAN)).collect(), len })
+    }
+
+    fn operand(&self, buffer: &HostBuffer) -> Operand {
+        Operand { address: buffer.cells.as_ptr() as u64, len: buffer.len }
+    }
+
+    unsafe fn launch(&self, kernel: &str, shape: Launch, args: &[Arg]) -> Result<()> {
+        let mut params: Vec<*mut c_void> = Vec::with_capacity(args.len());
+        let (mut kinds, mut sizes) = (Vec::new(), Vec::new());
+        for a in args {
+            let (param, kind, size) = match a {
+                Arg::Ptr(v) => (v as *const u64 as *mut c_void, b'p', 8),
+                Arg::U64(v) => (v as *const u64 as *mut c_void, b'u', 8),
+                Arg::U32(v) => (v as *const u32 as *mut c_void, b'u', 4),
+                Arg::F32(v) => (v as *const f32 as *mut c_void, b'f', 4),
+            };
+            params.push(param);
+            kinds.push(kind as c_char);
+            sizes.push(size);
+        }
+        let name = CString::new(kernel).expect("kernel names have no NUL");
+        // SAFETY: the caller's contract; the parameters point into `args`, alive for the call,
+        // and the emulation checks them against the kernel's signature before it runs.
+        let code = unsafe {
+            emu_launch(
+                name.as_ptr(),
+                shape.grid,
+                shape.block,
+                params.as_mut_ptr(),
+                kinds.as_ptr(),
+                sizes.as_ptr(),
+                args.len(),
+            )
+        };
+        match code {
+            0 => Ok(()),
+            -2 => candle_core::bail!("no kernel {kernel}"),
+            -1 => candle_core::bail!("{kernel}: {} parameters, not its signature's", args.len()),
+            i => candle_core::bail!("{kernel}: parameter {} is not its signature's type", i - 1),
+        }
+    }
+}
+
+/// A test's input data as an operand (the kernels only read their inputs).
+fn input(v: &[f32]) -> Operand {
+    Operand { address: v.as_ptr() as u64, len: v.len() }
+}
+
+/// A buffer's values.
+fn read(b: &HostBuffer) -> Vec<f32> {
+    b.values()
 }
 
 /// `n` values spread over about [-3, 3] without a pattern a wrong index could hide behind.
@@ -230,6 +146,30 @@ fn max_rel_diff(got: &[f32], want: &[f32]) -> f32 {
     got.iter().zip(want).map(|(g, w)| (g - w).abs() / w.abs().max(1.0)).fold(0.0, f32::max)
 }
 
+/// The emulation refuses what a GPU would run on garbage: a parameter of another width or kind,
+/// parameters out of order, too few, an unknown kernel. Nothing runs then.
+#[test]
+fn the_emulation_refuses_a_launch_that_does_not_match_the_kernel() {
+    let x = wave(64, 0.5);
+    let y = Emulator.alloc(64).unwrap();
+    let out = Emulator.operand(&y);
+    let launch = |kernel: &str, args: &[Arg]| {
+        // SAFETY: the buffers hold the 64 elements; mismatches are refused before running.
+        unsafe { Emulator.launch(kernel, Launch::elements(64), args) }.map_err(|e| e.to_string())
+    };
+    let error = |kernel, args: &[Arg]| launch(kernel, args).unwrap_err();
+    assert!(error("gelu_f32", &[input(&x).arg(), out.arg(), Arg::U32(64)]).contains("parameter 2"));
+    assert!(
+        error("gelu_f32", &[input(&x).arg(), out.arg(), Arg::F32(64.0)]).contains("parameter 2")
+    );
+    assert!(error("gelu_f32", &[Arg::U64(64), out.arg(), input(&x).arg()]).contains("parameter 0"));
+    assert!(error("gelu_f32", &[input(&x).arg(), out.arg()]).contains("2 parameters"));
+    assert!(error("gelu_f64", &[input(&x).arg(), out.arg(), Arg::U64(64)]).contains("no kernel"));
+    assert!(read(&y).iter().all(|v| v.is_nan()), "a refused launch ran");
+    launch("gelu_f32", &[input(&x).arg(), out.arg(), Arg::U64(64)]).unwrap();
+    assert!(read(&y).iter().all(|v| v.is_finite()));
+}
+
 #[test]
 fn emulated_dropout_keeps_what_the_cpu_stream_keeps() {
     let (n, p) = (3001, 0.1);
@@ -238,39 +178,28 @@ fn emulated_dropout_keeps_what_the_cpu_stream_keeps() {
     let base = rng.clone().skip_mask(0);
     let keep = rng.keep_mask(n, p);
     let scale = (1.0 / (1.0 - p)) as f32;
-    let x = wave(n, 0.7);
-    let mut y = vec![f32::NAN; n];
-    let l = Launch::elements(n);
-    unsafe {
-        emu_dropout_f32(
-            l.grid,
-            l.block,
-            x.as_ptr(),
-            y.as_mut_ptr(),
-            n as u64,
-            base,
-            keep_threshold(p),
-            scale,
-        )
+    let dropout = |kernel, x: u64, y: u64| {
+        let args = [
+            Arg::Ptr(x),
+            Arg::Ptr(y),
+            Arg::U64(n as u64),
+            Arg::U64(base),
+            Arg::U64(keep_threshold(p)),
+        ];
+        let args = [&args[..], &[Arg::F32(scale)]].concat();
+        // SAFETY: dropout_<t>(x, y, n, base, threshold, scale) with x and y of n elements.
+        unsafe { Emulator.launch(kernel, Launch::elements(n), &args) }.unwrap();
     };
-    for i in 0..n {
+    let x = wave(n, 0.7);
+    let y = Emulator.alloc(n).unwrap();
+    dropout("dropout_f32", input(&x).address, Emulator.operand(&y).address);
+    for (i, y) in read(&y).into_iter().enumerate() {
         let want = if keep[i] == 1 { x[i] * scale } else { 0.0 };
-        assert_eq!(y[i], want, "element {i}");
+        assert_eq!(y, want, "element {i}");
     }
     let x64: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
     let mut y64 = vec![f64::NAN; n];
-    unsafe {
-        emu_dropout_f64(
-            l.grid,
-            l.block,
-            x64.as_ptr(),
-            y64.as_mut_ptr(),
-            n as u64,
-            base,
-            keep_threshold(p),
-            scale,
-        )
-    };
+    dropout("dropout_f64", x64.as_ptr() as u64, y64.as_mut_ptr() as u64);
     let kept = y64.iter().zip(&keep).filter(|(y, &k)| (**y != 0.0) == (k == 1)).count();
     assert_eq!(kept, n);
 }
@@ -293,29 +222,26 @@ fn emulated_adamw_equals_the_cpu_step_bit_for_bit() {
     let t = |x: &[f32]| tensor(x, &[n]);
     let (w2, m2, v2) = adamw_step(&t(&w), &t(&g), &t(&m), &t(&v), step).unwrap();
     let mv = [m, v].concat();
-    let mut out = vec![f32::NAN; 3 * n];
-    let l = Launch::elements(n);
+    let out = Emulator.alloc(3 * n).unwrap();
     let s = step;
-    unsafe {
-        emu_adamw_f32(
-            l.grid,
-            l.block,
-            w.as_ptr(),
-            g.as_ptr(),
-            mv.as_ptr(),
-            out.as_mut_ptr(),
-            n as u64,
-            s.beta1,
-            s.one_minus_beta1,
-            s.beta2,
-            s.one_minus_beta2,
-            s.eps,
-            s.bc2_sqrt,
-            s.step_size,
-            s.decay,
-        )
-    };
-    assert_eq!(out, [values(&w2), values(&m2), values(&v2)].concat());
+    let args = [
+        input(&w).arg(),
+        input(&g).arg(),
+        input(&mv).arg(),
+        Emulator.operand(&out).arg(),
+        Arg::U64(n as u64),
+        Arg::F32(s.beta1),
+        Arg::F32(s.one_minus_beta1),
+        Arg::F32(s.beta2),
+        Arg::F32(s.one_minus_beta2),
+        Arg::F32(s.eps),
+        Arg::F32(s.bc2_sqrt),
+        Arg::F32(s.step_size),
+        Arg::F32(s.decay),
+    ];
+    // SAFETY: adamw_f32's parameters; w and g hold n, mv 2n, out 3n.
+    unsafe { Emulator.launch("adamw_f32", Launch::elements(n), &args) }.unwrap();
+    assert_eq!(read(&out), [values(&w2), values(&m2), values(&v2)].concat());
 }
 
 /// Layer norm forward and backward over rows of 48 (lanes with one and two elements) and of
@@ -335,60 +261,20 @@ fn emulated_layer_norm_and_its_gradients_equal_the_cpu_op() {
             (y.clone() * tensor(&g, &[rows, h])).unwrap().sum_all().unwrap().backward().unwrap();
         let grad = |v: &Var| values(grads.get(v).unwrap());
 
-        let mut got = vec![f32::NAN; n];
-        let l = Launch::rows(rows);
-        let (rows64, h32, e) = (rows as u64, h as u32, eps as f32);
-        unsafe {
-            emu_layer_norm_f32(
-                l.grid,
-                l.block,
-                x.as_ptr(),
-                w.as_ptr(),
-                b.as_ptr(),
-                got.as_mut_ptr(),
-                rows64,
-                h32,
-                e,
-            )
-        };
+        let (x, w, b, g) = (input(&x), input(&w), input(&b), input(&g));
+        let got = read(&cuda::layer_norm(&Emulator, x, w, b, eps as f32).unwrap());
         assert!(max_rel_diff(&got, &values(&y)) < 1e-5, "forward, h {h}");
-
-        let mut dx = vec![f32::NAN; n];
-        let mut stats = vec![f32::NAN; 2 * rows];
-        unsafe {
-            emu_layer_norm_grad_f32(
-                l.grid,
-                l.block,
-                x.as_ptr(),
-                w.as_ptr(),
-                g.as_ptr(),
-                dx.as_mut_ptr(),
-                stats.as_mut_ptr(),
-                rows64,
-                h32,
-                e,
-            )
-        };
-        assert!(max_rel_diff(&dx, &grad(&xv)) < 1e-4, "dx, h {h}");
+        let short = Operand { len: h - 1, ..b };
+        assert!(cuda::layer_norm(&Emulator, x, w, short, eps as f32).is_err());
 
         let chunks = ColumnChunks::new(rows, h);
         assert!(chunks.chunks > 1 && !(rows as u64).is_multiple_of(CHUNK_ROWS));
-        let sums = column_sums(chunks, 2 * h, |p, partial| unsafe {
-            emu_layer_norm_param_partials_f32(
-                p.grid,
-                p.block,
-                x.as_ptr(),
-                g.as_ptr(),
-                stats.as_ptr(),
-                partial,
-                rows64,
-                h32,
-                CHUNK_ROWS,
-                chunks.column_blocks,
-            )
-        });
-        assert!(max_rel_diff(&sums[..h], &grad(&wv)) < 1e-4, "dw, h {h}");
-        assert!(max_rel_diff(&sums[h..], &grad(&bv)) < 1e-4, "db, h {h}");
+        let out =
+            read(&cuda::norm_grad(&Emulator, cuda::Norm::Layer, x, w, g, eps as f32).unwrap());
+        assert_eq!(out.len(), n + 2 * h);
+        assert!(max_rel_diff(&out[..n], &grad(&xv)) < 1e-4, "dx, h {h}");
+        assert!(max_rel_diff(&out[n..n + h], &grad(&wv)) < 1e-4, "dw, h {h}");
+        assert!(max_rel_diff(&out[n + h..], &grad(&bv)) < 1e-4, "db, h {h}");
     }
 }
 
@@ -406,7 +292,8 @@ fn emulated_masked_softmax_and_its_gradient_equal_the_cpu_op() {
         (0..b * n * n).map(|i| if i % n > (i / n) % n { f32::MIN } else { 0.0 }).collect();
     for (bias, bias_shape) in [(padding, [b, 1, 1, n]), (causal, [b, 1, n, n])] {
         let sv = Var::from_tensor(&tensor(&scores, &[b, heads, n, n])).unwrap();
-        let y = train_ops::masked_softmax(&sv, &tensor(&bias, &bias_shape)).unwrap();
+        let mask = tensor(&bias, &bias_shape);
+        let y = train_ops::masked_softmax(&sv, &mask).unwrap();
         let grads = (y.clone() * tensor(&g, &[b, heads, n, n]))
             .unwrap()
             .sum_all()
@@ -415,38 +302,14 @@ fn emulated_masked_softmax_and_its_gradient_equal_the_cpu_op() {
             .unwrap();
         let want_dx = values(grads.get(&sv).unwrap());
 
-        let rows = b * heads * n;
         let queries = bias.len() / (b * n);
-        let mut got = vec![f32::NAN; len];
-        let l = Launch::rows(rows);
-        unsafe {
-            emu_masked_softmax_f32(
-                l.grid,
-                l.block,
-                scores.as_ptr(),
-                bias.as_ptr(),
-                got.as_mut_ptr(),
-                rows as u64,
-                n as u32,
-                (heads * n) as u64,
-                queries as u64,
-            )
-        };
+        let shape = train_ops::SoftmaxRows::new(sv.layout(), mask.layout()).unwrap();
+        let got = cuda::masked_softmax(&Emulator, input(&scores), input(&bias), &shape).unwrap();
+        let got = read(&got);
         assert!(max_rel_diff(&got, &values(&y)) < 1e-6, "forward, {queries} mask rows");
         assert!(got.iter().zip(values(&y)).all(|(a, b)| (*a == 0.0) == (b == 0.0)));
 
-        let mut dx = vec![f32::NAN; len];
-        unsafe {
-            emu_softmax_grad_f32(
-                l.grid,
-                l.block,
-                got.as_ptr(),
-                g.as_ptr(),
-                dx.as_mut_ptr(),
-                rows as u64,
-                n as u32,
-            )
-        };
+        let dx = read(&cuda::softmax_grad(&Emulator, input(&got), input(&g), n).unwrap());
         assert!(max_rel_diff(&dx, &want_dx) < 1e-5, "backward, {queries} mask rows");
     }
 }
@@ -459,12 +322,8 @@ fn emulated_gelu_and_its_gradient_equal_the_cpu_op() {
     let xv = Var::from_tensor(&tensor(&x, &[n])).unwrap();
     let y = train_ops::gelu(&xv).unwrap();
     let grads = (y.clone() * tensor(&g, &[n])).unwrap().sum_all().unwrap().backward().unwrap();
-    let l = Launch::elements(n);
-    let (mut got, mut dx) = (vec![f32::NAN; n], vec![f32::NAN; n]);
-    unsafe {
-        emu_gelu_f32(l.grid, l.block, x.as_ptr(), got.as_mut_ptr(), n as u64);
-        emu_gelu_grad_f32(l.grid, l.block, x.as_ptr(), g.as_ptr(), dx.as_mut_ptr(), n as u64);
-    }
+    let got = read(&cuda::gelu(&Emulator, input(&x)).unwrap());
+    let dx = read(&cuda::gelu_grad(&Emulator, input(&x), input(&g)).unwrap());
     assert!(max_rel_diff(&got, &values(&y)) < 2e-6);
     assert!(max_rel_diff(&dx, &values(grads.get(&xv).unwrap())) < 2e-6);
     assert_eq!(y.dtype(), DType::F32);
@@ -483,35 +342,12 @@ fn emulated_bias_add_and_column_sum_equal_the_cpu_op() {
     let grads =
         (out.clone() * tensor(&g, &[rows, h])).unwrap().sum_all().unwrap().backward().unwrap();
 
-    let mut got = vec![f32::NAN; n];
-    let l = Launch::elements(n);
-    unsafe {
-        emu_bias_add_f32(
-            l.grid,
-            l.block,
-            y.as_ptr(),
-            b.as_ptr(),
-            got.as_mut_ptr(),
-            n as u64,
-            h as u32,
-        )
-    };
+    let got = read(&cuda::bias_add(&Emulator, input(&y), input(&b)).unwrap());
     assert_eq!(got, values(&out));
 
     let chunks = ColumnChunks::new(rows, h);
     assert!(chunks.chunks > 1 && chunks.column_blocks > 1);
-    let sums = column_sums(chunks, h, |p, partial| unsafe {
-        emu_column_partials_f32(
-            p.grid,
-            p.block,
-            g.as_ptr(),
-            partial,
-            rows as u64,
-            h as u32,
-            CHUNK_ROWS,
-            chunks.column_blocks,
-        )
-    });
+    let sums = read(&cuda::column_sum(&Emulator, input(&g), h).unwrap());
     assert!(max_rel_diff(&sums, &values(grads.get(&bv).unwrap())) < 1e-5);
 }
 
@@ -529,56 +365,14 @@ fn emulated_rms_norm_and_its_gradients_equal_the_cpu_op() {
             (y.clone() * tensor(&g, &[rows, h])).unwrap().sum_all().unwrap().backward().unwrap();
         let grad = |v: &Var| values(grads.get(v).unwrap());
 
-        let l = Launch::rows(rows);
-        let (rows64, h32, e) = (rows as u64, h as u32, eps as f32);
-        let mut got = vec![f32::NAN; n];
-        unsafe {
-            emu_rms_norm_f32(
-                l.grid,
-                l.block,
-                x.as_ptr(),
-                w.as_ptr(),
-                got.as_mut_ptr(),
-                rows64,
-                h32,
-                e,
-            )
-        };
+        let (x, w, g) = (input(&x), input(&w), input(&g));
+        let got = read(&cuda::rms_norm(&Emulator, x, w, eps as f32).unwrap());
         assert!(max_rel_diff(&got, &values(&y)) < 1e-5, "forward, h {h}");
 
-        let (mut dx, mut stats) = (vec![f32::NAN; n], vec![f32::NAN; rows]);
-        unsafe {
-            emu_rms_norm_grad_f32(
-                l.grid,
-                l.block,
-                x.as_ptr(),
-                w.as_ptr(),
-                g.as_ptr(),
-                dx.as_mut_ptr(),
-                stats.as_mut_ptr(),
-                rows64,
-                h32,
-                e,
-            )
-        };
-        assert!(max_rel_diff(&dx, &grad(&xv)) < 1e-4, "dx, h {h}");
-
-        let chunks = ColumnChunks::new(rows, h);
-        let dw = column_sums(chunks, h, |p, partial| unsafe {
-            emu_rms_norm_param_partials_f32(
-                p.grid,
-                p.block,
-                x.as_ptr(),
-                g.as_ptr(),
-                stats.as_ptr(),
-                partial,
-                rows64,
-                h32,
-                CHUNK_ROWS,
-                chunks.column_blocks,
-            )
-        });
-        assert!(max_rel_diff(&dw, &grad(&wv)) < 1e-4, "dw, h {h}");
+        let out = read(&cuda::norm_grad(&Emulator, cuda::Norm::Rms, x, w, g, eps as f32).unwrap());
+        assert_eq!(out.len(), n + h);
+        assert!(max_rel_diff(&out[..n], &grad(&xv)) < 1e-4, "dx, h {h}");
+        assert!(max_rel_diff(&out[n..], &grad(&wv)) < 1e-4, "dw, h {h}");
     }
 }
 
@@ -606,40 +400,21 @@ fn emulated_rotary_and_its_gradient_equal_the_cpu_op() {
         .backward()
         .unwrap();
 
-    let pairs = (n / 2) as u64;
-    let l = Launch::elements(n / 2);
-    let (mut got, mut dx) = (vec![f32::NAN; n], vec![f32::NAN; n]);
-    let (width, len32, d32) = ((heads * d) as u32, len as u32, d as u32);
-    unsafe {
-        emu_rotary_f32(
-            l.grid,
-            l.block,
-            x.as_ptr(),
-            cos.as_ptr(),
-            sin.as_ptr(),
-            got.as_mut_ptr(),
-            pairs,
-            width,
-            len32,
-            d32,
-            1.0,
-        );
-        emu_rotary_f32(
-            l.grid,
-            l.block,
-            g.as_ptr(),
-            cos.as_ptr(),
-            sin.as_ptr(),
-            dx.as_mut_ptr(),
-            pairs,
-            width,
-            len32,
-            d32,
-            -1.0,
-        );
-    }
-    assert_eq!(got, values(&y));
-    assert_eq!(dx, values(grads.get(&xv).unwrap()));
+    let dims = (b, len, heads, d);
+    let rotary = |x: &[f32], inverse| {
+        read(&cuda::rotary(&Emulator, input(x), dims, input(&cos), input(&sin), inverse).unwrap())
+    };
+    assert_eq!(rotary(&x, false), values(&y));
+    assert_eq!(rotary(&g, true), values(grads.get(&xv).unwrap()));
+    assert!(cuda::rotary(
+        &Emulator,
+        input(&x),
+        (b, len, heads, d - 1),
+        input(&cos),
+        input(&sin),
+        false
+    )
+    .is_err());
 }
 
 #[test]
@@ -650,20 +425,9 @@ fn emulated_swiglu_and_its_gradients_equal_the_cpu_op() {
     let uv = Var::from_tensor(&tensor(&up, &[n])).unwrap();
     let y = train_ops::swiglu(&gv, &uv).unwrap();
     let grads = (y.clone() * tensor(&dy, &[n])).unwrap().sum_all().unwrap().backward().unwrap();
-    let l = Launch::elements(n);
-    let (mut got, mut both) = (vec![f32::NAN; n], vec![f32::NAN; 2 * n]);
-    unsafe {
-        emu_swiglu_f32(l.grid, l.block, gate.as_ptr(), up.as_ptr(), got.as_mut_ptr(), n as u64);
-        emu_swiglu_grad_f32(
-            l.grid,
-            l.block,
-            gate.as_ptr(),
-            up.as_ptr(),
-            dy.as_ptr(),
-            both.as_mut_ptr(),
-            n as u64,
-        );
-    }
+    let (gate, up, dy) = (input(&gate), input(&up), input(&dy));
+    let got = read(&cuda::swiglu(&Emulator, gate, up).unwrap());
+    let both = read(&cuda::swiglu_grad(&Emulator, gate, up, dy).unwrap());
     assert!(max_rel_diff(&got, &values(&y)) < 1e-6);
     assert!(max_rel_diff(&both[..n], &values(grads.get(&gv).unwrap())) < 1e-6);
     assert!(max_rel_diff(&both[n..], &values(grads.get(&uv).unwrap())) < 1e-6);

@@ -129,7 +129,7 @@ impl CustomOp1 for Gelu {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::gelu(s, l)
+        cuda::run(self.name(), [(s, l)], l.shape(), |d, [x]| cuda::gelu(d, x))
     }
     /// The inference kernel's forward; only the backward is new here.
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -152,7 +152,9 @@ impl CustomOp2 for GeluGrad {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::gelu_grad((s1, l1), (s2, l2))
+        cuda::run(self.name(), [(s1, l1), (s2, l2)], l1.shape(), |d, [x, g]| {
+            cuda::gelu_grad(d, x, g)
+        })
     }
     fn cpu_fwd(
         &self,
@@ -184,14 +186,15 @@ struct SoftmaxGrad;
 /// How the rows of attention scores `(b, .., n)` meet the rows of their additive mask `(b, ..,
 /// n)`: rows come in `b` batches of `rows_per_batch`, and each batch has `queries` mask rows (1
 /// for a padding mask, one per query for a causal mask), which its rows take in turn.
-struct SoftmaxRows {
+#[derive(Clone, Copy)]
+pub(crate) struct SoftmaxRows {
     n: usize,
     rows_per_batch: usize,
     queries: usize,
 }
 
 impl SoftmaxRows {
-    fn new(scores: &Layout, bias: &Layout) -> Result<Self> {
+    pub(crate) fn new(scores: &Layout, bias: &Layout) -> Result<Self> {
         let (len, bias_len) = (scores.shape().elem_count(), bias.shape().elem_count());
         let n = scores.dims().last().copied().unwrap_or(1).max(1);
         let batches = bias.dims().first().copied().unwrap_or(1).max(1);
@@ -224,7 +227,10 @@ impl CustomOp2 for MaskedSoftmax {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::masked_softmax((s1, l1), (s2, l2))
+        let rows = SoftmaxRows::new(l1, l2)?;
+        cuda::run(self.name(), [(s1, l1), (s2, l2)], l1.shape(), |d, [x, bias]| {
+            cuda::masked_softmax(d, x, bias, &rows)
+        })
     }
     fn cpu_fwd(
         &self,
@@ -270,7 +276,10 @@ impl CustomOp2 for SoftmaxGrad {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::softmax_grad((s1, l1), (s2, l2))
+        let n = l1.dims().last().copied().unwrap_or(1).max(1);
+        cuda::run(self.name(), [(s1, l1), (s2, l2)], l1.shape(), |d, [y, g]| {
+            cuda::softmax_grad(d, y, g, n)
+        })
     }
     fn cpu_fwd(
         &self,
@@ -334,7 +343,9 @@ impl CustomOp3 for LayerNormOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::layer_norm((s1, l1), (s2, l2), (s3, l3), self.eps)
+        cuda::run(self.name(), [(s1, l1), (s2, l2), (s3, l3)], l1.shape(), |d, [x, w, b]| {
+            cuda::layer_norm(d, x, w, b, self.eps)
+        })
     }
     fn cpu_fwd(
         &self,
@@ -391,7 +402,10 @@ impl CustomOp3 for LayerNormGrad {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::norm_grad(cuda::Norm::Layer, (s1, l1), (s2, l2), (s3, l3), self.eps)
+        let out = Shape::from(l1.shape().elem_count() + 2 * l2.shape().elem_count());
+        cuda::run(self.name(), [(s1, l1), (s2, l2), (s3, l3)], &out, |d, [x, w, g]| {
+            cuda::norm_grad(d, cuda::Norm::Layer, x, w, g, self.eps)
+        })
     }
     /// Returns `[dx (all elements), dw (h), db (h)]` flattened into one vector.
     fn cpu_fwd(
@@ -462,7 +476,9 @@ impl CustomOp2 for RmsNormOp {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::rms_norm((s1, l1), (s2, l2), self.eps)
+        cuda::run(self.name(), [(s1, l1), (s2, l2)], l1.shape(), |d, [x, w]| {
+            cuda::rms_norm(d, x, w, self.eps)
+        })
     }
     fn cpu_fwd(
         &self,
@@ -513,7 +529,10 @@ impl CustomOp3 for RmsNormGrad {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::norm_grad(cuda::Norm::Rms, (s1, l1), (s2, l2), (s3, l3), self.eps)
+        let out = Shape::from(l1.shape().elem_count() + l2.shape().elem_count());
+        cuda::run(self.name(), [(s1, l1), (s2, l2), (s3, l3)], &out, |d, [x, w, g]| {
+            cuda::norm_grad(d, cuda::Norm::Rms, x, w, g, self.eps)
+        })
     }
     /// Returns `[dx (all elements), dw (h)]` flattened into one vector.
     fn cpu_fwd(
@@ -569,7 +588,9 @@ impl CustomOp2 for BiasAdd {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::bias_add((s1, l1), (s2, l2))
+        cuda::run(self.name(), [(s1, l1), (s2, l2)], l1.shape(), |d, [y, b]| {
+            cuda::bias_add(d, y, b)
+        })
     }
     fn cpu_fwd(
         &self,
@@ -610,7 +631,10 @@ impl CustomOp1 for ColumnSum {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::column_sum(s, l)
+        let width = l.dims().last().copied().unwrap_or(1).max(1);
+        cuda::run(self.name(), [(s, l)], &Shape::from(width), |d, [g]| {
+            cuda::column_sum(d, g, width)
+        })
     }
     /// Sums a `(.., h)` tensor over every dimension but the last, in parallel.
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -730,7 +754,12 @@ impl CustomOp1 for Rotary {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::rotary((s, l), &self.cos, &self.sin, self.inverse)
+        let dims = l.shape().dims4()?;
+        let cos = cuda::tensor_operand(&self.cos, self.name())?;
+        let sin = cuda::tensor_operand(&self.sin, self.name())?;
+        cuda::run(self.name(), [(s, l)], l.shape(), |d, [x]| {
+            cuda::rotary(d, x, dims, cos, sin, self.inverse)
+        })
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, "train-rotary")?;
@@ -776,7 +805,7 @@ impl CustomOp2 for SwiGlu {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::swiglu((s1, l1), (s2, l2))
+        cuda::run(self.name(), [(s1, l1), (s2, l2)], l1.shape(), |d, [g, u]| cuda::swiglu(d, g, u))
     }
     fn cpu_fwd(
         &self,
@@ -825,7 +854,10 @@ impl CustomOp3 for SwiGluGrad {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::swiglu_grad((s1, l1), (s2, l2), (s3, l3))
+        let out = Shape::from((2, l1.shape().elem_count()));
+        cuda::run(self.name(), [(s1, l1), (s2, l2), (s3, l3)], &out, |d, [g, u, dy]| {
+            cuda::swiglu_grad(d, g, u, dy)
+        })
     }
     /// `[d gate; d up]` as one `(2, n)` tensor.
     fn cpu_fwd(
@@ -960,9 +992,9 @@ pub fn lora_linear(
     x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)
 }
 
-#[cfg(feature = "cuda")]
+#[cfg(any(test, feature = "cuda"))]
 #[path = "train_ops_cuda.rs"]
-mod cuda;
+pub(crate) mod cuda;
 
 #[cfg(test)]
 mod tests {

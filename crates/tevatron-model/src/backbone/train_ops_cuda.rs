@@ -1,28 +1,13 @@
 //! GPU twins of the fused training ops of `train_ops` (`kernels/train.cu`), F32 only: the same
-//! operands, checked the same way, the same formulas. The kernels run on the CPU in tests
-//! through `kernel_emulation`, against the ops' CPU forwards; this launch code runs only on a
-//! GPU (`scripts/gpu-check.sh`).
+//! operands, checked the same way, the same formulas. The launch code is written against
+//! [`Kernels`], so it runs on a GPU and, in tests (`kernel_emulation`), on the CPU emulation of
+//! the kernels, which checks each launch's parameters against the kernel's signature. Only the
+//! glue at the end, from candle's storages to operands, is GPU-only.
 
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaViewMut, PushKernelArg};
-use candle_core::cuda_backend::WrapErr;
-use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape, Storage, Tensor};
+use candle_core::Result;
 
 use super::SoftmaxRows;
-use crate::cuda_kernels::{f32_view, function, ColumnChunks, Launch, CHUNK_ROWS};
-
-/// Launches kernel `$name` of `kernels/train.cu` on `$dev`'s stream with `$launch`'s shape
-/// and the arguments in order (each a reference that lives past the launch).
-macro_rules! launch {
-    ($dev:expr, $name:expr, $launch:expr, $($arg:expr),+ $(,)?) => {{
-        let func = function($dev, $name)?;
-        let stream = $dev.cuda_stream();
-        let mut builder = stream.launch_builder(&func);
-        $(builder.arg($arg);)+
-        // SAFETY: every call below passes the arguments of the kernel's signature in
-        // `kernels/train.cu`, in order, with buffers as long as the launch covers.
-        unsafe { builder.launch($launch.config()) }.w()?;
-    }};
-}
+use crate::cuda_kernels::{Arg, ColumnChunks, Kernels, Launch, Operand, CHUNK_ROWS};
 
 /// Rows of width `h` in an operand of `len` elements, or an error naming the op.
 fn rows_of(len: usize, h: usize, op: &str) -> Result<usize> {
@@ -32,90 +17,101 @@ fn rows_of(len: usize, h: usize, op: &str) -> Result<usize> {
     Ok(len / h)
 }
 
-pub(super) fn gelu(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-    let x = f32_view(s, l, "train-gelu")?;
-    let n = l.shape().elem_count();
-    let dev = s.device.clone();
-    // SAFETY: the kernel writes all n elements before anything reads them.
-    let y = unsafe { dev.alloc::<f32>(n)? };
-    let len = n as u64;
-    launch!(&dev, "gelu_f32", Launch::elements(n), &x, &y, &len);
-    Ok((CudaStorage::wrap_cuda_slice(y, dev), l.shape().clone()))
+/// An error naming the op unless every operand holds `len` elements.
+fn same_len(op: &str, len: usize, operands: &[Operand]) -> Result<()> {
+    match operands.iter().find(|o| o.len != len) {
+        Some(o) => candle_core::bail!("{op}: an operand of {} elements where {len} fit", o.len),
+        None => Ok(()),
+    }
 }
 
-pub(super) fn gelu_grad(
-    (s1, l1): (&CudaStorage, &Layout),
-    (s2, l2): (&CudaStorage, &Layout),
-) -> Result<(CudaStorage, Shape)> {
-    let (x, g) = (f32_view(s1, l1, "train-gelu-grad")?, f32_view(s2, l2, "train-gelu-grad")?);
-    let n = l1.shape().elem_count();
-    let dev = s1.device.clone();
-    // SAFETY: the kernel writes all n elements before anything reads them.
-    let dx = unsafe { dev.alloc::<f32>(n)? };
-    let len = n as u64;
-    launch!(&dev, "gelu_grad_f32", Launch::elements(n), &x, &g, &dx, &len);
-    Ok((CudaStorage::wrap_cuda_slice(dx, dev), l1.shape().clone()))
+pub(crate) fn gelu<K: Kernels>(k: &K, x: Operand) -> Result<K::Buffer> {
+    let y = k.alloc(x.len)?;
+    let args = [x.arg(), k.operand(&y).arg(), Arg::U64(x.len as u64)];
+    // SAFETY: gelu_f32(x, y, n) over x's n elements; y holds n.
+    unsafe { k.launch("gelu_f32", Launch::elements(x.len), &args) }?;
+    Ok(y)
 }
 
-pub(super) fn masked_softmax(
-    (s1, l1): (&CudaStorage, &Layout),
-    (s2, l2): (&CudaStorage, &Layout),
-) -> Result<(CudaStorage, Shape)> {
-    let SoftmaxRows { n, rows_per_batch, queries } = SoftmaxRows::new(l1, l2)?;
-    let x = f32_view(s1, l1, "train-masked-softmax")?;
-    let bias = f32_view(s2, l2, "train-masked-softmax")?;
-    let len = l1.shape().elem_count();
-    let dev = s1.device.clone();
-    // SAFETY: the kernel writes all `len` elements before anything reads them.
-    let y = unsafe { dev.alloc::<f32>(len)? };
-    let rows = len / n;
-    let (rows64, n32) = (rows as u64, n as u32);
-    let (per_batch, queries) = (rows_per_batch as u64, queries as u64);
-    let shape = Launch::rows(rows);
-    launch!(&dev, "masked_softmax_f32", shape, &x, &bias, &y, &rows64, &n32, &per_batch, &queries);
-    Ok((CudaStorage::wrap_cuda_slice(y, dev), l1.shape().clone()))
+pub(crate) fn gelu_grad<K: Kernels>(k: &K, x: Operand, g: Operand) -> Result<K::Buffer> {
+    same_len("train-gelu-grad", x.len, &[g])?;
+    let dx = k.alloc(x.len)?;
+    let args = [x.arg(), g.arg(), k.operand(&dx).arg(), Arg::U64(x.len as u64)];
+    // SAFETY: gelu_grad_f32(x, g, dx, n); all three hold n.
+    unsafe { k.launch("gelu_grad_f32", Launch::elements(x.len), &args) }?;
+    Ok(dx)
 }
 
-pub(super) fn softmax_grad(
-    (s1, l1): (&CudaStorage, &Layout),
-    (s2, l2): (&CudaStorage, &Layout),
-) -> Result<(CudaStorage, Shape)> {
-    let y = f32_view(s1, l1, "train-softmax-grad")?;
-    let g = f32_view(s2, l2, "train-softmax-grad")?;
-    let len = l1.shape().elem_count();
-    let n = l1.dims().last().copied().unwrap_or(1).max(1);
-    let rows = rows_of(len, n, "train-softmax-grad")?;
-    let dev = s1.device.clone();
-    // SAFETY: the kernel writes all `len` elements before anything reads them.
-    let dx = unsafe { dev.alloc::<f32>(len)? };
-    let (rows64, n32) = (rows as u64, n as u32);
-    launch!(&dev, "softmax_grad_f32", Launch::rows(rows), &y, &g, &dx, &rows64, &n32);
-    Ok((CudaStorage::wrap_cuda_slice(dx, dev), l1.shape().clone()))
+pub(crate) fn masked_softmax<K: Kernels>(
+    k: &K,
+    x: Operand,
+    bias: Operand,
+    shape: &SoftmaxRows,
+) -> Result<K::Buffer> {
+    let SoftmaxRows { n, rows_per_batch, queries } = *shape;
+    let rows = rows_of(x.len, n * rows_per_batch, "train-masked-softmax")? * rows_per_batch;
+    same_len("train-masked-softmax", rows / rows_per_batch * queries * n, &[bias])?;
+    let y = k.alloc(x.len)?;
+    let args = [
+        x.arg(),
+        bias.arg(),
+        k.operand(&y).arg(),
+        Arg::U64(rows as u64),
+        Arg::U32(n as u32),
+        Arg::U64(rows_per_batch as u64),
+        Arg::U64(queries as u64),
+    ];
+    // SAFETY: masked_softmax_f32(x, bias, y, rows, n, rows_per_batch, queries); x and y hold
+    // rows of n, bias `queries` rows of n per batch.
+    unsafe { k.launch("masked_softmax_f32", Launch::rows(rows), &args) }?;
+    Ok(y)
 }
 
-pub(super) fn layer_norm(
-    (s1, l1): (&CudaStorage, &Layout),
-    (s2, l2): (&CudaStorage, &Layout),
-    (s3, l3): (&CudaStorage, &Layout),
+/// The softmax's input gradient over rows of `n` from its output `y` and output gradient `g`.
+pub(crate) fn softmax_grad<K: Kernels>(
+    k: &K,
+    y: Operand,
+    g: Operand,
+    n: usize,
+) -> Result<K::Buffer> {
+    let rows = rows_of(y.len, n, "train-softmax-grad")?;
+    same_len("train-softmax-grad", y.len, &[g])?;
+    let dx = k.alloc(y.len)?;
+    let args = [y.arg(), g.arg(), k.operand(&dx).arg(), Arg::U64(rows as u64), Arg::U32(n as u32)];
+    // SAFETY: softmax_grad_f32(y, g, dx, rows, n); all three hold rows of n.
+    unsafe { k.launch("softmax_grad_f32", Launch::rows(rows), &args) }?;
+    Ok(dx)
+}
+
+pub(crate) fn layer_norm<K: Kernels>(
+    k: &K,
+    x: Operand,
+    w: Operand,
+    b: Operand,
     eps: f32,
-) -> Result<(CudaStorage, Shape)> {
-    let x = f32_view(s1, l1, "train-layer-norm")?;
-    let w = f32_view(s2, l2, "train-layer-norm")?;
-    let b = f32_view(s3, l3, "train-layer-norm")?;
-    let (len, h) = (l1.shape().elem_count(), l2.shape().elem_count());
-    let rows = rows_of(len, h, "train-layer-norm")?;
-    let dev = s1.device.clone();
-    // SAFETY: the kernel writes all `len` elements before anything reads them.
-    let y = unsafe { dev.alloc::<f32>(len)? };
-    let (rows64, h32) = (rows as u64, h as u32);
-    launch!(&dev, "layer_norm_f32", Launch::rows(rows), &x, &w, &b, &y, &rows64, &h32, &eps);
-    Ok((CudaStorage::wrap_cuda_slice(y, dev), l1.shape().clone()))
+) -> Result<K::Buffer> {
+    let h = w.len;
+    let rows = rows_of(x.len, h, "train-layer-norm")?;
+    same_len("train-layer-norm", h, &[b])?;
+    let y = k.alloc(x.len)?;
+    let args = [
+        x.arg(),
+        w.arg(),
+        b.arg(),
+        k.operand(&y).arg(),
+        Arg::U64(rows as u64),
+        Arg::U32(h as u32),
+        Arg::F32(eps),
+    ];
+    // SAFETY: layer_norm_f32(x, w, b, y, rows, h, eps); x and y hold rows of h, w and b h.
+    unsafe { k.launch("layer_norm_f32", Launch::rows(rows), &args) }?;
+    Ok(y)
 }
 
 /// The two normalisations whose backward has the same three passes: the input gradient and
 /// per-row statistics, per-chunk partial sums of the parameter gradients, then their sum.
 #[derive(Clone, Copy)]
-pub(super) enum Norm {
+pub(crate) enum Norm {
     /// Layer norm: statistics (mean, 1/std) per row; gradients dw and db.
     Layer,
     /// RMSNorm: statistic 1/rms per row; gradient dw.
@@ -146,192 +142,205 @@ impl Norm {
 
 /// The backward of `norm` from `(x, w, g)`: `[dx (all elements), then each parameter
 /// gradient (h)]` in one buffer, as the CPU ops return them.
-pub(super) fn norm_grad(
+pub(crate) fn norm_grad<K: Kernels>(
+    k: &K,
     norm: Norm,
-    (s1, l1): (&CudaStorage, &Layout),
-    (s2, l2): (&CudaStorage, &Layout),
-    (s3, l3): (&CudaStorage, &Layout),
+    x: Operand,
+    w: Operand,
+    g: Operand,
     eps: f32,
-) -> Result<(CudaStorage, Shape)> {
+) -> Result<K::Buffer> {
     let (op, grad_kernel, partials_kernel) = norm.names();
-    let (x, w, g) = (f32_view(s1, l1, op)?, f32_view(s2, l2, op)?, f32_view(s3, l3, op)?);
-    let (len, h) = (l1.shape().elem_count(), l2.shape().elem_count());
+    let (len, h) = (x.len, w.len);
     let rows = rows_of(len, h, op)?;
+    same_len(op, len, &[g])?;
     let width = norm.per_row() * h;
-    let dev = s1.device.clone();
     let chunks = ColumnChunks::new(rows, h);
-    // SAFETY: the launches below write every element of each buffer (dx and the stats by row,
-    // the partials by chunk and column, the sums by column) before any read.
-    let (mut out, stats, partial) = unsafe {
-        (
-            dev.alloc::<f32>(len + width)?,
-            dev.alloc::<f32>(norm.per_row() * rows)?,
-            dev.alloc::<f32>(chunks.chunks as usize * width)?,
-        )
-    };
-    let (rows64, h32) = (rows as u64, h as u32);
-    let (chunk_rows, column_blocks) = (CHUNK_ROWS, chunks.column_blocks);
-    {
-        let mut dx = out.slice_mut(0..len);
-        let shape = Launch::rows(rows);
-        launch!(&dev, grad_kernel, shape, &x, &w, &g, &mut dx, &stats, &rows64, &h32, &eps);
-    }
-    let p = chunks.partials();
-    launch!(
-        &dev,
-        partials_kernel,
-        p,
-        &x,
-        &g,
-        &stats,
-        &partial,
-        &rows64,
-        &h32,
-        &chunk_rows,
-        &column_blocks
-    );
-    sum_chunks(&dev, &partial, chunks.chunks, &mut out.slice_mut(len..len + width))?;
-    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(len + width)))
+    let buffer = k.alloc(len + width)?;
+    let (stats_buffer, partial_buffer) =
+        (k.alloc(norm.per_row() * rows)?, k.alloc(chunks.chunks as usize * width)?);
+    let (out, stats, partial) =
+        (k.operand(&buffer), k.operand(&stats_buffer), k.operand(&partial_buffer));
+    let (rows64, h32) = (Arg::U64(rows as u64), Arg::U32(h as u32));
+    let args = [x.arg(), w.arg(), g.arg(), out.arg(), stats.arg(), rows64, h32, Arg::F32(eps)];
+    // SAFETY: <norm>_grad_f32(x, w, g, dx, stats, rows, h, eps); x, g and dx (out's first
+    // `len`) hold rows of h, w h, stats `per_row` values a row.
+    unsafe { k.launch(grad_kernel, Launch::rows(rows), &args) }?;
+    let args = [
+        x.arg(),
+        g.arg(),
+        stats.arg(),
+        partial.arg(),
+        rows64,
+        h32,
+        Arg::U64(CHUNK_ROWS),
+        Arg::U32(chunks.column_blocks),
+    ];
+    // SAFETY: <norm>_param_partials_f32(x, g, stats, partial, rows, h, chunk_rows,
+    // column_blocks); partial holds `chunks` rows of `per_row * h`.
+    unsafe { k.launch(partials_kernel, chunks.partials(), &args) }?;
+    sum_chunks(k, partial, chunks.chunks, out.part(len, width, op)?)?;
+    Ok(buffer)
 }
 
 /// Adds per-chunk partial column sums (`chunks` rows of `out`'s length) in chunk order into
 /// `out`, the second pass of every column sum here.
-fn sum_chunks(
-    dev: &CudaDevice,
-    partial: &CudaSlice<f32>,
-    chunks: u64,
-    out: &mut CudaViewMut<f32>,
-) -> Result<()> {
-    let (width, shape) = (out.len() as u32, Launch::elements(out.len()));
-    launch!(dev, "column_chunks_sum_f32", shape, partial, out, &chunks, &width);
-    Ok(())
+fn sum_chunks<K: Kernels>(k: &K, partial: Operand, chunks: u64, out: Operand) -> Result<()> {
+    let width = out.len;
+    same_len("train-column-sum", chunks as usize * width, &[partial])?;
+    let args = [partial.arg(), out.arg(), Arg::U64(chunks), Arg::U32(width as u32)];
+    // SAFETY: column_chunks_sum_f32(partial, out, chunks, width); partial holds `chunks` rows
+    // of `width`, out `width`.
+    unsafe { k.launch("column_chunks_sum_f32", Launch::elements(width), &args) }
 }
 
-pub(super) fn bias_add(
-    (s1, l1): (&CudaStorage, &Layout),
-    (s2, l2): (&CudaStorage, &Layout),
-) -> Result<(CudaStorage, Shape)> {
-    let y = f32_view(s1, l1, "train-bias-add")?;
-    let b = f32_view(s2, l2, "train-bias-add")?;
-    let (len, h) = (l1.shape().elem_count(), l2.shape().elem_count());
-    rows_of(len, h, "train-bias-add")?;
-    let dev = s1.device.clone();
-    // SAFETY: the kernel writes all `len` elements before anything reads them.
-    let out = unsafe { dev.alloc::<f32>(len)? };
-    let (len64, h32) = (len as u64, h as u32);
-    launch!(&dev, "bias_add_f32", Launch::elements(len), &y, &b, &out, &len64, &h32);
-    Ok((CudaStorage::wrap_cuda_slice(out, dev), l1.shape().clone()))
+/// `y + b` over rows of `b`'s length.
+pub(crate) fn bias_add<K: Kernels>(k: &K, y: Operand, b: Operand) -> Result<K::Buffer> {
+    rows_of(y.len, b.len, "train-bias-add")?;
+    let out = k.alloc(y.len)?;
+    let args =
+        [y.arg(), b.arg(), k.operand(&out).arg(), Arg::U64(y.len as u64), Arg::U32(b.len as u32)];
+    // SAFETY: bias_add_f32(y, b, out, n, h); y and out hold n, b h.
+    unsafe { k.launch("bias_add_f32", Launch::elements(y.len), &args) }?;
+    Ok(out)
 }
 
-pub(super) fn rms_norm(
-    (s1, l1): (&CudaStorage, &Layout),
-    (s2, l2): (&CudaStorage, &Layout),
-    eps: f32,
-) -> Result<(CudaStorage, Shape)> {
-    let x = f32_view(s1, l1, "train-rms-norm")?;
-    let w = f32_view(s2, l2, "train-rms-norm")?;
-    let (len, h) = (l1.shape().elem_count(), l2.shape().elem_count());
-    let rows = rows_of(len, h, "train-rms-norm")?;
-    let dev = s1.device.clone();
-    // SAFETY: the kernel writes all `len` elements before anything reads them.
-    let y = unsafe { dev.alloc::<f32>(len)? };
-    let (rows64, h32) = (rows as u64, h as u32);
-    launch!(&dev, "rms_norm_f32", Launch::rows(rows), &x, &w, &y, &rows64, &h32, &eps);
-    Ok((CudaStorage::wrap_cuda_slice(y, dev), l1.shape().clone()))
+pub(crate) fn rms_norm<K: Kernels>(k: &K, x: Operand, w: Operand, eps: f32) -> Result<K::Buffer> {
+    let h = w.len;
+    let rows = rows_of(x.len, h, "train-rms-norm")?;
+    let y = k.alloc(x.len)?;
+    let args = [
+        x.arg(),
+        w.arg(),
+        k.operand(&y).arg(),
+        Arg::U64(rows as u64),
+        Arg::U32(h as u32),
+        Arg::F32(eps),
+    ];
+    // SAFETY: rms_norm_f32(x, w, y, rows, h, eps); x and y hold rows of h, w h.
+    unsafe { k.launch("rms_norm_f32", Launch::rows(rows), &args) }?;
+    Ok(y)
 }
 
-/// Rotary positions over `(b, len, heads, d)` with `cos`/`sin` `(len, d)` on the same
-/// device; `inverse` turns each pair back (the backward).
-pub(super) fn rotary(
-    (s, l): (&CudaStorage, &Layout),
-    cos: &Tensor,
-    sin: &Tensor,
+/// Rotary positions over `x` of `dims` `(b, len, heads, d)` with tables `cos`/`sin` of `(len,
+/// d)`; `inverse` turns each pair back (the backward).
+pub(crate) fn rotary<K: Kernels>(
+    k: &K,
+    x: Operand,
+    (b, len, heads, d): (usize, usize, usize, usize),
+    cos: Operand,
+    sin: Operand,
     inverse: bool,
-) -> Result<(CudaStorage, Shape)> {
-    let x = f32_view(s, l, "train-rotary")?;
-    let (_, len, heads, d) = l.shape().dims4()?;
-    if cos.elem_count() != len * d || sin.elem_count() != len * d || !d.is_multiple_of(2) {
-        candle_core::bail!("train-rotary: tables do not match {len} positions of {d}");
+) -> Result<K::Buffer> {
+    if !d.is_multiple_of(2) || x.len != b * len * heads * d {
+        candle_core::bail!("train-rotary: {} elements are not ({b}, {len}, {heads}, {d})", x.len);
     }
-    let (cos_storage, cos_layout) = cos.storage_and_layout();
-    let (sin_storage, sin_layout) = sin.storage_and_layout();
-    let (Storage::Cuda(cs), Storage::Cuda(ss)) = (&*cos_storage, &*sin_storage) else {
-        candle_core::bail!("train-rotary: the tables are not on the input's GPU");
-    };
-    let c = f32_view(cs, cos_layout, "train-rotary")?;
-    let sn = f32_view(ss, sin_layout, "train-rotary")?;
-    let n = l.shape().elem_count();
-    let dev = s.device.clone();
-    // SAFETY: the kernel writes both elements of every pair, all `n`, before any read.
-    let y = unsafe { dev.alloc::<f32>(n)? };
-    let (pairs, width, len32, d32) = ((n / 2) as u64, (heads * d) as u32, len as u32, d as u32);
-    let sign = if inverse { -1f32 } else { 1.0 };
-    let shape = Launch::elements(n / 2);
-    launch!(&dev, "rotary_f32", shape, &x, &c, &sn, &y, &pairs, &width, &len32, &d32, &sign);
-    Ok((CudaStorage::wrap_cuda_slice(y, dev), l.shape().clone()))
+    same_len("train-rotary", len * d, &[cos, sin])?;
+    let y = k.alloc(x.len)?;
+    let pairs = x.len / 2;
+    let args = [
+        x.arg(),
+        cos.arg(),
+        sin.arg(),
+        k.operand(&y).arg(),
+        Arg::U64(pairs as u64),
+        Arg::U32((heads * d) as u32),
+        Arg::U32(len as u32),
+        Arg::U32(d as u32),
+        Arg::F32(if inverse { -1.0 } else { 1.0 }),
+    ];
+    // SAFETY: rotary_f32(x, cos, sin, y, pairs, width, len, dim, sign); x and y hold
+    // `2 pairs`, the tables len rows of d.
+    unsafe { k.launch("rotary_f32", Launch::elements(pairs), &args) }?;
+    Ok(y)
 }
 
-pub(super) fn swiglu(
-    (s1, l1): (&CudaStorage, &Layout),
-    (s2, l2): (&CudaStorage, &Layout),
-) -> Result<(CudaStorage, Shape)> {
-    let (g, u) = (f32_view(s1, l1, "train-swiglu")?, f32_view(s2, l2, "train-swiglu")?);
-    let n = l1.shape().elem_count();
-    if l2.shape().elem_count() != n {
-        candle_core::bail!("train-swiglu: gate and up differ in size");
-    }
-    let dev = s1.device.clone();
-    // SAFETY: the kernel writes all n elements before anything reads them.
-    let y = unsafe { dev.alloc::<f32>(n)? };
-    let len = n as u64;
-    launch!(&dev, "swiglu_f32", Launch::elements(n), &g, &u, &y, &len);
-    Ok((CudaStorage::wrap_cuda_slice(y, dev), l1.shape().clone()))
+pub(crate) fn swiglu<K: Kernels>(k: &K, gate: Operand, up: Operand) -> Result<K::Buffer> {
+    same_len("train-swiglu", gate.len, &[up])?;
+    let y = k.alloc(gate.len)?;
+    let args = [gate.arg(), up.arg(), k.operand(&y).arg(), Arg::U64(gate.len as u64)];
+    // SAFETY: swiglu_f32(g, u, y, n); all three hold n.
+    unsafe { k.launch("swiglu_f32", Launch::elements(gate.len), &args) }?;
+    Ok(y)
 }
 
-/// `[d gate; d up]` as one `(2, n)` buffer, as the CPU op returns them.
-pub(super) fn swiglu_grad(
-    (s1, l1): (&CudaStorage, &Layout),
-    (s2, l2): (&CudaStorage, &Layout),
-    (s3, l3): (&CudaStorage, &Layout),
-) -> Result<(CudaStorage, Shape)> {
-    let g = f32_view(s1, l1, "train-swiglu-grad")?;
-    let u = f32_view(s2, l2, "train-swiglu-grad")?;
-    let dy = f32_view(s3, l3, "train-swiglu-grad")?;
-    let n = l1.shape().elem_count();
-    let dev = s1.device.clone();
-    // SAFETY: the kernel writes all 2n elements before anything reads them.
-    let out = unsafe { dev.alloc::<f32>(2 * n)? };
-    let len = n as u64;
-    launch!(&dev, "swiglu_grad_f32", Launch::elements(n), &g, &u, &dy, &out, &len);
-    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((2, n))))
+/// `[d gate; d up]` in one buffer of `2n`, as the CPU op returns them.
+pub(crate) fn swiglu_grad<K: Kernels>(
+    k: &K,
+    gate: Operand,
+    up: Operand,
+    dy: Operand,
+) -> Result<K::Buffer> {
+    let n = gate.len;
+    same_len("train-swiglu-grad", n, &[up, dy])?;
+    let out = k.alloc(2 * n)?;
+    let args = [gate.arg(), up.arg(), dy.arg(), k.operand(&out).arg(), Arg::U64(n as u64)];
+    // SAFETY: swiglu_grad_f32(g, u, dy, out, n); g, u and dy hold n, out 2n.
+    unsafe { k.launch("swiglu_grad_f32", Launch::elements(n), &args) }?;
+    Ok(out)
 }
 
-/// The sums of the columns of a `(.., width)` operand, in a fixed order.
-pub(super) fn column_sum(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-    let g = f32_view(s, l, "train-column-sum")?;
-    let len = l.shape().elem_count();
-    let width = l.dims().last().copied().unwrap_or(1).max(1);
-    let rows = rows_of(len, width, "train-column-sum")?;
-    let dev = s.device.clone();
+/// The sums of the columns of `g` (rows of `width`), in a fixed order.
+pub(crate) fn column_sum<K: Kernels>(k: &K, g: Operand, width: usize) -> Result<K::Buffer> {
+    let rows = rows_of(g.len, width, "train-column-sum")?;
     let chunks = ColumnChunks::new(rows, width);
-    // SAFETY: the partials are written by chunk and column, the sums by column, before
-    // any read.
-    let (partial, mut sums) =
-        unsafe { (dev.alloc::<f32>(chunks.chunks as usize * width)?, dev.alloc::<f32>(width)?) };
-    let (rows64, w32) = (rows as u64, width as u32);
-    let (chunk_rows, column_blocks) = (CHUNK_ROWS, chunks.column_blocks);
-    let p = chunks.partials();
-    launch!(
-        &dev,
-        "column_partials_f32",
-        p,
-        &g,
-        &partial,
-        &rows64,
-        &w32,
-        &chunk_rows,
-        &column_blocks
-    );
-    sum_chunks(&dev, &partial, chunks.chunks, &mut sums.slice_mut(..))?;
-    Ok((CudaStorage::wrap_cuda_slice(sums, dev), Shape::from(width)))
+    let (partial_buffer, sums) = (k.alloc(chunks.chunks as usize * width)?, k.alloc(width)?);
+    let partial = k.operand(&partial_buffer);
+    let args = [
+        g.arg(),
+        partial.arg(),
+        Arg::U64(rows as u64),
+        Arg::U32(width as u32),
+        Arg::U64(CHUNK_ROWS),
+        Arg::U32(chunks.column_blocks),
+    ];
+    // SAFETY: column_partials_f32(g, partial, rows, width, chunk_rows, column_blocks); g holds
+    // rows of width, partial `chunks` rows of width.
+    unsafe { k.launch("column_partials_f32", chunks.partials(), &args) }?;
+    sum_chunks(k, partial, chunks.chunks, k.operand(&sums))?;
+    Ok(sums)
+}
+
+#[cfg(feature = "cuda")]
+pub(super) use glue::{run, tensor_operand};
+
+/// From candle's storages to operands and back: the only part of this module that needs a GPU.
+#[cfg(feature = "cuda")]
+mod glue {
+    use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape, Storage, Tensor};
+
+    use crate::cuda_kernels::{storage_operand, Operand};
+
+    /// Runs `launch` on op `op`'s contiguous F32 inputs as operands, on the first one's device,
+    /// and returns its buffer as the op's output of `shape`.
+    pub(in crate::backbone) fn run<const N: usize>(
+        op: &str,
+        inputs: [(&CudaStorage, &Layout); N],
+        shape: &Shape,
+        launch: impl FnOnce(
+            &CudaDevice,
+            [Operand; N],
+        )
+            -> Result<candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>>,
+    ) -> Result<(CudaStorage, Shape)> {
+        let Some((first, _)) = inputs.first() else {
+            candle_core::bail!("{op}: no inputs");
+        };
+        let dev = first.device.clone();
+        let mut operands = [Operand { address: 0, len: 0 }; N];
+        for (o, (s, l)) in operands.iter_mut().zip(inputs) {
+            *o = storage_operand(s, l, op)?;
+        }
+        let out = launch(&dev, operands)?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), shape.clone()))
+    }
+
+    /// A contiguous F32 tensor on a GPU (a table an op holds) as an operand.
+    pub(in crate::backbone) fn tensor_operand(t: &Tensor, op: &str) -> Result<Operand> {
+        let (storage, layout) = t.storage_and_layout();
+        let Storage::Cuda(s) = &*storage else {
+            candle_core::bail!("{op}: a table is not on the input's GPU");
+        };
+        storage_operand(s, layout, op)
+    }
 }
