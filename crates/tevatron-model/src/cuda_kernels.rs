@@ -130,15 +130,15 @@ pub(crate) trait Kernels {
 }
 
 #[cfg(feature = "cuda")]
-pub(crate) use device::{f32_view, function, storage_operand};
+pub(crate) use device::{function, run, tensor_operand};
 
 #[cfg(feature = "cuda")]
 mod device {
     use candle_core::cuda_backend::cudarc::driver::{
-        CudaFunction, CudaSlice, CudaView, DevicePtr, PushKernelArg,
+        CudaFunction, CudaSlice, DevicePtr, PushKernelArg,
     };
     use candle_core::cuda_backend::WrapErr;
-    use candle_core::{CudaDevice, CudaStorage, Layout, Result};
+    use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape, Storage, Tensor};
 
     use super::{Arg, Kernels, Launch, Operand};
 
@@ -183,23 +183,44 @@ mod device {
         }
     }
 
+    /// Runs `launch` on op `op`'s contiguous F32 inputs as operands, on the first one's device
+    /// (candle has checked that they share it), and returns its buffer as the op's output of
+    /// `shape`: a `cuda_fwd` of one of our ops, around launch code written against [`Kernels`].
+    pub(crate) fn run<const N: usize>(
+        op: &str,
+        inputs: [(&CudaStorage, &Layout); N],
+        shape: &Shape,
+        launch: impl FnOnce(&CudaDevice, [Operand; N]) -> Result<CudaSlice<f32>>,
+    ) -> Result<(CudaStorage, Shape)> {
+        let Some((first, _)) = inputs.first() else {
+            candle_core::bail!("{op}: no inputs");
+        };
+        let dev = first.device.clone();
+        let mut operands = [Operand { address: 0, len: 0 }; N];
+        for (o, (s, l)) in operands.iter_mut().zip(inputs) {
+            *o = storage_operand(s, l, op)?;
+        }
+        let out = launch(&dev, operands)?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), shape.clone()))
+    }
+
+    /// A contiguous F32 tensor on a GPU (a table an op holds) as an operand.
+    pub(crate) fn tensor_operand(t: &Tensor, op: &str) -> Result<Operand> {
+        let (storage, layout) = t.storage_and_layout();
+        let Storage::Cuda(s) = &*storage else {
+            candle_core::bail!("{op}: a table is not on the input's GPU");
+        };
+        storage_operand(s, layout, op)
+    }
+
     /// A contiguous F32 storage of op `op` as an operand, or an error naming the op.
-    pub(crate) fn storage_operand(s: &CudaStorage, l: &Layout, op: &str) -> Result<Operand> {
-        let view = f32_view(s, l, op)?;
+    fn storage_operand(s: &CudaStorage, l: &Layout, op: &str) -> Result<Operand> {
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("{op}: F32 contiguous inputs only");
+        };
+        let view = s.as_cuda_slice::<f32>()?.slice(a..b);
         let stream = s.device.cuda_stream();
         let (address, _read) = view.device_ptr(&stream);
         Ok(Operand { address, len: view.len() })
-    }
-
-    /// The elements of a contiguous F32 operand of op `op`, or an error naming the op.
-    pub(crate) fn f32_view<'a>(
-        s: &'a CudaStorage,
-        l: &Layout,
-        op: &str,
-    ) -> Result<CudaView<'a, f32>> {
-        match l.contiguous_offsets() {
-            Some((a, b)) => Ok(s.as_cuda_slice::<f32>()?.slice(a..b)),
-            None => candle_core::bail!("{op}: F32 contiguous inputs only"),
-        }
     }
 }

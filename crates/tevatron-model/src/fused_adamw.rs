@@ -58,6 +58,45 @@ impl AdamWStep {
     }
 }
 
+#[cfg(any(test, feature = "cuda"))]
+impl AdamWStep {
+    /// The update as one launch of `adamw_f32` on `k`: `[w' | m' | v']` from `w`, `g` and the
+    /// moments packed `[m | v]`.
+    pub(crate) fn launch<K: crate::cuda_kernels::Kernels>(
+        &self,
+        k: &K,
+        w: crate::cuda_kernels::Operand,
+        g: crate::cuda_kernels::Operand,
+        mv: crate::cuda_kernels::Operand,
+    ) -> Result<K::Buffer> {
+        use crate::cuda_kernels::{Arg, Launch};
+        let n = w.len;
+        if g.len != n || mv.len != 2 * n {
+            candle_core::bail!("fused-adamw: {n} weights, {} gradients, {} moments", g.len, mv.len);
+        }
+        let out = k.alloc(3 * n)?;
+        let args = [
+            w.arg(),
+            g.arg(),
+            mv.arg(),
+            k.operand(&out).arg(),
+            Arg::U64(n as u64),
+            Arg::F32(self.beta1),
+            Arg::F32(self.one_minus_beta1),
+            Arg::F32(self.beta2),
+            Arg::F32(self.one_minus_beta2),
+            Arg::F32(self.eps),
+            Arg::F32(self.bc2_sqrt),
+            Arg::F32(self.step_size),
+            Arg::F32(self.decay),
+        ];
+        // SAFETY: adamw_f32(w, g, mv, out, n, the eight scalars); w and g hold n, mv 2n,
+        // out 3n.
+        unsafe { k.launch("adamw_f32", Launch::elements(n), &args) }?;
+        Ok(out)
+    }
+}
+
 impl CustomOp3 for AdamWStep {
     fn name(&self) -> &'static str {
         "fused-adamw"
@@ -110,43 +149,13 @@ impl CustomOp3 for AdamWStep {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-        use candle_core::cuda_backend::WrapErr;
-
-        use crate::cuda_kernels::{f32_view, function, Launch};
-
-        let view = |s, l| f32_view(s, l, "fused-adamw");
-        let (w, g, mv) = (view(s1, l1)?, view(s2, l2)?, view(s3, l3)?);
-        let n = l1.shape().elem_count();
-        let dev = s1.device.clone();
-        // SAFETY: the kernel writes all 3n elements before anything reads them.
-        let out = unsafe { dev.alloc::<f32>(3 * n)? };
-        let func = function(&dev, "adamw_f32")?;
-        let len = n as u64;
-        let scalars = [
-            self.beta1,
-            self.one_minus_beta1,
-            self.beta2,
-            self.one_minus_beta2,
-            self.eps,
-            self.bc2_sqrt,
-            self.step_size,
-            self.decay,
-        ];
-        let stream = dev.cuda_stream();
-        let mut launch = stream.launch_builder(&func);
-        launch.arg(&w);
-        launch.arg(&g);
-        launch.arg(&mv);
-        launch.arg(&out);
-        launch.arg(&len);
-        for x in &scalars {
-            launch.arg(x);
-        }
-        // SAFETY: the arguments match adamw_f32's signature; w and g hold n elements, mv 2n,
-        // out 3n.
-        unsafe { launch.launch(Launch::elements(n).config()) }.w()?;
-        Ok((candle_core::CudaStorage::wrap_cuda_slice(out, dev), Shape::from(3 * n)))
+        let out = Shape::from(3 * l1.shape().elem_count());
+        crate::cuda_kernels::run(
+            self.name(),
+            [(s1, l1), (s2, l2), (s3, l3)],
+            &out,
+            |d, [w, g, mv]| self.launch(d, w, g, mv),
+        )
     }
 }
 

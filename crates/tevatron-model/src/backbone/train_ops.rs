@@ -129,7 +129,7 @@ impl CustomOp1 for Gelu {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::run(self.name(), [(s, l)], l.shape(), |d, [x]| cuda::gelu(d, x))
+        crate::cuda_kernels::run(self.name(), [(s, l)], l.shape(), |d, [x]| cuda::gelu(d, x))
     }
     /// The inference kernel's forward; only the backward is new here.
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -152,7 +152,7 @@ impl CustomOp2 for GeluGrad {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::run(self.name(), [(s1, l1), (s2, l2)], l1.shape(), |d, [x, g]| {
+        crate::cuda_kernels::run(self.name(), [(s1, l1), (s2, l2)], l1.shape(), |d, [x, g]| {
             cuda::gelu_grad(d, x, g)
         })
     }
@@ -228,7 +228,7 @@ impl CustomOp2 for MaskedSoftmax {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let rows = SoftmaxRows::new(l1, l2)?;
-        cuda::run(self.name(), [(s1, l1), (s2, l2)], l1.shape(), |d, [x, bias]| {
+        crate::cuda_kernels::run(self.name(), [(s1, l1), (s2, l2)], l1.shape(), |d, [x, bias]| {
             cuda::masked_softmax(d, x, bias, &rows)
         })
     }
@@ -277,7 +277,7 @@ impl CustomOp2 for SoftmaxGrad {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let n = l1.dims().last().copied().unwrap_or(1).max(1);
-        cuda::run(self.name(), [(s1, l1), (s2, l2)], l1.shape(), |d, [y, g]| {
+        crate::cuda_kernels::run(self.name(), [(s1, l1), (s2, l2)], l1.shape(), |d, [y, g]| {
             cuda::softmax_grad(d, y, g, n)
         })
     }
@@ -343,9 +343,12 @@ impl CustomOp3 for LayerNormOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::run(self.name(), [(s1, l1), (s2, l2), (s3, l3)], l1.shape(), |d, [x, w, b]| {
-            cuda::layer_norm(d, x, w, b, self.eps)
-        })
+        crate::cuda_kernels::run(
+            self.name(),
+            [(s1, l1), (s2, l2), (s3, l3)],
+            l1.shape(),
+            |d, [x, w, b]| cuda::layer_norm(d, x, w, b, self.eps),
+        )
     }
     fn cpu_fwd(
         &self,
@@ -403,9 +406,12 @@ impl CustomOp3 for LayerNormGrad {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let out = Shape::from(l1.shape().elem_count() + 2 * l2.shape().elem_count());
-        cuda::run(self.name(), [(s1, l1), (s2, l2), (s3, l3)], &out, |d, [x, w, g]| {
-            cuda::norm_grad(d, cuda::Norm::Layer, x, w, g, self.eps)
-        })
+        crate::cuda_kernels::run(
+            self.name(),
+            [(s1, l1), (s2, l2), (s3, l3)],
+            &out,
+            |d, [x, w, g]| cuda::norm_grad(d, cuda::Norm::Layer, x, w, g, self.eps),
+        )
     }
     /// Returns `[dx (all elements), dw (h), db (h)]` flattened into one vector.
     fn cpu_fwd(
@@ -476,7 +482,7 @@ impl CustomOp2 for RmsNormOp {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::run(self.name(), [(s1, l1), (s2, l2)], l1.shape(), |d, [x, w]| {
+        crate::cuda_kernels::run(self.name(), [(s1, l1), (s2, l2)], l1.shape(), |d, [x, w]| {
             cuda::rms_norm(d, x, w, self.eps)
         })
     }
@@ -530,9 +536,12 @@ impl CustomOp3 for RmsNormGrad {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let out = Shape::from(l1.shape().elem_count() + l2.shape().elem_count());
-        cuda::run(self.name(), [(s1, l1), (s2, l2), (s3, l3)], &out, |d, [x, w, g]| {
-            cuda::norm_grad(d, cuda::Norm::Rms, x, w, g, self.eps)
-        })
+        crate::cuda_kernels::run(
+            self.name(),
+            [(s1, l1), (s2, l2), (s3, l3)],
+            &out,
+            |d, [x, w, g]| cuda::norm_grad(d, cuda::Norm::Rms, x, w, g, self.eps),
+        )
     }
     /// Returns `[dx (all elements), dw (h)]` flattened into one vector.
     fn cpu_fwd(
@@ -588,7 +597,7 @@ impl CustomOp2 for BiasAdd {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::run(self.name(), [(s1, l1), (s2, l2)], l1.shape(), |d, [y, b]| {
+        crate::cuda_kernels::run(self.name(), [(s1, l1), (s2, l2)], l1.shape(), |d, [y, b]| {
             cuda::bias_add(d, y, b)
         })
     }
@@ -632,7 +641,7 @@ impl CustomOp1 for ColumnSum {
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let width = l.dims().last().copied().unwrap_or(1).max(1);
-        cuda::run(self.name(), [(s, l)], &Shape::from(width), |d, [g]| {
+        crate::cuda_kernels::run(self.name(), [(s, l)], &Shape::from(width), |d, [g]| {
             cuda::column_sum(d, g, width)
         })
     }
@@ -755,9 +764,9 @@ impl CustomOp1 for Rotary {
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let dims = l.shape().dims4()?;
-        let cos = cuda::tensor_operand(&self.cos, self.name())?;
-        let sin = cuda::tensor_operand(&self.sin, self.name())?;
-        cuda::run(self.name(), [(s, l)], l.shape(), |d, [x]| {
+        let cos = crate::cuda_kernels::tensor_operand(&self.cos, self.name())?;
+        let sin = crate::cuda_kernels::tensor_operand(&self.sin, self.name())?;
+        crate::cuda_kernels::run(self.name(), [(s, l)], l.shape(), |d, [x]| {
             cuda::rotary(d, x, dims, cos, sin, self.inverse)
         })
     }
@@ -805,7 +814,9 @@ impl CustomOp2 for SwiGlu {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::run(self.name(), [(s1, l1), (s2, l2)], l1.shape(), |d, [g, u]| cuda::swiglu(d, g, u))
+        crate::cuda_kernels::run(self.name(), [(s1, l1), (s2, l2)], l1.shape(), |d, [g, u]| {
+            cuda::swiglu(d, g, u)
+        })
     }
     fn cpu_fwd(
         &self,
@@ -855,9 +866,12 @@ impl CustomOp3 for SwiGluGrad {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let out = Shape::from((2, l1.shape().elem_count()));
-        cuda::run(self.name(), [(s1, l1), (s2, l2), (s3, l3)], &out, |d, [g, u, dy]| {
-            cuda::swiglu_grad(d, g, u, dy)
-        })
+        crate::cuda_kernels::run(
+            self.name(),
+            [(s1, l1), (s2, l2), (s3, l3)],
+            &out,
+            |d, [g, u, dy]| cuda::swiglu_grad(d, g, u, dy),
+        )
     }
     /// `[d gate; d up]` as one `(2, n)` tensor.
     fn cpu_fwd(

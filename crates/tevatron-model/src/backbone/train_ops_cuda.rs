@@ -2,7 +2,7 @@
 //! operands, checked the same way, the same formulas. The launch code is written against
 //! [`Kernels`], so it runs on a GPU and, in tests (`kernel_emulation`), on the CPU emulation of
 //! the kernels, which checks each launch's parameters against the kernel's signature. Only the
-//! glue at the end, from candle's storages to operands, is GPU-only.
+//! glue from candle's storages to operands (`cuda_kernels::run`) is GPU-only.
 
 use candle_core::Result;
 
@@ -299,48 +299,4 @@ pub(crate) fn column_sum<K: Kernels>(k: &K, g: Operand, width: usize) -> Result<
     unsafe { k.launch("column_partials_f32", chunks.partials(), &args) }?;
     sum_chunks(k, partial, chunks.chunks, k.operand(&sums))?;
     Ok(sums)
-}
-
-#[cfg(feature = "cuda")]
-pub(super) use glue::{run, tensor_operand};
-
-/// From candle's storages to operands and back: the only part of this module that needs a GPU.
-#[cfg(feature = "cuda")]
-mod glue {
-    use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape, Storage, Tensor};
-
-    use crate::cuda_kernels::{storage_operand, Operand};
-
-    /// Runs `launch` on op `op`'s contiguous F32 inputs as operands, on the first one's device,
-    /// and returns its buffer as the op's output of `shape`.
-    pub(in crate::backbone) fn run<const N: usize>(
-        op: &str,
-        inputs: [(&CudaStorage, &Layout); N],
-        shape: &Shape,
-        launch: impl FnOnce(
-            &CudaDevice,
-            [Operand; N],
-        )
-            -> Result<candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>>,
-    ) -> Result<(CudaStorage, Shape)> {
-        let Some((first, _)) = inputs.first() else {
-            candle_core::bail!("{op}: no inputs");
-        };
-        let dev = first.device.clone();
-        let mut operands = [Operand { address: 0, len: 0 }; N];
-        for (o, (s, l)) in operands.iter_mut().zip(inputs) {
-            *o = storage_operand(s, l, op)?;
-        }
-        let out = launch(&dev, operands)?;
-        Ok((CudaStorage::wrap_cuda_slice(out, dev), shape.clone()))
-    }
-
-    /// A contiguous F32 tensor on a GPU (a table an op holds) as an operand.
-    pub(in crate::backbone) fn tensor_operand(t: &Tensor, op: &str) -> Result<Operand> {
-        let (storage, layout) = t.storage_and_layout();
-        let Storage::Cuda(s) = &*storage else {
-            candle_core::bail!("{op}: a table is not on the input's GPU");
-        };
-        storage_operand(s, layout, op)
-    }
 }
