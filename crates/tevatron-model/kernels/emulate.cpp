@@ -81,6 +81,8 @@ const Entry KERNELS[] = {
     ENTRY(rotary_f32),
     ENTRY(swiglu_f32),
     ENTRY(swiglu_grad_f32),
+    ENTRY(squares_partials_f32),
+    ENTRY(sum_f32),
 };
 }  // namespace
 

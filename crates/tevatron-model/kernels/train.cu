@@ -316,3 +316,35 @@ KERNEL void swiglu_grad_f32(const float *g, const float *u, const float *dy, flo
     out[n + i] = dy[i] * g[i] * s;
   }
 }
+
+// ---- The global gradient norm (src/grad_norm.rs) ----
+//
+// The sum of the squares of several gradients in two fixed-shape passes, so the same bits every
+// run: squares_partials_f32 over one gradient with a fixed grid, each warp's sum (accumulated in
+// double) into its slot of `partial`, warps in grid order; then sum_f32, one warp, over all the
+// gradients' partials.
+
+__device__ __forceinline__ double warp_sum_f64(double v) {
+  for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
+  return v;
+}
+
+KERNEL void squares_partials_f32(const float *g, uint64_t n, float *partial) {
+  double s = 0.0;
+  for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
+       i += (uint64_t)blockDim.x * gridDim.x) {
+    double v = g[i];
+    s += v * v;
+  }
+  s = warp_sum_f64(s);
+  if (LANE == 0) partial[(blockIdx.x * (uint64_t)blockDim.x + threadIdx.x) / 32] = (float)s;
+}
+
+// out[0] = the sum of x's n values, accumulated in double by the first warp in a fixed order.
+KERNEL void sum_f32(const float *x, uint64_t n, float *out) {
+  if (blockIdx.x != 0 || threadIdx.x >= 32) return;
+  double s = 0.0;
+  for (uint64_t i = LANE; i < n; i += 32) s += x[i];
+  s = warp_sum_f64(s);
+  if (LANE == 0) out[0] = (float)s;
+}

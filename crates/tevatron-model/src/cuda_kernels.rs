@@ -130,7 +130,7 @@ pub(crate) trait Kernels {
 }
 
 #[cfg(feature = "cuda")]
-pub(crate) use device::{function, run, tensor_operand};
+pub(crate) use device::{function, run, storage_operand, tensor_operand};
 
 #[cfg(feature = "cuda")]
 mod device {
@@ -214,7 +214,7 @@ mod device {
     }
 
     /// A contiguous F32 storage of op `op` as an operand, or an error naming the op.
-    fn storage_operand(s: &CudaStorage, l: &Layout, op: &str) -> Result<Operand> {
+    pub(crate) fn storage_operand(s: &CudaStorage, l: &Layout, op: &str) -> Result<Operand> {
         let Some((a, b)) = l.contiguous_offsets() else {
             candle_core::bail!("{op}: F32 contiguous inputs only");
         };

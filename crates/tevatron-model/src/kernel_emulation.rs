@@ -416,3 +416,16 @@ fn emulated_swiglu_and_its_gradients_equal_the_cpu_op() {
     assert!(max_rel_diff(&both[..n], &values(grads.get(&gv).unwrap())) < 1e-6);
     assert!(max_rel_diff(&both[n..], &values(grads.get(&uv).unwrap())) < 1e-6);
 }
+
+/// The gradient norm's two kernels over gradients of one element (most warps idle) and of
+/// 70,000 (several elements per thread), through the launch code the GPU runs: the F64 sum of
+/// the squares, within F32's rounding of the partials.
+#[test]
+fn emulated_sum_of_squares_equals_the_f64_sum() {
+    let grads = [vec![3.0f32], wave(70_000, 0.011)];
+    let want: f64 = grads.iter().flatten().map(|&v| f64::from(v) * f64::from(v)).sum();
+    let operands: Vec<Operand> = grads.iter().map(|g| input(g)).collect();
+    let got = read(&crate::grad_norm::launch_sum_of_squares(&Emulator, &operands).unwrap());
+    assert_eq!(got.len(), 1);
+    assert!((f64::from(got[0]) - want).abs() / want < 1e-6, "{} vs {want}", got[0]);
+}

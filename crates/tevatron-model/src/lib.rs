@@ -32,6 +32,7 @@ pub mod device;
 pub mod encoder;
 pub mod error;
 pub mod fused_adamw;
+pub mod grad_norm;
 pub mod hub;
 #[cfg(test)]
 mod kernel_emulation;

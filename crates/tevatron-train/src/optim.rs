@@ -5,9 +5,9 @@
 
 use std::collections::HashMap;
 
-use candle_core::{CpuStorage, DType, Result, Storage, Tensor, Var, D};
-use rayon::prelude::*;
+use candle_core::{DType, Result, Tensor, Var};
 use tevatron_model::fused_adamw::{adamw_step, adamw_step_in_place, AdamWStep};
+use tevatron_model::grad_norm::sum_of_squares;
 
 /// AdamW hyper-parameters (`--adam_beta1/2`, `--adam_epsilon`, `--weight_decay`).
 #[derive(Clone, Copy, Debug)]
@@ -188,17 +188,11 @@ impl AdamW {
     }
 }
 
-/// Global L2 norm of `grads` (computed in F64 so that it is exact to report), then scales them
-/// in place by `min(1, max_norm / (norm + 1e-6))` as `clip_grad_norm_` does. Returns the
-/// norm before clipping. `max_norm <= 0` only measures.
+/// Global L2 norm of `grads` (their squares summed in F64 where the device allows,
+/// `tevatron_model::grad_norm`), then scales them in place by `min(1, max_norm / (norm + 1e-6))`
+/// as `clip_grad_norm_` does. Returns the norm before clipping. `max_norm <= 0` only measures.
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
-    // Summed on the device and read once: a read per gradient would wait for the GPU each time.
-    let squares = grads.iter().map(squared_norm).collect::<Result<Vec<_>>>()?;
-    let norm = if squares.is_empty() {
-        0.0
-    } else {
-        Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt()
-    };
+    let norm = sum_of_squares(grads)?.sqrt();
     if max_norm > 0.0 {
         let coef = (max_norm / (norm + 1e-6)).min(1.0);
         if coef < 1.0 {
@@ -208,33 +202,6 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
         }
     }
     Ok(norm)
-}
-
-/// The sum of the squares of `g`, in F64, as a scalar tensor on `g`'s device: one parallel
-/// pass over an F32 gradient on the CPU (a MiniLM's gradients are 22M values, which the
-/// composed F64 conversion, square and sum took 80 ms a step to cross), candle's ops elsewhere
-/// (the GPU).
-fn squared_norm(g: &Tensor) -> Result<Tensor> {
-    if g.device().is_cpu() {
-        let (storage, layout) = g.storage_and_layout();
-        if let (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) =
-            (&*storage, layout.contiguous_offsets())
-        {
-            let sum: f64 = v[a..b]
-                .par_chunks(1 << 14)
-                .map(|c| c.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>())
-                .sum();
-            return Tensor::new(sum, g.device());
-        }
-    }
-    // Summed along the last dimension first: candle's GPU `sum_all` is one thread block over
-    // the whole tensor, which took milliseconds on an embedding's 11.7M-value gradient; a row
-    // sum spreads it over a block per row.
-    let squares = g.to_dtype(DType::F64)?.sqr()?;
-    match squares.rank() {
-        0 | 1 => squares.sum_all(),
-        _ => squares.sum(D::Minus1)?.sum_all(),
-    }
 }
 
 #[cfg(test)]

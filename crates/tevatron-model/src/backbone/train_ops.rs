@@ -39,7 +39,7 @@ pub fn has_kernel(operands: &[&Tensor]) -> bool {
 /// Whether `TEVATRON_GPU_COMPOSED_OPS` is set (to anything but empty or 0): a GPU then trains
 /// with candle's composed ops instead of our kernels, to measure what the kernels gain or to
 /// rule them out when a GPU run goes wrong, without another build.
-fn gpu_composed_ops() -> bool {
+pub(crate) fn gpu_composed_ops() -> bool {
     static SET: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *SET.get_or_init(|| {
         std::env::var("TEVATRON_GPU_COMPOSED_OPS").is_ok_and(|v| !v.is_empty() && v != "0")
