@@ -33,6 +33,10 @@ pub struct AdamWStep {
     pub step_size: f32,
     /// `1 - lr * weight_decay` (1 without decay).
     pub decay: f32,
+    /// What the gradient is multiplied by first: `clip_grad_norm_`'s coefficient, over the
+    /// loss scale under fp16, 1 otherwise. Multiplying here is what scaling the gradients in
+    /// place before the step computes, without a pass over them of its own.
+    pub grad_scale: f32,
 }
 
 impl AdamWStep {
@@ -42,13 +46,15 @@ impl AdamWStep {
         (self.weight(w, m, v), m, v)
     }
 
-    /// `m' = beta1 m + (1 - beta1) g`.
+    /// `m' = beta1 m + (1 - beta1) g`, of the scaled gradient.
     fn first_moment(&self, m: f32, g: f32) -> f32 {
+        let g = g * self.grad_scale;
         m * self.beta1 + g * self.one_minus_beta1
     }
 
-    /// `v' = beta2 v + (1 - beta2) g^2`.
+    /// `v' = beta2 v + (1 - beta2) g^2`, of the scaled gradient.
     fn second_moment(&self, v: f32, g: f32) -> f32 {
+        let g = g * self.grad_scale;
         v * self.beta2 + g * g * self.one_minus_beta2
     }
 
@@ -89,8 +95,9 @@ impl AdamWStep {
             Arg::F32(self.bc2_sqrt),
             Arg::F32(self.step_size),
             Arg::F32(self.decay),
+            Arg::F32(self.grad_scale),
         ];
-        // SAFETY: adamw_f32(w, g, mv, out, n, the eight scalars); w and g hold n, mv 2n,
+        // SAFETY: adamw_f32(w, g, mv, out, n, the nine scalars); w and g hold n, mv 2n,
         // out 3n.
         unsafe { k.launch("adamw_f32", Launch::elements(n), &args) }?;
         Ok(out)
@@ -292,6 +299,7 @@ mod tests {
             bc2_sqrt: 0.05,
             step_size: 0.01,
             decay: 0.999,
+            grad_scale: 0.37,
         };
         let (w2, m2, v2) =
             adamw_step(&t(w.clone()), &t(g.clone()), &t(m.clone()), &t(v.clone()), step).unwrap();

@@ -123,25 +123,3 @@ mod gpu {
         Ok(Some(f64::from(host[0])))
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::Device;
-
-    /// Contiguous, strided, wide and row gradients, with the CPU's F32 pass and the composed
-    /// F64 path, sum to the plain F64 sum of their squares.
-    #[test]
-    fn sum_of_squares_equals_the_plain_sum() {
-        let dev = Device::Cpu;
-        let big = Tensor::arange(0f32, 40_000f32, &dev).unwrap().affine(1e-3, -5.0).unwrap();
-        let strided = Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &dev).unwrap().t().unwrap();
-        let wide = Tensor::new(&[0.5f64, -1.5], &dev).unwrap();
-        let grads = [big.clone(), strided, wide];
-        let want: f64 =
-            (0..40_000).map(|i| (i as f64 * 1e-3 - 5.0).powi(2)).sum::<f64>() + 30.0 + 2.5;
-        let got = sum_of_squares(&grads).unwrap();
-        assert!((got - want).abs() / want < 1e-6, "{got} vs {want}");
-        assert_eq!(sum_of_squares(&[]).unwrap(), 0.0);
-    }
-}

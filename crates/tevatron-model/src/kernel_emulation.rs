@@ -218,6 +218,7 @@ fn emulated_adamw_equals_the_cpu_step_bit_for_bit() {
         bc2_sqrt: 0.05,
         step_size: 1e-3,
         decay: 0.99,
+        grad_scale: 0.37,
     };
     let (w, g, m, v) = (wave(n, 0.3), wave(n, 1.1), wave(n, 0.05), wave(n, 0.02));
     let v: Vec<f32> = v.iter().map(|x| x.abs()).collect();

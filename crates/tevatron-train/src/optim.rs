@@ -70,12 +70,23 @@ impl Param {
         self.var.set(&w)
     }
 
-    /// The update composed of tensor ops, in the state's dtype (F64 for F64 variables).
-    fn composed_update(&mut self, g: &Tensor, c: &AdamWConfig, lr: f64, t: i32) -> Result<()> {
+    /// The update composed of tensor ops, in the state's dtype (F64 for F64 variables), of
+    /// the gradient times `grad_scale`.
+    fn composed_update(
+        &mut self,
+        g: &Tensor,
+        grad_scale: f64,
+        c: &AdamWConfig,
+        lr: f64,
+        t: i32,
+    ) -> Result<()> {
         let bc2 = 1.0 - c.beta2.powi(t);
         let step_size = lr / (1.0 - c.beta1.powi(t));
         let dt = self.m.dtype();
-        let g = g.to_dtype(dt)?;
+        let mut g = g.to_dtype(dt)?;
+        if grad_scale != 1.0 {
+            g = (g * grad_scale)?;
+        }
         self.m = ((&self.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
         self.v = ((&self.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
         let denom = ((self.v.sqrt()? / bc2.sqrt())? + c.eps)?;
@@ -89,8 +100,8 @@ impl Param {
 }
 
 /// The scalars of step `t` (from 1) at rate `lr` as `torch.optim.AdamW` derives them, for a
-/// parameter with or without weight decay.
-fn fused_step(c: &AdamWConfig, lr: f64, t: i32, decay: bool) -> AdamWStep {
+/// parameter with or without weight decay, of the gradient times `grad_scale`.
+fn fused_step(c: &AdamWConfig, lr: f64, t: i32, decay: bool, grad_scale: f64) -> AdamWStep {
     AdamWStep {
         beta1: c.beta1 as f32,
         one_minus_beta1: (1.0 - c.beta1) as f32,
@@ -100,6 +111,7 @@ fn fused_step(c: &AdamWConfig, lr: f64, t: i32, decay: bool) -> AdamWStep {
         bc2_sqrt: (1.0 - c.beta2.powi(t)).sqrt() as f32,
         step_size: (lr / (1.0 - c.beta1.powi(t))) as f32,
         decay: if decay { (1.0 - lr * c.weight_decay) as f32 } else { 1.0 },
+        grad_scale: grad_scale as f32,
     }
 }
 
@@ -145,13 +157,20 @@ impl AdamW {
 
     /// One update with rate `lr` from gradients aligned with [`AdamW::vars`].
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        self.step_scaled(grads, lr, 1.0)
+    }
+
+    /// [`AdamW::step`] from the gradients times `grad_scale` (clipping's coefficient, over
+    /// fp16's loss scale): what scaling them in place and stepping computes, bit for bit, with
+    /// the multiplication inside the update instead of a pass (on a GPU, a launch) per gradient.
+    pub fn step_scaled(&mut self, grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<()> {
         self.step += 1;
         let t = self.step as i32;
         for (p, g) in self.params.iter_mut().zip(grads) {
             if self.fused && p.var.dtype() == DType::F32 {
-                p.fused_update(g, fused_step(&self.cfg, lr, t, p.decay))?;
+                p.fused_update(g, fused_step(&self.cfg, lr, t, p.decay, grad_scale))?;
             } else {
-                p.composed_update(g, &self.cfg, lr, t)?;
+                p.composed_update(g, grad_scale, &self.cfg, lr, t)?;
             }
         }
         Ok(())
@@ -188,17 +207,31 @@ impl AdamW {
     }
 }
 
-/// Global L2 norm of `grads` (their squares summed in F64 where the device allows,
-/// `tevatron_model::grad_norm`), then scales them in place by `min(1, max_norm / (norm + 1e-6))`
-/// as `clip_grad_norm_` does. Returns the norm before clipping. `max_norm <= 0` only measures.
-pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
-    let norm = sum_of_squares(grads)?.sqrt();
+/// Global L2 norm of `grads`, their squares summed in F64 where the device allows
+/// (`tevatron_model::grad_norm`).
+pub fn grad_norm(grads: &[Tensor]) -> Result<f64> {
+    Ok(sum_of_squares(grads)?.sqrt())
+}
+
+/// What `clip_grad_norm_` multiplies gradients of global norm `norm` by: `min(1, max_norm /
+/// (norm + 1e-6))`; 1 when `max_norm <= 0` (no clipping).
+pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
     if max_norm > 0.0 {
-        let coef = (max_norm / (norm + 1e-6)).min(1.0);
-        if coef < 1.0 {
-            for g in grads.iter_mut() {
-                *g = (&*g * coef)?;
-            }
+        (max_norm / (norm + 1e-6)).min(1.0)
+    } else {
+        1.0
+    }
+}
+
+/// `clip_grad_norm_`: the global norm of `grads`, then the gradients scaled in place by
+/// [`clip_coefficient`]. Returns the norm before clipping. The trainer instead hands the
+/// coefficient to [`AdamW::step_scaled`], which computes the same without the pass.
+pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
+    let norm = grad_norm(grads)?;
+    let coef = clip_coefficient(norm, max_norm);
+    if coef < 1.0 {
+        for g in grads.iter_mut() {
+            *g = (&*g * coef)?;
         }
     }
     Ok(norm)
@@ -238,7 +271,7 @@ mod tests {
         let (mut w, mut m, mut v) = (w0.clone(), zeros.clone(), zeros);
         for (t, g) in (1..).zip(&grads) {
             opt.step(std::slice::from_ref(g), lr).unwrap();
-            (w, m, v) = adamw_step(&w, g, &m, &v, fused_step(&cfg, lr, t, true)).unwrap();
+            (w, m, v) = adamw_step(&w, g, &m, &v, fused_step(&cfg, lr, t, true, 1.0)).unwrap();
         }
         let (state, _) = opt.state();
         let pairs = [(var.as_tensor(), &w), (&state[0].1, &m), (&state[1].1, &v)];
@@ -296,5 +329,46 @@ mod tests {
         assert!((norm - want).abs() <= 1e-12 * want, "{norm} vs {want}");
         let a = g[0].to_vec1::<f32>().unwrap()[0];
         assert!((a - 0.6).abs() < 1e-5, "{a}");
+    }
+
+    /// A step with a gradient scale equals, bit for bit, clipping the gradients in place and
+    /// stepping, fused (F32) and composed (F64) alike, with weight decay.
+    #[test]
+    fn a_scaled_step_equals_scaling_the_gradients_first() {
+        let dev = Device::Cpu;
+        for dtype in [DType::F32, DType::F64] {
+            let w0 = Tensor::new(&[[0.5f32, -1.0, 3.0], [2.0, 0.25, -0.125]], &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let g = Tensor::new(&[[0.1f32, -3.0, 0.7], [0.05, 2.0, -1e-4]], &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let cfg = AdamWConfig { weight_decay: 0.1, ..AdamWConfig::default() };
+            let run = |scaled: bool| {
+                let var = Var::from_tensor(&w0.copy().unwrap()).unwrap();
+                let mut opt = AdamW::new(vec![("w".into(), var.clone())], cfg).unwrap();
+                for _ in 0..2 {
+                    let mut grads = [g.clone()];
+                    let norm = grad_norm(&grads).unwrap();
+                    let coef = clip_coefficient(norm, 1.0);
+                    assert!(coef < 0.5);
+                    if scaled {
+                        opt.step_scaled(&grads, 0.01, coef).unwrap();
+                    } else {
+                        clip_grad_norm(&mut grads, 1.0).unwrap();
+                        opt.step(&grads, 0.01).unwrap();
+                    }
+                }
+                var.as_tensor().flatten_all().unwrap().to_dtype(DType::F64).unwrap()
+            };
+            let (scaled, clipped) = (run(true), run(false));
+            assert_eq!(scaled.to_vec1::<f64>().unwrap(), clipped.to_vec1::<f64>().unwrap());
+            assert_ne!(
+                scaled.to_vec1::<f64>().unwrap(),
+                w0.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap()
+            );
+        }
     }
 }

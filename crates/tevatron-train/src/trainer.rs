@@ -28,7 +28,7 @@ use tevatron_model::{Encoder, TextOptions};
 use crate::checkpoint::{self, ResumeState, TrainerState};
 use crate::data::{epoch_order, TrainData};
 use crate::dist::Group;
-use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::optim::{clip_coefficient, grad_norm, AdamW, AdamWConfig};
 use crate::profile;
 use crate::schedule::{warmup_steps, LrSchedule, ScheduleKind};
 use crate::step::{micro_step, Accumulator, StepOptions};
@@ -421,11 +421,13 @@ pub fn train(
                 }
                 loss_sum += out.loss;
             }
-            let mut grads = group.all_reduce_sum(acc.take()?)?;
-            if fp16 {
-                grads = grads.iter().map(|g| g / loss_scale).collect::<candle_core::Result<_>>()?;
-            }
-            let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
+            let grads = group.all_reduce_sum(acc.take()?)?;
+            // The gradients carry the loss scale (1 but under fp16), a power of two, so the
+            // norm and the update unscale them exactly by dividing it out; clipping's
+            // coefficient joins it in the update (`step_scaled`), where PyTorch scales each
+            // gradient in place first: the same numbers, without two passes over them.
+            let grad_norm = grad_norm(&grads)? / loss_scale;
+            let grad_scale = clip_coefficient(grad_norm, cfg.max_grad_norm) / loss_scale;
             profile::mark("reduce and clip", encoder.device())?;
             let lr = schedule.lr(step);
             if fp16 && !(grad_norm.is_finite() && loss_sum.is_finite()) {
@@ -439,7 +441,7 @@ pub fn train(
                 state.tevatron.scale_growth_tracker = 0;
             } else {
                 check_finite(grad_norm, "the gradient norm", step + 1, epoch_f, &cfg.output_dir)?;
-                opt.step(&grads, lr)?;
+                opt.step_scaled(&grads, lr, grad_scale)?;
                 if fp16 {
                     state.tevatron.scale_growth_tracker += 1;
                     if state.tevatron.scale_growth_tracker == SCALE_GROWTH_INTERVAL {
