@@ -153,19 +153,22 @@ tr() { local label=$1; shift
     --train_group_size 4 --query_max_len 32 --passage_max_len 128 --pooling mean --normalize --temperature 0.05 \
     --learning_rate 1e-4 --warmup_ratio 0 --logging_steps 1 --save_strategy no --overwrite_output_dir \
     --dataset_cache_dir "$out/cache" "$@" 2> "$out/$label.log" || { tail -5 "$out/$label.log"; exit 1; }; }
-# same_losses RUN_A LABEL_A RUN_B LABEL_B WHAT: prints both runs' per-step losses and fails with
-# "FAIL: WHAT" unless they agree step by step within 1e-3 relative.
+# same_losses RUN_A LABEL_A RUN_B LABEL_B WHAT: prints both runs' per-step losses and the largest
+# difference of their gradient norms, and fails with "FAIL: WHAT" unless both agree step by step
+# within 1e-3 relative.
 same_losses() {
   "$py" - "$out" "$@" <<'PY'
 import json, sys
 out, run_a, label_a, run_b, label_b, what = sys.argv[1:]
-loss = lambda n: [e["loss"] for e in json.load(open(f"{out}/{n}/trainer_state.json"))["log_history"] if "loss" in e]
-a, b = loss(run_a), loss(run_b)
-rel = max(abs(x - y) / abs(x) for x, y in zip(a, b))
+log = lambda n, key: [e[key] for e in json.load(open(f"{out}/{n}/trainer_state.json"))["log_history"] if "loss" in e]
+rel = lambda a, b: max(abs(x - y) / abs(x) for x, y in zip(a, b))
+a, b = log(run_a, "loss"), log(run_b, "loss")
+norms_a, norms_b = log(run_a, "grad_norm"), log(run_b, "grad_norm")
 width = max(len(label_a), len(label_b)) + 1
 print(f"{label_a + ':':<{width}} {' '.join(f'{x:.5f}' for x in a)}")
-print(f"{label_b + ':':<{width}} {' '.join(f'{x:.5f}' for x in b)}  (max relative difference {rel:.1e})")
-if len(a) != len(b) or rel > 1e-3:
+print(f"{label_b + ':':<{width}} {' '.join(f'{x:.5f}' for x in b)}  (max relative difference {rel(a, b):.1e})")
+print(f"{'':<{width}} gradient norms: max relative difference {rel(norms_a, norms_b):.1e}")
+if len(a) != len(b) or rel(a, b) > 1e-3 or rel(norms_a, norms_b) > 1e-3:
     sys.exit(f"FAIL: {what}")
 PY
 }
