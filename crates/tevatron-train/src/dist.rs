@@ -47,6 +47,9 @@ pub struct Group {
     transport: Option<Arc<dyn Transport>>,
     #[cfg(feature = "nccl")]
     nccl: Option<Arc<nccl::Nccl>>,
+    /// With NCCL, the deadline its collectives lack (`Group::watch`).
+    #[cfg(feature = "nccl")]
+    watchdog: Option<Arc<crate::watchdog::Watchdog>>,
 }
 
 impl Group {
@@ -56,6 +59,8 @@ impl Group {
             transport: None,
             #[cfg(feature = "nccl")]
             nccl: None,
+            #[cfg(feature = "nccl")]
+            watchdog: None,
         }
     }
 
@@ -68,14 +73,18 @@ impl Group {
             transport: Some(transport),
             #[cfg(feature = "nccl")]
             nccl: None,
+            #[cfg(feature = "nccl")]
+            watchdog: None,
         }
     }
 
     /// Moves the group's tensors with NCCL when `device` is a GPU (every rank calls this with
     /// its own device). A CPU device, a single rank, or ranks sharing a GPU (which one NCCL
     /// communicator cannot hold) keep the transport alone; [`Group::uses_nccl`] says which.
+    /// NCCL's waits have no deadline, so a rank whose joining or step (see [`Group::watch`])
+    /// takes longer than `timeout` ends with a message instead of hanging.
     #[cfg(feature = "nccl")]
-    pub fn with_nccl(mut self, device: &Device) -> Result<Self> {
+    pub fn with_nccl(mut self, device: &Device, timeout: Duration) -> Result<Self> {
         let Some(t) = &self.transport else { return Ok(self) };
         if !device.is_cuda() {
             return Ok(self);
@@ -91,8 +100,23 @@ impl Group {
             }
             return Ok(self);
         }
+        let watchdog = crate::watchdog::Watchdog::start(timeout, crate::watchdog::exit_with)?;
+        let joining = watchdog.watch(format!("rank {}: joining the NCCL communicator", t.rank()));
         self.nccl = Some(Arc::new(nccl::Nccl::connect(t.as_ref(), device)?));
+        drop(joining);
+        self.watchdog = Some(Arc::new(watchdog));
         Ok(self)
+    }
+
+    /// Puts `what` (one training step) under the NCCL watchdog until the guard is dropped;
+    /// `None` where the collectives are the transport's, which have deadlines of their own.
+    pub fn watch(&self, what: impl FnOnce() -> String) -> Option<crate::watchdog::Watch> {
+        #[cfg(feature = "nccl")]
+        if let Some(dog) = &self.watchdog {
+            return Some(dog.watch(what()));
+        }
+        let _ = what;
+        None
     }
 
     /// Whether NCCL carries this group's tensors.

@@ -25,5 +25,6 @@ pub mod profile;
 pub mod schedule;
 pub mod step;
 pub mod trainer;
+pub mod watchdog;
 
 pub use error::{Error, Result};

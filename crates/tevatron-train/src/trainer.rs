@@ -391,6 +391,9 @@ pub fn train(
             state.tevatron.loss_scale = Some(INIT_LOSS_SCALE);
         }
         while state.global_step < plan.total_steps {
+            let watch = group.watch(|| {
+                format!("rank {}: training step {}", group.rank(), state.global_step + 1)
+            });
             let loss_scale =
                 if fp16 { state.tevatron.loss_scale.unwrap_or(INIT_LOSS_SCALE) } else { 1.0 };
             let step = state.global_step;
@@ -452,6 +455,7 @@ pub fn train(
             }
             drop(grads);
             profile::mark("optimizer", encoder.device())?;
+            drop(watch);
             profile::report(step + 1);
             let loss = loss_sum / window as f64;
             state.global_step += 1;

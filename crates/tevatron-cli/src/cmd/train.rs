@@ -136,7 +136,7 @@ fn choose_backend(a: &TrainArgs, group: Group, device: &candle_core::Device) -> 
         return Ok(group);
     }
     #[cfg(feature = "nccl")]
-    let group = group.with_nccl(device)?;
+    let group = group.with_nccl(device, Duration::from_secs(a.ddp_timeout))?;
     if want == Some("nccl") && !group.uses_nccl() {
         let why = if !cfg!(feature = "nccl") {
             "this binary was built without NCCL (scripts/build-cuda.sh builds it)"
