@@ -36,35 +36,36 @@ extern "C" {
 /// The CPU emulation of the kernels as a device for the launch code.
 struct Emulator;
 
-/// Cells past the end of every emulated buffer, NaN, that no launch may write.
+/// Cells before and after every emulated buffer, NaN, that no launch may write.
 const GUARD: usize = 64;
 
 /// An emulated device buffer: cells, as a launch writes it through a shared borrow, NaN at
-/// first so that an element no launch writes shows in every comparison, with [`GUARD`] cells
-/// past its end that must stay NaN: a launch that writes past the buffer fails the test when
-/// the buffer is read or dropped.
+/// first so that an element no launch writes shows in every comparison, between two runs of
+/// [`GUARD`] cells that must stay NaN: a launch that writes outside the buffer fails the test
+/// when the buffer is read or dropped, and one that reads outside it reads NaN.
 struct HostBuffer {
     cells: Box<[Cell<f32>]>,
     len: usize,
 }
 
 impl HostBuffer {
-    /// Its values, after checking that nothing wrote past its end.
+    /// Its values, after checking that nothing wrote outside them.
     fn values(&self) -> Vec<f32> {
-        self.check_guard();
-        self.cells[..self.len].iter().map(Cell::get).collect()
+        self.check_guards();
+        self.cells[GUARD..GUARD + self.len].iter().map(Cell::get).collect()
     }
 
-    fn check_guard(&self) {
-        let written = self.cells[self.len..].iter().any(|c| !c.get().is_nan());
-        assert!(!written, "a launch wrote past the end of a buffer of {}", self.len);
+    fn check_guards(&self) {
+        let (before, rest) = self.cells.split_at(GUARD);
+        let written = before.iter().chain(&rest[self.len..]).any(|c| !c.get().is_nan());
+        assert!(!written, "a launch wrote outside a buffer of {}", self.len);
     }
 }
 
 impl Drop for HostBuffer {
     fn drop(&mut self) {
         if !std::thread::panicking() {
-            self.check_guard();
+            self.check_guards();
         }
     }
 }
@@ -73,11 +74,11 @@ impl Kernels for Emulator {
     type Buffer = HostBuffer;
 
     fn alloc(&self, len: usize) -> Result<HostBuffer> {
-        Ok(HostBuffer { cells: (0..len + GUARD).map(|_| Cell::new(f32::NAN)).collect(), len })
+        Ok(HostBuffer { cells: (0..len + 2 * GUARD).map(|_| Cell::new(f32::NAN)).collect(), len })
     }
 
     fn operand(&self, buffer: &HostBuffer) -> Operand {
-        Operand { address: buffer.cells.as_ptr() as u64, len: buffer.len }
+        Operand { address: buffer.cells[GUARD..].as_ptr() as u64, len: buffer.len }
     }
 
     unsafe fn launch(&self, kernel: &str, shape: Launch, args: &[Arg]) -> Result<()> {
@@ -117,9 +118,20 @@ impl Kernels for Emulator {
     }
 }
 
-/// A test's input data as an operand (the kernels only read their inputs).
+/// A copy of a test's input data in an emulated buffer (so a read outside it reads NaN), as
+/// an operand.
 fn input(v: &[f32]) -> Operand {
-    Operand { address: v.as_ptr() as u64, len: v.len() }
+    thread_local! {
+        /// The inputs of this thread's test, alive (and their guards checked) until it ends.
+        static INPUTS: std::cell::RefCell<Vec<HostBuffer>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let buffer = Emulator.alloc(v.len()).expect("host memory");
+    for (cell, &x) in buffer.cells[GUARD..].iter().zip(v) {
+        cell.set(x);
+    }
+    let operand = Emulator.operand(&buffer);
+    INPUTS.with(|inputs| inputs.borrow_mut().push(buffer));
+    operand
 }
 
 /// A buffer's values.
