@@ -25,6 +25,7 @@ fn same_len(op: &str, len: usize, operands: &[Operand]) -> Result<()> {
     }
 }
 
+/// Exact GELU of `x`.
 pub(crate) fn gelu<K: Kernels>(k: &K, x: Operand) -> Result<K::Buffer> {
     let y = k.alloc(x.len)?;
     let args = [x.arg(), k.operand(&y).arg(), Arg::U64(x.len as u64)];
@@ -33,6 +34,7 @@ pub(crate) fn gelu<K: Kernels>(k: &K, x: Operand) -> Result<K::Buffer> {
     Ok(y)
 }
 
+/// GELU's input gradient from its input `x` and output gradient `g`.
 pub(crate) fn gelu_grad<K: Kernels>(k: &K, x: Operand, g: Operand) -> Result<K::Buffer> {
     same_len("train-gelu-grad", x.len, &[g])?;
     let dx = k.alloc(x.len)?;
@@ -42,6 +44,7 @@ pub(crate) fn gelu_grad<K: Kernels>(k: &K, x: Operand, g: Operand) -> Result<K::
     Ok(dx)
 }
 
+/// `softmax(x + bias)` over rows of attention scores, the mask's rows as `shape` says.
 pub(crate) fn masked_softmax<K: Kernels>(
     k: &K,
     x: Operand,
@@ -83,6 +86,7 @@ pub(crate) fn softmax_grad<K: Kernels>(
     Ok(dx)
 }
 
+/// Layer norm of rows of `w`'s width, with weight `w` and bias `b`.
 pub(crate) fn layer_norm<K: Kernels>(
     k: &K,
     x: Operand,
@@ -205,6 +209,7 @@ pub(crate) fn bias_add<K: Kernels>(k: &K, y: Operand, b: Operand) -> Result<K::B
     Ok(out)
 }
 
+/// RMSNorm of rows of `w`'s width, with weight `w`.
 pub(crate) fn rms_norm<K: Kernels>(k: &K, x: Operand, w: Operand, eps: f32) -> Result<K::Buffer> {
     let h = w.len;
     let rows = rows_of(x.len, h, "train-rms-norm")?;
@@ -255,6 +260,7 @@ pub(crate) fn rotary<K: Kernels>(
     Ok(y)
 }
 
+/// `silu(gate) * up`, element by element.
 pub(crate) fn swiglu<K: Kernels>(k: &K, gate: Operand, up: Operand) -> Result<K::Buffer> {
     same_len("train-swiglu", gate.len, &[up])?;
     let y = k.alloc(gate.len)?;
