@@ -47,22 +47,23 @@ DROPOUT(dropout_bf16, __nv_bfloat16, float, __bfloat162float, __float2bfloat16)
 DROPOUT(dropout_f16, __half, float, __half2float, __float2half)
 #endif
 
-// One AdamW step over a parameter (src/fused_adamw.rs), as torch.optim.AdamW computes it in F32,
-// of the gradient times grad_scale (clipping's coefficient, as clip_grad_norm_ scales it first):
-// m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2 (1 - b computed in double, as torch does); w = w * decay - step_size * m / (sqrt(v) /
-// bc2_sqrt + eps). Reads w, g and the moments packed as [m | v]; writes [w | m | v] to out.
-KERNEL void adamw_f32(const float *w, const float *g, const float *mv, float *out, uint64_t n,
-                      float b1, float one_minus_b1, float b2, float one_minus_b2, float eps,
-                      float bc2_sqrt, float step_size, float decay, float grad_scale) {
+// One AdamW step over a parameter in place (src/fused_adamw.rs), as torch.optim.AdamW computes
+// it in F32, of the gradient times grad_scale (clipping's coefficient, as clip_grad_norm_ scales
+// it first): m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2 (1 - b computed in double, as torch
+// does); w = w * decay - step_size * m / (sqrt(v) / bc2_sqrt + eps). Each thread reads its
+// elements of w, g, m and v, then writes the new w, m and v over them.
+KERNEL void adamw_f32(float *w, const float *g, float *m, float *v, uint64_t n, float b1,
+                      float one_minus_b1, float b2, float one_minus_b2, float eps, float bc2_sqrt,
+                      float step_size, float decay, float grad_scale) {
   for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
        i += (uint64_t)blockDim.x * gridDim.x) {
     float gi = g[i] * grad_scale;
-    float m = mv[i] * b1 + gi * one_minus_b1;
-    float v = mv[n + i] * b2 + gi * gi * one_minus_b2;
-    float denom = sqrtf(v) / bc2_sqrt + eps;
-    out[i] = w[i] * decay - m / denom * step_size;
-    out[n + i] = m;
-    out[2 * n + i] = v;
+    float mi = m[i] * b1 + gi * one_minus_b1;
+    float vi = v[i] * b2 + gi * gi * one_minus_b2;
+    float denom = sqrtf(vi) / bc2_sqrt + eps;
+    w[i] = w[i] * decay - mi / denom * step_size;
+    m[i] = mi;
+    v[i] = vi;
   }
 }
 

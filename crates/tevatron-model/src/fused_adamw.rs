@@ -3,9 +3,9 @@
 //! about fourteen passes over the parameter, each with a fresh output: on a GPU fourteen kernel
 //! launches per parameter (a MiniLM has a hundred), each costing more host time than its
 //! arithmetic; on the CPU 0.2 s of a MiniLM step, much of it spent faulting in new pages.
-//! - [`adamw_step`]: one op (one kernel on a GPU) that returns the new weight and moments;
-//! - [`adamw_step_in_place`]: the CPU's, three parallel passes that update the moments and the
-//!   weight where they are, allocating nothing.
+//! - [`adamw_step_in_place`]: what training runs; the weight and the moments are updated where
+//!   they are, allocating nothing: on the CPU three parallel passes, on a GPU one kernel;
+//! - [`adamw_step`]: one pass on the CPU that returns the new weight and moments.
 //!
 //! Both compute each element as [`AdamWStep`]'s `update` does.
 
@@ -66,26 +66,31 @@ impl AdamWStep {
 
 #[cfg(any(test, feature = "cuda"))]
 impl AdamWStep {
-    /// The update as one launch of `adamw_f32` on `k`: `[w' | m' | v']` from `w`, `g` and the
-    /// moments packed `[m | v]`.
-    pub(crate) fn launch<K: crate::cuda_kernels::Kernels>(
+    /// The update as one launch of `adamw_f32` on `k`, in place: the weight `w` and the
+    /// moments `m`, `v` from the gradient `g`.
+    pub(crate) fn launch_in_place<K: crate::cuda_kernels::Kernels>(
         &self,
         k: &K,
         w: crate::cuda_kernels::Operand,
         g: crate::cuda_kernels::Operand,
-        mv: crate::cuda_kernels::Operand,
-    ) -> Result<K::Buffer> {
+        m: crate::cuda_kernels::Operand,
+        v: crate::cuda_kernels::Operand,
+    ) -> Result<()> {
         use crate::cuda_kernels::{Arg, Launch};
         let n = w.len;
-        if g.len != n || mv.len != 2 * n {
-            candle_core::bail!("fused-adamw: {n} weights, {} gradients, {} moments", g.len, mv.len);
+        if g.len != n || m.len != n || v.len != n {
+            candle_core::bail!(
+                "fused-adamw: {n} weights, {} gradients, {} and {} moments",
+                g.len,
+                m.len,
+                v.len
+            );
         }
-        let out = k.alloc(3 * n)?;
         let args = [
             w.arg(),
             g.arg(),
-            mv.arg(),
-            k.operand(&out).arg(),
+            m.arg(),
+            v.arg(),
             Arg::U64(n as u64),
             Arg::F32(self.beta1),
             Arg::F32(self.one_minus_beta1),
@@ -97,10 +102,8 @@ impl AdamWStep {
             Arg::F32(self.decay),
             Arg::F32(self.grad_scale),
         ];
-        // SAFETY: adamw_f32(w, g, mv, out, n, the nine scalars); w and g hold n, mv 2n,
-        // out 3n.
-        unsafe { k.launch("adamw_f32", Launch::elements(n), &args) }?;
-        Ok(out)
+        // SAFETY: adamw_f32(w, g, m, v, n, the nine scalars); all four hold n.
+        unsafe { k.launch("adamw_f32", Launch::elements(n), &args) }
     }
 }
 
@@ -144,25 +147,6 @@ impl CustomOp3 for AdamWStep {
                 }
             });
         Ok((CpuStorage::F32(out), Shape::from(3 * n)))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = Shape::from(3 * l1.shape().elem_count());
-        crate::cuda_kernels::run(
-            self.name(),
-            [(s1, l1), (s2, l2), (s3, l3)],
-            &out,
-            |d, [w, g, mv]| self.launch(d, w, g, mv),
-        )
     }
 }
 
@@ -242,8 +226,41 @@ impl InplaceOp3 for WeightInPlace {
     }
 }
 
-/// One AdamW step of contiguous F32 CPU tensors, in place: the moments `m`, `v` from the
-/// gradient `g`, then the weight `w` from them.
+/// The whole step in place on a GPU, one launch: the op runs on the weight (written through
+/// candle's in-place op) and holds the moments, which the kernel writes too; they are the
+/// optimizer's own buffers, which nothing else reads during the step.
+#[cfg(feature = "cuda")]
+struct StepInPlace {
+    step: AdamWStep,
+    m: Tensor,
+    v: Tensor,
+}
+
+#[cfg(feature = "cuda")]
+impl InplaceOp2 for StepInPlace {
+    fn name(&self) -> &'static str {
+        "adamw-step"
+    }
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<()> {
+        candle_core::bail!("adamw-step: the CPU updates in three passes (adamw_step_in_place)")
+    }
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        use crate::cuda_kernels::{storage_operand, tensor_operand};
+        let (w, g) = (storage_operand(s1, l1, self.name())?, storage_operand(s2, l2, self.name())?);
+        let (m, v) = (tensor_operand(&self.m, self.name())?, tensor_operand(&self.v, self.name())?);
+        self.step.launch_in_place(&s1.device, w, g, m, v)
+    }
+}
+
+/// One AdamW step of contiguous F32 tensors, in place: the moments `m`, `v` from the gradient
+/// `g`, then the weight `w` from them. On the CPU three parallel passes; on a GPU one kernel.
+/// `m` and `v` must be buffers of their own (no other tensor's storage).
 pub fn adamw_step_in_place(
     w: &Tensor,
     g: &Tensor,
@@ -252,13 +269,18 @@ pub fn adamw_step_in_place(
     step: AdamWStep,
 ) -> Result<()> {
     let g = g.contiguous()?;
+    #[cfg(feature = "cuda")]
+    if w.device().is_cuda() {
+        return w.inplace_op2(&g, &StepInPlace { step, m: m.clone(), v: v.clone() });
+    }
     m.inplace_op2(&g, &MomentInPlace { step, update: AdamWStep::first_moment })?;
     v.inplace_op2(&g, &MomentInPlace { step, update: AdamWStep::second_moment })?;
     w.inplace_op3(m, v, &WeightInPlace(step))
 }
 
 /// One AdamW step of F32 `w` with gradient `g` and moments `m`, `v` (all the same shape):
-/// returns `(w', m', v')`, each of that shape.
+/// returns `(w', m', v')`, each of that shape. One pass on the CPU; elsewhere the in-place
+/// step on copies.
 pub fn adamw_step(
     w: &Tensor,
     g: &Tensor,
@@ -266,6 +288,11 @@ pub fn adamw_step(
     v: &Tensor,
     step: AdamWStep,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    if !w.device().is_cpu() {
+        let (w, m, v) = (w.copy()?, m.copy()?, v.copy()?);
+        adamw_step_in_place(&w, g, &m, &v, step)?;
+        return Ok((w, m, v));
+    }
     let flat = |t: &Tensor| t.contiguous()?.flatten_all();
     let mv = Tensor::cat(&[flat(m)?, flat(v)?], 0)?;
     let out = flat(w)?.apply_op3_no_bwd(&flat(g)?, &mv, &step)?;

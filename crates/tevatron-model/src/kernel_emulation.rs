@@ -118,6 +118,15 @@ impl Kernels for Emulator {
     }
 }
 
+/// An emulated buffer holding `v`.
+fn upload(v: &[f32]) -> HostBuffer {
+    let buffer = Emulator.alloc(v.len()).expect("host memory");
+    for (cell, &x) in buffer.cells[GUARD..].iter().zip(v) {
+        cell.set(x);
+    }
+    buffer
+}
+
 /// A copy of a test's input data in an emulated buffer (so a read outside it reads NaN), as
 /// an operand.
 fn input(v: &[f32]) -> Operand {
@@ -125,10 +134,7 @@ fn input(v: &[f32]) -> Operand {
         /// The inputs of this thread's test, alive (and their guards checked) until it ends.
         static INPUTS: std::cell::RefCell<Vec<HostBuffer>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    let buffer = Emulator.alloc(v.len()).expect("host memory");
-    for (cell, &x) in buffer.cells[GUARD..].iter().zip(v) {
-        cell.set(x);
-    }
+    let buffer = upload(v);
     let operand = Emulator.operand(&buffer);
     INPUTS.with(|inputs| inputs.borrow_mut().push(buffer));
     operand
@@ -236,9 +242,10 @@ fn emulated_adamw_equals_the_cpu_step_bit_for_bit() {
     let v: Vec<f32> = v.iter().map(|x| x.abs()).collect();
     let t = |x: &[f32]| tensor(x, &[n]);
     let (w2, m2, v2) = adamw_step(&t(&w), &t(&g), &t(&m), &t(&v), step).unwrap();
-    let mv = [m, v].concat();
-    let out = step.launch(&Emulator, input(&w), input(&g), input(&mv)).unwrap();
-    assert_eq!(read(&out), [values(&w2), values(&m2), values(&v2)].concat());
+    let (wb, mb, vb) = (upload(&w), upload(&m), upload(&v));
+    let operand = |b| Emulator.operand(b);
+    step.launch_in_place(&Emulator, operand(&wb), input(&g), operand(&mb), operand(&vb)).unwrap();
+    assert_eq!((read(&wb), read(&mb), read(&vb)), (values(&w2), values(&m2), values(&v2)));
 }
 
 /// Layer norm forward and backward over rows of 48 (lanes with one and two elements) and of

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Result, Tensor, Var};
-use tevatron_model::fused_adamw::{adamw_step, adamw_step_in_place, AdamWStep};
+use tevatron_model::fused_adamw::{adamw_step_in_place, AdamWStep};
 use tevatron_model::grad_norm::sum_of_squares;
 
 /// AdamW hyper-parameters (`--adam_beta1/2`, `--adam_epsilon`, `--weight_decay`).
@@ -58,16 +58,11 @@ struct Param {
 }
 
 impl Param {
-    /// The update as one op: in place on the CPU (the moments are contiguous buffers of their
-    /// own), one kernel with fresh outputs on a GPU.
+    /// The update in place (the moments are contiguous buffers of their own): three passes on
+    /// the CPU, one kernel on a GPU.
     fn fused_update(&mut self, g: &Tensor, step: AdamWStep) -> Result<()> {
         let g = g.to_dtype(DType::F32)?;
-        if self.var.device().is_cpu() {
-            return adamw_step_in_place(self.var.as_tensor(), &g, &self.m, &self.v, step);
-        }
-        let (w, m, v) = adamw_step(self.var.as_tensor(), &g, &self.m, &self.v, step)?;
-        (self.m, self.v) = (m, v);
-        self.var.set(&w)
+        adamw_step_in_place(self.var.as_tensor(), &g, &self.m, &self.v, step)
     }
 
     /// The update composed of tensor ops, in the state's dtype (F64 for F64 variables), of
@@ -241,6 +236,7 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
 mod tests {
     use super::*;
     use candle_core::Device;
+    use tevatron_model::fused_adamw::adamw_step;
 
     #[test]
     fn decay_exclusions_match_hugging_face_names() {
