@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Result, Tensor, Var};
+use tevatron_model::backbone::train_ops::gpu_composed_ops;
 use tevatron_model::fused_adamw::{adamw_step_in_place, AdamWStep};
 use tevatron_model::grad_norm::sum_of_squares;
 
@@ -116,7 +117,8 @@ pub struct AdamW {
     cfg: AdamWConfig,
     step: usize,
     /// F32 parameters take the one-pass update (`tevatron_model::fused_adamw`); the tests turn
-    /// it off to compare it with the composed one, which other dtypes always take.
+    /// it off to compare it with the composed one, which other dtypes always take, and so does
+    /// a GPU under `TEVATRON_GPU_COMPOSED_OPS`.
     fused: bool,
 }
 
@@ -162,7 +164,8 @@ impl AdamW {
         self.step += 1;
         let t = self.step as i32;
         for (p, g) in self.params.iter_mut().zip(grads) {
-            if self.fused && p.var.dtype() == DType::F32 {
+            let composed_on_gpu = p.var.device().is_cuda() && gpu_composed_ops();
+            if self.fused && p.var.dtype() == DType::F32 && !composed_on_gpu {
                 p.fused_update(g, fused_step(&self.cfg, lr, t, p.decay, grad_scale))?;
             } else {
                 p.composed_update(g, grad_scale, &self.cfg, lr, t)?;

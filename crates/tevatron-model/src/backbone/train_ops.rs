@@ -37,9 +37,10 @@ pub fn has_kernel(operands: &[&Tensor]) -> bool {
 }
 
 /// Whether `TEVATRON_GPU_COMPOSED_OPS` is set (to anything but empty or 0): a GPU then trains
-/// with candle's composed ops instead of our kernels, to measure what the kernels gain or to
-/// rule them out when a GPU run goes wrong, without another build.
-pub(crate) fn gpu_composed_ops() -> bool {
+/// with candle's composed ops instead of our kernels (the training ops here, the gradient norm,
+/// the optimizer's in-place AdamW), to measure what the kernels gain or to rule them out when a
+/// GPU run goes wrong, without another build.
+pub fn gpu_composed_ops() -> bool {
     static SET: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *SET.get_or_init(|| {
         std::env::var("TEVATRON_GPU_COMPOSED_OPS").is_ok_and(|v| !v.is_empty() && v != "0")
