@@ -89,21 +89,19 @@ pub(crate) fn launch_sum_of_squares<K: crate::cuda_kernels::Kernels>(
 mod gpu {
     use candle_core::cuda_backend::cudarc::driver::CudaSlice;
     use candle_core::cuda_backend::WrapErr;
-    use candle_core::{DType, Device, Result, Storage, Tensor};
+    use candle_core::{Device, Result, Storage, Tensor};
 
+    use crate::backbone::train_ops::has_kernel;
     use crate::cuda_kernels::storage_operand;
 
     /// The kernels' sum when every gradient is a contiguous F32 tensor on the first one's GPU
-    /// (and `TEVATRON_GPU_COMPOSED_OPS` is not set); `None` otherwise.
+    /// and our kernels apply there (`has_kernel`: not under `TEVATRON_GPU_COMPOSED_OPS`);
+    /// `None` otherwise.
     pub(super) fn sum_of_squares(grads: &[Tensor]) -> Result<Option<f64>> {
         let Some(Device::Cuda(dev)) = grads.first().map(Tensor::device) else {
             return Ok(None);
         };
-        if crate::backbone::train_ops::gpu_composed_ops()
-            || !grads
-                .iter()
-                .all(|g| g.dtype() == DType::F32 && g.device().same_device(grads[0].device()))
-        {
+        if !has_kernel(&grads.iter().collect::<Vec<_>>()) {
             return Ok(None);
         }
         let storages: Vec<_> = grads.iter().map(Tensor::storage_and_layout).collect();
@@ -116,10 +114,8 @@ mod gpu {
             operands.push(storage_operand(s, layout, "gradient norm")?);
         }
         let sum: CudaSlice<f32> = super::launch_sum_of_squares(dev, &operands)?;
-        let stream = dev.cuda_stream();
-        let host = stream.clone_dtoh(&sum).w()?;
-        // A copy into pageable memory returns when it is done; this says so.
-        stream.synchronize().w()?;
+        // A copy into pageable memory returns when it is done, as candle's reads rely on.
+        let host = dev.cuda_stream().clone_dtoh(&sum).w()?;
         Ok(Some(f64::from(host[0])))
     }
 }

@@ -140,11 +140,6 @@ fn input(v: &[f32]) -> Operand {
     operand
 }
 
-/// A buffer's values.
-fn read(b: &HostBuffer) -> Vec<f32> {
-    b.values()
-}
-
 /// `n` values spread over about [-3, 3] without a pattern a wrong index could hide behind.
 fn wave(n: usize, k: f32) -> Vec<f32> {
     (0..n).map(|i| 3.0 * ((i as f32 + 1.0) * k).sin() * ((i as f32) * 0.013).cos()).collect()
@@ -183,9 +178,9 @@ fn the_emulation_refuses_a_launch_that_does_not_match_the_kernel() {
     assert!(error("gelu_f32", &[Arg::U64(64), out.arg(), input(&x).arg()]).contains("parameter 0"));
     assert!(error("gelu_f32", &[input(&x).arg(), out.arg()]).contains("2 parameters"));
     assert!(error("gelu_f64", &[input(&x).arg(), out.arg(), Arg::U64(64)]).contains("no kernel"));
-    assert!(read(&y).iter().all(|v| v.is_nan()), "a refused launch ran");
+    assert!(y.values().iter().all(|v| v.is_nan()), "a refused launch ran");
     launch("gelu_f32", &[input(&x).arg(), out.arg(), Arg::U64(64)]).unwrap();
-    assert!(read(&y).iter().all(|v| v.is_finite()));
+    assert!(y.values().iter().all(|v| v.is_finite()));
 }
 
 /// Dropout launched here by hand: on a GPU its launch is candle's per-dtype `Map1`
@@ -213,7 +208,7 @@ fn emulated_dropout_keeps_what_the_cpu_stream_keeps() {
     let x = wave(n, 0.7);
     let y = Emulator.alloc(n).unwrap();
     dropout("dropout_f32", input(&x).address, Emulator.operand(&y).address);
-    for (i, y) in read(&y).into_iter().enumerate() {
+    for (i, y) in y.values().into_iter().enumerate() {
         let want = if keep[i] == 1 { x[i] * scale } else { 0.0 };
         assert_eq!(y, want, "element {i}");
     }
@@ -245,7 +240,7 @@ fn emulated_adamw_equals_the_cpu_step_bit_for_bit() {
     let (wb, mb, vb) = (upload(&w), upload(&m), upload(&v));
     let operand = |b| Emulator.operand(b);
     step.launch_in_place(&Emulator, operand(&wb), input(&g), operand(&mb), operand(&vb)).unwrap();
-    assert_eq!((read(&wb), read(&mb), read(&vb)), (values(&w2), values(&m2), values(&v2)));
+    assert_eq!((wb.values(), mb.values(), vb.values()), (values(&w2), values(&m2), values(&v2)));
 }
 
 /// Layer norm forward and backward over rows of 48 (lanes with one and two elements) and of
@@ -266,7 +261,7 @@ fn emulated_layer_norm_and_its_gradients_equal_the_cpu_op() {
         let grad = |v: &Var| values(grads.get(v).unwrap());
 
         let (x, w, b, g) = (input(&x), input(&w), input(&b), input(&g));
-        let got = read(&cuda::layer_norm(&Emulator, x, w, b, eps as f32).unwrap());
+        let got = cuda::layer_norm(&Emulator, x, w, b, eps as f32).unwrap().values();
         assert!(max_rel_diff(&got, &values(&y)) < 1e-5, "forward, h {h}");
         let short = Operand { len: h - 1, ..b };
         assert!(cuda::layer_norm(&Emulator, x, w, short, eps as f32).is_err());
@@ -274,7 +269,7 @@ fn emulated_layer_norm_and_its_gradients_equal_the_cpu_op() {
         let chunks = ColumnChunks::new(rows, h);
         assert!(chunks.chunks > 1 && !(rows as u64).is_multiple_of(CHUNK_ROWS));
         let out =
-            read(&cuda::norm_grad(&Emulator, cuda::Norm::Layer, x, w, g, eps as f32).unwrap());
+            cuda::norm_grad(&Emulator, cuda::Norm::Layer, x, w, g, eps as f32).unwrap().values();
         assert_eq!(out.len(), n + 2 * h);
         assert!(max_rel_diff(&out[..n], &grad(&xv)) < 1e-4, "dx, h {h}");
         assert!(max_rel_diff(&out[n..n + h], &grad(&wv)) < 1e-4, "dw, h {h}");
@@ -309,11 +304,11 @@ fn emulated_masked_softmax_and_its_gradient_equal_the_cpu_op() {
         let queries = bias.len() / (b * n);
         let shape = train_ops::SoftmaxRows::new(sv.layout(), mask.layout()).unwrap();
         let got = cuda::masked_softmax(&Emulator, input(&scores), input(&bias), &shape).unwrap();
-        let got = read(&got);
+        let got = got.values();
         assert!(max_rel_diff(&got, &values(&y)) < 1e-6, "forward, {queries} mask rows");
         assert!(got.iter().zip(values(&y)).all(|(a, b)| (*a == 0.0) == (b == 0.0)));
 
-        let dx = read(&cuda::softmax_grad(&Emulator, input(&got), input(&g), n).unwrap());
+        let dx = cuda::softmax_grad(&Emulator, input(&got), input(&g), n).unwrap().values();
         assert!(max_rel_diff(&dx, &want_dx) < 1e-5, "backward, {queries} mask rows");
     }
 }
@@ -326,8 +321,8 @@ fn emulated_gelu_and_its_gradient_equal_the_cpu_op() {
     let xv = Var::from_tensor(&tensor(&x, &[n])).unwrap();
     let y = train_ops::gelu(&xv).unwrap();
     let grads = (y.clone() * tensor(&g, &[n])).unwrap().sum_all().unwrap().backward().unwrap();
-    let got = read(&cuda::gelu(&Emulator, input(&x)).unwrap());
-    let dx = read(&cuda::gelu_grad(&Emulator, input(&x), input(&g)).unwrap());
+    let got = cuda::gelu(&Emulator, input(&x)).unwrap().values();
+    let dx = cuda::gelu_grad(&Emulator, input(&x), input(&g)).unwrap().values();
     assert!(max_rel_diff(&got, &values(&y)) < 2e-6);
     assert!(max_rel_diff(&dx, &values(grads.get(&xv).unwrap())) < 2e-6);
     assert_eq!(y.dtype(), DType::F32);
@@ -346,12 +341,12 @@ fn emulated_bias_add_and_column_sum_equal_the_cpu_op() {
     let grads =
         (out.clone() * tensor(&g, &[rows, h])).unwrap().sum_all().unwrap().backward().unwrap();
 
-    let got = read(&cuda::bias_add(&Emulator, input(&y), input(&b)).unwrap());
+    let got = cuda::bias_add(&Emulator, input(&y), input(&b)).unwrap().values();
     assert_eq!(got, values(&out));
 
     let chunks = ColumnChunks::new(rows, h);
     assert!(chunks.chunks > 1 && chunks.column_blocks > 1);
-    let sums = read(&cuda::column_sum(&Emulator, input(&g), h).unwrap());
+    let sums = cuda::column_sum(&Emulator, input(&g), h).unwrap().values();
     assert!(max_rel_diff(&sums, &values(grads.get(&bv).unwrap())) < 1e-5);
 }
 
@@ -370,10 +365,11 @@ fn emulated_rms_norm_and_its_gradients_equal_the_cpu_op() {
         let grad = |v: &Var| values(grads.get(v).unwrap());
 
         let (x, w, g) = (input(&x), input(&w), input(&g));
-        let got = read(&cuda::rms_norm(&Emulator, x, w, eps as f32).unwrap());
+        let got = cuda::rms_norm(&Emulator, x, w, eps as f32).unwrap().values();
         assert!(max_rel_diff(&got, &values(&y)) < 1e-5, "forward, h {h}");
 
-        let out = read(&cuda::norm_grad(&Emulator, cuda::Norm::Rms, x, w, g, eps as f32).unwrap());
+        let out =
+            cuda::norm_grad(&Emulator, cuda::Norm::Rms, x, w, g, eps as f32).unwrap().values();
         assert_eq!(out.len(), n + h);
         assert!(max_rel_diff(&out[..n], &grad(&xv)) < 1e-4, "dx, h {h}");
         assert!(max_rel_diff(&out[n..], &grad(&wv)) < 1e-4, "dw, h {h}");
@@ -406,7 +402,7 @@ fn emulated_rotary_and_its_gradient_equal_the_cpu_op() {
 
     let dims = (b, len, heads, d);
     let rotary = |x: &[f32], inverse| {
-        read(&cuda::rotary(&Emulator, input(x), dims, input(&cos), input(&sin), inverse).unwrap())
+        cuda::rotary(&Emulator, input(x), dims, input(&cos), input(&sin), inverse).unwrap().values()
     };
     assert_eq!(rotary(&x, false), values(&y));
     assert_eq!(rotary(&g, true), values(grads.get(&xv).unwrap()));
@@ -430,8 +426,8 @@ fn emulated_swiglu_and_its_gradients_equal_the_cpu_op() {
     let y = train_ops::swiglu(&gv, &uv).unwrap();
     let grads = (y.clone() * tensor(&dy, &[n])).unwrap().sum_all().unwrap().backward().unwrap();
     let (gate, up, dy) = (input(&gate), input(&up), input(&dy));
-    let got = read(&cuda::swiglu(&Emulator, gate, up).unwrap());
-    let both = read(&cuda::swiglu_grad(&Emulator, gate, up, dy).unwrap());
+    let got = cuda::swiglu(&Emulator, gate, up).unwrap().values();
+    let both = cuda::swiglu_grad(&Emulator, gate, up, dy).unwrap().values();
     assert!(max_rel_diff(&got, &values(&y)) < 1e-6);
     assert!(max_rel_diff(&both[..n], &values(grads.get(&gv).unwrap())) < 1e-6);
     assert!(max_rel_diff(&both[n..], &values(grads.get(&uv).unwrap())) < 1e-6);
@@ -445,7 +441,7 @@ fn emulated_sum_of_squares_equals_the_f64_sum() {
     let grads = [vec![3.0f32], wave(70_000, 0.011)];
     let want: f64 = grads.iter().flatten().map(|&v| f64::from(v) * f64::from(v)).sum();
     let operands: Vec<Operand> = grads.iter().map(|g| input(g)).collect();
-    let got = read(&crate::grad_norm::launch_sum_of_squares(&Emulator, &operands).unwrap());
+    let got = crate::grad_norm::launch_sum_of_squares(&Emulator, &operands).unwrap().values();
     assert_eq!(got.len(), 1);
     assert!((f64::from(got[0]) - want).abs() / want < 1e-6, "{} vs {want}", got[0]);
 }

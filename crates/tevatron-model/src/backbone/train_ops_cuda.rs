@@ -25,23 +25,36 @@ fn same_len(op: &str, len: usize, operands: &[Operand]) -> Result<()> {
     }
 }
 
+/// An element-wise kernel `kernel(inputs.., out, n)` over the `n` elements of each input, into
+/// a fresh buffer of `outputs * n` (a backward writes one gradient per input).
+fn elementwise<K: Kernels>(
+    k: &K,
+    op: &str,
+    kernel: &str,
+    inputs: &[Operand],
+    outputs: usize,
+) -> Result<K::Buffer> {
+    let Some(n) = inputs.first().map(|x| x.len) else {
+        candle_core::bail!("{op}: no inputs");
+    };
+    same_len(op, n, inputs)?;
+    let out = k.alloc(outputs * n)?;
+    let mut args: Vec<Arg> = inputs.iter().map(|x| x.arg()).collect();
+    args.extend([k.operand(&out).arg(), Arg::U64(n as u64)]);
+    // SAFETY: the element-wise kernels take (inputs.., out, n); each input holds n, out
+    // `outputs * n`, as the kernel writes.
+    unsafe { k.launch(kernel, Launch::elements(n), &args) }?;
+    Ok(out)
+}
+
 /// Exact GELU of `x`.
 pub(crate) fn gelu<K: Kernels>(k: &K, x: Operand) -> Result<K::Buffer> {
-    let y = k.alloc(x.len)?;
-    let args = [x.arg(), k.operand(&y).arg(), Arg::U64(x.len as u64)];
-    // SAFETY: gelu_f32(x, y, n) over x's n elements; y holds n.
-    unsafe { k.launch("gelu_f32", Launch::elements(x.len), &args) }?;
-    Ok(y)
+    elementwise(k, "train-gelu", "gelu_f32", &[x], 1)
 }
 
 /// GELU's input gradient from its input `x` and output gradient `g`.
 pub(crate) fn gelu_grad<K: Kernels>(k: &K, x: Operand, g: Operand) -> Result<K::Buffer> {
-    same_len("train-gelu-grad", x.len, &[g])?;
-    let dx = k.alloc(x.len)?;
-    let args = [x.arg(), g.arg(), k.operand(&dx).arg(), Arg::U64(x.len as u64)];
-    // SAFETY: gelu_grad_f32(x, g, dx, n); all three hold n.
-    unsafe { k.launch("gelu_grad_f32", Launch::elements(x.len), &args) }?;
-    Ok(dx)
+    elementwise(k, "train-gelu-grad", "gelu_grad_f32", &[x, g], 1)
 }
 
 /// `softmax(x + bias)` over rows of attention scores, the mask's rows as `shape` says.
@@ -262,12 +275,7 @@ pub(crate) fn rotary<K: Kernels>(
 
 /// `silu(gate) * up`, element by element.
 pub(crate) fn swiglu<K: Kernels>(k: &K, gate: Operand, up: Operand) -> Result<K::Buffer> {
-    same_len("train-swiglu", gate.len, &[up])?;
-    let y = k.alloc(gate.len)?;
-    let args = [gate.arg(), up.arg(), k.operand(&y).arg(), Arg::U64(gate.len as u64)];
-    // SAFETY: swiglu_f32(g, u, y, n); all three hold n.
-    unsafe { k.launch("swiglu_f32", Launch::elements(gate.len), &args) }?;
-    Ok(y)
+    elementwise(k, "train-swiglu", "swiglu_f32", &[gate, up], 1)
 }
 
 /// `[d gate; d up]` in one buffer of `2n`, as the CPU op returns them.
@@ -277,13 +285,7 @@ pub(crate) fn swiglu_grad<K: Kernels>(
     up: Operand,
     dy: Operand,
 ) -> Result<K::Buffer> {
-    let n = gate.len;
-    same_len("train-swiglu-grad", n, &[up, dy])?;
-    let out = k.alloc(2 * n)?;
-    let args = [gate.arg(), up.arg(), dy.arg(), k.operand(&out).arg(), Arg::U64(n as u64)];
-    // SAFETY: swiglu_grad_f32(g, u, dy, out, n); g, u and dy hold n, out 2n.
-    unsafe { k.launch("swiglu_grad_f32", Launch::elements(n), &args) }?;
-    Ok(out)
+    elementwise(k, "train-swiglu-grad", "swiglu_grad_f32", &[gate, up, dy], 2)
 }
 
 /// The sums of the columns of `g` (rows of `width`), in a fixed order.
