@@ -3,6 +3,8 @@
 # (recipe: ../shared/docs/cuda-build.md). CUDA 13.0 to match the GPU machines' driver; sm_90.
 #   scripts/build-cuda.sh           release build -> target/cuda/release/tevatron
 #   scripts/build-cuda.sh check     cargo clippy --features cuda,nccl only (what CI runs)
+#   scripts/build-cuda.sh tests     the model crate's unit tests with CUDA
+#                                   -> target/cuda/release/tevatron-model-tests (gpu-check runs them)
 # Features: cuda (candle's CUDA backend, cuBLAS) and nccl (GPU collectives for --nproc_per_node;
 # NCCL 2.30 from the nvidia-nccl-cu13 wheel, the version PyTorch's CUDA 13 wheels carry).
 # The wheels (~1.6 GB) go to a virtualenv in .cache/cuda-venv (or TEVATRON_CUDA_VENV), reused.
@@ -43,6 +45,18 @@ export LIBRARY_PATH=$cu/lib:$cu/lib/stubs:$nccl${LIBRARY_PATH:+:$LIBRARY_PATH}
 export RUSTFLAGS="${RUSTFLAGS:-} -L $cu/lib -L $cu/lib/stubs -L $nccl"
 if [ "${1:-build}" = check ]; then
   cargo clippy --features cuda,nccl -p tevatron-cli -p tevatron-train -p tevatron-model --target-dir target/cuda -- -D warnings
+elif [ "${1:-}" = tests ]; then
+  # The model crate's unit tests with CUDA, for scripts/gpu-check.sh to run its gpu_ tests on
+  # the GPU machine. Release, with candle's nccl feature as in the release build, so that the
+  # dependencies that build compiled are reused.
+  bin=$(cargo test --release --features cuda,candle-core/nccl -p tevatron-model --lib --no-run --target-dir target/cuda \
+    --message-format=json | "$venv/bin/python" -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "tevatron_model":
+        print(m["executable"])')
+  cp "$bin" target/cuda/release/tevatron-model-tests
+  echo "built target/cuda/release/tevatron-model-tests"
 else
   cargo build --release --features cuda,nccl -p tevatron-cli --target-dir target/cuda
   echo "built target/cuda/release/tevatron"

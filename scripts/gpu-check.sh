@@ -3,7 +3,9 @@
 # network. Run from the repository root with the CUDA binary carried in .device/:
 #   .device/tevatron.xz (from scripts/build-cuda.sh, xz-compressed) and .device/tok/ (a BERT
 #   tokenizer + config: the all-MiniLM-L6-v2 files without weights).
+#   Optionally .device/model-tests.xz (scripts/build-cuda.sh tests, xz-compressed).
 # It builds a random-weight MiniLM-shaped BERT with transformers, then checks
+#   0. our kernels (training ops, AdamW, gradient norm) on the GPU against the CPU, if carried,
 #   1. CUDA vs CPU parity of our embeddings (f32 max abs <= 1e-4; bf16/f16 cosine >= 0.999 per row),
 #   2. encode throughput, ours vs transformers (mean pooling) on the same GPU, f32 and fp16,
 #   3. search: GPU (f32 and the default f16 index) against CPU over the same embeddings,
@@ -74,6 +76,25 @@ with open(f"{out}/train.jsonl", "w") as f:
                             "negative_passages": [{"text": n} for n in negs]}) + "\n")
 PY
 T=/tmp/tev/tevatron
+echo "== our kernels on the GPU against the CPU (the model crate's gpu_tests, if carried)"
+# .device/model-tests.xz is scripts/build-cuda.sh tests' binary. If a kernel differs, the checks
+# below still run, with candle's composed ops instead of our kernels, and the script fails at the end.
+kernels_failed=
+if [ "$dev" = cuda ] && [ -f .device/model-tests.xz ]; then
+  python3 -c 'import lzma, shutil; shutil.copyfileobj(lzma.open(".device/model-tests.xz"), open("/tmp/tev/model-tests", "wb"))'
+  chmod +x /tmp/tev/model-tests
+  if /tmp/tev/model-tests gpu_tests:: --test-threads 1 --nocapture > "$out/kernels.log" 2>&1 \
+      && ! grep -q SKIPPED "$out/kernels.log"; then
+    grep -E 'differ|test result' "$out/kernels.log"
+  else
+    grep -E 'differ|panicked|SKIPPED|FAILED|test result' "$out/kernels.log" | head -n 40
+    echo "FAIL (going on): our kernels differ from the CPU; the checks below use TEVATRON_GPU_COMPOSED_OPS=1"
+    export TEVATRON_GPU_COMPOSED_OPS=1
+    kernels_failed=1
+  fi
+else
+  echo "not run: no .device/model-tests.xz, or not on a GPU"
+fi
 enc() { "$T" encode --model_name_or_path "$out/model" --pooling mean --normalize --passage_max_len 128 --quiet "$@"; }
 echo "== parity (256 passages of 1 to 200 words, mean pooling, normalized)"
 enc --dataset_path "$out/small.jsonl" --device cpu --encode_output_path "$out/cpu.st" --per_device_eval_batch_size 32
@@ -214,4 +235,5 @@ dec() { local label=$1; shift
 dec mcpu --device cpu
 dec mgpu --device "$dev0"
 same_losses mcpu cpu mgpu gpu "GPU LoRA training of a decoder differs from CPU training with the same seed"
+[ -z "$kernels_failed" ] || { echo "FAIL: our kernels differ from the CPU (the first part)"; exit 1; }
 echo "gpu-check: all checks passed"
