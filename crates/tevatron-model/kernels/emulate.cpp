@@ -83,6 +83,8 @@ const Entry KERNELS[] = {
     ENTRY(swiglu_grad_f32),
     ENTRY(squares_partials_f32),
     ENTRY(sum_f32),
+    ENTRY(embedding_segments_f32),
+    ENTRY(embedding_rows_f32),
 };
 }  // namespace
 

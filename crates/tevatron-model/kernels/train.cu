@@ -350,3 +350,33 @@ KERNEL void sum_f32(const float *x, uint64_t n, float *out) {
   s = warp_sum_f64(s);
   if (LANE == 0) out[0] = (float)s;
 }
+
+// The gradient of an embedding lookup, in two passes and a fixed order (no atomics). The host
+// sorts the lookup's output rows by table row (`order`) and cuts each table row's run into
+// segments (`seg_start`: segments + 1 offsets into `order`).
+// partial[s] = the sum of the gradient rows order[seg_start[s]..seg_start[s + 1]], in order.
+KERNEL void embedding_segments_f32(const float *g, uint32_t width, const uint32_t *order,
+                                   const uint32_t *seg_start, uint64_t segments,
+                                   float *partial) {
+  for (uint64_t s = blockIdx.x; s < segments; s += gridDim.x) {
+    for (uint32_t j = threadIdx.x; j < width; j += blockDim.x) {
+      float sum = 0.0f;
+      for (uint32_t k = seg_start[s]; k < seg_start[s + 1]; ++k)
+        sum += g[(uint64_t)order[k] * width + j];
+      partial[s * width + j] = sum;
+    }
+  }
+}
+
+// out[r] = the sum of partial[row_seg[r]..row_seg[r + 1]] in order (zero for a table row no
+// lookup read), for each of the table's `rows` rows (`row_seg`: rows + 1 offsets).
+KERNEL void embedding_rows_f32(const float *partial, uint32_t width, const uint32_t *row_seg,
+                               uint64_t rows, float *out) {
+  for (uint64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    for (uint32_t j = threadIdx.x; j < width; j += blockDim.x) {
+      float sum = 0.0f;
+      for (uint32_t s = row_seg[r]; s < row_seg[r + 1]; ++s) sum += partial[(uint64_t)s * width + j];
+      out[r * width + j] = sum;
+    }
+  }
+}

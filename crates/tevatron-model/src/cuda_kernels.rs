@@ -34,7 +34,7 @@ impl Launch {
         Self::blocks((rows as u64).div_ceil(WARPS))
     }
 
-    fn blocks(blocks: u64) -> Self {
+    pub(crate) fn blocks(blocks: u64) -> Self {
         Self { grid: blocks.clamp(1, MAX_GRID) as u32, block: BLOCK }
     }
 
@@ -120,6 +120,9 @@ pub(crate) trait Kernels {
     /// `buffer`, whole, as an operand of launches.
     fn operand(&self, buffer: &Self::Buffer) -> Operand;
 
+    /// A buffer holding a copy of `values` (also integers, as the bits of F32 cells).
+    fn upload(&self, values: &[f32]) -> Result<Self::Buffer>;
+
     /// Launches kernel `kernel` with `shape` on the device's stream, after every launch before
     /// it.
     ///
@@ -157,6 +160,10 @@ mod device {
         fn alloc(&self, len: usize) -> Result<CudaSlice<f32>> {
             // SAFETY: F32 has no invalid bit patterns, and the launches write before reading.
             unsafe { CudaDevice::alloc::<f32>(self, len) }
+        }
+
+        fn upload(&self, values: &[f32]) -> Result<CudaSlice<f32>> {
+            self.clone_htod(values)
         }
 
         fn operand(&self, buffer: &CudaSlice<f32>) -> Operand {

@@ -32,6 +32,8 @@ pub mod device;
 pub mod encoder;
 pub mod error;
 pub mod fused_adamw;
+#[cfg(all(test, feature = "cuda"))]
+mod gpu_tests;
 pub mod grad_norm;
 pub mod hub;
 #[cfg(test)]

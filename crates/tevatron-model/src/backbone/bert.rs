@@ -2,12 +2,13 @@
 //! transformers' `modeling_bert.py` / `modeling_roberta.py` (v4.57), absolute positions only.
 //! Weight names are HF's exactly: `embeddings.*`, `encoder.layer.{i}.*`.
 
-use candle_core::{Device, Module, Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
 use super::cpu_infer::PostNormLayer;
 use super::layers::{self, Activation, LayerNorm, Linear, Linears};
+use super::lookup::embedding;
 use super::{Backbone, Mode};
 use crate::collate::Batch;
 
@@ -179,11 +180,9 @@ impl Backbone for Bert {
     fn embed(&self, batch: &Batch, mode: Mode) -> Result<Tensor> {
         let device = batch.input_ids.device();
         let positions = self.position_ids(batch, device)?;
-        let x = self
-            .word
-            .forward(&batch.input_ids)?
-            .add(&self.position.forward(&positions)?)?
-            .add(&self.token_type.forward(&batch.token_type_ids)?)?;
+        let x = embedding(self.word.embeddings(), &batch.input_ids)?
+            .add(&embedding(self.position.embeddings(), &positions)?)?
+            .add(&embedding(self.token_type.embeddings(), &batch.token_type_ids)?)?;
         let x = self.emb_norm.forward(&x, mode)?;
         layers::dropout(&x, self.cfg.hidden_dropout_prob, mode)
     }

@@ -2,12 +2,13 @@
 //! sinusoidal) positions, no token types, post-norm blocks with HF's names
 //! (`transformer.layer.{i}.attention.q_lin`, `sa_layer_norm`, `ffn.lin1`, `output_layer_norm`).
 
-use candle_core::{Device, Module, Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
 use super::cpu_infer::PostNormLayer;
 use super::layers::{self, Activation, LayerNorm, Linear, Linears};
+use super::lookup::embedding;
 use super::{Backbone, Mode};
 use crate::collate::Batch;
 
@@ -100,7 +101,8 @@ impl Backbone for DistilBert {
         }
         let device: &Device = batch.input_ids.device();
         let positions = Tensor::arange(0u32, l as u32, device)?.unsqueeze(0)?.repeat((b, 1))?;
-        let x = self.word.forward(&batch.input_ids)?.add(&self.position.forward(&positions)?)?;
+        let x = embedding(self.word.embeddings(), &batch.input_ids)?
+            .add(&embedding(self.position.embeddings(), &positions)?)?;
         let x = self.emb_norm.forward(&x, mode)?;
         layers::dropout(&x, self.cfg.dropout, mode)
     }

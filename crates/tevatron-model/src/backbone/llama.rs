@@ -11,13 +11,14 @@
 
 use std::sync::Mutex;
 
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
 use super::attention::Heads;
 use super::cpu_infer::{DecoderLayer, RmsNormRef};
 use super::layers::{self, Activation, Linear, Linears};
+use super::lookup::embedding;
 use super::{Backbone, Mode};
 use crate::collate::Batch;
 
@@ -340,7 +341,7 @@ fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 
 impl Backbone for Llama {
     fn embed(&self, batch: &Batch, _mode: Mode) -> Result<Tensor> {
-        self.embed.forward(&batch.input_ids)
+        embedding(self.embed.embeddings(), &batch.input_ids)
     }
 
     /// `(b, 1, l, l)`: 0 where query `i` may see key `j` (`j <= i`, `j` a real token, and within

@@ -14,6 +14,7 @@ pub mod distilbert;
 mod fast;
 pub mod layers;
 pub mod llama;
+pub mod lookup;
 pub mod train_ops;
 
 use candle_core::{DType, Result, Tensor};
