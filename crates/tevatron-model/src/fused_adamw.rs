@@ -64,6 +64,24 @@ impl AdamWStep {
     }
 }
 
+#[cfg(test)]
+impl AdamWStep {
+    /// A step with PyTorch's default betas and epsilon, decay and a clipping scale, for tests.
+    pub(crate) fn example() -> Self {
+        Self {
+            beta1: 0.9,
+            one_minus_beta1: 0.1,
+            beta2: 0.999,
+            one_minus_beta2: 0.001,
+            eps: 1e-8,
+            bc2_sqrt: 0.05,
+            step_size: 0.01,
+            decay: 0.999,
+            grad_scale: 0.37,
+        }
+    }
+}
+
 #[cfg(any(test, feature = "cuda"))]
 impl AdamWStep {
     /// The update as one launch of `adamw_f32` on `k`, in place: the weight `w` and the
@@ -317,17 +335,7 @@ mod tests {
         let t = |v: Vec<f32>| Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap();
         let (w, g, m, v) = (wave(0.37), wave(1.3), wave(0.11), wave(0.07));
         let v: Vec<f32> = v.iter().map(|x| x * x).collect();
-        let step = AdamWStep {
-            beta1: 0.9,
-            one_minus_beta1: 0.1,
-            beta2: 0.999,
-            one_minus_beta2: 0.001,
-            eps: 1e-8,
-            bc2_sqrt: 0.05,
-            step_size: 0.01,
-            decay: 0.999,
-            grad_scale: 0.37,
-        };
+        let step = AdamWStep::example();
         let (w2, m2, v2) =
             adamw_step(&t(w.clone()), &t(g.clone()), &t(m.clone()), &t(v.clone()), step).unwrap();
         assert_eq!(w2.dims(), &[rows, cols]);

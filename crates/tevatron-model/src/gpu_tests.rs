@@ -86,11 +86,6 @@ fn same_on_both(
     }
 }
 
-/// A constant of `shape` on `dev`.
-fn constant(dev: &Device, values: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
-    Tensor::from_vec(values, shape, dev)
-}
-
 #[test]
 fn gpu_gelu_swiglu_and_bias_add_equal_the_cpu() {
     let Some(dev) = gpu() else { return };
@@ -113,7 +108,7 @@ fn gpu_masked_softmax_equals_the_cpu() {
         "masked softmax (padding)",
         &dev,
         &[&[b, h, l, l]],
-        |dev, x| masked_softmax(&x[0], &constant(dev, pad.clone(), &[b, 1, 1, l])?),
+        |dev, x| masked_softmax(&x[0], &Tensor::from_vec(pad.clone(), (b, 1, 1, l), dev)?),
         1e-5,
     );
     // A causal mask per query, 33 keys (a partial warp).
@@ -123,7 +118,7 @@ fn gpu_masked_softmax_equals_the_cpu() {
         "masked softmax (causal)",
         &dev,
         &[&[2, 3, 33, 33]],
-        |dev, x| masked_softmax(&x[0], &constant(dev, causal.clone(), &[2, 1, 33, 33])?),
+        |dev, x| masked_softmax(&x[0], &Tensor::from_vec(causal.clone(), (2, 1, 33, 33), dev)?),
         1e-5,
     );
 }
@@ -164,8 +159,8 @@ fn gpu_rotary_equals_the_cpu() {
         |dev, x| {
             rotary(
                 &x[0],
-                &constant(dev, cos.clone(), &[l, d])?,
-                &constant(dev, sin.clone(), &[l, d])?,
+                &Tensor::from_vec(cos.clone(), (l, d), dev)?,
+                &Tensor::from_vec(sin.clone(), (l, d), dev)?,
             )
         },
         1e-5,
@@ -176,17 +171,7 @@ fn gpu_rotary_equals_the_cpu() {
 fn gpu_adamw_in_place_equals_the_cpu_step() {
     let Some(dev) = gpu() else { return };
     let n = 100_003;
-    let step = AdamWStep {
-        beta1: 0.9,
-        one_minus_beta1: 0.1,
-        beta2: 0.999,
-        one_minus_beta2: 0.001,
-        eps: 1e-8,
-        bc2_sqrt: 0.05,
-        step_size: 0.01,
-        decay: 0.999,
-        grad_scale: 0.37,
-    };
+    let step = AdamWStep::example();
     let run = |dev: &Device| {
         let t = |v: Vec<f32>| Tensor::from_vec(v, (n,), dev).unwrap();
         let v2: Vec<f32> = wave(n, 0.07, 1.0).iter().map(|x| x * x).collect();

@@ -226,17 +226,7 @@ fn emulated_dropout_keeps_what_the_cpu_stream_keeps() {
 #[test]
 fn emulated_adamw_equals_the_cpu_step_bit_for_bit() {
     let n = 2100;
-    let step = AdamWStep {
-        beta1: 0.9,
-        one_minus_beta1: 0.1,
-        beta2: 0.999,
-        one_minus_beta2: 0.001,
-        eps: 1e-8,
-        bc2_sqrt: 0.05,
-        step_size: 1e-3,
-        decay: 0.99,
-        grad_scale: 0.37,
-    };
+    let step = AdamWStep::example();
     let (w, g, m, v) = (wave(n, 0.3), wave(n, 1.1), wave(n, 0.05), wave(n, 0.02));
     let v: Vec<f32> = v.iter().map(|x| x.abs()).collect();
     let t = |x: &[f32]| tensor(x, &[n]);
