@@ -8,34 +8,33 @@
 //! Only a trainable F32 table on a GPU takes this path; the CPU, inference and
 //! `TEVATRON_GPU_COMPOSED_OPS` keep candle's lookup.
 
-use std::sync::Arc;
-
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{Result, Tensor};
 
 #[cfg(any(test, feature = "cuda"))]
 use crate::cuda_kernels::{Arg, Kernels, Launch, Operand};
 
 /// Looked-up rows added per partial sum: enough parallel work for a row that many tokens read
 /// (a token type, a position), little extra traffic for the rest.
+#[cfg(any(test, feature = "cuda"))]
 const SEGMENT_ROWS: u32 = 32;
 
 /// Rows `ids` of the 2-D `table`, shaped `ids.dims() + (width,)`: candle's `Embedding`, with
 /// our backward where the table trains on a GPU.
 pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
-    let (rows, width) = table.dims2()?;
+    let (_, width) = table.dims2()?;
     let mut dims = ids.dims().to_vec();
     dims.push(width);
     let ids = ids.flatten_all()?;
-    let ours =
-        table.device().is_cuda() && table.is_variable() && super::train_ops::has_kernel(&[table]);
-    if !ours {
-        return table.index_select(&ids, 0)?.reshape(dims);
+    #[cfg(feature = "cuda")]
+    if table.device().is_cuda() && table.is_variable() && super::train_ops::has_kernel(&[table]) {
+        let groups = std::sync::Arc::new(RowGroups::new(&ids.to_vec1::<u32>()?, table.dim(0)?)?);
+        return table.apply_op1(gpu::Lookup { ids, groups })?.reshape(dims);
     }
-    let groups = Arc::new(RowGroups::new(&ids.to_vec1::<u32>()?, rows)?);
-    table.apply_op1(Lookup { ids, groups })?.reshape(dims)
+    table.index_select(&ids, 0)?.reshape(dims)
 }
 
 /// Which looked-up rows add into which table row, in the order the kernels add them.
+#[cfg(any(test, feature = "cuda"))]
 #[derive(Debug)]
 pub(crate) struct RowGroups {
     /// The looked-up rows (positions in the ids), sorted by the table row they read, stably.
@@ -48,6 +47,7 @@ pub(crate) struct RowGroups {
     row_seg: Vec<u32>,
 }
 
+#[cfg(any(test, feature = "cuda"))]
 impl RowGroups {
     /// The groups of `ids` into a table of `rows` rows; an error on an id outside it.
     pub(crate) fn new(ids: &[u32], rows: usize) -> Result<Self> {
@@ -84,8 +84,14 @@ impl RowGroups {
         self.seg_start.len() - 1
     }
 
+    /// The rows of the table.
+    fn rows(&self) -> usize {
+        self.row_seg.len() - 1
+    }
+
     /// The gradient of the table, `rows` x `width`, from the lookup's output gradient `g`
-    /// (`ids.len()` x `width`), added as the kernels add it.
+    /// (`ids.len()` x `width`), added as the kernels add it: their CPU twin in the tests.
+    #[cfg(test)]
     pub(crate) fn table_grad(&self, g: &[f32], width: usize) -> Vec<f32> {
         let mut partial = vec![0f32; self.segments() * width];
         for (s, out) in partial.chunks_exact_mut(width).enumerate() {
@@ -94,8 +100,7 @@ impl RowGroups {
                 out.iter_mut().zip(row).for_each(|(o, x)| *o += x);
             }
         }
-        let rows = self.row_seg.len() - 1;
-        let mut table = vec![0f32; rows * width];
+        let mut table = vec![0f32; self.rows() * width];
         for (r, out) in table.chunks_exact_mut(width).enumerate() {
             for s in self.row_seg[r] as usize..self.row_seg[r + 1] as usize {
                 out.iter_mut().zip(&partial[s * width..][..width]).for_each(|(o, x)| *o += x);
@@ -105,76 +110,76 @@ impl RowGroups {
     }
 }
 
-/// The lookup: candle's gather forward, our backward.
-struct Lookup {
-    /// The flat u32 ids, on the table's device.
-    ids: Tensor,
-    groups: Arc<RowGroups>,
-}
+/// The lookup and its gradient as candle ops, on a GPU only (the CPU keeps candle's lookup).
+#[cfg(feature = "cuda")]
+mod gpu {
+    use std::sync::Arc;
 
-impl CustomOp1 for Lookup {
-    fn name(&self) -> &'static str {
-        "embedding"
+    use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+
+    use super::RowGroups;
+
+    /// The lookup: candle's gather forward, our backward.
+    pub(super) struct Lookup {
+        /// The flat u32 ids, on the table's device.
+        pub(super) ids: Tensor,
+        pub(super) groups: Arc<RowGroups>,
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let table = super::contiguous_f32(s, l, self.name())?;
-        let width = l.dims()[1];
-        let ids = self.ids.to_vec1::<u32>()?;
-        let out: Vec<f32> =
-            ids.iter().flat_map(|&id| &table[id as usize * width..][..width]).copied().collect();
-        Ok((CpuStorage::F32(out), Shape::from((ids.len(), width))))
+    impl CustomOp1 for Lookup {
+        fn name(&self) -> &'static str {
+            "embedding"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("embedding: the CPU takes candle's lookup (lookup::embedding)")
+        }
+
+        fn cuda_fwd(
+            &self,
+            s: &candle_core::CudaStorage,
+            l: &Layout,
+        ) -> Result<(candle_core::CudaStorage, Shape)> {
+            use candle_core::backend::BackendStorage;
+            let (ids, ids_layout) = self.ids.storage_and_layout();
+            let candle_core::Storage::Cuda(ids) = &*ids else {
+                candle_core::bail!("embedding: the ids are not on the table's GPU");
+            };
+            let out = s.index_select(ids, l, ids_layout, 0)?;
+            Ok((out, Shape::from((self.ids.elem_count(), l.dims()[1]))))
+        }
+
+        fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+            let op = LookupGrad { groups: self.groups.clone() };
+            Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&op)?))
+        }
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let (ids, ids_layout) = self.ids.storage_and_layout();
-        let candle_core::Storage::Cuda(ids) = &*ids else {
-            candle_core::bail!("embedding: the ids are not on the table's GPU");
-        };
-        let out = s.index_select(ids, l, ids_layout, 0)?;
-        Ok((out, Shape::from((self.ids.elem_count(), l.dims()[1]))))
+    /// The table's gradient from the lookup's output gradient.
+    struct LookupGrad {
+        groups: Arc<RowGroups>,
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let op = LookupGrad { groups: self.groups.clone(), rows: arg.dim(0)? };
-        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&op)?))
-    }
-}
+    impl CustomOp1 for LookupGrad {
+        fn name(&self) -> &'static str {
+            "embedding-grad"
+        }
 
-/// The table's gradient from the lookup's output gradient.
-struct LookupGrad {
-    groups: Arc<RowGroups>,
-    rows: usize,
-}
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("embedding-grad: the CPU takes candle's lookup (lookup::embedding)")
+        }
 
-impl CustomOp1 for LookupGrad {
-    fn name(&self) -> &'static str {
-        "embedding-grad"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = super::contiguous_f32(s, l, self.name())?;
-        let width = l.dims()[1];
-        Ok((CpuStorage::F32(self.groups.table_grad(g, width)), Shape::from((self.rows, width))))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let width = l.dims()[1];
-        let shape = Shape::from((self.rows, width));
-        crate::cuda_kernels::run(self.name(), [(s, l)], &shape, |d, [g]| {
-            table_grad(d, g, width, &self.groups)
-        })
+        fn cuda_fwd(
+            &self,
+            s: &candle_core::CudaStorage,
+            l: &Layout,
+        ) -> Result<(candle_core::CudaStorage, Shape)> {
+            let width = l.dims()[1];
+            let shape = Shape::from((self.groups.rows(), width));
+            crate::cuda_kernels::run(self.name(), [(s, l)], &shape, |d, [g]| {
+                super::table_grad(d, g, width, &self.groups)
+            })
+        }
     }
 }
 
@@ -200,7 +205,7 @@ pub(crate) fn table_grad<K: Kernels>(
             groups.order.len()
         );
     }
-    let (segments, rows) = (groups.segments(), groups.row_seg.len() - 1);
+    let (segments, rows) = (groups.segments(), groups.rows());
     let order = k.upload(&as_cells(&groups.order))?;
     let seg_start = k.upload(&as_cells(&groups.seg_start))?;
     let row_seg = k.upload(&as_cells(&groups.row_seg))?;
