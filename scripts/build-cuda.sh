@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds `tevatron` with candle's CUDA backend on a machine without a GPU, from PyPI wheels
-# (recipe: ../shared/docs/cuda-build.md). CUDA 13.0 to match the GPU machines' driver; sm_90.
+# (recipe: docs/cuda-build.md). CUDA 13.0 to match the GPU machines' driver; sm_90.
 #   scripts/build-cuda.sh           release build -> target/cuda/release/tevatron
 #   scripts/build-cuda.sh check     cargo clippy --features cuda,nccl only (what CI runs)
 #   scripts/build-cuda.sh tests     the model crate's unit tests with CUDA

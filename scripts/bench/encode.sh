@@ -5,14 +5,16 @@
 # InsuranceQA corpus at its real lengths, both at --passage_max_len 128, batch 64, fp32.
 # Our time is the whole command (process start, model load, encode, write); PyTorch's is the
 # encode() call alone, after model load: a conservative comparison for us.
+# Data: InsuranceQA as scripts/fetch-insuranceqa.sh downloads and converts it (into
+# .cache/data/insuranceqa), or INSURANCEQA=/path to a folder already converted.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
-data=${INSURANCEQA:-$root/../shared/data/insuranceqa}
 work=$root/.cache/bench
 mkdir -p "$work"
 model=$(scripts/fetch-minilm.sh)
 cargo build --release -q -p tevatron-cli
+data=${INSURANCEQA:-$(scripts/fetch-insuranceqa.sh)}
 venv=${TEVATRON_BENCH_VENV:-$root/.cache/bench-venv}
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"

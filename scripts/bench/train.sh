@@ -7,16 +7,20 @@
 # log's timestamps with --logging_steps 1, PyTorch's around forward+backward+clip+AdamW);
 # peak RSS is the whole process. Ours also runs with --grad_cache and --gradient_checkpointing
 # (PyTorch with gradient_checkpointing_enable()) to show the memory they save.
-# Needs TEVATRON_BENCH_VENV (or .cache/bench-venv) with torch and transformers.
+# PyTorch runs from TEVATRON_BENCH_VENV, else .cache/bench-venv (created with torch and
+# transformers when missing). Data: InsuranceQA's train.small.jsonl as scripts/fetch-insuranceqa.sh
+# downloads and converts it (into .cache/data/insuranceqa), or INSURANCEQA=/path to a folder
+# already converted.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
-data=${INSURANCEQA:-$root/../shared/data/insuranceqa}/train.small.jsonl
 steps=${1:-6}
 work=$root/.cache/bench/train
 mkdir -p "$work"
 model=$(scripts/fetch-minilm.sh)
 cargo build --release -q -p tevatron-cli
+insuranceqa=${INSURANCEQA:-$(scripts/fetch-insuranceqa.sh)}
+data=$insuranceqa/train.small.jsonl
 venv=${TEVATRON_BENCH_VENV:-$root/.cache/bench-venv}
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
