@@ -165,12 +165,12 @@ pub struct EncodeArgs {
     /// Text put before each passage, e.g. "passage: ".
     #[arg(long, default_value = "")]
     pub passage_prefix: String,
-    /// Pooling: cls/first, mean/avg/average, last/eos. Default: the sentence-transformers
-    /// folder's pooling if it has one, else cls.
+    /// Pooling: cls/first, mean/avg/average, last/eos. Default cls; with neither --pooling nor
+    /// --normalize given, a sentence-transformers folder's own pooling and normalisation.
     #[arg(long, value_enum)]
     pub pooling: Option<PoolingArg>,
-    /// L2-normalise embeddings. Default: true for a sentence-transformers folder with a
-    /// Normalize module, else false.
+    /// L2-normalise embeddings (`--normalize`, `--normalize true|false`). Default false; with
+    /// neither --pooling nor --normalize given, a sentence-transformers folder's own settings.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
     pub normalize: Option<bool>,
     /// Truncate to max_len-1 and append the EOS token (decoder models with eos pooling).
@@ -217,6 +217,9 @@ pub struct EncodeArgs {
     /// No progress bar, warnings only.
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub quiet: bool,
+    /// No progress bar; the log stays (Hugging Face's flag).
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub disable_tqdm: bool,
 }
 
 /// `--save_strategy` / `--logging_strategy` values.
@@ -259,11 +262,12 @@ pub struct TrainArgs {
     /// Hugging Face hub cache folder.
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
-    /// Pooling: cls/first, mean/avg/average, last/eos (default: the sentence-transformers
-    /// folder's, else cls).
+    /// Pooling: cls/first, mean/avg/average, last/eos. Default cls; with neither --pooling nor
+    /// --normalize given, a sentence-transformers folder's own pooling and normalisation.
     #[arg(long, value_enum)]
     pub pooling: Option<PoolingArg>,
-    /// L2-normalise representations (default: the sentence-transformers folder's, else false).
+    /// L2-normalise representations (`--normalize`, `--normalize true|false`). Default false;
+    /// with neither --pooling nor --normalize given, a sentence-transformers folder's own settings.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
     pub normalize: Option<bool>,
     /// Scores are divided by this before the cross-entropy (also under --grad_cache).
@@ -373,6 +377,9 @@ pub struct TrainArgs {
     /// When to log.
     #[arg(long, value_enum, default_value = "steps")]
     pub logging_strategy: StrategyArg,
+    /// Also log the first step (Hugging Face's rule: whatever the logging strategy).
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub logging_first_step: bool,
     /// Save a checkpoint every this many steps.
     #[arg(long, default_value_t = 500)]
     pub save_steps: usize,
@@ -456,41 +463,9 @@ pub struct TrainArgs {
     /// No progress bar, warnings only.
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub quiet: bool,
-}
-
-/// Flags Tevatron or Hugging Face accept that this tool does not, each with what to do instead.
-/// They are refused by name rather than left to a generic "unexpected argument".
-pub const REFUSED_TRAIN_FLAGS: &[(&str, &str)] = &[
-    ("deepspeed", "DeepSpeed is not used; drop --deepspeed (one process trains the whole model; see docs/train.md for memory options: --gradient_checkpointing, --grad_cache, --bf16)"),
-    ("report_to", "no experiment trackers; the log is in OUTPUT_DIR/trainer_state.json (drop --report_to)"),
-    ("model_revision", "revisions are not supported; download the revision and pass its folder"),
-    ("train_yaml", "multi-dataset YAML is a multimodal feature; pass --dataset_path"),
-    ("tf32", "TF32 is a GPU matmul mode this tool does not expose; drop --tf32"),
-    ("eval_strategy", "no evaluation during training; evaluate checkpoints with tevatron encode/search/eval"),
-    ("evaluation_strategy", "no evaluation during training; evaluate checkpoints with tevatron encode/search/eval"),
-];
-
-/// Refuses the flags in [`REFUSED_TRAIN_FLAGS`] with their message (for `train` only).
-pub fn refuse_unsupported(argv: &[OsString]) -> Result<()> {
-    if argv.get(1).and_then(|s| s.to_str()) != Some("train") {
-        return Ok(());
-    }
-    let args: Vec<&str> = argv.iter().skip(2).filter_map(|s| s.to_str()).collect();
-    for (i, a) in args.iter().enumerate() {
-        let Some(flag) = a.strip_prefix("--") else { continue };
-        let mut parts = flag.splitn(2, '=');
-        let name = parts.next().unwrap_or(flag).replace('-', "_");
-        let value = parts.next().or_else(|| args.get(i + 1).copied()).unwrap_or("");
-        // Saying "no tracker" explicitly is what this tool does anyway.
-        let harmless = name == "report_to" && value == "none";
-        if harmless {
-            continue;
-        }
-        if let Some((_, why)) = REFUSED_TRAIN_FLAGS.iter().find(|(n, _)| *n == name) {
-            bail!("--{name} is not supported: {why}");
-        }
-    }
-    Ok(())
+    /// No progress bar; the log stays (Hugging Face's flag).
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub disable_tqdm: bool,
 }
 
 /// Flags of `tevatron search` (Tevatron's `driver.search`).

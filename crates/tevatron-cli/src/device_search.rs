@@ -31,7 +31,13 @@ pub fn search_shard_on(
     batch_size: usize,
 ) -> Result<Vec<Vec<(f32, u32)>>> {
     if shard.dim() != dim {
-        return Err(Error::DimMismatch { expected: shard.dim(), got: dim });
+        let passages = shard.path().to_path_buf();
+        return Err(Error::DimMismatch {
+            queries: None,
+            passages,
+            expected: shard.dim(),
+            got: dim,
+        });
     }
     let n = shard.len();
     let mut blocks = Vec::with_capacity(n.div_ceil(DEVICE_BLOCK));
@@ -137,6 +143,7 @@ mod tests {
         let e = search_shard_on(&Device::Cpu, DType::F32, &[1.0, 0.0], 2, &v, 1, 0).unwrap_err();
         assert!(e.to_string().contains("row 0 holds a NaN"), "{e}");
         let e = search_shard_on(&Device::Cpu, DType::F32, &[1.0, 0.0, 0.0], 3, &v, 1, 0);
-        assert!(e.is_err());
+        let e = e.unwrap_err().to_string();
+        assert!(e.starts_with("query dimension 3 does not match passage dimension 2 of "), "{e}");
     }
 }

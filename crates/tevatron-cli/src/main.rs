@@ -5,6 +5,7 @@ mod args;
 mod cmd;
 mod dataset;
 mod device_search;
+mod flags;
 mod launch;
 mod plot;
 mod progress;
@@ -60,16 +61,15 @@ pub fn release_freed_memory() {
 }
 
 fn main() -> ExitCode {
-    let argv = match args::expand_json_args(std::env::args_os().collect())
-        .and_then(|argv| args::refuse_unsupported(&argv).map(|()| argv))
-    {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("tevatron: {e:#}");
-            return ExitCode::from(2);
-        }
-    };
-    let cli = match args::Cli::try_parse_from(argv) {
+    let screened =
+        match args::expand_json_args(std::env::args_os().collect()).and_then(flags::screen) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("tevatron: {e:#}");
+                return ExitCode::from(2);
+            }
+        };
+    let cli = match args::Cli::try_parse_from(screened.argv) {
         Ok(cli) => cli,
         Err(e) => {
             let code = if e.use_stderr() { 2 } else { 0 };
@@ -89,6 +89,9 @@ fn main() -> ExitCode {
             }),
         )
         .init();
+    for note in &screened.notes {
+        tracing::info!("{note}");
+    }
     match cmd::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

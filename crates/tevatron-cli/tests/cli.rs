@@ -304,9 +304,19 @@ fn bad_data_inputs_name_file_line_and_field() {
             names(&d.join("out"))
         );
     }
-    // A newline inside an id cannot be stored.
-    std::fs::write(d.join("nl.jsonl"), b"{\"docid\":\"a\\nb\",\"text\":\"x\"}\n").unwrap();
-    fails_with(encode(d, "nl.jsonl", "out/e.safetensors", &[]), "contains a newline");
+    // A newline inside an id cannot be stored: the message names the input file, line and field.
+    let nl = b"{\"docid\":\"a\",\"text\":\"x\"}\n{\"docid\":\"a\\nb\",\"text\":\"x\"}\n";
+    std::fs::write(d.join("nl.jsonl"), nl).unwrap();
+    fails_with(
+        encode(d, "nl.jsonl", "out/e.safetensors", &[]),
+        "nl.jsonl:2: field `docid`: id \"a\\nb\" contains a newline",
+    );
+    let nlq = b"{\"query_id\":\"q\\n1\",\"query\":\"x\"}\n";
+    std::fs::write(d.join("nlq.jsonl"), nlq).unwrap();
+    fails_with(
+        encode(d, "nlq.jsonl", "out/e.safetensors", &["--encode_is_query"]),
+        "nlq.jsonl:1: field `query_id`",
+    );
     // An output path that cannot be written (its parent is a file).
     std::fs::write(d.join("file"), b"").unwrap();
     fails_with(encode(d, &toy("corpus.jsonl"), "file/e.safetensors", &[]), "could not write");
@@ -344,14 +354,26 @@ fn bad_search_and_eval_inputs_are_clear_errors() {
     assert_eq!(std::fs::read_to_string(d.join("r.tsv")).unwrap().lines().count(), 3 * 7);
     // Different dimensions, NaN vectors, empty query file.
     write_vectors(&d.join("wide.safetensors"), 3, &[1.0, 2.0, 3.0], &["x"]);
-    fails_with(
-        search("q.safetensors", "wide.safetensors", "5"),
-        "query dimension 32 does not match passage dimension 3",
+    // The message names both files: the queries and the first shard of another dimension,
+    // whether shards are opened up front or one at a time.
+    let both = "query dimension 32 of q.safetensors does not match passage dimension 3 of \
+                wide.safetensors";
+    fails_with(search("q.safetensors", "wide.safetensors", "5"), both);
+    fails_with(search("q.safetensors", "[cw]*.safetensors", "5"), both);
+    let sharded = tevatron(
+        d,
+        &[
+            "search",
+            "--query_reps",
+            "q.safetensors",
+            "--passage_reps",
+            "[cw]*.safetensors",
+            "--save_ranking_to",
+            "r.tsv",
+            "--shard_search",
+        ],
     );
-    fails_with(
-        search("q.safetensors", "[cw]*.safetensors", "5"),
-        "wide.safetensors has dimension 3 but c.safetensors has 32",
-    );
+    fails_with(sharded, both);
     let mut nan = vec![0.5f32; 32];
     nan[3] = f32::NAN;
     write_vectors(&d.join("nan.safetensors"), 32, &nan, &["n"]);

@@ -89,8 +89,16 @@ pub enum Error {
         what: String,
     },
     /// Query and document vectors have different widths.
-    #[error("query dimension {got} does not match passage dimension {expected}")]
+    #[error(
+        "query dimension {got}{} does not match passage dimension {expected} of {}",
+        queries.as_ref().map(|q| format!(" of {}", q.display())).unwrap_or_default(),
+        passages.display()
+    )]
     DimMismatch {
+        /// The query embeddings file, when the caller knows it.
+        queries: Option<PathBuf>,
+        /// The passage shard whose dimension differs.
+        passages: PathBuf,
         /// The passage (index) dimension.
         expected: usize,
         /// The query dimension.

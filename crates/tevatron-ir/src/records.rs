@@ -325,11 +325,31 @@ impl Iterator for RecordStream {
                 Some(Err(e)) => return Some(Err(e)),
                 Some(Ok((line, obj))) => {
                     self.row += 1;
-                    return Some(text_record(&obj, self.kind, reader.path(), line));
+                    let record = text_record(&obj, self.kind, reader.path(), line);
+                    return Some(
+                        record.and_then(|r| storable_id(r, self.kind, reader.path(), line)),
+                    );
                 }
             }
         }
     }
+}
+
+/// Refuses an id that an embeddings file cannot store (its ids are newline-separated), naming
+/// the input's file, line and field rather than leaving it to the writer, which knows neither.
+fn storable_id(r: TextRecord, kind: RecordKind, path: &Path, line: usize) -> Result<TextRecord> {
+    if !r.id.contains('\n') {
+        return Ok(r);
+    }
+    let field = if kind == RecordKind::Query { "query_id" } else { "docid" };
+    Err(Error::Line {
+        path: path.to_path_buf(),
+        line,
+        what: format!(
+            "field `{field}`: id {:?} contains a newline, which the embeddings format cannot store",
+            r.id
+        ),
+    })
 }
 
 /// Reads a whole file into memory, naming the path in the error.

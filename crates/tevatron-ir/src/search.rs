@@ -160,7 +160,13 @@ pub fn search_shard(
     batch_size: usize,
 ) -> Result<Vec<Vec<(f32, u32)>>> {
     if shard.dim() != dim {
-        return Err(Error::DimMismatch { expected: shard.dim(), got: dim });
+        let passages = shard.path().to_path_buf();
+        return Err(Error::DimMismatch {
+            queries: None,
+            passages,
+            expected: shard.dim(),
+            got: dim,
+        });
     }
     let nq = queries.len() / dim;
     let ids = shard.ids();
@@ -351,6 +357,19 @@ pub fn merge_shards<S: std::borrow::Borrow<Vectors>>(
     Ok(ranking)
 }
 
+/// Checks that a passage shard has the query file's dimension; the error names both files.
+pub fn check_dims(queries: &Vectors, shard: &Vectors) -> Result<()> {
+    if shard.dim() == queries.dim() {
+        return Ok(());
+    }
+    Err(Error::DimMismatch {
+        queries: Some(queries.path().to_path_buf()),
+        passages: shard.path().to_path_buf(),
+        expected: shard.dim(),
+        got: queries.dim(),
+    })
+}
+
 /// Validates query vectors before any search work.
 pub fn check_queries(queries: &Vectors) -> Result<Vec<f32>> {
     if queries.is_empty() {
@@ -412,6 +431,15 @@ mod tests {
             .collect()
     }
 
+    /// The documented order written out independently of `rank_cmp`: ascending by score, then
+    /// by doc id, reversed, which is score descending and, on a tie, doc id descending. A tie
+    /// is numeric equality, so 0 and -0 tie (`total_cmp` would order them).
+    fn documented_order(all: &mut [Named]) {
+        let score = |x: &Named, y: &Named| x.score.partial_cmp(&y.score).expect("finite scores");
+        all.sort_by(|x, y| score(x, y).then_with(|| x.docid.cmp(&y.docid)));
+        all.reverse();
+    }
+
     fn brute(q: &[f32], docs: &[f32], ids: &[String], dim: usize, depth: usize) -> Vec<Vec<Named>> {
         q.chunks(dim)
             .map(|qv| {
@@ -423,7 +451,7 @@ mod tests {
                         docid: id.clone(),
                     })
                     .collect();
-                all.sort_by(|x, y| rank_cmp(x.score, || &x.docid, y.score, || &y.docid));
+                documented_order(&mut all);
                 all.truncate(depth);
                 all
             })
@@ -470,6 +498,33 @@ mod tests {
         }
     }
 
+    /// The tie rule by example, against the module's words rather than any code: equal scores
+    /// (0 and -0 included) rank by doc id descending (as strings), in the search, the sharded
+    /// merge, and the brute-force reference the property test trusts.
+    #[test]
+    fn ties_rank_by_doc_id_descending() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids: Vec<String> = ["b", "d10", "a", "e", "d9", "f", "c"].map(String::from).to_vec();
+        let docs = [1.0f32, 1.0, 2.0, 0.0, 1.0, -0.0, 1.0];
+        let v = write(dir.path(), "c", &docs, &ids, 1, VecDType::F32);
+        let want = ["a", "d9", "d10", "c", "b", "f", "e"];
+        let docids = |hits: &[Named]| hits.iter().map(|h| h.docid.clone()).collect::<Vec<_>>();
+        assert_eq!(docids(&brute(&[1.0], &docs, &ids, 1, 7)[0]), want);
+        assert_eq!(docids(&named_rows(search_shard(&[1.0], 1, &v, 7, 0).unwrap(), &v)[0]), want);
+        assert_eq!(
+            docids(&named_rows(search_shard(&[1.0], 1, &v, 3, 0).unwrap(), &v)[0]),
+            want[..3]
+        );
+        let a = write(dir.path(), "a", &docs[..4], &ids[..4], 1, VecDType::F32);
+        let b = write(dir.path(), "b", &docs[4..], &ids[4..], 1, VecDType::F32);
+        for order in [[&a, &b], [&b, &a]] {
+            for depth in [4, 7] {
+                let merged = search_shards(&[1.0], 1, order.map(Ok), depth, 0).unwrap();
+                assert_eq!(docids(&named(&merged)[0]), want[..depth]);
+            }
+        }
+    }
+
     #[test]
     fn many_queries_span_several_query_blocks() {
         let dir = tempfile::tempdir().unwrap();
@@ -485,8 +540,10 @@ mod tests {
         }
     }
 
+    /// F16 and BF16 files stay in half precision (mapped, not widened on open; the search widens
+    /// one block at a time) and score as their f32 values would, over several blocks.
     #[test]
-    fn half_precision_rows_are_scored_without_copying_the_corpus() {
+    fn half_precision_rows_stay_half_and_score_as_their_f32_values() {
         let dir = tempfile::tempdir().unwrap();
         let docs: Vec<f32> = (0..3000 * 4).map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0).collect();
         let ids: Vec<String> = (0..3000).map(|i| i.to_string()).collect();
@@ -494,6 +551,13 @@ mod tests {
         let want = brute(&q, &docs, &ids, 4, 10);
         for dt in [VecDType::F16, VecDType::BF16] {
             let v = write(dir.path(), dt.name(), &docs, &ids, 4, dt);
+            let half = match (dt, v.rows()) {
+                (VecDType::F16, Rows::F16(x)) => x.len(),
+                (VecDType::BF16, Rows::BF16(x)) => x.len(),
+                _ => 0,
+            };
+            assert_eq!(half, docs.len(), "{} rows were widened on open", dt.name());
+            assert!(docs.len() / 4 > 2 * DOC_BLOCK, "several blocks");
             // values are exact in both half formats (multiples of 1/64 below 1)
             same(&named_rows(search_shard(&q, 4, &v, 10, 128).unwrap(), &v), &want);
         }
@@ -506,7 +570,8 @@ mod tests {
         let e = search_shard(&[1.0, 1.0], 2, &v, 5, 1).unwrap_err().to_string();
         assert!(e.ends_with("row 0 holds a NaN or infinite value"), "{e}");
         let e = search_shard(&[1.0, 1.0, 1.0], 3, &v, 5, 1).unwrap_err().to_string();
-        assert_eq!(e, "query dimension 3 does not match passage dimension 2");
+        assert!(e.starts_with("query dimension 3 does not match passage dimension 2 of "), "{e}");
+        assert!(e.ends_with(&dir.path().join("c").display().to_string()), "{e}");
         // depth beyond the corpus returns what exists
         let v = write(
             dir.path(),

@@ -68,15 +68,56 @@ pub struct BatchOptions {
     pub padding_side: PaddingSide,
 }
 
-/// Where the pooling and normalisation defaults came from, for the log.
+/// Where the pooling and normalisation in force came from, for the log.
+///
+/// The rule users of Tevatron expect: a folder's own settings (its sentence-transformers
+/// modules) are used only when neither `--pooling` nor `--normalize` is given; once either is
+/// given, Tevatron's defaults (`cls`, no normalisation) hold for the other.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DefaultsSource {
-    /// The user gave both.
+    /// Both given by the user.
     User,
-    /// Taken from `modules.json` / `1_Pooling/config.json`.
+    /// One given by the user; Tevatron's default for the other. The folder's own settings, if
+    /// it states any, are named so the log can say they were not used.
+    UserAndTevatron {
+        /// The sentence-transformers folder's settings that were set aside, e.g. "mean
+        /// pooling, normalize true".
+        folder: Option<String>,
+    },
+    /// Taken from `modules.json` / `1_Pooling/config.json` (no flag given).
     SentenceTransformers(String),
-    /// Tevatron's own defaults (`cls`, no normalisation).
+    /// Tevatron's own defaults (`cls`, no normalisation): no flag given and the folder states
+    /// none.
     Tevatron,
+}
+
+/// Settles the pooling and normalisation in force from the flags (`pooling`, `normalize`) and
+/// the folder's sentence-transformers settings (`folder`: its pooling, if it has a Pooling
+/// module, and whether it has a Normalize module), by the rule on [`DefaultsSource`].
+pub fn resolve_pooling(
+    folder: Option<(Option<Pooling>, bool)>,
+    pooling: Option<Pooling>,
+    normalize: Option<bool>,
+) -> (Pooling, bool, DefaultsSource) {
+    let folder = folder.filter(|(p, n)| p.is_some() || *n);
+    match (pooling, normalize, folder) {
+        (Some(p), Some(n), _) => (p, n, DefaultsSource::User),
+        (None, None, Some((p, n))) => {
+            let p = p.unwrap_or(Pooling::Cls);
+            (p, n, DefaultsSource::SentenceTransformers(String::new()))
+        }
+        (None, None, None) => (Pooling::Cls, false, DefaultsSource::Tevatron),
+        (p, n, folder) => {
+            let folder = folder.map(|(fp, fnorm)| {
+                format!("{} pooling, normalize {fnorm}", fp.unwrap_or(Pooling::Cls).name())
+            });
+            (
+                p.unwrap_or(Pooling::Cls),
+                n.unwrap_or(false),
+                DefaultsSource::UserAndTevatron { folder },
+            )
+        }
+    }
 }
 
 /// A loaded retrieval encoder.
@@ -224,25 +265,16 @@ impl Encoder {
         });
         let tokenizer = TextTokenizer::load(&tok_dir)?;
 
-        let (pooling, normalize, defaults) = match (&st, opts.pooling, opts.normalize) {
-            (_, Some(p), Some(n)) => (p, n, DefaultsSource::User),
-            (Some(st), p, n) if st.pooling.is_some() || st.normalize => {
-                let pooling = match (p, st.pooling) {
-                    (Some(p), _) => p,
-                    (None, Some(p)) => p,
-                    (None, None) => Pooling::Cls,
-                };
-                let normalize = n.unwrap_or(st.normalize);
-                let what = format!(
-                    "pooling {} and normalize {} from the sentence-transformers modules of {}",
-                    pooling.name(),
-                    normalize,
-                    model_dir.display()
-                );
-                (pooling, normalize, DefaultsSource::SentenceTransformers(what))
-            }
-            (_, p, n) => (p.unwrap_or(Pooling::Cls), n.unwrap_or(false), DefaultsSource::Tevatron),
-        };
+        let folder_settings = st.as_ref().map(|st| (st.pooling, st.normalize));
+        let (pooling, normalize, mut defaults) =
+            resolve_pooling(folder_settings, opts.pooling, opts.normalize);
+        if let DefaultsSource::SentenceTransformers(what) = &mut defaults {
+            *what = format!(
+                "pooling {} and normalize {normalize} from the sentence-transformers modules of {}",
+                pooling.name(),
+                model_dir.display()
+            );
+        }
 
         let tensors = weights::load(&weights_dir, config.weight_prefixes(), &opts.device)?;
         let plan = opts
@@ -580,6 +612,34 @@ impl Encoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_folders_pooling_applies_only_when_no_flag_is_given() {
+        use DefaultsSource as D;
+        let st = Some((Some(Pooling::Mean), true));
+        // No flag: the folder's settings.
+        let (p, n, d) = resolve_pooling(st, None, None);
+        assert_eq!((p, n), (Pooling::Mean, true));
+        assert!(matches!(d, D::SentenceTransformers(_)));
+        // --pooling alone: Tevatron's default for normalize (off), not the folder's.
+        let (p, n, d) = resolve_pooling(st, Some(Pooling::Cls), None);
+        assert_eq!((p, n), (Pooling::Cls, false));
+        let folder = Some("mean pooling, normalize true".to_string());
+        assert_eq!(d, D::UserAndTevatron { folder });
+        // --normalize alone: Tevatron's default pooling (cls), not the folder's mean.
+        assert_eq!(resolve_pooling(st, None, Some(true)).0, Pooling::Cls);
+        assert_eq!(resolve_pooling(st, None, Some(false)).0, Pooling::Cls);
+        assert!(!resolve_pooling(st, None, Some(false)).1);
+        // Both given: as given.
+        let both = resolve_pooling(st, Some(Pooling::Last), Some(true));
+        assert_eq!(both, (Pooling::Last, true, D::User));
+        // No folder settings: Tevatron's defaults, with or without flags.
+        assert_eq!(resolve_pooling(None, None, None), (Pooling::Cls, false, D::Tevatron));
+        let plain = Some((None, false));
+        assert_eq!(resolve_pooling(plain, None, None), (Pooling::Cls, false, D::Tevatron));
+        let (p, n, d) = resolve_pooling(None, Some(Pooling::Mean), None);
+        assert_eq!((p, n, d), (Pooling::Mean, false, D::UserAndTevatron { folder: None }));
+    }
 
     #[test]
     fn adapters_record_the_hub_id_of_a_cached_base() {

@@ -260,9 +260,17 @@ impl TrainData {
         }
         if self.group_size > 1 {
             if !any_negatives {
+                let mut files: Vec<String> = Vec::new();
+                for item in 0..self.rows.len() {
+                    let path = self.rows.location(item).0.display().to_string();
+                    if files.last() != Some(&path) {
+                        files.push(path);
+                    }
+                }
                 return Err(tevatron_ir::Error::Invalid(format!(
-                    "--train_group_size {} needs hard negatives, and no training row has any; use --train_group_size 1 for in-batch negatives only",
-                    self.group_size
+                    "--train_group_size {} needs hard negatives, and no row of {} has any; use --train_group_size 1 for in-batch negatives only",
+                    self.group_size,
+                    files.join(", ")
                 )));
             }
             if let Some(item) = first_without {
@@ -475,7 +483,8 @@ mod tests {
             4,
             None,
         );
-        assert!(e.contains("needs hard negatives"), "{e}");
+        assert!(e.contains("needs hard negatives, and no row of "), "{e}");
+        assert!(e.contains("noneg.jsonl has any"), "{e}");
         let e = case(
             "nocorpus.jsonl",
             "{\"query_text\":\"q\",\"positive_document_ids\":[\"x\"]}\n",

@@ -67,6 +67,8 @@ pub struct TrainConfig {
     pub seed: u64,
     /// `--logging_steps`.
     pub logging_steps: usize,
+    /// `--logging_first_step`: also log step 1, whatever `logging_steps` says.
+    pub logging_first_step: bool,
     /// `--save_steps` (0: only at the end).
     pub save_steps: usize,
     /// `--save_total_limit`.
@@ -469,7 +471,8 @@ pub fn train(
                 learning_rate: lr,
                 epoch: epoch_f,
             });
-            if cfg.logging_steps > 0 && state.global_step % cfg.logging_steps == 0 {
+            let log_due = cfg.logging_steps > 0 && state.global_step % cfg.logging_steps == 0;
+            if log_due || (cfg.logging_first_step && state.global_step == 1) {
                 let n = (state.global_step - state.tevatron.last_logged_step) as f64;
                 let entry = json!({
                     "epoch": epoch_f,

@@ -38,6 +38,7 @@ fn losses(model: &str, opts: EncoderOptions, learning_rate: f64, append_eos: boo
         max_grad_norm: 1.0,
         seed: 42,
         logging_steps: 1,
+        logging_first_step: false,
         save_steps: 0,
         save_total_limit: None,
         save_at_end: false,

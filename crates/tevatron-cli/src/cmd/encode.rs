@@ -149,7 +149,7 @@ pub fn run(a: &EncodeArgs) -> Result<()> {
     let bar = progress::bar(
         Some(rows as u64),
         if a.encode_is_query { "queries" } else { "passages" },
-        a.quiet,
+        a.quiet || a.disable_tqdm,
     );
     std::thread::scope(|s| -> Result<()> {
         // Reader + tokenizer thread: keeps the next chunks ready while the model runs.

@@ -65,12 +65,27 @@ pub fn load_encoder(
         .transpose()?;
     let encoder = Encoder::load(&model_dir, tok_dir.as_deref(), opts)
         .with_context(|| format!("loading model {model}"))?;
+    let (pooling, normalize) = (encoder.pooling().name(), encoder.normalize());
     match encoder.defaults_source() {
         DefaultsSource::SentenceTransformers(what) => tracing::info!("using {what}"),
         DefaultsSource::Tevatron => {
             tracing::info!("using Tevatron's defaults: pooling cls, no normalization")
         }
-        DefaultsSource::User => {}
+        DefaultsSource::User => {
+            tracing::info!("using pooling {pooling} and normalize {normalize}, as given")
+        }
+        DefaultsSource::UserAndTevatron { folder } => {
+            let set_aside = folder.as_ref().map_or(String::new(), |f| {
+                format!(
+                    "; the folder's sentence-transformers settings ({f}) apply only when neither \
+                     --pooling nor --normalize is given"
+                )
+            });
+            tracing::info!(
+                "using pooling {pooling} and normalize {normalize}: the flag given, and \
+                 Tevatron's default (pooling cls, normalize false) for the other{set_aside}"
+            )
+        }
     }
     Ok(encoder)
 }

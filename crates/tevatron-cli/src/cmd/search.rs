@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use safetensors::tensor::{Dtype, TensorView};
-use tevatron_ir::search::{check_queries, merge_shards, search_shard, Ranking};
+use tevatron_ir::search::{check_dims, check_queries, merge_shards, search_shard, Ranking};
 use tevatron_ir::trec::{write_run, RunFormat};
 use tevatron_ir::vectors::{expand_glob, Ids, Vectors};
 
@@ -26,10 +26,19 @@ pub fn run(a: &SearchArgs) -> Result<()> {
     let index_dtype = if a.gpu_float32 { DType::F32 } else { DType::F16 };
     let nq = queries.len();
     let depth = a.depth;
-    let search = |shard: &Vectors| match &device {
-        Device::Cpu => search_shard(&q, dim, shard, depth, batch),
-        gpu => {
-            crate::device_search::search_shard_on(gpu, index_dtype, &q, dim, shard, depth, batch)
+    let search = |shard: &Vectors| {
+        check_dims(&queries, shard)?;
+        match &device {
+            Device::Cpu => search_shard(&q, dim, shard, depth, batch),
+            gpu => crate::device_search::search_shard_on(
+                gpu,
+                index_dtype,
+                &q,
+                dim,
+                shard,
+                depth,
+                batch,
+            ),
         }
     };
     let start = std::time::Instant::now();
@@ -38,14 +47,8 @@ pub fn run(a: &SearchArgs) -> Result<()> {
     } else {
         // Open and validate every shard before any work.
         let shards = files.iter().map(|f| Vectors::open(f)).collect::<Result<Vec<_>, _>>()?;
-        if let Some(bad) = shards.iter().find(|s| s.dim() != shards[0].dim()) {
-            bail!(
-                "{} has dimension {} but {} has {}",
-                bad.path().display(),
-                bad.dim(),
-                shards[0].path().display(),
-                shards[0].dim()
-            );
+        for shard in &shards {
+            check_dims(&queries, shard)?;
         }
         merge_shards(nq, shards.iter().map(Ok), depth, search)?
     };

@@ -300,6 +300,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             StrategyArg::Steps => a.logging_steps,
             StrategyArg::No | StrategyArg::Epoch => 0,
         },
+        logging_first_step: a.logging_first_step,
         save_steps,
         save_total_limit: a.save_total_limit,
         save_at_end: a.save_strategy != StrategyArg::No,
@@ -341,7 +342,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     );
 
     let quiet = a.quiet || !group.is_main();
-    let bar = progress::bar(Some(plan.total_steps as u64), "steps", quiet);
+    let bar = progress::bar(Some(plan.total_steps as u64), "steps", quiet || a.disable_tqdm);
     let mut log = progress::LogProgress::new(plan.total_steps, "steps", quiet);
     let mut first = true;
     let mut on_step = |p: &tevatron_train::trainer::Progress| {
