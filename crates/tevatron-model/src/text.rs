@@ -1,7 +1,8 @@
 //! Tokenization as Tevatron's collators do it: `prefix + text`, truncation that counts special
 //! tokens, optional EOS appended after truncating to `max_len - 1`, and `add_special_tokens`.
 //! The padding and truncation settings stored in `tokenizer.json` are overridden (the MiniLM
-//! folder ships fixed padding to 128). Knows nothing of tensors.
+//! folder ships fixed padding to 128), and where transformers 5 does not run the file's own
+//! pipeline (XLM-RoBERTa: `xlmr_pipeline`) its rebuilt one is used. Knows nothing of tensors.
 
 use std::path::{Path, PathBuf};
 
@@ -56,6 +57,66 @@ fn read_json(path: &Path) -> Result<Option<Value>> {
     }
 }
 
+/// transformers 5's XLM-RoBERTa tokenizer class, which rebuilds the pipeline (below).
+const XLMR_CLASS: &str = "XLMRobertaTokenizer";
+
+/// The tokenizer class `AutoTokenizer` of transformers 5 picks, without a `Fast` suffix:
+/// `tokenizer_class` of `tokenizer_config.json` or `config.json`, else the class of
+/// `config.json`'s `model_type` (only `xlm-roberta` matters here).
+fn transformers_class(tokenizer_config: Option<&Value>, config: Option<&Value>) -> Option<String> {
+    let named = |v: Option<&Value>| {
+        v.and_then(|v| v.get("tokenizer_class")).and_then(Value::as_str).map(str::to_owned)
+    };
+    named(tokenizer_config)
+        .or_else(|| named(config))
+        .map(|c| c.strip_suffix("Fast").map(str::to_owned).unwrap_or(c))
+        .or_else(|| {
+            let model_type = config?.get("model_type")?.as_str()?;
+            (model_type == "xlm-roberta").then(|| XLMR_CLASS.to_owned())
+        })
+}
+
+/// The pipeline transformers 5's `XLMRobertaTokenizer` runs, whatever `tokenizer.json` holds:
+/// its constructor keeps the file's Unigram vocabulary, post-processor and the SentencePiece
+/// `Precompiled` normalizer, and drops the rest of the normalizer and the pre-tokenizer for
+/// `WhitespaceSplit` then `Metaspace` (prepending "▁" unless `add_prefix_space` is false).
+/// The files that XLM-R models ship (FacebookAI/xlm-roberta-base, multilingual-e5, bge-m3),
+/// converted by transformers 4, instead hold `[Precompiled, Replace(" {2,}" -> " ")]` and a bare
+/// `Metaspace`, which turn trailing white space ("query: ", "text\n") into an extra "▁" token
+/// that transformers 5, like SentencePiece itself, does not produce. Files of any other model
+/// kind than Unigram are left as they are.
+fn xlmr_pipeline(json: &mut Value, tokenizer_config: Option<&Value>) {
+    let Some(root) = json.as_object_mut() else { return };
+    if root.get("model").and_then(|m| m.get("type")).and_then(Value::as_str) != Some("Unigram") {
+        return;
+    }
+    let normalizer = root.get("normalizer").and_then(|n| {
+        let list = match n.get("type").and_then(Value::as_str) {
+            Some("Sequence") => n.get("normalizers")?.as_array()?.iter().collect(),
+            _ => vec![n],
+        };
+        list.into_iter()
+            .find(|n| {
+                n.get("type").and_then(Value::as_str) == Some("Precompiled")
+                    && n.get("precompiled_charsmap").is_some_and(Value::is_string)
+            })
+            .cloned()
+    });
+    let prepend = tokenizer_config
+        .and_then(|c| c.get("add_prefix_space"))
+        .and_then(Value::as_bool)
+        .unwrap_or(true);
+    root.insert("normalizer".into(), normalizer.unwrap_or(Value::Null));
+    root.insert(
+        "pre_tokenizer".into(),
+        serde_json::json!({"type": "Sequence", "pretokenizers": [
+            {"type": "WhitespaceSplit"},
+            {"type": "Metaspace", "replacement": "\u{2581}", "split": true,
+             "prepend_scheme": if prepend { "always" } else { "never" }},
+        ]}),
+    );
+}
+
 impl TextTokenizer {
     /// Loads `tokenizer.json` from `dir`, with the EOS and PAD tokens named in
     /// `tokenizer_config.json` or `special_tokens_map.json`. The pad id falls back to the
@@ -69,17 +130,33 @@ impl TextTokenizer {
                 dir.display()
             )));
         }
-        let mut tokenizer = Tokenizer::from_file(&path)
-            .map_err(|e| Error::Tokenizer { path: path.clone(), message: e.to_string() })?;
+        let tokenizer_config = read_json(&dir.join("tokenizer_config.json"))?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(|source| Error::Read { path: path.clone(), source })?;
+        let tokenizer_error = |message: String| Error::Tokenizer { path: path.clone(), message };
+        // Only to tell the tokenizer class: a config that does not parse is the model loader's
+        // to report.
+        let config: Option<Value> = std::fs::read_to_string(dir.join("config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
+        let class = transformers_class(tokenizer_config.as_ref(), config.as_ref());
+        let mut tokenizer = if class.as_deref() == Some(XLMR_CLASS) {
+            let mut json: Value =
+                serde_json::from_str(&text).map_err(|e| tokenizer_error(e.to_string()))?;
+            xlmr_pipeline(&mut json, tokenizer_config.as_ref());
+            serde_json::from_value::<Tokenizer>(json)
+        } else {
+            serde_json::from_str::<Tokenizer>(&text)
+        }
+        .map_err(|e| tokenizer_error(e.to_string()))?;
         let stored_pad = tokenizer.get_padding().map(|p| p.pad_id);
         tokenizer.with_padding(None);
         let mut eos = None;
         let mut pad = None;
-        for file in ["tokenizer_config.json", "special_tokens_map.json"] {
-            if let Some(v) = read_json(&dir.join(file))? {
-                eos = eos.or_else(|| v.get("eos_token").and_then(token_name).map(str::to_owned));
-                pad = pad.or_else(|| v.get("pad_token").and_then(token_name).map(str::to_owned));
-            }
+        let special_tokens_map = read_json(&dir.join("special_tokens_map.json"))?;
+        for v in [&tokenizer_config, &special_tokens_map].into_iter().flatten() {
+            eos = eos.or_else(|| v.get("eos_token").and_then(token_name).map(str::to_owned));
+            pad = pad.or_else(|| v.get("pad_token").and_then(token_name).map(str::to_owned));
         }
         let eos_id = eos.and_then(|t| tokenizer.token_to_id(&t));
         let pad_id =
@@ -165,5 +242,81 @@ impl PreparedTokenizer {
     /// The options this tokenizer applies.
     pub fn options(&self) -> &TextOptions {
         &self.opts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_class_is_transformers_autotokenizer_choice() {
+        let v = |s: &str| serde_json::from_str::<Value>(s).unwrap();
+        let xlmr = v(r#"{"model_type": "xlm-roberta"}"#);
+        let fast = v(r#"{"tokenizer_class": "XLMRobertaTokenizerFast"}"#);
+        assert_eq!(transformers_class(Some(&fast), None).as_deref(), Some(XLMR_CLASS));
+        assert_eq!(transformers_class(None, Some(&xlmr)).as_deref(), Some(XLMR_CLASS));
+        assert_eq!(transformers_class(Some(&v("{}")), Some(&xlmr)).as_deref(), Some(XLMR_CLASS));
+        // A named class wins over the model type (transformers trusts the folder's class).
+        let backend = v(r#"{"tokenizer_class": "TokenizersBackend"}"#);
+        assert_eq!(
+            transformers_class(Some(&backend), Some(&xlmr)).as_deref(),
+            Some("TokenizersBackend")
+        );
+        let named_in_config = v(r#"{"model_type": "bert", "tokenizer_class": "BertTokenizer"}"#);
+        assert_eq!(
+            transformers_class(None, Some(&named_in_config)).as_deref(),
+            Some("BertTokenizer")
+        );
+        assert_eq!(transformers_class(None, Some(&v(r#"{"model_type": "bert"}"#))), None);
+        assert_eq!(transformers_class(Some(&v(r#"{"tokenizer_class": 5}"#)), None), None);
+    }
+
+    /// A Unigram tokenizer.json in the form transformers 4 converted XLM-R (as the hub ships it).
+    fn hub_form_xlmr() -> Value {
+        serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": {"type": "Sequence", "normalizers": [
+                {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "}]},
+            "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}", "add_prefix_space": true},
+            "post_processor": null, "decoder": null,
+            "model": {"type": "Unigram", "unk_id": 3, "byte_fallback": false, "vocab": [
+                ["<s>", 0.0], ["<pad>", 0.0], ["</s>", 0.0], ["<unk>", 0.0], ["\u{2581}", -2.0],
+                ["\u{2581}query", -1.0], ["query", -1.0], [":", -1.0], ["\u{2581}a", -1.0]]}
+        })
+    }
+
+    fn pieces(json: Value, text: &str) -> Vec<String> {
+        let tokenizer: Tokenizer = serde_json::from_value(json).unwrap();
+        tokenizer.encode(text, false).unwrap().get_tokens().to_vec()
+    }
+
+    #[test]
+    fn xlmr_gets_the_pipeline_transformers_5_rebuilds() {
+        // The file's own pipeline: trailing white space becomes a "▁" token.
+        assert_eq!(pieces(hub_form_xlmr(), "query: "), ["▁query", ":", "▁"]);
+        assert_eq!(pieces(hub_form_xlmr(), " "), ["▁"]);
+        let mut json = hub_form_xlmr();
+        xlmr_pipeline(&mut json, None);
+        assert_eq!(json["normalizer"], Value::Null, "only a Precompiled normalizer is kept");
+        assert_eq!(pieces(json.clone(), "query: "), ["▁query", ":"]);
+        assert_eq!(pieces(json.clone(), "  a \n query:\t"), ["▁a", "▁query", ":"]);
+        assert!(pieces(json, " ").is_empty());
+        // add_prefix_space false: no "▁" prepended to any word.
+        let mut json = hub_form_xlmr();
+        xlmr_pipeline(&mut json, Some(&serde_json::json!({"add_prefix_space": false})));
+        assert_eq!(pieces(json, "query: "), ["query", ":"]);
+        // The SentencePiece normalizer survives, alone.
+        let precompiled = serde_json::json!({"type": "Precompiled", "precompiled_charsmap": ""});
+        let mut json = hub_form_xlmr();
+        json["normalizer"]["normalizers"].as_array_mut().unwrap().insert(0, precompiled.clone());
+        xlmr_pipeline(&mut json, None);
+        assert_eq!(json["normalizer"], precompiled);
+        // Anything but a Unigram model is left alone.
+        let mut bpe = hub_form_xlmr();
+        bpe["model"] = serde_json::json!({"type": "BPE", "vocab": {}, "merges": []});
+        let before = bpe.clone();
+        xlmr_pipeline(&mut bpe, None);
+        assert_eq!(bpe, before);
     }
 }
