@@ -14,6 +14,7 @@ use crate::backbone::train_ops::{
 };
 use crate::fused_adamw::{adamw_step_in_place, AdamWStep};
 use crate::grad_norm::sum_of_squares;
+use crate::testing::{max_abs_diff_of, max_abs_of};
 use candle_core::{Device, Result, Tensor, Var};
 
 /// The first GPU, or `None` (with a line on stderr) when there is none.
@@ -36,14 +37,13 @@ fn host(t: &Tensor) -> Vec<f32> {
     t.to_device(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap()
 }
 
-/// The largest difference of `got` from `want`, relative to the largest magnitude in `want`.
+/// The largest difference of `got` from `want`, relative to the largest magnitude in `want`:
+/// NaN when either holds a NaN, infinite for an infinity only one holds ([`crate::testing`]),
+/// so that a non-finite value fails every tolerance.
 fn rel_diff(got: &Tensor, want: &Tensor) -> f32 {
+    assert_eq!(got.dims(), want.dims());
     let (got, want) = (host(got), host(want));
-    assert_eq!(got.len(), want.len());
-    let scale = want.iter().fold(1e-30f32, |m, x| m.max(x.abs()));
-    let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    assert!(diff.is_finite(), "a non-finite value");
-    diff / scale
+    max_abs_diff_of(&got, &want) / max_abs_of(&want).max(1e-30)
 }
 
 /// Runs `op` on the CPU and on `gpu` over the same trainable inputs (one per shape), then the

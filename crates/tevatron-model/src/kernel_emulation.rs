@@ -18,6 +18,7 @@ use crate::backbone::train_ops::{self, cuda};
 use crate::cuda_kernels::{Arg, ColumnChunks, Kernels, Launch, Operand, CHUNK_ROWS};
 use crate::fused_adamw::{adamw_step, AdamWStep};
 use crate::rng::{keep_threshold, SplitMix64};
+use crate::testing::max_rel_diff_of;
 
 extern "C" {
     /// `kernels/emulate.cpp`: launches kernel `name` as cuLaunchKernel does, after checking
@@ -153,14 +154,17 @@ fn values(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
 
-fn tensor(v: &[f32], shape: &[usize]) -> Tensor {
-    Tensor::from_slice(v, shape, &Device::Cpu).unwrap()
+/// Fails, saying by how much, unless `got` is within `tol` of `want` relative to
+/// `max(1, |want|)`, element by element; a NaN (an element no launch wrote reads NaN here) or
+/// an infinity only one side holds fails ([`max_rel_diff_of`]).
+#[track_caller]
+fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
+    let d = max_rel_diff_of(got, want);
+    assert!(d < tol, "{what}: differs by {d:e} (relative), more than {tol:e}");
 }
 
-/// The largest difference relative to `max(1, |want|)`, after checking the lengths agree.
-fn max_rel_diff(got: &[f32], want: &[f32]) -> f32 {
-    assert_eq!(got.len(), want.len());
-    got.iter().zip(want).map(|(g, w)| (g - w).abs() / w.abs().max(1.0)).fold(0.0, f32::max)
+fn tensor(v: &[f32], shape: &[usize]) -> Tensor {
+    Tensor::from_slice(v, shape, &Device::Cpu).unwrap()
 }
 
 /// The emulation refuses what a GPU would run on garbage: a parameter of another width or kind,
@@ -256,18 +260,20 @@ fn emulated_layer_norm_and_its_gradients_equal_the_cpu_op() {
 
         let (x, w, b, g) = (input(&x), input(&w), input(&b), input(&g));
         let got = cuda::layer_norm(&Emulator, x, w, b, eps as f32).unwrap().values();
-        assert!(max_rel_diff(&got, &values(&y)) < 1e-5, "forward, h {h}");
+        assert_close(&got, &values(&y), 1e-5, &format!("forward, h {h}"));
         let short = Operand { len: h - 1, ..b };
-        assert!(cuda::layer_norm(&Emulator, x, w, short, eps as f32).is_err());
+        let e = cuda::layer_norm(&Emulator, x, w, short, eps as f32).err().unwrap().to_string();
+        let want = format!("train-layer-norm: an operand of {} elements where {h} fit", h - 1);
+        assert!(e.contains(&want), "{e}");
 
         let chunks = ColumnChunks::new(rows, h);
         assert!(chunks.chunks > 1 && !(rows as u64).is_multiple_of(CHUNK_ROWS));
         let out =
             cuda::norm_grad(&Emulator, cuda::Norm::Layer, x, w, g, eps as f32).unwrap().values();
         assert_eq!(out.len(), n + 2 * h);
-        assert!(max_rel_diff(&out[..n], &grad(&xv)) < 1e-4, "dx, h {h}");
-        assert!(max_rel_diff(&out[n..n + h], &grad(&wv)) < 1e-4, "dw, h {h}");
-        assert!(max_rel_diff(&out[n + h..], &grad(&bv)) < 1e-4, "db, h {h}");
+        assert_close(&out[..n], &grad(&xv), 1e-4, &format!("dx, h {h}"));
+        assert_close(&out[n..n + h], &grad(&wv), 1e-4, &format!("dw, h {h}"));
+        assert_close(&out[n + h..], &grad(&bv), 1e-4, &format!("db, h {h}"));
     }
 }
 
@@ -299,11 +305,11 @@ fn emulated_masked_softmax_and_its_gradient_equal_the_cpu_op() {
         let shape = train_ops::SoftmaxRows::new(sv.layout(), mask.layout()).unwrap();
         let got = cuda::masked_softmax(&Emulator, input(&scores), input(&bias), &shape).unwrap();
         let got = got.values();
-        assert!(max_rel_diff(&got, &values(&y)) < 1e-6, "forward, {queries} mask rows");
+        assert_close(&got, &values(&y), 1e-6, &format!("forward, {queries} mask rows"));
         assert!(got.iter().zip(values(&y)).all(|(a, b)| (*a == 0.0) == (b == 0.0)));
 
         let dx = cuda::softmax_grad(&Emulator, input(&got), input(&g), n).unwrap().values();
-        assert!(max_rel_diff(&dx, &want_dx) < 1e-5, "backward, {queries} mask rows");
+        assert_close(&dx, &want_dx, 1e-5, &format!("backward, {queries} mask rows"));
     }
 }
 
@@ -317,8 +323,8 @@ fn emulated_gelu_and_its_gradient_equal_the_cpu_op() {
     let grads = (y.clone() * tensor(&g, &[n])).unwrap().sum_all().unwrap().backward().unwrap();
     let got = cuda::gelu(&Emulator, input(&x)).unwrap().values();
     let dx = cuda::gelu_grad(&Emulator, input(&x), input(&g)).unwrap().values();
-    assert!(max_rel_diff(&got, &values(&y)) < 2e-6);
-    assert!(max_rel_diff(&dx, &values(grads.get(&xv).unwrap())) < 2e-6);
+    assert_close(&got, &values(&y), 2e-6, "gelu");
+    assert_close(&dx, &values(grads.get(&xv).unwrap()), 2e-6, "gelu dx");
     assert_eq!(y.dtype(), DType::F32);
 }
 
@@ -341,7 +347,7 @@ fn emulated_bias_add_and_column_sum_equal_the_cpu_op() {
     let chunks = ColumnChunks::new(rows, h);
     assert!(chunks.chunks > 1 && chunks.column_blocks > 1);
     let sums = cuda::column_sum(&Emulator, input(&g), h).unwrap().values();
-    assert!(max_rel_diff(&sums, &values(grads.get(&bv).unwrap())) < 1e-5);
+    assert_close(&sums, &values(grads.get(&bv).unwrap()), 1e-5, "column sums");
 }
 
 /// RMSNorm forward and backward over rows of 48 and of 300, in several column-sum chunks.
@@ -360,13 +366,13 @@ fn emulated_rms_norm_and_its_gradients_equal_the_cpu_op() {
 
         let (x, w, g) = (input(&x), input(&w), input(&g));
         let got = cuda::rms_norm(&Emulator, x, w, eps as f32).unwrap().values();
-        assert!(max_rel_diff(&got, &values(&y)) < 1e-5, "forward, h {h}");
+        assert_close(&got, &values(&y), 1e-5, &format!("forward, h {h}"));
 
         let out =
             cuda::norm_grad(&Emulator, cuda::Norm::Rms, x, w, g, eps as f32).unwrap().values();
         assert_eq!(out.len(), n + h);
-        assert!(max_rel_diff(&out[..n], &grad(&xv)) < 1e-4, "dx, h {h}");
-        assert!(max_rel_diff(&out[n..], &grad(&wv)) < 1e-4, "dw, h {h}");
+        assert_close(&out[..n], &grad(&xv), 1e-4, &format!("dx, h {h}"));
+        assert_close(&out[n..], &grad(&wv), 1e-4, &format!("dw, h {h}"));
     }
 }
 
@@ -400,15 +406,10 @@ fn emulated_rotary_and_its_gradient_equal_the_cpu_op() {
     };
     assert_eq!(rotary(&x, false), values(&y));
     assert_eq!(rotary(&g, true), values(grads.get(&xv).unwrap()));
-    assert!(cuda::rotary(
-        &Emulator,
-        input(&x),
-        (b, len, heads, d - 1),
-        input(&cos),
-        input(&sin),
-        false
-    )
-    .is_err());
+    let wrong = (b, len, heads, d - 1);
+    let e = cuda::rotary(&Emulator, input(&x), wrong, input(&cos), input(&sin), false);
+    let e = e.err().unwrap().to_string();
+    assert!(e.contains(&format!("train-rotary: {n} elements are not (2, 5, 3, 7)")), "{e}");
 }
 
 #[test]
@@ -422,9 +423,9 @@ fn emulated_swiglu_and_its_gradients_equal_the_cpu_op() {
     let (gate, up, dy) = (input(&gate), input(&up), input(&dy));
     let got = cuda::swiglu(&Emulator, gate, up).unwrap().values();
     let both = cuda::swiglu_grad(&Emulator, gate, up, dy).unwrap().values();
-    assert!(max_rel_diff(&got, &values(&y)) < 1e-6);
-    assert!(max_rel_diff(&both[..n], &values(grads.get(&gv).unwrap())) < 1e-6);
-    assert!(max_rel_diff(&both[n..], &values(grads.get(&uv).unwrap())) < 1e-6);
+    assert_close(&got, &values(&y), 1e-6, "swiglu");
+    assert_close(&both[..n], &values(grads.get(&gv).unwrap()), 1e-6, "swiglu d gate");
+    assert_close(&both[n..], &values(grads.get(&uv).unwrap()), 1e-6, "swiglu d up");
 }
 
 /// The gradient norm's two kernels over gradients of one element (most warps idle) and of
@@ -459,8 +460,9 @@ fn emulated_embedding_grad_equals_the_cpu_backward() {
     let groups = RowGroups::new(&ids, rows).unwrap();
     let got = table_grad(&Emulator, input(&g), width, &groups).unwrap().values();
     assert_eq!(got.len(), rows * width);
-    assert!(max_rel_diff(&got, &want) < 1e-5);
+    assert_close(&got, &want, 1e-5, "embedding grad");
     assert_eq!(got, groups.table_grad(&g, width), "the CPU twin adds in the kernels' order");
     assert!(got[35 * width..36 * width].iter().all(|&v| v == 0.0), "an unread row is zero");
-    assert!(table_grad(&Emulator, input(&g[..width]), width, &groups).is_err());
+    let e = table_grad(&Emulator, input(&g[..width]), width, &groups).err().unwrap().to_string();
+    assert!(e.contains("embedding-grad: 300 elements are not 150 rows of 300"), "{e}");
 }

@@ -1,21 +1,97 @@
 //! Tolerances and comparison helpers shared by the parity tests, written once (design.md,
-//! Testing). Public so that the train crate's tests use the same numbers.
+//! Testing). Public so that the train and CLI crates' tests use the same numbers and the same
+//! comparison.
+//!
+//! Every numeric comparison of the workspace's tests goes through [`max_abs_diff`] and its
+//! siblings, because the obvious ways to take a largest difference skip NaN: `fold(0.0,
+//! f32::max)` drops a NaN operand, and candle's CPU `max` skips every NaN past the first
+//! element, so an all-NaN output would score 0. Here a NaN on either side makes the result NaN
+//! and an infinity the other side does not share makes it infinite: either fails every
+//! `d < tol` (and `d > tol`) assertion. Lengths or shapes that differ are an error, never a
+//! comparison of a prefix.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 /// f32 CPU vs torch CPU, hidden states and pools.
 pub const HIDDEN_ATOL: f32 = 1e-5;
 /// Real-model embeddings vs sentence-transformers/transformers.
 pub const EMBEDDING_ATOL: f32 = 1e-4;
 
-/// Largest absolute difference between two tensors of the same shape.
+/// The largest of `values`, NaN if any of them is NaN (where `f64::max` would drop it), 0 for
+/// none.
+pub fn nan_max(values: impl IntoIterator<Item = f64>) -> f64 {
+    let mut most = 0.0f64;
+    for v in values {
+        if v.is_nan() {
+            return f64::NAN;
+        }
+        most = most.max(v);
+    }
+    most
+}
+
+/// How far apart two values are: 0 when they are equal (the same infinity included), `|a - b|`
+/// otherwise, which is NaN when either is NaN and infinite when only one is infinite.
+fn distance(a: f64, b: f64) -> f64 {
+    if a == b {
+        0.0
+    } else {
+        (a - b).abs()
+    }
+}
+
+fn same_length(a: usize, b: usize) {
+    assert_eq!(a, b, "the compared values differ in length: {a} vs {b}");
+}
+
+/// Largest absolute difference between two slices, computed in f64; NaN when either side
+/// holds a NaN, infinite where one side is infinite and the other is not. Panics when the
+/// lengths differ.
+pub fn max_abs_diff_of(a: &[f32], b: &[f32]) -> f32 {
+    same_length(a.len(), b.len());
+    nan_max(a.iter().zip(b).map(|(&x, &y)| distance(f64::from(x), f64::from(y)))) as f32
+}
+
+/// Largest difference of `got` from `want` relative to `max(1, |want|)`, element by element,
+/// with [`max_abs_diff_of`]'s NaN, infinity and length rules.
+pub fn max_rel_diff_of(got: &[f32], want: &[f32]) -> f32 {
+    same_length(got.len(), want.len());
+    let rel = |g: f32, w: f32| {
+        let (g, w) = (f64::from(g), f64::from(w));
+        // `w.abs().max(1.0)` would be 1 for a NaN `w`; the distance is NaN then anyway.
+        distance(g, w) / if w.abs() > 1.0 { w.abs() } else { 1.0 }
+    };
+    nan_max(got.iter().zip(want).map(|(&g, &w)| rel(g, w))) as f32
+}
+
+/// The largest magnitude in `values`, NaN if any is NaN.
+pub fn max_abs_of(values: &[f32]) -> f32 {
+    nan_max(values.iter().map(|&v| f64::from(v).abs())) as f32
+}
+
+/// A tensor's values as f64 (every dtype widens exactly), on the host.
+fn values_f64(t: &Tensor) -> Result<Vec<f64>> {
+    t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()
+}
+
+/// [`max_abs_diff_f64`] as f32, for tolerances written as f32.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    Ok(max_abs_diff_f64(a, b)? as f32)
+}
+
+/// Largest absolute difference between two tensors of the same shape (an error otherwise), any
+/// dtype, computed in f64; NaN when either holds a NaN, infinite where only one is infinite.
+pub fn max_abs_diff_f64(a: &Tensor, b: &Tensor) -> Result<f64> {
     if a.dims() != b.dims() {
         candle_core::bail!("shapes differ: {:?} vs {:?}", a.dims(), b.dims());
     }
-    let a = a.to_dtype(candle_core::DType::F32)?;
-    let b = b.to_dtype(candle_core::DType::F32)?;
-    (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    let (a, b) = (values_f64(a)?, values_f64(b)?);
+    Ok(nan_max(a.iter().zip(&b).map(|(&x, &y)| distance(x, y))))
+}
+
+/// The largest magnitude in a tensor (a scale for relative differences), NaN if any is NaN.
+pub fn max_abs(t: &Tensor) -> Result<f64> {
+    Ok(nan_max(values_f64(t)?.into_iter().map(f64::abs)))
 }
 
 /// A committed tiny random model of `testdata/tiny` (parity fixtures).
@@ -33,4 +109,105 @@ pub fn load_tiny(
     let opts = crate::EncoderOptions { pooling: Some(pooling), normalize: Some(false), ..opts };
     crate::Encoder::load(&tiny_dir(name), None, &opts)
         .unwrap_or_else(|e| panic!("loading tiny model {name}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Fails `d < tol` for any tolerance (NaN or infinite), and `d > tol` too where it is NaN.
+    fn fails(d: f32) -> bool {
+        d.is_nan() || d == f32::INFINITY
+    }
+
+    #[test]
+    fn equal_values_are_zero_apart_and_a_difference_is_its_size() {
+        assert_eq!(max_abs_diff_of(&[1.0, -2.0, f32::INFINITY], &[1.0, -2.0, f32::INFINITY]), 0.0);
+        assert_eq!(max_abs_diff_of(&[1.0, -2.0, 3.0], &[1.0, -2.5, 3.25]), 0.5);
+        assert_eq!(max_rel_diff_of(&[0.5, 110.0], &[0.0, 100.0]), 0.5);
+        assert_eq!(max_rel_diff_of(&[0.0, 120.0], &[0.0, 100.0]), 0.2);
+        assert_eq!(max_abs_diff_of(&[], &[]), 0.0);
+        assert_eq!(max_abs_of(&[1.0, -3.0, 2.0]), 3.0);
+    }
+
+    #[test]
+    fn a_nan_on_either_side_fails() {
+        for (a, b) in [([f32::NAN, 1.0], [0.0, 1.0]), ([0.0, 1.0], [0.0, f32::NAN])] {
+            assert!(max_abs_diff_of(&a, &b).is_nan());
+            assert!(max_rel_diff_of(&a, &b).is_nan());
+        }
+        // NaN where NaN is expected is no match either: no test expects a NaN.
+        assert!(max_abs_diff_of(&[f32::NAN], &[f32::NAN]).is_nan());
+        assert!(max_abs_of(&[1.0, f32::NAN]).is_nan());
+        assert!(nan_max([1.0, f64::NAN, 2.0]).is_nan());
+        assert_eq!(nan_max([]), 0.0);
+    }
+
+    #[test]
+    fn one_nan_in_a_large_vector_fails_wherever_it_is() {
+        let want: Vec<f32> = (0..100_003).map(|i| (i as f32 * 0.37).sin()).collect();
+        for at in [0, 1, 50_000, 100_002] {
+            let mut got = want.clone();
+            got[at] = f32::NAN;
+            assert!(fails(max_abs_diff_of(&got, &want)), "NaN at {at}");
+            assert!(fails(max_rel_diff_of(&got, &want)), "NaN at {at}");
+            let (g, w) = (
+                Tensor::new(got.as_slice(), &Device::Cpu).unwrap(),
+                Tensor::new(want.as_slice(), &Device::Cpu).unwrap(),
+            );
+            assert!(fails(max_abs_diff(&g, &w).unwrap()), "NaN at {at}");
+            assert!(fails(max_abs_diff(&w, &g).unwrap()), "NaN at {at}");
+        }
+    }
+
+    /// The case this module exists for (candle's CPU `max` skips a NaN past the first element,
+    /// so the old comparison scored an all-NaN output 0), in every dtype the tests compare.
+    #[test]
+    fn an_all_nan_tensor_fails_in_every_dtype() {
+        let dev = Device::Cpu;
+        let want = Tensor::zeros((3, 4), DType::F32, &dev).unwrap();
+        let got = Tensor::full(f32::NAN, (3, 4), &dev).unwrap();
+        let d = max_abs_diff(&got, &want).unwrap();
+        assert!(d.is_nan(), "{d}");
+        for dtype in [DType::BF16, DType::F16, DType::F64] {
+            let (g, w) = (got.to_dtype(dtype).unwrap(), want.to_dtype(dtype).unwrap());
+            assert!(max_abs_diff_f64(&g, &w).unwrap().is_nan(), "{dtype:?}");
+        }
+        assert!(max_abs(&got).unwrap().is_nan());
+    }
+
+    #[test]
+    fn an_infinity_the_other_side_lacks_fails() {
+        let inf = f32::INFINITY;
+        assert_eq!(max_abs_diff_of(&[1.0, inf], &[1.0, 2.0]), inf);
+        assert_eq!(max_abs_diff_of(&[1.0, 2.0], &[1.0, -inf]), inf);
+        assert_eq!(max_abs_diff_of(&[inf], &[-inf]), inf);
+        assert!(fails(max_rel_diff_of(&[1.0, 2.0], &[1.0, inf])));
+        assert!(fails(max_rel_diff_of(&[1.0, inf], &[1.0, 2.0])));
+        let t = |v: &[f32]| Tensor::new(v, &Device::Cpu).unwrap();
+        assert_eq!(max_abs_diff(&t(&[0.0, inf]), &t(&[0.0, 1.0])).unwrap(), inf);
+    }
+
+    #[test]
+    #[should_panic(expected = "differ in length: 3 vs 2")]
+    fn slices_of_different_lengths_are_refused() {
+        max_abs_diff_of(&[1.0, 2.0, 3.0], &[1.0, 2.0]);
+    }
+
+    #[test]
+    #[should_panic(expected = "differ in length: 1 vs 2")]
+    fn relative_slices_of_different_lengths_are_refused() {
+        max_rel_diff_of(&[1.0], &[1.0, 2.0]);
+    }
+
+    #[test]
+    fn tensors_of_different_shapes_are_refused() {
+        let dev = Device::Cpu;
+        let a = Tensor::zeros((2, 3), DType::F32, &dev).unwrap();
+        let e = max_abs_diff(&a, &a.reshape((3, 2)).unwrap()).unwrap_err().to_string();
+        assert!(e.contains("shapes differ: [2, 3] vs [3, 2]"), "{e}");
+        let e = max_abs_diff(&a, &a.flatten_all().unwrap().narrow(0, 0, 5).unwrap());
+        assert!(e.unwrap_err().to_string().contains("shapes differ"));
+    }
 }

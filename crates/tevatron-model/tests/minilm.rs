@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
-use tevatron_model::testing::EMBEDDING_ATOL;
+use tevatron_model::testing::{max_abs_diff_of, EMBEDDING_ATOL};
 use tevatron_model::{Encoder, EncoderOptions, Pooling, TextOptions};
 
 fn model_dir() -> Option<PathBuf> {
@@ -38,8 +38,7 @@ fn fixture() -> (Vec<String>, std::collections::HashMap<String, Tensor>) {
 
 fn check(got: Vec<f32>, want: &Tensor, what: &str) {
     let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    assert_eq!(got.len(), want.len());
-    let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let d = max_abs_diff_of(&got, &want);
     assert!(d <= EMBEDDING_ATOL, "{what}: max abs error {d}");
 }
 

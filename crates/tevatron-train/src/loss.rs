@@ -29,6 +29,7 @@ pub fn contrastive(q: &Tensor, p: &Tensor, temperature: f64) -> Result<Tensor> {
 mod tests {
     use super::*;
     use candle_core::{DType, Device, Var};
+    use tevatron_model::testing::max_abs_diff_f64;
 
     fn fixture() -> std::collections::HashMap<String, Tensor> {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/loss/expected.safetensors");
@@ -49,9 +50,8 @@ mod tests {
             let grads = loss.backward().unwrap();
             for (var, key) in [(&q, "dq"), (&p, "dp")] {
                 let g = grads.get(var.as_tensor()).unwrap();
-                let d =
-                    (g - &f[&format!("{key}_{name}")]).unwrap().abs().unwrap().max_all().unwrap();
-                assert!(d.to_scalar::<f64>().unwrap() <= 1e-10, "{key} {name}");
+                let d = max_abs_diff_f64(g, &f[&format!("{key}_{name}")]).unwrap();
+                assert!(d <= 1e-10, "{key} {name} differs by {d}");
             }
         }
     }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
+use tevatron_model::testing::{max_abs, max_abs_diff, max_abs_diff_f64, nan_max};
 use tevatron_model::{Encoder, EncoderOptions, PaddingSide, Pooling, TextOptions};
 use tevatron_train::data::TrainData;
 use tevatron_train::dist::{Group, LocalTransport};
@@ -94,11 +95,11 @@ fn split_step(sizes: &[usize], opts: &StepOptions) -> (Vec<f64>, Vec<Tensor>) {
 
 /// Largest difference between two gradient lists, relative to the largest gradient of `b`
 /// (a key bias's gradient is zero in exact arithmetic, so per-tensor scales would compare
-/// rounding noise with itself).
+/// rounding noise with itself); NaN for a NaN on either side, failing every tolerance.
 fn max_rel_diff(a: &[Tensor], b: &[Tensor]) -> f64 {
-    let max = |t: &Tensor| t.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
-    let scale = b.iter().map(max).fold(0.0, f64::max);
-    let diff = a.iter().zip(b).map(|(x, y)| max(&(x - y).unwrap())).fold(0.0, f64::max);
+    assert_eq!(a.len(), b.len(), "gradient lists of different lengths");
+    let scale = nan_max(b.iter().map(|t| max_abs(t).unwrap()));
+    let diff = nan_max(a.iter().zip(b).map(|(x, y)| max_abs_diff_f64(x, y).unwrap()));
     diff / scale
 }
 
@@ -180,6 +181,7 @@ fn config(out: &Path, batch_size: usize) -> TrainConfig {
         max_grad_norm: 1.0,
         seed: 42,
         logging_steps: 1,
+        logging_first_step: false,
         save_steps: 2,
         save_total_limit: None,
         save_at_end: true,
@@ -234,12 +236,12 @@ fn two_ranks_train_as_one_process_with_twice_the_batch() {
     let initial = weights(&root().join("tiny/bert"));
     let mut moved = 0.0f32;
     for (name, x) in &a {
-        let d =
-            (x - &b[name]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = max_abs_diff(x, &b[name]).unwrap();
         assert!(d <= 1e-5, "{name} differs by {d}");
         if let Some(w0) = initial.get(name).or_else(|| initial.get(&format!("bert.{name}"))) {
-            let m = (x - w0).unwrap().abs().unwrap().max_all().unwrap();
-            moved = moved.max(m.to_scalar::<f32>().unwrap());
+            let m = max_abs_diff(x, w0).unwrap();
+            assert!(!m.is_nan(), "{name} is NaN");
+            moved = moved.max(m);
         }
     }
     assert!(moved > 1e-3, "training moved no weight");

@@ -394,12 +394,8 @@ pub(super) fn attention(
 mod tests {
     use super::*;
     use crate::backbone::{layers, Mode};
+    use crate::testing::max_abs_diff;
     use candle_core::Var;
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b).and_then(|d| d.abs()).and_then(|d| d.flatten_all());
-        d.and_then(|d| d.max(0)).and_then(|d| d.to_scalar()).expect("difference")
-    }
 
     /// The fused op and its gradients for q, k and v equal candle's composed attention (key and
     /// value heads repeated for grouped-query attention), with a padding mask and with a causal
@@ -452,10 +448,10 @@ mod tests {
                 dropout,
                 Mode::Train,
             )?;
-            assert!(max_diff(&fused, &composed) < 1e-5, "values (dropout {dropout})");
+            assert!(max_abs_diff(&fused, &composed)? < 1e-5, "values (dropout {dropout})");
             if dropout > 0.0 {
                 let other = fused_with_seed(8)?;
-                assert!(max_diff(&fused, &other) > 1e-3, "another stream drops other entries");
+                assert!(max_abs_diff(&fused, &other)? > 1e-3, "another stream drops other entries");
             }
             let g = Tensor::randn(0f32, 1.0, fused.shape(), &dev)?;
             let grads = |y: &Tensor| -> Result<Vec<Tensor>> {
@@ -468,9 +464,9 @@ mod tests {
             for (name, (a, c)) in
                 ["q", "k", "v"].iter().zip(grads(&fused)?.iter().zip(&grads(&composed)?))
             {
-                let diff = max_diff(a, c);
+                let diff = max_abs_diff(a, c)?;
                 assert!(diff < 1e-5, "gradient of {name} differs by {diff} (dropout {dropout})");
-                assert!(max_diff(a, &a.zeros_like()?) > 0.0, "gradient of {name} is zero");
+                assert!(max_abs_diff(a, &a.zeros_like()?)? > 0.0, "gradient of {name} is zero");
             }
         }
         Ok(())

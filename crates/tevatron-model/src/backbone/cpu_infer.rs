@@ -355,8 +355,7 @@ mod tests {
             assert!(p.applies(&x, &bias));
             let fast = p.forward(&x, &bias).unwrap();
             let want = composed(&p, &x, &bias);
-            let d = (fast - want).unwrap().abs().unwrap().flatten_all().unwrap();
-            let d = d.max(0).unwrap().to_scalar::<f32>().unwrap();
+            let d = crate::testing::max_abs_diff(&fast, &want).unwrap();
             assert!(d < 1e-5, "{act:?}: differs by {d}");
             // Half precision is not this path's to take.
             assert!(!p.applies(&x.to_dtype(DType::BF16).unwrap(), &bias));

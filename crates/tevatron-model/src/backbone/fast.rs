@@ -419,18 +419,7 @@ mod tests {
         // then, on a value near 9 where one ulp is 1e-6.
         let grid: Vec<f32> = (0..100 * 181).map(|i| -9.0 + 18.0 * i as f32 / 18_099.0).collect();
         let x = Tensor::from_vec(grid, (100, 181), &dev).unwrap();
-        let d = |a: Tensor, b: Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
+        let d = |a: Tensor, b: Tensor| crate::testing::max_abs_diff(&a, &b).unwrap();
         // GELU(9) is 9: two ulps there are 1.9e-6, and the grid's largest difference is 1.2e-6.
         assert!(d(gelu(&x).unwrap(), x.gelu_erf().unwrap()) < 2e-6);
         assert!(d(softmax_last(&x).unwrap(), candle_nn::ops::softmax_last_dim(&x).unwrap()) < 1e-6);

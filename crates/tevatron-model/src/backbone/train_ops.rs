@@ -1014,11 +1014,8 @@ pub(crate) mod cuda;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::max_abs_diff;
     use candle_core::{DType, Device, Var, D};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
-    }
 
     /// The decoder and LoRA ops (rotary, SwiGLU, frozen linear, LoRA linear with dropout) and
     /// their gradients equal the same maths composed of candle ops.
@@ -1033,11 +1030,12 @@ mod tests {
             wrt.iter().map(|v| gs.get(v.as_tensor()).unwrap().clone()).collect()
         };
         let same = |what: &str, fused: &Tensor, composed: &Tensor, wrt: &[&Var], tol: f32| {
-            assert!(max_diff(fused, composed) < tol, "{what}: values");
+            assert!(max_abs_diff(fused, composed).unwrap() < tol, "{what}: values");
             let g = Tensor::randn(0f32, 1.0, fused.shape(), &dev).unwrap();
             let (gf, gc) = (grads(fused, &g, wrt), grads(composed, &g, wrt));
             for (k, (a, b)) in gf.iter().zip(&gc).enumerate() {
-                assert!(max_diff(a, b) < tol, "{what}: gradient {k} differs by {}", max_diff(a, b));
+                let d = max_abs_diff(a, b).unwrap();
+                assert!(d < tol, "{what}: gradient {k} differs by {d}");
             }
         };
         // Rotary over (b, l, heads, d) with HF's tables (l, d).
@@ -1103,8 +1101,8 @@ mod tests {
         let composed = ((t * 0.5).unwrap()
             * ((t * std::f64::consts::FRAC_1_SQRT_2).unwrap().erf().unwrap() + 1.0).unwrap())
         .unwrap();
-        assert!(max_diff(&fused, &composed) < 1e-6);
-        assert!(max_diff(&grad_of(&fused), &grad_of(&composed)) < 1e-5);
+        assert!(max_abs_diff(&fused, &composed).unwrap() < 1e-6);
+        assert!(max_abs_diff(&grad_of(&fused), &grad_of(&composed)).unwrap() < 1e-5);
         // Masked softmax: a mask with two padded keys in batch 1.
         let mut m = vec![0f32; 3 * 7];
         m[7 + 5] = f32::MIN;
@@ -1114,8 +1112,8 @@ mod tests {
         let composed =
             candle_nn::ops::softmax(&x.as_tensor().broadcast_add(&bias).unwrap(), D::Minus1)
                 .unwrap();
-        assert!(max_diff(&fused, &composed) < 1e-6);
-        assert!(max_diff(&grad_of(&fused), &grad_of(&composed)) < 1e-6);
+        assert!(max_abs_diff(&fused, &composed).unwrap() < 1e-6);
+        assert!(max_abs_diff(&grad_of(&fused), &grad_of(&composed)).unwrap() < 1e-6);
         // A per-query (causal-style) mask (b, 1, queries, keys): key j hidden from query i > j.
         let m: Vec<f32> = (0..3 * 5 * 7)
             .map(|k| if (k % 7) > (k / 7) % 5 + 1 { f32::MIN } else { 0.0 })
@@ -1125,8 +1123,8 @@ mod tests {
         let composed =
             candle_nn::ops::softmax(&x.as_tensor().broadcast_add(&bias).unwrap(), D::Minus1)
                 .unwrap();
-        assert!(max_diff(&fused, &composed) < 1e-6);
-        assert!(max_diff(&grad_of(&fused), &grad_of(&composed)) < 1e-6);
+        assert!(max_abs_diff(&fused, &composed).unwrap() < 1e-6);
+        assert!(max_abs_diff(&grad_of(&fused), &grad_of(&composed)).unwrap() < 1e-6);
         // RMS norm, gradients for x and w.
         let w = Var::from_tensor(&Tensor::randn(1f32, 0.5, 7, &dev).unwrap()).unwrap();
         let fused = rms_norm(x.as_tensor(), w.as_tensor(), 1e-6).unwrap();
@@ -1136,13 +1134,13 @@ mod tests {
             .unwrap()
             .broadcast_mul(w.as_tensor())
             .unwrap();
-        assert!(max_diff(&fused, &composed) < 1e-5);
-        assert!(max_diff(&grad_of(&fused), &grad_of(&composed)) < 1e-4);
+        assert!(max_abs_diff(&fused, &composed).unwrap() < 1e-5);
+        assert!(max_abs_diff(&grad_of(&fused), &grad_of(&composed)).unwrap() < 1e-4);
         let gw = |y: &Tensor| {
             let gs = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
             gs.get(w.as_tensor()).unwrap().clone()
         };
-        assert!(max_diff(&gw(&fused), &gw(&composed)) < 1e-4);
+        assert!(max_abs_diff(&gw(&fused), &gw(&composed)).unwrap() < 1e-4);
         // Layer norm, gradients for x, w and b.
         let w = Var::from_tensor(&Tensor::randn(1f32, 0.5, 7, &dev).unwrap()).unwrap();
         let b = Var::from_tensor(&Tensor::randn(0f32, 0.5, 7, &dev).unwrap()).unwrap();
@@ -1157,25 +1155,26 @@ mod tests {
             .unwrap()
             .broadcast_add(b.as_tensor())
             .unwrap();
-        assert!(max_diff(&fused, &composed) < 1e-5);
+        assert!(max_abs_diff(&fused, &composed).unwrap() < 1e-5);
         let all = |y: &Tensor| {
             let gs = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
             [x.as_tensor(), w.as_tensor(), b.as_tensor()].map(|v| gs.get(v).unwrap().clone())
         };
         for (a, c) in all(&fused).iter().zip(all(&composed).iter()) {
-            assert!(max_diff(a, c) < 1e-4, "{}", max_diff(a, c));
+            let d = max_abs_diff(a, c).unwrap();
+            assert!(d < 1e-4, "{d}");
         }
         // Bias add: the bias gradient is the column sum.
         let bv = Var::from_tensor(&Tensor::randn(0f32, 1.0, 7, &dev).unwrap()).unwrap();
         let fused = bias_add(x.as_tensor(), bv.as_tensor()).unwrap();
         let composed = x.as_tensor().broadcast_add(bv.as_tensor()).unwrap();
-        assert_eq!(max_diff(&fused, &composed), 0.0);
+        assert_eq!(max_abs_diff(&fused, &composed).unwrap(), 0.0);
         let both = |y: &Tensor| {
             let gs = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
             [x.as_tensor(), bv.as_tensor()].map(|v| gs.get(v).unwrap().clone())
         };
         for (a, c) in both(&fused).iter().zip(both(&composed).iter()) {
-            assert!(max_diff(a, c) < 1e-5);
+            assert!(max_abs_diff(a, c).unwrap() < 1e-5);
         }
         // Dropout: the mask applies forward and backward.
         let keep: Vec<u8> = (0..x.as_tensor().elem_count()).map(|i| (i % 3 != 0) as u8).collect();
@@ -1187,8 +1186,8 @@ mod tests {
         .unwrap();
         let fused = dropout(x.as_tensor(), keep, 2.0).unwrap();
         let composed = (x.as_tensor() * &mask).unwrap();
-        assert_eq!(max_diff(&fused, &composed), 0.0);
-        assert_eq!(max_diff(&grad_of(&fused), &grad_of(&composed)), 0.0);
+        assert_eq!(max_abs_diff(&fused, &composed).unwrap(), 0.0);
+        assert_eq!(max_abs_diff(&grad_of(&fused), &grad_of(&composed)).unwrap(), 0.0);
         assert_eq!(fused.dtype(), DType::F32);
     }
 }
