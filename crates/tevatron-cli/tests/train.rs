@@ -11,6 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{fails_with, names, ok, repo, tevatron};
+use tevatron_model::testing::max_abs_diff_of;
 
 fn data(f: &str) -> String {
     repo().join("testdata/train").join(f).to_string_lossy().into_owned()
@@ -383,7 +384,7 @@ fn two_ranks_train_as_one_process_with_twice_the_batch() {
     let (a, b) = (tensors(&one.join("model.safetensors")), tensors(&two.join("model.safetensors")));
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
     for (name, x) in &a {
-        let d = x.iter().zip(&b[name]).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        let d = max_abs_diff_of(x, &b[name]);
         assert!(d <= 1e-5, "{name} differs by {d}");
     }
     let losses = |dir: &Path| -> Vec<f64> {
@@ -392,6 +393,7 @@ fn two_ranks_train_as_one_process_with_twice_the_batch() {
     };
     let (la, lb) = (losses(&one), losses(&two));
     assert_eq!(la.len(), 3, "6 steps logged every 2");
+    assert_eq!(lb.len(), la.len(), "{la:?} vs {lb:?}");
     for (x, y) in la.iter().zip(&lb) {
         assert!((x - y).abs() <= 1e-5 * x.abs(), "{la:?} vs {lb:?}");
     }

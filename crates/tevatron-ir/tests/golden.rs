@@ -28,6 +28,7 @@ fn check(run_file: &str, complete: bool) {
     let qrels = Qrels::read(&dir.join("qrels.txt")).unwrap();
     let got = evaluate(&run, &qrels, &measures, complete);
     let means = &expected[if complete { "means_complete" } else { "means" }];
+    assert_eq!(got.means.len(), names.len(), "one mean per measure");
     for (name, mean) in names.iter().zip(&got.means) {
         let want = means[name].as_f64().unwrap();
         assert!((mean - want).abs() <= 1e-6, "{run_file} -c={complete} {name}: {mean} vs {want}");
@@ -37,6 +38,7 @@ fn check(run_file: &str, complete: bool) {
         assert_eq!(got.per_query.len(), per_query.len(), "evaluated queries differ");
     }
     for (qid, values) in &got.per_query {
+        assert_eq!(values.len(), names.len(), "{qid}: one value per measure");
         for (name, v) in names.iter().zip(values) {
             let want = per_query.get(qid).map_or(0.0, |q| q[name].as_f64().unwrap());
             assert!((v - want).abs() <= 1e-6, "{qid} {name}: {v} vs {want}");

@@ -11,7 +11,7 @@ static ALLOC: tevatron_model::mapped::MappedAlloc = tevatron_model::mapped::Mapp
 use candle_core::{DType, Device, Tensor};
 use tevatron_model::collate::collate;
 use tevatron_model::encoder::BatchOptions;
-use tevatron_model::testing::{load_tiny, max_abs_diff, tiny_dir, HIDDEN_ATOL};
+use tevatron_model::testing::{load_tiny, max_abs_diff, max_abs_diff_of, tiny_dir, HIDDEN_ATOL};
 use tevatron_model::{EncoderOptions, Mode, PaddingSide, Pooling, TextOptions};
 
 const MODELS: [&str; 4] = ["bert", "roberta", "xlm-roberta", "distilbert"];
@@ -114,7 +114,7 @@ fn batch_equals_single() {
         };
         let batched = enc.embed_sequences(&seqs, &opts).unwrap();
         let single = enc.embed_sequences(&seqs, &BatchOptions { batch_size: 1, ..opts }).unwrap();
-        let d = batched.iter().zip(&single).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let d = max_abs_diff_of(&batched, &single);
         assert!(d <= HIDDEN_ATOL, "{name}: batched vs single differ by {d}");
     }
 }
@@ -163,21 +163,37 @@ fn every_weight_receives_a_gradient_in_train_mode() {
     }
 }
 
+/// `embed` embeds what the tokenizer makes of the texts under every text option: a prefix, a
+/// shorter `max_len`, an appended EOS, no special tokens. Each of them changes the ids and the
+/// embeddings, so an option dropped on the way from `embed` to the tokenizer would show.
 #[test]
 fn text_options_flow_through_embed() {
     let enc = load_tiny("roberta", Pooling::Last, EncoderOptions::default());
-    let texts = vec!["what is a dense retriever".to_string()];
-    let plain =
-        enc.embed(&texts, &TextOptions { max_len: 12, ..TextOptions::default() }, 8).unwrap();
-    let prefixed = enc
-        .embed(
-            &texts,
-            &TextOptions { max_len: 12, prefix: "the ".into(), ..TextOptions::default() },
-            8,
-        )
-        .unwrap();
-    assert_eq!(plain.len(), 32);
-    assert_ne!(plain, prefixed);
+    let texts = vec!["what is a dense retriever".to_string(), "a second text".to_string()];
+    let base = TextOptions { max_len: 12, ..TextOptions::default() };
+    let ids = |o: &TextOptions| enc.tokenizer().prepare(o).unwrap().tokenize(&texts).unwrap();
+    let single = BatchOptions {
+        batch_size: 1,
+        token_budget: 1 << 20,
+        pad_to_multiple_of: 16,
+        padding_side: PaddingSide::Right,
+    };
+    let plain = enc.embed(&texts, &base, 8).unwrap();
+    assert_eq!(plain.len(), 2 * 32);
+    for o in [
+        TextOptions { prefix: "the ".into(), ..base.clone() },
+        TextOptions { max_len: 4, ..base.clone() },
+        TextOptions { append_eos: true, ..base.clone() },
+        TextOptions { add_special_tokens: false, ..base.clone() },
+    ] {
+        let seqs = ids(&o);
+        assert_ne!(seqs, ids(&base), "{o:?} changes the ids");
+        let got = enc.embed(&texts, &o, 8).unwrap();
+        let d = max_abs_diff_of(&got, &enc.embed_sequences(&seqs, &single).unwrap());
+        assert!(d <= HIDDEN_ATOL, "{o:?}: embed differs from its ids' embedding by {d}");
+        let moved = max_abs_diff_of(&got, &plain);
+        assert!(moved > 100.0 * HIDDEN_ATOL, "{o:?} leaves the embedding as it was: {moved}");
+    }
 }
 
 #[test]
