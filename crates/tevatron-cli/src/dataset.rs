@@ -167,6 +167,7 @@ mod tests {
         assert_eq!(names("dev"), ["dev.jsonl"]);
         assert_eq!(names("test"), ["data/test-00000.jsonl.gz"]);
         assert_eq!(names("train"), ["train.jsonl"]);
-        assert!(split_files(dir.path(), None, "dl19").is_err());
+        let e = split_files(dir.path(), None, "dl19").unwrap_err().to_string();
+        assert!(e.ends_with(": no data files for split \"dl19\""), "{e}");
     }
 }

@@ -256,8 +256,9 @@ mod tests {
         ] {
             assert_eq!(Measure::parse(s).unwrap().kind, k, "{s}");
         }
-        assert!(Measure::parse("bpref").is_err());
-        assert!(Measure::parse("recall@0").is_err());
+        let e = |name: &str| Measure::parse(name).unwrap_err().to_string();
+        assert!(e("bpref").starts_with("unknown measure \"bpref\"; use mrr@K"), "{}", e("bpref"));
+        assert_eq!(e("recall@0"), "measure \"recall@0\": cut-off \"0\" is not a positive integer");
         let names: Vec<String> =
             Measure::parse_list("recall.5,100").unwrap().into_iter().map(|m| m.name).collect();
         assert_eq!(names, ["recall.5", "recall.100"]);

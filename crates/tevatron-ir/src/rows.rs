@@ -360,9 +360,28 @@ mod tests {
         assert_eq!(ids.find(&store, "d2").unwrap(), Some(1));
         assert_eq!(ids.find(&store, "7").unwrap(), Some(2));
         assert_eq!(ids.find(&store, "d3").unwrap(), None);
-        // A second open reuses the cache: same answers.
+        // A second open reuses the cache: no file of it is written again, same answers.
+        let before = cache_files(&cache);
+        assert!(before.keys().any(|p| p.ends_with("index.bin")), "{before:?}");
         let again = RowStore::open(&files, &cache).unwrap();
+        let ids = DocIndex::open(&again, &files, "docid", &cache).unwrap();
+        assert_eq!(cache_files(&cache), before, "the second open rebuilt the cache");
         assert_eq!(again.text(0).unwrap(), store.text(0).unwrap());
+        assert_eq!(ids.find(&again, "7").unwrap(), Some(2));
+    }
+
+    /// Every file under `dir` with its modification time (a rebuild writes a new file).
+    fn cache_files(dir: &Path) -> std::collections::BTreeMap<PathBuf, std::time::SystemTime> {
+        let mut out = std::collections::BTreeMap::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let (path, meta) = (entry.as_ref().unwrap().path(), entry.unwrap().metadata().unwrap());
+            if meta.is_dir() {
+                out.extend(cache_files(&path));
+            } else {
+                out.insert(path, meta.modified().unwrap());
+            }
+        }
+        out
     }
 
     #[test]

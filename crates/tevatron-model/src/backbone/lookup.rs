@@ -270,6 +270,7 @@ mod tests {
                 assert_eq!(table[r * width + j], want);
             }
         }
-        assert!(RowGroups::new(&[6], 6).is_err());
+        let e = RowGroups::new(&[6], 6).err().unwrap().to_string();
+        assert!(e.contains("embedding: id 6 is outside the table's 6 rows"), "{e}");
     }
 }
