@@ -939,6 +939,52 @@ mod tests {
         assert!(e.contains("did not answer within 0.2 s"), "{e}");
     }
 
+    /// Over TCP: a rank that meets the others and then never sends makes rank 0 end with a
+    /// message naming it once `--ddp_timeout` has passed, and the rank waiting on rank 0 end
+    /// with a message too, instead of hanging.
+    #[test]
+    fn a_silent_tcp_rank_fails_the_others_with_a_message() {
+        let port = free_port();
+        let secs = 2;
+        let (done, silent_may_go) = std::sync::mpsc::channel::<()>();
+        let start = Instant::now();
+        let (zero, one) = std::thread::scope(|s| {
+            let silent = s.spawn(move || {
+                let t = TcpTransport::connect(&rendezvous(2, 3, port, secs)).unwrap();
+                // Connected, then silent until the others have given up.
+                silent_may_go.recv().unwrap();
+                drop(t);
+            });
+            let talk = |rank: usize| {
+                s.spawn(move || {
+                    let t = TcpTransport::connect(&rendezvous(rank, 3, port, secs)).unwrap();
+                    let e = t.all_gather_bytes(b"x").err().map(|e| e.to_string());
+                    (e, Instant::now())
+                })
+            };
+            let (zero, one) = (talk(0), talk(1));
+            let zero = zero.join().unwrap();
+            let one = one.join().unwrap();
+            done.send(()).unwrap();
+            silent.join().unwrap();
+            (zero, one)
+        });
+        let e = zero.0.expect("rank 0 gathered without rank 2");
+        assert_eq!(e, "rank 0 waiting for rank 2: no answer within --ddp_timeout");
+        let e = one.0.expect("rank 1 gathered without rank 2");
+        assert!(e.starts_with("rank 1 waiting for rank 0: "), "{e}");
+        assert!(
+            e.ends_with("no answer within --ddp_timeout")
+                || e.ends_with("the connection closed (that rank probably failed: see its log)"),
+            "{e}"
+        );
+        for (rank, end) in [(0, zero.1), (1, one.1)] {
+            let took = end.duration_since(start);
+            assert!(took >= Duration::from_secs(secs), "rank {rank} gave up after {took:?}");
+            assert!(took < Duration::from_secs(4 * secs), "rank {rank} took {took:?}");
+        }
+    }
+
     #[test]
     fn environment_is_checked() {
         let env = |pairs: &'static [(&'static str, &'static str)]| {
