@@ -150,8 +150,9 @@ pub struct EncodeArgs {
     /// Encode queries (`query_id`, `query_text`/`query`) instead of passages.
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub encode_is_query: bool,
-    /// Output embeddings file (safetensors; one per shard).
-    #[arg(long)]
+    /// Output embeddings file (safetensors; one per shard). Tevatron v1 named it
+    /// `--encoded_save_path`, which is accepted too.
+    #[arg(long, alias = "encoded_save_path")]
     pub encode_output_path: PathBuf,
     /// Maximum query tokens, special tokens included.
     #[arg(long, default_value_t = 32)]
@@ -188,11 +189,12 @@ pub struct EncodeArgs {
     /// Texts per batch (batches of short texts may hold more, up to the same token count).
     #[arg(long, default_value_t = 8)]
     pub per_device_eval_batch_size: usize,
-    /// Split the input into this many contiguous shards (Hugging Face's rule) ...
-    #[arg(long, default_value_t = 1)]
+    /// Split the input into this many contiguous shards (Hugging Face's rule) ... (Tevatron v1:
+    /// `--encode_num_shard`)
+    #[arg(long, default_value_t = 1, alias = "encode_num_shard")]
     pub dataset_number_of_shards: usize,
-    /// ... and encode this one (0-based).
-    #[arg(long, default_value_t = 0)]
+    /// ... and encode this one (0-based; Tevatron v1: `--encode_shard_index`).
+    #[arg(long, default_value_t = 0, alias = "encode_shard_index")]
     pub dataset_shard_index: usize,
     /// Compute in float16.
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]

@@ -96,6 +96,14 @@ pub fn resolve(
     if dir.is_dir() {
         return split_files(dir, config, split);
     }
+    // Tevatron v1 spelled a split into the id (`Tevatron/wikipedia-nq/test`); its DataArguments
+    // cut the last part off as the split, and so does this.
+    if let [org, dataset, v1_split] = name.split('/').collect::<Vec<_>>()[..] {
+        let id = format!("{org}/{dataset}");
+        tracing::info!("reading {name} as dataset {id}, split {v1_split} (Tevatron v1's form)");
+        let root = hub_dataset(&id, cache_dir)?;
+        return split_files(&root, config, v1_split);
+    }
     let root = hub_dataset(name, cache_dir)?;
     split_files(&root, config, split)
 }

@@ -231,13 +231,14 @@ pub struct Screened {
 fn clap_flags(command: &str) -> Vec<(String, Arity)> {
     let cli = Cli::command();
     let Some(sub) = cli.find_subcommand(command) else { return Vec::new() };
-    let mut flags: Vec<(String, Arity)> = sub
-        .get_arguments()
-        .filter_map(|a| {
-            let optional = a.get_num_args().is_some_and(|n| n.min_values() == 0);
-            a.get_long().map(|l| (l.to_string(), if optional { Bool } else { One }))
-        })
-        .collect();
+    let mut flags: Vec<(String, Arity)> = Vec::new();
+    for a in sub.get_arguments() {
+        let arity = if a.get_num_args().is_some_and(|n| n.min_values() == 0) { Bool } else { One };
+        let aliases = a.get_all_aliases().unwrap_or_default();
+        for name in a.get_long().into_iter().chain(aliases) {
+            flags.push((name.to_string(), arity));
+        }
+    }
     flags.push(("help".into(), Bool));
     flags
 }

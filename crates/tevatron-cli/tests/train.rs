@@ -222,7 +222,10 @@ fn bad_training_inputs_are_clear_errors() {
     fails_with(run("o2", &bad, &[]), "bad.jsonl:2: malformed JSON");
     let noneg =
         write("noneg.jsonl", "{\"query\":\"q\",\"positive_passages\":[{\"text\":\"a\"}]}\n");
-    fails_with(run("o3", &noneg, &[]), "needs hard negatives");
+    fails_with(
+        run("o3", &noneg, &[]),
+        &format!("needs hard negatives, and no row of {noneg} has any"),
+    );
     let ids = write(
         "ids.jsonl",
         "{\"query_id\":\"1\",\"query_text\":\"q\",\"positive_document_ids\":[\"d1\"],\"negative_document_ids\":[\"zz\"]}\n",
