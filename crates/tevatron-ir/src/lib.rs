@@ -24,6 +24,7 @@ pub mod insuranceqa;
 pub mod metrics;
 pub mod records;
 pub mod rows;
+pub mod safetensors_check;
 pub mod search;
 pub mod trec;
 pub mod vectors;

@@ -209,7 +209,8 @@ pub struct Ids {
 impl Ids {
     /// Splits `\n`-joined ids; `rows` says how many there are (0 rows is the empty text).
     fn parse(text: &str, rows: usize) -> Self {
-        let mut starts = Vec::with_capacity(rows + 1);
+        // `rows` comes from the file's header: it may not size an allocation on its own.
+        let mut starts = Vec::with_capacity(rows.min(text.len()) + 2);
         if rows > 0 {
             starts.push(0);
             starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
@@ -272,6 +273,8 @@ impl Vectors {
         // it while we search.
         let map = unsafe { memmap2::Mmap::map(&file) }
             .map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
+        crate::safetensors_check::check(&map, map.len() as u64)
+            .map_err(|e| bad(format!("not a readable safetensors file ({e})")))?;
         let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map)
             .map_err(|e| bad(format!("not a readable safetensors file ({e})")))?;
         let data_start = 8 + header_len;
@@ -282,6 +285,9 @@ impl Vectors {
         let [rows, dim] = emb.shape[..] else {
             return Err(bad(format!("embeddings must be 2-D, found shape {:?}", emb.shape)));
         };
+        if dim == 0 {
+            return Err(bad(format!("embeddings have width 0 (shape {:?})", emb.shape)));
+        }
         let ids_info = meta.info("ids").ok_or_else(|| bad("no `ids` tensor".into()))?;
         if format!("{:?}", ids_info.dtype) != "U8" {
             return Err(bad("`ids` must be a U8 tensor".into()));

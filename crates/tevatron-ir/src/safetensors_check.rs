@@ -1,0 +1,88 @@
+//! A check in front of the `safetensors` crate's header parser for what it does not check: in
+//! 0.8 it adds the header length and the tensors' end offset unchecked (`buffer_end + N_LEN +
+//! n`), so a header whose tensors end just below 2^64 overflows (a panic with overflow checks,
+//! a wrong sum without) before the file's length is compared. Every reader of safetensors files
+//! that reach this crate's parser (embeddings, LoRA adapters, checkpoints) calls [`check`] or
+//! [`check_file`] first.
+//!
+//! Only that case is refused here; anything else the header gets wrong is left to `safetensors`,
+//! whose messages say what it is.
+
+use std::io::Read;
+use std::path::Path;
+
+/// The largest header `safetensors` accepts (its `MAX_HEADER_SIZE`).
+const MAX_HEADER: u64 = 100_000_000;
+
+/// Checks the header at the start of `prefix` (the first bytes of a safetensors file of
+/// `file_len` bytes): every tensor must end within the file. Returns what is wrong, in words.
+pub fn check(prefix: &[u8], file_len: u64) -> Result<(), String> {
+    let Some(n) = prefix.get(..8) else { return Ok(()) };
+    let n = u64::from_le_bytes(n.try_into().expect("8 bytes"));
+    let Some(data_len) = file_len.checked_sub(8).and_then(|rest| rest.checked_sub(n)) else {
+        return Ok(()); // a header longer than the file: safetensors refuses it
+    };
+    if n > MAX_HEADER {
+        return Ok(());
+    }
+    let Some(header) = prefix.get(8..8 + n as usize) else { return Ok(()) };
+    let Ok(serde_json::Value::Object(tensors)) = serde_json::from_slice(header) else {
+        return Ok(());
+    };
+    for (name, info) in &tensors {
+        let end = info.get("data_offsets").and_then(|o| o.get(1)).and_then(|e| e.as_u64());
+        if let Some(end) = end.filter(|&e| e > data_len) {
+            return Err(format!(
+                "tensor {name:?} ends at byte {end} of the data, which holds {data_len} bytes (a truncated or corrupt file)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// [`check`] for the file at `path`, reading only its header. An unreadable file passes: the
+/// caller's own read reports it.
+pub fn check_file(path: &Path) -> Result<(), String> {
+    let Ok(mut file) = std::fs::File::open(path) else { return Ok(()) };
+    let Ok(file_len) = file.metadata().map(|m| m.len()) else { return Ok(()) };
+    let mut len = [0u8; 8];
+    if file.read_exact(&mut len).is_err() {
+        return Ok(());
+    }
+    let n = u64::from_le_bytes(len);
+    if n > MAX_HEADER || n > file_len - 8 {
+        return Ok(());
+    }
+    let mut prefix = len.to_vec();
+    prefix.resize(8 + n as usize, 0);
+    if file.read_exact(&mut prefix[8..]).is_err() {
+        return Ok(());
+    }
+    check(&prefix, file_len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(header: &str, data: usize) -> Vec<u8> {
+        let mut f = (header.len() as u64).to_le_bytes().to_vec();
+        f.extend_from_slice(header.as_bytes());
+        f.resize(f.len() + data, 0);
+        f
+    }
+
+    #[test]
+    fn tensors_ending_past_the_file_are_refused_and_others_left_alone() {
+        let ok = file(r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}"#, 4);
+        assert_eq!(check(&ok, ok.len() as u64), Ok(()));
+        let past =
+            file(r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,18446744073709551615]}}"#, 4);
+        let err = check(&past, past.len() as u64).unwrap_err();
+        assert!(err.contains("\"a\" ends at byte 18446744073709551615"), "{err}");
+        // Not JSON, too short, a header longer than the file: left to safetensors.
+        assert_eq!(check(&file("{", 0), 9), Ok(()));
+        assert_eq!(check(b"1234", 4), Ok(()));
+        assert_eq!(check(&u64::MAX.to_le_bytes(), 8), Ok(()));
+    }
+}
