@@ -62,17 +62,27 @@ pub struct JsonlReader {
     buf: Vec<u8>,
 }
 
+/// Calls into the parquet crate, which fails an assertion (a panic) instead of returning an
+/// error on some corrupt files; the panic's message is returned instead.
+fn parquet_call<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
+        let text = panic.downcast_ref::<&str>().map(|s| s.to_string());
+        text.or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_else(|| "a panic".into())
+    })
+}
+
 fn open_parquet(
     path: &Path,
     file: File,
 ) -> Result<(parquet::record::reader::RowIter<'static>, usize)> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
-    let bad = |e: parquet::errors::ParquetError| {
-        Error::Invalid(format!("{}: cannot read Parquet ({e})", path.display()))
-    };
-    let reader = SerializedFileReader::new(file).map_err(bad)?;
-    let rows = reader.metadata().file_metadata().num_rows().max(0) as usize;
-    Ok((reader.into_iter(), rows))
+    let bad = |e: String| Error::Invalid(format!("{}: cannot read Parquet ({e})", path.display()));
+    let opened = parquet_call(|| {
+        let reader = SerializedFileReader::new(file)?;
+        let rows = reader.metadata().file_metadata().num_rows().max(0) as usize;
+        Ok::<_, parquet::errors::ParquetError>((reader.into_iter(), rows))
+    });
+    opened.map_err(|m| bad(format!("corrupt file: {m}")))?.map_err(|e| bad(e.to_string()))
 }
 
 /// Opens a JSONL file; a name ending in `.gz` is decompressed on the fly.
@@ -102,20 +112,35 @@ impl JsonlReader {
         &self.path
     }
 
+    /// The next Parquet row as JSON (`None` past the last row or when the file is not
+    /// Parquet). A row the parquet crate panics on ends the stream with an error.
+    fn next_parquet_row(&mut self) -> Option<Result<(usize, Value)>> {
+        let (rows, _) = self.parquet.as_mut()?;
+        let next = parquet_call(|| rows.next().map(|r| r.map(|r| r.to_json_value())));
+        self.line += 1;
+        let what = match next {
+            Ok(None) => return None,
+            Ok(Some(Ok(value))) => return Some(Ok((self.line, value))),
+            Ok(Some(Err(e))) => e.to_string(),
+            Err(panic) => {
+                // The reader's state is unknown after a panic: no row is read from it again
+                // (without it, the stream reads the empty text reader and ends).
+                self.parquet = None;
+                format!("corrupt file: {panic}")
+            }
+        };
+        Some(Err(Error::Invalid(format!(
+            "{}: row {}: cannot read Parquet ({what})",
+            self.path.display(),
+            self.line
+        ))))
+    }
+
     /// Reads the next non-blank line as raw UTF-8 text; returns its line number. For Parquet,
     /// skips one row and returns an empty text.
     pub fn next_line(&mut self) -> Option<Result<(usize, &str)>> {
-        if let Some((rows, _)) = self.parquet.as_mut() {
-            let row = rows.next()?;
-            self.line += 1;
-            return Some(match row {
-                Ok(_) => Ok((self.line, "")),
-                Err(e) => Err(Error::Invalid(format!(
-                    "{}: row {}: cannot read Parquet ({e})",
-                    self.path.display(),
-                    self.line
-                ))),
-            });
+        if self.parquet.is_some() {
+            return Some(self.next_parquet_row()?.map(|(line, _)| (line, "")));
         }
         loop {
             self.buf.clear();
@@ -142,19 +167,10 @@ impl JsonlReader {
 
     /// Reads the next non-blank line (or Parquet row) as a JSON object.
     pub fn next_object(&mut self) -> Option<Result<(usize, Value)>> {
-        let path = self.path.clone();
-        if let Some((rows, _)) = self.parquet.as_mut() {
-            let row = rows.next()?;
-            self.line += 1;
-            return Some(match row {
-                Ok(r) => Ok((self.line, r.to_json_value())),
-                Err(e) => Err(Error::Invalid(format!(
-                    "{}: row {}: cannot read Parquet ({e})",
-                    path.display(),
-                    self.line
-                ))),
-            });
+        if self.parquet.is_some() {
+            return self.next_parquet_row();
         }
+        let path = self.path.clone();
         Some(self.next_line()?.and_then(|(line, text)| {
             let value: Value = serde_json::from_str(text).map_err(|source| Error::Json {
                 path: path.clone(),
