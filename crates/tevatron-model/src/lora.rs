@@ -88,7 +88,8 @@ impl Adapter {
         let config_path = dir.join("adapter_config.json");
         let text = std::fs::read_to_string(&config_path)
             .map_err(|source| Error::Read { path: config_path.clone(), source })?;
-        let raw: serde_json::Value = serde_json::from_str(&text)
+        // An object, or a clear error: indexing any other JSON value by key would panic.
+        let raw: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
             .map_err(|source| Error::Json { path: config_path.clone(), source })?;
         if let Some(t) = raw.get("peft_type").and_then(|t| t.as_str()) {
             if t != "LORA" {
@@ -112,8 +113,8 @@ impl Adapter {
             raw_targets = serde_json::json!([s]);
         }
         let mut fixed = raw.clone();
-        fixed["target_modules"] = raw_targets;
-        let config: LoraConfig = serde_json::from_value(fixed)
+        fixed.insert("target_modules".into(), raw_targets);
+        let config: LoraConfig = serde_json::from_value(serde_json::Value::Object(fixed))
             .map_err(|source| Error::Json { path: config_path.clone(), source })?;
         let weights = dir.join("adapter_model.safetensors");
         if !weights.is_file() {
@@ -122,9 +123,13 @@ impl Adapter {
                 dir.display()
             )));
         }
-        let tensors = candle_core::safetensors::load(&weights, device).map_err(|e| {
-            Error::Weights { path: weights.clone(), what: format!("cannot read ({e})") }
-        })?;
+        let cannot_read = |e: &dyn std::fmt::Display| Error::Weights {
+            path: weights.clone(),
+            what: format!("cannot read ({e})"),
+        };
+        tevatron_ir::safetensors_check::check_file(&weights).map_err(|e| cannot_read(&e))?;
+        let tensors =
+            candle_core::safetensors::load(&weights, device).map_err(|e| cannot_read(&e))?;
         let mut halves: HashMap<String, (Option<Tensor>, Option<Tensor>)> = HashMap::new();
         for (name, t) in tensors {
             let module = name

@@ -207,6 +207,15 @@ impl TextTokenizer {
     }
 }
 
+/// The message a panic carries, when it is text.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic")
+}
+
 /// A tokenizer set up for one [`TextOptions`].
 pub struct PreparedTokenizer {
     tokenizer: Tokenizer,
@@ -223,10 +232,20 @@ impl PreparedTokenizer {
         } else {
             texts.iter().map(|t| format!("{}{t}", self.opts.prefix)).collect()
         };
-        let encodings = self
-            .tokenizer
-            .encode_batch(inputs, self.opts.add_special_tokens)
-            .map_err(|e| Error::Tokenizer { path: self.path.clone(), message: e.to_string() })?;
+        // The tokenizers crate trusts its file: a tokenizer.json that deserialises but is
+        // inconsistent (a post-processor template naming a special token the file does not
+        // define) panics while encoding. That is reported as an error on the file.
+        let encodings = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.tokenizer.encode_batch(inputs, self.opts.add_special_tokens)
+        }))
+        .map_err(|panic| Error::Tokenizer {
+            path: self.path.clone(),
+            message: format!(
+                "the tokenizer failed ({}); the file is inconsistent",
+                panic_message(panic.as_ref())
+            ),
+        })?
+        .map_err(|e| Error::Tokenizer { path: self.path.clone(), message: e.to_string() })?;
         Ok(encodings
             .into_iter()
             .map(|e| {

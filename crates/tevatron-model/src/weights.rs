@@ -93,11 +93,16 @@ fn read_safetensors(path: &Path, device: &Device) -> candle_core::Result<Vec<(St
     };
     let mut out = Vec::with_capacity(tensors.len());
     for (name, info) in tensors {
-        let (start, end) = info.data_offsets;
-        let (start, end) = (8 + n + start as u64, 8 + n + end as u64);
-        if end > file_len || start > end {
-            fail!("tensor {name} ends at byte {end} of a {file_len}-byte file (truncated?)");
+        // The offsets come from the file: compared with the data's length before any sum, which
+        // offsets near 2^64 would overflow.
+        let (start, end) = (info.data_offsets.0 as u64, info.data_offsets.1 as u64);
+        if end > file_len - 8 - n || start > end {
+            fail!(
+                "tensor {name} ends at byte {} of a {file_len}-byte file (truncated?)",
+                end.saturating_add(8 + n)
+            );
         }
+        let (start, end) = (8 + n + start, 8 + n + end);
         if let Some(map) = &mapping {
             let range = start as usize..end as usize;
             if let Some(t) = mapped_tensor(map, range, info.dtype, &info.shape)? {

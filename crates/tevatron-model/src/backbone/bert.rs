@@ -117,7 +117,8 @@ impl Bert {
         let token_type =
             candle_nn::embedding(cfg.type_vocab_size, h, e.pp("token_type_embeddings"))?;
         let emb_norm = LayerNorm::load(e.pp("LayerNorm"), h, cfg.layer_norm_eps)?;
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        // Not sized by num_hidden_layers: the file's layers bound the loop, the config does not.
+        let mut layers = Vec::new();
         for i in 0..cfg.num_hidden_layers {
             let l = vb.pp("encoder").pp("layer").pp(i);
             let a = l.pp("attention");

@@ -66,12 +66,16 @@ impl DistilBert {
     /// Loads the weights under `vb` (already stripped of any `distilbert.` prefix).
     pub fn load(vb: VarBuilder, cfg: &Config, lin: &Linears) -> Result<Self> {
         let h = cfg.dim;
+        if cfg.n_heads == 0 || !h.is_multiple_of(cfg.n_heads) {
+            fail!("dim {h} is not a multiple of n_heads {}", cfg.n_heads);
+        }
         let e = vb.pp("embeddings");
         let word = candle_nn::embedding(cfg.vocab_size, h, e.pp("word_embeddings"))?;
         let position =
             candle_nn::embedding(cfg.max_position_embeddings, h, e.pp("position_embeddings"))?;
         let emb_norm = LayerNorm::load(e.pp("LayerNorm"), h, EPS)?;
-        let mut layers = Vec::with_capacity(cfg.n_layers);
+        // Not sized by n_layers: the file's layers bound the loop, the config does not.
+        let mut layers = Vec::new();
         for i in 0..cfg.n_layers {
             let l = vb.pp("transformer").pp("layer").pp(i);
             let a = l.pp("attention");

@@ -250,6 +250,14 @@ fn inverse_frequencies(cfg: &Config) -> Result<Vec<f64>> {
 impl Llama {
     /// Loads the weights under `vb` (already stripped of a `model.` prefix).
     pub fn load(vb: VarBuilder, cfg: &Config, family: Family, linears: &Linears) -> Result<Self> {
+        // config.json's numbers are checked before any of them divides, multiplies or sizes
+        // something: a zero or a huge value is an error, not a panic.
+        if cfg.num_attention_heads == 0 {
+            fail!("num_attention_heads is 0");
+        }
+        if cfg.num_hidden_layers == 0 {
+            fail!("num_hidden_layers is 0");
+        }
         let (h, heads, kv, d) =
             (cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
         if kv == 0 || heads % kv != 0 {
@@ -257,6 +265,9 @@ impl Llama {
         }
         if d % 2 != 0 {
             fail!("head_dim {d} must be even for rotary positions");
+        }
+        if heads.checked_mul(d).is_none() {
+            fail!("num_attention_heads {heads} times head_dim {d} overflows");
         }
         let (qkv_bias, o_bias) = match family {
             Family::Llama | Family::Qwen3 => (cfg.attention_bias, cfg.attention_bias),
@@ -266,7 +277,8 @@ impl Llama {
         let lin =
             |vb: VarBuilder, i: usize, o: usize, bias: bool| linears.maybe_bias(vb, i, o, bias);
         let embed = candle_nn::embedding(cfg.vocab_size, h, vb.pp("embed_tokens"))?;
-        let mut stack = Vec::with_capacity(cfg.num_hidden_layers);
+        // Not sized by num_hidden_layers: the file's layers bound the loop, the config does not.
+        let mut stack = Vec::new();
         for i in 0..cfg.num_hidden_layers {
             let l = vb.pp("layers").pp(i);
             let a = l.pp("self_attn");
