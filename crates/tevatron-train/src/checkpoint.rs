@@ -159,6 +159,15 @@ pub fn save(
     Ok(final_dir)
 }
 
+/// candle's reader, behind the header check it lacks ([`tevatron_ir::safetensors_check`]).
+fn load_safetensors(
+    path: &Path,
+    device: &Device,
+) -> candle_core::Result<HashMap<String, candle_core::Tensor>> {
+    tevatron_ir::safetensors_check::check_file(path).map_err(candle_core::Error::Msg)?;
+    candle_core::safetensors::load(path, device)
+}
+
 /// Restores weights (from `weights_file`, the one [`Encoder::weights_file`] names), optimizer
 /// moments and the loop state from a checkpoint folder.
 pub fn load(dir: &Path, weights_file: &str, opt: &mut AdamW) -> Result<TrainerState> {
@@ -169,16 +178,18 @@ pub fn load(dir: &Path, weights_file: &str, opt: &mut AdamW) -> Result<TrainerSt
     let model_path = dir.join(weights_file);
     let device = opt.vars().first().map(|v| v.device().clone()).unwrap_or(Device::Cpu);
     let weights: HashMap<String, candle_core::Tensor> =
-        candle_core::safetensors::load(&model_path, &device).map_err(|e| bad(&model_path, e))?;
+        load_safetensors(&model_path, &device).map_err(|e| bad(&model_path, e))?;
     for (name, var) in opt.named_vars() {
         let t = weights
             .get(name)
             .ok_or_else(|| Error::Invalid(format!("{}: no tensor {name}", model_path.display())))?;
-        var.set(&t.to_dtype(var.dtype())?)?;
+        // A tensor of another shape (or a dtype that does not convert) is the file's fault.
+        t.to_dtype(var.dtype()).and_then(|t| var.set(&t)).map_err(|e| {
+            bad(&model_path, candle_core::Error::Msg(format!("tensor {name}: {e}")))
+        })?;
     }
     let opt_path = dir.join("optimizer.safetensors");
-    let moments =
-        candle_core::safetensors::load(&opt_path, &device).map_err(|e| bad(&opt_path, e))?;
+    let moments = load_safetensors(&opt_path, &device).map_err(|e| bad(&opt_path, e))?;
     let sched: Value = read_json(&dir.join("scheduler.json"))?;
     let steps = sched["step"].as_u64().unwrap_or(state.global_step as u64) as usize;
     opt.load_state(&moments, steps).map_err(|e| bad(&opt_path, e))?;

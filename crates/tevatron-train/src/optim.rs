@@ -195,10 +195,21 @@ impl AdamW {
                     .ok_or_else(|| candle_core::Error::Msg(format!("optimizer state lacks {k}")))
             };
             let dt = state_dtype(p.var.dtype());
-            // Copies of their own: the moments are updated in place.
-            let own = |t: Tensor| t.to_dtype(dt)?.to_device(p.var.device())?.copy();
-            p.m = own(get(format!("exp_avg.{}", p.name))?)?;
-            p.v = own(get(format!("exp_avg_sq.{}", p.name))?)?;
+            // Copies of their own: the moments are updated in place. A moment of another shape
+            // is refused here, not left for the first step (or a kernel) to trip on.
+            let own = |k: String| {
+                let t = get(k.clone())?;
+                if t.dims() != p.var.dims() {
+                    return Err(candle_core::Error::Msg(format!(
+                        "{k} has shape {:?}, its parameter {:?}",
+                        t.dims(),
+                        p.var.dims()
+                    )));
+                }
+                t.to_dtype(dt)?.to_device(p.var.device())?.copy()
+            };
+            p.m = own(format!("exp_avg.{}", p.name))?;
+            p.v = own(format!("exp_avg_sq.{}", p.name))?;
         }
         self.step = step;
         Ok(())
