@@ -25,6 +25,7 @@ impl Cli {
             Command::Encode(a) => a.quiet,
             Command::Search(a) => a.quiet,
             Command::Train(a) => a.quiet,
+            Command::Mine(a) => a.quiet,
             Command::Eval(_)
             | Command::Convert(_)
             | Command::Prepare(_)
@@ -47,6 +48,9 @@ pub enum Command {
     Eval(EvalArgs),
     /// Convert Tevatron's `qid docid score` ranking to TREC or MS MARCO format.
     Convert(ConvertArgs),
+    /// Mine hard negatives for a training file with a model (or its embeddings), with
+    /// false-negative filters; writes Tevatron's ids form.
+    Mine(Box<MineArgs>),
     /// Convert a public dataset's download into Tevatron's JSONL files.
     Prepare(PrepareArgs),
     /// Draw the loss and learning-rate curves of a training output (PNG and SVG).
@@ -505,6 +509,159 @@ pub struct SearchArgs {
     /// Keep the GPU index in f32 (the default GPU index is f16, as Tevatron's).
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub gpu_float32: bool,
+    /// No progress output.
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub quiet: bool,
+}
+
+/// `--sampling_strategy` values of `tevatron mine`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SamplingArg {
+    /// The highest-ranked candidates that pass the filters.
+    Top,
+    /// A seeded random draw among the candidates that pass the filters.
+    Random,
+}
+
+/// Flags of `tevatron mine` (sentence-transformers' `mine_hard_negatives` filters, with
+/// Tevatron's data flags).
+#[derive(Debug, Args)]
+#[command(rename_all = "snake_case")]
+pub struct MineArgs {
+    /// Training data: `json` with --dataset_path, a local folder, or a hub dataset id. Rows in
+    /// either of Tevatron's forms (`positive_passages` with docids, or `positive_document_ids`).
+    #[arg(long, default_value = "json")]
+    pub dataset_name: String,
+    /// Training file or glob (JSONL, .jsonl.gz or Parquet).
+    #[arg(long)]
+    pub dataset_path: Option<String>,
+    /// Dataset configuration.
+    #[arg(long)]
+    pub dataset_config: Option<String>,
+    /// Dataset split.
+    #[arg(long, default_value = "train")]
+    pub dataset_split: String,
+    /// Cache folder for hub datasets and the row indexes built for random access.
+    #[arg(long)]
+    pub dataset_cache_dir: Option<PathBuf>,
+    /// Instead of a training file: queries (JSONL, `query_id` + `query`/`query_text`) ...
+    #[arg(long)]
+    pub queries: Option<PathBuf>,
+    /// ... and their TREC qrels; documents judged above 0 are the positives.
+    #[arg(long)]
+    pub qrels: Option<PathBuf>,
+    /// The corpus (`json` with --corpus_path, a folder or a hub id): encoded with the model, and
+    /// read for --drop_same_text.
+    #[arg(long)]
+    pub corpus_name: Option<String>,
+    /// Corpus file or glob.
+    #[arg(long)]
+    pub corpus_path: Option<String>,
+    /// Corpus configuration.
+    #[arg(long)]
+    pub corpus_config: Option<String>,
+    /// Corpus split.
+    #[arg(long, default_value = "train")]
+    pub corpus_split: String,
+    /// Query embeddings from `tevatron encode` (instead of a model).
+    #[arg(long, requires = "passage_reps")]
+    pub query_reps: Option<PathBuf>,
+    /// Passage embeddings glob from `tevatron encode` (instead of a model).
+    #[arg(long, requires = "query_reps")]
+    pub passage_reps: Option<String>,
+    /// The model that encodes queries and corpus (instead of --query_reps/--passage_reps).
+    #[arg(long, conflicts_with = "query_reps")]
+    pub model_name_or_path: Option<String>,
+    /// Tokenizer folder or hub id, when it differs from the model's.
+    #[arg(long)]
+    pub tokenizer_name: Option<String>,
+    /// Hugging Face hub cache folder.
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Pooling, as for `tevatron encode`.
+    #[arg(long, value_enum)]
+    pub pooling: Option<PoolingArg>,
+    /// L2-normalise, as for `tevatron encode`.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub normalize: Option<bool>,
+    /// Maximum query tokens.
+    #[arg(long, default_value_t = 32)]
+    pub query_max_len: usize,
+    /// Maximum passage tokens.
+    #[arg(long, default_value_t = 128)]
+    pub passage_max_len: usize,
+    /// Text put before each query.
+    #[arg(long, default_value = "")]
+    pub query_prefix: String,
+    /// Text put before each passage.
+    #[arg(long, default_value = "")]
+    pub passage_prefix: String,
+    /// Truncate to max_len-1 and append the EOS token.
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub append_eos_token: bool,
+    /// Side to pad on.
+    #[arg(long, value_enum, default_value = "right")]
+    pub padding_side: SideArg,
+    /// Texts per encoding batch.
+    #[arg(long, default_value_t = 64)]
+    pub per_device_eval_batch_size: usize,
+    /// Encode in float16.
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub fp16: bool,
+    /// Encode in bfloat16.
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub bf16: bool,
+    /// Where to encode: cpu, cuda or cuda:N.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// A PEFT LoRA adapter merged into the model before encoding.
+    #[arg(long)]
+    pub lora_name_or_path: Option<String>,
+    /// Keep the query and corpus embeddings the model made in this folder (reused by a later
+    /// run with the same folder) instead of a temporary one.
+    #[arg(long)]
+    pub embeddings_dir: Option<PathBuf>,
+    /// Candidates per query from exact search.
+    #[arg(long, default_value_t = 200)]
+    pub depth: usize,
+    /// Skip the candidates ranked 1..=range_min (the likeliest unjudged positives).
+    #[arg(long, default_value_t = 0)]
+    pub range_min: usize,
+    /// Consider candidates ranked up to this only (default: --depth).
+    #[arg(long)]
+    pub range_max: Option<usize>,
+    /// Drop candidates scoring above this.
+    #[arg(long, allow_negative_numbers = true)]
+    pub max_score: Option<f32>,
+    /// Keep a candidate only if its score <= the positive's score minus this.
+    #[arg(long, allow_negative_numbers = true)]
+    pub absolute_margin: Option<f32>,
+    /// Keep a candidate only if its score <= the positive's score times (1 - this).
+    #[arg(long)]
+    pub relative_margin: Option<f32>,
+    /// Drop candidates whose text equals a positive's after folding white space and case
+    /// (needs the corpus).
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub drop_same_text: bool,
+    /// Negatives per query.
+    #[arg(long, default_value_t = 30)]
+    pub num_negatives: usize,
+    /// How kept candidates are drawn: top or random.
+    #[arg(long, value_enum, default_value = "top")]
+    pub sampling_strategy: SamplingArg,
+    /// Seed of the random draw.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Also keep the negatives the training rows already have (after the mined ones).
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub keep_existing_negatives: bool,
+    /// Queries searched per pass over the corpus.
+    #[arg(long, default_value_t = 1024)]
+    pub batch_size: usize,
+    /// The output training file (Tevatron's ids form, JSONL); the rank histogram of the
+    /// positives is written beside it as `<output>.positive_ranks.png`.
+    #[arg(long)]
+    pub output_path: PathBuf,
     /// No progress output.
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub quiet: bool,

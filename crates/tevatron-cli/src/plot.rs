@@ -84,25 +84,78 @@ pub fn plot_training(dir: &Path) -> Result<Vec<PathBuf>> {
     std::io::Write::write_all(&mut file, svg.as_bytes()).map_err(|e| file.err(e))?;
     file.commit()?;
 
-    // Drawn into an RGB buffer and encoded here (the png crate), written via temp + rename.
     let png_path = dir.join("training_curves.png");
     let mut rgb = vec![0u8; (SIZE.0 * SIZE.1 * 3) as usize];
     draw(BitMapBackend::with_buffer(&mut rgb, SIZE).into_drawing_area(), &log, &title)?;
-    let mut file = AtomicFile::create(&png_path)?;
+    write_png(&png_path, &rgb, SIZE)?;
+    Ok(vec![png_path, svg_path])
+}
+
+/// Encodes an RGB buffer as PNG (the png crate) and writes it via temp + rename.
+fn write_png(path: &Path, rgb: &[u8], size: (u32, u32)) -> Result<()> {
+    let mut file = AtomicFile::create(path)?;
     {
-        let mut encoder = png::Encoder::new(&mut file, SIZE.0, SIZE.1);
+        let mut encoder = png::Encoder::new(&mut file, size.0, size.1);
         encoder.set_color(png::ColorType::Rgb);
         encoder.set_depth(png::BitDepth::Eight);
         encoder.set_compression(png::Compression::Best);
         let mut writer = encoder
             .write_header()
-            .with_context(|| format!("could not write {}", png_path.display()))?;
+            .with_context(|| format!("could not write {}", path.display()))?;
         writer
-            .write_image_data(&rgb)
-            .with_context(|| format!("could not write {}", png_path.display()))?;
+            .write_image_data(rgb)
+            .with_context(|| format!("could not write {}", path.display()))?;
     }
     file.commit()?;
-    Ok(vec![png_path, svg_path])
+    Ok(())
+}
+
+/// The histogram of where the positives ranked in `tevatron mine`'s search, one bar per rank
+/// bucket (`(label, count)`, the last counting positives beyond `depth`), as a PNG at `path`.
+pub fn plot_rank_histogram(path: &Path, buckets: &[(String, usize)], depth: usize) -> Result<()> {
+    const HIST: (u32, u32) = (800, 400);
+    register_font()?;
+    let mut rgb = vec![0u8; (HIST.0 * HIST.1 * 3) as usize];
+    {
+        let area = BitMapBackend::with_buffer(&mut rgb, HIST).into_drawing_area();
+        let fail = |e: &dyn std::fmt::Display| anyhow::anyhow!("drawing {}: {e}", path.display());
+        area.fill(&WHITE).map_err(|e| fail(&e))?;
+        let top = buckets.iter().map(|b| b.1).max().unwrap_or(0).max(1) as f64 * 1.1;
+        let labels: Vec<String> = buckets.iter().map(|b| b.0.clone()).collect();
+        let mut chart = ChartBuilder::on(&area)
+            .caption(
+                format!("where the positives rank (exact search, depth {depth})"),
+                ("sans-serif", 20),
+            )
+            .margin(15)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d((0..buckets.len()).into_segmented(), 0f64..top)
+            .map_err(|e| fail(&e))?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_desc("rank")
+            .y_desc("positives")
+            .x_label_formatter(&|x| match x {
+                SegmentValue::CenterOf(i) => labels.get(*i).cloned().unwrap_or_default(),
+                _ => String::new(),
+            })
+            .label_style(("sans-serif", 14))
+            .draw()
+            .map_err(|e| fail(&e))?;
+        chart
+            .draw_series(buckets.iter().enumerate().map(|(i, (_, n))| {
+                let style = RGBColor(31, 119, 180).filled();
+                Rectangle::new(
+                    [(SegmentValue::Exact(i), 0.0), (SegmentValue::Exact(i + 1), *n as f64)],
+                    style,
+                )
+            }))
+            .map_err(|e| fail(&e))?;
+        area.present().map_err(|e| fail(&e))?;
+    }
+    write_png(path, &rgb, HIST)
 }
 
 fn register_font() -> Result<()> {

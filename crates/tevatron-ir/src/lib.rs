@@ -22,6 +22,7 @@ pub mod error;
 pub mod fxhash;
 pub mod insuranceqa;
 pub mod metrics;
+pub mod mining;
 pub mod records;
 pub mod rows;
 pub mod safetensors_check;

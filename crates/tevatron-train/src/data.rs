@@ -52,7 +52,8 @@ impl Corpus {
         self.rows.is_empty()
     }
 
-    fn text(&self, docid: &str) -> Result<Option<String>> {
+    /// The `text` field of a passage, `None` when the id is not in the corpus.
+    pub fn text(&self, docid: &str) -> Result<Option<String>> {
         let Some(r) = self.ids.get(&self.rows, docid)? else { return Ok(None) };
         match r.value.get("text") {
             Some(Value::String(s)) => Ok(Some(s.clone())),

@@ -6,6 +6,7 @@ use std::sync::mpsc;
 
 use anyhow::{bail, Result};
 use candle_core::DType;
+use clap::Parser;
 use tevatron_ir::records::{count_rows, shard_range, RecordKind, RecordStream};
 use tevatron_ir::vectors::{VecDType, VectorWriter};
 use tevatron_model::encoder::BatchOptions;
@@ -109,6 +110,15 @@ fn validate(a: &EncodeArgs) -> Result<EncodeConfig> {
 }
 
 type Chunk = (Vec<String>, Vec<Vec<u32>>);
+
+/// Runs an encode from flags spelled as `tevatron encode` takes them: how `mine` encodes queries
+/// and corpus with its model, through the same validation.
+pub fn run_with(flags: &[String]) -> Result<()> {
+    let argv = ["tevatron", "encode"].into_iter().map(String::from).chain(flags.iter().cloned());
+    let cli = crate::args::Cli::try_parse_from(argv)?;
+    let crate::args::Command::Encode(a) = cli.command else { bail!("not an encode command") };
+    run(&a)
+}
 
 pub fn run(a: &EncodeArgs) -> Result<()> {
     crate::tune_allocator();

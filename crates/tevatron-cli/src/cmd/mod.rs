@@ -3,6 +3,7 @@
 mod convert;
 mod encode;
 mod eval;
+mod mine;
 mod prepare;
 mod search;
 mod train;
@@ -24,6 +25,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Search(a) => search::run(&a),
         Command::Eval(a) => eval::run(&a),
         Command::Convert(a) => convert::run(&a),
+        Command::Mine(a) => mine::run(&a),
         Command::Prepare(a) => prepare::run(&a),
         Command::MergeLora(a) => {
             let cache = a.cache_dir.as_deref();

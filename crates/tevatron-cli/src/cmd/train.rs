@@ -22,8 +22,8 @@ use crate::args::{StrategyArg, TrainArgs};
 use crate::{dataset, launch, progress};
 
 /// Where row indexes are cached: `--dataset_cache_dir`, else the Hugging Face datasets cache.
-fn index_cache(a: &TrainArgs) -> PathBuf {
-    let root = a.dataset_cache_dir.clone().unwrap_or_else(|| {
+pub(super) fn index_cache(dataset_cache_dir: Option<&std::path::Path>) -> PathBuf {
+    let root = dataset_cache_dir.map(PathBuf::from).unwrap_or_else(|| {
         if let Some(p) = std::env::var_os("HF_DATASETS_CACHE") {
             PathBuf::from(p)
         } else if let Some(p) = std::env::var_os("HF_HOME") {
@@ -210,7 +210,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         a.dataset_cache_dir.as_deref(),
     )
     .context("resolving the training data")?;
-    let cache = index_cache(a);
+    let cache = index_cache(a.dataset_cache_dir.as_deref());
     let corpus = match (&a.corpus_name, &a.corpus_path) {
         (None, None) => None,
         (name, path) => {
