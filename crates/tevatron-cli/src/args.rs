@@ -392,9 +392,41 @@ pub struct TrainArgs {
     /// When to save checkpoints.
     #[arg(long, value_enum, default_value = "steps")]
     pub save_strategy: StrategyArg,
-    /// Keep at most this many checkpoints (oldest removed first).
+    /// Keep at most this many checkpoints (oldest removed first; the best one, with
+    /// validation, is always kept).
     #[arg(long)]
     pub save_total_limit: Option<usize>,
+    /// When to validate: `steps` (every --eval_steps), `epoch` or `no`. Validation encodes
+    /// --eval_query_path and --eval_corpus_path with the current weights, searches exactly and
+    /// logs nDCG@10, MRR@10 and Recall@100 against --eval_qrels_path.
+    #[arg(long, value_enum, default_value = "no", alias = "evaluation_strategy")]
+    pub eval_strategy: StrategyArg,
+    /// Validate every this many steps (default: --logging_steps, as Hugging Face).
+    #[arg(long)]
+    pub eval_steps: Option<usize>,
+    /// Validation queries (JSONL: `query_id`, `query`/`query_text`).
+    #[arg(long)]
+    pub eval_query_path: Option<PathBuf>,
+    /// Validation corpus (JSONL: `docid`, optional `title`, `text`).
+    #[arg(long)]
+    pub eval_corpus_path: Option<PathBuf>,
+    /// Validation qrels (TREC).
+    #[arg(long)]
+    pub eval_qrels_path: Option<PathBuf>,
+    /// Texts per validation encoding batch.
+    #[arg(long, default_value_t = 8)]
+    pub per_device_eval_batch_size: usize,
+    /// The measure that picks the best checkpoint: ndcg@10, mrr@10 or recall@100 (with or
+    /// without Hugging Face's `eval_` prefix; default ndcg@10).
+    #[arg(long)]
+    pub metric_for_best_model: Option<String>,
+    /// Whether a higher --metric_for_best_model is better (default true).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub greater_is_better: Option<bool>,
+    /// Write the best checkpoint's weights as the final model (needs validation, and
+    /// checkpoints saved at validation steps).
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub load_best_model_at_end: bool,
     /// Seed of sampling, shuffling and dropout.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,

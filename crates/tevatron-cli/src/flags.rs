@@ -69,8 +69,8 @@ const fn refused(name: &'static str, arity: Arity, why: &'static str) -> Foreign
 use Arity::{Bool, Many, One};
 
 const NO_EVAL: &str =
-    "no evaluation runs during training (Tevatron's train driver gives the Trainer no evaluation \
-     data either); evaluate checkpoints with tevatron encode, search and eval";
+    "a setting of Hugging Face's evaluation loop; validation here is --eval_strategy with \
+     --eval_query_path, --eval_corpus_path and --eval_qrels_path (docs/train.md)";
 const NO_TRACKER: &str = "no experiment tracker is used; the log is OUTPUT_DIR/trainer_state.json";
 const NO_HUB: &str = "nothing is uploaded to the Hugging Face hub";
 const NO_COMPILER: &str = "there is no graph compiler here; the hot operations are fused kernels";
@@ -107,9 +107,6 @@ pub const FOREIGN_TRAIN: &[Foreign] = &[
     // Hugging Face's TrainingArguments: evaluation.
     no_effect("do_eval", Bool, NO_EVAL),
     no_effect("do_predict", Bool, NO_EVAL),
-    only("eval_strategy", One, &["no"], NO_EVAL),
-    only("evaluation_strategy", One, &["no"], NO_EVAL),
-    no_effect("eval_steps", One, NO_EVAL),
     no_effect("eval_delay", One, NO_EVAL),
     no_effect("eval_accumulation_steps", One, NO_EVAL),
     no_effect("eval_on_start", Bool, NO_EVAL),
@@ -126,9 +123,6 @@ pub const FOREIGN_TRAIN: &[Foreign] = &[
     no_effect("include_for_metrics", Many, NO_EVAL),
     no_effect("label_names", Many, NO_EVAL),
     no_effect("past_index", One, NO_EVAL),
-    no_effect("metric_for_best_model", One, NO_EVAL),
-    no_effect("greater_is_better", Bool, NO_EVAL),
-    only("load_best_model_at_end", Bool, FALSE, NO_EVAL),
     // Batches, optimizer and schedule.
     refused("per_gpu_train_batch_size", One, "a deprecated Hugging Face flag; use --per_device_train_batch_size"),
     only("optim", One, &["adamw_torch", "adamw_torch_fused", "adamw_hf"], "the optimizer here is AdamW with decoupled weight decay, as adamw_torch; other optimizers are not implemented"),

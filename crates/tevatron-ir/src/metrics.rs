@@ -197,7 +197,8 @@ pub fn evaluate(run: &Run, qrels: &Qrels, measures: &[Measure], complete: bool) 
             let rels: Vec<i64> =
                 ranked.iter().map(|(d, _)| j.get(*d).copied().unwrap_or(0)).collect();
             let values: Vec<f64> =
-                measures.iter().map(|m| measure_query(m.kind, &rels, j)).collect();
+                // `+ 0.0`: an empty sum is -0.0 in Rust; trec_eval prints 0.
+                measures.iter().map(|m| measure_query(m.kind, &rels, j) + 0.0).collect();
             Some((qid.clone(), values))
         })
         .collect();

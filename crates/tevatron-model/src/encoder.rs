@@ -68,6 +68,36 @@ pub struct BatchOptions {
     pub padding_side: PaddingSide,
 }
 
+/// Records tokenized and encoded together by `tevatron encode` (and by validation during
+/// training, which must batch as encode does): large enough to sort by length usefully, small
+/// enough that memory stays at a few batches.
+pub const EMBED_CHUNK: usize = 4096;
+
+/// Largest padded token count per batch on a CPU: larger batches add no speed there, only
+/// bigger buffers (and activations past the allocator's mmap threshold).
+const MAX_CPU_BATCH_TOKENS: usize = 4096;
+
+impl BatchOptions {
+    /// The batches `tevatron encode` uses: `batch_size` texts of at most `max_len` tokens, the
+    /// token budget capped on a CPU (a GPU takes whole batches).
+    pub fn for_encoding(
+        batch_size: usize,
+        max_len: usize,
+        pad_to_multiple_of: usize,
+        padding_side: PaddingSide,
+        device: &Device,
+    ) -> Self {
+        let tokens = batch_size * max_len.max(1);
+        let token_budget = if device.is_cpu() { tokens.min(MAX_CPU_BATCH_TOKENS) } else { tokens };
+        Self {
+            batch_size,
+            token_budget,
+            pad_to_multiple_of: pad_to_multiple_of.max(1),
+            padding_side,
+        }
+    }
+}
+
 /// Where the pooling and normalisation in force came from, for the log.
 ///
 /// The rule users of Tevatron expect: a folder's own settings (its sentence-transformers

@@ -38,9 +38,9 @@ pub struct TrainerState {
     /// One entry per logging step: `{step, epoch, loss, grad_norm, learning_rate}`, then a
     /// final summary entry.
     pub log_history: Vec<Value>,
-    /// Always null: no evaluation during training.
+    /// The best value of `--metric_for_best_model` so far (null without validation).
     pub best_metric: Option<f64>,
-    /// Always null.
+    /// The checkpoint saved at the best evaluation (null without validation).
     pub best_model_checkpoint: Option<String>,
     /// Always true (one process).
     pub is_local_process_zero: bool,
@@ -150,10 +150,20 @@ pub fn save(
         return Err(e);
     }
     if let Some(limit) = limit {
+        // The oldest go first, but never the best checkpoint (Hugging Face keeps it too, so
+        // a limit of 1 may leave the best and the latest).
+        let best = state.best_model_checkpoint.as_deref().map(PathBuf::from);
         let all = list(output_dir);
-        let excess = all.len().saturating_sub(limit.max(1));
-        for (_, dir) in all.into_iter().take(excess) {
+        let mut excess = all.len().saturating_sub(limit.max(1));
+        for (_, dir) in all {
+            if excess == 0 {
+                break;
+            }
+            if best.as_deref() == Some(dir.as_path()) || dir == final_dir {
+                continue;
+            }
             std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+            excess -= 1;
         }
     }
     Ok(final_dir)
@@ -172,6 +182,22 @@ fn load_safetensors(
 /// moments and the loop state from a checkpoint folder.
 pub fn load(dir: &Path, weights_file: &str, opt: &mut AdamW) -> Result<TrainerState> {
     let state: TrainerState = read_json(&dir.join("trainer_state.json"))?;
+    load_weights(dir, weights_file, opt)?;
+    let bad = |path: &Path, e: candle_core::Error| {
+        Error::Invalid(format!("{}: cannot read ({e})", path.display()))
+    };
+    let device = opt.vars().first().map(|v| v.device().clone()).unwrap_or(Device::Cpu);
+    let opt_path = dir.join("optimizer.safetensors");
+    let moments = load_safetensors(&opt_path, &device).map_err(|e| bad(&opt_path, e))?;
+    let sched: Value = read_json(&dir.join("scheduler.json"))?;
+    let steps = sched["step"].as_u64().unwrap_or(state.global_step as u64) as usize;
+    opt.load_state(&moments, steps).map_err(|e| bad(&opt_path, e))?;
+    Ok(state)
+}
+
+/// Sets the trained variables to a checkpoint's weights (`weights_file` of `dir`): the
+/// weights half of a resume, and `--load_best_model_at_end`.
+pub fn load_weights(dir: &Path, weights_file: &str, opt: &AdamW) -> Result<()> {
     let bad = |path: &Path, e: candle_core::Error| {
         Error::Invalid(format!("{}: cannot read ({e})", path.display()))
     };
@@ -188,12 +214,7 @@ pub fn load(dir: &Path, weights_file: &str, opt: &mut AdamW) -> Result<TrainerSt
             bad(&model_path, candle_core::Error::Msg(format!("tensor {name}: {e}")))
         })?;
     }
-    let opt_path = dir.join("optimizer.safetensors");
-    let moments = load_safetensors(&opt_path, &device).map_err(|e| bad(&opt_path, e))?;
-    let sched: Value = read_json(&dir.join("scheduler.json"))?;
-    let steps = sched["step"].as_u64().unwrap_or(state.global_step as u64) as usize;
-    opt.load_state(&moments, steps).map_err(|e| bad(&opt_path, e))?;
-    Ok(state)
+    Ok(())
 }
 
 /// Writes the final model into `output_dir` (file by file through a temporary folder).

@@ -25,6 +25,7 @@ pub mod profile;
 pub mod schedule;
 pub mod step;
 pub mod trainer;
+pub mod validation;
 pub mod watchdog;
 
 pub use error::{Error, Result};

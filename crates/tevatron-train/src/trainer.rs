@@ -32,6 +32,7 @@ use crate::optim::{clip_coefficient, grad_norm, AdamW, AdamWConfig};
 use crate::profile;
 use crate::schedule::{warmup_steps, LrSchedule, ScheduleKind};
 use crate::step::{micro_step, Accumulator, StepOptions};
+use crate::validation::Validation;
 use crate::{Error, Result};
 
 /// torch.cuda.amp.GradScaler's initial scale and growth interval.
@@ -90,6 +91,8 @@ pub struct TrainConfig {
     pub step: StepOptions,
     /// The arguments as given, saved in each checkpoint.
     pub args: Value,
+    /// Validation during training (`--eval_strategy`), run by rank 0.
+    pub validation: Option<std::sync::Arc<Validation>>,
 }
 
 /// What the loop reports after each optimizer step (for a progress bar).
@@ -488,7 +491,32 @@ pub fn train(
             }
             let at_end = cfg.save_at_end && state.global_step == plan.total_steps;
             let due = at_end || (cfg.save_steps > 0 && state.global_step % cfg.save_steps == 0);
+            let validation = cfg.validation.as_deref().filter(|v| group.is_main() && v.every > 0);
+            let mut new_best = false;
+            if let Some(v) = validation.filter(|v| state.global_step % v.every == 0) {
+                let metrics = v.evaluate(encoder, &cfg.output_dir)?;
+                let mut entry = serde_json::Map::new();
+                entry.insert("epoch".into(), json!(epoch_f));
+                for (k, value) in &metrics {
+                    entry.insert(k.clone(), json!(value));
+                }
+                entry.insert("step".into(), json!(state.global_step));
+                let entry = Value::Object(entry);
+                tracing::info!("{entry}");
+                state.log_history.push(entry);
+                let value = metrics[&format!("eval_{}", v.metric)];
+                // Hugging Face's rule: the best metric follows every evaluation; the best
+                // checkpoint is the one saved at the step of the best evaluation.
+                if v.improves(value, state.best_metric) {
+                    state.best_metric = Some(value);
+                    new_best = true;
+                }
+            }
             if due && group.is_main() {
+                if new_best {
+                    let dir = cfg.output_dir.join(format!("checkpoint-{}", state.global_step));
+                    state.best_model_checkpoint = Some(dir.display().to_string());
+                }
                 let dir = checkpoint::save(
                     &cfg.output_dir,
                     encoder,
@@ -516,6 +544,15 @@ pub fn train(
         "total_flos": 0.0,
     }));
     if group.is_main() {
+        let best = cfg.validation.as_deref().filter(|v| v.load_best_model_at_end);
+        if let (Some(_), Some(dir)) = (best, &state.best_model_checkpoint) {
+            tracing::info!(
+                "loading the best model, {dir} ({} {:?}), before writing the final one",
+                cfg.validation.as_deref().map_or("", |v| v.metric.as_str()),
+                state.best_metric
+            );
+            checkpoint::load_weights(Path::new(dir), encoder.weights_file(), &opt)?;
+        }
         checkpoint::save_final(&cfg.output_dir, encoder)?;
         checkpoint::write_json(&cfg.output_dir.join("trainer_state.json"), &state)?;
         checkpoint::write_json(&cfg.output_dir.join("training_args.json"), &cfg.args)?;

@@ -198,6 +198,7 @@ fn config(out: &Path, batch_size: usize) -> TrainConfig {
         },
         mixed_precision: None,
         args: serde_json::json!({}),
+        validation: None,
     }
 }
 

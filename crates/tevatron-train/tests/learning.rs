@@ -55,6 +55,7 @@ fn losses(model: &str, opts: EncoderOptions, learning_rate: f64, append_eos: boo
         },
         mixed_precision: None,
         args: serde_json::json!({}),
+        validation: None,
     };
     std::fs::create_dir_all(&cfg.output_dir).unwrap();
     let mut losses = Vec::new();

@@ -9,18 +9,11 @@ use candle_core::DType;
 use clap::Parser;
 use tevatron_ir::records::{count_rows, shard_range, RecordKind, RecordStream};
 use tevatron_ir::vectors::{VecDType, VectorWriter};
-use tevatron_model::encoder::BatchOptions;
+use tevatron_model::encoder::{BatchOptions, EMBED_CHUNK};
 use tevatron_model::{EncoderOptions, PaddingSide, Pooling, TextOptions};
 
 use crate::args::{EncodeArgs, VecDTypeArg};
 use crate::{dataset, progress};
-
-/// Records tokenized and encoded together: large enough to sort by length usefully, small
-/// enough that memory stays at a few batches.
-const CHUNK: usize = 4096;
-
-/// Largest padded token count per batch; larger batches add no speed on CPU but bigger buffers.
-const MAX_BATCH_TOKENS: usize = 4096;
 
 /// Validated settings of one encode run.
 struct EncodeConfig {
@@ -61,10 +54,6 @@ fn validate(a: &EncodeArgs) -> Result<EncodeConfig> {
     };
     let padding_side = PaddingSide::from(a.padding_side);
     let device = tevatron_model::device::select(a.device.as_deref())?;
-    let tokens = a.per_device_eval_batch_size * max_len.max(1);
-    // On CPU, capped so that activations stay under the allocator's mmap threshold (see main);
-    // a GPU takes whole batches.
-    let token_budget = if device.is_cpu() { tokens.min(MAX_BATCH_TOKENS) } else { tokens };
     let dtype = if a.fp16 {
         DType::F16
     } else if a.bf16 {
@@ -81,12 +70,13 @@ fn validate(a: &EncodeArgs) -> Result<EncodeConfig> {
             append_eos: a.append_eos_token,
             add_special_tokens: a.add_special_tokens,
         },
-        batch: BatchOptions {
-            batch_size: a.per_device_eval_batch_size,
-            token_budget,
-            pad_to_multiple_of: a.pad_to_multiple_of.max(1),
+        batch: BatchOptions::for_encoding(
+            a.per_device_eval_batch_size,
+            max_len,
+            a.pad_to_multiple_of,
             padding_side,
-        },
+            &device,
+        ),
         encoder: EncoderOptions {
             pooling: a.pooling.map(Pooling::from),
             normalize: a.normalize,
@@ -166,9 +156,9 @@ pub fn run(a: &EncodeArgs) -> Result<()> {
         s.spawn(move || {
             let mut stream = stream;
             loop {
-                let mut ids = Vec::with_capacity(CHUNK);
-                let mut texts = Vec::with_capacity(CHUNK);
-                for rec in stream.by_ref().take(CHUNK) {
+                let mut ids = Vec::with_capacity(EMBED_CHUNK);
+                let mut texts = Vec::with_capacity(EMBED_CHUNK);
+                for rec in stream.by_ref().take(EMBED_CHUNK) {
                     match rec {
                         Ok(r) => {
                             ids.push(r.id);

@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
+use tevatron_ir::records::RecordKind;
+use tevatron_ir::trec::Qrels;
 use tevatron_model::backbone::layers::set_autocast;
+use tevatron_model::encoder::BatchOptions;
 use tevatron_model::lora::{AdapterSource, LoraConfig, LoraOptions};
 use tevatron_model::{EncoderOptions, PaddingSide, Pooling, TextOptions};
 use tevatron_train::data::{Corpus, TrainData};
@@ -17,6 +20,7 @@ use tevatron_train::optim::AdamWConfig;
 use tevatron_train::schedule::ScheduleKind;
 use tevatron_train::step::StepOptions;
 use tevatron_train::trainer::{prepare_output_dir, train, Plan, TrainConfig};
+use tevatron_train::validation::{read_records, Validation};
 
 use crate::args::{StrategyArg, TrainArgs};
 use crate::{dataset, launch, progress};
@@ -66,12 +70,99 @@ fn check(a: &TrainArgs) -> Result<()> {
     if let Some(b) = a.ddp_backend.as_deref().filter(|b| !["nccl", "gloo"].contains(b)) {
         bail!("--ddp_backend {b:?}: supported are nccl (GPU ranks) and gloo (TCP, any device)");
     }
+    let eval_data = [&a.eval_query_path, &a.eval_corpus_path, &a.eval_qrels_path];
+    if a.eval_strategy == StrategyArg::No {
+        if eval_data.iter().any(|p| p.is_some()) {
+            bail!("--eval_query_path, --eval_corpus_path and --eval_qrels_path need --eval_strategy steps or epoch");
+        }
+        if a.load_best_model_at_end {
+            bail!("--load_best_model_at_end needs validation: --eval_strategy steps or epoch with the eval data");
+        }
+    } else {
+        if eval_data.iter().any(|p| p.is_none()) {
+            bail!(
+                "--eval_strategy {} needs --eval_query_path, --eval_corpus_path and --eval_qrels_path",
+                format!("{:?}", a.eval_strategy).to_lowercase()
+            );
+        }
+        if a.eval_steps == Some(0) || a.per_device_eval_batch_size == 0 {
+            bail!("--eval_steps and --per_device_eval_batch_size must be at least 1");
+        }
+    }
+    if a.load_best_model_at_end && a.save_strategy != a.eval_strategy {
+        bail!(
+            "--load_best_model_at_end needs --save_strategy equal to --eval_strategy ({} and {}), as in Hugging Face",
+            format!("{:?}", a.save_strategy).to_lowercase(),
+            format!("{:?}", a.eval_strategy).to_lowercase()
+        );
+    }
     if let Some(attn) = &a.attn_implementation {
         if !["eager", "sdpa", "flash_attention_2"].contains(&attn.as_str()) {
             bail!("--attn_implementation {attn:?}: expected eager, sdpa or flash_attention_2");
         }
     }
     Ok(())
+}
+
+/// Validation during training from the `--eval_*` flags: the data read up front (a bad file
+/// stops the run before any step), batches and texts as `tevatron encode` would use them.
+fn validation(
+    a: &TrainArgs,
+    encoder: &tevatron_model::Encoder,
+    padding_side: PaddingSide,
+) -> Result<Option<Validation>> {
+    let (Some(queries), Some(corpus), Some(qrels)) =
+        (&a.eval_query_path, &a.eval_corpus_path, &a.eval_qrels_path)
+    else {
+        return Ok(None);
+    };
+    if a.eval_strategy == StrategyArg::No {
+        return Ok(None);
+    }
+    let metric = a.metric_for_best_model.as_deref().unwrap_or("ndcg@10");
+    let metric = metric.strip_prefix("eval_").unwrap_or(metric).to_string();
+    if !tevatron_train::validation::MEASURES.contains(&metric.as_str()) {
+        bail!(
+            "--metric_for_best_model {metric:?}: validation here measures {} (no eval loss)",
+            tevatron_train::validation::MEASURES.join(", ")
+        );
+    }
+    let text = |max_len, prefix: &str| TextOptions {
+        max_len,
+        prefix: prefix.to_string(),
+        append_eos: a.append_eos_token,
+        add_special_tokens: a.add_special_tokens,
+    };
+    let batch = |max_len| {
+        BatchOptions::for_encoding(
+            a.per_device_eval_batch_size,
+            max_len,
+            a.pad_to_multiple_of,
+            padding_side,
+            encoder.device(),
+        )
+    };
+    let v = Validation {
+        every: 0,
+        queries: read_records(queries, RecordKind::Query)?,
+        corpus: read_records(corpus, RecordKind::Doc)?,
+        qrels: Qrels::read(qrels).context("reading --eval_qrels_path")?,
+        query_text: text(a.query_max_len, &a.query_prefix),
+        passage_text: text(a.passage_max_len, &a.passage_prefix),
+        query_batch: batch(a.query_max_len),
+        passage_batch: batch(a.passage_max_len),
+        metric,
+        greater_is_better: a.greater_is_better.unwrap_or(true),
+        load_best_model_at_end: a.load_best_model_at_end,
+    };
+    tracing::info!(
+        "validating on {} queries over {} passages ({}), {} for the best model",
+        v.queries.len(),
+        v.corpus.len(),
+        corpus.display(),
+        v.metric
+    );
+    Ok(Some(v))
 }
 
 /// The flags as a JSON object, saved beside checkpoints (`training_args.json`).
@@ -323,6 +414,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             None
         },
         args: args_json(a),
+        validation: validation(a, &encoder, padding_side)?.map(std::sync::Arc::new),
     };
     // Epoch strategies become step intervals of one epoch's updates.
     let plan = Plan::new(data.len(), group.world_size(), &cfg)?;
@@ -331,6 +423,19 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     }
     if a.logging_strategy == StrategyArg::Epoch {
         cfg.logging_steps = plan.updates_per_epoch;
+    }
+    if let Some(v) = cfg.validation.as_mut().and_then(std::sync::Arc::get_mut) {
+        v.every = match a.eval_strategy {
+            StrategyArg::Epoch => plan.updates_per_epoch,
+            _ => a.eval_steps.unwrap_or(a.logging_steps),
+        };
+        if a.load_best_model_at_end && !cfg.save_steps.is_multiple_of(v.every.max(1)) {
+            bail!(
+                "--load_best_model_at_end needs --save_steps ({}) to be a multiple of the evaluation interval ({}), so that each best model has a checkpoint",
+                cfg.save_steps,
+                v.every
+            );
+        }
     }
     tracing::info!(
         "training {} ({} pooling, normalize {}, temperature {}) on {}",

@@ -1,0 +1,313 @@
+//! Validation during training on the tiny BERT: the logged `eval_ndcg@10` (and MRR@10,
+//! Recall@100) of a checkpoint equals `tevatron encode` + `search` + `eval` on that checkpoint;
+//! the best checkpoint is recorded, kept by `--save_total_limit` and written as the final model
+//! with `--load_best_model_at_end`; a resumed run keeps the best metric; bad flags are refused.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+mod common;
+
+use std::path::Path;
+
+use common::{fails_with, ok, repo, tevatron};
+
+/// Validation data from the tiny training set: its queries, all its passages, and qrels that
+/// judge each query's positive.
+fn write_eval_data(d: &Path) {
+    let train = std::fs::read_to_string(repo().join("testdata/train/tiny.jsonl")).unwrap();
+    let (mut queries, mut corpus, mut qrels) = (String::new(), String::new(), String::new());
+    for line in train.lines() {
+        let row: serde_json::Value = serde_json::from_str(line).unwrap();
+        let qid = row["query_id"].as_str().unwrap();
+        queries += &format!("{}\n", serde_json::json!({"query_id": qid, "query": row["query"]}));
+        for p in row["positive_passages"].as_array().unwrap() {
+            qrels += &format!("{qid} 0 {} 1\n", p["docid"].as_str().unwrap());
+        }
+        for p in ["positive_passages", "negative_passages"] {
+            for x in row[p].as_array().unwrap() {
+                corpus += &format!(
+                    "{}\n",
+                    serde_json::json!({"docid": x["docid"], "title": x["title"], "text": x["text"]})
+                );
+            }
+        }
+    }
+    std::fs::write(d.join("queries.jsonl"), queries).unwrap();
+    std::fs::write(d.join("corpus.jsonl"), corpus).unwrap();
+    std::fs::write(d.join("qrels.txt"), qrels).unwrap();
+}
+
+fn train(d: &Path, out: &str, extra: &[&str]) -> std::process::Output {
+    let model = repo().join("testdata/tiny/bert").to_string_lossy().into_owned();
+    let data = repo().join("testdata/train/tiny.jsonl").to_string_lossy().into_owned();
+    let mut args = vec![
+        "train",
+        "--output_dir",
+        out,
+        "--model_name_or_path",
+        &model,
+        "--dataset_path",
+        &data,
+        "--dataset_cache_dir",
+        "cache",
+        "--pooling",
+        "mean",
+        "--per_device_train_batch_size",
+        "4",
+        "--train_group_size",
+        "3",
+        "--learning_rate",
+        "1e-3",
+        "--max_steps",
+        "6",
+        "--query_max_len",
+        "16",
+        "--passage_max_len",
+        "32",
+        "--eval_query_path",
+        "queries.jsonl",
+        "--eval_corpus_path",
+        "corpus.jsonl",
+        "--eval_qrels_path",
+        "qrels.txt",
+        "--per_device_eval_batch_size",
+        "5",
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    tevatron(d, &args)
+}
+
+fn state(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("trainer_state.json")).unwrap()).unwrap()
+}
+
+/// The logged evaluations: (step, {measure: value}).
+fn evaluations(
+    state: &serde_json::Value,
+) -> Vec<(u64, serde_json::Map<String, serde_json::Value>)> {
+    state["log_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e.get("eval_ndcg@10").is_some())
+        .map(|e| (e["step"].as_u64().unwrap(), e.as_object().unwrap().clone()))
+        .collect()
+}
+
+/// `tevatron eval` of `model` through encode and search, with the flags validation uses.
+fn eval_with_commands(d: &Path, model: &Path) -> serde_json::Value {
+    let model = model.to_string_lossy();
+    let enc = |input: &str, out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "encode",
+            "--model_name_or_path",
+            &model,
+            "--dataset_path",
+            input,
+            "--encode_output_path",
+            out,
+            "--query_max_len",
+            "16",
+            "--passage_max_len",
+            "32",
+            "--per_device_eval_batch_size",
+            "5",
+            "--quiet",
+        ];
+        args.extend_from_slice(extra);
+        ok(tevatron(d, &args));
+    };
+    enc("queries.jsonl", "q.safetensors", &["--encode_is_query"]);
+    enc("corpus.jsonl", "p.safetensors", &[]);
+    ok(tevatron(
+        d,
+        &[
+            "search",
+            "--query_reps",
+            "q.safetensors",
+            "--passage_reps",
+            "p.safetensors",
+            "--depth",
+            "100",
+            "--save_text",
+            "--save_ranking_to",
+            "run.tsv",
+            "--quiet",
+        ],
+    ));
+    let out = ok(tevatron(
+        d,
+        &[
+            "eval",
+            "--qrels",
+            "qrels.txt",
+            "--run",
+            "run.tsv",
+            "--json",
+            "-m",
+            "ndcg@10",
+            "-m",
+            "mrr@10",
+            "-m",
+            "recall@100",
+        ],
+    ));
+    serde_json::from_str(&out).unwrap()
+}
+
+#[test]
+fn logged_metrics_equal_tevatron_eval_and_the_best_checkpoint_is_kept_and_loaded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    write_eval_data(d);
+    ok(train(
+        d,
+        "run",
+        &[
+            "--eval_strategy",
+            "steps",
+            "--eval_steps",
+            "2",
+            "--save_steps",
+            "2",
+            "--save_total_limit",
+            "1",
+            "--load_best_model_at_end",
+            // "Best" is the lowest nDCG@10 here, so that the best checkpoint is an early one,
+            // which the limit of 1 must keep beside the latest and the final model must be.
+            "--greater_is_better",
+            "false",
+        ],
+    ));
+    let out = d.join("run");
+    let st = state(&out);
+    let evals = evaluations(&st);
+    assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), [2, 4, 6]);
+    for (_, e) in &evals {
+        for k in ["eval_ndcg@10", "eval_mrr@10", "eval_recall@100", "eval_runtime", "epoch"] {
+            assert!(e.contains_key(k), "{k} missing: {e:?}");
+        }
+    }
+    let (best_step, best) = evals
+        .iter()
+        .map(|(s, e)| (*s, e["eval_ndcg@10"].as_f64().unwrap()))
+        .fold((0, f64::INFINITY), |acc, x| if x.1 < acc.1 { x } else { acc });
+    assert!(best_step < 6, "training should raise nDCG@10 on its own queries: {evals:?}");
+    assert_eq!(st["best_metric"].as_f64(), Some(best));
+    let best_dir = out.join(format!("checkpoint-{best_step}"));
+    // As Hugging Face, the path is the output folder as given (relative here) joined with it.
+    assert_eq!(
+        st["best_model_checkpoint"].as_str(),
+        Some(format!("run/checkpoint-{best_step}").as_str())
+    );
+    // The limit of 1 keeps the best checkpoint besides the latest.
+    let checkpoints: Vec<String> =
+        common::names(&out).into_iter().filter(|n| n.starts_with("checkpoint-")).collect();
+    assert_eq!(checkpoints, [format!("checkpoint-{best_step}"), "checkpoint-6".to_string()]);
+    // The logged values of the best checkpoint equal tevatron eval on its run (1e-6).
+    let got = eval_with_commands(d, &best_dir);
+    let logged = &evals.iter().find(|e| e.0 == best_step).unwrap().1;
+    for (m, key) in
+        [("ndcg@10", "eval_ndcg@10"), ("mrr@10", "eval_mrr@10"), ("recall@100", "eval_recall@100")]
+    {
+        let (a, b) = (got[m].as_f64().unwrap(), logged[key].as_f64().unwrap());
+        assert!((a - b).abs() <= 1e-6, "{m}: tevatron eval {a}, logged {b}");
+    }
+    // The final model is the best checkpoint's.
+    let final_eval = eval_with_commands(d, &out);
+    assert_eq!(final_eval["ndcg@10"], got["ndcg@10"]);
+    assert_eq!(
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        std::fs::read(best_dir.join("model.safetensors")).unwrap()
+    );
+}
+
+#[test]
+fn a_resumed_run_keeps_the_best_metric_and_ends_as_an_uninterrupted_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    write_eval_data(d);
+    let flags = ["--eval_strategy", "steps", "--eval_steps", "2", "--save_steps", "2"];
+    ok(train(d, "whole", &flags));
+    // The same run stopped after step 4: its checkpoint-4 and nothing later.
+    ok(train(d, "part", &flags));
+    let part = d.join("part");
+    std::fs::remove_dir_all(part.join("checkpoint-6")).unwrap();
+    for f in ["model.safetensors", "trainer_state.json"] {
+        std::fs::remove_file(part.join(f)).unwrap();
+    }
+    let before = state(&part.join("checkpoint-4"));
+    assert!(before["best_metric"].as_f64().is_some(), "{before}");
+    ok(train(d, "part", &flags));
+    let (whole, resumed) = (state(&d.join("whole")), state(&part));
+    assert_eq!(resumed["best_metric"], whole["best_metric"]);
+    assert_eq!(
+        resumed["best_model_checkpoint"].as_str().map(|p| p.replace("part/", "whole/")),
+        whole["best_model_checkpoint"].as_str().map(String::from)
+    );
+    let strip = |e: Vec<(u64, serde_json::Map<String, serde_json::Value>)>| -> Vec<(u64, serde_json::Value)> {
+        e.into_iter().map(|(s, m)| (s, m["eval_ndcg@10"].clone())).collect()
+    };
+    assert_eq!(strip(evaluations(&resumed)), strip(evaluations(&whole)));
+}
+
+#[test]
+fn validation_flags_are_checked_before_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    write_eval_data(d);
+    let model = repo().join("testdata/tiny/bert").to_string_lossy().into_owned();
+    let data = repo().join("testdata/train/tiny.jsonl").to_string_lossy().into_owned();
+    let bare = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--output_dir",
+            "o",
+            "--model_name_or_path",
+            &model,
+            "--dataset_path",
+            &data,
+            "--dataset_cache_dir",
+            "cache",
+            "--max_steps",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        tevatron(d, &args)
+    };
+    fails_with(
+        bare(&["--eval_strategy", "steps"]),
+        "needs --eval_query_path, --eval_corpus_path and --eval_qrels_path",
+    );
+    fails_with(
+        bare(&["--eval_query_path", "queries.jsonl"]),
+        "need --eval_strategy steps or epoch",
+    );
+    fails_with(bare(&["--load_best_model_at_end"]), "--load_best_model_at_end needs validation");
+    fails_with(
+        train(d, "o2", &["--eval_strategy", "steps", "--metric_for_best_model", "eval_loss"]),
+        "--metric_for_best_model \"loss\": validation here measures ndcg@10, mrr@10, recall@100",
+    );
+    fails_with(
+        train(
+            d,
+            "o3",
+            &[
+                "--eval_strategy",
+                "steps",
+                "--eval_steps",
+                "2",
+                "--save_steps",
+                "3",
+                "--load_best_model_at_end",
+            ],
+        ),
+        "--save_steps (3) to be a multiple of the evaluation interval (2)",
+    );
+    std::fs::write(d.join("bad.qrels"), "q0 0 p0\n").unwrap();
+    fails_with(
+        train(d, "o4", &["--eval_strategy", "steps", "--eval_qrels_path", "bad.qrels"]),
+        "bad.qrels:1: qrels line needs 4 columns",
+    );
+}
