@@ -66,10 +66,30 @@ pub fn read_log(dir: &Path) -> Result<Vec<Logged>> {
     Ok(log)
 }
 
+/// The validation entries of `dir/trainer_state.json` (`eval_*` measures at a `step`, as
+/// validation during training logs them): `(measure, [(step, value)])`, measures sorted.
+pub fn read_evals(dir: &Path) -> Vec<(String, Vec<(f64, f64)>)> {
+    let text = std::fs::read_to_string(dir.join("trainer_state.json")).unwrap_or_default();
+    let state: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    let mut by_measure: std::collections::BTreeMap<String, Vec<(f64, f64)>> = Default::default();
+    for e in state.get("log_history").and_then(|h| h.as_array()).into_iter().flatten() {
+        let Some(step) = e.get("step").and_then(|v| v.as_f64()) else { continue };
+        for (k, v) in e.as_object().into_iter().flatten() {
+            let measure =
+                k.strip_prefix("eval_").filter(|m| *m != "runtime" && !m.ends_with("_per_second"));
+            if let (Some(m), Some(v)) = (measure, v.as_f64().filter(|v| v.is_finite())) {
+                by_measure.entry(m.to_string()).or_default().push((step, v));
+            }
+        }
+    }
+    by_measure.into_iter().collect()
+}
+
 /// Draws `dir/training_curves.png` and `.svg` from `dir/trainer_state.json`; returns their paths.
 /// Each file is written under a temporary name and renamed.
 pub fn plot_training(dir: &Path) -> Result<Vec<PathBuf>> {
     let log = read_log(dir)?;
+    let evals = read_evals(dir);
     let title = dir
         .canonicalize()
         .ok()
@@ -79,14 +99,14 @@ pub fn plot_training(dir: &Path) -> Result<Vec<PathBuf>> {
 
     let svg_path = dir.join("training_curves.svg");
     let mut svg = String::new();
-    draw(SVGBackend::with_string(&mut svg, SIZE).into_drawing_area(), &log, &title)?;
+    draw(SVGBackend::with_string(&mut svg, SIZE).into_drawing_area(), &log, &evals, &title)?;
     let mut file = AtomicFile::create(&svg_path)?;
     std::io::Write::write_all(&mut file, svg.as_bytes()).map_err(|e| file.err(e))?;
     file.commit()?;
 
     let png_path = dir.join("training_curves.png");
     let mut rgb = vec![0u8; (SIZE.0 * SIZE.1 * 3) as usize];
-    draw(BitMapBackend::with_buffer(&mut rgb, SIZE).into_drawing_area(), &log, &title)?;
+    draw(BitMapBackend::with_buffer(&mut rgb, SIZE).into_drawing_area(), &log, &evals, &title)?;
     write_png(&png_path, &rgb, SIZE)?;
     Ok(vec![png_path, svg_path])
 }
@@ -207,7 +227,20 @@ const PANELS: [Panel; 2] = [
     },
 ];
 
-fn draw<B: DrawingBackend>(area: DrawingArea<B, Shift>, log: &[Logged], title: &str) -> Result<()>
+/// Colours of the validation measures, in order.
+const EVAL_COLORS: [RGBColor; 4] = [
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+    RGBColor(255, 127, 14),
+    RGBColor(23, 190, 207),
+];
+
+fn draw<B: DrawingBackend>(
+    area: DrawingArea<B, Shift>,
+    log: &[Logged],
+    evals: &[(String, Vec<(f64, f64)>)],
+    title: &str,
+) -> Result<()>
 where
     B::ErrorType: 'static,
 {
@@ -216,12 +249,54 @@ where
     let heading =
         if title.is_empty() { "training".to_string() } else { format!("training: {title}") };
     let area = area.titled(&heading, ("sans-serif", 24)).map_err(fail)?;
-    let (left, right) = area.split_horizontally(SIZE.0 / 2);
+    let panels = if evals.is_empty() { 2 } else { 3 };
+    let areas = area.split_evenly((1, panels));
     let steps = {
-        let last = log.iter().map(|l| l.step).fold(0.0, f64::max);
+        let eval_steps = evals.iter().flat_map(|(_, p)| p.iter().map(|p| p.0));
+        let last = log.iter().map(|l| l.step).chain(eval_steps).fold(0.0, f64::max);
         0.0..last.max(1.0) * 1.02
     };
-    for (area, panel) in [left, right].iter().zip(PANELS) {
+    if let Some(area) = areas.get(2) {
+        let mut chart = ChartBuilder::on(area)
+            .caption("validation", ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d(steps.clone(), 0.0..1.02)
+            .map_err(fail)?;
+        chart
+            .configure_mesh()
+            .light_line_style(RGBColor(240, 240, 240))
+            .bold_line_style(RGBColor(215, 215, 215))
+            .x_desc("step")
+            .label_style(("sans-serif", 13))
+            .axis_desc_style(("sans-serif", 15))
+            .x_label_formatter(&|v| format!("{v:.0}"))
+            .draw()
+            .map_err(fail)?;
+        for ((measure, points), color) in evals.iter().zip(EVAL_COLORS.iter().cycle()) {
+            let color = *color;
+            chart
+                .draw_series(LineSeries::new(points.iter().copied(), color.stroke_width(2)))
+                .map_err(fail)?
+                .label(measure.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 20, y)], color.stroke_width(3))
+                });
+            chart
+                .draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                .map_err(fail)?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::MiddleRight)
+            .background_style(WHITE.mix(0.8))
+            .border_style(RGBColor(215, 215, 215))
+            .label_font(("sans-serif", 13))
+            .draw()
+            .map_err(fail)?;
+    }
+    for (area, panel) in areas.iter().zip(PANELS) {
         let (value, color) = (panel.value, panel.color);
         let mut chart = ChartBuilder::on(area)
             .caption(panel.caption, ("sans-serif", 18))
@@ -333,6 +408,26 @@ mod tests {
                 Logged { step: 20.0, loss: 0.5, learning_rate: 1e-5 }
             ]
         );
+    }
+
+    #[test]
+    fn validation_entries_are_read_by_measure_and_drawn_in_a_third_panel() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut history: Vec<_> = (1..=6)
+            .map(|s| serde_json::json!({"step": s, "loss": 1.0 / s as f64, "learning_rate": 2e-5}))
+            .collect();
+        for s in [2, 4, 6] {
+            history.push(serde_json::json!({"step": s, "eval_ndcg@10": s as f64 / 10.0,
+                                            "eval_mrr@10": 0.1, "eval_runtime": 3.5}));
+        }
+        write_state(dir.path(), serde_json::Value::Array(history));
+        let evals = read_evals(dir.path());
+        let names: Vec<&str> = evals.iter().map(|e| e.0.as_str()).collect();
+        assert_eq!(names, ["mrr@10", "ndcg@10"], "eval_runtime is not a measure");
+        assert_eq!(evals[1].1, [(2.0, 0.2), (4.0, 0.4), (6.0, 0.6)]);
+        let files = plot_training(dir.path()).unwrap();
+        let svg = std::fs::read_to_string(&files[1]).unwrap();
+        assert!(svg.contains("validation") && svg.contains("ndcg@10"), "the third panel is drawn");
     }
 
     #[test]
