@@ -70,8 +70,27 @@ fn split_files(root: &Path, config: Option<&str>, split: &str) -> Result<Vec<Pat
     Ok(files)
 }
 
+/// Which flags name the data, for messages.
+#[derive(Clone, Copy, Debug)]
+pub enum Flags {
+    /// `--dataset_name`, `--dataset_path`, ...
+    Dataset,
+    /// `--corpus_name`, `--corpus_path`, ...
+    Corpus,
+}
+
+impl Flags {
+    fn prefix(self) -> &'static str {
+        match self {
+            Flags::Dataset => "dataset",
+            Flags::Corpus => "corpus",
+        }
+    }
+}
+
 /// Resolves the dataset flags to data files.
 pub fn resolve(
+    flags: Flags,
     name: &str,
     path: Option<&str>,
     config: Option<&str>,
@@ -87,10 +106,12 @@ pub fn resolve(
             }
             _ => pattern.to_string(),
         };
-        return tevatron_ir::vectors::expand_glob(&pattern).context("resolving --dataset_path");
+        return tevatron_ir::vectors::expand_glob(&pattern)
+            .with_context(|| format!("resolving --{}_path", flags.prefix()));
     }
     if name == "json" {
-        bail!("--dataset_name json needs --dataset_path (a file or a quoted glob)");
+        let p = flags.prefix();
+        bail!("--{p}_name json needs --{p}_path (a file or a quoted glob)");
     }
     let dir = Path::new(name);
     if dir.is_dir() {
@@ -98,7 +119,16 @@ pub fn resolve(
     }
     // Tevatron v1 spelled a split into the id (`Tevatron/wikipedia-nq/test`); its DataArguments
     // cut the last part off as the split, and so does this.
-    if let [org, dataset, v1_split] = name.split('/').collect::<Vec<_>>()[..] {
+    let hub_part = |p: &str| {
+        !p.is_empty()
+            && !p.starts_with('.')
+            && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
+    let parts: Vec<&str> = name.split('/').collect();
+    if let [org, dataset, v1_split] = parts[..] {
+        if !parts.iter().all(|p| hub_part(p)) {
+            bail!("dataset {name:?} is neither a local folder nor a hub dataset id (org/name)");
+        }
         let id = format!("{org}/{dataset}");
         tracing::info!("reading {name} as dataset {id}, split {v1_split} (Tevatron v1's form)");
         let root = hub_dataset(&id, cache_dir)?;

@@ -329,9 +329,9 @@ pub fn screen(argv: Vec<OsString>) -> Result<Screened> {
         } else {
             "Tevatron or of Hugging Face's TrainingArguments"
         };
-        let (s, are) = if unknown.len() == 1 { ("", "is") } else { ("s", "are") };
+        let (s, are_not) = if unknown.len() == 1 { ("", "is not a") } else { ("s", "are not") };
         let mut msg = format!(
-            "unknown flag{s} {}: {are} not flag{s} of {whose} that `tevatron {command}` knows \
+            "unknown flag{s} {}: {are_not} flag{s} of {whose} that `tevatron {command}` knows \
              (`tevatron {command} --help` lists its flags)",
             unknown.join(", ")
         );
@@ -468,7 +468,7 @@ mod tests {
         );
         let e = run(&["search", "--temperature", "1"]).unwrap_err().to_string();
         assert!(
-            e.starts_with("unknown flag --temperature: is not flag of Tevatron's search"),
+            e.starts_with("unknown flag --temperature: is not a flag of Tevatron's search"),
             "{e}"
         );
     }

@@ -212,6 +212,38 @@ fn mined_negatives_train_with_tevatron_train() {
     let rows = std::fs::read_to_string(d.join("mined.jsonl")).unwrap();
     assert_eq!(rows.lines().count(), 24);
     assert!(d.join("emb/corpus.safetensors").is_file(), "the embeddings are kept when asked");
+    // Kept embeddings are reused only for the same inputs: another pooling encodes again.
+    let pooling_of = || {
+        let v = tevatron_ir::vectors::Vectors::open(&d.join("emb/corpus.safetensors")).unwrap();
+        v.metadata()["pooling"].clone()
+    };
+    assert_eq!(pooling_of(), "mean");
+    ok(tevatron(
+        d,
+        &[
+            "mine",
+            "--model_name_or_path",
+            &model,
+            "--pooling",
+            "cls",
+            "--dataset_path",
+            &data,
+            "--corpus_path",
+            "corpus.jsonl",
+            "--dataset_cache_dir",
+            &cache,
+            "--depth",
+            "20",
+            "--num_negatives",
+            "4",
+            "--output_path",
+            "mined.cls.jsonl",
+            "--embeddings_dir",
+            "emb",
+            "--quiet",
+        ],
+    ));
+    assert_eq!(pooling_of(), "cls", "stale embeddings were reused");
     ok(tevatron(
         d,
         &[
@@ -336,5 +368,44 @@ fn bad_inputs_name_their_file_line_and_id() {
         "nodocid.jsonl:1: field `positive_passages`: a passage has no `docid`",
     );
     fails_with(run(TRAIN, &["--drop_same_text"]), "--drop_same_text needs the corpus texts");
+    fails_with(run(TRAIN, &["--depth", "5", "--range_min", "5"]), "must lie within --depth (5)");
+    fails_with(run(TRAIN, &["--depth", "5", "--range_max", "9"]), "must lie within --depth (5)");
+    fails_with(
+        run(
+            &["--queries", "queries.jsonl", "--qrels", "qrels.txt"],
+            &["--keep_existing_negatives"],
+        ),
+        "there is no training file",
+    );
+    std::fs::write(d.join("empty.jsonl"), "").unwrap();
+    fails_with(run(&["--dataset_path", "empty.jsonl"], &[]), "no training rows in empty.jsonl");
+    // The same passage id in two shards.
+    write_vectors(&d.join("p2.safetensors"), 2, &[0.5, 0.5], &["d4"]);
+    let twice = tevatron(
+        d,
+        &[
+            "mine",
+            "--query_reps",
+            "q.safetensors",
+            "--passage_reps",
+            "p*.safetensors",
+            "--dataset_path",
+            "train.jsonl",
+            "--output_path",
+            "o.jsonl",
+            "--dataset_cache_dir",
+            "cache",
+        ],
+    );
+    fails_with(
+        twice,
+        "passage id \"d4\" is in the passage embeddings twice (p.safetensors and p2.safetensors)",
+    );
+    // An existing negative missing from the corpus, when existing negatives are kept.
+    std::fs::write(d.join("staleneg.jsonl"), "{\"query_id\":\"q1\",\"query_text\":\"one\",\"positive_document_ids\":[\"d1\"],\"negative_document_ids\":[\"gone\"]}\n").unwrap();
+    fails_with(
+        run(&["--dataset_path", "staleneg.jsonl"], &["--keep_existing_negatives"]),
+        "staleneg.jsonl:1: query \"q1\": document id \"gone\"",
+    );
     assert!(!d.join("o.jsonl").exists());
 }

@@ -299,9 +299,14 @@ impl Encoder {
         let (pooling, normalize, mut defaults) =
             resolve_pooling(folder_settings, opts.pooling, opts.normalize);
         if let DefaultsSource::SentenceTransformers(what) = &mut defaults {
+            let stated = st.as_ref().and_then(|s| s.pooling).is_some();
+            let pooling = if stated {
+                format!("pooling {}", pooling.name())
+            } else {
+                format!("pooling {} (Tevatron's default: the folder states none)", pooling.name())
+            };
             *what = format!(
-                "pooling {} and normalize {normalize} from the sentence-transformers modules of {}",
-                pooling.name(),
+                "{pooling} and normalize {normalize} from the sentence-transformers modules of {}",
                 model_dir.display()
             );
         }

@@ -41,6 +41,7 @@ fn validate(a: &EncodeArgs) -> Result<EncodeConfig> {
         bail!("--per_device_eval_batch_size must be at least 1");
     }
     let files = dataset::resolve(
+        dataset::Flags::Dataset,
         &a.dataset_name,
         a.dataset_path.as_deref(),
         a.dataset_config.as_deref(),

@@ -47,6 +47,16 @@ fn options(a: &MineArgs) -> Result<MineOptions> {
     if a.range_max.is_some_and(|m| m <= a.range_min) {
         bail!("--range_max must be above --range_min ({})", a.range_min);
     }
+    if a.range_min >= a.depth || a.range_max.is_some_and(|m| m > a.depth) {
+        bail!(
+            "--range_min ({}) and --range_max must lie within --depth ({}): ranks beyond it are never retrieved",
+            a.range_min,
+            a.depth
+        );
+    }
+    if a.queries.is_some() && (a.dataset_path.is_some() || a.keep_existing_negatives) {
+        bail!("with --queries and --qrels there is no training file: drop --dataset_path and --keep_existing_negatives");
+    }
     if a.relative_margin.is_some_and(|r| !(0.0..1.0).contains(&r)) {
         bail!("--relative_margin must be in [0, 1)");
     }
@@ -108,6 +118,7 @@ fn doc_ids(row: &Value, kind: &str, path: &Path, line: usize) -> Result<Vec<Stri
 /// The queries of a training file, in either of Tevatron's forms.
 fn training_queries(a: &MineArgs, cache: &Path) -> Result<Vec<MineQuery>> {
     let files = dataset::resolve(
+        dataset::Flags::Dataset,
         &a.dataset_name,
         a.dataset_path.as_deref(),
         a.dataset_config.as_deref(),
@@ -115,6 +126,10 @@ fn training_queries(a: &MineArgs, cache: &Path) -> Result<Vec<MineQuery>> {
         a.dataset_cache_dir.as_deref(),
     )?;
     let rows = RowStore::open(&files, cache)?;
+    if rows.is_empty() {
+        let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+        bail!("no training rows in {}", names.join(", "));
+    }
     let mut out = Vec::with_capacity(rows.len());
     for i in 0..rows.len() {
         let r = rows.get(i)?;
@@ -224,6 +239,10 @@ fn embeddings(
     queries: &[MineQuery],
 ) -> Result<(PathBuf, String, Option<tempfile::TempDir>)> {
     if let (Some(q), Some(p)) = (&a.query_reps, &a.passage_reps) {
+        tracing::info!(
+            "using the embeddings {} and {p}; the encoding flags (lengths, prefixes, precision) change nothing here",
+            q.display()
+        );
         return Ok((q.clone(), p.clone(), None));
     }
     let Some(model) = &a.model_name_or_path else {
@@ -283,9 +302,51 @@ fn embeddings(
             common.extend([flag.to_string(), v]);
         }
     }
-    if q_out.is_file() && p_out.is_file() {
-        tracing::info!("reusing the embeddings in {}", dir.display());
+    // What the embeddings were made from: reused only when all of it is the same.
+    let corpus_files = dataset::resolve(
+        dataset::Flags::Corpus,
+        a.corpus_name.as_deref().unwrap_or("json"),
+        a.corpus_path.as_deref(),
+        a.corpus_config.as_deref(),
+        &a.corpus_split,
+        a.dataset_cache_dir.as_deref(),
+    )?;
+    let stamp = |p: &Path| -> Value {
+        let m = std::fs::metadata(p).ok();
+        let modified = m
+            .as_ref()
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+        json!({"file": p.display().to_string(), "bytes": m.map(|m| m.len()), "modified": modified.map(|d| d.as_nanos().to_string())})
+    };
+    let mut query_hash = 0xcbf2_9ce4_8422_2325u64;
+    for q in queries {
+        for b in q.id.bytes().chain([0]).chain(q.text.bytes()).chain([0]) {
+            query_hash = (query_hash ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    let manifest = json!({
+        "encode_flags": common,
+        "corpus": corpus_files.iter().map(|f| stamp(f)).collect::<Vec<_>>(),
+        "queries": {"count": queries.len(), "fnv1a": format!("{query_hash:016x}")},
+    });
+    let manifest_path = dir.join("mine-embeddings.json");
+    let previous: Option<Value> =
+        std::fs::read_to_string(&manifest_path).ok().and_then(|t| serde_json::from_str(&t).ok());
+    let reusable = q_out.is_file() && p_out.is_file() && previous.as_ref() == Some(&manifest);
+    if reusable {
+        tracing::info!(
+            "reusing the embeddings in {} (same model, flags, corpus and queries)",
+            dir.display()
+        );
     } else {
+        if q_out.is_file() || p_out.is_file() {
+            tracing::info!(
+                "the embeddings in {} were made from other inputs; encoding again",
+                dir.display()
+            );
+        }
+        let _ = std::fs::remove_file(&manifest_path);
         // The queries as a JSONL file for the encoder, in the order they were read.
         let q_file = dir.join("queries.jsonl");
         let mut f = AtomicFile::create(&q_file)?;
@@ -321,9 +382,17 @@ fn embeddings(
                 args.extend([flag.to_string(), v.clone()]);
             }
         }
+        if let Some(c) = &a.dataset_cache_dir {
+            args.extend(["--dataset_cache_dir".to_string(), c.display().to_string()]);
+        }
         args.extend(common);
         tracing::info!("encoding the corpus with {model}");
-        super::encode::run_with(&args)?;
+        super::encode::run_with(&args)
+            .context("encoding the corpus (--corpus_name/--corpus_path)")?;
+        let mut f = AtomicFile::create(&manifest_path)?;
+        writeln!(f.writer(), "{}", serde_json::to_string_pretty(&manifest).unwrap_or_default())
+            .map_err(|e| f.err(e))?;
+        f.commit()?;
     }
     Ok((q_out, p_out.display().to_string(), temp))
 }
@@ -333,7 +402,7 @@ fn embeddings(
 struct PassageIndex(Vec<(u32, u32)>);
 
 impl PassageIndex {
-    fn new(shards: &[Vectors]) -> Self {
+    fn new(shards: &[Vectors]) -> Result<Self> {
         let mut order: Vec<(u32, u32)> = shards
             .iter()
             .enumerate()
@@ -341,7 +410,16 @@ impl PassageIndex {
             .collect();
         let id = |&(s, r): &(u32, u32)| shards[s as usize].ids().get(r as usize);
         order.sort_unstable_by(|x, y| id(x).cmp(id(y)));
-        Self(order)
+        if let Some(w) = order.windows(2).find(|w| id(&w[0]) == id(&w[1])) {
+            let (a, b) = (shards[w[0].0 as usize].path(), shards[w[1].0 as usize].path());
+            bail!(
+                "passage id {:?} is in the passage embeddings twice ({} and {})",
+                id(&w[0]),
+                a.display(),
+                b.display()
+            );
+        }
+        Ok(Self(order))
     }
 
     fn find(&self, shards: &[Vectors], docid: &str) -> Option<(u32, u32)> {
@@ -395,7 +473,7 @@ pub fn run(a: &MineArgs) -> Result<()> {
     }
     let dim = qv.dim();
     let q_rows: HashMap<&str, usize> = qv.ids().iter().enumerate().map(|(i, id)| (id, i)).collect();
-    let index = PassageIndex::new(&shards);
+    let index = PassageIndex::new(&shards)?;
     let row_of = |docid: &str, buf: &mut Vec<f32>| -> bool {
         match index.find(&shards, docid) {
             Some((s, r)) => {
@@ -416,7 +494,11 @@ pub fn run(a: &MineArgs) -> Result<()> {
                 q_path.display()
             );
         }
-        for p in &q.positives {
+        let r = q_rows[q.id.as_str()];
+        qv.rows().to_f32(dim, r, r + 1, &mut buf);
+        tevatron_ir::search::check_finite(&buf, dim, r, &q_path)?;
+        for p in q.positives.iter().chain(q.negatives.iter().filter(|_| a.keep_existing_negatives))
+        {
             if index.find(&shards, p).is_none() {
                 bail!(
                     "{}: query {:?}: document id {p:?} is not in the corpus ({})",
@@ -429,6 +511,7 @@ pub fn run(a: &MineArgs) -> Result<()> {
     }
     let corpus = if a.drop_same_text {
         let files = dataset::resolve(
+            dataset::Flags::Corpus,
             a.corpus_name.as_deref().unwrap_or("json"),
             a.corpus_path.as_deref(),
             a.corpus_config.as_deref(),
@@ -509,9 +592,6 @@ pub fn run(a: &MineArgs) -> Result<()> {
                 &opts,
             );
             removed.add(&counts);
-            if chosen.len() < opts.num_negatives {
-                short += 1;
-            }
             let mut negatives: Vec<String> = chosen.into_iter().map(|c| c.docid).collect();
             if a.keep_existing_negatives {
                 for n in &q.negatives {
@@ -519,6 +599,9 @@ pub fn run(a: &MineArgs) -> Result<()> {
                         negatives.push(n.clone());
                     }
                 }
+            }
+            if negatives.len() < opts.num_negatives {
+                short += 1;
             }
             written += negatives.len();
             let row = json!({

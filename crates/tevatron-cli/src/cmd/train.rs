@@ -294,6 +294,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     let resume = resume_point(a, &group)?;
 
     let files = dataset::resolve(
+        dataset::Flags::Dataset,
         &a.dataset_name,
         a.dataset_path.as_deref(),
         a.dataset_config.as_deref(),
@@ -306,6 +307,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         (None, None) => None,
         (name, path) => {
             let corpus_files = dataset::resolve(
+                dataset::Flags::Corpus,
                 name.as_deref().unwrap_or("json"),
                 path.as_deref(),
                 a.corpus_config.as_deref(),
