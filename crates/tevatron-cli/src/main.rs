@@ -61,16 +61,32 @@ pub fn release_freed_memory() {
 }
 
 fn main() -> ExitCode {
-    let screened =
-        match args::expand_json_args(std::env::args_os().collect()).and_then(flags::screen) {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("tevatron: {e:#}");
-                return ExitCode::from(2);
-            }
-        };
+    let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let expanded = args::expand_json_args(raw.clone());
+    // With a JSON arguments file, a flag error is the file's: say which file.
+    let from_file = match &expanded {
+        Ok(e) if *e != raw => raw.get(2).map(|f| f.to_string_lossy().into_owned()),
+        _ => None,
+    };
+    let in_file = |e: String| match &from_file {
+        Some(f) => format!("in the arguments file {f}: {e}"),
+        None => e,
+    };
+    let screened = match expanded.and_then(flags::screen) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("tevatron: {}", in_file(format!("{e:#}")));
+            return ExitCode::from(2);
+        }
+    };
     let cli = match args::Cli::try_parse_from(screened.argv) {
         Ok(cli) => cli,
+        Err(e) if from_file.is_some() && e.use_stderr() => {
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or_default().trim_start_matches("error: ");
+            eprintln!("tevatron: {}", in_file(first.to_string()));
+            return ExitCode::from(2);
+        }
         Err(e) => {
             let code = if e.use_stderr() { 2 } else { 0 };
             let _ = e.print();

@@ -190,6 +190,12 @@ fn gzip_input_and_json_argument_file_work() {
     let a = safetensors_bytes(&d.join("gz.safetensors"));
     let b = safetensors_bytes(&d.join("plain.safetensors"));
     assert_eq!(a, b);
+    // A flag the arguments file should not hold: the message names the file.
+    std::fs::write(d.join("bad-args.json"), r#"{"qrelz": "x", "run": "r"}"#).unwrap();
+    fails_with(
+        tevatron(d, &["eval", "bad-args.json"]),
+        "in the arguments file bad-args.json: unexpected argument '--qrelz'",
+    );
 }
 
 fn safetensors_bytes(p: &Path) -> Vec<u8> {
