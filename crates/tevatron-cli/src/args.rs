@@ -123,41 +123,18 @@ pub enum VecDTypeArg {
     Bf16,
 }
 
-/// Flags of `tevatron encode` (Tevatron's `driver.encode`).
-#[derive(Debug, Args)]
+/// The flags that say how texts are encoded, shared by `encode` and `mine` (which encodes with
+/// `encode`'s own code): tokenizer, lengths, prefixes, pooling, batches, precision, device and
+/// adapter.
+#[derive(Clone, Debug, Args, serde::Serialize)]
 #[command(rename_all = "snake_case")]
-pub struct EncodeArgs {
-    /// Model folder or Hugging Face hub id.
-    #[arg(long)]
-    pub model_name_or_path: String,
+pub struct EncodingFlags {
     /// Tokenizer folder or hub id, when it differs from the model's.
     #[arg(long)]
     pub tokenizer_name: Option<String>,
     /// Hugging Face hub cache folder (default: HF_HUB_CACHE, HF_HOME/hub or ~/.cache/huggingface/hub).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
-    /// `json` for local files given by --dataset_path, a local folder, or a hub dataset id.
-    #[arg(long, default_value = "json")]
-    pub dataset_name: String,
-    /// Data file or glob (quote it), e.g. 'corpus/*.jsonl.gz'.
-    #[arg(long)]
-    pub dataset_path: Option<String>,
-    /// Dataset configuration (hub datasets with several, e.g. Tevatron/beir scifact).
-    #[arg(long)]
-    pub dataset_config: Option<String>,
-    /// Dataset split (train, dev, test, ...).
-    #[arg(long, default_value = "train")]
-    pub dataset_split: String,
-    /// Hub datasets cache folder.
-    #[arg(long)]
-    pub dataset_cache_dir: Option<PathBuf>,
-    /// Encode queries (`query_id`, `query_text`/`query`) instead of passages.
-    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
-    pub encode_is_query: bool,
-    /// Output embeddings file (safetensors; one per shard). Tevatron v1 named it
-    /// `--encoded_save_path`, which is accepted too.
-    #[arg(long, alias = "encoded_save_path")]
-    pub encode_output_path: PathBuf,
     /// Maximum query tokens, special tokens included.
     #[arg(long, default_value_t = 32)]
     pub query_max_len: usize,
@@ -193,6 +170,54 @@ pub struct EncodeArgs {
     /// Texts per batch (batches of short texts may hold more, up to the same token count).
     #[arg(long, default_value_t = 8)]
     pub per_device_eval_batch_size: usize,
+    /// Compute in float16.
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub fp16: bool,
+    /// Compute in bfloat16.
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub bf16: bool,
+    /// Where to run: cpu, cuda or cuda:N (default: a GPU when the binary has CUDA and one is
+    /// visible, else the CPU).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// A PEFT LoRA adapter (folder or hub id) trained on `--model_name_or_path`: merged into
+    /// the base weights (`W + alpha/r * B A`) before encoding.
+    #[arg(long)]
+    pub lora_name_or_path: Option<String>,
+}
+
+/// Flags of `tevatron encode` (Tevatron's `driver.encode`).
+#[derive(Debug, Args)]
+#[command(rename_all = "snake_case")]
+pub struct EncodeArgs {
+    /// Model folder or Hugging Face hub id.
+    #[arg(long)]
+    pub model_name_or_path: String,
+    /// Tokenizer, lengths, prefixes, pooling, batches, precision, device, adapter.
+    #[command(flatten)]
+    pub encoding: EncodingFlags,
+    /// `json` for local files given by --dataset_path, a local folder, or a hub dataset id.
+    #[arg(long, default_value = "json")]
+    pub dataset_name: String,
+    /// Data file or glob (quote it), e.g. 'corpus/*.jsonl.gz'.
+    #[arg(long)]
+    pub dataset_path: Option<String>,
+    /// Dataset configuration (hub datasets with several, e.g. Tevatron/beir scifact).
+    #[arg(long)]
+    pub dataset_config: Option<String>,
+    /// Dataset split (train, dev, test, ...).
+    #[arg(long, default_value = "train")]
+    pub dataset_split: String,
+    /// Hub datasets cache folder.
+    #[arg(long)]
+    pub dataset_cache_dir: Option<PathBuf>,
+    /// Encode queries (`query_id`, `query_text`/`query`) instead of passages.
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub encode_is_query: bool,
+    /// Output embeddings file (safetensors; one per shard). Tevatron v1 named it
+    /// `--encoded_save_path`, which is accepted too.
+    #[arg(long, alias = "encoded_save_path")]
+    pub encode_output_path: PathBuf,
     /// Split the input into this many contiguous shards (Hugging Face's rule) ... (Tevatron v1:
     /// `--encode_num_shard`)
     #[arg(long, default_value_t = 1, alias = "encode_num_shard")]
@@ -200,26 +225,12 @@ pub struct EncodeArgs {
     /// ... and encode this one (0-based; Tevatron v1: `--encode_shard_index`).
     #[arg(long, default_value_t = 0, alias = "encode_shard_index")]
     pub dataset_shard_index: usize,
-    /// Compute in float16.
-    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
-    pub fp16: bool,
-    /// Compute in bfloat16.
-    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
-    pub bf16: bool,
     /// Element type of the written embeddings (f32 unless you want smaller files).
     #[arg(long, value_enum, default_value = "f32")]
     pub embedding_dtype: VecDTypeArg,
-    /// Where to run: cpu, cuda or cuda:N (default: a GPU when the binary has CUDA and one is
-    /// visible, else the CPU).
-    #[arg(long)]
-    pub device: Option<String>,
     /// Accepted and unused, as in Tevatron's encode driver.
     #[arg(long)]
     pub output_dir: Option<PathBuf>,
-    /// A PEFT LoRA adapter (folder or hub id) trained on `--model_name_or_path`: merged into
-    /// the base weights (`W + alpha/r * B A`) before encoding.
-    #[arg(long)]
-    pub lora_name_or_path: Option<String>,
     /// No progress bar, warnings only.
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub quiet: bool,
@@ -604,51 +615,9 @@ pub struct MineArgs {
     /// The model that encodes queries and corpus (instead of --query_reps/--passage_reps).
     #[arg(long, conflicts_with = "query_reps")]
     pub model_name_or_path: Option<String>,
-    /// Tokenizer folder or hub id, when it differs from the model's.
-    #[arg(long)]
-    pub tokenizer_name: Option<String>,
-    /// Hugging Face hub cache folder.
-    #[arg(long)]
-    pub cache_dir: Option<PathBuf>,
-    /// Pooling, as for `tevatron encode`.
-    #[arg(long, value_enum)]
-    pub pooling: Option<PoolingArg>,
-    /// L2-normalise, as for `tevatron encode`.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
-    pub normalize: Option<bool>,
-    /// Maximum query tokens.
-    #[arg(long, default_value_t = 32)]
-    pub query_max_len: usize,
-    /// Maximum passage tokens.
-    #[arg(long, default_value_t = 128)]
-    pub passage_max_len: usize,
-    /// Text put before each query.
-    #[arg(long, default_value = "")]
-    pub query_prefix: String,
-    /// Text put before each passage.
-    #[arg(long, default_value = "")]
-    pub passage_prefix: String,
-    /// Truncate to max_len-1 and append the EOS token.
-    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
-    pub append_eos_token: bool,
-    /// Side to pad on.
-    #[arg(long, value_enum, default_value = "right")]
-    pub padding_side: SideArg,
-    /// Texts per encoding batch.
-    #[arg(long, default_value_t = 64)]
-    pub per_device_eval_batch_size: usize,
-    /// Encode in float16.
-    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
-    pub fp16: bool,
-    /// Encode in bfloat16.
-    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
-    pub bf16: bool,
-    /// Where to encode: cpu, cuda or cuda:N.
-    #[arg(long)]
-    pub device: Option<String>,
-    /// A PEFT LoRA adapter merged into the model before encoding.
-    #[arg(long)]
-    pub lora_name_or_path: Option<String>,
+    /// How the model encodes (the flags of `tevatron encode`).
+    #[command(flatten)]
+    pub encoding: EncodingFlags,
     /// Keep the query and corpus embeddings the model made in this folder (reused by a later
     /// run with the same folder) instead of a temporary one.
     #[arg(long)]
@@ -874,10 +843,10 @@ mod tests {
         ])
         .unwrap();
         let Command::Encode(a) = cli.command else { panic!("encode") };
-        assert_eq!(a.normalize, Some(true));
-        assert!(a.fp16 && a.encode_is_query && !a.bf16);
-        assert_eq!(a.pooling, Some(PoolingArg::Mean));
-        assert_eq!(a.per_device_eval_batch_size, 64);
+        assert_eq!(a.encoding.normalize, Some(true));
+        assert!(a.encoding.fp16 && a.encode_is_query && !a.encoding.bf16);
+        assert_eq!(a.encoding.pooling, Some(PoolingArg::Mean));
+        assert_eq!(a.encoding.per_device_eval_batch_size, 64);
         let cli = Cli::try_parse_from([
             "tevatron",
             "search",

@@ -6,7 +6,6 @@ use std::sync::mpsc;
 
 use anyhow::{bail, Result};
 use candle_core::DType;
-use clap::Parser;
 use tevatron_ir::records::{count_rows, shard_range, RecordKind, RecordStream};
 use tevatron_ir::vectors::{VecDType, VectorWriter};
 use tevatron_model::encoder::{BatchOptions, EMBED_CHUNK};
@@ -27,7 +26,7 @@ struct EncodeConfig {
 }
 
 fn validate(a: &EncodeArgs) -> Result<EncodeConfig> {
-    if a.fp16 && a.bf16 {
+    if a.encoding.fp16 && a.encoding.bf16 {
         bail!("--fp16 and --bf16 are exclusive");
     }
     if a.dataset_number_of_shards == 0 || a.dataset_shard_index >= a.dataset_number_of_shards {
@@ -37,7 +36,7 @@ fn validate(a: &EncodeArgs) -> Result<EncodeConfig> {
             a.dataset_number_of_shards
         );
     }
-    if a.per_device_eval_batch_size == 0 {
+    if a.encoding.per_device_eval_batch_size == 0 {
         bail!("--per_device_eval_batch_size must be at least 1");
     }
     let files = dataset::resolve(
@@ -49,15 +48,15 @@ fn validate(a: &EncodeArgs) -> Result<EncodeConfig> {
         a.dataset_cache_dir.as_deref(),
     )?;
     let (kind, max_len, prefix) = if a.encode_is_query {
-        (RecordKind::Query, a.query_max_len, a.query_prefix.clone())
+        (RecordKind::Query, a.encoding.query_max_len, a.encoding.query_prefix.clone())
     } else {
-        (RecordKind::Doc, a.passage_max_len, a.passage_prefix.clone())
+        (RecordKind::Doc, a.encoding.passage_max_len, a.encoding.passage_prefix.clone())
     };
-    let padding_side = PaddingSide::from(a.padding_side);
-    let device = tevatron_model::device::select(a.device.as_deref())?;
-    let dtype = if a.fp16 {
+    let padding_side = PaddingSide::from(a.encoding.padding_side);
+    let device = tevatron_model::device::select(a.encoding.device.as_deref())?;
+    let dtype = if a.encoding.fp16 {
         DType::F16
-    } else if a.bf16 {
+    } else if a.encoding.bf16 {
         DType::BF16
     } else {
         DType::F32
@@ -68,27 +67,28 @@ fn validate(a: &EncodeArgs) -> Result<EncodeConfig> {
         text: TextOptions {
             max_len,
             prefix,
-            append_eos: a.append_eos_token,
-            add_special_tokens: a.add_special_tokens,
+            append_eos: a.encoding.append_eos_token,
+            add_special_tokens: a.encoding.add_special_tokens,
         },
         batch: BatchOptions::for_encoding(
-            a.per_device_eval_batch_size,
+            a.encoding.per_device_eval_batch_size,
             max_len,
-            a.pad_to_multiple_of,
+            a.encoding.pad_to_multiple_of,
             padding_side,
             &device,
         ),
         encoder: EncoderOptions {
-            pooling: a.pooling.map(Pooling::from),
-            normalize: a.normalize,
+            pooling: a.encoding.pooling.map(Pooling::from),
+            normalize: a.encoding.normalize,
             dtype,
             device,
             trainable: false,
             disable_dropout: false,
             lora: a
+                .encoding
                 .lora_name_or_path
                 .as_deref()
-                .map(|l| super::merged_adapter(l, a.cache_dir.as_deref()))
+                .map(|l| super::merged_adapter(l, a.encoding.cache_dir.as_deref()))
                 .transpose()?,
         },
         out_dtype: match a.embedding_dtype {
@@ -102,22 +102,13 @@ fn validate(a: &EncodeArgs) -> Result<EncodeConfig> {
 
 type Chunk = (Vec<String>, Vec<Vec<u32>>);
 
-/// Runs an encode from flags spelled as `tevatron encode` takes them: how `mine` encodes queries
-/// and corpus with its model, through the same validation.
-pub fn run_with(flags: &[String]) -> Result<()> {
-    let argv = ["tevatron", "encode"].into_iter().map(String::from).chain(flags.iter().cloned());
-    let cli = crate::args::Cli::try_parse_from(argv)?;
-    let crate::args::Command::Encode(a) = cli.command else { bail!("not an encode command") };
-    run(&a)
-}
-
 pub fn run(a: &EncodeArgs) -> Result<()> {
     crate::tune_allocator();
     let cfg = validate(a)?;
     let encoder = super::load_encoder(
         &a.model_name_or_path,
-        a.tokenizer_name.as_deref(),
-        a.cache_dir.as_deref(),
+        a.encoding.tokenizer_name.as_deref(),
+        a.encoding.cache_dir.as_deref(),
         &cfg.encoder,
     )?;
     encoder.check_padding(cfg.batch.padding_side)?;

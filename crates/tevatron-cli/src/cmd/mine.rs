@@ -23,7 +23,7 @@ use tevatron_ir::trec::Qrels;
 use tevatron_ir::vectors::{expand_glob, Vectors};
 use tevatron_train::data::Corpus;
 
-use crate::args::{MineArgs, SamplingArg};
+use crate::args::{EncodeArgs, MineArgs, SamplingArg, VecDTypeArg};
 use crate::{dataset, progress};
 
 /// One query to mine for: its id and text, its positives, every document judged relevant, the
@@ -265,43 +265,6 @@ fn embeddings(
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("could not create {}", dir.display()))?;
     let (q_out, p_out) = (dir.join("queries.safetensors"), dir.join("corpus.safetensors"));
-    let mut common: Vec<String> = vec![
-        "--model_name_or_path".into(),
-        model.clone(),
-        "--query_max_len".into(),
-        a.query_max_len.to_string(),
-        "--passage_max_len".into(),
-        a.passage_max_len.to_string(),
-        "--query_prefix".into(),
-        a.query_prefix.clone(),
-        "--passage_prefix".into(),
-        a.passage_prefix.clone(),
-        "--append_eos_token".into(),
-        a.append_eos_token.to_string(),
-        "--padding_side".into(),
-        format!("{:?}", a.padding_side).to_lowercase(),
-        "--per_device_eval_batch_size".into(),
-        a.per_device_eval_batch_size.to_string(),
-        "--fp16".into(),
-        a.fp16.to_string(),
-        "--bf16".into(),
-        a.bf16.to_string(),
-        "--quiet".into(),
-        a.quiet.to_string(),
-    ];
-    let optional = [
-        ("--tokenizer_name", a.tokenizer_name.clone()),
-        ("--cache_dir", a.cache_dir.as_ref().map(|p| p.display().to_string())),
-        ("--pooling", a.pooling.map(|p| format!("{p:?}").to_lowercase())),
-        ("--normalize", a.normalize.map(|n| n.to_string())),
-        ("--device", a.device.clone()),
-        ("--lora_name_or_path", a.lora_name_or_path.clone()),
-    ];
-    for (flag, value) in optional {
-        if let Some(v) = value {
-            common.extend([flag.to_string(), v]);
-        }
-    }
     // What the embeddings were made from: reused only when all of it is the same.
     let corpus_files = dataset::resolve(
         dataset::Flags::Corpus,
@@ -326,7 +289,8 @@ fn embeddings(
         }
     }
     let manifest = json!({
-        "encode_flags": common,
+        "model": model,
+        "encoding": a.encoding,
         "corpus": corpus_files.iter().map(|f| stamp(f)).collect::<Vec<_>>(),
         "queries": {"count": queries.len(), "fnv1a": format!("{query_hash:016x}")},
     });
@@ -355,40 +319,44 @@ fn embeddings(
                 .map_err(|e| f.err(e))?;
         }
         f.commit()?;
-        let q_file = q_file.display().to_string();
-        let q_out_s = q_out.display().to_string();
-        let mut args: Vec<String> = vec![
-            "--dataset_path".into(),
-            q_file,
-            "--encode_is_query".into(),
-            "--encode_output_path".into(),
-            q_out_s,
-        ];
-        args.extend(common.iter().cloned());
+        // Both through `encode`'s own code, with the encoding flags as given.
+        let encode = |dataset_name: String,
+                      dataset_path: Option<String>,
+                      dataset_config: Option<String>,
+                      dataset_split: String,
+                      is_query: bool,
+                      output: &Path| {
+            super::encode::run(&EncodeArgs {
+                model_name_or_path: model.clone(),
+                encoding: a.encoding.clone(),
+                dataset_name,
+                dataset_path,
+                dataset_config,
+                dataset_split,
+                dataset_cache_dir: a.dataset_cache_dir.clone(),
+                encode_is_query: is_query,
+                encode_output_path: output.to_path_buf(),
+                dataset_number_of_shards: 1,
+                dataset_shard_index: 0,
+                embedding_dtype: VecDTypeArg::F32,
+                output_dir: None,
+                quiet: a.quiet,
+                disable_tqdm: false,
+            })
+        };
         tracing::info!("encoding {} queries with {model}", queries.len());
-        super::encode::run_with(&args)?;
-        let mut args: Vec<String> = vec![
-            "--dataset_name".into(),
-            a.corpus_name.clone().unwrap_or_else(|| "json".into()),
-            "--dataset_split".into(),
-            a.corpus_split.clone(),
-            "--encode_output_path".into(),
-            p_out.display().to_string(),
-        ];
-        for (flag, value) in
-            [("--dataset_path", &a.corpus_path), ("--dataset_config", &a.corpus_config)]
-        {
-            if let Some(v) = value {
-                args.extend([flag.to_string(), v.clone()]);
-            }
-        }
-        if let Some(c) = &a.dataset_cache_dir {
-            args.extend(["--dataset_cache_dir".to_string(), c.display().to_string()]);
-        }
-        args.extend(common);
+        let q_file = Some(q_file.display().to_string());
+        encode("json".into(), q_file, None, "train".into(), true, &q_out)?;
         tracing::info!("encoding the corpus with {model}");
-        super::encode::run_with(&args)
-            .context("encoding the corpus (--corpus_name/--corpus_path)")?;
+        encode(
+            a.corpus_name.clone().unwrap_or_else(|| "json".into()),
+            a.corpus_path.clone(),
+            a.corpus_config.clone(),
+            a.corpus_split.clone(),
+            false,
+            &p_out,
+        )
+        .context("encoding the corpus (--corpus_name/--corpus_path)")?;
         let mut f = AtomicFile::create(&manifest_path)?;
         writeln!(f.writer(), "{}", serde_json::to_string_pretty(&manifest).unwrap_or_default())
             .map_err(|e| f.err(e))?;
