@@ -9,39 +9,12 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{Device, Tensor};
-use common::{ok, repo, tevatron};
-use tevatron_model::testing::{max_abs_diff, EMBEDDING_ATOL};
-
-fn minilm() -> Option<PathBuf> {
-    let dir = std::env::var_os("TEVATRON_MINILM")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join(".cache/models/all-MiniLM-L6-v2"));
-    if dir.join("model.safetensors").is_file() {
-        return Some(dir);
-    }
-    assert!(
-        std::env::var("CI").is_err(),
-        "MiniLM not found at {} (run scripts/fetch-minilm.sh); CI must not skip this test",
-        dir.display()
-    );
-    eprintln!("skipping: MiniLM not found at {} (run scripts/fetch-minilm.sh)", dir.display());
-    None
-}
-
-/// The fixture's texts and expected tensors (`mean_norm`, `cls`, `cls32`).
-fn fixture() -> (Vec<String>, HashMap<String, Tensor>) {
-    let dir = repo().join("testdata/minilm");
-    let texts: Vec<String> =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("texts.json")).unwrap()).unwrap();
-    let exp =
-        candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
-    (texts, exp)
-}
+use common::{ok, tevatron};
+use tevatron_model::testing::{max_abs_diff, minilm_dir, minilm_fixture, EMBEDDING_ATOL};
 
 /// Writes `texts` as a corpus (`docid`, `text`) and as queries (`query_id`, `query`), each text
 /// with `prefix` put before it.
@@ -103,8 +76,8 @@ fn norms(t: &Tensor) -> Vec<f32> {
 
 #[test]
 fn pooling_and_normalize_flags_on_a_sentence_transformers_folder_match_the_references() {
-    let Some(model) = minilm() else { return };
-    let (texts, exp) = fixture();
+    let Some(model) = minilm_dir() else { return };
+    let (texts, exp) = minilm_fixture();
     let tmp = tempfile::tempdir().unwrap();
     let (corpus, queries) = write_inputs(tmp.path(), &texts, "");
     let want_ids: Vec<String> = (0..texts.len()).map(|i| format!("d{i}")).collect();
@@ -145,8 +118,8 @@ fn pooling_and_normalize_flags_on_a_sentence_transformers_folder_match_the_refer
 
 #[test]
 fn prefixes_and_lengths_change_what_is_encoded_as_they_say() {
-    let Some(model) = minilm() else { return };
-    let (texts, _) = fixture();
+    let Some(model) = minilm_dir() else { return };
+    let (texts, _) = minilm_fixture();
     let tmp = tempfile::tempdir().unwrap();
     let prefix = "query: ";
     let (corpus, queries) = write_inputs(tmp.path(), &texts, "");

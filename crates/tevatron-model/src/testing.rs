@@ -111,6 +111,42 @@ pub fn load_tiny(
         .unwrap_or_else(|e| panic!("loading tiny model {name}: {e}"))
 }
 
+/// The real model for the tests that need it: all-MiniLM-L6-v2 as `scripts/fetch-minilm.sh`
+/// fetches it (or `TEVATRON_MINILM`). `None`, with a line on stderr, when it is missing; under
+/// `CI=true` a missing model fails instead, so CI never skips these tests.
+pub fn minilm_dir() -> Option<std::path::PathBuf> {
+    let dir =
+        std::env::var_os("TEVATRON_MINILM").map(std::path::PathBuf::from).unwrap_or_else(|| {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../../.cache/models/all-MiniLM-L6-v2")
+        });
+    if dir.join("model.safetensors").is_file() {
+        return Some(dir);
+    }
+    assert!(
+        std::env::var("CI").is_err(),
+        "MiniLM not found at {} (run scripts/fetch-minilm.sh); CI must not skip this test",
+        dir.display()
+    );
+    eprintln!("skipping: MiniLM not found at {} (run scripts/fetch-minilm.sh)", dir.display());
+    None
+}
+
+/// MiniLM's reference texts and expected tensors (`testdata/minilm`, made by
+/// `scripts/fixtures/make_minilm.py`: `mean_norm`, `cls`, `cls32`); panics if they cannot be
+/// read (tests only).
+pub fn minilm_fixture() -> (Vec<String>, std::collections::HashMap<String, Tensor>) {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/minilm");
+    let texts = std::fs::read_to_string(dir.join("texts.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_else(|| panic!("reading {}/texts.json", dir.display()));
+    let expected =
+        candle_core::safetensors::load(dir.join("expected.safetensors"), &candle_core::Device::Cpu)
+            .unwrap_or_else(|e| panic!("reading {}/expected.safetensors: {e}", dir.display()));
+    (texts, expected)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,36 +5,10 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
-use std::path::PathBuf;
-
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use tevatron_model::testing::{max_abs_diff_of, EMBEDDING_ATOL};
+use tevatron_model::testing::{minilm_dir, minilm_fixture};
 use tevatron_model::{Encoder, EncoderOptions, Pooling, TextOptions};
-
-fn model_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("TEVATRON_MINILM").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.cache/models/all-MiniLM-L6-v2")
-    });
-    if dir.join("model.safetensors").is_file() {
-        return Some(dir);
-    }
-    assert!(
-        std::env::var("CI").is_err(),
-        "MiniLM not found at {} (run scripts/fetch-minilm.sh); CI must not skip this test",
-        dir.display()
-    );
-    eprintln!("skipping: MiniLM not found at {} (run scripts/fetch-minilm.sh)", dir.display());
-    None
-}
-
-fn fixture() -> (Vec<String>, std::collections::HashMap<String, Tensor>) {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/minilm");
-    let texts: Vec<String> =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("texts.json")).unwrap()).unwrap();
-    let exp =
-        candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
-    (texts, exp)
-}
 
 fn check(got: Vec<f32>, want: &Tensor, what: &str) {
     let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -44,8 +18,8 @@ fn check(got: Vec<f32>, want: &Tensor, what: &str) {
 
 #[test]
 fn mean_normalized_embeddings_match_sentence_transformers() {
-    let Some(dir) = model_dir() else { return };
-    let (texts, exp) = fixture();
+    let Some(dir) = minilm_dir() else { return };
+    let (texts, exp) = minilm_fixture();
     // No pooling given: the folder's sentence-transformers modules say mean + normalize.
     let enc = Encoder::load(&dir, None, &EncoderOptions::default()).unwrap();
     assert_eq!((enc.pooling(), enc.normalize()), (Pooling::Mean, true));
@@ -56,8 +30,8 @@ fn mean_normalized_embeddings_match_sentence_transformers() {
 
 #[test]
 fn cls_embeddings_match_transformers_at_512_and_32_tokens() {
-    let Some(dir) = model_dir() else { return };
-    let (texts, exp) = fixture();
+    let Some(dir) = minilm_dir() else { return };
+    let (texts, exp) = minilm_fixture();
     let opts = EncoderOptions {
         pooling: Some(Pooling::Cls),
         normalize: Some(false),

@@ -237,6 +237,7 @@ fn location(q: &MineQuery, docid: &str) -> String {
 fn embeddings(
     a: &MineArgs,
     queries: &[MineQuery],
+    corpus_files: Option<&[PathBuf]>,
 ) -> Result<(PathBuf, String, Option<tempfile::TempDir>)> {
     if let (Some(q), Some(p)) = (&a.query_reps, &a.passage_reps) {
         tracing::info!(
@@ -250,9 +251,9 @@ fn embeddings(
             "give a model (--model_name_or_path) or embeddings (--query_reps and --passage_reps)"
         );
     };
-    if a.corpus_path.is_none() && a.corpus_name.is_none() {
+    let Some(corpus_files) = corpus_files else {
         bail!("encoding needs the corpus: give --corpus_path (or --corpus_name)");
-    }
+    };
     let (dir, temp) = match &a.embeddings_dir {
         Some(d) => (d.clone(), None),
         None => {
@@ -266,14 +267,6 @@ fn embeddings(
     std::fs::create_dir_all(&dir).with_context(|| format!("could not create {}", dir.display()))?;
     let (q_out, p_out) = (dir.join("queries.safetensors"), dir.join("corpus.safetensors"));
     // What the embeddings were made from: reused only when all of it is the same.
-    let corpus_files = dataset::resolve(
-        dataset::Flags::Corpus,
-        a.corpus_name.as_deref().unwrap_or("json"),
-        a.corpus_path.as_deref(),
-        a.corpus_config.as_deref(),
-        &a.corpus_split,
-        a.dataset_cache_dir.as_deref(),
-    )?;
     let stamp = |p: &Path| -> Value {
         let m = std::fs::metadata(p).ok();
         let modified = m
@@ -423,7 +416,19 @@ pub fn run(a: &MineArgs) -> Result<()> {
             bail!("--queries and --qrels go together (or give a training file with --dataset_path)")
         }
     };
-    let (q_path, p_pattern, _temp) = embeddings(a, &queries)?;
+    // The corpus files, resolved once for encoding and for --drop_same_text.
+    let corpus_files = match (&a.corpus_name, &a.corpus_path) {
+        (None, None) => None,
+        _ => Some(dataset::resolve(
+            dataset::Flags::Corpus,
+            a.corpus_name.as_deref().unwrap_or("json"),
+            a.corpus_path.as_deref(),
+            a.corpus_config.as_deref(),
+            &a.corpus_split,
+            a.dataset_cache_dir.as_deref(),
+        )?),
+    };
+    let (q_path, p_pattern, _temp) = embeddings(a, &queries, corpus_files.as_deref())?;
     let qv = Vectors::open(&q_path).context("reading the query embeddings")?;
     let shards = expand_glob(&p_pattern)
         .context("resolving the passage embeddings")?
@@ -477,18 +482,9 @@ pub fn run(a: &MineArgs) -> Result<()> {
             }
         }
     }
-    let corpus = if a.drop_same_text {
-        let files = dataset::resolve(
-            dataset::Flags::Corpus,
-            a.corpus_name.as_deref().unwrap_or("json"),
-            a.corpus_path.as_deref(),
-            a.corpus_config.as_deref(),
-            &a.corpus_split,
-            a.dataset_cache_dir.as_deref(),
-        )?;
-        Some(Corpus::open(&files, &cache)?)
-    } else {
-        None
+    let corpus = match (a.drop_same_text, &corpus_files) {
+        (true, Some(files)) => Some(Corpus::open(files, &cache)?),
+        _ => None,
     };
     let folded = |docid: &str| -> Result<Option<String>> {
         match &corpus {
