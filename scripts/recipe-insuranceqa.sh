@@ -8,7 +8,7 @@
 #   round2       hard negatives mined with the round-1 model (tevatron mine, with false-negative
 #                filters), then trained from the round-1 model, again chosen by validation.
 #   scripts/recipe-insuranceqa.sh           # the full recipe: all 2,000 dev questions over all
-#                                           # 27,413 answers (not yet run end to end)
+#                                           # 27,413 answers, 4,000 training questions a stage
 #   QUICK=1 scripts/recipe-insuranceqa.sh   # the quick recipe: the quickstart's dev subset (200
 #                                           # questions over 4,000 answers), 600 training questions
 # Writes runs/recipe-insuranceqa[-quick]/metrics.json {"zero_shot": {...}, "seed_recipe": ...,
@@ -28,10 +28,14 @@ model=${RECIPE_MODEL:-$("$root/scripts/fetch-minilm.sh")}
 echo "recipe: model $model, data $data, output $out" >&2
 
 # Sizes: training questions, held-out validation questions and their corpus, mining corpus.
+# Each trained stage reads the first rows of the training questions: seed_rows, round1_rows (for
+# round1_epochs, gc_batch questions a step), round2_rows (mined, then trained on).
 if [ "$quick" = 1 ]; then
-  n_train=600 n_valid=100 valid_corpus=1000 mine_corpus=4000 seed_rows=600 round2_rows=600 gc_batch=64
+  n_train=600 n_valid=100 valid_corpus=1000 mine_corpus=4000 gc_batch=64
+  seed_rows=600 round1_rows=600 round1_epochs=2 round2_rows=600
 else
-  n_train=12681 n_valid=200 valid_corpus=2000 mine_corpus=0 seed_rows=4000 round2_rows=4000 gc_batch=128
+  n_train=12681 n_valid=200 valid_corpus=2000 mine_corpus=0 gc_batch=128
+  seed_rows=4000 round1_rows=4000 round1_epochs=1 round2_rows=4000
 fi
 
 # 1. Data (deterministic; python3 standard library only): the dev set for evaluation, training
@@ -98,9 +102,10 @@ json.dump(t, open(path, "w"), indent=1)
 PY
 }
 
-# Encode, search and evaluate a model on the dev set into $out/<stage>/eval.
-evaluate() {  # model stage
-  local m=$1 dir=$out/$2/eval
+# Encode, search and evaluate a model on the dev set into $out/<stage>/eval; with "keep", the
+# corpus embeddings stay there (mining searches the same answers).
+evaluate() {  # model stage [keep]
+  local m=$1 dir=$out/$2/eval keep=${3:-}
   [ -f "$dir/metrics.json" ] && return 0
   mkdir -p "$dir"
   local start=$SECONDS
@@ -114,7 +119,8 @@ evaluate() {  # model stage
   "$bin" eval --qrels "$d/eval.qrels.tsv" --run "$dir/run.tsv" -m ndcg@10 -m mrr@10 -m recall@100 \
     --json > "$dir/metrics.json.tmp"
   mv "$dir/metrics.json.tmp" "$dir/metrics.json"
-  rm -f "$dir/corpus.safetensors" "$dir/queries.safetensors"
+  rm -f "$dir/queries.safetensors"
+  [ "$keep" = keep ] || rm -f "$dir/corpus.safetensors"
   record_time "$2 (dev evaluation)" $((SECONDS - start))
 }
 
@@ -148,12 +154,21 @@ train_stage seed_recipe "$model" --dataset_path "$d/seed.train.jsonl" \
 evaluate "$out/seed_recipe/model" seed_recipe
 
 # Round 1: in-batch negatives, a large batch in bounded memory, the best checkpoint by validation.
-steps1=$(( (n_train + gc_batch - 1) / gc_batch ))
-every1=$(( steps1 / 2 > 0 ? steps1 / 2 : 1 ))
-train_stage round1 "$model" --dataset_path "$d/train.jsonl" --per_device_train_batch_size "$gc_batch" \
-  --train_group_size 1 --grad_cache --gc_q_chunk_size 32 --gc_p_chunk_size 32 --num_train_epochs 2 \
-  --eval_steps "$every1" --save_steps "$every1" "${validation[@]}"
-evaluate "$out/round1/model" round1
+head -n "$round1_rows" "$d/train.jsonl" > "$d/round1.train.jsonl"
+steps1=$(( (round1_rows + gc_batch - 1) / gc_batch * round1_epochs ))
+every1=$(( steps1 / 4 > 0 ? steps1 / 4 : 1 ))
+train_stage round1 "$model" --dataset_path "$d/round1.train.jsonl" \
+  --per_device_train_batch_size "$gc_batch" --train_group_size 1 --grad_cache --gc_q_chunk_size 32 \
+  --gc_p_chunk_size 32 --num_train_epochs "$round1_epochs" --eval_steps "$every1" \
+  --save_steps "$every1" "${validation[@]}"
+# The full recipe mines the answers it evaluates on: round 1's dev embeddings are reused.
+reuse=""
+cmp -s "$d/mine.corpus.jsonl" "$d/eval.corpus.jsonl" && reuse=keep
+if [ -n "$reuse" ] && [ -f "$out/round1/eval/metrics.json" ] && [ ! -f "$out/round1/eval/corpus.safetensors" ] \
+  && [ ! -f "$out/round2/mined.jsonl" ]; then
+  rm "$out/round1/eval/metrics.json"  # evaluated before reuse was possible: encode again
+fi
+evaluate "$out/round1/model" round1 $reuse
 
 # Mining with the round-1 model: skip the 3 closest ranks (the likeliest unjudged positives)
 # and answers repeated under other ids. A margin below the positive's score is left out: where
@@ -165,12 +180,25 @@ if [ ! -f "$out/round2/mined.jsonl" ]; then
   mkdir -p "$out/round2"
   start=$SECONDS
   head -n "$round2_rows" "$d/train.jsonl" > "$d/round2.train.jsonl"
-  "$bin" mine --model_name_or_path "$out/round1/model" --dataset_path "$d/round2.train.jsonl" \
+  emb=$out/round2/embeddings
+  mkdir -p "$emb"
+  if [ -n "$reuse" ]; then  # the training questions only; the answers as round 1's evaluation made them
+    python3 -c 'import json,sys
+for l in open(sys.argv[1]):
+    r = json.loads(l); print(json.dumps({"query_id": r["query_id"], "query": r["query_text"]}))' \
+      "$d/round2.train.jsonl" > "$emb/queries.jsonl"
+    "$bin" encode --model_name_or_path "$out/round1/model" --dataset_path "$emb/queries.jsonl" \
+      --encode_is_query --encode_output_path "$emb/queries.safetensors" --query_max_len 32 \
+      --per_device_eval_batch_size 64 --quiet
+    reps=(--query_reps "$emb/queries.safetensors" --passage_reps "$out/round1/eval/corpus.safetensors")
+  else
+    reps=(--model_name_or_path "$out/round1/model" --query_max_len 32 --passage_max_len 128
+      --per_device_eval_batch_size 64 --embeddings_dir "$emb")
+  fi
+  "$bin" mine "${reps[@]}" --dataset_path "$d/round2.train.jsonl" \
     --corpus_path "$d/mine.corpus.jsonl" --dataset_cache_dir "$out/cache" --depth 100 --range_min 3 \
-    --drop_same_text --num_negatives 15 --query_max_len 32 \
-    --passage_max_len 128 --per_device_eval_batch_size 64 --embeddings_dir "$out/round2/embeddings" \
-    --output_path "$out/round2/mined.jsonl" --quiet
-  rm -rf "$out/round2/embeddings"
+    --drop_same_text --num_negatives 15 --output_path "$out/round2/mined.jsonl" --quiet
+  rm -rf "$emb" "$out/round1/eval/corpus.safetensors"
   record_time "round2 (mining)" $((SECONDS - start))
 fi
 steps2=$(( (round2_rows + 15) / 16 ))

@@ -24,22 +24,7 @@ py=${TEVATRON_BENCH_VENV:-$root/.cache/bench-venv}/bin/python
 model=$work/qwen2-0.5b
 [ -f "$model/model.safetensors" ] || "$py" scripts/bench/make_decoder.py 0.5b "$minilm" "$model" > /dev/null
 head -n 256 "$data/corpus.jsonl" > "$work/passages-256.jsonl"
-peak() {  # label, command...: prints peak RSS, its anonymous and file-backed parts, seconds
-  local label=$1; shift
-  local start=$SECONDS hwm=0 anon=0 file=0 a f h
-  "$@" 2> "$work/$label.log" > /dev/null &
-  local pid=$!
-  # VmHWM is the kernel's own high-water mark; the split is sampled every 0.1 s. RssFile is
-  # the mapped weights: page cache, shared with every process that maps the file.
-  while read -r h a f < <(awk '/^VmHWM/{h=$2} /^RssAnon/{a=$2} /^RssFile/{f=$2}
-      END{if (h) print h, a, f}' "/proc/$pid/status" 2>/dev/null) && [ -n "$h" ]; do
-    hwm=$h; (( a > anon )) && anon=$a; (( f > file )) && file=$f
-    sleep 0.1
-  done
-  wait "$pid" || { echo "$label failed: see $work/$label.log" >&2; return 1; }
-  printf "| %s | %d MB | %d MB | %d MB | %d s |\n" "$label" $((hwm / 1024)) $((anon / 1024)) \
-    $((file / 1024)) $((SECONDS - start))
-}
+source "$root/scripts/bench/peak.sh"
 pair() {  # two encodes, one per half of the passages, at once: the peak of their summed PSS
   # (proportional set size: a page shared by both counts half to each), against their summed RSS.
   local start=$SECONDS pss=0 rss=0 total p s shard pids=()

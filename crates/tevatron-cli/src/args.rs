@@ -409,7 +409,8 @@ pub struct TrainArgs {
     pub save_total_limit: Option<usize>,
     /// When to validate: `steps` (every --eval_steps), `epoch` or `no`. Validation encodes
     /// --eval_query_path and --eval_corpus_path with the current weights, searches exactly and
-    /// logs nDCG@10, MRR@10 and Recall@100 against --eval_qrels_path.
+    /// logs nDCG@10, MRR@10 and Recall@100 against --eval_qrels_path; with
+    /// --eval_dataset_path it logs `eval_loss`.
     #[arg(long, value_enum, default_value = "no", alias = "evaluation_strategy")]
     pub eval_strategy: StrategyArg,
     /// Validate every this many steps (default: --logging_steps, as Hugging Face).
@@ -424,14 +425,20 @@ pub struct TrainArgs {
     /// Validation qrels (TREC).
     #[arg(long)]
     pub eval_qrels_path: Option<PathBuf>,
+    /// A training-format file (either form; ids resolved through --corpus_path) whose
+    /// contrastive loss is logged as `eval_loss` at each validation, in eval mode with each
+    /// query's group as drawn in the first epoch.
+    #[arg(long)]
+    pub eval_dataset_path: Option<PathBuf>,
     /// Texts per validation encoding batch.
     #[arg(long, default_value_t = 8)]
     pub per_device_eval_batch_size: usize,
-    /// The measure that picks the best checkpoint: ndcg@10, mrr@10 or recall@100 (with or
-    /// without Hugging Face's `eval_` prefix; default ndcg@10).
+    /// The measure that picks the best checkpoint: ndcg@10, mrr@10, recall@100 or loss (with or
+    /// without Hugging Face's `eval_` prefix; default ndcg@10, or loss when --eval_dataset_path
+    /// is the only validation data).
     #[arg(long)]
     pub metric_for_best_model: Option<String>,
-    /// Whether a higher --metric_for_best_model is better (default true).
+    /// Whether a higher --metric_for_best_model is better (default true, false for loss).
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
     pub greater_is_better: Option<bool>,
     /// Write the best checkpoint's weights as the final model (needs validation, and

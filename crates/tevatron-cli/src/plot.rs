@@ -208,6 +208,8 @@ struct Panel {
     from_zero: bool,
     /// Whether a moving mean is drawn over the points (a batch loss is noisy).
     smooth: bool,
+    /// Whether the validation loss (`eval_loss`) is drawn here too, on the same scale.
+    eval_loss: bool,
 }
 
 const PANELS: [Panel; 2] = [
@@ -217,6 +219,7 @@ const PANELS: [Panel; 2] = [
         value: |l| l.loss,
         from_zero: false,
         smooth: true,
+        eval_loss: true,
     },
     Panel {
         caption: "learning rate",
@@ -224,6 +227,7 @@ const PANELS: [Panel; 2] = [
         value: |l| l.learning_rate,
         from_zero: true,
         smooth: false,
+        eval_loss: false,
     },
 ];
 
@@ -249,10 +253,18 @@ where
     let heading =
         if title.is_empty() { "training".to_string() } else { format!("training: {title}") };
     let area = area.titled(&heading, ("sans-serif", 24)).map_err(fail)?;
+    // The validation loss shares the training loss's panel; the retrieval measures (all in
+    // [0, 1]) have their own.
+    let eval_loss = evals.iter().find(|(m, _)| m == "loss").map(|(_, p)| p.as_slice());
+    let evals: Vec<&(String, Vec<(f64, f64)>)> =
+        evals.iter().filter(|(m, _)| m != "loss").collect();
     let panels = if evals.is_empty() { 2 } else { 3 };
     let areas = area.split_evenly((1, panels));
     let steps = {
-        let eval_steps = evals.iter().flat_map(|(_, p)| p.iter().map(|p| p.0));
+        let eval_steps = evals
+            .iter()
+            .flat_map(|(_, p)| p.iter().map(|p| p.0))
+            .chain(eval_loss.unwrap_or_default().iter().map(|p| p.0));
         let last = log.iter().map(|l| l.step).chain(eval_steps).fold(0.0, f64::max);
         0.0..last.max(1.0) * 1.02
     };
@@ -303,7 +315,19 @@ where
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(70)
-            .build_cartesian_2d(steps.clone(), padded(log.iter().map(value), panel.from_zero))
+            .build_cartesian_2d(
+                steps.clone(),
+                padded(
+                    log.iter().map(value).chain(
+                        eval_loss
+                            .filter(|_| panel.eval_loss)
+                            .unwrap_or_default()
+                            .iter()
+                            .map(|p| p.1),
+                    ),
+                    panel.from_zero,
+                ),
+            )
             .map_err(fail)?;
         chart
             .configure_mesh()
@@ -325,6 +349,7 @@ where
             .draw_series(LineSeries::new(points.iter().copied(), raw.stroke_width(2)))
             .map_err(fail)?;
         chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, raw.filled()))).map_err(fail)?;
+        let mut legend = false;
         if let Some(line) = smoothed {
             chart
                 .draw_series(LineSeries::new(line, color.stroke_width(3)))
@@ -333,6 +358,23 @@ where
                 .legend(move |(x, y)| {
                     PathElement::new([(x, y), (x + 20, y)], color.stroke_width(3))
                 });
+            legend = true;
+        }
+        if let Some(points) = eval_loss.filter(|_| panel.eval_loss) {
+            let color = EVAL_COLORS[0];
+            chart
+                .draw_series(LineSeries::new(points.iter().copied(), color.stroke_width(2)))
+                .map_err(fail)?
+                .label("eval_loss")
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 20, y)], color.stroke_width(3))
+                });
+            chart
+                .draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                .map_err(fail)?;
+            legend = true;
+        }
+        if legend {
             chart
                 .configure_series_labels()
                 .position(SeriesLabelPosition::UpperRight)
@@ -428,6 +470,21 @@ mod tests {
         let files = plot_training(dir.path()).unwrap();
         let svg = std::fs::read_to_string(&files[1]).unwrap();
         assert!(svg.contains("validation") && svg.contains("ndcg@10"), "the third panel is drawn");
+    }
+
+    #[test]
+    fn the_validation_loss_is_drawn_beside_the_training_loss() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut history: Vec<_> = (1..=6)
+            .map(|s| serde_json::json!({"step": s, "loss": 1.0 / s as f64, "learning_rate": 2e-5}))
+            .collect();
+        history.push(serde_json::json!({"step": 3, "eval_loss": 7.5, "eval_runtime": 1.0}));
+        write_state(dir.path(), serde_json::Value::Array(history));
+        assert_eq!(read_evals(dir.path()), [("loss".to_string(), vec![(3.0, 7.5)])]);
+        let files = plot_training(dir.path()).unwrap();
+        let svg = std::fs::read_to_string(&files[1]).unwrap();
+        assert!(svg.contains("eval_loss"), "the loss panel names the validation loss");
+        assert!(!svg.contains("validation"), "no retrieval panel without retrieval measures");
     }
 
     #[test]

@@ -143,6 +143,16 @@ fn each_filter_removes_what_it_says() {
     assert_eq!(s["removed"]["judged"], 2, "{s}");
     assert_eq!(s["removed"]["rank_window"], 2, "q1's d2 and q2's rank 2: {s}");
     assert_eq!(s["positive_ranks"][0], serde_json::json!(["1", 2]), "{s}");
+    assert_eq!(s["queries_left_out_without_negatives"], 0, "{s}");
+    // Queries whose candidates are all removed (every score is at least 0) are left out of the
+    // output and counted.
+    let m = mine(d, TRAIN, &["--max_score", "-1"]);
+    assert!(m.is_empty(), "{m:?}");
+    let s: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.join("out/mined.jsonl.summary.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(s["queries_left_out_without_negatives"], 2, "{s}");
     let png = std::fs::read(d.join("out/mined.jsonl.positive_ranks.png")).unwrap();
     assert_eq!(&png[1..4], b"PNG");
     assert!(!d.join("out/mined.jsonl.tmp").exists());

@@ -38,7 +38,18 @@ fn write_eval_data(d: &Path) {
 }
 
 fn train(d: &Path, out: &str, extra: &[&str]) -> std::process::Output {
-    let model = repo().join("testdata/tiny/bert").to_string_lossy().into_owned();
+    train_model(d, out, "testdata/tiny/bert", &["--pooling", "mean"], extra)
+}
+
+/// [`train`] with another model and its pooling flags.
+fn train_model(
+    d: &Path,
+    out: &str,
+    model: &str,
+    pooling: &[&str],
+    extra: &[&str],
+) -> std::process::Output {
+    let model = repo().join(model).to_string_lossy().into_owned();
     let data = repo().join("testdata/train/tiny.jsonl").to_string_lossy().into_owned();
     let mut args = vec![
         "train",
@@ -50,8 +61,6 @@ fn train(d: &Path, out: &str, extra: &[&str]) -> std::process::Output {
         &data,
         "--dataset_cache_dir",
         "cache",
-        "--pooling",
-        "mean",
         "--per_device_train_batch_size",
         "4",
         "--train_group_size",
@@ -74,6 +83,7 @@ fn train(d: &Path, out: &str, extra: &[&str]) -> std::process::Output {
         "5",
         "--quiet",
     ];
+    args.extend_from_slice(pooling);
     args.extend_from_slice(extra);
     tevatron(d, &args)
 }
@@ -97,6 +107,11 @@ fn evaluations(
 
 /// `tevatron eval` of `model` through encode and search, with the flags validation uses.
 fn eval_with_commands(d: &Path, model: &Path) -> serde_json::Value {
+    eval_encoded_with(d, model, &[])
+}
+
+/// [`eval_with_commands`] with more encoding flags (a decoder's pooling, an adapter).
+fn eval_encoded_with(d: &Path, model: &Path, flags: &[&str]) -> serde_json::Value {
     let model = model.to_string_lossy();
     let enc = |input: &str, out: &str, extra: &[&str]| {
         let mut args = vec![
@@ -116,6 +131,7 @@ fn eval_with_commands(d: &Path, model: &Path) -> serde_json::Value {
             "--quiet",
         ];
         args.extend_from_slice(extra);
+        args.extend_from_slice(flags);
         ok(tevatron(d, &args));
     };
     enc("queries.jsonl", "q.safetensors", &["--encode_is_query"]);
@@ -250,6 +266,203 @@ fn a_resumed_run_keeps_the_best_metric_and_ends_as_an_uninterrupted_one() {
         e.into_iter().map(|(s, m)| (s, m["eval_ndcg@10"].clone())).collect()
     };
     assert_eq!(strip(evaluations(&resumed)), strip(evaluations(&whole)));
+}
+
+/// The measures logged at the last step equal `tevatron eval` of the final model (1e-6).
+fn last_evaluation_equals_tevatron_eval(d: &Path, out: &str, encode_flags: &[&str]) {
+    let st = state(&d.join(out));
+    let evals = evaluations(&st);
+    let (step, logged) = evals.last().unwrap();
+    assert_eq!(*step, 6, "{evals:?}");
+    let model = d.join(out);
+    let got = if encode_flags.contains(&"--lora_name_or_path") {
+        eval_encoded_with(d, &repo().join("testdata/tiny/mistral"), encode_flags)
+    } else {
+        eval_encoded_with(d, &model, encode_flags)
+    };
+    for (m, key) in
+        [("ndcg@10", "eval_ndcg@10"), ("mrr@10", "eval_mrr@10"), ("recall@100", "eval_recall@100")]
+    {
+        let (a, b) = (got[m].as_f64().unwrap(), logged[key].as_f64().unwrap());
+        assert!((a - b).abs() <= 1e-6, "{out} {m}: tevatron eval {a}, logged {b}");
+    }
+}
+
+#[test]
+fn validation_works_on_two_ranks_with_grad_cache_and_on_a_lora_decoder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    write_eval_data(d);
+    let every = ["--eval_strategy", "steps", "--eval_steps", "3", "--save_steps", "3"];
+    // Two ranks (rank 0 validates while the other waits at the next step), with GradCache.
+    let mut flags = every.to_vec();
+    flags.extend(["--nproc_per_node", "2", "--grad_cache", "--gc_q_chunk_size", "2"]);
+    flags.extend(["--gc_p_chunk_size", "3", "--per_device_train_batch_size", "2"]);
+    ok(train(d, "ranks", &flags));
+    last_evaluation_equals_tevatron_eval(d, "ranks", &["--pooling", "mean"]);
+    // LoRA on a decoder, last-token pooling: validation encodes through the live adapter,
+    // `tevatron encode` through the saved one merged.
+    let adapter = d.join("lora").to_string_lossy().into_owned();
+    let decoder = ["--pooling", "eos", "--append_eos_token", "--normalize"];
+    let mut flags = every.to_vec();
+    flags.extend(["--lora", "--lora_r", "4", "--temperature", "0.05"]);
+    ok(train_model(d, "lora", "testdata/tiny/mistral", &decoder, &flags));
+    let mut encode = decoder.to_vec();
+    encode.extend(["--lora_name_or_path", &adapter]);
+    last_evaluation_equals_tevatron_eval(d, "lora", &encode);
+}
+
+/// `--eval_dataset_path` logs the contrastive loss of a training-format file in eval mode: the
+/// same value as the loss computed from `tevatron encode`'s vectors of its queries and groups.
+#[test]
+fn eval_loss_equals_the_loss_of_the_encoded_groups_and_can_pick_the_best_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    // Rows with exactly two negatives: with group size 3 every group is the whole row, whatever
+    // the sampling order (the loss does not depend on the order of a batch's passages).
+    let train = std::fs::read_to_string(repo().join("testdata/train/tiny.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = train
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["negative_passages"].as_array().unwrap().len() == 2)
+        .collect();
+    assert!(rows.len() >= 5, "{} rows with two negatives", rows.len());
+    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    std::fs::write(d.join("eval.jsonl"), text).unwrap();
+    let flags = [
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "3",
+        "--save_steps",
+        "3",
+        "--eval_dataset_path",
+        "eval.jsonl",
+        "--load_best_model_at_end",
+        "--temperature",
+        "0.5",
+    ];
+    // No retrieval data: loss is the only measure, lower is better by default.
+    let model = repo().join("testdata/tiny/bert").to_string_lossy().into_owned();
+    let data = repo().join("testdata/train/tiny.jsonl").to_string_lossy().into_owned();
+    let mut args = vec![
+        "train",
+        "--output_dir",
+        "run",
+        "--model_name_or_path",
+        &model,
+        "--dataset_path",
+        &data,
+        "--dataset_cache_dir",
+        "cache",
+        "--pooling",
+        "mean",
+        "--per_device_train_batch_size",
+        "4",
+        "--train_group_size",
+        "3",
+        "--learning_rate",
+        "1e-3",
+        "--max_steps",
+        "6",
+        "--query_max_len",
+        "16",
+        "--passage_max_len",
+        "32",
+        "--per_device_eval_batch_size",
+        "2",
+        "--quiet",
+    ];
+    args.extend_from_slice(&flags);
+    ok(tevatron(d, &args));
+    let st = state(&d.join("run"));
+    let losses: Vec<(u64, f64)> = st["log_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| Some((e["step"].as_u64()?, e.get("eval_loss")?.as_f64()?)))
+        .collect();
+    assert_eq!(losses.iter().map(|l| l.0).collect::<Vec<_>>(), [3, 6], "{st}");
+    let best =
+        losses.iter().cloned().fold((0, f64::INFINITY), |a, x| if x.1 < a.1 { x } else { a });
+    assert_eq!(st["best_metric"].as_f64(), Some(best.1));
+    // The final model's vectors: queries, and each row's positive then negatives.
+    let (mut queries, mut passages) = (String::new(), String::new());
+    for (i, r) in rows.iter().enumerate() {
+        queries +=
+            &format!("{}\n", serde_json::json!({"query_id": format!("q{i}"), "query": r["query"]}));
+        let group = r["positive_passages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain(r["negative_passages"].as_array().unwrap());
+        for (k, p) in group.enumerate() {
+            passages += &format!(
+                "{}\n",
+                serde_json::json!({"docid": format!("q{i}-{k}"), "title": p["title"], "text": p["text"]})
+            );
+        }
+    }
+    std::fs::write(d.join("gq.jsonl"), queries).unwrap();
+    std::fs::write(d.join("gp.jsonl"), passages).unwrap();
+    let best_dir = d.join(format!("run/checkpoint-{}", best.0)).to_string_lossy().into_owned();
+    let enc = |input: &str, out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "encode",
+            "--model_name_or_path",
+            &best_dir,
+            "--dataset_path",
+            input,
+            "--encode_output_path",
+            out,
+            "--query_max_len",
+            "16",
+            "--passage_max_len",
+            "32",
+            "--per_device_eval_batch_size",
+            "2",
+            "--pooling",
+            "mean",
+            "--quiet",
+        ];
+        args.extend_from_slice(extra);
+        ok(tevatron(d, &args));
+        let v = tevatron_ir::vectors::Vectors::open(&d.join(out)).unwrap();
+        let mut buf = Vec::new();
+        v.rows().to_f32(v.dim(), 0, v.len(), &mut buf);
+        (v.dim(), buf)
+    };
+    let (dim, q) = enc("gq.jsonl", "gq.safetensors", &["--encode_is_query"]);
+    let (_, p) = enc("gp.jsonl", "gp.safetensors", &[]);
+    // Cross-entropy of (q p^T) / 0.5 in batches of 2 queries with their 6 passages, averaged
+    // over queries.
+    let (mut total, n) = (0.0f64, rows.len());
+    for b0 in (0..n).step_by(2) {
+        let b1 = (b0 + 2).min(n);
+        for i in b0..b1 {
+            let qi = &q[i * dim..(i + 1) * dim];
+            let scores: Vec<f64> = (b0 * 3..b1 * 3)
+                .map(|j| {
+                    let pj = &p[j * dim..(j + 1) * dim];
+                    qi.iter().zip(pj).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum::<f64>() / 0.5
+                })
+                .collect();
+            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = max + scores.iter().map(|s| (s - max).exp()).sum::<f64>().ln();
+            total += lse - scores[(i - b0) * 3];
+        }
+    }
+    let want = total / n as f64;
+    assert!(
+        (want - best.1).abs() <= 1e-5,
+        "eval_loss {} but the encoded groups give {want}",
+        best.1
+    );
+    // The final model is the best checkpoint's.
+    assert_eq!(
+        std::fs::read(d.join("run/model.safetensors")).unwrap(),
+        std::fs::read(d.join(format!("run/checkpoint-{}/model.safetensors", best.0))).unwrap()
+    );
 }
 
 #[test]

@@ -37,7 +37,7 @@ pub struct Hit {
 pub struct Ranking {
     /// Hits per query, in query order, best first.
     pub hits: Vec<Vec<Hit>>,
-    shard_ids: Vec<Ids>,
+    shard_ids: Vec<std::sync::Arc<Ids>>,
 }
 
 impl Ranking {
@@ -159,6 +159,47 @@ pub fn search_shard(
     depth: usize,
     batch_size: usize,
 ) -> Result<Vec<Vec<(f32, u32)>>> {
+    scan_shard(queries, dim, shard, depth, batch_size, true)
+}
+
+/// [`search_shard`] for a shard already passed by [`check_shard_finite`]: a caller that
+/// searches the same shard for many chunks of queries (mining) checks its vectors once, where
+/// each call of [`search_shard`] would read every vector again for NaN.
+pub fn search_checked_shard(
+    queries: &[f32],
+    dim: usize,
+    shard: &Vectors,
+    depth: usize,
+    batch_size: usize,
+) -> Result<Vec<Vec<(f32, u32)>>> {
+    scan_shard(queries, dim, shard, depth, batch_size, false)
+}
+
+/// Checks that every vector of a shard is finite; the error names the file and row.
+pub fn check_shard_finite(shard: &Vectors) -> Result<()> {
+    let (dim, n) = (shard.dim(), shard.len());
+    let blocks: Vec<usize> = (0..n).step_by(DOC_BLOCK).collect();
+    blocks.par_iter().try_for_each_init(Vec::new, |widened, &start| {
+        let end = (start + DOC_BLOCK).min(n);
+        let block: &[f32] = match shard.rows() {
+            Rows::F32(x) => &x[start * dim..end * dim],
+            rows => {
+                rows.to_f32(dim, start, end, widened);
+                widened
+            }
+        };
+        check_finite(block, dim, start, shard.path())
+    })
+}
+
+fn scan_shard(
+    queries: &[f32],
+    dim: usize,
+    shard: &Vectors,
+    depth: usize,
+    batch_size: usize,
+    check_passages: bool,
+) -> Result<Vec<Vec<(f32, u32)>>> {
     if shard.dim() != dim {
         let passages = shard.path().to_path_buf();
         return Err(Error::DimMismatch {
@@ -198,7 +239,7 @@ pub fn search_shard(
                             &widened
                         }
                     };
-                    if batch_index == 0 {
+                    if check_passages && batch_index == 0 {
                         check_finite(block, dim, start, shard.path())?;
                     }
                     // Queries in sub-blocks keep the score buffer at QUERY_BLOCK x DOC_BLOCK
@@ -341,7 +382,7 @@ pub fn merge_shards<S: std::borrow::Borrow<Vectors>>(
         let shard = shard?;
         let shard: &Vectors = shard.borrow();
         let found = search(shard)?;
-        ranking.shard_ids.push(shard.ids().clone());
+        ranking.shard_ids.push(shard.shared_ids());
         let Ranking { hits, shard_ids } = &mut ranking;
         let id = |h: &Hit| shard_ids[h.shard as usize].get(h.row as usize);
         for (acc, rows) in hits.iter_mut().zip(found) {
@@ -569,6 +610,18 @@ mod tests {
         let v = write(dir.path(), "c", &[1.0, f32::NAN], &["a".into()], 2, VecDType::F32);
         let e = search_shard(&[1.0, 1.0], 2, &v, 5, 1).unwrap_err().to_string();
         assert!(e.ends_with("row 0 holds a NaN or infinite value"), "{e}");
+        // The once-per-shard check finds it too (in a later row, in half precision); the
+        // search that trusts it does not look.
+        let mut rows = vec![0.5f32; 2 * (DOC_BLOCK + 3)];
+        rows[2 * (DOC_BLOCK + 1) + 1] = f32::INFINITY;
+        let ids: Vec<String> = (0..DOC_BLOCK + 3).map(|i| i.to_string()).collect();
+        let h = write(dir.path(), "h", &rows, &ids, 2, VecDType::F16);
+        let e = check_shard_finite(&h).unwrap_err().to_string();
+        assert!(
+            e.ends_with(&format!("row {} holds a NaN or infinite value", DOC_BLOCK + 1)),
+            "{e}"
+        );
+        assert!(search_checked_shard(&[1.0, 1.0], 2, &h, 5, 0).is_ok());
         let e = search_shard(&[1.0, 1.0, 1.0], 3, &v, 5, 1).unwrap_err().to_string();
         assert!(e.starts_with("query dimension 3 does not match passage dimension 2 of "), "{e}");
         assert!(e.ends_with(&dir.path().join("c").display().to_string()), "{e}");

@@ -259,7 +259,8 @@ pub struct Vectors {
     dtype: VecDType,
     rows: usize,
     dim: usize,
-    ids: Ids,
+    /// Shared, so a ranking names its hits without copying a shard's ids.
+    ids: std::sync::Arc<Ids>,
     metadata: BTreeMap<String, String>,
 }
 
@@ -309,6 +310,7 @@ impl Vectors {
             Storage::Owned(map[start..start + len].to_vec())
         };
         let metadata = meta.metadata().clone().unwrap_or_default().into_iter().collect();
+        let ids = std::sync::Arc::new(ids);
         Ok(Self { path: path.to_path_buf(), storage, dtype, rows, dim, ids, metadata })
     }
 
@@ -335,6 +337,11 @@ impl Vectors {
     /// Row ids in order.
     pub fn ids(&self) -> &Ids {
         &self.ids
+    }
+    /// The row ids as a shared handle: kept by a ranking (mining keeps one per chunk of queries)
+    /// at the cost of a reference count, where a copy would cost the whole id table.
+    pub fn shared_ids(&self) -> std::sync::Arc<Ids> {
+        std::sync::Arc::clone(&self.ids)
     }
     /// The `__metadata__` map.
     pub fn metadata(&self) -> &BTreeMap<String, String> {

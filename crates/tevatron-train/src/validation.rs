@@ -1,14 +1,22 @@
-//! Validation during training (Hugging Face's `--eval_strategy`): at each evaluation the
-//! current weights encode the validation queries and corpus in eval mode, exactly as
-//! `tevatron encode` would encode a checkpoint (the same text rules, chunks and batches), the
-//! corpus is searched exactly as `tevatron search` does (through an embeddings file and the
-//! same search), and the run is scored with `tevatron eval`'s code: nDCG@10, MRR@10 and
-//! Recall@100. So a logged `eval_ndcg@10` equals `tevatron eval` on the saved checkpoint's run.
+//! Validation during training (Hugging Face's `--eval_strategy`), of two kinds that may be
+//! combined:
+//!
+//! - retrieval: the current weights encode the validation queries and corpus in eval mode,
+//!   exactly as `tevatron encode` would encode a checkpoint (the same text rules, chunks and
+//!   batches), the corpus is searched exactly as `tevatron search` does (through an embeddings
+//!   file and the same search), and the run is scored with `tevatron eval`'s code: nDCG@10,
+//!   MRR@10 and Recall@100. So a logged `eval_ndcg@10` equals `tevatron eval` on the saved
+//!   checkpoint's run.
+//! - loss: the contrastive loss of a training-format file in eval mode (no dropout), each
+//!   query's group drawn as in the first epoch, in batches of `--per_device_eval_batch_size`
+//!   queries with in-batch negatives; the mean over queries is logged as `eval_loss`, as
+//!   Hugging Face's evaluation loop averages its batches' losses.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use candle_core::{Device, Tensor};
 use tevatron_ir::metrics::{evaluate, Measure};
 use tevatron_ir::records::{RecordKind, RecordStream, TextRecord};
 use tevatron_ir::search::search_shard;
@@ -17,24 +25,46 @@ use tevatron_ir::vectors::{VecDType, VectorWriter, Vectors};
 use tevatron_model::encoder::{BatchOptions, EMBED_CHUNK};
 use tevatron_model::{Encoder, TextOptions};
 
+use crate::data::TrainData;
 use crate::{Error, Result};
 
-/// The measures logged at each evaluation, as `eval_<name>`.
+/// The retrieval measures logged at each evaluation, as `eval_<name>`.
 pub const MEASURES: [&str; 3] = ["ndcg@10", "mrr@10", "recall@100"];
+
+/// The loss measure, logged as `eval_loss`.
+pub const LOSS: &str = "loss";
 
 /// Search depth: enough for every logged measure.
 const DEPTH: usize = 100;
 
-/// The validation data and settings of a run.
-pub struct Validation {
-    /// Evaluate every this many optimizer steps.
-    pub every: usize,
+/// Retrieval validation data: queries searched over a corpus and scored against qrels.
+pub struct RetrievalData {
     /// Validation queries, read as `tevatron encode --encode_is_query` reads them.
     pub queries: Vec<TextRecord>,
     /// Validation corpus, read as `tevatron encode` reads it.
     pub corpus: Vec<TextRecord>,
     /// Their judgements.
     pub qrels: Qrels,
+}
+
+/// Loss validation data: training-format rows whose contrastive loss is measured.
+pub struct LossData {
+    /// The rows, with the training run's group size and sampling seed.
+    pub data: TrainData,
+    /// The training temperature.
+    pub temperature: f64,
+    /// Queries per batch (`--per_device_eval_batch_size`), each with its group.
+    pub batch_queries: usize,
+}
+
+/// The validation data and settings of a run.
+pub struct Validation {
+    /// Evaluate every this many optimizer steps.
+    pub every: usize,
+    /// Retrieval measures (`--eval_query_path`, `--eval_corpus_path`, `--eval_qrels_path`).
+    pub retrieval: Option<RetrievalData>,
+    /// `eval_loss` (`--eval_dataset_path`).
+    pub loss: Option<LossData>,
     /// Query tokenization (`--query_max_len`, `--query_prefix`, ...).
     pub query_text: TextOptions,
     /// Passage tokenization.
@@ -43,7 +73,7 @@ pub struct Validation {
     pub query_batch: BatchOptions,
     /// Passage batches.
     pub passage_batch: BatchOptions,
-    /// The measure that picks the best checkpoint (one of [`MEASURES`]).
+    /// The measure that picks the best checkpoint (one of [`Validation::measures`]).
     pub metric: String,
     /// Whether a higher value of `metric` is better.
     pub greater_is_better: bool,
@@ -55,8 +85,8 @@ impl std::fmt::Debug for Validation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Validation")
             .field("every", &self.every)
-            .field("queries", &self.queries.len())
-            .field("corpus", &self.corpus.len())
+            .field("retrieval", &self.retrieval.as_ref().map(|r| (r.queries.len(), r.corpus.len())))
+            .field("loss", &self.loss.as_ref().map(|l| l.data.len()))
             .field("metric", &self.metric)
             .field("greater_is_better", &self.greater_is_better)
             .field("load_best_model_at_end", &self.load_best_model_at_end)
@@ -84,25 +114,55 @@ impl Validation {
         }
     }
 
-    /// Encodes, searches and scores with the encoder's current weights; returns
-    /// `eval_<measure>` values and `eval_runtime`. `scratch` is a folder for the temporary
-    /// embeddings file.
+    /// The measures this validation logs (without `eval_`): the retrieval ones when it has
+    /// retrieval data, `loss` when it has loss data.
+    pub fn measures(&self) -> Vec<&'static str> {
+        let mut m = Vec::new();
+        if self.retrieval.is_some() {
+            m.extend(MEASURES);
+        }
+        if self.loss.is_some() {
+            m.push(LOSS);
+        }
+        m
+    }
+
+    /// Measures the encoder's current weights; returns `eval_<measure>` values and
+    /// `eval_runtime`. `scratch` is a folder for the temporary embeddings file.
     pub fn evaluate(&self, encoder: &Encoder, scratch: &Path) -> Result<BTreeMap<String, f64>> {
         let start = Instant::now();
-        let q = embed(encoder, &self.queries, &self.query_text, &self.query_batch)?;
-        let p = embed(encoder, &self.corpus, &self.passage_text, &self.passage_batch)?;
+        let mut out = BTreeMap::new();
+        if let Some(r) = &self.retrieval {
+            out.extend(self.retrieval_measures(r, encoder, scratch)?);
+        }
+        if let Some(l) = &self.loss {
+            out.insert("eval_loss".into(), self.loss_of(l, encoder)?);
+        }
+        out.insert("eval_runtime".into(), start.elapsed().as_secs_f64());
+        Ok(out)
+    }
+
+    /// Encodes, searches and scores as `encode`, `search` and `eval` would.
+    fn retrieval_measures(
+        &self,
+        r: &RetrievalData,
+        encoder: &Encoder,
+        scratch: &Path,
+    ) -> Result<BTreeMap<String, f64>> {
+        let q = embed(encoder, &r.queries, &self.query_text, &self.query_batch)?;
+        let p = embed(encoder, &r.corpus, &self.passage_text, &self.passage_batch)?;
         let dim = encoder.hidden_size();
         let file = scratch.join(".eval-corpus.tmp.safetensors");
         let written = (|| -> Result<String> {
             let mut w = VectorWriter::create(&file, dim, VecDType::F32, BTreeMap::new())?;
-            let ids: Vec<&str> = self.corpus.iter().map(|r| r.id.as_str()).collect();
+            let ids: Vec<&str> = r.corpus.iter().map(|r| r.id.as_str()).collect();
             w.push(&p, &ids)?;
             w.finish()?;
             let shard = Vectors::open(&file)?;
             let hits = search_shard(&q, dim, &shard, DEPTH, 0)?;
             // The run as `tevatron search --save_text` writes it, scores formatted alike.
             let mut run = String::new();
-            for (query, hits) in self.queries.iter().zip(&hits) {
+            for (query, hits) in r.queries.iter().zip(&hits) {
                 for (score, row) in hits {
                     run +=
                         &format!("{}\t{}\t{score:?}\n", query.id, shard.ids().get(*row as usize));
@@ -114,15 +174,33 @@ impl Validation {
         let run = Run::parse_str(&written?, PathBuf::from("(validation run)"))?;
         let measures: Vec<Measure> =
             MEASURES.iter().map(|m| Measure::parse(m)).collect::<std::result::Result<_, _>>()?;
-        let result = evaluate(&run, &self.qrels, &measures, false);
-        let mut out: BTreeMap<String, f64> = result
-            .names
-            .iter()
-            .zip(&result.means)
-            .map(|(n, v)| (format!("eval_{n}"), *v))
-            .collect();
-        out.insert("eval_runtime".into(), start.elapsed().as_secs_f64());
-        Ok(out)
+        let result = evaluate(&run, &r.qrels, &measures, false);
+        Ok(result.names.iter().zip(&result.means).map(|(n, v)| (format!("eval_{n}"), *v)).collect())
+    }
+
+    /// The mean contrastive loss over the loss data's queries, in eval mode.
+    fn loss_of(&self, l: &LossData, encoder: &Encoder) -> Result<f64> {
+        let queries = encoder.tokenizer().prepare(&self.query_text)?;
+        let passages = encoder.tokenizer().prepare(&self.passage_text)?;
+        let dim = encoder.hidden_size();
+        let items: Vec<usize> = (0..l.data.len()).collect();
+        let (mut total, mut count) = (0.0f64, 0usize);
+        for batch in items.chunks(l.batch_queries.max(1)) {
+            let (mut qt, mut pt) = (Vec::new(), Vec::new());
+            for &item in batch {
+                let g = l.data.group(item, 0)?;
+                qt.push(g.query);
+                pt.extend(g.passages);
+            }
+            let q = encoder.embed_sequences(&queries.tokenize(&qt)?, &self.query_batch)?;
+            let p = encoder.embed_sequences(&passages.tokenize(&pt)?, &self.passage_batch)?;
+            let q = Tensor::from_vec(q, (qt.len(), dim), &Device::Cpu)?;
+            let p = Tensor::from_vec(p, (pt.len(), dim), &Device::Cpu)?;
+            let loss = crate::loss::contrastive(&q, &p, l.temperature)?.to_scalar::<f32>()?;
+            total += f64::from(loss) * batch.len() as f64;
+            count += batch.len();
+        }
+        Ok(total / count.max(1) as f64)
     }
 }
 

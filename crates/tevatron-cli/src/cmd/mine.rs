@@ -18,7 +18,7 @@ use tevatron_ir::mining::{
 };
 use tevatron_ir::records::{RecordKind, RecordStream};
 use tevatron_ir::rows::RowStore;
-use tevatron_ir::search::{check_dims, merge_shards, search_shard};
+use tevatron_ir::search::{check_dims, check_shard_finite, merge_shards, search_checked_shard};
 use tevatron_ir::trec::Qrels;
 use tevatron_ir::vectors::{expand_glob, Vectors};
 use tevatron_train::data::Corpus;
@@ -402,6 +402,9 @@ struct Summary {
     num_negatives: usize,
     negatives_written: usize,
     queries_short_of_negatives: usize,
+    /// Rows with no negative at all are left out of the output: Tevatron's `train` fails on
+    /// such a row (it draws from an empty list), and so does ours with a group above 1.
+    queries_left_out_without_negatives: usize,
     removed: FilterCounts,
     positive_ranks: Vec<(String, usize)>,
 }
@@ -437,6 +440,7 @@ pub fn run(a: &MineArgs) -> Result<()> {
         .collect::<Result<Vec<_>, _>>()?;
     for s in &shards {
         check_dims(&qv, s)?;
+        check_shard_finite(s)?;
     }
     if shards.iter().all(Vectors::is_empty) {
         bail!(
@@ -496,7 +500,7 @@ pub fn run(a: &MineArgs) -> Result<()> {
     let buckets = rank_buckets(a.depth);
     let mut histogram = vec![0usize; buckets.len()];
     let mut removed = FilterCounts::default();
-    let (mut short, mut written) = (0, 0);
+    let (mut short, mut written, mut left_out) = (0, 0, 0);
     let mut out = AtomicFile::create(&a.output_path)?;
     let bar = progress::bar(Some(queries.len() as u64), "queries", a.quiet);
     for chunk in queries.chunks(a.batch_size) {
@@ -507,7 +511,7 @@ pub fn run(a: &MineArgs) -> Result<()> {
             qbuf.extend_from_slice(&buf);
         }
         let ranking = merge_shards(chunk.len(), shards.iter().map(Ok), a.depth, |s| {
-            search_shard(&qbuf, dim, s, a.depth, 0)
+            search_checked_shard(&qbuf, dim, s, a.depth, 0)
         })?;
         for (i, q) in chunk.iter().enumerate() {
             let qvec = &qbuf[i * dim..(i + 1) * dim];
@@ -567,6 +571,10 @@ pub fn run(a: &MineArgs) -> Result<()> {
             if negatives.len() < opts.num_negatives {
                 short += 1;
             }
+            if negatives.is_empty() {
+                left_out += 1;
+                continue;
+            }
             written += negatives.len();
             let row = json!({
                 "query_id": q.id,
@@ -585,6 +593,7 @@ pub fn run(a: &MineArgs) -> Result<()> {
         num_negatives: opts.num_negatives,
         negatives_written: written,
         queries_short_of_negatives: short,
+        queries_left_out_without_negatives: left_out,
         removed,
         positive_ranks: buckets.iter().map(|b| b.0.clone()).zip(histogram).collect(),
     };
@@ -598,10 +607,15 @@ pub fn run(a: &MineArgs) -> Result<()> {
     crate::plot::plot_rank_histogram(&picture, &summary.positive_ranks, a.depth)?;
     tracing::info!(
         "wrote {} queries with {written} negatives to {}; {short} have fewer than {}",
-        summary.queries,
+        summary.queries - left_out,
         a.output_path.display(),
         opts.num_negatives
     );
+    if left_out > 0 {
+        tracing::warn!(
+            "left out {left_out} queries whose candidates the filters removed entirely (a row without negatives fails training with --train_group_size above 1); a larger --depth or looser filters keep them"
+        );
+    }
     tracing::info!(
         "removed by filter: {}",
         serde_json::to_string(&summary.removed).unwrap_or_default()

@@ -20,7 +20,7 @@ use tevatron_train::optim::AdamWConfig;
 use tevatron_train::schedule::ScheduleKind;
 use tevatron_train::step::StepOptions;
 use tevatron_train::trainer::{prepare_output_dir, train, Plan, TrainConfig};
-use tevatron_train::validation::{read_records, Validation};
+use tevatron_train::validation::{read_records, LossData, RetrievalData, Validation, LOSS};
 
 use crate::args::{StrategyArg, TrainArgs};
 use crate::{dataset, launch, progress};
@@ -70,18 +70,20 @@ fn check(a: &TrainArgs) -> Result<()> {
     if let Some(b) = a.ddp_backend.as_deref().filter(|b| !["nccl", "gloo"].contains(b)) {
         bail!("--ddp_backend {b:?}: supported are nccl (GPU ranks) and gloo (TCP, any device)");
     }
-    let eval_data = [&a.eval_query_path, &a.eval_corpus_path, &a.eval_qrels_path];
+    let retrieval_data = [&a.eval_query_path, &a.eval_corpus_path, &a.eval_qrels_path];
+    let any_data = retrieval_data.iter().any(|p| p.is_some()) || a.eval_dataset_path.is_some();
     if a.eval_strategy == StrategyArg::No {
-        if eval_data.iter().any(|p| p.is_some()) {
-            bail!("--eval_query_path, --eval_corpus_path and --eval_qrels_path need --eval_strategy steps or epoch");
+        if any_data {
+            bail!("--eval_query_path, --eval_corpus_path, --eval_qrels_path and --eval_dataset_path need --eval_strategy steps or epoch");
         }
         if a.load_best_model_at_end {
             bail!("--load_best_model_at_end needs validation: --eval_strategy steps or epoch with the eval data");
         }
     } else {
-        if eval_data.iter().any(|p| p.is_none()) {
+        let some = retrieval_data.iter().filter(|p| p.is_some()).count();
+        if some != 3 && !(some == 0 && a.eval_dataset_path.is_some()) {
             bail!(
-                "--eval_strategy {} needs --eval_query_path, --eval_corpus_path and --eval_qrels_path",
+                "--eval_strategy {} needs --eval_query_path, --eval_corpus_path and --eval_qrels_path (retrieval measures), --eval_dataset_path (eval_loss), or both",
                 format!("{:?}", a.eval_strategy).to_lowercase()
             );
         }
@@ -106,27 +108,53 @@ fn check(a: &TrainArgs) -> Result<()> {
 
 /// Validation during training from the `--eval_*` flags: the data read up front (a bad file
 /// stops the run before any step), batches and texts as `tevatron encode` would use them.
+/// `corpus` is the training corpus, through which an ids-form --eval_dataset_path resolves.
 fn validation(
     a: &TrainArgs,
     encoder: &tevatron_model::Encoder,
     padding_side: PaddingSide,
+    corpus: Option<&[PathBuf]>,
+    cache: &Path,
 ) -> Result<Option<Validation>> {
-    let (Some(queries), Some(corpus), Some(qrels)) =
-        (&a.eval_query_path, &a.eval_corpus_path, &a.eval_qrels_path)
-    else {
-        return Ok(None);
-    };
     if a.eval_strategy == StrategyArg::No {
         return Ok(None);
     }
-    let metric = a.metric_for_best_model.as_deref().unwrap_or("ndcg@10");
-    let metric = metric.strip_prefix("eval_").unwrap_or(metric).to_string();
-    if !tevatron_train::validation::MEASURES.contains(&metric.as_str()) {
-        bail!(
-            "--metric_for_best_model {metric:?}: validation here measures {} (no eval loss)",
-            tevatron_train::validation::MEASURES.join(", ")
-        );
+    let retrieval = match (&a.eval_query_path, &a.eval_corpus_path, &a.eval_qrels_path) {
+        (Some(queries), Some(corpus), Some(qrels)) => Some(RetrievalData {
+            queries: read_records(queries, RecordKind::Query)?,
+            corpus: read_records(corpus, RecordKind::Doc)?,
+            qrels: Qrels::read(qrels).context("reading --eval_qrels_path")?,
+        }),
+        _ => None,
+    };
+    let loss = match &a.eval_dataset_path {
+        None => None,
+        Some(path) => {
+            let corpus = corpus.map(|files| Corpus::open(files, cache)).transpose()?;
+            let data = TrainData::open(
+                std::slice::from_ref(path),
+                corpus,
+                cache,
+                a.train_group_size,
+                a.seed,
+            )
+            .with_context(|| format!("reading --eval_dataset_path {}", path.display()))?;
+            if data.is_empty() {
+                bail!("--eval_dataset_path {}: no rows", path.display());
+            }
+            Some(LossData {
+                data,
+                temperature: a.temperature,
+                batch_queries: a.per_device_eval_batch_size,
+            })
+        }
+    };
+    if retrieval.is_none() && loss.is_none() {
+        return Ok(None);
     }
+    let default_metric = if retrieval.is_some() { "ndcg@10" } else { LOSS };
+    let metric = a.metric_for_best_model.as_deref().unwrap_or(default_metric);
+    let metric = metric.strip_prefix("eval_").unwrap_or(metric).to_string();
     let text = |max_len, prefix: &str| TextOptions {
         max_len,
         prefix: prefix.to_string(),
@@ -144,24 +172,35 @@ fn validation(
     };
     let v = Validation {
         every: 0,
-        queries: read_records(queries, RecordKind::Query)?,
-        corpus: read_records(corpus, RecordKind::Doc)?,
-        qrels: Qrels::read(qrels).context("reading --eval_qrels_path")?,
+        retrieval,
+        loss,
         query_text: text(a.query_max_len, &a.query_prefix),
         passage_text: text(a.passage_max_len, &a.passage_prefix),
         query_batch: batch(a.query_max_len),
         passage_batch: batch(a.passage_max_len),
+        greater_is_better: a.greater_is_better.unwrap_or(metric != LOSS),
         metric,
-        greater_is_better: a.greater_is_better.unwrap_or(true),
         load_best_model_at_end: a.load_best_model_at_end,
     };
-    tracing::info!(
-        "validating on {} queries over {} passages ({}), {} for the best model",
-        v.queries.len(),
-        v.corpus.len(),
-        corpus.display(),
-        v.metric
-    );
+    if !v.measures().contains(&v.metric.as_str()) {
+        bail!(
+            "--metric_for_best_model {:?}: validation here measures {}",
+            v.metric,
+            v.measures().join(", ")
+        );
+    }
+    if let Some(r) = &v.retrieval {
+        tracing::info!(
+            "validating on {} queries over {} passages ({})",
+            r.queries.len(),
+            r.corpus.len(),
+            a.eval_corpus_path.as_deref().unwrap_or(Path::new("")).display(),
+        );
+    }
+    if let Some(l) = &v.loss {
+        tracing::info!("validation loss on {} training-format rows", l.data.len());
+    }
+    tracing::info!("{} picks the best model", v.metric);
     Ok(Some(v))
 }
 
@@ -303,10 +342,10 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     )
     .context("resolving the training data")?;
     let cache = index_cache(a.dataset_cache_dir.as_deref());
-    let corpus = match (&a.corpus_name, &a.corpus_path) {
+    let corpus_files = match (&a.corpus_name, &a.corpus_path) {
         (None, None) => None,
-        (name, path) => {
-            let corpus_files = dataset::resolve(
+        (name, path) => Some(
+            dataset::resolve(
                 dataset::Flags::Corpus,
                 name.as_deref().unwrap_or("json"),
                 path.as_deref(),
@@ -314,13 +353,18 @@ pub fn run(a: &TrainArgs) -> Result<()> {
                 &a.corpus_split,
                 a.dataset_cache_dir.as_deref(),
             )
-            .context("resolving the corpus")?;
+            .context("resolving the corpus")?,
+        ),
+    };
+    let corpus = match &corpus_files {
+        None => None,
+        Some(files) => {
             tracing::info!(
                 "indexing the corpus ({} file(s)) under {}",
-                corpus_files.len(),
+                files.len(),
                 cache.display()
             );
-            Some(Corpus::open(&corpus_files, &cache)?)
+            Some(Corpus::open(files, &cache)?)
         }
     };
     tracing::info!("indexing {} training file(s) under {}", files.len(), cache.display());
@@ -416,7 +460,8 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             None
         },
         args: args_json(a),
-        validation: validation(a, &encoder, padding_side)?.map(std::sync::Arc::new),
+        validation: validation(a, &encoder, padding_side, corpus_files.as_deref(), &cache)?
+            .map(std::sync::Arc::new),
     };
     // Epoch strategies become step intervals of one epoch's updates.
     let plan = Plan::new(data.len(), group.world_size(), &cfg)?;
