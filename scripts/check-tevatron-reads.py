@@ -34,12 +34,16 @@ def main():
             sys.exit(f"{where}: no query_text or no positive")
         if group > 1 and not negatives:
             sys.exit(f"{where}: no negatives; Tevatron's random.choices fails on the empty list")
+        for docid in positives + negatives:  # every id, as Tevatron may draw any of them
+            if docid not in index:
+                sys.exit(f"{where}: document {docid!r} is not in {corpus_path}")
+        # One group as Tevatron draws it: its texts read through the index.
         chosen = [positives[item % len(positives)]]
         if group > 1:
             chosen += random.Random(item).choices(negatives, k=group - 1)
-        for docid in chosen:
-            if docid not in index or corpus[index[docid]]["docid"] != docid:
-                sys.exit(f"{where}: document {docid!r} is not in {corpus_path}")
+        texts = [corpus[index[docid]].get("text", "") for docid in chosen]
+        if len(texts) != group:
+            sys.exit(f"{where}: a group of {len(texts)}, not {group}")
         negatives_read += len(negatives)
     print(
         f"Tevatron's TrainDataset reads {train_path}: {len(train)} rows, {negatives_read} "

@@ -430,7 +430,8 @@ pub struct TrainArgs {
     /// query's group as drawn in the first epoch.
     #[arg(long)]
     pub eval_dataset_path: Option<PathBuf>,
-    /// Texts per validation encoding batch.
+    /// Texts per validation encoding batch; for `eval_loss`, also the queries per loss batch
+    /// (each with its group), which sets how many in-batch negatives the loss sees.
     #[arg(long, default_value_t = 8)]
     pub per_device_eval_batch_size: usize,
     /// The measure that picks the best checkpoint: ndcg@10, mrr@10, recall@100 or loss (with or

@@ -153,6 +153,7 @@ fn each_filter_removes_what_it_says() {
     )
     .unwrap();
     assert_eq!(s["queries_left_out_without_negatives"], 2, "{s}");
+    assert_eq!(s["queries_short_of_negatives"], 0, "only written rows count as short: {s}");
     let png = std::fs::read(d.join("out/mined.jsonl.positive_ranks.png")).unwrap();
     assert_eq!(&png[1..4], b"PNG");
     assert!(!d.join("out/mined.jsonl.tmp").exists());

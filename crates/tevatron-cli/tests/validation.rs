@@ -310,6 +310,17 @@ fn validation_works_on_two_ranks_with_grad_cache_and_on_a_lora_decoder() {
     let mut encode = decoder.to_vec();
     encode.extend(["--lora_name_or_path", &adapter]);
     last_evaluation_equals_tevatron_eval(d, "lora", &encode);
+    // The adapter moved the measures: validation ignoring it would not match.
+    let base = eval_encoded_with(d, &repo().join("testdata/tiny/mistral"), &decoder);
+    let logged = evaluations(&state(&d.join("lora"))).pop().unwrap().1;
+    assert!(
+        ["ndcg@10", "mrr@10"]
+            .iter()
+            .any(|m| (base[m].as_f64().unwrap() - logged[&format!("eval_{m}")].as_f64().unwrap())
+                .abs()
+                > 1e-6),
+        "the base model scores as the adapter does: {base} vs {logged:?}"
+    );
 }
 
 /// `--eval_dataset_path` logs the contrastive loss of a training-format file in eval mode: the
@@ -370,7 +381,7 @@ fn eval_loss_equals_the_loss_of_the_encoded_groups_and_can_pick_the_best_model()
         "--passage_max_len",
         "32",
         "--per_device_eval_batch_size",
-        "2",
+        "3",
         "--quiet",
     ];
     args.extend_from_slice(&flags);
@@ -434,11 +445,12 @@ fn eval_loss_equals_the_loss_of_the_encoded_groups_and_can_pick_the_best_model()
     };
     let (dim, q) = enc("gq.jsonl", "gq.safetensors", &["--encode_is_query"]);
     let (_, p) = enc("gp.jsonl", "gp.safetensors", &[]);
-    // Cross-entropy of (q p^T) / 0.5 in batches of 2 queries with their 6 passages, averaged
-    // over queries.
+    // Cross-entropy of (q p^T) / 0.5 in batches of 3 queries with their 9 passages (the last
+    // batch smaller, so that a mean of batch means would differ), averaged over queries.
     let (mut total, n) = (0.0f64, rows.len());
-    for b0 in (0..n).step_by(2) {
-        let b1 = (b0 + 2).min(n);
+    assert_ne!(n % 3, 0, "{n} rows make equal batches of 3");
+    for b0 in (0..n).step_by(3) {
+        let b1 = (b0 + 3).min(n);
         for i in b0..b1 {
             let qi = &q[i * dim..(i + 1) * dim];
             let scores: Vec<f64> = (b0 * 3..b1 * 3)

@@ -51,6 +51,7 @@ mod kernel_emulation_missing {
 }
 pub mod lora;
 pub mod mapped;
+pub mod merge;
 pub mod pooling;
 pub mod rng;
 pub mod testing;

@@ -434,36 +434,6 @@ impl LoraPlan {
     }
 }
 
-/// `tevatron merge-lora`: writes a Hugging Face folder `out` holding the base model of
-/// `base_dir` with the adapter of `adapter_dir` folded in (`config.json`, tokenizer files and
-/// one `model.safetensors` with the base checkpoint's tensor names and dtypes), which
-/// transformers and `tevatron encode` load without PEFT. Written in `out.tmp` and renamed.
-pub fn write_merged(base_dir: &Path, adapter_dir: &Path, out: &Path) -> Result<()> {
-    let config = crate::config::ModelConfig::read(&base_dir.join("config.json"))?;
-    let adapter = Adapter::load(adapter_dir, &Device::Cpu)?;
-    let mut tensors = crate::weights::load(base_dir, &[], &Device::Cpu)?;
-    merge_into(&mut tensors, &adapter, config.weight_prefixes())?;
-    let mut tmp = out.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| Error::Write { path, source }
-    };
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    std::fs::copy(base_dir.join("config.json"), tmp.join("config.json"))
-        .map_err(io(&tmp.join("config.json")))?;
-    crate::encoder::copy_tokenizer_files(base_dir, &tmp)?;
-    crate::weights::save(&tmp.join("model.safetensors"), tensors.into_iter().collect())?;
-    if out.exists() {
-        std::fs::remove_dir_all(out).map_err(io(out))?;
-    }
-    std::fs::rename(&tmp, out).map_err(io(out))
-}
-
 /// FNV-1a of a module name: the stable key of its adapter's initial weights. (Not the project's
 /// `FxHasher`: switching would change every fresh adapter's initial weights.)
 fn fnv1a(s: &str) -> u64 {

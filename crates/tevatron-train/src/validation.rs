@@ -107,11 +107,7 @@ pub fn read_records(path: &Path, kind: RecordKind) -> Result<Vec<TextRecord>> {
 impl Validation {
     /// Whether `value` beats `best` under `greater_is_better`.
     pub fn improves(&self, value: f64, best: Option<f64>) -> bool {
-        match best {
-            None => true,
-            Some(b) if self.greater_is_better => value > b,
-            Some(b) => value < b,
-        }
+        improves(value, best, self.greater_is_better)
     }
 
     /// The measures this validation logs (without `eval_`): the retrieval ones when it has
@@ -204,6 +200,20 @@ impl Validation {
     }
 }
 
+/// Hugging Face's rule for a new best metric: better than the best so far (any finite value
+/// when there is none); a value that is not a number never becomes the best (Hugging Face
+/// starts from -inf or +inf and compares with greater or less).
+fn improves(value: f64, best: Option<f64>, greater_is_better: bool) -> bool {
+    if !value.is_finite() {
+        return false;
+    }
+    match best {
+        None => true,
+        Some(b) if greater_is_better => value > b,
+        Some(b) => value < b,
+    }
+}
+
 /// Embeds records in chunks of [`EMBED_CHUNK`], as `tevatron encode` does, so the batches and
 /// thus the vectors are the same.
 fn embed(
@@ -220,4 +230,19 @@ fn embed(
         out.extend(encoder.embed_sequences(&seqs, batch)?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::improves;
+
+    #[test]
+    fn a_nan_never_becomes_the_best_and_ties_do_not_improve() {
+        assert!(improves(0.5, None, true));
+        assert!(!improves(f64::NAN, None, true));
+        assert!(!improves(f64::NAN, Some(0.5), false));
+        assert!(!improves(f64::INFINITY, Some(0.5), true));
+        assert!(improves(0.6, Some(0.5), true) && !improves(0.5, Some(0.5), true));
+        assert!(improves(0.4, Some(0.5), false) && !improves(0.6, Some(0.5), false));
+    }
 }

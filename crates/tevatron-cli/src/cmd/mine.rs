@@ -568,12 +568,12 @@ pub fn run(a: &MineArgs) -> Result<()> {
                     }
                 }
             }
-            if negatives.len() < opts.num_negatives {
-                short += 1;
-            }
             if negatives.is_empty() {
                 left_out += 1;
                 continue;
+            }
+            if negatives.len() < opts.num_negatives {
+                short += 1;
             }
             written += negatives.len();
             let row = json!({

@@ -31,7 +31,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let cache = a.cache_dir.as_deref();
             let base = tevatron_model::hub::resolve_model(&a.model_name_or_path, cache)?;
             let adapter = tevatron_model::hub::resolve_adapter(&a.lora_name_or_path, cache)?;
-            tevatron_model::lora::write_merged(&base, &adapter, &a.output_dir).with_context(
+            tevatron_model::merge::write_merged(&base, &adapter, &a.output_dir).with_context(
                 || format!("merging {} into {}", adapter.display(), base.display()),
             )?;
             tracing::info!("merged model written to {}", a.output_dir.display());
