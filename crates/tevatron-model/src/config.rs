@@ -1,44 +1,32 @@
-//! `config.json` → [`ModelConfig`], dispatched on `model_type` through one serde enum (the
-//! text-embeddings-inference pattern). Knows nothing of weights.
+//! `config.json` → [`ModelConfig`]: the `model_type` is looked up in the backbone registry
+//! ([`crate::backbone::REGISTRY`]), whose entry parses the rest into that backbone's
+//! [`Architecture`]. Knows nothing of weights or of any particular backbone.
 
 use std::path::Path;
 
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use crate::backbone::{bert, distilbert, llama};
+use crate::backbone::layers::Linears;
+use crate::backbone::{Architecture, Backbone, REGISTRY};
 use crate::{Error, Result};
 
-/// The model families this build implements, as `config.json` names them.
-pub const SUPPORTED: &str = "bert, roberta, xlm-roberta, distilbert, llama, mistral, qwen2, qwen3";
+/// The `model_type`s this build implements, as a list for messages.
+pub fn supported() -> String {
+    REGISTRY.iter().map(|r| r.model_type).collect::<Vec<_>>().join(", ")
+}
 
 /// A parsed `config.json`.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(tag = "model_type")]
-pub enum ModelConfig {
-    /// BERT and its relatives that share its weight layout.
-    #[serde(rename = "bert")]
-    Bert(bert::Config),
-    /// RoBERTa: BERT layout, positions offset past the padding index.
-    #[serde(rename = "roberta")]
-    Roberta(bert::Config),
-    /// XLM-RoBERTa: the RoBERTa layout with a larger vocabulary.
-    #[serde(rename = "xlm-roberta")]
-    XlmRoberta(bert::Config),
-    /// DistilBERT.
-    #[serde(rename = "distilbert")]
-    DistilBert(distilbert::Config),
-    /// Llama 2 and 3.
-    #[serde(rename = "llama")]
-    Llama(llama::Config),
-    /// Mistral.
-    #[serde(rename = "mistral")]
-    Mistral(llama::Config),
-    /// Qwen2 (and Qwen2.5).
-    #[serde(rename = "qwen2")]
-    Qwen2(llama::Config),
-    /// Qwen3 (Qwen3-Embedding among others).
-    #[serde(rename = "qwen3")]
-    Qwen3(llama::Config),
+#[derive(Debug)]
+pub struct ModelConfig {
+    model_type: &'static str,
+    arch: Box<dyn Architecture>,
+}
+
+impl Clone for ModelConfig {
+    fn clone(&self) -> Self {
+        Self { model_type: self.model_type, arch: self.arch.clone_box() }
+    }
 }
 
 #[derive(Deserialize)]
@@ -54,74 +42,41 @@ impl ModelConfig {
         let ty: TypeOnly = serde_json::from_str(&text)
             .map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
         let model_type = ty.model_type.unwrap_or_default();
-        if !SUPPORTED.split(", ").any(|t| t == model_type) {
+        let Some(entry) = REGISTRY.iter().find(|r| r.model_type == model_type) else {
             return Err(Error::UnsupportedModel {
                 path: path.to_path_buf(),
                 model_type,
-                supported: SUPPORTED,
+                supported: supported(),
             });
-        }
-        serde_json::from_str(&text)
-            .map_err(|source| Error::Json { path: path.to_path_buf(), source })
+        };
+        let arch = (entry.parse)(&text)
+            .map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
+        Ok(Self { model_type: entry.model_type, arch })
     }
 
     /// The `model_type` string.
     pub fn model_type(&self) -> &'static str {
-        match self {
-            ModelConfig::Bert(_) => "bert",
-            ModelConfig::Roberta(_) => "roberta",
-            ModelConfig::XlmRoberta(_) => "xlm-roberta",
-            ModelConfig::DistilBert(_) => "distilbert",
-            ModelConfig::Llama(_) => "llama",
-            ModelConfig::Mistral(_) => "mistral",
-            ModelConfig::Qwen2(_) => "qwen2",
-            ModelConfig::Qwen3(_) => "qwen3",
-        }
+        self.model_type
     }
 
     /// Width of the hidden states.
     pub fn hidden_size(&self) -> usize {
-        match self {
-            ModelConfig::Bert(c) | ModelConfig::Roberta(c) | ModelConfig::XlmRoberta(c) => {
-                c.hidden_size
-            }
-            ModelConfig::DistilBert(c) => c.dim,
-            ModelConfig::Llama(c)
-            | ModelConfig::Mistral(c)
-            | ModelConfig::Qwen2(c)
-            | ModelConfig::Qwen3(c) => c.hidden_size,
-        }
+        self.arch.hidden_size()
     }
 
     /// Sets every dropout probability to 0 (parity tests and deterministic training checks).
     pub fn disable_dropout(&mut self) {
-        match self {
-            ModelConfig::Bert(c) | ModelConfig::Roberta(c) | ModelConfig::XlmRoberta(c) => {
-                c.hidden_dropout_prob = 0.0;
-                c.attention_probs_dropout_prob = 0.0;
-            }
-            ModelConfig::DistilBert(c) => {
-                c.dropout = 0.0;
-                c.attention_dropout = 0.0;
-            }
-            ModelConfig::Llama(c)
-            | ModelConfig::Mistral(c)
-            | ModelConfig::Qwen2(c)
-            | ModelConfig::Qwen3(c) => c.attention_dropout = 0.0,
-        }
+        self.arch.disable_dropout()
     }
 
     /// The weight-name prefixes that task-specific checkpoints put before the base model's
     /// names (`bert.` in `BertForMaskedLM`), which we accept and strip.
     pub fn weight_prefixes(&self) -> &'static [&'static str] {
-        match self {
-            ModelConfig::Bert(_) => &["bert."],
-            ModelConfig::Roberta(_) | ModelConfig::XlmRoberta(_) => &["roberta."],
-            ModelConfig::DistilBert(_) => &["distilbert."],
-            ModelConfig::Llama(_)
-            | ModelConfig::Mistral(_)
-            | ModelConfig::Qwen2(_)
-            | ModelConfig::Qwen3(_) => &["model."],
-        }
+        self.arch.weight_prefixes()
+    }
+
+    /// Builds the backbone from weights (already stripped of a prefix).
+    pub fn build(&self, vb: VarBuilder, lin: &Linears) -> candle_core::Result<Box<dyn Backbone>> {
+        self.arch.build(vb, lin)
     }
 }

@@ -9,10 +9,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
-use crate::backbone::bert::{Bert, Positions};
-use crate::backbone::distilbert::DistilBert;
 use crate::backbone::layers::Linears;
-use crate::backbone::llama::{Family, Llama};
 use crate::backbone::{Backbone, Mode};
 use crate::collate::{collate, Batch, PaddingSide};
 use crate::config::ModelConfig;
@@ -346,27 +343,7 @@ impl Encoder {
             what: format!("weights do not fit the {} architecture ({e})", config.model_type()),
         };
         let lin = Linears { lora: plan.as_ref() };
-        let backbone: Box<dyn Backbone> = match &config {
-            ModelConfig::Bert(c) => {
-                Box::new(Bert::load(vb, c, Positions::Absolute, &lin).map_err(arch)?)
-            }
-            ModelConfig::Roberta(c) | ModelConfig::XlmRoberta(c) => {
-                Box::new(Bert::load(vb, c, Positions::AfterPadding, &lin).map_err(arch)?)
-            }
-            ModelConfig::DistilBert(c) => Box::new(DistilBert::load(vb, c, &lin).map_err(arch)?),
-            ModelConfig::Llama(c) => {
-                Box::new(Llama::load(vb, c, Family::Llama, &lin).map_err(arch)?)
-            }
-            ModelConfig::Mistral(c) => {
-                Box::new(Llama::load(vb, c, Family::Mistral, &lin).map_err(arch)?)
-            }
-            ModelConfig::Qwen2(c) => {
-                Box::new(Llama::load(vb, c, Family::Qwen2, &lin).map_err(arch)?)
-            }
-            ModelConfig::Qwen3(c) => {
-                Box::new(Llama::load(vb, c, Family::Qwen3, &lin).map_err(arch)?)
-            }
-        };
+        let backbone: Box<dyn Backbone> = config.build(vb, &lin).map_err(arch)?;
         let mut adapters = None;
         if let Some(plan) = &plan {
             plan.check_matched()?;

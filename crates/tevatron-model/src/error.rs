@@ -47,7 +47,7 @@ pub enum Error {
         /// What config.json says.
         model_type: String,
         /// The list we support.
-        supported: &'static str,
+        supported: String,
     },
     /// The tokenizer file could not be loaded or used.
     #[error("{path}: tokenizer error: {message}")]

@@ -140,14 +140,24 @@ impl TextTokenizer {
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok());
         let class = transformers_class(tokenizer_config.as_ref(), config.as_ref());
-        let mut tokenizer = if class.as_deref() == Some(XLMR_CLASS) {
+        let json = if class.as_deref() == Some(XLMR_CLASS) {
             let mut json: Value =
                 serde_json::from_str(&text).map_err(|e| tokenizer_error(e.to_string()))?;
             xlmr_pipeline(&mut json, tokenizer_config.as_ref());
-            serde_json::from_value::<Tokenizer>(json)
+            Some(json)
         } else {
-            serde_json::from_str::<Tokenizer>(&text)
-        }
+            None
+        };
+        // The tokenizers crate panics on some malformed parts instead of failing (a
+        // `Precompiled` normalizer whose base64 does not decode): reported as an error on the
+        // file.
+        let mut tokenizer = std::panic::catch_unwind(|| match json {
+            Some(json) => serde_json::from_value::<Tokenizer>(json),
+            None => serde_json::from_str::<Tokenizer>(&text),
+        })
+        .map_err(|panic| {
+            tokenizer_error(format!("it does not load ({})", panic_message(panic.as_ref())))
+        })?
         .map_err(|e| tokenizer_error(e.to_string()))?;
         let stored_pad = tokenizer.get_padding().map(|p| p.pad_id);
         tokenizer.with_padding(None);

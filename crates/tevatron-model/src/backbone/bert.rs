@@ -9,7 +9,7 @@ use serde::Deserialize;
 use super::cpu_infer::PostNormLayer;
 use super::layers::{self, Activation, LayerNorm, Linear, Linears};
 use super::lookup::embedding;
-use super::{Backbone, Mode};
+use super::{Architecture, Backbone, Mode, Registered};
 use crate::collate::Batch;
 
 fn default_eps() -> f64 {
@@ -237,3 +237,53 @@ impl Layer {
         self.out_norm.forward(&(f + a)?, mode)
     }
 }
+
+/// BERT, RoBERTa and XLM-RoBERTa as one [`Architecture`]: the same layout, positions counted
+/// from 0 or past the padding index.
+#[derive(Clone, Debug)]
+struct BertArchitecture {
+    config: Config,
+    positions: Positions,
+    prefixes: &'static [&'static str],
+}
+
+impl Architecture for BertArchitecture {
+    fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+    fn disable_dropout(&mut self) {
+        self.config.hidden_dropout_prob = 0.0;
+        self.config.attention_probs_dropout_prob = 0.0;
+    }
+    fn weight_prefixes(&self) -> &'static [&'static str] {
+        self.prefixes
+    }
+    fn build(&self, vb: VarBuilder, lin: &Linears) -> Result<Box<dyn Backbone>> {
+        Ok(Box::new(Bert::load(vb, &self.config, self.positions, lin)?))
+    }
+    fn clone_box(&self) -> Box<dyn Architecture> {
+        Box::new(self.clone())
+    }
+}
+
+fn parse(
+    text: &str,
+    positions: Positions,
+    prefixes: &'static [&'static str],
+) -> serde_json::Result<Box<dyn Architecture>> {
+    Ok(Box::new(BertArchitecture { config: serde_json::from_str(text)?, positions, prefixes }))
+}
+
+/// `bert`.
+pub const BERT: Registered =
+    Registered { model_type: "bert", parse: |t| parse(t, Positions::Absolute, &["bert."]) };
+/// `roberta`: BERT's layout, positions offset past the padding index.
+pub const ROBERTA: Registered = Registered {
+    model_type: "roberta",
+    parse: |t| parse(t, Positions::AfterPadding, &["roberta."]),
+};
+/// `xlm-roberta`: the RoBERTa layout with a larger vocabulary.
+pub const XLM_ROBERTA: Registered = Registered {
+    model_type: "xlm-roberta",
+    parse: |t| parse(t, Positions::AfterPadding, &["roberta."]),
+};

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use super::cpu_infer::PostNormLayer;
 use super::layers::{self, Activation, LayerNorm, Linear, Linears};
 use super::lookup::embedding;
-use super::{Backbone, Mode};
+use super::{Architecture, Backbone, Mode, Registered};
 use crate::collate::Batch;
 
 fn default_act() -> Activation {
@@ -152,3 +152,32 @@ impl Backbone for DistilBert {
         layer.out_norm.forward(&(f + sa)?, mode)
     }
 }
+
+/// DistilBERT as an [`Architecture`].
+#[derive(Clone, Debug)]
+struct DistilBertArchitecture(Config);
+
+impl Architecture for DistilBertArchitecture {
+    fn hidden_size(&self) -> usize {
+        self.0.dim
+    }
+    fn disable_dropout(&mut self) {
+        self.0.dropout = 0.0;
+        self.0.attention_dropout = 0.0;
+    }
+    fn weight_prefixes(&self) -> &'static [&'static str] {
+        &["distilbert."]
+    }
+    fn build(&self, vb: VarBuilder, lin: &Linears) -> Result<Box<dyn Backbone>> {
+        Ok(Box::new(DistilBert::load(vb, &self.0, lin)?))
+    }
+    fn clone_box(&self) -> Box<dyn Architecture> {
+        Box::new(self.clone())
+    }
+}
+
+/// `distilbert`.
+pub const DISTILBERT: Registered = Registered {
+    model_type: "distilbert",
+    parse: |t| Ok(Box::new(DistilBertArchitecture(serde_json::from_str(t)?))),
+};

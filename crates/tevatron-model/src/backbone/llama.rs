@@ -19,7 +19,7 @@ use super::attention::Heads;
 use super::cpu_infer::{DecoderLayer, RmsNormRef};
 use super::layers::{self, Activation, Linear, Linears};
 use super::lookup::embedding;
-use super::{Backbone, Mode};
+use super::{Architecture, Backbone, Mode, Registered};
 use crate::collate::Batch;
 
 fn default_eps() -> f64 {
@@ -487,3 +487,45 @@ impl Layer {
         layers::attend(&q, &k, &v, bias, cfg.attention_dropout, mode)
     }
 }
+
+/// Llama, Mistral, Qwen2 and Qwen3 as one [`Architecture`], told apart by [`Family`].
+#[derive(Clone, Debug)]
+struct LlamaArchitecture {
+    config: Config,
+    family: Family,
+}
+
+impl Architecture for LlamaArchitecture {
+    fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+    fn disable_dropout(&mut self) {
+        self.config.attention_dropout = 0.0;
+    }
+    fn weight_prefixes(&self) -> &'static [&'static str] {
+        &["model."]
+    }
+    fn build(&self, vb: VarBuilder, lin: &Linears) -> Result<Box<dyn Backbone>> {
+        Ok(Box::new(Llama::load(vb, &self.config, self.family, lin)?))
+    }
+    fn clone_box(&self) -> Box<dyn Architecture> {
+        Box::new(self.clone())
+    }
+}
+
+fn parse(text: &str, family: Family) -> serde_json::Result<Box<dyn Architecture>> {
+    Ok(Box::new(LlamaArchitecture { config: serde_json::from_str(text)?, family }))
+}
+
+/// `llama`: Llama 2 and 3.
+pub const LLAMA: Registered =
+    Registered { model_type: "llama", parse: |t| parse(t, Family::Llama) };
+/// `mistral`.
+pub const MISTRAL: Registered =
+    Registered { model_type: "mistral", parse: |t| parse(t, Family::Mistral) };
+/// `qwen2`: Qwen2 and Qwen2.5.
+pub const QWEN2: Registered =
+    Registered { model_type: "qwen2", parse: |t| parse(t, Family::Qwen2) };
+/// `qwen3`: Qwen3, Qwen3-Embedding among others.
+pub const QWEN3: Registered =
+    Registered { model_type: "qwen3", parse: |t| parse(t, Family::Qwen3) };

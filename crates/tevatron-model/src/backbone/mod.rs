@@ -18,10 +18,51 @@ pub mod lookup;
 pub mod train_ops;
 
 use candle_core::{DType, Result, Tensor};
+use candle_nn::VarBuilder;
 
 pub(crate) use fast::{contiguous_f32, contiguous_f32_mut};
 
 use crate::collate::Batch;
+use layers::Linears;
+
+/// What a backbone family gives the loader: its settings from `config.json` and how to build
+/// it. Each backbone implements it beside its model code, so that adding one touches no other
+/// file but the registry.
+pub trait Architecture: std::fmt::Debug + Send + Sync {
+    /// Width of the hidden states.
+    fn hidden_size(&self) -> usize;
+    /// Sets every dropout probability to 0 (parity tests and deterministic training checks).
+    fn disable_dropout(&mut self);
+    /// The weight-name prefixes that task-specific checkpoints put before the base model's
+    /// names (`bert.` in `BertForMaskedLM`), which we accept and strip.
+    fn weight_prefixes(&self) -> &'static [&'static str];
+    /// Builds the backbone from weights (already stripped of a prefix).
+    fn build(&self, vb: VarBuilder, lin: &Linears) -> Result<Box<dyn Backbone>>;
+    /// A boxed copy (a configuration is cloned with the encoder's options).
+    fn clone_box(&self) -> Box<dyn Architecture>;
+}
+
+/// One entry of the backbone registry: a `model_type` as `config.json` names it, and the parser
+/// of such a `config.json`.
+pub struct Registered {
+    /// `model_type` in `config.json`.
+    pub model_type: &'static str,
+    /// Parses the whole `config.json` text.
+    pub parse: fn(&str) -> serde_json::Result<Box<dyn Architecture>>,
+}
+
+/// Every backbone this build implements, by `config.json`'s `model_type`: the one list a new
+/// backbone joins (its file implements [`Architecture`] and exports its entries).
+pub const REGISTRY: &[Registered] = &[
+    bert::BERT,
+    bert::ROBERTA,
+    bert::XLM_ROBERTA,
+    distilbert::DISTILBERT,
+    llama::LLAMA,
+    llama::MISTRAL,
+    llama::QWEN2,
+    llama::QWEN3,
+];
 
 /// Whether a forward pass trains (dropout on, differentiable ops only) or infers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
