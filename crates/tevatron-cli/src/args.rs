@@ -69,28 +69,12 @@ pub fn parse_bool(s: &str) -> Result<bool, String> {
 }
 
 /// `--pooling` values, with Tevatron's aliases.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PoolingArg {
-    /// First token.
-    #[value(alias = "first")]
-    Cls,
-    /// Masked mean.
-    #[value(aliases = ["avg", "average"])]
-    Mean,
-    /// Last real token.
-    #[value(alias = "eos")]
-    Last,
-}
-
-impl From<PoolingArg> for tevatron_model::Pooling {
-    fn from(p: PoolingArg) -> Self {
-        match p {
-            PoolingArg::Cls => Self::Cls,
-            PoolingArg::Mean => Self::Mean,
-            PoolingArg::Last => Self::Last,
-        }
-    }
+/// `--pooling`: Tevatron's names and aliases, from [`tevatron_model::Pooling::NAMES`].
+fn parse_pooling(name: &str) -> Result<tevatron_model::Pooling, String> {
+    tevatron_model::Pooling::parse(name).ok_or_else(|| {
+        let names: Vec<&str> = tevatron_model::Pooling::NAMES.iter().map(|(n, _)| *n).collect();
+        format!("expected one of {}", names.join(", "))
+    })
 }
 
 /// `--padding_side` values.
@@ -149,8 +133,8 @@ pub struct EncodingFlags {
     pub passage_prefix: String,
     /// Pooling: cls/first, mean/avg/average, last/eos. Default cls; with neither --pooling nor
     /// --normalize given, a sentence-transformers folder's own pooling and normalisation.
-    #[arg(long, value_enum)]
-    pub pooling: Option<PoolingArg>,
+    #[arg(long, value_parser = parse_pooling)]
+    pub pooling: Option<tevatron_model::Pooling>,
     /// L2-normalise embeddings (`--normalize`, `--normalize true|false`). Default false; with
     /// neither --pooling nor --normalize given, a sentence-transformers folder's own settings.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
@@ -281,8 +265,8 @@ pub struct TrainArgs {
     pub cache_dir: Option<PathBuf>,
     /// Pooling: cls/first, mean/avg/average, last/eos. Default cls; with neither --pooling nor
     /// --normalize given, a sentence-transformers folder's own pooling and normalisation.
-    #[arg(long, value_enum)]
-    pub pooling: Option<PoolingArg>,
+    #[arg(long, value_parser = parse_pooling)]
+    pub pooling: Option<tevatron_model::Pooling>,
     /// L2-normalise representations (`--normalize`, `--normalize true|false`). Default false;
     /// with neither --pooling nor --normalize given, a sentence-transformers folder's own settings.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
@@ -853,7 +837,7 @@ mod tests {
         let Command::Encode(a) = cli.command else { panic!("encode") };
         assert_eq!(a.encoding.normalize, Some(true));
         assert!(a.encoding.fp16 && a.encode_is_query && !a.encoding.bf16);
-        assert_eq!(a.encoding.pooling, Some(PoolingArg::Mean));
+        assert_eq!(a.encoding.pooling, Some(tevatron_model::Pooling::Mean));
         assert_eq!(a.encoding.per_device_eval_batch_size, 64);
         let cli = Cli::try_parse_from([
             "tevatron",

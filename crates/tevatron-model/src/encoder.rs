@@ -216,16 +216,7 @@ fn read_st_modules(dir: &Path) -> Result<Option<StModules>> {
                 .map_err(|source| Error::Read { path: cfg_path.clone(), source })?;
             let cfg: serde_json::Value = serde_json::from_str(&cfg_text)
                 .map_err(|source| Error::Json { path: cfg_path.clone(), source })?;
-            let on = |k: &str| cfg[k].as_bool().unwrap_or(false);
-            st.pooling = if on("pooling_mode_cls_token") {
-                Some(Pooling::Cls)
-            } else if on("pooling_mode_mean_tokens") {
-                Some(Pooling::Mean)
-            } else if on("pooling_mode_lasttoken") {
-                Some(Pooling::Last)
-            } else {
-                None
-            };
+            st.pooling = Pooling::from_st_config(&cfg);
         } else if ty.ends_with("models.Normalize") {
             st.normalize = true;
         }
@@ -450,19 +441,11 @@ impl Encoder {
                 .map_err(|source| Error::Write { path: dir.join("2_Normalize"), source })?;
         }
         write(dir.join("modules.json"), serde_json::Value::from(modules))?;
-        write(
-            dir.join("1_Pooling/config.json"),
-            serde_json::json!({
-                "word_embedding_dimension": self.hidden_size(),
-                "pooling_mode_cls_token": self.pooling == Pooling::Cls,
-                "pooling_mode_mean_tokens": self.pooling == Pooling::Mean,
-                "pooling_mode_max_tokens": false,
-                "pooling_mode_mean_sqrt_len_tokens": false,
-                "pooling_mode_weightedmean_tokens": false,
-                "pooling_mode_lasttoken": self.pooling == Pooling::Last,
-                "include_prompt": true
-            }),
-        )
+        let mut pooling = serde_json::Map::new();
+        pooling.insert("word_embedding_dimension".into(), self.hidden_size().into());
+        pooling.extend(self.pooling.st_modes());
+        pooling.insert("include_prompt".into(), true.into());
+        write(dir.join("1_Pooling/config.json"), serde_json::Value::Object(pooling))
     }
 
     /// Every tensor a saved model holds, by Hugging Face name: the trainable variables'

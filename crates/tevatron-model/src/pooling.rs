@@ -14,24 +14,57 @@ pub enum Pooling {
     Last,
 }
 
+/// sentence-transformers' Pooling modes that no [`Pooling`] is (written as `false`).
+const ST_OTHER_MODES: [&str; 3] = [
+    "pooling_mode_max_tokens",
+    "pooling_mode_mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens",
+];
+
 impl Pooling {
+    /// Every pooling, in the order sentence-transformers' config is read.
+    pub const ALL: [Pooling; 3] = [Pooling::Cls, Pooling::Mean, Pooling::Last];
+
+    /// Tevatron's names and aliases (`--pooling`), the canonical name first for each.
+    pub const NAMES: [(&'static str, Pooling); 7] = [
+        ("cls", Pooling::Cls),
+        ("first", Pooling::Cls),
+        ("mean", Pooling::Mean),
+        ("avg", Pooling::Mean),
+        ("average", Pooling::Mean),
+        ("last", Pooling::Last),
+        ("eos", Pooling::Last),
+    ];
+
     /// Parses Tevatron's names and aliases.
     pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "cls" | "first" => Some(Pooling::Cls),
-            "mean" | "avg" | "average" => Some(Pooling::Mean),
-            "last" | "eos" => Some(Pooling::Last),
-            _ => None,
-        }
+        Self::NAMES.iter().find(|(n, _)| *n == name).map(|(_, p)| *p)
     }
 
     /// Canonical name.
     pub fn name(self) -> &'static str {
+        Self::NAMES.iter().find(|(_, p)| *p == self).map_or("", |(n, _)| n)
+    }
+
+    /// The key of sentence-transformers' `1_Pooling/config.json` that selects this pooling.
+    pub fn st_mode(self) -> &'static str {
         match self {
-            Pooling::Cls => "cls",
-            Pooling::Mean => "mean",
-            Pooling::Last => "last",
+            Pooling::Cls => "pooling_mode_cls_token",
+            Pooling::Mean => "pooling_mode_mean_tokens",
+            Pooling::Last => "pooling_mode_lasttoken",
         }
+    }
+
+    /// The pooling a sentence-transformers Pooling config selects, if it is one of ours.
+    pub fn from_st_config(config: &serde_json::Value) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| config[p.st_mode()].as_bool().unwrap_or(false))
+    }
+
+    /// Every mode key of a sentence-transformers Pooling config, this pooling's `true`.
+    pub fn st_modes(self) -> serde_json::Map<String, serde_json::Value> {
+        let ours = Self::ALL.into_iter().map(|p| (p.st_mode(), p == self));
+        let others = ST_OTHER_MODES.into_iter().map(|k| (k, false));
+        ours.chain(others).map(|(k, on)| (k.to_string(), serde_json::Value::Bool(on))).collect()
     }
 
     /// Pools `hidden` `(b, l, h)` under `mask` `(b, l)` into `(b, h)`.
@@ -74,10 +107,33 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
     x.broadcast_div(&norm)
 }
 
+impl serde::Serialize for Pooling {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn names_and_sentence_transformers_modes_round_trip() {
+        for p in Pooling::ALL {
+            assert_eq!(Pooling::parse(p.name()), Some(p));
+            let config = serde_json::Value::Object(p.st_modes());
+            assert_eq!(Pooling::from_st_config(&config), Some(p));
+            assert_eq!(
+                config.as_object().unwrap().values().filter(|v| v.as_bool() == Some(true)).count(),
+                1
+            );
+        }
+        assert_eq!(Pooling::parse("eos"), Some(Pooling::Last));
+        assert_eq!(Pooling::parse("max"), None);
+        let max = serde_json::json!({"pooling_mode_max_tokens": true});
+        assert_eq!(Pooling::from_st_config(&max), None);
+    }
 
     #[test]
     fn pools_by_hand() {

@@ -9,7 +9,7 @@ use candle_core::DType;
 use tevatron_ir::records::{count_rows, shard_range, RecordKind, RecordStream};
 use tevatron_ir::vectors::{VecDType, VectorWriter};
 use tevatron_model::encoder::{BatchOptions, EMBED_CHUNK};
-use tevatron_model::{EncoderOptions, PaddingSide, Pooling, TextOptions};
+use tevatron_model::{EncoderOptions, PaddingSide, TextOptions};
 
 use crate::args::{EncodeArgs, VecDTypeArg};
 use crate::{dataset, progress};
@@ -78,7 +78,7 @@ fn validate(a: &EncodeArgs) -> Result<EncodeConfig> {
             &device,
         ),
         encoder: EncoderOptions {
-            pooling: a.encoding.pooling.map(Pooling::from),
+            pooling: a.encoding.pooling,
             normalize: a.encoding.normalize,
             dtype,
             device,

@@ -13,7 +13,7 @@ use tevatron_ir::trec::Qrels;
 use tevatron_model::backbone::layers::set_autocast;
 use tevatron_model::encoder::BatchOptions;
 use tevatron_model::lora::{AdapterSource, LoraConfig, LoraOptions};
-use tevatron_model::{EncoderOptions, PaddingSide, Pooling, TextOptions};
+use tevatron_model::{EncoderOptions, PaddingSide, TextOptions};
 use tevatron_train::data::{Corpus, TrainData};
 use tevatron_train::dist::{Group, Rendezvous, TcpTransport};
 use tevatron_train::optim::AdamWConfig;
@@ -390,7 +390,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         a.tokenizer_name.as_deref(),
         a.cache_dir.as_deref(),
         &EncoderOptions {
-            pooling: a.pooling.map(Pooling::from),
+            pooling: a.pooling,
             normalize: a.normalize,
             dtype: DType::F32,
             device,
