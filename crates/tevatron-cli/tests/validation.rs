@@ -110,29 +110,34 @@ fn eval_with_commands(d: &Path, model: &Path) -> serde_json::Value {
     eval_encoded_with(d, model, &[])
 }
 
+/// Encodes `input` with `model` into `out` with the lengths and batch validation uses here,
+/// and more flags.
+fn encode(d: &Path, model: &str, input: &str, out: &str, flags: &[&str]) {
+    let mut args = vec![
+        "encode",
+        "--model_name_or_path",
+        model,
+        "--dataset_path",
+        input,
+        "--encode_output_path",
+        out,
+        "--query_max_len",
+        "16",
+        "--passage_max_len",
+        "32",
+        "--per_device_eval_batch_size",
+        "5",
+        "--quiet",
+    ];
+    args.extend_from_slice(flags);
+    ok(tevatron(d, &args));
+}
+
 /// [`eval_with_commands`] with more encoding flags (a decoder's pooling, an adapter).
 fn eval_encoded_with(d: &Path, model: &Path, flags: &[&str]) -> serde_json::Value {
     let model = model.to_string_lossy();
     let enc = |input: &str, out: &str, extra: &[&str]| {
-        let mut args = vec![
-            "encode",
-            "--model_name_or_path",
-            &model,
-            "--dataset_path",
-            input,
-            "--encode_output_path",
-            out,
-            "--query_max_len",
-            "16",
-            "--passage_max_len",
-            "32",
-            "--per_device_eval_batch_size",
-            "5",
-            "--quiet",
-        ];
-        args.extend_from_slice(extra);
-        args.extend_from_slice(flags);
-        ok(tevatron(d, &args));
+        encode(d, &model, input, out, &[extra, flags].concat());
     };
     enc("queries.jsonl", "q.safetensors", &["--encode_is_query"]);
     enc("corpus.jsonl", "p.safetensors", &[]);
@@ -418,26 +423,7 @@ fn eval_loss_equals_the_loss_of_the_encoded_groups_and_can_pick_the_best_model()
     std::fs::write(d.join("gp.jsonl"), passages).unwrap();
     let best_dir = d.join(format!("run/checkpoint-{}", best.0)).to_string_lossy().into_owned();
     let enc = |input: &str, out: &str, extra: &[&str]| {
-        let mut args = vec![
-            "encode",
-            "--model_name_or_path",
-            &best_dir,
-            "--dataset_path",
-            input,
-            "--encode_output_path",
-            out,
-            "--query_max_len",
-            "16",
-            "--passage_max_len",
-            "32",
-            "--per_device_eval_batch_size",
-            "2",
-            "--pooling",
-            "mean",
-            "--quiet",
-        ];
-        args.extend_from_slice(extra);
-        ok(tevatron(d, &args));
+        encode(d, &best_dir, input, out, &[extra, &["--pooling", "mean"]].concat());
         let v = tevatron_ir::vectors::Vectors::open(&d.join(out)).unwrap();
         let mut buf = Vec::new();
         v.rows().to_f32(v.dim(), 0, v.len(), &mut buf);
