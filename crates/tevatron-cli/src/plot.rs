@@ -150,7 +150,8 @@ pub fn plot_rank_histogram(path: &Path, buckets: &[(String, usize)], depth: usiz
             .margin(15)
             .x_label_area_size(40)
             .y_label_area_size(60)
-            .build_cartesian_2d((0..buckets.len()).into_segmented(), 0f64..top)
+            // A segmented integer range holds its end too: 0..len-1 is one segment a bucket.
+            .build_cartesian_2d((0..buckets.len().max(1) - 1).into_segmented(), 0f64..top)
             .map_err(|e| fail(&e))?;
         chart
             .configure_mesh()
@@ -161,16 +162,19 @@ pub fn plot_rank_histogram(path: &Path, buckets: &[(String, usize)], depth: usiz
                 SegmentValue::CenterOf(i) => labels.get(*i).cloned().unwrap_or_default(),
                 _ => String::new(),
             })
+            .y_label_formatter(&|v| format!("{v:.0}"))
             .label_style(("sans-serif", 14))
             .draw()
             .map_err(|e| fail(&e))?;
         chart
             .draw_series(buckets.iter().enumerate().map(|(i, (_, n))| {
                 let style = RGBColor(31, 119, 180).filled();
-                Rectangle::new(
-                    [(SegmentValue::Exact(i), 0.0), (SegmentValue::Exact(i + 1), *n as f64)],
-                    style,
-                )
+                let right = if i + 1 < buckets.len() {
+                    SegmentValue::Exact(i + 1)
+                } else {
+                    SegmentValue::Last
+                };
+                Rectangle::new([(SegmentValue::Exact(i), 0.0), (right, *n as f64)], style)
             }))
             .map_err(|e| fail(&e))?;
         area.present().map_err(|e| fail(&e))?;
