@@ -278,7 +278,11 @@ where
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(70)
-            .build_cartesian_2d(steps.clone(), 0.0..1.02)
+            // Zoomed to the measures' own range, so that a change of 0.02 shows.
+            .build_cartesian_2d(
+                steps.clone(),
+                padded(evals.iter().flat_map(|(_, p)| p.iter().map(|p| p.1)), false),
+            )
             .map_err(fail)?;
         chart
             .configure_mesh()
