@@ -11,6 +11,11 @@
 #                                           # 27,413 answers, 4,000 training questions a stage
 #   QUICK=1 scripts/recipe-insuranceqa.sh   # the quick recipe: the quickstart's dev subset (200
 #                                           # questions over 4,000 answers), 600 training questions
+#   CONTROL=1 ...                           # adds two controls of round 2 (the same questions,
+#                                           # flags and start): the data's pool negatives instead
+#                                           # of mined ones, and negatives mined without the
+#                                           # filters (mining leaves out a question it finds no
+#                                           # negative for: see the summary)
 # Writes runs/recipe-insuranceqa[-quick]/metrics.json {"zero_shot": {...}, "seed_recipe": ...,
 # "round1": ..., "round2": ...}, times.json (wall seconds per stage), report.md, and each stage's
 # model in <stage>/model. Re-running reuses every finished stage; an interrupted training resumes
@@ -164,55 +169,72 @@ train_stage round1 "$model" --dataset_path "$d/round1.train.jsonl" \
 # The full recipe mines the answers it evaluates on: round 1's dev embeddings are reused.
 reuse=""
 cmp -s "$d/mine.corpus.jsonl" "$d/eval.corpus.jsonl" && reuse=keep
-if [ -n "$reuse" ] && [ -f "$out/round1/eval/metrics.json" ] && [ ! -f "$out/round1/eval/corpus.safetensors" ] \
-  && [ ! -f "$out/round2/mined.jsonl" ]; then
-  rm "$out/round1/eval/metrics.json"  # evaluated before reuse was possible: encode again
-fi
 evaluate "$out/round1/model" round1 $reuse
 
-# Mining with the round-1 model: skip the 3 closest ranks (the likeliest unjudged positives)
-# and answers repeated under other ids. A margin below the positive's score is left out: where
-# the model ranks a positive low, it removes every candidate above it and leaves the query
-# without negatives (with --relative_margin 0.05, 9,358 of 60,000 candidates and every negative
-# of some queries, in the quick run).
-if [ ! -f "$out/round2/mined.jsonl" ]; then
-  echo "recipe: mining hard negatives with the round-1 model" >&2
-  mkdir -p "$out/round2"
-  start=$SECONDS
-  head -n "$round2_rows" "$d/train.jsonl" > "$d/round2.train.jsonl"
-  emb=$out/round2/embeddings
+# Mines the round-2 training questions with the round-1 model into <output>, with the filters
+# given: from round 1's dev embeddings when they are the mining corpus's, else encoding into
+# round1/mine-embeddings (kept, so a second mining reuses them).
+head -n "$round2_rows" "$d/train.jsonl" > "$d/round2.train.jsonl"
+mine_stage() {  # stage filter-flags...
+  local stage=$1 output=$out/$1/mined.jsonl
+  shift
+  [ -f "$output" ] && return 0
+  echo "recipe: mining hard negatives with the round-1 model for $stage" >&2
+  mkdir -p "$out/$stage"
+  local start=$SECONDS emb=$out/round1/mine-embeddings reps
   mkdir -p "$emb"
-  if [ -n "$reuse" ]; then  # the training questions only; the answers as round 1's evaluation made them
-    python3 -c 'import json,sys
+  if [ -n "$reuse" ] && [ -f "$out/round1/eval/corpus.safetensors" ]; then
+    if [ ! -f "$emb/queries.safetensors" ]; then  # the questions; the answers as evaluated
+      python3 -c 'import json,sys
 for l in open(sys.argv[1]):
     r = json.loads(l); print(json.dumps({"query_id": r["query_id"], "query": r["query_text"]}))' \
-      "$d/round2.train.jsonl" > "$emb/queries.jsonl"
-    "$bin" encode --model_name_or_path "$out/round1/model" --dataset_path "$emb/queries.jsonl" \
-      --encode_is_query --encode_output_path "$emb/queries.safetensors" --query_max_len 32 \
-      --per_device_eval_batch_size 64 --quiet
+        "$d/round2.train.jsonl" > "$emb/queries.jsonl"
+      "$bin" encode --model_name_or_path "$out/round1/model" --dataset_path "$emb/queries.jsonl" \
+        --encode_is_query --encode_output_path "$emb/queries.safetensors" --query_max_len 32 \
+        --per_device_eval_batch_size 64 --quiet
+    fi
     reps=(--query_reps "$emb/queries.safetensors" --passage_reps "$out/round1/eval/corpus.safetensors")
   else
     reps=(--model_name_or_path "$out/round1/model" --query_max_len 32 --passage_max_len 128
       --per_device_eval_batch_size 64 --embeddings_dir "$emb")
   fi
   "$bin" mine "${reps[@]}" --dataset_path "$d/round2.train.jsonl" \
-    --corpus_path "$d/mine.corpus.jsonl" --dataset_cache_dir "$out/cache" --depth 100 --range_min 3 \
-    --drop_same_text --num_negatives 15 --output_path "$out/round2/mined.jsonl" --quiet
-  rm -rf "$emb" "$out/round1/eval/corpus.safetensors"
-  record_time "round2 (mining)" $((SECONDS - start))
-fi
+    --corpus_path "$d/mine.corpus.jsonl" --dataset_cache_dir "$out/cache" --depth 100 \
+    --num_negatives 15 --output_path "$output" --quiet "$@"
+  record_time "$stage (mining)" $((SECONDS - start))
+}
+
+# Round 2 on mined negatives: skip the 3 closest ranks (the likeliest unjudged positives) and
+# answers repeated under other ids. A margin below the positive's score is left out: where the
+# model ranks a positive low, it removes every candidate above it and leaves the query without
+# negatives (with --relative_margin 0.05, 9,358 of 60,000 candidates and every negative of
+# some queries, in the quick run).
 steps2=$(( (round2_rows + 15) / 16 ))
 every2=$(( steps2 / 2 > 0 ? steps2 / 2 : 1 ))
-train_stage round2 "$out/round1/model" --dataset_path "$out/round2/mined.jsonl" \
-  --per_device_train_batch_size 16 --train_group_size 4 --num_train_epochs 1 \
-  --eval_steps "$every2" --save_steps "$every2" "${validation[@]}"
-evaluate "$out/round2/model" round2
+round2_stage() {  # stage training-file
+  train_stage "$1" "$out/round1/model" --dataset_path "$2" --per_device_train_batch_size 16 \
+    --train_group_size 4 --num_train_epochs 1 --eval_steps "$every2" --save_steps "$every2" \
+    "${validation[@]}"
+  evaluate "$out/$1/model" "$1"
+}
+mine_stage round2 --range_min 3 --drop_same_text
+round2_stage round2 "$out/round2/mined.jsonl"
+
+# Controls (CONTROL=1), to say what mining adds: round 2's questions, flags and group from the
+# round-1 model with the data's own pool negatives instead of mined ones (round2_pool), and with
+# negatives mined without the filters (round2_unfiltered).
+stages="zero_shot seed_recipe round1 round2"
+if [ "${CONTROL:-0}" = 1 ]; then
+  round2_stage round2_pool "$d/round2.train.jsonl"
+  mine_stage round2_unfiltered
+  round2_stage round2_unfiltered "$out/round2_unfiltered/mined.jsonl"
+  stages="$stages round2_pool round2_unfiltered"
+fi
 
 # The table.
-python3 - "$out" "$quick" <<'PY'
+python3 - "$out" "$quick" $stages <<'PY'
 import json, sys
-out, quick = sys.argv[1], sys.argv[2] == "1"
-stages = ["zero_shot", "seed_recipe", "round1", "round2"]
+out, quick, stages = sys.argv[1], sys.argv[2] == "1", sys.argv[3:]
 m = {s: json.load(open(f"{out}/{s}/eval/metrics.json")) for s in stages}
 json.dump(m, open(f"{out}/metrics.json", "w"), indent=1)
 t = json.load(open(f"{out}/times.json"))
