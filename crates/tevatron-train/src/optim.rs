@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Result, Tensor, Var};
-use tevatron_model::backbone::train_ops::gpu_composed_ops;
+use tevatron_model::device::gpu_composed_ops;
 use tevatron_model::fused_adamw::{adamw_step_in_place, AdamWStep};
 use tevatron_model::grad_norm::sum_of_squares;
 

@@ -28,23 +28,12 @@ pub use super::fast::applies;
 pub fn has_kernel(operands: &[&Tensor]) -> bool {
     let Some(first) = operands.first() else { return false };
     let device = first.device();
-    let on_device =
-        device.is_cpu() || (cfg!(feature = "cuda") && device.is_cuda() && !gpu_composed_ops());
+    let on_device = device.is_cpu()
+        || (cfg!(feature = "cuda") && device.is_cuda() && !crate::device::gpu_composed_ops());
     on_device
         && operands
             .iter()
             .all(|t| t.dtype() == candle_core::DType::F32 && t.device().same_device(device))
-}
-
-/// Whether `TEVATRON_GPU_COMPOSED_OPS` is set (to anything but empty or 0): a GPU then trains
-/// with candle's composed ops instead of our kernels (the training ops here, the gradient norm,
-/// the optimizer's in-place AdamW), to measure what the kernels gain or to rule them out when a
-/// GPU run goes wrong, without another build.
-pub fn gpu_composed_ops() -> bool {
-    static SET: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *SET.get_or_init(|| {
-        std::env::var("TEVATRON_GPU_COMPOSED_OPS").is_ok_and(|v| !v.is_empty() && v != "0")
-    })
 }
 
 /// Fills a new vector of `n` elements in parallel chunks of whole rows of width `row`.
