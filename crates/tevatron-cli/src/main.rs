@@ -4,7 +4,6 @@
 mod args;
 mod cmd;
 mod dataset;
-mod device_search;
 mod flags;
 mod launch;
 mod plot;

@@ -29,6 +29,7 @@ pub mod config;
 #[cfg(any(test, feature = "cuda"))]
 mod cuda_kernels;
 pub mod device;
+pub mod device_search;
 pub mod encoder;
 pub mod error;
 pub mod fused_adamw;

@@ -30,7 +30,7 @@ pub fn run(a: &SearchArgs) -> Result<()> {
         check_dims(&queries, shard)?;
         match &device {
             Device::Cpu => search_shard(&q, dim, shard, depth, batch),
-            gpu => crate::device_search::search_shard_on(
+            gpu => tevatron_model::device_search::search_shard_on(
                 gpu,
                 index_dtype,
                 &q,

@@ -1,4 +1,5 @@
-//! `tevatron search` on a GPU. Each shard goes to the device once, in fp16 by default (as
+//! Exact search on a GPU (`tevatron search` with a CUDA device), in the model crate because it
+//! needs candle, which `tevatron-ir` does not take. Each shard goes to the device once, in fp16 by default (as
 //! Tevatron's FAISS GPU index; `--gpu_float32` keeps f32), and every query batch is scored
 //! against it with cuBLAS in f32, one block of rows at a time; the top-k of each block is
 //! taken on the host by the CPU search's own heap and tie rule ([`top_k_of_blocks`]), so the
