@@ -98,7 +98,7 @@ impl Group {
     /// NCCL's waits have no deadline, so a rank whose joining or step (see [`Group::watch`])
     /// takes longer than `timeout` ends with a message instead of hanging.
     #[cfg(feature = "nccl")]
-    pub fn with_nccl(mut self, device: &Device, timeout: Duration) -> Result<Self> {
+    pub fn with_nccl(mut self, device: &Device, timeout: std::time::Duration) -> Result<Self> {
         let Some(t) = &self.transport else { return Ok(self) };
         if !device.is_cuda() {
             return Ok(self);
