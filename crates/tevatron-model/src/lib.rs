@@ -59,7 +59,7 @@ pub mod testing;
 pub mod text;
 pub mod weights;
 
-pub use backbone::Mode;
+pub use backbone::{Mode, Training};
 pub use collate::{Batch, PaddingSide};
 pub use encoder::{Encoder, EncoderOptions};
 pub use error::{Error, Result};

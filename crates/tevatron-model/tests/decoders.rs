@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use tevatron_model::collate::collate;
 use tevatron_model::testing::{load_tiny, max_abs_diff, tiny_dir, HIDDEN_ATOL};
-use tevatron_model::{EncoderOptions, Mode, PaddingSide, Pooling, TextOptions};
+use tevatron_model::{EncoderOptions, Mode, PaddingSide, Pooling, TextOptions, Training};
 
 const MODELS: [&str; 4] = ["llama", "mistral", "qwen2", "qwen3"];
 
@@ -97,7 +97,7 @@ fn train_mode_equals_eval_and_every_weight_gets_a_gradient() {
         let opts =
             EncoderOptions { trainable: true, disable_dropout: true, ..EncoderOptions::default() };
         let enc = load_tiny(name, Pooling::Last, opts);
-        let train = enc.encode(&b, Mode::Train).unwrap();
+        let train = enc.encode(&b, Mode::Train(&Training::new(None, 0))).unwrap();
         let eval = enc.encode(&b, Mode::Eval).unwrap();
         let d = max_abs_diff(&train, &eval).unwrap();
         assert!(d <= 1e-5, "{name}: train vs eval differ by {d}");

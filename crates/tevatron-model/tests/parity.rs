@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use tevatron_model::collate::collate;
 use tevatron_model::encoder::BatchOptions;
 use tevatron_model::testing::{load_tiny, max_abs_diff, max_abs_diff_of, tiny_dir, HIDDEN_ATOL};
-use tevatron_model::{EncoderOptions, Mode, PaddingSide, Pooling, TextOptions};
+use tevatron_model::{EncoderOptions, Mode, PaddingSide, Pooling, TextOptions, Training};
 
 const MODELS: [&str; 4] = ["bert", "roberta", "xlm-roberta", "distilbert"];
 
@@ -126,7 +126,7 @@ fn train_mode_without_dropout_equals_eval() {
             EncoderOptions { trainable: true, disable_dropout: true, ..EncoderOptions::default() };
         let enc = load_tiny(name, Pooling::Mean, opts);
         let (_, batch) = expected_batch(name);
-        let train = enc.encode(&batch, Mode::Train).unwrap();
+        let train = enc.encode(&batch, Mode::Train(&Training::new(None, 0))).unwrap();
         let eval = enc.encode(&batch, Mode::Eval).unwrap();
         let d = max_abs_diff(&train, &eval).unwrap();
         assert!(d <= 1e-5, "{name}: train vs eval differ by {d}");
@@ -143,7 +143,7 @@ fn every_weight_receives_a_gradient_in_train_mode() {
                 EncoderOptions { trainable: true, ..EncoderOptions::default() },
             );
             let (_, batch) = expected_batch(name);
-            let reps = enc.encode(&batch, Mode::Train).unwrap();
+            let reps = enc.encode(&batch, Mode::Train(&Training::new(None, 0))).unwrap();
             // A loss that depends on every output coordinate.
             let w = Tensor::arange(0f32, reps.dim(1).unwrap() as f32, &Device::Cpu).unwrap();
             let loss = reps.broadcast_mul(&w).unwrap().sqr().unwrap().sum_all().unwrap();

@@ -15,7 +15,7 @@
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor, Var};
-use tevatron_model::backbone::layers::seed_dropout;
+use tevatron_model::backbone::{run_layers, Training};
 use tevatron_model::collate::{collate, PaddingSide};
 use tevatron_model::rng::mix;
 use tevatron_model::{Encoder, Mode};
@@ -37,6 +37,8 @@ pub struct StepOptions {
     pub pad_to_multiple_of: usize,
     /// Padding side.
     pub padding_side: PaddingSide,
+    /// Mixed precision (`--bf16`, `--fp16`): the dtype matrix products run in, on F32 weights.
+    pub autocast: Option<DType>,
 }
 
 /// Gradients summed over micro-batches, one slot per trainable variable.
@@ -85,41 +87,44 @@ enum Side {
     Passage = 2,
 }
 
-/// One chunk of queries or passages and where its dropout stream comes from.
+/// One chunk of queries or passages and its training context: mixed precision, and the
+/// dropout stream reseeded from `(seed, side, chunk, layer)`.
 struct Chunk<'a> {
     batch: &'a tevatron_model::Batch,
     seed: u64,
     side: Side,
     index: usize,
+    training: Training,
 }
 
-impl Chunk<'_> {
+impl<'a> Chunk<'a> {
+    fn new(
+        batch: &'a tevatron_model::Batch,
+        seed: u64,
+        side: Side,
+        index: usize,
+        opts: &StepOptions,
+    ) -> Self {
+        Self { batch, seed, side, index, training: Training::new(opts.autocast, seed) }
+    }
+
     /// Restarts dropout for the embeddings (layer 0) or transformer layer `layer - 1`.
     fn seed_layer(&self, layer: usize) {
-        seed_dropout(mix(self.seed, &[self.side as u64, self.index as u64, layer as u64]));
+        let key = mix(self.seed, &[self.side as u64, self.index as u64, layer as u64]);
+        self.training.reseed(key);
+    }
+
+    /// The training forward of this chunk.
+    fn mode(&self) -> Mode<'_> {
+        Mode::Train(&self.training)
     }
 }
 
 /// Runs the backbone in training mode, reseeding dropout before the embeddings and every
 /// layer. With `detach`, no graph is kept; with `keep`, every layer's input is returned.
 fn run(enc: &Encoder, chunk: &Chunk, detach: bool, keep: bool) -> Result<(Tensor, Vec<Tensor>)> {
-    let bb = enc.backbone();
-    let cut = |t: Tensor| if detach { t.detach() } else { t };
-    chunk.seed_layer(0);
-    let mut x = cut(bb.embed(chunk.batch, Mode::Train)?);
-    let bias = bb.attention_bias(chunk.batch, x.dtype())?;
-    let mut inputs = Vec::new();
-    for i in 0..bb.num_layers() {
-        if keep {
-            inputs.push(x.clone());
-        }
-        chunk.seed_layer(i + 1);
-        x = cut(bb.layer(i, &x, &bias, Mode::Train)?);
-    }
-    if keep {
-        inputs.push(x.clone());
-    }
-    Ok((cut(bb.finish(&x, Mode::Train)?), inputs))
+    let reseed = &mut |layer| chunk.seed_layer(layer);
+    run_layers(enc.backbone(), chunk.batch, chunk.mode(), reseed, detach, keep)
 }
 
 /// Back-propagates `grad_reps` through a chunk one layer at a time from the kept layer
@@ -135,7 +140,7 @@ fn backward_checkpointed(
     let bb = enc.backbone();
     let batch = chunk.batch;
     let top = Var::from_tensor(&inputs[bb.num_layers()])?;
-    let reps = enc.represent(&bb.finish(top.as_tensor(), Mode::Train)?, batch)?;
+    let reps = enc.represent(&bb.finish(top.as_tensor(), chunk.mode())?, batch)?;
     let store = (reps * grad_reps)?.sum_all()?.backward()?;
     acc.add(&store)?;
     let mut grad = store
@@ -146,7 +151,7 @@ fn backward_checkpointed(
     for i in (0..bb.num_layers()).rev() {
         let input = Var::from_tensor(&inputs[i])?;
         chunk.seed_layer(i + 1);
-        let out = bb.layer(i, input.as_tensor(), &bias, Mode::Train)?;
+        let out = bb.layer(i, input.as_tensor(), &bias, chunk.mode())?;
         let store = (out * &grad)?.sum_all()?.backward()?;
         acc.add(&store)?;
         grad = store
@@ -155,7 +160,7 @@ fn backward_checkpointed(
             .ok_or_else(|| candle_core::Error::Msg(format!("layer {i} passed no gradient")))?;
     }
     chunk.seed_layer(0);
-    let x0 = bb.embed(batch, Mode::Train)?;
+    let x0 = bb.embed(batch, chunk.mode())?;
     let store = (x0 * grad)?.sum_all()?.backward()?;
     acc.add(&store)
 }
@@ -217,8 +222,8 @@ pub fn micro_step(
         let qb = make(queries)?;
         let pb = make(passages)?;
         profile::mark("fetch and collate", &device)?;
-        let qchunk = Chunk { batch: &qb, seed, side: Side::Query, index: 0 };
-        let pchunk = Chunk { batch: &pb, seed, side: Side::Passage, index: 0 };
+        let qchunk = Chunk::new(&qb, seed, Side::Query, 0, opts);
+        let pchunk = Chunk::new(&pb, seed, Side::Passage, 0, opts);
         let (qh, _) = run(enc, &qchunk, false, false)?;
         profile::mark("forward q", &device)?;
         let (ph, _) = run(enc, &pchunk, false, false)?;
@@ -248,7 +253,7 @@ pub fn micro_step(
         let mut parts = Vec::new();
         for (c, range) in chunks(seqs.len(), size).into_iter().enumerate() {
             let batch = make(&seqs[range.clone()])?;
-            let chunk = Chunk { batch: &batch, seed, side, index: c };
+            let chunk = Chunk::new(&batch, seed, side, c, opts);
             let (h, inputs) = run(enc, &chunk, true, keep)?;
             let reps = enc.represent(&h, &batch)?.detach();
             parts.push(FirstPass { range, batch, reps, kept: keep.then_some(inputs) });
@@ -274,7 +279,7 @@ pub fn micro_step(
             cached.ok_or_else(|| candle_core::Error::Msg("the loss passed no gradient".into()))?;
         for (c, part) in parts.into_iter().enumerate() {
             let grad = cached.narrow(0, part.range.start, part.range.len())?;
-            let chunk = Chunk { batch: &part.batch, seed, side, index: c };
+            let chunk = Chunk::new(&part.batch, seed, side, c, opts);
             if opts.checkpointing {
                 let inputs = match part.kept {
                     Some(inputs) => inputs,

@@ -76,9 +76,6 @@ pub struct TrainConfig {
     pub save_total_limit: Option<usize>,
     /// Save a checkpoint after the last step (Hugging Face does unless saving is off).
     pub save_at_end: bool,
-    /// `--bf16` / `--fp16`: the dtype of matrix products (weights and optimizer stay F32).
-    /// The caller sets the autocast on the training thread; f16 adds dynamic loss scaling.
-    pub mixed_precision: Option<candle_core::DType>,
     /// `--dataloader_drop_last`.
     pub drop_last: bool,
     /// Tokenization threads working ahead of the model (`--dataloader_num_workers`).
@@ -391,7 +388,7 @@ pub fn train(
             maker.make(&inline_order.as_ref().expect("set above").1, epoch, batch)
         };
 
-        let fp16 = cfg.mixed_precision == Some(candle_core::DType::F16);
+        let fp16 = cfg.step.autocast == Some(candle_core::DType::F16);
         if fp16 && state.tevatron.loss_scale.is_none() {
             state.tevatron.loss_scale = Some(INIT_LOSS_SCALE);
         }

@@ -111,6 +111,7 @@ fn ranks_give_the_loss_and_summed_gradients_of_the_union_batch() {
         checkpointing: false,
         pad_to_multiple_of: 16,
         padding_side: PaddingSide::Right,
+        autocast: None,
     };
     let strategies = [
         ("plain", plain),
@@ -152,6 +153,7 @@ fn ranks_without_cross_rank_negatives_would_differ() {
         checkpointing: false,
         pad_to_multiple_of: 16,
         padding_side: PaddingSide::Right,
+        autocast: None,
     };
     let (_, want) = split_step(&[3], &opts);
     let (queries, passages) = batch();
@@ -195,8 +197,8 @@ fn config(out: &Path, batch_size: usize) -> TrainConfig {
             checkpointing: false,
             pad_to_multiple_of: 16,
             padding_side: PaddingSide::Right,
+            autocast: None,
         },
-        mixed_precision: None,
         args: serde_json::json!({}),
         validation: None,
     }

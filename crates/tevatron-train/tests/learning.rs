@@ -52,8 +52,8 @@ fn losses(model: &str, opts: EncoderOptions, learning_rate: f64, append_eos: boo
             checkpointing: false,
             pad_to_multiple_of: 16,
             padding_side: PaddingSide::Right,
+            autocast: None,
         },
-        mixed_precision: None,
         args: serde_json::json!({}),
         validation: None,
     };

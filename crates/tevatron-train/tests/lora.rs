@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use tevatron_model::lora::{AdapterSource, LoraConfig, LoraOptions};
 use tevatron_model::testing::{max_abs, max_abs_diff, HIDDEN_ATOL};
-use tevatron_model::{Batch, Encoder, EncoderOptions, Mode, Pooling};
+use tevatron_model::{Batch, Encoder, EncoderOptions, Mode, Pooling, Training};
 use tevatron_train::loss::contrastive;
 
 fn tiny(name: &str) -> PathBuf {
@@ -106,8 +106,12 @@ fn a_peft_adapter_merged_encodes_as_merge_and_unload() {
 fn one_step_matches_peft_and_only_adapters_train() {
     let exp = expected();
     let enc = load("llama", Some(saved(tiny("llama-lora"), false)), true, DType::F32);
-    let q = enc.encode(&batch(&exp["q_ids"], &exp["q_mask"]), Mode::Train).unwrap();
-    let p = enc.encode(&batch(&exp["p_ids"], &exp["p_mask"]), Mode::Train).unwrap();
+    let q = enc
+        .encode(&batch(&exp["q_ids"], &exp["q_mask"]), Mode::Train(&Training::new(None, 0)))
+        .unwrap();
+    let p = enc
+        .encode(&batch(&exp["p_ids"], &exp["p_mask"]), Mode::Train(&Training::new(None, 0)))
+        .unwrap();
     let loss = contrastive(&q, &p, 0.01).unwrap();
     let want = exp["loss"].to_vec1::<f32>().unwrap()[0];
     let got = loss.to_scalar::<f32>().unwrap();
@@ -135,7 +139,7 @@ fn a_fresh_adapter_starts_as_the_base_model_and_saves_as_peft_does() {
     let base = load("llama", None, false, DType::F32);
     let enc = load("llama", Some(fresh(&["q_proj", "v_proj", "down_proj"], 7)), true, DType::F32);
     let want = base.encode(&b, Mode::Eval).unwrap();
-    for mode in [Mode::Eval, Mode::Train] {
+    for mode in [Mode::Eval, Mode::Train(&Training::new(None, 0))] {
         let d = max_abs_diff(&enc.encode(&b, mode).unwrap(), &want).unwrap();
         assert!(d <= 1e-6, "B = 0 should leave the model as it was, differs by {d}");
     }
@@ -191,8 +195,8 @@ fn lora_gradient_matches_finite_differences() {
     let enc = load("llama", Some(saved(tiny("llama-lora"), false)), true, DType::F64);
     let (qb, pb) = (batch(&exp["q_ids"], &exp["q_mask"]), batch(&exp["p_ids"], &exp["p_mask"]));
     let loss_of = |enc: &Encoder| {
-        let q = enc.encode(&qb, Mode::Train).unwrap();
-        let p = enc.encode(&pb, Mode::Train).unwrap();
+        let q = enc.encode(&qb, Mode::Train(&Training::new(None, 0))).unwrap();
+        let p = enc.encode(&pb, Mode::Train(&Training::new(None, 0))).unwrap();
         contrastive(&q, &p, 0.1).unwrap()
     };
     let loss = loss_of(&enc);

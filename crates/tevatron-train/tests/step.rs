@@ -66,6 +66,7 @@ fn opts(temperature: f64) -> StepOptions {
         checkpointing: false,
         pad_to_multiple_of: 16,
         padding_side: PaddingSide::Right,
+        autocast: None,
     }
 }
 

@@ -10,7 +10,6 @@ use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use tevatron_ir::records::RecordKind;
 use tevatron_ir::trec::Qrels;
-use tevatron_model::backbone::layers::set_autocast;
 use tevatron_model::encoder::BatchOptions;
 use tevatron_model::lora::{AdapterSource, LoraConfig, LoraOptions};
 use tevatron_model::{EncoderOptions, PaddingSide, TextOptions};
@@ -448,13 +447,13 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             checkpointing: a.gradient_checkpointing,
             pad_to_multiple_of: a.pad_to_multiple_of.max(1),
             padding_side,
-        },
-        mixed_precision: if a.bf16 {
-            Some(DType::BF16)
-        } else if a.fp16 {
-            Some(DType::F16)
-        } else {
-            None
+            autocast: if a.bf16 {
+                Some(DType::BF16)
+            } else if a.fp16 {
+                Some(DType::F16)
+            } else {
+                None
+            },
         },
         args: args_json(a),
         validation: validation(a, &encoder, padding_side, corpus_files.as_deref(), &cache)?
@@ -507,9 +506,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         bar.inc(1);
         log.advance(1);
     };
-    set_autocast(cfg.mixed_precision);
     let result = train(&encoder, &data, &cfg, &group, resume.as_deref(), &mut on_step);
-    set_autocast(None);
     bar.finish_and_clear();
     let state = result?;
     if !group.is_main() {

@@ -393,7 +393,7 @@ pub(super) fn attention(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backbone::{layers, Mode};
+    use crate::backbone::{layers, Mode, Training};
     use crate::testing::max_abs_diff;
     use candle_core::Var;
 
@@ -427,12 +427,12 @@ mod tests {
         ];
         for (bias, dropout) in masks.iter().flat_map(|m| [(m, 0.0), (m, 0.4)]) {
             let fused_with_seed = |seed: u64| {
-                layers::seed_dropout(seed);
+                let training = Training::new(None, seed);
                 let (q, k, v) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
-                layers::fused_attention(q, k, v, bias, dropout, Mode::Train)
+                layers::fused_attention(q, k, v, bias, dropout, Mode::Train(&training))
             };
             let fused = fused_with_seed(7)?;
-            layers::seed_dropout(7);
+            let training = Training::new(None, 7);
             let heads_first = |t: &Tensor| t.transpose(1, 2)?.contiguous();
             let repeat = |t: &Tensor| -> Result<Tensor> {
                 heads_first(t)?
@@ -446,7 +446,7 @@ mod tests {
                 &repeat(v.as_tensor())?,
                 bias,
                 dropout,
-                Mode::Train,
+                Mode::Train(&training),
             )?;
             assert!(max_abs_diff(&fused, &composed)? < 1e-5, "values (dropout {dropout})");
             if dropout > 0.0 {

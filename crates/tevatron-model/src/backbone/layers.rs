@@ -7,7 +7,6 @@ use candle_nn::VarBuilder;
 
 use super::Mode;
 use crate::lora::{LoraPlan, LoraWeights};
-use crate::rng::SplitMix64;
 
 /// Layer normalisation over the last dimension, with HF weight names `weight`/`bias`.
 #[derive(Clone, Debug)]
@@ -33,10 +32,10 @@ impl LayerNorm {
                 &self.bias,
                 self.eps as f32,
             ),
-            Mode::Train if super::train_ops::has_kernel(&[x, &self.weight, &self.bias]) => {
+            Mode::Train(_) if super::train_ops::has_kernel(&[x, &self.weight, &self.bias]) => {
                 super::train_ops::layer_norm(x, &self.weight, &self.bias, self.eps)
             }
-            Mode::Train => {
+            Mode::Train(_) => {
                 let dtype = x.dtype();
                 let x = if matches!(dtype, DType::F16 | DType::BF16) {
                     x.to_dtype(DType::F32)?
@@ -58,32 +57,13 @@ pub fn softmax_last(x: &Tensor, mode: Mode) -> Result<Tensor> {
     match mode {
         Mode::Eval if super::fast::applies(x) => super::fast::softmax_last(x),
         Mode::Eval => candle_nn::ops::softmax_last_dim(x),
-        Mode::Train => candle_nn::ops::softmax(x, D::Minus1),
+        Mode::Train(_) => candle_nn::ops::softmax(x, D::Minus1),
     }
 }
 
-thread_local! {
-    static AUTOCAST: std::cell::Cell<Option<DType>> = const { std::cell::Cell::new(None) };
-    static DROPOUT_RNG: std::cell::RefCell<SplitMix64> = std::cell::RefCell::new(SplitMix64::new(0));
-}
-
-/// Mixed precision as PyTorch's autocast does it: while set, matrix products (projections and
-/// attention) run in `dtype` (bf16/f16) on weights kept in F32, and their outputs come back in
-/// the input's dtype, so normalisation, softmax, residuals and the loss stay in F32. Gradients
-/// flow through the casts to the F32 master weights.
-pub fn set_autocast(dtype: Option<DType>) {
-    AUTOCAST.with(|a| a.set(dtype));
-}
-
-/// Whether autocast is on: fused F32 kernels then stand aside so that products run in the
-/// autocast dtype, as PyTorch's do.
-pub(super) fn autocast_active() -> bool {
-    AUTOCAST.with(|c| c.get()).is_some()
-}
-
-/// A matrix product under the current autocast setting.
-pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    match AUTOCAST.with(|c| c.get()) {
+/// A matrix product under the forward's mixed precision (see [`super::Training`]).
+pub fn matmul(a: &Tensor, b: &Tensor, mode: Mode) -> Result<Tensor> {
+    match mode.autocast() {
         Some(dt) if a.dtype() != dt => {
             a.to_dtype(dt)?.matmul(&b.to_dtype(dt)?)?.to_dtype(a.dtype())
         }
@@ -91,36 +71,30 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Restarts this thread's dropout stream. Training seeds it from `(seed, step, chunk, layer)`
-/// before each forward, so masks are reproducible: a resumed run, a GradCache chunk and a
-/// recomputed checkpointed layer draw the same masks as the first pass.
-pub fn seed_dropout(seed: u64) {
-    DROPOUT_RNG.with(|r| *r.borrow_mut() = SplitMix64::new(seed));
-}
-
-/// Inverted dropout with probability `p`, active only in `Train`. The mask comes from this
-/// thread's seeded stream (see [`seed_dropout`]), not from candle's unseeded `rand`.
+/// Inverted dropout with probability `p`, active only in `Train`. The mask comes from the
+/// training context's seeded stream (see [`super::Training`]), not from candle's unseeded
+/// `rand`.
 pub fn dropout(x: &Tensor, p: f64, mode: Mode) -> Result<Tensor> {
-    if mode == Mode::Eval || p <= 0.0 {
+    let Mode::Train(training) = mode else { return Ok(x.clone()) };
+    if p <= 0.0 {
         return Ok(x.clone());
     }
     if p >= 1.0 {
         return x.zeros_like();
     }
     if super::train_ops::applies(x) {
-        let (keep, scale) = draw_keep_mask(x.elem_count(), p);
+        let (keep, scale) = draw_keep_mask(training, x.elem_count(), p);
         return super::train_ops::dropout(x, keep, scale);
     }
     // Other devices and dtypes compute the same mask where the tensor lives.
-    let base = DROPOUT_RNG.with(|r| r.borrow_mut().skip_mask(x.elem_count()));
+    let base = training.skip_mask(x.elem_count());
     super::counter_dropout::dropout(x, base, p)
 }
 
-/// The next dropout mask of `n` values from this thread's stream (1 = keep, each with
+/// The next dropout mask of `n` values from the context's stream (1 = keep, each with
 /// probability `1 - p`, `0 < p < 1`) and the scale kept values get.
-fn draw_keep_mask(n: usize, p: f64) -> (Vec<u8>, f32) {
-    let keep = DROPOUT_RNG.with(|r| r.borrow_mut().keep_mask(n, p));
-    (keep, (1.0 / (1.0 - p)) as f32)
+fn draw_keep_mask(training: &super::Training, n: usize, p: f64) -> (Vec<u8>, f32) {
+    (training.keep_mask(n, p), (1.0 / (1.0 - p)) as f32)
 }
 
 /// A linear layer `x W^T + b` with HF names `weight` `(out, in)` and `bias`, and optionally a
@@ -144,22 +118,27 @@ impl Linear {
         let (out_dim, in_dim) = self.weight.dims2()?;
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, in_dim))?;
-        let frozen_base = self.frozen_base_on_cpu(&x2);
+        let frozen_base = self.frozen_base_on_cpu(&x2, mode);
         let y = match &self.lora {
             // The adapter and its frozen base as one op.
             Some(l) if frozen_base && l.dropout < 1.0 && f32_cpu(&l.a) && f32_cpu(&l.b) => {
-                let keep = (mode == Mode::Train && l.dropout > 0.0)
-                    .then(|| draw_keep_mask(x2.elem_count(), l.dropout));
+                let keep = match mode {
+                    Mode::Train(t) if l.dropout > 0.0 => {
+                        Some(draw_keep_mask(t, x2.elem_count(), l.dropout))
+                    }
+                    _ => None,
+                };
                 let base = (&self.weight, self.bias.as_ref());
                 super::train_ops::lora_linear(&x2, base, (&l.a, &l.b, l.scale), keep)?
             }
             lora => {
-                let y = self.project(&x2, frozen_base && x2.track_op())?;
+                let y = self.project(&x2, frozen_base && x2.track_op(), mode)?;
                 match lora {
                     Some(l) => {
                         let xa = dropout(&x2, l.dropout, mode)?;
                         // Scaled at rank width (rows x r), not at the output's (rows x out).
-                        let update = matmul(&(matmul(&xa, &l.a.t()?)? * l.scale)?, &l.b.t()?)?;
+                        let down = (matmul(&xa, &l.a.t()?, mode)? * l.scale)?;
+                        let update = matmul(&down, &l.b.t()?, mode)?;
                         (y + update)?
                     }
                     None => y,
@@ -173,11 +152,11 @@ impl Linear {
 
     /// `x W^T + b` for `x` `(rows, in)`; `frozen` takes the kernel whose backward computes only
     /// the input's gradient (worth it only when the input carries one).
-    fn project(&self, x: &Tensor, frozen: bool) -> Result<Tensor> {
+    fn project(&self, x: &Tensor, frozen: bool, mode: Mode) -> Result<Tensor> {
         if frozen {
             return super::train_ops::frozen_linear(x, &self.weight, self.bias.as_ref());
         }
-        let y = matmul(x, &self.weight.t()?)?;
+        let y = matmul(x, &self.weight.t()?, mode)?;
         Ok(match &self.bias {
             Some(b) if super::train_ops::has_kernel(&[&y, b]) && is_tracked(b) => {
                 super::train_ops::bias_add(&y, b)?
@@ -189,8 +168,8 @@ impl Linear {
 
     /// Whether the fused CPU kernels over a frozen base apply: weight and bias frozen (not
     /// trained, as a LoRA base model's are), everything F32 on the CPU, no autocast.
-    fn frozen_base_on_cpu(&self, x: &Tensor) -> bool {
-        !autocast_active()
+    fn frozen_base_on_cpu(&self, x: &Tensor, mode: Mode) -> bool {
+        mode.autocast().is_none()
             && super::train_ops::applies(x)
             && !is_tracked(&self.weight)
             && f32_cpu(&self.weight)
@@ -286,10 +265,10 @@ impl Activation {
             }
             // candle's fused gelu_erf backward rounds 1/sqrt(2 pi) to 0.398942 (7e-7 relative);
             // composed from erf, whose backward is exact, training gets exact gradients.
-            Activation::Gelu if mode == Mode::Train && super::train_ops::has_kernel(&[x]) => {
+            Activation::Gelu if mode.is_train() && super::train_ops::has_kernel(&[x]) => {
                 super::train_ops::gelu(x)
             }
-            Activation::Gelu if mode == Mode::Train => {
+            Activation::Gelu if mode.is_train() => {
                 let cdf = ((x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)?;
                 (x * 0.5)? * cdf
             }
@@ -315,7 +294,7 @@ pub fn attention(
 ) -> Result<Tensor> {
     let (b, l, h) = q.dims3()?;
     let dh = h / heads;
-    if fused_attention_applies(&[q, k, v, mask_bias], dropout_p) {
+    if fused_attention_applies(&[q, k, v, mask_bias], dropout_p, mode) {
         let split = |t: &Tensor| t.reshape((b, l, heads, dh));
         return fused_attention(&split(q)?, &split(k)?, &split(v)?, mask_bias, dropout_p, mode);
     }
@@ -325,13 +304,15 @@ pub fn attention(
 
 /// Whether [`fused_attention`] serves these operands: all F32 on the CPU, no autocast (its
 /// products would be low precision), and a dropout that keeps something.
-pub(super) fn fused_attention_applies(operands: &[&Tensor], dropout_p: f64) -> bool {
-    !autocast_active() && dropout_p < 1.0 && operands.iter().all(|t| super::train_ops::applies(t))
+pub(super) fn fused_attention_applies(operands: &[&Tensor], dropout_p: f64, mode: Mode) -> bool {
+    mode.autocast().is_none()
+        && dropout_p < 1.0
+        && operands.iter().all(|t| super::train_ops::applies(t))
 }
 
 /// `softmax(q k^T / sqrt(d) + bias) v` as one op (`attention::attention`): `q` `(b, l, heads,
 /// d)`, `k` and `v` `(b, l, kv heads, d)`; returns `(b, l, heads * d)`. In `Train` the dropout
-/// mask on the probabilities comes from this thread's stream, drawn as [`attend`] draws it for
+/// mask on the probabilities comes from the training context's stream, drawn as [`attend`] draws it for
 /// its `(b, heads, l, l)` probabilities, so both paths drop the same entries.
 pub(super) fn fused_attention(
     q: &Tensor,
@@ -341,12 +322,13 @@ pub(super) fn fused_attention(
     dropout_p: f64,
     mode: Mode,
 ) -> Result<Tensor> {
-    let dropout = if mode == Mode::Train && dropout_p > 0.0 {
-        let (b, l, heads, _) = q.dims4()?;
-        let (keep, scale) = draw_keep_mask(b * heads * l * l, dropout_p);
-        Some(super::attention::Dropout { keep, scale })
-    } else {
-        None
+    let dropout = match mode {
+        Mode::Train(training) if dropout_p > 0.0 => {
+            let (b, l, heads, _) = q.dims4()?;
+            let (keep, scale) = draw_keep_mask(training, b * heads * l * l, dropout_p);
+            Some(super::attention::Dropout { keep, scale })
+        }
+        _ => None,
     };
     super::attention::attention(q, k, v, bias, dropout)
 }
@@ -364,17 +346,17 @@ pub fn attend(
 ) -> Result<Tensor> {
     let (b, heads, l, d) = q.dims4()?;
     let q = (q * (1.0 / (d as f64).sqrt()))?;
-    let scores = matmul(&q, &k.t()?)?; // (b, heads, l, l)
+    let scores = matmul(&q, &k.t()?, mode)?; // (b, heads, l, l)
     let probs = masked_softmax(&scores, bias, mode)?;
     let probs = dropout(&probs, dropout_p, mode)?;
-    let ctx = matmul(&probs, v)?; // (b, heads, l, d)
+    let ctx = matmul(&probs, v, mode)?; // (b, heads, l, d)
     ctx.transpose(1, 2)?.reshape((b, l, heads * d))
 }
 
 /// `softmax(scores + bias)` over the last dimension: fused with its backward when training in
 /// F32 (on the CPU or a GPU), composed otherwise. `bias` is `(b, 1, 1, l)` or `(b, 1, l, l)`.
 pub fn masked_softmax(scores: &Tensor, bias: &Tensor, mode: Mode) -> Result<Tensor> {
-    if mode == Mode::Train && super::train_ops::has_kernel(&[scores, bias]) {
+    if mode.is_train() && super::train_ops::has_kernel(&[scores, bias]) {
         super::train_ops::masked_softmax(scores, bias)
     } else {
         softmax_last(&scores.broadcast_add(bias)?, mode)

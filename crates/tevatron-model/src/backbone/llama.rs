@@ -155,10 +155,10 @@ impl RmsNorm {
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         match mode {
             Mode::Eval => candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32),
-            Mode::Train if super::train_ops::has_kernel(&[x, &self.weight]) => {
+            Mode::Train(_) if super::train_ops::has_kernel(&[x, &self.weight]) => {
                 super::train_ops::rms_norm(x, &self.weight, self.eps)
             }
-            Mode::Train => {
+            Mode::Train(_) => {
                 let dtype = x.dtype();
                 let x = if dtype == DType::F64 { x.clone() } else { x.to_dtype(DType::F32)? };
                 let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -461,7 +461,8 @@ impl Layer {
     ) -> Result<Tensor> {
         let (b, l, heads, d) = q.dims4()?;
         let kv = k.dim(2)?;
-        if layers::fused_attention_applies(&[&q, &k, &v, bias, cos, sin], cfg.attention_dropout) {
+        let operands = [&q, &k, &v, bias, cos, sin];
+        if layers::fused_attention_applies(&operands, cfg.attention_dropout, mode) {
             let q = super::train_ops::rotary(&q, cos, sin)?;
             let k = super::train_ops::rotary(&k, cos, sin)?;
             return layers::fused_attention(&q, &k, &v, bias, cfg.attention_dropout, mode);

@@ -64,13 +64,83 @@ pub const REGISTRY: &[Registered] = &[
     llama::QWEN3,
 ];
 
-/// Whether a forward pass trains (dropout on, differentiable ops only) or infers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    /// Training: dropout active, no fused kernels (they have no backward in candle 0.11).
-    Train,
-    /// Inference: no dropout; fused kernels allowed.
+/// Whether a forward pass trains (dropout on, differentiable ops only) or infers. A training
+/// forward carries its [`Training`] context, so everything a forward depends on is in its
+/// arguments: there is no thread-local model state.
+#[derive(Clone, Copy, Debug)]
+pub enum Mode<'a> {
+    /// Training: dropout active, no fused kernels without a backward; mixed precision and the
+    /// dropout stream from the context.
+    Train(&'a Training),
+    /// Inference: no dropout, full precision; fused kernels allowed.
     Eval,
+}
+
+impl PartialEq for Mode<'_> {
+    /// Modes compare by kind (training or inference), not by context.
+    fn eq(&self, other: &Self) -> bool {
+        self.is_train() == other.is_train()
+    }
+}
+
+impl Mode<'_> {
+    /// Whether this is a training forward.
+    pub fn is_train(self) -> bool {
+        matches!(self, Mode::Train(_))
+    }
+
+    /// The dtype matrix products run in under mixed precision, if any.
+    pub fn autocast(self) -> Option<DType> {
+        match self {
+            Mode::Train(t) => t.autocast,
+            Mode::Eval => None,
+        }
+    }
+}
+
+/// What a training forward depends on beyond its inputs: mixed precision as PyTorch's autocast
+/// does it (matrix products in `autocast` on F32 master weights, outputs back in the input's
+/// dtype, so normalisation, softmax, residuals and the loss stay in F32), and the seeded stream
+/// its dropout masks come from. Training reseeds the stream from `(seed, step, chunk, layer)`
+/// before the embeddings and each layer, so that a resumed run, a GradCache chunk and a
+/// recomputed checkpointed layer draw the same masks as the first pass.
+pub struct Training {
+    autocast: Option<DType>,
+    dropout: std::sync::Mutex<crate::rng::SplitMix64>,
+}
+
+impl std::fmt::Debug for Training {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Training").field("autocast", &self.autocast).finish()
+    }
+}
+
+impl Training {
+    /// A context with mixed precision in `autocast` (or none) and the dropout stream at `seed`.
+    pub fn new(autocast: Option<DType>, seed: u64) -> Self {
+        Self { autocast, dropout: std::sync::Mutex::new(crate::rng::SplitMix64::new(seed)) }
+    }
+
+    /// Restarts the dropout stream at `seed`.
+    pub fn reseed(&self, seed: u64) {
+        *self.stream() = crate::rng::SplitMix64::new(seed);
+    }
+
+    /// The next dropout mask of `n` values (1 = keep, each with probability `1 - p`).
+    pub(crate) fn keep_mask(&self, n: usize, p: f64) -> Vec<u8> {
+        self.stream().keep_mask(n, p)
+    }
+
+    /// Skips the next mask of `n` values, returning where it starts (for a device that draws
+    /// the mask itself from that position).
+    pub(crate) fn skip_mask(&self, n: usize) -> u64 {
+        self.stream().skip_mask(n)
+    }
+
+    fn stream(&self) -> std::sync::MutexGuard<'_, crate::rng::SplitMix64> {
+        // A poisoned lock means a forward panicked mid-draw; the stream's state is a number.
+        self.dropout.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// A model that maps a token batch to its last hidden states `(b, l, h)`, exposed layer by
@@ -93,11 +163,37 @@ pub trait Backbone: Send + Sync {
     }
     /// Runs the whole model.
     fn forward(&self, batch: &Batch, mode: Mode) -> Result<Tensor> {
-        let mut x = self.embed(batch, mode)?;
-        let bias = self.attention_bias(batch, x.dtype())?;
-        for i in 0..self.num_layers() {
-            x = self.layer(i, &x, &bias, mode)?;
-        }
-        self.finish(&x, mode)
+        Ok(run_layers(self, batch, mode, &mut |_| {}, false, false)?.0)
     }
+}
+
+/// The one loop over a backbone's layers, shared by inference and every training strategy:
+/// `before(k)` runs ahead of the embeddings (`k = 0`) and of layer `k - 1` (training reseeds
+/// its dropout stream there); with `detach` no graph is kept past any step (GradCache's first
+/// pass); with `keep` every layer's input and the final step's are returned (gradient
+/// checkpointing). Returns the last hidden states and the kept inputs.
+pub fn run_layers<B: Backbone + ?Sized>(
+    bb: &B,
+    batch: &Batch,
+    mode: Mode,
+    before: &mut dyn FnMut(usize),
+    detach: bool,
+    keep: bool,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    let cut = |t: Tensor| if detach { t.detach() } else { t };
+    before(0);
+    let mut x = cut(bb.embed(batch, mode)?);
+    let bias = bb.attention_bias(batch, x.dtype())?;
+    let mut inputs = Vec::new();
+    for i in 0..bb.num_layers() {
+        if keep {
+            inputs.push(x.clone());
+        }
+        before(i + 1);
+        x = cut(bb.layer(i, &x, &bias, mode)?);
+    }
+    if keep {
+        inputs.push(x.clone());
+    }
+    Ok((cut(bb.finish(&x, mode)?), inputs))
 }
