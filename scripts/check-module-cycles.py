@@ -2,12 +2,17 @@
 """Finds import cycles between the modules (files) of each crate under crates/.
 
 A module is a source file (`backbone/layers.rs` is `backbone::layers`, `dist/mod.rs` is `dist`).
-An edge A -> B is a path in A that names B: `crate::b::...`, `super::...`, `self::...` inside
-`use` declarations or written out in code, resolved to the longest module prefix that exists.
-Paths to the crate root (`crate::Error`) are left out: the root's re-exports are not a design
-dependency. Test modules (`#[cfg(test)] mod tests` blocks and tests.rs files) are left out:
-a test may use anything. Prints each cycle (a strongly connected set of modules with the files
-it runs through) and exits 1 when there is one.
+An edge A -> B is a path in A that names B: `crate::b::...`, `super::...`, `self::...`, or a
+child's name (`layers::Linears` in `backbone`), in `use` declarations (`as` renames included)
+or written out in code, resolved to the longest module prefix that exists. Left out:
+- paths to the crate root (`crate::Error`): the root's re-exports are not a design dependency;
+- a module's references to its own ancestors (`super::Mode` in `backbone::layers`): a module
+  lives inside its parent, so using the parent's items is not a cycle, while the parent using
+  the child's items still counts, as do all references between modules neither of which
+  contains the other;
+- test code (`#[cfg(test)] mod ... { }` blocks and tests.rs files): a test may use anything.
+Prints each cycle (a strongly connected set of modules with the edges inside it) and exits 1
+when there is one.
 
     python3 scripts/check-module-cycles.py [crate-dir ...]
 """
@@ -42,6 +47,7 @@ def strip_tests(text):
 
 def expand_use(tree):
     """`a::{b, c::{d, e}}` -> ['a::b', 'a::c::d', 'a::c::e']."""
+    tree = re.sub(r"\s+as\s+\w+", "", tree)
     tree = re.sub(r"\s+", "", tree)
     m = re.match(r"^(.*?)\{(.*)\}$", tree)
     if not m:
@@ -65,7 +71,7 @@ def edges(src, modules, path):
     paths = []
     for m in re.finditer(r"\buse\s+([^;]+);", text):
         paths += expand_use(m.group(1))
-    paths += re.findall(r"\b((?:crate|super|self)(?:::\w+)+)", text)
+    paths += re.findall(r"(?<![\w:])((?:\w+)(?:::\w+)+)", text)
     out = set()
     for p in paths:
         parts = p.split("::")
@@ -81,14 +87,17 @@ def edges(src, modules, path):
                     base = base[:-1]
                 rest = rest[1:]
             base = tuple(base)
+        elif me + (parts[0],) in modules:
+            base, rest = me, parts  # a child module by its name
         else:
-            continue
+            continue  # another crate, the standard library, or a local name
         target = base
         for k in range(len(rest), 0, -1):
             if base + tuple(rest[:k]) in modules:
                 target = base + tuple(rest[:k])
                 break
-        if target and target != me and target in modules:
+        ancestor = target == me[: len(target)]
+        if target and not ancestor and target in modules:
             out.add(target)
     return out
 

@@ -85,7 +85,8 @@ fn keep_freed_memory(cuda: &candle_core::CudaDevice) {
 }
 
 /// Whether `TEVATRON_GPU_COMPOSED_OPS` is set (to anything but empty or 0): a GPU then trains
-/// with candle's composed ops instead of our kernels (the training ops here, the gradient norm,
+/// with candle's composed ops instead of our kernels (the training ops of `backbone/train_ops.rs`,
+/// the gradient norm,
 /// the optimizer's in-place AdamW), to measure what the kernels gain or to rule them out when a
 /// GPU run goes wrong, without another build.
 pub fn gpu_composed_ops() -> bool {
