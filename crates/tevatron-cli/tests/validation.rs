@@ -49,6 +49,21 @@ fn train_model(
     pooling: &[&str],
     extra: &[&str],
 ) -> std::process::Output {
+    let retrieval = [
+        "--eval_query_path",
+        "queries.jsonl",
+        "--eval_corpus_path",
+        "corpus.jsonl",
+        "--eval_qrels_path",
+        "qrels.txt",
+        "--per_device_eval_batch_size",
+        "5",
+    ];
+    train_with(d, out, model, &[pooling, &retrieval, extra].concat())
+}
+
+/// Six steps of `tevatron train` on the tiny training data with `model` and `flags`.
+fn train_with(d: &Path, out: &str, model: &str, flags: &[&str]) -> std::process::Output {
     let model = repo().join(model).to_string_lossy().into_owned();
     let data = repo().join("testdata/train/tiny.jsonl").to_string_lossy().into_owned();
     let mut args = vec![
@@ -73,18 +88,9 @@ fn train_model(
         "16",
         "--passage_max_len",
         "32",
-        "--eval_query_path",
-        "queries.jsonl",
-        "--eval_corpus_path",
-        "corpus.jsonl",
-        "--eval_qrels_path",
-        "qrels.txt",
-        "--per_device_eval_batch_size",
-        "5",
         "--quiet",
     ];
-    args.extend_from_slice(pooling);
-    args.extend_from_slice(extra);
+    args.extend_from_slice(flags);
     tevatron(d, &args)
 }
 
@@ -359,38 +365,9 @@ fn eval_loss_equals_the_loss_of_the_encoded_groups_and_can_pick_the_best_model()
         "0.5",
     ];
     // No retrieval data: loss is the only measure, lower is better by default.
-    let model = repo().join("testdata/tiny/bert").to_string_lossy().into_owned();
-    let data = repo().join("testdata/train/tiny.jsonl").to_string_lossy().into_owned();
-    let mut args = vec![
-        "train",
-        "--output_dir",
-        "run",
-        "--model_name_or_path",
-        &model,
-        "--dataset_path",
-        &data,
-        "--dataset_cache_dir",
-        "cache",
-        "--pooling",
-        "mean",
-        "--per_device_train_batch_size",
-        "4",
-        "--train_group_size",
-        "3",
-        "--learning_rate",
-        "1e-3",
-        "--max_steps",
-        "6",
-        "--query_max_len",
-        "16",
-        "--passage_max_len",
-        "32",
-        "--per_device_eval_batch_size",
-        "3",
-        "--quiet",
-    ];
-    args.extend_from_slice(&flags);
-    ok(tevatron(d, &args));
+    let mut all = vec!["--pooling", "mean", "--per_device_eval_batch_size", "3"];
+    all.extend_from_slice(&flags);
+    ok(train_with(d, "run", "testdata/tiny/bert", &all));
     let st = state(&d.join("run"));
     let losses: Vec<(u64, f64)> = st["log_history"]
         .as_array()
