@@ -170,6 +170,97 @@ pub struct EncodingFlags {
     pub lora_name_or_path: Option<String>,
 }
 
+/// The data flags of Tevatron's drivers (`--dataset_*`): shared by encode, train and mine.
+#[derive(Clone, Debug, Args, serde::Serialize)]
+#[command(rename_all = "snake_case")]
+pub struct DatasetFlags {
+    /// `json` for local files given by --dataset_path, a local folder, or a hub dataset id.
+    #[arg(long, default_value = "json")]
+    pub dataset_name: String,
+    /// Data file or glob (quote it): JSONL, .jsonl.gz or Parquet, e.g. 'corpus/*.jsonl.gz'.
+    #[arg(long)]
+    pub dataset_path: Option<String>,
+    /// Dataset configuration (hub datasets with several, e.g. Tevatron/beir scifact).
+    #[arg(long)]
+    pub dataset_config: Option<String>,
+    /// Dataset split (train, dev, test, ...).
+    #[arg(long, default_value = "train")]
+    pub dataset_split: String,
+    /// Cache folder: hub datasets, and the row indexes built for random access (default:
+    /// HF_DATASETS_CACHE, else HF_HOME/datasets, else ~/.cache/huggingface/datasets).
+    #[arg(long)]
+    pub dataset_cache_dir: Option<PathBuf>,
+}
+
+impl DatasetFlags {
+    /// The files the flags name (a hub dataset is fetched into the cache first).
+    pub fn files(&self) -> anyhow::Result<Vec<PathBuf>> {
+        crate::dataset::resolve(
+            crate::dataset::Flags::Dataset,
+            &self.dataset_name,
+            self.dataset_path.as_deref(),
+            self.dataset_config.as_deref(),
+            &self.dataset_split,
+            self.dataset_cache_dir.as_deref(),
+        )
+    }
+}
+
+/// The corpus flags (`--corpus_*`) of the commands that resolve document ids: train and mine.
+#[derive(Clone, Debug, Args, serde::Serialize)]
+#[command(rename_all = "snake_case")]
+pub struct CorpusFlags {
+    /// Corpus: `json` with --corpus_path, a local folder or a hub dataset id.
+    #[arg(long)]
+    pub corpus_name: Option<String>,
+    /// Corpus file or glob.
+    #[arg(long)]
+    pub corpus_path: Option<String>,
+    /// Corpus configuration.
+    #[arg(long)]
+    pub corpus_config: Option<String>,
+    /// Corpus split.
+    #[arg(long, default_value = "train")]
+    pub corpus_split: String,
+}
+
+impl CorpusFlags {
+    /// Whether a corpus was given.
+    pub fn given(&self) -> bool {
+        self.corpus_name.is_some() || self.corpus_path.is_some()
+    }
+
+    /// The corpus files, if a corpus was given; a hub corpus goes to `cache_dir`.
+    pub fn files(
+        &self,
+        cache_dir: Option<&std::path::Path>,
+    ) -> anyhow::Result<Option<Vec<PathBuf>>> {
+        if !self.given() {
+            return Ok(None);
+        }
+        crate::dataset::resolve(
+            crate::dataset::Flags::Corpus,
+            self.corpus_name.as_deref().unwrap_or("json"),
+            self.corpus_path.as_deref(),
+            self.corpus_config.as_deref(),
+            &self.corpus_split,
+            cache_dir,
+        )
+        .map(Some)
+    }
+
+    /// The same corpus as a dataset to encode.
+    pub fn as_dataset(&self, cache_dir: Option<PathBuf>) -> DatasetFlags {
+        DatasetFlags {
+            dataset_name: self.corpus_name.clone().unwrap_or_else(|| "json".into()),
+            dataset_path: self.corpus_path.clone(),
+            dataset_config: self.corpus_config.clone(),
+            dataset_split: self.corpus_split.clone(),
+            dataset_cache_dir: cache_dir,
+        }
+    }
+}
+
 /// Flags of `tevatron encode` (Tevatron's `driver.encode`).
 #[derive(Debug, Args)]
 #[command(rename_all = "snake_case")]
@@ -180,21 +271,10 @@ pub struct EncodeArgs {
     /// Tokenizer, lengths, prefixes, pooling, batches, precision, device, adapter.
     #[command(flatten)]
     pub encoding: EncodingFlags,
-    /// `json` for local files given by --dataset_path, a local folder, or a hub dataset id.
-    #[arg(long, default_value = "json")]
-    pub dataset_name: String,
-    /// Data file or glob (quote it), e.g. 'corpus/*.jsonl.gz'.
-    #[arg(long)]
-    pub dataset_path: Option<String>,
-    /// Dataset configuration (hub datasets with several, e.g. Tevatron/beir scifact).
-    #[arg(long)]
-    pub dataset_config: Option<String>,
-    /// Dataset split (train, dev, test, ...).
-    #[arg(long, default_value = "train")]
-    pub dataset_split: String,
-    /// Hub datasets cache folder.
-    #[arg(long)]
-    pub dataset_cache_dir: Option<PathBuf>,
+    /// The data: `--dataset_name`, `--dataset_path`, `--dataset_config`, `--dataset_split`,
+    /// `--dataset_cache_dir`.
+    #[command(flatten)]
+    pub data: DatasetFlags,
     /// Encode queries (`query_id`, `query_text`/`query`) instead of passages.
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub encode_is_query: bool,
@@ -278,34 +358,16 @@ pub struct TrainArgs {
     /// kernels (eager, sdpa and flash_attention_2 are numerically the same computation).
     #[arg(long)]
     pub attn_implementation: Option<String>,
-    /// `json` for local files given by --dataset_path, a local folder, or a hub dataset id.
-    #[arg(long, default_value = "json")]
-    pub dataset_name: String,
-    /// Training file or glob (JSONL, .jsonl.gz or Parquet).
-    #[arg(long)]
-    pub dataset_path: Option<String>,
-    /// Dataset configuration.
-    #[arg(long)]
-    pub dataset_config: Option<String>,
-    /// Dataset split.
-    #[arg(long, default_value = "train")]
-    pub dataset_split: String,
-    /// Cache folder: hub datasets, and the row indexes built for random access (default:
-    /// HF_DATASETS_CACHE, else HF_HOME/datasets, else ~/.cache/huggingface/datasets).
-    #[arg(long)]
-    pub dataset_cache_dir: Option<PathBuf>,
-    /// Corpus for id-based training rows: `json`, a local folder or a hub dataset id.
-    #[arg(long)]
-    pub corpus_name: Option<String>,
-    /// Corpus file or glob.
-    #[arg(long)]
-    pub corpus_path: Option<String>,
-    /// Corpus configuration.
-    #[arg(long)]
-    pub corpus_config: Option<String>,
-    /// Corpus split.
-    #[arg(long, default_value = "train")]
-    pub corpus_split: String,
+    /// The data: `--dataset_name`, `--dataset_path`, `--dataset_config`, `--dataset_split`,
+    /// `--dataset_cache_dir`.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub data: DatasetFlags,
+    /// The corpus id-based rows resolve through: `--corpus_name`, `--corpus_path`,
+    /// `--corpus_config`, `--corpus_split`.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub corpus: CorpusFlags,
     /// Passages per query: one positive and G-1 negatives.
     #[arg(long, default_value_t = 8)]
     pub train_group_size: usize,
@@ -563,41 +625,20 @@ pub enum SamplingArg {
 #[derive(Debug, Args)]
 #[command(rename_all = "snake_case")]
 pub struct MineArgs {
-    /// Training data: `json` with --dataset_path, a local folder, or a hub dataset id. Rows in
-    /// either of Tevatron's forms (`positive_passages` with docids, or `positive_document_ids`).
-    #[arg(long, default_value = "json")]
-    pub dataset_name: String,
-    /// Training file or glob (JSONL, .jsonl.gz or Parquet).
-    #[arg(long)]
-    pub dataset_path: Option<String>,
-    /// Dataset configuration.
-    #[arg(long)]
-    pub dataset_config: Option<String>,
-    /// Dataset split.
-    #[arg(long, default_value = "train")]
-    pub dataset_split: String,
-    /// Cache folder for hub datasets and the row indexes built for random access.
-    #[arg(long)]
-    pub dataset_cache_dir: Option<PathBuf>,
+    /// The data: `--dataset_name`, `--dataset_path`, `--dataset_config`, `--dataset_split`,
+    /// `--dataset_cache_dir`.
+    #[command(flatten)]
+    pub data: DatasetFlags,
     /// Instead of a training file: queries (JSONL, `query_id` + `query`/`query_text`) ...
     #[arg(long)]
     pub queries: Option<PathBuf>,
     /// ... and their TREC qrels; documents judged above 0 are the positives.
     #[arg(long)]
     pub qrels: Option<PathBuf>,
-    /// The corpus (`json` with --corpus_path, a folder or a hub id): encoded with the model, and
-    /// read for --drop_same_text.
-    #[arg(long)]
-    pub corpus_name: Option<String>,
-    /// Corpus file or glob.
-    #[arg(long)]
-    pub corpus_path: Option<String>,
-    /// Corpus configuration.
-    #[arg(long)]
-    pub corpus_config: Option<String>,
-    /// Corpus split.
-    #[arg(long, default_value = "train")]
-    pub corpus_split: String,
+    /// The corpus id-based rows resolve through: `--corpus_name`, `--corpus_path`,
+    /// `--corpus_config`, `--corpus_split`.
+    #[command(flatten)]
+    pub corpus: CorpusFlags,
     /// Query embeddings from `tevatron encode` (instead of a model).
     #[arg(long, requires = "passage_reps")]
     pub query_reps: Option<PathBuf>,

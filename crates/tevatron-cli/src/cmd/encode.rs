@@ -12,7 +12,7 @@ use tevatron_model::encoder::{BatchOptions, EMBED_CHUNK};
 use tevatron_model::{EncoderOptions, PaddingSide, TextOptions};
 
 use crate::args::{EncodeArgs, VecDTypeArg};
-use crate::{dataset, progress};
+use crate::progress;
 
 /// Validated settings of one encode run.
 struct EncodeConfig {
@@ -39,14 +39,7 @@ fn validate(a: &EncodeArgs) -> Result<EncodeConfig> {
     if a.encoding.per_device_eval_batch_size == 0 {
         bail!("--per_device_eval_batch_size must be at least 1");
     }
-    let files = dataset::resolve(
-        dataset::Flags::Dataset,
-        &a.dataset_name,
-        a.dataset_path.as_deref(),
-        a.dataset_config.as_deref(),
-        &a.dataset_split,
-        a.dataset_cache_dir.as_deref(),
-    )?;
+    let files = a.data.files()?;
     let (kind, max_len, prefix) = if a.encode_is_query {
         (RecordKind::Query, a.encoding.query_max_len, a.encoding.query_prefix.clone())
     } else {

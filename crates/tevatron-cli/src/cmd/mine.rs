@@ -23,8 +23,8 @@ use tevatron_ir::trec::Qrels;
 use tevatron_ir::vectors::{expand_glob, Vectors};
 use tevatron_train::data::Corpus;
 
-use crate::args::{EncodeArgs, MineArgs, SamplingArg, VecDTypeArg};
-use crate::{dataset, progress};
+use crate::args::{DatasetFlags, EncodeArgs, MineArgs, SamplingArg, VecDTypeArg};
+use crate::progress;
 
 /// One query to mine for: its id and text, its positives, every document judged relevant, the
 /// negatives it already has, and where it was read (for messages).
@@ -54,13 +54,13 @@ fn options(a: &MineArgs) -> Result<MineOptions> {
             a.depth
         );
     }
-    if a.queries.is_some() && (a.dataset_path.is_some() || a.keep_existing_negatives) {
+    if a.queries.is_some() && (a.data.dataset_path.is_some() || a.keep_existing_negatives) {
         bail!("with --queries and --qrels there is no training file: drop --dataset_path and --keep_existing_negatives");
     }
     if a.relative_margin.is_some_and(|r| !(0.0..1.0).contains(&r)) {
         bail!("--relative_margin must be in [0, 1)");
     }
-    if a.drop_same_text && a.corpus_path.is_none() && a.corpus_name.is_none() {
+    if a.drop_same_text && !a.corpus.given() {
         bail!("--drop_same_text needs the corpus texts: give --corpus_path (or --corpus_name)");
     }
     Ok(MineOptions {
@@ -117,14 +117,7 @@ fn doc_ids(row: &Value, kind: &str, path: &Path, line: usize) -> Result<Vec<Stri
 
 /// The queries of a training file, in either of Tevatron's forms.
 fn training_queries(a: &MineArgs, cache: &Path) -> Result<Vec<MineQuery>> {
-    let files = dataset::resolve(
-        dataset::Flags::Dataset,
-        &a.dataset_name,
-        a.dataset_path.as_deref(),
-        a.dataset_config.as_deref(),
-        &a.dataset_split,
-        a.dataset_cache_dir.as_deref(),
-    )?;
+    let files = a.data.files()?;
     let rows = RowStore::open(&files, cache)?;
     if rows.is_empty() {
         let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
@@ -313,20 +306,11 @@ fn embeddings(
         }
         f.commit()?;
         // Both through `encode`'s own code, with the encoding flags as given.
-        let encode = |dataset_name: String,
-                      dataset_path: Option<String>,
-                      dataset_config: Option<String>,
-                      dataset_split: String,
-                      is_query: bool,
-                      output: &Path| {
+        let encode = |data: DatasetFlags, is_query: bool, output: &Path| {
             super::encode::run(&EncodeArgs {
                 model_name_or_path: model.clone(),
                 encoding: a.encoding.clone(),
-                dataset_name,
-                dataset_path,
-                dataset_config,
-                dataset_split,
-                dataset_cache_dir: a.dataset_cache_dir.clone(),
+                data,
                 encode_is_query: is_query,
                 encode_output_path: output.to_path_buf(),
                 dataset_number_of_shards: 1,
@@ -338,18 +322,17 @@ fn embeddings(
             })
         };
         tracing::info!("encoding {} queries with {model}", queries.len());
-        let q_file = Some(q_file.display().to_string());
-        encode("json".into(), q_file, None, "train".into(), true, &q_out)?;
+        let queries_file = DatasetFlags {
+            dataset_name: "json".into(),
+            dataset_path: Some(q_file.display().to_string()),
+            dataset_config: None,
+            dataset_split: "train".into(),
+            dataset_cache_dir: a.data.dataset_cache_dir.clone(),
+        };
+        encode(queries_file, true, &q_out)?;
         tracing::info!("encoding the corpus with {model}");
-        encode(
-            a.corpus_name.clone().unwrap_or_else(|| "json".into()),
-            a.corpus_path.clone(),
-            a.corpus_config.clone(),
-            a.corpus_split.clone(),
-            false,
-            &p_out,
-        )
-        .context("encoding the corpus (--corpus_name/--corpus_path)")?;
+        encode(a.corpus.as_dataset(a.data.dataset_cache_dir.clone()), false, &p_out)
+            .context("encoding the corpus (--corpus_name/--corpus_path)")?;
         let mut f = AtomicFile::create(&manifest_path)?;
         writeln!(f.writer(), "{}", serde_json::to_string_pretty(&manifest).unwrap_or_default())
             .map_err(|e| f.err(e))?;
@@ -411,7 +394,7 @@ struct Summary {
 
 pub fn run(a: &MineArgs) -> Result<()> {
     let opts = options(a)?;
-    let cache = super::train::index_cache(a.dataset_cache_dir.as_deref());
+    let cache = super::train::index_cache(a.data.dataset_cache_dir.as_deref());
     let queries = match (&a.queries, &a.qrels) {
         (Some(q), Some(r)) => qrels_queries(q, r)?,
         (None, None) => training_queries(a, &cache)?,
@@ -420,17 +403,7 @@ pub fn run(a: &MineArgs) -> Result<()> {
         }
     };
     // The corpus files, resolved once for encoding and for --drop_same_text.
-    let corpus_files = match (&a.corpus_name, &a.corpus_path) {
-        (None, None) => None,
-        _ => Some(dataset::resolve(
-            dataset::Flags::Corpus,
-            a.corpus_name.as_deref().unwrap_or("json"),
-            a.corpus_path.as_deref(),
-            a.corpus_config.as_deref(),
-            &a.corpus_split,
-            a.dataset_cache_dir.as_deref(),
-        )?),
-    };
+    let corpus_files = a.corpus.files(a.data.dataset_cache_dir.as_deref())?;
     let (q_path, p_pattern, _temp) = embeddings(a, &queries, corpus_files.as_deref())?;
     let qv = Vectors::open(&q_path).context("reading the query embeddings")?;
     let shards = expand_glob(&p_pattern)

@@ -22,7 +22,7 @@ use tevatron_train::trainer::{prepare_output_dir, train, Plan, TrainConfig};
 use tevatron_train::validation::{read_records, LossData, RetrievalData, Validation, LOSS};
 
 use crate::args::{StrategyArg, TrainArgs};
-use crate::{dataset, launch, progress};
+use crate::{launch, progress};
 
 /// Where row indexes are cached: `--dataset_cache_dir`, else the Hugging Face datasets cache.
 pub(super) fn index_cache(dataset_cache_dir: Option<&std::path::Path>) -> PathBuf {
@@ -328,30 +328,10 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     let group = join_group(a)?;
     let resume = resume_point(a, &group)?;
 
-    let files = dataset::resolve(
-        dataset::Flags::Dataset,
-        &a.dataset_name,
-        a.dataset_path.as_deref(),
-        a.dataset_config.as_deref(),
-        &a.dataset_split,
-        a.dataset_cache_dir.as_deref(),
-    )
-    .context("resolving the training data")?;
-    let cache = index_cache(a.dataset_cache_dir.as_deref());
-    let corpus_files = match (&a.corpus_name, &a.corpus_path) {
-        (None, None) => None,
-        (name, path) => Some(
-            dataset::resolve(
-                dataset::Flags::Corpus,
-                name.as_deref().unwrap_or("json"),
-                path.as_deref(),
-                a.corpus_config.as_deref(),
-                &a.corpus_split,
-                a.dataset_cache_dir.as_deref(),
-            )
-            .context("resolving the corpus")?,
-        ),
-    };
+    let files = a.data.files().context("resolving the training data")?;
+    let cache = index_cache(a.data.dataset_cache_dir.as_deref());
+    let corpus_files =
+        a.corpus.files(a.data.dataset_cache_dir.as_deref()).context("resolving the corpus")?;
     let corpus = match &corpus_files {
         None => None,
         Some(files) => {
