@@ -10,7 +10,7 @@ use std::cmp::Ordering;
 
 use rayon::prelude::*;
 
-use crate::vectors::{Ids, Rows, Vectors};
+use crate::vectors::{Ids, Vectors};
 use crate::{Error, Result};
 
 /// Rows per corpus block: big enough to amortise the kernel call, small enough that
@@ -181,14 +181,7 @@ pub fn check_shard_finite(shard: &Vectors) -> Result<()> {
     let blocks: Vec<usize> = (0..n).step_by(DOC_BLOCK).collect();
     blocks.par_iter().try_for_each_init(Vec::new, |widened, &start| {
         let end = (start + DOC_BLOCK).min(n);
-        let block: &[f32] = match shard.rows() {
-            Rows::F32(x) => &x[start * dim..end * dim],
-            rows => {
-                rows.to_f32(dim, start, end, widened);
-                widened
-            }
-        };
-        check_finite(block, dim, start, shard.path())
+        check_finite(shard.rows().block(dim, start, end, widened), dim, start, shard.path())
     })
 }
 
@@ -200,15 +193,7 @@ fn scan_shard(
     batch_size: usize,
     check_passages: bool,
 ) -> Result<Vec<Vec<(f32, u32)>>> {
-    if shard.dim() != dim {
-        let passages = shard.path().to_path_buf();
-        return Err(Error::DimMismatch {
-            queries: None,
-            passages,
-            expected: shard.dim(),
-            got: dim,
-        });
-    }
+    check_width(shard, dim)?;
     let nq = queries.len() / dim;
     let ids = shard.ids();
     let rows = shard.rows();
@@ -232,13 +217,7 @@ fn scan_shard(
                 for &start in part {
                     let end = (start + DOC_BLOCK).min(n);
                     let nb = end - start;
-                    let block: &[f32] = match rows {
-                        Rows::F32(x) => &x[start * dim..end * dim],
-                        _ => {
-                            rows.to_f32(dim, start, end, &mut widened);
-                            &widened
-                        }
-                    };
+                    let block = rows.block(dim, start, end, &mut widened);
                     if check_passages && batch_index == 0 {
                         check_finite(block, dim, start, shard.path())?;
                     }
@@ -398,6 +377,20 @@ pub fn merge_shards<S: std::borrow::Borrow<Vectors>>(
     Ok(ranking)
 }
 
+/// Checks that a passage shard has the queries' width `dim` (queries given as rows, not a
+/// file); the error names the shard.
+pub fn check_width(shard: &Vectors, dim: usize) -> Result<()> {
+    if shard.dim() == dim {
+        return Ok(());
+    }
+    Err(Error::DimMismatch {
+        queries: None,
+        passages: shard.path().to_path_buf(),
+        expected: shard.dim(),
+        got: dim,
+    })
+}
+
 /// Checks that a passage shard has the query file's dimension; the error names both files.
 pub fn check_dims(queries: &Vectors, shard: &Vectors) -> Result<()> {
     if shard.dim() == queries.dim() {
@@ -427,7 +420,7 @@ pub fn check_queries(queries: &Vectors) -> Result<Vec<f32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vectors::{VecDType, VectorWriter};
+    use crate::vectors::{Rows, VecDType, VectorWriter};
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 

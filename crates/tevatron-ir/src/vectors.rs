@@ -185,7 +185,28 @@ pub enum Rows<'a> {
     BF16(&'a [bf16]),
 }
 
-impl Rows<'_> {
+impl<'a> Rows<'a> {
+    /// Rows `start..end` as f32: borrowed when the file holds F32, else widened into
+    /// `scratch` (a buffer reused across blocks) and borrowed from there.
+    pub fn block<'b>(
+        &self,
+        dim: usize,
+        start: usize,
+        end: usize,
+        scratch: &'b mut Vec<f32>,
+    ) -> &'b [f32]
+    where
+        'a: 'b,
+    {
+        match self {
+            Rows::F32(x) => &x[start * dim..end * dim],
+            _ => {
+                self.to_f32(dim, start, end, scratch);
+                scratch
+            }
+        }
+    }
+
     /// Converts rows `start..end` to f32 into `out` (cleared first).
     pub fn to_f32(&self, dim: usize, start: usize, end: usize, out: &mut Vec<f32>) {
         out.clear();

@@ -7,7 +7,7 @@
 //! one block of scores.
 
 use candle_core::{DType, Device, Tensor};
-use tevatron_ir::search::{check_finite, top_k_of_blocks, ScoreBlock};
+use tevatron_ir::search::{check_finite, check_width, top_k_of_blocks, ScoreBlock};
 use tevatron_ir::vectors::Vectors;
 use tevatron_ir::{Error, Result};
 
@@ -31,15 +31,7 @@ pub fn search_shard_on(
     depth: usize,
     batch_size: usize,
 ) -> Result<Vec<Vec<(f32, u32)>>> {
-    if shard.dim() != dim {
-        let passages = shard.path().to_path_buf();
-        return Err(Error::DimMismatch {
-            queries: None,
-            passages,
-            expected: shard.dim(),
-            got: dim,
-        });
-    }
+    check_width(shard, dim)?;
     let n = shard.len();
     let mut blocks = Vec::with_capacity(n.div_ceil(DEVICE_BLOCK));
     let mut rows = Vec::new();
