@@ -1,6 +1,6 @@
 // Training kernels for the GPU, compiled to PTX by build.rs.
 //
-// Counter-based dropout (src/backbone/counter_dropout.rs): element i is kept when the 32-bit
+// Counter-based dropout (src/backbone/dropout.rs): element i is kept when the 32-bit
 // half of SplitMix64 draw i / 2 after state `base` (low half for even i, high for odd) is at
 // least `threshold`, exactly the decisions `SplitMix64::keep_mask` draws on the CPU. Kept
 // values are scaled in float (double for f64) and rounded back to the element type.

@@ -192,7 +192,7 @@ fn the_emulation_refuses_a_launch_that_does_not_match_the_kernel() {
 }
 
 /// Dropout launched here by hand: on a GPU its launch is candle's per-dtype `Map1`
-/// (`counter_dropout`), since it also has BF16 and F16 kernels, which need CUDA's types.
+/// (`backbone/dropout.rs`), since it also has BF16 and F16 kernels, which need CUDA's types.
 #[test]
 fn emulated_dropout_keeps_what_the_cpu_stream_keeps() {
     let (n, p) = (3001, 0.1);

@@ -36,7 +36,7 @@ impl SplitMix64 {
 
     /// Moves the stream past a mask of `n` decisions without drawing it, and returns the
     /// state the mask starts from: [`keep_mask_at`] (or the CUDA kernel of
-    /// `backbone::counter_dropout`) computes it from there when it is needed.
+    /// `backbone::dropout`) computes it from there when it is needed.
     pub fn skip_mask(&mut self, n: usize) -> u64 {
         let base = self.state;
         self.state = base.wrapping_add((n.div_ceil(2) as u64).wrapping_mul(GOLDEN));

@@ -71,31 +71,8 @@ pub fn matmul(a: &Tensor, b: &Tensor, mode: Mode) -> Result<Tensor> {
     }
 }
 
-/// Inverted dropout with probability `p`, active only in `Train`. The mask comes from the
-/// training context's seeded stream (see [`super::Training`]), not from candle's unseeded
-/// `rand`.
-pub fn dropout(x: &Tensor, p: f64, mode: Mode) -> Result<Tensor> {
-    let Mode::Train(training) = mode else { return Ok(x.clone()) };
-    if p <= 0.0 {
-        return Ok(x.clone());
-    }
-    if p >= 1.0 {
-        return x.zeros_like();
-    }
-    if super::train_ops::applies(x) {
-        let (keep, scale) = draw_keep_mask(training, x.elem_count(), p);
-        return super::train_ops::dropout(x, keep, scale);
-    }
-    // Other devices and dtypes compute the same mask where the tensor lives.
-    let base = training.skip_mask(x.elem_count());
-    super::counter_dropout::dropout(x, base, p)
-}
-
-/// The next dropout mask of `n` values from the context's stream (1 = keep, each with
-/// probability `1 - p`, `0 < p < 1`) and the scale kept values get.
-fn draw_keep_mask(training: &super::Training, n: usize, p: f64) -> (Vec<u8>, f32) {
-    (training.keep_mask(n, p), (1.0 / (1.0 - p)) as f32)
-}
+use super::dropout::draw_keep_mask;
+pub use super::dropout::dropout;
 
 /// A linear layer `x W^T + b` with HF names `weight` `(out, in)` and `bias`, and optionally a
 /// LoRA adapter added to its output (`crate::lora`).

@@ -3,14 +3,14 @@
 //! `Eval` layers run on raw buffers (`cpu_infer`) and training takes fused kernels that carry
 //! their own backward (`train_ops`); every other device and dtype takes the composed candle ops,
 //! which the tests compare both against, except dropout, whose mask every device computes from
-//! the seeded stream's position (`counter_dropout`). Backbones return
+//! the seeded stream's position (`dropout.rs`). Backbones return
 //! hidden states only; pooling and loss live outside them.
 
 mod attention;
 pub mod bert;
-mod counter_dropout;
 mod cpu_infer;
 pub mod distilbert;
+mod dropout;
 mod fast;
 pub mod layers;
 pub mod llama;

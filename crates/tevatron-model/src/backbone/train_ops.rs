@@ -7,13 +7,12 @@
 //! a GPU in F32 (the `cuda` module below, kernels in `kernels/train.cu`). Other devices and
 //! dtypes use the composed ops in `layers`, which the tests compare these against.
 
-use std::sync::Arc;
-
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::dropout::ByteMask;
 use super::fast::{
-    add_xwt, contiguous_f32, erf, exp, lanes_reduce, lanes_reduce_sq, mask_scale, project, rotate,
+    add_xwt, contiguous_f32, erf, exp, lanes_reduce, lanes_reduce_sq, par_rows, project, rotate,
     simd, softmax_in_place, Data, CHUNK,
 };
 
@@ -34,24 +33,6 @@ pub fn has_kernel(operands: &[&Tensor]) -> bool {
         && operands
             .iter()
             .all(|t| t.dtype() == candle_core::DType::F32 && t.device().same_device(device))
-}
-
-/// Fills a new vector of `n` elements in parallel chunks of whole rows of width `row`.
-/// `fill(start, out)` must write every element of `out` (it may read back what it wrote);
-/// the memory is not zeroed first, which would cost a pass over every fresh page.
-fn par_rows(n: usize, row: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
-    let mut out: Vec<f32> = Vec::with_capacity(n);
-    let per_task = (CHUNK / row.max(1)).max(1) * row.max(1);
-    let spare = &mut out.spare_capacity_mut()[..n];
-    spare.par_chunks_mut(per_task).enumerate().for_each(|(i, o)| {
-        // SAFETY: f32 has no invalid bit patterns and `fill` writes each element before any
-        // read of it (the contract above), so no uninitialised value is ever observed.
-        let o = unsafe { &mut *(o as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
-        simd(|| fill(i * per_task, o))
-    });
-    // SAFETY: every element was written by `fill`.
-    unsafe { out.set_len(n) };
-    out
 }
 
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
@@ -661,48 +642,6 @@ pub fn bias_add(y: &Tensor, b: &Tensor) -> Result<Tensor> {
     y.contiguous()?.apply_op2(&b.contiguous()?, BiasAdd)
 }
 
-struct Dropout {
-    keep: Arc<Vec<u8>>,
-    scale: f32,
-}
-
-impl Dropout {
-    /// `x` with the mask applied: kept values scaled, dropped ones zero.
-    fn apply(&self, x: &[f32]) -> Result<Vec<f32>> {
-        if x.len() != self.keep.len() {
-            candle_core::bail!(
-                "train-dropout: mask of {} for {} elements",
-                self.keep.len(),
-                x.len()
-            );
-        }
-        Ok(par_rows(x.len(), 1, |start, o| {
-            let end = start + o.len();
-            mask_scale(o, &x[start..end], &self.keep[start..end], self.scale)
-        }))
-    }
-}
-
-impl CustomOp1 for Dropout {
-    fn name(&self) -> &'static str {
-        "train-dropout"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s, l, "train-dropout")?;
-        Ok((CpuStorage::F32(self.apply(x)?), l.shape().clone()))
-    }
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let same = Dropout { keep: self.keep.clone(), scale: self.scale };
-        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&same)?))
-    }
-}
-
-/// Inverted dropout with a given keep mask (1 = keep), stored as bytes rather than a float
-/// tensor; backward applies the same mask.
-pub fn dropout(x: &Tensor, keep: Vec<u8>, scale: f32) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Dropout { keep: Arc::new(keep), scale })
-}
-
 /// `x W^T (+ b)` with a frozen weight and bias (a LoRA base model's projections): they are
 /// fields of the op, not inputs, so backward computes only the input gradient `dy W`. candle's
 /// matmul backward always computes the weight's gradient as well (a product as large as the
@@ -909,7 +848,7 @@ struct LoraLinear {
     weight: Tensor,
     bias: Option<Tensor>,
     scale: f32,
-    dropout: Option<Dropout>,
+    dropout: Option<ByteMask>,
 }
 
 impl CustomOp3 for LoraLinear {
@@ -991,7 +930,7 @@ pub fn lora_linear(
         weight: weight.clone(),
         bias: bias.cloned(),
         scale: scale as f32,
-        dropout: keep.map(|(keep, scale)| Dropout { keep: Arc::new(keep), scale }),
+        dropout: keep.map(|(keep, scale)| ByteMask::new(keep, scale)),
     };
     x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)
 }
@@ -1004,7 +943,7 @@ pub(crate) mod cuda;
 mod tests {
     use super::*;
     use crate::testing::max_abs_diff;
-    use candle_core::{DType, Device, Var, D};
+    use candle_core::{Device, Var, D};
 
     /// The decoder and LoRA ops (rotary, SwiGLU, frozen linear, LoRA linear with dropout) and
     /// their gradients equal the same maths composed of candle ops.
@@ -1165,18 +1104,5 @@ mod tests {
         for (a, c) in both(&fused).iter().zip(both(&composed).iter()) {
             assert!(max_abs_diff(a, c).unwrap() < 1e-5);
         }
-        // Dropout: the mask applies forward and backward.
-        let keep: Vec<u8> = (0..x.as_tensor().elem_count()).map(|i| (i % 3 != 0) as u8).collect();
-        let mask = Tensor::from_vec(
-            keep.iter().map(|&k| k as f32 * 2.0).collect::<Vec<_>>(),
-            (3, 2, 5, 7),
-            &dev,
-        )
-        .unwrap();
-        let fused = dropout(x.as_tensor(), keep, 2.0).unwrap();
-        let composed = (x.as_tensor() * &mask).unwrap();
-        assert_eq!(max_abs_diff(&fused, &composed).unwrap(), 0.0);
-        assert_eq!(max_abs_diff(&grad_of(&fused), &grad_of(&composed)).unwrap(), 0.0);
-        assert_eq!(fused.dtype(), DType::F32);
     }
 }
