@@ -2,7 +2,8 @@
 # Builds `tevatron` with candle's CUDA backend on a machine without a GPU, from PyPI wheels
 # (recipe: docs/cuda-build.md). CUDA 13.0 to match the GPU machines' driver; sm_90.
 #   scripts/build-cuda.sh           release build -> target/cuda/release/tevatron
-#   scripts/build-cuda.sh check     cargo clippy --features cuda,nccl only (what CI runs)
+#   scripts/build-cuda.sh check     cargo clippy --features cuda,nccl --all-targets only (what CI runs;
+#                                   the GPU tests are compiled, not run)
 #   scripts/build-cuda.sh tests     the model crate's unit tests with CUDA
 #                                   -> target/cuda/release/tevatron-model-tests (gpu-check runs them)
 # Features: cuda (candle's CUDA backend, cuBLAS) and nccl (GPU collectives for --nproc_per_node;
@@ -44,7 +45,7 @@ export CUDA_HOME=$cu CUDA_PATH=$cu PATH=$cu/bin:$PATH CUDA_COMPUTE_CAP=90 CUDARC
 export LIBRARY_PATH=$cu/lib:$cu/lib/stubs:$nccl${LIBRARY_PATH:+:$LIBRARY_PATH}
 export RUSTFLAGS="${RUSTFLAGS:-} -L $cu/lib -L $cu/lib/stubs -L $nccl"
 if [ "${1:-build}" = check ]; then
-  cargo clippy --features cuda,nccl -p tevatron-cli -p tevatron-train -p tevatron-model --target-dir target/cuda -- -D warnings
+  cargo clippy --features cuda,nccl -p tevatron-cli -p tevatron-train -p tevatron-model --all-targets --target-dir target/cuda -- -D warnings
 elif [ "${1:-}" = tests ]; then
   # The model crate's unit tests with CUDA, for scripts/gpu-check.sh to run its gpu_ tests on
   # the GPU machine. Release, with candle's nccl feature as in the release build, so that the

@@ -8,10 +8,11 @@
 //! without checking anything: `scripts/gpu-check.sh` runs them on the GPU machine (the binary
 //! from `scripts/build-cuda.sh tests`), where a skip fails the check.
 
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use crate::backbone::activation::gelu_train as gelu;
 use crate::backbone::lookup::embedding;
-use crate::backbone::train_ops::{
-    bias_add, gelu, layer_norm, masked_softmax, rms_norm, rotary, swiglu,
-};
+use crate::backbone::train_ops::{bias_add, layer_norm, masked_softmax, rms_norm, rotary, swiglu};
 use crate::fused_adamw::{adamw_step_in_place, AdamWStep};
 use crate::grad_norm::sum_of_squares;
 use crate::testing::{max_abs_diff_of, max_abs_of};

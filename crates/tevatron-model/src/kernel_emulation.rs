@@ -319,7 +319,7 @@ fn emulated_gelu_and_its_gradient_equal_the_cpu_op() {
     let x: Vec<f32> = (0..n).map(|i| -9.0 + 18.0 * i as f32 / n as f32).collect();
     let g = wave(n, 0.77);
     let xv = Var::from_tensor(&tensor(&x, &[n])).unwrap();
-    let y = train_ops::gelu(&xv).unwrap();
+    let y = crate::backbone::activation::gelu_train(&xv).unwrap();
     let grads = (y.clone() * tensor(&g, &[n])).unwrap().sum_all().unwrap().backward().unwrap();
     let got = cuda::gelu(&Emulator, input(&x)).unwrap().values();
     let dx = cuda::gelu_grad(&Emulator, input(&x), input(&g)).unwrap().values();

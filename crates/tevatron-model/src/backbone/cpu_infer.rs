@@ -14,8 +14,9 @@
 use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 
+use super::activation::activate;
 use super::attention::{forward as attention, Heads};
-use super::fast::{erf, exp, lanes_reduce, lanes_reduce_sq, project, rotate, simd, Data, CHUNK};
+use super::fast::{lanes_reduce, lanes_reduce_sq, project, rotate, simd, Data, CHUNK};
 use super::layers::{Activation, LayerNorm, Linear};
 
 /// The weights of one post-norm encoder layer, borrowed from the backbone:
@@ -261,23 +262,6 @@ fn add_in_place(y: &mut [f32], x: &[f32]) {
     y.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .for_each(|(y, x)| simd(|| y.iter_mut().zip(x).for_each(|(y, x)| *y += x)));
-}
-
-/// The feed-forward activation, in place.
-fn activate(x: &mut [f32], act: Activation) {
-    // One monomorphised loop per activation, so each inlines and vectorises.
-    fn each(x: &mut [f32], f: impl Fn(f32) -> f32 + Sync) {
-        x.par_chunks_mut(CHUNK).for_each(|c| simd(|| c.iter_mut().for_each(|v| *v = f(*v))));
-    }
-    match act {
-        Activation::Gelu => each(x, |v| 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2))),
-        Activation::GeluNew => each(x, |v| {
-            let c = (2.0 / std::f32::consts::PI).sqrt();
-            0.5 * v * (1.0 + (c * (v + 0.044_715 * v * v * v)).tanh())
-        }),
-        Activation::Relu => each(x, |v| v.max(0.0)),
-        Activation::Silu => each(x, |v| v / (1.0 + exp(-v))),
-    }
 }
 
 #[cfg(test)]

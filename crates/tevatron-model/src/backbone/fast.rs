@@ -315,28 +315,6 @@ pub(super) fn mask_scale_in_place(x: &mut [f32], keep: &[u8], scale: f32) {
 /// Chunk of elements per rayon task, so small tensors are not split needlessly.
 pub(super) const CHUNK: usize = 1 << 14;
 
-/// The GELU kernel (its forward is shared with the training op).
-pub(super) struct Gelu;
-
-impl CustomOp1 for Gelu {
-    fn name(&self) -> &'static str {
-        "fast-gelu"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s, l, "fast-gelu")?;
-        let mut out: Vec<f32> = Vec::with_capacity(x.len());
-        let spare = &mut out.spare_capacity_mut()[..x.len()];
-        spare.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| {
-            for (o, &v) in o.iter_mut().zip(x) {
-                o.write(0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2)));
-            }
-        });
-        // SAFETY: every element of the first x.len() slots was written above.
-        unsafe { out.set_len(x.len()) };
-        Ok((CpuStorage::F32(out), l.shape().clone()))
-    }
-}
-
 struct Softmax;
 
 impl CustomOp1 for Softmax {
@@ -375,11 +353,6 @@ pub(super) fn par_rows(n: usize, row: usize, fill: impl Fn(usize, &mut [f32]) + 
 /// Whether the fast kernels apply to `x` (F32 on CPU).
 pub fn applies(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == candle_core::DType::F32
-}
-
-/// Exact-erf GELU (HF `gelu`), SIMD-friendly; inference only.
-pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1_no_bwd(&Gelu)
 }
 
 /// Softmax over the last dimension, SIMD-friendly; inference only.
@@ -438,8 +411,6 @@ mod tests {
         let grid: Vec<f32> = (0..100 * 181).map(|i| -9.0 + 18.0 * i as f32 / 18_099.0).collect();
         let x = Tensor::from_vec(grid, (100, 181), &dev).unwrap();
         let d = |a: Tensor, b: Tensor| crate::testing::max_abs_diff(&a, &b).unwrap();
-        // GELU(9) is 9: two ulps there are 1.9e-6, and the grid's largest difference is 1.2e-6.
-        assert!(d(gelu(&x).unwrap(), x.gelu_erf().unwrap()) < 2e-6);
         assert!(d(softmax_last(&x).unwrap(), candle_nn::ops::softmax_last_dim(&x).unwrap()) < 1e-6);
     }
 }

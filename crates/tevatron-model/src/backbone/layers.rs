@@ -216,46 +216,7 @@ impl Linears<'_> {
     }
 }
 
-/// The activation functions HF configs name in `hidden_act` / `activation`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Activation {
-    /// Exact GELU (erf), what HF calls `gelu`.
-    Gelu,
-    /// Tanh approximation of GELU.
-    #[serde(alias = "gelu_pytorch_tanh", alias = "gelu_fast")]
-    GeluNew,
-    /// ReLU.
-    Relu,
-    /// SiLU / swish.
-    #[serde(alias = "swish")]
-    Silu,
-}
-
-impl Activation {
-    /// Applies the activation. `Train` uses candle's ops (all have a backward); `Eval` takes
-    /// the SIMD-friendly GELU on CPU.
-    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        match self {
-            Activation::Gelu if mode == Mode::Eval && super::fast::applies(x) => {
-                super::fast::gelu(x)
-            }
-            // candle's fused gelu_erf backward rounds 1/sqrt(2 pi) to 0.398942 (7e-7 relative);
-            // composed from erf, whose backward is exact, training gets exact gradients.
-            Activation::Gelu if mode.is_train() && super::train_ops::has_kernel(&[x]) => {
-                super::train_ops::gelu(x)
-            }
-            Activation::Gelu if mode.is_train() => {
-                let cdf = ((x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)?;
-                (x * 0.5)? * cdf
-            }
-            Activation::Gelu => x.gelu_erf(),
-            Activation::GeluNew => x.gelu(),
-            Activation::Relu => x.relu(),
-            Activation::Silu => x.silu(),
-        }
-    }
-}
+pub use super::activation::Activation;
 
 /// Multi-head self-attention core: `softmax(q k^T / sqrt(d) + mask) v` over `(b, l, h)`
 /// projections, with HF's additive mask (the dtype's minimum on padded keys). One fused op

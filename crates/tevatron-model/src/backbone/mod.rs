@@ -6,6 +6,7 @@
 //! the seeded stream's position (`dropout.rs`). Backbones return
 //! hidden states only; pooling and loss live outside them.
 
+pub mod activation;
 mod attention;
 pub mod bert;
 mod cpu_infer;

@@ -12,8 +12,8 @@ use rayon::prelude::*;
 
 use super::dropout::ByteMask;
 use super::fast::{
-    add_xwt, contiguous_f32, erf, exp, lanes_reduce, lanes_reduce_sq, par_rows, project, rotate,
-    simd, softmax_in_place, Data, CHUNK,
+    add_xwt, contiguous_f32, exp, lanes_reduce, lanes_reduce_sq, par_rows, project, rotate, simd,
+    softmax_in_place, Data, CHUNK,
 };
 
 /// Whether the fused kernels apply (F32 on CPU), the same rule as the inference kernels'.
@@ -34,8 +34,6 @@ pub fn has_kernel(operands: &[&Tensor]) -> bool {
             .iter()
             .all(|t| t.dtype() == candle_core::DType::F32 && t.device().same_device(device))
 }
-
-const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 
 /// Sums per-chunk partial vectors in chunk order. Chunks are fixed by the data size, not by
 /// rayon's work stealing, so the result is the same bits on every run: resumed training must
@@ -85,70 +83,6 @@ fn par_rows_with_param_grad(
         .collect();
     tail.copy_from_slice(&sum_in_order(partial, width));
     out
-}
-
-struct Gelu;
-struct GeluGrad;
-
-impl CustomOp1 for Gelu {
-    fn name(&self) -> &'static str {
-        "train-gelu"
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda_kernels::run(self.name(), [(s, l)], l.shape(), |d, [x]| cuda::gelu(d, x))
-    }
-    /// The inference kernel's forward; only the backward is new here.
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        super::fast::Gelu.cpu_fwd(s, l)
-    }
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(arg.apply_op2_no_bwd(&grad.contiguous()?, &GeluGrad)?))
-    }
-}
-
-impl CustomOp2 for GeluGrad {
-    fn name(&self) -> &'static str {
-        "train-gelu-grad"
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda_kernels::run(self.name(), [(s1, l1), (s2, l2)], l1.shape(), |d, [x, g]| {
-            cuda::gelu_grad(d, x, g)
-        })
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s1, l1, "train-gelu-grad")?;
-        let g = contiguous_f32(s2, l2, "train-gelu-grad")?;
-        let out = par_rows(x.len(), 1, |start, o| {
-            for ((o, &v), &g) in o.iter_mut().zip(&x[start..]).zip(&g[start..]) {
-                let cdf = 0.5 * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
-                *o = g * (cdf + v * FRAC_1_SQRT_2PI * exp(-0.5 * v * v));
-            }
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
-}
-
-/// Exact-erf GELU with a fused backward.
-pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Gelu)
 }
 
 struct MaskedSoftmax;
@@ -1023,14 +957,7 @@ mod tests {
             let gs = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
             gs.get(x.as_tensor()).unwrap().clone()
         };
-        // GELU
-        let fused = gelu(x.as_tensor()).unwrap();
         let t = x.as_tensor();
-        let composed = ((t * 0.5).unwrap()
-            * ((t * std::f64::consts::FRAC_1_SQRT_2).unwrap().erf().unwrap() + 1.0).unwrap())
-        .unwrap();
-        assert!(max_abs_diff(&fused, &composed).unwrap() < 1e-6);
-        assert!(max_abs_diff(&grad_of(&fused), &grad_of(&composed)).unwrap() < 1e-5);
         // Masked softmax: a mask with two padded keys in batch 1.
         let mut m = vec![0f32; 3 * 7];
         m[7 + 5] = f32::MIN;
