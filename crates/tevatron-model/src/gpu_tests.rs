@@ -12,7 +12,8 @@
 
 use crate::backbone::activation::gelu_train as gelu;
 use crate::backbone::lookup::embedding;
-use crate::backbone::train_ops::{bias_add, layer_norm, masked_softmax, rms_norm, rotary, swiglu};
+use crate::backbone::norm::{layer_norm_train as layer_norm, rms_norm_train as rms_norm};
+use crate::backbone::train_ops::{bias_add, masked_softmax, rotary, swiglu};
 use crate::fused_adamw::{adamw_step_in_place, AdamWStep};
 use crate::grad_norm::sum_of_squares;
 use crate::testing::{max_abs_diff_of, max_abs_of};

@@ -253,7 +253,7 @@ fn emulated_layer_norm_and_its_gradients_equal_the_cpu_op() {
         let xv = Var::from_tensor(&tensor(&x, &[rows, h])).unwrap();
         let wv = Var::from_tensor(&tensor(&w, &[h])).unwrap();
         let bv = Var::from_tensor(&tensor(&b, &[h])).unwrap();
-        let y = train_ops::layer_norm(&xv, &wv, &bv, eps).unwrap();
+        let y = crate::backbone::norm::layer_norm_train(&xv, &wv, &bv, eps).unwrap();
         let grads =
             (y.clone() * tensor(&g, &[rows, h])).unwrap().sum_all().unwrap().backward().unwrap();
         let grad = |v: &Var| values(grads.get(v).unwrap());
@@ -359,7 +359,7 @@ fn emulated_rms_norm_and_its_gradients_equal_the_cpu_op() {
         let (x, w, g) = (wave(n, 0.53), wave(h, 1.1), wave(n, 1.7));
         let xv = Var::from_tensor(&tensor(&x, &[rows, h])).unwrap();
         let wv = Var::from_tensor(&tensor(&w, &[h])).unwrap();
-        let y = train_ops::rms_norm(&xv, &wv, eps).unwrap();
+        let y = crate::backbone::norm::rms_norm_train(&xv, &wv, eps).unwrap();
         let grads =
             (y.clone() * tensor(&g, &[rows, h])).unwrap().sum_all().unwrap().backward().unwrap();
         let grad = |v: &Var| values(grads.get(v).unwrap());

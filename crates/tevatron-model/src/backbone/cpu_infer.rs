@@ -16,8 +16,9 @@ use rayon::prelude::*;
 
 use super::activation::activate;
 use super::attention::{forward as attention, Heads};
-use super::fast::{lanes_reduce, lanes_reduce_sq, project, rotate, simd, Data, CHUNK};
+use super::fast::{project, rotate, simd, Data, CHUNK};
 use super::layers::{Activation, LayerNorm, Linear};
+use super::norm::{add_layer_norm, rms_norm_rows, RmsNormRef};
 
 /// The weights of one post-norm encoder layer, borrowed from the backbone:
 /// `x1 = LN(x + O(attn(Q x, K x, V x)))`, `out = LN(x1 + down(act(up(x1))))`.
@@ -86,12 +87,6 @@ impl PostNormLayer<'_> {
     }
 }
 
-/// An RMSNorm's weight and epsilon: `x / sqrt(mean(x^2) + eps) * weight`.
-pub(super) struct RmsNormRef<'a> {
-    pub weight: &'a Tensor,
-    pub eps: f64,
-}
-
 /// The weights of one pre-norm decoder layer (Llama family), borrowed from the backbone:
 /// `x1 = x + O(attn(rope(Q n1(x)), rope(K n1(x)), V n1(x)))`,
 /// `out = x1 + down(act(gate(n2(x1))) * up(n2(x1)))`; Qwen3 also norms each head of Q and K.
@@ -139,14 +134,14 @@ impl DecoderLayer<'_> {
         }
         let xd = Data::of(x)?;
         let x = xd.slice();
-        let normed = rms_norm(x, h, &self.input_norm)?;
+        let normed = rms_norm_rows(x, h, &self.input_norm)?;
         let mut q = linear(&normed, self.q)?;
         let mut k = linear(&normed, self.k)?;
         let v = linear(&normed, self.v)?;
         drop(normed);
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
-            q = rms_norm(&q, dim, qn)?;
-            k = rms_norm(&k, dim, kn)?;
+            q = rms_norm_rows(&q, dim, qn)?;
+            k = rms_norm_rows(&k, dim, kn)?;
         }
         let (cd, sd) = (Data::of(cos)?, Data::of(sin)?);
         let table = (cd.slice(), sd.slice());
@@ -159,7 +154,7 @@ impl DecoderLayer<'_> {
         drop(ctx);
         add_in_place(&mut x1, x);
         drop(xd);
-        let normed = rms_norm(&x1, h, &self.post_norm)?;
+        let normed = rms_norm_rows(&x1, h, &self.post_norm)?;
         let mut gate = linear(&normed, self.gate)?;
         let up = linear(&normed, self.up)?;
         drop(normed);
@@ -177,84 +172,6 @@ impl DecoderLayer<'_> {
 /// `x W^T (+ b)` over the rows of `x` with a linear layer's weights (see [`project`]).
 fn linear(x: &[f32], lin: &Linear) -> Result<Vec<f32>> {
     project(x, &lin.weight, lin.bias.as_ref())
-}
-
-/// `y = LayerNorm(y + residual)` row by row, in place.
-fn add_layer_norm(y: &mut [f32], residual: &[f32], h: usize, norm: &LayerNorm) -> Result<()> {
-    let wd = Data::of(&norm.weight)?;
-    let bd = Data::of(&norm.bias)?;
-    let (w, b) = (wd.slice(), bd.slice());
-    if y.len() != residual.len() || w.len() != h || b.len() != h {
-        candle_core::bail!("cpu inference: layer norm shapes do not match");
-    }
-    let eps = norm.eps as f32;
-    let rows_per_task = (CHUNK / h).max(1) * h;
-    y.par_chunks_mut(rows_per_task)
-        .zip(residual.par_chunks(rows_per_task))
-        .for_each(|(y, r)| add_layer_norm_rows(y, r, (w, b), eps));
-    Ok(())
-}
-
-/// [`add_layer_norm`] over whole rows of `y` and `residual` (rows as wide as `w`), compiled
-/// for AVX-512 when the CPU has it. A named wrapper rather than `fast::simd`: passed as a
-/// closure, this loop was not inlined into the AVX-512 copy (`perf` showed it running unvectorised).
-fn add_layer_norm_rows(y: &mut [f32], residual: &[f32], (w, b): (&[f32], &[f32]), eps: f32) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F, checked just above.
-        return unsafe { add_layer_norm_rows_avx512(y, residual, (w, b), eps) };
-    }
-    add_layer_norm_rows_portable(y, residual, (w, b), eps)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn add_layer_norm_rows_avx512(y: &mut [f32], r: &[f32], wb: (&[f32], &[f32]), eps: f32) {
-    add_layer_norm_rows_portable(y, r, wb, eps)
-}
-
-#[inline(always)]
-fn add_layer_norm_rows_portable(
-    y: &mut [f32],
-    residual: &[f32],
-    (w, b): (&[f32], &[f32]),
-    eps: f32,
-) {
-    let h = w.len();
-    for (y, r) in y.chunks_mut(h).zip(residual.chunks(h)) {
-        y.iter_mut().zip(r).for_each(|(y, r)| *y += r);
-        let mean = lanes_reduce(y, 0.0, |a, b| a + b) / h as f32;
-        y.iter_mut().for_each(|v| *v -= mean);
-        let var = lanes_reduce_sq(y) / h as f32;
-        let rstd = 1.0 / (var + eps).sqrt();
-        for ((v, &w), &b) in y.iter_mut().zip(w).zip(b) {
-            *v = *v * rstd * w + b;
-        }
-    }
-}
-
-/// RMSNorm of each `width`-long row of `x` (a hidden state, or one head of Q or K) into a new
-/// buffer.
-fn rms_norm(x: &[f32], width: usize, norm: &RmsNormRef) -> Result<Vec<f32>> {
-    let wd = Data::of(norm.weight)?;
-    let w = wd.slice();
-    if w.len() != width || !x.len().is_multiple_of(width) {
-        candle_core::bail!("cpu inference: rms norm shapes do not match");
-    }
-    let eps = norm.eps as f32;
-    let mut y = vec![0f32; x.len()];
-    let rows_per_task = (CHUNK / width).max(1) * width;
-    y.par_chunks_mut(rows_per_task).zip(x.par_chunks(rows_per_task)).for_each(|(y, x)| {
-        simd(|| {
-            for (y, x) in y.chunks_mut(width).zip(x.chunks(width)) {
-                let rstd = 1.0 / (lanes_reduce_sq(x) / width as f32 + eps).sqrt();
-                for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
-                    *y = w * (x * rstd);
-                }
-            }
-        })
-    });
-    Ok(y)
 }
 
 /// `y += x`, in place.

@@ -8,49 +8,7 @@ use candle_nn::VarBuilder;
 use super::Mode;
 use crate::lora::{LoraPlan, LoraWeights};
 
-/// Layer normalisation over the last dimension, with HF weight names `weight`/`bias`.
-#[derive(Clone, Debug)]
-pub struct LayerNorm {
-    pub(super) weight: Tensor,
-    pub(super) bias: Tensor,
-    pub(super) eps: f64,
-}
-
-impl LayerNorm {
-    /// Loads `weight` and `bias` of width `size`.
-    pub fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
-        Ok(Self { weight: vb.get(size, "weight")?, bias: vb.get(size, "bias")?, eps })
-    }
-
-    /// Normalises `x`: candle's fused kernel in `Eval`; in `Train` our fused op with its own
-    /// backward for F32 (CPU or GPU), differentiable candle ops otherwise.
-    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        match mode {
-            Mode::Eval => candle_nn::ops::layer_norm(
-                &x.contiguous()?,
-                &self.weight,
-                &self.bias,
-                self.eps as f32,
-            ),
-            Mode::Train(_) if super::train_ops::has_kernel(&[x, &self.weight, &self.bias]) => {
-                super::train_ops::layer_norm(x, &self.weight, &self.bias, self.eps)
-            }
-            Mode::Train(_) => {
-                let dtype = x.dtype();
-                let x = if matches!(dtype, DType::F16 | DType::BF16) {
-                    x.to_dtype(DType::F32)?
-                } else {
-                    x.clone()
-                };
-                let mean = x.mean_keepdim(D::Minus1)?;
-                let centered = x.broadcast_sub(&mean)?;
-                let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-                let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-                normed.to_dtype(dtype)?.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
-            }
-        }
-    }
-}
+pub use super::norm::LayerNorm;
 
 /// Softmax over the last dimension.
 pub fn softmax_last(x: &Tensor, mode: Mode) -> Result<Tensor> {

@@ -16,9 +16,10 @@ use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
 use super::attention::Heads;
-use super::cpu_infer::{DecoderLayer, RmsNormRef};
+use super::cpu_infer::DecoderLayer;
 use super::layers::{self, Activation, Linear, Linears};
 use super::lookup::embedding;
+use super::norm::RmsNorm;
 use super::{Architecture, Backbone, Mode, Registered};
 use crate::collate::Batch;
 
@@ -132,39 +133,6 @@ impl Config {
                 self.sliding_window
             }
             _ => None,
-        }
-    }
-}
-
-/// RMSNorm with HF's weight name `weight`: `x / sqrt(mean(x^2) + eps) * weight`, computed in F32.
-#[derive(Clone, Debug)]
-struct RmsNorm {
-    weight: Tensor,
-    eps: f64,
-}
-
-impl RmsNorm {
-    fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
-        Ok(Self { weight: vb.get(size, "weight")?, eps })
-    }
-
-    fn as_ref(&self) -> RmsNormRef<'_> {
-        RmsNormRef { weight: &self.weight, eps: self.eps }
-    }
-
-    fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        match mode {
-            Mode::Eval => candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32),
-            Mode::Train(_) if super::train_ops::has_kernel(&[x, &self.weight]) => {
-                super::train_ops::rms_norm(x, &self.weight, self.eps)
-            }
-            Mode::Train(_) => {
-                let dtype = x.dtype();
-                let x = if dtype == DType::F64 { x.clone() } else { x.to_dtype(DType::F32)? };
-                let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-                let normed = x.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
-                normed.to_dtype(dtype)?.broadcast_mul(&self.weight)
-            }
         }
     }
 }

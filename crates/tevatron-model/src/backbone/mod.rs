@@ -16,6 +16,7 @@ mod fast;
 pub mod layers;
 pub mod llama;
 pub mod lookup;
+pub mod norm;
 pub mod train_ops;
 
 use candle_core::{DType, Result, Tensor};

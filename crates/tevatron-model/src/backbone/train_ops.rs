@@ -12,8 +12,7 @@ use rayon::prelude::*;
 
 use super::dropout::ByteMask;
 use super::fast::{
-    add_xwt, contiguous_f32, exp, lanes_reduce, lanes_reduce_sq, par_rows, project, rotate, simd,
-    softmax_in_place, Data, CHUNK,
+    add_xwt, contiguous_f32, exp, par_rows, project, rotate, simd, softmax_in_place, Data, CHUNK,
 };
 
 /// Whether the fused kernels apply (F32 on CPU), the same rule as the inference kernels'.
@@ -47,7 +46,11 @@ fn sum_in_order(partial: Vec<Vec<f32>>, h: usize) -> Vec<f32> {
 }
 
 /// [`par_rows`] one row at a time: `fill(r, out)` writes row `r` (`row` elements long).
-fn par_map_rows(n: usize, row: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+pub(super) fn par_map_rows(
+    n: usize,
+    row: usize,
+    fill: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
     par_rows(n, row, |start, o| {
         for (k, o) in o.chunks_mut(row).enumerate() {
             fill(start / row + k, o)
@@ -59,7 +62,7 @@ fn par_map_rows(n: usize, row: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -
 /// `r`'s input gradient and adds its parameter gradients into `acc` (`width` long). Rows go in
 /// fixed tasks whose partial `acc`s are summed in task order ([`sum_in_order`]). Returns
 /// `[dx (n elements), acc (width)]` in one vector.
-fn par_rows_with_param_grad(
+pub(super) fn par_rows_with_param_grad(
     n: usize,
     row: usize,
     width: usize,
@@ -215,276 +218,6 @@ impl CustomOp2 for SoftmaxGrad {
 /// `scores` gets a gradient.
 pub fn masked_softmax(scores: &Tensor, bias: &Tensor) -> Result<Tensor> {
     scores.contiguous()?.apply_op2(&bias.contiguous()?, MaskedSoftmax)
-}
-
-struct LayerNormOp {
-    eps: f32,
-}
-struct LayerNormGrad {
-    eps: f32,
-}
-
-fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
-    let n = x.len() as f32;
-    let mean = lanes_reduce(x, 0.0, |a, b| a + b) / n;
-    let mut var = 0f32;
-    for &v in x {
-        var += (v - mean) * (v - mean);
-    }
-    (mean, 1.0 / (var / n + eps).sqrt())
-}
-
-impl CustomOp3 for LayerNormOp {
-    fn name(&self) -> &'static str {
-        "train-layer-norm"
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda_kernels::run(
-            self.name(),
-            [(s1, l1), (s2, l2), (s3, l3)],
-            l1.shape(),
-            |d, [x, w, b]| cuda::layer_norm(d, x, w, b, self.eps),
-        )
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s1, l1, "train-layer-norm")?;
-        let w = contiguous_f32(s2, l2, "train-layer-norm")?;
-        let b = contiguous_f32(s3, l3, "train-layer-norm")?;
-        let h = w.len();
-        let out = par_map_rows(x.len(), h, |row, o| {
-            let x = &x[row * h..(row + 1) * h];
-            let (mean, rstd) = row_stats(x, self.eps);
-            for (((o, &v), &w), &b) in o.iter_mut().zip(x).zip(w).zip(b) {
-                *o = (v - mean) * rstd * w + b;
-            }
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let h = w.elem_count();
-        let packed =
-            x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormGrad { eps: self.eps })?;
-        let n = x.elem_count();
-        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dw = packed.narrow(0, n, h)?.reshape(w.shape())?;
-        let db = packed.narrow(0, n + h, h)?.reshape(w.shape())?;
-        Ok((Some(dx), Some(dw), Some(db)))
-    }
-}
-
-impl CustomOp3 for LayerNormGrad {
-    fn name(&self) -> &'static str {
-        "train-layer-norm-grad"
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = Shape::from(l1.shape().elem_count() + 2 * l2.shape().elem_count());
-        crate::cuda_kernels::run(
-            self.name(),
-            [(s1, l1), (s2, l2), (s3, l3)],
-            &out,
-            |d, [x, w, g]| cuda::norm_grad(d, cuda::Norm::Layer, x, w, g, self.eps),
-        )
-    }
-    /// Returns `[dx (all elements), dw (h), db (h)]` flattened into one vector.
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s1, l1, "train-layer-norm-grad")?;
-        let w = contiguous_f32(s2, l2, "train-layer-norm-grad")?;
-        let g = contiguous_f32(s3, l3, "train-layer-norm-grad")?;
-        let h = w.len();
-        // Two passes over a row recompute xhat rather than keep it: the same operations in
-        // the same order, so the same bits.
-        let out = par_rows_with_param_grad(x.len(), h, 2 * h, |row, dx, acc| {
-            let (x, g) = (&x[row * h..(row + 1) * h], &g[row * h..(row + 1) * h]);
-            let (mean, rstd) = row_stats(x, self.eps);
-            let (dw, db) = acc.split_at_mut(h);
-            let (mut m1, mut m2) = (0f32, 0f32);
-            for j in 0..h {
-                let xhat = (x[j] - mean) * rstd;
-                let dxhat = g[j] * w[j];
-                dw[j] += g[j] * xhat;
-                db[j] += g[j];
-                m1 += dxhat;
-                m2 += dxhat * xhat;
-            }
-            let (m1, m2) = (m1 / h as f32, m2 / h as f32);
-            for j in 0..h {
-                let xhat = (x[j] - mean) * rstd;
-                dx[j] = rstd * (g[j] * w[j] - m1 - xhat * m2);
-            }
-        });
-        let len = out.len();
-        Ok((CpuStorage::F32(out), Shape::from(len)))
-    }
-}
-
-/// Layer normalisation over the last dimension with a fused backward for `x`, `w` and `b`.
-pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    x.contiguous()?.apply_op3(w, b, LayerNormOp { eps: eps as f32 })
-}
-
-struct RmsNormOp {
-    eps: f32,
-}
-struct RmsNormGrad {
-    eps: f32,
-}
-
-fn rms_rstd(x: &[f32], eps: f32) -> f32 {
-    let ms = lanes_reduce_sq(x) / x.len() as f32;
-    1.0 / (ms + eps).sqrt()
-}
-
-impl CustomOp2 for RmsNormOp {
-    fn name(&self) -> &'static str {
-        "train-rms-norm"
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda_kernels::run(self.name(), [(s1, l1), (s2, l2)], l1.shape(), |d, [x, w]| {
-            cuda::rms_norm(d, x, w, self.eps)
-        })
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s1, l1, "train-rms-norm")?;
-        let w = contiguous_f32(s2, l2, "train-rms-norm")?;
-        let h = w.len();
-        let out = par_map_rows(x.len(), h, |row, o| {
-            let x = &x[row * h..(row + 1) * h];
-            let rstd = rms_rstd(x, self.eps);
-            for ((o, &v), &w) in o.iter_mut().zip(x).zip(w) {
-                *o = v * rstd * w;
-            }
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let h = w.elem_count();
-        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &RmsNormGrad { eps: self.eps })?;
-        let n = x.elem_count();
-        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dw = packed.narrow(0, n, h)?.reshape(w.shape())?;
-        Ok((Some(dx), Some(dw)))
-    }
-}
-
-impl CustomOp3 for RmsNormGrad {
-    fn name(&self) -> &'static str {
-        "train-rms-norm-grad"
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = Shape::from(l1.shape().elem_count() + l2.shape().elem_count());
-        crate::cuda_kernels::run(
-            self.name(),
-            [(s1, l1), (s2, l2), (s3, l3)],
-            &out,
-            |d, [x, w, g]| cuda::norm_grad(d, cuda::Norm::Rms, x, w, g, self.eps),
-        )
-    }
-    /// Returns `[dx (all elements), dw (h)]` flattened into one vector.
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s1, l1, "train-rms-norm-grad")?;
-        let w = contiguous_f32(s2, l2, "train-rms-norm-grad")?;
-        let g = contiguous_f32(s3, l3, "train-rms-norm-grad")?;
-        let h = w.len();
-        let out = par_rows_with_param_grad(x.len(), h, h, |row, dx, dw| {
-            let (x, g) = (&x[row * h..(row + 1) * h], &g[row * h..(row + 1) * h]);
-            let rstd = rms_rstd(x, self.eps);
-            let mut dot = 0f32;
-            for j in 0..h {
-                let xhat = x[j] * rstd;
-                dw[j] += g[j] * xhat;
-                dot += g[j] * w[j] * xhat;
-            }
-            let dot = dot / h as f32;
-            for j in 0..h {
-                dx[j] = rstd * (g[j] * w[j] - x[j] * rstd * dot);
-            }
-        });
-        let len = out.len();
-        Ok((CpuStorage::F32(out), Shape::from(len)))
-    }
-}
-
-/// RMS normalisation over the last dimension (`x / sqrt(mean(x^2) + eps) * w`) with a fused
-/// backward for `x` and `w`.
-pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    x.contiguous()?.apply_op2(w, RmsNormOp { eps: eps as f32 })
 }
 
 struct BiasAdd;
@@ -957,7 +690,6 @@ mod tests {
             let gs = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
             gs.get(x.as_tensor()).unwrap().clone()
         };
-        let t = x.as_tensor();
         // Masked softmax: a mask with two padded keys in batch 1.
         let mut m = vec![0f32; 3 * 7];
         m[7 + 5] = f32::MIN;
@@ -980,45 +712,6 @@ mod tests {
                 .unwrap();
         assert!(max_abs_diff(&fused, &composed).unwrap() < 1e-6);
         assert!(max_abs_diff(&grad_of(&fused), &grad_of(&composed)).unwrap() < 1e-6);
-        // RMS norm, gradients for x and w.
-        let w = Var::from_tensor(&Tensor::randn(1f32, 0.5, 7, &dev).unwrap()).unwrap();
-        let fused = rms_norm(x.as_tensor(), w.as_tensor(), 1e-6).unwrap();
-        let ms = t.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-        let composed = t
-            .broadcast_div(&(ms + 1e-6).unwrap().sqrt().unwrap())
-            .unwrap()
-            .broadcast_mul(w.as_tensor())
-            .unwrap();
-        assert!(max_abs_diff(&fused, &composed).unwrap() < 1e-5);
-        assert!(max_abs_diff(&grad_of(&fused), &grad_of(&composed)).unwrap() < 1e-4);
-        let gw = |y: &Tensor| {
-            let gs = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
-            gs.get(w.as_tensor()).unwrap().clone()
-        };
-        assert!(max_abs_diff(&gw(&fused), &gw(&composed)).unwrap() < 1e-4);
-        // Layer norm, gradients for x, w and b.
-        let w = Var::from_tensor(&Tensor::randn(1f32, 0.5, 7, &dev).unwrap()).unwrap();
-        let b = Var::from_tensor(&Tensor::randn(0f32, 0.5, 7, &dev).unwrap()).unwrap();
-        let fused = layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
-        let mean = t.mean_keepdim(D::Minus1).unwrap();
-        let c = t.broadcast_sub(&mean).unwrap();
-        let var = c.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-        let composed = c
-            .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
-            .unwrap()
-            .broadcast_mul(w.as_tensor())
-            .unwrap()
-            .broadcast_add(b.as_tensor())
-            .unwrap();
-        assert!(max_abs_diff(&fused, &composed).unwrap() < 1e-5);
-        let all = |y: &Tensor| {
-            let gs = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
-            [x.as_tensor(), w.as_tensor(), b.as_tensor()].map(|v| gs.get(v).unwrap().clone())
-        };
-        for (a, c) in all(&fused).iter().zip(all(&composed).iter()) {
-            let d = max_abs_diff(a, c).unwrap();
-            assert!(d < 1e-4, "{d}");
-        }
         // Bias add: the bias gradient is the column sum.
         let bv = Var::from_tensor(&Tensor::randn(0f32, 1.0, 7, &dev).unwrap()).unwrap();
         let fused = bias_add(x.as_tensor(), bv.as_tensor()).unwrap();
