@@ -11,9 +11,10 @@
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 use crate::backbone::activation::gelu_train as gelu;
+use crate::backbone::activation::swiglu_train as swiglu;
 use crate::backbone::lookup::embedding;
 use crate::backbone::norm::{layer_norm_train as layer_norm, rms_norm_train as rms_norm};
-use crate::backbone::train_ops::{bias_add, masked_softmax, rotary, swiglu};
+use crate::backbone::train_ops::{bias_add, masked_softmax, rotary};
 use crate::fused_adamw::{adamw_step_in_place, AdamWStep};
 use crate::grad_norm::sum_of_squares;
 use crate::testing::{max_abs_diff_of, max_abs_of};

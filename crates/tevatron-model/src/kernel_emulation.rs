@@ -418,7 +418,7 @@ fn emulated_swiglu_and_its_gradients_equal_the_cpu_op() {
     let (gate, up, dy) = (wave(n, 0.9), wave(n, 0.31), wave(n, 1.4));
     let gv = Var::from_tensor(&tensor(&gate, &[n])).unwrap();
     let uv = Var::from_tensor(&tensor(&up, &[n])).unwrap();
-    let y = train_ops::swiglu(&gv, &uv).unwrap();
+    let y = crate::backbone::activation::swiglu_train(&gv, &uv).unwrap();
     let grads = (y.clone() * tensor(&dy, &[n])).unwrap().sum_all().unwrap().backward().unwrap();
     let (gate, up, dy) = (input(&gate), input(&up), input(&dy));
     let got = cuda::swiglu(&Emulator, gate, up).unwrap().values();

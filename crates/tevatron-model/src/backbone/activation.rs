@@ -6,11 +6,12 @@
 //! - inference on the CPU in F32: [`gelu_inference`] (SIMD-friendly erf) for a tensor, and
 //!   `activate` in place on the raw buffers of `cpu_infer.rs`'s layers;
 //! - training in F32 on the CPU or a GPU: [`gelu_train`], the inference forward with a
-//!   one-pass backward, whose CUDA launches are `gelu` and `gelu_grad` of `train_ops_cuda.rs`
-//!   (the kernels `gelu_f32` and `gelu_grad_f32` of `kernels/train.cu`, emulated for the tests
-//!   by `kernel_emulation.rs`).
+//!   one-pass backward, and [`swiglu_train`], a gated MLP's `silu(gate) * up` with its own
+//!   backward ([`Activation::gated`] chooses it), whose CUDA launches are `gelu`, `gelu_grad`,
+//!   `swiglu` and `swiglu_grad` of `train_ops_cuda.rs` (kernels in `kernels/train.cu`, emulated
+//!   for the tests by `kernel_emulation.rs`).
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::fast::{contiguous_f32, erf, exp, par_rows, simd, CHUNK};
@@ -55,6 +56,130 @@ impl Activation {
             Activation::Silu => x.silu(),
         }
     }
+
+    /// A gated MLP's `act(gate) * up` (SwiGLU with SiLU, as Llama-family MLPs): the fused op
+    /// with its one-pass backward for SiLU in F32 (CPU or GPU), composed otherwise.
+    pub fn gated(&self, gate: &Tensor, up: &Tensor, mode: Mode) -> Result<Tensor> {
+        if *self == Activation::Silu && super::train_ops::has_kernel(&[gate, up]) {
+            return swiglu_train(gate, up);
+        }
+        self.forward(gate, mode)? * up
+    }
+}
+
+/// `silu(gate) * up`, the SwiGLU of Llama-family MLPs, with a one-pass backward.
+struct SwiGlu;
+struct SwiGluGrad;
+
+fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + exp(-v))
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "train-swiglu"
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda_kernels::run(self.name(), [(s1, l1), (s2, l2)], l1.shape(), |d, [g, u]| {
+            super::train_ops::cuda::swiglu(d, g, u)
+        })
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = contiguous_f32(s1, l1, "train-swiglu")?;
+        let u = contiguous_f32(s2, l2, "train-swiglu")?;
+        if g.len() != u.len() {
+            candle_core::bail!("train-swiglu: gate and up differ in size");
+        }
+        let out = par_rows(g.len(), 1, |start, o| {
+            for ((o, &g), &u) in o.iter_mut().zip(&g[start..]).zip(&u[start..]) {
+                *o = g * sigmoid(g) * u;
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let both = gate.apply_op3_no_bwd(up, &grad.contiguous()?, &SwiGluGrad)?;
+        let shape = gate.shape();
+        let (dg, du) = (both.get(0)?, both.get(1)?);
+        Ok((Some(dg.reshape(shape)?), Some(du.reshape(shape)?)))
+    }
+}
+
+impl CustomOp3 for SwiGluGrad {
+    fn name(&self) -> &'static str {
+        "train-swiglu-grad"
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = Shape::from((2, l1.shape().elem_count()));
+        crate::cuda_kernels::run(
+            self.name(),
+            [(s1, l1), (s2, l2), (s3, l3)],
+            &out,
+            |d, [g, u, dy]| super::train_ops::cuda::swiglu_grad(d, g, u, dy),
+        )
+    }
+    /// `[d gate; d up]` as one `(2, n)` tensor.
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = contiguous_f32(s1, l1, "train-swiglu-grad")?;
+        let u = contiguous_f32(s2, l2, "train-swiglu-grad")?;
+        let dy = contiguous_f32(s3, l3, "train-swiglu-grad")?;
+        let n = g.len();
+        let mut out = vec![0f32; 2 * n];
+        let (dg, du) = out.split_at_mut(n);
+        dg.par_chunks_mut(CHUNK).zip(du.par_chunks_mut(CHUNK)).enumerate().for_each(
+            |(c, (dg, du))| {
+                let at = c * CHUNK;
+                let (g, u, dy) = (&g[at..], &u[at..], &dy[at..]);
+                for (k, (dg, du)) in dg.iter_mut().zip(du.iter_mut()).enumerate() {
+                    let s = sigmoid(g[k]);
+                    *dg = dy[k] * u[k] * s * (1.0 + g[k] * (1.0 - s));
+                    *du = dy[k] * g[k] * s;
+                }
+            },
+        );
+        Ok((CpuStorage::F32(out), Shape::from((2, n))))
+    }
+}
+
+/// `silu(gate) * up` with a fused backward (F32 on the CPU).
+pub fn swiglu_train(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
 }
 
 /// GELU for inference: SIMD-friendly exact erf, no backward (its forward is also the
@@ -204,5 +329,24 @@ mod tests {
         .unwrap();
         assert!(max_abs_diff(&fused, &composed).unwrap() < 1e-6);
         assert!(max_abs_diff(&grad_of(&fused), &grad_of(&composed)).unwrap() < 1e-5);
+    }
+
+    /// SwiGLU and its gradients for gate and up equal the composed `silu(gate) * up`'s.
+    #[test]
+    fn swiglu_and_its_gradients_match_the_composed_form() {
+        let dev = Device::Cpu;
+        let var = || Var::from_tensor(&Tensor::randn(0f32, 1.5, (4, 6), &dev).unwrap()).unwrap();
+        let (gate, up) = (var(), var());
+        let g = Tensor::randn(0f32, 1.0, (4, 6), &dev).unwrap();
+        let fused = swiglu_train(gate.as_tensor(), up.as_tensor()).unwrap();
+        let composed = (gate.as_tensor().silu().unwrap() * up.as_tensor()).unwrap();
+        assert!(max_abs_diff(&fused, &composed).unwrap() < 1e-5);
+        let grads = |y: &Tensor| {
+            let gs = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            [gate.as_tensor(), up.as_tensor()].map(|v| gs.get(v).unwrap().clone())
+        };
+        for (a, c) in grads(&fused).iter().zip(grads(&composed).iter()) {
+            assert!(max_abs_diff(a, c).unwrap() < 1e-5);
+        }
     }
 }

@@ -404,12 +404,7 @@ impl Layer {
         let x = (self.o.forward(&ctx, mode)? + x)?;
         let h = self.post_norm.forward(&x, mode)?;
         let (gate, up) = (self.gate.forward(&h, mode)?, self.up.forward(&h, mode)?);
-        let glu =
-            if cfg.hidden_act == Activation::Silu && super::train_ops::has_kernel(&[&gate, &up]) {
-                super::train_ops::swiglu(&gate, &up)?
-            } else {
-                (cfg.hidden_act.forward(&gate, mode)? * up)?
-            };
+        let glu = cfg.hidden_act.gated(&gate, &up, mode)?;
         let f = self.down.forward(&glu, mode)?;
         x + f
     }

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use super::dropout::ByteMask;
 use super::fast::{
-    add_xwt, contiguous_f32, exp, par_rows, project, rotate, simd, softmax_in_place, Data, CHUNK,
+    add_xwt, contiguous_f32, par_rows, project, rotate, simd, softmax_in_place, Data, CHUNK,
 };
 
 /// Whether the fused kernels apply (F32 on CPU), the same rule as the inference kernels'.
@@ -390,121 +390,6 @@ pub fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(op)
 }
 
-/// `silu(gate) * up`, the SwiGLU of Llama-family MLPs, with a one-pass backward.
-struct SwiGlu;
-struct SwiGluGrad;
-
-fn sigmoid(v: f32) -> f32 {
-    1.0 / (1.0 + exp(-v))
-}
-
-impl CustomOp2 for SwiGlu {
-    fn name(&self) -> &'static str {
-        "train-swiglu"
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda_kernels::run(self.name(), [(s1, l1), (s2, l2)], l1.shape(), |d, [g, u]| {
-            cuda::swiglu(d, g, u)
-        })
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let g = contiguous_f32(s1, l1, "train-swiglu")?;
-        let u = contiguous_f32(s2, l2, "train-swiglu")?;
-        if g.len() != u.len() {
-            candle_core::bail!("train-swiglu: gate and up differ in size");
-        }
-        let out = par_rows(g.len(), 1, |start, o| {
-            for ((o, &g), &u) in o.iter_mut().zip(&g[start..]).zip(&u[start..]) {
-                *o = g * sigmoid(g) * u;
-            }
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
-    fn bwd(
-        &self,
-        gate: &Tensor,
-        up: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let both = gate.apply_op3_no_bwd(up, &grad.contiguous()?, &SwiGluGrad)?;
-        let shape = gate.shape();
-        let (dg, du) = (both.get(0)?, both.get(1)?);
-        Ok((Some(dg.reshape(shape)?), Some(du.reshape(shape)?)))
-    }
-}
-
-impl CustomOp3 for SwiGluGrad {
-    fn name(&self) -> &'static str {
-        "train-swiglu-grad"
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = Shape::from((2, l1.shape().elem_count()));
-        crate::cuda_kernels::run(
-            self.name(),
-            [(s1, l1), (s2, l2), (s3, l3)],
-            &out,
-            |d, [g, u, dy]| cuda::swiglu_grad(d, g, u, dy),
-        )
-    }
-    /// `[d gate; d up]` as one `(2, n)` tensor.
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let g = contiguous_f32(s1, l1, "train-swiglu-grad")?;
-        let u = contiguous_f32(s2, l2, "train-swiglu-grad")?;
-        let dy = contiguous_f32(s3, l3, "train-swiglu-grad")?;
-        let n = g.len();
-        let mut out = vec![0f32; 2 * n];
-        let (dg, du) = out.split_at_mut(n);
-        dg.par_chunks_mut(CHUNK).zip(du.par_chunks_mut(CHUNK)).enumerate().for_each(
-            |(c, (dg, du))| {
-                let at = c * CHUNK;
-                let (g, u, dy) = (&g[at..], &u[at..], &dy[at..]);
-                for (k, (dg, du)) in dg.iter_mut().zip(du.iter_mut()).enumerate() {
-                    let s = sigmoid(g[k]);
-                    *dg = dy[k] * u[k] * s * (1.0 + g[k] * (1.0 - s));
-                    *du = dy[k] * g[k] * s;
-                }
-            },
-        );
-        Ok((CpuStorage::F32(out), Shape::from((2, n))))
-    }
-}
-
-/// `silu(gate) * up` with a fused backward (F32 on the CPU).
-pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
-}
-
 /// A LoRA-adapted projection with a frozen base, `x W^T + b + s (drop(x) A^T) B^T`, as one op
 /// over `(x, A, B)`: forward adds the rank-`r` update into the base projection's output
 /// (no full-size buffer for the update, the sum or the dropped input is kept), and backward
@@ -650,11 +535,6 @@ mod tests {
             + rotated.broadcast_mul(&table(&sin)).unwrap())
         .unwrap();
         same("rotary", &rotary(t, &cos, &sin).unwrap(), &composed, &[&x], 1e-5);
-        // SwiGLU.
-        let (gate, up) = (var(&[4, 6]), var(&[4, 6]));
-        let composed = (gate.as_tensor().silu().unwrap() * up.as_tensor()).unwrap();
-        let fused = swiglu(gate.as_tensor(), up.as_tensor()).unwrap();
-        same("swiglu", &fused, &composed, &[&gate, &up], 1e-5);
         // Frozen linear and LoRA linear with a dropout mask.
         let x = var(&[6, 5]);
         let w = Tensor::randn(0f32, 1.0, (4, 5), &dev).unwrap();
