@@ -392,7 +392,7 @@ fn emulated_rotary_and_its_gradient_equal_the_cpu_op() {
     }
     let xv = Var::from_tensor(&tensor(&x, &[b, len, heads, d])).unwrap();
     let (ct, st) = (tensor(&cos, &[len, d]), tensor(&sin, &[len, d]));
-    let y = train_ops::rotary(&xv, &ct, &st).unwrap();
+    let y = crate::backbone::rotary::rotary_train(&xv, &ct, &st).unwrap();
     let grads = (y.clone() * tensor(&g, &[b, len, heads, d]))
         .unwrap()
         .sum_all()

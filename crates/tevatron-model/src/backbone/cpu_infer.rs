@@ -16,9 +16,10 @@ use rayon::prelude::*;
 
 use super::activation::activate;
 use super::attention::{forward as attention, Heads};
-use super::fast::{project, rotate, simd, Data, CHUNK};
+use super::fast::{project, simd, Data, CHUNK};
 use super::layers::{Activation, LayerNorm, Linear};
 use super::norm::{add_layer_norm, rms_norm_rows, RmsNormRef};
+use super::rotary::rotate;
 
 /// The weights of one post-norm encoder layer, borrowed from the backbone:
 /// `x1 = LN(x + O(attn(Q x, K x, V x)))`, `out = LN(x1 + down(act(up(x1))))`.

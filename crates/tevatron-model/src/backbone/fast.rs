@@ -240,35 +240,6 @@ pub(super) fn softmax_in_place(row: &mut [f32]) {
     row.iter_mut().for_each(|s| *s *= inv);
 }
 
-/// Rotary positions in place over `x` `(b*l, width)` (heads of `dim` side by side): row `r`
-/// has position `r % l`, and each head becomes `x * cos + rotate_half(x) * sin` with
-/// `cos`/`sin` `(l, dim)` in HF's layout (each half of the frequencies repeated). With
-/// `inverse`, each pair turns back by its angle (`sin` negated): the transpose of the rotation,
-/// which is its backward.
-pub(super) fn rotate(
-    x: &mut [f32],
-    width: usize,
-    l: usize,
-    dim: usize,
-    (cos, sin): (&[f32], &[f32]),
-    inverse: bool,
-) {
-    let half = dim / 2;
-    let sign = if inverse { -1.0 } else { 1.0 };
-    x.par_chunks_mut(width).enumerate().for_each(|(r, row)| {
-        let pos = r % l;
-        let (c, s) = (&cos[pos * dim..(pos + 1) * dim], &sin[pos * dim..(pos + 1) * dim]);
-        for head in row.chunks_mut(dim) {
-            let (x1, x2) = head.split_at_mut(half);
-            for j in 0..half {
-                let (a, b) = (x1[j], x2[j]);
-                x1[j] = a * c[j] - b * (sign * s[j]);
-                x2[j] = b * c[half + j] + a * (sign * s[half + j]);
-            }
-        }
-    });
-}
-
 /// Runs `f` compiled for AVX-512 when the CPU has it, as it is otherwise. The portable build
 /// targets baseline x86-64 (SSE2, four lanes); a loop inlined into `f` vectorises sixteen wide
 /// here. `f` should be a closure over one chunk of work (it is inlined into the AVX-512 copy).

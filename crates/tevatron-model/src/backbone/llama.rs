@@ -11,7 +11,7 @@
 
 use std::sync::Mutex;
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
@@ -20,6 +20,7 @@ use super::cpu_infer::DecoderLayer;
 use super::layers::{self, Activation, Linear, Linears};
 use super::lookup::embedding;
 use super::norm::RmsNorm;
+use super::rotary::{rotary_train, rotate_heads_first};
 use super::{Architecture, Backbone, Mode, Registered};
 use crate::collate::Batch;
 
@@ -310,15 +311,6 @@ impl Llama {
     }
 }
 
-/// `x * cos + rotate_half(x) * sin` over `(b, heads, l, d)`; differentiable.
-fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
-}
-
 impl Backbone for Llama {
     fn embed(&self, batch: &Batch, _mode: Mode) -> Result<Tensor> {
         embedding(self.embed.embeddings(), &batch.input_ids)
@@ -426,19 +418,12 @@ impl Layer {
         let kv = k.dim(2)?;
         let operands = [&q, &k, &v, bias, cos, sin];
         if layers::fused_attention_applies(&operands, cfg.attention_dropout, mode) {
-            let q = super::train_ops::rotary(&q, cos, sin)?;
-            let k = super::train_ops::rotary(&k, cos, sin)?;
+            let q = rotary_train(&q, cos, sin)?;
+            let k = rotary_train(&k, cos, sin)?;
             return layers::fused_attention(&q, &k, &v, bias, cfg.attention_dropout, mode);
         }
         let v = v.transpose(1, 2)?.contiguous()?;
-        // (b, l, n, d) -> rotated (b, n, l, d): one fused op on CPU in F32, composed elsewhere.
-        let rope = |t: Tensor| -> Result<Tensor> {
-            if super::train_ops::has_kernel(&[&t, cos, sin]) {
-                super::train_ops::rotary(&t, cos, sin)?.transpose(1, 2)?.contiguous()
-            } else {
-                apply_rotary(&t.transpose(1, 2)?.contiguous()?, cos, sin)
-            }
-        };
+        let rope = |t: Tensor| rotate_heads_first(&t, cos, sin);
         let (q, k) = (rope(q)?, rope(k)?);
         // Grouped-query attention: each key/value head serves heads/kv query heads.
         let repeat = |t: Tensor| -> Result<Tensor> {

@@ -17,6 +17,7 @@ pub mod layers;
 pub mod llama;
 pub mod lookup;
 pub mod norm;
+pub mod rotary;
 pub mod train_ops;
 
 use candle_core::{DType, Result, Tensor};

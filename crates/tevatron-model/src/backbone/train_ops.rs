@@ -11,9 +11,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, S
 use rayon::prelude::*;
 
 use super::dropout::ByteMask;
-use super::fast::{
-    add_xwt, contiguous_f32, par_rows, project, rotate, simd, softmax_in_place, Data, CHUNK,
-};
+use super::fast::{add_xwt, contiguous_f32, par_rows, project, simd, softmax_in_place, CHUNK};
 
 /// Whether the fused kernels apply (F32 on CPU), the same rule as the inference kernels'.
 pub use super::fast::applies;
@@ -343,53 +341,6 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
 /// Rotary positions over `x` `(b, l, heads, d)` with tables `(l, d)`: one pass forward, and
 /// backward the inverse rotation of the gradient (composed, rotary is seven ops on q and k each
 /// way, every one a full-size buffer).
-struct Rotary {
-    cos: Tensor,
-    sin: Tensor,
-    inverse: bool,
-}
-
-impl CustomOp1 for Rotary {
-    fn name(&self) -> &'static str {
-        "train-rotary"
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let dims = l.shape().dims4()?;
-        let cos = crate::cuda_kernels::tensor_operand(&self.cos, self.name())?;
-        let sin = crate::cuda_kernels::tensor_operand(&self.sin, self.name())?;
-        crate::cuda_kernels::run(self.name(), [(s, l)], l.shape(), |d, [x]| {
-            cuda::rotary(d, x, dims, cos, sin, self.inverse)
-        })
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s, l, "train-rotary")?;
-        let (_, len, heads, d) = l.shape().dims4()?;
-        let (cos, sin) = (Data::of(&self.cos)?, Data::of(&self.sin)?);
-        if cos.slice().len() != len * d || sin.slice().len() != len * d {
-            candle_core::bail!("train-rotary: tables do not match {len} positions of {d}");
-        }
-        let mut out = x.to_vec();
-        rotate(&mut out, heads * d, len, d, (cos.slice(), sin.slice()), self.inverse);
-        Ok((CpuStorage::F32(out), l.shape().clone()))
-    }
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let back = Rotary { cos: self.cos.clone(), sin: self.sin.clone(), inverse: !self.inverse };
-        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&back)?))
-    }
-}
-
-/// HF's `x * cos + rotate_half(x) * sin` for `x` `(b, l, heads, d)`, position `i` of every
-/// sequence taking row `i` of `cos`/`sin` `(l, d)` (F32 on the CPU).
-pub fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let op = Rotary { cos: cos.clone(), sin: sin.clone(), inverse: false };
-    x.contiguous()?.apply_op1(op)
-}
-
 /// A LoRA-adapted projection with a frozen base, `x W^T + b + s (drop(x) A^T) B^T`, as one op
 /// over `(x, A, B)`: forward adds the rank-`r` update into the base projection's output
 /// (no full-size buffer for the update, the sum or the dropped input is kept), and backward
@@ -534,7 +485,8 @@ mod tests {
         let composed = (t.broadcast_mul(&table(&cos)).unwrap()
             + rotated.broadcast_mul(&table(&sin)).unwrap())
         .unwrap();
-        same("rotary", &rotary(t, &cos, &sin).unwrap(), &composed, &[&x], 1e-5);
+        let fused = crate::backbone::rotary::rotary_train(t, &cos, &sin).unwrap();
+        same("rotary", &fused, &composed, &[&x], 1e-5);
         // Frozen linear and LoRA linear with a dropout mask.
         let x = var(&[6, 5]);
         let w = Tensor::randn(0f32, 1.0, (4, 5), &dev).unwrap();

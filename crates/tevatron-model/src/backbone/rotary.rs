@@ -1,0 +1,108 @@
+//! Rotary positions (Llama-family attention), every form and the one decision of which runs
+//! (`rotate_heads_first`): the composed reference (`x * cos + rotate_half(x) * sin`, any
+//! device and dtype), the in-place row kernel of the CPU (`rotate`, for `cpu_infer.rs`'s
+//! layers and the training op), and the training op with its backward ([`rotary_train`], F32 on
+//! the CPU or a GPU, whose CUDA launch is `rotary` of `train_ops_cuda.rs`). The tables (`cos`,
+//! `sin` per position) come from the backbone, which knows its scaling rules.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+use super::fast::{contiguous_f32, Data};
+
+/// `(b, l, n, d)` rotated into `(b, n, l, d)`: the fused op for F32 on the CPU or a GPU, the
+/// composed form elsewhere.
+pub(super) fn rotate_heads_first(t: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if super::train_ops::has_kernel(&[t, cos, sin]) {
+        rotary_train(t, cos, sin)?.transpose(1, 2)?.contiguous()
+    } else {
+        apply_rotary(&t.transpose(1, 2)?.contiguous()?, cos, sin)
+    }
+}
+
+/// `x * cos + rotate_half(x) * sin` over `(b, heads, l, d)`; differentiable.
+fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}
+
+/// Rotary positions in place over `x` `(b*l, width)` (heads of `dim` side by side): row `r`
+/// has position `r % l`, and each head becomes `x * cos + rotate_half(x) * sin` with
+/// `cos`/`sin` `(l, dim)` in HF's layout (each half of the frequencies repeated). With
+/// `inverse`, each pair turns back by its angle (`sin` negated): the transpose of the rotation,
+/// which is its backward.
+pub(super) fn rotate(
+    x: &mut [f32],
+    width: usize,
+    l: usize,
+    dim: usize,
+    (cos, sin): (&[f32], &[f32]),
+    inverse: bool,
+) {
+    let half = dim / 2;
+    let sign = if inverse { -1.0 } else { 1.0 };
+    x.par_chunks_mut(width).enumerate().for_each(|(r, row)| {
+        let pos = r % l;
+        let (c, s) = (&cos[pos * dim..(pos + 1) * dim], &sin[pos * dim..(pos + 1) * dim]);
+        for head in row.chunks_mut(dim) {
+            let (x1, x2) = head.split_at_mut(half);
+            for j in 0..half {
+                let (a, b) = (x1[j], x2[j]);
+                x1[j] = a * c[j] - b * (sign * s[j]);
+                x2[j] = b * c[half + j] + a * (sign * s[half + j]);
+            }
+        }
+    });
+}
+
+/// The rotation as an op over `(b, l, heads, d)` with its backward (the turn back).
+struct RotaryOp {
+    cos: Tensor,
+    sin: Tensor,
+    inverse: bool,
+}
+
+impl CustomOp1 for RotaryOp {
+    fn name(&self) -> &'static str {
+        "train-rotary"
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dims = l.shape().dims4()?;
+        let cos = crate::cuda_kernels::tensor_operand(&self.cos, self.name())?;
+        let sin = crate::cuda_kernels::tensor_operand(&self.sin, self.name())?;
+        crate::cuda_kernels::run(self.name(), [(s, l)], l.shape(), |d, [x]| {
+            super::train_ops::cuda::rotary(d, x, dims, cos, sin, self.inverse)
+        })
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "train-rotary")?;
+        let (_, len, heads, d) = l.shape().dims4()?;
+        let (cos, sin) = (Data::of(&self.cos)?, Data::of(&self.sin)?);
+        if cos.slice().len() != len * d || sin.slice().len() != len * d {
+            candle_core::bail!("train-rotary: tables do not match {len} positions of {d}");
+        }
+        let mut out = x.to_vec();
+        rotate(&mut out, heads * d, len, d, (cos.slice(), sin.slice()), self.inverse);
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let back =
+            RotaryOp { cos: self.cos.clone(), sin: self.sin.clone(), inverse: !self.inverse };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&back)?))
+    }
+}
+
+/// HF's `x * cos + rotate_half(x) * sin` for `x` `(b, l, heads, d)`, position `i` of every
+/// sequence taking row `i` of `cos`/`sin` `(l, d)` (F32 on the CPU).
+pub fn rotary_train(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let op = RotaryOp { cos: cos.clone(), sin: sin.clone(), inverse: false };
+    x.contiguous()?.apply_op1(op)
+}
