@@ -67,7 +67,7 @@ KERNEL void adamw_f32(float *w, const float *g, float *m, float *v, uint64_t n, 
   }
 }
 
-// ---- Row-wise training ops in F32 (src/backbone/train_ops.rs has the CPU twins) ----
+// ---- Row-wise training ops in F32 (the CPU twins: src/backbone/norm.rs, activation.rs, rotary.rs, train_ops.rs) ----
 //
 // One warp per row: each lane takes every 32nd element and the warp combines the lanes'
 // partial results with butterfly shuffles, so all lanes end with the same total. A launch

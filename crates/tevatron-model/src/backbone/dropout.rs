@@ -8,7 +8,7 @@
 //!   pure function of a stream position and each element's index: the decisions
 //!   `SplitMix64::keep_mask` would draw from that position. Forward and backward compute the
 //!   mask again instead of storing it, and every device computes the same one: the CPU with
-//!   `rng::keep_mask_at`, a GPU with the `counter_dropout` kernels in `kernels/train.cu`
+//!   `rng::keep_mask_at`, a GPU with the `dropout_<dtype>` kernels in `kernels/train.cu`
 //!   (emulated on the CPU for the tests by `kernel_emulation.rs`). So a GPU run drops exactly
 //!   the values a CPU run drops. Before it, those devices drew the mask on the CPU and copied it
 //!   to the device as a float tensor, 600 MB a step for a MiniLM batch of 128 passages: about

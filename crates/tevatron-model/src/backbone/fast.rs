@@ -1,8 +1,8 @@
-//! Vectorisable CPU kernels for the two element-wise ops that dominate BERT inference after the
-//! matrix products: GELU (erf) and the attention softmax (exp). candle 0.11 calls scalar libm
-//! `erff`/`expf` per element; these branch-free polynomials let the compiler use SIMD.
-//! These two are inference only (`Mode::Eval`, F32 on CPU), with no backward; the training
-//! versions, with a backward, are in `train_ops`.
+//! Vectorisable CPU helpers shared by the raw-buffer kernels: branch-free `erf` and `exp`
+//! (candle 0.11 calls scalar libm `erff`/`expf` per element; these polynomials let the
+//! compiler use SIMD), the inference attention softmax, the projections, lane reductions and
+//! the parallel row loops. The inference GELU that uses `erf` is in `activation.rs`; the
+//! training versions of the ops, with a backward, are in their modules and `train_ops`.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, StorageRef, Tensor};
 use rayon::prelude::*;

@@ -403,7 +403,7 @@ impl Layer {
 
     /// Rotary positions and attention over `q` `(b, l, heads, d)` and `k`, `v` `(b, l, kv, d)`;
     /// returns `(b, l, heads * d)`. On the CPU in F32 without autocast, fused ops with
-    /// their own backward (`train_ops::rotary`, `attention::attention`) that keep the heads in
+    /// their own backward (`rotary::rotary_train`, `attention::attention`) that keep the heads in
     /// place; otherwise composed candle ops.
     fn attention(
         &self,

@@ -58,7 +58,9 @@ pub(super) fn rotate(
     });
 }
 
-/// The rotation as an op over `(b, l, heads, d)` with its backward (the turn back).
+/// Rotary positions over `x` `(b, l, heads, d)` with tables `(l, d)` as one op: one pass
+/// forward, and backward the inverse rotation of the gradient (composed, rotary is seven ops on
+/// q and k each way, every one a full-size buffer).
 struct RotaryOp {
     cos: Tensor,
     sin: Tensor,

@@ -1,6 +1,8 @@
-//! Fused CPU kernels with a backward, for training in F32: GELU, the masked attention softmax,
-//! layer and RMS normalisation, dropout, rotary positions, SwiGLU, and linear layers over a
-//! frozen weight (plain, or with a LoRA adapter). Composed from candle's element-wise ops, each of these keeps
+//! Fused CPU kernels with a backward, for training in F32, of the ops that do not yet live in
+//! their own module: the masked attention softmax, the bias add, and linear layers over a
+//! frozen weight (plain, or with a LoRA adapter); and the CUDA launches of every fused training
+//! op (`cuda` below). Dropout, the activations and SwiGLU, the norms and rotary positions are in
+//! `dropout.rs`, `activation.rs`, `norm.rs` and `rotary.rs`. Composed from candle's element-wise ops, each of these keeps
 //! four to seven full-size intermediates alive for backward (an attention score tensor of a
 //! 64 x 128-token batch is 50 MB per layer); fused, each keeps only its input or output, and
 //! backward is one pass. All but dropout, attention and the frozen and LoRA linears also run on
@@ -338,9 +340,6 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
     x.contiguous()?.apply_op1(op)
 }
 
-/// Rotary positions over `x` `(b, l, heads, d)` with tables `(l, d)`: one pass forward, and
-/// backward the inverse rotation of the gradient (composed, rotary is seven ops on q and k each
-/// way, every one a full-size buffer).
 /// A LoRA-adapted projection with a frozen base, `x W^T + b + s (drop(x) A^T) B^T`, as one op
 /// over `(x, A, B)`: forward adds the rank-`r` update into the base projection's output
 /// (no full-size buffer for the update, the sum or the dropped input is kept), and backward
@@ -448,7 +447,7 @@ mod tests {
     use crate::testing::max_abs_diff;
     use candle_core::{Device, Var, D};
 
-    /// The decoder and LoRA ops (rotary, SwiGLU, frozen linear, LoRA linear with dropout) and
+    /// The decoder and LoRA ops (rotary, frozen linear, LoRA linear with dropout) and
     /// their gradients equal the same maths composed of candle ops.
     #[test]
     fn decoder_and_lora_ops_match_composed_ops_and_their_gradients() {
