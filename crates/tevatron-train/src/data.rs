@@ -16,6 +16,7 @@
 //! Python's while the rule and its determinism are the same.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde_json::Value;
 use tevatron_ir::rows::{DocIndex, RowStore};
@@ -92,7 +93,8 @@ pub struct TextGroup {
 /// The training rows, random access, with an optional corpus.
 pub struct TrainData {
     rows: RowStore,
-    corpus: Option<Corpus>,
+    /// Shared, so that validation's rows resolve through the same opened corpus.
+    corpus: Option<Arc<Corpus>>,
     group_size: usize,
     seed: u64,
 }
@@ -165,7 +167,7 @@ impl TrainData {
     /// `group_size > 1`. The first problem is reported with its file, line and field.
     pub fn open(
         train_files: &[PathBuf],
-        corpus: Option<Corpus>,
+        corpus: Option<Arc<Corpus>>,
         cache_root: &Path,
         group_size: usize,
         seed: u64,
@@ -305,6 +307,11 @@ impl TrainData {
         self.group_size
     }
 
+    /// The corpus id-based rows resolve through, if any.
+    pub fn corpus(&self) -> Option<&Arc<Corpus>> {
+        self.corpus.as_ref()
+    }
+
     fn resolve(&self, p: &PassageRef) -> Result<String> {
         match p {
             PassageRef::Inline(t) => Ok(t.clone()),
@@ -436,7 +443,7 @@ mod tests {
         );
         let cache = dir.path().join("cache");
         let corpus = Corpus::open(&[corpus], &cache).unwrap();
-        let data = TrainData::open(&[train], Some(corpus), &cache, 2, 42).unwrap();
+        let data = TrainData::open(&[train], Some(Arc::new(corpus)), &cache, 2, 42).unwrap();
         let g = data.group(0, 0).unwrap();
         assert_eq!(
             g,
@@ -456,8 +463,8 @@ mod tests {
         let case = |name: &str, text: &str, g: usize, corpus: Option<&str>| -> String {
             let train = write(dir.path(), name, text);
             let corpus = corpus.map(|c| {
-                Corpus::open(&[write(dir.path(), &format!("{name}.corpus.jsonl"), c)], &cache)
-                    .unwrap()
+                let file = write(dir.path(), &format!("{name}.corpus.jsonl"), c);
+                Arc::new(Corpus::open(&[file], &cache).unwrap())
             });
             TrainData::open(&[train], corpus, &cache, g, 1).err().unwrap().to_string()
         };

@@ -37,7 +37,8 @@ fn read_training(train: PathBuf, corpus: Option<PathBuf>, cache: PathBuf, group_
     let mut files = vec![train.clone()];
     files.extend(corpus.clone());
     let result = bounded("TrainData", move || {
-        let corpus = corpus.map(|c| Corpus::open(&[c], &cache)).transpose()?;
+        let corpus =
+            corpus.map(|c| Corpus::open(&[c], &cache)).transpose()?.map(std::sync::Arc::new);
         let data = TrainData::open(&[train], corpus, &cache, group_size, 42)?;
         for epoch in 0..2 {
             for item in 0..data.len() {

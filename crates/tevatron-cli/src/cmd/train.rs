@@ -107,12 +107,13 @@ fn check(a: &TrainArgs) -> Result<()> {
 
 /// Validation during training from the `--eval_*` flags: the data read up front (a bad file
 /// stops the run before any step), batches and texts as `tevatron encode` would use them.
-/// `corpus` is the training corpus, through which an ids-form --eval_dataset_path resolves.
+/// `corpus` is the training corpus (already opened), through which an ids-form
+/// --eval_dataset_path resolves.
 fn validation(
     a: &TrainArgs,
     encoder: &tevatron_model::Encoder,
     padding_side: PaddingSide,
-    corpus: Option<&[PathBuf]>,
+    corpus: Option<Arc<Corpus>>,
     cache: &Path,
 ) -> Result<Option<Validation>> {
     if a.eval_strategy == StrategyArg::No {
@@ -129,7 +130,6 @@ fn validation(
     let loss = match &a.eval_dataset_path {
         None => None,
         Some(path) => {
-            let corpus = corpus.map(|files| Corpus::open(files, cache)).transpose()?;
             let data = TrainData::open(
                 std::slice::from_ref(path),
                 corpus,
@@ -340,7 +340,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
                 files.len(),
                 cache.display()
             );
-            Some(Corpus::open(files, &cache)?)
+            Some(Arc::new(Corpus::open(files, &cache)?))
         }
     };
     tracing::info!("indexing {} training file(s) under {}", files.len(), cache.display());
@@ -436,7 +436,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             },
         },
         args: args_json(a),
-        validation: validation(a, &encoder, padding_side, corpus_files.as_deref(), &cache)?
+        validation: validation(a, &encoder, padding_side, data.corpus().cloned(), &cache)?
             .map(std::sync::Arc::new),
     };
     // Epoch strategies become step intervals of one epoch's updates.

@@ -15,6 +15,8 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, S
 use rayon::prelude::*;
 
 use super::fast::{contiguous_f32, erf, exp, par_rows, simd, CHUNK};
+#[cfg(feature = "cuda")]
+use super::train_ops::cuda;
 use super::Mode;
 
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
@@ -88,7 +90,7 @@ impl CustomOp2 for SwiGlu {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         crate::cuda_kernels::run(self.name(), [(s1, l1), (s2, l2)], l1.shape(), |d, [g, u]| {
-            super::train_ops::cuda::swiglu(d, g, u)
+            cuda::swiglu(d, g, u)
         })
     }
     fn cpu_fwd(
@@ -143,7 +145,7 @@ impl CustomOp3 for SwiGluGrad {
             self.name(),
             [(s1, l1), (s2, l2), (s3, l3)],
             &out,
-            |d, [g, u, dy]| super::train_ops::cuda::swiglu_grad(d, g, u, dy),
+            |d, [g, u, dy]| cuda::swiglu_grad(d, g, u, dy),
         )
     }
     /// `[d gate; d up]` as one `(2, n)` tensor.
@@ -224,9 +226,7 @@ impl CustomOp1 for TrainGelu {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda_kernels::run(self.name(), [(s, l)], l.shape(), |d, [x]| {
-            super::train_ops::cuda::gelu(d, x)
-        })
+        crate::cuda_kernels::run(self.name(), [(s, l)], l.shape(), |d, [x]| cuda::gelu(d, x))
     }
     /// The inference kernel's forward; only the backward is new here.
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -250,7 +250,7 @@ impl CustomOp2 for TrainGeluGrad {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         crate::cuda_kernels::run(self.name(), [(s1, l1), (s2, l2)], l1.shape(), |d, [x, g]| {
-            super::train_ops::cuda::gelu_grad(d, x, g)
+            cuda::gelu_grad(d, x, g)
         })
     }
     fn cpu_fwd(

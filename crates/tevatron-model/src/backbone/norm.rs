@@ -16,6 +16,8 @@ use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use super::fast::{contiguous_f32, lanes_reduce, lanes_reduce_sq, simd, Data, CHUNK};
+#[cfg(feature = "cuda")]
+use super::train_ops::cuda;
 use super::train_ops::{par_map_rows, par_rows_with_param_grad};
 use super::Mode;
 
@@ -141,7 +143,7 @@ impl CustomOp3 for LayerNormOp {
             self.name(),
             [(s1, l1), (s2, l2), (s3, l3)],
             l1.shape(),
-            |d, [x, w, b]| super::train_ops::cuda::layer_norm(d, x, w, b, self.eps),
+            |d, [x, w, b]| cuda::layer_norm(d, x, w, b, self.eps),
         )
     }
     fn cpu_fwd(
@@ -185,6 +187,22 @@ impl CustomOp3 for LayerNormOp {
     }
 }
 
+/// The GPU launch of a norm's backward: `[dx, dw]`, and `db` for layer norm, in one buffer
+/// (the CPU forms return the same layout).
+#[cfg(feature = "cuda")]
+fn norm_grad_on_gpu(
+    name: &'static str,
+    kind: cuda::Norm,
+    eps: f32,
+    operands: [(&candle_core::CudaStorage, &Layout); 3],
+) -> Result<(candle_core::CudaStorage, Shape)> {
+    let [(_, lx), (_, lw), _] = operands;
+    let out = Shape::from(lx.shape().elem_count() + kind.per_row() * lw.shape().elem_count());
+    crate::cuda_kernels::run(name, operands, &out, |d, [x, w, g]| {
+        cuda::norm_grad(d, kind, x, w, g, eps)
+    })
+}
+
 impl CustomOp3 for LayerNormGrad {
     fn name(&self) -> &'static str {
         "train-layer-norm-grad"
@@ -199,22 +217,7 @@ impl CustomOp3 for LayerNormGrad {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = Shape::from(l1.shape().elem_count() + 2 * l2.shape().elem_count());
-        crate::cuda_kernels::run(
-            self.name(),
-            [(s1, l1), (s2, l2), (s3, l3)],
-            &out,
-            |d, [x, w, g]| {
-                super::train_ops::cuda::norm_grad(
-                    d,
-                    super::train_ops::cuda::Norm::Layer,
-                    x,
-                    w,
-                    g,
-                    self.eps,
-                )
-            },
-        )
+        norm_grad_on_gpu(self.name(), cuda::Norm::Layer, self.eps, [(s1, l1), (s2, l2), (s3, l3)])
     }
     /// Returns `[dx (all elements), dw (h), db (h)]` flattened into one vector.
     fn cpu_fwd(
@@ -286,7 +289,7 @@ impl CustomOp2 for RmsNormOp {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         crate::cuda_kernels::run(self.name(), [(s1, l1), (s2, l2)], l1.shape(), |d, [x, w]| {
-            super::train_ops::cuda::rms_norm(d, x, w, self.eps)
+            cuda::rms_norm(d, x, w, self.eps)
         })
     }
     fn cpu_fwd(
@@ -338,22 +341,7 @@ impl CustomOp3 for RmsNormGrad {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = Shape::from(l1.shape().elem_count() + l2.shape().elem_count());
-        crate::cuda_kernels::run(
-            self.name(),
-            [(s1, l1), (s2, l2), (s3, l3)],
-            &out,
-            |d, [x, w, g]| {
-                super::train_ops::cuda::norm_grad(
-                    d,
-                    super::train_ops::cuda::Norm::Rms,
-                    x,
-                    w,
-                    g,
-                    self.eps,
-                )
-            },
-        )
+        norm_grad_on_gpu(self.name(), cuda::Norm::Rms, self.eps, [(s1, l1), (s2, l2), (s3, l3)])
     }
     /// Returns `[dx (all elements), dw (h)]` flattened into one vector.
     fn cpu_fwd(

@@ -9,6 +9,8 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use super::fast::{contiguous_f32, Data};
+#[cfg(feature = "cuda")]
+use super::train_ops::cuda;
 
 /// `(b, l, n, d)` rotated into `(b, n, l, d)`: the fused op for F32 on the CPU or a GPU, the
 /// composed form elsewhere.
@@ -81,7 +83,7 @@ impl CustomOp1 for RotaryOp {
         let cos = crate::cuda_kernels::tensor_operand(&self.cos, self.name())?;
         let sin = crate::cuda_kernels::tensor_operand(&self.sin, self.name())?;
         crate::cuda_kernels::run(self.name(), [(s, l)], l.shape(), |d, [x]| {
-            super::train_ops::cuda::rotary(d, x, dims, cos, sin, self.inverse)
+            cuda::rotary(d, x, dims, cos, sin, self.inverse)
         })
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {

@@ -149,7 +149,7 @@ impl Norm {
     }
 
     /// Values per row in `stats`, and parameter gradients (each `h` long).
-    fn per_row(self) -> usize {
+    pub(crate) fn per_row(self) -> usize {
         match self {
             Norm::Layer => 2,
             Norm::Rms => 1,
