@@ -14,7 +14,7 @@ use tevatron_model::encoder::BatchOptions;
 use tevatron_model::testing::{load_tiny, max_abs_diff, max_abs_diff_of, tiny_dir, HIDDEN_ATOL};
 use tevatron_model::{EncoderOptions, Mode, PaddingSide, Pooling, TextOptions, Training};
 
-const MODELS: [&str; 4] = ["bert", "roberta", "xlm-roberta", "distilbert"];
+const MODELS: [&str; 5] = ["bert", "roberta", "xlm-roberta", "distilbert", "modernbert"];
 
 fn expected_json(name: &str) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(tiny_dir(name).join("expected.json")).unwrap())

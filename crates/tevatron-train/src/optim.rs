@@ -259,6 +259,11 @@ mod tests {
         assert!(!decays("embeddings.LayerNorm.weight"));
         assert!(!decays("transformer.layer.0.sa_layer_norm.weight"));
         assert!(!decays("layers.0.input_layernorm.weight"));
+        // ModernBERT's norms are `norm` modules under other names.
+        assert!(!decays("embeddings.norm.weight"));
+        assert!(!decays("layers.1.attn_norm.weight"));
+        assert!(!decays("final_norm.weight"));
+        assert!(decays("layers.1.attn.Wqkv.weight"));
         assert!(!decays("norm.weight"));
         assert!(decays("embeddings.word_embeddings.weight"));
     }

@@ -1,5 +1,5 @@
-//! One training step against PyTorch (testdata/train, made by
-//! scripts/fixtures/make_train_step.py), finite differences in f64, every weight receiving a
+//! One training step against PyTorch (testdata/train for BERT and testdata/train/modernbert,
+//! made by scripts/fixtures/make_train_step.py), finite differences in f64, every weight receiving a
 //! gradient, and GradCache / gradient checkpointing giving the plain step's gradients.
 #![allow(clippy::unwrap_used)]
 
@@ -17,7 +17,21 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata")
 }
 
+/// The models with a one-step reference: BERT, and ModernBERT (rotary positions, GeGLU, local
+/// attention).
+const MODELS: [&str; 2] = ["bert", "modernbert"];
+
 fn encoder(pooling: Pooling, normalize: bool, dtype: DType, dropout: bool) -> Encoder {
+    encoder_of("bert", pooling, normalize, dtype, dropout)
+}
+
+fn encoder_of(
+    model: &str,
+    pooling: Pooling,
+    normalize: bool,
+    dtype: DType,
+    dropout: bool,
+) -> Encoder {
     let opts = EncoderOptions {
         pooling: Some(pooling),
         normalize: Some(normalize),
@@ -27,7 +41,7 @@ fn encoder(pooling: Pooling, normalize: bool, dtype: DType, dropout: bool) -> En
         disable_dropout: !dropout,
         lora: None,
     };
-    Encoder::load(&root().join("tiny/bert"), None, &opts).unwrap()
+    Encoder::load(&root().join("tiny").join(model), None, &opts).unwrap()
 }
 
 struct Fixture {
@@ -49,7 +63,11 @@ fn ragged(ids: &Tensor, lens: &Tensor) -> Vec<Vec<u32>> {
 }
 
 fn fixture() -> Fixture {
-    let dir = root().join("train");
+    fixture_of("bert")
+}
+
+fn fixture_of(model: &str) -> Fixture {
+    let dir = if model == "bert" { root().join("train") } else { root().join("train").join(model) };
     let tensors =
         candle_core::safetensors::load(dir.join("step.safetensors"), &Device::Cpu).unwrap();
     let meta =
@@ -94,12 +112,19 @@ fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
 /// Our f32 step (what training runs) against PyTorch's: loss and grad norm to relative 1e-4.
 #[test]
 fn f32_loss_and_grad_norm_match_pytorch() {
-    let f = fixture();
+    for model in MODELS {
+        f32_step_matches_pytorch(model);
+    }
+}
+
+fn f32_step_matches_pytorch(model: &str) {
+    let f = fixture_of(model);
     for (name, case) in f.meta["cases"].as_object().unwrap() {
+        let name = format!("{model} {name}");
         let pooling = Pooling::parse(case["pooling"].as_str().unwrap()).unwrap();
         let normalize = case["normalize"].as_bool().unwrap();
         let t = case["temperature"].as_f64().unwrap();
-        let enc = encoder(pooling, normalize, DType::F32, false);
+        let enc = encoder_of(model, pooling, normalize, DType::F32, false);
         let (loss, _, mut grads) = step(&enc, &f, &opts(t));
         let want = case["loss_f32"].as_f64().unwrap();
         assert!((loss - want).abs() <= 1e-4 * want.abs(), "{name}: loss {loss} vs {want}");
@@ -113,30 +138,50 @@ fn f32_loss_and_grad_norm_match_pytorch() {
 /// gradient, the clipped norm, and every weight after one AdamW update.
 #[test]
 fn f64_gradients_and_adamw_step_match_pytorch() {
-    let f = fixture();
+    for model in MODELS {
+        f64_step_matches_pytorch(model);
+    }
+}
+
+/// How close the f64 step comes to PyTorch's float64: the same math to rounding for BERT. For
+/// ModernBERT transformers computes the rotary tables in float32 even in a float64 model (cos
+/// and sin of F32 angles), and its float32 cos/sin differ from ours (correctly rounded) in the
+/// last bit of about one entry in twelve: measured, the loss then agrees to 1.2e-9 relative
+/// and every gradient to 4e-8.
+fn f64_tolerances(model: &str) -> (f64, f64) {
+    match model {
+        "modernbert" => (1e-8, 2e-7),
+        _ => (1e-10, 1e-8),
+    }
+}
+
+fn f64_step_matches_pytorch(model: &str) {
+    let f = fixture_of(model);
+    let (loss_tol, grad_tol) = f64_tolerances(model);
     for (name, case) in f.meta["cases"].as_object().unwrap() {
         let pooling = Pooling::parse(case["pooling"].as_str().unwrap()).unwrap();
         let normalize = case["normalize"].as_bool().unwrap();
         let t = case["temperature"].as_f64().unwrap();
-        let enc = encoder(pooling, normalize, DType::F64, false);
+        let enc = encoder_of(model, pooling, normalize, DType::F64, false);
         let (loss, mut opt, mut grads) = step(&enc, &f, &opts(t));
         let want = case["loss"].as_f64().unwrap();
-        assert!((loss - want).abs() <= 1e-10 * want.abs(), "{name}: loss {loss} vs {want}");
+        let d = (loss - want).abs();
+        assert!(d <= loss_tol * want.abs(), "{model} {name}: loss {loss} vs {want}");
         let names: Vec<String> = opt.named_vars().map(|(n, _)| n.to_string()).collect();
         let mut compared = 0;
         for (n, g) in names.iter().zip(&grads) {
             if let Some(w) = f.tensors.get(&format!("{name}.grad.{n}")) {
                 let d = max_rel(g, w);
-                assert!(d < 1e-8, "{name}: gradient of {n} differs by {d}");
+                assert!(d < grad_tol, "{model} {name}: gradient of {n} differs by {d}");
                 compared += 1;
             }
         }
         if name == "cls_t1" || name == "mean_t001" {
-            assert_eq!(compared, names.len(), "{name}: every gradient is compared");
+            assert_eq!(compared, names.len(), "{model} {name}: every gradient is compared");
         }
         let norm = clip_grad_norm(&mut grads, f.meta["max_grad_norm"].as_f64().unwrap()).unwrap();
         let want = case["grad_norm"].as_f64().unwrap();
-        assert!((norm - want).abs() <= 1e-8 * want, "{name}: grad_norm {norm} vs {want}");
+        assert!((norm - want).abs() <= 1e-8 * want, "{model} {name}: grad_norm {norm} vs {want}");
         if name != "mean_t001" {
             continue;
         }
@@ -150,7 +195,7 @@ fn f64_gradients_and_adamw_step_match_pytorch() {
         for (n, var) in opt.named_vars() {
             let w = &f.tensors[&format!("{name}.after.{n}")];
             let d = max_abs_diff_f64(var.as_tensor(), w).unwrap();
-            assert!(d < 1e-12, "{name}: {n} after AdamW differs by {d}");
+            assert!(d < 1e-12, "{model} {name}: {n} after AdamW differs by {d}");
         }
     }
 }
@@ -169,12 +214,18 @@ fn every_trainable_weight_receives_a_nonzero_gradient() {
 
 #[test]
 fn grad_cache_and_checkpointing_give_the_plain_gradients() {
-    let f = fixture();
-    let enc = encoder(Pooling::Mean, true, DType::F32, false);
-    let (loss, _, plain) = step(&enc, &f, &opts(0.05));
+    for model in MODELS {
+        let f = fixture_of(model);
+        let enc = encoder_of(model, Pooling::Mean, true, DType::F32, false);
+        grad_cache_and_checkpointing_agree(&enc, &f);
+    }
+}
+
+fn grad_cache_and_checkpointing_agree(enc: &Encoder, f: &Fixture) {
+    let (loss, _, plain) = step(enc, f, &opts(0.05));
     for (gc, ckpt) in [(Some((1, 2)), false), (None, true), (Some((2, 4)), true)] {
         let o = StepOptions { grad_cache: gc, checkpointing: ckpt, ..opts(0.05) };
-        let (l, opt, grads) = step(&enc, &f, &o);
+        let (l, opt, grads) = step(enc, f, &o);
         assert!((l - loss).abs() < 1e-6 * loss, "{gc:?} {ckpt}: loss {l} vs {loss}");
         assert_eq!(grads.len(), plain.len());
         for ((a, b), (n, _)) in grads.iter().zip(&plain).zip(opt.named_vars()) {

@@ -198,6 +198,38 @@ pub fn attention(
     attend(&split(q)?, &split(k)?, &split(v)?, mask_bias, dropout_p, mode)
 }
 
+/// Attention with rotary positions over `q` `(b, l, heads, d)` and `k`, `v` `(b, l, kv heads,
+/// d)` (grouped-query when `kv < heads`), `cos`/`sin` the rotary tables `(l, d)`; returns
+/// `(b, l, heads * d)`. On the CPU in F32 without autocast, fused ops with their own backward
+/// (`rotary::rotary_train`, [`fused_attention`]) that keep the heads in place; otherwise
+/// composed candle ops.
+pub fn rotary_attention(
+    [q, k, v]: [Tensor; 3],
+    (bias, cos, sin): (&Tensor, &Tensor, &Tensor),
+    dropout_p: f64,
+    mode: Mode,
+) -> Result<Tensor> {
+    use super::rotary::{rotary_train, rotate_heads_first};
+    let (b, l, heads, d) = q.dims4()?;
+    let kv = k.dim(2)?;
+    if fused_attention_applies(&[&q, &k, &v, bias, cos, sin], dropout_p, mode) {
+        let q = rotary_train(&q, cos, sin)?;
+        let k = rotary_train(&k, cos, sin)?;
+        return fused_attention(&q, &k, &v, bias, dropout_p, mode);
+    }
+    let v = v.transpose(1, 2)?.contiguous()?;
+    let (q, k) = (rotate_heads_first(&q, cos, sin)?, rotate_heads_first(&k, cos, sin)?);
+    // Grouped-query attention: each key/value head serves heads/kv query heads.
+    let repeat = |t: Tensor| -> Result<Tensor> {
+        if heads == kv {
+            return Ok(t);
+        }
+        t.unsqueeze(2)?.expand((b, kv, heads / kv, l, d))?.reshape((b, heads, l, d))
+    };
+    let (k, v) = (repeat(k)?, repeat(v)?);
+    attend(&q, &k, &v, bias, dropout_p, mode)
+}
+
 /// Whether [`fused_attention`] serves these operands: all F32 on the CPU, no autocast (its
 /// products would be low precision), and a dropout that keeps something.
 pub(super) fn fused_attention_applies(operands: &[&Tensor], dropout_p: f64, mode: Mode) -> bool {

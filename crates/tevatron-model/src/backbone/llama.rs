@@ -9,8 +9,6 @@
 //! Positions are `0..l` for every row, whatever the padding, as transformers computes them when
 //! only `input_ids` and `attention_mask` are given (which is what Tevatron passes).
 
-use std::sync::Mutex;
-
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
@@ -20,7 +18,7 @@ use super::cpu_infer::DecoderLayer;
 use super::layers::{self, Activation, Linear, Linears};
 use super::lookup::embedding;
 use super::norm::RmsNorm;
-use super::rotary::{rotary_train, rotate_heads_first};
+use super::rotary::RotaryTables;
 use super::{Architecture, Backbone, Mode, Registered};
 use crate::collate::Batch;
 
@@ -157,22 +155,9 @@ pub struct Llama {
     embed: Embedding,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    /// `(1, head_dim / 2)` inverse frequencies of the rotary embedding (F32, CPU).
-    inv_freq: Tensor,
-    /// `cos`/`sin` of the last length and dtype asked for: every layer of a batch (and every
-    /// recomputed layer under gradient checkpointing) reuses them.
-    rotary_cache: Mutex<Option<Rotary>>,
+    rotary: RotaryTables,
     cfg: Config,
     family: Family,
-}
-
-/// Rotary tables `(l, head_dim)` for one length and dtype.
-#[derive(Clone)]
-struct Rotary {
-    len: usize,
-    dtype: DType,
-    cos: Tensor,
-    sin: Tensor,
 }
 
 /// Inverse frequencies of the rotary embedding, Llama 3 scaling applied when configured.
@@ -180,7 +165,7 @@ fn inverse_frequencies(cfg: &Config) -> Result<Vec<f64>> {
     let rope = cfg.rope();
     let theta = rope.rope_theta.unwrap_or_else(default_theta);
     let d = cfg.head_dim();
-    let inv: Vec<f64> = (0..d / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / d as f64)).collect();
+    let inv = RotaryTables::default_frequencies(theta, d);
     match rope.rope_type.as_deref().unwrap_or("default") {
         "default" => Ok(inv),
         "llama3" => {
@@ -274,40 +259,8 @@ impl Llama {
             });
         }
         let norm = RmsNorm::load(vb.pp("norm"), h, cfg.rms_norm_eps)?;
-        let inv = inverse_frequencies(cfg)?;
-        // Computed in f64, rounded to F32 once, then multiplied by the positions in F32, as
-        // transformers does it.
-        let inv_freq = Tensor::from_vec(
-            inv.iter().map(|&f| f as f32).collect::<Vec<_>>(),
-            (1, d / 2),
-            &Device::Cpu,
-        )?;
-        Ok(Self {
-            embed,
-            layers: stack,
-            norm,
-            inv_freq,
-            rotary_cache: Mutex::new(None),
-            cfg: cfg.clone(),
-            family,
-        })
-    }
-
-    /// `cos` and `sin` `(l, head_dim)` (each half repeated, HF's `rotate_half` layout).
-    fn rotary(&self, l: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
-        let mut cache = self.rotary_cache.lock().expect("rotary cache lock");
-        if let Some(r) = cache.as_ref().filter(|r| r.len == l && r.dtype == dtype) {
-            return Ok((r.cos.clone(), r.sin.clone()));
-        }
-        let angles = Tensor::arange(0u32, l as u32, &Device::Cpu)?
-            .to_dtype(DType::F32)?
-            .unsqueeze(1)?
-            .broadcast_mul(&self.inv_freq)?;
-        let angles = Tensor::cat(&[&angles, &angles], 1)?;
-        let to = |t: Tensor| t.to_dtype(dtype)?.to_device(device);
-        let (cos, sin) = (to(angles.cos()?)?, to(angles.sin()?)?);
-        *cache = Some(Rotary { len: l, dtype, cos: cos.clone(), sin: sin.clone() });
-        Ok((cos, sin))
+        let rotary = RotaryTables::new(&inverse_frequencies(cfg)?)?;
+        Ok(Self { embed, layers: stack, norm, rotary, cfg: cfg.clone(), family })
     }
 }
 
@@ -342,7 +295,7 @@ impl Backbone for Llama {
 
     fn layer(&self, i: usize, x: &Tensor, bias: &Tensor, mode: Mode) -> Result<Tensor> {
         let (_, l, _) = x.dims3()?;
-        let (cos, sin) = self.rotary(l, x.dtype(), x.device())?;
+        let (cos, sin) = self.rotary.get(l, x.dtype(), x.device())?;
         self.layers[i].forward(x, bias, &cos, &sin, &self.cfg, mode)
     }
 
@@ -392,48 +345,14 @@ impl Layer {
             q = qn.forward(&q, mode)?;
             k = kn.forward(&k, mode)?;
         }
-        let ctx = self.attention(q, k, v, (bias, cos, sin), cfg, mode)?;
+        let ctx =
+            layers::rotary_attention([q, k, v], (bias, cos, sin), cfg.attention_dropout, mode)?;
         let x = (self.o.forward(&ctx, mode)? + x)?;
         let h = self.post_norm.forward(&x, mode)?;
         let (gate, up) = (self.gate.forward(&h, mode)?, self.up.forward(&h, mode)?);
         let glu = cfg.hidden_act.gated(&gate, &up, mode)?;
         let f = self.down.forward(&glu, mode)?;
         x + f
-    }
-
-    /// Rotary positions and attention over `q` `(b, l, heads, d)` and `k`, `v` `(b, l, kv, d)`;
-    /// returns `(b, l, heads * d)`. On the CPU in F32 without autocast, fused ops with
-    /// their own backward (`rotary::rotary_train`, `attention::attention`) that keep the heads in
-    /// place; otherwise composed candle ops.
-    fn attention(
-        &self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        (bias, cos, sin): (&Tensor, &Tensor, &Tensor),
-        cfg: &Config,
-        mode: Mode,
-    ) -> Result<Tensor> {
-        let (b, l, heads, d) = q.dims4()?;
-        let kv = k.dim(2)?;
-        let operands = [&q, &k, &v, bias, cos, sin];
-        if layers::fused_attention_applies(&operands, cfg.attention_dropout, mode) {
-            let q = rotary_train(&q, cos, sin)?;
-            let k = rotary_train(&k, cos, sin)?;
-            return layers::fused_attention(&q, &k, &v, bias, cfg.attention_dropout, mode);
-        }
-        let v = v.transpose(1, 2)?.contiguous()?;
-        let rope = |t: Tensor| rotate_heads_first(&t, cos, sin);
-        let (q, k) = (rope(q)?, rope(k)?);
-        // Grouped-query attention: each key/value head serves heads/kv query heads.
-        let repeat = |t: Tensor| -> Result<Tensor> {
-            if heads == kv {
-                return Ok(t);
-            }
-            t.unsqueeze(2)?.expand((b, kv, heads / kv, l, d))?.reshape((b, heads, l, d))
-        };
-        let (k, v) = (repeat(k)?, repeat(v)?);
-        layers::attend(&q, &k, &v, bias, cfg.attention_dropout, mode)
     }
 }
 

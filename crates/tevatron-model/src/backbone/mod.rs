@@ -16,6 +16,7 @@ mod fast;
 pub mod layers;
 pub mod llama;
 pub mod lookup;
+pub mod modernbert;
 pub mod norm;
 pub mod rotary;
 pub mod train_ops;
@@ -65,6 +66,7 @@ pub const REGISTRY: &[Registered] = &[
     llama::MISTRAL,
     llama::QWEN2,
     llama::QWEN3,
+    modernbert::MODERNBERT,
 ];
 
 /// Whether a forward pass trains (dropout on, differentiable ops only) or infers. A training
@@ -152,7 +154,9 @@ impl Training {
 pub trait Backbone: Send + Sync {
     /// Token embeddings (with positions, normalisation and dropout): the input of layer 0.
     fn embed(&self, batch: &Batch, mode: Mode) -> Result<Tensor>;
-    /// The additive attention bias every layer uses, in the dtype of the hidden states.
+    /// The additive attention bias the layers take, in the dtype of the hidden states: opaque to
+    /// the loop over layers, so a backbone whose layers attend differently may stack several
+    /// (ModernBERT's global and local masks).
     fn attention_bias(&self, batch: &Batch, dtype: DType) -> Result<Tensor> {
         layers::mask_bias(&batch.attention_mask, dtype)
     }

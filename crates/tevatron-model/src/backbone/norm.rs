@@ -35,6 +35,18 @@ impl LayerNorm {
         Ok(Self { weight: vb.get(size, "weight")?, bias: vb.get(size, "bias")?, eps })
     }
 
+    /// Loads `weight`, and `bias` when `bias` is true; without one (PyTorch's `LayerNorm(...,
+    /// bias=False)`, as ModernBERT's) the bias is a constant zero: not a weight, so it is neither
+    /// trained nor saved, and every form of the norm still takes one operand list.
+    pub fn load_maybe_bias(vb: VarBuilder, size: usize, eps: f64, bias: bool) -> Result<Self> {
+        if bias {
+            return Self::load(vb, size, eps);
+        }
+        let weight = vb.get(size, "weight")?;
+        let bias = Tensor::zeros(size, weight.dtype(), weight.device())?;
+        Ok(Self { weight, bias, eps })
+    }
+
     /// Normalises `x`: candle's fused kernel in `Eval`; in `Train` our fused op with its own
     /// backward for F32 (CPU or GPU), differentiable candle ops otherwise.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {

@@ -3,14 +3,73 @@
 //! device and dtype), the in-place row kernel of the CPU (`rotate`, for `cpu_infer.rs`'s
 //! layers and the training op), and the training op with its backward ([`rotary_train`], F32 on
 //! the CPU or a GPU, whose CUDA launch is `rotary` of `train_ops_cuda.rs`). The tables (`cos`,
-//! `sin` per position) come from the backbone, which knows its scaling rules.
+//! `sin` per position, [`RotaryTables`]) are built here from inverse frequencies the backbone
+//! gives, as it knows its scaling rules.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use super::fast::{contiguous_f32, Data};
 #[cfg(feature = "cuda")]
 use super::train_ops::cuda;
+
+/// The `cos`/`sin` tables of one set of rotary frequencies, kept for the last length and dtype
+/// asked for: every layer of a batch (and every recomputed layer under gradient checkpointing)
+/// reuses them.
+pub(super) struct RotaryTables {
+    /// `(1, head_dim / 2)` inverse frequencies (F32, CPU).
+    inv_freq: Tensor,
+    cache: Mutex<Option<Tables>>,
+}
+
+/// Rotary tables `(l, head_dim)` for one length and dtype.
+struct Tables {
+    len: usize,
+    dtype: DType,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RotaryTables {
+    /// Tables for `inv` (one inverse frequency per pair of a head's dimensions), computed in
+    /// f64 by the backbone, rounded to F32 once and multiplied by the positions in F32, as
+    /// transformers does it.
+    pub(super) fn new(inv: &[f64]) -> Result<Self> {
+        let inv_freq = Tensor::from_vec(
+            inv.iter().map(|&f| f as f32).collect::<Vec<_>>(),
+            (1, inv.len()),
+            &Device::Cpu,
+        )?;
+        Ok(Self { inv_freq, cache: Mutex::new(None) })
+    }
+
+    /// HF's default inverse frequencies `theta^(-2i/d)` for heads of width `dim`.
+    pub(super) fn default_frequencies(theta: f64, dim: usize) -> Vec<f64> {
+        (0..dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / dim as f64)).collect()
+    }
+
+    /// `cos` and `sin` `(l, head_dim)` (each half repeated, HF's `rotate_half` layout).
+    pub(super) fn get(&self, l: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+        // A poisoned lock means a forward panicked while filling the cache; refill it.
+        let mut cache = self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(t) = cache.as_ref().filter(|t| t.len == l && t.dtype == dtype) {
+            if t.cos.device().same_device(device) {
+                return Ok((t.cos.clone(), t.sin.clone()));
+            }
+        }
+        let angles = Tensor::arange(0u32, l as u32, &Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .unsqueeze(1)?
+            .broadcast_mul(&self.inv_freq)?;
+        let angles = Tensor::cat(&[&angles, &angles], 1)?;
+        let to = |t: Tensor| t.to_dtype(dtype)?.to_device(device);
+        let (cos, sin) = (to(angles.cos()?)?, to(angles.sin()?)?);
+        *cache = Some(Tables { len: l, dtype, cos: cos.clone(), sin: sin.clone() });
+        Ok((cos, sin))
+    }
+}
 
 /// `(b, l, n, d)` rotated into `(b, n, l, d)`: the fused op for F32 on the CPU or a GPU, the
 /// composed form elsewhere.
