@@ -233,7 +233,7 @@ fn bad_model_inputs_are_clear_errors() {
     std::fs::write(m.join("config.json"), r#"{"model_type": "gpt2"}"#).unwrap();
     fails_with(
         run(m.to_str().unwrap()),
-        "model_type \"gpt2\" is not supported (supported: bert, roberta, xlm-roberta, distilbert, llama, mistral, qwen2, qwen3)",
+        "model_type \"gpt2\" is not supported (supported: bert, roberta, xlm-roberta, distilbert, modernbert, llama, mistral, qwen2, qwen3)",
     );
     // Missing weights, then truncated weights.
     let m = d.join("broken");

@@ -12,10 +12,11 @@
 
 use crate::backbone::activation::gelu_train as gelu;
 use crate::backbone::activation::swiglu_train as swiglu;
+use crate::backbone::attention::masked_softmax_train as masked_softmax;
+use crate::backbone::linear::bias_add;
 use crate::backbone::lookup::embedding;
 use crate::backbone::norm::{layer_norm_train as layer_norm, rms_norm_train as rms_norm};
 use crate::backbone::rotary::rotary_train as rotary;
-use crate::backbone::train_ops::{bias_add, masked_softmax};
 use crate::fused_adamw::{adamw_step_in_place, AdamWStep};
 use crate::grad_norm::sum_of_squares;
 use crate::testing::{max_abs_diff_of, max_abs_of};

@@ -14,7 +14,9 @@ use std::ffi::{c_char, c_void, CString};
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 
-use crate::backbone::train_ops::{self, cuda};
+use crate::backbone::attention::{masked_softmax_train, SoftmaxRows};
+use crate::backbone::linear::bias_add;
+use crate::backbone::train_ops::cuda;
 use crate::cuda_kernels::{Arg, ColumnChunks, Kernels, Launch, Operand, CHUNK_ROWS};
 use crate::fused_adamw::{adamw_step, AdamWStep};
 use crate::rng::{keep_threshold, SplitMix64};
@@ -292,7 +294,7 @@ fn emulated_masked_softmax_and_its_gradient_equal_the_cpu_op() {
     for (bias, bias_shape) in [(padding, [b, 1, 1, n]), (causal, [b, 1, n, n])] {
         let sv = Var::from_tensor(&tensor(&scores, &[b, heads, n, n])).unwrap();
         let mask = tensor(&bias, &bias_shape);
-        let y = train_ops::masked_softmax(&sv, &mask).unwrap();
+        let y = masked_softmax_train(&sv, &mask).unwrap();
         let grads = (y.clone() * tensor(&g, &[b, heads, n, n]))
             .unwrap()
             .sum_all()
@@ -302,7 +304,7 @@ fn emulated_masked_softmax_and_its_gradient_equal_the_cpu_op() {
         let want_dx = values(grads.get(&sv).unwrap());
 
         let queries = bias.len() / (b * n);
-        let shape = train_ops::SoftmaxRows::new(sv.layout(), mask.layout()).unwrap();
+        let shape = SoftmaxRows::new(sv.layout(), mask.layout()).unwrap();
         let got = cuda::masked_softmax(&Emulator, input(&scores), input(&bias), &shape).unwrap();
         let got = got.values();
         assert_close(&got, &values(&y), 1e-6, &format!("forward, {queries} mask rows"));
@@ -337,7 +339,7 @@ fn emulated_bias_add_and_column_sum_equal_the_cpu_op() {
     let (y, b, g) = (wave(n, 0.41), wave(h, 1.3), wave(n, 0.29));
     let bv = Var::from_tensor(&tensor(&b, &[h])).unwrap();
     let yv = Var::from_tensor(&tensor(&y, &[rows, h])).unwrap();
-    let out = train_ops::bias_add(&yv, &bv).unwrap();
+    let out = bias_add(&yv, &bv).unwrap();
     let grads =
         (out.clone() * tensor(&g, &[rows, h])).unwrap().sum_all().unwrap().backward().unwrap();
 

@@ -15,7 +15,7 @@ use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 
 use super::activation::activate;
-use super::attention::{forward as attention, Heads};
+use super::attention::kernel::{forward as attention, Heads};
 use super::fast::{project, simd, Data, CHUNK};
 use super::layers::{Activation, LayerNorm, Linear};
 use super::norm::{add_layer_norm, rms_norm_rows, RmsNormRef};

@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
-use super::attention::Heads;
+use super::attention::kernel::Heads;
 use super::cpu_infer::DecoderLayer;
 use super::layers::{self, Activation, Linear, Linears};
 use super::lookup::embedding;

@@ -7,13 +7,14 @@
 //! hidden states only; pooling and loss live outside them.
 
 pub mod activation;
-mod attention;
+pub(crate) mod attention;
 pub mod bert;
 mod cpu_infer;
 pub mod distilbert;
 mod dropout;
 mod fast;
 pub mod layers;
+pub(crate) mod linear;
 pub mod llama;
 pub mod lookup;
 pub mod modernbert;
@@ -62,11 +63,11 @@ pub const REGISTRY: &[Registered] = &[
     bert::ROBERTA,
     bert::XLM_ROBERTA,
     distilbert::DISTILBERT,
+    modernbert::MODERNBERT,
     llama::LLAMA,
     llama::MISTRAL,
     llama::QWEN2,
     llama::QWEN3,
-    modernbert::MODERNBERT,
 ];
 
 /// Whether a forward pass trains (dropout on, differentiable ops only) or infers. A training

@@ -169,3 +169,41 @@ pub fn rotary_train(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let op = RotaryOp { cos: cos.clone(), sin: sin.clone(), inverse: false };
     x.contiguous()?.apply_op1(op)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::max_abs_diff;
+    use candle_core::{Device, Var};
+
+    /// The training op over `(b, l, heads, d)` with HF's tables `(l, d)` and its gradient equal
+    /// the composed `x * cos + rotate_half(x) * sin`.
+    #[test]
+    fn rotary_op_matches_the_composed_form_and_its_gradient() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 5, 3, 8), &dev).unwrap()).unwrap();
+        let angles: Vec<f32> =
+            (0..5).flat_map(|p| (0..8).map(move |j| p as f32 * 0.7f32.powi(j % 4))).collect();
+        let angles = Tensor::from_vec(angles, (5, 8), &dev).unwrap();
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let t = x.as_tensor();
+        let rotated = Tensor::cat(
+            &[&t.narrow(3, 4, 4).unwrap().neg().unwrap(), &t.narrow(3, 0, 4).unwrap()],
+            3,
+        )
+        .unwrap();
+        let table = |m: &Tensor| m.reshape((1, 5, 1, 8)).unwrap();
+        let composed = (t.broadcast_mul(&table(&cos)).unwrap()
+            + rotated.broadcast_mul(&table(&sin)).unwrap())
+        .unwrap();
+        let fused = rotary_train(t, &cos, &sin).unwrap();
+        assert!(max_abs_diff(&fused, &composed).unwrap() < 1e-5);
+        let g = Tensor::randn(0f32, 1.0, fused.shape(), &dev).unwrap();
+        let grad = |y: &Tensor| {
+            let gs = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            gs.get(t).unwrap().clone()
+        };
+        let d = max_abs_diff(&grad(&fused), &grad(&composed)).unwrap();
+        assert!(d < 1e-5, "gradient differs by {d}");
+    }
+}

@@ -1,4 +1,4 @@
-//! GPU twins of the fused training ops of `train_ops`, `norm`, `activation` and `rotary` (`kernels/train.cu`), F32 only: the same
+//! GPU twins of the fused training ops of `linear`, `attention`, `norm`, `activation` and `rotary` (`kernels/train.cu`), F32 only: the same
 //! operands, checked the same way, the same formulas. The launch code is written against
 //! [`Kernels`], so it runs on a GPU and, in tests (`kernel_emulation`), on the CPU emulation of
 //! the kernels, which checks each launch's parameters against the kernel's signature. Only the
@@ -6,7 +6,7 @@
 
 use candle_core::Result;
 
-use super::SoftmaxRows;
+use crate::backbone::attention::SoftmaxRows;
 use crate::cuda_kernels::{Arg, ColumnChunks, Kernels, Launch, Operand, CHUNK_ROWS};
 
 /// Rows of width `h` in an operand of `len` elements, or an error naming the op.

@@ -14,12 +14,12 @@ use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
-use super::fast::{contiguous_f32, mask_scale_in_place, softmax_in_place, Data};
+use crate::backbone::fast::{contiguous_f32, mask_scale_in_place, softmax_in_place, Data};
 
 /// Dropout on the attention probabilities: `keep` holds one byte per probability, laid out
 /// `(b, query heads, l, l)` as the composed path's `(b, heads, l, l)` tensor (so the same stream
 /// draws the same mask); kept values are multiplied by `scale`.
-pub(super) struct Dropout {
+pub(in crate::backbone) struct Dropout {
     pub keep: Vec<u8>,
     pub scale: f32,
 }
@@ -34,7 +34,7 @@ impl Dropout {
 
 /// Head counts and width: `query` heads share `kv` key/value heads (grouped-query attention).
 #[derive(Clone, Copy, Debug)]
-pub(super) struct Heads {
+pub(in crate::backbone) struct Heads {
     pub query: usize,
     pub kv: usize,
     pub dim: usize,
@@ -60,7 +60,7 @@ impl SharedOut {
 /// additive, either per key `(b, l)` (padding) or per query and key `(b, l, l)` (causal).
 /// The context comes back as `(b*l, query*dim)`, the heads already merged. With `dropout`,
 /// its mask is applied to the probabilities before they weight `v`.
-pub(super) fn forward(
+pub(in crate::backbone) fn forward(
     (q, k, v): (&[f32], &[f32], &[f32]),
     mask: &[f32],
     (b, l): (usize, usize),
@@ -239,7 +239,7 @@ fn check_shapes(
 /// `h`: `P` recomputed, `dP = dctx_h V^T`, `dS = P (dP - rowsum(P dP))`, `dq_h = dS K / sqrt(d)`,
 /// `dK += dS^T q_h / sqrt(d)`, `dV += P^T dctx_h`. With `dropout` (mask `M`), `P' = P M` weighted
 /// `v`: `dP` is `(dctx_h V^T) M` and `dV += P'^T dctx_h`.
-pub(super) fn backward(
+pub(in crate::backbone) fn backward(
     (q, k, v): (&[f32], &[f32], &[f32]),
     mask: &[f32],
     (b, l): (usize, usize),
@@ -377,7 +377,7 @@ impl CustomOp3 for Attention {
 /// heads, d)`, `k` and `v` `(b, l, kv heads, d)`, `bias` the additive mask `(b, 1, 1, l)` or
 /// `(b, 1, l, l)`, `dropout` on the probabilities if any. Returns the heads merged, `(b, l,
 /// query heads * d)`.
-pub(super) fn attention(
+pub(in crate::backbone) fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -429,7 +429,7 @@ mod tests {
             let fused_with_seed = |seed: u64| {
                 let training = Training::new(None, seed);
                 let (q, k, v) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
-                layers::fused_attention(q, k, v, bias, dropout, Mode::Train(&training))
+                super::super::fused_attention(q, k, v, bias, dropout, Mode::Train(&training))
             };
             let fused = fused_with_seed(7)?;
             let training = Training::new(None, 7);
