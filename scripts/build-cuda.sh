@@ -4,8 +4,8 @@
 #   scripts/build-cuda.sh           release build -> target/cuda/release/tevatron
 #   scripts/build-cuda.sh check     cargo clippy --features cuda,nccl --all-targets only (what CI runs;
 #                                   the GPU tests are compiled, not run)
-#   scripts/build-cuda.sh tests     the model crate's unit tests with CUDA
-#                                   -> target/cuda/release/tevatron-model-tests (gpu-check runs them)
+#   scripts/build-cuda.sh tests     the model and train crates' unit tests with CUDA
+#                                   -> target/cuda/release/tevatron-{model,train}-tests (gpu-check runs them)
 # Features: cuda (candle's CUDA backend, cuBLAS) and nccl (GPU collectives for --nproc_per_node;
 # NCCL 2.30 from the nvidia-nccl-cu13 wheel, the version PyTorch's CUDA 13 wheels carry).
 # The wheels (~1.6 GB) go to a virtualenv in .cache/cuda-venv (or TEVATRON_CUDA_VENV), reused.
@@ -47,17 +47,19 @@ export RUSTFLAGS="${RUSTFLAGS:-} -L $cu/lib -L $cu/lib/stubs -L $nccl"
 if [ "${1:-build}" = check ]; then
   cargo clippy --features cuda,nccl -p tevatron-cli -p tevatron-train -p tevatron-model --all-targets --target-dir target/cuda -- -D warnings
 elif [ "${1:-}" = tests ]; then
-  # The model crate's unit tests with CUDA, for scripts/gpu-check.sh to run its gpu_ tests on
-  # the GPU machine. Release, with candle's nccl feature as in the release build, so that the
-  # dependencies that build compiled are reused.
-  bin=$(cargo test --release --features cuda,candle-core/nccl -p tevatron-model --lib --no-run --target-dir target/cuda \
-    --message-format=json | "$venv/bin/python" -c 'import json, sys
+  # The model and train crates' unit tests with CUDA, for scripts/gpu-check.sh to run their
+  # gpu_ tests on the GPU machine. Release, with candle's nccl feature as in the release build,
+  # so that the dependencies that build compiled are reused.
+  for crate in model train; do
+    bin=$(cargo test --release --features cuda,candle-core/nccl -p tevatron-$crate --lib --no-run --target-dir target/cuda \
+      --message-format=json | "$venv/bin/python" -c 'import json, sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "tevatron_model":
-        print(m["executable"])')
-  cp "$bin" target/cuda/release/tevatron-model-tests
-  echo "built target/cuda/release/tevatron-model-tests"
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]:
+        print(m["executable"])' "tevatron_$crate")
+    cp "$bin" "target/cuda/release/tevatron-$crate-tests"
+    echo "built target/cuda/release/tevatron-$crate-tests"
+  done
 else
   cargo build --release --features cuda,nccl -p tevatron-cli --target-dir target/cuda
   echo "built target/cuda/release/tevatron"

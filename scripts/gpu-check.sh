@@ -3,7 +3,8 @@
 # network. Run from the repository root with the CUDA binary carried in .device/:
 #   .device/tevatron.xz (from scripts/build-cuda.sh, xz-compressed) and .device/tok/ (a BERT
 #   tokenizer + config: the all-MiniLM-L6-v2 files without weights).
-#   Optionally .device/model-tests.xz (scripts/build-cuda.sh tests, xz-compressed).
+#   Optionally .device/model-tests.xz and .device/train-tests.xz (scripts/build-cuda.sh tests,
+#   xz-compressed).
 # It builds a random-weight MiniLM-shaped BERT with transformers, then checks
 #   0. our kernels (training ops, AdamW, gradient norm) on the GPU against the CPU, if carried,
 #   1. CUDA vs CPU parity of our embeddings (f32 max abs <= 1e-4; bf16/f16 cosine >= 0.999 per row),
@@ -76,25 +77,29 @@ with open(f"{out}/train.jsonl", "w") as f:
                             "negative_passages": [{"text": n} for n in negs]}) + "\n")
 PY
 T=/tmp/tev/tevatron
-echo "== our kernels on the GPU against the CPU (the model crate's gpu_tests, if carried)"
-# .device/model-tests.xz is scripts/build-cuda.sh tests' binary. If a kernel differs, the checks
-# below still run, with candle's composed ops instead of our kernels, and the script fails at the end.
+echo "== our kernels on the GPU against the CPU (the model and train crates' gpu_tests, if carried)"
+# .device/{model,train}-tests.xz are scripts/build-cuda.sh tests' binaries. If a kernel differs,
+# the checks below still run, with candle's composed ops instead of our kernels, and the script
+# fails at the end.
 kernels_failed=
-if [ "$dev" = cuda ] && [ -f .device/model-tests.xz ]; then
-  python3 -c 'import lzma, shutil; shutil.copyfileobj(lzma.open(".device/model-tests.xz"), open("/tmp/tev/model-tests", "wb"))'
-  chmod +x /tmp/tev/model-tests
-  if /tmp/tev/model-tests gpu_tests:: --test-threads 1 --nocapture > "$out/kernels.log" 2>&1 \
-      && ! grep -q SKIPPED "$out/kernels.log"; then
-    grep -E 'differ|test result' "$out/kernels.log"
+for crate in model train; do
+  if [ "$dev" = cuda ] && [ -f ".device/$crate-tests.xz" ]; then
+    python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+      ".device/$crate-tests.xz" "/tmp/tev/$crate-tests"
+    chmod +x "/tmp/tev/$crate-tests"
+    if "/tmp/tev/$crate-tests" gpu_tests:: --test-threads 1 --nocapture > "$out/kernels-$crate.log" 2>&1 \
+        && ! grep -q SKIPPED "$out/kernels-$crate.log"; then
+      grep -E 'differ|test result' "$out/kernels-$crate.log"
+    else
+      grep -E 'differ|panicked|SKIPPED|FAILED|test result' "$out/kernels-$crate.log" | head -n 40
+      echo "FAIL (going on): the $crate crate's kernels differ from the CPU; the checks below use TEVATRON_GPU_COMPOSED_OPS=1"
+      export TEVATRON_GPU_COMPOSED_OPS=1
+      kernels_failed=1
+    fi
   else
-    grep -E 'differ|panicked|SKIPPED|FAILED|test result' "$out/kernels.log" | head -n 40
-    echo "FAIL (going on): our kernels differ from the CPU; the checks below use TEVATRON_GPU_COMPOSED_OPS=1"
-    export TEVATRON_GPU_COMPOSED_OPS=1
-    kernels_failed=1
+    echo "not run: no .device/$crate-tests.xz, or not on a GPU"
   fi
-else
-  echo "not run: no .device/model-tests.xz, or not on a GPU"
-fi
+done
 enc() { "$T" encode --model_name_or_path "$out/model" --pooling mean --normalize --passage_max_len 128 --quiet "$@"; }
 echo "== parity (256 passages of 1 to 200 words, mean pooling, normalized)"
 enc --dataset_path "$out/small.jsonl" --device cpu --encode_output_path "$out/cpu.st" --per_device_eval_batch_size 32

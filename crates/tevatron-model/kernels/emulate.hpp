@@ -14,6 +14,8 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 struct dim3 {
@@ -82,3 +84,69 @@ void launch(unsigned grid, unsigned block, Kernel kernel) {
   }
 }
 }  // namespace emulate
+
+// ---- Launching a kernel by name, as the CUDA driver's cuLaunchKernel does (the emulations'
+// entry points, kernels/emulate.cpp of each crate) ----
+
+namespace emulate {
+/// 'p' for a pointer, 'f' for a float, 'u' for an unsigned integer: the kinds Rust passes.
+template <class T>
+constexpr char kind() {
+  if constexpr (std::is_pointer_v<T>) {
+    return 'p';
+  } else if constexpr (std::is_floating_point_v<T>) {
+    return 'f';
+  } else {
+    static_assert(std::is_unsigned_v<T>, "kernel parameters are pointers, floats or unsigned");
+    return 'u';
+  }
+}
+
+/// Calls `k` with the values `params` point at, taking them as the kernel's own types.
+template <class... A, std::size_t... I>
+void call(void (*k)(A...), void **params, std::index_sequence<I...>) {
+  k(*static_cast<A *>(params[I])...);
+}
+
+/// 0 after running `k` with `params`; -1 if their count, or i + 1 if parameter i's kind or
+/// size, differs from the kernel's signature.
+template <class... A>
+int run(void (*k)(A...), unsigned grid, unsigned block, void **params, const char *kinds,
+        const unsigned char *sizes, std::size_t n) {
+  if (n != sizeof...(A)) return -1;
+  const char want_kinds[] = {kind<A>()...};
+  const std::size_t want_sizes[] = {sizeof(A)...};
+  for (std::size_t i = 0; i < n; ++i)
+    if (kinds[i] != want_kinds[i] || sizes[i] != want_sizes[i]) return int(i) + 1;
+  emulate::launch(grid, block, [&] { call(k, params, std::index_sequence_for<A...>{}); });
+  return 0;
+}
+
+using Runner = int (*)(unsigned, unsigned, void **, const char *, const unsigned char *,
+                       std::size_t);
+
+struct Entry {
+  const char *name;
+  Runner run;
+};
+
+/// Launches kernel `name` of `table` over `grid` blocks of `block` threads with `n` parameters
+/// (`params[i]` points at parameter i, of kind `kinds[i]` and `sizes[i]` bytes). Returns 0, -2
+/// for an unknown kernel, or `run`'s mismatch code.
+template <std::size_t N>
+int launch_by_name(const Entry (&table)[N], const char *name, unsigned grid, unsigned block,
+                   void **params, const char *kinds, const unsigned char *sizes,
+                   std::size_t n) {
+  for (const Entry &e : table)
+    if (std::strcmp(e.name, name) == 0) return e.run(grid, block, params, kinds, sizes, n);
+  return -2;
+}
+}  // namespace emulate
+
+/// A launch table's entry for kernel `K`.
+#define ENTRY(K)                                                                               \
+  emulate::Entry {                                                                             \
+    #K, [](unsigned g, unsigned b, void **p, const char *k, const unsigned char *s,            \
+           std::size_t n) { return emulate::run(K, g, b, p, k, s, n); }                        \
+  }
+

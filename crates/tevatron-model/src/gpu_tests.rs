@@ -1,6 +1,7 @@
 //! Our GPU kernels on a real GPU against the same computation on the CPU, which the other unit
 //! tests check against composed candle ops and PyTorch: every fused training op forward and
-//! backward, the embedding lookup's backward, AdamW in place, and the gradient sum of squares. The shapes are a MiniLM's (width
+//! backward and the embedding lookup's backward (the optimizer's kernels are tested in
+//! `tevatron-train`). The shapes are a MiniLM's (width
 //! 384, 1,536 in the feed-forward, 12 heads, 128 tokens) plus odd ones that leave partial warps
 //! and blocks.
 //!
@@ -17,39 +18,8 @@ use crate::backbone::linear::bias_add;
 use crate::backbone::lookup::embedding;
 use crate::backbone::norm::{layer_norm_train as layer_norm, rms_norm_train as rms_norm};
 use crate::backbone::rotary::rotary_train as rotary;
-use crate::fused_adamw::{adamw_step_in_place, AdamWStep};
-use crate::grad_norm::sum_of_squares;
-use crate::testing::{max_abs_diff_of, max_abs_of};
+use crate::testing::{first_gpu as gpu, rel_diff, wave};
 use candle_core::{Device, Result, Tensor, Var};
-
-/// The first GPU, or `None` (with a line on stderr) when there is none.
-fn gpu() -> Option<Device> {
-    match Device::new_cuda(0) {
-        Ok(dev) => Some(dev),
-        Err(e) => {
-            eprintln!("SKIPPED: no GPU ({e})");
-            None
-        }
-    }
-}
-
-/// `n` deterministic values in `[-scale, scale]`, a different sequence for each `k`.
-fn wave(n: usize, k: f32, scale: f32) -> Vec<f32> {
-    (0..n).map(|i| ((i as f32 + 1.0) * k).sin() * scale).collect()
-}
-
-fn host(t: &Tensor) -> Vec<f32> {
-    t.to_device(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap()
-}
-
-/// The largest difference of `got` from `want`, relative to the largest magnitude in `want`:
-/// NaN when either holds a NaN, infinite for an infinity only one holds ([`crate::testing`]),
-/// so that a non-finite value fails every tolerance.
-fn rel_diff(got: &Tensor, want: &Tensor) -> f32 {
-    assert_eq!(got.dims(), want.dims());
-    let (got, want) = (host(got), host(want));
-    max_abs_diff_of(&got, &want) / max_abs_of(&want).max(1e-30)
-}
 
 /// Runs `op` on the CPU and on `gpu` over the same trainable inputs (one per shape), then the
 /// backward of `sum(op(inputs) * upstream)`: the values and every input's gradient must agree
@@ -170,49 +140,6 @@ fn gpu_rotary_equals_the_cpu() {
         },
         1e-5,
     );
-}
-
-#[test]
-fn gpu_adamw_in_place_equals_the_cpu_step() {
-    let Some(dev) = gpu() else { return };
-    let n = 100_003;
-    let step = AdamWStep::example();
-    let run = |dev: &Device| {
-        let t = |v: Vec<f32>| Tensor::from_vec(v, (n,), dev).unwrap();
-        let v2: Vec<f32> = wave(n, 0.07, 1.0).iter().map(|x| x * x).collect();
-        let (w, g, m, v) =
-            (t(wave(n, 0.37, 1.0)), t(wave(n, 1.3, 1.0)), t(wave(n, 0.11, 1.0)), t(v2));
-        for _ in 0..2 {
-            adamw_step_in_place(&w, &g, &m, &v, step).unwrap();
-        }
-        [w, m, v]
-    };
-    let (cpu, on_gpu) = (run(&Device::Cpu), run(&dev));
-    for (name, (g, c)) in
-        ["weight", "first moment", "second moment"].iter().zip(on_gpu.iter().zip(&cpu))
-    {
-        let d = rel_diff(g, c);
-        eprintln!("adamw {name}: differs by {d:.1e}");
-        assert!(d <= 1e-6, "AdamW's {name} on the GPU differs from the CPU's by {d:.1e}");
-    }
-}
-
-#[test]
-fn gpu_sum_of_squares_equals_the_cpu() {
-    let Some(dev) = gpu() else { return };
-    let sizes = [1, 7, 384, 100_003, 384 * 1536];
-    let grads = |dev: &Device| -> Vec<Tensor> {
-        sizes
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| Tensor::from_vec(wave(n, 0.3 + i as f32, 1.5), (n,), dev).unwrap())
-            .collect()
-    };
-    let (cpu, on_gpu) =
-        (sum_of_squares(&grads(&Device::Cpu)).unwrap(), sum_of_squares(&grads(&dev)).unwrap());
-    let d = ((on_gpu - cpu) / cpu).abs();
-    eprintln!("sum of squares: {on_gpu} on the GPU, {cpu} on the CPU, relative difference {d:.1e}");
-    assert!(d <= 1e-6, "the GPU's sum of squares {on_gpu} differs from the CPU's {cpu}");
 }
 
 #[test]

@@ -9,22 +9,20 @@
 //! operands and the driver itself.
 #![cfg(kernel_emulation)]
 
-use std::cell::Cell;
-use std::ffi::{c_char, c_void, CString};
+use std::ffi::{c_char, c_void};
 
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 
 use crate::backbone::attention::{masked_softmax_train, SoftmaxRows};
 use crate::backbone::linear::bias_add;
 use crate::backbone::train_ops::cuda;
 use crate::cuda_kernels::{Arg, ColumnChunks, Kernels, Launch, Operand, CHUNK_ROWS};
-use crate::fused_adamw::{adamw_step, AdamWStep};
+use crate::emulator::{Emulator, HostBuffer};
 use crate::rng::{keep_threshold, SplitMix64};
 use crate::testing::max_rel_diff_of;
 
 extern "C" {
-    /// `kernels/emulate.cpp`: launches kernel `name` as cuLaunchKernel does, after checking
-    /// each parameter's kind and size against its signature.
+    /// `kernels/emulate.cpp`'s entry point ([`crate::emulator::EntryPoint`]).
     fn emu_launch(
         name: *const c_char,
         grid: u32,
@@ -36,102 +34,12 @@ extern "C" {
     ) -> i32;
 }
 
-/// The CPU emulation of the kernels as a device for the launch code.
-struct Emulator;
-
-/// Cells before and after every emulated buffer, NaN, that no launch may write.
-const GUARD: usize = 64;
-
-/// An emulated device buffer: cells, as a launch writes it through a shared borrow, NaN at
-/// first so that an element no launch writes shows in every comparison, between two runs of
-/// [`GUARD`] cells that must stay NaN: a launch that writes outside the buffer fails the test
-/// when the buffer is read or dropped, and one that reads outside it reads NaN.
-struct HostBuffer {
-    cells: Box<[Cell<f32>]>,
-    len: usize,
-}
-
-impl HostBuffer {
-    /// Its values, after checking that nothing wrote outside them.
-    fn values(&self) -> Vec<f32> {
-        self.check_guards();
-        self.cells[GUARD..GUARD + self.len].iter().map(Cell::get).collect()
-    }
-
-    fn check_guards(&self) {
-        let (before, rest) = self.cells.split_at(GUARD);
-        let written = before.iter().chain(&rest[self.len..]).any(|c| !c.get().is_nan());
-        assert!(!written, "a launch wrote outside a buffer of {}", self.len);
-    }
-}
-
-impl Drop for HostBuffer {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            self.check_guards();
-        }
-    }
-}
-
-impl Kernels for Emulator {
-    type Buffer = HostBuffer;
-
-    fn alloc(&self, len: usize) -> Result<HostBuffer> {
-        Ok(HostBuffer { cells: (0..len + 2 * GUARD).map(|_| Cell::new(f32::NAN)).collect(), len })
-    }
-
-    fn upload(&self, values: &[f32]) -> Result<HostBuffer> {
-        Ok(upload(values))
-    }
-
-    fn operand(&self, buffer: &HostBuffer) -> Operand {
-        Operand { address: buffer.cells[GUARD..].as_ptr() as u64, len: buffer.len }
-    }
-
-    unsafe fn launch(&self, kernel: &str, shape: Launch, args: &[Arg]) -> Result<()> {
-        let mut params: Vec<*mut c_void> = Vec::with_capacity(args.len());
-        let (mut kinds, mut sizes) = (Vec::new(), Vec::new());
-        for a in args {
-            let (param, kind, size) = match a {
-                Arg::Ptr(v) => (v as *const u64 as *mut c_void, b'p', 8),
-                Arg::U64(v) => (v as *const u64 as *mut c_void, b'u', 8),
-                Arg::U32(v) => (v as *const u32 as *mut c_void, b'u', 4),
-                Arg::F32(v) => (v as *const f32 as *mut c_void, b'f', 4),
-            };
-            params.push(param);
-            kinds.push(kind as c_char);
-            sizes.push(size);
-        }
-        let name = CString::new(kernel).expect("kernel names have no NUL");
-        // SAFETY: the caller's contract; the parameters point into `args`, alive for the call,
-        // and the emulation checks them against the kernel's signature before it runs.
-        let code = unsafe {
-            emu_launch(
-                name.as_ptr(),
-                shape.grid,
-                shape.block,
-                params.as_mut_ptr(),
-                kinds.as_ptr(),
-                sizes.as_ptr(),
-                args.len(),
-            )
-        };
-        match code {
-            0 => Ok(()),
-            -2 => candle_core::bail!("no kernel {kernel}"),
-            -1 => candle_core::bail!("{kernel}: {} parameters, not its signature's", args.len()),
-            i => candle_core::bail!("{kernel}: parameter {} is not its signature's type", i - 1),
-        }
-    }
-}
+/// `kernels/train.cu` on the CPU.
+const EMU: Emulator = Emulator(emu_launch);
 
 /// An emulated buffer holding `v`.
 fn upload(v: &[f32]) -> HostBuffer {
-    let buffer = Emulator.alloc(v.len()).expect("host memory");
-    for (cell, &x) in buffer.cells[GUARD..].iter().zip(v) {
-        cell.set(x);
-    }
-    buffer
+    EMU.upload(v).expect("host memory")
 }
 
 /// A copy of a test's input data in an emulated buffer (so a read outside it reads NaN), as
@@ -142,7 +50,7 @@ fn input(v: &[f32]) -> Operand {
         static INPUTS: std::cell::RefCell<Vec<HostBuffer>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     let buffer = upload(v);
-    let operand = Emulator.operand(&buffer);
+    let operand = EMU.operand(&buffer);
     INPUTS.with(|inputs| inputs.borrow_mut().push(buffer));
     operand
 }
@@ -174,11 +82,11 @@ fn tensor(v: &[f32], shape: &[usize]) -> Tensor {
 #[test]
 fn the_emulation_refuses_a_launch_that_does_not_match_the_kernel() {
     let x = wave(64, 0.5);
-    let y = Emulator.alloc(64).unwrap();
-    let out = Emulator.operand(&y);
+    let y = EMU.alloc(64).unwrap();
+    let out = EMU.operand(&y);
     let launch = |kernel: &str, args: &[Arg]| {
         // SAFETY: the buffers hold the 64 elements; mismatches are refused before running.
-        unsafe { Emulator.launch(kernel, Launch::elements(64), args) }.map_err(|e| e.to_string())
+        unsafe { EMU.launch(kernel, Launch::elements(64), args) }.map_err(|e| e.to_string())
     };
     let error = |kernel, args: &[Arg]| launch(kernel, args).unwrap_err();
     assert!(error("gelu_f32", &[input(&x).arg(), out.arg(), Arg::U32(64)]).contains("parameter 2"));
@@ -213,11 +121,11 @@ fn emulated_dropout_keeps_what_the_cpu_stream_keeps() {
         ];
         let args = [&args[..], &[Arg::F32(scale)]].concat();
         // SAFETY: dropout_<t>(x, y, n, base, threshold, scale) with x and y of n elements.
-        unsafe { Emulator.launch(kernel, Launch::elements(n), &args) }.unwrap();
+        unsafe { EMU.launch(kernel, Launch::elements(n), &args) }.unwrap();
     };
     let x = wave(n, 0.7);
-    let y = Emulator.alloc(n).unwrap();
-    dropout("dropout_f32", input(&x).address, Emulator.operand(&y).address);
+    let y = EMU.alloc(n).unwrap();
+    dropout("dropout_f32", input(&x).address, EMU.operand(&y).address);
     for (i, y) in y.values().into_iter().enumerate() {
         let want = if keep[i] == 1 { x[i] * scale } else { 0.0 };
         assert_eq!(y, want, "element {i}");
@@ -227,20 +135,6 @@ fn emulated_dropout_keeps_what_the_cpu_stream_keeps() {
     dropout("dropout_f64", x64.as_ptr() as u64, y64.as_mut_ptr() as u64);
     let kept = y64.iter().zip(&keep).filter(|(y, &k)| (**y != 0.0) == (k == 1)).count();
     assert_eq!(kept, n);
-}
-
-#[test]
-fn emulated_adamw_equals_the_cpu_step_bit_for_bit() {
-    let n = 2100;
-    let step = AdamWStep::example();
-    let (w, g, m, v) = (wave(n, 0.3), wave(n, 1.1), wave(n, 0.05), wave(n, 0.02));
-    let v: Vec<f32> = v.iter().map(|x| x.abs()).collect();
-    let t = |x: &[f32]| tensor(x, &[n]);
-    let (w2, m2, v2) = adamw_step(&t(&w), &t(&g), &t(&m), &t(&v), step).unwrap();
-    let (wb, mb, vb) = (upload(&w), upload(&m), upload(&v));
-    let operand = |b| Emulator.operand(b);
-    step.launch_in_place(&Emulator, operand(&wb), input(&g), operand(&mb), operand(&vb)).unwrap();
-    assert_eq!((wb.values(), mb.values(), vb.values()), (values(&w2), values(&m2), values(&v2)));
 }
 
 /// Layer norm forward and backward over rows of 48 (lanes with one and two elements) and of
@@ -261,17 +155,16 @@ fn emulated_layer_norm_and_its_gradients_equal_the_cpu_op() {
         let grad = |v: &Var| values(grads.get(v).unwrap());
 
         let (x, w, b, g) = (input(&x), input(&w), input(&b), input(&g));
-        let got = cuda::layer_norm(&Emulator, x, w, b, eps as f32).unwrap().values();
+        let got = cuda::layer_norm(&EMU, x, w, b, eps as f32).unwrap().values();
         assert_close(&got, &values(&y), 1e-5, &format!("forward, h {h}"));
         let short = Operand { len: h - 1, ..b };
-        let e = cuda::layer_norm(&Emulator, x, w, short, eps as f32).err().unwrap().to_string();
+        let e = cuda::layer_norm(&EMU, x, w, short, eps as f32).err().unwrap().to_string();
         let want = format!("train-layer-norm: an operand of {} elements where {h} fit", h - 1);
         assert!(e.contains(&want), "{e}");
 
         let chunks = ColumnChunks::new(rows, h);
         assert!(chunks.chunks > 1 && !(rows as u64).is_multiple_of(CHUNK_ROWS));
-        let out =
-            cuda::norm_grad(&Emulator, cuda::Norm::Layer, x, w, g, eps as f32).unwrap().values();
+        let out = cuda::norm_grad(&EMU, cuda::Norm::Layer, x, w, g, eps as f32).unwrap().values();
         assert_eq!(out.len(), n + 2 * h);
         assert_close(&out[..n], &grad(&xv), 1e-4, &format!("dx, h {h}"));
         assert_close(&out[n..n + h], &grad(&wv), 1e-4, &format!("dw, h {h}"));
@@ -305,12 +198,12 @@ fn emulated_masked_softmax_and_its_gradient_equal_the_cpu_op() {
 
         let queries = bias.len() / (b * n);
         let shape = SoftmaxRows::new(sv.layout(), mask.layout()).unwrap();
-        let got = cuda::masked_softmax(&Emulator, input(&scores), input(&bias), &shape).unwrap();
+        let got = cuda::masked_softmax(&EMU, input(&scores), input(&bias), &shape).unwrap();
         let got = got.values();
         assert_close(&got, &values(&y), 1e-6, &format!("forward, {queries} mask rows"));
         assert!(got.iter().zip(values(&y)).all(|(a, b)| (*a == 0.0) == (b == 0.0)));
 
-        let dx = cuda::softmax_grad(&Emulator, input(&got), input(&g), n).unwrap().values();
+        let dx = cuda::softmax_grad(&EMU, input(&got), input(&g), n).unwrap().values();
         assert_close(&dx, &want_dx, 1e-5, &format!("backward, {queries} mask rows"));
     }
 }
@@ -323,8 +216,8 @@ fn emulated_gelu_and_its_gradient_equal_the_cpu_op() {
     let xv = Var::from_tensor(&tensor(&x, &[n])).unwrap();
     let y = crate::backbone::activation::gelu_train(&xv).unwrap();
     let grads = (y.clone() * tensor(&g, &[n])).unwrap().sum_all().unwrap().backward().unwrap();
-    let got = cuda::gelu(&Emulator, input(&x)).unwrap().values();
-    let dx = cuda::gelu_grad(&Emulator, input(&x), input(&g)).unwrap().values();
+    let got = cuda::gelu(&EMU, input(&x)).unwrap().values();
+    let dx = cuda::gelu_grad(&EMU, input(&x), input(&g)).unwrap().values();
     assert_close(&got, &values(&y), 2e-6, "gelu");
     assert_close(&dx, &values(grads.get(&xv).unwrap()), 2e-6, "gelu dx");
     assert_eq!(y.dtype(), DType::F32);
@@ -343,12 +236,12 @@ fn emulated_bias_add_and_column_sum_equal_the_cpu_op() {
     let grads =
         (out.clone() * tensor(&g, &[rows, h])).unwrap().sum_all().unwrap().backward().unwrap();
 
-    let got = cuda::bias_add(&Emulator, input(&y), input(&b)).unwrap().values();
+    let got = cuda::bias_add(&EMU, input(&y), input(&b)).unwrap().values();
     assert_eq!(got, values(&out));
 
     let chunks = ColumnChunks::new(rows, h);
     assert!(chunks.chunks > 1 && chunks.column_blocks > 1);
-    let sums = cuda::column_sum(&Emulator, input(&g), h).unwrap().values();
+    let sums = cuda::column_sum(&EMU, input(&g), h).unwrap().values();
     assert_close(&sums, &values(grads.get(&bv).unwrap()), 1e-5, "column sums");
 }
 
@@ -367,11 +260,10 @@ fn emulated_rms_norm_and_its_gradients_equal_the_cpu_op() {
         let grad = |v: &Var| values(grads.get(v).unwrap());
 
         let (x, w, g) = (input(&x), input(&w), input(&g));
-        let got = cuda::rms_norm(&Emulator, x, w, eps as f32).unwrap().values();
+        let got = cuda::rms_norm(&EMU, x, w, eps as f32).unwrap().values();
         assert_close(&got, &values(&y), 1e-5, &format!("forward, h {h}"));
 
-        let out =
-            cuda::norm_grad(&Emulator, cuda::Norm::Rms, x, w, g, eps as f32).unwrap().values();
+        let out = cuda::norm_grad(&EMU, cuda::Norm::Rms, x, w, g, eps as f32).unwrap().values();
         assert_eq!(out.len(), n + h);
         assert_close(&out[..n], &grad(&xv), 1e-4, &format!("dx, h {h}"));
         assert_close(&out[n..], &grad(&wv), 1e-4, &format!("dw, h {h}"));
@@ -404,12 +296,12 @@ fn emulated_rotary_and_its_gradient_equal_the_cpu_op() {
 
     let dims = (b, len, heads, d);
     let rotary = |x: &[f32], inverse| {
-        cuda::rotary(&Emulator, input(x), dims, input(&cos), input(&sin), inverse).unwrap().values()
+        cuda::rotary(&EMU, input(x), dims, input(&cos), input(&sin), inverse).unwrap().values()
     };
     assert_eq!(rotary(&x, false), values(&y));
     assert_eq!(rotary(&g, true), values(grads.get(&xv).unwrap()));
     let wrong = (b, len, heads, d - 1);
-    let e = cuda::rotary(&Emulator, input(&x), wrong, input(&cos), input(&sin), false);
+    let e = cuda::rotary(&EMU, input(&x), wrong, input(&cos), input(&sin), false);
     let e = e.err().unwrap().to_string();
     assert!(e.contains(&format!("train-rotary: {n} elements are not (2, 5, 3, 7)")), "{e}");
 }
@@ -423,24 +315,11 @@ fn emulated_swiglu_and_its_gradients_equal_the_cpu_op() {
     let y = crate::backbone::activation::swiglu_train(&gv, &uv).unwrap();
     let grads = (y.clone() * tensor(&dy, &[n])).unwrap().sum_all().unwrap().backward().unwrap();
     let (gate, up, dy) = (input(&gate), input(&up), input(&dy));
-    let got = cuda::swiglu(&Emulator, gate, up).unwrap().values();
-    let both = cuda::swiglu_grad(&Emulator, gate, up, dy).unwrap().values();
+    let got = cuda::swiglu(&EMU, gate, up).unwrap().values();
+    let both = cuda::swiglu_grad(&EMU, gate, up, dy).unwrap().values();
     assert_close(&got, &values(&y), 1e-6, "swiglu");
     assert_close(&both[..n], &values(grads.get(&gv).unwrap()), 1e-6, "swiglu d gate");
     assert_close(&both[n..], &values(grads.get(&uv).unwrap()), 1e-6, "swiglu d up");
-}
-
-/// The gradient norm's two kernels over gradients of one element (most warps idle) and of
-/// 70,000 (several elements per thread), through the launch code the GPU runs: the F64 sum of
-/// the squares, within F32's rounding of the partials.
-#[test]
-fn emulated_sum_of_squares_equals_the_f64_sum() {
-    let grads = [vec![3.0f32], wave(70_000, 0.011)];
-    let want: f64 = grads.iter().flatten().map(|&v| f64::from(v) * f64::from(v)).sum();
-    let operands: Vec<Operand> = grads.iter().map(|g| input(g)).collect();
-    let got = crate::grad_norm::launch_sum_of_squares(&Emulator, &operands).unwrap().values();
-    assert_eq!(got.len(), 1);
-    assert!((f64::from(got[0]) - want).abs() / want < 1e-6, "{} vs {want}", got[0]);
 }
 
 /// The embedding gradient's two kernels, through the launch code the GPU runs, against candle's
@@ -460,11 +339,11 @@ fn emulated_embedding_grad_equals_the_cpu_backward() {
     let want = values(grads.get(table.as_tensor()).unwrap());
 
     let groups = RowGroups::new(&ids, rows).unwrap();
-    let got = table_grad(&Emulator, input(&g), width, &groups).unwrap().values();
+    let got = table_grad(&EMU, input(&g), width, &groups).unwrap().values();
     assert_eq!(got.len(), rows * width);
     assert_close(&got, &want, 1e-5, "embedding grad");
     assert_eq!(got, groups.table_grad(&g, width), "the CPU twin adds in the kernels' order");
     assert!(got[35 * width..36 * width].iter().all(|&v| v == 0.0), "an unread row is zero");
-    let e = table_grad(&Emulator, input(&g[..width]), width, &groups).err().unwrap().to_string();
+    let e = table_grad(&EMU, input(&g[..width]), width, &groups).err().unwrap().to_string();
     assert!(e.contains("embedding-grad: 300 elements are not 150 rows of 300"), "{e}");
 }

@@ -26,16 +26,14 @@ macro_rules! fail {
 pub mod backbone;
 pub mod collate;
 pub mod config;
-#[cfg(any(test, feature = "cuda"))]
-mod cuda_kernels;
+pub mod cuda_kernels;
 pub mod device;
 pub mod device_search;
+pub mod emulator;
 pub mod encoder;
 pub mod error;
-pub mod fused_adamw;
 #[cfg(all(test, feature = "cuda"))]
 mod gpu_tests;
-pub mod grad_norm;
 pub mod hub;
 #[cfg(test)]
 mod kernel_emulation;

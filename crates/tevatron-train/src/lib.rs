@@ -19,6 +19,25 @@ pub mod checkpoint;
 pub mod data;
 pub mod dist;
 pub mod error;
+pub mod fused_adamw;
+#[cfg(all(test, feature = "cuda"))]
+mod gpu_tests;
+pub mod grad_norm;
+#[cfg(test)]
+mod kernel_emulation;
+#[cfg(all(test, not(kernel_emulation)))]
+mod kernel_emulation_missing {
+    /// Stands in for the kernel tests when `build.rs` could not compile the emulation.
+    #[test]
+    fn the_gpu_kernels_cpu_emulation_was_built() {
+        panic!(
+            "build.rs could not compile kernels/emulate.cpp (its warning says why): the GPU \
+             kernels' tests need a C++20 compiler"
+        );
+    }
+}
+#[cfg(feature = "cuda")]
+mod kernels;
 pub mod loss;
 pub mod optim;
 pub mod profile;

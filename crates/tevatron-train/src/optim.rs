@@ -5,10 +5,10 @@
 
 use std::collections::HashMap;
 
+use crate::fused_adamw::{adamw_step_in_place, AdamWStep};
+use crate::grad_norm::sum_of_squares;
 use candle_core::{DType, Result, Tensor, Var};
 use tevatron_model::device::gpu_composed_ops;
-use tevatron_model::fused_adamw::{adamw_step_in_place, AdamWStep};
-use tevatron_model::grad_norm::sum_of_squares;
 
 /// AdamW hyper-parameters (`--adam_beta1/2`, `--adam_epsilon`, `--weight_decay`).
 #[derive(Clone, Copy, Debug)]
@@ -116,7 +116,7 @@ pub struct AdamW {
     params: Vec<Param>,
     cfg: AdamWConfig,
     step: usize,
-    /// F32 parameters take the one-pass update (`tevatron_model::fused_adamw`); the tests turn
+    /// F32 parameters take the one-pass update ([`crate::fused_adamw`]); the tests turn
     /// it off to compare it with the composed one, which other dtypes always take, and so does
     /// a GPU under `TEVATRON_GPU_COMPOSED_OPS`.
     fused: bool,
@@ -217,7 +217,7 @@ impl AdamW {
 }
 
 /// Global L2 norm of `grads`, their squares summed in F64 where the device allows
-/// (`tevatron_model::grad_norm`).
+/// ([`crate::grad_norm`]).
 pub fn grad_norm(grads: &[Tensor]) -> Result<f64> {
     Ok(sum_of_squares(grads)?.sqrt())
 }
@@ -249,8 +249,8 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fused_adamw::adamw_step;
     use candle_core::Device;
-    use tevatron_model::fused_adamw::adamw_step;
 
     #[test]
     fn decay_exclusions_match_hugging_face_names() {

@@ -57,7 +57,7 @@ pub(super) fn exp(x: f32) -> f32 {
 }
 
 /// The F32 values of a contiguous CPU input of custom op `op`; an error naming `op` otherwise.
-pub(crate) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+pub fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else { candle_core::bail!("{op}: only f32 is supported") };
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
@@ -66,7 +66,7 @@ pub(crate) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Res
 }
 
 /// [`contiguous_f32`] for a storage an in-place op writes.
-pub(crate) fn contiguous_f32_mut<'a>(
+pub fn contiguous_f32_mut<'a>(
     s: &'a mut CpuStorage,
     l: &Layout,
     op: &str,

@@ -1,5 +1,5 @@
-//! One AdamW update of one F32 parameter in one or three passes, which `tevatron-train`'s
-//! optimizer uses for F32 parameters on every device. Composed of tensor ops, the update is
+//! One AdamW update of one F32 parameter in one or three passes, which the optimizer
+//! ([`crate::optim`]) uses for F32 parameters on every device. Composed of tensor ops, the update is
 //! about fourteen passes over the parameter, each with a fresh output: on a GPU fourteen kernel
 //! launches per parameter (a MiniLM has a hundred), each costing more host time than its
 //! arithmetic; on the CPU 0.2 s of a MiniLM step, much of it spent faulting in new pages.
@@ -12,7 +12,7 @@
 use candle_core::{CpuStorage, CustomOp3, InplaceOp2, InplaceOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::backbone::{contiguous_f32, contiguous_f32_mut};
+use tevatron_model::backbone::{contiguous_f32, contiguous_f32_mut};
 
 /// The scalars of one step, as `torch.optim.AdamW` derives them from the step count.
 #[derive(Clone, Copy, Debug)]
@@ -86,15 +86,15 @@ impl AdamWStep {
 impl AdamWStep {
     /// The update as one launch of `adamw_f32` on `k`, in place: the weight `w` and the
     /// moments `m`, `v` from the gradient `g`.
-    pub(crate) fn launch_in_place<K: crate::cuda_kernels::Kernels>(
+    pub(crate) fn launch_in_place<K: tevatron_model::cuda_kernels::Kernels>(
         &self,
         k: &K,
-        w: crate::cuda_kernels::Operand,
-        g: crate::cuda_kernels::Operand,
-        m: crate::cuda_kernels::Operand,
-        v: crate::cuda_kernels::Operand,
+        w: tevatron_model::cuda_kernels::Operand,
+        g: tevatron_model::cuda_kernels::Operand,
+        m: tevatron_model::cuda_kernels::Operand,
+        v: tevatron_model::cuda_kernels::Operand,
     ) -> Result<()> {
-        use crate::cuda_kernels::{Arg, Launch};
+        use tevatron_model::cuda_kernels::{Arg, Launch};
         let n = w.len;
         if g.len != n || m.len != n || v.len != n {
             candle_core::bail!(
@@ -269,10 +269,10 @@ impl InplaceOp2 for StepInPlace {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<()> {
-        use crate::cuda_kernels::{storage_operand, tensor_operand};
+        use tevatron_model::cuda_kernels::{storage_operand, tensor_operand};
         let (w, g) = (storage_operand(s1, l1, self.name())?, storage_operand(s2, l2, self.name())?);
         let (m, v) = (tensor_operand(&self.m, self.name())?, tensor_operand(&self.v, self.name())?);
-        self.step.launch_in_place(&s1.device, w, g, m, v)
+        self.step.launch_in_place(&crate::kernels::on(&s1.device), w, g, m, v)
     }
 }
 

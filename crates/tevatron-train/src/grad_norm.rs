@@ -3,7 +3,7 @@
 //! - on the CPU, one parallel pass over each F32 gradient, accumulated in F64 (a MiniLM's
 //!   gradients are 22M values, which the composed conversion, square and sum took 80 ms a step
 //!   to cross);
-//! - on a GPU, two kernels of `kernels/train.cu` per gradient set: one launch per gradient
+//! - on a GPU, two kernels of `kernels/optim.cu` per gradient set: one launch per gradient
 //!   writes per-warp partial sums into one buffer, one more adds them, and one copy brings the
 //!   total back. Composed of candle ops it was four launches and allocations per gradient, a
 //!   stack and a sum, about five hundred for a MiniLM;
@@ -61,11 +61,11 @@ const SQUARE_BLOCKS: u32 = 128;
 /// order: each gradient's per-warp partials (accumulated in F64, stored in F32), then their
 /// sum by one warp (in F64).
 #[cfg(any(test, feature = "cuda"))]
-pub(crate) fn launch_sum_of_squares<K: crate::cuda_kernels::Kernels>(
+pub(crate) fn launch_sum_of_squares<K: tevatron_model::cuda_kernels::Kernels>(
     k: &K,
-    grads: &[crate::cuda_kernels::Operand],
+    grads: &[tevatron_model::cuda_kernels::Operand],
 ) -> Result<K::Buffer> {
-    use crate::cuda_kernels::{Arg, Launch, BLOCK};
+    use tevatron_model::cuda_kernels::{Arg, Launch, BLOCK};
     let shape = Launch { grid: SQUARE_BLOCKS, block: BLOCK };
     let per_grad = (SQUARE_BLOCKS * BLOCK / 32) as usize;
     let total = grads.len() * per_grad;
@@ -91,8 +91,8 @@ mod gpu {
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{Device, Result, Storage, Tensor};
 
-    use crate::backbone::train_ops::has_kernel;
-    use crate::cuda_kernels::storage_operand;
+    use tevatron_model::backbone::train_ops::has_kernel;
+    use tevatron_model::cuda_kernels::storage_operand;
 
     /// The kernels' sum when every gradient is a contiguous F32 tensor on the first one's GPU
     /// and our kernels apply there (`has_kernel`: not under `TEVATRON_GPU_COMPOSED_OPS`);
@@ -113,7 +113,8 @@ mod gpu {
             }
             operands.push(storage_operand(s, layout, "gradient norm")?);
         }
-        let sum: CudaSlice<f32> = super::launch_sum_of_squares(dev, &operands)?;
+        let sum: CudaSlice<f32> =
+            super::launch_sum_of_squares(&crate::kernels::on(dev), &operands)?;
         // A copy into pageable memory returns when it is done, as candle's reads rely on.
         let host = dev.cuda_stream().clone_dtoh(&sum).w()?;
         Ok(Some(f64::from(host[0])))
