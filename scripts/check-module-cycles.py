@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Finds import cycles between the modules (files) of each crate under crates/.
 
-A module is a source file (`backbone/layers.rs` is `backbone::layers`, `dist/mod.rs` is `dist`).
+A module is a source file (`backbone/layers.rs` is `backbone::layers`, `dist/mod.rs` is `dist`;
+a file named by `#[path = "x.rs"] mod name;` is `name` inside the module that declares it).
 An edge A -> B is a path in A that names B: `crate::b::...`, `super::...`, `self::...`, or a
 child's name (`layers::Linears` in `backbone`), in `use` declarations (`as` renames included)
 or written out in code, resolved to the longest module prefix that exists. Left out:
@@ -19,6 +20,10 @@ when there is one.
 import pathlib
 import re
 import sys
+
+
+# `#[path = "x.rs"]`, other attributes, then `mod name;`.
+PATH_MOD = re.compile(r'#\[path\s*=\s*"([^"]+)"\]\s*(?:#\[[^\]]*\]\s*)*(?:pub(?:\([^)]*\))?\s+)?mod\s+(\w+)\s*;')
 
 
 def module_of(src, path):
@@ -145,6 +150,13 @@ def main():
             continue
         files = [f for f in src.rglob("*.rs") if f.name != "tests.rs"]
         modules = {module_of(src, f): f for f in files}
+        for f in files:
+            for target, name in PATH_MOD.findall(f.read_text()):
+                moved = (f.parent / target).resolve()
+                for m, g in list(modules.items()):
+                    if g.resolve() == moved:
+                        del modules[m]
+                        modules[module_of(src, f) + (name,)] = g
         graph = {m: edges(src, modules, f) for m, f in modules.items()}
         for comp in cycles(graph):
             bad += 1

@@ -11,7 +11,9 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
-    for f in ["kernels/train.cu", "kernels/emulate.hpp", "kernels/emulate.cpp"] {
+    for f in
+        ["kernels/train.cu", "kernels/common.cuh", "kernels/emulate.hpp", "kernels/emulate.cpp"]
+    {
         println!("cargo:rerun-if-changed={f}");
     }
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");

@@ -1,5 +1,6 @@
-// A CPU stand-in for the CUDA features that kernels/train.cu uses, so that the kernels' own
-// source runs in `cargo test` on a machine without a GPU (src/kernel_emulation.rs).
+// A CPU stand-in for the CUDA features that the kernel sources use (kernels/train.cu here,
+// crates/tevatron-train/kernels/optim.cu), so that the kernels' own source runs in `cargo test`
+// on a machine without a GPU (src/kernel_emulation.rs of each crate).
 //
 // A launch runs its blocks one after another; each block runs as one OS thread per CUDA thread,
 // so lanes really run concurrently. `__shfl_xor_sync` meets the other 31 lanes of its warp at a

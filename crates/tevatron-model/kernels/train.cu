@@ -39,11 +39,11 @@ DROPOUT(dropout_bf16, __nv_bfloat16, float, __bfloat162float, __float2bfloat16)
 DROPOUT(dropout_f16, __half, float, __half2float, __float2half)
 #endif
 
-// ---- Row-wise training ops in F32 (the CPU twins: src/backbone/norm.rs, activation.rs, rotary.rs, train_ops.rs) ----
+// ---- Row-wise training ops in F32 (the CPU twins: src/backbone/norm.rs, activation.rs, rotary.rs, attention/mod.rs, linear.rs) ----
 //
 // One warp per row: each lane takes every 32nd element and the warp combines the lanes'
 // partial results with butterfly shuffles, so all lanes end with the same total. A launch
-// covers rows with a grid-stride loop over warps (`row_launch` in src/cuda_kernels.rs).
+// covers rows with a grid-stride loop over warps (`Launch::rows` in src/cuda_kernels.rs).
 
 __device__ __forceinline__ float warp_sum(float v) {
   for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);

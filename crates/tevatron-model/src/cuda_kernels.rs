@@ -29,7 +29,7 @@ pub struct Launch {
 }
 
 impl Launch {
-    /// A grid-stride launch over `n` elements (one thread each, up to [`MAX_GRID`] blocks).
+    /// A grid-stride launch over `n` elements (one thread each, up to `MAX_GRID` blocks).
     pub fn elements(n: usize) -> Self {
         Self::blocks((n as u64).div_ceil(u64::from(BLOCK)))
     }
@@ -39,7 +39,7 @@ impl Launch {
         Self::blocks((rows as u64).div_ceil(WARPS))
     }
 
-    /// `blocks` blocks of [`BLOCK`] threads, at least one and at most [`MAX_GRID`].
+    /// `blocks` blocks of [`BLOCK`] threads, at least one and at most `MAX_GRID`.
     pub fn blocks(blocks: u64) -> Self {
         Self { grid: blocks.clamp(1, MAX_GRID) as u32, block: BLOCK }
     }
@@ -81,8 +81,7 @@ impl ColumnChunks {
     }
 }
 
-/// One parameter of a kernel launch, as the kernel's signature in `kernels/train.cu` takes
-/// it: a device pointer (`const float *`, `float *`), or a scalar of the kernel's width.
+/// One parameter of a kernel launch, as the kernel's signature in its source takes it: a device pointer (`const float *`, `float *`), or a scalar of the kernel's width.
 #[derive(Clone, Copy, Debug)]
 pub enum Arg {
     /// A device address.
@@ -122,7 +121,7 @@ impl Operand {
 
 /// A device that runs kernels of a source compiled for it: a GPU through the CUDA driver, or, in
 /// tests, their CPU emulation ([`crate::emulator::Emulator`]). The launch code (`train_ops`' `cuda`
-/// module) is written once against this, so tests run the argument lists, buffer sizes and
+/// module here, the optimizer's in `tevatron-train`) is written once against this, so tests run the argument lists, buffer sizes and
 /// launch shapes that a GPU gets.
 pub trait Kernels {
     /// An F32 buffer the device owns.

@@ -85,9 +85,8 @@ fn keep_freed_memory(cuda: &candle_core::CudaDevice) {
 }
 
 /// Whether `TEVATRON_GPU_COMPOSED_OPS` is set (to anything but empty or 0): a GPU then trains
-/// with candle's composed ops instead of our kernels (the training ops of `backbone/train_ops.rs`,
-/// the gradient norm,
-/// the optimizer's in-place AdamW), to measure what the kernels gain or to rule them out when a
+/// with candle's composed ops instead of our kernels (the fused training ops of the backbone's
+/// op modules, the gradient norm, the optimizer's in-place AdamW), to measure what the kernels gain or to rule them out when a
 /// GPU run goes wrong, without another build.
 pub fn gpu_composed_ops() -> bool {
     static SET: std::sync::OnceLock<bool> = std::sync::OnceLock::new();

@@ -11,7 +11,8 @@ use candle_core::Result;
 
 use crate::cuda_kernels::{Arg, Kernels, Launch, Operand};
 
-/// The signature of an emulation's entry point (`emu_launch` of a crate's `kernels/emulate.cpp`):
+/// The signature of an emulation's entry point (the `extern "C"` launcher of a crate's
+/// `kernels/emulate.cpp`: `emu_launch` here, `emu_optim_launch` in `tevatron-train`):
 /// launches kernel `name` as cuLaunchKernel does, after checking each parameter's kind and size
 /// against its signature; 0, or -2 for an unknown kernel, -1 for a wrong parameter count, i + 1
 /// for parameter i of the wrong kind or size.

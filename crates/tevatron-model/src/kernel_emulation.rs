@@ -13,9 +13,10 @@ use std::ffi::{c_char, c_void};
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use crate::backbone::attention::{masked_softmax_train, SoftmaxRows};
+use crate::backbone::attention::masked_softmax_train;
 use crate::backbone::linear::bias_add;
 use crate::backbone::train_ops::cuda;
+use crate::backbone::train_ops::SoftmaxRows;
 use crate::cuda_kernels::{Arg, ColumnChunks, Kernels, Launch, Operand, CHUNK_ROWS};
 use crate::emulator::{Emulator, HostBuffer};
 use crate::rng::{keep_threshold, SplitMix64};

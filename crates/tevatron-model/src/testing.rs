@@ -147,6 +147,37 @@ pub fn minilm_fixture() -> (Vec<String>, std::collections::HashMap<String, Tenso
     (texts, expected)
 }
 
+/// The first GPU, or `None` (with a line on stderr) when there is none: GPU tests pass without
+/// checking anything where no GPU is visible (`scripts/gpu-check.sh` fails on such a skip).
+pub fn first_gpu() -> Option<candle_core::Device> {
+    match candle_core::Device::new_cuda(0) {
+        Ok(dev) => Some(dev),
+        Err(e) => {
+            eprintln!("SKIPPED: no GPU ({e})");
+            None
+        }
+    }
+}
+
+/// `n` deterministic values in `[-scale, scale]`, a different sequence for each `k`.
+pub fn wave(n: usize, k: f32, scale: f32) -> Vec<f32> {
+    (0..n).map(|i| ((i as f32 + 1.0) * k).sin() * scale).collect()
+}
+
+/// The largest difference of `got` from `want` (on any devices), relative to the largest
+/// magnitude in `want`: NaN when either holds a NaN, infinite for an infinity only one holds,
+/// so that a non-finite value fails every tolerance.
+pub fn rel_diff(got: &Tensor, want: &Tensor) -> f32 {
+    assert_eq!(got.dims(), want.dims());
+    let host = |t: &Tensor| -> Vec<f32> {
+        t.to_device(&candle_core::Device::Cpu)
+            .and_then(|t| t.flatten_all()?.to_vec1())
+            .expect("an F32 tensor")
+    };
+    let (got, want) = (host(got), host(want));
+    max_abs_diff_of(&got, &want) / max_abs_of(&want).max(1e-30)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,35 +277,4 @@ mod tests {
         let e = max_abs_diff(&a, &a.flatten_all().unwrap().narrow(0, 0, 5).unwrap());
         assert!(e.unwrap_err().to_string().contains("shapes differ"));
     }
-}
-
-/// The first GPU, or `None` (with a line on stderr) when there is none: GPU tests pass without
-/// checking anything where no GPU is visible (`scripts/gpu-check.sh` fails on such a skip).
-pub fn first_gpu() -> Option<candle_core::Device> {
-    match candle_core::Device::new_cuda(0) {
-        Ok(dev) => Some(dev),
-        Err(e) => {
-            eprintln!("SKIPPED: no GPU ({e})");
-            None
-        }
-    }
-}
-
-/// `n` deterministic values in `[-scale, scale]`, a different sequence for each `k`.
-pub fn wave(n: usize, k: f32, scale: f32) -> Vec<f32> {
-    (0..n).map(|i| ((i as f32 + 1.0) * k).sin() * scale).collect()
-}
-
-/// The largest difference of `got` from `want` (on any devices), relative to the largest
-/// magnitude in `want`: NaN when either holds a NaN, infinite for an infinity only one holds,
-/// so that a non-finite value fails every tolerance.
-pub fn rel_diff(got: &Tensor, want: &Tensor) -> f32 {
-    assert_eq!(got.dims(), want.dims());
-    let host = |t: &Tensor| -> Vec<f32> {
-        t.to_device(&candle_core::Device::Cpu)
-            .and_then(|t| t.flatten_all()?.to_vec1())
-            .expect("an F32 tensor")
-    };
-    let (got, want) = (host(got), host(want));
-    max_abs_diff_of(&got, &want) / max_abs_of(&want).max(1e-30)
 }

@@ -144,10 +144,11 @@ fn f64_gradients_and_adamw_step_match_pytorch() {
 }
 
 /// How close the f64 step comes to PyTorch's float64: the same math to rounding for BERT. For
-/// ModernBERT transformers computes the rotary tables in float32 even in a float64 model (cos
-/// and sin of F32 angles), and its float32 cos/sin differ from ours (correctly rounded) in the
-/// last bit of about one entry in twelve: measured, the loss then agrees to 1.2e-9 relative
-/// and every gradient to 4e-8.
+/// ModernBERT transformers computes rotary positions in float32 even in a float64 model: the
+/// tables are cos and sin of F32 angles (its float32 cos/sin differ from ours, correctly
+/// rounded, in the last bit of about one entry in twelve), and `apply_rotary_pos_emb` rounds
+/// the queries and keys to float32 before rotating them. Measured, the loss then agrees to
+/// 1.2e-9 relative and every gradient to 4e-8.
 fn f64_tolerances(model: &str) -> (f64, f64) {
     match model {
         "modernbert" => (1e-8, 2e-7),

@@ -2,7 +2,7 @@
 //!
 //! - **the byte mask** ([`ByteMask`]): F32 on the CPU while training, the mask drawn from the
 //!   training context's stream as bytes and applied forward and backward in one pass (also
-//!   inside the fused LoRA linear of `train_ops.rs` and the fused attention of `attention.rs`,
+//!   inside the fused LoRA linear of `linear.rs` and the fused attention of `attention/kernel.rs`,
 //!   which take their masks from [`draw_keep_mask`]);
 //! - **the counter mask** ([`CounterDropout`]): every other device and dtype. The mask is a
 //!   pure function of a stream position and each element's index: the decisions

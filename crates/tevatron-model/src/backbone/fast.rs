@@ -2,7 +2,7 @@
 //! (candle 0.11 calls scalar libm `erff`/`expf` per element; these polynomials let the
 //! compiler use SIMD), the inference attention softmax, the projections, lane reductions and
 //! the parallel row loops. The inference GELU that uses `erf` is in `activation.rs`; the
-//! training versions of the ops, with a backward, are in their modules and `train_ops`.
+//! training versions of the ops, with a backward, are in their modules.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, StorageRef, Tensor};
 use rayon::prelude::*;

@@ -1,7 +1,8 @@
 //! Transformer backbones written in this repository, each with a [`Mode`]: `Train` uses only
 //! differentiable ops and real dropout, `Eval` may use candle's fused kernels. On the CPU in F32,
 //! `Eval` layers run on raw buffers (`cpu_infer`) and training takes fused kernels that carry
-//! their own backward (`train_ops`); every other device and dtype takes the composed candle ops,
+//! their own backward (each op's module: `linear`, `attention`, `norm`, `activation`, `rotary`,
+//! `dropout`; what they share is `train_ops`); every other device and dtype takes the composed candle ops,
 //! which the tests compare both against, except dropout, whose mask every device computes from
 //! the seeded stream's position (`dropout.rs`). Backbones return
 //! hidden states only; pooling and loss live outside them.

@@ -92,6 +92,9 @@ pub struct Config {
     pub global_attn_every_n_layers: usize,
     /// Rotary settings per attention kind (transformers 5).
     pub rope_parameters: Option<HashMap<String, RopeParameters>>,
+    /// Older configs: rotary settings for both kinds, over `rope_parameters` (only the
+    /// `default` type is implemented).
+    pub rope_scaling: Option<RopeParameters>,
     /// Older configs: the global layers' rotary base (160,000 when absent).
     pub global_rope_theta: Option<f64>,
     /// Older configs: the local layers' rotary base (10,000 when absent).
@@ -164,11 +167,20 @@ impl Config {
         }
     }
 
-    /// The rotary base of `kind`: `rope_parameters` first, then the older fields, then
-    /// transformers' defaults.
+    /// The rotary base of `kind` as transformers settles it: `rope_parameters` updated by an
+    /// older `rope_scaling`, then the older per-kind fields, then transformers' defaults.
     fn rope_theta(&self, kind: Kind) -> Result<f64> {
-        let params = self.rope_parameters.as_ref().and_then(|p| p.get(kind.name()));
-        if let Some(ty) = params.and_then(|p| p.rope_type.as_deref()) {
+        let mut params = self
+            .rope_parameters
+            .as_ref()
+            .and_then(|p| p.get(kind.name()))
+            .cloned()
+            .unwrap_or_default();
+        if let Some(scaling) = &self.rope_scaling {
+            params.rope_theta = scaling.rope_theta.or(params.rope_theta);
+            params.rope_type = scaling.rope_type.clone().or(params.rope_type);
+        }
+        if let Some(ty) = params.rope_type.as_deref() {
             if ty != "default" {
                 fail!("rope type {ty:?} is not supported for ModernBERT (supported: default)");
             }
@@ -177,7 +189,7 @@ impl Config {
             Kind::Global => self.global_rope_theta.unwrap_or(160_000.0),
             Kind::Local => self.local_rope_theta.unwrap_or(10_000.0),
         };
-        Ok(params.and_then(|p| p.rope_theta).unwrap_or(legacy))
+        Ok(params.rope_theta.unwrap_or(legacy))
     }
 }
 
@@ -414,5 +426,8 @@ mod tests {
         assert!(cfg.kinds().is_err());
         let cfg = config(r#", "rope_parameters": {"sliding_attention": {"rope_type": "yarn"}}"#);
         assert!(cfg.rope_theta(Kind::Local).unwrap_err().to_string().contains("yarn"));
+        // An older `rope_scaling` applies to both kinds, so its type is refused for either.
+        let cfg = config(r#", "rope_scaling": {"type": "linear", "factor": 2.0}"#);
+        assert!(cfg.rope_theta(Kind::Global).unwrap_err().to_string().contains("linear"));
     }
 }

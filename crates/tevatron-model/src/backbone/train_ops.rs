@@ -10,7 +10,7 @@
 //! batch is 50 MB per layer); fused, it keeps only its input or output, and backward is one
 //! pass. Other devices and dtypes use the composed forms, which the tests compare these against.
 
-use candle_core::Tensor;
+use candle_core::{Layout, Result, Tensor};
 use rayon::prelude::*;
 
 use super::fast::{par_rows, simd, CHUNK};
@@ -86,6 +86,38 @@ pub(super) fn par_rows_with_param_grad(
         .collect();
     tail.copy_from_slice(&sum_in_order(partial, width));
     out
+}
+
+/// How the rows of attention scores `(b, .., n)` meet the rows of their additive mask `(b, ..,
+/// n)`: rows come in `b` batches of `rows_per_batch`, and each batch has `queries` mask rows (1
+/// for a padding mask, one per query for a causal mask), which its rows take in turn.
+#[derive(Clone, Copy)]
+pub(crate) struct SoftmaxRows {
+    pub(crate) n: usize,
+    pub(crate) rows_per_batch: usize,
+    pub(crate) queries: usize,
+}
+
+impl SoftmaxRows {
+    pub(crate) fn new(scores: &Layout, bias: &Layout) -> Result<Self> {
+        let (len, bias_len) = (scores.shape().elem_count(), bias.shape().elem_count());
+        let n = scores.dims().last().copied().unwrap_or(1).max(1);
+        let batches = bias.dims().first().copied().unwrap_or(1).max(1);
+        let queries = bias_len / (batches * n).max(1);
+        let rows_per_batch = len / n / batches;
+        if bias_len != batches * queries * n
+            || len % (batches * n) != 0
+            || queries == 0
+            || rows_per_batch % queries != 0
+        {
+            candle_core::bail!(
+                "train-masked-softmax: bias {:?} does not fit scores {:?}",
+                bias.dims(),
+                scores.dims()
+            );
+        }
+        Ok(Self { n, rows_per_batch, queries })
+    }
 }
 
 #[cfg(any(test, feature = "cuda"))]

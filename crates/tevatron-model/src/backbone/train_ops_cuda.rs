@@ -6,7 +6,7 @@
 
 use candle_core::Result;
 
-use crate::backbone::attention::SoftmaxRows;
+use super::SoftmaxRows;
 use crate::cuda_kernels::{Arg, ColumnChunks, Kernels, Launch, Operand, CHUNK_ROWS};
 
 /// Rows of width `h` in an operand of `len` elements, or an error naming the op.

@@ -22,7 +22,7 @@ use super::fast::{contiguous_f32, softmax_in_place};
 use super::linear::matmul;
 #[cfg(feature = "cuda")]
 use super::train_ops::cuda;
-use super::train_ops::par_map_rows;
+use super::train_ops::{par_map_rows, SoftmaxRows};
 use super::Mode;
 
 /// Softmax over the last dimension.
@@ -59,7 +59,7 @@ pub fn attention(
 /// Attention with rotary positions over `q` `(b, l, heads, d)` and `k`, `v` `(b, l, kv heads,
 /// d)` (grouped-query when `kv < heads`), `cos`/`sin` the rotary tables `(l, d)`; returns
 /// `(b, l, heads * d)`. On the CPU in F32 without autocast, fused ops with their own backward
-/// (`rotary::rotary_train`, [`fused_attention`]) that keep the heads in place; otherwise
+/// (`rotary::rotary_train`, `fused_attention`) that keep the heads in place; otherwise
 /// composed candle ops.
 pub fn rotary_attention(
     [q, k, v]: [Tensor; 3],
@@ -166,38 +166,6 @@ pub fn mask_bias(attention_mask: &Tensor, dtype: DType) -> Result<Tensor> {
 
 struct MaskedSoftmax;
 struct SoftmaxGrad;
-
-/// How the rows of attention scores `(b, .., n)` meet the rows of their additive mask `(b, ..,
-/// n)`: rows come in `b` batches of `rows_per_batch`, and each batch has `queries` mask rows (1
-/// for a padding mask, one per query for a causal mask), which its rows take in turn.
-#[derive(Clone, Copy)]
-pub(crate) struct SoftmaxRows {
-    pub(crate) n: usize,
-    pub(crate) rows_per_batch: usize,
-    pub(crate) queries: usize,
-}
-
-impl SoftmaxRows {
-    pub(crate) fn new(scores: &Layout, bias: &Layout) -> Result<Self> {
-        let (len, bias_len) = (scores.shape().elem_count(), bias.shape().elem_count());
-        let n = scores.dims().last().copied().unwrap_or(1).max(1);
-        let batches = bias.dims().first().copied().unwrap_or(1).max(1);
-        let queries = bias_len / (batches * n).max(1);
-        let rows_per_batch = len / n / batches;
-        if bias_len != batches * queries * n
-            || len % (batches * n) != 0
-            || queries == 0
-            || rows_per_batch % queries != 0
-        {
-            candle_core::bail!(
-                "train-masked-softmax: bias {:?} does not fit scores {:?}",
-                bias.dims(),
-                scores.dims()
-            );
-        }
-        Ok(Self { n, rows_per_batch, queries })
-    }
-}
 
 impl CustomOp2 for MaskedSoftmax {
     fn name(&self) -> &'static str {
