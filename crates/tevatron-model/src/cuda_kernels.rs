@@ -3,7 +3,7 @@
 //! CPU emulation of [`crate::emulator`]), and, with the `cuda` feature, how an op loads a
 //! kernel from PTX on a device. This crate's kernels are `kernels/train.cu` (the model's
 //! ops); `tevatron-train` launches its optimizer's (`kernels/optim.cu`) through the same
-//! interface, from its own PTX ([`Ptx`]).
+//! interface, from its own PTX (`Ptx`, with the `cuda` feature).
 
 use candle_core::Result;
 

@@ -36,7 +36,7 @@ const GUARD: usize = 64;
 
 /// An emulated device buffer: cells, as a launch writes it through a shared borrow, NaN at
 /// first so that an element no launch writes shows in every comparison, between two runs of
-/// [`GUARD`] cells that must stay NaN: a launch that writes outside the buffer fails the test
+/// `GUARD` cells that must stay NaN: a launch that writes outside the buffer fails the test
 /// when the buffer is read or dropped, and one that reads outside it reads NaN.
 pub struct HostBuffer {
     cells: Box<[Cell<f32>]>,

@@ -270,7 +270,7 @@ impl Backbone for ModernBert {
         layers::dropout(&x, self.cfg.embedding_dropout, mode)
     }
 
-    /// Both kinds' masks stacked, `(2, b, 1, l, l)` (indexed by [`Kind::index`]): 0 where query
+    /// Both kinds' masks stacked, `(2, b, 1, l, l)` (indexed by `Kind::index`): 0 where query
     /// `i` may see key `j` (a real token; for local layers also `|i - j| <= local_attention / 2`),
     /// the dtype's minimum elsewhere.
     fn attention_bias(&self, batch: &Batch, dtype: DType) -> Result<Tensor> {

@@ -3,7 +3,7 @@
 //! device and dtype), the in-place row kernel of the CPU (`rotate`, for `cpu_infer.rs`'s
 //! layers and the training op), and the training op with its backward ([`rotary_train`], F32 on
 //! the CPU or a GPU, whose CUDA launch is `rotary` of `train_ops_cuda.rs`). The tables (`cos`,
-//! `sin` per position, [`RotaryTables`]) are built here from inverse frequencies the backbone
+//! `sin` per position, `RotaryTables`) are built here from inverse frequencies the backbone
 //! gives, as it knows its scaling rules.
 
 use std::sync::Mutex;
