@@ -24,6 +24,7 @@ pub mod insuranceqa;
 pub mod metrics;
 pub mod mining;
 pub mod records;
+pub mod rerank;
 pub mod rows;
 pub mod safetensors_check;
 pub mod search;
