@@ -4,7 +4,9 @@
 //! calls the operation and never chooses a form.
 
 pub use super::activation::Activation;
-pub use super::attention::{attend, attention, mask_bias, masked_softmax, rotary_attention};
+pub use super::attention::{
+    attend, attention, mask_bias, masked_softmax, pair_mask_bias, rotary_attention,
+};
 pub use super::dropout::dropout;
 pub use super::linear::{matmul, Linear, Linears};
 pub use super::norm::LayerNorm;

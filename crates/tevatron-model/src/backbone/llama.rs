@@ -9,7 +9,7 @@
 //! Positions are `0..l` for every row, whatever the padding, as transformers computes them when
 //! only `input_ids` and `attention_mask` are given (which is what Tevatron passes).
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
@@ -272,21 +272,10 @@ impl Backbone for Llama {
     /// `(b, 1, l, l)`: 0 where query `i` may see key `j` (`j <= i`, `j` a real token, and within
     /// the sliding window if there is one), the dtype's minimum elsewhere.
     fn attention_bias(&self, batch: &Batch, dtype: DType) -> Result<Tensor> {
-        let (b, l) = batch.attention_mask.dims2()?;
-        let mask = batch.attention_mask.to_device(&Device::Cpu)?.to_vec2::<u32>()?;
         let window = self.cfg.window(self.family);
-        let mut allowed = Vec::with_capacity(b * l * l);
-        for row in &mask {
-            for i in 0..l {
-                for (j, &m) in row.iter().enumerate() {
-                    let visible = j <= i && m != 0 && window.is_none_or(|w| i - j < w);
-                    allowed.push(u8::from(visible));
-                }
-            }
-        }
-        let allowed = Tensor::from_vec(allowed, (b, l * l), &Device::Cpu)?
-            .to_device(batch.attention_mask.device())?;
-        layers::mask_bias(&allowed, dtype)?.reshape((b, 1, l, l))
+        layers::pair_mask_bias(&batch.attention_mask, dtype, |i, j| {
+            j <= i && window.is_none_or(|w| i - j < w)
+        })
     }
 
     fn num_layers(&self) -> usize {

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
@@ -274,22 +274,11 @@ impl Backbone for ModernBert {
     /// `i` may see key `j` (a real token; for local layers also `|i - j| <= local_attention / 2`),
     /// the dtype's minimum elsewhere.
     fn attention_bias(&self, batch: &Batch, dtype: DType) -> Result<Tensor> {
-        let (b, l) = batch.attention_mask.dims2()?;
-        let mask = batch.attention_mask.to_device(&Device::Cpu)?.to_vec2::<u32>()?;
         let half = self.cfg.local_attention / 2;
-        let mut allowed = Vec::with_capacity(2 * b * l * l);
-        for local in [false, true] {
-            for row in &mask {
-                for i in 0..l {
-                    for (j, &m) in row.iter().enumerate() {
-                        allowed.push(u8::from(m != 0 && (!local || i.abs_diff(j) <= half)));
-                    }
-                }
-            }
-        }
-        let allowed = Tensor::from_vec(allowed, (2 * b, l * l), &Device::Cpu)?
-            .to_device(batch.attention_mask.device())?;
-        layers::mask_bias(&allowed, dtype)?.reshape((2, b, 1, l, l))
+        let mask = &batch.attention_mask;
+        let global = layers::pair_mask_bias(mask, dtype, |_, _| true)?;
+        let local = layers::pair_mask_bias(mask, dtype, |i, j| i.abs_diff(j) <= half)?;
+        Tensor::stack(&[global, local], 0)
     }
 
     fn num_layers(&self) -> usize {

@@ -15,7 +15,7 @@
 
 pub(super) mod kernel;
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, D};
 
 use super::dropout::{draw_keep_mask, dropout};
 use super::fast::{contiguous_f32, softmax_in_place};
@@ -162,6 +162,27 @@ pub fn mask_bias(attention_mask: &Tensor, dtype: DType) -> Result<Tensor> {
     let keep = attention_mask.to_dtype(dtype)?;
     let bias = ((keep.ones_like()? - keep)? * min)?;
     bias.reshape((b, 1, 1, l))
+}
+
+/// The additive mask `(b, 1, l, l)` of a rule on positions: 0 where query `i` may see key `j`
+/// (`visible(i, j)` and `j` a real token), the dtype's minimum elsewhere. Decoders' causal and
+/// sliding-window masks and ModernBERT's local windows are such rules.
+pub fn pair_mask_bias(
+    attention_mask: &Tensor,
+    dtype: DType,
+    visible: impl Fn(usize, usize) -> bool,
+) -> Result<Tensor> {
+    let (b, l) = attention_mask.dims2()?;
+    let mask = attention_mask.to_device(&Device::Cpu)?.to_vec2::<u32>()?;
+    let mut allowed = Vec::with_capacity(b * l * l);
+    for row in &mask {
+        for i in 0..l {
+            allowed.extend(row.iter().enumerate().map(|(j, &m)| u8::from(m != 0 && visible(i, j))));
+        }
+    }
+    let allowed =
+        Tensor::from_vec(allowed, (b, l * l), &Device::Cpu)?.to_device(attention_mask.device())?;
+    mask_bias(&allowed, dtype)?.reshape((b, 1, l, l))
 }
 
 struct MaskedSoftmax;
