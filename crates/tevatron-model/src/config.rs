@@ -8,7 +8,7 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::backbone::layers::Linears;
-use crate::backbone::{Architecture, Backbone, REGISTRY};
+use crate::backbone::{Architecture, Backbone, SequenceClassification, REGISTRY};
 use crate::{Error, Result};
 
 /// The `model_type`s this build implements, as a list for messages.
@@ -73,6 +73,11 @@ impl ModelConfig {
     /// names (`bert.` in `BertForMaskedLM`), which we accept and strip.
     pub fn weight_prefixes(&self) -> &'static [&'static str] {
         self.arch.weight_prefixes()
+    }
+
+    /// This family's sequence-classification class and head layout, if this build has one.
+    pub fn sequence_classification(&self) -> Option<SequenceClassification> {
+        self.arch.sequence_classification()
     }
 
     /// Builds the backbone from weights (already stripped of a prefix).

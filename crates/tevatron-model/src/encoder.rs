@@ -10,9 +10,10 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
 use crate::backbone::layers::Linears;
-use crate::backbone::{Backbone, Mode};
-use crate::collate::{collate, Batch, PaddingSide};
+use crate::backbone::{Backbone, Mode, SequenceClassification};
+use crate::collate::{collate_typed, Batch, PaddingSide};
 use crate::config::ModelConfig;
+use crate::head::{self, HeadSettings, ScoreHead};
 use crate::lora::{self, LoraConfig, LoraOptions, LoraPlan, TrainableAdapter};
 use crate::pooling::{l2_normalize, Pooling};
 use crate::text::{TextOptions, TextTokenizer};
@@ -35,6 +36,18 @@ pub struct EncoderOptions {
     pub disable_dropout: bool,
     /// LoRA: train an adapter on a frozen base, or merge a saved one for inference.
     pub lora: Option<LoraOptions>,
+    /// Load the model as a cross-encoder: a one-logit score head in place of pooling.
+    pub score_head: Option<ScoreHeadOptions>,
+}
+
+/// How a cross-encoder's score head is loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScoreHeadOptions {
+    /// Initialise the head's missing weights (a base model being trained into a reranker), as
+    /// transformers does; otherwise a folder without a head is an error.
+    pub init_missing: bool,
+    /// Seed of the initialised weights.
+    pub seed: u64,
 }
 
 impl Default for EncoderOptions {
@@ -47,6 +60,7 @@ impl Default for EncoderOptions {
             trainable: false,
             disable_dropout: false,
             lora: None,
+            score_head: None,
         }
     }
 }
@@ -166,6 +180,9 @@ pub struct Encoder {
     defaults: DefaultsSource,
     /// Trainable LoRA adapters and their settings; saved in PEFT's format.
     adapters: Option<(LoraConfig, Vec<TrainableAdapter>)>,
+    /// A cross-encoder's score head, which replaces pooling, and the head weights that were
+    /// initialised because the folder had none.
+    head: Option<(ScoreHead, SequenceClassification, Vec<String>)>,
 }
 
 /// Task heads that are not part of the base model a retriever trains (MLM, classification).
@@ -222,6 +239,64 @@ fn read_st_modules(dir: &Path) -> Result<Option<StModules>> {
         }
     }
     Ok(Some(st))
+}
+
+/// Settles a cross-encoder's head before the weights become variables: the family's layout,
+/// its dropout from `config.json`, and each missing head weight initialised into `tensors` when
+/// `opts` allows it (their names are returned, for the log), else an error naming them.
+fn plan_head(
+    config: &ModelConfig,
+    config_path: &Path,
+    tensors: &mut std::collections::HashMap<String, Tensor>,
+    opts: ScoreHeadOptions,
+    device: &Device,
+) -> Result<(SequenceClassification, f64, Vec<String>)> {
+    let dir = config_path.parent().unwrap_or(config_path).to_path_buf();
+    let Some(spec) = config.sequence_classification() else {
+        return Err(Error::Invalid(format!(
+            "{}: model_type {} has no sequence-classification head in this build (cross-encoders: \
+             bert, roberta, xlm-roberta, distilbert, llama, mistral, qwen2, qwen3)",
+            config_path.display(),
+            config.model_type()
+        )));
+    };
+    let text = std::fs::read_to_string(config_path)
+        .map_err(|source| Error::Read { path: config_path.to_path_buf(), source })?;
+    let settings: HeadSettings = serde_json::from_str(&text)
+        .map_err(|source| Error::Json { path: config_path.to_path_buf(), source })?;
+    let shapes = head::weight_shapes(spec.layout, config.hidden_size());
+    for (name, shape) in &shapes {
+        if let Some(t) = tensors.get(name) {
+            if t.dims() != shape.as_slice() {
+                return Err(Error::Weights {
+                    path: dir,
+                    what: format!(
+                        "{name} has shape {:?}, but a one-logit score head (num_labels = 1) needs {shape:?}",
+                        t.dims()
+                    ),
+                });
+            }
+        }
+    }
+    let missing: Vec<(String, Vec<usize>)> =
+        shapes.into_iter().filter(|(n, _)| !tensors.contains_key(n)).collect();
+    let names: Vec<String> = missing.iter().map(|(n, _)| n.clone()).collect();
+    if !missing.is_empty() {
+        if !opts.init_missing {
+            return Err(Error::Weights {
+                path: dir,
+                what: format!(
+                    "no score head ({} missing): this folder is not a {}; a base model becomes \
+                     a reranker with `tevatron train-reranker`, which initialises the head",
+                    names.join(", "),
+                    spec.class
+                ),
+            });
+        }
+        let std = settings.initializer_range.unwrap_or(0.02);
+        tensors.extend(head::init_weights(&missing, std, opts.seed, device)?);
+    }
+    Ok((spec, settings.dropout(spec.layout), names))
 }
 
 /// The name an adapter records for its base: the hub id for a folder of the Hugging Face cache
@@ -299,7 +374,21 @@ impl Encoder {
             );
         }
 
-        let tensors = weights::load(&weights_dir, config.weight_prefixes(), &opts.device)?;
+        let mut tensors = weights::load(&weights_dir, config.weight_prefixes(), &opts.device)?;
+        let head_plan = match opts.score_head {
+            Some(head_opts) => {
+                Some(plan_head(&config, &config_path, &mut tensors, head_opts, &opts.device)?)
+            }
+            None => None,
+        };
+        if head_plan.is_some() && opts.lora.is_some() {
+            return Err(Error::Invalid(
+                "LoRA cross-encoders are not supported yet (PEFT's SEQ_CLS adapters keep the \
+                 score head as modules_to_save, which this build does not read or write); train \
+                 and rerank with the full model"
+                    .into(),
+            ));
+        }
         let plan = opts
             .lora
             .as_ref()
@@ -334,7 +423,18 @@ impl Encoder {
             what: format!("weights do not fit the {} architecture ({e})", config.model_type()),
         };
         let lin = Linears { lora: plan.as_ref() };
-        let backbone: Box<dyn Backbone> = config.build(vb, &lin).map_err(arch)?;
+        let backbone: Box<dyn Backbone> = config.build(vb.clone(), &lin).map_err(arch)?;
+        let head = match head_plan {
+            Some((spec, dropout, initialised)) => {
+                let h = config.hidden_size();
+                let mut built = ScoreHead::load(&vb, spec.layout, h, dropout).map_err(arch)?;
+                if opts.disable_dropout {
+                    built.disable_dropout();
+                }
+                Some((built, spec, initialised))
+            }
+            None => None,
+        };
         let mut adapters = None;
         if let Some(plan) = &plan {
             plan.check_matched()?;
@@ -389,6 +489,7 @@ impl Encoder {
             tokenizer_dir: tok_dir,
             defaults,
             adapters,
+            head,
         })
     }
 
@@ -401,11 +502,20 @@ impl Encoder {
     /// F64 model).
     pub fn encode(&self, batch: &Batch, mode: Mode) -> candle_core::Result<Tensor> {
         let hidden = self.hidden_states(batch, mode)?;
-        self.represent(&hidden, batch)
+        self.represent(&hidden, batch, mode)
     }
 
-    /// Pools last hidden states `(b, l, h)` into representations (and normalises them).
-    pub fn represent(&self, hidden: &Tensor, batch: &Batch) -> candle_core::Result<Tensor> {
+    /// Pools last hidden states `(b, l, h)` into representations (and normalises them); for a
+    /// cross-encoder, the score head's logits `(b, 1)` instead.
+    pub fn represent(
+        &self,
+        hidden: &Tensor,
+        batch: &Batch,
+        mode: Mode,
+    ) -> candle_core::Result<Tensor> {
+        if let Some((head, _, _)) = &self.head {
+            return head.score(hidden, &batch.attention_mask, mode);
+        }
         let reps = self.pooling.pool(hidden, &batch.attention_mask)?;
         // Half-precision representations are widened; F64 stays F64 (gradient checks).
         let reps = if reps.dtype() == DType::F64 { reps } else { reps.to_dtype(DType::F32)? };
@@ -479,6 +589,9 @@ impl Encoder {
                 .collect();
             return lora::save_adapter(dir, config, &base_model_name(&self.model_dir), &modules);
         }
+        if let Some((_, spec, _)) = &self.head {
+            return self.save_cross_encoder(dir, *spec);
+        }
         let config = self.weights_dir.join("config.json");
         std::fs::copy(&config, dir.join("config.json"))
             .map_err(|source| Error::Write { path: dir.join("config.json"), source })?;
@@ -487,6 +600,49 @@ impl Encoder {
             .state_dict()
             .into_iter()
             .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?)))
+            .collect::<candle_core::Result<_>>()?;
+        weights::save(&dir.join("model.safetensors"), tensors)
+    }
+
+    /// A cross-encoder in its family's `*ForSequenceClassification` layout: the base model's
+    /// weights under the family prefix (`bert.`, `model.`), the head's as transformers names
+    /// them, and a `config.json` naming the class with one label, the pad id a decoder's head
+    /// finds the last token by, and sentence-transformers' `activation_fn` set to the identity,
+    /// so that `CrossEncoder.predict` returns the raw logits `tevatron rerank` writes.
+    fn save_cross_encoder(&self, dir: &Path, spec: SequenceClassification) -> Result<()> {
+        let src = self.weights_dir.join("config.json");
+        let text = std::fs::read_to_string(&src)
+            .map_err(|source| Error::Read { path: src.clone(), source })?;
+        let mut config: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
+            .map_err(|source| Error::Json { path: src.clone(), source })?;
+        config.insert("architectures".into(), serde_json::json!([spec.class]));
+        config.insert("id2label".into(), serde_json::json!({"0": "LABEL_0"}));
+        config.insert("label2id".into(), serde_json::json!({"LABEL_0": 0}));
+        config.remove("num_labels");
+        if spec.layout == crate::backbone::HeadLayout::LastToken {
+            config.insert("pad_token_id".into(), self.tokenizer.pad_id().into());
+        }
+        config.insert(
+            "sentence_transformers".into(),
+            serde_json::json!({"activation_fn": "torch.nn.modules.linear.Identity"}),
+        );
+        let path = dir.join("config.json");
+        let text = serde_json::to_string_pretty(&config).unwrap_or_default() + "\n";
+        std::fs::write(&path, text).map_err(|source| Error::Write { path, source })?;
+        let beside: std::collections::HashSet<String> =
+            head::weight_shapes(spec.layout, self.hidden_size())
+                .into_iter()
+                .map(|(n, _)| n)
+                .filter(|n| !head::inside_base(n))
+                .collect();
+        let prefix = self.config.weight_prefixes().first().copied().unwrap_or_default();
+        let tensors: Vec<(String, Tensor)> = self
+            .state_dict()
+            .into_iter()
+            .map(|(k, t)| {
+                let name = if beside.contains(&k) { k } else { format!("{prefix}{k}") };
+                Ok((name, t.to_dtype(DType::F32)?))
+            })
             .collect::<candle_core::Result<_>>()?;
         weights::save(&dir.join("model.safetensors"), tensors)
     }
@@ -514,8 +670,28 @@ impl Encoder {
     /// Encodes id sequences for inference and returns `(n, h)` rows in input order. Sequences
     /// are sorted by length (longest first) and cut into batches by `opts`.
     pub fn embed_sequences(&self, seqs: &[Vec<u32>], opts: &BatchOptions) -> Result<Vec<f32>> {
-        self.check_padding(opts.padding_side)?;
-        let h = self.hidden_size();
+        self.embed_typed(seqs, None, opts)
+    }
+
+    /// [`Encoder::embed_sequences`] with each sequence's token types (text pairs for a
+    /// cross-encoder) when `types` is given.
+    pub fn embed_typed(
+        &self,
+        seqs: &[Vec<u32>],
+        types: Option<&[Vec<u32>]>,
+        opts: &BatchOptions,
+    ) -> Result<Vec<f32>> {
+        if !self.is_cross_encoder() {
+            self.check_padding(opts.padding_side)?;
+        }
+        if let Some(t) = types.filter(|t| t.len() != seqs.len()) {
+            return Err(Error::Invalid(format!(
+                "{} token-type rows for {} sequences",
+                t.len(),
+                seqs.len()
+            )));
+        }
+        let h = self.output_width();
         let mut out = vec![0f32; seqs.len() * h];
         let mut order: Vec<usize> = (0..seqs.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].len()));
@@ -528,8 +704,11 @@ impl Encoder {
             let end = (start + opts.batch_size.max(1).min(by_budget)).min(order.len());
             let idx = &order[start..end];
             let rows: Vec<&[u32]> = idx.iter().map(|&i| seqs[i].as_slice()).collect();
-            let batch = collate(
+            let row_types: Option<Vec<&[u32]>> =
+                types.map(|t| idx.iter().map(|&i| t[i].as_slice()).collect());
+            let batch = collate_typed(
                 &rows,
+                row_types.as_deref(),
                 self.tokenizer.pad_id(),
                 opts.pad_to_multiple_of,
                 opts.padding_side,
@@ -562,9 +741,25 @@ impl Encoder {
         self.embed_sequences(&seqs, &opts)
     }
 
-    /// Width of the representations.
+    /// Width of the backbone's hidden states (and of a retriever's representations).
     pub fn hidden_size(&self) -> usize {
         self.config.hidden_size()
+    }
+    /// Width of what [`Encoder::encode`] returns: the hidden size, or 1 for a cross-encoder.
+    pub fn output_width(&self) -> usize {
+        if self.head.is_some() {
+            1
+        } else {
+            self.hidden_size()
+        }
+    }
+    /// Whether this is a cross-encoder (a score head in place of pooling).
+    pub fn is_cross_encoder(&self) -> bool {
+        self.head.is_some()
+    }
+    /// The head weights initialised at load because the folder had none (for the log).
+    pub fn initialised_head(&self) -> &[String] {
+        self.head.as_ref().map(|(_, _, names)| names.as_slice()).unwrap_or_default()
     }
     /// The parsed `config.json`.
     pub fn config(&self) -> &ModelConfig {

@@ -34,6 +34,7 @@ pub mod encoder;
 pub mod error;
 #[cfg(all(test, feature = "cuda"))]
 mod gpu_tests;
+pub mod head;
 pub mod hub;
 #[cfg(test)]
 mod kernel_emulation;
@@ -59,7 +60,7 @@ pub mod weights;
 
 pub use backbone::{Mode, Training};
 pub use collate::{Batch, PaddingSide};
-pub use encoder::{Encoder, EncoderOptions};
+pub use encoder::{Encoder, EncoderOptions, ScoreHeadOptions};
 pub use error::{Error, Result};
 pub use pooling::Pooling;
 pub use text::{TextOptions, TextTokenizer};

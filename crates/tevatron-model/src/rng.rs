@@ -43,6 +43,15 @@ impl SplitMix64 {
         base
     }
 
+    /// A standard normal draw (Box-Muller on two uniform draws in `(0, 1]` and `[0, 1)`), for
+    /// weights initialised as transformers initialises them.
+    pub fn normal(&mut self) -> f64 {
+        let unit = |x: u64| (x >> 11) as f64 / (1u64 << 53) as f64;
+        let u1 = 1.0 - unit(self.next_u64());
+        let u2 = unit(self.next_u64());
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
+
     /// A uniform integer in `0..n` (Lemire's method with rejection, so unbiased); `n > 0`.
     pub fn below(&mut self, n: usize) -> usize {
         let n = n as u64;

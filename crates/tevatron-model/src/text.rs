@@ -268,6 +268,40 @@ impl PreparedTokenizer {
             .collect())
     }
 
+    /// Tokenizes text pairs as transformers' tokenizer does for `tokenizer(first, second,
+    /// truncation="longest_first", max_length=max_len)` (sentence-transformers' CrossEncoder):
+    /// the pair template with its special tokens, the longer text truncated first. Returns each
+    /// pair's ids and token types. The prefix applies to the first text; EOS appending to the
+    /// whole.
+    pub fn tokenize_pairs(&self, pairs: &[(String, String)]) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
+        let inputs: Vec<tokenizers::EncodeInput> = pairs
+            .iter()
+            .map(|(a, b)| (format!("{}{a}", self.opts.prefix), b.clone()).into())
+            .collect();
+        let encodings = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.tokenizer.encode_batch(inputs, self.opts.add_special_tokens)
+        }))
+        .map_err(|panic| Error::Tokenizer {
+            path: self.path.clone(),
+            message: format!(
+                "the tokenizer failed ({}); the file is inconsistent",
+                panic_message(panic.as_ref())
+            ),
+        })?
+        .map_err(|e| Error::Tokenizer { path: self.path.clone(), message: e.to_string() })?;
+        Ok(encodings
+            .into_iter()
+            .map(|e| {
+                let (mut ids, mut types) = (e.get_ids().to_vec(), e.get_type_ids().to_vec());
+                if self.opts.append_eos {
+                    ids.push(self.eos_id.expect("checked in prepare"));
+                    types.push(types.last().copied().unwrap_or(0));
+                }
+                (ids, types)
+            })
+            .collect())
+    }
+
     /// The options this tokenizer applies.
     pub fn options(&self) -> &TextOptions {
         &self.opts

@@ -127,6 +127,14 @@ fn run(enc: &Encoder, chunk: &Chunk, detach: bool, keep: bool) -> Result<(Tensor
     run_layers(enc.backbone(), chunk.batch, chunk.mode(), reseed, detach, keep)
 }
 
+/// The representations (or a cross-encoder's scores) of a chunk's last hidden states, with
+/// the head's dropout drawn from its own reseeded stream (after the last layer's), so that
+/// every pass over the chunk draws the same mask.
+fn represent(enc: &Encoder, chunk: &Chunk, hidden: &Tensor) -> Result<Tensor> {
+    chunk.seed_layer(enc.backbone().num_layers() + 1);
+    enc.represent(hidden, chunk.batch, chunk.mode())
+}
+
 /// Back-propagates `grad_reps` through a chunk one layer at a time from the kept layer
 /// inputs (the last one being the input of the backbone's final step, such as a decoder's
 /// closing norm), adding parameter gradients to `acc`.
@@ -140,7 +148,7 @@ fn backward_checkpointed(
     let bb = enc.backbone();
     let batch = chunk.batch;
     let top = Var::from_tensor(&inputs[bb.num_layers()])?;
-    let reps = enc.represent(&bb.finish(top.as_tensor(), chunk.mode())?, batch)?;
+    let reps = represent(enc, chunk, &bb.finish(top.as_tensor(), chunk.mode())?)?;
     let store = (reps * grad_reps)?.sum_all()?.backward()?;
     acc.add(&store)?;
     let mut grad = store
@@ -228,8 +236,8 @@ pub fn micro_step(
         profile::mark("forward q", &device)?;
         let (ph, _) = run(enc, &pchunk, false, false)?;
         profile::mark("forward p", &device)?;
-        let q = enc.represent(&qh, &qb)?;
-        let p = enc.represent(&ph, &pb)?;
+        let q = represent(enc, &qchunk, &qh)?;
+        let p = represent(enc, &pchunk, &ph)?;
         let loss = global_loss(&q, &p, opts.temperature, group)?;
         profile::mark("loss", &device)?;
         acc.add(&(&loss * scale)?.backward()?)?;
@@ -255,7 +263,7 @@ pub fn micro_step(
             let batch = make(&seqs[range.clone()])?;
             let chunk = Chunk::new(&batch, seed, side, c, opts);
             let (h, inputs) = run(enc, &chunk, true, keep)?;
-            let reps = enc.represent(&h, &batch)?.detach();
+            let reps = represent(enc, &chunk, &h)?.detach();
             parts.push(FirstPass { range, batch, reps, kept: keep.then_some(inputs) });
         }
         sides.push((side, parts));
@@ -288,7 +296,7 @@ pub fn micro_step(
                 backward_checkpointed(enc, &chunk, &inputs, &grad, acc)?;
             } else {
                 let (h, _) = run(enc, &chunk, false, false)?;
-                let reps = enc.represent(&h, &part.batch)?;
+                let reps = represent(enc, &chunk, &h)?;
                 acc.add(&(reps * grad)?.sum_all()?.backward()?)?;
             }
         }

@@ -39,6 +39,7 @@ fn encoder(dtype: DType) -> Encoder {
         trainable: true,
         disable_dropout: true,
         lora: None,
+        score_head: None,
     };
     Encoder::load(&root().join("tiny/bert"), None, &opts).unwrap()
 }

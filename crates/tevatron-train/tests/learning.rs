@@ -81,6 +81,7 @@ fn the_loss_falls_by_half_within_30_steps() {
         trainable: true,
         disable_dropout: false,
         lora: None,
+        score_head: None,
     };
     assert_halves(&losses("bert", opts, 3e-3, false));
 }

@@ -40,6 +40,7 @@ fn encoder_of(
         trainable: true,
         disable_dropout: !dropout,
         lora: None,
+        score_head: None,
     };
     Encoder::load(&root().join("tiny").join(model), None, &opts).unwrap()
 }

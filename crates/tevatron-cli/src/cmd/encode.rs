@@ -83,6 +83,7 @@ fn validate(a: &EncodeArgs) -> Result<EncodeConfig> {
                 .as_deref()
                 .map(|l| super::merged_adapter(l, a.encoding.cache_dir.as_deref()))
                 .transpose()?,
+            score_head: None,
         },
         out_dtype: match a.embedding_dtype {
             VecDTypeArg::F32 => VecDType::F32,

@@ -376,6 +376,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             trainable: true,
             disable_dropout: a.disable_dropout,
             lora: lora_options(a)?,
+            score_head: None,
         },
     )?;
     let padding_side = PaddingSide::from(a.padding_side);

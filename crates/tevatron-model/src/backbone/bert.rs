@@ -9,7 +9,7 @@ use serde::Deserialize;
 use super::cpu_infer::PostNormLayer;
 use super::layers::{self, Activation, LayerNorm, Linear, Linears};
 use super::lookup::embedding;
-use super::{Architecture, Backbone, Mode, Registered};
+use super::{Architecture, Backbone, HeadLayout, Mode, Registered, SequenceClassification};
 use crate::collate::Batch;
 
 fn default_eps() -> f64 {
@@ -245,6 +245,7 @@ struct BertArchitecture {
     config: Config,
     positions: Positions,
     prefixes: &'static [&'static str],
+    head: SequenceClassification,
 }
 
 impl Architecture for BertArchitecture {
@@ -264,26 +265,44 @@ impl Architecture for BertArchitecture {
     fn clone_box(&self) -> Box<dyn Architecture> {
         Box::new(self.clone())
     }
+    fn sequence_classification(&self) -> Option<SequenceClassification> {
+        Some(self.head)
+    }
 }
 
 fn parse(
     text: &str,
     positions: Positions,
     prefixes: &'static [&'static str],
+    class: &'static str,
 ) -> serde_json::Result<Box<dyn Architecture>> {
-    Ok(Box::new(BertArchitecture { config: serde_json::from_str(text)?, positions, prefixes }))
+    let layout = match positions {
+        Positions::Absolute => HeadLayout::Pooler,
+        Positions::AfterPadding => HeadLayout::ClassificationHead,
+    };
+    let head = SequenceClassification { class, layout };
+    Ok(Box::new(BertArchitecture {
+        config: serde_json::from_str(text)?,
+        positions,
+        prefixes,
+        head,
+    }))
 }
 
 /// `bert`.
-pub const BERT: Registered =
-    Registered { model_type: "bert", parse: |t| parse(t, Positions::Absolute, &["bert."]) };
+pub const BERT: Registered = Registered {
+    model_type: "bert",
+    parse: |t| parse(t, Positions::Absolute, &["bert."], "BertForSequenceClassification"),
+};
 /// `roberta`: BERT's layout, positions offset past the padding index.
 pub const ROBERTA: Registered = Registered {
     model_type: "roberta",
-    parse: |t| parse(t, Positions::AfterPadding, &["roberta."]),
+    parse: |t| parse(t, Positions::AfterPadding, &["roberta."], "RobertaForSequenceClassification"),
 };
 /// `xlm-roberta`: the RoBERTa layout with a larger vocabulary.
 pub const XLM_ROBERTA: Registered = Registered {
     model_type: "xlm-roberta",
-    parse: |t| parse(t, Positions::AfterPadding, &["roberta."]),
+    parse: |t| {
+        parse(t, Positions::AfterPadding, &["roberta."], "XLMRobertaForSequenceClassification")
+    },
 };

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use super::cpu_infer::PostNormLayer;
 use super::layers::{self, Activation, LayerNorm, Linear, Linears};
 use super::lookup::embedding;
-use super::{Architecture, Backbone, Mode, Registered};
+use super::{Architecture, Backbone, HeadLayout, Mode, Registered, SequenceClassification};
 use crate::collate::Batch;
 
 fn default_act() -> Activation {
@@ -173,6 +173,12 @@ impl Architecture for DistilBertArchitecture {
     }
     fn clone_box(&self) -> Box<dyn Architecture> {
         Box::new(self.clone())
+    }
+    fn sequence_classification(&self) -> Option<SequenceClassification> {
+        Some(SequenceClassification {
+            class: "DistilBertForSequenceClassification",
+            layout: HeadLayout::PreClassifier,
+        })
     }
 }
 

@@ -19,7 +19,7 @@ use super::layers::{self, Activation, Linear, Linears};
 use super::lookup::embedding;
 use super::norm::RmsNorm;
 use super::rotary::RotaryTables;
-use super::{Architecture, Backbone, Mode, Registered};
+use super::{Architecture, Backbone, HeadLayout, Mode, Registered, SequenceClassification};
 use crate::collate::Batch;
 
 fn default_eps() -> f64 {
@@ -367,6 +367,15 @@ impl Architecture for LlamaArchitecture {
     }
     fn clone_box(&self) -> Box<dyn Architecture> {
         Box::new(self.clone())
+    }
+    fn sequence_classification(&self) -> Option<SequenceClassification> {
+        let class = match self.family {
+            Family::Llama => "LlamaForSequenceClassification",
+            Family::Mistral => "MistralForSequenceClassification",
+            Family::Qwen2 => "Qwen2ForSequenceClassification",
+            Family::Qwen3 => "Qwen3ForSequenceClassification",
+        };
+        Some(SequenceClassification { class, layout: HeadLayout::LastToken })
     }
 }
 

@@ -46,6 +46,35 @@ pub trait Architecture: std::fmt::Debug + Send + Sync {
     fn build(&self, vb: VarBuilder, lin: &Linears) -> Result<Box<dyn Backbone>>;
     /// A boxed copy (a configuration is cloned with the encoder's options).
     fn clone_box(&self) -> Box<dyn Architecture>;
+    /// This family's `*ForSequenceClassification` class and the layout of its one-logit head
+    /// (rerankers, `crate::head`); `None` where this build has no such head.
+    fn sequence_classification(&self) -> Option<SequenceClassification> {
+        None
+    }
+}
+
+/// The one-logit head a family's `*ForSequenceClassification` class puts on the backbone, by
+/// the Hugging Face names of its weights (after the family prefix is stripped).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeadLayout {
+    /// BERT: `pooler.dense` with tanh on the first token, dropout, `classifier`.
+    Pooler,
+    /// RoBERTa and XLM-R: the first token, dropout, `classifier.dense`, tanh, dropout,
+    /// `classifier.out_proj`.
+    ClassificationHead,
+    /// DistilBERT: the first token, `pre_classifier`, ReLU, dropout, `classifier`.
+    PreClassifier,
+    /// Decoders (Llama, Mistral, Qwen): `score`, without a bias, on the last real token.
+    LastToken,
+}
+
+/// A family's sequence-classification class as transformers names it, and its head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SequenceClassification {
+    /// `architectures[0]` of a saved reranker, e.g. `BertForSequenceClassification`.
+    pub class: &'static str,
+    /// The head's layout.
+    pub layout: HeadLayout,
 }
 
 /// One entry of the backbone registry: a `model_type` as `config.json` names it, and the parser

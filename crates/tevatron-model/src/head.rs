@@ -1,0 +1,214 @@
+//! The one-logit score head of a cross-encoder (reranker), in the layouts of transformers'
+//! `*ForSequenceClassification` classes with `num_labels = 1` ([`HeadLayout`]): which weights
+//! each layout has, how a head is initialised where a base model has none (as transformers
+//! initialises it), how its dropout is read from `config.json`, how its weights are named in a
+//! saved folder, and its forward pass over the backbone's last hidden states. The score is the
+//! raw logit, as Tevatron's `RerankerModel` uses it.
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+
+use crate::backbone::layers::{self, Linear, Linears};
+use crate::backbone::{HeadLayout, Mode};
+use crate::pooling::Pooling;
+use crate::rng::{mix, SplitMix64};
+
+/// The settings of `config.json` a head reads (transformers' defaults where absent).
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct HeadSettings {
+    /// `classifier_dropout` (BERT, RoBERTa): the head's dropout, else `hidden_dropout_prob`.
+    pub classifier_dropout: Option<f64>,
+    /// `hidden_dropout_prob` (BERT, RoBERTa).
+    pub hidden_dropout_prob: Option<f64>,
+    /// `seq_classif_dropout` (DistilBERT), default 0.2.
+    pub seq_classif_dropout: Option<f64>,
+    /// `initializer_range`: the standard deviation of a fresh head's weights, default 0.02.
+    pub initializer_range: Option<f64>,
+}
+
+impl HeadSettings {
+    /// The dropout transformers applies inside a head of `layout` while training.
+    pub fn dropout(&self, layout: HeadLayout) -> f64 {
+        match layout {
+            HeadLayout::Pooler | HeadLayout::ClassificationHead => {
+                self.classifier_dropout.or(self.hidden_dropout_prob).unwrap_or(0.1)
+            }
+            HeadLayout::PreClassifier => self.seq_classif_dropout.unwrap_or(0.2),
+            HeadLayout::LastToken => 0.0,
+        }
+    }
+}
+
+/// Every weight of a head of `layout` over hidden width `h`: name (as stored after the family
+/// prefix is stripped) and shape. Biases come after their weight.
+pub fn weight_shapes(layout: HeadLayout, h: usize) -> Vec<(String, Vec<usize>)> {
+    let linear = |name: &str, out: usize, bias: bool| {
+        let mut v = vec![(format!("{name}.weight"), vec![out, h])];
+        if bias {
+            v.push((format!("{name}.bias"), vec![out]));
+        }
+        v
+    };
+    match layout {
+        HeadLayout::Pooler => {
+            [linear("pooler.dense", h, true), linear("classifier", 1, true)].concat()
+        }
+        HeadLayout::ClassificationHead => {
+            [linear("classifier.dense", h, true), linear("classifier.out_proj", 1, true)].concat()
+        }
+        HeadLayout::PreClassifier => {
+            [linear("pre_classifier", h, true), linear("classifier", 1, true)].concat()
+        }
+        HeadLayout::LastToken => linear("score", 1, false),
+    }
+}
+
+/// Whether a head weight lives inside the base model (BERT's pooler, saved as `bert.pooler.*`)
+/// rather than beside it (`classifier.*`, `score.*`).
+pub fn inside_base(name: &str) -> bool {
+    name.starts_with("pooler.")
+}
+
+/// The weights transformers gives a head it creates (`_init_weights`): each matrix drawn from
+/// `N(0, std)`, each bias zero. Drawn from a stream seeded by `(seed, name)`, so a weight does
+/// not depend on which others are missing.
+pub fn init_weights(
+    names: &[(String, Vec<usize>)],
+    std: f64,
+    seed: u64,
+    device: &Device,
+) -> Result<Vec<(String, Tensor)>> {
+    names
+        .iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let values: Vec<f32> = if name.ends_with(".bias") {
+                vec![0.0; n]
+            } else {
+                let key =
+                    name.bytes().fold(0u64, |h, b| h.wrapping_mul(131).wrapping_add(b.into()));
+                let mut rng = SplitMix64::new(mix(seed, &[key]));
+                (0..n).map(|_| (rng.normal() * std) as f32).collect()
+            };
+            Ok((name.clone(), Tensor::from_vec(values, shape.as_slice(), device)?))
+        })
+        .collect()
+}
+
+/// A loaded head: maps last hidden states `(b, l, h)` to one logit per row `(b, 1)`.
+#[derive(Clone, Debug)]
+pub struct ScoreHead {
+    layout: HeadLayout,
+    /// The inner projection (pooler, `classifier.dense`, `pre_classifier`), if the layout has one.
+    inner: Option<Linear>,
+    /// The projection to one logit.
+    out: Linear,
+    dropout: f64,
+}
+
+impl ScoreHead {
+    /// Builds a head of `layout` from weights named as [`weight_shapes`] names them.
+    pub fn load(vb: &VarBuilder, layout: HeadLayout, h: usize, dropout: f64) -> Result<Self> {
+        let lin = Linears::default();
+        let (inner, out) = match layout {
+            HeadLayout::Pooler => (
+                Some(lin.with_bias(vb.pp("pooler.dense"), h, h)?),
+                lin.with_bias(vb.pp("classifier"), h, 1)?,
+            ),
+            HeadLayout::ClassificationHead => (
+                Some(lin.with_bias(vb.pp("classifier.dense"), h, h)?),
+                lin.with_bias(vb.pp("classifier.out_proj"), h, 1)?,
+            ),
+            HeadLayout::PreClassifier => (
+                Some(lin.with_bias(vb.pp("pre_classifier"), h, h)?),
+                lin.with_bias(vb.pp("classifier"), h, 1)?,
+            ),
+            HeadLayout::LastToken => (None, lin.no_bias(vb.pp("score"), h, 1)?),
+        };
+        Ok(Self { layout, inner, out, dropout })
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> HeadLayout {
+        self.layout
+    }
+
+    /// Sets the head's dropout to 0 (parity checks).
+    pub fn disable_dropout(&mut self) {
+        self.dropout = 0.0;
+    }
+
+    /// One logit per row `(b, 1)` of last hidden states `hidden` `(b, l, h)` under `mask`, as
+    /// transformers' class computes it (dropout only in training). The first token for the
+    /// encoder layouts; the last real token for decoders (either padding side).
+    pub fn score(&self, hidden: &Tensor, mask: &Tensor, mode: Mode) -> Result<Tensor> {
+        let drop = |x: &Tensor| layers::dropout(x, self.dropout, mode);
+        let inner = |x: &Tensor| match &self.inner {
+            Some(l) => l.forward(x, mode),
+            None => Ok(x.clone()),
+        };
+        let first = || Pooling::Cls.pool(hidden, mask);
+        let logits = match self.layout {
+            HeadLayout::Pooler => self.out.forward(&drop(&inner(&first()?)?.tanh()?)?, mode)?,
+            HeadLayout::ClassificationHead => {
+                let x = inner(&drop(&first()?)?)?.tanh()?;
+                self.out.forward(&drop(&x)?, mode)?
+            }
+            HeadLayout::PreClassifier => {
+                self.out.forward(&drop(&inner(&first()?)?.relu()?)?, mode)?
+            }
+            HeadLayout::LastToken => self.out.forward(&Pooling::Last.pool(hidden, mask)?, mode)?,
+        };
+        // Half-precision logits are widened; F64 stays F64 (gradient checks).
+        if logits.dtype() == DType::F64 {
+            Ok(logits)
+        } else {
+            logits.to_dtype(DType::F32)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_layout_names_the_weights_transformers_writes() {
+        let names = |l| weight_shapes(l, 4).into_iter().map(|(n, _)| n).collect::<Vec<_>>();
+        assert_eq!(
+            names(HeadLayout::Pooler),
+            ["pooler.dense.weight", "pooler.dense.bias", "classifier.weight", "classifier.bias"]
+        );
+        assert_eq!(names(HeadLayout::LastToken), ["score.weight"]);
+        assert_eq!(weight_shapes(HeadLayout::ClassificationHead, 4)[2].1, [1, 4]);
+        assert!(inside_base("pooler.dense.weight") && !inside_base("classifier.weight"));
+    }
+
+    #[test]
+    fn dropout_follows_each_classes_rule() {
+        let s = HeadSettings { hidden_dropout_prob: Some(0.3), ..Default::default() };
+        assert_eq!(s.dropout(HeadLayout::Pooler), 0.3);
+        let s = HeadSettings { classifier_dropout: Some(0.05), ..s };
+        assert_eq!(s.dropout(HeadLayout::ClassificationHead), 0.05);
+        assert_eq!(s.dropout(HeadLayout::PreClassifier), 0.2);
+        assert_eq!(s.dropout(HeadLayout::LastToken), 0.0);
+    }
+
+    #[test]
+    fn fresh_weights_have_the_asked_spread_and_zero_biases() {
+        let shapes = weight_shapes(HeadLayout::Pooler, 64);
+        let w = init_weights(&shapes, 0.02, 7, &Device::Cpu).unwrap();
+        let dense = w[0].1.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mean = dense.iter().sum::<f32>() / dense.len() as f32;
+        let var = dense.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / dense.len() as f32;
+        assert!(mean.abs() < 0.002, "mean {mean}");
+        assert!((var.sqrt() - 0.02).abs() < 0.001, "std {}", var.sqrt());
+        assert!(w[1].1.to_vec1::<f32>().unwrap().iter().all(|&b| b == 0.0));
+        // The same seed gives the same weights; another seed others.
+        let again = init_weights(&shapes, 0.02, 7, &Device::Cpu).unwrap();
+        assert_eq!(again[0].1.to_vec2::<f32>().unwrap(), w[0].1.to_vec2::<f32>().unwrap());
+        let other = init_weights(&shapes, 0.02, 8, &Device::Cpu).unwrap();
+        assert_ne!(other[0].1.to_vec2::<f32>().unwrap(), w[0].1.to_vec2::<f32>().unwrap());
+    }
+}

@@ -1,0 +1,199 @@
+//! Cross-encoders (rerankers) against transformers on the committed tiny random
+//! `BertForSequenceClassification`, `RobertaForSequenceClassification`,
+//! `DistilBertForSequenceClassification` and `LlamaForSequenceClassification`
+//! (`testdata/tiny-reranker`, made by `scripts/fixtures/make_tiny_rerankers.py`): Tevatron's
+//! `format_pair` and reranker tokenization, the logits of each head layout, sentence-transformers'
+//! text-pair form with token types, the saved folder's layout, and the errors of a folder
+//! without a head.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use tevatron_model::encoder::BatchOptions;
+use tevatron_model::testing::{max_abs_diff_of, tiny_dir};
+use tevatron_model::{Encoder, EncoderOptions, PaddingSide, ScoreHeadOptions, TextOptions};
+
+/// Scores equal transformers' logits within this (fp32; the fixtures' logits are O(1)).
+const SCORE_ATOL: f32 = 1e-5;
+
+const MODELS: [&str; 4] = ["bert", "roberta", "distilbert", "llama"];
+
+fn dir(name: &str) -> PathBuf {
+    tiny_dir(name).join("../../tiny-reranker").join(name)
+}
+
+fn expected(name: &str) -> (serde_json::Value, HashMap<String, Tensor>) {
+    let json = std::fs::read_to_string(dir(name).join("expected.json")).unwrap();
+    let tensors =
+        candle_core::safetensors::load(dir(name).join("expected.safetensors"), &Device::Cpu)
+            .unwrap();
+    (serde_json::from_str(&json).unwrap(), tensors)
+}
+
+fn reranker_options(init_missing: bool) -> EncoderOptions {
+    EncoderOptions {
+        score_head: Some(ScoreHeadOptions { init_missing, seed: 3 }),
+        ..EncoderOptions::default()
+    }
+}
+
+fn load(path: &std::path::Path) -> Encoder {
+    Encoder::load(path, None, &reranker_options(false)).unwrap()
+}
+
+fn batches() -> BatchOptions {
+    BatchOptions {
+        batch_size: 3,
+        token_budget: 1 << 20,
+        pad_to_multiple_of: 16,
+        padding_side: PaddingSide::Right,
+    }
+}
+
+fn logits(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// Tevatron's ids of each fixture's pairs, scored in batches of 3 (so padding differs).
+fn scores(enc: &Encoder, exp: &serde_json::Value) -> (Vec<Vec<u32>>, Vec<f32>) {
+    let texts: Vec<String> = serde_json::from_value(exp["texts"].clone()).unwrap();
+    let opts = TextOptions {
+        max_len: exp["max_len"].as_u64().unwrap() as usize,
+        append_eos: exp["append_eos"].as_bool().unwrap(),
+        ..TextOptions::default()
+    };
+    let ids = enc.tokenizer().prepare(&opts).unwrap().tokenize(&texts).unwrap();
+    let scores = enc.embed_sequences(&ids, &batches()).unwrap();
+    (ids, scores)
+}
+
+#[test]
+fn tevatron_pairs_score_as_transformers_for_every_head_layout() {
+    for name in MODELS {
+        let (exp, tensors) = expected(name);
+        let enc = load(&dir(name));
+        assert!(enc.is_cross_encoder() && enc.initialised_head().is_empty(), "{name}");
+        let (ids, got) = scores(&enc, &exp);
+        let want_ids: Vec<Vec<u32>> = serde_json::from_value(exp["ids"].clone()).unwrap();
+        assert_eq!(ids, want_ids, "{name}: tokenization");
+        let want = logits(&tensors["logits"]);
+        let d = max_abs_diff_of(&got, &want);
+        assert!(d <= SCORE_ATOL, "{name}: scores differ by {d}: {got:?} vs {want:?}");
+    }
+}
+
+#[test]
+fn format_pair_builds_the_fixtures_strings() {
+    // The script formats with Tevatron's own function; ours must give the same strings.
+    let (exp, _) = expected("bert");
+    let texts: Vec<String> = serde_json::from_value(exp["texts"].clone()).unwrap();
+    let pairs = [
+        (
+            "what is a dense retriever",
+            "Dense-retrieval",
+            "Dense retrieval encodes queries and passages into vectors",
+        ),
+        ("number 42", "", "number 42 and 3.14"),
+        ("", "-", "searches them by inner product"),
+    ];
+    for ((q, t, p), want) in pairs.iter().zip(&texts) {
+        assert_eq!(&tevatron_ir::rerank::format_pair(q, p, t, "query:", "passage:"), want);
+    }
+}
+
+#[test]
+fn text_pairs_take_token_types_as_sentence_transformers_cross_encoder() {
+    let (exp, tensors) = expected("bert");
+    let enc = load(&dir("bert"));
+    let queries: Vec<String> = serde_json::from_value(exp["pair_queries"].clone()).unwrap();
+    let passages: Vec<String> = serde_json::from_value(exp["pair_passages"].clone()).unwrap();
+    let pairs: Vec<(String, String)> = queries.into_iter().zip(passages).collect();
+    let opts = TextOptions {
+        max_len: exp["max_len"].as_u64().unwrap() as usize,
+        ..TextOptions::default()
+    };
+    let tokenized = enc.tokenizer().prepare(&opts).unwrap().tokenize_pairs(&pairs).unwrap();
+    let (ids, types): (Vec<Vec<u32>>, Vec<Vec<u32>>) = tokenized.into_iter().unzip();
+    let want_ids: Vec<Vec<u32>> = serde_json::from_value(exp["pair_ids"].clone()).unwrap();
+    let want_types: Vec<Vec<u32>> = serde_json::from_value(exp["pair_types"].clone()).unwrap();
+    assert_eq!(ids, want_ids);
+    assert_eq!(types, want_types);
+    assert!(types.iter().any(|t| t.contains(&1)), "the second text has type 1");
+    let got = enc.embed_typed(&ids, Some(&types), &batches()).unwrap();
+    let want = logits(&tensors["pair_logits"]);
+    let d = max_abs_diff_of(&got, &want);
+    assert!(d <= SCORE_ATOL, "scores differ by {d}: {got:?} vs {want:?}");
+    // Token types matter: without them the scores change.
+    let untyped = enc.embed_sequences(&ids, &batches()).unwrap();
+    assert!(max_abs_diff_of(&untyped, &want) > 100.0 * SCORE_ATOL);
+}
+
+#[test]
+fn a_saved_reranker_keeps_transformers_names_and_its_scores() {
+    for name in MODELS {
+        let (exp, tensors) = expected(name);
+        let opts = EncoderOptions { trainable: true, ..reranker_options(false) };
+        let enc = Encoder::load(&dir(name), None, &opts).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        enc.save_pretrained(out.path()).unwrap();
+        let names = |p: PathBuf| {
+            let mut n: Vec<String> =
+                candle_core::safetensors::load(p, &Device::Cpu).unwrap().into_keys().collect();
+            n.sort();
+            n
+        };
+        let theirs = names(dir(name).join("model.safetensors"));
+        assert_eq!(names(out.path().join("model.safetensors")), theirs, "{name}: weight names");
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap())
+                .unwrap();
+        let class = config["architectures"][0].as_str().unwrap();
+        assert!(class.ends_with("ForSequenceClassification"), "{name}: {class}");
+        assert_eq!(config["id2label"].as_object().unwrap().len(), 1, "{name}: one label");
+        assert_eq!(
+            config["sentence_transformers"]["activation_fn"],
+            "torch.nn.modules.linear.Identity"
+        );
+        let (_, got) = scores(&load(out.path()), &exp);
+        let d = max_abs_diff_of(&got, &logits(&tensors["logits"]));
+        assert!(d <= SCORE_ATOL, "{name}: the saved folder scores differently by {d}");
+    }
+}
+
+#[test]
+fn a_base_model_has_no_head_unless_one_is_initialised() {
+    let err = Encoder::load(&tiny_dir("bert"), None, &reranker_options(false)).err().unwrap();
+    let msg = err.to_string();
+    assert!(msg.contains("no score head") && msg.contains("classifier.weight"), "{msg}");
+    assert!(msg.contains("tevatron train-reranker"), "{msg}");
+    // Allowed: the missing weights are drawn and named; the ones the base has are kept.
+    let enc = Encoder::load(&tiny_dir("llama"), None, &reranker_options(true)).unwrap();
+    assert_eq!(enc.initialised_head(), ["score.weight"]);
+    let again = Encoder::load(&tiny_dir("llama"), None, &reranker_options(true)).unwrap();
+    let texts = ["a b c".to_string(), "dense".to_string()];
+    let t = TextOptions::default();
+    assert_eq!(enc.embed(&texts, &t, 2).unwrap(), again.embed(&texts, &t, 2).unwrap());
+    // A family without a head in this build is refused by name.
+    let err = Encoder::load(&tiny_dir("modernbert"), None, &reranker_options(true)).err().unwrap();
+    assert!(err.to_string().contains("has no sequence-classification head"), "{err}");
+}
+
+#[test]
+fn a_classifier_with_several_labels_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(dir("bert").join(f), tmp.path().join(f)).unwrap();
+    }
+    let mut weights =
+        candle_core::safetensors::load(dir("bert").join("model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let w = &weights["classifier.weight"];
+    let two = Tensor::cat(&[w, w], 0).unwrap();
+    weights.insert("classifier.weight".into(), two);
+    candle_core::safetensors::save(&weights, tmp.path().join("model.safetensors")).unwrap();
+    let err = Encoder::load(tmp.path(), None, &reranker_options(true)).err().unwrap();
+    assert!(err.to_string().contains("num_labels = 1"), "{err}");
+}
