@@ -26,6 +26,7 @@ impl Cli {
             Command::Search(a) => a.quiet,
             Command::Train(a) => a.quiet,
             Command::Mine(a) => a.quiet,
+            Command::Rerank(a) => a.quiet,
             Command::Eval(_)
             | Command::Convert(_)
             | Command::Prepare(_)
@@ -48,6 +49,9 @@ pub enum Command {
     Eval(EvalArgs),
     /// Convert Tevatron's `qid docid score` ranking to TREC or MS MARCO format.
     Convert(ConvertArgs),
+    /// Rescore query-passage pairs with a cross-encoder (Tevatron's `reranker.driver.rerank`):
+    /// a rerank input file, or a run's top documents.
+    Rerank(Box<RerankArgs>),
     /// Mine hard negatives for a training file with a model (or its embeddings), with
     /// false-negative filters; writes Tevatron's ids form.
     Mine(Box<MineArgs>),
@@ -301,6 +305,89 @@ pub struct EncodeArgs {
     /// No progress bar; the log stays (Hugging Face's flag).
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub disable_tqdm: bool,
+}
+
+/// How a query-passage pair becomes model input (`--pair_format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PairFormatArg {
+    /// Tevatron's for Tevatron's rerankers and ours, sentence-transformers' text pair for a
+    /// CrossEncoder folder (see docs/rerank.md).
+    Auto,
+    /// Tevatron's `format_pair`: one string, prefixes and title inside.
+    Tevatron,
+    /// sentence-transformers' CrossEncoder: (query, passage) as a text pair with token types.
+    Pair,
+}
+
+/// Flags of `tevatron rerank` (Tevatron's `reranker.driver.rerank`, plus a run as input).
+#[derive(Debug, Args)]
+#[command(rename_all = "snake_case")]
+pub struct RerankArgs {
+    /// Cross-encoder folder or Hugging Face hub id (a `*ForSequenceClassification` model).
+    #[arg(long)]
+    pub model_name_or_path: String,
+    /// Tokenizer folder or hub id, when it differs from the model's.
+    #[arg(long)]
+    pub tokenizer_name: Option<String>,
+    /// Hugging Face hub cache folder.
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// The rerank input (`--dataset_path`): rows of `{query_id, query, docid, title, text}`.
+    #[command(flatten)]
+    pub data: DatasetFlags,
+    /// Instead of a rerank input: a run (TREC or Tevatron's `qid docid score`) whose top
+    /// `--rerank_depth` documents per query are rescored, with --query_path and --corpus_path.
+    #[arg(long)]
+    pub run_path: Option<PathBuf>,
+    /// Queries of the run (`{query_id, query_text | query}`; JSONL, .jsonl.gz or Parquet).
+    #[arg(long)]
+    pub query_path: Option<PathBuf>,
+    /// Corpus of the run (`{docid, title?, text}`; JSONL, .jsonl.gz or Parquet).
+    #[arg(long)]
+    pub corpus_path: Option<PathBuf>,
+    /// Documents rescored per query of --run_path.
+    #[arg(long, default_value_t = 100)]
+    pub rerank_depth: usize,
+    /// Output: `qid<TAB>docid<TAB>score`, each query's lines by descending score.
+    #[arg(long)]
+    pub rerank_output_path: PathBuf,
+    /// Maximum tokens of a pair, special tokens (and an appended EOS) included.
+    #[arg(long, default_value_t = 512)]
+    pub rerank_max_len: usize,
+    /// Put before the query (Tevatron's format; the first text of a pair).
+    #[arg(long, default_value = "query:")]
+    pub query_prefix: String,
+    /// Put before the title and passage (Tevatron's format only).
+    #[arg(long, default_value = "passage:")]
+    pub passage_prefix: String,
+    /// Tevatron's one string, sentence-transformers' text pair, or the folder's kind.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub pair_format: PairFormatArg,
+    /// Truncate to max_len-1 and append the EOS token (decoder rerankers, RankLLaMA).
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub append_eos_token: bool,
+    /// Pad each batch to its longest pair rounded up to a multiple of this.
+    #[arg(long, default_value_t = 16)]
+    pub pad_to_multiple_of: usize,
+    /// Pairs per batch (batches of short pairs may hold more, up to the same token count).
+    #[arg(long, default_value_t = 8)]
+    pub per_device_eval_batch_size: usize,
+    /// Compute in float16.
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub fp16: bool,
+    /// Compute in bfloat16.
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub bf16: bool,
+    /// Where to run: cpu, cuda or cuda:N (default: a GPU when the binary has CUDA and one is
+    /// visible, else the CPU).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Accepted and unused, as in Tevatron's rerank driver.
+    #[arg(long)]
+    pub output_dir: Option<PathBuf>,
+    /// No progress bar, warnings only.
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub quiet: bool,
 }
 
 /// `--save_strategy` / `--logging_strategy` values.

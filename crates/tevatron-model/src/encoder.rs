@@ -622,6 +622,9 @@ impl Encoder {
         if spec.layout == crate::backbone::HeadLayout::LastToken {
             config.insert("pad_token_id".into(), self.tokenizer.pad_id().into());
         }
+        // How `tevatron rerank` should give this model its pairs: trained on Tevatron's one
+        // string, whatever the sentence-transformers key below suggests.
+        config.insert("tevatron_pair_format".into(), "tevatron".into());
         config.insert(
             "sentence_transformers".into(),
             serde_json::json!({"activation_fn": "torch.nn.modules.linear.Identity"}),

@@ -5,6 +5,7 @@ mod encode;
 mod eval;
 mod mine;
 mod prepare;
+mod rerank;
 mod search;
 mod train;
 
@@ -26,6 +27,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => eval::run(&a),
         Command::Convert(a) => convert::run(&a),
         Command::Mine(a) => mine::run(&a),
+        Command::Rerank(a) => rerank::run(&a),
         Command::Prepare(a) => prepare::run(&a),
         Command::MergeLora(a) => {
             let cache = a.cache_dir.as_deref();
@@ -67,6 +69,9 @@ pub fn load_encoder(
         .transpose()?;
     let encoder = Encoder::load(&model_dir, tok_dir.as_deref(), opts)
         .with_context(|| format!("loading model {model}"))?;
+    if encoder.is_cross_encoder() {
+        return Ok(encoder);
+    }
     let (pooling, normalize) = (encoder.pooling().name(), encoder.normalize());
     match encoder.defaults_source() {
         DefaultsSource::SentenceTransformers(what) => tracing::info!("using {what}"),

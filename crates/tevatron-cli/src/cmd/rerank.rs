@@ -1,0 +1,202 @@
+//! `tevatron rerank`: score query-passage pairs with a cross-encoder and write Tevatron's
+//! `qid<TAB>docid<TAB>score` ranking. The pairs come from a rerank input file (Tevatron's
+//! `--dataset_path`) or from a run's top `--rerank_depth` documents per query; they are
+//! tokenized and scored in chunks, each cut into length-sorted batches.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::DType;
+use tevatron_ir::rerank::{pairs_from_run, read_pairs, write_reranked, RerankPair};
+use tevatron_model::encoder::{BatchOptions, EMBED_CHUNK};
+use tevatron_model::{Encoder, EncoderOptions, PaddingSide, ScoreHeadOptions, TextOptions};
+
+use crate::args::{PairFormatArg, RerankArgs};
+use crate::progress;
+
+/// How pairs become model input, settled from the flag and the folder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PairFormat {
+    Tevatron,
+    Pair,
+}
+
+/// `--pair_format auto`: sentence-transformers' text pair for a CrossEncoder folder (one that
+/// states an activation for sentence-transformers, or has `config_sentence_transformers.json`),
+/// unless the folder says which format it was trained on (`tevatron_pair_format`, which our
+/// saved rerankers write); Tevatron's one string otherwise.
+fn folder_format(model_dir: &Path) -> PairFormat {
+    let config: Option<serde_json::Value> = std::fs::read_to_string(model_dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    let config = config.unwrap_or_default();
+    match config.get("tevatron_pair_format").and_then(|v| v.as_str()) {
+        Some("pair") => return PairFormat::Pair,
+        Some(_) => return PairFormat::Tevatron,
+        None => {}
+    }
+    let cross_encoder = config.get("sentence_transformers").is_some()
+        || model_dir.join("config_sentence_transformers.json").is_file();
+    if cross_encoder {
+        PairFormat::Pair
+    } else {
+        PairFormat::Tevatron
+    }
+}
+
+/// The pairs the flags name: a rerank input, or a run with its queries and corpus.
+fn input_pairs(a: &RerankArgs) -> Result<Vec<RerankPair>> {
+    match (&a.run_path, &a.data.dataset_path) {
+        (Some(_), Some(_)) => {
+            bail!("give either --dataset_path (a rerank input) or --run_path, not both")
+        }
+        (Some(run), None) => {
+            let (Some(queries), Some(corpus)) = (&a.query_path, &a.corpus_path) else {
+                bail!("--run_path needs --query_path and --corpus_path for the texts")
+            };
+            if a.rerank_depth == 0 {
+                bail!("--rerank_depth must be at least 1");
+            }
+            pairs_from_run(
+                run,
+                std::slice::from_ref(queries),
+                std::slice::from_ref(corpus),
+                a.rerank_depth,
+            )
+            .with_context(|| format!("reading the run {} and its texts", run.display()))
+        }
+        (None, _) => {
+            if a.query_path.is_some() || a.corpus_path.is_some() {
+                bail!("--query_path and --corpus_path go with --run_path");
+            }
+            let files = a.data.files()?;
+            read_pairs(&files).context("reading the rerank input")
+        }
+    }
+}
+
+/// A chunk's token ids, and their token types for text pairs.
+type Tokenized = (Vec<Vec<u32>>, Option<Vec<Vec<u32>>>);
+
+/// Token ids (and token types, for text pairs) of a chunk of pairs.
+fn tokenize(
+    enc: &Encoder,
+    pairs: &[RerankPair],
+    text: &TextOptions,
+    format: PairFormat,
+    a: &RerankArgs,
+) -> Result<Tokenized> {
+    let tok = enc.tokenizer().prepare(text)?;
+    Ok(match format {
+        PairFormat::Tevatron => {
+            let texts: Vec<String> =
+                pairs.iter().map(|p| p.formatted(&a.query_prefix, &a.passage_prefix)).collect();
+            (tok.tokenize(&texts)?, None)
+        }
+        PairFormat::Pair => {
+            let texts: Vec<(String, String)> = pairs
+                .iter()
+                .map(|p| {
+                    let passage = if p.title.is_empty() {
+                        p.text.clone()
+                    } else {
+                        format!("{} {}", p.title, p.text)
+                    };
+                    (p.query.clone(), passage)
+                })
+                .collect();
+            let (ids, types) = tok.tokenize_pairs(&texts)?.into_iter().unzip();
+            (ids, Some(types))
+        }
+    })
+}
+
+/// Runs `tevatron rerank`.
+pub fn run(a: &RerankArgs) -> Result<()> {
+    if a.fp16 && a.bf16 {
+        bail!("--fp16 and --bf16 are exclusive");
+    }
+    if a.per_device_eval_batch_size == 0 {
+        bail!("--per_device_eval_batch_size must be at least 1");
+    }
+    let pairs = input_pairs(a)?;
+    if pairs.is_empty() {
+        bail!("there are no pairs to rerank");
+    }
+    let device = tevatron_model::device::select(a.device.as_deref())?;
+    let dtype = if a.fp16 {
+        DType::F16
+    } else if a.bf16 {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    let opts = EncoderOptions {
+        dtype,
+        device: device.clone(),
+        score_head: Some(ScoreHeadOptions { init_missing: false, seed: 0 }),
+        ..EncoderOptions::default()
+    };
+    let enc = super::load_encoder(
+        &a.model_name_or_path,
+        a.tokenizer_name.as_deref(),
+        a.cache_dir.as_deref(),
+        &opts,
+    )?;
+    let format = match a.pair_format {
+        PairFormatArg::Tevatron => PairFormat::Tevatron,
+        PairFormatArg::Pair => PairFormat::Pair,
+        PairFormatArg::Auto => folder_format(enc.model_dir()),
+    };
+    match format {
+        PairFormat::Tevatron => tracing::info!(
+            "pairs in Tevatron's format: \"{} <query> {} <title> <text>\" as one text",
+            a.query_prefix,
+            a.passage_prefix
+        ),
+        PairFormat::Pair => tracing::info!(
+            "pairs as sentence-transformers' CrossEncoder gives them: (query, title and text) as \
+             a text pair with token types; --query_prefix and --passage_prefix apply only to \
+             Tevatron's format"
+        ),
+    }
+    let text = TextOptions {
+        max_len: a.rerank_max_len,
+        // Tevatron's prefixes are inside its formatted string; a text pair takes none.
+        prefix: String::new(),
+        append_eos: a.append_eos_token,
+        add_special_tokens: true,
+    };
+    let batches = BatchOptions::for_encoding(
+        a.per_device_eval_batch_size,
+        a.rerank_max_len,
+        a.pad_to_multiple_of,
+        PaddingSide::Right,
+        &device,
+    );
+    let bar = progress::bar(Some(pairs.len() as u64), "pairs", a.quiet);
+    let mut log = progress::LogProgress::new(pairs.len(), "pairs", a.quiet);
+    let start = std::time::Instant::now();
+    let mut scores = Vec::with_capacity(pairs.len());
+    for chunk in pairs.chunks(EMBED_CHUNK) {
+        let (ids, types) = tokenize(&enc, chunk, &text, format, a)?;
+        scores.extend(enc.embed_typed(&ids, types.as_deref(), &batches)?);
+        bar.inc(chunk.len() as u64);
+        log.advance(chunk.len());
+    }
+    bar.finish_and_clear();
+    let secs = start.elapsed().as_secs_f64();
+    let scored: Vec<(&str, &str, f32)> = pairs
+        .iter()
+        .zip(&scores)
+        .map(|(p, &s)| (p.query_id.as_str(), p.docid.as_str(), s))
+        .collect();
+    write_reranked(&a.rerank_output_path, &scored).context("writing --rerank_output_path")?;
+    tracing::info!(
+        "reranked {} pairs in {secs:.1} s ({:.1} pairs/s) into {}",
+        pairs.len(),
+        pairs.len() as f64 / secs.max(1e-9),
+        a.rerank_output_path.display()
+    );
+    Ok(())
+}
