@@ -6,7 +6,11 @@
 #   round1       in-batch negatives with a large batch through GradCache, the checkpoint chosen
 #                by validation nDCG@10 during training (held-out training questions, never dev);
 #   round2       hard negatives mined with the round-1 model (tevatron mine, with false-negative
-#                filters), then trained from the round-1 model, again chosen by validation.
+#                filters), then trained from the round-1 model, again chosen by validation;
+#   rerank       a cross-encoder trained from MiniLM on round 2's groups (tevatron
+#                train-reranker) rescoring round 2's top 100 (tevatron rerank);
+#   distilled    round 2 trained further on the reranker's scores of its groups (tevatron
+#                annotate, tevatron train --distillation), chosen by validation.
 #   scripts/recipe-insuranceqa.sh           # the full recipe: all 2,000 dev questions over all
 #                                           # 27,413 answers, 4,000 training questions a stage
 #   QUICK=1 scripts/recipe-insuranceqa.sh   # the quick recipe: the quickstart's dev subset (200
@@ -17,8 +21,8 @@
 #                                           # filters (mining leaves out a question it finds no
 #                                           # negative for: see the summary)
 # Writes runs/recipe-insuranceqa[-quick]/metrics.json {"zero_shot": {...}, "seed_recipe": ...,
-# "round1": ..., "round2": ...}, times.json (wall seconds per stage), report.md, and each stage's
-# model in <stage>/model. Re-running reuses every finished stage; an interrupted training resumes
+# "round1": ..., "round2": ..., "rerank": ..., "distilled": ...}, times.json (wall seconds per
+# stage), report.md, and each stage's model in <stage>/model (the reranker in reranker/model). Re-running reuses every finished stage; an interrupted training resumes
 # from its last checkpoint. Data and model are fetched as the quickstart fetches them.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -220,10 +224,56 @@ round2_stage() {  # stage training-file
 mine_stage round2 --range_min 3 --drop_same_text
 round2_stage round2 "$out/round2/mined.jsonl"
 
+# A reranker and distillation: a cross-encoder trained from the same MiniLM (its score head
+# initialised) on round 2's training questions and mined negatives, Tevatron's reranker recipe
+# (groups of 8, the listwise loss); it rescores round 2's top 100 of every dev question (stage
+# rerank). It then scores every passage of round 2's training groups (tevatron annotate), and
+# round 2's model is trained further to match those scores, KL plus the contrastive loss,
+# chosen by validation (stage distilled).
+rerank_len=128
+if [ ! -f "$out/reranker/model/trainer_state.json" ]; then
+  echo "recipe: training the reranker" >&2
+  start=$SECONDS
+  "$bin" train-reranker --output_dir "$out/reranker/model" --model_name_or_path "$model" \
+    --dataset_path "$out/round2/mined.jsonl" --corpus_path "$data/corpus.jsonl" \
+    --dataset_cache_dir "$out/cache" --train_group_size 8 --rerank_max_len "$rerank_len" \
+    --per_device_train_batch_size 8 --learning_rate 3e-5 --warmup_ratio 0.1 --num_train_epochs 1 \
+    --seed 42 --logging_steps 10 --save_steps 100 --save_total_limit 1
+  record_time "rerank (training)" $((SECONDS - start))
+fi
+if [ ! -f "$out/rerank/eval/metrics.json" ]; then
+  echo "recipe: reranking round 2's top 100 of every dev question" >&2
+  mkdir -p "$out/rerank/eval"
+  start=$SECONDS
+  "$bin" rerank --model_name_or_path "$out/reranker/model" --run_path "$out/round2/eval/run.tsv" \
+    --query_path "$d/eval.queries.jsonl" --corpus_path "$d/eval.corpus.jsonl" --rerank_depth 100 \
+    --rerank_max_len "$rerank_len" --per_device_eval_batch_size 32 \
+    --rerank_output_path "$out/rerank/eval/run.tsv" --quiet
+  "$bin" eval --qrels "$d/eval.qrels.tsv" --run "$out/rerank/eval/run.tsv" -m ndcg@10 -m mrr@10 \
+    -m recall@100 --json > "$out/rerank/eval/metrics.json.tmp"
+  mv "$out/rerank/eval/metrics.json.tmp" "$out/rerank/eval/metrics.json"
+  record_time "rerank (dev reranking)" $((SECONDS - start))
+fi
+if [ ! -f "$out/distilled/scored.jsonl" ]; then
+  echo "recipe: the reranker scores round 2's training groups" >&2
+  mkdir -p "$out/distilled"
+  start=$SECONDS
+  "$bin" annotate --model_name_or_path "$out/reranker/model" --dataset_path "$out/round2/mined.jsonl" \
+    --corpus_path "$data/corpus.jsonl" --dataset_cache_dir "$out/cache" --max_negatives 15 \
+    --rerank_max_len "$rerank_len" --per_device_eval_batch_size 32 \
+    --output_path "$out/distilled/scored.jsonl" --quiet
+  record_time "distilled (annotation)" $((SECONDS - start))
+fi
+train_stage distilled "$out/round2/model" --dataset_path "$out/distilled/scored.jsonl" \
+  --distillation --distil_temperature 0.05 --distil_teacher_temperature 1 \
+  --distil_contrastive_weight 1 --per_device_train_batch_size 16 --train_group_size 4 \
+  --num_train_epochs 1 --eval_steps "$every2" --save_steps "$every2" "${validation[@]}"
+evaluate "$out/distilled/model" distilled
+
 # Controls (CONTROL=1), to say what mining adds: round 2's questions, flags and group from the
 # round-1 model with the data's own pool negatives instead of mined ones (round2_pool), and with
 # negatives mined without the filters (round2_unfiltered).
-stages="zero_shot seed_recipe round1 round2"
+stages="zero_shot seed_recipe round1 round2 rerank distilled"
 if [ "${CONTROL:-0}" = 1 ]; then
   round2_stage round2_pool "$d/round2.train.jsonl"
   mine_stage round2_unfiltered

@@ -24,9 +24,10 @@ impl Cli {
         match &self.command {
             Command::Encode(a) => a.quiet,
             Command::Search(a) => a.quiet,
-            Command::Train(a) => a.quiet,
+            Command::Train(a) | Command::TrainReranker(a) => a.quiet,
             Command::Mine(a) => a.quiet,
             Command::Rerank(a) => a.quiet,
+            Command::Annotate(a) => a.quiet,
             Command::Eval(_)
             | Command::Convert(_)
             | Command::Prepare(_)
@@ -39,8 +40,11 @@ impl Cli {
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Train a dense retriever with Tevatron's contrastive recipe (`driver.train`).
+    /// Train a dense retriever with Tevatron's contrastive recipe (`driver.train`), or by
+    /// distillation from a reranker's scores (`driver.train_distil`: --distillation).
     Train(Box<TrainArgs>),
+    /// Train a cross-encoder reranker with Tevatron's listwise recipe (`reranker.driver.train`).
+    TrainReranker(Box<TrainArgs>),
     /// Encode queries or a corpus into an embeddings file (safetensors).
     Encode(Box<EncodeArgs>),
     /// Exact inner-product search of query embeddings over passage embeddings.
@@ -52,6 +56,9 @@ pub enum Command {
     /// Rescore query-passage pairs with a cross-encoder (Tevatron's `reranker.driver.rerank`):
     /// a rerank input file, or a run's top documents.
     Rerank(Box<RerankArgs>),
+    /// Score every passage of a training file with a reranker and write the scores into it, for
+    /// distillation (Tevatron's `utils.annotate_with_teacher`).
+    Annotate(Box<AnnotateArgs>),
     /// Mine hard negatives for a training file with a model (or its embeddings), with
     /// false-negative filters; writes Tevatron's ids form.
     Mine(Box<MineArgs>),
@@ -390,6 +397,64 @@ pub struct RerankArgs {
     pub quiet: bool,
 }
 
+/// Flags of `tevatron annotate`.
+#[derive(Debug, Args)]
+#[command(rename_all = "snake_case")]
+pub struct AnnotateArgs {
+    /// The teacher: a cross-encoder folder or hub id (what `tevatron rerank` takes).
+    #[arg(long)]
+    pub model_name_or_path: String,
+    /// Tokenizer folder or hub id, when it differs from the model's.
+    #[arg(long)]
+    pub tokenizer_name: Option<String>,
+    /// Hugging Face hub cache folder.
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// The training file (either of Tevatron's forms): `--dataset_name`, `--dataset_path`, ...
+    #[command(flatten)]
+    pub data: DatasetFlags,
+    /// The corpus id-form rows resolve through: `--corpus_name`, `--corpus_path`, ...
+    #[command(flatten)]
+    pub corpus: CorpusFlags,
+    /// Where the annotated rows go (JSONL, inline passages each with its `score`).
+    #[arg(long)]
+    pub output_path: PathBuf,
+    /// Keep and score at most this many negatives per row, the first ones (Tevatron's
+    /// --max_negatives; default: all).
+    #[arg(long)]
+    pub max_negatives: Option<usize>,
+    /// Maximum tokens of a pair, special tokens (and an appended EOS) included.
+    #[arg(long, default_value_t = 512)]
+    pub rerank_max_len: usize,
+    /// Put before the query inside the pair (Tevatron's format_pair).
+    #[arg(long, default_value = "query:")]
+    pub query_prefix: String,
+    /// Put before the title and passage inside the pair.
+    #[arg(long, default_value = "passage:")]
+    pub passage_prefix: String,
+    /// Truncate to max_len-1 and append the EOS token (decoder rerankers).
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub append_eos_token: bool,
+    /// Pad each batch to its longest pair rounded up to a multiple of this.
+    #[arg(long, default_value_t = 16)]
+    pub pad_to_multiple_of: usize,
+    /// Pairs per batch.
+    #[arg(long, default_value_t = 8)]
+    pub per_device_eval_batch_size: usize,
+    /// Compute in float16.
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub fp16: bool,
+    /// Compute in bfloat16.
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub bf16: bool,
+    /// Where to run: cpu, cuda or cuda:N.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// No progress bar, warnings only.
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub quiet: bool,
+}
+
 /// `--save_strategy` / `--logging_strategy` values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -464,12 +529,30 @@ pub struct TrainArgs {
     /// Maximum passage tokens, special tokens included.
     #[arg(long, default_value_t = 128)]
     pub passage_max_len: usize,
-    /// Text put before each query.
-    #[arg(long, default_value = "")]
-    pub query_prefix: String,
-    /// Text put before each passage.
-    #[arg(long, default_value = "")]
-    pub passage_prefix: String,
+    /// Text put before each query (default ''; `train-reranker`: 'query:', inside the pair).
+    #[arg(long)]
+    pub query_prefix: Option<String>,
+    /// Text put before each passage (default ''; `train-reranker`: 'passage:', inside the pair).
+    #[arg(long)]
+    pub passage_prefix: Option<String>,
+    /// `train-reranker`: maximum tokens of a query-passage pair, special tokens included.
+    #[arg(long, default_value_t = 512)]
+    pub rerank_max_len: usize,
+    /// Train from the teacher scores of each passage (`score`, as `tevatron annotate` writes
+    /// them): the KL divergence of Tevatron's `driver.train_distil`.
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub distillation: bool,
+    /// With --distillation: the student's scores are divided by this (default 0.02, Tevatron's).
+    #[arg(long)]
+    pub distil_temperature: Option<f64>,
+    /// With --distillation: the teacher's scores are divided by this (default: the same as
+    /// --distil_temperature, as in Tevatron).
+    #[arg(long)]
+    pub distil_teacher_temperature: Option<f64>,
+    /// With --distillation: add this times the contrastive loss (default 0: pure distillation,
+    /// as Tevatron's).
+    #[arg(long)]
+    pub distil_contrastive_weight: Option<f64>,
     /// Truncate to max_len-1 and append the EOS token.
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub append_eos_token: bool,

@@ -100,7 +100,6 @@ pub const FOREIGN_TRAIN: &[Foreign] = &[
     no_effect("encode_audio", Bool, "text is the only modality here"),
     no_effect("encode_video", Bool, "text is the only modality here"),
     // TevatronTrainingArguments beyond Hugging Face's.
-    no_effect("distil_temperature", One, "only Tevatron's distillation driver reads it"),
     no_effect("q_flops_loss_factor", One, "only Tevatron's SPLADE driver reads it"),
     no_effect("p_flops_loss_factor", One, "only Tevatron's SPLADE driver reads it"),
     no_effect("flops_warmup", One, "only Tevatron's SPLADE driver reads it"),
@@ -205,6 +204,40 @@ pub const FOREIGN_TRAIN: &[Foreign] = &[
 
 /// Flags of `tevatron train` that mean something else, or nothing, to `encode`, beyond the
 /// general rule that training flags change nothing when encoding.
+/// Flags of `tevatron train` that mean nothing for a cross-encoder: `train-reranker` refuses
+/// them with the reason (they share one set of clap flags).
+const NOT_FOR_RERANKERS: &[Foreign] = &[
+    refused("pooling", One, "a cross-encoder scores each pair with its head; there is no pooling"),
+    refused("normalize", Bool, "a cross-encoder scores each pair with its head; there is no embedding to normalize"),
+    refused("temperature", One, "the reranker's loss is the cross-entropy of the raw logits, as in Tevatron's reranker"),
+    refused("query_max_len", One, "a pair is one text; its length is --rerank_max_len"),
+    refused("passage_max_len", One, "a pair is one text; its length is --rerank_max_len"),
+    refused("gc_q_chunk_size", One, "a reranker has no query side; --gc_p_chunk_size chunks the pairs"),
+    only("eval_strategy", One, &["no"], "validation during training measures retrieval, which a reranker does not do here (nor does Tevatron's reranker); evaluate with tevatron rerank and tevatron eval"),
+    refused("eval_steps", One, "rerankers have no validation during training here"),
+    refused("eval_query_path", One, "rerankers have no validation during training here"),
+    refused("eval_corpus_path", One, "rerankers have no validation during training here"),
+    refused("eval_qrels_path", One, "rerankers have no validation during training here"),
+    refused("eval_dataset_path", One, "rerankers have no validation during training here"),
+    refused("metric_for_best_model", One, "rerankers have no validation during training here"),
+    refused("greater_is_better", Bool, "rerankers have no validation during training here"),
+    refused("load_best_model_at_end", Bool, "rerankers have no validation during training here"),
+    refused("per_device_eval_batch_size", One, "rerankers have no validation during training here"),
+    refused("distillation", Bool, "distillation trains a retriever: tevatron train --distillation"),
+    refused("distil_temperature", One, "distillation trains a retriever: tevatron train --distillation"),
+    refused("distil_teacher_temperature", One, "distillation trains a retriever: tevatron train --distillation"),
+    refused("distil_contrastive_weight", One, "distillation trains a retriever: tevatron train --distillation"),
+    only("lora", Bool, FALSE, "LoRA rerankers (PEFT SEQ_CLS adapters, whose score head is saved as modules_to_save) are not supported yet; train the full model"),
+    refused("lora_name_or_path", One, "LoRA rerankers are not supported yet; train the full model"),
+];
+
+/// Flags of `train-reranker` that mean nothing for a retriever: `train` refuses them.
+const NOT_FOR_RETRIEVERS: &[Foreign] = &[refused(
+    "rerank_max_len",
+    One,
+    "a reranker's pair length; a retriever has --query_max_len and --passage_max_len (tevatron train-reranker trains rerankers)",
+)];
+
 const FOREIGN_ENCODE: &[Foreign] = &[no_effect(
     "lora",
     Bool,
@@ -242,10 +275,17 @@ fn clap_flags(command: &str) -> Vec<(String, Arity)> {
 /// accepts both.
 pub fn screen(argv: Vec<OsString>) -> Result<Screened> {
     let command = argv.get(1).and_then(|s| s.to_str()).unwrap_or_default().to_string();
-    if !matches!(command.as_str(), "train" | "encode" | "search") {
+    if !matches!(command.as_str(), "train" | "train-reranker" | "encode" | "search") {
         return Ok(Screened { argv, notes: Vec::new() });
     }
-    let own = clap_flags(&command);
+    // `train` and `train-reranker` share their clap flags; each refuses the other's own.
+    let not_here: &[Foreign] = match command.as_str() {
+        "train" => NOT_FOR_RETRIEVERS,
+        "train-reranker" => NOT_FOR_RERANKERS,
+        _ => &[],
+    };
+    let mut own = clap_flags(&command);
+    own.retain(|(n, _)| !not_here.iter().any(|f| f.name == n));
     let train = if command == "encode" { clap_flags("train") } else { Vec::new() };
     let mut out: Vec<OsString> = argv.iter().take(2).cloned().collect();
     let mut notes = Vec::new();
@@ -279,7 +319,12 @@ pub fn screen(argv: Vec<OsString>) -> Result<Screened> {
             continue;
         }
         let foreign = match command.as_str() {
-            "train" => FOREIGN_TRAIN.iter().find(|f| f.name == name).copied(),
+            "train" | "train-reranker" => FOREIGN_TRAIN
+                .iter()
+                .chain(not_here)
+                .find(|f| f.name == name)
+                .copied()
+                .map(|f| reranker_reads(&command, f)),
             "encode" => FOREIGN_ENCODE
                 .iter()
                 .chain(FOREIGN_TRAIN.iter().filter(|f| matches!(f.rule, Rule::UseCpu)))
@@ -344,6 +389,20 @@ pub fn screen(argv: Vec<OsString>) -> Result<Screened> {
         bail!(refusals.join("; "));
     }
     Ok(Screened { argv: out, notes })
+}
+
+/// Tevatron's reranker reads `--positive_passage_no_shuffle` and `--negative_passage_no_shuffle`,
+/// which its retriever ignores (and `train` says so): `train-reranker` refuses them, as it
+/// draws the group's passages by the retriever's rule.
+fn reranker_reads(command: &str, f: Foreign) -> Foreign {
+    const WHY: &str = "passages are drawn per epoch by Tevatron's shuffled rule here; keeping \
+                       the data's order is not supported";
+    let reads = ["positive_passage_no_shuffle", "negative_passage_no_shuffle"].contains(&f.name);
+    if command == "train-reranker" && reads {
+        only(f.name, f.arity, FALSE, WHY)
+    } else {
+        f
+    }
 }
 
 /// `encode` accepts every training flag, as Python's encode driver parses the same argument

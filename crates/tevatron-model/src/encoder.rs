@@ -660,8 +660,18 @@ impl Encoder {
         }
     }
 
-    /// Checks that a batch layout suits the pooling (cls with left padding reads a pad token).
+    /// Checks that a batch layout suits the pooling (cls with left padding reads a pad token),
+    /// or a cross-encoder's head (the encoder heads read the first token).
     pub fn check_padding(&self, side: PaddingSide) -> Result<()> {
+        if let Some((_, spec, _)) = &self.head {
+            if side == PaddingSide::Left && spec.layout != crate::backbone::HeadLayout::LastToken {
+                return Err(Error::Invalid(format!(
+                    "--padding_side left would put padding where the {} head reads the first token; use right padding",
+                    spec.class
+                )));
+            }
+            return Ok(());
+        }
         if side == PaddingSide::Left && self.pooling == Pooling::Cls {
             return Err(Error::Invalid(
                 "--pooling cls with --padding_side left would pool a padding token; use right padding or eos/last pooling".into(),
@@ -684,9 +694,7 @@ impl Encoder {
         types: Option<&[Vec<u32>]>,
         opts: &BatchOptions,
     ) -> Result<Vec<f32>> {
-        if !self.is_cross_encoder() {
-            self.check_padding(opts.padding_side)?;
-        }
+        self.check_padding(opts.padding_side)?;
         if let Some(t) = types.filter(|t| t.len() != seqs.len()) {
             return Err(Error::Invalid(format!(
                 "{} token-type rows for {} sequences",

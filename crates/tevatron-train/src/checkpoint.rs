@@ -180,9 +180,14 @@ fn load_safetensors(
 
 /// Restores weights (from `weights_file`, the one [`Encoder::weights_file`] names), optimizer
 /// moments and the loop state from a checkpoint folder.
-pub fn load(dir: &Path, weights_file: &str, opt: &mut AdamW) -> Result<TrainerState> {
+pub fn load(
+    dir: &Path,
+    weights_file: &str,
+    prefixes: &[&str],
+    opt: &mut AdamW,
+) -> Result<TrainerState> {
     let state: TrainerState = read_json(&dir.join("trainer_state.json"))?;
-    load_weights(dir, weights_file, opt)?;
+    load_weights(dir, weights_file, prefixes, opt)?;
     let bad = |path: &Path, e: candle_core::Error| {
         Error::Invalid(format!("{}: cannot read ({e})", path.display()))
     };
@@ -196,8 +201,10 @@ pub fn load(dir: &Path, weights_file: &str, opt: &mut AdamW) -> Result<TrainerSt
 }
 
 /// Sets the trained variables to a checkpoint's weights (`weights_file` of `dir`): the
-/// weights half of a resume, and `--load_best_model_at_end`.
-pub fn load_weights(dir: &Path, weights_file: &str, opt: &AdamW) -> Result<()> {
+/// weights half of a resume, and `--load_best_model_at_end`. A variable is found by its name,
+/// or by its name after one of the model family's `prefixes` (a cross-encoder saves its base
+/// model's weights as `bert.…`, `model.…`).
+pub fn load_weights(dir: &Path, weights_file: &str, prefixes: &[&str], opt: &AdamW) -> Result<()> {
     let bad = |path: &Path, e: candle_core::Error| {
         Error::Invalid(format!("{}: cannot read ({e})", path.display()))
     };
@@ -208,6 +215,7 @@ pub fn load_weights(dir: &Path, weights_file: &str, opt: &AdamW) -> Result<()> {
     for (name, var) in opt.named_vars() {
         let t = weights
             .get(name)
+            .or_else(|| prefixes.iter().find_map(|p| weights.get(&format!("{p}{name}"))))
             .ok_or_else(|| Error::Invalid(format!("{}: no tensor {name}", model_path.display())))?;
         // A tensor of another shape (or a dtype that does not convert) is the file's fault.
         t.to_dtype(var.dtype()).and_then(|t| var.set(&t)).map_err(|e| {

@@ -70,24 +70,71 @@ impl Corpus {
 
 /// A passage reference inside a training row.
 enum PassageRef {
-    Inline(String),
+    Inline(Passage),
     Id(String),
 }
 
 /// One parsed training row.
 struct TrainRow {
+    query_id: Option<String>,
     query: String,
     positives: Vec<PassageRef>,
     negatives: Vec<PassageRef>,
 }
 
-/// One sampled training group: the query text and `G` passage texts, positive first.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Every passage of one training row, resolved (what `tevatron annotate` scores).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FullRow {
+    /// `query_id`, when the row has one.
+    pub query_id: Option<String>,
+    /// Query text.
+    pub query: String,
+    /// All positives, in the row's order.
+    pub positives: Vec<Passage>,
+    /// All negatives, in the row's order.
+    pub negatives: Vec<Passage>,
+}
+
+/// One passage of a training group, its parts kept apart: a retriever reads title and text
+/// joined ([`Passage::joined`]), a reranker formats them with the query (Tevatron's
+/// `format_pair`), and distillation reads the teacher's score.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Passage {
+    /// `docid`, when the row (or the id form) names one.
+    pub docid: Option<String>,
+    /// `title`, when the row has the key (`null` reads as empty).
+    pub title: Option<String>,
+    /// `text` (the corpus's `text` for id-form rows).
+    pub text: String,
+    /// The teacher's `score` of this passage for its query, when the row has one.
+    pub score: Option<f64>,
+}
+
+impl Passage {
+    /// The passage as Tevatron's retriever datasets give it: `title + " " + text` when the row
+    /// has a title key, else the text.
+    pub fn joined(&self) -> String {
+        match &self.title {
+            Some(t) => format!("{t} {}", self.text),
+            None => self.text.clone(),
+        }
+    }
+}
+
+/// One sampled training group: the query text and `G` passages, positive first.
+#[derive(Clone, Debug, PartialEq)]
 pub struct TextGroup {
     /// Query text (without prefix; the tokenizer adds it).
     pub query: String,
     /// Positive, then negatives.
-    pub passages: Vec<String>,
+    pub passages: Vec<Passage>,
+}
+
+impl TextGroup {
+    /// The passages as a retriever reads them ([`Passage::joined`]).
+    pub fn joined(&self) -> Vec<String> {
+        self.passages.iter().map(Passage::joined).collect()
+    }
 }
 
 /// The training rows, random access, with an optional corpus.
@@ -126,10 +173,10 @@ fn inline_passages(v: &Value, field: &str, path: &Path, line: usize) -> Result<V
                     return Err(invalid(path, line, format!("`{field}[{k}]` has no string `text`")))
                 }
             };
-            Ok(PassageRef::Inline(match p.get("title") {
-                Some(Value::String(t)) => format!("{t} {text}"),
-                Some(Value::Null) => format!(" {text}"),
-                None => text.to_string(),
+            let title = match p.get("title") {
+                Some(Value::String(t)) => Some(t.clone()),
+                Some(Value::Null) => Some(String::new()),
+                None => None,
                 Some(_) => {
                     return Err(invalid(
                         path,
@@ -137,7 +184,24 @@ fn inline_passages(v: &Value, field: &str, path: &Path, line: usize) -> Result<V
                         format!("`{field}[{k}].title` must be a string"),
                     ))
                 }
-            }))
+            };
+            let score = match p.get("score") {
+                None | Some(Value::Null) => None,
+                Some(Value::Number(n)) => n.as_f64(),
+                Some(_) => {
+                    return Err(invalid(
+                        path,
+                        line,
+                        format!("`{field}[{k}].score` must be a number"),
+                    ))
+                }
+            };
+            let docid = match p.get("docid") {
+                Some(Value::String(d)) => Some(d.clone()),
+                Some(Value::Number(n)) => Some(n.to_string()),
+                _ => None,
+            };
+            Ok(PassageRef::Inline(Passage { docid, title, text: text.to_string(), score }))
         })
         .collect()
 }
@@ -195,6 +259,8 @@ impl TrainData {
         let inline = v.get("positive_passages").is_some();
         let row = if inline {
             TrainRow {
+                query_id: text_of(v, &["query_id"])
+                    .or_else(|| v.get("query_id").map(|x| x.to_string())),
                 query: text_of(v, &["query", "query_text"]).ok_or_else(|| {
                     tevatron_ir::Error::MissingField {
                         path: path.into(),
@@ -214,6 +280,8 @@ impl TrainData {
                 ));
             }
             TrainRow {
+                query_id: text_of(v, &["query_id"])
+                    .or_else(|| v.get("query_id").map(|x| x.to_string())),
                 query: text_of(v, &["query_text", "query"]).unwrap_or_default(),
                 positives: id_list(v, "positive_document_ids", path, line)?,
                 negatives: id_list(v, "negative_document_ids", path, line)?,
@@ -312,16 +380,71 @@ impl TrainData {
         self.corpus.as_ref()
     }
 
-    fn resolve(&self, p: &PassageRef) -> Result<String> {
+    fn resolve(&self, p: &PassageRef) -> Result<Passage> {
         match p {
-            PassageRef::Inline(t) => Ok(t.clone()),
+            PassageRef::Inline(passage) => Ok(passage.clone()),
             PassageRef::Id(id) => {
                 let corpus = self.corpus.as_ref().expect("checked when the row was parsed");
-                corpus.text(id)?.ok_or_else(|| {
+                let text = corpus.text(id)?.ok_or_else(|| {
                     tevatron_ir::Error::Invalid(format!("document id {id:?} is not in the corpus"))
-                })
+                })?;
+                Ok(Passage { docid: Some(id.clone()), title: None, text, score: None })
             }
         }
+    }
+
+    /// Checks that every passage of every row carries the teacher's score, a finite number
+    /// (distillation); the first one that does not is reported with its file, line and field.
+    pub fn check_scores(&self) -> Result<()> {
+        for item in 0..self.rows.len() {
+            let row = self.parse(item)?;
+            let (path, line) = self.rows.location(item);
+            let lists =
+                [("positive_passages", &row.positives), ("negative_passages", &row.negatives)];
+            for (field, list) in lists {
+                for (k, p) in list.iter().enumerate() {
+                    let PassageRef::Inline(passage) = p else {
+                        return Err(invalid(
+                            path,
+                            line,
+                            "distillation reads each passage's `score`, which id-form rows do not carry; annotate the file with `tevatron annotate`, which writes inline passages".into(),
+                        ));
+                    };
+                    match passage.score {
+                        Some(s) if s.is_finite() => {}
+                        Some(s) => {
+                            return Err(invalid(path, line, format!("`{field}[{k}].score` is {s}")))
+                        }
+                        None => {
+                            return Err(invalid(
+                                path,
+                                line,
+                                format!("`{field}[{k}]` has no `score` (the teacher's; `tevatron annotate` writes them)"),
+                            ))
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The file and line of row `item` (for messages about it).
+    pub fn location(&self, item: usize) -> (&Path, usize) {
+        self.rows.location(item)
+    }
+
+    /// Row `item` with every passage resolved.
+    pub fn full_row(&self, item: usize) -> Result<FullRow> {
+        let row = self.parse(item)?;
+        let resolve =
+            |list: &[PassageRef]| list.iter().map(|p| self.resolve(p)).collect::<Result<Vec<_>>>();
+        Ok(FullRow {
+            positives: resolve(&row.positives)?,
+            negatives: resolve(&row.negatives)?,
+            query_id: row.query_id,
+            query: row.query,
+        })
     }
 
     /// The group of row `item` in epoch `epoch` (0-based), by Tevatron's sampling rule.
@@ -447,12 +570,44 @@ mod tests {
         let g = data.group(0, 0).unwrap();
         assert_eq!(
             g,
-            TextGroup { query: "q a".into(), passages: vec!["T body".into(), "neg".into()] }
+            TextGroup {
+                query: "q a".into(),
+                passages: vec![
+                    Passage {
+                        docid: Some("1".into()),
+                        title: Some("T".into()),
+                        text: "body".into(),
+                        score: None
+                    },
+                    Passage {
+                        docid: Some("2".into()),
+                        title: None,
+                        text: "neg".into(),
+                        score: None
+                    },
+                ]
+            }
         );
         let g = data.group(1, 3).unwrap();
         assert_eq!(
             g,
-            TextGroup { query: "q b".into(), passages: vec!["corpus one".into(), "five".into()] }
+            TextGroup {
+                query: "q b".into(),
+                passages: vec![
+                    Passage {
+                        docid: Some("d1".into()),
+                        title: None,
+                        text: "corpus one".into(),
+                        score: None
+                    },
+                    Passage {
+                        docid: Some("5".into()),
+                        title: None,
+                        text: "five".into(),
+                        score: None
+                    },
+                ]
+            }
         );
     }
 

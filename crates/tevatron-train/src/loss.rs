@@ -1,9 +1,14 @@
-//! The contrastive (InfoNCE) loss of Tevatron's `EncoderModel`: scores `q p^T`, divided by the
-//! temperature, cross-entropy against each query's own positive at index `i * G`, with every
-//! other passage of the batch as a negative. A function of the representations alone, so that
-//! GradCache needs no other loss code. Knows nothing of models.
+//! The training losses, each a function of the model's outputs alone (so that GradCache needs
+//! no other loss code; nothing here knows of models):
+//! - the contrastive (InfoNCE) loss of Tevatron's `EncoderModel`: scores `q p^T`, divided by the
+//!   temperature, cross-entropy against each query's own positive at index `i * G`, with every
+//!   other passage of the batch as a negative;
+//! - the listwise loss of Tevatron's `RerankerModel`: each group's `G` logits, cross-entropy
+//!   against the first (the positive);
+//! - the distillation loss of Tevatron's `DistilTevatronTrainer`: the KL divergence from the
+//!   teacher's score distribution over each query's group to the student's.
 
-use candle_core::{bail, Result, Tensor};
+use candle_core::{bail, Result, Tensor, D};
 
 /// Mean cross-entropy of `(q @ p^T) / temperature` with targets `i * G`, where
 /// `G = p.rows / q.rows` (passages are query-major: `[q0 pos, q0 negs.., q1 pos, ...]`).
@@ -23,6 +28,48 @@ pub fn contrastive(q: &Tensor, p: &Tensor, temperature: f64) -> Result<Tensor> {
     let scores = (q.matmul(&p.t()?)? / temperature)?; // (b, b·g)
     let targets = Tensor::arange_step(0u32, (b * group) as u32, group as u32, q.device())?;
     candle_nn::loss::cross_entropy(&scores, &targets)
+}
+
+/// Mean cross-entropy of each group's logits against its first: `scores` holds `n = b * group`
+/// logits (shape `(n)` or `(n, 1)`), group by group, each positive first.
+pub fn listwise(scores: &Tensor, group: usize) -> Result<Tensor> {
+    let n = scores.elem_count();
+    if group == 0 || n == 0 || !n.is_multiple_of(group) {
+        bail!("{n} scores are not whole groups of {group}");
+    }
+    let logits = scores.reshape((n / group, group))?;
+    let targets = Tensor::zeros(n / group, candle_core::DType::U32, scores.device())?;
+    candle_nn::loss::cross_entropy(&logits, &targets)
+}
+
+/// KL divergence (batch mean) from `softmax(teacher / teacher_temperature)` to
+/// `log_softmax(student / student_temperature)`, where the student's scores are `q · p` over
+/// each query's own group of `G = p.rows / q.rows` passages and `teacher` holds the teacher's
+/// `(b, G)` scores of the same passages. Tevatron uses one `--distil_temperature` for both and
+/// no `T²` factor.
+pub fn distillation(
+    q: &Tensor,
+    p: &Tensor,
+    teacher: &Tensor,
+    student_temperature: f64,
+    teacher_temperature: f64,
+) -> Result<Tensor> {
+    let (b, d) = q.dims2()?;
+    let (n, dp) = p.dims2()?;
+    let (tb, g) = teacher.dims2()?;
+    if d != dp || tb != b || n != b * g {
+        bail!("distillation needs q (b, d), p (b*G, d) and teacher scores (b, G); got q ({b}, {d}), p ({n}, {dp}), teacher ({tb}, {g})");
+    }
+    if student_temperature <= 0.0 || teacher_temperature <= 0.0 {
+        bail!("distillation temperatures must be positive");
+    }
+    // (b, 1, d) x (b, d, G) -> (b, G): each query against its own group only.
+    let student = q.unsqueeze(1)?.matmul(&p.reshape((b, g, d))?.transpose(1, 2)?)?.squeeze(1)?;
+    let log_student = candle_nn::ops::log_softmax(&(student / student_temperature)?, D::Minus1)?;
+    let teacher = teacher.to_dtype(q.dtype())?;
+    let log_teacher = candle_nn::ops::log_softmax(&(teacher / teacher_temperature)?, D::Minus1)?;
+    let kl = (log_teacher.exp()? * (log_teacher - log_student)?)?;
+    kl.sum_all()? / b as f64
 }
 
 #[cfg(test)]
@@ -81,6 +128,46 @@ mod tests {
             );
         }
         assert_eq!(q0.dtype(), DType::F64);
+    }
+
+    /// The listwise loss equals PyTorch's cross-entropy with target 0 (hand-checked values:
+    /// a group of equal logits costs ln G; a positive far ahead costs nothing).
+    #[test]
+    fn listwise_loss_targets_each_groups_first() {
+        let dev = Device::Cpu;
+        let s = Tensor::new(&[0.0f64, 0.0, 0.0, 50.0, 0.0, 0.0], &dev).unwrap();
+        let loss = listwise(&s, 3).unwrap().to_scalar::<f64>().unwrap();
+        assert!((loss - 3f64.ln() / 2.0).abs() < 1e-12, "{loss}");
+        let s = Tensor::new(&[[1.0f64], [2.0], [3.0], [4.0]], &dev).unwrap();
+        let want =
+            ((1f64.exp() + 2f64.exp()).ln() - 1.0 + (3f64.exp() + 4f64.exp()).ln() - 3.0) / 2.0;
+        assert!((listwise(&s, 2).unwrap().to_scalar::<f64>().unwrap() - want).abs() < 1e-12);
+        assert!(listwise(&s, 3).unwrap_err().to_string().contains("not whole groups"));
+    }
+
+    /// Distillation's loss and gradients equal PyTorch's (scripts/fixtures/make_rerank_step.py)
+    /// with one temperature for both (Tevatron's) and with two.
+    #[test]
+    fn distillation_loss_and_gradients_match_pytorch() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/loss/distil.safetensors");
+        let f = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+        for (name, ts, tt) in [("same", 0.02, 0.02), ("apart", 0.05, 1.0)] {
+            let q = Var::from_tensor(&f["q"]).unwrap();
+            let p = Var::from_tensor(&f["p"]).unwrap();
+            let loss = distillation(q.as_tensor(), p.as_tensor(), &f["teacher"], ts, tt).unwrap();
+            let want = f[&format!("loss_{name}")].to_vec1::<f64>().unwrap()[0];
+            let got = loss.to_scalar::<f64>().unwrap();
+            assert!((got - want).abs() <= 1e-10 * want.abs().max(1.0), "{name}: {got} vs {want}");
+            let grads = loss.backward().unwrap();
+            for (var, key) in [(&q, "dq"), (&p, "dp")] {
+                let g = grads.get(var.as_tensor()).unwrap();
+                let d = max_abs_diff_f64(g, &f[&format!("{key}_{name}")]).unwrap();
+                assert!(d <= 1e-9, "{key} {name} differs by {d}");
+            }
+        }
+        let q = &f["q"];
+        let bad = distillation(q, &f["p"].narrow(0, 0, 6).unwrap(), &f["teacher"], 1.0, 1.0);
+        assert!(bad.unwrap_err().to_string().contains("teacher scores (b, G)"));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use tevatron_model::rng::mix;
 use tevatron_model::{Encoder, Mode};
 
 use crate::dist::Group;
-use crate::loss::contrastive;
+use crate::loss::{contrastive, distillation, listwise};
 use crate::profile;
 
 /// How to compute a step.
@@ -39,6 +39,42 @@ pub struct StepOptions {
     pub padding_side: PaddingSide,
     /// Mixed precision (`--bf16`, `--fp16`): the dtype matrix products run in, on F32 weights.
     pub autocast: Option<DType>,
+    /// Distillation from teacher scores, for retriever batches that carry them.
+    pub distillation: Option<Distillation>,
+}
+
+/// How a retriever learns from a teacher's scores (Tevatron's `train_distil`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Distillation {
+    /// The student's scores are divided by this (`--distil_temperature`).
+    pub student_temperature: f64,
+    /// The teacher's scores are divided by this (Tevatron: the same as the student's).
+    pub teacher_temperature: f64,
+    /// Weight of the contrastive loss added to the KL term (0: pure distillation, Tevatron's).
+    pub contrastive_weight: f64,
+}
+
+/// What one micro-batch holds, by what is trained.
+#[derive(Clone, Copy, Debug)]
+pub enum Inputs<'a> {
+    /// A retriever's queries and their groups of passages (`queries[i]` with
+    /// `passages[i*G..(i+1)*G]`, the positive first), with the teacher's scores of those
+    /// passages (`G` per query) when distilling.
+    Retriever {
+        /// Query token ids.
+        queries: &'a [Vec<u32>],
+        /// Passage token ids, query-major.
+        passages: &'a [Vec<u32>],
+        /// The teacher's score of each passage.
+        teacher: Option<&'a [f32]>,
+    },
+    /// A cross-encoder's pairs, `group` per query, the positive first.
+    Reranker {
+        /// Pair token ids, query-major.
+        pairs: &'a [Vec<u32>],
+        /// Pairs per query (`--train_group_size`).
+        group: usize,
+    },
 }
 
 /// Gradients summed over micro-batches, one slot per trainable variable.
@@ -80,11 +116,23 @@ impl Accumulator {
     }
 }
 
-/// Queries or passages: a different dropout stream for each.
+/// Queries, passages or a cross-encoder's pairs: a different dropout stream for each.
 #[derive(Clone, Copy)]
 enum Side {
     Query = 1,
     Passage = 2,
+    Pair = 3,
+}
+
+impl Side {
+    /// The profile's name of this side's forward.
+    fn forward_mark(self) -> &'static str {
+        match self {
+            Side::Query => "forward q",
+            Side::Passage => "forward p",
+            Side::Pair => "forward pairs",
+        }
+    }
 }
 
 /// One chunk of queries or passages and its training context: mixed precision, and the
@@ -194,26 +242,67 @@ fn chunks(n: usize, size: Option<usize>) -> Vec<std::ops::Range<usize>> {
     (0..n.div_ceil(size)).map(|c| c * size..((c + 1) * size).min(n)).collect()
 }
 
-/// The contrastive loss over every rank's representations (Tevatron's DDP forward): each rank
-/// scores its queries against all ranks' passages, and the gradient reaches only the local
-/// rows. Tevatron multiplies this loss by the world size and DDP then averages gradients over
-/// ranks; summing the ranks' gradients of the unscaled loss (the trainer's all-reduce) is the
-/// same gradient, that of the loss of the whole global batch.
-fn global_loss(q: &Tensor, p: &Tensor, temperature: f64, group: &Group) -> Result<Tensor> {
+/// One side of a micro-batch: its sequences, its dropout stream, its GradCache chunk size.
+type SideInput<'a> = (&'a [Vec<u32>], Side, Option<usize>);
+
+/// The loss of a micro-batch from its outputs, over every rank's (Tevatron's DDP forward): a
+/// retriever scores its queries against all ranks' passages (contrastive) or its own groups
+/// against the teacher (distillation); a reranker's groups give the listwise loss. The
+/// gradient reaches only the local rows. Tevatron multiplies its loss by the world size and DDP
+/// then averages gradients over ranks; summing the ranks' gradients of the unscaled loss (the
+/// trainer's all-reduce) is the same gradient, that of the loss of the whole global batch.
+fn objective(
+    inputs: &Inputs,
+    outputs: &[Tensor],
+    opts: &StepOptions,
+    group: &Group,
+) -> Result<Tensor> {
     let gather =
         |t: &Tensor| group.gather_rows(t).map_err(|e| candle_core::Error::Msg(e.to_string()));
-    contrastive(&gather(q)?, &gather(p)?, temperature)
+    match *inputs {
+        Inputs::Reranker { group: g, .. } => listwise(&gather(&outputs[0])?, g),
+        Inputs::Retriever { teacher, queries, passages } => {
+            let (q, p) = (gather(&outputs[0])?, gather(&outputs[1])?);
+            let (Some(scores), Some(d)) = (teacher, opts.distillation) else {
+                return contrastive(&q, &p, opts.temperature);
+            };
+            let g = passages.len() / queries.len().max(1);
+            let device = outputs[0].device();
+            let teacher = gather(&Tensor::from_slice(scores, (queries.len(), g), device)?)?;
+            let kl = distillation(&q, &p, &teacher, d.student_temperature, d.teacher_temperature)?;
+            if d.contrastive_weight > 0.0 {
+                kl + (contrastive(&q, &p, opts.temperature)? * d.contrastive_weight)?
+            } else {
+                Ok(kl)
+            }
+        }
+    }
 }
 
-/// Computes the loss of one micro-batch (`queries[i]` with passages `passages[i*G..(i+1)*G]`)
-/// and adds `scale * d(loss)` to `acc`. `seed` fixes the dropout masks. With several ranks in
-/// `group`, the batch is this rank's slice, the loss is that of the global batch, and `acc`
-/// receives this rank's share of its gradient (to be summed over ranks).
+/// Computes the loss of one retriever micro-batch (`queries[i]` with passages
+/// `passages[i*G..(i+1)*G]`) and adds `scale * d(loss)` to `acc`: [`step`] without a teacher.
 #[allow(clippy::too_many_arguments)]
 pub fn micro_step(
     enc: &Encoder,
     queries: &[Vec<u32>],
     passages: &[Vec<u32>],
+    opts: &StepOptions,
+    scale: f64,
+    seed: u64,
+    group: &Group,
+    acc: &mut Accumulator,
+) -> Result<StepOutput> {
+    let inputs = Inputs::Retriever { queries, passages, teacher: None };
+    step(enc, &inputs, opts, scale, seed, group, acc)
+}
+
+/// Computes the loss of one micro-batch and adds `scale * d(loss)` to `acc`. `seed` fixes the
+/// dropout masks. With several ranks in `group`, the batch is this rank's slice, the loss is
+/// that of the global batch, and `acc` receives this rank's share of its gradient (to be summed
+/// over ranks).
+pub fn step(
+    enc: &Encoder,
+    inputs: &Inputs,
     opts: &StepOptions,
     scale: f64,
     seed: u64,
@@ -226,19 +315,28 @@ pub fn micro_step(
         let rows: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
         collate(&rows, pad, opts.pad_to_multiple_of, opts.padding_side, &device)
     };
+    let (qc, pc) = match opts.grad_cache {
+        Some((q, p)) => (Some(q), Some(p)),
+        None => (None, None),
+    };
+    // Each side's sequences, its dropout stream and its GradCache chunk size.
+    let sides: Vec<SideInput> = match *inputs {
+        Inputs::Retriever { queries, passages, .. } => {
+            vec![(queries, Side::Query, qc), (passages, Side::Passage, pc)]
+        }
+        Inputs::Reranker { pairs, .. } => vec![(pairs, Side::Pair, pc)],
+    };
     if opts.grad_cache.is_none() && !opts.checkpointing {
-        let qb = make(queries)?;
-        let pb = make(passages)?;
+        let batches = sides.iter().map(|(seqs, _, _)| make(seqs)).collect::<Result<Vec<_>>>()?;
         profile::mark("fetch and collate", &device)?;
-        let qchunk = Chunk::new(&qb, seed, Side::Query, 0, opts);
-        let pchunk = Chunk::new(&pb, seed, Side::Passage, 0, opts);
-        let (qh, _) = run(enc, &qchunk, false, false)?;
-        profile::mark("forward q", &device)?;
-        let (ph, _) = run(enc, &pchunk, false, false)?;
-        profile::mark("forward p", &device)?;
-        let q = represent(enc, &qchunk, &qh)?;
-        let p = represent(enc, &pchunk, &ph)?;
-        let loss = global_loss(&q, &p, opts.temperature, group)?;
+        let mut outputs = Vec::with_capacity(sides.len());
+        for ((_, side, _), batch) in sides.iter().zip(&batches) {
+            let chunk = Chunk::new(batch, seed, *side, 0, opts);
+            let (h, _) = run(enc, &chunk, false, false)?;
+            outputs.push(represent(enc, &chunk, &h)?);
+            profile::mark(side.forward_mark(), &device)?;
+        }
+        let loss = objective(inputs, &outputs, opts, group)?;
         profile::mark("loss", &device)?;
         acc.add(&(&loss * scale)?.backward()?)?;
         profile::mark("backward", &device)?;
@@ -248,16 +346,12 @@ pub fn micro_step(
         return Ok(StepOutput { loss: value });
     }
 
-    // First pass: representations without a graph, chunk by chunk. With checkpointing but no
-    // GradCache the single chunk keeps its last hidden states and layer inputs, so backward need
-    // not run the forward again; otherwise nothing but the representations is kept.
-    let (qc, pc) = match opts.grad_cache {
-        Some((q, p)) => (Some(q), Some(p)),
-        None => (None, None),
-    };
+    // First pass: outputs without a graph, chunk by chunk. With checkpointing but no GradCache
+    // the single chunk keeps its last hidden states and layer inputs, so backward need not run
+    // the forward again; otherwise nothing but the outputs is kept.
     let keep = opts.grad_cache.is_none() && opts.checkpointing;
-    let mut sides = Vec::new();
-    for (seqs, size, side) in [(queries, qc, Side::Query), (passages, pc, Side::Passage)] {
+    let mut passes = Vec::new();
+    for &(seqs, side, size) in &sides {
         let mut parts = Vec::new();
         for (c, range) in chunks(seqs.len(), size).into_iter().enumerate() {
             let batch = make(&seqs[range.clone()])?;
@@ -266,23 +360,27 @@ pub fn micro_step(
             let reps = represent(enc, &chunk, &h)?.detach();
             parts.push(FirstPass { range, batch, reps, kept: keep.then_some(inputs) });
         }
-        sides.push((side, parts));
+        passes.push((side, parts));
     }
-    let all = |parts: &[FirstPass]| -> Result<Var> {
-        Var::from_tensor(&Tensor::cat(
-            &parts.iter().map(|p| p.reps.clone()).collect::<Vec<_>>(),
-            0,
-        )?)
-    };
-    let (q_all, p_all) = (all(&sides[0].1)?, all(&sides[1].1)?);
-    let loss = global_loss(q_all.as_tensor(), p_all.as_tensor(), opts.temperature, group)?;
+    let all = passes
+        .iter()
+        .map(|(_, parts)| {
+            Var::from_tensor(&Tensor::cat(
+                &parts.iter().map(|p| p.reps.clone()).collect::<Vec<_>>(),
+                0,
+            )?)
+        })
+        .collect::<Result<Vec<Var>>>()?;
+    let outputs: Vec<Tensor> = all.iter().map(|v| v.as_tensor().clone()).collect();
+    let loss = objective(inputs, &outputs, opts, group)?;
     let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     let store = (loss * scale)?.backward()?;
-    let cached = [store.get(q_all.as_tensor()).cloned(), store.get(p_all.as_tensor()).cloned()];
+    let cached: Vec<Option<Tensor>> =
+        all.iter().map(|v| store.get(v.as_tensor()).cloned()).collect();
     profile::mark("first pass and loss", &device)?;
 
-    // Second pass: each chunk back-propagates its slice of the cached representation gradient.
-    for ((side, parts), cached) in sides.into_iter().zip(cached) {
+    // Second pass: each chunk back-propagates its slice of the cached output gradient.
+    for ((side, parts), cached) in passes.into_iter().zip(cached) {
         let cached =
             cached.ok_or_else(|| candle_core::Error::Msg("the loss passed no gradient".into()))?;
         for (c, part) in parts.into_iter().enumerate() {

@@ -21,6 +21,7 @@ use std::sync::mpsc;
 use std::time::Instant;
 
 use serde_json::{json, Value};
+use tevatron_ir::rerank::format_pair;
 use tevatron_model::rng::mix;
 use tevatron_model::text::PreparedTokenizer;
 use tevatron_model::{Encoder, TextOptions};
@@ -31,7 +32,7 @@ use crate::dist::Group;
 use crate::optim::{clip_coefficient, grad_norm, AdamW, AdamWConfig};
 use crate::profile;
 use crate::schedule::{warmup_steps, LrSchedule, ScheduleKind};
-use crate::step::{micro_step, Accumulator, StepOptions};
+use crate::step::{self, Accumulator, Inputs, StepOptions};
 use crate::validation::Validation;
 use crate::{Error, Result};
 
@@ -82,8 +83,10 @@ pub struct TrainConfig {
     pub num_workers: usize,
     /// Query tokenization.
     pub query_text: TextOptions,
-    /// Passage tokenization.
+    /// Passage tokenization (a reranker's pairs).
     pub passage_text: TextOptions,
+    /// What is trained: a retriever or a cross-encoder.
+    pub objective: Objective,
     /// Loss and memory strategy.
     pub step: StepOptions,
     /// The arguments as given, saved in each checkpoint.
@@ -152,10 +155,28 @@ impl Plan {
     }
 }
 
-/// One micro-batch, tokenized.
+/// What is trained, and how a training group becomes model input.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Objective {
+    /// A retriever: queries and passages encoded apart, the contrastive loss, or distillation
+    /// from the passages' teacher scores when `StepOptions::distillation` is set.
+    Retriever,
+    /// A cross-encoder (`tevatron train-reranker`): each passage with its query as Tevatron's
+    /// `format_pair` string, tokenized with the passage options, the listwise loss.
+    Reranker {
+        /// Put before the query inside the pair (`--query_prefix`).
+        query_prefix: String,
+        /// Put before the title and passage inside the pair (`--passage_prefix`).
+        passage_prefix: String,
+    },
+}
+
+/// One micro-batch, tokenized: queries and passages (a reranker's pairs are its passages,
+/// with no queries), and the teacher's scores of the passages when distilling.
 struct Tokenized {
     queries: Vec<Vec<u32>>,
     passages: Vec<Vec<u32>>,
+    teacher: Option<Vec<f32>>,
 }
 
 /// Builds micro-batches: query order of the epoch, this rank's slice of the global batch,
@@ -168,6 +189,8 @@ struct BatchMaker<'a> {
     world_size: usize,
     query: PreparedTokenizer,
     passage: PreparedTokenizer,
+    objective: &'a Objective,
+    teacher: bool,
 }
 
 impl BatchMaker<'_> {
@@ -175,14 +198,32 @@ impl BatchMaker<'_> {
         let items = rank_slice(order, batch, self.batch_size, self.rank, self.world_size);
         let mut queries = Vec::with_capacity(items.len());
         let mut passages = Vec::with_capacity(items.len() * self.data.group_size());
+        let mut teacher = Vec::new();
         for &item in items {
             let g = self.data.group(item, epoch)?;
+            if self.teacher {
+                // Checked when training started (`TrainData::check_scores`).
+                teacher.extend(g.passages.iter().map(|p| p.score.unwrap_or(f64::NAN) as f32));
+            }
+            match self.objective {
+                Objective::Retriever => passages.extend(g.joined()),
+                Objective::Reranker { query_prefix, passage_prefix } => {
+                    passages.extend(g.passages.iter().map(|p| {
+                        let title = p.title.as_deref().unwrap_or("");
+                        format_pair(&g.query, &p.text, title, query_prefix, passage_prefix)
+                    }))
+                }
+            }
             queries.push(g.query);
-            passages.extend(g.passages);
         }
+        let queries = match self.objective {
+            Objective::Retriever => self.query.tokenize(&queries)?,
+            Objective::Reranker { .. } => Vec::new(),
+        };
         Ok(Tokenized {
-            queries: self.query.tokenize(&queries)?,
+            queries,
             passages: self.passage.tokenize(&passages)?,
+            teacher: self.teacher.then_some(teacher),
         })
     }
 
@@ -300,7 +341,12 @@ pub fn train(
     };
     let mut state = match resume {
         Some(dir) => {
-            let s = checkpoint::load(dir, encoder.weights_file(), &mut opt)?;
+            let s = checkpoint::load(
+                dir,
+                encoder.weights_file(),
+                encoder.config().weight_prefixes(),
+                &mut opt,
+            )?;
             if s.tevatron.seed != cfg.seed {
                 return Err(Error::Invalid(format!(
                     "{} was trained with --seed {}, not {}; resume with the same seed or pass --overwrite_output_dir",
@@ -342,6 +388,8 @@ pub fn train(
         world_size: group.world_size(),
         query: encoder.tokenizer().prepare(&cfg.query_text)?,
         passage: encoder.tokenizer().prepare(&cfg.passage_text)?,
+        objective: &cfg.objective,
+        teacher: cfg.step.distillation.is_some(),
     };
     let keys: Vec<(usize, usize)> = (state.global_step..plan.total_steps)
         .flat_map(|s| plan.micro_batches(s, cfg.grad_accum))
@@ -411,10 +459,19 @@ pub fn train(
                 if group.rank() > 0 {
                     seed = mix(seed, &[group.rank() as u64]);
                 }
-                let out = micro_step(
+                let inputs = match cfg.objective {
+                    Objective::Retriever => Inputs::Retriever {
+                        queries: &batch.queries,
+                        passages: &batch.passages,
+                        teacher: batch.teacher.as_deref(),
+                    },
+                    Objective::Reranker { .. } => {
+                        Inputs::Reranker { pairs: &batch.passages, group: data.group_size() }
+                    }
+                };
+                let out = step::step(
                     encoder,
-                    &batch.queries,
-                    &batch.passages,
+                    &inputs,
                     &cfg.step,
                     loss_scale / window as f64,
                     seed,
@@ -548,7 +605,12 @@ pub fn train(
                 cfg.validation.as_deref().map_or("", |v| v.metric.as_str()),
                 state.best_metric
             );
-            checkpoint::load_weights(Path::new(dir), encoder.weights_file(), &opt)?;
+            checkpoint::load_weights(
+                Path::new(dir),
+                encoder.weights_file(),
+                encoder.config().weight_prefixes(),
+                &opt,
+            )?;
         }
         checkpoint::save_final(&cfg.output_dir, encoder)?;
         checkpoint::write_json(&cfg.output_dir.join("trainer_state.json"), &state)?;

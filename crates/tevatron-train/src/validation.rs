@@ -185,8 +185,8 @@ impl Validation {
             let (mut qt, mut pt) = (Vec::new(), Vec::new());
             for &item in batch {
                 let g = l.data.group(item, 0)?;
+                pt.extend(g.joined());
                 qt.push(g.query);
-                pt.extend(g.passages);
             }
             let q = encoder.embed_sequences(&queries.tokenize(&qt)?, &self.query_batch)?;
             let p = encoder.embed_sequences(&passages.tokenize(&pt)?, &self.passage_batch)?;

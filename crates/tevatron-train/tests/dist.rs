@@ -113,6 +113,7 @@ fn ranks_give_the_loss_and_summed_gradients_of_the_union_batch() {
         pad_to_multiple_of: 16,
         padding_side: PaddingSide::Right,
         autocast: None,
+        distillation: None,
     };
     let strategies = [
         ("plain", plain),
@@ -155,6 +156,7 @@ fn ranks_without_cross_rank_negatives_would_differ() {
         pad_to_multiple_of: 16,
         padding_side: PaddingSide::Right,
         autocast: None,
+        distillation: None,
     };
     let (_, want) = split_step(&[3], &opts);
     let (queries, passages) = batch();
@@ -192,6 +194,7 @@ fn config(out: &Path, batch_size: usize) -> TrainConfig {
         num_workers: 0,
         query_text: text(16),
         passage_text: text(32),
+        objective: tevatron_train::trainer::Objective::Retriever,
         step: StepOptions {
             temperature: 0.1,
             grad_cache: None,
@@ -199,6 +202,7 @@ fn config(out: &Path, batch_size: usize) -> TrainConfig {
             pad_to_multiple_of: 16,
             padding_side: PaddingSide::Right,
             autocast: None,
+            distillation: None,
         },
         args: serde_json::json!({}),
         validation: None,

@@ -46,6 +46,7 @@ fn losses(model: &str, opts: EncoderOptions, learning_rate: f64, append_eos: boo
         num_workers: 2,
         query_text: text(16),
         passage_text: text(32),
+        objective: tevatron_train::trainer::Objective::Retriever,
         step: StepOptions {
             temperature: 0.1,
             grad_cache: None,
@@ -53,6 +54,7 @@ fn losses(model: &str, opts: EncoderOptions, learning_rate: f64, append_eos: boo
             pad_to_multiple_of: 16,
             padding_side: PaddingSide::Right,
             autocast: None,
+            distillation: None,
         },
         args: serde_json::json!({}),
         validation: None,

@@ -124,7 +124,7 @@ fn checkpoint_files() -> Vec<(&'static str, Vec<u8>)> {
 fn resume(dir: PathBuf, bad: &Path) {
     let result = bounded("checkpoint::load", move || {
         let mut opt = optimizer();
-        checkpoint::load(&dir, "model.safetensors", &mut opt).map(|_| ())
+        checkpoint::load(&dir, "model.safetensors", &[], &mut opt).map(|_| ())
     });
     if let Err(e) = result {
         names_one_of(&chain(&e), &[bad.to_path_buf()]);
@@ -165,7 +165,7 @@ fn the_valid_checkpoint_loads() {
         write(&dir.path().join(name), &bytes);
     }
     let mut opt = optimizer();
-    let state = checkpoint::load(dir.path(), "model.safetensors", &mut opt).unwrap();
+    let state = checkpoint::load(dir.path(), "model.safetensors", &[], &mut opt).unwrap();
     assert_eq!((state.global_step, opt.steps()), (3, 3));
 }
 
@@ -181,7 +181,7 @@ fn checkpoint_safetensors_with_offsets_near_u64_max_are_refused() {
         let path = dir.path().join(bad);
         write(&path, &fuzz::safetensors_with_offsets_near_u64_max());
         let mut opt = optimizer();
-        let err = checkpoint::load(dir.path(), "model.safetensors", &mut opt).unwrap_err();
+        let err = checkpoint::load(dir.path(), "model.safetensors", &[], &mut opt).unwrap_err();
         names_one_of(&chain(&err), &[path]);
     }
 }
@@ -199,7 +199,7 @@ fn moments_of_another_shape_are_refused() {
         |name: &str| (name.to_string(), Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap());
     let moments = ["exp_avg.b", "exp_avg_sq.b", "exp_avg.w", "exp_avg_sq.w"].map(wrong).to_vec();
     tevatron_model::weights::save(&path, moments).unwrap();
-    let err = checkpoint::load(dir.path(), "model.safetensors", &mut optimizer()).unwrap_err();
+    let err = checkpoint::load(dir.path(), "model.safetensors", &[], &mut optimizer()).unwrap_err();
     let text = chain(&err);
     names_one_of(&text, &[path]);
     assert!(text.contains("shape"), "{text}");

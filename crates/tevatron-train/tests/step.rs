@@ -86,6 +86,7 @@ fn opts(temperature: f64) -> StepOptions {
         pad_to_multiple_of: 16,
         padding_side: PaddingSide::Right,
         autocast: None,
+        distillation: None,
     }
 }
 

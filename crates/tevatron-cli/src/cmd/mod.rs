@@ -1,5 +1,6 @@
 //! One module per command; each turns its flags into library options and calls the library.
 
+mod annotate;
 mod convert;
 mod encode;
 mod eval;
@@ -21,13 +22,15 @@ use crate::args::{Cli, Command};
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train(a) => train::run(&a),
+        Command::Train(a) => train::run(&a, false),
+        Command::TrainReranker(a) => train::run(&a, true),
         Command::Encode(a) => encode::run(&a),
         Command::Search(a) => search::run(&a),
         Command::Eval(a) => eval::run(&a),
         Command::Convert(a) => convert::run(&a),
         Command::Mine(a) => mine::run(&a),
         Command::Rerank(a) => rerank::run(&a),
+        Command::Annotate(a) => annotate::run(&a),
         Command::Prepare(a) => prepare::run(&a),
         Command::MergeLora(a) => {
             let cache = a.cache_dir.as_deref();

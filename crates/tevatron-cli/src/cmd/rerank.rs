@@ -111,22 +111,33 @@ fn tokenize(
     })
 }
 
-/// Runs `tevatron rerank`.
-pub fn run(a: &RerankArgs) -> Result<()> {
-    if a.fp16 && a.bf16 {
+/// The flags `rerank` and `annotate` share: the cross-encoder, its precision, device and
+/// batches.
+pub(super) struct RerankerFlags<'a> {
+    pub model: &'a str,
+    pub tokenizer: Option<&'a str>,
+    pub cache_dir: Option<&'a Path>,
+    pub fp16: bool,
+    pub bf16: bool,
+    pub device: Option<&'a str>,
+    pub batch_size: usize,
+    pub max_len: usize,
+    pub pad_to_multiple_of: usize,
+}
+
+/// Loads a cross-encoder for scoring (a folder without a head is refused), with the batches
+/// its pairs are scored in.
+pub(super) fn load_reranker(f: &RerankerFlags) -> Result<(Encoder, BatchOptions)> {
+    if f.fp16 && f.bf16 {
         bail!("--fp16 and --bf16 are exclusive");
     }
-    if a.per_device_eval_batch_size == 0 {
+    if f.batch_size == 0 {
         bail!("--per_device_eval_batch_size must be at least 1");
     }
-    let pairs = input_pairs(a)?;
-    if pairs.is_empty() {
-        bail!("there are no pairs to rerank");
-    }
-    let device = tevatron_model::device::select(a.device.as_deref())?;
-    let dtype = if a.fp16 {
+    let device = tevatron_model::device::select(f.device)?;
+    let dtype = if f.fp16 {
         DType::F16
-    } else if a.bf16 {
+    } else if f.bf16 {
         DType::BF16
     } else {
         DType::F32
@@ -137,12 +148,34 @@ pub fn run(a: &RerankArgs) -> Result<()> {
         score_head: Some(ScoreHeadOptions { init_missing: false, seed: 0 }),
         ..EncoderOptions::default()
     };
-    let enc = super::load_encoder(
-        &a.model_name_or_path,
-        a.tokenizer_name.as_deref(),
-        a.cache_dir.as_deref(),
-        &opts,
-    )?;
+    let enc = super::load_encoder(f.model, f.tokenizer, f.cache_dir, &opts)?;
+    let batches = BatchOptions::for_encoding(
+        f.batch_size,
+        f.max_len,
+        f.pad_to_multiple_of,
+        PaddingSide::Right,
+        &device,
+    );
+    Ok((enc, batches))
+}
+
+/// Runs `tevatron rerank`.
+pub fn run(a: &RerankArgs) -> Result<()> {
+    let pairs = input_pairs(a)?;
+    if pairs.is_empty() {
+        bail!("there are no pairs to rerank");
+    }
+    let (enc, batches) = load_reranker(&RerankerFlags {
+        model: &a.model_name_or_path,
+        tokenizer: a.tokenizer_name.as_deref(),
+        cache_dir: a.cache_dir.as_deref(),
+        fp16: a.fp16,
+        bf16: a.bf16,
+        device: a.device.as_deref(),
+        batch_size: a.per_device_eval_batch_size,
+        max_len: a.rerank_max_len,
+        pad_to_multiple_of: a.pad_to_multiple_of,
+    })?;
     let format = match a.pair_format {
         PairFormatArg::Tevatron => PairFormat::Tevatron,
         PairFormatArg::Pair => PairFormat::Pair,
@@ -167,13 +200,6 @@ pub fn run(a: &RerankArgs) -> Result<()> {
         append_eos: a.append_eos_token,
         add_special_tokens: true,
     };
-    let batches = BatchOptions::for_encoding(
-        a.per_device_eval_batch_size,
-        a.rerank_max_len,
-        a.pad_to_multiple_of,
-        PaddingSide::Right,
-        &device,
-    );
     let bar = progress::bar(Some(pairs.len() as u64), "pairs", a.quiet);
     let mut log = progress::LogProgress::new(pairs.len(), "pairs", a.quiet);
     let start = std::time::Instant::now();

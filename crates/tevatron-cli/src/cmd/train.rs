@@ -12,13 +12,13 @@ use tevatron_ir::records::RecordKind;
 use tevatron_ir::trec::Qrels;
 use tevatron_model::encoder::BatchOptions;
 use tevatron_model::lora::{AdapterSource, LoraConfig, LoraOptions};
-use tevatron_model::{EncoderOptions, PaddingSide, TextOptions};
+use tevatron_model::{EncoderOptions, PaddingSide, ScoreHeadOptions, TextOptions};
 use tevatron_train::data::{Corpus, TrainData};
 use tevatron_train::dist::{Group, Rendezvous, TcpTransport};
 use tevatron_train::optim::AdamWConfig;
 use tevatron_train::schedule::ScheduleKind;
-use tevatron_train::step::StepOptions;
-use tevatron_train::trainer::{prepare_output_dir, train, Plan, TrainConfig};
+use tevatron_train::step::{Distillation, StepOptions};
+use tevatron_train::trainer::{prepare_output_dir, train, Objective, Plan, TrainConfig};
 use tevatron_train::validation::{read_records, LossData, RetrievalData, Validation, LOSS};
 
 use crate::args::{StrategyArg, TrainArgs};
@@ -39,6 +39,41 @@ pub(super) fn index_cache(dataset_cache_dir: Option<&std::path::Path>) -> PathBu
         }
     });
     root.join("tevatron-rows")
+}
+
+/// The query and passage prefixes: Tevatron's retriever defaults to none, its reranker to
+/// `query:` and `passage:` (inside the pair).
+fn prefixes(a: &TrainArgs, reranker: bool) -> (String, String) {
+    let (q, p) = if reranker { ("query:", "passage:") } else { ("", "") };
+    (
+        a.query_prefix.clone().unwrap_or_else(|| q.to_string()),
+        a.passage_prefix.clone().unwrap_or_else(|| p.to_string()),
+    )
+}
+
+/// `--distillation` and its settings.
+fn distillation(a: &TrainArgs) -> Result<Option<Distillation>> {
+    let given = [a.distil_temperature, a.distil_teacher_temperature, a.distil_contrastive_weight];
+    if !a.distillation {
+        if given.iter().any(Option::is_some) {
+            bail!("--distil_temperature, --distil_teacher_temperature and --distil_contrastive_weight need --distillation");
+        }
+        return Ok(None);
+    }
+    let student = a.distil_temperature.unwrap_or(0.02);
+    let teacher = a.distil_teacher_temperature.unwrap_or(student);
+    let weight = a.distil_contrastive_weight.unwrap_or(0.0);
+    if !(student > 0.0 && teacher > 0.0 && student.is_finite() && teacher.is_finite()) {
+        bail!("--distil_temperature and --distil_teacher_temperature must be positive");
+    }
+    if !(weight >= 0.0 && weight.is_finite()) {
+        bail!("--distil_contrastive_weight must be a non-negative number");
+    }
+    Ok(Some(Distillation {
+        student_temperature: student,
+        teacher_temperature: teacher,
+        contrastive_weight: weight,
+    }))
 }
 
 fn check(a: &TrainArgs) -> Result<()> {
@@ -170,8 +205,8 @@ fn validation(
         every: 0,
         retrieval,
         loss,
-        query_text: text(a.query_max_len, &a.query_prefix),
-        passage_text: text(a.passage_max_len, &a.passage_prefix),
+        query_text: text(a.query_max_len, &prefixes(a, false).0),
+        passage_text: text(a.passage_max_len, &prefixes(a, false).1),
         query_batch: batch(a.query_max_len),
         passage_batch: batch(a.passage_max_len),
         greater_is_better: a.greater_is_better.unwrap_or(metric != LOSS),
@@ -310,7 +345,8 @@ fn resume_here(a: &TrainArgs) -> Result<Option<PathBuf>> {
     })
 }
 
-pub fn run(a: &TrainArgs) -> Result<()> {
+/// Runs `tevatron train` (a retriever) or, with `reranker`, `tevatron train-reranker`.
+pub fn run(a: &TrainArgs, reranker: bool) -> Result<()> {
     if a.nproc_per_node == 0 {
         bail!("--nproc_per_node must be at least 1");
     }
@@ -319,6 +355,10 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     }
     crate::tune_allocator_for_training();
     check(a)?;
+    let distil = distillation(a)?;
+    if reranker && a.rerank_max_len < 2 {
+        bail!("--rerank_max_len must leave room for a pair (at least 2 tokens)");
+    }
     let schedule = ScheduleKind::parse(&a.lr_scheduler_type).with_context(|| {
         format!(
             "--lr_scheduler_type {:?}: supported are linear, cosine, constant, constant_with_warmup",
@@ -345,6 +385,9 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     };
     tracing::info!("indexing {} training file(s) under {}", files.len(), cache.display());
     let data = TrainData::open(&files, corpus, &cache, a.train_group_size, a.seed)?;
+    if distil.is_some() {
+        data.check_scores().context("--distillation reads the teacher's score of every passage")?;
+    }
 
     // Each rank of a multi-GPU run takes the GPU of its local rank.
     let device_spec = match a.device.as_deref() {
@@ -376,11 +419,18 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             trainable: true,
             disable_dropout: a.disable_dropout,
             lora: lora_options(a)?,
-            score_head: None,
+            score_head: reranker.then_some(ScoreHeadOptions { init_missing: true, seed: a.seed }),
         },
     )?;
+    if !encoder.initialised_head().is_empty() {
+        tracing::info!(
+            "the model has no score head: {} initialised as transformers initialises a new one",
+            encoder.initialised_head().join(", ")
+        );
+    }
     let padding_side = PaddingSide::from(a.padding_side);
     encoder.check_padding(padding_side)?;
+    let (query_prefix, passage_prefix) = prefixes(a, reranker);
 
     let text = |max_len, prefix: &str| TextOptions {
         max_len,
@@ -420,8 +470,21 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         save_at_end: a.save_strategy != StrategyArg::No,
         drop_last: a.dataloader_drop_last,
         num_workers: a.dataloader_num_workers,
-        query_text: text(a.query_max_len, &a.query_prefix),
-        passage_text: text(a.passage_max_len, &a.passage_prefix),
+        query_text: text(a.query_max_len, &query_prefix),
+        // A reranker's pair is one text, the prefixes inside it (Tevatron's format_pair).
+        passage_text: if reranker {
+            text(a.rerank_max_len, "")
+        } else {
+            text(a.passage_max_len, &passage_prefix)
+        },
+        objective: if reranker {
+            Objective::Reranker {
+                query_prefix: query_prefix.clone(),
+                passage_prefix: passage_prefix.clone(),
+            }
+        } else {
+            Objective::Retriever
+        },
         step: StepOptions {
             temperature: a.temperature,
             grad_cache: a.grad_cache.then_some((a.gc_q_chunk_size, a.gc_p_chunk_size)),
@@ -435,6 +498,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             } else {
                 None
             },
+            distillation: distil,
         },
         args: args_json(a),
         validation: validation(a, &encoder, padding_side, data.corpus().cloned(), &cache)?
@@ -461,14 +525,37 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             );
         }
     }
-    tracing::info!(
-        "training {} ({} pooling, normalize {}, temperature {}) on {}",
-        a.model_name_or_path,
-        encoder.pooling().name(),
-        encoder.normalize(),
-        a.temperature,
-        format!("{:?}", encoder.device().location())
-    );
+    let device_name = format!("{:?}", encoder.device().location());
+    if reranker {
+        tracing::info!(
+            "training the reranker {} (pairs \"{query_prefix} <query> {passage_prefix} <title> <text>\" of at most {} tokens, groups of {}) on {device_name}",
+            a.model_name_or_path,
+            a.rerank_max_len,
+            a.train_group_size
+        );
+    } else if let Some(d) = distil {
+        tracing::info!(
+            "distilling into {} ({} pooling, normalize {}): KL at temperatures {} (student) and {} (teacher){} on {device_name}",
+            a.model_name_or_path,
+            encoder.pooling().name(),
+            encoder.normalize(),
+            d.student_temperature,
+            d.teacher_temperature,
+            if d.contrastive_weight > 0.0 {
+                format!(", plus {} x the contrastive loss at temperature {}", d.contrastive_weight, a.temperature)
+            } else {
+                String::new()
+            }
+        );
+    } else {
+        tracing::info!(
+            "training {} ({} pooling, normalize {}, temperature {}) on {device_name}",
+            a.model_name_or_path,
+            encoder.pooling().name(),
+            encoder.normalize(),
+            a.temperature
+        );
+    }
 
     let quiet = a.quiet || !group.is_main();
     let bar = progress::bar(Some(plan.total_steps as u64), "steps", quiet || a.disable_tqdm);

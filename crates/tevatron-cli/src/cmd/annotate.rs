@@ -1,0 +1,128 @@
+//! `tevatron annotate`: a reranker (the teacher) scores every passage of a training file and
+//! the rows are written back with each passage's `score`, as Tevatron's
+//! `utils.annotate_with_teacher` does for its distillation data. The output is Tevatron's inline
+//! training form (`query`, `positive_passages`, `negative_passages`, each passage with `docid`,
+//! `title`, `text` and `score`), which `tevatron train --distillation` and Tevatron's
+//! `DistilTrainDataset` read.
+
+use std::io::Write;
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Map, Value};
+use tevatron_ir::atomic::AtomicFile;
+use tevatron_ir::rerank::format_pair;
+use tevatron_model::TextOptions;
+use tevatron_train::data::{Corpus, FullRow, Passage, TrainData};
+
+use super::rerank::{load_reranker, RerankerFlags};
+use crate::args::AnnotateArgs;
+use crate::progress;
+
+/// Rows scored together: enough pairs for length-sorted batches, few enough to stream.
+const ROWS_PER_CHUNK: usize = 64;
+
+/// A passage as the annotated row holds it.
+fn passage_json(p: &Passage, score: f32) -> Value {
+    let mut m = Map::new();
+    if let Some(d) = &p.docid {
+        m.insert("docid".into(), d.clone().into());
+    }
+    if let Some(t) = &p.title {
+        m.insert("title".into(), t.clone().into());
+    }
+    m.insert("text".into(), p.text.clone().into());
+    m.insert("score".into(), json!(score));
+    Value::Object(m)
+}
+
+/// Runs `tevatron annotate`.
+pub fn run(a: &AnnotateArgs) -> Result<()> {
+    let (enc, batches) = load_reranker(&RerankerFlags {
+        model: &a.model_name_or_path,
+        tokenizer: a.tokenizer_name.as_deref(),
+        cache_dir: a.cache_dir.as_deref(),
+        fp16: a.fp16,
+        bf16: a.bf16,
+        device: a.device.as_deref(),
+        batch_size: a.per_device_eval_batch_size,
+        max_len: a.rerank_max_len,
+        pad_to_multiple_of: a.pad_to_multiple_of,
+    })?;
+    let files = a.data.files().context("resolving the training data")?;
+    let cache = super::train::index_cache(a.data.dataset_cache_dir.as_deref());
+    let corpus = match a.corpus.files(a.data.dataset_cache_dir.as_deref())? {
+        Some(files) => Some(std::sync::Arc::new(Corpus::open(&files, &cache)?)),
+        None => None,
+    };
+    // Group size 1: every row is read whole, negatives or not.
+    let data = TrainData::open(&files, corpus, &cache, 1, 0)?;
+    let text = TextOptions {
+        max_len: a.rerank_max_len,
+        prefix: String::new(),
+        append_eos: a.append_eos_token,
+        add_special_tokens: true,
+    };
+    let tok = enc.tokenizer().prepare(&text)?;
+    let keep = a.max_negatives.unwrap_or(usize::MAX);
+    let bar = progress::bar(Some(data.len() as u64), "rows", a.quiet);
+    let mut log = progress::LogProgress::new(data.len(), "rows", a.quiet);
+    let mut out = AtomicFile::create(&a.output_path)?;
+    let (mut pairs_done, start) = (0usize, std::time::Instant::now());
+    for first in (0..data.len()).step_by(ROWS_PER_CHUNK) {
+        let items = first..(first + ROWS_PER_CHUNK).min(data.len());
+        let mut rows: Vec<FullRow> =
+            items.clone().map(|i| data.full_row(i)).collect::<std::result::Result<_, _>>()?;
+        for r in &mut rows {
+            r.negatives.truncate(keep);
+        }
+        let texts: Vec<String> = rows
+            .iter()
+            .flat_map(|r| {
+                r.positives.iter().chain(&r.negatives).map(|p| {
+                    let title = p.title.as_deref().unwrap_or("");
+                    format_pair(&r.query, &p.text, title, &a.query_prefix, &a.passage_prefix)
+                })
+            })
+            .collect();
+        let scores = enc.embed_sequences(&tok.tokenize(&texts)?, &batches)?;
+        let mut at = scores.iter().copied();
+        for (item, r) in items.clone().zip(&rows) {
+            let mut scored = |list: &[Passage]| -> Result<Vec<Value>> {
+                list.iter()
+                    .map(|p| {
+                        let s = at.next().unwrap_or(f32::NAN);
+                        if !s.is_finite() {
+                            let (path, line) = data.location(item);
+                            bail!(
+                                "{}:{line}: the teacher's score of a passage is {s}",
+                                path.display()
+                            );
+                        }
+                        Ok(passage_json(p, s))
+                    })
+                    .collect()
+            };
+            let mut row = Map::new();
+            if let Some(q) = &r.query_id {
+                row.insert("query_id".into(), q.clone().into());
+            }
+            row.insert("query".into(), r.query.clone().into());
+            row.insert("positive_passages".into(), scored(&r.positives)?.into());
+            row.insert("negative_passages".into(), scored(&r.negatives)?.into());
+            writeln!(out.writer(), "{}", Value::Object(row)).map_err(|e| out.err(e))?;
+        }
+        pairs_done += texts.len();
+        bar.inc(rows.len() as u64);
+        log.advance(rows.len());
+    }
+    bar.finish_and_clear();
+    out.commit()?;
+    let secs = start.elapsed().as_secs_f64();
+    tracing::info!(
+        "scored {pairs_done} passages of {} rows in {secs:.1} s ({:.1} pairs/s) into {}",
+        data.len(),
+        pairs_done as f64 / secs.max(1e-9),
+        a.output_path.display()
+    );
+    Ok(())
+}

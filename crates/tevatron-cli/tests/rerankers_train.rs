@@ -1,0 +1,231 @@
+//! `tevatron train-reranker`, `tevatron annotate` and `tevatron train --distillation` end to end
+//! on the tiny BERT and `testdata/train/tiny.jsonl`: a base model becomes a reranker saved in
+//! transformers' layout that resumes from its checkpoints and that `tevatron rerank` loads; the
+//! reranker annotates the training file; a retriever trains from those scores; flags that mean
+//! nothing for the command are refused, and unscored data is refused with its file and line.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::path::Path;
+
+mod common;
+use common::{fails_with, ok, repo, tevatron};
+
+fn path(rel: &str) -> String {
+    repo().join(rel).to_string_lossy().into_owned()
+}
+
+fn run(dir: &Path, args: &[&str]) -> std::process::Output {
+    let cache = dir.join("cache").to_string_lossy().into_owned();
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(["--dataset_cache_dir", &cache]);
+    tevatron(dir, &all)
+}
+
+fn reranker_args<'a>(out: &'a str, tiny_bert: &'a str, data: &'a str) -> Vec<&'a str> {
+    vec![
+        "train-reranker",
+        "--output_dir",
+        out,
+        "--model_name_or_path",
+        tiny_bert,
+        "--dataset_path",
+        data,
+        "--per_device_train_batch_size",
+        "4",
+        "--train_group_size",
+        "3",
+        "--rerank_max_len",
+        "48",
+        "--learning_rate",
+        "1e-3",
+        "--max_steps",
+        "4",
+        "--save_steps",
+        "2",
+        "--logging_steps",
+        "1",
+    ]
+}
+
+#[test]
+fn a_base_model_trains_into_a_reranker_that_resumes_and_reranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bert, data) = (path("testdata/tiny/bert"), path("testdata/train/tiny.jsonl"));
+    let out = run(dir.path(), &reranker_args("a", &bert, &data));
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
+    assert!(log.contains("classifier.weight") && log.contains("initialised"), "{log}");
+    let a = dir.path().join("a");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["architectures"][0], "BertForSequenceClassification");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("trainer_state.json")).unwrap())
+            .unwrap();
+    let losses: Vec<f64> = state["log_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["loss"].as_f64())
+        .collect();
+    assert_eq!(losses.len(), 4);
+    // Groups of 3: a fresh head starts near ln 3.
+    assert!((losses[0] - 3f64.ln()).abs() < 0.05, "{losses:?}");
+
+    // Resuming from checkpoint-2 (its base weights saved under `bert.`) ends on the same weights.
+    let b = dir.path().join("b");
+    std::fs::create_dir_all(&b).unwrap();
+    let ckpt = b.join("checkpoint-2");
+    std::fs::create_dir_all(&ckpt).unwrap();
+    for e in std::fs::read_dir(a.join("checkpoint-2")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), ckpt.join(e.file_name())).unwrap();
+    }
+    let out = run(dir.path(), &reranker_args("b", &bert, &data));
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
+    assert!(log.contains("checkpoint-2"), "{log}");
+    let weights = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+    assert!(weights(&a) == weights(&b), "resumed weights differ");
+
+    // tevatron rerank takes the folder, in Tevatron's format (the folder says so).
+    std::fs::write(
+        dir.path().join("in.jsonl"),
+        "{\"query_id\": \"1\", \"query\": \"naive cafe\", \"docid\": \"a\", \"title\": \"\", \"text\": \"cafe\"}\n",
+    )
+    .unwrap();
+    let out = run(
+        dir.path(),
+        &[
+            "rerank",
+            "--model_name_or_path",
+            "a",
+            "--dataset_path",
+            "in.jsonl",
+            "--rerank_output_path",
+            "r.txt",
+        ],
+    );
+    ok(out);
+    assert!(std::fs::read_to_string(dir.path().join("r.txt")).unwrap().starts_with("1\ta\t"));
+}
+
+#[test]
+fn annotated_scores_train_a_retriever_by_distillation() {
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = path("testdata/tiny-reranker/bert");
+    let data = path("testdata/train/tiny.jsonl");
+    ok(run(
+        dir.path(),
+        &[
+            "annotate",
+            "--model_name_or_path",
+            &teacher,
+            "--dataset_path",
+            &data,
+            "--output_path",
+            "scored.jsonl",
+            "--rerank_max_len",
+            "24",
+            "--max_negatives",
+            "2",
+        ],
+    ));
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(dir.path().join("scored.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 24);
+    for r in &rows {
+        let negs = r["negative_passages"].as_array().unwrap();
+        assert!(negs.len() <= 2);
+        for p in r["positive_passages"].as_array().unwrap().iter().chain(negs) {
+            assert!(p["score"].as_f64().unwrap().is_finite() && p["docid"].is_string(), "{p}");
+        }
+    }
+    // The teacher's scores are its rerank scores of the same pairs.
+    let first = &rows[0]["positive_passages"][0];
+    let input = serde_json::json!({"query_id": "q", "query": rows[0]["query"], "docid": "d",
+        "title": first["title"], "text": first["text"]});
+    std::fs::write(dir.path().join("one.jsonl"), format!("{input}\n")).unwrap();
+    ok(run(
+        dir.path(),
+        &[
+            "rerank",
+            "--model_name_or_path",
+            &teacher,
+            "--dataset_path",
+            "one.jsonl",
+            "--rerank_max_len",
+            "24",
+            "--rerank_output_path",
+            "one.txt",
+        ],
+    ));
+    let line = std::fs::read_to_string(dir.path().join("one.txt")).unwrap();
+    let score: f64 = line.trim().split('\t').nth(2).unwrap().parse().unwrap();
+    assert!((score - first["score"].as_f64().unwrap()).abs() < 1e-6, "{line} vs {first}");
+
+    let bert = path("testdata/tiny/bert");
+    let train = |data: &str, extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--output_dir",
+            "student",
+            "--overwrite_output_dir",
+            "--model_name_or_path",
+            &bert,
+            "--dataset_path",
+            data,
+            "--per_device_train_batch_size",
+            "4",
+            "--train_group_size",
+            "3",
+            "--max_steps",
+            "2",
+            "--logging_steps",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        args.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let call = |args: Vec<String>| {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        run(dir.path(), &refs)
+    };
+    let out = call(train("scored.jsonl", &["--distillation", "--distil_temperature", "0.5"]));
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
+    assert!(log.contains("KL at temperatures 0.5 (student) and 0.5 (teacher)"), "{log}");
+    // Unscored data, and distillation flags without --distillation, are refused.
+    fails_with(call(train(&data, &["--distillation"])), "has no `score`");
+    fails_with(
+        call(train("scored.jsonl", &["--distil_temperature", "0.5"])),
+        "need --distillation",
+    );
+    let nan = std::fs::read_to_string(dir.path().join("scored.jsonl")).unwrap().replacen(
+        "\"score\":",
+        "\"score\":\"x\",\"s\":",
+        1,
+    );
+    std::fs::write(dir.path().join("bad.jsonl"), nan).unwrap();
+    fails_with(call(train("bad.jsonl", &["--distillation"])), "bad.jsonl:1");
+}
+
+#[test]
+fn each_training_command_refuses_the_others_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bert, data) = (path("testdata/tiny/bert"), path("testdata/train/tiny.jsonl"));
+    let mut args = reranker_args("x", &bert, &data);
+    args.extend(["--pooling", "mean"]);
+    fails_with(run(dir.path(), &args), "--pooling is not supported: a cross-encoder scores");
+    let mut args = reranker_args("x", &bert, &data);
+    args.extend(["--eval_strategy", "steps"]);
+    fails_with(run(dir.path(), &args), "--eval_strategy steps is not supported");
+    let mut args = reranker_args("x", &bert, &data);
+    args[0] = "train";
+    fails_with(run(dir.path(), &args), "--rerank_max_len is not supported");
+    assert!(!dir.path().join("x").exists());
+}

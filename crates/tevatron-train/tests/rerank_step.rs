@@ -1,0 +1,156 @@
+//! One reranker training step against PyTorch (`testdata/train/rerank`, made by
+//! `scripts/fixtures/make_rerank_step.py`): Tevatron's listwise loss over groups of pairs on
+//! the tiny BERT and Llama cross-encoders, its value and every gradient in f64, the loss and
+//! grad norm in f32 (what training runs), and GradCache and gradient checkpointing giving the
+//! plain step's numbers with dropout on.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use tevatron_model::testing::{max_abs, max_abs_diff_f64};
+use tevatron_model::{Encoder, EncoderOptions, PaddingSide, ScoreHeadOptions};
+use tevatron_train::dist::Group;
+use tevatron_train::step::{step, Accumulator, Inputs, StepOptions};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata")
+}
+
+fn encoder(model: &str, dtype: DType, dropout: bool) -> Encoder {
+    let opts = EncoderOptions {
+        dtype,
+        trainable: true,
+        disable_dropout: !dropout,
+        score_head: Some(ScoreHeadOptions { init_missing: false, seed: 0 }),
+        ..EncoderOptions::default()
+    };
+    Encoder::load(&root().join("tiny-reranker").join(model), None, &opts).unwrap()
+}
+
+struct Fixture {
+    tensors: HashMap<String, Tensor>,
+    meta: serde_json::Value,
+    pairs: Vec<Vec<u32>>,
+}
+
+fn fixture(model: &str) -> Fixture {
+    let dir = root().join("train/rerank");
+    let tensors =
+        candle_core::safetensors::load(dir.join(format!("{model}.safetensors")), &Device::Cpu)
+            .unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("rerank.json")).unwrap()).unwrap();
+    let ids = tensors["ids"].to_vec1::<i64>().unwrap();
+    let mut pairs = Vec::new();
+    let mut at = 0;
+    for n in tensors["lens"].to_vec1::<i64>().unwrap() {
+        pairs.push(ids[at..at + n as usize].iter().map(|&x| x as u32).collect());
+        at += n as usize;
+    }
+    Fixture { tensors, meta: meta[model].clone(), pairs }
+}
+
+fn opts() -> StepOptions {
+    StepOptions {
+        temperature: 1.0,
+        grad_cache: None,
+        checkpointing: false,
+        pad_to_multiple_of: 16,
+        padding_side: PaddingSide::Right,
+        autocast: None,
+        distillation: None,
+    }
+}
+
+/// The loss and each variable's gradient, by variable name.
+fn run(enc: &Encoder, pairs: &[Vec<u32>], o: &StepOptions) -> (f64, Vec<(String, Tensor)>) {
+    let vars: Vec<(String, candle_core::Var)> =
+        enc.varmap().unwrap().data().lock().unwrap().clone().into_iter().collect();
+    let mut acc = Accumulator::new(vars.iter().map(|(_, v)| v.clone()).collect());
+    let inputs = Inputs::Reranker { pairs, group: 3 };
+    let out = step(enc, &inputs, o, 1.0, 5, &Group::single(), &mut acc).unwrap();
+    let grads = acc.take().unwrap();
+    (out.loss, vars.into_iter().map(|(n, _)| n).zip(grads).collect())
+}
+
+fn norm(grads: &[(String, Tensor)]) -> f64 {
+    grads
+        .iter()
+        .map(|(_, g)| g.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap())
+        .map(|t| t.to_scalar::<f64>().unwrap())
+        .sum::<f64>()
+        .sqrt()
+}
+
+#[test]
+fn a_reranker_step_matches_pytorch() {
+    for model in ["bert", "llama"] {
+        let f = fixture(model);
+        // f64: the loss and every gradient, by transformers' weight name.
+        let enc = encoder(model, DType::F64, false);
+        let (loss, grads) = run(&enc, &f.pairs, &opts());
+        // transformers computes Llama's rotary tables in f32 even in an f64 model, which bounds
+        // the agreement there (BERT agrees to rounding).
+        let (loss_tol, grad_tol) = if model == "llama" { (1e-7, 5e-6) } else { (1e-9, 1e-6) };
+        let want = f.meta["loss"].as_f64().unwrap();
+        assert!((loss - want).abs() <= loss_tol * want, "{model}: loss {loss} vs {want}");
+        let prefix = enc.config().weight_prefixes()[0];
+        for (name, g) in &grads {
+            let theirs = f
+                .tensors
+                .get(&format!("grad.{name}"))
+                .or_else(|| f.tensors.get(&format!("grad.{prefix}{name}")))
+                .unwrap_or_else(|| panic!("{model}: PyTorch has no gradient for {name}"));
+            let d = max_abs_diff_f64(g, theirs).unwrap() / max_abs(theirs).unwrap().max(1e-4);
+            assert!(d <= grad_tol, "{model} {name}: gradients differ by {d} (relative)");
+        }
+        let n_theirs = f.tensors.keys().filter(|k| k.starts_with("grad.")).count();
+        assert_eq!(grads.len(), n_theirs, "{model}: every weight PyTorch trains gets a gradient");
+        // f32, as training runs: loss and grad norm to relative 1e-4.
+        let enc = encoder(model, DType::F32, false);
+        let (loss, grads) = run(&enc, &f.pairs, &opts());
+        let want = f.meta["loss_f32"].as_f64().unwrap();
+        assert!((loss - want).abs() <= 1e-4 * want, "{model}: f32 loss {loss} vs {want}");
+        let (got, want) = (norm(&grads), f.meta["grad_norm_f32"].as_f64().unwrap());
+        assert!((got - want).abs() <= 1e-4 * want, "{model}: f32 grad norm {got} vs {want}");
+    }
+}
+
+/// Memory strategies change no number: checkpointing recomputes each layer (and the head)
+/// with the masks of the first pass, so with dropout on it equals the plain step, and GradCache
+/// with or without it; without dropout GradCache's chunks equal the plain step too (with
+/// dropout they draw other masks, one stream per chunk).
+#[test]
+fn grad_cache_and_checkpointing_give_the_plain_reranker_step() {
+    let f = fixture("bert");
+    let same = |(l1, g1): &(f64, Vec<(String, Tensor)>),
+                (l2, g2): &(f64, Vec<(String, Tensor)>),
+                what: &str| {
+        assert!((l1 - l2).abs() <= 1e-12, "{what}: loss {l1} vs {l2}");
+        for ((name, a), (_, b)) in g1.iter().zip(g2) {
+            let d = max_abs_diff_f64(a, b).unwrap();
+            assert!(d <= 1e-10, "{what} {name}: {d}");
+        }
+    };
+    let with = |gc, ckpt| StepOptions { grad_cache: gc, checkpointing: ckpt, ..opts() };
+    let noisy = encoder("bert", DType::F64, true);
+    let plain = run(&noisy, &f.pairs, &opts());
+    same(&run(&noisy, &f.pairs, &with(None, true)), &plain, "checkpointing, dropout on");
+    let chunked = run(&noisy, &f.pairs, &with(Some((1, 2)), false));
+    same(
+        &run(&noisy, &f.pairs, &with(Some((1, 2)), true)),
+        &chunked,
+        "GradCache + checkpointing, dropout on",
+    );
+    let quiet = encoder("bert", DType::F64, false);
+    let plain_quiet = run(&quiet, &f.pairs, &opts());
+    same(
+        &run(&quiet, &f.pairs, &with(Some((1, 4)), false)),
+        &plain_quiet,
+        "GradCache, dropout off",
+    );
+    // Dropout is on in the first case: it changed the step.
+    assert!((plain_quiet.0 - plain.0).abs() > 1e-6, "dropout changed nothing");
+}
