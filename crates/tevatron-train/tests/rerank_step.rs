@@ -64,10 +64,17 @@ fn opts() -> StepOptions {
     }
 }
 
+/// The trainable variables by name, in name order.
+fn sorted_vars(enc: &Encoder) -> Vec<(String, candle_core::Var)> {
+    let mut vars: Vec<(String, candle_core::Var)> =
+        enc.varmap().unwrap().data().lock().unwrap().clone().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars
+}
+
 /// The loss and each variable's gradient, by variable name.
 fn run(enc: &Encoder, pairs: &[Vec<u32>], o: &StepOptions) -> (f64, Vec<(String, Tensor)>) {
-    let vars: Vec<(String, candle_core::Var)> =
-        enc.varmap().unwrap().data().lock().unwrap().clone().into_iter().collect();
+    let vars = sorted_vars(enc);
     let mut acc = Accumulator::new(vars.iter().map(|(_, v)| v.clone()).collect());
     let inputs = Inputs::Reranker { pairs, group: 3 };
     let out = step(enc, &inputs, o, 1.0, 5, &Group::single(), &mut acc).unwrap();
@@ -153,4 +160,41 @@ fn grad_cache_and_checkpointing_give_the_plain_reranker_step() {
     );
     // Dropout is on in the first case: it changed the step.
     assert!((plain_quiet.0 - plain.0).abs() > 1e-6, "dropout changed nothing");
+}
+
+/// Two ranks, one group each, give the one-rank step's loss and (summed) gradients: the
+/// listwise loss is over every rank's groups, as DDP's averaged gradients are for Tevatron.
+#[test]
+fn two_ranks_give_the_one_rank_reranker_step() {
+    use std::sync::Arc;
+    use tevatron_train::dist::LocalTransport;
+    let f = fixture("bert");
+    let (loss, single) = run(&encoder("bert", DType::F64, false), &f.pairs, &opts());
+    let ranks = LocalTransport::group(2, std::time::Duration::from_secs(120));
+    let results: Vec<(f64, Vec<Tensor>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = ranks
+            .into_iter()
+            .map(|t| {
+                let pairs = &f.pairs;
+                s.spawn(move || {
+                    let group = Group::new(Arc::new(t));
+                    let enc = encoder("bert", DType::F64, false);
+                    let vars = sorted_vars(&enc).into_iter().map(|(_, v)| v).collect();
+                    let mut acc = Accumulator::new(vars);
+                    let mine = &pairs[group.rank() * 3..(group.rank() + 1) * 3];
+                    let inputs = Inputs::Reranker { pairs: mine, group: 3 };
+                    let out = step(&enc, &inputs, &opts(), 1.0, 5, &group, &mut acc).unwrap();
+                    (out.loss, group.all_reduce_sum(acc.take().unwrap()).unwrap())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (l, grads) in &results {
+        assert!((l - loss).abs() <= 1e-12, "rank loss {l} vs {loss}");
+        for ((name, want), got) in single.iter().zip(grads) {
+            let d = max_abs_diff_f64(got, want).unwrap();
+            assert!(d <= 1e-12, "{name}: {d}");
+        }
+    }
 }

@@ -299,3 +299,53 @@ fn gradients_match_finite_differences_in_f64() {
     }
     assert_eq!(checked, probes.len() * 3);
 }
+
+/// A distillation step's loss is the KL (plus the weighted contrastive loss) of the batch's own
+/// representations against the teacher's scores, and its gradient that loss's.
+#[test]
+fn a_distillation_step_is_the_kl_of_its_representations() {
+    use tevatron_model::collate::collate;
+    use tevatron_train::loss::{contrastive, distillation};
+    use tevatron_train::step::{step as train_step, Distillation, Inputs};
+    let f = fixture();
+    let enc = encoder(Pooling::Mean, true, DType::F64, false);
+    let teacher = [2.0f32, -1.0, 0.5, 0.25, -3.0, 1.5];
+    let reps = |seqs: &[Vec<u32>]| {
+        let rows: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        let b = collate(&rows, 0, 16, PaddingSide::Right, &Device::Cpu).unwrap();
+        // The training forward (dropout is off): candle's fused inference norm has no F64.
+        let t = tevatron_model::Training::new(None, 0);
+        enc.encode(&b, tevatron_model::Mode::Train(&t)).unwrap().detach()
+    };
+    let (q, p) = (reps(&f.queries), reps(&f.passages));
+    let t = Tensor::new(&teacher, &Device::Cpu).unwrap().reshape((3, 2)).unwrap();
+    for weight in [0.0, 0.5] {
+        let d = Distillation {
+            student_temperature: 0.1,
+            teacher_temperature: 2.0,
+            contrastive_weight: weight,
+        };
+        let o = StepOptions { distillation: Some(d), ..opts(0.05) };
+        let mut want = distillation(&q, &p, &t, 0.1, 2.0).unwrap().to_scalar::<f64>().unwrap();
+        want += weight * contrastive(&q, &p, 0.05).unwrap().to_scalar::<f64>().unwrap();
+        let vars = enc.varmap().unwrap().all_vars();
+        let mut acc = Accumulator::new(vars);
+        let inputs = Inputs::Retriever {
+            queries: &f.queries,
+            passages: &f.passages,
+            teacher: Some(&teacher),
+        };
+        let out = train_step(&enc, &inputs, &o, 1.0, 0, &Group::single(), &mut acc).unwrap();
+        assert!(
+            (out.loss - want).abs() <= 1e-10 * want.abs().max(1.0),
+            "weight {weight}: {} vs {want}",
+            out.loss
+        );
+        // Without a teacher the same options train contrastively.
+        let plain = Inputs::Retriever { queries: &f.queries, passages: &f.passages, teacher: None };
+        let mut acc = Accumulator::new(Vec::new());
+        let out = train_step(&enc, &plain, &o, 1.0, 0, &Group::single(), &mut acc).unwrap();
+        let c = contrastive(&q, &p, 0.05).unwrap().to_scalar::<f64>().unwrap();
+        assert!((out.loss - c).abs() <= 1e-10 * c);
+    }
+}
