@@ -45,3 +45,58 @@ fn cls_embeddings_match_transformers_at_512_and_32_tokens() {
         enc.embed(&texts, &TextOptions { max_len: 32, ..TextOptions::default() }, 16).unwrap();
     check(got, &exp["cls32"], "cls@32");
 }
+
+/// MiniLM as a cross-encoder (its pooler, a seeded one-logit classifier) scores Tevatron's
+/// pairs as transformers' `BertForSequenceClassification` does, within 1e-4
+/// (`scripts/fixtures/make_minilm_reranker.py`). The folder is MiniLM's own files plus the head
+/// as a second shard.
+#[test]
+fn minilm_with_a_score_head_matches_transformers() {
+    let Some(dir) = minilm_dir() else { return };
+    let (texts, _) = minilm_fixture();
+    let fixture = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../testdata/minilm/reranker.safetensors");
+    let head = candle_core::safetensors::load(&fixture, &candle_core::Device::Cpu).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "vocab.txt",
+    ] {
+        std::fs::copy(dir.join(f), tmp.path().join(f)).unwrap();
+    }
+    std::fs::copy(dir.join("model.safetensors"), tmp.path().join("base.safetensors")).unwrap();
+    let shard: std::collections::HashMap<String, Tensor> = ["classifier.weight", "classifier.bias"]
+        .iter()
+        .map(|k| (k.to_string(), head[*k].clone()))
+        .collect();
+    candle_core::safetensors::save(&shard, tmp.path().join("head.safetensors")).unwrap();
+    let base =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    let mut map = serde_json::Map::new();
+    for k in base.keys() {
+        map.insert(k.clone(), "base.safetensors".into());
+    }
+    for k in shard.keys() {
+        map.insert(k.clone(), "head.safetensors".into());
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(tmp.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let opts = EncoderOptions {
+        score_head: Some(tevatron_model::ScoreHeadOptions { init_missing: false, seed: 0 }),
+        ..EncoderOptions::default()
+    };
+    let enc = Encoder::load(tmp.path(), None, &opts).unwrap();
+    let pairs: Vec<String> = (0..texts.len())
+        .map(|i| {
+            let next = &texts[(i + 1) % texts.len()];
+            tevatron_ir::rerank::format_pair(&texts[i], next, "", "query:", "passage:")
+        })
+        .collect();
+    let got =
+        enc.embed(&pairs, &TextOptions { max_len: 512, ..TextOptions::default() }, 3).unwrap();
+    check(got, &head["logits"], "MiniLM cross-encoder logits");
+}
