@@ -37,6 +37,8 @@ pub struct TextTokenizer {
     path: PathBuf,
     eos_id: Option<u32>,
     pad_id: u32,
+    /// Whether text pairs carry token types into the model (as transformers gives them).
+    token_types: bool,
 }
 
 fn token_name(v: &Value) -> Option<&str> {
@@ -74,6 +76,33 @@ fn transformers_class(tokenizer_config: Option<&Value>, config: Option<&Value>) 
             let model_type = config?.get("model_type")?.as_str()?;
             (model_type == "xlm-roberta").then(|| XLMR_CLASS.to_owned())
         })
+}
+
+/// Tokenizer classes of transformers 5 whose `model_input_names` hold `token_type_ids` (the
+/// base class's do not): the only ones whose text pairs reach the model with token types.
+const TYPED_CLASSES: &[&str] = &[
+    "BertTokenizer",
+    "ConvBertTokenizer",
+    "DPRContextEncoderTokenizer",
+    "DPRQuestionEncoderTokenizer",
+    "MarkupLMTokenizer",
+];
+
+/// Whether transformers' tokenizer returns `token_type_ids` for this folder (and so
+/// sentence-transformers' CrossEncoder passes them): `model_input_names` of
+/// `tokenizer_config.json` when it states them, else the class's (a `bert` model without a
+/// named class gets `BertTokenizer`).
+fn returns_token_types(tokenizer_config: Option<&Value>, config: Option<&Value>) -> bool {
+    let stated =
+        tokenizer_config.and_then(|c| c.get("model_input_names")).and_then(Value::as_array);
+    if let Some(names) = stated {
+        return names.iter().any(|n| n.as_str() == Some("token_type_ids"));
+    }
+    let class = transformers_class(tokenizer_config, config).or_else(|| {
+        let model_type = config?.get("model_type")?.as_str()?;
+        (model_type == "bert").then(|| "BertTokenizer".to_string())
+    });
+    class.is_some_and(|c| TYPED_CLASSES.contains(&c.as_str()))
 }
 
 /// The pipeline transformers 5's `XLMRobertaTokenizer` runs, whatever `tokenizer.json` holds:
@@ -140,6 +169,7 @@ impl TextTokenizer {
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok());
         let class = transformers_class(tokenizer_config.as_ref(), config.as_ref());
+        let token_types = returns_token_types(tokenizer_config.as_ref(), config.as_ref());
         let json = if class.as_deref() == Some(XLMR_CLASS) {
             let mut json: Value =
                 serde_json::from_str(&text).map_err(|e| tokenizer_error(e.to_string()))?;
@@ -171,7 +201,7 @@ impl TextTokenizer {
         let eos_id = eos.and_then(|t| tokenizer.token_to_id(&t));
         let pad_id =
             pad.and_then(|t| tokenizer.token_to_id(&t)).or(stored_pad).or(eos_id).unwrap_or(0);
-        Ok(Self { tokenizer, path, eos_id, pad_id })
+        Ok(Self { tokenizer, path, eos_id, pad_id, token_types })
     }
 
     /// The id used for padding.
@@ -213,6 +243,7 @@ impl TextTokenizer {
             opts: opts.clone(),
             eos_id: self.eos_id,
             path: self.path.clone(),
+            token_types: self.token_types,
         })
     }
 }
@@ -232,6 +263,7 @@ pub struct PreparedTokenizer {
     opts: TextOptions,
     eos_id: Option<u32>,
     path: PathBuf,
+    token_types: bool,
 }
 
 impl PreparedTokenizer {
@@ -272,7 +304,9 @@ impl PreparedTokenizer {
     /// truncation="longest_first", max_length=max_len)` (sentence-transformers' CrossEncoder):
     /// the pair template with its special tokens, the longer text truncated first. Returns each
     /// pair's ids and token types. The prefix applies to the first text; EOS appending to the
-    /// whole.
+    /// whole. The token types are all 0 where transformers' tokenizer for this folder returns
+    /// none (its class's `model_input_names` lack `token_type_ids`: every class but BERT's),
+    /// as the model then sees them.
     pub fn tokenize_pairs(&self, pairs: &[(String, String)]) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
         let inputs: Vec<tokenizers::EncodeInput> = pairs
             .iter()
@@ -292,7 +326,9 @@ impl PreparedTokenizer {
         Ok(encodings
             .into_iter()
             .map(|e| {
-                let (mut ids, mut types) = (e.get_ids().to_vec(), e.get_type_ids().to_vec());
+                let mut ids = e.get_ids().to_vec();
+                let mut types =
+                    if self.token_types { e.get_type_ids().to_vec() } else { vec![0; ids.len()] };
                 if self.opts.append_eos {
                     ids.push(self.eos_id.expect("checked in prepare"));
                     types.push(types.last().copied().unwrap_or(0));
@@ -333,6 +369,23 @@ mod tests {
         );
         assert_eq!(transformers_class(None, Some(&v(r#"{"model_type": "bert"}"#))), None);
         assert_eq!(transformers_class(Some(&v(r#"{"tokenizer_class": 5}"#)), None), None);
+        // Token types reach the model only for the classes that return them.
+        let bert = v(r#"{"model_type": "bert"}"#);
+        assert!(returns_token_types(None, Some(&bert)));
+        assert!(returns_token_types(Some(&v(r#"{"tokenizer_class": "BertTokenizerFast"}"#)), None));
+        assert!(!returns_token_types(
+            Some(&v(r#"{"tokenizer_class": "TokenizersBackend"}"#)),
+            Some(&bert)
+        ));
+        assert!(!returns_token_types(
+            Some(&v(r#"{"tokenizer_class": "DistilBertTokenizer"}"#)),
+            None
+        ));
+        assert!(!returns_token_types(None, Some(&v(r#"{"model_type": "roberta"}"#))));
+        let stated = v(
+            r#"{"tokenizer_class": "RobertaTokenizer", "model_input_names": ["input_ids", "token_type_ids"]}"#,
+        );
+        assert!(returns_token_types(Some(&stated), None));
     }
 
     /// A Unigram tokenizer.json in the form transformers 4 converted XLM-R (as the hub ships it).

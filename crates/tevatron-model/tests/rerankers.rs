@@ -126,6 +126,12 @@ fn text_pairs_take_token_types_as_sentence_transformers_cross_encoder() {
     let want = logits(&tensors["pair_logits"]);
     let d = max_abs_diff_of(&got, &want);
     assert!(d <= SCORE_ATOL, "scores differ by {d}: {got:?} vs {want:?}");
+    // A tokenizer whose transformers class returns no token types (the tiny model's own
+    // `TokenizersBackend`, like RoBERTa's and DistilBERT's classes) gives the pairs none.
+    let plain = tevatron_model::TextTokenizer::load(&tiny_dir("bert")).unwrap();
+    let untyped = plain.prepare(&opts).unwrap().tokenize_pairs(&pairs).unwrap();
+    assert!(untyped.iter().all(|(i, t)| t.len() == i.len() && t.iter().all(|&x| x == 0)));
+    assert_eq!(untyped.into_iter().map(|(i, _)| i).collect::<Vec<_>>(), want_ids);
     // Token types matter: without them the scores change.
     let untyped = enc.embed_sequences(&ids, &batches()).unwrap();
     assert!(max_abs_diff_of(&untyped, &want) > 100.0 * SCORE_ATOL);

@@ -148,7 +148,7 @@ impl Bert {
         };
         if offset + l > self.cfg.max_position_embeddings {
             candle_core::bail!(
-                "sequence length {l} exceeds the model's {} positions; lower --query_max_len/--passage_max_len",
+                "sequence length {l} exceeds the model's {} positions; lower --query_max_len/--passage_max_len (--rerank_max_len for a reranker)",
                 self.cfg.max_position_embeddings - offset
             );
         }

@@ -99,7 +99,7 @@ impl Backbone for DistilBert {
         let (b, l) = batch.input_ids.dims2()?;
         if l > self.cfg.max_position_embeddings {
             candle_core::bail!(
-                "sequence length {l} exceeds the model's {} positions; lower --query_max_len/--passage_max_len",
+                "sequence length {l} exceeds the model's {} positions; lower --query_max_len/--passage_max_len (--rerank_max_len for a reranker)",
                 self.cfg.max_position_embeddings
             );
         }
