@@ -53,32 +53,100 @@ impl RerankPair {
     }
 }
 
-/// Reads every pair of rerank input files (JSONL, `.jsonl.gz` or Parquet rows of
-/// `{query_id, query, docid, title, text}`), in file order.
-pub fn read_pairs(files: &[std::path::PathBuf]) -> Result<Vec<RerankPair>> {
-    let mut pairs = Vec::new();
-    for path in files {
-        let mut reader = open_jsonl(path)?;
-        while let Some(row) = reader.next_object() {
-            let (line, obj) = row?;
-            pairs.push(RerankPair::from_row(&obj, path, line)?);
-        }
+/// Rerank input files (JSONL, `.jsonl.gz` or Parquet rows of `{query_id, query, docid, title,
+/// text}`) read a chunk at a time, in file order, so that memory holds one chunk of texts.
+pub struct PairReader {
+    files: std::vec::IntoIter<std::path::PathBuf>,
+    current: Option<(std::path::PathBuf, crate::records::JsonlReader)>,
+}
+
+impl PairReader {
+    /// A reader over `files`, opened one after the other.
+    pub fn new(files: Vec<std::path::PathBuf>) -> Self {
+        Self { files: files.into_iter(), current: None }
     }
-    Ok(pairs)
+
+    /// The next `n` pairs (fewer at the end; none when all are read).
+    pub fn next_chunk(&mut self, n: usize) -> Result<Vec<RerankPair>> {
+        let mut out = Vec::with_capacity(n.min(1 << 16));
+        while out.len() < n {
+            if self.current.is_none() {
+                let Some(path) = self.files.next() else { break };
+                let reader = open_jsonl(&path)?;
+                self.current = Some((path, reader));
+            }
+            let (path, reader) = self.current.as_mut().expect("opened above");
+            match reader.next_object() {
+                Some(row) => {
+                    let (line, obj) = row?;
+                    out.push(RerankPair::from_row(&obj, path, line)?);
+                }
+                None => self.current = None,
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Reads every pair of rerank input files, in file order ([`PairReader`] at once).
+pub fn read_pairs(files: &[std::path::PathBuf]) -> Result<Vec<RerankPair>> {
+    PairReader::new(files.to_vec()).next_chunk(usize::MAX)
+}
+
+/// The pairs of a run to rescore, each query's and passage's text stored once: a query with a
+/// hundred documents holds its text once, not a hundred times.
+#[derive(Clone, Debug, Default)]
+pub struct RunPairs {
+    /// `(query_id, query)`.
+    queries: Vec<(String, String)>,
+    /// `(docid, title, text)`.
+    docs: Vec<(String, String, String)>,
+    /// `(query, doc)` indices, in output order.
+    pairs: Vec<(u32, u32)>,
+}
+
+impl RunPairs {
+    /// Number of pairs.
+    pub fn len(&self) -> usize {
+        self.pairs.len()
+    }
+
+    /// Whether there is no pair.
+    pub fn is_empty(&self) -> bool {
+        self.pairs.is_empty()
+    }
+
+    /// The pairs `range` with their texts.
+    pub fn get(&self, range: std::ops::Range<usize>) -> Vec<RerankPair> {
+        self.pairs[range]
+            .iter()
+            .map(|&(q, d)| {
+                let (query_id, query) = &self.queries[q as usize];
+                let (docid, title, text) = &self.docs[d as usize];
+                RerankPair {
+                    query_id: query_id.clone(),
+                    docid: docid.clone(),
+                    query: query.clone(),
+                    title: title.clone(),
+                    text: text.clone(),
+                }
+            })
+            .collect()
+    }
 }
 
 /// The pairs of a first-stage run to rescore: for each query of `run` (in first-seen order),
 /// its `depth` best documents (by score, ties by doc id descending as trec_eval orders them),
 /// with the query's text from `queries` (`{query_id, query_text | query}`) and the passage's
 /// `title` and `text` from `corpus` (`{docid, title?, text}`). Only the documents the run
-/// names are kept in memory. A query or document of the run missing from its file is an error
-/// naming the run's line and the id.
+/// names are kept in memory, each once. A query or document of the run missing from its file
+/// is an error naming the run's line and the id.
 pub fn pairs_from_run(
     run_path: &Path,
     queries: &[std::path::PathBuf],
     corpus: &[std::path::PathBuf],
     depth: usize,
-) -> Result<Vec<RerankPair>> {
+) -> Result<RunPairs> {
     let run = Run::read(run_path)?;
     let mut top: Vec<(&str, Vec<&str>)> = Vec::with_capacity(run.queries.len());
     for (i, (qid, _)) in run.queries.iter().enumerate() {
@@ -134,22 +202,28 @@ pub fn pairs_from_run(
             what: format!("{what} {id:?} is not in {}", names.join(", ")),
         }
     };
-    let mut pairs = Vec::new();
+    let mut out = RunPairs::default();
+    let mut doc_index: std::collections::HashMap<&str, u32> = std::collections::HashMap::new();
     for (qid, docs) in top {
         let query = query_text.get(qid).ok_or_else(|| missing("query", qid, 0, queries))?;
+        let q = out.queries.len() as u32;
+        out.queries.push((qid.to_string(), query.clone()));
         for docid in docs {
-            let (title, text) =
-                passages.get(docid).ok_or_else(|| missing("document", docid, 1, corpus))?;
-            pairs.push(RerankPair {
-                query_id: qid.to_string(),
-                docid: docid.to_string(),
-                query: query.clone(),
-                title: title.clone(),
-                text: text.clone(),
-            });
+            let d = match doc_index.get(docid) {
+                Some(&d) => d,
+                None => {
+                    let (title, text) =
+                        passages.get(docid).ok_or_else(|| missing("document", docid, 1, corpus))?;
+                    let d = out.docs.len() as u32;
+                    out.docs.push((docid.to_string(), title.clone(), text.clone()));
+                    doc_index.insert(docid, d);
+                    d
+                }
+            };
+            out.pairs.push((q, d));
         }
     }
-    Ok(pairs)
+    Ok(out)
 }
 
 /// Tevatron's `format_pair`: the title with every `-` turned into a space and stripped, then
@@ -259,7 +333,11 @@ mod tests {
             "c.jsonl",
             "{\"docid\": \"d1\", \"title\": \"T\", \"text\": \"a\"}\n{\"docid\": \"d2\", \"text\": \"b\"}\n{\"docid\": \"d3\", \"text\": \"c\"}\n{\"docid\": \"d9\", \"text\": \"z\"}\n",
         )];
-        let pairs = pairs_from_run(&run, &queries, &corpus, 2).unwrap();
+        let run_pairs = pairs_from_run(&run, &queries, &corpus, 2).unwrap();
+        let pairs = run_pairs.get(0..run_pairs.len());
+        // At depth 3 both queries have d1: four pairs, three passages stored.
+        let deeper = pairs_from_run(&run, &queries, &corpus, 3).unwrap();
+        assert_eq!((deeper.len(), deeper.docs.len()), (4, 3));
         let got: Vec<(&str, &str, &str, &str)> = pairs
             .iter()
             .map(|p| (p.query_id.as_str(), p.docid.as_str(), p.query.as_str(), p.title.as_str()))
@@ -271,7 +349,9 @@ mod tests {
         );
         // The same pairs from Tevatron's 3-column ranking.
         let tsv = write("run.tsv", "q1\td1\t0.5\nq1\td2\t0.9\nq1\td3\t0.5\nq2\td1\t3\n");
-        assert_eq!(pairs_from_run(&tsv, &queries, &corpus, 2).unwrap(), pairs);
+        let again = pairs_from_run(&tsv, &queries, &corpus, 2).unwrap();
+        assert_eq!(again.get(0..again.len()), pairs);
+        assert_eq!(again.get(1..3), pairs[1..3]);
         let bad = write("bad.trec", "q1 Q0 d2 1 0.9 x\nq3 Q0 d1 1 0.5 x\n");
         let e = pairs_from_run(&bad, &queries, &corpus, 5).unwrap_err().to_string();
         assert!(e.contains("bad.trec:2:") && e.contains("query \"q3\""), "{e}");
@@ -290,6 +370,18 @@ mod tests {
         std::fs::write(&p, "{\"query_id\": 1, \"query\": \"q\", \"docid\": \"a\", \"text\": \"x\"}\n\n{\"query_id\": 1, \"query\": \"q\", \"docid\": \"b\", \"title\": null, \"text\": \"y\"}\n").unwrap();
         let pairs = read_pairs(std::slice::from_ref(&p)).unwrap();
         assert_eq!(pairs.iter().map(|p| p.docid.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        // Chunk by chunk, across files: the same pairs in the same order.
+        let q = dir.path().join("more.jsonl");
+        std::fs::write(
+            &q,
+            "{\"query_id\": 2, \"query\": \"r\", \"docid\": \"c\", \"text\": \"z\"}\n",
+        )
+        .unwrap();
+        let mut reader = PairReader::new(vec![p.clone(), q]);
+        let chunks: Vec<Vec<String>> = (0..3)
+            .map(|_| reader.next_chunk(2).unwrap().into_iter().map(|p| p.docid).collect())
+            .collect();
+        assert_eq!(chunks, [vec!["a", "b"], vec!["c"], vec![]]);
         std::fs::write(&p, "{\"query_id\": 1, \"docid\": \"a\", \"text\": \"x\"}\n").unwrap();
         let e = read_pairs(&[p]).unwrap_err().to_string();
         assert!(e.contains("in.jsonl:1:") && e.contains("query"), "{e}");

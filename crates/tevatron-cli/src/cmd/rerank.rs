@@ -7,7 +7,8 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
-use tevatron_ir::rerank::{pairs_from_run, read_pairs, write_reranked, RerankPair};
+use tevatron_ir::records::count_rows;
+use tevatron_ir::rerank::{pairs_from_run, write_reranked, PairReader, RerankPair, RunPairs};
 use tevatron_model::encoder::{BatchOptions, EMBED_CHUNK};
 use tevatron_model::{Encoder, EncoderOptions, PaddingSide, ScoreHeadOptions, TextOptions};
 
@@ -44,8 +45,31 @@ fn folder_format(model_dir: &Path) -> PairFormat {
     }
 }
 
-/// The pairs the flags name: a rerank input, or a run with its queries and corpus.
-fn input_pairs(a: &RerankArgs) -> Result<Vec<RerankPair>> {
+/// Where the pairs come from, read a chunk at a time: rerank input rows (streamed from the
+/// files), or a run's pairs (each text held once).
+enum Source {
+    Rows(PairReader),
+    Run(RunPairs, usize),
+}
+
+impl Source {
+    /// The next `n` pairs (none at the end).
+    fn next_chunk(&mut self, n: usize) -> Result<Vec<RerankPair>> {
+        match self {
+            Source::Rows(reader) => reader.next_chunk(n).context("reading the rerank input"),
+            Source::Run(pairs, at) => {
+                let end = (*at + n).min(pairs.len());
+                let chunk = pairs.get(*at..end);
+                *at = end;
+                Ok(chunk)
+            }
+        }
+    }
+}
+
+/// The pairs the flags name, and how many there are: a rerank input, or a run with its
+/// queries and corpus.
+fn input_pairs(a: &RerankArgs) -> Result<(Source, usize)> {
     match (&a.run_path, &a.data.dataset_path) {
         (Some(_), Some(_)) => {
             bail!("give either --dataset_path (a rerank input) or --run_path, not both")
@@ -57,20 +81,23 @@ fn input_pairs(a: &RerankArgs) -> Result<Vec<RerankPair>> {
             if a.rerank_depth == 0 {
                 bail!("--rerank_depth must be at least 1");
             }
-            pairs_from_run(
+            let pairs = pairs_from_run(
                 run,
                 std::slice::from_ref(queries),
                 std::slice::from_ref(corpus),
                 a.rerank_depth,
             )
-            .with_context(|| format!("reading the run {} and its texts", run.display()))
+            .with_context(|| format!("reading the run {} and its texts", run.display()))?;
+            let n = pairs.len();
+            Ok((Source::Run(pairs, 0), n))
         }
         (None, _) => {
             if a.query_path.is_some() || a.corpus_path.is_some() {
                 bail!("--query_path and --corpus_path go with --run_path");
             }
             let files = a.data.files()?;
-            read_pairs(&files).context("reading the rerank input")
+            let n = count_rows(&files).context("reading the rerank input")?;
+            Ok((Source::Rows(PairReader::new(files)), n))
         }
     }
 }
@@ -161,8 +188,8 @@ pub(super) fn load_reranker(f: &RerankerFlags) -> Result<(Encoder, BatchOptions)
 
 /// Runs `tevatron rerank`.
 pub fn run(a: &RerankArgs) -> Result<()> {
-    let pairs = input_pairs(a)?;
-    if pairs.is_empty() {
+    let (mut source, total) = input_pairs(a)?;
+    if total == 0 {
         bail!("there are no pairs to rerank");
     }
     let (enc, batches) = load_reranker(&RerankerFlags {
@@ -200,28 +227,31 @@ pub fn run(a: &RerankArgs) -> Result<()> {
         append_eos: a.append_eos_token,
         add_special_tokens: true,
     };
-    let bar = progress::bar(Some(pairs.len() as u64), "pairs", a.quiet);
-    let mut log = progress::LogProgress::new(pairs.len(), "pairs", a.quiet);
+    let bar = progress::bar(Some(total as u64), "pairs", a.quiet);
+    let mut log = progress::LogProgress::new(total, "pairs", a.quiet);
     let start = std::time::Instant::now();
-    let mut scores = Vec::with_capacity(pairs.len());
-    for chunk in pairs.chunks(EMBED_CHUNK) {
-        let (ids, types) = tokenize(&enc, chunk, &text, format, a)?;
-        scores.extend(enc.embed_typed(&ids, types.as_deref(), &batches)?);
+    // Only ids and scores are kept: the texts of one chunk at a time.
+    let mut scored: Vec<(String, String, f32)> = Vec::with_capacity(total);
+    loop {
+        let chunk = source.next_chunk(EMBED_CHUNK)?;
+        if chunk.is_empty() {
+            break;
+        }
+        let (ids, types) = tokenize(&enc, &chunk, &text, format, a)?;
+        let scores = enc.embed_typed(&ids, types.as_deref(), &batches)?;
         bar.inc(chunk.len() as u64);
         log.advance(chunk.len());
+        scored.extend(chunk.into_iter().zip(scores).map(|(p, s)| (p.query_id, p.docid, s)));
     }
     bar.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
-    let scored: Vec<(&str, &str, f32)> = pairs
-        .iter()
-        .zip(&scores)
-        .map(|(p, &s)| (p.query_id.as_str(), p.docid.as_str(), s))
-        .collect();
-    write_reranked(&a.rerank_output_path, &scored).context("writing --rerank_output_path")?;
+    let rows: Vec<(&str, &str, f32)> =
+        scored.iter().map(|(q, d, s)| (q.as_str(), d.as_str(), *s)).collect();
+    write_reranked(&a.rerank_output_path, &rows).context("writing --rerank_output_path")?;
     tracing::info!(
         "reranked {} pairs in {secs:.1} s ({:.1} pairs/s) into {}",
-        pairs.len(),
-        pairs.len() as f64 / secs.max(1e-9),
+        rows.len(),
+        rows.len() as f64 / secs.max(1e-9),
         a.rerank_output_path.display()
     );
     Ok(())
