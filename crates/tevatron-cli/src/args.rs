@@ -352,9 +352,9 @@ pub struct RerankArgs {
     /// Corpus of the run (`{docid, title?, text}`; JSONL, .jsonl.gz or Parquet).
     #[arg(long)]
     pub corpus_path: Option<PathBuf>,
-    /// Documents rescored per query of --run_path.
-    #[arg(long, default_value_t = 100)]
-    pub rerank_depth: usize,
+    /// Documents rescored per query of --run_path (default 100).
+    #[arg(long)]
+    pub rerank_depth: Option<usize>,
     /// Output: `qid<TAB>docid<TAB>score`, each query's lines by descending score.
     #[arg(long)]
     pub rerank_output_path: PathBuf,
@@ -432,6 +432,10 @@ pub struct AnnotateArgs {
     /// Put before the title and passage inside the pair.
     #[arg(long, default_value = "passage:")]
     pub passage_prefix: String,
+    /// Tevatron's one string, sentence-transformers' text pair, or the folder's kind (as for
+    /// `rerank`).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub pair_format: PairFormatArg,
     /// Truncate to max_len-1 and append the EOS token (decoder rerankers).
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub append_eos_token: bool,

@@ -202,8 +202,6 @@ pub const FOREIGN_TRAIN: &[Foreign] = &[
     no_effect("push_to_hub_token", One, NO_HUB),
 ];
 
-/// Flags of `tevatron train` that mean something else, or nothing, to `encode`, beyond the
-/// general rule that training flags change nothing when encoding.
 /// Flags of `tevatron train` that mean nothing for a cross-encoder: `train-reranker` refuses
 /// them with the reason (they share one set of clap flags).
 const NOT_FOR_RERANKERS: &[Foreign] = &[
@@ -238,6 +236,8 @@ const NOT_FOR_RETRIEVERS: &[Foreign] = &[refused(
     "a reranker's pair length; a retriever has --query_max_len and --passage_max_len (tevatron train-reranker trains rerankers)",
 )];
 
+/// Flags of `tevatron train` that mean something else, or nothing, to `encode`, beyond the
+/// general rule that training flags change nothing when encoding.
 const FOREIGN_ENCODE: &[Foreign] = &[no_effect(
     "lora",
     Bool,

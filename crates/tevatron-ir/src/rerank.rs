@@ -1,5 +1,6 @@
 //! Tevatron's reranker data, as `tevatron.reranker` reads and writes it: rerank input rows
-//! (`{query_id, query, docid, title, text}`), the one string a query-passage pair becomes
+//! (`{query_id, query, docid, title, text}`, read a chunk at a time), a run's top documents
+//! with their query and passage texts (beyond Tevatron), the one string a query-passage pair becomes
 //! (`format_pair`), and the output `qid<TAB>docid<TAB>score`, each query's lines by descending
 //! score, queries in the order they first appear. It knows nothing of models; the scores come
 //! from the caller. `docs/peers/tevatron-reranker.md` quotes the code this follows.

@@ -242,7 +242,7 @@ fn read_st_modules(dir: &Path) -> Result<Option<StModules>> {
 }
 
 /// Settles a cross-encoder's head before the weights become variables: the family's layout,
-/// its dropout from `config.json`, and each missing head weight initialised into `tensors` when
+/// its settings from `config.json` (dropout, pad id), and each missing head weight initialised into `tensors` when
 /// `opts` allows it (their names are returned, for the log), else an error naming them.
 fn plan_head(
     config: &ModelConfig,
@@ -250,7 +250,7 @@ fn plan_head(
     tensors: &mut std::collections::HashMap<String, Tensor>,
     opts: ScoreHeadOptions,
     device: &Device,
-) -> Result<(SequenceClassification, f64, Vec<String>)> {
+) -> Result<(SequenceClassification, HeadSettings, Vec<String>)> {
     let dir = config_path.parent().unwrap_or(config_path).to_path_buf();
     let Some(spec) = config.sequence_classification() else {
         return Err(Error::Invalid(format!(
@@ -296,7 +296,7 @@ fn plan_head(
         let std = settings.initializer_range.unwrap_or(0.02);
         tensors.extend(head::init_weights(&missing, std, opts.seed, device)?);
     }
-    Ok((spec, settings.dropout(spec.layout), names))
+    Ok((spec, settings, names))
 }
 
 /// The name an adapter records for its base: the hub id for a folder of the Hugging Face cache
@@ -425,9 +425,11 @@ impl Encoder {
         let lin = Linears { lora: plan.as_ref() };
         let backbone: Box<dyn Backbone> = config.build(vb.clone(), &lin).map_err(arch)?;
         let head = match head_plan {
-            Some((spec, dropout, initialised)) => {
+            Some((spec, settings, initialised)) => {
                 let h = config.hidden_size();
-                let mut built = ScoreHead::load(&vb, spec.layout, h, dropout).map_err(arch)?;
+                let dropout = settings.dropout(spec.layout);
+                let pad = settings.pad_id();
+                let mut built = ScoreHead::load(&vb, spec.layout, h, dropout, pad).map_err(arch)?;
                 if opts.disable_dropout {
                     built.disable_dropout();
                 }
@@ -514,7 +516,7 @@ impl Encoder {
         mode: Mode,
     ) -> candle_core::Result<Tensor> {
         if let Some((head, _, _)) = &self.head {
-            return head.score(hidden, &batch.attention_mask, mode);
+            return head.score(hidden, &batch.input_ids, &batch.attention_mask, mode);
         }
         let reps = self.pooling.pool(hidden, &batch.attention_mask)?;
         // Half-precision representations are widened; F64 stays F64 (gradient checks).
@@ -589,8 +591,8 @@ impl Encoder {
                 .collect();
             return lora::save_adapter(dir, config, &base_model_name(&self.model_dir), &modules);
         }
-        if let Some((_, spec, _)) = &self.head {
-            return self.save_cross_encoder(dir, *spec);
+        if let Some((head, spec, _)) = &self.head {
+            return self.save_cross_encoder(dir, head, *spec);
         }
         let config = self.weights_dir.join("config.json");
         std::fs::copy(&config, dir.join("config.json"))
@@ -609,7 +611,12 @@ impl Encoder {
     /// them, and a `config.json` naming the class with one label, the pad id a decoder's head
     /// finds the last token by, and sentence-transformers' `activation_fn` set to the identity,
     /// so that `CrossEncoder.predict` returns the raw logits `tevatron rerank` writes.
-    fn save_cross_encoder(&self, dir: &Path, spec: SequenceClassification) -> Result<()> {
+    fn save_cross_encoder(
+        &self,
+        dir: &Path,
+        head: &ScoreHead,
+        spec: SequenceClassification,
+    ) -> Result<()> {
         let src = self.weights_dir.join("config.json");
         let text = std::fs::read_to_string(&src)
             .map_err(|source| Error::Read { path: src.clone(), source })?;
@@ -620,7 +627,10 @@ impl Encoder {
         config.insert("label2id".into(), serde_json::json!({"LABEL_0": 0}));
         config.remove("num_labels");
         if spec.layout == crate::backbone::HeadLayout::LastToken {
-            config.insert("pad_token_id".into(), self.tokenizer.pad_id().into());
+            // The id the head skipped (the config's, else Tevatron's 0), so that transformers'
+            // head scores the same token.
+            let pad = head.pad_id();
+            config.insert("pad_token_id".into(), pad.into());
         }
         // How `tevatron rerank` should give this model its pairs: trained on Tevatron's one
         // string, whatever the sentence-transformers key below suggests.
@@ -680,7 +690,8 @@ impl Encoder {
         Ok(())
     }
 
-    /// Encodes id sequences for inference and returns `(n, h)` rows in input order. Sequences
+    /// Encodes id sequences for inference and returns `(n, w)` rows in input order (`w` the
+    /// [`Encoder::output_width`]: a cross-encoder's one score per row). Sequences
     /// are sorted by length (longest first) and cut into batches by `opts`.
     pub fn embed_sequences(&self, seqs: &[Vec<u32>], opts: &BatchOptions) -> Result<Vec<f32>> {
         self.embed_typed(seqs, None, opts)

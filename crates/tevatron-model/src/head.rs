@@ -25,9 +25,17 @@ pub struct HeadSettings {
     pub seq_classif_dropout: Option<f64>,
     /// `initializer_range`: the standard deviation of a fresh head's weights, default 0.02.
     pub initializer_range: Option<f64>,
+    /// `pad_token_id`: a decoder head scores the last token that is not this id.
+    pub pad_token_id: Option<u32>,
 }
 
 impl HeadSettings {
+    /// The pad id a decoder's head skips: `pad_token_id`, else 0, as Tevatron's reranker sets a
+    /// missing one (transformers refuses batches without it).
+    pub fn pad_id(&self) -> u32 {
+        self.pad_token_id.unwrap_or(0)
+    }
+
     /// The dropout transformers applies inside a head of `layout` while training.
     pub fn dropout(&self, layout: HeadLayout) -> f64 {
         match layout {
@@ -105,11 +113,20 @@ pub struct ScoreHead {
     /// The projection to one logit.
     out: Linear,
     dropout: f64,
+    /// The id a decoder's head skips when it looks for the last token.
+    pad_id: u32,
 }
 
 impl ScoreHead {
-    /// Builds a head of `layout` from weights named as [`weight_shapes`] names them.
-    pub fn load(vb: &VarBuilder, layout: HeadLayout, h: usize, dropout: f64) -> Result<Self> {
+    /// Builds a head of `layout` from weights named as [`weight_shapes`] names them; `pad_id`
+    /// is the id a decoder's head skips ([`HeadSettings::pad_id`]).
+    pub fn load(
+        vb: &VarBuilder,
+        layout: HeadLayout,
+        h: usize,
+        dropout: f64,
+        pad_id: u32,
+    ) -> Result<Self> {
         let lin = Linears::default();
         let (inner, out) = match layout {
             HeadLayout::Pooler => (
@@ -126,7 +143,7 @@ impl ScoreHead {
             ),
             HeadLayout::LastToken => (None, lin.no_bias(vb.pp("score"), h, 1)?),
         };
-        Ok(Self { layout, inner, out, dropout })
+        Ok(Self { layout, inner, out, dropout, pad_id })
     }
 
     /// The layout.
@@ -134,15 +151,29 @@ impl ScoreHead {
         self.layout
     }
 
+    /// The id a decoder's head skips when it looks for the last token.
+    pub fn pad_id(&self) -> u32 {
+        self.pad_id
+    }
+
     /// Sets the head's dropout to 0 (parity checks).
     pub fn disable_dropout(&mut self) {
         self.dropout = 0.0;
     }
 
-    /// One logit per row `(b, 1)` of last hidden states `hidden` `(b, l, h)` under `mask`, as
-    /// transformers' class computes it (dropout only in training). The first token for the
-    /// encoder layouts; the last real token for decoders (either padding side).
-    pub fn score(&self, hidden: &Tensor, mask: &Tensor, mode: Mode) -> Result<Tensor> {
+    /// One logit per row `(b, 1)` of last hidden states `hidden` `(b, l, h)` of the batch's
+    /// `ids` under `mask`, as transformers' class computes it (dropout only in training). The
+    /// first token for the encoder layouts; for decoders, transformers' rule: the rightmost
+    /// token whose id is not the pad id (here also a real token by the mask, so the batch's own
+    /// padding is never read, whatever id it pads with), which skips an appended EOS when the
+    /// pad id is EOS, as transformers does.
+    pub fn score(
+        &self,
+        hidden: &Tensor,
+        ids: &Tensor,
+        mask: &Tensor,
+        mode: Mode,
+    ) -> Result<Tensor> {
         let drop = |x: &Tensor| layers::dropout(x, self.dropout, mode);
         let inner = |x: &Tensor| match &self.inner {
             Some(l) => l.forward(x, mode),
@@ -158,7 +189,9 @@ impl ScoreHead {
             HeadLayout::PreClassifier => {
                 self.out.forward(&drop(&inner(&first()?)?.relu()?)?, mode)?
             }
-            HeadLayout::LastToken => self.out.forward(&Pooling::Last.pool(hidden, mask)?, mode)?,
+            HeadLayout::LastToken => {
+                self.out.forward(&self.last_token(hidden, ids, mask)?, mode)?
+            }
         };
         // Half-precision logits are widened; F64 stays F64 (gradient checks).
         if logits.dtype() == DType::F64 {
@@ -166,6 +199,27 @@ impl ScoreHead {
         } else {
             logits.to_dtype(DType::F32)
         }
+    }
+}
+
+impl ScoreHead {
+    /// The hidden state of each row's rightmost real token whose id is not the pad id (position
+    /// 0 when there is none, where transformers' `argmax` over an all-zero row lands).
+    fn last_token(&self, hidden: &Tensor, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, l, h) = hidden.dims3()?;
+        let ids = ids.to_dtype(DType::U32)?.to_device(&Device::Cpu)?.to_vec2::<u32>()?;
+        let mask = mask.to_dtype(DType::U32)?.to_device(&Device::Cpu)?.to_vec2::<u32>()?;
+        let idx: Vec<u32> = ids
+            .iter()
+            .zip(&mask)
+            .map(|(row, m)| {
+                (0..l).rev().find(|&j| m[j] != 0 && row[j] != self.pad_id).unwrap_or(0) as u32
+            })
+            .collect();
+        let idx = Tensor::from_vec(idx, (b, 1, 1), hidden.device())?
+            .broadcast_as((b, 1, h))?
+            .contiguous()?;
+        hidden.gather(&idx, 1)?.squeeze(1)
     }
 }
 

@@ -182,6 +182,15 @@ fn a_base_model_has_no_head_unless_one_is_initialised() {
     let texts = ["a b c".to_string(), "dense".to_string()];
     let t = TextOptions::default();
     assert_eq!(enc.embed(&texts, &t, 2).unwrap(), again.embed(&texts, &t, 2).unwrap());
+    let seeded = |seed| EncoderOptions {
+        score_head: Some(ScoreHeadOptions { init_missing: true, seed }),
+        ..EncoderOptions::default()
+    };
+    let other = Encoder::load(&tiny_dir("llama"), None, &seeded(4)).unwrap();
+    assert_ne!(enc.embed(&texts, &t, 2).unwrap(), other.embed(&texts, &t, 2).unwrap());
+    // BERT's pooler is in the base model: only the classifier is new.
+    let bert = Encoder::load(&tiny_dir("bert"), None, &seeded(3)).unwrap();
+    assert_eq!(bert.initialised_head(), ["classifier.weight", "classifier.bias"]);
     // A family without a head in this build is refused by name.
     let err = Encoder::load(&tiny_dir("modernbert"), None, &reranker_options(true)).err().unwrap();
     assert!(err.to_string().contains("has no sequence-classification head"), "{err}");
@@ -202,4 +211,52 @@ fn a_classifier_with_several_labels_is_refused() {
     candle_core::safetensors::save(&weights, tmp.path().join("model.safetensors")).unwrap();
     let err = Encoder::load(tmp.path(), None, &reranker_options(true)).err().unwrap();
     assert!(err.to_string().contains("num_labels = 1"), "{err}");
+}
+
+/// A decoder's head scores the last token that is not the config's pad id, as transformers'
+/// does: with `pad_token_id` the EOS id, an appended EOS is skipped and the score is that of
+/// the token before it (the same, by causal attention, as the pair without the EOS); the saved
+/// config keeps the pad id the head used.
+#[test]
+fn a_decoder_head_skips_the_pad_id_as_transformers_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(dir("llama").join(f), tmp.path().join(f)).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir("llama").join("config.json")).unwrap())
+            .unwrap();
+    let eos = config["eos_token_id"].as_u64().unwrap() as u32;
+    config["pad_token_id"] = eos.into();
+    std::fs::write(tmp.path().join("config.json"), config.to_string()).unwrap();
+    let texts: Vec<String> = [
+        "what is a dense retriever",
+        "dense retrieval encodes queries and passages",
+        "inner product number",
+    ]
+    .iter()
+    .map(|t| t.to_string())
+    .collect();
+    let plain = TextOptions { max_len: 20, ..TextOptions::default() };
+    let ids = load(&dir("llama")).tokenizer().prepare(&plain).unwrap().tokenize(&texts).unwrap();
+    // Pairs with neither the EOS nor the fixture's pad id 0 (an unknown character's id) inside.
+    let ids: Vec<Vec<u32>> =
+        ids.into_iter().filter(|s| !s.contains(&eos) && !s.contains(&0)).collect();
+    assert!(ids.len() >= 2, "{ids:?}");
+    let with_eos: Vec<Vec<u32>> = ids.iter().map(|s| [s.as_slice(), &[eos]].concat()).collect();
+    let want = load(&dir("llama")).embed_sequences(&ids, &batches()).unwrap();
+    let skipping = load(tmp.path());
+    let got = skipping.embed_sequences(&with_eos, &batches()).unwrap();
+    let d = max_abs_diff_of(&got, &want);
+    assert!(d <= SCORE_ATOL, "the EOS was not skipped: {got:?} vs {want:?}");
+    // With pad 0 the EOS itself is scored: a different number.
+    let at_eos = load(&dir("llama")).embed_sequences(&with_eos, &batches()).unwrap();
+    assert!(max_abs_diff_of(&at_eos, &want) > 100.0 * SCORE_ATOL);
+    let opts = EncoderOptions { trainable: true, ..reranker_options(false) };
+    let out = tempfile::tempdir().unwrap();
+    Encoder::load(tmp.path(), None, &opts).unwrap().save_pretrained(out.path()).unwrap();
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(saved["pad_token_id"], eos);
 }

@@ -3,10 +3,14 @@
 //! (memory-mapped, see [`tevatron_ir::rows`]).
 //!
 //! Two row formats, detected per row by the `positive_passages` key:
-//! - inline: `query`, `positive_passages`/`negative_passages` of `{docid, title, text}`; the
-//!   passage text is `title + ' ' + text` when a `title` key exists, else `text` (not stripped);
+//! - inline: `query`, `positive_passages`/`negative_passages` of `{docid, title, text, score}`;
+//!   a retriever's passage text is `title + ' ' + text` when a `title` key exists, else `text`
+//!   (not stripped);
 //! - ids: `query_text`, `positive_document_ids`/`negative_document_ids`, resolved through a
-//!   corpus; the passage text is the corpus row's `text` (no title, as Tevatron does).
+//!   corpus; a retriever's passage text is the corpus row's `text` (no title, as Tevatron does).
+//!
+//! Each [`Passage`] keeps title, text and the teacher's `score` apart: a reranker formats the
+//! title into its pair (the corpus title for ids), distillation reads the score.
 //!
 //! Sampling for dataset item `i` in epoch `e` with `h = i + seed`, `n = G - 1`:
 //! positive `positives[(h + e) % len]`; negatives: when fewer than `n`, `n` draws with
@@ -55,16 +59,29 @@ impl Corpus {
 
     /// The `text` field of a passage, `None` when the id is not in the corpus.
     pub fn text(&self, docid: &str) -> Result<Option<String>> {
+        Ok(self.passage(docid)?.map(|(_, text)| text))
+    }
+
+    /// The `title` (when the row has one) and `text` of a passage, `None` when the id is not
+    /// in the corpus.
+    pub fn passage(&self, docid: &str) -> Result<Option<(Option<String>, String)>> {
         let Some(r) = self.ids.get(&self.rows, docid)? else { return Ok(None) };
-        match r.value.get("text") {
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(Value::Null) => Ok(Some(String::new())),
-            _ => Err(tevatron_ir::Error::MissingField {
-                path: r.path.to_path_buf(),
-                line: r.line,
-                field: "text".into(),
-            }),
-        }
+        let text = match r.value.get("text") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Null) => String::new(),
+            _ => {
+                return Err(tevatron_ir::Error::MissingField {
+                    path: r.path.to_path_buf(),
+                    line: r.line,
+                    field: "text".into(),
+                })
+            }
+        };
+        let title = match r.value.get("title") {
+            Some(Value::String(t)) => Some(t.clone()),
+            _ => None,
+        };
+        Ok(Some((title, text)))
     }
 }
 
@@ -102,8 +119,13 @@ pub struct FullRow {
 pub struct Passage {
     /// `docid`, when the row (or the id form) names one.
     pub docid: Option<String>,
-    /// `title`, when the row has the key (`null` reads as empty).
+    /// `title`, when the row (or, for an id, the corpus row) has the key (`null` reads as
+    /// empty).
     pub title: Option<String>,
+    /// Whether a retriever reads the title joined to the text: inline passages with a title
+    /// key; an id's passage is the corpus `text` alone for a retriever, as in Tevatron (a
+    /// reranker's pair still takes its title).
+    pub title_joined: bool,
     /// `text` (the corpus's `text` for id-form rows).
     pub text: String,
     /// The teacher's `score` of this passage for its query, when the row has one.
@@ -111,12 +133,12 @@ pub struct Passage {
 }
 
 impl Passage {
-    /// The passage as Tevatron's retriever datasets give it: `title + " " + text` when the row
-    /// has a title key, else the text.
+    /// The passage as Tevatron's retriever datasets give it: `title + " " + text` when an
+    /// inline passage has a title key, else the text.
     pub fn joined(&self) -> String {
         match &self.title {
-            Some(t) => format!("{t} {}", self.text),
-            None => self.text.clone(),
+            Some(t) if self.title_joined => format!("{t} {}", self.text),
+            _ => self.text.clone(),
         }
     }
 }
@@ -201,7 +223,14 @@ fn inline_passages(v: &Value, field: &str, path: &Path, line: usize) -> Result<V
                 Some(Value::Number(n)) => Some(n.to_string()),
                 _ => None,
             };
-            Ok(PassageRef::Inline(Passage { docid, title, text: text.to_string(), score }))
+            let title_joined = title.is_some();
+            Ok(PassageRef::Inline(Passage {
+                docid,
+                title,
+                title_joined,
+                text: text.to_string(),
+                score,
+            }))
         })
         .collect()
 }
@@ -385,10 +414,16 @@ impl TrainData {
             PassageRef::Inline(passage) => Ok(passage.clone()),
             PassageRef::Id(id) => {
                 let corpus = self.corpus.as_ref().expect("checked when the row was parsed");
-                let text = corpus.text(id)?.ok_or_else(|| {
+                let (title, text) = corpus.passage(id)?.ok_or_else(|| {
                     tevatron_ir::Error::Invalid(format!("document id {id:?} is not in the corpus"))
                 })?;
-                Ok(Passage { docid: Some(id.clone()), title: None, text, score: None })
+                Ok(Passage {
+                    docid: Some(id.clone()),
+                    title,
+                    title_joined: false,
+                    text,
+                    score: None,
+                })
             }
         }
     }
@@ -576,12 +611,14 @@ mod tests {
                     Passage {
                         docid: Some("1".into()),
                         title: Some("T".into()),
+                        title_joined: true,
                         text: "body".into(),
                         score: None
                     },
                     Passage {
                         docid: Some("2".into()),
                         title: None,
+                        title_joined: false,
                         text: "neg".into(),
                         score: None
                     },
@@ -589,6 +626,9 @@ mod tests {
             }
         );
         let g = data.group(1, 3).unwrap();
+        // A retriever reads an id's passage as the corpus text alone (the title is the
+        // reranker's).
+        assert_eq!(g.joined(), ["corpus one", "five"]);
         assert_eq!(
             g,
             TextGroup {
@@ -596,13 +636,15 @@ mod tests {
                 passages: vec![
                     Passage {
                         docid: Some("d1".into()),
-                        title: None,
+                        title: Some("ignored".into()),
+                        title_joined: false,
                         text: "corpus one".into(),
                         score: None
                     },
                     Passage {
                         docid: Some("5".into()),
                         title: None,
+                        title_joined: false,
                         text: "five".into(),
                         score: None
                     },

@@ -1,5 +1,6 @@
-//! The gradient of one micro-batch: forward queries and passages, the contrastive loss,
-//! backward, with gradients summed into an [`Accumulator`].
+//! The gradient of one micro-batch ([`Inputs`]): a retriever's queries and passages (the
+//! contrastive loss, or distillation from teacher scores) or a cross-encoder's pairs (the
+//! listwise loss), forward, loss, backward, with gradients summed into an [`Accumulator`].
 //!
 //! Three ways to get the same numbers with different memory:
 //! - plain: one graph over the whole batch (fastest, most activation memory);
@@ -10,7 +11,7 @@
 //!   is not; backward recomputes one layer at a time, so activation memory is one layer's.
 //!
 //! Dropout masks are drawn from a stream seeded by `(seed, kind, chunk, layer)` before every
-//! layer, so a recomputation (GradCache's second pass, a checkpointed layer) replays exactly the
+//! layer (and before a cross-encoder's head, as layer `L + 1`), so a recomputation (GradCache's second pass, a checkpointed layer) replays exactly the
 //! masks of the first pass, and a resumed run draws those of the run it continues.
 
 use candle_core::backprop::GradStore;
@@ -156,7 +157,8 @@ impl<'a> Chunk<'a> {
         Self { batch, seed, side, index, training: Training::new(opts.autocast, seed) }
     }
 
-    /// Restarts dropout for the embeddings (layer 0) or transformer layer `layer - 1`.
+    /// Restarts dropout for the embeddings (layer 0), transformer layer `layer - 1`, or the
+    /// score head (`layer = L + 1`).
     fn seed_layer(&self, layer: usize) {
         let key = mix(self.seed, &[self.side as u64, self.index as u64, layer as u64]);
         self.training.reseed(key);
@@ -299,7 +301,8 @@ pub fn micro_step(
 /// Computes the loss of one micro-batch and adds `scale * d(loss)` to `acc`. `seed` fixes the
 /// dropout masks. With several ranks in `group`, the batch is this rank's slice, the loss is
 /// that of the global batch, and `acc` receives this rank's share of its gradient (to be summed
-/// over ranks).
+/// over ranks): Tevatron multiplies its loss by the world size and DDP averages gradients over
+/// ranks, which is the same gradient, so the trainer's all-reduce sums without dividing.
 pub fn step(
     enc: &Encoder,
     inputs: &Inputs,

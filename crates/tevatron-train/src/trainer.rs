@@ -202,8 +202,16 @@ impl BatchMaker<'_> {
         for &item in items {
             let g = self.data.group(item, epoch)?;
             if self.teacher {
-                // Checked when training started (`TrainData::check_scores`).
-                teacher.extend(g.passages.iter().map(|p| p.score.unwrap_or(f64::NAN) as f32));
+                for p in &g.passages {
+                    let Some(score) = p.score else {
+                        let (path, line) = self.data.location(item);
+                        return Err(Error::Invalid(format!(
+                            "{}:{line}: a passage has no teacher `score`, which distillation needs",
+                            path.display()
+                        )));
+                    };
+                    teacher.push(score as f32);
+                }
             }
             match self.objective {
                 Objective::Retriever => passages.extend(g.joined()),

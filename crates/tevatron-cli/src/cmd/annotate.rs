@@ -1,6 +1,7 @@
 //! `tevatron annotate`: a reranker (the teacher) scores every passage of a training file and
 //! the rows are written back with each passage's `score`, as Tevatron's
-//! `utils.annotate_with_teacher` does for its distillation data. The output is Tevatron's inline
+//! `utils.annotate_with_teacher` does for its distillation data, each pair given to the model as
+//! `tevatron rerank` gives it (`--pair_format`). The output is Tevatron's inline
 //! training form (`query`, `positive_passages`, `negative_passages`, each passage with `docid`,
 //! `title`, `text` and `score`), which `tevatron train --distillation` and Tevatron's
 //! `DistilTrainDataset` read.
@@ -8,18 +9,27 @@
 use std::io::Write;
 
 use anyhow::{bail, Context, Result};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 use tevatron_ir::atomic::AtomicFile;
-use tevatron_ir::rerank::format_pair;
-use tevatron_model::TextOptions;
+use tevatron_ir::rerank::RerankPair;
 use tevatron_train::data::{Corpus, FullRow, Passage, TrainData};
 
-use super::rerank::{load_reranker, RerankerFlags};
+use super::rerank::{load_reranker, PairInput, RerankerFlags};
 use crate::args::AnnotateArgs;
 use crate::progress;
 
 /// Rows scored together: enough pairs for length-sorted batches, few enough to stream.
 const ROWS_PER_CHUNK: usize = 64;
+
+/// An f32 score as JSON in its shortest decimal form (`3.1`, not the f64 widening
+/// `3.0999999046325684`).
+fn shortest(score: f32) -> Value {
+    format!("{score}")
+        .parse::<f64>()
+        .ok()
+        .and_then(serde_json::Number::from_f64)
+        .map_or(Value::Null, Value::Number)
+}
 
 /// A passage as the annotated row holds it.
 fn passage_json(p: &Passage, score: f32) -> Value {
@@ -31,7 +41,7 @@ fn passage_json(p: &Passage, score: f32) -> Value {
         m.insert("title".into(), t.clone().into());
     }
     m.insert("text".into(), p.text.clone().into());
-    m.insert("score".into(), json!(score));
+    m.insert("score".into(), shortest(score));
     Value::Object(m)
 }
 
@@ -56,13 +66,14 @@ pub fn run(a: &AnnotateArgs) -> Result<()> {
     };
     // Group size 1: every row is read whole, negatives or not.
     let data = TrainData::open(&files, corpus, &cache, 1, 0)?;
-    let text = TextOptions {
-        max_len: a.rerank_max_len,
-        prefix: String::new(),
-        append_eos: a.append_eos_token,
-        add_special_tokens: true,
-    };
-    let tok = enc.tokenizer().prepare(&text)?;
+    let input = PairInput::new(
+        a.pair_format,
+        &enc,
+        &a.query_prefix,
+        &a.passage_prefix,
+        a.rerank_max_len,
+        a.append_eos_token,
+    );
     let keep = a.max_negatives.unwrap_or(usize::MAX);
     let bar = progress::bar(Some(data.len() as u64), "rows", a.quiet);
     let mut log = progress::LogProgress::new(data.len(), "rows", a.quiet);
@@ -75,16 +86,20 @@ pub fn run(a: &AnnotateArgs) -> Result<()> {
         for r in &mut rows {
             r.negatives.truncate(keep);
         }
-        let texts: Vec<String> = rows
+        let pairs: Vec<RerankPair> = rows
             .iter()
             .flat_map(|r| {
-                r.positives.iter().chain(&r.negatives).map(|p| {
-                    let title = p.title.as_deref().unwrap_or("");
-                    format_pair(&r.query, &p.text, title, &a.query_prefix, &a.passage_prefix)
+                r.positives.iter().chain(&r.negatives).map(|p| RerankPair {
+                    query_id: r.query_id.clone().unwrap_or_default(),
+                    docid: p.docid.clone().unwrap_or_default(),
+                    query: r.query.clone(),
+                    title: p.title.clone().unwrap_or_default(),
+                    text: p.text.clone(),
                 })
             })
             .collect();
-        let scores = enc.embed_sequences(&tok.tokenize(&texts)?, &batches)?;
+        let (ids, types) = input.tokenize(&enc, &pairs)?;
+        let scores = enc.embed_typed(&ids, types.as_deref(), &batches)?;
         let mut at = scores.iter().copied();
         for (item, r) in items.clone().zip(&rows) {
             let mut scored = |list: &[Passage]| -> Result<Vec<Value>> {
@@ -111,7 +126,7 @@ pub fn run(a: &AnnotateArgs) -> Result<()> {
             row.insert("negative_passages".into(), scored(&r.negatives)?.into());
             writeln!(out.writer(), "{}", Value::Object(row)).map_err(|e| out.err(e))?;
         }
-        pairs_done += texts.len();
+        pairs_done += pairs.len();
         bar.inc(rows.len() as u64);
         log.advance(rows.len());
     }

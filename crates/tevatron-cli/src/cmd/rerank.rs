@@ -23,7 +23,8 @@ enum PairFormat {
 }
 
 /// `--pair_format auto`: sentence-transformers' text pair for a CrossEncoder folder (one that
-/// states an activation for sentence-transformers, or has `config_sentence_transformers.json`),
+/// states an activation for sentence-transformers, in v4's key or the older
+/// `sbert_ce_default_activation_function`, or has `config_sentence_transformers.json`),
 /// unless the folder says which format it was trained on (`tevatron_pair_format`, which our
 /// saved rerankers write); Tevatron's one string otherwise.
 fn folder_format(model_dir: &Path) -> PairFormat {
@@ -37,6 +38,7 @@ fn folder_format(model_dir: &Path) -> PairFormat {
         None => {}
     }
     let cross_encoder = config.get("sentence_transformers").is_some()
+        || config.get("sbert_ce_default_activation_function").is_some()
         || model_dir.join("config_sentence_transformers.json").is_file();
     if cross_encoder {
         PairFormat::Pair
@@ -78,22 +80,26 @@ fn input_pairs(a: &RerankArgs) -> Result<(Source, usize)> {
             let (Some(queries), Some(corpus)) = (&a.query_path, &a.corpus_path) else {
                 bail!("--run_path needs --query_path and --corpus_path for the texts")
             };
-            if a.rerank_depth == 0 {
+            let depth = a.rerank_depth.unwrap_or(100);
+            if depth == 0 {
                 bail!("--rerank_depth must be at least 1");
+            }
+            if a.data.dataset_name != "json" || a.data.dataset_config.is_some() {
+                bail!("--dataset_name and --dataset_config name a rerank input; with --run_path the texts come from --query_path and --corpus_path");
             }
             let pairs = pairs_from_run(
                 run,
                 std::slice::from_ref(queries),
                 std::slice::from_ref(corpus),
-                a.rerank_depth,
+                depth,
             )
             .with_context(|| format!("reading the run {} and its texts", run.display()))?;
             let n = pairs.len();
             Ok((Source::Run(pairs, 0), n))
         }
         (None, _) => {
-            if a.query_path.is_some() || a.corpus_path.is_some() {
-                bail!("--query_path and --corpus_path go with --run_path");
+            if a.query_path.is_some() || a.corpus_path.is_some() || a.rerank_depth.is_some() {
+                bail!("--query_path, --corpus_path and --rerank_depth go with --run_path (a rerank input is scored whole)");
             }
             let files = a.data.files()?;
             let n = count_rows(&files).context("reading the rerank input")?;
@@ -105,37 +111,78 @@ fn input_pairs(a: &RerankArgs) -> Result<(Source, usize)> {
 /// A chunk's token ids, and their token types for text pairs.
 type Tokenized = (Vec<Vec<u32>>, Option<Vec<Vec<u32>>>);
 
-/// Token ids (and token types, for text pairs) of a chunk of pairs.
-fn tokenize(
-    enc: &Encoder,
-    pairs: &[RerankPair],
-    text: &TextOptions,
+/// How pairs become token ids: the format, Tevatron's prefixes, the length rules.
+pub(super) struct PairInput {
     format: PairFormat,
-    a: &RerankArgs,
-) -> Result<Tokenized> {
-    let tok = enc.tokenizer().prepare(text)?;
-    Ok(match format {
-        PairFormat::Tevatron => {
-            let texts: Vec<String> =
-                pairs.iter().map(|p| p.formatted(&a.query_prefix, &a.passage_prefix)).collect();
-            (tok.tokenize(&texts)?, None)
+    query_prefix: String,
+    passage_prefix: String,
+    text: TextOptions,
+}
+
+impl PairInput {
+    /// Settles the format from `--pair_format` and the folder (logging which), with the
+    /// prefixes of Tevatron's format, `--rerank_max_len` and `--append_eos_token`.
+    pub(super) fn new(
+        arg: PairFormatArg,
+        enc: &Encoder,
+        query_prefix: &str,
+        passage_prefix: &str,
+        max_len: usize,
+        append_eos: bool,
+    ) -> Self {
+        let format = match arg {
+            PairFormatArg::Tevatron => PairFormat::Tevatron,
+            PairFormatArg::Pair => PairFormat::Pair,
+            PairFormatArg::Auto => folder_format(enc.model_dir()),
+        };
+        match format {
+            PairFormat::Tevatron => tracing::info!(
+                "pairs in Tevatron's format: \"{query_prefix} <query> {passage_prefix} <title> <text>\" as one text"
+            ),
+            PairFormat::Pair => tracing::info!(
+                "pairs as sentence-transformers' CrossEncoder gives them: (query, title and text) \
+                 as a text pair; --query_prefix and --passage_prefix apply only to Tevatron's format"
+            ),
         }
-        PairFormat::Pair => {
-            let texts: Vec<(String, String)> = pairs
-                .iter()
-                .map(|p| {
-                    let passage = if p.title.is_empty() {
-                        p.text.clone()
-                    } else {
-                        format!("{} {}", p.title, p.text)
-                    };
-                    (p.query.clone(), passage)
-                })
-                .collect();
-            let (ids, types) = tok.tokenize_pairs(&texts)?.into_iter().unzip();
-            (ids, Some(types))
-        }
-    })
+        let text = TextOptions {
+            max_len,
+            // Tevatron's prefixes are inside its formatted string; a text pair takes none.
+            prefix: String::new(),
+            append_eos,
+            add_special_tokens: true,
+        };
+        let (query_prefix, passage_prefix) = (query_prefix.to_string(), passage_prefix.to_string());
+        Self { format, query_prefix, passage_prefix, text }
+    }
+
+    /// Token ids (and token types, for text pairs) of a chunk of pairs.
+    pub(super) fn tokenize(&self, enc: &Encoder, pairs: &[RerankPair]) -> Result<Tokenized> {
+        let tok = enc.tokenizer().prepare(&self.text)?;
+        Ok(match self.format {
+            PairFormat::Tevatron => {
+                let texts: Vec<String> = pairs
+                    .iter()
+                    .map(|p| p.formatted(&self.query_prefix, &self.passage_prefix))
+                    .collect();
+                (tok.tokenize(&texts)?, None)
+            }
+            PairFormat::Pair => {
+                let texts: Vec<(String, String)> = pairs
+                    .iter()
+                    .map(|p| {
+                        let passage = if p.title.is_empty() {
+                            p.text.clone()
+                        } else {
+                            format!("{} {}", p.title, p.text)
+                        };
+                        (p.query.clone(), passage)
+                    })
+                    .collect();
+                let (ids, types) = tok.tokenize_pairs(&texts)?.into_iter().unzip();
+                (ids, Some(types))
+            }
+        })
+    }
 }
 
 /// The flags `rerank` and `annotate` share: the cross-encoder, its precision, device and
@@ -203,30 +250,14 @@ pub fn run(a: &RerankArgs) -> Result<()> {
         max_len: a.rerank_max_len,
         pad_to_multiple_of: a.pad_to_multiple_of,
     })?;
-    let format = match a.pair_format {
-        PairFormatArg::Tevatron => PairFormat::Tevatron,
-        PairFormatArg::Pair => PairFormat::Pair,
-        PairFormatArg::Auto => folder_format(enc.model_dir()),
-    };
-    match format {
-        PairFormat::Tevatron => tracing::info!(
-            "pairs in Tevatron's format: \"{} <query> {} <title> <text>\" as one text",
-            a.query_prefix,
-            a.passage_prefix
-        ),
-        PairFormat::Pair => tracing::info!(
-            "pairs as sentence-transformers' CrossEncoder gives them: (query, title and text) as \
-             a text pair with token types; --query_prefix and --passage_prefix apply only to \
-             Tevatron's format"
-        ),
-    }
-    let text = TextOptions {
-        max_len: a.rerank_max_len,
-        // Tevatron's prefixes are inside its formatted string; a text pair takes none.
-        prefix: String::new(),
-        append_eos: a.append_eos_token,
-        add_special_tokens: true,
-    };
+    let input = PairInput::new(
+        a.pair_format,
+        &enc,
+        &a.query_prefix,
+        &a.passage_prefix,
+        a.rerank_max_len,
+        a.append_eos_token,
+    );
     let bar = progress::bar(Some(total as u64), "pairs", a.quiet);
     let mut log = progress::LogProgress::new(total, "pairs", a.quiet);
     let start = std::time::Instant::now();
@@ -237,7 +268,7 @@ pub fn run(a: &RerankArgs) -> Result<()> {
         if chunk.is_empty() {
             break;
         }
-        let (ids, types) = tokenize(&enc, &chunk, &text, format, a)?;
+        let (ids, types) = input.tokenize(&enc, &chunk)?;
         let scores = enc.embed_typed(&ids, types.as_deref(), &batches)?;
         bar.inc(chunk.len() as u64);
         log.advance(chunk.len());

@@ -1,6 +1,8 @@
-//! `tevatron train`: Tevatron's `driver.train` flags → a validated [`TrainConfig`], the model
-//! loaded trainable, the data indexed for random access, then the library's loop with a
-//! progress bar.
+//! `tevatron train` and `tevatron train-reranker`: Tevatron's `driver.train` (with
+//! `--distillation`, `driver.train_distil`) and `reranker.driver.train` flags → a validated
+//! [`TrainConfig`], the model loaded trainable (a cross-encoder with its score head for
+//! rerankers), the data indexed for random access, then the library's loop with a progress
+//! bar.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -232,7 +232,7 @@ impl Group {
     }
 
     /// The sum over ranks of each tensor (DDP's all-reduce before its division by the world
-    /// size; see [`crate::step::micro_step`] for why no division is needed here). Sums are
+    /// size; see [`crate::step::step`] for why no division is needed here). Sums are
     /// taken in f64 in rank order, so every rank gets the same bits.
     pub fn all_reduce_sum(&self, tensors: Vec<Tensor>) -> Result<Vec<Tensor>> {
         let Some(t) = &self.transport else { return Ok(tensors) };
