@@ -326,10 +326,11 @@ pub enum PairFormatArg {
     Pair,
 }
 
-/// Flags of `tevatron rerank` (Tevatron's `reranker.driver.rerank`, plus a run as input).
+/// The cross-encoder flags `rerank` and `annotate` share: the model, how a pair becomes its
+/// input, batches, precision and device.
 #[derive(Debug, Args)]
 #[command(rename_all = "snake_case")]
-pub struct RerankArgs {
+pub struct CrossEncoderFlags {
     /// Cross-encoder folder or Hugging Face hub id (a `*ForSequenceClassification` model).
     #[arg(long)]
     pub model_name_or_path: String,
@@ -339,25 +340,6 @@ pub struct RerankArgs {
     /// Hugging Face hub cache folder.
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
-    /// The rerank input (`--dataset_path`): rows of `{query_id, query, docid, title, text}`.
-    #[command(flatten)]
-    pub data: DatasetFlags,
-    /// Instead of a rerank input: a run (TREC or Tevatron's `qid docid score`) whose top
-    /// `--rerank_depth` documents per query are rescored, with --query_path and --corpus_path.
-    #[arg(long)]
-    pub run_path: Option<PathBuf>,
-    /// Queries of the run (`{query_id, query_text | query}`; JSONL, .jsonl.gz or Parquet).
-    #[arg(long)]
-    pub query_path: Option<PathBuf>,
-    /// Corpus of the run (`{docid, title?, text}`; JSONL, .jsonl.gz or Parquet).
-    #[arg(long)]
-    pub corpus_path: Option<PathBuf>,
-    /// Documents rescored per query of --run_path (default 100).
-    #[arg(long)]
-    pub rerank_depth: Option<usize>,
-    /// Output: `qid<TAB>docid<TAB>score`, each query's lines by descending score.
-    #[arg(long)]
-    pub rerank_output_path: PathBuf,
     /// Maximum tokens of a pair, special tokens (and an appended EOS) included.
     #[arg(long, default_value_t = 512)]
     pub rerank_max_len: usize,
@@ -389,6 +371,34 @@ pub struct RerankArgs {
     /// visible, else the CPU).
     #[arg(long)]
     pub device: Option<String>,
+}
+
+/// Flags of `tevatron rerank` (Tevatron's `reranker.driver.rerank`, plus a run as input).
+#[derive(Debug, Args)]
+#[command(rename_all = "snake_case")]
+pub struct RerankArgs {
+    /// The cross-encoder: model, pair format, lengths, batches, precision, device.
+    #[command(flatten)]
+    pub model: CrossEncoderFlags,
+    /// The rerank input (`--dataset_path`): rows of `{query_id, query, docid, title, text}`.
+    #[command(flatten)]
+    pub data: DatasetFlags,
+    /// Instead of a rerank input: a run (TREC or Tevatron's `qid docid score`) whose top
+    /// `--rerank_depth` documents per query are rescored, with --query_path and --corpus_path.
+    #[arg(long)]
+    pub run_path: Option<PathBuf>,
+    /// Queries of the run (`{query_id, query_text | query}`; JSONL, .jsonl.gz or Parquet).
+    #[arg(long)]
+    pub query_path: Option<PathBuf>,
+    /// Corpus of the run (`{docid, title?, text}`; JSONL, .jsonl.gz or Parquet).
+    #[arg(long)]
+    pub corpus_path: Option<PathBuf>,
+    /// Documents rescored per query of --run_path (default 100).
+    #[arg(long)]
+    pub rerank_depth: Option<usize>,
+    /// Output: `qid<TAB>docid<TAB>score`, each query's lines by descending score.
+    #[arg(long)]
+    pub rerank_output_path: PathBuf,
     /// Accepted and unused, as in Tevatron's rerank driver.
     #[arg(long)]
     pub output_dir: Option<PathBuf>,
@@ -401,15 +411,9 @@ pub struct RerankArgs {
 #[derive(Debug, Args)]
 #[command(rename_all = "snake_case")]
 pub struct AnnotateArgs {
-    /// The teacher: a cross-encoder folder or hub id (what `tevatron rerank` takes).
-    #[arg(long)]
-    pub model_name_or_path: String,
-    /// Tokenizer folder or hub id, when it differs from the model's.
-    #[arg(long)]
-    pub tokenizer_name: Option<String>,
-    /// Hugging Face hub cache folder.
-    #[arg(long)]
-    pub cache_dir: Option<PathBuf>,
+    /// The cross-encoder: model, pair format, lengths, batches, precision, device.
+    #[command(flatten)]
+    pub model: CrossEncoderFlags,
     /// The training file (either of Tevatron's forms): `--dataset_name`, `--dataset_path`, ...
     #[command(flatten)]
     pub data: DatasetFlags,
@@ -423,37 +427,6 @@ pub struct AnnotateArgs {
     /// --max_negatives; default: all).
     #[arg(long)]
     pub max_negatives: Option<usize>,
-    /// Maximum tokens of a pair, special tokens (and an appended EOS) included.
-    #[arg(long, default_value_t = 512)]
-    pub rerank_max_len: usize,
-    /// Put before the query inside the pair (Tevatron's format_pair).
-    #[arg(long, default_value = "query:")]
-    pub query_prefix: String,
-    /// Put before the title and passage inside the pair.
-    #[arg(long, default_value = "passage:")]
-    pub passage_prefix: String,
-    /// Tevatron's one string, sentence-transformers' text pair, or the folder's kind (as for
-    /// `rerank`).
-    #[arg(long, value_enum, default_value = "auto")]
-    pub pair_format: PairFormatArg,
-    /// Truncate to max_len-1 and append the EOS token (decoder rerankers).
-    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
-    pub append_eos_token: bool,
-    /// Pad each batch to its longest pair rounded up to a multiple of this.
-    #[arg(long, default_value_t = 16)]
-    pub pad_to_multiple_of: usize,
-    /// Pairs per batch.
-    #[arg(long, default_value_t = 8)]
-    pub per_device_eval_batch_size: usize,
-    /// Compute in float16.
-    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
-    pub fp16: bool,
-    /// Compute in bfloat16.
-    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
-    pub bf16: bool,
-    /// Where to run: cpu, cuda or cuda:N.
-    #[arg(long)]
-    pub device: Option<String>,
     /// No progress bar, warnings only.
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub quiet: bool,

@@ -274,30 +274,7 @@ impl PreparedTokenizer {
         } else {
             texts.iter().map(|t| format!("{}{t}", self.opts.prefix)).collect()
         };
-        // The tokenizers crate trusts its file: a tokenizer.json that deserialises but is
-        // inconsistent (a post-processor template naming a special token the file does not
-        // define) panics while encoding. That is reported as an error on the file.
-        let encodings = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.tokenizer.encode_batch(inputs, self.opts.add_special_tokens)
-        }))
-        .map_err(|panic| Error::Tokenizer {
-            path: self.path.clone(),
-            message: format!(
-                "the tokenizer failed ({}); the file is inconsistent",
-                panic_message(panic.as_ref())
-            ),
-        })?
-        .map_err(|e| Error::Tokenizer { path: self.path.clone(), message: e.to_string() })?;
-        Ok(encodings
-            .into_iter()
-            .map(|e| {
-                let mut ids = e.get_ids().to_vec();
-                if self.opts.append_eos {
-                    ids.push(self.eos_id.expect("checked in prepare"));
-                }
-                ids
-            })
-            .collect())
+        Ok(self.encode(inputs)?.into_iter().map(|(ids, _)| ids).collect())
     }
 
     /// Tokenizes text pairs as transformers' tokenizer does for `tokenizer(first, second,
@@ -312,6 +289,22 @@ impl PreparedTokenizer {
             .iter()
             .map(|(a, b)| (format!("{}{a}", self.opts.prefix), b.clone()).into())
             .collect();
+        let mut out = self.encode(inputs)?;
+        if !self.token_types {
+            out.iter_mut().for_each(|(_, types)| types.fill(0));
+        }
+        Ok(out)
+    }
+
+    /// Encodes inputs in parallel into ids and token types, with the EOS appended when asked
+    /// (its token type that of the token before). The tokenizers crate trusts its file: a
+    /// tokenizer.json that deserialises but is inconsistent (a post-processor template naming a
+    /// special token the file does not define) panics while encoding. That is reported as an
+    /// error on the file.
+    fn encode<'s, I>(&self, inputs: Vec<I>) -> Result<Vec<(Vec<u32>, Vec<u32>)>>
+    where
+        I: Into<tokenizers::EncodeInput<'s>> + Send,
+    {
         let encodings = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             self.tokenizer.encode_batch(inputs, self.opts.add_special_tokens)
         }))
@@ -326,9 +319,7 @@ impl PreparedTokenizer {
         Ok(encodings
             .into_iter()
             .map(|e| {
-                let mut ids = e.get_ids().to_vec();
-                let mut types =
-                    if self.token_types { e.get_type_ids().to_vec() } else { vec![0; ids.len()] };
+                let (mut ids, mut types) = (e.get_ids().to_vec(), e.get_type_ids().to_vec());
                 if self.opts.append_eos {
                     ids.push(self.eos_id.expect("checked in prepare"));
                     types.push(types.last().copied().unwrap_or(0));

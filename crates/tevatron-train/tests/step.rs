@@ -310,15 +310,17 @@ fn a_distillation_step_is_the_kl_of_its_representations() {
     let f = fixture();
     let enc = encoder(Pooling::Mean, true, DType::F64, false);
     let teacher = [2.0f32, -1.0, 0.5, 0.25, -3.0, 1.5];
+    // The reference: the model's representations with their graph (the training forward,
+    // dropout off: candle's fused inference norm has no F64), the loss from them, autograd.
     let reps = |seqs: &[Vec<u32>]| {
         let rows: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
         let b = collate(&rows, 0, 16, PaddingSide::Right, &Device::Cpu).unwrap();
-        // The training forward (dropout is off): candle's fused inference norm has no F64.
         let t = tevatron_model::Training::new(None, 0);
-        enc.encode(&b, tevatron_model::Mode::Train(&t)).unwrap().detach()
+        enc.encode(&b, tevatron_model::Mode::Train(&t)).unwrap()
     };
     let (q, p) = (reps(&f.queries), reps(&f.passages));
     let t = Tensor::new(&teacher, &Device::Cpu).unwrap().reshape((3, 2)).unwrap();
+    let vars = enc.varmap().unwrap().all_vars();
     for weight in [0.0, 0.5] {
         let d = Distillation {
             student_temperature: 0.1,
@@ -326,10 +328,12 @@ fn a_distillation_step_is_the_kl_of_its_representations() {
             contrastive_weight: weight,
         };
         let o = StepOptions { distillation: Some(d), ..opts(0.05) };
-        let mut want = distillation(&q, &p, &t, 0.1, 2.0).unwrap().to_scalar::<f64>().unwrap();
-        want += weight * contrastive(&q, &p, 0.05).unwrap().to_scalar::<f64>().unwrap();
-        let vars = enc.varmap().unwrap().all_vars();
-        let mut acc = Accumulator::new(vars);
+        let reference = (distillation(&q, &p, &t, 0.1, 2.0).unwrap()
+            + (contrastive(&q, &p, 0.05).unwrap() * weight).unwrap())
+        .unwrap();
+        let want = reference.to_scalar::<f64>().unwrap();
+        let want_grads = reference.backward().unwrap();
+        let mut acc = Accumulator::new(vars.clone());
         let inputs = Inputs::Retriever {
             queries: &f.queries,
             passages: &f.passages,
@@ -341,6 +345,14 @@ fn a_distillation_step_is_the_kl_of_its_representations() {
             "weight {weight}: {} vs {want}",
             out.loss
         );
+        let mut compared = 0;
+        for (var, got) in vars.iter().zip(acc.take().unwrap()) {
+            let Some(w) = want_grads.get(var.as_tensor()) else { continue };
+            let d = max_abs_diff_f64(&got, w).unwrap() / max_abs(w).unwrap().max(1e-6);
+            assert!(d <= 1e-8, "weight {weight}: a gradient differs by {d} (relative)");
+            compared += 1;
+        }
+        assert!(compared > 10, "only {compared} gradients compared");
         // Without a teacher the same options train contrastively.
         let plain = Inputs::Retriever { queries: &f.queries, passages: &f.passages, teacher: None };
         let mut acc = Accumulator::new(Vec::new());

@@ -14,7 +14,7 @@ use tevatron_ir::atomic::AtomicFile;
 use tevatron_ir::rerank::RerankPair;
 use tevatron_train::data::{Corpus, FullRow, Passage, TrainData};
 
-use super::rerank::{load_reranker, PairInput, RerankerFlags};
+use super::rerank::{load_reranker, PairInput};
 use crate::args::AnnotateArgs;
 use crate::progress;
 
@@ -47,17 +47,7 @@ fn passage_json(p: &Passage, score: f32) -> Value {
 
 /// Runs `tevatron annotate`.
 pub fn run(a: &AnnotateArgs) -> Result<()> {
-    let (enc, batches) = load_reranker(&RerankerFlags {
-        model: &a.model_name_or_path,
-        tokenizer: a.tokenizer_name.as_deref(),
-        cache_dir: a.cache_dir.as_deref(),
-        fp16: a.fp16,
-        bf16: a.bf16,
-        device: a.device.as_deref(),
-        batch_size: a.per_device_eval_batch_size,
-        max_len: a.rerank_max_len,
-        pad_to_multiple_of: a.pad_to_multiple_of,
-    })?;
+    let (enc, batches) = load_reranker(&a.model)?;
     let files = a.data.files().context("resolving the training data")?;
     let cache = super::train::index_cache(a.data.dataset_cache_dir.as_deref());
     let corpus = match a.corpus.files(a.data.dataset_cache_dir.as_deref())? {
@@ -66,14 +56,7 @@ pub fn run(a: &AnnotateArgs) -> Result<()> {
     };
     // Group size 1: every row is read whole, negatives or not.
     let data = TrainData::open(&files, corpus, &cache, 1, 0)?;
-    let input = PairInput::new(
-        a.pair_format,
-        &enc,
-        &a.query_prefix,
-        &a.passage_prefix,
-        a.rerank_max_len,
-        a.append_eos_token,
-    );
+    let input = PairInput::new(&a.model, &enc);
     let keep = a.max_negatives.unwrap_or(usize::MAX);
     let bar = progress::bar(Some(data.len() as u64), "rows", a.quiet);
     let mut log = progress::LogProgress::new(data.len(), "rows", a.quiet);

@@ -12,7 +12,7 @@ use tevatron_ir::rerank::{pairs_from_run, write_reranked, PairReader, RerankPair
 use tevatron_model::encoder::{BatchOptions, EMBED_CHUNK};
 use tevatron_model::{Encoder, EncoderOptions, PaddingSide, ScoreHeadOptions, TextOptions};
 
-use crate::args::{PairFormatArg, RerankArgs};
+use crate::args::{CrossEncoderFlags, PairFormatArg, RerankArgs};
 use crate::progress;
 
 /// How pairs become model input, settled from the flag and the folder.
@@ -122,15 +122,9 @@ pub(super) struct PairInput {
 impl PairInput {
     /// Settles the format from `--pair_format` and the folder (logging which), with the
     /// prefixes of Tevatron's format, `--rerank_max_len` and `--append_eos_token`.
-    pub(super) fn new(
-        arg: PairFormatArg,
-        enc: &Encoder,
-        query_prefix: &str,
-        passage_prefix: &str,
-        max_len: usize,
-        append_eos: bool,
-    ) -> Self {
-        let format = match arg {
+    pub(super) fn new(f: &CrossEncoderFlags, enc: &Encoder) -> Self {
+        let (query_prefix, passage_prefix) = (f.query_prefix.as_str(), f.passage_prefix.as_str());
+        let format = match f.pair_format {
             PairFormatArg::Tevatron => PairFormat::Tevatron,
             PairFormatArg::Pair => PairFormat::Pair,
             PairFormatArg::Auto => folder_format(enc.model_dir()),
@@ -145,10 +139,10 @@ impl PairInput {
             ),
         }
         let text = TextOptions {
-            max_len,
+            max_len: f.rerank_max_len,
             // Tevatron's prefixes are inside its formatted string; a text pair takes none.
             prefix: String::new(),
-            append_eos,
+            append_eos: f.append_eos_token,
             add_special_tokens: true,
         };
         let (query_prefix, passage_prefix) = (query_prefix.to_string(), passage_prefix.to_string());
@@ -185,30 +179,16 @@ impl PairInput {
     }
 }
 
-/// The flags `rerank` and `annotate` share: the cross-encoder, its precision, device and
-/// batches.
-pub(super) struct RerankerFlags<'a> {
-    pub model: &'a str,
-    pub tokenizer: Option<&'a str>,
-    pub cache_dir: Option<&'a Path>,
-    pub fp16: bool,
-    pub bf16: bool,
-    pub device: Option<&'a str>,
-    pub batch_size: usize,
-    pub max_len: usize,
-    pub pad_to_multiple_of: usize,
-}
-
 /// Loads a cross-encoder for scoring (a folder without a head is refused), with the batches
 /// its pairs are scored in.
-pub(super) fn load_reranker(f: &RerankerFlags) -> Result<(Encoder, BatchOptions)> {
+pub(super) fn load_reranker(f: &CrossEncoderFlags) -> Result<(Encoder, BatchOptions)> {
     if f.fp16 && f.bf16 {
         bail!("--fp16 and --bf16 are exclusive");
     }
-    if f.batch_size == 0 {
+    if f.per_device_eval_batch_size == 0 {
         bail!("--per_device_eval_batch_size must be at least 1");
     }
-    let device = tevatron_model::device::select(f.device)?;
+    let device = tevatron_model::device::select(f.device.as_deref())?;
     let dtype = if f.fp16 {
         DType::F16
     } else if f.bf16 {
@@ -222,10 +202,15 @@ pub(super) fn load_reranker(f: &RerankerFlags) -> Result<(Encoder, BatchOptions)
         score_head: Some(ScoreHeadOptions { init_missing: false, seed: 0 }),
         ..EncoderOptions::default()
     };
-    let enc = super::load_encoder(f.model, f.tokenizer, f.cache_dir, &opts)?;
+    let enc = super::load_encoder(
+        &f.model_name_or_path,
+        f.tokenizer_name.as_deref(),
+        f.cache_dir.as_deref(),
+        &opts,
+    )?;
     let batches = BatchOptions::for_encoding(
-        f.batch_size,
-        f.max_len,
+        f.per_device_eval_batch_size,
+        f.rerank_max_len,
         f.pad_to_multiple_of,
         PaddingSide::Right,
         &device,
@@ -239,25 +224,8 @@ pub fn run(a: &RerankArgs) -> Result<()> {
     if total == 0 {
         bail!("there are no pairs to rerank");
     }
-    let (enc, batches) = load_reranker(&RerankerFlags {
-        model: &a.model_name_or_path,
-        tokenizer: a.tokenizer_name.as_deref(),
-        cache_dir: a.cache_dir.as_deref(),
-        fp16: a.fp16,
-        bf16: a.bf16,
-        device: a.device.as_deref(),
-        batch_size: a.per_device_eval_batch_size,
-        max_len: a.rerank_max_len,
-        pad_to_multiple_of: a.pad_to_multiple_of,
-    })?;
-    let input = PairInput::new(
-        a.pair_format,
-        &enc,
-        &a.query_prefix,
-        &a.passage_prefix,
-        a.rerank_max_len,
-        a.append_eos_token,
-    );
+    let (enc, batches) = load_reranker(&a.model)?;
+    let input = PairInput::new(&a.model, &enc);
     let bar = progress::bar(Some(total as u64), "pairs", a.quiet);
     let mut log = progress::LogProgress::new(total, "pairs", a.quiet);
     let start = std::time::Instant::now();
