@@ -331,6 +331,10 @@ pub enum PairFormatArg {
 #[derive(Debug, Args)]
 #[command(rename_all = "snake_case")]
 pub struct CrossEncoderFlags {
+    /// A PEFT LoRA adapter of a cross-encoder (task SEQ_CLS, its score head saved whole), folder
+    /// or hub id, trained on --model_name_or_path: merged before scoring.
+    #[arg(long)]
+    pub lora_name_or_path: Option<String>,
     /// Cross-encoder folder or Hugging Face hub id (a `*ForSequenceClassification` model).
     #[arg(long)]
     pub model_name_or_path: String,

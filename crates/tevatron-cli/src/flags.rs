@@ -225,8 +225,6 @@ const NOT_FOR_RERANKERS: &[Foreign] = &[
     refused("distil_temperature", One, "distillation trains a retriever: tevatron train --distillation"),
     refused("distil_teacher_temperature", One, "distillation trains a retriever: tevatron train --distillation"),
     refused("distil_contrastive_weight", One, "distillation trains a retriever: tevatron train --distillation"),
-    only("lora", Bool, FALSE, "LoRA rerankers (PEFT SEQ_CLS adapters, whose score head is saved as modules_to_save) are not supported yet; train the full model"),
-    refused("lora_name_or_path", One, "LoRA rerankers are not supported yet; train the full model"),
 ];
 
 /// Flags of `train-reranker` that mean nothing for a retriever: `train` refuses them.

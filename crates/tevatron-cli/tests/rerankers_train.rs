@@ -229,3 +229,71 @@ fn each_training_command_refuses_the_others_flags() {
     fails_with(run(dir.path(), &args), "--rerank_max_len is not supported");
     assert!(!dir.path().join("x").exists());
 }
+
+/// A LoRA reranker on the tiny Llama (RankLLaMA's flags): PEFT's adapter folder with the score
+/// head, resumed from a checkpoint to the same adapter, and scored by `tevatron rerank
+/// --lora_name_or_path`.
+#[test]
+fn a_lora_reranker_trains_resumes_and_reranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (llama, data) = (path("testdata/tiny/llama"), path("testdata/train/tiny.jsonl"));
+    let args = |out: &'static str| {
+        let mut a = reranker_args(out, &llama, &data);
+        a.extend([
+            "--lora",
+            "--lora_r",
+            "4",
+            "--lora_target_modules",
+            "q_proj,v_proj",
+            "--append_eos_token",
+            "--rerank_max_len",
+            "32",
+        ]);
+        a.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let call = |a: Vec<String>| {
+        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+        run(dir.path(), &refs)
+    };
+    ok(call(args("a")));
+    let a = dir.path().join("a");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["task_type"], "SEQ_CLS");
+    let b = dir.path().join("b/checkpoint-2");
+    std::fs::create_dir_all(&b).unwrap();
+    for e in std::fs::read_dir(a.join("checkpoint-2")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), b.join(e.file_name())).unwrap();
+    }
+    ok(call(args("b")));
+    let weights = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
+    assert!(weights(&a) == weights(&dir.path().join("b")), "resumed adapter differs");
+    std::fs::write(
+        dir.path().join("in.jsonl"),
+        "{\"query_id\": \"1\", \"query\": \"naive cafe\", \"docid\": \"a\", \"title\": \"\", \"text\": \"cafe\"}\n",
+    )
+    .unwrap();
+    let a_str = a.to_string_lossy().into_owned();
+    ok(run(
+        dir.path(),
+        &[
+            "rerank",
+            "--model_name_or_path",
+            &llama,
+            "--lora_name_or_path",
+            &a_str,
+            "--dataset_path",
+            "in.jsonl",
+            "--append_eos_token",
+            "--rerank_max_len",
+            "32",
+            "--rerank_output_path",
+            "r.txt",
+        ],
+    ));
+    let line = std::fs::read_to_string(dir.path().join("r.txt")).unwrap();
+    let score: f64 = line.trim().split('\t').nth(2).unwrap().parse().unwrap();
+    assert!(score.is_finite(), "{line}");
+}

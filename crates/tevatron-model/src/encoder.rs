@@ -178,12 +178,16 @@ pub struct Encoder {
     weights_dir: PathBuf,
     tokenizer_dir: PathBuf,
     defaults: DefaultsSource,
-    /// Trainable LoRA adapters and their settings; saved in PEFT's format.
-    adapters: Option<(LoraConfig, Vec<TrainableAdapter>)>,
+    /// Trainable LoRA adapters and their settings, and a cross-encoder's score head trained
+    /// whole beside them; saved in PEFT's format.
+    adapters: Option<(LoraConfig, Vec<TrainableAdapter>, Vec<HeadVar>)>,
     /// A cross-encoder's score head, which replaces pooling, and the head weights that were
     /// initialised because the folder had none.
     head: Option<(ScoreHead, SequenceClassification, Vec<String>)>,
 }
+
+/// A cross-encoder's score-head weight trained whole beside LoRA adapters: its name and variable.
+type HeadVar = (String, candle_core::Var);
 
 /// Task heads that are not part of the base model a retriever trains (MLM, classification).
 const HEAD_PREFIXES: &[&str] = &[
@@ -239,6 +243,17 @@ fn read_st_modules(dir: &Path) -> Result<Option<StModules>> {
         }
     }
     Ok(Some(st))
+}
+
+/// What an adapter's module names start with: nothing for a retriever (PEFT on the base model),
+/// the family prefix for a cross-encoder (PEFT on its `*ForSequenceClassification` model names
+/// `model.layers…`, `bert.encoder…`).
+fn adapter_prefix(config: &ModelConfig, cross_encoder: bool) -> &'static str {
+    if cross_encoder {
+        config.weight_prefixes().first().copied().unwrap_or_default()
+    } else {
+        ""
+    }
 }
 
 /// Settles a cross-encoder's head before the weights become variables: the family's layout,
@@ -375,24 +390,10 @@ impl Encoder {
         }
 
         let mut tensors = weights::load(&weights_dir, config.weight_prefixes(), &opts.device)?;
-        let head_plan = match opts.score_head {
-            Some(head_opts) => {
-                Some(plan_head(&config, &config_path, &mut tensors, head_opts, &opts.device)?)
-            }
-            None => None,
-        };
-        if head_plan.is_some() && opts.lora.is_some() {
-            return Err(Error::Invalid(
-                "LoRA cross-encoders are not supported yet (PEFT's SEQ_CLS adapters keep the \
-                 score head as modules_to_save, which this build does not read or write); train \
-                 and rerank with the full model"
-                    .into(),
-            ));
-        }
         let plan = opts
             .lora
             .as_ref()
-            .map(|l| LoraPlan::new(l, opts.dtype, &opts.device))
+            .map(|l| LoraPlan::new(l, opts.dtype, &opts.device, config.weight_prefixes()))
             .transpose()?
             .map(|mut p| {
                 if opts.disable_dropout {
@@ -400,6 +401,43 @@ impl Encoder {
                 }
                 p
             });
+        // A cross-encoder's head: a SEQ_CLS adapter's trained head replaces the base's.
+        let head_plan = match opts.score_head {
+            Some(head_opts) => {
+                if let Some(plan) = &plan {
+                    for (name, t) in plan.saved_modules() {
+                        tensors.insert(name.clone(), t.to_device(&opts.device)?);
+                    }
+                }
+                Some(plan_head(&config, &config_path, &mut tensors, head_opts, &opts.device)?)
+            }
+            None => None,
+        };
+        // Training LoRA on a cross-encoder trains its score head whole, as PEFT's SEQ_CLS task
+        // does (`modules_to_save`: `classifier`, `score`); the rest of the head stays frozen,
+        // so a part of it that had to be initialised would stay random and unsaved.
+        let mut head_vars = Vec::new();
+        if let (Some((spec, _, initialised)), Some(plan)) = (&head_plan, &plan) {
+            if opts.trainable && !plan.merges() {
+                let whole =
+                    |n: &str| lora::SEQ_CLS_MODULES.iter().any(|m| n.starts_with(&format!("{m}.")));
+                if let Some(frozen) = initialised.iter().find(|n| !whole(n)) {
+                    return Err(Error::Invalid(format!(
+                        "{}: the base model has no {frozen}, which LoRA would leave frozen at its random start (PEFT's SEQ_CLS adapters save only {}); train the full model instead",
+                        model_dir.display(),
+                        lora::SEQ_CLS_MODULES.join(" and ")
+                    )));
+                }
+                for (name, _) in head::weight_shapes(spec.layout, config.hidden_size()) {
+                    if whole(&name) {
+                        let t = tensors[&name].to_dtype(opts.dtype)?;
+                        let var = candle_core::Var::from_tensor(&t)?;
+                        tensors.insert(name.clone(), var.as_tensor().clone());
+                        head_vars.push((name, var));
+                    }
+                }
+            }
+        }
         // Trainable weights are variables; the backbone is built over their tensors (same ids, so
         // gradients reach them), and only the names it asked for are kept in the VarMap. With
         // LoRA the base stays frozen: only the adapters become variables.
@@ -442,17 +480,23 @@ impl Encoder {
             plan.check_matched()?;
             plan.check_adapter_fits()?;
             if opts.trainable && !plan.merges() {
-                adapters = Some((plan.config.clone(), plan.built()));
+                adapters = Some((plan.config.clone(), plan.built(), head_vars));
             }
         }
         let mut unused = std::collections::BTreeMap::new();
-        let varmap = if let Some((_, built)) = &adapters {
+        let varmap = if let Some((_, built, head_vars)) = &adapters {
             let vm = VarMap::new();
             {
+                // Named as the saved adapter names them (checkpoints resume by these names).
+                let prefix = adapter_prefix(&config, head.is_some());
                 let mut data = vm.data().lock().expect("fresh varmap lock");
                 for t in built {
-                    data.insert(lora::peft_name(&t.module, 'A'), t.a.clone());
-                    data.insert(lora::peft_name(&t.module, 'B'), t.b.clone());
+                    let module = format!("{prefix}{}", t.module);
+                    data.insert(lora::peft_name(&module, 'A'), t.a.clone());
+                    data.insert(lora::peft_name(&module, 'B'), t.b.clone());
+                }
+                for (name, var) in head_vars {
+                    data.insert(format!("base_model.model.{name}"), var.clone());
                 }
             }
             Some(vm)
@@ -584,12 +628,24 @@ impl Encoder {
     /// `PeftModel.from_pretrained(base, dir)` and `--lora_name_or_path dir` load.
     pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
         copy_tokenizer_files(&self.tokenizer_dir, dir)?;
-        if let Some((config, built)) = &self.adapters {
+        if let Some((config, built, head_vars)) = &self.adapters {
+            let prefix = adapter_prefix(&self.config, self.head.is_some());
             let modules: Vec<(String, Tensor, Tensor)> = built
                 .iter()
-                .map(|t| (t.module.clone(), t.a.as_tensor().clone(), t.b.as_tensor().clone()))
+                .map(|t| {
+                    let (a, b) = (t.a.as_tensor().clone(), t.b.as_tensor().clone());
+                    (format!("{prefix}{}", t.module), a, b)
+                })
                 .collect();
-            return lora::save_adapter(dir, config, &base_model_name(&self.model_dir), &modules);
+            let head: Vec<(String, Tensor)> =
+                head_vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+            return lora::save_adapter(
+                dir,
+                config,
+                &base_model_name(&self.model_dir),
+                &modules,
+                &head,
+            );
         }
         if let Some((head, spec, _)) = &self.head {
             return self.save_cross_encoder(dir, head, *spec);

@@ -74,13 +74,21 @@ pub fn peft_name(module: &str, which: char) -> String {
     format!("base_model.model.{module}.lora_{which}.weight")
 }
 
-/// A saved adapter: its settings and the `(A, B)` pair of each module.
+/// A saved adapter: its settings, the `(A, B)` pair of each module, and the whole modules PEFT
+/// trains beside them (`modules_to_save`: a `SEQ_CLS` adapter's score head).
 pub struct Adapter {
     /// `adapter_config.json`.
     pub config: LoraConfig,
     /// Module path (without PEFT's `base_model.model.` and any `model.` prefix) → `(A, B)`.
     pub modules: HashMap<String, (Tensor, Tensor)>,
+    /// Weight name (without PEFT's `base_model.model.`, e.g. `score.weight`) → its trained
+    /// value, for the modules `adapter_config.json` lists in `modules_to_save`.
+    pub saved_modules: HashMap<String, Tensor>,
 }
+
+/// The modules PEFT's `SEQ_CLS` task trains whole and saves in the adapter: the score heads of
+/// transformers' sequence-classification classes.
+pub const SEQ_CLS_MODULES: [&str; 2] = ["classifier", "score"];
 
 impl Adapter {
     /// Reads a PEFT adapter folder.
@@ -130,8 +138,23 @@ impl Adapter {
         tevatron_ir::safetensors_check::check_file(&weights).map_err(|e| cannot_read(&e))?;
         let tensors =
             candle_core::safetensors::load(&weights, device).map_err(|e| cannot_read(&e))?;
+        let to_save: Vec<String> = raw
+            .get("modules_to_save")
+            .and_then(|v| v.as_array())
+            .map(|a| a.iter().filter_map(|m| m.as_str().map(str::to_owned)).collect())
+            .unwrap_or_default();
         let mut halves: HashMap<String, (Option<Tensor>, Option<Tensor>)> = HashMap::new();
+        let mut saved_modules = HashMap::new();
         for (name, t) in tensors {
+            let whole = name.strip_prefix("base_model.model.").filter(|n| {
+                let n = n.strip_suffix(".weight").or_else(|| n.strip_suffix(".bias")).unwrap_or(n);
+                !n.contains(".lora_")
+                    && to_save.iter().any(|m| n == m || n.starts_with(&format!("{m}.")))
+            });
+            if let Some(whole) = whole {
+                saved_modules.insert(whole.to_string(), t);
+                continue;
+            }
             let module = name
                 .strip_prefix("base_model.model.")
                 .map(|m| m.strip_prefix("model.").unwrap_or(m))
@@ -167,7 +190,7 @@ impl Adapter {
                 }
             }
         }
-        Ok(Self { config, modules })
+        Ok(Self { config, modules, saved_modules })
     }
 }
 
@@ -225,16 +248,24 @@ fn merged(w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> candle_core::Result
 }
 
 /// Writes `adapter_config.json` and `adapter_model.safetensors` (F32) into `dir`, as PEFT does,
-/// from `(module path, A, B)` triples.
+/// from `(module path, A, B)` triples, and, for a cross-encoder, the score head's weights
+/// (`saved`, named as the model names them): PEFT's `SEQ_CLS` task, whose `modules_to_save`
+/// are saved whole.
 pub fn save_adapter(
     dir: &Path,
     config: &LoraConfig,
     base_model: &str,
     modules: &[(String, Tensor, Tensor)],
+    saved: &[(String, Tensor)],
 ) -> Result<()> {
+    let (task, to_save) = if saved.is_empty() {
+        ("FEATURE_EXTRACTION", serde_json::Value::Null)
+    } else {
+        ("SEQ_CLS", serde_json::json!(SEQ_CLS_MODULES))
+    };
     let config_json = serde_json::json!({
         "peft_type": "LORA",
-        "task_type": "FEATURE_EXTRACTION",
+        "task_type": task,
         "base_model_name_or_path": base_model,
         "r": config.r,
         "lora_alpha": config.lora_alpha,
@@ -244,7 +275,7 @@ pub fn save_adapter(
         "fan_in_fan_out": false,
         "inference_mode": true,
         "init_lora_weights": true,
-        "modules_to_save": null,
+        "modules_to_save": to_save,
         "use_rslora": config.use_rslora,
         "use_dora": false,
         "layers_to_transform": null,
@@ -261,6 +292,9 @@ pub fn save_adapter(
         tensors.push((peft_name(module, 'A'), a.to_dtype(DType::F32)?));
         tensors.push((peft_name(module, 'B'), b.to_dtype(DType::F32)?));
     }
+    for (name, t) in saved {
+        tensors.push((format!("base_model.model.{name}"), t.to_dtype(DType::F32)?));
+    }
     crate::weights::save(&dir.join("adapter_model.safetensors"), tensors)
 }
 
@@ -271,6 +305,8 @@ pub struct LoraPlan {
     pub config: LoraConfig,
     merge: bool,
     start: HashMap<String, (Tensor, Tensor)>,
+    /// A loaded adapter's whole modules (a `SEQ_CLS` adapter's score head).
+    saved_modules: HashMap<String, Tensor>,
     seed: u64,
     dtype: DType,
     device: Device,
@@ -305,14 +341,25 @@ pub struct LoraWeights {
 }
 
 impl LoraPlan {
-    /// Resolves the options: reads the adapter folder when one is given.
-    pub fn new(opts: &LoraOptions, dtype: DType, device: &Device) -> Result<Self> {
-        let (config, start) = match &opts.source {
+    /// Resolves the options: reads the adapter folder when one is given. A module name that
+    /// starts with one of the model family's `prefixes` (a `SEQ_CLS` adapter names
+    /// `bert.encoder…`, the backbone `encoder…`) is read without it.
+    pub fn new(
+        opts: &LoraOptions,
+        dtype: DType,
+        device: &Device,
+        prefixes: &[&str],
+    ) -> Result<Self> {
+        let (config, start, saved_modules) = match &opts.source {
             AdapterSource::Saved(dir) => {
                 let adapter = Adapter::load(dir, device)?;
-                (adapter.config, adapter.modules)
+                let strip = |m: String| {
+                    prefixes.iter().find_map(|p| m.strip_prefix(p).map(str::to_owned)).unwrap_or(m)
+                };
+                let modules = adapter.modules.into_iter().map(|(m, ab)| (strip(m), ab)).collect();
+                (adapter.config, modules, adapter.saved_modules)
             }
-            AdapterSource::Fresh(config) => (config.clone(), HashMap::new()),
+            AdapterSource::Fresh(config) => (config.clone(), HashMap::new(), HashMap::new()),
         };
         if config.r == 0 {
             return Err(Error::Invalid("--lora_r must be at least 1".into()));
@@ -321,6 +368,7 @@ impl LoraPlan {
             config,
             merge: opts.merge,
             start,
+            saved_modules,
             seed: opts.seed,
             dtype,
             device: device.clone(),
@@ -431,6 +479,12 @@ impl LoraPlan {
     /// Whether adapters are folded into the base weights.
     pub fn merges(&self) -> bool {
         self.merge
+    }
+
+    /// The whole modules a loaded adapter carries (a `SEQ_CLS` adapter's score head), by the
+    /// model's weight names.
+    pub fn saved_modules(&self) -> &HashMap<String, Tensor> {
+        &self.saved_modules
     }
 }
 

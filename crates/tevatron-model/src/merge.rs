@@ -18,6 +18,12 @@ use crate::{weights, Error, Result};
 pub fn write_merged(base_dir: &Path, adapter_dir: &Path, out: &Path) -> Result<()> {
     let config = ModelConfig::read(&base_dir.join("config.json"))?;
     let adapter = Adapter::load(adapter_dir, &Device::Cpu)?;
+    if !adapter.saved_modules.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{}: a cross-encoder's adapter (PEFT's SEQ_CLS, with its score head): tevatron rerank and annotate take it with --lora_name_or_path; merging it into a standalone folder is not supported",
+            adapter_dir.display()
+        )));
+    }
     let mut tensors = weights::load(base_dir, &[], &Device::Cpu)?;
     merge_into(&mut tensors, &adapter, config.weight_prefixes())?;
     let mut tmp = out.as_os_str().to_owned();

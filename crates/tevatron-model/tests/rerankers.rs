@@ -260,3 +260,103 @@ fn a_decoder_head_skips_the_pad_id_as_transformers_does() {
             .unwrap();
     assert_eq!(saved["pad_token_id"], eos);
 }
+
+fn lora(
+    source: tevatron_model::lora::AdapterSource,
+    merge: bool,
+) -> tevatron_model::lora::LoraOptions {
+    tevatron_model::lora::LoraOptions { source, merge, seed: 9 }
+}
+
+/// A PEFT `SEQ_CLS` adapter (LoRA on q/v plus the score head saved whole, made by
+/// `scripts/fixtures/make_reranker_lora.py`) on the tiny Llama scores as PEFT does; an adapter
+/// trained here is written with PEFT's names, task and `modules_to_save`, and reads back.
+#[test]
+fn lora_reranker_adapters_score_as_peft_and_are_written_as_peft_writes_them() {
+    use tevatron_model::lora::{AdapterSource, LoraConfig};
+    let adapter = dir("llama-lora");
+    let (exp, _) = expected("llama");
+    let ids: Vec<Vec<u32>> = serde_json::from_value(exp["ids"].clone()).unwrap();
+    let merged = EncoderOptions {
+        lora: Some(lora(AdapterSource::Saved(adapter.clone()), true)),
+        ..reranker_options(false)
+    };
+    // The base has no head: the adapter's is used.
+    let enc = Encoder::load(&tiny_dir("llama"), None, &merged).unwrap();
+    let got = enc.embed_sequences(&ids, &batches()).unwrap();
+    let want =
+        candle_core::safetensors::load(adapter.join("expected.safetensors"), &Device::Cpu).unwrap();
+    let d = max_abs_diff_of(&got, &logits(&want["logits"]));
+    assert!(d <= SCORE_ATOL, "PEFT's scores differ by {d}");
+
+    // Training a fresh adapter: the head is trained whole and saved with the adapters.
+    let config = LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        lora_dropout: 0.0,
+        target_modules: vec!["q_proj".into(), "v_proj".into()],
+        use_rslora: false,
+    };
+    let fresh = EncoderOptions {
+        trainable: true,
+        lora: Some(lora(AdapterSource::Fresh(config), false)),
+        ..reranker_options(true)
+    };
+    let trained = Encoder::load(&tiny_dir("llama"), None, &fresh).unwrap();
+    let vars: Vec<String> =
+        trained.varmap().unwrap().data().lock().unwrap().keys().cloned().collect();
+    assert!(vars.contains(&"base_model.model.score.weight".to_string()), "{vars:?}");
+    let out = tempfile::tempdir().unwrap();
+    trained.save_pretrained(out.path()).unwrap();
+    let names = |p: PathBuf| {
+        let mut n: Vec<String> =
+            candle_core::safetensors::load(p, &Device::Cpu).unwrap().into_keys().collect();
+        n.sort();
+        n
+    };
+    assert_eq!(
+        names(out.path().join("adapter_model.safetensors")),
+        names(adapter.join("adapter_model.safetensors")),
+        "the tensors PEFT writes"
+    );
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["task_type"], "SEQ_CLS");
+    assert_eq!(cfg["modules_to_save"], serde_json::json!(["classifier", "score"]));
+    // Read back and merged, it scores as the model that wrote it (B is still zero).
+    let texts = ["what is a dense retriever".to_string(), "inner product".to_string()];
+    let t = TextOptions::default();
+    let back = EncoderOptions {
+        lora: Some(lora(AdapterSource::Saved(out.path().to_path_buf()), true)),
+        ..reranker_options(false)
+    };
+    let reread = Encoder::load(&tiny_dir("llama"), None, &back).unwrap();
+    let (a, b) = (trained.embed(&texts, &t, 2).unwrap(), reread.embed(&texts, &t, 2).unwrap());
+    assert!(max_abs_diff_of(&a, &b) <= SCORE_ATOL, "{a:?} vs {b:?}");
+    // BERT's pooler is frozen under LoRA: a base without one is refused.
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(tiny_dir("bert").join(f), tmp.path().join(f)).unwrap();
+    }
+    let mut w =
+        candle_core::safetensors::load(tiny_dir("bert").join("model.safetensors"), &Device::Cpu)
+            .unwrap();
+    w.retain(|k, _| !k.starts_with("pooler."));
+    candle_core::safetensors::save(&w, tmp.path().join("model.safetensors")).unwrap();
+    let bert_lora = LoraConfig {
+        target_modules: vec!["query".into()],
+        r: 2,
+        lora_alpha: 4.0,
+        lora_dropout: 0.0,
+        use_rslora: false,
+    };
+    let opts = EncoderOptions {
+        trainable: true,
+        lora: Some(lora(AdapterSource::Fresh(bert_lora), false)),
+        ..reranker_options(true)
+    };
+    let err = Encoder::load(tmp.path(), None, &opts).err().unwrap().to_string();
+    assert!(err.contains("pooler.dense.weight") && err.contains("train the full model"), "{err}");
+}

@@ -200,6 +200,11 @@ pub(super) fn load_reranker(f: &CrossEncoderFlags) -> Result<(Encoder, BatchOpti
         dtype,
         device: device.clone(),
         score_head: Some(ScoreHeadOptions { init_missing: false, seed: 0 }),
+        lora: f
+            .lora_name_or_path
+            .as_deref()
+            .map(|l| super::merged_adapter(l, f.cache_dir.as_deref()))
+            .transpose()?,
         ..EncoderOptions::default()
     };
     let enc = super::load_encoder(
