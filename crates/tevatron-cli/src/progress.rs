@@ -61,7 +61,16 @@ impl LogProgress {
     fn line(&self, secs: f64) -> String {
         let rate = (self.done - self.before) as f64 / secs.max(1e-9);
         let eta = (self.total.saturating_sub(self.done)) as f64 / rate.max(1e-9);
-        format!("{}/{} {} ({rate:.1}/s, ETA {eta:.0} s)", self.done, self.total, self.unit)
+        // Three significant digits at most, so that a slow rate (a training step every 30 s)
+        // does not read 0.0/s.
+        let digits = if rate >= 10.0 {
+            1
+        } else if rate >= 0.1 {
+            2
+        } else {
+            3
+        };
+        format!("{}/{} {} ({rate:.digits$}/s, ETA {eta:.0} s)", self.done, self.total, self.unit)
     }
 
     /// Counts `n` more items and logs if 30 seconds passed since the last line.
@@ -84,6 +93,10 @@ mod tests {
         let mut p = LogProgress::new(80, "steps", true);
         p.resume_at(60);
         p.advance(10);
-        assert_eq!(p.line(20.0), "70/80 steps (0.5/s, ETA 20 s)");
+        assert_eq!(p.line(20.0), "70/80 steps (0.50/s, ETA 20 s)");
+        // Slow and fast rates keep their digits.
+        assert_eq!(p.line(400.0), "70/80 steps (0.025/s, ETA 400 s)");
+        p.advance(4);
+        assert_eq!(p.line(0.5), "74/80 steps (28.0/s, ETA 0 s)");
     }
 }
