@@ -113,16 +113,7 @@ fn the_mistral_recipe_trains_an_adapter_that_encode_merges() {
     assert_eq!((config["r"].as_u64(), config["lora_alpha"].as_f64()), (Some(16), Some(64.0)));
     assert_eq!(config["target_modules"].as_array().unwrap().len(), 7);
     // 24 rows / 4 = 6 micro-batches, 2 per step: 3 logged steps with a finite loss.
-    let state: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(Path::new(&out).join("trainer_state.json")).unwrap(),
-    )
-    .unwrap();
-    let losses: Vec<f64> = state["log_history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|e| e["loss"].as_f64())
-        .collect();
+    let losses = common::logged_losses(Path::new(&out));
     assert_eq!(losses.len(), 3);
     assert!(losses.iter().all(|l| l.is_finite() && *l > 0.0), "{losses:?}");
 

@@ -9,7 +9,7 @@
 use std::path::Path;
 
 mod common;
-use common::{fails_with, ok, repo, tevatron};
+use common::{copy_dir, fails_with, logged_losses, ok, repo, tevatron};
 
 fn path(rel: &str) -> String {
     repo().join(rel).to_string_lossy().into_owned()
@@ -60,28 +60,14 @@ fn a_base_model_trains_into_a_reranker_that_resumes_and_reranks() {
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(a.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["architectures"][0], "BertForSequenceClassification");
-    let state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(a.join("trainer_state.json")).unwrap())
-            .unwrap();
-    let losses: Vec<f64> = state["log_history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|e| e["loss"].as_f64())
-        .collect();
+    let losses = logged_losses(&a);
     assert_eq!(losses.len(), 4);
     // Groups of 3: a fresh head starts near ln 3.
     assert!((losses[0] - 3f64.ln()).abs() < 0.05, "{losses:?}");
 
     // Resuming from checkpoint-2 (its base weights saved under `bert.`) ends on the same weights.
     let b = dir.path().join("b");
-    std::fs::create_dir_all(&b).unwrap();
-    let ckpt = b.join("checkpoint-2");
-    std::fs::create_dir_all(&ckpt).unwrap();
-    for e in std::fs::read_dir(a.join("checkpoint-2")).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), ckpt.join(e.file_name())).unwrap();
-    }
+    copy_dir(&a.join("checkpoint-2"), &b.join("checkpoint-2"));
     let out = run(dir.path(), &reranker_args("b", &bert, &data));
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
     ok(out);
@@ -261,12 +247,7 @@ fn a_lora_reranker_trains_resumes_and_reranks() {
         serde_json::from_str(&std::fs::read_to_string(a.join("adapter_config.json")).unwrap())
             .unwrap();
     assert_eq!(cfg["task_type"], "SEQ_CLS");
-    let b = dir.path().join("b/checkpoint-2");
-    std::fs::create_dir_all(&b).unwrap();
-    for e in std::fs::read_dir(a.join("checkpoint-2")).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), b.join(e.file_name())).unwrap();
-    }
+    copy_dir(&a.join("checkpoint-2"), &dir.path().join("b/checkpoint-2"));
     ok(call(args("b")));
     let weights = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
     assert!(weights(&a) == weights(&dir.path().join("b")), "resumed adapter differs");

@@ -44,3 +44,20 @@ pub fn names(dir: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// The losses a training output logged (`trainer_state.json`'s `log_history`), in order.
+pub fn logged_losses(out: &Path) -> Vec<f64> {
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap())
+            .unwrap();
+    state["log_history"].as_array().unwrap().iter().filter_map(|e| e["loss"].as_f64()).collect()
+}
+
+/// Copies the files of folder `from` into a new folder `to` (a checkpoint to resume from).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
