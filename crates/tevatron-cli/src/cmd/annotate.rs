@@ -56,7 +56,7 @@ pub fn run(a: &AnnotateArgs) -> Result<()> {
     };
     // Group size 1: every row is read whole, negatives or not.
     let data = TrainData::open(&files, corpus, &cache, 1, 0)?;
-    let input = PairInput::new(&a.model, &enc);
+    let input = PairInput::new(&a.model, &enc)?;
     let keep = a.max_negatives.unwrap_or(usize::MAX);
     let bar = progress::bar(Some(data.len() as u64), "rows", a.quiet);
     let mut log = progress::LogProgress::new(data.len(), "rows", a.quiet);
@@ -81,7 +81,7 @@ pub fn run(a: &AnnotateArgs) -> Result<()> {
                 })
             })
             .collect();
-        let (ids, types) = input.tokenize(&enc, &pairs)?;
+        let (ids, types) = input.tokenize(&pairs)?;
         let scores = enc.embed_typed(&ids, types.as_deref(), &batches)?;
         let mut at = scores.iter().copied();
         for (item, r) in items.clone().zip(&rows) {

@@ -10,6 +10,7 @@ use candle_core::DType;
 use tevatron_ir::records::count_rows;
 use tevatron_ir::rerank::{pairs_from_run, write_reranked, PairReader, RerankPair, RunPairs};
 use tevatron_model::encoder::{BatchOptions, EMBED_CHUNK};
+use tevatron_model::text::PreparedTokenizer;
 use tevatron_model::{Encoder, EncoderOptions, PaddingSide, ScoreHeadOptions, TextOptions};
 
 use crate::args::{CrossEncoderFlags, PairFormatArg, RerankArgs};
@@ -116,13 +117,14 @@ pub(super) struct PairInput {
     format: PairFormat,
     query_prefix: String,
     passage_prefix: String,
-    text: TextOptions,
+    /// The tokenizer set up once for `--rerank_max_len` and `--append_eos_token`.
+    tokenizer: PreparedTokenizer,
 }
 
 impl PairInput {
     /// Settles the format from `--pair_format` and the folder (logging which), with the
     /// prefixes of Tevatron's format, `--rerank_max_len` and `--append_eos_token`.
-    pub(super) fn new(f: &CrossEncoderFlags, enc: &Encoder) -> Self {
+    pub(super) fn new(f: &CrossEncoderFlags, enc: &Encoder) -> Result<Self> {
         let (query_prefix, passage_prefix) = (f.query_prefix.as_str(), f.passage_prefix.as_str());
         let format = match f.pair_format {
             PairFormatArg::Tevatron => PairFormat::Tevatron,
@@ -146,12 +148,13 @@ impl PairInput {
             add_special_tokens: true,
         };
         let (query_prefix, passage_prefix) = (query_prefix.to_string(), passage_prefix.to_string());
-        Self { format, query_prefix, passage_prefix, text }
+        let tokenizer = enc.tokenizer().prepare(&text)?;
+        Ok(Self { format, query_prefix, passage_prefix, tokenizer })
     }
 
     /// Token ids (and token types, for text pairs) of a chunk of pairs.
-    pub(super) fn tokenize(&self, enc: &Encoder, pairs: &[RerankPair]) -> Result<Tokenized> {
-        let tok = enc.tokenizer().prepare(&self.text)?;
+    pub(super) fn tokenize(&self, pairs: &[RerankPair]) -> Result<Tokenized> {
+        let tok = &self.tokenizer;
         Ok(match self.format {
             PairFormat::Tevatron => {
                 let texts: Vec<String> = pairs
@@ -230,7 +233,7 @@ pub fn run(a: &RerankArgs) -> Result<()> {
         bail!("there are no pairs to rerank");
     }
     let (enc, batches) = load_reranker(&a.model)?;
-    let input = PairInput::new(&a.model, &enc);
+    let input = PairInput::new(&a.model, &enc)?;
     let bar = progress::bar(Some(total as u64), "pairs", a.quiet);
     let mut log = progress::LogProgress::new(total, "pairs", a.quiet);
     let start = std::time::Instant::now();
@@ -241,7 +244,7 @@ pub fn run(a: &RerankArgs) -> Result<()> {
         if chunk.is_empty() {
             break;
         }
-        let (ids, types) = input.tokenize(&enc, &chunk)?;
+        let (ids, types) = input.tokenize(&chunk)?;
         let scores = enc.embed_typed(&ids, types.as_deref(), &batches)?;
         bar.inc(chunk.len() as u64);
         log.advance(chunk.len());
