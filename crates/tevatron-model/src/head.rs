@@ -207,18 +207,12 @@ impl ScoreHead {
     /// 0 when there is none, where transformers' `argmax` over an all-zero row lands).
     fn last_token(&self, hidden: &Tensor, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let (b, l, h) = hidden.dims3()?;
-        let ids = ids.to_dtype(DType::U32)?.to_device(&Device::Cpu)?.to_vec2::<u32>()?;
-        let mask = mask.to_dtype(DType::U32)?.to_device(&Device::Cpu)?.to_vec2::<u32>()?;
-        let idx: Vec<u32> = ids
-            .iter()
-            .zip(&mask)
-            .map(|(row, m)| {
-                (0..l).rev().find(|&j| m[j] != 0 && row[j] != self.pad_id).unwrap_or(0) as u32
-            })
-            .collect();
-        let idx = Tensor::from_vec(idx, (b, 1, 1), hidden.device())?
-            .broadcast_as((b, 1, h))?
-            .contiguous()?;
+        // transformers' `(arange(l) * non_pad).argmax(-1)`, computed where the batch lives.
+        let real = mask.ne(0u32)?.to_dtype(DType::U32)?;
+        let not_pad = ids.ne(self.pad_id)?.to_dtype(DType::U32)?;
+        let positions = Tensor::arange(0u32, l as u32, ids.device())?.unsqueeze(0)?;
+        let idx = positions.broadcast_mul(&(real * not_pad)?)?.argmax_keepdim(1)?;
+        let idx = idx.reshape((b, 1, 1))?.broadcast_as((b, 1, h))?.contiguous()?;
         hidden.gather(&idx, 1)?.squeeze(1)
     }
 }
