@@ -24,6 +24,7 @@ impl Cli {
         match &self.command {
             Command::Encode(a) => a.quiet,
             Command::Search(a) => a.quiet,
+            Command::Index(a) => a.quiet,
             Command::Train(a) | Command::TrainReranker(a) => a.quiet,
             Command::Mine(a) => a.quiet,
             Command::Rerank(a) => a.quiet,
@@ -47,8 +48,11 @@ pub enum Command {
     TrainReranker(Box<TrainArgs>),
     /// Encode queries or a corpus into an embeddings file (safetensors).
     Encode(Box<EncodeArgs>),
-    /// Exact inner-product search of query embeddings over passage embeddings.
+    /// Exact inner-product search of query embeddings over passage embeddings, or a scan of
+    /// their int8 or binary codes with exact rescoring (--quantize).
     Search(SearchArgs),
+    /// Write the int8 or binary codes of passage embeddings, for `search --quantize`.
+    Index(IndexArgs),
     /// Evaluate a run against qrels with trec_eval's semantics.
     Eval(EvalArgs),
     /// Convert Tevatron's `qid docid score` ranking to TREC or MS MARCO format.
@@ -303,6 +307,11 @@ pub struct EncodeArgs {
     /// Element type of the written embeddings (f32 unless you want smaller files).
     #[arg(long, value_enum, default_value = "f32")]
     pub embedding_dtype: VecDTypeArg,
+    /// Keep the first N dimensions of each embedding (re-normalised when the model normalises):
+    /// a Matryoshka model's smaller representation. Warns when the model was not trained with
+    /// --matryoshka_dims including N.
+    #[arg(long)]
+    pub truncate_dim: Option<usize>,
     /// Accepted and unused, as in Tevatron's encode driver.
     #[arg(long)]
     pub output_dir: Option<PathBuf>,
@@ -534,6 +543,14 @@ pub struct TrainArgs {
     /// as Tevatron's).
     #[arg(long)]
     pub distil_contrastive_weight: Option<f64>,
+    /// Matryoshka training: the loss on each of these prefix widths of the representation
+    /// (comma-separated, e.g. 384,192,96; sentence-transformers' MatryoshkaLoss), weighted and
+    /// summed; `encode`/`search --truncate_dim` then cut the vectors to one of them.
+    #[arg(long, value_delimiter = ',')]
+    pub matryoshka_dims: Vec<usize>,
+    /// With --matryoshka_dims: the weight of each width's loss (default 1 each).
+    #[arg(long, value_delimiter = ',')]
+    pub matryoshka_weights: Vec<f64>,
     /// Truncate to max_len-1 and append the EOS token.
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub append_eos_token: bool,
@@ -757,6 +774,59 @@ pub struct SearchArgs {
     /// Keep the GPU index in f32 (the default GPU index is f16, as Tevatron's).
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub gpu_float32: bool,
+    /// Scan int8 or binary codes of the passages, then rescore the best
+    /// `depth x --rescore_multiplier` with the full-precision vectors (on the CPU).
+    #[arg(long, value_enum)]
+    pub quantize: Option<QuantizeArg>,
+    /// The codes `tevatron index` wrote, one file per passage shard (a quoted glob); without
+    /// it, --quantize builds them in memory from --passage_reps.
+    #[arg(long)]
+    pub compact_reps: Option<String>,
+    /// Search on the first N dimensions of the query and passage vectors (re-normalised when
+    /// the files say the model normalises; the passages' cut is held in memory). Warns when
+    /// the vectors' model was not trained with --matryoshka_dims including N.
+    #[arg(long)]
+    pub truncate_dim: Option<usize>,
+    /// Candidates rescored per query, as a multiple of --depth (sentence-transformers' rescore
+    /// multiplier); at least 1.
+    #[arg(long, default_value_t = 4.0)]
+    pub rescore_multiplier: f64,
+    /// No progress output.
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub quiet: bool,
+}
+
+/// `--quantize` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum QuantizeArg {
+    /// One byte per dimension, per-dimension scales calibrated on the corpus.
+    Int8,
+    /// One bit per dimension (its sign), scored by Hamming distance.
+    Binary,
+}
+
+impl From<QuantizeArg> for tevatron_ir::quantize::Precision {
+    fn from(q: QuantizeArg) -> Self {
+        match q {
+            QuantizeArg::Int8 => Self::Int8,
+            QuantizeArg::Binary => Self::Binary,
+        }
+    }
+}
+
+/// Flags of `tevatron index`.
+#[derive(Debug, Args)]
+#[command(rename_all = "snake_case")]
+pub struct IndexArgs {
+    /// Passage embeddings glob, quoted (e.g. 'emb/corpus.*.safetensors'); expanded and sorted.
+    #[arg(long)]
+    pub passage_reps: String,
+    /// The compact form to write.
+    #[arg(long, value_enum)]
+    pub quantize: QuantizeArg,
+    /// Folder for the codes: `<shard stem>.<int8|binary>.safetensors` per shard.
+    #[arg(long)]
+    pub output_dir: PathBuf,
     /// No progress output.
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub quiet: bool,

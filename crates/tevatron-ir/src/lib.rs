@@ -2,7 +2,7 @@
 //!
 //! This crate holds everything that does not need a neural network: reading Tevatron's JSONL
 //! records ([`records`]), the on-disk embeddings format ([`vectors`]), exact inner-product search
-//! ([`search`]), TREC run and qrels I/O ([`trec`]) and trec_eval-equal metrics ([`metrics`]).
+//! ([`search`]), compact int8 and binary codes scanned and rescored ([`quantize`], [`compact`]), TREC run and qrels I/O ([`trec`]) and trec_eval-equal metrics ([`metrics`]).
 //! It builds in seconds, so search and evaluation can be tested and reused on their own.
 //!
 //! ```
@@ -18,11 +18,13 @@
 #![warn(missing_docs)]
 
 pub mod atomic;
+pub mod compact;
 pub mod error;
 pub mod fxhash;
 pub mod insuranceqa;
 pub mod metrics;
 pub mod mining;
+pub mod quantize;
 pub mod records;
 pub mod rerank;
 pub mod rows;

@@ -48,13 +48,13 @@ impl Ranking {
 }
 
 /// A bounded heap keeping the `k` best `(score, row)` pairs; its root is the worst kept.
-struct TopK {
+pub(crate) struct TopK {
     k: usize,
     heap: Vec<(f32, u32)>,
 }
 
 impl TopK {
-    fn new(k: usize) -> Self {
+    pub(crate) fn new(k: usize) -> Self {
         Self { k, heap: Vec::with_capacity(k.min(1 << 16)) }
     }
 
@@ -67,7 +67,7 @@ impl TopK {
     }
 
     #[inline]
-    fn push(&mut self, score: f32, row: u32, ids: &Ids) {
+    pub(crate) fn push(&mut self, score: f32, row: u32, ids: &Ids) {
         if self.heap.len() < self.k {
             self.heap.push((score, row));
             let mut i = self.heap.len() - 1;
@@ -279,7 +279,7 @@ fn scan_shard(
     Ok(out)
 }
 
-fn best_first(heap: TopK, ids: &Ids) -> Vec<(f32, u32)> {
+pub(crate) fn best_first(heap: TopK, ids: &Ids) -> Vec<(f32, u32)> {
     let mut hits: Vec<(f32, u32)> = heap.heap;
     hits.sort_by(|a, b| rank_cmp(a.0, || &ids[a.1 as usize], b.0, || &ids[b.1 as usize]));
     hits

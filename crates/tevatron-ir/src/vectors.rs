@@ -271,6 +271,24 @@ impl std::ops::Index<usize> for Ids {
 enum Storage {
     Mapped { map: memmap2::Mmap, start: usize, len: usize },
     Owned(Vec<u8>),
+    Floats(Vec<f32>),
+}
+
+/// The first `k` of each `dim`-wide row (row-major), re-normalised to unit length when
+/// `renormalize` (as `torch.nn.functional.normalize`: divided by `max(norm, 1e-12)`): a
+/// Matryoshka representation cut to `k` dimensions.
+pub fn truncate(rows: &[f32], dim: usize, k: usize, renormalize: bool) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows.len() / dim.max(1) * k);
+    for row in rows.chunks_exact(dim.max(1)) {
+        let cut = &row[..k.min(dim)];
+        let scale = if renormalize {
+            1.0 / cut.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12)
+        } else {
+            1.0
+        };
+        out.extend(cut.iter().map(|x| x * scale));
+    }
+    out
 }
 
 /// A memory-mapped embeddings file.
@@ -369,11 +387,41 @@ impl Vectors {
         &self.metadata
     }
 
+    /// These vectors cut to their first `k` dimensions (re-normalised when `renormalize`), held
+    /// in memory as F32 with the same ids, path and metadata (`truncate_dim` added).
+    pub fn truncated(&self, k: usize, renormalize: bool) -> Result<Vectors> {
+        if k == 0 || k > self.dim {
+            return Err(Error::Embeddings {
+                path: self.path.clone(),
+                what: format!("cannot be cut to {k} dimensions: its vectors have {}", self.dim),
+            });
+        }
+        let mut floats = Vec::with_capacity(self.rows * k);
+        let mut scratch = Vec::new();
+        for start in (0..self.rows).step_by(4096) {
+            let end = (start + 4096).min(self.rows);
+            let block = self.rows().block(self.dim, start, end, &mut scratch);
+            floats.extend(truncate(block, self.dim, k, renormalize));
+        }
+        let mut metadata = self.metadata.clone();
+        metadata.insert("truncate_dim".into(), k.to_string());
+        Ok(Vectors {
+            path: self.path.clone(),
+            storage: Storage::Floats(floats),
+            dtype: VecDType::F32,
+            rows: self.rows,
+            dim: k,
+            ids: std::sync::Arc::clone(&self.ids),
+            metadata,
+        })
+    }
+
     /// The rows, borrowed without copying.
     pub fn rows(&self) -> Rows<'_> {
         let bytes: &[u8] = match &self.storage {
             Storage::Mapped { map, start, len } => &map[*start..*start + *len],
             Storage::Owned(v) => v,
+            Storage::Floats(v) => bytemuck::cast_slice(v),
         };
         match self.dtype {
             VecDType::F32 => Rows::F32(bytemuck::cast_slice(bytes)),
@@ -427,6 +475,26 @@ mod tests {
             assert_eq!(v.metadata()["pooling"], "mean");
             assert_eq!(v.metadata()["dtype"], dtype.name().to_lowercase());
         }
+    }
+
+    #[test]
+    fn truncation_cuts_and_renormalises() {
+        let rows = [3.0f32, 4.0, 12.0, 0.0, 0.0, 5.0];
+        assert_eq!(truncate(&rows, 3, 2, false), [3.0, 4.0, 0.0, 0.0]);
+        assert_eq!(truncate(&rows, 3, 2, true), [0.6, 0.8, 0.0, 0.0], "a zero prefix stays zero");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("e.safetensors");
+        let mut w = VectorWriter::create(&path, 3, VecDType::BF16, BTreeMap::new()).unwrap();
+        w.push(&rows, &["a", "b"]).unwrap();
+        w.finish().unwrap();
+        let v = Vectors::open(&path).unwrap();
+        let e = v.truncated(4, true).err().unwrap().to_string();
+        assert!(e.ends_with("cannot be cut to 4 dimensions: its vectors have 3"), "{e}");
+        let t = v.truncated(2, true).unwrap();
+        assert_eq!((t.dim(), t.len(), t.dtype()), (2, 2, VecDType::F32));
+        assert_eq!(t.to_f32(), [0.6, 0.8, 0.0, 0.0]);
+        assert_eq!(t.ids().iter().collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(t.metadata()["truncate_dim"], "2");
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::loss::{contrastive, distillation, listwise};
 use crate::profile;
 
 /// How to compute a step.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct StepOptions {
     /// Logits are `scores / temperature`.
     pub temperature: f64,
@@ -42,6 +42,55 @@ pub struct StepOptions {
     pub autocast: Option<DType>,
     /// Distillation from teacher scores, for retriever batches that carry them.
     pub distillation: Option<Distillation>,
+    /// A retriever's loss taken on prefixes of its representations (Matryoshka).
+    pub matryoshka: Option<Matryoshka>,
+}
+
+/// Matryoshka representation learning (sentence-transformers' `MatryoshkaLoss`): the
+/// retriever's loss (contrastive, or distillation) is computed on the first `dims[i]`
+/// dimensions of the query and passage representations, times `weights[i]`, and summed, so
+/// that a prefix of the representation is a representation of its own.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Matryoshka {
+    /// Prefix widths, each at most the representation's width.
+    pub dims: Vec<usize>,
+    /// The weight of each width's loss (as many as `dims`).
+    pub weights: Vec<f64>,
+    /// Re-normalise each prefix to unit length (the model normalises its representations, so
+    /// a truncated one is re-normalised at search time too).
+    pub normalize: bool,
+}
+
+impl Matryoshka {
+    /// The loss `loss(q, p)` summed over the prefixes, weighted.
+    fn sum(
+        &self,
+        q: &Tensor,
+        p: &Tensor,
+        loss: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let width = q.dim(1)?;
+        let prefix = |t: &Tensor, dim: usize| -> Result<Tensor> {
+            let t = t.narrow(1, 0, dim)?;
+            if self.normalize {
+                tevatron_model::pooling::l2_normalize(&t)
+            } else {
+                Ok(t)
+            }
+        };
+        let mut total: Option<Tensor> = None;
+        for (&dim, &weight) in self.dims.iter().zip(&self.weights) {
+            if dim == 0 || dim > width {
+                candle_core::bail!("a Matryoshka width of {dim} for representations of {width}");
+            }
+            let l = (loss(&prefix(q, dim)?, &prefix(p, dim)?)? * weight)?;
+            total = Some(match total {
+                None => l,
+                Some(t) => (t + l)?,
+            });
+        }
+        total.ok_or_else(|| candle_core::Error::Msg("no Matryoshka width".into()))
+    }
 }
 
 /// How a retriever learns from a teacher's scores (Tevatron's `train_distil`).
@@ -265,17 +314,28 @@ fn objective(
         Inputs::Reranker { group: g, .. } => listwise(&gather(&outputs[0])?, g),
         Inputs::Retriever { teacher, queries, passages } => {
             let (q, p) = (gather(&outputs[0])?, gather(&outputs[1])?);
-            let (Some(scores), Some(d)) = (teacher, opts.distillation) else {
-                return contrastive(&q, &p, opts.temperature);
+            let teacher = match (teacher, opts.distillation) {
+                (Some(scores), Some(d)) => {
+                    let g = passages.len() / queries.len().max(1);
+                    let t = Tensor::from_slice(scores, (queries.len(), g), outputs[0].device())?;
+                    Some((gather(&t)?, d))
+                }
+                _ => None,
             };
-            let g = passages.len() / queries.len().max(1);
-            let device = outputs[0].device();
-            let teacher = gather(&Tensor::from_slice(scores, (queries.len(), g), device)?)?;
-            let kl = distillation(&q, &p, &teacher, d.student_temperature, d.teacher_temperature)?;
-            if d.contrastive_weight > 0.0 {
-                kl + (contrastive(&q, &p, opts.temperature)? * d.contrastive_weight)?
-            } else {
-                Ok(kl)
+            let loss = |q: &Tensor, p: &Tensor| {
+                let Some((teacher, d)) = &teacher else {
+                    return contrastive(q, p, opts.temperature);
+                };
+                let kl = distillation(q, p, teacher, d.student_temperature, d.teacher_temperature)?;
+                if d.contrastive_weight > 0.0 {
+                    kl + (contrastive(q, p, opts.temperature)? * d.contrastive_weight)?
+                } else {
+                    Ok(kl)
+                }
+            };
+            match &opts.matryoshka {
+                None => loss(&q, &p),
+                Some(m) => m.sum(&q, &p, loss),
             }
         }
     }
@@ -404,4 +464,77 @@ pub fn step(
     }
     profile::mark("second pass and backward", &device)?;
     Ok(StepOutput { loss: value })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    /// The Matryoshka loss written out in f64 without candle: for each width, the prefixes
+    /// (re-normalised or not), InfoNCE against each query's positive at `i * G`, weighted.
+    fn reference(q: &[Vec<f64>], p: &[Vec<f64>], m: &Matryoshka, temperature: f64) -> f64 {
+        let g = p.len() / q.len();
+        let cut = |v: &Vec<f64>, d: usize| {
+            let v = &v[..d];
+            let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
+            v.iter().map(|x| if m.normalize { x / norm } else { *x }).collect::<Vec<_>>()
+        };
+        let mut total = 0.0;
+        for (&d, &w) in m.dims.iter().zip(&m.weights) {
+            let mut loss = 0.0;
+            for (i, qi) in q.iter().enumerate() {
+                let qi = cut(qi, d);
+                let logits: Vec<f64> = p
+                    .iter()
+                    .map(|pj| {
+                        cut(pj, d).iter().zip(&qi).map(|(a, b)| a * b).sum::<f64>() / temperature
+                    })
+                    .collect();
+                let max = logits.iter().cloned().fold(f64::MIN, f64::max);
+                let lse = max + logits.iter().map(|l| (l - max).exp()).sum::<f64>().ln();
+                loss += lse - logits[i * g];
+            }
+            total += w * loss / q.len() as f64;
+        }
+        total
+    }
+
+    /// The loss equals the written-out formula, and its gradient a central finite difference,
+    /// with and without re-normalisation, at widths that include the full one.
+    #[test]
+    fn matryoshka_loss_and_gradient_match_the_formula() {
+        let (b, g, width, t) = (3, 2, 6, 0.5);
+        let value = |i: usize| ((i * 7919 % 113) as f64 - 56.0) / 40.0;
+        let q: Vec<Vec<f64>> =
+            (0..b).map(|i| (0..width).map(|j| value(i * width + j)).collect()).collect();
+        let p: Vec<Vec<f64>> =
+            (0..b * g).map(|i| (0..width).map(|j| value(1000 + i * width + j)).collect()).collect();
+        let flat = |rows: &[Vec<f64>]| rows.concat();
+        for normalize in [false, true] {
+            let m = Matryoshka { dims: vec![6, 3, 1], weights: vec![1.0, 0.5, 0.25], normalize };
+            let qt = Var::from_slice(&flat(&q), (b, width), &Device::Cpu).unwrap();
+            let pt = Tensor::from_slice(&flat(&p), (b * g, width), &Device::Cpu).unwrap();
+            let loss = m.sum(qt.as_tensor(), &pt, |q, p| contrastive(q, p, t)).unwrap();
+            let got = loss.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+            let want = reference(&q, &p, &m, t);
+            assert!((got - want).abs() < 1e-10, "normalize {normalize}: {got} vs {want}");
+            let grad =
+                loss.backward().unwrap().get(qt.as_tensor()).unwrap().to_vec2::<f64>().unwrap();
+            for (i, j) in [(0, 0), (1, 2), (2, 5), (0, 4)] {
+                let h = 1e-6;
+                let mut up = q.clone();
+                up[i][j] += h;
+                let mut down = q.clone();
+                down[i][j] -= h;
+                let fd = (reference(&up, &p, &m, t) - reference(&down, &p, &m, t)) / (2.0 * h);
+                assert!((grad[i][j] - fd).abs() < 1e-7, "d/dq[{i}][{j}]: {} vs {fd}", grad[i][j]);
+            }
+        }
+        // A width beyond the representation is an error, not a silent cut.
+        let q = Tensor::zeros((2, 4), DType::F64, &Device::Cpu).unwrap();
+        let m = Matryoshka { dims: vec![5], weights: vec![1.0], normalize: false };
+        let e = m.sum(&q, &q, |q, p| contrastive(q, p, 1.0)).unwrap_err().to_string();
+        assert!(e.contains("a Matryoshka width of 5 for representations of 4"), "{e}");
+    }
 }

@@ -15,7 +15,7 @@ use tevatron_train::data::TrainData;
 use tevatron_train::dist::{Group, LocalTransport};
 use tevatron_train::optim::AdamWConfig;
 use tevatron_train::schedule::ScheduleKind;
-use tevatron_train::step::{micro_step, Accumulator, StepOptions};
+use tevatron_train::step::{micro_step, Accumulator, Matryoshka, StepOptions};
 use tevatron_train::trainer::{train, TrainConfig};
 
 fn root() -> PathBuf {
@@ -114,11 +114,15 @@ fn ranks_give_the_loss_and_summed_gradients_of_the_union_batch() {
         padding_side: PaddingSide::Right,
         autocast: None,
         distillation: None,
+        matryoshka: None,
     };
+    // Matryoshka widths of the tiny BERT's 32, its loss on the gathered representations.
+    let matryoshka = Matryoshka { dims: vec![32, 8], weights: vec![1.0, 0.5], normalize: true };
     let strategies = [
+        ("grad_cache", StepOptions { grad_cache: Some((1, 2)), ..plain.clone() }),
+        ("checkpointing", StepOptions { checkpointing: true, ..plain.clone() }),
+        ("matryoshka", StepOptions { matryoshka: Some(matryoshka), ..plain.clone() }),
         ("plain", plain),
-        ("grad_cache", StepOptions { grad_cache: Some((1, 2)), ..plain }),
-        ("checkpointing", StepOptions { checkpointing: true, ..plain }),
     ];
     for (name, opts) in strategies {
         let (one, want) = split_step(&[3], &opts);
@@ -157,6 +161,7 @@ fn ranks_without_cross_rank_negatives_would_differ() {
         padding_side: PaddingSide::Right,
         autocast: None,
         distillation: None,
+        matryoshka: None,
     };
     let (_, want) = split_step(&[3], &opts);
     let (queries, passages) = batch();
@@ -203,6 +208,7 @@ fn config(out: &Path, batch_size: usize) -> TrainConfig {
             padding_side: PaddingSide::Right,
             autocast: None,
             distillation: None,
+            matryoshka: None,
         },
         args: serde_json::json!({}),
         validation: None,

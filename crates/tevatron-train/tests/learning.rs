@@ -55,6 +55,7 @@ fn losses(model: &str, opts: EncoderOptions, learning_rate: f64, append_eos: boo
             padding_side: PaddingSide::Right,
             autocast: None,
             distillation: None,
+            matryoshka: None,
         },
         args: serde_json::json!({}),
         validation: None,

@@ -61,6 +61,7 @@ fn opts() -> StepOptions {
         padding_side: PaddingSide::Right,
         autocast: None,
         distillation: None,
+        matryoshka: None,
     }
 }
 

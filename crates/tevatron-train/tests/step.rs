@@ -11,7 +11,7 @@ use tevatron_model::testing::{max_abs, max_abs_diff_f64};
 use tevatron_model::{Encoder, EncoderOptions, PaddingSide, Pooling};
 use tevatron_train::dist::Group;
 use tevatron_train::optim::{clip_grad_norm, AdamW, AdamWConfig};
-use tevatron_train::step::{micro_step, Accumulator, StepOptions};
+use tevatron_train::step::{micro_step, Accumulator, Matryoshka, StepOptions};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata")
@@ -87,6 +87,7 @@ fn opts(temperature: f64) -> StepOptions {
         padding_side: PaddingSide::Right,
         autocast: None,
         distillation: None,
+        matryoshka: None,
     }
 }
 
@@ -220,14 +221,29 @@ fn grad_cache_and_checkpointing_give_the_plain_gradients() {
     for model in MODELS {
         let f = fixture_of(model);
         let enc = encoder_of(model, Pooling::Mean, true, DType::F32, false);
-        grad_cache_and_checkpointing_agree(&enc, &f);
+        grad_cache_and_checkpointing_agree(&enc, &f, &opts(0.05));
     }
 }
 
-fn grad_cache_and_checkpointing_agree(enc: &Encoder, f: &Fixture) {
-    let (loss, _, plain) = step(enc, f, &opts(0.05));
+/// The Matryoshka loss is a function of the representations alone, so GradCache and
+/// checkpointing give its plain gradients too; and it is not the plain loss.
+#[test]
+fn matryoshka_under_grad_cache_and_checkpointing_gives_the_plain_gradients() {
+    let f = fixture_of(MODELS[0]);
+    let enc = encoder_of(MODELS[0], Pooling::Mean, true, DType::F32, false);
+    let width = enc.hidden_size();
+    let m = Matryoshka { dims: vec![width, width / 4], weights: vec![1.0, 0.5], normalize: true };
+    let o = StepOptions { matryoshka: Some(m), ..opts(0.05) };
+    grad_cache_and_checkpointing_agree(&enc, &f, &o);
+    let (with, _, _) = step(&enc, &f, &o);
+    let (without, _, _) = step(&enc, &f, &opts(0.05));
+    assert!((with - without).abs() > 1e-3 * without, "{with} vs {without}");
+}
+
+fn grad_cache_and_checkpointing_agree(enc: &Encoder, f: &Fixture, base: &StepOptions) {
+    let (loss, _, plain) = step(enc, f, base);
     for (gc, ckpt) in [(Some((1, 2)), false), (None, true), (Some((2, 4)), true)] {
-        let o = StepOptions { grad_cache: gc, checkpointing: ckpt, ..opts(0.05) };
+        let o = StepOptions { grad_cache: gc, checkpointing: ckpt, ..base.clone() };
         let (l, opt, grads) = step(enc, f, &o);
         assert!((l - loss).abs() < 1e-6 * loss, "{gc:?} {ckpt}: loss {l} vs {loss}");
         assert_eq!(grads.len(), plain.len());

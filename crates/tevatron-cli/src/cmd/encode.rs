@@ -7,7 +7,7 @@ use std::sync::mpsc;
 use anyhow::{bail, Result};
 use candle_core::DType;
 use tevatron_ir::records::{count_rows, shard_range, RecordKind, RecordStream};
-use tevatron_ir::vectors::{VecDType, VectorWriter};
+use tevatron_ir::vectors::{truncate, VecDType, VectorWriter};
 use tevatron_model::encoder::{BatchOptions, EMBED_CHUNK};
 use tevatron_model::{EncoderOptions, PaddingSide, TextOptions};
 
@@ -120,15 +120,30 @@ pub fn run(a: &EncodeArgs) -> Result<()> {
         encoder.normalize()
     );
 
+    let width = encoder.hidden_size();
+    let trained = super::matryoshka_widths(&a.model_name_or_path, a.encoding.cache_dir.as_deref());
+    if let Some(k) = a.truncate_dim {
+        if k == 0 || k > width {
+            bail!("--truncate_dim {k}: the model's embeddings have {width} dimensions");
+        }
+        super::warn_untrained_width(k, trained.as_deref(), &a.model_name_or_path);
+    }
     let mut meta = BTreeMap::new();
+    if let Some(dims) = &trained {
+        let dims: Vec<String> = dims.iter().map(usize::to_string).collect();
+        meta.insert("matryoshka_dims".to_string(), dims.join(","));
+    }
+    if let Some(k) = a.truncate_dim {
+        meta.insert("truncate_dim".to_string(), k.to_string());
+    }
     meta.insert("model".to_string(), a.model_name_or_path.clone());
     meta.insert("pooling".to_string(), encoder.pooling().name().to_string());
     meta.insert("normalize".to_string(), encoder.normalize().to_string());
     meta.insert("is_query".to_string(), a.encode_is_query.to_string());
     meta.insert("max_len".to_string(), cfg.text.max_len.to_string());
     meta.insert("prefix".to_string(), cfg.text.prefix.clone());
-    let mut writer =
-        VectorWriter::create(&a.encode_output_path, encoder.hidden_size(), cfg.out_dtype, meta)?;
+    let out_width = a.truncate_dim.unwrap_or(width);
+    let mut writer = VectorWriter::create(&a.encode_output_path, out_width, cfg.out_dtype, meta)?;
 
     let stream = RecordStream::open(cfg.files.clone(), cfg.kind).with_range(range);
     let (tx, rx) = mpsc::sync_channel::<Result<Chunk>>(2);
@@ -170,7 +185,10 @@ pub fn run(a: &EncodeArgs) -> Result<()> {
         let mut log = progress::LogProgress::new(rows, unit, a.quiet);
         for msg in rx {
             let (ids, seqs) = msg?;
-            let reps = encoder.embed_sequences(&seqs, &cfg.batch)?;
+            let mut reps = encoder.embed_sequences(&seqs, &cfg.batch)?;
+            if out_width < width {
+                reps = truncate(&reps, width, out_width, encoder.normalize());
+            }
             writer.push(&reps, &ids)?;
             bar.inc(ids.len() as u64);
             log.advance(ids.len());

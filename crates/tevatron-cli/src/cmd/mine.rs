@@ -316,6 +316,7 @@ fn embeddings(
                 dataset_number_of_shards: 1,
                 dataset_shard_index: 0,
                 embedding_dtype: VecDTypeArg::F32,
+                truncate_dim: None,
                 output_dir: None,
                 quiet: a.quiet,
                 disable_tqdm: false,

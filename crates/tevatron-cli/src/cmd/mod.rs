@@ -4,6 +4,7 @@ mod annotate;
 mod convert;
 mod encode;
 mod eval;
+mod index;
 mod mine;
 mod prepare;
 mod rerank;
@@ -26,6 +27,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::TrainReranker(a) => train::run(&a, true),
         Command::Encode(a) => encode::run(&a),
         Command::Search(a) => search::run(&a),
+        Command::Index(a) => index::run(&a),
         Command::Eval(a) => eval::run(&a),
         Command::Convert(a) => convert::run(&a),
         Command::Mine(a) => mine::run(&a),
@@ -48,6 +50,38 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// The widths a model was trained for with `--matryoshka_dims`, read from the
+/// `training_args.json` our trainer writes beside the model; `None` when there is no such
+/// record (a model from elsewhere, or trained without them).
+pub fn matryoshka_widths(model: &str, cache_dir: Option<&Path>) -> Option<Vec<usize>> {
+    let dir = tevatron_model::hub::resolve_model(model, cache_dir).ok()?;
+    let text = std::fs::read_to_string(dir.join("training_args.json")).ok()?;
+    let args: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let dims: Vec<usize> = args["matryoshka_dims"]
+        .as_array()?
+        .iter()
+        .filter_map(|d| d.as_u64().map(|d| d as usize))
+        .collect();
+    (!dims.is_empty()).then_some(dims)
+}
+
+/// Warns that cutting representations to `k` dimensions may cost much quality when the model
+/// (`what`) was not trained for that width.
+pub fn warn_untrained_width(k: usize, trained: Option<&[usize]>, what: &str) {
+    match trained {
+        Some(dims) if dims.contains(&k) => {}
+        Some(dims) => tracing::warn!(
+            "--truncate_dim {k}: {what} was trained with --matryoshka_dims {dims:?}, not {k}; \
+             a width it was not trained for can lose much of its quality"
+        ),
+        None => tracing::warn!(
+            "--truncate_dim {k}: there is no record that {what} was trained with \
+             --matryoshka_dims (tevatron train writes one); the vectors of a model not trained \
+             for truncation can lose much of their quality"
+        ),
     }
 }
 

@@ -1,11 +1,16 @@
 //! `tevatron search`: exact inner-product top-k of query embeddings over memory-mapped passage
-//! shards, written as Tevatron's TSV or a safetensors file.
+//! shards (or, with `--quantize`, a scan of their compact codes rescored exactly), written as
+//! Tevatron's TSV or a safetensors file.
 
 use std::collections::BTreeMap;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use safetensors::tensor::{Dtype, TensorView};
+use std::path::PathBuf;
+
+use tevatron_ir::compact::{search_compact, CompactShard};
+use tevatron_ir::quantize::{Kernels, Precision};
 use tevatron_ir::search::{check_dims, check_queries, merge_shards, search_shard, Ranking};
 use tevatron_ir::trec::{write_run, RunFormat};
 use tevatron_ir::vectors::{expand_glob, Ids, Vectors};
@@ -18,16 +23,57 @@ pub fn run(a: &SearchArgs) -> Result<()> {
         bail!("--depth must be at least 1");
     }
     let queries = Vectors::open(&a.query_reps).context("reading --query_reps")?;
+    let queries = match a.truncate_dim {
+        None => queries,
+        Some(k) => {
+            let trained = queries
+                .metadata()
+                .get("matryoshka_dims")
+                .map(|d| d.split(',').filter_map(|x| x.parse().ok()).collect::<Vec<usize>>());
+            let model = queries.metadata().get("model").cloned().unwrap_or_default();
+            super::warn_untrained_width(k, trained.as_deref(), &format!("the model {model:?}"));
+            if a.compact_reps.is_some() {
+                bail!("--compact_reps were made from the full vectors; with --truncate_dim, encode with --truncate_dim and index those, or leave --compact_reps out");
+            }
+            queries.truncated(k, normalized(&queries)).context("--truncate_dim")?
+        }
+    };
     let q = check_queries(&queries)?;
     let files = expand_glob(&a.passage_reps).context("resolving --passage_reps")?;
     let batch = if a.batch_size <= 0 { 0 } else { a.batch_size as usize };
     let dim = queries.dim();
-    let device = search_device(a)?;
+    let compact = compact_plan(a, &files)?;
+    let device = if compact.is_some() { Device::Cpu } else { search_device(a)? };
     let index_dtype = if a.gpu_float32 { DType::F32 } else { DType::F16 };
     let nq = queries.len();
     let depth = a.depth;
+    let kernels = Kernels::detect();
+    let reported = std::cell::Cell::new(None);
     let search = |shard: &Vectors| {
+        let cut;
+        let shard = match a.truncate_dim {
+            Some(k) if shard.dim() != k => {
+                cut = shard.truncated(k, normalized(shard))?;
+                &cut
+            }
+            _ => shard,
+        };
         check_dims(&queries, shard)?;
+        if let Some(plan) = &compact {
+            let codes = plan.codes_for(shard)?;
+            let (hits, report) = search_compact(
+                &q,
+                dim,
+                &codes,
+                shard,
+                depth,
+                batch,
+                a.rescore_multiplier,
+                kernels,
+            )?;
+            reported.set(Some(report));
+            return Ok(hits);
+        }
         match &device {
             Device::Cpu => search_shard(&q, dim, shard, depth, batch),
             gpu => tevatron_model::device_search::search_shard_on(
@@ -48,10 +94,23 @@ pub fn run(a: &SearchArgs) -> Result<()> {
         // Open and validate every shard before any work.
         let shards = files.iter().map(|f| Vectors::open(f)).collect::<Result<Vec<_>, _>>()?;
         for shard in &shards {
-            check_dims(&queries, shard)?;
+            match a.truncate_dim {
+                // Cut when searched; a shard narrower than the cut is refused then, by name.
+                Some(k) if shard.dim() >= k => {}
+                _ => check_dims(&queries, shard)?,
+            }
         }
         merge_shards(nq, shards.iter().map(Ok), depth, search)?
     };
+    if let Some(report) = reported.get() {
+        tracing::info!(
+            "scanned {} codes with the {} kernels; rescored {} candidates per query (last shard) \
+             with the full-precision vectors",
+            compact.as_ref().map_or("", |p| p.precision.name()),
+            report.kernels.name(),
+            report.candidates
+        );
+    }
     if !a.quiet {
         tracing::info!(
             "searched {} queries over {} shard(s) in {:.2}s",
@@ -70,6 +129,85 @@ pub fn run(a: &SearchArgs) -> Result<()> {
         write_safetensors(a, queries.ids(), &ranking)?;
     }
     Ok(())
+}
+
+/// What `--quantize` scans: each shard's codes from `--compact_reps` (paired with the passage
+/// files in sorted order, each checked against its shard's fingerprint) or built in memory.
+struct CompactPlan {
+    precision: Precision,
+    files: Option<Vec<(PathBuf, PathBuf)>>,
+}
+
+impl CompactPlan {
+    fn codes_for(&self, shard: &Vectors) -> tevatron_ir::Result<CompactShard> {
+        let Some(files) = &self.files else {
+            return CompactShard::build(shard, self.precision, None);
+        };
+        let Some((_, path)) = files.iter().find(|(p, _)| p == shard.path()) else {
+            return Err(tevatron_ir::Error::Invalid(format!(
+                "no --compact_reps file for {}",
+                shard.path().display()
+            )));
+        };
+        let codes = CompactShard::open(path, shard)?;
+        if codes.precision() != self.precision {
+            return Err(tevatron_ir::Error::Embeddings {
+                path: path.clone(),
+                what: format!(
+                    "holds {} codes, not the {} of --quantize",
+                    codes.precision().name(),
+                    self.precision.name()
+                ),
+            });
+        }
+        Ok(codes)
+    }
+}
+
+fn compact_plan(a: &SearchArgs, passages: &[PathBuf]) -> Result<Option<CompactPlan>> {
+    let Some(quantize) = a.quantize else {
+        if a.compact_reps.is_some() {
+            bail!("--compact_reps is read by --quantize int8|binary, which is not given");
+        }
+        return Ok(None);
+    };
+    if !(a.rescore_multiplier >= 1.0 && a.rescore_multiplier.is_finite()) {
+        bail!("--rescore_multiplier must be a number of at least 1, not {}", a.rescore_multiplier);
+    }
+    if a.device.as_deref().is_some_and(|d| d != "cpu") {
+        bail!(
+            "--quantize scans on the CPU; --device {} cannot be used with it",
+            a.device.as_deref().unwrap_or("")
+        );
+    }
+    if a.gpu_float32 {
+        tracing::info!("--gpu_float32 has no effect: --quantize searches on the CPU");
+    }
+    let files = match &a.compact_reps {
+        None => {
+            tracing::info!(
+                "quantizing the passages in memory (tevatron index writes the codes once for every search)"
+            );
+            None
+        }
+        Some(glob) => {
+            let codes = expand_glob(glob).context("resolving --compact_reps")?;
+            if codes.len() != passages.len() {
+                bail!(
+                    "--compact_reps names {} file(s) for {} --passage_reps shard(s)",
+                    codes.len(),
+                    passages.len()
+                );
+            }
+            Some(passages.iter().cloned().zip(codes).collect())
+        }
+    };
+    Ok(Some(CompactPlan { precision: quantize.into(), files }))
+}
+
+/// Whether an embeddings file says its model normalises (so that a cut is re-normalised).
+fn normalized(v: &Vectors) -> bool {
+    v.metadata().get("normalize").is_some_and(|n| n == "true")
 }
 
 /// The CPU with `--cpu_search`, else `--device` (default: a GPU when there is one).

@@ -19,7 +19,7 @@ use tevatron_train::data::{Corpus, TrainData};
 use tevatron_train::dist::{Group, Rendezvous, TcpTransport};
 use tevatron_train::optim::AdamWConfig;
 use tevatron_train::schedule::ScheduleKind;
-use tevatron_train::step::{Distillation, StepOptions};
+use tevatron_train::step::{Distillation, Matryoshka, StepOptions};
 use tevatron_train::trainer::{prepare_output_dir, train, Objective, Plan, TrainConfig};
 use tevatron_train::validation::{read_records, LossData, RetrievalData, Validation, LOSS};
 
@@ -51,6 +51,43 @@ fn prefixes(a: &TrainArgs, reranker: bool) -> (String, String) {
         a.query_prefix.clone().unwrap_or_else(|| q.to_string()),
         a.passage_prefix.clone().unwrap_or_else(|| p.to_string()),
     )
+}
+
+/// `--matryoshka_dims` and `--matryoshka_weights` for representations `width` wide.
+fn matryoshka(a: &TrainArgs, width: usize, normalize: bool) -> Result<Option<Matryoshka>> {
+    if a.matryoshka_dims.is_empty() {
+        if !a.matryoshka_weights.is_empty() {
+            bail!("--matryoshka_weights needs --matryoshka_dims");
+        }
+        return Ok(None);
+    }
+    if let Some(d) = a.matryoshka_dims.iter().find(|&&d| d == 0 || d > width) {
+        bail!("--matryoshka_dims {d}: each width must be between 1 and the model's {width}");
+    }
+    let weights = if a.matryoshka_weights.is_empty() {
+        vec![1.0; a.matryoshka_dims.len()]
+    } else {
+        a.matryoshka_weights.clone()
+    };
+    if weights.len() != a.matryoshka_dims.len() {
+        bail!(
+            "--matryoshka_weights gives {} weight(s) for {} --matryoshka_dims",
+            weights.len(),
+            a.matryoshka_dims.len()
+        );
+    }
+    if weights.iter().any(|w| !(w.is_finite() && *w >= 0.0)) {
+        bail!("--matryoshka_weights must be finite and not negative");
+    }
+    if width == usize::MAX {
+        return Ok(None);
+    }
+    tracing::info!(
+        "Matryoshka: the loss on the first {:?} dimensions, weights {weights:?}{}",
+        a.matryoshka_dims,
+        if normalize { ", each prefix re-normalised" } else { "" }
+    );
+    Ok(Some(Matryoshka { dims: a.matryoshka_dims.clone(), weights, normalize }))
 }
 
 /// `--distillation` and its settings.
@@ -358,6 +395,8 @@ pub fn run(a: &TrainArgs, reranker: bool) -> Result<()> {
     crate::tune_allocator_for_training();
     check(a)?;
     let distil = distillation(a)?;
+    // The flags alone, before the output folder is made; the widths once the model is loaded.
+    matryoshka(a, usize::MAX, false)?;
     if reranker && a.rerank_max_len < 2 {
         bail!("--rerank_max_len must leave room for a pair (at least 2 tokens)");
     }
@@ -501,6 +540,11 @@ pub fn run(a: &TrainArgs, reranker: bool) -> Result<()> {
                 None
             },
             distillation: distil,
+            matryoshka: if reranker {
+                None
+            } else {
+                matryoshka(a, encoder.output_width(), encoder.normalize())?
+            },
         },
         args: args_json(a),
         validation: validation(a, &encoder, padding_side, data.corpus().cloned(), &cache)?

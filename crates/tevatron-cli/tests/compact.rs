@@ -1,0 +1,171 @@
+//! `tevatron index` and `tevatron search --quantize`: compact codes written per shard, searched
+//! with exact rescoring (equal to exact search when every row is rescored), and every bad input
+//! refused with exit code 2.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use tevatron_ir::vectors::{VecDType, VectorWriter};
+
+mod common;
+use common::{fails_with, names, ok, tevatron};
+
+/// Small integer values: sums are exact in any order, so rescored and exact scores are equal
+/// to the last bit and ties (ranked by doc id) are common.
+fn write(dir: &Path, name: &str, rows: usize, dim: usize, seed: u64, prefix: &str) {
+    let mut x = seed;
+    let mut next = || {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((x >> 33) % 7) as f32 - 3.0
+    };
+    let values: Vec<f32> = (0..rows * dim).map(|_| next()).collect();
+    let ids: Vec<String> = (0..rows).map(|i| format!("{prefix}{i}")).collect();
+    let mut w = VectorWriter::create(&dir.join(name), dim, VecDType::F32, BTreeMap::new()).unwrap();
+    w.push(&values, &ids).unwrap();
+    w.finish().unwrap();
+}
+
+fn search(d: &Path, out: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "search",
+        "--query_reps",
+        "q.safetensors",
+        "--passage_reps",
+        "c.*.safetensors",
+        "--depth",
+        "7",
+        "--save_ranking_to",
+        out,
+        "--save_text",
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    tevatron(d, &args)
+}
+
+fn setup() -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    write(d, "c.0.safetensors", 1500, 40, 1, "a");
+    write(d, "c.1.safetensors", 900, 40, 2, "b");
+    write(d, "q.safetensors", 5, 40, 3, "q");
+    tmp
+}
+
+#[test]
+fn compact_search_with_every_row_rescored_is_exact_search() {
+    let tmp = setup();
+    let d = tmp.path();
+    ok(search(d, "exact.tsv", &[]));
+    let exact = std::fs::read_to_string(d.join("exact.tsv")).unwrap();
+    assert_eq!(exact.lines().count(), 35);
+    for q in ["int8", "binary"] {
+        ok(tevatron(
+            d,
+            &[
+                "index",
+                "--passage_reps",
+                "c.*.safetensors",
+                "--quantize",
+                q,
+                "--output_dir",
+                "idx",
+                "--quiet",
+            ],
+        ));
+        let glob = format!("idx/*.{q}.safetensors");
+        // Every row a candidate: from the files, and built in memory.
+        ok(search(
+            d,
+            "f.tsv",
+            &["--quantize", q, "--compact_reps", &glob, "--rescore_multiplier", "400"],
+        ));
+        ok(search(d, "m.tsv", &["--quantize", q, "--rescore_multiplier", "400", "--shard_search"]));
+        for f in ["f.tsv", "m.tsv"] {
+            assert_eq!(std::fs::read_to_string(d.join(f)).unwrap(), exact, "{q} {f}");
+        }
+        // The default multiplier rescores 28 candidates per shard: a ranking of 7 per query,
+        // with exact scores (each line's score is the exact search's score of that document).
+        ok(search(d, "d.tsv", &["--quantize", q, "--compact_reps", &glob]));
+        let scores: BTreeMap<(String, String), String> = exact
+            .lines()
+            .map(|l| {
+                let f: Vec<&str> = l.split('\t').collect();
+                ((f[0].to_string(), f[1].to_string()), f[2].to_string())
+            })
+            .collect();
+        let got = std::fs::read_to_string(d.join("d.tsv")).unwrap();
+        assert_eq!(got.lines().count(), 35);
+        for l in got.lines() {
+            let f: Vec<&str> = l.split('\t').collect();
+            if let Some(s) = scores.get(&(f[0].to_string(), f[1].to_string())) {
+                assert_eq!(s, f[2], "{l}");
+            }
+        }
+    }
+    assert_eq!(
+        names(&d.join("idx")),
+        [
+            "c.0.binary.safetensors",
+            "c.0.int8.safetensors",
+            "c.1.binary.safetensors",
+            "c.1.int8.safetensors"
+        ]
+    );
+}
+
+#[test]
+fn bad_compact_inputs_are_refused() {
+    let tmp = setup();
+    let d = tmp.path();
+    ok(tevatron(
+        d,
+        &[
+            "index",
+            "--passage_reps",
+            "c.*.safetensors",
+            "--quantize",
+            "int8",
+            "--output_dir",
+            "idx",
+            "--quiet",
+        ],
+    ));
+    // Codes of another shard: the fingerprint in the header.
+    std::fs::create_dir(d.join("swap")).unwrap();
+    std::fs::copy(d.join("idx/c.1.int8.safetensors"), d.join("swap/c.0.int8.safetensors")).unwrap();
+    std::fs::copy(d.join("idx/c.0.int8.safetensors"), d.join("swap/c.1.int8.safetensors")).unwrap();
+    fails_with(
+        search(d, "x.tsv", &["--quantize", "int8", "--compact_reps", "swap/*.safetensors"]),
+        "was made from other vectors than c.0.safetensors",
+    );
+    fails_with(
+        search(d, "x.tsv", &["--quantize", "binary", "--compact_reps", "idx/*.int8.safetensors"]),
+        "holds int8 codes, not the binary of --quantize",
+    );
+    fails_with(
+        search(d, "x.tsv", &["--quantize", "int8", "--compact_reps", "idx/c.0.int8.safetensors"]),
+        "--compact_reps names 1 file(s) for 2 --passage_reps shard(s)",
+    );
+    fails_with(
+        search(d, "x.tsv", &["--compact_reps", "idx/*.int8.safetensors"]),
+        "--compact_reps is read by --quantize",
+    );
+    fails_with(
+        search(d, "x.tsv", &["--quantize", "int8", "--rescore_multiplier", "0.5"]),
+        "--rescore_multiplier must be a number of at least 1",
+    );
+    fails_with(
+        search(d, "x.tsv", &["--quantize", "int8", "--device", "cuda"]),
+        "--quantize scans on the CPU",
+    );
+    let bytes = std::fs::read(d.join("idx/c.1.int8.safetensors")).unwrap();
+    std::fs::write(d.join("idx/c.1.int8.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    fails_with(
+        search(d, "x.tsv", &["--quantize", "int8", "--compact_reps", "idx/*.int8.safetensors"]),
+        "not a readable compact file",
+    );
+    assert!(!d.join("x.tsv").exists(), "no output is left by a failed search");
+}

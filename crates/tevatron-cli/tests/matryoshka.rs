@@ -1,0 +1,185 @@
+//! Matryoshka training (`train --matryoshka_dims`) and truncated representations
+//! (`encode`/`search --truncate_dim`): the record the trainer leaves, the cut vectors, the
+//! warning for a width the model was not trained for, and the refusals.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::path::Path;
+
+use tevatron_ir::vectors::Vectors;
+
+mod common;
+use common::{fails_with, ok, repo, tevatron};
+
+fn path(p: &str) -> String {
+    repo().join(p).to_string_lossy().into_owned()
+}
+
+fn train(d: &Path, out: &str, model: &str, flags: &[&str]) -> std::process::Output {
+    let data = path("testdata/train/tiny.jsonl");
+    let mut args = vec![
+        "train",
+        "--output_dir",
+        out,
+        "--model_name_or_path",
+        model,
+        "--dataset_path",
+        &data,
+        "--dataset_cache_dir",
+        "cache",
+        "--per_device_train_batch_size",
+        "4",
+        "--train_group_size",
+        "3",
+        "--learning_rate",
+        "1e-3",
+        "--max_steps",
+        "3",
+        "--logging_steps",
+        "1",
+        "--query_max_len",
+        "16",
+        "--passage_max_len",
+        "32",
+        "--normalize",
+        "--pooling",
+        "mean",
+        "--quiet",
+    ];
+    args.extend_from_slice(flags);
+    tevatron(d, &args)
+}
+
+fn encode(d: &Path, model: &str, out: &str, extra: &[&str]) -> std::process::Output {
+    let corpus = path("testdata/toy/corpus.jsonl");
+    let mut args = vec![
+        "encode",
+        "--model_name_or_path",
+        model,
+        "--dataset_path",
+        &corpus,
+        "--encode_output_path",
+        out,
+        "--passage_max_len",
+        "16",
+    ];
+    args.extend_from_slice(extra);
+    tevatron(d, &args)
+}
+
+#[test]
+fn matryoshka_training_is_recorded_and_truncation_cuts_and_renormalises() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let bert = path("testdata/tiny/bert");
+    let out = ok(train(
+        d,
+        "m",
+        &bert,
+        &["--matryoshka_dims", "32,16,8", "--matryoshka_weights", "1,1,0.5"],
+    ));
+    drop(out);
+    let args: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("m/training_args.json")).unwrap())
+            .unwrap();
+    assert_eq!(args["matryoshka_dims"], serde_json::json!([32, 16, 8]));
+    let losses = common::logged_losses(&d.join("m"));
+    assert_eq!(losses.len(), 3);
+    assert!(losses.iter().all(|l| l.is_finite() && *l > 0.0), "{losses:?}");
+    // The sum over three widths is not the plain loss: the same run without them differs.
+    ok(train(d, "plain", &bert, &[]));
+    let plain = common::logged_losses(&d.join("plain"));
+    assert!((plain[0] - losses[0]).abs() > 1e-3, "{plain:?} vs {losses:?}");
+
+    let model = d.join("m").to_string_lossy().into_owned();
+    ok(encode(d, &model, "full.safetensors", &[]));
+    let out = encode(d, &model, "cut.safetensors", &["--truncate_dim", "16"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success() && !err.contains("WARN"), "{err}");
+    let full = Vectors::open(&d.join("full.safetensors")).unwrap();
+    let cut = Vectors::open(&d.join("cut.safetensors")).unwrap();
+    assert_eq!((full.dim(), cut.dim()), (32, 16));
+    assert_eq!(cut.metadata()["matryoshka_dims"], "32,16,8");
+    for (f, c) in full.to_f32().chunks(32).zip(cut.to_f32().chunks(16)) {
+        let norm = f[..16].iter().map(|x| x * x).sum::<f32>().sqrt();
+        for (x, y) in f[..16].iter().zip(c) {
+            assert!((x / norm - y).abs() < 1e-6, "the cut is the prefix, re-normalised");
+        }
+    }
+    // search --truncate_dim over the full vectors ranks as the search over the cut ones.
+    let q = path("testdata/toy/queries.jsonl");
+    let query_args = ["--encode_is_query", "--query_max_len", "8"];
+    let mut qa = vec!["encode", "--model_name_or_path", &model, "--dataset_path", &q];
+    qa.extend_from_slice(&query_args);
+    ok(tevatron(d, &[qa.as_slice(), &["--encode_output_path", "q.safetensors"]].concat()));
+    ok(tevatron(
+        d,
+        &[qa.as_slice(), &["--encode_output_path", "qcut.safetensors", "--truncate_dim", "16"]]
+            .concat(),
+    ));
+    let search = |q: &str, p: &str, out: &str, extra: &[&str]| {
+        let mut args = vec!["search", "--query_reps", q, "--passage_reps", p, "--depth", "4"];
+        args.extend_from_slice(&["--save_ranking_to", out, "--save_text", "--quiet"]);
+        args.extend_from_slice(extra);
+        tevatron(d, &args)
+    };
+    ok(search("qcut.safetensors", "cut.safetensors", "a.tsv", &[]));
+    ok(search("q.safetensors", "full.safetensors", "b.tsv", &["--truncate_dim", "16"]));
+    let docs = |f: &str| {
+        let text = std::fs::read_to_string(d.join(f)).unwrap();
+        text.lines()
+            .map(|l| l.split('\t').take(2).collect::<Vec<_>>().join(" "))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(docs("a.tsv"), docs("b.tsv"));
+    // A width the model was not trained for works, with a warning; too wide is an error.
+    let out = encode(d, &model, "c4.safetensors", &["--truncate_dim", "4"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success() && err.contains("--matryoshka_dims [32, 16, 8], not 4"), "{err}");
+    let out = encode(d, &bert, "b4.safetensors", &["--truncate_dim", "4"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success() && err.contains("there is no record that"), "{err}");
+    fails_with(
+        encode(d, &model, "x.safetensors", &["--truncate_dim", "33"]),
+        "--truncate_dim 33: the model's embeddings have 32 dimensions",
+    );
+    fails_with(search("q.safetensors", "cut.safetensors", "x.tsv", &["--truncate_dim", "20"]), "query dimension 20 of q.safetensors does not match passage dimension 16 of cut.safetensors");
+}
+
+#[test]
+fn bad_matryoshka_flags_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let bert = path("testdata/tiny/bert");
+    fails_with(
+        train(d, "w", &bert, &["--matryoshka_dims", "64"]),
+        "--matryoshka_dims 64: each width must be between 1 and the model's 32",
+    );
+    // Flag errors are found before the output folder is made.
+    fails_with(
+        train(d, "o", &bert, &["--matryoshka_dims", "32,8", "--matryoshka_weights", "1"]),
+        "--matryoshka_weights gives 1 weight(s) for 2 --matryoshka_dims",
+    );
+    fails_with(
+        train(d, "o", &bert, &["--matryoshka_weights", "1"]),
+        "--matryoshka_weights needs --matryoshka_dims",
+    );
+    fails_with(
+        train(d, "o", &bert, &["--matryoshka_dims", "0"]),
+        "--matryoshka_dims 0: each width must be between 1",
+    );
+    let out = tevatron(
+        d,
+        &[
+            "train-reranker",
+            "--output_dir",
+            "o",
+            "--model_name_or_path",
+            &bert,
+            "--matryoshka_dims",
+            "8",
+        ],
+    );
+    fails_with(out, "a reranker's output is one score, which has no prefixes");
+    assert!(!d.join("o").exists());
+}

@@ -1,0 +1,651 @@
+//! Compact corpora: int8 or binary codes of an embeddings shard ([`crate::quantize`]), scanned
+//! with integer kernels, whose best `depth x multiplier` candidates per query are rescored with
+//! the shard's full-precision vectors (read through the memory map, only the candidates' rows).
+//!
+//! The compact file is safetensors, readable from numpy:
+//! ```python
+//! from safetensors.numpy import load_file
+//! t = load_file("corpus.0.int8.safetensors")
+//! codes = t["codes"]        # int8 [N, D], or uint8 [N, ceil(D / 8)] for binary (np.packbits)
+//! scales = t["scales"]      # float32 [D], int8 only: x ~ codes * scales
+//! ```
+//! `__metadata__` holds `format` (`tevatron-compact-v1`), `precision`, `dim`, `rows`, `source`
+//! (the embeddings file it was made from) and `source_fingerprint`, a hash of that file's
+//! shape, dtype, ids and a sample of its rows: a compact file is only used beside the vectors it
+//! was made from.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::hash::Hasher;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+
+use crate::atomic::AtomicFile;
+use crate::fxhash::FxHasher;
+use crate::quantize::{
+    code_sums, encode_binary, encode_int8, encode_query_int8, Calibration, Kernels, Precision,
+    QUERY_OFFSET,
+};
+use crate::search::{best_first, check_finite, check_width, TopK};
+use crate::vectors::{Rows, Vectors};
+use crate::{Error, Result};
+
+/// The `format` a compact file's header names; any other is refused.
+pub const FORMAT: &str = "tevatron-compact-v1";
+
+/// Rows scanned per block: the block's codes and the batch's scores stay in cache.
+const SCAN_BLOCK: usize = 256;
+
+/// Rows quantized per parallel task when a compact form is built.
+const ENCODE_BLOCK: usize = 4096;
+
+/// A hash of what identifies an embeddings file: shape, dtype, every id and a sample of about a
+/// thousand rows (reading them all would cost as much as the search it guards).
+pub fn fingerprint(v: &Vectors) -> String {
+    let mut h = FxHasher::default();
+    h.write_u64(v.len() as u64);
+    h.write_u64(v.dim() as u64);
+    h.write(v.dtype().name().as_bytes());
+    for id in v.ids().iter() {
+        h.write(id.as_bytes());
+        h.write_u8(b'\n');
+    }
+    let stride = (v.len() / 1024).max(1);
+    let dim = v.dim();
+    for row in (0..v.len()).step_by(stride) {
+        let range = row * dim..(row + 1) * dim;
+        let bytes: &[u8] = match v.rows() {
+            Rows::F32(x) => bytemuck::cast_slice(&x[range]),
+            Rows::F16(x) => bytemuck::cast_slice(&x[range]),
+            Rows::BF16(x) => bytemuck::cast_slice(&x[range]),
+        };
+        h.write(bytes);
+    }
+    format!("{:016x}", h.finish())
+}
+
+/// Per-dimension int8 scales calibrated over several shards (one pass over each), so that
+/// every shard of a corpus is quantized alike.
+pub fn calibrate(shards: &[Vectors]) -> Result<Vec<f32>> {
+    let dim = shards.first().map_or(0, Vectors::dim);
+    let mut total = Calibration::new(dim);
+    for shard in shards {
+        check_width(shard, dim)?;
+        let part = blocks(shard.len(), ENCODE_BLOCK)
+            .into_par_iter()
+            .map_init(Vec::new, |scratch, (start, end)| {
+                let rows = shard.rows().block(dim, start, end, scratch);
+                check_finite(rows, dim, start, shard.path())?;
+                let mut c = Calibration::new(dim);
+                c.observe(rows);
+                Ok(c)
+            })
+            .try_reduce(
+                || Calibration::new(dim),
+                |mut a, b| {
+                    a.merge(&b);
+                    Ok(a)
+                },
+            )?;
+        total.merge(&part);
+    }
+    Ok(total.scales())
+}
+
+fn blocks(n: usize, size: usize) -> Vec<(usize, usize)> {
+    (0..n).step_by(size).map(|s| (s, (s + size).min(n))).collect()
+}
+
+enum Codes {
+    Mapped { map: memmap2::Mmap, start: usize, len: usize },
+    Owned(Vec<u8>),
+}
+
+/// A shard's compact codes, mapped from a file or built in memory.
+pub struct CompactShard {
+    precision: Precision,
+    dim: usize,
+    rows: usize,
+    scales: Vec<f32>,
+    codes: Codes,
+}
+
+impl CompactShard {
+    /// Quantizes `source` in memory; int8 uses `scales` when given, else calibrates on the shard.
+    pub fn build(source: &Vectors, precision: Precision, scales: Option<Vec<f32>>) -> Result<Self> {
+        let scales = match (precision, scales) {
+            (Precision::Binary, _) => Vec::new(),
+            (Precision::Int8, Some(s)) => s,
+            (Precision::Int8, None) => calibrate(std::slice::from_ref(source))?,
+        };
+        let mut codes = Vec::with_capacity(source.len() * precision.row_bytes(source.dim()));
+        encode_shard(source, precision, &scales, |part| {
+            codes.extend_from_slice(part);
+            Ok(())
+        })?;
+        Ok(Self {
+            precision,
+            dim: source.dim(),
+            rows: source.len(),
+            scales,
+            codes: Codes::Owned(codes),
+        })
+    }
+
+    /// Opens a compact file written by [`write`] and checks it was made from `source`.
+    pub fn open(path: &Path, source: &Vectors) -> Result<Self> {
+        let bad = |what: String| Error::Embeddings { path: path.to_path_buf(), what };
+        let file =
+            File::open(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
+        // SAFETY: read-only map; as every mmap reader, we assume nobody truncates it meanwhile.
+        let map = unsafe { memmap2::Mmap::map(&file) }
+            .map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
+        crate::safetensors_check::check(&map, map.len() as u64)
+            .map_err(|e| bad(format!("not a readable compact file ({e})")))?;
+        let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map)
+            .map_err(|e| bad(format!("not a readable compact file ({e})")))?;
+        let data_start = 8 + header_len;
+        let md: BTreeMap<String, String> =
+            meta.metadata().clone().unwrap_or_default().into_iter().collect();
+        let field = |k: &str| md.get(k).cloned().unwrap_or_default();
+        if field("format") != FORMAT {
+            return Err(bad(format!(
+                "format {:?} is not {FORMAT:?}: rebuild it with this version's `tevatron index`",
+                field("format")
+            )));
+        }
+        let precision = Precision::from_name(&field("precision"))
+            .ok_or_else(|| bad(format!("unknown precision {:?}", field("precision"))))?;
+        let (dim, rows) = (source.dim(), source.len());
+        let made_from = field("source_fingerprint");
+        if made_from != fingerprint(source) {
+            return Err(bad(format!(
+                "was made from other vectors than {} (built from {}): rebuild it with `tevatron index`",
+                source.path().display(),
+                field("source")
+            )));
+        }
+        let codes = meta.info("codes").ok_or_else(|| bad("no `codes` tensor".into()))?;
+        let width = precision.row_bytes(dim);
+        let want_dtype = if precision == Precision::Int8 { "I8" } else { "U8" };
+        if format!("{:?}", codes.dtype) != want_dtype || codes.shape != [rows, width] {
+            return Err(bad(format!(
+                "`codes` is {:?} {:?}, expected {want_dtype} [{rows}, {width}]",
+                codes.dtype, codes.shape
+            )));
+        }
+        let scales = if precision == Precision::Int8 {
+            let s = meta.info("scales").ok_or_else(|| bad("no `scales` tensor".into()))?;
+            if format!("{:?}", s.dtype) != "F32" || s.shape != [dim] {
+                return Err(bad(format!(
+                    "`scales` is {:?} {:?}, expected F32 [{dim}]",
+                    s.dtype, s.shape
+                )));
+            }
+            let bytes = &map[data_start + s.data_offsets.0..data_start + s.data_offsets.1];
+            let scales: Vec<f32> = bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+                .collect();
+            if scales.iter().any(|s| !s.is_finite() || *s <= 0.0) {
+                return Err(bad("`scales` holds a value that is not a positive number".into()));
+            }
+            scales
+        } else {
+            Vec::new()
+        };
+        let (start, len) =
+            (data_start + codes.data_offsets.0, codes.data_offsets.1 - codes.data_offsets.0);
+        Ok(Self { precision, dim, rows, scales, codes: Codes::Mapped { map, start, len } })
+    }
+
+    /// The precision of the codes.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match &self.codes {
+            Codes::Mapped { map, start, len } => &map[*start..*start + *len],
+            Codes::Owned(v) => v,
+        }
+    }
+}
+
+/// Quantizes a shard block by block (in parallel, in order), handing each block's codes to `sink`.
+fn encode_shard(
+    source: &Vectors,
+    precision: Precision,
+    scales: &[f32],
+    mut sink: impl FnMut(&[u8]) -> Result<()>,
+) -> Result<()> {
+    let dim = source.dim();
+    let width = precision.row_bytes(dim);
+    let all = blocks(source.len(), ENCODE_BLOCK);
+    let per_round = rayon::current_num_threads().max(1) * 4;
+    for round in all.chunks(per_round) {
+        let parts: Vec<Vec<u8>> = round
+            .par_iter()
+            .map_init(Vec::new, |scratch, &(start, end)| {
+                let rows = source.rows().block(dim, start, end, scratch);
+                check_finite(rows, dim, start, source.path())?;
+                let mut out = vec![0u8; (end - start) * width];
+                for (row, code) in rows.chunks_exact(dim).zip(out.chunks_exact_mut(width)) {
+                    match precision {
+                        Precision::Int8 => encode_int8(row, scales, bytemuck::cast_slice_mut(code)),
+                        Precision::Binary => encode_binary(row, code),
+                    }
+                }
+                Ok(out)
+            })
+            .collect::<Result<_>>()?;
+        for part in &parts {
+            sink(part)?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes `source`'s compact form to `path` (through a temporary file): int8 with `scales`
+/// (from [`calibrate`]), binary without.
+pub fn write(path: &Path, source: &Vectors, precision: Precision, scales: &[f32]) -> Result<()> {
+    let (rows, dim) = (source.len(), source.dim());
+    let codes_len = rows * precision.row_bytes(dim);
+    let mut meta = BTreeMap::new();
+    meta.insert("format", FORMAT.to_string());
+    meta.insert("precision", precision.name().to_string());
+    meta.insert("dim", dim.to_string());
+    meta.insert("rows", rows.to_string());
+    meta.insert("source", source.path().display().to_string());
+    meta.insert("source_fingerprint", fingerprint(source));
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!(meta));
+    // `scales` first, so that both tensors start 4-byte aligned after the padded header.
+    let codes_at = if precision == Precision::Int8 {
+        header.insert(
+            "scales".into(),
+            serde_json::json!({"dtype": "F32", "shape": [dim], "data_offsets": [0, 4 * dim]}),
+        );
+        4 * dim
+    } else {
+        0
+    };
+    let (dtype, shape) = match precision {
+        Precision::Int8 => ("I8", [rows, dim]),
+        Precision::Binary => ("U8", [rows, dim.div_ceil(8)]),
+    };
+    header.insert(
+        "codes".into(),
+        serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [codes_at, codes_at + codes_len]}),
+    );
+    let mut text = serde_json::Value::Object(header).to_string();
+    text.extend(std::iter::repeat_n(' ', (8 - text.len() % 8) % 8));
+    let mut file = AtomicFile::create(path)?;
+    let put = |file: &mut AtomicFile, bytes: &[u8]| {
+        file.writer().write_all(bytes).map_err(|e| file.err(e))
+    };
+    put(&mut file, &(text.len() as u64).to_le_bytes())?;
+    put(&mut file, text.as_bytes())?;
+    if precision == Precision::Int8 {
+        put(&mut file, bytemuck::cast_slice(scales))?;
+    }
+    encode_shard(source, precision, scales, |part| put(&mut file, part))?;
+    file.commit()
+}
+
+/// The `m` largest keys seen, a key being `(score, -row)` packed in a `u64` so that candidates
+/// compare in one instruction and ties go to the lower row, whatever the threads. Keys above
+/// the floor are appended; when `2m` have gathered, a selection keeps the best `m` and raises
+/// the floor: amortised constant work per key, where a heap would sift each one.
+struct Candidates {
+    m: usize,
+    keys: Vec<u64>,
+    floor: u64,
+}
+
+impl Candidates {
+    fn new(m: usize) -> Self {
+        Self { m, keys: Vec::with_capacity(2 * m.min(1 << 15)), floor: 0 }
+    }
+
+    #[inline]
+    fn key(score: i32, row: u32) -> u64 {
+        (((score as u32) ^ 0x8000_0000) as u64) << 32 | (u32::MAX - row) as u64
+    }
+
+    #[inline]
+    fn push(&mut self, key: u64) {
+        if key > self.floor {
+            self.keys.push(key);
+            if self.keys.len() >= 2 * self.m {
+                self.keep_best();
+            }
+        }
+    }
+
+    /// Keeps the best `m` keys and makes the worst of them the floor.
+    fn keep_best(&mut self) {
+        if self.keys.len() > self.m {
+            self.keys.select_nth_unstable_by(self.m - 1, |a, b| b.cmp(a));
+            self.keys.truncate(self.m);
+            self.floor = self.keys.iter().copied().min().unwrap_or(0);
+        }
+    }
+
+    fn rows(mut self) -> Vec<u32> {
+        self.keep_best();
+        let mut rows: Vec<u32> = self.keys.into_iter().map(|k| u32::MAX - k as u32).collect();
+        rows.sort_unstable();
+        rows
+    }
+}
+
+/// Each query's best `(score, row)` pairs of a shard, best first.
+pub type QueryHits = Vec<Vec<(f32, u32)>>;
+
+/// How a compact search ran, for the log.
+#[derive(Clone, Copy, Debug)]
+pub struct ScanReport {
+    /// Candidates rescored per query (the last shard's).
+    pub candidates: usize,
+    /// The kernels the scan used.
+    pub kernels: Kernels,
+}
+
+/// Each query's best `depth` `(score, row)` of `shard`, best first, with exact scores: the
+/// compact codes pick `ceil(depth x multiplier)` candidates (at least `depth`, at most the
+/// shard), which are rescored with the full-precision vectors and ranked by the same tie rule
+/// as exact search. With every row a candidate, the result is exact search's.
+#[allow(clippy::too_many_arguments)]
+pub fn search_compact(
+    queries: &[f32],
+    dim: usize,
+    compact: &CompactShard,
+    shard: &Vectors,
+    depth: usize,
+    batch_size: usize,
+    multiplier: f64,
+    kernels: Kernels,
+) -> Result<(QueryHits, ScanReport)> {
+    check_width(shard, dim)?;
+    if compact.dim != dim || compact.rows != shard.len() {
+        return Err(Error::Invalid(format!(
+            "compact codes of {} x {} do not fit {} ({} x {})",
+            compact.rows,
+            compact.dim,
+            shard.path().display(),
+            shard.len(),
+            shard.dim()
+        )));
+    }
+    let nq = queries.len() / dim.max(1);
+    let n = shard.len();
+    let k = depth.min(n);
+    let m = ((k as f64 * multiplier).ceil() as usize).clamp(k, n);
+    let report = ScanReport { candidates: m, kernels };
+    if n == 0 {
+        return Ok((vec![Vec::new(); nq], report));
+    }
+    let width = compact.precision.row_bytes(dim);
+    let query_codes: Vec<u8> = queries
+        .chunks_exact(dim)
+        .flat_map(|q| {
+            let mut code = vec![0u8; width];
+            match compact.precision {
+                Precision::Int8 => encode_query_int8(q, &compact.scales, &mut code),
+                Precision::Binary => encode_binary(q, &mut code),
+            }
+            code
+        })
+        .collect();
+    let codes = compact.bytes();
+    let batch_size = if batch_size == 0 { nq.max(1) } else { batch_size };
+    let all = blocks(n, SCAN_BLOCK);
+    let parts = rayon::current_num_threads().max(1);
+    let per_part = all.len().div_ceil(parts).max(1);
+    let mut out = Vec::with_capacity(nq);
+    for (b, batch) in query_codes.chunks(batch_size * width).enumerate() {
+        let bq = batch.len() / width;
+        let candidates = all
+            .par_chunks(per_part)
+            .map(|part| {
+                let mut heaps: Vec<Candidates> = (0..bq).map(|_| Candidates::new(m)).collect();
+                let mut scores = vec![0i32; SCAN_BLOCK * bq];
+                let mut sums = vec![0i32; SCAN_BLOCK];
+                for &(start, end) in part {
+                    let nb = end - start;
+                    let block = &codes[start * width..end * width];
+                    let scores = &mut scores[..nb * bq];
+                    match compact.precision {
+                        Precision::Int8 => {
+                            let block: &[i8] = bytemuck::cast_slice(block);
+                            kernels.int8_scores(dim, batch, block, scores);
+                            code_sums(block, dim, &mut sums[..nb]);
+                        }
+                        Precision::Binary => kernels.binary_scores(width, batch, block, scores),
+                    }
+                    for (heap, scores) in heaps.iter_mut().zip(scores.chunks(nb)) {
+                        for (j, &s) in scores.iter().enumerate() {
+                            let s = match compact.precision {
+                                Precision::Int8 => s - QUERY_OFFSET * sums[j],
+                                Precision::Binary => s,
+                            };
+                            heap.push(Candidates::key(s, (start + j) as u32));
+                        }
+                    }
+                }
+                heaps
+            })
+            .reduce(Vec::new, |mut a, b| {
+                if a.is_empty() {
+                    return b;
+                }
+                for (ha, hb) in a.iter_mut().zip(b) {
+                    for key in hb.keys {
+                        ha.push(key);
+                    }
+                }
+                a
+            });
+        let first = b * batch_size;
+        let rescored = candidates
+            .into_par_iter()
+            .enumerate()
+            .map_init(Vec::new, |scratch, (q, heap)| {
+                let query = &queries[(first + q) * dim..(first + q + 1) * dim];
+                rescore(query, heap.rows(), shard, k, scratch)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        out.extend(rescored);
+    }
+    Ok((out, report))
+}
+
+/// Exact scores of one query's candidate rows, the best `k` kept by exact search's tie rule.
+fn rescore(
+    query: &[f32],
+    rows: Vec<u32>,
+    shard: &Vectors,
+    k: usize,
+    scratch: &mut Vec<f32>,
+) -> Result<Vec<(f32, u32)>> {
+    let dim = query.len();
+    let ids = shard.ids();
+    let mut top = TopK::new(k);
+    for row in rows {
+        let r = row as usize;
+        let v = shard.rows().block(dim, r, r + 1, scratch);
+        let score = dot(v, query);
+        if !score.is_finite() {
+            // A NaN or infinity in the row makes the score one; the row check names it.
+            check_finite(v, dim, r, shard.path())?;
+        }
+        top.push(score, row, ids);
+    }
+    Ok(best_first(top, ids))
+}
+
+/// An f32 inner product in eight independent lanes, so that the compiler can vectorize it.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// Where `tevatron index` writes a shard's compact form: `<dir>/<shard stem>.<precision>.safetensors`.
+pub fn compact_path(dir: &Path, shard: &Path, precision: Precision) -> PathBuf {
+    let stem = shard.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    dir.join(format!("{stem}.{}.safetensors", precision.name()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::search::search_shard;
+    use crate::vectors::{VecDType, VectorWriter};
+    use proptest::prelude::*;
+
+    fn write_vectors(dir: &Path, name: &str, rows: &[f32], dim: usize, dt: VecDType) -> Vectors {
+        let path = dir.join(name);
+        let ids: Vec<String> =
+            (0..rows.len() / dim).map(|i| format!("d{}", (i * 7919) % 10007)).collect();
+        let mut w = VectorWriter::create(&path, dim, dt, BTreeMap::new()).unwrap();
+        w.push(rows, &ids).unwrap();
+        w.finish().unwrap();
+        Vectors::open(&path).unwrap()
+    }
+
+    fn lcg(seed: u64) -> impl FnMut() -> u64 {
+        let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+        move || {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x >> 33
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(16))]
+        /// With every row a candidate, a compact search (either precision, in memory or from
+        /// its file, any kernels, any batch) is exact search: same ids in the same order, same
+        /// scores. Small integer values make sums exact in any order and ties common.
+        #[test]
+        fn rescoring_the_whole_corpus_is_exact_search(
+            n in 1usize..2600, nq in 1usize..4, dim in 1usize..40, depth in 1usize..30,
+            batch in 0usize..3, seed in 0u64..1000, half in any::<bool>(),
+        ) {
+            let mut next = lcg(seed);
+            let docs: Vec<f32> = (0..n * dim).map(|_| (next() % 5) as f32 - 2.0).collect();
+            let q: Vec<f32> = (0..nq * dim).map(|_| (next() % 5) as f32 - 2.0).collect();
+            let dir = tempfile::tempdir().unwrap();
+            let dt = if half { VecDType::BF16 } else { VecDType::F32 };
+            let v = write_vectors(dir.path(), "c", &docs, dim, dt);
+            let want = search_shard(&q, dim, &v, depth, 0).unwrap();
+            let all = n as f64 / depth as f64 + 1.0;
+            for precision in [Precision::Int8, Precision::Binary] {
+                let scales = calibrate(std::slice::from_ref(&v)).unwrap();
+                let path = dir.path().join(precision.name());
+                write(&path, &v, precision, &scales).unwrap();
+                let shards = [CompactShard::build(&v, precision, None).unwrap(), CompactShard::open(&path, &v).unwrap()];
+                for compact in &shards {
+                    for kernels in Kernels::available() {
+                        let (got, report) = search_compact(&q, dim, compact, &v, depth, batch, all, kernels).unwrap();
+                        prop_assert_eq!(report.candidates, n);
+                        prop_assert_eq!(&got, &want, "{} {}", precision.name(), kernels.name());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gaussian vectors, like embeddings without structure: the compact pass must still put
+    /// most true neighbours among its candidates, or rescoring cannot find them.
+    #[test]
+    fn compact_candidates_hold_the_true_neighbours() {
+        let (n, nq, dim, depth) = (4000, 20, 64, 10);
+        let mut next = lcg(7);
+        let mut gauss = || {
+            let (u, v) = ((next() as f64 + 1.0) / 2f64.powi(31), next() as f64 / 2f64.powi(31));
+            ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+        };
+        let docs: Vec<f32> = (0..n * dim).map(|_| gauss()).collect();
+        let q: Vec<f32> = (0..nq * dim).map(|_| gauss()).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let v = write_vectors(dir.path(), "c", &docs, dim, VecDType::F32);
+        let exact = search_shard(&q, dim, &v, depth, 0).unwrap();
+        let recall = |precision, multiplier| {
+            let compact = CompactShard::build(&v, precision, None).unwrap();
+            let (got, _) =
+                search_compact(&q, dim, &compact, &v, depth, 0, multiplier, Kernels::detect())
+                    .unwrap();
+            let found: usize = got
+                .iter()
+                .zip(&exact)
+                .map(|(g, e)| g.iter().filter(|h| e.iter().any(|x| x.1 == h.1)).count())
+                .sum();
+            found as f64 / (nq * depth) as f64
+        };
+        let (int8, binary, binary_deep) = (
+            recall(Precision::Int8, 2.0),
+            recall(Precision::Binary, 4.0),
+            recall(Precision::Binary, 40.0),
+        );
+        assert!(int8 >= 0.97, "int8 x2 recall@10 {int8}");
+        // Sign bits of 64 dimensions are coarse (0.31 and 0.74 when written); a chance pick of
+        // 40 or 400 of 4,000 rows would hold 1% or 10%.
+        assert!(
+            binary >= 0.2 && binary_deep >= 0.6 && binary_deep > binary,
+            "binary {binary} {binary_deep}"
+        );
+    }
+
+    #[test]
+    fn compact_file_is_checked_against_its_vectors_and_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let a =
+            write_vectors(dir.path(), "a", &[1.0, -2.0, 0.5, 0.25, 3.0, -1.0], 2, VecDType::F32);
+        let b =
+            write_vectors(dir.path(), "b", &[1.0, -2.0, 0.5, 0.25, 3.0, -1.5], 2, VecDType::F32);
+        let path = dir.path().join("a.int8.safetensors");
+        let scales = calibrate(std::slice::from_ref(&a)).unwrap();
+        write(&path, &a, Precision::Int8, &scales).unwrap();
+        // What numpy's load_file sees: int8 codes x scales approximate the vectors.
+        let bytes = std::fs::read(&path).unwrap();
+        let t = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let codes: Vec<i8> = t.tensor("codes").unwrap().data().iter().map(|&c| c as i8).collect();
+        assert_eq!(t.tensor("codes").unwrap().shape(), [3, 2]);
+        let s: Vec<f32> = t
+            .tensor("scales")
+            .unwrap()
+            .data()
+            .chunks(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        for (i, x) in a.to_f32().iter().enumerate() {
+            assert!((codes[i] as f32 * s[i % 2] - x).abs() <= s[i % 2] / 2.0 + 1e-6);
+        }
+        assert!(CompactShard::open(&path, &a).is_ok());
+        let e = CompactShard::open(&path, &b).err().unwrap().to_string();
+        assert!(e.contains("was made from other vectors than") && e.contains("b"), "{e}");
+        std::fs::write(dir.path().join("cut"), &bytes[..bytes.len() - 2]).unwrap();
+        let e = CompactShard::open(&dir.path().join("cut"), &a).err().unwrap().to_string();
+        assert!(e.contains("not a readable compact file"), "{e}");
+        let at = bytes.windows(FORMAT.len()).position(|w| w == FORMAT.as_bytes()).unwrap();
+        let mut old = bytes.clone();
+        old[at + FORMAT.len() - 1] = b'0';
+        std::fs::write(dir.path().join("old"), &old).unwrap();
+        let e = CompactShard::open(&dir.path().join("old"), &a).err().unwrap().to_string();
+        assert!(e.contains("\"tevatron-compact-v0\" is not \"tevatron-compact-v1\""), "{e}");
+        // A NaN is named by file and row when the compact form is built.
+        let nan = write_vectors(dir.path(), "nan", &[1.0, 0.0, f32::NAN, 1.0], 2, VecDType::F32);
+        let e = CompactShard::build(&nan, Precision::Binary, None).err().unwrap().to_string();
+        assert!(e.ends_with("row 1 holds a NaN or infinite value"), "{e}");
+    }
+}

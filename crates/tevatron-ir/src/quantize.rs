@@ -1,0 +1,471 @@
+//! Compact codes of embeddings and the integer kernels that score them.
+//!
+//! Two precisions, as sentence-transformers' `quantize_embeddings` and faiss' quantizers offer:
+//!
+//! - **int8**: each dimension `d` of a passage is stored as `round(x_d / scale_d)` clamped to
+//!   `[-127, 127]`, with `scale_d = max |x_d| / 127` calibrated on the corpus. A query is
+//!   folded into the scales (`q_d * scale_d`) and quantized per query to `[-63, 63]`; the
+//!   approximate score is the integer dot product of the two codes, which orders a query's
+//!   passages as the dequantized inner product does, up to the rounding.
+//! - **binary**: the sign bits (`x_d > 0`), packed eight to a byte most significant bit first,
+//!   as numpy's `packbits` and sentence-transformers' `ubinary`; the approximate score is minus
+//!   the Hamming distance between the query's bits and the passage's.
+//!
+//! Both are meant for a first pass whose best candidates are rescored with the full-precision
+//! vectors ([`crate::compact`]). The kernels return exact integers, so every implementation
+//! (portable, AVX2, AVX-512 VNNI, POPCNT) gives the same scores bit for bit, and a ranking does
+//! not depend on the CPU it ran on. The one used is picked at run time by CPU feature.
+//!
+//! The int8 kernels multiply an unsigned byte by a signed one, as the CPU's instructions do
+//! (`vpdpbusd`, `vpmaddubsw`): the query code is stored offset by 64 (`q + 64`, in `[1, 127]`)
+//! and the offset is taken back with each row's code sum (`sum_d (q_d + 64) c_d - 64 sum_d c_d`).
+//! Why queries use 7 bits: AVX2 has no 8-bit product with 32-bit sums; `vpmaddubsw` adds pairs
+//! of products into saturating 16-bit lanes, and `127 x 128 x 2 = 32,512` stays below
+//! `i16::MAX` where a full byte would not. The passage side keeps 8 bits, where the corpus'
+//! precision matters; the rescoring pass makes up the rest.
+
+/// The largest query code: see the module docs.
+pub const QUERY_CODE_MAX: f32 = 63.0;
+
+/// The largest passage code (symmetric, so that negation is exact).
+pub const PASSAGE_CODE_MAX: f32 = 127.0;
+
+/// The compact forms a corpus can be stored and scanned in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// One signed byte per dimension, with per-dimension scales.
+    Int8,
+    /// One bit per dimension (the sign).
+    Binary,
+}
+
+impl Precision {
+    /// The name used in flags and file headers.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Int8 => "int8",
+            Precision::Binary => "binary",
+        }
+    }
+
+    /// Parses [`Precision::name`].
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "int8" => Some(Precision::Int8),
+            "binary" => Some(Precision::Binary),
+            _ => None,
+        }
+    }
+
+    /// Bytes of one row's code at width `dim`.
+    pub fn row_bytes(self, dim: usize) -> usize {
+        match self {
+            Precision::Int8 => dim,
+            Precision::Binary => dim.div_ceil(8),
+        }
+    }
+}
+
+/// Per-dimension largest magnitudes, gathered over a corpus to calibrate int8 scales.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Calibration {
+    max_abs: Vec<f32>,
+}
+
+impl Calibration {
+    /// A calibration of `dim` dimensions that has seen nothing yet.
+    pub fn new(dim: usize) -> Self {
+        Self { max_abs: vec![0.0; dim] }
+    }
+
+    /// Takes rows (`n x dim`, row-major) into account.
+    pub fn observe(&mut self, rows: &[f32]) {
+        for row in rows.chunks_exact(self.max_abs.len()) {
+            for (m, &x) in self.max_abs.iter_mut().zip(row) {
+                *m = m.max(x.abs());
+            }
+        }
+    }
+
+    /// Folds in a calibration made over other rows.
+    pub fn merge(&mut self, other: &Calibration) {
+        for (m, &x) in self.max_abs.iter_mut().zip(&other.max_abs) {
+            *m = m.max(x);
+        }
+    }
+
+    /// The int8 scales: `max |x_d| / 127`, or 1 for a dimension that is always 0.
+    pub fn scales(&self) -> Vec<f32> {
+        self.max_abs.iter().map(|&m| if m > 0.0 { m / PASSAGE_CODE_MAX } else { 1.0 }).collect()
+    }
+}
+
+/// A passage row's int8 code (`out.len() == row.len()`).
+pub fn encode_int8(row: &[f32], scales: &[f32], out: &mut [i8]) {
+    for ((o, &x), &s) in out.iter_mut().zip(row).zip(scales) {
+        *o = (x / s).round().clamp(-PASSAGE_CODE_MAX, PASSAGE_CODE_MAX) as i8;
+    }
+}
+
+/// A row's sign bits, packed most significant bit first (`out.len() == row.len().div_ceil(8)`).
+pub fn encode_binary(row: &[f32], out: &mut [u8]) {
+    out.fill(0);
+    for (i, &x) in row.iter().enumerate() {
+        if x > 0.0 {
+            out[i / 8] |= 0x80 >> (i % 8);
+        }
+    }
+}
+
+/// The offset added to query codes so that they are unsigned (module docs).
+pub const QUERY_OFFSET: i32 = 64;
+
+/// A query's int8 code against passages quantized with `scales`: the query folded into the
+/// scales, quantized to `[-63, 63]` with one scale of its own (the only one a ranking needs,
+/// so it is not returned), and stored offset by [`QUERY_OFFSET`].
+pub fn encode_query_int8(query: &[f32], scales: &[f32], out: &mut [u8]) {
+    let folded: Vec<f32> = query.iter().zip(scales).map(|(q, s)| q * s).collect();
+    let max = folded.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let step = if max > 0.0 { max / QUERY_CODE_MAX } else { 1.0 };
+    for (o, x) in out.iter_mut().zip(folded) {
+        let code = (x / step).round().clamp(-QUERY_CODE_MAX, QUERY_CODE_MAX) as i32;
+        *o = (code + QUERY_OFFSET) as u8;
+    }
+}
+
+/// Each row's code sum, which takes the query offset back out of a score.
+pub fn code_sums(codes: &[i8], dim: usize, out: &mut [i32]) {
+    for (o, row) in out.iter_mut().zip(codes.chunks_exact(dim.max(1))) {
+        *o = row.iter().map(|&c| c as i32).sum();
+    }
+}
+
+/// The kernels of one CPU: chosen once by [`Kernels::detect`], or named for a test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernels {
+    /// Plain Rust, any CPU.
+    Portable,
+    /// AVX2 (`vpmaddubsw`) for int8 and POPCNT for binary.
+    Avx2,
+    /// AVX-512 VNNI (`vpdpbusd`) for int8 and AVX-512 VPOPCNTDQ, where present, for binary.
+    Avx512Vnni,
+}
+
+impl Kernels {
+    /// The fastest kernels this CPU runs.
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512vnni")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("popcnt")
+            {
+                return Kernels::Avx512Vnni;
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("popcnt")
+            {
+                return Kernels::Avx2;
+            }
+        }
+        Kernels::Portable
+    }
+
+    /// Every kernel set this CPU can run, the portable one first (for tests).
+    pub fn available() -> Vec<Self> {
+        let best = Self::detect();
+        [Kernels::Portable, Kernels::Avx2, Kernels::Avx512Vnni]
+            .into_iter()
+            .filter(|k| *k as u8 <= best as u8)
+            .collect()
+    }
+
+    /// A name for logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernels::Portable => "portable",
+            Kernels::Avx2 => "AVX2",
+            Kernels::Avx512Vnni => "AVX-512 VNNI",
+        }
+    }
+
+    /// `out[q * rows + j] = sum_d queries[q][d] * codes[j][d]` (unsigned query bytes times
+    /// signed code bytes) for `nq` queries of `dim` bytes and `rows` code rows; with the query
+    /// offset taken back ([`code_sums`]) this is the signed dot product of the codes.
+    pub fn int8_scores(self, dim: usize, queries: &[u8], codes: &[i8], out: &mut [i32]) {
+        let (nq, rows) = (queries.len() / dim.max(1), codes.len() / dim.max(1));
+        assert_eq!(out.len(), nq * rows, "codes and scores disagree");
+        match self {
+            Kernels::Portable => int8_portable(dim, queries, codes, out),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: these kernels are only named when `detect` found their features.
+            Kernels::Avx2 => unsafe { x86::int8_avx2(dim, queries, codes, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            Kernels::Avx512Vnni => unsafe { x86::int8_vnni(dim, queries, codes, out) },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => int8_portable(dim, queries, codes, out),
+        }
+    }
+
+    /// `out[q * rows + j] = -hamming(queries[q], codes[j])` for `nq` queries of `width` bytes
+    /// and `rows` code rows.
+    pub fn binary_scores(self, width: usize, queries: &[u8], codes: &[u8], out: &mut [i32]) {
+        let (nq, rows) = (queries.len() / width.max(1), codes.len() / width.max(1));
+        assert_eq!(out.len(), nq * rows, "codes and scores disagree");
+        match self {
+            Kernels::Portable => binary_portable(width, queries, codes, out),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: POPCNT is part of both sets `detect` checks.
+            Kernels::Avx2 | Kernels::Avx512Vnni => unsafe {
+                x86::binary_popcnt(width, queries, codes, out)
+            },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => binary_portable(width, queries, codes, out),
+        }
+    }
+}
+
+/// The reference every other int8 kernel equals bit for bit.
+fn int8_portable(dim: usize, queries: &[u8], codes: &[i8], out: &mut [i32]) {
+    let rows = codes.len() / dim.max(1);
+    for (query, out) in queries.chunks_exact(dim.max(1)).zip(out.chunks_mut(rows.max(1))) {
+        for (o, row) in out.iter_mut().zip(codes.chunks_exact(dim.max(1))) {
+            *o = row.iter().zip(query).map(|(&c, &q)| c as i32 * q as i32).sum();
+        }
+    }
+}
+
+/// The reference every other binary kernel equals bit for bit.
+fn binary_portable(width: usize, queries: &[u8], codes: &[u8], out: &mut [i32]) {
+    let rows = codes.len() / width.max(1);
+    for (query, out) in queries.chunks_exact(width.max(1)).zip(out.chunks_mut(rows.max(1))) {
+        for (o, row) in out.iter_mut().zip(codes.chunks_exact(width.max(1))) {
+            *o = -(row.iter().zip(query).map(|(&c, &q)| (c ^ q).count_ones() as i32).sum::<i32>());
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// The scalar tail of a row past the last full vector.
+    #[inline(always)]
+    fn int8_tail(query: &[u8], row: &[i8], from: usize) -> i32 {
+        row[from..].iter().zip(&query[from..]).map(|(&c, &q)| c as i32 * q as i32).sum()
+    }
+
+    #[inline(always)]
+    unsafe fn hsum256(v: __m256i) -> i32 {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+        _mm_cvtsi128_si32(s)
+    }
+
+    /// Calls `rows_kernel::<4>` on each group of four queries and `rows_kernel::<1>` on the
+    /// rest: a code row is loaded once for four queries.
+    macro_rules! by_query_groups {
+        ($kernel:ident, $dim:expr, $queries:expr, $codes:expr, $out:expr) => {{
+            let (dim, queries, codes, out) = ($dim, $queries, $codes, $out);
+            let rows = codes.len() / dim;
+            let mut q = 0;
+            let nq = queries.len() / dim;
+            while q + 4 <= nq {
+                $kernel::<4>(
+                    dim,
+                    &queries[q * dim..(q + 4) * dim],
+                    codes,
+                    &mut out[q * rows..(q + 4) * rows],
+                );
+                q += 4;
+            }
+            while q < nq {
+                $kernel::<1>(
+                    dim,
+                    &queries[q * dim..(q + 1) * dim],
+                    codes,
+                    &mut out[q * rows..(q + 1) * rows],
+                );
+                q += 1;
+            }
+        }};
+    }
+
+    /// `vpmaddubsw` (query u8 x code i8, pairs into i16; exact: module docs) widened and summed
+    /// by `vpmaddwd` into 32-bit lanes.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn int8_avx2(dim: usize, queries: &[u8], codes: &[i8], out: &mut [i32]) {
+        if dim == 0 {
+            return out.fill(0);
+        }
+        by_query_groups!(avx2_rows, dim, queries, codes, out)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn avx2_rows<const N: usize>(dim: usize, queries: &[u8], codes: &[i8], out: &mut [i32]) {
+        let rows = codes.len() / dim;
+        let full = dim / 32 * 32;
+        let ones = _mm256_set1_epi16(1);
+        for (j, row) in codes.chunks_exact(dim).enumerate() {
+            let mut acc = [_mm256_setzero_si256(); N];
+            let mut i = 0;
+            while i < full {
+                let c = _mm256_loadu_si256(row.as_ptr().add(i) as *const __m256i);
+                for (n, a) in acc.iter_mut().enumerate() {
+                    let q = _mm256_loadu_si256(queries.as_ptr().add(n * dim + i) as *const __m256i);
+                    *a = _mm256_add_epi32(*a, _mm256_madd_epi16(_mm256_maddubs_epi16(q, c), ones));
+                }
+                i += 32;
+            }
+            for (n, a) in acc.iter().enumerate() {
+                out[n * rows + j] =
+                    hsum256(*a) + int8_tail(&queries[n * dim..(n + 1) * dim], row, full);
+            }
+        }
+    }
+
+    /// `vpdpbusd`: query u8 x code i8 summed into 32-bit lanes, no saturation.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn int8_vnni(dim: usize, queries: &[u8], codes: &[i8], out: &mut [i32]) {
+        if dim == 0 {
+            return out.fill(0);
+        }
+        by_query_groups!(vnni_rows, dim, queries, codes, out)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn vnni_rows<const N: usize>(dim: usize, queries: &[u8], codes: &[i8], out: &mut [i32]) {
+        let rows = codes.len() / dim;
+        let full = dim / 64 * 64;
+        for (j, row) in codes.chunks_exact(dim).enumerate() {
+            let mut acc = [_mm512_setzero_si512(); N];
+            let mut i = 0;
+            while i < full {
+                let c = _mm512_loadu_si512(row.as_ptr().add(i) as *const _);
+                for (n, a) in acc.iter_mut().enumerate() {
+                    let q = _mm512_loadu_si512(queries.as_ptr().add(n * dim + i) as *const _);
+                    *a = _mm512_dpbusd_epi32(*a, q, c);
+                }
+                i += 64;
+            }
+            for (n, a) in acc.iter().enumerate() {
+                out[n * rows + j] = _mm512_reduce_add_epi32(*a)
+                    + int8_tail(&queries[n * dim..(n + 1) * dim], row, full);
+            }
+        }
+    }
+
+    /// XOR and POPCNT over 8-byte words, then bytes.
+    #[target_feature(enable = "popcnt")]
+    pub unsafe fn binary_popcnt(width: usize, queries: &[u8], codes: &[u8], out: &mut [i32]) {
+        if width == 0 {
+            return out.fill(0);
+        }
+        by_query_groups!(popcnt_rows, width, queries, codes, out)
+    }
+
+    #[inline]
+    #[target_feature(enable = "popcnt")]
+    unsafe fn popcnt_rows<const N: usize>(
+        width: usize,
+        queries: &[u8],
+        codes: &[u8],
+        out: &mut [i32],
+    ) {
+        let rows = codes.len() / width;
+        let words = width / 8;
+        let word = |p: *const u8, i: usize| (p.add(i * 8) as *const u64).read_unaligned();
+        for (j, row) in codes.chunks_exact(width).enumerate() {
+            let mut d = [0u32; N];
+            for w in 0..words {
+                let c = word(row.as_ptr(), w);
+                for (n, d) in d.iter_mut().enumerate() {
+                    *d += (c ^ word(queries.as_ptr().add(n * width), w)).count_ones();
+                }
+            }
+            for (n, d) in d.iter().enumerate() {
+                let q = &queries[n * width..(n + 1) * width];
+                let tail: u32 = (words * 8..width).map(|b| (row[b] ^ q[b]).count_ones()).sum();
+                out[n * rows + j] = -((d + tail) as i32);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Every kernel this CPU runs equals the portable reference bit for bit, at widths that
+        /// leave tails after the vector loops and with the extreme codes.
+        #[test]
+        fn kernels_equal_the_portable_reference(
+            dim in 1usize..200, rows in 1usize..9, seed in 0u64..1000, extreme in any::<bool>(),
+        ) {
+            let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+            let mut next = || { x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); (x >> 33) as u32 };
+            let codes: Vec<i8> = (0..rows * dim)
+                .map(|_| if extreme { [-127i8, 127, -128][next() as usize % 3] } else { next() as i8 })
+                .collect();
+            let nq = 1 + next() as usize % 6;
+            let queries: Vec<u8> = (0..nq * dim)
+                .map(|_| if extreme { [1u8, 127][next() as usize % 2] } else { 1 + (next() % 127) as u8 })
+                .collect();
+            let mut want = vec![0; nq * rows];
+            int8_portable(dim, &queries, &codes, &mut want);
+            let width = dim.div_ceil(8);
+            let bits: Vec<u8> = (0..rows * width).map(|_| next() as u8).collect();
+            let qbits: Vec<u8> = (0..nq * width).map(|_| next() as u8).collect();
+            let mut want_bits = vec![0; nq * rows];
+            binary_portable(width, &qbits, &bits, &mut want_bits);
+            for k in Kernels::available() {
+                let mut got = vec![0; nq * rows];
+                k.int8_scores(dim, &queries, &codes, &mut got);
+                prop_assert_eq!(&got, &want, "{}", k.name());
+                k.binary_scores(width, &qbits, &bits, &mut got);
+                prop_assert_eq!(&got, &want_bits, "{}", k.name());
+            }
+        }
+    }
+
+    /// The reference itself, by hand: the offset form and the Hamming count.
+    #[test]
+    fn reference_scores_by_hand() {
+        let mut out = [0];
+        int8_portable(2, &[2, 70], &[10, -1], &mut out);
+        assert_eq!(out[0], 10 * 2 + -70);
+        let mut sums = [0; 2];
+        code_sums(&[10, -1, 127, -128], 2, &mut sums);
+        assert_eq!(sums, [9, -1]);
+        binary_portable(1, &[0b1010_0000], &[0b0110_0001], &mut out);
+        assert_eq!(out[0], -3);
+    }
+
+    #[test]
+    fn codes_follow_the_documented_rules() {
+        let mut c = Calibration::new(3);
+        c.observe(&[0.5, -2.0, 0.0, -1.0, 1.0, 0.0]);
+        let scales = c.scales();
+        assert_eq!(scales, [1.0 / 127.0, 2.0 / 127.0, 1.0]);
+        let mut code = [0i8; 3];
+        encode_int8(&[-1.0, 1.0, 0.3], &scales, &mut code);
+        assert_eq!(code, [-127, 64, 0]); // -1 / (1/127), 1 / (2/127) = 63.5 rounds away, 0.3 / 1
+        encode_int8(&[5.0, -5.0, 0.0], &scales, &mut code);
+        assert_eq!(code, [127, -127, 0], "clamped");
+        let mut q = [0u8; 3];
+        encode_query_int8(&[63.5, -127.0, 0.0], &scales, &mut q);
+        // folded: 0.5, -2, 0; step 2/63: 15.75 rounds to 16; offset by 64
+        assert_eq!(q, [16 + 64, 1, 64]);
+        let mut bits = [0u8; 2];
+        encode_binary(&[1.0, -1.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0, 3.0], &mut bits);
+        assert_eq!(bits, [0b1001_0000, 0b1000_0000]);
+    }
+}

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The quality of compact search on real embeddings: all-MiniLM-L6-v2 (zero-shot) over the full
+# InsuranceQA dev set (2,000 questions, 27,413 answers), searched exactly in F32 and with
+# int8 and binary codes at several rescoring multipliers (1 = no candidates beyond the depth),
+# each evaluated with tevatron eval (nDCG@10, recall@100) and timed.
+#   scripts/bench/compact-quality.sh
+# MODEL=path/to/model scores another model. The embeddings are kept in .cache/compact-quality.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$root"
+cargo build --release -q -p tevatron-cli
+bin=$root/target/release/tevatron
+data=$("$root/scripts/fetch-insuranceqa.sh" "$bin")
+model=${MODEL:-$("$root/scripts/fetch-minilm.sh")}
+work=$root/.cache/compact-quality
+mkdir -p "$work"
+echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); model $model"
+if [ ! -f "$work/corpus.safetensors" ]; then
+  "$bin" encode --model_name_or_path "$model" --dataset_path "$data/corpus.jsonl" \
+    --encode_output_path "$work/corpus.safetensors" --passage_max_len 128 \
+    --per_device_eval_batch_size 64 --quiet
+fi
+if [ ! -f "$work/queries.safetensors" ]; then
+  "$bin" encode --model_name_or_path "$model" --dataset_path "$data/queries.dev.jsonl" \
+    --encode_is_query --encode_output_path "$work/queries.safetensors" --query_max_len 32 --quiet
+fi
+for q in int8 binary; do
+  [ -f "$work/idx/corpus.$q.safetensors" ] ||
+    "$bin" index --passage_reps "$work/corpus.safetensors" --quantize "$q" --output_dir "$work/idx" --quiet
+done
+printf '%-24s %9s %10s %9s\n' search "nDCG@10" "recall@100" "seconds"
+run() {  # label search-flags...
+  local label=$1 start end
+  shift
+  start=$(date +%s.%N)
+  "$bin" search --query_reps "$work/queries.safetensors" --passage_reps "$work/corpus.safetensors" \
+    --depth 100 --batch_size 0 --save_ranking_to "$work/run.tsv" --save_text --quiet "$@"
+  end=$(date +%s.%N)
+  "$bin" eval --qrels "$data/qrels.dev.tsv" --run "$work/run.tsv" -m ndcg@10 -m recall@100 --json \
+    > "$work/m.json"
+  python3 - "$work/m.json" "$label" "$(echo "$end - $start" | bc -l)" <<'PY'
+import json, sys
+m = json.load(open(sys.argv[1])); m = m.get("all", m)
+get = lambda k: next(v for n, v in m.items() if n.lower().replace("_cut_", "@").startswith(k))
+print(f"{sys.argv[2]:<24} {get('ndcg@10'):9.4f} {get('recall@100'):10.4f} {float(sys.argv[3]):9.2f}")
+PY
+}
+run "exact F32"
+for m in 1 2 4; do
+  run "int8, rescore x$m" --quantize int8 --compact_reps "$work/idx/corpus.int8.safetensors" --rescore_multiplier $m
+done
+for m in 1 4 10; do
+  run "binary, rescore x$m" --quantize binary --compact_reps "$work/idx/corpus.binary.safetensors" --rescore_multiplier $m
+done
