@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The quality of compact search on real embeddings: all-MiniLM-L6-v2 (zero-shot) over the full
 # InsuranceQA dev set (2,000 questions, 27,413 answers), searched exactly in F32 and with
-# int8 and binary codes at several rescoring multipliers (1 = no candidates beyond the depth),
+# int8 and binary codes at several rescoring multipliers (1 = no candidates beyond the depth)
+# and through an HNSW graph (M 32, ef_construction 128) at two ef_search,
 # each evaluated with tevatron eval (nDCG@10, recall@100) and timed.
 #   scripts/bench/compact-quality.sh
 # MODEL=path/to/model scores another model. The embeddings are kept in .cache/compact-quality.
@@ -28,6 +29,8 @@ for q in int8 binary; do
   [ -f "$work/idx/corpus.$q.safetensors" ] ||
     "$bin" index --passage_reps "$work/corpus.safetensors" --quantize "$q" --output_dir "$work/idx" --quiet
 done
+[ -f "$work/idx/corpus.hnsw.json" ] ||
+  "$bin" index --passage_reps "$work/corpus.safetensors" --hnsw --output_dir "$work/idx" --quiet
 printf '%-24s %9s %10s %9s\n' search "nDCG@10" "recall@100" "seconds"
 run() {  # label search-flags...
   local label=$1 start end
@@ -51,4 +54,7 @@ for m in 1 2 4; do
 done
 for m in 1 4 10; do
   run "binary, rescore x$m" --quantize binary --compact_reps "$work/idx/corpus.binary.safetensors" --rescore_multiplier $m
+done
+for ef in 32 128; do
+  run "HNSW ef $ef, rescore x1" --hnsw --compact_reps "$work/idx/corpus.hnsw.json" --hnsw_ef_search $ef --rescore_multiplier 1
 done

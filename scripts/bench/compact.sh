@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Compact search speed and recall: ours (tevatron index + search --quantize int8|binary with
 # exact rescoring) against exact F32 search and faiss' IndexScalarQuantizer (8-bit) and
-# IndexBinaryFlat, same machine, same run, same random unit vectors, 2 threads each.
+# IndexBinaryFlat, and our HNSW (USearch) against faiss' IndexHNSWFlat with the same M and ef,
+# same machine, same run, same random unit vectors, 2 threads each.
 #   scripts/bench/compact.sh              (100k x 384, 1,000 queries, depth 100)
 #   SIZES="c100k c1m" scripts/bench/compact.sh
 # Each line: build seconds (ours: tevatron index; faiss: train + add), search seconds (the whole
@@ -25,6 +26,8 @@ export OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2 RAYON_NUM_THREADS=2
 sizes=${SIZES:-c100k}
 mult=${MULT:-4}
 bmult=${BMULT:-10}
+# HNSW, ours and faiss alike: M, ef_construction, ef_search; ours rescores HMULT x depth.
+hnsw_m=${HNSW_M:-32} hnsw_efc=${HNSW_EFC:-128} hnsw_ef=${HNSW_EF:-128} hmult=${HMULT:-1}
 bin=target/release/tevatron
 echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 "$py" - "$work" $sizes <<'PY'
@@ -77,7 +80,14 @@ for c in $sizes; do
     read -r s m < "$work/t"
     row "$c" "ours $q + rescore x$k" "$b" "$s" "$m" $(( $(stat -c %s "$work/idx-$c/$c.$q.safetensors") / 1048576 )) "$(recall "$work/$q.ranking")"
   done
-  "$py" - "$work" "$c" <<'PY'
+  timed "$bin" index --passage_reps "$work/$c.safetensors" --hnsw --hnsw_m "$hnsw_m" \
+    --hnsw_ef_construction "$hnsw_efc" --output_dir "$work/idx-$c" --quiet
+  read -r b _ < "$work/t"
+  timed "$bin" "${search[@]}" --hnsw --compact_reps "$work/idx-$c/$c.hnsw.json" \
+    --hnsw_ef_search "$hnsw_ef" --rescore_multiplier "$hmult" --save_ranking_to "$work/hnsw.ranking"
+  read -r s m < "$work/t"
+  row "$c" "ours HNSW + rescore x$hmult" "$b" "$s" "$m" $(( $(stat -c %s "$work/idx-$c/$c.hnsw.usearch") / 1048576 )) "$(recall "$work/hnsw.ranking")"
+  "$py" - "$work" "$c" "$hnsw_m" "$hnsw_efc" "$hnsw_ef" <<'PY'
 import sys, time, resource, numpy as np, faiss
 from safetensors.numpy import load_file
 faiss.omp_set_num_threads(2)
@@ -102,6 +112,13 @@ t0 = time.perf_counter()
 bx = faiss.IndexBinaryFlat(384); bx.add(np.packbits(x > 0, axis=1)); t1 = time.perf_counter()
 _, idx = bx.search(np.packbits(q > 0, axis=1), 100); t2 = time.perf_counter()
 report("faiss IndexBinaryFlat", t1 - t0, t2 - t1, x.shape[0] * 48, idx)
+m, efc, ef = (int(v) for v in sys.argv[3:6])
+t0 = time.perf_counter()
+hn = faiss.IndexHNSWFlat(384, m, faiss.METRIC_INNER_PRODUCT)
+hn.hnsw.efConstruction = efc; hn.add(x); t1 = time.perf_counter()
+hn.hnsw.efSearch = ef
+_, idx = hn.search(q, 100); t2 = time.perf_counter()
+report("faiss IndexHNSWFlat", t1 - t0, t2 - t1, x.nbytes + hn.ntotal * m * 2 * 4, idx)
 PY
 done
 echo "(faiss times are in-process, without loading the vectors; ours are whole processes)"

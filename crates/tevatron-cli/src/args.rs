@@ -778,8 +778,17 @@ pub struct SearchArgs {
     /// `depth x --rescore_multiplier` with the full-precision vectors (on the CPU).
     #[arg(long, value_enum)]
     pub quantize: Option<QuantizeArg>,
+    /// Search the HNSW graphs `tevatron index --hnsw` wrote (--compact_reps names their
+    /// `.hnsw.json` files), rescoring the best `depth x --rescore_multiplier` exactly.
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub hnsw: bool,
+    /// With --hnsw: candidates examined per query (HNSW's ef_search; at least the candidates
+    /// rescored).
+    #[arg(long, default_value_t = 128)]
+    pub hnsw_ef_search: usize,
     /// The codes `tevatron index` wrote, one file per passage shard (a quoted glob); without
-    /// it, --quantize builds them in memory from --passage_reps.
+    /// it, --quantize builds them in memory from --passage_reps. With --hnsw, the graphs'
+    /// `.hnsw.json` files.
     #[arg(long)]
     pub compact_reps: Option<String>,
     /// Search on the first N dimensions of the query and passage vectors (re-normalised when
@@ -821,10 +830,20 @@ pub struct IndexArgs {
     /// Passage embeddings glob, quoted (e.g. 'emb/corpus.*.safetensors'); expanded and sorted.
     #[arg(long)]
     pub passage_reps: String,
-    /// The compact form to write.
+    /// The compact codes to write (or give --hnsw).
     #[arg(long, value_enum)]
-    pub quantize: QuantizeArg,
-    /// Folder for the codes: `<shard stem>.<int8|binary>.safetensors` per shard.
+    pub quantize: Option<QuantizeArg>,
+    /// Build an HNSW graph per shard instead (USearch), for `search --hnsw`.
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub hnsw: bool,
+    /// With --hnsw: neighbours per node (HNSW's M).
+    #[arg(long, default_value_t = 32)]
+    pub hnsw_m: usize,
+    /// With --hnsw: candidates examined while inserting (HNSW's ef_construction).
+    #[arg(long, default_value_t = 128)]
+    pub hnsw_ef_construction: usize,
+    /// Folder for the output: `<shard stem>.<int8|binary>.safetensors`, or with --hnsw
+    /// `<shard stem>.hnsw.usearch` and `<shard stem>.hnsw.json`, per shard.
     #[arg(long)]
     pub output_dir: PathBuf,
     /// No progress output.

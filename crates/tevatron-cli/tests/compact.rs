@@ -159,7 +159,7 @@ fn bad_compact_inputs_are_refused() {
     );
     fails_with(
         search(d, "x.tsv", &["--quantize", "int8", "--device", "cuda"]),
-        "--quantize scans on the CPU",
+        "--quantize and --hnsw search on the CPU",
     );
     let bytes = std::fs::read(d.join("idx/c.1.int8.safetensors")).unwrap();
     std::fs::write(d.join("idx/c.1.int8.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
@@ -168,4 +168,63 @@ fn bad_compact_inputs_are_refused() {
         "not a readable compact file",
     );
     assert!(!d.join("x.tsv").exists(), "no output is left by a failed search");
+}
+
+#[test]
+fn hnsw_graphs_are_built_mapped_and_rescored() {
+    let tmp = setup();
+    let d = tmp.path();
+    ok(search(d, "exact.tsv", &[]));
+    let exact = std::fs::read_to_string(d.join("exact.tsv")).unwrap();
+    ok(tevatron(
+        d,
+        &[
+            "index",
+            "--passage_reps",
+            "c.*.safetensors",
+            "--hnsw",
+            "--hnsw_m",
+            "16",
+            "--output_dir",
+            "g",
+            "--quiet",
+        ],
+    ));
+    assert_eq!(
+        names(&d.join("g")),
+        ["c.0.hnsw.json", "c.0.hnsw.usearch", "c.1.hnsw.json", "c.1.hnsw.usearch"]
+    );
+    // Asked for every row of each shard, the graph gives them all: exact search's ranking.
+    let flags = ["--hnsw", "--compact_reps", "g/*.hnsw.json", "--rescore_multiplier", "400"];
+    ok(search(d, "h.tsv", &flags));
+    assert_eq!(std::fs::read_to_string(d.join("h.tsv")).unwrap(), exact);
+    ok(search(
+        d,
+        "h4.tsv",
+        &["--hnsw", "--compact_reps", "g/*.hnsw.json", "--hnsw_ef_search", "32"],
+    ));
+    assert_eq!(std::fs::read_to_string(d.join("h4.tsv")).unwrap().lines().count(), 35);
+    fails_with(search(d, "x.tsv", &["--hnsw"]), "name their .hnsw.json files with --compact_reps");
+    fails_with(
+        search(d, "x.tsv", &["--hnsw", "--quantize", "int8", "--compact_reps", "g/*.hnsw.json"]),
+        "--hnsw and --quantize are two different searches",
+    );
+    std::fs::create_dir(d.join("swap")).unwrap();
+    for (from, to) in [("c.0", "c.1"), ("c.1", "c.0")] {
+        for ext in ["json", "usearch"] {
+            std::fs::copy(
+                d.join(format!("g/{from}.hnsw.{ext}")),
+                d.join(format!("swap/{to}.hnsw.{ext}")),
+            )
+            .unwrap();
+        }
+    }
+    fails_with(
+        search(d, "x.tsv", &["--hnsw", "--compact_reps", "swap/*.hnsw.json"]),
+        "was made from other vectors than c.0.safetensors",
+    );
+    fails_with(
+        tevatron(d, &["index", "--passage_reps", "c.*.safetensors", "--output_dir", "n"]),
+        "give one of --quantize int8|binary and --hnsw",
+    );
 }

@@ -464,7 +464,7 @@ pub fn search_compact(
 }
 
 /// Exact scores of one query's candidate rows, the best `k` kept by exact search's tie rule.
-fn rescore(
+pub(crate) fn rescore(
     query: &[f32],
     rows: Vec<u32>,
     shard: &Vectors,

@@ -21,6 +21,7 @@ pub mod atomic;
 pub mod compact;
 pub mod error;
 pub mod fxhash;
+pub mod hnsw;
 pub mod insuranceqa;
 pub mod metrics;
 pub mod mining;

@@ -1,10 +1,12 @@
 //! `tevatron index`: the int8 or binary codes of passage embeddings, one compact file per
-//! shard, for `tevatron search --quantize` (the format is documented in `tevatron_ir::compact`).
+//! shard, for `tevatron search --quantize` (the format is documented in `tevatron_ir::compact`),
+//! or an HNSW graph per shard for `tevatron search --hnsw` (`tevatron_ir::hnsw`).
 
 use std::collections::BTreeSet;
 
 use anyhow::{bail, Context, Result};
 use tevatron_ir::compact::{calibrate, compact_path, write};
+use tevatron_ir::hnsw::{build, hnsw_paths, HnswOptions};
 use tevatron_ir::quantize::Precision;
 use tevatron_ir::search::check_width;
 use tevatron_ir::vectors::{expand_glob, Vectors};
@@ -18,8 +20,22 @@ pub fn run(a: &IndexArgs) -> Result<()> {
     for shard in &shards {
         check_width(shard, dim)?;
     }
-    let precision = Precision::from(a.quantize);
-    let outputs: Vec<_> = files.iter().map(|f| compact_path(&a.output_dir, f, precision)).collect();
+    let kind = match (a.quantize, a.hnsw) {
+        (Some(q), false) => Ok(Precision::from(q)),
+        (None, true) => Err(HnswOptions {
+            connectivity: a.hnsw_m,
+            expansion_add: a.hnsw_ef_construction,
+            ..HnswOptions::default()
+        }),
+        _ => bail!("give one of --quantize int8|binary and --hnsw"),
+    };
+    let outputs: Vec<_> = files
+        .iter()
+        .map(|f| match &kind {
+            Ok(precision) => compact_path(&a.output_dir, f, *precision),
+            Err(_) => hnsw_paths(&a.output_dir, f).1,
+        })
+        .collect();
     if outputs.iter().collect::<BTreeSet<_>>().len() != outputs.len() {
         bail!(
             "two --passage_reps files have the same name; their codes would overwrite each other"
@@ -28,21 +44,40 @@ pub fn run(a: &IndexArgs) -> Result<()> {
     std::fs::create_dir_all(&a.output_dir)
         .with_context(|| format!("creating {}", a.output_dir.display()))?;
     let start = std::time::Instant::now();
-    // One calibration over every shard, so the whole corpus is quantized alike.
-    let scales = match precision {
-        Precision::Int8 => calibrate(&shards)?,
-        Precision::Binary => Vec::new(),
-    };
-    for (shard, out) in shards.iter().zip(&outputs) {
-        write(out, shard, precision, &scales)?;
-        tracing::info!(
-            "{} codes of {} ({} x {}) written to {}",
-            precision.name(),
-            shard.path().display(),
-            shard.len(),
-            dim,
-            out.display()
-        );
+    match kind {
+        Ok(precision) => {
+            // One calibration over every shard, so the whole corpus is quantized alike.
+            let scales = match precision {
+                Precision::Int8 => calibrate(&shards)?,
+                Precision::Binary => Vec::new(),
+            };
+            for (shard, out) in shards.iter().zip(&outputs) {
+                write(out, shard, precision, &scales)?;
+                tracing::info!(
+                    "{} codes of {} ({} x {dim}) written to {}",
+                    precision.name(),
+                    shard.path().display(),
+                    shard.len(),
+                    out.display()
+                );
+            }
+        }
+        Err(opts) => {
+            if opts.connectivity < 2 || opts.expansion_add == 0 {
+                bail!("--hnsw_m must be at least 2 and --hnsw_ef_construction at least 1");
+            }
+            for shard in &shards {
+                let (graph, _) = build(&a.output_dir, shard, &opts)?;
+                tracing::info!(
+                    "HNSW graph of {} ({} x {dim}, M {}, ef_construction {}) written to {}",
+                    shard.path().display(),
+                    shard.len(),
+                    opts.connectivity,
+                    opts.expansion_add,
+                    graph.display()
+                );
+            }
+        }
     }
     tracing::info!("indexed {} shard(s) in {:.2}s", shards.len(), start.elapsed().as_secs_f64());
     Ok(())

@@ -9,13 +9,14 @@ use candle_core::{DType, Device};
 use safetensors::tensor::{Dtype, TensorView};
 use std::path::PathBuf;
 
-use tevatron_ir::compact::{search_compact, CompactShard};
+use tevatron_ir::compact::{search_compact, CompactShard, ScanReport};
+use tevatron_ir::hnsw::{search_hnsw, HnswShard};
 use tevatron_ir::quantize::{Kernels, Precision};
 use tevatron_ir::search::{check_dims, check_queries, merge_shards, search_shard, Ranking};
 use tevatron_ir::trec::{write_run, RunFormat};
 use tevatron_ir::vectors::{expand_glob, Ids, Vectors};
 
-use crate::args::SearchArgs;
+use crate::args::{QuantizeArg, SearchArgs};
 
 pub fn run(a: &SearchArgs) -> Result<()> {
     crate::release_freed_memory();
@@ -60,6 +61,13 @@ pub fn run(a: &SearchArgs) -> Result<()> {
         };
         check_dims(&queries, shard)?;
         if let Some(plan) = &compact {
+            if let Some(ef) = plan.hnsw {
+                let graph = plan.graph_for(shard, ef)?;
+                let (hits, candidates) =
+                    search_hnsw(&q, dim, &graph, shard, depth, a.rescore_multiplier)?;
+                reported.set(Some(ScanReport { candidates, kernels }));
+                return Ok(hits);
+            }
             let codes = plan.codes_for(shard)?;
             let (hits, report) = search_compact(
                 &q,
@@ -103,11 +111,19 @@ pub fn run(a: &SearchArgs) -> Result<()> {
         merge_shards(nq, shards.iter().map(Ok), depth, search)?
     };
     if let Some(report) = reported.get() {
+        let scanned = match compact.as_ref() {
+            Some(p) if p.hnsw.is_some() => "searched the HNSW graphs".to_string(),
+            Some(p) => {
+                format!(
+                    "scanned {} codes with the {} kernels",
+                    p.precision.name(),
+                    report.kernels.name()
+                )
+            }
+            None => String::new(),
+        };
         tracing::info!(
-            "scanned {} codes with the {} kernels; rescored {} candidates per query (last shard) \
-             with the full-precision vectors",
-            compact.as_ref().map_or("", |p| p.precision.name()),
-            report.kernels.name(),
+            "{scanned}; rescored {} candidates per query (last shard) with the full-precision vectors",
             report.candidates
         );
     }
@@ -135,10 +151,23 @@ pub fn run(a: &SearchArgs) -> Result<()> {
 /// files in sorted order, each checked against its shard's fingerprint) or built in memory.
 struct CompactPlan {
     precision: Precision,
+    /// `--hnsw_ef_search` when the files are HNSW graphs.
+    hnsw: Option<usize>,
     files: Option<Vec<(PathBuf, PathBuf)>>,
 }
 
 impl CompactPlan {
+    fn graph_for(&self, shard: &Vectors, ef: usize) -> tevatron_ir::Result<HnswShard> {
+        let files = self.files.as_deref().unwrap_or_default();
+        let Some((_, path)) = files.iter().find(|(p, _)| p == shard.path()) else {
+            return Err(tevatron_ir::Error::Invalid(format!(
+                "no --compact_reps graph for {}",
+                shard.path().display()
+            )));
+        };
+        HnswShard::open(path, shard, ef)
+    }
+
     fn codes_for(&self, shard: &Vectors) -> tevatron_ir::Result<CompactShard> {
         let Some(files) = &self.files else {
             return CompactShard::build(shard, self.precision, None);
@@ -165,18 +194,31 @@ impl CompactPlan {
 }
 
 fn compact_plan(a: &SearchArgs, passages: &[PathBuf]) -> Result<Option<CompactPlan>> {
-    let Some(quantize) = a.quantize else {
-        if a.compact_reps.is_some() {
-            bail!("--compact_reps is read by --quantize int8|binary, which is not given");
+    if a.hnsw && a.quantize.is_some() {
+        bail!("--hnsw and --quantize are two different searches: give one");
+    }
+    if a.hnsw && a.compact_reps.is_none() {
+        bail!("--hnsw reads the graphs of tevatron index --hnsw: name their .hnsw.json files with --compact_reps");
+    }
+    if a.hnsw && a.hnsw_ef_search == 0 {
+        bail!("--hnsw_ef_search must be at least 1");
+    }
+    let quantize = match a.quantize {
+        Some(q) => q,
+        None if a.hnsw => QuantizeArg::Int8, // unused: the graphs hold F32 vectors
+        None => {
+            if a.compact_reps.is_some() {
+                bail!("--compact_reps is read by --quantize int8|binary or --hnsw, neither of which is given");
+            }
+            return Ok(None);
         }
-        return Ok(None);
     };
     if !(a.rescore_multiplier >= 1.0 && a.rescore_multiplier.is_finite()) {
         bail!("--rescore_multiplier must be a number of at least 1, not {}", a.rescore_multiplier);
     }
     if a.device.as_deref().is_some_and(|d| d != "cpu") {
         bail!(
-            "--quantize scans on the CPU; --device {} cannot be used with it",
+            "--quantize and --hnsw search on the CPU; --device {} cannot be used with them",
             a.device.as_deref().unwrap_or("")
         );
     }
@@ -202,7 +244,11 @@ fn compact_plan(a: &SearchArgs, passages: &[PathBuf]) -> Result<Option<CompactPl
             Some(passages.iter().cloned().zip(codes).collect())
         }
     };
-    Ok(Some(CompactPlan { precision: quantize.into(), files }))
+    Ok(Some(CompactPlan {
+        precision: quantize.into(),
+        hnsw: a.hnsw.then_some(a.hnsw_ef_search),
+        files,
+    }))
 }
 
 /// Whether an embeddings file says its model normalises (so that a cut is re-normalised).

@@ -1,0 +1,316 @@
+//! An approximate index for corpora where even a scan of compact codes is too slow: an HNSW
+//! graph per shard, built with Unum's USearch (a maintained C++ library used by ClickHouse and
+//! DuckDB, bound through `cxx`; its distance kernels are chosen at run time by CPU feature),
+//! saved to disk and memory-mapped for search. The graph proposes `depth x multiplier`
+//! candidates per query, which are rescored exactly with the shard's full-precision vectors,
+//! as in [`crate::compact`].
+//!
+//! Files, per shard: `<stem>.hnsw.usearch` (USearch's own format, inner-product metric, the
+//! row number as key) and `<stem>.hnsw.json`, which says what it is: `format`
+//! (`tevatron-hnsw-v1`), the graph's settings, the USearch version, the byte size of the
+//! graph file and the fingerprint of the vectors it was built from. The size is checked before
+//! the graph is mapped, so a truncated graph is an error, not a crash.
+
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
+
+use crate::compact::{fingerprint, rescore, QueryHits};
+use crate::search::{check_finite, check_width};
+use crate::vectors::Vectors;
+use crate::{Error, Result};
+
+/// The `format` the description file names; any other is refused.
+pub const FORMAT: &str = "tevatron-hnsw-v1";
+
+/// How the graph is built and searched (HNSW's `M`, `ef_construction` and `ef_search`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HnswOptions {
+    /// Neighbours kept per node (`M`): more is better recall, more memory and a slower build.
+    pub connectivity: usize,
+    /// Candidates examined while inserting (`ef_construction`).
+    pub expansion_add: usize,
+    /// Candidates examined per query (`ef_search`); raised to the candidates wanted when lower.
+    pub expansion_search: usize,
+}
+
+impl Default for HnswOptions {
+    fn default() -> Self {
+        Self { connectivity: 32, expansion_add: 128, expansion_search: 128 }
+    }
+}
+
+/// The graph and description files of a shard in `dir`.
+pub fn hnsw_paths(dir: &Path, shard: &Path) -> (PathBuf, PathBuf) {
+    let stem = shard.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    (dir.join(format!("{stem}.hnsw.usearch")), dir.join(format!("{stem}.hnsw.json")))
+}
+
+fn usearch_err(path: &Path, what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Embeddings { path: path.to_path_buf(), what: format!("{what}: {e}") }
+}
+
+fn new_index(dim: usize, opts: &HnswOptions) -> std::result::Result<Index, String> {
+    let index = Index::new(&IndexOptions {
+        dimensions: dim,
+        metric: MetricKind::IP,
+        quantization: ScalarKind::F32,
+        connectivity: opts.connectivity,
+        expansion_add: opts.expansion_add,
+        expansion_search: opts.expansion_search,
+        multi: false,
+    });
+    index.map_err(|e| e.to_string())
+}
+
+/// Builds the graph of `source` (rows inserted on all rayon threads) and writes its two files
+/// in `dir`, each under a temporary name renamed into place.
+pub fn build(dir: &Path, source: &Vectors, opts: &HnswOptions) -> Result<(PathBuf, PathBuf)> {
+    let (graph_path, json_path) = hnsw_paths(dir, source.path());
+    let dim = source.dim();
+    let index =
+        new_index(dim, opts).map_err(|e| usearch_err(&graph_path, "creating the graph", e))?;
+    index
+        .reserve_capacity_and_threads(source.len(), rayon::current_num_threads().max(1))
+        .map_err(|e| usearch_err(&graph_path, "reserving the graph", e))?;
+    let blocks: Vec<usize> = (0..source.len()).step_by(1024).collect();
+    blocks.par_iter().try_for_each_init(Vec::new, |scratch, &start| {
+        let end = (start + 1024).min(source.len());
+        let rows = source.rows().block(dim, start, end, scratch);
+        check_finite(rows, dim, start, source.path())?;
+        for (i, row) in rows.chunks_exact(dim).enumerate() {
+            index
+                .add((start + i) as u64, row)
+                .map_err(|e| usearch_err(&graph_path, "adding a vector", e))?;
+        }
+        Ok::<_, Error>(())
+    })?;
+    let tmp = graph_path.with_extension(format!("usearch.tmp.{}", std::process::id()));
+    let saved = index
+        .save(&tmp.to_string_lossy())
+        .map_err(|e| usearch_err(&graph_path, "saving the graph", e))
+        .and_then(|()| {
+            std::fs::metadata(&tmp).map_err(|source| Error::Read { path: tmp.clone(), source })
+        });
+    let size = match saved {
+        Ok(m) => m.len(),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    std::fs::rename(&tmp, &graph_path)
+        .map_err(|source| Error::Write { path: graph_path.clone(), source })?;
+    let description = serde_json::json!({
+        "format": FORMAT,
+        "source": source.path().display().to_string(),
+        "source_fingerprint": fingerprint(source),
+        "rows": source.len(),
+        "dim": dim,
+        "metric": "ip",
+        "connectivity": opts.connectivity,
+        "expansion_add": opts.expansion_add,
+        "usearch_version": usearch::version(),
+        "graph_bytes": size,
+    });
+    let mut f = crate::atomic::AtomicFile::create(&json_path)?;
+    std::io::Write::write_all(f.writer(), description.to_string().as_bytes())
+        .map_err(|e| f.err(e))?;
+    f.commit()?;
+    Ok((graph_path, json_path))
+}
+
+/// A shard's graph, memory-mapped.
+pub struct HnswShard {
+    index: Index,
+    rows: usize,
+}
+
+impl HnswShard {
+    /// Maps the graph whose description is `json_path` (the graph file beside it), after
+    /// checking that it was made from `source`, by this format, and is whole.
+    pub fn open(json_path: &Path, source: &Vectors, expansion_search: usize) -> Result<Self> {
+        let bad = |what: String| Error::Embeddings { path: json_path.to_path_buf(), what };
+        let text = std::fs::read_to_string(json_path)
+            .map_err(|source| Error::Read { path: json_path.to_path_buf(), source })?;
+        let d: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| bad(format!("not a graph description ({e})")))?;
+        if d["format"] != FORMAT {
+            return Err(bad(format!(
+                "format {} is not {FORMAT:?}: rebuild it with this version's `tevatron index --hnsw`",
+                d["format"]
+            )));
+        }
+        if d["source_fingerprint"] != fingerprint(source).as_str() {
+            return Err(bad(format!(
+                "was made from other vectors than {} (built from {}): rebuild it with `tevatron index --hnsw`",
+                source.path().display(),
+                d["source"]
+            )));
+        }
+        let graph = json_path.with_extension("usearch");
+        let size = std::fs::metadata(&graph)
+            .map_err(|source| Error::Read { path: graph.clone(), source })?
+            .len();
+        if Some(size) != d["graph_bytes"].as_u64() {
+            return Err(Error::Embeddings {
+                path: graph,
+                what: format!(
+                    "is {size} bytes where its description says {}: a partial copy?",
+                    d["graph_bytes"]
+                ),
+            });
+        }
+        let opts = HnswOptions {
+            connectivity: d["connectivity"].as_u64().unwrap_or(32) as usize,
+            expansion_add: d["expansion_add"].as_u64().unwrap_or(128) as usize,
+            expansion_search,
+        };
+        let index = new_index(source.dim(), &opts)
+            .map_err(|e| usearch_err(&graph, "opening the graph", e))?;
+        index
+            .view(&graph.to_string_lossy())
+            .map_err(|e| usearch_err(&graph, "mapping the graph", e))?;
+        // One search context per thread, so that queries on all threads do not queue.
+        index
+            .reserve_capacity_and_threads(index.size(), rayon::current_num_threads().max(1))
+            .map_err(|e| usearch_err(&graph, "preparing the graph for search", e))?;
+        if index.size() != source.len() || index.dimensions() != source.dim() {
+            return Err(Error::Embeddings {
+                path: graph,
+                what: format!(
+                    "holds {} vectors of {} where {} has {} of {}",
+                    index.size(),
+                    index.dimensions(),
+                    source.path().display(),
+                    source.len(),
+                    source.dim()
+                ),
+            });
+        }
+        Ok(Self { index, rows: source.len() })
+    }
+}
+
+/// Each query's best `depth` `(score, row)` of `shard`, best first, with exact scores: the
+/// graph proposes `ceil(depth x multiplier)` candidates (at least `depth`, at most the shard),
+/// rescored with the full-precision vectors by exact search's tie rule. Queries are spread
+/// over rayon threads.
+pub fn search_hnsw(
+    queries: &[f32],
+    dim: usize,
+    graph: &HnswShard,
+    shard: &Vectors,
+    depth: usize,
+    multiplier: f64,
+) -> Result<(QueryHits, usize)> {
+    check_width(shard, dim)?;
+    let k = depth.min(graph.rows);
+    let m = ((k as f64 * multiplier).ceil() as usize).clamp(k, graph.rows);
+    if graph.index.expansion_search() < m {
+        graph.index.change_expansion_search(m);
+    }
+    let hits = queries
+        .par_chunks(dim.max(1))
+        .map_init(Vec::new, |scratch, q| {
+            let found = graph
+                .index
+                .search(q, m)
+                .map_err(|e| usearch_err(shard.path(), "searching the graph", e))?;
+            let mut rows: Vec<u32> = found.keys.iter().map(|&k| k as u32).collect();
+            rows.sort_unstable();
+            rescore(q, rows, shard, k, scratch)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((hits, m))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::search::search_shard;
+    use crate::vectors::{VecDType, VectorWriter};
+    use std::collections::BTreeMap;
+
+    fn gaussian(n: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+        let mut next = || {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((x >> 11) as f64 + 1.0) / 2f64.powi(53)
+        };
+        (0..n)
+            .map(|_| ((-2.0 * next().ln()).sqrt() * (std::f64::consts::TAU * next()).cos()) as f32)
+            .collect()
+    }
+
+    fn write(dir: &Path, name: &str, rows: &[f32], dim: usize) -> Vectors {
+        let path = dir.join(name);
+        let ids: Vec<String> = (0..rows.len() / dim).map(|i| format!("d{i}")).collect();
+        let mut w = VectorWriter::create(&path, dim, VecDType::F32, BTreeMap::new()).unwrap();
+        w.push(rows, &ids).unwrap();
+        w.finish().unwrap();
+        Vectors::open(&path).unwrap()
+    }
+
+    /// The mapped graph's candidates, rescored, find nearly all of exact search's top 10, with
+    /// exact search's scores; a deeper candidate list finds more.
+    #[test]
+    fn graph_search_recalls_exact_search() {
+        let (n, nq, dim, depth) = (3000, 30, 32, 10);
+        let dir = tempfile::tempdir().unwrap();
+        let v = write(dir.path(), "c.safetensors", &gaussian(n * dim, 1), dim);
+        let q = gaussian(nq * dim, 2);
+        let (_, json) = build(
+            dir.path(),
+            &v,
+            &HnswOptions { connectivity: 16, expansion_add: 64, expansion_search: 16 },
+        )
+        .unwrap();
+        let exact = search_shard(&q, dim, &v, depth, 0).unwrap();
+        let graph = HnswShard::open(&json, &v, 16).unwrap();
+        let recall = |multiplier| {
+            let (got, m) = search_hnsw(&q, dim, &graph, &v, depth, multiplier).unwrap();
+            assert_eq!(m, (depth as f64 * multiplier) as usize);
+            let mut found = 0;
+            for (g, e) in got.iter().zip(&exact) {
+                assert_eq!(g.len(), depth);
+                for (score, row) in g {
+                    if let Some(x) = e.iter().find(|x| x.1 == *row) {
+                        assert!((x.0 - score).abs() < 1e-4, "exact scores");
+                        found += 1;
+                    }
+                }
+            }
+            found as f64 / (nq * depth) as f64
+        };
+        let (shallow, deep) = (recall(1.0), recall(8.0));
+        assert!(deep >= 0.97 && deep >= shallow, "recall@10 {shallow} at x1, {deep} at x8");
+    }
+
+    #[test]
+    fn graph_files_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = write(dir.path(), "a.safetensors", &gaussian(200 * 8, 3), 8);
+        let b = write(dir.path(), "b.safetensors", &gaussian(200 * 8, 4), 8);
+        let (graph, json) = build(dir.path(), &a, &HnswOptions::default()).unwrap();
+        assert!(HnswShard::open(&json, &a, 64).is_ok());
+        let e = HnswShard::open(&json, &b, 64).err().unwrap().to_string();
+        assert!(e.contains("was made from other vectors than"), "{e}");
+        let text = std::fs::read_to_string(&json).unwrap();
+        std::fs::write(&json, text.replace(FORMAT, "tevatron-hnsw-v0")).unwrap();
+        let e = HnswShard::open(&json, &a, 64).err().unwrap().to_string();
+        assert!(e.contains("\"tevatron-hnsw-v0\" is not \"tevatron-hnsw-v1\""), "{e}");
+        std::fs::write(&json, text).unwrap();
+        let bytes = std::fs::read(&graph).unwrap();
+        std::fs::write(&graph, &bytes[..bytes.len() / 2]).unwrap();
+        let e = HnswShard::open(&json, &a, 64).err().unwrap().to_string();
+        assert!(e.contains("where its description says") && e.contains("a.hnsw.usearch"), "{e}");
+        let mut rows = gaussian(10 * 8, 5);
+        rows[3 * 8 + 2] = f32::NAN;
+        let nan = write(dir.path(), "nan.safetensors", &rows, 8);
+        let e = build(dir.path(), &nan, &HnswOptions::default()).err().unwrap().to_string();
+        assert!(e.ends_with("row 3 holds a NaN or infinite value"), "{e}");
+        assert!(!dir.path().join("nan.hnsw.usearch").exists());
+    }
+}
