@@ -41,6 +41,11 @@ impl Default for HnswOptions {
     }
 }
 
+/// The instruction sets USearch's distance kernels use on this CPU, for the log.
+pub fn kernels() -> String {
+    usearch::hardware_acceleration_available()
+}
+
 /// The graph and description files of a shard in `dir`.
 pub fn hnsw_paths(dir: &Path, shard: &Path) -> (PathBuf, PathBuf) {
     let stem = shard.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();

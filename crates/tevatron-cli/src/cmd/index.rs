@@ -66,6 +66,7 @@ pub fn run(a: &IndexArgs) -> Result<()> {
             if opts.connectivity < 2 || opts.expansion_add == 0 {
                 bail!("--hnsw_m must be at least 2 and --hnsw_ef_construction at least 1");
             }
+            tracing::info!("USearch kernels available: {}", tevatron_ir::hnsw::kernels());
             for shard in &shards {
                 let (graph, _) = build(&a.output_dir, shard, &opts)?;
                 tracing::info!(
