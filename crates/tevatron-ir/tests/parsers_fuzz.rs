@@ -6,7 +6,7 @@
 //! ([`records::RecordStream`], [`records::count_rows`]); random-access rows of JSONL, gzip and
 //! Parquet ([`rows::RowStore`], [`rows::DocIndex`]); qrels ([`trec::Qrels::read`]); runs
 //! ([`trec::Run::read`], [`trec::read_ranking_columns`]); embeddings files
-//! ([`vectors::Vectors::open`]); the InsuranceQA source files ([`insuranceqa::convert`]).
+//! ([`vectors::Vectors::open`]); compact codes (`compact::CompactShard::open`); the InsuranceQA source files ([`insuranceqa::convert`]).
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
@@ -14,6 +14,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use proptest::prelude::*;
+use tevatron_ir::compact;
+use tevatron_ir::quantize::{Kernels, Precision};
 use tevatron_ir::records::{self, RecordKind, RecordStream};
 use tevatron_ir::rows::{DocIndex, RowStore};
 use tevatron_ir::trec::{read_ranking_columns, Qrels, Run};
@@ -211,6 +213,46 @@ proptest! {
                 let _ = v.to_f32();
                 assert_eq!(v.ids().iter().count(), v.len());
                 let _ = v.metadata().len();
+            })
+        });
+        if let Err(e) = opened {
+            names(&e, &path);
+        }
+    }
+}
+
+/// The int8 codes (`tevatron index`) of [`embeddings`], whose file is written in `dir`.
+fn compact_codes(dir: &Path) -> (Vec<u8>, PathBuf) {
+    let source = dir.join("e.safetensors");
+    std::fs::write(&source, embeddings()).unwrap();
+    let v = Vectors::open(&source).unwrap();
+    let codes = dir.join("e.int8.safetensors");
+    let scales = compact::calibrate(std::slice::from_ref(&v)).unwrap();
+    compact::write(&codes, &v, Precision::Int8, &scales).unwrap();
+    (std::fs::read(&codes).unwrap(), source)
+}
+
+proptest! {
+    #![proptest_config(config(96))]
+
+    /// A compact file mutated anywhere: refused with its name, or, when it still opens (codes
+    /// or scales changed, the header intact), searched without a panic.
+    #[test]
+    fn compact_files_never_panic(
+        bytes in safetensors_inputs(compact_codes(tempfile::tempdir().unwrap().path()).0),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, source) = compact_codes(dir.path());
+        let path = dir.path().join("fuzz.int8.safetensors");
+        write(&path, &bytes);
+        let p = path.clone();
+        let opened = bounded("CompactShard::open", move || {
+            let v = Vectors::open(&source).unwrap();
+            compact::CompactShard::open(&p, &v).map(|c| {
+                let q = [0.5f32, -1.0, 2.0];
+                let (hits, _) =
+                    compact::search_compact(&q, 3, &c, &v, 2, 0, 2.0, Kernels::detect()).unwrap();
+                assert_eq!(hits[0].len(), 2);
             })
         });
         if let Err(e) = opened {
