@@ -782,10 +782,10 @@ pub struct SearchArgs {
     /// `.hnsw.json` files), rescoring the best `depth x --rescore_multiplier` exactly.
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub hnsw: bool,
-    /// With --hnsw: candidates examined per query (HNSW's ef_search; at least the candidates
-    /// rescored).
-    #[arg(long, default_value_t = 128)]
-    pub hnsw_ef_search: usize,
+    /// With --hnsw: candidates examined per query (HNSW's ef_search, default 128; at least
+    /// the candidates rescored).
+    #[arg(long)]
+    pub hnsw_ef_search: Option<usize>,
     /// The codes `tevatron index` wrote, one file per passage shard (a quoted glob); without
     /// it, --quantize builds them in memory from --passage_reps. With --hnsw, the graphs'
     /// `.hnsw.json` files.
@@ -797,9 +797,9 @@ pub struct SearchArgs {
     #[arg(long)]
     pub truncate_dim: Option<usize>,
     /// Candidates rescored per query, as a multiple of --depth (sentence-transformers' rescore
-    /// multiplier); at least 1.
-    #[arg(long, default_value_t = 4.0)]
-    pub rescore_multiplier: f64,
+    /// multiplier; default 4); at least 1.
+    #[arg(long)]
+    pub rescore_multiplier: Option<f64>,
     /// No progress output.
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub quiet: bool,
@@ -836,12 +836,12 @@ pub struct IndexArgs {
     /// Build an HNSW graph per shard instead (USearch), for `search --hnsw`.
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub hnsw: bool,
-    /// With --hnsw: neighbours per node (HNSW's M).
-    #[arg(long, default_value_t = 32)]
-    pub hnsw_m: usize,
-    /// With --hnsw: candidates examined while inserting (HNSW's ef_construction).
-    #[arg(long, default_value_t = 128)]
-    pub hnsw_ef_construction: usize,
+    /// With --hnsw: neighbours per node (HNSW's M; default 32).
+    #[arg(long)]
+    pub hnsw_m: Option<usize>,
+    /// With --hnsw: candidates examined while inserting (HNSW's ef_construction; default 128).
+    #[arg(long)]
+    pub hnsw_ef_construction: Option<usize>,
     /// Folder for the output: `<shard stem>.<int8|binary>.safetensors`, or with --hnsw
     /// `<shard stem>.hnsw.usearch` and `<shard stem>.hnsw.json`, per shard.
     #[arg(long)]

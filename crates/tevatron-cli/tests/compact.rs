@@ -98,6 +98,14 @@ fn compact_search_with_every_row_rescored_is_exact_search() {
             .collect();
         let got = std::fs::read_to_string(d.join("d.tsv")).unwrap();
         assert_eq!(got.lines().count(), 35);
+        // int8 codes of these small integers are near exact: most of the top 7 is found.
+        let found = got.lines().filter(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            scores.contains_key(&(f[0].to_string(), f[1].to_string()))
+        });
+        if q == "int8" {
+            assert!(found.count() >= 28, "int8 x4 finds at least 80% of the exact top 7");
+        }
         for l in got.lines() {
             let f: Vec<&str> = l.split('\t').collect();
             if let Some(s) = scores.get(&(f[0].to_string(), f[1].to_string())) {
@@ -143,15 +151,54 @@ fn bad_compact_inputs_are_refused() {
     );
     fails_with(
         search(d, "x.tsv", &["--quantize", "binary", "--compact_reps", "idx/*.int8.safetensors"]),
-        "holds int8 codes, not the binary of --quantize",
+        "--compact_reps has no c.0.binary.safetensors for c.0.safetensors",
     );
     fails_with(
         search(d, "x.tsv", &["--quantize", "int8", "--compact_reps", "idx/c.0.int8.safetensors"]),
-        "--compact_reps names 1 file(s) for 2 --passage_reps shard(s)",
+        "--compact_reps has no c.1.int8.safetensors for c.1.safetensors",
     );
     fails_with(
         search(d, "x.tsv", &["--compact_reps", "idx/*.int8.safetensors"]),
         "--compact_reps is read by --quantize",
+    );
+    // A file of the other precision under the expected name is found out by its header.
+    std::fs::create_dir(d.join("renamed")).unwrap();
+    for s in ["c.0", "c.1"] {
+        std::fs::copy(
+            d.join(format!("idx/{s}.int8.safetensors")),
+            d.join(format!("renamed/{s}.binary.safetensors")),
+        )
+        .unwrap();
+    }
+    fails_with(
+        search(d, "x.tsv", &["--quantize", "binary", "--compact_reps", "renamed/*"]),
+        "holds int8 codes, not the binary of --quantize",
+    );
+    // Flags of a mode not asked for are refused, not ignored.
+    fails_with(
+        search(d, "x.tsv", &["--rescore_multiplier", "2"]),
+        "--rescore_multiplier is read by",
+    );
+    fails_with(
+        search(d, "x.tsv", &["--hnsw_ef_search", "9"]),
+        "--hnsw_ef_search is read by --hnsw",
+    );
+    fails_with(
+        tevatron(
+            d,
+            &[
+                "index",
+                "--passage_reps",
+                "c.*.safetensors",
+                "--quantize",
+                "int8",
+                "--hnsw_m",
+                "8",
+                "--output_dir",
+                "y",
+            ],
+        ),
+        "--hnsw_m and --hnsw_ef_construction are read by --hnsw",
     );
     fails_with(
         search(d, "x.tsv", &["--quantize", "int8", "--rescore_multiplier", "0.5"]),

@@ -9,6 +9,7 @@
 //! codes = t["codes"]        # int8 [N, D], or uint8 [N, ceil(D / 8)] for binary (np.packbits)
 //! scales = t["scales"]      # float32 [D], int8 only: x ~ codes * scales
 //! ```
+//! Compact files are paired with their shards by name and by the fingerprint below.
 //! `__metadata__` holds `format` (`tevatron-compact-v1`), `precision`, `dim`, `rows`, `source`
 //! (the embeddings file it was made from) and `source_fingerprint`, a hash of that file's
 //! shape, dtype, ids and a sample of its rows: a compact file is only used beside the vectors it
@@ -37,6 +38,13 @@ pub const FORMAT: &str = "tevatron-compact-v1";
 
 /// Rows scanned per block: the block's codes and the batch's scores stay in cache.
 const SCAN_BLOCK: usize = 256;
+
+/// Bytes of candidate keys a thread may hold for one pass of queries.
+const CANDIDATE_BUDGET: usize = 256 << 20;
+
+/// The widest int8 codes scored: `127 x 128 x 65,536` is far from `i32::MAX` (the kernels'
+/// sums overflow beyond 132,104 dimensions).
+pub const MAX_INT8_DIM: usize = 65_536;
 
 /// Rows quantized per parallel task when a compact form is built.
 const ENCODE_BLOCK: usize = 4096;
@@ -134,7 +142,7 @@ impl CompactShard {
         })
     }
 
-    /// Opens a compact file written by [`write`] and checks it was made from `source`.
+    /// Opens a compact file written by [`write()`] and checks it was made from `source`.
     pub fn open(path: &Path, source: &Vectors) -> Result<Self> {
         let bad = |what: String| Error::Embeddings { path: path.to_path_buf(), what };
         let file =
@@ -252,6 +260,13 @@ fn encode_shard(
 /// (from [`calibrate`]), binary without.
 pub fn write(path: &Path, source: &Vectors, precision: Precision, scales: &[f32]) -> Result<()> {
     let (rows, dim) = (source.len(), source.dim());
+    if precision == Precision::Int8 && scales.len() != dim {
+        return Err(Error::Invalid(format!(
+            "{} int8 scales for vectors of {dim} dimensions ({})",
+            scales.len(),
+            source.path().display()
+        )));
+    }
     let codes_len = rows * precision.row_bytes(dim);
     let mut meta = BTreeMap::new();
     meta.insert("format", FORMAT.to_string());
@@ -380,12 +395,17 @@ pub fn search_compact(
             shard.dim()
         )));
     }
+    if compact.precision == Precision::Int8 && dim > MAX_INT8_DIM {
+        return Err(Error::Invalid(format!(
+            "int8 codes of {dim} dimensions: sums of more than {MAX_INT8_DIM} could overflow"
+        )));
+    }
     let nq = queries.len() / dim.max(1);
     let n = shard.len();
     let k = depth.min(n);
     let m = ((k as f64 * multiplier).ceil() as usize).clamp(k, n);
     let report = ScanReport { candidates: m, kernels };
-    if n == 0 {
+    if k == 0 {
         return Ok((vec![Vec::new(); nq], report));
     }
     let width = compact.precision.row_bytes(dim);
@@ -402,6 +422,9 @@ pub fn search_compact(
         .collect();
     let codes = compact.bytes();
     let batch_size = if batch_size == 0 { nq.max(1) } else { batch_size };
+    // As many queries per pass as keep each thread's candidate lists (up to 2m keys of 8
+    // bytes a query) within CANDIDATE_BUDGET; the result does not depend on it.
+    let batch_size = batch_size.min((CANDIDATE_BUDGET / (16 * m)).max(1));
     let all = blocks(n, SCAN_BLOCK);
     let parts = rayon::current_num_threads().max(1);
     let per_part = all.len().div_ceil(parts).max(1);
@@ -562,6 +585,35 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// The candidate lists keep exactly the `m` largest keys, whether the keys come in one
+        /// list or in parts merged afterwards (as the threads' lists are).
+        #[test]
+        fn candidates_keep_the_m_largest_keys(
+            n in 1usize..3000, m in 1usize..200, parts in 1usize..4, seed in 0u64..1000,
+        ) {
+            let mut next = lcg(seed);
+            // Few distinct scores, so that ties (broken by the lower row) are common.
+            let keys: Vec<u64> = (0..n).map(|row| Candidates::key((next() % 17) as i32 - 8, row as u32)).collect();
+            let mut sorted = keys.clone();
+            sorted.sort_unstable_by(|a, b| b.cmp(a));
+            let mut want: Vec<u32> = sorted.iter().take(m).map(|k| u32::MAX - *k as u32).collect();
+            want.sort_unstable();
+            let mut lists: Vec<Candidates> = (0..parts).map(|_| Candidates::new(m)).collect();
+            for (i, &key) in keys.iter().enumerate() {
+                lists[i * parts / n].push(key);
+            }
+            let mut merged = Candidates::new(m);
+            for list in lists {
+                for key in list.keys {
+                    merged.push(key);
+                }
+            }
+            prop_assert_eq!(merged.rows(), want);
         }
     }
 

@@ -130,6 +130,7 @@ pub fn build(dir: &Path, source: &Vectors, opts: &HnswOptions) -> Result<(PathBu
 pub struct HnswShard {
     index: Index,
     rows: usize,
+    graph: PathBuf,
 }
 
 impl HnswShard {
@@ -194,7 +195,7 @@ impl HnswShard {
                 ),
             });
         }
-        Ok(Self { index, rows: source.len() })
+        Ok(Self { index, rows: source.len(), graph })
     }
 }
 
@@ -222,7 +223,13 @@ pub fn search_hnsw(
             let found = graph
                 .index
                 .search(q, m)
-                .map_err(|e| usearch_err(shard.path(), "searching the graph", e))?;
+                .map_err(|e| usearch_err(&graph.graph, "searching the graph", e))?;
+            if let Some(bad) = found.keys.iter().find(|&&key| key >= graph.rows as u64) {
+                return Err(Error::Embeddings {
+                    path: graph.graph.clone(),
+                    what: format!("names row {bad} of a shard of {} rows", graph.rows),
+                });
+            }
             let mut rows: Vec<u32> = found.keys.iter().map(|&k| k as u32).collect();
             rows.sort_unstable();
             rescore(q, rows, shard, k, scratch)

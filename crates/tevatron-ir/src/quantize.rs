@@ -140,53 +140,63 @@ pub fn code_sums(codes: &[i8], dim: usize, out: &mut [i32]) {
     }
 }
 
-/// The kernels of one CPU: chosen once by [`Kernels::detect`], or named for a test.
+/// The kernel sets, by the instructions they need.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kernels {
+enum Set {
     /// Plain Rust, any CPU.
     Portable,
     /// AVX2 (`vpmaddubsw`) for int8 and POPCNT for binary.
     Avx2,
-    /// AVX-512 VNNI (`vpdpbusd`) for int8 and AVX-512 VPOPCNTDQ, where present, for binary.
+    /// AVX-512 VNNI (`vpdpbusd`) for int8 and POPCNT for binary.
     Avx512Vnni,
+}
+
+/// The kernels of one CPU. Only [`Kernels::detect`] and [`Kernels::available`] make one, so a
+/// value always names instructions this CPU has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kernels(Set);
+
+impl Set {
+    fn runs_here(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            match self {
+                Set::Portable => true,
+                Set::Avx2 => has!("avx2") && has!("popcnt"),
+                Set::Avx512Vnni => {
+                    has!("avx512f") && has!("avx512bw") && has!("avx512vnni") && has!("popcnt")
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Set::Portable
+        }
+    }
 }
 
 impl Kernels {
     /// The fastest kernels this CPU runs.
     pub fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512vnni")
-                && std::arch::is_x86_feature_detected!("avx512bw")
-                && std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("popcnt")
-            {
-                return Kernels::Avx512Vnni;
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("popcnt")
-            {
-                return Kernels::Avx2;
-            }
-        }
-        Kernels::Portable
+        *Self::available().last().expect("the portable set runs everywhere")
     }
 
     /// Every kernel set this CPU can run, the portable one first (for tests).
     pub fn available() -> Vec<Self> {
-        let best = Self::detect();
-        [Kernels::Portable, Kernels::Avx2, Kernels::Avx512Vnni]
+        [Set::Portable, Set::Avx2, Set::Avx512Vnni]
             .into_iter()
-            .filter(|k| *k as u8 <= best as u8)
+            .filter(|s| s.runs_here())
+            .map(Kernels)
             .collect()
     }
 
     /// A name for logs.
     pub fn name(self) -> &'static str {
-        match self {
-            Kernels::Portable => "portable",
-            Kernels::Avx2 => "AVX2",
-            Kernels::Avx512Vnni => "AVX-512 VNNI",
+        match self.0 {
+            Set::Portable => "portable",
+            Set::Avx2 => "AVX2",
+            Set::Avx512Vnni => "AVX-512 VNNI",
         }
     }
 
@@ -196,14 +206,16 @@ impl Kernels {
     pub fn int8_scores(self, dim: usize, queries: &[u8], codes: &[i8], out: &mut [i32]) {
         let (nq, rows) = (queries.len() / dim.max(1), codes.len() / dim.max(1));
         assert_eq!(out.len(), nq * rows, "codes and scores disagree");
-        match self {
-            Kernels::Portable => int8_portable(dim, queries, codes, out),
+        // Above 127 `vpmaddubsw` could saturate (module docs).
+        debug_assert!(queries.iter().all(|&q| q <= 127), "query codes come from encode_query_int8");
+        match self.0 {
+            Set::Portable => int8_portable(dim, queries, codes, out),
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: these kernels are only named when `detect` found their features.
-            Kernels::Avx2 => unsafe { x86::int8_avx2(dim, queries, codes, out) },
+            // SAFETY: a `Kernels` names only a set this CPU runs (`Set::runs_here`).
+            Set::Avx2 => unsafe { x86::int8_avx2(dim, queries, codes, out) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
-            Kernels::Avx512Vnni => unsafe { x86::int8_vnni(dim, queries, codes, out) },
+            Set::Avx512Vnni => unsafe { x86::int8_vnni(dim, queries, codes, out) },
             #[cfg(not(target_arch = "x86_64"))]
             _ => int8_portable(dim, queries, codes, out),
         }
@@ -214,11 +226,11 @@ impl Kernels {
     pub fn binary_scores(self, width: usize, queries: &[u8], codes: &[u8], out: &mut [i32]) {
         let (nq, rows) = (queries.len() / width.max(1), codes.len() / width.max(1));
         assert_eq!(out.len(), nq * rows, "codes and scores disagree");
-        match self {
-            Kernels::Portable => binary_portable(width, queries, codes, out),
+        match self.0 {
+            Set::Portable => binary_portable(width, queries, codes, out),
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: POPCNT is part of both sets `detect` checks.
-            Kernels::Avx2 | Kernels::Avx512Vnni => unsafe {
+            // SAFETY: POPCNT is part of both sets, and a `Kernels` names a set this CPU runs.
+            Set::Avx2 | Set::Avx512Vnni => unsafe {
                 x86::binary_popcnt(width, queries, codes, out)
             },
             #[cfg(not(target_arch = "x86_64"))]

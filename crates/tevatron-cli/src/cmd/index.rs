@@ -20,12 +20,18 @@ pub fn run(a: &IndexArgs) -> Result<()> {
     for shard in &shards {
         check_width(shard, dim)?;
     }
+    let defaults = HnswOptions::default();
     let kind = match (a.quantize, a.hnsw) {
-        (Some(q), false) => Ok(Precision::from(q)),
+        (Some(q), false) => {
+            if a.hnsw_m.is_some() || a.hnsw_ef_construction.is_some() {
+                bail!("--hnsw_m and --hnsw_ef_construction are read by --hnsw, not --quantize");
+            }
+            Ok(Precision::from(q))
+        }
         (None, true) => Err(HnswOptions {
-            connectivity: a.hnsw_m,
-            expansion_add: a.hnsw_ef_construction,
-            ..HnswOptions::default()
+            connectivity: a.hnsw_m.unwrap_or(defaults.connectivity),
+            expansion_add: a.hnsw_ef_construction.unwrap_or(defaults.expansion_add),
+            ..defaults
         }),
         _ => bail!("give one of --quantize int8|binary and --hnsw"),
     };

@@ -7,10 +7,11 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use safetensors::tensor::{Dtype, TensorView};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use tevatron_ir::compact::compact_path;
 use tevatron_ir::compact::{search_compact, CompactShard, ScanReport};
-use tevatron_ir::hnsw::{search_hnsw, HnswShard};
+use tevatron_ir::hnsw::{hnsw_paths, search_hnsw, HnswOptions, HnswShard};
 use tevatron_ir::quantize::{Kernels, Precision};
 use tevatron_ir::search::{check_dims, check_queries, merge_shards, search_shard, Ranking};
 use tevatron_ir::trec::{write_run, RunFormat};
@@ -34,7 +35,7 @@ pub fn run(a: &SearchArgs) -> Result<()> {
             let model = queries.metadata().get("model").cloned().unwrap_or_default();
             super::warn_untrained_width(k, trained.as_deref(), &format!("the model {model:?}"));
             if a.compact_reps.is_some() {
-                bail!("--compact_reps were made from the full vectors; with --truncate_dim, encode with --truncate_dim and index those, or leave --compact_reps out");
+                bail!("--compact_reps were made from the full vectors: for --truncate_dim, encode with --truncate_dim and run tevatron index on those vectors");
             }
             queries.truncated(k, normalized(&queries)).context("--truncate_dim")?
         }
@@ -64,7 +65,7 @@ pub fn run(a: &SearchArgs) -> Result<()> {
             if let Some(ef) = plan.hnsw {
                 let graph = plan.graph_for(shard, ef)?;
                 let (hits, candidates) =
-                    search_hnsw(&q, dim, &graph, shard, depth, a.rescore_multiplier)?;
+                    search_hnsw(&q, dim, &graph, shard, depth, rescore_multiplier(a))?;
                 reported.set(Some(ScanReport { candidates, kernels }));
                 return Ok(hits);
             }
@@ -76,7 +77,7 @@ pub fn run(a: &SearchArgs) -> Result<()> {
                 shard,
                 depth,
                 batch,
-                a.rescore_multiplier,
+                rescore_multiplier(a),
                 kernels,
             )?;
             reported.set(Some(report));
@@ -103,9 +104,14 @@ pub fn run(a: &SearchArgs) -> Result<()> {
         let shards = files.iter().map(|f| Vectors::open(f)).collect::<Result<Vec<_>, _>>()?;
         for shard in &shards {
             match a.truncate_dim {
-                // Cut when searched; a shard narrower than the cut is refused then, by name.
+                // Cut when searched.
                 Some(k) if shard.dim() >= k => {}
-                _ => check_dims(&queries, shard)?,
+                Some(k) => bail!(
+                    "{}: cannot be cut to {k} dimensions: its vectors have {}",
+                    shard.path().display(),
+                    shard.dim()
+                ),
+                None => check_dims(&queries, shard)?,
             }
         }
         merge_shards(nq, shards.iter().map(Ok), depth, search)?
@@ -147,8 +153,9 @@ pub fn run(a: &SearchArgs) -> Result<()> {
     Ok(())
 }
 
-/// What `--quantize` scans: each shard's codes from `--compact_reps` (paired with the passage
-/// files in sorted order, each checked against its shard's fingerprint) or built in memory.
+/// What `--quantize` or `--hnsw` searches: each shard's codes or graph from `--compact_reps`
+/// (paired with the passage files by the name `tevatron index` gives them, each checked
+/// against its shard's fingerprint), or codes built in memory.
 struct CompactPlan {
     precision: Precision,
     /// `--hnsw_ef_search` when the files are HNSW graphs.
@@ -200,21 +207,30 @@ fn compact_plan(a: &SearchArgs, passages: &[PathBuf]) -> Result<Option<CompactPl
     if a.hnsw && a.compact_reps.is_none() {
         bail!("--hnsw reads the graphs of tevatron index --hnsw: name their .hnsw.json files with --compact_reps");
     }
-    if a.hnsw && a.hnsw_ef_search == 0 {
+    if a.hnsw_ef_search == Some(0) {
         bail!("--hnsw_ef_search must be at least 1");
+    }
+    if !a.hnsw && a.hnsw_ef_search.is_some() {
+        bail!("--hnsw_ef_search is read by --hnsw, which is not given");
     }
     let quantize = match a.quantize {
         Some(q) => q,
         None if a.hnsw => QuantizeArg::Int8, // unused: the graphs hold F32 vectors
         None => {
-            if a.compact_reps.is_some() {
-                bail!("--compact_reps is read by --quantize int8|binary or --hnsw, neither of which is given");
+            for (given, flag) in [
+                (a.compact_reps.is_some(), "--compact_reps"),
+                (a.rescore_multiplier.is_some(), "--rescore_multiplier"),
+            ] {
+                if given {
+                    bail!("{flag} is read by --quantize int8|binary or --hnsw, neither of which is given");
+                }
             }
             return Ok(None);
         }
     };
-    if !(a.rescore_multiplier >= 1.0 && a.rescore_multiplier.is_finite()) {
-        bail!("--rescore_multiplier must be a number of at least 1, not {}", a.rescore_multiplier);
+    let multiplier = rescore_multiplier(a);
+    if !(multiplier >= 1.0 && multiplier.is_finite()) {
+        bail!("--rescore_multiplier must be a number of at least 1, not {multiplier}");
     }
     if a.device.as_deref().is_some_and(|d| d != "cpu") {
         bail!(
@@ -234,6 +250,22 @@ fn compact_plan(a: &SearchArgs, passages: &[PathBuf]) -> Result<Option<CompactPl
         }
         Some(glob) => {
             let codes = expand_glob(glob).context("resolving --compact_reps")?;
+            let mut pairs = Vec::new();
+            for p in passages {
+                let want = if a.hnsw {
+                    hnsw_paths(Path::new(""), p).1
+                } else {
+                    compact_path(Path::new(""), p, quantize.into())
+                };
+                let Some(c) = codes.iter().find(|c| c.file_name() == want.file_name()) else {
+                    bail!(
+                        "--compact_reps has no {} for {} (tevatron index names each shard's output so)",
+                        want.display(),
+                        p.display()
+                    );
+                };
+                pairs.push((p.clone(), c.clone()));
+            }
             if codes.len() != passages.len() {
                 bail!(
                     "--compact_reps names {} file(s) for {} --passage_reps shard(s)",
@@ -241,14 +273,19 @@ fn compact_plan(a: &SearchArgs, passages: &[PathBuf]) -> Result<Option<CompactPl
                     passages.len()
                 );
             }
-            Some(passages.iter().cloned().zip(codes).collect())
+            Some(pairs)
         }
     };
     Ok(Some(CompactPlan {
         precision: quantize.into(),
-        hnsw: a.hnsw.then_some(a.hnsw_ef_search),
+        hnsw: a.hnsw.then_some(a.hnsw_ef_search.unwrap_or(HnswOptions::default().expansion_search)),
         files,
     }))
+}
+
+/// `--rescore_multiplier`, 4 when not given (sentence-transformers' default).
+fn rescore_multiplier(a: &SearchArgs) -> f64 {
+    a.rescore_multiplier.unwrap_or(4.0)
 }
 
 /// Whether an embeddings file says its model normalises (so that a cut is re-normalised).
