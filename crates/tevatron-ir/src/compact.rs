@@ -16,7 +16,6 @@
 //! was made from.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::hash::Hasher;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -145,16 +144,7 @@ impl CompactShard {
     /// Opens a compact file written by [`write()`] and checks it was made from `source`.
     pub fn open(path: &Path, source: &Vectors) -> Result<Self> {
         let bad = |what: String| Error::Embeddings { path: path.to_path_buf(), what };
-        let file =
-            File::open(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
-        // SAFETY: read-only map; as every mmap reader, we assume nobody truncates it meanwhile.
-        let map = unsafe { memmap2::Mmap::map(&file) }
-            .map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
-        crate::safetensors_check::check(&map, map.len() as u64)
-            .map_err(|e| bad(format!("not a readable compact file ({e})")))?;
-        let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map)
-            .map_err(|e| bad(format!("not a readable compact file ({e})")))?;
-        let data_start = 8 + header_len;
+        let (map, data_start, meta) = crate::safetensors_check::map(path, "compact file")?;
         let md: BTreeMap<String, String> =
             meta.metadata().clone().unwrap_or_default().into_iter().collect();
         let field = |k: &str| md.get(k).cloned().unwrap_or_default();

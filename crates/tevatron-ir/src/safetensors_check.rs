@@ -61,6 +61,29 @@ pub fn check_file(path: &Path) -> Result<(), String> {
     check(&prefix, file_len)
 }
 
+/// Maps a safetensors file read-only and parses its header after [`check`]: the map, the offset
+/// where its data starts, and the tensors' descriptions. `kind` names the file in messages
+/// ("safetensors file", "compact file"): the one way this crate opens the files it maps.
+pub(crate) fn map(
+    path: &Path,
+    kind: &str,
+) -> crate::Result<(memmap2::Mmap, usize, safetensors::tensor::Metadata)> {
+    let file = std::fs::File::open(path)
+        .map_err(|source| crate::Error::Read { path: path.to_path_buf(), source })?;
+    // SAFETY: the file is opened read-only; like every mmap reader we assume nobody truncates
+    // it while it is read.
+    let map = unsafe { memmap2::Mmap::map(&file) }
+        .map_err(|source| crate::Error::Read { path: path.to_path_buf(), source })?;
+    let bad = |e: String| crate::Error::Embeddings {
+        path: path.to_path_buf(),
+        what: format!("not a readable {kind} ({e})"),
+    };
+    check(&map, map.len() as u64).map_err(bad)?;
+    let (header_len, meta) =
+        safetensors::SafeTensors::read_metadata(&map).map_err(|e| bad(e.to_string()))?;
+    Ok((map, 8 + header_len, meta))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,7 +12,6 @@
 //! the file into place when done; [`Vectors`] memory-maps a file for search.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
@@ -307,17 +306,7 @@ impl Vectors {
     /// Opens and validates an embeddings file written by `tevatron encode`.
     pub fn open(path: &Path) -> Result<Self> {
         let bad = |what: String| Error::Embeddings { path: path.to_path_buf(), what };
-        let file =
-            File::open(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
-        // SAFETY: the file is opened read-only; like every mmap reader we assume nobody truncates
-        // it while we search.
-        let map = unsafe { memmap2::Mmap::map(&file) }
-            .map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
-        crate::safetensors_check::check(&map, map.len() as u64)
-            .map_err(|e| bad(format!("not a readable safetensors file ({e})")))?;
-        let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map)
-            .map_err(|e| bad(format!("not a readable safetensors file ({e})")))?;
-        let data_start = 8 + header_len;
+        let (map, data_start, meta) = crate::safetensors_check::map(path, "safetensors file")?;
         let emb = meta.info("embeddings").ok_or_else(|| bad("no `embeddings` tensor".into()))?;
         let dtype = VecDType::from_name(&format!("{:?}", emb.dtype)).ok_or_else(|| {
             bad(format!("embeddings dtype {:?} is not F32, F16 or BF16", emb.dtype))
