@@ -426,6 +426,8 @@ pub fn search_compact(
             .map(|part| {
                 let mut heaps: Vec<Candidates> = (0..bq).map(|_| Candidates::new(m)).collect();
                 let mut scores = vec![0i32; SCAN_BLOCK * bq];
+                // Each row's code sum takes the int8 query offset back out; binary has none.
+                let offset = if compact.precision == Precision::Int8 { QUERY_OFFSET } else { 0 };
                 let mut sums = vec![0i32; SCAN_BLOCK];
                 for &(start, end) in part {
                     let nb = end - start;
@@ -440,12 +442,8 @@ pub fn search_compact(
                         Precision::Binary => kernels.binary_scores(width, batch, block, scores),
                     }
                     for (heap, scores) in heaps.iter_mut().zip(scores.chunks(nb)) {
-                        for (j, &s) in scores.iter().enumerate() {
-                            let s = match compact.precision {
-                                Precision::Int8 => s - QUERY_OFFSET * sums[j],
-                                Precision::Binary => s,
-                            };
-                            heap.push(Candidates::key(s, (start + j) as u32));
+                        for (j, (&s, &sum)) in scores.iter().zip(&sums).enumerate() {
+                            heap.push(Candidates::key(s - offset * sum, (start + j) as u32));
                         }
                     }
                 }
@@ -515,8 +513,12 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// Where `tevatron index` writes a shard's compact form: `<dir>/<shard stem>.<precision>.safetensors`.
 pub fn compact_path(dir: &Path, shard: &Path, precision: Precision) -> PathBuf {
-    let stem = shard.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    dir.join(format!("{stem}.{}.safetensors", precision.name()))
+    dir.join(format!("{}.{}.safetensors", shard_stem(shard), precision.name()))
+}
+
+/// A shard's file name without its extension: what `tevatron index` names its outputs after.
+pub fn shard_stem(shard: &Path) -> String {
+    shard.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 #[cfg(test)]

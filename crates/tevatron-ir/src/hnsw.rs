@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
 
-use crate::compact::{fingerprint, rescore, QueryHits};
+use crate::compact::{fingerprint, rescore, shard_stem, QueryHits};
 use crate::search::{check_finite, check_width};
 use crate::vectors::Vectors;
 use crate::{Error, Result};
@@ -48,7 +48,7 @@ pub fn kernels() -> String {
 
 /// The graph and description files of a shard in `dir`.
 pub fn hnsw_paths(dir: &Path, shard: &Path) -> (PathBuf, PathBuf) {
-    let stem = shard.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let stem = shard_stem(shard);
     (dir.join(format!("{stem}.hnsw.usearch")), dir.join(format!("{stem}.hnsw.json")))
 }
 

@@ -164,31 +164,31 @@ struct CompactPlan {
 }
 
 impl CompactPlan {
-    fn graph_for(&self, shard: &Vectors, ef: usize) -> tevatron_ir::Result<HnswShard> {
-        let files = self.files.as_deref().unwrap_or_default();
-        let Some((_, path)) = files.iter().find(|(p, _)| p == shard.path()) else {
-            return Err(tevatron_ir::Error::Invalid(format!(
-                "no --compact_reps graph for {}",
+    /// The `--compact_reps` file paired with `shard`.
+    fn file_for(files: &[(PathBuf, PathBuf)], shard: &Vectors) -> tevatron_ir::Result<PathBuf> {
+        match files.iter().find(|(p, _)| p == shard.path()) {
+            Some((_, path)) => Ok(path.clone()),
+            None => Err(tevatron_ir::Error::Invalid(format!(
+                "no --compact_reps file for {}",
                 shard.path().display()
-            )));
-        };
-        HnswShard::open(path, shard, ef)
+            ))),
+        }
+    }
+
+    fn graph_for(&self, shard: &Vectors, ef: usize) -> tevatron_ir::Result<HnswShard> {
+        let path = Self::file_for(self.files.as_deref().unwrap_or_default(), shard)?;
+        HnswShard::open(&path, shard, ef)
     }
 
     fn codes_for(&self, shard: &Vectors) -> tevatron_ir::Result<CompactShard> {
         let Some(files) = &self.files else {
             return CompactShard::build(shard, self.precision, None);
         };
-        let Some((_, path)) = files.iter().find(|(p, _)| p == shard.path()) else {
-            return Err(tevatron_ir::Error::Invalid(format!(
-                "no --compact_reps file for {}",
-                shard.path().display()
-            )));
-        };
-        let codes = CompactShard::open(path, shard)?;
+        let path = Self::file_for(files, shard)?;
+        let codes = CompactShard::open(&path, shard)?;
         if codes.precision() != self.precision {
             return Err(tevatron_ir::Error::Embeddings {
-                path: path.clone(),
+                path,
                 what: format!(
                     "holds {} codes, not the {} of --quantize",
                     codes.precision().name(),
