@@ -175,6 +175,11 @@ pub struct EncodingFlags {
     /// Compute in bfloat16.
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub bf16: bool,
+    /// Run the model's projections in int8 on the CPU: weights quantized at load per output
+    /// channel, activations per token (docs/int8.md, with the quality cost). Not with --fp16,
+    /// --bf16 or a GPU.
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub int8: bool,
     /// Where to run: cpu, cuda or cuda:N (default: a GPU when the binary has CUDA and one is
     /// visible, else the CPU).
     #[arg(long)]
@@ -380,6 +385,11 @@ pub struct CrossEncoderFlags {
     /// Compute in bfloat16.
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub bf16: bool,
+    /// Run the model's projections in int8 on the CPU: weights quantized at load per output
+    /// channel, activations per token (docs/int8.md, with the quality cost). Not with --fp16,
+    /// --bf16 or a GPU.
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub int8: bool,
     /// Where to run: cpu, cuda or cuda:N (default: a GPU when the binary has CUDA and one is
     /// visible, else the CPU).
     #[arg(long)]

@@ -38,6 +38,9 @@ pub struct EncoderOptions {
     pub lora: Option<LoraOptions>,
     /// Load the model as a cross-encoder: a one-logit score head in place of pooling.
     pub score_head: Option<ScoreHeadOptions>,
+    /// Run the backbone's projections in int8 (`backbone::int8`): inference on the CPU in F32
+    /// only; a score head stays in F32.
+    pub int8: bool,
 }
 
 /// How a cross-encoder's score head is loaded.
@@ -61,6 +64,7 @@ impl Default for EncoderOptions {
             disable_dropout: false,
             lora: None,
             score_head: None,
+            int8: false,
         }
     }
 }
@@ -351,6 +355,12 @@ impl Encoder {
                 model_dir.display()
             )));
         }
+        if opts.int8 && (opts.trainable || !opts.device.is_cpu() || opts.dtype != DType::F32) {
+            return Err(Error::Invalid(
+                "int8 runs inference on the CPU in F32 weights: not with training, a GPU, --fp16 or --bf16"
+                    .into(),
+            ));
+        }
         let st = read_st_modules(model_dir)?;
         let weights_dir = match st.as_ref().and_then(|s| s.transformer_dir.as_ref()) {
             Some(sub) => model_dir.join(sub),
@@ -460,7 +470,8 @@ impl Encoder {
             path: weights_dir.clone(),
             what: format!("weights do not fit the {} architecture ({e})", config.model_type()),
         };
-        let lin = Linears { lora: plan.as_ref() };
+        let int8 = opts.int8.then(crate::backbone::int8::Int8Kernels::detect);
+        let lin = Linears { lora: plan.as_ref(), int8 };
         let backbone: Box<dyn Backbone> = config.build(vb.clone(), &lin).map_err(arch)?;
         let head = match head_plan {
             Some((spec, settings, initialised)) => {

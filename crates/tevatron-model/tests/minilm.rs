@@ -100,3 +100,30 @@ fn minilm_with_a_score_head_matches_transformers() {
         enc.embed(&pairs, &TextOptions { max_len: 512, ..TextOptions::default() }, 3).unwrap();
     check(got, &head["logits"], "MiniLM cross-encoder logits");
 }
+
+/// int8 projections (`EncoderOptions::int8`) stay near F32 on the fixture's varied real texts
+/// (empty, long, accents, CJK, emoji, numbers): each embedding at cosine 0.99 or more from
+/// its F32 twin (0.98 for the empty text), and not equal to it (the int8 kernels ran). int8 is
+/// refused for training.
+#[test]
+fn int8_embeddings_stay_near_f32_on_real_text() {
+    let Some(dir) = minilm_dir() else { return };
+    let (texts, _) = minilm_fixture();
+    let text = TextOptions { max_len: 256, ..TextOptions::default() };
+    let f32 = Encoder::load(&dir, None, &EncoderOptions::default()).unwrap();
+    let f32 = f32.embed(&texts, &text, 4).unwrap();
+    let opts = EncoderOptions { int8: true, ..EncoderOptions::default() };
+    let int8 = Encoder::load(&dir, None, &opts).unwrap().embed(&texts, &text, 4).unwrap();
+    assert_ne!(f32, int8, "the int8 kernels did not run");
+    let dim = f32.len() / texts.len();
+    for (i, (a, b)) in f32.chunks(dim).zip(int8.chunks(dim)).enumerate() {
+        // Both are L2-normalised (the folder's Normalize module).
+        let cos: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        // The empty text (two special tokens) is the farthest: 0.986 when measured.
+        let floor = if texts[i].is_empty() { 0.98 } else { 0.99 };
+        assert!(cos >= floor, "text {i} ({:?}): cosine {cos}", texts[i]);
+    }
+    let training = EncoderOptions { int8: true, trainable: true, ..EncoderOptions::default() };
+    let err = Encoder::load(&dir, None, &training).err().expect("int8 training is refused");
+    assert!(err.to_string().contains("int8"), "{err}");
+}

@@ -41,6 +41,7 @@ fn encoder_of(
         disable_dropout: !dropout,
         lora: None,
         score_head: None,
+        int8: false,
     };
     Encoder::load(&root().join("tiny").join(model), None, &opts).unwrap()
 }

@@ -47,6 +47,7 @@ fn validate(a: &EncodeArgs) -> Result<EncodeConfig> {
     };
     let padding_side = PaddingSide::from(a.encoding.padding_side);
     let device = tevatron_model::device::select(a.encoding.device.as_deref())?;
+    super::check_int8(a.encoding.int8, a.encoding.fp16 || a.encoding.bf16, &device)?;
     let dtype = if a.encoding.fp16 {
         DType::F16
     } else if a.encoding.bf16 {
@@ -84,6 +85,7 @@ fn validate(a: &EncodeArgs) -> Result<EncodeConfig> {
                 .map(|l| super::merged_adapter(l, a.encoding.cache_dir.as_deref()))
                 .transpose()?,
             score_head: None,
+            int8: a.encoding.int8,
         },
         out_dtype: match a.embedding_dtype {
             VecDTypeArg::F32 => VecDType::F32,
@@ -135,6 +137,9 @@ pub fn run(a: &EncodeArgs) -> Result<()> {
     }
     if let Some(k) = a.truncate_dim {
         meta.insert("truncate_dim".to_string(), k.to_string());
+    }
+    if a.encoding.int8 {
+        meta.insert("int8".to_string(), "true".to_string());
     }
     meta.insert("model".to_string(), a.model_name_or_path.clone());
     meta.insert("pooling".to_string(), encoder.pooling().name().to_string());

@@ -92,6 +92,22 @@ pub fn merged_adapter(name: &str, cache_dir: Option<&Path>) -> Result<LoraOption
     Ok(LoraOptions { source: AdapterSource::Saved(dir), merge: true, seed: 0 })
 }
 
+/// Checks `--int8` against the precision flags and the device, and says which kernels run it.
+pub fn check_int8(int8: bool, half: bool, device: &candle_core::Device) -> Result<()> {
+    if !int8 {
+        return Ok(());
+    }
+    if half {
+        anyhow::bail!("--int8 is exclusive with --fp16 and --bf16");
+    }
+    if !device.is_cpu() {
+        anyhow::bail!("--int8 runs on the CPU: add --device cpu");
+    }
+    let kernels = tevatron_model::backbone::int8::Int8Kernels::detect();
+    tracing::info!("int8 projections on the CPU with the {} kernels", kernels.name());
+    Ok(())
+}
+
 /// Resolves `--model_name_or_path` / `--tokenizer_name` (local folders or hub ids), loads the
 /// encoder and says where its pooling and normalisation came from.
 pub fn load_encoder(

@@ -192,6 +192,7 @@ pub(super) fn load_reranker(f: &CrossEncoderFlags) -> Result<(Encoder, BatchOpti
         bail!("--per_device_eval_batch_size must be at least 1");
     }
     let device = tevatron_model::device::select(f.device.as_deref())?;
+    super::check_int8(f.int8, f.fp16 || f.bf16, &device)?;
     let dtype = if f.fp16 {
         DType::F16
     } else if f.bf16 {
@@ -203,6 +204,7 @@ pub(super) fn load_reranker(f: &CrossEncoderFlags) -> Result<(Encoder, BatchOpti
         dtype,
         device: device.clone(),
         score_head: Some(ScoreHeadOptions { init_missing: false, seed: 0 }),
+        int8: f.int8,
         lora: f
             .lora_name_or_path
             .as_deref()

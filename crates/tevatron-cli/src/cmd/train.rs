@@ -461,6 +461,7 @@ pub fn run(a: &TrainArgs, reranker: bool) -> Result<()> {
             disable_dropout: a.disable_dropout,
             lora: lora_options(a)?,
             score_head: reranker.then_some(ScoreHeadOptions { init_missing: true, seed: a.seed }),
+            int8: false,
         },
     )?;
     if !encoder.initialised_head().is_empty() {

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use super::activation::activate;
 use super::attention::kernel::{forward as attention, Heads};
-use super::fast::{project, simd, Data, CHUNK};
+use super::fast::{simd, Data, CHUNK};
 use super::layers::{Activation, LayerNorm, Linear};
 use super::norm::{add_layer_norm, rms_norm_rows, RmsNormRef};
 use super::rotary::rotate;
@@ -170,9 +170,10 @@ impl DecoderLayer<'_> {
     }
 }
 
-/// `x W^T (+ b)` over the rows of `x` with a linear layer's weights (see [`project`]).
+/// `x W^T (+ b)` over the rows of `x` with a linear layer's weights, in F32 or int8
+/// ([`Linear::infer_rows`]).
 fn linear(x: &[f32], lin: &Linear) -> Result<Vec<f32>> {
-    project(x, &lin.weight, lin.bias.as_ref())
+    lin.infer_rows(x)
 }
 
 /// `y += x`, in place.

@@ -4,7 +4,10 @@
 //! - composed candle ops: [`matmul`] (the product under the forward's mixed precision) and a
 //!   broadcast bias add, the reference, and every device and dtype the kernels do not serve;
 //! - inference on the CPU in F32: `cpu_infer.rs`'s layers run the product with `gemm` starting
-//!   from the bias, on raw buffers;
+//!   from the bias, on raw buffers ([`Linear::infer_rows`]);
+//! - inference on the CPU in int8 (`--int8`): the weight quantized at load and the product run
+//!   by `int8.rs`'s kernels, wherever the layer runs on F32 CPU inputs (the raw-buffer layers
+//!   and the composed ops alike);
 //! - training: the bias add with a parallel column-sum backward ([`bias_add`], F32 on the CPU or
 //!   a GPU, whose CUDA launches are `bias_add` and `column_sum` of `train_ops_cuda.rs`), and, on
 //!   the CPU in F32, the projection over a frozen weight whose backward computes only the input's
@@ -16,7 +19,8 @@ use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use super::dropout::{draw_keep_mask, dropout, ByteMask};
-use super::fast::{add_xwt, contiguous_f32, project, CHUNK};
+use super::fast::{add_xwt, contiguous_f32, project, Data, CHUNK};
+use super::int8::{Int8Kernels, Int8Weight};
 #[cfg(feature = "cuda")]
 use super::train_ops::cuda;
 use super::train_ops::{par_map_rows, sum_in_order};
@@ -44,6 +48,8 @@ pub struct Linear {
     pub(super) weight: Tensor,
     pub(super) bias: Option<Tensor>,
     pub(super) lora: Option<LoraWeights>,
+    /// The weight in int8, when the model was loaded for int8 inference.
+    pub(super) int8: Option<std::sync::Arc<Int8Weight>>,
 }
 
 impl Linear {
@@ -54,6 +60,12 @@ impl Linear {
         let (out_dim, in_dim) = self.weight.dims2()?;
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, in_dim))?;
+        if mode == Mode::Eval && self.int8.is_some() && f32_cpu(&x2) {
+            let y = self.infer_rows(Data::of(&x2)?.slice())?;
+            let mut out = dims.to_vec();
+            *out.last_mut().expect("input has at least one dimension") = out_dim;
+            return Tensor::from_vec(y, out, x.device());
+        }
         let frozen_base = self.frozen_base_on_cpu(&x2, mode);
         let y = match &self.lora {
             // The adapter and its frozen base as one op.
@@ -84,6 +96,19 @@ impl Linear {
         let mut out = dims.to_vec();
         *out.last_mut().expect("input has at least one dimension") = out_dim;
         y.reshape(out)
+    }
+
+    /// `x W^T + b` over the rows of `x` in inference on the CPU: in int8 when the layer was
+    /// loaded so, in F32 otherwise. Call only where the weight and bias are contiguous F32 on
+    /// the CPU and no unmerged adapter is attached.
+    pub(super) fn infer_rows(&self, x: &[f32]) -> Result<Vec<f32>> {
+        match &self.int8 {
+            Some(q) => {
+                let bias = self.bias.as_ref().map(Data::of).transpose()?;
+                q.forward(x, bias.as_ref().map(Data::slice)).map_err(candle_core::Error::Msg)
+            }
+            None => project(x, &self.weight, self.bias.as_ref()),
+        }
     }
 
     /// `x W^T + b` for `x` `(rows, in)`; `frozen` takes the kernel whose backward computes only
@@ -128,6 +153,8 @@ fn is_tracked(t: &Tensor) -> bool {
 pub struct Linears<'a> {
     /// LoRA, when the model is loaded with it.
     pub lora: Option<&'a LoraPlan>,
+    /// Quantize every weight to int8 for these kernels (inference on the CPU in F32 only).
+    pub int8: Option<Int8Kernels>,
 }
 
 impl Linears<'_> {
@@ -169,7 +196,17 @@ impl Linears<'_> {
             Some(plan) => plan.apply(&vb.prefix(), weight)?,
             None => (weight, None),
         };
-        Ok(Linear { weight, bias, lora })
+        let int8 = match self.int8 {
+            Some(kernels) if lora.is_none() => {
+                let w = Data::of(&weight)?;
+                let q = Int8Weight::new(w.slice(), out_dim, in_dim, kernels)
+                    .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", vb.prefix())))?;
+                Some(std::sync::Arc::new(q))
+            }
+            Some(_) => candle_core::bail!("{}: int8 needs the adapter merged", vb.prefix()),
+            None => None,
+        };
+        Ok(Linear { weight, bias, lora, int8 })
     }
 }
 

@@ -14,6 +14,7 @@ mod cpu_infer;
 pub mod distilbert;
 mod dropout;
 mod fast;
+pub mod int8;
 pub mod layers;
 pub(crate) mod linear;
 pub mod llama;

@@ -1,0 +1,775 @@
+//! int8 linear products for inference on the CPU (`encode --int8`, `rerank --int8`): weights
+//! quantized once at load, activations at each call, the products summed exactly in 32-bit
+//! integers by the CPU's integer dot-product instructions, chosen at run time.
+//!
+//! The scheme (symmetric, no zero points):
+//! - weights per output channel: `w[c][k] ≈ sw[c] W[c][k]`, `W` in [-127, 127],
+//!   `sw[c] = max_k |w[c][k]| / 127`;
+//! - activations per row (each token's own scale, computed at run time):
+//!   `x[r][k] ≈ sx[r] X[r][k]`, `X` in [-127, 127], `sx[r] = max_k |x[r][k]| / 127`;
+//! - `y[r][c] = Σ_k X[r][k] W[c][k] * (sx[r] sw[c]) + b[c]`.
+//!
+//! The integer sum is exact in every kernel set (`|Σ| ≤ 255 * 127 * k < 2^31` for
+//! `k ≤` [`MAX_INPUTS`]), and one epilogue turns it into F32, so every set gives the same bits
+//! as the portable loops (property-tested): a CPU's instructions change the speed, never the
+//! embeddings. The sets:
+//! - portable: plain loops, any CPU;
+//! - AVX2: operands widened to i16 and multiplied by `vpmaddwd` (pairs of products into i32
+//!   lanes, exact), on tiles of 6 rows x 16 channels;
+//! - AVX-VNNI (256-bit) and AVX-512 VNNI: `vpdpbusd` on `X + 128` as unsigned bytes (quads of
+//!   products into i32 lanes, no saturation), the offset taken back as `128 Σ_k W[c][k]`;
+//!   tiles of 6 rows x 16 channels and 8 rows x 32 channels.
+//!
+//! All SIMD sets share one tile loop (`tile`) over the five instructions of a [`Lanes`]
+//! implementation; the tests run that loop on an emulation of each set's instructions, so the
+//! code of every set, the ones this CPU lacks included, is checked on any CPU.
+//!
+//! A row with a NaN or an infinity gives NaN outputs (as the F32 product would), not a
+//! quantized stand-in.
+
+use rayon::prelude::*;
+
+use super::fast::{lanes_reduce, simd};
+
+/// The widest input a projection may have: the integer sums stay below 2^31.
+pub const MAX_INPUTS: usize = 65_536;
+
+/// Rows per parallel task (a multiple of both kernels' row tiles).
+const ROW_BLOCK: usize = 48;
+
+/// The kernel sets, by the instructions they need.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Set {
+    Portable,
+    Avx2,
+    AvxVnni,
+    Avx512Vnni,
+}
+
+impl Set {
+    fn runs_here(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            match self {
+                Set::Portable => true,
+                Set::Avx2 => has!("avx2"),
+                Set::AvxVnni => has!("avx2") && has!("avxvnni"),
+                Set::Avx512Vnni => has!("avx512f") && has!("avx512bw") && has!("avx512vnni"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Set::Portable
+        }
+    }
+}
+
+/// The int8 product kernels of one CPU. Only [`Int8Kernels::detect`] and
+/// [`Int8Kernels::available`] make one, so a value always names instructions this CPU has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Int8Kernels(Set);
+
+impl Int8Kernels {
+    /// The fastest set this CPU runs.
+    pub fn detect() -> Self {
+        *Self::available().last().expect("the portable set runs everywhere")
+    }
+
+    /// Every set this CPU runs, the portable one first (for tests).
+    pub fn available() -> Vec<Self> {
+        [Set::Portable, Set::Avx2, Set::AvxVnni, Set::Avx512Vnni]
+            .into_iter()
+            .filter(|s| s.runs_here())
+            .map(Int8Kernels)
+            .collect()
+    }
+
+    /// A name for logs.
+    pub fn name(self) -> &'static str {
+        match self.0 {
+            Set::Portable => "portable",
+            Set::Avx2 => "AVX2 vpmaddwd",
+            Set::AvxVnni => "AVX-VNNI vpdpbusd",
+            Set::Avx512Vnni => "AVX-512 VNNI vpdpbusd",
+        }
+    }
+}
+
+/// A projection's weight in int8, laid out for one kernel set.
+pub struct Int8Weight {
+    out: usize,
+    inputs: usize,
+    /// `sw`, per output channel.
+    scales: Vec<f32>,
+    /// `W`, row-major `(out, inputs)`: the portable kernel's operand.
+    codes: Vec<i8>,
+    /// `W` as the SIMD set reads it (empty for the portable set): tiles of channels; in each,
+    /// for each step of 4 bytes of input (2 inputs as i16 for AVX2, 4 as i8 for VNNI), the
+    /// tile's channels' 4 bytes side by side; inputs and channels beyond the weight are zeros.
+    packed: Vec<u8>,
+    /// VNNI: `128 Σ_k W[c][k]` per channel, what `X + 128` adds to a sum.
+    offsets: Vec<i32>,
+    kernels: Int8Kernels,
+}
+
+impl std::fmt::Debug for Int8Weight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Int8Weight")
+            .field("out", &self.out)
+            .field("inputs", &self.inputs)
+            .field("kernels", &self.kernels.name())
+            .finish()
+    }
+}
+
+/// Quantizes `x` to `q` (`X`, the module docs) and returns its scale `sx`: NaN when `x` holds
+/// a NaN or an infinity, 0 for a row of zeros.
+fn quantize_row(x: &[f32], q: &mut [i8]) -> f32 {
+    let max = lanes_reduce(x, 0.0, |a, v| a.max(v.abs()));
+    // 0 when every value is finite, NaN otherwise (`max` skips NaN).
+    let finite = lanes_reduce(x, 0.0, |a, v| a + v * 0.0);
+    if max == 0.0 || !max.is_finite() {
+        q.fill(0);
+        return if max == 0.0 { finite } else { f32::NAN };
+    }
+    let inv = 127.0 / max;
+    for (q, &v) in q.iter_mut().zip(x) {
+        // Round half to even with the 1.5 * 2^23 trick (vectorises, unlike `round`).
+        let t = ((v * inv).clamp(-127.0, 127.0) + 12_582_912.0) - 12_582_912.0;
+        // SAFETY: t is an integer in [-127, 127].
+        *q = unsafe { t.to_int_unchecked::<i32>() } as i8;
+    }
+    max / 127.0 + finite
+}
+
+/// The one epilogue of every kernel set: the exact integer sum back to F32.
+#[inline(always)]
+fn finish(dot: i32, sx: f32, sw: f32, bias: f32) -> f32 {
+    dot as f32 * (sx * sw) + bias
+}
+
+/// How a SIMD set lays out its operands: the inputs in each 4-byte step, the channels of a
+/// tile (two vectors of i32 lanes) and the rows of a tile.
+#[derive(Clone, Copy)]
+struct Layout {
+    /// Inputs per 4-byte step: 2 (i16) or 4 (i8).
+    per_step: usize,
+    tile_channels: usize,
+    tile_rows: usize,
+}
+
+impl Set {
+    fn layout(self) -> Option<Layout> {
+        match self {
+            Set::Portable => None,
+            Set::Avx2 => Some(Layout { per_step: 2, tile_channels: 16, tile_rows: 6 }),
+            Set::AvxVnni => Some(Layout { per_step: 4, tile_channels: 16, tile_rows: 6 }),
+            Set::Avx512Vnni => Some(Layout { per_step: 4, tile_channels: 32, tile_rows: 8 }),
+        }
+    }
+
+    /// One input value `X` (or `W`) as the set's bytes: i16 for AVX2 (2 bytes); for VNNI, an
+    /// activation plus 128 as an unsigned byte, a weight as is (the first byte).
+    fn bytes(self, v: i8, activation: bool) -> [u8; 2] {
+        match self {
+            Set::Avx2 => i16::from(v).to_le_bytes(),
+            _ if activation => [(v as u8) ^ 0x80, 0],
+            _ => [v as u8, 0],
+        }
+    }
+}
+
+impl Int8Weight {
+    /// Quantizes `weight` `(out, inputs)` row-major for `kernels`. An error names what is
+    /// beyond reach (a non-finite weight, more than [`MAX_INPUTS`] inputs).
+    pub fn new(
+        weight: &[f32],
+        out: usize,
+        inputs: usize,
+        kernels: Int8Kernels,
+    ) -> Result<Self, String> {
+        if inputs == 0 || inputs > MAX_INPUTS || weight.len() != out * inputs {
+            return Err(format!(
+                "int8: a projection of {out} x {inputs} is beyond the int8 kernels (1 to {MAX_INPUTS} inputs)"
+            ));
+        }
+        let mut codes = vec![0i8; out * inputs];
+        let mut scales = Vec::with_capacity(out);
+        for (w, q) in weight.chunks_exact(inputs).zip(codes.chunks_exact_mut(inputs)) {
+            let s = quantize_row(w, q);
+            if s.is_nan() {
+                return Err("int8: the weights hold a NaN or an infinity".into());
+            }
+            scales.push(s);
+        }
+        let (mut packed, mut offsets) = (Vec::new(), Vec::new());
+        if let Some(l) = kernels.0.layout() {
+            let steps = inputs.div_ceil(l.per_step);
+            let tile = l.tile_channels;
+            packed = vec![0u8; out.div_ceil(tile) * steps * tile * 4];
+            let width = 4 / l.per_step;
+            for (c, w) in codes.chunks_exact(inputs).enumerate() {
+                let (t, lane) = (c / tile, c % tile);
+                for (k, &v) in w.iter().enumerate() {
+                    let (p, j) = (k / l.per_step, k % l.per_step);
+                    let at = ((t * steps + p) * tile + lane) * 4 + j * width;
+                    packed[at..at + width].copy_from_slice(&kernels.0.bytes(v, false)[..width]);
+                }
+            }
+            if l.per_step == 4 {
+                offsets = codes
+                    .chunks_exact(inputs)
+                    .map(|w| 128 * w.iter().map(|&v| i32::from(v)).sum::<i32>())
+                    .collect();
+            }
+        }
+        Ok(Self { out, inputs, scales, codes, packed, offsets, kernels })
+    }
+
+    /// Output channels.
+    pub fn out(&self) -> usize {
+        self.out
+    }
+
+    /// The set this weight runs on.
+    pub fn kernels(&self) -> Int8Kernels {
+        self.kernels
+    }
+
+    /// `x W^T + b` over the rows of `x` (as wide as the weight's inputs), in parallel blocks
+    /// of rows.
+    pub fn forward(&self, x: &[f32], bias: Option<&[f32]>) -> Result<Vec<f32>, String> {
+        self.forward_by(x, bias, |q, sx, b, y| self.block(q, sx, b, y))
+    }
+
+    /// [`Int8Weight::forward`] with the kernel over one block of quantized rows given.
+    fn forward_by(
+        &self,
+        x: &[f32],
+        bias: Option<&[f32]>,
+        block: impl Fn(&[i8], &[f32], &[f32], &mut [f32]) + Sync,
+    ) -> Result<Vec<f32>, String> {
+        let k = self.inputs;
+        if !x.len().is_multiple_of(k) || bias.is_some_and(|b| b.len() != self.out) {
+            return Err(format!("int8: inputs of {} values for rows of {k}", x.len()));
+        }
+        let rows = x.len() / k;
+        let mut y = vec![0f32; rows * self.out];
+        if self.out == 0 {
+            return Ok(y);
+        }
+        let zeros;
+        let bias = match bias {
+            Some(b) => b,
+            None => {
+                zeros = vec![0f32; self.out];
+                &zeros
+            }
+        };
+        y.par_chunks_mut(ROW_BLOCK * self.out).zip(x.par_chunks(ROW_BLOCK * k)).for_each(
+            |(y, x)| {
+                let n = x.len() / k;
+                let mut q = vec![0i8; n * k];
+                let sx: Vec<f32> = simd(|| {
+                    x.chunks_exact(k).zip(q.chunks_exact_mut(k)).map(|(x, q)| quantize_row(x, q))
+                })
+                .collect();
+                block(&q, &sx, bias, y);
+            },
+        );
+        Ok(y)
+    }
+
+    /// One block of quantized rows `q` with scales `sx` into `y`, on this weight's set.
+    fn block(&self, q: &[i8], sx: &[f32], bias: &[f32], y: &mut [f32]) {
+        match self.kernels.0 {
+            Set::Portable => self.portable_block(q, sx, bias, y),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: a weight's `kernels` name a set this CPU runs, and it packed for them.
+            Set::Avx2 => unsafe { x86::avx2_block(self, q, sx, bias, y) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            Set::AvxVnni => unsafe { x86::avx_vnni_block(self, q, sx, bias, y) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            Set::Avx512Vnni => unsafe { x86::vnni_block(self, q, sx, bias, y) },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => self.portable_block(q, sx, bias, y),
+        }
+    }
+
+    /// The reference: plain loops over the row-major codes.
+    fn portable_block(&self, q: &[i8], sx: &[f32], bias: &[f32], y: &mut [f32]) {
+        let k = self.inputs;
+        for ((x, &sx), y) in q.chunks_exact(k).zip(sx).zip(y.chunks_exact_mut(self.out)) {
+            for (c, (w, y)) in self.codes.chunks_exact(k).zip(y.iter_mut()).enumerate() {
+                let dot: i32 = x.iter().zip(w).map(|(&a, &b)| i32::from(a) * i32::from(b)).sum();
+                *y = finish(dot, sx, self.scales[c], bias[c]);
+            }
+        }
+    }
+
+    /// A SIMD set's kernel over one block of rows, the instructions given by `L` (the CPU's,
+    /// or the tests' emulation of them): the rows laid out as the set reads them, then tile by
+    /// tile, the integer sums and the shared epilogue.
+    ///
+    /// # Safety
+    /// The CPU runs `L`'s instructions; `R` and `C` are the set's tile (`Layout`), with `C`
+    /// twice `L`'s lanes.
+    #[inline(always)]
+    unsafe fn simd_block<L: Lanes, const R: usize, const C: usize>(
+        &self,
+        q: &[i8],
+        sx: &[f32],
+        bias: &[f32],
+        y: &mut [f32],
+    ) {
+        let l = self.kernels.0.layout().expect("a SIMD set");
+        debug_assert!(l.tile_rows == R && l.tile_channels == C && C == 2 * L::BYTES / 4);
+        let k = self.inputs;
+        let steps = k.div_ceil(l.per_step);
+        let rows = sx.len();
+        let width = 4 / l.per_step;
+        // The rows in the set's bytes, padded to whole steps and tiles with X = 0.
+        let zero = self.kernels.0.bytes(0, true)[0];
+        let mut x = vec![zero; rows.div_ceil(R) * R * steps * 4];
+        for (dst, src) in x.chunks_exact_mut(steps * 4).zip(q.chunks_exact(k)) {
+            if width == 2 {
+                for (d, &v) in dst.chunks_exact_mut(2).zip(src) {
+                    d.copy_from_slice(&i16::from(v).to_le_bytes());
+                }
+            } else {
+                for (d, &v) in dst.iter_mut().zip(src) {
+                    *d = (v as u8) ^ 0x80;
+                }
+            }
+        }
+        let offsets = (!self.offsets.is_empty()).then_some(&self.offsets[..]);
+        for (t, w) in self.packed.chunks_exact(steps * C * 4).enumerate() {
+            for r0 in (0..rows).step_by(R) {
+                let mut acc = [[0i32; C]; R];
+                tile::<L, R, C>(&x[r0 * steps * 4..], w, steps, &mut acc);
+                self.write_tile(&acc, (r0, t * C), offsets, (sx, bias), y);
+            }
+        }
+    }
+
+    /// Writes one tile's sums: `acc[i][j]` for row `r0 + i`, channel `c0 + j`, less
+    /// `offsets[c0 + j]` when given, for the rows and channels that exist.
+    #[inline(always)]
+    fn write_tile<const R: usize, const C: usize>(
+        &self,
+        acc: &[[i32; C]; R],
+        (r0, c0): (usize, usize),
+        offsets: Option<&[i32]>,
+        (sx, bias): (&[f32], &[f32]),
+        y: &mut [f32],
+    ) {
+        let rows = (sx.len() - r0).min(R);
+        let n = (self.out - c0).min(C);
+        let sw = &self.scales[c0..c0 + n];
+        let b = &bias[c0..c0 + n];
+        for (i, acc) in acc.iter().enumerate().take(rows) {
+            let sx = sx[r0 + i];
+            let y = &mut y[(r0 + i) * self.out + c0..][..n];
+            match offsets {
+                Some(off) => {
+                    let off = &off[c0..c0 + n];
+                    for j in 0..n {
+                        y[j] = finish(acc[j] - off[j], sx, sw[j], b[j]);
+                    }
+                }
+                None => {
+                    for j in 0..n {
+                        y[j] = finish(acc[j], sx, sw[j], b[j]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The five instructions a tile needs of a SIMD set, over vectors of `BYTES / 4` i32 lanes.
+trait Lanes {
+    type V: Copy;
+    /// Bytes per vector.
+    const BYTES: usize;
+    /// # Safety
+    /// The CPU runs the set (for each method of the trait).
+    unsafe fn zero() -> Self::V;
+    /// # Safety
+    /// `p` points to `BYTES` readable bytes.
+    unsafe fn load(p: *const u8) -> Self::V;
+    /// The 4 bytes at `p` in every lane.
+    /// # Safety
+    /// `p` points to 4 readable bytes.
+    unsafe fn splat(p: *const u8) -> Self::V;
+    /// `acc` plus, in each lane, the products of `x`'s and `w`'s values in that lane summed.
+    unsafe fn dot(acc: Self::V, x: Self::V, w: Self::V) -> Self::V;
+    /// # Safety
+    /// `out` has room for `BYTES / 4` values.
+    unsafe fn store(v: Self::V, out: *mut i32);
+}
+
+/// `acc[i][j] = Σ_p x[i][p] · w[p][j]` for a tile of `R` rows and `C` channels (two vectors),
+/// `x` rows of `steps` 4-byte steps, `w` one packed tile.
+///
+/// # Safety
+/// As [`Lanes`]; `x` holds `R` rows and `w` `steps` steps of two vectors.
+#[inline(always)]
+unsafe fn tile<L: Lanes, const R: usize, const C: usize>(
+    x: &[u8],
+    w: &[u8],
+    steps: usize,
+    acc: &mut [[i32; C]; R],
+) {
+    debug_assert!(x.len() >= R * steps * 4 && w.len() >= steps * 2 * L::BYTES);
+    let mut a = [[L::zero(); 2]; R];
+    let (xp, wp) = (x.as_ptr(), w.as_ptr());
+    for p in 0..steps {
+        let w0 = L::load(wp.add(p * 2 * L::BYTES));
+        let w1 = L::load(wp.add(p * 2 * L::BYTES + L::BYTES));
+        for (i, a) in a.iter_mut().enumerate() {
+            let b = L::splat(xp.add((i * steps + p) * 4));
+            a[0] = L::dot(a[0], b, w0);
+            a[1] = L::dot(a[1], b, w1);
+        }
+    }
+    for (a, out) in a.iter().zip(acc.iter_mut()) {
+        L::store(a[0], out.as_mut_ptr());
+        L::store(a[1], out.as_mut_ptr().add(L::BYTES / 4));
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{Int8Weight, Lanes};
+
+    /// AVX2: i16 pairs, `vpmaddwd` then `vpaddd`.
+    pub struct Avx2;
+
+    impl Lanes for Avx2 {
+        type V = __m256i;
+        const BYTES: usize = 32;
+        #[inline(always)]
+        unsafe fn zero() -> __m256i {
+            _mm256_setzero_si256()
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const u8) -> __m256i {
+            _mm256_loadu_si256(p as *const __m256i)
+        }
+        #[inline(always)]
+        unsafe fn splat(p: *const u8) -> __m256i {
+            _mm256_set1_epi32((p as *const i32).read_unaligned())
+        }
+        #[inline(always)]
+        unsafe fn dot(acc: __m256i, x: __m256i, w: __m256i) -> __m256i {
+            _mm256_add_epi32(acc, _mm256_madd_epi16(x, w))
+        }
+        #[inline(always)]
+        unsafe fn store(v: __m256i, out: *mut i32) {
+            _mm256_storeu_si256(out as *mut __m256i, v)
+        }
+    }
+
+    /// AVX-VNNI: unsigned times signed byte quads, `vpdpbusd` on 256 bits.
+    pub struct AvxVnni;
+
+    impl Lanes for AvxVnni {
+        type V = __m256i;
+        const BYTES: usize = 32;
+        #[inline(always)]
+        unsafe fn zero() -> __m256i {
+            _mm256_setzero_si256()
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const u8) -> __m256i {
+            _mm256_loadu_si256(p as *const __m256i)
+        }
+        #[inline(always)]
+        unsafe fn splat(p: *const u8) -> __m256i {
+            _mm256_set1_epi32((p as *const i32).read_unaligned())
+        }
+        #[inline(always)]
+        unsafe fn dot(acc: __m256i, x: __m256i, w: __m256i) -> __m256i {
+            _mm256_dpbusd_avx_epi32(acc, x, w)
+        }
+        #[inline(always)]
+        unsafe fn store(v: __m256i, out: *mut i32) {
+            _mm256_storeu_si256(out as *mut __m256i, v)
+        }
+    }
+
+    /// AVX-512 VNNI: unsigned times signed byte quads, `vpdpbusd`.
+    pub struct Vnni;
+
+    impl Lanes for Vnni {
+        type V = __m512i;
+        const BYTES: usize = 64;
+        #[inline(always)]
+        unsafe fn zero() -> __m512i {
+            _mm512_setzero_si512()
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const u8) -> __m512i {
+            _mm512_loadu_si512(p as *const _)
+        }
+        #[inline(always)]
+        unsafe fn splat(p: *const u8) -> __m512i {
+            _mm512_set1_epi32((p as *const i32).read_unaligned())
+        }
+        #[inline(always)]
+        unsafe fn dot(acc: __m512i, x: __m512i, w: __m512i) -> __m512i {
+            _mm512_dpbusd_epi32(acc, x, w)
+        }
+        #[inline(always)]
+        unsafe fn store(v: __m512i, out: *mut i32) {
+            _mm512_storeu_si512(out as *mut _, v)
+        }
+    }
+
+    /// # Safety
+    /// The CPU has AVX2; `weight` was packed for the AVX2 set.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn avx2_block(weight: &Int8Weight, q: &[i8], sx: &[f32], b: &[f32], y: &mut [f32]) {
+        weight.simd_block::<Avx2, 6, 16>(q, sx, b, y)
+    }
+
+    /// # Safety
+    /// The CPU has AVX2 and AVX-VNNI; `weight` was packed for the AVX-VNNI set.
+    #[target_feature(enable = "avx2,avxvnni")]
+    pub unsafe fn avx_vnni_block(
+        weight: &Int8Weight,
+        q: &[i8],
+        sx: &[f32],
+        b: &[f32],
+        y: &mut [f32],
+    ) {
+        weight.simd_block::<AvxVnni, 6, 16>(q, sx, b, y)
+    }
+
+    /// # Safety
+    /// The CPU has AVX-512 F, BW and VNNI; `weight` was packed for the AVX-512 VNNI set.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn vnni_block(weight: &Int8Weight, q: &[i8], sx: &[f32], b: &[f32], y: &mut [f32]) {
+        weight.simd_block::<Vnni, 8, 32>(q, sx, b, y)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Values of mixed magnitude, with exact zeros and a few large ones (outlier channels).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = crate::rng::SplitMix64::new(seed);
+        (0..n)
+            .map(|i| {
+                let u = (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+                match i % 11 {
+                    0 => 0.0,
+                    5 => u * 40.0,
+                    _ => u,
+                }
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Every kernel set this CPU runs gives the portable loops' bits, on shapes that cover
+        /// partial tiles, odd inputs, whole zero rows and rows of one block and of several.
+        #[test]
+        fn every_kernel_set_gives_the_portable_bits(
+            rows in 0usize..110,
+            inputs in 1usize..70,
+            out in 1usize..70,
+            seed in any::<u64>(),
+            with_bias in any::<bool>(),
+        ) {
+            let w = values(out * inputs, seed);
+            let mut x = values(rows * inputs, seed ^ 1);
+            if rows > 3 {
+                x[2 * inputs..3 * inputs].fill(0.0);
+            }
+            let b = values(out, seed ^ 2);
+            let bias = with_bias.then_some(&b[..]);
+            let reference = Int8Weight::new(&w, out, inputs, Int8Kernels(Set::Portable)).unwrap();
+            let want = reference.forward(&x, bias).unwrap();
+            for kernels in Int8Kernels::available() {
+                let got = Int8Weight::new(&w, out, inputs, kernels).unwrap().forward(&x, bias).unwrap();
+                let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                prop_assert!(same, "{} differs from the portable loops", kernels.name());
+            }
+        }
+    }
+
+    /// The tests' stand-ins for the SIMD instructions, lane by lane from their definitions, so
+    /// that each set's kernel code (layouts, tiles, offsets, epilogue) runs on any CPU; only
+    /// the five instruction wrappers of `x86` are not covered by them.
+    struct EmuAvx2;
+    struct EmuAvxVnni;
+    struct EmuVnni;
+
+    fn lane(v: &[u8], i: usize) -> i32 {
+        i32::from_le_bytes([v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]])
+    }
+
+    macro_rules! emulated {
+        ($name:ident, $bytes:literal, |$x:ident, $w:ident, $i:ident| $products:expr) => {
+            impl Lanes for $name {
+                type V = [u8; $bytes];
+                const BYTES: usize = $bytes;
+                unsafe fn zero() -> Self::V {
+                    [0; $bytes]
+                }
+                unsafe fn load(p: *const u8) -> Self::V {
+                    std::ptr::read_unaligned(p as *const Self::V)
+                }
+                unsafe fn splat(p: *const u8) -> Self::V {
+                    let four = std::ptr::read_unaligned(p as *const [u8; 4]);
+                    std::array::from_fn(|i| four[i % 4])
+                }
+                unsafe fn dot(acc: Self::V, $x: Self::V, $w: Self::V) -> Self::V {
+                    let mut out = [0u8; $bytes];
+                    for $i in 0..$bytes / 4 {
+                        let v = lane(&acc, $i).wrapping_add($products);
+                        out[4 * $i..4 * $i + 4].copy_from_slice(&v.to_le_bytes());
+                    }
+                    out
+                }
+                unsafe fn store(v: Self::V, out: *mut i32) {
+                    for i in 0..$bytes / 4 {
+                        *out.add(i) = lane(&v, i);
+                    }
+                }
+            }
+        };
+    }
+    // vpmaddwd + vpaddd: two signed i16 products per lane.
+    emulated!(EmuAvx2, 32, |x, w, i| (0..2)
+        .map(|j| {
+            let at = 4 * i + 2 * j;
+            let a = i16::from_le_bytes([x[at], x[at + 1]]);
+            let b = i16::from_le_bytes([w[at], w[at + 1]]);
+            i32::from(a) * i32::from(b)
+        })
+        .sum::<i32>());
+    // vpdpbusd: four unsigned-by-signed byte products per lane, on 256 and 512 bits.
+    emulated!(EmuAvxVnni, 32, |x, w, i| (0..4)
+        .map(|j| i32::from(x[4 * i + j]) * i32::from(w[4 * i + j] as i8))
+        .sum::<i32>());
+    emulated!(EmuVnni, 64, |x, w, i| (0..4)
+        .map(|j| i32::from(x[4 * i + j]) * i32::from(w[4 * i + j] as i8))
+        .sum::<i32>());
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Each SIMD set's kernel code, on emulated instructions, gives the portable bits on
+        /// any CPU (the VNNI kernel included, where the CPU has no VNNI).
+        #[test]
+        fn each_simd_kernel_on_emulated_instructions_gives_the_portable_bits(
+            rows in 0usize..60,
+            inputs in 1usize..40,
+            out in 1usize..70,
+            seed in any::<u64>(),
+        ) {
+            let w = values(out * inputs, seed);
+            let x = values(rows * inputs, seed ^ 1);
+            let b = values(out, seed ^ 2);
+            let reference = Int8Weight::new(&w, out, inputs, Int8Kernels(Set::Portable)).unwrap();
+            let want = reference.forward(&x, Some(&b)).unwrap();
+            let avx2 = Int8Weight::new(&w, out, inputs, Int8Kernels(Set::Avx2)).unwrap();
+            // SAFETY: the emulated instructions run on any CPU.
+            let got = avx2.forward_by(&x, Some(&b), |q, sx, b, y| unsafe {
+                avx2.simd_block::<EmuAvx2, 6, 16>(q, sx, b, y)
+            }).unwrap();
+            prop_assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "AVX2");
+            let vnni = Int8Weight::new(&w, out, inputs, Int8Kernels(Set::Avx512Vnni)).unwrap();
+            // SAFETY: as above.
+            let got = vnni.forward_by(&x, Some(&b), |q, sx, b, y| unsafe {
+                vnni.simd_block::<EmuVnni, 8, 32>(q, sx, b, y)
+            }).unwrap();
+            prop_assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "VNNI");
+            let avx_vnni = Int8Weight::new(&w, out, inputs, Int8Kernels(Set::AvxVnni)).unwrap();
+            // SAFETY: as above.
+            let got = avx_vnni.forward_by(&x, Some(&b), |q, sx, b, y| unsafe {
+                avx_vnni.simd_block::<EmuAvxVnni, 6, 16>(q, sx, b, y)
+            }).unwrap();
+            prop_assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "AVX-VNNI");
+        }
+    }
+
+    /// The portable reference is the scheme of the module docs, computed here in f64 from its
+    /// definition; and it stays near the F32 product (each factor within half a step).
+    #[test]
+    fn the_reference_is_the_documented_scheme_and_near_f32() {
+        let (rows, inputs, out) = (13, 37, 21);
+        let w = values(out * inputs, 7);
+        let x = values(rows * inputs, 8);
+        let b = values(out, 9);
+        let got = Int8Weight::new(&w, out, inputs, Int8Kernels(Set::Portable))
+            .unwrap()
+            .forward(&x, Some(&b))
+            .unwrap();
+        let quant = |v: &[f32]| {
+            let max = v.iter().fold(0f64, |m, &a| m.max(f64::from(a).abs()));
+            let codes: Vec<f64> =
+                v.iter().map(|&a| (f64::from(a) * 127.0 / max).round_ties_even()).collect();
+            (codes, max / 127.0)
+        };
+        for r in 0..rows {
+            let (xq, sx) = quant(&x[r * inputs..(r + 1) * inputs]);
+            for c in 0..out {
+                let (wq, sw) = quant(&w[c * inputs..(c + 1) * inputs]);
+                let dot: f64 = xq.iter().zip(&wq).map(|(a, b)| a * b).sum();
+                let want = dot * sx * sw + f64::from(b[c]);
+                let g = f64::from(got[r * out + c]);
+                assert!((g - want).abs() <= 1e-5 * want.abs().max(1.0), "{r},{c}: {g} vs {want}");
+                let exact: f64 = (0..inputs)
+                    .map(|k| f64::from(x[r * inputs + k]) * f64::from(w[c * inputs + k]))
+                    .sum::<f64>()
+                    + f64::from(b[c]);
+                // |error| <= sum_k (|x| dw + |w| dx + dx dw), half a step each.
+                let bound: f64 = (0..inputs)
+                    .map(|k| {
+                        let (xa, wa) = (
+                            f64::from(x[r * inputs + k]).abs(),
+                            f64::from(w[c * inputs + k]).abs(),
+                        );
+                        xa * sw / 2.0 + wa * sx / 2.0 + sx * sw / 4.0
+                    })
+                    .sum();
+                assert!((g - exact).abs() <= bound + 1e-5, "{r},{c}: {g} vs {exact} > {bound}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_with_a_nan_or_an_infinity_gives_nans_and_only_there() {
+        let (inputs, out) = (9, 5);
+        let w = values(out * inputs, 3);
+        let mut x = values(4 * inputs, 4);
+        x[inputs + 2] = f32::NAN;
+        x[3 * inputs] = f32::INFINITY;
+        for kernels in Int8Kernels::available() {
+            let y = Int8Weight::new(&w, out, inputs, kernels).unwrap().forward(&x, None).unwrap();
+            for (r, row) in y.chunks(out).enumerate() {
+                let nan = r == 1 || r == 3;
+                assert!(row.iter().all(|v| v.is_nan() == nan), "{}: row {r}", kernels.name());
+            }
+        }
+        let mut bad = w.clone();
+        bad[4] = f32::NAN;
+        assert!(Int8Weight::new(&bad, out, inputs, Int8Kernels::detect()).is_err());
+        assert!(Int8Weight::new(&w, out, inputs + 1, Int8Kernels::detect()).is_err());
+    }
+}
