@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::sync::mpsc;
 
 use anyhow::{bail, Result};
-use candle_core::DType;
 use tevatron_ir::records::{count_rows, shard_range, RecordKind, RecordStream};
 use tevatron_ir::vectors::{truncate, VecDType, VectorWriter};
 use tevatron_model::encoder::{BatchOptions, EMBED_CHUNK};
@@ -26,9 +25,6 @@ struct EncodeConfig {
 }
 
 fn validate(a: &EncodeArgs) -> Result<EncodeConfig> {
-    if a.encoding.fp16 && a.encoding.bf16 {
-        bail!("--fp16 and --bf16 are exclusive");
-    }
     if a.dataset_number_of_shards == 0 || a.dataset_shard_index >= a.dataset_number_of_shards {
         bail!(
             "--dataset_shard_index {} must be below --dataset_number_of_shards {}",
@@ -46,15 +42,8 @@ fn validate(a: &EncodeArgs) -> Result<EncodeConfig> {
         (RecordKind::Doc, a.encoding.passage_max_len, a.encoding.passage_prefix.clone())
     };
     let padding_side = PaddingSide::from(a.encoding.padding_side);
-    let device = tevatron_model::device::select(a.encoding.device.as_deref())?;
-    super::check_int8(a.encoding.int8, a.encoding.fp16 || a.encoding.bf16, &device)?;
-    let dtype = if a.encoding.fp16 {
-        DType::F16
-    } else if a.encoding.bf16 {
-        DType::BF16
-    } else {
-        DType::F32
-    };
+    let e = &a.encoding;
+    let (device, dtype) = super::inference_precision(e.device.as_deref(), e.fp16, e.bf16, e.int8)?;
     Ok(EncodeConfig {
         files,
         kind,

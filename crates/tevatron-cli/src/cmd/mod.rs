@@ -92,20 +92,56 @@ pub fn merged_adapter(name: &str, cache_dir: Option<&Path>) -> Result<LoraOption
     Ok(LoraOptions { source: AdapterSource::Saved(dir), merge: true, seed: 0 })
 }
 
-/// Checks `--int8` against the precision flags and the device, and says which kernels run it.
-pub fn check_int8(int8: bool, half: bool, device: &candle_core::Device) -> Result<()> {
-    if !int8 {
-        return Ok(());
+/// The device and compute dtype of an inference command (encode, rerank, annotate, mine) from
+/// `--device`, `--fp16`, `--bf16` and `--int8`, with what the log should say about them:
+/// - the device as given, else a GPU when one is visible, except that `--int8` runs on the CPU
+///   and takes it by default;
+/// - half precision on a GPU; on the CPU it is computed in F32, the faster path there on every
+///   CPU (this build has no half-precision CPU kernels: candle widens each product to F32 and
+///   half precision skips the raw-buffer layers; `--bf16` measured 2.2x slower than F32), and
+///   the log says so.
+pub fn inference_precision(
+    device: Option<&str>,
+    fp16: bool,
+    bf16: bool,
+    int8: bool,
+) -> Result<(candle_core::Device, candle_core::DType)> {
+    use candle_core::DType;
+    if fp16 && bf16 {
+        anyhow::bail!("--fp16 and --bf16 are exclusive");
     }
-    if half {
+    if int8 && (fp16 || bf16) {
         anyhow::bail!("--int8 is exclusive with --fp16 and --bf16");
     }
-    if !device.is_cpu() {
-        anyhow::bail!("--int8 runs on the CPU: add --device cpu");
+    let spec = if int8 { Some(device.unwrap_or("cpu")) } else { device };
+    let device = tevatron_model::device::select(spec)?;
+    if int8 {
+        if !device.is_cpu() {
+            anyhow::bail!("--int8 runs on the CPU: not with --device {}", spec.unwrap_or_default());
+        }
+        let kernels = tevatron_model::backbone::int8::Int8Kernels::detect();
+        if kernels.is_simd() {
+            tracing::info!("int8 projections on the CPU with the {} kernels", kernels.name());
+        } else {
+            tracing::warn!(
+                "this CPU has none of the int8 kernels' instructions (AVX2, VNNI): --int8 runs \
+                 plain loops, likely slower than F32"
+            );
+        }
     }
-    let kernels = tevatron_model::backbone::int8::Int8Kernels::detect();
-    tracing::info!("int8 projections on the CPU with the {} kernels", kernels.name());
-    Ok(())
+    let (half, flag) = match (fp16, bf16) {
+        (true, _) => (DType::F16, "--fp16"),
+        (_, true) => (DType::BF16, "--bf16"),
+        _ => return Ok((device, DType::F32)),
+    };
+    if device.is_cpu() {
+        tracing::warn!(
+            "{flag} on the CPU computes in F32: this build has no half-precision CPU kernels, and \
+             F32 is the faster path there (docs/encode.md)"
+        );
+        return Ok((device, DType::F32));
+    }
+    Ok((device, half))
 }
 
 /// Resolves `--model_name_or_path` / `--tokenizer_name` (local folders or hub ids), loads the

@@ -6,7 +6,6 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use candle_core::DType;
 use tevatron_ir::records::count_rows;
 use tevatron_ir::rerank::{pairs_from_run, write_reranked, PairReader, RerankPair, RunPairs};
 use tevatron_model::encoder::{BatchOptions, EMBED_CHUNK};
@@ -185,21 +184,10 @@ impl PairInput {
 /// Loads a cross-encoder for scoring (a folder without a head is refused), with the batches
 /// its pairs are scored in.
 pub(super) fn load_reranker(f: &CrossEncoderFlags) -> Result<(Encoder, BatchOptions)> {
-    if f.fp16 && f.bf16 {
-        bail!("--fp16 and --bf16 are exclusive");
-    }
     if f.per_device_eval_batch_size == 0 {
         bail!("--per_device_eval_batch_size must be at least 1");
     }
-    let device = tevatron_model::device::select(f.device.as_deref())?;
-    super::check_int8(f.int8, f.fp16 || f.bf16, &device)?;
-    let dtype = if f.fp16 {
-        DType::F16
-    } else if f.bf16 {
-        DType::BF16
-    } else {
-        DType::F32
-    };
+    let (device, dtype) = super::inference_precision(f.device.as_deref(), f.fp16, f.bf16, f.int8)?;
     let opts = EncoderOptions {
         dtype,
         device: device.clone(),

@@ -85,6 +85,11 @@ impl Int8Kernels {
             .collect()
     }
 
+    /// Whether these are SIMD kernels (not the portable loops, much slower than F32's gemm).
+    pub fn is_simd(self) -> bool {
+        self.0 != Set::Portable
+    }
+
     /// A name for logs.
     pub fn name(self) -> &'static str {
         match self.0 {
@@ -102,7 +107,7 @@ pub struct Int8Weight {
     inputs: usize,
     /// `sw`, per output channel.
     scales: Vec<f32>,
-    /// `W`, row-major `(out, inputs)`: the portable kernel's operand.
+    /// `W`, row-major `(out, inputs)`: the portable kernel's operand (empty for a SIMD set).
     codes: Vec<i8>,
     /// `W` as the SIMD set reads it (empty for the portable set): tiles of channels; in each,
     /// for each step of 4 bytes of input (2 inputs as i16 for AVX2, 4 as i8 for VNNI), the
@@ -129,18 +134,29 @@ fn quantize_row(x: &[f32], q: &mut [i8]) -> f32 {
     let max = lanes_reduce(x, 0.0, |a, v| a.max(v.abs()));
     // 0 when every value is finite, NaN otherwise (`max` skips NaN).
     let finite = lanes_reduce(x, 0.0, |a, v| a + v * 0.0);
-    if max == 0.0 || !max.is_finite() {
+    if max == 0.0 || finite.is_nan() {
         q.fill(0);
-        return if max == 0.0 { finite } else { f32::NAN };
+        return finite;
     }
     let inv = 127.0 / max;
+    if inv.is_finite() {
+        quantize_by(x, q, |v| v * inv);
+    } else {
+        // A row of values below about 1e-36: 127 / max overflows, the quotient does not.
+        quantize_by(x, q, |v| v / max * 127.0);
+    }
+    max / 127.0
+}
+
+/// `q = round(scaled(x))`, half to even, for finite `scaled` values within [-127, 127] (up to
+/// rounding).
+#[inline(always)]
+fn quantize_by(x: &[f32], q: &mut [i8], scaled: impl Fn(f32) -> f32) {
     for (q, &v) in q.iter_mut().zip(x) {
         // Round half to even with the 1.5 * 2^23 trick (vectorises, unlike `round`).
-        let t = ((v * inv).clamp(-127.0, 127.0) + 12_582_912.0) - 12_582_912.0;
-        // SAFETY: t is an integer in [-127, 127].
-        *q = unsafe { t.to_int_unchecked::<i32>() } as i8;
+        let t = (scaled(v).clamp(-127.0, 127.0) + 12_582_912.0) - 12_582_912.0;
+        *q = t as i8;
     }
-    max / 127.0 + finite
 }
 
 /// The one epilogue of every kernel set: the exact integer sum back to F32.
@@ -223,6 +239,7 @@ impl Int8Weight {
                     .map(|w| 128 * w.iter().map(|&v| i32::from(v)).sum::<i32>())
                     .collect();
             }
+            codes = Vec::new();
         }
         Ok(Self { out, inputs, scales, codes, packed, offsets, kernels })
     }
@@ -251,8 +268,11 @@ impl Int8Weight {
         block: impl Fn(&[i8], &[f32], &[f32], &mut [f32]) + Sync,
     ) -> Result<Vec<f32>, String> {
         let k = self.inputs;
-        if !x.len().is_multiple_of(k) || bias.is_some_and(|b| b.len() != self.out) {
+        if !x.len().is_multiple_of(k) {
             return Err(format!("int8: inputs of {} values for rows of {k}", x.len()));
+        }
+        if bias.is_some_and(|b| b.len() != self.out) {
+            return Err(format!("int8: a bias for other than {} channels", self.out));
         }
         let rows = x.len() / k;
         let mut y = vec![0f32; rows * self.out];
@@ -272,9 +292,9 @@ impl Int8Weight {
                 let n = x.len() / k;
                 let mut q = vec![0i8; n * k];
                 let sx: Vec<f32> = simd(|| {
-                    x.chunks_exact(k).zip(q.chunks_exact_mut(k)).map(|(x, q)| quantize_row(x, q))
-                })
-                .collect();
+                    let rows = x.chunks_exact(k).zip(q.chunks_exact_mut(k));
+                    rows.map(|(x, q)| quantize_row(x, q)).collect()
+                });
                 block(&q, &sx, bias, y);
             },
         );
@@ -326,7 +346,8 @@ impl Int8Weight {
         y: &mut [f32],
     ) {
         let l = self.kernels.0.layout().expect("a SIMD set");
-        debug_assert!(l.tile_rows == R && l.tile_channels == C && C == 2 * L::BYTES / 4);
+        const { assert!(C == 2 * L::BYTES / 4, "a tile is two vectors of channels") };
+        assert!(l.tile_rows == R && l.tile_channels == C, "the set's own tile");
         let k = self.inputs;
         let steps = k.div_ceil(l.per_step);
         let rows = sx.len();
@@ -424,7 +445,7 @@ unsafe fn tile<L: Lanes, const R: usize, const C: usize>(
     steps: usize,
     acc: &mut [[i32; C]; R],
 ) {
-    debug_assert!(x.len() >= R * steps * 4 && w.len() >= steps * 2 * L::BYTES);
+    assert!(x.len() >= R * steps * 4 && w.len() >= steps * 2 * L::BYTES, "a whole tile");
     let mut a = [[L::zero(); 2]; R];
     let (xp, wp) = (x.as_ptr(), w.as_ptr());
     for p in 0..steps {
@@ -705,6 +726,45 @@ mod tests {
                 avx_vnni.simd_block::<EmuAvxVnni, 6, 16>(q, sx, b, y)
             }).unwrap();
             prop_assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "AVX-VNNI");
+        }
+    }
+
+    /// At the widest input allowed, with every value at full scale and both signs, the sums
+    /// stay exact in every set (`255 * 127 * MAX_INPUTS` is just below 2^31 for VNNI's
+    /// unsigned activations).
+    #[test]
+    fn the_widest_input_at_full_scale_stays_exact() {
+        let k = MAX_INPUTS;
+        let w: Vec<f32> = (0..2 * k).map(|i| if i < k { 1.0 } else { -1.0 }).collect();
+        let x: Vec<f32> = (0..2 * k).map(|i| if i < k { -0.5 } else { 0.5 }).collect();
+        let portable = Int8Weight::new(&w, 2, k, Int8Kernels(Set::Portable)).unwrap();
+        let want = portable.forward(&x, None).unwrap();
+        for (got, sign) in want.iter().zip([-1.0, 1.0, 1.0, -1.0]) {
+            let exact = sign * 0.5 * k as f32;
+            assert!((got - exact).abs() <= 1e-5 * exact.abs(), "{got} vs {exact}");
+        }
+        let emulated =
+            |set, block: &(dyn Fn(&Int8Weight, &[i8], &[f32], &[f32], &mut [f32]) + Sync)| {
+                let q = Int8Weight::new(&w, 2, k, Int8Kernels(set)).unwrap();
+                q.forward_by(&x, None, |a, b, c, d| block(&q, a, b, c, d)).unwrap()
+            };
+        // SAFETY: the emulated instructions run on any CPU.
+        unsafe {
+            let got =
+                emulated(Set::Avx2, &|q, a, b, c, d| q.simd_block::<EmuAvx2, 6, 16>(a, b, c, d));
+            assert_eq!(got, want, "AVX2");
+            let got = emulated(Set::AvxVnni, &|q, a, b, c, d| {
+                q.simd_block::<EmuAvxVnni, 6, 16>(a, b, c, d)
+            });
+            assert_eq!(got, want, "AVX-VNNI");
+            let got = emulated(Set::Avx512Vnni, &|q, a, b, c, d| {
+                q.simd_block::<EmuVnni, 8, 32>(a, b, c, d)
+            });
+            assert_eq!(got, want, "AVX-512 VNNI");
+        }
+        for kernels in Int8Kernels::available() {
+            let q = Int8Weight::new(&w, 2, k, kernels).unwrap();
+            assert_eq!(q.forward(&x, None).unwrap(), want, "{}", kernels.name());
         }
     }
 

@@ -1,8 +1,9 @@
-//! `encode --int8` and `rerank --int8` end to end on the tiny models of every backbone family:
-//! the int8 projections run (the embeddings differ from F32's) and stay near F32's, the file
-//! records it, and the flag is refused beside --fp16/--bf16. The kernels are tested against
-//! their scalar reference in `backbone/int8.rs`; MiniLM against F32 on real text in the model
-//! crate's `tests/minilm.rs`.
+//! The precision flags of inference end to end: `encode --int8` and `rerank --int8` on the tiny
+//! models of every backbone family (the int8 projections run: the embeddings differ from F32's,
+//! and stay near them; the file records it; the flag is refused beside --fp16/--bf16), and
+//! `--fp16`/`--bf16` on the CPU, computed in F32 with a warning. The int8 kernels are tested
+//! against their scalar reference in `backbone/int8.rs`; MiniLM against F32 on real text in the
+//! model crate's `tests/minilm.rs`.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
@@ -121,4 +122,38 @@ fn int8_rerank_scores_near_f32_and_int8_is_refused_beside_half_precision() {
     let bert = path("testdata/tiny/bert");
     fails_with(encode(d, &bert, "x.safetensors", &["--int8", "--bf16"]), "--int8 is exclusive");
     fails_with(encode(d, &bert, "x.safetensors", &["--int8", "--fp16"]), "--int8 is exclusive");
+}
+
+#[test]
+fn half_precision_on_the_cpu_computes_in_f32_and_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let bert = path("testdata/tiny/bert");
+    ok(encode(d, &bert, "f32.safetensors", &["--device", "cpu"]));
+    let f = rows(&d.join("f32.safetensors")).0;
+    for flag in ["--bf16", "--fp16"] {
+        let out = tevatron(
+            d,
+            &[
+                "encode",
+                "--model_name_or_path",
+                &bert,
+                "--dataset_path",
+                &path("testdata/toy/corpus.jsonl"),
+                "--encode_output_path",
+                "half.safetensors",
+                "--passage_max_len",
+                "24",
+                "--pooling",
+                "mean",
+                "--device",
+                "cpu",
+                flag,
+            ],
+        );
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        ok(out);
+        assert!(log.contains(&format!("{flag} on the CPU computes in F32")), "{log}");
+        assert_eq!(rows(&d.join("half.safetensors")).0, f, "{flag}");
+    }
 }
