@@ -9,11 +9,7 @@ use std::path::Path;
 use tevatron_ir::vectors::Vectors;
 
 mod common;
-use common::{fails_with, ok, repo, tevatron};
-
-fn path(p: &str) -> String {
-    repo().join(p).to_string_lossy().into_owned()
-}
+use common::{fails_with, ok, path, tevatron};
 
 fn train(d: &Path, out: &str, model: &str, flags: &[&str]) -> std::process::Output {
     let data = path("testdata/train/tiny.jsonl");
@@ -51,20 +47,7 @@ fn train(d: &Path, out: &str, model: &str, flags: &[&str]) -> std::process::Outp
 }
 
 fn encode(d: &Path, model: &str, out: &str, extra: &[&str]) -> std::process::Output {
-    let corpus = path("testdata/toy/corpus.jsonl");
-    let mut args = vec![
-        "encode",
-        "--model_name_or_path",
-        model,
-        "--dataset_path",
-        &corpus,
-        "--encode_output_path",
-        out,
-        "--passage_max_len",
-        "16",
-    ];
-    args.extend_from_slice(extra);
-    tevatron(d, &args)
+    common::encode_toy(d, model, out, &[&["--passage_max_len", "16"], extra].concat())
 }
 
 #[test]

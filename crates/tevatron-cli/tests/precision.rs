@@ -12,30 +12,11 @@ use std::path::Path;
 use tevatron_ir::vectors::Vectors;
 
 mod common;
-use common::{fails_with, ok, repo, tevatron};
-
-fn path(p: &str) -> String {
-    repo().join(p).to_string_lossy().into_owned()
-}
+use common::{fails_with, ok, path, tevatron};
 
 fn encode(d: &Path, model: &str, out: &str, extra: &[&str]) -> std::process::Output {
-    let corpus = path("testdata/toy/corpus.jsonl");
-    let mut args = vec![
-        "encode",
-        "--model_name_or_path",
-        model,
-        "--dataset_path",
-        &corpus,
-        "--encode_output_path",
-        out,
-        "--passage_max_len",
-        "24",
-        "--pooling",
-        "mean",
-        "--quiet",
-    ];
-    args.extend_from_slice(extra);
-    tevatron(d, &args)
+    let flags = ["--passage_max_len", "24", "--pooling", "mean", "--quiet"];
+    common::encode_toy(d, model, out, &[&flags[..], extra].concat())
 }
 
 fn rows(file: &Path) -> (Vec<Vec<f32>>, std::collections::BTreeMap<String, String>) {
@@ -132,25 +113,8 @@ fn half_precision_on_the_cpu_computes_in_f32_and_says_so() {
     ok(encode(d, &bert, "f32.safetensors", &["--device", "cpu"]));
     let f = rows(&d.join("f32.safetensors")).0;
     for flag in ["--bf16", "--fp16"] {
-        let out = tevatron(
-            d,
-            &[
-                "encode",
-                "--model_name_or_path",
-                &bert,
-                "--dataset_path",
-                &path("testdata/toy/corpus.jsonl"),
-                "--encode_output_path",
-                "half.safetensors",
-                "--passage_max_len",
-                "24",
-                "--pooling",
-                "mean",
-                "--device",
-                "cpu",
-                flag,
-            ],
-        );
+        let flags = ["--passage_max_len", "24", "--pooling", "mean", "--device", "cpu", flag];
+        let out = common::encode_toy(d, &bert, "half.safetensors", &flags);
         let log = String::from_utf8_lossy(&out.stderr).into_owned();
         ok(out);
         assert!(log.contains(&format!("{flag} on the CPU computes in F32")), "{log}");

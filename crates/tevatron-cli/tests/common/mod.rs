@@ -9,6 +9,27 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// A path under the repository root, as a string argument.
+pub fn path(rel: &str) -> String {
+    repo().join(rel).to_string_lossy().into_owned()
+}
+
+/// `tevatron encode` of the toy corpus with `model` into `out` (in `dir`), `extra` flags after.
+pub fn encode_toy(dir: &Path, model: &str, out: &str, extra: &[&str]) -> Output {
+    let corpus = path("testdata/toy/corpus.jsonl");
+    let mut args = vec![
+        "encode",
+        "--model_name_or_path",
+        model,
+        "--dataset_path",
+        &corpus,
+        "--encode_output_path",
+        out,
+    ];
+    args.extend_from_slice(extra);
+    tevatron(dir, &args)
+}
+
 /// Runs `tevatron args...` in `dir`.
 pub fn tevatron(dir: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tevatron"))

@@ -469,89 +469,56 @@ mod x86 {
 
     use super::{Int8Weight, Lanes};
 
-    /// AVX2: i16 pairs, `vpmaddwd` then `vpaddd`.
-    pub struct Avx2;
+    /// A [`Lanes`] set over one vector type: its width in bytes, zero, unaligned load, 32-bit
+    /// broadcast and store, and its dot-product step.
+    macro_rules! lanes {
+        ($(#[$doc:meta])* $name:ident, $v:ty, $bytes:literal, $zero:ident, $load:ident,
+         $set1:ident, $store:ident, |$acc:ident, $x:ident, $w:ident| $dot:expr) => {
+            $(#[$doc])*
+            pub struct $name;
 
-    impl Lanes for Avx2 {
-        type V = __m256i;
-        const BYTES: usize = 32;
-        #[inline(always)]
-        unsafe fn zero() -> __m256i {
-            _mm256_setzero_si256()
-        }
-        #[inline(always)]
-        unsafe fn load(p: *const u8) -> __m256i {
-            _mm256_loadu_si256(p as *const __m256i)
-        }
-        #[inline(always)]
-        unsafe fn splat(p: *const u8) -> __m256i {
-            _mm256_set1_epi32((p as *const i32).read_unaligned())
-        }
-        #[inline(always)]
-        unsafe fn dot(acc: __m256i, x: __m256i, w: __m256i) -> __m256i {
-            _mm256_add_epi32(acc, _mm256_madd_epi16(x, w))
-        }
-        #[inline(always)]
-        unsafe fn store(v: __m256i, out: *mut i32) {
-            _mm256_storeu_si256(out as *mut __m256i, v)
-        }
+            impl Lanes for $name {
+                type V = $v;
+                const BYTES: usize = $bytes;
+                #[inline(always)]
+                unsafe fn zero() -> $v {
+                    $zero()
+                }
+                #[inline(always)]
+                unsafe fn load(p: *const u8) -> $v {
+                    $load(p as *const _)
+                }
+                #[inline(always)]
+                unsafe fn splat(p: *const u8) -> $v {
+                    $set1((p as *const i32).read_unaligned())
+                }
+                #[inline(always)]
+                unsafe fn dot($acc: $v, $x: $v, $w: $v) -> $v {
+                    $dot
+                }
+                #[inline(always)]
+                unsafe fn store(v: $v, out: *mut i32) {
+                    $store(out as *mut _, v)
+                }
+            }
+        };
     }
 
-    /// AVX-VNNI: unsigned times signed byte quads, `vpdpbusd` on 256 bits.
-    pub struct AvxVnni;
-
-    impl Lanes for AvxVnni {
-        type V = __m256i;
-        const BYTES: usize = 32;
-        #[inline(always)]
-        unsafe fn zero() -> __m256i {
-            _mm256_setzero_si256()
-        }
-        #[inline(always)]
-        unsafe fn load(p: *const u8) -> __m256i {
-            _mm256_loadu_si256(p as *const __m256i)
-        }
-        #[inline(always)]
-        unsafe fn splat(p: *const u8) -> __m256i {
-            _mm256_set1_epi32((p as *const i32).read_unaligned())
-        }
-        #[inline(always)]
-        unsafe fn dot(acc: __m256i, x: __m256i, w: __m256i) -> __m256i {
-            _mm256_dpbusd_avx_epi32(acc, x, w)
-        }
-        #[inline(always)]
-        unsafe fn store(v: __m256i, out: *mut i32) {
-            _mm256_storeu_si256(out as *mut __m256i, v)
-        }
-    }
-
-    /// AVX-512 VNNI: unsigned times signed byte quads, `vpdpbusd`.
-    pub struct Vnni;
-
-    impl Lanes for Vnni {
-        type V = __m512i;
-        const BYTES: usize = 64;
-        #[inline(always)]
-        unsafe fn zero() -> __m512i {
-            _mm512_setzero_si512()
-        }
-        #[inline(always)]
-        unsafe fn load(p: *const u8) -> __m512i {
-            _mm512_loadu_si512(p as *const _)
-        }
-        #[inline(always)]
-        unsafe fn splat(p: *const u8) -> __m512i {
-            _mm512_set1_epi32((p as *const i32).read_unaligned())
-        }
-        #[inline(always)]
-        unsafe fn dot(acc: __m512i, x: __m512i, w: __m512i) -> __m512i {
-            _mm512_dpbusd_epi32(acc, x, w)
-        }
-        #[inline(always)]
-        unsafe fn store(v: __m512i, out: *mut i32) {
-            _mm512_storeu_si512(out as *mut _, v)
-        }
-    }
+    lanes!(
+        /// AVX2: i16 pairs, `vpmaddwd` then `vpaddd`.
+        Avx2, __m256i, 32, _mm256_setzero_si256, _mm256_loadu_si256, _mm256_set1_epi32,
+        _mm256_storeu_si256, |acc, x, w| _mm256_add_epi32(acc, _mm256_madd_epi16(x, w))
+    );
+    lanes!(
+        /// AVX-VNNI: unsigned times signed byte quads, `vpdpbusd` on 256 bits.
+        AvxVnni, __m256i, 32, _mm256_setzero_si256, _mm256_loadu_si256, _mm256_set1_epi32,
+        _mm256_storeu_si256, |acc, x, w| _mm256_dpbusd_avx_epi32(acc, x, w)
+    );
+    lanes!(
+        /// AVX-512 VNNI: unsigned times signed byte quads, `vpdpbusd`.
+        Vnni, __m512i, 64, _mm512_setzero_si512, _mm512_loadu_si512, _mm512_set1_epi32,
+        _mm512_storeu_si512, |acc, x, w| _mm512_dpbusd_epi32(acc, x, w)
+    );
 
     /// # Safety
     /// The CPU has AVX2; `weight` was packed for the AVX2 set.
@@ -729,6 +696,9 @@ mod tests {
         }
     }
 
+    /// A kernel over one block, as the tests pass one.
+    type BlockFn = dyn Fn(&Int8Weight, &[i8], &[f32], &[f32], &mut [f32]) + Sync;
+
     /// At the widest input allowed, with every value at full scale and both signs, the sums
     /// stay exact in every set (`255 * 127 * MAX_INPUTS` is just below 2^31 for VNNI's
     /// unsigned activations).
@@ -743,11 +713,10 @@ mod tests {
             let exact = sign * 0.5 * k as f32;
             assert!((got - exact).abs() <= 1e-5 * exact.abs(), "{got} vs {exact}");
         }
-        let emulated =
-            |set, block: &(dyn Fn(&Int8Weight, &[i8], &[f32], &[f32], &mut [f32]) + Sync)| {
-                let q = Int8Weight::new(&w, 2, k, Int8Kernels(set)).unwrap();
-                q.forward_by(&x, None, |a, b, c, d| block(&q, a, b, c, d)).unwrap()
-            };
+        let emulated = |set, block: &BlockFn| {
+            let q = Int8Weight::new(&w, 2, k, Int8Kernels(set)).unwrap();
+            q.forward_by(&x, None, |a, b, c, d| block(&q, a, b, c, d)).unwrap()
+        };
         // SAFETY: the emulated instructions run on any CPU.
         unsafe {
             let got =
