@@ -20,7 +20,7 @@
 //!   products into i32 lanes, no saturation), the offset taken back as `128 Σ_k W[c][k]`;
 //!   tiles of 6 rows x 16 channels and 8 rows x 32 channels.
 //!
-//! All SIMD sets share one tile loop (`tile`) over the five instructions of a [`Lanes`]
+//! All SIMD sets share one tile loop (`tile`) over the five instructions of a `Lanes`
 //! implementation; the tests run that loop on an emulation of each set's instructions, so the
 //! code of every set, the ones this CPU lacks included, is checked on any CPU.
 //!
