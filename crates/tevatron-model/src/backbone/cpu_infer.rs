@@ -68,9 +68,7 @@ impl PostNormLayer<'_> {
         }
         let xd = Data::of(x)?;
         let x = xd.slice();
-        let q = linear(x, self.query)?;
-        let k = linear(x, self.key)?;
-        let v = linear(x, self.value)?;
+        let [q, k, v] = Linear::infer_shared(x, [self.query, self.key, self.value])?;
         let mask = Data::of(bias)?;
         let heads = Heads { query: self.heads, kv: self.heads, dim: h / self.heads };
         let ctx = attention((&q, &k, &v), mask.slice(), (b, l), heads, None)?;
@@ -136,9 +134,7 @@ impl DecoderLayer<'_> {
         let xd = Data::of(x)?;
         let x = xd.slice();
         let normed = rms_norm_rows(x, h, &self.input_norm)?;
-        let mut q = linear(&normed, self.q)?;
-        let mut k = linear(&normed, self.k)?;
-        let v = linear(&normed, self.v)?;
+        let [mut q, mut k, v] = Linear::infer_shared(&normed, [self.q, self.k, self.v])?;
         drop(normed);
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = rms_norm_rows(&q, dim, qn)?;
@@ -156,8 +152,7 @@ impl DecoderLayer<'_> {
         add_in_place(&mut x1, x);
         drop(xd);
         let normed = rms_norm_rows(&x1, h, &self.post_norm)?;
-        let mut gate = linear(&normed, self.gate)?;
-        let up = linear(&normed, self.up)?;
+        let [mut gate, up] = Linear::infer_shared(&normed, [self.gate, self.up])?;
         drop(normed);
         activate(&mut gate, self.act);
         gate.par_chunks_mut(CHUNK).zip(up.par_chunks(CHUNK)).for_each(|(g, u)| {

@@ -128,6 +128,39 @@ impl std::fmt::Debug for Int8Weight {
     }
 }
 
+/// Activations quantized for the int8 products: `X` row by row, and each row's scale `sx`.
+pub struct Int8Rows {
+    inputs: usize,
+    codes: Vec<i8>,
+    scales: Vec<f32>,
+}
+
+impl Int8Rows {
+    /// Quantizes the rows of `x`, `inputs` wide, in parallel.
+    pub fn new(x: &[f32], inputs: usize) -> Result<Self, String> {
+        if inputs == 0 || !x.len().is_multiple_of(inputs) {
+            return Err(format!("int8: inputs of {} values for rows of {inputs}", x.len()));
+        }
+        let rows = x.len() / inputs;
+        let mut codes = vec![0i8; x.len()];
+        let mut scales = vec![0f32; rows];
+        let per_task = ROW_BLOCK * inputs;
+        codes
+            .par_chunks_mut(per_task)
+            .zip(scales.par_chunks_mut(ROW_BLOCK))
+            .zip(x.par_chunks(per_task))
+            .for_each(|((q, sx), x)| {
+                simd(|| {
+                    let rows = x.chunks_exact(inputs).zip(q.chunks_exact_mut(inputs));
+                    for ((x, q), s) in rows.zip(sx.iter_mut()) {
+                        *s = quantize_row(x, q);
+                    }
+                })
+            });
+        Ok(Self { inputs, codes, scales })
+    }
+}
+
 /// Quantizes `x` to `q` (`X`, the module docs) and returns its scale `sx`: NaN when `x` holds
 /// a NaN or an infinity, 0 for a row of zeros.
 fn quantize_row(x: &[f32], q: &mut [i8]) -> f32 {
@@ -249,6 +282,11 @@ impl Int8Weight {
         self.out
     }
 
+    /// Inputs per row.
+    pub fn inputs(&self) -> usize {
+        self.inputs
+    }
+
     /// The set this weight runs on.
     pub fn kernels(&self) -> Int8Kernels {
         self.kernels
@@ -257,26 +295,32 @@ impl Int8Weight {
     /// `x W^T + b` over the rows of `x` (as wide as the weight's inputs), in parallel blocks
     /// of rows.
     pub fn forward(&self, x: &[f32], bias: Option<&[f32]>) -> Result<Vec<f32>, String> {
+        self.forward_rows(&Int8Rows::new(x, self.inputs)?, bias)
+    }
+
+    /// [`Int8Weight::forward`] over rows already quantized (shared by the projections that read
+    /// the same input: attention's Q, K and V).
+    pub fn forward_rows(&self, x: &Int8Rows, bias: Option<&[f32]>) -> Result<Vec<f32>, String> {
         self.forward_by(x, bias, |q, sx, b, y| self.block(q, sx, b, y))
     }
 
-    /// [`Int8Weight::forward`] with the kernel over one block of quantized rows given.
+    /// [`Int8Weight::forward_rows`] with the kernel over one block of quantized rows given.
     fn forward_by(
         &self,
-        x: &[f32],
+        x: &Int8Rows,
         bias: Option<&[f32]>,
         block: impl Fn(&[i8], &[f32], &[f32], &mut [f32]) + Sync,
     ) -> Result<Vec<f32>, String> {
         let k = self.inputs;
-        if !x.len().is_multiple_of(k) {
-            return Err(format!("int8: inputs of {} values for rows of {k}", x.len()));
+        if x.inputs != k {
+            return Err(format!("int8: rows of {} inputs for a projection of {k}", x.inputs));
         }
         if bias.is_some_and(|b| b.len() != self.out) {
             return Err(format!("int8: a bias for other than {} channels", self.out));
         }
-        let rows = x.len() / k;
-        let mut y = vec![0f32; rows * self.out];
-        if self.out == 0 {
+        let n = x.scales.len() * self.out;
+        let mut y: Vec<f32> = Vec::with_capacity(n);
+        if n == 0 {
             return Ok(y);
         }
         let zeros;
@@ -287,17 +331,16 @@ impl Int8Weight {
                 &zeros
             }
         };
-        y.par_chunks_mut(ROW_BLOCK * self.out).zip(x.par_chunks(ROW_BLOCK * k)).for_each(
-            |(y, x)| {
-                let n = x.len() / k;
-                let mut q = vec![0i8; n * k];
-                let sx: Vec<f32> = simd(|| {
-                    let rows = x.chunks_exact(k).zip(q.chunks_exact_mut(k));
-                    rows.map(|(x, q)| quantize_row(x, q)).collect()
-                });
-                block(&q, &sx, bias, y);
-            },
-        );
+        let spare = &mut y.spare_capacity_mut()[..n];
+        let blocks = x.codes.par_chunks(ROW_BLOCK * k).zip(x.scales.par_chunks(ROW_BLOCK));
+        spare.par_chunks_mut(ROW_BLOCK * self.out).zip(blocks).for_each(|(y, (q, sx))| {
+            // SAFETY: f32 has no invalid bit patterns, and every kernel writes each output of
+            // its block (every row and channel) without reading it first.
+            let y = unsafe { &mut *(y as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
+            block(q, sx, bias, y);
+        });
+        // SAFETY: every element was written by a block.
+        unsafe { y.set_len(n) };
         Ok(y)
     }
 
@@ -677,19 +720,19 @@ mod tests {
             let want = reference.forward(&x, Some(&b)).unwrap();
             let avx2 = Int8Weight::new(&w, out, inputs, Int8Kernels(Set::Avx2)).unwrap();
             // SAFETY: the emulated instructions run on any CPU.
-            let got = avx2.forward_by(&x, Some(&b), |q, sx, b, y| unsafe {
+            let got = avx2.forward_by(&Int8Rows::new(&x, inputs).unwrap(), Some(&b), |q, sx, b, y| unsafe {
                 avx2.simd_block::<EmuAvx2, 6, 16>(q, sx, b, y)
             }).unwrap();
             prop_assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "AVX2");
             let vnni = Int8Weight::new(&w, out, inputs, Int8Kernels(Set::Avx512Vnni)).unwrap();
             // SAFETY: as above.
-            let got = vnni.forward_by(&x, Some(&b), |q, sx, b, y| unsafe {
+            let got = vnni.forward_by(&Int8Rows::new(&x, inputs).unwrap(), Some(&b), |q, sx, b, y| unsafe {
                 vnni.simd_block::<EmuVnni, 8, 32>(q, sx, b, y)
             }).unwrap();
             prop_assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "VNNI");
             let avx_vnni = Int8Weight::new(&w, out, inputs, Int8Kernels(Set::AvxVnni)).unwrap();
             // SAFETY: as above.
-            let got = avx_vnni.forward_by(&x, Some(&b), |q, sx, b, y| unsafe {
+            let got = avx_vnni.forward_by(&Int8Rows::new(&x, inputs).unwrap(), Some(&b), |q, sx, b, y| unsafe {
                 avx_vnni.simd_block::<EmuAvxVnni, 6, 16>(q, sx, b, y)
             }).unwrap();
             prop_assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "AVX-VNNI");
@@ -715,7 +758,8 @@ mod tests {
         }
         let emulated = |set, block: &BlockFn| {
             let q = Int8Weight::new(&w, 2, k, Int8Kernels(set)).unwrap();
-            q.forward_by(&x, None, |a, b, c, d| block(&q, a, b, c, d)).unwrap()
+            q.forward_by(&Int8Rows::new(&x, k).unwrap(), None, |a, b, c, d| block(&q, a, b, c, d))
+                .unwrap()
         };
         // SAFETY: the emulated instructions run on any CPU.
         unsafe {

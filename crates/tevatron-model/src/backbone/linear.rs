@@ -20,7 +20,7 @@ use rayon::prelude::*;
 
 use super::dropout::{draw_keep_mask, dropout, ByteMask};
 use super::fast::{add_xwt, contiguous_f32, project, Data, CHUNK};
-use super::int8::{Int8Kernels, Int8Weight};
+use super::int8::{Int8Kernels, Int8Rows, Int8Weight};
 #[cfg(feature = "cuda")]
 use super::train_ops::cuda;
 use super::train_ops::{par_map_rows, sum_in_order};
@@ -109,6 +109,34 @@ impl Linear {
             }
             None => project(x, &self.weight, self.bias.as_ref()),
         }
+    }
+
+    /// [`Linear::infer_rows`] of several layers over the same input (attention's Q, K and V; a
+    /// gated MLP's gate and up): in int8 the input is quantized once for all of them.
+    pub(super) fn infer_shared<const N: usize>(
+        x: &[f32],
+        layers: [&Linear; N],
+    ) -> Result<[Vec<f32>; N]> {
+        let quantized: Option<Vec<&Int8Weight>> =
+            layers.iter().map(|l| l.int8.as_deref()).collect();
+        let mut out = Vec::with_capacity(N);
+        match quantized {
+            Some(weights) if N > 0 => {
+                let rows =
+                    Int8Rows::new(x, weights[0].inputs()).map_err(candle_core::Error::Msg)?;
+                for (lin, q) in layers.iter().zip(weights) {
+                    let bias = lin.bias.as_ref().map(Data::of).transpose()?;
+                    let y = q.forward_rows(&rows, bias.as_ref().map(Data::slice));
+                    out.push(y.map_err(candle_core::Error::Msg)?);
+                }
+            }
+            _ => {
+                for lin in layers {
+                    out.push(lin.infer_rows(x)?);
+                }
+            }
+        }
+        Ok(out.try_into().unwrap_or_else(|_| unreachable!("one output per layer")))
     }
 
     /// `x W^T + b` for `x` `(rows, in)`; `frozen` takes the kernel whose backward computes only
