@@ -211,21 +211,7 @@ fn bad_model_inputs_are_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let corpus = toy("corpus.jsonl");
-    let run = |model: &str| {
-        tevatron(
-            d,
-            &[
-                "encode",
-                "--model_name_or_path",
-                model,
-                "--dataset_path",
-                &corpus,
-                "--encode_output_path",
-                "o.safetensors",
-                "--quiet",
-            ],
-        )
-    };
+    let run = |model: &str| common::encode_toy(d, model, "o.safetensors", &["--quiet"]);
     fails_with(run("./no/such/model"), "model folder ./no/such/model does not exist");
     // Unknown model type.
     let m = d.join("gpt");

@@ -74,15 +74,7 @@ fn mistral_recipe(dir: &Path, out: &str, extra: &[&str]) -> std::process::Output
 /// Encodes the toy corpus with `model` (eos pooling, EOS appended, normalized, passage
 /// prefix) and returns the `embeddings` tensor's bytes.
 fn encode(dir: &Path, model: &str, out: &str, extra: &[&str]) -> Vec<u8> {
-    let corpus = path("testdata/toy/corpus.jsonl");
-    let mut args = vec![
-        "encode",
-        "--model_name_or_path",
-        model,
-        "--dataset_path",
-        &corpus,
-        "--encode_output_path",
-        out,
+    let flags = [
         "--pooling",
         "eos",
         "--append_eos_token",
@@ -91,8 +83,7 @@ fn encode(dir: &Path, model: &str, out: &str, extra: &[&str]) -> Vec<u8> {
         "Passage: ",
         "--quiet",
     ];
-    args.extend_from_slice(extra);
-    ok(tevatron(dir, &args));
+    ok(common::encode_toy(dir, model, out, &[&flags[..], extra].concat()));
     embeddings(&std::fs::read(dir.join(out)).unwrap())
 }
 
