@@ -102,13 +102,8 @@ impl Linear {
     /// loaded so, in F32 otherwise. Call only where the weight and bias are contiguous F32 on
     /// the CPU and no unmerged adapter is attached.
     pub(super) fn infer_rows(&self, x: &[f32]) -> Result<Vec<f32>> {
-        match &self.int8 {
-            Some(q) => {
-                let bias = self.bias.as_ref().map(Data::of).transpose()?;
-                q.forward(x, bias.as_ref().map(Data::slice)).map_err(candle_core::Error::Msg)
-            }
-            None => project(x, &self.weight, self.bias.as_ref()),
-        }
+        let [y] = Self::infer_shared(x, [self])?;
+        Ok(y)
     }
 
     /// [`Linear::infer_rows`] of several layers over the same input (attention's Q, K and V; a
@@ -132,7 +127,7 @@ impl Linear {
             }
             _ => {
                 for lin in layers {
-                    out.push(lin.infer_rows(x)?);
+                    out.push(project(x, &lin.weight, lin.bias.as_ref())?);
                 }
             }
         }
