@@ -277,19 +277,9 @@ impl Int8Weight {
         Ok(Self { out, inputs, scales, codes, packed, offsets, kernels })
     }
 
-    /// Output channels.
-    pub fn out(&self) -> usize {
-        self.out
-    }
-
     /// Inputs per row.
     pub fn inputs(&self) -> usize {
         self.inputs
-    }
-
-    /// The set this weight runs on.
-    pub fn kernels(&self) -> Int8Kernels {
-        self.kernels
     }
 
     /// `x W^T + b` over the rows of `x` (as wide as the weight's inputs), in parallel blocks
@@ -612,36 +602,6 @@ mod tests {
             .collect()
     }
 
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(64))]
-
-        /// Every kernel set this CPU runs gives the portable loops' bits, on shapes that cover
-        /// partial tiles, odd inputs, whole zero rows and rows of one block and of several.
-        #[test]
-        fn every_kernel_set_gives_the_portable_bits(
-            rows in 0usize..110,
-            inputs in 1usize..70,
-            out in 1usize..70,
-            seed in any::<u64>(),
-            with_bias in any::<bool>(),
-        ) {
-            let w = values(out * inputs, seed);
-            let mut x = values(rows * inputs, seed ^ 1);
-            if rows > 3 {
-                x[2 * inputs..3 * inputs].fill(0.0);
-            }
-            let b = values(out, seed ^ 2);
-            let bias = with_bias.then_some(&b[..]);
-            let reference = Int8Weight::new(&w, out, inputs, Int8Kernels(Set::Portable)).unwrap();
-            let want = reference.forward(&x, bias).unwrap();
-            for kernels in Int8Kernels::available() {
-                let got = Int8Weight::new(&w, out, inputs, kernels).unwrap().forward(&x, bias).unwrap();
-                let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
-                prop_assert!(same, "{} differs from the portable loops", kernels.name());
-            }
-        }
-    }
-
     /// The tests' stand-ins for the SIMD instructions, lane by lane from their definitions, so
     /// that each set's kernel code (layouts, tiles, offsets, epilogue) runs on any CPU; only
     /// the five instruction wrappers of `x86` are not covered by them.
@@ -701,46 +661,66 @@ mod tests {
         .map(|j| i32::from(x[4 * i + j]) * i32::from(w[4 * i + j] as i8))
         .sum::<i32>());
 
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(48))]
+    /// The SIMD sets, each checked on emulated instructions on any CPU.
+    const SIMD_SETS: [Set; 3] = [Set::Avx2, Set::AvxVnni, Set::Avx512Vnni];
 
-        /// Each SIMD set's kernel code, on emulated instructions, gives the portable bits on
-        /// any CPU (the VNNI kernel included, where the CPU has no VNNI).
-        #[test]
-        fn each_simd_kernel_on_emulated_instructions_gives_the_portable_bits(
-            rows in 0usize..60,
-            inputs in 1usize..40,
-            out in 1usize..70,
-            seed in any::<u64>(),
-        ) {
-            let w = values(out * inputs, seed);
-            let x = values(rows * inputs, seed ^ 1);
-            let b = values(out, seed ^ 2);
-            let reference = Int8Weight::new(&w, out, inputs, Int8Kernels(Set::Portable)).unwrap();
-            let want = reference.forward(&x, Some(&b)).unwrap();
-            let avx2 = Int8Weight::new(&w, out, inputs, Int8Kernels(Set::Avx2)).unwrap();
-            // SAFETY: the emulated instructions run on any CPU.
-            let got = avx2.forward_by(&Int8Rows::new(&x, inputs).unwrap(), Some(&b), |q, sx, b, y| unsafe {
-                avx2.simd_block::<EmuAvx2, 6, 16>(q, sx, b, y)
-            }).unwrap();
-            prop_assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "AVX2");
-            let vnni = Int8Weight::new(&w, out, inputs, Int8Kernels(Set::Avx512Vnni)).unwrap();
-            // SAFETY: as above.
-            let got = vnni.forward_by(&Int8Rows::new(&x, inputs).unwrap(), Some(&b), |q, sx, b, y| unsafe {
-                vnni.simd_block::<EmuVnni, 8, 32>(q, sx, b, y)
-            }).unwrap();
-            prop_assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "VNNI");
-            let avx_vnni = Int8Weight::new(&w, out, inputs, Int8Kernels(Set::AvxVnni)).unwrap();
-            // SAFETY: as above.
-            let got = avx_vnni.forward_by(&Int8Rows::new(&x, inputs).unwrap(), Some(&b), |q, sx, b, y| unsafe {
-                avx_vnni.simd_block::<EmuAvxVnni, 6, 16>(q, sx, b, y)
-            }).unwrap();
-            prop_assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "AVX-VNNI");
-        }
+    /// [`Int8Weight::forward`] of `w` packed for the SIMD `set`, its kernel code run on the
+    /// emulation of the set's instructions.
+    fn emulated_forward(
+        set: Set,
+        (w, out, inputs): (&[f32], usize, usize),
+        x: &[f32],
+        bias: Option<&[f32]>,
+    ) -> Vec<f32> {
+        let q = Int8Weight::new(w, out, inputs, Int8Kernels(set)).unwrap();
+        let rows = Int8Rows::new(x, inputs).unwrap();
+        // SAFETY: the emulated instructions run on any CPU.
+        q.forward_by(&rows, bias, |a, s, b, y| unsafe {
+            match set {
+                Set::Avx2 => q.simd_block::<EmuAvx2, 6, 16>(a, s, b, y),
+                Set::AvxVnni => q.simd_block::<EmuAvxVnni, 6, 16>(a, s, b, y),
+                Set::Avx512Vnni => q.simd_block::<EmuVnni, 8, 32>(a, s, b, y),
+                Set::Portable => unreachable!("not a SIMD set"),
+            }
+        })
+        .unwrap()
     }
 
-    /// A kernel over one block, as the tests pass one.
-    type BlockFn = dyn Fn(&Int8Weight, &[i8], &[f32], &[f32], &mut [f32]) + Sync;
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Every kernel set gives the portable loops' bits: the sets this CPU runs on its own
+        /// instructions, and every SIMD set's kernel code on emulated ones (the VNNI kernels
+        /// included, where the CPU has no VNNI); on shapes that cover partial tiles, odd
+        /// inputs, whole zero rows and rows of one block and of several.
+        #[test]
+        fn every_kernel_set_gives_the_portable_bits(
+            rows in 0usize..110,
+            inputs in 1usize..70,
+            out in 1usize..70,
+            seed in any::<u64>(),
+            with_bias in any::<bool>(),
+        ) {
+            let w = values(out * inputs, seed);
+            let mut x = values(rows * inputs, seed ^ 1);
+            if rows > 3 {
+                x[2 * inputs..3 * inputs].fill(0.0);
+            }
+            let b = values(out, seed ^ 2);
+            let bias = with_bias.then_some(&b[..]);
+            let reference = Int8Weight::new(&w, out, inputs, Int8Kernels(Set::Portable)).unwrap();
+            let want = reference.forward(&x, bias).unwrap();
+            let same = |got: &[f32]| got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+            for kernels in Int8Kernels::available() {
+                let got = Int8Weight::new(&w, out, inputs, kernels).unwrap().forward(&x, bias).unwrap();
+                prop_assert!(same(&got), "{} differs from the portable loops", kernels.name());
+            }
+            for set in SIMD_SETS {
+                let got = emulated_forward(set, (&w, out, inputs), &x, bias);
+                prop_assert!(same(&got), "emulated {:?} differs from the portable loops", set);
+            }
+        }
+    }
 
     /// At the widest input allowed, with every value at full scale and both signs, the sums
     /// stay exact in every set (`255 * 127 * MAX_INPUTS` is just below 2^31 for VNNI's
@@ -756,24 +736,8 @@ mod tests {
             let exact = sign * 0.5 * k as f32;
             assert!((got - exact).abs() <= 1e-5 * exact.abs(), "{got} vs {exact}");
         }
-        let emulated = |set, block: &BlockFn| {
-            let q = Int8Weight::new(&w, 2, k, Int8Kernels(set)).unwrap();
-            q.forward_by(&Int8Rows::new(&x, k).unwrap(), None, |a, b, c, d| block(&q, a, b, c, d))
-                .unwrap()
-        };
-        // SAFETY: the emulated instructions run on any CPU.
-        unsafe {
-            let got =
-                emulated(Set::Avx2, &|q, a, b, c, d| q.simd_block::<EmuAvx2, 6, 16>(a, b, c, d));
-            assert_eq!(got, want, "AVX2");
-            let got = emulated(Set::AvxVnni, &|q, a, b, c, d| {
-                q.simd_block::<EmuAvxVnni, 6, 16>(a, b, c, d)
-            });
-            assert_eq!(got, want, "AVX-VNNI");
-            let got = emulated(Set::Avx512Vnni, &|q, a, b, c, d| {
-                q.simd_block::<EmuVnni, 8, 32>(a, b, c, d)
-            });
-            assert_eq!(got, want, "AVX-512 VNNI");
+        for set in SIMD_SETS {
+            assert_eq!(emulated_forward(set, (&w, 2, k), &x, None), want, "emulated {set:?}");
         }
         for kernels in Int8Kernels::available() {
             let q = Int8Weight::new(&w, 2, k, kernels).unwrap();
