@@ -41,12 +41,7 @@ run() {  # label search-flags...
   end=$(date +%s.%N)
   "$bin" eval --qrels "$data/qrels.dev.tsv" --run "$work/run.tsv" -m ndcg@10 -m recall@100 --json \
     > "$work/m.json"
-  python3 - "$work/m.json" "$label" "$(echo "$end - $start" | bc -l)" <<'PY'
-import json, sys
-m = json.load(open(sys.argv[1])); m = m.get("all", m)
-get = lambda k: next(v for n, v in m.items() if n.lower().replace("_cut_", "@").startswith(k))
-print(f"{sys.argv[2]:<24} {get('ndcg@10'):9.4f} {get('recall@100'):10.4f} {float(sys.argv[3]):9.2f}")
-PY
+  python3 "$root/scripts/bench/metrics_row.py" "$work/m.json" "$label" "$(echo "$end - $start" | bc -l)"
 }
 run "exact F32"
 for m in 1 2 4; do

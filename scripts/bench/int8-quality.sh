@@ -28,19 +28,14 @@ for precision in f32 int8; do
       --encode_is_query --encode_output_path "$work/$precision.queries.safetensors" \
       --query_max_len 32 --quiet "${flag[@]}"
 done
-printf '%-8s %9s %10s\n' encode "nDCG@10" "recall@100"
+printf '%-24s %9s %10s\n' encode "nDCG@10" "recall@100"
 for precision in f32 int8; do
   "$bin" search --query_reps "$work/$precision.queries.safetensors" \
     --passage_reps "$work/$precision.corpus.safetensors" --depth 100 --batch_size 0 \
     --save_ranking_to "$work/$precision.run.tsv" --save_text --quiet
   "$bin" eval --qrels "$data/qrels.dev.tsv" --run "$work/$precision.run.tsv" -m ndcg@10 \
     -m recall@100 --json > "$work/$precision.json"
-  python3 - "$work/$precision.json" "$precision" <<'PY'
-import json, sys
-m = json.load(open(sys.argv[1])); m = m.get("all", m)
-get = lambda k: next(v for n, v in m.items() if n.lower().replace("_cut_", "@").startswith(k))
-print(f"{sys.argv[2]:<8} {get('ndcg@10'):9.4f} {get('recall@100'):10.4f}")
-PY
+  python3 "$root/scripts/bench/metrics_row.py" "$work/$precision.json" "$precision"
 done
 python3 - "$work" <<'PY'
 import struct, sys, json
