@@ -12,7 +12,10 @@ mod common;
 use common::{fails_with, ok, path, tevatron};
 
 fn train(d: &Path, out: &str, model: &str, flags: &[&str]) -> std::process::Output {
-    let data = path("testdata/train/tiny.jsonl");
+    train_on(d, out, model, &path("testdata/train/tiny.jsonl"), flags)
+}
+
+fn train_on(d: &Path, out: &str, model: &str, data: &str, flags: &[&str]) -> std::process::Output {
     let mut args = vec![
         "train",
         "--output_dir",
@@ -20,7 +23,7 @@ fn train(d: &Path, out: &str, model: &str, flags: &[&str]) -> std::process::Outp
         "--model_name_or_path",
         model,
         "--dataset_path",
-        &data,
+        data,
         "--dataset_cache_dir",
         "cache",
         "--per_device_train_batch_size",
@@ -130,6 +133,60 @@ fn matryoshka_training_is_recorded_and_truncation_cuts_and_renormalises() {
         search("q.safetensors", "cut.safetensors", "x.tsv", &["--truncate_dim", "20"]),
         "cut.safetensors: cannot be cut to 20 dimensions: its vectors have 16",
     );
+}
+
+/// Matryoshka with a LoRA decoder and the distillation loss in one run: it trains, the widths
+/// are recorded with the adapter, and encoding through the adapter finds them (no warning).
+#[test]
+fn matryoshka_trains_a_lora_decoder_by_distillation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    // Teacher scores: the positive above its negatives, each negative lower than the last.
+    let rows = std::fs::read_to_string(path("testdata/train/tiny.jsonl")).unwrap();
+    let mut scored = String::new();
+    for line in rows.lines() {
+        let mut row: serde_json::Value = serde_json::from_str(line).unwrap();
+        for p in row["positive_passages"].as_array_mut().unwrap() {
+            p["score"] = serde_json::json!(2.0);
+        }
+        for (i, p) in row["negative_passages"].as_array_mut().unwrap().iter_mut().enumerate() {
+            p["score"] = serde_json::json!(-(i as f64));
+        }
+        scored += &format!("{row}\n");
+    }
+    std::fs::write(d.join("scored.jsonl"), scored).unwrap();
+    let llama = path("testdata/tiny/llama");
+    let flags = ["--lora", "--distillation", "--distil_temperature", "0.5"];
+    let out = train_on(
+        d,
+        "a",
+        &llama,
+        "scored.jsonl",
+        &[&flags[..], &["--matryoshka_dims", "32,8"]].concat(),
+    );
+    ok(out);
+    let args: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("a/training_args.json")).unwrap())
+            .unwrap();
+    assert_eq!(args["matryoshka_dims"], serde_json::json!([32, 8]));
+    assert_eq!(
+        (&args["distillation"], &args["lora"]),
+        (&serde_json::json!(true), &serde_json::json!(true))
+    );
+    let losses = common::logged_losses(&d.join("a"));
+    assert!(losses.len() == 3 && losses.iter().all(|l| l.is_finite()), "{losses:?}");
+    assert!(d.join("a/adapter_model.safetensors").exists());
+    // The same run without the widths gives another loss: the prefixes are in it.
+    ok(train_on(d, "b", &llama, "scored.jsonl", &flags));
+    let plain = common::logged_losses(&d.join("b"));
+    assert!((plain[0] - losses[0]).abs() > 1e-4, "{plain:?} vs {losses:?}");
+
+    let out =
+        encode(d, &llama, "cut.safetensors", &["--lora_name_or_path", "a", "--truncate_dim", "8"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success() && !err.contains("WARN"), "{err}");
+    let cut = Vectors::open(&d.join("cut.safetensors")).unwrap();
+    assert_eq!((cut.dim(), cut.metadata()["matryoshka_dims"].as_str()), (8, "32,8"));
 }
 
 #[test]

@@ -112,7 +112,11 @@ pub fn run(a: &EncodeArgs) -> Result<()> {
     );
 
     let width = encoder.hidden_size();
-    let trained = super::matryoshka_widths(&a.model_name_or_path, a.encoding.cache_dir.as_deref());
+    let trained = super::matryoshka_widths(
+        &a.model_name_or_path,
+        a.encoding.lora_name_or_path.as_deref(),
+        a.encoding.cache_dir.as_deref(),
+    );
     if let Some(k) = a.truncate_dim {
         if k == 0 || k > width {
             bail!("--truncate_dim {k}: the model's embeddings have {width} dimensions");

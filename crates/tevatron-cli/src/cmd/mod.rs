@@ -54,10 +54,18 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 /// The widths a model was trained for with `--matryoshka_dims`, read from the
-/// `training_args.json` our trainer writes beside the model; `None` when there is no such
-/// record (a model from elsewhere, or trained without them).
-pub fn matryoshka_widths(model: &str, cache_dir: Option<&Path>) -> Option<Vec<usize>> {
-    let dir = tevatron_model::hub::resolve_model(model, cache_dir).ok()?;
+/// `training_args.json` our trainer writes beside the model, or beside the LoRA adapter when
+/// one is merged (LoRA training writes its record with the adapter); `None` when there is no
+/// such record (a model from elsewhere, or trained without them).
+pub fn matryoshka_widths(
+    model: &str,
+    adapter: Option<&str>,
+    cache_dir: Option<&Path>,
+) -> Option<Vec<usize>> {
+    let dir = match adapter {
+        Some(adapter) => tevatron_model::hub::resolve_adapter(adapter, cache_dir).ok()?,
+        None => tevatron_model::hub::resolve_model(model, cache_dir).ok()?,
+    };
     let text = std::fs::read_to_string(dir.join("training_args.json")).ok()?;
     let args: serde_json::Value = serde_json::from_str(&text).ok()?;
     let dims: Vec<usize> = args["matryoshka_dims"]
