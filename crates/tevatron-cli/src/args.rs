@@ -634,7 +634,8 @@ pub struct TrainArgs {
     /// When to validate: `steps` (every --eval_steps), `epoch` or `no`. Validation encodes
     /// --eval_query_path and --eval_corpus_path with the current weights, searches exactly and
     /// logs nDCG@10, MRR@10 and Recall@100 against --eval_qrels_path; with
-    /// --eval_dataset_path it logs `eval_loss`.
+    /// --eval_dataset_path it logs `eval_loss`. A reranker (`train-reranker`) instead rescores
+    /// the top --eval_rerank_depth of --eval_run_path and logs nDCG@10 and MRR@10.
     #[arg(long, value_enum, default_value = "no", alias = "evaluation_strategy")]
     pub eval_strategy: StrategyArg,
     /// Validate every this many steps (default: --logging_steps, as Hugging Face).
@@ -649,6 +650,14 @@ pub struct TrainArgs {
     /// Validation qrels (TREC).
     #[arg(long)]
     pub eval_qrels_path: Option<PathBuf>,
+    /// `train-reranker`: a first-stage run (Tevatron's text ranking or TREC) over
+    /// --eval_query_path and --eval_corpus_path whose candidates validation reranks, as
+    /// `tevatron rerank --run_path` would.
+    #[arg(long)]
+    pub eval_run_path: Option<PathBuf>,
+    /// `train-reranker`: the candidates of each query that validation reranks.
+    #[arg(long, default_value_t = 100)]
+    pub eval_rerank_depth: usize,
     /// A training-format file (either form; ids resolved through --corpus_path) whose
     /// contrastive loss is logged as `eval_loss` at each validation, in eval mode with each
     /// query's group as drawn in the first epoch.

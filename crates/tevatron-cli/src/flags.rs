@@ -211,16 +211,7 @@ const NOT_FOR_RERANKERS: &[Foreign] = &[
     refused("query_max_len", One, "a pair is one text; its length is --rerank_max_len"),
     refused("passage_max_len", One, "a pair is one text; its length is --rerank_max_len"),
     refused("gc_q_chunk_size", One, "a reranker has no query side; --gc_p_chunk_size chunks the pairs"),
-    only("eval_strategy", One, &["no"], "validation during training measures retrieval, which a reranker does not do here (nor does Tevatron's reranker); evaluate with tevatron rerank and tevatron eval"),
-    refused("eval_steps", One, "rerankers have no validation during training here"),
-    refused("eval_query_path", One, "rerankers have no validation during training here"),
-    refused("eval_corpus_path", One, "rerankers have no validation during training here"),
-    refused("eval_qrels_path", One, "rerankers have no validation during training here"),
-    refused("eval_dataset_path", One, "rerankers have no validation during training here"),
-    refused("metric_for_best_model", One, "rerankers have no validation during training here"),
-    refused("greater_is_better", Bool, "rerankers have no validation during training here"),
-    refused("load_best_model_at_end", Bool, "rerankers have no validation during training here"),
-    refused("per_device_eval_batch_size", One, "rerankers have no validation during training here"),
+    refused("eval_dataset_path", One, "a reranker's validation reranks a run (--eval_run_path); eval_loss is the retriever's contrastive loss"),
     refused("distillation", Bool, "distillation trains a retriever: tevatron train --distillation"),
     refused("distil_temperature", One, "distillation trains a retriever: tevatron train --distillation"),
     refused("distil_teacher_temperature", One, "distillation trains a retriever: tevatron train --distillation"),
@@ -230,11 +221,15 @@ const NOT_FOR_RERANKERS: &[Foreign] = &[
 ];
 
 /// Flags of `train-reranker` that mean nothing for a retriever: `train` refuses them.
-const NOT_FOR_RETRIEVERS: &[Foreign] = &[refused(
-    "rerank_max_len",
-    One,
-    "a reranker's pair length; a retriever has --query_max_len and --passage_max_len (tevatron train-reranker trains rerankers)",
-)];
+const NOT_FOR_RETRIEVERS: &[Foreign] = &[
+    refused(
+        "rerank_max_len",
+        One,
+        "a reranker's pair length; a retriever has --query_max_len and --passage_max_len (tevatron train-reranker trains rerankers)",
+    ),
+    refused("eval_run_path", One, "a reranker's validation run; a retriever's validation searches --eval_corpus_path itself (tevatron train-reranker trains rerankers)"),
+    refused("eval_rerank_depth", One, "a reranker's validation depth; a retriever's validation searches --eval_corpus_path itself (tevatron train-reranker trains rerankers)"),
+];
 
 /// Flags of `tevatron train` that mean something else, or nothing, to `encode`, beyond the
 /// general rule that training flags change nothing when encoding.

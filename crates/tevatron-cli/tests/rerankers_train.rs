@@ -208,8 +208,8 @@ fn each_training_command_refuses_the_others_flags() {
     args.extend(["--pooling", "mean"]);
     fails_with(run(dir.path(), &args), "--pooling is not supported: a cross-encoder scores");
     let mut args = reranker_args("x", &bert, &data);
-    args.extend(["--eval_strategy", "steps"]);
-    fails_with(run(dir.path(), &args), "--eval_strategy steps is not supported");
+    args.extend(["--eval_dataset_path", "x.jsonl"]);
+    fails_with(run(dir.path(), &args), "--eval_dataset_path is not supported");
     let mut args = reranker_args("x", &bert, &data);
     args[0] = "train";
     fails_with(run(dir.path(), &args), "--rerank_max_len is not supported");

@@ -499,3 +499,181 @@ fn validation_flags_are_checked_before_training() {
         "bad.qrels:1: qrels line needs 4 columns",
     );
 }
+
+/// A first-stage run over the validation data: each query's own passages and the next query's,
+/// its positive placed third, so that reranking has the positive and look-alikes to reorder.
+fn write_first_stage_run(d: &Path) {
+    let train = std::fs::read_to_string(repo().join("testdata/train/tiny.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> =
+        train.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let docids = |row: &serde_json::Value, key: &str| -> Vec<String> {
+        let docs = row[key].as_array().unwrap().iter();
+        docs.map(|p| p["docid"].as_str().unwrap().to_string()).collect()
+    };
+    let mut run = String::new();
+    for (i, row) in rows.iter().enumerate() {
+        let next = &rows[(i + 1) % rows.len()];
+        let mut docs = docids(row, "negative_passages");
+        docs.extend(docids(next, "positive_passages"));
+        docs.extend(docids(next, "negative_passages"));
+        docs.insert(2.min(docs.len()), docids(row, "positive_passages")[0].clone());
+        let qid = row["query_id"].as_str().unwrap();
+        for (rank, doc) in docs.iter().enumerate() {
+            run += &format!("{qid}\t{doc}\t{}\n", 100.0 - rank as f32);
+        }
+    }
+    std::fs::write(d.join("first.tsv"), run).unwrap();
+}
+
+/// `tevatron train-reranker` for six steps on the tiny BERT, validated by reranking the
+/// first-stage run's top 6, with `extra` flags.
+fn train_reranker(d: &Path, out: &str, extra: &[&str]) -> std::process::Output {
+    let model = repo().join("testdata/tiny/bert").to_string_lossy().into_owned();
+    let data = repo().join("testdata/train/tiny.jsonl").to_string_lossy().into_owned();
+    let mut args = vec![
+        "train-reranker",
+        "--output_dir",
+        out,
+        "--model_name_or_path",
+        &model,
+        "--dataset_path",
+        &data,
+        "--dataset_cache_dir",
+        "cache",
+        "--per_device_train_batch_size",
+        "4",
+        "--train_group_size",
+        "3",
+        "--rerank_max_len",
+        "40",
+        "--learning_rate",
+        "1e-3",
+        "--max_steps",
+        "6",
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    tevatron(d, &args)
+}
+
+#[test]
+fn a_reranker_is_validated_by_reranking_a_run_as_tevatron_rerank_and_eval_score_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    write_eval_data(d);
+    write_first_stage_run(d);
+    let validation = [
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "2",
+        "--save_steps",
+        "2",
+        "--eval_query_path",
+        "queries.jsonl",
+        "--eval_corpus_path",
+        "corpus.jsonl",
+        "--eval_qrels_path",
+        "qrels.txt",
+        "--eval_run_path",
+        "first.tsv",
+        "--eval_rerank_depth",
+        "6",
+        "--per_device_eval_batch_size",
+        "5",
+    ];
+    // "Best" is the lowest nDCG@10, so that the final model must be an early checkpoint's.
+    let best_flags = ["--load_best_model_at_end", "--greater_is_better", "false"];
+    ok(train_reranker(d, "rr", &[&validation[..], &best_flags].concat()));
+    let out = d.join("rr");
+    let st = state(&out);
+    let evals = evaluations(&st);
+    assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), [2, 4, 6]);
+    for (_, e) in &evals {
+        assert!(e.contains_key("eval_mrr@10") && !e.contains_key("eval_recall@100"), "{e:?}");
+    }
+    // Each checkpoint's logged measures equal tevatron rerank + tevatron eval on it (1e-6).
+    for (step, logged) in &evals {
+        let ckpt = out.join(format!("checkpoint-{step}")).to_string_lossy().into_owned();
+        let rerank = [
+            "rerank",
+            "--model_name_or_path",
+            &ckpt,
+            "--run_path",
+            "first.tsv",
+            "--query_path",
+            "queries.jsonl",
+            "--corpus_path",
+            "corpus.jsonl",
+            "--rerank_depth",
+            "6",
+            "--rerank_max_len",
+            "40",
+            "--per_device_eval_batch_size",
+            "5",
+            "--rerank_output_path",
+            "reranked.tsv",
+            "--quiet",
+        ];
+        ok(tevatron(d, &rerank));
+        let got: serde_json::Value = serde_json::from_str(&ok(tevatron(
+            d,
+            &[
+                "eval",
+                "--qrels",
+                "qrels.txt",
+                "--run",
+                "reranked.tsv",
+                "--json",
+                "-m",
+                "ndcg@10",
+                "-m",
+                "mrr@10",
+            ],
+        )))
+        .unwrap();
+        for m in ["ndcg@10", "mrr@10"] {
+            let (a, b) = (got[m].as_f64().unwrap(), logged[&format!("eval_{m}")].as_f64().unwrap());
+            assert!(
+                (a - b).abs() <= 1e-6,
+                "step {step} {m}: tevatron rerank + eval {a}, logged {b}"
+            );
+        }
+    }
+    // The best checkpoint is recorded and its weights are the final model's.
+    let best = st["best_model_checkpoint"].as_str().unwrap().to_string();
+    let (best_step, best_ndcg) = evals
+        .iter()
+        .map(|(s, e)| (*s, e["eval_ndcg@10"].as_f64().unwrap()))
+        .fold((0, f64::INFINITY), |acc, x| if x.1 < acc.1 { x } else { acc });
+    assert!(best_step < 6, "training should raise nDCG@10 on its own queries: {evals:?}");
+    assert_eq!(st["best_metric"].as_f64(), Some(best_ndcg));
+    assert!(best.ends_with(&format!("checkpoint-{best_step}")), "{best}");
+    assert_eq!(
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        std::fs::read(d.join(best).join("model.safetensors")).unwrap()
+    );
+
+    // Bad flags: validation without a run; a run without validation; a run for a retriever;
+    // eval_loss for a reranker; a run naming a document missing from the corpus.
+    fails_with(
+        train_reranker(d, "b1", &validation[..12]),
+        "a reranker's validation reranks a first-stage run: give --eval_run_path",
+    );
+    fails_with(
+        train_reranker(d, "b2", &["--eval_run_path", "first.tsv"]),
+        "--eval_run_path needs --eval_strategy",
+    );
+    fails_with(
+        train(d, "b3", &["--eval_strategy", "steps", "--eval_run_path", "first.tsv"]),
+        "--eval_run_path",
+    );
+    fails_with(
+        train_reranker(d, "b4", &[&validation[..], &["--eval_dataset_path", "x.jsonl"]].concat()),
+        "--eval_dataset_path",
+    );
+    std::fs::write(d.join("ghost.tsv"), "q0\tno-such-doc\t1.0\n").unwrap();
+    let mut ghost = validation.to_vec();
+    ghost[13] = "ghost.tsv";
+    fails_with(train_reranker(d, "b5", &ghost), "no-such-doc");
+}

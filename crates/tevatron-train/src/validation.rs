@@ -7,6 +7,11 @@
 //!   file and the same search), and the run is scored with `tevatron eval`'s code: nDCG@10,
 //!   MRR@10 and Recall@100. So a logged `eval_ndcg@10` equals `tevatron eval` on the saved
 //!   checkpoint's run.
+//! - reranking (a cross-encoder's run): the current weights score the top candidates of a
+//!   first-stage run in eval mode, exactly as `tevatron rerank` scores a checkpoint (the same
+//!   pair text, chunks and batches), and the reranked run is scored with `tevatron eval`'s
+//!   code: nDCG@10 and MRR@10 (reranking leaves Recall@depth as the first stage had it). So a
+//!   logged `eval_ndcg@10` equals `tevatron rerank` + `tevatron eval` on the checkpoint.
 //! - loss: the contrastive loss of a training-format file in eval mode (no dropout), each
 //!   query's group drawn as in the first epoch, in batches of `--per_device_eval_batch_size`
 //!   queries with in-batch negatives; the mean over queries is logged as `eval_loss`, as
@@ -19,6 +24,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use tevatron_ir::metrics::{evaluate, Measure};
 use tevatron_ir::records::{RecordKind, RecordStream, TextRecord};
+use tevatron_ir::rerank::RunPairs;
 use tevatron_ir::search::search_shard;
 use tevatron_ir::trec::{Qrels, Run};
 use tevatron_ir::vectors::{VecDType, VectorWriter, Vectors};
@@ -30,6 +36,9 @@ use crate::{Error, Result};
 
 /// The retrieval measures logged at each evaluation, as `eval_<name>`.
 pub const MEASURES: [&str; 3] = ["ndcg@10", "mrr@10", "recall@100"];
+
+/// The reranking measures logged at each evaluation of a cross-encoder, as `eval_<name>`.
+pub const RERANK_MEASURES: [&str; 2] = ["ndcg@10", "mrr@10"];
 
 /// The loss measure, logged as `eval_loss`.
 pub const LOSS: &str = "loss";
@@ -45,6 +54,19 @@ pub struct RetrievalData {
     pub corpus: Vec<TextRecord>,
     /// Their judgements.
     pub qrels: Qrels,
+}
+
+/// Reranking validation data: the candidates of a first-stage run, rescored by the
+/// cross-encoder being trained and scored against qrels.
+pub struct RerankData {
+    /// Each query's top candidates with their texts (`tevatron rerank --run_path`'s pairs).
+    pub pairs: RunPairs,
+    /// Their judgements.
+    pub qrels: Qrels,
+    /// Tevatron's pair format: the query prefix.
+    pub query_prefix: String,
+    /// Tevatron's pair format: the passage prefix.
+    pub passage_prefix: String,
 }
 
 /// Loss validation data: training-format rows whose contrastive loss is measured.
@@ -63,6 +85,9 @@ pub struct Validation {
     pub every: usize,
     /// Retrieval measures (`--eval_query_path`, `--eval_corpus_path`, `--eval_qrels_path`).
     pub retrieval: Option<RetrievalData>,
+    /// Reranking measures of a cross-encoder (`--eval_run_path` with the queries, corpus and
+    /// qrels); the pairs are tokenized with `passage_text` and batched as `passage_batch`.
+    pub rerank: Option<RerankData>,
     /// `eval_loss` (`--eval_dataset_path`).
     pub loss: Option<LossData>,
     /// Query tokenization (`--query_max_len`, `--query_prefix`, ...).
@@ -86,6 +111,7 @@ impl std::fmt::Debug for Validation {
         f.debug_struct("Validation")
             .field("every", &self.every)
             .field("retrieval", &self.retrieval.as_ref().map(|r| (r.queries.len(), r.corpus.len())))
+            .field("rerank", &self.rerank.as_ref().map(|r| r.pairs.len()))
             .field("loss", &self.loss.as_ref().map(|l| l.data.len()))
             .field("metric", &self.metric)
             .field("greater_is_better", &self.greater_is_better)
@@ -111,11 +137,15 @@ impl Validation {
     }
 
     /// The measures this validation logs (without `eval_`): the retrieval ones when it has
-    /// retrieval data, `loss` when it has loss data.
+    /// retrieval data, the reranking ones when it has a run to rerank, `loss` when it has loss
+    /// data.
     pub fn measures(&self) -> Vec<&'static str> {
         let mut m = Vec::new();
         if self.retrieval.is_some() {
             m.extend(MEASURES);
+        }
+        if self.rerank.is_some() {
+            m.extend(RERANK_MEASURES);
         }
         if self.loss.is_some() {
             m.push(LOSS);
@@ -130,6 +160,9 @@ impl Validation {
         let mut out = BTreeMap::new();
         if let Some(r) = &self.retrieval {
             out.extend(self.retrieval_measures(r, encoder, scratch)?);
+        }
+        if let Some(r) = &self.rerank {
+            out.extend(self.rerank_measures(r, encoder)?);
         }
         if let Some(l) = &self.loss {
             out.insert("eval_loss".into(), self.loss_of(l, encoder)?);
@@ -167,11 +200,26 @@ impl Validation {
             Ok(run)
         })();
         let _ = std::fs::remove_file(&file);
-        let run = Run::parse_str(&written?, PathBuf::from("(validation run)"))?;
-        let measures: Vec<Measure> =
-            MEASURES.iter().map(|m| Measure::parse(m)).collect::<std::result::Result<_, _>>()?;
-        let result = evaluate(&run, &r.qrels, &measures, false);
-        Ok(result.names.iter().zip(&result.means).map(|(n, v)| (format!("eval_{n}"), *v)).collect())
+        score_run(&written?, &r.qrels, &MEASURES)
+    }
+
+    /// Scores each candidate pair as `tevatron rerank` would (chunks of [`EMBED_CHUNK`] pairs,
+    /// each cut into the same batches) and scores the reranked run as `eval` would.
+    fn rerank_measures(&self, r: &RerankData, encoder: &Encoder) -> Result<BTreeMap<String, f64>> {
+        let tokenizer = encoder.tokenizer().prepare(&self.passage_text)?;
+        let mut run = String::new();
+        for start in (0..r.pairs.len()).step_by(EMBED_CHUNK) {
+            let chunk = r.pairs.get(start..(start + EMBED_CHUNK).min(r.pairs.len()));
+            let texts: Vec<String> =
+                chunk.iter().map(|p| p.formatted(&r.query_prefix, &r.passage_prefix)).collect();
+            let scores =
+                encoder.embed_sequences(&tokenizer.tokenize(&texts)?, &self.passage_batch)?;
+            // The run as `tevatron rerank` writes it, scores formatted alike.
+            for (p, score) in chunk.iter().zip(scores) {
+                run += &format!("{}\t{}\t{score:?}\n", p.query_id, p.docid);
+            }
+        }
+        score_run(&run, &r.qrels, &RERANK_MEASURES)
     }
 
     /// The mean contrastive loss over the loss data's queries, in eval mode.
@@ -198,6 +246,15 @@ impl Validation {
         }
         Ok(total / count.max(1) as f64)
     }
+}
+
+/// `tevatron eval`'s `measures` of a run in text form, as `eval_<measure>` values.
+fn score_run(run: &str, qrels: &Qrels, measures: &[&str]) -> Result<BTreeMap<String, f64>> {
+    let run = Run::parse_str(run, PathBuf::from("(validation run)"))?;
+    let measures: Vec<Measure> =
+        measures.iter().map(|m| Measure::parse(m)).collect::<std::result::Result<_, _>>()?;
+    let result = evaluate(&run, qrels, &measures, false);
+    Ok(result.names.iter().zip(&result.means).map(|(n, v)| (format!("eval_{n}"), *v)).collect())
 }
 
 /// Hugging Face's rule for a new best metric: better than the best so far (any finite value

@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use tevatron_ir::records::RecordKind;
+use tevatron_ir::rerank::pairs_from_run;
 use tevatron_ir::trec::Qrels;
 use tevatron_model::encoder::BatchOptions;
 use tevatron_model::lora::{AdapterSource, LoraConfig, LoraOptions};
@@ -21,7 +22,9 @@ use tevatron_train::optim::AdamWConfig;
 use tevatron_train::schedule::ScheduleKind;
 use tevatron_train::step::{Distillation, Matryoshka, StepOptions};
 use tevatron_train::trainer::{prepare_output_dir, train, Objective, Plan, TrainConfig};
-use tevatron_train::validation::{read_records, LossData, RetrievalData, Validation, LOSS};
+use tevatron_train::validation::{
+    read_records, LossData, RerankData, RetrievalData, Validation, LOSS,
+};
 
 use crate::args::{StrategyArg, TrainArgs};
 use crate::{launch, progress};
@@ -189,18 +192,39 @@ fn validation(
     padding_side: PaddingSide,
     corpus: Option<Arc<Corpus>>,
     cache: &Path,
+    reranker: bool,
 ) -> Result<Option<Validation>> {
     if a.eval_strategy == StrategyArg::No {
         return Ok(None);
     }
-    let retrieval = match (&a.eval_query_path, &a.eval_corpus_path, &a.eval_qrels_path) {
-        (Some(queries), Some(corpus), Some(qrels)) => Some(RetrievalData {
-            queries: read_records(queries, RecordKind::Query)?,
-            corpus: read_records(corpus, RecordKind::Doc)?,
-            qrels: Qrels::read(qrels).context("reading --eval_qrels_path")?,
-        }),
-        _ => None,
-    };
+    let (mut retrieval, mut rerank) = (None, None);
+    if let (Some(queries), Some(corpus), Some(qrels)) =
+        (&a.eval_query_path, &a.eval_corpus_path, &a.eval_qrels_path)
+    {
+        let qrels = Qrels::read(qrels).context("reading --eval_qrels_path")?;
+        match &a.eval_run_path {
+            Some(run) if reranker => {
+                let pairs = pairs_from_run(
+                    run,
+                    std::slice::from_ref(queries),
+                    std::slice::from_ref(corpus),
+                    a.eval_rerank_depth,
+                )
+                .with_context(|| {
+                    format!("reading --eval_run_path {} and its texts", run.display())
+                })?;
+                let (query_prefix, passage_prefix) = prefixes(a, true);
+                rerank = Some(RerankData { pairs, qrels, query_prefix, passage_prefix });
+            }
+            _ => {
+                retrieval = Some(RetrievalData {
+                    queries: read_records(queries, RecordKind::Query)?,
+                    corpus: read_records(corpus, RecordKind::Doc)?,
+                    qrels,
+                })
+            }
+        }
+    }
     let loss = match &a.eval_dataset_path {
         None => None,
         Some(path) => {
@@ -219,10 +243,10 @@ fn validation(
             })
         }
     };
-    if retrieval.is_none() && loss.is_none() {
+    if retrieval.is_none() && rerank.is_none() && loss.is_none() {
         return Ok(None);
     }
-    let default_metric = if retrieval.is_some() { "ndcg@10" } else { LOSS };
+    let default_metric = if retrieval.is_some() || rerank.is_some() { "ndcg@10" } else { LOSS };
     let metric = a.metric_for_best_model.as_deref().unwrap_or(default_metric);
     let metric = metric.strip_prefix("eval_").unwrap_or(metric).to_string();
     let text = |max_len, prefix: &str| TextOptions {
@@ -240,14 +264,30 @@ fn validation(
             encoder.device(),
         )
     };
+    // A reranker's pairs are texts and batches as `tevatron rerank` makes them (Tevatron's
+    // prefixes inside the formatted pair, right padding).
+    let (passage_text, passage_batch) = if reranker {
+        let text = TextOptions { add_special_tokens: true, ..text(a.rerank_max_len, "") };
+        let batch = BatchOptions::for_encoding(
+            a.per_device_eval_batch_size,
+            a.rerank_max_len,
+            a.pad_to_multiple_of,
+            PaddingSide::Right,
+            encoder.device(),
+        );
+        (text, batch)
+    } else {
+        (text(a.passage_max_len, &prefixes(a, false).1), batch(a.passage_max_len))
+    };
     let v = Validation {
         every: 0,
         retrieval,
+        rerank,
         loss,
         query_text: text(a.query_max_len, &prefixes(a, false).0),
-        passage_text: text(a.passage_max_len, &prefixes(a, false).1),
+        passage_text,
         query_batch: batch(a.query_max_len),
-        passage_batch: batch(a.passage_max_len),
+        passage_batch,
         greater_is_better: a.greater_is_better.unwrap_or(metric != LOSS),
         metric,
         load_best_model_at_end: a.load_best_model_at_end,
@@ -265,6 +305,14 @@ fn validation(
             r.queries.len(),
             r.corpus.len(),
             a.eval_corpus_path.as_deref().unwrap_or(Path::new("")).display(),
+        );
+    }
+    if let Some(r) = &v.rerank {
+        tracing::info!(
+            "validating by reranking the top {} of {} ({} pairs)",
+            a.eval_rerank_depth,
+            a.eval_run_path.as_deref().unwrap_or(Path::new("")).display(),
+            r.pairs.len(),
         );
     }
     if let Some(l) = &v.loss {
@@ -399,6 +447,15 @@ pub fn run(a: &TrainArgs, reranker: bool) -> Result<()> {
     matryoshka(a, usize::MAX, false)?;
     if reranker && a.rerank_max_len < 2 {
         bail!("--rerank_max_len must leave room for a pair (at least 2 tokens)");
+    }
+    if reranker && a.eval_strategy != StrategyArg::No && a.eval_run_path.is_none() {
+        bail!("a reranker's validation reranks a first-stage run: give --eval_run_path with --eval_query_path, --eval_corpus_path and --eval_qrels_path");
+    }
+    if a.eval_run_path.is_some() && a.eval_strategy == StrategyArg::No {
+        bail!("--eval_run_path needs --eval_strategy steps or epoch");
+    }
+    if a.eval_rerank_depth == 0 {
+        bail!("--eval_rerank_depth must be at least 1");
     }
     let schedule = ScheduleKind::parse(&a.lr_scheduler_type).with_context(|| {
         format!(
@@ -548,8 +605,15 @@ pub fn run(a: &TrainArgs, reranker: bool) -> Result<()> {
             },
         },
         args: args_json(a),
-        validation: validation(a, &encoder, padding_side, data.corpus().cloned(), &cache)?
-            .map(std::sync::Arc::new),
+        validation: validation(
+            a,
+            &encoder,
+            padding_side,
+            data.corpus().cloned(),
+            &cache,
+            reranker,
+        )?
+        .map(std::sync::Arc::new),
     };
     // Epoch strategies become step intervals of one epoch's updates.
     let plan = Plan::new(data.len(), group.world_size(), &cfg)?;
