@@ -655,9 +655,9 @@ pub struct TrainArgs {
     /// `tevatron rerank --run_path` would.
     #[arg(long)]
     pub eval_run_path: Option<PathBuf>,
-    /// `train-reranker`: the candidates of each query that validation reranks.
-    #[arg(long, default_value_t = 100)]
-    pub eval_rerank_depth: usize,
+    /// `train-reranker`: the candidates of each query that validation reranks (default 100).
+    #[arg(long)]
+    pub eval_rerank_depth: Option<usize>,
     /// A training-format file (either form; ids resolved through --corpus_path) whose
     /// contrastive loss is logged as `eval_loss` at each validation, in eval mode with each
     /// query's group as drawn in the first epoch.

@@ -220,6 +220,11 @@ fn logged_metrics_equal_tevatron_eval_and_the_best_checkpoint_is_kept_and_loaded
         .iter()
         .map(|(s, e)| (*s, e["eval_ndcg@10"].as_f64().unwrap()))
         .fold((0, f64::INFINITY), |acc, x| if x.1 < acc.1 { x } else { acc });
+    let first = evals[0].1["eval_ndcg@10"].as_f64().unwrap();
+    assert!(
+        evals.iter().any(|(_, e)| e["eval_ndcg@10"].as_f64() != Some(first)),
+        "training should change nDCG@10 on its own queries: {evals:?}"
+    );
     assert!(best_step < 6, "training should raise nDCG@10 on its own queries: {evals:?}");
     assert_eq!(st["best_metric"].as_f64(), Some(best));
     let best_dir = out.join(format!("checkpoint-{best_step}"));
@@ -655,7 +660,8 @@ fn a_reranker_is_validated_by_reranking_a_run_as_tevatron_rerank_and_eval_score_
     );
 
     // Bad flags: validation without a run; a run without validation; a run for a retriever;
-    // eval_loss for a reranker; a run naming a document missing from the corpus.
+    // eval_loss for a reranker; a depth without a run; a run naming a document missing from
+    // the corpus.
     fails_with(
         train_reranker(d, "b1", &validation[..12]),
         "a reranker's validation reranks a first-stage run: give --eval_run_path",
@@ -669,9 +675,22 @@ fn a_reranker_is_validated_by_reranking_a_run_as_tevatron_rerank_and_eval_score_
         "--eval_run_path",
     );
     fails_with(
-        train_reranker(d, "b4", &[&validation[..], &["--eval_dataset_path", "x.jsonl"]].concat()),
-        "--eval_dataset_path",
+        train_reranker(d, "b4", &[&validation[..], &["--eval_dataset_path", "first.tsv"]].concat()),
+        "--eval_dataset_path is not supported",
     );
+    fails_with(
+        train_reranker(d, "b6", &["--eval_rerank_depth", "3"]),
+        "--eval_rerank_depth needs --eval_run_path",
+    );
+    // A run none of whose queries is judged, and an empty run, would log zeros: refused.
+    std::fs::write(d.join("other.qrels"), "nobody 0 d0 1\n").unwrap();
+    let mut unjudged = validation.to_vec();
+    unjudged[11] = "other.qrels";
+    fails_with(train_reranker(d, "b7", &unjudged), "none of its queries is judged");
+    std::fs::write(d.join("empty.tsv"), "").unwrap();
+    let mut empty = validation.to_vec();
+    empty[13] = "empty.tsv";
+    fails_with(train_reranker(d, "b8", &empty), "empty.tsv");
     std::fs::write(d.join("ghost.tsv"), "q0\tno-such-doc\t1.0\n").unwrap();
     let mut ghost = validation.to_vec();
     ghost[13] = "ghost.tsv";

@@ -117,6 +117,11 @@ impl RunPairs {
         self.pairs.is_empty()
     }
 
+    /// The ids of the queries, in the run's order.
+    pub fn query_ids(&self) -> impl Iterator<Item = &str> + '_ {
+        self.queries.iter().map(|(id, _)| id.as_str())
+    }
+
     /// The pairs `range` with their texts.
     pub fn get(&self, range: std::ops::Range<usize>) -> Vec<RerankPair> {
         self.pairs[range]

@@ -216,6 +216,14 @@ impl Validation {
                 encoder.embed_sequences(&tokenizer.tokenize(&texts)?, &self.passage_batch)?;
             // The run as `tevatron rerank` writes it, scores formatted alike.
             for (p, score) in chunk.iter().zip(scores) {
+                if score.is_nan() {
+                    // `tevatron rerank` refuses to write such a run.
+                    return Err(Error::Invalid(format!(
+                        "validation: the reranker's score of query {}, passage {} is NaN; \
+                         training has diverged (try a lower --learning_rate)",
+                        p.query_id, p.docid
+                    )));
+                }
                 run += &format!("{}\t{}\t{score:?}\n", p.query_id, p.docid);
             }
         }

@@ -47,6 +47,16 @@ fn folder_format(model_dir: &Path) -> PairFormat {
     }
 }
 
+/// The LoRA adapter of `--lora_name_or_path` when our trainer wrote it (its
+/// `training_args.json`): its pairs were formatted as Tevatron's, even on a CrossEncoder base,
+/// whose own folder would choose the pair form. The adapter folder carries no config of its own
+/// that could say so.
+fn trained_adapter(f: &CrossEncoderFlags) -> Option<std::path::PathBuf> {
+    let adapter = f.lora_name_or_path.as_deref()?;
+    let dir = tevatron_model::hub::resolve_adapter(adapter, f.cache_dir.as_deref()).ok()?;
+    dir.join("training_args.json").is_file().then_some(dir)
+}
+
 /// Where the pairs come from, read a chunk at a time: rerank input rows (streamed from the
 /// files), or a run's pairs (each text held once).
 enum Source {
@@ -128,7 +138,18 @@ impl PairInput {
         let format = match f.pair_format {
             PairFormatArg::Tevatron => PairFormat::Tevatron,
             PairFormatArg::Pair => PairFormat::Pair,
-            PairFormatArg::Auto => folder_format(enc.model_dir()),
+            PairFormatArg::Auto => match trained_adapter(f) {
+                // Our `train-reranker` formats every pair as Tevatron does, whatever the base.
+                Some(adapter) => {
+                    tracing::info!(
+                        "{} was trained by tevatron train-reranker (its training_args.json): \
+                         Tevatron's pair format, whatever the base folder says",
+                        adapter.display()
+                    );
+                    PairFormat::Tevatron
+                }
+                None => folder_format(enc.model_dir()),
+            },
         };
         match format {
             PairFormat::Tevatron => tracing::info!(

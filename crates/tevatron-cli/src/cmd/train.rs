@@ -118,7 +118,7 @@ fn distillation(a: &TrainArgs) -> Result<Option<Distillation>> {
     }))
 }
 
-fn check(a: &TrainArgs) -> Result<()> {
+fn check(a: &TrainArgs, reranker: bool) -> Result<()> {
     if a.fp16 && a.bf16 {
         bail!("--fp16 and --bf16 are exclusive");
     }
@@ -147,6 +147,22 @@ fn check(a: &TrainArgs) -> Result<()> {
         bail!("--ddp_backend {b:?}: supported are nccl (GPU ranks) and gloo (TCP, any device)");
     }
     let retrieval_data = [&a.eval_query_path, &a.eval_corpus_path, &a.eval_qrels_path];
+    // A reranker's validation reranks a run over the three retrieval files.
+    if reranker
+        && a.eval_strategy != StrategyArg::No
+        && (a.eval_run_path.is_none() || retrieval_data.iter().any(|p| p.is_none()))
+    {
+        bail!("a reranker's validation reranks a first-stage run: give --eval_run_path with --eval_query_path, --eval_corpus_path and --eval_qrels_path");
+    }
+    if a.eval_run_path.is_some() && a.eval_strategy == StrategyArg::No {
+        bail!("--eval_run_path needs --eval_strategy steps or epoch");
+    }
+    if a.eval_rerank_depth.is_some() && a.eval_run_path.is_none() {
+        bail!("--eval_rerank_depth needs --eval_run_path (the run whose candidates validation reranks)");
+    }
+    if a.eval_rerank_depth == Some(0) {
+        bail!("--eval_rerank_depth must be at least 1");
+    }
     let any_data = retrieval_data.iter().any(|p| p.is_some()) || a.eval_dataset_path.is_some();
     if a.eval_strategy == StrategyArg::No {
         if any_data {
@@ -204,15 +220,27 @@ fn validation(
         let qrels = Qrels::read(qrels).context("reading --eval_qrels_path")?;
         match &a.eval_run_path {
             Some(run) if reranker => {
+                let depth = a.eval_rerank_depth.unwrap_or(100);
                 let pairs = pairs_from_run(
                     run,
                     std::slice::from_ref(queries),
                     std::slice::from_ref(corpus),
-                    a.eval_rerank_depth,
+                    depth,
                 )
                 .with_context(|| {
                     format!("reading --eval_run_path {} and its texts", run.display())
                 })?;
+                if pairs.is_empty() {
+                    bail!("--eval_run_path {}: the run has no pairs to rerank", run.display());
+                }
+                let judged: std::collections::HashSet<&str> =
+                    qrels.queries.iter().map(|(q, _)| q.as_str()).collect();
+                if !pairs.query_ids().any(|q| judged.contains(q)) {
+                    bail!(
+                        "--eval_run_path {}: none of its queries is judged in --eval_qrels_path",
+                        run.display()
+                    );
+                }
                 let (query_prefix, passage_prefix) = prefixes(a, true);
                 rerank = Some(RerankData { pairs, qrels, query_prefix, passage_prefix });
             }
@@ -310,7 +338,7 @@ fn validation(
     if let Some(r) = &v.rerank {
         tracing::info!(
             "validating by reranking the top {} of {} ({} pairs)",
-            a.eval_rerank_depth,
+            a.eval_rerank_depth.unwrap_or(100),
             a.eval_run_path.as_deref().unwrap_or(Path::new("")).display(),
             r.pairs.len(),
         );
@@ -441,21 +469,12 @@ pub fn run(a: &TrainArgs, reranker: bool) -> Result<()> {
         return launch::spawn_ranks(a.nproc_per_node);
     }
     crate::tune_allocator_for_training();
-    check(a)?;
+    check(a, reranker)?;
     let distil = distillation(a)?;
     // The flags alone, before the output folder is made; the widths once the model is loaded.
     matryoshka(a, usize::MAX, false)?;
     if reranker && a.rerank_max_len < 2 {
         bail!("--rerank_max_len must leave room for a pair (at least 2 tokens)");
-    }
-    if reranker && a.eval_strategy != StrategyArg::No && a.eval_run_path.is_none() {
-        bail!("a reranker's validation reranks a first-stage run: give --eval_run_path with --eval_query_path, --eval_corpus_path and --eval_qrels_path");
-    }
-    if a.eval_run_path.is_some() && a.eval_strategy == StrategyArg::No {
-        bail!("--eval_run_path needs --eval_strategy steps or epoch");
-    }
-    if a.eval_rerank_depth == 0 {
-        bail!("--eval_rerank_depth must be at least 1");
     }
     let schedule = ScheduleKind::parse(&a.lr_scheduler_type).with_context(|| {
         format!(
