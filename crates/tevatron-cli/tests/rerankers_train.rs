@@ -257,40 +257,12 @@ fn a_lora_reranker_trains_resumes_and_reranks() {
     )
     .unwrap();
     let a_str = a.to_string_lossy().into_owned();
-    ok(run(
-        dir.path(),
-        &[
-            "rerank",
-            "--model_name_or_path",
-            &llama,
-            "--lora_name_or_path",
-            &a_str,
-            "--dataset_path",
-            "in.jsonl",
-            "--append_eos_token",
-            "--rerank_max_len",
-            "32",
-            "--rerank_output_path",
-            "r.txt",
-        ],
-    ));
-    let score_of = |file: &str| -> f64 {
-        let line = std::fs::read_to_string(dir.path().join(file)).unwrap();
-        line.trim().split('\t').nth(2).unwrap().parse().unwrap()
-    };
-    let score = score_of("r.txt");
-    assert!(score.is_finite(), "{score}");
-    // On a base that is a CrossEncoder folder (whose pairs `auto` would give as text pairs), the
-    // adapter our training wrote still reranks in the Tevatron format it was trained on.
-    let ce = dir.path().join("ce-base");
-    copy_dir(Path::new(&llama), &ce);
-    std::fs::write(ce.join("config_sentence_transformers.json"), "{}").unwrap();
-    let ce_str = ce.to_string_lossy().into_owned();
-    let rerank_on_ce = |out: &str, extra: &[&str]| {
+    // `tevatron rerank` of in.jsonl on `base` with the adapter: its log.
+    let rerank_with = |base: &str, out: &str, extra: &[&str]| {
         let mut args = vec![
             "rerank",
             "--model_name_or_path",
-            &ce_str,
+            base,
             "--lora_name_or_path",
             &a_str,
             "--dataset_path",
@@ -307,9 +279,22 @@ fn a_lora_reranker_trains_resumes_and_reranks() {
         ok(out);
         log
     };
-    let log = rerank_on_ce("ce.txt", &[]);
+    rerank_with(&llama, "r.txt", &[]);
+    let score_of = |file: &str| -> f64 {
+        let line = std::fs::read_to_string(dir.path().join(file)).unwrap();
+        line.trim().split('\t').nth(2).unwrap().parse().unwrap()
+    };
+    let score = score_of("r.txt");
+    assert!(score.is_finite(), "{score}");
+    // On a base that is a CrossEncoder folder (whose pairs `auto` would give as text pairs), the
+    // adapter our training wrote still reranks in the Tevatron format it was trained on.
+    let ce = dir.path().join("ce-base");
+    copy_dir(Path::new(&llama), &ce);
+    std::fs::write(ce.join("config_sentence_transformers.json"), "{}").unwrap();
+    let ce_str = ce.to_string_lossy().into_owned();
+    let log = rerank_with(&ce_str, "ce.txt", &[]);
     assert!(log.contains("trained by tevatron train-reranker"), "{log}");
     assert_eq!(score_of("ce.txt"), score);
-    rerank_on_ce("pair.txt", &["--pair_format", "pair"]);
+    rerank_with(&ce_str, "pair.txt", &["--pair_format", "pair"]);
     assert_ne!(score_of("pair.txt"), score, "the pair form should score another input");
 }

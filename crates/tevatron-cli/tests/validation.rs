@@ -64,10 +64,22 @@ fn train_model(
 
 /// Six steps of `tevatron train` on the tiny training data with `model` and `flags`.
 fn train_with(d: &Path, out: &str, model: &str, flags: &[&str]) -> std::process::Output {
+    let lengths = ["--query_max_len", "16", "--passage_max_len", "32"];
+    six_steps(d, "train", out, model, &[&lengths[..], flags].concat())
+}
+
+/// Six steps of a training `command` on the tiny training data with `model` and `flags`.
+fn six_steps(
+    d: &Path,
+    command: &str,
+    out: &str,
+    model: &str,
+    flags: &[&str],
+) -> std::process::Output {
     let model = repo().join(model).to_string_lossy().into_owned();
     let data = repo().join("testdata/train/tiny.jsonl").to_string_lossy().into_owned();
     let mut args = vec![
-        "train",
+        command,
         "--output_dir",
         out,
         "--model_name_or_path",
@@ -84,10 +96,6 @@ fn train_with(d: &Path, out: &str, model: &str, flags: &[&str]) -> std::process:
         "1e-3",
         "--max_steps",
         "6",
-        "--query_max_len",
-        "16",
-        "--passage_max_len",
-        "32",
         "--quiet",
     ];
     args.extend_from_slice(flags);
@@ -533,32 +541,8 @@ fn write_first_stage_run(d: &Path) {
 /// `tevatron train-reranker` for six steps on the tiny BERT, validated by reranking the
 /// first-stage run's top 6, with `extra` flags.
 fn train_reranker(d: &Path, out: &str, extra: &[&str]) -> std::process::Output {
-    let model = repo().join("testdata/tiny/bert").to_string_lossy().into_owned();
-    let data = repo().join("testdata/train/tiny.jsonl").to_string_lossy().into_owned();
-    let mut args = vec![
-        "train-reranker",
-        "--output_dir",
-        out,
-        "--model_name_or_path",
-        &model,
-        "--dataset_path",
-        &data,
-        "--dataset_cache_dir",
-        "cache",
-        "--per_device_train_batch_size",
-        "4",
-        "--train_group_size",
-        "3",
-        "--rerank_max_len",
-        "40",
-        "--learning_rate",
-        "1e-3",
-        "--max_steps",
-        "6",
-        "--quiet",
-    ];
-    args.extend_from_slice(extra);
-    tevatron(d, &args)
+    let length = ["--rerank_max_len", "40"];
+    six_steps(d, "train-reranker", out, "testdata/tiny/bert", &[&length[..], extra].concat())
 }
 
 #[test]
