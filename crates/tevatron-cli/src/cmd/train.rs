@@ -198,6 +198,12 @@ fn check(a: &TrainArgs, reranker: bool) -> Result<()> {
     Ok(())
 }
 
+/// The candidates per query a reranker's validation rescores: `--eval_rerank_depth`, 100 by
+/// default (`tevatron rerank`'s depth).
+fn eval_rerank_depth(a: &TrainArgs) -> usize {
+    a.eval_rerank_depth.unwrap_or(100)
+}
+
 /// Validation during training from the `--eval_*` flags: the data read up front (a bad file
 /// stops the run before any step), batches and texts as `tevatron encode` would use them.
 /// `corpus` is the training corpus (already opened), through which an ids-form
@@ -220,12 +226,11 @@ fn validation(
         let qrels = Qrels::read(qrels).context("reading --eval_qrels_path")?;
         match &a.eval_run_path {
             Some(run) if reranker => {
-                let depth = a.eval_rerank_depth.unwrap_or(100);
                 let pairs = pairs_from_run(
                     run,
                     std::slice::from_ref(queries),
                     std::slice::from_ref(corpus),
-                    depth,
+                    eval_rerank_depth(a),
                 )
                 .with_context(|| {
                     format!("reading --eval_run_path {} and its texts", run.display())
@@ -338,7 +343,7 @@ fn validation(
     if let Some(r) = &v.rerank {
         tracing::info!(
             "validating by reranking the top {} of {} ({} pairs)",
-            a.eval_rerank_depth.unwrap_or(100),
+            eval_rerank_depth(a),
             a.eval_run_path.as_deref().unwrap_or(Path::new("")).display(),
             r.pairs.len(),
         );
