@@ -30,6 +30,7 @@ impl Cli {
             Command::Rerank(a) => a.quiet,
             Command::Annotate(a) => a.quiet,
             Command::Eval(_)
+            | Command::Fuse(_)
             | Command::Convert(_)
             | Command::Prepare(_)
             | Command::Plot(_)
@@ -57,6 +58,10 @@ pub enum Command {
     Eval(EvalArgs),
     /// Convert Tevatron's `qid docid score` ranking to TREC or MS MARCO format.
     Convert(ConvertArgs),
+    /// Fuse several runs of the same queries into one (reciprocal rank fusion, or a weighted
+    /// sum of normalised scores), as ranx and pyserini do: hybrid search, or a reranker's
+    /// scores interpolated with the retriever's.
+    Fuse(FuseArgs),
     /// Rescore query-passage pairs with a cross-encoder (Tevatron's `reranker.driver.rerank`):
     /// a rerank input file, or a run's top documents.
     Rerank(Box<RerankArgs>),
@@ -1011,6 +1016,56 @@ pub struct ConvertArgs {
     /// Drop rows whose docid equals the qid without consuming a rank (BEIR ArguAna/Quora).
     #[arg(long)]
     pub remove_query: bool,
+}
+
+/// `--method` of `tevatron fuse`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FuseMethod {
+    /// Reciprocal rank fusion: the sum over runs of `1 / (k + rank)`.
+    Rrf,
+    /// The sum over runs of weight x score, each run's scores normalised per query first.
+    Wsum,
+}
+
+/// `--normalization` of `tevatron fuse --method wsum` (ranx's names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FuseNormalization {
+    /// `(s - min) / (max - min)` per query and run.
+    #[value(name = "min-max")]
+    MinMax,
+    /// `(s - mean) / std` per query and run (z-score).
+    #[value(alias = "zscore")]
+    Zmuv,
+    /// Scores as they are.
+    None,
+}
+
+/// Flags of `tevatron fuse` (pyserini's `pyserini.fusion` and ranx's `fuse`).
+#[derive(Debug, Args)]
+#[command(rename_all = "snake_case")]
+pub struct FuseArgs {
+    /// The runs (two or more): TREC 6 columns or Tevatron's `qid docid score`.
+    #[arg(long, num_args = 2.., required = true)]
+    pub runs: Vec<PathBuf>,
+    /// How to combine them.
+    #[arg(long, value_enum, default_value = "rrf")]
+    pub method: FuseMethod,
+    /// The constant k of reciprocal rank fusion (default 60, as pyserini and ranx).
+    #[arg(long, alias = "rrf.k", allow_negative_numbers = true)]
+    pub rrf_k: Option<f64>,
+    /// With `--method wsum`: one weight per run, in the order of `--runs` (default: equal).
+    #[arg(long, num_args = 1.., allow_negative_numbers = true)]
+    pub weights: Vec<f64>,
+    /// With `--method wsum`: how each run's scores are normalised per query (default min-max,
+    /// as ranx).
+    #[arg(long, value_enum)]
+    pub normalization: Option<FuseNormalization>,
+    /// Documents kept per query in the fused run (pyserini's `--rrf.max_docs`).
+    #[arg(long, alias = "rrf.max_docs", default_value_t = 1000)]
+    pub depth: usize,
+    /// The fused run, written as Tevatron's `qid<TAB>docid<TAB>score`, each query's best first.
+    #[arg(long)]
+    pub output: PathBuf,
 }
 
 /// Flags of `tevatron prepare`.

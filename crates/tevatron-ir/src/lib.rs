@@ -2,7 +2,7 @@
 //!
 //! This crate holds everything that does not need a neural network: reading Tevatron's JSONL
 //! records ([`records`]), the on-disk embeddings format ([`vectors`]), exact inner-product search
-//! ([`search`]), compact int8 and binary codes scanned and rescored ([`quantize`], [`compact`]), TREC run and qrels I/O ([`trec`]) and trec_eval-equal metrics ([`metrics`]).
+//! ([`search`]), compact int8 and binary codes scanned and rescored ([`quantize`], [`compact`]), TREC run and qrels I/O ([`trec`]), fusion of runs ([`fusion`]) and trec_eval-equal metrics ([`metrics`]).
 //! It builds in seconds, so search and evaluation can be tested and reused on their own.
 //!
 //! ```
@@ -20,6 +20,7 @@
 pub mod atomic;
 pub mod compact;
 pub mod error;
+pub mod fusion;
 pub mod fxhash;
 pub mod hnsw;
 pub mod insuranceqa;

@@ -4,6 +4,7 @@ mod annotate;
 mod convert;
 mod encode;
 mod eval;
+mod fuse;
 mod index;
 mod mine;
 mod prepare;
@@ -30,6 +31,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Index(a) => index::run(&a),
         Command::Eval(a) => eval::run(&a),
         Command::Convert(a) => convert::run(&a),
+        Command::Fuse(a) => fuse::run(&a),
         Command::Mine(a) => mine::run(&a),
         Command::Rerank(a) => rerank::run(&a),
         Command::Annotate(a) => annotate::run(&a),

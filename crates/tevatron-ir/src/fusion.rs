@@ -1,0 +1,266 @@
+//! Fusion of rankings: several runs over the same queries combined into one, as hybrid search
+//! (a dense and a lexical run) and reranking with the first stage's scores kept (a reranker's
+//! and a retriever's run) do. The methods and normalisations are ranx's (`ranx.fuse`, the
+//! field's fusion library; `testdata/fusion` holds its values): reciprocal rank fusion
+//! (Cormack et al., 2009; pyserini's `--rrf.k`), and a weighted sum of scores normalised per
+//! query and run (min-max or zero mean and unit variance).
+//!
+//! A document a run does not retrieve for a query adds nothing from that run (ranx's rule:
+//! its normalised score counts as 0). A query missing from some runs is fused from the runs
+//! that have it. Ranks, and the order of the fused run, follow trec_eval: score descending,
+//! ties by doc id descending ([`trec_order`]), so the fused file reads as `tevatron eval` ranks it.
+
+use std::path::Path;
+
+use crate::fxhash::FxHashMap;
+use crate::metrics::trec_order;
+use crate::trec::Run;
+use crate::{Error, Result};
+
+/// ranx's floor on the spread a normalisation divides by, so that a query whose scores are all
+/// alike normalises to zeros instead of dividing by zero.
+const MIN_SPREAD: f64 = 1e-9;
+
+/// How a run's scores are made comparable with another run's before a weighted sum.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Normalization {
+    /// `(s - min) / (max - min)` over the query's documents in that run.
+    MinMax,
+    /// `(s - mean) / std` (population standard deviation) over the query's documents in that
+    /// run: ranx's "zmuv".
+    Zmuv,
+    /// The scores as they are (for runs already on one scale).
+    None,
+}
+
+/// How runs are combined.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Method {
+    /// Reciprocal rank fusion: a document's score is the sum over runs of `1 / (k + rank)`.
+    Rrf {
+        /// The constant `k` (60 in Cormack et al., pyserini and ranx).
+        k: f64,
+    },
+    /// The sum over runs of `weight x normalised score`.
+    WeightedSum {
+        /// One weight per run, in the order the runs are given.
+        weights: Vec<f64>,
+        /// How each run's scores are normalised first.
+        normalization: Normalization,
+    },
+}
+
+/// A fused ranking: per query (in first-seen order over the runs), its documents with fused
+/// scores, best first.
+pub type Fused = Vec<(String, Vec<(String, f64)>)>;
+
+/// What fusion learnt about the inputs' coverage, for the caller's log.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Coverage {
+    /// Queries fused.
+    pub queries: usize,
+    /// Queries some run lacks (fused from the runs that have them).
+    pub partial: usize,
+}
+
+/// Fuses `runs` (each with the file it was read from, named in errors) by `method`, keeping
+/// each query's best `depth` documents. Refuses fewer than two runs, a weight count other than
+/// the run count, a negative or non-finite `k` or weight, and a score that is not a finite
+/// number (naming the file, query and document).
+pub fn fuse(runs: &[(&Path, &Run)], method: &Method, depth: usize) -> Result<(Fused, Coverage)> {
+    if runs.len() < 2 {
+        return Err(Error::Invalid(format!("fusion needs at least 2 runs, got {}", runs.len())));
+    }
+    match method {
+        Method::Rrf { k } if !k.is_finite() || *k < 0.0 => {
+            return Err(Error::Invalid(format!("the RRF constant k must be 0 or more, got {k}")));
+        }
+        Method::WeightedSum { weights, .. } if weights.len() != runs.len() => {
+            return Err(Error::Invalid(format!(
+                "{} weights for {} runs: give one weight per run",
+                weights.len(),
+                runs.len()
+            )));
+        }
+        Method::WeightedSum { weights, .. } if weights.iter().any(|w| !w.is_finite()) => {
+            return Err(Error::Invalid(format!("weights must be finite numbers, got {weights:?}")));
+        }
+        _ => {}
+    }
+    for (path, run) in runs {
+        for (q, (qid, _)) in run.queries.iter().enumerate() {
+            if let Some((docid, score)) = run.docs(q).find(|(_, s)| !s.is_finite()) {
+                return Err(Error::Invalid(format!(
+                    "{}: query {qid}, document {docid}: score {score} is not a finite number",
+                    path.display()
+                )));
+            }
+        }
+    }
+    // Where each query sits in each run, queries in first-seen order over the runs.
+    let mut slots: FxHashMap<&str, usize> = FxHashMap::default();
+    let mut queries: Vec<(&str, Vec<Option<usize>>)> = Vec::new();
+    for (r, (_, run)) in runs.iter().enumerate() {
+        for (q, (qid, _)) in run.queries.iter().enumerate() {
+            let slot = *slots.entry(qid).or_insert_with(|| {
+                queries.push((qid, vec![None; runs.len()]));
+                queries.len() - 1
+            });
+            queries[slot].1[r] = Some(q);
+        }
+    }
+    let coverage = Coverage {
+        queries: queries.len(),
+        partial: queries.iter().filter(|(_, at)| at.iter().any(Option::is_none)).count(),
+    };
+    let mut fused = Vec::with_capacity(queries.len());
+    for (qid, at) in queries {
+        let mut scores: FxHashMap<&str, f64> = FxHashMap::default();
+        let mut order: Vec<&str> = Vec::new();
+        for (r, q) in at.iter().enumerate() {
+            let Some(q) = *q else { continue };
+            for (docid, value) in contributions(runs[r].1, q, r, method) {
+                let acc = scores.entry(docid).or_insert_with(|| {
+                    order.push(docid);
+                    0.0
+                });
+                *acc += value;
+            }
+        }
+        let mut docs: Vec<(&str, f64)> = order.iter().map(|d| (*d, scores[d])).collect();
+        docs.sort_unstable_by(trec_order);
+        docs.truncate(depth);
+        fused.push((qid.to_string(), docs.into_iter().map(|(d, s)| (d.to_string(), s)).collect()));
+    }
+    Ok((fused, coverage))
+}
+
+/// What run `r` adds to each document it retrieves for its query `q`.
+fn contributions<'a>(run: &'a Run, q: usize, r: usize, method: &Method) -> Vec<(&'a str, f64)> {
+    let mut docs: Vec<(&str, f64)> = run.docs(q).collect();
+    match method {
+        Method::Rrf { k } => {
+            docs.sort_unstable_by(trec_order);
+            docs.iter().enumerate().map(|(i, &(d, _))| (d, 1.0 / (k + (i + 1) as f64))).collect()
+        }
+        Method::WeightedSum { weights, normalization } => {
+            normalize(&mut docs, *normalization);
+            docs.iter().map(|&(d, s)| (d, weights[r] * s)).collect()
+        }
+    }
+}
+
+/// Normalises one query's scores in one run, as ranx does.
+fn normalize(docs: &mut [(&str, f64)], normalization: Normalization) {
+    let n = docs.len() as f64;
+    let (shift, spread) = match normalization {
+        Normalization::None => return,
+        Normalization::MinMax => {
+            let min = docs.iter().map(|d| d.1).fold(f64::INFINITY, f64::min);
+            let max = docs.iter().map(|d| d.1).fold(f64::NEG_INFINITY, f64::max);
+            (min, max - min)
+        }
+        Normalization::Zmuv => {
+            let mean = docs.iter().map(|d| d.1).sum::<f64>() / n;
+            let var = docs.iter().map(|d| (d.1 - mean) * (d.1 - mean)).sum::<f64>() / n;
+            (mean, var.sqrt())
+        }
+    };
+    let spread = spread.max(MIN_SPREAD);
+    for d in docs.iter_mut() {
+        d.1 = (d.1 - shift) / spread;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(text: &str) -> Run {
+        Run::parse_str(text, "run").unwrap()
+    }
+
+    fn fused(runs: &[&Run], method: Method, depth: usize) -> Fused {
+        let named: Vec<(&Path, &Run)> = runs.iter().map(|r| (Path::new("r"), *r)).collect();
+        fuse(&named, &method, depth).unwrap().0
+    }
+
+    #[test]
+    fn rrf_sums_reciprocal_ranks_with_ties_ranked_as_trec_eval() {
+        // Run a: d2 and d1 tie, so trec_eval ranks d2 (the larger id) first.
+        let a = run("q d1 0.5\nq d2 0.5\nq d3 0.9\n");
+        let b = run("q d1 3\nq d4 1\n");
+        let got = fused(&[&a, &b], Method::Rrf { k: 1.0 }, 10);
+        let want = |d: &str| match d {
+            "d3" => 1.0 / 2.0,
+            "d2" => 1.0 / 3.0,
+            "d1" => 1.0 / 4.0 + 1.0 / 2.0,
+            "d4" => 1.0 / 3.0,
+            _ => unreachable!(),
+        };
+        let docs = &got[0].1;
+        assert_eq!(docs.iter().map(|d| d.0.as_str()).collect::<Vec<_>>(), ["d1", "d3", "d4", "d2"]);
+        for (d, s) in docs {
+            assert!((s - want(d)).abs() < 1e-15, "{d}: {s}");
+        }
+    }
+
+    #[test]
+    fn weighted_sum_normalises_each_run_and_absent_documents_add_nothing() {
+        let a = run("q d1 1\nq d2 3\nq d3 2\n");
+        let b = run("q d1 -10\nq d4 10\n");
+        let min_max =
+            Method::WeightedSum { weights: vec![0.25, 0.75], normalization: Normalization::MinMax };
+        let got: FxHashMap<String, f64> =
+            fused(&[&a, &b], min_max, 10).remove(0).1.into_iter().collect();
+        // a: d1 0, d2 1, d3 0.5; b: d1 0, d4 1.
+        assert_eq!(got["d1"], 0.0);
+        assert_eq!(got["d2"], 0.25);
+        assert_eq!(got["d3"], 0.125);
+        assert_eq!(got["d4"], 0.75);
+        let zmuv =
+            Method::WeightedSum { weights: vec![1.0, 1.0], normalization: Normalization::Zmuv };
+        let got: FxHashMap<String, f64> =
+            fused(&[&a, &b], zmuv, 10).remove(0).1.into_iter().collect();
+        // a: mean 2, std sqrt(2/3); b: mean 0, std 10.
+        let sd = (2.0f64 / 3.0).sqrt();
+        assert!((got["d1"] - (-1.0 / sd - 1.0)).abs() < 1e-12);
+        assert!((got["d3"] - 0.0).abs() < 1e-12);
+        assert!((got["d4"] - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn queries_missing_from_a_run_are_fused_from_the_others_and_depth_cuts() {
+        let a = run("q1 d1 1\nq1 d2 2\nq1 d3 3\n");
+        let b = run("q2 d9 1\nq1 d1 5\n");
+        let named = [(Path::new("a"), &a), (Path::new("b"), &b)];
+        let (got, coverage) = fuse(&named, &Method::Rrf { k: 60.0 }, 2).unwrap();
+        assert_eq!(coverage, Coverage { queries: 2, partial: 1 });
+        assert_eq!(got[0].0, "q1");
+        assert_eq!(got[0].1.iter().map(|d| d.0.as_str()).collect::<Vec<_>>(), ["d1", "d3"]);
+        assert_eq!(got[1], ("q2".to_string(), vec![("d9".to_string(), 1.0 / 61.0)]));
+    }
+
+    #[test]
+    fn bad_input_is_refused_with_what_and_where() {
+        let a = run("q d1 1\n");
+        let nan = run("q d1 1\nq d2 NaN\n");
+        let one = [(Path::new("a.tsv"), &a)];
+        let rrf = Method::Rrf { k: 60.0 };
+        let msg = |r: Result<(Fused, Coverage)>| r.unwrap_err().to_string();
+        assert_eq!(msg(fuse(&one, &rrf, 10)), "fusion needs at least 2 runs, got 1");
+        let two = [(Path::new("a.tsv"), &a), (Path::new("b.tsv"), &nan)];
+        assert_eq!(
+            msg(fuse(&two, &rrf, 10)),
+            "b.tsv: query q, document d2: score NaN is not a finite number"
+        );
+        let ok = [(Path::new("a.tsv"), &a), (Path::new("c.tsv"), &a)];
+        let weights =
+            Method::WeightedSum { weights: vec![1.0], normalization: Normalization::None };
+        assert_eq!(msg(fuse(&ok, &weights, 10)), "1 weights for 2 runs: give one weight per run");
+        assert_eq!(
+            msg(fuse(&ok, &Method::Rrf { k: -1.0 }, 10)),
+            "the RRF constant k must be 0 or more, got -1"
+        );
+    }
+}
