@@ -397,10 +397,13 @@ if [ ! -f "$out/fused/eval/metrics.json" ]; then
     --run_path "$v/run.tsv" --query_path "$d/valid.queries.jsonl" \
     --corpus_path "$d/valid.corpus.jsonl" --rerank_depth 100 --rerank_max_len "$rerank_len" \
     --per_device_eval_batch_size 32 --rerank_output_path "$v/rerank.tsv" --quiet
-  for a in 0.0 0.1 0.2 0.3 0.4 0.5 0.6 0.7 0.8 0.9 1.0; do
-    TEVATRON_LOG=warn "$bin" fuse --runs "$v/rerank.tsv" "$v/run.tsv" --method wsum --normalization zmuv \
-      --weights "$a" "$(python3 -c "print(round(1 - $a, 1))")" --depth 100 \
-      --output "$v/fused-$a.tsv"
+  # Each pair: the reranker's weight a, the retriever's 1 - a.
+  for weights in "0.0 1.0" "0.1 0.9" "0.2 0.8" "0.3 0.7" "0.4 0.6" "0.5 0.5" "0.6 0.4" "0.7 0.3" \
+    "0.8 0.2" "0.9 0.1" "1.0 0.0"; do
+    a=${weights% *}
+    # shellcheck disable=SC2086  # two numbers, split on purpose
+    TEVATRON_LOG=warn "$bin" fuse --runs "$v/rerank.tsv" "$v/run.tsv" --method wsum \
+      --normalization zmuv --weights $weights --depth 100 --output "$v/fused-$a.tsv"
     "$bin" eval --qrels "$d/valid.qrels.tsv" --run "$v/fused-$a.tsv" -m ndcg@10 --json \
       > "$v/fused-$a.json"
   done
@@ -413,9 +416,12 @@ best = max(grid, key=lambda a: (grid[a], -float(a)))
 json.dump({"validation_ndcg@10": grid, "reranker_weight": float(best)}, open(dst, "w"), indent=1)
 print(f"recipe: validation nDCG@10 by reranker weight {grid}; chosen {best}", file=sys.stderr)
 PY
-  a=$(python3 -c "import json; print(json.load(open('$out/fused/weight.json'))['reranker_weight'])")
-  TEVATRON_LOG=warn "$bin" fuse --runs "$out/rerank/eval/run.tsv" "$out/round2/eval/run.tsv" --method wsum \
-    --normalization zmuv --weights "$a" "$(python3 -c "print(round(1 - $a, 1))")" --depth 100 \
+  weights=$(python3 -c 'import json, sys
+w = json.load(open(sys.argv[1]))["reranker_weight"]
+print(w, round(1 - w, 10))' "$out/fused/weight.json")
+  # shellcheck disable=SC2086  # two numbers, split on purpose
+  TEVATRON_LOG=warn "$bin" fuse --runs "$out/rerank/eval/run.tsv" "$out/round2/eval/run.tsv" \
+    --method wsum --normalization zmuv --weights $weights --depth 100 \
     --output "$out/fused/eval/run.tsv"
   "$bin" eval --qrels "$d/eval.qrels.tsv" --run "$out/fused/eval/run.tsv" -m ndcg@10 -m mrr@10 \
     -m recall@100 --json > "$out/fused/eval/metrics.json.tmp"

@@ -83,7 +83,9 @@ fn defaults_depth_and_the_runs_order_of_weights() {
     let ones = fuse(dir.path(), &runs, &["--method", "wsum", "--weights", "1", "1", "1"]);
     let explicit = fuse(dir.path(), &runs, &["--method", "wsum", "--normalization", "min-max"]);
     assert_eq!(equal, explicit);
+    assert_eq!(equal.len(), 8, "every query of the fixture");
     for (q, docs) in &equal {
+        assert!(docs.len() >= 5 && docs.len() == ones[q].len(), "{q}");
         for ((d, s), (d1, s1)) in docs.iter().zip(&ones[q]) {
             assert_eq!(d, d1);
             assert!((s * 3.0 - s1).abs() < 1e-12, "{q} {d}");
@@ -96,8 +98,10 @@ fn defaults_depth_and_the_runs_order_of_weights() {
         &[runs[1].clone(), runs[0].clone()],
         &["--method", "wsum", "--weights", "0.1", "0.9"],
     );
+    assert_eq!(ab.len(), 8);
     assert_eq!(ab.keys().collect::<Vec<_>>(), ba.keys().collect::<Vec<_>>());
     for (q, docs) in &ab {
+        assert_eq!(docs.len(), ba[q].len(), "{q}");
         for ((d, s), (d1, s1)) in docs.iter().zip(&ba[q]) {
             assert_eq!(d, d1, "{q}");
             assert!((s - s1).abs() < 1e-12, "{q} {d}");
@@ -107,9 +111,45 @@ fn defaults_depth_and_the_runs_order_of_weights() {
     let full = fuse(dir.path(), &runs, &[]);
     assert_eq!(full, fuse(dir.path(), &runs, &["--method", "rrf", "--rrf.k", "60"]));
     let top = fuse(dir.path(), &runs, &["--depth", "3"]);
+    assert_eq!(full.len(), 8);
     for (q, docs) in &full {
-        assert_eq!(top[q], docs[..3.min(docs.len())], "{q}");
+        assert!(docs.len() > 3, "{q}");
+        assert_eq!(top[q], docs[..3], "{q}");
     }
+    // pyserini's and the z-score spellings.
+    assert_eq!(top, fuse(dir.path(), &runs, &["--rrf.max_docs", "3"]));
+    let zmuv = ["--method", "wsum", "--normalization", "zmuv", "--weights", "1", "2", "3"];
+    let zscore = ["--method", "wsum", "--normalization", "zscore", "--weights", "1", "2", "3"];
+    assert_eq!(fuse(dir.path(), &runs, &zmuv), fuse(dir.path(), &runs, &zscore));
+}
+
+#[test]
+fn a_query_missing_from_a_run_is_fused_from_the_others_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let only_q0 = dir.path().join("q0.tsv");
+    std::fs::write(&only_q0, "q0\tdx\t3.0\nq0\tdy\t1.0\n").unwrap();
+    let runs = [fixture("a.tsv"), only_q0.to_string_lossy().into_owned()];
+    let args = ["--method", "wsum", "--normalization", "min-max", "--weights", "0.5", "2"];
+    let fused = fuse(dir.path(), &runs, &args);
+    let alone = fuse(
+        dir.path(),
+        &[runs[0].clone(), runs[0].clone()],
+        &["--method", "wsum", "--weights", "0.5", "0"],
+    );
+    assert_eq!(fused.len(), 8);
+    for (q, docs) in &fused {
+        if q == "q0" {
+            // dx and dy come from the second run only: 2 x 1 and 2 x 0.
+            assert_eq!(docs[0], ("dx".to_string(), 2.0));
+            assert!(docs.iter().any(|d| d == &("dy".to_string(), 0.0)));
+        } else {
+            assert_eq!(docs, &alone[q], "{q}: the first run's alone");
+        }
+    }
+    let out = tevatron(dir.path(), &["fuse", "--runs", &runs[0], &runs[1], "--output", "f.tsv"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("7 of 8 queries are missing from some runs"), "{err}");
 }
 
 #[test]
@@ -130,6 +170,8 @@ fn bad_fusion_input_is_refused_and_writes_nothing() {
         (vec![&a, &b, "--normalization", "zmuv"], "apply to --method wsum"),
         (vec![&a, &b, "--method", "wsum", "--rrf_k", "10"], "--rrf_k applies to --method rrf"),
         (vec![&a, &b, "--method", "wsum", "--weights", "1"], "1 weights for 2 runs"),
+        (vec![&a, &b, "--method", "wsum", "--weights", "1", "2", "3"], "3 weights for 2 runs"),
+        (vec![&a, &b, "--method", "wsum", "--weights", "1", "inf"], "weight inf is not a finite"),
         (vec![&a, &b, "--rrf_k", "-2"], "the RRF constant k must be 0 or more, got -2"),
         (vec![&a, &b, "--depth", "0"], "--depth must be at least 1"),
         (vec![&a, &nan], "nan.tsv: query q0, document d2: score NaN is not a finite number"),

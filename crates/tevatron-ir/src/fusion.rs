@@ -65,8 +65,9 @@ pub struct Coverage {
 
 /// Fuses `runs` (each with the file it was read from, named in errors) by `method`, keeping
 /// each query's best `depth` documents. Refuses fewer than two runs, a weight count other than
-/// the run count, a negative or non-finite `k` or weight, and a score that is not a finite
-/// number (naming the file, query and document).
+/// the run count, a negative or non-finite `k`, a non-finite weight (negative weights are
+/// allowed), a score that is not a finite number (naming the file, query and document), and a
+/// fused score that overflows (scores near the largest f64, naming the query).
 pub fn fuse(runs: &[(&Path, &Run)], method: &Method, depth: usize) -> Result<(Fused, Coverage)> {
     if runs.len() < 2 {
         return Err(Error::Invalid(format!("fusion needs at least 2 runs, got {}", runs.len())));
@@ -82,10 +83,12 @@ pub fn fuse(runs: &[(&Path, &Run)], method: &Method, depth: usize) -> Result<(Fu
                 runs.len()
             )));
         }
-        Method::WeightedSum { weights, .. } if weights.iter().any(|w| !w.is_finite()) => {
-            return Err(Error::Invalid(format!("weights must be finite numbers, got {weights:?}")));
+        Method::WeightedSum { weights, .. } => {
+            if let Some(bad) = weights.iter().find(|w| !w.is_finite()) {
+                return Err(Error::Invalid(format!("weight {bad} is not a finite number")));
+            }
         }
-        _ => {}
+        Method::Rrf { .. } => {}
     }
     for (path, run) in runs {
         for (q, (qid, _)) in run.queries.iter().enumerate() {
@@ -128,6 +131,12 @@ pub fn fuse(runs: &[(&Path, &Run)], method: &Method, depth: usize) -> Result<(Fu
             }
         }
         let mut docs: Vec<(&str, f64)> = order.iter().map(|d| (*d, scores[d])).collect();
+        if let Some((docid, score)) = docs.iter().find(|(_, s)| !s.is_finite()) {
+            return Err(Error::Invalid(format!(
+                "query {qid}, document {docid}: the fused score is {score} (the inputs' scores \
+                 or weights are too large to combine)"
+            )));
+        }
         docs.sort_unstable_by(trec_order);
         docs.truncate(depth);
         fused.push((qid.to_string(), docs.into_iter().map(|(d, s)| (d.to_string(), s)).collect()));
@@ -262,5 +271,15 @@ mod tests {
             msg(fuse(&ok, &Method::Rrf { k: -1.0 }, 10)),
             "the RRF constant k must be 0 or more, got -1"
         );
+        let weights = Method::WeightedSum {
+            weights: vec![1.0, f64::NAN],
+            normalization: Normalization::None,
+        };
+        assert_eq!(msg(fuse(&ok, &weights, 10)), "weight NaN is not a finite number");
+        let huge = run("q d1 1e308\nq d2 -1e308\n");
+        let two = [(Path::new("a.tsv"), &huge), (Path::new("b.tsv"), &a)];
+        let min_max =
+            Method::WeightedSum { weights: vec![1.0, 1.0], normalization: Normalization::MinMax };
+        assert!(msg(fuse(&two, &min_max, 10)).starts_with("query q, document d"));
     }
 }
