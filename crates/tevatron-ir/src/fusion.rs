@@ -119,18 +119,14 @@ pub fn fuse(runs: &[(&Path, &Run)], method: &Method, depth: usize) -> Result<(Fu
     let mut fused = Vec::with_capacity(queries.len());
     for (qid, at) in queries {
         let mut scores: FxHashMap<&str, f64> = FxHashMap::default();
-        let mut order: Vec<&str> = Vec::new();
         for (r, q) in at.iter().enumerate() {
             let Some(q) = *q else { continue };
             for (docid, value) in contributions(runs[r].1, q, r, method) {
-                let acc = scores.entry(docid).or_insert_with(|| {
-                    order.push(docid);
-                    0.0
-                });
-                *acc += value;
+                *scores.entry(docid).or_insert(0.0) += value;
             }
         }
-        let mut docs: Vec<(&str, f64)> = order.iter().map(|d| (*d, scores[d])).collect();
+        // The sort below is a total order (doc ids are unique), so the map's order is lost.
+        let mut docs: Vec<(&str, f64)> = scores.into_iter().collect();
         if let Some((docid, score)) = docs.iter().find(|(_, s)| !s.is_finite()) {
             return Err(Error::Invalid(format!(
                 "query {qid}, document {docid}: the fused score is {score} (the inputs' scores \
