@@ -201,8 +201,10 @@ impl HnswShard {
 
 /// Each query's best `depth` `(score, row)` of `shard`, best first, with exact scores: the
 /// graph proposes `ceil(depth x multiplier)` candidates (at least `depth`, at most the shard),
-/// rescored with the full-precision vectors by exact search's tie rule. Queries are spread
-/// over rayon threads.
+/// rescored with the full-precision vectors by exact search's tie rule. When that is every row
+/// of the shard, every row is rescored without asking the graph, which may not reach them all
+/// (a graph built on several threads can leave a node unreachable), so the answer is exact
+/// search's. Queries are spread over rayon threads.
 pub fn search_hnsw(
     queries: &[f32],
     dim: usize,
@@ -220,6 +222,9 @@ pub fn search_hnsw(
     let hits = queries
         .par_chunks(dim.max(1))
         .map_init(Vec::new, |scratch, q| {
+            if m == graph.rows {
+                return rescore(q, (0..graph.rows as u32).collect(), shard, k, scratch);
+            }
             let found = graph
                 .index
                 .search(q, m)
