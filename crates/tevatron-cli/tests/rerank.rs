@@ -154,7 +154,9 @@ fn a_runs_top_documents_are_rescored_as_each_pair_alone() {
 
     // The text-pair form scores (query, title text) with token types, as CrossEncoder does.
     ok(rerank(dir.path(), &["--dataset_path", "input.jsonl"], &["--pair_format", "pair"]));
-    for (qid, docid, score) in lines(dir.path()) {
+    let pair = lines(dir.path());
+    assert_eq!(pair.len(), got.len(), "one score per pair");
+    for (qid, docid, score) in pair {
         let (_, title, text) = doc(&docid);
         let passage = if title.is_empty() { text } else { format!("{title} {text}") };
         let want = alone(&enc, String::new(), Some((query(&qid), passage)));

@@ -71,7 +71,7 @@ fn a_base_model_trains_into_a_reranker_that_resumes_and_reranks() {
     let out = run(dir.path(), &reranker_args("b", &bert, &data));
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
     ok(out);
-    assert!(log.contains("checkpoint-2"), "{log}");
+    assert!(log.contains("resuming from") && log.contains("(step 2)"), "{log}");
     let weights = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
     assert!(weights(&a) == weights(&b), "resumed weights differ");
 
@@ -93,7 +93,9 @@ fn a_base_model_trains_into_a_reranker_that_resumes_and_reranks() {
             "r.txt",
         ],
     );
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
     ok(out);
+    assert!(log.contains("pairs in Tevatron's format"), "{log}");
     assert!(std::fs::read_to_string(dir.path().join("r.txt")).unwrap().starts_with("1\ta\t"));
 }
 
@@ -124,18 +126,33 @@ fn annotated_scores_train_a_retriever_by_distillation() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(rows.len(), 24);
-    for r in &rows {
+    let originals: Vec<serde_json::Value> = std::fs::read_to_string(&data)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for (r, o) in rows.iter().zip(&originals) {
         let negs = r["negative_passages"].as_array().unwrap();
-        assert!(negs.len() <= 2);
+        let had = o["negative_passages"].as_array().map_or(0, Vec::len);
+        assert_eq!(negs.len(), had.min(2), "{r}");
         for p in r["positive_passages"].as_array().unwrap().iter().chain(negs) {
             assert!(p["score"].as_f64().unwrap().is_finite() && p["docid"].is_string(), "{p}");
         }
     }
-    // The teacher's scores are its rerank scores of the same pairs.
-    let first = &rows[0]["positive_passages"][0];
-    let input = serde_json::json!({"query_id": "q", "query": rows[0]["query"], "docid": "d",
-        "title": first["title"], "text": first["text"]});
-    std::fs::write(dir.path().join("one.jsonl"), format!("{input}\n")).unwrap();
+    // The teacher's scores are its rerank scores of the same pairs: the first row's positive
+    // and both its negatives, each its own query.
+    let scored = [
+        &rows[0]["positive_passages"][0],
+        &rows[0]["negative_passages"][0],
+        &rows[0]["negative_passages"][1],
+    ];
+    let mut inputs = String::new();
+    for (i, p) in scored.iter().enumerate() {
+        let input = serde_json::json!({"query_id": format!("q{i}"), "query": rows[0]["query"],
+            "docid": "d", "title": p["title"], "text": p["text"]});
+        inputs.push_str(&format!("{input}\n"));
+    }
+    std::fs::write(dir.path().join("one.jsonl"), inputs).unwrap();
     ok(run(
         dir.path(),
         &[
@@ -150,9 +167,15 @@ fn annotated_scores_train_a_retriever_by_distillation() {
             "one.txt",
         ],
     ));
-    let line = std::fs::read_to_string(dir.path().join("one.txt")).unwrap();
-    let score: f64 = line.trim().split('\t').nth(2).unwrap().parse().unwrap();
-    assert!((score - first["score"].as_f64().unwrap()).abs() < 1e-6, "{line} vs {first}");
+    let lines = std::fs::read_to_string(dir.path().join("one.txt")).unwrap();
+    assert_eq!(lines.lines().count(), 3, "{lines}");
+    for line in lines.lines() {
+        let cols: Vec<&str> = line.split('\t').collect();
+        let i: usize = cols[0][1..].parse().unwrap();
+        let score: f64 = cols[2].parse().unwrap();
+        let p = scored[i];
+        assert!((score - p["score"].as_f64().unwrap()).abs() < 1e-6, "{line} vs {p}");
+    }
 
     let bert = path("testdata/tiny/bert");
     let train = |data: &str, extra: &[&str]| {
@@ -186,18 +209,26 @@ fn annotated_scores_train_a_retriever_by_distillation() {
     ok(out);
     assert!(log.contains("KL at temperatures 0.5 (student) and 0.5 (teacher)"), "{log}");
     // Unscored data, and distillation flags without --distillation, are refused.
-    fails_with(call(train(&data, &["--distillation"])), "has no `score`");
+    fails_with(
+        call(train(&data, &["--distillation"])),
+        "tiny.jsonl:1: `positive_passages[0]` has no `score`",
+    );
     fails_with(
         call(train("scored.jsonl", &["--distil_temperature", "0.5"])),
         "need --distillation",
     );
-    let nan = std::fs::read_to_string(dir.path().join("scored.jsonl")).unwrap().replacen(
-        "\"score\":",
-        "\"score\":\"x\",\"s\":",
-        1,
+    // A score that is not a number, and one beyond f64 (JSON has no inf), name the file and line.
+    let scored = std::fs::read_to_string(dir.path().join("scored.jsonl")).unwrap();
+    let text = scored.replacen("\"score\":", "\"score\":\"x\",\"s\":", 1);
+    std::fs::write(dir.path().join("bad.jsonl"), text).unwrap();
+    let err = fails_with(call(train("bad.jsonl", &["--distillation"])), "bad.jsonl:1");
+    assert!(err.contains("score"), "{err}");
+    let text = scored.replacen("\"score\":", "\"score\":1e999,\"s\":", 1);
+    std::fs::write(dir.path().join("inf.jsonl"), text).unwrap();
+    fails_with(
+        call(train("inf.jsonl", &["--distillation"])),
+        "inf.jsonl:1: malformed JSON: number out of range",
     );
-    std::fs::write(dir.path().join("bad.jsonl"), nan).unwrap();
-    fails_with(call(train("bad.jsonl", &["--distillation"])), "bad.jsonl:1");
 }
 
 #[test]
@@ -248,7 +279,10 @@ fn a_lora_reranker_trains_resumes_and_reranks() {
             .unwrap();
     assert_eq!(cfg["task_type"], "SEQ_CLS");
     copy_dir(&a.join("checkpoint-2"), &dir.path().join("b/checkpoint-2"));
-    ok(call(args("b")));
+    let out = call(args("b"));
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
+    assert!(log.contains("resuming from") && log.contains("(step 2)"), "{log}");
     let weights = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
     assert!(weights(&a) == weights(&dir.path().join("b")), "resumed adapter differs");
     std::fs::write(

@@ -268,7 +268,18 @@ fn a_resumed_run_keeps_the_best_metric_and_ends_as_an_uninterrupted_one() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     write_eval_data(d);
-    let flags = ["--eval_strategy", "steps", "--eval_steps", "2", "--save_steps", "2"];
+    // Lower nDCG counts as better, so that the best is an early checkpoint and the resumed run
+    // must carry it over rather than find it again at its last step.
+    let flags = [
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "2",
+        "--save_steps",
+        "2",
+        "--greater_is_better",
+        "false",
+    ];
     ok(train(d, "whole", &flags));
     // The same run stopped after step 4: its checkpoint-4 and nothing later.
     ok(train(d, "part", &flags));
@@ -281,7 +292,14 @@ fn a_resumed_run_keeps_the_best_metric_and_ends_as_an_uninterrupted_one() {
     assert!(before["best_metric"].as_f64().is_some(), "{before}");
     ok(train(d, "part", &flags));
     let (whole, resumed) = (state(&d.join("whole")), state(&part));
+    let best = whole["best_model_checkpoint"].as_str().unwrap().to_string();
+    assert!(!best.ends_with("-6"), "the best should be an early checkpoint: {best}");
     assert_eq!(resumed["best_metric"], whole["best_metric"]);
+    assert_eq!(
+        std::fs::read(d.join("whole/model.safetensors")).unwrap(),
+        std::fs::read(part.join("model.safetensors")).unwrap(),
+        "the resumed run ends on the uninterrupted run's weights"
+    );
     assert_eq!(
         resumed["best_model_checkpoint"].as_str().map(|p| p.replace("part/", "whole/")),
         whole["best_model_checkpoint"].as_str().map(String::from)
@@ -451,6 +469,18 @@ fn eval_loss_equals_the_loss_of_the_encoded_groups_and_can_pick_the_best_model()
         std::fs::read(d.join("run/model.safetensors")).unwrap(),
         std::fs::read(d.join(format!("run/checkpoint-{}/model.safetensors", best.0))).unwrap()
     );
+    // Told that a higher loss is better, the same run keeps the other checkpoint: the choice
+    // follows the metric, not the last step.
+    let worst =
+        losses.iter().cloned().fold((0, f64::NEG_INFINITY), |a, x| if x.1 > a.1 { x } else { a });
+    assert_ne!(worst.0, best.0, "{losses:?}");
+    all.extend_from_slice(&["--greater_is_better", "true"]);
+    ok(train_with(d, "rev", "testdata/tiny/bert", &all));
+    assert_eq!(state(&d.join("rev"))["best_metric"].as_f64(), Some(worst.1));
+    assert_eq!(
+        std::fs::read(d.join("rev/model.safetensors")).unwrap(),
+        std::fs::read(d.join(format!("rev/checkpoint-{}/model.safetensors", worst.0))).unwrap()
+    );
 }
 
 #[test]
@@ -511,6 +541,9 @@ fn validation_flags_are_checked_before_training() {
         train(d, "o4", &["--eval_strategy", "steps", "--eval_qrels_path", "bad.qrels"]),
         "bad.qrels:1: qrels line needs 4 columns",
     );
+    for out in ["o", "o2", "o3", "o4"] {
+        assert!(!d.join(out).exists(), "{out}: refused flags must not leave an output");
+    }
 }
 
 /// A first-stage run over the validation data: each query's own passages and the next query's,
@@ -656,7 +689,7 @@ fn a_reranker_is_validated_by_reranking_a_run_as_tevatron_rerank_and_eval_score_
     );
     fails_with(
         train(d, "b3", &["--eval_strategy", "steps", "--eval_run_path", "first.tsv"]),
-        "--eval_run_path",
+        "--eval_run_path is not supported",
     );
     fails_with(
         train_reranker(d, "b4", &[&validation[..], &["--eval_dataset_path", "first.tsv"]].concat()),
@@ -674,7 +707,7 @@ fn a_reranker_is_validated_by_reranking_a_run_as_tevatron_rerank_and_eval_score_
     std::fs::write(d.join("empty.tsv"), "").unwrap();
     let mut empty = validation.to_vec();
     empty[13] = "empty.tsv";
-    fails_with(train_reranker(d, "b8", &empty), "empty.tsv");
+    fails_with(train_reranker(d, "b8", &empty), "empty.tsv: the run has no pairs to rerank");
     std::fs::write(d.join("ghost.tsv"), "q0\tno-such-doc\t1.0\n").unwrap();
     let mut ghost = validation.to_vec();
     ghost[13] = "ghost.tsv";

@@ -465,8 +465,21 @@ fn resume_here(a: &TrainArgs) -> Result<Option<PathBuf>> {
     })
 }
 
-/// Runs `tevatron train` (a retriever) or, with `reranker`, `tevatron train-reranker`.
+/// Runs `tevatron train` (a retriever) or, with `reranker`, `tevatron train-reranker`. A run
+/// that fails leaves no empty output folder behind: the folder is made before the validation
+/// data and the model are read (the resume point decides what to load), so a refusal there
+/// would otherwise leave it; a folder holding anything (checkpoints to resume) is kept.
 pub fn run(a: &TrainArgs, reranker: bool) -> Result<()> {
+    let existed = a.output_dir.exists();
+    let result = run_training(a, reranker);
+    if result.is_err() && !existed {
+        // Removes the folder only if it is empty.
+        let _ = std::fs::remove_dir(&a.output_dir);
+    }
+    result
+}
+
+fn run_training(a: &TrainArgs, reranker: bool) -> Result<()> {
     if a.nproc_per_node == 0 {
         bail!("--nproc_per_node must be at least 1");
     }
