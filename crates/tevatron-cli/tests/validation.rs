@@ -340,7 +340,11 @@ fn validation_works_on_two_ranks_with_grad_cache_and_on_a_lora_decoder() {
     let mut flags = every.to_vec();
     flags.extend(["--nproc_per_node", "2", "--grad_cache", "--gc_q_chunk_size", "2"]);
     flags.extend(["--gc_p_chunk_size", "3", "--per_device_train_batch_size", "2"]);
-    ok(train(d, "ranks", &flags));
+    flags.extend(["--quiet", "false"]); // the log says how many ranks trained
+    let out = train(d, "ranks", &flags);
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
+    assert!(log.contains("micro-batches of 2 x 2 rank(s)"), "two ranks trained: {log}");
     last_evaluation_equals_tevatron_eval(d, "ranks", &["--pooling", "mean"]);
     // LoRA on a decoder, last-token pooling: validation encodes through the live adapter,
     // `tevatron encode` through the saved one merged.
