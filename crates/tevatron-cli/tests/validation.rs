@@ -102,6 +102,19 @@ fn six_steps(
     tevatron(d, &args)
 }
 
+/// Validation and a checkpoint every 2 of the six steps, a lower nDCG@10 counting as better, so
+/// that the best checkpoint is an early one (the tiny model's nDCG rises as it trains).
+const EVERY_2_LOWER_IS_BETTER: [&str; 8] = [
+    "--eval_strategy",
+    "steps",
+    "--eval_steps",
+    "2",
+    "--save_steps",
+    "2",
+    "--greater_is_better",
+    "false",
+];
+
 fn state(dir: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("trainer_state.json")).unwrap()).unwrap()
 }
@@ -196,25 +209,10 @@ fn logged_metrics_equal_tevatron_eval_and_the_best_checkpoint_is_kept_and_loaded
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     write_eval_data(d);
-    ok(train(
-        d,
-        "run",
-        &[
-            "--eval_strategy",
-            "steps",
-            "--eval_steps",
-            "2",
-            "--save_steps",
-            "2",
-            "--save_total_limit",
-            "1",
-            "--load_best_model_at_end",
-            // "Best" is the lowest nDCG@10 here, so that the best checkpoint is an early one,
-            // which the limit of 1 must keep beside the latest and the final model must be.
-            "--greater_is_better",
-            "false",
-        ],
-    ));
+    // The best checkpoint is an early one, which the limit of 1 must keep beside the latest and
+    // the final model must be.
+    let keep = ["--save_total_limit", "1", "--load_best_model_at_end"];
+    ok(train(d, "run", &[&EVERY_2_LOWER_IS_BETTER[..], &keep].concat()));
     let out = d.join("run");
     let st = state(&out);
     let evals = evaluations(&st);
@@ -268,18 +266,9 @@ fn a_resumed_run_keeps_the_best_metric_and_ends_as_an_uninterrupted_one() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     write_eval_data(d);
-    // Lower nDCG counts as better, so that the best is an early checkpoint and the resumed run
-    // must carry it over rather than find it again at its last step.
-    let flags = [
-        "--eval_strategy",
-        "steps",
-        "--eval_steps",
-        "2",
-        "--save_steps",
-        "2",
-        "--greater_is_better",
-        "false",
-    ];
+    // The best is an early checkpoint: the resumed run must carry it over rather than find it
+    // again at its last step.
+    let flags = EVERY_2_LOWER_IS_BETTER;
     ok(train(d, "whole", &flags));
     // The same run stopped after step 4: its checkpoint-4 and nothing later.
     ok(train(d, "part", &flags));
