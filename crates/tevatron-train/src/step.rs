@@ -10,6 +10,9 @@
 //! - gradient checkpointing (`--gradient_checkpointing`): each layer's input is kept, its graph
 //!   is not; backward recomputes one layer at a time, so activation memory is one layer's.
 //!
+//! On the CPU each side's sequences are first split by length ([`split`]), so that each part
+//! pads only to its own longest sequence: the same representations for fewer padded tokens.
+//!
 //! Dropout masks are drawn from a stream seeded by `(seed, kind, chunk, layer)` before every
 //! layer (and before a cross-encoder's head, as layer `L + 1`), so a recomputation (GradCache's second pass, a checkpointed layer) replays exactly the
 //! masks of the first pass, and a resumed run draws those of the run it continues.
@@ -17,7 +20,7 @@
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor, Var};
 use tevatron_model::backbone::{run_layers, Training};
-use tevatron_model::collate::{collate, PaddingSide};
+use tevatron_model::collate::{collate, length_buckets, PaddingSide};
 use tevatron_model::rng::mix;
 use tevatron_model::{Encoder, Mode};
 
@@ -281,16 +284,62 @@ pub struct StepOutput {
 
 /// What the first pass keeps of one chunk.
 struct FirstPass {
-    range: std::ops::Range<usize>,
     batch: tevatron_model::Batch,
     reps: Tensor,
     /// Layer inputs (and the final step's input), only when backward can start from them.
     kept: Option<Vec<Tensor>>,
 }
 
-fn chunks(n: usize, size: Option<usize>) -> Vec<std::ops::Range<usize>> {
-    let size = size.unwrap_or(n).max(1);
-    (0..n.div_ceil(size)).map(|c| c * size..((c + 1) * size).min(n)).collect()
+/// What one more forward costs beyond its tokens, in tokens' worth of work, when a side's
+/// sequences are split by length on the CPU. There a token of one layer costs far more than
+/// dispatching that layer's ops, so the split is decided by padding alone, short of batches of
+/// a sequence or two; any cost from a few tokens to a hundred splits the same way.
+pub const BUCKET_COST_TOKENS: usize = 32;
+
+/// How a side's sequences are split for the forward, as indices into them. On the CPU, where
+/// the work is proportional to the tokens computed, padding included, the sequences are sorted
+/// by length and each chunk pads only to its own longest: with GradCache (`size`), chunks of
+/// `size` in that order; without it, the split of [`length_buckets`] (for InsuranceQA's questions
+/// and answers, about a fifth of the tokens fewer than one batch padded to its longest). On a
+/// GPU, where a batch's padding costs less than the launches of another forward, the input
+/// order: one chunk, or chunks of `size`. The representations are the same either way; the
+/// dropout masks are drawn per chunk.
+fn split(
+    seqs: &[Vec<u32>],
+    size: Option<usize>,
+    opts: &StepOptions,
+    device: &candle_core::Device,
+) -> Vec<Vec<usize>> {
+    let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
+    let mut order: Vec<usize> = (0..seqs.len()).collect();
+    if device.is_cpu() {
+        if size.is_none() {
+            return length_buckets(&lens, opts.pad_to_multiple_of, BUCKET_COST_TOKENS);
+        }
+        order.sort_by_key(|&i| (lens[i], i));
+    }
+    let size = size.unwrap_or(seqs.len()).max(1);
+    let chunks: Vec<Vec<usize>> = order.chunks(size).map(<[usize]>::to_vec).collect();
+    if chunks.is_empty() {
+        vec![Vec::new()]
+    } else {
+        chunks
+    }
+}
+
+/// The chunks' outputs, concatenated in chunk order, put back in the order of the input
+/// sequences (differentiably: the gradient flows back to each chunk's rows).
+fn in_input_order(cat: &Tensor, split: &[Vec<usize>]) -> Result<Tensor> {
+    let order: Vec<usize> = split.concat();
+    if order.iter().enumerate().all(|(k, &i)| k == i) {
+        return Ok(cat.clone());
+    }
+    let mut inverse = vec![0u32; order.len()];
+    for (k, &i) in order.iter().enumerate() {
+        inverse[i] = k as u32;
+    }
+    let inverse = Tensor::from_vec(inverse, order.len(), cat.device())?;
+    cat.contiguous()?.index_select(&inverse, 0)
 }
 
 /// One side of a micro-batch: its sequences, its dropout stream, its GradCache chunk size.
@@ -374,8 +423,8 @@ pub fn step(
 ) -> Result<StepOutput> {
     let device = enc.device().clone();
     let pad = enc.tokenizer().pad_id();
-    let make = |seqs: &[Vec<u32>]| {
-        let rows: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+    let make = |seqs: &[Vec<u32>], which: &[usize]| {
+        let rows: Vec<&[u32]> = which.iter().map(|&i| seqs[i].as_slice()).collect();
         collate(&rows, pad, opts.pad_to_multiple_of, opts.padding_side, &device)
     };
     let (qc, pc) = match opts.grad_cache {
@@ -390,13 +439,22 @@ pub fn step(
         Inputs::Reranker { pairs, .. } => vec![(pairs, Side::Pair, pc)],
     };
     if opts.grad_cache.is_none() && !opts.checkpointing {
-        let batches = sides.iter().map(|(seqs, _, _)| make(seqs)).collect::<Result<Vec<_>>>()?;
+        let mut collated = Vec::with_capacity(sides.len());
+        for &(seqs, _, size) in &sides {
+            let split = split(seqs, size, opts, &device);
+            let batches = split.iter().map(|w| make(seqs, w)).collect::<Result<Vec<_>>>()?;
+            collated.push((split, batches));
+        }
         profile::mark("fetch and collate", &device)?;
         let mut outputs = Vec::with_capacity(sides.len());
-        for ((_, side, _), batch) in sides.iter().zip(&batches) {
-            let chunk = Chunk::new(batch, seed, *side, 0, opts);
-            let (h, _) = run(enc, &chunk, false, false)?;
-            outputs.push(represent(enc, &chunk, &h)?);
+        for ((_, side, _), (split, batches)) in sides.iter().zip(&collated) {
+            let mut reps = Vec::with_capacity(batches.len());
+            for (c, batch) in batches.iter().enumerate() {
+                let chunk = Chunk::new(batch, seed, *side, c, opts);
+                let (h, _) = run(enc, &chunk, false, false)?;
+                reps.push(represent(enc, &chunk, &h)?);
+            }
+            outputs.push(in_input_order(&Tensor::cat(&reps, 0)?, split)?);
             profile::mark(side.forward_mark(), &device)?;
         }
         let loss = objective(inputs, &outputs, opts, group)?;
@@ -415,26 +473,33 @@ pub fn step(
     let keep = opts.grad_cache.is_none() && opts.checkpointing;
     let mut passes = Vec::new();
     for &(seqs, side, size) in &sides {
+        let split = split(seqs, size, opts, &device);
         let mut parts = Vec::new();
-        for (c, range) in chunks(seqs.len(), size).into_iter().enumerate() {
-            let batch = make(&seqs[range.clone()])?;
+        for (c, which) in split.iter().enumerate() {
+            let batch = make(seqs, which)?;
             let chunk = Chunk::new(&batch, seed, side, c, opts);
             let (h, inputs) = run(enc, &chunk, true, keep)?;
             let reps = represent(enc, &chunk, &h)?.detach();
-            parts.push(FirstPass { range, batch, reps, kept: keep.then_some(inputs) });
+            parts.push(FirstPass { batch, reps, kept: keep.then_some(inputs) });
         }
-        passes.push((side, parts));
+        passes.push((side, split, parts));
     }
+    // Each side's outputs in chunk order (what the second pass slices its gradient from), and
+    // in the input order (what the loss takes).
     let all = passes
         .iter()
-        .map(|(_, parts)| {
+        .map(|(_, _, parts)| {
             Var::from_tensor(&Tensor::cat(
                 &parts.iter().map(|p| p.reps.clone()).collect::<Vec<_>>(),
                 0,
             )?)
         })
         .collect::<Result<Vec<Var>>>()?;
-    let outputs: Vec<Tensor> = all.iter().map(|v| v.as_tensor().clone()).collect();
+    let outputs = all
+        .iter()
+        .zip(&passes)
+        .map(|(v, (_, split, _))| in_input_order(v.as_tensor(), split))
+        .collect::<Result<Vec<Tensor>>>()?;
     let loss = objective(inputs, &outputs, opts, group)?;
     let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     let store = (loss * scale)?.backward()?;
@@ -443,11 +508,13 @@ pub fn step(
     profile::mark("first pass and loss", &device)?;
 
     // Second pass: each chunk back-propagates its slice of the cached output gradient.
-    for ((side, parts), cached) in passes.into_iter().zip(cached) {
+    for ((side, split, parts), cached) in passes.into_iter().zip(cached) {
         let cached =
             cached.ok_or_else(|| candle_core::Error::Msg("the loss passed no gradient".into()))?;
-        for (c, part) in parts.into_iter().enumerate() {
-            let grad = cached.narrow(0, part.range.start, part.range.len())?;
+        let mut start = 0;
+        for (c, (part, which)) in parts.into_iter().zip(&split).enumerate() {
+            let grad = cached.narrow(0, start, which.len())?;
+            start += which.len();
             let chunk = Chunk::new(&part.batch, seed, side, c, opts);
             if opts.checkpointing {
                 let inputs = match part.kept {

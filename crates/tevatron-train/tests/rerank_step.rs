@@ -9,10 +9,11 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
+use tevatron_model::collate::length_buckets;
 use tevatron_model::testing::{max_abs, max_abs_diff_f64};
 use tevatron_model::{Encoder, EncoderOptions, PaddingSide, ScoreHeadOptions};
 use tevatron_train::dist::Group;
-use tevatron_train::step::{step, Accumulator, Inputs, StepOptions};
+use tevatron_train::step::{step, Accumulator, Inputs, StepOptions, BUCKET_COST_TOKENS};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata")
@@ -133,6 +134,12 @@ fn a_reranker_step_matches_pytorch() {
 #[test]
 fn grad_cache_and_checkpointing_give_the_plain_reranker_step() {
     let f = fixture("bert");
+    // On the CPU the pairs are split by length and the scores put back in query order; the
+    // fixture's pairs must be split (out of order) for the checks below to cover that.
+    let lens: Vec<usize> = f.pairs.iter().map(Vec::len).collect();
+    let buckets = length_buckets(&lens, opts().pad_to_multiple_of, BUCKET_COST_TOKENS);
+    assert!(buckets.len() > 1, "the pairs are not split by length: {lens:?}");
+    assert_ne!(buckets.concat(), (0..lens.len()).collect::<Vec<_>>(), "split in order");
     let same = |(l1, g1): &(f64, Vec<(String, Tensor)>),
                 (l2, g2): &(f64, Vec<(String, Tensor)>),
                 what: &str| {
