@@ -200,16 +200,19 @@ mod tests {
             for w in b.windows(2) {
                 assert!(lens[*w[0].last().unwrap()] <= lens[w[1][0]], "{lens:?}: {b:?}");
             }
+            for ix in &b {
+                assert!(ix.windows(2).all(|w| (lens[w[0]], w[0]) < (lens[w[1]], w[1])), "{b:?}");
+            }
             let mut sorted: Vec<usize> = (0..n).collect();
             sorted.sort_by_key(|&i| (lens[i], i));
             let least = (0..1u32 << (n - 1))
                 .map(|cuts| {
                     let mut parts = vec![vec![sorted[0]]];
-                    for k in 1..n {
+                    for (k, &i) in sorted.iter().enumerate().skip(1) {
                         if cuts >> (k - 1) & 1 == 1 {
                             parts.push(Vec::new());
                         }
-                        parts.last_mut().unwrap().push(sorted[k]);
+                        parts.last_mut().unwrap().push(i);
                     }
                     cost(&lens, &parts, m, c)
                 })

@@ -10,7 +10,8 @@
 //! - gradient checkpointing (`--gradient_checkpointing`): each layer's input is kept, its graph
 //!   is not; backward recomputes one layer at a time, so activation memory is one layer's.
 //!
-//! On the CPU each side's sequences are first split by length ([`split`]), so that each part
+//! On the CPU each side's sequences are first split by length (`split`, after
+//! [`tevatron_model::collate::length_buckets`]), so that each part
 //! pads only to its own longest sequence: the same representations for fewer padded tokens.
 //!
 //! Dropout masks are drawn from a stream seeded by `(seed, kind, chunk, layer)` before every
@@ -468,7 +469,7 @@ pub fn step(
     }
 
     // First pass: outputs without a graph, chunk by chunk. With checkpointing but no GradCache
-    // the single chunk keeps its last hidden states and layer inputs, so backward need not run
+    // each part (a length bucket on the CPU) keeps its layer inputs, so backward need not run
     // the forward again; otherwise nothing but the outputs is kept.
     let keep = opts.grad_cache.is_none() && opts.checkpointing;
     let mut passes = Vec::new();
@@ -537,6 +538,41 @@ pub fn step(
 mod tests {
     use super::*;
     use candle_core::{DType, Device, Var};
+
+    fn plain_options() -> StepOptions {
+        StepOptions {
+            temperature: 1.0,
+            grad_cache: None,
+            checkpointing: false,
+            pad_to_multiple_of: 1,
+            padding_side: PaddingSide::Right,
+            autocast: None,
+            distillation: None,
+            matryoshka: None,
+        }
+    }
+
+    /// On the CPU a side of short and long sequences is split by length (out of input order),
+    /// GradCache's chunks are cut from the length-sorted order, and the outputs of the chunks
+    /// come back in input order: row i is input i's, a cycle of three included (which a
+    /// reversed permutation would get wrong).
+    #[test]
+    fn sides_are_split_by_length_on_the_cpu_and_put_back_in_input_order() {
+        let seqs: Vec<Vec<u32>> = [120, 3, 118, 4, 2, 119].iter().map(|&n| vec![7; n]).collect();
+        let o = plain_options();
+        let buckets = split(&seqs, None, &o, &Device::Cpu);
+        assert_eq!(buckets, [vec![4, 1, 3], vec![2, 5, 0]]);
+        assert_eq!(split(&seqs, Some(4), &o, &Device::Cpu), [vec![4, 1, 3, 2], vec![5, 0]]);
+        let cycle = [vec![2], vec![0, 1]];
+        let rows: Vec<f32> = [2.0, 0.0, 1.0].to_vec();
+        let cat = Tensor::from_vec(rows, 3, &Device::Cpu).unwrap();
+        let back = in_input_order(&cat, &cycle).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(back, [0.0, 1.0, 2.0]);
+        let outputs: Vec<f32> = buckets.concat().iter().map(|&i| i as f32).collect();
+        let cat = Tensor::from_vec(outputs, seqs.len(), &Device::Cpu).unwrap();
+        let back = in_input_order(&cat, &buckets).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(back, [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+    }
 
     /// The Matryoshka loss written out in f64 without candle: for each width, the prefixes
     /// (re-normalised or not), InfoNCE against each query's positive at `i * G`, weighted.
