@@ -313,14 +313,19 @@ fn split(
 ) -> Vec<Vec<usize>> {
     let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
     let mut order: Vec<usize> = (0..seqs.len()).collect();
-    if device.is_cpu() {
-        if size.is_none() {
-            return length_buckets(&lens, opts.pad_to_multiple_of, BUCKET_COST_TOKENS);
+    let chunks = match size {
+        None if device.is_cpu() => {
+            length_buckets(&lens, opts.pad_to_multiple_of, BUCKET_COST_TOKENS)
         }
-        order.sort_by_key(|&i| (lens[i], i));
-    }
-    let size = size.unwrap_or(seqs.len()).max(1);
-    let chunks: Vec<Vec<usize>> = order.chunks(size).map(<[usize]>::to_vec).collect();
+        _ => {
+            if device.is_cpu() {
+                order.sort_by_key(|&i| (lens[i], i));
+            }
+            let size = size.unwrap_or(seqs.len()).max(1);
+            order.chunks(size).map(<[usize]>::to_vec).collect()
+        }
+    };
+    // An empty side still makes one (empty) batch, as it did before the split.
     if chunks.is_empty() {
         vec![Vec::new()]
     } else {
