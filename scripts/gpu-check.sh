@@ -13,10 +13,13 @@
 #   4. training on the GPU: a 30-step bf16 run whose loss must fall, its step time against a
 #      PyTorch Tevatron-style step (same model, batch, lengths, bf16 autocast), and two ranks on
 #      the one GPU (--nproc_per_node 2, TCP collectives) against one process with twice the batch,
-#   5. a few f32 steps with dropout on against the same steps on the CPU (same masks),
+#   5. a few f32 steps with dropout on against the same steps on the CPU (same masks), with
+#      candle's composed attention and with our fused attention kernels
+#      (--attn_implementation flash_attention_2), and a bf16 run's step time with the latter,
 #   6. a profile of four bf16 steps: per phase, the host's issue time and the device's, with our
 #      fused kernels and with candle's composed ops (TEVATRON_GPU_COMPOSED_OPS=1),
-#   7. three LoRA steps of a tiny Mistral (testdata/tiny) on the GPU against the CPU.
+#   7. three LoRA steps of a tiny Mistral (testdata/tiny) on the GPU against the CPU, with
+#      the composed and with the fused attention.
 # Prints every figure and the ratios; ends with "gpu-check: all checks passed" or a FAIL line.
 # A dry run of the script's logic on a machine without a GPU (any binary, fewer passages):
 #   GPU_CHECK_DEVICE=cpu GPU_CHECK_PASSAGES=1000 GPU_CHECK_STEPS=9 GPU_CHECK_BATCH=8 \
@@ -222,6 +225,13 @@ echo "-- dropout on, f32: the GPU draws the CPU's masks, so both train alike (3 
 tr dcpu --device cpu --per_device_train_batch_size 8 --max_steps 3
 tr dgpu --device "$dev0" --per_device_train_batch_size 8 --max_steps 3
 same_losses dcpu cpu dgpu gpu "GPU training with dropout differs from CPU training with the same seed"
+echo "-- the same with the fused attention kernels (--attn_implementation flash_attention_2)"
+tr dgpuf --device "$dev0" --per_device_train_batch_size 8 --max_steps 3 --attn_implementation flash_attention_2
+same_losses dcpu cpu dgpuf "gpu, fused attention" "GPU training with the fused attention differs from CPU training"
+echo "-- a bf16 step with the fused attention kernels against the composed attention above"
+tr bf16f --device "$dev" --bf16 --per_device_train_batch_size "$bs" --max_steps "$steps" --attn_implementation flash_attention_2
+fused=$("$py" scripts/bench/step_seconds.py "$out/bf16f.log")
+"$py" -c "print(f'train step (bf16): composed attention {$ours * 1000:.1f} ms, fused attention {$fused * 1000:.1f} ms')"
 echo "-- where a bf16 step's time goes (TEVATRON_PROFILE_STEPS=1: host issue / device done, per phase)"
 TEVATRON_PROFILE_STEPS=1 tr prof --device "$dev" --bf16 --per_device_train_batch_size "$bs" --max_steps 4
 grep '^profile step' "$out/prof.log" | tail -n 2
@@ -241,5 +251,7 @@ dec() { local label=$1; shift
 dec mcpu --device cpu
 dec mgpu --device "$dev0"
 same_losses mcpu cpu mgpu gpu "GPU LoRA training of a decoder differs from CPU training with the same seed"
+dec mgpuf --device "$dev0" --attn_implementation flash_attention_2
+same_losses mcpu cpu mgpuf "gpu, fused attention" "GPU LoRA training with the fused attention differs from CPU training"
 [ -z "$kernels_failed" ] || { echo "FAIL: our kernels differ from the CPU (the first part)"; exit 1; }
 echo "gpu-check: all checks passed"

@@ -446,3 +446,37 @@ fn bad_rank_settings_are_clear_errors() {
     fails_with(out, "the other ranks were stopped");
     assert!(err.contains("--ddp_backend nccl: "), "{err}");
 }
+
+/// `--attn_implementation` on the CPU: the log says it changes nothing there (attention is
+/// always the fused op), and the run trains to the same weights as without it, bit for bit; a
+/// value outside transformers' three is refused.
+#[test]
+fn attn_implementation_changes_nothing_on_the_cpu_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |out: &str, extra: &[&str]| {
+        let args = train_args(dir.path(), out, &[extra, &["--max_steps", "2"]].concat());
+        let out = Command::new(env!("CARGO_BIN_EXE_tevatron"))
+            .current_dir(dir.path())
+            .args(args.iter().filter(|a| *a != "--quiet"))
+            .env("TEVATRON_LOG", "info")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let (plain, flagged) = (dir.path().join("plain"), dir.path().join("flash"));
+    let log = run(&flagged.to_string_lossy(), &["--attn_implementation", "flash_attention_2"]);
+    assert!(
+        log.contains("--attn_implementation flash_attention_2 changes nothing on the CPU"),
+        "{log}"
+    );
+    let log = run(&plain.to_string_lossy(), &[]);
+    assert!(!log.contains("--attn_implementation"), "{log}");
+    let weights = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+    assert_eq!(weights(&plain), weights(&flagged));
+    let out = dir.path().join("bad").to_string_lossy().into_owned();
+    fails_with(
+        train(dir.path(), &out, &["--attn_implementation", "flash"]),
+        "--attn_implementation \"flash\": expected eager, sdpa or flash_attention_2",
+    );
+}

@@ -30,6 +30,9 @@ const emulate::Entry KERNELS[] = {
     ENTRY(swiglu_grad_f32),
     ENTRY(embedding_segments_f32),
     ENTRY(embedding_rows_f32),
+    ENTRY(attention_f32),
+    ENTRY(attention_grad_q_f32),
+    ENTRY(attention_grad_kv_f32),
 };
 }  // namespace
 

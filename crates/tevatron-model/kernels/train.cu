@@ -319,3 +319,185 @@ KERNEL void embedding_rows_f32(const float *partial, uint32_t width, const uint3
     }
   }
 }
+
+// ---- Fused attention, forward and backward (the CPU twin: src/backbone/attention/kernel.rs) ----
+//
+// softmax(q k^T * scale + mask) v without an l x l block anywhere: one warp per (sequence,
+// query head, query row), its lanes holding the row's `dim` values (lane j takes columns
+// j, j + 32, ...: up to ATTN_PER_LANE each, head widths up to 256), the keys taken one at a
+// time with a running maximum and sum (FlashAttention's online softmax). Memory is linear in
+// the sequence length; the backward recomputes the probabilities from three numbers per row.
+// q is (b*l, query*dim) and k, v (b*l, kv*dim), row-major, head h in columns h*dim..; query
+// head h reads key/value head h / (query/kv) (grouped-query attention). The additive mask is
+// per key, (b, l) (mask_stride 0), or per query and key, (b, l, l) (mask_stride l): padding,
+// causal and sliding-window masks alike. Dropout on the probabilities keeps entry (sequence,
+// head, row, key) when `keep` of its index ((seq*query + head)*l + row)*l + key from `base`
+// does, the byte mask the CPU draws from the same stream position; threshold 0 keeps all.
+#define ATTN_PER_LANE 8
+
+// Where query row r = (seq*query + head)*l + i of an attention reads: its q row, key/value
+// row 0 of its head, its mask row (key t at mask_at + t), and its row index i.
+struct AttnRow {
+  uint64_t q_at, kv_at, mask_at;
+  uint32_t i;
+};
+
+__device__ __forceinline__ AttnRow attn_row(uint64_t r, uint32_t l, uint32_t query, uint32_t kv,
+                                            uint32_t dim, uint32_t mask_stride) {
+  uint64_t task = r / l, seq = task / query, head = task % query;
+  AttnRow a;
+  a.i = (uint32_t)(r % l);
+  a.q_at = (seq * l + a.i) * query * dim + head * dim;
+  a.kv_at = seq * l * kv * dim + (head / (query / kv)) * dim;
+  a.mask_at = seq * l * (mask_stride > 0 ? mask_stride : 1) + (uint64_t)a.i * mask_stride;
+  return a;
+}
+
+// This lane's columns of a row of `dim` at x.
+__device__ __forceinline__ void attn_load(const float *x, uint32_t dim, float *out) {
+  for (uint32_t c = 0; c < ATTN_PER_LANE; ++c) {
+    uint32_t j = LANE + 32 * c;
+    out[c] = j < dim ? x[j] : 0.0f;
+  }
+}
+
+// The dot product of this lane's columns `a` with row x, summed over the warp.
+__device__ __forceinline__ float attn_dot(const float *a, const float *x, uint32_t dim) {
+  float s = 0.0f;
+  for (uint32_t c = 0; c < ATTN_PER_LANE; ++c) {
+    uint32_t j = LANE + 32 * c;
+    if (j < dim) s += a[c] * x[j];
+  }
+  return warp_sum(s);
+}
+
+// Query row `a`'s softmax statistics over its l keys: the maximum score and 1 / the sum of
+// exp(score - maximum), so probability t is exp(score_t - max) * inv. (A row whose keys are all
+// masked has equal scores and gets equal probabilities, as the CPU's softmax gives it.)
+__device__ __forceinline__ void attn_stats(const float *qr, const float *k, const float *mask,
+                                           AttnRow a, uint32_t l, uint32_t kw, uint32_t dim,
+                                           float scale, float *max, float *inv) {
+  float m = -INFINITY, s = 0.0f;
+  for (uint32_t t = 0; t < l; ++t) {
+    float x = attn_dot(qr, k + a.kv_at + (uint64_t)t * kw, dim) * scale + mask[a.mask_at + t];
+    float m2 = fmaxf(m, x);
+    s = s * expf(m - m2) + expf(x - m2);
+    m = m2;
+  }
+  *max = m;
+  *inv = 1.0f / s;
+}
+
+// ctx = softmax(q k^T * scale + mask) v (dropout on the probabilities), (b*l, query*dim).
+KERNEL void attention_f32(const float *q, const float *k, const float *v, const float *mask,
+                          float *ctx, uint32_t b, uint32_t l, uint32_t query, uint32_t kv,
+                          uint32_t dim, uint32_t mask_stride, float scale, uint64_t base,
+                          uint64_t threshold, float drop_scale) {
+  uint32_t kw = kv * dim;
+  FOR_EACH_ROW(r, (uint64_t)b * query * l) {
+    AttnRow a = attn_row(r, l, query, kv, dim, mask_stride);
+    float qr[ATTN_PER_LANE], acc[ATTN_PER_LANE] = {};
+    attn_load(q + a.q_at, dim, qr);
+    float m = -INFINITY, s = 0.0f;
+    for (uint32_t t = 0; t < l; ++t) {
+      const float *kt = k + a.kv_at + (uint64_t)t * kw, *vt = v + a.kv_at + (uint64_t)t * kw;
+      float x = attn_dot(qr, kt, dim) * scale + mask[a.mask_at + t];
+      float m2 = fmaxf(m, x), corr = expf(m - m2), e = expf(x - m2);
+      s = s * corr + e;
+      float w = keep(base, threshold, r * l + t) ? e * drop_scale : 0.0f;
+      for (uint32_t c = 0; c < ATTN_PER_LANE; ++c) {
+        uint32_t j = LANE + 32 * c;
+        acc[c] = acc[c] * corr + (j < dim ? w * vt[j] : 0.0f);
+      }
+      m = m2;
+    }
+    for (uint32_t c = 0; c < ATTN_PER_LANE; ++c) {
+      uint32_t j = LANE + 32 * c;
+      if (j < dim) ctx[a.q_at + j] = acc[c] / s;
+    }
+  }
+}
+
+// The query gradient dq = scale * sum_t dS_t k_t, dS_t = P_t (dP_t - D), dP_t = (g . v_t) times
+// the dropout mask and scale, D = g . ctx (the row's output gradient g and output ctx); and
+// each row's (max, inv, D) into stats for attention_grad_kv_f32.
+KERNEL void attention_grad_q_f32(const float *q, const float *k, const float *v,
+                                 const float *mask, const float *g, const float *ctx, float *dq,
+                                 float *stats, uint32_t b, uint32_t l, uint32_t query,
+                                 uint32_t kv, uint32_t dim, uint32_t mask_stride, float scale,
+                                 uint64_t base, uint64_t threshold, float drop_scale) {
+  uint32_t kw = kv * dim;
+  FOR_EACH_ROW(r, (uint64_t)b * query * l) {
+    AttnRow a = attn_row(r, l, query, kv, dim, mask_stride);
+    float qr[ATTN_PER_LANE], gr[ATTN_PER_LANE], acc[ATTN_PER_LANE] = {};
+    attn_load(q + a.q_at, dim, qr);
+    attn_load(g + a.q_at, dim, gr);
+    float d = attn_dot(gr, ctx + a.q_at, dim), m, inv;
+    attn_stats(qr, k, mask, a, l, kw, dim, scale, &m, &inv);
+    for (uint32_t t = 0; t < l; ++t) {
+      const float *kt = k + a.kv_at + (uint64_t)t * kw, *vt = v + a.kv_at + (uint64_t)t * kw;
+      float p = expf(attn_dot(qr, kt, dim) * scale + mask[a.mask_at + t] - m) * inv;
+      float dp = keep(base, threshold, r * l + t) ? attn_dot(gr, vt, dim) * drop_scale : 0.0f;
+      float ds = p * (dp - d);
+      for (uint32_t c = 0; c < ATTN_PER_LANE; ++c) {
+        uint32_t j = LANE + 32 * c;
+        if (j < dim) acc[c] += ds * kt[j];
+      }
+    }
+    for (uint32_t c = 0; c < ATTN_PER_LANE; ++c) {
+      uint32_t j = LANE + 32 * c;
+      if (j < dim) dq[a.q_at + j] = acc[c] * scale;
+    }
+    if (LANE == 0) {
+      stats[3 * r] = m;
+      stats[3 * r + 1] = inv;
+      stats[3 * r + 2] = d;
+    }
+  }
+}
+
+// The key and value gradients, one warp per (sequence, key/value head, key row t): over the
+// query heads sharing it, in order, and their rows i, dk_t = scale * sum dS_it q_i and
+// dv_t = sum P'_it g_i (P' the probability after dropout), from attention_grad_q_f32's stats.
+// A fixed order and no atomics: the same bits on every run.
+KERNEL void attention_grad_kv_f32(const float *q, const float *k, const float *v,
+                                  const float *mask, const float *g, const float *stats,
+                                  float *dk, float *dv, uint32_t b, uint32_t l, uint32_t query,
+                                  uint32_t kv, uint32_t dim, uint32_t mask_stride, float scale,
+                                  uint64_t base, uint64_t threshold, float drop_scale) {
+  uint32_t kw = kv * dim, qw = query * dim, group = query / kv;
+  FOR_EACH_ROW(r, (uint64_t)b * kv * l) {
+    uint64_t task = r / l, seq = task / kv, head_kv = task % kv;
+    uint32_t t = (uint32_t)(r % l);
+    uint64_t at = (seq * l + t) * kw + head_kv * dim;
+    uint64_t mask_block = seq * l * (mask_stride > 0 ? mask_stride : 1) + t;
+    float kr[ATTN_PER_LANE], vr[ATTN_PER_LANE];
+    float dkr[ATTN_PER_LANE] = {}, dvr[ATTN_PER_LANE] = {};
+    attn_load(k + at, dim, kr);
+    attn_load(v + at, dim, vr);
+    for (uint32_t h = head_kv * group; h < (head_kv + 1) * group; ++h) {
+      for (uint32_t i = 0; i < l; ++i) {
+        uint64_t row = (seq * query + h) * l + i, q_at = (seq * l + i) * qw + h * dim;
+        float x = attn_dot(kr, q + q_at, dim) * scale + mask[mask_block + (uint64_t)i * mask_stride];
+        float p = expf(x - stats[3 * row]) * stats[3 * row + 1];
+        bool kept = keep(base, threshold, row * l + t);
+        float dp = kept ? attn_dot(vr, g + q_at, dim) * drop_scale : 0.0f;
+        float ds = p * (dp - stats[3 * row + 2]), pk = kept ? p * drop_scale : 0.0f;
+        for (uint32_t c = 0; c < ATTN_PER_LANE; ++c) {
+          uint32_t j = LANE + 32 * c;
+          if (j < dim) {
+            dkr[c] += ds * q[q_at + j];
+            dvr[c] += pk * g[q_at + j];
+          }
+        }
+      }
+    }
+    for (uint32_t c = 0; c < ATTN_PER_LANE; ++c) {
+      uint32_t j = LANE + 32 * c;
+      if (j < dim) {
+        dk[at + j] = dkr[c] * scale;
+        dv[at + j] = dvr[c];
+      }
+    }
+  }
+}

@@ -19,7 +19,7 @@ use crate::backbone::lookup::embedding;
 use crate::backbone::norm::{layer_norm_train as layer_norm, rms_norm_train as rms_norm};
 use crate::backbone::rotary::rotary_train as rotary;
 use crate::testing::{first_gpu as gpu, rel_diff, wave};
-use candle_core::{Device, Result, Tensor, Var};
+use candle_core::{DType, Device, Result, Tensor, Var};
 
 /// Runs `op` on the CPU and on `gpu` over the same trainable inputs (one per shape), then the
 /// backward of `sum(op(inputs) * upstream)`: the values and every input's gradient must agree
@@ -117,6 +117,60 @@ fn gpu_layer_norm_and_rms_norm_equal_the_cpu() {
             1e-4,
         );
     }
+}
+
+/// The fused attention kernels (`--attn_implementation flash_attention_2`) against the CPU's
+/// fused attention, values and the gradients of q, k and v: a MiniLM batch (12 heads of 32,
+/// 128 tokens, padding, attention dropout drawn from the same stream position on both), and a
+/// decoder's grouped-query heads (8 over 2, 64 values, 33 tokens, causal with left padding,
+/// through `rotary_attention` with tables that rotate nothing).
+#[test]
+fn gpu_fused_attention_equals_the_cpu() {
+    use crate::backbone::attention::fused_attention_applies;
+    use crate::backbone::layers::{attention, rotary_attention};
+    use crate::backbone::{Mode, Training};
+    let Some(dev) = gpu() else { return };
+    let (b, l, heads) = (4, 128, 12);
+    let pad: Vec<f32> =
+        (0..b * l).map(|k| if k % l >= l - 9 * (k / l) { f32::MIN } else { 0.0 }).collect();
+    same_on_both(
+        "fused attention (MiniLM, dropout 0.1)",
+        &dev,
+        &[&[b, l, heads * 32], &[b, l, heads * 32], &[b, l, heads * 32]],
+        |dev, x| {
+            let training = Training::new(None, 9).with_gpu_fused_attention(true);
+            let bias = Tensor::from_vec(pad.clone(), (b, 1, 1, l), dev)?;
+            let mode = Mode::Train(&training);
+            assert!(fused_attention_applies(&[&x[0], &x[1], &x[2], &bias], 32, 0.1, mode));
+            attention(&x[0], &x[1], &x[2], &bias, heads, 0.1, Mode::Train(&training))
+        },
+        1e-4,
+    );
+    let (b, l, d) = (2, 33, 64);
+    let causal: Vec<f32> = (0..b * l * l)
+        .map(|k| {
+            let (seq, row, col) = (k / (l * l), (k / l) % l, k % l);
+            if col > row || (seq == 1 && col < 3) {
+                f32::MIN
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    same_on_both(
+        "fused attention (grouped-query, causal)",
+        &dev,
+        &[&[b, l, 8, d], &[b, l, 2, d], &[b, l, 2, d]],
+        |dev, x| {
+            let training = Training::new(None, 9).with_gpu_fused_attention(true);
+            let bias = Tensor::from_vec(causal.clone(), (b, 1, l, l), dev)?;
+            let (cos, sin) =
+                (Tensor::ones((l, d), DType::F32, dev)?, Tensor::zeros((l, d), DType::F32, dev)?);
+            let qkv = [x[0].clone(), x[1].clone(), x[2].clone()];
+            rotary_attention(qkv, (&bias, &cos, &sin), 0.0, Mode::Train(&training))
+        },
+        1e-4,
+    );
 }
 
 #[test]

@@ -348,3 +348,94 @@ fn emulated_embedding_grad_equals_the_cpu_backward() {
     let e = table_grad(&EMU, input(&g[..width]), width, &groups).err().unwrap().to_string();
     assert!(e.contains("embedding-grad: 300 elements are not 150 rows of 300"), "{e}");
 }
+
+/// The fused attention kernels (forward, and the query then key/value gradients) against
+/// candle's composed attention on the CPU and its autograd: grouped-query heads (4 over 2) of
+/// 40 values (lanes with one and two of them) under a padding mask and under a causal mask with
+/// left padding (a query row whose every key is masked), with and without dropout drawn from
+/// the same stream position; and plain heads of 8 values (lanes with none).
+#[test]
+fn emulated_fused_attention_and_its_gradients_equal_the_composed_ops() {
+    use crate::backbone::layers::attend;
+    use crate::backbone::{Mode, Training};
+    use crate::rng::StreamMask;
+    let (b, l) = (2usize, 9usize);
+    let padding: Vec<f32> =
+        (0..b * l).map(|i| if i >= 2 * l - 4 { f32::MIN } else { 0.0 }).collect();
+    let causal: Vec<f32> = (0..b * l * l)
+        .map(|i| {
+            let (seq, row, col) = (i / (l * l), (i / l) % l, i % l);
+            if col > row || (seq == 0 && col < 2) {
+                f32::MIN
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let cases = [
+        (4usize, 2usize, 40usize, &padding, [b, 1, 1, l], 0.0),
+        (4, 2, 40, &causal, [b, 1, l, l], 0.3),
+        (3, 3, 8, &padding, [b, 1, 1, l], 0.3),
+    ];
+    for (query, kv, dim, mask, mask_shape, p) in cases {
+        let what = format!("{query}/{kv} heads of {dim}, mask {mask_shape:?}, dropout {p}");
+        let (qn, kn) = (b * l * query * dim, b * l * kv * dim);
+        let (q, k, v, g) = (wave(qn, 0.31), wave(kn, 0.57), wave(kn, 0.83), wave(qn, 1.37));
+        let var = |x: &[f32], heads| Var::from_tensor(&tensor(x, &[b, l, heads, dim])).unwrap();
+        let (qv, kv_, vv) = (var(&q, query), var(&k, kv), var(&v, kv));
+        let heads_first = |t: &Tensor| t.transpose(1, 2).unwrap().contiguous().unwrap();
+        let repeat = |t: &Tensor| {
+            heads_first(t)
+                .unsqueeze(2)
+                .unwrap()
+                .expand((b, kv, query / kv, l, dim))
+                .unwrap()
+                .reshape((b, query, l, dim))
+                .unwrap()
+        };
+        let training = Training::new(None, 5);
+        let bias = tensor(mask, &mask_shape);
+        let y = attend(
+            &heads_first(qv.as_tensor()),
+            &repeat(kv_.as_tensor()),
+            &repeat(vv.as_tensor()),
+            &bias,
+            p,
+            Mode::Train(&training),
+        )
+        .unwrap();
+        let grads =
+            (y.clone() * tensor(&g, &[b, l, query * dim])).unwrap().sum_all().unwrap().backward();
+        let grads = grads.unwrap();
+        let grad = |v: &Var| values(grads.get(v).unwrap());
+
+        // The composed path drew its mask first from a fresh stream of the same seed.
+        let dropout = (p > 0.0)
+            .then(|| StreamMask { base: Training::new(None, 5).skip_mask(b * query * l * l), p });
+        let dims = cuda::AttentionDims { b, l, query, kv, dim };
+        let operands = [input(&q), input(&k), input(&v), input(mask)];
+        let ctx = cuda::attention(&EMU, operands, dims, dropout).unwrap().values();
+        assert_close(&ctx, &values(&y), 1e-5, &format!("forward, {what}"));
+        let all = [operands[0], operands[1], operands[2], operands[3], input(&g), input(&ctx)];
+        let out = cuda::attention_grad(&EMU, all, dims, dropout).unwrap().values();
+        assert_eq!(out.len(), qn + 2 * kn);
+        assert_close(&out[..qn], &grad(&qv), 1e-4, &format!("dq, {what}"));
+        assert_close(&out[qn..qn + kn], &grad(&kv_), 1e-4, &format!("dk, {what}"));
+        assert_close(&out[qn + kn..], &grad(&vv), 1e-4, &format!("dv, {what}"));
+        if p > 0.0 {
+            let other = Some(StreamMask { base: 12345, p });
+            let moved = cuda::attention(&EMU, operands, dims, other).unwrap().values();
+            assert!(max_rel_diff_of(&moved, &ctx) > 1e-3, "another stream position drops others");
+        }
+    }
+    // Refused before any launch: a mask of neither shape, heads wider than a warp holds.
+    let dims = cuda::AttentionDims { b, l, query: 2, kv: 2, dim: 8 };
+    let x = wave(b * l * 16, 0.1);
+    let short = input(&padding[..b * l - 1]);
+    let e = cuda::attention(&EMU, [input(&x), input(&x), input(&x), short], dims, None);
+    assert!(e.err().unwrap().to_string().contains("mask of 17 values for 2 x 9"));
+    let wide = cuda::AttentionDims { dim: 264, query: 1, kv: 1, b: 1, l: 1 };
+    let y = wave(264, 0.2);
+    let e = cuda::attention(&EMU, [input(&y), input(&y), input(&y), input(&[0.0])], wide, None);
+    assert!(e.err().unwrap().to_string().contains("1 query heads, 1 key/value heads of 264"));
+}

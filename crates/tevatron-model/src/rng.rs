@@ -85,6 +85,35 @@ pub fn keep_mask_at(base: u64, n: usize, p: f64) -> Vec<u8> {
     keep
 }
 
+/// A dropout mask named by where it starts in the seeded stream (the decisions
+/// [`SplitMix64::keep_mask`] draws from `base` with drop probability `p`, `0 < p < 1`), for ops
+/// that compute their mask where their data lives instead of receiving it (the fused attention's
+/// GPU kernels).
+#[derive(Clone, Copy, Debug)]
+pub struct StreamMask {
+    /// The stream state the mask starts from ([`SplitMix64::skip_mask`]).
+    pub base: u64,
+    /// The drop probability.
+    pub p: f64,
+}
+
+impl StreamMask {
+    /// The kernels' threshold ([`keep_threshold`]).
+    pub fn threshold(self) -> u64 {
+        keep_threshold(self.p)
+    }
+
+    /// What kept values are multiplied by, `1 / (1 - p)`.
+    pub fn scale(self) -> f32 {
+        (1.0 / (1.0 - self.p)) as f32
+    }
+
+    /// The first `n` decisions as bytes ([`keep_mask_at`]).
+    pub fn bytes(self, n: usize) -> Vec<u8> {
+        keep_mask_at(self.base, n, self.p)
+    }
+}
+
 /// A decision keeps its element when its 32 random bits are at least this (`p * 2^32`).
 pub fn keep_threshold(p: f64) -> u64 {
     (p * 4_294_967_296.0) as u64

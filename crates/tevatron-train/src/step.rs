@@ -44,6 +44,9 @@ pub struct StepOptions {
     pub padding_side: PaddingSide,
     /// Mixed precision (`--bf16`, `--fp16`): the dtype matrix products run in, on F32 weights.
     pub autocast: Option<DType>,
+    /// On a GPU, attention as the fused kernels (`--attn_implementation flash_attention_2`;
+    /// `Training::with_gpu_fused_attention`); the CPU always fuses attention.
+    pub gpu_fused_attention: bool,
     /// Distillation from teacher scores, for retriever batches that carry them.
     pub distillation: Option<Distillation>,
     /// A retriever's loss taken on prefixes of its representations (Matryoshka).
@@ -207,7 +210,14 @@ impl<'a> Chunk<'a> {
         index: usize,
         opts: &StepOptions,
     ) -> Self {
-        Self { batch, seed, side, index, training: Training::new(opts.autocast, seed) }
+        Self {
+            batch,
+            seed,
+            side,
+            index,
+            training: Training::new(opts.autocast, seed)
+                .with_gpu_fused_attention(opts.gpu_fused_attention),
+        }
     }
 
     /// Restarts dropout for the embeddings (layer 0), transformer layer `layer - 1`, or the
@@ -552,6 +562,7 @@ mod tests {
             pad_to_multiple_of: 1,
             padding_side: PaddingSide::Right,
             autocast: None,
+            gpu_fused_attention: false,
             distillation: None,
             matryoshka: None,
         }

@@ -114,6 +114,7 @@ fn ranks_give_the_loss_and_summed_gradients_of_the_union_batch() {
         pad_to_multiple_of: 16,
         padding_side: PaddingSide::Right,
         autocast: None,
+        gpu_fused_attention: false,
         distillation: None,
         matryoshka: None,
     };
@@ -161,6 +162,7 @@ fn ranks_without_cross_rank_negatives_would_differ() {
         pad_to_multiple_of: 16,
         padding_side: PaddingSide::Right,
         autocast: None,
+        gpu_fused_attention: false,
         distillation: None,
         matryoshka: None,
     };
@@ -208,6 +210,7 @@ fn config(out: &Path, batch_size: usize) -> TrainConfig {
             pad_to_multiple_of: 16,
             padding_side: PaddingSide::Right,
             autocast: None,
+            gpu_fused_attention: false,
             distillation: None,
             matryoshka: None,
         },

@@ -54,6 +54,7 @@ fn losses(model: &str, opts: EncoderOptions, learning_rate: f64, append_eos: boo
             pad_to_multiple_of: 16,
             padding_side: PaddingSide::Right,
             autocast: None,
+            gpu_fused_attention: false,
             distillation: None,
             matryoshka: None,
         },

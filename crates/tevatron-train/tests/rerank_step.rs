@@ -61,6 +61,7 @@ fn opts() -> StepOptions {
         pad_to_multiple_of: 16,
         padding_side: PaddingSide::Right,
         autocast: None,
+        gpu_fused_attention: false,
         distillation: None,
         matryoshka: None,
     }

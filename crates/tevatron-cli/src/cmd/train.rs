@@ -198,6 +198,20 @@ fn check(a: &TrainArgs, reranker: bool) -> Result<()> {
     Ok(())
 }
 
+/// Whether attention runs as the fused kernels on a GPU: `--attn_implementation
+/// flash_attention_2` (`eager` and `sdpa` keep the composed products and softmax there). On
+/// the CPU attention is always the fused kernel, which the log says when the flag is given.
+fn gpu_fused_attention(a: &TrainArgs, device: &candle_core::Device) -> bool {
+    let Some(attn) = a.attn_implementation.as_deref() else { return false };
+    if device.is_cpu() {
+        tracing::info!(
+            "--attn_implementation {attn} changes nothing on the CPU: attention there is always one fused op"
+        );
+        return false;
+    }
+    attn == "flash_attention_2"
+}
+
 /// The candidates per query a reranker's validation rescores: `--eval_rerank_depth`, 100 by
 /// default (`tevatron rerank`'s depth).
 fn eval_rerank_depth(a: &TrainArgs) -> usize {
@@ -634,6 +648,7 @@ fn run_training(a: &TrainArgs, reranker: bool) -> Result<()> {
             } else {
                 None
             },
+            gpu_fused_attention: gpu_fused_attention(a, encoder.device()),
             distillation: distil,
             matryoshka: if reranker {
                 None

@@ -133,6 +133,12 @@ impl Mode<'_> {
             Mode::Eval => None,
         }
     }
+
+    /// Whether a training forward runs attention on a GPU as the fused kernels
+    /// ([`Training::with_gpu_fused_attention`]).
+    pub(crate) fn gpu_fused_attention(self) -> bool {
+        matches!(self, Mode::Train(t) if t.gpu_fused_attention)
+    }
 }
 
 /// What a training forward depends on beyond its inputs: mixed precision as PyTorch's autocast
@@ -144,18 +150,37 @@ impl Mode<'_> {
 pub struct Training {
     autocast: Option<DType>,
     dropout: std::sync::Mutex<crate::rng::SplitMix64>,
+    /// On a GPU, attention as the fused kernels (`--attn_implementation flash_attention_2`):
+    /// no `(b, heads, l, l)` tensor kept, memory linear in the sequence length.
+    gpu_fused_attention: bool,
 }
 
 impl std::fmt::Debug for Training {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Training").field("autocast", &self.autocast).finish()
+        f.debug_struct("Training")
+            .field("autocast", &self.autocast)
+            .field("gpu_fused_attention", &self.gpu_fused_attention)
+            .finish()
     }
 }
 
 impl Training {
     /// A context with mixed precision in `autocast` (or none) and the dropout stream at `seed`.
     pub fn new(autocast: Option<DType>, seed: u64) -> Self {
-        Self { autocast, dropout: std::sync::Mutex::new(crate::rng::SplitMix64::new(seed)) }
+        Self {
+            autocast,
+            dropout: std::sync::Mutex::new(crate::rng::SplitMix64::new(seed)),
+            gpu_fused_attention: false,
+        }
+    }
+
+    /// The context with attention on a GPU as the fused kernels (`kernels/train.cu`'s
+    /// `attention_*`: FlashAttention's online softmax, the backward recomputing the
+    /// probabilities) or, without, as composed products and softmax (cuBLAS). The CPU always
+    /// runs its own fused attention in F32.
+    pub fn with_gpu_fused_attention(mut self, on: bool) -> Self {
+        self.gpu_fused_attention = on;
+        self
     }
 
     /// Restarts the dropout stream at `seed`.

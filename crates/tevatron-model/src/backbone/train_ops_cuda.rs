@@ -7,7 +7,9 @@
 use candle_core::Result;
 
 use super::SoftmaxRows;
+use crate::backbone::attention::kernel::GPU_MAX_HEAD_DIM;
 use crate::cuda_kernels::{Arg, ColumnChunks, Kernels, Launch, Operand, CHUNK_ROWS};
+use crate::rng::StreamMask;
 
 /// Rows of width `h` in an operand of `len` elements, or an error naming the op.
 fn rows_of(len: usize, h: usize, op: &str) -> Result<usize> {
@@ -307,4 +309,112 @@ pub(crate) fn column_sum<K: Kernels>(k: &K, g: Operand, width: usize) -> Result<
     unsafe { k.launch("column_partials_f32", chunks.partials(), &args) }?;
     sum_chunks(k, partial, chunks.chunks, k.operand(&sums))?;
     Ok(sums)
+}
+
+/// The dimensions of a fused attention: `b` sequences of `l` tokens, `query` heads reading `kv`
+/// key/value heads (grouped-query attention when fewer), `dim` values a head.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AttentionDims {
+    pub(crate) b: usize,
+    pub(crate) l: usize,
+    pub(crate) query: usize,
+    pub(crate) kv: usize,
+    pub(crate) dim: usize,
+}
+
+impl AttentionDims {
+    /// Checks `q`, `k`, `v` and the additive `mask` against the dimensions (as the CPU op's
+    /// `check_shapes`) and returns the arguments every attention kernel ends with: the
+    /// dimensions, the mask's row stride (0 per key, `l` per query and key), the score scale
+    /// `1 / sqrt(dim)`, and the dropout (threshold 0 keeps everything).
+    fn args(self, [q, k, v, mask]: [Operand; 4], dropout: Option<StreamMask>) -> Result<[Arg; 10]> {
+        let Self { b, l, query, kv, dim } = self;
+        let op = "train-attention";
+        let stride = match mask.len {
+            n if n == b * l => 0,
+            n if n == b * l * l => l,
+            n => candle_core::bail!("{op}: mask of {n} values for {b} x {l}"),
+        };
+        if kv == 0 || !query.is_multiple_of(kv) || dim == 0 || dim > GPU_MAX_HEAD_DIM {
+            candle_core::bail!("{op}: {query} query heads, {kv} key/value heads of {dim} values");
+        }
+        same_len(op, b * l * query * dim, &[q])?;
+        same_len(op, b * l * kv * dim, &[k, v])?;
+        let u32_of = |n: usize| {
+            u32::try_from(n).map_err(|_| candle_core::Error::Msg(format!("{op}: {n} is too large")))
+        };
+        let (threshold, scale) = dropout.map_or((0, 1.0), |d| (d.threshold(), d.scale()));
+        Ok([
+            Arg::U32(u32_of(b)?),
+            Arg::U32(u32_of(l)?),
+            Arg::U32(u32_of(query)?),
+            Arg::U32(u32_of(kv)?),
+            Arg::U32(u32_of(dim)?),
+            Arg::U32(u32_of(stride)?),
+            Arg::F32(1.0 / (dim as f32).sqrt()),
+            Arg::U64(dropout.map_or(0, |d| d.base)),
+            Arg::U64(threshold),
+            Arg::F32(scale),
+        ])
+    }
+}
+
+/// `softmax(q k^T / sqrt(dim) + mask) v`, dropout on the probabilities: the context `(b*l,
+/// query*dim)`, heads merged; `q` `(b*l, query*dim)`, `k` and `v` `(b*l, kv*dim)`, `mask`
+/// `(b, l)` or `(b, l, l)`.
+pub(crate) fn attention<K: Kernels>(
+    k: &K,
+    [q, key, v, mask]: [Operand; 4],
+    dims: AttentionDims,
+    dropout: Option<StreamMask>,
+) -> Result<K::Buffer> {
+    let tail = dims.args([q, key, v, mask], dropout)?;
+    let ctx = k.alloc(q.len)?;
+    let head = [q.arg(), key.arg(), v.arg(), mask.arg(), k.operand(&ctx).arg()];
+    // SAFETY: attention_f32(q, k, v, mask, ctx, b, l, query, kv, dim, mask_stride, scale, base,
+    // threshold, drop_scale); the operands' sizes were checked against the dimensions, ctx is
+    // q's size.
+    unsafe {
+        k.launch(
+            "attention_f32",
+            Launch::rows(dims.b * dims.query * dims.l),
+            &[&head[..], &tail].concat(),
+        )
+    }?;
+    Ok(ctx)
+}
+
+/// The gradients of [`attention`] for `q`, `k` and `v` from the output gradient `g` and the
+/// output `ctx`: `[dq, dk, dv]` in one buffer, in that order. Two launches: the query rows (dq,
+/// and three numbers a row), then the key rows (dk and dv over every query head that reads
+/// them, in a fixed order).
+pub(crate) fn attention_grad<K: Kernels>(
+    k: &K,
+    [q, key, v, mask, g, ctx]: [Operand; 6],
+    dims: AttentionDims,
+    dropout: Option<StreamMask>,
+) -> Result<K::Buffer> {
+    let tail = dims.args([q, key, v, mask], dropout)?;
+    same_len("train-attention-grad", q.len, &[g, ctx])?;
+    let rows = dims.b * dims.query * dims.l;
+    let (grads, stats_buffer) = (k.alloc(q.len + 2 * key.len)?, k.alloc(3 * rows)?);
+    let (out, stats) = (k.operand(&grads), k.operand(&stats_buffer));
+    let op = "train-attention-grad";
+    let (dq, dk, dv) = (
+        out.part(0, q.len, op)?,
+        out.part(q.len, key.len, op)?,
+        out.part(q.len + key.len, key.len, op)?,
+    );
+    let head = [q.arg(), key.arg(), v.arg(), mask.arg(), g.arg(), ctx.arg(), dq.arg(), stats.arg()];
+    // SAFETY: attention_grad_q_f32(q, k, v, mask, g, ctx, dq, stats, <dims as attention_f32>);
+    // g, ctx and dq are q's size, stats three values a query row.
+    unsafe { k.launch("attention_grad_q_f32", Launch::rows(rows), &[&head[..], &tail].concat()) }?;
+    let head = [q.arg(), key.arg(), v.arg(), mask.arg(), g.arg(), stats.arg(), dk.arg(), dv.arg()];
+    // SAFETY: attention_grad_kv_f32(q, k, v, mask, g, stats, dk, dv, <dims>); dk and dv are
+    // k's size; stats was written for every query row above.
+    let key_rows = dims.b * dims.kv * dims.l;
+    unsafe {
+        k.launch("attention_grad_kv_f32", Launch::rows(key_rows), &[&head[..], &tail].concat())
+    }?;
+    Ok(grads)
 }

@@ -9,16 +9,23 @@
 //! [`forward`]; training uses [`attention`], whose backward recomputes the probabilities one
 //! head at a time (as FlashAttention does) instead of keeping them. Dropout on the
 //! probabilities (BERT's attention dropout) is a byte mask applied inside the op.
+//!
+//! The same op runs on a GPU through the kernels of `kernels/train.cu` (`attention_f32` and
+//! its two gradient kernels, launched by `train_ops::cuda`), when training chooses them
+//! (`--attn_implementation flash_attention_2`): one warp per query row with an online softmax,
+//! so no `l x l` block exists at all, and the dropout mask computed from its stream position.
 
 use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
 use crate::backbone::fast::{contiguous_f32, mask_scale_in_place, softmax_in_place, Data};
+use crate::rng::StreamMask;
 
 /// Dropout on the attention probabilities: `keep` holds one byte per probability, laid out
 /// `(b, query heads, l, l)` as the composed path's `(b, heads, l, l)` tensor (so the same stream
 /// draws the same mask); kept values are multiplied by `scale`.
+#[derive(Clone)]
 pub(in crate::backbone) struct Dropout {
     pub keep: Vec<u8>,
     pub scale: f32,
@@ -31,6 +38,17 @@ impl Dropout {
         mask_scale_in_place(block, &self.keep[task * n..(task + 1) * n], self.scale);
     }
 }
+
+/// How the training op drops probabilities: a byte mask drawn on the host (the CPU), or the
+/// stream position a GPU's kernels compute the same decisions from.
+pub(in crate::backbone) enum Drop {
+    Bytes(Dropout),
+    Stream(StreamMask),
+}
+
+/// The widest head the GPU kernels hold in a warp's registers (`ATTN_PER_LANE` values a lane
+/// in `kernels/train.cu`); wider heads run as composed ops there.
+pub(in crate::backbone) const GPU_MAX_HEAD_DIM: usize = 8 * 32;
 
 /// Head counts and width: `query` heads share `kv` key/value heads (grouped-query attention).
 #[derive(Clone, Copy, Debug)]
@@ -312,11 +330,12 @@ fn softmax_backward_rows(probs: &[f32], dprobs: &mut [f32], l: usize) {
 }
 
 /// Attention as a training op over `(q, k, v)`; the additive mask and the dropout mask are
-/// fields (they get no gradient).
+/// fields (they get no gradient). On the CPU, [`forward`] and [`backward`]; on a GPU, the
+/// kernels of `kernels/train.cu` (`train_ops::cuda::attention` and `attention_grad`).
 struct Attention {
     mask: Tensor,
     heads: Heads,
-    dropout: Option<Dropout>,
+    dropout: Option<Drop>,
 }
 
 impl Attention {
@@ -324,6 +343,37 @@ impl Attention {
     fn batch(&self, q: &Shape) -> Result<(usize, usize)> {
         let (b, l, _, _) = q.dims4()?;
         Ok((b, l))
+    }
+
+    /// The byte mask of the CPU's kernels, computed from the stream position if that is what
+    /// the op holds.
+    fn bytes(&self, (b, l): (usize, usize)) -> Option<std::borrow::Cow<'_, Dropout>> {
+        use std::borrow::Cow;
+        match &self.dropout {
+            None => None,
+            Some(Drop::Bytes(d)) => Some(Cow::Borrowed(d)),
+            Some(Drop::Stream(m)) => {
+                let keep = m.bytes(b * self.heads.query * l * l);
+                Some(Cow::Owned(Dropout { keep, scale: m.scale() }))
+            }
+        }
+    }
+
+    /// The kernels' dimensions and stream mask; a byte mask cannot reach a GPU.
+    #[cfg(feature = "cuda")]
+    fn on_gpu(
+        &self,
+        (b, l): (usize, usize),
+    ) -> Result<(crate::backbone::train_ops::cuda::AttentionDims, Option<StreamMask>)> {
+        let Heads { query, kv, dim } = self.heads;
+        let dims = crate::backbone::train_ops::cuda::AttentionDims { b, l, query, kv, dim };
+        match &self.dropout {
+            Some(Drop::Bytes(_)) => {
+                candle_core::bail!("train-attention: a host dropout mask on a GPU")
+            }
+            Some(Drop::Stream(m)) => Ok((dims, Some(*m))),
+            None => Ok((dims, None)),
+        }
     }
 }
 
@@ -345,44 +395,129 @@ impl CustomOp3 for Attention {
         let v = contiguous_f32(s3, l3, "train-attention")?;
         let (b, l) = self.batch(l1.shape())?;
         let mask = Data::of(&self.mask)?;
-        let ctx = forward((q, k, v), mask.slice(), (b, l), self.heads, self.dropout.as_ref())?;
+        let dropout = self.bytes((b, l));
+        let ctx = forward((q, k, v), mask.slice(), (b, l), self.heads, dropout.as_deref())?;
         Ok((CpuStorage::F32(ctx), Shape::from((b, l, self.heads.query * self.heads.dim))))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (b, l) = self.batch(l1.shape())?;
+        let (dims, dropout) = self.on_gpu((b, l))?;
+        let shape = Shape::from((b, l, self.heads.query * self.heads.dim));
+        let inputs = [(s1, l1), (s2, l2), (s3, l3)];
+        crate::cuda_kernels::run(self.name(), inputs, &shape, |dev, [q, k, v]| {
+            let mask = crate::cuda_kernels::tensor_operand(&self.mask, self.name())?;
+            crate::backbone::train_ops::cuda::attention(dev, [q, k, v, mask], dims, dropout)
+        })
     }
     fn bwd(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b, l) = self.batch(q.shape())?;
         let grad = grad.contiguous()?;
+        #[cfg(feature = "cuda")]
+        if q.device().is_cuda() {
+            let (dims, dropout) = self.on_gpu((b, l))?;
+            let op =
+                GpuAttentionGrad { attention: self, dims, dropout, grad, ctx: res.contiguous()? };
+            let all = q.apply_op3_no_bwd(k, v, &op)?;
+            let (qn, kn) = (q.elem_count(), k.elem_count());
+            let part = |start, n, like: &Tensor| all.narrow(0, start, n)?.reshape(like.shape());
+            return Ok((
+                Some(part(0, qn, q)?),
+                Some(part(qn, kn, k)?),
+                Some(part(qn + kn, kn, v)?),
+            ));
+        }
+        let _ = res;
         let (qd, kd, vd, gd, mask) =
             (Data::of(q)?, Data::of(k)?, Data::of(v)?, Data::of(&grad)?, Data::of(&self.mask)?);
+        let dropout = self.bytes((b, l));
         let [dq, dk, dv] = backward(
             (qd.slice(), kd.slice(), vd.slice()),
             mask.slice(),
             (b, l),
             self.heads,
             gd.slice(),
-            self.dropout.as_ref(),
+            dropout.as_deref(),
         )?;
         let tensor = |d: Vec<f32>, like: &Tensor| Tensor::from_vec(d, like.shape(), &Device::Cpu);
         Ok((Some(tensor(dq, q)?), Some(tensor(dk, k)?), Some(tensor(dv, v)?)))
     }
 }
 
-/// `softmax(q k^T / sqrt(d) + bias) v` for training on the CPU in F32: `q` `(b, l, query
-/// heads, d)`, `k` and `v` `(b, l, kv heads, d)`, `bias` the additive mask `(b, 1, 1, l)` or
-/// `(b, 1, l, l)`, `dropout` on the probabilities if any. Returns the heads merged, `(b, l,
+/// The GPU backward of [`Attention`] as an op over `(q, k, v)` without a backward of its own:
+/// `[dq, dk, dv]` flat in one tensor, from the output gradient and the forward's output.
+#[cfg(feature = "cuda")]
+struct GpuAttentionGrad<'a> {
+    attention: &'a Attention,
+    dims: crate::backbone::train_ops::cuda::AttentionDims,
+    dropout: Option<StreamMask>,
+    grad: Tensor,
+    ctx: Tensor,
+}
+
+#[cfg(feature = "cuda")]
+impl CustomOp3 for GpuAttentionGrad<'_> {
+    fn name(&self) -> &'static str {
+        "train-attention-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("train-attention-grad: the GPU backward on the CPU")
+    }
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda_kernels::tensor_operand;
+        let shape = Shape::from(l1.shape().elem_count() + 2 * l2.shape().elem_count());
+        let inputs = [(s1, l1), (s2, l2), (s3, l3)];
+        crate::cuda_kernels::run(self.name(), inputs, &shape, |dev, [q, k, v]| {
+            let name = self.name();
+            let mask = tensor_operand(&self.attention.mask, name)?;
+            let (g, ctx) = (tensor_operand(&self.grad, name)?, tensor_operand(&self.ctx, name)?);
+            let operands = [q, k, v, mask, g, ctx];
+            crate::backbone::train_ops::cuda::attention_grad(dev, operands, self.dims, self.dropout)
+        })
+    }
+}
+
+/// `softmax(q k^T / sqrt(d) + bias) v` for training in F32, on the CPU or a GPU: `q` `(b, l,
+/// query heads, d)`, `k` and `v` `(b, l, kv heads, d)`, `bias` the additive mask `(b, 1, 1, l)`
+/// or `(b, 1, l, l)`, `dropout` on the probabilities if any. Returns the heads merged, `(b, l,
 /// query heads * d)`.
 pub(in crate::backbone) fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     bias: &Tensor,
-    dropout: Option<Dropout>,
+    dropout: Option<Drop>,
 ) -> Result<Tensor> {
     let (_, _, query, dim) = q.dims4()?;
     let (_, _, kv, _) = k.dims4()?;

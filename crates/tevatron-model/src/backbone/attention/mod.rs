@@ -6,9 +6,12 @@
 //! - on the CPU in F32, training and inference alike: the whole of attention as one op on raw
 //!   buffers ([`kernel`], whose backward recomputes the probabilities head by head), and
 //!   `cpu_infer.rs`'s layers call its forward directly;
-//! - training on a GPU in F32 (or the CPU when attention is composed): the masked softmax with
-//!   its own backward (`masked_softmax_train`), whose CUDA launches are `masked_softmax` and
-//!   `softmax_grad` of `train_ops_cuda.rs`;
+//! - training on a GPU in F32 with `--attn_implementation flash_attention_2`: the same op as
+//!   the CPU's ([`kernel`]), on the GPU kernels `attention`/`attention_grad` of
+//!   `train_ops_cuda.rs` (online softmax, no `l x l` block, memory linear in the length);
+//! - training on a GPU otherwise (or the CPU when attention is composed): the masked softmax
+//!   with its own backward (`masked_softmax_train`), whose CUDA launches are `masked_softmax`
+//!   and `softmax_grad` of `train_ops_cuda.rs`;
 //! - inference elsewhere: candle's fused softmax, or our SIMD one on the CPU ([`softmax_last`]).
 //!
 //! The additive masks the backbones build ([`mask_bias`]) live here too.
@@ -24,6 +27,7 @@ use super::linear::matmul;
 use super::train_ops::cuda;
 use super::train_ops::{par_map_rows, SoftmaxRows};
 use super::Mode;
+use crate::rng::StreamMask;
 
 /// Softmax over the last dimension.
 pub fn softmax_last(x: &Tensor, mode: Mode) -> Result<Tensor> {
@@ -48,7 +52,7 @@ pub fn attention(
 ) -> Result<Tensor> {
     let (b, l, h) = q.dims3()?;
     let dh = h / heads;
-    if fused_attention_applies(&[q, k, v, mask_bias], dropout_p, mode) {
+    if fused_attention_applies(&[q, k, v, mask_bias], dh, dropout_p, mode) {
         let split = |t: &Tensor| t.reshape((b, l, heads, dh));
         return fused_attention(&split(q)?, &split(k)?, &split(v)?, mask_bias, dropout_p, mode);
     }
@@ -70,7 +74,7 @@ pub fn rotary_attention(
     use super::rotary::{rotary_train, rotate_heads_first};
     let (b, l, heads, d) = q.dims4()?;
     let kv = k.dim(2)?;
-    if fused_attention_applies(&[&q, &k, &v, bias, cos, sin], dropout_p, mode) {
+    if fused_attention_applies(&[&q, &k, &v, bias, cos, sin], d, dropout_p, mode) {
         let q = rotary_train(&q, cos, sin)?;
         let k = rotary_train(&k, cos, sin)?;
         return fused_attention(&q, &k, &v, bias, dropout_p, mode);
@@ -88,18 +92,33 @@ pub fn rotary_attention(
     attend(&q, &k, &v, bias, dropout_p, mode)
 }
 
-/// Whether [`fused_attention`] serves these operands: all F32 on the CPU, no autocast (its
-/// products would be low precision), and a dropout that keeps something.
-pub(super) fn fused_attention_applies(operands: &[&Tensor], dropout_p: f64, mode: Mode) -> bool {
-    mode.autocast().is_none()
-        && dropout_p < 1.0
-        && operands.iter().all(|t| super::train_ops::applies(t))
+/// Whether [`fused_attention`] serves these operands (heads of `head_dim` values), with a
+/// dropout that keeps something:
+/// - all F32 on the CPU without autocast (under autocast its F32 products would be more
+///   precise than the low-precision ones the composed ops compute, as PyTorch does);
+/// - training on a GPU with the fused kernels chosen (`--attn_implementation
+///   flash_attention_2`), all F32 there, heads of at most [`kernel::GPU_MAX_HEAD_DIM`] values.
+///   Under autocast too: the projections arrive rounded to the autocast dtype, and scores and
+///   probabilities stay F32 inside the kernels, as in FlashAttention.
+pub(crate) fn fused_attention_applies(
+    operands: &[&Tensor],
+    head_dim: usize,
+    dropout_p: f64,
+    mode: Mode,
+) -> bool {
+    let cpu = mode.autocast().is_none() && operands.iter().all(|t| super::train_ops::applies(t));
+    let gpu = mode.gpu_fused_attention()
+        && head_dim <= kernel::GPU_MAX_HEAD_DIM
+        && operands.first().is_some_and(|t| t.device().is_cuda())
+        && super::train_ops::has_kernel(operands);
+    dropout_p < 1.0 && (cpu || gpu)
 }
 
 /// `softmax(q k^T / sqrt(d) + bias) v` as one op ([`kernel::attention`]): `q` `(b, l, heads,
 /// d)`, `k` and `v` `(b, l, kv heads, d)`; returns `(b, l, heads * d)`. In `Train` the dropout
 /// mask on the probabilities comes from the training context's stream, drawn as [`attend`] draws it for
-/// its `(b, heads, l, l)` probabilities, so both paths drop the same entries.
+/// its `(b, heads, l, l)` probabilities, so both paths drop the same entries: as bytes on the
+/// CPU, as the stream position the GPU kernels compute the same mask from on a GPU.
 pub(super) fn fused_attention(
     q: &Tensor,
     k: &Tensor,
@@ -111,8 +130,13 @@ pub(super) fn fused_attention(
     let dropout = match mode {
         Mode::Train(training) if dropout_p > 0.0 => {
             let (b, l, heads, _) = q.dims4()?;
-            let (keep, scale) = draw_keep_mask(training, b * heads * l * l, dropout_p);
-            Some(kernel::Dropout { keep, scale })
+            let n = b * heads * l * l;
+            Some(if q.device().is_cpu() {
+                let (keep, scale) = draw_keep_mask(training, n, dropout_p);
+                kernel::Drop::Bytes(kernel::Dropout { keep, scale })
+            } else {
+                kernel::Drop::Stream(StreamMask { base: training.skip_mask(n), p: dropout_p })
+            })
         }
         _ => None,
     };
