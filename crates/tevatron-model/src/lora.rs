@@ -67,6 +67,11 @@ pub struct LoraOptions {
     pub merge: bool,
     /// Seed of a fresh adapter's A matrices.
     pub seed: u64,
+    /// While training adapters, keep the frozen base weights of the targeted modules in this
+    /// dtype instead of the compute dtype: the autocast dtype under `--bf16`/`--fp16` on a GPU,
+    /// as Tevatron loads the base in half precision there. Products with them run in that
+    /// dtype either way (autocast casts the weights to it), so only memory changes.
+    pub base_dtype: Option<DType>,
 }
 
 /// The name PEFT gives a module's adapter tensor.
@@ -309,6 +314,8 @@ pub struct LoraPlan {
     saved_modules: HashMap<String, Tensor>,
     seed: u64,
     dtype: DType,
+    /// [`LoraOptions::base_dtype`], when training.
+    base_dtype: Option<DType>,
     device: Device,
     /// Every linear module the backbone built, for the error when no target matches.
     seen: Mutex<BTreeSet<String>>,
@@ -371,10 +378,17 @@ impl LoraPlan {
             saved_modules,
             seed: opts.seed,
             dtype,
+            base_dtype: opts.base_dtype.filter(|_| !opts.merge),
             device: device.clone(),
             seen: Mutex::new(BTreeSet::new()),
             built: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The dtype the frozen base weight of linear layer `module` is kept in, when it is not the
+    /// compute dtype: [`LoraOptions::base_dtype`] for the modules the adapters target.
+    pub fn base_dtype(&self, module: &str) -> Option<DType> {
+        self.base_dtype.filter(|_| self.config.targets(module))
     }
 
     /// Called for every linear layer `module` with base weight `weight` `(out, in)`: returns

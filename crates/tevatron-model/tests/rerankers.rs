@@ -265,7 +265,7 @@ fn lora(
     source: tevatron_model::lora::AdapterSource,
     merge: bool,
 ) -> tevatron_model::lora::LoraOptions {
-    tevatron_model::lora::LoraOptions { source, merge, seed: 9 }
+    tevatron_model::lora::LoraOptions { source, merge, seed: 9, base_dtype: None }
 }
 
 /// A PEFT `SEQ_CLS` adapter (LoRA on q/v plus the score head saved whole, made by

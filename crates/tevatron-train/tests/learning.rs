@@ -113,6 +113,7 @@ fn a_lora_adapter_on_a_decoder_learns_too() {
         }),
         merge: false,
         seed: 42,
+        base_dtype: None,
     };
     let opts = EncoderOptions {
         pooling: Some(Pooling::Last),

@@ -48,7 +48,7 @@ fn fresh(targets: &[&str], seed: u64) -> LoraOptions {
         target_modules: targets.iter().map(|t| t.to_string()).collect(),
         use_rslora: false,
     };
-    LoraOptions { source: AdapterSource::Fresh(config), merge: false, seed }
+    LoraOptions { source: AdapterSource::Fresh(config), merge: false, seed, base_dtype: None }
 }
 
 fn load(base: &str, lora: Option<LoraOptions>, trainable: bool, dtype: DType) -> Encoder {
@@ -70,7 +70,7 @@ fn load(base: &str, lora: Option<LoraOptions>, trainable: bool, dtype: DType) ->
 
 /// A saved PEFT adapter, merged or trainable.
 fn saved(dir: PathBuf, merge: bool) -> LoraOptions {
-    LoraOptions { source: AdapterSource::Saved(dir), merge, seed: 0 }
+    LoraOptions { source: AdapterSource::Saved(dir), merge, seed: 0, base_dtype: None }
 }
 
 fn left_batch() -> Batch {
@@ -187,6 +187,51 @@ fn a_fresh_adapter_starts_as_the_base_model_and_saves_as_peft_does() {
         let d = max_abs_diff(&again.encode(&b, Mode::Eval).unwrap(), &trained).unwrap();
         assert!(d <= 1e-5, "reloaded adapter (merge {merge}) differs by {d}");
     }
+}
+
+/// A frozen base kept in bf16 (`LoraOptions::base_dtype`, what `train --lora --bf16` does on a
+/// GPU) trains as the F32 base does under bf16 autocast, which rounds the weights to bf16 in
+/// every product anyway: the same loss and adapter gradients. Outside autocast (validation) the
+/// bf16 base multiplies in bf16: close to the F32 base's hidden states, and not equal to them,
+/// which shows the weights really are held in bf16.
+#[test]
+fn a_bf16_base_trains_as_the_f32_base_under_autocast() {
+    let exp = expected();
+    let (qb, pb) = (batch(&exp["q_ids"], &exp["q_mask"]), batch(&exp["p_ids"], &exp["p_mask"]));
+    let run = |base_dtype| {
+        let lora = LoraOptions { base_dtype, ..saved(tiny("llama-lora"), false) };
+        let enc = load("llama", Some(lora), true, DType::F32);
+        let training = Training::new(Some(DType::BF16), 0);
+        let q = enc.encode(&qb, Mode::Train(&training)).unwrap();
+        let p = enc.encode(&pb, Mode::Train(&training)).unwrap();
+        let loss = contrastive(&q, &p, 0.01).unwrap();
+        let grads = loss.backward().unwrap();
+        let vars = enc.varmap().unwrap().data().lock().unwrap();
+        let grads: std::collections::BTreeMap<String, Vec<f32>> = vars
+            .iter()
+            .map(|(n, v)| {
+                let g = grads.get(v.as_tensor()).unwrap();
+                (n.clone(), g.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            })
+            .collect();
+        let hidden = enc.hidden_states(&qb, Mode::Eval).unwrap();
+        (loss.to_scalar::<f32>().unwrap(), grads, hidden)
+    };
+    let (loss32, grads32, hidden32) = run(None);
+    let (loss16, grads16, hidden16) = run(Some(DType::BF16));
+    assert!((loss16 - loss32).abs() <= 1e-6 * loss32.abs(), "loss {loss16} vs {loss32}");
+    assert_eq!(grads32.len(), 20);
+    for ((name, a), (_, b)) in grads32.iter().zip(&grads16) {
+        let scale = a.iter().fold(1f32, |m, v| m.max(v.abs()));
+        let d = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(d <= 1e-6 * scale, "{name}: gradients differ by {d}");
+    }
+    let d = max_abs_diff(&hidden16, &hidden32).unwrap();
+    let scale = max_abs(&hidden32).unwrap();
+    assert!(
+        d > 0.0 && f64::from(d) < 0.05 * scale,
+        "bf16 base in inference: differs by {d} (scale {scale})"
+    );
 }
 
 #[test]

@@ -99,7 +99,7 @@ pub fn warn_untrained_width(k: usize, trained: Option<&[usize]>, what: &str) {
 pub fn merged_adapter(name: &str, cache_dir: Option<&Path>) -> Result<LoraOptions> {
     let dir = tevatron_model::hub::resolve_adapter(name, cache_dir)?;
     tracing::info!("merging the LoRA adapter {}", dir.display());
-    Ok(LoraOptions { source: AdapterSource::Saved(dir), merge: true, seed: 0 })
+    Ok(LoraOptions { source: AdapterSource::Saved(dir), merge: true, seed: 0, base_dtype: None })
 }
 
 /// The device and compute dtype of an inference command (encode, rerank, annotate, mine) from

@@ -375,8 +375,10 @@ fn args_json(a: &TrainArgs) -> serde_json::Value {
 }
 
 /// `--lora` and its settings; `--lora_name_or_path` alone also turns LoRA on (continuing from
-/// that adapter, whose own settings then apply), as in Tevatron.
-fn lora_options(a: &TrainArgs) -> Result<Option<LoraOptions>> {
+/// that adapter, whose own settings then apply), as in Tevatron. On a GPU under `--bf16` or
+/// `--fp16` the frozen base is kept in that half precision, as Tevatron loads it there (half
+/// the memory of an F32 base; the products are in half precision either way).
+fn lora_options(a: &TrainArgs, device: &candle_core::Device) -> Result<Option<LoraOptions>> {
     if !a.lora && a.lora_name_or_path.is_none() {
         return Ok(None);
     }
@@ -404,7 +406,15 @@ fn lora_options(a: &TrainArgs) -> Result<Option<LoraOptions>> {
             })
         }
     };
-    Ok(Some(LoraOptions { source, merge: false, seed: a.seed }))
+    let half = if a.bf16 {
+        Some(DType::BF16)
+    } else if a.fp16 {
+        Some(DType::F16)
+    } else {
+        None
+    };
+    let base_dtype = half.filter(|_| device.is_cuda());
+    Ok(Some(LoraOptions { source, merge: false, seed: a.seed, base_dtype }))
 }
 
 /// This process's place in a data-parallel run: torchrun's variables when set, else alone.
@@ -556,6 +566,7 @@ fn run_training(a: &TrainArgs, reranker: bool) -> Result<()> {
             group.world_size()
         );
     }
+    let lora = lora_options(a, &device)?;
     let encoder = super::load_encoder(
         &a.model_name_or_path,
         a.tokenizer_name.as_deref(),
@@ -567,7 +578,7 @@ fn run_training(a: &TrainArgs, reranker: bool) -> Result<()> {
             device,
             trainable: true,
             disable_dropout: a.disable_dropout,
-            lora: lora_options(a)?,
+            lora,
             score_head: reranker.then_some(ScoreHeadOptions { init_missing: true, seed: a.seed }),
             int8: false,
         },

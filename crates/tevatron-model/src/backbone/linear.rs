@@ -33,6 +33,9 @@ pub fn matmul(a: &Tensor, b: &Tensor, mode: Mode) -> Result<Tensor> {
         Some(dt) if a.dtype() != dt => {
             a.to_dtype(dt)?.matmul(&b.to_dtype(dt)?)?.to_dtype(a.dtype())
         }
+        // A weight kept in half precision (a LoRA base, `LoraOptions::base_dtype`) multiplies
+        // in its own dtype outside autocast too (validation, inference).
+        _ if b.dtype() != a.dtype() => a.to_dtype(b.dtype())?.matmul(b)?.to_dtype(a.dtype()),
         _ => a.matmul(b),
     }
 }
@@ -214,7 +217,13 @@ impl Linears<'_> {
         out_dim: usize,
         bias: Option<Tensor>,
     ) -> Result<Linear> {
-        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let base_dtype = self.lora.and_then(|plan| plan.base_dtype(&vb.prefix()));
+        let weight = match base_dtype {
+            Some(dtype) => {
+                vb.get_with_hints_dtype((out_dim, in_dim), "weight", Default::default(), dtype)?
+            }
+            None => vb.get((out_dim, in_dim), "weight")?,
+        };
         let (weight, lora) = match self.lora {
             Some(plan) => plan.apply(&vb.prefix(), weight)?,
             None => (weight, None),
