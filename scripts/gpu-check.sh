@@ -8,6 +8,7 @@
 # It builds a random-weight MiniLM-shaped BERT with transformers, then checks
 #   0. our kernels (training ops, AdamW, gradient norm) on the GPU against the CPU, if carried,
 #   1. CUDA vs CPU parity of our embeddings (f32 max abs <= 1e-4; bf16/f16 cosine >= 0.999 per row),
+#      and two encode processes on the GPU from one command (--nproc_per_node 2) against one,
 #   2. encode throughput, ours vs transformers (mean pooling) on the same GPU, f32 and fp16,
 #   3. search: GPU (f32 and the default f16 index) against CPU over the same embeddings,
 #   4. training on the GPU: a 30-step bf16 run whose loss must fall, its step time against a
@@ -120,6 +121,18 @@ for name in ("gpu32", "gpu16", "gpubf16"):
     g = load_file(f"{out}/{name}.st")["embeddings"]
     cos = (g * cpu).sum(1) / np.linalg.norm(g, axis=1) / np.linalg.norm(cpu, axis=1)
     print(f"{name}: max abs diff {np.abs(g - cpu).max():.2e}, min cosine {cos.min():.6f}")
+PY
+echo "-- two processes on the GPU from one command (encode --nproc_per_node 2) against one process"
+enc --dataset_path "$out/small.jsonl" --device "$dev" --encode_output_path "$out/gpu2.st" --per_device_eval_batch_size 32 --nproc_per_node 2
+"$py" - "$out" <<'PY'
+import sys, numpy as np
+from safetensors.numpy import load_file
+out = sys.argv[1]
+one, two = load_file(f"{out}/gpu32.st"), load_file(f"{out}/gpu2.st")
+d = np.abs(one["embeddings"] - two["embeddings"]).max()
+print(f"two processes vs one: same ids {bytes(one['ids']) == bytes(two['ids'])}, max abs diff {d:.2e}")
+if bytes(one["ids"]) != bytes(two["ids"]) or d > 1e-4:
+    sys.exit("FAIL: two encode processes differ from one")
 PY
 echo "== throughput ($n_passages passages of 60-140 words, max 128 tokens, batch 256)"
 for flag in "" "--fp16"; do

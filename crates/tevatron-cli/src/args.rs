@@ -300,6 +300,12 @@ pub struct EncodeArgs {
     /// `--dataset_cache_dir`.
     #[command(flatten)]
     pub data: DatasetFlags,
+    /// Encode in this many processes (torchrun's flag), spread over the visible GPUs (process
+    /// k on GPU k mod their number; all on the CPU with `--device cpu`, or on one GPU given as
+    /// `--device cuda:N`): each writes its part of the input as it finishes, a rerun encodes
+    /// only the missing parts, and the parts are merged into `--encode_output_path`.
+    #[arg(long, default_value_t = 1)]
+    pub nproc_per_node: usize,
     /// Encode queries (`query_id`, `query_text`/`query`) instead of passages.
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub encode_is_query: bool,

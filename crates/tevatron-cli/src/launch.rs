@@ -46,6 +46,12 @@ fn free_port() -> Result<u16> {
 
 /// Runs this command as `n` ranks on this machine and waits for them.
 pub fn spawn_ranks(n: usize) -> Result<()> {
+    spawn_some_ranks(n, &(0..n).collect::<Vec<_>>())
+}
+
+/// Runs ranks `ranks` of an `n`-rank run of this command (the others' work is done already: an
+/// encode resumed) and waits for them.
+pub fn spawn_some_ranks(n: usize, ranks: &[usize]) -> Result<()> {
     if std::env::var_os("WORLD_SIZE").is_some() {
         bail!(
             "--nproc_per_node {n} with WORLD_SIZE already set: this process was started by a \
@@ -59,9 +65,9 @@ pub fn spawn_ranks(n: usize) -> Result<()> {
         Ok(p) => p,
         Err(_) => free_port()?.to_string(),
     };
-    tracing::info!("starting {n} ranks (MASTER_ADDR={addr} MASTER_PORT={port}); rank 0 logs");
-    let mut children: Vec<Option<Child>> = Vec::with_capacity(n);
-    for rank in 0..n {
+    tracing::info!("starting {} of {n} ranks (MASTER_ADDR={addr} MASTER_PORT={port})", ranks.len());
+    let mut children: Vec<Option<Child>> = Vec::with_capacity(ranks.len());
+    for &rank in ranks {
         let child = Command::new(&exe)
             .args(&args)
             .env("RANK", rank.to_string())
@@ -83,13 +89,13 @@ pub fn spawn_ranks(n: usize) -> Result<()> {
     }
     loop {
         let mut running = 0;
-        for rank in 0..n {
-            let Some(child) = children[rank].as_mut() else { continue };
+        for (k, &rank) in ranks.iter().enumerate() {
+            let Some(child) = children[k].as_mut() else { continue };
             match child.try_wait().with_context(|| format!("waiting for rank {rank}"))? {
                 None => running += 1,
-                Some(status) if status.success() => children[rank] = None,
+                Some(status) if status.success() => children[k] = None,
                 Some(status) => {
-                    children[rank] = None;
+                    children[k] = None;
                     stop(&mut children);
                     bail!("rank {rank} failed ({status}); the other ranks were stopped");
                 }

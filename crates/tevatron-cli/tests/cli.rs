@@ -172,6 +172,94 @@ fn shards_cover_the_corpus_and_search_the_same() {
     assert_eq!(search("shard.*.safetensors", "c.tsv", &["--shard_search"]), full);
 }
 
+/// `encode --nproc_per_node 3` (three processes on the CPU) writes what one process writes:
+/// the same ids in the same order and the same vectors (other batches, so within float noise),
+/// and leaves no parts behind. A rerun after a crash encodes only the missing parts: a part left
+/// by the same command is kept as it is (here one made with CLS pooling, so it shows), and
+/// parts of another command are cleared first.
+#[test]
+fn several_processes_encode_what_one_does_and_resume_from_their_parts() {
+    use tevatron_ir::vectors::Vectors;
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let corpus = toy("corpus.jsonl");
+    ok(encode(d, &corpus, "one.safetensors", &[]));
+    let procs = ["--nproc_per_node", "3", "--device", "cpu"];
+    ok(encode(d, &corpus, "three.safetensors", &procs));
+    let read = |name: &str| {
+        let v = Vectors::open(&d.join(name)).unwrap();
+        (v.ids().iter().map(str::to_string).collect::<Vec<_>>(), v.to_f32())
+    };
+    let (ids, one) = read("one.safetensors");
+    let (ids3, three) = read("three.safetensors");
+    assert_eq!(ids3, ids);
+    assert_eq!(ids.len(), 7);
+    let diff = one.iter().zip(&three).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(diff < 1e-5, "three processes differ from one by {diff}");
+    assert!(!d.join("three.safetensors.parts").exists(), "the parts were not removed");
+
+    // A crash left part 1 of 3 (rows 3..5), made by the same command line.
+    let parts = d.join("resumed.safetensors.parts");
+    std::fs::create_dir_all(&parts).unwrap();
+    let cls = ["--dataset_number_of_shards", "3", "--dataset_shard_index", "1", "--pooling", "cls"];
+    ok(encode(d, &corpus, "resumed.safetensors.parts/part-00001-of-00003.safetensors", &cls));
+    let model = tiny_bert();
+    let args = [
+        "encode",
+        "--model_name_or_path",
+        &model,
+        "--dataset_path",
+        &corpus,
+        "--encode_output_path",
+        "resumed.safetensors",
+        "--passage_max_len",
+        "12",
+        "--query_max_len",
+        "8",
+        "--pooling",
+        "mean",
+        "--nproc_per_node",
+        "3",
+        "--device",
+        "cpu",
+    ];
+    std::fs::write(parts.join("command.json"), serde_json::to_string(&args).unwrap()).unwrap();
+    let out = tevatron(d, &args);
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
+    assert!(log.contains("resuming: 1 of 3 parts already written"), "{log}");
+    let (ids_r, resumed) = read("resumed.safetensors");
+    assert_eq!(ids_r, ids);
+    let width = one.len() / 7;
+    let rows = |v: &[f32], r: std::ops::Range<usize>| v[r.start * width..r.end * width].to_vec();
+    assert!(rows(&resumed, 0..3).iter().zip(rows(&one, 0..3)).all(|(a, b)| (a - b).abs() < 1e-5));
+    assert!(rows(&resumed, 5..7).iter().zip(rows(&one, 5..7)).all(|(a, b)| (a - b).abs() < 1e-5));
+    let part1 = rows(&resumed, 3..5);
+    let mean1 = rows(&one, 3..5);
+    let far = part1.iter().zip(&mean1).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(far > 1e-3, "the kept part was encoded again ({far})");
+
+    // Parts of another command line are cleared, not merged.
+    let stale = d.join("stale.safetensors.parts");
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::copy(
+        parts.parent().unwrap().join("resumed.safetensors"),
+        stale.join("part-00001-of-00003.safetensors"),
+    )
+    .unwrap();
+    std::fs::write(stale.join("command.json"), "[\"another\"]").unwrap();
+    let out = encode(d, &corpus, "stale.safetensors", &procs);
+    ok(out);
+    let (ids_s, fresh) = read("stale.safetensors");
+    assert_eq!(ids_s, ids);
+    let diff = one.iter().zip(&fresh).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(diff < 1e-5, "stale parts were merged ({diff})");
+    fails_with(
+        encode(d, &corpus, "x.safetensors", &["--nproc_per_node", "0"]),
+        "--nproc_per_node must be at least 1",
+    );
+}
+
 #[test]
 fn gzip_input_and_json_argument_file_work() {
     let tmp = tempfile::tempdir().unwrap();

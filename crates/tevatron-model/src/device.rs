@@ -36,6 +36,17 @@ pub fn select(spec: Option<&str>) -> Result<Device> {
     Ok(prepare_gpu(dev))
 }
 
+/// The GPUs this process sees (0 in a build without CUDA or without a driver): what
+/// `encode --nproc_per_node` spreads its processes over.
+pub fn gpu_count() -> usize {
+    #[cfg(feature = "cuda")]
+    if candle_core::utils::cuda_is_available() {
+        use candle_core::cuda_backend::cudarc::driver::CudaContext;
+        return CudaContext::device_count().map_or(0, |n| n.max(0) as usize);
+    }
+    0
+}
+
 /// Prepares a GPU for thousands of small ops a step:
 /// - cudarc's per-buffer event tracking is turned off: it creates and destroys two CUDA events
 ///   with every allocation (every op's output). It is only needed when buffers cross streams,

@@ -10,6 +10,7 @@ use tevatron_ir::vectors::{truncate, VecDType, VectorWriter};
 use tevatron_model::encoder::{BatchOptions, EMBED_CHUNK};
 use tevatron_model::{EncoderOptions, PaddingSide, TextOptions};
 
+use super::encode_parts::Part;
 use crate::args::{EncodeArgs, VecDTypeArg};
 use crate::progress;
 
@@ -24,7 +25,7 @@ struct EncodeConfig {
     shards: (usize, usize),
 }
 
-fn validate(a: &EncodeArgs) -> Result<EncodeConfig> {
+fn validate(a: &EncodeArgs, part: Option<Part>) -> Result<EncodeConfig> {
     if a.dataset_number_of_shards == 0 || a.dataset_shard_index >= a.dataset_number_of_shards {
         bail!(
             "--dataset_shard_index {} must be below --dataset_number_of_shards {}",
@@ -43,7 +44,12 @@ fn validate(a: &EncodeArgs) -> Result<EncodeConfig> {
     };
     let padding_side = PaddingSide::from(a.encoding.padding_side);
     let e = &a.encoding;
-    let (device, dtype) = super::inference_precision(e.device.as_deref(), e.fp16, e.bf16, e.int8)?;
+    let device_spec = match part {
+        Some(p) => p.device(e.device.as_deref()),
+        None => e.device.clone(),
+    };
+    let (device, dtype) =
+        super::inference_precision(device_spec.as_deref(), e.fp16, e.bf16, e.int8)?;
     Ok(EncodeConfig {
         files,
         kind,
@@ -89,7 +95,17 @@ type Chunk = (Vec<String>, Vec<Vec<u32>>);
 
 pub fn run(a: &EncodeArgs) -> Result<()> {
     crate::tune_allocator();
-    let cfg = validate(a)?;
+    if a.nproc_per_node == 0 {
+        bail!("--nproc_per_node must be at least 1");
+    }
+    let part = Part::of_this_process()?;
+    if a.nproc_per_node > 1 && part.is_none() {
+        return super::encode_parts::run(a);
+    }
+    let cfg = validate(a, part)?;
+    let output =
+        part.map_or_else(|| a.encode_output_path.clone(), |p| p.path(&a.encode_output_path));
+    let quiet = a.quiet || part.is_some_and(|p| !p.shows_progress());
     let encoder = super::load_encoder(
         &a.model_name_or_path,
         a.encoding.tokenizer_name.as_deref(),
@@ -101,6 +117,7 @@ pub fn run(a: &EncodeArgs) -> Result<()> {
 
     let total = count_rows(&cfg.files)?;
     let range = shard_range(total, cfg.shards.0, cfg.shards.1);
+    let range = part.map_or(range.clone(), |p| p.rows(range));
     let rows = range.len();
     tracing::info!(
         "encoding {rows} {} from {} file(s) with {} ({} pooling, normalize {})",
@@ -141,14 +158,14 @@ pub fn run(a: &EncodeArgs) -> Result<()> {
     meta.insert("max_len".to_string(), cfg.text.max_len.to_string());
     meta.insert("prefix".to_string(), cfg.text.prefix.clone());
     let out_width = a.truncate_dim.unwrap_or(width);
-    let mut writer = VectorWriter::create(&a.encode_output_path, out_width, cfg.out_dtype, meta)?;
+    let mut writer = VectorWriter::create(&output, out_width, cfg.out_dtype, meta)?;
 
     let stream = RecordStream::open(cfg.files.clone(), cfg.kind).with_range(range);
     let (tx, rx) = mpsc::sync_channel::<Result<Chunk>>(2);
     let bar = progress::bar(
         Some(rows as u64),
         if a.encode_is_query { "queries" } else { "passages" },
-        a.quiet || a.disable_tqdm,
+        quiet || a.disable_tqdm,
     );
     std::thread::scope(|s| -> Result<()> {
         // Reader + tokenizer thread: keeps the next chunks ready while the model runs.
@@ -180,7 +197,7 @@ pub fn run(a: &EncodeArgs) -> Result<()> {
             }
         });
         let unit = if a.encode_is_query { "queries" } else { "passages" };
-        let mut log = progress::LogProgress::new(rows, unit, a.quiet);
+        let mut log = progress::LogProgress::new(rows, unit, quiet);
         for msg in rx {
             let (ids, seqs) = msg?;
             let mut reps = encoder.embed_sequences(&seqs, &cfg.batch)?;
@@ -196,6 +213,6 @@ pub fn run(a: &EncodeArgs) -> Result<()> {
     bar.finish_and_clear();
     let n = writer.len();
     writer.finish()?;
-    tracing::info!("wrote {n} embeddings to {}", a.encode_output_path.display());
+    tracing::info!("wrote {n} embeddings to {}", output.display());
     Ok(())
 }

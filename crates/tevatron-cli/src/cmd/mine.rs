@@ -313,6 +313,7 @@ fn embeddings(
                 data,
                 encode_is_query: is_query,
                 encode_output_path: output.to_path_buf(),
+                nproc_per_node: 1,
                 dataset_number_of_shards: 1,
                 dataset_shard_index: 0,
                 embedding_dtype: VecDTypeArg::F32,

@@ -3,6 +3,7 @@
 mod annotate;
 mod convert;
 mod encode;
+mod encode_parts;
 mod eval;
 mod fuse;
 mod index;
