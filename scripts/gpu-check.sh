@@ -20,8 +20,8 @@
 #   6. a profile of four bf16 steps: per phase, the host's issue time and the device's, with our
 #      fused kernels and with candle's composed ops (TEVATRON_GPU_COMPOSED_OPS=1),
 #   7. three LoRA steps of a tiny Mistral (testdata/tiny) on the GPU against the CPU, with
-#      the composed and with the fused attention,
-#   8. with GPU_CHECK_LLM=1, the 7B LoRA benchmark (scripts/bench/gpu-llm.sh; minutes more).
+#      the composed and with the fused attention.
+# The 7B LoRA benchmark is scripts/bench/gpu-llm.sh, run as its own command when time allows.
 # Prints every figure and the ratios; ends with "gpu-check: all checks passed" or a FAIL line.
 # A dry run of the script's logic on a machine without a GPU (any binary, fewer passages):
 #   GPU_CHECK_DEVICE=cpu GPU_CHECK_PASSAGES=1000 GPU_CHECK_STEPS=9 GPU_CHECK_BATCH=8 \
@@ -268,8 +268,4 @@ same_losses mcpu cpu mgpu gpu "GPU LoRA training of a decoder differs from CPU t
 dec mgpuf --device "$dev0" --attn_implementation flash_attention_2
 same_losses mcpu cpu mgpuf "gpu, fused attention" "GPU LoRA training with the fused attention differs from CPU training"
 [ -z "$kernels_failed" ] || { echo "FAIL: our kernels differ from the CPU (the first part)"; exit 1; }
-if [ "${GPU_CHECK_LLM:-0}" = 1 ]; then  # when the session has the minutes: the 7B benchmark
-  echo "== a 7B LoRA retriever against PyTorch + PEFT (scripts/bench/gpu-llm.sh)"
-  OUT=$out/llm GPU_LLM_DEVICE=$dev GPU_LLM_BINARY=/tmp/tev/tevatron GPU_LLM_PYTHON=$py scripts/bench/gpu-llm.sh
-fi
 echo "gpu-check: all checks passed"

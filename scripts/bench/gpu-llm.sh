@@ -22,7 +22,11 @@
 # (GPU_LLM_COMPOSED=1), with the composed attention too. Then encoding: tokens per second, ours
 # (--bf16, the whole command) against PyTorch bf16 with SDPA (the forward loop after loading).
 # The tokenizer is MiniLM's WordPiece (a decoder does not care which tokenizer feeds it).
-# Prints one table; writes it and the logs under $OUT (default /tmp/gpu-llm).
+# Prints the table row by row as each run ends, also into $OUT/table.md with the logs (default
+# /tmp/gpu-llm); the model, data and embeddings stay in $GPU_LLM_WORK (/tmp/gpu-llm-work), out
+# of what a device run brings back. Run it as its own command, after gpu-check: the model's
+# creation, four loads of 14 GB, the training runs and the encodes take several minutes; start
+# with GPU_LLM_BATCHES=8.
 set -euo pipefail
 dev=${GPU_LLM_DEVICE:-cuda}
 shape=${GPU_LLM_SHAPE:-7b}
@@ -31,8 +35,12 @@ group=${GPU_LLM_GROUP:-16}
 steps=${GPU_LLM_STEPS:-6}
 n_passages=${GPU_LLM_PASSAGES:-2000}
 out=${OUT:-/tmp/gpu-llm}
+work=${GPU_LLM_WORK:-/tmp/gpu-llm-work}
 py=${GPU_LLM_PYTHON:-$(command -v python3)}
-mkdir -p "$out" /tmp/tev
+mkdir -p "$out" "$work" /tmp/tev
+table=$out/table.md
+printf "%s\n" "| run | batch | seconds a step | peak GPU memory |" "|---|---|---|---|" > "$table"
+row() { echo "$1" | tee -a "$table"; }
 T=/tmp/tev/tevatron-llm
 if [ -n "${GPU_LLM_BINARY:-}" ]; then
   cp "$GPU_LLM_BINARY" "$T"
@@ -47,6 +55,7 @@ if ! "$py" -c 'import peft' 2>/dev/null && ls .device/wheels/*.whl > /dev/null 2
   "$py" -m pip install -q --no-deps --target /tmp/tev/py .device/wheels/*.whl
   export PYTHONPATH=/tmp/tev/py${PYTHONPATH:+:$PYTHONPATH}
 fi
+"$py" -c 'import peft' || echo "WARNING: no PEFT here: the PyTorch rows will fail (carry its wheels, see above)"
 if [ "$dev" = cuda ]; then
   libs=$("$py" -c 'import nvidia, os, glob; print(":".join(sorted({os.path.dirname(p) for d in nvidia.__path__ for p in glob.glob(d + "/**/lib*.so*", recursive=True)})))')
   export LD_LIBRARY_PATH=$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
@@ -54,7 +63,7 @@ if [ "$dev" = cuda ]; then
 fi
 
 echo "== the model ($shape, random bf16 weights) and data"
-"$py" - "$out" "$tok" "$shape" "$dev" "$n_passages" <<'PY'
+"$py" - "$work" "$tok" "$shape" "$dev" "$n_passages" <<'PY'
 import json, os, random, shutil, sys
 import torch
 from transformers import MistralConfig, MistralModel
@@ -107,25 +116,24 @@ peak_mem() {  # log command...
 }
 base_mem=0
 [ "$dev" = cuda ] && base_mem=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -n 1)
-mb() { [ "$1" = n/a ] && echo n/a || echo "$(( $1 - base_mem )) MB"; }
+mb() { case $1 in n/a) echo n/a ;; '') echo "not polled" ;; *) echo "$(( $1 - base_mem )) MB" ;; esac; }
 
 lora=(--lora --lora_r 16 --lora_alpha 64 --lora_dropout 0.1
   --lora_target_modules q_proj,k_proj,v_proj,o_proj,down_proj,up_proj,gate_proj)
 ours_train() {  # label batch extra...
   local label=$1 b=$2; shift 2
-  "$T" train --model_name_or_path "$out/model" --dataset_path "$out/train.jsonl" --output_dir "$out/$label" \
+  "$T" train --model_name_or_path "$work/model" --dataset_path "$work/train.jsonl" --output_dir "$work/$label" \
     "${lora[@]}" --bf16 --gradient_checkpointing --pooling last --normalize \
     --temperature 0.01 --per_device_train_batch_size "$b" --train_group_size "$group" \
     --query_max_len 32 --passage_max_len 156 --pad_to_multiple_of 4 --learning_rate 1e-4 --max_steps "$steps" \
     --logging_steps 1 --save_strategy no --overwrite_output_dir --device "$dev" \
-    --dataset_cache_dir "$out/cache" "$@" 2> "$out/$label.log"
+    --dataset_cache_dir "$work/cache" "$@" 2> "$out/$label.log"
 }
 theirs_train() {  # batch
   TRAIN_STEP_DEVICE=$dev TRAIN_STEP_AMP=bf16 TRAIN_STEP_DTYPE=bf16 TRAIN_STEP_ATTN=sdpa TRAIN_STEP_PAD_MULTIPLE=4 \
-    "$py" scripts/bench/train_step.py "$out/model" "$out/train.jsonl" "$steps" "$1" "$group" 32 156 last true 0.01 lora-ckpt \
+    "$py" scripts/bench/train_step.py "$work/model" "$work/train.jsonl" "$steps" "$1" "$group" 32 156 last true 0.01 lora-ckpt \
     > "$out/torch-$1.json" 2> "$out/torch-$1.log"
 }
-rows=()
 for b in $batches; do
   echo "== training, $b queries x group $group, $steps steps"
   runs=("fused:--attn_implementation flash_attention_2")
@@ -135,35 +143,38 @@ for b in $batches; do
     # shellcheck disable=SC2086
     if mem=$(peak_mem "$out/ours-$label-$b.log" ours_train "ours-$label-$b" "$b" $flags); then
       s=$("$py" scripts/bench/step_seconds.py "$out/ours-$label-$b.log")
-      rows+=("| ours ($label attention) | $b x $group | $s s | $(mb "$mem") |")
+      row "| ours ($label attention) | $b x $group | $s s | $(mb "$mem") |"
     else
       tail -n 3 "$out/ours-$label-$b.log"
-      rows+=("| ours ($label attention) | $b x $group | does not fit or failed | |")
+      row "| ours ($label attention) | $b x $group | does not fit or failed | |"
     fi
   done
   if mem=$(peak_mem "$out/torch-$b" theirs_train "$b"); then
     s=$("$py" -c 'import json,sys; print("%.3g" % json.load(open(sys.argv[1]))["sec_per_step"])' "$out/torch-$b.json")
-    rows+=("| PyTorch + PEFT (SDPA) | $b x $group | $s s | $(mb "$mem") |")
+    row "| PyTorch + PEFT (SDPA) | $b x $group | $s s | $(mb "$mem") |"
   else
     tail -n 3 "$out/torch-$b.log"
-    rows+=("| PyTorch + PEFT (SDPA) | $b x $group | does not fit or failed | |")
+    row "| PyTorch + PEFT (SDPA) | $b x $group | does not fit or failed | |"
   fi
 done
 
 echo "== encoding $n_passages passages (max 156 tokens, bf16, batch 64)"
 start=$("$py" -c 'import time; print(time.time())')
-"$T" encode --model_name_or_path "$out/model" --dataset_path "$out/passages.jsonl" --bf16 --device "$dev" \
+if "$T" encode --model_name_or_path "$work/model" --dataset_path "$work/passages.jsonl" --bf16 --device "$dev" \
   --pooling last --normalize --passage_max_len 156 --per_device_eval_batch_size 64 \
-  --encode_output_path "$out/enc.safetensors" --quiet
-ours_s=$("$py" -c "import time; print(time.time() - $start)")
-read -r tokens theirs_s < <("$py" - "$out" "$dev" <<'PY'
+  --encode_output_path "$work/enc.safetensors" --quiet 2> "$out/encode.log"; then
+  ours_s=$("$py" -c "import time; print(time.time() - $start)")
+else
+  tail -n 3 "$out/encode.log"; ours_s=""
+fi
+theirs=$("$py" - "$work" "$dev" <<'PY' 2> "$out/torch-encode.log" || true
 import json, sys, time, torch
 from transformers import AutoModel, AutoTokenizer
-out, dev = sys.argv[1], sys.argv[2]
+work, dev = sys.argv[1], sys.argv[2]
 sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-tok = AutoTokenizer.from_pretrained(f"{out}/model")
-model = AutoModel.from_pretrained(f"{out}/model", torch_dtype=torch.bfloat16, attn_implementation="sdpa").to(dev).eval()
-texts = [json.loads(l)["text"] for l in open(f"{out}/passages.jsonl")]
+tok = AutoTokenizer.from_pretrained(f"{work}/model")
+model = AutoModel.from_pretrained(f"{work}/model", torch_dtype=torch.bfloat16, attn_implementation="sdpa").to(dev).eval()
+texts = [json.loads(l)["text"] for l in open(f"{work}/passages.jsonl")]
 ids = tok(texts, truncation=True, max_length=156)["input_ids"]
 order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
 sync(); t = time.perf_counter()
@@ -176,6 +187,8 @@ sync()
 print(sum(len(x) for x in ids), time.perf_counter() - t)
 PY
 )
-table=$(printf "%s\n" "| run | batch | seconds a step | peak GPU memory |" "|---|---|---|---|" "${rows[@]}"
-  "$py" -c "t, a, b = $tokens, $ours_s, $theirs_s; print(f'\nencode: ours {t / a:.0f} tokens/s (whole command), PyTorch bf16 SDPA {t / b:.0f} tokens/s (forward loop), ours/PyTorch {b / a:.2f}x ({t} tokens)')")
-echo "$table" | tee "$out/table.md"
+read -r tokens theirs_s <<< "${theirs:-0 0}"
+row "$("$py" -c "t, a, b = $tokens, '$ours_s', $theirs_s
+ours = f'{t / float(a):.0f} tokens/s (whole command, loading included)' if a else 'failed'
+theirs = f'{t / b:.0f} tokens/s (forward loop, after loading)' if b else 'failed'
+print(f'\nencode {t} tokens: ours {ours}, PyTorch bf16 SDPA {theirs}')")"

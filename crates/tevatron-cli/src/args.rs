@@ -517,8 +517,10 @@ pub struct TrainArgs {
     /// Scores are divided by this before the cross-entropy (also under --grad_cache).
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f64,
-    /// Attention implementation; every value computes exact attention with this tool's own
-    /// kernels (eager, sdpa and flash_attention_2 are numerically the same computation).
+    /// Attention implementation (transformers' names; all compute exact attention). On a GPU,
+    /// flash_attention_2 runs this tool's fused attention kernels (memory linear in the
+    /// sequence length); eager and sdpa, composed products and softmax. The CPU always fuses
+    /// attention, and says the flag changes nothing there.
     #[arg(long)]
     pub attn_implementation: Option<String>,
     /// The data: `--dataset_name`, `--dataset_path`, `--dataset_config`, `--dataset_split`,

@@ -46,12 +46,13 @@ fn free_port() -> Result<u16> {
 
 /// Runs this command as `n` ranks on this machine and waits for them.
 pub fn spawn_ranks(n: usize) -> Result<()> {
-    spawn_some_ranks(n, &(0..n).collect::<Vec<_>>())
+    spawn_some_ranks(n, &(0..n).collect::<Vec<_>>(), &[])
 }
 
 /// Runs ranks `ranks` of an `n`-rank run of this command (the others' work is done already: an
-/// encode resumed) and waits for them.
-pub fn spawn_some_ranks(n: usize, ranks: &[usize]) -> Result<()> {
+/// encode resumed), with the variables `env` set in each besides the rendezvous ones, and
+/// waits for them.
+pub fn spawn_some_ranks(n: usize, ranks: &[usize], env: &[(&str, &str)]) -> Result<()> {
     if std::env::var_os("WORLD_SIZE").is_some() {
         bail!(
             "--nproc_per_node {n} with WORLD_SIZE already set: this process was started by a \
@@ -77,6 +78,7 @@ pub fn spawn_some_ranks(n: usize, ranks: &[usize]) -> Result<()> {
             .env("MASTER_ADDR", &addr)
             .env("MASTER_PORT", &port)
             .env(LAUNCHED, "1")
+            .envs(env.iter().copied())
             .spawn()
             .with_context(|| format!("starting rank {rank}"));
         match child {

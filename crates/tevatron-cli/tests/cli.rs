@@ -174,18 +174,49 @@ fn shards_cover_the_corpus_and_search_the_same() {
 
 /// `encode --nproc_per_node 3` (three processes on the CPU) writes what one process writes:
 /// the same ids in the same order and the same vectors (other batches, so within float noise),
-/// and leaves no parts behind. A rerun after a crash encodes only the missing parts: a part left
-/// by the same command is kept as it is (here one made with CLS pooling, so it shows), and
-/// parts of another command are cleared first.
+/// says so, and leaves no parts behind. A rerun after a failure encodes only the missing parts:
+/// a part left by the same flags is kept as it is (here rewritten with negated values, so it
+/// shows); parts made with other flags are cleared first; a merge refuses parts of different
+/// models.
 #[test]
 fn several_processes_encode_what_one_does_and_resume_from_their_parts() {
-    use tevatron_ir::vectors::Vectors;
+    use tevatron_ir::vectors::{VecDType, VectorWriter, Vectors};
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let corpus = toy("corpus.jsonl");
     ok(encode(d, &corpus, "one.safetensors", &[]));
-    let procs = ["--nproc_per_node", "3", "--device", "cpu"];
-    ok(encode(d, &corpus, "three.safetensors", &procs));
+    let model = tiny_bert();
+    let args = |out: &'static str| {
+        [
+            "encode",
+            "--model_name_or_path",
+            &model,
+            "--dataset_path",
+            &corpus,
+            "--encode_output_path",
+            out,
+            "--passage_max_len",
+            "12",
+            "--query_max_len",
+            "8",
+            "--pooling",
+            "mean",
+            "--nproc_per_node",
+            "3",
+            "--device",
+            "cpu",
+        ]
+        .map(str::to_string)
+    };
+    let run = |out: &'static str| {
+        let a = args(out);
+        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+        tevatron(d, &refs)
+    };
+    let out = run("three.safetensors");
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
+    assert!(log.contains("wrote 7 embeddings from 3 processes"), "{log}");
     let read = |name: &str| {
         let v = Vectors::open(&d.join(name)).unwrap();
         (v.ids().iter().map(str::to_string).collect::<Vec<_>>(), v.to_f32())
@@ -198,33 +229,28 @@ fn several_processes_encode_what_one_does_and_resume_from_their_parts() {
     assert!(diff < 1e-5, "three processes differ from one by {diff}");
     assert!(!d.join("three.safetensors.parts").exists(), "the parts were not removed");
 
-    // A crash left part 1 of 3 (rows 3..5), made by the same command line.
+    // The merge fails (the output's name is taken by a folder): the three parts stay.
+    std::fs::create_dir(d.join("resumed.safetensors")).unwrap();
+    assert_eq!(run("resumed.safetensors").status.code(), Some(2));
+    std::fs::remove_dir(d.join("resumed.safetensors")).unwrap();
     let parts = d.join("resumed.safetensors.parts");
-    std::fs::create_dir_all(&parts).unwrap();
-    let cls = ["--dataset_number_of_shards", "3", "--dataset_shard_index", "1", "--pooling", "cls"];
-    ok(encode(d, &corpus, "resumed.safetensors.parts/part-00001-of-00003.safetensors", &cls));
-    let model = tiny_bert();
-    let args = [
-        "encode",
-        "--model_name_or_path",
-        &model,
-        "--dataset_path",
-        &corpus,
-        "--encode_output_path",
-        "resumed.safetensors",
-        "--passage_max_len",
-        "12",
-        "--query_max_len",
-        "8",
-        "--pooling",
-        "mean",
-        "--nproc_per_node",
-        "3",
-        "--device",
-        "cpu",
-    ];
-    std::fs::write(parts.join("command.json"), serde_json::to_string(&args).unwrap()).unwrap();
-    let out = tevatron(d, &args);
+    let part = |k: usize| parts.join(format!("part-{k:05}-of-00003.safetensors"));
+    assert!((0..3).all(|k| part(k).exists()));
+    // Parts 0 and 2 were lost; part 1 (rows 3 and 4) is replaced by its negation.
+    std::fs::remove_file(part(0)).unwrap();
+    std::fs::remove_file(part(2)).unwrap();
+    let kept = Vectors::open(&part(1)).unwrap();
+    let mut meta = kept.metadata().clone();
+    meta.remove("format");
+    meta.remove("dtype");
+    let negated: Vec<f32> = kept.to_f32().iter().map(|v| -v).collect();
+    let kept_ids: Vec<String> = kept.ids().iter().map(str::to_string).collect();
+    let mut w = VectorWriter::create(&part(1), kept.dim(), kept.dtype(), meta).unwrap();
+    w.push(&negated, &kept_ids).unwrap();
+    drop(kept);
+    w.finish().unwrap();
+    std::fs::write(parts.join("part-00000-of-00003.safetensors.tmp.1.0"), "half").unwrap();
+    let out = run("resumed.safetensors");
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
     ok(out);
     assert!(log.contains("resuming: 1 of 3 parts already written"), "{log}");
@@ -232,24 +258,40 @@ fn several_processes_encode_what_one_does_and_resume_from_their_parts() {
     assert_eq!(ids_r, ids);
     let width = one.len() / 7;
     let rows = |v: &[f32], r: std::ops::Range<usize>| v[r.start * width..r.end * width].to_vec();
-    assert!(rows(&resumed, 0..3).iter().zip(rows(&one, 0..3)).all(|(a, b)| (a - b).abs() < 1e-5));
-    assert!(rows(&resumed, 5..7).iter().zip(rows(&one, 5..7)).all(|(a, b)| (a - b).abs() < 1e-5));
-    let part1 = rows(&resumed, 3..5);
-    let mean1 = rows(&one, 3..5);
-    let far = part1.iter().zip(&mean1).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    assert!(far > 1e-3, "the kept part was encoded again ({far})");
+    let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-5);
+    assert!(close(&rows(&resumed, 0..3), &rows(&one, 0..3)));
+    assert!(close(&rows(&resumed, 5..7), &rows(&one, 5..7)));
+    let minus: Vec<f32> = rows(&one, 3..5).iter().map(|v| -v).collect();
+    assert!(close(&rows(&resumed, 3..5), &minus), "the kept part was encoded again");
 
-    // Parts of another command line are cleared, not merged.
+    // A part of another model (its metadata) is refused at the merge.
+    std::fs::create_dir(d.join("mixed.safetensors")).unwrap();
+    assert_eq!(run("mixed.safetensors").status.code(), Some(2));
+    std::fs::remove_dir(d.join("mixed.safetensors")).unwrap();
+    let mixed = d.join("mixed.safetensors.parts/part-00002-of-00003.safetensors");
+    let other = Vectors::open(&mixed).unwrap();
+    let mut meta = other.metadata().clone();
+    meta.remove("format");
+    meta.remove("dtype");
+    meta.insert("model".into(), "another-model".into());
+    let (values, other_ids) =
+        (other.to_f32(), other.ids().iter().map(str::to_string).collect::<Vec<_>>());
+    drop(other);
+    let mut w = VectorWriter::create(&mixed, width, VecDType::F32, meta).unwrap();
+    w.push(&values, &other_ids).unwrap();
+    w.finish().unwrap();
+    fails_with(run("mixed.safetensors"), "delete the parts folder and encode again");
+
+    // Parts made with other flags are cleared, not merged.
     let stale = d.join("stale.safetensors.parts");
     std::fs::create_dir_all(&stale).unwrap();
-    std::fs::copy(
-        parts.parent().unwrap().join("resumed.safetensors"),
-        stale.join("part-00001-of-00003.safetensors"),
-    )
-    .unwrap();
-    std::fs::write(stale.join("command.json"), "[\"another\"]").unwrap();
-    let out = encode(d, &corpus, "stale.safetensors", &procs);
+    std::fs::copy(d.join("resumed.safetensors"), stale.join("part-00001-of-00003.safetensors"))
+        .unwrap();
+    std::fs::write(stale.join("flags.txt"), "other flags").unwrap();
+    let out = run("stale.safetensors");
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
     ok(out);
+    assert!(log.contains("holds parts made with other flags: cleared"), "{log}");
     let (ids_s, fresh) = read("stale.safetensors");
     assert_eq!(ids_s, ids);
     let diff = one.iter().zip(&fresh).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
@@ -258,6 +300,17 @@ fn several_processes_encode_what_one_does_and_resume_from_their_parts() {
         encode(d, &corpus, "x.safetensors", &["--nproc_per_node", "0"]),
         "--nproc_per_node must be at least 1",
     );
+    // Bad flags are refused once, before any process starts.
+    fails_with(
+        encode(
+            d,
+            &corpus,
+            "y.safetensors",
+            &["--nproc_per_node", "2", "--dataset_shard_index", "5"],
+        ),
+        "--dataset_shard_index 5 must be below --dataset_number_of_shards 1",
+    );
+    assert!(!d.join("y.safetensors.parts").exists());
 }
 
 #[test]

@@ -164,6 +164,8 @@ fn gpu_fused_attention_equals_the_cpu() {
         |dev, x| {
             let training = Training::new(None, 9).with_gpu_fused_attention(true);
             let bias = Tensor::from_vec(causal.clone(), (b, 1, l, l), dev)?;
+            let mode = Mode::Train(&training);
+            assert!(fused_attention_applies(&[&x[0], &x[1], &x[2], &bias], d, 0.0, mode));
             let (cos, sin) =
                 (Tensor::ones((l, d), DType::F32, dev)?, Tensor::zeros((l, d), DType::F32, dev)?);
             let qkv = [x[0].clone(), x[1].clone(), x[2].clone()];

@@ -221,6 +221,7 @@ fn a_bf16_base_trains_as_the_f32_base_under_autocast() {
     let (loss16, grads16, hidden16) = run(Some(DType::BF16));
     assert!((loss16 - loss32).abs() <= 1e-6 * loss32.abs(), "loss {loss16} vs {loss32}");
     assert_eq!(grads32.len(), 20);
+    assert!(grads32.keys().eq(grads16.keys()), "the two runs train other variables");
     for ((name, a), (_, b)) in grads32.iter().zip(&grads16) {
         let scale = a.iter().fold(1f32, |m, v| m.max(v.abs()));
         let d = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));

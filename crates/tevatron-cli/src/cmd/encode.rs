@@ -45,7 +45,7 @@ fn validate(a: &EncodeArgs, part: Option<Part>) -> Result<EncodeConfig> {
     let padding_side = PaddingSide::from(a.encoding.padding_side);
     let e = &a.encoding;
     let device_spec = match part {
-        Some(p) => p.device(e.device.as_deref()),
+        Some(p) => p.device(e.device.as_deref(), e.int8),
         None => e.device.clone(),
     };
     let (device, dtype) =
@@ -100,6 +100,7 @@ pub fn run(a: &EncodeArgs) -> Result<()> {
     }
     let part = Part::of_this_process()?;
     if a.nproc_per_node > 1 && part.is_none() {
+        validate(a, None)?; // bad flags stop here, not in every process
         return super::encode_parts::run(a);
     }
     let cfg = validate(a, part)?;

@@ -5,8 +5,8 @@
 //! temporary name and renamed, so a part that exists is complete. The launching process then
 //! merges the parts in order into the output (the rows of one process's run, in the same order)
 //! and removes them. A rerun after a crash starts only the ranks whose part is missing, when the
-//! parts were made by the same command line (`command.json` in the folder); parts of another
-//! command are cleared first.
+//! parts were made with the same flags from the same folder (`flags.txt` in the parts folder);
+//! parts made otherwise are cleared first.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -21,28 +21,37 @@ use crate::launch;
 /// Rows merged per block (bounded memory on any corpus).
 const MERGE_ROWS: usize = 4096;
 
+/// Set by [`run`] in the processes it starts: the rank that shows progress (the first whose
+/// part is missing). Its presence is what makes an encode one part of a multi-process encode,
+/// so no other launched rank (nor `mine`'s encoding) is ever taken for one.
+const PROGRESS_RANK: &str = "TEVATRON_ENCODE_PROGRESS_RANK";
+
+/// The parts folder's record of the flags that made its parts.
+const STAMP: &str = "flags.txt";
+
 /// The part of a multi-process encode this process makes: rank `rank` of `world`.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Part {
     rank: usize,
     world: usize,
+    progress: bool,
 }
 
 impl Part {
     /// This process's part, when `encode --nproc_per_node` started it for one.
     pub(super) fn of_this_process() -> Result<Option<Self>> {
-        if !launch::is_launched_rank() {
+        if !launch::is_launched_rank() || std::env::var_os(PROGRESS_RANK).is_none() {
             return Ok(None);
         }
         let var = |k: &str| -> Result<usize> {
             let v = std::env::var(k).with_context(|| format!("{k} is not set"))?;
             v.trim().parse().with_context(|| format!("{k}={v:?} is not a number"))
         };
-        let (rank, world) = (var("RANK")?, var("WORLD_SIZE")?);
+        let (rank, world, shows) = (var("RANK")?, var("WORLD_SIZE")?, var(PROGRESS_RANK)?);
         if rank >= world {
             bail!("RANK {rank} is not below WORLD_SIZE {world}");
         }
-        Ok(Some(Self { rank, world }))
+        Ok(Some(Self { rank, world, progress: rank == shows }))
     }
 
     /// Its rows of the rows `range` the command encodes: the rank-th of `world` contiguous
@@ -58,21 +67,22 @@ impl Part {
     }
 
     /// Its device for `--device spec`: GPU `rank mod count` when the flag is unset or `cuda`
-    /// and GPUs are visible, else the device given.
-    pub(super) fn device(self, spec: Option<&str>) -> Option<String> {
-        let gpus = tevatron_model::device::gpu_count();
-        match spec {
-            None | Some("cuda") | Some("gpu") if gpus > 0 => {
-                Some(format!("cuda:{}", self.rank % gpus))
-            }
-            other => other.map(str::to_string),
+    /// and GPUs are visible, else the device given (and, with `--int8`, which runs on the CPU,
+    /// always the device given).
+    pub(super) fn device(self, spec: Option<&str>, int8: bool) -> Option<String> {
+        let spread = matches!(spec, None | Some("cuda") | Some("gpu")) && !int8;
+        let gpus = if spread { tevatron_model::device::gpu_count() } else { 0 };
+        if gpus > 0 {
+            Some(format!("cuda:{}", self.rank % gpus))
+        } else {
+            spec.map(str::to_string)
         }
     }
 
-    /// Whether this part's process shows progress (the first one only: the others' bars would
-    /// overwrite it).
+    /// Whether this part's process shows progress: only one does (the first whose part was
+    /// missing), since the others' bars would overwrite it.
     pub(super) fn shows_progress(self) -> bool {
-        self.rank == 0
+        self.progress
     }
 }
 
@@ -88,19 +98,25 @@ fn parts_dir(output: &Path) -> PathBuf {
 pub(super) fn run(a: &EncodeArgs) -> Result<()> {
     let (world, output) = (a.nproc_per_node, &a.encode_output_path);
     let dir = parts_dir(output);
-    let command = serde_json::to_string(
-        &std::env::args_os().skip(1).map(|s| s.to_string_lossy().into_owned()).collect::<Vec<_>>(),
-    )?;
-    let stamp = dir.join("command.json");
-    if dir.exists() && std::fs::read_to_string(&stamp).ok().as_deref() != Some(command.as_str()) {
-        tracing::info!("{} holds the parts of another command: cleared", dir.display());
+    let cwd = std::env::current_dir().context("reading the current folder")?;
+    let flags = format!("{}\n{a:?}\n", cwd.display());
+    let stamp = dir.join(STAMP);
+    if dir.exists() && std::fs::read_to_string(&stamp).ok().as_deref() != Some(flags.as_str()) {
+        tracing::info!("{} holds parts made with other flags: cleared", dir.display());
         std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    std::fs::write(&stamp, &command).with_context(|| format!("writing {}", stamp.display()))?;
-    let parts: Vec<Part> = (0..world).map(|rank| Part { rank, world }).collect();
-    let missing: Vec<usize> =
-        parts.iter().filter(|p| !p.path(output).exists()).map(|p| p.rank).collect();
+    std::fs::write(&stamp, &flags).with_context(|| format!("writing {}", stamp.display()))?;
+    let paths: Vec<PathBuf> =
+        (0..world).map(|rank| Part { rank, world, progress: false }.path(output)).collect();
+    // What a stopped process left half-written (its temporary files) goes.
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        if path != stamp && !paths.contains(&path) {
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    let missing: Vec<usize> = (0..world).filter(|&k| !paths[k].exists()).collect();
     if missing.len() < world {
         tracing::info!(
             "resuming: {} of {world} parts already written in {}",
@@ -108,10 +124,10 @@ pub(super) fn run(a: &EncodeArgs) -> Result<()> {
             dir.display()
         );
     }
-    if !missing.is_empty() {
-        launch::spawn_some_ranks(world, &missing)?;
+    if let Some(first) = missing.first() {
+        let shows = first.to_string();
+        launch::spawn_some_ranks(world, &missing, &[(PROGRESS_RANK, shows.as_str())])?;
     }
-    let paths: Vec<PathBuf> = parts.iter().map(|p| p.path(output)).collect();
     let n = merge(&paths, output)?;
     std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     tracing::info!("wrote {n} embeddings from {world} processes to {}", output.display());
@@ -119,7 +135,7 @@ pub(super) fn run(a: &EncodeArgs) -> Result<()> {
 }
 
 /// Writes the rows of `parts`, in order, to `output` (the first part's width, dtype and
-/// metadata); returns the rows written.
+/// metadata, which every part must share); returns the rows written.
 fn merge(parts: &[PathBuf], output: &Path) -> Result<usize> {
     let Some(first) = parts.first() else { bail!("no parts to merge") };
     let first = Vectors::open(first)?;
@@ -131,14 +147,19 @@ fn merge(parts: &[PathBuf], output: &Path) -> Result<usize> {
     let mut block = Vec::new();
     for path in parts {
         let part = Vectors::open(path)?;
-        if part.dim() != first.dim() || part.dtype() != first.dtype() {
+        if part.dim() != first.dim()
+            || part.dtype() != first.dtype()
+            || part.metadata() != first.metadata()
+        {
             bail!(
-                "{}: {} dimensions in {:?}, where the first part has {} in {:?}",
+                "{}: {} dimensions in {:?} made with {:?}, where the first part has {} in {:?} made with {:?}; delete the parts folder and encode again",
                 path.display(),
                 part.dim(),
                 part.dtype(),
+                part.metadata(),
                 first.dim(),
-                first.dtype()
+                first.dtype(),
+                first.metadata()
             );
         }
         for start in (0..part.len()).step_by(MERGE_ROWS) {

@@ -30,12 +30,12 @@ use crate::lora::{LoraPlan, LoraWeights};
 /// A matrix product under the forward's mixed precision (see [`super::Training`]).
 pub fn matmul(a: &Tensor, b: &Tensor, mode: Mode) -> Result<Tensor> {
     match mode.autocast() {
-        Some(dt) if a.dtype() != dt => {
+        Some(dt) if a.dtype() != dt || b.dtype() != dt => {
             a.to_dtype(dt)?.matmul(&b.to_dtype(dt)?)?.to_dtype(a.dtype())
         }
         // A weight kept in half precision (a LoRA base, `LoraOptions::base_dtype`) multiplies
         // in its own dtype outside autocast too (validation, inference).
-        _ if b.dtype() != a.dtype() => a.to_dtype(b.dtype())?.matmul(b)?.to_dtype(a.dtype()),
+        None if b.dtype() != a.dtype() => a.to_dtype(b.dtype())?.matmul(b)?.to_dtype(a.dtype()),
         _ => a.matmul(b),
     }
 }

@@ -41,7 +41,7 @@ impl Dropout {
 
 /// How the training op drops probabilities: a byte mask drawn on the host (the CPU), or the
 /// stream position a GPU's kernels compute the same decisions from.
-pub(in crate::backbone) enum Drop {
+pub(in crate::backbone) enum AttentionDrop {
     Bytes(Dropout),
     Stream(StreamMask),
 }
@@ -335,7 +335,7 @@ fn softmax_backward_rows(probs: &[f32], dprobs: &mut [f32], l: usize) {
 struct Attention {
     mask: Tensor,
     heads: Heads,
-    dropout: Option<Drop>,
+    dropout: Option<AttentionDrop>,
 }
 
 impl Attention {
@@ -351,8 +351,8 @@ impl Attention {
         use std::borrow::Cow;
         match &self.dropout {
             None => None,
-            Some(Drop::Bytes(d)) => Some(Cow::Borrowed(d)),
-            Some(Drop::Stream(m)) => {
+            Some(AttentionDrop::Bytes(d)) => Some(Cow::Borrowed(d)),
+            Some(AttentionDrop::Stream(m)) => {
                 let keep = m.bytes(b * self.heads.query * l * l);
                 Some(Cow::Owned(Dropout { keep, scale: m.scale() }))
             }
@@ -368,10 +368,10 @@ impl Attention {
         let Heads { query, kv, dim } = self.heads;
         let dims = crate::backbone::train_ops::cuda::AttentionDims { b, l, query, kv, dim };
         match &self.dropout {
-            Some(Drop::Bytes(_)) => {
+            Some(AttentionDrop::Bytes(_)) => {
                 candle_core::bail!("train-attention: a host dropout mask on a GPU")
             }
-            Some(Drop::Stream(m)) => Ok((dims, Some(*m))),
+            Some(AttentionDrop::Stream(m)) => Ok((dims, Some(*m))),
             None => Ok((dims, None)),
         }
     }
@@ -517,7 +517,7 @@ pub(in crate::backbone) fn attention(
     k: &Tensor,
     v: &Tensor,
     bias: &Tensor,
-    dropout: Option<Drop>,
+    dropout: Option<AttentionDrop>,
 ) -> Result<Tensor> {
     let (_, _, query, dim) = q.dims4()?;
     let (_, _, kv, _) = k.dims4()?;

@@ -107,10 +107,19 @@ pub(crate) fn fused_attention_applies(
     mode: Mode,
 ) -> bool {
     let cpu = mode.autocast().is_none() && operands.iter().all(|t| super::train_ops::applies(t));
-    let gpu = mode.gpu_fused_attention()
-        && head_dim <= kernel::GPU_MAX_HEAD_DIM
-        && operands.first().is_some_and(|t| t.device().is_cuda())
-        && super::train_ops::has_kernel(operands);
+    let on_gpu =
+        mode.gpu_fused_attention() && operands.first().is_some_and(|t| t.device().is_cuda());
+    let gpu =
+        on_gpu && head_dim <= kernel::GPU_MAX_HEAD_DIM && super::train_ops::has_kernel(operands);
+    if on_gpu && !gpu {
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| {
+            tracing::info!(
+                "--attn_implementation flash_attention_2: attention runs composed here (the fused kernels take F32 heads of at most {} values, and are off under TEVATRON_GPU_COMPOSED_OPS)",
+                kernel::GPU_MAX_HEAD_DIM
+            )
+        });
+    }
     dropout_p < 1.0 && (cpu || gpu)
 }
 
@@ -133,9 +142,12 @@ pub(super) fn fused_attention(
             let n = b * heads * l * l;
             Some(if q.device().is_cpu() {
                 let (keep, scale) = draw_keep_mask(training, n, dropout_p);
-                kernel::Drop::Bytes(kernel::Dropout { keep, scale })
+                kernel::AttentionDrop::Bytes(kernel::Dropout { keep, scale })
             } else {
-                kernel::Drop::Stream(StreamMask { base: training.skip_mask(n), p: dropout_p })
+                kernel::AttentionDrop::Stream(StreamMask {
+                    base: training.skip_mask(n),
+                    p: dropout_p,
+                })
             })
         }
         _ => None,
