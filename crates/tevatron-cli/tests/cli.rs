@@ -18,6 +18,13 @@ fn tiny(name: &str) -> String {
 }
 
 fn encode(dir: &Path, input: &str, out: &str, extra: &[&str]) -> Output {
+    let args = encode_args(input, out, extra);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    tevatron(dir, &refs)
+}
+
+/// The arguments of [`encode`]: the tiny BERT, short lengths, mean pooling, quiet.
+fn encode_args(input: &str, out: &str, extra: &[&str]) -> Vec<String> {
     let model = tiny_bert();
     let mut args = vec![
         "encode",
@@ -36,9 +43,7 @@ fn encode(dir: &Path, input: &str, out: &str, extra: &[&str]) -> Output {
         "--quiet",
     ];
     args.extend_from_slice(extra);
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    tevatron(dir, &refs)
+    args.iter().map(|s| s.to_string()).collect()
 }
 
 fn tiny_bert() -> String {
@@ -185,28 +190,10 @@ fn several_processes_encode_what_one_does_and_resume_from_their_parts() {
     let d = tmp.path();
     let corpus = toy("corpus.jsonl");
     ok(encode(d, &corpus, "one.safetensors", &[]));
-    let model = tiny_bert();
-    let args = |out: &'static str| {
-        [
-            "encode",
-            "--model_name_or_path",
-            &model,
-            "--dataset_path",
-            &corpus,
-            "--encode_output_path",
-            out,
-            "--passage_max_len",
-            "12",
-            "--query_max_len",
-            "8",
-            "--pooling",
-            "mean",
-            "--nproc_per_node",
-            "3",
-            "--device",
-            "cpu",
-        ]
-        .map(str::to_string)
+    let procs = ["--nproc_per_node", "3", "--device", "cpu"];
+    // Not quiet: the log says what happened.
+    let args = |out: &str| -> Vec<String> {
+        encode_args(&corpus, out, &procs).into_iter().filter(|a| a != "--quiet").collect()
     };
     let run = |out: &'static str| {
         let a = args(out);
