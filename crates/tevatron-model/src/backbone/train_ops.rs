@@ -120,6 +120,10 @@ impl SoftmaxRows {
     }
 }
 
+/// The widest head the GPU attention kernels hold in a warp's registers (`ATTN_PER_LANE`
+/// values a lane in `kernels/train.cu`); wider heads run as composed ops there.
+pub(in crate::backbone) const GPU_MAX_HEAD_DIM: usize = 8 * 32;
+
 #[cfg(any(test, feature = "cuda"))]
 #[path = "train_ops_cuda.rs"]
 pub(crate) mod cuda;

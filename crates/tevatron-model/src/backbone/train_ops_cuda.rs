@@ -7,7 +7,7 @@
 use candle_core::Result;
 
 use super::SoftmaxRows;
-use crate::backbone::attention::kernel::GPU_MAX_HEAD_DIM;
+use super::GPU_MAX_HEAD_DIM;
 use crate::cuda_kernels::{Arg, ColumnChunks, Kernels, Launch, Operand, CHUNK_ROWS};
 use crate::rng::StreamMask;
 

@@ -46,10 +46,6 @@ pub(in crate::backbone) enum AttentionDrop {
     Stream(StreamMask),
 }
 
-/// The widest head the GPU kernels hold in a warp's registers (`ATTN_PER_LANE` values a lane
-/// in `kernels/train.cu`); wider heads run as composed ops there.
-pub(in crate::backbone) const GPU_MAX_HEAD_DIM: usize = 8 * 32;
-
 /// Head counts and width: `query` heads share `kv` key/value heads (grouped-query attention).
 #[derive(Clone, Copy, Debug)]
 pub(in crate::backbone) struct Heads {

@@ -97,7 +97,7 @@ pub fn rotary_attention(
 /// - all F32 on the CPU without autocast (under autocast its F32 products would be more
 ///   precise than the low-precision ones the composed ops compute, as PyTorch does);
 /// - training on a GPU with the fused kernels chosen (`--attn_implementation
-///   flash_attention_2`), all F32 there, heads of at most [`kernel::GPU_MAX_HEAD_DIM`] values.
+///   flash_attention_2`), all F32 there, heads of at most [`super::train_ops::GPU_MAX_HEAD_DIM`] values.
 ///   Under autocast too: the projections arrive rounded to the autocast dtype, and scores and
 ///   probabilities stay F32 inside the kernels, as in FlashAttention.
 pub(crate) fn fused_attention_applies(
@@ -109,14 +109,15 @@ pub(crate) fn fused_attention_applies(
     let cpu = mode.autocast().is_none() && operands.iter().all(|t| super::train_ops::applies(t));
     let on_gpu =
         mode.gpu_fused_attention() && operands.first().is_some_and(|t| t.device().is_cuda());
-    let gpu =
-        on_gpu && head_dim <= kernel::GPU_MAX_HEAD_DIM && super::train_ops::has_kernel(operands);
+    let gpu = on_gpu
+        && head_dim <= super::train_ops::GPU_MAX_HEAD_DIM
+        && super::train_ops::has_kernel(operands);
     if on_gpu && !gpu {
         static SAID: std::sync::Once = std::sync::Once::new();
         SAID.call_once(|| {
             tracing::info!(
                 "--attn_implementation flash_attention_2: attention runs composed here (the fused kernels take F32 heads of at most {} values, and are off under TEVATRON_GPU_COMPOSED_OPS)",
-                kernel::GPU_MAX_HEAD_DIM
+                super::train_ops::GPU_MAX_HEAD_DIM
             )
         });
     }
