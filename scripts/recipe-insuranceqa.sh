@@ -22,9 +22,10 @@
 #                                           # of mined ones, and negatives mined without the
 #                                           # filters (mining leaves out a question it finds no
 #                                           # negative for: see the summary)
-#   MATRYOSHKA=1 ...                        # adds round 1 trained with the Matryoshka loss on
-#                                           # 384, 192 and 96 dimensions, and both round-1
-#                                           # models searched at 192 and 96 (rows <stage>@<k>)
+#   MATRYOSHKA=1 ...                        # adds rounds 1 and 2 trained with the Matryoshka
+#                                           # loss on 384, 192 and 96 dimensions, and each
+#                                           # round's two models searched at 192 and 96 (rows
+#                                           # <stage>@<k>)
 # Writes runs/recipe-insuranceqa[-quick]/metrics.json {"zero_shot": {...}, "seed_recipe": ...,
 # "round1": ..., "round2": ..., "rerank": ..., "fused": ..., "distilled": ...}, times.json (wall seconds per
 # stage), report.md, and each stage's model in <stage>/model (the reranker in reranker/model). Re-running reuses every finished stage; an interrupted training resumes
@@ -196,14 +197,14 @@ reuse=""
 cmp -s "$d/mine.corpus.jsonl" "$d/eval.corpus.jsonl" && reuse=keep
 evaluate "$out/round1/model" round1 $reuse
 
-# Matryoshka (MATRYOSHKA=1): round 1 again with the loss on the first 384, 192 and 96
-# dimensions (round1_matryoshka), and both models searched at 192 and 96 dimensions of their
-# dev embeddings (search --truncate_dim; round 1 was not trained for it, so search warns). A row
-# <stage>@<k> is that stage's model at k dimensions.
-if [ "${MATRYOSHKA:-0}" = 1 ]; then
-  train_stage round1_matryoshka "$model" "${round1[@]}" --matryoshka_dims 384,192,96
-  evaluate "$out/round1_matryoshka/model" round1_matryoshka keep
-  for stage in round1 round1_matryoshka; do
+# Matryoshka (MATRYOSHKA=1): a round again with the loss on the first 384, 192 and 96
+# dimensions (round<n>_matryoshka), and both models searched at 192 and 96 dimensions of their
+# dev embeddings (search --truncate_dim; the plain round was not trained for it, so search
+# warns). A row <stage>@<k> is that stage's model at k dimensions.
+matryoshka=(--matryoshka_dims 384,192,96)
+truncated_evals() {  # stage...: each searched at 192 and 96 dimensions
+  local stage k start
+  for stage in "$@"; do
     for k in 192 96; do
       [ -f "$out/$stage/eval-$k/metrics.json" ] && continue
       start=$SECONDS
@@ -212,6 +213,11 @@ if [ "${MATRYOSHKA:-0}" = 1 ]; then
       record_time "$stage@$k (dev evaluation)" $((SECONDS - start))
     done
   done
+}
+if [ "${MATRYOSHKA:-0}" = 1 ]; then
+  train_stage round1_matryoshka "$model" "${round1[@]}" "${matryoshka[@]}"
+  evaluate "$out/round1_matryoshka/model" round1_matryoshka keep
+  truncated_evals round1 round1_matryoshka
 fi
 
 # Mines training questions (round 2's unless given) with the round-1 model into
@@ -258,14 +264,20 @@ for l in open(sys.argv[1]):
 # some queries, in the quick run).
 steps2=$(( (round2_rows + 15) / 16 ))
 every2=$(( steps2 / 2 > 0 ? steps2 / 2 : 1 ))
-round2_stage() {  # stage training-file
-  train_stage "$1" "$out/round1/model" --dataset_path "$2" --per_device_train_batch_size 16 \
+round2_stage() {  # stage training-file [keep [extra-flags...]]
+  local stage=$1 data=$2 keep=${3:-}
+  shift $(($# < 3 ? $# : 3))
+  train_stage "$stage" "$out/round1/model" --dataset_path "$data" --per_device_train_batch_size 16 \
     --train_group_size 4 --num_train_epochs 1 --eval_steps "$every2" --save_steps "$every2" \
-    "${validation[@]}"
-  evaluate "$out/$1/model" "$1"
+    "${validation[@]}" "$@"
+  evaluate "$out/$stage/model" "$stage" $keep
 }
 mine_stage round2 --range_min 3 --drop_same_text
 round2_stage round2 "$out/round2/mined.jsonl"
+if [ "${MATRYOSHKA:-0}" = 1 ]; then  # round 2's 250 steps on mined negatives, with Matryoshka
+  round2_stage round2_matryoshka "$out/round2/mined.jsonl" keep "${matryoshka[@]}"
+  truncated_evals round2 round2_matryoshka
+fi
 
 # A reranker and distillation: a cross-encoder trained from the same MiniLM (its score head
 # initialised) on every training question with negatives mined by round 1 (the filters of round
@@ -450,7 +462,11 @@ if [ "${CONTROL:-0}" = 1 ]; then
   round2_stage round2_unfiltered "$out/round2_unfiltered/mined.jsonl"
   stages="$stages round2_pool round2_unfiltered"
 fi
-[ "${MATRYOSHKA:-0}" = 1 ] && stages="$stages round1@192 round1@96 round1_matryoshka round1_matryoshka@192 round1_matryoshka@96"
+if [ "${MATRYOSHKA:-0}" = 1 ]; then
+  for r in round1 round2; do
+    stages="$stages $r@192 $r@96 ${r}_matryoshka ${r}_matryoshka@192 ${r}_matryoshka@96"
+  done
+fi
 
 # The table.
 python3 - "$out" "$quick" $stages <<'PY'
