@@ -88,6 +88,20 @@ pub fn parse_bool(s: &str) -> Result<bool, String> {
     }
 }
 
+/// The longest `--pad_to_multiple_of` taken: longer than any model's position table, so a
+/// larger one could only pad past what a model reads (or overflow the batch's size).
+const MAX_PAD_MULTIPLE: usize = 1 << 20;
+
+/// `--pad_to_multiple_of`: a count of tokens up to [`MAX_PAD_MULTIPLE`] (0 and 1 pad to the
+/// longest text itself).
+fn parse_pad_multiple(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n <= MAX_PAD_MULTIPLE => Ok(n),
+        Ok(_) => Err(format!("at most {MAX_PAD_MULTIPLE} (no model reads that many positions)")),
+        Err(e) => Err(format!("{s:?} is not a token count: {e}")),
+    }
+}
+
 /// `--pooling` values, with Tevatron's aliases.
 /// `--pooling`: Tevatron's names and aliases, from [`tevatron_model::Pooling::NAMES`].
 fn parse_pooling(name: &str) -> Result<tevatron_model::Pooling, String> {
@@ -169,7 +183,7 @@ pub struct EncodingFlags {
     #[arg(long, value_enum, default_value = "right")]
     pub padding_side: SideArg,
     /// Pad each batch to its longest text rounded up to a multiple of this.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = parse_pad_multiple)]
     pub pad_to_multiple_of: usize,
     /// Texts per batch (batches of short texts may hold more, up to the same token count).
     #[arg(long, default_value_t = 8)]
@@ -385,7 +399,7 @@ pub struct CrossEncoderFlags {
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub append_eos_token: bool,
     /// Pad each batch to its longest pair rounded up to a multiple of this.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = parse_pad_multiple)]
     pub pad_to_multiple_of: usize,
     /// Pairs per batch (batches of short pairs may hold more, up to the same token count).
     #[arg(long, default_value_t = 8)]
@@ -581,7 +595,7 @@ pub struct TrainArgs {
     #[arg(long, num_args = 0..=1, default_value = "true", default_missing_value = "true", value_parser = parse_bool)]
     pub add_special_tokens: bool,
     /// Pad each batch to its longest text rounded up to a multiple of this.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = parse_pad_multiple)]
     pub pad_to_multiple_of: usize,
     /// Side to pad on.
     #[arg(long, value_enum, default_value = "right")]

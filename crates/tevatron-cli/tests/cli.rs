@@ -175,6 +175,13 @@ fn shards_cover_the_corpus_and_search_the_same() {
     let full = search("full.safetensors", "a.tsv", &[]);
     assert_eq!(search("shard.*.safetensors", "b.tsv", &[]), full);
     assert_eq!(search("shard.*.safetensors", "c.tsv", &["--shard_search"]), full);
+    // A batch far beyond the query count (i64::MAX queries of the vectors' width would
+    // overflow the batch's length) is every query at once.
+    let mut huge: Vec<&str> = vec!["search", "--query_reps", "q.safetensors"];
+    huge.extend(["--passage_reps", "full.safetensors", "--depth", "7", "--save_text"]);
+    huge.extend(["--save_ranking_to", "d.tsv", "--batch_size", "9223372036854775807"]);
+    ok(tevatron(d, &huge));
+    assert_eq!(std::fs::read_to_string(d.join("d.tsv")).unwrap(), full);
 }
 
 /// `encode --nproc_per_node 3` (three processes on the CPU) writes what one process writes:
@@ -359,6 +366,22 @@ fn bad_model_inputs_are_clear_errors() {
     let w = std::fs::read(Path::new(&tiny_bert()).join("model.safetensors")).unwrap();
     std::fs::write(m.join("model.safetensors"), &w[..w.len() / 2]).unwrap();
     fails_with(run(m.to_str().unwrap()), "model.safetensors: cannot read weights");
+    // Lengths the flags cannot hold: BERT's [CLS] and [SEP] fill a max length of 2, and a
+    // padding multiple past any model's positions.
+    let flags = |extra: &[&str]| {
+        let mut a: Vec<&str> = vec!["--quiet"];
+        a.extend_from_slice(extra);
+        common::encode_toy(d, &tiny_bert(), "o.safetensors", &a)
+    };
+    fails_with(
+        flags(&["--passage_max_len", "2"]),
+        "max length 2 leaves no room for text: the tokenizer adds 2",
+    );
+    let out = flags(&["--pad_to_multiple_of", "4611686018427387904"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("at most 1048576") && !err.contains("panicked"), "{err}");
+    assert!(!d.join("o.safetensors").exists());
     // LoRA encoding is refused, not ignored.
     let out = tevatron(
         d,

@@ -199,7 +199,8 @@ fn scan_shard(
     let rows = shard.rows();
     let n = shard.len();
     let k = depth.min(n);
-    let batch_size = if batch_size == 0 { nq.max(1) } else { batch_size };
+    // A batch beyond the query count is all of them (and keeps `batch_size * dim` from overflowing).
+    let batch_size = if batch_size == 0 { nq.max(1) } else { batch_size.min(nq.max(1)) };
     let mut out = Vec::with_capacity(nq);
     let blocks: Vec<usize> = (0..n).step_by(DOC_BLOCK).collect();
     // One contiguous run of blocks per thread: each keeps one heap per query, so there are only

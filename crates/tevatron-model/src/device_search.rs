@@ -45,7 +45,8 @@ pub fn search_shard_on(
         blocks.push((start, block));
     }
     let nq = queries.len() / dim;
-    let batch = if batch_size == 0 { nq.max(1) } else { batch_size };
+    // A batch beyond the query count is all of them (and keeps `batch * dim` from overflowing).
+    let batch = if batch_size == 0 { nq.max(1) } else { batch_size.min(nq.max(1)) };
     let mut out = Vec::with_capacity(nq);
     for qb in queries.chunks(batch * dim) {
         let bq = qb.len() / dim;

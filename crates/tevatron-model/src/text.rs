@@ -7,7 +7,9 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+use tokenizers::{
+    PostProcessor, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
+};
 
 use crate::{Error, Result};
 
@@ -223,12 +225,7 @@ impl TextTokenizer {
             )));
         }
         let budget = if opts.append_eos { opts.max_len.saturating_sub(1) } else { opts.max_len };
-        if budget == 0 {
-            return Err(Error::Invalid(format!(
-                "max length {} leaves no room for text",
-                opts.max_len
-            )));
-        }
+        room_for_text(&self.tokenizer, opts, budget, false)?;
         let mut tokenizer = self.tokenizer.clone();
         tokenizer
             .with_truncation(Some(TruncationParams {
@@ -285,6 +282,8 @@ impl PreparedTokenizer {
     /// none (its class's `model_input_names` lack `token_type_ids`: every class but BERT's),
     /// as the model then sees them.
     pub fn tokenize_pairs(&self, pairs: &[(String, String)]) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
+        let budget = self.opts.max_len.saturating_sub(usize::from(self.opts.append_eos));
+        room_for_text(&self.tokenizer, &self.opts, budget, true)?;
         let inputs: Vec<tokenizers::EncodeInput> = pairs
             .iter()
             .map(|(a, b)| (format!("{}{a}", self.opts.prefix), b.clone()).into())
@@ -333,6 +332,31 @@ impl PreparedTokenizer {
     pub fn options(&self) -> &TextOptions {
         &self.opts
     }
+}
+
+/// Refuses a max length that the tokenizer's own special tokens fill (as `[CLS]` and `[SEP]`
+/// do a length of 2): the tokenizers crate subtracts them from the truncation length without
+/// a check, which overflows, and no text would be left anyway.
+fn room_for_text(
+    tokenizer: &Tokenizer,
+    opts: &TextOptions,
+    budget: usize,
+    pair: bool,
+) -> Result<()> {
+    let specials = match tokenizer.get_post_processor() {
+        Some(processor) if opts.add_special_tokens => processor.added_tokens(pair),
+        _ => 0,
+    };
+    if budget <= specials {
+        let what = if pair { "a text pair" } else { "a text" };
+        return Err(Error::Invalid(format!(
+            "max length {} leaves no room for text: the tokenizer adds {specials} special \
+             token(s) to {what}{}",
+            opts.max_len,
+            if opts.append_eos { ", and --append_eos_token one more" } else { "" }
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

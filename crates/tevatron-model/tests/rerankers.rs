@@ -137,6 +137,28 @@ fn text_pairs_take_token_types_as_sentence_transformers_cross_encoder() {
     assert!(max_abs_diff_of(&untyped, &want) > 100.0 * SCORE_ATOL);
 }
 
+/// A max length that BERT's special tokens fill ([CLS] and [SEP] a text, one [SEP] more a
+/// pair) is refused with the count, where the tokenizers crate would overflow.
+#[test]
+fn a_max_length_the_special_tokens_fill_is_refused() {
+    let tok = tevatron_model::TextTokenizer::load(&tiny_dir("bert")).unwrap();
+    let opts = |max_len, append_eos| TextOptions { max_len, append_eos, ..TextOptions::default() };
+    let pair = [("a question".to_string(), "an answer".to_string())];
+    for max_len in [0, 1, 2] {
+        let err = tok.prepare(&opts(max_len, false)).err().expect("refused").to_string();
+        assert!(err.contains("adds 2 special token(s) to a text"), "{err}");
+    }
+    let three = tok.prepare(&opts(3, false)).unwrap();
+    assert_eq!(three.tokenize(&["a question".to_string()]).unwrap()[0].len(), 3);
+    let err = three.tokenize_pairs(&pair).expect_err("refused").to_string();
+    assert!(
+        err.contains("max length 3") && err.contains("3 special token(s) to a text pair"),
+        "{err}"
+    );
+    let four = tok.prepare(&opts(4, false)).unwrap().tokenize_pairs(&pair).unwrap();
+    assert_eq!(four[0].0.len(), 4);
+}
+
 #[test]
 fn a_saved_reranker_keeps_transformers_names_and_its_scores() {
     for name in MODELS {
