@@ -268,8 +268,14 @@ impl std::ops::Index<usize> for Ids {
 }
 
 enum Storage {
-    Mapped { map: memmap2::Mmap, start: usize, len: usize },
-    Owned(Vec<u8>),
+    Mapped {
+        map: memmap2::Mmap,
+        start: usize,
+        len: usize,
+    },
+    /// Unaligned file data copied into words, so that it is 4-byte aligned (a `Vec<u8>`,
+    /// empty or not, promises no alignment); the length in bytes beside.
+    Owned(Vec<u32>, usize),
     Floats(Vec<f32>),
 }
 
@@ -335,7 +341,10 @@ impl Vectors {
         let storage = if aligned {
             Storage::Mapped { map, start, len }
         } else {
-            Storage::Owned(map[start..start + len].to_vec())
+            let mut words = vec![0u32; len.div_ceil(4)];
+            bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..len]
+                .copy_from_slice(&map[start..start + len]);
+            Storage::Owned(words, len)
         };
         let metadata = meta.metadata().clone().unwrap_or_default().into_iter().collect();
         let ids = std::sync::Arc::new(ids);
@@ -409,7 +418,7 @@ impl Vectors {
     pub fn rows(&self) -> Rows<'_> {
         let bytes: &[u8] = match &self.storage {
             Storage::Mapped { map, start, len } => &map[*start..*start + *len],
-            Storage::Owned(v) => v,
+            Storage::Owned(words, len) => &bytemuck::cast_slice::<u32, u8>(words)[..*len],
             Storage::Floats(v) => bytemuck::cast_slice(v),
         };
         match self.dtype {
@@ -496,6 +505,37 @@ mod tests {
         w.push(&[1.0, 2.0], &[""]).unwrap();
         w.finish().unwrap();
         assert_eq!(Vectors::open(&path).unwrap().ids().iter().collect::<Vec<_>>(), [""]);
+    }
+
+    /// Embeddings that start off a 4-byte boundary (another writer put a one-byte tensor
+    /// first) are read by copy, 0 rows or 2.
+    #[test]
+    fn unaligned_embeddings_are_read_empty_or_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("u.safetensors");
+        for rows in [0usize, 2] {
+            let values: Vec<f32> = (0..rows * 2).map(|i| i as f32 + 0.5).collect();
+            let ids = if rows == 0 { String::new() } else { "a\nb".to_string() };
+            let emb_end = 1 + 4 * values.len();
+            let mut header = serde_json::json!({
+                "pad": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+                "embeddings": {"dtype": "F32", "shape": [rows, 2], "data_offsets": [1, emb_end]},
+                "ids": {"dtype": "U8", "shape": [ids.len()], "data_offsets": [emb_end, emb_end + ids.len()]},
+            })
+            .to_string();
+            while !header.len().is_multiple_of(8) {
+                header.push(' ');
+            }
+            let mut file = (header.len() as u64).to_le_bytes().to_vec();
+            file.extend(header.as_bytes());
+            file.push(7);
+            file.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+            file.extend(ids.as_bytes());
+            std::fs::write(&path, file).unwrap();
+            let v = Vectors::open(&path).unwrap();
+            assert_eq!(v.len(), rows);
+            assert_eq!(v.to_f32(), values);
+        }
     }
 
     #[test]
