@@ -133,8 +133,10 @@ impl Config {
         self.hidden_size / self.num_attention_heads
     }
 
-    /// Each layer's kind: `layer_types` when given, else every `global_attn_every_n_layers`-th.
-    fn kinds(&self) -> Result<Vec<Kind>> {
+    /// Layer `i`'s kind: `layer_types` when given, else every `global_attn_every_n_layers`-th.
+    /// Asked layer by layer, so that a config's layer count sizes nothing before the weights
+    /// are found.
+    fn kind(&self, i: usize) -> Result<Kind> {
         match &self.layer_types {
             Some(types) => {
                 if types.len() != self.num_hidden_layers {
@@ -144,25 +146,20 @@ impl Config {
                         self.num_hidden_layers
                     );
                 }
-                types
-                    .iter()
-                    .map(|t| match t.as_str() {
-                        "full_attention" => Ok(Kind::Global),
-                        "sliding_attention" => Ok(Kind::Local),
-                        other => fail!(
-                            "layer type {other:?} is not supported (full_attention, sliding_attention)"
-                        ),
-                    })
-                    .collect()
+                match types[i].as_str() {
+                    "full_attention" => Ok(Kind::Global),
+                    "sliding_attention" => Ok(Kind::Local),
+                    other => fail!(
+                        "layer type {other:?} is not supported (full_attention, sliding_attention)"
+                    ),
+                }
             }
             None => {
                 let every = self.global_attn_every_n_layers;
                 if every == 0 {
                     fail!("global_attn_every_n_layers is 0");
                 }
-                Ok((0..self.num_hidden_layers)
-                    .map(|i| if i % every == 0 { Kind::Global } else { Kind::Local })
-                    .collect())
+                Ok(if i.is_multiple_of(every) { Kind::Global } else { Kind::Local })
             }
         }
     }
@@ -240,17 +237,22 @@ impl ModernBert {
         let e = vb.pp("embeddings");
         let embed = candle_nn::embedding(cfg.vocab_size, h, e.pp("tok_embeddings"))?;
         let emb_norm = norm(e.pp("norm"))?;
-        let kinds = cfg.kinds()?;
-        let mut layers = Vec::with_capacity(kinds.len());
-        for (i, &kind) in kinds.iter().enumerate() {
+        let (qkv, up) = match (h.checked_mul(3), inter.checked_mul(2)) {
+            (Some(qkv), Some(up)) => (qkv, up),
+            _ => fail!("hidden_size {h} or intermediate_size {inter} is too large"),
+        };
+        // Not sized by num_hidden_layers: the file's layers bound the loop, the config does not.
+        let mut layers = Vec::new();
+        for i in 0..cfg.num_hidden_layers {
+            let kind = cfg.kind(i)?;
             let l = vb.pp("layers").pp(i);
             let (a, m) = (l.pp("attn"), l.pp("mlp"));
             layers.push(Layer {
                 attn_norm: if i == 0 { None } else { Some(norm(l.pp("attn_norm"))?) },
-                wqkv: lin.maybe_bias(a.pp("Wqkv"), h, 3 * h, cfg.attention_bias)?,
+                wqkv: lin.maybe_bias(a.pp("Wqkv"), h, qkv, cfg.attention_bias)?,
                 attn_out: lin.maybe_bias(a.pp("Wo"), h, h, cfg.attention_bias)?,
                 mlp_norm: norm(l.pp("mlp_norm"))?,
-                wi: lin.maybe_bias(m.pp("Wi"), h, 2 * inter, cfg.mlp_bias)?,
+                wi: lin.maybe_bias(m.pp("Wi"), h, up, cfg.mlp_bias)?,
                 mlp_out: lin.maybe_bias(m.pp("Wo"), inter, h, cfg.mlp_bias)?,
                 kind,
             });
@@ -367,6 +369,10 @@ pub const MODERNBERT: Registered = Registered {
 mod tests {
     use super::*;
 
+    fn kinds(cfg: &Config) -> Result<Vec<Kind>> {
+        (0..cfg.num_hidden_layers).map(|i| cfg.kind(i)).collect()
+    }
+
     fn config(extra: &str) -> Config {
         let base = r#""vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
             "num_hidden_layers": 4, "num_attention_heads": 2"#;
@@ -380,14 +386,14 @@ mod tests {
             r#", "global_attn_every_n_layers": 3, "global_rope_theta": 5000.0,
             "local_rope_theta": 700.0"#,
         );
-        assert_eq!(cfg.kinds().unwrap(), [Kind::Global, Kind::Local, Kind::Local, Kind::Global]);
+        assert_eq!(kinds(&cfg).unwrap(), [Kind::Global, Kind::Local, Kind::Local, Kind::Global]);
         assert_eq!(cfg.rope_theta(Kind::Global).unwrap(), 5000.0);
         assert_eq!(cfg.rope_theta(Kind::Local).unwrap(), 700.0);
         // transformers' defaults.
         let cfg = config("");
         assert_eq!(cfg.rope_theta(Kind::Global).unwrap(), 160_000.0);
         assert_eq!(cfg.rope_theta(Kind::Local).unwrap(), 10_000.0);
-        assert_eq!(cfg.kinds().unwrap()[1..], [Kind::Local, Kind::Local, Kind::Global]);
+        assert_eq!(kinds(&cfg).unwrap()[1..], [Kind::Local, Kind::Local, Kind::Global]);
     }
 
     /// transformers 5's `layer_types` and `rope_parameters` win over the older fields.
@@ -398,7 +404,7 @@ mod tests {
             "layer_types": ["sliding_attention", "full_attention", "full_attention", "sliding_attention"],
             "rope_parameters": {"full_attention": {"rope_theta": 42.0, "rope_type": "default"}}"#,
         );
-        assert_eq!(cfg.kinds().unwrap(), [Kind::Local, Kind::Global, Kind::Global, Kind::Local]);
+        assert_eq!(kinds(&cfg).unwrap(), [Kind::Local, Kind::Global, Kind::Global, Kind::Local]);
         assert_eq!(cfg.rope_theta(Kind::Global).unwrap(), 42.0);
         assert_eq!(cfg.rope_theta(Kind::Local).unwrap(), 10_000.0);
     }
@@ -406,13 +412,17 @@ mod tests {
     #[test]
     fn malformed_settings_are_errors() {
         let cfg = config(r#", "layer_types": ["full_attention"]"#);
-        assert!(cfg.kinds().unwrap_err().to_string().contains("1 entries for 4 layers"));
+        assert!(kinds(&cfg).unwrap_err().to_string().contains("1 entries for 4 layers"));
         let cfg = config(
             r#", "layer_types": ["full_attention", "chunked", "full_attention", "full_attention"]"#,
         );
-        assert!(cfg.kinds().unwrap_err().to_string().contains("\"chunked\""));
+        assert!(kinds(&cfg).unwrap_err().to_string().contains("\"chunked\""));
         let cfg = config(r#", "global_attn_every_n_layers": 0"#);
-        assert!(cfg.kinds().is_err());
+        assert!(kinds(&cfg).is_err());
+        // A layer count past any file is asked layer by layer (the weights end the loading).
+        let mut cfg = config(r#", "global_attn_every_n_layers": 3"#);
+        cfg.num_hidden_layers = usize::MAX;
+        assert_eq!(cfg.kind(usize::MAX - 1).unwrap(), Kind::Local);
         let cfg = config(r#", "rope_parameters": {"sliding_attention": {"rope_type": "yarn"}}"#);
         assert!(cfg.rope_theta(Kind::Local).unwrap_err().to_string().contains("yarn"));
         // An older `rope_scaling` applies to both kinds, so its type is refused for either.
