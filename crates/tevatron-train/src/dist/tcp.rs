@@ -63,7 +63,10 @@ impl TcpTransport {
     /// with the same `WORLD_SIZE` and a distinct rank; the others connect (retrying while
     /// rank 0 starts). Gives up with a message after `timeout`.
     pub fn connect(rv: &Rendezvous) -> Result<Self> {
-        let deadline = Instant::now() + rv.timeout;
+        // A --ddp_timeout past what an Instant holds waits a century instead of overflowing.
+        let now = Instant::now();
+        let century = std::time::Duration::from_secs(100 * 365 * 24 * 3600);
+        let deadline = now.checked_add(rv.timeout).unwrap_or(now + century);
         let addr = rv.address();
         let resolved = addr
             .to_socket_addrs()

@@ -66,6 +66,17 @@ fn tcp_ranks_exchange_in_order() {
     });
 }
 
+/// A `--ddp_timeout` past what an `Instant` holds (u64::MAX seconds) still meets the ranks.
+#[test]
+fn the_longest_timeout_meets_the_ranks() {
+    let port = free_port();
+    std::thread::scope(|s| {
+        for rank in 0..2 {
+            s.spawn(move || TcpTransport::connect(&rendezvous(rank, 2, port, u64::MAX)).unwrap());
+        }
+    });
+}
+
 #[test]
 fn mismatched_world_sizes_are_refused_on_both_sides() {
     let port = free_port();
