@@ -411,7 +411,7 @@ pub fn search_compact(
         })
         .collect();
     let codes = compact.bytes();
-    let batch_size = if batch_size == 0 { nq.max(1) } else { batch_size.min(nq.max(1)) };
+    let batch_size = crate::search::queries_per_batch(batch_size, nq);
     // As many queries per pass as keep each thread's candidate lists (up to 2m keys of 8
     // bytes a query) within CANDIDATE_BUDGET; the result does not depend on it.
     let batch_size = batch_size.min((CANDIDATE_BUDGET / (16 * m)).max(1));

@@ -134,6 +134,16 @@ impl TopK {
     }
 }
 
+/// Queries scored per pass for a `--batch_size` of `batch_size` (0: all of them) over `nq`
+/// queries. A batch beyond the query count is all of them, which also keeps its length in
+/// values (`batch x width`) from overflowing.
+pub fn queries_per_batch(batch_size: usize, nq: usize) -> usize {
+    match batch_size {
+        0 => nq.max(1),
+        b => b.min(nq.max(1)),
+    }
+}
+
 /// Checks that every value is finite; names the file and row otherwise.
 pub fn check_finite(
     values: &[f32],
@@ -199,8 +209,7 @@ fn scan_shard(
     let rows = shard.rows();
     let n = shard.len();
     let k = depth.min(n);
-    // A batch beyond the query count is all of them (and keeps `batch_size * dim` from overflowing).
-    let batch_size = if batch_size == 0 { nq.max(1) } else { batch_size.min(nq.max(1)) };
+    let batch_size = queries_per_batch(batch_size, nq);
     let mut out = Vec::with_capacity(nq);
     let blocks: Vec<usize> = (0..n).step_by(DOC_BLOCK).collect();
     // One contiguous run of blocks per thread: each keeps one heap per query, so there are only

@@ -7,7 +7,9 @@
 //! one block of scores.
 
 use candle_core::{DType, Device, Tensor};
-use tevatron_ir::search::{check_finite, check_width, top_k_of_blocks, ScoreBlock};
+use tevatron_ir::search::{
+    check_finite, check_width, queries_per_batch, top_k_of_blocks, ScoreBlock,
+};
 use tevatron_ir::vectors::Vectors;
 use tevatron_ir::{Error, Result};
 
@@ -45,8 +47,7 @@ pub fn search_shard_on(
         blocks.push((start, block));
     }
     let nq = queries.len() / dim;
-    // A batch beyond the query count is all of them (and keeps `batch * dim` from overflowing).
-    let batch = if batch_size == 0 { nq.max(1) } else { batch_size.min(nq.max(1)) };
+    let batch = queries_per_batch(batch_size, nq);
     let mut out = Vec::with_capacity(nq);
     for qb in queries.chunks(batch * dim) {
         let bq = qb.len() / dim;

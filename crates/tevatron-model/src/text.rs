@@ -224,8 +224,7 @@ impl TextTokenizer {
                 self.path.display()
             )));
         }
-        let budget = if opts.append_eos { opts.max_len.saturating_sub(1) } else { opts.max_len };
-        room_for_text(&self.tokenizer, opts, budget, false)?;
+        let budget = room_for_text(&self.tokenizer, opts, false)?;
         let mut tokenizer = self.tokenizer.clone();
         tokenizer
             .with_truncation(Some(TruncationParams {
@@ -282,8 +281,7 @@ impl PreparedTokenizer {
     /// none (its class's `model_input_names` lack `token_type_ids`: every class but BERT's),
     /// as the model then sees them.
     pub fn tokenize_pairs(&self, pairs: &[(String, String)]) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
-        let budget = self.opts.max_len.saturating_sub(usize::from(self.opts.append_eos));
-        room_for_text(&self.tokenizer, &self.opts, budget, true)?;
+        room_for_text(&self.tokenizer, &self.opts, true)?;
         let inputs: Vec<tokenizers::EncodeInput> = pairs
             .iter()
             .map(|(a, b)| (format!("{}{a}", self.opts.prefix), b.clone()).into())
@@ -334,15 +332,12 @@ impl PreparedTokenizer {
     }
 }
 
-/// Refuses a max length that the tokenizer's own special tokens fill (as `[CLS]` and `[SEP]`
-/// do a length of 2): the tokenizers crate subtracts them from the truncation length without
-/// a check, which overflows, and no text would be left anyway.
-fn room_for_text(
-    tokenizer: &Tokenizer,
-    opts: &TextOptions,
-    budget: usize,
-    pair: bool,
-) -> Result<()> {
+/// The tokenizer's truncation length (the max length, less the EOS `--append_eos_token`
+/// appends), refused when the tokenizer's own special tokens fill it (as `[CLS]` and `[SEP]` do
+/// a length of 2): the tokenizers crate subtracts them from it without a check, which
+/// overflows, and no text would be left anyway.
+fn room_for_text(tokenizer: &Tokenizer, opts: &TextOptions, pair: bool) -> Result<usize> {
+    let budget = opts.max_len.saturating_sub(usize::from(opts.append_eos));
     let specials = match tokenizer.get_post_processor() {
         Some(processor) if opts.add_special_tokens => processor.added_tokens(pair),
         _ => 0,
@@ -356,7 +351,7 @@ fn room_for_text(
             if opts.append_eos { ", and --append_eos_token one more" } else { "" }
         )));
     }
-    Ok(())
+    Ok(budget)
 }
 
 #[cfg(test)]
