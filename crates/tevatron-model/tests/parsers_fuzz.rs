@@ -266,3 +266,109 @@ fn an_adapter_config_that_is_not_an_object_is_refused() {
         names(&err, &path);
     }
 }
+
+/// A hand-made `pytorch_model.bin` (the zip layout `torch.save` writes) holding one F32 tensor
+/// `w` rebuilt by `_rebuild_tensor_v2` from `args` (pickle opcodes after the storage), and
+/// `data` as its storage bytes.
+fn pth_file(model: &Path, args: &[u8], data: &[u8]) -> PathBuf {
+    fn text(s: &str) -> Vec<u8> {
+        let mut b = vec![b'X'];
+        b.extend((s.len() as u32).to_le_bytes());
+        b.extend(s.as_bytes());
+        b
+    }
+    let global = |module: &str, name: &str| format!("c{module}\n{name}\n").into_bytes();
+    let mut pickle = vec![0x80, 2, b'}', b'('];
+    pickle.extend(text("w"));
+    pickle.extend(global("torch._utils", "_rebuild_tensor_v2"));
+    pickle.push(b'(');
+    // The storage: a persistent id ("storage", FloatStorage, key "0", "cpu", 4 elements).
+    pickle.push(b'(');
+    pickle.extend(text("storage"));
+    pickle.extend(global("torch", "FloatStorage"));
+    pickle.extend(text("0"));
+    pickle.extend(text("cpu"));
+    pickle.extend([b'K', 4, b't', b'Q']);
+    pickle.extend(args);
+    pickle.extend([b't', b'R', b'u', b'.']);
+
+    std::fs::create_dir_all(model).unwrap();
+    let path = model.join("pytorch_model.bin");
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+    let stored =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    for (name, bytes) in [("archive/data.pkl", &pickle[..]), ("archive/data/0", data)] {
+        zip.start_file(name, stored).unwrap();
+        std::io::Write::write_all(&mut zip, bytes).unwrap();
+    }
+    zip.finish().unwrap();
+    path
+}
+
+/// Pickle opcodes for a tuple of small ints.
+fn int_tuple(values: &[i32]) -> Vec<u8> {
+    let mut b = vec![b'('];
+    for v in values {
+        b.push(b'J');
+        b.extend(v.to_le_bytes());
+    }
+    b.push(b't');
+    b
+}
+
+/// Malformed PyTorch checkpoints that upstream candle's unpickler panicked on, or answered by
+/// allocating whatever size they claimed: each is an error naming the file (or, for a tensor
+/// whose header cannot be rebuilt, the tensor is skipped as candle skips unsupported ones).
+#[test]
+fn malformed_pytorch_checkpoints_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let floats: Vec<u8> = [1f32, 2., 3., 4.].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let well_formed = |size: &[i32], stride: &[i32]| {
+        let mut args = vec![b'J'];
+        args.extend(0i32.to_le_bytes());
+        args.extend(int_tuple(size));
+        args.extend(int_tuple(stride));
+        args.extend([0x89, b'}']);
+        args
+    };
+
+    // The hand-made file itself is right: it loads, with its values.
+    let model = dir.path().join("good");
+    pth_file(&model, &well_formed(&[2, 2], &[2, 1]), &floats);
+    let tensors = weights::load(&model, &[], &Device::Cpu).unwrap();
+    let w = tensors["w"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(w, [1., 2., 3., 4.]);
+
+    // Too few arguments to `_rebuild_tensor_v2` (upstream indexed them blindly).
+    let model = dir.path().join("short");
+    pth_file(&model, &[b'J', 0, 0, 0, 0], &floats);
+    let result = bounded("weights::load", move || weights::load(&model, &[], &Device::Cpu));
+    assert!(!result.is_ok_and(|t| t.contains_key("w")), "a tensor without its size loaded");
+
+    // A size whose element count overflows: the tensor is not rebuilt.
+    let model = dir.path().join("overflow");
+    pth_file(&model, &well_formed(&[i32::MAX, i32::MAX, i32::MAX], &[1, 1, 1]), &floats);
+    let result = bounded("weights::load", move || weights::load(&model, &[], &Device::Cpu));
+    assert!(!result.is_ok_and(|t| t.contains_key("w")), "an overflowing size loaded");
+
+    // A size far beyond the storage the file holds: an error naming the file, not a 4 GB
+    // allocation.
+    let model = dir.path().join("huge");
+    let path = pth_file(&model, &well_formed(&[32768, 32768], &[32768, 1]), &floats);
+    let err = bounded("weights::load", move || weights::load(&model, &[], &Device::Cpu))
+        .map(|_| ())
+        .unwrap_err();
+    names(&err, &path);
+    assert!(chain(&err).contains("holds 16"), "{}", chain(&err));
+
+    // A LONG1 of more bytes than an i64 has (upstream shifted past 64 bits).
+    let model = dir.path().join("long1");
+    let mut args = vec![0x8a, 9];
+    args.extend([0xff; 9]);
+    args.extend(&well_formed(&[2, 2], &[2, 1])[5..]);
+    let path = pth_file(&model, &args, &floats);
+    let err = bounded("weights::load", move || weights::load(&model, &[], &Device::Cpu))
+        .map(|_| ())
+        .unwrap_err();
+    names(&err, &path);
+}

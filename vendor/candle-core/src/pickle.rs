@@ -224,8 +224,8 @@ impl Object {
                 class_name,
             } if module_name == "torch._tensor" && class_name == "_rebuild_from_type_v2" => {
                 let mut args = args.tuple()?;
-                let callable = args.remove(0);
-                let args = args.remove(1);
+                let callable = take(&mut args, 0, "_rebuild_from_type_v2")?;
+                let args = take(&mut args, 1, "_rebuild_from_type_v2")?;
                 (callable, args)
             }
             Object::Class {
@@ -233,7 +233,7 @@ impl Object {
                 class_name,
             } if module_name == "torch._utils" && class_name == "_rebuild_parameter" => {
                 let mut args = args.tuple()?;
-                args.remove(0).reduce()?
+                take(&mut args, 0, "_rebuild_parameter")?.reduce()?
             }
             _ => (callable, args),
         };
@@ -289,6 +289,16 @@ impl<T: TryFrom<Object, Error = Object>> TryFrom<Object> for Vec<T> {
             }
             other => Err(other),
         }
+    }
+}
+
+/// Removes item `i` of a pickled tuple, or says which tuple was too short (upstream indexes
+/// blindly, so a malformed file panicked).
+fn take(items: &mut Vec<Object>, i: usize, what: &str) -> Result<Object> {
+    if i < items.len() {
+        Ok(items.remove(i))
+    } else {
+        crate::bail!("{what}: expected at least {} arguments, found {}", i + 1, items.len())
     }
 }
 
@@ -603,9 +613,12 @@ impl Stack {
             }
             OpCode::Long1 => {
                 let n_bytes = r.read_u8()?;
+                if n_bytes > 8 {
+                    crate::bail!("LONG1 of {n_bytes} bytes does not fit in an i64")
+                }
                 let mut v = 0;
                 // Decode the next n bytes in little endian
-                for i in 0..n_bytes {
+                for i in 0..u32::from(n_bytes) {
                     v |= (r.read_u8()? as i64) << (i * 8);
                 }
                 self.push(Object::Long(v))
@@ -625,14 +638,18 @@ impl From<Object> for E {
 // Arguments: storage, storage_offset, size, stride, requires_grad, backward_hooks
 fn rebuild_args(args: Object) -> Result<(Layout, DType, String, usize)> {
     let mut args = args.tuple()?;
-    let stride = Vec::<usize>::try_from(args.remove(3))?;
-    let size = Vec::<usize>::try_from(args.remove(2))?;
-    let offset = args.remove(1).int_or_long()? as usize;
-    let storage = args.remove(0).persistent_load()?;
+    let stride = Vec::<usize>::try_from(take(&mut args, 3, "_rebuild_tensor_v2")?)?;
+    let size = Vec::<usize>::try_from(take(&mut args, 2, "_rebuild_tensor_v2")?)?;
+    let offset = take(&mut args, 1, "_rebuild_tensor_v2")?.int_or_long()?;
+    let offset = usize::try_from(offset).map_err(|_| E::Msg(format!("negative offset {offset}")))?;
+    let storage = take(&mut args, 0, "_rebuild_tensor_v2")?.persistent_load()?;
     let mut storage = storage.tuple()?;
-    let storage_size = storage.remove(4).int_or_long()? as usize;
-    let path = storage.remove(2).unicode()?;
-    let (_module_name, class_name) = storage.remove(1).class()?;
+    let storage_size = take(&mut storage, 4, "storage")?.int_or_long()? as usize;
+    let path = take(&mut storage, 2, "storage")?.unicode()?;
+    let (_module_name, class_name) = take(&mut storage, 1, "storage")?.class()?;
+    if stride.len() != size.len() {
+        crate::bail!("{} strides for a tensor of rank {}", stride.len(), size.len())
+    }
     let dtype = match class_name.as_str() {
         "FloatStorage" => DType::F32,
         "DoubleStorage" => DType::F64,
@@ -644,11 +661,17 @@ fn rebuild_args(args: Object) -> Result<(Layout, DType, String, usize)> {
             crate::bail!("unsupported storage type {other}")
         }
     };
-    let layout = Layout::new(
-        crate::Shape::from(size),
-        stride,
-        offset * dtype.size_in_bytes(),
-    );
+    // Checked here so that no later product of the (untrusted) sizes overflows, not even the
+    // partial products of the contiguity checks (hence zero dims counted as one).
+    let elems = size
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d.max(1)))
+        .ok_or_else(|| E::Msg(format!("tensor of size {size:?} has too many elements")))?;
+    let start = offset
+        .checked_mul(dtype.size_in_bytes())
+        .filter(|s| elems.checked_mul(dtype.size_in_bytes()).and_then(|n| n.checked_add(*s)).is_some())
+        .ok_or_else(|| E::Msg(format!("tensor offset {offset} is too large")))?;
+    let layout = Layout::new(crate::Shape::from(size), stride, start);
     Ok((layout, dtype, path, storage_size))
 }
 
@@ -790,11 +813,22 @@ impl PthTensors {
                 &mut std::io::sink(),
             )?;
         }
-        let tensor = Tensor::from_reader(
-            tensor_info.layout.shape().clone(),
-            tensor_info.dtype,
-            &mut reader,
-        )?;
+        // Read what the file holds (never more than the tensor needs) before allocating the
+        // tensor, so a header claiming more elements than the file has is an error, not an
+        // allocation of whatever size it claims.
+        let shape = tensor_info.layout.shape().clone();
+        let needed = shape.elem_count() * tensor_info.dtype.size_in_bytes();
+        let mut bytes = Vec::new();
+        reader.by_ref().take(needed as u64).read_to_end(&mut bytes)?;
+        if bytes.len() != needed {
+            crate::bail!(
+                "tensor {} needs {needed} bytes from {}, which holds {}",
+                tensor_info.name,
+                tensor_info.path,
+                bytes.len()
+            )
+        }
+        let tensor = Tensor::from_raw_buffer(&bytes, tensor_info.dtype, shape.dims(), &crate::Device::Cpu)?;
 
         if rank > 1 && is_fortran_contiguous {
             // Reverse the shape, e.g. Shape(2, 3, 4) -> Shape(4, 3, 2)
