@@ -140,7 +140,7 @@ pub fn resolve(
 
 /// A hub dataset's snapshot folder: from the cache, or downloaded (data files only).
 fn hub_dataset(id: &str, cache_dir: Option<&Path>) -> Result<PathBuf> {
-    let cache = tevatron_model::hub::cache_dir(cache_dir);
+    let cache = tevatron_model::hub::cache_dir(cache_dir)?;
     let folder = cache.join(format!("datasets--{}", id.replace('/', "--")));
     let snapshots = folder.join("snapshots");
     if let Ok(entries) = std::fs::read_dir(&snapshots) {

@@ -2,6 +2,7 @@
 //! through the standard cache (`HF_HUB_CACHE`, else `HF_HOME/hub`, else
 //! `~/.cache/huggingface/hub`) and downloaded with the hub client when the network allows.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use hf_hub::{Cache, Repo, RepoType};
@@ -20,18 +21,38 @@ const MODEL_FILES: &[&str] = &[
 const WEIGHT_FILES: &[&str] =
     &["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"];
 
-/// The hub cache folder, honouring `cache_dir`, `HF_HUB_CACHE` and `HF_HOME`.
-pub fn cache_dir(explicit: Option<&Path>) -> PathBuf {
+/// The hub cache folder, honouring `cache_dir`, `HF_HUB_CACHE` and `HF_HOME` (as
+/// huggingface_hub does), else `~/.cache/huggingface/hub`; an error naming the ways to set it
+/// when there is no home folder (hf-hub's own default panics there).
+pub fn cache_dir(explicit: Option<&Path>) -> Result<PathBuf> {
+    cache_dir_from(explicit, |name| std::env::var_os(name), std::env::home_dir)
+}
+
+/// [`cache_dir`] with the environment and the home folder given, so that tests need not
+/// change the process's environment.
+fn cache_dir_from(
+    explicit: Option<&Path>,
+    var: impl Fn(&str) -> Option<OsString>,
+    home: impl FnOnce() -> Option<PathBuf>,
+) -> Result<PathBuf> {
     if let Some(p) = explicit {
-        return p.to_path_buf();
+        return Ok(p.to_path_buf());
     }
-    if let Some(p) = std::env::var_os("HF_HUB_CACHE") {
-        return PathBuf::from(p);
+    let set = |name: &str| var(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(p) = set("HF_HUB_CACHE") {
+        return Ok(p);
     }
-    if let Some(p) = std::env::var_os("HF_HOME") {
-        return PathBuf::from(p).join("hub");
+    if let Some(p) = set("HF_HOME") {
+        return Ok(p.join("hub"));
     }
-    Cache::default().path().clone()
+    match home().filter(|h| !h.as_os_str().is_empty()) {
+        Some(h) => Ok(h.join(".cache").join("huggingface").join("hub")),
+        None => Err(Error::NotFound(
+            "no Hugging Face cache folder: HOME is not set and the user has no home folder; \
+             set HF_HOME or HF_HUB_CACHE, or pass --cache_dir"
+                .into(),
+        )),
+    }
 }
 
 fn offline() -> bool {
@@ -52,7 +73,7 @@ pub fn resolve_model(name_or_path: &str, cache: Option<&Path>) -> Result<PathBuf
     if !looks_like_id(name_or_path) {
         return Err(Error::NotFound(format!("model folder {name_or_path} does not exist")));
     }
-    let cache_path = cache_dir(cache);
+    let cache_path = cache_dir(cache)?;
     let repo = Repo::new(name_or_path.to_string(), RepoType::Model);
     let cached = Cache::new(cache_path.clone()).repo(repo.clone());
     if let (Some(config), Some(_)) = (cached.get("config.json"), cached.get("tokenizer.json")) {
@@ -167,7 +188,7 @@ fn resolve_files(
     if !looks_like_id(name_or_path) {
         return Err(Error::NotFound(format!("{what} folder {name_or_path} does not exist")));
     }
-    let cache_path = cache_dir(cache);
+    let cache_path = cache_dir(cache)?;
     let repo = Repo::new(name_or_path.to_string(), RepoType::Model);
     let cached = Cache::new(cache_path.clone()).repo(repo.clone());
     let found: Option<Vec<PathBuf>> = required.iter().map(|f| cached.get(f)).collect();
@@ -198,4 +219,36 @@ fn resolve_files(
             cache_path.display()
         ))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env<'a>(pairs: &'a [(&str, &str)]) -> impl Fn(&str) -> Option<OsString> + 'a {
+        move |name| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| OsString::from(v))
+    }
+
+    #[test]
+    fn cache_dir_follows_huggingface_hub_order() {
+        let home = || Some(PathBuf::from("/home/u"));
+        let all = [("HF_HUB_CACHE", "/c"), ("HF_HOME", "/h")];
+        let explicit = cache_dir_from(Some(Path::new("/e")), env(&all), home).unwrap();
+        assert_eq!(explicit, Path::new("/e"));
+        assert_eq!(cache_dir_from(None, env(&all), home).unwrap(), Path::new("/c"));
+        let hf_home = [("HF_HUB_CACHE", ""), ("HF_HOME", "/h")];
+        assert_eq!(cache_dir_from(None, env(&hf_home), home).unwrap(), Path::new("/h/hub"));
+        assert_eq!(
+            cache_dir_from(None, env(&[]), home).unwrap(),
+            Path::new("/home/u/.cache/huggingface/hub")
+        );
+    }
+
+    /// No HOME and no passwd entry: hf-hub's `Cache::default` panicked; this is an error that
+    /// says what to set.
+    #[test]
+    fn no_home_folder_is_an_error_naming_the_remedies() {
+        let err = cache_dir_from(None, env(&[]), || None).unwrap_err().to_string();
+        assert!(err.contains("HF_HOME") && err.contains("--cache_dir"), "{err}");
+    }
 }
