@@ -184,6 +184,14 @@ fn bad_adapters_are_clear_errors() {
         &["--pooling", "cls", "--padding_side", "left"],
     );
     fails_with(out, "--pooling cls with --padding_side left");
+    // A rank beyond both sides of every layer (a typo of 16): refused, not an abort when the
+    // adapters are allocated.
+    let out = mistral_recipe(
+        dir.path(),
+        &dir.path().join("o").to_string_lossy(),
+        &["--lora_r", "1600000000000"],
+    );
+    fails_with(out, "--lora_r 1600000000000 is larger than the model's hidden size 32");
     assert!(!dir.path().join("x.safetensors").exists());
 }
 

@@ -350,12 +350,15 @@ pub struct LoraWeights {
 impl LoraPlan {
     /// Resolves the options: reads the adapter folder when one is given. A module name that
     /// starts with one of the model family's `prefixes` (a `SEQ_CLS` adapter names
-    /// `bert.encoder…`, the backbone `encoder…`) is read without it.
+    /// `bert.encoder…`, the backbone `encoder…`) is read without it. `hidden` is the model's
+    /// hidden size, which one side of every linear layer has: a fresh adapter's rank past it
+    /// adds nothing and is refused.
     pub fn new(
         opts: &LoraOptions,
         dtype: DType,
         device: &Device,
         prefixes: &[&str],
+        hidden: usize,
     ) -> Result<Self> {
         let (config, start, saved_modules) = match &opts.source {
             AdapterSource::Saved(dir) => {
@@ -370,6 +373,15 @@ impl LoraPlan {
         };
         if config.r == 0 {
             return Err(Error::Invalid("--lora_r must be at least 1".into()));
+        }
+        if matches!(opts.source, AdapterSource::Fresh(_)) && config.r > hidden {
+            // The product B A has rank at most min(out, in) <= hidden; a rank past it is a
+            // typo, and allocating it could exhaust memory (an abort, not an error).
+            return Err(Error::Invalid(format!(
+                "--lora_r {} is larger than the model's hidden size {hidden}: an adapter's rank \
+                 cannot exceed it",
+                config.r
+            )));
         }
         Ok(Self {
             config,
@@ -404,6 +416,15 @@ impl LoraPlan {
         }
         let (out_dim, in_dim) = weight.dims2()?;
         let start = self.start.get(module);
+        if start.is_none() && self.config.r > out_dim.max(in_dim) {
+            // What `new` checks against the hidden size, for a layer of other shapes.
+            fail!(
+                "--lora_r {} is larger than both sides of {module} ({out_dim} x {in_dim}); an \
+                 adapter's rank cannot exceed {}",
+                self.config.r,
+                out_dim.min(in_dim)
+            );
+        }
         if let Some((a, b)) = start {
             if let Some(why) = misfit(module, &weight, a, b, self.config.r) {
                 fail!("{why}");
