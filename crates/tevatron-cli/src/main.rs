@@ -60,6 +60,7 @@ pub fn release_freed_memory() {
 }
 
 fn main() -> ExitCode {
+    tevatron_ir::caught_panic::install_hook();
     let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let expanded = args::expand_json_args(raw.clone());
     // With a JSON arguments file, a flag error is the file's: say which file.

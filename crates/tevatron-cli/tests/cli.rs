@@ -413,6 +413,25 @@ fn bad_model_inputs_are_clear_errors() {
         ],
     );
     fails_with(out, "this binary was built without CUDA");
+    // Another model's tokenizer: ids past the tiny BERT's 104 embedding rows, named as a
+    // mismatch (a GPU lookup would read past the table).
+    let line = fails_with(flags(&["--tokenizer_name", &tiny("roberta")]), "token id ");
+    assert!(line.contains("past the 104 rows") && line.contains("roberta"), "{line}");
+    // A tokenizer whose `Precompiled` normalizer loads but panics inside the tokenizers crate
+    // when it encodes (an index out of bounds): one error naming the file, and no panic
+    // report above it (fails_with checks).
+    let m = d.join("bad-normalizer");
+    std::fs::create_dir(&m).unwrap();
+    for f in ["config.json", "tokenizer_config.json", "model.safetensors"] {
+        std::fs::copy(Path::new(&tiny_bert()).join(f), m.join(f)).unwrap();
+    }
+    let text = std::fs::read_to_string(Path::new(&tiny_bert()).join("tokenizer.json")).unwrap();
+    let mut tokenizer: serde_json::Value = serde_json::from_str(&text).unwrap();
+    tokenizer["normalizer"] =
+        serde_json::json!({"type": "Precompiled", "precompiled_charsmap": "AQAAAA=="});
+    std::fs::write(m.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    let line = fails_with(run(m.to_str().unwrap()), "the tokenizer failed");
+    assert!(line.contains("bad-normalizer/tokenizer.json"), "{line}");
     assert!(!d.join("o.safetensors").exists());
 }
 

@@ -18,6 +18,7 @@
 #![warn(missing_docs)]
 
 pub mod atomic;
+pub mod caught_panic;
 pub mod compact;
 pub mod error;
 pub mod fusion;

@@ -65,10 +65,7 @@ pub struct JsonlReader {
 /// Calls into the parquet crate, which fails an assertion (a panic) instead of returning an
 /// error on some corrupt files; the panic's message is returned instead.
 fn parquet_call<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
-        let text = panic.downcast_ref::<&str>().map(|s| s.to_string());
-        text.or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_else(|| "a panic".into())
-    })
+    crate::caught_panic::catch(f)
 }
 
 fn open_parquet(

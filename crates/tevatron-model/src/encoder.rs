@@ -403,7 +403,10 @@ impl Encoder {
         let plan = opts
             .lora
             .as_ref()
-            .map(|l| LoraPlan::new(l, opts.dtype, &opts.device, config.weight_prefixes()))
+            .map(|l| {
+                let prefixes = config.weight_prefixes();
+                LoraPlan::new(l, opts.dtype, &opts.device, prefixes, config.hidden_size())
+            })
             .transpose()?
             .map(|mut p| {
                 if opts.disable_dropout {
@@ -773,6 +776,7 @@ impl Encoder {
         opts: &BatchOptions,
     ) -> Result<Vec<f32>> {
         self.check_padding(opts.padding_side)?;
+        self.check_token_ids(seqs)?;
         if let Some(t) = types.filter(|t| t.len() != seqs.len()) {
             return Err(Error::Invalid(format!(
                 "{} token-type rows for {} sequences",
@@ -861,6 +865,23 @@ impl Encoder {
     /// Whether representations are L2-normalised.
     pub fn normalize(&self) -> bool {
         self.normalize
+    }
+    /// Refuses token ids past the model's embedding table, naming the tokenizer: a tokenizer
+    /// from another model (or added tokens the model was not resized for) is an error here, on
+    /// the host, where a GPU lookup would read past the table.
+    pub fn check_token_ids<S: AsRef<[u32]>>(&self, seqs: &[S]) -> Result<()> {
+        let rows = self.backbone.vocab_rows();
+        for (i, s) in seqs.iter().enumerate() {
+            if let Some(&id) = s.as_ref().iter().find(|&&id| id as usize >= rows) {
+                return Err(Error::Invalid(format!(
+                    "token id {id} (text {i} of the batch) is past the {rows} rows of the token \
+                     embeddings of {}: the tokenizer at {} does not belong to this model",
+                    self.model_dir.display(),
+                    self.tokenizer_dir.display()
+                )));
+            }
+        }
+        Ok(())
     }
     /// The tokenizer.
     pub fn tokenizer(&self) -> &TextTokenizer {

@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
+use tevatron_ir::caught_panic;
 use tokenizers::{
     PostProcessor, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
 };
@@ -183,13 +184,11 @@ impl TextTokenizer {
         // The tokenizers crate panics on some malformed parts instead of failing (a
         // `Precompiled` normalizer whose base64 does not decode): reported as an error on the
         // file.
-        let mut tokenizer = std::panic::catch_unwind(|| match json {
+        let mut tokenizer = caught_panic::catch(|| match json {
             Some(json) => serde_json::from_value::<Tokenizer>(json),
             None => serde_json::from_str::<Tokenizer>(&text),
         })
-        .map_err(|panic| {
-            tokenizer_error(format!("it does not load ({})", panic_message(panic.as_ref())))
-        })?
+        .map_err(|panic| tokenizer_error(format!("it does not load ({panic})")))?
         .map_err(|e| tokenizer_error(e.to_string()))?;
         let stored_pad = tokenizer.get_padding().map(|p| p.pad_id);
         tokenizer.with_padding(None);
@@ -244,15 +243,6 @@ impl TextTokenizer {
     }
 }
 
-/// The message a panic carries, when it is text.
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
-    panic
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("a panic")
-}
-
 /// A tokenizer set up for one [`TextOptions`].
 pub struct PreparedTokenizer {
     tokenizer: Tokenizer,
@@ -302,15 +292,12 @@ impl PreparedTokenizer {
     where
         I: Into<tokenizers::EncodeInput<'s>> + Send,
     {
-        let encodings = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let encodings = caught_panic::catch(|| {
             self.tokenizer.encode_batch(inputs, self.opts.add_special_tokens)
-        }))
+        })
         .map_err(|panic| Error::Tokenizer {
             path: self.path.clone(),
-            message: format!(
-                "the tokenizer failed ({}); the file is inconsistent",
-                panic_message(panic.as_ref())
-            ),
+            message: format!("the tokenizer failed ({panic}); the file is inconsistent"),
         })?
         .map_err(|e| Error::Tokenizer { path: self.path.clone(), message: e.to_string() })?;
         Ok(encodings

@@ -454,6 +454,9 @@ pub fn step(
         }
         Inputs::Reranker { pairs, .. } => vec![(pairs, Side::Pair, pc)],
     };
+    for &(seqs, _, _) in &sides {
+        enc.check_token_ids(seqs).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    }
     if opts.grad_cache.is_none() && !opts.checkpointing {
         let mut collated = Vec::with_capacity(sides.len());
         for &(seqs, _, size) in &sides {

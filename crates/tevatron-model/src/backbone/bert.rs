@@ -149,7 +149,7 @@ impl Bert {
         if offset + l > self.cfg.max_position_embeddings {
             candle_core::bail!(
                 "sequence length {l} exceeds the model's {} positions; lower --query_max_len/--passage_max_len (--rerank_max_len for a reranker)",
-                self.cfg.max_position_embeddings - offset
+                self.cfg.max_position_embeddings.saturating_sub(offset)
             );
         }
         match self.positions {
@@ -186,6 +186,10 @@ impl Backbone for Bert {
             .add(&embedding(self.token_type.embeddings(), &batch.token_type_ids)?)?;
         let x = self.emb_norm.forward(&x, mode)?;
         layers::dropout(&x, self.cfg.hidden_dropout_prob, mode)
+    }
+
+    fn vocab_rows(&self) -> usize {
+        self.word.embeddings().dims().first().copied().unwrap_or(0)
     }
 
     fn num_layers(&self) -> usize {

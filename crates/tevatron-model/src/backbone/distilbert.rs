@@ -111,6 +111,10 @@ impl Backbone for DistilBert {
         layers::dropout(&x, self.cfg.dropout, mode)
     }
 
+    fn vocab_rows(&self) -> usize {
+        self.word.embeddings().dims().first().copied().unwrap_or(0)
+    }
+
     fn num_layers(&self) -> usize {
         self.layers.len()
     }

@@ -278,6 +278,10 @@ impl Backbone for Llama {
         })
     }
 
+    fn vocab_rows(&self) -> usize {
+        self.embed.embeddings().dims().first().copied().unwrap_or(0)
+    }
+
     fn num_layers(&self) -> usize {
         self.layers.len()
     }

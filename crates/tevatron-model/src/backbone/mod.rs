@@ -217,6 +217,9 @@ pub trait Backbone: Send + Sync {
     fn attention_bias(&self, batch: &Batch, dtype: DType) -> Result<Tensor> {
         layers::mask_bias(&batch.attention_mask, dtype)
     }
+    /// Rows of the token embedding table: every token id must be below it (checked on the host
+    /// by [`crate::Encoder::check_token_ids`], as a GPU lookup does not check).
+    fn vocab_rows(&self) -> usize;
     /// Number of transformer layers.
     fn num_layers(&self) -> usize;
     /// Runs layer `i` on hidden states `x`.

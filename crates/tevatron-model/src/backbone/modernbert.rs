@@ -283,6 +283,10 @@ impl Backbone for ModernBert {
         Tensor::stack(&[global, local], 0)
     }
 
+    fn vocab_rows(&self) -> usize {
+        self.embed.embeddings().dims().first().copied().unwrap_or(0)
+    }
+
     fn num_layers(&self) -> usize {
         self.layers.len()
     }
