@@ -173,6 +173,12 @@ fn qrels_exclude_every_judged_document_and_sampling_is_seeded() {
     assert!((2..12).any(|s| random(&s.to_string()) != a), "another seed draws others");
     let ranks: Vec<usize> = a["q1"].iter().map(|n| n[1..].parse().unwrap()).collect();
     assert!(ranks.windows(2).all(|w| w[0] < w[1]) && !ranks.contains(&1), "{ranks:?}");
+    // The largest --seed and --depth are valid values (they overflowed in debug builds): a
+    // depth past the corpus mines the whole corpus, as its size does.
+    let max = u64::MAX.to_string();
+    let huge = mine(d, TRAIN, &["--sampling_strategy", "random", "--seed", &max, "--depth", &max]);
+    let whole = mine(d, TRAIN, &["--sampling_strategy", "random", "--seed", &max, "--depth", "13"]);
+    assert_eq!(huge, whole);
 }
 
 #[test]

@@ -246,6 +246,23 @@ fn bad_training_inputs_are_clear_errors() {
         run("o6", &data("tiny.jsonl"), &["--lr_scheduler_type", "polynomial"]),
         "linear, cosine",
     );
+    // Another model's tokenizer (ids past the tiny BERT's 104 embedding rows).
+    let roberta = repo().join("testdata/tiny/roberta").to_string_lossy().into_owned();
+    fails_with(
+        run("o7", &data("tiny.jsonl"), &["--tokenizer_name", &roberta]),
+        "does not belong to this model",
+    );
+    // A checkpoint whose loop state contradicts itself: refused by name (the loss average
+    // of the next log entry underflowed).
+    ok(run("o8", &data("tiny.jsonl"), &["--max_steps", "2"]));
+    let state_path = d.join("o8/checkpoint-2/trainer_state.json");
+    let mut state = read_json(&state_path);
+    state["tevatron"]["last_logged_step"] = serde_json::json!(99);
+    std::fs::write(&state_path, state.to_string()).unwrap();
+    fails_with(
+        run("o8", &data("tiny.jsonl"), &["--max_steps", "4"]),
+        "trainer_state.json: tevatron.last_logged_step 99 is past global_step 2",
+    );
 }
 
 /// NaN loss stops the run with a message naming the last good checkpoint, which stays intact.

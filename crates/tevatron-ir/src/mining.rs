@@ -183,7 +183,7 @@ pub fn rank_buckets(depth: usize) -> Vec<(String, usize, usize)> {
     if lo <= depth {
         out.push((format!("{lo}-{depth}"), lo, depth));
     }
-    out.push((format!(">{depth}"), depth + 1, usize::MAX));
+    out.push((format!(">{depth}"), depth.saturating_add(1), usize::MAX));
     out
 }
 

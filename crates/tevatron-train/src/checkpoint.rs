@@ -186,7 +186,16 @@ pub fn load(
     prefixes: &[&str],
     opt: &mut AdamW,
 ) -> Result<TrainerState> {
-    let state: TrainerState = read_json(&dir.join("trainer_state.json"))?;
+    let state_path = dir.join("trainer_state.json");
+    let state: TrainerState = read_json(&state_path)?;
+    if state.tevatron.last_logged_step > state.global_step {
+        return Err(Error::Invalid(format!(
+            "{}: tevatron.last_logged_step {} is past global_step {}",
+            state_path.display(),
+            state.tevatron.last_logged_step,
+            state.global_step
+        )));
+    }
     load_weights(dir, weights_file, prefixes, opt)?;
     let bad = |path: &Path, e: candle_core::Error| {
         Error::Invalid(format!("{}: cannot read ({e})", path.display()))

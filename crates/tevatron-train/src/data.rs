@@ -511,8 +511,9 @@ pub fn sample(
     n: usize,
     seed: u64,
 ) -> (usize, Vec<usize>) {
-    let h = item as u64 + seed;
-    let pos = ((h + epoch as u64) % n_pos as u64) as usize;
+    // Wrapping, as release builds always computed it: any --seed is valid.
+    let h = (item as u64).wrapping_add(seed);
+    let pos = (h.wrapping_add(epoch as u64) % n_pos as u64) as usize;
     if n == 0 || n_neg == 0 {
         return (pos, Vec::new());
     }
@@ -554,6 +555,15 @@ mod tests {
         all.sort();
         // Five windows of four over ten negatives visit each exactly twice.
         assert_eq!(all, (0..10).flat_map(|k| [k, k]).collect::<Vec<_>>());
+    }
+
+    /// The largest seed is a seed like any other (its sum with the row index wraps, as release
+    /// builds always computed it; debug builds overflowed).
+    #[test]
+    fn the_largest_seed_wraps_around() {
+        // h = 5 + (2^64 - 1) wraps to 4: epoch 0 picks positive 4 % 3 = 1.
+        assert_eq!(sample(3, 10, 5, 0, 4, u64::MAX).0, 1);
+        assert_eq!(sample(3, 10, 5, 0, 4, u64::MAX).1, sample(3, 10, 4, 0, 4, 0).1);
     }
 
     #[test]
