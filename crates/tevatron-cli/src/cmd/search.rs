@@ -13,7 +13,10 @@ use tevatron_ir::compact::compact_path;
 use tevatron_ir::compact::{search_compact, CompactShard, ScanReport};
 use tevatron_ir::hnsw::{hnsw_paths, search_hnsw, HnswOptions, HnswShard};
 use tevatron_ir::quantize::{Kernels, Precision};
-use tevatron_ir::search::{check_dims, check_queries, merge_shards, search_shard, Ranking};
+use tevatron_ir::search::{
+    check_dims, check_queries, merge_shards, queries_per_batch, queries_per_pass, search_shard,
+    Ranking,
+};
 use tevatron_ir::trec::{write_run, RunFormat};
 use tevatron_ir::vectors::{expand_glob, Ids, Vectors};
 
@@ -50,6 +53,17 @@ pub fn run(a: &SearchArgs) -> Result<()> {
     let nq = queries.len();
     let depth = a.depth;
     let kernels = Kernels::detect();
+    if compact.is_none() && matches!(device, Device::Cpu) {
+        let per_batch = queries_per_batch(batch, nq);
+        let per_pass = queries_per_pass(per_batch, nq, depth, rayon::current_num_threads());
+        if per_pass > per_batch {
+            tracing::info!(
+                "scoring {per_pass} queries per pass over the corpus (--batch_size {} widened: \
+                 their top-{depth} buffers fit in 256 MiB; the results are the same)",
+                a.batch_size
+            );
+        }
+    }
     let reported = std::cell::Cell::new(None);
     let search = |shard: &Vectors| {
         let cut;
