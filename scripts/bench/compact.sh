@@ -4,7 +4,7 @@
 # IndexBinaryFlat, and our HNSW (USearch) against faiss' IndexHNSWFlat with the same M and ef,
 # same machine, same run, same random unit vectors, 2 threads each.
 #   scripts/bench/compact.sh              (100k x 384, 1,000 queries, depth 100)
-#   SIZES="c100k c1m" scripts/bench/compact.sh
+#   SIZES="c100k c1m" HNSW=0 scripts/bench/compact.sh   (both sizes, no graphs)
 # Each line: build seconds (ours: tevatron index; faiss: train + add), search seconds (the whole
 # process: load, scan, rescore, write), peak RSS of the search, index size, and recall@100
 # against our exact F32 ranking. Rescoring multiplier: MULT (default 4) for int8 and BMULT
@@ -27,9 +27,12 @@ sizes=${SIZES:-c100k}
 mult=${MULT:-4}
 bmult=${BMULT:-10}
 # HNSW, ours and faiss alike: M, ef_construction, ef_search; ours rescores HMULT x depth.
+# HNSW=0 leaves the graphs out (their build grows about as n^1.8 on random vectors: minutes at
+# 100k, hours at 1M on 2 cores).
 hnsw_m=${HNSW_M:-32} hnsw_efc=${HNSW_EFC:-128} hnsw_ef=${HNSW_EF:-128} hmult=${HMULT:-1}
+hnsw=${HNSW:-1}
 bin=target/release/tevatron
-echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs) (family $(grep -m1 'cpu family' /proc/cpuinfo | cut -d: -f2 | xargs), model $(grep -m1 -P '^model\t' /proc/cpuinfo | cut -d: -f2 | xargs)); $(grep -m1 -o -w -E 'avx512_vnni' /proc/cpuinfo || echo 'no VNNI')"
 "$py" - "$work" $sizes <<'PY'
 import os, sys, numpy as np
 from safetensors.numpy import save_file
@@ -80,14 +83,16 @@ for c in $sizes; do
     read -r s m < "$work/t"
     row "$c" "ours $q + rescore x$k" "$b" "$s" "$m" $(( $(stat -c %s "$work/idx-$c/$c.$q.safetensors") / 1048576 )) "$(recall "$work/$q.ranking")"
   done
-  timed "$bin" index --passage_reps "$work/$c.safetensors" --hnsw --hnsw_m "$hnsw_m" \
-    --hnsw_ef_construction "$hnsw_efc" --output_dir "$work/idx-$c" --quiet
-  read -r b _ < "$work/t"
-  timed "$bin" "${search[@]}" --hnsw --compact_reps "$work/idx-$c/$c.hnsw.json" \
-    --hnsw_ef_search "$hnsw_ef" --rescore_multiplier "$hmult" --save_ranking_to "$work/hnsw.ranking"
-  read -r s m < "$work/t"
-  row "$c" "ours HNSW + rescore x$hmult" "$b" "$s" "$m" $(( $(stat -c %s "$work/idx-$c/$c.hnsw.usearch") / 1048576 )) "$(recall "$work/hnsw.ranking")"
-  "$py" - "$work" "$c" "$hnsw_m" "$hnsw_efc" "$hnsw_ef" <<'PY'
+  if [ "$hnsw" = 1 ]; then
+    timed "$bin" index --passage_reps "$work/$c.safetensors" --hnsw --hnsw_m "$hnsw_m" \
+      --hnsw_ef_construction "$hnsw_efc" --output_dir "$work/idx-$c" --quiet
+    read -r b _ < "$work/t"
+    timed "$bin" "${search[@]}" --hnsw --compact_reps "$work/idx-$c/$c.hnsw.json" \
+      --hnsw_ef_search "$hnsw_ef" --rescore_multiplier "$hmult" --save_ranking_to "$work/hnsw.ranking"
+    read -r s m < "$work/t"
+    row "$c" "ours HNSW + rescore x$hmult" "$b" "$s" "$m" $(( $(stat -c %s "$work/idx-$c/$c.hnsw.usearch") / 1048576 )) "$(recall "$work/hnsw.ranking")"
+  fi
+  "$py" - "$work" "$c" "$hnsw_m" "$hnsw_efc" "$hnsw_ef" "$hnsw" <<'PY'
 import sys, time, resource, numpy as np, faiss
 from safetensors.numpy import load_file
 faiss.omp_set_num_threads(2)
@@ -112,7 +117,9 @@ t0 = time.perf_counter()
 bx = faiss.IndexBinaryFlat(384); bx.add(np.packbits(x > 0, axis=1)); t1 = time.perf_counter()
 _, idx = bx.search(np.packbits(q > 0, axis=1), 100); t2 = time.perf_counter()
 report("faiss IndexBinaryFlat", t1 - t0, t2 - t1, x.shape[0] * 48, idx)
-m, efc, ef = (int(v) for v in sys.argv[3:6])
+m, efc, ef, hnsw = (int(v) for v in sys.argv[3:7])
+if not hnsw:
+    sys.exit(0)
 t0 = time.perf_counter()
 hn = faiss.IndexHNSWFlat(384, m, faiss.METRIC_INNER_PRODUCT)
 hn.hnsw.efConstruction = efc; hn.add(x); t1 = time.perf_counter()

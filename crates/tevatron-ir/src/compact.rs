@@ -330,6 +330,13 @@ impl Candidates {
         }
     }
 
+    /// The score of the floor's key: a score below it cannot enter (one equal to it may, on a
+    /// lower row).
+    #[inline]
+    fn floor_score(&self) -> i32 {
+        (((self.floor >> 32) as u32) ^ 0x8000_0000) as i32
+    }
+
     /// Keeps the best `m` keys and makes the worst of them the floor.
     fn keep_best(&mut self) {
         if self.keys.len() > self.m {
@@ -426,7 +433,8 @@ pub fn search_compact(
             .map(|part| {
                 let mut heaps: Vec<Candidates> = (0..bq).map(|_| Candidates::new(m)).collect();
                 let mut scores = vec![0i32; SCAN_BLOCK * bq];
-                // Each row's code sum takes the int8 query offset back out; binary has none.
+                // Each row's code sum times the offset takes the int8 query offset back out;
+                // binary has none (its sums stay 0).
                 let offset = if compact.precision == Precision::Int8 { QUERY_OFFSET } else { 0 };
                 let mut sums = vec![0i32; SCAN_BLOCK];
                 for &(start, end) in part {
@@ -438,12 +446,20 @@ pub fn search_compact(
                             let block: &[i8] = bytemuck::cast_slice(block);
                             kernels.int8_scores(dim, batch, block, scores);
                             code_sums(block, dim, &mut sums[..nb]);
+                            sums[..nb].iter_mut().for_each(|s| *s *= offset);
                         }
                         Precision::Binary => kernels.binary_scores(width, batch, block, scores),
                     }
+                    // Most scores are below a query's floor: compared as scores, a key built
+                    // only for those that may enter.
                     for (heap, scores) in heaps.iter_mut().zip(scores.chunks(nb)) {
-                        for (j, (&s, &sum)) in scores.iter().zip(&sums).enumerate() {
-                            heap.push(Candidates::key(s - offset * sum, (start + j) as u32));
+                        let mut floor = heap.floor_score();
+                        for (j, (&s, &taken)) in scores.iter().zip(&sums).enumerate() {
+                            let s = s - taken;
+                            if s >= floor {
+                                heap.push(Candidates::key(s, (start + j) as u32));
+                                floor = heap.floor_score();
+                            }
                         }
                     }
                 }

@@ -73,7 +73,7 @@ impl TopK {
     #[inline]
     pub(crate) fn push(&mut self, score: f32, row: u32, ids: &Ids) {
         // Equal to the floor may still enter: on a score tie the larger doc id ranks first.
-        if !(score >= self.floor) || self.k == 0 {
+        if score.is_nan() || score < self.floor || self.k == 0 {
             return;
         }
         self.kept.push((score, row));
