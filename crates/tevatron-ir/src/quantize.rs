@@ -231,7 +231,13 @@ impl Kernels {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: POPCNT is part of both sets, and a `Kernels` names a set this CPU runs.
             Set::Avx2 | Set::Avx512Vnni => unsafe {
-                x86::binary_popcnt(width, queries, codes, out)
+                if self.0 == Set::Avx512Vnni
+                    && std::arch::is_x86_feature_detected!("avx512vpopcntdq")
+                {
+                    x86::binary_vpopcnt(width, queries, codes, out)
+                } else {
+                    x86::binary_popcnt(width, queries, codes, out)
+                }
             },
             #[cfg(not(target_arch = "x86_64"))]
             _ => binary_portable(width, queries, codes, out),
@@ -534,6 +540,116 @@ mod x86 {
         let mut out = [0i32; 4];
         _mm_storeu_si128(out.as_mut_ptr() as *mut __m128i, _mm512_castsi512_si128(firsts));
         out
+    }
+
+    /// `vpopcntq` (AVX-512 VPOPCNTDQ, where the AVX-512 set's CPU has it): rows interleaved
+    /// eight at a time by 8-byte word, so that one XOR and one population count cover a word of
+    /// eight rows against a query's broadcast word; four queries share each loaded word. Rows
+    /// past the last group of eight, and bytes past the last whole word, as [`binary_popcnt`].
+    #[target_feature(enable = "avx512f,avx512vpopcntdq,popcnt")]
+    pub unsafe fn binary_vpopcnt(width: usize, queries: &[u8], codes: &[u8], out: &mut [i32]) {
+        if width == 0 {
+            return out.fill(0);
+        }
+        let rows = codes.len() / width;
+        let nq = queries.len() / width;
+        let (groups, words) = (rows / 8, width / 8);
+        let packed_rows = if words > 0 { groups * 8 } else { 0 };
+        if packed_rows > 0 {
+            let mut packed = vec![0u64; groups * words * 8];
+            for (g, out) in packed.chunks_exact_mut(words * 8).enumerate() {
+                for r in 0..8 {
+                    let row = &codes[(g * 8 + r) * width..];
+                    for w in 0..words {
+                        out[w * 8 + r] =
+                            u64::from_le_bytes(row[w * 8..w * 8 + 8].try_into().expect("8 bytes"));
+                    }
+                }
+            }
+            let mut q = 0;
+            while q + 4 <= nq {
+                vpopcnt_packed::<4>(
+                    width,
+                    words,
+                    &queries[q * width..],
+                    &packed,
+                    groups,
+                    rows,
+                    &mut out[q * rows..],
+                );
+                q += 4;
+            }
+            while q < nq {
+                vpopcnt_packed::<1>(
+                    width,
+                    words,
+                    &queries[q * width..],
+                    &packed,
+                    groups,
+                    rows,
+                    &mut out[q * rows..],
+                );
+                q += 1;
+            }
+            if words * 8 < width {
+                for n in 0..nq {
+                    let query = &queries[n * width..(n + 1) * width];
+                    for j in 0..packed_rows {
+                        let row = &codes[j * width..(j + 1) * width];
+                        let tail: u32 =
+                            (words * 8..width).map(|b| (row[b] ^ query[b]).count_ones()).sum();
+                        out[n * rows + j] -= tail as i32;
+                    }
+                }
+            }
+        }
+        let rest = rows - packed_rows;
+        if rest > 0 {
+            let mut tail = vec![0i32; nq * rest];
+            binary_popcnt(width, queries, &codes[packed_rows * width..], &mut tail);
+            for n in 0..nq {
+                out[n * rows + packed_rows..(n + 1) * rows]
+                    .copy_from_slice(&tail[n * rest..(n + 1) * rest]);
+            }
+        }
+    }
+
+    /// `N` queries (at the start of `queries`, `width` bytes each) against every packed group:
+    /// minus the Hamming distance over the whole words, eight rows per group, written to
+    /// `out[n * rows + 8 g ..]`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512vpopcntdq")]
+    unsafe fn vpopcnt_packed<const N: usize>(
+        width: usize,
+        words: usize,
+        queries: &[u8],
+        packed: &[u64],
+        groups: usize,
+        rows: usize,
+        out: &mut [i32],
+    ) {
+        debug_assert!(
+            queries.len() >= (N - 1) * width + words * 8
+                && out.len() >= (N - 1) * rows + groups * 8
+        );
+        let q = queries.as_ptr();
+        for g in 0..groups {
+            let p = packed.as_ptr().add(g * words * 8);
+            let mut acc = [_mm512_setzero_si512(); N];
+            for w in 0..words {
+                let c = _mm512_loadu_si512(p.add(w * 8) as *const _);
+                for (n, a) in acc.iter_mut().enumerate() {
+                    let word = (q.add(n * width + w * 8) as *const i64).read_unaligned();
+                    let x = _mm512_xor_si512(c, _mm512_set1_epi64(word));
+                    *a = _mm512_add_epi64(*a, _mm512_popcnt_epi64(x));
+                }
+            }
+            for (n, a) in acc.iter().enumerate() {
+                let d = _mm512_cvtepi64_epi32(*a);
+                let minus = _mm256_sub_epi32(_mm256_setzero_si256(), d);
+                _mm256_storeu_si256(out.as_mut_ptr().add(n * rows + g * 8) as *mut __m256i, minus);
+            }
+        }
     }
 
     /// XOR and POPCNT over 8-byte words, then bytes.
