@@ -147,7 +147,8 @@ enum Set {
     Portable,
     /// AVX2 (`vpmaddubsw`) for int8 and POPCNT for binary.
     Avx2,
-    /// AVX-512 VNNI (`vpdpbusd`) for int8 and POPCNT for binary.
+    /// AVX-512 VNNI (`vpdpbusd`) for int8; for binary, `vpopcntq` where the CPU also has
+    /// AVX-512 VPOPCNTDQ, else POPCNT.
     Avx512Vnni,
 }
 
@@ -229,7 +230,8 @@ impl Kernels {
         match self.0 {
             Set::Portable => binary_portable(width, queries, codes, out),
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: POPCNT is part of both sets, and a `Kernels` names a set this CPU runs.
+            // SAFETY: POPCNT is part of both sets, and a `Kernels` names a set this CPU runs; the
+            // AVX-512 set has AVX-512F, and VPOPCNTDQ is checked here.
             Set::Avx2 | Set::Avx512Vnni => unsafe {
                 if self.0 == Set::Avx512Vnni
                     && std::arch::is_x86_feature_detected!("avx512vpopcntdq")

@@ -866,11 +866,21 @@ impl Encoder {
     pub fn normalize(&self) -> bool {
         self.normalize
     }
-    /// Refuses token ids past the model's embedding table, naming the tokenizer: a tokenizer
+    /// Refuses token ids (and the padding id) past the model's embedding table, naming the
+    /// tokenizer: a tokenizer
     /// from another model (or added tokens the model was not resized for) is an error here, on
     /// the host, where a GPU lookup would read past the table.
     pub fn check_token_ids<S: AsRef<[u32]>>(&self, seqs: &[S]) -> Result<()> {
         let rows = self.backbone.vocab_rows();
+        let pad = self.tokenizer.pad_id();
+        if pad as usize >= rows {
+            return Err(Error::Invalid(format!(
+                "the padding id {pad} of the tokenizer at {} is past the {rows} rows of the token \
+                 embeddings of {}: the tokenizer does not belong to this model",
+                self.tokenizer_dir.display(),
+                self.model_dir.display()
+            )));
+        }
         for (i, s) in seqs.iter().enumerate() {
             if let Some(&id) = s.as_ref().iter().find(|&&id| id as usize >= rows) {
                 return Err(Error::Invalid(format!(

@@ -22,7 +22,8 @@ const WEIGHT_FILES: &[&str] =
     &["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"];
 
 /// The hub cache folder, honouring `cache_dir`, `HF_HUB_CACHE` and `HF_HOME` (as
-/// huggingface_hub does), else `~/.cache/huggingface/hub`; an error naming the ways to set it
+/// huggingface_hub does, without its `XDG_CACHE_HOME` fallback), else
+/// `~/.cache/huggingface/hub`; an error naming the ways to set it
 /// when there is no home folder (hf-hub's own default panics there).
 pub fn cache_dir(explicit: Option<&Path>) -> Result<PathBuf> {
     cache_dir_from(explicit, |name| std::env::var_os(name), std::env::home_dir)
@@ -48,7 +49,7 @@ fn cache_dir_from(
     match home().filter(|h| !h.as_os_str().is_empty()) {
         Some(h) => Ok(h.join(".cache").join("huggingface").join("hub")),
         None => Err(Error::NotFound(
-            "no Hugging Face cache folder: HOME is not set and the user has no home folder; \
+            "no Hugging Face cache folder: HOME is unset or empty and the user has no home folder; \
              set HF_HOME or HF_HUB_CACHE, or pass --cache_dir"
                 .into(),
         )),

@@ -419,8 +419,8 @@ impl LoraPlan {
         if start.is_none() && self.config.r > out_dim.max(in_dim) {
             // What `new` checks against the hidden size, for a layer of other shapes.
             fail!(
-                "--lora_r {} is larger than both sides of {module} ({out_dim} x {in_dim}); an \
-                 adapter's rank cannot exceed {}",
+                "--lora_r {} is larger than both sides of {module} ({out_dim} x {in_dim}); the \
+                 rank of its update is at most {} whatever --lora_r says",
                 self.config.r,
                 out_dim.min(in_dim)
             );

@@ -224,6 +224,10 @@ impl Object {
                 class_name,
             } if module_name == "torch._tensor" && class_name == "_rebuild_from_type_v2" => {
                 let mut args = args.tuple()?;
+                // (func, new_type, args, state): the function and its arguments.
+                if args.len() < 3 {
+                    crate::bail!("_rebuild_from_type_v2: expected at least 3 arguments, found {}", args.len())
+                }
                 let callable = take(&mut args, 0, "_rebuild_from_type_v2")?;
                 let args = take(&mut args, 1, "_rebuild_from_type_v2")?;
                 (callable, args)
@@ -813,22 +817,22 @@ impl PthTensors {
                 &mut std::io::sink(),
             )?;
         }
-        // Read what the file holds (never more than the tensor needs) before allocating the
-        // tensor, so a header claiming more elements than the file has is an error, not an
-        // allocation of whatever size it claims.
+        // A tensor's bytes are stored uncompressed (torch.save), so they lie within the zip
+        // entry and within the file: a header claiming more is an error before anything is
+        // allocated, not an allocation of whatever size it claims. The tensor is then read in
+        // place, with one allocation.
         let shape = tensor_info.layout.shape().clone();
-        let needed = shape.elem_count() * tensor_info.dtype.size_in_bytes();
-        let mut bytes = Vec::new();
-        reader.by_ref().take(needed as u64).read_to_end(&mut bytes)?;
-        if bytes.len() != needed {
+        let needed = (shape.elem_count() * tensor_info.dtype.size_in_bytes()) as u64;
+        let file_len = std::fs::metadata(&self.path)?.len();
+        let held = reader.size().saturating_sub(start_offset as u64);
+        if needed > held.min(file_len) {
             crate::bail!(
-                "tensor {} needs {needed} bytes from {}, which holds {}",
+                "tensor {} needs {needed} bytes from {}, which holds {held}",
                 tensor_info.name,
-                tensor_info.path,
-                bytes.len()
+                tensor_info.path
             )
         }
-        let tensor = Tensor::from_raw_buffer(&bytes, tensor_info.dtype, shape.dims(), &crate::Device::Cpu)?;
+        let tensor = Tensor::from_reader(shape, tensor_info.dtype, &mut reader)?;
 
         if rank > 1 && is_fortran_contiguous {
             // Reverse the shape, e.g. Shape(2, 3, 4) -> Shape(4, 3, 2)

@@ -58,8 +58,8 @@ pub fn run(a: &SearchArgs) -> Result<()> {
         let per_pass = queries_per_pass(per_batch, nq, depth, rayon::current_num_threads());
         if per_pass > per_batch {
             tracing::info!(
-                "scoring {per_pass} queries per pass over the corpus (--batch_size {} widened: \
-                 their top-{depth} buffers fit in 256 MiB; the results are the same)",
+                "scoring at least {per_pass} queries per pass over the corpus (--batch_size {} \
+                 widened: their top-{depth} buffers fit in 256 MiB; the results are the same)",
                 a.batch_size
             );
         }
