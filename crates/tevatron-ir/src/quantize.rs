@@ -314,6 +314,62 @@ mod x86 {
         }};
     }
 
+    /// Calls a packed kernel `kernel::<N>` on each group of `N` queries and `kernel::<1>` on
+    /// the rest: query `q` starts at `queries[q * len]` (`len` bytes each) and its scores at
+    /// `out[q * rows]`.
+    macro_rules! packed_query_groups {
+        ($kernel:ident::<$n:literal>($len:expr, $inner:expr, $queries:expr, $packed:expr, $groups:expr, $rows:expr, $out:expr)) => {{
+            let (len, queries, rows, out) = ($len, $queries, $rows, &mut *$out);
+            let nq = queries.len() / len;
+            let mut q = 0;
+            while q + $n <= nq {
+                $kernel::<$n>(
+                    len,
+                    $inner,
+                    &queries[q * len..],
+                    $packed,
+                    $groups,
+                    rows,
+                    &mut out[q * rows..],
+                );
+                q += $n;
+            }
+            while q < nq {
+                $kernel::<1>(
+                    len,
+                    $inner,
+                    &queries[q * len..],
+                    $packed,
+                    $groups,
+                    rows,
+                    &mut out[q * rows..],
+                );
+                q += 1;
+            }
+        }};
+    }
+
+    /// The scores of the rows past the first `packed_rows` (those a packed kernel leaves):
+    /// `score` fills an `nq x rest` scratch, copied into each query's part of `out`.
+    fn rest_rows(
+        out: &mut [i32],
+        nq: usize,
+        rows: usize,
+        packed_rows: usize,
+        score: impl FnOnce(&mut [i32]),
+    ) {
+        let rest = rows - packed_rows;
+        if rest == 0 {
+            return;
+        }
+        let mut tail = vec![0i32; nq * rest];
+        score(&mut tail);
+        for n in 0..nq {
+            out[n * rows + packed_rows..(n + 1) * rows]
+                .copy_from_slice(&tail[n * rest..(n + 1) * rest]);
+        }
+    }
+
     /// `vpmaddubsw` (query u8 x code i8, pairs into i16; exact: module docs) widened and summed
     /// by `vpmaddwd` into 32-bit lanes.
     #[target_feature(enable = "avx2")]
@@ -363,31 +419,7 @@ mod x86 {
         let packed_rows = if quads > 0 { groups * 16 } else { 0 };
         if packed_rows > 0 {
             let packed = pack16(dim, codes, groups, quads);
-            let mut q = 0;
-            while q + 8 <= nq {
-                vnni_packed::<8>(
-                    dim,
-                    quads,
-                    &queries[q * dim..],
-                    &packed,
-                    groups,
-                    rows,
-                    &mut out[q * rows..],
-                );
-                q += 8;
-            }
-            while q < nq {
-                vnni_packed::<1>(
-                    dim,
-                    quads,
-                    &queries[q * dim..],
-                    &packed,
-                    groups,
-                    rows,
-                    &mut out[q * rows..],
-                );
-                q += 1;
-            }
+            packed_query_groups!(vnni_packed::<8>(dim, quads, queries, &packed, groups, rows, out));
             if quads * 4 < dim {
                 for n in 0..nq {
                     let query = &queries[n * dim..(n + 1) * dim];
@@ -398,15 +430,9 @@ mod x86 {
                 }
             }
         }
-        let rest = rows - packed_rows;
-        if rest > 0 {
-            let mut tail = vec![0i32; nq * rest];
-            by_query_groups!(vnni_rows, dim, queries, &codes[packed_rows * dim..], &mut tail);
-            for n in 0..nq {
-                out[n * rows + packed_rows..(n + 1) * rows]
-                    .copy_from_slice(&tail[n * rest..(n + 1) * rest]);
-            }
-        }
+        rest_rows(out, nq, rows, packed_rows, |tail| {
+            by_query_groups!(vnni_rows, dim, queries, &codes[packed_rows * dim..], tail)
+        });
     }
 
     /// The first `groups x 16` rows of `codes`, interleaved: for each group of 16 rows and each
@@ -568,31 +594,9 @@ mod x86 {
                     }
                 }
             }
-            let mut q = 0;
-            while q + 4 <= nq {
-                vpopcnt_packed::<4>(
-                    width,
-                    words,
-                    &queries[q * width..],
-                    &packed,
-                    groups,
-                    rows,
-                    &mut out[q * rows..],
-                );
-                q += 4;
-            }
-            while q < nq {
-                vpopcnt_packed::<1>(
-                    width,
-                    words,
-                    &queries[q * width..],
-                    &packed,
-                    groups,
-                    rows,
-                    &mut out[q * rows..],
-                );
-                q += 1;
-            }
+            packed_query_groups!(vpopcnt_packed::<4>(
+                width, words, queries, &packed, groups, rows, out
+            ));
             if words * 8 < width {
                 for n in 0..nq {
                     let query = &queries[n * width..(n + 1) * width];
@@ -605,15 +609,9 @@ mod x86 {
                 }
             }
         }
-        let rest = rows - packed_rows;
-        if rest > 0 {
-            let mut tail = vec![0i32; nq * rest];
-            binary_popcnt(width, queries, &codes[packed_rows * width..], &mut tail);
-            for n in 0..nq {
-                out[n * rows + packed_rows..(n + 1) * rows]
-                    .copy_from_slice(&tail[n * rest..(n + 1) * rest]);
-            }
-        }
+        rest_rows(out, nq, rows, packed_rows, |tail| {
+            binary_popcnt(width, queries, &codes[packed_rows * width..], tail)
+        });
     }
 
     /// `N` queries (at the start of `queries`, `width` bytes each) against every packed group:
