@@ -28,7 +28,7 @@ use crate::quantize::{
     code_sums, encode_binary, encode_int8, encode_query_int8, Calibration, Kernels, Precision,
     QUERY_OFFSET,
 };
-use crate::search::{best_first, check_finite, check_width, TopK};
+use crate::search::{best_first, check_finite, check_width, Selection, TopK};
 use crate::vectors::{Rows, Vectors};
 use crate::{Error, Result};
 
@@ -301,18 +301,16 @@ pub fn write(path: &Path, source: &Vectors, precision: Precision, scales: &[f32]
 }
 
 /// The `m` largest keys seen, a key being `(score, -row)` packed in a `u64` so that candidates
-/// compare in one instruction and ties go to the lower row, whatever the threads. Keys above
-/// the floor are appended; when `2m` have gathered, a selection keeps the best `m` and raises
-/// the floor: amortised constant work per key, where a heap would sift each one.
+/// compare in one instruction and ties go to the lower row, whatever the threads: a
+/// [`Selection`] behind a key floor.
 struct Candidates {
-    m: usize,
-    keys: Vec<u64>,
+    best: Selection<u64>,
     floor: u64,
 }
 
 impl Candidates {
     fn new(m: usize) -> Self {
-        Self { m, keys: Vec::with_capacity(2 * m.min(1 << 15)), floor: 0 }
+        Self { best: Selection::new(m), floor: 0 }
     }
 
     #[inline]
@@ -323,9 +321,8 @@ impl Candidates {
     #[inline]
     fn push(&mut self, key: u64) {
         if key > self.floor {
-            self.keys.push(key);
-            if self.keys.len() >= 2 * self.m {
-                self.keep_best();
+            if let Some(&worst) = self.best.push(key, |a, b| b.cmp(a)) {
+                self.floor = worst;
             }
         }
     }
@@ -337,18 +334,10 @@ impl Candidates {
         (((self.floor >> 32) as u32) ^ 0x8000_0000) as i32
     }
 
-    /// Keeps the best `m` keys and makes the worst of them the floor.
-    fn keep_best(&mut self) {
-        if self.keys.len() > self.m {
-            self.keys.select_nth_unstable_by(self.m - 1, |a, b| b.cmp(a));
-            self.keys.truncate(self.m);
-            self.floor = self.keys.iter().copied().min().unwrap_or(0);
-        }
-    }
-
     fn rows(mut self) -> Vec<u32> {
-        self.keep_best();
-        let mut rows: Vec<u32> = self.keys.into_iter().map(|k| u32::MAX - k as u32).collect();
+        self.best.select(|a, b| b.cmp(a));
+        let keys = self.best.into_items();
+        let mut rows: Vec<u32> = keys.into_iter().map(|k| u32::MAX - k as u32).collect();
         rows.sort_unstable();
         rows
     }
@@ -480,7 +469,7 @@ pub fn search_compact(
                     return b;
                 }
                 for (ha, hb) in a.iter_mut().zip(b) {
-                    for key in hb.keys {
+                    for key in hb.best.into_items() {
                         ha.push(key);
                     }
                 }
@@ -627,7 +616,7 @@ mod tests {
             }
             let mut merged = Candidates::new(m);
             for list in lists {
-                for key in list.keys {
+                for key in list.best.into_items() {
                     merged.push(key);
                 }
             }

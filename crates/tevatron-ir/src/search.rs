@@ -47,50 +47,88 @@ impl Ranking {
     }
 }
 
-/// The `k` best `(score, row)` pairs offered: a candidate at or above the floor is appended to
-/// a buffer, and when the buffer holds about `2k` the best `k` are selected
-/// (`select_nth_unstable_by`) and the floor rises to the worst of them. Each candidate costs O(1)
-/// amortised, where a binary heap paid a sift of `log k` mispredicted branches: at depth 1,000
-/// that was a third of a search's time. NaN scores never enter.
-pub(crate) struct TopK {
+/// The best `k` of the items offered, kept by selection rather than a heap: items gather in a
+/// buffer, and when it holds [`Selection::cap`] of them, `select_nth_unstable_by` keeps the best
+/// `k` and the worst of those becomes the caller's floor, below which it offers nothing more.
+/// Each item costs O(1) amortised, where a binary heap paid a sift of `log k` mispredicted
+/// branches (at depth 1,000, a third of an exact search's time). The one home of the idea: the
+/// exact search's hits ([`TopK`]) and the compact scan's candidates (`compact.rs`) use it.
+pub(crate) struct Selection<T> {
     k: usize,
-    kept: Vec<(f32, u32)>,
+    kept: Vec<T>,
+}
+
+impl<T> Selection<T> {
+    pub(crate) fn new(k: usize) -> Self {
+        Self { k, kept: Vec::with_capacity(Self::cap(k).min(1 << 16)) }
+    }
+
+    /// Buffer length at which the best `k` are selected: twice `k`, and at least `k + 16` so
+    /// that a small `k` does not select at every few items.
+    pub(crate) fn cap(k: usize) -> usize {
+        k.saturating_add(k.max(16))
+    }
+
+    /// Appends `item` (nothing with `k` = 0); when that fills the buffer, selects, and returns
+    /// the worst item kept: the new floor.
+    #[inline]
+    pub(crate) fn push(
+        &mut self,
+        item: T,
+        better_first: impl FnMut(&T, &T) -> Ordering,
+    ) -> Option<&T> {
+        if self.k == 0 {
+            return None;
+        }
+        self.kept.push(item);
+        if self.kept.len() >= Self::cap(self.k) {
+            self.select(better_first)
+        } else {
+            None
+        }
+    }
+
+    /// Keeps the best `k` by `better_first` (best first); returns the worst of them when a
+    /// selection ran.
+    pub(crate) fn select(&mut self, better_first: impl FnMut(&T, &T) -> Ordering) -> Option<&T> {
+        let k = self.k;
+        if self.kept.len() <= k || k == 0 {
+            return None;
+        }
+        self.kept.select_nth_unstable_by(k - 1, better_first);
+        self.kept.truncate(k);
+        self.kept.last()
+    }
+
+    /// Everything still held, in no order: the best `k` after [`Selection::select`], else
+    /// possibly more (which a merge into another selection can take as they are).
+    pub(crate) fn into_items(self) -> Vec<T> {
+        self.kept
+    }
+}
+
+/// The `k` best `(score, row)` pairs offered, by score and then doc id descending (trec_eval's
+/// order), in a [`Selection`] behind a score floor. NaN scores never enter.
+pub(crate) struct TopK {
+    best: Selection<(f32, u32)>,
     /// No candidate below this can be among the best `k` (NEG_INFINITY until `k` are kept).
     floor: f32,
 }
 
 impl TopK {
     pub(crate) fn new(k: usize) -> Self {
-        Self { k, kept: Vec::with_capacity(Self::cap(k).min(1 << 16)), floor: f32::NEG_INFINITY }
-    }
-
-    /// Buffer length at which the best `k` are selected: twice `k`, and at least `k + 16` so
-    /// that a small `k` does not select at every few candidates.
-    fn cap(k: usize) -> usize {
-        k.saturating_add(k.max(16))
+        Self { best: Selection::new(k), floor: f32::NEG_INFINITY }
     }
 
     #[inline]
     pub(crate) fn push(&mut self, score: f32, row: u32, ids: &Ids) {
         // Equal to the floor may still enter: on a score tie the larger doc id ranks first.
-        if score.is_nan() || score < self.floor || self.k == 0 {
+        if score.is_nan() || score < self.floor {
             return;
         }
-        self.kept.push((score, row));
-        if self.kept.len() >= Self::cap(self.k) {
-            self.select(ids);
+        if let Some(&(worst, _)) = self.best.push((score, row), |a, b| better_first(*a, *b, ids)) {
+            self.floor = worst;
         }
-    }
-
-    /// Keeps the best `k` and raises the floor to the worst of them.
-    fn select(&mut self, ids: &Ids) {
-        let k = self.k;
-        if self.kept.len() <= k || k == 0 {
-            return;
-        }
-        self.kept.select_nth_unstable_by(k - 1, |a, b| better_first(*a, *b, ids));
-        self.kept.truncate(k);
-        self.floor = self.kept[k - 1].0;
     }
 
     /// Offers one query's scores of rows `start..start + row.len()`, skipping every score
@@ -113,8 +151,8 @@ impl TopK {
 
     /// The best `k` (or fewer, if fewer were offered), in no particular order.
     pub(crate) fn into_kept(mut self, ids: &Ids) -> Vec<(f32, u32)> {
-        self.select(ids);
-        self.kept
+        self.best.select(|a, b| better_first(*a, *b, ids));
+        self.best.into_items()
     }
 }
 
@@ -151,7 +189,8 @@ const PASS_STATE_BYTES: usize = 256 << 20;
 /// it; at 1M x 384 and depth 1,000, eight passes of 128 queries took 8.9 s against 4.8 s for
 /// one pass of 1,000.
 pub fn queries_per_pass(batch: usize, nq: usize, k: usize, threads: usize) -> usize {
-    let per_query = TopK::cap(k).saturating_mul(8).saturating_mul(threads.max(1));
+    let per_query =
+        Selection::<(f32, u32)>::cap(k).saturating_mul(8).saturating_mul(threads.max(1));
     let fit = PASS_STATE_BYTES / per_query.max(1);
     batch.max(fit).min(nq).max(1)
 }
@@ -294,7 +333,7 @@ fn scan_shard(
                     return Ok(b);
                 }
                 for (ha, hb) in a.iter_mut().zip(b) {
-                    for (s, r) in hb.kept {
+                    for (s, r) in hb.best.into_items() {
                         ha.push(s, r, ids);
                     }
                 }
