@@ -277,6 +277,12 @@ mod x86 {
         row[from..].iter().zip(&query[from..]).map(|(&c, &q)| c as i32 * q as i32).sum()
     }
 
+    /// The Hamming distance of a row's bytes past the last whole word (`from` on).
+    #[inline(always)]
+    fn binary_tail(query: &[u8], row: &[u8], from: usize) -> u32 {
+        row[from..].iter().zip(&query[from..]).map(|(&c, &q)| (c ^ q).count_ones()).sum()
+    }
+
     #[inline(always)]
     unsafe fn hsum256(v: __m256i) -> i32 {
         let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
@@ -484,44 +490,14 @@ mod x86 {
         }
     }
 
-    /// Four code rows at a time against `N` queries: 4N accumulators share each loaded row and
-    /// query, and their horizontal sums are taken together ([`sum_each`]); one row at a time,
-    /// the per-pair reduction cost more than the products.
+    /// One code row at a time against `N` queries (each row's lanes summed at its end): the
+    /// rows [`int8_vnni`] leaves past its last group of sixteen.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn vnni_rows<const N: usize>(dim: usize, queries: &[u8], codes: &[i8], out: &mut [i32]) {
         let rows = codes.len() / dim;
         let full = dim / 64 * 64;
-        let mut j = 0;
-        while j + 4 <= rows {
-            let base = codes.as_ptr().add(j * dim);
-            let mut acc = [[_mm512_setzero_si512(); 4]; N];
-            let mut i = 0;
-            while i < full {
-                let c0 = _mm512_loadu_si512(base.add(i) as *const _);
-                let c1 = _mm512_loadu_si512(base.add(dim + i) as *const _);
-                let c2 = _mm512_loadu_si512(base.add(2 * dim + i) as *const _);
-                let c3 = _mm512_loadu_si512(base.add(3 * dim + i) as *const _);
-                for (n, a) in acc.iter_mut().enumerate() {
-                    let q = _mm512_loadu_si512(queries.as_ptr().add(n * dim + i) as *const _);
-                    a[0] = _mm512_dpbusd_epi32(a[0], q, c0);
-                    a[1] = _mm512_dpbusd_epi32(a[1], q, c1);
-                    a[2] = _mm512_dpbusd_epi32(a[2], q, c2);
-                    a[3] = _mm512_dpbusd_epi32(a[3], q, c3);
-                }
-                i += 64;
-            }
-            for (n, a) in acc.iter().enumerate() {
-                let sums = sum_each(a[0], a[1], a[2], a[3]);
-                let q = &queries[n * dim..(n + 1) * dim];
-                for (r, sum) in sums.into_iter().enumerate() {
-                    let row = &codes[(j + r) * dim..(j + r + 1) * dim];
-                    out[n * rows + j + r] = sum + int8_tail(q, row, full);
-                }
-            }
-            j += 4;
-        }
-        for (j, row) in codes.chunks_exact(dim).enumerate().skip(j) {
+        for (j, row) in codes.chunks_exact(dim).enumerate() {
             let mut acc = [_mm512_setzero_si512(); N];
             let mut i = 0;
             while i < full {
@@ -537,37 +513,6 @@ mod x86 {
                     + int8_tail(&queries[n * dim..(n + 1) * dim], row, full);
             }
         }
-    }
-
-    /// The sums of the sixteen 32-bit lanes of each of `a`, `b`, `c`, `d`: 128-bit halves
-    /// added pairwise across the four, then the four lanes within each 128 bits (wrapping, as
-    /// `_mm512_reduce_add_epi32` does).
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn sum_each(a: __m512i, b: __m512i, c: __m512i, d: __m512i) -> [i32; 4] {
-        // [a0 + a2, a1 + a3, b0 + b2, b1 + b3] in 128-bit lanes, and the same for c and d.
-        let ab = _mm512_add_epi32(
-            _mm512_shuffle_i64x2::<0b01_00_01_00>(a, b),
-            _mm512_shuffle_i64x2::<0b11_10_11_10>(a, b),
-        );
-        let cd = _mm512_add_epi32(
-            _mm512_shuffle_i64x2::<0b01_00_01_00>(c, d),
-            _mm512_shuffle_i64x2::<0b11_10_11_10>(c, d),
-        );
-        // One 128-bit lane each for a, b, c, d.
-        let s = _mm512_add_epi32(
-            _mm512_shuffle_i64x2::<0b10_00_10_00>(ab, cd),
-            _mm512_shuffle_i64x2::<0b11_01_11_01>(ab, cd),
-        );
-        let t = _mm512_add_epi32(s, _mm512_shuffle_epi32::<_MM_PERM_CDAB>(s));
-        let t = _mm512_add_epi32(t, _mm512_shuffle_epi32::<_MM_PERM_BADC>(t));
-        let firsts = _mm512_permutexvar_epi32(
-            _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
-            t,
-        );
-        let mut out = [0i32; 4];
-        _mm_storeu_si128(out.as_mut_ptr() as *mut __m128i, _mm512_castsi512_si128(firsts));
-        out
     }
 
     /// `vpopcntq` (AVX-512 VPOPCNTDQ, where the AVX-512 set's CPU has it): rows interleaved
@@ -602,9 +547,7 @@ mod x86 {
                     let query = &queries[n * width..(n + 1) * width];
                     for j in 0..packed_rows {
                         let row = &codes[j * width..(j + 1) * width];
-                        let tail: u32 =
-                            (words * 8..width).map(|b| (row[b] ^ query[b]).count_ones()).sum();
-                        out[n * rows + j] -= tail as i32;
+                        out[n * rows + j] -= binary_tail(query, row, words * 8) as i32;
                     }
                 }
             }
@@ -682,8 +625,7 @@ mod x86 {
             }
             for (n, d) in d.iter().enumerate() {
                 let q = &queries[n * width..(n + 1) * width];
-                let tail: u32 = (words * 8..width).map(|b| (row[b] ^ q[b]).count_ones()).sum();
-                out[n * rows + j] = -((d + tail) as i32);
+                out[n * rows + j] = -((d + binary_tail(q, row, words * 8)) as i32);
             }
         }
     }

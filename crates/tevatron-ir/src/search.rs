@@ -238,8 +238,8 @@ pub fn search_checked_shard(
     scan_shard(queries, dim, shard, depth, pass, false)
 }
 
-/// [`queries_per_pass`] for a `--batch_size` on this machine's threads.
-fn pass_for(batch_size: usize, nq: usize, k: usize) -> usize {
+/// [`queries_per_pass`] for a `--batch_size` (0: all) on this machine's threads.
+pub fn pass_for(batch_size: usize, nq: usize, k: usize) -> usize {
     queries_per_pass(queries_per_batch(batch_size, nq), nq, k, rayon::current_num_threads())
 }
 

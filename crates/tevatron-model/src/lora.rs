@@ -416,15 +416,6 @@ impl LoraPlan {
         }
         let (out_dim, in_dim) = weight.dims2()?;
         let start = self.start.get(module);
-        if start.is_none() && self.config.r > out_dim.max(in_dim) {
-            // What `new` checks against the hidden size, for a layer of other shapes.
-            fail!(
-                "--lora_r {} is larger than both sides of {module} ({out_dim} x {in_dim}); the \
-                 rank of its update is at most {} whatever --lora_r says",
-                self.config.r,
-                out_dim.min(in_dim)
-            );
-        }
         if let Some((a, b)) = start {
             if let Some(why) = misfit(module, &weight, a, b, self.config.r) {
                 fail!("{why}");

@@ -796,7 +796,9 @@ impl PthTensors {
             Some(tensor_info) => tensor_info,
         };
         // We hope that the file has not changed since first reading it.
-        let zip_reader = std::io::BufReader::new(std::fs::File::open(&self.path)?);
+        let file = std::fs::File::open(&self.path)?;
+        let file_len = file.metadata()?.len();
+        let zip_reader = std::io::BufReader::new(file);
         let mut zip = zip::ZipArchive::new(zip_reader)?;
         let mut reader = zip.by_name(&tensor_info.path)?;
         let is_fortran_contiguous = tensor_info.layout.is_fortran_contiguous();
@@ -823,7 +825,6 @@ impl PthTensors {
         // place, with one allocation.
         let shape = tensor_info.layout.shape().clone();
         let needed = (shape.elem_count() * tensor_info.dtype.size_in_bytes()) as u64;
-        let file_len = std::fs::metadata(&self.path)?.len();
         let held = reader.size().saturating_sub(start_offset as u64);
         if needed > held.min(file_len) {
             crate::bail!(

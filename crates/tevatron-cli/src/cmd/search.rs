@@ -14,8 +14,7 @@ use tevatron_ir::compact::{search_compact, CompactShard, ScanReport};
 use tevatron_ir::hnsw::{hnsw_paths, search_hnsw, HnswOptions, HnswShard};
 use tevatron_ir::quantize::{Kernels, Precision};
 use tevatron_ir::search::{
-    check_dims, check_queries, merge_shards, queries_per_batch, queries_per_pass, search_shard,
-    Ranking,
+    check_dims, check_queries, merge_shards, pass_for, queries_per_batch, search_shard, Ranking,
 };
 use tevatron_ir::trec::{write_run, RunFormat};
 use tevatron_ir::vectors::{expand_glob, Ids, Vectors};
@@ -54,8 +53,7 @@ pub fn run(a: &SearchArgs) -> Result<()> {
     let depth = a.depth;
     let kernels = Kernels::detect();
     if compact.is_none() && matches!(device, Device::Cpu) {
-        let per_batch = queries_per_batch(batch, nq);
-        let per_pass = queries_per_pass(per_batch, nq, depth, rayon::current_num_threads());
+        let (per_batch, per_pass) = (queries_per_batch(batch, nq), pass_for(batch, nq, depth));
         if per_pass > per_batch {
             tracing::info!(
                 "scoring at least {per_pass} queries per pass over the corpus (--batch_size {} \
