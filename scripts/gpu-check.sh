@@ -194,7 +194,7 @@ PY
 echo "== training on the GPU (random-weight MiniLM-shaped BERT, 1,920 lexical-match groups, $steps steps of $bs x group 4, q32/p128)"
 tr() { local label=$1; shift
   "$T" train --model_name_or_path "$out/model" --dataset_path "$out/train.jsonl" --output_dir "$out/$label" \
-    --train_group_size 4 --query_max_len 32 --passage_max_len 128 --pooling mean --normalize --temperature 0.05 \
+    --train_group_size 4 --query_max_len "${ql:-32}" --passage_max_len "${pl:-128}" --pooling mean --normalize --temperature 0.05 \
     --learning_rate 1e-4 --warmup_ratio 0 --logging_steps 1 --save_strategy no --overwrite_output_dir \
     --dataset_cache_dir "$out/cache" "$@" 2> "$out/$label.log" || { tail -5 "$out/$label.log"; exit 1; }; }
 # same_losses RUN_A LABEL_A RUN_B LABEL_B WHAT: prints both runs' per-step losses and the largest
@@ -236,11 +236,14 @@ tr one --device "$dev0" --disable_dropout --per_device_train_batch_size "$bs" --
 tr two --device "$dev0" --disable_dropout --per_device_train_batch_size $((bs / 2)) --max_steps $((steps / 3)) --nproc_per_node 2
 same_losses one "one process" two "two ranks" "two ranks do not train as one process with twice the batch"
 echo "-- dropout on, f32: the GPU draws the CPU's masks, so both train alike (3 steps of 8 groups)"
-tr dcpu --device cpu --per_device_train_batch_size 8 --max_steps 3
-tr dgpu --device "$dev0" --per_device_train_batch_size 8 --max_steps 3
+# Every sequence cut at the same length (queries of 8 tokens, passages of 32), so that the CPU's
+# length split (docs/train.md, "Length buckets") keeps each side whole and in input order, as a
+# GPU does: only then are the masks drawn over the same rows.
+ql=8 pl=32 tr dcpu --device cpu --per_device_train_batch_size 8 --max_steps 3
+ql=8 pl=32 tr dgpu --device "$dev0" --per_device_train_batch_size 8 --max_steps 3
 same_losses dcpu cpu dgpu gpu "GPU training with dropout differs from CPU training with the same seed"
 echo "-- the same with the fused attention kernels (--attn_implementation flash_attention_2)"
-tr dgpuf --device "$dev0" --per_device_train_batch_size 8 --max_steps 3 --attn_implementation flash_attention_2
+ql=8 pl=32 tr dgpuf --device "$dev0" --per_device_train_batch_size 8 --max_steps 3 --attn_implementation flash_attention_2
 same_losses dcpu cpu dgpuf "gpu, fused attention" "GPU training with the fused attention differs from CPU training"
 echo "-- a bf16 step with the fused attention kernels against the composed attention above"
 tr bf16f --device "$dev" --bf16 --per_device_train_batch_size "$bs" --max_steps "$steps" --attn_implementation flash_attention_2
@@ -253,13 +256,14 @@ echo "   the same with candle's composed ops instead of our fused kernels (TEVAT
 TEVATRON_GPU_COMPOSED_OPS=1 TEVATRON_PROFILE_STEPS=1 tr profc --device "$dev" --bf16 --per_device_train_batch_size "$bs" --max_steps 4
 grep '^profile step' "$out/profc.log" | tail -n 2
 echo "-- a tiny Mistral with LoRA (Tevatron's recipe in f32, dropout on): GPU against CPU, 3 steps"
-# Goes through the decoder kernels (RMSNorm, rotary, SwiGLU) and LoRA on the GPU.
+# Goes through the decoder kernels (RMSNorm, rotary, SwiGLU) and LoRA on the GPU. Every text
+# is cut (queries at 8 tokens, passages at 12), for the reason given at the dropout part above.
 dec() { local label=$1; shift
   "$T" train --model_name_or_path testdata/tiny/mistral --dataset_path testdata/train/tiny.jsonl \
     --output_dir "$out/$label" --lora --lora_target_modules q_proj,k_proj,v_proj,o_proj,down_proj,up_proj,gate_proj \
     --query_prefix "Query: " --passage_prefix "Passage: " --pooling eos --append_eos_token --normalize \
     --temperature 0.01 --per_device_train_batch_size 4 --train_group_size 3 --learning_rate 1e-4 \
-    --query_max_len 32 --passage_max_len 64 --max_steps 3 --logging_steps 1 --save_strategy no \
+    --query_max_len 8 --passage_max_len 12 --max_steps 3 --logging_steps 1 --save_strategy no \
     --overwrite_output_dir --dataset_cache_dir "$out/cache-dec" "$@" 2> "$out/$label.log" \
     || { tail -5 "$out/$label.log"; exit 1; }; }
 dec mcpu --device cpu

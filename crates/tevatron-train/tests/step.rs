@@ -386,3 +386,24 @@ fn a_distillation_step_is_the_kl_of_its_representations() {
         assert!((out.loss - c).abs() <= 1e-10 * c);
     }
 }
+
+/// With dropout on, the F32 CPU step (fused ops, byte masks drawn from the stream) and the F64
+/// step (composed candle ops, the counter masks every other device computes, a GPU's included)
+/// drop the same values: their losses and gradients agree. This is what makes a GPU run train
+/// as a CPU run with the same seed.
+#[test]
+fn dropout_drops_the_same_values_on_every_path() {
+    for model in MODELS {
+        let f = fixture_of(model);
+        let o = opts(0.05);
+        let (l32, _, g32) = step(&encoder_of(model, Pooling::Cls, true, DType::F32, true), &f, &o);
+        let (l64, _, g64) = step(&encoder_of(model, Pooling::Cls, true, DType::F64, true), &f, &o);
+        let (quiet, _, _) = step(&encoder_of(model, Pooling::Cls, true, DType::F32, false), &f, &o);
+        assert!((l32 - quiet).abs() > 1e-4, "{model}: dropout changed nothing");
+        assert!((l32 - l64).abs() <= 1e-5 * l64.abs(), "{model}: loss {l32} (F32) vs {l64} (F64)");
+        for (a, b) in g32.iter().zip(&g64) {
+            let d = max_rel(&a.to_dtype(DType::F64).unwrap(), b);
+            assert!(d <= 1e-3, "{model}: a gradient differs by {d}");
+        }
+    }
+}
