@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Encode throughput in F32 and int8, ours against sentence-transformers (PyTorch F32) and ONNX
-# Runtime (F32, and int8 by dynamic quantization), same machine, same passages, same run,
-# 2 threads each.
+# Encode throughput in F32, bf16 and int8, ours against sentence-transformers (PyTorch F32, and
+# bf16 weights where PyTorch runs bf16 products) and ONNX Runtime (F32, and int8 by dynamic
+# quantization), same machine, same passages, same run, 2 threads each. Ours --bf16 runs bf16
+# products only on a CPU with AVX-512 BF16 (F32 elsewhere, as its log says).
 #   scripts/bench/encode-int8.sh [N]   (default 512 InsuranceQA answers; REPEAT=2 runs each twice)
 # The ONNX models are made by a committed step below: torch.onnx.export of the transformers
 # model, then onnxruntime.quantization.quantize_dynamic (weights int8 per output channel,
@@ -28,7 +29,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 py=$venv/bin/python
 head -n "$n" "$data/corpus.jsonl" > "$work/passages.jsonl"
-echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); int8 flags: $(grep -m1 -o -w -E 'avx512_vnni|avx_vnni|avx512_bf16|amx_int8' /proc/cpuinfo | sort -u | xargs || true)"
+echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); int8 and bf16 flags: $(grep -m1 -o -w -E 'avx512_vnni|avx_vnni|avx512_bf16|amx_int8' /proc/cpuinfo | sort -u | xargs || true)"
 # The ONNX models (once).
 if [ ! -f "$work/int8.onnx" ]; then
   OMP_NUM_THREADS=2 "$py" - "$model" "$work" <<'PY'
@@ -59,7 +60,7 @@ fi
 runs=${REPEAT:-1}
 : > "$work/times.txt"
 for r in $(seq "$runs"); do
-  for flag in "" --int8; do
+  for flag in "" --bf16 --int8; do
     start=$(date +%s.%N)
     RAYON_NUM_THREADS=2 "$bin" encode --model_name_or_path "$model" --dataset_path "$work/passages.jsonl" \
       --encode_output_path "$work/ours${flag}.safetensors" --passage_max_len 128 \
@@ -82,6 +83,8 @@ def show(label, seconds):
         f.write(f"{label}|{seconds}\n")
 st = SentenceTransformer(model_dir, device="cpu"); st.max_seq_length = 128
 t = time.perf_counter(); st.encode(texts, batch_size=64); show("sentence-transformers F32", time.perf_counter() - t)
+st = SentenceTransformer(model_dir, device="cpu", model_kwargs={"torch_dtype": torch.bfloat16}); st.max_seq_length = 128
+t = time.perf_counter(); st.encode(texts, batch_size=64); show("sentence-transformers bf16", time.perf_counter() - t)
 tok = AutoTokenizer.from_pretrained(model_dir)
 for name in ("f32", "int8"):
     so = ort.SessionOptions(); so.intra_op_num_threads = 2; so.inter_op_num_threads = 1
@@ -104,7 +107,8 @@ from safetensors.numpy import load_file
 w = sys.argv[1]
 f = load_file(f"{w}/ours.safetensors")["embeddings"]
 cos = lambda a, b: (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-for label, e in (("ours int8", load_file(f"{w}/ours--int8.safetensors")["embeddings"]),
+for label, e in (("ours bf16", load_file(f"{w}/ours--bf16.safetensors")["embeddings"]),
+                 ("ours int8", load_file(f"{w}/ours--int8.safetensors")["embeddings"]),
                  ("ONNX Runtime F32", np.load(f"{w}/ort-f32.npy")),
                  ("ONNX Runtime int8", np.load(f"{w}/ort-int8.npy"))):
     c = cos(f, e)
@@ -113,7 +117,9 @@ best = {}
 for line in open(f"{w}/times.txt"):
     label, t = line.rsplit("|", 1)
     best[label] = min(best.get(label, 1e30), float(t))
+runs = sum(1 for line in open(f"{w}/times.txt") if line.startswith("ours F32|"))
 for ours, peer in (("ours F32", "sentence-transformers F32"), ("ours F32", "ONNX Runtime F32"),
+                   ("ours --bf16", "ours F32"), ("ours --bf16", "sentence-transformers bf16"),
                    ("ours --int8", "ONNX Runtime INT8"), ("ours --int8", "ours F32")):
-    print(f"speed {ours} / {peer}: {best[peer] / best[ours]:.2f}x (best of {sum(1 for _ in open(f'{w}/times.txt')) // 5} runs)")
+    print(f"speed {ours} / {peer}: {best[peer] / best[ours]:.2f}x (best of {runs} runs)")
 PY

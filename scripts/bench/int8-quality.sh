@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The quality cost of `encode --int8` on real data: all-MiniLM-L6-v2 (zero-shot) over the full
-# InsuranceQA dev set (2,000 questions, 27,413 answers), encoded in F32 and in int8 (queries
-# and corpus alike), searched exactly and evaluated with tevatron eval (nDCG@10, recall@100);
-# also how close the int8 embeddings are to the F32 ones (cosine, min and mean).
+# The quality cost of `encode --int8` and `encode --bf16` on the CPU on real data:
+# all-MiniLM-L6-v2 (zero-shot) over the full InsuranceQA dev set (2,000 questions, 27,413
+# answers), encoded in F32, bf16 and int8 (queries and corpus alike), searched exactly and
+# evaluated with tevatron eval (nDCG@10, recall@100); also how close the bf16 and int8
+# embeddings are to the F32 ones (cosine, min and mean). --bf16 computes bf16 products only on
+# a CPU with AVX-512 BF16 (F32 elsewhere: the same figures as F32).
 #   scripts/bench/int8-quality.sh
 # MODEL=path/to/model scores another model. Embeddings are kept in .cache/int8-quality (the F32
 # ones may be copied from .cache/compact-quality, made by the same command).
@@ -16,9 +18,9 @@ model=${MODEL:-$("$root/scripts/fetch-minilm.sh")}
 work=$root/.cache/int8-quality
 mkdir -p "$work"
 echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); model $model"
-for precision in f32 int8; do
+for precision in f32 bf16 int8; do
   flag=()
-  [ "$precision" = int8 ] && flag=(--int8)
+  [ "$precision" = f32 ] || flag=("--$precision")
   [ -f "$work/$precision.corpus.safetensors" ] ||
     "$bin" encode --model_name_or_path "$model" --dataset_path "$data/corpus.jsonl" \
       --encode_output_path "$work/$precision.corpus.safetensors" --passage_max_len 128 \
@@ -29,7 +31,7 @@ for precision in f32 int8; do
       --query_max_len 32 --quiet "${flag[@]}"
 done
 printf '%-24s %9s %10s\n' encode "nDCG@10" "recall@100"
-for precision in f32 int8; do
+for precision in f32 bf16 int8; do
   "$bin" search --query_reps "$work/$precision.queries.safetensors" \
     --passage_reps "$work/$precision.corpus.safetensors" --depth 100 --batch_size 0 \
     --save_ranking_to "$work/$precision.run.tsv" --save_text --quiet
@@ -47,13 +49,13 @@ def load(path):  # safetensors F32 "embeddings", without numpy
     a, b = e["data_offsets"]
     v = array("f"); v.frombytes(raw[8 + n + a:8 + n + b])
     return v, e["shape"][1]
-for part in ("queries", "corpus"):
-    (f, d), (q, _) = load(f"{sys.argv[1]}/f32.{part}.safetensors"), load(f"{sys.argv[1]}/int8.{part}.safetensors")
+for precision, part in [(p, part) for p in ("bf16", "int8") for part in ("queries", "corpus")]:
+    (f, d), (q, _) = load(f"{sys.argv[1]}/f32.{part}.safetensors"), load(f"{sys.argv[1]}/{precision}.{part}.safetensors")
     cos = []
     for i in range(0, len(f), d):
         a, b = f[i:i + d], q[i:i + d]
         dot = sum(x * y for x, y in zip(a, b))
         na = sum(x * x for x in a) ** 0.5; nb = sum(y * y for y in b) ** 0.5
         cos.append(dot / (na * nb) if na and nb else 1.0)
-    print(f"cosine(int8, F32) {part}: min {min(cos):.5f} mean {sum(cos) / len(cos):.5f} over {len(cos)} rows")
+    print(f"cosine({precision}, F32) {part}: min {min(cos):.5f} mean {sum(cos) / len(cos):.5f} over {len(cos)} rows")
 PY

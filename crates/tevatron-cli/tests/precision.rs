@@ -1,9 +1,10 @@
 //! The precision flags of inference end to end: `encode --int8` and `rerank --int8` on the tiny
 //! models of every backbone family (the int8 projections run: the embeddings differ from F32's,
-//! and stay near them; the file records it; the flag is refused beside --fp16/--bf16), and
-//! `--fp16`/`--bf16` on the CPU, computed in F32 with a warning. The int8 kernels are tested
-//! against their scalar reference in `backbone/int8.rs`; MiniLM against F32 on real text in the
-//! model crate's `tests/minilm.rs`.
+//! and stay near them; the file records it; the flag is refused beside --fp16/--bf16), `encode
+//! --bf16` likewise on a CPU with AVX-512 BF16, and `--fp16` (and `--bf16` on other CPUs) on the
+//! CPU, computed in F32 with a warning. The kernels are tested against their scalar references
+//! in `backbone/int8.rs` and `backbone/bf16.rs`; MiniLM against F32 on real text in the model
+//! crate's `tests/minilm.rs`.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
@@ -33,23 +34,43 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 
 #[test]
 fn int8_encode_runs_on_every_family_and_stays_near_f32() {
+    reduced_encode_runs_on_every_family_and_stays_near_f32("int8", 0.99);
+}
+
+/// Whether this CPU has the bf16 kernels' instruction (`vdpbf16ps`).
+fn has_bf16_kernels() -> bool {
+    tevatron_model::backbone::bf16::Bf16Kernels::detect().is_some()
+}
+
+#[test]
+fn bf16_encode_on_a_cpu_with_avx512_bf16_runs_on_every_family_and_stays_near_f32() {
+    if has_bf16_kernels() {
+        reduced_encode_runs_on_every_family_and_stays_near_f32("bf16", 0.9999);
+    }
+}
+
+/// `encode --{precision}` on the tiny model of every family: the file records it, the
+/// embeddings differ from F32's (the kernels ran) and stay at cosine `floor` or more from them.
+fn reduced_encode_runs_on_every_family_and_stays_near_f32(precision: &str, floor: f64) {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
+    let flag = format!("--{precision}");
     // BERT-style layers on raw buffers (bert, roberta, distilbert), ModernBERT through the
     // composed ops, and the decoder layer (llama, qwen3).
     for family in ["bert", "roberta", "distilbert", "modernbert", "llama", "qwen3"] {
         let model = path(&format!("testdata/tiny/{family}"));
-        ok(encode(d, &model, &format!("{family}.f32.safetensors"), &[]));
-        ok(encode(d, &model, &format!("{family}.int8.safetensors"), &["--int8"]));
+        let reduced = format!("{family}.{precision}.safetensors");
+        ok(encode(d, &model, &format!("{family}.f32.safetensors"), &["--device", "cpu"]));
+        ok(encode(d, &model, &reduced, &[&flag, "--device", "cpu"]));
         let (f, fmeta) = rows(&d.join(format!("{family}.f32.safetensors")));
-        let (q, qmeta) = rows(&d.join(format!("{family}.int8.safetensors")));
-        assert_eq!(qmeta.get("int8").map(String::as_str), Some("true"), "{family}");
-        assert!(!fmeta.contains_key("int8"), "{family}");
+        let (q, qmeta) = rows(&d.join(reduced));
+        assert_eq!(qmeta.get(precision).map(String::as_str), Some("true"), "{family}");
+        assert!(!fmeta.contains_key(precision), "{family}");
         assert_eq!(f.len(), q.len());
-        assert!(f != q, "{family}: --int8 changed nothing");
+        assert!(f != q, "{family}: {flag} changed nothing");
         for (i, (a, b)) in f.iter().zip(&q).enumerate() {
             let c = cosine(a, b);
-            assert!(c > 0.99, "{family}: passage {i} at cosine {c} from F32");
+            assert!(c > floor, "{family}: passage {i} at cosine {c} from F32 with {flag}");
         }
     }
 }
@@ -106,7 +127,7 @@ fn int8_rerank_scores_near_f32_and_int8_is_refused_beside_half_precision() {
 }
 
 #[test]
-fn half_precision_on_the_cpu_computes_in_f32_and_says_so() {
+fn half_precision_on_the_cpu_says_what_it_computes() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let bert = path("testdata/tiny/bert");
@@ -117,7 +138,12 @@ fn half_precision_on_the_cpu_computes_in_f32_and_says_so() {
         let out = common::encode_toy(d, &bert, "half.safetensors", &flags);
         let log = String::from_utf8_lossy(&out.stderr).into_owned();
         ok(out);
-        assert!(log.contains(&format!("{flag} on the CPU computes in F32")), "{log}");
-        assert_eq!(rows(&d.join("half.safetensors")).0, f, "{flag}");
+        if flag == "--bf16" && has_bf16_kernels() {
+            assert!(log.contains("the projections as bf16 products with AVX-512 BF16"), "{log}");
+            assert_ne!(rows(&d.join("half.safetensors")).0, f, "{flag}");
+        } else {
+            assert!(log.contains(&format!("{flag} on the CPU computes in F32")), "{log}");
+            assert_eq!(rows(&d.join("half.safetensors")).0, f, "{flag}");
+        }
     }
 }

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
-use crate::backbone::layers::Linears;
+use crate::backbone::bf16::Bf16Kernels;
+use crate::backbone::int8::Int8Kernels;
+use crate::backbone::layers::{Linears, ReducedKernels};
 use crate::backbone::{Backbone, Mode, SequenceClassification};
 use crate::collate::{collate_typed, Batch, PaddingSide};
 use crate::config::ModelConfig;
@@ -38,9 +40,34 @@ pub struct EncoderOptions {
     pub lora: Option<LoraOptions>,
     /// Load the model as a cross-encoder: a one-logit score head in place of pooling.
     pub score_head: Option<ScoreHeadOptions>,
-    /// Run the backbone's projections in int8 (`backbone::int8`): inference on the CPU in F32
-    /// only; a score head stays in F32.
-    pub int8: bool,
+    /// The precision of the backbone's projections in inference on the CPU (F32 weights only);
+    /// a score head stays in F32.
+    pub cpu_products: CpuProducts,
+}
+
+/// What a model's projections compute in on the CPU in inference: F32, or a reduced precision
+/// whose kernels are chosen for this CPU at load.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CpuProducts {
+    /// F32 products (the gemm crate).
+    #[default]
+    F32,
+    /// int8 weights and activations with exact integer sums (`backbone::int8`, `--int8`).
+    Int8,
+    /// bf16 weights and activations with F32 sums (`backbone::bf16`, `--bf16` on a CPU with
+    /// AVX-512 BF16); refused at load on a CPU without it.
+    Bf16,
+}
+
+impl CpuProducts {
+    /// A name for messages: `F32`, `int8` or `bf16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "F32",
+            Self::Int8 => "int8",
+            Self::Bf16 => "bf16",
+        }
+    }
 }
 
 /// How a cross-encoder's score head is loaded.
@@ -64,7 +91,7 @@ impl Default for EncoderOptions {
             disable_dropout: false,
             lora: None,
             score_head: None,
-            int8: false,
+            cpu_products: CpuProducts::F32,
         }
     }
 }
@@ -355,12 +382,25 @@ impl Encoder {
                 model_dir.display()
             )));
         }
-        if opts.int8 && (opts.trainable || !opts.device.is_cpu() || opts.dtype != DType::F32) {
-            return Err(Error::Invalid(
-                "int8 runs inference on the CPU in F32 weights: not with training, a GPU, --fp16 or --bf16"
-                    .into(),
-            ));
+        let reduced = opts.cpu_products != CpuProducts::F32;
+        if reduced && (opts.trainable || !opts.device.is_cpu() || opts.dtype != DType::F32) {
+            return Err(Error::Invalid(format!(
+                "{} products run inference on the CPU from F32 weights: not with training, a GPU, or a half-precision dtype",
+                opts.cpu_products.name()
+            )));
         }
+        let reduced = match opts.cpu_products {
+            CpuProducts::F32 => None,
+            CpuProducts::Int8 => Some(ReducedKernels::Int8(Int8Kernels::detect())),
+            CpuProducts::Bf16 => match Bf16Kernels::detect() {
+                Some(k) => Some(ReducedKernels::Bf16(k)),
+                None => {
+                    return Err(Error::Invalid(
+                        "bf16 products on the CPU need AVX-512 BF16, which this CPU lacks".into(),
+                    ))
+                }
+            },
+        };
         let st = read_st_modules(model_dir)?;
         let weights_dir = match st.as_ref().and_then(|s| s.transformer_dir.as_ref()) {
             Some(sub) => model_dir.join(sub),
@@ -473,8 +513,7 @@ impl Encoder {
             path: weights_dir.clone(),
             what: format!("weights do not fit the {} architecture ({e})", config.model_type()),
         };
-        let int8 = opts.int8.then(crate::backbone::int8::Int8Kernels::detect);
-        let lin = Linears { lora: plan.as_ref(), int8 };
+        let lin = Linears { lora: plan.as_ref(), reduced };
         let backbone: Box<dyn Backbone> = config.build(vb.clone(), &lin).map_err(arch)?;
         let head = match head_plan {
             Some((spec, settings, initialised)) => {

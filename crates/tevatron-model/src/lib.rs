@@ -60,7 +60,7 @@ pub mod weights;
 
 pub use backbone::{Mode, Training};
 pub use collate::{Batch, PaddingSide};
-pub use encoder::{Encoder, EncoderOptions, ScoreHeadOptions};
+pub use encoder::{CpuProducts, Encoder, EncoderOptions, ScoreHeadOptions};
 pub use error::{Error, Result};
 pub use pooling::Pooling;
 pub use text::{TextOptions, TextTokenizer};

@@ -8,7 +8,7 @@
 use candle_core::Tensor;
 use tevatron_model::testing::{max_abs_diff_of, EMBEDDING_ATOL};
 use tevatron_model::testing::{minilm_dir, minilm_fixture};
-use tevatron_model::{Encoder, EncoderOptions, Pooling, TextOptions};
+use tevatron_model::{CpuProducts, Encoder, EncoderOptions, Pooling, TextOptions};
 
 fn check(got: Vec<f32>, want: &Tensor, what: &str) {
     let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -108,22 +108,52 @@ fn minilm_with_a_score_head_matches_transformers() {
 #[test]
 fn int8_embeddings_stay_near_f32_on_real_text() {
     let Some(dir) = minilm_dir() else { return };
+    // The empty text (two special tokens) is the farthest: 0.986 when measured.
+    reduced_embeddings_stay_near_f32(&dir, CpuProducts::Int8, 0.99, 0.98);
+}
+
+/// bf16 products (`--bf16` on a CPU with AVX-512 BF16) on the same texts: each embedding at
+/// cosine 0.999 or more from its F32 twin and not equal to it; on a CPU without AVX-512 BF16 the
+/// load is refused by name.
+#[test]
+fn bf16_embeddings_stay_near_f32_on_real_text() {
+    let Some(dir) = minilm_dir() else { return };
+    if tevatron_model::backbone::bf16::Bf16Kernels::detect().is_none() {
+        let opts = EncoderOptions { cpu_products: CpuProducts::Bf16, ..EncoderOptions::default() };
+        let err = Encoder::load(&dir, None, &opts).err().expect("refused without AVX-512 BF16");
+        assert!(err.to_string().contains("AVX-512 BF16"), "{err}");
+        return;
+    }
+    reduced_embeddings_stay_near_f32(&dir, CpuProducts::Bf16, 0.999, 0.999);
+}
+
+/// Embeds [`minilm_fixture`]'s texts in F32 and with `products`: every cosine at least `floor`
+/// (`empty_floor` for the empty text), the embeddings not equal (the kernels ran); training
+/// with `products` refused by name.
+fn reduced_embeddings_stay_near_f32(
+    dir: &std::path::Path,
+    products: CpuProducts,
+    floor: f32,
+    empty_floor: f32,
+) {
     let (texts, _) = minilm_fixture();
     let text = TextOptions { max_len: 256, ..TextOptions::default() };
-    let f32 = Encoder::load(&dir, None, &EncoderOptions::default()).unwrap();
+    let f32 = Encoder::load(dir, None, &EncoderOptions::default()).unwrap();
     let f32 = f32.embed(&texts, &text, 4).unwrap();
-    let opts = EncoderOptions { int8: true, ..EncoderOptions::default() };
-    let int8 = Encoder::load(&dir, None, &opts).unwrap().embed(&texts, &text, 4).unwrap();
-    assert_ne!(f32, int8, "the int8 kernels did not run");
+    let opts = EncoderOptions { cpu_products: products, ..EncoderOptions::default() };
+    let reduced = Encoder::load(dir, None, &opts).unwrap().embed(&texts, &text, 4).unwrap();
+    assert_ne!(f32, reduced, "the {} kernels did not run", products.name());
     let dim = f32.len() / texts.len();
-    for (i, (a, b)) in f32.chunks(dim).zip(int8.chunks(dim)).enumerate() {
+    let mut lowest = 1f32;
+    for (i, (a, b)) in f32.chunks(dim).zip(reduced.chunks(dim)).enumerate() {
         // Both are L2-normalised (the folder's Normalize module).
         let cos: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-        // The empty text (two special tokens) is the farthest: 0.986 when measured.
-        let floor = if texts[i].is_empty() { 0.98 } else { 0.99 };
-        assert!(cos >= floor, "text {i} ({:?}): cosine {cos}", texts[i]);
+        let floor = if texts[i].is_empty() { empty_floor } else { floor };
+        assert!(cos >= floor, "{}: text {i} ({:?}): cosine {cos}", products.name(), texts[i]);
+        lowest = lowest.min(cos);
     }
-    let training = EncoderOptions { int8: true, trainable: true, ..EncoderOptions::default() };
-    let err = Encoder::load(&dir, None, &training).err().expect("int8 training is refused");
-    assert!(err.to_string().contains("int8"), "{err}");
+    eprintln!("{}: lowest cosine to F32 {lowest}", products.name());
+    let training = EncoderOptions { cpu_products: products, trainable: true, ..opts };
+    let err = Encoder::load(dir, None, &training).err().expect("training is refused");
+    assert!(err.to_string().contains(products.name()), "{err}");
 }

@@ -40,7 +40,7 @@ fn encoder(dtype: DType) -> Encoder {
         disable_dropout: true,
         lora: None,
         score_head: None,
-        int8: false,
+        cpu_products: tevatron_model::CpuProducts::F32,
     };
     Encoder::load(&root().join("tiny/bert"), None, &opts).unwrap()
 }

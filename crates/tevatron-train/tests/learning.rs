@@ -86,7 +86,7 @@ fn the_loss_falls_by_half_within_30_steps() {
         disable_dropout: false,
         lora: None,
         score_head: None,
-        int8: false,
+        cpu_products: tevatron_model::CpuProducts::F32,
     };
     assert_halves(&losses("bert", opts, 3e-3, false));
 }

@@ -42,7 +42,7 @@ fn encoder_of(
         disable_dropout: !dropout,
         lora: None,
         score_head: None,
-        int8: false,
+        cpu_products: tevatron_model::CpuProducts::F32,
     };
     Encoder::load(&root().join("tiny").join(model), None, &opts).unwrap()
 }

@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use tevatron_ir::records::{count_rows, shard_range, RecordKind, RecordStream};
 use tevatron_ir::vectors::{truncate, VecDType, VectorWriter};
 use tevatron_model::encoder::{BatchOptions, EMBED_CHUNK};
-use tevatron_model::{EncoderOptions, PaddingSide, TextOptions};
+use tevatron_model::{CpuProducts, EncoderOptions, PaddingSide, TextOptions};
 
 use super::encode_parts::Part;
 use crate::args::{EncodeArgs, VecDTypeArg};
@@ -48,7 +48,7 @@ fn validate(a: &EncodeArgs, part: Option<Part>) -> Result<EncodeConfig> {
         Some(p) => p.device(e.device.as_deref(), e.int8),
         None => e.device.clone(),
     };
-    let (device, dtype) =
+    let (device, dtype, cpu_products) =
         super::inference_precision(device_spec.as_deref(), e.fp16, e.bf16, e.int8)?;
     Ok(EncodeConfig {
         files,
@@ -80,7 +80,7 @@ fn validate(a: &EncodeArgs, part: Option<Part>) -> Result<EncodeConfig> {
                 .map(|l| super::merged_adapter(l, a.encoding.cache_dir.as_deref()))
                 .transpose()?,
             score_head: None,
-            int8: a.encoding.int8,
+            cpu_products,
         },
         out_dtype: match a.embedding_dtype {
             VecDTypeArg::F32 => VecDType::F32,
@@ -149,8 +149,11 @@ pub fn run(a: &EncodeArgs) -> Result<()> {
     if let Some(k) = a.truncate_dim {
         meta.insert("truncate_dim".to_string(), k.to_string());
     }
-    if a.encoding.int8 {
-        meta.insert("int8".to_string(), "true".to_string());
+    match cfg.encoder.cpu_products {
+        CpuProducts::F32 => {}
+        products => {
+            meta.insert(products.name().to_string(), "true".to_string());
+        }
     }
     meta.insert("model".to_string(), a.model_name_or_path.clone());
     meta.insert("pooling".to_string(), encoder.pooling().name().to_string());

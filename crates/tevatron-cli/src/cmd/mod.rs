@@ -18,7 +18,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use tevatron_model::encoder::DefaultsSource;
 use tevatron_model::lora::{AdapterSource, LoraOptions};
-use tevatron_model::{Encoder, EncoderOptions};
+use tevatron_model::{CpuProducts, Encoder, EncoderOptions};
 
 use crate::args::{Cli, Command};
 
@@ -103,20 +103,22 @@ pub fn merged_adapter(name: &str, cache_dir: Option<&Path>) -> Result<LoraOption
     Ok(LoraOptions { source: AdapterSource::Saved(dir), merge: true, seed: 0, base_dtype: None })
 }
 
-/// The device and compute dtype of an inference command (encode, rerank, annotate, mine) from
-/// `--device`, `--fp16`, `--bf16` and `--int8`, with what the log should say about them:
+/// The device, compute dtype and CPU products of an inference command (encode, rerank,
+/// annotate, mine) from `--device`, `--fp16`, `--bf16` and `--int8`, with what the log should
+/// say about them:
 /// - the device as given, else a GPU when one is visible, except that `--int8` runs on the CPU
 ///   and takes it by default;
-/// - half precision on a GPU; on the CPU it is computed in F32, the faster path there on every
-///   CPU (this build has no half-precision CPU kernels: candle widens each product to F32 and
-///   half precision skips the raw-buffer layers; `--bf16` measured 2.2x slower than F32), and
-///   the log says so.
+/// - half precision on a GPU. On the CPU, `--bf16` runs the projections as bf16 products where
+///   the CPU has AVX-512 BF16 (`backbone::bf16`; the rest of the model in F32) and computes in
+///   F32 elsewhere, as does `--fp16` everywhere: this build has no other half-precision CPU
+///   kernels (candle widens each product to F32 and half precision skips the raw-buffer layers;
+///   `--bf16` so measured 2.2x slower than F32). The log says which.
 pub fn inference_precision(
     device: Option<&str>,
     fp16: bool,
     bf16: bool,
     int8: bool,
-) -> Result<(candle_core::Device, candle_core::DType)> {
+) -> Result<(candle_core::Device, candle_core::DType, CpuProducts)> {
     use candle_core::DType;
     if fp16 && bf16 {
         anyhow::bail!("--fp16 and --bf16 are exclusive");
@@ -139,20 +141,34 @@ pub fn inference_precision(
                  plain loops, likely slower than F32"
             );
         }
+        return Ok((device, DType::F32, CpuProducts::Int8));
     }
     let (half, flag) = match (fp16, bf16) {
         (true, _) => (DType::F16, "--fp16"),
         (_, true) => (DType::BF16, "--bf16"),
-        _ => return Ok((device, DType::F32)),
+        _ => return Ok((device, DType::F32, CpuProducts::F32)),
     };
     if device.is_cpu() {
+        if let (true, Some(kernels)) = (bf16, tevatron_model::backbone::bf16::Bf16Kernels::detect())
+        {
+            tracing::info!(
+                "--bf16 on the CPU: the projections as bf16 products with {}, the rest in F32",
+                kernels.name()
+            );
+            return Ok((device, DType::F32, CpuProducts::Bf16));
+        }
+        let why = if bf16 {
+            "this CPU lacks AVX-512 BF16, which the bf16 kernels need"
+        } else {
+            "this build has no fp16 CPU kernels"
+        };
         tracing::warn!(
-            "{flag} on the CPU computes in F32: this build has no half-precision CPU kernels, and \
-             F32 is the faster path there (docs/encode.md)"
+            "{flag} on the CPU computes in F32: {why}, and F32 is the faster path there \
+             (docs/encode.md)"
         );
-        return Ok((device, DType::F32));
+        return Ok((device, DType::F32, CpuProducts::F32));
     }
-    Ok((device, half))
+    Ok((device, half, CpuProducts::F32))
 }
 
 /// Resolves `--model_name_or_path` / `--tokenizer_name` (local folders or hub ids), loads the

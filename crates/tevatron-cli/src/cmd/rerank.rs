@@ -208,12 +208,13 @@ pub(super) fn load_reranker(f: &CrossEncoderFlags) -> Result<(Encoder, BatchOpti
     if f.per_device_eval_batch_size == 0 {
         bail!("--per_device_eval_batch_size must be at least 1");
     }
-    let (device, dtype) = super::inference_precision(f.device.as_deref(), f.fp16, f.bf16, f.int8)?;
+    let (device, dtype, cpu_products) =
+        super::inference_precision(f.device.as_deref(), f.fp16, f.bf16, f.int8)?;
     let opts = EncoderOptions {
         dtype,
         device: device.clone(),
         score_head: Some(ScoreHeadOptions { init_missing: false, seed: 0 }),
-        int8: f.int8,
+        cpu_products,
         lora: f
             .lora_name_or_path
             .as_deref()

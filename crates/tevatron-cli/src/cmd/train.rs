@@ -580,7 +580,7 @@ fn run_training(a: &TrainArgs, reranker: bool) -> Result<()> {
             disable_dropout: a.disable_dropout,
             lora,
             score_head: reranker.then_some(ScoreHeadOptions { init_missing: true, seed: a.seed }),
-            int8: false,
+            cpu_products: tevatron_model::CpuProducts::F32,
         },
     )?;
     if !encoder.initialised_head().is_empty() {

@@ -8,5 +8,5 @@ pub use super::attention::{
     attend, attention, mask_bias, masked_softmax, pair_mask_bias, rotary_attention,
 };
 pub use super::dropout::dropout;
-pub use super::linear::{matmul, Linear, Linears};
+pub use super::linear::{matmul, Linear, Linears, ReducedKernels};
 pub use super::norm::LayerNorm;

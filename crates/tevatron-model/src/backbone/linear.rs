@@ -5,9 +5,10 @@
 //!   broadcast bias add, the reference, and every device and dtype the kernels do not serve;
 //! - inference on the CPU in F32: `cpu_infer.rs`'s layers run the product with `gemm` starting
 //!   from the bias, on raw buffers ([`Linear::infer_rows`]);
-//! - inference on the CPU in int8 (`--int8`): the weight quantized at load and the product run
-//!   by `int8.rs`'s kernels, wherever the layer runs on F32 CPU inputs (the raw-buffer layers
-//!   and the composed ops alike);
+//! - inference on the CPU in reduced precision, int8 (`--int8`) or bf16 (`--bf16` where the CPU
+//!   has AVX-512 BF16): the weight prepared at load ([`ReducedWeight`]) and the product run by
+//!   `int8.rs`'s or `bf16.rs`'s kernels, wherever the layer runs on F32 CPU inputs (the
+//!   raw-buffer layers and the composed ops alike);
 //! - training: the bias add with a parallel column-sum backward ([`bias_add`], F32 on the CPU or
 //!   a GPU, whose CUDA launches are `bias_add` and `column_sum` of `train_ops_cuda.rs`), and, on
 //!   the CPU in F32, the projection over a frozen weight whose backward computes only the input's
@@ -18,6 +19,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, S
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
+use super::bf16::{Bf16Kernels, Bf16Rows, Bf16Weight};
 use super::dropout::{draw_keep_mask, dropout, ByteMask};
 use super::fast::{add_xwt, contiguous_f32, project, Data, CHUNK};
 use super::int8::{Int8Kernels, Int8Rows, Int8Weight};
@@ -51,8 +53,66 @@ pub struct Linear {
     pub(super) weight: Tensor,
     pub(super) bias: Option<Tensor>,
     pub(super) lora: Option<LoraWeights>,
-    /// The weight in int8, when the model was loaded for int8 inference.
-    pub(super) int8: Option<std::sync::Arc<Int8Weight>>,
+    /// The weight in int8 or bf16, when the model was loaded for such inference on the CPU.
+    pub(super) reduced: Option<std::sync::Arc<ReducedWeight>>,
+}
+
+/// The reduced-precision products a model's projections run in inference on the CPU, with this
+/// CPU's kernels for them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReducedKernels {
+    /// int8 weights and activations, exact integer sums (`int8.rs`).
+    Int8(Int8Kernels),
+    /// bf16 weights and activations, F32 sums (`bf16.rs`).
+    Bf16(Bf16Kernels),
+}
+
+/// A projection's weight prepared at load for [`ReducedKernels`].
+#[derive(Debug)]
+pub(super) enum ReducedWeight {
+    Int8(Int8Weight),
+    Bf16(Bf16Weight),
+}
+
+/// An input prepared once for the reduced-precision projections that read it.
+enum ReducedRows {
+    Int8(Int8Rows),
+    Bf16(Bf16Rows),
+}
+
+impl ReducedWeight {
+    /// Prepares `weight` `(out, inputs)` for `kernels`.
+    fn new(
+        weight: &[f32],
+        (out, inputs): (usize, usize),
+        kernels: ReducedKernels,
+    ) -> std::result::Result<Self, String> {
+        Ok(match kernels {
+            ReducedKernels::Int8(k) => Self::Int8(Int8Weight::new(weight, out, inputs, k)?),
+            ReducedKernels::Bf16(k) => Self::Bf16(Bf16Weight::new(weight, out, inputs, k)?),
+        })
+    }
+
+    /// `x` (rows as wide as this weight's inputs) in this weight's form.
+    fn rows(&self, x: &[f32]) -> std::result::Result<ReducedRows, String> {
+        Ok(match self {
+            Self::Int8(w) => ReducedRows::Int8(Int8Rows::new(x, w.inputs())?),
+            Self::Bf16(w) => ReducedRows::Bf16(Bf16Rows::new(x, w.inputs())?),
+        })
+    }
+
+    /// `x W^T + b` over rows prepared by [`ReducedWeight::rows`] of a weight of the same kind.
+    fn forward_rows(
+        &self,
+        x: &ReducedRows,
+        bias: Option<&[f32]>,
+    ) -> std::result::Result<Vec<f32>, String> {
+        match (self, x) {
+            (Self::Int8(w), ReducedRows::Int8(x)) => w.forward_rows(x, bias),
+            (Self::Bf16(w), ReducedRows::Bf16(x)) => w.forward_rows(x, bias),
+            _ => Err("layers sharing an input were prepared for different precisions".into()),
+        }
+    }
 }
 
 impl Linear {
@@ -63,7 +123,7 @@ impl Linear {
         let (out_dim, in_dim) = self.weight.dims2()?;
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, in_dim))?;
-        if mode == Mode::Eval && self.int8.is_some() && f32_cpu(&x2) {
+        if mode == Mode::Eval && self.reduced.is_some() && f32_cpu(&x2) {
             let y = self.infer_rows(Data::of(&x2)?.slice())?;
             let mut out = dims.to_vec();
             *out.last_mut().expect("input has at least one dimension") = out_dim;
@@ -101,8 +161,8 @@ impl Linear {
         y.reshape(out)
     }
 
-    /// `x W^T + b` over the rows of `x` in inference on the CPU: in int8 when the layer was
-    /// loaded so, in F32 otherwise. Call only where the weight and bias are contiguous F32 on
+    /// `x W^T + b` over the rows of `x` in inference on the CPU: in int8 or bf16 when the layer
+    /// was loaded so, in F32 otherwise. Call only where the weight and bias are contiguous F32 on
     /// the CPU and no unmerged adapter is attached.
     pub(super) fn infer_rows(&self, x: &[f32]) -> Result<Vec<f32>> {
         let [y] = Self::infer_shared(x, [self])?;
@@ -110,18 +170,17 @@ impl Linear {
     }
 
     /// [`Linear::infer_rows`] of several layers over the same input (attention's Q, K and V; a
-    /// gated MLP's gate and up): in int8 the input is quantized once for all of them.
+    /// gated MLP's gate and up): in int8 or bf16 the input is prepared once for all of them.
     pub(super) fn infer_shared<const N: usize>(
         x: &[f32],
         layers: [&Linear; N],
     ) -> Result<[Vec<f32>; N]> {
-        let quantized: Option<Vec<&Int8Weight>> =
-            layers.iter().map(|l| l.int8.as_deref()).collect();
+        let reduced: Option<Vec<&ReducedWeight>> =
+            layers.iter().map(|l| l.reduced.as_deref()).collect();
         let mut out = Vec::with_capacity(N);
-        match quantized {
+        match reduced {
             Some(weights) if N > 0 => {
-                let rows =
-                    Int8Rows::new(x, weights[0].inputs()).map_err(candle_core::Error::Msg)?;
+                let rows = weights[0].rows(x).map_err(candle_core::Error::Msg)?;
                 for (lin, q) in layers.iter().zip(weights) {
                     let bias = lin.bias.as_ref().map(Data::of).transpose()?;
                     let y = q.forward_rows(&rows, bias.as_ref().map(Data::slice));
@@ -179,8 +238,9 @@ fn is_tracked(t: &Tensor) -> bool {
 pub struct Linears<'a> {
     /// LoRA, when the model is loaded with it.
     pub lora: Option<&'a LoraPlan>,
-    /// Quantize every weight to int8 for these kernels (inference on the CPU in F32 only).
-    pub int8: Option<Int8Kernels>,
+    /// Prepare every weight for these reduced-precision kernels (inference on the CPU in F32
+    /// only).
+    pub reduced: Option<ReducedKernels>,
 }
 
 impl Linears<'_> {
@@ -228,17 +288,19 @@ impl Linears<'_> {
             Some(plan) => plan.apply(&vb.prefix(), weight)?,
             None => (weight, None),
         };
-        let int8 = match self.int8 {
+        let reduced = match self.reduced {
             Some(kernels) if lora.is_none() => {
                 let w = Data::of(&weight)?;
-                let q = Int8Weight::new(w.slice(), out_dim, in_dim, kernels)
+                let q = ReducedWeight::new(w.slice(), (out_dim, in_dim), kernels)
                     .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", vb.prefix())))?;
                 Some(std::sync::Arc::new(q))
             }
-            Some(_) => candle_core::bail!("{}: int8 needs the adapter merged", vb.prefix()),
+            Some(_) => {
+                candle_core::bail!("{}: int8 or bf16 products need the adapter merged", vb.prefix())
+            }
             None => None,
         };
-        Ok(Linear { weight, bias, lora, int8 })
+        Ok(Linear { weight, bias, lora, reduced })
     }
 }
 

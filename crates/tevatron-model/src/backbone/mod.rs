@@ -10,6 +10,7 @@
 pub mod activation;
 pub(crate) mod attention;
 pub mod bert;
+pub mod bf16;
 mod cpu_infer;
 pub mod distilbert;
 mod dropout;

@@ -1,0 +1,522 @@
+//! bf16 linear products for inference on the CPU (`encode --bf16`, `rerank --bf16` where the
+//! CPU has AVX-512 BF16): each weight rounded to bf16 once at load, each row of activations at
+//! each call, and the products of bf16 pairs summed in F32 by `vdpbf16ps`.
+//!
+//! What is rounded is what PyTorch's CPU autocast rounds for a linear layer: both operands, to
+//! the nearest bf16 (ties to even), a relative error of at most 2^-9 each. The product of two
+//! bf16 values is exact in F32 and the sums are F32; the bias, the outputs and everything
+//! between the projections (attention, normalisation, activations) stay F32.
+//!
+//! The kernel: `vdpbf16ps` adds to each of 16 F32 lanes the products of a pair of bf16 values
+//! (Intel's manual: the odd element's product, then the even one's, each addition rounded to
+//! nearest, subnormal inputs and results as zero). The weight is packed in tiles of 32
+//! channels, each step of two inputs holding the tile's channels' pairs side by side; a row's
+//! pair is broadcast to every lane; a tile of 8 rows x 32 channels keeps its 16 accumulators in
+//! registers. [`reference`] computes the same sums one at a time in the same order, and the
+//! tests require its bits of the kernel, run on this CPU's instruction where it has one and on
+//! an emulation of the instruction written from the manual's definition everywhere.
+//!
+//! A CPU without AVX-512 BF16 has no kernel here ([`Bf16Kernels::detect`] is `None`): `--bf16`
+//! on it computes in F32, which is faster there than widening bf16 operands would be.
+
+use rayon::prelude::*;
+
+/// Rows per parallel task (a multiple of [`TILE_ROWS`]).
+const ROW_BLOCK: usize = 48;
+/// Rows of a tile.
+const TILE_ROWS: usize = 8;
+/// Channels of a tile: two vectors of 16 F32 lanes.
+const TILE_CHANNELS: usize = 32;
+
+/// The bf16 product kernel of this CPU. Only [`Bf16Kernels::detect`] makes one, so a value
+/// always names an instruction this CPU has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bf16Kernels(());
+
+impl Bf16Kernels {
+    /// `vdpbf16ps` on 512 bits, when this CPU has AVX-512 F and BF16.
+    pub fn detect() -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") && has!("avx512bf16") {
+                return Some(Bf16Kernels(()));
+            }
+        }
+        None
+    }
+
+    /// A name for logs.
+    pub fn name(self) -> &'static str {
+        "AVX-512 BF16 vdpbf16ps"
+    }
+}
+
+/// `v` rounded to the nearest bf16, ties to even (the upper 16 bits of an F32); a NaN stays a
+/// quiet NaN.
+pub fn to_bf16(v: f32) -> u16 {
+    let b = v.to_bits();
+    if v.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    // No overflow: only NaNs lie within 0x8000 of u32::MAX.
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// Two bf16 values as one 32-bit lane of `vdpbf16ps`: `even` in the low half.
+fn pair(even: f32, odd: f32) -> u32 {
+    u32::from(to_bf16(even)) | (u32::from(to_bf16(odd)) << 16)
+}
+
+/// One row of `x` as pairs: `pairs[p]` holds inputs `2p` and `2p + 1` (0 past the end).
+fn pack_row(x: &[f32], pairs: &mut [u32]) {
+    let mut chunks = x.chunks_exact(2);
+    for (p, c) in pairs.iter_mut().zip(&mut chunks) {
+        *p = pair(c[0], c[1]);
+    }
+    if let [last] = chunks.remainder() {
+        pairs[x.len() / 2] = pair(*last, 0.0);
+    }
+}
+
+/// A projection's weight in bf16, packed for the kernel.
+pub struct Bf16Weight {
+    out: usize,
+    inputs: usize,
+    /// Tiles of [`TILE_CHANNELS`] channels; in each, step by step (two inputs), the tile's
+    /// channels' pairs side by side; channels past the weight are zeros.
+    packed: Vec<u32>,
+    kernels: Bf16Kernels,
+}
+
+impl std::fmt::Debug for Bf16Weight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bf16Weight")
+            .field("out", &self.out)
+            .field("inputs", &self.inputs)
+            .field("kernels", &self.kernels.name())
+            .finish()
+    }
+}
+
+/// Activations rounded for the bf16 products: rows of pairs, padded with rows of zeros to whole
+/// tiles.
+pub struct Bf16Rows {
+    inputs: usize,
+    rows: usize,
+    pairs: Vec<u32>,
+}
+
+impl Bf16Rows {
+    /// Rounds the rows of `x`, `inputs` wide, in parallel.
+    pub fn new(x: &[f32], inputs: usize) -> Result<Self, String> {
+        if inputs == 0 || !x.len().is_multiple_of(inputs) {
+            return Err(format!("bf16: inputs of {} values for rows of {inputs}", x.len()));
+        }
+        let rows = x.len() / inputs;
+        let steps = inputs.div_ceil(2);
+        let mut pairs = vec![0u32; rows.div_ceil(TILE_ROWS) * TILE_ROWS * steps];
+        pairs.par_chunks_mut(ROW_BLOCK * steps).zip(x.par_chunks(ROW_BLOCK * inputs)).for_each(
+            |(p, x)| {
+                super::fast::simd(|| {
+                    for (p, x) in p.chunks_exact_mut(steps).zip(x.chunks_exact(inputs)) {
+                        pack_row(x, p);
+                    }
+                })
+            },
+        );
+        Ok(Self { inputs, rows, pairs })
+    }
+}
+
+impl Bf16Weight {
+    /// Rounds `weight` `(out, inputs)` row-major to bf16 and packs it. An error names a
+    /// non-finite weight.
+    pub fn new(
+        weight: &[f32],
+        out: usize,
+        inputs: usize,
+        kernels: Bf16Kernels,
+    ) -> Result<Self, String> {
+        if inputs == 0 || weight.len() != out * inputs {
+            return Err(format!(
+                "bf16: {} weights for a projection of {out} x {inputs}",
+                weight.len()
+            ));
+        }
+        if weight.iter().any(|w| !w.is_finite()) {
+            return Err("bf16: the weights hold a NaN or an infinity".into());
+        }
+        let steps = inputs.div_ceil(2);
+        let mut packed = vec![0u32; out.div_ceil(TILE_CHANNELS) * steps * TILE_CHANNELS];
+        let mut row = vec![0u32; steps];
+        for (c, w) in weight.chunks_exact(inputs).enumerate() {
+            pack_row(w, &mut row);
+            let (t, lane) = (c / TILE_CHANNELS, c % TILE_CHANNELS);
+            for (p, &v) in row.iter().enumerate() {
+                packed[(t * steps + p) * TILE_CHANNELS + lane] = v;
+            }
+        }
+        Ok(Self { out, inputs, packed, kernels })
+    }
+
+    /// Inputs per row.
+    pub fn inputs(&self) -> usize {
+        self.inputs
+    }
+
+    /// `x W^T + b` over the rows of `x` (as wide as the weight's inputs).
+    pub fn forward(&self, x: &[f32], bias: Option<&[f32]>) -> Result<Vec<f32>, String> {
+        self.forward_rows(&Bf16Rows::new(x, self.inputs)?, bias)
+    }
+
+    /// [`Bf16Weight::forward`] over rows already rounded (shared by the projections that read
+    /// the same input: attention's Q, K and V).
+    pub fn forward_rows(&self, x: &Bf16Rows, bias: Option<&[f32]>) -> Result<Vec<f32>, String> {
+        self.forward_by(x, bias, |x, rows, b, y| {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `kernels` names an instruction this CPU has (`Bf16Kernels::detect`).
+            unsafe {
+                x86::block(self, x, rows, b, y)
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            unreachable!("no bf16 kernels off x86-64")
+        })
+    }
+
+    /// [`Bf16Weight::forward_rows`] with the kernel over one block of rows given: the block's
+    /// pairs (whole tiles), its number of real rows, the bias and the block's outputs.
+    fn forward_by(
+        &self,
+        x: &Bf16Rows,
+        bias: Option<&[f32]>,
+        block: impl Fn(&[u32], usize, &[f32], &mut [f32]) + Sync,
+    ) -> Result<Vec<f32>, String> {
+        if x.inputs != self.inputs {
+            return Err(format!(
+                "bf16: rows of {} inputs for a projection of {}",
+                x.inputs, self.inputs
+            ));
+        }
+        if bias.is_some_and(|b| b.len() != self.out) {
+            return Err(format!("bf16: a bias for other than {} channels", self.out));
+        }
+        let zeros;
+        let bias = match bias {
+            Some(b) => b,
+            None => {
+                zeros = vec![0f32; self.out];
+                &zeros
+            }
+        };
+        let steps = self.inputs.div_ceil(2);
+        let mut y = vec![0f32; x.rows * self.out];
+        y.par_chunks_mut(ROW_BLOCK * self.out)
+            .zip(x.pairs.par_chunks(ROW_BLOCK * steps))
+            .for_each(|(y, x)| block(x, y.len() / self.out, bias, y));
+        Ok(y)
+    }
+
+    /// The kernel's code over one block of rows, the instruction given by `L` (the CPU's, or the
+    /// tests' emulation of it).
+    ///
+    /// # Safety
+    /// The CPU runs `L`'s instructions.
+    #[inline(always)]
+    unsafe fn simd_block<L: Lanes>(&self, x: &[u32], rows: usize, bias: &[f32], y: &mut [f32]) {
+        let steps = self.inputs.div_ceil(2);
+        assert!(x.len() >= rows.div_ceil(TILE_ROWS) * TILE_ROWS * steps, "whole tiles of rows");
+        for (t, w) in self.packed.chunks_exact(steps * TILE_CHANNELS).enumerate() {
+            let c0 = t * TILE_CHANNELS;
+            let n = (self.out - c0).min(TILE_CHANNELS);
+            for r0 in (0..rows).step_by(TILE_ROWS) {
+                let acc = tile::<L>(&x[r0 * steps..], w, steps);
+                for (i, acc) in acc.iter().enumerate().take(rows - r0) {
+                    let y = &mut y[(r0 + i) * self.out + c0..][..n];
+                    for ((y, a), b) in y.iter_mut().zip(acc).zip(&bias[c0..c0 + n]) {
+                        *y = a + b;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What a tile needs of the instruction set, over vectors of 16 F32 lanes.
+trait Lanes {
+    type V: Copy;
+    /// # Safety
+    /// The CPU runs the set (for each method of the trait).
+    unsafe fn zero() -> Self::V;
+    /// # Safety
+    /// `p` points to 16 readable values.
+    unsafe fn load(p: *const u32) -> Self::V;
+    /// `v` in every lane.
+    unsafe fn splat(v: u32) -> Self::V;
+    /// `acc` plus, in each lane, the products of `x`'s and `w`'s bf16 pairs in that lane.
+    unsafe fn dot(acc: Self::V, x: Self::V, w: Self::V) -> Self::V;
+    /// # Safety
+    /// `out` has room for 16 values.
+    unsafe fn store(v: Self::V, out: *mut f32);
+}
+
+/// The sums of a tile: `acc[i][j] = Σ_p x[i][p] · w[p][j]` for [`TILE_ROWS`] rows of `steps`
+/// pairs and one packed tile of channels.
+///
+/// # Safety
+/// As [`Lanes`].
+#[inline(always)]
+unsafe fn tile<L: Lanes>(x: &[u32], w: &[u32], steps: usize) -> [[f32; TILE_CHANNELS]; TILE_ROWS] {
+    assert!(x.len() >= TILE_ROWS * steps && w.len() >= steps * TILE_CHANNELS, "a whole tile");
+    let mut a = [[L::zero(); 2]; TILE_ROWS];
+    let (xp, wp) = (x.as_ptr(), w.as_ptr());
+    for p in 0..steps {
+        let w0 = L::load(wp.add(p * TILE_CHANNELS));
+        let w1 = L::load(wp.add(p * TILE_CHANNELS + 16));
+        for (i, a) in a.iter_mut().enumerate() {
+            let b = L::splat(*xp.add(i * steps + p));
+            a[0] = L::dot(a[0], b, w0);
+            a[1] = L::dot(a[1], b, w1);
+        }
+    }
+    let mut acc = [[0f32; TILE_CHANNELS]; TILE_ROWS];
+    for (a, out) in a.iter().zip(acc.iter_mut()) {
+        L::store(a[0], out.as_mut_ptr());
+        L::store(a[1], out.as_mut_ptr().add(16));
+    }
+    acc
+}
+
+/// One lane of `vdpbf16ps` by the manual's definition: `acc` plus the odd elements' product,
+/// then plus the even elements', each sum rounded to nearest; subnormal inputs and results are
+/// zero.
+pub fn dot_pair(acc: f32, x: u32, w: u32) -> f32 {
+    let widen = |h: u32| {
+        let b = h << 16;
+        f32::from_bits(if b & 0x7f80_0000 == 0 { b & 0x8000_0000 } else { b })
+    };
+    let flush = |v: f32| if v.is_subnormal() { 0f32.copysign(v) } else { v };
+    // Each product is exact in F32 (8-bit significands), so product then sum rounds once.
+    let acc = flush(flush(acc) + widen(x >> 16) * widen(w >> 16));
+    flush(acc + widen(x & 0xffff) * widen(w & 0xffff))
+}
+
+/// The kernel's sums one at a time: `x W^T + b` with both operands rounded to bf16 and each
+/// pair added as [`dot_pair`] adds it. What every kernel must equal, bit for bit.
+pub fn reference(weight: &[f32], inputs: usize, x: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    let steps = inputs.div_ceil(2);
+    let pack = |v: &[f32]| {
+        let mut p = vec![0u32; steps];
+        pack_row(v, &mut p);
+        p
+    };
+    let w: Vec<Vec<u32>> = weight.chunks_exact(inputs).map(pack).collect();
+    x.chunks_exact(inputs)
+        .flat_map(|x| {
+            let x = pack(x);
+            w.iter().enumerate().map(move |(c, w)| {
+                let dot = x.iter().zip(w).fold(0f32, |a, (&x, &w)| dot_pair(a, x, w));
+                dot + bias.map_or(0.0, |b| b[c])
+            })
+        })
+        .collect()
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{Bf16Weight, Lanes};
+
+    /// `vdpbf16ps` on 512 bits.
+    struct Avx512Bf16;
+
+    impl Lanes for Avx512Bf16 {
+        type V = __m512;
+        #[inline(always)]
+        unsafe fn zero() -> __m512 {
+            _mm512_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const u32) -> __m512 {
+            _mm512_castsi512_ps(_mm512_loadu_si512(p as *const _))
+        }
+        #[inline(always)]
+        unsafe fn splat(v: u32) -> __m512 {
+            _mm512_castsi512_ps(_mm512_set1_epi32(v as i32))
+        }
+        #[inline(always)]
+        unsafe fn dot(acc: __m512, x: __m512, w: __m512) -> __m512 {
+            // SAFETY: __m512 and __m512bh are the same 64 bytes.
+            let bf = |v| std::mem::transmute::<__m512, __m512bh>(v);
+            _mm512_dpbf16_ps(acc, bf(x), bf(w))
+        }
+        #[inline(always)]
+        unsafe fn store(v: __m512, out: *mut f32) {
+            _mm512_storeu_ps(out, v)
+        }
+    }
+
+    /// # Safety
+    /// The CPU has AVX-512 F and BF16.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn block(weight: &Bf16Weight, x: &[u32], rows: usize, b: &[f32], y: &mut [f32]) {
+        weight.simd_block::<Avx512Bf16>(x, rows, b, y)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Values of mixed magnitude, with exact zeros, large ones and ties of the rounding.
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = crate::rng::SplitMix64::new(seed);
+        (0..n)
+            .map(|i| {
+                let u = (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+                match i % 13 {
+                    0 => 0.0,
+                    5 => u * 40.0,
+                    // Exactly halfway between two bf16 values.
+                    7 => f32::from_bits((u.to_bits() & 0xffff_0000) | 0x8000),
+                    _ => u,
+                }
+            })
+            .collect()
+    }
+
+    /// The tests' stand-in for `vdpbf16ps`, lane by lane from [`dot_pair`].
+    struct Emulated;
+
+    impl Lanes for Emulated {
+        type V = [u32; 16];
+        unsafe fn zero() -> Self::V {
+            [0; 16]
+        }
+        unsafe fn load(p: *const u32) -> Self::V {
+            std::ptr::read_unaligned(p as *const Self::V)
+        }
+        unsafe fn splat(v: u32) -> Self::V {
+            [v; 16]
+        }
+        unsafe fn dot(acc: Self::V, x: Self::V, w: Self::V) -> Self::V {
+            std::array::from_fn(|i| dot_pair(f32::from_bits(acc[i]), x[i], w[i]).to_bits())
+        }
+        unsafe fn store(v: Self::V, out: *mut f32) {
+            for (i, v) in v.iter().enumerate() {
+                *out.add(i) = f32::from_bits(*v);
+            }
+        }
+    }
+
+    fn emulated_forward(
+        w: &[f32],
+        out: usize,
+        inputs: usize,
+        x: &[f32],
+        bias: Option<&[f32]>,
+    ) -> Vec<f32> {
+        let q = Bf16Weight::new(w, out, inputs, Bf16Kernels(())).unwrap();
+        let rows = Bf16Rows::new(x, inputs).unwrap();
+        // SAFETY: the emulated instruction runs on any CPU.
+        q.forward_by(&rows, bias, |x, r, b, y| unsafe { q.simd_block::<Emulated>(x, r, b, y) })
+            .unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// The kernel's code gives the reference's bits, on the emulated instruction on any CPU
+        /// and on this CPU's own where it has one; shapes cover partial tiles, odd inputs, a
+        /// zero row, and rows of one block and of several.
+        #[test]
+        fn the_kernel_gives_the_reference_bits(
+            rows in 0usize..110,
+            inputs in 1usize..70,
+            out in 1usize..70,
+            seed in any::<u64>(),
+            with_bias in any::<bool>(),
+        ) {
+            let w = values(out * inputs, seed);
+            let mut x = values(rows * inputs, seed ^ 1);
+            if rows > 3 {
+                x[2 * inputs..3 * inputs].fill(0.0);
+            }
+            let b = values(out, seed ^ 2);
+            let bias = with_bias.then_some(&b[..]);
+            let want = reference(&w, inputs, &x, bias);
+            let same = |got: &[f32]| got.len() == want.len() && got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+            prop_assert!(same(&emulated_forward(&w, out, inputs, &x, bias)), "emulated kernel");
+            if let Some(k) = Bf16Kernels::detect() {
+                let got = Bf16Weight::new(&w, out, inputs, k).unwrap().forward(&x, bias).unwrap();
+                prop_assert!(same(&got), "{}", k.name());
+            }
+        }
+    }
+
+    /// The rounding is to nearest, ties to even, and keeps NaN and infinities; the reference is
+    /// near the F32 product (each operand within a relative 2^-9).
+    #[test]
+    fn rounding_and_the_reference_near_f32() {
+        assert_eq!(to_bf16(1.0), 0x3f80);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties to the even 1.
+        assert_eq!(to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
+        // 1 + 3 * 2^-8 is halfway between 1 + 2^-7 and 1 + 2^-6: to the even 1 + 2^-6.
+        assert_eq!(to_bf16(1.0 + 3.0 / 256.0), 0x3f82);
+        assert_eq!(to_bf16(1.0 + 1.0 / 256.0 + 1.0 / 65536.0), 0x3f81);
+        assert_eq!(to_bf16(-2.0), 0xc000);
+        assert_eq!(to_bf16(f32::INFINITY), 0x7f80);
+        assert!(f32::from_bits(u32::from(to_bf16(f32::NAN)) << 16).is_nan());
+        assert!(f32::from_bits(u32::from(to_bf16(-f32::NAN)) << 16).is_nan());
+        // f32::MAX rounds up past bf16's largest finite value.
+        assert_eq!(to_bf16(f32::MAX), 0x7f80);
+
+        let (rows, inputs, out) = (13, 37, 21);
+        let w = values(out * inputs, 7);
+        let x = values(rows * inputs, 8);
+        let got = reference(&w, inputs, &x, None);
+        for r in 0..rows {
+            for c in 0..out {
+                let (x, w) = (&x[r * inputs..][..inputs], &w[c * inputs..][..inputs]);
+                let exact: f64 = x.iter().zip(w).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+                let bound: f64 = x
+                    .iter()
+                    .zip(w)
+                    .map(|(&a, &b)| (f64::from(a) * f64::from(b)).abs())
+                    .sum::<f64>()
+                    * (2.0 * 2f64.powi(-8) + 1e-6);
+                let g = f64::from(got[r * out + c]);
+                assert!((g - exact).abs() <= bound, "{r},{c}: {g} vs {exact} > {bound}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_with_a_nan_gives_nans_there_and_bad_weights_are_refused() {
+        let (inputs, out) = (9, 5);
+        let w = values(out * inputs, 3);
+        let mut x = values(3 * inputs, 4);
+        x[inputs + 2] = f32::NAN;
+        let want = reference(&w, inputs, &x, None);
+        for (r, row) in want.chunks(out).enumerate() {
+            assert!(row.iter().all(|v| v.is_nan() == (r == 1)), "row {r}");
+        }
+        let got = emulated_forward(&w, out, inputs, &x, None);
+        assert!(got
+            .iter()
+            .zip(&want)
+            .all(|(a, b)| a.to_bits() == b.to_bits() || a.is_nan() && b.is_nan()));
+        let mut bad = w.clone();
+        bad[4] = f32::INFINITY;
+        assert!(Bf16Weight::new(&bad, out, inputs, Bf16Kernels(())).is_err());
+        assert!(Bf16Weight::new(&w, out, inputs + 1, Bf16Kernels(())).is_err());
+        let q = Bf16Weight::new(&w, out, inputs, Bf16Kernels(())).unwrap();
+        assert!(q
+            .forward_rows(&Bf16Rows::new(&x[..2 * inputs], inputs).unwrap(), Some(&[0.0]))
+            .is_err());
+        assert!(Bf16Rows::new(&x[..inputs + 1], inputs).is_err());
+    }
+}
