@@ -9,6 +9,9 @@
 # Our time is the whole command (process start, model load, reading, scoring, writing);
 # sentence-transformers' is the predict() call alone: a conservative comparison for us. The script
 # also prints the largest score difference between the two.
+#   PRECISION=bf16 scripts/bench/rerank.sh   both in bf16: ours --bf16 (bf16 products on a CPU with
+#                                            AVX-512 BF16, docs/bf16.md; F32 elsewhere), the
+#                                            CrossEncoder's model loaded in bfloat16
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
@@ -51,22 +54,24 @@ PY
 n=$(wc -l < "$work/pairs.jsonl")
 start=$(date +%s.%N)
 RAYON_NUM_THREADS=2 target/release/tevatron rerank --model_name_or_path "$work/model" --dataset_path "$work/pairs.jsonl" \
-  --pair_format pair --rerank_max_len 256 --per_device_eval_batch_size 32 --rerank_output_path "$work/ours.txt" --quiet
+  --pair_format pair --rerank_max_len 256 --per_device_eval_batch_size 32 --rerank_output_path "$work/ours.txt" --quiet \
+  ${PRECISION:+--$PRECISION}
 ours=$(echo "$(date +%s.%N) - $start" | bc)
-OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 "$py" - "$work" "$n" "$ours" <<'PY'
+OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 "$py" - "$work" "$n" "$ours" "${PRECISION:-fp32}" <<'PY'
 import json, sys, time
 import torch
 torch.set_num_threads(2)
 from sentence_transformers import CrossEncoder
-work, n, ours = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+work, n, ours, precision = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 rows = [json.loads(l) for l in open(f"{work}/pairs.jsonl")]
-ce = CrossEncoder(f"{work}/model", device="cpu", max_length=256)
+kwargs = {"model_kwargs": {"torch_dtype": torch.bfloat16}} if precision == "bf16" else {}
+ce = CrossEncoder(f"{work}/model", device="cpu", max_length=256, **kwargs)
 pairs = [(r["query"], r["text"]) for r in rows]
 t = time.perf_counter(); scores = ce.predict(pairs, batch_size=32); theirs = time.perf_counter() - t
 got = {}
 for l in open(f"{work}/ours.txt"):
     q, d, s = l.split("\t"); got[(q, d)] = float(s)
 diff = max(abs(got[(r["query_id"], r["docid"])] - float(s)) for r, s in zip(rows, scores))
-print(f"rerank: {n} pairs | ours {ours:.1f} s = {n / ours:.1f} pairs/s | CrossEncoder.predict {theirs:.1f} s = "
+print(f"rerank {precision}: {n} pairs | ours {ours:.1f} s = {n / ours:.1f} pairs/s | CrossEncoder.predict {theirs:.1f} s = "
       f"{n / theirs:.1f} pairs/s | ratio {theirs / ours:.2f}x | max score difference {diff:.2e}")
 PY
