@@ -94,6 +94,41 @@ pub fn max_abs(t: &Tensor) -> Result<f64> {
     Ok(nan_max(values_f64(t)?.into_iter().map(f64::abs)))
 }
 
+/// Values for a projection kernel's tests: uniform in (-1, 1) with exact zeros (every 11th),
+/// outliers 40 times larger (every 11th, offset 5, as outlier channels are) and values exactly
+/// halfway between two bf16 numbers (every 13th, offset 7: rounding ties).
+pub fn kernel_values(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = crate::rng::SplitMix64::new(seed);
+    (0..n)
+        .map(|i| {
+            let u = (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+            match (i % 11, i % 13) {
+                (0, _) => 0.0,
+                (5, _) => u * 40.0,
+                (_, 7) => f32::from_bits((u.to_bits() & 0xffff_0000) | 0x8000),
+                _ => u,
+            }
+        })
+        .collect()
+}
+
+/// One case of a projection kernel's property tests: a weight `(out, inputs)`, `rows` input
+/// rows (the third all zeros when there are more than three) and a bias, from
+/// [`kernel_values`].
+pub fn projection_case(
+    rows: usize,
+    inputs: usize,
+    out: usize,
+    seed: u64,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let w = kernel_values(out * inputs, seed);
+    let mut x = kernel_values(rows * inputs, seed ^ 1);
+    if rows > 3 {
+        x[2 * inputs..3 * inputs].fill(0.0);
+    }
+    (w, x, kernel_values(out, seed ^ 2))
+}
+
 /// A committed tiny random model of `testdata/tiny` (parity fixtures).
 pub fn tiny_dir(name: &str) -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/tiny").join(name)

@@ -370,23 +370,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-
-    /// Values of mixed magnitude, with exact zeros, large ones and ties of the rounding.
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut rng = crate::rng::SplitMix64::new(seed);
-        (0..n)
-            .map(|i| {
-                let u = (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
-                match i % 13 {
-                    0 => 0.0,
-                    5 => u * 40.0,
-                    // Exactly halfway between two bf16 values.
-                    7 => f32::from_bits((u.to_bits() & 0xffff_0000) | 0x8000),
-                    _ => u,
-                }
-            })
-            .collect()
-    }
+    use crate::testing::{kernel_values, projection_case};
 
     /// The tests' stand-in for `vdpbf16ps`, lane by lane from [`dot_pair`].
     struct Emulated;
@@ -440,12 +424,7 @@ mod tests {
             seed in any::<u64>(),
             with_bias in any::<bool>(),
         ) {
-            let w = values(out * inputs, seed);
-            let mut x = values(rows * inputs, seed ^ 1);
-            if rows > 3 {
-                x[2 * inputs..3 * inputs].fill(0.0);
-            }
-            let b = values(out, seed ^ 2);
+            let (w, x, b) = projection_case(rows, inputs, out, seed);
             let bias = with_bias.then_some(&b[..]);
             let want = reference(&w, inputs, &x, bias);
             let same = |got: &[f32]| got.len() == want.len() && got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
@@ -475,8 +454,8 @@ mod tests {
         assert_eq!(to_bf16(f32::MAX), 0x7f80);
 
         let (rows, inputs, out) = (13, 37, 21);
-        let w = values(out * inputs, 7);
-        let x = values(rows * inputs, 8);
+        let w = kernel_values(out * inputs, 7);
+        let x = kernel_values(rows * inputs, 8);
         let got = reference(&w, inputs, &x, None);
         for r in 0..rows {
             for c in 0..out {
@@ -497,8 +476,8 @@ mod tests {
     #[test]
     fn a_row_with_a_nan_gives_nans_there_and_bad_weights_are_refused() {
         let (inputs, out) = (9, 5);
-        let w = values(out * inputs, 3);
-        let mut x = values(3 * inputs, 4);
+        let w = kernel_values(out * inputs, 3);
+        let mut x = kernel_values(3 * inputs, 4);
         x[inputs + 2] = f32::NAN;
         let want = reference(&w, inputs, &x, None);
         for (r, row) in want.chunks(out).enumerate() {

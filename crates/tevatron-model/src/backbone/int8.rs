@@ -586,21 +586,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-
-    /// Values of mixed magnitude, with exact zeros and a few large ones (outlier channels).
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut rng = crate::rng::SplitMix64::new(seed);
-        (0..n)
-            .map(|i| {
-                let u = (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
-                match i % 11 {
-                    0 => 0.0,
-                    5 => u * 40.0,
-                    _ => u,
-                }
-            })
-            .collect()
-    }
+    use crate::testing::{kernel_values, projection_case};
 
     /// The tests' stand-ins for the SIMD instructions, lane by lane from their definitions, so
     /// that each set's kernel code (layouts, tiles, offsets, epilogue) runs on any CPU; only
@@ -701,12 +687,7 @@ mod tests {
             seed in any::<u64>(),
             with_bias in any::<bool>(),
         ) {
-            let w = values(out * inputs, seed);
-            let mut x = values(rows * inputs, seed ^ 1);
-            if rows > 3 {
-                x[2 * inputs..3 * inputs].fill(0.0);
-            }
-            let b = values(out, seed ^ 2);
+            let (w, x, b) = projection_case(rows, inputs, out, seed);
             let bias = with_bias.then_some(&b[..]);
             let reference = Int8Weight::new(&w, out, inputs, Int8Kernels(Set::Portable)).unwrap();
             let want = reference.forward(&x, bias).unwrap();
@@ -750,9 +731,9 @@ mod tests {
     #[test]
     fn the_reference_is_the_documented_scheme_and_near_f32() {
         let (rows, inputs, out) = (13, 37, 21);
-        let w = values(out * inputs, 7);
-        let x = values(rows * inputs, 8);
-        let b = values(out, 9);
+        let w = kernel_values(out * inputs, 7);
+        let x = kernel_values(rows * inputs, 8);
+        let b = kernel_values(out, 9);
         let got = Int8Weight::new(&w, out, inputs, Int8Kernels(Set::Portable))
             .unwrap()
             .forward(&x, Some(&b))
@@ -793,8 +774,8 @@ mod tests {
     #[test]
     fn a_row_with_a_nan_or_an_infinity_gives_nans_and_only_there() {
         let (inputs, out) = (9, 5);
-        let w = values(out * inputs, 3);
-        let mut x = values(4 * inputs, 4);
+        let w = kernel_values(out * inputs, 3);
+        let mut x = kernel_values(4 * inputs, 4);
         x[inputs + 2] = f32::NAN;
         x[3 * inputs] = f32::INFINITY;
         for kernels in Int8Kernels::available() {
