@@ -12,7 +12,7 @@
 //! nearest, subnormal inputs and results as zero). The weight is packed in tiles of 32
 //! channels, each step of two inputs holding the tile's channels' pairs side by side; a row's
 //! pair is broadcast to every lane; a tile of 8 rows x 32 channels keeps its 16 accumulators in
-//! registers. [`reference`] computes the same sums one at a time in the same order, and the
+//! registers. [`reference()`] computes the same sums one at a time in the same order, and the
 //! tests require its bits of the kernel, run on this CPU's instruction where it has one and on
 //! an emulation of the instruction written from the manual's definition everywhere.
 //!
