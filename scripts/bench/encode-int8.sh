@@ -64,7 +64,7 @@ for r in $(seq "$runs"); do
     start=$(date +%s.%N)
     RAYON_NUM_THREADS=2 "$bin" encode --model_name_or_path "$model" --dataset_path "$work/passages.jsonl" \
       --encode_output_path "$work/ours${flag}.safetensors" --passage_max_len 128 \
-      --per_device_eval_batch_size 64 --quiet $flag
+      --per_device_eval_batch_size 64 --device cpu --quiet $flag
     t=$(echo "$(date +%s.%N) - $start" | bc)
     printf '%-34s %7.2f s %7.1f passages/s\n' "ours ${flag:-F32}" "$t" "$(echo "$n / $t" | bc -l)"
     echo "ours ${flag:-F32}|$t" >> "$work/times.txt"

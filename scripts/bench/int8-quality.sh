@@ -4,7 +4,7 @@
 # answers), encoded in F32, bf16 and int8 (queries and corpus alike), searched exactly and
 # evaluated with tevatron eval (nDCG@10, recall@100); also how close the bf16 and int8
 # embeddings are to the F32 ones (cosine, min and mean). --bf16 computes bf16 products only on
-# a CPU with AVX-512 BF16 (F32 elsewhere: the same figures as F32).
+# a CPU with AVX-512 BF16, so elsewhere it is left out.
 #   scripts/bench/int8-quality.sh
 # MODEL=path/to/model scores another model. Embeddings are kept in .cache/int8-quality (the F32
 # ones may be copied from .cache/compact-quality, made by the same command).
@@ -18,9 +18,12 @@ model=${MODEL:-$("$root/scripts/fetch-minilm.sh")}
 work=$root/.cache/int8-quality
 mkdir -p "$work"
 echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); model $model"
-for precision in f32 bf16 int8; do
-  flag=()
-  [ "$precision" = f32 ] || flag=("--$precision")
+# bf16 products need AVX-512 BF16; elsewhere --bf16 would compute in F32 and so is left out.
+precisions="f32 int8"
+grep -q -w avx512_bf16 /proc/cpuinfo && precisions="f32 bf16 int8"
+for precision in $precisions; do
+  flag=(--device cpu)
+  [ "$precision" = f32 ] || flag+=("--$precision")
   [ -f "$work/$precision.corpus.safetensors" ] ||
     "$bin" encode --model_name_or_path "$model" --dataset_path "$data/corpus.jsonl" \
       --encode_output_path "$work/$precision.corpus.safetensors" --passage_max_len 128 \
@@ -31,7 +34,7 @@ for precision in f32 bf16 int8; do
       --query_max_len 32 --quiet "${flag[@]}"
 done
 printf '%-24s %9s %10s\n' encode "nDCG@10" "recall@100"
-for precision in f32 bf16 int8; do
+for precision in $precisions; do
   "$bin" search --query_reps "$work/$precision.queries.safetensors" \
     --passage_reps "$work/$precision.corpus.safetensors" --depth 100 --batch_size 0 \
     --save_ranking_to "$work/$precision.run.tsv" --save_text --quiet
@@ -39,7 +42,7 @@ for precision in f32 bf16 int8; do
     -m recall@100 --json > "$work/$precision.json"
   python3 "$root/scripts/bench/metrics_row.py" "$work/$precision.json" "$precision"
 done
-python3 - "$work" <<'PY'
+python3 - "$work" $precisions <<'PY'
 import struct, sys, json
 from array import array
 def load(path):  # safetensors F32 "embeddings", without numpy
@@ -49,7 +52,7 @@ def load(path):  # safetensors F32 "embeddings", without numpy
     a, b = e["data_offsets"]
     v = array("f"); v.frombytes(raw[8 + n + a:8 + n + b])
     return v, e["shape"][1]
-for precision, part in [(p, part) for p in ("bf16", "int8") for part in ("queries", "corpus")]:
+for precision, part in [(p, part) for p in sys.argv[2:] if p != "f32" for part in ("queries", "corpus")]:
     (f, d), (q, _) = load(f"{sys.argv[1]}/f32.{part}.safetensors"), load(f"{sys.argv[1]}/{precision}.{part}.safetensors")
     cos = []
     for i in range(0, len(f), d):

@@ -55,6 +55,7 @@ n=$(wc -l < "$work/pairs.jsonl")
 start=$(date +%s.%N)
 RAYON_NUM_THREADS=2 target/release/tevatron rerank --model_name_or_path "$work/model" --dataset_path "$work/pairs.jsonl" \
   --pair_format pair --rerank_max_len 256 --per_device_eval_batch_size 32 --rerank_output_path "$work/ours.txt" --quiet \
+  --device cpu \
   ${PRECISION:+--$PRECISION}
 ours=$(echo "$(date +%s.%N) - $start" | bc)
 OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 "$py" - "$work" "$n" "$ours" "${PRECISION:-fp32}" <<'PY'

@@ -389,8 +389,9 @@ fn a_distillation_step_is_the_kl_of_its_representations() {
 
 /// With dropout on, the F32 CPU step (fused ops, byte masks drawn from the stream) and the F64
 /// step (composed candle ops, the counter masks every other device computes, a GPU's included)
-/// drop the same values: their losses and gradients agree. This is what makes a GPU run train
-/// as a CPU run with the same seed.
+/// drop the same values: their losses and gradients agree. Both run on the CPU, so both split
+/// the batch alike; a GPU, which keeps it whole, draws the same masks where the split keeps
+/// one part in input order (`scripts/gpu-check.sh` compares such batches on a GPU).
 #[test]
 fn dropout_drops_the_same_values_on_every_path() {
     for model in MODELS {

@@ -28,10 +28,21 @@ const TILE_ROWS: usize = 8;
 /// Channels of a tile: two vectors of 16 F32 lanes.
 const TILE_CHANNELS: usize = 32;
 
-/// The bf16 product kernel of this CPU. Only [`Bf16Kernels::detect`] makes one, so a value
-/// always names an instruction this CPU has.
+/// The bf16 product kernel of this CPU. Only [`Bf16Kernels::detect`] makes one (and, in
+/// tests, `emulated`), so a value always names an instruction this CPU runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Bf16Kernels(());
+pub struct Bf16Kernels(Set);
+
+/// Where the kernel's instruction comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Set {
+    /// `vdpbf16ps` on 512 bits.
+    Avx512,
+    /// The instruction emulated from its definition, so that tests run the kernel's code (and
+    /// the layers that use it) on any CPU.
+    #[cfg(test)]
+    Emulated,
+}
 
 impl Bf16Kernels {
     /// `vdpbf16ps` on 512 bits, when this CPU has AVX-512 F and BF16.
@@ -40,15 +51,25 @@ impl Bf16Kernels {
         {
             use std::arch::is_x86_feature_detected as has;
             if has!("avx512f") && has!("avx512bf16") {
-                return Some(Bf16Kernels(()));
+                return Some(Bf16Kernels(Set::Avx512));
             }
         }
         None
     }
 
+    /// The kernel's code on an emulation of the instruction (any CPU; tests).
+    #[cfg(test)]
+    pub(crate) fn emulated() -> Self {
+        Bf16Kernels(Set::Emulated)
+    }
+
     /// A name for logs.
     pub fn name(self) -> &'static str {
-        "AVX-512 BF16 vdpbf16ps"
+        match self.0 {
+            Set::Avx512 => "AVX-512 BF16 vdpbf16ps",
+            #[cfg(test)]
+            Set::Emulated => "emulated vdpbf16ps",
+        }
     }
 }
 
@@ -138,7 +159,7 @@ impl Bf16Weight {
         inputs: usize,
         kernels: Bf16Kernels,
     ) -> Result<Self, String> {
-        if inputs == 0 || weight.len() != out * inputs {
+        if inputs == 0 || out == 0 || weight.len() != out * inputs {
             return Err(format!(
                 "bf16: {} weights for a projection of {out} x {inputs}",
                 weight.len()
@@ -173,14 +194,15 @@ impl Bf16Weight {
     /// [`Bf16Weight::forward`] over rows already rounded (shared by the projections that read
     /// the same input: attention's Q, K and V).
     pub fn forward_rows(&self, x: &Bf16Rows, bias: Option<&[f32]>) -> Result<Vec<f32>, String> {
-        self.forward_by(x, bias, |x, rows, b, y| {
+        self.forward_by(x, bias, |x, rows, b, y| match self.kernels.0 {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `kernels` names an instruction this CPU has (`Bf16Kernels::detect`).
-            unsafe {
-                x86::block(self, x, rows, b, y)
-            }
+            Set::Avx512 => unsafe { x86::block(self, x, rows, b, y) },
             #[cfg(not(target_arch = "x86_64"))]
-            unreachable!("no bf16 kernels off x86-64")
+            Set::Avx512 => unreachable!("no bf16 kernels off x86-64"),
+            #[cfg(test)]
+            // SAFETY: the emulated instruction runs on any CPU.
+            Set::Emulated => unsafe { self.simd_block::<tests::Emulated>(x, rows, b, y) },
         })
     }
 
@@ -373,7 +395,7 @@ mod tests {
     use crate::testing::{kernel_values, projection_case};
 
     /// The tests' stand-in for `vdpbf16ps`, lane by lane from [`dot_pair`].
-    struct Emulated;
+    pub(super) struct Emulated;
 
     impl Lanes for Emulated {
         type V = [u32; 16];
@@ -403,11 +425,8 @@ mod tests {
         x: &[f32],
         bias: Option<&[f32]>,
     ) -> Vec<f32> {
-        let q = Bf16Weight::new(w, out, inputs, Bf16Kernels(())).unwrap();
-        let rows = Bf16Rows::new(x, inputs).unwrap();
-        // SAFETY: the emulated instruction runs on any CPU.
-        q.forward_by(&rows, bias, |x, r, b, y| unsafe { q.simd_block::<Emulated>(x, r, b, y) })
-            .unwrap()
+        let q = Bf16Weight::new(w, out, inputs, Bf16Kernels::emulated()).unwrap();
+        q.forward(x, bias).unwrap()
     }
 
     proptest! {
@@ -431,7 +450,14 @@ mod tests {
             prop_assert!(same(&emulated_forward(&w, out, inputs, &x, bias)), "emulated kernel");
             if let Some(k) = Bf16Kernels::detect() {
                 let got = Bf16Weight::new(&w, out, inputs, k).unwrap().forward(&x, bias).unwrap();
-                prop_assert!(same(&got), "{}", k.name());
+                // The kernel's code passed on the emulation just above, so a difference here is
+                // this CPU's instruction computing otherwise than the manual defines it.
+                prop_assert!(
+                    same(&got),
+                    "this CPU's vdpbf16ps differs from Intel's definition (dot_pair): largest \
+                     difference {}",
+                    crate::testing::max_abs_diff_of(&got, &want)
+                );
             }
         }
     }
@@ -490,9 +516,10 @@ mod tests {
             .all(|(a, b)| a.to_bits() == b.to_bits() || a.is_nan() && b.is_nan()));
         let mut bad = w.clone();
         bad[4] = f32::INFINITY;
-        assert!(Bf16Weight::new(&bad, out, inputs, Bf16Kernels(())).is_err());
-        assert!(Bf16Weight::new(&w, out, inputs + 1, Bf16Kernels(())).is_err());
-        let q = Bf16Weight::new(&w, out, inputs, Bf16Kernels(())).unwrap();
+        assert!(Bf16Weight::new(&bad, out, inputs, Bf16Kernels::emulated()).is_err());
+        assert!(Bf16Weight::new(&w, out, inputs + 1, Bf16Kernels::emulated()).is_err());
+        assert!(Bf16Weight::new(&[], 0, inputs, Bf16Kernels::emulated()).is_err());
+        let q = Bf16Weight::new(&w, out, inputs, Bf16Kernels::emulated()).unwrap();
         assert!(q
             .forward_rows(&Bf16Rows::new(&x[..2 * inputs], inputs).unwrap(), Some(&[0.0]))
             .is_err());

@@ -165,7 +165,7 @@ impl DecoderLayer<'_> {
     }
 }
 
-/// `x W^T (+ b)` over the rows of `x` with a linear layer's weights, in F32 or int8
+/// `x W^T (+ b)` over the rows of `x` with a linear layer's weights, in F32, int8 or bf16
 /// ([`Linear::infer_rows`]).
 fn linear(x: &[f32], lin: &Linear) -> Result<Vec<f32>> {
     lin.infer_rows(x)
@@ -201,6 +201,66 @@ mod tests {
         let f = p.act.forward(&p.up.forward(&a, e).unwrap(), e).unwrap();
         let out = (p.down.forward(&f, e).unwrap() + &a).unwrap();
         p.out_norm.forward(&out, e).unwrap()
+    }
+
+    /// A layer whose projections run as bf16 products (on the emulated instruction, so on any
+    /// CPU): the raw-buffer path and the composed ops both take them (each differs from the F32
+    /// layer, and by less than bf16's rounding allows), and the two agree with each other.
+    #[test]
+    fn a_layer_with_bf16_projections_stays_near_f32_on_both_paths() {
+        use crate::backbone::bf16::Bf16Kernels;
+        use crate::backbone::layers::ReducedKernels;
+        let dev = Device::Cpu;
+        let (b, l, h, inter, heads) = (2, 5, 16, 24, 4);
+        let mut w = HashMap::new();
+        let mut add = |name: &str, shape: &[usize], std: f32| {
+            w.insert(name.to_string(), Tensor::randn(0f32, std, shape, &dev).unwrap());
+        };
+        for n in ["q", "k", "v", "o"] {
+            add(&format!("{n}.weight"), &[h, h], 0.3);
+            add(&format!("{n}.bias"), &[h], 0.1);
+        }
+        add("up.weight", &[inter, h], 0.3);
+        add("up.bias", &[inter], 0.1);
+        add("down.weight", &[h, inter], 0.3);
+        add("down.bias", &[h], 0.1);
+        for n in ["n1", "n2"] {
+            add(&format!("{n}.weight"), &[h], 1.0);
+            add(&format!("{n}.bias"), &[h], 0.1);
+        }
+        let vb = VarBuilder::from_tensors(w, DType::F32, &dev);
+        let n1 = LayerNorm::load(vb.pp("n1"), h, 1e-12).unwrap();
+        let n2 = LayerNorm::load(vb.pp("n2"), h, 1e-12).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (b, l, h), &dev).unwrap();
+        let mask = Tensor::from_vec(vec![1u32, 1, 1, 1, 1, 1, 1, 1, 0, 0], (b, l), &dev).unwrap();
+        let bias = layers::mask_bias(&mask, DType::F32).unwrap();
+        let run = |lin: Linears| {
+            let [q, k, v, o] = ["q", "k", "v", "o"].map(|n| lin.with_bias(vb.pp(n), h, h).unwrap());
+            let up = lin.with_bias(vb.pp("up"), h, inter).unwrap();
+            let down = lin.with_bias(vb.pp("down"), inter, h).unwrap();
+            let p = PostNormLayer {
+                query: &q,
+                key: &k,
+                value: &v,
+                attn_out: &o,
+                attn_norm: &n1,
+                up: &up,
+                down: &down,
+                out_norm: &n2,
+                act: Activation::Gelu,
+                heads,
+            };
+            assert!(p.applies(&x, &bias));
+            (p.forward(&x, &bias).unwrap(), composed(&p, &x, &bias))
+        };
+        let (f32_fast, _) = run(Linears::default());
+        let bf16 = Some(ReducedKernels::Bf16(Bf16Kernels::emulated()));
+        let (fast, slow) = run(Linears { lora: None, reduced: bf16 });
+        let d = crate::testing::max_abs_diff(&fast, &slow).unwrap();
+        assert!(d < 1e-5, "the raw-buffer and composed bf16 layers differ by {d}");
+        let d = crate::testing::max_abs_diff(&fast, &f32_fast).unwrap();
+        // Outputs are layer-normed (about unit scale); two roundings of 2^-9 per product.
+        assert!(d > 0.0 && d < 5e-2, "bf16 against F32: {d}");
     }
 
     #[test]
