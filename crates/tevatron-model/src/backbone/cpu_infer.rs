@@ -203,15 +203,10 @@ mod tests {
         p.out_norm.forward(&out, e).unwrap()
     }
 
-    /// A layer whose projections run as bf16 products (on the emulated instruction, so on any
-    /// CPU): the raw-buffer path and the composed ops both take them (each differs from the F32
-    /// layer, and by less than bf16's rounding allows), and the two agree with each other.
-    #[test]
-    fn a_layer_with_bf16_projections_stays_near_f32_on_both_paths() {
-        use crate::backbone::bf16::Bf16Kernels;
-        use crate::backbone::layers::ReducedKernels;
+    /// Random weights of a post-norm layer of width `h` and MLP width `inter`: projections
+    /// `q`, `k`, `v`, `o`, `up`, `down` with biases, layer norms `n1` and `n2`.
+    fn layer_weights(h: usize, inter: usize) -> VarBuilder<'static> {
         let dev = Device::Cpu;
-        let (b, l, h, inter, heads) = (2, 5, 16, 24, 4);
         let mut w = HashMap::new();
         let mut add = |name: &str, shape: &[usize], std: f32| {
             w.insert(name.to_string(), Tensor::randn(0f32, std, shape, &dev).unwrap());
@@ -228,7 +223,19 @@ mod tests {
             add(&format!("{n}.weight"), &[h], 1.0);
             add(&format!("{n}.bias"), &[h], 0.1);
         }
-        let vb = VarBuilder::from_tensors(w, DType::F32, &dev);
+        VarBuilder::from_tensors(w, DType::F32, &dev)
+    }
+
+    /// A layer whose projections run as bf16 products (on the emulated instruction, so on any
+    /// CPU): the raw-buffer path and the composed ops both take them (each differs from the F32
+    /// layer, and by less than bf16's rounding allows), and the two agree with each other.
+    #[test]
+    fn a_layer_with_bf16_projections_stays_near_f32_on_both_paths() {
+        use crate::backbone::bf16::Bf16Kernels;
+        use crate::backbone::layers::ReducedKernels;
+        let dev = Device::Cpu;
+        let (b, l, h, inter, heads) = (2, 5, 16, 24, 4);
+        let vb = layer_weights(h, inter);
         let n1 = LayerNorm::load(vb.pp("n1"), h, 1e-12).unwrap();
         let n2 = LayerNorm::load(vb.pp("n2"), h, 1e-12).unwrap();
         let x = Tensor::randn(0f32, 1.0, (b, l, h), &dev).unwrap();
@@ -267,24 +274,7 @@ mod tests {
     fn raw_buffer_layer_equals_the_composed_layer_with_padding() {
         let dev = Device::Cpu;
         let (b, l, h, inter, heads) = (3, 7, 16, 24, 4);
-        let mut w = HashMap::new();
-        let mut add = |name: &str, shape: &[usize], std: f32| {
-            let t = Tensor::randn(0f32, std, shape, &dev).unwrap();
-            w.insert(name.to_string(), t);
-        };
-        for n in ["q", "k", "v", "o"] {
-            add(&format!("{n}.weight"), &[h, h], 0.3);
-            add(&format!("{n}.bias"), &[h], 0.1);
-        }
-        add("up.weight", &[inter, h], 0.3);
-        add("up.bias", &[inter], 0.1);
-        add("down.weight", &[h, inter], 0.3);
-        add("down.bias", &[h], 0.1);
-        for n in ["n1", "n2"] {
-            add(&format!("{n}.weight"), &[h], 1.0);
-            add(&format!("{n}.bias"), &[h], 0.1);
-        }
-        let vb = VarBuilder::from_tensors(w, DType::F32, &dev);
+        let vb = layer_weights(h, inter);
         let lin = Linears::default();
         let [q, k, v, o] = ["q", "k", "v", "o"].map(|n| lin.with_bias(vb.pp(n), h, h).unwrap());
         let up = lin.with_bias(vb.pp("up"), h, inter).unwrap();
