@@ -201,6 +201,16 @@ impl Kernels {
         }
     }
 
+    /// A name for logs of the instructions that scan codes of `precision`: the set's own for
+    /// int8, the popcount [`Kernels::binary_scores`] runs for binary.
+    pub fn name_for(self, precision: Precision) -> &'static str {
+        match (precision, self.0) {
+            (Precision::Int8, _) | (Precision::Binary, Set::Portable) => self.name(),
+            (Precision::Binary, Set::Avx512Vnni) if has_vpopcntdq() => "AVX-512 VPOPCNTDQ",
+            (Precision::Binary, _) => "POPCNT",
+        }
+    }
+
     /// `out[q * rows + j] = sum_d queries[q][d] * codes[j][d]` (unsigned query bytes times
     /// signed code bytes) for `nq` queries of `dim` bytes and `rows` code rows; with the query
     /// offset taken back ([`code_sums`]) this is the signed dot product of the codes.
@@ -233,9 +243,7 @@ impl Kernels {
             // SAFETY: POPCNT is part of both sets, and a `Kernels` names a set this CPU runs; the
             // AVX-512 set has AVX-512F, and VPOPCNTDQ is checked here.
             Set::Avx2 | Set::Avx512Vnni => unsafe {
-                if self.0 == Set::Avx512Vnni
-                    && std::arch::is_x86_feature_detected!("avx512vpopcntdq")
-                {
+                if self.0 == Set::Avx512Vnni && has_vpopcntdq() {
                     x86::binary_vpopcnt(width, queries, codes, out)
                 } else {
                     x86::binary_popcnt(width, queries, codes, out)
@@ -244,6 +252,19 @@ impl Kernels {
             #[cfg(not(target_arch = "x86_64"))]
             _ => binary_portable(width, queries, codes, out),
         }
+    }
+}
+
+/// Whether this CPU has AVX-512 VPOPCNTDQ (`vpopcntq`), which the AVX-512 set's binary scan
+/// uses when present.
+fn has_vpopcntdq() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512vpopcntdq")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
@@ -635,6 +656,23 @@ mod x86 {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// The log names what scans each precision: the set's own name for int8, and for binary
+    /// the popcount instruction `binary_scores` takes (vpopcntq only where the CPU has it).
+    #[test]
+    fn kernels_name_what_scans_each_precision() {
+        for k in Kernels::available() {
+            assert_eq!(k.name_for(Precision::Int8), k.name());
+            let binary = k.name_for(Precision::Binary);
+            let want = match k.0 {
+                Set::Portable => "portable",
+                Set::Avx512Vnni if has_vpopcntdq() => "AVX-512 VPOPCNTDQ",
+                _ => "POPCNT",
+            };
+            assert_eq!(binary, want, "{}", k.name());
+            assert!(!binary.contains("VNNI"), "{binary}");
+        }
+    }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]

@@ -135,7 +135,7 @@ pub fn run(a: &SearchArgs) -> Result<()> {
                 format!(
                     "scanned {} codes with the {} kernels",
                     p.precision.name(),
-                    report.kernels.name()
+                    report.kernels.name_for(p.precision)
                 )
             }
             None => String::new(),
