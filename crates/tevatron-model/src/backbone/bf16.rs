@@ -21,6 +21,8 @@
 
 use rayon::prelude::*;
 
+use super::fast::par_fill;
+
 /// Rows per parallel task (a multiple of [`TILE_ROWS`]).
 const ROW_BLOCK: usize = 48;
 /// Rows of a tile.
@@ -223,20 +225,16 @@ impl Bf16Weight {
         if bias.is_some_and(|b| b.len() != self.out) {
             return Err(format!("bf16: a bias for other than {} channels", self.out));
         }
-        let zeros;
-        let bias = match bias {
-            Some(b) => b,
-            None => {
-                zeros = vec![0f32; self.out];
-                &zeros
-            }
-        };
-        let steps = self.inputs.div_ceil(2);
-        let mut y = vec![0f32; x.rows * self.out];
-        y.par_chunks_mut(ROW_BLOCK * self.out)
-            .zip(x.pairs.par_chunks(ROW_BLOCK * steps))
-            .for_each(|(y, x)| block(x, y.len() / self.out, bias, y));
-        Ok(y)
+        let (out, steps) = (self.out, self.inputs.div_ceil(2));
+        let zeros = if bias.is_none() { vec![0f32; out] } else { Vec::new() };
+        let bias = bias.unwrap_or(&zeros);
+        // The kernel writes each output of its block (every row and channel), as par_fill
+        // requires; a block's pairs run to its last whole tile of rows (`Bf16Rows` pads them).
+        Ok(par_fill(x.rows * out, ROW_BLOCK * out, |start, y| {
+            let (r0, rows) = (start / out, y.len() / out);
+            let end = (r0 + rows.div_ceil(TILE_ROWS) * TILE_ROWS) * steps;
+            block(&x.pairs[r0 * steps..end], rows, bias, y)
+        }))
     }
 
     /// The kernel's code over one block of rows, the instruction given by `L` (the CPU's, or the

@@ -226,6 +226,42 @@ mod tests {
         VarBuilder::from_tensors(w, DType::F32, &dev)
     }
 
+    /// The projections and norms of a post-norm layer, loaded from [`layer_weights`] with `lin`.
+    struct LayerParts {
+        qkvo: [Linear; 4],
+        up: Linear,
+        down: Linear,
+        norms: [LayerNorm; 2],
+    }
+
+    impl LayerParts {
+        fn load(vb: &VarBuilder, lin: Linears, h: usize, inter: usize) -> Self {
+            Self {
+                qkvo: ["q", "k", "v", "o"].map(|n| lin.with_bias(vb.pp(n), h, h).unwrap()),
+                up: lin.with_bias(vb.pp("up"), h, inter).unwrap(),
+                down: lin.with_bias(vb.pp("down"), inter, h).unwrap(),
+                norms: ["n1", "n2"].map(|n| LayerNorm::load(vb.pp(n), h, 1e-12).unwrap()),
+            }
+        }
+
+        fn layer(&self, act: Activation, heads: usize) -> PostNormLayer<'_> {
+            let [query, key, value, attn_out] = &self.qkvo;
+            let [attn_norm, out_norm] = &self.norms;
+            PostNormLayer {
+                query,
+                key,
+                value,
+                attn_out,
+                attn_norm,
+                up: &self.up,
+                down: &self.down,
+                out_norm,
+                act,
+                heads,
+            }
+        }
+    }
+
     /// A layer whose projections run as bf16 products (on the emulated instruction, so on any
     /// CPU): the raw-buffer path and the composed ops both take them (each differs from the F32
     /// layer, and by less than bf16's rounding allows), and the two agree with each other.
@@ -236,27 +272,12 @@ mod tests {
         let dev = Device::Cpu;
         let (b, l, h, inter, heads) = (2, 5, 16, 24, 4);
         let vb = layer_weights(h, inter);
-        let n1 = LayerNorm::load(vb.pp("n1"), h, 1e-12).unwrap();
-        let n2 = LayerNorm::load(vb.pp("n2"), h, 1e-12).unwrap();
         let x = Tensor::randn(0f32, 1.0, (b, l, h), &dev).unwrap();
         let mask = Tensor::from_vec(vec![1u32, 1, 1, 1, 1, 1, 1, 1, 0, 0], (b, l), &dev).unwrap();
         let bias = layers::mask_bias(&mask, DType::F32).unwrap();
         let run = |lin: Linears| {
-            let [q, k, v, o] = ["q", "k", "v", "o"].map(|n| lin.with_bias(vb.pp(n), h, h).unwrap());
-            let up = lin.with_bias(vb.pp("up"), h, inter).unwrap();
-            let down = lin.with_bias(vb.pp("down"), inter, h).unwrap();
-            let p = PostNormLayer {
-                query: &q,
-                key: &k,
-                value: &v,
-                attn_out: &o,
-                attn_norm: &n1,
-                up: &up,
-                down: &down,
-                out_norm: &n2,
-                act: Activation::Gelu,
-                heads,
-            };
+            let parts = LayerParts::load(&vb, lin, h, inter);
+            let p = parts.layer(Activation::Gelu, heads);
             assert!(p.applies(&x, &bias));
             (p.forward(&x, &bias).unwrap(), composed(&p, &x, &bias))
         };
@@ -274,13 +295,7 @@ mod tests {
     fn raw_buffer_layer_equals_the_composed_layer_with_padding() {
         let dev = Device::Cpu;
         let (b, l, h, inter, heads) = (3, 7, 16, 24, 4);
-        let vb = layer_weights(h, inter);
-        let lin = Linears::default();
-        let [q, k, v, o] = ["q", "k", "v", "o"].map(|n| lin.with_bias(vb.pp(n), h, h).unwrap());
-        let up = lin.with_bias(vb.pp("up"), h, inter).unwrap();
-        let down = lin.with_bias(vb.pp("down"), inter, h).unwrap();
-        let n1 = LayerNorm::load(vb.pp("n1"), h, 1e-12).unwrap();
-        let n2 = LayerNorm::load(vb.pp("n2"), h, 1e-12).unwrap();
+        let parts = LayerParts::load(&layer_weights(h, inter), Linears::default(), h, inter);
         let x = Tensor::randn(0f32, 1.0, (b, l, h), &dev).unwrap();
         // Sequences of 7, 4 and 1 real tokens: padded keys must get no weight.
         let mask: Vec<u32> =
@@ -288,18 +303,7 @@ mod tests {
         let mask = Tensor::from_vec(mask, (b, l), &dev).unwrap();
         let bias = layers::mask_bias(&mask, DType::F32).unwrap();
         for act in [Activation::Gelu, Activation::GeluNew, Activation::Relu, Activation::Silu] {
-            let p = PostNormLayer {
-                query: &q,
-                key: &k,
-                value: &v,
-                attn_out: &o,
-                attn_norm: &n1,
-                up: &up,
-                down: &down,
-                out_norm: &n2,
-                act,
-                heads,
-            };
+            let p = parts.layer(act, heads);
             assert!(p.applies(&x, &bias));
             let fast = p.forward(&x, &bias).unwrap();
             let want = composed(&p, &x, &bias);

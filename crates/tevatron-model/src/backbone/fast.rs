@@ -303,18 +303,29 @@ impl CustomOp1 for Softmax {
     }
 }
 
-/// Fills a new vector of `n` elements in parallel chunks of whole rows of width `row`.
-/// `fill(start, out)` must write every element of `out` (it may read back what it wrote);
-/// the memory is not zeroed first, which would cost a pass over every fresh page.
+/// Fills a new vector of `n` elements in parallel chunks of whole rows of width `row`, each
+/// task compiled for AVX-512 where the CPU has it ([`simd`]). The contract of [`par_fill`].
 pub(super) fn par_rows(n: usize, row: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
-    let mut out: Vec<f32> = Vec::with_capacity(n);
     let per_task = (CHUNK / row.max(1)).max(1) * row.max(1);
+    par_fill(n, per_task, |start, o| simd(|| fill(start, o)))
+}
+
+/// Fills a new vector of `n` elements in parallel chunks of `per_task` elements (the last may be
+/// shorter). `fill(start, out)` must write every element of `out` (it may read back what it
+/// wrote); the memory is not zeroed first, which would cost a pass over every fresh page.
+pub(super) fn par_fill(
+    n: usize,
+    per_task: usize,
+    fill: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let per_task = per_task.max(1);
+    let mut out: Vec<f32> = Vec::with_capacity(n);
     let spare = &mut out.spare_capacity_mut()[..n];
     spare.par_chunks_mut(per_task).enumerate().for_each(|(i, o)| {
         // SAFETY: f32 has no invalid bit patterns and `fill` writes each element before any
         // read of it (the contract above), so no uninitialised value is ever observed.
         let o = unsafe { &mut *(o as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
-        simd(|| fill(i * per_task, o))
+        fill(i * per_task, o)
     });
     // SAFETY: every element was written by `fill`.
     unsafe { out.set_len(n) };

@@ -29,7 +29,7 @@
 
 use rayon::prelude::*;
 
-use super::fast::{lanes_reduce, simd};
+use super::fast::{lanes_reduce, par_fill, simd};
 
 /// The widest input a projection may have: the integer sums stay below 2^31.
 pub const MAX_INPUTS: usize = 65_536;
@@ -308,30 +308,15 @@ impl Int8Weight {
         if bias.is_some_and(|b| b.len() != self.out) {
             return Err(format!("int8: a bias for other than {} channels", self.out));
         }
-        let n = x.scales.len() * self.out;
-        let mut y: Vec<f32> = Vec::with_capacity(n);
-        if n == 0 {
-            return Ok(y);
-        }
-        let zeros;
-        let bias = match bias {
-            Some(b) => b,
-            None => {
-                zeros = vec![0f32; self.out];
-                &zeros
-            }
-        };
-        let spare = &mut y.spare_capacity_mut()[..n];
-        let blocks = x.codes.par_chunks(ROW_BLOCK * k).zip(x.scales.par_chunks(ROW_BLOCK));
-        spare.par_chunks_mut(ROW_BLOCK * self.out).zip(blocks).for_each(|(y, (q, sx))| {
-            // SAFETY: f32 has no invalid bit patterns, and every kernel writes each output of
-            // its block (every row and channel) without reading it first.
-            let y = unsafe { &mut *(y as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
-            block(q, sx, bias, y);
-        });
-        // SAFETY: every element was written by a block.
-        unsafe { y.set_len(n) };
-        Ok(y)
+        let out = self.out;
+        let zeros = if bias.is_none() { vec![0f32; out] } else { Vec::new() };
+        let bias = bias.unwrap_or(&zeros);
+        // Every kernel writes each output of its block (every row and channel), as par_fill
+        // requires.
+        Ok(par_fill(x.scales.len() * out, ROW_BLOCK * out, |start, y| {
+            let (r0, r1) = (start / out, (start + y.len()) / out);
+            block(&x.codes[r0 * k..r1 * k], &x.scales[r0..r1], bias, y)
+        }))
     }
 
     /// One block of quantized rows `q` with scales `sx` into `y`, on this weight's set.
