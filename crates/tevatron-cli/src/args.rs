@@ -1134,6 +1134,15 @@ pub struct PlotArgs {
     /// `trainer_state.json`, Hugging Face Trainer outputs included). The pictures are written
     /// into it as `training_curves.png` and `training_curves.svg`.
     pub output_dir: PathBuf,
+    /// Other runs' folders to draw beside this one in one picture instead,
+    /// `training_curves_compared.png` and `.svg` in OUTPUT_DIR (the loss and the learning rate
+    /// of each run in its own colour).
+    #[arg(long, num_args = 1..)]
+    pub compare: Vec<PathBuf>,
+    /// The runs' names in the comparison's legend, comma-separated, OUTPUT_DIR's first (default:
+    /// the folders as given).
+    #[arg(long, value_delimiter = ',')]
+    pub labels: Vec<String>,
 }
 
 /// Datasets `tevatron prepare` converts.

@@ -1,5 +1,6 @@
 //! Training curves as pictures: the loss and the learning rate against the optimizer step, read
-//! from a training output's `trainer_state.json` and drawn as PNG and SVG side by side with it.
+//! from a training output's `trainer_state.json` and drawn as PNG and SVG side by side with it,
+//! for one run or several compared in one picture.
 //!
 //! Text is drawn with an ASCII subset of DejaVu Sans compiled into the binary (10 KB, made by
 //! `scripts/fixtures/make_plot_font.sh`), so a picture looks the same on every machine and no
@@ -107,6 +108,34 @@ pub fn plot_training(dir: &Path) -> Result<Vec<PathBuf>> {
     let png_path = dir.join("training_curves.png");
     let mut rgb = vec![0u8; (SIZE.0 * SIZE.1 * 3) as usize];
     draw(BitMapBackend::with_buffer(&mut rgb, SIZE).into_drawing_area(), &log, &evals, &title)?;
+    write_png(&png_path, &rgb, SIZE)?;
+    Ok(vec![png_path, svg_path])
+}
+
+/// Draws the training curves of several runs in one picture, `training_curves_compared.png` and
+/// `.svg` in the first run's folder: each run's training loss (its moving mean, the points
+/// faint) and learning rate in its own colour, named in the legend by `labels` (one per run).
+/// Returns the files' paths.
+pub fn plot_comparison(runs: &[PathBuf], labels: &[String]) -> Result<Vec<PathBuf>> {
+    if runs.len() < 2 || labels.len() != runs.len() {
+        bail!("a comparison needs two runs or more, one label each");
+    }
+    let logs: Vec<(String, Vec<Logged>)> = runs
+        .iter()
+        .zip(labels)
+        .map(|(dir, label)| Ok((label.clone(), read_log(dir)?)))
+        .collect::<Result<_>>()?;
+    register_font()?;
+    let dir = &runs[0];
+    let svg_path = dir.join("training_curves_compared.svg");
+    let mut svg = String::new();
+    draw_comparison(SVGBackend::with_string(&mut svg, SIZE).into_drawing_area(), &logs)?;
+    let mut file = AtomicFile::create(&svg_path)?;
+    std::io::Write::write_all(&mut file, svg.as_bytes()).map_err(|e| file.err(e))?;
+    file.commit()?;
+    let png_path = dir.join("training_curves_compared.png");
+    let mut rgb = vec![0u8; (SIZE.0 * SIZE.1 * 3) as usize];
+    draw_comparison(BitMapBackend::with_buffer(&mut rgb, SIZE).into_drawing_area(), &logs)?;
     write_png(&png_path, &rgb, SIZE)?;
     Ok(vec![png_path, svg_path])
 }
@@ -397,6 +426,81 @@ where
     Ok(())
 }
 
+/// Colours of the runs of a comparison, in order.
+const RUN_COLORS: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+];
+
+/// [`plot_comparison`]'s picture: the two panels of [`draw`], a line per run.
+fn draw_comparison<B: DrawingBackend>(
+    area: DrawingArea<B, Shift>,
+    runs: &[(String, Vec<Logged>)],
+) -> Result<()>
+where
+    B::ErrorType: 'static,
+{
+    let fail = |e: DrawingAreaErrorKind<B::ErrorType>| anyhow::anyhow!("drawing the plot: {e}");
+    area.fill(&WHITE).map_err(fail)?;
+    let area = area.titled("training: compared", ("sans-serif", 24)).map_err(fail)?;
+    let last = runs.iter().flat_map(|(_, log)| log.iter().map(|l| l.step)).fold(0.0, f64::max);
+    let steps = 0.0..last.max(1.0) * 1.02;
+    for (area, panel) in area.split_evenly((1, 2)).iter().zip(PANELS) {
+        let value = panel.value;
+        let all = runs.iter().flat_map(|(_, log)| log.iter().map(value));
+        let mut chart = ChartBuilder::on(area)
+            .caption(panel.caption, ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d(steps.clone(), padded(all, panel.from_zero))
+            .map_err(fail)?;
+        chart
+            .configure_mesh()
+            .light_line_style(RGBColor(240, 240, 240))
+            .bold_line_style(RGBColor(215, 215, 215))
+            .x_desc("step")
+            .y_desc(panel.caption)
+            .label_style(("sans-serif", 13))
+            .axis_desc_style(("sans-serif", 15))
+            .y_label_formatter(&|v| format_number(*v))
+            .x_label_formatter(&|v| format!("{v:.0}"))
+            .draw()
+            .map_err(fail)?;
+        for ((label, log), &color) in runs.iter().zip(RUN_COLORS.iter().cycle()) {
+            let points: Vec<(f64, f64)> = log.iter().map(|l| (l.step, value(l))).collect();
+            let smoothed = if panel.smooth { moving_mean(&points, SMOOTH_WINDOW) } else { None };
+            if smoothed.is_some() {
+                let faint = color.mix(0.3);
+                chart
+                    .draw_series(points.iter().map(|&p| Circle::new(p, 2, faint.filled())))
+                    .map_err(fail)?;
+            }
+            chart
+                .draw_series(LineSeries::new(smoothed.unwrap_or(points), color.stroke_width(2)))
+                .map_err(fail)?
+                .label(label.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 20, y)], color.stroke_width(3))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.8))
+            .border_style(RGBColor(215, 215, 215))
+            .label_font(("sans-serif", 13))
+            .draw()
+            .map_err(fail)?;
+    }
+    area.present().map_err(fail)?;
+    Ok(())
+}
+
 /// Logged steps averaged by the loss panel's smoothed line.
 const SMOOTH_WINDOW: usize = 5;
 
@@ -523,6 +627,35 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names, ["trainer_state.json", "training_curves.png", "training_curves.svg"]);
+    }
+
+    #[test]
+    fn runs_are_compared_in_one_picture_with_a_legend() {
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        for (k, dir) in dirs.iter().enumerate() {
+            let history: Vec<_> = (1..=20)
+                .map(|s| {
+                    let loss = (k + 1) as f64 / s as f64;
+                    serde_json::json!({"step": s, "loss": loss, "learning_rate": 2e-5})
+                })
+                .collect();
+            write_state(dir.path(), serde_json::Value::Array(history));
+        }
+        let runs: Vec<PathBuf> = dirs.iter().map(|d| d.path().to_path_buf()).collect();
+        let labels = ["f32 run".to_string(), "bf16 run".to_string()];
+        let files = plot_comparison(&runs, &labels).unwrap();
+        assert!(files[0].ends_with("training_curves_compared.png"));
+        let png = std::fs::read(&files[0]).unwrap();
+        assert_eq!(&png[1..4], b"PNG");
+        let svg = std::fs::read_to_string(&files[1]).unwrap();
+        assert!(svg.contains("f32 run") && svg.contains("bf16 run"), "the legend names the runs");
+        // The loss panel's faint points: 20 a run (the learning rate has lines only).
+        assert_eq!(svg.matches("<circle").count(), 40);
+        assert!(plot_comparison(&runs[..1], &labels[..1]).is_err(), "one run is no comparison");
+        let err = plot_comparison(&[runs[0].clone(), PathBuf::from("/nonexistent")], &labels)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent"), "{err}");
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! mutations, and must exit 0 or 2 (never a panic's 101 or a signal) within a time bound. A
 //! file the arguments parser refuses (not UTF-8, not a JSON object, an object-valued argument)
 //! must be named in the error; a file it accepts goes on to clap and the command, whose errors
-//! are about flag values. A `trainer_state.json` that `plot` cannot use must be named.
+//! are about flag values. A `trainer_state.json` that `plot` cannot use must be named, and
+//! `plot --compare`'s labels must fit its runs.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
@@ -104,4 +105,25 @@ proptest! {
             assert_names(&err, &path);
         }
     }
+}
+
+/// `plot --compare` draws the runs in one picture; `--labels` must name each run, and without
+/// `--compare` it is refused rather than ignored.
+#[test]
+fn plot_compares_runs_and_checks_its_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs = ["a", "b"].map(|name| {
+        let out = dir.path().join(name);
+        write(&out.join("trainer_state.json"), &trainer_state());
+        out.to_str().unwrap().to_string()
+    });
+    let (code, err) = run(dir.path(), &["plot", &runs[0], "--compare", &runs[1]]);
+    assert_eq!(code, 0, "{err}");
+    assert!(dir.path().join("a/training_curves_compared.png").is_file());
+    let (code, err) = run(dir.path(), &["plot", &runs[0], "--compare", &runs[1], "--labels", "x"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--labels gives 1 names for 2 runs"), "{err}");
+    let (code, err) = run(dir.path(), &["plot", &runs[0], "--labels", "x"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--compare"), "{err}");
 }

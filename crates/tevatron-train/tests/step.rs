@@ -225,6 +225,28 @@ fn every_trainable_weight_receives_a_nonzero_gradient() {
     }
 }
 
+/// A `--bf16` step on the CPU (bf16 products on AVX-512 BF16 where the CPU has it, candle's
+/// widened products elsewhere) stays near the F32 step: the loss and every gradient within a few
+/// bf16 roundings, on every model with a reference step.
+#[test]
+fn a_bf16_step_on_the_cpu_stays_near_the_f32_step() {
+    for model in MODELS {
+        let f = fixture_of(model);
+        let enc = encoder_of(model, Pooling::Mean, true, DType::F32, false);
+        let (loss32, _, grads32) = step(&enc, &f, &opts(0.05));
+        let bf16 = StepOptions { autocast: Some(DType::BF16), ..opts(0.05) };
+        let (loss16, opt, grads16) = step(&enc, &f, &bf16);
+        assert!(
+            loss16 != loss32 && (loss16 - loss32).abs() <= 2e-3 * loss32.abs(),
+            "{model}: loss {loss16} vs {loss32}"
+        );
+        for ((n, _), (a, b)) in opt.named_vars().zip(grads16.iter().zip(&grads32)) {
+            let r = max_rel(a, b);
+            assert!(r <= 3e-2, "{model} {n}: gradients differ by {r} relative");
+        }
+    }
+}
+
 #[test]
 fn grad_cache_and_checkpointing_give_the_plain_gradients() {
     for model in MODELS {

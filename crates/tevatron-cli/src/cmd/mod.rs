@@ -13,7 +13,7 @@ mod rerank;
 mod search;
 mod train;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use tevatron_model::encoder::DefaultsSource;
@@ -48,7 +48,28 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Plot(a) => {
-            for path in crate::plot::plot_training(&a.output_dir)? {
+            let paths = if a.compare.is_empty() {
+                if !a.labels.is_empty() {
+                    anyhow::bail!("--labels names the runs of --compare, and none was given");
+                }
+                crate::plot::plot_training(&a.output_dir)?
+            } else {
+                let runs: Vec<PathBuf> =
+                    std::iter::once(a.output_dir.clone()).chain(a.compare.clone()).collect();
+                let labels = if a.labels.is_empty() {
+                    runs.iter().map(|r| r.display().to_string()).collect()
+                } else if a.labels.len() == runs.len() {
+                    a.labels.clone()
+                } else {
+                    anyhow::bail!(
+                        "--labels gives {} names for {} runs (OUTPUT_DIR and each of --compare)",
+                        a.labels.len(),
+                        runs.len()
+                    );
+                };
+                crate::plot::plot_comparison(&runs, &labels)?
+            };
+            for path in paths {
                 println!("{}", path.display());
             }
             Ok(())

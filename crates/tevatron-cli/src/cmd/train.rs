@@ -369,6 +369,34 @@ fn validation(
     Ok(Some(v))
 }
 
+/// The mixed precision `--bf16` or `--fp16` asks for, saying in the log what it computes on
+/// the CPU: bf16 products on AVX-512 BF16 where the CPU has it (`Mode::cpu_bf16` in the model
+/// crate), else candle's products widened to F32 (slower than F32, kept for its numerics).
+fn cpu_autocast_note(a: &TrainArgs, device: &candle_core::Device) -> Option<DType> {
+    let autocast = if a.bf16 {
+        Some(DType::BF16)
+    } else if a.fp16 {
+        Some(DType::F16)
+    } else {
+        None
+    };
+    if autocast.is_some() && device.is_cpu() {
+        let kernels = tevatron_model::Training::new(autocast, 0).cpu_bf16_kernels();
+        match kernels {
+            Some(k) => tracing::info!(
+                "--bf16 on the CPU: the linear layers' products (forward and both gradients) as bf16 products with {}, F32 sums; the rest in F32",
+                k.name()
+            ),
+            None => tracing::warn!(
+                "{} on the CPU: candle widens each half-precision product to F32, slower than F32 training{}",
+                if a.bf16 { "--bf16" } else { "--fp16" },
+                if a.bf16 { " (this CPU lacks AVX-512 BF16, which the bf16 kernels need)" } else { "" }
+            ),
+        }
+    }
+    autocast
+}
+
 /// The flags as a JSON object, saved beside checkpoints (`training_args.json`).
 fn args_json(a: &TrainArgs) -> serde_json::Value {
     serde_json::to_value(a).unwrap_or(serde_json::Value::Null)
@@ -652,13 +680,7 @@ fn run_training(a: &TrainArgs, reranker: bool) -> Result<()> {
             checkpointing: a.gradient_checkpointing,
             pad_to_multiple_of: a.pad_to_multiple_of.max(1),
             padding_side,
-            autocast: if a.bf16 {
-                Some(DType::BF16)
-            } else if a.fp16 {
-                Some(DType::F16)
-            } else {
-                None
-            },
+            autocast: cpu_autocast_note(a, encoder.device()),
             gpu_fused_attention: gpu_fused_attention(a, encoder.device()),
             distillation: distil,
             matryoshka: if reranker {

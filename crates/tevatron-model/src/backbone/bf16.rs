@@ -73,41 +73,149 @@ impl Bf16Kernels {
             Set::Emulated => "emulated vdpbf16ps",
         }
     }
+
+    /// A training step's linear layer under `--bf16` (forward `x W^T + b`): `x` rows of
+    /// `inputs`, `weight` `(out, inputs)`, both rounded to bf16 and the products summed in F32,
+    /// as autocast rounds them; the outputs stay F32. NaNs pass through.
+    pub fn linear(
+        self,
+        x: &[f32],
+        weight: &[f32],
+        (out, inputs): (usize, usize),
+        bias: Option<&[f32]>,
+    ) -> Result<Vec<f32>, String> {
+        Bf16Weight::packed(weight, out, inputs, self)?.forward(x, bias)
+    }
+
+    /// The input gradient `dy W` of [`Bf16Kernels::linear`]: `dy` rows of `out`, `weight`
+    /// `(out, inputs)`; rows of `inputs` back.
+    pub fn linear_input_grad(
+        self,
+        dy: &[f32],
+        weight: &[f32],
+        out: usize,
+    ) -> Result<Vec<f32>, String> {
+        Bf16Weight::from_columns(weight, out, self)?.forward(dy, None)
+    }
+
+    /// The weight gradient `dy^T x` `(out, inputs)` of [`Bf16Kernels::linear`], summed over
+    /// the `rows` rows of `dy` and `x`.
+    pub fn linear_weight_grad(
+        self,
+        dy: &[f32],
+        x: &[f32],
+        rows: usize,
+    ) -> Result<Vec<f32>, String> {
+        let x = Bf16Weight::from_columns(x, rows, self)?;
+        x.forward_rows(&Bf16Rows::from_columns(dy, rows)?, None)
+    }
 }
 
 /// `v` rounded to the nearest bf16, ties to even (the upper 16 bits of an F32); a NaN stays a
-/// quiet NaN.
+/// quiet NaN. Branch-free, so that packing loops vectorise.
+#[inline(always)]
 pub fn to_bf16(v: f32) -> u16 {
     let b = v.to_bits();
-    if v.is_nan() {
-        return ((b >> 16) | 0x40) as u16;
-    }
-    // No overflow: only NaNs lie within 0x8000 of u32::MAX.
-    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+    // Only NaNs lie within 0x8000 of u32::MAX, and they take the quiet form instead.
+    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
+    (if v.is_nan() { (b >> 16) | 0x40 } else { rounded }) as u16
 }
 
 /// Two bf16 values as one 32-bit lane of `vdpbf16ps`: `even` in the low half.
+#[inline(always)]
 fn pair(even: f32, odd: f32) -> u32 {
     u32::from(to_bf16(even)) | (u32::from(to_bf16(odd)) << 16)
 }
 
 /// One row of `x` as pairs: `pairs[p]` holds inputs `2p` and `2p + 1` (0 past the end).
+#[inline(always)]
 fn pack_row(x: &[f32], pairs: &mut [u32]) {
     let mut chunks = x.chunks_exact(2);
     for (p, c) in pairs.iter_mut().zip(&mut chunks) {
-        *p = pair(c[0], c[1]);
+        // [`pair`] as u64 lanes, which vectorise where pairs of f32 lanes would be shuffled.
+        *p = pair_bits(u64::from(c[0].to_bits()) | (u64::from(c[1].to_bits()) << 32));
     }
     if let [last] = chunks.remainder() {
         pairs[x.len() / 2] = pair(*last, 0.0);
     }
 }
 
+/// [`pair`] of the two F32 values in `v`'s bits (`even` in the low half).
+#[inline(always)]
+fn pair_bits(v: u64) -> u32 {
+    let half = |b: u64| {
+        let b = b & 0xffff_ffff;
+        // As `to_bf16`: no carry out of the half but for NaNs, which take the quiet form.
+        let rounded = (b + 0x7fff + ((b >> 16) & 1)) >> 16;
+        let nan = b & 0x7fff_ffff > 0x7f80_0000;
+        (if nan { (b >> 16) | 0x40 } else { rounded }) & 0xffff
+    };
+    (half(v) | (half(v >> 32) << 16)) as u32
+}
+
+/// The kernel's operand layout, for rows (tiles of [`TILE_ROWS`]) and weights (tiles of
+/// [`TILE_CHANNELS`] channels) alike: the lines of a matrix whose `inputs` values are rounded
+/// and paired, in tiles of `tile` lines; within a tile, step by step (two inputs), the tile's
+/// lines' pairs side by side, so that one step of a tile is one contiguous run. Lines past the
+/// last are zeros.
+///
+/// The lines are the rows of row-major `x`, `inputs` wide (`Layout::Rows`), or its columns, `x`
+/// then having `inputs` rows (`Layout::Columns`: the transpose packed without a copy).
+fn pack_tiles(x: &[f32], inputs: usize, layout: Layout, tile: usize) -> Vec<u32> {
+    let lines = x.len() / inputs;
+    let steps = inputs.div_ceil(2);
+    let mut packed = vec![0u32; lines.div_ceil(tile) * tile * steps];
+    packed.par_chunks_mut(steps * tile).with_min_len(4).enumerate().for_each(|(t, out)| {
+        let (l0, n) = (t * tile, (lines - t * tile).min(tile));
+        super::fast::simd(|| match layout {
+            Layout::Rows => {
+                // The tile's lines packed one after another, then interleaved step by step
+                // (contiguous stores, which measured faster than a strided scatter).
+                let mut lines = vec![0u32; tile * steps];
+                for (j, line) in lines.chunks_exact_mut(steps).take(n).enumerate() {
+                    pack_row(&x[(l0 + j) * inputs..][..inputs], line);
+                }
+                for (p, out) in out.chunks_exact_mut(tile).enumerate() {
+                    for (j, o) in out.iter_mut().enumerate() {
+                        *o = lines[j * steps + p];
+                    }
+                }
+            }
+            Layout::Columns => {
+                for (p, out) in out.chunks_exact_mut(tile).enumerate() {
+                    // Rows 2p and 2p + 1 of `x`, columns l0..l0 + n.
+                    let even = &x[2 * p * lines + l0..][..n];
+                    match x.get((2 * p + 1) * lines + l0..(2 * p + 1) * lines + l0 + n) {
+                        Some(odd) => {
+                            for ((o, &e), &d) in out.iter_mut().zip(even).zip(odd) {
+                                *o = pair(e, d);
+                            }
+                        }
+                        None => {
+                            for (o, &e) in out.iter_mut().zip(even) {
+                                *o = pair(e, 0.0);
+                            }
+                        }
+                    }
+                }
+            }
+        })
+    });
+    packed
+}
+
+/// Whether [`pack_tiles`] packs a matrix's rows or its columns.
+#[derive(Clone, Copy)]
+enum Layout {
+    Rows,
+    Columns,
+}
+
 /// A projection's weight in bf16, packed for the kernel.
 pub struct Bf16Weight {
     out: usize,
     inputs: usize,
-    /// Tiles of [`TILE_CHANNELS`] channels; in each, step by step (two inputs), the tile's
-    /// channels' pairs side by side; channels past the weight are zeros.
+    /// Tiles of [`TILE_CHANNELS`] channels as [`pack_tiles`] lays them out.
     packed: Vec<u32>,
     kernels: Bf16Kernels,
 }
@@ -122,8 +230,8 @@ impl std::fmt::Debug for Bf16Weight {
     }
 }
 
-/// Activations rounded for the bf16 products: rows of pairs, padded with rows of zeros to whole
-/// tiles.
+/// Activations rounded for the bf16 products: tiles of [`TILE_ROWS`] rows as [`pack_tiles`]
+/// lays them out, padded with rows of zeros to whole tiles.
 pub struct Bf16Rows {
     inputs: usize,
     rows: usize,
@@ -136,19 +244,18 @@ impl Bf16Rows {
         if inputs == 0 || !x.len().is_multiple_of(inputs) {
             return Err(format!("bf16: inputs of {} values for rows of {inputs}", x.len()));
         }
-        let rows = x.len() / inputs;
-        let steps = inputs.div_ceil(2);
-        let mut pairs = vec![0u32; rows.div_ceil(TILE_ROWS) * TILE_ROWS * steps];
-        pairs.par_chunks_mut(ROW_BLOCK * steps).zip(x.par_chunks(ROW_BLOCK * inputs)).for_each(
-            |(p, x)| {
-                super::fast::simd(|| {
-                    for (p, x) in p.chunks_exact_mut(steps).zip(x.chunks_exact(inputs)) {
-                        pack_row(x, p);
-                    }
-                })
-            },
-        );
-        Ok(Self { inputs, rows, pairs })
+        let pairs = pack_tiles(x, inputs, Layout::Rows, TILE_ROWS);
+        Ok(Self { inputs, rows: x.len() / inputs, pairs })
+    }
+
+    /// The columns of `x` (`k` rows, row-major) as rows: the rows of `x^T`, each `k` inputs
+    /// wide (a training step's `dy^T` in the weight gradient `dy^T x`).
+    pub fn from_columns(x: &[f32], k: usize) -> Result<Self, String> {
+        if k == 0 || !x.len().is_multiple_of(k) {
+            return Err(format!("bf16: {} values for columns of {k}", x.len()));
+        }
+        let pairs = pack_tiles(x, k, Layout::Columns, TILE_ROWS);
+        Ok(Self { inputs: k, rows: x.len() / k, pairs })
     }
 }
 
@@ -161,26 +268,39 @@ impl Bf16Weight {
         inputs: usize,
         kernels: Bf16Kernels,
     ) -> Result<Self, String> {
+        if weight.iter().any(|w| !w.is_finite()) {
+            return Err("bf16: the weights hold a NaN or an infinity".into());
+        }
+        Self::packed(weight, out, inputs, kernels)
+    }
+
+    /// [`Bf16Weight::new`] without the check for finite weights (a training step's operands,
+    /// whose NaNs must reach the loss as they would in F32).
+    fn packed(
+        weight: &[f32],
+        out: usize,
+        inputs: usize,
+        kernels: Bf16Kernels,
+    ) -> Result<Self, String> {
         if inputs == 0 || out == 0 || weight.len() != out * inputs {
             return Err(format!(
                 "bf16: {} weights for a projection of {out} x {inputs}",
                 weight.len()
             ));
         }
-        if weight.iter().any(|w| !w.is_finite()) {
-            return Err("bf16: the weights hold a NaN or an infinity".into());
-        }
-        let steps = inputs.div_ceil(2);
-        let mut packed = vec![0u32; out.div_ceil(TILE_CHANNELS) * steps * TILE_CHANNELS];
-        let mut row = vec![0u32; steps];
-        for (c, w) in weight.chunks_exact(inputs).enumerate() {
-            pack_row(w, &mut row);
-            let (t, lane) = (c / TILE_CHANNELS, c % TILE_CHANNELS);
-            for (p, &v) in row.iter().enumerate() {
-                packed[(t * steps + p) * TILE_CHANNELS + lane] = v;
-            }
-        }
+        let packed = pack_tiles(weight, inputs, Layout::Rows, TILE_CHANNELS);
         Ok(Self { out, inputs, packed, kernels })
+    }
+
+    /// The weight `x^T` for `x` of `k` rows, row-major: channels are `x`'s columns, inputs its
+    /// rows (a training step's `W^T` in the input gradient `dy W`, and `x^T` in the weight
+    /// gradient `dy^T x`), packed without a transposed copy.
+    fn from_columns(x: &[f32], k: usize, kernels: Bf16Kernels) -> Result<Self, String> {
+        if k == 0 || x.is_empty() || !x.len().is_multiple_of(k) {
+            return Err(format!("bf16: {} values for columns of {k}", x.len()));
+        }
+        let packed = pack_tiles(x, k, Layout::Columns, TILE_CHANNELS);
+        Ok(Self { out: x.len() / k, inputs: k, packed, kernels })
     }
 
     /// Inputs per row.
@@ -280,7 +400,8 @@ trait Lanes {
     unsafe fn store(v: Self::V, out: *mut f32);
 }
 
-/// The sums of a tile: `acc[i][j] = Σ_p x[i][p] · w[p][j]` for [`TILE_ROWS`] rows of `steps`
+/// The sums of a tile: `acc[i][j] = Σ_p x[p][i] · w[p][j]` for one packed tile of
+/// [`TILE_ROWS`] rows of `steps` pairs (a step's rows side by side, [`pack_tiles`])
 /// pairs and one packed tile of channels.
 ///
 /// # Safety
@@ -294,7 +415,7 @@ unsafe fn tile<L: Lanes>(x: &[u32], w: &[u32], steps: usize) -> [[f32; TILE_CHAN
         let w0 = L::load(wp.add(p * TILE_CHANNELS));
         let w1 = L::load(wp.add(p * TILE_CHANNELS + 16));
         for (i, a) in a.iter_mut().enumerate() {
-            let b = L::splat(*xp.add(i * steps + p));
+            let b = L::splat(*xp.add(p * TILE_ROWS + i));
             a[0] = L::dot(a[0], b, w0);
             a[1] = L::dot(a[1], b, w1);
         }
@@ -456,6 +577,46 @@ mod tests {
                      difference {}",
                     crate::testing::max_abs_diff_of(&got, &want)
                 );
+            }
+        }
+    }
+
+    /// `x` `(rows, cols)` row-major, transposed.
+    fn transpose(x: &[f32], cols: usize) -> Vec<f32> {
+        let rows = x.len() / cols;
+        (0..cols).flat_map(|c| (0..rows).map(move |r| x[r * cols + c])).collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// A training step's three products (forward, input gradient, weight gradient) give
+        /// the reference's bits of the same products over explicitly transposed operands,
+        /// however many rows (odd counts pair the last with a zero) and channels.
+        #[test]
+        fn the_training_products_give_the_reference_bits(
+            rows in 1usize..75,
+            inputs in 1usize..40,
+            out in 1usize..40,
+            seed in any::<u64>(),
+        ) {
+            let (w, x, b) = projection_case(rows, inputs, out, seed);
+            let dy = kernel_values(rows * out, seed ^ 1);
+            let mut kernels = vec![Bf16Kernels::emulated()];
+            kernels.extend(Bf16Kernels::detect());
+            for k in kernels {
+                let same = |got: Vec<f32>, want: Vec<f32>| {
+                    got.len() == want.len()
+                        && got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits())
+                };
+                let y = k.linear(&x, &w, (out, inputs), Some(&b)).unwrap();
+                prop_assert!(same(y, reference(&w, inputs, &x, Some(&b))), "{}: forward", k.name());
+                let dx = k.linear_input_grad(&dy, &w, out).unwrap();
+                let want = reference(&transpose(&w, inputs), out, &dy, None);
+                prop_assert!(same(dx, want), "{}: input gradient", k.name());
+                let dw = k.linear_weight_grad(&dy, &x, rows).unwrap();
+                let want = reference(&transpose(&x, inputs), rows, &transpose(&dy, out), None);
+                prop_assert!(same(dw, want), "{}: weight gradient", k.name());
             }
         }
     }

@@ -13,7 +13,11 @@
 //!   a GPU, whose CUDA launches are `bias_add` and `column_sum` of `train_ops_cuda.rs`), and, on
 //!   the CPU in F32, the projection over a frozen weight whose backward computes only the input's
 //!   gradient ([`frozen_linear`]) and a LoRA adapter over such a base as one op
-//!   ([`lora_linear`]).
+//!   ([`lora_linear`]);
+//! - training under `--bf16` on a CPU with AVX-512 BF16 (`Mode::cpu_bf16`): the projection's
+//!   products, forward, input gradient and weight gradient, as `bf16.rs`'s bf16 products with
+//!   F32 sums ([`Bf16Linear`] for a trained weight; the frozen and LoRA ops' base products
+//!   likewise, [`BaseProjection`]).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
@@ -29,9 +33,11 @@ use super::train_ops::{par_map_rows, sum_in_order};
 use super::Mode;
 use crate::lora::{LoraPlan, LoraWeights};
 
-/// A matrix product under the forward's mixed precision (see [`super::Training`]).
+/// A matrix product under the forward's mixed precision (see [`super::Training`]); in F32 where
+/// the CPU's bf16 kernels stand in for autocast (`Mode::cpu_bf16`: they take the linear layers,
+/// and the smaller products left here, a LoRA adapter's, stay F32).
 pub fn matmul(a: &Tensor, b: &Tensor, mode: Mode) -> Result<Tensor> {
-    match mode.autocast() {
+    match mode.autocast_on(a) {
         Some(dt) if a.dtype() != dt || b.dtype() != dt => {
             a.to_dtype(dt)?.matmul(&b.to_dtype(dt)?)?.to_dtype(a.dtype())
         }
@@ -140,7 +146,7 @@ impl Linear {
                     _ => None,
                 };
                 let base = (&self.weight, self.bias.as_ref());
-                lora_linear(&x2, base, (&l.a, &l.b, l.scale), keep)?
+                lora_linear(&x2, base, (&l.a, &l.b, l.scale), keep, mode.cpu_bf16(&x2))?
             }
             lora => {
                 let y = self.project(&x2, frozen_base && x2.track_op(), mode)?;
@@ -199,10 +205,14 @@ impl Linear {
     /// `x W^T + b` for `x` `(rows, in)`; `frozen` takes the kernel whose backward computes only
     /// the input's gradient (worth it only when the input carries one).
     fn project(&self, x: &Tensor, frozen: bool, mode: Mode) -> Result<Tensor> {
+        let bf16 = mode.cpu_bf16(x).filter(|_| f32_cpu(&self.weight));
         if frozen {
-            return frozen_linear(x, &self.weight, self.bias.as_ref());
+            return frozen_linear(x, (&self.weight, self.bias.as_ref()), bf16);
         }
-        let y = matmul(x, &self.weight.t()?, mode)?;
+        let y = match bf16 {
+            Some(k) => x.contiguous()?.apply_op2(&self.weight, Bf16Linear(k))?,
+            None => matmul(x, &self.weight.t()?, mode)?,
+        };
         Ok(match &self.bias {
             Some(b) if super::train_ops::has_kernel(&[&y, b]) && is_tracked(b) => bias_add(&y, b)?,
             Some(b) => y.broadcast_add(b)?,
@@ -211,9 +221,10 @@ impl Linear {
     }
 
     /// Whether the fused CPU kernels over a frozen base apply: weight and bias frozen (not
-    /// trained, as a LoRA base model's are), everything F32 on the CPU, no autocast.
+    /// trained, as a LoRA base model's are), everything F32 on the CPU, no autocast (or the
+    /// CPU's bf16 products in its stead).
     fn frozen_base_on_cpu(&self, x: &Tensor, mode: Mode) -> bool {
-        mode.autocast().is_none()
+        mode.autocast_on(x).is_none()
             && super::train_ops::applies(x)
             && !is_tracked(&self.weight)
             && f32_cpu(&self.weight)
@@ -393,14 +404,93 @@ pub fn bias_add(y: &Tensor, b: &Tensor) -> Result<Tensor> {
     y.contiguous()?.apply_op2(&b.contiguous()?, BiasAdd)
 }
 
+/// `x W^T` for a trained weight under `--bf16` on a CPU with AVX-512 BF16 (`Mode::cpu_bf16`),
+/// as one op over `(x, W)`: forward, `dx = dy W` and `dW = dy^T x` are bf16 products with F32
+/// sums (`bf16.rs`), each operand rounded as autocast rounds it. The outputs and gradients stay
+/// F32 (autocast would round the forward's output to bf16 as well).
+struct Bf16Linear(Bf16Kernels);
+
+impl CustomOp2 for Bf16Linear {
+    fn name(&self) -> &'static str {
+        "train-bf16-linear"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let w = contiguous_f32(s2, l2, self.name())?;
+        let (out, inputs) = l2.shape().dims2()?;
+        let y = self.0.linear(x, w, (out, inputs), None).map_err(candle_core::Error::Msg)?;
+        Ok((CpuStorage::F32(y), Shape::from((x.len() / inputs.max(1), out))))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = grad.contiguous()?;
+        let (x, w) = (x.contiguous()?, w.contiguous()?);
+        let (out, inputs) = w.dims2()?;
+        let rows = x.elem_count() / inputs.max(1);
+        let (dyd, xd, wd) = (Data::of(&dy)?, Data::of(&x)?, Data::of(&w)?);
+        let msg = candle_core::Error::Msg;
+        let dx = self.0.linear_input_grad(dyd.slice(), wd.slice(), out).map_err(msg)?;
+        let dw = self.0.linear_weight_grad(dyd.slice(), xd.slice(), rows).map_err(msg)?;
+        Ok((
+            Some(Tensor::from_vec(dx, (rows, inputs), x.device())?),
+            Some(Tensor::from_vec(dw, (out, inputs), x.device())?),
+        ))
+    }
+}
+
+/// A frozen base projection `x W^T (+ b)` and its input gradient `dy W`, in F32 or, under
+/// `--bf16` on a CPU with AVX-512 BF16, as bf16 products: the part the frozen and LoRA ops
+/// share.
+struct BaseProjection {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    bf16: Option<Bf16Kernels>,
+}
+
+impl BaseProjection {
+    fn new((weight, bias): (&Tensor, Option<&Tensor>), bf16: Option<Bf16Kernels>) -> Self {
+        Self { weight: weight.clone(), bias: bias.cloned(), bf16 }
+    }
+
+    /// `x W^T (+ b)` over rows of `x`.
+    fn forward(&self, x: &[f32]) -> Result<Vec<f32>> {
+        let Some(k) = self.bf16 else {
+            return project(x, &self.weight, self.bias.as_ref());
+        };
+        let (w, b) = (Data::of(&self.weight)?, self.bias.as_ref().map(Data::of).transpose()?);
+        k.linear(x, w.slice(), self.weight.dims2()?, b.as_ref().map(Data::slice))
+            .map_err(candle_core::Error::Msg)
+    }
+
+    /// `dy W` for `dy` `(rows, out)`.
+    fn input_grad(&self, dy: &Tensor) -> Result<Tensor> {
+        let Some(k) = self.bf16 else {
+            return dy.matmul(&self.weight);
+        };
+        let dy = dy.contiguous()?;
+        let (out, inputs) = self.weight.dims2()?;
+        let (d, w) = (Data::of(&dy)?, Data::of(&self.weight)?);
+        let dx = k.linear_input_grad(d.slice(), w.slice(), out).map_err(candle_core::Error::Msg)?;
+        Tensor::from_vec(dx, (dy.elem_count() / out.max(1), inputs), dy.device())
+    }
+}
+
 /// `x W^T (+ b)` with a frozen weight and bias (a LoRA base model's projections): they are
 /// fields of the op, not inputs, so backward computes only the input gradient `dy W`. candle's
 /// matmul backward always computes the weight's gradient as well (a product as large as the
 /// forward, plus a gradient buffer per weight), wasted on weights that never train.
-struct FrozenLinear {
-    weight: Tensor,
-    bias: Option<Tensor>,
-}
+struct FrozenLinear(BaseProjection);
 
 impl CustomOp1 for FrozenLinear {
     fn name(&self) -> &'static str {
@@ -408,20 +498,24 @@ impl CustomOp1 for FrozenLinear {
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, "frozen-linear")?;
-        let (out_dim, in_dim) = self.weight.dims2()?;
-        let y = project(x, &self.weight, self.bias.as_ref())?;
+        let (out_dim, in_dim) = self.0.weight.dims2()?;
+        let y = self.0.forward(x)?;
         Ok((CpuStorage::F32(y), Shape::from((x.len() / in_dim.max(1), out_dim))))
     }
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.weight)?))
+        Ok(Some(self.0.input_grad(grad)?))
     }
 }
 
 /// `x W^T (+ b)` for `x` `(rows, in)` with `weight` `(out, in)` and `bias` that receive no
-/// gradient; all F32 on the CPU, weight and bias contiguous.
-pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let op = FrozenLinear { weight: weight.clone(), bias: bias.cloned() };
-    x.contiguous()?.apply_op1(op)
+/// gradient; all F32 on the CPU, weight and bias contiguous; the base products in bf16 when
+/// `bf16` gives the CPU's kernels.
+pub fn frozen_linear(
+    x: &Tensor,
+    base: (&Tensor, Option<&Tensor>),
+    bf16: Option<Bf16Kernels>,
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(FrozenLinear(BaseProjection::new(base, bf16)))
 }
 
 /// A LoRA-adapted projection with a frozen base, `x W^T + b + s (drop(x) A^T) B^T`, as one op
@@ -429,10 +523,10 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
 /// (no full-size buffer for the update, the sum or the dropped input is kept), and backward
 /// gives `dx`, `dA`, `dB` directly. Composed, the adapter is five graph nodes per projection,
 /// each keeping a full-size intermediate and paying candle's zero-then-add gradient
-/// accumulation.
+/// accumulation. Under `--bf16` on a CPU with AVX-512 BF16 the base's products are bf16 and
+/// the adapter's (rank-wide) F32.
 struct LoraLinear {
-    weight: Tensor,
-    bias: Option<Tensor>,
+    base: BaseProjection,
     scale: f32,
     dropout: Option<ByteMask>,
 }
@@ -455,7 +549,9 @@ impl CustomOp3 for LoraLinear {
         let b = contiguous_f32(s3, l3, "train-lora-linear")?;
         let (r, in_dim) = l2.shape().dims2()?;
         let (out_dim, r_b) = l3.shape().dims2()?;
-        if r != r_b || self.weight.dims2()? != (out_dim, in_dim) || !x.len().is_multiple_of(in_dim)
+        if r != r_b
+            || self.base.weight.dims2()? != (out_dim, in_dim)
+            || !x.len().is_multiple_of(in_dim)
         {
             candle_core::bail!("train-lora-linear: adapter shapes do not match the weight");
         }
@@ -470,7 +566,7 @@ impl CustomOp3 for LoraLinear {
         };
         let mut xa = vec![0f32; rows * r];
         add_xwt(&mut xa, input, a, in_dim, 1.0)?;
-        let mut y = project(x, &self.weight, self.bias.as_ref())?;
+        let mut y = self.base.forward(x)?;
         add_xwt(&mut y, &xa, b, r, self.scale)?;
         Ok((CpuStorage::F32(y), Shape::from((rows, out_dim))))
     }
@@ -498,23 +594,24 @@ impl CustomOp3 for LoraLinear {
             Some(d) => dx_adapter.apply_op1_no_bwd(d)?,
             None => dx_adapter,
         };
-        let dx = (dy.matmul(&self.weight)? + dx_adapter)?;
+        let dx = (self.base.input_grad(&dy)? + dx_adapter)?;
         Ok((Some(dx), Some(da), Some(db)))
     }
 }
 
 /// `x W^T (+ b) + scale (drop(x) A^T) B^T` for `x` `(rows, in)`, a frozen `weight` `(out, in)`
 /// and `bias`, and the trainable adapter `a` `(r, in)`, `b` `(out, r)`; `keep` is the dropout
-/// mask of `x` with its scale (none without dropout). All F32 on the CPU.
+/// mask of `x` with its scale (none without dropout). All F32 on the CPU; the base products in
+/// bf16 when `bf16` gives the CPU's kernels.
 pub fn lora_linear(
     x: &Tensor,
-    (weight, bias): (&Tensor, Option<&Tensor>),
+    base: (&Tensor, Option<&Tensor>),
     (a, b, scale): (&Tensor, &Tensor, f64),
     keep: Option<(Vec<u8>, f32)>,
+    bf16: Option<Bf16Kernels>,
 ) -> Result<Tensor> {
     let op = LoraLinear {
-        weight: weight.clone(),
-        bias: bias.cloned(),
+        base: BaseProjection::new(base, bf16),
         scale: scale as f32,
         dropout: keep.map(|(keep, scale)| ByteMask::new(keep, scale)),
     };
@@ -553,7 +650,7 @@ mod tests {
         let bias = Tensor::randn(0f32, 1.0, 4, &dev).unwrap();
         let t = x.as_tensor();
         let base = t.matmul(&w.t().unwrap()).unwrap().broadcast_add(&bias).unwrap();
-        same("frozen", &frozen_linear(t, &w, Some(&bias)).unwrap(), &base, &[&x]);
+        same("frozen", &frozen_linear(t, (&w, Some(&bias)), None).unwrap(), &base, &[&x]);
         let (a, b) = (var(&[2, 5]), var(&[4, 2]));
         let keep: Vec<u8> = (0..30).map(|i| u8::from(i % 3 != 0)).collect();
         let mask: Vec<f32> = keep.iter().map(|&k| f32::from(k) * 1.5).collect();
@@ -566,9 +663,108 @@ mod tests {
             (&w, Some(&bias)),
             (a.as_tensor(), b.as_tensor(), 2.0),
             Some((keep, 1.5)),
+            None,
         )
         .unwrap();
         same("lora", &fused, &composed, &[&x, &a, &b]);
+    }
+
+    /// Under `--bf16` on the CPU's bf16 kernels (emulated here, so on any CPU), the trained,
+    /// frozen and LoRA projections give the F32 products of bf16-rounded operands: forward
+    /// `x W^T`, input gradient `dy W` and weight gradient `dy^T x`, each operand rounded.
+    #[test]
+    fn bf16_projections_give_the_products_of_rounded_operands_and_their_gradients() {
+        let dev = Device::Cpu;
+        let round = |t: &Tensor| t.to_dtype(candle_core::DType::BF16)?.to_dtype(t.dtype());
+        let randn = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+        let close = |what: &str, got: &Tensor, want: &Tensor| {
+            let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let d = max_abs_diff(got, want).unwrap();
+            assert!(d <= 1e-5 * scale.max(1.0), "{what}: differs by {d}");
+        };
+        let kernels = Bf16Kernels::emulated();
+        let k = Some(kernels);
+        let (rows, inputs, out) = (19, 13, 11);
+        let x = Var::from_tensor(&randn(&[rows, inputs])).unwrap();
+        let w = Var::from_tensor(&randn(&[out, inputs])).unwrap();
+        let bias = randn(&[out]);
+        let g = round(&randn(&[rows, out])).unwrap();
+        let (xr, wr) = (round(x.as_tensor()).unwrap(), round(w.as_tensor()).unwrap());
+        let want_y = xr.matmul(&wr.t().unwrap()).unwrap();
+        let want_dx = g.matmul(&wr).unwrap();
+        let want_dw = g.t().unwrap().matmul(&xr).unwrap();
+
+        // A trained weight: both gradients.
+        let y = x.as_tensor().apply_op2(w.as_tensor(), Bf16Linear(kernels)).unwrap();
+        close("trained: values", &y, &want_y);
+        let gs = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        close("trained: dx", gs.get(x.as_tensor()).unwrap(), &want_dx);
+        close("trained: dW", gs.get(w.as_tensor()).unwrap(), &want_dw);
+
+        // A frozen weight with a bias: the input's gradient only.
+        let base = (w.as_tensor(), Some(&bias));
+        let y = frozen_linear(x.as_tensor(), base, k).unwrap();
+        close("frozen: values", &y, &want_y.broadcast_add(&bias).unwrap());
+        let gs = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        close("frozen: dx", gs.get(x.as_tensor()).unwrap(), &want_dx);
+        assert!(gs.get(w.as_tensor()).is_none(), "a frozen weight gets no gradient");
+
+        // LoRA over that base: the adapter's products stay F32.
+        let (a, b) = (Var::from_tensor(&randn(&[3, inputs])).unwrap(), randn(&[out, 3]));
+        let y = lora_linear(x.as_tensor(), base, (a.as_tensor(), &b, 0.5), None, k).unwrap();
+        let xa = x.as_tensor().matmul(&a.as_tensor().t().unwrap()).unwrap();
+        let update = (xa.matmul(&b.t().unwrap()).unwrap() * 0.5).unwrap();
+        let want = (want_y.broadcast_add(&bias).unwrap() + update).unwrap();
+        close("lora: values", &y, &want);
+        let gs = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let adapter_dx = (g.matmul(&b).unwrap() * 0.5).unwrap().matmul(a.as_tensor()).unwrap();
+        close("lora: dx", gs.get(x.as_tensor()).unwrap(), &(&want_dx + adapter_dx).unwrap());
+    }
+
+    /// A tiny BERT's training forward and backward under `--bf16` with the CPU's bf16 kernels
+    /// (emulated, so on any CPU) stays near F32: the representations and every weight's
+    /// gradient within a few bf16 roundings; and it differs from F32 and from candle's composed
+    /// autocast, so the products really ran in bf16 on the kernels.
+    #[test]
+    fn a_bf16_training_pass_on_the_cpu_kernels_stays_near_f32() {
+        use crate::backbone::{Mode, Training};
+        let opts =
+            crate::EncoderOptions { trainable: true, disable_dropout: true, ..Default::default() };
+        let enc = crate::testing::load_tiny("bert", crate::Pooling::Mean, opts);
+        let seqs: [&[u32]; 3] = [&[2, 17, 33, 9, 41, 3], &[2, 5, 3], &[2, 60, 61, 62, 3]];
+        let dev = Device::Cpu;
+        let batch = crate::collate::collate(&seqs, 0, 1, crate::PaddingSide::Right, &dev).unwrap();
+        let hidden = enc.output_width();
+        let g = Tensor::randn(0f32, 1.0, (seqs.len(), hidden), &dev).unwrap();
+        let pass = |training: Training| {
+            let reps = enc.encode(&batch, Mode::Train(&training)).unwrap();
+            let grads = (&reps * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let vars = enc.varmap().unwrap().data().lock().unwrap().clone();
+            let grads: Vec<(String, Tensor)> = vars
+                .into_iter()
+                .map(|(name, v)| (name, grads.get(v.as_tensor()).unwrap().clone()))
+                .collect();
+            (reps, grads)
+        };
+        let bf16 = Training::new(Some(candle_core::DType::BF16), 0)
+            .with_cpu_bf16(Some(Bf16Kernels::emulated()));
+        let (bf16_reps, bf16_grads) = pass(bf16);
+        let (f32_reps, f32_grads) = pass(Training::new(None, 0));
+        // candle's composed autocast (bf16 outputs, bf16 attention products) computes otherwise.
+        let composed = Training::new(Some(candle_core::DType::BF16), 0).with_cpu_bf16(None);
+        let (composed_reps, _) = pass(composed);
+        assert!(max_abs_diff(&bf16_reps, &composed_reps).unwrap() > 0.0, "the kernels did not run");
+        let rel = |a: &Tensor, b: &Tensor| {
+            let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            max_abs_diff(a, b).unwrap() / scale.max(1e-6)
+        };
+        let r = rel(&bf16_reps, &f32_reps);
+        assert!(r > 0.0 && r < 2e-3, "representations differ by {r} relative");
+        assert_eq!(bf16_grads.len(), f32_grads.len());
+        for ((name, a), (_, b)) in bf16_grads.iter().zip(&f32_grads) {
+            let r = rel(a, b);
+            assert!(r < 2e-2, "{name}: gradients differ by {r} relative");
+        }
     }
 
     /// The fused bias add equals the broadcast add, and its bias gradient the column sum.

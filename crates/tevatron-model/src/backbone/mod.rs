@@ -135,6 +135,25 @@ impl Mode<'_> {
         }
     }
 
+    /// The CPU's bf16 kernels, when a training forward under `--bf16` runs on F32 CPU tensors
+    /// such as `t` and the CPU has them: the linear layers' products (forward and both
+    /// gradients) are then bf16 products with F32 sums, and everything else F32 on the CPU's
+    /// fused kernels, instead of candle's composed ops widening every bf16 product.
+    pub(crate) fn cpu_bf16(self, t: &Tensor) -> Option<bf16::Bf16Kernels> {
+        match self {
+            Mode::Train(train) if fast::applies(t) => train.cpu_bf16,
+            _ => None,
+        }
+    }
+
+    /// [`Mode::autocast`] for products over `t`: none where [`Mode::cpu_bf16`] takes them.
+    pub(crate) fn autocast_on(self, t: &Tensor) -> Option<DType> {
+        match self.cpu_bf16(t) {
+            Some(_) => None,
+            None => self.autocast(),
+        }
+    }
+
     /// Whether a training forward runs attention on a GPU as the fused kernels
     /// ([`Training::with_gpu_fused_attention`]).
     pub(crate) fn gpu_fused_attention(self) -> bool {
@@ -150,6 +169,8 @@ impl Mode<'_> {
 /// recomputed checkpointed layer draw the same masks as the first pass.
 pub struct Training {
     autocast: Option<DType>,
+    /// Under bf16 autocast, this CPU's bf16 kernels ([`Mode::cpu_bf16`]).
+    cpu_bf16: Option<bf16::Bf16Kernels>,
     dropout: std::sync::Mutex<crate::rng::SplitMix64>,
     /// On a GPU, attention as the fused kernels (`--attn_implementation flash_attention_2`):
     /// no `(b, heads, l, l)` tensor kept, memory linear in the sequence length.
@@ -160,6 +181,7 @@ impl std::fmt::Debug for Training {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Training")
             .field("autocast", &self.autocast)
+            .field("cpu_bf16", &self.cpu_bf16.map(bf16::Bf16Kernels::name))
             .field("gpu_fused_attention", &self.gpu_fused_attention)
             .finish()
     }
@@ -167,9 +189,15 @@ impl std::fmt::Debug for Training {
 
 impl Training {
     /// A context with mixed precision in `autocast` (or none) and the dropout stream at `seed`.
+    /// Under bf16, a CPU with AVX-512 BF16 runs the products on it ([`Mode::cpu_bf16`]).
     pub fn new(autocast: Option<DType>, seed: u64) -> Self {
         Self {
             autocast,
+            cpu_bf16: if autocast == Some(DType::BF16) {
+                bf16::Bf16Kernels::detect()
+            } else {
+                None
+            },
             dropout: std::sync::Mutex::new(crate::rng::SplitMix64::new(seed)),
             gpu_fused_attention: false,
         }
@@ -182,6 +210,19 @@ impl Training {
     pub fn with_gpu_fused_attention(mut self, on: bool) -> Self {
         self.gpu_fused_attention = on;
         self
+    }
+
+    /// The context with the CPU's bf16 products given by `kernels` (tests: the emulated
+    /// instruction on any CPU, or none for candle's composed autocast).
+    #[cfg(test)]
+    pub(crate) fn with_cpu_bf16(mut self, kernels: Option<bf16::Bf16Kernels>) -> Self {
+        self.cpu_bf16 = kernels;
+        self
+    }
+
+    /// The CPU's bf16 kernels this context runs `--bf16` products on, if any (for logs).
+    pub fn cpu_bf16_kernels(&self) -> Option<bf16::Bf16Kernels> {
+        self.cpu_bf16
     }
 
     /// Restarts the dropout stream at `seed`.

@@ -95,7 +95,9 @@ pub fn rotary_attention(
 /// Whether [`fused_attention`] serves these operands (heads of `head_dim` values), with a
 /// dropout that keeps something:
 /// - all F32 on the CPU without autocast (under autocast its F32 products would be more
-///   precise than the low-precision ones the composed ops compute, as PyTorch does);
+///   precise than the low-precision ones the composed ops compute, as PyTorch does), or under
+///   `--bf16` where the CPU's bf16 kernels take the projections (`Mode::cpu_bf16`: attention
+///   stays F32 there, as in bf16 inference);
 /// - training on a GPU with the fused kernels chosen (`--attn_implementation
 ///   flash_attention_2`), all F32 there, heads of at most [`super::train_ops::GPU_MAX_HEAD_DIM`] values.
 ///   Under autocast too: the projections arrive rounded to the autocast dtype, and scores and
@@ -106,7 +108,8 @@ pub(crate) fn fused_attention_applies(
     dropout_p: f64,
     mode: Mode,
 ) -> bool {
-    let cpu = mode.autocast().is_none() && operands.iter().all(|t| super::train_ops::applies(t));
+    let cpu =
+        operands.iter().all(|t| super::train_ops::applies(t) && mode.autocast_on(t).is_none());
     let on_gpu =
         mode.gpu_fused_attention() && operands.first().is_some_and(|t| t.device().is_cuda());
     let gpu = on_gpu
