@@ -59,8 +59,21 @@ pub fn release_freed_memory() {
     }
 }
 
+/// How many rounds candle's CPU worker threads spin after an op before they sleep (its
+/// `CANDLE_BARRIER_POOL_SPIN_LIMIT`, 25,000 by default), unless the user sets it. Candle's
+/// workers share the cores with rayon's, which run this tool's own kernels between candle's
+/// ops: a worker spinning through a rayon op takes a core from it (13% of a MiniLM training
+/// step's samples on 2 cores). About a wake-up's cost of spinning keeps back-to-back candle ops
+/// cheap and gives the core back otherwise; the steps measured 10-25% faster
+/// (docs/benchmarks.md).
+const CANDLE_SPIN_LIMIT: &str = "100";
+
 fn main() -> ExitCode {
     tevatron_ir::caught_panic::install_hook();
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        // Before any thread exists: candle reads it when it first starts its workers.
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", CANDLE_SPIN_LIMIT);
+    }
     let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let expanded = args::expand_json_args(raw.clone());
     // With a JSON arguments file, a flag error is the file's: say which file.
