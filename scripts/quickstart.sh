@@ -97,10 +97,13 @@ if [ "$full" = 1 ]; then
   train_data=$data/train.jsonl
   train_flags=(--num_train_epochs 1 --corpus_path "$data/corpus.jsonl")
 fi
+if [ -f "$out/model/trainer_state.json" ] && [ -n "${QUICKSTART_TRAIN_FLAGS:-}" ]; then
+  echo "quickstart: $out/model is already trained; QUICKSTART_TRAIN_FLAGS changes nothing (set QUICKSTART_OUT to a new folder)" >&2
+fi
 if [ ! -f "$out/model/trainer_state.json" ]; then  # written last, when training is complete
   echo "quickstart: fine-tuning" >&2
   "$bin" train --output_dir "$out/model" --model_name_or_path "$model" \
-    --dataset_path "$train_data" "${train_flags[@]}" "${recipe[@]}" "${extra_train_flags[@]}" \
+    --dataset_path "$train_data" "${train_flags[@]}" "${recipe[@]}" ${extra_train_flags[@]+"${extra_train_flags[@]}"} \
     --save_steps 20 --save_total_limit 1 --dataset_cache_dir "$out/cache"
 fi
 

@@ -9,6 +9,8 @@
 # Train: Tevatron's LoRA defaults (r 16, alpha 64, dropout 0.1, the seven projections), 8 queries,
 # group 4, lengths 32/128, last-token pooling, normalize, temperature 0.01; seconds per optimizer
 # step, median of steps 2..N (ours from the log's timestamps).
+# PRECISION=bf16: ours with --bf16 (bf16 products where the CPU has AVX-512 BF16,
+# docs/bf16.md), PyTorch under torch.autocast("cpu", torch.bfloat16) for both.
 # Needs TEVATRON_BENCH_VENV (or .cache/bench-venv) with torch, transformers and peft.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -27,16 +29,21 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 py=$venv/bin/python
 model=$work/qwen2-50m
+case ${PRECISION:-f32} in
+  f32) ours_precision=(); amp= ;;
+  bf16) ours_precision=(--bf16); amp=bf16 ;;
+  *) echo "PRECISION is f32 or bf16, not $PRECISION" >&2; exit 2 ;;
+esac
 [ -f "$model/model.safetensors" ] || "$py" scripts/bench/make_decoder.py 50m "$minilm" "$model" > /dev/null
 head -n "$n" "$data/corpus.jsonl" > "$work/passages.jsonl"
 
 start=$(date +%s.%N)
 RAYON_NUM_THREADS=2 target/release/tevatron encode --model_name_or_path "$model" \
   --dataset_path "$work/passages.jsonl" --encode_output_path "$work/ours.safetensors" \
-  --passage_max_len 128 --per_device_eval_batch_size 32 --pooling last --quiet
+  --passage_max_len 128 --per_device_eval_batch_size 32 --pooling last --quiet ${ours_precision[@]+"${ours_precision[@]}"}
 ours_encode=$(echo "$(date +%s.%N) - $start" | bc -l)
-read -r tokens theirs_encode < <(OMP_NUM_THREADS=2 "$py" - "$model" "$work/passages.jsonl" <<'PY'
-import json, sys, time
+read -r tokens theirs_encode < <(TRAIN_STEP_AMP=$amp OMP_NUM_THREADS=2 "$py" - "$model" "$work/passages.jsonl" <<'PY'
+import json, os, sys, time
 import torch
 from transformers import AutoModel, AutoTokenizer
 torch.set_num_threads(2)
@@ -47,7 +54,8 @@ texts = [json.loads(l)["text"] for l in open(path)]
 ids = tok(texts, truncation=True, max_length=128)["input_ids"]
 order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
 start = time.perf_counter()
-with torch.no_grad():
+amp = os.environ.get("TRAIN_STEP_AMP") == "bf16"
+with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
     for s in range(0, len(order), 32):
         b = tok.pad({"input_ids": [ids[i] for i in order[s:s + 32]]}, pad_to_multiple_of=16, return_tensors="pt")
         model(**b)
@@ -60,13 +68,14 @@ RAYON_NUM_THREADS=2 target/release/tevatron train --output_dir "$work/lora" \
   --per_device_train_batch_size 8 --train_group_size 4 --query_max_len 32 --passage_max_len 128 \
   --pooling last --normalize --temperature 0.01 --learning_rate 1e-4 --max_steps "$steps" \
   --logging_steps 1 --save_strategy no --overwrite_output_dir \
-  --dataset_cache_dir "$work/cache" 2> "$work/lora.log"
+  --dataset_cache_dir "$work/cache" ${ours_precision[@]+"${ours_precision[@]}"} 2> "$work/lora.log"
 ours_step=$("$py" scripts/bench/step_seconds.py "$work/lora.log")
-theirs_step=$(OMP_NUM_THREADS=2 "$py" scripts/bench/train_step.py "$model" "$data/train.small.jsonl" \
+theirs_step=$(TRAIN_STEP_AMP=$amp OMP_NUM_THREADS=2 "$py" scripts/bench/train_step.py "$model" "$data/train.small.jsonl" \
   "$steps" 8 4 32 128 last true 0.01 lora \
   | "$py" -c 'import json,sys; print("%.2f" % json.loads(sys.stdin.read())["sec_per_step"])')
 
 ratio() { echo "$1 / $2" | bc -l | xargs printf %.2f; }
+echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); ${PRECISION:-f32}"
 printf "| measure | ours | PyTorch | ours vs PyTorch |\n|---|---|---|---|\n"
 printf "| encode, %s passages (%s tokens) | %.0f tokens/s | %.0f tokens/s | %sx |\n" "$n" "$tokens" \
   "$(echo "$tokens / $ours_encode" | bc -l)" "$(echo "$tokens / $theirs_encode" | bc -l)" "$(ratio "$theirs_encode" "$ours_encode")"

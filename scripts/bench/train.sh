@@ -47,7 +47,7 @@ case $precision in
 esac
 ours() {  # $1 label, rest: extra flags; prints "sec_per_step peak_mb"
   local label=$1; shift
-  set -- "$@" "${ours_precision[@]}"
+  set -- "$@" ${ours_precision[@]+"${ours_precision[@]}"}
   /usr/bin/time -f "%M" -o "$work/$label.rss" env RAYON_NUM_THREADS=2 \
     target/release/tevatron train --output_dir "$work/$label" "${common[@]}" "$@" 2> "$work/$label.log"
   "$py" scripts/bench/step_seconds.py "$work/$label.log" "$work/$label.rss"

@@ -64,7 +64,7 @@ pub fn release_freed_memory() {
 /// workers share the cores with rayon's, which run this tool's own kernels between candle's
 /// ops: a worker spinning through a rayon op takes a core from it (13% of a MiniLM training
 /// step's samples on 2 cores). About a wake-up's cost of spinning keeps back-to-back candle ops
-/// cheap and gives the core back otherwise; the steps measured 10-25% faster
+/// cheap and gives the core back otherwise; training steps took 2-18% less time
 /// (docs/benchmarks.md).
 const CANDLE_SPIN_LIMIT: &str = "100";
 

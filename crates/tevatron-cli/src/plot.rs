@@ -96,25 +96,39 @@ pub fn plot_training(dir: &Path) -> Result<Vec<PathBuf>> {
         .ok()
         .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_default();
-    register_font()?;
+    save_pictures(
+        &dir.join("training_curves"),
+        |svg| draw(svg, &log, &evals, &title),
+        |png| draw(png, &log, &evals, &title),
+    )
+}
 
-    let svg_path = dir.join("training_curves.svg");
+/// Draws one picture as `<stem>.svg` and `<stem>.png` (`draw_svg` and `draw_png` draw the same
+/// thing on the two backends), each written under a temporary name and renamed; returns the
+/// PNG's and the SVG's paths.
+fn save_pictures(
+    stem: &Path,
+    draw_svg: impl FnOnce(DrawingArea<SVGBackend, Shift>) -> Result<()>,
+    draw_png: impl FnOnce(DrawingArea<BitMapBackend, Shift>) -> Result<()>,
+) -> Result<Vec<PathBuf>> {
+    register_font()?;
+    let svg_path = stem.with_extension("svg");
     let mut svg = String::new();
-    draw(SVGBackend::with_string(&mut svg, SIZE).into_drawing_area(), &log, &evals, &title)?;
+    draw_svg(SVGBackend::with_string(&mut svg, SIZE).into_drawing_area())?;
     let mut file = AtomicFile::create(&svg_path)?;
     std::io::Write::write_all(&mut file, svg.as_bytes()).map_err(|e| file.err(e))?;
     file.commit()?;
-
-    let png_path = dir.join("training_curves.png");
+    let png_path = stem.with_extension("png");
     let mut rgb = vec![0u8; (SIZE.0 * SIZE.1 * 3) as usize];
-    draw(BitMapBackend::with_buffer(&mut rgb, SIZE).into_drawing_area(), &log, &evals, &title)?;
+    draw_png(BitMapBackend::with_buffer(&mut rgb, SIZE).into_drawing_area())?;
     write_png(&png_path, &rgb, SIZE)?;
     Ok(vec![png_path, svg_path])
 }
 
 /// Draws the training curves of several runs in one picture, `training_curves_compared.png` and
 /// `.svg` in the first run's folder: each run's training loss (its moving mean, the points
-/// faint) and learning rate in its own colour, named in the legend by `labels` (one per run).
+/// faint) and learning rate in its own colour (six, then again), named in the legend by
+/// `labels` (one per run).
 /// Returns the files' paths.
 pub fn plot_comparison(runs: &[PathBuf], labels: &[String]) -> Result<Vec<PathBuf>> {
     if runs.len() < 2 || labels.len() != runs.len() {
@@ -125,19 +139,11 @@ pub fn plot_comparison(runs: &[PathBuf], labels: &[String]) -> Result<Vec<PathBu
         .zip(labels)
         .map(|(dir, label)| Ok((label.clone(), read_log(dir)?)))
         .collect::<Result<_>>()?;
-    register_font()?;
-    let dir = &runs[0];
-    let svg_path = dir.join("training_curves_compared.svg");
-    let mut svg = String::new();
-    draw_comparison(SVGBackend::with_string(&mut svg, SIZE).into_drawing_area(), &logs)?;
-    let mut file = AtomicFile::create(&svg_path)?;
-    std::io::Write::write_all(&mut file, svg.as_bytes()).map_err(|e| file.err(e))?;
-    file.commit()?;
-    let png_path = dir.join("training_curves_compared.png");
-    let mut rgb = vec![0u8; (SIZE.0 * SIZE.1 * 3) as usize];
-    draw_comparison(BitMapBackend::with_buffer(&mut rgb, SIZE).into_drawing_area(), &logs)?;
-    write_png(&png_path, &rgb, SIZE)?;
-    Ok(vec![png_path, svg_path])
+    save_pictures(
+        &runs[0].join("training_curves_compared"),
+        |svg| draw_comparison(svg, &logs),
+        |png| draw_comparison(png, &logs),
+    )
 }
 
 /// Encodes an RGB buffer as PNG (the png crate) and writes it via temp + rename.

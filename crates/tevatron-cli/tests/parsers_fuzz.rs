@@ -122,7 +122,7 @@ fn plot_compares_runs_and_checks_its_labels() {
     assert!(dir.path().join("a/training_curves_compared.png").is_file());
     let (code, err) = run(dir.path(), &["plot", &runs[0], "--compare", &runs[1], "--labels", "x"]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("--labels gives 1 names for 2 runs"), "{err}");
+    assert!(err.contains("--labels gives 1 label(s) for 2 runs"), "{err}");
     let (code, err) = run(dir.path(), &["plot", &runs[0], "--labels", "x"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--compare"), "{err}");

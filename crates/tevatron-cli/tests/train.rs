@@ -78,11 +78,22 @@ fn read_json(p: &Path) -> serde_json::Value {
 fn readme_recipe_trains_and_writes_hugging_face_outputs() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("model").to_string_lossy().into_owned();
-    ok(train(
-        dir.path(),
-        &out,
-        &["--bf16", "--pooling", "cls", "--overwrite_output_dir", "--save_total_limit", "2"],
-    ));
+    let extra = ["--bf16", "--pooling", "cls", "--overwrite_output_dir", "--save_total_limit", "2"];
+    // At info level despite --quiet: the log says how --bf16 computes on this CPU.
+    let run = Command::new(env!("CARGO_BIN_EXE_tevatron"))
+        .current_dir(dir.path())
+        .args(train_args(dir.path(), &out, &extra))
+        .env("TEVATRON_LOG", "info")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&run.stderr).into_owned();
+    let said = if tevatron_model::backbone::bf16::Bf16Kernels::detect().is_some() {
+        "--bf16 on the CPU: the linear layers' products (forward and both gradients) as bf16"
+    } else {
+        "--bf16 on the CPU: candle widens each half-precision product to F32"
+    };
+    assert!(log.contains(said), "{log}");
+    ok(run);
     let out = PathBuf::from(out);
     let files = names(&out);
     for f in [

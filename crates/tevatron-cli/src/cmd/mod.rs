@@ -62,7 +62,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     a.labels.clone()
                 } else {
                     anyhow::bail!(
-                        "--labels gives {} names for {} runs (OUTPUT_DIR and each of --compare)",
+                        "--labels gives {} label(s) for {} runs (OUTPUT_DIR and each of --compare)",
                         a.labels.len(),
                         runs.len()
                     );

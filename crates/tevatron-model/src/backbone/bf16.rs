@@ -1,6 +1,8 @@
-//! bf16 linear products for inference on the CPU (`encode --bf16`, `rerank --bf16` where the
-//! CPU has AVX-512 BF16): each weight rounded to bf16 once at load, each row of activations at
-//! each call, and the products of bf16 pairs summed in F32 by `vdpbf16ps`.
+//! bf16 linear products on the CPU where it has AVX-512 BF16: for inference (`encode --bf16`,
+//! `rerank --bf16`) each weight rounded to bf16 once at load and each row of activations at
+//! each call; for training (`train --bf16`) a linear layer's forward and both gradients
+//! ([`Bf16Kernels::linear`] and the two after it), their operands rounded at each call; the
+//! products of bf16 pairs summed in F32 by `vdpbf16ps`.
 //!
 //! What is rounded is what PyTorch's CPU autocast rounds for a linear layer: both operands, to
 //! the nearest bf16 (ties to even), a relative error of at most 2^-9 each. The product of two
@@ -23,8 +25,9 @@ use rayon::prelude::*;
 
 use super::fast::par_fill;
 
-/// Rows per parallel task (a multiple of [`TILE_ROWS`]).
+/// Rows per parallel task (a multiple of [`TILE_ROWS`], so that every task starts on a tile).
 const ROW_BLOCK: usize = 48;
+const _: () = assert!(ROW_BLOCK.is_multiple_of(TILE_ROWS));
 /// Rows of a tile.
 const TILE_ROWS: usize = 8;
 /// Channels of a tile: two vectors of 16 F32 lanes.
@@ -400,9 +403,9 @@ trait Lanes {
     unsafe fn store(v: Self::V, out: *mut f32);
 }
 
-/// The sums of a tile: `acc[i][j] = Σ_p x[p][i] · w[p][j]` for one packed tile of
-/// [`TILE_ROWS`] rows of `steps` pairs (a step's rows side by side, [`pack_tiles`])
-/// pairs and one packed tile of channels.
+/// The sums of a tile: `acc[i][j] = Σ_p x[p][i] · w[p][j]` over `steps` steps, for one packed
+/// tile of [`TILE_ROWS`] rows (each step's pairs of the tile's rows side by side, as
+/// [`pack_tiles`] lays them out) and one packed tile of channels.
 ///
 /// # Safety
 /// As [`Lanes`].
@@ -597,7 +600,7 @@ mod tests {
         fn the_training_products_give_the_reference_bits(
             rows in 1usize..75,
             inputs in 1usize..40,
-            out in 1usize..40,
+            out in 1usize..100,
             seed in any::<u64>(),
         ) {
             let (w, x, b) = projection_case(rows, inputs, out, seed);
@@ -617,6 +620,37 @@ mod tests {
                 let dw = k.linear_weight_grad(&dy, &x, rows).unwrap();
                 let want = reference(&transpose(&x, inputs), rows, &transpose(&dy, out), None);
                 prop_assert!(same(dw, want), "{}: weight gradient", k.name());
+            }
+        }
+    }
+
+    /// The row packing's pairs (`pair_bits`, on u64 lanes) are [`pair`]'s, on ties, NaNs of
+    /// either sign, infinities, the largest F32 and the values around them.
+    #[test]
+    fn paired_bits_are_the_rounded_pair() {
+        let edges = [
+            0.0,
+            -0.0,
+            1.0,
+            1.0 + 1.0 / 256.0,
+            1.0 + 3.0 / 256.0,
+            -(1.0 + 1.0 / 256.0),
+            f32::MAX,
+            -f32::MAX,
+            f32::MIN_POSITIVE,
+            f32::from_bits(1),
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            f32::from_bits(0x7f80_0001),
+            f32::from_bits(0xffff_ffff),
+        ];
+        let values: Vec<f32> = edges.into_iter().chain(kernel_values(200, 5)).collect();
+        for &a in &values {
+            for &b in &values {
+                let bits = u64::from(a.to_bits()) | (u64::from(b.to_bits()) << 32);
+                assert_eq!(pair_bits(bits), pair(a, b), "{a:e} {b:e}");
             }
         }
     }

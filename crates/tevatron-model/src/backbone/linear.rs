@@ -129,6 +129,14 @@ impl Linear {
         let (out_dim, in_dim) = self.weight.dims2()?;
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, in_dim))?;
+        let bf16_weight = self.weight.dtype() == candle_core::DType::BF16;
+        if bf16_weight && self.weight.device().is_cpu() && mode.cpu_bf16(&x2).is_some() {
+            // A base kept in bf16 (`LoraOptions::base_dtype`) widens exactly, and the CPU's bf16
+            // kernels round it back to the same bits: it computes as an F32 base would.
+            let widened =
+                Linear { weight: self.weight.to_dtype(candle_core::DType::F32)?, ..self.clone() };
+            return widened.forward(x, mode);
+        }
         if mode == Mode::Eval && self.reduced.is_some() && f32_cpu(&x2) {
             let y = self.infer_rows(Data::of(&x2)?.slice())?;
             let mut out = dims.to_vec();
