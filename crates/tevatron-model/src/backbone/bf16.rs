@@ -233,8 +233,8 @@ impl std::fmt::Debug for Bf16Weight {
     }
 }
 
-/// Activations rounded for the bf16 products: tiles of [`TILE_ROWS`] rows as [`pack_tiles`]
-/// lays them out, padded with rows of zeros to whole tiles.
+/// Activations rounded for the bf16 products: tiles of 8 rows, each step's pairs of the tile's
+/// rows side by side, padded with rows of zeros to whole tiles.
 pub struct Bf16Rows {
     inputs: usize,
     rows: usize,

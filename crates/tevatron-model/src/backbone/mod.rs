@@ -189,7 +189,8 @@ impl std::fmt::Debug for Training {
 
 impl Training {
     /// A context with mixed precision in `autocast` (or none) and the dropout stream at `seed`.
-    /// Under bf16, a CPU with AVX-512 BF16 runs the products on it ([`Mode::cpu_bf16`]).
+    /// Under bf16, a CPU with AVX-512 BF16 runs the linear layers' products on its bf16
+    /// kernels ([`Training::cpu_bf16_kernels`]).
     pub fn new(autocast: Option<DType>, seed: u64) -> Self {
         Self {
             autocast,
