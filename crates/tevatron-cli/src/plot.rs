@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use anyhow::{bail, Context, Result};
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
@@ -308,27 +309,9 @@ where
         0.0..last.max(1.0) * 1.02
     };
     if let Some(area) = areas.get(2) {
-        let mut chart = ChartBuilder::on(area)
-            .caption("validation", ("sans-serif", 18))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(70)
-            // Zoomed to the measures' own range, so that a change of 0.02 shows.
-            .build_cartesian_2d(
-                steps.clone(),
-                padded(evals.iter().flat_map(|(_, p)| p.iter().map(|p| p.1)), false),
-            )
-            .map_err(fail)?;
-        chart
-            .configure_mesh()
-            .light_line_style(RGBColor(240, 240, 240))
-            .bold_line_style(RGBColor(215, 215, 215))
-            .x_desc("step")
-            .label_style(("sans-serif", 13))
-            .axis_desc_style(("sans-serif", 15))
-            .x_label_formatter(&|v| format!("{v:.0}"))
-            .draw()
-            .map_err(fail)?;
+        // Zoomed to the measures' own range, so that a change of 0.02 shows.
+        let values = padded(evals.iter().flat_map(|(_, p)| p.iter().map(|p| p.1)), false);
+        let mut chart = panel_chart(area, "validation", steps.clone(), values, None)?;
         for ((measure, points), color) in evals.iter().zip(EVAL_COLORS.iter().cycle()) {
             let color = *color;
             chart
@@ -342,48 +325,15 @@ where
                 .draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))
                 .map_err(fail)?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::MiddleRight)
-            .background_style(WHITE.mix(0.8))
-            .border_style(RGBColor(215, 215, 215))
-            .label_font(("sans-serif", 13))
-            .draw()
-            .map_err(fail)?;
+        draw_legend(&mut chart, SeriesLabelPosition::MiddleRight)?;
     }
     for (area, panel) in areas.iter().zip(PANELS) {
         let (value, color) = (panel.value, panel.color);
-        let mut chart = ChartBuilder::on(area)
-            .caption(panel.caption, ("sans-serif", 18))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(70)
-            .build_cartesian_2d(
-                steps.clone(),
-                padded(
-                    log.iter().map(value).chain(
-                        eval_loss
-                            .filter(|_| panel.eval_loss)
-                            .unwrap_or_default()
-                            .iter()
-                            .map(|p| p.1),
-                    ),
-                    panel.from_zero,
-                ),
-            )
-            .map_err(fail)?;
-        chart
-            .configure_mesh()
-            .light_line_style(RGBColor(240, 240, 240))
-            .bold_line_style(RGBColor(215, 215, 215))
-            .x_desc("step")
-            .y_desc(panel.caption)
-            .label_style(("sans-serif", 13))
-            .axis_desc_style(("sans-serif", 15))
-            .y_label_formatter(&|v| format_number(*v))
-            .x_label_formatter(&|v| format!("{v:.0}"))
-            .draw()
-            .map_err(fail)?;
+        let eval_values =
+            eval_loss.filter(|_| panel.eval_loss).unwrap_or_default().iter().map(|p| p.1);
+        let values = padded(log.iter().map(value).chain(eval_values), panel.from_zero);
+        let caption = panel.caption;
+        let mut chart = panel_chart(area, caption, steps.clone(), values, Some(caption))?;
         let points: Vec<(f64, f64)> = log.iter().map(|l| (l.step, value(l))).collect();
         let smoothed = if panel.smooth { moving_mean(&points, SMOOTH_WINDOW) } else { None };
         // With a smoothed line on top, the raw points are drawn lighter.
@@ -418,14 +368,7 @@ where
             legend = true;
         }
         if legend {
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
-                .background_style(WHITE.mix(0.8))
-                .border_style(RGBColor(215, 215, 215))
-                .label_font(("sans-serif", 13))
-                .draw()
-                .map_err(fail)?;
+            draw_legend(&mut chart, SeriesLabelPosition::UpperRight)?;
         }
     }
     area.present().map_err(fail)?;
@@ -457,26 +400,10 @@ where
     let steps = 0.0..last.max(1.0) * 1.02;
     for (area, panel) in area.split_evenly((1, 2)).iter().zip(PANELS) {
         let value = panel.value;
-        let all = runs.iter().flat_map(|(_, log)| log.iter().map(value));
-        let mut chart = ChartBuilder::on(area)
-            .caption(panel.caption, ("sans-serif", 18))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(70)
-            .build_cartesian_2d(steps.clone(), padded(all, panel.from_zero))
-            .map_err(fail)?;
-        chart
-            .configure_mesh()
-            .light_line_style(RGBColor(240, 240, 240))
-            .bold_line_style(RGBColor(215, 215, 215))
-            .x_desc("step")
-            .y_desc(panel.caption)
-            .label_style(("sans-serif", 13))
-            .axis_desc_style(("sans-serif", 15))
-            .y_label_formatter(&|v| format_number(*v))
-            .x_label_formatter(&|v| format!("{v:.0}"))
-            .draw()
-            .map_err(fail)?;
+        let values =
+            padded(runs.iter().flat_map(|(_, log)| log.iter().map(value)), panel.from_zero);
+        let caption = panel.caption;
+        let mut chart = panel_chart(area, caption, steps.clone(), values, Some(caption))?;
         for ((label, log), &color) in runs.iter().zip(RUN_COLORS.iter().cycle()) {
             let points: Vec<(f64, f64)> = log.iter().map(|l| (l.step, value(l))).collect();
             let smoothed = if panel.smooth { moving_mean(&points, SMOOTH_WINDOW) } else { None };
@@ -494,17 +421,66 @@ where
                     PathElement::new([(x, y), (x + 20, y)], color.stroke_width(3))
                 });
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.8))
-            .border_style(RGBColor(215, 215, 215))
-            .label_font(("sans-serif", 13))
-            .draw()
-            .map_err(fail)?;
+        draw_legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     }
     area.present().map_err(fail)?;
     Ok(())
+}
+
+/// A panel's chart over `steps` and `values`, with its caption and the light grid every panel
+/// shares; `y_desc` names the value axis (whose numbers are then kept short).
+fn panel_chart<'a, B: DrawingBackend>(
+    area: &'a DrawingArea<B, Shift>,
+    caption: &str,
+    steps: Range<f64>,
+    values: Range<f64>,
+    y_desc: Option<&str>,
+) -> Result<Chart<'a, B>>
+where
+    B::ErrorType: 'static,
+{
+    let fail = |e: DrawingAreaErrorKind<B::ErrorType>| anyhow::anyhow!("drawing the plot: {e}");
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(steps, values)
+        .map_err(fail)?;
+    let short = |v: &f64| format_number(*v);
+    let mut mesh = chart.configure_mesh();
+    mesh.light_line_style(RGBColor(240, 240, 240))
+        .bold_line_style(RGBColor(215, 215, 215))
+        .x_desc("step")
+        .label_style(("sans-serif", 13))
+        .axis_desc_style(("sans-serif", 15))
+        .x_label_formatter(&|v| format!("{v:.0}"));
+    if let Some(desc) = y_desc {
+        mesh.y_desc(desc).y_label_formatter(&short);
+    }
+    mesh.draw().map_err(fail)?;
+    Ok(chart)
+}
+
+/// A chart of a training picture: steps against values.
+type Chart<'a, B> = ChartContext<'a, B, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// The legend of a panel's labelled series, at `position`.
+fn draw_legend<'a, B: DrawingBackend + 'a>(
+    chart: &mut Chart<'a, B>,
+    position: SeriesLabelPosition,
+) -> Result<()>
+where
+    B::ErrorType: 'static,
+{
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.8))
+        .border_style(RGBColor(215, 215, 215))
+        .label_font(("sans-serif", 13))
+        .draw()
+        .map_err(|e| anyhow::anyhow!("drawing the plot: {e}"))
 }
 
 /// Logged steps averaged by the loss panel's smoothed line.
