@@ -90,6 +90,19 @@ impl Bf16Kernels {
         Bf16Weight::packed(weight, out, inputs, self)?.forward(x, bias)
     }
 
+    /// A frozen weight `(out, inputs)` packed once for both of its products in training
+    /// ([`Bf16FrozenWeight`]).
+    pub fn frozen(
+        self,
+        weight: &[f32],
+        (out, inputs): (usize, usize),
+    ) -> Result<Bf16FrozenWeight, String> {
+        Ok(Bf16FrozenWeight {
+            rows: Bf16Weight::packed(weight, out, inputs, self)?,
+            columns: Bf16Weight::from_columns(weight, out, self)?,
+        })
+    }
+
     /// The input gradient `dy W` of [`Bf16Kernels::linear`]: `dy` rows of `out`, `weight`
     /// `(out, inputs)`; rows of `inputs` back.
     pub fn linear_input_grad(
@@ -111,6 +124,28 @@ impl Bf16Kernels {
     ) -> Result<Vec<f32>, String> {
         let x = Bf16Weight::from_columns(x, rows, self)?;
         x.forward_rows(&Bf16Rows::from_columns(dy, rows)?, None)
+    }
+}
+
+/// A weight that never changes while a model trains (a LoRA base's), packed once for its two
+/// products in a training step: the forward `x W^T` (its rows) and the input gradient `dy W`
+/// (its columns), which [`Bf16Kernels::linear`] and [`Bf16Kernels::linear_input_grad`] pack at
+/// every call for a weight that trains.
+#[derive(Debug)]
+pub struct Bf16FrozenWeight {
+    rows: Bf16Weight,
+    columns: Bf16Weight,
+}
+
+impl Bf16FrozenWeight {
+    /// `x W^T + b`, as [`Bf16Kernels::linear`] gives it.
+    pub fn forward(&self, x: &[f32], bias: Option<&[f32]>) -> Result<Vec<f32>, String> {
+        self.rows.forward(x, bias)
+    }
+
+    /// `dy W`, as [`Bf16Kernels::linear_input_grad`] gives it.
+    pub fn input_grad(&self, dy: &[f32]) -> Result<Vec<f32>, String> {
+        self.columns.forward(dy, None)
     }
 }
 
@@ -613,10 +648,15 @@ mod tests {
                         && got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits())
                 };
                 let y = k.linear(&x, &w, (out, inputs), Some(&b)).unwrap();
-                prop_assert!(same(y, reference(&w, inputs, &x, Some(&b))), "{}: forward", k.name());
+                let want = reference(&w, inputs, &x, Some(&b));
+                prop_assert!(same(y, want.clone()), "{}: forward", k.name());
                 let dx = k.linear_input_grad(&dy, &w, out).unwrap();
-                let want = reference(&transpose(&w, inputs), out, &dy, None);
-                prop_assert!(same(dx, want), "{}: input gradient", k.name());
+                let want_dx = reference(&transpose(&w, inputs), out, &dy, None);
+                prop_assert!(same(dx, want_dx.clone()), "{}: input gradient", k.name());
+                // A frozen weight packed once gives the same two products.
+                let frozen = k.frozen(&w, (out, inputs)).unwrap();
+                prop_assert!(same(frozen.forward(&x, Some(&b)).unwrap(), want), "frozen forward");
+                prop_assert!(same(frozen.input_grad(&dy).unwrap(), want_dx), "frozen dx");
                 let dw = k.linear_weight_grad(&dy, &x, rows).unwrap();
                 let want = reference(&transpose(&x, inputs), rows, &transpose(&dy, out), None);
                 prop_assert!(same(dw, want), "{}: weight gradient", k.name());

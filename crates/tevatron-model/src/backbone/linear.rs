@@ -23,7 +23,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, S
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use super::bf16::{Bf16Kernels, Bf16Rows, Bf16Weight};
+use super::bf16::{Bf16FrozenWeight, Bf16Kernels, Bf16Rows, Bf16Weight};
 use super::dropout::{draw_keep_mask, dropout, ByteMask};
 use super::fast::{add_xwt, contiguous_f32, project, Data, CHUNK};
 use super::int8::{Int8Kernels, Int8Rows, Int8Weight};
@@ -61,6 +61,9 @@ pub struct Linear {
     pub(super) lora: Option<LoraWeights>,
     /// The weight in int8 or bf16, when the model was loaded for such inference on the CPU.
     pub(super) reduced: Option<std::sync::Arc<ReducedWeight>>,
+    /// A frozen weight packed for `--bf16` training on the CPU's kernels, at its first step
+    /// (the packing is the same at every step; shared by the layer's clones).
+    frozen_bf16: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<Bf16FrozenWeight>>>,
 }
 
 /// The reduced-precision products a model's projections run in inference on the CPU, with this
@@ -154,7 +157,8 @@ impl Linear {
                     _ => None,
                 };
                 let base = (&self.weight, self.bias.as_ref());
-                lora_linear(&x2, base, (&l.a, &l.b, l.scale), keep, mode.cpu_bf16(&x2))?
+                let bf16 = self.frozen_bf16(mode.cpu_bf16(&x2))?;
+                lora_linear(&x2, base, (&l.a, &l.b, l.scale), keep, bf16)?
             }
             lora => {
                 let y = self.project(&x2, frozen_base && x2.track_op(), mode)?;
@@ -215,7 +219,8 @@ impl Linear {
     fn project(&self, x: &Tensor, frozen: bool, mode: Mode) -> Result<Tensor> {
         let bf16 = mode.cpu_bf16(x).filter(|_| f32_cpu(&self.weight));
         if frozen {
-            return frozen_linear(x, (&self.weight, self.bias.as_ref()), bf16);
+            let packed = self.frozen_bf16(bf16)?;
+            return frozen_linear(x, (&self.weight, self.bias.as_ref()), packed);
         }
         let y = match bf16 {
             Some(k) => x.contiguous()?.apply_op2(&self.weight, Bf16Linear(k))?,
@@ -226,6 +231,21 @@ impl Linear {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
+    }
+
+    /// The frozen weight packed for `kernels` (none without them), packed at the first call.
+    /// Call only for a weight that never changes (a frozen base, F32 on the CPU).
+    fn frozen_bf16(
+        &self,
+        kernels: Option<Bf16Kernels>,
+    ) -> Result<Option<std::sync::Arc<Bf16FrozenWeight>>> {
+        let Some(k) = kernels else { return Ok(None) };
+        if let Some(packed) = self.frozen_bf16.get() {
+            return Ok(Some(packed.clone()));
+        }
+        let w = Data::of(&self.weight)?;
+        let packed = k.frozen(w.slice(), self.weight.dims2()?).map_err(candle_core::Error::Msg)?;
+        Ok(Some(self.frozen_bf16.get_or_init(|| std::sync::Arc::new(packed)).clone()))
     }
 
     /// Whether the fused CPU kernels over a frozen base apply: weight and bias frozen (not
@@ -319,7 +339,7 @@ impl Linears<'_> {
             }
             None => None,
         };
-        Ok(Linear { weight, bias, lora, reduced })
+        Ok(Linear { weight, bias, lora, reduced, frozen_bf16: Default::default() })
     }
 }
 
@@ -463,33 +483,34 @@ impl CustomOp2 for Bf16Linear {
 struct BaseProjection {
     weight: Tensor,
     bias: Option<Tensor>,
-    bf16: Option<Bf16Kernels>,
+    bf16: Option<std::sync::Arc<Bf16FrozenWeight>>,
 }
 
 impl BaseProjection {
-    fn new((weight, bias): (&Tensor, Option<&Tensor>), bf16: Option<Bf16Kernels>) -> Self {
+    fn new(
+        (weight, bias): (&Tensor, Option<&Tensor>),
+        bf16: Option<std::sync::Arc<Bf16FrozenWeight>>,
+    ) -> Self {
         Self { weight: weight.clone(), bias: bias.cloned(), bf16 }
     }
 
     /// `x W^T (+ b)` over rows of `x`.
     fn forward(&self, x: &[f32]) -> Result<Vec<f32>> {
-        let Some(k) = self.bf16 else {
+        let Some(packed) = &self.bf16 else {
             return project(x, &self.weight, self.bias.as_ref());
         };
-        let (w, b) = (Data::of(&self.weight)?, self.bias.as_ref().map(Data::of).transpose()?);
-        k.linear(x, w.slice(), self.weight.dims2()?, b.as_ref().map(Data::slice))
-            .map_err(candle_core::Error::Msg)
+        let b = self.bias.as_ref().map(Data::of).transpose()?;
+        packed.forward(x, b.as_ref().map(Data::slice)).map_err(candle_core::Error::Msg)
     }
 
     /// `dy W` for `dy` `(rows, out)`.
     fn input_grad(&self, dy: &Tensor) -> Result<Tensor> {
-        let Some(k) = self.bf16 else {
+        let Some(packed) = &self.bf16 else {
             return dy.matmul(&self.weight);
         };
         let dy = dy.contiguous()?;
         let (out, inputs) = self.weight.dims2()?;
-        let (d, w) = (Data::of(&dy)?, Data::of(&self.weight)?);
-        let dx = k.linear_input_grad(d.slice(), w.slice(), out).map_err(candle_core::Error::Msg)?;
+        let dx = packed.input_grad(Data::of(&dy)?.slice()).map_err(candle_core::Error::Msg)?;
         Tensor::from_vec(dx, (dy.elem_count() / out.max(1), inputs), dy.device())
     }
 }
@@ -517,11 +538,11 @@ impl CustomOp1 for FrozenLinear {
 
 /// `x W^T (+ b)` for `x` `(rows, in)` with `weight` `(out, in)` and `bias` that receive no
 /// gradient; all F32 on the CPU, weight and bias contiguous; the base products in bf16 when
-/// `bf16` gives the CPU's kernels.
+/// `bf16` gives the weight packed for the CPU's kernels.
 pub fn frozen_linear(
     x: &Tensor,
     base: (&Tensor, Option<&Tensor>),
-    bf16: Option<Bf16Kernels>,
+    bf16: Option<std::sync::Arc<Bf16FrozenWeight>>,
 ) -> Result<Tensor> {
     x.contiguous()?.apply_op1(FrozenLinear(BaseProjection::new(base, bf16)))
 }
@@ -610,13 +631,13 @@ impl CustomOp3 for LoraLinear {
 /// `x W^T (+ b) + scale (drop(x) A^T) B^T` for `x` `(rows, in)`, a frozen `weight` `(out, in)`
 /// and `bias`, and the trainable adapter `a` `(r, in)`, `b` `(out, r)`; `keep` is the dropout
 /// mask of `x` with its scale (none without dropout). All F32 on the CPU; the base products in
-/// bf16 when `bf16` gives the CPU's kernels.
+/// bf16 when `bf16` gives the weight packed for the CPU's kernels.
 pub fn lora_linear(
     x: &Tensor,
     base: (&Tensor, Option<&Tensor>),
     (a, b, scale): (&Tensor, &Tensor, f64),
     keep: Option<(Vec<u8>, f32)>,
-    bf16: Option<Bf16Kernels>,
+    bf16: Option<std::sync::Arc<Bf16FrozenWeight>>,
 ) -> Result<Tensor> {
     let op = LoraLinear {
         base: BaseProjection::new(base, bf16),
@@ -691,7 +712,6 @@ mod tests {
             assert!(d <= 1e-5 * scale.max(1.0), "{what}: differs by {d}");
         };
         let kernels = Bf16Kernels::emulated();
-        let k = Some(kernels);
         let (rows, inputs, out) = (19, 13, 11);
         let x = Var::from_tensor(&randn(&[rows, inputs])).unwrap();
         let w = Var::from_tensor(&randn(&[out, inputs])).unwrap();
@@ -711,7 +731,9 @@ mod tests {
 
         // A frozen weight with a bias: the input's gradient only.
         let base = (w.as_tensor(), Some(&bias));
-        let y = frozen_linear(x.as_tensor(), base, k).unwrap();
+        let packed = Data::of(w.as_tensor()).unwrap().slice().to_vec();
+        let k = Some(std::sync::Arc::new(kernels.frozen(&packed, (out, inputs)).unwrap()));
+        let y = frozen_linear(x.as_tensor(), base, k.clone()).unwrap();
         close("frozen: values", &y, &want_y.broadcast_add(&bias).unwrap());
         let gs = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
         close("frozen: dx", gs.get(x.as_tensor()).unwrap(), &want_dx);
