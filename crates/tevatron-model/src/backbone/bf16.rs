@@ -1,8 +1,9 @@
 //! bf16 linear products on the CPU where it has AVX-512 BF16: for inference (`encode --bf16`,
 //! `rerank --bf16`) each weight rounded to bf16 once at load and each row of activations at
 //! each call; for training (`train --bf16`) a linear layer's forward and both gradients
-//! ([`Bf16Kernels::linear`] and the two after it), their operands rounded at each call; the
-//! products of bf16 pairs summed in F32 by `vdpbf16ps`.
+//! ([`Bf16Kernels::linear`] and the two after it), their operands rounded at each call but a
+//! frozen weight's, rounded once ([`Bf16FrozenWeight`]); the products of bf16 pairs summed in
+//! F32 by `vdpbf16ps`.
 //!
 //! What is rounded is what PyTorch's CPU autocast rounds for a linear layer: both operands, to
 //! the nearest bf16 (ties to even), a relative error of at most 2^-9 each. The product of two
@@ -138,6 +139,11 @@ pub struct Bf16FrozenWeight {
 }
 
 impl Bf16FrozenWeight {
+    /// The weight's shape, `(out, inputs)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows.out, self.rows.inputs)
+    }
+
     /// `x W^T + b`, as [`Bf16Kernels::linear`] gives it.
     pub fn forward(&self, x: &[f32], bias: Option<&[f32]>) -> Result<Vec<f32>, String> {
         self.rows.forward(x, bias)

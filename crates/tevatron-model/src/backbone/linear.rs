@@ -218,7 +218,9 @@ impl Linear {
     /// the input's gradient (worth it only when the input carries one).
     fn project(&self, x: &Tensor, frozen: bool, mode: Mode) -> Result<Tensor> {
         let bf16 = mode.cpu_bf16(x).filter(|_| f32_cpu(&self.weight));
-        if frozen {
+        // Under the bf16 kernels a frozen base takes its packing kept from the first step even
+        // where its input carries no gradient.
+        if frozen || (bf16.is_some() && self.frozen_base_on_cpu(x, mode)) {
             let packed = self.frozen_bf16(bf16)?;
             return frozen_linear(x, (&self.weight, self.bias.as_ref()), packed);
         }
@@ -490,8 +492,17 @@ impl BaseProjection {
     fn new(
         (weight, bias): (&Tensor, Option<&Tensor>),
         bf16: Option<std::sync::Arc<Bf16FrozenWeight>>,
-    ) -> Self {
-        Self { weight: weight.clone(), bias: bias.cloned(), bf16 }
+    ) -> Result<Self> {
+        if let Some(packed) = &bf16 {
+            if packed.dims() != weight.dims2()? {
+                candle_core::bail!(
+                    "a bf16 packing of {:?} for a weight of {:?}",
+                    packed.dims(),
+                    weight.dims()
+                );
+            }
+        }
+        Ok(Self { weight: weight.clone(), bias: bias.cloned(), bf16 })
     }
 
     /// `x W^T (+ b)` over rows of `x`.
@@ -544,7 +555,7 @@ pub fn frozen_linear(
     base: (&Tensor, Option<&Tensor>),
     bf16: Option<std::sync::Arc<Bf16FrozenWeight>>,
 ) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(FrozenLinear(BaseProjection::new(base, bf16)))
+    x.contiguous()?.apply_op1(FrozenLinear(BaseProjection::new(base, bf16)?))
 }
 
 /// A LoRA-adapted projection with a frozen base, `x W^T + b + s (drop(x) A^T) B^T`, as one op
@@ -640,7 +651,7 @@ pub fn lora_linear(
     bf16: Option<std::sync::Arc<Bf16FrozenWeight>>,
 ) -> Result<Tensor> {
     let op = LoraLinear {
-        base: BaseProjection::new(base, bf16),
+        base: BaseProjection::new(base, bf16)?,
         scale: scale as f32,
         dropout: keep.map(|(keep, scale)| ByteMask::new(keep, scale)),
     };
@@ -731,17 +742,23 @@ mod tests {
 
         // A frozen weight with a bias: the input's gradient only.
         let base = (w.as_tensor(), Some(&bias));
-        let packed = Data::of(w.as_tensor()).unwrap().slice().to_vec();
-        let k = Some(std::sync::Arc::new(kernels.frozen(&packed, (out, inputs)).unwrap()));
-        let y = frozen_linear(x.as_tensor(), base, k.clone()).unwrap();
+        let values = Data::of(w.as_tensor()).unwrap().slice().to_vec();
+        let packed = Some(std::sync::Arc::new(kernels.frozen(&values, (out, inputs)).unwrap()));
+        let y = frozen_linear(x.as_tensor(), base, packed.clone()).unwrap();
         close("frozen: values", &y, &want_y.broadcast_add(&bias).unwrap());
         let gs = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
         close("frozen: dx", gs.get(x.as_tensor()).unwrap(), &want_dx);
         assert!(gs.get(w.as_tensor()).is_none(), "a frozen weight gets no gradient");
+        let other = Some(std::sync::Arc::new(
+            kernels.frozen(&values[..out * (inputs - 1)], (out, inputs - 1)).unwrap(),
+        ));
+        let err = frozen_linear(x.as_tensor(), base, other).unwrap_err().to_string();
+        assert!(err.contains("a bf16 packing of"), "{err}");
 
         // LoRA over that base: the adapter's products stay F32.
         let (a, b) = (Var::from_tensor(&randn(&[3, inputs])).unwrap(), randn(&[out, 3]));
-        let y = lora_linear(x.as_tensor(), base, (a.as_tensor(), &b, 0.5), None, k).unwrap();
+        let y = lora_linear(x.as_tensor(), base, (a.as_tensor(), &b, 0.5), None, packed.clone())
+            .unwrap();
         let xa = x.as_tensor().matmul(&a.as_tensor().t().unwrap()).unwrap();
         let update = (xa.matmul(&b.t().unwrap()).unwrap() * 0.5).unwrap();
         let want = (want_y.broadcast_add(&bias).unwrap() + update).unwrap();
