@@ -318,9 +318,7 @@ where
                 .draw_series(LineSeries::new(points.iter().copied(), color.stroke_width(2)))
                 .map_err(fail)?
                 .label(measure.as_str())
-                .legend(move |(x, y)| {
-                    PathElement::new([(x, y), (x + 20, y)], color.stroke_width(3))
-                });
+                .legend(swatch(color));
             chart
                 .draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))
                 .map_err(fail)?;
@@ -348,9 +346,7 @@ where
                 .draw_series(LineSeries::new(line, color.stroke_width(3)))
                 .map_err(fail)?
                 .label(format!("mean of {SMOOTH_WINDOW} logged steps"))
-                .legend(move |(x, y)| {
-                    PathElement::new([(x, y), (x + 20, y)], color.stroke_width(3))
-                });
+                .legend(swatch(color));
             legend = true;
         }
         if let Some(points) = eval_loss.filter(|_| panel.eval_loss) {
@@ -359,9 +355,7 @@ where
                 .draw_series(LineSeries::new(points.iter().copied(), color.stroke_width(2)))
                 .map_err(fail)?
                 .label("eval_loss")
-                .legend(move |(x, y)| {
-                    PathElement::new([(x, y), (x + 20, y)], color.stroke_width(3))
-                });
+                .legend(swatch(color));
             chart
                 .draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))
                 .map_err(fail)?;
@@ -417,14 +411,17 @@ where
                 .draw_series(LineSeries::new(smoothed.unwrap_or(points), color.stroke_width(2)))
                 .map_err(fail)?
                 .label(label.as_str())
-                .legend(move |(x, y)| {
-                    PathElement::new([(x, y), (x + 20, y)], color.stroke_width(3))
-                });
+                .legend(swatch(color));
         }
         draw_legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     }
     area.present().map_err(fail)?;
     Ok(())
+}
+
+/// The legend's mark of a series drawn in `color`: a short thick line.
+fn swatch(color: RGBColor) -> impl Fn((i32, i32)) -> PathElement<(i32, i32)> {
+    move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(3))
 }
 
 /// A panel's chart over `steps` and `values`, with its caption and the light grid every panel

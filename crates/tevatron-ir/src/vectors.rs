@@ -211,21 +211,24 @@ impl<'a> Rows<'a> {
     /// per value, the run-time dispatch cost more than the conversion (13% of an int8 search
     /// rescoring F16 rows).
     pub fn to_f32(&self, dim: usize, start: usize, end: usize, out: &mut Vec<f32>) {
-        use half::slice::HalfFloatSliceExt;
         out.clear();
         let range = start * dim..end * dim;
         match self {
             Rows::F32(x) => out.extend_from_slice(&x[range]),
-            Rows::F16(x) => {
-                out.resize(range.len(), 0.0);
-                x[range].convert_to_f32_slice(out);
-            }
-            Rows::BF16(x) => {
-                out.resize(range.len(), 0.0);
-                x[range].convert_to_f32_slice(out);
-            }
+            Rows::F16(x) => widen(&x[range], out),
+            Rows::BF16(x) => widen(&x[range], out),
         }
     }
+}
+
+/// `x` widened into `out` (empty) a slice at a time.
+fn widen<H>(x: &[H], out: &mut Vec<f32>)
+where
+    [H]: half::slice::HalfFloatSliceExt,
+{
+    use half::slice::HalfFloatSliceExt;
+    out.resize(x.len(), 0.0);
+    x.convert_to_f32_slice(out);
 }
 
 /// The ids of a file, held compactly: one UTF-8 buffer and the start of each id (a `Vec<String>`

@@ -44,6 +44,11 @@ fn same_length(a: usize, b: usize) {
     assert_eq!(a, b, "the compared values differ in length: {a} vs {b}");
 }
 
+/// Whether two slices hold the same values bit for bit (kernels against their reference).
+pub fn same_bits(got: &[f32], want: &[f32]) -> bool {
+    got.len() == want.len() && got.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits())
+}
+
 /// Largest absolute difference between two slices, computed in f64; NaN when either side
 /// holds a NaN, infinite where one side is infinite and the other is not. Panics when the
 /// lengths differ.

@@ -555,7 +555,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::testing::{kernel_values, projection_case};
+    use crate::testing::{kernel_values, projection_case, same_bits};
 
     /// The tests' stand-in for `vdpbf16ps`, lane by lane from [`dot_pair`].
     pub(super) struct Emulated;
@@ -609,7 +609,7 @@ mod tests {
             let (w, x, b) = projection_case(rows, inputs, out, seed);
             let bias = with_bias.then_some(&b[..]);
             let want = reference(&w, inputs, &x, bias);
-            let same = |got: &[f32]| got.len() == want.len() && got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+            let same = |got: &[f32]| same_bits(got, &want);
             prop_assert!(same(&emulated_forward(&w, out, inputs, &x, bias)), "emulated kernel");
             if let Some(k) = Bf16Kernels::detect() {
                 let got = Bf16Weight::new(&w, out, inputs, k).unwrap().forward(&x, bias).unwrap();
@@ -649,10 +649,7 @@ mod tests {
             let mut kernels = vec![Bf16Kernels::emulated()];
             kernels.extend(Bf16Kernels::detect());
             for k in kernels {
-                let same = |got: Vec<f32>, want: Vec<f32>| {
-                    got.len() == want.len()
-                        && got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits())
-                };
+                let same = |got: Vec<f32>, want: Vec<f32>| same_bits(&got, &want);
                 let y = k.linear(&x, &w, (out, inputs), Some(&b)).unwrap();
                 let want = reference(&w, inputs, &x, Some(&b));
                 prop_assert!(same(y, want.clone()), "{}: forward", k.name());

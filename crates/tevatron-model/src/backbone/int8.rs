@@ -676,7 +676,7 @@ mod tests {
             let bias = with_bias.then_some(&b[..]);
             let reference = Int8Weight::new(&w, out, inputs, Int8Kernels(Set::Portable)).unwrap();
             let want = reference.forward(&x, bias).unwrap();
-            let same = |got: &[f32]| got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+            let same = |got: &[f32]| crate::testing::same_bits(got, &want);
             for kernels in Int8Kernels::available() {
                 let got = Int8Weight::new(&w, out, inputs, kernels).unwrap().forward(&x, bias).unwrap();
                 prop_assert!(same(&got), "{} differs from the portable loops", kernels.name());
