@@ -26,6 +26,10 @@
 #                                           # loss on 384, 192 and 96 dimensions, and each
 #                                           # round's two models searched at 192 and 96 (rows
 #                                           # <stage>@<k>)
+#   RECIPE_TRAIN_FLAGS=--bf16 ...           # adds flags to every training (train and
+#                                           # train-reranker; encoding, reranking and annotation
+#                                           # stay F32); set RECIPE_OUT to a new folder, since
+#                                           # finished stages are reused as they are
 # Writes runs/recipe-insuranceqa[-quick]/metrics.json {"zero_shot": {...}, "seed_recipe": ...,
 # "round1": ..., "round2": ..., "rerank": ..., "fused": ..., "distilled": ...}, times.json (wall seconds per
 # stage), report.md, and each stage's model in <stage>/model (the reranker in reranker/model). Re-running reuses every finished stage; an interrupted training resumes
@@ -163,13 +167,17 @@ validation=(--eval_strategy steps --eval_query_path "$d/valid.queries.jsonl"
   --per_device_eval_batch_size 64 --metric_for_best_model ndcg@10 --load_best_model_at_end
   --save_total_limit 1)
 
+# RECIPE_TRAIN_FLAGS: flags added to every training command (e.g. --bf16).
+read -r -a extra_train_flags <<< "${RECIPE_TRAIN_FLAGS:-}"
+
 train_stage() {  # stage base-model extra-flags...
   local stage=$1 base=$2
   shift 2
   [ -f "$out/$stage/model/trainer_state.json" ] && return 0
   echo "recipe: training $stage" >&2
   local start=$SECONDS
-  "$bin" train --output_dir "$out/$stage/model" --model_name_or_path "$base" "${common[@]}" "$@"
+  "$bin" train --output_dir "$out/$stage/model" --model_name_or_path "$base" "${common[@]}" "$@" \
+    ${extra_train_flags[@]+"${extra_train_flags[@]}"}
   record_time "$stage (training)" $((SECONDS - start))
 }
 
@@ -330,7 +338,8 @@ if [ ! -f "$out/reranker/model/trainer_state.json" ]; then
     --save_steps "$every_r" --eval_query_path "$d/valid.queries.jsonl" \
     --eval_corpus_path "$d/valid.corpus.jsonl" --eval_qrels_path "$d/valid.qrels.tsv" \
     --eval_run_path "$valid_run" --eval_rerank_depth 20 --per_device_eval_batch_size 32 \
-    --metric_for_best_model ndcg@10 --load_best_model_at_end --save_total_limit 1
+    --metric_for_best_model ndcg@10 --load_best_model_at_end --save_total_limit 1 \
+    ${extra_train_flags[@]+"${extra_train_flags[@]}"}
   record_time "rerank (training)" $((SECONDS - start))
 fi
 # Reranking and annotation are the longest steps (hours on 2 cores): each works through ten
@@ -374,6 +383,20 @@ annotate_shard() {  # training-shard output
     --corpus_path "$data/corpus.jsonl" --dataset_cache_dir "$out/cache" --max_negatives 15 \
     --rerank_max_len "$rerank_len" --per_device_eval_batch_size 32 --output_path "$2" --quiet
 }
+# Distillation first (stage distilled): it needs only the reranker and round 2, and the dev
+# reranking below is the longest step.
+if [ ! -f "$out/distilled/scored.jsonl" ]; then
+  echo "recipe: the reranker scores round 2's training groups" >&2
+  mkdir -p "$out/distilled"
+  run_sharded annotate_shard "$out/round2/mined.jsonl" jsonl jsonl "distilled (annotation)" \
+    "$out/distilled/scored.jsonl"
+fi
+train_stage distilled "$out/round2/model" --dataset_path "$out/distilled/scored.jsonl" \
+  --distillation --distil_temperature 0.05 --distil_teacher_temperature 1 \
+  --distil_contrastive_weight 1 --per_device_train_batch_size 16 --train_group_size 4 \
+  --num_train_epochs 1 --eval_steps "$every2" --save_steps "$every2" "${validation[@]}"
+evaluate "$out/distilled/model" distilled
+
 if [ ! -f "$out/rerank/eval/metrics.json" ]; then
   echo "recipe: reranking round 2's top 100 of every dev question" >&2
   mkdir -p "$out/rerank/eval"
@@ -440,17 +463,6 @@ print(w, round(1 - w, 10))' "$out/fused/weight.json")
   mv "$out/fused/eval/metrics.json.tmp" "$out/fused/eval/metrics.json"
   record_time "fused (validation reranking and fusion)" $((SECONDS - start))
 fi
-if [ ! -f "$out/distilled/scored.jsonl" ]; then
-  echo "recipe: the reranker scores round 2's training groups" >&2
-  mkdir -p "$out/distilled"
-  run_sharded annotate_shard "$out/round2/mined.jsonl" jsonl jsonl "distilled (annotation)" \
-    "$out/distilled/scored.jsonl"
-fi
-train_stage distilled "$out/round2/model" --dataset_path "$out/distilled/scored.jsonl" \
-  --distillation --distil_temperature 0.05 --distil_teacher_temperature 1 \
-  --distil_contrastive_weight 1 --per_device_train_batch_size 16 --train_group_size 4 \
-  --num_train_epochs 1 --eval_steps "$every2" --save_steps "$every2" "${validation[@]}"
-evaluate "$out/distilled/model" distilled
 
 # Controls (CONTROL=1), to say what mining adds: round 2's questions, flags and group from the
 # round-1 model with the data's own pool negatives instead of mined ones (round2_pool), and with
