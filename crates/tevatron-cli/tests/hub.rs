@@ -123,6 +123,25 @@ fn hub(dir: &Path) -> String {
             std::fs::copy(bert.join(f), to.join(f)).unwrap();
         }
     }
+    // A sentence-transformers model whose Dense modules live in sub-folders.
+    let st = repo().join("testdata/tiny/bert-st-dense");
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors",
+        "modules.json",
+        "1_Pooling/config.json",
+        "2_Dense/config.json",
+        "2_Dense/model.safetensors",
+        "3_Dense/config.json",
+        "3_Dense/model.safetensors",
+        "4_Normalize/config.json",
+    ] {
+        let to = dir.join("acme/st-dense").join(f);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(st.join(f), to).unwrap();
+    }
     serve(dir.to_path_buf())
 }
 
@@ -154,6 +173,22 @@ fn a_hub_id_downloads_into_the_cache_then_loads_offline() {
     let offline = [("HF_HUB_OFFLINE", "1"), ("HF_HUB_CACHE", cache_s.as_str())];
     ok(encode(d, "acme/tiny-bert", "offline.safetensors", &offline));
     assert_eq!(read("offline.safetensors"), read("local.safetensors"));
+}
+
+#[test]
+fn a_hub_id_brings_its_sentence_transformers_modules() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let endpoint = hub(&d.join("hub"));
+    let cache = d.join("cache").to_string_lossy().into_owned();
+    let env = [("HF_ENDPOINT", endpoint.as_str()), ("HF_HUB_CACHE", cache.as_str())];
+    ok(encode(d, "acme/st-dense", "hub.safetensors", &env));
+    let local = repo().join("testdata/tiny/bert-st-dense").to_string_lossy().into_owned();
+    ok(encode(d, &local, "local.safetensors", &[]));
+    let hub = safetensors_embeddings(&d.join("hub.safetensors"));
+    assert_eq!(hub, safetensors_embeddings(&d.join("local.safetensors")));
+    let rows = std::fs::read_to_string(repo().join("testdata/toy/corpus.jsonl")).unwrap();
+    assert_eq!(hub.len(), rows.lines().count() * 12 * 4, "the last Dense module's 12 dimensions");
 }
 
 #[test]

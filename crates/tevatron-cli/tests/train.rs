@@ -508,3 +508,43 @@ fn attn_implementation_changes_nothing_on_the_cpu_and_says_so() {
         "--attn_implementation \"flash\": expected eager, sdpa or flash_attention_2",
     );
 }
+
+/// A sentence-transformers model with Dense modules after pooling (saved by sentence-transformers
+/// 6) trains them with the rest, checkpoints them in their folders, resumes from those to the
+/// same weights bit for bit, and writes them where `SentenceTransformer` reads them.
+#[test]
+fn dense_modules_train_checkpoint_and_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = repo().join("testdata/tiny/bert-st-dense");
+    let run = |out: &Path, extra: &[&str]| {
+        let out = out.to_string_lossy().into_owned();
+        let mut args = train_args(dir.path(), &out, extra);
+        let model = args.iter().position(|a| *a == tiny_bert()).unwrap();
+        args[model] = st.to_string_lossy().into_owned();
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        ok(tevatron(dir.path(), &refs));
+    };
+    let whole = dir.path().join("whole");
+    run(&whole, &[]);
+    let files = ["model.safetensors", "2_Dense/model.safetensors", "3_Dense/model.safetensors"];
+    for f in &files[1..] {
+        assert_ne!(
+            std::fs::read(whole.join(f)).unwrap(),
+            std::fs::read(st.join(f)).unwrap(),
+            "{f} trained"
+        );
+        assert!(whole.join("checkpoint-6").join(f).is_file(), "{f} checkpointed");
+    }
+    let modules = std::fs::read_to_string(whole.join("modules.json")).unwrap();
+    assert!(modules.contains("3_Dense") && modules.contains("4_Normalize"), "{modules}");
+    let resumed = dir.path().join("resumed");
+    let from = whole.join("checkpoint-6").to_string_lossy().into_owned();
+    run(&resumed, &["--resume_from_checkpoint", &from]);
+    for f in files {
+        assert_eq!(
+            std::fs::read(whole.join(f)).unwrap(),
+            std::fs::read(resumed.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+}

@@ -18,6 +18,7 @@ use crate::config::ModelConfig;
 use crate::head::{self, HeadSettings, ScoreHead};
 use crate::lora::{self, LoraConfig, LoraOptions, LoraPlan, TrainableAdapter};
 use crate::pooling::{l2_normalize, Pooling};
+use crate::st_modules::{self, Dense};
 use crate::text::{TextOptions, TextTokenizer};
 use crate::{weights, Error, Result};
 
@@ -197,6 +198,8 @@ pub struct Encoder {
     backbone: Box<dyn Backbone>,
     config: ModelConfig,
     pooling: Pooling,
+    /// sentence-transformers Dense modules applied to the pooled vector, before normalising.
+    dense: Vec<Dense>,
     normalize: bool,
     tokenizer: TextTokenizer,
     device: Device,
@@ -242,39 +245,6 @@ const TOKENIZER_FILES: &[&str] = &[
     "sentencepiece.bpe.model",
     "added_tokens.json",
 ];
-
-/// Pooling and normalisation stated by a sentence-transformers folder, and the sub-folder its
-/// Transformer module lives in.
-struct StModules {
-    transformer_dir: Option<String>,
-    pooling: Option<Pooling>,
-    normalize: bool,
-}
-
-fn read_st_modules(dir: &Path) -> Result<Option<StModules>> {
-    let path = dir.join("modules.json");
-    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(None) };
-    let modules: Vec<serde_json::Value> =
-        serde_json::from_str(&text).map_err(|source| Error::Json { path: path.clone(), source })?;
-    let mut st = StModules { transformer_dir: None, pooling: None, normalize: false };
-    for m in modules {
-        let ty = m["type"].as_str().unwrap_or_default();
-        let sub = m["path"].as_str().unwrap_or_default();
-        if ty.ends_with("models.Transformer") && !sub.is_empty() {
-            st.transformer_dir = Some(sub.to_string());
-        } else if ty.ends_with("models.Pooling") {
-            let cfg_path = dir.join(sub).join("config.json");
-            let cfg_text = std::fs::read_to_string(&cfg_path)
-                .map_err(|source| Error::Read { path: cfg_path.clone(), source })?;
-            let cfg: serde_json::Value = serde_json::from_str(&cfg_text)
-                .map_err(|source| Error::Json { path: cfg_path.clone(), source })?;
-            st.pooling = Pooling::from_st_config(&cfg);
-        } else if ty.ends_with("models.Normalize") {
-            st.normalize = true;
-        }
-    }
-    Ok(Some(st))
-}
 
 /// What an adapter's module names start with: nothing for a retriever (PEFT on the base model),
 /// the family prefix for a cross-encoder (PEFT on its `*ForSequenceClassification` model names
@@ -401,7 +371,7 @@ impl Encoder {
                 }
             },
         };
-        let st = read_st_modules(model_dir)?;
+        let st = st_modules::read(model_dir)?;
         let weights_dir = match st.as_ref().and_then(|s| s.transformer_dir.as_ref()) {
             Some(sub) => model_dir.join(sub),
             None => model_dir.to_path_buf(),
@@ -528,6 +498,23 @@ impl Encoder {
             }
             None => None,
         };
+        // The folder's Dense modules project the pooled vector (a cross-encoder's head replaces
+        // pooling, so it has none). They train with the model; under LoRA they stay frozen.
+        let mut dense = Vec::new();
+        let mut dense_vars = Vec::new();
+        if head.is_none() {
+            let mut width = config.hidden_size();
+            for (i, (dir, cfg)) in st.iter().flat_map(|s| &s.dense).enumerate() {
+                let mut d = Dense::load(dir, cfg, width, &opts.device)?;
+                width = d.out_features();
+                if full_training {
+                    for (name, var) in d.make_trainable()? {
+                        dense_vars.push((format!("{}/{name}", st_modules::dense_folder(i)), var));
+                    }
+                }
+                dense.push(d);
+            }
+        }
         let mut adapters = None;
         if let Some(plan) = &plan {
             plan.check_matched()?;
@@ -563,6 +550,7 @@ impl Encoder {
                         data.insert(name.clone(), var);
                     }
                 }
+                data.extend(dense_vars);
             }
             for (name, var) in vars {
                 if !HEAD_PREFIXES.iter().any(|p| name.starts_with(p)) {
@@ -577,6 +565,7 @@ impl Encoder {
             backbone,
             config,
             pooling,
+            dense,
             normalize,
             tokenizer,
             device: opts.device.clone(),
@@ -617,7 +606,10 @@ impl Encoder {
         }
         let reps = self.pooling.pool(hidden, &batch.attention_mask)?;
         // Half-precision representations are widened; F64 stays F64 (gradient checks).
-        let reps = if reps.dtype() == DType::F64 { reps } else { reps.to_dtype(DType::F32)? };
+        let mut reps = if reps.dtype() == DType::F64 { reps } else { reps.to_dtype(DType::F32)? };
+        for d in &self.dense {
+            reps = d.forward(&reps)?;
+        }
         if self.normalize {
             l2_normalize(&reps)
         } else {
@@ -644,10 +636,16 @@ impl Encoder {
                                "type": format!("sentence_transformers.models.{ty}")})
         };
         let mut modules = vec![module(0, "", "Transformer"), module(1, "1_Pooling", "Pooling")];
+        for (i, d) in self.dense.iter().enumerate() {
+            let folder = st_modules::dense_folder(i);
+            d.save(&dir.join(&folder))?;
+            modules.push(module(modules.len(), &folder, "Dense"));
+        }
         if self.normalize {
-            modules.push(module(2, "2_Normalize", "Normalize"));
-            std::fs::create_dir_all(dir.join("2_Normalize"))
-                .map_err(|source| Error::Write { path: dir.join("2_Normalize"), source })?;
+            let folder = format!("{}_Normalize", modules.len());
+            modules.push(module(modules.len(), &folder, "Normalize"));
+            std::fs::create_dir_all(dir.join(&folder))
+                .map_err(|source| Error::Write { path: dir.join(&folder), source })?;
         }
         write(dir.join("modules.json"), serde_json::Value::from(modules))?;
         let mut pooling = serde_json::Map::new();
@@ -664,7 +662,9 @@ impl Encoder {
             self.unused.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         if let Some(vm) = &self.varmap {
             let data = vm.data().lock().expect("varmap lock");
-            out.extend(data.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())));
+            // Dense modules' variables (`2_Dense/linear.weight`) are saved in their own folders.
+            let model = data.iter().filter(|(k, _)| !k.contains('/'));
+            out.extend(model.map(|(k, v)| (k.clone(), v.as_tensor().clone())));
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
@@ -877,12 +877,13 @@ impl Encoder {
     pub fn hidden_size(&self) -> usize {
         self.config.hidden_size()
     }
-    /// Width of what [`Encoder::encode`] returns: the hidden size, or 1 for a cross-encoder.
+    /// Width of what [`Encoder::encode`] returns: the hidden size, the last sentence-transformers
+    /// Dense module's output width when the folder has one, or 1 for a cross-encoder.
     pub fn output_width(&self) -> usize {
         if self.head.is_some() {
             1
         } else {
-            self.hidden_size()
+            self.dense.last().map_or(self.hidden_size(), Dense::out_features)
         }
     }
     /// Whether this is a cross-encoder (a score head in place of pooling).
@@ -944,7 +945,9 @@ impl Encoder {
     pub fn dtype(&self) -> DType {
         self.dtype
     }
-    /// The trainable variables, when loaded with `trainable` (only the adapters with LoRA).
+    /// The trainable variables, when loaded with `trainable` (only the adapters with LoRA). A
+    /// sentence-transformers Dense module's are named by the folder they are saved in
+    /// (`2_Dense/linear.weight`), the rest as in the model's weights file.
     pub fn varmap(&self) -> Option<&VarMap> {
         self.varmap.as_ref()
     }

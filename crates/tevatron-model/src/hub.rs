@@ -122,6 +122,19 @@ fn download(name: &str, repo: Repo, cache_path: &Path) -> std::result::Result<Pa
             got.map_err(|e| format!("{name} has no tokenizer.json ({e})"))?;
         }
     }
+    // The sentence-transformers modules' folders: each one's config, and a Dense module's weights.
+    if let Some(modules) =
+        api.get("modules.json").ok().and_then(|p| std::fs::read_to_string(p).ok())
+    {
+        for (folder, dense) in crate::st_modules::module_folders(&modules) {
+            let _ = api.get(&format!("{folder}/config.json"));
+            if dense {
+                let _ = ["model.safetensors", "pytorch_model.bin"]
+                    .iter()
+                    .find(|w| api.get(&format!("{folder}/{w}")).is_ok());
+            }
+        }
+    }
     let mut found = false;
     for w in WEIGHT_FILES {
         if let Ok(p) = api.get(w) {

@@ -10,7 +10,7 @@
 //! let encoder = Encoder::load(&model, None, &EncoderOptions::default())?;
 //! let text = TextOptions { max_len: 32, ..TextOptions::default() };
 //! let reps = encoder.embed(&["what is a dense retriever?".to_string()], &text, 64)?;
-//! assert_eq!(reps.len(), encoder.hidden_size());
+//! assert_eq!(reps.len(), encoder.output_width());
 //! # Ok(()) }
 //! ```
 #![warn(missing_docs)]
@@ -54,6 +54,7 @@ pub mod mapped;
 pub mod merge;
 pub mod pooling;
 pub mod rng;
+mod st_modules;
 pub mod testing;
 pub mod text;
 pub mod weights;

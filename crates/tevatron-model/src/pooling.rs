@@ -55,9 +55,51 @@ impl Pooling {
         }
     }
 
-    /// The pooling a sentence-transformers Pooling config selects, if it is one of ours.
-    pub fn from_st_config(config: &serde_json::Value) -> Option<Self> {
-        Self::ALL.into_iter().find(|p| config[p.st_mode()].as_bool().unwrap_or(false))
+    /// The pooling a sentence-transformers Pooling config selects: `pooling_mode` (a name or a
+    /// list of names, sentence-transformers 6) or one `pooling_mode_*` key set `true` (earlier
+    /// releases). `None` when it selects none; an error, saying why, when it selects a mode we
+    /// lack (`max`, `weightedmean`, `mean_sqrt_len_tokens`) or several (their concatenation),
+    /// since pooling otherwise would give vectors of another meaning.
+    pub fn from_st_config(config: &serde_json::Value) -> std::result::Result<Option<Self>, String> {
+        let ours = |mode: &str| match mode {
+            "cls" => Some(Pooling::Cls),
+            "mean" => Some(Pooling::Mean),
+            "lasttoken" => Some(Pooling::Last),
+            _ => None,
+        };
+        let modes: Vec<String> = match &config["pooling_mode"] {
+            serde_json::Value::String(m) => vec![m.clone()],
+            serde_json::Value::Array(ms) => {
+                ms.iter().map(|m| m.as_str().unwrap_or("?").to_string()).collect()
+            }
+            serde_json::Value::Null => {
+                let keys = Self::ALL.iter().map(|p| p.st_mode()).chain(ST_OTHER_MODES);
+                let on = keys.filter(|k| config[*k].as_bool().unwrap_or(false));
+                on.map(|k| {
+                    let mode = k.trim_start_matches("pooling_mode_");
+                    let mode = mode.strip_suffix("_token").unwrap_or(mode);
+                    match mode {
+                        "mean_tokens" => "mean",
+                        "max_tokens" => "max",
+                        "weightedmean_tokens" => "weightedmean",
+                        other => other,
+                    }
+                    .to_string()
+                })
+                .collect()
+            }
+            other => return Err(format!("pooling_mode {other} is neither a name nor a list")),
+        };
+        match modes.as_slice() {
+            [] => Ok(None),
+            [one] => ours(one).map(Some).ok_or_else(|| {
+                format!("pooling mode {one} is not one of ours (cls, mean, lasttoken)")
+            }),
+            several => Err(format!(
+                "pooling modes {} are concatenated; only one mode (cls, mean or lasttoken) is supported",
+                several.join(", ")
+            )),
+        }
     }
 
     /// Every mode key of a sentence-transformers Pooling config, this pooling's `true`.
@@ -123,7 +165,7 @@ mod tests {
         for p in Pooling::ALL {
             assert_eq!(Pooling::parse(p.name()), Some(p));
             let config = serde_json::Value::Object(p.st_modes());
-            assert_eq!(Pooling::from_st_config(&config), Some(p));
+            assert_eq!(Pooling::from_st_config(&config), Ok(Some(p)));
             assert_eq!(
                 config.as_object().unwrap().values().filter(|v| v.as_bool() == Some(true)).count(),
                 1
@@ -132,7 +174,25 @@ mod tests {
         assert_eq!(Pooling::parse("eos"), Some(Pooling::Last));
         assert_eq!(Pooling::parse("max"), None);
         let max = serde_json::json!({"pooling_mode_max_tokens": true});
-        assert_eq!(Pooling::from_st_config(&max), None);
+        assert!(Pooling::from_st_config(&max).unwrap_err().contains("max is not one of ours"));
+        let none = serde_json::json!({"pooling_mode_cls_token": false});
+        assert_eq!(Pooling::from_st_config(&none), Ok(None));
+    }
+
+    #[test]
+    fn sentence_transformers_6_pooling_modes_are_read() {
+        let mode =
+            |m: serde_json::Value| Pooling::from_st_config(&serde_json::json!({"pooling_mode": m}));
+        assert_eq!(mode("mean".into()), Ok(Some(Pooling::Mean)));
+        assert_eq!(mode("cls".into()), Ok(Some(Pooling::Cls)));
+        assert_eq!(mode("lasttoken".into()), Ok(Some(Pooling::Last)));
+        assert_eq!(mode(serde_json::json!(["mean"])), Ok(Some(Pooling::Mean)));
+        assert!(mode("weightedmean".into()).unwrap_err().contains("weightedmean"));
+        assert!(mode(serde_json::json!(["cls", "mean"])).unwrap_err().contains("cls, mean"));
+        assert!(mode(serde_json::json!(3)).unwrap_err().contains("neither"));
+        let both =
+            serde_json::json!({"pooling_mode_cls_token": true, "pooling_mode_mean_tokens": true});
+        assert!(Pooling::from_st_config(&both).unwrap_err().contains("cls, mean"));
     }
 
     #[test]

@@ -212,16 +212,25 @@ pub fn load(
 /// Sets the trained variables to a checkpoint's weights (`weights_file` of `dir`): the
 /// weights half of a resume, and `--load_best_model_at_end`. A variable is found by its name,
 /// or by its name after one of the model family's `prefixes` (a cross-encoder saves its base
-/// model's weights as `bert.…`, `model.…`).
+/// model's weights as `bert.…`, `model.…`); one named `<folder>/<tensor>` (a
+/// sentence-transformers Dense module's) in that folder's `model.safetensors`.
 pub fn load_weights(dir: &Path, weights_file: &str, prefixes: &[&str], opt: &AdamW) -> Result<()> {
     let bad = |path: &Path, e: candle_core::Error| {
         Error::Invalid(format!("{}: cannot read ({e})", path.display()))
     };
-    let model_path = dir.join(weights_file);
     let device = opt.vars().first().map(|v| v.device().clone()).unwrap_or(Device::Cpu);
-    let weights: HashMap<String, candle_core::Tensor> =
-        load_safetensors(&model_path, &device).map_err(|e| bad(&model_path, e))?;
-    for (name, var) in opt.named_vars() {
+    let mut files: HashMap<&str, HashMap<String, candle_core::Tensor>> = HashMap::new();
+    for (full_name, var) in opt.named_vars() {
+        let (folder, name) = full_name.rsplit_once('/').unwrap_or(("", full_name));
+        let model_path = match folder {
+            "" => dir.join(weights_file),
+            sub => dir.join(sub).join("model.safetensors"),
+        };
+        if !files.contains_key(folder) {
+            let loaded = load_safetensors(&model_path, &device).map_err(|e| bad(&model_path, e))?;
+            files.insert(folder, loaded);
+        }
+        let weights = &files[folder];
         let t = weights
             .get(name)
             .or_else(|| prefixes.iter().find_map(|p| weights.get(&format!("{p}{name}"))))

@@ -180,7 +180,7 @@ impl Validation {
     ) -> Result<BTreeMap<String, f64>> {
         let q = embed(encoder, &r.queries, &self.query_text, &self.query_batch)?;
         let p = embed(encoder, &r.corpus, &self.passage_text, &self.passage_batch)?;
-        let dim = encoder.hidden_size();
+        let dim = encoder.output_width();
         let file = scratch.join(".eval-corpus.tmp.safetensors");
         let written = (|| -> Result<String> {
             let mut w = VectorWriter::create(&file, dim, VecDType::F32, BTreeMap::new())?;
@@ -234,7 +234,7 @@ impl Validation {
     fn loss_of(&self, l: &LossData, encoder: &Encoder) -> Result<f64> {
         let queries = encoder.tokenizer().prepare(&self.query_text)?;
         let passages = encoder.tokenizer().prepare(&self.passage_text)?;
-        let dim = encoder.hidden_size();
+        let dim = encoder.output_width();
         let items: Vec<usize> = (0..l.data.len()).collect();
         let (mut total, mut count) = (0.0f64, 0usize);
         for batch in items.chunks(l.batch_queries.max(1)) {
@@ -288,7 +288,7 @@ fn embed(
     batch: &BatchOptions,
 ) -> Result<Vec<f32>> {
     let tokenizer = encoder.tokenizer().prepare(text)?;
-    let mut out = Vec::with_capacity(records.len() * encoder.hidden_size());
+    let mut out = Vec::with_capacity(records.len() * encoder.output_width());
     for chunk in records.chunks(EMBED_CHUNK) {
         let texts: Vec<String> = chunk.iter().map(|r| r.text.clone()).collect();
         let seqs = tokenizer.tokenize(&texts)?;

@@ -129,7 +129,7 @@ pub fn run(a: &EncodeArgs) -> Result<()> {
         encoder.normalize()
     );
 
-    let width = encoder.hidden_size();
+    let width = encoder.output_width();
     let trained = super::matryoshka_widths(
         &a.model_name_or_path,
         a.encoding.lora_name_or_path.as_deref(),

@@ -1,0 +1,157 @@
+//! sentence-transformers folders with Dense modules after pooling, saved by sentence-transformers
+//! 6 (`testdata/tiny/bert-st-dense`, made by `scripts/fixtures/make_tiny_st_dense.py`): the
+//! embeddings equal `SentenceTransformer.encode`, training reaches the Dense weights, and a saved
+//! model keeps them in sentence-transformers' layout.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use candle_core::{Device, Tensor};
+use tevatron_model::testing::tiny_dir;
+use tevatron_model::{Encoder, EncoderOptions, TextOptions};
+
+const FIXTURE: &str = "bert-st-dense";
+
+fn texts_and_expected() -> (Vec<String>, std::collections::HashMap<String, Tensor>) {
+    let dir = tiny_dir(FIXTURE);
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let texts =
+        json["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().into()).collect();
+    let exp = candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu);
+    (texts, exp.unwrap())
+}
+
+fn embed(enc: &Encoder, texts: &[String]) -> Vec<f32> {
+    enc.embed(texts, &TextOptions { max_len: 64, ..TextOptions::default() }, 2).unwrap()
+}
+
+fn max_diff(got: &[f32], want: &Tensor) -> f32 {
+    let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(got.len(), want.len());
+    got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn dense_modules_embed_as_sentence_transformers() {
+    let (texts, exp) = texts_and_expected();
+    let enc = Encoder::load(&tiny_dir(FIXTURE), None, &EncoderOptions::default()).unwrap();
+    assert_eq!(enc.output_width(), 12, "the last Dense module's width");
+    assert!(enc.normalize());
+    let d = max_diff(&embed(&enc, &texts), &exp["normalized"]);
+    assert!(d < 1e-5, "normalized: {d}");
+    // Both flags given (one alone takes Tevatron's default for the other).
+    let opts = EncoderOptions {
+        pooling: Some(tevatron_model::Pooling::Mean),
+        normalize: Some(false),
+        ..EncoderOptions::default()
+    };
+    let enc = Encoder::load(&tiny_dir(FIXTURE), None, &opts).unwrap();
+    let d = max_diff(&embed(&enc, &texts), &exp["unnormalized"]);
+    assert!(d < 1e-5, "unnormalized: {d}");
+}
+
+#[test]
+fn dense_modules_train_and_are_saved_in_their_folders() {
+    let (texts, _) = texts_and_expected();
+    let opts = EncoderOptions { trainable: true, ..EncoderOptions::default() };
+    let enc = Encoder::load(&tiny_dir(FIXTURE), None, &opts).unwrap();
+    let vars = enc.varmap().unwrap().data().lock().unwrap().clone();
+    for name in ["2_Dense/linear.weight", "2_Dense/linear.bias", "3_Dense/linear.weight"] {
+        assert!(vars.contains_key(name), "{name} is trained");
+    }
+    assert!(!vars.contains_key("3_Dense/linear.bias"), "the second Dense has no bias");
+
+    // A gradient reaches the Dense weights through the pooled, normalised vectors.
+    let seqs = enc
+        .tokenizer()
+        .prepare(&TextOptions { max_len: 64, ..TextOptions::default() })
+        .unwrap()
+        .tokenize(&texts[..2])
+        .unwrap();
+    let rows: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+    let batch = tevatron_model::collate::collate(
+        &rows,
+        enc.tokenizer().pad_id(),
+        16,
+        tevatron_model::PaddingSide::Right,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let reps = enc.encode(&batch, tevatron_model::Mode::Eval).unwrap();
+    let loss = reps.narrow(1, 0, 1).unwrap().sum_all().unwrap();
+    let grads = loss.backward().unwrap();
+    for name in ["2_Dense/linear.weight", "3_Dense/linear.weight"] {
+        let g = grads.get(vars[name].as_tensor()).expect("a gradient");
+        let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(norm > 0.0, "{name}");
+    }
+
+    // Moved weights are saved into the Dense folders, not into model.safetensors, and a
+    // reloaded model embeds as the trained one.
+    let w = &vars["2_Dense/linear.weight"];
+    w.set(&(w.as_tensor() * 2.0).unwrap()).unwrap();
+    let trained = embed(&enc, &texts);
+    let out = tempfile::tempdir().unwrap();
+    enc.save_pretrained(out.path()).unwrap();
+    let modules: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("modules.json")).unwrap())
+            .unwrap();
+    let types: Vec<(&str, &str)> = modules
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["path"].as_str().unwrap(), m["type"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        types,
+        [
+            ("", "sentence_transformers.models.Transformer"),
+            ("1_Pooling", "sentence_transformers.models.Pooling"),
+            ("2_Dense", "sentence_transformers.models.Dense"),
+            ("3_Dense", "sentence_transformers.models.Dense"),
+            ("4_Normalize", "sentence_transformers.models.Normalize"),
+        ]
+    );
+    let main = candle_core::safetensors::load(out.path().join("model.safetensors"), &Device::Cpu);
+    assert!(main.unwrap().keys().all(|k| !k.contains("Dense") && !k.contains("linear.")));
+    let saved = Encoder::load(out.path(), None, &EncoderOptions::default()).unwrap();
+    let again = embed(&saved, &texts);
+    let d = trained.iter().zip(&again).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(d < 1e-6, "{d}");
+    let before =
+        embed(&Encoder::load(&tiny_dir(FIXTURE), None, &Default::default()).unwrap(), &texts);
+    assert!(before.iter().zip(&again).any(|(a, b)| (a - b).abs() > 1e-3), "the change was saved");
+}
+
+#[test]
+fn a_dense_module_that_does_not_fit_is_refused_by_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = |from: &std::path::Path, to: &std::path::Path| {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_file() {
+                std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+            }
+        }
+    };
+    let src = tiny_dir(FIXTURE);
+    for sub in ["", "1_Pooling", "2_Dense", "3_Dense", "4_Normalize"] {
+        copy(&src.join(sub), &dir.path().join(sub));
+    }
+    // The second Dense claims to take 20 dimensions; the first gives 16.
+    let cfg = dir.path().join("3_Dense/config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"in_features\": 16", "\"in_features\": 20");
+    std::fs::write(&cfg, text).unwrap();
+    let err =
+        Encoder::load(dir.path(), None, &EncoderOptions::default()).err().unwrap().to_string();
+    assert!(err.contains("3_Dense") && err.contains("16 dimensions"), "{err}");
+    // Its weights missing.
+    std::fs::copy(src.join("3_Dense/config.json"), &cfg).unwrap();
+    std::fs::remove_file(dir.path().join("3_Dense/model.safetensors")).unwrap();
+    let err =
+        Encoder::load(dir.path(), None, &EncoderOptions::default()).err().unwrap().to_string();
+    assert!(err.contains("3_Dense") && err.contains("no weights"), "{err}");
+}
