@@ -38,6 +38,12 @@ pub const FORMAT: &str = "tevatron-compact-v1";
 /// Rows scanned per block: the block's codes and the batch's scores stay in cache.
 const SCAN_BLOCK: usize = 256;
 
+/// How many candidate rows ahead rescoring asks for a row's cache lines: enough rows in flight
+/// to cover a memory access's latency (hundreds of cycles) with the scoring of the rows
+/// before it (a few hundred cycles a row at 384 dimensions), few enough that the lines are
+/// still cached when their turn comes.
+const PREFETCH_ROWS: usize = 4;
+
 /// Bytes of candidate keys a thread may hold for one pass of queries.
 const CANDIDATE_BUDGET: usize = 256 << 20;
 
@@ -423,9 +429,9 @@ pub fn search_compact(
                 let mut heaps: Vec<Candidates> = (0..bq).map(|_| Candidates::new(m)).collect();
                 let mut scores = vec![0i32; SCAN_BLOCK * bq];
                 // Each row's code sum times the offset takes the int8 query offset back out;
-                // binary has none (its sums stay 0).
-                let offset = if compact.precision == Precision::Int8 { QUERY_OFFSET } else { 0 };
+                // binary has none.
                 let mut sums = vec![0i32; SCAN_BLOCK];
+                let mut hits = Vec::with_capacity(SCAN_BLOCK + 16);
                 for &(start, end) in part {
                     let nb = end - start;
                     let block = &codes[start * width..end * width];
@@ -435,29 +441,29 @@ pub fn search_compact(
                             let block: &[i8] = bytemuck::cast_slice(block);
                             kernels.int8_scores(dim, batch, block, scores);
                             code_sums(block, dim, &mut sums[..nb]);
-                            sums[..nb].iter_mut().for_each(|s| *s *= offset);
+                            sums[..nb].iter_mut().for_each(|s| *s *= QUERY_OFFSET);
                         }
                         Precision::Binary => kernels.binary_scores(width, batch, block, scores),
                     }
-                    // Most scores are below a query's floor: compared as scores, a key built
-                    // only for those that may enter. Rows come in ascending order, so one equal
-                    // to the floor has a higher row than every kept key and cannot enter
-                    // either (binary scores tie often).
-                    // Sixteen at a time, the test has no branch per score and vectorizes.
+                    // Most scores are below a query's floor: compared as scores (by the
+                    // kernels, a vector at a time), a key built only for those that may enter.
+                    // Rows come in ascending order, so one equal to the floor has a higher row
+                    // than every kept key and cannot enter either (binary scores tie often).
+                    // The floor rises as keys enter: a hit found against the block's first
+                    // floor is tested again against the current one.
+                    let taken = match compact.precision {
+                        Precision::Int8 => &sums[..nb],
+                        Precision::Binary => &sums[..0],
+                    };
                     for (heap, scores) in heaps.iter_mut().zip(scores.chunks(nb)) {
+                        kernels.above(scores, taken, heap.floor_score(), &mut hits);
                         let mut floor = heap.floor_score();
-                        let chunks = scores.chunks(16).zip(sums[..nb].chunks(16));
-                        for (c, (scores, taken)) in chunks.enumerate() {
-                            let pairs = scores.iter().zip(taken);
-                            if !pairs.clone().fold(false, |any, (&s, &t)| any | (s - t > floor)) {
-                                continue;
-                            }
-                            for (k, (&s, &t)) in pairs.enumerate() {
-                                let s = s - t;
-                                if s > floor {
-                                    heap.push(Candidates::key(s, (start + c * 16 + k) as u32));
-                                    floor = heap.floor_score();
-                                }
+                        for &i in &hits {
+                            let i = i as usize;
+                            let s = scores[i] - taken.get(i).copied().unwrap_or(0);
+                            if s > floor {
+                                heap.push(Candidates::key(s, (start + i) as u32));
+                                floor = heap.floor_score();
                             }
                         }
                     }
@@ -500,9 +506,13 @@ pub(crate) fn rescore(
     let dim = query.len();
     let ids = shard.ids();
     let mut top = TopK::new(k);
-    for row in rows {
+    let all = shard.rows();
+    for (i, &row) in rows.iter().enumerate() {
+        if let Some(&ahead) = rows.get(i + PREFETCH_ROWS) {
+            all.prefetch(dim, ahead as usize);
+        }
         let r = row as usize;
-        let v = shard.rows().block(dim, r, r + 1, scratch);
+        let v = all.block(dim, r, r + 1, scratch);
         let score = dot(v, query);
         if !score.is_finite() {
             // A NaN or infinity in the row makes the score one; the row check names it.

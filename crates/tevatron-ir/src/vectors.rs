@@ -185,6 +185,29 @@ pub enum Rows<'a> {
 }
 
 impl<'a> Rows<'a> {
+    /// Asks the CPU to start fetching row `r`'s cache lines (a hint: nothing is read, nothing
+    /// can fault). Rescoring reads candidate rows scattered over a memory map far larger than
+    /// the caches; without a hint each row's loads wait on memory in turn (86% of the
+    /// rescoring's samples stalled on them in a binary search of 1M x 384).
+    #[inline]
+    pub fn prefetch(&self, dim: usize, r: usize) {
+        let bytes: &[u8] = match self {
+            Rows::F32(x) => bytemuck::cast_slice(&x[r * dim..(r + 1) * dim]),
+            Rows::F16(x) => bytemuck::cast_slice(&x[r * dim..(r + 1) * dim]),
+            Rows::BF16(x) => bytemuck::cast_slice(&x[r * dim..(r + 1) * dim]),
+        };
+        #[cfg(target_arch = "x86_64")]
+        for line in bytes.chunks(64) {
+            // SAFETY: a prefetch of an address inside the borrowed row; SSE is part of x86-64.
+            unsafe {
+                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+                _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast());
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = bytes;
+    }
+
     /// Rows `start..end` as f32: borrowed when the file holds F32, else widened into
     /// `scratch` (a buffer reused across blocks) and borrowed from there.
     pub fn block<'b>(
