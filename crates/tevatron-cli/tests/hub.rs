@@ -189,6 +189,14 @@ fn a_hub_id_brings_its_sentence_transformers_modules() {
     assert_eq!(hub, safetensors_embeddings(&d.join("local.safetensors")));
     let rows = std::fs::read_to_string(repo().join("testdata/toy/corpus.jsonl")).unwrap();
     assert_eq!(hub.len(), rows.lines().count() * 12 * 4, "the last Dense module's 12 dimensions");
+    // A cache filled without the module folders (by an earlier build) is completed online, and
+    // offline the missing file is named.
+    let snapshot = d.join("cache/models--acme--st-dense/snapshots").join(COMMIT);
+    std::fs::remove_dir_all(snapshot.join("3_Dense")).unwrap();
+    let offline = [("HF_HUB_OFFLINE", "1"), ("HF_HUB_CACHE", cache.as_str())];
+    fails_with(encode(d, "acme/st-dense", "x.safetensors", &offline), "3_Dense");
+    ok(encode(d, "acme/st-dense", "again.safetensors", &env));
+    assert_eq!(safetensors_embeddings(&d.join("again.safetensors")), hub);
 }
 
 #[test]

@@ -229,3 +229,78 @@ fn merge_lora_writes_a_model_that_encodes_as_the_adapter_does() {
     assert_eq!(merged, with_adapter);
     assert_ne!(merged, plain);
 }
+
+/// LoRA on a sentence-transformers base with Dense modules: the Dense modules stay frozen and
+/// apply to what the adapter's backbone pools, and `merge-lora` keeps the base's modules, so the
+/// merged folder embeds as the base with the adapter does, at the last Dense module's width.
+#[test]
+fn lora_on_a_sentence_transformers_base_keeps_its_dense_modules() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = path("testdata/tiny/bert-st-dense");
+    let cache = dir.path().join("cache").to_string_lossy().into_owned();
+    let train = path("testdata/train/tiny.jsonl");
+    ok(tevatron(
+        dir.path(),
+        &[
+            "train",
+            "--output_dir",
+            "adapter",
+            "--model_name_or_path",
+            &base,
+            "--dataset_path",
+            &train,
+            "--dataset_cache_dir",
+            &cache,
+            "--per_device_train_batch_size",
+            "4",
+            "--train_group_size",
+            "2",
+            "--query_max_len",
+            "16",
+            "--passage_max_len",
+            "32",
+            "--learning_rate",
+            "1e-2",
+            "--max_steps",
+            "3",
+            "--lora",
+            "--lora_r",
+            "4",
+            "--lora_target_modules",
+            "query,value",
+            "--save_strategy",
+            "no",
+            "--quiet",
+        ],
+    ));
+    let adapter = dir.path().join("adapter").to_string_lossy().into_owned();
+    assert!(!names(Path::new(&adapter)).iter().any(|f| f.contains("Dense")), "frozen, not saved");
+    ok(tevatron(
+        dir.path(),
+        &[
+            "merge-lora",
+            "--model_name_or_path",
+            &base,
+            "--lora_name_or_path",
+            &adapter,
+            "--output_dir",
+            "merged",
+        ],
+    ));
+    let files = names(&dir.path().join("merged"));
+    for f in ["modules.json", "1_Pooling", "2_Dense", "3_Dense"] {
+        assert!(files.contains(&f.to_string()), "{f} missing from {files:?}");
+    }
+    // The folder's own pooling and normalisation: no flags.
+    let run = |model: &str, out: &str, extra: &[&str]| {
+        ok(common::encode_toy(dir.path(), model, out, &[&["--quiet"][..], extra].concat()));
+        embeddings(&std::fs::read(dir.path().join(out)).unwrap())
+    };
+    let merged = run("merged", "merged.safetensors", &[]);
+    let with_adapter = run(&base, "adapter.safetensors", &["--lora_name_or_path", &adapter]);
+    let plain = run(&base, "base.safetensors", &[]);
+    assert_eq!(merged, with_adapter);
+    assert_ne!(merged, plain);
+    let rows = std::fs::read_to_string(repo().join("testdata/toy/corpus.jsonl")).unwrap();
+    assert_eq!(merged.len(), rows.lines().count() * 12 * 4, "the last Dense module's width");
+}

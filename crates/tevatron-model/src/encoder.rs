@@ -393,11 +393,24 @@ impl Encoder {
         });
         let tokenizer = TextTokenizer::load(&tok_dir)?;
 
-        let folder_settings = st.as_ref().map(|st| (st.pooling, st.normalize));
+        // A retriever runs the folder's pipeline after the Transformer, so what of it cannot
+        // run is refused; a cross-encoder's head replaces that pipeline.
+        let retriever = opts.score_head.is_none();
+        if let Some(why) = st.as_ref().and_then(|s| s.unsupported.clone()).filter(|_| retriever) {
+            return Err(Error::Invalid(why));
+        }
+        let folder_pooling = st.as_ref().and_then(|s| s.pooling.clone()?.ok());
+        let folder_settings = st.as_ref().map(|st| (folder_pooling, st.normalize));
         let (pooling, normalize, mut defaults) =
             resolve_pooling(folder_settings, opts.pooling, opts.normalize);
         if let DefaultsSource::SentenceTransformers(what) = &mut defaults {
-            let stated = st.as_ref().and_then(|s| s.pooling).is_some();
+            // The folder's pooling is in force: one it states but we cannot run is refused.
+            if let Some(Err(why)) =
+                st.as_ref().and_then(|s| s.pooling.clone()).filter(|_| retriever)
+            {
+                return Err(Error::Invalid(why));
+            }
+            let stated = folder_pooling.is_some();
             let pooling = if stated {
                 format!("pooling {}", pooling.name())
             } else {
@@ -514,6 +527,14 @@ impl Encoder {
                 }
                 dense.push(d);
             }
+            if !dense.is_empty() {
+                let steps: Vec<String> = dense.iter().map(Dense::describe).collect();
+                tracing::info!(
+                    "{}: sentence-transformers Dense modules after pooling: {}",
+                    model_dir.display(),
+                    steps.join("; ")
+                );
+            }
         }
         let mut adapters = None;
         if let Some(plan) = &plan {
@@ -586,15 +607,16 @@ impl Encoder {
         self.backbone.forward(batch, mode)
     }
 
-    /// Pooled (and, if configured, normalised) representations `(b, h)`, in F32 (F64 for an
-    /// F64 model).
+    /// Pooled representations (projected by the folder's Dense modules, and normalised if
+    /// configured) `(b, output_width)`, in F32 (F64 for an F64 model).
     pub fn encode(&self, batch: &Batch, mode: Mode) -> candle_core::Result<Tensor> {
         let hidden = self.hidden_states(batch, mode)?;
         self.represent(&hidden, batch, mode)
     }
 
-    /// Pools last hidden states `(b, l, h)` into representations (and normalises them); for a
-    /// cross-encoder, the score head's logits `(b, 1)` instead.
+    /// Pools last hidden states `(b, l, h)` into representations (through the folder's Dense
+    /// modules, then normalised if configured); for a cross-encoder, the score head's logits
+    /// `(b, 1)` instead.
     pub fn represent(
         &self,
         hidden: &Tensor,
@@ -622,41 +644,9 @@ impl Encoder {
         self.backbone.as_ref()
     }
 
-    fn write_st_modules(&self, dir: &Path) -> Result<()> {
-        let write = |path: PathBuf, value: serde_json::Value| -> Result<()> {
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(|source| Error::Write { path: parent.to_path_buf(), source })?;
-            }
-            let text = serde_json::to_string_pretty(&value).unwrap_or_default();
-            std::fs::write(&path, text + "\n").map_err(|source| Error::Write { path, source })
-        };
-        let module = |idx: usize, path: &str, ty: &str| {
-            serde_json::json!({"idx": idx, "name": idx.to_string(), "path": path,
-                               "type": format!("sentence_transformers.models.{ty}")})
-        };
-        let mut modules = vec![module(0, "", "Transformer"), module(1, "1_Pooling", "Pooling")];
-        for (i, d) in self.dense.iter().enumerate() {
-            let folder = st_modules::dense_folder(i);
-            d.save(&dir.join(&folder))?;
-            modules.push(module(modules.len(), &folder, "Dense"));
-        }
-        if self.normalize {
-            let folder = format!("{}_Normalize", modules.len());
-            modules.push(module(modules.len(), &folder, "Normalize"));
-            std::fs::create_dir_all(dir.join(&folder))
-                .map_err(|source| Error::Write { path: dir.join(&folder), source })?;
-        }
-        write(dir.join("modules.json"), serde_json::Value::from(modules))?;
-        let mut pooling = serde_json::Map::new();
-        pooling.insert("word_embedding_dimension".into(), self.hidden_size().into());
-        pooling.extend(self.pooling.st_modes());
-        pooling.insert("include_prompt".into(), true.into());
-        write(dir.join("1_Pooling/config.json"), serde_json::Value::Object(pooling))
-    }
-
-    /// Every tensor a saved model holds, by Hugging Face name: the trainable variables'
-    /// current values and the untouched unused tensors.
+    /// Every tensor a saved model's weights file holds, by Hugging Face name: the trainable
+    /// variables' current values and the untouched unused tensors (sentence-transformers Dense
+    /// modules' are saved in their own folders).
     pub fn state_dict(&self) -> Vec<(String, Tensor)> {
         let mut out: Vec<(String, Tensor)> =
             self.unused.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -706,7 +696,7 @@ impl Encoder {
         let config = self.weights_dir.join("config.json");
         std::fs::copy(&config, dir.join("config.json"))
             .map_err(|source| Error::Write { path: dir.join("config.json"), source })?;
-        self.write_st_modules(dir)?;
+        st_modules::write(dir, self.hidden_size(), self.pooling, &self.dense, self.normalize)?;
         let tensors: Vec<(String, Tensor)> = self
             .state_dict()
             .into_iter()
@@ -873,7 +863,8 @@ impl Encoder {
         self.embed_sequences(&seqs, &opts)
     }
 
-    /// Width of the backbone's hidden states (and of a retriever's representations).
+    /// Width of the backbone's hidden states (a retriever's representations are
+    /// [`Encoder::output_width`] wide).
     pub fn hidden_size(&self) -> usize {
         self.config.hidden_size()
     }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use hf_hub::{Cache, Repo, RepoType};
 
-use crate::{Error, Result};
+use crate::{st_modules, Error, Result};
 
 /// Files a model folder may need; the first two are required.
 const MODEL_FILES: &[&str] = &[
@@ -78,7 +78,10 @@ pub fn resolve_model(name_or_path: &str, cache: Option<&Path>) -> Result<PathBuf
     let repo = Repo::new(name_or_path.to_string(), RepoType::Model);
     let cached = Cache::new(cache_path.clone()).repo(repo.clone());
     if let (Some(config), Some(_)) = (cached.get("config.json"), cached.get("tokenizer.json")) {
-        if WEIGHT_FILES.iter().any(|w| cached.get(w).is_some()) {
+        // A cache filled by a build that fetched no module folders is completed when it can be.
+        if WEIGHT_FILES.iter().any(|w| cached.get(w).is_some())
+            && (modules_cached(&cached) || offline())
+        {
             let snapshot = config.parent().expect("cached file has a folder").to_path_buf();
             tracing::info!("using {name_or_path} from the hub cache at {}", snapshot.display());
             return Ok(snapshot);
@@ -97,6 +100,20 @@ pub fn resolve_model(name_or_path: &str, cache: Option<&Path>) -> Result<PathBuf
              and downloading it failed: {cause}",
             cache_path.display()
         ))
+    })
+}
+
+/// Whether a cached model holds the files its sentence-transformers modules need (true when it
+/// has no `modules.json`).
+fn modules_cached(cached: &hf_hub::CacheRepo) -> bool {
+    let Some(text) = cached.get("modules.json").and_then(|p| std::fs::read_to_string(p).ok())
+    else {
+        return true;
+    };
+    st_modules::module_folders(&text).into_iter().all(|(folder, kind)| {
+        st_modules::required_files(kind).iter().all(|alternatives| {
+            alternatives.iter().any(|f| cached.get(&format!("{folder}/{f}")).is_some())
+        })
     })
 }
 
@@ -122,16 +139,15 @@ fn download(name: &str, repo: Repo, cache_path: &Path) -> std::result::Result<Pa
             got.map_err(|e| format!("{name} has no tokenizer.json ({e})"))?;
         }
     }
-    // The sentence-transformers modules' folders: each one's config, and a Dense module's weights.
+    // The sentence-transformers modules' folders: each one's config (a Normalize folder may
+    // have none), and the files its kind needs (a Dense module's weights).
     if let Some(modules) =
         api.get("modules.json").ok().and_then(|p| std::fs::read_to_string(p).ok())
     {
-        for (folder, dense) in crate::st_modules::module_folders(&modules) {
+        for (folder, kind) in st_modules::module_folders(&modules) {
             let _ = api.get(&format!("{folder}/config.json"));
-            if dense {
-                let _ = ["model.safetensors", "pytorch_model.bin"]
-                    .iter()
-                    .find(|w| api.get(&format!("{folder}/{w}")).is_ok());
+            for alternatives in st_modules::required_files(kind) {
+                let _ = alternatives.iter().find(|f| api.get(&format!("{folder}/{f}")).is_ok());
             }
         }
     }

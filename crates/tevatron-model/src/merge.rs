@@ -9,12 +9,13 @@ use candle_core::Device;
 use crate::config::ModelConfig;
 use crate::encoder::copy_tokenizer_files;
 use crate::lora::{merge_into, Adapter};
-use crate::{weights, Error, Result};
+use crate::{st_modules, weights, Error, Result};
 
 /// `tevatron merge-lora`: writes a Hugging Face folder `out` holding the base model of
-/// `base_dir` with the adapter of `adapter_dir` folded in (`config.json`, tokenizer files and
-/// one `model.safetensors` with the base checkpoint's tensor names and dtypes), which
-/// transformers and `tevatron encode` load without PEFT. Written in `out.tmp` and renamed.
+/// `base_dir` with the adapter of `adapter_dir` folded in (`config.json`, tokenizer files, one
+/// `model.safetensors` with the base checkpoint's tensor names and dtypes, and the base's
+/// sentence-transformers modules), which transformers, sentence-transformers and `tevatron
+/// encode` load without PEFT. Written in `out.tmp` and renamed.
 pub fn write_merged(base_dir: &Path, adapter_dir: &Path, out: &Path) -> Result<()> {
     let config = ModelConfig::read(&base_dir.join("config.json"))?;
     let adapter = Adapter::load(adapter_dir, &Device::Cpu)?;
@@ -40,6 +41,9 @@ pub fn write_merged(base_dir: &Path, adapter_dir: &Path, out: &Path) -> Result<(
     std::fs::copy(base_dir.join("config.json"), tmp.join("config.json"))
         .map_err(io(&tmp.join("config.json")))?;
     copy_tokenizer_files(base_dir, &tmp)?;
+    // The base's sentence-transformers pipeline (pooling, Dense, Normalize), so that the merged
+    // folder embeds as the base with the adapter does.
+    st_modules::copy(base_dir, &tmp)?;
     weights::save(&tmp.join("model.safetensors"), tensors.into_iter().collect())?;
     if out.exists() {
         std::fs::remove_dir_all(out).map_err(io(out))?;

@@ -14,11 +14,16 @@ pub enum Pooling {
     Last,
 }
 
-/// sentence-transformers' Pooling modes that no [`Pooling`] is (written as `false`).
-const ST_OTHER_MODES: [&str; 3] = [
-    "pooling_mode_max_tokens",
-    "pooling_mode_mean_sqrt_len_tokens",
-    "pooling_mode_weightedmean_tokens",
+/// sentence-transformers' pooling modes: the key of releases before 6 (`pooling_mode_mean_tokens:
+/// true`), the name of 6 (`"pooling_mode": "mean"`), and the [`Pooling`] it is, if it is one of
+/// ours. The one table both config forms are read and written by.
+const ST_MODES: [(&str, &str, Option<Pooling>); 6] = [
+    ("pooling_mode_cls_token", "cls", Some(Pooling::Cls)),
+    ("pooling_mode_mean_tokens", "mean", Some(Pooling::Mean)),
+    ("pooling_mode_lasttoken", "lasttoken", Some(Pooling::Last)),
+    ("pooling_mode_max_tokens", "max", None),
+    ("pooling_mode_mean_sqrt_len_tokens", "mean_sqrt_len_tokens", None),
+    ("pooling_mode_weightedmean_tokens", "weightedmean", None),
 ];
 
 impl Pooling {
@@ -48,53 +53,31 @@ impl Pooling {
 
     /// The key of sentence-transformers' `1_Pooling/config.json` that selects this pooling.
     pub fn st_mode(self) -> &'static str {
-        match self {
-            Pooling::Cls => "pooling_mode_cls_token",
-            Pooling::Mean => "pooling_mode_mean_tokens",
-            Pooling::Last => "pooling_mode_lasttoken",
-        }
+        ST_MODES.iter().find(|(_, _, p)| *p == Some(self)).map_or("", |(key, _, _)| key)
     }
 
     /// The pooling a sentence-transformers Pooling config selects: `pooling_mode` (a name or a
-    /// list of names, sentence-transformers 6) or one `pooling_mode_*` key set `true` (earlier
-    /// releases). `None` when it selects none; an error, saying why, when it selects a mode we
-    /// lack (`max`, `weightedmean`, `mean_sqrt_len_tokens`) or several (their concatenation),
-    /// since pooling otherwise would give vectors of another meaning.
-    pub fn from_st_config(config: &serde_json::Value) -> std::result::Result<Option<Self>, String> {
-        let ours = |mode: &str| match mode {
-            "cls" => Some(Pooling::Cls),
-            "mean" => Some(Pooling::Mean),
-            "lasttoken" => Some(Pooling::Last),
-            _ => None,
-        };
-        let modes: Vec<String> = match &config["pooling_mode"] {
-            serde_json::Value::String(m) => vec![m.clone()],
-            serde_json::Value::Array(ms) => {
-                ms.iter().map(|m| m.as_str().unwrap_or("?").to_string()).collect()
-            }
-            serde_json::Value::Null => {
-                let keys = Self::ALL.iter().map(|p| p.st_mode()).chain(ST_OTHER_MODES);
-                let on = keys.filter(|k| config[*k].as_bool().unwrap_or(false));
-                on.map(|k| {
-                    let mode = k.trim_start_matches("pooling_mode_");
-                    let mode = mode.strip_suffix("_token").unwrap_or(mode);
-                    match mode {
-                        "mean_tokens" => "mean",
-                        "max_tokens" => "max",
-                        "weightedmean_tokens" => "weightedmean",
-                        other => other,
-                    }
-                    .to_string()
-                })
-                .collect()
-            }
+    /// list of names, sentence-transformers 6) or the `pooling_mode_*` keys set `true` (earlier
+    /// releases); mean when it selects none, as sentence-transformers reads such a config. An
+    /// error, saying why, when it selects a mode we lack (`max`, `weightedmean`,
+    /// `mean_sqrt_len_tokens`) or several (their concatenation): pooling otherwise would give
+    /// vectors of another meaning.
+    pub fn from_st_config(config: &serde_json::Value) -> std::result::Result<Self, String> {
+        let modes: Vec<&str> = match &config["pooling_mode"] {
+            serde_json::Value::String(m) => vec![m.as_str()],
+            serde_json::Value::Array(ms) => ms.iter().map(|m| m.as_str().unwrap_or("?")).collect(),
+            serde_json::Value::Null => ST_MODES
+                .iter()
+                .filter(|(key, _, _)| config[*key].as_bool().unwrap_or(false))
+                .map(|(_, name, _)| *name)
+                .collect(),
             other => return Err(format!("pooling_mode {other} is neither a name nor a list")),
         };
         match modes.as_slice() {
-            [] => Ok(None),
-            [one] => ours(one).map(Some).ok_or_else(|| {
-                format!("pooling mode {one} is not one of ours (cls, mean, lasttoken)")
-            }),
+            [] => Ok(Pooling::Mean),
+            [one] => ST_MODES.iter().find(|(_, name, _)| name == one).and_then(|(_, _, p)| *p).ok_or_else(
+                || format!("pooling mode {one} is not one of ours (cls, mean, lasttoken)"),
+            ),
             several => Err(format!(
                 "pooling modes {} are concatenated; only one mode (cls, mean or lasttoken) is supported",
                 several.join(", ")
@@ -104,9 +87,10 @@ impl Pooling {
 
     /// Every mode key of a sentence-transformers Pooling config, this pooling's `true`.
     pub fn st_modes(self) -> serde_json::Map<String, serde_json::Value> {
-        let ours = Self::ALL.into_iter().map(|p| (p.st_mode(), p == self));
-        let others = ST_OTHER_MODES.into_iter().map(|k| (k, false));
-        ours.chain(others).map(|(k, on)| (k.to_string(), serde_json::Value::Bool(on))).collect()
+        ST_MODES
+            .iter()
+            .map(|(key, _, p)| (key.to_string(), serde_json::Value::Bool(*p == Some(self))))
+            .collect()
     }
 
     /// Pools `hidden` `(b, l, h)` under `mask` `(b, l)` into `(b, h)`.
@@ -165,7 +149,7 @@ mod tests {
         for p in Pooling::ALL {
             assert_eq!(Pooling::parse(p.name()), Some(p));
             let config = serde_json::Value::Object(p.st_modes());
-            assert_eq!(Pooling::from_st_config(&config), Ok(Some(p)));
+            assert_eq!(Pooling::from_st_config(&config), Ok(p));
             assert_eq!(
                 config.as_object().unwrap().values().filter(|v| v.as_bool() == Some(true)).count(),
                 1
@@ -176,17 +160,22 @@ mod tests {
         let max = serde_json::json!({"pooling_mode_max_tokens": true});
         assert!(Pooling::from_st_config(&max).unwrap_err().contains("max is not one of ours"));
         let none = serde_json::json!({"pooling_mode_cls_token": false});
-        assert_eq!(Pooling::from_st_config(&none), Ok(None));
+        assert_eq!(
+            Pooling::from_st_config(&none),
+            Ok(Pooling::Mean),
+            "sentence-transformers' default"
+        );
+        assert_eq!(Pooling::from_st_config(&serde_json::json!({})), Ok(Pooling::Mean));
     }
 
     #[test]
     fn sentence_transformers_6_pooling_modes_are_read() {
         let mode =
             |m: serde_json::Value| Pooling::from_st_config(&serde_json::json!({"pooling_mode": m}));
-        assert_eq!(mode("mean".into()), Ok(Some(Pooling::Mean)));
-        assert_eq!(mode("cls".into()), Ok(Some(Pooling::Cls)));
-        assert_eq!(mode("lasttoken".into()), Ok(Some(Pooling::Last)));
-        assert_eq!(mode(serde_json::json!(["mean"])), Ok(Some(Pooling::Mean)));
+        assert_eq!(mode("mean".into()), Ok(Pooling::Mean));
+        assert_eq!(mode("cls".into()), Ok(Pooling::Cls));
+        assert_eq!(mode("lasttoken".into()), Ok(Pooling::Last));
+        assert_eq!(mode(serde_json::json!(["mean"])), Ok(Pooling::Mean));
         assert!(mode("weightedmean".into()).unwrap_err().contains("weightedmean"));
         assert!(mode(serde_json::json!(["cls", "mean"])).unwrap_err().contains("cls, mean"));
         assert!(mode(serde_json::json!(3)).unwrap_err().contains("neither"));

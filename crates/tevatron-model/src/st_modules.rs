@@ -2,11 +2,13 @@
 //! sub-folder holding the Transformer, its Pooling, the Dense projections applied to the pooled
 //! vector, and Normalize. Read so that a folder embeds as `SentenceTransformer` embeds it, and
 //! written back so that `SentenceTransformer` loads what we save. Modules are matched by class
-//! name, which reads both the `sentence_transformers.models.Dense` names of releases before 6
-//! and the `sentence_transformers.base.modules.dense.Dense` names of 6. A module this crate
-//! cannot run is refused by name: skipping it would give vectors of another width or meaning.
+//! name within the `sentence_transformers` package, which reads both the
+//! `sentence_transformers.models.Dense` names of releases before 6 and the
+//! `sentence_transformers.base.modules.dense.Dense` names of 6. A module this crate cannot run
+//! is refused by name where it would be used: skipping it would give vectors of another width
+//! or meaning.
 
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -17,21 +19,43 @@ use crate::{weights, Error, Result};
 pub(crate) struct StModules {
     /// The Transformer module's sub-folder (empty or absent: the folder itself).
     pub transformer_dir: Option<String>,
-    /// The Pooling module's mode, if it has one.
-    pub pooling: Option<Pooling>,
+    /// The Pooling module's mode, if the folder has one; why it cannot run here, if so (it
+    /// matters only where the folder's pooling is used).
+    pub pooling: Option<std::result::Result<Pooling, String>>,
     /// The Dense modules after pooling, in order, with their sub-folders.
     pub dense: Vec<(PathBuf, DenseConfig)>,
     /// Whether a Normalize module ends the pipeline.
     pub normalize: bool,
+    /// Why the pipeline after the Transformer cannot run here (a module of another kind, a
+    /// Dense that cannot run, modules out of order), naming the file: an error for a retriever,
+    /// nothing for a cross-encoder, whose score head replaces the pipeline.
+    pub unsupported: Option<String>,
 }
 
-/// A Dense module's `config.json`, as sentence-transformers writes it.
-#[derive(Clone, Debug, PartialEq)]
-pub(crate) struct DenseConfig {
-    in_features: usize,
-    out_features: usize,
-    bias: bool,
-    activation: Activation,
+/// The kinds of module this crate runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Transformer,
+    Pooling,
+    Dense,
+    Normalize,
+}
+
+impl Kind {
+    /// The kind a `modules.json` type names: a class of the `sentence_transformers` package,
+    /// by its last name (remote-code classes of the same names are not ours).
+    fn of(ty: &str) -> Option<Self> {
+        if !ty.starts_with("sentence_transformers.") {
+            return None;
+        }
+        match ty.rsplit('.').next().unwrap_or(ty) {
+            "Transformer" => Some(Kind::Transformer),
+            "Pooling" => Some(Kind::Pooling),
+            "Dense" => Some(Kind::Dense),
+            "Normalize" => Some(Kind::Normalize),
+            _ => None,
+        }
+    }
 }
 
 /// The activations a Dense module may name (`torch.nn` classes).
@@ -65,9 +89,13 @@ impl Activation {
     }
 }
 
-/// The class name a `modules.json` type ends with.
-fn class_name(ty: &str) -> &str {
-    ty.rsplit('.').next().unwrap_or(ty)
+/// A Dense module's `config.json`, as sentence-transformers writes it.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct DenseConfig {
+    in_features: usize,
+    out_features: usize,
+    bias: bool,
+    activation: Activation,
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
@@ -76,72 +104,196 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
     serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_path_buf(), source })
 }
 
+/// Whether a module's `path` stays inside the model folder (sentence-transformers refuses the
+/// others too): no root, no `..`.
+fn inside(path: &str) -> bool {
+    Path::new(path).components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+}
+
+/// The modules a `modules.json` text lists, as (type, sub-folder) pairs; an error naming
+/// `path` when it is not a list or a sub-folder leaves the model folder.
+fn entries(text: &str, path: &Path) -> Result<Vec<(String, String)>> {
+    let invalid = |what: String| Error::Invalid(format!("{}: {what}", path.display()));
+    let modules: serde_json::Value = serde_json::from_str(text)
+        .map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
+    let modules = modules.as_array().ok_or_else(|| invalid("not a list of modules".into()))?;
+    modules
+        .iter()
+        .map(|m| {
+            let ty = m["type"].as_str().unwrap_or_default().to_string();
+            let sub = m["path"].as_str().unwrap_or_default().to_string();
+            if inside(&sub) {
+                Ok((ty, sub))
+            } else {
+                Err(invalid(format!("module path {sub:?} leaves the model folder")))
+            }
+        })
+        .collect()
+}
+
 /// Reads `dir/modules.json`; `None` when the folder has none.
 pub(crate) fn read(dir: &Path) -> Result<Option<StModules>> {
     let path = dir.join("modules.json");
     if !path.is_file() {
         return Ok(None);
     }
-    let modules = read_json(&path)?;
-    let invalid = |what: String| Error::Invalid(format!("{}: {what}", path.display()));
-    let modules = modules.as_array().ok_or_else(|| invalid("not a list of modules".into()))?;
-    let mut st =
-        StModules { transformer_dir: None, pooling: None, dense: vec![], normalize: false };
-    for (i, m) in modules.iter().enumerate() {
-        let ty = m["type"].as_str().unwrap_or_default();
-        let sub = m["path"].as_str().unwrap_or_default();
-        let order = |ok: bool, what: &str| {
-            if ok {
-                Ok(())
-            } else {
-                Err(invalid(format!("module {i} ({ty}) {what}")))
-            }
+    let text = std::fs::read_to_string(&path)
+        .map_err(|source| Error::Read { path: path.clone(), source })?;
+    let mut st = StModules {
+        transformer_dir: None,
+        pooling: None,
+        dense: vec![],
+        normalize: false,
+        unsupported: None,
+    };
+    for (i, (ty, sub)) in entries(&text, &path)?.into_iter().enumerate() {
+        let problem = |what: &str| format!("{}: module {i} ({ty}) {what}", path.display());
+        let kind = Kind::of(&ty);
+        let out_of_order = match kind {
+            Some(Kind::Transformer) => i != 0,
+            Some(Kind::Pooling) => i == 0 || !st.dense.is_empty() || st.normalize,
+            Some(Kind::Dense) => st.pooling.is_none() || st.normalize,
+            Some(Kind::Normalize) => i == 0,
+            None => false,
         };
-        match class_name(ty) {
-            "Transformer" => {
-                order(i == 0, "comes after other modules; it must be the first")?;
+        if out_of_order {
+            st.unsupported.get_or_insert_with(|| problem("is out of the order this crate runs (Transformer, Pooling, Dense..., Normalize)"));
+            continue;
+        }
+        match kind {
+            Some(Kind::Transformer) => {
                 if !sub.is_empty() {
-                    st.transformer_dir = Some(sub.to_string());
+                    st.transformer_dir = Some(sub);
                 }
             }
-            "Pooling" => {
-                order(i > 0 && st.dense.is_empty() && !st.normalize, "is out of order")?;
-                let cfg_path = dir.join(sub).join("config.json");
-                st.pooling = Pooling::from_st_config(&read_json(&cfg_path)?)
-                    .map_err(|why| Error::Invalid(format!("{}: {why}", cfg_path.display())))?;
+            Some(Kind::Pooling) => {
+                let cfg_path = dir.join(&sub).join("config.json");
+                let mode = Pooling::from_st_config(&read_json(&cfg_path)?);
+                st.pooling = Some(mode.map_err(|why| format!("{}: {why}", cfg_path.display())));
             }
-            "Dense" => {
-                order(!st.normalize, "comes after Normalize, which this crate cannot run")?;
-                let cfg_path = dir.join(sub).join("config.json");
-                let config = DenseConfig::parse(&read_json(&cfg_path)?)
-                    .map_err(|why| Error::Invalid(format!("{}: {why}", cfg_path.display())))?;
-                st.dense.push((dir.join(sub), config));
+            Some(Kind::Dense) => {
+                let cfg_path = dir.join(&sub).join("config.json");
+                match DenseConfig::parse(&read_json(&cfg_path)?) {
+                    Ok(config) => st.dense.push((dir.join(&sub), config)),
+                    Err(why) => {
+                        st.unsupported
+                            .get_or_insert_with(|| format!("{}: {why}", cfg_path.display()));
+                    }
+                }
             }
-            "Normalize" => st.normalize = true,
-            _ => {
-                return Err(invalid(format!(
-                    "module {i} has type {ty:?}, which this crate cannot run (it runs Transformer, \
-                     Pooling, Dense and Normalize modules)"
-                )))
+            Some(Kind::Normalize) => st.normalize = true,
+            None => {
+                st.unsupported.get_or_insert_with(|| {
+                    problem("is a module this crate cannot run (it runs sentence-transformers' Transformer, Pooling, Dense and Normalize)")
+                });
             }
         }
     }
     Ok(Some(st))
 }
 
-/// The sub-folders of the modules a `modules.json` text lists after the Transformer, each with
-/// whether it is a Dense module (which has weights): what to download from the hub beside the
-/// model. Unreadable text lists none (loading reports it).
-pub(crate) fn module_folders(modules_json: &str) -> Vec<(String, bool)> {
-    let modules: Vec<serde_json::Value> = serde_json::from_str(modules_json).unwrap_or_default();
-    modules
-        .iter()
-        .filter_map(|m| {
-            let ty = m["type"].as_str().unwrap_or_default();
-            let path = m["path"].as_str().filter(|p| !p.is_empty())?;
-            (class_name(ty) != "Transformer").then(|| (path.to_string(), class_name(ty) == "Dense"))
-        })
+/// The sub-folders of the modules a `modules.json` text lists after the Transformer, with
+/// their kinds: what to download from the hub beside the model. Unreadable text, and paths
+/// that would leave the folder, list none (loading reports them).
+pub(crate) fn module_folders(modules_json: &str) -> Vec<(String, Option<Kind>)> {
+    entries(modules_json, Path::new("modules.json"))
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(ty, sub)| !sub.is_empty() && Kind::of(ty) != Some(Kind::Transformer))
+        .map(|(ty, sub)| (sub, Kind::of(&ty)))
         .collect()
+}
+
+/// The files a module folder of `kind` must have, the weights as alternatives: a Pooling's and
+/// a Dense module's config, a Dense module's weights (what a hub cache must hold before it is
+/// used without downloading).
+pub(crate) fn required_files(kind: Option<Kind>) -> Vec<&'static [&'static str]> {
+    match kind {
+        Some(Kind::Pooling) => vec![&["config.json"]],
+        Some(Kind::Dense) => vec![&["config.json"], &["model.safetensors", "pytorch_model.bin"]],
+        _ => vec![],
+    }
+}
+
+/// Copies the sentence-transformers files of `from` into `to` (a model rewritten with the same
+/// pipeline, such as a merged LoRA adapter): `modules.json`, the package's own config files, and
+/// every module folder's files.
+pub(crate) fn copy(from: &Path, to: &Path) -> Result<()> {
+    let copy_file = |src: PathBuf, dst: PathBuf| -> Result<()> {
+        if let Some(parent) = dst.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|source| Error::Write { path: parent.to_path_buf(), source })?;
+        }
+        std::fs::copy(&src, &dst).map(|_| ()).map_err(|source| Error::Write { path: dst, source })
+    };
+    let modules = from.join("modules.json");
+    if !modules.is_file() {
+        return Ok(());
+    }
+    for f in ["modules.json", "config_sentence_transformers.json", "sentence_bert_config.json"] {
+        if from.join(f).is_file() {
+            copy_file(from.join(f), to.join(f))?;
+        }
+    }
+    let text = std::fs::read_to_string(&modules)
+        .map_err(|source| Error::Read { path: modules.clone(), source })?;
+    for (ty, sub) in entries(&text, &modules)? {
+        if sub.is_empty() || Kind::of(&ty) == Some(Kind::Transformer) {
+            continue;
+        }
+        std::fs::create_dir_all(to.join(&sub))
+            .map_err(|source| Error::Write { path: to.join(&sub), source })?;
+        let listing = std::fs::read_dir(from.join(&sub))
+            .map_err(|source| Error::Read { path: from.join(&sub), source })?;
+        for entry in listing.flatten() {
+            if entry.path().is_file() {
+                copy_file(entry.path(), to.join(&sub).join(entry.file_name()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes the modules of a model we save into `dir`: `modules.json` (Transformer, Pooling of
+/// `pooling` over vectors of `width`, `dense` in order, Normalize when `normalize`), the Pooling
+/// config, and each Dense module's folder, numbered as [`dense_folder`] names them.
+pub(crate) fn write(
+    dir: &Path,
+    width: usize,
+    pooling: Pooling,
+    dense: &[Dense],
+    normalize: bool,
+) -> Result<()> {
+    let write = |path: PathBuf, value: serde_json::Value| -> Result<()> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|source| Error::Write { path: parent.to_path_buf(), source })?;
+        }
+        let text = serde_json::to_string_pretty(&value).unwrap_or_default();
+        std::fs::write(&path, text + "\n").map_err(|source| Error::Write { path, source })
+    };
+    let module = |idx: usize, path: &str, ty: &str| {
+        serde_json::json!({"idx": idx, "name": idx.to_string(), "path": path,
+                           "type": format!("sentence_transformers.models.{ty}")})
+    };
+    let mut modules = vec![module(0, "", "Transformer"), module(1, "1_Pooling", "Pooling")];
+    for (i, d) in dense.iter().enumerate() {
+        let folder = dense_folder(i);
+        d.save(&dir.join(&folder))?;
+        modules.push(module(modules.len(), &folder, "Dense"));
+    }
+    if normalize {
+        let folder = format!("{}_Normalize", modules.len());
+        modules.push(module(modules.len(), &folder, "Normalize"));
+        std::fs::create_dir_all(dir.join(&folder))
+            .map_err(|source| Error::Write { path: dir.join(&folder), source })?;
+    }
+    write(dir.join("modules.json"), serde_json::Value::from(modules))?;
+    let mut config = serde_json::Map::new();
+    config.insert("word_embedding_dimension".into(), width.into());
+    config.extend(pooling.st_modes());
+    config.insert("include_prompt".into(), true.into());
+    write(dir.join("1_Pooling/config.json"), serde_json::Value::Object(config))
 }
 
 impl DenseConfig {
@@ -209,14 +361,20 @@ impl Dense {
     /// Loads the module in `dir` (configured by `config`) onto `device`, checking that it takes
     /// vectors of `width`.
     pub fn load(dir: &Path, config: &DenseConfig, width: usize, device: &Device) -> Result<Self> {
-        let bad = |what: String| Error::Weights { path: dir.to_path_buf(), what };
         if config.in_features != width {
-            return Err(bad(format!(
-                "in_features is {}, but the vectors before it have {width} dimensions",
+            return Err(Error::Invalid(format!(
+                "{}: in_features is {}, but the vectors before it have {width} dimensions",
+                dir.join("config.json").display(),
                 config.in_features
             )));
         }
         let mut tensors = weights::load(dir, &[], device)?;
+        let file = ["model.safetensors", "pytorch_model.bin"]
+            .iter()
+            .map(|f| dir.join(f))
+            .find(|f| f.is_file())
+            .unwrap_or_else(|| dir.to_path_buf());
+        let bad = |what: String| Error::Weights { path: file.clone(), what };
         let mut take = |name: &str, shape: &[usize]| -> Result<Tensor> {
             let t = tensors.remove(name).ok_or_else(|| bad(format!("no tensor {name}")))?;
             if t.dims() != shape {
@@ -255,8 +413,16 @@ impl Dense {
         Ok(vars)
     }
 
-    /// `activation(x W^T + b)` for `x` `(b, in)`, in `x`'s dtype.
+    /// What it does, for the log: `32 -> 16, Tanh`.
+    pub fn describe(&self) -> String {
+        let activation = self.config.activation.name().rsplit('.').next().unwrap_or_default();
+        format!("{} -> {}, {activation}", self.config.in_features, self.config.out_features)
+    }
+
+    /// `activation(x W^T + b)` for `x` `(b, in)`, in `x`'s dtype. `x` is made contiguous first:
+    /// a first- or last-token pool is a strided view, which CUDA's matrix product refuses.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = x.contiguous()?;
         let y = x.matmul(&self.weight.to_dtype(x.dtype())?.t()?)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?)?,
@@ -277,8 +443,8 @@ impl Dense {
     }
 }
 
-/// The sub-folder the `i`-th Dense module is saved in (after the Transformer and Pooling), and
-/// the prefix of its variables' names: `2_Dense/linear.weight`.
+/// The sub-folder the `i`-th Dense module is saved in by [`write`] (after the Transformer and
+/// Pooling), and the prefix of its variables' names: `2_Dense/linear.weight`.
 pub(crate) fn dense_folder(i: usize) -> String {
     format!("{}_Dense", 2 + i)
 }
@@ -301,7 +467,7 @@ mod tests {
     fn both_generations_of_module_names_are_read() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("1_Pooling")).unwrap();
-        std::fs::write(dir.path().join("1_Pooling/config.json"), r#"{"pooling_mode": "mean"}"#)
+        std::fs::write(dir.path().join("1_Pooling/config.json"), r#"{"pooling_mode": "cls"}"#)
             .unwrap();
         for (t, p, n) in [
             (
@@ -319,36 +485,49 @@ mod tests {
                 (format!("{t}Transformer"), format!("{p}Pooling"), format!("{n}Normalize"));
             write_modules(dir.path(), &[(&t, ""), (&p, "1_Pooling"), (&n, "2_Normalize")]);
             let st = read(dir.path()).unwrap().unwrap();
-            assert_eq!(st.pooling, Some(Pooling::Mean));
+            assert_eq!(st.pooling, Some(Ok(Pooling::Cls)));
             assert!(st.normalize);
             assert!(st.transformer_dir.is_none() && st.dense.is_empty());
+            assert_eq!(st.unsupported, None);
         }
     }
 
+    /// What cannot run is kept as the reason, naming the file: a retriever refuses it, a
+    /// cross-encoder (whose head replaces the pipeline) does not need it.
     #[test]
-    fn modules_that_cannot_run_are_refused_by_name() {
+    fn modules_that_cannot_run_are_named() {
         let dir = tempfile::tempdir().unwrap();
-        let t = "sentence_transformers.models.Transformer";
-        write_modules(dir.path(), &[(t, ""), ("sentence_transformers.models.WordWeights", "1_W")]);
-        let err = read(dir.path()).err().unwrap().to_string();
-        assert!(err.contains("modules.json") && err.contains("WordWeights"), "{err}");
+        let (t, pool) =
+            ("sentence_transformers.models.Transformer", "sentence_transformers.models.Pooling");
+        std::fs::create_dir_all(dir.path().join("1_Pooling")).unwrap();
+        std::fs::write(dir.path().join("1_Pooling/config.json"), r#"{"pooling_mode": "max"}"#)
+            .unwrap();
+        let unsupported = |modules: &[(&str, &str)]| {
+            write_modules(dir.path(), modules);
+            read(dir.path()).unwrap().unwrap().unsupported.unwrap_or_default()
+        };
+        for ty in ["sentence_transformers.models.WordWeights", "custom_st.Dense"] {
+            let why = unsupported(&[(t, ""), (ty, "1_W")]);
+            assert!(why.contains("modules.json") && why.contains(ty), "{why}");
+        }
+        write_modules(dir.path(), &[(t, ""), (pool, "1_Pooling")]);
+        let st = read(dir.path()).unwrap().unwrap();
+        let why = st.pooling.unwrap().unwrap_err();
+        assert!(why.contains("1_Pooling/config.json") && why.contains("max"), "{why}");
 
         std::fs::create_dir_all(dir.path().join("2_Dense")).unwrap();
         let dense = |cfg: serde_json::Value| {
             std::fs::write(dir.path().join("2_Dense/config.json"), cfg.to_string()).unwrap();
             write_modules(
                 dir.path(),
-                &[(t, ""), ("sentence_transformers.models.Dense", "2_Dense")],
+                &[(t, ""), (pool, "1_Pooling"), ("sentence_transformers.models.Dense", "2_Dense")],
             );
-            read(dir.path()).map(|st| st.unwrap().dense[0].1.clone())
+            let st = read(dir.path()).unwrap().unwrap();
+            st.dense.first().map(|d| d.1.clone()).ok_or(st.unsupported.unwrap_or_default())
         };
-        let ok = dense(serde_json::json!({"in_features": 4, "out_features": 2}));
-        let ok = ok.unwrap();
-        assert_eq!(
-            (ok.bias, ok.activation),
-            (true, Activation::Tanh),
-            "sentence-transformers' defaults"
-        );
+        let ok = dense(serde_json::json!({"in_features": 4, "out_features": 2})).unwrap();
+        let defaults = (ok.bias, ok.activation);
+        assert_eq!(defaults, (true, Activation::Tanh), "sentence-transformers' defaults");
         for (cfg, why) in [
             (serde_json::json!({"in_features": 4}), "out_features"),
             (
@@ -364,19 +543,37 @@ mod tests {
                 "use_residual",
             ),
         ] {
-            let err = dense(cfg).err().unwrap().to_string();
+            let err = dense(cfg).unwrap_err();
             assert!(err.contains("2_Dense/config.json") && err.contains(why), "{err}");
         }
-        write_modules(
-            dir.path(),
-            &[
-                (t, ""),
-                ("sentence_transformers.models.Normalize", "1_Normalize"),
-                ("sentence_transformers.models.Dense", "2_Dense"),
-            ],
-        );
-        let err = read(dir.path()).err().unwrap().to_string();
-        assert!(err.contains("after Normalize"), "{err}");
+        let dense_ty = "sentence_transformers.models.Dense";
+        let normalize = "sentence_transformers.models.Normalize";
+        for order in [
+            &[(t, ""), (pool, "1_Pooling"), (normalize, "2_N"), (dense_ty, "2_Dense")][..],
+            &[(t, ""), (dense_ty, "2_Dense")][..],
+        ] {
+            let why = unsupported(order);
+            assert!(why.contains("out of the order"), "{why}");
+        }
+    }
+
+    #[test]
+    fn module_paths_stay_inside_the_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = "sentence_transformers.models.Transformer";
+        for path in ["../elsewhere", "/etc", "a/../../b"] {
+            write_modules(dir.path(), &[(t, ""), ("sentence_transformers.models.Pooling", path)]);
+            let err = read(dir.path()).err().unwrap().to_string();
+            assert!(
+                err.contains("modules.json") && err.contains("leaves the model folder"),
+                "{err}"
+            );
+            let text = std::fs::read_to_string(dir.path().join("modules.json")).unwrap();
+            assert!(module_folders(&text).is_empty(), "{path}");
+        }
+        write_modules(dir.path(), &[(t, ""), ("sentence_transformers.models.Dense", "2_Dense")]);
+        let text = std::fs::read_to_string(dir.path().join("modules.json")).unwrap();
+        assert_eq!(module_folders(&text), [("2_Dense".to_string(), Some(Kind::Dense))]);
     }
 
     #[test]

@@ -50,6 +50,46 @@ fn dense_modules_embed_as_sentence_transformers() {
     assert!(d < 1e-5, "unnormalized: {d}");
 }
 
+/// With first-token pooling (a strided view of the hidden states, as LaBSE pools), the Dense
+/// modules apply to the pooled row as a product by hand does.
+#[test]
+fn dense_modules_take_a_first_token_pool() {
+    let (texts, _) = texts_and_expected();
+    let opts = EncoderOptions {
+        pooling: Some(tevatron_model::Pooling::Cls),
+        normalize: Some(true),
+        ..EncoderOptions::default()
+    };
+    let enc = Encoder::load(&tiny_dir(FIXTURE), None, &opts).unwrap();
+    let seqs = enc
+        .tokenizer()
+        .prepare(&TextOptions { max_len: 64, ..TextOptions::default() })
+        .unwrap()
+        .tokenize(&texts)
+        .unwrap();
+    let rows: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+    let batch = tevatron_model::collate::collate(
+        &rows,
+        enc.tokenizer().pad_id(),
+        16,
+        tevatron_model::PaddingSide::Right,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let got = enc.encode(&batch, tevatron_model::Mode::Eval).unwrap();
+    let cls =
+        enc.hidden_states(&batch, tevatron_model::Mode::Eval).unwrap().get_on_dim(1, 0).unwrap();
+    let load =
+        |f: &str| candle_core::safetensors::load(tiny_dir(FIXTURE).join(f), &Device::Cpu).unwrap();
+    let (d2, d3) = (load("2_Dense/model.safetensors"), load("3_Dense/model.safetensors"));
+    let x = cls.matmul(&d2["linear.weight"].t().unwrap()).unwrap();
+    let x = x.broadcast_add(&d2["linear.bias"]).unwrap().tanh().unwrap();
+    let x = x.matmul(&d3["linear.weight"].t().unwrap()).unwrap();
+    let want = x.broadcast_div(&x.sqr().unwrap().sum_keepdim(1).unwrap().sqrt().unwrap()).unwrap();
+    let d = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(d < 1e-6, "{d}");
+}
+
 #[test]
 fn dense_modules_train_and_are_saved_in_their_folders() {
     let (texts, _) = texts_and_expected();
@@ -147,11 +187,36 @@ fn a_dense_module_that_does_not_fit_is_refused_by_folder() {
     std::fs::write(&cfg, text).unwrap();
     let err =
         Encoder::load(dir.path(), None, &EncoderOptions::default()).err().unwrap().to_string();
-    assert!(err.contains("3_Dense") && err.contains("16 dimensions"), "{err}");
+    assert!(err.contains("3_Dense/config.json") && err.contains("16 dimensions"), "{err}");
     // Its weights missing.
     std::fs::copy(src.join("3_Dense/config.json"), &cfg).unwrap();
     std::fs::remove_file(dir.path().join("3_Dense/model.safetensors")).unwrap();
     let err =
         Encoder::load(dir.path(), None, &EncoderOptions::default()).err().unwrap().to_string();
     assert!(err.contains("3_Dense") && err.contains("no weights"), "{err}");
+}
+
+/// A module this crate cannot run is refused for a retriever, which would run it, and set aside
+/// for a cross-encoder, whose score head replaces the pipeline after the Transformer.
+#[test]
+fn modules_that_cannot_run_stop_a_retriever_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../testdata/tiny-reranker/bert");
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+    }
+    let modules = serde_json::json!([
+        {"idx": 0, "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "path": "1_WordWeights", "type": "sentence_transformers.models.WordWeights"},
+    ]);
+    std::fs::write(dir.path().join("modules.json"), modules.to_string()).unwrap();
+    let err =
+        Encoder::load(dir.path(), None, &EncoderOptions::default()).err().unwrap().to_string();
+    assert!(err.contains("modules.json") && err.contains("WordWeights"), "{err}");
+    let head = tevatron_model::ScoreHeadOptions { init_missing: false, seed: 0 };
+    let opts = EncoderOptions { score_head: Some(head), ..EncoderOptions::default() };
+    let enc = Encoder::load(dir.path(), None, &opts).unwrap();
+    assert!(enc.is_cross_encoder());
 }
