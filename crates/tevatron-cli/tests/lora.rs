@@ -201,22 +201,17 @@ fn embeddings(bytes: &[u8]) -> Vec<u8> {
     st.tensor("embeddings").unwrap().data().to_vec()
 }
 
+/// `tevatron merge-lora` of `base` and `adapter` into `dir/out`.
+fn merge_lora(dir: &Path, base: &str, adapter: &str, out: &str) {
+    let args = ["merge-lora", "--model_name_or_path", base, "--lora_name_or_path", adapter];
+    ok(tevatron(dir, &[&args[..], &["--output_dir", out]].concat()));
+}
+
 #[test]
 fn merge_lora_writes_a_model_that_encodes_as_the_adapter_does() {
     let dir = tempfile::tempdir().unwrap();
     let (base, adapter) = (path("testdata/tiny/llama"), path("testdata/tiny/llama-lora"));
-    ok(tevatron(
-        dir.path(),
-        &[
-            "merge-lora",
-            "--model_name_or_path",
-            &base,
-            "--lora_name_or_path",
-            &adapter,
-            "--output_dir",
-            "merged",
-        ],
-    ));
+    merge_lora(dir.path(), &base, &adapter, "merged");
     let files = names(&dir.path().join("merged"));
     assert_eq!(
         files,
@@ -275,18 +270,7 @@ fn lora_on_a_sentence_transformers_base_keeps_its_dense_modules() {
     ));
     let adapter = dir.path().join("adapter").to_string_lossy().into_owned();
     assert!(!names(Path::new(&adapter)).iter().any(|f| f.contains("Dense")), "frozen, not saved");
-    ok(tevatron(
-        dir.path(),
-        &[
-            "merge-lora",
-            "--model_name_or_path",
-            &base,
-            "--lora_name_or_path",
-            &adapter,
-            "--output_dir",
-            "merged",
-        ],
-    ));
+    merge_lora(dir.path(), &base, &adapter, "merged");
     let files = names(&dir.path().join("merged"));
     for f in ["modules.json", "1_Pooling", "2_Dense", "3_Dense"] {
         assert!(files.contains(&f.to_string()), "{f} missing from {files:?}");

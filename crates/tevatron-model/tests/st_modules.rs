@@ -25,6 +25,22 @@ fn embed(enc: &Encoder, texts: &[String]) -> Vec<f32> {
     enc.embed(texts, &TextOptions { max_len: 64, ..TextOptions::default() }, 2).unwrap()
 }
 
+/// `texts` tokenized (64 tokens at most) and padded into one batch.
+fn batch_of(enc: &Encoder, texts: &[String]) -> tevatron_model::Batch {
+    let opts = TextOptions { max_len: 64, ..TextOptions::default() };
+    let seqs = enc.tokenizer().prepare(&opts).unwrap().tokenize(texts).unwrap();
+    let rows: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+    let pad = enc.tokenizer().pad_id();
+    tevatron_model::collate::collate(
+        &rows,
+        pad,
+        16,
+        tevatron_model::PaddingSide::Right,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
 fn max_diff(got: &[f32], want: &Tensor) -> f32 {
     let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(got.len(), want.len());
@@ -61,21 +77,7 @@ fn dense_modules_take_a_first_token_pool() {
         ..EncoderOptions::default()
     };
     let enc = Encoder::load(&tiny_dir(FIXTURE), None, &opts).unwrap();
-    let seqs = enc
-        .tokenizer()
-        .prepare(&TextOptions { max_len: 64, ..TextOptions::default() })
-        .unwrap()
-        .tokenize(&texts)
-        .unwrap();
-    let rows: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-    let batch = tevatron_model::collate::collate(
-        &rows,
-        enc.tokenizer().pad_id(),
-        16,
-        tevatron_model::PaddingSide::Right,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let batch = batch_of(&enc, &texts);
     let got = enc.encode(&batch, tevatron_model::Mode::Eval).unwrap();
     let cls =
         enc.hidden_states(&batch, tevatron_model::Mode::Eval).unwrap().get_on_dim(1, 0).unwrap();
@@ -102,21 +104,7 @@ fn dense_modules_train_and_are_saved_in_their_folders() {
     assert!(!vars.contains_key("3_Dense/linear.bias"), "the second Dense has no bias");
 
     // A gradient reaches the Dense weights through the pooled, normalised vectors.
-    let seqs = enc
-        .tokenizer()
-        .prepare(&TextOptions { max_len: 64, ..TextOptions::default() })
-        .unwrap()
-        .tokenize(&texts[..2])
-        .unwrap();
-    let rows: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-    let batch = tevatron_model::collate::collate(
-        &rows,
-        enc.tokenizer().pad_id(),
-        16,
-        tevatron_model::PaddingSide::Right,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let batch = batch_of(&enc, &texts[..2]);
     let reps = enc.encode(&batch, tevatron_model::Mode::Eval).unwrap();
     let loss = reps.narrow(1, 0, 1).unwrap().sum_all().unwrap();
     let grads = loss.backward().unwrap();
