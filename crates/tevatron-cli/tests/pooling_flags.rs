@@ -122,3 +122,22 @@ fn train_uses_the_folders_settings_only_when_no_pooling_flag_is_given() {
     let (log, _) = train_one_step(tmp.path(), &st, "both", &["--pooling", "mean", "--normalize"]);
     assert!(log.contains("using pooling mean and normalize true, as given"), "{log}");
 }
+
+/// A folder's sentence-transformers prompts are named in the log as not prepended (Tevatron
+/// prepends only its prefix flags), so a user of a model that expects "query: " learns to pass
+/// --query_prefix.
+#[test]
+fn the_folders_prompts_are_named_as_not_prepended() {
+    let tmp = tempfile::tempdir().unwrap();
+    let st = tiny_st_folder(tmp.path());
+    let (log, _) = train_one_step(tmp.path(), &st, "plain", &[]);
+    assert!(!log.contains("prompts"), "{log}");
+    let config = serde_json::json!({"prompts": {"query": "query: ", "document": ""}});
+    std::fs::write(st.join("config_sentence_transformers.json"), config.to_string()).unwrap();
+    let (log, _) = train_one_step(tmp.path(), &st, "prompted", &[]);
+    assert!(
+        log.contains(r#"prompts (query: "query: "), which are not prepended here"#)
+            && log.contains("--query_prefix"),
+        "{log}"
+    );
+}

@@ -863,6 +863,13 @@ impl Encoder {
         self.embed_sequences(&seqs, &opts)
     }
 
+    /// The prompts the folder's sentence-transformers config states (name, text), which
+    /// sentence-transformers prepends on request and this crate never does by itself: Tevatron
+    /// prepends only `--query_prefix` / `--passage_prefix`.
+    pub fn st_prompts(&self) -> Vec<(String, String)> {
+        st_modules::prompts(&self.model_dir)
+    }
+
     /// Width of the backbone's hidden states (a retriever's representations are
     /// [`Encoder::output_width`] wide).
     pub fn hidden_size(&self) -> usize {

@@ -215,6 +215,22 @@ pub(crate) fn required_files(kind: Option<Kind>) -> Vec<&'static [&'static str]>
     }
 }
 
+/// The non-empty prompts a folder's `config_sentence_transformers.json` states (`"query":
+/// "query: "`), which `SentenceTransformer.encode(..., prompt_name=...)` prepends; none when it
+/// has no such file or states none.
+pub(crate) fn prompts(dir: &Path) -> Vec<(String, String)> {
+    let path = dir.join("config_sentence_transformers.json");
+    let config: serde_json::Value = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let Some(prompts) = config["prompts"].as_object() else { return vec![] };
+    prompts
+        .iter()
+        .filter_map(|(k, v)| Some((k.clone(), v.as_str().filter(|p| !p.is_empty())?.to_string())))
+        .collect()
+}
+
 /// Copies the sentence-transformers files of `from` into `to` (a model rewritten with the same
 /// pipeline, such as a merged LoRA adapter): `modules.json`, the package's own config files, and
 /// every module folder's files.
@@ -555,6 +571,15 @@ mod tests {
             let why = unsupported(order);
             assert!(why.contains("out of the order"), "{why}");
         }
+    }
+
+    #[test]
+    fn prompts_are_the_non_empty_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(prompts(dir.path()).is_empty(), "no file");
+        let config = r#"{"prompts": {"query": "query: ", "document": "", "x": 3}}"#;
+        std::fs::write(dir.path().join("config_sentence_transformers.json"), config).unwrap();
+        assert_eq!(prompts(dir.path()), [("query".to_string(), "query: ".to_string())]);
     }
 
     #[test]

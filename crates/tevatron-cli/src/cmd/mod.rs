@@ -209,6 +209,15 @@ pub fn load_encoder(
     if encoder.is_cross_encoder() {
         return Ok(encoder);
     }
+    let prompts = encoder.st_prompts();
+    if !prompts.is_empty() {
+        let stated: Vec<String> = prompts.iter().map(|(k, v)| format!("{k}: {v:?}")).collect();
+        tracing::info!(
+            "{model} states sentence-transformers prompts ({}), which are not prepended here: \
+             as in Tevatron, only --query_prefix and --passage_prefix are",
+            stated.join(", ")
+        );
+    }
     let (pooling, normalize) = (encoder.pooling().name(), encoder.normalize());
     match encoder.defaults_source() {
         DefaultsSource::SentenceTransformers(what) => tracing::info!("using {what}"),
