@@ -17,7 +17,7 @@ use common::{fails_with, ok, repo};
 
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
-/// Serves `root/{org}/{name}/{file}` as the hub serves `{org}/{name}/resolve/main/{file}`, on
+/// Serves `root/{org}/{name}/{file}` as the hub serves `{org}/{name}/resolve/{revision}/{file}`, on
 /// a free local port, until the test process ends. Returns the endpoint URL.
 fn serve(root: PathBuf) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -54,8 +54,11 @@ fn answer(stream: TcpStream, root: &Path) {
         let path = request.split_whitespace().nth(1).unwrap_or("/").to_string();
         let file = path
             .trim_start_matches('/')
-            .split_once("/resolve/main/")
-            .map(|(repo, file)| root.join(repo).join(file))
+            .split_once("/resolve/")
+            // Any revision serves the one snapshot there is (`main` or its commit).
+            .and_then(|(repo, rest)| {
+                rest.split_once('/').map(|(_, file)| root.join(repo).join(file))
+            })
             .filter(|f| f.is_file());
         let Some(file) = file else {
             let _ = out.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");

@@ -328,6 +328,7 @@ mod x86 {
     /// so `hits` keeps sixteen spare slots.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn above_avx512(scores: &[i32], taken: &[i32], floor: i32, hits: &mut Vec<u32>) {
+        debug_assert!(hits.is_empty(), "the hits are written from index 0");
         let n = scores.len();
         hits.reserve(n + 16);
         let (out, mut len) = (hits.as_mut_ptr(), 0usize);

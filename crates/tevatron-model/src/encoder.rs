@@ -399,17 +399,18 @@ impl Encoder {
         if let Some(why) = st.as_ref().and_then(|s| s.unsupported.clone()).filter(|_| retriever) {
             return Err(Error::Invalid(why));
         }
+        // The folder's pooling is in force when no pooling flag is given: one it states but we
+        // cannot run is refused (whether or not the folder also normalises).
+        if let Some(Err(why)) = st.as_ref().and_then(|s| s.pooling.clone()) {
+            if retriever && opts.pooling.is_none() && opts.normalize.is_none() {
+                return Err(Error::Invalid(why));
+            }
+        }
         let folder_pooling = st.as_ref().and_then(|s| s.pooling.clone()?.ok());
         let folder_settings = st.as_ref().map(|st| (folder_pooling, st.normalize));
         let (pooling, normalize, mut defaults) =
             resolve_pooling(folder_settings, opts.pooling, opts.normalize);
         if let DefaultsSource::SentenceTransformers(what) = &mut defaults {
-            // The folder's pooling is in force: one it states but we cannot run is refused.
-            if let Some(Err(why)) =
-                st.as_ref().and_then(|s| s.pooling.clone()).filter(|_| retriever)
-            {
-                return Err(Error::Invalid(why));
-            }
             let stated = folder_pooling.is_some();
             let pooling = if stated {
                 format!("pooling {}", pooling.name())

@@ -77,14 +77,20 @@ pub fn resolve_model(name_or_path: &str, cache: Option<&Path>) -> Result<PathBuf
     let cache_path = cache_dir(cache)?;
     let repo = Repo::new(name_or_path.to_string(), RepoType::Model);
     let cached = Cache::new(cache_path.clone()).repo(repo.clone());
+    let mut repo = repo;
     if let (Some(config), Some(_)) = (cached.get("config.json"), cached.get("tokenizer.json")) {
-        // A cache filled by a build that fetched no module folders is completed when it can be.
-        if WEIGHT_FILES.iter().any(|w| cached.get(w).is_some())
-            && (modules_cached(&cached) || offline())
-        {
-            let snapshot = config.parent().expect("cached file has a folder").to_path_buf();
-            tracing::info!("using {name_or_path} from the hub cache at {}", snapshot.display());
-            return Ok(snapshot);
+        let snapshot = config.parent().expect("cached file has a folder").to_path_buf();
+        if WEIGHT_FILES.iter().any(|w| cached.get(w).is_some()) {
+            if modules_cached(&cached) || offline() {
+                tracing::info!("using {name_or_path} from the hub cache at {}", snapshot.display());
+                return Ok(snapshot);
+            }
+            // A cache filled by a build that fetched no module folders is completed, at the
+            // cached snapshot's revision (files of a newer one would land in another folder).
+            if let Some(commit) = snapshot.file_name().and_then(|c| c.to_str()) {
+                repo =
+                    Repo::with_revision(name_or_path.to_string(), RepoType::Model, commit.into());
+            }
         }
     }
     if offline() {

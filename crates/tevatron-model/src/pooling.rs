@@ -58,7 +58,8 @@ impl Pooling {
 
     /// The pooling a sentence-transformers Pooling config selects: `pooling_mode` (a name or a
     /// list of names, sentence-transformers 6) or the `pooling_mode_*` keys set `true` (earlier
-    /// releases); mean when it selects none, as sentence-transformers reads such a config. An
+    /// releases); mean when it selects none (as sentence-transformers 6 reads such a config;
+    /// earlier releases default to mean when the keys are absent). An
     /// error, saying why, when it selects a mode we lack (`max`, `weightedmean`,
     /// `mean_sqrt_len_tokens`) or several (their concatenation): pooling otherwise would give
     /// vectors of another meaning.

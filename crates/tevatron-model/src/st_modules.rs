@@ -166,18 +166,25 @@ pub(crate) fn read(dir: &Path) -> Result<Option<StModules>> {
                     st.transformer_dir = Some(sub);
                 }
             }
+            // A config that cannot be read is kept as the reason too: a cross-encoder does not
+            // need it.
             Some(Kind::Pooling) => {
                 let cfg_path = dir.join(&sub).join("config.json");
-                let mode = Pooling::from_st_config(&read_json(&cfg_path)?);
-                st.pooling = Some(mode.map_err(|why| format!("{}: {why}", cfg_path.display())));
+                let mode = read_json(&cfg_path).map_err(|e| e.to_string()).and_then(|cfg| {
+                    Pooling::from_st_config(&cfg)
+                        .map_err(|why| format!("{}: {why}", cfg_path.display()))
+                });
+                st.pooling = Some(mode);
             }
             Some(Kind::Dense) => {
                 let cfg_path = dir.join(&sub).join("config.json");
-                match DenseConfig::parse(&read_json(&cfg_path)?) {
+                let config = read_json(&cfg_path).map_err(|e| e.to_string()).and_then(|cfg| {
+                    DenseConfig::parse(&cfg).map_err(|why| format!("{}: {why}", cfg_path.display()))
+                });
+                match config {
                     Ok(config) => st.dense.push((dir.join(&sub), config)),
                     Err(why) => {
-                        st.unsupported
-                            .get_or_insert_with(|| format!("{}: {why}", cfg_path.display()));
+                        st.unsupported.get_or_insert(why);
                     }
                 }
             }
@@ -259,8 +266,9 @@ pub(crate) fn copy(from: &Path, to: &Path) -> Result<()> {
         }
         std::fs::create_dir_all(to.join(&sub))
             .map_err(|source| Error::Write { path: to.join(&sub), source })?;
-        let listing = std::fs::read_dir(from.join(&sub))
-            .map_err(|source| Error::Read { path: from.join(&sub), source })?;
+        // A module without files has no folder where the hub or git kept it (Normalize before
+        // sentence-transformers 6): the empty folder above stands for it.
+        let Ok(listing) = std::fs::read_dir(from.join(&sub)) else { continue };
         for entry in listing.flatten() {
             if entry.path().is_file() {
                 copy_file(entry.path(), to.join(&sub).join(entry.file_name()))?;
@@ -571,6 +579,28 @@ mod tests {
             let why = unsupported(order);
             assert!(why.contains("out of the order"), "{why}");
         }
+    }
+
+    /// A module folder the source lacks (an empty Normalize folder, which git and the hub do
+    /// not keep) is written empty; the others are copied.
+    #[test]
+    fn copy_writes_the_modules_and_stands_in_for_missing_folders() {
+        let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        std::fs::create_dir_all(from.path().join("1_Pooling")).unwrap();
+        std::fs::write(from.path().join("1_Pooling/config.json"), r#"{"pooling_mode": "mean"}"#)
+            .unwrap();
+        write_modules(
+            from.path(),
+            &[
+                ("sentence_transformers.models.Transformer", ""),
+                ("sentence_transformers.models.Pooling", "1_Pooling"),
+                ("sentence_transformers.models.Normalize", "2_Normalize"),
+            ],
+        );
+        copy(from.path(), to.path()).unwrap();
+        let st = read(to.path()).unwrap().unwrap();
+        assert_eq!((st.pooling, st.normalize), (Some(Ok(Pooling::Mean)), true));
+        assert!(to.path().join("2_Normalize").is_dir());
     }
 
     #[test]

@@ -195,9 +195,11 @@ fn modules_that_cannot_run_stop_a_retriever_only() {
         let e = e.unwrap();
         std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
     }
+    // A Pooling module whose folder is missing, and a module of another kind.
     let modules = serde_json::json!([
         {"idx": 0, "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "path": "1_WordWeights", "type": "sentence_transformers.models.WordWeights"},
+        {"idx": 1, "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "path": "2_WordWeights", "type": "sentence_transformers.models.WordWeights"},
     ]);
     std::fs::write(dir.path().join("modules.json"), modules.to_string()).unwrap();
     let err =
@@ -207,4 +209,30 @@ fn modules_that_cannot_run_stop_a_retriever_only() {
     let opts = EncoderOptions { score_head: Some(head), ..EncoderOptions::default() };
     let enc = Encoder::load(dir.path(), None, &opts).unwrap();
     assert!(enc.is_cross_encoder());
+}
+
+/// A pooling mode this crate lacks is refused when it is the one in force (no pooling flag),
+/// whether or not the folder normalises, and set aside when the flags choose the pooling.
+#[test]
+fn a_pooling_mode_we_lack_is_refused_only_when_in_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = tiny_dir("bert");
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+    }
+    std::fs::create_dir_all(dir.path().join("1_Pooling")).unwrap();
+    std::fs::write(dir.path().join("1_Pooling/config.json"), r#"{"pooling_mode": "max"}"#).unwrap();
+    let modules = serde_json::json!([
+        {"idx": 0, "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]);
+    std::fs::write(dir.path().join("modules.json"), modules.to_string()).unwrap();
+    let err =
+        Encoder::load(dir.path(), None, &EncoderOptions::default()).err().unwrap().to_string();
+    assert!(err.contains("1_Pooling/config.json") && err.contains("max"), "{err}");
+    let opts =
+        EncoderOptions { pooling: Some(tevatron_model::Pooling::Mean), ..Default::default() };
+    let enc = Encoder::load(dir.path(), None, &opts).unwrap();
+    assert_eq!(enc.pooling(), tevatron_model::Pooling::Mean);
 }
