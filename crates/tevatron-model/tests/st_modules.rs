@@ -41,6 +41,17 @@ fn batch_of(enc: &Encoder, texts: &[String]) -> tevatron_model::Batch {
     .unwrap()
 }
 
+/// The files (not the folders) of `from`, copied into `to` (created).
+fn copy_files(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
 fn max_diff(got: &[f32], want: &Tensor) -> f32 {
     let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(got.len(), want.len());
@@ -154,18 +165,9 @@ fn dense_modules_train_and_are_saved_in_their_folders() {
 #[test]
 fn a_dense_module_that_does_not_fit_is_refused_by_folder() {
     let dir = tempfile::tempdir().unwrap();
-    let copy = |from: &std::path::Path, to: &std::path::Path| {
-        std::fs::create_dir_all(to).unwrap();
-        for e in std::fs::read_dir(from).unwrap() {
-            let e = e.unwrap();
-            if e.file_type().unwrap().is_file() {
-                std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-            }
-        }
-    };
     let src = tiny_dir(FIXTURE);
     for sub in ["", "1_Pooling", "2_Dense", "3_Dense", "4_Normalize"] {
-        copy(&src.join(sub), &dir.path().join(sub));
+        copy_files(&src.join(sub), &dir.path().join(sub));
     }
     // The second Dense claims to take 20 dimensions; the first gives 16.
     let cfg = dir.path().join("3_Dense/config.json");
@@ -189,12 +191,10 @@ fn a_dense_module_that_does_not_fit_is_refused_by_folder() {
 #[test]
 fn modules_that_cannot_run_stop_a_retriever_only() {
     let dir = tempfile::tempdir().unwrap();
-    let src = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../testdata/tiny-reranker/bert");
-    for e in std::fs::read_dir(&src).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
-    }
+    let reranker =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/tiny-reranker/bert");
+    copy_files(&reranker, dir.path());
+
     // A Pooling module whose folder is missing, and a module of another kind.
     let modules = serde_json::json!([
         {"idx": 0, "path": "", "type": "sentence_transformers.models.Transformer"},
@@ -216,11 +216,7 @@ fn modules_that_cannot_run_stop_a_retriever_only() {
 #[test]
 fn a_pooling_mode_we_lack_is_refused_only_when_in_force() {
     let dir = tempfile::tempdir().unwrap();
-    let src = tiny_dir("bert");
-    for e in std::fs::read_dir(&src).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
-    }
+    copy_files(&tiny_dir("bert"), dir.path());
     std::fs::create_dir_all(dir.path().join("1_Pooling")).unwrap();
     std::fs::write(dir.path().join("1_Pooling/config.json"), r#"{"pooling_mode": "max"}"#).unwrap();
     let modules = serde_json::json!([
