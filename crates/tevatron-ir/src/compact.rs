@@ -42,8 +42,8 @@ const SCAN_BLOCK: usize = 256;
 /// to cover a memory access with a page walk (a few hundred nanoseconds, more on a busy or
 /// remote memory) with the scoring of the rows before it (tens of nanoseconds a row at 384
 /// dimensions), few enough that the lines (8 rows of 768 F32 dimensions: 24 KB) are still in
-/// the first-level cache when their turn comes. 4 and 8 measured alike on Zen 5 (8 a little
-/// faster); none was 20-25% slower.
+/// the first-level cache when their turn comes. On Zen 5, 4 and 8 rows measured alike (8 a
+/// little faster); without the prefetch, rescoring was 20-25% slower.
 const PREFETCH_ROWS: usize = 8;
 
 /// Bytes of candidate keys a thread may hold for one pass of queries.

@@ -253,9 +253,7 @@ impl Kernels {
             _ => binary_portable(width, queries, codes, out),
         }
     }
-}
 
-impl Kernels {
     /// The indices `i` of the scores with `scores[i] - taken[i] > floor` (`taken` empty: none
     /// taken), ascending, into `hits` (cleared first): a scan's test of which rows may enter
     /// a query's candidates. Most rows may not, so the test runs on whole vectors of scores and

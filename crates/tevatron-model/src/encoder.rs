@@ -516,7 +516,7 @@ impl Encoder {
         // pooling, so it has none). They train with the model; under LoRA they stay frozen.
         let mut dense = Vec::new();
         let mut dense_vars = Vec::new();
-        if head.is_none() {
+        if retriever {
             let mut width = config.hidden_size();
             for (i, (dir, cfg)) in st.iter().flat_map(|s| &s.dense).enumerate() {
                 let mut d = Dense::load(dir, cfg, width, &opts.device)?;
