@@ -3,7 +3,8 @@
 # InsuranceQA dev set (2,000 questions, 27,413 answers), searched exactly in F32 and with
 # int8 and binary codes at several rescoring multipliers (1 = no candidates beyond the depth)
 # and through an HNSW graph (M 32, ef_construction 128) at two ef_search,
-# each evaluated with tevatron eval (nDCG@10, recall@100) and timed.
+# each evaluated with tevatron eval (nDCG@10, recall@100), timed, and compared with the exact
+# search's top 100 (the share of it each query keeps: recall@100 against exact search).
 #   scripts/bench/compact-quality.sh
 # MODEL=path/to/model scores another model. The embeddings are kept in .cache/compact-quality.
 set -euo pipefail
@@ -31,7 +32,7 @@ for q in int8 binary; do
 done
 [ -f "$work/idx/corpus.hnsw.json" ] ||
   "$bin" index --passage_reps "$work/corpus.safetensors" --hnsw --output_dir "$work/idx" --quiet
-printf '%-24s %9s %10s %9s\n' search "nDCG@10" "recall@100" "seconds"
+printf '%-24s %9s %10s %9s %14s\n' search "nDCG@10" "recall@100" "seconds" "of exact top100"
 run() {  # label search-flags...
   local label=$1 start end
   shift
@@ -41,7 +42,9 @@ run() {  # label search-flags...
   end=$(date +%s.%N)
   "$bin" eval --qrels "$data/qrels.dev.tsv" --run "$work/run.tsv" -m ndcg@10 -m recall@100 --json \
     > "$work/m.json"
-  python3 "$root/scripts/bench/metrics_row.py" "$work/m.json" "$label" "$(echo "$end - $start" | bc -l)"
+  if [ "$label" = "exact F32" ]; then cp "$work/run.tsv" "$work/exact.tsv"; fi
+  python3 "$root/scripts/bench/metrics_row.py" "$work/m.json" "$label" "$(echo "$end - $start" | bc -l)" \
+    "$work/run.tsv" "$work/exact.tsv"
 }
 run "exact F32"
 for m in 1 2 4; do
