@@ -125,6 +125,16 @@ fn matryoshka_training_is_recorded_and_truncation_cuts_and_renormalises() {
     let out = encode(d, &bert, "b4.safetensors", &["--truncate_dim", "4"]);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success() && err.contains("there is no record that"), "{err}");
+    // The full width cuts nothing: no warning, whatever the record says.
+    for (m, file) in [(&model, "c32.safetensors"), (&bert, "b32.safetensors")] {
+        let out = encode(d, m, file, &["--truncate_dim", "32"]);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success() && !err.contains("--truncate_dim 32:"), "{err}");
+    }
+    // (vectors of a model with no record: they would warn at any narrower width)
+    let out = search("b32.safetensors", "b32.safetensors", "c.tsv", &["--truncate_dim", "32"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success() && !err.contains("--truncate_dim 32:"), "{err}");
     fails_with(
         encode(d, &model, "x.safetensors", &["--truncate_dim", "33"]),
         "--truncate_dim 33: the model's embeddings have 32 dimensions",

@@ -139,7 +139,7 @@ pub fn run(a: &EncodeArgs) -> Result<()> {
         if k == 0 || k > width {
             bail!("--truncate_dim {k}: the model's embeddings have {width} dimensions");
         }
-        super::warn_untrained_width(k, trained.as_deref(), &a.model_name_or_path);
+        super::warn_untrained_width(k, width, trained.as_deref(), &a.model_name_or_path);
     }
     let mut meta = BTreeMap::new();
     if let Some(dims) = &trained {

@@ -100,10 +100,11 @@ pub fn matryoshka_widths(
     (!dims.is_empty()).then_some(dims)
 }
 
-/// Warns that cutting representations to `k` dimensions may cost much quality when the model
-/// (`what`) was not trained for that width.
-pub fn warn_untrained_width(k: usize, trained: Option<&[usize]>, what: &str) {
+/// Warns that cutting representations of `width` dimensions to `k` may cost much quality when
+/// the model (`what`) was not trained for that width; `k == width` cuts nothing, so no warning.
+pub fn warn_untrained_width(k: usize, width: usize, trained: Option<&[usize]>, what: &str) {
     match trained {
+        _ if k == width => {}
         Some(dims) if dims.contains(&k) => {}
         Some(dims) => tracing::warn!(
             "--truncate_dim {k}: {what} was trained with --matryoshka_dims {dims:?}, not {k}; \

@@ -35,7 +35,8 @@ pub fn run(a: &SearchArgs) -> Result<()> {
                 .get("matryoshka_dims")
                 .map(|d| d.split(',').filter_map(|x| x.parse().ok()).collect::<Vec<usize>>());
             let model = queries.metadata().get("model").cloned().unwrap_or_default();
-            super::warn_untrained_width(k, trained.as_deref(), &format!("the model {model:?}"));
+            let what = format!("the model {model:?}");
+            super::warn_untrained_width(k, queries.dim(), trained.as_deref(), &what);
             if a.compact_reps.is_some() {
                 bail!("--compact_reps were made from the full vectors: for --truncate_dim, encode with --truncate_dim and run tevatron index on those vectors");
             }
