@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Round 2 of the InsuranceQA recipe again with other training flags, each model searched on the
+# full dev set at 384, 192 and 96 dimensions: the probes behind docs/compact.md's Matryoshka
+# table (which widths, weights, learning rate and length get a quarter width closest to full).
+#   scripts/recipe-insuranceqa.sh                 # first: round 1, its mined negatives
+#   scripts/matryoshka-variants.sh NAME [train flags...]
+#   e.g. scripts/matryoshka-variants.sh only96 --matryoshka_dims 96
+# LR (default 2e-5) and EPOCHS (1) as in round 2; TRAIN=all trains on every training question's
+# mined negatives (the reranker stage's file, 12,681 questions) instead of round 2's 4,000;
+# EVERY (125) validation steps. Training is bf16 as in the bf16 recipe. Results in
+# runs/matryoshka-variants/NAME/metrics-<k>.json; a finished step is not redone.
+set -euo pipefail
+[ $# -ge 1 ] || { sed -n 2,11p "$0"; exit 2; }
+name=$1
+shift
+root=$(cd "$(dirname "$0")/.." && pwd)
+bin=$root/target/release/tevatron
+r=$root/runs/recipe-insuranceqa
+d=$r/data
+data=$("$root/scripts/fetch-insuranceqa.sh" "$bin")
+o=$root/runs/matryoshka-variants/$name
+train=$r/round2/mined.jsonl
+[ "${TRAIN:-}" = all ] && train=$r/reranker/mined.jsonl
+for f in "$r/round1/model/config.json" "$train"; do
+  [ -f "$f" ] || { echo "missing $f: run scripts/recipe-insuranceqa.sh first" >&2; exit 1; }
+done
+mkdir -p "$o"
+if [ ! -f "$o/model/trainer_state.json" ]; then
+  start=$SECONDS
+  "$bin" train --output_dir "$o/model" --model_name_or_path "$r/round1/model" \
+    --query_max_len 32 --passage_max_len 128 --temperature 0.05 --learning_rate "${LR:-2e-5}" \
+    --warmup_ratio 0.1 --seed 42 --logging_steps 5 --corpus_path "$data/corpus.jsonl" \
+    --dataset_cache_dir "$r/cache" --dataset_path "$train" --per_device_train_batch_size 16 \
+    --train_group_size 4 --num_train_epochs "${EPOCHS:-1}" --eval_steps "${EVERY:-125}" \
+    --save_steps "${EVERY:-125}" --eval_strategy steps --eval_query_path "$d/valid.queries.jsonl" \
+    --eval_corpus_path "$d/valid.corpus.jsonl" --eval_qrels_path "$d/valid.qrels.tsv" \
+    --per_device_eval_batch_size 64 --metric_for_best_model ndcg@10 --load_best_model_at_end \
+    --save_total_limit 1 --bf16 --quiet "$@"
+  echo "$name: trained in $((SECONDS - start)) s"
+fi
+[ -f "$o/corpus.safetensors" ] || "$bin" encode --model_name_or_path "$o/model" \
+  --dataset_path "$d/eval.corpus.jsonl" --encode_output_path "$o/corpus.safetensors" \
+  --passage_max_len 128 --per_device_eval_batch_size 64 --quiet
+[ -f "$o/queries.safetensors" ] || "$bin" encode --model_name_or_path "$o/model" \
+  --dataset_path "$d/eval.queries.jsonl" --encode_is_query \
+  --encode_output_path "$o/queries.safetensors" --query_max_len 32 --quiet
+for k in 384 192 96; do
+  # (search warns when the model was not trained for width k; the figure is still wanted)
+  "$bin" search --query_reps "$o/queries.safetensors" --passage_reps "$o/corpus.safetensors" \
+    --depth 100 --batch_size 0 --truncate_dim "$k" --save_ranking_to "$o/run-$k.tsv" --save_text \
+    --quiet
+  "$bin" eval --qrels "$d/eval.qrels.tsv" --run "$o/run-$k.tsv" -m ndcg@10 -m mrr@10 \
+    -m recall@100 --json > "$o/metrics-$k.json"
+  echo "$name @$k: $(tr -d '\n ' < "$o/metrics-$k.json")"
+done
