@@ -7,17 +7,18 @@
 #   e.g. scripts/matryoshka-variants.sh only96 --matryoshka_dims 96
 # LR (default 2e-5) and EPOCHS (1) as in round 2; TRAIN=all trains on every training question's
 # mined negatives (the reranker stage's file, 12,681 questions) instead of round 2's 4,000;
-# EVERY (125) validation steps. Training is bf16 as in the bf16 recipe. Results in
+# EVERY (125) validation steps (200 for TRAIN=all in docs/compact.md). Training is bf16, as in
+# the bf16 recipe; RECIPE_OUT names that recipe's folder as for the recipe. Results in
 # runs/matryoshka-variants/NAME/metrics-<k>.json; a finished step is not redone.
 set -euo pipefail
-[ $# -ge 1 ] || { sed -n 2,11p "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n 2,12p "$0"; exit 2; }
 name=$1
 shift
 root=$(cd "$(dirname "$0")/.." && pwd)
 bin=$root/target/release/tevatron
-r=$root/runs/recipe-insuranceqa
+r=${RECIPE_OUT:-$root/runs/recipe-insuranceqa}
 d=$r/data
-data=$("$root/scripts/fetch-insuranceqa.sh" "$bin")
+data=${INSURANCEQA:-$("$root/scripts/fetch-insuranceqa.sh" "$bin")}
 o=$root/runs/matryoshka-variants/$name
 train=$r/round2/mined.jsonl
 [ "${TRAIN:-}" = all ] && train=$r/reranker/mined.jsonl

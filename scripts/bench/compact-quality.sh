@@ -32,7 +32,7 @@ for q in int8 binary; do
 done
 [ -f "$work/idx/corpus.hnsw.json" ] ||
   "$bin" index --passage_reps "$work/corpus.safetensors" --hnsw --output_dir "$work/idx" --quiet
-printf '%-24s %9s %10s %9s %14s\n' search "nDCG@10" "recall@100" "seconds" "of exact top100"
+printf '%-24s %9s %10s %9s %15s\n' search "nDCG@10" "recall@100" "seconds" "of exact top100"
 run() {  # label search-flags...
   local label=$1 start end
   shift

@@ -4,13 +4,17 @@ InsuranceQA recipe with the Matryoshka loss (widths 384, 192, 96; in-batch and t
 negatives per question, temperature 0.05, Adam), then applied to the dev questions and answers;
 runs at 384 and 96 dimensions are written for `tevatron eval` (docs/compact.md has the figures).
 
-    scripts/recipe-insuranceqa.sh   # round 1, its dev answers' and training questions' vectors
-    tevatron encode --model_name_or_path runs/recipe-insuranceqa/round1/model \
-      --dataset_path runs/recipe-insuranceqa/data/eval.queries.jsonl --encode_is_query \
-      --encode_output_path DEV_QUERIES.safetensors --query_max_len 32
-    python matryoshka_linear_map.py DEV_QUERIES.safetensors LEARNING_RATE EPOCHS OUT_DIR
+From the repository root, with torch and safetensors installed:
 
-EPOCHS 0 leaves the identity: the plain cut, for comparison.
+    scripts/recipe-insuranceqa.sh   # round 1, its dev answers' and training questions' vectors
+    r=runs/recipe-insuranceqa; mkdir -p OUT_DIR
+    tevatron encode --model_name_or_path $r/round1/model --dataset_path $r/data/eval.queries.jsonl \
+      --encode_is_query --encode_output_path OUT_DIR/dev.safetensors --query_max_len 32
+    python3 scripts/bench/matryoshka_linear_map.py OUT_DIR/dev.safetensors LEARNING_RATE EPOCHS OUT_DIR
+    tevatron eval --qrels $r/data/eval.qrels.tsv --run OUT_DIR/run-96.tsv -m ndcg@10
+
+EPOCHS 0 leaves the identity: the plain cut, for comparison. Each question trains with its
+positive and its first three mined negatives.
 """
 import json
 import sys
@@ -35,6 +39,7 @@ dev, dev_ids = load(dev_path)
 at = {c: i for i, c in enumerate(corpus_ids)}
 question_at = {q: i for i, q in enumerate(question_ids)}
 rows = [json.loads(line) for line in open(f"{recipe}/reranker/mined.jsonl")]
+rows = [r for r in rows if len(r["negative_document_ids"]) >= 3]
 q_index = torch.tensor([question_at[r["query_id"]] for r in rows])
 groups = torch.tensor(
     [[at[r["positive_document_ids"][0]]] + [at[n] for n in r["negative_document_ids"][:3]] for r in rows]

@@ -30,6 +30,8 @@ if len(sys.argv) > 3:
     row += f" {float(sys.argv[3]):9.2f}"
 if len(sys.argv) > 5:
     run, exact = top100(sys.argv[4]), top100(sys.argv[5])
+    if not exact:
+        sys.exit(f"{sys.argv[5]}: the exact run is empty")
     share = sum(len(run.get(q, set()) & e) / len(e) for q, e in exact.items()) / len(exact)
-    row += f" {share:14.4f}"
+    row += f" {share:15.4f}"
 print(row)
