@@ -125,8 +125,15 @@ fn matryoshka_training_is_recorded_and_truncation_cuts_and_renormalises() {
     let out = encode(d, &bert, "b4.safetensors", &["--truncate_dim", "4"]);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success() && err.contains("there is no record that"), "{err}");
-    // The full width cuts nothing: no warning, whatever the record says.
-    for (m, file) in [(&model, "c32.safetensors"), (&bert, "b32.safetensors")] {
+    // The full width cuts nothing: no warning, whatever the record says (here one of widths
+    // that leave the full width out, and none at all).
+    let record = d.join("plain/training_args.json");
+    let mut args: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
+    args["matryoshka_dims"] = serde_json::json!([16, 8]);
+    std::fs::write(&record, args.to_string()).unwrap();
+    let narrow = d.join("plain").to_string_lossy().into_owned();
+    for (m, file) in [(&narrow, "n32.safetensors"), (&bert, "b32.safetensors")] {
         let out = encode(d, m, file, &["--truncate_dim", "32"]);
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(out.status.success() && !err.contains("--truncate_dim 32:"), "{err}");
