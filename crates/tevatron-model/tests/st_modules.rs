@@ -25,6 +25,26 @@ fn embed(enc: &Encoder, texts: &[String]) -> Vec<f32> {
     enc.embed(texts, &TextOptions { max_len: 64, ..TextOptions::default() }, 2).unwrap()
 }
 
+/// The message of loading `dir` with default options, which must fail.
+fn load_error(dir: &std::path::Path) -> String {
+    Encoder::load(dir, None, &EncoderOptions::default()).err().unwrap().to_string()
+}
+
+/// Writes `dir/modules.json`: the Transformer at the root, then each `(folder, class)` of
+/// `sentence_transformers.models`.
+fn write_modules(dir: &std::path::Path, after: &[(&str, &str)]) {
+    let mut modules = vec![("", "Transformer")];
+    modules.extend_from_slice(after);
+    let json: Vec<serde_json::Value> = modules
+        .iter()
+        .enumerate()
+        .map(|(idx, (path, class))| {
+            serde_json::json!({"idx": idx, "path": path, "type": format!("sentence_transformers.models.{class}")})
+        })
+        .collect();
+    std::fs::write(dir.join("modules.json"), serde_json::Value::from(json).to_string()).unwrap();
+}
+
 /// `texts` tokenized (64 tokens at most) and padded into one batch.
 fn batch_of(enc: &Encoder, texts: &[String]) -> tevatron_model::Batch {
     let opts = TextOptions { max_len: 64, ..TextOptions::default() };
@@ -175,14 +195,12 @@ fn a_dense_module_that_does_not_fit_is_refused_by_folder() {
         .unwrap()
         .replace("\"in_features\": 16", "\"in_features\": 20");
     std::fs::write(&cfg, text).unwrap();
-    let err =
-        Encoder::load(dir.path(), None, &EncoderOptions::default()).err().unwrap().to_string();
+    let err = load_error(dir.path());
     assert!(err.contains("3_Dense/config.json") && err.contains("16 dimensions"), "{err}");
     // Its weights missing.
     std::fs::copy(src.join("3_Dense/config.json"), &cfg).unwrap();
     std::fs::remove_file(dir.path().join("3_Dense/model.safetensors")).unwrap();
-    let err =
-        Encoder::load(dir.path(), None, &EncoderOptions::default()).err().unwrap().to_string();
+    let err = load_error(dir.path());
     assert!(err.contains("3_Dense") && err.contains("no weights"), "{err}");
 }
 
@@ -196,14 +214,8 @@ fn modules_that_cannot_run_stop_a_retriever_only() {
     copy_files(&reranker, dir.path());
 
     // A Pooling module whose folder is missing, and a module of another kind.
-    let modules = serde_json::json!([
-        {"idx": 0, "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "path": "2_WordWeights", "type": "sentence_transformers.models.WordWeights"},
-    ]);
-    std::fs::write(dir.path().join("modules.json"), modules.to_string()).unwrap();
-    let err =
-        Encoder::load(dir.path(), None, &EncoderOptions::default()).err().unwrap().to_string();
+    write_modules(dir.path(), &[("1_Pooling", "Pooling"), ("2_WordWeights", "WordWeights")]);
+    let err = load_error(dir.path());
     assert!(err.contains("modules.json") && err.contains("WordWeights"), "{err}");
     let head = tevatron_model::ScoreHeadOptions { init_missing: false, seed: 0 };
     let opts = EncoderOptions { score_head: Some(head), ..EncoderOptions::default() };
@@ -219,13 +231,8 @@ fn a_pooling_mode_we_lack_is_refused_only_when_in_force() {
     copy_files(&tiny_dir("bert"), dir.path());
     std::fs::create_dir_all(dir.path().join("1_Pooling")).unwrap();
     std::fs::write(dir.path().join("1_Pooling/config.json"), r#"{"pooling_mode": "max"}"#).unwrap();
-    let modules = serde_json::json!([
-        {"idx": 0, "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-    ]);
-    std::fs::write(dir.path().join("modules.json"), modules.to_string()).unwrap();
-    let err =
-        Encoder::load(dir.path(), None, &EncoderOptions::default()).err().unwrap().to_string();
+    write_modules(dir.path(), &[("1_Pooling", "Pooling")]);
+    let err = load_error(dir.path());
     assert!(err.contains("1_Pooling/config.json") && err.contains("max"), "{err}");
     let opts =
         EncoderOptions { pooling: Some(tevatron_model::Pooling::Mean), ..Default::default() };

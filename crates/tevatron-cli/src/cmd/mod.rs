@@ -103,8 +103,10 @@ pub fn matryoshka_widths(
 /// Warns that cutting representations of `width` dimensions to `k` may cost much quality when
 /// the model (`what`) was not trained for that width; `k == width` cuts nothing, so no warning.
 pub fn warn_untrained_width(k: usize, width: usize, trained: Option<&[usize]>, what: &str) {
+    if k == width {
+        return;
+    }
     match trained {
-        _ if k == width => {}
         Some(dims) if dims.contains(&k) => {}
         Some(dims) => tracing::warn!(
             "--truncate_dim {k}: {what} was trained with --matryoshka_dims {dims:?}, not {k}; \
