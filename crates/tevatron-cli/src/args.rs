@@ -355,7 +355,8 @@ pub struct EncodeArgs {
 }
 
 /// How a query-passage pair becomes model input (`--pair_format`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum PairFormatArg {
     /// Tevatron's for Tevatron's rerankers and ours, sentence-transformers' text pair for a
     /// CrossEncoder folder (see docs/rerank.md).
@@ -364,6 +365,18 @@ pub enum PairFormatArg {
     Tevatron,
     /// sentence-transformers' CrossEncoder: (query, passage) as a text pair with token types.
     Pair,
+}
+
+impl PairFormatArg {
+    /// The format the flag names; `None` for `auto`, which the model folder settles.
+    pub fn named(self) -> Option<tevatron_ir::rerank::PairFormat> {
+        use tevatron_ir::rerank::PairFormat;
+        match self {
+            PairFormatArg::Auto => None,
+            PairFormatArg::Tevatron => Some(PairFormat::Tevatron),
+            PairFormatArg::Pair => Some(PairFormat::Pair),
+        }
+    }
 }
 
 /// The cross-encoder flags `rerank` and `annotate` share: the model, how a pair becomes its
@@ -567,6 +580,11 @@ pub struct TrainArgs {
     /// `train-reranker`: maximum tokens of a query-passage pair, special tokens included.
     #[arg(long, default_value_t = 512)]
     pub rerank_max_len: usize,
+    /// `train-reranker`: how a pair becomes input: Tevatron's one string, sentence-transformers'
+    /// text pair, or (`auto`, the default) the pair for a CrossEncoder folder and Tevatron's
+    /// string otherwise. training_args.json records the format chosen.
+    #[arg(long, value_enum)]
+    pub pair_format: Option<PairFormatArg>,
     /// Train from the teacher scores of each passage (`score`, as `tevatron annotate` writes
     /// them): the KL divergence of Tevatron's `driver.train_distil`.
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]

@@ -208,8 +208,8 @@ const NOT_FOR_RERANKERS: &[Foreign] = &[
     refused("pooling", One, "a cross-encoder scores each pair with its head; there is no pooling"),
     refused("normalize", Bool, "a cross-encoder scores each pair with its head; there is no embedding to normalize"),
     refused("temperature", One, "the reranker's loss is the cross-entropy of the raw logits, as in Tevatron's reranker"),
-    refused("query_max_len", One, "a pair is one text; its length is --rerank_max_len"),
-    refused("passage_max_len", One, "a pair is one text; its length is --rerank_max_len"),
+    refused("query_max_len", One, "a pair is one input; its length is --rerank_max_len"),
+    refused("passage_max_len", One, "a pair is one input; its length is --rerank_max_len"),
     refused("gc_q_chunk_size", One, "a reranker has no query side; --gc_p_chunk_size chunks the pairs"),
     refused("eval_dataset_path", One, "a reranker's validation reranks a run (--eval_run_path); eval_loss is the retriever's contrastive loss"),
     refused("distillation", Bool, "distillation trains a retriever: tevatron train --distillation"),
@@ -229,6 +229,7 @@ const NOT_FOR_RETRIEVERS: &[Foreign] = &[
     ),
     refused("eval_run_path", One, "a reranker's validation run; a retriever's validation searches --eval_corpus_path itself (tevatron train-reranker trains rerankers)"),
     refused("eval_rerank_depth", One, "a reranker's validation depth; a retriever's validation searches --eval_corpus_path itself (tevatron train-reranker trains rerankers)"),
+    refused("pair_format", One, "how a cross-encoder takes its pairs; a retriever encodes queries and passages apart (tevatron train-reranker trains rerankers)"),
 ];
 
 /// Flags of `tevatron train` that mean something else, or nothing, to `encode`, beyond the

@@ -244,7 +244,64 @@ fn each_training_command_refuses_the_others_flags() {
     let mut args = reranker_args("x", &bert, &data);
     args[0] = "train";
     fails_with(run(dir.path(), &args), "--rerank_max_len is not supported");
+    let mut args = vec!["train", "--output_dir", "x", "--model_name_or_path", &bert];
+    args.extend(["--dataset_path", &data, "--max_steps", "1", "--pair_format", "pair"]);
+    fails_with(run(dir.path(), &args), "--pair_format is not supported");
     assert!(!dir.path().join("x").exists());
+}
+
+/// `--pair_format pair` trains on sentence-transformers' text pairs (with token types): the
+/// saved folder and its training_args.json record it, and `rerank` then gives its pairs alike
+/// by default (the scores of `--pair_format pair`, not those of Tevatron's string). A
+/// CrossEncoder folder trains on text pairs without the flag; any other folder on Tevatron's
+/// string.
+#[test]
+fn a_reranker_trains_on_text_pairs_and_reranks_them_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bert, data) = (path("testdata/tiny/bert"), path("testdata/train/tiny.jsonl"));
+    let recorded = |folder: &str| {
+        let read = |f: &str| -> serde_json::Value {
+            let text = std::fs::read_to_string(dir.path().join(folder).join(f)).unwrap();
+            serde_json::from_str(&text).unwrap()
+        };
+        let (config, args) = (read("config.json"), read("training_args.json"));
+        (config["tevatron_pair_format"].clone(), args["pair_format"].clone())
+    };
+    let mut args = reranker_args("p", &bert, &data);
+    args.extend(["--pair_format", "pair"]);
+    let out = run(dir.path(), &args);
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
+    assert!(log.contains("as sentence-transformers' CrossEncoder gives them"), "{log}");
+    assert_eq!(recorded("p"), ("pair".into(), "pair".into()));
+
+    std::fs::write(
+        dir.path().join("in.jsonl"),
+        "{\"query_id\": \"1\", \"query\": \"naive cafe\", \"docid\": \"a\", \"title\": \"\", \"text\": \"cafe\"}\n\
+         {\"query_id\": \"1\", \"query\": \"naive cafe\", \"docid\": \"b\", \"title\": \"t\", \"text\": \"a naive text\"}\n",
+    )
+    .unwrap();
+    let rerank = |format: Option<&str>, output: &str| {
+        let mut args = vec!["rerank", "--model_name_or_path", "p", "--dataset_path", "in.jsonl"];
+        args.extend(["--rerank_output_path", output]);
+        if let Some(f) = format {
+            args.extend(["--pair_format", f]);
+        }
+        ok(run(dir.path(), &args));
+        std::fs::read_to_string(dir.path().join(output)).unwrap()
+    };
+    let auto = rerank(None, "auto.txt");
+    assert_eq!(auto, rerank(Some("pair"), "pair.txt"));
+    assert_ne!(auto, rerank(Some("tevatron"), "tevatron.txt"));
+
+    // A CrossEncoder folder (sentence-transformers' file beside the config) and a plain one.
+    let ce = dir.path().join("ce");
+    copy_dir(Path::new(&bert), &ce);
+    std::fs::write(ce.join("config_sentence_transformers.json"), "{}").unwrap();
+    ok(run(dir.path(), &reranker_args("from_ce", "ce", &data)));
+    assert_eq!(recorded("from_ce"), ("pair".into(), "pair".into()));
+    ok(run(dir.path(), &reranker_args("from_bert", &bert, &data)));
+    assert_eq!(recorded("from_bert"), ("tevatron".into(), "tevatron".into()));
 }
 
 /// A LoRA reranker on the tiny Llama (RankLLaMA's flags): PEFT's adapter folder with the score

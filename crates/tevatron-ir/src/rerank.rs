@@ -1,7 +1,7 @@
 //! Tevatron's reranker data, as `tevatron.reranker` reads and writes it: rerank input rows
 //! (`{query_id, query, docid, title, text}`, read a chunk at a time), a run's top documents
-//! with their query and passage texts (beyond Tevatron), the one string a query-passage pair becomes
-//! (`format_pair`), and the output `qid<TAB>docid<TAB>score`, each query's lines by descending
+//! with their query and passage texts (beyond Tevatron), what a query-passage pair becomes
+//! (Tevatron's one string, `format_pair`, or sentence-transformers' text pair), and the output `qid<TAB>docid<TAB>score`, each query's lines by descending
 //! score, queries in the order they first appear. It knows nothing of models; the scores come
 //! from the caller. `docs/peers/tevatron-reranker.md` quotes the code this follows.
 
@@ -51,6 +51,60 @@ impl RerankPair {
     /// The pair as Tevatron's reranker tokenizes it ([`format_pair`]).
     pub fn formatted(&self, query_prefix: &str, passage_prefix: &str) -> String {
         format_pair(&self.query, &self.text, &self.title, query_prefix, passage_prefix)
+    }
+}
+
+/// How a query-passage pair becomes a cross-encoder's input (`--pair_format`): Tevatron's
+/// reranker and sentence-transformers' `CrossEncoder` give a model its pairs differently, and a
+/// model scores well only in the form it was trained on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PairFormat {
+    /// One text, [`format_pair`]'s string with Tevatron's prefixes.
+    Tevatron,
+    /// A text pair `(query, title + " " + text)` with token types, as `CrossEncoder.predict`
+    /// and sentence-transformers' CrossEncoder training give it; the prefixes do not apply.
+    Pair,
+}
+
+impl PairFormat {
+    /// The name `--pair_format` takes and a saved reranker's `config.json` records
+    /// (`tevatron_pair_format`).
+    pub fn name(self) -> &'static str {
+        match self {
+            PairFormat::Tevatron => "tevatron",
+            PairFormat::Pair => "pair",
+        }
+    }
+
+    /// The format a recorded name stands for; anything but `pair` is Tevatron's (the format
+    /// of every reranker saved before the name was recorded).
+    pub fn from_recorded(name: Option<&str>) -> Self {
+        match name {
+            Some("pair") => PairFormat::Pair,
+            _ => PairFormat::Tevatron,
+        }
+    }
+}
+
+/// A pair's input in `format`: Tevatron's one string, or the query and the passage (title and
+/// text joined by a space, the text alone without a title) of a text pair.
+pub fn pair_input(
+    format: PairFormat,
+    query: &str,
+    title: &str,
+    text: &str,
+    query_prefix: &str,
+    passage_prefix: &str,
+) -> (String, Option<String>) {
+    match format {
+        PairFormat::Tevatron => {
+            (format_pair(query, text, title, query_prefix, passage_prefix), None)
+        }
+        PairFormat::Pair => {
+            let passage =
+                if title.is_empty() { text.to_string() } else { format!("{title} {text}") };
+            (query.to_string(), Some(passage))
+        }
     }
 }
 
@@ -300,6 +354,24 @@ mod tests {
             "query: q passage: Dense Retrieval   Intro p"
         );
         assert_eq!(f(" q ", "p ", " t ", "", ""), "q   t p");
+    }
+
+    /// A pair's input in each format: Tevatron's string (prefixes and title inside), or the
+    /// query and the title-and-text passage of a text pair (no prefixes, no title turned into
+    /// spaces); the recorded names read back, an unknown or missing one as Tevatron's.
+    #[test]
+    fn a_pair_becomes_the_input_of_its_format() {
+        let one = pair_input(PairFormat::Tevatron, "q", "a-b", "text", "query:", "passage:");
+        assert_eq!(one, ("query: q passage: a b text".to_string(), None));
+        let two = pair_input(PairFormat::Pair, "q", "a-b", "text", "query:", "passage:");
+        assert_eq!(two, ("q".to_string(), Some("a-b text".to_string())));
+        let untitled = pair_input(PairFormat::Pair, "q", "", "text", "", "");
+        assert_eq!(untitled.1.as_deref(), Some("text"));
+        for f in [PairFormat::Tevatron, PairFormat::Pair] {
+            assert_eq!(PairFormat::from_recorded(Some(f.name())), f);
+        }
+        assert_eq!(PairFormat::from_recorded(Some("other")), PairFormat::Tevatron);
+        assert_eq!(PairFormat::from_recorded(None), PairFormat::Tevatron);
     }
 
     #[test]

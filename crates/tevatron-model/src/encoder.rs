@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use tevatron_ir::rerank::PairFormat;
 
 use crate::backbone::bf16::Bf16Kernels;
 use crate::backbone::int8::Int8Kernels;
@@ -218,6 +219,9 @@ pub struct Encoder {
     /// A cross-encoder's score head, which replaces pooling, and the head weights that were
     /// initialised because the folder had none.
     head: Option<(ScoreHead, SequenceClassification, Vec<String>)>,
+    /// How a cross-encoder is given its pairs, recorded by [`Encoder::save_pretrained`] so
+    /// that `tevatron rerank` gives them alike (Tevatron's one string unless set).
+    pair_format: PairFormat,
 }
 
 /// A cross-encoder's score-head weight trained whole beside LoRA adapters: its name and variable.
@@ -600,6 +604,7 @@ impl Encoder {
             defaults,
             adapters,
             head,
+            pair_format: PairFormat::Tevatron,
         })
     }
 
@@ -732,9 +737,9 @@ impl Encoder {
             let pad = head.pad_id();
             config.insert("pad_token_id".into(), pad.into());
         }
-        // How `tevatron rerank` should give this model its pairs: trained on Tevatron's one
-        // string, whatever the sentence-transformers key below suggests.
-        config.insert("tevatron_pair_format".into(), "tevatron".into());
+        // How `tevatron rerank` should give this model its pairs: the format it was trained
+        // on, whatever the sentence-transformers key below suggests.
+        config.insert("tevatron_pair_format".into(), self.pair_format.name().into());
         config.insert(
             "sentence_transformers".into(),
             serde_json::json!({"activation_fn": "torch.nn.modules.linear.Identity"}),
@@ -888,6 +893,11 @@ impl Encoder {
     /// Whether this is a cross-encoder (a score head in place of pooling).
     pub fn is_cross_encoder(&self) -> bool {
         self.head.is_some()
+    }
+    /// Sets how this cross-encoder is given its pairs (`train-reranker --pair_format`), which
+    /// a saved folder records as `tevatron_pair_format`.
+    pub fn set_pair_format(&mut self, format: PairFormat) {
+        self.pair_format = format;
     }
     /// The head weights initialised at load because the folder had none (for the log).
     pub fn initialised_head(&self) -> &[String] {

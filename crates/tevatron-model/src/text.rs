@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use tevatron_ir::caught_panic;
+use tevatron_ir::rerank::{pair_input, PairFormat};
 use tokenizers::{
     PostProcessor, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
 };
@@ -243,6 +244,10 @@ impl TextTokenizer {
     }
 }
 
+/// Cross-encoder inputs, tokenized: each pair's ids, and its token types when the pairs are
+/// text pairs.
+pub type CrossTokens = (Vec<Vec<u32>>, Option<Vec<Vec<u32>>>);
+
 /// A tokenizer set up for one [`TextOptions`].
 pub struct PreparedTokenizer {
     tokenizer: Tokenizer,
@@ -281,6 +286,32 @@ impl PreparedTokenizer {
             out.iter_mut().for_each(|(_, types)| types.fill(0));
         }
         Ok(out)
+    }
+
+    /// Tokenizes query-passage pairs `(query, title, text)` for a cross-encoder in `format`
+    /// ([`pair_input`]): Tevatron's one string each, or a text pair each with its token
+    /// types (`None` for the one-string form, whose token types are all 0).
+    pub fn tokenize_cross<'a>(
+        &self,
+        format: PairFormat,
+        (query_prefix, passage_prefix): (&str, &str),
+        pairs: impl IntoIterator<Item = (&'a str, &'a str, &'a str)>,
+    ) -> Result<CrossTokens> {
+        let inputs = pairs.into_iter().map(|(q, title, text)| {
+            pair_input(format, q, title, text, query_prefix, passage_prefix)
+        });
+        match format {
+            PairFormat::Tevatron => {
+                let texts: Vec<String> = inputs.map(|(one, _)| one).collect();
+                Ok((self.tokenize(&texts)?, None))
+            }
+            PairFormat::Pair => {
+                let texts: Vec<(String, String)> =
+                    inputs.map(|(q, p)| (q, p.unwrap_or_default())).collect();
+                let (ids, types) = self.tokenize_pairs(&texts)?.into_iter().unzip();
+                Ok((ids, Some(types)))
+            }
+        }
     }
 
     /// Encodes inputs in parallel into ids and token types, with the EOS appended when asked

@@ -21,7 +21,7 @@
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor, Var};
 use tevatron_model::backbone::{run_layers, Training};
-use tevatron_model::collate::{collate, length_buckets, PaddingSide};
+use tevatron_model::collate::{collate_typed, length_buckets, PaddingSide};
 use tevatron_model::rng::mix;
 use tevatron_model::{Encoder, Mode};
 
@@ -129,6 +129,9 @@ pub enum Inputs<'a> {
     Reranker {
         /// Pair token ids, query-major.
         pairs: &'a [Vec<u32>],
+        /// Each pair's token types, when the pairs are text pairs (sentence-transformers'
+        /// form); none for Tevatron's one string.
+        types: Option<&'a [Vec<u32>]>,
         /// Pairs per query (`--train_group_size`).
         group: usize,
     },
@@ -358,8 +361,12 @@ fn in_input_order(cat: &Tensor, split: &[Vec<usize>]) -> Result<Tensor> {
     cat.contiguous()?.index_select(&inverse, 0)
 }
 
-/// One side of a micro-batch: its sequences, its dropout stream, its GradCache chunk size.
-type SideInput<'a> = (&'a [Vec<u32>], Side, Option<usize>);
+/// One side of a micro-batch: its sequences (with their token types, for text pairs), its
+/// dropout stream, its GradCache chunk size.
+type SideInput<'a> = (Sequences<'a>, Side, Option<usize>);
+
+/// A side's token ids and, for text pairs, their token types.
+type Sequences<'a> = (&'a [Vec<u32>], Option<&'a [Vec<u32>]>);
 
 /// The loss of a micro-batch from its outputs, over every rank's (Tevatron's DDP forward): a
 /// retriever scores its queries against all ranks' passages (contrastive) or its own groups
@@ -439,9 +446,18 @@ pub fn step(
 ) -> Result<StepOutput> {
     let device = enc.device().clone();
     let pad = enc.tokenizer().pad_id();
-    let make = |seqs: &[Vec<u32>], which: &[usize]| {
+    let make = |(seqs, types): Sequences, which: &[usize]| {
         let rows: Vec<&[u32]> = which.iter().map(|&i| seqs[i].as_slice()).collect();
-        collate(&rows, pad, opts.pad_to_multiple_of, opts.padding_side, &device)
+        let types: Option<Vec<&[u32]>> =
+            types.map(|t| which.iter().map(|&i| t[i].as_slice()).collect());
+        collate_typed(
+            &rows,
+            types.as_deref(),
+            pad,
+            opts.pad_to_multiple_of,
+            opts.padding_side,
+            &device,
+        )
     };
     let (qc, pc) = match opts.grad_cache {
         Some((q, p)) => (Some(q), Some(p)),
@@ -450,17 +466,17 @@ pub fn step(
     // Each side's sequences, its dropout stream and its GradCache chunk size.
     let sides: Vec<SideInput> = match *inputs {
         Inputs::Retriever { queries, passages, .. } => {
-            vec![(queries, Side::Query, qc), (passages, Side::Passage, pc)]
+            vec![((queries, None), Side::Query, qc), ((passages, None), Side::Passage, pc)]
         }
-        Inputs::Reranker { pairs, .. } => vec![(pairs, Side::Pair, pc)],
+        Inputs::Reranker { pairs, types, .. } => vec![((pairs, types), Side::Pair, pc)],
     };
-    for &(seqs, _, _) in &sides {
+    for &((seqs, _), _, _) in &sides {
         enc.check_token_ids(seqs).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     }
     if opts.grad_cache.is_none() && !opts.checkpointing {
         let mut collated = Vec::with_capacity(sides.len());
         for &(seqs, _, size) in &sides {
-            let split = split(seqs, size, opts, &device);
+            let split = split(seqs.0, size, opts, &device);
             let batches = split.iter().map(|w| make(seqs, w)).collect::<Result<Vec<_>>>()?;
             collated.push((split, batches));
         }
@@ -492,7 +508,7 @@ pub fn step(
     let keep = opts.grad_cache.is_none() && opts.checkpointing;
     let mut passes = Vec::new();
     for &(seqs, side, size) in &sides {
-        let split = split(seqs, size, opts, &device);
+        let split = split(seqs.0, size, opts, &device);
         let mut parts = Vec::new();
         for (c, which) in split.iter().enumerate() {
             let batch = make(seqs, which)?;

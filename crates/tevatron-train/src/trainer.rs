@@ -21,7 +21,7 @@ use std::sync::mpsc;
 use std::time::Instant;
 
 use serde_json::{json, Value};
-use tevatron_ir::rerank::format_pair;
+use tevatron_ir::rerank::PairFormat;
 use tevatron_model::rng::mix;
 use tevatron_model::text::PreparedTokenizer;
 use tevatron_model::{Encoder, TextOptions};
@@ -161,21 +161,26 @@ pub enum Objective {
     /// A retriever: queries and passages encoded apart, the contrastive loss, or distillation
     /// from the passages' teacher scores when `StepOptions::distillation` is set.
     Retriever,
-    /// A cross-encoder (`tevatron train-reranker`): each passage with its query as Tevatron's
-    /// `format_pair` string, tokenized with the passage options, the listwise loss.
+    /// A cross-encoder (`tevatron train-reranker`): each passage with its query in `format`
+    /// (Tevatron's `format_pair` string or sentence-transformers' text pair), tokenized with
+    /// the passage options, the listwise loss.
     Reranker {
-        /// Put before the query inside the pair (`--query_prefix`).
+        /// How a pair becomes input (`--pair_format`).
+        format: PairFormat,
+        /// Put before the query inside Tevatron's string (`--query_prefix`).
         query_prefix: String,
-        /// Put before the title and passage inside the pair (`--passage_prefix`).
+        /// Put before the title and passage inside Tevatron's string (`--passage_prefix`).
         passage_prefix: String,
     },
 }
 
 /// One micro-batch, tokenized: queries and passages (a reranker's pairs are its passages,
-/// with no queries), and the teacher's scores of the passages when distilling.
+/// with no queries, and their token types when they are text pairs), and the teacher's scores
+/// of the passages when distilling.
 struct Tokenized {
     queries: Vec<Vec<u32>>,
     passages: Vec<Vec<u32>>,
+    passage_types: Option<Vec<Vec<u32>>>,
     teacher: Option<Vec<f32>>,
 }
 
@@ -198,6 +203,7 @@ impl BatchMaker<'_> {
         let items = rank_slice(order, batch, self.batch_size, self.rank, self.world_size);
         let mut queries = Vec::with_capacity(items.len());
         let mut passages = Vec::with_capacity(items.len() * self.data.group_size());
+        let mut groups = Vec::with_capacity(items.len());
         let mut teacher = Vec::new();
         for &item in items {
             let g = self.data.group(item, epoch)?;
@@ -214,25 +220,28 @@ impl BatchMaker<'_> {
                 }
             }
             match self.objective {
-                Objective::Retriever => passages.extend(g.joined()),
-                Objective::Reranker { query_prefix, passage_prefix } => {
-                    passages.extend(g.passages.iter().map(|p| {
-                        let title = p.title.as_deref().unwrap_or("");
-                        format_pair(&g.query, &p.text, title, query_prefix, passage_prefix)
-                    }))
+                Objective::Retriever => {
+                    passages.extend(g.joined());
+                    queries.push(g.query);
                 }
+                Objective::Reranker { .. } => groups.push(g),
             }
-            queries.push(g.query);
         }
-        let queries = match self.objective {
-            Objective::Retriever => self.query.tokenize(&queries)?,
-            Objective::Reranker { .. } => Vec::new(),
+        let (queries, (passages, passage_types)) = match self.objective {
+            Objective::Retriever => {
+                (self.query.tokenize(&queries)?, (self.passage.tokenize(&passages)?, None))
+            }
+            Objective::Reranker { format, query_prefix, passage_prefix } => {
+                let pairs = groups.iter().flat_map(|g| {
+                    g.passages.iter().map(|p| {
+                        (g.query.as_str(), p.title.as_deref().unwrap_or(""), p.text.as_str())
+                    })
+                });
+                let prefixes = (query_prefix.as_str(), passage_prefix.as_str());
+                (Vec::new(), self.passage.tokenize_cross(*format, prefixes, pairs)?)
+            }
         };
-        Ok(Tokenized {
-            queries,
-            passages: self.passage.tokenize(&passages)?,
-            teacher: self.teacher.then_some(teacher),
-        })
+        Ok(Tokenized { queries, passages, passage_types, teacher: self.teacher.then_some(teacher) })
     }
 
     /// The epoch's shuffled order, padded with its first queries to a multiple of the world
@@ -473,9 +482,11 @@ pub fn train(
                         passages: &batch.passages,
                         teacher: batch.teacher.as_deref(),
                     },
-                    Objective::Reranker { .. } => {
-                        Inputs::Reranker { pairs: &batch.passages, group: data.group_size() }
-                    }
+                    Objective::Reranker { .. } => Inputs::Reranker {
+                        pairs: &batch.passages,
+                        types: batch.passage_types.as_deref(),
+                        group: data.group_size(),
+                    },
                 };
                 let out = step::step(
                     encoder,

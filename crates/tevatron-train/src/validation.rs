@@ -24,7 +24,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use tevatron_ir::metrics::{evaluate, Measure};
 use tevatron_ir::records::{RecordKind, RecordStream, TextRecord};
-use tevatron_ir::rerank::RunPairs;
+use tevatron_ir::rerank::{PairFormat, RunPairs};
 use tevatron_ir::search::search_shard;
 use tevatron_ir::trec::{Qrels, Run};
 use tevatron_ir::vectors::{VecDType, VectorWriter, Vectors};
@@ -63,6 +63,8 @@ pub struct RerankData {
     pub pairs: RunPairs,
     /// Their judgements.
     pub qrels: Qrels,
+    /// How a pair becomes input, as in training.
+    pub format: PairFormat,
     /// Tevatron's pair format: the query prefix.
     pub query_prefix: String,
     /// Tevatron's pair format: the passage prefix.
@@ -210,10 +212,10 @@ impl Validation {
         let mut run = String::new();
         for start in (0..r.pairs.len()).step_by(EMBED_CHUNK) {
             let chunk = r.pairs.get(start..(start + EMBED_CHUNK).min(r.pairs.len()));
-            let texts: Vec<String> =
-                chunk.iter().map(|p| p.formatted(&r.query_prefix, &r.passage_prefix)).collect();
-            let scores =
-                encoder.embed_sequences(&tokenizer.tokenize(&texts)?, &self.passage_batch)?;
+            let prefixes = (r.query_prefix.as_str(), r.passage_prefix.as_str());
+            let pairs = chunk.iter().map(|p| (p.query.as_str(), p.title.as_str(), p.text.as_str()));
+            let (ids, types) = tokenizer.tokenize_cross(r.format, prefixes, pairs)?;
+            let scores = encoder.embed_typed(&ids, types.as_deref(), &self.passage_batch)?;
             // The run as `tevatron rerank` writes it, scores formatted alike.
             for (p, score) in chunk.iter().zip(scores) {
                 if score.is_nan() {

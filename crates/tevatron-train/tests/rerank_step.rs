@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use tevatron_model::collate::length_buckets;
+use tevatron_model::encoder::BatchOptions;
 use tevatron_model::testing::{max_abs, max_abs_diff_f64};
 use tevatron_model::{Encoder, EncoderOptions, PaddingSide, ScoreHeadOptions};
 use tevatron_train::dist::Group;
@@ -77,9 +78,19 @@ fn sorted_vars(enc: &Encoder) -> Vec<(String, candle_core::Var)> {
 
 /// The loss and each variable's gradient, by variable name.
 fn run(enc: &Encoder, pairs: &[Vec<u32>], o: &StepOptions) -> (f64, Vec<(String, Tensor)>) {
+    run_typed(enc, pairs, None, o)
+}
+
+/// [`run`] with each pair's token types (text pairs).
+fn run_typed(
+    enc: &Encoder,
+    pairs: &[Vec<u32>],
+    types: Option<&[Vec<u32>]>,
+    o: &StepOptions,
+) -> (f64, Vec<(String, Tensor)>) {
     let vars = sorted_vars(enc);
     let mut acc = Accumulator::new(vars.iter().map(|(_, v)| v.clone()).collect());
-    let inputs = Inputs::Reranker { pairs, group: 3 };
+    let inputs = Inputs::Reranker { pairs, types, group: 3 };
     let out = step(enc, &inputs, o, 1.0, 5, &Group::single(), &mut acc).unwrap();
     let grads = acc.take().unwrap();
     (out.loss, vars.into_iter().map(|(n, _)| n).zip(grads).collect())
@@ -171,6 +182,48 @@ fn grad_cache_and_checkpointing_give_the_plain_reranker_step() {
     assert!((plain_quiet.0 - plain.0).abs() > 1e-6, "dropout changed nothing");
 }
 
+/// Text pairs (sentence-transformers' form, `--pair_format pair`) train on their token types:
+/// the step's loss is the listwise loss of the scores inference gives the same typed pairs
+/// (inference with token types equals transformers: `tevatron-model`'s reranker tests), it
+/// differs from the loss of the same ids without types, and GradCache with checkpointing
+/// gives the same loss and gradients.
+#[test]
+fn text_pairs_train_on_their_token_types() {
+    let f = fixture("bert");
+    let enc = encoder("bert", DType::F64, false);
+    // The second half of each pair is its second text.
+    let types: Vec<Vec<u32>> = f
+        .pairs
+        .iter()
+        .map(|p| (0..p.len()).map(|i| u32::from(i >= p.len() / 2)).collect())
+        .collect();
+    let batches = BatchOptions::for_encoding(4, 512, 1, PaddingSide::Right, &Device::Cpu);
+    // Inference runs in F32: the same weights, loaded so.
+    let scorer = encoder("bert", DType::F32, false);
+    let scores = scorer.embed_typed(&f.pairs, Some(&types), &batches).unwrap();
+    let want = scores
+        .chunks(3)
+        .map(|g| {
+            let g: Vec<f64> = g.iter().map(|&s| f64::from(s)).collect();
+            let max = g.iter().cloned().fold(f64::MIN, f64::max);
+            max + g.iter().map(|s| (s - max).exp()).sum::<f64>().ln() - g[0]
+        })
+        .sum::<f64>()
+        / (scores.len() / 3) as f64;
+    let typed = run_typed(&enc, &f.pairs, Some(&types), &opts());
+    // The scores are F32's: agreement to its rounding.
+    assert!((typed.0 - want).abs() <= 1e-5 * want, "loss {} vs {want} from inference", typed.0);
+    let (untyped, _) = run(&enc, &f.pairs, &opts());
+    assert!((typed.0 - untyped).abs() > 1e-5, "the token types changed nothing: {untyped}");
+    let o = StepOptions { grad_cache: Some((1, 2)), checkpointing: true, ..opts() };
+    let (loss, grads) = run_typed(&enc, &f.pairs, Some(&types), &o);
+    assert!((loss - typed.0).abs() <= 1e-12, "GradCache: loss {loss} vs {}", typed.0);
+    for ((name, a), (_, b)) in grads.iter().zip(&typed.1) {
+        let d = max_abs_diff_f64(a, b).unwrap();
+        assert!(d <= 1e-10, "GradCache {name}: {d}");
+    }
+}
+
 /// Two ranks, one group each, give the one-rank step's loss and (summed) gradients: the
 /// listwise loss is over every rank's groups, as DDP's averaged gradients are for Tevatron.
 #[test]
@@ -191,7 +244,7 @@ fn two_ranks_give_the_one_rank_reranker_step() {
                     let vars = sorted_vars(&enc).into_iter().map(|(_, v)| v).collect();
                     let mut acc = Accumulator::new(vars);
                     let mine = &pairs[group.rank() * 3..(group.rank() + 1) * 3];
-                    let inputs = Inputs::Reranker { pairs: mine, group: 3 };
+                    let inputs = Inputs::Reranker { pairs: mine, types: None, group: 3 };
                     let out = step(&enc, &inputs, &opts(), 1.0, 5, &group, &mut acc).unwrap();
                     (out.loss, group.all_reduce_sum(acc.take().unwrap()).unwrap())
                 })

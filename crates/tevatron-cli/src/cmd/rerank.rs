@@ -7,35 +7,29 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use tevatron_ir::records::count_rows;
-use tevatron_ir::rerank::{pairs_from_run, write_reranked, PairReader, RerankPair, RunPairs};
+use tevatron_ir::rerank::{
+    pairs_from_run, write_reranked, PairFormat, PairReader, RerankPair, RunPairs,
+};
 use tevatron_model::encoder::{BatchOptions, EMBED_CHUNK};
-use tevatron_model::text::PreparedTokenizer;
+use tevatron_model::text::{CrossTokens, PreparedTokenizer};
 use tevatron_model::{Encoder, EncoderOptions, PaddingSide, ScoreHeadOptions, TextOptions};
 
-use crate::args::{CrossEncoderFlags, PairFormatArg, RerankArgs};
+use crate::args::{CrossEncoderFlags, RerankArgs};
 use crate::progress;
-
-/// How pairs become model input, settled from the flag and the folder.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum PairFormat {
-    Tevatron,
-    Pair,
-}
 
 /// `--pair_format auto`: sentence-transformers' text pair for a CrossEncoder folder (one that
 /// states an activation for sentence-transformers, in v4's key or the older
 /// `sbert_ce_default_activation_function`, or has `config_sentence_transformers.json`),
 /// unless the folder says which format it was trained on (`tevatron_pair_format`, which our
-/// saved rerankers write); Tevatron's one string otherwise.
-fn folder_format(model_dir: &Path) -> PairFormat {
+/// saved rerankers write); Tevatron's one string otherwise. `train-reranker` starts from the
+/// same choice, so a CrossEncoder keeps being fine-tuned on the pairs it learnt from.
+pub(super) fn folder_format(model_dir: &Path) -> PairFormat {
     let config: Option<serde_json::Value> = std::fs::read_to_string(model_dir.join("config.json"))
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok());
     let config = config.unwrap_or_default();
-    match config.get("tevatron_pair_format").and_then(|v| v.as_str()) {
-        Some("pair") => return PairFormat::Pair,
-        Some(_) => return PairFormat::Tevatron,
-        None => {}
+    if let Some(recorded) = config.get("tevatron_pair_format") {
+        return PairFormat::from_recorded(recorded.as_str());
     }
     let cross_encoder = config.get("sentence_transformers").is_some()
         || config.get("sbert_ce_default_activation_function").is_some()
@@ -47,14 +41,16 @@ fn folder_format(model_dir: &Path) -> PairFormat {
     }
 }
 
-/// The LoRA adapter of `--lora_name_or_path` when our trainer wrote it (its
-/// `training_args.json`): its pairs were formatted as Tevatron's, even on a CrossEncoder base,
-/// whose own folder would choose the pair form. The adapter folder carries no config of its own
-/// that could say so.
-fn trained_adapter(f: &CrossEncoderFlags) -> Option<std::path::PathBuf> {
+/// The format the LoRA adapter of `--lora_name_or_path` was trained on, when our trainer wrote
+/// it: its `training_args.json` records `pair_format` (Tevatron's one string when the record
+/// has none, as every adapter trained before the flag), whatever the base folder would choose.
+/// The adapter folder carries no config of its own that could say so.
+fn trained_adapter(f: &CrossEncoderFlags) -> Option<(std::path::PathBuf, PairFormat)> {
     let adapter = f.lora_name_or_path.as_deref()?;
     let dir = tevatron_model::hub::resolve_adapter(adapter, f.cache_dir.as_deref()).ok()?;
-    dir.join("training_args.json").is_file().then_some(dir)
+    let text = std::fs::read_to_string(dir.join("training_args.json")).ok()?;
+    let args: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    Some((dir, PairFormat::from_recorded(args["pair_format"].as_str())))
 }
 
 /// Where the pairs come from, read a chunk at a time: rerank input rows (streamed from the
@@ -118,9 +114,6 @@ fn input_pairs(a: &RerankArgs) -> Result<(Source, usize)> {
     }
 }
 
-/// A chunk's token ids, and their token types for text pairs.
-type Tokenized = (Vec<Vec<u32>>, Option<Vec<Vec<u32>>>);
-
 /// How pairs become token ids: the format, Tevatron's prefixes, the length rules.
 pub(super) struct PairInput {
     format: PairFormat,
@@ -135,31 +128,22 @@ impl PairInput {
     /// prefixes of Tevatron's format, `--rerank_max_len` and `--append_eos_token`.
     pub(super) fn new(f: &CrossEncoderFlags, enc: &Encoder) -> Result<Self> {
         let (query_prefix, passage_prefix) = (f.query_prefix.as_str(), f.passage_prefix.as_str());
-        let format = match f.pair_format {
-            PairFormatArg::Tevatron => PairFormat::Tevatron,
-            PairFormatArg::Pair => PairFormat::Pair,
-            PairFormatArg::Auto => match trained_adapter(f) {
-                // Our `train-reranker` formats every pair as Tevatron does, whatever the base.
-                Some(adapter) => {
+        let format = match f.pair_format.named() {
+            Some(format) => format,
+            None => match trained_adapter(f) {
+                Some((adapter, format)) => {
                     tracing::info!(
-                        "{} was trained by tevatron train-reranker (its training_args.json): \
-                         Tevatron's pair format, whatever the base folder says",
-                        adapter.display()
+                        "{} was trained by tevatron train-reranker on pairs in the {:?} format \
+                         (its training_args.json), whatever the base folder says",
+                        adapter.display(),
+                        format.name()
                     );
-                    PairFormat::Tevatron
+                    format
                 }
                 None => folder_format(enc.model_dir()),
             },
         };
-        match format {
-            PairFormat::Tevatron => tracing::info!(
-                "pairs in Tevatron's format: \"{query_prefix} <query> {passage_prefix} <title> <text>\" as one text"
-            ),
-            PairFormat::Pair => tracing::info!(
-                "pairs as sentence-transformers' CrossEncoder gives them: (query, title and text) \
-                 as a text pair; --query_prefix and --passage_prefix apply only to Tevatron's format"
-            ),
-        }
+        log_format(format, query_prefix, passage_prefix);
         let text = TextOptions {
             max_len: f.rerank_max_len,
             // Tevatron's prefixes are inside its formatted string; a text pair takes none.
@@ -173,32 +157,23 @@ impl PairInput {
     }
 
     /// Token ids (and token types, for text pairs) of a chunk of pairs.
-    pub(super) fn tokenize(&self, pairs: &[RerankPair]) -> Result<Tokenized> {
-        let tok = &self.tokenizer;
-        Ok(match self.format {
-            PairFormat::Tevatron => {
-                let texts: Vec<String> = pairs
-                    .iter()
-                    .map(|p| p.formatted(&self.query_prefix, &self.passage_prefix))
-                    .collect();
-                (tok.tokenize(&texts)?, None)
-            }
-            PairFormat::Pair => {
-                let texts: Vec<(String, String)> = pairs
-                    .iter()
-                    .map(|p| {
-                        let passage = if p.title.is_empty() {
-                            p.text.clone()
-                        } else {
-                            format!("{} {}", p.title, p.text)
-                        };
-                        (p.query.clone(), passage)
-                    })
-                    .collect();
-                let (ids, types) = tok.tokenize_pairs(&texts)?.into_iter().unzip();
-                (ids, Some(types))
-            }
-        })
+    pub(super) fn tokenize(&self, pairs: &[RerankPair]) -> Result<CrossTokens> {
+        let prefixes = (self.query_prefix.as_str(), self.passage_prefix.as_str());
+        let pairs = pairs.iter().map(|p| (p.query.as_str(), p.title.as_str(), p.text.as_str()));
+        Ok(self.tokenizer.tokenize_cross(self.format, prefixes, pairs)?)
+    }
+}
+
+/// Says in the log how pairs become model input (`rerank`, `annotate`, `train-reranker`).
+pub(super) fn log_format(format: PairFormat, query_prefix: &str, passage_prefix: &str) {
+    match format {
+        PairFormat::Tevatron => tracing::info!(
+            "pairs in Tevatron's format: \"{query_prefix} <query> {passage_prefix} <title> <text>\" as one text"
+        ),
+        PairFormat::Pair => tracing::info!(
+            "pairs as sentence-transformers' CrossEncoder gives them: (query, title and text) \
+             as a text pair; --query_prefix and --passage_prefix apply only to Tevatron's format"
+        ),
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use tevatron_ir::records::RecordKind;
-use tevatron_ir::rerank::pairs_from_run;
+use tevatron_ir::rerank::{pairs_from_run, PairFormat};
 use tevatron_ir::trec::Qrels;
 use tevatron_model::encoder::BatchOptions;
 use tevatron_model::lora::{AdapterSource, LoraConfig, LoraOptions};
@@ -26,7 +26,7 @@ use tevatron_train::validation::{
     read_records, LossData, RerankData, RetrievalData, Validation, LOSS,
 };
 
-use crate::args::{StrategyArg, TrainArgs};
+use crate::args::{PairFormatArg, StrategyArg, TrainArgs};
 use crate::{launch, progress};
 
 /// Where row indexes are cached: `--dataset_cache_dir`, else the Hugging Face datasets cache.
@@ -228,8 +228,9 @@ fn validation(
     padding_side: PaddingSide,
     corpus: Option<Arc<Corpus>>,
     cache: &Path,
-    reranker: bool,
+    pair_format: Option<PairFormat>,
 ) -> Result<Option<Validation>> {
+    let reranker = pair_format.is_some();
     if a.eval_strategy == StrategyArg::No {
         return Ok(None);
     }
@@ -238,8 +239,8 @@ fn validation(
         (&a.eval_query_path, &a.eval_corpus_path, &a.eval_qrels_path)
     {
         let qrels = Qrels::read(qrels).context("reading --eval_qrels_path")?;
-        match &a.eval_run_path {
-            Some(run) if reranker => {
+        match (&a.eval_run_path, pair_format) {
+            (Some(run), Some(format)) => {
                 let pairs = pairs_from_run(
                     run,
                     std::slice::from_ref(queries),
@@ -261,7 +262,7 @@ fn validation(
                     );
                 }
                 let (query_prefix, passage_prefix) = prefixes(a, true);
-                rerank = Some(RerankData { pairs, qrels, query_prefix, passage_prefix });
+                rerank = Some(RerankData { pairs, qrels, format, query_prefix, passage_prefix });
             }
             _ => {
                 retrieval = Some(RetrievalData {
@@ -595,7 +596,7 @@ fn run_training(a: &TrainArgs, reranker: bool) -> Result<()> {
         );
     }
     let lora = lora_options(a, &device)?;
-    let encoder = super::load_encoder(
+    let mut encoder = super::load_encoder(
         &a.model_name_or_path,
         a.tokenizer_name.as_deref(),
         a.cache_dir.as_deref(),
@@ -620,6 +621,18 @@ fn run_training(a: &TrainArgs, reranker: bool) -> Result<()> {
     let padding_side = PaddingSide::from(a.padding_side);
     encoder.check_padding(padding_side)?;
     let (query_prefix, passage_prefix) = prefixes(a, reranker);
+    // A cross-encoder's pairs: the flag's format, else the folder's (a CrossEncoder keeps
+    // its text pairs), recorded in training_args.json and in the saved config.
+    let pair_format = reranker.then(|| {
+        a.pair_format
+            .and_then(PairFormatArg::named)
+            .unwrap_or_else(|| super::rerank::folder_format(encoder.model_dir()))
+    });
+    let mut args = args_json(a);
+    if let Some(format) = pair_format {
+        encoder.set_pair_format(format);
+        args["pair_format"] = format.name().into();
+    }
 
     let text = |max_len, prefix: &str| TextOptions {
         max_len,
@@ -660,19 +673,20 @@ fn run_training(a: &TrainArgs, reranker: bool) -> Result<()> {
         drop_last: a.dataloader_drop_last,
         num_workers: a.dataloader_num_workers,
         query_text: text(a.query_max_len, &query_prefix),
-        // A reranker's pair is one text, the prefixes inside it (Tevatron's format_pair).
+        // A reranker's pair is one text, the prefixes inside it (Tevatron's format_pair), or a
+        // text pair without them.
         passage_text: if reranker {
             text(a.rerank_max_len, "")
         } else {
             text(a.passage_max_len, &passage_prefix)
         },
-        objective: if reranker {
-            Objective::Reranker {
+        objective: match pair_format {
+            Some(format) => Objective::Reranker {
+                format,
                 query_prefix: query_prefix.clone(),
                 passage_prefix: passage_prefix.clone(),
-            }
-        } else {
-            Objective::Retriever
+            },
+            None => Objective::Retriever,
         },
         step: StepOptions {
             temperature: a.temperature,
@@ -689,14 +703,14 @@ fn run_training(a: &TrainArgs, reranker: bool) -> Result<()> {
                 matryoshka(a, encoder.output_width(), encoder.normalize())?
             },
         },
-        args: args_json(a),
+        args,
         validation: validation(
             a,
             &encoder,
             padding_side,
             data.corpus().cloned(),
             &cache,
-            reranker,
+            pair_format,
         )?
         .map(std::sync::Arc::new),
     };
@@ -722,9 +736,10 @@ fn run_training(a: &TrainArgs, reranker: bool) -> Result<()> {
         }
     }
     let device_name = format!("{:?}", encoder.device().location());
-    if reranker {
+    if let Some(format) = pair_format {
+        super::rerank::log_format(format, &query_prefix, &passage_prefix);
         tracing::info!(
-            "training the reranker {} (pairs \"{query_prefix} <query> {passage_prefix} <title> <text>\" of at most {} tokens, groups of {}) on {device_name}",
+            "training the reranker {} (pairs of at most {} tokens, groups of {}) on {device_name}",
             a.model_name_or_path,
             a.rerank_max_len,
             a.train_group_size
