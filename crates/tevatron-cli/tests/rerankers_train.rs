@@ -388,4 +388,16 @@ fn a_lora_reranker_trains_resumes_and_reranks() {
     assert_eq!(score_of("ce.txt"), score);
     rerank_with(&ce_str, "pair.txt", &["--pair_format", "pair"]);
     assert_ne!(score_of("pair.txt"), score, "the pair form should score another input");
+    // Training on from the adapter keeps the format it recorded, on that base too.
+    let mut on = reranker_args("c", &ce_str, &data);
+    on.extend(["--lora_name_or_path", &a_str, "--append_eos_token", "--rerank_max_len", "32"]);
+    let out = run(dir.path(), &on);
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
+    assert!(log.contains("pairs in Tevatron's format"), "{log}");
+    let args: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("c/training_args.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(args["pair_format"], "tevatron");
 }

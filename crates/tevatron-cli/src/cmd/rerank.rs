@@ -41,13 +41,15 @@ pub(super) fn folder_format(model_dir: &Path) -> PairFormat {
     }
 }
 
-/// The format the LoRA adapter of `--lora_name_or_path` was trained on, when our trainer wrote
+/// The format a LoRA adapter (`--lora_name_or_path`) was trained on, when our trainer wrote
 /// it: its `training_args.json` records `pair_format` (Tevatron's one string when the record
 /// has none, as every adapter trained before the flag), whatever the base folder would choose.
 /// The adapter folder carries no config of its own that could say so.
-fn trained_adapter(f: &CrossEncoderFlags) -> Option<(std::path::PathBuf, PairFormat)> {
-    let adapter = f.lora_name_or_path.as_deref()?;
-    let dir = tevatron_model::hub::resolve_adapter(adapter, f.cache_dir.as_deref()).ok()?;
+pub(super) fn trained_adapter(
+    adapter: Option<&str>,
+    cache_dir: Option<&Path>,
+) -> Option<(std::path::PathBuf, PairFormat)> {
+    let dir = tevatron_model::hub::resolve_adapter(adapter?, cache_dir).ok()?;
     let text = std::fs::read_to_string(dir.join("training_args.json")).ok()?;
     let args: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
     Some((dir, PairFormat::from_recorded(args["pair_format"].as_str())))
@@ -130,7 +132,7 @@ impl PairInput {
         let (query_prefix, passage_prefix) = (f.query_prefix.as_str(), f.passage_prefix.as_str());
         let format = match f.pair_format.named() {
             Some(format) => format,
-            None => match trained_adapter(f) {
+            None => match trained_adapter(f.lora_name_or_path.as_deref(), f.cache_dir.as_deref()) {
                 Some((adapter, format)) => {
                     tracing::info!(
                         "{} was trained by tevatron train-reranker on pairs in the {:?} format \

@@ -621,12 +621,16 @@ fn run_training(a: &TrainArgs, reranker: bool) -> Result<()> {
     let padding_side = PaddingSide::from(a.padding_side);
     encoder.check_padding(padding_side)?;
     let (query_prefix, passage_prefix) = prefixes(a, reranker);
-    // A cross-encoder's pairs: the flag's format, else the folder's (a CrossEncoder keeps
-    // its text pairs), recorded in training_args.json and in the saved config.
+    // A cross-encoder's pairs: the flag's format, else that of the adapter it continues, else
+    // the folder's (a CrossEncoder keeps its text pairs); recorded in training_args.json and in
+    // the saved config.
     let pair_format = reranker.then(|| {
-        a.pair_format
-            .and_then(PairFormatArg::named)
-            .unwrap_or_else(|| super::rerank::folder_format(encoder.model_dir()))
+        let continued =
+            super::rerank::trained_adapter(a.lora_name_or_path.as_deref(), a.cache_dir.as_deref());
+        a.pair_format.and_then(PairFormatArg::named).unwrap_or_else(|| match continued {
+            Some((_, format)) => format,
+            None => super::rerank::folder_format(encoder.model_dir()),
+        })
     });
     let mut args = args_json(a);
     if let Some(format) = pair_format {
