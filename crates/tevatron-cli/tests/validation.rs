@@ -162,28 +162,27 @@ fn encode(d: &Path, model: &str, input: &str, out: &str, flags: &[&str]) {
 
 /// [`eval_with_commands`] with more encoding flags (a decoder's pooling, an adapter).
 fn eval_encoded_with(d: &Path, model: &Path, flags: &[&str]) -> serde_json::Value {
+    eval_searched_with(d, model, flags, &[])
+}
+
+/// [`eval_encoded_with`] with more search flags (`--truncate_dim`).
+fn eval_searched_with(
+    d: &Path,
+    model: &Path,
+    flags: &[&str],
+    search_flags: &[&str],
+) -> serde_json::Value {
     let model = model.to_string_lossy();
     let enc = |input: &str, out: &str, extra: &[&str]| {
         encode(d, &model, input, out, &[extra, flags].concat());
     };
     enc("queries.jsonl", "q.safetensors", &["--encode_is_query"]);
     enc("corpus.jsonl", "p.safetensors", &[]);
-    ok(tevatron(
-        d,
-        &[
-            "search",
-            "--query_reps",
-            "q.safetensors",
-            "--passage_reps",
-            "p.safetensors",
-            "--depth",
-            "100",
-            "--save_text",
-            "--save_ranking_to",
-            "run.tsv",
-            "--quiet",
-        ],
-    ));
+    let mut search = vec!["search", "--query_reps", "q.safetensors", "--passage_reps"];
+    search.extend(["p.safetensors", "--depth", "100", "--save_text", "--save_ranking_to"]);
+    search.extend(["run.tsv", "--quiet"]);
+    search.extend_from_slice(search_flags);
+    ok(tevatron(d, &search));
     let out = ok(tevatron(
         d,
         &[
@@ -202,6 +201,41 @@ fn eval_encoded_with(d: &Path, model: &Path, flags: &[&str]) -> serde_json::Valu
         ],
     ));
     serde_json::from_str(&out).unwrap()
+}
+
+/// Matryoshka training is validated at each narrower width too: `eval_dim8_ndcg@10` (and MRR,
+/// recall) equal encode + `search --truncate_dim 8` + eval on the checkpoint, the full width is
+/// logged under the plain names only, and `--metric_for_best_model dim8_ndcg@10` picks by it.
+#[test]
+fn matryoshka_training_is_validated_at_each_narrower_width() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    write_eval_data(d);
+    let flags = ["--matryoshka_dims", "32,8", "--eval_strategy", "steps", "--eval_steps", "3"];
+    let pick = ["--save_steps", "3", "--metric_for_best_model", "dim8_ndcg@10"];
+    ok(train(d, "run", &[&flags[..], &pick].concat()));
+    let st = state(&d.join("run"));
+    let evals = evaluations(&st);
+    assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), [3, 6]);
+    for (_, e) in &evals {
+        for k in ["eval_dim8_ndcg@10", "eval_dim8_mrr@10", "eval_dim8_recall@100"] {
+            assert!(e.contains_key(k), "{k} missing: {e:?}");
+        }
+        assert!(!e.keys().any(|k| k.starts_with("eval_dim32")), "{e:?}");
+    }
+    let best = evals.iter().map(|(_, e)| e["eval_dim8_ndcg@10"].as_f64().unwrap());
+    assert_eq!(st["best_metric"].as_f64(), Some(best.fold(f64::MIN, f64::max)));
+    let got = eval_searched_with(d, &d.join("run/checkpoint-6"), &[], &["--truncate_dim", "8"]);
+    let full = eval_with_commands(d, &d.join("run/checkpoint-6"));
+    let logged = &evals[1].1;
+    for m in ["ndcg@10", "mrr@10", "recall@100"] {
+        let (a, b) =
+            (got[m].as_f64().unwrap(), logged[&format!("eval_dim8_{m}")].as_f64().unwrap());
+        assert!((a - b).abs() <= 1e-6, "{m} at 8 dims: tevatron eval {a}, logged {b}");
+        let (a, b) = (full[m].as_f64().unwrap(), logged[&format!("eval_{m}")].as_f64().unwrap());
+        assert!((a - b).abs() <= 1e-6, "{m}: tevatron eval {a}, logged {b}");
+    }
+    assert_ne!(got["ndcg@10"], full["ndcg@10"], "8 dimensions should rank otherwise than 32");
 }
 
 #[test]

@@ -27,7 +27,7 @@ use tevatron_ir::records::{RecordKind, RecordStream, TextRecord};
 use tevatron_ir::rerank::{PairFormat, RunPairs};
 use tevatron_ir::search::search_shard;
 use tevatron_ir::trec::{Qrels, Run};
-use tevatron_ir::vectors::{VecDType, VectorWriter, Vectors};
+use tevatron_ir::vectors::{truncate, VecDType, VectorWriter, Vectors};
 use tevatron_model::encoder::{BatchOptions, EMBED_CHUNK};
 use tevatron_model::{Encoder, TextOptions};
 
@@ -54,6 +54,16 @@ pub struct RetrievalData {
     pub corpus: Vec<TextRecord>,
     /// Their judgements.
     pub qrels: Qrels,
+    /// Narrower widths measured too (Matryoshka training's `--matryoshka_dims` below the full
+    /// width): the representations cut to each, re-normalised when the model normalises, as
+    /// `search --truncate_dim` cuts them; logged as `dim<k>_<measure>`.
+    pub widths: Vec<usize>,
+}
+
+/// The name a measure at a cut width `k` is logged by (sentence-transformers' Matryoshka
+/// evaluation names its measures `dim_<k>_...` alike).
+pub fn width_measure(k: usize, measure: &str) -> String {
+    format!("dim{k}_{measure}")
 }
 
 /// Reranking validation data: the candidates of a first-stage run, rescored by the
@@ -141,16 +151,19 @@ impl Validation {
     /// The measures this validation logs (without `eval_`): the retrieval ones when it has
     /// retrieval data, the reranking ones when it has a run to rerank, `loss` when it has loss
     /// data.
-    pub fn measures(&self) -> Vec<&'static str> {
-        let mut m = Vec::new();
-        if self.retrieval.is_some() {
-            m.extend(MEASURES);
+    pub fn measures(&self) -> Vec<String> {
+        let mut m: Vec<String> = Vec::new();
+        if let Some(r) = &self.retrieval {
+            m.extend(MEASURES.map(String::from));
+            for &k in &r.widths {
+                m.extend(MEASURES.map(|name| width_measure(k, name)));
+            }
         }
         if self.rerank.is_some() {
-            m.extend(RERANK_MEASURES);
+            m.extend(RERANK_MEASURES.map(String::from));
         }
         if self.loss.is_some() {
-            m.push(LOSS);
+            m.push(LOSS.into());
         }
         m
     }
@@ -173,7 +186,8 @@ impl Validation {
         Ok(out)
     }
 
-    /// Encodes, searches and scores as `encode`, `search` and `eval` would.
+    /// Encodes, searches and scores as `encode`, `search` and `eval` would: at the full width,
+    /// and at each narrower width of `r.widths`.
     fn retrieval_measures(
         &self,
         r: &RetrievalData,
@@ -183,26 +197,16 @@ impl Validation {
         let q = embed(encoder, &r.queries, &self.query_text, &self.query_batch)?;
         let p = embed(encoder, &r.corpus, &self.passage_text, &self.passage_batch)?;
         let dim = encoder.output_width();
-        let file = scratch.join(".eval-corpus.tmp.safetensors");
-        let written = (|| -> Result<String> {
-            let mut w = VectorWriter::create(&file, dim, VecDType::F32, BTreeMap::new())?;
-            let ids: Vec<&str> = r.corpus.iter().map(|r| r.id.as_str()).collect();
-            w.push(&p, &ids)?;
-            w.finish()?;
-            let shard = Vectors::open(&file)?;
-            let hits = search_shard(&q, dim, &shard, DEPTH, 0)?;
-            // The run as `tevatron search --save_text` writes it, scores formatted alike.
-            let mut run = String::new();
-            for (query, hits) in r.queries.iter().zip(&hits) {
-                for (score, row) in hits {
-                    run +=
-                        &format!("{}\t{}\t{score:?}\n", query.id, shard.ids().get(*row as usize));
-                }
-            }
-            Ok(run)
-        })();
-        let _ = std::fs::remove_file(&file);
-        score_run(&written?, &r.qrels, &MEASURES)
+        let mut out = search_and_score(r, &q, &p, dim, scratch)?;
+        for &k in r.widths.iter().filter(|&&k| k < dim) {
+            let cut = |rows: &[f32]| truncate(rows, dim, k, encoder.normalize());
+            let measures = search_and_score(r, &cut(&q), &cut(&p), k, scratch)?;
+            out.extend(measures.into_iter().map(|(name, v)| {
+                let name = name.strip_prefix("eval_").unwrap_or(&name).to_string();
+                (format!("eval_{}", width_measure(k, &name)), v)
+            }));
+        }
+        Ok(out)
     }
 
     /// Scores each candidate pair as `tevatron rerank` would (chunks of [`EMBED_CHUNK`] pairs,
@@ -259,6 +263,36 @@ impl Validation {
 }
 
 /// `tevatron eval`'s `measures` of a run in text form, as `eval_<measure>` values.
+/// Searches `dim`-wide query rows `q` over corpus rows `p` (through a temporary embeddings
+/// file in `scratch`, as `tevatron search` reads one) and scores the run as `eval` would.
+fn search_and_score(
+    r: &RetrievalData,
+    q: &[f32],
+    p: &[f32],
+    dim: usize,
+    scratch: &Path,
+) -> Result<BTreeMap<String, f64>> {
+    let file = scratch.join(".eval-corpus.tmp.safetensors");
+    let written = (|| -> Result<String> {
+        let mut w = VectorWriter::create(&file, dim, VecDType::F32, BTreeMap::new())?;
+        let ids: Vec<&str> = r.corpus.iter().map(|r| r.id.as_str()).collect();
+        w.push(p, &ids)?;
+        w.finish()?;
+        let shard = Vectors::open(&file)?;
+        let hits = search_shard(q, dim, &shard, DEPTH, 0)?;
+        // The run as `tevatron search --save_text` writes it, scores formatted alike.
+        let mut run = String::new();
+        for (query, hits) in r.queries.iter().zip(&hits) {
+            for (score, row) in hits {
+                run += &format!("{}\t{}\t{score:?}\n", query.id, shard.ids().get(*row as usize));
+            }
+        }
+        Ok(run)
+    })();
+    let _ = std::fs::remove_file(&file);
+    score_run(&written?, &r.qrels, &MEASURES)
+}
+
 fn score_run(run: &str, qrels: &Qrels, measures: &[&str]) -> Result<BTreeMap<String, f64>> {
     let run = Run::parse_str(run, PathBuf::from("(validation run)"))?;
     let measures: Vec<Measure> =

@@ -265,10 +265,17 @@ fn validation(
                 rerank = Some(RerankData { pairs, qrels, format, query_prefix, passage_prefix });
             }
             _ => {
+                // Matryoshka training is validated at each of its narrower widths too.
+                let width = encoder.output_width();
+                let mut widths: Vec<usize> =
+                    a.matryoshka_dims.iter().copied().filter(|&k| k < width).collect();
+                widths.sort_unstable_by(|x, y| y.cmp(x));
+                widths.dedup();
                 retrieval = Some(RetrievalData {
                     queries: read_records(queries, RecordKind::Query)?,
                     corpus: read_records(corpus, RecordKind::Doc)?,
                     qrels,
+                    widths,
                 })
             }
         }
@@ -340,7 +347,7 @@ fn validation(
         metric,
         load_best_model_at_end: a.load_best_model_at_end,
     };
-    if !v.measures().contains(&v.metric.as_str()) {
+    if !v.measures().contains(&v.metric) {
         bail!(
             "--metric_for_best_model {:?}: validation here measures {}",
             v.metric,
