@@ -26,6 +26,8 @@
 #                                           # loss on 384, 192 and 96 dimensions, and each
 #                                           # round's two models searched at 192 and 96 (rows
 #                                           # <stage>@<k>)
+#   RERANKER_FROM=base ...                  # the reranker starts from the base model, not
+#                                           # from round 2's (the default)
 #   RECIPE_TRAIN_FLAGS=--bf16 ...           # adds flags to every training (train and
 #                                           # train-reranker; encoding, reranking and annotation
 #                                           # stay F32); set RECIPE_OUT to a new folder, since
@@ -287,9 +289,9 @@ if [ "${MATRYOSHKA:-0}" = 1 ]; then  # round 2's 250 steps on mined negatives, w
   truncated_evals round2 round2_matryoshka
 fi
 
-# A reranker and distillation: a cross-encoder trained from the same MiniLM (its score head
-# initialised) on every training question with negatives mined by round 1 (the filters of round
-# 2), Tevatron's reranker recipe (groups of 8, the listwise loss), validated during training by
+# A reranker and distillation: a cross-encoder trained from round 2's model (its score head
+# initialised; RERANKER_FROM=base starts it from the base MiniLM instead) on every training
+# question with negatives mined by round 1 (the filters of round 2), Tevatron's reranker recipe (groups of 8, the listwise loss), validated during training by
 # reranking round 1's top 20 of the validation questions, the best checkpoint kept; it rescores
 # round 2's top 100 of every dev question (stage rerank). It then scores every passage of round
 # 2's training groups (tevatron annotate), and round 2's model is trained further to match those
@@ -298,8 +300,16 @@ fi
 # with pool negatives (never dev): at 3e-5 the loss went from ln 8 = 2.08 to 1.79 in 75 steps, at
 # 1e-4 to 1.74 in 50. Why every question and validation: trained on round 2's 4,000 questions,
 # checkpoints at 150 and 300 of 500 steps reranked round 1's validation top 20 to nDCG@10 0.598
-# and 0.671, below round 1's own 0.742 (docs/recipe-insuranceqa.md).
+# and 0.671, below round 1's own 0.742 (docs/recipe-insuranceqa.md). Why round 2's model: on the
+# first 2,000 training questions, 250 steps each (bf16, validation as above), the cross-encoder
+# started from round 2 reranked to 0.653 at 125 steps and 0.677 at 250, from the base MiniLM to
+# 0.610 and 0.653 (at lr 2e-4 from round 2: 0.596 and 0.648).
 rerank_len=128
+case ${RERANKER_FROM:-round2} in
+  round2) reranker_init=$out/round2/model ;;
+  base) reranker_init=$model ;;
+  *) echo "recipe: RERANKER_FROM must be round2 or base" >&2; exit 2 ;;
+esac
 if [ "$reranker_rows" = "$round2_rows" ]; then
   reranker_data=$out/round2/mined.jsonl
 else
@@ -330,7 +340,7 @@ if [ ! -f "$out/reranker/model/trainer_state.json" ]; then
   start=$SECONDS
   rows=$(wc -l < "$reranker_data")
   every_r=$(( (rows + 7) / 8 / 4 > 0 ? (rows + 7) / 8 / 4 : 1 ))
-  "$bin" train-reranker --output_dir "$out/reranker/model" --model_name_or_path "$model" \
+  "$bin" train-reranker --output_dir "$out/reranker/model" --model_name_or_path "$reranker_init" \
     --dataset_path "$reranker_data" --corpus_path "$data/corpus.jsonl" \
     --dataset_cache_dir "$out/cache" --train_group_size 8 --rerank_max_len "$rerank_len" \
     --per_device_train_batch_size 8 --learning_rate 1e-4 --warmup_ratio 0.1 --num_train_epochs 1 \
