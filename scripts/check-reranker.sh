@@ -2,7 +2,7 @@
 # Checks that a reranker folder written by `tevatron train-reranker` loads in transformers and in
 # sentence-transformers and gives tevatron rerank's scores:
 #   transformers' AutoModelForSequenceClassification on Tevatron's format_pair strings against
-#   `tevatron rerank` (Tevatron's format), and sentence-transformers' CrossEncoder.predict on
+#   `tevatron rerank --pair_format tevatron`, and sentence-transformers' CrossEncoder.predict on
 #   (query, passage) pairs against `tevatron rerank --pair_format pair`.
 #   [MAX_LEN=256] scripts/check-reranker.sh MODEL_DIR [RERANK_INPUT.jsonl]
 # Without an input, 50 pairs of InsuranceQA dev questions and answers are made (as
@@ -33,7 +33,7 @@ with open(out, "w") as f:
 PY
 fi
 "$bin" rerank --model_name_or_path "$model" --dataset_path "$input" --rerank_max_len "${MAX_LEN:-256}" \
-  --rerank_output_path "$work/tevatron.txt" --quiet
+  --pair_format tevatron --rerank_output_path "$work/tevatron.txt" --quiet
 "$bin" rerank --model_name_or_path "$model" --dataset_path "$input" --rerank_max_len "${MAX_LEN:-256}" \
   --pair_format pair --rerank_output_path "$work/pair.txt" --quiet
 "$py" - "$model" "$input" "$work/tevatron.txt" "$work/pair.txt" "${MAX_LEN:-256}" <<'PY'

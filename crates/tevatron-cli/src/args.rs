@@ -358,8 +358,9 @@ pub struct EncodeArgs {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PairFormatArg {
-    /// Tevatron's for Tevatron's rerankers and ours, sentence-transformers' text pair for a
-    /// CrossEncoder folder (see docs/rerank.md).
+    /// The format the folder records (our rerankers), or an adapter's training record;
+    /// sentence-transformers' text pair for a CrossEncoder folder, Tevatron's string otherwise
+    /// (see docs/rerank.md).
     Auto,
     /// Tevatron's `format_pair`: one string, prefixes and title inside.
     Tevatron,
@@ -400,7 +401,7 @@ pub struct CrossEncoderFlags {
     /// Maximum tokens of a pair, special tokens (and an appended EOS) included.
     #[arg(long, default_value_t = 512)]
     pub rerank_max_len: usize,
-    /// Put before the query (Tevatron's format; the first text of a pair).
+    /// Put before the query (Tevatron's format only).
     #[arg(long, default_value = "query:")]
     pub query_prefix: String,
     /// Put before the title and passage (Tevatron's format only).
@@ -581,8 +582,9 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 512)]
     pub rerank_max_len: usize,
     /// `train-reranker`: how a pair becomes input: Tevatron's one string, sentence-transformers'
-    /// text pair, or (`auto`, the default) the pair for a CrossEncoder folder and Tevatron's
-    /// string otherwise. training_args.json records the format chosen.
+    /// text pair, or (`auto`, the default) as `rerank` would choose: the format the folder or a
+    /// continued adapter records, the pair for a CrossEncoder folder, Tevatron's string
+    /// otherwise. training_args.json records the format chosen.
     #[arg(long, value_enum)]
     pub pair_format: Option<PairFormatArg>,
     /// Train from the teacher scores of each passage (`score`, as `tevatron annotate` writes

@@ -247,18 +247,23 @@ fn each_training_command_refuses_the_others_flags() {
     let mut args = vec!["train", "--output_dir", "x", "--model_name_or_path", &bert];
     args.extend(["--dataset_path", &data, "--max_steps", "1", "--pair_format", "pair"]);
     fails_with(run(dir.path(), &args), "--pair_format is not supported");
+    let mut args = reranker_args("x", &bert, &data);
+    args.extend(["--add_special_tokens", "false"]);
+    fails_with(run(dir.path(), &args), "--add_special_tokens false: a reranker's pairs");
     assert!(!dir.path().join("x").exists());
 }
 
-/// `--pair_format pair` trains on sentence-transformers' text pairs (with token types): the
-/// saved folder and its training_args.json record it, and `rerank` then gives its pairs alike
-/// by default (the scores of `--pair_format pair`, not those of Tevatron's string). A
-/// CrossEncoder folder trains on text pairs without the flag; any other folder on Tevatron's
-/// string.
+/// `--pair_format pair` trains on sentence-transformers' text pairs, with token types (the tiny
+/// reranker's tokenizer returns them): the saved folder and its training_args.json record it,
+/// and `rerank` then gives its pairs alike by default (the scores of `--pair_format pair`, not
+/// those of Tevatron's string). Without the flag a CrossEncoder folder trains on text pairs and
+/// any other folder on Tevatron's string, a SentenceTransformer bi-encoder's included (its
+/// `config_sentence_transformers.json` does not make it a CrossEncoder).
 #[test]
 fn a_reranker_trains_on_text_pairs_and_reranks_them_alike() {
     let dir = tempfile::tempdir().unwrap();
     let (bert, data) = (path("testdata/tiny/bert"), path("testdata/train/tiny.jsonl"));
+    let reranker = path("testdata/tiny-reranker/bert");
     let recorded = |folder: &str| {
         let read = |f: &str| -> serde_json::Value {
             let text = std::fs::read_to_string(dir.path().join(folder).join(f)).unwrap();
@@ -267,7 +272,7 @@ fn a_reranker_trains_on_text_pairs_and_reranks_them_alike() {
         let (config, args) = (read("config.json"), read("training_args.json"));
         (config["tevatron_pair_format"].clone(), args["pair_format"].clone())
     };
-    let mut args = reranker_args("p", &bert, &data);
+    let mut args = reranker_args("p", &reranker, &data);
     args.extend(["--pair_format", "pair"]);
     let out = run(dir.path(), &args);
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -294,14 +299,36 @@ fn a_reranker_trains_on_text_pairs_and_reranks_them_alike() {
     assert_eq!(auto, rerank(Some("pair"), "pair.txt"));
     assert_ne!(auto, rerank(Some("tevatron"), "tevatron.txt"));
 
-    // A CrossEncoder folder (sentence-transformers' file beside the config) and a plain one.
-    let ce = dir.path().join("ce");
-    copy_dir(Path::new(&bert), &ce);
-    std::fs::write(ce.join("config_sentence_transformers.json"), "{}").unwrap();
-    ok(run(dir.path(), &reranker_args("from_ce", "ce", &data)));
-    assert_eq!(recorded("from_ce"), ("pair".into(), "pair".into()));
-    ok(run(dir.path(), &reranker_args("from_bert", &bert, &data)));
-    assert_eq!(recorded("from_bert"), ("tevatron".into(), "tevatron".into()));
+    // Folders without a record: a CrossEncoder (sentence-transformers' key in its config, or a
+    // sequence classifier with sentence-transformers' file beside it), a plain classifier, and
+    // a SentenceTransformer bi-encoder (the file beside a base model).
+    let folder = |name: &str, from: &str, st_key: bool, st_file: bool| {
+        let d = dir.path().join(name);
+        copy_dir(Path::new(from), &d);
+        if st_key {
+            let mut config: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap())
+                    .unwrap();
+            config["sentence_transformers"] = serde_json::json!({"activation_fn": "x"});
+            std::fs::write(d.join("config.json"), config.to_string()).unwrap();
+        }
+        if st_file {
+            std::fs::write(d.join("config_sentence_transformers.json"), "{}").unwrap();
+        }
+    };
+    folder("ce_key", &reranker, true, false);
+    folder("ce_file", &reranker, false, true);
+    folder("bi_encoder", &bert, false, true);
+    for (base, want) in [
+        ("ce_key", "pair"),
+        ("ce_file", "pair"),
+        (reranker.as_str(), "tevatron"),
+        ("bi_encoder", "tevatron"),
+    ] {
+        ok(run(dir.path(), &reranker_args("out", base, &data)));
+        assert_eq!(recorded("out"), (want.into(), want.into()), "{base}");
+        std::fs::remove_dir_all(dir.path().join("out")).unwrap();
+    }
 }
 
 /// A LoRA reranker on the tiny Llama (RankLLaMA's flags): PEFT's adapter folder with the score
@@ -395,9 +422,32 @@ fn a_lora_reranker_trains_resumes_and_reranks() {
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
     ok(out);
     assert!(log.contains("pairs in Tevatron's format"), "{log}");
-    let args: serde_json::Value = serde_json::from_str(
+    let c_args: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.path().join("c/training_args.json")).unwrap(),
     )
     .unwrap();
-    assert_eq!(args["pair_format"], "tevatron");
+    assert_eq!(c_args["pair_format"], "tevatron");
+    // A record without the format (adapters trained before it was recorded) is Tevatron's too.
+    let record = a.join("training_args.json");
+    let mut a_args: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
+    a_args.as_object_mut().unwrap().remove("pair_format");
+    std::fs::write(&record, a_args.to_string()).unwrap();
+    rerank_with(&ce_str, "unrecorded.txt", &[]);
+    assert_eq!(score_of("unrecorded.txt"), score);
+    // An adapter trained on text pairs reranks on them by default, on any base.
+    let mut paired = args("p");
+    paired.extend(["--pair_format".to_string(), "pair".to_string()]);
+    ok(call(paired));
+    let p_str = dir.path().join("p").to_string_lossy().into_owned();
+    let rerank_p = |out: &str, extra: &[&str]| {
+        let mut a = vec!["rerank", "--model_name_or_path", &llama, "--lora_name_or_path", &p_str];
+        a.extend(["--dataset_path", "in.jsonl", "--append_eos_token", "--rerank_max_len", "32"]);
+        a.extend(["--rerank_output_path", out]);
+        a.extend_from_slice(extra);
+        ok(run(dir.path(), &a));
+        score_of(out)
+    };
+    assert_eq!(rerank_p("p_auto.txt", &[]), rerank_p("p_pair.txt", &["--pair_format", "pair"]));
+    assert_ne!(rerank_p("p_auto.txt", &[]), rerank_p("p_tev.txt", &["--pair_format", "tevatron"]));
 }

@@ -204,14 +204,17 @@ fn eval_searched_with(
 }
 
 /// Matryoshka training is validated at each narrower width too: `eval_dim8_ndcg@10` (and MRR,
-/// recall) equal encode + `search --truncate_dim 8` + eval on the checkpoint, the full width is
+/// recall) of a normalising model equal encode + `search --truncate_dim 8` (which re-normalises
+/// the cut) + eval on the checkpoint, the full width is
 /// logged under the plain names only, and `--metric_for_best_model dim8_ndcg@10` picks by it.
 #[test]
 fn matryoshka_training_is_validated_at_each_narrower_width() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     write_eval_data(d);
-    let flags = ["--matryoshka_dims", "32,8", "--eval_strategy", "steps", "--eval_steps", "3"];
+    // Normalised: each cut is re-normalised, in validation as in search.
+    let flags = ["--matryoshka_dims", "32,8", "--normalize", "--eval_strategy", "steps"];
+    let flags = [&flags[..], &["--eval_steps", "3"]].concat();
     let pick = ["--save_steps", "3", "--metric_for_best_model", "dim8_ndcg@10"];
     ok(train(d, "run", &[&flags[..], &pick].concat()));
     let st = state(&d.join("run"));
@@ -605,6 +608,47 @@ fn train_reranker(d: &Path, out: &str, extra: &[&str]) -> std::process::Output {
     six_steps(d, "train-reranker", out, "testdata/tiny/bert", &[&length[..], extra].concat())
 }
 
+/// `tevatron rerank` (its default pair format) of the first-stage run's top 6 with `model`, then
+/// `tevatron eval`: what a reranker's validation logs.
+fn rerank_and_eval(d: &Path, model: &Path) -> serde_json::Value {
+    let model = model.to_string_lossy();
+    let mut rerank = vec!["rerank", "--model_name_or_path", &model, "--run_path", "first.tsv"];
+    rerank.extend(["--query_path", "queries.jsonl", "--corpus_path", "corpus.jsonl"]);
+    rerank.extend(["--rerank_depth", "6", "--rerank_max_len", "40"]);
+    rerank.extend(["--per_device_eval_batch_size", "5", "--rerank_output_path", "reranked.tsv"]);
+    rerank.push("--quiet");
+    ok(tevatron(d, &rerank));
+    let mut eval = vec!["eval", "--qrels", "qrels.txt", "--run", "reranked.tsv", "--json"];
+    eval.extend(["-m", "ndcg@10", "-m", "mrr@10"]);
+    serde_json::from_str(&ok(tevatron(d, &eval))).unwrap()
+}
+
+/// A reranker trained on text pairs (`--pair_format pair`, the tiny reranker whose tokenizer
+/// returns token types) is validated on text pairs: its logged measures equal `tevatron
+/// rerank` (which reads the format from the checkpoint) + `eval`.
+#[test]
+fn a_reranker_trained_on_text_pairs_is_validated_on_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    write_eval_data(d);
+    write_first_stage_run(d);
+    let mut flags = vec!["--rerank_max_len", "40", "--pair_format", "pair", "--eval_strategy"];
+    flags.extend(["steps", "--eval_steps", "3", "--save_steps", "3", "--eval_query_path"]);
+    flags.extend(["queries.jsonl", "--eval_corpus_path", "corpus.jsonl", "--eval_qrels_path"]);
+    flags.extend(["qrels.txt", "--eval_run_path", "first.tsv", "--eval_rerank_depth", "6"]);
+    flags.extend(["--per_device_eval_batch_size", "5"]);
+    ok(six_steps(d, "train-reranker", "rr", "testdata/tiny-reranker/bert", &flags));
+    let evals = evaluations(&state(&d.join("rr")));
+    assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), [3, 6]);
+    for (step, logged) in &evals {
+        let got = rerank_and_eval(d, &d.join(format!("rr/checkpoint-{step}")));
+        for m in ["ndcg@10", "mrr@10"] {
+            let (a, b) = (got[m].as_f64().unwrap(), logged[&format!("eval_{m}")].as_f64().unwrap());
+            assert!((a - b).abs() <= 1e-6, "step {step} {m}: rerank + eval {a}, logged {b}");
+        }
+    }
+}
+
 #[test]
 fn a_reranker_is_validated_by_reranking_a_run_as_tevatron_rerank_and_eval_score_it() {
     let tmp = tempfile::tempdir().unwrap();
@@ -643,44 +687,7 @@ fn a_reranker_is_validated_by_reranking_a_run_as_tevatron_rerank_and_eval_score_
     }
     // Each checkpoint's logged measures equal tevatron rerank + tevatron eval on it (1e-6).
     for (step, logged) in &evals {
-        let ckpt = out.join(format!("checkpoint-{step}")).to_string_lossy().into_owned();
-        let rerank = [
-            "rerank",
-            "--model_name_or_path",
-            &ckpt,
-            "--run_path",
-            "first.tsv",
-            "--query_path",
-            "queries.jsonl",
-            "--corpus_path",
-            "corpus.jsonl",
-            "--rerank_depth",
-            "6",
-            "--rerank_max_len",
-            "40",
-            "--per_device_eval_batch_size",
-            "5",
-            "--rerank_output_path",
-            "reranked.tsv",
-            "--quiet",
-        ];
-        ok(tevatron(d, &rerank));
-        let got: serde_json::Value = serde_json::from_str(&ok(tevatron(
-            d,
-            &[
-                "eval",
-                "--qrels",
-                "qrels.txt",
-                "--run",
-                "reranked.tsv",
-                "--json",
-                "-m",
-                "ndcg@10",
-                "-m",
-                "mrr@10",
-            ],
-        )))
-        .unwrap();
+        let got = rerank_and_eval(d, &out.join(format!("checkpoint-{step}")));
         for m in ["ndcg@10", "mrr@10"] {
             let (a, b) = (got[m].as_f64().unwrap(), logged[&format!("eval_{m}")].as_f64().unwrap());
             assert!(

@@ -47,11 +47,6 @@ impl RerankPair {
             text: required("text")?,
         })
     }
-
-    /// The pair as Tevatron's reranker tokenizes it ([`format_pair`]).
-    pub fn formatted(&self, query_prefix: &str, passage_prefix: &str) -> String {
-        format_pair(&self.query, &self.text, &self.title, query_prefix, passage_prefix)
-    }
 }
 
 /// How a query-passage pair becomes a cross-encoder's input (`--pair_format`): Tevatron's
@@ -383,7 +378,10 @@ mod tests {
         .unwrap();
         let pair = RerankPair::from_row(&row, path, 7).unwrap();
         assert_eq!((pair.query_id.as_str(), pair.docid.as_str()), ("3", "d1"));
-        assert_eq!(pair.formatted("", ""), "q  T 1 p");
+        assert_eq!(
+            (pair.query.as_str(), pair.title.as_str(), pair.text.as_str()),
+            ("q", "T-1", "p")
+        );
         let untitled: Value =
             serde_json::from_str(r#"{"query_id": "a", "query": "q", "docid": "d", "text": "p"}"#)
                 .unwrap();

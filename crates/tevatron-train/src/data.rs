@@ -113,8 +113,8 @@ pub struct FullRow {
 }
 
 /// One passage of a training group, its parts kept apart: a retriever reads title and text
-/// joined ([`Passage::joined`]), a reranker formats them with the query (Tevatron's
-/// `format_pair`), and distillation reads the teacher's score.
+/// joined ([`Passage::joined`]), a reranker pairs them with the query (in its pair format),
+/// and distillation reads the teacher's score.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Passage {
     /// `docid`, when the row (or the id form) names one.

@@ -54,14 +54,14 @@ pub struct RetrievalData {
     pub corpus: Vec<TextRecord>,
     /// Their judgements.
     pub qrels: Qrels,
-    /// Narrower widths measured too (Matryoshka training's `--matryoshka_dims` below the full
-    /// width): the representations cut to each, re-normalised when the model normalises, as
-    /// `search --truncate_dim` cuts them; logged as `dim<k>_<measure>`.
+    /// Narrower widths measured too, each below the full width (Matryoshka training's
+    /// `--matryoshka_dims`): the representations cut to each, re-normalised when the model
+    /// normalises, as `search --truncate_dim` cuts them; logged as `dim<k>_<measure>`.
     pub widths: Vec<usize>,
 }
 
-/// The name a measure at a cut width `k` is logged by (sentence-transformers' Matryoshka
-/// evaluation names its measures `dim_<k>_...` alike).
+/// The name a measure at a cut width `k` is logged by: `dim96_ndcg@10` (sentence-transformers'
+/// Matryoshka evaluation writes `dim_96_...`).
 pub fn width_measure(k: usize, measure: &str) -> String {
     format!("dim{k}_{measure}")
 }
@@ -75,9 +75,9 @@ pub struct RerankData {
     pub qrels: Qrels,
     /// How a pair becomes input, as in training.
     pub format: PairFormat,
-    /// Tevatron's pair format: the query prefix.
+    /// Tevatron's pair format: the query prefix (unused for text pairs).
     pub query_prefix: String,
-    /// Tevatron's pair format: the passage prefix.
+    /// Tevatron's pair format: the passage prefix (unused for text pairs).
     pub passage_prefix: String,
 }
 
@@ -198,7 +198,7 @@ impl Validation {
         let p = embed(encoder, &r.corpus, &self.passage_text, &self.passage_batch)?;
         let dim = encoder.output_width();
         let mut out = search_and_score(r, &q, &p, dim, scratch)?;
-        for &k in r.widths.iter().filter(|&&k| k < dim) {
+        for &k in &r.widths {
             let cut = |rows: &[f32]| truncate(rows, dim, k, encoder.normalize());
             let measures = search_and_score(r, &cut(&q), &cut(&p), k, scratch)?;
             out.extend(measures.into_iter().map(|(name, v)| {
@@ -262,7 +262,6 @@ impl Validation {
     }
 }
 
-/// `tevatron eval`'s `measures` of a run in text form, as `eval_<measure>` values.
 /// Searches `dim`-wide query rows `q` over corpus rows `p` (through a temporary embeddings
 /// file in `scratch`, as `tevatron search` reads one) and scores the run as `eval` would.
 fn search_and_score(
@@ -293,6 +292,7 @@ fn search_and_score(
     score_run(&written?, &r.qrels, &MEASURES)
 }
 
+/// `tevatron eval`'s `measures` of a run in text form, as `eval_<measure>` values.
 fn score_run(run: &str, qrels: &Qrels, measures: &[&str]) -> Result<BTreeMap<String, f64>> {
     let run = Run::parse_str(run, PathBuf::from("(validation run)"))?;
     let measures: Vec<Measure> =

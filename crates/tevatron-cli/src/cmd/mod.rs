@@ -77,21 +77,31 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// The widths a model was trained for with `--matryoshka_dims`, read from the
-/// `training_args.json` our trainer writes beside the model, or beside the LoRA adapter when
-/// one is merged (LoRA training writes its record with the adapter); `None` when there is no
-/// such record (a model from elsewhere, or trained without them).
+/// The `training_args.json` our trainer writes beside a model, or beside the LoRA adapter when
+/// one is given (LoRA training writes its record with the adapter), with the folder it was
+/// found in; `None` when there is no such record (a model from elsewhere).
+pub fn training_record(
+    model: Option<&str>,
+    adapter: Option<&str>,
+    cache_dir: Option<&Path>,
+) -> Option<(PathBuf, serde_json::Value)> {
+    let dir = match adapter {
+        Some(adapter) => tevatron_model::hub::resolve_adapter(adapter, cache_dir).ok()?,
+        None => tevatron_model::hub::resolve_model(model?, cache_dir).ok()?,
+    };
+    let text = std::fs::read_to_string(dir.join("training_args.json")).ok()?;
+    let args = serde_json::from_str(&text).unwrap_or_default();
+    Some((dir, args))
+}
+
+/// The widths a model was trained for with `--matryoshka_dims`, read from its training record
+/// ([`training_record`]); `None` when there is no record, or it was trained without them.
 pub fn matryoshka_widths(
     model: &str,
     adapter: Option<&str>,
     cache_dir: Option<&Path>,
 ) -> Option<Vec<usize>> {
-    let dir = match adapter {
-        Some(adapter) => tevatron_model::hub::resolve_adapter(adapter, cache_dir).ok()?,
-        None => tevatron_model::hub::resolve_model(model, cache_dir).ok()?,
-    };
-    let text = std::fs::read_to_string(dir.join("training_args.json")).ok()?;
-    let args: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let (_, args) = training_record(Some(model), adapter, cache_dir)?;
     let dims: Vec<usize> = args["matryoshka_dims"]
         .as_array()?
         .iter()

@@ -17,13 +17,14 @@ use tevatron_model::{Encoder, EncoderOptions, PaddingSide, ScoreHeadOptions, Tex
 use crate::args::{CrossEncoderFlags, RerankArgs};
 use crate::progress;
 
-/// `--pair_format auto`: sentence-transformers' text pair for a CrossEncoder folder (one that
-/// states an activation for sentence-transformers, in v4's key or the older
-/// `sbert_ce_default_activation_function`, or has `config_sentence_transformers.json`),
-/// unless the folder says which format it was trained on (`tevatron_pair_format`, which our
-/// saved rerankers write); Tevatron's one string otherwise. `train-reranker` starts from the
-/// same choice, so a CrossEncoder keeps being fine-tuned on the pairs it learnt from.
-pub(super) fn folder_format(model_dir: &Path) -> PairFormat {
+/// `--pair_format auto` for a model folder: sentence-transformers' text pair for a
+/// CrossEncoder folder, unless the folder says which format it was trained on
+/// (`tevatron_pair_format`, which our saved rerankers write); Tevatron's one string otherwise.
+/// A CrossEncoder folder states an activation for sentence-transformers in its `config.json`
+/// (v4's `sentence_transformers` key, or the older `sbert_ce_default_activation_function`), or
+/// is a `*ForSequenceClassification` with `config_sentence_transformers.json` beside it. That
+/// file alone does not make one: every SentenceTransformer bi-encoder folder has it too.
+fn folder_format(model_dir: &Path) -> PairFormat {
     let config: Option<serde_json::Value> = std::fs::read_to_string(model_dir.join("config.json"))
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok());
@@ -31,9 +32,12 @@ pub(super) fn folder_format(model_dir: &Path) -> PairFormat {
     if let Some(recorded) = config.get("tevatron_pair_format") {
         return PairFormat::from_recorded(recorded.as_str());
     }
+    let classifier = config["architectures"].as_array().is_some_and(|a| {
+        a.iter().any(|c| c.as_str().is_some_and(|c| c.ends_with("ForSequenceClassification")))
+    });
     let cross_encoder = config.get("sentence_transformers").is_some()
         || config.get("sbert_ce_default_activation_function").is_some()
-        || model_dir.join("config_sentence_transformers.json").is_file();
+        || (classifier && model_dir.join("config_sentence_transformers.json").is_file());
     if cross_encoder {
         PairFormat::Pair
     } else {
@@ -41,18 +45,35 @@ pub(super) fn folder_format(model_dir: &Path) -> PairFormat {
     }
 }
 
-/// The format a LoRA adapter (`--lora_name_or_path`) was trained on, when our trainer wrote
-/// it: its `training_args.json` records `pair_format` (Tevatron's one string when the record
-/// has none, as every adapter trained before the flag), whatever the base folder would choose.
-/// The adapter folder carries no config of its own that could say so.
-pub(super) fn trained_adapter(
+/// How a cross-encoder takes its pairs, for `rerank`, `annotate` and `train-reranker`: the
+/// format `--pair_format` names; else, for a LoRA adapter our trainer wrote, the format its
+/// `training_args.json` records (`tevatron` when it records none, as every adapter trained
+/// before the record), whatever its base folder would choose (the adapter folder has no config
+/// of its own that could say so); else the model folder's ([`folder_format`]). The log says
+/// which, and why when the adapter's record decided.
+pub(super) fn resolve_pair_format(
+    named: Option<PairFormat>,
     adapter: Option<&str>,
     cache_dir: Option<&Path>,
-) -> Option<(std::path::PathBuf, PairFormat)> {
-    let dir = tevatron_model::hub::resolve_adapter(adapter?, cache_dir).ok()?;
-    let text = std::fs::read_to_string(dir.join("training_args.json")).ok()?;
-    let args: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-    Some((dir, PairFormat::from_recorded(args["pair_format"].as_str())))
+    model_dir: &Path,
+) -> PairFormat {
+    if let Some(format) = named {
+        return format;
+    }
+    let recorded = adapter.and_then(|a| super::training_record(None, Some(a), cache_dir));
+    match recorded {
+        Some((dir, args)) => {
+            let format = PairFormat::from_recorded(args["pair_format"].as_str());
+            tracing::info!(
+                "{} was trained by tevatron train-reranker on pairs in the {} format (its \
+                 training_args.json), whatever the base folder says",
+                dir.display(),
+                format.name()
+            );
+            format
+        }
+        None => folder_format(model_dir),
+    }
 }
 
 /// Where the pairs come from, read a chunk at a time: rerank input rows (streamed from the
@@ -130,21 +151,12 @@ impl PairInput {
     /// prefixes of Tevatron's format, `--rerank_max_len` and `--append_eos_token`.
     pub(super) fn new(f: &CrossEncoderFlags, enc: &Encoder) -> Result<Self> {
         let (query_prefix, passage_prefix) = (f.query_prefix.as_str(), f.passage_prefix.as_str());
-        let format = match f.pair_format.named() {
-            Some(format) => format,
-            None => match trained_adapter(f.lora_name_or_path.as_deref(), f.cache_dir.as_deref()) {
-                Some((adapter, format)) => {
-                    tracing::info!(
-                        "{} was trained by tevatron train-reranker on pairs in the {:?} format \
-                         (its training_args.json), whatever the base folder says",
-                        adapter.display(),
-                        format.name()
-                    );
-                    format
-                }
-                None => folder_format(enc.model_dir()),
-            },
-        };
+        let format = resolve_pair_format(
+            f.pair_format.named(),
+            f.lora_name_or_path.as_deref(),
+            f.cache_dir.as_deref(),
+            enc.model_dir(),
+        );
         log_format(format, query_prefix, passage_prefix);
         let text = TextOptions {
             max_len: f.rerank_max_len,

@@ -154,6 +154,9 @@ fn check(a: &TrainArgs, reranker: bool) -> Result<()> {
     {
         bail!("a reranker's validation reranks a first-stage run: give --eval_run_path with --eval_query_path, --eval_corpus_path and --eval_qrels_path");
     }
+    if reranker && !a.add_special_tokens {
+        bail!("--add_special_tokens false: a reranker's pairs are tokenized with the special tokens, as rerank gives them (a text pair needs its separator)");
+    }
     if a.eval_run_path.is_some() && a.eval_strategy == StrategyArg::No {
         bail!("--eval_run_path needs --eval_strategy steps or epoch");
     }
@@ -319,8 +322,8 @@ fn validation(
             encoder.device(),
         )
     };
-    // A reranker's pairs are texts and batches as `tevatron rerank` makes them (Tevatron's
-    // prefixes inside the formatted pair, right padding).
+    // A reranker's pairs are inputs and batches as `tevatron rerank` makes them (in the
+    // training's pair format, special tokens added, right padding).
     let (passage_text, passage_batch) = if reranker {
         let text = TextOptions { add_special_tokens: true, ..text(a.rerank_max_len, "") };
         let batch = BatchOptions::for_encoding(
@@ -628,16 +631,15 @@ fn run_training(a: &TrainArgs, reranker: bool) -> Result<()> {
     let padding_side = PaddingSide::from(a.padding_side);
     encoder.check_padding(padding_side)?;
     let (query_prefix, passage_prefix) = prefixes(a, reranker);
-    // A cross-encoder's pairs: the flag's format, else that of the adapter it continues, else
-    // the folder's (a CrossEncoder keeps its text pairs); recorded in training_args.json and in
-    // the saved config.
+    // A cross-encoder's pairs as `rerank` would take them from the same flags and folders;
+    // recorded in training_args.json and in the saved config.
     let pair_format = reranker.then(|| {
-        let continued =
-            super::rerank::trained_adapter(a.lora_name_or_path.as_deref(), a.cache_dir.as_deref());
-        a.pair_format.and_then(PairFormatArg::named).unwrap_or_else(|| match continued {
-            Some((_, format)) => format,
-            None => super::rerank::folder_format(encoder.model_dir()),
-        })
+        super::rerank::resolve_pair_format(
+            a.pair_format.and_then(PairFormatArg::named),
+            a.lora_name_or_path.as_deref(),
+            a.cache_dir.as_deref(),
+            encoder.model_dir(),
+        )
     });
     let mut args = args_json(a);
     if let Some(format) = pair_format {
