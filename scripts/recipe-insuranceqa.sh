@@ -292,8 +292,9 @@ fi
 # A reranker and distillation: a cross-encoder trained from round 2's model (its score head
 # initialised; RERANKER_FROM=base starts it from the base MiniLM instead) on every training
 # question with negatives mined by round 1 (the filters of round 2), Tevatron's reranker recipe
-# (groups of 8, the listwise loss), validated during training by reranking round 1's top 20 of the validation questions, the best checkpoint kept; it rescores
-# round 2's top 100 of every dev question (stage rerank). It then scores every passage of round
+# (groups of 8, the listwise loss), validated during training by reranking round 1's top 20
+# of the validation questions, the best checkpoint kept; it rescores round 2's top 100 of
+# every dev question (stage rerank). It then scores every passage of round
 # 2's training groups (tevatron annotate), and round 2's model is trained further to match those
 # scores, KL plus the contrastive loss, chosen by validation (stage distilled). The learning
 # rate, 1e-4, was chosen by the training loss of two 8 x group-8 probes on 600 training questions
