@@ -623,6 +623,22 @@ fn rerank_and_eval(d: &Path, model: &Path) -> serde_json::Value {
     serde_json::from_str(&ok(tevatron(d, &eval))).unwrap()
 }
 
+/// Each logged evaluation of the reranker trained into `out` equals `tevatron rerank` + `eval`
+/// on the checkpoint of its step (1e-6).
+fn assert_logged_as_reranked(
+    d: &Path,
+    out: &Path,
+    evals: &[(u64, serde_json::Map<String, serde_json::Value>)],
+) {
+    for (step, logged) in evals {
+        let got = rerank_and_eval(d, &out.join(format!("checkpoint-{step}")));
+        for m in ["ndcg@10", "mrr@10"] {
+            let (a, b) = (got[m].as_f64().unwrap(), logged[&format!("eval_{m}")].as_f64().unwrap());
+            assert!((a - b).abs() <= 1e-6, "step {step} {m}: rerank + eval {a}, logged {b}");
+        }
+    }
+}
+
 /// A reranker trained on text pairs (`--pair_format pair`, the tiny reranker whose tokenizer
 /// returns token types) is validated on text pairs: its logged measures equal `tevatron
 /// rerank` (which reads the format from the checkpoint) + `eval`.
@@ -640,13 +656,7 @@ fn a_reranker_trained_on_text_pairs_is_validated_on_them() {
     ok(six_steps(d, "train-reranker", "rr", "testdata/tiny-reranker/bert", &flags));
     let evals = evaluations(&state(&d.join("rr")));
     assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), [3, 6]);
-    for (step, logged) in &evals {
-        let got = rerank_and_eval(d, &d.join(format!("rr/checkpoint-{step}")));
-        for m in ["ndcg@10", "mrr@10"] {
-            let (a, b) = (got[m].as_f64().unwrap(), logged[&format!("eval_{m}")].as_f64().unwrap());
-            assert!((a - b).abs() <= 1e-6, "step {step} {m}: rerank + eval {a}, logged {b}");
-        }
-    }
+    assert_logged_as_reranked(d, &d.join("rr"), &evals);
 }
 
 #[test]
@@ -686,16 +696,7 @@ fn a_reranker_is_validated_by_reranking_a_run_as_tevatron_rerank_and_eval_score_
         assert!(e.contains_key("eval_mrr@10") && !e.contains_key("eval_recall@100"), "{e:?}");
     }
     // Each checkpoint's logged measures equal tevatron rerank + tevatron eval on it (1e-6).
-    for (step, logged) in &evals {
-        let got = rerank_and_eval(d, &out.join(format!("checkpoint-{step}")));
-        for m in ["ndcg@10", "mrr@10"] {
-            let (a, b) = (got[m].as_f64().unwrap(), logged[&format!("eval_{m}")].as_f64().unwrap());
-            assert!(
-                (a - b).abs() <= 1e-6,
-                "step {step} {m}: tevatron rerank + eval {a}, logged {b}"
-            );
-        }
-    }
+    assert_logged_as_reranked(d, &out, &evals);
     // The best checkpoint is recorded and its weights are the final model's.
     let best = st["best_model_checkpoint"].as_str().unwrap().to_string();
     let (best_step, best_ndcg) = evals

@@ -60,10 +60,10 @@ pub struct RetrievalData {
     pub widths: Vec<usize>,
 }
 
-/// The name a measure at a cut width `k` is logged by: `dim96_ndcg@10` (sentence-transformers'
-/// Matryoshka evaluation writes `dim_96_...`).
-pub fn width_measure(k: usize, measure: &str) -> String {
-    format!("dim{k}_{measure}")
+/// What the name of a measure at a cut width `k` starts with: `dim96_ndcg@10`
+/// (sentence-transformers' Matryoshka evaluation writes `dim_96_...`).
+pub fn width_prefix(k: usize) -> String {
+    format!("dim{k}_")
 }
 
 /// Reranking validation data: the candidates of a first-stage run, rescored by the
@@ -156,7 +156,7 @@ impl Validation {
         if let Some(r) = &self.retrieval {
             m.extend(MEASURES.map(String::from));
             for &k in &r.widths {
-                m.extend(MEASURES.map(|name| width_measure(k, name)));
+                m.extend(MEASURES.map(|name| format!("{}{name}", width_prefix(k))));
             }
         }
         if self.rerank.is_some() {
@@ -197,14 +197,10 @@ impl Validation {
         let q = embed(encoder, &r.queries, &self.query_text, &self.query_batch)?;
         let p = embed(encoder, &r.corpus, &self.passage_text, &self.passage_batch)?;
         let dim = encoder.output_width();
-        let mut out = search_and_score(r, &q, &p, dim, scratch)?;
+        let mut out = search_and_score(r, &q, &p, dim, "", scratch)?;
         for &k in &r.widths {
             let cut = |rows: &[f32]| truncate(rows, dim, k, encoder.normalize());
-            let measures = search_and_score(r, &cut(&q), &cut(&p), k, scratch)?;
-            out.extend(measures.into_iter().map(|(name, v)| {
-                let name = name.strip_prefix("eval_").unwrap_or(&name).to_string();
-                (format!("eval_{}", width_measure(k, &name)), v)
-            }));
+            out.extend(search_and_score(r, &cut(&q), &cut(&p), k, &width_prefix(k), scratch)?);
         }
         Ok(out)
     }
@@ -233,7 +229,7 @@ impl Validation {
                 run += &format!("{}\t{}\t{score:?}\n", p.query_id, p.docid);
             }
         }
-        score_run(&run, &r.qrels, &RERANK_MEASURES)
+        score_run(&run, &r.qrels, &RERANK_MEASURES, "")
     }
 
     /// The mean contrastive loss over the loss data's queries, in eval mode.
@@ -263,12 +259,14 @@ impl Validation {
 }
 
 /// Searches `dim`-wide query rows `q` over corpus rows `p` (through a temporary embeddings
-/// file in `scratch`, as `tevatron search` reads one) and scores the run as `eval` would.
+/// file in `scratch`, as `tevatron search` reads one) and scores the run as `eval` would, each
+/// measure named `eval_<prefix><measure>`.
 fn search_and_score(
     r: &RetrievalData,
     q: &[f32],
     p: &[f32],
     dim: usize,
+    prefix: &str,
     scratch: &Path,
 ) -> Result<BTreeMap<String, f64>> {
     let file = scratch.join(".eval-corpus.tmp.safetensors");
@@ -289,16 +287,26 @@ fn search_and_score(
         Ok(run)
     })();
     let _ = std::fs::remove_file(&file);
-    score_run(&written?, &r.qrels, &MEASURES)
+    score_run(&written?, &r.qrels, &MEASURES, prefix)
 }
 
-/// `tevatron eval`'s `measures` of a run in text form, as `eval_<measure>` values.
-fn score_run(run: &str, qrels: &Qrels, measures: &[&str]) -> Result<BTreeMap<String, f64>> {
+/// `tevatron eval`'s `measures` of a run in text form, as `eval_<prefix><measure>` values.
+fn score_run(
+    run: &str,
+    qrels: &Qrels,
+    measures: &[&str],
+    prefix: &str,
+) -> Result<BTreeMap<String, f64>> {
     let run = Run::parse_str(run, PathBuf::from("(validation run)"))?;
     let measures: Vec<Measure> =
         measures.iter().map(|m| Measure::parse(m)).collect::<std::result::Result<_, _>>()?;
     let result = evaluate(&run, qrels, &measures, false);
-    Ok(result.names.iter().zip(&result.means).map(|(n, v)| (format!("eval_{n}"), *v)).collect())
+    Ok(result
+        .names
+        .iter()
+        .zip(&result.means)
+        .map(|(n, v)| (format!("eval_{prefix}{n}"), *v))
+        .collect())
 }
 
 /// Hugging Face's rule for a new best metric: better than the best so far (any finite value
