@@ -7,7 +7,7 @@
 #                by validation nDCG@10 during training (held-out training questions, never dev);
 #   round2       hard negatives mined with the round-1 model (tevatron mine, with false-negative
 #                filters), then trained from the round-1 model, again chosen by validation;
-#   rerank       a cross-encoder trained from MiniLM on every training question's mined groups
+#   rerank       a cross-encoder trained from round 2's model on every training question's mined groups
 #                (tevatron train-reranker) rescoring round 2's top 100 (tevatron rerank);
 #   fused        the reranker's and round 2's scores, z-scored and weighted (tevatron fuse),
 #                the weight chosen on the validation questions;
@@ -28,6 +28,11 @@
 #                                           # <stage>@<k>)
 #   RERANKER_FROM=base ...                  # the reranker starts from the base model, not
 #                                           # from round 2's (the default)
+#   RERANKER_NEGATIVES=top ...              # the reranker's negatives are round 1's closest
+#                                           # (the 15 from rank 4 on), not a random draw from
+#                                           # its ranks 4-100 (the default); a folder whose
+#                                           # reranker/mined.jsonl exists keeps it: give a new
+#                                           # RECIPE_OUT or remove reranker/
 #   RECIPE_TRAIN_FLAGS=--bf16 ...           # adds flags to every training (train and
 #                                           # train-reranker; encoding, reranking and annotation
 #                                           # stay F32); set RECIPE_OUT to a new folder, since
@@ -291,8 +296,9 @@ fi
 
 # A reranker and distillation: a cross-encoder trained from round 2's model (its score head
 # initialised; RERANKER_FROM=base starts it from the base MiniLM instead) on every training
-# question with negatives mined by round 1 (the filters of round 2), Tevatron's reranker recipe
-# (groups of 8, the listwise loss), validated during training by reranking round 1's top 20
+# question with negatives drawn at random from round 1's ranks 4-100 (round 2's filters;
+# RERANKER_NEGATIVES=top takes the closest instead), Tevatron's reranker recipe (groups of 8,
+# the listwise loss), validated during training by reranking round 1's top 20
 # of the validation questions, the best checkpoint kept; it rescores round 2's top 100 of
 # every dev question (stage rerank). It then scores every passage of round
 # 2's training groups (tevatron annotate), and round 2's model is trained further to match those
@@ -304,20 +310,26 @@ fi
 # and 0.671, below round 1's own 0.742 (docs/recipe-insuranceqa.md). Why round 2's model: on the
 # first 2,000 training questions, 250 steps each (bf16, validation as above), the cross-encoder
 # started from round 2 reranked to 0.653 at 125 steps and 0.677 at 250, from the base MiniLM to
-# 0.610 and 0.653 (at lr 2e-4 from round 2: 0.596 and 0.648).
+# 0.610 and 0.653 (at lr 2e-4 from round 2: 0.596 and 0.648; at 3e-5: 0.520 and 0.600). Why
+# negatives from the whole top 100: trained on the closest (from rank 4 on), the reranker hurt more
+# the deeper it reranked (round 2's validation nDCG@10 0.765; reranking its top 5, 20 and 100:
+# 0.730, 0.629, 0.530), having never seen a candidate from further down; on the same 2,000
+# questions a random draw from ranks 4-100 validated at 0.672 and 0.695 (closest: 0.653, 0.677)
+# and reranked round 2's top 100 to 0.641 (scripts/reranker-probes.sh).
 rerank_len=128
 case ${RERANKER_FROM:-round2} in
   round2) reranker_init=$out/round2/model ;;
   base) reranker_init=$model ;;
   *) echo "recipe: RERANKER_FROM must be round2 or base" >&2; exit 2 ;;
 esac
-if [ "$reranker_rows" = "$round2_rows" ]; then
-  reranker_data=$out/round2/mined.jsonl
-else
-  head -n "$reranker_rows" "$d/train.jsonl" > "$d/reranker.train.jsonl"
-  mine_stage reranker --rows "$d/reranker.train.jsonl" --range_min 3 --drop_same_text
-  reranker_data=$out/reranker/mined.jsonl
-fi
+case ${RERANKER_NEGATIVES:=random} in
+  random | top) ;;
+  *) echo "recipe: RERANKER_NEGATIVES must be random or top" >&2; exit 2 ;;
+esac
+head -n "$reranker_rows" "$d/train.jsonl" > "$d/reranker.train.jsonl"
+mine_stage reranker --rows "$d/reranker.train.jsonl" --range_min 3 --drop_same_text \
+  --sampling_strategy "$RERANKER_NEGATIVES"
+reranker_data=$out/reranker/mined.jsonl
 # Round 1's run over the validation questions: what the reranker's validation reranks.
 valid_run=$out/round1/valid/run.tsv
 if [ ! -f "$out/round1/valid/metrics.json" ]; then
