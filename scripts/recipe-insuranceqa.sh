@@ -7,8 +7,9 @@
 #                by validation nDCG@10 during training (held-out training questions, never dev);
 #   round2       hard negatives mined with the round-1 model (tevatron mine, with false-negative
 #                filters), then trained from the round-1 model, again chosen by validation;
-#   rerank       a cross-encoder trained from round 2's model on every training question's mined groups
-#                (tevatron train-reranker) rescoring round 2's top 100 (tevatron rerank);
+#   rerank       a cross-encoder trained from round 2's model on every training question's
+#                mined groups (tevatron train-reranker) rescoring round 2's top 100 (tevatron
+#                rerank);
 #   fused        the reranker's and round 2's scores, z-scored and weighted (tevatron fuse),
 #                the weight chosen on the validation questions;
 #   distilled    round 2 trained further on the reranker's scores of its groups (tevatron
@@ -38,8 +39,9 @@
 #                                           # stay F32); set RECIPE_OUT to a new folder, since
 #                                           # finished stages are reused as they are
 # Writes runs/recipe-insuranceqa[-quick]/metrics.json {"zero_shot": {...}, "seed_recipe": ...,
-# "round1": ..., "round2": ..., "rerank": ..., "fused": ..., "distilled": ...}, times.json (wall seconds per
-# stage), report.md, and each stage's model in <stage>/model (the reranker in reranker/model). Re-running reuses every finished stage; an interrupted training resumes
+# "round1": ..., "round2": ..., "rerank": ..., "fused": ..., "distilled": ...}, times.json
+# (wall seconds per stage), report.md, and each stage's model in <stage>/model (the reranker
+# in reranker/model). Re-running reuses every finished stage; an interrupted training resumes
 # from its last checkpoint. Data and model are fetched as the quickstart fetches them.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -298,10 +300,10 @@ fi
 # initialised; RERANKER_FROM=base starts it from the base MiniLM instead) on every training
 # question with negatives drawn at random from round 1's ranks 4-100 (round 2's filters;
 # RERANKER_NEGATIVES=top takes the closest instead), Tevatron's reranker recipe (groups of 8,
-# the listwise loss), validated during training by reranking round 1's top 20
-# of the validation questions, the best checkpoint kept; it rescores round 2's top 100 of
-# every dev question (stage rerank). It then scores every passage of round
-# 2's training groups (tevatron annotate), and round 2's model is trained further to match those
+# the listwise loss), validated during training by reranking round 1's top 20 of the
+# validation questions, the best checkpoint kept; it rescores round 2's top 100 of every dev
+# question (stage rerank). It then scores every passage of round 2's training groups
+# (tevatron annotate), and round 2's model is trained further to match those
 # scores, KL plus the contrastive loss, chosen by validation (stage distilled). The learning
 # rate, 1e-4, was chosen by the training loss of two 8 x group-8 probes on 600 training questions
 # with pool negatives (never dev): at 3e-5 the loss went from ln 8 = 2.08 to 1.79 in 75 steps, at
@@ -311,8 +313,8 @@ fi
 # first 2,000 training questions, 250 steps each (bf16, validation as above), the cross-encoder
 # started from round 2 reranked to 0.653 at 125 steps and 0.677 at 250, from the base MiniLM to
 # 0.610 and 0.653 (at lr 2e-4 from round 2: 0.596 and 0.648; at 3e-5: 0.520 and 0.600). Why
-# negatives from the whole top 100: trained on the closest (from rank 4 on), the reranker hurt more
-# the deeper it reranked (round 2's validation nDCG@10 0.765; reranking its top 5, 20 and 100:
+# negatives from the whole top 100: trained on the closest (from rank 4 on), the reranker hurt
+# more the deeper it reranked (round 2's validation nDCG@10 0.765; reranking its top 5, 20 and 100:
 # 0.730, 0.629, 0.530), having never seen a candidate from further down; on the same 2,000
 # questions a random draw from ranks 4-100 validated at 0.672 and 0.695 (closest: 0.653, 0.677)
 # and reranked round 2's top 100 to 0.641 (scripts/reranker-probes.sh).

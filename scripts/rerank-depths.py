@@ -40,15 +40,17 @@ def main():
     retriever, reranked, qrels = load(sys.argv[1]), load(sys.argv[2]), sys.argv[3]
     depths = [int(k) for k in sys.argv[4:]] or [5, 10, 20, 50, 100]
     binary = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "target", "release", "tevatron")
+    orders = {qid: ranked(docs) for qid, docs in retriever.items()}
+    deepest = max(depths)
+    for qid, order in orders.items():
+        missing = [d for d in order[:deepest] if d not in reranked.get(qid, {})]
+        if missing:
+            sys.exit(f"{sys.argv[2]}: no score for query {qid}, document {missing[0]} (top {deepest})")
     with tempfile.TemporaryDirectory() as tmp:
         for k in [0, *depths]:
             path = os.path.join(tmp, f"top{k}.tsv")
             with open(path, "w") as f:
-                for qid, docs in retriever.items():
-                    order = ranked(docs)
-                    missing = [d for d in order[:k] if d not in reranked.get(qid, {})]
-                    if missing:
-                        sys.exit(f"{sys.argv[2]}: no score for query {qid}, document {missing[0]} (top {k})")
+                for qid, order in orders.items():
                     top = ranked({d: reranked[qid][d] for d in order[:k]})
                     for rank, doc in enumerate(top + order[k:]):
                         f.write(f"{qid}\t{doc}\t{-rank}\n")
