@@ -34,6 +34,10 @@
 #                                           # its ranks 4-100 (the default); a folder whose
 #                                           # reranker/mined.jsonl exists keeps it: give a new
 #                                           # RECIPE_OUT or remove reranker/
+#   RERANKER_EPOCHS=1 ...                   # the reranker's epochs over its mined groups
+#                                           # (default 2); a folder whose reranker/model is
+#                                           # trained keeps it: remove reranker/model, rerank/,
+#                                           # fused/ and distilled/ to redo them
 #   RECIPE_TRAIN_FLAGS=--bf16 ...           # adds flags to every training (train and
 #                                           # train-reranker; encoding, reranking and annotation
 #                                           # stay F32); set RECIPE_OUT to a new folder, since
@@ -317,7 +321,9 @@ fi
 # more the deeper it reranked (round 2's validation nDCG@10 0.765; reranking its top 5, 20 and 100:
 # 0.730, 0.629, 0.530), having never seen a candidate from further down; on the same 2,000
 # questions a random draw from ranks 4-100 validated at 0.672 and 0.695 (closest: 0.653, 0.677)
-# and reranked round 2's top 100 to 0.641 (scripts/reranker-probes.sh).
+# and reranked round 2's top 100 to 0.641 (scripts/reranker-probes.sh). Why two epochs: the
+# probe's second epoch raised that to 0.671; on the full recipe the reranker's best validation
+# went from 0.731 (one epoch) to 0.750 (docs/recipe-insuranceqa.md).
 rerank_len=128
 case ${RERANKER_FROM:-round2} in
   round2) reranker_init=$out/round2/model ;;
@@ -328,6 +334,10 @@ case ${RERANKER_NEGATIVES:=random} in
   random | top) ;;
   *) echo "recipe: RERANKER_NEGATIVES must be random or top" >&2; exit 2 ;;
 esac
+if ! [[ ${RERANKER_EPOCHS:=2} =~ ^[1-9][0-9]*$ ]]; then
+  echo "recipe: RERANKER_EPOCHS must be a whole number of epochs, 1 or more" >&2
+  exit 2
+fi
 head -n "$reranker_rows" "$d/train.jsonl" > "$d/reranker.train.jsonl"
 mine_stage reranker --rows "$d/reranker.train.jsonl" --range_min 3 --drop_same_text \
   --sampling_strategy "$RERANKER_NEGATIVES"
@@ -354,13 +364,13 @@ if [ ! -f "$out/reranker/model/trainer_state.json" ]; then
   echo "recipe: training the reranker" >&2
   start=$SECONDS
   rows=$(wc -l < "$reranker_data")
-  every_r=$(( (rows + 7) / 8 / 4 > 0 ? (rows + 7) / 8 / 4 : 1 ))
+  every_r=$(( (rows + 7) / 8 / 4 > 0 ? (rows + 7) / 8 / 4 : 1 ))  # four validations an epoch
   "$bin" train-reranker --output_dir "$out/reranker/model" --model_name_or_path "$reranker_init" \
     --dataset_path "$reranker_data" --corpus_path "$data/corpus.jsonl" \
     --dataset_cache_dir "$out/cache" --train_group_size 8 --rerank_max_len "$rerank_len" \
-    --per_device_train_batch_size 8 --learning_rate 1e-4 --warmup_ratio 0.1 --num_train_epochs 1 \
-    --seed 42 --logging_steps 10 --eval_strategy steps --eval_steps "$every_r" \
-    --save_steps "$every_r" --eval_query_path "$d/valid.queries.jsonl" \
+    --per_device_train_batch_size 8 --learning_rate 1e-4 --warmup_ratio 0.1 \
+    --num_train_epochs "$RERANKER_EPOCHS" --seed 42 --logging_steps 10 --eval_strategy steps \
+    --eval_steps "$every_r" --save_steps "$every_r" --eval_query_path "$d/valid.queries.jsonl" \
     --eval_corpus_path "$d/valid.corpus.jsonl" --eval_qrels_path "$d/valid.qrels.tsv" \
     --eval_run_path "$valid_run" --eval_rerank_depth 20 --per_device_eval_batch_size 32 \
     --metric_for_best_model ndcg@10 --load_best_model_at_end --save_total_limit 1 \
