@@ -36,8 +36,10 @@
 #                                           # RECIPE_OUT or remove reranker/
 #   RERANKER_EPOCHS=1 ...                   # the reranker's epochs over its mined groups
 #                                           # (default 2); a folder whose reranker/model is
-#                                           # trained keeps it: remove reranker/model, rerank/,
-#                                           # fused/ and distilled/ to redo them
+#                                           # trained keeps it: to redo stages 5-7, remove
+#                                           # reranker/model, rerank/, fused/, distilled/ and
+#                                           # round2/valid/rerank.tsv, and their times.json keys
+#                                           # (times add up across re-runs)
 #   RECIPE_TRAIN_FLAGS=--bf16 ...           # adds flags to every training (train and
 #                                           # train-reranker; encoding, reranking and annotation
 #                                           # stay F32); set RECIPE_OUT to a new folder, since
@@ -49,6 +51,19 @@
 # from its last checkpoint. Data and model are fetched as the quickstart fetches them.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+# The reranker's settings, checked before any stage runs.
+case ${RERANKER_FROM:=round2} in
+  round2 | base) ;;
+  *) echo "recipe: RERANKER_FROM must be round2 or base" >&2; exit 2 ;;
+esac
+case ${RERANKER_NEGATIVES:=random} in
+  random | top) ;;
+  *) echo "recipe: RERANKER_NEGATIVES must be random or top" >&2; exit 2 ;;
+esac
+if ! [[ ${RERANKER_EPOCHS:=2} =~ ^[1-9][0-9]*$ ]]; then
+  echo "recipe: RERANKER_EPOCHS must be a whole number of epochs, 1 or more" >&2
+  exit 2
+fi
 quick=${QUICK:-0}
 if [ "$quick" = 1 ]; then default_out=$root/runs/recipe-insuranceqa-quick; else default_out=$root/runs/recipe-insuranceqa; fi
 out=${RECIPE_OUT:-$default_out}
@@ -325,19 +340,7 @@ fi
 # probe's second epoch raised that to 0.671; on the full recipe the reranker's best validation
 # went from 0.731 (one epoch) to 0.750 (docs/recipe-insuranceqa.md).
 rerank_len=128
-case ${RERANKER_FROM:-round2} in
-  round2) reranker_init=$out/round2/model ;;
-  base) reranker_init=$model ;;
-  *) echo "recipe: RERANKER_FROM must be round2 or base" >&2; exit 2 ;;
-esac
-case ${RERANKER_NEGATIVES:=random} in
-  random | top) ;;
-  *) echo "recipe: RERANKER_NEGATIVES must be random or top" >&2; exit 2 ;;
-esac
-if ! [[ ${RERANKER_EPOCHS:=2} =~ ^[1-9][0-9]*$ ]]; then
-  echo "recipe: RERANKER_EPOCHS must be a whole number of epochs, 1 or more" >&2
-  exit 2
-fi
+if [ "$RERANKER_FROM" = base ]; then reranker_init=$model; else reranker_init=$out/round2/model; fi
 head -n "$reranker_rows" "$d/train.jsonl" > "$d/reranker.train.jsonl"
 mine_stage reranker --rows "$d/reranker.train.jsonl" --range_min 3 --drop_same_text \
   --sampling_strategy "$RERANKER_NEGATIVES"
