@@ -338,8 +338,9 @@ fi
 # questions a random draw from ranks 4-100 validated at 0.672 and 0.695 (closest: 0.653, 0.677)
 # and reranked round 2's top 100 to 0.641 (scripts/reranker-probes.sh). Why two epochs: the
 # probe's second epoch raised that to 0.671; on the full recipe the reranker's best validation
-# went from 0.731 (one epoch) to 0.750 (docs/recipe-insuranceqa.md); a third epoch (0.758) raised
-# the dev reranking alone from 0.4723 to 0.4821 but fused gave 0.5102 against 0.5137.
+# went from 0.731 (one epoch) to 0.750 (docs/recipe-insuranceqa.md); a third epoch (best
+# validation 0.758) raised the dev reranking alone from 0.4723 to 0.4821 but fused gave 0.5102
+# against 0.5137, so the default stays 2.
 rerank_len=128
 if [ "$RERANKER_FROM" = base ]; then reranker_init=$model; else reranker_init=$out/round2/model; fi
 head -n "$reranker_rows" "$d/train.jsonl" > "$d/reranker.train.jsonl"
