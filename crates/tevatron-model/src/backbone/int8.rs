@@ -18,11 +18,16 @@
 //!   lanes, exact), on tiles of 6 rows x 16 channels;
 //! - AVX-VNNI (256-bit) and AVX-512 VNNI: `vpdpbusd` on `X + 128` as unsigned bytes (quads of
 //!   products into i32 lanes, no saturation), the offset taken back as `128 Σ_k W[c][k]`;
-//!   tiles of 6 rows x 16 channels and 8 rows x 32 channels.
+//!   tiles of 6 rows x 16 channels and 8 rows x 32 channels;
+//! - AMX (Intel Xeon from Sapphire Rapids): `tdpbssd`, signed by signed bytes, a 16 x 16 block
+//!   of sums over 64 inputs per instruction, in blocks of 32 rows x 32 channels (four sum
+//!   tiles, two of rows, two of channels).
 //!
-//! All SIMD sets share one tile loop (`tile`) over the five instructions of a `Lanes`
-//! implementation; the tests run that loop on an emulation of each set's instructions, so the
-//! code of every set, the ones this CPU lacks included, is checked on any CPU.
+//! The vector sets share one tile loop (`tile`) over the five instructions of a `Lanes`
+//! implementation, and AMX's loop (`Int8Weight::amx_block`) runs over the seven tile
+//! operations of a `Tiles` implementation; the tests run both loops on an emulation of each
+//! set's instructions, so the code of every set, the ones this CPU lacks included, is checked
+//! on any CPU.
 //!
 //! A row with a NaN or an infinity gives NaN outputs (as the F32 product would), not a
 //! quantized stand-in.
@@ -44,6 +49,7 @@ enum Set {
     Avx2,
     AvxVnni,
     Avx512Vnni,
+    Amx,
 }
 
 impl Set {
@@ -56,6 +62,7 @@ impl Set {
                 Set::Avx2 => has!("avx2"),
                 Set::AvxVnni => has!("avx2") && has!("avxvnni"),
                 Set::Avx512Vnni => has!("avx512f") && has!("avx512bw") && has!("avx512vnni"),
+                Set::Amx => x86::amx_int8_usable(),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -78,7 +85,7 @@ impl Int8Kernels {
 
     /// Every set this CPU runs, the portable one first (for tests).
     pub fn available() -> Vec<Self> {
-        [Set::Portable, Set::Avx2, Set::AvxVnni, Set::Avx512Vnni]
+        [Set::Portable, Set::Avx2, Set::AvxVnni, Set::Avx512Vnni, Set::Amx]
             .into_iter()
             .filter(|s| s.runs_here())
             .map(Int8Kernels)
@@ -97,6 +104,7 @@ impl Int8Kernels {
             Set::Avx2 => "AVX2 vpmaddwd",
             Set::AvxVnni => "AVX-VNNI vpdpbusd",
             Set::Avx512Vnni => "AVX-512 VNNI vpdpbusd",
+            Set::Amx => "AMX tdpbssd",
         }
     }
 }
@@ -110,8 +118,9 @@ pub struct Int8Weight {
     /// `W`, row-major `(out, inputs)`: the portable kernel's operand (empty for a SIMD set).
     codes: Vec<i8>,
     /// `W` as the SIMD set reads it (empty for the portable set): tiles of channels; in each,
-    /// for each step of 4 bytes of input (2 inputs as i16 for AVX2, 4 as i8 for VNNI), the
-    /// tile's channels' 4 bytes side by side; inputs and channels beyond the weight are zeros.
+    /// for each step of 4 bytes of input (2 inputs as i16 for AVX2, 4 as i8 for VNNI and AMX),
+    /// the tile's channels' 4 bytes side by side; inputs and channels beyond the weight are
+    /// zeros (for AMX, up to whole 64-byte steps of input and whole pairs of tiles).
     packed: Vec<u8>,
     /// VNNI: `128 Σ_k W[c][k]` per channel, what `X + 128` adds to a sum.
     offsets: Vec<i32>,
@@ -199,33 +208,63 @@ fn finish(dot: i32, sx: f32, sw: f32, bias: f32) -> f32 {
 }
 
 /// How a SIMD set lays out its operands: the inputs in each 4-byte step, the channels of a
-/// tile (two vectors of i32 lanes) and the rows of a tile.
+/// tile (two vectors of i32 lanes; one AMX tile of weights) and the rows of a tile.
 #[derive(Clone, Copy)]
 struct Layout {
     /// Inputs per 4-byte step: 2 (i16) or 4 (i8).
     per_step: usize,
     tile_channels: usize,
     tile_rows: usize,
+    /// The steps of a tile are padded to a multiple of this (AMX reads 16 at a time).
+    step_multiple: usize,
+    /// The tiles of channels are padded to a multiple of this (AMX reads two at a time).
+    tile_multiple: usize,
 }
 
 impl Set {
     fn layout(self) -> Option<Layout> {
         match self {
             Set::Portable => None,
-            Set::Avx2 => Some(Layout { per_step: 2, tile_channels: 16, tile_rows: 6 }),
-            Set::AvxVnni => Some(Layout { per_step: 4, tile_channels: 16, tile_rows: 6 }),
-            Set::Avx512Vnni => Some(Layout { per_step: 4, tile_channels: 32, tile_rows: 8 }),
+            Set::Avx2 => Some(Layout::vector(2, 16, 6)),
+            Set::AvxVnni => Some(Layout::vector(4, 16, 6)),
+            Set::Avx512Vnni => Some(Layout::vector(4, 32, 8)),
+            Set::Amx => Some(Layout {
+                per_step: 4,
+                tile_channels: 16,
+                tile_rows: 16,
+                step_multiple: 16,
+                tile_multiple: 2,
+            }),
         }
     }
 
+    /// Whether the set multiplies unsigned activations `X + 128` (VNNI's `vpdpbusd`), whose
+    /// offset each channel takes back.
+    fn offset_activations(self) -> bool {
+        matches!(self, Set::AvxVnni | Set::Avx512Vnni)
+    }
+
     /// One input value `X` (or `W`) as the set's bytes: i16 for AVX2 (2 bytes); for VNNI, an
-    /// activation plus 128 as an unsigned byte, a weight as is (the first byte).
+    /// activation plus 128 as an unsigned byte, a weight as is (the first byte); for AMX,
+    /// both as they are.
     fn bytes(self, v: i8, activation: bool) -> [u8; 2] {
         match self {
             Set::Avx2 => i16::from(v).to_le_bytes(),
-            _ if activation => [(v as u8) ^ 0x80, 0],
+            _ if activation && self.offset_activations() => [(v as u8) ^ 0x80, 0],
             _ => [v as u8, 0],
         }
+    }
+}
+
+impl Layout {
+    /// A vector set's layout: no padding beyond whole steps and tiles.
+    const fn vector(per_step: usize, tile_channels: usize, tile_rows: usize) -> Self {
+        Layout { per_step, tile_channels, tile_rows, step_multiple: 1, tile_multiple: 1 }
+    }
+
+    /// The packed steps of a tile for `inputs` inputs.
+    fn steps(self, inputs: usize) -> usize {
+        inputs.div_ceil(self.per_step).next_multiple_of(self.step_multiple)
     }
 }
 
@@ -254,9 +293,10 @@ impl Int8Weight {
         }
         let (mut packed, mut offsets) = (Vec::new(), Vec::new());
         if let Some(l) = kernels.0.layout() {
-            let steps = inputs.div_ceil(l.per_step);
+            let steps = l.steps(inputs);
             let tile = l.tile_channels;
-            packed = vec![0u8; out.div_ceil(tile) * steps * tile * 4];
+            let tiles = out.div_ceil(tile).next_multiple_of(l.tile_multiple);
+            packed = vec![0u8; tiles * steps * tile * 4];
             let width = 4 / l.per_step;
             for (c, w) in codes.chunks_exact(inputs).enumerate() {
                 let (t, lane) = (c / tile, c % tile);
@@ -266,7 +306,7 @@ impl Int8Weight {
                     packed[at..at + width].copy_from_slice(&kernels.0.bytes(v, false)[..width]);
                 }
             }
-            if l.per_step == 4 {
+            if kernels.0.offset_activations() {
                 offsets = codes
                     .chunks_exact(inputs)
                     .map(|w| 128 * w.iter().map(|&v| i32::from(v)).sum::<i32>())
@@ -332,6 +372,9 @@ impl Int8Weight {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
             Set::Avx512Vnni => unsafe { x86::vnni_block(self, q, sx, bias, y) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            Set::Amx => unsafe { self.amx_block::<x86::Amx>(q, sx, bias, y) },
             #[cfg(not(target_arch = "x86_64"))]
             _ => self.portable_block(q, sx, bias, y),
         }
@@ -367,7 +410,7 @@ impl Int8Weight {
         const { assert!(C == 2 * L::BYTES / 4, "a tile is two vectors of channels") };
         assert!(l.tile_rows == R && l.tile_channels == C, "the set's own tile");
         let k = self.inputs;
-        let steps = k.div_ceil(l.per_step);
+        let steps = l.steps(k);
         let rows = sx.len();
         let width = 4 / l.per_step;
         // The rows in the set's bytes, padded to whole steps and tiles with X = 0.
@@ -392,6 +435,55 @@ impl Int8Weight {
                 self.write_tile(&acc, (r0, t * C), offsets, (sx, bias), y);
             }
         }
+    }
+
+    /// AMX's kernel over one block of rows, the tile operations given by `T` (the CPU's, or the
+    /// tests' emulation of them): the rows as signed bytes padded to whole tiles (16 rows of 64
+    /// inputs), then for each pair of channel tiles and each group of up to 32 rows, the sums
+    /// over every 64 inputs into four sum tiles, stored and finished by the shared epilogue.
+    ///
+    /// # Safety
+    /// The CPU runs `T`'s operations; the weight was packed for the AMX set.
+    #[inline(always)]
+    unsafe fn amx_block<T: Tiles>(&self, q: &[i8], sx: &[f32], bias: &[f32], y: &mut [f32]) {
+        let k = self.inputs;
+        let width = Set::Amx.layout().expect("a tile set").steps(k) * 4;
+        let rows = sx.len();
+        let mut x = vec![0u8; rows.next_multiple_of(16) * width];
+        for (dst, src) in x.chunks_exact_mut(width).zip(q.chunks_exact(k)) {
+            for (d, &v) in dst.iter_mut().zip(src) {
+                *d = v as u8;
+            }
+        }
+        // One channel tile's packed weights: `width / 64` tiles of 16 rows (steps) of 64 bytes.
+        let tile_bytes = width * 16;
+        assert!(self.packed.len() >= self.out.div_ceil(32) * 2 * tile_bytes, "AMX packing");
+        let mut acc = [[0i32; 32]; 32];
+        T::configure();
+        for c0 in (0..self.out).step_by(32) {
+            let w = self.packed.as_ptr().add(c0 / 16 * tile_bytes);
+            for r0 in (0..rows).step_by(32) {
+                let row_tiles = (rows - r0).min(32).div_ceil(16);
+                T::zero_sums();
+                for at in (0..width).step_by(64) {
+                    T::load_weights(0, w.add(at * 16), 64);
+                    T::load_weights(1, w.add(tile_bytes + at * 16), 64);
+                    for i in 0..row_tiles {
+                        T::load_rows(i, x.as_ptr().add((r0 + 16 * i) * width + at), width);
+                        T::dot(i, 0);
+                        T::dot(i, 1);
+                    }
+                }
+                for i in 0..row_tiles {
+                    for j in 0..2 {
+                        let at = acc.as_mut_ptr().cast::<i32>().add(16 * i * 32 + 16 * j);
+                        T::store(i, j, at, 128);
+                    }
+                }
+                self.write_tile(&acc, (r0, c0), None, (sx, bias), y);
+            }
+        }
+        T::release();
     }
 
     /// Writes one tile's sums: `acc[i][j]` for row `r0 + i`, channel `c0 + j`, less
@@ -481,11 +573,41 @@ unsafe fn tile<L: Lanes, const R: usize, const C: usize>(
     }
 }
 
+/// The tile operations of AMX's kernel, on fixed tiles: sums `C(i, j)` (i, j in 0..2), rows
+/// `A(i)` and weights `B(j)`, every tile 16 rows of 64 bytes.
+trait Tiles {
+    /// Sets every tile to 16 rows of 64 bytes (`ldtilecfg`), before any other operation.
+    /// # Safety
+    /// The CPU runs the set (for each method of the trait).
+    unsafe fn configure();
+    /// Frees the tiles (`tilerelease`).
+    unsafe fn release();
+    /// Every `C(i, j)` to zero.
+    unsafe fn zero_sums();
+    /// `A(i)` from 16 rows of 64 bytes, `stride` bytes apart, at `p`.
+    /// # Safety
+    /// The 16 rows are readable.
+    unsafe fn load_rows(i: usize, p: *const u8, stride: usize);
+    /// `B(j)` from 16 rows of 64 bytes (16 steps of 4 inputs of 16 channels), `stride` apart.
+    /// # Safety
+    /// The 16 rows are readable.
+    unsafe fn load_weights(j: usize, p: *const u8, stride: usize);
+    /// `C(i, j) += A(i) B(j)`: `tdpbssd`, `C[m][n] += Σ_s Σ_b A[m][4s + b] B[s][4n + b]`, signed
+    /// bytes, i32 sums.
+    unsafe fn dot(i: usize, j: usize);
+    /// `C(i, j)` to 16 rows of 16 i32 at `p`, `stride` bytes apart.
+    /// # Safety
+    /// The 16 rows are writable.
+    unsafe fn store(i: usize, j: usize, p: *mut i32, stride: usize);
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use std::arch::asm;
     use std::arch::x86_64::*;
+    use std::sync::OnceLock;
 
-    use super::{Int8Weight, Lanes};
+    use super::{Int8Weight, Lanes, Tiles};
 
     /// A [`Lanes`] set over one vector type: its width in bytes, zero, unaligned load, 32-bit
     /// broadcast and store, and its dot-product step.
@@ -564,6 +686,132 @@ mod x86 {
     pub unsafe fn vnni_block(weight: &Int8Weight, q: &[i8], sx: &[f32], b: &[f32], y: &mut [f32]) {
         weight.simd_block::<Vnni, 8, 32>(q, sx, b, y)
     }
+
+    /// Whether this CPU has AMX tiles with int8 products and the operating system lets this
+    /// process use them: on Linux a process must ask for the tiles' state once
+    /// (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`), or its first tile instruction
+    /// faults. Asked once per process; the answer holds for all its threads.
+    pub fn amx_int8_usable() -> bool {
+        static USABLE: OnceLock<bool> = OnceLock::new();
+        *USABLE.get_or_init(|| {
+            let leaf = __cpuid_count(7, 0);
+            let (tile, int8) = ((leaf.edx >> 24) & 1 == 1, (leaf.edx >> 25) & 1 == 1);
+            tile && int8 && tile_state_granted()
+        })
+    }
+
+    #[cfg(target_os = "linux")]
+    fn tile_state_granted() -> bool {
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: a request about this process's own state; it changes nothing else.
+        unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn tile_state_granted() -> bool {
+        false
+    }
+
+    /// The configuration `ldtilecfg` reads: palette 1, tiles 0 to 7 of 16 rows x 64 bytes.
+    #[repr(C, align(64))]
+    struct TileConfig([u8; 64]);
+
+    const TILE_CONFIG: TileConfig = {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        let mut t = 0;
+        while t < 8 {
+            c[16 + 2 * t] = 64; // bytes per row (little-endian u16)
+            c[48 + t] = 16; // rows
+            t += 1;
+        }
+        TileConfig(c)
+    };
+
+    /// AMX's tiles: `C(i, j)` in tmm `2i + j`, `A(i)` in tmm `4 + i`, `B(j)` in tmm `6 + j`.
+    /// No code of this program uses the tile registers otherwise, so they hold across calls.
+    pub struct Amx;
+
+    /// One tile instruction for each of two tiles named by `$index` (0 or 1).
+    macro_rules! by_tile {
+        ($index:expr, $first:literal, $second:literal, $($operands:tt)*) => {
+            if $index == 0 {
+                asm!($first, $($operands)*)
+            } else {
+                asm!($second, $($operands)*)
+            }
+        };
+    }
+
+    impl Tiles for Amx {
+        #[inline(always)]
+        unsafe fn configure() {
+            asm!("ldtilecfg [{0}]", in(reg) TILE_CONFIG.0.as_ptr(), options(nostack, readonly));
+        }
+        #[inline(always)]
+        unsafe fn release() {
+            asm!("tilerelease", options(nostack, nomem));
+        }
+        #[inline(always)]
+        unsafe fn zero_sums() {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            );
+        }
+        #[inline(always)]
+        unsafe fn load_rows(i: usize, p: *const u8, stride: usize) {
+            by_tile!(
+                i,
+                "tileloadd tmm4, [{p} + {s}*1]",
+                "tileloadd tmm5, [{p} + {s}*1]",
+                p = in(reg) p,
+                s = in(reg) stride,
+                options(nostack, readonly)
+            );
+        }
+        #[inline(always)]
+        unsafe fn load_weights(j: usize, p: *const u8, stride: usize) {
+            by_tile!(
+                j,
+                "tileloadd tmm6, [{p} + {s}*1]",
+                "tileloadd tmm7, [{p} + {s}*1]",
+                p = in(reg) p,
+                s = in(reg) stride,
+                options(nostack, readonly)
+            );
+        }
+        #[inline(always)]
+        unsafe fn dot(i: usize, j: usize) {
+            match (i, j) {
+                (0, 0) => asm!("tdpbssd tmm0, tmm4, tmm6", options(nostack, nomem)),
+                (0, _) => asm!("tdpbssd tmm1, tmm4, tmm7", options(nostack, nomem)),
+                (_, 0) => asm!("tdpbssd tmm2, tmm5, tmm6", options(nostack, nomem)),
+                _ => asm!("tdpbssd tmm3, tmm5, tmm7", options(nostack, nomem)),
+            }
+        }
+        #[inline(always)]
+        unsafe fn store(i: usize, j: usize, p: *mut i32, stride: usize) {
+            match (i, j) {
+                (0, 0) => {
+                    asm!("tilestored [{p} + {s}*1], tmm0", p = in(reg) p, s = in(reg) stride, options(nostack))
+                }
+                (0, _) => {
+                    asm!("tilestored [{p} + {s}*1], tmm1", p = in(reg) p, s = in(reg) stride, options(nostack))
+                }
+                (_, 0) => {
+                    asm!("tilestored [{p} + {s}*1], tmm2", p = in(reg) p, s = in(reg) stride, options(nostack))
+                }
+                _ => {
+                    asm!("tilestored [{p} + {s}*1], tmm3", p = in(reg) p, s = in(reg) stride, options(nostack))
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -579,6 +827,72 @@ mod tests {
     struct EmuAvx2;
     struct EmuAvxVnni;
     struct EmuVnni;
+    /// AMX's eight tiles of 16 rows x 64 bytes, one set per thread.
+    struct EmuAmx;
+
+    type TileFile = [[[u8; 64]; 16]; 8];
+    thread_local! {
+        static TILE_FILE: std::cell::RefCell<TileFile> =
+            const { std::cell::RefCell::new([[[0; 64]; 16]; 8]) };
+    }
+
+    fn emu_load(tile: usize, p: *const u8, stride: usize) {
+        TILE_FILE.with(|t| {
+            for (m, row) in t.borrow_mut()[tile].iter_mut().enumerate() {
+                // SAFETY: the kernel passes 16 readable rows (Tiles::load_rows' contract).
+                *row = unsafe { std::ptr::read_unaligned(p.add(m * stride) as *const [u8; 64]) };
+            }
+        })
+    }
+
+    impl Tiles for EmuAmx {
+        unsafe fn configure() {
+            // ldtilecfg zeroes every tile.
+            TILE_FILE.with(|t| *t.borrow_mut() = [[[0; 64]; 16]; 8]);
+        }
+        unsafe fn release() {}
+        unsafe fn zero_sums() {
+            TILE_FILE.with(|t| t.borrow_mut()[..4].fill([[0; 64]; 16]));
+        }
+        unsafe fn load_rows(i: usize, p: *const u8, stride: usize) {
+            emu_load(4 + i, p, stride)
+        }
+        unsafe fn load_weights(j: usize, p: *const u8, stride: usize) {
+            emu_load(6 + j, p, stride)
+        }
+        unsafe fn dot(i: usize, j: usize) {
+            TILE_FILE.with(|t| {
+                let mut t = t.borrow_mut();
+                let (a, b) = (t[4 + i], t[6 + j]);
+                for (m, c) in t[2 * i + j].iter_mut().enumerate() {
+                    for n in 0..16 {
+                        let mut sum = lane(c, n);
+                        for s in 0..16 {
+                            for k in 0..4 {
+                                let product = i32::from(a[m][4 * s + k] as i8)
+                                    * i32::from(b[s][4 * n + k] as i8);
+                                sum = sum.wrapping_add(product);
+                            }
+                        }
+                        c[4 * n..4 * n + 4].copy_from_slice(&sum.to_le_bytes());
+                    }
+                }
+            })
+        }
+        unsafe fn store(i: usize, j: usize, p: *mut i32, stride: usize) {
+            TILE_FILE.with(|t| {
+                for (m, c) in t.borrow()[2 * i + j].iter().enumerate() {
+                    for n in 0..16 {
+                        (p as *mut u8)
+                            .add(m * stride)
+                            .cast::<i32>()
+                            .add(n)
+                            .write_unaligned(lane(c, n));
+                    }
+                }
+            })
+        }
+    }
 
     fn lane(v: &[u8], i: usize) -> i32 {
         i32::from_le_bytes([v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]])
@@ -633,7 +947,7 @@ mod tests {
         .sum::<i32>());
 
     /// The SIMD sets, each checked on emulated instructions on any CPU.
-    const SIMD_SETS: [Set; 3] = [Set::Avx2, Set::AvxVnni, Set::Avx512Vnni];
+    const SIMD_SETS: [Set; 4] = [Set::Avx2, Set::AvxVnni, Set::Avx512Vnni, Set::Amx];
 
     /// [`Int8Weight::forward`] of `w` packed for the SIMD `set`, its kernel code run on the
     /// emulation of the set's instructions.
@@ -651,6 +965,7 @@ mod tests {
                 Set::Avx2 => q.simd_block::<EmuAvx2, 6, 16>(a, s, b, y),
                 Set::AvxVnni => q.simd_block::<EmuAvxVnni, 6, 16>(a, s, b, y),
                 Set::Avx512Vnni => q.simd_block::<EmuVnni, 8, 32>(a, s, b, y),
+                Set::Amx => q.amx_block::<EmuAmx>(a, s, b, y),
                 Set::Portable => unreachable!("not a SIMD set"),
             }
         })
