@@ -9,7 +9,7 @@
 # Train: Tevatron's LoRA defaults (r 16, alpha 64, dropout 0.1, the seven projections), 8 queries,
 # group 4, lengths 32/128, last-token pooling, normalize, temperature 0.01; seconds per optimizer
 # step, median of steps 2..N (ours from the log's timestamps).
-# PRECISION=bf16: ours with --bf16 (bf16 products where the CPU has AVX-512 BF16,
+# PRECISION=bf16: ours with --bf16 (bf16 products where the CPU has AMX-BF16 or AVX-512 BF16,
 # docs/bf16.md), PyTorch under torch.autocast("cpu", torch.bfloat16) for both.
 # Needs TEVATRON_BENCH_VENV (or .cache/bench-venv) with torch, transformers and peft.
 set -euo pipefail

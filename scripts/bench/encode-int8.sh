@@ -2,7 +2,8 @@
 # Encode throughput in F32, bf16 and int8, ours against sentence-transformers (PyTorch F32, and
 # bf16 weights where PyTorch runs bf16 products) and ONNX Runtime (F32, and int8 by dynamic
 # quantization), same machine, same passages, same run, 2 threads each. Ours --bf16 runs bf16
-# products only on a CPU with AVX-512 BF16 (F32 elsewhere, as its log says).
+# products only on a CPU with AMX-BF16, or AVX-512 BF16 except on Intel's (F32 elsewhere, as
+# its log says).
 #   scripts/bench/encode-int8.sh [N]   (default 512 InsuranceQA answers; REPEAT=2 runs each twice)
 # The ONNX models are made by a committed step below: torch.onnx.export of the transformers
 # model, then onnxruntime.quantization.quantize_dynamic (weights int8 per output channel,
@@ -29,7 +30,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 py=$venv/bin/python
 head -n "$n" "$data/corpus.jsonl" > "$work/passages.jsonl"
-echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); int8 and bf16 flags: $(grep -m1 -o -w -E 'avx512_vnni|avx_vnni|avx512_bf16|amx_int8' /proc/cpuinfo | sort -u | xargs || true)"
+echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); int8 and bf16 flags: $(grep -m1 -o -w -E 'avx512_vnni|avx_vnni|avx512_bf16|amx_int8|amx_bf16' /proc/cpuinfo | sort -u | xargs || true)"
 # The ONNX models (once).
 if [ ! -f "$work/int8.onnx" ]; then
   OMP_NUM_THREADS=2 "$py" - "$model" "$work" <<'PY'

@@ -4,7 +4,7 @@
 # answers), encoded in F32, bf16 and int8 (queries and corpus alike), searched exactly and
 # evaluated with tevatron eval (nDCG@10, recall@100); also how close the bf16 and int8
 # embeddings are to the F32 ones (cosine, min and mean). --bf16 computes bf16 products only on
-# a CPU with AVX-512 BF16, so elsewhere it is left out.
+# a CPU with AMX-BF16, or AVX-512 BF16 except on Intel's, so elsewhere it is left out.
 #   scripts/bench/int8-quality.sh
 # MODEL=path/to/model scores another model. Embeddings are kept in .cache/int8-quality (the F32
 # ones may be copied from .cache/compact-quality, made by the same command).
@@ -18,9 +18,13 @@ model=${MODEL:-$("$root/scripts/fetch-minilm.sh")}
 work=$root/.cache/int8-quality
 mkdir -p "$work"
 echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); model $model"
-# bf16 products need AVX-512 BF16; elsewhere --bf16 would compute in F32 and so is left out.
+# bf16 products need AMX-BF16, or AVX-512 BF16 off Intel's CPUs (docs/bf16.md); elsewhere
+# --bf16 would compute in F32 and so is left out.
 precisions="f32 int8"
-grep -q -w avx512_bf16 /proc/cpuinfo && precisions="f32 bf16 int8"
+if grep -q -w amx_bf16 /proc/cpuinfo ||
+  { grep -q -w avx512_bf16 /proc/cpuinfo && ! grep -q -w GenuineIntel /proc/cpuinfo; }; then
+  precisions="f32 bf16 int8"
+fi
 for precision in $precisions; do
   flag=(--device cpu)
   [ "$precision" = f32 ] || flag+=("--$precision")

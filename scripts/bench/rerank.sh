@@ -10,7 +10,7 @@
 # sentence-transformers' is the predict() call alone: a conservative comparison for us. The script
 # also prints the largest score difference between the two.
 #   PRECISION=bf16 scripts/bench/rerank.sh   both in bf16: ours --bf16 (bf16 products on a CPU with
-#                                            AVX-512 BF16, docs/bf16.md; F32 elsewhere), the
+#                                            AMX-BF16 or AVX-512 BF16, docs/bf16.md; F32 elsewhere), the
 #                                            CrossEncoder's model loaded in bfloat16
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)

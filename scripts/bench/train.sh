@@ -3,7 +3,7 @@
 #   scripts/bench/train.sh [STEPS]   (default 6)
 #   BATCH=32 GROUP=1 PLAIN_ONLY=1 scripts/bench/train.sh   (the quickstart's shape; 16 x 4 too)
 #   PRECISION=bf16 ...   ours with --bf16, PyTorch under torch.autocast(bfloat16), as the
-#   Hugging Face Trainer runs --bf16 (on a CPU with AVX-512 BF16 ours runs bf16 products; see
+#   Hugging Face Trainer runs --bf16 (on a CPU with AMX-BF16 or AVX-512 BF16 ours runs bf16 products; see
 #   docs/bf16.md)
 # The default setting: all-MiniLM-L6-v2, 8 queries, group 8 (64 passages), lengths 32/128,
 # mean pooling, normalize, temperature 0.05, on the first InsuranceQA training rows (text form,

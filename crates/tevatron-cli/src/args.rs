@@ -191,7 +191,7 @@ pub struct EncodingFlags {
     /// Compute in float16.
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub fp16: bool,
-    /// Compute in bfloat16 on a GPU; on a CPU with AVX-512 BF16, the model's projections as
+    /// Compute in bfloat16 on a GPU; on a CPU with AMX-BF16 or AVX-512 BF16, the model's projections as
     /// bf16 products and the rest in F32 (docs/bf16.md); on other CPUs in F32.
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub bf16: bool,
@@ -422,7 +422,7 @@ pub struct CrossEncoderFlags {
     /// Compute in float16.
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub fp16: bool,
-    /// Compute in bfloat16 on a GPU; on a CPU with AVX-512 BF16, the model's projections as
+    /// Compute in bfloat16 on a GPU; on a CPU with AMX-BF16 or AVX-512 BF16, the model's projections as
     /// bf16 products and the rest in F32 (docs/bf16.md); on other CPUs in F32.
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub bf16: bool,

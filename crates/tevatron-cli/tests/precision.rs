@@ -1,7 +1,7 @@
 //! The precision flags of inference end to end: `encode --int8` and `rerank --int8` on the tiny
 //! models of every backbone family (the int8 projections run: the embeddings differ from F32's,
 //! and stay near them; the file records it; the flag is refused beside --fp16/--bf16), `encode
-//! --bf16` likewise on a CPU with AVX-512 BF16, and `--fp16` (and `--bf16` on other CPUs) on the
+//! --bf16` likewise on a CPU with AMX-BF16 or (but for Intel's) AVX-512 BF16, and `--fp16` (and `--bf16` on other CPUs) on the
 //! CPU, computed in F32 with a warning. The kernels are tested against their scalar references
 //! in `backbone/int8.rs` and `backbone/bf16.rs`; MiniLM against F32 on real text in the model
 //! crate's `tests/minilm.rs`.
@@ -37,9 +37,10 @@ fn int8_encode_runs_on_every_family_and_stays_near_f32() {
     reduced_encode_runs_on_every_family_and_stays_near_f32("int8", 0.99);
 }
 
-/// Whether this CPU has the bf16 kernels' instruction (`vdpbf16ps`).
+/// Whether `--bf16` inference on this CPU runs a bf16 kernel (AMX's `tdpbf16ps`, or
+/// `vdpbf16ps` where it outruns F32).
 fn has_bf16_kernels() -> bool {
-    tevatron_model::backbone::bf16::Bf16Kernels::detect().is_some()
+    tevatron_model::backbone::bf16::Bf16Kernels::detect().is_some_and(|k| k.faster_than_f32())
 }
 
 #[test]
@@ -49,7 +50,7 @@ fn bf16_encode_on_a_cpu_with_avx512_bf16_runs_on_every_family_and_stays_near_f32
     } else {
         // The kernel and the layers that use it are tested on an emulation of the instruction
         // in the model crate (backbone/bf16.rs, cpu_infer.rs); here the CLI says F32 instead.
-        eprintln!("skipped: this CPU has no AVX-512 BF16 (half_precision_on_the_cpu_says_what_it_computes covers it)");
+        eprintln!("skipped: --bf16 computes in F32 on this CPU (half_precision_on_the_cpu_says_what_it_computes covers it)");
     }
 }
 
@@ -143,7 +144,9 @@ fn half_precision_on_the_cpu_says_what_it_computes() {
         let log = String::from_utf8_lossy(&out.stderr).into_owned();
         ok(out);
         if flag == "--bf16" && has_bf16_kernels() {
-            assert!(log.contains("the projections as bf16 products with AVX-512 BF16"), "{log}");
+            let kernels = tevatron_model::backbone::bf16::Bf16Kernels::detect().unwrap();
+            let said = format!("the projections as bf16 products with {}", kernels.name());
+            assert!(log.contains(&said), "{log}");
             assert_ne!(rows(&d.join("half.safetensors")).0, f, "{flag}");
         } else {
             assert!(log.contains(&format!("{flag} on the CPU computes in F32")), "{log}");

@@ -57,7 +57,7 @@ pub enum CpuProducts {
     /// int8 weights and activations with exact integer sums (`backbone::int8`, `--int8`).
     Int8,
     /// bf16 weights and activations with F32 sums (`backbone::bf16`, `--bf16` on a CPU with
-    /// AVX-512 BF16); refused at load on a CPU without it.
+    /// AMX-BF16 or AVX-512 BF16); refused at load on a CPU without either.
     Bf16,
 }
 
@@ -368,11 +368,10 @@ impl Encoder {
             CpuProducts::Int8 => Some(ReducedKernels::Int8(Int8Kernels::detect())),
             CpuProducts::Bf16 => match Bf16Kernels::detect() {
                 Some(k) => Some(ReducedKernels::Bf16(k)),
-                None => {
-                    return Err(Error::Invalid(
-                        "bf16 products on the CPU need AVX-512 BF16, which this CPU lacks".into(),
-                    ))
-                }
+                None => return Err(Error::Invalid(
+                    "bf16 products on the CPU need AMX-BF16 or AVX-512 BF16, which this CPU lacks"
+                        .into(),
+                )),
             },
         };
         let st = st_modules::read(model_dir)?;

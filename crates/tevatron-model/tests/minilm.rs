@@ -112,7 +112,7 @@ fn int8_embeddings_stay_near_f32_on_real_text() {
     reduced_embeddings_stay_near_f32(&dir, CpuProducts::Int8, 0.99, 0.98);
 }
 
-/// bf16 products (`--bf16` on a CPU with AVX-512 BF16) on the same texts: each embedding at
+/// bf16 products (`--bf16` on a CPU with AMX-BF16 or AVX-512 BF16) on the same texts: each embedding at
 /// cosine 0.999 or more from its F32 twin and not equal to it; on a CPU without AVX-512 BF16 the
 /// load is refused by name.
 #[test]

@@ -225,7 +225,7 @@ fn every_trainable_weight_receives_a_nonzero_gradient() {
     }
 }
 
-/// A `--bf16` step on the CPU (bf16 products on AVX-512 BF16 where the CPU has it, candle's
+/// A `--bf16` step on the CPU (bf16 products on AMX-BF16 or AVX-512 BF16 where the CPU has it, candle's
 /// widened products elsewhere) stays near the F32 step: the loss and every gradient within a few
 /// bf16 roundings, on every model with a reference step.
 #[test]

@@ -143,8 +143,8 @@ pub fn merged_adapter(name: &str, cache_dir: Option<&Path>) -> Result<LoraOption
 /// - the device as given, else a GPU when one is visible, except that `--int8` runs on the CPU
 ///   and takes it by default;
 /// - half precision on a GPU. On the CPU, `--bf16` runs the projections as bf16 products where
-///   the CPU has AVX-512 BF16 (`backbone::bf16`; the rest of the model in F32) and computes in
-///   F32 elsewhere, as does `--fp16` everywhere: this build has no other half-precision CPU
+///   they outrun F32 (AMX-BF16, or AVX-512 BF16 except on Intel's CPUs: `backbone::bf16`; the rest
+///   of the model in F32) and computes in F32 elsewhere, as does `--fp16` everywhere: this build has no other half-precision CPU
 ///   kernels (candle widens each product to F32 and half precision skips the raw-buffer layers;
 ///   `--bf16` so measured 2.2x slower than F32). The log says which.
 pub fn inference_precision(
@@ -183,15 +183,18 @@ pub fn inference_precision(
         _ => return Ok((device, DType::F32, CpuProducts::F32)),
     };
     if device.is_cpu() {
-        if let (true, Some(kernels)) = (bf16, tevatron_model::backbone::bf16::Bf16Kernels::detect())
-        {
+        let kernels = tevatron_model::backbone::bf16::Bf16Kernels::detect().filter(|_| bf16);
+        if let Some(kernels) = kernels.filter(|k| k.faster_than_f32()) {
             tracing::info!(
                 "--bf16 on the CPU: the projections as bf16 products with {}, the rest in F32",
                 kernels.name()
             );
             return Ok((device, DType::F32, CpuProducts::Bf16));
         }
-        let why = if bf16 {
+        let why = if kernels.is_some() {
+            "this Intel CPU's vdpbf16ps (AVX-512 BF16) does no more multiply-adds a cycle than \
+             its F32 FMAs and AMX-BF16 is not usable here"
+        } else if bf16 {
             "this CPU lacks AVX-512 BF16, which the bf16 kernels need"
         } else {
             "this build has no fp16 CPU kernels"

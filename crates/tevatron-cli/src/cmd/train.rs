@@ -381,7 +381,7 @@ fn validation(
 }
 
 /// The mixed precision `--bf16` or `--fp16` asks for, saying in the log what it computes on
-/// the CPU: bf16 products on AVX-512 BF16 where the CPU has it (`Mode::cpu_bf16` in the model
+/// the CPU: bf16 products on AMX-BF16 or AVX-512 BF16 where the CPU has it (`Mode::cpu_bf16` in the model
 /// crate), else candle's products widened to F32 (slower than F32, kept for its numerics).
 fn cpu_autocast_note(a: &TrainArgs, device: &candle_core::Device) -> Option<DType> {
     let autocast = if a.bf16 {

@@ -34,12 +34,14 @@
 
 use rayon::prelude::*;
 
+use super::amx::{self, Tiles};
 use super::fast::{lanes_reduce, par_fill, simd};
 
 /// The widest input a projection may have: the integer sums stay below 2^31.
 pub const MAX_INPUTS: usize = 65_536;
 
-/// Rows per parallel task (a multiple of both kernels' row tiles).
+/// Rows per parallel task (a multiple of the vector kernels' row tiles, 6 and 8, and of AMX's
+/// 16).
 const ROW_BLOCK: usize = 48;
 
 /// The kernel sets, by the instructions they need.
@@ -62,7 +64,7 @@ impl Set {
                 Set::Avx2 => has!("avx2"),
                 Set::AvxVnni => has!("avx2") && has!("avxvnni"),
                 Set::Avx512Vnni => has!("avx512f") && has!("avx512bw") && has!("avx512vnni"),
-                Set::Amx => x86::amx_int8_usable(),
+                Set::Amx => super::amx::usable(super::amx::Product::Int8),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -374,7 +376,7 @@ impl Int8Weight {
             Set::Avx512Vnni => unsafe { x86::vnni_block(self, q, sx, bias, y) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
-            Set::Amx => unsafe { self.amx_block::<x86::Amx>(q, sx, bias, y) },
+            Set::Amx => unsafe { self.amx_block::<super::amx::Int8Tiles>(q, sx, bias, y) },
             #[cfg(not(target_arch = "x86_64"))]
             _ => self.portable_block(q, sx, bias, y),
         }
@@ -439,8 +441,8 @@ impl Int8Weight {
 
     /// AMX's kernel over one block of rows, the tile operations given by `T` (the CPU's, or the
     /// tests' emulation of them): the rows as signed bytes padded to whole tiles (16 rows of 64
-    /// inputs), then for each pair of channel tiles and each group of up to 32 rows, the sums
-    /// over every 64 inputs into four sum tiles, stored and finished by the shared epilogue.
+    /// inputs), then AMX's loop ([`amx::products`]) with each tile's sums finished by the
+    /// shared epilogue.
     ///
     /// # Safety
     /// The CPU runs `T`'s operations; the weight was packed for the AMX set.
@@ -455,35 +457,14 @@ impl Int8Weight {
                 *d = v as u8;
             }
         }
-        // One channel tile's packed weights: `width / 64` tiles of 16 rows (steps) of 64 bytes.
+        // One tile of 16 channels: `width / 64` tiles of 16 steps of 64 bytes, one after another.
         let tile_bytes = width * 16;
         assert!(self.packed.len() >= self.out.div_ceil(32) * 2 * tile_bytes, "AMX packing");
-        let mut acc = [[0i32; 32]; 32];
-        T::configure();
-        for c0 in (0..self.out).step_by(32) {
-            let w = self.packed.as_ptr().add(c0 / 16 * tile_bytes);
-            for r0 in (0..rows).step_by(32) {
-                let row_tiles = (rows - r0).min(32).div_ceil(16);
-                T::zero_sums();
-                for at in (0..width).step_by(64) {
-                    T::load_weights(0, w.add(at * 16), 64);
-                    T::load_weights(1, w.add(tile_bytes + at * 16), 64);
-                    for i in 0..row_tiles {
-                        T::load_rows(i, x.as_ptr().add((r0 + 16 * i) * width + at), width);
-                        T::dot(i, 0);
-                        T::dot(i, 1);
-                    }
-                }
-                for i in 0..row_tiles {
-                    for j in 0..2 {
-                        let at = acc.as_mut_ptr().cast::<i32>().add(16 * i * 32 + 16 * j);
-                        T::store(i, j, at, 128);
-                    }
-                }
-                self.write_tile(&acc, (r0, c0), None, (sx, bias), y);
-            }
-        }
-        T::release();
+        let w = self.packed.as_ptr();
+        let weights = |c0: usize, j: usize, at: usize| w.add((c0 / 16 + j) * tile_bytes + at * 16);
+        amx::products::<T, i32>((&x, width, rows), self.out, (weights, 64), |r0, c0, sums| {
+            self.write_tile(sums, (r0, c0), None, (sx, bias), y)
+        });
     }
 
     /// Writes one tile's sums: `acc[i][j]` for row `r0 + i`, channel `c0 + j`, less
@@ -573,41 +554,11 @@ unsafe fn tile<L: Lanes, const R: usize, const C: usize>(
     }
 }
 
-/// The tile operations of AMX's kernel, on fixed tiles: sums `C(i, j)` (i, j in 0..2), rows
-/// `A(i)` and weights `B(j)`, every tile 16 rows of 64 bytes.
-trait Tiles {
-    /// Sets every tile to 16 rows of 64 bytes (`ldtilecfg`), before any other operation.
-    /// # Safety
-    /// The CPU runs the set (for each method of the trait).
-    unsafe fn configure();
-    /// Frees the tiles (`tilerelease`).
-    unsafe fn release();
-    /// Every `C(i, j)` to zero.
-    unsafe fn zero_sums();
-    /// `A(i)` from 16 rows of 64 bytes, `stride` bytes apart, at `p`.
-    /// # Safety
-    /// The 16 rows are readable.
-    unsafe fn load_rows(i: usize, p: *const u8, stride: usize);
-    /// `B(j)` from 16 rows of 64 bytes (16 steps of 4 inputs of 16 channels), `stride` apart.
-    /// # Safety
-    /// The 16 rows are readable.
-    unsafe fn load_weights(j: usize, p: *const u8, stride: usize);
-    /// `C(i, j) += A(i) B(j)`: `tdpbssd`, `C[m][n] += Σ_s Σ_b A[m][4s + b] B[s][4n + b]`, signed
-    /// bytes, i32 sums.
-    unsafe fn dot(i: usize, j: usize);
-    /// `C(i, j)` to 16 rows of 16 i32 at `p`, `stride` bytes apart.
-    /// # Safety
-    /// The 16 rows are writable.
-    unsafe fn store(i: usize, j: usize, p: *mut i32, stride: usize);
-}
-
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use std::arch::asm;
     use std::arch::x86_64::*;
-    use std::sync::OnceLock;
 
-    use super::{Int8Weight, Lanes, Tiles};
+    use super::{Int8Weight, Lanes};
 
     /// A [`Lanes`] set over one vector type: its width in bytes, zero, unaligned load, 32-bit
     /// broadcast and store, and its dot-product step.
@@ -686,132 +637,6 @@ mod x86 {
     pub unsafe fn vnni_block(weight: &Int8Weight, q: &[i8], sx: &[f32], b: &[f32], y: &mut [f32]) {
         weight.simd_block::<Vnni, 8, 32>(q, sx, b, y)
     }
-
-    /// Whether this CPU has AMX tiles with int8 products and the operating system lets this
-    /// process use them: on Linux a process must ask for the tiles' state once
-    /// (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`), or its first tile instruction
-    /// faults. Asked once per process; the answer holds for all its threads.
-    pub fn amx_int8_usable() -> bool {
-        static USABLE: OnceLock<bool> = OnceLock::new();
-        *USABLE.get_or_init(|| {
-            let leaf = __cpuid_count(7, 0);
-            let (tile, int8) = ((leaf.edx >> 24) & 1 == 1, (leaf.edx >> 25) & 1 == 1);
-            tile && int8 && tile_state_granted()
-        })
-    }
-
-    #[cfg(target_os = "linux")]
-    fn tile_state_granted() -> bool {
-        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
-        const XFEATURE_XTILEDATA: libc::c_long = 18;
-        // SAFETY: a request about this process's own state; it changes nothing else.
-        unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
-    }
-
-    #[cfg(not(target_os = "linux"))]
-    fn tile_state_granted() -> bool {
-        false
-    }
-
-    /// The configuration `ldtilecfg` reads: palette 1, tiles 0 to 7 of 16 rows x 64 bytes.
-    #[repr(C, align(64))]
-    struct TileConfig([u8; 64]);
-
-    const TILE_CONFIG: TileConfig = {
-        let mut c = [0u8; 64];
-        c[0] = 1;
-        let mut t = 0;
-        while t < 8 {
-            c[16 + 2 * t] = 64; // bytes per row (little-endian u16)
-            c[48 + t] = 16; // rows
-            t += 1;
-        }
-        TileConfig(c)
-    };
-
-    /// AMX's tiles: `C(i, j)` in tmm `2i + j`, `A(i)` in tmm `4 + i`, `B(j)` in tmm `6 + j`.
-    /// No code of this program uses the tile registers otherwise, so they hold across calls.
-    pub struct Amx;
-
-    /// One tile instruction for each of two tiles named by `$index` (0 or 1).
-    macro_rules! by_tile {
-        ($index:expr, $first:literal, $second:literal, $($operands:tt)*) => {
-            if $index == 0 {
-                asm!($first, $($operands)*)
-            } else {
-                asm!($second, $($operands)*)
-            }
-        };
-    }
-
-    impl Tiles for Amx {
-        #[inline(always)]
-        unsafe fn configure() {
-            asm!("ldtilecfg [{0}]", in(reg) TILE_CONFIG.0.as_ptr(), options(nostack, readonly));
-        }
-        #[inline(always)]
-        unsafe fn release() {
-            asm!("tilerelease", options(nostack, nomem));
-        }
-        #[inline(always)]
-        unsafe fn zero_sums() {
-            asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                options(nostack, nomem)
-            );
-        }
-        #[inline(always)]
-        unsafe fn load_rows(i: usize, p: *const u8, stride: usize) {
-            by_tile!(
-                i,
-                "tileloadd tmm4, [{p} + {s}*1]",
-                "tileloadd tmm5, [{p} + {s}*1]",
-                p = in(reg) p,
-                s = in(reg) stride,
-                options(nostack, readonly)
-            );
-        }
-        #[inline(always)]
-        unsafe fn load_weights(j: usize, p: *const u8, stride: usize) {
-            by_tile!(
-                j,
-                "tileloadd tmm6, [{p} + {s}*1]",
-                "tileloadd tmm7, [{p} + {s}*1]",
-                p = in(reg) p,
-                s = in(reg) stride,
-                options(nostack, readonly)
-            );
-        }
-        #[inline(always)]
-        unsafe fn dot(i: usize, j: usize) {
-            match (i, j) {
-                (0, 0) => asm!("tdpbssd tmm0, tmm4, tmm6", options(nostack, nomem)),
-                (0, _) => asm!("tdpbssd tmm1, tmm4, tmm7", options(nostack, nomem)),
-                (_, 0) => asm!("tdpbssd tmm2, tmm5, tmm6", options(nostack, nomem)),
-                _ => asm!("tdpbssd tmm3, tmm5, tmm7", options(nostack, nomem)),
-            }
-        }
-        #[inline(always)]
-        unsafe fn store(i: usize, j: usize, p: *mut i32, stride: usize) {
-            match (i, j) {
-                (0, 0) => {
-                    asm!("tilestored [{p} + {s}*1], tmm0", p = in(reg) p, s = in(reg) stride, options(nostack))
-                }
-                (0, _) => {
-                    asm!("tilestored [{p} + {s}*1], tmm1", p = in(reg) p, s = in(reg) stride, options(nostack))
-                }
-                (_, 0) => {
-                    asm!("tilestored [{p} + {s}*1], tmm2", p = in(reg) p, s = in(reg) stride, options(nostack))
-                }
-                _ => {
-                    asm!("tilestored [{p} + {s}*1], tmm3", p = in(reg) p, s = in(reg) stride, options(nostack))
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -819,6 +644,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::backbone::amx::tests::{lane as amx_lane, Tile};
     use crate::testing::{kernel_values, projection_case};
 
     /// The tests' stand-ins for the SIMD instructions, lane by lane from their definitions, so
@@ -827,75 +653,29 @@ mod tests {
     struct EmuAvx2;
     struct EmuAvxVnni;
     struct EmuVnni;
-    /// AMX's eight tiles of 16 rows x 64 bytes, one set per thread.
-    struct EmuAmx;
-
-    type TileFile = [[[u8; 64]; 16]; 8];
-    thread_local! {
-        static TILE_FILE: std::cell::RefCell<TileFile> =
-            const { std::cell::RefCell::new([[[0; 64]; 16]; 8]) };
-    }
-
-    fn emu_load(tile: usize, p: *const u8, stride: usize) {
-        TILE_FILE.with(|t| {
-            for (m, row) in t.borrow_mut()[tile].iter_mut().enumerate() {
-                // SAFETY: the kernel passes 16 readable rows (Tiles::load_rows' contract).
-                *row = unsafe { std::ptr::read_unaligned(p.add(m * stride) as *const [u8; 64]) };
-            }
-        })
-    }
-
-    impl Tiles for EmuAmx {
-        unsafe fn configure() {
-            // ldtilecfg zeroes every tile.
-            TILE_FILE.with(|t| *t.borrow_mut() = [[[0; 64]; 16]; 8]);
-        }
-        unsafe fn release() {}
-        unsafe fn zero_sums() {
-            TILE_FILE.with(|t| t.borrow_mut()[..4].fill([[0; 64]; 16]));
-        }
-        unsafe fn load_rows(i: usize, p: *const u8, stride: usize) {
-            emu_load(4 + i, p, stride)
-        }
-        unsafe fn load_weights(j: usize, p: *const u8, stride: usize) {
-            emu_load(6 + j, p, stride)
-        }
-        unsafe fn dot(i: usize, j: usize) {
-            TILE_FILE.with(|t| {
-                let mut t = t.borrow_mut();
-                let (a, b) = (t[4 + i], t[6 + j]);
-                for (m, c) in t[2 * i + j].iter_mut().enumerate() {
-                    for n in 0..16 {
-                        let mut sum = lane(c, n);
-                        for s in 0..16 {
-                            for k in 0..4 {
-                                let product = i32::from(a[m][4 * s + k] as i8)
-                                    * i32::from(b[s][4 * n + k] as i8);
-                                sum = sum.wrapping_add(product);
-                            }
-                        }
-                        c[4 * n..4 * n + 4].copy_from_slice(&sum.to_le_bytes());
-                    }
-                }
-            })
-        }
-        unsafe fn store(i: usize, j: usize, p: *mut i32, stride: usize) {
-            TILE_FILE.with(|t| {
-                for (m, c) in t.borrow()[2 * i + j].iter().enumerate() {
-                    for n in 0..16 {
-                        (p as *mut u8)
-                            .add(m * stride)
-                            .cast::<i32>()
-                            .add(n)
-                            .write_unaligned(lane(c, n));
-                    }
-                }
-            })
-        }
-    }
+    /// `tdpbssd` from its definition: signed byte quads, wrapping i32 sums.
+    struct Tdpbssd;
+    type EmuAmx = crate::backbone::amx::tests::Emulated<Tdpbssd>;
 
     fn lane(v: &[u8], i: usize) -> i32 {
         i32::from_le_bytes([v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]])
+    }
+
+    impl crate::backbone::amx::tests::EmulatedProduct for Tdpbssd {
+        fn dot(c: &mut Tile, a: &Tile, b: &Tile) {
+            for (m, c) in c.iter_mut().enumerate() {
+                for n in 0..16 {
+                    let mut sum = i32::from_le_bytes(amx_lane(c, n));
+                    for (s, b) in b.iter().enumerate() {
+                        let (x, w) = (amx_lane(&a[m], s), amx_lane(b, n));
+                        for k in 0..4 {
+                            sum = sum.wrapping_add(i32::from(x[k] as i8) * i32::from(w[k] as i8));
+                        }
+                    }
+                    c[4 * n..4 * n + 4].copy_from_slice(&sum.to_le_bytes());
+                }
+            }
+        }
     }
 
     macro_rules! emulated {

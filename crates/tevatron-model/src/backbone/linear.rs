@@ -14,7 +14,7 @@
 //!   the CPU in F32, the projection over a frozen weight whose backward computes only the input's
 //!   gradient ([`frozen_linear`]) and a LoRA adapter over such a base as one op
 //!   ([`lora_linear`]);
-//! - training under `--bf16` on a CPU with AVX-512 BF16 (`Mode::cpu_bf16`): the projection's
+//! - training under `--bf16` on a CPU with AMX-BF16 or AVX-512 BF16 (`Mode::cpu_bf16`): the projection's
 //!   products, forward, input gradient and weight gradient, as `bf16.rs`'s bf16 products with
 //!   F32 sums ([`Bf16Linear`] for a trained weight; the frozen and LoRA ops' base products
 //!   likewise, [`BaseProjection`]).
@@ -434,7 +434,7 @@ pub fn bias_add(y: &Tensor, b: &Tensor) -> Result<Tensor> {
     y.contiguous()?.apply_op2(&b.contiguous()?, BiasAdd)
 }
 
-/// `x W^T` for a trained weight under `--bf16` on a CPU with AVX-512 BF16 (`Mode::cpu_bf16`),
+/// `x W^T` for a trained weight under `--bf16` on a CPU with AMX-BF16 or AVX-512 BF16 (`Mode::cpu_bf16`),
 /// as one op over `(x, W)`: forward, `dx = dy W` and `dW = dy^T x` are bf16 products with F32
 /// sums (`bf16.rs`), each operand rounded as autocast rounds it. The outputs and gradients stay
 /// F32 (autocast would round the forward's output to bf16 as well).
@@ -480,7 +480,7 @@ impl CustomOp2 for Bf16Linear {
 }
 
 /// A frozen base projection `x W^T (+ b)` and its input gradient `dy W`, in F32 or, under
-/// `--bf16` on a CPU with AVX-512 BF16, as bf16 products: the part the frozen and LoRA ops
+/// `--bf16` on a CPU with AMX-BF16 or AVX-512 BF16, as bf16 products: the part the frozen and LoRA ops
 /// share.
 struct BaseProjection {
     weight: Tensor,
@@ -563,7 +563,7 @@ pub fn frozen_linear(
 /// (no full-size buffer for the update, the sum or the dropped input is kept), and backward
 /// gives `dx`, `dA`, `dB` directly. Composed, the adapter is five graph nodes per projection,
 /// each keeping a full-size intermediate and paying candle's zero-then-add gradient
-/// accumulation. Under `--bf16` on a CPU with AVX-512 BF16 the base's products are bf16 and
+/// accumulation. Under `--bf16` on a CPU with AMX-BF16 or AVX-512 BF16 the base's products are bf16 and
 /// the adapter's (rank-wide) F32.
 struct LoraLinear {
     base: BaseProjection,

@@ -8,6 +8,7 @@
 //! hidden states only; pooling and loss live outside them.
 
 pub mod activation;
+mod amx;
 pub(crate) mod attention;
 pub mod bert;
 pub mod bf16;
@@ -189,7 +190,7 @@ impl std::fmt::Debug for Training {
 
 impl Training {
     /// A context with mixed precision in `autocast` (or none) and the dropout stream at `seed`.
-    /// Under bf16, a CPU with AVX-512 BF16 runs the linear layers' products on its bf16
+    /// Under bf16, a CPU with AMX-BF16 or AVX-512 BF16 runs the linear layers' products on its bf16
     /// kernels ([`Training::cpu_bf16_kernels`]).
     pub fn new(autocast: Option<DType>, seed: u64) -> Self {
         Self {

@@ -1,0 +1,343 @@
+//! Intel AMX (Advanced Matrix Extensions, Xeon from Sapphire Rapids) for the int8 and bf16
+//! products on the CPU: whether this process may use the tiles, and the tile operations their
+//! kernels share (`int8.rs`'s `tdpbssd`, `bf16.rs`'s `tdpbf16ps`).
+//!
+//! The kernels see eight fixed tiles of 16 rows x 64 bytes: sums `C(i, j)` (i, j in 0..2) in
+//! tmm `2i + j`, rows `A(i)` in tmm `4 + i`, weights `B(j)` in tmm `6 + j`; one product
+//! instruction adds `A(i) B(j)` into `C(i, j)`. No other code of this program uses the tile
+//! registers, so they hold from one operation to the next.
+//!
+//! The loop both kernels share ([`products`]) is written over the [`Tiles`] trait, so that the
+//! tests run it on an emulation of the operations (`tests::Emulated`) on any CPU.
+//!
+//! Each call of [`products`] configures the tiles and releases them at its end, so no tile
+//! state outlives a call on a worker thread. (candle's own AMX code, for quantized GGUF
+//! weights, configures a thread's tiles once and remembers it; no path of this program runs
+//! it, and mixing the two on one thread would need that remembered state cleared.)
+
+/// Which AMX product a kernel needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Product {
+    /// `tdpbssd`: signed bytes, i32 sums (AMX-INT8).
+    Int8,
+    /// `tdpbf16ps`: bf16 pairs, F32 sums (AMX-BF16).
+    Bf16,
+}
+
+/// Whether this CPU has AMX tiles with `product` and the operating system lets this process
+/// use them: on Linux a process asks once for the tiles' state
+/// (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`), without which its first tile
+/// instruction faults. Asked once per process; the answer holds for all its threads.
+pub(crate) fn usable(product: Product) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static GRANTED: OnceLock<bool> = OnceLock::new();
+        let leaf = std::arch::x86_64::__cpuid_count(7, 0);
+        let bit = |b: u32| (leaf.edx >> b) & 1 == 1;
+        let has = bit(24)
+            && match product {
+                Product::Int8 => bit(25),
+                Product::Bf16 => bit(22),
+            };
+        has && *GRANTED.get_or_init(tile_state_granted)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = product;
+        false
+    }
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn tile_state_granted() -> bool {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: a request about this process's own state; it changes nothing else.
+    unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+}
+
+#[cfg(all(target_arch = "x86_64", not(target_os = "linux")))]
+fn tile_state_granted() -> bool {
+    false
+}
+
+/// The tile operations of an AMX kernel, on the fixed tiles of the module docs.
+pub(crate) trait Tiles {
+    /// Sets every tile to 16 rows of 64 bytes and zeroes them (`ldtilecfg`), before any other
+    /// operation of a kernel call on this thread.
+    /// # Safety
+    /// The CPU runs the operations and [`usable`] said so (for each method of the trait).
+    unsafe fn configure();
+    /// Frees the tiles (`tilerelease`), at the end of a kernel call.
+    unsafe fn release();
+    /// Every `C(i, j)` to zero.
+    unsafe fn zero_sums();
+    /// `A(i)` from 16 rows of 64 bytes, `stride` bytes apart, at `p`.
+    /// # Safety
+    /// The 16 rows are readable.
+    unsafe fn load_rows(i: usize, p: *const u8, stride: usize);
+    /// `B(j)` from 16 rows of 64 bytes (16 steps of 4 bytes of input, for 16 channels side by
+    /// side), `stride` bytes apart, at `p`.
+    /// # Safety
+    /// The 16 rows are readable.
+    unsafe fn load_weights(j: usize, p: *const u8, stride: usize);
+    /// `C(i, j) += A(i) B(j)`: for each row `m` and channel `n`, over the 16 steps `s`, the
+    /// products of `A[m]`'s and `B[s]`'s elements in step `s` (four bytes of `A[m]` at `4s`,
+    /// four of `B[s]` at `4n`) added to the 32-bit sum `C[m][n]`.
+    unsafe fn dot(i: usize, j: usize);
+    /// `C(i, j)` to 16 rows of 16 four-byte sums at `p`, `stride` bytes apart.
+    /// # Safety
+    /// The 16 rows are writable.
+    unsafe fn store(i: usize, j: usize, p: *mut u8, stride: usize);
+}
+
+/// AMX's loop over one block of rows: for each 32 channels (`c0` = 0, 32, ... below
+/// `channels`) and each group of up to 32 of the `rows` rows, the products of the rows' tiles
+/// and the two weight tiles over every 64 bytes of a row, summed in four tiles and handed to
+/// `write(r0, c0, sums)`: `sums[i][j]` for row `r0 + i` and channel `c0 + j`, four-byte sums
+/// (`S`, i32 or F32 as the product makes them). Only the rows below `rows - r0` of `sums` are
+/// the group's (the others hold an earlier group's).
+///
+/// `x` holds the rows row-major, `width` bytes each (a multiple of 64), padded with zeros to a
+/// whole tile of 16 rows; `weights(c0, j, at)` points to weight tile `j` (channels `c0 + 16j`
+/// to `c0 + 16j + 15`) for the row bytes from `at`: 16 rows of 64 bytes, `weight_stride` apart.
+///
+/// # Safety
+/// The CPU runs `T`'s operations ([`usable`] said so); every pointer `weights` gives for
+/// `c0 < channels`, `j < 2` and `at < width` has its 16 rows readable.
+#[inline(always)]
+pub(crate) unsafe fn products<T: Tiles, S: Copy + Default>(
+    (x, width, rows): (&[u8], usize, usize),
+    channels: usize,
+    (weights, weight_stride): (impl Fn(usize, usize, usize) -> *const u8, usize),
+    mut write: impl FnMut(usize, usize, &[[S; 32]; 32]),
+) {
+    const { assert!(std::mem::size_of::<S>() == 4, "four-byte sums") };
+    assert!(width.is_multiple_of(64) && x.len() >= rows.next_multiple_of(16) * width);
+    let mut sums = [[S::default(); 32]; 32];
+    T::configure();
+    for c0 in (0..channels).step_by(32) {
+        for r0 in (0..rows).step_by(32) {
+            let row_tiles = (rows - r0).min(32).div_ceil(16);
+            T::zero_sums();
+            for at in (0..width).step_by(64) {
+                T::load_weights(0, weights(c0, 0, at), weight_stride);
+                T::load_weights(1, weights(c0, 1, at), weight_stride);
+                for i in 0..row_tiles {
+                    T::load_rows(i, x.as_ptr().add((r0 + 16 * i) * width + at), width);
+                    T::dot(i, 0);
+                    T::dot(i, 1);
+                }
+            }
+            for i in 0..row_tiles {
+                for j in 0..2 {
+                    let at = sums.as_mut_ptr().cast::<S>().add(16 * i * 32 + 16 * j);
+                    T::store(i, j, at.cast(), 32 * 4);
+                }
+            }
+            write(r0, c0, &sums);
+        }
+    }
+    T::release();
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::asm;
+
+    /// The configuration `ldtilecfg` reads: palette 1, tiles 0 to 7 of 16 rows x 64 bytes.
+    #[repr(C, align(64))]
+    struct TileConfig([u8; 64]);
+
+    static TILE_CONFIG: TileConfig = {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        let mut t = 0;
+        while t < 8 {
+            c[16 + 2 * t] = 64; // bytes per row (little-endian u16)
+            c[48 + t] = 16; // rows
+            t += 1;
+        }
+        TileConfig(c)
+    };
+
+    /// One instruction for each of two tiles named by `$index` (0 or 1).
+    macro_rules! by_tile {
+        ($index:expr, $first:literal, $second:literal, $($operands:tt)*) => {
+            if $index == 0 {
+                asm!($first, $($operands)*)
+            } else {
+                asm!($second, $($operands)*)
+            }
+        };
+    }
+
+    /// A [`Tiles`](super::Tiles) implementation on the CPU's tiles with `$product` as its
+    /// product instruction.
+    macro_rules! tiles {
+        ($(#[$doc:meta])* $name:ident, $product:literal) => {
+            $(#[$doc])*
+            pub(crate) struct $name;
+
+            impl super::Tiles for $name {
+                #[inline(always)]
+                unsafe fn configure() {
+                    asm!("ldtilecfg [{0}]", in(reg) TILE_CONFIG.0.as_ptr(), options(nostack, readonly));
+                }
+                #[inline(always)]
+                unsafe fn release() {
+                    asm!("tilerelease", options(nostack, nomem));
+                }
+                #[inline(always)]
+                unsafe fn zero_sums() {
+                    asm!(
+                        "tilezero tmm0",
+                        "tilezero tmm1",
+                        "tilezero tmm2",
+                        "tilezero tmm3",
+                        options(nostack, nomem)
+                    );
+                }
+                #[inline(always)]
+                unsafe fn load_rows(i: usize, p: *const u8, stride: usize) {
+                    by_tile!(
+                        i,
+                        "tileloadd tmm4, [{p} + {s}*1]",
+                        "tileloadd tmm5, [{p} + {s}*1]",
+                        p = in(reg) p,
+                        s = in(reg) stride,
+                        options(nostack, readonly)
+                    );
+                }
+                #[inline(always)]
+                unsafe fn load_weights(j: usize, p: *const u8, stride: usize) {
+                    by_tile!(
+                        j,
+                        "tileloadd tmm6, [{p} + {s}*1]",
+                        "tileloadd tmm7, [{p} + {s}*1]",
+                        p = in(reg) p,
+                        s = in(reg) stride,
+                        options(nostack, readonly)
+                    );
+                }
+                #[inline(always)]
+                unsafe fn dot(i: usize, j: usize) {
+                    match (i, j) {
+                        (0, 0) => asm!(concat!($product, " tmm0, tmm4, tmm6"), options(nostack, nomem)),
+                        (0, _) => asm!(concat!($product, " tmm1, tmm4, tmm7"), options(nostack, nomem)),
+                        (_, 0) => asm!(concat!($product, " tmm2, tmm5, tmm6"), options(nostack, nomem)),
+                        _ => asm!(concat!($product, " tmm3, tmm5, tmm7"), options(nostack, nomem)),
+                    }
+                }
+                #[inline(always)]
+                unsafe fn store(i: usize, j: usize, p: *mut u8, stride: usize) {
+                    let (p, s) = (p, stride);
+                    match (i, j) {
+                        (0, 0) => asm!("tilestored [{p} + {s}*1], tmm0", p = in(reg) p, s = in(reg) s, options(nostack)),
+                        (0, _) => asm!("tilestored [{p} + {s}*1], tmm1", p = in(reg) p, s = in(reg) s, options(nostack)),
+                        (_, 0) => asm!("tilestored [{p} + {s}*1], tmm2", p = in(reg) p, s = in(reg) s, options(nostack)),
+                        _ => asm!("tilestored [{p} + {s}*1], tmm3", p = in(reg) p, s = in(reg) s, options(nostack)),
+                    }
+                }
+            }
+        };
+    }
+
+    tiles!(
+        /// The tiles with `tdpbssd` (signed bytes, i32 sums).
+        Int8Tiles,
+        "tdpbssd"
+    );
+    tiles!(
+        /// The tiles with `tdpbf16ps` (bf16 pairs, F32 sums).
+        Bf16Tiles,
+        "tdpbf16ps"
+    );
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::{Bf16Tiles, Int8Tiles};
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::cell::RefCell;
+    use std::marker::PhantomData;
+
+    use super::Tiles;
+
+    /// One tile: 16 rows of 64 bytes.
+    pub(crate) type Tile = [[u8; 64]; 16];
+
+    thread_local! {
+        static TILE_FILE: RefCell<[Tile; 8]> = const { RefCell::new([[[0; 64]; 16]; 8]) };
+        /// Whether the tiles are configured on this thread (between `configure` and `release`):
+        /// every other operation requires it, as the hardware does.
+        static CONFIGURED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    fn configured() {
+        assert!(CONFIGURED.get(), "a tile operation outside configure .. release");
+    }
+
+    /// A product instruction emulated from its definition: `c += a b` on whole tiles.
+    pub(crate) trait EmulatedProduct {
+        fn dot(c: &mut Tile, a: &Tile, b: &Tile);
+    }
+
+    /// The tile operations emulated on a thread-local file of eight tiles, with `P` as the
+    /// product: what lets the tests run an AMX kernel's loop on any CPU.
+    pub(crate) struct Emulated<P>(PhantomData<P>);
+
+    fn load(tile: usize, p: *const u8, stride: usize) {
+        configured();
+        TILE_FILE.with(|t| {
+            for (m, row) in t.borrow_mut()[tile].iter_mut().enumerate() {
+                // SAFETY: the kernel passes 16 readable rows (the trait's contract).
+                *row = unsafe { std::ptr::read_unaligned(p.add(m * stride) as *const [u8; 64]) };
+            }
+        })
+    }
+
+    impl<P: EmulatedProduct> Tiles for Emulated<P> {
+        unsafe fn configure() {
+            TILE_FILE.with(|t| *t.borrow_mut() = [[[0; 64]; 16]; 8]);
+            CONFIGURED.set(true);
+        }
+        unsafe fn release() {
+            configured();
+            CONFIGURED.set(false);
+        }
+        unsafe fn zero_sums() {
+            configured();
+            TILE_FILE.with(|t| t.borrow_mut()[..4].fill([[0; 64]; 16]));
+        }
+        unsafe fn load_rows(i: usize, p: *const u8, stride: usize) {
+            load(4 + i, p, stride)
+        }
+        unsafe fn load_weights(j: usize, p: *const u8, stride: usize) {
+            load(6 + j, p, stride)
+        }
+        unsafe fn dot(i: usize, j: usize) {
+            configured();
+            TILE_FILE.with(|t| {
+                let mut t = t.borrow_mut();
+                let (a, b) = (t[4 + i], t[6 + j]);
+                P::dot(&mut t[2 * i + j], &a, &b);
+            })
+        }
+        unsafe fn store(i: usize, j: usize, p: *mut u8, stride: usize) {
+            configured();
+            TILE_FILE.with(|t| {
+                for (m, row) in t.borrow()[2 * i + j].iter().enumerate() {
+                    std::ptr::write_unaligned(p.add(m * stride) as *mut [u8; 64], *row);
+                }
+            })
+        }
+    }
+
+    /// The four bytes of lane `n` of a tile row.
+    pub(crate) fn lane(row: &[u8; 64], n: usize) -> [u8; 4] {
+        [row[4 * n], row[4 * n + 1], row[4 * n + 2], row[4 * n + 3]]
+    }
+}
