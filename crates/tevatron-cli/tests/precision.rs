@@ -1,7 +1,7 @@
 //! The precision flags of inference end to end: `encode --int8` and `rerank --int8` on the tiny
 //! models of every backbone family (the int8 projections run: the embeddings differ from F32's,
 //! and stay near them; the file records it; the flag is refused beside --fp16/--bf16), `encode
-//! --bf16` likewise on a CPU with AMX-BF16 or (but for Intel's) AVX-512 BF16, and `--fp16` (and `--bf16` on other CPUs) on the
+//! --bf16` likewise on a CPU with AMX-BF16 or (except on Intel's) AVX-512 BF16, and `--fp16` (and `--bf16` on other CPUs) on the
 //! CPU, computed in F32 with a warning. The kernels are tested against their scalar references
 //! in `backbone/int8.rs` and `backbone/bf16.rs`; MiniLM against F32 on real text in the model
 //! crate's `tests/minilm.rs`.

@@ -113,14 +113,16 @@ fn int8_embeddings_stay_near_f32_on_real_text() {
 }
 
 /// bf16 products (`--bf16` on a CPU with AMX-BF16 or AVX-512 BF16) on the same texts: each embedding at
-/// cosine 0.999 or more from its F32 twin and not equal to it; on a CPU without AVX-512 BF16 the
+/// cosine 0.999 or more from its F32 twin and not equal to it; on a CPU without AMX-BF16 or AVX-512 BF16 the
 /// load is refused by name.
 #[test]
 fn bf16_embeddings_stay_near_f32_on_real_text() {
     let Some(dir) = minilm_dir() else { return };
     if tevatron_model::backbone::bf16::Bf16Kernels::detect().is_none() {
         let opts = EncoderOptions { cpu_products: CpuProducts::Bf16, ..EncoderOptions::default() };
-        let err = Encoder::load(&dir, None, &opts).err().expect("refused without AVX-512 BF16");
+        let err = Encoder::load(&dir, None, &opts)
+            .err()
+            .expect("refused without AMX-BF16 or AVX-512 BF16");
         assert!(err.to_string().contains("AVX-512 BF16"), "{err}");
         return;
     }

@@ -195,7 +195,7 @@ pub fn inference_precision(
             "this Intel CPU's vdpbf16ps (AVX-512 BF16) does no more multiply-adds a cycle than \
              its F32 FMAs and AMX-BF16 is not usable here"
         } else if bf16 {
-            "this CPU lacks AVX-512 BF16, which the bf16 kernels need"
+            "this CPU has neither AMX-BF16 nor AVX-512 BF16, one of which the bf16 kernels need"
         } else {
             "this build has no fp16 CPU kernels"
         };

@@ -401,7 +401,7 @@ fn cpu_autocast_note(a: &TrainArgs, device: &candle_core::Device) -> Option<DTyp
             None => tracing::warn!(
                 "{} on the CPU: candle widens each half-precision product to F32, slower than F32 training{}",
                 if a.bf16 { "--bf16" } else { "--fp16" },
-                if a.bf16 { " (this CPU lacks AVX-512 BF16, which the bf16 kernels need)" } else { "" }
+                if a.bf16 { " (this CPU has neither AMX-BF16 nor AVX-512 BF16, one of which the bf16 kernels need)" } else { "" }
             ),
         }
     }

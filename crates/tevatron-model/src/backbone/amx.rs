@@ -96,8 +96,9 @@ pub(crate) trait Tiles {
 /// `channels`) and each group of up to 32 of the `rows` rows, the products of the rows' tiles
 /// and the two weight tiles over every 64 bytes of a row, summed in four tiles and handed to
 /// `write(r0, c0, sums)`: `sums[i][j]` for row `r0 + i` and channel `c0 + j`, four-byte sums
-/// (`S`, i32 or F32 as the product makes them). Only the rows below `rows - r0` of `sums` are
-/// the group's (the others hold an earlier group's).
+/// (`S`, i32 or F32 as the product makes them). Only the rows below `min(rows - r0, 32)` of
+/// `sums` are the group's real rows (those after them hold sums of padding rows or an earlier
+/// group's).
 ///
 /// `x` holds the rows row-major, `width` bytes each (a multiple of 64), padded with zeros to a
 /// whole tile of 16 rows; `weights(c0, j, at)` points to weight tile `j` (channels `c0 + 16j`

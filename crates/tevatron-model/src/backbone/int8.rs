@@ -122,7 +122,7 @@ pub struct Int8Weight {
     /// `W` as the SIMD set reads it (empty for the portable set): tiles of channels; in each,
     /// for each step of 4 bytes of input (2 inputs as i16 for AVX2, 4 as i8 for VNNI and AMX),
     /// the tile's channels' 4 bytes side by side; inputs and channels beyond the weight are
-    /// zeros (for AMX, up to whole 64-byte steps of input and whole pairs of tiles).
+    /// zeros (for AMX, up to whole tiles of 16 steps, 64 inputs, and whole pairs of tiles).
     packed: Vec<u8>,
     /// VNNI: `128 Σ_k W[c][k]` per channel, what `X + 128` adds to a sum.
     offsets: Vec<i32>,

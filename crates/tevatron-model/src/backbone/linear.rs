@@ -6,7 +6,7 @@
 //! - inference on the CPU in F32: `cpu_infer.rs`'s layers run the product with `gemm` starting
 //!   from the bias, on raw buffers ([`Linear::infer_rows`]);
 //! - inference on the CPU in reduced precision, int8 (`--int8`) or bf16 (`--bf16` where the CPU
-//!   has AVX-512 BF16): the weight prepared at load ([`ReducedWeight`]) and the product run by
+//!   has AMX-BF16, or AVX-512 BF16 except on Intel's CPUs: `Bf16Kernels::faster_than_f32`): the weight prepared at load ([`ReducedWeight`]) and the product run by
 //!   `int8.rs`'s or `bf16.rs`'s kernels, wherever the layer runs on F32 CPU inputs (the
 //!   raw-buffer layers and the composed ops alike);
 //! - training: the bias add with a parallel column-sum backward ([`bias_add`], F32 on the CPU or
