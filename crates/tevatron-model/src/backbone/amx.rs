@@ -281,9 +281,12 @@ pub(crate) mod tests {
         assert!(CONFIGURED.get(), "a tile operation outside configure .. release");
     }
 
-    /// A product instruction emulated from its definition: `c += a b` on whole tiles.
+    /// A product instruction emulated from its definition: what one step adds to one sum,
+    /// `step(sum, a, b)` for a sum's four bytes, the row's four bytes of the step and the
+    /// weights' four bytes of the sum's channel; [`Tiles::dot`] runs it over every row,
+    /// channel and step of the tiles.
     pub(crate) trait EmulatedProduct {
-        fn dot(c: &mut Tile, a: &Tile, b: &Tile);
+        fn step(sum: [u8; 4], a: [u8; 4], b: [u8; 4]) -> [u8; 4];
     }
 
     /// The tile operations emulated on a thread-local file of eight tiles, with `P` as the
@@ -324,7 +327,14 @@ pub(crate) mod tests {
             TILE_FILE.with(|t| {
                 let mut t = t.borrow_mut();
                 let (a, b) = (t[4 + i], t[6 + j]);
-                P::dot(&mut t[2 * i + j], &a, &b);
+                for (m, c) in t[2 * i + j].iter_mut().enumerate() {
+                    for n in 0..16 {
+                        let sum = b.iter().enumerate().fold(lane(c, n), |sum, (s, b)| {
+                            P::step(sum, lane(&a[m], s), lane(b, n))
+                        });
+                        c[4 * n..4 * n + 4].copy_from_slice(&sum);
+                    }
+                }
             })
         }
         unsafe fn store(i: usize, j: usize, p: *mut u8, stride: usize) {

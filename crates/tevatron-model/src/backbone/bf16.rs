@@ -73,6 +73,11 @@ impl Bf16Kernels {
         if super::amx::usable(super::amx::Product::Bf16) {
             return Some(Bf16Kernels(Set::Amx));
         }
+        Self::vdpbf16ps()
+    }
+
+    /// `vdpbf16ps` on 512 bits, when this CPU has AVX-512 F and BF16.
+    fn vdpbf16ps() -> Option<Self> {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
@@ -112,14 +117,7 @@ impl Bf16Kernels {
     /// is still what training runs where the system refuses the tiles).
     #[cfg(test)]
     pub(crate) fn available() -> Vec<Self> {
-        let mut all = Vec::new();
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::is_x86_feature_detected as has;
-            if has!("avx512f") && has!("avx512bf16") {
-                all.push(Bf16Kernels(Set::Avx512));
-            }
-        }
+        let mut all: Vec<Self> = Self::vdpbf16ps().into_iter().collect();
         all.extend(Self::detect().filter(|k| !all.contains(k)));
         all
     }
@@ -512,15 +510,9 @@ impl Bf16Weight {
         assert!(x.len() >= rows.div_ceil(TILE_ROWS) * TILE_ROWS * steps, "whole tiles of rows");
         for (t, w) in self.packed.chunks_exact(steps * TILE_CHANNELS).enumerate() {
             let c0 = t * TILE_CHANNELS;
-            let n = (self.out - c0).min(TILE_CHANNELS);
             for r0 in (0..rows).step_by(TILE_ROWS) {
                 let acc = tile::<L>(&x[r0 * steps..], w, steps);
-                for (i, acc) in acc.iter().enumerate().take(rows - r0) {
-                    let y = &mut y[(r0 + i) * self.out + c0..][..n];
-                    for ((y, a), b) in y.iter_mut().zip(acc).zip(&bias[c0..c0 + n]) {
-                        *y = a + b;
-                    }
-                }
+                self.write_tile(&acc, (r0, c0), rows, bias, y);
             }
         }
     }
@@ -556,14 +548,29 @@ impl Bf16Weight {
             |c0: usize, j: usize, at: usize| w.add((c0 / 32 * tile_u32 + at * 8 + 16 * j) * 4);
         let x = (bytemuck::cast_slice(&a), padded * 4, rows);
         amx::products::<T, f32>(x, self.out, (weights, TILE_CHANNELS * 4), |r0, c0, sums| {
-            let n = (self.out - c0).min(TILE_CHANNELS);
-            for (i, sums) in sums.iter().enumerate().take(rows - r0) {
-                let y = &mut y[(r0 + i) * self.out + c0..][..n];
-                for ((y, s), b) in y.iter_mut().zip(sums).zip(&bias[c0..c0 + n]) {
-                    *y = s + b;
-                }
-            }
+            self.write_tile(sums, (r0, c0), rows, bias, y)
         });
+    }
+
+    /// Writes one tile's sums plus the bias: `sums[i][j]` for row `r0 + i` and channel
+    /// `c0 + j`, for the rows below `rows` and the channels that exist (the shared epilogue of
+    /// every kernel).
+    #[inline(always)]
+    fn write_tile(
+        &self,
+        sums: &[[f32; TILE_CHANNELS]],
+        (r0, c0): (usize, usize),
+        rows: usize,
+        bias: &[f32],
+        y: &mut [f32],
+    ) {
+        let n = (self.out - c0).min(TILE_CHANNELS);
+        for (i, sums) in sums.iter().enumerate().take(rows - r0) {
+            let y = &mut y[(r0 + i) * self.out + c0..][..n];
+            for ((y, s), b) in y.iter_mut().zip(sums).zip(&bias[c0..c0 + n]) {
+                *y = s + b;
+            }
+        }
     }
 }
 
@@ -696,7 +703,6 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::backbone::amx::tests::{lane as amx_lane, Tile};
     use crate::testing::{kernel_values, projection_case, same_bits};
 
     /// The tests' stand-in for `vdpbf16ps`, lane by lane from [`dot_pair`].
@@ -735,18 +741,9 @@ mod tests {
     }
 
     impl crate::backbone::amx::tests::EmulatedProduct for Tdpbf16ps {
-        fn dot(c: &mut Tile, a: &Tile, b: &Tile) {
-            for (m, c) in c.iter_mut().enumerate() {
-                for n in 0..16 {
-                    let mut sum = f32::from_le_bytes(amx_lane(c, n));
-                    for (s, b) in b.iter().enumerate() {
-                        let (x, w) = (amx_lane(&a[m], s), amx_lane(b, n));
-                        sum =
-                            dot_pair_even_first(sum, u32::from_le_bytes(x), u32::from_le_bytes(w));
-                    }
-                    c[4 * n..4 * n + 4].copy_from_slice(&sum.to_le_bytes());
-                }
-            }
+        fn step(sum: [u8; 4], x: [u8; 4], w: [u8; 4]) -> [u8; 4] {
+            let (x, w) = (u32::from_le_bytes(x), u32::from_le_bytes(w));
+            dot_pair_even_first(f32::from_le_bytes(sum), x, w).to_le_bytes()
         }
     }
 

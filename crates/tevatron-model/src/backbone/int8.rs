@@ -644,7 +644,6 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::backbone::amx::tests::{lane as amx_lane, Tile};
     use crate::testing::{kernel_values, projection_case};
 
     /// The tests' stand-ins for the SIMD instructions, lane by lane from their definitions, so
@@ -662,19 +661,9 @@ mod tests {
     }
 
     impl crate::backbone::amx::tests::EmulatedProduct for Tdpbssd {
-        fn dot(c: &mut Tile, a: &Tile, b: &Tile) {
-            for (m, c) in c.iter_mut().enumerate() {
-                for n in 0..16 {
-                    let mut sum = i32::from_le_bytes(amx_lane(c, n));
-                    for (s, b) in b.iter().enumerate() {
-                        let (x, w) = (amx_lane(&a[m], s), amx_lane(b, n));
-                        for k in 0..4 {
-                            sum = sum.wrapping_add(i32::from(x[k] as i8) * i32::from(w[k] as i8));
-                        }
-                    }
-                    c[4 * n..4 * n + 4].copy_from_slice(&sum.to_le_bytes());
-                }
-            }
+        fn step(sum: [u8; 4], x: [u8; 4], w: [u8; 4]) -> [u8; 4] {
+            let products = x.iter().zip(w).map(|(&x, w)| i32::from(x as i8) * i32::from(w as i8));
+            products.fold(i32::from_le_bytes(sum), i32::wrapping_add).to_le_bytes()
         }
     }
 
