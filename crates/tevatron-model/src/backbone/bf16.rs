@@ -26,6 +26,10 @@
 //! (it matches neither order of Intel's pseudocode bit for bit), so AMX's sums are within F32
 //! rounding of [`reference()`]'s, not equal to them (tested with a bound); the kernel's loop
 //! and layout are tested bit for bit on an emulation of `tdpbf16ps` (even element, then odd).
+//! AMX reads the rows row by row (a tile is 16 rows of 16 pairs), so for it [`Bf16Rows`] packs
+//! them that way at once rather than in vdpbf16ps' tiles of 8 rows, and every operand starts on
+//! a cache line ([`amx::Aligned`]): re-laying the rows for each block and loading tile rows that
+//! straddle two cache lines had cost about half of the products' time.
 //!
 //! A CPU without AVX-512 BF16 or AMX-BF16 has no kernel here ([`Bf16Kernels::detect`] is
 //! `None`): `--bf16` on it computes in F32, which is faster there than widening bf16 operands
@@ -38,11 +42,13 @@ use super::fast::par_fill;
 
 /// Rows per parallel task (a multiple of [`TILE_ROWS`], so that every task starts on a tile).
 const ROW_BLOCK: usize = 48;
-const _: () = assert!(ROW_BLOCK.is_multiple_of(TILE_ROWS));
+const _: () = assert!(ROW_BLOCK.is_multiple_of(TILE_ROWS) && ROW_BLOCK.is_multiple_of(AMX_ROWS));
 /// Rows of a tile.
 const TILE_ROWS: usize = 8;
 /// Channels of a tile: two vectors of 16 F32 lanes.
 const TILE_CHANNELS: usize = 32;
+/// Rows of an AMX tile.
+const AMX_ROWS: usize = 16;
 
 /// The bf16 product kernel of this CPU. Only [`Bf16Kernels::detect`] makes one (and, in
 /// tests, `emulated`, `emulated_amx` and `available`), so a value always names an instruction
@@ -201,7 +207,7 @@ impl Bf16Kernels {
         rows: usize,
     ) -> Result<Vec<f32>, String> {
         let x = Bf16Weight::from_columns(x, rows, self)?;
-        x.forward_rows(&Bf16Rows::from_columns(dy, rows)?, None)
+        x.forward_rows(&Bf16Rows::from_columns(dy, rows, self)?, None)
     }
 }
 
@@ -297,9 +303,15 @@ fn pair_bits(v: u64) -> u32 {
 /// The lines are the rows of row-major `x`, `inputs` wide (`Layout::Rows`), or its columns, `x`
 /// then having `inputs` rows (`Layout::Columns`: the transpose packed without a copy). Each
 /// tile has `steps` steps, `inputs.div_ceil(2)` or more (the ones past the inputs are zeros).
-fn pack_tiles(x: &[f32], inputs: usize, layout: Layout, tile: usize, steps: usize) -> Vec<u32> {
+fn pack_tiles(
+    x: &[f32],
+    inputs: usize,
+    layout: Layout,
+    tile: usize,
+    steps: usize,
+) -> amx::Aligned<u32> {
     let lines = x.len() / inputs;
-    let mut packed = vec![0u32; lines.div_ceil(tile) * tile * steps];
+    let mut packed = amx::Aligned::zeroed(lines.div_ceil(tile) * tile * steps);
     packed.par_chunks_mut(steps * tile).with_min_len(4).enumerate().for_each(|(t, out)| {
         let (l0, n) = (t * tile, (lines - t * tile).min(tile));
         super::fast::simd(|| match layout {
@@ -339,6 +351,36 @@ fn pack_tiles(x: &[f32], inputs: usize, layout: Layout, tile: usize, steps: usiz
     packed
 }
 
+/// AMX's operand layout for rows: the lines of a matrix ([`pack_tiles`]' `Layout`: the rows of
+/// `x`, `inputs` wide, or its columns) one after another, rounded and paired, each `width`
+/// steps (`inputs.div_ceil(2)` or more; zeros past the inputs), and lines of zeros up to a whole
+/// tile of [`AMX_ROWS`].
+fn pack_lines(x: &[f32], inputs: usize, layout: Layout, width: usize) -> amx::Aligned<u32> {
+    let lines = x.len() / inputs;
+    let mut packed = amx::Aligned::zeroed(lines.next_multiple_of(AMX_ROWS) * width);
+    packed.par_chunks_mut(AMX_ROWS * width).enumerate().for_each(|(t, out)| {
+        let (l0, n) = (t * AMX_ROWS, (lines - t * AMX_ROWS).min(AMX_ROWS));
+        super::fast::simd(|| match layout {
+            Layout::Rows => {
+                for (j, line) in out.chunks_exact_mut(width).take(n).enumerate() {
+                    pack_row(&x[(l0 + j) * inputs..][..inputs], line);
+                }
+            }
+            Layout::Columns => {
+                for p in 0..inputs.div_ceil(2) {
+                    // Rows 2p and 2p + 1 of `x`, columns l0..l0 + n.
+                    let even = &x[2 * p * lines + l0..][..n];
+                    let odd = x.get((2 * p + 1) * lines + l0..(2 * p + 1) * lines + l0 + n);
+                    for (j, &e) in even.iter().enumerate() {
+                        out[j * width + p] = pair(e, odd.map_or(0.0, |odd| odd[j]));
+                    }
+                }
+            }
+        })
+    });
+    packed
+}
+
 /// Whether [`pack_tiles`] packs a matrix's rows or its columns.
 #[derive(Clone, Copy)]
 enum Layout {
@@ -351,7 +393,7 @@ pub struct Bf16Weight {
     out: usize,
     inputs: usize,
     /// Tiles of [`TILE_CHANNELS`] channels as [`pack_tiles`] lays them out.
-    packed: Vec<u32>,
+    packed: amx::Aligned<u32>,
     kernels: Bf16Kernels,
 }
 
@@ -365,32 +407,73 @@ impl std::fmt::Debug for Bf16Weight {
     }
 }
 
-/// Activations rounded for the bf16 products: tiles of 8 rows, each step's pairs of the tile's
-/// rows side by side, padded with rows of zeros to whole tiles.
+/// Activations rounded for the bf16 products, laid out for the kernel that reads them
+/// ([`RowsLayout`]) and padded with rows of zeros to whole tiles.
 pub struct Bf16Rows {
     inputs: usize,
     rows: usize,
-    pairs: Vec<u32>,
+    layout: RowsLayout,
+    pairs: amx::Aligned<u32>,
+}
+
+/// How [`Bf16Rows`] lays out its pairs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RowsLayout {
+    /// For `vdpbf16ps`: tiles of [`TILE_ROWS`] rows, each step's pairs of the tile's rows side
+    /// by side ([`pack_tiles`]).
+    Tiles,
+    /// For AMX: row after row, each `steps` pairs wide, as its tile loads read them
+    /// ([`pack_lines`]), in whole tiles of [`AMX_ROWS`] rows.
+    Lines { steps: usize },
+}
+
+impl RowsLayout {
+    /// The layout `kernels` read for rows of `inputs` inputs.
+    fn of(kernels: Bf16Kernels, inputs: usize) -> Self {
+        if kernels.tiles() {
+            Self::Lines { steps: kernels.weight_steps(inputs) }
+        } else {
+            Self::Tiles
+        }
+    }
 }
 
 impl Bf16Rows {
-    /// Rounds the rows of `x`, `inputs` wide, in parallel.
-    pub fn new(x: &[f32], inputs: usize) -> Result<Self, String> {
+    /// Rounds the rows of `x`, `inputs` wide, in parallel, for `kernels`.
+    fn new(x: &[f32], inputs: usize, kernels: Bf16Kernels) -> Result<Self, String> {
         if inputs == 0 || !x.len().is_multiple_of(inputs) {
             return Err(format!("bf16: inputs of {} values for rows of {inputs}", x.len()));
         }
-        let pairs = pack_tiles(x, inputs, Layout::Rows, TILE_ROWS, inputs.div_ceil(2));
-        Ok(Self { inputs, rows: x.len() / inputs, pairs })
+        Ok(Self::packed(x, inputs, Layout::Rows, kernels))
     }
 
-    /// The columns of `x` (`k` rows, row-major) as rows: the rows of `x^T`, each `k` inputs
-    /// wide (a training step's `dy^T` in the weight gradient `dy^T x`).
-    pub fn from_columns(x: &[f32], k: usize) -> Result<Self, String> {
+    /// The columns of `x` (`k` rows, row-major) as rows for `kernels`: the rows of `x^T`, each
+    /// `k` inputs wide (a training step's `dy^T` in the weight gradient `dy^T x`).
+    fn from_columns(x: &[f32], k: usize, kernels: Bf16Kernels) -> Result<Self, String> {
         if k == 0 || !x.len().is_multiple_of(k) {
             return Err(format!("bf16: {} values for columns of {k}", x.len()));
         }
-        let pairs = pack_tiles(x, k, Layout::Columns, TILE_ROWS, k.div_ceil(2));
-        Ok(Self { inputs: k, rows: x.len() / k, pairs })
+        Ok(Self::packed(x, k, Layout::Columns, kernels))
+    }
+
+    /// The lines of `x` ([`pack_tiles`]' `Layout`), `inputs` wide, as `kernels` read them.
+    fn packed(x: &[f32], inputs: usize, layout: Layout, kernels: Bf16Kernels) -> Self {
+        let rows_layout = RowsLayout::of(kernels, inputs);
+        let pairs = match rows_layout {
+            RowsLayout::Tiles => pack_tiles(x, inputs, layout, TILE_ROWS, inputs.div_ceil(2)),
+            RowsLayout::Lines { steps } => pack_lines(x, inputs, layout, steps),
+        };
+        Self { inputs, rows: x.len() / inputs, layout: rows_layout, pairs }
+    }
+
+    /// The pairs of rows `r0..r0 + rows` (`r0` a multiple of [`ROW_BLOCK`]) through the end
+    /// of their last whole tile.
+    fn block(&self, r0: usize, rows: usize) -> &[u32] {
+        let (per_row, tile) = match self.layout {
+            RowsLayout::Tiles => (self.inputs.div_ceil(2), TILE_ROWS),
+            RowsLayout::Lines { steps } => (steps, AMX_ROWS),
+        };
+        &self.pairs[r0 * per_row..(r0 + rows.next_multiple_of(tile)) * per_row]
     }
 }
 
@@ -444,13 +527,19 @@ impl Bf16Weight {
         self.inputs
     }
 
-    /// `x W^T + b` over the rows of `x` (as wide as the weight's inputs).
-    pub fn forward(&self, x: &[f32], bias: Option<&[f32]>) -> Result<Vec<f32>, String> {
-        self.forward_rows(&Bf16Rows::new(x, self.inputs)?, bias)
+    /// The rows of `x` (as wide as the weight's inputs) rounded and laid out for this weight's
+    /// kernel, once for every projection that reads them (attention's Q, K and V).
+    pub fn rows(&self, x: &[f32]) -> Result<Bf16Rows, String> {
+        Bf16Rows::new(x, self.inputs, self.kernels)
     }
 
-    /// [`Bf16Weight::forward`] over rows already rounded (shared by the projections that read
-    /// the same input: attention's Q, K and V).
+    /// `x W^T + b` over the rows of `x` (as wide as the weight's inputs).
+    pub fn forward(&self, x: &[f32], bias: Option<&[f32]>) -> Result<Vec<f32>, String> {
+        self.forward_rows(&self.rows(x)?, bias)
+    }
+
+    /// [`Bf16Weight::forward`] over rows already rounded by [`Bf16Weight::rows`] of a weight
+    /// with the same inputs and kernel.
     pub fn forward_rows(&self, x: &Bf16Rows, bias: Option<&[f32]>) -> Result<Vec<f32>, String> {
         self.forward_by(x, bias, |x, rows, b, y| match self.kernels.0 {
             #[cfg(target_arch = "x86_64")]
@@ -484,18 +573,20 @@ impl Bf16Weight {
                 x.inputs, self.inputs
             ));
         }
+        if x.layout != RowsLayout::of(self.kernels, self.inputs) {
+            return Err("bf16: rows laid out for another kernel".into());
+        }
         if bias.is_some_and(|b| b.len() != self.out) {
             return Err(format!("bf16: a bias for other than {} channels", self.out));
         }
-        let (out, steps) = (self.out, self.inputs.div_ceil(2));
+        let out = self.out;
         let zeros = if bias.is_none() { vec![0f32; out] } else { Vec::new() };
         let bias = bias.unwrap_or(&zeros);
         // The kernel writes each output of its block (every row and channel), as par_fill
         // requires; a block's pairs run to its last whole tile of rows (`Bf16Rows` pads them).
         Ok(par_fill(x.rows * out, ROW_BLOCK * out, |start, y| {
             let (r0, rows) = (start / out, y.len() / out);
-            let end = (r0 + rows.div_ceil(TILE_ROWS) * TILE_ROWS) * steps;
-            block(&x.pairs[r0 * steps..end], rows, bias, y)
+            block(x.block(r0, rows), rows, bias, y)
         }))
     }
 
@@ -529,26 +620,21 @@ impl Bf16Weight {
     /// The CPU runs `T`'s operations; the weight was packed for AMX (`weight_steps`).
     #[inline(always)]
     unsafe fn amx_block<T: Tiles>(&self, x: &[u32], rows: usize, bias: &[f32], y: &mut [f32]) {
-        let steps = self.inputs.div_ceil(2);
-        let padded = steps.next_multiple_of(16);
-        assert!(x.len() >= rows.div_ceil(TILE_ROWS) * TILE_ROWS * steps, "whole tiles of rows");
+        let padded = self.kernels.weight_steps(self.inputs);
+        assert!(x.len() >= rows.next_multiple_of(AMX_ROWS) * padded, "whole tiles of lines");
         let tile_u32 = padded * TILE_CHANNELS;
         assert!(self.packed.len() >= self.out.div_ceil(TILE_CHANNELS) * tile_u32, "AMX packing");
-        let mut a = vec![0u32; rows.next_multiple_of(16) * padded];
-        for (r, line) in a.chunks_exact_mut(padded).take(rows).enumerate() {
-            let tile = &x[r / TILE_ROWS * TILE_ROWS * steps..];
-            for (p, v) in line[..steps].iter_mut().enumerate() {
-                *v = tile[p * TILE_ROWS + r % TILE_ROWS];
-            }
-        }
         // A tile of 32 channels is two weight tiles side by side: 128 bytes a step, the second
         // 64 bytes in; the row bytes from `at` are the steps from `at / 4`.
         let w = self.packed.as_ptr().cast::<u8>();
         let weights =
             |c0: usize, j: usize, at: usize| w.add((c0 / 32 * tile_u32 + at * 8 + 16 * j) * 4);
-        let x = (bytemuck::cast_slice(&a), padded * 4, rows);
-        amx::products::<T, f32>(x, self.out, (weights, TILE_CHANNELS * 4), |r0, c0, sums| {
-            self.write_tile(sums, (r0, c0), rows, bias, y)
+        let x = (bytemuck::cast_slice(x), padded * 4, rows);
+        // Compiled for AVX-512 (every CPU with AMX has it), so that the epilogue vectorises.
+        super::fast::simd(|| {
+            amx::products::<T, f32>(x, self.out, (weights, TILE_CHANNELS * 4), |r0, c0, sums| {
+                self.write_tile(sums, (r0, c0), rows, bias, y)
+            })
         });
     }
 
@@ -990,9 +1076,11 @@ mod tests {
         assert!(Bf16Weight::new(&w, out, inputs + 1, Bf16Kernels::emulated()).is_err());
         assert!(Bf16Weight::new(&[], 0, inputs, Bf16Kernels::emulated()).is_err());
         let q = Bf16Weight::new(&w, out, inputs, Bf16Kernels::emulated()).unwrap();
-        assert!(q
-            .forward_rows(&Bf16Rows::new(&x[..2 * inputs], inputs).unwrap(), Some(&[0.0]))
-            .is_err());
-        assert!(Bf16Rows::new(&x[..inputs + 1], inputs).is_err());
+        assert!(q.forward_rows(&q.rows(&x[..2 * inputs]).unwrap(), Some(&[0.0])).is_err());
+        assert!(q.rows(&x[..inputs + 1]).is_err());
+        // Rows are laid out for one kernel: AMX's lines are refused by vdpbf16ps' and back.
+        assert!(q.forward_rows(&q.rows(&x).unwrap(), None).is_ok());
+        assert!(q.forward_rows(&amx.rows(&x).unwrap(), None).is_err());
+        assert!(amx.forward_rows(&q.rows(&x).unwrap(), None).is_err());
     }
 }

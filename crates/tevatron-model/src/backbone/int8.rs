@@ -123,7 +123,7 @@ pub struct Int8Weight {
     /// for each step of 4 bytes of input (2 inputs as i16 for AVX2, 4 as i8 for VNNI and AMX),
     /// the tile's channels' 4 bytes side by side; inputs and channels beyond the weight are
     /// zeros (for AMX, up to whole tiles of 16 steps, 64 inputs, and whole pairs of tiles).
-    packed: Vec<u8>,
+    packed: amx::Aligned<u8>,
     /// VNNI: `128 Σ_k W[c][k]` per channel, what `X + 128` adds to a sum.
     offsets: Vec<i32>,
     kernels: Int8Kernels,
@@ -293,12 +293,12 @@ impl Int8Weight {
             }
             scales.push(s);
         }
-        let (mut packed, mut offsets) = (Vec::new(), Vec::new());
+        let (mut packed, mut offsets) = (amx::Aligned::zeroed(0), Vec::new());
         if let Some(l) = kernels.0.layout() {
             let steps = l.steps(inputs);
             let tile = l.tile_channels;
             let tiles = out.div_ceil(tile).next_multiple_of(l.tile_multiple);
-            packed = vec![0u8; tiles * steps * tile * 4];
+            packed = amx::Aligned::zeroed(tiles * steps * tile * 4);
             let width = 4 / l.per_step;
             for (c, w) in codes.chunks_exact(inputs).enumerate() {
                 let (t, lane) = (c / tile, c % tile);
@@ -451,7 +451,7 @@ impl Int8Weight {
         let k = self.inputs;
         let width = Set::Amx.layout().expect("a tile set").steps(k) * 4;
         let rows = sx.len();
-        let mut x = vec![0u8; rows.next_multiple_of(16) * width];
+        let mut x = amx::Aligned::<u8>::zeroed(rows.next_multiple_of(16) * width);
         for (dst, src) in x.chunks_exact_mut(width).zip(q.chunks_exact(k)) {
             for (d, &v) in dst.iter_mut().zip(src) {
                 *d = v as u8;
@@ -462,8 +462,11 @@ impl Int8Weight {
         assert!(self.packed.len() >= self.out.div_ceil(32) * 2 * tile_bytes, "AMX packing");
         let w = self.packed.as_ptr();
         let weights = |c0: usize, j: usize, at: usize| w.add((c0 / 16 + j) * tile_bytes + at * 16);
-        amx::products::<T, i32>((&x, width, rows), self.out, (weights, 64), |r0, c0, sums| {
-            self.write_tile(sums, (r0, c0), None, (sx, bias), y)
+        // Compiled for AVX-512 (every CPU with AMX has it), so that the epilogue vectorises.
+        super::fast::simd(|| {
+            amx::products::<T, i32>((&x, width, rows), self.out, (weights, 64), |r0, c0, sums| {
+                self.write_tile(sums, (r0, c0), None, (sx, bias), y)
+            })
         });
     }
 

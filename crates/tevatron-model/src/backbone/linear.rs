@@ -106,7 +106,7 @@ impl ReducedWeight {
     fn rows(&self, x: &[f32]) -> std::result::Result<ReducedRows, String> {
         Ok(match self {
             Self::Int8(w) => ReducedRows::Int8(Int8Rows::new(x, w.inputs())?),
-            Self::Bf16(w) => ReducedRows::Bf16(Bf16Rows::new(x, w.inputs())?),
+            Self::Bf16(w) => ReducedRows::Bf16(w.rows(x)?),
         })
     }
 
