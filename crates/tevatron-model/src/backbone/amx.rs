@@ -128,6 +128,11 @@ pub(crate) trait Tiles {
     unsafe fn release();
     /// Every `C(i, j)` to zero.
     unsafe fn zero_sums();
+    /// `C(i, j)` from 16 rows of 16 four-byte sums, `stride` bytes apart (0: one row for all
+    /// 16), at `p`.
+    /// # Safety
+    /// The 16 rows are readable.
+    unsafe fn load_sums(i: usize, j: usize, p: *const u8, stride: usize);
     /// `A(i)` from 16 rows of 64 bytes, `stride` bytes apart, at `p`.
     /// # Safety
     /// The 16 rows are readable.
@@ -147,9 +152,22 @@ pub(crate) trait Tiles {
     unsafe fn store(i: usize, j: usize, p: *mut u8, stride: usize);
 }
 
+/// Where [`products`] starts its sums and where it puts whole tiles of them (both optional: the
+/// int8 kernel starts from zero and scales every sum in its epilogue; the bf16 kernel starts
+/// from the bias and stores whole tiles straight into its outputs, with no epilogue).
+pub(crate) struct Sums {
+    /// `start(c0)`: 32 four-byte values, the start of every row's sums for channels `c0` to
+    /// `c0 + 31` (`None`: zeros).
+    pub start: Option<*const u8>,
+    /// Rows of `channels` sums, row `r` at `r * channels`, into which a group of rows is stored
+    /// straight when its row tiles are whole (16 real rows each) and its 32 channels real.
+    pub out: Option<*mut u8>,
+}
+
 /// AMX's loop over one block of rows: for each 32 channels (`c0` = 0, 32, ... below
 /// `channels`) and each group of up to 32 of the `rows` rows, the products of the rows' tiles
-/// and the two weight tiles over every 64 bytes of a row, summed in four tiles and handed to
+/// and the two weight tiles over every 64 bytes of a row, summed in four tiles from
+/// `sums.start`, then stored into `sums.out` where that may take the group, otherwise handed to
 /// `write(r0, c0, sums)`: `sums[i][j]` for row `r0 + i` and channel `c0 + j`, four-byte sums
 /// (`S`, i32 or F32 as the product makes them). Only the rows below `min(rows - r0, 32)` of
 /// `sums` are the group's real rows (those after them hold sums of padding rows or an earlier
@@ -161,12 +179,15 @@ pub(crate) trait Tiles {
 ///
 /// # Safety
 /// The CPU runs `T`'s operations ([`usable`] said so); every pointer `weights` gives for
-/// `c0 < channels`, `j < 2` and `at < width` has its 16 rows readable.
+/// `c0 < channels`, `j < 2` and `at < width` has its 16 rows readable; `sums.start` has
+/// `channels.next_multiple_of(32)` readable values and `sums.out` `rows * channels` writable
+/// ones, which nothing else reads or writes during the call.
 #[inline(always)]
 pub(crate) unsafe fn products<T: Tiles, S: Copy + Default>(
     (x, width, rows): (&[u8], usize, usize),
     channels: usize,
     (weights, weight_stride): (impl Fn(usize, usize, usize) -> *const u8, usize),
+    Sums { start, out }: Sums,
     mut write: impl FnMut(usize, usize, &[[S; 32]; 32]),
 ) {
     const { assert!(std::mem::size_of::<S>() == 4, "four-byte sums") };
@@ -176,7 +197,14 @@ pub(crate) unsafe fn products<T: Tiles, S: Copy + Default>(
     for c0 in (0..channels).step_by(32) {
         for r0 in (0..rows).step_by(32) {
             let row_tiles = (rows - r0).min(32).div_ceil(16);
-            T::zero_sums();
+            match start {
+                Some(start) => {
+                    for (i, j) in (0..row_tiles).flat_map(|i| [(i, 0), (i, 1)]) {
+                        T::load_sums(i, j, start.add((c0 + 16 * j) * 4), 0);
+                    }
+                }
+                None => T::zero_sums(),
+            }
             for at in (0..width).step_by(64) {
                 T::load_weights(0, weights(c0, 0, at), weight_stride);
                 T::load_weights(1, weights(c0, 1, at), weight_stride);
@@ -185,6 +213,14 @@ pub(crate) unsafe fn products<T: Tiles, S: Copy + Default>(
                     T::dot(i, 0);
                     T::dot(i, 1);
                 }
+            }
+            let whole = rows - r0 >= 16 * row_tiles && c0 + 32 <= channels;
+            if let (Some(out), true) = (out, whole) {
+                for (i, j) in (0..row_tiles).flat_map(|i| [(i, 0), (i, 1)]) {
+                    let at = out.add(((r0 + 16 * i) * channels + c0 + 16 * j) * 4);
+                    T::store(i, j, at, channels * 4);
+                }
+                continue;
             }
             for i in 0..row_tiles {
                 for j in 0..2 {
@@ -254,6 +290,16 @@ mod x86 {
                         "tilezero tmm3",
                         options(nostack, nomem)
                     );
+                }
+                #[inline(always)]
+                unsafe fn load_sums(i: usize, j: usize, p: *const u8, stride: usize) {
+                    let (p, s) = (p, stride);
+                    match (i, j) {
+                        (0, 0) => asm!("tileloadd tmm0, [{p} + {s}*1]", p = in(reg) p, s = in(reg) s, options(nostack, readonly)),
+                        (0, _) => asm!("tileloadd tmm1, [{p} + {s}*1]", p = in(reg) p, s = in(reg) s, options(nostack, readonly)),
+                        (_, 0) => asm!("tileloadd tmm2, [{p} + {s}*1]", p = in(reg) p, s = in(reg) s, options(nostack, readonly)),
+                        _ => asm!("tileloadd tmm3, [{p} + {s}*1]", p = in(reg) p, s = in(reg) s, options(nostack, readonly)),
+                    }
                 }
                 #[inline(always)]
                 unsafe fn load_rows(i: usize, p: *const u8, stride: usize) {
@@ -370,6 +416,9 @@ pub(crate) mod tests {
         unsafe fn zero_sums() {
             configured();
             TILE_FILE.with(|t| t.borrow_mut()[..4].fill([[0; 64]; 16]));
+        }
+        unsafe fn load_sums(i: usize, j: usize, p: *const u8, stride: usize) {
+            load(2 * i + j, p, stride)
         }
         unsafe fn load_rows(i: usize, p: *const u8, stride: usize) {
             load(4 + i, p, stride)

@@ -603,7 +603,7 @@ impl Bf16Weight {
             let c0 = t * TILE_CHANNELS;
             for r0 in (0..rows).step_by(TILE_ROWS) {
                 let acc = tile::<L>(&x[r0 * steps..], w, steps);
-                self.write_tile(&acc, (r0, c0), rows, bias, y);
+                self.write_tile(&acc, (r0, c0), rows, Some(bias), y);
             }
         }
     }
@@ -630,31 +630,42 @@ impl Bf16Weight {
         let weights =
             |c0: usize, j: usize, at: usize| w.add((c0 / 32 * tile_u32 + at * 8 + 16 * j) * 4);
         let x = (bytemuck::cast_slice(x), padded * 4, rows);
-        // Compiled for AVX-512 (every CPU with AMX has it), so that the epilogue vectorises.
-        super::fast::simd(|| {
-            amx::products::<T, f32>(x, self.out, (weights, TILE_CHANNELS * 4), |r0, c0, sums| {
-                self.write_tile(sums, (r0, c0), rows, bias, y)
-            })
+        // Every row's sums start from the bias (as PyTorch's addmm starts from it), so that
+        // whole tiles go straight into `y`; only the block's last rows and channels, in part
+        // tiles, pass through `write_tile`.
+        let mut start = amx::Aligned::<f32>::zeroed(self.out.next_multiple_of(TILE_CHANNELS));
+        start[..self.out].copy_from_slice(bias);
+        let (out, len) = (y.as_mut_ptr(), y.len());
+        let sums = amx::Sums { start: Some(start.as_ptr().cast()), out: Some(out.cast()) };
+        amx::products::<T, f32>(x, self.out, (weights, TILE_CHANNELS * 4), sums, |r0, c0, sums| {
+            // SAFETY: `y`'s values, which `products` writes only between calls of this.
+            let y = std::slice::from_raw_parts_mut(out, len);
+            self.write_tile(sums, (r0, c0), rows, None, y)
         });
     }
 
-    /// Writes one tile's sums plus the bias: `sums[i][j]` for row `r0 + i` and channel
-    /// `c0 + j`, for the rows below `rows` and the channels that exist (the shared epilogue of
-    /// every kernel).
+    /// Writes one tile's sums plus the bias (none where the sums started from it):
+    /// `sums[i][j]` for row `r0 + i` and channel `c0 + j`, for the rows below `rows` and the
+    /// channels that exist (the shared epilogue of every kernel).
     #[inline(always)]
     fn write_tile(
         &self,
         sums: &[[f32; TILE_CHANNELS]],
         (r0, c0): (usize, usize),
         rows: usize,
-        bias: &[f32],
+        bias: Option<&[f32]>,
         y: &mut [f32],
     ) {
         let n = (self.out - c0).min(TILE_CHANNELS);
         for (i, sums) in sums.iter().enumerate().take(rows - r0) {
             let y = &mut y[(r0 + i) * self.out + c0..][..n];
-            for ((y, s), b) in y.iter_mut().zip(sums).zip(&bias[c0..c0 + n]) {
-                *y = s + b;
+            match bias {
+                Some(bias) => {
+                    for ((y, s), b) in y.iter_mut().zip(sums).zip(&bias[c0..c0 + n]) {
+                        *y = s + b;
+                    }
+                }
+                None => y.copy_from_slice(&sums[..n]),
             }
         }
     }
@@ -723,6 +734,18 @@ pub fn dot_pair(acc: f32, x: u32, w: u32) -> f32 {
 /// The kernel's sums one at a time: `x W^T + b` with both operands rounded to bf16 and each
 /// pair added as [`dot_pair`] adds it. What every kernel must equal, bit for bit.
 pub fn reference(weight: &[f32], inputs: usize, x: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    reference_sums(weight, inputs, x, bias, false)
+}
+
+/// [`reference`], the sums starting from the bias when `bias_first` (AMX's kernel's order)
+/// rather than the bias added to them.
+fn reference_sums(
+    weight: &[f32],
+    inputs: usize,
+    x: &[f32],
+    bias: Option<&[f32]>,
+    bias_first: bool,
+) -> Vec<f32> {
     let steps = inputs.div_ceil(2);
     let pack = |v: &[f32]| {
         let mut p = vec![0u32; steps];
@@ -734,8 +757,14 @@ pub fn reference(weight: &[f32], inputs: usize, x: &[f32], bias: Option<&[f32]>)
         .flat_map(|x| {
             let x = pack(x);
             w.iter().enumerate().map(move |(c, w)| {
-                let dot = x.iter().zip(w).fold(0f32, |a, (&x, &w)| dot_pair(a, x, w));
-                dot + bias.map_or(0.0, |b| b[c])
+                let b = bias.map_or(0.0, |b| b[c]);
+                let start = if bias_first { b } else { 0.0 };
+                let dot = x.iter().zip(w).fold(start, |a, (&x, &w)| dot_pair(a, x, w));
+                if bias_first {
+                    dot
+                } else {
+                    dot + b
+                }
             })
         })
         .collect()
@@ -833,8 +862,8 @@ mod tests {
         }
     }
 
-    /// [`reference`] with the pairs added as `tdpbf16ps`' definition adds them: what the AMX
-    /// loop on the emulated instruction must equal, bit for bit.
+    /// [`reference`] with the pairs added as `tdpbf16ps`' definition adds them, from the bias:
+    /// what the AMX loop on the emulated instruction must equal, bit for bit.
     fn reference_even_first(
         weight: &[f32],
         inputs: usize,
@@ -849,17 +878,18 @@ mod tests {
         let padded = inputs.next_multiple_of(2);
         let w: Vec<f32> = weight.chunks_exact(inputs).flat_map(swap_pairs).collect();
         let x: Vec<f32> = x.chunks_exact(inputs).flat_map(swap_pairs).collect();
-        reference(&w, padded, &x, bias)
+        super::reference_sums(&w, padded, &x, bias, true)
     }
 
     /// Whether `got` is `want` (the reference's sums, on the same rounded operands) up to the
     /// order and rounding of the F32 sums: within `(2 steps + 2) 2^-23` of the sum of the
-    /// products' magnitudes (each of the `2 steps` additions of one order rounds by at most
-    /// 2^-24 of that sum, so two orders differ by at most twice that), and an ulp of the result
-    /// for the bias added after. A layout or tile mistake costs whole products, far more.
-    fn within_sum_rounding(got: &[f32], want: &[f32], w: &[f32], inputs: usize, x: &[f32]) -> bool {
+    /// products' and the bias' magnitudes (each of the `2 steps + 1` additions of one order,
+    /// the bias first or last, rounds by at most 2^-24 of that sum, so two orders differ by at
+    /// most twice that), and an ulp of the result. A layout or tile mistake costs whole
+    /// products, far more.
+    fn within_sum_rounding(got: &[f32], want: &[f32], (w, inputs, x, bias): Operands) -> bool {
         let abs = |v: &[f32]| v.iter().map(|v| v.abs()).collect::<Vec<_>>();
-        let magnitude = reference(&abs(w), inputs, &abs(x), None);
+        let magnitude = reference(&abs(w), inputs, &abs(x), bias.map(abs).as_deref());
         let scale = (2 * inputs.div_ceil(2) + 2) as f32 * 2f32.powi(-23);
         got.len() == want.len()
             && got.iter().zip(want).zip(&magnitude).all(|((g, e), m)| {
@@ -868,16 +898,14 @@ mod tests {
             })
     }
 
+    /// A product's operands: the weight, its inputs, the rows and the bias.
+    type Operands<'a> = (&'a [f32], usize, &'a [f32], Option<&'a [f32]>);
+
     /// Checks `got` against `want` as `kernels` promise: the reference's bits, or for AMX's
     /// hardware within the rounding of its sums.
-    fn matches(
-        kernels: Bf16Kernels,
-        got: &[f32],
-        want: &[f32],
-        operands: (&[f32], usize, &[f32]),
-    ) -> bool {
+    fn matches(kernels: Bf16Kernels, got: &[f32], want: &[f32], operands: Operands) -> bool {
         match kernels.0 {
-            Set::Amx => within_sum_rounding(got, want, operands.0, operands.1, operands.2),
+            Set::Amx => within_sum_rounding(got, want, operands),
             _ => same_bits(got, want),
         }
     }
@@ -924,7 +952,7 @@ mod tests {
                 // this CPU's instruction computing otherwise than the manual defines it (for
                 // AMX, beyond the rounding of its sums).
                 prop_assert!(
-                    matches(k, &got, &want, (&w, inputs, &x)),
+                    matches(k, &got, &want, (&w, inputs, &x, bias)),
                     "this CPU's {} differs from Intel's definition: largest difference {}",
                     k.name(),
                     crate::testing::max_abs_diff_of(&got, &want)
@@ -968,17 +996,17 @@ mod tests {
                 };
                 let y = k.linear(&x, &w, (out, inputs), Some(&b)).unwrap();
                 let want = reference(&w, inputs, &x, Some(&b));
-                prop_assert!(matches(k, &y, &want, (&w, inputs, &x)), "{}: forward", k.name());
+                prop_assert!(matches(k, &y, &want, (&w, inputs, &x, Some(&b))), "{}: forward", k.name());
                 let dx = k.linear_input_grad(&dy, &w, out).unwrap();
                 let want_dx = reference(&wt, out, &dy, None);
-                prop_assert!(matches(k, &dx, &want_dx, (&wt, out, &dy)), "{}: input gradient", k.name());
+                prop_assert!(matches(k, &dx, &want_dx, (&wt, out, &dy, None)), "{}: input gradient", k.name());
                 // A frozen weight packed once gives the same two products.
                 let frozen = k.frozen(&w, (out, inputs)).unwrap();
                 prop_assert!(same_bits(&frozen.forward(&x, Some(&b)).unwrap(), &y), "frozen forward");
                 prop_assert!(same_bits(&frozen.input_grad(&dy).unwrap(), &dx), "frozen dx");
                 let dw = k.linear_weight_grad(&dy, &x, rows).unwrap();
                 let want = reference(&xt, rows, &dyt, None);
-                prop_assert!(matches(k, &dw, &want, (&xt, rows, &dyt)), "{}: weight gradient", k.name());
+                prop_assert!(matches(k, &dw, &want, (&xt, rows, &dyt, None)), "{}: weight gradient", k.name());
             }
         }
     }

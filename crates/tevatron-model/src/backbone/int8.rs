@@ -462,11 +462,9 @@ impl Int8Weight {
         assert!(self.packed.len() >= self.out.div_ceil(32) * 2 * tile_bytes, "AMX packing");
         let w = self.packed.as_ptr();
         let weights = |c0: usize, j: usize, at: usize| w.add((c0 / 16 + j) * tile_bytes + at * 16);
-        // Compiled for AVX-512 (every CPU with AMX has it), so that the epilogue vectorises.
-        super::fast::simd(|| {
-            amx::products::<T, i32>((&x, width, rows), self.out, (weights, 64), |r0, c0, sums| {
-                self.write_tile(sums, (r0, c0), None, (sx, bias), y)
-            })
+        let (sums, x) = (amx::Sums { start: None, out: None }, (&x[..], width, rows));
+        amx::products::<T, i32>(x, self.out, (weights, 64), sums, |r0, c0, sums| {
+            self.write_tile(sums, (r0, c0), None, (sx, bias), y)
         });
     }
 
