@@ -156,8 +156,8 @@ pub(crate) trait Tiles {
 /// int8 kernel starts from zero and scales every sum in its epilogue; the bf16 kernel starts
 /// from the bias and stores whole tiles straight into its outputs, with no epilogue).
 pub(crate) struct Sums {
-    /// `start(c0)`: 32 four-byte values, the start of every row's sums for channels `c0` to
-    /// `c0 + 31` (`None`: zeros).
+    /// One four-byte value per channel (up to a whole 32), from which every row's sums for
+    /// that channel start (`None`: zeros).
     pub start: Option<*const u8>,
     /// Rows of `channels` sums, row `r` at `r * channels`, into which a group of rows is stored
     /// straight when its row tiles are whole (16 real rows each) and its 32 channels real.

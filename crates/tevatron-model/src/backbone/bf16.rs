@@ -40,7 +40,8 @@ use rayon::prelude::*;
 use super::amx::{self, Tiles};
 use super::fast::par_fill;
 
-/// Rows per parallel task (a multiple of [`TILE_ROWS`], so that every task starts on a tile).
+/// Rows per parallel task (a multiple of [`TILE_ROWS`] and [`AMX_ROWS`], so that every task
+/// starts on a tile).
 const ROW_BLOCK: usize = 48;
 const _: () = assert!(ROW_BLOCK.is_multiple_of(TILE_ROWS) && ROW_BLOCK.is_multiple_of(AMX_ROWS));
 /// Rows of a tile.
@@ -610,11 +611,10 @@ impl Bf16Weight {
 }
 
 impl Bf16Weight {
-    /// AMX's kernel over one block of rows (its pairs as [`Bf16Rows`] lays them out), the tile
-    /// operations given by `T` (the CPU's, or the tests' emulation): the rows laid out row by
-    /// row, padded to whole tiles (16 rows of 16 pairs); then AMX's loop
-    /// ([`amx::products`]) over the tiles of 32 channels (two weight tiles, 128 bytes a step),
-    /// and the bias added.
+    /// AMX's kernel over one block of rows (its pairs as [`Bf16Rows`] lays them out for AMX:
+    /// row by row, in whole tiles of 16 rows of 16 pairs), the tile operations given by `T`
+    /// (the CPU's, or the tests' emulation): AMX's loop ([`amx::products`]) over the tiles of
+    /// 32 channels (two weight tiles, 128 bytes a step), its sums starting from the bias.
     ///
     /// # Safety
     /// The CPU runs `T`'s operations; the weight was packed for AMX (`weight_steps`).

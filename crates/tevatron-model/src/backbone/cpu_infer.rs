@@ -77,10 +77,7 @@ impl PostNormLayer<'_> {
         drop(ctx);
         add_layer_norm(&mut a, x, h, self.attn_norm)?;
         drop(xd);
-        let mut f = linear(&a, self.up)?;
-        activate(&mut f, self.act);
-        let mut out = linear(&f, self.down)?;
-        drop(f);
+        let mut out = mlp(&a, h, (self.up, self.act, self.down))?;
         add_layer_norm(&mut out, &a, h, self.out_norm)?;
         Tensor::from_vec(out, (b, l, h), &Device::Cpu)
     }
@@ -169,6 +166,29 @@ impl DecoderLayer<'_> {
 /// ([`Linear::infer_rows`]).
 fn linear(x: &[f32], lin: &Linear) -> Result<Vec<f32>> {
     lin.infer_rows(x)
+}
+
+/// Rows per block of [`mlp`] in int8 or bf16: its intermediate, 4 x 384 F32 values a row in a
+/// MiniLM, stays within a core's L2 cache (about 0.8 MB at 128 rows).
+const MLP_ROWS: usize = 128;
+
+/// `down(act(up(x)))` over the rows of `x` (`h` wide). In int8 or bf16 it runs block by block
+/// of [`MLP_ROWS`] rows, so that the intermediate, four times as wide as `x` in BERT's models,
+/// goes from one product through the activation into the next while in cache instead of
+/// through memory three times (those passes, the activation and rounding the second product's
+/// input, were about an eighth of `encode --bf16`'s time on an AMX Xeon). In F32 it runs each
+/// step over all rows (one `gemm` packs each weight once).
+fn mlp(x: &[f32], h: usize, (up, act, down): (&Linear, Activation, &Linear)) -> Result<Vec<f32>> {
+    let whole = |x: &[f32]| -> Result<Vec<f32>> {
+        let mut f = linear(x, up)?;
+        activate(&mut f, act);
+        linear(&f, down)
+    };
+    if up.reduced.is_none() || down.reduced.is_none() {
+        return whole(x);
+    }
+    let blocks: Vec<Vec<f32>> = x.par_chunks(MLP_ROWS * h).map(whole).collect::<Result<_>>()?;
+    Ok(blocks.concat())
 }
 
 /// `y += x`, in place.
@@ -289,6 +309,32 @@ mod tests {
         let d = crate::testing::max_abs_diff(&fast, &f32_fast).unwrap();
         // Outputs are layer-normed (about unit scale); two roundings of 2^-9 per product.
         assert!(d > 0.0 && d < 5e-2, "bf16 against F32: {d}");
+    }
+
+    /// In int8 and bf16 the MLP runs block by block of rows: each row's outputs are the bits of
+    /// the same MLP over all rows at once (its products treat rows alone), the last block part.
+    #[test]
+    fn the_mlp_in_blocks_of_rows_gives_the_bits_of_the_whole() {
+        use crate::backbone::bf16::Bf16Kernels;
+        use crate::backbone::int8::Int8Kernels;
+        use crate::backbone::layers::ReducedKernels;
+        let (h, inter, rows) = (16, 40, 2 * MLP_ROWS + 37);
+        let vb = layer_weights(h, inter);
+        let x: Vec<f32> =
+            Tensor::randn(0f32, 1.0, rows * h, &Device::Cpu).unwrap().to_vec1().unwrap();
+        let kernels = [
+            ReducedKernels::Int8(Int8Kernels::detect()),
+            ReducedKernels::Bf16(Bf16Kernels::emulated_amx()),
+        ];
+        for k in kernels {
+            let parts = LayerParts::load(&vb, Linears { lora: None, reduced: Some(k) }, h, inter);
+            let got = mlp(&x, h, (&parts.up, Activation::Gelu, &parts.down)).unwrap();
+            let mut f = linear(&x, &parts.up).unwrap();
+            activate(&mut f, Activation::Gelu);
+            let want = linear(&f, &parts.down).unwrap();
+            assert_eq!(got.len(), rows * h);
+            assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{k:?}");
+        }
     }
 
     #[test]
