@@ -149,14 +149,17 @@ impl DecoderLayer<'_> {
         add_in_place(&mut x1, x);
         drop(xd);
         let normed = rms_norm_rows(&x1, h, &self.post_norm)?;
-        let [mut gate, up] = Linear::infer_shared(&normed, [self.gate, self.up])?;
+        let mlp = |x: &[f32]| -> Result<Vec<f32>> {
+            let [mut gate, up] = Linear::infer_shared(x, [self.gate, self.up])?;
+            activate(&mut gate, self.act);
+            gate.par_chunks_mut(CHUNK).zip(up.par_chunks(CHUNK)).for_each(|(g, u)| {
+                g.iter_mut().zip(u).for_each(|(g, u)| *g *= u);
+            });
+            drop(up);
+            linear(&gate, self.down)
+        };
+        let mut out = by_row_blocks(&normed, h, [self.gate, self.up, self.down], mlp)?;
         drop(normed);
-        activate(&mut gate, self.act);
-        gate.par_chunks_mut(CHUNK).zip(up.par_chunks(CHUNK)).for_each(|(g, u)| {
-            g.iter_mut().zip(u).for_each(|(g, u)| *g *= u);
-        });
-        drop(up);
-        let mut out = linear(&gate, self.down)?;
         add_in_place(&mut out, &x1);
         Tensor::from_vec(out, (b, l, h), &Device::Cpu)
     }
@@ -168,27 +171,38 @@ fn linear(x: &[f32], lin: &Linear) -> Result<Vec<f32>> {
     lin.infer_rows(x)
 }
 
-/// Rows per block of [`mlp`] in int8 or bf16: its intermediate, 4 x 384 F32 values a row in a
-/// MiniLM, stays within a core's L2 cache (about 0.8 MB at 128 rows).
-const MLP_ROWS: usize = 128;
+/// Rows per block of [`by_row_blocks`]: two of the int8 and bf16 kernels' 48-row tasks, and an
+/// intermediate (F32 and its rounded copy) under a megabyte, a core's L2 cache, for MiniLM's
+/// 4 x 384 values a row.
+const MLP_ROWS: usize = 96;
 
-/// `down(act(up(x)))` over the rows of `x` (`h` wide). In int8 or bf16 it runs block by block
-/// of [`MLP_ROWS`] rows, so that the intermediate, four times as wide as `x` in BERT's models,
+/// `f(x)` for a function of the rows of `x` (`h` wide) that treats each row alone, such as an
+/// MLP: when all of `layers` (the projections `f` runs) are int8 or bf16, block by block of
+/// [`MLP_ROWS`] rows in parallel, so that an MLP's intermediate, four times as wide as `x`,
 /// goes from one product through the activation into the next while in cache instead of
-/// through memory three times (those passes, the activation and rounding the second product's
-/// input, were about an eighth of `encode --bf16`'s time on an AMX Xeon). In F32 it runs each
-/// step over all rows (one `gemm` packs each weight once).
+/// through memory (those passes, the activation and rounding the second product's input, were
+/// about an eighth of `encode --bf16`'s time on an AMX Xeon); in F32 over all rows at once
+/// (one `gemm` per projection packs its weight once).
+fn by_row_blocks<const N: usize>(
+    x: &[f32],
+    h: usize,
+    layers: [&Linear; N],
+    f: impl Fn(&[f32]) -> Result<Vec<f32>> + Sync,
+) -> Result<Vec<f32>> {
+    if layers.iter().any(|l| l.reduced.is_none()) {
+        return f(x);
+    }
+    let blocks: Vec<Vec<f32>> = x.par_chunks(MLP_ROWS * h).map(&f).collect::<Result<_>>()?;
+    Ok(blocks.concat())
+}
+
+/// `down(act(up(x)))` over the rows of `x` (`h` wide), by [`by_row_blocks`].
 fn mlp(x: &[f32], h: usize, (up, act, down): (&Linear, Activation, &Linear)) -> Result<Vec<f32>> {
-    let whole = |x: &[f32]| -> Result<Vec<f32>> {
+    by_row_blocks(x, h, [up, down], |x| {
         let mut f = linear(x, up)?;
         activate(&mut f, act);
         linear(&f, down)
-    };
-    if up.reduced.is_none() || down.reduced.is_none() {
-        return whole(x);
-    }
-    let blocks: Vec<Vec<f32>> = x.par_chunks(MLP_ROWS * h).map(whole).collect::<Result<_>>()?;
-    Ok(blocks.concat())
+    })
 }
 
 /// `y += x`, in place.
@@ -311,8 +325,9 @@ mod tests {
         assert!(d > 0.0 && d < 5e-2, "bf16 against F32: {d}");
     }
 
-    /// In int8 and bf16 the MLP runs block by block of rows: each row's outputs are the bits of
-    /// the same MLP over all rows at once (its products treat rows alone), the last block part.
+    /// In int8 and bf16 the MLP runs block by block of rows ([`by_row_blocks`]): each row's
+    /// outputs are the bits of the same MLP over all rows at once (its products treat rows
+    /// alone), the last block part.
     #[test]
     fn the_mlp_in_blocks_of_rows_gives_the_bits_of_the_whole() {
         use crate::backbone::bf16::Bf16Kernels;
