@@ -28,7 +28,7 @@
 //! and layout are tested bit for bit on an emulation of `tdpbf16ps` (even element, then odd).
 //! AMX reads the rows row by row (a tile is 16 rows of 16 pairs), so for it [`Bf16Rows`] packs
 //! them that way at once rather than in vdpbf16ps' tiles of 8 rows, and every operand starts on
-//! a cache line ([`amx::Aligned`]): re-laying the rows for each block and loading tile rows that
+//! a cache line (`amx::Aligned`): re-laying the rows for each block and loading tile rows that
 //! straddle two cache lines had cost about half of the products' time.
 //!
 //! A CPU without AVX-512 BF16 or AMX-BF16 has no kernel here ([`Bf16Kernels::detect`] is
@@ -409,7 +409,7 @@ impl std::fmt::Debug for Bf16Weight {
 }
 
 /// Activations rounded for the bf16 products, laid out for the kernel that reads them
-/// ([`RowsLayout`]) and padded with rows of zeros to whole tiles.
+/// (`RowsLayout`) and padded with rows of zeros to whole tiles.
 pub struct Bf16Rows {
     inputs: usize,
     rows: usize,
