@@ -33,7 +33,8 @@ impl<T: bytemuck::Pod> Aligned<T> {
     /// `len` zeros.
     pub(crate) fn zeroed(len: usize) -> Self {
         const { assert!(std::mem::align_of::<T>() <= 64) };
-        let n = (len * std::mem::size_of::<T>()).div_ceil(64);
+        let bytes = len.checked_mul(std::mem::size_of::<T>()).expect("a buffer that fits memory");
+        let n = bytes.div_ceil(64);
         let lines = if n == 0 {
             Vec::new()
         } else {
@@ -181,7 +182,8 @@ pub(crate) struct Sums {
 /// The CPU runs `T`'s operations ([`usable`] said so); every pointer `weights` gives for
 /// `c0 < channels`, `j < 2` and `at < width` has its 16 rows readable; `sums.start` has
 /// `channels.next_multiple_of(32)` readable values and `sums.out` `rows * channels` writable
-/// ones, which nothing else reads or writes during the call.
+/// ones, which nothing but `write` reads or writes during the call (and `write` only while it
+/// runs, between the tile stores).
 #[inline(always)]
 pub(crate) unsafe fn products<T: Tiles, S: Copy + Default>(
     (x, width, rows): (&[u8], usize, usize),

@@ -27,9 +27,9 @@
 //! rounding of [`reference()`]'s, not equal to them (tested with a bound); the kernel's loop
 //! and layout are tested bit for bit on an emulation of `tdpbf16ps` (even element, then odd).
 //! AMX reads the rows row by row (a tile is 16 rows of 16 pairs), so for it [`Bf16Rows`] packs
-//! them that way at once rather than in vdpbf16ps' tiles of 8 rows, and every operand starts on
-//! a cache line (`amx::Aligned`): re-laying the rows for each block and loading tile rows that
-//! straddle two cache lines had cost about half of the products' time.
+//! them that way at once rather than in vdpbf16ps' tiles of 8 rows, every operand starts on a
+//! cache line (`amx::Aligned`), and the sums start from the bias so that whole tiles are stored
+//! straight into the outputs (docs/bf16.md has what each of these saved).
 //!
 //! A CPU without AVX-512 BF16 or AMX-BF16 has no kernel here ([`Bf16Kernels::detect`] is
 //! `None`): `--bf16` on it computes in F32, which is faster there than widening bf16 operands
@@ -382,7 +382,7 @@ fn pack_lines(x: &[f32], inputs: usize, layout: Layout, width: usize) -> amx::Al
     packed
 }
 
-/// Whether [`pack_tiles`] packs a matrix's rows or its columns.
+/// Whether [`pack_tiles`] and [`pack_lines`] pack a matrix's rows or its columns.
 #[derive(Clone, Copy)]
 enum Layout {
     Rows,
@@ -620,6 +620,8 @@ impl Bf16Weight {
     /// The CPU runs `T`'s operations; the weight was packed for AMX (`weight_steps`).
     #[inline(always)]
     unsafe fn amx_block<T: Tiles>(&self, x: &[u32], rows: usize, bias: &[f32], y: &mut [f32]) {
+        // `products` stores whole tiles into `y` unchecked.
+        assert!(y.len() >= rows * self.out && bias.len() == self.out, "the block's outputs");
         let padded = self.kernels.weight_steps(self.inputs);
         assert!(x.len() >= rows.next_multiple_of(AMX_ROWS) * padded, "whole tiles of lines");
         let tile_u32 = padded * TILE_CHANNELS;
@@ -631,8 +633,8 @@ impl Bf16Weight {
             |c0: usize, j: usize, at: usize| w.add((c0 / 32 * tile_u32 + at * 8 + 16 * j) * 4);
         let x = (bytemuck::cast_slice(x), padded * 4, rows);
         // Every row's sums start from the bias (as PyTorch's addmm starts from it), so that
-        // whole tiles go straight into `y`; only the block's last rows and channels, in part
-        // tiles, pass through `write_tile`.
+        // whole tiles go straight into `y`; only the part tiles (a block's last rows, and the
+        // last channels where they are not a multiple of 32) pass through `write_tile`.
         let mut start = amx::Aligned::<f32>::zeroed(self.out.next_multiple_of(TILE_CHANNELS));
         start[..self.out].copy_from_slice(bias);
         let (out, len) = (y.as_mut_ptr(), y.len());
@@ -732,7 +734,9 @@ pub fn dot_pair(acc: f32, x: u32, w: u32) -> f32 {
 }
 
 /// The kernel's sums one at a time: `x W^T + b` with both operands rounded to bf16 and each
-/// pair added as [`dot_pair`] adds it. What every kernel must equal, bit for bit.
+/// pair added as [`dot_pair`] adds it. What `vdpbf16ps`' kernel must equal, bit for bit (AMX's
+/// loop equals the same sums in `tdpbf16ps`' order, started from the bias, on its emulation,
+/// and comes within F32 rounding of these on the hardware; the module docs).
 pub fn reference(weight: &[f32], inputs: usize, x: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
     reference_sums(weight, inputs, x, bias, false)
 }

@@ -149,16 +149,7 @@ impl DecoderLayer<'_> {
         add_in_place(&mut x1, x);
         drop(xd);
         let normed = rms_norm_rows(&x1, h, &self.post_norm)?;
-        let mlp = |x: &[f32]| -> Result<Vec<f32>> {
-            let [mut gate, up] = Linear::infer_shared(x, [self.gate, self.up])?;
-            activate(&mut gate, self.act);
-            gate.par_chunks_mut(CHUNK).zip(up.par_chunks(CHUNK)).for_each(|(g, u)| {
-                g.iter_mut().zip(u).for_each(|(g, u)| *g *= u);
-            });
-            drop(up);
-            linear(&gate, self.down)
-        };
-        let mut out = by_row_blocks(&normed, h, [self.gate, self.up, self.down], mlp)?;
+        let mut out = gated_mlp(&normed, h, (self.gate, self.up, self.act, self.down))?;
         drop(normed);
         add_in_place(&mut out, &x1);
         Tensor::from_vec(out, (b, l, h), &Device::Cpu)
@@ -171,18 +162,19 @@ fn linear(x: &[f32], lin: &Linear) -> Result<Vec<f32>> {
     lin.infer_rows(x)
 }
 
-/// Rows per block of [`by_row_blocks`]: two of the int8 and bf16 kernels' 48-row tasks, and an
-/// intermediate (F32 and its rounded copy) under a megabyte, a core's L2 cache, for MiniLM's
-/// 4 x 384 values a row.
+/// Rows per block of [`by_row_blocks`]: two of the int8 and bf16 kernels' 48-row tasks. Sized
+/// for MiniLM: its intermediate (1,536 F32 values a row and their bf16 copy) is then under a
+/// megabyte, within a core's L2 cache on the CPUs measured (1 MB on AMD Zen 4 and 5, 2 MB on
+/// Intel's Sapphire and Emerald Rapids); a wider model's spills to L3, still not to memory.
 const MLP_ROWS: usize = 96;
 
 /// `f(x)` for a function of the rows of `x` (`h` wide) that treats each row alone, such as an
 /// MLP: when all of `layers` (the projections `f` runs) are int8 or bf16, block by block of
-/// [`MLP_ROWS`] rows in parallel, so that an MLP's intermediate, four times as wide as `x`,
-/// goes from one product through the activation into the next while in cache instead of
-/// through memory (those passes, the activation and rounding the second product's input, were
-/// about an eighth of `encode --bf16`'s time on an AMX Xeon); in F32 over all rows at once
-/// (one `gemm` per projection packs its weight once).
+/// [`MLP_ROWS`] rows in parallel, so that an MLP's intermediate, four times as wide as `x` in
+/// BERT's models, goes from one product through the activation into the next while in cache
+/// instead of through memory (those passes, the activation and rounding the second product's
+/// input, were about an eighth of `encode --bf16`'s time on an AMX Xeon); in F32 over all rows
+/// at once (one `gemm` per projection packs its weight once).
 fn by_row_blocks<const N: usize>(
     x: &[f32],
     h: usize,
@@ -196,7 +188,25 @@ fn by_row_blocks<const N: usize>(
     Ok(blocks.concat())
 }
 
-/// `down(act(up(x)))` over the rows of `x` (`h` wide), by [`by_row_blocks`].
+/// `down(act(gate(x)) * up(x))` over the rows of `x` (`h` wide), the Llama family's MLP, by
+/// [`by_row_blocks`].
+fn gated_mlp(
+    x: &[f32],
+    h: usize,
+    (gate, up, act, down): (&Linear, &Linear, Activation, &Linear),
+) -> Result<Vec<f32>> {
+    by_row_blocks(x, h, [gate, up, down], |x| {
+        let [mut g, u] = Linear::infer_shared(x, [gate, up])?;
+        activate(&mut g, act);
+        g.par_chunks_mut(CHUNK).zip(u.par_chunks(CHUNK)).for_each(|(g, u)| {
+            g.iter_mut().zip(u).for_each(|(g, u)| *g *= u);
+        });
+        drop(u);
+        linear(&g, down)
+    })
+}
+
+/// `down(act(up(x)))` over the rows of `x` (`h` wide), BERT's MLP, by [`by_row_blocks`].
 fn mlp(x: &[f32], h: usize, (up, act, down): (&Linear, Activation, &Linear)) -> Result<Vec<f32>> {
     by_row_blocks(x, h, [up, down], |x| {
         let mut f = linear(x, up)?;
@@ -341,14 +351,25 @@ mod tests {
             ReducedKernels::Int8(Int8Kernels::detect()),
             ReducedKernels::Bf16(Bf16Kernels::emulated_amx()),
         ];
+        let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits());
         for k in kernels {
             let parts = LayerParts::load(&vb, Linears { lora: None, reduced: Some(k) }, h, inter);
-            let got = mlp(&x, h, (&parts.up, Activation::Gelu, &parts.down)).unwrap();
-            let mut f = linear(&x, &parts.up).unwrap();
+            let (up, down) = (&parts.up, &parts.down);
+            let got = mlp(&x, h, (up, Activation::Gelu, down)).unwrap();
+            let mut f = linear(&x, up).unwrap();
             activate(&mut f, Activation::Gelu);
-            let want = linear(&f, &parts.down).unwrap();
+            let want = linear(&f, down).unwrap();
             assert_eq!(got.len(), rows * h);
-            assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{k:?}");
+            assert!(same(&got, &want), "{k:?}");
+            // The gated MLP (the Llama family's), with the one up projection as gate and up.
+            let got = gated_mlp(&x, h, (up, up, Activation::Silu, down)).unwrap();
+            let mut g = linear(&x, up).unwrap();
+            activate(&mut g, Activation::Silu);
+            let u = linear(&x, up).unwrap();
+            g.iter_mut().zip(&u).for_each(|(g, u)| *g *= u);
+            let want = linear(&g, down).unwrap();
+            assert_eq!(got.len(), rows * h);
+            assert!(same(&got, &want), "gated, {k:?}");
         }
     }
 
