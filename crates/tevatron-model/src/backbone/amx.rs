@@ -267,6 +267,19 @@ mod x86 {
         };
     }
 
+    /// One instruction for each of the four sum tiles `C(i, j)` (tmm `2i + j`), named by
+    /// `($i, $j)`.
+    macro_rules! by_sum_tile {
+        (($i:expr, $j:expr), [$c00:literal, $c01:literal, $c10:literal, $c11:literal], $($operands:tt)*) => {
+            match ($i, $j) {
+                (0, 0) => asm!($c00, $($operands)*),
+                (0, _) => asm!($c01, $($operands)*),
+                (_, 0) => asm!($c10, $($operands)*),
+                _ => asm!($c11, $($operands)*),
+            }
+        };
+    }
+
     /// A [`Tiles`](super::Tiles) implementation on the CPU's tiles with `$product` as its
     /// product instruction.
     macro_rules! tiles {
@@ -295,13 +308,18 @@ mod x86 {
                 }
                 #[inline(always)]
                 unsafe fn load_sums(i: usize, j: usize, p: *const u8, stride: usize) {
-                    let (p, s) = (p, stride);
-                    match (i, j) {
-                        (0, 0) => asm!("tileloadd tmm0, [{p} + {s}*1]", p = in(reg) p, s = in(reg) s, options(nostack, readonly)),
-                        (0, _) => asm!("tileloadd tmm1, [{p} + {s}*1]", p = in(reg) p, s = in(reg) s, options(nostack, readonly)),
-                        (_, 0) => asm!("tileloadd tmm2, [{p} + {s}*1]", p = in(reg) p, s = in(reg) s, options(nostack, readonly)),
-                        _ => asm!("tileloadd tmm3, [{p} + {s}*1]", p = in(reg) p, s = in(reg) s, options(nostack, readonly)),
-                    }
+                    by_sum_tile!(
+                        (i, j),
+                        [
+                            "tileloadd tmm0, [{p} + {s}*1]",
+                            "tileloadd tmm1, [{p} + {s}*1]",
+                            "tileloadd tmm2, [{p} + {s}*1]",
+                            "tileloadd tmm3, [{p} + {s}*1]"
+                        ],
+                        p = in(reg) p,
+                        s = in(reg) stride,
+                        options(nostack, readonly)
+                    );
                 }
                 #[inline(always)]
                 unsafe fn load_rows(i: usize, p: *const u8, stride: usize) {
@@ -336,13 +354,18 @@ mod x86 {
                 }
                 #[inline(always)]
                 unsafe fn store(i: usize, j: usize, p: *mut u8, stride: usize) {
-                    let (p, s) = (p, stride);
-                    match (i, j) {
-                        (0, 0) => asm!("tilestored [{p} + {s}*1], tmm0", p = in(reg) p, s = in(reg) s, options(nostack)),
-                        (0, _) => asm!("tilestored [{p} + {s}*1], tmm1", p = in(reg) p, s = in(reg) s, options(nostack)),
-                        (_, 0) => asm!("tilestored [{p} + {s}*1], tmm2", p = in(reg) p, s = in(reg) s, options(nostack)),
-                        _ => asm!("tilestored [{p} + {s}*1], tmm3", p = in(reg) p, s = in(reg) s, options(nostack)),
-                    }
+                    by_sum_tile!(
+                        (i, j),
+                        [
+                            "tilestored [{p} + {s}*1], tmm0",
+                            "tilestored [{p} + {s}*1], tmm1",
+                            "tilestored [{p} + {s}*1], tmm2",
+                            "tilestored [{p} + {s}*1], tmm3"
+                        ],
+                        p = in(reg) p,
+                        s = in(reg) stride,
+                        options(nostack)
+                    );
                 }
             }
         };
