@@ -561,7 +561,9 @@ impl Bf16Weight {
     }
 
     /// [`Bf16Weight::forward_rows`] with the kernel over one block of rows given: the block's
-    /// pairs (whole tiles), its number of real rows, the bias and the block's outputs.
+    /// pairs (whole tiles), its number of real rows, the bias (zeros where there is none,
+    /// padded with zeros to whole tiles of channels, as AMX's kernel loads it) and the block's
+    /// outputs.
     fn forward_by(
         &self,
         x: &Bf16Rows,
@@ -581,8 +583,12 @@ impl Bf16Weight {
             return Err(format!("bf16: a bias for other than {} channels", self.out));
         }
         let out = self.out;
-        let zeros = if bias.is_none() { vec![0f32; out] } else { Vec::new() };
-        let bias = bias.unwrap_or(&zeros);
+        // Padded once here, not in each block.
+        let mut padded = amx::Aligned::<f32>::zeroed(out.next_multiple_of(TILE_CHANNELS));
+        if let Some(bias) = bias {
+            padded[..out].copy_from_slice(bias);
+        }
+        let bias = &padded[..];
         // The kernel writes each output of its block (every row and channel), as par_fill
         // requires; a block's pairs run to its last whole tile of rows (`Bf16Rows` pads them).
         Ok(par_fill(x.rows * out, ROW_BLOCK * out, |start, y| {
@@ -621,7 +627,8 @@ impl Bf16Weight {
     #[inline(always)]
     unsafe fn amx_block<T: Tiles>(&self, x: &[u32], rows: usize, bias: &[f32], y: &mut [f32]) {
         // `products` stores whole tiles into `y` unchecked.
-        assert!(y.len() >= rows * self.out && bias.len() == self.out, "the block's outputs");
+        let (channels, bias_len) = (self.out, self.out.next_multiple_of(TILE_CHANNELS));
+        assert!(y.len() >= rows * channels && bias.len() >= bias_len, "the block's outputs");
         let padded = self.kernels.weight_steps(self.inputs);
         assert!(x.len() >= rows.next_multiple_of(AMX_ROWS) * padded, "whole tiles of lines");
         let tile_u32 = padded * TILE_CHANNELS;
@@ -635,10 +642,8 @@ impl Bf16Weight {
         // Every row's sums start from the bias (as PyTorch's addmm starts from it), so that
         // whole tiles go straight into `y`; only the part tiles (a block's last rows, and the
         // last channels where they are not a multiple of 32) pass through `write_tile`.
-        let mut start = amx::Aligned::<f32>::zeroed(self.out.next_multiple_of(TILE_CHANNELS));
-        start[..self.out].copy_from_slice(bias);
         let (out, len) = (y.as_mut_ptr(), y.len());
-        let sums = amx::Sums { start: Some(start.as_ptr().cast()), out: Some(out.cast()) };
+        let sums = amx::Sums { start: Some(bias.as_ptr().cast()), out: Some(out.cast()) };
         amx::products::<T, f32>(x, self.out, (weights, TILE_CHANNELS * 4), sums, |r0, c0, sums| {
             // SAFETY: `y`'s values, which `products` writes only between calls of this.
             let y = std::slice::from_raw_parts_mut(out, len);
