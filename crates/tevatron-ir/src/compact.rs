@@ -25,8 +25,7 @@ use rayon::prelude::*;
 use crate::atomic::AtomicFile;
 use crate::fxhash::FxHasher;
 use crate::quantize::{
-    code_sums, encode_binary, encode_int8, encode_query_int8, Calibration, Kernels, Precision,
-    QUERY_OFFSET,
+    encode_binary, encode_int8, encode_query_int8, Calibration, Kernels, Precision,
 };
 use crate::search::{best_first, check_finite, check_width, Selection, TopK};
 use crate::vectors::{Rows, Vectors};
@@ -35,8 +34,13 @@ use crate::{Error, Result};
 /// The `format` a compact file's header names; any other is refused.
 pub const FORMAT: &str = "tevatron-compact-v1";
 
-/// Rows scanned per block: the block's codes and the batch's scores stay in cache.
+/// Rows scanned per block: the block's codes and a chunk's scores stay in cache.
 const SCAN_BLOCK: usize = 256;
+
+/// Queries scored against a block at a time: with the block's codes (up to 192 KB at 768
+/// dimensions) and their scores (128 KB), a chunk's query codes (up to 96 KB) stay within a
+/// core's second-level cache.
+const SCORED_QUERIES: usize = 128;
 
 /// How many candidate rows ahead rescoring asks for a row's cache lines: enough rows in flight
 /// to cover a memory access with a page walk (a few hundred nanoseconds, more on a busy or
@@ -415,10 +419,12 @@ pub fn search_compact(
         })
         .collect();
     let codes = compact.bytes();
-    let batch_size = crate::search::queries_per_batch(batch_size, nq);
-    // As many queries per pass as keep each thread's candidate lists (up to 2m keys of 8
-    // bytes a query) within CANDIDATE_BUDGET; the result does not depend on it.
-    let batch_size = batch_size.min((CANDIDATE_BUDGET / (16 * m)).max(1));
+    // The batch widened to as many queries per pass as keep each thread's candidate lists (up
+    // to 2m keys of 8 bytes a query) within CANDIDATE_BUDGET, as exact search widens its
+    // passes: each pass reads the codes, and lays each block out for the kernels, once. The
+    // result does not depend on it.
+    let fit = (CANDIDATE_BUDGET / (16 * m)).max(1);
+    let batch_size = crate::search::queries_per_batch(batch_size, nq).max(fit.min(nq));
     let all = blocks(n, SCAN_BLOCK);
     let parts = rayon::current_num_threads().max(1);
     let per_part = all.len().div_ceil(parts).max(1);
@@ -429,43 +435,43 @@ pub fn search_compact(
             .par_chunks(per_part)
             .map(|part| {
                 let mut heaps: Vec<Candidates> = (0..bq).map(|_| Candidates::new(m)).collect();
-                let mut scores = vec![0i32; SCAN_BLOCK * bq];
-                // Each row's code sum times the offset takes the int8 query offset back out;
-                // binary has none.
-                let mut sums = vec![0i32; SCAN_BLOCK];
+                let mut scores = vec![0i32; SCAN_BLOCK * bq.min(SCORED_QUERIES)];
                 let mut hits = Vec::with_capacity(SCAN_BLOCK + 16);
                 for &(start, end) in part {
                     let nb = end - start;
                     let block = &codes[start * width..end * width];
-                    let scores = &mut scores[..nb * bq];
-                    match compact.precision {
+                    let int8 = match compact.precision {
                         Precision::Int8 => {
-                            let block: &[i8] = bytemuck::cast_slice(block);
-                            kernels.int8_scores(dim, batch, block, scores);
-                            code_sums(block, dim, &mut sums[..nb]);
-                            sums[..nb].iter_mut().for_each(|s| *s *= QUERY_OFFSET);
+                            Some(kernels.int8_block(dim, bytemuck::cast_slice(block)))
                         }
-                        Precision::Binary => kernels.binary_scores(width, batch, block, scores),
-                    }
+                        Precision::Binary => None,
+                    };
                     // Most scores are below a query's floor: compared as scores (by the
                     // kernels, a vector at a time), a key built only for those that may enter.
                     // Rows come in ascending order, so one equal to the floor has a higher row
                     // than every kept key and cannot enter either (binary scores tie often).
                     // The floor rises as keys enter: a hit found against the block's first
                     // floor is tested again against the current one.
-                    let taken = match compact.precision {
-                        Precision::Int8 => &sums[..nb],
-                        Precision::Binary => &sums[..0],
-                    };
-                    for (heap, scores) in heaps.iter_mut().zip(scores.chunks(nb)) {
-                        kernels.above(scores, taken, heap.floor_score(), &mut hits);
-                        let mut floor = heap.floor_score();
-                        for &i in &hits {
-                            let i = i as usize;
-                            let s = scores[i] - taken.get(i).copied().unwrap_or(0);
-                            if s > floor {
-                                heap.push(Candidates::key(s, (start + i) as u32));
-                                floor = heap.floor_score();
+                    // int8 scores carry the query offset, taken back out by each row's
+                    // offset; binary has none.
+                    let taken = int8.as_ref().map_or(&[][..], |codes| codes.offsets());
+                    let chunks = batch.chunks(SCORED_QUERIES * width);
+                    for (chunk, heaps) in chunks.zip(heaps.chunks_mut(SCORED_QUERIES)) {
+                        let scores = &mut scores[..nb * (chunk.len() / width)];
+                        match &int8 {
+                            Some(codes) => codes.scores(chunk, scores),
+                            None => kernels.binary_scores(width, chunk, block, scores),
+                        }
+                        for (heap, scores) in heaps.iter_mut().zip(scores.chunks(nb)) {
+                            kernels.above(scores, taken, heap.floor_score(), &mut hits);
+                            let mut floor = heap.floor_score();
+                            for &i in &hits {
+                                let i = i as usize;
+                                let s = scores[i] - taken.get(i).copied().unwrap_or(0);
+                                if s > floor {
+                                    heap.push(Candidates::key(s, (start + i) as u32));
+                                    floor = heap.floor_score();
+                                }
                             }
                         }
                     }

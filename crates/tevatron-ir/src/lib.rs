@@ -2,7 +2,7 @@
 //!
 //! This crate holds everything that does not need a neural network: reading Tevatron's JSONL
 //! records ([`records`]), the on-disk embeddings format ([`vectors`]), exact inner-product search
-//! ([`search`]), compact int8 and binary codes scanned and rescored ([`quantize`], [`compact`]), TREC run and qrels I/O ([`trec`]), fusion of runs ([`fusion`]) and trec_eval-equal metrics ([`metrics`]).
+//! ([`search`]), compact int8 and binary codes scanned and rescored ([`quantize`], [`compact`]; the AMX tile operations that scan shares with the model's kernels, [`amx`]), TREC run and qrels I/O ([`trec`]), fusion of runs ([`fusion`]) and trec_eval-equal metrics ([`metrics`]).
 //! It builds in seconds, so search and evaluation can be tested and reused on their own.
 //!
 //! ```
@@ -17,6 +17,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod amx;
 pub mod atomic;
 pub mod caught_panic;
 pub mod compact;

@@ -13,8 +13,9 @@
 //!
 //! Both are meant for a first pass whose best candidates are rescored with the full-precision
 //! vectors ([`crate::compact`]). The kernels return exact integers, so every implementation
-//! (portable, AVX2, AVX-512 VNNI, POPCNT) gives the same scores bit for bit, and a ranking does
-//! not depend on the CPU it ran on. The one used is picked at run time by CPU feature.
+//! (portable, AVX2, AVX-512 VNNI, AMX-INT8, POPCNT) gives the same scores bit for bit, and a
+//! ranking does not depend on the CPU it ran on. The one used is picked at run time by CPU
+//! feature.
 //!
 //! The int8 kernels multiply an unsigned byte by a signed one, as the CPU's instructions do
 //! (`vpdpbusd`, `vpmaddubsw`): the query code is stored offset by 64 (`q + 64`, in `[1, 127]`)
@@ -23,6 +24,8 @@
 //! of products into saturating 16-bit lanes, and `127 x 128 x 2 = 32,512` stays below
 //! `i16::MAX` where a full byte would not. The passage side keeps 8 bits, where the corpus'
 //! precision matters; the rescoring pass makes up the rest.
+
+use crate::amx;
 
 /// The largest query code: see the module docs.
 pub const QUERY_CODE_MAX: f32 = 63.0;
@@ -150,6 +153,9 @@ enum Set {
     /// AVX-512 VNNI (`vpdpbusd`) for int8; for binary, `vpopcntq` where the CPU also has
     /// AVX-512 VPOPCNTDQ, else POPCNT.
     Avx512Vnni,
+    /// The AVX-512 VNNI set with AMX's `tdpbssd` for the int8 scan (Xeon from Sapphire
+    /// Rapids): sixteen queries by sixteen rows by 64 bytes an instruction.
+    Amx,
 }
 
 /// The kernels of one CPU. Only [`Kernels::detect`] and [`Kernels::available`] make one, so a
@@ -168,6 +174,7 @@ impl Set {
                 Set::Avx512Vnni => {
                     has!("avx512f") && has!("avx512bw") && has!("avx512vnni") && has!("popcnt")
                 }
+                Set::Amx => Set::Avx512Vnni.runs_here() && amx::usable(amx::Product::Int8),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -185,7 +192,7 @@ impl Kernels {
 
     /// Every kernel set this CPU can run, the portable one first (for tests).
     pub fn available() -> Vec<Self> {
-        [Set::Portable, Set::Avx2, Set::Avx512Vnni]
+        [Set::Portable, Set::Avx2, Set::Avx512Vnni, Set::Amx]
             .into_iter()
             .filter(|s| s.runs_here())
             .map(Kernels)
@@ -198,6 +205,7 @@ impl Kernels {
             Set::Portable => "portable",
             Set::Avx2 => "AVX2",
             Set::Avx512Vnni => "AVX-512 VNNI",
+            Set::Amx => "AMX-INT8",
         }
     }
 
@@ -206,7 +214,9 @@ impl Kernels {
     pub fn name_for(self, precision: Precision) -> &'static str {
         match (precision, self.0) {
             (Precision::Int8, _) | (Precision::Binary, Set::Portable) => self.name(),
-            (Precision::Binary, Set::Avx512Vnni) if has_vpopcntdq() => "AVX-512 VPOPCNTDQ",
+            (Precision::Binary, Set::Avx512Vnni | Set::Amx) if has_vpopcntdq() => {
+                "AVX-512 VPOPCNTDQ"
+            }
             (Precision::Binary, _) => "POPCNT",
         }
     }
@@ -215,21 +225,47 @@ impl Kernels {
     /// signed code bytes) for `nq` queries of `dim` bytes and `rows` code rows; with the query
     /// offset taken back ([`code_sums`]) this is the signed dot product of the codes.
     pub fn int8_scores(self, dim: usize, queries: &[u8], codes: &[i8], out: &mut [i32]) {
-        let (nq, rows) = (queries.len() / dim.max(1), codes.len() / dim.max(1));
-        assert_eq!(out.len(), nq * rows, "codes and scores disagree");
-        // Above 127 `vpmaddubsw` could saturate (module docs).
-        debug_assert!(queries.iter().all(|&q| q <= 127), "query codes come from encode_query_int8");
-        match self.0 {
-            Set::Portable => int8_portable(dim, queries, codes, out),
+        self.int8_block(dim, codes).scores(queries, out)
+    }
+
+    /// `codes` (rows of `dim` bytes) laid out for these kernels' int8 scan, to be scored
+    /// against any number of queries ([`Int8Block::scores`]): a scan lays each block of rows
+    /// out once per pass rather than once per batch of queries.
+    pub fn int8_block(self, dim: usize, codes: &[i8]) -> Int8Block<'_> {
+        let rows = codes.len() / dim.max(1);
+        let mut offsets = vec![0i32; rows];
+        let layout = match self.0 {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: a `Kernels` names only a set this CPU runs (`Set::runs_here`).
-            Set::Avx2 => unsafe { x86::int8_avx2(dim, queries, codes, out) },
+            Set::Avx512Vnni => {
+                let packed = x86::pack16(dim, codes);
+                // The interleaved rows' sums over their first `4 x (dim / 4)` bytes, then the
+                // bytes the interleaving leaves out, and the rows past the last group.
+                let covered = dim / 4 * 4;
+                let whole = packed.len() / covered.max(1);
+                // SAFETY: this set has AVX-512 VNNI (`Set::runs_here`).
+                unsafe { x86::run_sums(&packed, dim / 4, &mut offsets[..whole]) };
+                let rows = codes.chunks_exact(dim.max(1));
+                for (r, (o, row)) in offsets.iter_mut().zip(rows).enumerate() {
+                    let from = if r < whole { covered } else { 0 };
+                    *o += row[from..].iter().map(|&c| c as i32).sum::<i32>();
+                }
+                Layout::Interleaved(packed)
+            }
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above.
-            Set::Avx512Vnni => unsafe { x86::int8_vnni(dim, queries, codes, out) },
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => int8_portable(dim, queries, codes, out),
-        }
+            Set::Amx => {
+                let packed = pack_code_tiles(dim, codes);
+                let runs = dim.next_multiple_of(64) / 4;
+                // SAFETY: the AMX set has AVX-512 VNNI (`Set::runs_here`).
+                unsafe { x86::run_sums(bytemuck::cast_slice(&packed), runs, &mut offsets) };
+                Layout::Tiles(packed)
+            }
+            _ => {
+                code_sums(codes, dim, &mut offsets);
+                Layout::Rows
+            }
+        };
+        offsets.iter_mut().for_each(|o| *o *= QUERY_OFFSET);
+        Int8Block { kernels: self, dim, codes, layout, offsets }
     }
 
     /// `out[q * rows + j] = -hamming(queries[q], codes[j])` for `nq` queries of `width` bytes
@@ -242,8 +278,8 @@ impl Kernels {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: POPCNT is part of both sets, and a `Kernels` names a set this CPU runs; the
             // AVX-512 set has AVX-512F, and VPOPCNTDQ is checked here.
-            Set::Avx2 | Set::Avx512Vnni => unsafe {
-                if self.0 == Set::Avx512Vnni && has_vpopcntdq() {
+            Set::Avx2 | Set::Avx512Vnni | Set::Amx => unsafe {
+                if self.0 != Set::Avx2 && has_vpopcntdq() {
                     x86::binary_vpopcnt(width, queries, codes, out)
                 } else {
                     x86::binary_popcnt(width, queries, codes, out)
@@ -264,8 +300,8 @@ impl Kernels {
         hits.clear();
         match self.0 {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: the AVX-512 set has AVX-512F (`Set::runs_here`).
-            Set::Avx512Vnni => unsafe { x86::above_avx512(scores, taken, floor, hits) },
+            // SAFETY: the AVX-512 sets have AVX-512F (`Set::runs_here`).
+            Set::Avx512Vnni | Set::Amx => unsafe { x86::above_avx512(scores, taken, floor, hits) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the AVX2 set has AVX2.
             Set::Avx2 => unsafe { x86::above_avx2(scores, taken, floor, hits) },
@@ -297,12 +333,139 @@ fn has_vpopcntdq() -> bool {
     }
 }
 
+/// The int8 scan on AMX tiles `T` (the CPU's, or the tests' emulation), through the loop the
+/// model's AMX products share ([`amx::products`]): the queries are the tiles' rows and the code
+/// rows their channels. A query byte is at most 127, so `tdpbssd`'s signed product of the two
+/// bytes is the unsigned-by-signed one of the other kernels. Both operands are laid out for the
+/// tiles, each row padded with zeros to whole 64 bytes (which add nothing): the queries row by
+/// row at each call, the codes once per block by groups of sixteen rows whose four-byte runs
+/// sit side by side (`packed`, [`pack_code_tiles`]).
+///
+/// # Safety
+/// The CPU runs `T`'s operations ([`amx::usable`] said so).
+unsafe fn int8_tiles<T: amx::Tiles>(
+    dim: usize,
+    queries: &[u8],
+    codes: &[i8],
+    packed: &[u32],
+    out: &mut [i32],
+) {
+    let (nq, rows) = (queries.len() / dim.max(1), codes.len() / dim.max(1));
+    if nq == 0 || rows == 0 {
+        return;
+    }
+    let width = dim.next_multiple_of(64);
+    assert_eq!(packed.len(), rows.next_multiple_of(32) * width / 4, "pack_code_tiles' layout");
+    let mut x = amx::Aligned::<u8>::zeroed(nq.next_multiple_of(16) * width);
+    for (padded, query) in x.chunks_exact_mut(width).zip(queries.chunks_exact(dim)) {
+        padded[..dim].copy_from_slice(query);
+    }
+    // Weight tile `j` of the 32 rows from `c0`, for the row bytes from `at`: group
+    // `c0 / 16 + j`, its four-byte runs from `at / 4`, one run of sixteen rows a tile row.
+    let runs = width / 4;
+    let base = packed.as_ptr().cast::<u8>();
+    let weights = |c0: usize, j: usize, at: usize| base.add(((c0 / 16 + j) * runs + at / 4) * 64);
+    let (sums_out, len) = (out.as_mut_ptr(), out.len());
+    let sums = amx::Sums { start: None, out: Some(sums_out.cast()) };
+    amx::products::<T, i32>((&x, width, nq), rows, (weights, 64), sums, |r0, c0, sums| {
+        // SAFETY: `out`'s values, which `products` writes only between calls of this.
+        let out = std::slice::from_raw_parts_mut(sums_out, len);
+        for (i, sums) in sums.iter().enumerate().take((nq - r0).min(32)) {
+            let at = (r0 + i) * rows + c0;
+            let n = (rows - c0).min(32);
+            out[at..at + n].copy_from_slice(&sums[..n]);
+        }
+    });
+}
+
+/// `codes` (rows of `dim` bytes) as AMX weight tiles: groups of sixteen rows (as many groups
+/// as whole pairs of them need, the missing rows zero), each group `width / 4` runs of 64
+/// bytes (`width`: `dim` rounded up to 64), run `t` holding bytes `4t .. 4t + 4` of the
+/// group's sixteen rows side by side (zeros past `dim`).
+fn pack_code_tiles(dim: usize, codes: &[i8]) -> amx::Aligned<u32> {
+    let rows = codes.len() / dim.max(1);
+    let (runs, whole) = (dim.next_multiple_of(64) / 4, dim / 4);
+    // One u32 holds a row's four bytes of a run: run `t` of group `g` is the sixteen values
+    // from `(g * runs + t) * 16`.
+    let mut packed = amx::Aligned::<u32>::zeroed(rows.next_multiple_of(32) * runs);
+    for (r, row) in codes.chunks_exact(dim.max(1)).enumerate() {
+        let group = &mut packed[(r / 16) * runs * 16..][..runs * 16];
+        let lane = r % 16;
+        for (t, four) in row.chunks_exact(4).enumerate() {
+            group[t * 16 + lane] =
+                u32::from_ne_bytes([four[0] as u8, four[1] as u8, four[2] as u8, four[3] as u8]);
+        }
+        if whole * 4 < dim {
+            let mut four = [0u8; 4];
+            for (f, &c) in four.iter_mut().zip(&row[whole * 4..]) {
+                *f = c as u8;
+            }
+            group[whole * 16 + lane] = u32::from_ne_bytes(four);
+        }
+    }
+    packed
+}
+
 /// The reference every other int8 kernel equals bit for bit.
 fn int8_portable(dim: usize, queries: &[u8], codes: &[i8], out: &mut [i32]) {
     let rows = codes.len() / dim.max(1);
     for (query, out) in queries.chunks_exact(dim.max(1)).zip(out.chunks_mut(rows.max(1))) {
         for (o, row) in out.iter_mut().zip(codes.chunks_exact(dim.max(1))) {
             *o = row.iter().zip(query).map(|(&c, &q)| c as i32 * q as i32).sum();
+        }
+    }
+}
+
+/// int8 code rows laid out for one kernel set's scan ([`Kernels::int8_block`]).
+pub struct Int8Block<'a> {
+    kernels: Kernels,
+    dim: usize,
+    codes: &'a [i8],
+    layout: Layout,
+    offsets: Vec<i32>,
+}
+
+/// How an [`Int8Block`]'s kernels read its rows.
+enum Layout {
+    /// As they are, row by row (portable and AVX2).
+    Rows,
+    /// [`x86::pack16`]'s groups of sixteen rows (AVX-512 VNNI).
+    #[cfg(target_arch = "x86_64")]
+    Interleaved(Vec<i8>),
+    /// [`pack_code_tiles`]' weight tiles (AMX).
+    #[cfg(target_arch = "x86_64")]
+    Tiles(amx::Aligned<u32>),
+}
+
+impl Int8Block<'_> {
+    /// Each row's code sum times [`QUERY_OFFSET`]: what a row's scores carry from the query
+    /// offset, to be taken back out of them (the module docs).
+    pub fn offsets(&self) -> &[i32] {
+        &self.offsets
+    }
+
+    /// [`Kernels::int8_scores`] of `queries` against the block's rows.
+    pub fn scores(&self, queries: &[u8], out: &mut [i32]) {
+        let (dim, codes) = (self.dim, self.codes);
+        let (nq, rows) = (queries.len() / dim.max(1), codes.len() / dim.max(1));
+        assert_eq!(out.len(), nq * rows, "codes and scores disagree");
+        // Above 127 `vpmaddubsw` could saturate (module docs).
+        debug_assert!(queries.iter().all(|&q| q <= 127), "query codes come from encode_query_int8");
+        match (self.kernels.0, &self.layout) {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: a `Kernels` names only a set this CPU runs (`Set::runs_here`).
+            (Set::Avx2, _) => unsafe { x86::int8_avx2(dim, queries, codes, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above; the layout is the one `int8_block` made for this set.
+            (Set::Avx512Vnni, Layout::Interleaved(packed)) => unsafe {
+                x86::int8_vnni(dim, queries, codes, packed, out)
+            },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above; the AMX set is only named where `amx::usable` said so.
+            (Set::Amx, Layout::Tiles(packed)) => unsafe {
+                int8_tiles::<amx::Int8Tiles>(dim, queries, codes, packed, out)
+            },
+            _ => int8_portable(dim, queries, codes, out),
         }
     }
 }
@@ -518,8 +681,16 @@ mod x86 {
     /// of 16 are first interleaved four bytes at a time ([`pack16`]), so that one instruction
     /// adds four dimensions of sixteen rows into sixteen lanes, a query's four bytes broadcast:
     /// no horizontal sums at all. Rows past the last group take [`vnni_rows`].
+    ///
+    /// `packed` is [`pack16`]'s layout of `codes`, made once for any number of queries.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub unsafe fn int8_vnni(dim: usize, queries: &[u8], codes: &[i8], out: &mut [i32]) {
+    pub unsafe fn int8_vnni(
+        dim: usize,
+        queries: &[u8],
+        codes: &[i8],
+        packed: &[i8],
+        out: &mut [i32],
+    ) {
         if dim == 0 {
             return out.fill(0);
         }
@@ -528,8 +699,8 @@ mod x86 {
         let (groups, quads) = (rows / 16, dim / 4);
         let packed_rows = if quads > 0 { groups * 16 } else { 0 };
         if packed_rows > 0 {
-            let packed = pack16(dim, codes, groups, quads);
-            packed_query_groups!(vnni_packed::<8>(dim, quads, queries, &packed, groups, rows, out));
+            debug_assert_eq!(packed.len(), groups * quads * 64, "pack16's layout of the codes");
+            packed_query_groups!(vnni_packed::<8>(dim, quads, queries, packed, groups, rows, out));
             if quads * 4 < dim {
                 for n in 0..nq {
                     let query = &queries[n * dim..(n + 1) * dim];
@@ -545,10 +716,15 @@ mod x86 {
         });
     }
 
-    /// The first `groups x 16` rows of `codes`, interleaved: for each group of 16 rows and each
-    /// of the `quads` runs of four dimensions, the 16 rows' four bytes side by side (64 bytes,
-    /// one vector). Dimensions past `4 x quads` are left out (the caller adds them).
-    fn pack16(dim: usize, codes: &[i8], groups: usize, quads: usize) -> Vec<i8> {
+    /// The first `groups x 16` rows of `codes` (`groups = rows / 16`), interleaved: for each
+    /// group of 16 rows and each of the `quads = dim / 4` runs of four dimensions, the 16 rows'
+    /// four bytes side by side (64 bytes, one vector). Dimensions past `4 x quads` are left
+    /// out ([`int8_vnni`] adds them).
+    pub fn pack16(dim: usize, codes: &[i8]) -> Vec<i8> {
+        let (groups, quads) = (codes.len() / dim.max(1) / 16, dim / 4);
+        if quads == 0 {
+            return Vec::new();
+        }
         let mut packed = vec![0i8; groups * quads * 64];
         for (g, out) in packed.chunks_exact_mut(quads * 64).enumerate() {
             for r in 0..16 {
@@ -559,6 +735,26 @@ mod x86 {
             }
         }
         packed
+    }
+
+    /// The code sums of interleaved groups of sixteen rows ([`pack16`]'s and
+    /// [`super::pack_code_tiles`]' layouts: `runs` vectors of the sixteen rows' four bytes a
+    /// group), into `out` (as many rows as it holds): one `vpdpbusd` by a vector of ones adds a
+    /// run of all sixteen rows, with no horizontal sums.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn run_sums(packed: &[i8], runs: usize, out: &mut [i32]) {
+        assert!(packed.len() >= out.len().div_ceil(16) * runs * 64, "interleaved groups of 16");
+        let ones = _mm512_set1_epi8(1);
+        for (g, out) in out.chunks_mut(16).enumerate() {
+            let p = packed.as_ptr().add(g * runs * 64);
+            let mut acc = _mm512_setzero_si512();
+            for t in 0..runs {
+                acc = _mm512_dpbusd_epi32(acc, ones, _mm512_loadu_si512(p.add(t * 64) as *const _));
+            }
+            let mut sums = [0i32; 16];
+            _mm512_storeu_si512(sums.as_mut_ptr() as *mut _, acc);
+            out.copy_from_slice(&sums[..out.len()]);
+        }
     }
 
     /// `N` queries (at the start of `queries`, `dim` bytes each) against every packed group:
@@ -775,7 +971,7 @@ mod tests {
             let binary = k.name_for(Precision::Binary);
             let want = match k.0 {
                 Set::Portable => "portable",
-                Set::Avx512Vnni if has_vpopcntdq() => "AVX-512 VPOPCNTDQ",
+                Set::Avx512Vnni | Set::Amx if has_vpopcntdq() => "AVX-512 VPOPCNTDQ",
                 _ => "POPCNT",
             };
             assert_eq!(binary, want, "{}", k.name());
@@ -796,7 +992,7 @@ mod tests {
             let codes: Vec<i8> = (0..rows * dim)
                 .map(|_| if extreme { [-127i8, 127, -128][next() as usize % 3] } else { next() as i8 })
                 .collect();
-            let nq = 1 + next() as usize % 12;
+            let nq = 1 + next() as usize % 40;
             let queries: Vec<u8> = (0..nq * dim)
                 .map(|_| if extreme { [1u8, 127][next() as usize % 2] } else { 1 + (next() % 127) as u8 })
                 .collect();
@@ -807,13 +1003,47 @@ mod tests {
             let qbits: Vec<u8> = (0..nq * width).map(|_| next() as u8).collect();
             let mut want_bits = vec![0; nq * rows];
             binary_portable(width, &qbits, &bits, &mut want_bits);
+            let mut sums = vec![0; rows];
+            code_sums(&codes, dim, &mut sums);
+            let offsets: Vec<i32> = sums.iter().map(|s| s * QUERY_OFFSET).collect();
             for k in Kernels::available() {
                 let mut got = vec![0; nq * rows];
+                let block = k.int8_block(dim, &codes);
+                block.scores(&queries, &mut got);
+                prop_assert_eq!(&got, &want, "{}", k.name());
+                prop_assert_eq!(block.offsets(), &offsets[..], "{}", k.name());
+                // A block is laid out once and scored again, against other queries.
+                let (half, mut again) = (nq / 2 * dim, vec![0; nq / 2 * rows]);
+                block.scores(&queries[..half], &mut again);
+                prop_assert_eq!(&again[..], &want[..nq / 2 * rows], "{}", k.name());
                 k.int8_scores(dim, &queries, &codes, &mut got);
                 prop_assert_eq!(&got, &want, "{}", k.name());
                 k.binary_scores(width, &qbits, &bits, &mut got);
                 prop_assert_eq!(&got, &want_bits, "{}", k.name());
             }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(16))]
+        /// The AMX scan's layout and loop, on the emulated `tdpbssd` (so on any CPU), equal the
+        /// portable reference bit for bit: widths off and on whole tiles, query and row counts
+        /// that leave part tiles and whole ones (stored straight into the scores).
+        #[test]
+        fn the_amx_scan_equals_the_portable_reference(
+            dim in 1usize..140, rows in 1usize..70, nq in 1usize..40, seed in 0u64..1000,
+        ) {
+            let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(3);
+            let mut next = || { x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); (x >> 33) as u32 };
+            let codes: Vec<i8> = (0..rows * dim).map(|_| next() as i8).collect();
+            let queries: Vec<u8> = (0..nq * dim).map(|_| 1 + (next() % 127) as u8).collect();
+            let mut want = vec![0; nq * rows];
+            int8_portable(dim, &queries, &codes, &mut want);
+            let mut got = vec![-1; nq * rows];
+            // SAFETY: the emulation runs on any CPU.
+            let packed = pack_code_tiles(dim, &codes);
+            unsafe { int8_tiles::<amx::emulation::Emulated<amx::emulation::Tdpbssd>>(dim, &queries, &codes, &packed, &mut got) };
+            prop_assert_eq!(got, want);
         }
     }
 

@@ -37,8 +37,8 @@
 
 use rayon::prelude::*;
 
-use super::amx::{self, Tiles};
 use super::fast::par_fill;
+use tevatron_ir::amx::{self, Tiles};
 
 /// Rows per parallel task (a multiple of [`TILE_ROWS`] and [`AMX_ROWS`], so that every task
 /// starts on a tile).
@@ -77,7 +77,7 @@ impl Bf16Kernels {
     /// AMX's `tdpbf16ps` when this CPU has AMX-BF16 (and the system grants the tiles), else
     /// `vdpbf16ps` on 512 bits when it has AVX-512 F and BF16.
     pub fn detect() -> Option<Self> {
-        if super::amx::usable(super::amx::Product::Bf16) {
+        if amx::usable(amx::Product::Bf16) {
             return Some(Bf16Kernels(Set::Amx));
         }
         Self::vdpbf16ps()
@@ -548,7 +548,7 @@ impl Bf16Weight {
             Set::Avx512 => unsafe { x86::block(self, x, rows, b, y) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above (`detect` asked `amx::usable`).
-            Set::Amx => unsafe { self.amx_block::<super::amx::Bf16Tiles>(x, rows, b, y) },
+            Set::Amx => unsafe { self.amx_block::<amx::Bf16Tiles>(x, rows, b, y) },
             #[cfg(not(target_arch = "x86_64"))]
             Set::Avx512 | Set::Amx => unreachable!("no bf16 kernels off x86-64"),
             #[cfg(test)]
@@ -856,7 +856,7 @@ mod tests {
     /// `tdpbf16ps` from Intel's pseudocode: for each step, the even elements' product, then
     /// the odd ones', each sum rounded to nearest; subnormal inputs and results are zero.
     pub(super) struct Tdpbf16ps;
-    pub(super) type EmulatedAmx = crate::backbone::amx::tests::Emulated<Tdpbf16ps>;
+    pub(super) type EmulatedAmx = tevatron_ir::amx::emulation::Emulated<Tdpbf16ps>;
 
     /// One sum of `tdpbf16ps` by its definition (the pseudocode's order, even element first).
     fn dot_pair_even_first(acc: f32, x: u32, w: u32) -> f32 {
@@ -864,7 +864,7 @@ mod tests {
         dot_pair(acc, swap(x), swap(w))
     }
 
-    impl crate::backbone::amx::tests::EmulatedProduct for Tdpbf16ps {
+    impl tevatron_ir::amx::emulation::EmulatedProduct for Tdpbf16ps {
         fn step(sum: [u8; 4], x: [u8; 4], w: [u8; 4]) -> [u8; 4] {
             let (x, w) = (u32::from_le_bytes(x), u32::from_le_bytes(w));
             dot_pair_even_first(f32::from_le_bytes(sum), x, w).to_le_bytes()

@@ -34,8 +34,8 @@
 
 use rayon::prelude::*;
 
-use super::amx::{self, Tiles};
 use super::fast::{lanes_reduce, par_fill, simd};
+use tevatron_ir::amx::{self, Tiles};
 
 /// The widest input a projection may have: the integer sums stay below 2^31.
 pub const MAX_INPUTS: usize = 65_536;
@@ -64,7 +64,7 @@ impl Set {
                 Set::Avx2 => has!("avx2"),
                 Set::AvxVnni => has!("avx2") && has!("avxvnni"),
                 Set::Avx512Vnni => has!("avx512f") && has!("avx512bw") && has!("avx512vnni"),
-                Set::Amx => super::amx::usable(super::amx::Product::Int8),
+                Set::Amx => amx::usable(amx::Product::Int8),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -376,7 +376,7 @@ impl Int8Weight {
             Set::Avx512Vnni => unsafe { x86::vnni_block(self, q, sx, bias, y) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
-            Set::Amx => unsafe { self.amx_block::<super::amx::Int8Tiles>(q, sx, bias, y) },
+            Set::Amx => unsafe { self.amx_block::<amx::Int8Tiles>(q, sx, bias, y) },
             #[cfg(not(target_arch = "x86_64"))]
             _ => self.portable_block(q, sx, bias, y),
         }
@@ -653,19 +653,10 @@ mod tests {
     struct EmuAvx2;
     struct EmuAvxVnni;
     struct EmuVnni;
-    /// `tdpbssd` from its definition: signed byte quads, wrapping i32 sums.
-    struct Tdpbssd;
-    type EmuAmx = crate::backbone::amx::tests::Emulated<Tdpbssd>;
+    type EmuAmx = tevatron_ir::amx::emulation::Emulated<tevatron_ir::amx::emulation::Tdpbssd>;
 
     fn lane(v: &[u8], i: usize) -> i32 {
         i32::from_le_bytes([v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]])
-    }
-
-    impl crate::backbone::amx::tests::EmulatedProduct for Tdpbssd {
-        fn step(sum: [u8; 4], x: [u8; 4], w: [u8; 4]) -> [u8; 4] {
-            let products = x.iter().zip(w).map(|(&x, w)| i32::from(x as i8) * i32::from(w as i8));
-            products.fold(i32::from_le_bytes(sum), i32::wrapping_add).to_le_bytes()
-        }
     }
 
     macro_rules! emulated {

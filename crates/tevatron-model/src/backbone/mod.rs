@@ -8,7 +8,6 @@
 //! hidden states only; pooling and loss live outside them.
 
 pub mod activation;
-mod amx;
 pub(crate) mod attention;
 pub mod bert;
 pub mod bf16;

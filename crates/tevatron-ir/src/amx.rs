@@ -1,14 +1,16 @@
 //! Intel AMX (Advanced Matrix Extensions, Xeon from Sapphire Rapids) for the int8 and bf16
 //! products on the CPU: whether this process may use the tiles, and the tile operations their
-//! kernels share (`int8.rs`'s `tdpbssd`, `bf16.rs`'s `tdpbf16ps`).
+//! kernels share (the model's int8 and bf16 projections, `tdpbssd` and `tdpbf16ps`, and the
+//! int8 scan of compact search, [`crate::quantize`]). It lives in this crate, the lowest one,
+//! so that search and the model share one home for it.
 //!
 //! The kernels see eight fixed tiles of 16 rows x 64 bytes: sums `C(i, j)` (i, j in 0..2) in
 //! tmm `2i + j`, rows `A(i)` in tmm `4 + i`, weights `B(j)` in tmm `6 + j`; one product
 //! instruction adds `A(i) B(j)` into `C(i, j)`. No other code of this program uses the tile
 //! registers, so they hold from one operation to the next.
 //!
-//! The loop both kernels share ([`products`]) is written over the [`Tiles`] trait, so that the
-//! tests run it on an emulation of the operations (`tests::Emulated`) on any CPU.
+//! The loop the kernels share ([`products`]) is written over the [`Tiles`] trait, so that the
+//! tests run it on an emulation of the operations ([`emulation::Emulated`]) on any CPU.
 //!
 //! Each call of [`products`] configures the tiles and releases them at its end, so no tile
 //! state outlives a call on a worker thread. (candle's own AMX code, for quantized GGUF
@@ -18,7 +20,7 @@
 /// A buffer of `T` whose first element starts a cache line (64 bytes), for the operands
 /// AMX's tile loads read: a tile row of 64 bytes that straddles two lines made the bf16
 /// products 1.5-1.9x slower on a Xeon (Emerald Rapids) than the same loads aligned.
-pub(crate) struct Aligned<T> {
+pub struct Aligned<T> {
     lines: Vec<Line>,
     len: usize,
     _values: std::marker::PhantomData<T>,
@@ -31,7 +33,7 @@ struct Line([u8; 64]);
 
 impl<T: bytemuck::Pod> Aligned<T> {
     /// `len` zeros.
-    pub(crate) fn zeroed(len: usize) -> Self {
+    pub fn zeroed(len: usize) -> Self {
         const { assert!(std::mem::align_of::<T>() <= 64) };
         let bytes = len.checked_mul(std::mem::size_of::<T>()).expect("a buffer that fits memory");
         let n = bytes.div_ceil(64);
@@ -73,7 +75,7 @@ impl<T: bytemuck::Pod> std::ops::DerefMut for Aligned<T> {
 
 /// Which AMX product a kernel needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Product {
+pub enum Product {
     /// `tdpbssd`: signed bytes, i32 sums (AMX-INT8).
     Int8,
     /// `tdpbf16ps`: bf16 pairs, F32 sums (AMX-BF16).
@@ -84,7 +86,7 @@ pub(crate) enum Product {
 /// use them: on Linux a process asks once for the tiles' state
 /// (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`), without which its first tile
 /// instruction faults. Asked once per process; the answer holds for all its threads.
-pub(crate) fn usable(product: Product) -> bool {
+pub fn usable(product: Product) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         use std::sync::OnceLock;
@@ -119,15 +121,19 @@ fn tile_state_granted() -> bool {
 }
 
 /// The tile operations of an AMX kernel, on the fixed tiles of the module docs.
-pub(crate) trait Tiles {
+pub trait Tiles {
     /// Sets every tile to 16 rows of 64 bytes and zeroes them (`ldtilecfg`), before any other
     /// operation of a kernel call on this thread.
     /// # Safety
     /// The CPU runs the operations and [`usable`] said so (for each method of the trait).
     unsafe fn configure();
     /// Frees the tiles (`tilerelease`), at the end of a kernel call.
+    /// # Safety
+    /// The tiles are configured on this thread ([`Tiles::configure`]).
     unsafe fn release();
     /// Every `C(i, j)` to zero.
+    /// # Safety
+    /// The tiles are configured on this thread ([`Tiles::configure`]).
     unsafe fn zero_sums();
     /// `C(i, j)` from 16 rows of 16 four-byte sums, `stride` bytes apart (0: one row for all
     /// 16), at `p`.
@@ -146,6 +152,8 @@ pub(crate) trait Tiles {
     /// `C(i, j) += A(i) B(j)`: for each row `m` and channel `n`, over the 16 steps `s`, the
     /// products of `A[m]`'s and `B[s]`'s elements in step `s` (four bytes of `A[m]` at `4s`,
     /// four of `B[s]` at `4n`) added to the 32-bit sum `C[m][n]`.
+    /// # Safety
+    /// The tiles are configured on this thread ([`Tiles::configure`]).
     unsafe fn dot(i: usize, j: usize);
     /// `C(i, j)` to 16 rows of 16 four-byte sums at `p`, `stride` bytes apart.
     /// # Safety
@@ -156,7 +164,7 @@ pub(crate) trait Tiles {
 /// Where [`products`] starts its sums and where it puts whole tiles of them (both optional: the
 /// int8 kernel starts from zero and scales every sum in its epilogue; the bf16 kernel starts
 /// from the bias and stores whole tiles straight into its outputs, with no epilogue).
-pub(crate) struct Sums {
+pub struct Sums {
     /// One four-byte value per channel (up to a whole 32), from which every row's sums for
     /// that channel start (`None`: zeros).
     pub start: Option<*const u8>,
@@ -185,7 +193,7 @@ pub(crate) struct Sums {
 /// ones, which nothing but `write` reads or writes during the call (and `write` only while it
 /// runs, between the tile stores).
 #[inline(always)]
-pub(crate) unsafe fn products<T: Tiles, S: Copy + Default>(
+pub unsafe fn products<T: Tiles, S: Copy + Default>(
     (x, width, rows): (&[u8], usize, usize),
     channels: usize,
     (weights, weight_stride): (impl Fn(usize, usize, usize) -> *const u8, usize),
@@ -285,7 +293,7 @@ mod x86 {
     macro_rules! tiles {
         ($(#[$doc:meta])* $name:ident, $product:literal) => {
             $(#[$doc])*
-            pub(crate) struct $name;
+            pub struct $name;
 
             impl super::Tiles for $name {
                 #[inline(always)]
@@ -384,17 +392,18 @@ mod x86 {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use x86::{Bf16Tiles, Int8Tiles};
+pub use x86::{Bf16Tiles, Int8Tiles};
 
-#[cfg(test)]
-pub(crate) mod tests {
+/// The tile operations emulated from their definitions, so that the tests of every AMX kernel
+/// (here and in the model crate) run its loop on any CPU; no kernel of the program runs them.
+pub mod emulation {
     use std::cell::RefCell;
     use std::marker::PhantomData;
 
     use super::Tiles;
 
     /// One tile: 16 rows of 64 bytes.
-    pub(crate) type Tile = [[u8; 64]; 16];
+    pub type Tile = [[u8; 64]; 16];
 
     thread_local! {
         static TILE_FILE: RefCell<[Tile; 8]> = const { RefCell::new([[[0; 64]; 16]; 8]) };
@@ -411,13 +420,14 @@ pub(crate) mod tests {
     /// `step(sum, a, b)` for a sum's four bytes, the row's four bytes of the step and the
     /// weights' four bytes of the sum's channel; [`Tiles::dot`] runs it over every row,
     /// channel and step of the tiles.
-    pub(crate) trait EmulatedProduct {
+    pub trait EmulatedProduct {
+        /// The sum's four bytes after one step.
         fn step(sum: [u8; 4], a: [u8; 4], b: [u8; 4]) -> [u8; 4];
     }
 
     /// The tile operations emulated on a thread-local file of eight tiles, with `P` as the
     /// product: what lets the tests run an AMX kernel's loop on any CPU.
-    pub(crate) struct Emulated<P>(PhantomData<P>);
+    pub struct Emulated<P>(PhantomData<P>);
 
     fn load(tile: usize, p: *const u8, stride: usize) {
         configured();
@@ -477,10 +487,23 @@ pub(crate) mod tests {
     }
 
     /// The four bytes of lane `n` of a tile row.
-    pub(crate) fn lane(row: &[u8; 64], n: usize) -> [u8; 4] {
+    pub fn lane(row: &[u8; 64], n: usize) -> [u8; 4] {
         [row[4 * n], row[4 * n + 1], row[4 * n + 2], row[4 * n + 3]]
     }
 
+    /// `tdpbssd` from its definition: signed byte quads, wrapping i32 sums.
+    pub struct Tdpbssd;
+
+    impl EmulatedProduct for Tdpbssd {
+        fn step(sum: [u8; 4], x: [u8; 4], w: [u8; 4]) -> [u8; 4] {
+            let products = x.iter().zip(w).map(|(&x, w)| i32::from(x as i8) * i32::from(w as i8));
+            products.fold(i32::from_le_bytes(sum), i32::wrapping_add).to_le_bytes()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
     #[test]
     fn aligned_buffers_start_on_a_cache_line_and_hold_zeros() {
         for len in [0, 1, 15, 16, 17, 1000] {
