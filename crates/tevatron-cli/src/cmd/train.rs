@@ -382,7 +382,8 @@ fn validation(
 
 /// The mixed precision `--bf16` or `--fp16` asks for, saying in the log what it computes on
 /// the CPU: bf16 products on AMX-BF16 or AVX-512 BF16 where the CPU has it (`Mode::cpu_bf16` in the model
-/// crate), else candle's products widened to F32 (slower than F32, kept for its numerics).
+/// crate; a warning where they are slower than F32, as `vdpbf16ps` on Intel's CPUs), else
+/// candle's products widened to F32 (slower than F32, kept for its numerics).
 fn cpu_autocast_note(a: &TrainArgs, device: &candle_core::Device) -> Option<DType> {
     let autocast = if a.bf16 {
         Some(DType::BF16)
@@ -394,8 +395,12 @@ fn cpu_autocast_note(a: &TrainArgs, device: &candle_core::Device) -> Option<DTyp
     if autocast.is_some() && device.is_cpu() {
         let kernels = tevatron_model::Training::new(autocast, 0).cpu_bf16_kernels();
         match kernels {
-            Some(k) => tracing::info!(
+            Some(k) if k.faster_than_f32() => tracing::info!(
                 "--bf16 on the CPU: the linear layers' products (forward and both gradients) as bf16 products with {}, F32 sums; the rest in F32",
+                k.name()
+            ),
+            Some(k) => tracing::warn!(
+                "--bf16 on the CPU: the linear layers' products as bf16 products with {}, which on this Intel CPU do no more multiply-adds a cycle than its F32 FMAs (AMX-BF16 is not usable here): slower than F32 training, kept for autocast's rounding; train without --bf16 for speed (docs/bf16.md#training)",
                 k.name()
             ),
             None => tracing::warn!(
