@@ -109,10 +109,46 @@ impl<T> Selection<T> {
 
 /// The `k` best `(score, row)` pairs offered, by score and then doc id descending (trec_eval's
 /// order), in a [`Selection`] behind a score floor. NaN scores never enter.
+///
+/// The pairs are kept as `u64` keys (the score's bits in an order-preserving form, then the row
+/// reversed), so that the selection compares integers: comparing `(f32, u32)` pairs through the
+/// tie rule's closure was a fifth of an exact search at depth 1,000. The keys order equal
+/// scores by row, not by doc id; a selection whose boundary score is tied on both sides of it
+/// orders those tied pairs by the full rule ([`better_first`]) before it drops any.
 pub(crate) struct TopK {
-    best: Selection<(f32, u32)>,
+    best: Selection<u64>,
     /// No candidate below this can be among the best `k` (NEG_INFINITY until `k` are kept).
     floor: f32,
+}
+
+/// A score's bits as an unsigned integer in the score's order (NaN never comes here; `-0.0`
+/// is taken as `0.0`, to which it compares equal).
+#[inline]
+fn ordered_bits(score: f32) -> u32 {
+    let bits = (score + 0.0).to_bits();
+    if bits >> 31 == 1 {
+        !bits
+    } else {
+        bits | 0x8000_0000
+    }
+}
+
+/// The score [`ordered_bits`] came from.
+#[inline]
+fn from_ordered_bits(bits: u32) -> f32 {
+    f32::from_bits(if bits >> 31 == 1 { bits & 0x7fff_ffff } else { !bits })
+}
+
+/// A pair's key in [`TopK`]: larger is better, equal scores by the lower row.
+#[inline]
+fn key(score: f32, row: u32) -> u64 {
+    (ordered_bits(score) as u64) << 32 | (u32::MAX - row) as u64
+}
+
+/// The pair a [`key`] holds.
+#[inline]
+fn pair(key: u64) -> (f32, u32) {
+    (from_ordered_bits((key >> 32) as u32), u32::MAX - key as u32)
 }
 
 impl TopK {
@@ -123,36 +159,69 @@ impl TopK {
     #[inline]
     pub(crate) fn push(&mut self, score: f32, row: u32, ids: &Ids) {
         // Equal to the floor may still enter: on a score tie the larger doc id ranks first.
-        if score.is_nan() || score < self.floor {
+        if score.is_nan() || score < self.floor || self.best.k == 0 {
             return;
         }
-        if let Some(&(worst, _)) = self.best.push((score, row), |a, b| better_first(*a, *b, ids)) {
-            self.floor = worst;
+        self.best.kept.push(key(score, row));
+        if self.best.kept.len() >= Selection::<u64>::cap(self.best.k) {
+            self.select(ids);
         }
+    }
+
+    /// Keeps the best `k` pairs and raises the floor to the worst of them (when more than `k`
+    /// are held).
+    fn select(&mut self, ids: &Ids) {
+        let (k, kept) = (self.best.k, &mut self.best.kept);
+        if kept.len() <= k || k == 0 {
+            return;
+        }
+        kept.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+        let boundary = kept[k - 1] >> 32;
+        if kept[k..].iter().any(|&x| x >> 32 == boundary) {
+            // The keys chose among the pairs tied at the boundary by row; the rule chooses by
+            // doc id. Sort the tied pairs by it and give the kept slots the best of them.
+            let mut tied: Vec<u64> =
+                kept.iter().copied().filter(|&x| x >> 32 == boundary).collect();
+            tied.sort_unstable_by(|&a, &b| better_first(pair(a), pair(b), ids));
+            let slots = kept[..k].iter_mut().filter(|x| **x >> 32 == boundary);
+            for (slot, best) in slots.zip(tied) {
+                *slot = best;
+            }
+        }
+        kept.truncate(k);
+        self.floor = from_ordered_bits(boundary as u32);
     }
 
     /// Offers one query's scores of rows `start..start + row.len()`, skipping every score
     /// below the current floor: sixteen at a time, the test has no branch per score and
     /// vectorizes.
+    /// Within a chunk, the scores at or above the floor are found as a mask, so only those are
+    /// visited one by one (`push` tests each against the floor again, as it may have risen).
     #[inline]
     fn push_row(&mut self, row: &[f32], start: usize, ids: &Ids) {
         for (c, chunk) in row.chunks(16).enumerate() {
             let floor = self.floor;
-            if !chunk.iter().fold(false, |any, &s| any | (s >= floor)) {
-                continue;
-            }
-            for (k, &s) in chunk.iter().enumerate() {
-                if s >= self.floor {
-                    self.push(s, (start + c * 16 + k) as u32, ids);
-                }
+            let mut above =
+                chunk.iter().enumerate().fold(0u32, |m, (i, &s)| m | (u32::from(s >= floor) << i));
+            while above != 0 {
+                let k = above.trailing_zeros() as usize;
+                self.push(chunk[k], (start + c * 16 + k) as u32, ids);
+                above &= above - 1;
             }
         }
     }
 
-    /// The best `k` (or fewer, if fewer were offered), in no particular order.
-    pub(crate) fn into_kept(mut self, ids: &Ids) -> Vec<(f32, u32)> {
-        self.best.select(|a, b| better_first(*a, *b, ids));
+    /// The keys of the best `k` (or fewer, if fewer were offered), in no particular order.
+    fn into_kept_keys(mut self, ids: &Ids) -> Vec<u64> {
+        self.select(ids);
         self.best.into_items()
+    }
+
+    /// Offers every pair `other` holds (the merge of two threads' top-k of one query).
+    fn merge(&mut self, other: TopK, ids: &Ids) {
+        for (s, r) in other.best.into_items().into_iter().map(pair) {
+            self.push(s, r, ids);
+        }
     }
 }
 
@@ -333,9 +402,7 @@ fn scan_shard(
                     return Ok(b);
                 }
                 for (ha, hb) in a.iter_mut().zip(b) {
-                    for (s, r) in hb.best.into_items() {
-                        ha.push(s, r, ids);
-                    }
+                    ha.merge(hb, ids);
                 }
                 Ok(a)
             })?;
@@ -349,8 +416,21 @@ fn scan_shard(
 }
 
 pub(crate) fn best_first(top: TopK, ids: &Ids) -> Vec<(f32, u32)> {
-    let mut hits: Vec<(f32, u32)> = top.into_kept(ids);
-    hits.sort_by(|a, b| rank_cmp(a.0, || &ids[a.1 as usize], b.0, || &ids[b.1 as usize]));
+    let mut keys = top.into_kept_keys(ids);
+    // By key (score, then row) as integers; then each run of equal scores, rare in real
+    // scores, by doc id (a stable sort, so equal ids stay in row order).
+    keys.sort_unstable_by(|a, b| b.cmp(a));
+    let mut hits: Vec<(f32, u32)> = keys.into_iter().map(pair).collect();
+    let mut from = 0;
+    while from < hits.len() {
+        let score = hits[from].0;
+        let to = from + hits[from..].iter().take_while(|h| h.0 == score).count();
+        if to - from > 1 {
+            hits[from..to]
+                .sort_by(|a, b| rank_cmp(a.0, || &ids[a.1 as usize], b.0, || &ids[b.1 as usize]));
+        }
+        from = to;
+    }
     hits
 }
 
