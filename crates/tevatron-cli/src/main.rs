@@ -47,15 +47,18 @@ pub fn tune_allocator_for_training() {
     }
 }
 
-/// The opposite trade for `search`: a fixed mmap threshold (which also turns off glibc's dynamic
-/// raising of it) so that freed scratch buffers go back to the OS and peak memory stays close to
-/// the mapped corpus (about 40 MB less at 2 threads).
+/// A middle way for `search`: a fixed mmap threshold (which also turns off glibc's dynamic
+/// raising of it) of 4 MiB, with trimming above 8 MiB, so that the matrix kernel's packing
+/// buffers (about 1.5 MB, one per product call) are reused from the heap while larger scratch
+/// goes back to the OS. At 128 KiB each packing buffer was mapped afresh and its pages faulted
+/// and zeroed: 1.5M page faults and 2.5 s of system time in a 1M x 384 search of 1,000 queries,
+/// which now runs 20% faster with 30-50 MB more peak memory at 2 threads.
 pub fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator thresholds.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 10);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 8 << 20);
     }
 }
 
