@@ -20,8 +20,8 @@ static ALLOC: tevatron_model::mapped::MappedAlloc = tevatron_model::mapped::Mapp
 
 /// Keeps freed tensor buffers in the heap instead of returning them to the OS. candle allocates
 /// a fresh buffer per op; with glibc's default (mmap above 128 KiB, adaptive) every large
-/// activation costs page faults and zeroing, about a tenth of encode time on CPU. Only `encode`
-/// calls it: search and eval gain nothing and would keep the freed memory resident.
+/// activation costs page faults and zeroing, about a tenth of encode time on CPU. `search` takes
+/// a narrower setting ([`tune_allocator_for_search`]); eval gains nothing from either.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator thresholds; called before any other thread starts.
@@ -53,7 +53,7 @@ pub fn tune_allocator_for_training() {
 /// goes back to the OS. At 128 KiB each packing buffer was mapped afresh and its pages faulted
 /// and zeroed: 1.5M page faults and 2.5 s of system time in a 1M x 384 search of 1,000 queries,
 /// which now runs 20% faster with 30-50 MB more peak memory at 2 threads.
-pub fn release_freed_memory() {
+pub fn tune_allocator_for_search() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator thresholds.
     unsafe {

@@ -37,9 +37,9 @@ pub const FORMAT: &str = "tevatron-compact-v1";
 /// Rows scanned per block: the block's codes and a chunk's scores stay in cache.
 const SCAN_BLOCK: usize = 256;
 
-/// Queries scored against a block at a time: with the block's codes (up to 192 KB at 768
-/// dimensions) and their scores (128 KB), a chunk's query codes (up to 96 KB) stay within a
-/// core's second-level cache.
+/// Queries scored against a block at a time: the block's codes and their laid-out copy (up to
+/// 192 KB each at 768 dimensions), the chunk's scores (128 KB) and its query codes (up to 96 KB,
+/// and as much again where the kernel copies them) stay within a core's second-level cache.
 const SCORED_QUERIES: usize = 128;
 
 /// How many candidate rows ahead rescoring asks for a row's cache lines: enough rows in flight
@@ -49,9 +49,6 @@ const SCORED_QUERIES: usize = 128;
 /// the first-level cache when their turn comes. On Zen 5, 4 and 8 rows measured alike (8 a
 /// little faster); without the prefetch, rescoring was 20-25% slower.
 const PREFETCH_ROWS: usize = 8;
-
-/// Bytes of candidate keys a thread may hold for one pass of queries.
-const CANDIDATE_BUDGET: usize = 256 << 20;
 
 /// The widest int8 codes scored: `127 x 128 x 65,536` is far from `i32::MAX` (the kernels'
 /// sums overflow beyond 132,104 dimensions).
@@ -406,6 +403,32 @@ pub fn search_compact(
     if k == 0 {
         return Ok((vec![Vec::new(); nq], report));
     }
+    // The batch widened to as many queries per pass as keep the threads' candidate lists (up
+    // to 2m keys of 8 bytes a query and thread) within exact search's pass budget, as exact
+    // search widens its passes: each pass reads the codes, and lays each block out for the
+    // kernels, once. The result does not depend on it.
+    let parts = rayon::current_num_threads().max(1);
+    let pass = crate::search::queries_per_pass(
+        crate::search::queries_per_batch(batch_size, nq),
+        nq,
+        m,
+        parts,
+    );
+    Ok((scan_in_passes(queries, dim, compact, shard, (k, m), pass, kernels)?, report))
+}
+
+/// [`search_compact`]'s scan and rescoring, `pass` queries at a time: each query's best `k`
+/// of `m` candidates.
+fn scan_in_passes(
+    queries: &[f32],
+    dim: usize,
+    compact: &CompactShard,
+    shard: &Vectors,
+    (k, m): (usize, usize),
+    pass: usize,
+    kernels: Kernels,
+) -> Result<QueryHits> {
+    let (nq, n) = (queries.len() / dim.max(1), shard.len());
     let width = compact.precision.row_bytes(dim);
     let query_codes: Vec<u8> = queries
         .chunks_exact(dim)
@@ -419,12 +442,7 @@ pub fn search_compact(
         })
         .collect();
     let codes = compact.bytes();
-    // The batch widened to as many queries per pass as keep each thread's candidate lists (up
-    // to 2m keys of 8 bytes a query) within CANDIDATE_BUDGET, as exact search widens its
-    // passes: each pass reads the codes, and lays each block out for the kernels, once. The
-    // result does not depend on it.
-    let fit = (CANDIDATE_BUDGET / (16 * m)).max(1);
-    let batch_size = crate::search::queries_per_batch(batch_size, nq).max(fit.min(nq));
+    let batch_size = pass.max(1);
     let all = blocks(n, SCAN_BLOCK);
     let parts = rayon::current_num_threads().max(1);
     let per_part = all.len().div_ceil(parts).max(1);
@@ -454,12 +472,12 @@ pub fn search_compact(
                     // floor is tested again against the current one.
                     // int8 scores carry the query offset, taken back out by each row's
                     // offset; binary has none.
-                    let taken = int8.as_ref().map_or(&[][..], |codes| codes.offsets());
+                    let taken = int8.as_ref().map_or(&[][..], |laid_out| laid_out.offsets());
                     let chunks = batch.chunks(SCORED_QUERIES * width);
                     for (chunk, heaps) in chunks.zip(heaps.chunks_mut(SCORED_QUERIES)) {
                         let scores = &mut scores[..nb * (chunk.len() / width)];
                         match &int8 {
-                            Some(codes) => codes.scores(chunk, scores),
+                            Some(laid_out) => laid_out.scores(chunk, scores),
                             None => kernels.binary_scores(width, chunk, block, scores),
                         }
                         for (heap, scores) in heaps.iter_mut().zip(scores.chunks(nb)) {
@@ -500,7 +518,7 @@ pub fn search_compact(
             .collect::<Result<Vec<_>>>()?;
         out.extend(rescored);
     }
-    Ok((out, report))
+    Ok(out)
 }
 
 /// Exact scores of one query's candidate rows, the best `k` kept by exact search's tie rule.
@@ -607,6 +625,10 @@ mod tests {
                         let (got, report) = search_compact(&q, dim, compact, &v, depth, batch, all, kernels).unwrap();
                         prop_assert_eq!(report.candidates, n);
                         prop_assert_eq!(&got, &want, "{} {}", precision.name(), kernels.name());
+                        // Passes of `batch` queries, as a depth too large to widen them would run.
+                        let k = depth.min(n);
+                        let passes = scan_in_passes(&q, dim, compact, &v, (k, n), batch.max(1), kernels).unwrap();
+                        prop_assert_eq!(&passes, &want, "{} {} in passes", precision.name(), kernels.name());
                     }
                 }
             }
@@ -681,6 +703,29 @@ mod tests {
             binary >= 0.2 && binary_deep >= 0.6 && binary_deep > binary,
             "binary {binary} {binary_deep}"
         );
+    }
+
+    /// More queries than a chunk scored against a block (so a block's layout serves several
+    /// chunks), in one pass and in several: with every row a candidate, exact search.
+    #[test]
+    fn many_queries_span_several_chunks_and_passes() {
+        let (n, nq, dim, depth) = (700, 2 * SCORED_QUERIES + 44, 24, 5);
+        let mut next = lcg(11);
+        let docs: Vec<f32> = (0..n * dim).map(|_| (next() % 5) as f32 - 2.0).collect();
+        let q: Vec<f32> = (0..nq * dim).map(|_| (next() % 5) as f32 - 2.0).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let v = write_vectors(dir.path(), "c", &docs, dim, VecDType::F32);
+        let want = search_shard(&q, dim, &v, depth, 0).unwrap();
+        for precision in [Precision::Int8, Precision::Binary] {
+            let compact = CompactShard::build(&v, precision, None).unwrap();
+            for kernels in Kernels::available() {
+                for pass in [nq, 100, 7] {
+                    let got =
+                        scan_in_passes(&q, dim, &compact, &v, (depth, n), pass, kernels).unwrap();
+                    assert_eq!(got, want, "{} {} pass {pass}", precision.name(), kernels.name());
+                }
+            }
+        }
     }
 
     #[test]

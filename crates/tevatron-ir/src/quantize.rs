@@ -241,12 +241,12 @@ impl Kernels {
                 // The interleaved rows' sums over their first `4 x (dim / 4)` bytes, then the
                 // bytes the interleaving leaves out, and the rows past the last group.
                 let covered = dim / 4 * 4;
-                let whole = packed.len() / covered.max(1);
+                let interleaved = packed.len() / covered.max(1);
                 // SAFETY: this set has AVX-512 VNNI (`Set::runs_here`).
-                unsafe { x86::run_sums(&packed, dim / 4, &mut offsets[..whole]) };
-                let rows = codes.chunks_exact(dim.max(1));
-                for (r, (o, row)) in offsets.iter_mut().zip(rows).enumerate() {
-                    let from = if r < whole { covered } else { 0 };
+                unsafe { x86::run_sums(&packed, dim / 4, &mut offsets[..interleaved]) };
+                let code_rows = codes.chunks_exact(dim.max(1));
+                for (r, (o, row)) in offsets.iter_mut().zip(code_rows).enumerate() {
+                    let from = if r < interleaved { covered } else { 0 };
                     *o += row[from..].iter().map(|&c| c as i32).sum::<i32>();
                 }
                 Layout::Interleaved(packed)
@@ -276,8 +276,8 @@ impl Kernels {
         match self.0 {
             Set::Portable => binary_portable(width, queries, codes, out),
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: POPCNT is part of both sets, and a `Kernels` names a set this CPU runs; the
-            // AVX-512 set has AVX-512F, and VPOPCNTDQ is checked here.
+            // SAFETY: POPCNT is part of every SIMD set, and a `Kernels` names a set this CPU
+            // runs; the AVX-512 sets have AVX-512F, and VPOPCNTDQ is checked here.
             Set::Avx2 | Set::Avx512Vnni | Set::Amx => unsafe {
                 if self.0 != Set::Avx2 && has_vpopcntdq() {
                     x86::binary_vpopcnt(width, queries, codes, out)
@@ -343,6 +343,7 @@ fn has_vpopcntdq() -> bool {
 ///
 /// # Safety
 /// The CPU runs `T`'s operations ([`amx::usable`] said so).
+#[cfg(any(test, target_arch = "x86_64"))]
 unsafe fn int8_tiles<T: amx::Tiles>(
     dim: usize,
     queries: &[u8],
@@ -356,6 +357,8 @@ unsafe fn int8_tiles<T: amx::Tiles>(
     }
     let width = dim.next_multiple_of(64);
     assert_eq!(packed.len(), rows.next_multiple_of(32) * width / 4, "pack_code_tiles' layout");
+    // Whole tiles are stored straight into `out` (`amx::products`' contract).
+    assert_eq!(out.len(), nq * rows, "codes and scores disagree");
     let mut x = amx::Aligned::<u8>::zeroed(nq.next_multiple_of(16) * width);
     for (padded, query) in x.chunks_exact_mut(width).zip(queries.chunks_exact(dim)) {
         padded[..dim].copy_from_slice(query);
@@ -382,6 +385,7 @@ unsafe fn int8_tiles<T: amx::Tiles>(
 /// as whole pairs of them need, the missing rows zero), each group `width / 4` runs of 64
 /// bytes (`width`: `dim` rounded up to 64), run `t` holding bytes `4t .. 4t + 4` of the
 /// group's sixteen rows side by side (zeros past `dim`).
+#[cfg(any(test, target_arch = "x86_64"))]
 fn pack_code_tiles(dim: usize, codes: &[i8]) -> amx::Aligned<u32> {
     let rows = codes.len() / dim.max(1);
     let (runs, whole) = (dim.next_multiple_of(64) / 4, dim / 4);
@@ -699,7 +703,7 @@ mod x86 {
         let (groups, quads) = (rows / 16, dim / 4);
         let packed_rows = if quads > 0 { groups * 16 } else { 0 };
         if packed_rows > 0 {
-            debug_assert_eq!(packed.len(), groups * quads * 64, "pack16's layout of the codes");
+            assert_eq!(packed.len(), groups * quads * 64, "pack16's layout of the codes");
             packed_query_groups!(vnni_packed::<8>(dim, quads, queries, packed, groups, rows, out));
             if quads * 4 < dim {
                 for n in 0..nq {
@@ -1020,6 +1024,55 @@ mod tests {
                 prop_assert_eq!(&got, &want, "{}", k.name());
                 k.binary_scores(width, &qbits, &bits, &mut got);
                 prop_assert_eq!(&got, &want_bits, "{}", k.name());
+            }
+        }
+    }
+
+    /// The AMX scan on the emulated instruction at shapes chosen rather than drawn: widths of
+    /// whole tiles (64, 384) and not, query and row counts of whole tile pairs, whose sums are
+    /// stored straight into the scores, and of part tiles.
+    #[test]
+    fn the_amx_scan_on_whole_and_part_tiles() {
+        for (dim, rows, nq) in [(64, 64, 32), (128, 32, 16), (384, 40, 20), (3, 33, 17)] {
+            let codes: Vec<i8> = (0..rows * dim).map(|i| (i * 37 % 255) as u8 as i8).collect();
+            let queries: Vec<u8> = (0..nq * dim).map(|i| 1 + (i * 53 % 127) as u8).collect();
+            let mut want = vec![0; nq * rows];
+            int8_portable(dim, &queries, &codes, &mut want);
+            let mut got = vec![-1; nq * rows];
+            let packed = pack_code_tiles(dim, &codes);
+            // SAFETY: the emulation runs on any CPU.
+            unsafe {
+                int8_tiles::<amx::emulation::Emulated<amx::emulation::Tdpbssd>>(
+                    dim, &queries, &codes, &packed, &mut got,
+                )
+            };
+            assert_eq!(got, want, "{dim} x {rows}, {nq} queries");
+        }
+    }
+
+    /// The code sums taken from the AMX layout (`run_sums` by ones over the tiles), on any CPU
+    /// with AVX-512 VNNI: the AMX set's offsets without needing AMX.
+    #[test]
+    fn code_sums_from_the_tile_layout() {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512vnni")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+        {
+            for (dim, rows) in [(3, 5), (64, 32), (100, 47), (384, 70)] {
+                let codes: Vec<i8> = (0..rows * dim).map(|i| (i * 91 % 255) as u8 as i8).collect();
+                let mut want = vec![0; rows];
+                code_sums(&codes, dim, &mut want);
+                let packed = pack_code_tiles(dim, &codes);
+                let mut got = vec![0; rows];
+                // SAFETY: AVX-512 VNNI and BW checked above.
+                unsafe {
+                    x86::run_sums(
+                        bytemuck::cast_slice(&packed),
+                        dim.next_multiple_of(64) / 4,
+                        &mut got,
+                    )
+                };
+                assert_eq!(got, want, "{dim} x {rows}");
             }
         }
     }

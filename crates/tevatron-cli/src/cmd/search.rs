@@ -22,7 +22,7 @@ use tevatron_ir::vectors::{expand_glob, Ids, Vectors};
 use crate::args::{QuantizeArg, SearchArgs};
 
 pub fn run(a: &SearchArgs) -> Result<()> {
-    crate::release_freed_memory();
+    crate::tune_allocator_for_search();
     if a.depth == 0 {
         bail!("--depth must be at least 1");
     }
