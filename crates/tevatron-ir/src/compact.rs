@@ -538,28 +538,14 @@ pub(crate) fn rescore(
             all.prefetch(dim, ahead as usize);
         }
         let r = row as usize;
-        let v = all.block(dim, r, r + 1, scratch);
-        let score = dot(v, query);
+        let score = all.dot(dim, r, query);
         if !score.is_finite() {
             // A NaN or infinity in the row makes the score one; the row check names it.
-            check_finite(v, dim, r, shard.path())?;
+            check_finite(all.block(dim, r, r + 1, scratch), dim, r, shard.path())?;
         }
         top.push(score, row, ids);
     }
     Ok(best_first(top, ids))
-}
-
-/// An f32 inner product in eight independent lanes, so that the compiler can vectorize it.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            lanes[i] += x[i] * y[i];
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
 }
 
 /// Where `tevatron index` writes a shard's compact form: `<dir>/<shard stem>.<precision>.safetensors`.

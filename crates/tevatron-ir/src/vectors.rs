@@ -244,6 +244,68 @@ impl<'a> Rows<'a> {
     }
 }
 
+impl Rows<'_> {
+    /// The inner product of row `r` with `query` (`dim` values), summed in eight independent
+    /// lanes (each a product added to its lane, the lanes then summed in order, then the values
+    /// past the last eight): the same bits whether the row is stored in F32, F16 or BF16, since
+    /// widening a half-precision value is exact. F16 rows are widened eight values at a time in
+    /// registers (F16C) where the CPU has it, not through a scratch row: rescoring candidates
+    /// from an F16 corpus spent more on that copy than on the products.
+    #[inline]
+    pub fn dot(&self, dim: usize, r: usize, query: &[f32]) -> f32 {
+        let range = r * dim..(r + 1) * dim;
+        match self {
+            Rows::F32(x) => dot_lanes(&x[range], query, |v| v),
+            Rows::F16(x) => {
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("f16c") {
+                    // SAFETY: F16C (and so AVX) checked just above.
+                    return unsafe { dot_f16c(&x[range], query) };
+                }
+                dot_lanes(&x[range], query, f16::to_f32)
+            }
+            Rows::BF16(x) => dot_lanes(&x[range], query, bf16::to_f32),
+        }
+    }
+}
+
+/// [`Rows::dot`]'s order over values widened by `widen`.
+#[inline]
+fn dot_lanes<T: Copy>(row: &[T], query: &[f32], widen: impl Fn(T) -> f32) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (cr, cq) = (row.chunks_exact(8), query.chunks_exact(8));
+    let tail: f32 = cr.remainder().iter().zip(cq.remainder()).map(|(&x, y)| widen(x) * y).sum();
+    for (x, y) in cr.zip(cq) {
+        for i in 0..8 {
+            lanes[i] += widen(x[i]) * y[i];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// [`dot_lanes`] over F16 values widened eight at a time by `vcvtph2ps`: a multiply then an
+/// add per lane (no fused multiply-add, which would round once where the portable order rounds
+/// twice), so the same bits.
+///
+/// # Safety
+/// The CPU has F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+unsafe fn dot_f16c(row: &[f16], query: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = row.len().min(query.len()) / 8 * 8;
+    let mut acc = _mm256_setzero_ps();
+    for i in (0..n).step_by(8) {
+        let x = _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(i).cast()));
+        let y = _mm256_loadu_ps(query.as_ptr().add(i));
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(x, y));
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+    let tail: f32 = row[n..].iter().zip(&query[n..]).map(|(&x, y)| x.to_f32() * y).sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
 /// `x` widened into `out` (empty) a slice at a time.
 fn widen<H>(x: &[H], out: &mut Vec<f32>)
 where
@@ -490,6 +552,47 @@ pub fn expand_glob(pattern: &str) -> Result<Vec<PathBuf>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A row's inner product is the same bits from F32, F16 and BF16 storage of the same
+    /// (half-representable) values, on this CPU's F16C path and the portable one alike.
+    #[test]
+    fn row_dots_agree_bit_for_bit_across_storage() {
+        let mut x = 12345u64;
+        let mut next = || {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.0
+        };
+        for dim in [1, 7, 8, 9, 16, 31, 384, 385] {
+            let rows = 3;
+            let values: Vec<f32> = (0..rows * dim).map(|_| next()).collect();
+            let query: Vec<f32> = (0..dim).map(|_| next()).collect();
+            let halves: Vec<f16> = values.iter().map(|&v| f16::from_f32(v)).collect();
+            let widened: Vec<f32> = halves.iter().map(|h| h.to_f32()).collect();
+            let bfloats: Vec<bf16> = widened.iter().map(|&v| bf16::from_f32(v)).collect();
+            let bf_widened: Vec<f32> = bfloats.iter().map(|h| h.to_f32()).collect();
+            for r in 0..rows {
+                let want = Rows::F32(&widened).dot(dim, r, &query);
+                assert_eq!(
+                    Rows::F16(&halves).dot(dim, r, &query).to_bits(),
+                    want.to_bits(),
+                    "f16 {dim}"
+                );
+                let portable = dot_lanes(&halves[r * dim..(r + 1) * dim], &query, f16::to_f32);
+                assert_eq!(portable.to_bits(), want.to_bits(), "portable f16 {dim}");
+                let want = Rows::F32(&bf_widened).dot(dim, r, &query);
+                assert_eq!(
+                    Rows::BF16(&bfloats).dot(dim, r, &query).to_bits(),
+                    want.to_bits(),
+                    "bf16 {dim}"
+                );
+                let direct: f32 =
+                    widened[r * dim..(r + 1) * dim].iter().zip(&query).map(|(a, b)| a * b).sum();
+                assert!(
+                    (Rows::F32(&widened).dot(dim, r, &query) - direct).abs() <= 1e-4 * dim as f32
+                );
+            }
+        }
+    }
 
     #[test]
     fn write_then_read_every_dtype() {
