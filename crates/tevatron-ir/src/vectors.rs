@@ -258,8 +258,10 @@ impl Rows<'_> {
             Rows::F32(x) => dot_lanes(&x[range], query, |v| v),
             Rows::F16(x) => {
                 #[cfg(target_arch = "x86_64")]
-                if std::arch::is_x86_feature_detected!("f16c") {
-                    // SAFETY: F16C (and so AVX) checked just above.
+                if std::arch::is_x86_feature_detected!("avx")
+                    && std::arch::is_x86_feature_detected!("f16c")
+                {
+                    // SAFETY: AVX and F16C checked just above.
                     return unsafe { dot_f16c(&x[range], query) };
                 }
                 dot_lanes(&x[range], query, f16::to_f32)
@@ -288,7 +290,7 @@ fn dot_lanes<T: Copy>(row: &[T], query: &[f32], widen: impl Fn(T) -> f32) -> f32
 /// twice), so the same bits.
 ///
 /// # Safety
-/// The CPU has F16C.
+/// The CPU has AVX and F16C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx,f16c")]
 unsafe fn dot_f16c(row: &[f16], query: &[f32]) -> f32 {
