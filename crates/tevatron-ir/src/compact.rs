@@ -449,6 +449,13 @@ fn scan_in_passes(
     let mut out = Vec::with_capacity(nq);
     for (b, batch) in query_codes.chunks(batch_size * width).enumerate() {
         let bq = batch.len() / width;
+        // The pass's int8 query chunks, laid out once for the kernels and shared by every block.
+        let int8_queries: Vec<_> = match compact.precision {
+            Precision::Int8 => {
+                batch.chunks(SCORED_QUERIES * width).map(|c| kernels.int8_queries(dim, c)).collect()
+            }
+            Precision::Binary => Vec::new(),
+        };
         let candidates = all
             .par_chunks(per_part)
             .map(|part| {
@@ -474,10 +481,12 @@ fn scan_in_passes(
                     // offset; binary has none.
                     let taken = int8.as_ref().map_or(&[][..], |laid_out| laid_out.offsets());
                     let chunks = batch.chunks(SCORED_QUERIES * width);
-                    for (chunk, heaps) in chunks.zip(heaps.chunks_mut(SCORED_QUERIES)) {
+                    for (c, (chunk, heaps)) in
+                        chunks.zip(heaps.chunks_mut(SCORED_QUERIES)).enumerate()
+                    {
                         let scores = &mut scores[..nb * (chunk.len() / width)];
                         match &int8 {
-                            Some(laid_out) => laid_out.scores(chunk, scores),
+                            Some(laid_out) => laid_out.scores(&int8_queries[c], scores),
                             None => kernels.binary_scores(width, chunk, block, scores),
                         }
                         for (heap, scores) in heaps.iter_mut().zip(scores.chunks(nb)) {

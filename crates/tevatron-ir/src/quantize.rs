@@ -225,7 +225,20 @@ impl Kernels {
     /// signed code bytes) for `nq` queries of `dim` bytes and `rows` code rows; with the query
     /// offset taken back ([`code_sums`]) this is the signed dot product of the codes.
     pub fn int8_scores(self, dim: usize, queries: &[u8], codes: &[i8], out: &mut [i32]) {
-        self.int8_block(dim, codes).scores(queries, out)
+        self.int8_block(dim, codes).scores(&self.int8_queries(dim, queries), out)
+    }
+
+    /// Query codes (rows of `dim` bytes) laid out for these kernels' int8 scan, to be scored
+    /// against any number of blocks ([`Int8Block::scores`]): AMX reads them as tile rows,
+    /// padded to whole tiles and starting on a cache line, which a scan makes once per pass
+    /// rather than once per block; the other sets read them as they are.
+    pub fn int8_queries(self, dim: usize, queries: &[u8]) -> Int8Queries<'_> {
+        let tiles = match self.0 {
+            #[cfg(target_arch = "x86_64")]
+            Set::Amx => Some(pad_query_rows(dim, queries)),
+            _ => None,
+        };
+        Int8Queries { kernels: self, dim, queries, tiles }
     }
 
     /// `codes` (rows of `dim` bytes) laid out for these kernels' int8 scan, to be scored
@@ -338,31 +351,28 @@ fn has_vpopcntdq() -> bool {
 /// rows their channels. A query byte is at most 127, so `tdpbssd`'s signed product of the two
 /// bytes is the unsigned-by-signed one of the other kernels. Both operands are laid out for the
 /// tiles, each row padded with zeros to whole 64 bytes (which add nothing): the queries row by
-/// row at each call, the codes once per block by groups of sixteen rows whose four-byte runs
-/// sit side by side (`packed`, [`pack_code_tiles`]).
+/// row (`x`, [`pad_query_rows`], `nq` real rows), the codes by groups of sixteen rows whose
+/// four-byte runs sit side by side (`packed`, [`pack_code_tiles`]), each once per pass.
 ///
 /// # Safety
 /// The CPU runs `T`'s operations ([`amx::usable`] said so).
 #[cfg(any(test, target_arch = "x86_64"))]
 unsafe fn int8_tiles<T: amx::Tiles>(
     dim: usize,
-    queries: &[u8],
+    (x, nq): (&[u8], usize),
     codes: &[i8],
     packed: &[u32],
     out: &mut [i32],
 ) {
-    let (nq, rows) = (queries.len() / dim.max(1), codes.len() / dim.max(1));
+    let rows = codes.len() / dim.max(1);
     if nq == 0 || rows == 0 {
         return;
     }
     let width = dim.next_multiple_of(64);
+    assert_eq!(x.len(), nq.next_multiple_of(16) * width, "pad_query_rows' layout");
     assert_eq!(packed.len(), rows.next_multiple_of(32) * width / 4, "pack_code_tiles' layout");
     // Whole tiles are stored straight into `out` (`amx::products`' contract).
     assert_eq!(out.len(), nq * rows, "codes and scores disagree");
-    let mut x = amx::Aligned::<u8>::zeroed(nq.next_multiple_of(16) * width);
-    for (padded, query) in x.chunks_exact_mut(width).zip(queries.chunks_exact(dim)) {
-        padded[..dim].copy_from_slice(query);
-    }
     // Weight tile `j` of the 32 rows from `c0`, for the row bytes from `at`: group
     // `c0 / 16 + j`, its four-byte runs from `at / 4`, one run of sixteen rows a tile row.
     let runs = width / 4;
@@ -370,7 +380,7 @@ unsafe fn int8_tiles<T: amx::Tiles>(
     let weights = |c0: usize, j: usize, at: usize| base.add(((c0 / 16 + j) * runs + at / 4) * 64);
     let (sums_out, len) = (out.as_mut_ptr(), out.len());
     let sums = amx::Sums { start: None, out: Some(sums_out.cast()) };
-    amx::products::<T, i32>((&x, width, nq), rows, (weights, 64), sums, |r0, c0, sums| {
+    amx::products::<T, i32>((x, width, nq), rows, (weights, 64), sums, |r0, c0, sums| {
         // SAFETY: `out`'s values, which `products` writes only between calls of this.
         let out = std::slice::from_raw_parts_mut(sums_out, len);
         for (i, sums) in sums.iter().enumerate().take((nq - r0).min(32)) {
@@ -379,6 +389,18 @@ unsafe fn int8_tiles<T: amx::Tiles>(
             out[at..at + n].copy_from_slice(&sums[..n]);
         }
     });
+}
+
+/// `queries` (rows of `dim` bytes) as AMX tile rows: each padded with zeros to whole 64 bytes,
+/// the rows padded with zero rows to a whole tile of 16, the first on a cache line.
+#[cfg(any(test, target_arch = "x86_64"))]
+fn pad_query_rows(dim: usize, queries: &[u8]) -> amx::Aligned<u8> {
+    let (nq, width) = (queries.len() / dim.max(1), dim.next_multiple_of(64));
+    let mut x = amx::Aligned::<u8>::zeroed(nq.next_multiple_of(16) * width);
+    for (padded, query) in x.chunks_exact_mut(width).zip(queries.chunks_exact(dim.max(1))) {
+        padded[..dim].copy_from_slice(query);
+    }
+    x
 }
 
 /// `codes` (rows of `dim` bytes) as AMX weight tiles: groups of sixteen rows (as many groups
@@ -441,6 +463,16 @@ enum Layout {
     Tiles(amx::Aligned<u32>),
 }
 
+/// int8 query codes laid out for one kernel set's scan ([`Kernels::int8_queries`]).
+pub struct Int8Queries<'a> {
+    kernels: Kernels,
+    dim: usize,
+    queries: &'a [u8],
+    /// The AMX set's rows ([`pad_query_rows`]).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    tiles: Option<amx::Aligned<u8>>,
+}
+
 impl Int8Block<'_> {
     /// Each row's code sum times [`QUERY_OFFSET`]: what a row's scores carry from the query
     /// offset, to be taken back out of them (the module docs).
@@ -448,9 +480,14 @@ impl Int8Block<'_> {
         &self.offsets
     }
 
-    /// [`Kernels::int8_scores`] of `queries` against the block's rows.
-    pub fn scores(&self, queries: &[u8], out: &mut [i32]) {
-        let (dim, codes) = (self.dim, self.codes);
+    /// [`Kernels::int8_scores`] of `queries` against the block's rows. Both come from the
+    /// same kernels, laid out for the same width.
+    pub fn scores(&self, laid_out: &Int8Queries, out: &mut [i32]) {
+        assert!(
+            laid_out.kernels == self.kernels && laid_out.dim == self.dim,
+            "queries and codes laid out for different scans"
+        );
+        let (dim, codes, queries) = (self.dim, self.codes, laid_out.queries);
         let (nq, rows) = (queries.len() / dim.max(1), codes.len() / dim.max(1));
         assert_eq!(out.len(), nq * rows, "codes and scores disagree");
         // Above 127 `vpmaddubsw` could saturate (module docs).
@@ -467,7 +504,8 @@ impl Int8Block<'_> {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above; the AMX set is only named where `amx::usable` said so.
             (Set::Amx, Layout::Tiles(packed)) => unsafe {
-                int8_tiles::<amx::Int8Tiles>(dim, queries, codes, packed, out)
+                let rows = laid_out.tiles.as_deref().expect("laid out by the AMX set");
+                int8_tiles::<amx::Int8Tiles>(dim, (rows, nq), codes, packed, out)
             },
             _ => int8_portable(dim, queries, codes, out),
         }
@@ -1013,12 +1051,12 @@ mod tests {
             for k in Kernels::available() {
                 let mut got = vec![0; nq * rows];
                 let block = k.int8_block(dim, &codes);
-                block.scores(&queries, &mut got);
+                block.scores(&k.int8_queries(dim, &queries), &mut got);
                 prop_assert_eq!(&got, &want, "{}", k.name());
                 prop_assert_eq!(block.offsets(), &offsets[..], "{}", k.name());
                 // A block is laid out once and scored again, against other queries.
                 let (half, mut again) = (nq / 2 * dim, vec![0; nq / 2 * rows]);
-                block.scores(&queries[..half], &mut again);
+                block.scores(&k.int8_queries(dim, &queries[..half]), &mut again);
                 prop_assert_eq!(&again[..], &want[..nq / 2 * rows], "{}", k.name());
                 k.int8_scores(dim, &queries, &codes, &mut got);
                 prop_assert_eq!(&got, &want, "{}", k.name());
@@ -1041,9 +1079,14 @@ mod tests {
             let mut got = vec![-1; nq * rows];
             let packed = pack_code_tiles(dim, &codes);
             // SAFETY: the emulation runs on any CPU.
+            let padded = pad_query_rows(dim, &queries);
             unsafe {
                 int8_tiles::<amx::emulation::Emulated<amx::emulation::Tdpbssd>>(
-                    dim, &queries, &codes, &packed, &mut got,
+                    dim,
+                    (&padded, nq),
+                    &codes,
+                    &packed,
+                    &mut got,
                 )
             };
             assert_eq!(got, want, "{dim} x {rows}, {nq} queries");
@@ -1095,7 +1138,8 @@ mod tests {
             let mut got = vec![-1; nq * rows];
             // SAFETY: the emulation runs on any CPU.
             let packed = pack_code_tiles(dim, &codes);
-            unsafe { int8_tiles::<amx::emulation::Emulated<amx::emulation::Tdpbssd>>(dim, &queries, &codes, &packed, &mut got) };
+            let padded = pad_query_rows(dim, &queries);
+            unsafe { int8_tiles::<amx::emulation::Emulated<amx::emulation::Tdpbssd>>(dim, (&padded, nq), &codes, &packed, &mut got) };
             prop_assert_eq!(got, want);
         }
     }
