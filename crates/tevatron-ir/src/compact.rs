@@ -517,44 +517,107 @@ fn scan_in_passes(
                 a
             });
         let first = b * batch_size;
-        let rescored = candidates
-            .into_par_iter()
-            .enumerate()
-            .map_init(Vec::new, |scratch, (q, heap)| {
-                let query = &queries[(first + q) * dim..(first + q + 1) * dim];
-                rescore(query, heap.rows(), shard, k, scratch)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        out.extend(rescored);
+        let rows = candidates.into_par_iter().map(Candidates::rows).collect();
+        let pass_queries = &queries[first * dim..(first + bq) * dim];
+        out.extend(rescore_candidates(pass_queries, dim, rows, shard, k)?);
     }
     Ok(out)
 }
 
-/// Exact scores of one query's candidate rows, the best `k` kept by exact search's tie rule.
-pub(crate) fn rescore(
-    query: &[f32],
-    rows: Vec<u32>,
+/// Candidate pairs a caller hands [`rescore_candidates`] at a time at most, where it chooses
+/// (20 bytes a pair while they are scored: 320 MB).
+pub(crate) const SWEEP_PAIRS: usize = 1 << 24;
+
+/// Exact scores of each query's candidate rows (`candidates[q]`, ascending, distinct), each
+/// query's best `k` kept by exact search's tie rule, as if it were rescored alone: its rows are
+/// pushed in the same ascending order.
+///
+/// The pairs are scored in row order across all the queries: a row several queries want is
+/// read once while it is in cache, and the shard is read front to back. Rescored query by
+/// query, 6,980 queries' 4,000 candidates in each 1M-row shard of 768 dimensions read each
+/// row from memory about 28 times (about 80 GB a shard), and took most of an int8 search.
+pub(crate) fn rescore_candidates(
+    queries: &[f32],
+    dim: usize,
+    candidates: Vec<Vec<u32>>,
     shard: &Vectors,
     k: usize,
-    scratch: &mut Vec<f32>,
-) -> Result<Vec<(f32, u32)>> {
-    let dim = query.len();
-    let ids = shard.ids();
-    let mut top = TopK::new(k);
+) -> Result<QueryHits> {
+    let starts: Vec<usize> = candidates
+        .iter()
+        .scan(0, |at, rows| {
+            let start = *at;
+            *at += rows.len();
+            Some(start)
+        })
+        .collect();
+    let mut pairs: Vec<u64> = candidates
+        .iter()
+        .enumerate()
+        .flat_map(|(q, rows)| rows.iter().map(move |&row| (row as u64) << 32 | q as u64))
+        .collect();
+    pairs.par_sort_unstable();
     let all = shard.rows();
-    for (i, &row) in rows.iter().enumerate() {
-        if let Some(&ahead) = rows.get(i + PREFETCH_ROWS) {
-            all.prefetch(dim, ahead as usize);
-        }
-        let r = row as usize;
-        let score = all.dot(dim, r, query);
-        if !score.is_finite() {
-            // A NaN or infinity in the row makes the score one; the row check names it.
-            check_finite(all.block(dim, r, r + 1, scratch), dim, r, shard.path())?;
-        }
-        top.push(score, row, ids);
+    let tasks = rayon::current_num_threads().max(1) * 4;
+    let per_task = pairs.len().div_ceil(tasks).max(1);
+    let mut scores = vec![0f32; pairs.len()];
+    pairs.par_chunks(per_task).zip(scores.par_chunks_mut(per_task)).try_for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(scratch, run_queries), (pairs, scores)| -> Result<()> {
+            // Rows come in runs (every query that wants one): each run is one row against its
+            // queries ([`Rows::dots`]), and each row is asked for `PREFETCH_ROWS` runs ahead.
+            let (mut ahead, mut asked, mut last, mut runs) = (0, 0, u64::MAX, 0);
+            let mut i = 0;
+            while i < pairs.len() {
+                runs += 1;
+                while asked < runs + PREFETCH_ROWS && ahead < pairs.len() {
+                    let row = pairs[ahead] >> 32;
+                    if row != last {
+                        all.prefetch(dim, row as usize);
+                        (last, asked) = (row, asked + 1);
+                    }
+                    ahead += 1;
+                }
+                let r = pairs[i] >> 32;
+                let run = pairs[i..].iter().take_while(|&&p| p >> 32 == r).count();
+                let r = r as usize;
+                run_queries.clear();
+                run_queries.extend(pairs[i..i + run].iter().map(|&p| {
+                    let q = p as u32 as usize;
+                    &queries[q * dim..(q + 1) * dim]
+                }));
+                let out = &mut scores[i..i + run];
+                all.dots(dim, r, run_queries, out);
+                if out.iter().any(|s| !s.is_finite()) {
+                    // A NaN or infinity in the row makes the score one; the row check names it.
+                    check_finite(all.block(dim, r, r + 1, scratch), dim, r, shard.path())?;
+                }
+                i += run;
+            }
+            Ok(())
+        },
+    )?;
+    // Back into each query's order: a query's pairs come in ascending rows, as its list.
+    let mut by_query = vec![0f32; pairs.len()];
+    let mut next = starts.clone();
+    for (&pair, &score) in pairs.iter().zip(&scores) {
+        let q = pair as u32 as usize;
+        by_query[next[q]] = score;
+        next[q] += 1;
     }
-    Ok(best_first(top, ids))
+    drop((pairs, scores));
+    let ids = shard.ids();
+    Ok(candidates
+        .into_par_iter()
+        .zip(starts)
+        .map(|(rows, start)| {
+            let mut top = TopK::new(k);
+            for (&row, &score) in rows.iter().zip(&by_query[start..]) {
+                top.push(score, row, ids);
+            }
+            best_first(top, ids)
+        })
+        .collect())
 }
 
 /// Where `tevatron index` writes a shard's compact form: `<dir>/<shard stem>.<precision>.safetensors`.
@@ -656,6 +719,46 @@ mod tests {
                 }
             }
             prop_assert_eq!(merged.rows(), want);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+        /// Rescoring in one sweep of the rows gives each query what scoring its own candidates
+        /// alone gives (the best `k` by score, equal scores by doc id as exact search orders
+        /// them), whatever rows the other queries want.
+        #[test]
+        fn rescoring_in_row_order_keeps_each_querys_best(
+            n in 1usize..400, nq in 1usize..6, dim in 1usize..20, k in 1usize..20,
+            seed in 0u64..1000, half in any::<bool>(),
+        ) {
+            let mut next = lcg(seed);
+            let docs: Vec<f32> = (0..n * dim).map(|_| (next() % 5) as f32 - 2.0).collect();
+            let q: Vec<f32> = (0..nq * dim).map(|_| (next() % 5) as f32 - 2.0).collect();
+            let dir = tempfile::tempdir().unwrap();
+            let dt = if half { VecDType::F16 } else { VecDType::F32 };
+            let v = write_vectors(dir.path(), "c", &docs, dim, dt);
+            // Each query wants about a third of the rows (or none), overlapping the others'.
+            let candidates: Vec<Vec<u32>> =
+                (0..nq).map(|_| (0..n as u32).filter(|_| next().is_multiple_of(3)).collect()).collect();
+            let got = rescore_candidates(&q, dim, candidates.clone(), &v, k).unwrap();
+            prop_assert_eq!(got.len(), nq);
+            let ids = v.ids();
+            for (i, (rows, got)) in candidates.iter().zip(&got).enumerate() {
+                let query = &q[i * dim..(i + 1) * dim];
+                let mut want: Vec<(f32, u32)> = rows
+                    .iter()
+                    .map(|&r| {
+                        let row = &docs[r as usize * dim..(r as usize + 1) * dim];
+                        (row.iter().zip(query).map(|(a, b)| a * b).sum::<f32>(), r)
+                    })
+                    .collect();
+                want.sort_by(|a, b| {
+                    b.0.partial_cmp(&a.0).unwrap().then_with(|| ids[b.1 as usize].cmp(&ids[a.1 as usize]))
+                });
+                want.truncate(k);
+                prop_assert_eq!(got, &want, "query {}", i);
+            }
         }
     }
 

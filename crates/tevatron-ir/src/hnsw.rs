@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
 
-use crate::compact::{fingerprint, rescore, shard_stem, QueryHits};
+use crate::compact::{fingerprint, rescore_candidates, shard_stem, QueryHits, SWEEP_PAIRS};
 use crate::search::{check_finite, check_width};
 use crate::vectors::Vectors;
 use crate::{Error, Result};
@@ -219,27 +219,33 @@ pub fn search_hnsw(
     if graph.index.expansion_search() < m {
         graph.index.change_expansion_search(m);
     }
-    let hits = queries
-        .par_chunks(dim.max(1))
-        .map_init(Vec::new, |scratch, q| {
-            if m == graph.rows {
-                return rescore(q, (0..graph.rows as u32).collect(), shard, k, scratch);
-            }
-            let found = graph
-                .index
-                .search(q, m)
-                .map_err(|e| usearch_err(&graph.graph, "searching the graph", e))?;
-            if let Some(bad) = found.keys.iter().find(|&&key| key >= graph.rows as u64) {
-                return Err(Error::Embeddings {
-                    path: graph.graph.clone(),
-                    what: format!("names row {bad} of a shard of {} rows", graph.rows),
-                });
-            }
-            let mut rows: Vec<u32> = found.keys.iter().map(|&k| k as u32).collect();
-            rows.sort_unstable();
-            rescore(q, rows, shard, k, scratch)
-        })
-        .collect::<Result<Vec<_>>>()?;
+    // Each chunk's candidates are gathered, then rescored in one sweep of the shard.
+    let per_sweep = (SWEEP_PAIRS / m.max(1)).max(1);
+    let mut hits = Vec::with_capacity(queries.len() / dim.max(1));
+    for chunk in queries.chunks((per_sweep * dim).max(1)) {
+        let candidates = chunk
+            .par_chunks(dim.max(1))
+            .map(|q| -> Result<Vec<u32>> {
+                if m == graph.rows {
+                    return Ok((0..graph.rows as u32).collect());
+                }
+                let found = graph
+                    .index
+                    .search(q, m)
+                    .map_err(|e| usearch_err(&graph.graph, "searching the graph", e))?;
+                if let Some(bad) = found.keys.iter().find(|&&key| key >= graph.rows as u64) {
+                    return Err(Error::Embeddings {
+                        path: graph.graph.clone(),
+                        what: format!("names row {bad} of a shard of {} rows", graph.rows),
+                    });
+                }
+                let mut rows: Vec<u32> = found.keys.iter().map(|&k| k as u32).collect();
+                rows.sort_unstable();
+                Ok(rows)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        hits.extend(rescore_candidates(chunk, dim, candidates, shard, k)?);
+    }
     Ok((hits, m))
 }
 
