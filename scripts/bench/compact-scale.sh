@@ -115,7 +115,7 @@ for name in ["faiss SQ8", "faiss IndexBinaryFlat"]:
     _, idx = index.search(qq[:part], depth)
     t2 = time.perf_counter()
     code = d if name == "faiss SQ8" else d // 8
-    label = name if part == len(qq) else f"{name} ({part} q, time x{len(qq) / part:.2f})"
+    label = name if part == len(qq) else f"{name} ({part} q, scaled x{len(qq) / part:.2f})"
     r = sum(len(e & set(x[:100].tolist())) for e, x in zip(exact, idx)) / sum(map(len, exact[:part]))
     print(f"{label:<30} {t1 - t0:9.2f} {(t2 - t1) * len(qq) / part:9.2f} {rss():9d} {index.ntotal * code // 1048576:9d} {r:10.4f}")
 PY

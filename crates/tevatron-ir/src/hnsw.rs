@@ -213,14 +213,33 @@ pub fn search_hnsw(
     depth: usize,
     multiplier: f64,
 ) -> Result<(QueryHits, usize)> {
+    search_hnsw_in_sweeps(queries, dim, graph, shard, (depth, multiplier), SWEEP_PAIRS)
+}
+
+/// [`search_hnsw`], rescoring the candidates of as many queries at a time as keep them within
+/// `sweep_pairs` (at least one query).
+fn search_hnsw_in_sweeps(
+    queries: &[f32],
+    dim: usize,
+    graph: &HnswShard,
+    shard: &Vectors,
+    (depth, multiplier): (usize, f64),
+    sweep_pairs: usize,
+) -> Result<(QueryHits, usize)> {
     check_width(shard, dim)?;
+    if !queries.len().is_multiple_of(dim) {
+        return Err(Error::Invalid(format!(
+            "{} query values are not whole rows of {dim}",
+            queries.len()
+        )));
+    }
     let k = depth.min(graph.rows);
     let m = ((k as f64 * multiplier).ceil() as usize).clamp(k, graph.rows);
     if graph.index.expansion_search() < m {
         graph.index.change_expansion_search(m);
     }
     // Each chunk's candidates are gathered, then rescored in one sweep of the shard.
-    let per_sweep = (SWEEP_PAIRS / m.max(1)).max(1);
+    let per_sweep = (sweep_pairs / m.max(1)).max(1);
     let mut hits = Vec::with_capacity(queries.len() / dim.max(1));
     for chunk in queries.chunks((per_sweep * dim).max(1)) {
         let candidates = chunk
@@ -309,6 +328,10 @@ mod tests {
         };
         let (shallow, deep) = (recall(1.0), recall(8.0));
         assert!(deep >= 0.97 && deep >= shallow, "recall@10 {shallow} at x1, {deep} at x8");
+        // Rescored a query per sweep (the graph's own search is the same), the same hits.
+        let (all, _) = search_hnsw(&q, dim, &graph, &v, depth, 8.0).unwrap();
+        let one_by_one = search_hnsw_in_sweeps(&q, dim, &graph, &v, (depth, 8.0), 1).unwrap();
+        assert_eq!(one_by_one.0, all);
     }
 
     #[test]
