@@ -659,6 +659,11 @@ mod tests {
         }
     }
 
+    /// Values in {-2, ..., 2}: their products and sums are exact in any order, and ties common.
+    fn small_ints(next: &mut impl FnMut() -> u64, len: usize) -> Vec<f32> {
+        (0..len).map(|_| (next() % 5) as f32 - 2.0).collect()
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(16))]
         /// With every row a candidate, a compact search (either precision, in memory or from
@@ -670,8 +675,7 @@ mod tests {
             batch in 0usize..3, seed in 0u64..1000, half in any::<bool>(),
         ) {
             let mut next = lcg(seed);
-            let docs: Vec<f32> = (0..n * dim).map(|_| (next() % 5) as f32 - 2.0).collect();
-            let q: Vec<f32> = (0..nq * dim).map(|_| (next() % 5) as f32 - 2.0).collect();
+            let (docs, q) = (small_ints(&mut next, n * dim), small_ints(&mut next, nq * dim));
             let dir = tempfile::tempdir().unwrap();
             let dt = if half { VecDType::BF16 } else { VecDType::F32 };
             let v = write_vectors(dir.path(), "c", &docs, dim, dt);
@@ -737,8 +741,7 @@ mod tests {
             seed in 0u64..1000, half in any::<bool>(),
         ) {
             let mut next = lcg(seed);
-            let docs: Vec<f32> = (0..n * dim).map(|_| (next() % 5) as f32 - 2.0).collect();
-            let q: Vec<f32> = (0..nq * dim).map(|_| (next() % 5) as f32 - 2.0).collect();
+            let (docs, q) = (small_ints(&mut next, n * dim), small_ints(&mut next, nq * dim));
             let dir = tempfile::tempdir().unwrap();
             let dt = if half { VecDType::F16 } else { VecDType::F32 };
             let v = write_vectors(dir.path(), "c", &docs, dim, dt);
@@ -764,6 +767,26 @@ mod tests {
                 prop_assert_eq!(got, &want, "query {}", i);
             }
         }
+    }
+
+    /// A candidate row holding a NaN or an infinity is an error naming the file and the row,
+    /// never a score in a ranking; the same candidates without it rescore.
+    #[test]
+    fn a_non_finite_candidate_row_is_an_error() {
+        let dim = 12;
+        let mut docs = vec![0.5f32; 6 * dim];
+        docs[3 * dim + 9] = f32::NAN;
+        docs[4 * dim] = f32::INFINITY;
+        let dir = tempfile::tempdir().unwrap();
+        let v = write_vectors(dir.path(), "c", &docs, dim, VecDType::F32);
+        let q = vec![1.0f32; 2 * dim];
+        for (bad, rows) in [(3, vec![vec![0, 3, 5], vec![1, 2]]), (4, vec![vec![0], vec![2, 4]])] {
+            let err = rescore_candidates(&q, dim, rows, &v, 2).unwrap_err().to_string();
+            assert!(err.contains(&format!("row {bad} holds a NaN or infinite value")), "{err}");
+            assert!(err.contains(&v.path().display().to_string()), "{err}");
+        }
+        let ok = rescore_candidates(&q, dim, vec![vec![0, 5], vec![1, 2]], &v, 2).unwrap();
+        assert_eq!(ok[1], vec![(6.0, 1u32), (6.0, 2)]);
     }
 
     /// Gaussian vectors, like embeddings without structure: the compact pass must still put

@@ -627,15 +627,20 @@ pub fn expand_glob(pattern: &str) -> Result<Vec<PathBuf>> {
 mod tests {
     use super::*;
 
+    /// Values in [-1.5, 1.5) from a seeded generator.
+    fn values(seed: u64) -> impl FnMut() -> f32 {
+        let mut x = seed;
+        move || {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.0
+        }
+    }
+
     /// A row's inner product is the same bits from F32, F16 and BF16 storage of the same
     /// (half-representable) values, on this CPU's F16C path and the portable one alike.
     #[test]
     fn row_dots_agree_bit_for_bit_across_storage() {
-        let mut x = 12345u64;
-        let mut next = || {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.0
-        };
+        let mut next = values(12345);
         for dim in [1, 7, 8, 9, 16, 31, 384, 385] {
             let rows = 3;
             let values: Vec<f32> = (0..rows * dim).map(|_| next()).collect();
@@ -672,11 +677,7 @@ mod tests {
     /// query the bits of the portable one-query order, for every storage.
     #[test]
     fn many_queries_against_a_row_give_each_its_own_dot() {
-        let mut x = 777u64;
-        let mut next = || {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.0
-        };
+        let mut next = values(777);
         for dim in [1, 8, 13, 384] {
             let rows = 2;
             let values: Vec<f32> = (0..rows * dim).map(|_| next()).collect();
