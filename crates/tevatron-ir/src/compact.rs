@@ -526,18 +526,15 @@ fn scan_in_passes(
     Ok(out)
 }
 
-/// Candidate pairs a caller hands [`rescore_candidates`] at a time at most, where it chooses
-/// (20 bytes a pair while they are scored: 320 MiB).
-pub(crate) const SWEEP_PAIRS: usize = 1 << 24;
-
 /// Exact scores of each query's candidate rows (`candidates[q]`, ascending, distinct), each
 /// query's best `k` kept by exact search's tie rule, as if it were rescored alone: its rows are
 /// pushed in the same ascending order.
 ///
 /// The pairs are scored in row order across all the queries: a row several queries want is
-/// read once while it is in cache, and the shard is read front to back. Rescored query by
+/// read once a call (a pass of the compact search) while it is in cache, and the shard front
+/// to back. Rescored query by
 /// query, 6,980 queries' 4,000 candidates in each 1M-row shard of 768 dimensions read each
-/// row from memory about 28 times (about 80 GB a shard), and took most of an int8 search.
+/// row from memory about 28 times (about 86 GB a shard), and took most of an int8 search.
 pub(crate) fn rescore_candidates(
     queries: &[f32],
     dim: usize,
@@ -545,17 +542,15 @@ pub(crate) fn rescore_candidates(
     shard: &Vectors,
     k: usize,
 ) -> Result<QueryHits> {
-    let starts: Vec<usize> = candidates
-        .iter()
-        .scan(0, |at, rows| {
-            let start = *at;
-            *at += rows.len();
-            Some(start)
-        })
-        .collect();
+    // Where each query's scores start in the query-major order, and their total.
+    let mut starts = Vec::with_capacity(candidates.len() + 1);
+    starts.push(0);
+    for rows in &candidates {
+        starts.push(starts[starts.len() - 1] + rows.len());
+    }
+    let total = starts[candidates.len()];
     debug_assert!(u32::try_from(candidates.len()).is_ok());
-    debug_assert!(candidates.iter().all(|rows| rows.is_sorted()));
-    let total = candidates.iter().map(Vec::len).sum();
+    debug_assert!(candidates.iter().all(|rows| rows.is_sorted_by(|a, b| a < b)));
     let mut pairs: Vec<u64> = Vec::with_capacity(total);
     for (q, rows) in candidates.iter().enumerate() {
         pairs.extend(rows.iter().map(|&row| (row as u64) << 32 | q as u64));
@@ -570,33 +565,29 @@ pub(crate) fn rescore_candidates(
         |(scratch, run_queries), (pairs, scores)| -> Result<()> {
             // Rows come in runs (every query that wants one): each run is one row against its
             // queries ([`Rows::dots`]), and each row is asked for `PREFETCH_ROWS` runs ahead.
-            let (mut ahead, mut asked, mut last, mut runs) = (0, 0, u64::MAX, 0);
-            let mut i = 0;
-            while i < pairs.len() {
-                runs += 1;
-                while asked < runs + PREFETCH_ROWS && ahead < pairs.len() {
-                    let row = pairs[ahead] >> 32;
-                    if row != last {
-                        all.prefetch(dim, row as usize);
-                        (last, asked) = (row, asked + 1);
-                    }
-                    ahead += 1;
+            let runs = || pairs.chunk_by(|a, b| a >> 32 == b >> 32);
+            for run in runs().take(PREFETCH_ROWS) {
+                all.prefetch(dim, (run[0] >> 32) as usize);
+            }
+            let mut ahead = runs().skip(PREFETCH_ROWS);
+            let mut at = 0;
+            for run in runs() {
+                if let Some(later) = ahead.next() {
+                    all.prefetch(dim, (later[0] >> 32) as usize);
                 }
-                let r = pairs[i] >> 32;
-                let run = pairs[i..].iter().take_while(|&&p| p >> 32 == r).count();
-                let r = r as usize;
+                let r = (run[0] >> 32) as usize;
                 run_queries.clear();
-                run_queries.extend(pairs[i..i + run].iter().map(|&p| {
+                run_queries.extend(run.iter().map(|&p| {
                     let q = p as u32 as usize;
                     &queries[q * dim..(q + 1) * dim]
                 }));
-                let out = &mut scores[i..i + run];
+                let out = &mut scores[at..at + run.len()];
                 all.dots(dim, r, run_queries, out);
                 if out.iter().any(|s| !s.is_finite()) {
                     // A NaN or infinity in the row makes the score one; the row check names it.
                     check_finite(all.block(dim, r, r + 1, scratch), dim, r, shard.path())?;
                 }
-                i += run;
+                at += run.len();
             }
             Ok(())
         },
@@ -611,6 +602,7 @@ pub(crate) fn rescore_candidates(
     }
     drop((pairs, scores));
     let ids = shard.ids();
+    starts.pop();
     Ok(candidates
         .into_par_iter()
         .zip(starts)

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
 
-use crate::compact::{fingerprint, rescore_candidates, shard_stem, QueryHits, SWEEP_PAIRS};
+use crate::compact::{fingerprint, rescore_candidates, shard_stem, QueryHits};
 use crate::search::{check_finite, check_width};
 use crate::vectors::Vectors;
 use crate::{Error, Result};
@@ -198,6 +198,10 @@ impl HnswShard {
         Ok(Self { index, rows: source.len(), graph })
     }
 }
+
+/// Candidate pairs rescored in one sweep at most (20 bytes a pair while they are scored:
+/// 320 MiB): the queries' candidates are gathered and rescored by chunks of this many.
+const SWEEP_PAIRS: usize = 1 << 24;
 
 /// Each query's best `depth` `(score, row)` of `shard`, best first, with exact scores: the
 /// graph proposes `ceil(depth x multiplier)` candidates (at least `depth`, at most the shard),

@@ -245,26 +245,16 @@ impl<'a> Rows<'a> {
 }
 
 impl Rows<'_> {
-    /// The inner product of row `r` with `query` (`dim` values), summed in eight independent
-    /// lanes (each a product added to its lane, the lanes then summed in order, then the values
-    /// past the last eight): the same bits whether the row is stored in F32, F16 or BF16, since
-    /// widening a half-precision value is exact. F16 rows are widened eight values at a time in
-    /// registers (F16C) where the CPU has it, not through a scratch row: rescoring candidates
-    /// from an F16 corpus spent more on that copy than on the products.
-    #[inline]
-    pub fn dot(&self, dim: usize, r: usize, query: &[f32]) -> f32 {
-        let mut out = 0.0;
-        self.dots(dim, r, &[query], std::slice::from_mut(&mut out));
-        out
-    }
-
-    /// [`Rows::dot`] of row `r` with each of `queries`, into `out`: the same bits as a call
-    /// each. Where the CPU has AVX and F16C, F32 and F16 rows take eight values a register (F16
-    /// widened in registers, not through a scratch row: rescoring an F16 corpus spent more on
-    /// that copy than on the products), and four queries at a time: the row is loaded once for
-    /// the four, and four sums are in flight where a single sum waits on each add in turn
-    /// (rescoring 6,980 queries' candidates row by row spent a fifth of an int8 search in
-    /// that one-query loop).
+    /// The inner product of row `r` with each of `queries` (`dim` values each), into `out`,
+    /// each summed in eight independent lanes (each a product added to its lane, the lanes then
+    /// summed in order, then the values past the last eight): the same bits whether the row is
+    /// stored in F32, F16 or BF16, since widening a half-precision value is exact, and whatever
+    /// the other queries. Where the CPU has AVX and F16C, F32 and F16 rows take eight values a
+    /// register (F16 widened in registers, not through a scratch row: rescoring an F16 corpus
+    /// spent more on that copy than on the products), and four queries at a time: the row is
+    /// loaded once for the four, and four sums are in flight where a single sum waits on each
+    /// add in turn (rescoring 6,980 queries' candidates one query at a time spent a fifth of an
+    /// int8 search in that loop).
     pub fn dots(&self, dim: usize, r: usize, queries: &[&[f32]], out: &mut [f32]) {
         assert!(queries.iter().all(|q| q.len() == dim) && out.len() == queries.len());
         let range = r * dim..(r + 1) * dim;
@@ -289,7 +279,7 @@ impl Rows<'_> {
     }
 }
 
-/// [`Rows::dot`]'s order over values widened by `widen`.
+/// [`Rows::dots`]' order over values widened by `widen`.
 #[inline]
 fn dot_lanes<T: Copy>(row: &[T], query: &[f32], widen: impl Fn(T) -> f32) -> f32 {
     let mut lanes = [0f32; 8];
@@ -627,6 +617,13 @@ pub fn expand_glob(pattern: &str) -> Result<Vec<PathBuf>> {
 mod tests {
     use super::*;
 
+    /// Row `r`'s dot with one query.
+    fn dot(rows: &Rows, dim: usize, r: usize, query: &[f32]) -> f32 {
+        let mut out = 0.0;
+        rows.dots(dim, r, &[query], std::slice::from_mut(&mut out));
+        out
+    }
+
     /// Values in [-1.5, 1.5) from a seeded generator.
     fn values(seed: u64) -> impl FnMut() -> f32 {
         let mut x = seed;
@@ -650,24 +647,24 @@ mod tests {
             let bfloats: Vec<bf16> = widened.iter().map(|&v| bf16::from_f32(v)).collect();
             let bf_widened: Vec<f32> = bfloats.iter().map(|h| h.to_f32()).collect();
             for r in 0..rows {
-                let want = Rows::F32(&widened).dot(dim, r, &query);
+                let want = dot(&Rows::F32(&widened), dim, r, &query);
                 assert_eq!(
-                    Rows::F16(&halves).dot(dim, r, &query).to_bits(),
+                    dot(&Rows::F16(&halves), dim, r, &query).to_bits(),
                     want.to_bits(),
                     "f16 {dim}"
                 );
                 let portable = dot_lanes(&halves[r * dim..(r + 1) * dim], &query, f16::to_f32);
                 assert_eq!(portable.to_bits(), want.to_bits(), "portable f16 {dim}");
-                let want = Rows::F32(&bf_widened).dot(dim, r, &query);
+                let want = dot(&Rows::F32(&bf_widened), dim, r, &query);
                 assert_eq!(
-                    Rows::BF16(&bfloats).dot(dim, r, &query).to_bits(),
+                    dot(&Rows::BF16(&bfloats), dim, r, &query).to_bits(),
                     want.to_bits(),
                     "bf16 {dim}"
                 );
                 let direct: f32 =
                     widened[r * dim..(r + 1) * dim].iter().zip(&query).map(|(a, b)| a * b).sum();
                 assert!(
-                    (Rows::F32(&widened).dot(dim, r, &query) - direct).abs() <= 1e-4 * dim as f32
+                    (dot(&Rows::F32(&widened), dim, r, &query) - direct).abs() <= 1e-4 * dim as f32
                 );
             }
         }
