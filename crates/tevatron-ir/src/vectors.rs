@@ -333,7 +333,7 @@ mod x86 {
         }
     }
 
-    /// `out[i]` = the dot of `row` with `queries[i]`, four queries at a time.
+    /// `out[i]` = the dot of `row` with `queries[i]`, four queries at a time (the rest together).
     ///
     /// # Safety
     /// The CPU has AVX and F16C; every query is at least as long as `row`.
@@ -344,8 +344,13 @@ mod x86 {
         for (group, out) in (&mut groups).zip(&mut outs) {
             lanes::<T, 4>(row, group, out);
         }
-        for (query, out) in groups.remainder().iter().zip(outs.into_remainder()) {
-            lanes::<T, 1>(row, std::slice::from_ref(query), std::slice::from_mut(out));
+        // The one to three left over together, as short runs (a row few queries want) are.
+        let (rest, out) = (groups.remainder(), outs.into_remainder());
+        match rest.len() {
+            3 => lanes::<T, 3>(row, rest, out),
+            2 => lanes::<T, 2>(row, rest, out),
+            1 => lanes::<T, 1>(row, rest, out),
+            _ => {}
         }
     }
 
@@ -680,7 +685,7 @@ mod tests {
             let values: Vec<f32> = (0..rows * dim).map(|_| next()).collect();
             let halves: Vec<f16> = values.iter().map(|&v| f16::from_f32(v)).collect();
             let bfloats: Vec<bf16> = values.iter().map(|&v| bf16::from_f32(v)).collect();
-            for nq in [1, 3, 4, 5, 9] {
+            for nq in [1, 2, 3, 4, 5, 6, 7, 9] {
                 let queries: Vec<Vec<f32>> =
                     (0..nq).map(|_| (0..dim).map(|_| next()).collect()).collect();
                 let views: Vec<&[f32]> = queries.iter().map(|q| q.as_slice()).collect();
