@@ -532,9 +532,9 @@ fn scan_in_passes(
 ///
 /// The pairs are scored in row order across all the queries: a row several queries want is
 /// read once a call (a pass of the compact search) while it is in cache, and the shard front
-/// to back. Rescored query by
-/// query, 6,980 queries' 4,000 candidates in each 1M-row shard of 768 dimensions read each
-/// row from memory about 28 times (about 86 GB a shard), and took most of an int8 search.
+/// to back. Rescored query by query, 6,980 queries' 4,000 candidates in each 1M-row shard of
+/// 768 dimensions read each row from memory about 28 times (about 86 GB a shard), and took
+/// most of an int8 search.
 pub(crate) fn rescore_candidates(
     queries: &[f32],
     dim: usize,
@@ -543,12 +543,15 @@ pub(crate) fn rescore_candidates(
     k: usize,
 ) -> Result<QueryHits> {
     // Where each query's scores start in the query-major order, and their total.
-    let mut starts = Vec::with_capacity(candidates.len() + 1);
-    starts.push(0);
-    for rows in &candidates {
-        starts.push(starts[starts.len() - 1] + rows.len());
-    }
-    let total = starts[candidates.len()];
+    let mut total = 0;
+    let starts: Vec<usize> = candidates
+        .iter()
+        .map(|rows| {
+            let start = total;
+            total += rows.len();
+            start
+        })
+        .collect();
     debug_assert!(u32::try_from(candidates.len()).is_ok());
     debug_assert!(candidates.iter().all(|rows| rows.is_sorted_by(|a, b| a < b)));
     let mut pairs: Vec<u64> = Vec::with_capacity(total);
@@ -602,7 +605,6 @@ pub(crate) fn rescore_candidates(
     }
     drop((pairs, scores));
     let ids = shard.ids();
-    starts.pop();
     Ok(candidates
         .into_par_iter()
         .zip(starts)
@@ -828,8 +830,7 @@ mod tests {
     fn many_queries_span_several_chunks_and_passes() {
         let (n, nq, dim, depth) = (700, 2 * SCORED_QUERIES + 44, 24, 5);
         let mut next = lcg(11);
-        let docs: Vec<f32> = (0..n * dim).map(|_| (next() % 5) as f32 - 2.0).collect();
-        let q: Vec<f32> = (0..nq * dim).map(|_| (next() % 5) as f32 - 2.0).collect();
+        let (docs, q) = (small_ints(&mut next, n * dim), small_ints(&mut next, nq * dim));
         let dir = tempfile::tempdir().unwrap();
         let v = write_vectors(dir.path(), "c", &docs, dim, VecDType::F32);
         let want = search_shard(&q, dim, &v, depth, 0).unwrap();

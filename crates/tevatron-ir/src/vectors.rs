@@ -242,9 +242,7 @@ impl<'a> Rows<'a> {
             Rows::BF16(x) => widen(&x[range], out),
         }
     }
-}
 
-impl Rows<'_> {
     /// The inner product of row `r` with each of `queries` (`dim` values each), into `out`,
     /// each summed in eight independent lanes (each a product added to its lane, the lanes then
     /// summed in order, then the values past the last eight): the same bits whether the row is
