@@ -27,7 +27,7 @@ use crate::fxhash::FxHasher;
 use crate::quantize::{
     encode_binary, encode_int8, encode_query_int8, Calibration, Kernels, Precision,
 };
-use crate::search::{best_first, check_finite, check_width, Selection, TopK};
+use crate::search::{best_first, check_finite, check_query_rows, check_width, Selection, TopK};
 use crate::vectors::{Rows, Vectors};
 use crate::{Error, Result};
 
@@ -382,6 +382,7 @@ pub fn search_compact(
     kernels: Kernels,
 ) -> Result<(QueryHits, ScanReport)> {
     check_width(shard, dim)?;
+    check_query_rows(queries, dim)?;
     if compact.dim != dim || compact.rows != shard.len() {
         return Err(Error::Invalid(format!(
             "compact codes of {} x {} do not fit {} ({} x {})",
@@ -397,7 +398,7 @@ pub fn search_compact(
             "int8 codes of {dim} dimensions: sums of more than {MAX_INT8_DIM} could overflow"
         )));
     }
-    let nq = queries.len() / dim.max(1);
+    let nq = queries.len() / dim;
     let n = shard.len();
     let k = depth.min(n);
     let m = ((k as f64 * multiplier).ceil() as usize).clamp(k, n);
@@ -781,6 +782,29 @@ mod tests {
         }
         let ok = rescore_candidates(&q, dim, vec![vec![0, 5], vec![1, 2]], &v, 2).unwrap();
         assert_eq!(ok[1], vec![(6.0, 1u32), (6.0, 2)]);
+    }
+
+    /// A query buffer that is not whole rows of the width is refused by every search, exact and
+    /// compact, instead of searching `len / dim` rows and dropping the rest; so is a width of 0.
+    #[test]
+    fn query_values_that_are_not_whole_rows_are_refused() {
+        let dim = 8;
+        let dir = tempfile::tempdir().unwrap();
+        let v = write_vectors(dir.path(), "c", &vec![0.25f32; 20 * dim], dim, VecDType::F32);
+        let q = vec![1.0f32; 2 * dim + 3];
+        let refused = |e: Error| {
+            let e = e.to_string();
+            assert!(e.contains("19 query values are not whole rows of 8"), "{e}");
+        };
+        refused(search_shard(&q, dim, &v, 5, 0).unwrap_err());
+        for precision in [Precision::Int8, Precision::Binary] {
+            let compact = CompactShard::build(&v, precision, None).unwrap();
+            let search =
+                |q: &[f32]| search_compact(q, dim, &compact, &v, 5, 0, 2.0, Kernels::detect());
+            refused(search(&q).unwrap_err());
+            assert_eq!(search(&q[..2 * dim]).unwrap().0.len(), 2);
+        }
+        assert!(check_query_rows(&[], 0).is_err() && check_query_rows(&[], 4).is_ok());
     }
 
     /// Gaussian vectors, like embeddings without structure: the compact pass must still put

@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
 
 use crate::compact::{fingerprint, rescore_candidates, shard_stem, QueryHits};
-use crate::search::{check_finite, check_width};
+use crate::search::{check_finite, check_query_rows, check_width};
 use crate::vectors::Vectors;
 use crate::{Error, Result};
 
@@ -231,12 +231,7 @@ fn search_hnsw_in_sweeps(
     sweep_pairs: usize,
 ) -> Result<(QueryHits, usize)> {
     check_width(shard, dim)?;
-    if !queries.len().is_multiple_of(dim) {
-        return Err(Error::Invalid(format!(
-            "{} query values are not whole rows of {dim}",
-            queries.len()
-        )));
-    }
+    check_query_rows(queries, dim)?;
     let k = depth.min(graph.rows);
     let m = ((k as f64 * multiplier).ceil() as usize).clamp(k, graph.rows);
     if graph.index.expansion_search() < m {
@@ -344,7 +339,10 @@ mod tests {
         let a = write(dir.path(), "a.safetensors", &gaussian(200 * 8, 3), 8);
         let b = write(dir.path(), "b.safetensors", &gaussian(200 * 8, 4), 8);
         let (graph, json) = build(dir.path(), &a, &HnswOptions::default()).unwrap();
-        assert!(HnswShard::open(&json, &a, 64).is_ok());
+        let shard = HnswShard::open(&json, &a, 64).unwrap();
+        // A query buffer that is not whole rows is refused, not cut to `len / dim` rows.
+        let e = search_hnsw(&gaussian(12, 6), 8, &shard, &a, 5, 1.0).err().unwrap().to_string();
+        assert!(e.contains("12 query values are not whole rows of 8"), "{e}");
         let e = HnswShard::open(&json, &b, 64).err().unwrap().to_string();
         assert!(e.contains("was made from other vectors than"), "{e}");
         let text = std::fs::read_to_string(&json).unwrap();

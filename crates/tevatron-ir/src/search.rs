@@ -334,6 +334,7 @@ fn scan_shard(
     check_passages: bool,
 ) -> Result<Vec<Vec<(f32, u32)>>> {
     check_width(shard, dim)?;
+    check_query_rows(queries, dim)?;
     let nq = queries.len() / dim;
     let ids = shard.ids();
     let rows = shard.rows();
@@ -525,6 +526,15 @@ pub fn merge_shards<S: std::borrow::Borrow<Vectors>>(
         }
     }
     Ok(ranking)
+}
+
+/// Checks that a query buffer holds whole rows of `dim` values, so that no search takes
+/// `len / dim` rows and silently drops the rest (or divides by a width of 0).
+pub fn check_query_rows(queries: &[f32], dim: usize) -> Result<()> {
+    if dim > 0 && queries.len().is_multiple_of(dim) {
+        return Ok(());
+    }
+    Err(Error::Invalid(format!("{} query values are not whole rows of {dim}", queries.len())))
 }
 
 /// Checks that a passage shard has the queries' width `dim` (queries given as rows, not a
