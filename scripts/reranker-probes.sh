@@ -11,9 +11,11 @@
 # epoch of 8 questions x group 8 (250 steps) at LR (1e-4) from INIT (round 2's model), bf16,
 # validated every EVERY (125) steps on round 1's top 20 of the validation questions as in the
 # recipe; the last checkpoint then reranks round 2's top 100 of the same questions, as the
-# dev reranking does. Results in runs/reranker-probes/NAME/; a finished step is not redone.
+# dev reranking does. RERANK_LEN (128, the recipe's) is --rerank_max_len of both. Results in
+# runs/reranker-probes/NAME/; a finished step is not redone. Without the full recipe's runs,
+# scripts/reranker-probe-base.sh makes a stand-in from the base model (RECIPE_OUT=its folder).
 set -euo pipefail
-[ $# -ge 1 ] || { sed -n 2,14p "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n 2,17p "$0"; exit 2; }
 name=$1
 shift
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -40,7 +42,7 @@ if [ ! -f "$o/model/trainer_state.json" ]; then
   start=$SECONDS
   "$bin" train-reranker --output_dir "$o/model" --model_name_or_path "${INIT:-$r/round2/model}" \
     --dataset_path "$o/train.jsonl" --corpus_path "$data/corpus.jsonl" \
-    --dataset_cache_dir "$r/cache" --train_group_size 8 --rerank_max_len 128 \
+    --dataset_cache_dir "$r/cache" --train_group_size 8 --rerank_max_len "${RERANK_LEN:-128}" \
     --per_device_train_batch_size 8 --learning_rate "${LR:-1e-4}" --warmup_ratio 0.1 \
     --num_train_epochs 1 --seed 42 --logging_steps 10 --eval_strategy steps \
     --eval_steps "${EVERY:-125}" --save_steps "${EVERY:-125}" \
@@ -57,7 +59,7 @@ print("validation nDCG@10 (round 1 top 20) by step:",
   "$o/model/trainer_state.json"
 [ -f "$o/valid-top100.tsv" ] || "$bin" rerank --model_name_or_path "$o/model" \
   --run_path "$r/round2/valid/run.tsv" --query_path "$d/valid.queries.jsonl" \
-  --corpus_path "$d/valid.corpus.jsonl" --rerank_depth 100 --rerank_max_len 128 \
+  --corpus_path "$d/valid.corpus.jsonl" --rerank_depth 100 --rerank_max_len "${RERANK_LEN:-128}" \
   --per_device_eval_batch_size 32 --rerank_output_path "$o/valid-top100.tsv" --quiet
 echo "$name, reranking round 2's top 100: $("$bin" eval --qrels "$d/valid.qrels.tsv" \
   --run "$o/valid-top100.tsv" -m ndcg@10 --json | tr -d '\n ')"
