@@ -2,7 +2,8 @@
 # The quality of compact search on real embeddings: all-MiniLM-L6-v2 (zero-shot) over the full
 # InsuranceQA dev set (2,000 questions, 27,413 answers), searched exactly in F32 and with
 # int8 and binary codes at several rescoring multipliers (1 = no candidates beyond the depth)
-# and through an HNSW graph (M 32, ef_construction 128) at two ef_search,
+# and through HNSW graphs (M 32, ef_construction 128; the graph's vectors in F32, bf16 and i8)
+# at two ef_search,
 # each evaluated with tevatron eval (nDCG@10, recall@100), timed, and compared with the exact
 # search's top 100 (the share of it each query keeps: recall@100 against exact search).
 #   scripts/bench/compact-quality.sh
@@ -30,8 +31,16 @@ for q in int8 binary; do
   [ -f "$work/idx/corpus.$q.safetensors" ] ||
     "$bin" index --passage_reps "$work/corpus.safetensors" --quantize "$q" --output_dir "$work/idx" --quiet
 done
-[ -f "$work/idx/corpus.hnsw.json" ] ||
-  "$bin" index --passage_reps "$work/corpus.safetensors" --hnsw --output_dir "$work/idx" --quiet
+# The graphs: F32 vectors (the default) in idx/, and with --hnsw_dtype bf16 and i8 beside it.
+for dt in f32 bf16 i8; do
+  g=$work/idx; [ "$dt" = f32 ] || g=$work/idx-$dt
+  if [ ! -f "$g/corpus.hnsw.json" ]; then
+    start=$(date +%s.%N)
+    "$bin" index --passage_reps "$work/corpus.safetensors" --hnsw --hnsw_dtype "$dt" --output_dir "$g" --quiet
+    echo "HNSW graph, $dt vectors: built in $(echo "$(date +%s.%N) - $start" | bc -l | xargs printf %.2f) s"
+  fi
+  echo "HNSW graph, $dt vectors: $(stat -c %s "$g/corpus.hnsw.usearch") bytes"
+done
 printf '%-24s %9s %10s %9s %15s\n' search "nDCG@10" "recall@100" "seconds" "of exact top100"
 run() {  # label search-flags...
   local label=$1 start end
@@ -53,6 +62,9 @@ done
 for m in 1 4 10; do
   run "binary, rescore x$m" --quantize binary --compact_reps "$work/idx/corpus.binary.safetensors" --rescore_multiplier $m
 done
-for ef in 32 128; do
-  run "HNSW ef $ef, rescore x1" --hnsw --compact_reps "$work/idx/corpus.hnsw.json" --hnsw_ef_search $ef --rescore_multiplier 1
+for dt in f32 bf16 i8; do
+  g=$work/idx; [ "$dt" = f32 ] || g=$work/idx-$dt
+  for ef in 32 128; do
+    run "HNSW $dt ef $ef, x1" --hnsw --compact_reps "$g/corpus.hnsw.json" --hnsw_ef_search $ef --rescore_multiplier 1
+  done
 done

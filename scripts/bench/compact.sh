@@ -29,8 +29,9 @@ bmult=${BMULT:-10}
 # HNSW, ours and faiss alike: M, ef_construction, ef_search; ours rescores HMULT x depth.
 # HNSW=0 leaves the graphs out (their build grows about as n^1.8 on random vectors: minutes at
 # 100k, hours at 1M on 2 cores).
+# HNSW_DTYPES (default f32): the graph's vectors (--hnsw_dtype), one graph of ours for each.
 hnsw_m=${HNSW_M:-32} hnsw_efc=${HNSW_EFC:-128} hnsw_ef=${HNSW_EF:-128} hmult=${HMULT:-1}
-hnsw=${HNSW:-1}
+hnsw=${HNSW:-1} hnsw_dtypes=${HNSW_DTYPES:-f32}
 bin=target/release/tevatron
 echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs) (family $(grep -m1 'cpu family' /proc/cpuinfo | cut -d: -f2 | xargs), model $(grep -m1 -P '^model\t' /proc/cpuinfo | cut -d: -f2 | xargs)); $(grep -m1 -o -w -E 'avx512_vnni' /proc/cpuinfo || echo 'no VNNI')"
 "$py" - "$work" $sizes <<'PY'
@@ -84,13 +85,15 @@ for c in $sizes; do
     row "$c" "ours $q + rescore x$k" "$b" "$s" "$m" $(( $(stat -c %s "$work/idx-$c/$c.$q.safetensors") / 1048576 )) "$(recall "$work/$q.ranking")"
   done
   if [ "$hnsw" = 1 ]; then
-    timed "$bin" index --passage_reps "$work/$c.safetensors" --hnsw --hnsw_m "$hnsw_m" \
-      --hnsw_ef_construction "$hnsw_efc" --output_dir "$work/idx-$c" --quiet
-    read -r b _ < "$work/t"
-    timed "$bin" "${search[@]}" --hnsw --compact_reps "$work/idx-$c/$c.hnsw.json" \
-      --hnsw_ef_search "$hnsw_ef" --rescore_multiplier "$hmult" --save_ranking_to "$work/hnsw.ranking"
-    read -r s m < "$work/t"
-    row "$c" "ours HNSW + rescore x$hmult" "$b" "$s" "$m" $(( $(stat -c %s "$work/idx-$c/$c.hnsw.usearch") / 1048576 )) "$(recall "$work/hnsw.ranking")"
+    for dt in $hnsw_dtypes; do
+      timed "$bin" index --passage_reps "$work/$c.safetensors" --hnsw --hnsw_m "$hnsw_m" \
+        --hnsw_ef_construction "$hnsw_efc" --hnsw_dtype "$dt" --output_dir "$work/idx-$c" --quiet
+      read -r b _ < "$work/t"
+      timed "$bin" "${search[@]}" --hnsw --compact_reps "$work/idx-$c/$c.hnsw.json" \
+        --hnsw_ef_search "$hnsw_ef" --rescore_multiplier "$hmult" --save_ranking_to "$work/hnsw.ranking"
+      read -r s m < "$work/t"
+      row "$c" "ours HNSW $dt + rescore x$hmult" "$b" "$s" "$m" $(( $(stat -c %s "$work/idx-$c/$c.hnsw.usearch") / 1048576 )) "$(recall "$work/hnsw.ranking")"
+    done
   fi
   "$py" - "$work" "$c" "$hnsw_m" "$hnsw_efc" "$hnsw_ef" "$hnsw" <<'PY'
 import sys, time, resource, numpy as np, faiss

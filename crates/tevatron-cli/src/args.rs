@@ -891,6 +891,30 @@ impl From<QuantizeArg> for tevatron_ir::quantize::Precision {
     }
 }
 
+/// `--hnsw_dtype` values: how the graph stores its copy of the vectors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum GraphDtypeArg {
+    /// 32-bit floats, as given.
+    F32,
+    /// bfloat16: half the bytes.
+    Bf16,
+    /// IEEE half precision: half the bytes.
+    F16,
+    /// 8-bit integers of each vector scaled to unit length (cosine): a quarter of the bytes.
+    I8,
+}
+
+impl From<GraphDtypeArg> for tevatron_ir::hnsw::GraphDtype {
+    fn from(d: GraphDtypeArg) -> Self {
+        match d {
+            GraphDtypeArg::F32 => Self::F32,
+            GraphDtypeArg::Bf16 => Self::Bf16,
+            GraphDtypeArg::F16 => Self::F16,
+            GraphDtypeArg::I8 => Self::I8,
+        }
+    }
+}
+
 /// Flags of `tevatron index`.
 #[derive(Debug, Args)]
 #[command(rename_all = "snake_case")]
@@ -910,6 +934,10 @@ pub struct IndexArgs {
     /// With --hnsw: candidates examined while inserting (HNSW's ef_construction; default 128).
     #[arg(long)]
     pub hnsw_ef_construction: Option<usize>,
+    /// With --hnsw: the scalars of the graph's copy of the vectors, which its distances use
+    /// (default f32); candidates are rescored with the full-precision vectors either way.
+    #[arg(long, value_enum)]
+    pub hnsw_dtype: Option<GraphDtypeArg>,
     /// Folder for the output: `<shard stem>.<int8|binary>.safetensors`, or with --hnsw
     /// `<shard stem>.hnsw.usearch` and `<shard stem>.hnsw.json`, per shard.
     #[arg(long)]

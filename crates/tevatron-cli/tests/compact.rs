@@ -198,7 +198,7 @@ fn bad_compact_inputs_are_refused() {
                 "y",
             ],
         ),
-        "--hnsw_m and --hnsw_ef_construction are read by --hnsw",
+        "--hnsw_m, --hnsw_ef_construction and --hnsw_dtype are read by --hnsw",
     );
     fails_with(
         search(d, "x.tsv", &["--quantize", "int8", "--rescore_multiplier", "0.5"]),
@@ -251,6 +251,22 @@ fn hnsw_graphs_are_built_mapped_and_rescored() {
         &["--hnsw", "--compact_reps", "g/*.hnsw.json", "--hnsw_ef_search", "32"],
     ));
     assert_eq!(std::fs::read_to_string(d.join("h4.tsv")).unwrap().lines().count(), 35);
+    // A graph of bf16 vectors: recorded in its description, smaller, searched the same way.
+    let mut bf16 = vec!["index", "--passage_reps", "c.*.safetensors", "--hnsw", "--hnsw_m", "16"];
+    bf16.extend(["--hnsw_dtype", "bf16", "--output_dir", "g16", "--quiet"]);
+    ok(tevatron(d, &bf16));
+    let description = std::fs::read_to_string(d.join("g16/c.0.hnsw.json")).unwrap();
+    assert!(description.contains("\"dtype\":\"bf16\""), "{description}");
+    let size = |p: &str| std::fs::metadata(d.join(p)).unwrap().len();
+    assert!(size("g16/c.0.hnsw.usearch") < size("g/c.0.hnsw.usearch"));
+    ok(search(
+        d,
+        "h16.tsv",
+        &["--hnsw", "--compact_reps", "g16/*.hnsw.json", "--rescore_multiplier", "400"],
+    ));
+    assert_eq!(std::fs::read_to_string(d.join("h16.tsv")).unwrap(), exact);
+    ok(search(d, "h16b.tsv", &["--hnsw", "--compact_reps", "g16/*.hnsw.json"]));
+    assert_eq!(std::fs::read_to_string(d.join("h16b.tsv")).unwrap().lines().count(), 35);
     fails_with(search(d, "x.tsv", &["--hnsw"]), "name their .hnsw.json files with --compact_reps");
     fails_with(
         search(d, "x.tsv", &["--hnsw", "--quantize", "int8", "--compact_reps", "g/*.hnsw.json"]),

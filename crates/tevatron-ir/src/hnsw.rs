@@ -33,11 +33,61 @@ pub struct HnswOptions {
     pub expansion_add: usize,
     /// Candidates examined per query (`ef_search`); raised to the candidates wanted when lower.
     pub expansion_search: usize,
+    /// How the graph stores its copy of the vectors.
+    pub dtype: GraphDtype,
 }
 
 impl Default for HnswOptions {
     fn default() -> Self {
-        Self { connectivity: 32, expansion_add: 128, expansion_search: 128 }
+        Self { connectivity: 32, expansion_add: 128, expansion_search: 128, dtype: GraphDtype::F32 }
+    }
+}
+
+/// The scalars of the graph's own copy of the vectors (USearch's scalar kind), which its
+/// distances are computed on while building and searching: F32 as given, or rounded to bf16 or
+/// f16 (half the bytes, a graph of about half the size, distances on the CPU's half-precision
+/// instructions where it has them) or to i8 (a quarter; USearch scales each vector to unit
+/// length before rounding to [-127, 127], so the graph ranks by cosine, which is the inner
+/// product of normalised embeddings). The candidates are rescored with the full-precision
+/// vectors either way, so only which candidates the graph proposes changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GraphDtype {
+    /// 32-bit floats, the vectors as given.
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// IEEE half precision.
+    F16,
+    /// 8-bit integers of the unit-length vector.
+    I8,
+}
+
+impl GraphDtype {
+    /// Every form, in the order of their names.
+    pub const ALL: [Self; 4] = [Self::F32, Self::Bf16, Self::F16, Self::I8];
+
+    /// The name in flags and in the graph's description.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::F16 => "f16",
+            Self::I8 => "i8",
+        }
+    }
+
+    /// The form a name gives, if any.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|d| d.name() == name)
+    }
+
+    fn scalar_kind(self) -> ScalarKind {
+        match self {
+            Self::F32 => ScalarKind::F32,
+            Self::Bf16 => ScalarKind::BF16,
+            Self::F16 => ScalarKind::F16,
+            Self::I8 => ScalarKind::I8,
+        }
     }
 }
 
@@ -60,7 +110,7 @@ fn new_index(dim: usize, opts: &HnswOptions) -> std::result::Result<Index, Strin
     let index = Index::new(&IndexOptions {
         dimensions: dim,
         metric: MetricKind::IP,
-        quantization: ScalarKind::F32,
+        quantization: opts.dtype.scalar_kind(),
         connectivity: opts.connectivity,
         expansion_add: opts.expansion_add,
         expansion_search: opts.expansion_search,
@@ -116,6 +166,7 @@ pub fn build(dir: &Path, source: &Vectors, opts: &HnswOptions) -> Result<(PathBu
         "metric": "ip",
         "connectivity": opts.connectivity,
         "expansion_add": opts.expansion_add,
+        "dtype": opts.dtype.name(),
         "usearch_version": usearch::version(),
         "graph_bytes": size,
     });
@@ -168,10 +219,17 @@ impl HnswShard {
                 ),
             });
         }
+        // Graphs described before the field existed hold F32.
+        let dtype = match d["dtype"].as_str() {
+            None => GraphDtype::F32,
+            Some(name) => GraphDtype::from_name(name)
+                .ok_or_else(|| bad(format!("dtype {name:?} is none of f32, bf16, f16, i8")))?,
+        };
         let opts = HnswOptions {
             connectivity: d["connectivity"].as_u64().unwrap_or(32) as usize,
             expansion_add: d["expansion_add"].as_u64().unwrap_or(128) as usize,
             expansion_search,
+            dtype,
         };
         let index = new_index(source.dim(), &opts)
             .map_err(|e| usearch_err(&graph, "opening the graph", e))?;
@@ -295,23 +353,60 @@ mod tests {
     }
 
     /// The mapped graph's candidates, rescored, find nearly all of exact search's top 10, with
-    /// exact search's scores; a deeper candidate list finds more.
+    /// exact search's scores; a deeper candidate list finds more. So with the graph's vectors
+    /// in bf16, f16 and i8 (unit vectors, as i8 ranks by cosine), each graph smaller.
     #[test]
     fn graph_search_recalls_exact_search() {
         let (n, nq, dim, depth) = (3000, 30, 32, 10);
-        let dir = tempfile::tempdir().unwrap();
-        let v = write(dir.path(), "c.safetensors", &gaussian(n * dim, 1), dim);
-        let q = gaussian(nq * dim, 2);
-        let (_, json) = build(
-            dir.path(),
-            &v,
-            &HnswOptions { connectivity: 16, expansion_add: 64, expansion_search: 16 },
-        )
-        .unwrap();
-        let exact = search_shard(&q, dim, &v, depth, 0).unwrap();
-        let graph = HnswShard::open(&json, &v, 16).unwrap();
+        let unit = |mut x: Vec<f32>| {
+            for row in x.chunks_exact_mut(dim) {
+                let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+                row.iter_mut().for_each(|v| *v /= norm);
+            }
+            x
+        };
+        let q = unit(gaussian(nq * dim, 2));
+        let mut f32_bytes = 0;
+        for dtype in GraphDtype::ALL {
+            let dir = tempfile::tempdir().unwrap();
+            let v = write(dir.path(), "c.safetensors", &unit(gaussian(n * dim, 1)), dim);
+            let opts =
+                HnswOptions { connectivity: 16, expansion_add: 64, expansion_search: 16, dtype };
+            let (graph, json) = build(dir.path(), &v, &opts).unwrap();
+            let description = std::fs::read_to_string(&json).unwrap();
+            assert!(
+                description.contains(&format!("\"dtype\":\"{}\"", dtype.name())),
+                "{description}"
+            );
+            let bytes = std::fs::metadata(&graph).unwrap().len();
+            // The graph's copy of the vectors shrinks by the scalars' bytes; its links stay.
+            let scalar = match dtype {
+                GraphDtype::F32 => 4,
+                GraphDtype::Bf16 | GraphDtype::F16 => 2,
+                GraphDtype::I8 => 1,
+            };
+            if dtype == GraphDtype::F32 {
+                f32_bytes = bytes;
+            }
+            // (Within 1% of the F32 graph: the links differ a little from build to build, as
+            // the threads insert in another order.)
+            let saved = f32_bytes as i64 - bytes as i64;
+            let want = (n * dim * (4 - scalar)) as i64;
+            assert!(
+                (saved - want).abs() * 100 <= f32_bytes as i64,
+                "{}: {saved} bytes",
+                dtype.name()
+            );
+            recalls_exact_search(&q, &v, &json, depth);
+        }
+    }
+
+    fn recalls_exact_search(q: &[f32], v: &Vectors, json: &Path, depth: usize) {
+        let (dim, nq) = (v.dim(), q.len() / v.dim());
+        let exact = search_shard(q, dim, v, depth, 0).unwrap();
+        let graph = HnswShard::open(json, v, 16).unwrap();
         let recall = |multiplier| {
-            let (got, m) = search_hnsw(&q, dim, &graph, &v, depth, multiplier).unwrap();
+            let (got, m) = search_hnsw(q, dim, &graph, v, depth, multiplier).unwrap();
             assert_eq!(m, (depth as f64 * multiplier) as usize);
             let mut found = 0;
             for (g, e) in got.iter().zip(&exact) {
@@ -326,10 +421,13 @@ mod tests {
             found as f64 / (nq * depth) as f64
         };
         let (shallow, deep) = (recall(1.0), recall(8.0));
-        assert!(deep >= 0.97 && deep >= shallow, "recall@10 {shallow} at x1, {deep} at x8");
+        assert!(
+            deep >= 0.97 && deep >= shallow,
+            "{json:?}: recall@10 {shallow} at x1, {deep} at x8"
+        );
         // Rescored a query per sweep (the graph's own search is the same), the same hits.
-        let (all, _) = search_hnsw(&q, dim, &graph, &v, depth, 8.0).unwrap();
-        let one_by_one = search_hnsw_in_sweeps(&q, dim, &graph, &v, (depth, 8.0), 1).unwrap();
+        let (all, _) = search_hnsw(q, dim, &graph, v, depth, 8.0).unwrap();
+        let one_by_one = search_hnsw_in_sweeps(q, dim, &graph, v, (depth, 8.0), 1).unwrap();
         assert_eq!(one_by_one.0, all);
     }
 
@@ -349,6 +447,13 @@ mod tests {
         std::fs::write(&json, text.replace(FORMAT, "tevatron-hnsw-v0")).unwrap();
         let e = HnswShard::open(&json, &a, 64).err().unwrap().to_string();
         assert!(e.contains("\"tevatron-hnsw-v0\" is not \"tevatron-hnsw-v1\""), "{e}");
+        // A description from before the dtype field holds F32; an unknown dtype is refused.
+        assert!(text.contains("\"dtype\":\"f32\""), "{text}");
+        std::fs::write(&json, text.replace(",\"dtype\":\"f32\"", "")).unwrap();
+        assert!(HnswShard::open(&json, &a, 64).is_ok());
+        std::fs::write(&json, text.replace("\"dtype\":\"f32\"", "\"dtype\":\"f8\"")).unwrap();
+        let e = HnswShard::open(&json, &a, 64).err().unwrap().to_string();
+        assert!(e.contains("dtype \"f8\" is none of f32, bf16, f16, i8"), "{e}");
         std::fs::write(&json, text).unwrap();
         let bytes = std::fs::read(&graph).unwrap();
         std::fs::write(&graph, &bytes[..bytes.len() / 2]).unwrap();

@@ -23,14 +23,17 @@ pub fn run(a: &IndexArgs) -> Result<()> {
     let defaults = HnswOptions::default();
     let kind = match (a.quantize, a.hnsw) {
         (Some(q), false) => {
-            if a.hnsw_m.is_some() || a.hnsw_ef_construction.is_some() {
-                bail!("--hnsw_m and --hnsw_ef_construction are read by --hnsw, not --quantize");
+            if a.hnsw_m.is_some() || a.hnsw_ef_construction.is_some() || a.hnsw_dtype.is_some() {
+                bail!(
+                    "--hnsw_m, --hnsw_ef_construction and --hnsw_dtype are read by --hnsw, not --quantize"
+                );
             }
             Ok(Precision::from(q))
         }
         (None, true) => Err(HnswOptions {
             connectivity: a.hnsw_m.unwrap_or(defaults.connectivity),
             expansion_add: a.hnsw_ef_construction.unwrap_or(defaults.expansion_add),
+            dtype: a.hnsw_dtype.map_or(defaults.dtype, Into::into),
             ..defaults
         }),
         _ => bail!("give one of --quantize int8|binary and --hnsw"),
@@ -76,11 +79,12 @@ pub fn run(a: &IndexArgs) -> Result<()> {
             for shard in &shards {
                 let (graph, _) = build(&a.output_dir, shard, &opts)?;
                 tracing::info!(
-                    "HNSW graph of {} ({} x {dim}, M {}, ef_construction {}) written to {}",
+                    "HNSW graph of {} ({} x {dim}, M {}, ef_construction {}, {} vectors) written to {}",
                     shard.path().display(),
                     shard.len(),
                     opts.connectivity,
                     opts.expansion_add,
+                    opts.dtype.name(),
                     graph.display()
                 );
             }
