@@ -67,4 +67,5 @@ for dt in f32 bf16 i8; do
   for ef in 32 128; do
     run "HNSW $dt ef $ef, x1" --hnsw --compact_reps "$g/corpus.hnsw.json" --hnsw_ef_search $ef --rescore_multiplier 1
   done
+  run "HNSW $dt ef 128, x2" --hnsw --compact_reps "$g/corpus.hnsw.json" --hnsw_ef_search 128 --rescore_multiplier 2
 done
