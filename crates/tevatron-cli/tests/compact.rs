@@ -267,6 +267,21 @@ fn hnsw_graphs_are_built_mapped_and_rescored() {
     assert_eq!(std::fs::read_to_string(d.join("h16.tsv")).unwrap(), exact);
     ok(search(d, "h16b.tsv", &["--hnsw", "--compact_reps", "g16/*.hnsw.json"]));
     assert_eq!(std::fs::read_to_string(d.join("h16b.tsv")).unwrap().lines().count(), 35);
+    // An i8 graph ranks by cosine: these vectors are not unit length, and the log says so
+    // (the bf16 build above, of the same vectors, does not).
+    let cosine = "--hnsw_dtype i8 ranks candidates by cosine";
+    let mut i8 = vec!["index", "--passage_reps", "c.*.safetensors", "--hnsw", "--hnsw_m", "16"];
+    i8.extend(["--hnsw_dtype", "i8", "--output_dir", "g8"]);
+    let out = tevatron(d, &i8);
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success() && log.contains(cosine) && log.contains("c.0.safetensors"),
+        "{log}"
+    );
+    bf16.retain(|a| *a != "--quiet");
+    let out = tevatron(d, &bf16);
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success() && !log.contains(cosine), "{log}");
     fails_with(search(d, "x.tsv", &["--hnsw"]), "name their .hnsw.json files with --compact_reps");
     fails_with(
         search(d, "x.tsv", &["--hnsw", "--quantize", "int8", "--compact_reps", "g/*.hnsw.json"]),

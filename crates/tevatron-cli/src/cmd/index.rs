@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use anyhow::{bail, Context, Result};
 use tevatron_ir::compact::{calibrate, compact_path, write};
-use tevatron_ir::hnsw::{build, hnsw_paths, HnswOptions};
+use tevatron_ir::hnsw::{build, hnsw_paths, GraphDtype, HnswOptions};
 use tevatron_ir::quantize::Precision;
 use tevatron_ir::search::check_width;
 use tevatron_ir::vectors::{expand_glob, Vectors};
@@ -76,6 +76,9 @@ pub fn run(a: &IndexArgs) -> Result<()> {
                 bail!("--hnsw_m must be at least 2 and --hnsw_ef_construction at least 1");
             }
             tracing::info!("USearch kernels available: {}", tevatron_ir::hnsw::kernels());
+            if opts.dtype == GraphDtype::I8 {
+                warn_unless_unit_length(&shards);
+            }
             for shard in &shards {
                 let (graph, _) = build(&a.output_dir, shard, &opts)?;
                 tracing::info!(
@@ -92,4 +95,27 @@ pub fn run(a: &IndexArgs) -> Result<()> {
     }
     tracing::info!("indexed {} shard(s) in {:.2}s", shards.len(), start.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// An i8 graph ranks by cosine (USearch scales each vector to unit length before rounding), so
+/// for vectors that are not unit length its candidates follow another order than the inner
+/// product the rescoring restores: said in the log, from the first rows of each shard.
+fn warn_unless_unit_length(shards: &[Vectors]) {
+    let mut scratch = Vec::new();
+    for shard in shards {
+        let (dim, rows) = (shard.dim(), shard.len().min(1000));
+        let block = shard.rows().block(dim, 0, rows, &mut scratch);
+        let off = block.chunks_exact(dim.max(1)).enumerate().find_map(|(row, v)| {
+            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            ((norm - 1.0).abs() > 1e-2).then_some((row, norm))
+        });
+        if let Some((row, norm)) = off {
+            tracing::warn!(
+                "--hnsw_dtype i8 ranks candidates by cosine, and {} is not unit length (row {row} \
+                 has norm {norm:.4}): the graph proposes by cosine, the rescoring then ranks by \
+                 inner product; f32 or bf16 keep the inner product",
+                shard.path().display()
+            );
+        }
+    }
 }
