@@ -19,7 +19,7 @@ use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
-use crate::backbone::fast::{contiguous_f32, mask_scale_in_place, softmax_in_place, Data};
+use crate::backbone::fast::{contiguous_f32, mask_scale_in_place, softmax_masked_in_place, Data};
 use crate::rng::StreamMask;
 
 /// Dropout on the attention probabilities: `keep` holds one byte per probability, laid out
@@ -210,11 +210,7 @@ unsafe fn softmax_rows_avx512(scores: &mut [f32], mask: &[f32], l: usize, stride
 #[inline(always)]
 fn softmax_rows_portable(scores: &mut [f32], mask: &[f32], l: usize, stride: usize) {
     for (i, row) in scores.chunks_mut(l).enumerate() {
-        let keys = &mask[i * stride..i * stride + l];
-        for (s, &m) in row.iter_mut().zip(keys) {
-            *s += m;
-        }
-        softmax_in_place(row);
+        softmax_masked_in_place(row, &mask[i * stride..i * stride + l]);
     }
 }
 
