@@ -78,11 +78,12 @@ echo "recipe: model $model, data $data, output $out" >&2
 # Each trained stage reads the first rows of the training questions: seed_rows, round1_rows (for
 # round1_epochs, gc_batch questions a step), round2_rows (mined, then trained on).
 # The reranker trains on reranker_rows questions (every training question in the full recipe).
+# The split's own sizes are scripts/recipe_insuranceqa_data.py's.
 if [ "$quick" = 1 ]; then
-  n_train=600 n_valid=100 valid_corpus=1000 mine_corpus=4000 gc_batch=64
+  gc_batch=64
   seed_rows=600 round1_rows=600 round1_epochs=2 round2_rows=600 reranker_rows=600
 else
-  n_train=12681 n_valid=200 valid_corpus=2000 mine_corpus=0 gc_batch=128
+  gc_batch=128
   seed_rows=4000 round1_rows=4000 round1_epochs=1 round2_rows=4000 reranker_rows=12681
 fi
 
@@ -90,8 +91,8 @@ fi
 # questions, validation questions held out of training, and the corpus mining searches.
 if [ ! -f "$out/data/done" ]; then
   rm -rf "$out/data.tmp" && mkdir -p "$out/data.tmp"
-  python3 "$root/scripts/recipe_insuranceqa_data.py" "$data" "$out/data.tmp" "$quick" "$n_train" "$n_valid" \
-    "$valid_corpus" "$mine_corpus"
+  if [ "$quick" = 1 ]; then mode=quick; else mode=full; fi
+  python3 "$root/scripts/recipe_insuranceqa_data.py" "$data" "$out/data.tmp" "$mode"
   rm -rf "$out/data" && mv "$out/data.tmp" "$out/data"
 fi
 d=$out/data

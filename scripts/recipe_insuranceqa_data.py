@@ -3,11 +3,19 @@ scripts/reranker-probe-base.sh): the dev questions and answers evaluated on (the
 subset of 200 questions over 4,000 answers), the training questions, the held-out training
 questions that validate, their answers, and the answers mined over.
 
-python3 recipe_insuranceqa_data.py SRC DST QUICK N_TRAIN N_VALID VALID_CORPUS MINE_CORPUS
+python3 recipe_insuranceqa_data.py SRC DST full|quick
 """
 import json, random, sys
-src, dst, quick = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
-n_train, n_valid, valid_corpus, mine_corpus = map(int, sys.argv[4:8])
+src, dst, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+if mode not in ("full", "quick"):
+    sys.exit(f"recipe data: the mode is full or quick, not {mode!r}")
+quick = mode == "quick"
+# Training questions, validation questions held out after them, the validation answers (their
+# positives and others drawn at random), and the answers mined over (0: all).
+if quick:
+    n_train, n_valid, valid_corpus, mine_corpus = 600, 100, 1000, 4000
+else:
+    n_train, n_valid, valid_corpus, mine_corpus = 12681, 200, 2000, 0
 corpus = [json.loads(l) for l in open(f"{src}/corpus.jsonl")]
 def write(name, rows):
     with open(f"{dst}/{name}", "w") as f:

@@ -13,11 +13,15 @@ out=${RECIPE_OUT:-$root/runs/reranker-probe-base}
 cargo build --release -q -p tevatron-cli --manifest-path "$root/Cargo.toml"
 bin=$root/target/release/tevatron
 data=${INSURANCEQA:-$("$root/scripts/fetch-insuranceqa.sh" "$bin")}
-model=${RECIPE_MODEL:-$("$root/scripts/fetch-minilm.sh")}
+model=$(cd "${RECIPE_MODEL:-$("$root/scripts/fetch-minilm.sh")}" && pwd)  # absolute, for the links
+if [ -d "$out/round1/model" ] && [ ! -L "$out/round1/model" ]; then
+  echo "$out holds a trained recipe (round1/model is a folder): give another RECIPE_OUT" >&2
+  exit 1
+fi
 mkdir -p "$out"
 if [ ! -f "$out/data/done" ]; then
   rm -rf "$out/data.tmp" && mkdir -p "$out/data.tmp"
-  python3 "$root/scripts/recipe_insuranceqa_data.py" "$data" "$out/data.tmp" 0 12681 200 2000 0
+  python3 "$root/scripts/recipe_insuranceqa_data.py" "$data" "$out/data.tmp" full
   rm -rf "$out/data" && mv "$out/data.tmp" "$out/data"
 fi
 d=$out/data

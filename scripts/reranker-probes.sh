@@ -15,7 +15,7 @@
 # runs/reranker-probes/NAME/; a finished step is not redone. Without the full recipe's runs,
 # scripts/reranker-probe-base.sh makes a stand-in from the base model (RECIPE_OUT=its folder).
 set -euo pipefail
-[ $# -ge 1 ] || { sed -n 2,17p "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n 2,16p "$0"; exit 2; }
 name=$1
 shift
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -26,7 +26,7 @@ o=$root/runs/reranker-probes/$name
 emb=$r/round1/mine-embeddings/reranker.train.queries.safetensors
 for f in "$r/round2/model/config.json" "$r/round1/valid/run.tsv" "$r/round2/valid/run.tsv" "$emb" \
   "$r/round1/eval/corpus.safetensors"; do
-  [ -f "$f" ] || { echo "missing $f: run the full scripts/recipe-insuranceqa.sh (not QUICK=1) first" >&2
+  [ -f "$f" ] || { echo "missing $f: run the full scripts/recipe-insuranceqa.sh (not QUICK=1) first, or scripts/reranker-probe-base.sh for a stand-in" >&2
     exit 1; }
 done
 data=${INSURANCEQA:-$("$root/scripts/fetch-insuranceqa.sh" "$bin")}

@@ -3,7 +3,7 @@
 # InsuranceQA dev set (2,000 questions, 27,413 answers), searched exactly in F32 and with
 # int8 and binary codes at several rescoring multipliers (1 = no candidates beyond the depth)
 # and through HNSW graphs (M 32, ef_construction 128; the graph's vectors in F32, bf16 and i8)
-# at two ef_search,
+# at two ef_search (and ef_search 128 with rescoring x2),
 # each evaluated with tevatron eval (nDCG@10, recall@100), timed, and compared with the exact
 # search's top 100 (the share of it each query keeps: recall@100 against exact search).
 #   scripts/bench/compact-quality.sh

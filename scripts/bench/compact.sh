@@ -66,7 +66,7 @@ a, b = top(sys.argv[1]), top(sys.argv[2])
 print(f"{sum(len(x & y) for x, y in zip(a, b)) / sum(len(x) for x in a):.4f}")
 PY
 }
-row() { printf '%-8s %-26s %8s %8s %8s %9s %8s\n' "$@"; }
+row() { printf '%-8s %-30s %8s %8s %8s %9s %8s\n' "$@"; }
 row corpus method "build s" "search s" "RSS MB" "index MB" recall@100
 for c in $sizes; do
   search=(search --query_reps "$work/queries.safetensors" --passage_reps "$work/$c.safetensors"
@@ -107,7 +107,7 @@ q, x = np.load(f"{work}/queries.npy"), np.load(f"{work}/{c}.npy")
 def recall(idx):
     return sum(len(e & set(r.tolist())) for e, r in zip(exact, idx)) / sum(map(len, exact))
 def report(name, build, search, index_bytes, idx):
-    print(f"{c:<8} {name:<26} {build:8.2f} {search:8.2f} {'-':>8} {index_bytes // 1048576:9d} {recall(idx):8.4f}")
+    print(f"{c:<8} {name:<30} {build:8.2f} {search:8.2f} {'-':>8} {index_bytes // 1048576:9d} {recall(idx):8.4f}")
 t0 = time.perf_counter(); flat = faiss.IndexFlatIP(384); flat.add(x); t1 = time.perf_counter()
 _, idx = flat.search(q, 100); t2 = time.perf_counter()
 report("faiss IndexFlatIP", t1 - t0, t2 - t1, x.nbytes, idx)

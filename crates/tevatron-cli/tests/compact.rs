@@ -264,24 +264,37 @@ fn hnsw_graphs_are_built_mapped_and_rescored() {
         "h16.tsv",
         &["--hnsw", "--compact_reps", "g16/*.hnsw.json", "--rescore_multiplier", "400"],
     ));
+    // (Every row wanted: rescored without the graph, so this shows the bf16 graph opens; the
+    // graphs' recall in each dtype is tevatron-ir's hnsw test.)
     assert_eq!(std::fs::read_to_string(d.join("h16.tsv")).unwrap(), exact);
     ok(search(d, "h16b.tsv", &["--hnsw", "--compact_reps", "g16/*.hnsw.json"]));
     assert_eq!(std::fs::read_to_string(d.join("h16b.tsv")).unwrap().lines().count(), 35);
-    // An i8 graph ranks by cosine: these vectors are not unit length, and the log says so
-    // (the bf16 build above, of the same vectors, does not).
+    // An i8 graph ranks by cosine: these vectors are not unit length, and the log says so;
+    // an i8 graph of the same vectors cut to unit length does not.
     let cosine = "--hnsw_dtype i8 ranks candidates by cosine";
-    let mut i8 = vec!["index", "--passage_reps", "c.*.safetensors", "--hnsw", "--hnsw_m", "16"];
-    i8.extend(["--hnsw_dtype", "i8", "--output_dir", "g8"]);
-    let out = tevatron(d, &i8);
-    let log = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        out.status.success() && log.contains(cosine) && log.contains("c.0.safetensors"),
-        "{log}"
-    );
-    bf16.retain(|a| *a != "--quiet");
-    let out = tevatron(d, &bf16);
-    let log = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success() && !log.contains(cosine), "{log}");
+    let i8_log = |reps: &str, out: &str| {
+        let mut i8 = vec!["index", "--passage_reps", reps, "--hnsw", "--hnsw_m", "16"];
+        i8.extend(["--hnsw_dtype", "i8", "--output_dir", out]);
+        let out = tevatron(d, &i8);
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{log}");
+        log
+    };
+    let log = i8_log("c.*.safetensors", "g8");
+    assert!(log.contains(cosine) && log.contains("c.0.safetensors"), "{log}");
+    let rows = tevatron_ir::vectors::Vectors::open(&d.join("c.0.safetensors")).unwrap();
+    let mut unit = rows.rows().block(40, 0, rows.len(), &mut Vec::new()).to_vec();
+    for row in unit.chunks_exact_mut(40) {
+        let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+        row.iter_mut().for_each(|v| *v /= norm);
+    }
+    let ids: Vec<String> = (0..rows.len()).map(|i| format!("u{i}")).collect();
+    let path = d.join("unit.safetensors");
+    let mut w = VectorWriter::create(&path, 40, VecDType::F32, BTreeMap::new()).unwrap();
+    w.push(&unit, &ids).unwrap();
+    w.finish().unwrap();
+    let log = i8_log("unit.safetensors", "gu");
+    assert!(!log.contains(cosine), "{log}");
     fails_with(search(d, "x.tsv", &["--hnsw"]), "name their .hnsw.json files with --compact_reps");
     fails_with(
         search(d, "x.tsv", &["--hnsw", "--quantize", "int8", "--compact_reps", "g/*.hnsw.json"]),

@@ -7,8 +7,9 @@
 //!
 //! Files, per shard: `<stem>.hnsw.usearch` (USearch's own format, inner-product metric, the
 //! row number as key) and `<stem>.hnsw.json`, which says what it is: `format`
-//! (`tevatron-hnsw-v1`), the graph's settings, the USearch version, the byte size of the
-//! graph file and the fingerprint of the vectors it was built from. The size is checked before
+//! (`tevatron-hnsw-v1`), the graph's settings and the scalars of its copy of the vectors
+//! (`dtype`), the USearch version, the byte size of the graph file and the fingerprint of the
+//! vectors it was built from. The size is checked before
 //! the graph is mapped, so a truncated graph is an error, not a crash.
 
 use std::path::{Path, PathBuf};
@@ -222,8 +223,10 @@ impl HnswShard {
         // Graphs described before the field existed hold F32.
         let dtype = match d["dtype"].as_str() {
             None => GraphDtype::F32,
-            Some(name) => GraphDtype::from_name(name)
-                .ok_or_else(|| bad(format!("dtype {name:?} is none of f32, bf16, f16, i8")))?,
+            Some(name) => GraphDtype::from_name(name).ok_or_else(|| {
+                let names: Vec<_> = GraphDtype::ALL.iter().map(|d| d.name()).collect();
+                bad(format!("dtype {name:?} is none of {}", names.join(", ")))
+            })?,
         };
         let opts = HnswOptions {
             connectivity: d["connectivity"].as_u64().unwrap_or(32) as usize,
@@ -236,6 +239,16 @@ impl HnswShard {
         index
             .view(&graph.to_string_lossy())
             .map_err(|e| usearch_err(&graph, "mapping the graph", e))?;
+        // USearch takes the scalars from the file's own header: it must be the description's.
+        if index.scalar_kind() != dtype.scalar_kind() {
+            let held = GraphDtype::ALL.into_iter().find(|d| d.scalar_kind() == index.scalar_kind());
+            return Err(bad(format!(
+                "says its graph holds {} vectors, but {} holds {}: rebuild it with `tevatron index --hnsw`",
+                dtype.name(),
+                graph.display(),
+                held.map_or("other", GraphDtype::name)
+            )));
+        }
         // One search context per thread, so that queries on all threads do not queue.
         index
             .reserve_capacity_and_threads(index.size(), rayon::current_num_threads().max(1))
@@ -449,8 +462,17 @@ mod tests {
         assert!(e.contains("\"tevatron-hnsw-v0\" is not \"tevatron-hnsw-v1\""), "{e}");
         // A description from before the dtype field holds F32; an unknown dtype is refused.
         assert!(text.contains("\"dtype\":\"f32\""), "{text}");
-        std::fs::write(&json, text.replace(",\"dtype\":\"f32\"", "")).unwrap();
+        let old = text.replace(",\"dtype\":\"f32\"", "");
+        assert!(!old.contains("dtype"), "{old}");
+        std::fs::write(&json, old).unwrap();
         assert!(HnswShard::open(&json, &a, 64).is_ok());
+        // A description whose dtype is not the graph file's is refused.
+        std::fs::write(&json, text.replace("\"dtype\":\"f32\"", "\"dtype\":\"bf16\"")).unwrap();
+        let e = HnswShard::open(&json, &a, 64).err().unwrap().to_string();
+        assert!(
+            e.contains("says its graph holds bf16 vectors, but") && e.contains("holds f32"),
+            "{e}"
+        );
         std::fs::write(&json, text.replace("\"dtype\":\"f32\"", "\"dtype\":\"f8\"")).unwrap();
         let e = HnswShard::open(&json, &a, 64).err().unwrap().to_string();
         assert!(e.contains("dtype \"f8\" is none of f32, bf16, f16, i8"), "{e}");

@@ -494,6 +494,7 @@ pub fn search_shards<S: std::borrow::Borrow<Vectors>>(
     depth: usize,
     batch_size: usize,
 ) -> Result<Ranking> {
+    check_query_rows(queries, dim)?;
     merge_shards(queries.len() / dim, shards, depth, |shard| {
         search_shard(queries, dim, shard, depth, batch_size)
     })

@@ -45,8 +45,11 @@ pub(super) fn exp(x: f32) -> f32 {
     let p = 1.0
         + g * (1.0
             + g * (0.5 + g * (1.0 / 6.0 + g * (1.0 / 24.0 + g * (1.0 / 120.0 + g / 720.0)))));
-    // SAFETY: n is an integer in [-126, 127] (x was clamped), so the conversion is exact;
-    // unlike `as`, it has no saturation branch and vectorises.
+    // A NaN input stays NaN through `p` (and the result); its exponent is taken as 0 so that
+    // the conversion below never sees a NaN.
+    let n = if n.is_nan() { 0.0 } else { n };
+    // SAFETY: n is an integer in [-126, 127] (x was clamped, a NaN replaced), so the
+    // conversion is exact; unlike `as`, it has no saturation branch and vectorises.
     let n = unsafe { n.to_int_unchecked::<i32>() };
     let r = f32::from_bits(((n + 127) << 23) as u32) * p;
     if underflow {
@@ -403,6 +406,7 @@ mod tests {
             let x = i as f32 / 1000.0;
             assert!((erf(x) - 1.0).abs() < 2.3e-5 && (erf(-x) + 1.0).abs() < 2.3e-5, "erf({x})");
         }
+        assert!(exp(f32::NAN).is_nan(), "a NaN stays one");
         for i in -8000..8000 {
             let x = i as f32 / 100.0;
             let want = (x as f64).exp();
@@ -431,7 +435,8 @@ mod tests {
     }
 
     /// The three-pass masked softmax gives the bits of adding the mask, then the five-pass
-    /// softmax: every length around the 16 lanes, masks with -inf, large negatives and zeros.
+    /// softmax: every length around the 16 lanes, masks with the backbone's f32::MIN (every key
+    /// of a one-key row masked), large negatives, random ones and zeros.
     #[test]
     fn masked_softmax_gives_the_bits_of_mask_then_softmax() {
         let mut x = 7u64;
@@ -445,7 +450,7 @@ mod tests {
                 let mask: Vec<f32> = (0..len)
                     .map(|i| match (variant, i % 3) {
                         (0, _) => 0.0,
-                        (1, 0) => f32::NEG_INFINITY,
+                        (1, 0) => f32::MIN,
                         (2, 1) => -3.4e38,
                         (3, _) => -5.0 * next(),
                         _ => 0.0,

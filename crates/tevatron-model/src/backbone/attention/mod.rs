@@ -21,7 +21,7 @@ pub(super) mod kernel;
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, D};
 
 use super::dropout::{draw_keep_mask, dropout};
-use super::fast::{contiguous_f32, softmax_in_place};
+use super::fast::{contiguous_f32, softmax_masked_in_place};
 use super::linear::matmul;
 #[cfg(feature = "cuda")]
 use super::train_ops::cuda;
@@ -259,10 +259,8 @@ impl CustomOp2 for MaskedSoftmax {
             let x = &x[row * n..(row + 1) * n];
             let b_row = (row / rows_per_batch) * queries + (row % rows_per_batch) % queries;
             let b = &bias[b_row * n..(b_row + 1) * n];
-            for ((o, &v), &b) in o.iter_mut().zip(x).zip(b) {
-                *o = v + b;
-            }
-            softmax_in_place(o);
+            o.copy_from_slice(x);
+            softmax_masked_in_place(o, b);
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
