@@ -309,20 +309,10 @@ reranker_data=$out/reranker/mined.jsonl
 # Round 1's run over the validation questions: what the reranker's validation reranks.
 valid_run=$out/round1/valid/run.tsv
 if [ ! -f "$out/round1/valid/metrics.json" ]; then
-  mkdir -p "$out/round1/valid"
-  "$bin" encode --model_name_or_path "$out/round1/model" --dataset_path "$d/valid.corpus.jsonl" \
-    --encode_output_path "$out/round1/valid/corpus.safetensors" --passage_max_len 128 \
-    --per_device_eval_batch_size 64 --quiet
-  "$bin" encode --model_name_or_path "$out/round1/model" --dataset_path "$d/valid.queries.jsonl" \
-    --encode_is_query --encode_output_path "$out/round1/valid/queries.safetensors" \
-    --query_max_len 32 --quiet
-  "$bin" search --query_reps "$out/round1/valid/queries.safetensors" \
-    --passage_reps "$out/round1/valid/corpus.safetensors" --depth 100 --batch_size 0 \
-    --save_ranking_to "$valid_run" --save_text --quiet
+  "$root/scripts/rank-valid.sh" "$bin" "$out/round1/model" "$d" "$out/round1/valid"
   "$bin" eval --qrels "$d/valid.qrels.tsv" --run "$valid_run" -m ndcg@10 -m mrr@10 -m recall@20 \
     --json > "$out/round1/valid/metrics.json.tmp"
   mv "$out/round1/valid/metrics.json.tmp" "$out/round1/valid/metrics.json"
-  rm -f "$out/round1/valid"/*.safetensors
 fi
 if [ ! -f "$out/reranker/model/trainer_state.json" ]; then
   echo "recipe: training the reranker" >&2
@@ -417,16 +407,7 @@ if [ ! -f "$out/fused/eval/metrics.json" ]; then
   start=$SECONDS
   v=$out/round2/valid
   mkdir -p "$v" "$out/fused/eval"
-  if [ ! -f "$v/run.tsv" ]; then
-    "$bin" encode --model_name_or_path "$out/round2/model" --dataset_path "$d/valid.corpus.jsonl" \
-      --encode_output_path "$v/corpus.safetensors" --passage_max_len 128 \
-      --per_device_eval_batch_size 64 --quiet
-    "$bin" encode --model_name_or_path "$out/round2/model" --dataset_path "$d/valid.queries.jsonl" \
-      --encode_is_query --encode_output_path "$v/queries.safetensors" --query_max_len 32 --quiet
-    "$bin" search --query_reps "$v/queries.safetensors" --passage_reps "$v/corpus.safetensors" \
-      --depth 100 --batch_size 0 --save_ranking_to "$v/run.tsv" --save_text --quiet
-    rm -f "$v"/*.safetensors
-  fi
+  [ -f "$v/run.tsv" ] || "$root/scripts/rank-valid.sh" "$bin" "$out/round2/model" "$d" "$v"
   [ -f "$v/rerank.tsv" ] || "$bin" rerank --model_name_or_path "$out/reranker/model" \
     --run_path "$v/run.tsv" --query_path "$d/valid.queries.jsonl" \
     --corpus_path "$d/valid.corpus.jsonl" --rerank_depth 100 --rerank_max_len "$rerank_len" \

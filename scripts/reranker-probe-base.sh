@@ -46,16 +46,9 @@ fi
 # The validation questions' top 100, what the probes' validation and reranking start from.
 if [ ! -f "$out/round2/valid/run.tsv" ]; then
   v=$out/round1/valid
-  "$bin" encode --model_name_or_path "$model" --dataset_path "$d/valid.corpus.jsonl" \
-    --encode_output_path "$v/corpus.safetensors" --passage_max_len 128 \
-    --per_device_eval_batch_size 64 --quiet
-  "$bin" encode --model_name_or_path "$model" --dataset_path "$d/valid.queries.jsonl" \
-    --encode_is_query --encode_output_path "$v/queries.safetensors" --query_max_len 32 --quiet
-  "$bin" search --query_reps "$v/queries.safetensors" --passage_reps "$v/corpus.safetensors" \
-    --depth 100 --batch_size 0 --save_ranking_to "$v/run.tsv" --save_text --quiet
+  "$root/scripts/rank-valid.sh" "$bin" "$model" "$d" "$v"
   "$bin" eval --qrels "$d/valid.qrels.tsv" --run "$v/run.tsv" -m ndcg@10 -m mrr@10 -m recall@20 \
     --json > "$v/metrics.json"
-  rm -f "$v"/*.safetensors
   cp "$v/run.tsv" "$out/round2/valid/run.tsv.tmp" && mv "$out/round2/valid/run.tsv.tmp" "$out/round2/valid/run.tsv"
 fi
 echo "$out: the base model's validation run $(tr -d '\n ' < "$out/round1/valid/metrics.json")"
