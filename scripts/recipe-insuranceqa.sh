@@ -74,11 +74,11 @@ data=${INSURANCEQA:-$("$root/scripts/fetch-insuranceqa.sh" "$bin")}
 model=${RECIPE_MODEL:-$("$root/scripts/fetch-minilm.sh")}
 echo "recipe: model $model, data $data, output $out" >&2
 
-# Sizes: training questions, held-out validation questions and their corpus, mining corpus.
+# Stage sizes (the split's own, training and validation questions and corpora, are
+# scripts/recipe_insuranceqa_data.py's; the full reranker_rows is its 12,681 training questions).
 # Each trained stage reads the first rows of the training questions: seed_rows, round1_rows (for
 # round1_epochs, gc_batch questions a step), round2_rows (mined, then trained on).
 # The reranker trains on reranker_rows questions (every training question in the full recipe).
-# The split's own sizes are scripts/recipe_insuranceqa_data.py's.
 if [ "$quick" = 1 ]; then
   gc_batch=64
   seed_rows=600 round1_rows=600 round1_epochs=2 round2_rows=600 reranker_rows=600

@@ -13,7 +13,8 @@ out=${RECIPE_OUT:-$root/runs/reranker-probe-base}
 cargo build --release -q -p tevatron-cli --manifest-path "$root/Cargo.toml"
 bin=$root/target/release/tevatron
 data=${INSURANCEQA:-$("$root/scripts/fetch-insuranceqa.sh" "$bin")}
-model=$(cd "${RECIPE_MODEL:-$("$root/scripts/fetch-minilm.sh")}" && pwd)  # absolute, for the links
+model=${RECIPE_MODEL:-$("$root/scripts/fetch-minilm.sh")}
+model=$(cd "$model" && pwd)  # absolute, for the links (RECIPE_MODEL: a local folder)
 if [ -d "$out/round1/model" ] && [ ! -L "$out/round1/model" ]; then
   echo "$out holds a trained recipe (round1/model is a folder): give another RECIPE_OUT" >&2
   exit 1

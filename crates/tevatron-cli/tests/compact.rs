@@ -275,9 +275,9 @@ fn hnsw_graphs_are_built_mapped_and_rescored() {
     let i8_log = |reps: &str, out: &str| {
         let mut i8 = vec!["index", "--passage_reps", reps, "--hnsw", "--hnsw_m", "16"];
         i8.extend(["--hnsw_dtype", "i8", "--output_dir", out]);
-        let out = tevatron(d, &i8);
-        let log = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(out.status.success(), "{log}");
+        let run = tevatron(d, &i8);
+        let log = String::from_utf8_lossy(&run.stderr).into_owned();
+        assert!(run.status.success(), "{log}");
         log
     };
     let log = i8_log("c.*.safetensors", "g8");

@@ -30,7 +30,7 @@ pub(super) fn erf(x: f32) -> f32 {
 
 /// exp(x) by range reduction to 2^n * e^g, |g| <= ln2/2, and a degree-6 Taylor polynomial;
 /// relative error about 2e-7 * max(1, |x|); inputs below -87 give exactly 0 (as softmax over
-/// masked positions needs), above 88 are clamped.
+/// masked positions needs), above 88 are clamped, and a NaN gives a NaN.
 #[inline(always)]
 pub(super) fn exp(x: f32) -> f32 {
     // Below -87 the result is (as good as) zero; returning exactly 0 keeps masked attention
