@@ -267,7 +267,22 @@ fn hnsw_graphs_are_built_mapped_and_rescored() {
     // (Every row wanted: rescored without the graph, so this shows the bf16 graph opens; the
     // graphs' recall in each dtype is tevatron-ir's hnsw test.)
     assert_eq!(std::fs::read_to_string(d.join("h16.tsv")).unwrap(), exact);
-    ok(search(d, "h16b.tsv", &["--hnsw", "--compact_reps", "g16/*.hnsw.json"]));
+    let mut args = vec!["search", "--query_reps", "q.safetensors", "--passage_reps"];
+    args.extend([
+        "c.*.safetensors",
+        "--depth",
+        "7",
+        "--save_ranking_to",
+        "h16b.tsv",
+        "--save_text",
+    ]);
+    args.extend(["--hnsw", "--compact_reps", "g16/*.hnsw.json"]);
+    let run = tevatron(d, &args);
+    let log = String::from_utf8_lossy(&run.stderr).into_owned();
+    assert!(
+        run.status.success() && log.contains("searched the HNSW graphs (bf16 vectors)"),
+        "{log}"
+    );
     assert_eq!(std::fs::read_to_string(d.join("h16b.tsv")).unwrap().lines().count(), 35);
     // An i8 graph ranks by cosine: these vectors are not unit length, and the log says so;
     // an i8 graph of the same vectors cut to unit length does not.

@@ -183,6 +183,7 @@ pub struct HnswShard {
     index: Index,
     rows: usize,
     graph: PathBuf,
+    dtype: GraphDtype,
 }
 
 impl HnswShard {
@@ -266,7 +267,12 @@ impl HnswShard {
                 ),
             });
         }
-        Ok(Self { index, rows: source.len(), graph })
+        Ok(Self { index, rows: source.len(), graph, dtype })
+    }
+
+    /// The scalars of the graph's copy of the vectors, for the log.
+    pub fn dtype(&self) -> GraphDtype {
+        self.dtype
     }
 }
 

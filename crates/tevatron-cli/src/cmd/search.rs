@@ -64,6 +64,7 @@ pub fn run(a: &SearchArgs) -> Result<()> {
         }
     }
     let reported = std::cell::Cell::new(None);
+    let graph_dtype = std::cell::Cell::new(None);
     let search = |shard: &Vectors| {
         let cut;
         let shard = match a.truncate_dim {
@@ -80,6 +81,7 @@ pub fn run(a: &SearchArgs) -> Result<()> {
                 let (hits, candidates) =
                     search_hnsw(&q, dim, &graph, shard, depth, rescore_multiplier(a))?;
                 reported.set(Some(ScanReport { candidates, kernels }));
+                graph_dtype.set(Some(graph.dtype()));
                 return Ok(hits);
             }
             let codes = plan.codes_for(shard)?;
@@ -131,7 +133,10 @@ pub fn run(a: &SearchArgs) -> Result<()> {
     };
     if let Some(report) = reported.get() {
         let scanned = match compact.as_ref() {
-            Some(p) if p.hnsw.is_some() => "searched the HNSW graphs".to_string(),
+            Some(p) if p.hnsw.is_some() => match graph_dtype.get() {
+                Some(dtype) => format!("searched the HNSW graphs ({} vectors)", dtype.name()),
+                None => "searched the HNSW graphs".to_string(),
+            },
             Some(p) => {
                 format!(
                     "scanned {} codes with the {} kernels",
