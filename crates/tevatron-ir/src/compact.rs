@@ -431,7 +431,8 @@ fn scan_in_passes(
     pass: usize,
     kernels: Kernels,
 ) -> Result<QueryHits> {
-    let (nq, n) = (queries.len() / dim.max(1), shard.len());
+    // Whole rows of a width above 0: `search_compact` checked them.
+    let (nq, n) = (queries.len() / dim, shard.len());
     let width = compact.precision.row_bytes(dim);
     let query_codes: Vec<u8> = queries
         .chunks_exact(dim)

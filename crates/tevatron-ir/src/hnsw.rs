@@ -316,10 +316,10 @@ fn search_hnsw_in_sweeps(
     }
     // Each chunk's candidates are gathered, then rescored in one sweep of the shard.
     let per_sweep = (sweep_pairs / m.max(1)).max(1);
-    let mut hits = Vec::with_capacity(queries.len() / dim.max(1));
-    for chunk in queries.chunks((per_sweep * dim).max(1)) {
+    let mut hits = Vec::with_capacity(queries.len() / dim);
+    for chunk in queries.chunks(per_sweep * dim) {
         let candidates = chunk
-            .par_chunks(dim.max(1))
+            .par_chunks(dim)
             .map(|q| -> Result<Vec<u32>> {
                 if m == graph.rows {
                     return Ok((0..graph.rows as u32).collect());

@@ -234,9 +234,8 @@ unsafe fn xwt(y: *mut f32, x: &[f32], w: &[f32], k: usize, beta: f32, read_dst: 
 
 /// The softmax of `row + mask` in place (`mask` the additive attention mask of the row's keys):
 /// the bits of adding the mask and then [`softmax_in_place`], in three passes over the row
-/// instead of five. The mask is added as the maximum is taken, and the exponentials are summed
-/// as they are written, in [`lanes_reduce`]'s order. Attention's softmax is a tenth or more of
-/// an encode's time.
+/// instead of five. The mask is added as the maximum is taken (the maximum of the same values,
+/// which is exact in any order). Attention's softmax is a tenth or more of an encode's time.
 #[inline(always)]
 pub(super) fn softmax_masked_in_place(row: &mut [f32], mask: &[f32]) {
     debug_assert_eq!(row.len(), mask.len());
@@ -257,6 +256,19 @@ pub(super) fn softmax_masked_in_place(row: &mut [f32], mask: &[f32]) {
     for t in top {
         max = max.max(t);
     }
+    exp_normalize(row, max);
+}
+
+/// Softmax of one row in place.
+#[inline(always)]
+pub(super) fn softmax_in_place(row: &mut [f32]) {
+    exp_normalize(row, lanes_reduce(row, f32::NEG_INFINITY, f32::max));
+}
+
+/// The softmax's last two passes given the row's maximum: `exp(s - max)` written and summed in
+/// [`lanes_reduce`]'s order as it goes, then each value divided by the sum.
+#[inline(always)]
+fn exp_normalize(row: &mut [f32], max: f32) {
     let mut lanes = [0f32; 16];
     let mut chunks = row.chunks_exact_mut(16);
     for c in &mut chunks {
@@ -274,17 +286,6 @@ pub(super) fn softmax_masked_in_place(row: &mut [f32], mask: &[f32]) {
         sum += lane;
     }
     let inv = 1.0 / sum;
-    row.iter_mut().for_each(|s| *s *= inv);
-}
-
-/// Softmax of one row in place.
-#[inline(always)]
-pub(super) fn softmax_in_place(row: &mut [f32]) {
-    let max = lanes_reduce(row, f32::NEG_INFINITY, f32::max);
-    for s in row.iter_mut() {
-        *s = exp(*s - max);
-    }
-    let inv = 1.0 / lanes_reduce(row, 0.0, |a, b| a + b);
     row.iter_mut().for_each(|s| *s *= inv);
 }
 
@@ -434,11 +435,12 @@ mod tests {
         sum * 2.0 / std::f64::consts::PI.sqrt()
     }
 
-    /// The three-pass masked softmax gives the bits of adding the mask, then the five-pass
-    /// softmax: every length around the 16 lanes, masks with the backbone's f32::MIN (every key
-    /// of a one-key row masked), large negatives, random ones and zeros.
+    /// The three-pass softmaxes (masked, and not) give the bits of the five-pass softmax (add
+    /// the mask, maximum, exponentials, sum, scale): every length around the 16 lanes, masks
+    /// with the backbone's f32::MIN (every key of a one-key row masked), large negatives,
+    /// random ones and zeros.
     #[test]
-    fn masked_softmax_gives_the_bits_of_mask_then_softmax() {
+    fn softmaxes_give_the_bits_of_the_five_pass_order() {
         let mut x = 7u64;
         let mut next = || {
             x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -456,12 +458,20 @@ mod tests {
                         _ => 0.0,
                     })
                     .collect();
+                // The five passes as they were written before: add, maximum, exponentials,
+                // sum, scale.
                 let mut want: Vec<f32> = row.iter().zip(&mask).map(|(s, m)| s + m).collect();
-                softmax_in_place(&mut want);
+                let max = lanes_reduce(&want, f32::NEG_INFINITY, f32::max);
+                want.iter_mut().for_each(|s| *s = exp(*s - max));
+                let inv = 1.0 / lanes_reduce(&want, 0.0, |a, b| a + b);
+                want.iter_mut().for_each(|s| *s *= inv);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 let mut got = row.clone();
                 softmax_masked_in_place(&mut got, &mask);
-                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&got), bits(&want), "length {len}, mask {variant}");
+                let mut unmasked: Vec<f32> = row.iter().zip(&mask).map(|(s, m)| s + m).collect();
+                softmax_in_place(&mut unmasked);
+                assert_eq!(bits(&unmasked), bits(&want), "length {len}, mask {variant}, unmasked");
             }
         }
     }
