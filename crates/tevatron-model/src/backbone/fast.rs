@@ -312,6 +312,35 @@ unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// `fn $name(args)`: runs the `#[inline(always)]` function `$body` on the same arguments,
+/// compiled for AVX-512 when the CPU has it, as [`simd`] does for a closure. [`simd`] relies on
+/// LLVM inlining the closure into its AVX-512 copy; where it was left out of line, that copy ran
+/// the portable SSE code (packing bf16 rows for AMX took 2x its time so, after a change
+/// elsewhere in the crate moved LLVM's inlining, docs/bf16.md). An `#[inline(always)]` function
+/// given by name is always inlined into its copy.
+macro_rules! with_avx512 {
+    ($(#[$doc:meta])* fn $name:ident = $body:ident($($arg:ident: $ty:ty),* $(,)?)) => {
+        $(#[$doc])*
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("avx512dq")
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+                unsafe fn wide($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                // SAFETY: the CPU has every feature the copy is compiled for, checked above.
+                return unsafe { wide($($arg),*) };
+            }
+            $body($($arg),*)
+        }
+    };
+}
+pub(super) use with_avx512;
+
 /// `out = x * keep * scale` elementwise (`keep` 0 or 1): inverted dropout with a byte mask.
 /// Written as a product rather than a branch so that it compiles to vector code.
 pub(super) fn mask_scale(out: &mut [f32], x: &[f32], keep: &[u8], scale: f32) {
