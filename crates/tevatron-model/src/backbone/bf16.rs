@@ -40,10 +40,14 @@ use rayon::prelude::*;
 use super::fast::{par_fill, with_avx512};
 use tevatron_ir::amx::{self, Tiles};
 
-/// Rows per parallel task (a multiple of [`TILE_ROWS`] and [`AMX_ROWS`], so that every task
-/// starts on a tile).
-const ROW_BLOCK: usize = 48;
-const _: () = assert!(ROW_BLOCK.is_multiple_of(TILE_ROWS) && ROW_BLOCK.is_multiple_of(AMX_ROWS));
+/// Rows per parallel task: a multiple of [`TILE_ROWS`] and of two [`AMX_ROWS`], so that every
+/// task starts on a tile and AMX's loop (`amx::products`, two row tiles a group sharing each
+/// pair of weight tiles it loads) never ends a task on a group of one row tile, which loads
+/// three tiles for two products where a whole group loads four for four (with 48 rows a task,
+/// a third of the rows ran so).
+const ROW_BLOCK: usize = 64;
+const _: () =
+    assert!(ROW_BLOCK.is_multiple_of(TILE_ROWS) && ROW_BLOCK.is_multiple_of(2 * AMX_ROWS));
 /// Rows of a tile.
 const TILE_ROWS: usize = 8;
 /// Channels of a tile: two vectors of 16 F32 lanes.
