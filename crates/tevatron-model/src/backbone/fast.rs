@@ -266,8 +266,9 @@ pub(super) fn softmax_in_place(row: &mut [f32]) {
     exp_normalize(row, lanes_reduce(row, f32::NEG_INFINITY, f32::max));
 }
 
-/// The softmax's last two passes given the row's maximum: `exp(s - max)` written and summed in
-/// [`lanes_reduce`]'s order as it goes, then each value divided by the sum.
+/// The softmax's last two passes given the row's maximum: `exp(s - max)` written and summed as
+/// it goes in 16 lanes (value `i` into lane `i % 16`), the lanes then added as a tree
+/// ([`lanes_tree_sum`]), then each value divided by the sum.
 #[inline(always)]
 fn exp_normalize(row: &mut [f32], max: f32) {
     let mut lanes = [0f32; 16];
@@ -278,26 +279,34 @@ fn exp_normalize(row: &mut [f32], max: f32) {
             lanes[i] += c[i];
         }
     }
-    let mut sum = 0f32;
     let rest = chunks.into_remainder();
     if !rest.is_empty() {
         // The last (up to 15) exponentials as one vector of 16, the lanes past the row unused:
         // one at a time, the polynomial's scalar code was about a third of the softmax's time
-        // on rows of ~100 keys. Each value is the same `exp` of the same input, added to `sum`
-        // in the same order: the same bits.
+        // on rows of ~100 keys.
         let mut v = [0f32; 16];
         v[..rest.len()].copy_from_slice(rest);
         let e: [f32; 16] = std::array::from_fn(|i| exp(v[i] - max));
-        for (s, e) in rest.iter_mut().zip(e) {
+        for (i, (s, e)) in rest.iter_mut().zip(e).enumerate() {
             *s = e;
-            sum += e;
+            lanes[i] += e;
         }
     }
-    for lane in lanes {
-        sum += lane;
-    }
-    let inv = 1.0 / sum;
+    let inv = 1.0 / lanes_tree_sum(lanes);
     row.iter_mut().for_each(|s| *s *= inv);
+}
+
+/// The sum of 16 lanes as a tree (each lane `i < w` plus lane `i + w`, for `w` = 8, 4, 2, 1):
+/// four vector steps where a running sum is sixteen dependent scalar additions (a quarter of
+/// the softmax's time, one per attention row).
+#[inline(always)]
+fn lanes_tree_sum(mut lanes: [f32; 16]) -> f32 {
+    for w in [8, 4, 2, 1] {
+        for i in 0..w {
+            lanes[i] += lanes[i + w];
+        }
+    }
+    lanes[0]
 }
 
 /// Runs `f` compiled for AVX-512 when the CPU has it, as it is otherwise. The portable build
@@ -476,7 +485,7 @@ mod tests {
     }
 
     /// The three-pass softmaxes (masked, and not) give the bits of the five-pass softmax (add
-    /// the mask, maximum, exponentials, sum, scale): every length around the 16 lanes, masks
+    /// the mask, maximum, exponentials, sum in 16 lanes added as a tree, scale): every length around the 16 lanes, masks
     /// with the backbone's f32::MIN (every key of a one-key row masked), large negatives,
     /// random ones and zeros.
     #[test]
@@ -503,7 +512,13 @@ mod tests {
                 let mut want: Vec<f32> = row.iter().zip(&mask).map(|(s, m)| s + m).collect();
                 let max = lanes_reduce(&want, f32::NEG_INFINITY, f32::max);
                 want.iter_mut().for_each(|s| *s = exp(*s - max));
-                let inv = 1.0 / lanes_reduce(&want, 0.0, |a, b| a + b);
+                // The sum: value `i` into lane `i % 16`, then the lanes pairwise (8, 4, 2, 1).
+                let mut lanes = [0f32; 16];
+                want.iter().enumerate().for_each(|(i, e)| lanes[i % 16] += e);
+                for w in [8, 4, 2, 1] {
+                    (0..w).for_each(|i| lanes[i] += lanes[i + w]);
+                }
+                let inv = 1.0 / lanes[0];
                 want.iter_mut().for_each(|s| *s *= inv);
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 let mut got = row.clone();
