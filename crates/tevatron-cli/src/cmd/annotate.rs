@@ -47,6 +47,7 @@ fn passage_json(p: &Passage, score: f32) -> Value {
 
 /// Runs `tevatron annotate`.
 pub fn run(a: &AnnotateArgs) -> Result<()> {
+    crate::tune_allocator();
     let (enc, batches) = load_reranker(&a.model)?;
     let files = a.data.files().context("resolving the training data")?;
     let cache = super::train::index_cache(a.data.dataset_cache_dir.as_deref());

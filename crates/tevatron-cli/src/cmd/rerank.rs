@@ -229,6 +229,7 @@ pub(super) fn load_reranker(f: &CrossEncoderFlags) -> Result<(Encoder, BatchOpti
 
 /// Runs `tevatron rerank`.
 pub fn run(a: &RerankArgs) -> Result<()> {
+    crate::tune_allocator();
     let (mut source, total) = input_pairs(a)?;
     if total == 0 {
         bail!("there are no pairs to rerank");
