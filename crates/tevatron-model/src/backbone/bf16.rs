@@ -35,8 +35,6 @@
 //! `None`): `--bf16` on it computes in F32, which is faster there than widening bf16 operands
 //! would be.
 
-use rayon::prelude::*;
-
 use super::fast::{par_fill, with_avx512};
 use tevatron_ir::amx::{self, Tiles};
 
@@ -317,8 +315,10 @@ fn pack_tiles(
 ) -> amx::Aligned<u32> {
     let lines = x.len() / inputs;
     let convert = converts();
-    let mut packed = amx::Aligned::zeroed(lines.div_ceil(tile) * tile * steps);
-    packed.par_chunks_mut(steps * tile).with_min_len(4).enumerate().for_each(|(t, out)| {
+    let len = lines.div_ceil(tile) * tile * steps;
+    // Each tile's chunk written whole (`Aligned::filled` does not zero): every value from the
+    // zero-padded lines for rows, zeros first for columns.
+    amx::Aligned::filled(len, steps * tile, |t, out| {
         let (l0, n) = (t * tile, (lines - t * tile).min(tile));
         super::fast::simd(|| match layout {
             Layout::Rows => {
@@ -342,6 +342,7 @@ fn pack_tiles(
                 }
             }
             Layout::Columns => {
+                out.fill(0);
                 for (p, out) in out.chunks_exact_mut(tile).take(inputs.div_ceil(2)).enumerate() {
                     // Rows 2p and 2p + 1 of `x`, columns l0..l0 + n.
                     let even = &x[2 * p * lines + l0..][..n];
@@ -360,8 +361,7 @@ fn pack_tiles(
                 }
             }
         })
-    });
-    packed
+    })
 }
 
 /// AMX's operand layout for rows: the lines of a matrix ([`pack_tiles`]' `Layout`: the rows of
@@ -370,24 +370,31 @@ fn pack_tiles(
 /// tile of [`AMX_ROWS`].
 fn pack_lines(x: &[f32], inputs: usize, layout: Layout, width: usize) -> amx::Aligned<u32> {
     let lines = x.len() / inputs;
-    let mut packed = amx::Aligned::zeroed(lines.next_multiple_of(AMX_ROWS) * width);
     let convert = matches!(layout, Layout::Rows) && converts();
-    packed.par_chunks_mut(AMX_ROWS * width).enumerate().for_each(|(t, out)| {
+    let len = lines.next_multiple_of(AMX_ROWS) * width;
+    // Each tile's chunk written whole, padding included (`Aligned::filled` does not zero).
+    amx::Aligned::filled(len, AMX_ROWS * width, |t, out| {
         let (l0, n) = (t * AMX_ROWS, (lines - t * AMX_ROWS).min(AMX_ROWS));
+        let pairs = inputs.div_ceil(2);
+        if !matches!(layout, Layout::Rows) || !convert {
+            out.fill(0);
+        }
         #[cfg(target_arch = "x86_64")]
         if convert {
-            for (j, line) in out.chunks_exact_mut(width).take(n).enumerate() {
-                // SAFETY: `converts` said the CPU has AVX-512 F and BF16.
-                unsafe { x86::pack_row_converting(&x[(l0 + j) * inputs..][..inputs], line) };
+            for (j, line) in out.chunks_exact_mut(width).enumerate() {
+                if j < n {
+                    // SAFETY: `converts` said the CPU has AVX-512 F and BF16.
+                    unsafe { x86::pack_row_converting(&x[(l0 + j) * inputs..][..inputs], line) };
+                    line[pairs..].fill(0);
+                } else {
+                    line.fill(0);
+                }
             }
             return;
         }
-        let _ = convert;
         pack_line_tile(out, x, (inputs, layout, width), (l0, n));
-    });
-    packed
+    })
 }
-
 /// Whether this CPU has AVX-512 BF16's conversion (`vcvtne2ps2bf16`: 32 F32 values rounded to
 /// bf16 in one instruction), which [`pack_lines`] and [`pack_tiles`] then take for rows: rounding rows for AMX
 /// pair by pair in integer lanes ([`pack_row`]) was about 8% of `encode --bf16`'s time on an
