@@ -631,7 +631,10 @@ impl Encoder {
         if let Some((head, _, _)) = &self.head {
             return head.score(hidden, &batch.input_ids, &batch.attention_mask, mode);
         }
-        let reps = self.pooling.pool(hidden, &batch.attention_mask)?;
+        let reps = match mode {
+            Mode::Eval => self.pooling.pool_inference(hidden, &batch.attention_mask)?,
+            Mode::Train(_) => self.pooling.pool(hidden, &batch.attention_mask)?,
+        };
         // Half-precision representations are widened; F64 stays F64 (gradient checks).
         let mut reps = if reps.dtype() == DType::F64 { reps } else { reps.to_dtype(DType::F32)? };
         for d in &self.dense {

@@ -115,7 +115,7 @@ pub(super) fn lanes_reduce_sq(x: &[f32]) -> f32 {
 }
 
 /// A tensor's F32 values on the CPU, borrowed from its storage; contiguous only.
-pub(super) struct Data<'a> {
+pub(crate) struct Data<'a> {
     guard: StorageRef<'a>,
     range: std::ops::Range<usize>,
 }

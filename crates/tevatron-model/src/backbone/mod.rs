@@ -28,6 +28,7 @@ pub mod train_ops;
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
+pub(crate) use fast::Data;
 pub use fast::{contiguous_f32, contiguous_f32_mut};
 
 use crate::collate::Batch;
