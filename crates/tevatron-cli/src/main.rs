@@ -22,7 +22,7 @@ static ALLOC: tevatron_model::mapped::MappedAlloc = tevatron_model::mapped::Mapp
 /// commands that run a model forward (`encode`, `rerank`, `annotate`). candle allocates a fresh
 /// buffer per op; with glibc's default (mmap above 128 KiB, adaptive) every large activation
 /// costs page faults and zeroing, about a tenth of encode time on CPU (and of `rerank --bf16`'s,
-/// which ran without it until 2026-12-06: 5.2-5.7 s against 6.1-6.6 s for 1,000 pairs, the same
+/// which ran without it until 2026-12-06: 4.7-5.0 s against 5.6-6.2 s for 1,000 pairs, the same
 /// peak memory). `search` takes a narrower setting ([`tune_allocator_for_search`]); eval gains
 /// nothing from either.
 pub fn tune_allocator() {

@@ -42,8 +42,9 @@ impl<T: bytemuck::Pod> Aligned<T> {
         let lines = if n == 0 {
             Vec::new()
         } else {
-            // Zeroed pages from the allocator, as `vec![0; n]` gets them, rather than a pass
-            // writing every line.
+            // Zeroed by the allocator: for 64-byte alignment std's system allocator cannot take
+            // calloc's zeroed pages and writes the zeros itself, a pass over the buffer
+            // ([`Aligned::filled`] skips it where every value is written anyway).
             let layout = std::alloc::Layout::array::<Line>(n).expect("a buffer that fits memory");
             // SAFETY: `layout` is not empty; zero bytes are a valid `Line`; a `Vec` of `n` lines
             // allocates with this same layout, so it may own and free the allocation.
@@ -61,21 +62,28 @@ impl<T: bytemuck::Pod> Aligned<T> {
 
 impl<T: bytemuck::Pod + Send> Aligned<T> {
     /// `len` values written by `fill`, which is given the buffer in parallel chunks of
-    /// `per_task` values (the last may be shorter; `fill(i, chunk)` for chunk `i`) and must
-    /// write every value of its chunk before reading any. The memory is not zeroed first: for
-    /// operands rounded from activations, which a kernel then reads at once, zeroing a buffer
-    /// of megabytes (glibc's `memset` for any 64-byte-aligned allocation) was a pass of its own,
-    /// 4% of `encode --bf16`'s samples on an AMX Xeon.
-    pub fn filled(len: usize, per_task: usize, fill: impl Fn(usize, &mut [T]) + Sync) -> Self {
+    /// `per_task` values (the last may be shorter; `fill(i, chunk)` for chunk `i`). The memory
+    /// is not zeroed first: for operands rounded from activations, which a kernel then reads at
+    /// once, zeroing a buffer of megabytes ([`Aligned::zeroed`]'s pass) was 4% of `encode
+    /// --bf16`'s samples on an AMX Xeon.
+    ///
+    /// # Safety
+    /// `fill` writes every value of its chunk before reading any: the chunk is uninitialised
+    /// memory until then.
+    pub unsafe fn filled(
+        len: usize,
+        per_task: usize,
+        fill: impl Fn(usize, &mut [T]) + Sync,
+    ) -> Self {
         const { assert!(std::mem::align_of::<T>() <= 64) };
         let bytes = len.checked_mul(std::mem::size_of::<T>()).expect("a buffer that fits memory");
         let n = bytes.div_ceil(64);
         let mut lines: Vec<Line> = Vec::with_capacity(n);
         let spare = lines.spare_capacity_mut().as_mut_ptr().cast::<T>();
         // SAFETY: the spare capacity holds `n` lines, at least `len` values' bytes, aligned for
-        // `T`; `T` is `Pod` (no invalid bit patterns) and `fill` writes each value before any
-        // read of it (the contract above), so no uninitialised value is ever observed. The
-        // bytes past `len` in the last line are never read as values; they are set below.
+        // `T`; `fill` writes each value before any read of it (the caller's contract), so no
+        // uninitialised value is ever observed. The bytes past `len` in the last line are never
+        // read as values; they are set below.
         let values = unsafe { std::slice::from_raw_parts_mut(spare, len) };
         values.par_chunks_mut(per_task.max(1)).enumerate().for_each(|(i, c)| fill(i, c));
         if n > 0 {
@@ -556,11 +564,13 @@ mod tests {
     #[test]
     fn filled_buffers_hold_what_each_chunk_wrote() {
         for (len, per_task) in [(0, 4), (1, 4), (17, 4), (1000, 48), (1000, 1000), (33, 0)] {
-            let a = super::Aligned::<u32>::filled(len, per_task, |i, chunk| {
+            let fill = |i: usize, chunk: &mut [u32]| {
                 for (j, v) in chunk.iter_mut().enumerate() {
                     *v = (i * 100_000 + j) as u32;
                 }
-            });
+            };
+            // SAFETY: `fill` writes every value of its chunk and reads none.
+            let a = unsafe { super::Aligned::<u32>::filled(len, per_task, fill) };
             assert_eq!(a.len(), len);
             assert_eq!(a.as_ptr() as usize % 64, 0, "{len} values");
             let per = per_task.max(1);

@@ -126,9 +126,7 @@ impl Pooling {
             }
         }
     }
-}
 
-impl Pooling {
     /// [`Pooling::pool`] for inference (no gradient): mean pooling of F32 hidden states on the
     /// CPU as a masked sum on raw buffers, one task per sequence, where candle's `sum(1)` (a
     /// strided reduction on one thread) took 2-3% of `encode --bf16`'s samples on a 2-core
@@ -137,15 +135,15 @@ impl Pooling {
     /// goes through [`Pooling::pool`].
     pub fn pool_inference(self, hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
         use rayon::prelude::*;
-        let Ok(x) = crate::backbone::Data::of(hidden) else { return self.pool(hidden, mask) };
         if self != Pooling::Mean {
             return self.pool(hidden, mask);
         }
+        let Ok(x) = crate::backbone::Data::of(hidden) else { return self.pool(hidden, mask) };
         let (b, l, h) = hidden.dims3()?;
-        let keep: Vec<f32> = mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        if keep.len() != b * l {
-            candle_core::bail!("pooling: a mask of {} values for {b} x {l} tokens", keep.len());
+        if mask.dims2()? != (b, l) {
+            candle_core::bail!("pooling: a mask of {:?} for {b} x {l} tokens", mask.dims());
         }
+        let keep: Vec<f32> = mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let x = x.slice();
         let mut out = vec![0f32; b * h];
         out.par_chunks_mut(h.max(1)).enumerate().for_each(|(seq, acc)| {
@@ -262,10 +260,20 @@ mod tests {
                 .map(|v| v.to_bits())
                 .collect::<Vec<_>>()
         };
-        for p in Pooling::ALL {
-            let want = bits(p.pool(&hidden, &mask).unwrap());
-            assert_eq!(bits(p.pool_inference(&hidden, &mask).unwrap()), want, "{}", p.name());
+        let masks =
+            [mask.clone(), mask.to_dtype(DType::F32).unwrap(), mask.to_dtype(DType::I64).unwrap()];
+        for (p, mask) in Pooling::ALL.into_iter().flat_map(|p| masks.iter().map(move |m| (p, m))) {
+            let want = bits(p.pool(&hidden, mask).unwrap());
+            assert_eq!(bits(p.pool_inference(&hidden, mask).unwrap()), want, "{}", p.name());
         }
+        // Hidden states that are not contiguous take the composed path, with the same result.
+        let strided =
+            hidden.transpose(1, 2).unwrap().contiguous().unwrap().transpose(1, 2).unwrap();
+        let want = bits(Pooling::Mean.pool(&hidden, &mask).unwrap());
+        assert_eq!(bits(Pooling::Mean.pool_inference(&strided, &mask).unwrap()), want);
+        // A mask of another shape is refused, as the composed pooling refuses it.
+        let wrong = mask.flatten_all().unwrap();
+        assert!(Pooling::Mean.pool_inference(&hidden, &wrong).is_err());
     }
 
     #[test]

@@ -6,7 +6,10 @@
 //! F32 by `vdpbf16ps` (or AMX's `tdpbf16ps`, below).
 //!
 //! What is rounded is what PyTorch's CPU autocast rounds for a linear layer: both operands, to
-//! the nearest bf16 (ties to even), a relative error of at most 2^-9 each. The product of two
+//! the nearest bf16 (ties to even), a relative error of at most 2^-9 each; subnormal F32 values
+//! become zeros of their sign, as both instructions take subnormal operands and as AVX-512
+//! BF16's conversion (`vcvtne2ps2bf16`, which rounds rows where the CPU has it) rounds them, so
+//! that every path and [`reference()`] round alike on every CPU. The product of two
 //! bf16 values is exact in F32 and the sums are F32; the bias, the outputs and everything
 //! between the projections (attention, normalisation, activations) stay F32.
 //!
@@ -256,13 +259,21 @@ fn intel() -> bool {
 }
 
 /// `v` rounded to the nearest bf16, ties to even (the upper 16 bits of an F32); a NaN stays a
-/// quiet NaN. Branch-free, so that packing loops vectorise.
+/// quiet NaN; a subnormal becomes a zero of its sign (as `vcvtne2ps2bf16` rounds it, module
+/// docs). Branch-free, so that packing loops vectorise.
 #[inline(always)]
 pub fn to_bf16(v: f32) -> u16 {
     let b = v.to_bits();
     // Only NaNs lie within 0x8000 of u32::MAX, and they take the quiet form instead.
     let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
-    (if v.is_nan() { (b >> 16) | 0x40 } else { rounded }) as u16
+    let subnormal = b & 0x7f80_0000 == 0;
+    (if v.is_nan() {
+        (b >> 16) | 0x40
+    } else if subnormal {
+        (b >> 16) & 0x8000
+    } else {
+        rounded
+    }) as u16
 }
 
 /// Two bf16 values as one 32-bit lane of `vdpbf16ps`: `even` in the low half.
@@ -289,10 +300,18 @@ fn pack_row(x: &[f32], pairs: &mut [u32]) {
 fn pair_bits(v: u64) -> u32 {
     let half = |b: u64| {
         let b = b & 0xffff_ffff;
-        // As `to_bf16`: no carry out of the half but for NaNs, which take the quiet form.
+        // As `to_bf16`: no carry out of the half but for NaNs, which take the quiet form;
+        // subnormals to zeros of their sign.
         let rounded = (b + 0x7fff + ((b >> 16) & 1)) >> 16;
         let nan = b & 0x7fff_ffff > 0x7f80_0000;
-        (if nan { (b >> 16) | 0x40 } else { rounded }) & 0xffff
+        let subnormal = b & 0x7f80_0000 == 0;
+        (if nan {
+            (b >> 16) | 0x40
+        } else if subnormal {
+            (b >> 16) & 0x8000
+        } else {
+            rounded
+        }) & 0xffff
     };
     (half(v) | (half(v >> 32) << 16)) as u32
 }
@@ -310,15 +329,17 @@ fn pack_tiles(
     x: &[f32],
     inputs: usize,
     layout: Layout,
-    tile: usize,
-    steps: usize,
+    (tile, steps): (usize, usize),
+    may_convert: bool,
 ) -> amx::Aligned<u32> {
     let lines = x.len() / inputs;
-    let convert = converts();
+    let convert = may_convert && converts();
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = convert;
     let len = lines.div_ceil(tile) * tile * steps;
-    // Each tile's chunk written whole (`Aligned::filled` does not zero): every value from the
-    // zero-padded lines for rows, zeros first for columns.
-    amx::Aligned::filled(len, steps * tile, |t, out| {
+    // Each tile's chunk written whole: every value from the zero-padded lines for rows, zeros
+    // first for columns.
+    let fill = |t: usize, out: &mut [u32]| {
         let (l0, n) = (t * tile, (lines - t * tile).min(tile));
         super::fast::simd(|| match layout {
             Layout::Rows => {
@@ -361,26 +382,34 @@ fn pack_tiles(
                 }
             }
         })
-    })
+    };
+    // SAFETY: `fill` writes every value of its chunk before reading any (above).
+    unsafe { amx::Aligned::filled(len, steps * tile, fill) }
 }
 
 /// AMX's operand layout for rows: the lines of a matrix ([`pack_tiles`]' `Layout`: the rows of
 /// `x`, `inputs` wide, or its columns) one after another, rounded and paired, each `width`
 /// steps (`inputs.div_ceil(2)` or more; zeros past the inputs), and lines of zeros up to a whole
 /// tile of [`AMX_ROWS`].
-fn pack_lines(x: &[f32], inputs: usize, layout: Layout, width: usize) -> amx::Aligned<u32> {
+fn pack_lines(
+    x: &[f32],
+    inputs: usize,
+    layout: Layout,
+    width: usize,
+    may_convert: bool,
+) -> amx::Aligned<u32> {
     let lines = x.len() / inputs;
-    let convert = matches!(layout, Layout::Rows) && converts();
+    let convert = may_convert && matches!(layout, Layout::Rows) && converts();
     let len = lines.next_multiple_of(AMX_ROWS) * width;
-    // Each tile's chunk written whole, padding included (`Aligned::filled` does not zero).
-    amx::Aligned::filled(len, AMX_ROWS * width, |t, out| {
+    // Each tile's chunk written whole, padding included.
+    let fill = |t: usize, out: &mut [u32]| {
         let (l0, n) = (t * AMX_ROWS, (lines - t * AMX_ROWS).min(AMX_ROWS));
-        let pairs = inputs.div_ceil(2);
-        if !matches!(layout, Layout::Rows) || !convert {
+        if !convert {
             out.fill(0);
         }
         #[cfg(target_arch = "x86_64")]
         if convert {
+            let pairs = inputs.div_ceil(2);
             for (j, line) in out.chunks_exact_mut(width).enumerate() {
                 if j < n {
                     // SAFETY: `converts` said the CPU has AVX-512 F and BF16.
@@ -393,15 +422,17 @@ fn pack_lines(x: &[f32], inputs: usize, layout: Layout, width: usize) -> amx::Al
             return;
         }
         pack_line_tile(out, x, (inputs, layout, width), (l0, n));
-    })
+    };
+    // SAFETY: `fill` writes every value of its chunk (the zeros first, or each line and its
+    // padding and the padding rows) before reading any.
+    unsafe { amx::Aligned::filled(len, AMX_ROWS * width, fill) }
 }
+
 /// Whether this CPU has AVX-512 BF16's conversion (`vcvtne2ps2bf16`: 32 F32 values rounded to
-/// bf16 in one instruction), which [`pack_lines`] and [`pack_tiles`] then take for rows: rounding rows for AMX
-/// pair by pair in integer lanes ([`pack_row`]) was about 8% of `encode --bf16`'s time on an
-/// AMX Xeon. The instruction rounds as [`to_bf16`] does (to nearest, ties to even; a NaN stays
-/// a quiet NaN) except that it takes subnormal F32 inputs as zero, whose bf16 forms both
-/// kernels' products take as zero already (but for the largest, which [`to_bf16`] may round
-/// up to bf16's smallest normal number, 2^-126).
+/// bf16 in one instruction), which [`pack_lines`] and [`pack_tiles`] then take for rows:
+/// rounding rows for AMX pair by pair in integer lanes ([`pack_row`]) was about 8% of `encode
+/// --bf16`'s time on an AMX Xeon. The instruction rounds as [`to_bf16`] does (to nearest, ties
+/// to even; a NaN stays a quiet NaN; a subnormal to a zero of its sign).
 fn converts() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -529,8 +560,10 @@ impl Bf16Rows {
     fn packed(x: &[f32], inputs: usize, layout: Layout, kernels: Bf16Kernels) -> Self {
         let rows_layout = RowsLayout::of(kernels, inputs);
         let pairs = match rows_layout {
-            RowsLayout::Tiles => pack_tiles(x, inputs, layout, TILE_ROWS, inputs.div_ceil(2)),
-            RowsLayout::Lines { steps } => pack_lines(x, inputs, layout, steps),
+            RowsLayout::Tiles => {
+                pack_tiles(x, inputs, layout, (TILE_ROWS, inputs.div_ceil(2)), true)
+            }
+            RowsLayout::Lines { steps } => pack_lines(x, inputs, layout, steps, true),
         };
         Self { inputs, rows: x.len() / inputs, layout: rows_layout, pairs }
     }
@@ -576,7 +609,7 @@ impl Bf16Weight {
             ));
         }
         let steps = kernels.weight_steps(inputs);
-        let packed = pack_tiles(weight, inputs, Layout::Rows, TILE_CHANNELS, steps);
+        let packed = pack_tiles(weight, inputs, Layout::Rows, (TILE_CHANNELS, steps), true);
         Ok(Self { out, inputs, packed, kernels })
     }
 
@@ -587,7 +620,8 @@ impl Bf16Weight {
         if k == 0 || x.is_empty() || !x.len().is_multiple_of(k) {
             return Err(format!("bf16: {} values for columns of {k}", x.len()));
         }
-        let packed = pack_tiles(x, k, Layout::Columns, TILE_CHANNELS, kernels.weight_steps(k));
+        let tiles = (TILE_CHANNELS, kernels.weight_steps(k));
+        let packed = pack_tiles(x, k, Layout::Columns, tiles, true);
         Ok(Self { out: x.len() / k, inputs: k, packed, kernels })
     }
 
@@ -920,15 +954,17 @@ mod tests {
 
     /// `vcvtne2ps2bf16` rounds rows to the pairs [`pack_row`] makes, bit for bit: values of
     /// every magnitude, ties (to even), NaNs (quieted), infinities, zeros, values that round up
-    /// to infinity, rows that are not whole 32-value chunks; subnormals become zeros of their
-    /// sign (the one documented difference). Where the CPU has AVX-512 BF16.
+    /// to infinity, subnormals (to zeros of their sign, the largest included, which rounding
+    /// would otherwise take up to 2^-126), rows that are not whole 32-value chunks. Where the
+    /// CPU has AVX-512 BF16.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn the_conversion_instruction_packs_rows_as_pack_row_does() {
         if !converts() {
+            eprintln!("skipped: this CPU has no AVX-512 BF16");
             return;
         }
-        let mut x = crate::testing::kernel_values(1000, 7);
+        let mut x = kernel_values(1000, 7);
         let special = [
             f32::NAN,
             -f32::NAN,
@@ -942,6 +978,9 @@ mod tests {
             f32::from_bits(0x3f80_8000), // 1 + 2^-8: a tie to even (down)
             f32::from_bits(0x3f81_8000), // a tie to even (up)
             f32::MIN_POSITIVE,
+            f32::from_bits(1),            // the smallest subnormal
+            -f32::from_bits(0x0040_0000), // a subnormal
+            f32::from_bits(0x007f_ffff),  // the largest subnormal
             1e30,
             -3e-30,
         ];
@@ -957,18 +996,29 @@ mod tests {
             unsafe { super::x86::pack_row_converting(row, &mut got) };
             assert_eq!(got, want, "row of {len}");
         }
-        let subnormals =
-            [f32::from_bits(1), -f32::from_bits(0x0040_0000), f32::from_bits(0x007f_ffff)];
-        let mut got = vec![0u32; 32];
-        let row: Vec<f32> = (0..64).map(|i| subnormals[i % 3]).collect();
-        // SAFETY: as above.
-        unsafe { super::x86::pack_row_converting(&row, &mut got) };
-        for (i, pair) in got.iter().enumerate() {
-            let halves = [pair & 0xffff, pair >> 16];
-            for (h, half) in halves.iter().enumerate() {
-                let sign = (row[2 * i + h].to_bits() >> 16) & 0x8000;
-                assert_eq!(*half, sign, "a subnormal becomes a zero of its sign");
+        assert_eq!(to_bf16(f32::from_bits(0x807f_ffff)), 0x8000, "a subnormal's sign is kept");
+    }
+
+    /// Rows packed with and without the conversion instruction give the same buffers, padding
+    /// included (zeros past each row's pairs and in the rows after the last), for AMX's lines
+    /// and `vdpbf16ps`' tiles: odd widths, steps padded past the inputs, a partial last tile.
+    /// Both branches run where the CPU has AVX-512 BF16; elsewhere both are the portable one.
+    #[test]
+    fn packing_with_and_without_the_conversion_is_the_same() {
+        for (rows, inputs) in [(1, 1), (5, 63), (17, 384), (40, 70)] {
+            let x = kernel_values(rows * inputs, rows as u64);
+            let pairs = inputs.div_ceil(2);
+            let width = pairs.next_multiple_of(16) + 16;
+            let lines = [false, true].map(|c| pack_lines(&x, inputs, Layout::Rows, width, c));
+            assert_eq!(&lines[0][..], &lines[1][..], "lines of {rows} x {inputs}");
+            for (r, line) in lines[1].chunks_exact(width).enumerate() {
+                let real = if r < rows { pairs } else { 0 };
+                assert!(line[real..].iter().all(|&p| p == 0), "padding of line {r}");
             }
+            let steps = pairs + 3;
+            let tiles =
+                [false, true].map(|c| pack_tiles(&x, inputs, Layout::Rows, (TILE_ROWS, steps), c));
+            assert_eq!(&tiles[0][..], &tiles[1][..], "tiles of {rows} x {inputs}");
         }
     }
 

@@ -163,7 +163,7 @@ fn linear(x: &[f32], lin: &Linear) -> Result<Vec<f32>> {
 }
 
 /// Rows per block of [`by_row_blocks`]: two of the int8 kernels' 48-row tasks, a 64-row and a
-/// 32-row task of the bf16 kernels' (whole groups of AMX's row tiles either way). Sized
+/// 32-row task of the bf16 kernels'. Sized
 /// for MiniLM: its intermediate (1,536 F32 values a row and their bf16 copy) is then under a
 /// megabyte, within a core's L2 cache on the CPUs measured (1 MB on AMD Zen 4 and 5, 2 MB on
 /// Intel's Sapphire and Emerald Rapids); a wider model's spills to L3, still not to memory.

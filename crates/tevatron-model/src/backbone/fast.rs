@@ -485,9 +485,9 @@ mod tests {
     }
 
     /// The three-pass softmaxes (masked, and not) give the bits of the five-pass softmax (add
-    /// the mask, maximum, exponentials, sum in 16 lanes added as a tree, scale): every length around the 16 lanes, masks
-    /// with the backbone's f32::MIN (every key of a one-key row masked), large negatives,
-    /// random ones and zeros.
+    /// the mask, maximum, exponentials, sum in 16 lanes added as a tree, scale): every length
+    /// around the 16 lanes, masks with the backbone's f32::MIN (every key of a one-key row
+    /// masked), large negatives, random ones and zeros.
     #[test]
     fn softmaxes_give_the_bits_of_the_five_pass_order() {
         let mut x = 7u64;
