@@ -315,11 +315,7 @@ fn lanes_tree_sum(mut lanes: [f32; 16]) -> f32 {
 #[inline(always)]
 pub(super) fn simd<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512bw")
-        && std::arch::is_x86_feature_detected!("avx512vl")
-        && std::arch::is_x86_feature_detected!("avx512dq")
-    {
+    if has_avx512() {
         // SAFETY: the CPU has every feature the copy is compiled for, checked just above.
         return unsafe { avx512(f) };
     }
@@ -330,6 +326,14 @@ pub(super) fn simd<R>(f: impl FnOnce() -> R) -> R {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
 unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
     f()
+}
+
+/// Whether this CPU runs the AVX-512 copies of [`simd`] and [`with_avx512!`] (F, BW, VL, DQ).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) fn has_avx512() -> bool {
+    use std::arch::is_x86_feature_detected as has;
+    has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512dq")
 }
 
 /// `fn $name(args)`: runs the `#[inline(always)]` function `$body` on the same arguments,
@@ -343,11 +347,7 @@ macro_rules! with_avx512 {
         $(#[$doc])*
         fn $name($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512bw")
-                && std::arch::is_x86_feature_detected!("avx512vl")
-                && std::arch::is_x86_feature_detected!("avx512dq")
-            {
+            if $crate::backbone::fast::has_avx512() {
                 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
                 unsafe fn wide($($arg: $ty),*) {
                     $body($($arg),*)
