@@ -333,9 +333,7 @@ fn pack_tiles(
     may_convert: bool,
 ) -> amx::Aligned<u32> {
     let lines = x.len() / inputs;
-    let convert = may_convert && converts();
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = convert;
+    let rounding = Rounding::new(may_convert);
     let len = lines.div_ceil(tile) * tile * steps;
     // Each tile's chunk written whole: every value from the zero-padded lines for rows, zeros
     // first for columns.
@@ -347,14 +345,7 @@ fn pack_tiles(
                 // (contiguous stores, which measured faster than a strided scatter).
                 let mut lines = vec![0u32; tile * steps];
                 for (j, line) in lines.chunks_exact_mut(steps).take(n).enumerate() {
-                    let row = &x[(l0 + j) * inputs..][..inputs];
-                    #[cfg(target_arch = "x86_64")]
-                    if convert {
-                        // SAFETY: `converts` said the CPU has AVX-512 F and BF16.
-                        unsafe { x86::pack_row_converting(row, line) };
-                        continue;
-                    }
-                    pack_row(row, line);
+                    rounding.row(&x[(l0 + j) * inputs..][..inputs], line);
                 }
                 for (p, out) in out.chunks_exact_mut(tile).enumerate() {
                     for (j, o) in out.iter_mut().enumerate() {
@@ -399,33 +390,52 @@ fn pack_lines(
     may_convert: bool,
 ) -> amx::Aligned<u32> {
     let lines = x.len() / inputs;
-    let convert = may_convert && matches!(layout, Layout::Rows) && converts();
+    let rounding = Rounding::new(may_convert);
     let len = lines.next_multiple_of(AMX_ROWS) * width;
     // Each tile's chunk written whole, padding included.
     let fill = |t: usize, out: &mut [u32]| {
         let (l0, n) = (t * AMX_ROWS, (lines - t * AMX_ROWS).min(AMX_ROWS));
-        if !convert {
+        if !(rounding.converts && matches!(layout, Layout::Rows)) {
             out.fill(0);
+            return pack_line_tile(out, x, (inputs, layout, width), (l0, n));
         }
-        #[cfg(target_arch = "x86_64")]
-        if convert {
-            let pairs = inputs.div_ceil(2);
-            for (j, line) in out.chunks_exact_mut(width).enumerate() {
-                if j < n {
-                    // SAFETY: `converts` said the CPU has AVX-512 F and BF16.
-                    unsafe { x86::pack_row_converting(&x[(l0 + j) * inputs..][..inputs], line) };
-                    line[pairs..].fill(0);
-                } else {
-                    line.fill(0);
-                }
+        let pairs = inputs.div_ceil(2);
+        for (j, line) in out.chunks_exact_mut(width).enumerate() {
+            if j < n {
+                rounding.row(&x[(l0 + j) * inputs..][..inputs], line);
+                line[pairs..].fill(0);
+            } else {
+                line.fill(0);
             }
-            return;
         }
-        pack_line_tile(out, x, (inputs, layout, width), (l0, n));
     };
     // SAFETY: `fill` writes every value of its chunk (the zeros first, or each line and its
     // padding and the padding rows) before reading any.
     unsafe { amx::Aligned::filled(len, AMX_ROWS * width, fill) }
+}
+
+/// How rows are rounded into pairs: by `vcvtne2ps2bf16` where the caller allows it and
+/// [`converts`] says the CPU has it, by [`pack_row`] otherwise (the same pairs).
+#[derive(Clone, Copy)]
+struct Rounding {
+    converts: bool,
+}
+
+impl Rounding {
+    fn new(may_convert: bool) -> Self {
+        Self { converts: may_convert && converts() }
+    }
+
+    /// One row of `x` as pairs, as [`pack_row`].
+    #[inline(always)]
+    fn row(self, x: &[f32], pairs: &mut [u32]) {
+        #[cfg(target_arch = "x86_64")]
+        if self.converts {
+            // SAFETY: `converts` said the CPU has AVX-512 F and BF16.
+            return unsafe { x86::pack_row_converting(x, pairs) };
+        }
+        pack_row(x, pairs)
+    }
 }
 
 /// Whether this CPU has AVX-512 BF16's conversion (`vcvtne2ps2bf16`: 32 F32 values rounded to
