@@ -298,14 +298,12 @@ fn hnsw_graphs_are_built_mapped_and_rescored() {
     let log = i8_log("c.*.safetensors", "g8");
     assert!(log.contains(cosine) && log.contains("c.0.safetensors"), "{log}");
     let rows = tevatron_ir::vectors::Vectors::open(&d.join("c.0.safetensors")).unwrap();
-    let mut unit = rows.rows().block(40, 0, rows.len(), &mut Vec::new()).to_vec();
-    for row in unit.chunks_exact_mut(40) {
-        let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
-        row.iter_mut().for_each(|v| *v /= norm);
-    }
+    let dim = rows.dim();
+    let block = rows.rows().block(dim, 0, rows.len(), &mut Vec::new()).to_vec();
+    let unit = tevatron_ir::vectors::truncate(&block, dim, dim, true);
     let ids: Vec<String> = (0..rows.len()).map(|i| format!("u{i}")).collect();
     let path = d.join("unit.safetensors");
-    let mut w = VectorWriter::create(&path, 40, VecDType::F32, BTreeMap::new()).unwrap();
+    let mut w = VectorWriter::create(&path, dim, VecDType::F32, BTreeMap::new()).unwrap();
     w.push(&unit, &ids).unwrap();
     w.finish().unwrap();
     let log = i8_log("unit.safetensors", "gu");

@@ -63,8 +63,8 @@ pub fn run(a: &SearchArgs) -> Result<()> {
             );
         }
     }
+    // The last shard's scan report, with its HNSW graph's vector dtype when one was searched.
     let reported = std::cell::Cell::new(None);
-    let graph_dtype = std::cell::Cell::new(None);
     let search = |shard: &Vectors| {
         let cut;
         let shard = match a.truncate_dim {
@@ -80,8 +80,7 @@ pub fn run(a: &SearchArgs) -> Result<()> {
                 let graph = plan.graph_for(shard, ef)?;
                 let (hits, candidates) =
                     search_hnsw(&q, dim, &graph, shard, depth, rescore_multiplier(a))?;
-                reported.set(Some(ScanReport { candidates, kernels }));
-                graph_dtype.set(Some(graph.dtype()));
+                reported.set(Some((ScanReport { candidates, kernels }, Some(graph.dtype()))));
                 return Ok(hits);
             }
             let codes = plan.codes_for(shard)?;
@@ -95,7 +94,7 @@ pub fn run(a: &SearchArgs) -> Result<()> {
                 rescore_multiplier(a),
                 kernels,
             )?;
-            reported.set(Some(report));
+            reported.set(Some((report, None)));
             return Ok(hits);
         }
         match &device {
@@ -131,20 +130,17 @@ pub fn run(a: &SearchArgs) -> Result<()> {
         }
         merge_shards(nq, shards.iter().map(Ok), depth, search)?
     };
-    if let Some(report) = reported.get() {
-        let scanned = match compact.as_ref() {
-            Some(p) if p.hnsw.is_some() => match graph_dtype.get() {
-                Some(dtype) => format!("searched the HNSW graphs ({} vectors)", dtype.name()),
-                None => "searched the HNSW graphs".to_string(),
-            },
-            Some(p) => {
+    if let Some((report, graph_dtype)) = reported.get() {
+        let scanned = match (compact.as_ref(), graph_dtype) {
+            (_, Some(dtype)) => format!("searched the HNSW graphs ({} vectors)", dtype.name()),
+            (Some(p), None) => {
                 format!(
                     "scanned {} codes with the {} kernels",
                     p.precision.name(),
                     report.kernels.name_for(p.precision)
                 )
             }
-            None => String::new(),
+            (None, None) => String::new(),
         };
         tracing::info!(
             "{scanned}; rescored {} candidates per query (last shard) with the full-precision vectors",
