@@ -14,7 +14,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::fast::{contiguous_f32, erf, exp, par_rows, simd, CHUNK};
+use super::fast::{contiguous_f32, erf, exp, par_rows, simd, with_simd, CHUNK};
 #[cfg(feature = "cuda")]
 use super::train_ops::cuda;
 use super::Mode;
@@ -73,6 +73,8 @@ impl Activation {
 struct SwiGlu;
 struct SwiGluGrad;
 
+/// The logistic function, for SwiGLU (inlined into its callers' [`simd`] copies).
+#[inline(always)]
 fn sigmoid(v: f32) -> f32 {
     1.0 / (1.0 + exp(-v))
 }
@@ -105,11 +107,7 @@ impl CustomOp2 for SwiGlu {
         if g.len() != u.len() {
             candle_core::bail!("train-swiglu: gate and up differ in size");
         }
-        let out = par_rows(g.len(), 1, |start, o| {
-            for ((o, &g), &u) in o.iter_mut().zip(&g[start..]).zip(&u[start..]) {
-                *o = g * sigmoid(g) * u;
-            }
-        });
+        let out = par_rows(g.len(), 1, |start, o| swiglu_chunk(o, &g[start..], &u[start..]));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
     fn bwd(
@@ -167,12 +165,7 @@ impl CustomOp3 for SwiGluGrad {
         dg.par_chunks_mut(CHUNK).zip(du.par_chunks_mut(CHUNK)).enumerate().for_each(
             |(c, (dg, du))| {
                 let at = c * CHUNK;
-                let (g, u, dy) = (&g[at..], &u[at..], &dy[at..]);
-                for (k, (dg, du)) in dg.iter_mut().zip(du.iter_mut()).enumerate() {
-                    let s = sigmoid(g[k]);
-                    *dg = dy[k] * u[k] * s * (1.0 + g[k] * (1.0 - s));
-                    *du = dy[k] * g[k] * s;
-                }
+                swiglu_grad_chunk(dg, du, (&g[at..], &u[at..], &dy[at..]));
             },
         );
         Ok((CpuStorage::F32(out), Shape::from((2, n))))
@@ -196,11 +189,7 @@ impl CustomOp1 for InferenceGelu {
         let x = contiguous_f32(s, l, "fast-gelu")?;
         let mut out: Vec<f32> = Vec::with_capacity(x.len());
         let spare = &mut out.spare_capacity_mut()[..x.len()];
-        spare.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| {
-            for (o, &v) in o.iter_mut().zip(x) {
-                o.write(0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2)));
-            }
-        });
+        spare.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| gelu_into(o, x));
         // SAFETY: every element of the first x.len() slots was written above.
         unsafe { out.set_len(x.len()) };
         Ok((CpuStorage::F32(out), l.shape().clone()))
@@ -262,12 +251,7 @@ impl CustomOp2 for TrainGeluGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s1, l1, "train-gelu-grad")?;
         let g = contiguous_f32(s2, l2, "train-gelu-grad")?;
-        let out = par_rows(x.len(), 1, |start, o| {
-            for ((o, &v), &g) in o.iter_mut().zip(&x[start..]).zip(&g[start..]) {
-                let cdf = 0.5 * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
-                *o = g * (cdf + v * FRAC_1_SQRT_2PI * exp(-0.5 * v * v));
-            }
-        });
+        let out = par_rows(x.len(), 1, |start, o| gelu_grad_chunk(o, &x[start..], &g[start..]));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -279,20 +263,99 @@ pub fn gelu_train(x: &Tensor) -> Result<Tensor> {
 
 /// The feed-forward activation, in place.
 pub(super) fn activate(x: &mut [f32], act: Activation) {
-    // One monomorphised loop per activation, so each inlines and vectorises.
+    // One monomorphised loop per activation, so each inlines and vectorises; GELU and SiLU (whose
+    // `erf` and `exp` must run in a `with_simd!` copy) by name.
     fn each(x: &mut [f32], f: impl Fn(f32) -> f32 + Sync) {
         x.par_chunks_mut(CHUNK).for_each(|c| simd(|| c.iter_mut().for_each(|v| *v = f(*v))));
     }
     match act {
-        Activation::Gelu => each(x, |v| 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2))),
+        Activation::Gelu => x.par_chunks_mut(CHUNK).for_each(gelu_in_place),
         Activation::GeluNew => each(x, |v| {
             let c = (2.0 / std::f32::consts::PI).sqrt();
             0.5 * v * (1.0 + (c * (v + 0.044_715 * v * v * v)).tanh())
         }),
         Activation::Relu => each(x, |v| v.max(0.0)),
-        Activation::Silu => each(x, |v| v / (1.0 + exp(-v))),
+        Activation::Silu => x.par_chunks_mut(CHUNK).for_each(silu_in_place),
     }
 }
+
+/// Exact GELU of one value: `0.5 v (1 + erf(v / sqrt(2)))`.
+#[inline(always)]
+fn gelu(v: f32) -> f32 {
+    0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// The element loops that call `erf` or `exp`, each in the copies [`with_simd!`] makes (so
+/// that their fused multiply-adds are instructions, fast::erf).
+#[inline(always)]
+fn gelu_each(x: &mut [f32]) {
+    x.iter_mut().for_each(|v| *v = gelu(*v));
+}
+
+#[inline(always)]
+fn silu_each(x: &mut [f32]) {
+    x.iter_mut().for_each(|v| *v /= 1.0 + exp(-*v));
+}
+
+#[inline(always)]
+fn gelu_write(out: &mut [std::mem::MaybeUninit<f32>], x: &[f32]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        o.write(gelu(v));
+    }
+}
+
+#[inline(always)]
+fn gelu_grad_each(out: &mut [f32], x: &[f32], g: &[f32]) {
+    for ((o, &v), &g) in out.iter_mut().zip(x).zip(g) {
+        let cdf = 0.5 * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
+        *o = g * (cdf + v * FRAC_1_SQRT_2PI * exp(-0.5 * v * v));
+    }
+}
+
+#[inline(always)]
+fn swiglu_each(out: &mut [f32], g: &[f32], u: &[f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+        *o = g * sigmoid(g) * u;
+    }
+}
+
+#[inline(always)]
+fn swiglu_grad_each(dg: &mut [f32], du: &mut [f32], (g, u, dy): (&[f32], &[f32], &[f32])) {
+    for (k, (dg, du)) in dg.iter_mut().zip(du.iter_mut()).enumerate() {
+        let s = sigmoid(g[k]);
+        *dg = dy[k] * u[k] * s * (1.0 + g[k] * (1.0 - s));
+        *du = dy[k] * g[k] * s;
+    }
+}
+
+with_simd!(
+    /// GELU in place.
+    fn gelu_in_place = gelu_each(x: &mut [f32])
+);
+with_simd!(
+    /// SiLU in place.
+    fn silu_in_place = silu_each(x: &mut [f32])
+);
+with_simd!(
+    /// GELU of `x` into `out`.
+    fn gelu_into = gelu_write(out: &mut [std::mem::MaybeUninit<f32>], x: &[f32])
+);
+with_simd!(
+    /// GELU's gradient: `out = g * gelu'(x)`.
+    fn gelu_grad_chunk = gelu_grad_each(out: &mut [f32], x: &[f32], g: &[f32])
+);
+with_simd!(
+    /// `out = silu(g) * u`.
+    fn swiglu_chunk = swiglu_each(out: &mut [f32], g: &[f32], u: &[f32])
+);
+with_simd!(
+    /// SwiGLU's gradients for gate and up given the output's `dy`.
+    fn swiglu_grad_chunk = swiglu_grad_each(
+        dg: &mut [f32],
+        du: &mut [f32],
+        operands: (&[f32], &[f32], &[f32]),
+    )
+);
 
 #[cfg(test)]
 mod tests {

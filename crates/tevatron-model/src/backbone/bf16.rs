@@ -38,7 +38,7 @@
 //! `None`): `--bf16` on it computes in F32, which is faster there than widening bf16 operands
 //! would be.
 
-use super::fast::{par_fill, with_avx512};
+use super::fast::{par_fill, with_simd};
 use tevatron_ir::amx::{self, Tiles};
 
 /// Rows per parallel task: a multiple of [`TILE_ROWS`] and of two [`AMX_ROWS`], so that every
@@ -453,7 +453,7 @@ fn converts() -> bool {
     false
 }
 
-with_avx512!(
+with_simd!(
     /// [`line_tile`] in the CPU's widest vectors.
     fn pack_line_tile = line_tile(
         out: &mut [u32],

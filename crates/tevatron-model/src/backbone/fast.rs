@@ -8,27 +8,35 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Storage
 use rayon::prelude::*;
 
 /// erf(x) as a rational function (Eigen's `generic_fast_erf_float`), |error| < 1e-7.
+///
+/// Its polynomials (and [`exp`]'s) are fused multiply-adds (`mul_add`): exactly rounded, so the
+/// same bits on every CPU and path; one instruction in the copies [`with_simd!`] makes (AVX-512,
+/// or AVX2 with FMA), where every caller runs them (against a multiply and an add, 4% of
+/// `encode --bf16` on an AMX Xeon), and a call to libm's `fmaf` outside them (the same values,
+/// many times slower: call them only from a function `with_simd!` copies, never from a closure
+/// LLVM may leave out of line).
 #[inline(always)]
 pub(super) fn erf(x: f32) -> f32 {
     let x = x.clamp(-4.0, 4.0);
     let x2 = x * x;
     let mut p = -2.726_142e-10_f32;
-    p = p * x2 + 2.770_681_4e-8;
-    p = p * x2 - 2.101_024e-6;
-    p = p * x2 - 5.692_506_4e-5;
-    p = p * x2 - 7.349_906_3e-4;
-    p = p * x2 - 2.954_6e-3;
-    p = p * x2 - 1.609_603_3e-2;
+    p = p.mul_add(x2, 2.770_681_4e-8);
+    p = p.mul_add(x2, -2.101_024e-6);
+    p = p.mul_add(x2, -5.692_506_4e-5);
+    p = p.mul_add(x2, -7.349_906_3e-4);
+    p = p.mul_add(x2, -2.954_6e-3);
+    p = p.mul_add(x2, -1.609_603_3e-2);
     p *= x;
     let mut q = -1.456_607_2e-5_f32;
-    q = q * x2 - 2.133_740_6e-4;
-    q = q * x2 - 1.682_827e-3;
-    q = q * x2 - 7.373_329e-3;
-    q = q * x2 - 1.426_473_9e-2;
+    q = q.mul_add(x2, -2.133_740_6e-4);
+    q = q.mul_add(x2, -1.682_827e-3);
+    q = q.mul_add(x2, -7.373_329e-3);
+    q = q.mul_add(x2, -1.426_473_9e-2);
     p / q
 }
 
-/// exp(x) by range reduction to 2^n * e^g, |g| <= ln2/2, and a degree-6 Taylor polynomial;
+/// exp(x) by range reduction to 2^n * e^g, |g| <= ln2/2, and a degree-6 Taylor polynomial
+/// (fused multiply-adds: call it as [`erf`] says);
 /// relative error about 2e-7 * max(1, |x|); inputs below -87 give exactly 0 (as softmax over
 /// masked positions needs), above 88 are clamped, and a NaN gives a NaN.
 #[inline(always)]
@@ -42,10 +50,12 @@ pub(super) fn exp(x: f32) -> f32 {
     // Round to nearest with the 1.5 * 2^23 trick (vectorises, unlike f32::round).
     let n = (t + 12_582_912.0) - 12_582_912.0;
     let g = (t - n) * std::f32::consts::LN_2;
-    let p = 1.0
-        + g * (1.0
-            + g * (0.5
-                + g * (1.0 / 6.0 + g * (1.0 / 24.0 + g * (1.0 / 120.0 + g * (1.0 / 720.0))))));
+    let p = g.mul_add(1.0 / 720.0, 1.0 / 120.0);
+    let p = p.mul_add(g, 1.0 / 24.0);
+    let p = p.mul_add(g, 1.0 / 6.0);
+    let p = p.mul_add(g, 0.5);
+    let p = p.mul_add(g, 1.0);
+    let p = p.mul_add(g, 1.0);
     // A NaN input stays NaN through `p` (and the result); its exponent is taken as 0 so that
     // the conversion below never sees a NaN.
     let n = if n.is_nan() { 0.0 } else { n };
@@ -309,15 +319,23 @@ fn lanes_tree_sum(mut lanes: [f32; 16]) -> f32 {
     lanes[0]
 }
 
-/// Runs `f` compiled for AVX-512 when the CPU has it, as it is otherwise. The portable build
-/// targets baseline x86-64 (SSE2, four lanes); a loop inlined into `f` vectorises sixteen wide
-/// here. `f` should be a closure over one chunk of work (it is inlined into the AVX-512 copy).
+/// Runs `f` compiled for AVX-512 when the CPU has it, else for AVX2 with FMA when it has those,
+/// as it is otherwise. The portable build targets baseline x86-64 (SSE2, four lanes); a loop
+/// inlined into `f` vectorises sixteen wide in the AVX-512 copy and eight in the AVX2 one. No
+/// copy changes a result: Rust never fuses a multiply and an add on its own. `f` should be a
+/// closure over one chunk of work; LLVM usually inlines it into the copies, but need not (see
+/// [`with_simd!`], which code calling [`erf`] or [`exp`] must use).
 #[inline(always)]
 pub(super) fn simd<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     if has_avx512() {
         // SAFETY: the CPU has every feature the copy is compiled for, checked just above.
         return unsafe { avx512(f) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: as above.
+        return unsafe { avx2_fma(f) };
     }
     f()
 }
@@ -328,7 +346,13 @@ unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// Whether this CPU runs the AVX-512 copies of [`simd`] and [`with_avx512!`] (F, BW, VL, DQ).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn avx2_fma<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+/// Whether this CPU runs the AVX-512 copies of [`simd`] and [`with_simd!`] (F, BW, VL, DQ).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(super) fn has_avx512() -> bool {
@@ -336,13 +360,23 @@ pub(super) fn has_avx512() -> bool {
     has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512dq")
 }
 
+/// Whether this CPU runs the AVX2 copies of [`simd`] and [`with_simd!`] (when it has no
+/// AVX-512).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) fn has_avx2_fma() -> bool {
+    use std::arch::is_x86_feature_detected as has;
+    has!("avx2") && has!("fma")
+}
+
 /// `fn $name(args)`: runs the `#[inline(always)]` function `$body` on the same arguments,
-/// compiled for AVX-512 when the CPU has it, as [`simd`] does for a closure. [`simd`] relies on
-/// LLVM inlining the closure into its AVX-512 copy; where it was left out of line, that copy ran
-/// the portable SSE code (packing bf16 rows for AMX took 2x its time so, after a change
-/// elsewhere in the crate moved LLVM's inlining, docs/bf16.md). An `#[inline(always)]` function
-/// given by name is always inlined into its copy.
-macro_rules! with_avx512 {
+/// compiled for AVX-512 or AVX2 with FMA as the CPU allows, as [`simd`] does for a closure.
+/// [`simd`] relies on LLVM inlining the closure into its copies; where it was left out of line,
+/// the AVX-512 copy ran the portable SSE code (packing bf16 rows for AMX took 2x its time so,
+/// after a change elsewhere in the crate moved LLVM's inlining, docs/bf16.md; GELU's gradient
+/// in a closure called libm's `fmaf` for each multiply-add). An `#[inline(always)]` function
+/// given by name is always inlined into its copies.
+macro_rules! with_simd {
     ($(#[$doc:meta])* fn $name:ident = $body:ident($($arg:ident: $ty:ty),* $(,)?)) => {
         $(#[$doc])*
         fn $name($($arg: $ty),*) {
@@ -355,11 +389,20 @@ macro_rules! with_avx512 {
                 // SAFETY: the CPU has every feature the copy is compiled for, checked above.
                 return unsafe { wide($($arg),*) };
             }
+            #[cfg(target_arch = "x86_64")]
+            if $crate::backbone::fast::has_avx2_fma() {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn half($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                // SAFETY: as above.
+                return unsafe { half($($arg),*) };
+            }
             $body($($arg),*)
         }
     };
 }
-pub(super) use with_avx512;
+pub(super) use with_simd;
 
 /// `out = x * keep * scale` elementwise (`keep` 0 or 1): inverted dropout with a byte mask.
 /// Written as a product rather than a branch so that it compiles to vector code.
@@ -386,6 +429,16 @@ pub(super) const CHUNK: usize = 1 << 14;
 
 struct Softmax;
 
+with_simd!(
+    /// [`softmax_in_place`] over each row of `n` values of `rows`.
+    fn softmax_rows_of = softmax_each_row(rows: &mut [f32], n: usize)
+);
+
+#[inline(always)]
+fn softmax_each_row(rows: &mut [f32], n: usize) {
+    rows.chunks_mut(n).for_each(softmax_in_place);
+}
+
 impl CustomOp1 for Softmax {
     fn name(&self) -> &'static str {
         "fast-softmax"
@@ -394,9 +447,7 @@ impl CustomOp1 for Softmax {
         let x = contiguous_f32(s, l, "fast-softmax")?;
         let n = l.dims().last().copied().unwrap_or(1).max(1);
         let mut out = x.to_vec();
-        out.par_chunks_mut((CHUNK / n).max(1) * n).for_each(|rows| {
-            rows.chunks_mut(n).for_each(softmax_in_place);
-        });
+        out.par_chunks_mut((CHUNK / n).max(1) * n).for_each(|rows| softmax_rows_of(rows, n));
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 }
@@ -488,6 +539,64 @@ mod tests {
     /// the mask, maximum, exponentials, sum in 16 lanes added as a tree, scale): every length
     /// around the 16 lanes, masks with the backbone's f32::MIN (every key of a one-key row
     /// masked), large negatives, random ones and zeros.
+    /// `erf`'s and `exp`'s bits over a range of inputs (specials included), inlined into each
+    /// copy that calls it.
+    #[inline(always)]
+    fn erf_exp_bits(xs: &[f32]) -> Vec<(u32, u32)> {
+        xs.iter().map(|&x| (erf(x).to_bits(), exp(x).to_bits())).collect()
+    }
+
+    /// The portable build (where `mul_add` is libm's `fmaf`) and every copy [`with_simd!`]
+    /// runs on this CPU give `erf` and `exp` the same bits: fused multiply-adds are exactly
+    /// rounded everywhere, so no CPU computes another GELU or softmax.
+    #[test]
+    fn erf_and_exp_give_the_same_bits_in_every_copy() {
+        let xs: Vec<f32> = (-2000..=2000)
+            .map(|i| i as f32 * 0.0507)
+            .chain([0.0, -0.0, 1e-30, -1e-30, -87.5, 88.5, f32::INFINITY, f32::NEG_INFINITY])
+            .collect();
+        let portable = erf_exp_bits(&xs);
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+            unsafe fn wide(xs: &[f32]) -> Vec<(u32, u32)> {
+                erf_exp_bits(xs)
+            }
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn half(xs: &[f32]) -> Vec<(u32, u32)> {
+                erf_exp_bits(xs)
+            }
+            if has_avx512() {
+                // SAFETY: the CPU has the features, checked just above.
+                assert_eq!(unsafe { wide(&xs) }, portable, "AVX-512");
+            }
+            if has_avx2_fma() {
+                // SAFETY: as above.
+                assert_eq!(unsafe { half(&xs) }, portable, "AVX2 with FMA");
+            }
+        }
+        // A multiply then an add would differ somewhere in this range.
+        let unfused = |x: f32| {
+            let x = x.clamp(-4.0, 4.0);
+            let x2 = x * x;
+            let p = [
+                2.770_681_4e-8,
+                -2.101_024e-6,
+                -5.692_506_4e-5,
+                -7.349_906_3e-4,
+                -2.954_6e-3,
+                -1.609_603_3e-2,
+            ]
+            .iter()
+            .fold(-2.726_142e-10_f32, |p, c| p * x2 + c);
+            let q = [-2.133_740_6e-4, -1.682_827e-3, -7.373_329e-3, -1.426_473_9e-2]
+                .iter()
+                .fold(-1.456_607_2e-5_f32, |q, c| q * x2 + c);
+            p * x / q
+        };
+        assert!(xs.iter().any(|&x| unfused(x).to_bits() != erf(x).to_bits()));
+    }
+
     #[test]
     fn softmaxes_give_the_bits_of_the_five_pass_order() {
         let mut x = 7u64;

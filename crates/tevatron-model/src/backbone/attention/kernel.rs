@@ -19,7 +19,9 @@ use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
-use crate::backbone::fast::{contiguous_f32, mask_scale_in_place, softmax_masked_in_place, Data};
+use crate::backbone::fast::{
+    contiguous_f32, mask_scale_in_place, softmax_masked_in_place, with_simd, Data,
+};
 use crate::rng::StreamMask;
 
 /// Dropout on the attention probabilities: `keep` holds one byte per probability, laid out
@@ -189,23 +191,17 @@ unsafe fn probabilities(
     softmax_rows(probs, mask, l, mask_row_stride);
 }
 
-/// `softmax(row + mask row)` for each row of `scores` (rows of `l`), in place; mask row `i`
-/// starts at `i * mask_row_stride` (0: one mask for all rows). Compiled for AVX-512 when the CPU
-/// has it (the portable build's SSE code took 9% of encode time).
-fn softmax_rows(scores: &mut [f32], mask: &[f32], l: usize, mask_row_stride: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F, checked just above.
-        return unsafe { softmax_rows_avx512(scores, mask, l, mask_row_stride) };
-    }
-    softmax_rows_portable(scores, mask, l, mask_row_stride)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn softmax_rows_avx512(scores: &mut [f32], mask: &[f32], l: usize, stride: usize) {
-    softmax_rows_portable(scores, mask, l, stride)
-}
+with_simd!(
+    /// `softmax(row + mask row)` for each row of `scores` (rows of `l`), in place; mask row `i`
+    /// starts at `i * mask_row_stride` (0: one mask for all rows). Compiled for AVX-512 or AVX2
+    /// with FMA when the CPU has them (the portable build's SSE code took 9% of encode time).
+    fn softmax_rows = softmax_rows_portable(
+        scores: &mut [f32],
+        mask: &[f32],
+        l: usize,
+        mask_row_stride: usize,
+    )
+);
 
 #[inline(always)]
 fn softmax_rows_portable(scores: &mut [f32], mask: &[f32], l: usize, stride: usize) {

@@ -21,7 +21,7 @@ pub(super) mod kernel;
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, D};
 
 use super::dropout::{draw_keep_mask, dropout};
-use super::fast::{contiguous_f32, softmax_masked_in_place};
+use super::fast::{contiguous_f32, softmax_masked_in_place, with_simd};
 use super::linear::matmul;
 #[cfg(feature = "cuda")]
 use super::train_ops::cuda;
@@ -228,6 +228,11 @@ pub fn pair_mask_bias(
 struct MaskedSoftmax;
 struct SoftmaxGrad;
 
+with_simd!(
+    /// [`softmax_masked_in_place`] of one row, compiled as [`with_simd!`] chooses.
+    fn masked_softmax_row = softmax_masked_in_place(row: &mut [f32], mask: &[f32])
+);
+
 impl CustomOp2 for MaskedSoftmax {
     fn name(&self) -> &'static str {
         "train-masked-softmax"
@@ -260,7 +265,7 @@ impl CustomOp2 for MaskedSoftmax {
             let b_row = (row / rows_per_batch) * queries + (row % rows_per_batch) % queries;
             let b = &bias[b_row * n..(b_row + 1) * n];
             o.copy_from_slice(x);
-            softmax_masked_in_place(o, b);
+            masked_softmax_row(o, b);
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
