@@ -15,7 +15,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use super::fast::{contiguous_f32, lanes_reduce, lanes_reduce_sq, simd, Data, CHUNK};
+use super::fast::{contiguous_f32, lanes_reduce, lanes_reduce_sq, simd, with_simd, Data, CHUNK};
 #[cfg(feature = "cuda")]
 use super::train_ops::cuda;
 use super::train_ops::{par_map_rows, par_rows_with_param_grad};
@@ -415,23 +415,18 @@ pub(super) fn add_layer_norm(
     Ok(())
 }
 
-/// `add_layer_norm` over whole rows of `y` and `residual` (rows as wide as `w`), compiled
-/// for AVX-512 when the CPU has it. A named wrapper rather than `fast::simd`: passed as a
-/// closure, this loop was not inlined into the AVX-512 copy (`perf` showed it running unvectorised).
-fn add_layer_norm_rows(y: &mut [f32], residual: &[f32], (w, b): (&[f32], &[f32]), eps: f32) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F, checked just above.
-        return unsafe { add_layer_norm_rows_avx512(y, residual, (w, b), eps) };
-    }
-    add_layer_norm_rows_portable(y, residual, (w, b), eps)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn add_layer_norm_rows_avx512(y: &mut [f32], r: &[f32], wb: (&[f32], &[f32]), eps: f32) {
-    add_layer_norm_rows_portable(y, r, wb, eps)
-}
+with_simd!(
+    /// `add_layer_norm` over whole rows of `y` and `residual` (rows as wide as `w`), compiled
+    /// for AVX-512 or AVX2 when the CPU has them. A named function rather than a closure for
+    /// `fast::simd`: passed as a closure, this loop was not inlined into the AVX-512 copy
+    /// (`perf` showed it running unvectorised).
+    fn add_layer_norm_rows = add_layer_norm_rows_portable(
+        y: &mut [f32],
+        residual: &[f32],
+        wb: (&[f32], &[f32]),
+        eps: f32,
+    )
+);
 
 #[inline(always)]
 fn add_layer_norm_rows_portable(
