@@ -73,7 +73,7 @@ impl Activation {
 struct SwiGlu;
 struct SwiGluGrad;
 
-/// The logistic function, for SwiGLU (inlined into its callers' [`simd`] copies).
+/// The logistic function, for SwiGLU (inlined into its callers' [`with_simd!`] copies).
 #[inline(always)]
 fn sigmoid(v: f32) -> f32 {
     1.0 / (1.0 + exp(-v))
@@ -285,16 +285,21 @@ fn gelu(v: f32) -> f32 {
     0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2))
 }
 
-/// The element loops that call `erf` or `exp`, each in the copies [`with_simd!`] makes (so
-/// that their fused multiply-adds are instructions, fast::erf).
+// The element loops that call `erf` or `exp`, each run in the copies `with_simd!` makes (so
+// that their fused multiply-adds are instructions, `fast::erf`), written as plain loops (a
+// closure inside could stay out of line, in the portable code).
 #[inline(always)]
 fn gelu_each(x: &mut [f32]) {
-    x.iter_mut().for_each(|v| *v = gelu(*v));
+    for v in x {
+        *v = gelu(*v);
+    }
 }
 
 #[inline(always)]
 fn silu_each(x: &mut [f32]) {
-    x.iter_mut().for_each(|v| *v /= 1.0 + exp(-*v));
+    for v in x {
+        *v /= 1.0 + exp(-*v);
+    }
 }
 
 #[inline(always)]

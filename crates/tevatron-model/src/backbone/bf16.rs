@@ -420,16 +420,20 @@ fn pack_lines(
     // Each tile's chunk written whole, padding included.
     let fill = |t: usize, out: &mut [u32]| {
         let (l0, n) = (t * AMX_ROWS, (lines - t * AMX_ROWS).min(AMX_ROWS));
-        if !rounding.converts {
-            out.fill(0);
-            return pack_line_tile(out, x, (inputs, layout, width), (l0, n));
-        }
-        #[cfg(target_arch = "x86_64")]
-        if let Layout::Columns = layout {
-            out.fill(0);
-            // SAFETY: `converts` said the CPU has AVX-512 F and BF16, and BW with them (every
-            // CPU with BF16 has it; `converts` asks).
-            return unsafe { x86::columns_tile_converting(out, x, (inputs, width), (l0, n)) };
+        match layout {
+            _ if !rounding.converts => {
+                out.fill(0);
+                return pack_line_tile(out, x, (inputs, layout, width), (l0, n));
+            }
+            Layout::Columns => {
+                out.fill(0);
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `converts` said the CPU has AVX-512 F, BW and BF16.
+                return unsafe { x86::columns_tile_converting(out, x, (inputs, width), (l0, n)) };
+                #[cfg(not(target_arch = "x86_64"))]
+                unreachable!("no conversion instruction off x86-64");
+            }
+            Layout::Rows => {}
         }
         let pairs = inputs.div_ceil(2);
         for (j, line) in out.chunks_exact_mut(width).enumerate() {
@@ -471,10 +475,12 @@ impl Rounding {
 }
 
 /// Whether this CPU has AVX-512 BF16's conversion (`vcvtne2ps2bf16`: 32 F32 values rounded to
-/// bf16 in one instruction), which [`pack_lines`] and [`pack_tiles`] then take for rows:
-/// rounding rows for AMX pair by pair in integer lanes ([`pack_row`]) was about 8% of `encode
-/// --bf16`'s time on an AMX Xeon. The instruction rounds as [`to_bf16`] does (to nearest, ties
-/// to even; a NaN stays a quiet NaN; a subnormal to a zero of its sign).
+/// bf16 in one instruction), and AVX-512 BW beside it (`vpermw`, which interleaves two rows'
+/// values into pairs), which [`pack_lines`] and [`pack_tiles`] then take for rows, and
+/// [`pack_lines`] for columns: rounding rows for AMX pair by pair in integer lanes
+/// ([`pack_row`]) was about 8% of `encode --bf16`'s time on an AMX Xeon. The instruction rounds
+/// as [`to_bf16`] does (to nearest, ties to even; a NaN stays a quiet NaN; a subnormal to a
+/// zero of its sign).
 fn converts() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -1183,6 +1189,23 @@ mod tests {
                     // Pair p of column j: rows 2p and 2p + 1.
                     let at = |r: usize| if r < k { x[r * cols + j] } else { 0.0 };
                     assert!((0..pairs).all(|p| line[p] == pair(at(2 * p), at(2 * p + 1))));
+                }
+            }
+            // The same columns as weight tiles: step p of tile t holds column t * 32 + j's
+            // pair p at j, zeros past the columns and the pairs.
+            let steps = pairs + 5;
+            let tiles = [false, true]
+                .map(|c| pack_tiles(&x, k, Layout::Columns, (TILE_CHANNELS, steps), c));
+            assert_eq!(&tiles[0][..], &tiles[1][..], "column tiles of {k} x {cols}");
+            assert_eq!(tiles[0].len(), cols.div_ceil(TILE_CHANNELS) * TILE_CHANNELS * steps);
+            for (t, tile) in tiles[1].chunks_exact(TILE_CHANNELS * steps).enumerate() {
+                for (p, step) in tile.chunks_exact(TILE_CHANNELS).enumerate() {
+                    for (j, &v) in step.iter().enumerate() {
+                        let c = t * TILE_CHANNELS + j;
+                        let at = |r: usize| if r < k && c < cols { x[r * cols + c] } else { 0.0 };
+                        let want = if p < pairs { pair(at(2 * p), at(2 * p + 1)) } else { 0 };
+                        assert_eq!(v, want, "{k} x {cols}: tile {t}, step {p}, column {j}");
+                    }
                 }
             }
         }

@@ -215,25 +215,45 @@ fn chunked_sequences<const N: usize>(
     layer: impl Fn(&[f32], &[f32], usize) -> Result<Vec<f32>> + Sync,
 ) -> Result<Vec<f32>> {
     let per_chunk = (rows / l.max(1)).max(1);
-    if b <= per_chunk || layers.iter().any(|l| l.reduced.is_none()) {
+    if b <= per_chunk || !all_reduced(&layers) {
         return layer(x, mask, b);
     }
     if !x.len().is_multiple_of(b) || !mask.len().is_multiple_of(b) {
         candle_core::bail!("{} values or a bias of {} for {b} sequences", x.len(), mask.len());
     }
     let (x_seq, mask_seq) = (x.len() / b, mask.len() / b);
+    by_chunks(x, per_chunk * x_seq, |start, x| {
+        let (s0, n) = (start / x_seq, x.len() / x_seq);
+        layer(x, &mask[s0 * mask_seq..(s0 + n) * mask_seq], n)
+    })
+}
+
+/// Whether every one of `layers` runs int8 or bf16 products (weights packed once, so that a
+/// call on a few rows costs no packing).
+fn all_reduced(layers: &[&Linear]) -> bool {
+    layers.iter().all(|l| l.reduced.is_some())
+}
+
+/// `f(start, chunk)` for the chunks of `x` of `per_task` values (the last part), in parallel,
+/// each giving as many values as it gets, written in place of its chunk: [`by_sequences`]'
+/// and [`by_row_blocks`]' loop. The first error found is returned (the other chunks still run).
+fn by_chunks(
+    x: &[f32],
+    per_task: usize,
+    f: impl Fn(usize, &[f32]) -> Result<Vec<f32>> + Sync,
+) -> Result<Vec<f32>> {
     let failed = std::sync::Mutex::new(None);
-    let out = par_fill(x.len(), per_chunk * x_seq, |start, out| {
-        let (s0, n) = (start / x_seq, out.len() / x_seq);
-        let mask = &mask[s0 * mask_seq..(s0 + n) * mask_seq];
-        match layer(&x[start..start + out.len()], mask, n) {
-            Ok(y) if y.len() == out.len() => out.copy_from_slice(&y),
-            result => {
+    let out = par_fill(x.len(), per_task, |start, out| {
+        let result = f(start, &x[start..start + out.len()]).and_then(|y| match y.len() {
+            n if n == out.len() => Ok(y),
+            n => Err(candle_core::Error::Msg(format!("{n} values for a chunk of {}", out.len()))),
+        });
+        match result {
+            Ok(y) => out.copy_from_slice(&y),
+            Err(e) => {
+                // par_fill's contract: every value written.
                 out.fill(0.0);
-                let e = result.err().unwrap_or_else(|| {
-                    candle_core::Error::Msg("a layer changed its rows' width".into())
-                });
-                *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
             }
         }
     });
@@ -269,11 +289,10 @@ fn by_row_blocks<const N: usize>(
     layers: [&Linear; N],
     f: impl Fn(&[f32]) -> Result<Vec<f32>> + Sync,
 ) -> Result<Vec<f32>> {
-    if layers.iter().any(|l| l.reduced.is_none()) {
+    if !all_reduced(&layers) {
         return f(x);
     }
-    let blocks: Vec<Vec<f32>> = x.par_chunks(MLP_ROWS * h).map(&f).collect::<Result<_>>()?;
-    Ok(blocks.concat())
+    by_chunks(x, MLP_ROWS * h, |_, x| f(x))
 }
 
 /// `down(act(gate(x)) * up(x))` over the rows of `x` (`h` wide), the Llama family's MLP, by
@@ -462,14 +481,15 @@ mod tests {
     }
 
     /// The reduced kernels whose layers [`by_sequences`] chunks: int8 (the CPU's) and bf16 on
-    /// AMX's emulated tiles.
-    fn reduced_kernels() -> [crate::backbone::layers::ReducedKernels; 2] {
+    /// AMX's emulated tiles and on the emulated `vdpbf16ps` (AMD's Zen 4 and 5).
+    fn reduced_kernels() -> [crate::backbone::layers::ReducedKernels; 3] {
         use crate::backbone::bf16::Bf16Kernels;
         use crate::backbone::int8::Int8Kernels;
         use crate::backbone::layers::ReducedKernels;
         [
             ReducedKernels::Int8(Int8Kernels::detect()),
             ReducedKernels::Bf16(Bf16Kernels::emulated_amx()),
+            ReducedKernels::Bf16(Bf16Kernels::emulated()),
         ]
     }
 
@@ -479,16 +499,20 @@ mod tests {
     }
 
     /// In int8 and bf16 a post-norm layer runs a few sequences at a time
-    /// ([`by_sequences`]): chunks of one, two and three sequences (the last part) give the
-    /// bits of the layer over all of them at once, padding included.
+    /// ([`by_sequences`]): chunks of one, two and three sequences (the last part), and the
+    /// layer's own chunks, give the bits of the layer over all of them at once, padding
+    /// included.
     #[test]
     fn a_post_norm_layer_by_chunks_of_sequences_gives_the_bits_of_the_whole() {
         let dev = Device::Cpu;
-        let (b, l, h, inter, heads) = (5, 7, 16, 24, 4);
+        // 140 rows: more than SEQUENCE_ROWS, so that `forward` chunks too.
+        let (b, l, h, inter, heads) = (20, 7, 16, 24, 4);
+        assert!(b * l > SEQUENCE_ROWS);
         let vb = layer_weights(h, inter);
         let x = Tensor::randn(0f32, 1.0, (b, l, h), &dev).unwrap();
-        let mask: Vec<u32> =
-            [7, 4, 1, 6, 7].iter().flat_map(|&n| (0..l).map(move |i| u32::from(i < n))).collect();
+        let mask: Vec<u32> = (0..b)
+            .flat_map(|s| (0..l).map(move |i| u32::from(i < [7, 4, 1, 6, 7][s % 5])))
+            .collect();
         let bias =
             layers::mask_bias(&Tensor::from_vec(mask, (b, l), &dev).unwrap(), DType::F32).unwrap();
         let (xs, masks) = (

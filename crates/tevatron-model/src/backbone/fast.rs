@@ -296,7 +296,10 @@ fn exp_normalize(row: &mut [f32], max: f32) {
         // on rows of ~100 keys.
         let mut v = [0f32; 16];
         v[..rest.len()].copy_from_slice(rest);
-        let e: [f32; 16] = std::array::from_fn(|i| exp(v[i] - max));
+        let mut e = [0f32; 16];
+        for i in 0..16 {
+            e[i] = exp(v[i] - max);
+        }
         for (i, (s, e)) in rest.iter_mut().zip(e).enumerate() {
             *s = e;
             lanes[i] += e;
@@ -355,7 +358,7 @@ unsafe fn avx2_fma<R>(f: impl FnOnce() -> R) -> R {
 /// Whether this CPU runs the AVX-512 copies of [`simd`] and [`with_simd!`] (F, BW, VL, DQ).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-pub(super) fn has_avx512() -> bool {
+pub(crate) fn has_avx512() -> bool {
     use std::arch::is_x86_feature_detected as has;
     has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512dq")
 }
@@ -453,7 +456,9 @@ impl CustomOp1 for Softmax {
 }
 
 /// Fills a new vector of `n` elements in parallel chunks of whole rows of width `row`, each
-/// task compiled for AVX-512 where the CPU has it ([`simd`]). The contract of [`par_fill`].
+/// task compiled for AVX-512 or AVX2 with FMA where the CPU has them ([`simd`]; code that calls
+/// [`erf`] or [`exp`] goes through a [`with_simd!`] function instead). The contract of
+/// [`par_fill`].
 pub(super) fn par_rows(n: usize, row: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
     let per_task = (CHUNK / row.max(1)).max(1) * row.max(1);
     par_fill(n, per_task, |start, o| simd(|| fill(start, o)))
@@ -535,15 +540,16 @@ mod tests {
         sum * 2.0 / std::f64::consts::PI.sqrt()
     }
 
-    /// The three-pass softmaxes (masked, and not) give the bits of the five-pass softmax (add
-    /// the mask, maximum, exponentials, sum in 16 lanes added as a tree, scale): every length
-    /// around the 16 lanes, masks with the backbone's f32::MIN (every key of a one-key row
-    /// masked), large negatives, random ones and zeros.
     /// `erf`'s and `exp`'s bits over a range of inputs (specials included), inlined into each
     /// copy that calls it.
     #[inline(always)]
     fn erf_exp_bits(xs: &[f32]) -> Vec<(u32, u32)> {
-        xs.iter().map(|&x| (erf(x).to_bits(), exp(x).to_bits())).collect()
+        // A plain loop: a closure here could stay out of line, in the portable code.
+        let mut bits = Vec::with_capacity(xs.len());
+        for &x in xs {
+            bits.push((erf(x).to_bits(), exp(x).to_bits()));
+        }
+        bits
     }
 
     /// The portable build (where `mul_add` is libm's `fmaf`) and every copy [`with_simd!`]
@@ -597,6 +603,10 @@ mod tests {
         assert!(xs.iter().any(|&x| unfused(x).to_bits() != erf(x).to_bits()));
     }
 
+    /// The three-pass softmaxes (masked, and not) give the bits of the five-pass softmax (add
+    /// the mask, maximum, exponentials, sum in 16 lanes added as a tree, scale): every length
+    /// around the 16 lanes, masks with the backbone's f32::MIN (every key of a one-key row
+    /// masked), large negatives, random ones and zeros.
     #[test]
     fn softmaxes_give_the_bits_of_the_five_pass_order() {
         let mut x = 7u64;

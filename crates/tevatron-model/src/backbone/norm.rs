@@ -4,8 +4,8 @@
 //! - composed candle ops: the reference, and every device and dtype the kernels do not serve
 //!   (half precision is normalised in F32);
 //! - inference: candle's fused kernels for a tensor, and on the raw buffers of `cpu_infer.rs`'s
-//!   layers `add_layer_norm` (the residual add fused in, compiled for AVX-512 where the CPU
-//!   has it) and `rms_norm_rows`;
+//!   layers `add_layer_norm` (the residual add fused in, compiled for AVX-512 or AVX2 where the
+//!   CPU has them) and `rms_norm_rows`;
 //! - training in F32 on the CPU or a GPU: [`layer_norm_train`] and [`rms_norm_train`], one-pass
 //!   forwards with their own backward, whose CUDA launches are `layer_norm`, `rms_norm` and
 //!   `norm_grad` of `train_ops_cuda.rs` (kernels in `kernels/train.cu`, emulated for the tests
