@@ -135,7 +135,11 @@ fn finalize(mut z: u64) -> u64 {
 /// Writes the decisions of draws `first..` after state `base` into `out`, two per draw.
 fn fill_keep(base: u64, first: u64, threshold: u64, out: &mut [u8]) {
     #[cfg(target_arch = "x86_64")]
-    if crate::backbone::has_avx512() {
+    if std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512dq")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+    {
         // SAFETY: the CPU has the features the function is compiled for.
         return unsafe { fill_keep_avx512(base, first, threshold, out) };
     }

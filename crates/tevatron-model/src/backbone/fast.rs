@@ -358,7 +358,7 @@ unsafe fn avx2_fma<R>(f: impl FnOnce() -> R) -> R {
 /// Whether this CPU runs the AVX-512 copies of [`simd`] and [`with_simd!`] (F, BW, VL, DQ).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-pub(crate) fn has_avx512() -> bool {
+pub(super) fn has_avx512() -> bool {
     use std::arch::is_x86_feature_detected as has;
     has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512dq")
 }

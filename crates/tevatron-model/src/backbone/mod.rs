@@ -28,8 +28,6 @@ pub mod train_ops;
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
-#[cfg(target_arch = "x86_64")]
-pub(crate) use fast::has_avx512;
 pub(crate) use fast::Data;
 pub use fast::{contiguous_f32, contiguous_f32_mut};
 
