@@ -340,6 +340,22 @@ mod tests {
     use crate::backbone::layers::{self, Linears};
     use crate::backbone::Mode;
 
+    /// Normal values (Box-Muller over SplitMix64), the same on every run: unseeded random
+    /// inputs once made a bound on bf16's error fail one run in forty.
+    fn randn<S: Into<candle_core::Shape>>(shape: S, mean: f32, std: f32, seed: u64) -> Tensor {
+        let shape = shape.into();
+        let mut rng = crate::rng::SplitMix64::new(seed);
+        let mut u = || ((rng.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        let values: Vec<f32> = (0..shape.elem_count())
+            .map(|_| {
+                let (a, b) = (u(), u());
+                let z = (-2.0 * a.ln()).sqrt() * (2.0 * std::f64::consts::PI * b).cos();
+                mean + std * z as f32
+            })
+            .collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    }
+
     /// The same layer composed of candle ops (the path GPUs and half precision take).
     fn composed(p: &PostNormLayer, x: &Tensor, bias: &Tensor) -> Tensor {
         let e = Mode::Eval;
@@ -359,8 +375,10 @@ mod tests {
     fn layer_weights(h: usize, inter: usize) -> VarBuilder<'static> {
         let dev = Device::Cpu;
         let mut w = HashMap::new();
+        let mut seed = 0u64;
         let mut add = |name: &str, shape: &[usize], std: f32| {
-            w.insert(name.to_string(), Tensor::randn(0f32, std, shape, &dev).unwrap());
+            seed += 1;
+            w.insert(name.to_string(), randn(shape, 0.0, std, seed));
         };
         for n in ["q", "k", "v", "o"] {
             add(&format!("{n}.weight"), &[h, h], 0.3);
@@ -423,7 +441,7 @@ mod tests {
         let dev = Device::Cpu;
         let (b, l, h, inter, heads) = (2, 5, 16, 24, 4);
         let vb = layer_weights(h, inter);
-        let x = Tensor::randn(0f32, 1.0, (b, l, h), &dev).unwrap();
+        let x = randn((b, l, h), 0.0, 1.0, 101);
         let mask = Tensor::from_vec(vec![1u32, 1, 1, 1, 1, 1, 1, 1, 0, 0], (b, l), &dev).unwrap();
         let bias = layers::mask_bias(&mask, DType::F32).unwrap();
         let run = |lin: Linears| {
@@ -452,8 +470,7 @@ mod tests {
         use crate::backbone::layers::ReducedKernels;
         let (h, inter, rows) = (16, 40, 2 * MLP_ROWS + 37);
         let vb = layer_weights(h, inter);
-        let x: Vec<f32> =
-            Tensor::randn(0f32, 1.0, rows * h, &Device::Cpu).unwrap().to_vec1().unwrap();
+        let x: Vec<f32> = randn(rows * h, 0.0, 1.0, 102).to_vec1().unwrap();
         let kernels = [
             ReducedKernels::Int8(Int8Kernels::detect()),
             ReducedKernels::Bf16(Bf16Kernels::emulated_amx()),
@@ -509,7 +526,7 @@ mod tests {
         let (b, l, h, inter, heads) = (20, 7, 16, 24, 4);
         assert!(b * l > SEQUENCE_ROWS);
         let vb = layer_weights(h, inter);
-        let x = Tensor::randn(0f32, 1.0, (b, l, h), &dev).unwrap();
+        let x = randn((b, l, h), 0.0, 1.0, 103);
         let mask: Vec<u32> = (0..b)
             .flat_map(|s| (0..l).map(move |i| u32::from(i < [7, 4, 1, 6, 7][s % 5])))
             .collect();
@@ -549,8 +566,10 @@ mod tests {
         let heads = Heads { query: 4, kv: 2, dim: 4 };
         let kv_width = heads.kv * heads.dim;
         let mut w = HashMap::new();
+        let mut seed = 0u64;
         let mut add = |name: &str, shape: &[usize], std: f32| {
-            w.insert(name.to_string(), Tensor::randn(0f32, std, shape, &dev).unwrap());
+            seed += 1;
+            w.insert(name.to_string(), randn(shape, 0.0, std, seed));
         };
         for (n, out, inp) in [("q", h, h), ("k", kv_width, h), ("v", kv_width, h), ("o", h, h)] {
             add(&format!("{n}.weight"), &[out, inp], 0.3);
@@ -559,13 +578,14 @@ mod tests {
         add("up.weight", &[inter, h], 0.3);
         add("down.weight", &[h, inter], 0.3);
         let vb = VarBuilder::from_tensors(w, DType::F32, &dev);
-        let norm = |n: usize| Tensor::randn(1f32, 0.1, n, &dev).unwrap();
-        let (n1, n2, qn, kn) = (norm(h), norm(h), norm(heads.dim), norm(heads.dim));
+        let norm = |n: usize, seed: u64| randn(n, 1.0, 0.1, seed);
+        let (n1, n2, qn, kn) =
+            (norm(h, 111), norm(h, 112), norm(heads.dim, 113), norm(heads.dim, 114));
         let angles: Vec<f32> =
             (0..l * heads.dim).map(|i| (i / heads.dim) as f32 * 0.3 + (i % 2) as f32).collect();
         let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
         let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
-        let xs: Vec<f32> = Tensor::randn(0f32, 1.0, b * l * h, &dev).unwrap().to_vec1().unwrap();
+        let xs: Vec<f32> = randn(b * l * h, 0.0, 1.0, 105).to_vec1().unwrap();
         // Causal, the second sequence's last two keys padding (as `f32::MIN`, HF's value).
         let masks: Vec<f32> = (0..b * l * l)
             .map(|i| {
@@ -618,7 +638,7 @@ mod tests {
         let dev = Device::Cpu;
         let (b, l, h, inter, heads) = (3, 7, 16, 24, 4);
         let parts = LayerParts::load(&layer_weights(h, inter), Linears::default(), h, inter);
-        let x = Tensor::randn(0f32, 1.0, (b, l, h), &dev).unwrap();
+        let x = randn((b, l, h), 0.0, 1.0, 106);
         // Sequences of 7, 4 and 1 real tokens: padded keys must get no weight.
         let mask: Vec<u32> =
             [7, 4, 1].iter().flat_map(|&n| (0..l).map(move |i| u32::from(i < n))).collect();
