@@ -62,16 +62,12 @@ impl PostNormLayer<'_> {
     /// Runs the layer on hidden states `x` `(b, l, h)` with the additive padding bias
     /// `(b, 1, 1, l)`. Call only where [`PostNormLayer::applies`] holds.
     pub fn forward(&self, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-        let (b, l, h) = x.dims3()?;
+        let (_, l, h) = x.dims3()?;
         if !h.is_multiple_of(self.heads) {
             candle_core::bail!("hidden size {h} is not a multiple of {} heads", self.heads);
         }
-        let (xd, mask) = (Data::of(x)?, Data::of(bias)?);
         let linears = [self.query, self.key, self.value, self.attn_out, self.up, self.down];
-        let out = by_sequences((xd.slice(), mask.slice()), (b, l), linears, |x, mask, b| {
-            self.sequences(x, mask, (b, l, h))
-        })?;
-        Tensor::from_vec(out, (b, l, h), &Device::Cpu)
+        by_sequences((x, bias), linears, |x, mask, b| self.sequences(x, mask, (b, l, h)))
     }
 
     /// The layer over `b` whole sequences of `l` rows, `h` wide, and their part of the bias.
@@ -134,19 +130,15 @@ impl DecoderLayer<'_> {
 
     /// Runs the layer. Call only where [`DecoderLayer::applies`] holds.
     pub fn forward(&self, x: &Tensor, bias: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let (b, l, h) = x.dims3()?;
+        let (_, l, h) = x.dims3()?;
         let Heads { query, kv, .. } = self.heads;
         if kv == 0 || !query.is_multiple_of(kv) {
             candle_core::bail!("{query} query heads are not a multiple of {kv} key/value heads");
         }
-        let (xd, mask) = (Data::of(x)?, Data::of(bias)?);
         let (cd, sd) = (Data::of(cos)?, Data::of(sin)?);
         let table = (cd.slice(), sd.slice());
         let linears = [self.q, self.k, self.v, self.o, self.gate, self.up, self.down];
-        let out = by_sequences((xd.slice(), mask.slice()), (b, l), linears, |x, mask, b| {
-            self.sequences(x, mask, table, (b, l, h))
-        })?;
-        Tensor::from_vec(out, (b, l, h), &Device::Cpu)
+        by_sequences((x, bias), linears, |x, mask, b| self.sequences(x, mask, table, (b, l, h)))
     }
 
     /// The layer over `b` whole sequences of `l` rows, `h` wide, their part of the bias and the
@@ -188,8 +180,9 @@ impl DecoderLayer<'_> {
 /// memory.
 const SEQUENCE_ROWS: usize = 128;
 
-/// `layer(x, mask, n)` over the `b` sequences of `l` rows of `x` with their part of the
-/// attention bias `mask` (the same share of it per sequence): when all of `layers` (the
+/// `layer(x, mask, n)` over the `b` sequences of `l` rows of hidden states `x` `(b, l, h)`
+/// (contiguous F32) with their part of the attention bias (the same share of it per sequence),
+/// as a tensor of the same shape: when all of `layers` (the
 /// projections `layer` runs) are int8 or bf16, a few sequences at a time in parallel (as many
 /// as make [`SEQUENCE_ROWS`] rows), so that a layer's intermediates (Q, K and V alone are three
 /// times its input) go from one op to the next in cache instead of through memory: over all
@@ -198,12 +191,14 @@ const SEQUENCE_ROWS: usize = 128;
 /// give the bits of the whole. In F32 over all sequences at once (one `gemm` per projection
 /// packs its weight once).
 fn by_sequences<const N: usize>(
-    (x, mask): (&[f32], &[f32]),
-    (b, l): (usize, usize),
+    (x, bias): (&Tensor, &Tensor),
     layers: [&Linear; N],
     layer: impl Fn(&[f32], &[f32], usize) -> Result<Vec<f32>> + Sync,
-) -> Result<Vec<f32>> {
-    chunked_sequences(SEQUENCE_ROWS, (x, mask), (b, l), layers, layer)
+) -> Result<Tensor> {
+    let (b, l, h) = x.dims3()?;
+    let (xd, mask) = (Data::of(x)?, Data::of(bias)?);
+    let out = chunked_sequences(SEQUENCE_ROWS, (xd.slice(), mask.slice()), (b, l), layers, layer)?;
+    Tensor::from_vec(out, (b, l, h), &Device::Cpu)
 }
 
 /// [`by_sequences`] with chunks of about `rows` rows.
