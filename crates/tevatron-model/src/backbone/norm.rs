@@ -127,14 +127,100 @@ struct LayerNormGrad {
     eps: f32,
 }
 
+/// A row's mean and `1 / sqrt(var + eps)`, each sum over 16 lanes ([`lanes_reduce`]'s order)
+/// so that it vectorises: the squares' sum as one running total was a serial chain, 2.7% of a
+/// bf16 training step.
+#[inline(always)]
 fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
     let n = x.len() as f32;
     let mean = lanes_reduce(x, 0.0, |a, b| a + b) / n;
-    let mut var = 0f32;
-    for &v in x {
-        var += (v - mean) * (v - mean);
+    let mut lanes = [0f32; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for i in 0..16 {
+            let d = c[i] - mean;
+            lanes[i] += d * d;
+        }
+    }
+    let mut var = chunks.remainder().iter().fold(0f32, |a, &v| a + (v - mean) * (v - mean));
+    for l in lanes {
+        var += l;
     }
     (mean, 1.0 / (var / n + eps).sqrt())
+}
+
+with_simd!(
+    /// One row of the training layer norm's forward into `o`.
+    fn layer_norm_row = layer_norm_row_body(
+        o: &mut [f32],
+        x: &[f32],
+        wb: (&[f32], &[f32]),
+        eps: f32,
+    )
+);
+
+#[inline(always)]
+fn layer_norm_row_body(o: &mut [f32], x: &[f32], (w, b): (&[f32], &[f32]), eps: f32) {
+    let (mean, rstd) = row_stats(x, eps);
+    for (((o, &v), &w), &b) in o.iter_mut().zip(x).zip(w).zip(b) {
+        *o = (v - mean) * rstd * w + b;
+    }
+}
+
+with_simd!(
+    /// One row of the training layer norm's backward: its `dx`, and its `dw` and `db` added
+    /// into `acc` (`[dw; db]`).
+    fn layer_norm_grad_row = layer_norm_grad_row_body(
+        dx: &mut [f32],
+        acc: &mut [f32],
+        xg: (&[f32], &[f32]),
+        w: &[f32],
+        eps: f32,
+    )
+);
+
+/// Two passes over a row recompute `xhat` rather than keep it (the same operations in the same
+/// order, so the same bits); the sums of `dxhat` and `dxhat * xhat` go in 16 lanes.
+#[inline(always)]
+fn layer_norm_grad_row_body(
+    dx: &mut [f32],
+    acc: &mut [f32],
+    (x, g): (&[f32], &[f32]),
+    w: &[f32],
+    eps: f32,
+) {
+    let h = x.len();
+    let (mean, rstd) = row_stats(x, eps);
+    let (dw, db) = acc.split_at_mut(h);
+    for (((dw, db), &x), &g) in dw.iter_mut().zip(db.iter_mut()).zip(x).zip(g) {
+        let xhat = (x - mean) * rstd;
+        *dw += g * xhat;
+        *db += g;
+    }
+    let (mut l1, mut l2) = ([0f32; 16], [0f32; 16]);
+    let whole = h / 16 * 16;
+    for ((x, g), w) in x[..whole].chunks_exact(16).zip(g.chunks_exact(16)).zip(w.chunks_exact(16)) {
+        for i in 0..16 {
+            let (xhat, dxhat) = ((x[i] - mean) * rstd, g[i] * w[i]);
+            l1[i] += dxhat;
+            l2[i] += dxhat * xhat;
+        }
+    }
+    let (mut m1, mut m2) = (0f32, 0f32);
+    for j in whole..h {
+        let (xhat, dxhat) = ((x[j] - mean) * rstd, g[j] * w[j]);
+        m1 += dxhat;
+        m2 += dxhat * xhat;
+    }
+    for i in 0..16 {
+        m1 += l1[i];
+        m2 += l2[i];
+    }
+    let (m1, m2) = (m1 / h as f32, m2 / h as f32);
+    for (((dx, &x), &g), &w) in dx.iter_mut().zip(x).zip(g).zip(w) {
+        let xhat = (x - mean) * rstd;
+        *dx = rstd * (g * w - m1 - xhat * m2);
+    }
 }
 
 impl CustomOp3 for LayerNormOp {
@@ -172,11 +258,7 @@ impl CustomOp3 for LayerNormOp {
         let b = contiguous_f32(s3, l3, "train-layer-norm")?;
         let h = w.len();
         let out = par_map_rows(x.len(), h, |row, o| {
-            let x = &x[row * h..(row + 1) * h];
-            let (mean, rstd) = row_stats(x, self.eps);
-            for (((o, &v), &w), &b) in o.iter_mut().zip(x).zip(w).zip(b) {
-                *o = (v - mean) * rstd * w + b;
-            }
+            layer_norm_row(o, &x[row * h..(row + 1) * h], (w, b), self.eps)
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -245,26 +327,9 @@ impl CustomOp3 for LayerNormGrad {
         let w = contiguous_f32(s2, l2, "train-layer-norm-grad")?;
         let g = contiguous_f32(s3, l3, "train-layer-norm-grad")?;
         let h = w.len();
-        // Two passes over a row recompute xhat rather than keep it: the same operations in
-        // the same order, so the same bits.
         let out = par_rows_with_param_grad(x.len(), h, 2 * h, |row, dx, acc| {
-            let (x, g) = (&x[row * h..(row + 1) * h], &g[row * h..(row + 1) * h]);
-            let (mean, rstd) = row_stats(x, self.eps);
-            let (dw, db) = acc.split_at_mut(h);
-            let (mut m1, mut m2) = (0f32, 0f32);
-            for j in 0..h {
-                let xhat = (x[j] - mean) * rstd;
-                let dxhat = g[j] * w[j];
-                dw[j] += g[j] * xhat;
-                db[j] += g[j];
-                m1 += dxhat;
-                m2 += dxhat * xhat;
-            }
-            let (m1, m2) = (m1 / h as f32, m2 / h as f32);
-            for j in 0..h {
-                let xhat = (x[j] - mean) * rstd;
-                dx[j] = rstd * (g[j] * w[j] - m1 - xhat * m2);
-            }
+            let xg = (&x[row * h..(row + 1) * h], &g[row * h..(row + 1) * h]);
+            layer_norm_grad_row(dx, acc, xg, w, self.eps)
         });
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
