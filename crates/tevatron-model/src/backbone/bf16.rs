@@ -422,36 +422,12 @@ fn pack_lines(
     let lines = x.len() / inputs;
     let rounding = Rounding::new(may_convert);
     let len = lines.next_multiple_of(AMX_ROWS) * width;
-    // Each tile's chunk written whole, padding included.
+    // Each tile's chunk written whole, padding included (`line_tile`).
     let fill = |t: usize, out: &mut [u32]| {
         let (l0, n) = (t * AMX_ROWS, (lines - t * AMX_ROWS).min(AMX_ROWS));
-        match layout {
-            _ if !rounding.converts => {
-                out.fill(0);
-                return pack_line_tile(out, x, (inputs, layout, width), (l0, n));
-            }
-            Layout::Columns => {
-                out.fill(0);
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `converts` said the CPU has AVX-512 F, BW and BF16.
-                return unsafe { x86::columns_tile_converting(out, x, (inputs, width), (l0, n)) };
-                #[cfg(not(target_arch = "x86_64"))]
-                unreachable!("no conversion instruction off x86-64");
-            }
-            Layout::Rows => {}
-        }
-        let pairs = inputs.div_ceil(2);
-        for (j, line) in out.chunks_exact_mut(width).enumerate() {
-            if j < n {
-                rounding.row(&x[(l0 + j) * inputs..][..inputs], line);
-                line[pairs..].fill(0);
-            } else {
-                line.fill(0);
-            }
-        }
+        pack_line_tile(out, x, (inputs, layout, width), (l0, n), rounding)
     };
-    // SAFETY: `fill` writes every value of its chunk (the zeros first, or each line and its
-    // padding and the padding rows) before reading any.
+    // SAFETY: `fill` writes every value of its chunk before reading any (`line_tile`).
     unsafe { amx::Aligned::filled(len, AMX_ROWS * width, fill) }
 }
 
@@ -503,26 +479,41 @@ with_simd!(
         x: &[f32],
         form: (usize, Layout, usize),
         lines: (usize, usize),
+        rounding: Rounding,
     )
 );
 
-/// One tile of [`pack_lines`]: lines `l0..l0 + n` into `out`.
+/// One tile of [`pack_lines`] ([`AMX_ROWS`] lines of `width` pairs): lines `l0..l0 + n` into
+/// `out`, every value written (zeros past the inputs and for the padding lines).
 #[inline(always)]
 fn line_tile(
     out: &mut [u32],
     x: &[f32],
     (inputs, layout, width): (usize, Layout, usize),
     (l0, n): (usize, usize),
+    rounding: Rounding,
 ) {
-    let lines = x.len() / inputs;
+    let (lines, pairs) = (x.len() / inputs, inputs.div_ceil(2));
     match layout {
         Layout::Rows => {
-            for (j, line) in out.chunks_exact_mut(width).take(n).enumerate() {
-                pack_row(&x[(l0 + j) * inputs..][..inputs], line);
+            for (j, line) in out.chunks_exact_mut(width).enumerate() {
+                if j < n {
+                    rounding.row(&x[(l0 + j) * inputs..][..inputs], line);
+                    line[pairs..].fill(0);
+                } else {
+                    line.fill(0);
+                }
             }
         }
+        #[cfg(target_arch = "x86_64")]
+        Layout::Columns if rounding.converts => {
+            out.fill(0);
+            // SAFETY: `converts` said the CPU has AVX-512 F, BW and BF16.
+            unsafe { x86::columns_tile_converting(out, x, (inputs, width), (l0, n)) }
+        }
         Layout::Columns => {
-            for p in 0..inputs.div_ceil(2) {
+            out.fill(0);
+            for p in 0..pairs {
                 // Rows 2p and 2p + 1 of `x`, columns l0..l0 + n.
                 let even = &x[2 * p * lines + l0..][..n];
                 let odd = x.get((2 * p + 1) * lines + l0..(2 * p + 1) * lines + l0 + n);
@@ -952,13 +943,28 @@ mod x86 {
         for c in 0..whole {
             let lo = _mm512_loadu_ps(x.as_ptr().add(32 * c));
             let hi = _mm512_loadu_ps(x.as_ptr().add(32 * c + 16));
-            // The second operand fills the low 16 values: inputs 32c .. 32c + 15 first.
-            let bf = _mm512_cvtne2ps_pbh(hi, lo);
-            // SAFETY: __m512bh and __m512i are the same 64 bytes.
-            let bits = std::mem::transmute::<__m512bh, __m512i>(bf);
-            _mm512_storeu_si512(pairs.as_mut_ptr().add(16 * c).cast(), bits);
+            _mm512_storeu_si512(pairs.as_mut_ptr().add(16 * c).cast(), round_pairs(lo, hi));
         }
         pack_row(&x[32 * whole..], &mut pairs[16 * whole..]);
+    }
+
+    /// The 32 values of `lo` then `hi` rounded to bf16 by `vcvtne2ps2bf16`, in that order
+    /// (sixteen pairs of consecutive values, as [`pack_row`] pairs them).
+    #[inline(always)]
+    unsafe fn round_pairs(lo: __m512, hi: __m512) -> __m512i {
+        // The second operand fills the low 16 words.
+        // SAFETY: __m512bh and __m512i are the same 64 bytes.
+        std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo))
+    }
+
+    /// The first `m` of 16 lanes (all of them from 16 on).
+    #[inline(always)]
+    fn first_lanes(m: usize) -> __mmask16 {
+        if m >= 16 {
+            0xffff
+        } else {
+            (1u16 << m) - 1
+        }
     }
 
     /// The pairs of rows `2p` and `2p + 1` of `x` (`lines` columns, row-major), columns `l0..l0 +
@@ -972,7 +978,7 @@ mod x86 {
         (l0, n): (usize, usize),
         p0: usize,
     ) -> [__m512i; 16] {
-        let mask: __mmask16 = if n >= 16 { 0xffff } else { (1u16 << n) - 1 };
+        let mask = first_lanes(n);
         // Word 2j of a pair vector is even row's value j, word 2j + 1 the odd row's.
         let interleave = _mm512_set_epi16(
             31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20,
@@ -991,10 +997,7 @@ mod x86 {
             if 2 * p >= inputs {
                 break;
             }
-            // The second operand fills the low 16 words: the even row first.
-            let bf = _mm512_cvtne2ps_pbh(row(2 * p + 1), row(2 * p));
-            // SAFETY: __m512bh and __m512i are the same 64 bytes.
-            let bits = std::mem::transmute::<__m512bh, __m512i>(bf);
+            let bits = round_pairs(row(2 * p), row(2 * p + 1));
             *v = _mm512_permutexvar_epi16(interleave, bits);
         }
         transpose(&mut v);
@@ -1050,25 +1053,18 @@ mod x86 {
         let pairs = inputs.div_ceil(2);
         assert!(tile.is_multiple_of(16) && n <= tile && pairs <= steps);
         assert!(out.len() >= tile * steps && (l0 + n) * inputs <= x.len());
-        let lanes = |m: usize| -> __mmask16 {
-            if m >= 16 {
-                0xffff
-            } else {
-                (1u16 << m) - 1
-            }
-        };
         for j0 in (0..tile).step_by(16) {
             for p0 in (0..steps).step_by(16) {
                 let mut v = [_mm512_setzero_si512(); 16];
                 if p0 < pairs {
+                    // Values 2 p0 .. 2 p0 + 32 of each line, zeros past its end.
+                    let (at, m) = (2 * p0, inputs - 2 * p0);
+                    let (lo_lanes, hi_lanes) = (first_lanes(m), first_lanes(m.saturating_sub(16)));
                     for (j, v) in v.iter_mut().enumerate().take(n.saturating_sub(j0)) {
-                        // Values 2 p0 .. 2 p0 + 32 of the line, zeros past its end.
-                        let (at, m) = (2 * p0, inputs - 2 * p0);
                         let line = x.as_ptr().add((l0 + j0 + j) * inputs + at);
-                        let lo = _mm512_maskz_loadu_ps(lanes(m), line);
-                        let hi = _mm512_maskz_loadu_ps(lanes(m.saturating_sub(16)), line.add(16));
-                        // SAFETY: __m512bh and __m512i are the same 64 bytes.
-                        *v = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+                        let lo = _mm512_maskz_loadu_ps(lo_lanes, line);
+                        let hi = _mm512_maskz_loadu_ps(hi_lanes, line.add(16));
+                        *v = round_pairs(lo, hi);
                     }
                 }
                 transpose(&mut v);
@@ -1098,9 +1094,8 @@ mod x86 {
         let (lines, pairs) = (x.len() / inputs, inputs.div_ceil(2));
         assert!(n <= 16 && l0 + n <= lines && pairs <= width && out.len() >= n * width);
         for p0 in (0..pairs).step_by(16) {
-            let m = (pairs - p0).min(16);
             let v = column_pairs(x, (inputs, lines), (l0, n), p0);
-            let store: __mmask16 = if m >= 16 { 0xffff } else { (1u16 << m) - 1 };
+            let store = first_lanes(pairs - p0);
             for (j, v) in v.iter().enumerate().take(n) {
                 _mm512_mask_storeu_epi32(out.as_mut_ptr().add(j * width + p0).cast(), store, *v);
             }
