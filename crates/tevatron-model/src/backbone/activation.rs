@@ -14,7 +14,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::fast::{contiguous_f32, erf, exp, par_rows, simd, with_simd, CHUNK};
+use super::fast::{contiguous_f32, erf, exp, par_fill, simd, with_simd, CHUNK};
 #[cfg(feature = "cuda")]
 use super::train_ops::cuda;
 use super::Mode;
@@ -107,7 +107,8 @@ impl CustomOp2 for SwiGlu {
         if g.len() != u.len() {
             candle_core::bail!("train-swiglu: gate and up differ in size");
         }
-        let out = par_rows(g.len(), 1, |start, o| swiglu_chunk(o, &g[start..], &u[start..]));
+        // `swiglu_chunk` picks its own vector copy; `par_fill` only splits the work.
+        let out = par_fill(g.len(), CHUNK, |start, o| swiglu_chunk(o, &g[start..], &u[start..]));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
     fn bwd(
@@ -187,11 +188,7 @@ impl CustomOp1 for InferenceGelu {
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, "fast-gelu")?;
-        let mut out: Vec<f32> = Vec::with_capacity(x.len());
-        let spare = &mut out.spare_capacity_mut()[..x.len()];
-        spare.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| gelu_into(o, x));
-        // SAFETY: every element of the first x.len() slots was written above.
-        unsafe { out.set_len(x.len()) };
+        let out = par_fill(x.len(), CHUNK, |start, o| gelu_into(o, &x[start..]));
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 }
@@ -251,7 +248,7 @@ impl CustomOp2 for TrainGeluGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s1, l1, "train-gelu-grad")?;
         let g = contiguous_f32(s2, l2, "train-gelu-grad")?;
-        let out = par_rows(x.len(), 1, |start, o| gelu_grad_chunk(o, &x[start..], &g[start..]));
+        let out = par_fill(x.len(), CHUNK, |start, o| gelu_grad_chunk(o, &x[start..], &g[start..]));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -303,9 +300,9 @@ fn silu_each(x: &mut [f32]) {
 }
 
 #[inline(always)]
-fn gelu_write(out: &mut [std::mem::MaybeUninit<f32>], x: &[f32]) {
+fn gelu_write(out: &mut [f32], x: &[f32]) {
     for (o, &v) in out.iter_mut().zip(x) {
-        o.write(gelu(v));
+        *o = gelu(v);
     }
 }
 
@@ -343,7 +340,7 @@ with_simd!(
 );
 with_simd!(
     /// GELU of `x` into `out`.
-    fn gelu_into = gelu_write(out: &mut [std::mem::MaybeUninit<f32>], x: &[f32])
+    fn gelu_into = gelu_write(out: &mut [f32], x: &[f32])
 );
 with_simd!(
     /// GELU's gradient: `out = g * gelu'(x)`.
