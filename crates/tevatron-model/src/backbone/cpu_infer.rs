@@ -335,19 +335,13 @@ mod tests {
     use crate::backbone::layers::{self, Linears};
     use crate::backbone::Mode;
 
-    /// Normal values (Box-Muller over SplitMix64), the same on every run: unseeded random
-    /// inputs once made a bound on bf16's error fail one run in forty.
+    /// Normal values from a seeded stream (`SplitMix64::normal`), the same on every run:
+    /// unseeded random inputs once made a bound on bf16's error fail one run in forty.
     fn randn<S: Into<candle_core::Shape>>(shape: S, mean: f32, std: f32, seed: u64) -> Tensor {
         let shape = shape.into();
         let mut rng = crate::rng::SplitMix64::new(seed);
-        let mut u = || ((rng.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-        let values: Vec<f32> = (0..shape.elem_count())
-            .map(|_| {
-                let (a, b) = (u(), u());
-                let z = (-2.0 * a.ln()).sqrt() * (2.0 * std::f64::consts::PI * b).cos();
-                mean + std * z as f32
-            })
-            .collect();
+        let values: Vec<f32> =
+            (0..shape.elem_count()).map(|_| mean + std * rng.normal() as f32).collect();
         Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
     }
 
@@ -460,18 +454,10 @@ mod tests {
     /// alone), the last block part.
     #[test]
     fn the_mlp_in_blocks_of_rows_gives_the_bits_of_the_whole() {
-        use crate::backbone::bf16::Bf16Kernels;
-        use crate::backbone::int8::Int8Kernels;
-        use crate::backbone::layers::ReducedKernels;
         let (h, inter, rows) = (16, 40, 2 * MLP_ROWS + 37);
         let vb = layer_weights(h, inter);
         let x: Vec<f32> = randn(rows * h, 0.0, 1.0, 102).to_vec1().unwrap();
-        let kernels = [
-            ReducedKernels::Int8(Int8Kernels::detect()),
-            ReducedKernels::Bf16(Bf16Kernels::emulated_amx()),
-        ];
-        let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits());
-        for k in kernels {
+        for k in reduced_kernels() {
             let parts = LayerParts::load(&vb, Linears { lora: None, reduced: Some(k) }, h, inter);
             let (up, down) = (&parts.up, &parts.down);
             let got = mlp(&x, h, (up, Activation::Gelu, down)).unwrap();
@@ -479,7 +465,7 @@ mod tests {
             activate(&mut f, Activation::Gelu);
             let want = linear(&f, down).unwrap();
             assert_eq!(got.len(), rows * h);
-            assert!(same(&got, &want), "{k:?}");
+            assert!(same_bits(&got, &want), "{k:?}");
             // The gated MLP (the Llama family's), with the one up projection as gate and up.
             let got = gated_mlp(&x, h, (up, up, Activation::Silu, down)).unwrap();
             let mut g = linear(&x, up).unwrap();
@@ -488,12 +474,13 @@ mod tests {
             g.iter_mut().zip(&u).for_each(|(g, u)| *g *= u);
             let want = linear(&g, down).unwrap();
             assert_eq!(got.len(), rows * h);
-            assert!(same(&got, &want), "gated, {k:?}");
+            assert!(same_bits(&got, &want), "gated, {k:?}");
         }
     }
 
-    /// The reduced kernels whose layers [`by_sequences`] chunks: int8 (the CPU's) and bf16 on
-    /// AMX's emulated tiles and on the emulated `vdpbf16ps` (AMD's Zen 4 and 5).
+    /// The reduced kernels whose layers run by chunks ([`by_sequences`], [`by_row_blocks`]):
+    /// int8 (the CPU's) and bf16 on AMX's emulated tiles and on the emulated `vdpbf16ps`
+    /// (AMD's Zen 4 and 5).
     fn reduced_kernels() -> [crate::backbone::layers::ReducedKernels; 3] {
         use crate::backbone::bf16::Bf16Kernels;
         use crate::backbone::int8::Int8Kernels;
