@@ -610,6 +610,15 @@ pub struct TrainArgs {
     /// With --matryoshka_dims: the weight of each width's loss (default 1 each).
     #[arg(long, value_delimiter = ',')]
     pub matryoshka_weights: Vec<f64>,
+    /// With --matryoshka_dims: each width narrower than the representation also learns the
+    /// full width's in-batch score distribution, this weight times the KL divergence from it
+    /// (default 0: off; docs/compact.md).
+    #[arg(long)]
+    pub matryoshka_kl_weight: Option<f64>,
+    /// With --matryoshka_kl_weight: the temperature of both distributions (default:
+    /// --temperature).
+    #[arg(long)]
+    pub matryoshka_kl_temperature: Option<f64>,
     /// Truncate to max_len-1 and append the EOS token.
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub append_eos_token: bool,

@@ -218,6 +218,8 @@ const NOT_FOR_RERANKERS: &[Foreign] = &[
     refused("distil_contrastive_weight", One, "distillation trains a retriever: tevatron train --distillation"),
     refused("matryoshka_dims", One, "a reranker's output is one score, which has no prefixes"),
     refused("matryoshka_weights", One, "a reranker's output is one score, which has no prefixes"),
+    refused("matryoshka_kl_weight", One, "a reranker's output is one score, which has no prefixes"),
+    refused("matryoshka_kl_temperature", One, "a reranker's output is one score, which has no prefixes"),
 ];
 
 /// Flags of `train-reranker` that mean nothing for a retriever: `train` refuses them.

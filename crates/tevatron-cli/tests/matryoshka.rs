@@ -206,6 +206,33 @@ fn matryoshka_trains_a_lora_decoder_by_distillation() {
     assert_eq!((cut.dim(), cut.metadata()["matryoshka_dims"].as_str()), (8, "32,8"));
 }
 
+/// `--matryoshka_kl_weight` puts the narrower widths' KL from the full width into the loss
+/// (another loss than without it, recorded in the arguments), and says when no width is
+/// narrower than the model's.
+#[test]
+fn matryoshka_self_distillation_is_in_the_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let bert = path("testdata/tiny/bert");
+    ok(train(d, "plain", &bert, &["--matryoshka_dims", "32,8"]));
+    let kl = ["--matryoshka_kl_weight", "2", "--matryoshka_kl_temperature", "0.1"];
+    ok(train(d, "kl", &bert, &[&["--matryoshka_dims", "32,8"], &kl[..]].concat()));
+    let (plain, with) =
+        (common::logged_losses(&d.join("plain")), common::logged_losses(&d.join("kl")));
+    assert!(with[0] - plain[0] > 1e-4, "{with:?} vs {plain:?}");
+    let args: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("kl/training_args.json")).unwrap())
+            .unwrap();
+    assert_eq!(args["matryoshka_kl_weight"], serde_json::json!(2.0));
+    // Only the full width: nothing to distil, said so; the loss is the plain one.
+    let out = train(d, "full", &bert, &[&["--matryoshka_dims", "32"], &kl[..]].concat());
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success() && err.contains("--matryoshka_kl_weight changes nothing"),
+        "{err}"
+    );
+}
+
 #[test]
 fn bad_matryoshka_flags_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
@@ -223,6 +250,23 @@ fn bad_matryoshka_flags_are_refused() {
     fails_with(
         train(d, "o", &bert, &["--matryoshka_weights", "1"]),
         "--matryoshka_weights needs --matryoshka_dims",
+    );
+    fails_with(
+        train(d, "o", &bert, &["--matryoshka_kl_weight", "1"]),
+        "--matryoshka_kl_weight needs --matryoshka_dims",
+    );
+    fails_with(
+        train(d, "o", &bert, &["--matryoshka_dims", "8", "--matryoshka_kl_temperature", "1"]),
+        "--matryoshka_kl_temperature needs --matryoshka_kl_weight",
+    );
+    fails_with(
+        train(d, "o", &bert, &["--matryoshka_dims", "8", "--matryoshka_kl_weight=-1"]),
+        "--matryoshka_kl_weight must be finite and not negative",
+    );
+    let zero_temperature = ["--matryoshka_kl_weight", "1", "--matryoshka_kl_temperature", "0"];
+    fails_with(
+        train(d, "o", &bert, &[&["--matryoshka_dims", "8"], &zero_temperature[..]].concat()),
+        "--matryoshka_kl_temperature must be positive",
     );
     fails_with(
         train(d, "o", &bert, &["--matryoshka_dims", "0"]),

@@ -65,11 +65,25 @@ pub fn distillation(
     }
     // (b, 1, d) x (b, d, G) -> (b, G): each query against its own group only.
     let student = q.unsqueeze(1)?.matmul(&p.reshape((b, g, d))?.transpose(1, 2)?)?.squeeze(1)?;
-    let log_student = candle_nn::ops::log_softmax(&(student / student_temperature)?, D::Minus1)?;
     let teacher = teacher.to_dtype(q.dtype())?;
+    kl_divergence(&student, &teacher, student_temperature, teacher_temperature)
+}
+
+/// KL divergence, averaged over rows (PyTorch's `kl_div(..., reduction="batchmean")`), from
+/// each row's `softmax(teacher / teacher_temperature)` to its
+/// `softmax(student / student_temperature)`; `student` and `teacher` are `(rows, candidates)`
+/// scores. The teacher's scores carry no gradient here only if the caller detached them.
+pub fn kl_divergence(
+    student: &Tensor,
+    teacher: &Tensor,
+    student_temperature: f64,
+    teacher_temperature: f64,
+) -> Result<Tensor> {
+    let rows = student.dim(0)?;
+    let log_student = candle_nn::ops::log_softmax(&(student / student_temperature)?, D::Minus1)?;
     let log_teacher = candle_nn::ops::log_softmax(&(teacher / teacher_temperature)?, D::Minus1)?;
     let kl = (log_teacher.exp()? * (log_teacher - log_student)?)?;
-    kl.sum_all()? / b as f64
+    kl.sum_all()? / rows.max(1) as f64
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ use tevatron_model::rng::mix;
 use tevatron_model::{Encoder, Mode};
 
 use crate::dist::Group;
-use crate::loss::{contrastive, distillation, listwise};
+use crate::loss::{contrastive, distillation, kl_divergence, listwise};
 use crate::profile;
 
 /// How to compute a step.
@@ -66,6 +66,24 @@ pub struct Matryoshka {
     /// Re-normalise each prefix to unit length (the model normalises its representations, so
     /// a truncated one is re-normalised at search time too).
     pub normalize: bool,
+    /// Self-distillation of the narrower widths from the full one, if any.
+    pub kl: Option<PrefixKl>,
+}
+
+/// Each width narrower than the representation also learns the full width's ranking of the
+/// batch: `weight x KL(softmax(S / temperature) || softmax(S_k / temperature))`, averaged over
+/// the queries, where `S` and `S_k` are the scores of every query against every passage of
+/// the batch at full width (detached: the teacher) and at width `k` (re-normalised as the
+/// Matryoshka loss is). The contrastive loss tells a prefix only which passage is the
+/// positive; the full width's distribution tells it how the others rank too (the
+/// self-distillation of 2D Matryoshka sentence embeddings, Li et al., 2024, here across
+/// widths).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PrefixKl {
+    /// The weight of each narrower width's KL term.
+    pub weight: f64,
+    /// The temperature both distributions are taken at.
+    pub temperature: f64,
 }
 
 impl Matryoshka {
@@ -85,12 +103,23 @@ impl Matryoshka {
                 Ok(t)
             }
         };
+        // The full width's in-batch scores, the teacher of the narrower widths.
+        let teacher = match &self.kl {
+            Some(_) => Some(prefix(q, width)?.matmul(&prefix(p, width)?.t()?)?.detach()),
+            None => None,
+        };
         let mut total: Option<Tensor> = None;
         for (&dim, &weight) in self.dims.iter().zip(&self.weights) {
             if dim == 0 || dim > width {
                 candle_core::bail!("a Matryoshka width of {dim} for representations of {width}");
             }
-            let l = (loss(&prefix(q, dim)?, &prefix(p, dim)?)? * weight)?;
+            let (qk, pk) = (prefix(q, dim)?, prefix(p, dim)?);
+            let mut l = (loss(&qk, &pk)? * weight)?;
+            if let (Some(kl), Some(teacher), true) = (&self.kl, &teacher, dim < width) {
+                let student = qk.matmul(&pk.t()?)?;
+                let t = kl.temperature;
+                l = (l + (kl_divergence(&student, teacher, t, t)? * kl.weight)?)?;
+            }
             total = Some(match total {
                 None => l,
                 Some(t) => (t + l)?,
@@ -610,30 +639,49 @@ mod tests {
     }
 
     /// The Matryoshka loss written out in f64 without candle: for each width, the prefixes
-    /// (re-normalised or not), InfoNCE against each query's positive at `i * G`, weighted.
-    fn reference(q: &[Vec<f64>], p: &[Vec<f64>], m: &Matryoshka, temperature: f64) -> f64 {
+    /// (re-normalised or not), InfoNCE against each query's positive at `i * G`, weighted;
+    /// with `m.kl`, each narrower width's KL from the full width's distribution, whose
+    /// queries are `fixed` (the teacher is detached: a finite difference moves `q` alone).
+    fn reference(
+        q: &[Vec<f64>],
+        fixed: &[Vec<f64>],
+        p: &[Vec<f64>],
+        m: &Matryoshka,
+        temperature: f64,
+    ) -> f64 {
         let g = p.len() / q.len();
         let cut = |v: &Vec<f64>, d: usize| {
             let v = &v[..d];
             let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
             v.iter().map(|x| if m.normalize { x / norm } else { *x }).collect::<Vec<_>>()
         };
+        // Each query's scores against every passage at width d, divided by t.
+        let scores = |qi: &Vec<f64>, d: usize, t: f64| -> Vec<f64> {
+            let qi = cut(qi, d);
+            p.iter()
+                .map(|pj| cut(pj, d).iter().zip(&qi).map(|(a, b)| a * b).sum::<f64>() / t)
+                .collect()
+        };
+        let log_softmax = |l: Vec<f64>| -> Vec<f64> {
+            let max = l.iter().cloned().fold(f64::MIN, f64::max);
+            let lse = max + l.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
+            l.iter().map(|x| x - lse).collect()
+        };
+        let width = q[0].len();
         let mut total = 0.0;
         for (&d, &w) in m.dims.iter().zip(&m.weights) {
             let mut loss = 0.0;
             for (i, qi) in q.iter().enumerate() {
-                let qi = cut(qi, d);
-                let logits: Vec<f64> = p
-                    .iter()
-                    .map(|pj| {
-                        cut(pj, d).iter().zip(&qi).map(|(a, b)| a * b).sum::<f64>() / temperature
-                    })
-                    .collect();
-                let max = logits.iter().cloned().fold(f64::MIN, f64::max);
-                let lse = max + logits.iter().map(|l| (l - max).exp()).sum::<f64>().ln();
-                loss += lse - logits[i * g];
+                loss -= w * log_softmax(scores(qi, d, temperature))[i * g];
+                if let (Some(kl), true) = (&m.kl, d < width) {
+                    let teacher = log_softmax(scores(&fixed[i], width, kl.temperature));
+                    let student = log_softmax(scores(qi, d, kl.temperature));
+                    let divergence: f64 =
+                        teacher.iter().zip(&student).map(|(t, s)| t.exp() * (t - s)).sum();
+                    loss += kl.weight * divergence;
+                }
             }
-            total += w * loss / q.len() as f64;
+            total += loss / q.len() as f64;
         }
         total
     }
@@ -649,14 +697,22 @@ mod tests {
         let p: Vec<Vec<f64>> =
             (0..b * g).map(|i| (0..width).map(|j| value(1000 + i * width + j)).collect()).collect();
         let flat = |rows: &[Vec<f64>]| rows.concat();
-        for normalize in [false, true] {
-            let m = Matryoshka { dims: vec![6, 3, 1], weights: vec![1.0, 0.5, 0.25], normalize };
+        let kl = PrefixKl { weight: 0.7, temperature: 0.8 };
+        for (normalize, kl) in [(false, None), (true, None), (false, Some(kl)), (true, Some(kl))] {
+            let (dims, weights) = (vec![6, 3, 1], vec![1.0, 0.5, 0.25]);
+            let m = Matryoshka { dims, weights, normalize, kl };
             let qt = Var::from_slice(&flat(&q), (b, width), &Device::Cpu).unwrap();
             let pt = Tensor::from_slice(&flat(&p), (b * g, width), &Device::Cpu).unwrap();
             let loss = m.sum(qt.as_tensor(), &pt, |q, p| contrastive(q, p, t)).unwrap();
             let got = loss.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
-            let want = reference(&q, &p, &m, t);
-            assert!((got - want).abs() < 1e-10, "normalize {normalize}: {got} vs {want}");
+            let want = reference(&q, &q, &p, &m, t);
+            let case = format!("normalize {normalize}, kl {kl:?}");
+            assert!((got - want).abs() < 1e-10, "{case}: {got} vs {want}");
+            if kl.is_some() {
+                let plain = Matryoshka { kl: None, ..m.clone() };
+                let without = reference(&q, &q, &p, &plain, t);
+                assert!(want - without > 1e-3, "{case}: the KL terms add {}", want - without);
+            }
             let grad =
                 loss.backward().unwrap().get(qt.as_tensor()).unwrap().to_vec2::<f64>().unwrap();
             for (i, j) in [(0, 0), (1, 2), (2, 5), (0, 4)] {
@@ -665,13 +721,18 @@ mod tests {
                 up[i][j] += h;
                 let mut down = q.clone();
                 down[i][j] -= h;
-                let fd = (reference(&up, &p, &m, t) - reference(&down, &p, &m, t)) / (2.0 * h);
-                assert!((grad[i][j] - fd).abs() < 1e-7, "d/dq[{i}][{j}]: {} vs {fd}", grad[i][j]);
+                let fd =
+                    (reference(&up, &q, &p, &m, t) - reference(&down, &q, &p, &m, t)) / (2.0 * h);
+                assert!(
+                    (grad[i][j] - fd).abs() < 1e-7,
+                    "{case}: d/dq[{i}][{j}]: {} vs {fd}",
+                    grad[i][j]
+                );
             }
         }
         // A width beyond the representation is an error, not a silent cut.
         let q = Tensor::zeros((2, 4), DType::F64, &Device::Cpu).unwrap();
-        let m = Matryoshka { dims: vec![5], weights: vec![1.0], normalize: false };
+        let m = Matryoshka { dims: vec![5], weights: vec![1.0], normalize: false, kl: None };
         let e = m.sum(&q, &q, |q, p| contrastive(q, p, 1.0)).unwrap_err().to_string();
         assert!(e.contains("a Matryoshka width of 5 for representations of 4"), "{e}");
     }

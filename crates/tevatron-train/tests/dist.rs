@@ -119,7 +119,8 @@ fn ranks_give_the_loss_and_summed_gradients_of_the_union_batch() {
         matryoshka: None,
     };
     // Matryoshka widths of the tiny BERT's 32, its loss on the gathered representations.
-    let matryoshka = Matryoshka { dims: vec![32, 8], weights: vec![1.0, 0.5], normalize: true };
+    let matryoshka =
+        Matryoshka { dims: vec![32, 8], weights: vec![1.0, 0.5], normalize: true, kl: None };
     let strategies = [
         ("grad_cache", StepOptions { grad_cache: Some((1, 2)), ..plain.clone() }),
         ("checkpointing", StepOptions { checkpointing: true, ..plain.clone() }),

@@ -12,7 +12,9 @@ use tevatron_model::testing::{max_abs, max_abs_diff_f64};
 use tevatron_model::{Encoder, EncoderOptions, PaddingSide, Pooling};
 use tevatron_train::dist::Group;
 use tevatron_train::optim::{clip_grad_norm, AdamW, AdamWConfig};
-use tevatron_train::step::{micro_step, Accumulator, Matryoshka, StepOptions, BUCKET_COST_TOKENS};
+use tevatron_train::step::{
+    micro_step, Accumulator, Matryoshka, PrefixKl, StepOptions, BUCKET_COST_TOKENS,
+};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata")
@@ -256,19 +258,26 @@ fn grad_cache_and_checkpointing_give_the_plain_gradients() {
     }
 }
 
-/// The Matryoshka loss is a function of the representations alone, so GradCache and
-/// checkpointing give its plain gradients too; and it is not the plain loss.
+/// The Matryoshka loss (with its self-distillation terms) is a function of the
+/// representations alone, so GradCache and checkpointing give its plain gradients too; and it
+/// is not the plain loss.
 #[test]
 fn matryoshka_under_grad_cache_and_checkpointing_gives_the_plain_gradients() {
     let f = fixture_of(MODELS[0]);
     let enc = encoder_of(MODELS[0], Pooling::Mean, true, DType::F32, false);
     let width = enc.hidden_size();
-    let m = Matryoshka { dims: vec![width, width / 4], weights: vec![1.0, 0.5], normalize: true };
-    let o = StepOptions { matryoshka: Some(m), ..opts(0.05) };
+    let kl = Some(PrefixKl { weight: 0.5, temperature: 0.05 });
+    let m =
+        Matryoshka { dims: vec![width, width / 4], weights: vec![1.0, 0.5], normalize: true, kl };
+    let o = StepOptions { matryoshka: Some(m.clone()), ..opts(0.05) };
     grad_cache_and_checkpointing_agree(&enc, &f, &o);
     let (with, _, _) = step(&enc, &f, &o);
     let (without, _, _) = step(&enc, &f, &opts(0.05));
     assert!((with - without).abs() > 1e-3 * without, "{with} vs {without}");
+    // The self-distillation term is in the loss too.
+    let plain = StepOptions { matryoshka: Some(Matryoshka { kl: None, ..m }), ..opts(0.05) };
+    let (no_kl, _, _) = step(&enc, &f, &plain);
+    assert!(with - no_kl > 1e-6, "{with} vs {no_kl} without the KL terms");
 }
 
 fn grad_cache_and_checkpointing_agree(enc: &Encoder, f: &Fixture, base: &StepOptions) {

@@ -20,7 +20,7 @@ use tevatron_train::data::{Corpus, TrainData};
 use tevatron_train::dist::{Group, Rendezvous, TcpTransport};
 use tevatron_train::optim::AdamWConfig;
 use tevatron_train::schedule::ScheduleKind;
-use tevatron_train::step::{Distillation, Matryoshka, StepOptions};
+use tevatron_train::step::{Distillation, Matryoshka, PrefixKl, StepOptions};
 use tevatron_train::trainer::{prepare_output_dir, train, Objective, Plan, TrainConfig};
 use tevatron_train::validation::{
     read_records, LossData, RerankData, RetrievalData, Validation, LOSS,
@@ -62,6 +62,12 @@ fn matryoshka(a: &TrainArgs, width: usize, normalize: bool) -> Result<Option<Mat
         if !a.matryoshka_weights.is_empty() {
             bail!("--matryoshka_weights needs --matryoshka_dims");
         }
+        if a.matryoshka_kl_weight.is_some() {
+            bail!("--matryoshka_kl_weight needs --matryoshka_dims");
+        }
+        if a.matryoshka_kl_temperature.is_some() {
+            bail!("--matryoshka_kl_temperature needs --matryoshka_kl_weight");
+        }
         return Ok(None);
     }
     if let Some(d) = a.matryoshka_dims.iter().find(|&&d| d == 0 || d > width) {
@@ -82,6 +88,7 @@ fn matryoshka(a: &TrainArgs, width: usize, normalize: bool) -> Result<Option<Mat
     if weights.iter().any(|w| !(w.is_finite() && *w >= 0.0)) {
         bail!("--matryoshka_weights must be finite and not negative");
     }
+    let kl = prefix_kl(a)?;
     if width == usize::MAX {
         return Ok(None);
     }
@@ -90,7 +97,41 @@ fn matryoshka(a: &TrainArgs, width: usize, normalize: bool) -> Result<Option<Mat
         a.matryoshka_dims,
         if normalize { ", each prefix re-normalised" } else { "" }
     );
-    Ok(Some(Matryoshka { dims: a.matryoshka_dims.clone(), weights, normalize }))
+    if let Some(kl) = kl {
+        let narrower: Vec<usize> =
+            a.matryoshka_dims.iter().copied().filter(|&d| d < width).collect();
+        if narrower.is_empty() {
+            tracing::warn!(
+                "--matryoshka_kl_weight changes nothing: no width of --matryoshka_dims is narrower than the model's {width}"
+            );
+        } else {
+            tracing::info!(
+                "Matryoshka self-distillation: widths {narrower:?} also learn the full {width}'s in-batch distribution (KL weight {}, temperature {})",
+                kl.weight,
+                kl.temperature
+            );
+        }
+    }
+    Ok(Some(Matryoshka { dims: a.matryoshka_dims.clone(), weights, normalize, kl }))
+}
+
+/// `--matryoshka_kl_weight` and `--matryoshka_kl_temperature` (the latter defaulting to
+/// `--temperature`); a weight of 0 is no self-distillation.
+fn prefix_kl(a: &TrainArgs) -> Result<Option<PrefixKl>> {
+    let Some(weight) = a.matryoshka_kl_weight else {
+        if a.matryoshka_kl_temperature.is_some() {
+            bail!("--matryoshka_kl_temperature needs --matryoshka_kl_weight");
+        }
+        return Ok(None);
+    };
+    if !(weight.is_finite() && weight >= 0.0) {
+        bail!("--matryoshka_kl_weight must be finite and not negative, not {weight}");
+    }
+    let temperature = a.matryoshka_kl_temperature.unwrap_or(a.temperature);
+    if !(temperature.is_finite() && temperature > 0.0) {
+        bail!("--matryoshka_kl_temperature must be positive, not {temperature}");
+    }
+    Ok((weight > 0.0).then_some(PrefixKl { weight, temperature }))
 }
 
 /// `--distillation` and its settings.
