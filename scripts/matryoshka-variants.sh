@@ -5,13 +5,14 @@
 #   scripts/recipe-insuranceqa.sh                 # first: round 1, its mined negatives
 #   scripts/matryoshka-variants.sh NAME [train flags...]
 #   e.g. scripts/matryoshka-variants.sh only96 --matryoshka_dims 96
+#        scripts/matryoshka-variants.sh only96-kl1 --matryoshka_dims 96 --matryoshka_kl_weight 1
 # LR (default 2e-5) and EPOCHS (1) as in round 2; TRAIN=all trains on every training question's
 # mined negatives (the reranker stage's file, 12,681 questions) instead of round 2's 4,000;
 # EVERY (125) validation steps (200 for TRAIN=all in docs/compact.md). Training is bf16, as in
 # the bf16 recipe; RECIPE_OUT names that recipe's folder as for the recipe. Results in
 # runs/matryoshka-variants/NAME/metrics-<k>.json; a finished step is not redone.
 set -euo pipefail
-[ $# -ge 1 ] || { sed -n 2,12p "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n 2,13p "$0"; exit 2; }
 name=$1
 shift
 root=$(cd "$(dirname "$0")/.." && pwd)
