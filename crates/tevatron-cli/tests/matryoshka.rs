@@ -231,6 +231,10 @@ fn matryoshka_self_distillation_is_in_the_loss() {
         out.status.success() && err.contains("--matryoshka_kl_weight changes nothing"),
         "{err}"
     );
+    ok(train(d, "full-plain", &bert, &["--matryoshka_dims", "32"]));
+    let (full, full_plain) =
+        (common::logged_losses(&d.join("full")), common::logged_losses(&d.join("full-plain")));
+    assert_eq!(full, full_plain);
 }
 
 #[test]
@@ -253,7 +257,7 @@ fn bad_matryoshka_flags_are_refused() {
     );
     fails_with(
         train(d, "o", &bert, &["--matryoshka_kl_weight", "1"]),
-        "--matryoshka_kl_weight needs --matryoshka_dims",
+        "--matryoshka_kl_weight and --matryoshka_kl_temperature need --matryoshka_dims",
     );
     fails_with(
         train(d, "o", &bert, &["--matryoshka_dims", "8", "--matryoshka_kl_temperature", "1"]),

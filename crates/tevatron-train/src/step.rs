@@ -105,6 +105,9 @@ impl Matryoshka {
         };
         // The full width's in-batch scores, the teacher of the narrower widths.
         let teacher = match &self.kl {
+            Some(kl) if !(kl.temperature > 0.0 && kl.temperature.is_finite()) => {
+                candle_core::bail!("a Matryoshka KL temperature of {}", kl.temperature)
+            }
             Some(_) => Some(prefix(q, width)?.matmul(&prefix(p, width)?.t()?)?.detach()),
             None => None,
         };
@@ -687,7 +690,8 @@ mod tests {
     }
 
     /// The loss equals the written-out formula, and its gradient a central finite difference,
-    /// with and without re-normalisation, at widths that include the full one.
+    /// with and without re-normalisation and the self-distillation terms, at widths that
+    /// include the full one; the difference holds the teacher fixed, as its detachment does.
     #[test]
     fn matryoshka_loss_and_gradient_match_the_formula() {
         let (b, g, width, t) = (3, 2, 6, 0.5);

@@ -15,7 +15,7 @@ use tevatron_train::data::TrainData;
 use tevatron_train::dist::{Group, LocalTransport};
 use tevatron_train::optim::AdamWConfig;
 use tevatron_train::schedule::ScheduleKind;
-use tevatron_train::step::{micro_step, Accumulator, Matryoshka, StepOptions};
+use tevatron_train::step::{micro_step, Accumulator, Matryoshka, PrefixKl, StepOptions};
 use tevatron_train::trainer::{train, TrainConfig};
 
 fn root() -> PathBuf {
@@ -118,9 +118,10 @@ fn ranks_give_the_loss_and_summed_gradients_of_the_union_batch() {
         distillation: None,
         matryoshka: None,
     };
-    // Matryoshka widths of the tiny BERT's 32, its loss on the gathered representations.
-    let matryoshka =
-        Matryoshka { dims: vec![32, 8], weights: vec![1.0, 0.5], normalize: true, kl: None };
+    // Matryoshka widths of the tiny BERT's 32, its loss (and the narrow width's KL from the
+    // full width's in-batch scores) on the gathered representations.
+    let kl = Some(PrefixKl { weight: 0.5, temperature: 0.05 });
+    let matryoshka = Matryoshka { dims: vec![32, 8], weights: vec![1.0, 0.5], normalize: true, kl };
     let strategies = [
         ("grad_cache", StepOptions { grad_cache: Some((1, 2)), ..plain.clone() }),
         ("checkpointing", StepOptions { checkpointing: true, ..plain.clone() }),

@@ -56,17 +56,15 @@ fn prefixes(a: &TrainArgs, reranker: bool) -> (String, String) {
     )
 }
 
-/// `--matryoshka_dims` and `--matryoshka_weights` for representations `width` wide.
+/// `--matryoshka_dims`, `--matryoshka_weights` and the self-distillation flags
+/// (`--matryoshka_kl_weight`, `--matryoshka_kl_temperature`) for representations `width` wide.
 fn matryoshka(a: &TrainArgs, width: usize, normalize: bool) -> Result<Option<Matryoshka>> {
     if a.matryoshka_dims.is_empty() {
         if !a.matryoshka_weights.is_empty() {
             bail!("--matryoshka_weights needs --matryoshka_dims");
         }
-        if a.matryoshka_kl_weight.is_some() {
-            bail!("--matryoshka_kl_weight needs --matryoshka_dims");
-        }
-        if a.matryoshka_kl_temperature.is_some() {
-            bail!("--matryoshka_kl_temperature needs --matryoshka_kl_weight");
+        if a.matryoshka_kl_weight.is_some() || a.matryoshka_kl_temperature.is_some() {
+            bail!("--matryoshka_kl_weight and --matryoshka_kl_temperature need --matryoshka_dims");
         }
         return Ok(None);
     }
