@@ -103,13 +103,15 @@ impl Matryoshka {
                 Ok(t)
             }
         };
-        // The full width's in-batch scores, the teacher of the narrower widths.
+        // The full width's in-batch scores, the teacher of the narrower widths (if any).
         let teacher = match &self.kl {
             Some(kl) if !(kl.temperature > 0.0 && kl.temperature.is_finite()) => {
                 candle_core::bail!("a Matryoshka KL temperature of {}", kl.temperature)
             }
-            Some(_) => Some(prefix(q, width)?.matmul(&prefix(p, width)?.t()?)?.detach()),
-            None => None,
+            Some(_) if self.dims.iter().any(|&d| d < width) => {
+                Some(prefix(q, width)?.matmul(&prefix(p, width)?.t()?)?.detach())
+            }
+            _ => None,
         };
         let mut total: Option<Tensor> = None;
         for (&dim, &weight) in self.dims.iter().zip(&self.weights) {
