@@ -103,13 +103,14 @@ impl Matryoshka {
                 Ok(t)
             }
         };
-        // The full width's in-batch scores, the teacher of the narrower widths (if any).
-        let teacher = match &self.kl {
+        // The self-distillation with the full width's in-batch scores, the teacher of the
+        // narrower widths (none if no width is narrower).
+        let distil = match self.kl {
             Some(kl) if !(kl.temperature > 0.0 && kl.temperature.is_finite()) => {
                 candle_core::bail!("a Matryoshka KL temperature of {}", kl.temperature)
             }
-            Some(_) if self.dims.iter().any(|&d| d < width) => {
-                Some(prefix(q, width)?.matmul(&prefix(p, width)?.t()?)?.detach())
+            Some(kl) if self.dims.iter().any(|&d| d < width) => {
+                Some((kl, prefix(q, width)?.matmul(&prefix(p, width)?.t()?)?.detach()))
             }
             _ => None,
         };
@@ -120,7 +121,7 @@ impl Matryoshka {
             }
             let (qk, pk) = (prefix(q, dim)?, prefix(p, dim)?);
             let mut l = (loss(&qk, &pk)? * weight)?;
-            if let (Some(kl), Some(teacher), true) = (&self.kl, &teacher, dim < width) {
+            if let Some((kl, teacher)) = distil.as_ref().filter(|_| dim < width) {
                 let student = qk.matmul(&pk.t()?)?;
                 let t = kl.temperature;
                 l = (l + (kl_divergence(&student, teacher, t, t)? * kl.weight)?)?;
