@@ -48,7 +48,13 @@ train_round() {  # label output-dir base-model round-flags...; the flags given t
 from=$r/round1/model
 if [ "${ROUND1:-0}" = 1 ]; then  # the recipe's round 1 (full size), with the flags given
   from=$o/round1/model
-  train_round "round 1" "$from" "${RECIPE_MODEL:-$("$root/scripts/fetch-minilm.sh")}" \
+  if [ -f "$o/model/trainer_state.json" ] && [ ! -f "$from/trainer_state.json" ]; then
+    echo "$o/model was trained without ROUND1=1: give another NAME" >&2
+    exit 2
+  fi
+  base=${RECIPE_MODEL:-}
+  [ -n "$base" ] || base=$("$root/scripts/fetch-minilm.sh")
+  train_round "round 1" "$from" "$base" \
     --learning_rate 2e-5 --dataset_path "$d/round1.train.jsonl" \
     --per_device_train_batch_size 128 --train_group_size 1 --grad_cache --gc_q_chunk_size 32 \
     --gc_p_chunk_size 32 --num_train_epochs 1 --eval_steps 8 --save_steps 8
