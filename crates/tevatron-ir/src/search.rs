@@ -2,8 +2,8 @@
 //!
 //! Scores are computed block by block with the `gemm` crate (the matrix kernel candle uses) and
 //! fed straight into a per-query top-k buffer, so the full score matrix never exists. Corpus
-//! blocks are spread over rayon threads; F16/BF16 rows are widened one block at a time, never
-//! the whole corpus. Ties are broken as trec_eval orders them: score descending, then doc id
+//! blocks are spread over rayon threads (or, for passes of many queries, the queries are);
+//! F16/BF16 rows are widened one block at a time, never the whole corpus. Ties are broken as trec_eval orders them: score descending, then doc id
 //! descending, so results do not depend on thread count, block size or shard order.
 
 use std::cmp::Ordering;
@@ -13,8 +13,8 @@ use rayon::prelude::*;
 use crate::vectors::{Ids, Vectors};
 use crate::{Error, Result};
 
-/// Rows per corpus block: the unit the matrix kernel packs, once per product, and scores against
-/// up to [`QUERY_BLOCK`] queries. A multiple of the `gemm` crate's tile height on every CPU (16
+/// Rows per corpus block: the unit the matrix kernel packs, once per product (so once per pass
+/// and thread that scores the block), and scores against up to [`QUERY_BLOCK`] queries. A multiple of the `gemm` crate's tile height on every CPU (16
 /// rows with AVX2, 64 with AVX-512), so no block ends in a partial tile.
 const DOC_BLOCK: usize = 384;
 
@@ -30,9 +30,15 @@ const QUERY_BLOCK: usize = 1024;
 /// times `k (1 + ln(n / (threads k)))`) and needs no merge; the price is every thread packing
 /// every block, which products of at least this many queries keep under a tenth of their work
 /// (8% measured at 256 queries a product). At 100k x 384, depth 1,000, 1,000 queries on two
-/// threads of an AMD Zen 3: 0.84 s against 0.72 s at the median of eight alternating runs,
-/// the same ranking; level at depth 100 and at 1M.
+/// threads of an AMD Zen 3: from 0.84 s (corpus split) to 0.72 s (query split) at the median of
+/// eight alternating runs, the same ranking; level at depth 100 and at 1M.
 const SPLIT_QUERIES_FROM: usize = 256;
+
+/// Whether a pass of `queries` on `threads` threads splits its queries among them (each thread
+/// over the whole corpus) rather than its corpus blocks: see [`SPLIT_QUERIES_FROM`].
+fn splits_queries(queries: usize, threads: usize) -> bool {
+    queries >= threads.max(1) * SPLIT_QUERIES_FROM
+}
 
 /// One retrieved document: its score and where it lives (shard and row), 12 bytes, so that a
 /// million hits do not cost a million strings; [`Ranking::docid`] gives its id.
@@ -372,8 +378,8 @@ fn scan_shard(
         let bq = qb.len() / dim;
         // The best `k` of `qs`' queries among the rows of `part`'s blocks.
         let score = |part: &[usize], qs: &[f32], check: bool| -> Result<Vec<TopK>> {
-            let bq = qs.len() / dim;
-            let mut tops: Vec<TopK> = (0..bq).map(|_| TopK::new(k)).collect();
+            let share = qs.len() / dim;
+            let mut tops: Vec<TopK> = (0..share).map(|_| TopK::new(k)).collect();
             let mut scores = Vec::<f32>::new();
             let mut widened = Vec::<f32>::new();
             for &start in part {
@@ -385,8 +391,8 @@ fn scan_shard(
                 }
                 // Queries in sub-blocks keep the score buffer at QUERY_BLOCK x DOC_BLOCK
                 // (1.5 MiB) whatever the batch size.
-                for q0 in (0..bq).step_by(QUERY_BLOCK) {
-                    let mq = QUERY_BLOCK.min(bq - q0);
+                for q0 in (0..share).step_by(QUERY_BLOCK) {
+                    let mq = QUERY_BLOCK.min(share - q0);
                     scores.resize(mq * nb, 0.0);
                     // SAFETY: dst is mq x nb row-major, lhs mq x dim row-major (rows q0..),
                     // rhs is the block viewed as dim x nb column-major; all slices have
@@ -422,9 +428,10 @@ fn scan_shard(
             Ok(tops)
         };
         let check = check_passages && batch_index == 0;
-        let tops = if bq >= parts * SPLIT_QUERIES_FROM {
+        let tops = if splits_queries(bq, parts) {
             let per_thread = bq.div_ceil(parts);
-            // One thread's share checks the rows for NaN; the others' scores drop them.
+            // The first share checks every row for NaN; the others' results are dropped with
+            // its error.
             let shares: Vec<Vec<TopK>> = qb
                 .par_chunks(per_thread * dim)
                 .enumerate()
@@ -787,7 +794,7 @@ mod tests {
         let want = brute(&q, &docs, &ids, dim, 20);
         // Two and three threads split the queries among them, eight split the corpus.
         for threads in [1, 2, 3, 8] {
-            assert_eq!(nq >= threads * SPLIT_QUERIES_FROM, threads < 8);
+            assert_eq!(splits_queries(nq, threads), threads < 8);
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             for batch in [0, 300, 1000, 1100] {
                 let got = pool.install(|| search_shard(&q, dim, &v, 20, batch)).unwrap();
@@ -839,6 +846,7 @@ mod tests {
         assert!(search_checked_shard(&[1.0, 1.0], 2, &h, 5, 0).is_ok());
         // So does a search whose threads split the queries among them.
         let many = vec![1.0f32; 2 * 2 * SPLIT_QUERIES_FROM];
+        assert!(splits_queries(many.len() / 2, 2));
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         let e = pool.install(|| search_shard(&many, 2, &h, 5, 0)).unwrap_err().to_string();
         assert!(
