@@ -374,59 +374,59 @@ fn scan_shard(
     let parts = rayon::current_num_threads().max(1);
     let batch_size = queries_per_batch(batch_size, nq);
     let per_part = blocks.len().div_ceil(parts).max(1);
-    for (batch_index, qb) in queries.chunks(batch_size * dim).enumerate() {
-        let bq = qb.len() / dim;
-        // The best `k` of `qs`' queries among the rows of `part`'s blocks.
-        let score = |part: &[usize], qs: &[f32], check: bool| -> Result<Vec<TopK>> {
-            let share = qs.len() / dim;
-            let mut tops: Vec<TopK> = (0..share).map(|_| TopK::new(k)).collect();
-            let mut scores = Vec::<f32>::new();
-            let mut widened = Vec::<f32>::new();
-            for &start in part {
-                let end = (start + DOC_BLOCK).min(n);
-                let nb = end - start;
-                let block = rows.block(dim, start, end, &mut widened);
-                if check {
-                    check_finite(block, dim, start, shard.path())?;
+    // The best `k` of `qs`' queries among the rows of `part`'s blocks.
+    let score = |part: &[usize], qs: &[f32], check: bool| -> Result<Vec<TopK>> {
+        let share = qs.len() / dim;
+        let mut tops: Vec<TopK> = (0..share).map(|_| TopK::new(k)).collect();
+        let mut scores = Vec::<f32>::new();
+        let mut widened = Vec::<f32>::new();
+        for &start in part {
+            let end = (start + DOC_BLOCK).min(n);
+            let nb = end - start;
+            let block = rows.block(dim, start, end, &mut widened);
+            if check {
+                check_finite(block, dim, start, shard.path())?;
+            }
+            // Queries in sub-blocks keep the score buffer at QUERY_BLOCK x DOC_BLOCK
+            // (1.5 MiB) whatever the batch size.
+            for q0 in (0..share).step_by(QUERY_BLOCK) {
+                let mq = QUERY_BLOCK.min(share - q0);
+                scores.resize(mq * nb, 0.0);
+                // SAFETY: dst is mq x nb row-major, lhs mq x dim row-major (rows q0..),
+                // rhs is the block viewed as dim x nb column-major; all slices have
+                // those lengths.
+                unsafe {
+                    gemm::gemm(
+                        mq,
+                        nb,
+                        dim,
+                        scores.as_mut_ptr(),
+                        1,
+                        nb as isize,
+                        false,
+                        qs[q0 * dim..].as_ptr(),
+                        1,
+                        dim as isize,
+                        block.as_ptr(),
+                        dim as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
                 }
-                // Queries in sub-blocks keep the score buffer at QUERY_BLOCK x DOC_BLOCK
-                // (1.5 MiB) whatever the batch size.
-                for q0 in (0..share).step_by(QUERY_BLOCK) {
-                    let mq = QUERY_BLOCK.min(share - q0);
-                    scores.resize(mq * nb, 0.0);
-                    // SAFETY: dst is mq x nb row-major, lhs mq x dim row-major (rows q0..),
-                    // rhs is the block viewed as dim x nb column-major; all slices have
-                    // those lengths.
-                    unsafe {
-                        gemm::gemm(
-                            mq,
-                            nb,
-                            dim,
-                            scores.as_mut_ptr(),
-                            1,
-                            nb as isize,
-                            false,
-                            qs[q0 * dim..].as_ptr(),
-                            1,
-                            dim as isize,
-                            block.as_ptr(),
-                            dim as isize,
-                            1,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
-                    }
-                    for (q, top) in tops[q0..q0 + mq].iter_mut().enumerate() {
-                        top.push_row(&scores[q * nb..(q + 1) * nb], start, ids);
-                    }
+                for (q, top) in tops[q0..q0 + mq].iter_mut().enumerate() {
+                    top.push_row(&scores[q * nb..(q + 1) * nb], start, ids);
                 }
             }
-            Ok(tops)
-        };
+        }
+        Ok(tops)
+    };
+    for (batch_index, qb) in queries.chunks(batch_size * dim).enumerate() {
+        let bq = qb.len() / dim;
         let check = check_passages && batch_index == 0;
         let tops = if splits_queries(bq, parts) {
             let per_thread = bq.div_ceil(parts);
