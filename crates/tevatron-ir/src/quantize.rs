@@ -568,25 +568,44 @@ mod x86 {
         super::above_portable(scores, taken, floor, i, hits);
     }
 
-    /// [`super::Kernels::above`], eight scores a compare, the hits taken bit by bit.
+    /// [`super::Kernels::above`], eight scores a compare, the hits taken bit by bit; 32 scores
+    /// are compared before any is looked at, since most runs of 32 hold no hit.
     #[target_feature(enable = "avx2")]
     pub unsafe fn above_avx2(scores: &[i32], taken: &[i32], floor: i32, hits: &mut Vec<u32>) {
         let n = scores.len();
         let f = _mm256_set1_epi32(floor);
-        let mut i = 0;
-        while i + 8 <= n {
+        // Lanes of the eight scores from `i` above the floor.
+        let above = |i: usize| {
             let mut s = _mm256_loadu_si256(scores.as_ptr().add(i) as *const __m256i);
             if !taken.is_empty() {
-                s = _mm256_sub_epi32(
-                    s,
-                    _mm256_loadu_si256(taken.as_ptr().add(i) as *const __m256i),
-                );
+                let t = _mm256_loadu_si256(taken.as_ptr().add(i) as *const __m256i);
+                s = _mm256_sub_epi32(s, t);
             }
-            let mut m = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(s, f))) as u32;
+            _mm256_cmpgt_epi32(s, f)
+        };
+        let take = |hits: &mut Vec<u32>, i: usize, lanes: __m256i| {
+            let mut m = _mm256_movemask_ps(_mm256_castsi256_ps(lanes)) as u32;
             while m != 0 {
                 hits.push((i + m.trailing_zeros() as usize) as u32);
                 m &= m - 1;
             }
+        };
+        let mut i = 0;
+        while i + 32 <= n {
+            let lanes = [above(i), above(i + 8), above(i + 16), above(i + 24)];
+            let any = _mm256_or_si256(
+                _mm256_or_si256(lanes[0], lanes[1]),
+                _mm256_or_si256(lanes[2], lanes[3]),
+            );
+            if _mm256_testz_si256(any, any) == 0 {
+                for (k, l) in lanes.into_iter().enumerate() {
+                    take(hits, i + 8 * k, l);
+                }
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            take(hits, i, above(i));
             i += 8;
         }
         super::above_portable(scores, taken, floor, i, hits);
