@@ -99,6 +99,49 @@ fn a_base_model_trains_into_a_reranker_that_resumes_and_reranks() {
     assert!(std::fs::read_to_string(dir.path().join("r.txt")).unwrap().starts_with("1\ta\t"));
 }
 
+/// A ModernBERT base becomes a `ModernBertForSequenceClassification`: its whole head
+/// (`head.dense`, `head.norm`, `classifier`) initialised and trained, the backbone saved under
+/// `model.` beside it, and the folder loads again as a reranker.
+#[test]
+fn a_modernbert_base_trains_into_its_sequence_classification_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (modern, data) = (path("testdata/tiny/modernbert"), path("testdata/train/tiny.jsonl"));
+    let out = run(dir.path(), &reranker_args("m", &modern, &data));
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
+    assert!(log.contains("head.dense.weight") && log.contains("initialised"), "{log}");
+    let m = dir.path().join("m");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(m.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["architectures"][0], "ModernBertForSequenceClassification");
+    let losses = logged_losses(&m);
+    assert!(losses.len() == 4 && losses.iter().all(|l| l.is_finite()), "{losses:?}");
+    let names: Vec<String> =
+        candle_core::safetensors::load(m.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap()
+            .into_keys()
+            .collect();
+    for head in ["head.dense.weight", "head.norm.weight", "classifier.weight", "classifier.bias"] {
+        assert!(names.iter().any(|n| n == head), "{head} in {names:?}");
+    }
+    assert!(
+        names
+            .iter()
+            .filter(|n| !n.starts_with("head.") && !n.starts_with("classifier."))
+            .all(|n| n.starts_with("model.")),
+        "{names:?}"
+    );
+    // Loaded again, every head weight is the folder's: nothing is initialised twice.
+    let trained = m.to_string_lossy().into_owned();
+    let mut args = reranker_args("m2", &trained, &data);
+    let steps = args.iter().position(|&a| a == "--max_steps").unwrap() + 1;
+    args[steps] = "1";
+    let again = run(dir.path(), &args);
+    let log = String::from_utf8_lossy(&again.stderr).into_owned();
+    ok(again);
+    assert!(!log.contains("initialised"), "{log}");
+}
+
 #[test]
 fn annotated_scores_train_a_retriever_by_distillation() {
     let dir = tempfile::tempdir().unwrap();

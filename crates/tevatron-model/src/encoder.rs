@@ -275,7 +275,7 @@ fn plan_head(
     let Some(spec) = config.sequence_classification() else {
         return Err(Error::Invalid(format!(
             "{}: model_type {} has no sequence-classification head in this build (cross-encoders: \
-             bert, roberta, xlm-roberta, distilbert, llama, mistral, qwen2, qwen3)",
+             bert, roberta, xlm-roberta, distilbert, modernbert, llama, mistral, qwen2, qwen3)",
             config_path.display(),
             config.model_type()
         )));

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use crate::backbone::layers::{self, Linear, Linears};
+use crate::backbone::layers::{self, LayerNorm, Linear, Linears};
 use crate::backbone::{HeadLayout, Mode};
 use crate::pooling::Pooling;
 use crate::rng::{mix, SplitMix64};
@@ -17,7 +17,7 @@ use crate::rng::{mix, SplitMix64};
 /// The settings of `config.json` a head reads (transformers' defaults where absent).
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct HeadSettings {
-    /// `classifier_dropout` (BERT, RoBERTa): the head's dropout, else `hidden_dropout_prob`.
+    /// `classifier_dropout` (BERT, RoBERTa: else `hidden_dropout_prob`; ModernBERT: else 0).
     pub classifier_dropout: Option<f64>,
     /// `hidden_dropout_prob` (BERT, RoBERTa).
     pub hidden_dropout_prob: Option<f64>,
@@ -44,6 +44,7 @@ impl HeadSettings {
             }
             HeadLayout::PreClassifier => self.seq_classif_dropout.unwrap_or(0.2),
             HeadLayout::LastToken => 0.0,
+            HeadLayout::Prediction(_) => self.classifier_dropout.unwrap_or(0.0),
         }
     }
 }
@@ -69,6 +70,13 @@ pub fn weight_shapes(layout: HeadLayout, h: usize) -> Vec<(String, Vec<usize>)> 
             [linear("pre_classifier", h, true), linear("classifier", 1, true)].concat()
         }
         HeadLayout::LastToken => linear("score", 1, false),
+        HeadLayout::Prediction(p) => {
+            let mut norm = vec![("head.norm.weight".to_string(), vec![h])];
+            if p.norm_bias {
+                norm.push(("head.norm.bias".to_string(), vec![h]));
+            }
+            [linear("head.dense", h, p.dense_bias), norm, linear("classifier", 1, true)].concat()
+        }
     }
 }
 
@@ -79,8 +87,10 @@ pub fn inside_base(name: &str) -> bool {
 }
 
 /// The weights transformers gives a head it creates (`_init_weights`): each matrix drawn from
-/// `N(0, std)`, each bias zero. Drawn from a stream seeded by `(seed, name)`, so a weight does
-/// not depend on which others are missing.
+/// `N(0, std)`, each bias zero, a layer norm's scale one. Drawn from a stream seeded by
+/// `(seed, name)`, so a weight does not depend on which others are missing. (ModernBERT's own
+/// `_init_weights` truncates its draws at two standard deviations and scales them per layer;
+/// a fresh ModernBERT head here is drawn as every other.)
 pub fn init_weights(
     names: &[(String, Vec<usize>)],
     std: f64,
@@ -93,6 +103,8 @@ pub fn init_weights(
             let n: usize = shape.iter().product();
             let values: Vec<f32> = if name.ends_with(".bias") {
                 vec![0.0; n]
+            } else if name.ends_with("norm.weight") {
+                vec![1.0; n]
             } else {
                 let key =
                     name.bytes().fold(0u64, |h, b| h.wrapping_mul(131).wrapping_add(b.into()));
@@ -108,8 +120,11 @@ pub fn init_weights(
 #[derive(Clone, Debug)]
 pub struct ScoreHead {
     layout: HeadLayout,
-    /// The inner projection (pooler, `classifier.dense`, `pre_classifier`), if the layout has one.
+    /// The inner projection (pooler, `classifier.dense`, `pre_classifier`, `head.dense`), if the
+    /// layout has one.
     inner: Option<Linear>,
+    /// ModernBERT's `head.norm`.
+    norm: Option<LayerNorm>,
     /// The projection to one logit.
     out: Linear,
     dropout: f64,
@@ -128,6 +143,7 @@ impl ScoreHead {
         pad_id: u32,
     ) -> Result<Self> {
         let lin = Linears::default();
+        let mut norm = None;
         let (inner, out) = match layout {
             HeadLayout::Pooler => (
                 Some(lin.with_bias(vb.pp("pooler.dense"), h, h)?),
@@ -142,8 +158,19 @@ impl ScoreHead {
                 lin.with_bias(vb.pp("classifier"), h, 1)?,
             ),
             HeadLayout::LastToken => (None, lin.no_bias(vb.pp("score"), h, 1)?),
+            HeadLayout::Prediction(p) => {
+                let n = LayerNorm::load_maybe_bias(vb.pp("head.norm"), h, p.norm_eps, p.norm_bias)?;
+                norm = Some(n);
+                let dense = vb.pp("head.dense");
+                let dense = if p.dense_bias {
+                    lin.with_bias(dense, h, h)?
+                } else {
+                    lin.no_bias(dense, h, h)?
+                };
+                (Some(dense), lin.with_bias(vb.pp("classifier"), h, 1)?)
+            }
         };
-        Ok(Self { layout, inner, out, dropout, pad_id })
+        Ok(Self { layout, inner, norm, out, dropout, pad_id })
     }
 
     /// The layout.
@@ -163,7 +190,8 @@ impl ScoreHead {
 
     /// One logit per row `(b, 1)` of last hidden states `hidden` `(b, l, h)` of the batch's
     /// `ids` under `mask`, as transformers' class computes it (dropout only in training). The
-    /// first token for the encoder layouts; for decoders, transformers' rule: the rightmost
+    /// first token for the encoder layouts (or, for ModernBERT's, the masked mean where its
+    /// config says so); for decoders, transformers' rule: the rightmost
     /// token whose id is not the pad id (here also a real token by the mask, so the batch's own
     /// padding is never read, whatever id it pads with), which skips an appended EOS when the
     /// pad id is EOS, as transformers does.
@@ -191,6 +219,13 @@ impl ScoreHead {
             }
             HeadLayout::LastToken => {
                 self.out.forward(&self.last_token(hidden, ids, mask)?, mode)?
+            }
+            HeadLayout::Prediction(p) => {
+                let pooled =
+                    if p.mean_pooling { Pooling::Mean.pool(hidden, mask)? } else { first()? };
+                let x = p.activation.forward(&inner(&pooled)?, mode)?;
+                let norm = self.norm.as_ref().expect("loaded with the layout");
+                self.out.forward(&drop(&norm.forward(&x, mode)?)?, mode)?
             }
         };
         // Half-precision logits are widened; F64 stays F64 (gradient checks).
@@ -231,6 +266,35 @@ mod tests {
         assert_eq!(names(HeadLayout::LastToken), ["score.weight"]);
         assert_eq!(weight_shapes(HeadLayout::ClassificationHead, 4)[2].1, [1, 4]);
         assert!(inside_base("pooler.dense.weight") && !inside_base("classifier.weight"));
+        let modern = |dense_bias, norm_bias| {
+            HeadLayout::Prediction(crate::backbone::PredictionHead {
+                mean_pooling: false,
+                activation: layers::Activation::Gelu,
+                dense_bias,
+                norm_bias,
+                norm_eps: 1e-5,
+            })
+        };
+        assert_eq!(
+            names(modern(false, false)),
+            ["head.dense.weight", "head.norm.weight", "classifier.weight", "classifier.bias"]
+        );
+        assert_eq!(
+            names(modern(true, true)),
+            [
+                "head.dense.weight",
+                "head.dense.bias",
+                "head.norm.weight",
+                "head.norm.bias",
+                "classifier.weight",
+                "classifier.bias"
+            ]
+        );
+        // A fresh layer norm starts as the identity's scale: ones, and a zero bias.
+        let fresh =
+            init_weights(&weight_shapes(modern(true, true), 4), 0.02, 7, &Device::Cpu).unwrap();
+        assert_eq!(fresh[2].1.to_vec1::<f32>().unwrap(), [1.0; 4]);
+        assert_eq!(fresh[3].1.to_vec1::<f32>().unwrap(), [0.0; 4]);
     }
 
     #[test]
@@ -241,6 +305,15 @@ mod tests {
         assert_eq!(s.dropout(HeadLayout::ClassificationHead), 0.05);
         assert_eq!(s.dropout(HeadLayout::PreClassifier), 0.2);
         assert_eq!(s.dropout(HeadLayout::LastToken), 0.0);
+        let modern = HeadLayout::Prediction(crate::backbone::PredictionHead {
+            mean_pooling: true,
+            activation: layers::Activation::Gelu,
+            dense_bias: false,
+            norm_bias: false,
+            norm_eps: 1e-5,
+        });
+        assert_eq!(s.dropout(modern), 0.05);
+        assert_eq!(HeadSettings::default().dropout(modern), 0.0, "ModernBERT's default");
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub(crate) use fast::Data;
 pub use fast::{contiguous_f32, contiguous_f32_mut};
 
 use crate::collate::Batch;
-use layers::Linears;
+use layers::{Activation, Linears};
 
 /// What a backbone family gives the loader: its settings from `config.json` and how to build
 /// it. Each backbone implements it beside its model code, so that adding one touches no other
@@ -58,7 +58,7 @@ pub trait Architecture: std::fmt::Debug + Send + Sync {
 
 /// The one-logit head a family's `*ForSequenceClassification` class puts on the backbone, by
 /// the Hugging Face names of its weights (after the family prefix is stripped).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum HeadLayout {
     /// BERT: `pooler.dense` with tanh on the first token, dropout, `classifier`.
     Pooler,
@@ -69,10 +69,29 @@ pub enum HeadLayout {
     PreClassifier,
     /// Decoders (Llama, Mistral, Qwen): `score`, without a bias, on the last real token.
     LastToken,
+    /// ModernBERT: the first token or the masked mean of the tokens, `head.dense`, an
+    /// activation, `head.norm` (a layer norm), dropout, `classifier`; the parts its
+    /// `config.json` sets are in [`PredictionHead`].
+    Prediction(PredictionHead),
+}
+
+/// What ModernBERT's `config.json` says of its `ModernBertPredictionHead` and pooling.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PredictionHead {
+    /// `classifier_pooling`: `mean` (the masked mean of the last hidden states) or `cls`.
+    pub mean_pooling: bool,
+    /// `classifier_activation`, after `head.dense`.
+    pub activation: Activation,
+    /// `classifier_bias`: whether `head.dense` has a bias.
+    pub dense_bias: bool,
+    /// `norm_bias`: whether `head.norm` has a bias.
+    pub norm_bias: bool,
+    /// `norm_eps`, `head.norm`'s epsilon.
+    pub norm_eps: f64,
 }
 
 /// A family's sequence-classification class as transformers names it, and its head.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SequenceClassification {
     /// `architectures[0]` of a saved reranker, e.g. `BertForSequenceClassification`.
     pub class: &'static str,

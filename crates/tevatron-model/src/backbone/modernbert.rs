@@ -6,7 +6,8 @@
 //! between global layers and local ones that see only keys within `local_attention / 2`
 //! positions, each kind with its own rotary base. Weight names are HF's: `embeddings.*`,
 //! `layers.{i}.attn.*`, `layers.{i}.mlp.*`, `final_norm` (a task checkpoint's `model.` prefix is
-//! stripped and its head left unused).
+//! stripped; `ModernBertForSequenceClassification`'s head, `head.*` and `classifier`, is
+//! `crate::head`'s).
 
 use std::collections::HashMap;
 
@@ -17,7 +18,9 @@ use serde::Deserialize;
 use super::layers::{self, Activation, LayerNorm, Linear, Linears};
 use super::lookup::embedding;
 use super::rotary::RotaryTables;
-use super::{Architecture, Backbone, Mode, Registered};
+use super::{
+    Architecture, Backbone, HeadLayout, Mode, PredictionHead, Registered, SequenceClassification,
+};
 use crate::collate::Batch;
 
 fn default_eps() -> f64 {
@@ -99,6 +102,27 @@ pub struct Config {
     pub global_rope_theta: Option<f64>,
     /// Older configs: the local layers' rotary base (10,000 when absent).
     pub local_rope_theta: Option<f64>,
+    /// How `ModernBertForSequenceClassification` pools for its head: `cls` or `mean`.
+    #[serde(default)]
+    pub classifier_pooling: ClassifierPooling,
+    /// The activation inside that head, after `head.dense`.
+    #[serde(default = "default_act")]
+    pub classifier_activation: Activation,
+    /// Whether `head.dense` has a bias.
+    #[serde(default)]
+    pub classifier_bias: bool,
+}
+
+/// `classifier_pooling`: what the sequence-classification head reads of the last hidden
+/// states. Any other value is refused when `config.json` is read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClassifierPooling {
+    /// The first token (`[CLS]`), transformers' default.
+    #[default]
+    Cls,
+    /// The mean over the real tokens (by the attention mask).
+    Mean,
 }
 
 /// How a layer attends.
@@ -360,6 +384,19 @@ impl Architecture for ModernBertArchitecture {
     }
     fn clone_box(&self) -> Box<dyn Architecture> {
         Box::new(self.clone())
+    }
+    fn sequence_classification(&self) -> Option<SequenceClassification> {
+        let c = &self.config;
+        Some(SequenceClassification {
+            class: "ModernBertForSequenceClassification",
+            layout: HeadLayout::Prediction(PredictionHead {
+                mean_pooling: c.classifier_pooling == ClassifierPooling::Mean,
+                activation: c.classifier_activation,
+                dense_bias: c.classifier_bias,
+                norm_bias: c.norm_bias,
+                norm_eps: c.norm_eps,
+            }),
+        })
     }
 }
 
