@@ -230,6 +230,10 @@ type HeadVar = (String, candle_core::Var);
 /// Task heads that are not part of the base model a retriever trains (MLM, classification).
 const HEAD_PREFIXES: &[&str] = &[
     "cls.",
+    // ModernBERT's MLM head (`ModernBertForMaskedLM`), beside the `model.` it strips: a
+    // reranker's head takes `head.*` over, as transformers does; a retriever has none.
+    "head.",
+    "decoder.",
     "lm_head",
     "classifier",
     "qa_outputs",
@@ -280,6 +284,15 @@ fn plan_head(
             config.model_type()
         )));
     };
+    if let crate::backbone::HeadLayout::Prediction(p) = spec.layout {
+        if p.activation.is_none() {
+            return Err(Error::Invalid(format!(
+                "{}: classifier_activation is {}",
+                config_path.display(),
+                head::UNKNOWN_ACTIVATION
+            )));
+        }
+    }
     let text = std::fs::read_to_string(config_path)
         .map_err(|source| Error::Read { path: config_path.to_path_buf(), source })?;
     let settings: HeadSettings = serde_json::from_str(&text)
@@ -313,8 +326,9 @@ fn plan_head(
                 ),
             });
         }
-        let std = settings.initializer_range.unwrap_or(0.02);
-        tensors.extend(head::init_weights(&missing, std, opts.seed, device)?);
+        let h = config.hidden_size();
+        let draw = |name: &str| settings.draw(spec.layout, name, h);
+        tensors.extend(head::init_weights(&missing, draw, opts.seed, device)?);
     }
     Ok((spec, settings, names))
 }
@@ -778,10 +792,17 @@ impl Encoder {
     }
 
     /// Checks that a batch layout suits the pooling (cls with left padding reads a pad token),
-    /// or a cross-encoder's head (the encoder heads read the first token).
+    /// or a cross-encoder's head (the encoder heads read the first token, but for ModernBERT's
+    /// where it takes the masked mean).
     pub fn check_padding(&self, side: PaddingSide) -> Result<()> {
+        use crate::backbone::HeadLayout;
         if let Some((_, spec, _)) = &self.head {
-            if side == PaddingSide::Left && spec.layout != crate::backbone::HeadLayout::LastToken {
+            let anywhere = match spec.layout {
+                HeadLayout::LastToken => true,
+                HeadLayout::Prediction(p) => p.mean_pooling,
+                _ => false,
+            };
+            if side == PaddingSide::Left && !anywhere {
                 return Err(Error::Invalid(format!(
                     "--padding_side left would put padding where the {} head reads the first token; use right padding",
                     spec.class

@@ -25,6 +25,11 @@ pub struct HeadSettings {
     pub seq_classif_dropout: Option<f64>,
     /// `initializer_range`: the standard deviation of a fresh head's weights, default 0.02.
     pub initializer_range: Option<f64>,
+    /// `initializer_cutoff_factor` (ModernBERT): where its draws are truncated, in standard
+    /// deviations, default 2.
+    pub initializer_cutoff_factor: Option<f64>,
+    /// `num_hidden_layers`: ModernBERT scales its `head.dense` draws by it.
+    pub num_hidden_layers: Option<usize>,
     /// `pad_token_id`: a decoder head scores the last token that is not this id.
     pub pad_token_id: Option<u32>,
 }
@@ -47,6 +52,36 @@ impl HeadSettings {
             HeadLayout::Prediction(_) => self.classifier_dropout.unwrap_or(0.0),
         }
     }
+
+    /// How transformers' `_init_weights` draws the matrix `name` of a fresh head of `layout`
+    /// over width `h`: `N(0, initializer_range)` for BERT, RoBERTa, DistilBERT and the
+    /// decoders; for ModernBERT, `head.dense` at `initializer_range / sqrt(2 L)` (`L` layers)
+    /// and `classifier` at `h^-1/2`, both truncated at `initializer_cutoff_factor` standard
+    /// deviations.
+    pub fn draw(&self, layout: HeadLayout, name: &str, h: usize) -> Draw {
+        let range = self.initializer_range.unwrap_or(0.02);
+        match layout {
+            HeadLayout::Prediction(_) => {
+                let std = if name.starts_with("classifier") {
+                    (h as f64).powf(-0.5)
+                } else {
+                    range / (2.0 * self.num_hidden_layers.unwrap_or(1) as f64).sqrt()
+                };
+                Draw { std, cutoff: self.initializer_cutoff_factor.unwrap_or(2.0) }
+            }
+            _ => Draw { std: range, cutoff: f64::INFINITY },
+        }
+    }
+}
+
+/// How a fresh head matrix is drawn: `N(0, std)`, truncated at `cutoff` standard deviations
+/// (infinite: not truncated).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Draw {
+    /// The standard deviation of the normal drawn from.
+    pub std: f64,
+    /// Draws beyond this many standard deviations are drawn again.
+    pub cutoff: f64,
 }
 
 /// Every weight of a head of `layout` over hidden width `h`: name (as stored after the family
@@ -86,14 +121,13 @@ pub fn inside_base(name: &str) -> bool {
     name.starts_with("pooler.")
 }
 
-/// The weights transformers gives a head it creates (`_init_weights`): each matrix drawn from
-/// `N(0, std)`, each bias zero, a layer norm's scale one. Drawn from a stream seeded by
-/// `(seed, name)`, so a weight does not depend on which others are missing. (ModernBERT's own
-/// `_init_weights` truncates its draws at two standard deviations and scales them per layer;
-/// a fresh ModernBERT head here is drawn as every other.)
+/// The weights transformers gives a head it creates (`_init_weights`): each matrix drawn as
+/// `draw` says for its name ([`HeadSettings::draw`]), each bias zero, a layer norm's scale one.
+/// Drawn from a stream seeded by `(seed, name)`, so a weight does not depend on which others
+/// are missing.
 pub fn init_weights(
     names: &[(String, Vec<usize>)],
-    std: f64,
+    draw: impl Fn(&str) -> Draw,
     seed: u64,
     device: &Device,
 ) -> Result<Vec<(String, Tensor)>> {
@@ -109,12 +143,23 @@ pub fn init_weights(
                 let key =
                     name.bytes().fold(0u64, |h, b| h.wrapping_mul(131).wrapping_add(b.into()));
                 let mut rng = SplitMix64::new(mix(seed, &[key]));
-                (0..n).map(|_| (rng.normal() * std) as f32).collect()
+                let Draw { std, cutoff } = draw(name);
+                let mut within = || loop {
+                    let x = rng.normal();
+                    if x.abs() <= cutoff {
+                        break x;
+                    }
+                };
+                (0..n).map(|_| (within() * std) as f32).collect()
             };
             Ok((name.clone(), Tensor::from_vec(values, shape.as_slice(), device)?))
         })
         .collect()
 }
+
+/// Why a ModernBERT head's `classifier_activation` is refused.
+pub const UNKNOWN_ACTIVATION: &str =
+    "not an activation this build implements (gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, relu, silu, swish)";
 
 /// A loaded head: maps last hidden states `(b, l, h)` to one logit per row `(b, 1)`.
 #[derive(Clone, Debug)]
@@ -159,6 +204,9 @@ impl ScoreHead {
             ),
             HeadLayout::LastToken => (None, lin.no_bias(vb.pp("score"), h, 1)?),
             HeadLayout::Prediction(p) => {
+                if p.activation.is_none() {
+                    candle_core::bail!("classifier_activation: {UNKNOWN_ACTIVATION}");
+                }
                 let n = LayerNorm::load_maybe_bias(vb.pp("head.norm"), h, p.norm_eps, p.norm_bias)?;
                 norm = Some(n);
                 let dense = vb.pp("head.dense");
@@ -223,7 +271,10 @@ impl ScoreHead {
             HeadLayout::Prediction(p) => {
                 let pooled =
                     if p.mean_pooling { Pooling::Mean.pool(hidden, mask)? } else { first()? };
-                let x = p.activation.forward(&inner(&pooled)?, mode)?;
+                let Some(act) = p.activation else {
+                    candle_core::bail!("classifier_activation: {UNKNOWN_ACTIVATION}")
+                };
+                let x = act.forward(&inner(&pooled)?, mode)?;
                 let norm = self.norm.as_ref().expect("loaded with the layout");
                 self.out.forward(&drop(&norm.forward(&x, mode)?)?, mode)?
             }
@@ -269,7 +320,7 @@ mod tests {
         let modern = |dense_bias, norm_bias| {
             HeadLayout::Prediction(crate::backbone::PredictionHead {
                 mean_pooling: false,
-                activation: layers::Activation::Gelu,
+                activation: Some(layers::Activation::Gelu),
                 dense_bias,
                 norm_bias,
                 norm_eps: 1e-5,
@@ -292,7 +343,7 @@ mod tests {
         );
         // A fresh layer norm starts as the identity's scale: ones, and a zero bias.
         let fresh =
-            init_weights(&weight_shapes(modern(true, true), 4), 0.02, 7, &Device::Cpu).unwrap();
+            init_weights(&weight_shapes(modern(true, true), 4), plain, 7, &Device::Cpu).unwrap();
         assert_eq!(fresh[2].1.to_vec1::<f32>().unwrap(), [1.0; 4]);
         assert_eq!(fresh[3].1.to_vec1::<f32>().unwrap(), [0.0; 4]);
     }
@@ -307,7 +358,7 @@ mod tests {
         assert_eq!(s.dropout(HeadLayout::LastToken), 0.0);
         let modern = HeadLayout::Prediction(crate::backbone::PredictionHead {
             mean_pooling: true,
-            activation: layers::Activation::Gelu,
+            activation: Some(layers::Activation::Gelu),
             dense_bias: false,
             norm_bias: false,
             norm_eps: 1e-5,
@@ -319,7 +370,10 @@ mod tests {
     #[test]
     fn fresh_weights_have_the_asked_spread_and_zero_biases() {
         let shapes = weight_shapes(HeadLayout::Pooler, 64);
-        let w = init_weights(&shapes, 0.02, 7, &Device::Cpu).unwrap();
+        let settings = HeadSettings::default();
+        let draw = |n: &str| settings.draw(HeadLayout::Pooler, n, 64);
+        assert_eq!(draw("classifier.weight"), Draw { std: 0.02, cutoff: f64::INFINITY });
+        let w = init_weights(&shapes, draw, 7, &Device::Cpu).unwrap();
         let dense = w[0].1.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let mean = dense.iter().sum::<f32>() / dense.len() as f32;
         let var = dense.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / dense.len() as f32;
@@ -327,9 +381,42 @@ mod tests {
         assert!((var.sqrt() - 0.02).abs() < 0.001, "std {}", var.sqrt());
         assert!(w[1].1.to_vec1::<f32>().unwrap().iter().all(|&b| b == 0.0));
         // The same seed gives the same weights; another seed others.
-        let again = init_weights(&shapes, 0.02, 7, &Device::Cpu).unwrap();
+        let again = init_weights(&shapes, plain, 7, &Device::Cpu).unwrap();
         assert_eq!(again[0].1.to_vec2::<f32>().unwrap(), w[0].1.to_vec2::<f32>().unwrap());
-        let other = init_weights(&shapes, 0.02, 8, &Device::Cpu).unwrap();
+        let other = init_weights(&shapes, plain, 8, &Device::Cpu).unwrap();
         assert_ne!(other[0].1.to_vec2::<f32>().unwrap(), w[0].1.to_vec2::<f32>().unwrap());
+    }
+
+    /// BERT's rule for every other family's head, as `HeadSettings::draw` gives it.
+    fn plain(_: &str) -> Draw {
+        Draw { std: 0.02, cutoff: f64::INFINITY }
+    }
+
+    /// ModernBERT's rule: `head.dense` at `initializer_range / sqrt(2 L)`, `classifier` at
+    /// `h^-1/2`, both truncated (at 2 standard deviations by default).
+    #[test]
+    fn a_fresh_modernbert_head_is_drawn_as_transformers_draws_it() {
+        let layout = HeadLayout::Prediction(crate::backbone::PredictionHead {
+            mean_pooling: false,
+            activation: Some(layers::Activation::Gelu),
+            dense_bias: false,
+            norm_bias: false,
+            norm_eps: 1e-5,
+        });
+        let s = HeadSettings {
+            initializer_range: Some(0.08),
+            num_hidden_layers: Some(8),
+            ..Default::default()
+        };
+        assert_eq!(s.draw(layout, "head.dense.weight", 64), Draw { std: 0.02, cutoff: 2.0 });
+        assert_eq!(s.draw(layout, "classifier.weight", 64), Draw { std: 0.125, cutoff: 2.0 });
+        let w =
+            init_weights(&weight_shapes(layout, 64), |n| s.draw(layout, n, 64), 3, &Device::Cpu)
+                .unwrap();
+        let dense = w[0].1.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(dense.iter().all(|x| x.abs() <= 0.04), "beyond the cutoff");
+        // A normal truncated at 2 standard deviations has 0.88 of its spread.
+        let sd = (dense.iter().map(|x| x * x).sum::<f32>() / dense.len() as f32).sqrt();
+        assert!((sd / 0.02 - 0.88).abs() < 0.03, "std {sd}");
     }
 }

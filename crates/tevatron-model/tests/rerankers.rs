@@ -1,6 +1,7 @@
 //! Cross-encoders (rerankers) against transformers on the committed tiny random
 //! `BertForSequenceClassification`, `RobertaForSequenceClassification`,
-//! `DistilBertForSequenceClassification` and `LlamaForSequenceClassification`
+//! `DistilBertForSequenceClassification`, `LlamaForSequenceClassification` and
+//! `ModernBertForSequenceClassification` (first-token and mean-pooled heads)
 //! (`testdata/tiny-reranker`, made by `scripts/fixtures/make_tiny_rerankers.py`): Tevatron's
 //! `format_pair` and reranker tokenization, the logits of each head layout, sentence-transformers'
 //! text-pair form with token types, the saved folder's layout, and the errors of a folder
@@ -224,6 +225,113 @@ fn a_base_model_has_no_head_unless_one_is_initialised() {
     );
     let scores = modern.embed(&texts, &t, 2).unwrap();
     assert!(scores.iter().all(|s| s.is_finite()) && scores[0] != scores[1], "{scores:?}");
+}
+
+/// A copy of the tiny ModernBERT with `config.json`'s keys set as given and its weights
+/// renamed by `rename` (plus `extra` weights), in a temporary folder.
+fn modernbert_variant(
+    set: &[(&str, serde_json::Value)],
+    rename: impl Fn(&str) -> String,
+    extra: &[(&str, Tensor)],
+) -> tempfile::TempDir {
+    let out = tempfile::tempdir().unwrap();
+    let src = tiny_dir("modernbert");
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, out.path().join(f.file_name().unwrap())).unwrap();
+    }
+    let path = out.path().join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for (k, v) in set {
+        config[*k] = v.clone();
+    }
+    std::fs::write(&path, config.to_string()).unwrap();
+    let weights = out.path().join("model.safetensors");
+    let mut tensors: HashMap<String, Tensor> =
+        candle_core::safetensors::load(&weights, &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .map(|(k, t)| (rename(&k), t))
+            .collect();
+    tensors.extend(extra.iter().map(|(k, t)| (k.to_string(), t.clone())));
+    candle_core::safetensors::save(&tensors, &weights).unwrap();
+    out
+}
+
+/// A hub ModernBERT is saved as `ModernBertForMaskedLM`: its MLM head's `head.dense` and
+/// `head.norm` become the reranker's (as transformers loads them), only `classifier` is new,
+/// and its `decoder.bias` is neither used nor saved; a retriever keeps none of them.
+#[test]
+fn a_modernbert_mlm_checkpoint_lends_its_head_and_drops_its_decoder() {
+    let h = 32;
+    let ones = |n: usize| Tensor::ones(n, candle_core::DType::F32, &Device::Cpu).unwrap();
+    let dense = Tensor::randn(0f32, 0.1, (h, h), &Device::Cpu).unwrap();
+    let mlm = modernbert_variant(
+        &[("architectures", serde_json::json!(["ModernBertForMaskedLM"]))],
+        |k| format!("model.{k}"),
+        &[("head.dense.weight", dense), ("head.norm.weight", ones(h)), ("decoder.bias", ones(104))],
+    );
+    let opts = EncoderOptions {
+        trainable: true,
+        score_head: Some(ScoreHeadOptions { init_missing: true, seed: 3 }),
+        ..EncoderOptions::default()
+    };
+    let enc = Encoder::load(mlm.path(), None, &opts).unwrap();
+    assert_eq!(enc.initialised_head(), ["classifier.weight", "classifier.bias"]);
+    let out = tempfile::tempdir().unwrap();
+    enc.save_pretrained(out.path()).unwrap();
+    let saved =
+        candle_core::safetensors::load(out.path().join("model.safetensors"), &Device::Cpu).unwrap();
+    let transformers =
+        candle_core::safetensors::load(dir("modernbert").join("model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let mut names: Vec<&String> = saved.keys().collect();
+    let mut want: Vec<&String> = transformers.keys().collect();
+    names.sort();
+    want.sort();
+    assert_eq!(names, want, "the names ModernBertForSequenceClassification loads");
+    // As a retriever the MLM head is no part of the model.
+    let retriever = EncoderOptions { trainable: true, ..EncoderOptions::default() };
+    let enc = Encoder::load(mlm.path(), None, &retriever).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    enc.save_pretrained(out.path()).unwrap();
+    let saved =
+        candle_core::safetensors::load(out.path().join("model.safetensors"), &Device::Cpu).unwrap();
+    assert!(
+        saved.keys().all(|k| !k.contains("head.") && !k.contains("decoder.")),
+        "{:?}",
+        saved.keys()
+    );
+}
+
+/// `classifier_activation` and `classifier_pooling` as ModernBERT's config sets them: an
+/// activation this build lacks still loads the retriever but refuses the head, by name; a mean
+/// head takes left padding, a first-token head does not.
+#[test]
+fn modernbert_head_settings_are_read_or_refused_by_name() {
+    let same = |k: &str| k.to_string();
+    let tanh = modernbert_variant(&[("classifier_activation", "tanh".into())], same, &[]);
+    Encoder::load(tanh.path(), None, &EncoderOptions::default()).unwrap();
+    let err = Encoder::load(tanh.path(), None, &reranker_options(true)).err().unwrap();
+    assert!(err.to_string().contains("classifier_activation is not an activation"), "{err}");
+    let max = modernbert_variant(&[("classifier_pooling", "max".into())], same, &[]);
+    let err = Encoder::load(max.path(), None, &EncoderOptions::default()).err().unwrap();
+    let cause = std::error::Error::source(&err).map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.to_string().contains("config.json"), "{err}");
+    assert!(cause.contains("unknown variant `max`, expected `cls` or `mean`"), "{cause}");
+    let mean = load(&dir("modernbert-mean"));
+    mean.check_padding(PaddingSide::Left).unwrap();
+    let cls = load(&dir("modernbert"));
+    let err = cls.check_padding(PaddingSide::Left).err().unwrap();
+    assert!(err.to_string().contains("reads the first token"), "{err}");
+    // A ReLU head is another head: the same weights score otherwise.
+    let relu = modernbert_variant(&[("classifier_activation", "relu".into())], same, &[]);
+    let gelu = Encoder::load(&tiny_dir("modernbert"), None, &reranker_options(true)).unwrap();
+    let relu = Encoder::load(relu.path(), None, &reranker_options(true)).unwrap();
+    let texts = ["a b c".to_string(), "dense".to_string()];
+    let t = TextOptions::default();
+    assert_ne!(gelu.embed(&texts, &t, 2).unwrap(), relu.embed(&texts, &t, 2).unwrap());
 }
 
 #[test]

@@ -80,8 +80,9 @@ pub enum HeadLayout {
 pub struct PredictionHead {
     /// `classifier_pooling`: `mean` (the masked mean of the last hidden states) or `cls`.
     pub mean_pooling: bool,
-    /// `classifier_activation`, after `head.dense`.
-    pub activation: Activation,
+    /// `classifier_activation`, after `head.dense` (`None`: a name this build does not
+    /// implement, refused when the head is built).
+    pub activation: Option<Activation>,
     /// `classifier_bias`: whether `head.dense` has a bias.
     pub dense_bias: bool,
     /// `norm_bias`: whether `head.norm` has a bias.

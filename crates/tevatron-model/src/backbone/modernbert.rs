@@ -29,6 +29,15 @@ fn default_eps() -> f64 {
 fn default_act() -> Activation {
     Activation::Gelu
 }
+fn default_classifier_act() -> Option<Activation> {
+    Some(Activation::Gelu)
+}
+/// An activation by name, or `None` for a name [`Activation`] does not know.
+fn known_activation<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<Activation>, D::Error> {
+    Ok(serde_json::from_value(serde_json::Value::deserialize(d)?).ok())
+}
 fn default_local_attention() -> usize {
     128
 }
@@ -105,9 +114,11 @@ pub struct Config {
     /// How `ModernBertForSequenceClassification` pools for its head: `cls` or `mean`.
     #[serde(default)]
     pub classifier_pooling: ClassifierPooling,
-    /// The activation inside that head, after `head.dense`.
-    #[serde(default = "default_act")]
-    pub classifier_activation: Activation,
+    /// The activation inside that head, after `head.dense`; `None` for a name this build does
+    /// not implement, which is refused only where the head is built (such a config still
+    /// loads as a retriever).
+    #[serde(default = "default_classifier_act", deserialize_with = "known_activation")]
+    pub classifier_activation: Option<Activation>,
     /// Whether `head.dense` has a bias.
     #[serde(default)]
     pub classifier_bias: bool,
@@ -418,6 +429,24 @@ mod tests {
         let base = r#""vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
             "num_hidden_layers": 4, "num_attention_heads": 2"#;
         serde_json::from_str(&format!("{{{base}{extra}}}")).unwrap()
+    }
+
+    /// The sequence-classification head's keys: transformers' defaults where absent, an
+    /// activation by name (or none this build knows, left for the head to refuse), and a
+    /// pooling other than `cls` or `mean` refused when the config is read.
+    #[test]
+    fn head_keys_take_transformers_defaults_and_names() {
+        let c = config("");
+        assert_eq!(c.classifier_pooling, ClassifierPooling::Cls);
+        assert_eq!(c.classifier_activation, Some(Activation::Gelu));
+        assert!(!c.classifier_bias);
+        let c = config(r#", "classifier_activation": "relu", "classifier_pooling": "mean""#);
+        assert_eq!(c.classifier_activation, Some(Activation::Relu));
+        assert_eq!(c.classifier_pooling, ClassifierPooling::Mean);
+        assert_eq!(config(r#", "classifier_activation": "tanh""#).classifier_activation, None);
+        let bad = r#"{"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 4, "num_attention_heads": 2, "classifier_pooling": "max"}"#;
+        assert!(serde_json::from_str::<Config>(bad).is_err());
     }
 
     /// The hub's older configs: every n-th layer global from layer 0, the thetas by name.
