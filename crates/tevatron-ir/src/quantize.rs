@@ -981,6 +981,27 @@ mod x86 {
     /// out)`, as [`vpopcnt_packed`]'s arguments.
     type GroupScan = unsafe fn(usize, usize, &[u8], &[u64], usize, usize, &mut [i32]);
 
+    /// A [`GroupScan`] `$name` compiled for `$features`: `$kernel::<N>` on each group of `N`
+    /// queries, `$kernel::<1>` on the rest.
+    macro_rules! group_scan {
+        ($name:ident, $features:literal, $kernel:ident::<$n:literal>) => {
+            #[target_feature(enable = $features)]
+            unsafe fn $name(
+                width: usize,
+                words: usize,
+                queries: &[u8],
+                packed: &[u64],
+                groups: usize,
+                rows: usize,
+                out: &mut [i32],
+            ) {
+                packed_query_groups!($kernel::<$n>(
+                    width, words, queries, packed, groups, rows, out
+                ))
+            }
+        };
+    }
+
     /// The binary scan over rows interleaved eight at a time by 8-byte word (for each group of
     /// eight rows and each whole word, the eight rows' words side by side: 64 bytes), so that
     /// one XOR and one population count cover a word of several rows against a query's
@@ -1040,18 +1061,7 @@ mod x86 {
         interleaved_binary(width, queries, codes, out, vpopcnt_scan)
     }
 
-    #[target_feature(enable = "avx512f,avx512vpopcntdq")]
-    unsafe fn vpopcnt_scan(
-        width: usize,
-        words: usize,
-        queries: &[u8],
-        packed: &[u64],
-        groups: usize,
-        rows: usize,
-        out: &mut [i32],
-    ) {
-        packed_query_groups!(vpopcnt_packed::<4>(width, words, queries, packed, groups, rows, out))
-    }
+    group_scan!(vpopcnt_scan, "avx512f,avx512vpopcntdq", vpopcnt_packed::<4>);
 
     /// AVX2 (no population count of its own) over [`interleaved_binary`]'s layout: the XOR of
     /// four rows' words with a query's broadcast word, counted a nibble at a time by `vpshufb`
@@ -1063,18 +1073,7 @@ mod x86 {
         interleaved_binary(width, queries, codes, out, avx2_binary_scan)
     }
 
-    #[target_feature(enable = "avx2")]
-    unsafe fn avx2_binary_scan(
-        width: usize,
-        words: usize,
-        queries: &[u8],
-        packed: &[u64],
-        groups: usize,
-        rows: usize,
-        out: &mut [i32],
-    ) {
-        packed_query_groups!(nibble_packed::<4>(width, words, queries, packed, groups, rows, out))
-    }
+    group_scan!(avx2_binary_scan, "avx2", nibble_packed::<4>);
 
     /// `N` queries against every packed group: minus the Hamming distance over the whole
     /// words, eight rows per group, written to `out[n * rows + 8 g ..]`. Byte counts (at most 8
