@@ -25,7 +25,8 @@ use rayon::prelude::*;
 use crate::atomic::AtomicFile;
 use crate::fxhash::FxHasher;
 use crate::quantize::{
-    encode_binary, encode_int8, encode_query_int8, Calibration, Kernels, Precision,
+    encode_binary, encode_int8, encode_query_int8, BinaryBlock, Calibration, Int8Block, Kernels,
+    Precision,
 };
 use crate::search::{best_first, check_finite, check_query_rows, check_width, Selection, TopK};
 use crate::vectors::{Rows, Vectors};
@@ -420,6 +421,12 @@ pub fn search_compact(
     Ok((scan_in_passes(queries, dim, compact, shard, (k, m), pass, kernels)?, report))
 }
 
+/// A scan block's codes laid out for the kernels, once per pass.
+enum LaidOut<'a> {
+    Int8(Int8Block<'a>),
+    Binary(BinaryBlock<'a>),
+}
+
 /// [`search_compact`]'s scan and rescoring, `pass` queries at a time: each query's best `k`
 /// of `m` candidates.
 fn scan_in_passes(
@@ -469,11 +476,11 @@ fn scan_in_passes(
                 for &(start, end) in part {
                     let nb = end - start;
                     let block = &codes[start * width..end * width];
-                    let int8 = match compact.precision {
+                    let laid_out = match compact.precision {
                         Precision::Int8 => {
-                            Some(kernels.int8_block(dim, bytemuck::cast_slice(block)))
+                            LaidOut::Int8(kernels.int8_block(dim, bytemuck::cast_slice(block)))
                         }
-                        Precision::Binary => None,
+                        Precision::Binary => LaidOut::Binary(kernels.binary_block(width, block)),
                     };
                     // Most scores are below a query's floor: compared as scores (by the
                     // kernels, a vector at a time), a key built only for those that may enter.
@@ -483,15 +490,18 @@ fn scan_in_passes(
                     // floor is tested again against the current one.
                     // int8 scores carry the query offset, taken back out by each row's
                     // offset; binary has none.
-                    let taken = int8.as_ref().map_or(&[][..], |laid_out| laid_out.offsets());
+                    let taken = match &laid_out {
+                        LaidOut::Int8(b) => b.offsets(),
+                        LaidOut::Binary(_) => &[],
+                    };
                     let chunks = batch.chunks(SCORED_QUERIES * width);
                     for (c, (chunk, heaps)) in
                         chunks.zip(heaps.chunks_mut(SCORED_QUERIES)).enumerate()
                     {
                         let scores = &mut scores[..nb * (chunk.len() / width)];
-                        match &int8 {
-                            Some(laid_out) => laid_out.scores(&int8_queries[c], scores),
-                            None => kernels.binary_scores(width, chunk, block, scores),
+                        match &laid_out {
+                            LaidOut::Int8(b) => b.scores(&int8_queries[c], scores),
+                            LaidOut::Binary(b) => b.scores(chunk, scores),
                         }
                         for (heap, scores) in heaps.iter_mut().zip(scores.chunks(nb)) {
                             kernels.above(scores, taken, heap.floor_score(), &mut hits);

@@ -293,23 +293,19 @@ impl Kernels {
     /// `out[q * rows + j] = -hamming(queries[q], codes[j])` for `nq` queries of `width` bytes
     /// and `rows` code rows.
     pub fn binary_scores(self, width: usize, queries: &[u8], codes: &[u8], out: &mut [i32]) {
-        let (nq, rows) = (queries.len() / width.max(1), codes.len() / width.max(1));
-        assert_eq!(out.len(), nq * rows, "codes and scores disagree");
-        match self.0 {
-            Set::Portable => binary_portable(width, queries, codes, out),
+        self.binary_block(width, codes).scores(queries, out)
+    }
+
+    /// `codes` (rows of `width` bytes) laid out for these kernels' binary scan, to be scored
+    /// against any number of queries ([`BinaryBlock::scores`]): as [`Kernels::int8_block`], a
+    /// scan lays each block out once per pass rather than once per chunk of queries.
+    pub fn binary_block(self, width: usize, codes: &[u8]) -> BinaryBlock<'_> {
+        let packed = match self.0 {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: AVX2 and POPCNT are part of every SIMD set, and a `Kernels` names a set
-            // this CPU runs; the AVX-512 sets have AVX-512F, and VPOPCNTDQ is checked here.
-            Set::Avx2 | Set::Avx512Vnni | Set::Amx => unsafe {
-                if self.0 != Set::Avx2 && has_vpopcntdq() {
-                    x86::binary_vpopcnt(width, queries, codes, out)
-                } else {
-                    x86::binary_avx2(width, queries, codes, out)
-                }
-            },
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => binary_portable(width, queries, codes, out),
-        }
+            Set::Avx2 | Set::Avx512Vnni | Set::Amx => x86::pack8_words(width, codes),
+            _ => Vec::new(),
+        };
+        BinaryBlock { kernels: self, width, codes, packed }
     }
 
     /// The indices `i` of the scores with `scores[i] - taken[i] > floor` (`taken` empty: none
@@ -520,6 +516,43 @@ impl Int8Block<'_> {
                 int8_tiles::<amx::Int8Tiles>(dim, (rows, nq), codes, packed, out)
             },
             _ => int8_portable(dim, queries, codes, out),
+        }
+    }
+}
+
+/// Binary code rows laid out for one kernel set's scan ([`Kernels::binary_block`]).
+pub struct BinaryBlock<'a> {
+    kernels: Kernels,
+    width: usize,
+    codes: &'a [u8],
+    /// [`x86::pack8_words`]' interleaving for the SIMD sets; empty for the portable one.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    packed: Vec<u64>,
+}
+
+impl BinaryBlock<'_> {
+    /// [`Kernels::binary_scores`] of `queries` (rows of the block's width) against the block's
+    /// rows.
+    pub fn scores(&self, queries: &[u8], out: &mut [i32]) {
+        let (width, codes) = (self.width, self.codes);
+        let (nq, rows) = (queries.len() / width.max(1), codes.len() / width.max(1));
+        assert_eq!(out.len(), nq * rows, "codes and scores disagree");
+        match self.kernels.0 {
+            Set::Portable => binary_portable(width, queries, codes, out),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX2 and POPCNT are part of every SIMD set, and a `Kernels` names a set
+            // this CPU runs; the AVX-512 sets have AVX-512F, and VPOPCNTDQ is checked here. The
+            // layout is the one `binary_block` made for this set.
+            Set::Avx2 | Set::Avx512Vnni | Set::Amx => unsafe {
+                let packed = &self.packed;
+                if self.kernels.0 != Set::Avx2 && has_vpopcntdq() {
+                    x86::binary_vpopcnt(width, queries, codes, packed, out)
+                } else {
+                    x86::binary_avx2(width, queries, codes, packed, out)
+                }
+            },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => binary_portable(width, queries, codes, out),
         }
     }
 }
@@ -1002,11 +1035,32 @@ mod x86 {
         };
     }
 
-    /// The binary scan over rows interleaved eight at a time by 8-byte word (for each group of
-    /// eight rows and each whole word, the eight rows' words side by side: 64 bytes), so that
-    /// one XOR and one population count cover a word of several rows against a query's
-    /// broadcast word. `scan` scores every group (queries as [`binary_scores`]); rows past the
-    /// last group, and bytes past the last whole word, are added as [`binary_popcnt`] does.
+    /// The first `groups x 8` rows of `codes` (`groups = rows / 8`, rows of `width` bytes),
+    /// interleaved by 8-byte word: for each group of eight rows and each of the `width / 8`
+    /// whole words, the eight rows' words side by side (64 bytes), so that one XOR and one
+    /// population count cover a word of several rows against a query's broadcast word. Bytes
+    /// past the last whole word are left out ([`interleaved_binary`] adds them).
+    pub fn pack8_words(width: usize, codes: &[u8]) -> Vec<u64> {
+        let (groups, words) = (codes.len() / width.max(1) / 8, width / 8);
+        let mut packed = vec![0u64; groups * words * 8];
+        if words == 0 {
+            return packed;
+        }
+        for (g, out) in packed.chunks_exact_mut(words * 8).enumerate() {
+            for r in 0..8 {
+                let row = &codes[(g * 8 + r) * width..];
+                for w in 0..words {
+                    out[w * 8 + r] =
+                        u64::from_le_bytes(row[w * 8..w * 8 + 8].try_into().expect("8 bytes"));
+                }
+            }
+        }
+        packed
+    }
+
+    /// The binary scan over [`pack8_words`]' layout of `codes` (`packed`, made once for any
+    /// number of queries): `scan` scores every group (queries as [`binary_scores`]); rows past
+    /// the last group, and bytes past the last whole word, are added as [`binary_popcnt`] does.
     ///
     /// # Safety
     /// The CPU runs `scan` and POPCNT.
@@ -1017,6 +1071,7 @@ mod x86 {
         width: usize,
         queries: &[u8],
         codes: &[u8],
+        packed: &[u64],
         out: &mut [i32],
         scan: GroupScan,
     ) {
@@ -1028,17 +1083,8 @@ mod x86 {
         let (groups, words) = (rows / 8, width / 8);
         let packed_rows = if words > 0 { groups * 8 } else { 0 };
         if packed_rows > 0 {
-            let mut packed = vec![0u64; groups * words * 8];
-            for (g, out) in packed.chunks_exact_mut(words * 8).enumerate() {
-                for r in 0..8 {
-                    let row = &codes[(g * 8 + r) * width..];
-                    for w in 0..words {
-                        out[w * 8 + r] =
-                            u64::from_le_bytes(row[w * 8..w * 8 + 8].try_into().expect("8 bytes"));
-                    }
-                }
-            }
-            scan(width, words, queries, &packed, groups, rows, out);
+            assert_eq!(packed.len(), groups * words * 8, "pack8_words' layout of the codes");
+            scan(width, words, queries, packed, groups, rows, out);
             if words * 8 < width {
                 for n in 0..nq {
                     let query = &queries[n * width..(n + 1) * width];
@@ -1055,22 +1101,34 @@ mod x86 {
     }
 
     /// `vpopcntq` (AVX-512 VPOPCNTDQ, where the AVX-512 set's CPU has it) over
-    /// [`interleaved_binary`]'s layout: eight rows' words a vector, four queries sharing each.
+    /// [`pack8_words`]' layout: eight rows' words a vector, four queries sharing each.
     #[target_feature(enable = "avx512f,avx512vpopcntdq,popcnt")]
-    pub unsafe fn binary_vpopcnt(width: usize, queries: &[u8], codes: &[u8], out: &mut [i32]) {
-        interleaved_binary(width, queries, codes, out, vpopcnt_scan)
+    pub unsafe fn binary_vpopcnt(
+        width: usize,
+        queries: &[u8],
+        codes: &[u8],
+        packed: &[u64],
+        out: &mut [i32],
+    ) {
+        interleaved_binary(width, queries, codes, packed, out, vpopcnt_scan)
     }
 
     group_scan!(vpopcnt_scan, "avx512f,avx512vpopcntdq", vpopcnt_packed::<4>);
 
-    /// AVX2 (no population count of its own) over [`interleaved_binary`]'s layout: the XOR of
+    /// AVX2 (no population count of its own) over [`pack8_words`]' layout: the XOR of
     /// four rows' words with a query's broadcast word, counted a nibble at a time by `vpshufb`
     /// from a table of sixteen counts (Mula, Kurz and Lemire, 2018), the byte counts summed
     /// by `vpsadbw`. The scalar POPCNT loop it replaced ran at well under half the speed on a
     /// Zen 3 (one XOR, count and add per word, and per query).
     #[target_feature(enable = "avx2,popcnt")]
-    pub unsafe fn binary_avx2(width: usize, queries: &[u8], codes: &[u8], out: &mut [i32]) {
-        interleaved_binary(width, queries, codes, out, avx2_binary_scan)
+    pub unsafe fn binary_avx2(
+        width: usize,
+        queries: &[u8],
+        codes: &[u8],
+        packed: &[u64],
+        out: &mut [i32],
+    ) {
+        interleaved_binary(width, queries, codes, packed, out, avx2_binary_scan)
     }
 
     group_scan!(avx2_binary_scan, "avx2", nibble_packed::<4>);
@@ -1284,6 +1342,11 @@ mod tests {
                 got.fill(i32::MIN);
                 k.binary_scores(width, &qbits, &bits, &mut got);
                 prop_assert_eq!(&got, &want_bits, "{}", k.name());
+                // A binary block too is laid out once and scored against other queries.
+                let bits_block = k.binary_block(width, &bits);
+                let mut again = vec![i32::MIN; nq / 2 * rows];
+                bits_block.scores(&qbits[..nq / 2 * width], &mut again);
+                prop_assert_eq!(&again[..], &want_bits[..nq / 2 * rows], "{}", k.name());
             }
         }
     }
