@@ -168,8 +168,8 @@ pub struct ScoreHead {
     /// The inner projection (pooler, `classifier.dense`, `pre_classifier`, `head.dense`), if the
     /// layout has one.
     inner: Option<Linear>,
-    /// ModernBERT's `head.norm`.
-    norm: Option<LayerNorm>,
+    /// ModernBERT's activation after `head.dense`, and its `head.norm`.
+    activation_norm: Option<(layers::Activation, LayerNorm)>,
     /// The projection to one logit.
     out: Linear,
     dropout: f64,
@@ -188,7 +188,7 @@ impl ScoreHead {
         pad_id: u32,
     ) -> Result<Self> {
         let lin = Linears::default();
-        let mut norm = None;
+        let mut activation_norm = None;
         let (inner, out) = match layout {
             HeadLayout::Pooler => (
                 Some(lin.with_bias(vb.pp("pooler.dense"), h, h)?),
@@ -204,11 +204,11 @@ impl ScoreHead {
             ),
             HeadLayout::LastToken => (None, lin.no_bias(vb.pp("score"), h, 1)?),
             HeadLayout::Prediction(p) => {
-                if p.activation.is_none() {
-                    candle_core::bail!("classifier_activation: {UNKNOWN_ACTIVATION}");
-                }
+                let Some(act) = p.activation else {
+                    candle_core::bail!("classifier_activation: {UNKNOWN_ACTIVATION}")
+                };
                 let n = LayerNorm::load_maybe_bias(vb.pp("head.norm"), h, p.norm_eps, p.norm_bias)?;
-                norm = Some(n);
+                activation_norm = Some((act, n));
                 let dense = vb.pp("head.dense");
                 let dense = if p.dense_bias {
                     lin.with_bias(dense, h, h)?
@@ -218,7 +218,7 @@ impl ScoreHead {
                 (Some(dense), lin.with_bias(vb.pp("classifier"), h, 1)?)
             }
         };
-        Ok(Self { layout, inner, norm, out, dropout, pad_id })
+        Ok(Self { layout, inner, activation_norm, out, dropout, pad_id })
     }
 
     /// The layout.
@@ -271,11 +271,8 @@ impl ScoreHead {
             HeadLayout::Prediction(p) => {
                 let pooled =
                     if p.mean_pooling { Pooling::Mean.pool(hidden, mask)? } else { first()? };
-                let Some(act) = p.activation else {
-                    candle_core::bail!("classifier_activation: {UNKNOWN_ACTIVATION}")
-                };
+                let (act, norm) = self.activation_norm.as_ref().expect("loaded with the layout");
                 let x = act.forward(&inner(&pooled)?, mode)?;
-                let norm = self.norm.as_ref().expect("loaded with the layout");
                 self.out.forward(&drop(&norm.forward(&x, mode)?)?, mode)?
             }
         };
