@@ -12,7 +12,9 @@
 //!
 //! On the CPU each side's sequences are first split by length (`split`, after
 //! [`tevatron_model::collate::length_buckets`]), so that each part
-//! pads only to its own longest sequence: the same representations for fewer padded tokens.
+//! pads only to its own longest sequence: the same representations for fewer padded tokens;
+//! unless the backbone computes only the real tokens of a padded batch
+//! ([`tevatron_model::backbone::Backbone::packs_padding`]), which runs each side as one batch.
 //!
 //! Dropout masks are drawn from a stream seeded by `(seed, kind, chunk, layer)` before every
 //! layer (and before a cross-encoder's head, as layer `L + 1`), so a recomputation (GradCache's second pass, a checkpointed layer) replays exactly the
@@ -349,20 +351,22 @@ pub const BUCKET_COST_TOKENS: usize = 32;
 /// the work is proportional to the tokens computed, padding included, the sequences are sorted
 /// by length and each chunk pads only to its own longest: with GradCache (`size`), chunks of
 /// `size` in that order; without it, the split of [`length_buckets`] (for InsuranceQA's questions
-/// and answers, about a fifth of the tokens fewer than one batch padded to its longest). On a
-/// GPU, where a batch's padding costs less than the launches of another forward, the input
-/// order: one chunk, or chunks of `size`. The representations are the same either way; the
-/// dropout masks are drawn per chunk.
+/// and answers, about a fifth of the tokens fewer than one batch padded to its longest), unless
+/// the backbone computes only the real tokens of a padded batch (`packs`: BERT and DistilBERT
+/// training on the CPU in F32), where one chunk costs no more padding and runs larger
+/// products. On a GPU, where a batch's padding costs less than the launches of another
+/// forward, the input order: one chunk, or chunks of `size`. The representations are the same
+/// either way; the dropout masks are drawn per chunk.
 fn split(
     seqs: &[Vec<u32>],
     size: Option<usize>,
     opts: &StepOptions,
-    device: &candle_core::Device,
+    (device, packs): (&candle_core::Device, bool),
 ) -> Vec<Vec<usize>> {
     let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
     let mut order: Vec<usize> = (0..seqs.len()).collect();
     let chunks = match size {
-        None if device.is_cpu() => {
+        None if device.is_cpu() && !packs => {
             length_buckets(&lens, opts.pad_to_multiple_of, BUCKET_COST_TOKENS)
         }
         _ => {
@@ -508,10 +512,14 @@ pub fn step(
     for &((seqs, _), _, _) in &sides {
         enc.check_token_ids(seqs).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     }
+    // Whether the backbone runs a padded batch on its real tokens only (see `split`).
+    let training =
+        Training::new(opts.autocast, 0).with_gpu_fused_attention(opts.gpu_fused_attention);
+    let packs = device.is_cpu() && enc.backbone().packs_padding(Mode::Train(&training));
     if opts.grad_cache.is_none() && !opts.checkpointing {
         let mut collated = Vec::with_capacity(sides.len());
         for &(seqs, _, size) in &sides {
-            let split = split(seqs.0, size, opts, &device);
+            let split = split(seqs.0, size, opts, (&device, packs));
             let batches = split.iter().map(|w| make(seqs, w)).collect::<Result<Vec<_>>>()?;
             collated.push((split, batches));
         }
@@ -543,7 +551,7 @@ pub fn step(
     let keep = opts.grad_cache.is_none() && opts.checkpointing;
     let mut passes = Vec::new();
     for &(seqs, side, size) in &sides {
-        let split = split(seqs.0, size, opts, &device);
+        let split = split(seqs.0, size, opts, (&device, packs));
         let mut parts = Vec::new();
         for (c, which) in split.iter().enumerate() {
             let batch = make(seqs, which)?;
@@ -630,9 +638,12 @@ mod tests {
     fn sides_are_split_by_length_on_the_cpu_and_put_back_in_input_order() {
         let seqs: Vec<Vec<u32>> = [120, 3, 118, 4, 2, 119].iter().map(|&n| vec![7; n]).collect();
         let o = plain_options();
-        let buckets = split(&seqs, None, &o, &Device::Cpu);
+        let cpu = (&Device::Cpu, false);
+        let buckets = split(&seqs, None, &o, cpu);
         assert_eq!(buckets, [vec![4, 1, 3], vec![2, 5, 0]]);
-        assert_eq!(split(&seqs, Some(4), &o, &Device::Cpu), [vec![4, 1, 3, 2], vec![5, 0]]);
+        assert_eq!(split(&seqs, Some(4), &o, cpu), [vec![4, 1, 3, 2], vec![5, 0]]);
+        // A backbone that computes only real tokens runs the whole side at once.
+        assert_eq!(split(&seqs, None, &o, (&Device::Cpu, true)), [vec![4, 1, 3, 2, 5, 0]]);
         let cycle = [vec![2], vec![0, 1]];
         let rows: Vec<f32> = [2.0, 0.0, 1.0].to_vec();
         let cat = Tensor::from_vec(rows, 3, &Device::Cpu).unwrap();

@@ -9,6 +9,7 @@ use serde::Deserialize;
 use super::cpu_infer::PostNormLayer;
 use super::layers::{self, Activation, LayerNorm, Linear, Linears};
 use super::lookup::embedding;
+use super::unpad::Packing;
 use super::{Architecture, Backbone, HeadLayout, Mode, Registered, SequenceClassification};
 use crate::collate::Batch;
 
@@ -199,6 +200,10 @@ impl Backbone for Bert {
     fn layer(&self, i: usize, x: &Tensor, bias: &Tensor, mode: Mode) -> Result<Tensor> {
         self.layers[i].forward(x, bias, &self.cfg, mode)
     }
+
+    fn packs_padding(&self, mode: Mode) -> bool {
+        super::unpad::packs(self.cfg.attention_probs_dropout_prob, mode)
+    }
 }
 
 impl Layer {
@@ -220,25 +225,21 @@ impl Layer {
                 return fast.forward(x, bias);
             }
         }
-        let q = self.query.forward(x, mode)?;
-        let k = self.key.forward(x, mode)?;
-        let v = self.value.forward(x, mode)?;
-        let ctx = layers::attention(
-            &q,
-            &k,
-            &v,
-            bias,
-            cfg.num_attention_heads,
-            cfg.attention_probs_dropout_prob,
-            mode,
-        )?;
+        // The token-wise parts on the real tokens only when training (`unpad.rs`).
+        let p = cfg.attention_probs_dropout_prob;
+        let packing = Packing::of(x, bias, p, mode)?;
+        let x = packing.pack(x)?;
+        let q = self.query.forward(&x, mode)?;
+        let k = self.key.forward(&x, mode)?;
+        let v = self.value.forward(&x, mode)?;
+        let ctx = packing.attention((&q, &k, &v), bias, cfg.num_attention_heads, p, mode)?;
         let a = self.attn_out.forward(&ctx, mode)?;
-        let a = layers::dropout(&a, cfg.hidden_dropout_prob, mode)?;
+        let a = packing.dropout(&a, cfg.hidden_dropout_prob, mode)?;
         let a = self.attn_norm.forward(&(a + x)?, mode)?;
         let f = cfg.hidden_act.forward(&self.intermediate.forward(&a, mode)?, mode)?;
         let f = self.output.forward(&f, mode)?;
-        let f = layers::dropout(&f, cfg.hidden_dropout_prob, mode)?;
-        self.out_norm.forward(&(f + a)?, mode)
+        let f = packing.dropout(&f, cfg.hidden_dropout_prob, mode)?;
+        packing.unpack(self.out_norm.forward(&(f + a)?, mode)?)
     }
 }
 

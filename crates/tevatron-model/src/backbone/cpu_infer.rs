@@ -15,7 +15,7 @@ use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 
 use super::activation::activate;
-use super::attention::kernel::{forward as attention, Heads};
+use super::attention::kernel::{forward as attention, Heads, Sequences};
 use super::fast::{par_fill, simd, Data, CHUNK};
 use super::layers::{Activation, LayerNorm, Linear};
 use super::norm::{add_layer_norm, rms_norm_rows, RmsNormRef};
@@ -79,7 +79,7 @@ impl PostNormLayer<'_> {
     ) -> Result<Vec<f32>> {
         let [q, k, v] = Linear::infer_shared(x, [self.query, self.key, self.value])?;
         let heads = Heads { query: self.heads, kv: self.heads, dim: h / self.heads };
-        let ctx = attention((&q, &k, &v), mask, (b, l), heads, None)?;
+        let ctx = attention((&q, &k, &v), Sequences::Padded { b, l, mask }, heads, None)?;
         drop((q, k, v));
         let mut a = linear(&ctx, self.attn_out)?;
         drop(ctx);
@@ -160,7 +160,7 @@ impl DecoderLayer<'_> {
         }
         rotate(&mut q, query * dim, l, dim, table, false);
         rotate(&mut k, kv * dim, l, dim, table, false);
-        let ctx = attention((&q, &k, &v), mask, (b, l), self.heads, None)?;
+        let ctx = attention((&q, &k, &v), Sequences::Padded { b, l, mask }, self.heads, None)?;
         drop((q, k, v));
         let mut x1 = linear(&ctx, self.o)?;
         drop(ctx);

@@ -9,6 +9,7 @@ use serde::Deserialize;
 use super::cpu_infer::PostNormLayer;
 use super::layers::{self, Activation, LayerNorm, Linear, Linears};
 use super::lookup::embedding;
+use super::unpad::Packing;
 use super::{Architecture, Backbone, HeadLayout, Mode, Registered, SequenceClassification};
 use crate::collate::Batch;
 
@@ -119,6 +120,10 @@ impl Backbone for DistilBert {
         self.layers.len()
     }
 
+    fn packs_padding(&self, mode: Mode) -> bool {
+        super::unpad::packs(self.cfg.attention_dropout, mode)
+    }
+
     fn layer(&self, i: usize, x: &Tensor, bias: &Tensor, mode: Mode) -> Result<Tensor> {
         let layer = &self.layers[i];
         if mode == Mode::Eval {
@@ -138,22 +143,19 @@ impl Backbone for DistilBert {
                 return fast.forward(x, bias);
             }
         }
-        let q = layer.q.forward(x, mode)?;
-        let k = layer.k.forward(x, mode)?;
-        let v = layer.v.forward(x, mode)?;
-        let ctx = layers::attention(
-            &q,
-            &k,
-            &v,
-            bias,
-            self.cfg.n_heads,
-            self.cfg.attention_dropout,
-            mode,
-        )?;
-        let sa = layer.sa_norm.forward(&(layer.out.forward(&ctx, mode)? + x)?, mode)?;
+        // The token-wise parts on the real tokens only when training (`unpad.rs`).
+        let p = self.cfg.attention_dropout;
+        let packing = Packing::of(x, bias, p, mode)?;
+        let x = packing.pack(x)?;
+        let q = layer.q.forward(&x, mode)?;
+        let k = layer.k.forward(&x, mode)?;
+        let v = layer.v.forward(&x, mode)?;
+        let ctx = packing.attention((&q, &k, &v), bias, self.cfg.n_heads, p, mode)?;
+        let sa = layer.out.forward(&ctx, mode)?;
+        let sa = layer.sa_norm.forward(&(sa + x)?, mode)?;
         let f = self.cfg.activation.forward(&layer.lin1.forward(&sa, mode)?, mode)?;
-        let f = layers::dropout(&layer.lin2.forward(&f, mode)?, self.cfg.dropout, mode)?;
-        layer.out_norm.forward(&(f + sa)?, mode)
+        let f = packing.dropout(&layer.lin2.forward(&f, mode)?, self.cfg.dropout, mode)?;
+        packing.unpack(layer.out_norm.forward(&(f + sa)?, mode)?)
     }
 }
 

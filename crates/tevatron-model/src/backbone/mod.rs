@@ -24,6 +24,7 @@ pub mod modernbert;
 pub mod norm;
 pub mod rotary;
 pub mod train_ops;
+mod unpad;
 
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -288,6 +289,12 @@ pub trait Backbone: Send + Sync {
     fn num_layers(&self) -> usize;
     /// Runs layer `i` on hidden states `x`.
     fn layer(&self, i: usize, x: &Tensor, bias: &Tensor, mode: Mode) -> Result<Tensor>;
+    /// Whether the layers compute a padded batch on its real tokens only in `mode` (`unpad.rs`),
+    /// so that a batch padded to its longest sequence costs no more than its real tokens: the
+    /// trainer then need not split it by length.
+    fn packs_padding(&self, _mode: Mode) -> bool {
+        false
+    }
     /// What follows the last layer (a decoder's final norm); nothing for BERT-style encoders.
     fn finish(&self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
         Ok(x.clone())

@@ -15,6 +15,8 @@
 //! (`--attn_implementation flash_attention_2`): one warp per query row with an online softmax,
 //! so no `l x l` block exists at all, and the dropout mask computed from its stream position.
 
+use std::sync::Arc;
+
 use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
@@ -34,10 +36,84 @@ pub(in crate::backbone) struct Dropout {
 }
 
 impl Dropout {
-    /// Applies the mask of (sequence, head) `task` (`seq * query + head`) to its `l x l` block.
-    fn apply(&self, block: &mut [f32], task: usize) {
+    /// Applies the mask's bytes from `at` on to a (sequence, head)'s block of probabilities.
+    fn apply(&self, block: &mut [f32], at: usize) {
         let n = block.len();
-        mask_scale_in_place(block, &self.keep[task * n..(task + 1) * n], self.scale);
+        mask_scale_in_place(block, &self.keep[at..at + n], self.scale);
+    }
+}
+
+/// Where each sequence of a batch lies in the row buffers of Q, K, V and the context, and
+/// which keys its queries see.
+#[derive(Clone, Copy)]
+pub(in crate::backbone) enum Sequences<'a> {
+    /// `b` sequences of `l` rows one after another, under an additive mask per key `(b, l)`
+    /// (padding) or per query and key `(b, l, l)` (causal).
+    Padded { b: usize, l: usize, mask: &'a [f32] },
+    /// Sequences packed without padding (`unpad.rs`): each one's first row and length, every
+    /// key of a sequence visible to its queries.
+    Packed(&'a [(usize, usize)]),
+}
+
+impl Sequences<'_> {
+    fn count(self) -> usize {
+        match self {
+            Sequences::Padded { b, .. } => b,
+            Sequences::Packed(spans) => spans.len(),
+        }
+    }
+
+    /// The longest sequence's length (the side of the score blocks).
+    fn longest(self) -> usize {
+        match self {
+            Sequences::Padded { l, .. } => l,
+            Sequences::Packed(spans) => spans.iter().map(|s| s.1).max().unwrap_or(0),
+        }
+    }
+
+    /// Sequence `seq`'s first row and length.
+    fn span(self, seq: usize) -> (usize, usize) {
+        match self {
+            Sequences::Padded { l, .. } => (seq * l, l),
+            Sequences::Packed(spans) => spans[seq],
+        }
+    }
+
+    /// Sequence `seq`'s mask and its row stride (0: one row for every query), `zeros` (as
+    /// long as the longest sequence) where every key is visible.
+    fn mask<'z>(self, seq: usize, zeros: &'z [f32]) -> Result<(&'z [f32], usize)>
+    where
+        Self: 'z,
+    {
+        match self {
+            Sequences::Padded { b, l, mask } => {
+                let stride = match mask.len() {
+                    n if n == b * l => 0,
+                    n if n == b * l * l => l,
+                    n => candle_core::bail!("attention: mask of {n} values for {b} x {l}"),
+                };
+                Ok((&mask[seq * l * stride.max(1)..], stride))
+            }
+            Sequences::Packed(_) => Ok((zeros, 0)),
+        }
+    }
+
+    /// Where the dropout bytes of (sequence `seq`, query head `head`) start, the probabilities
+    /// of each sequence's heads laid out one `len x len` block after another.
+    fn probs_at(self, seq: usize, head: usize, query: usize) -> usize {
+        match self {
+            Sequences::Padded { l, .. } => (seq * query + head) * l * l,
+            Sequences::Packed(spans) => {
+                let before: usize = spans[..seq].iter().map(|s| s.1 * s.1).sum();
+                let own = spans.get(seq).map_or(0, |s| s.1 * s.1);
+                before * query + head * own
+            }
+        }
+    }
+
+    /// Dropout bytes in all: one per probability of every sequence and query head.
+    pub(in crate::backbone) fn probs(self, query: usize) -> usize {
+        self.probs_at(self.count(), 0, query)
     }
 }
 
@@ -71,48 +147,55 @@ impl SharedOut {
 }
 
 /// `softmax(q k^T / sqrt(d) + mask) v` for every sequence and query head, one rayon task each.
-/// `q` is `(b*l, query*dim)` and `k`, `v` are `(b*l, kv*dim)`, row-major, head `j` in columns
-/// `j*dim..(j+1)*dim`; query head `j` reads key/value head `j / (query/kv)`. `mask` is
-/// additive, either per key `(b, l)` (padding) or per query and key `(b, l, l)` (causal).
-/// The context comes back as `(b*l, query*dim)`, the heads already merged. With `dropout`,
+/// `q` is `(rows, query*dim)` and `k`, `v` are `(rows, kv*dim)`, row-major, head `j` in columns
+/// `j*dim..(j+1)*dim`; query head `j` reads key/value head `j / (query/kv)`. `seqs` says where
+/// each sequence's rows are and what masks its keys. The context comes back as `(rows,
+/// query*dim)`, the heads already merged (zeros on rows no sequence covers). With `dropout`,
 /// its mask is applied to the probabilities before they weight `v`.
 pub(in crate::backbone) fn forward(
     (q, k, v): (&[f32], &[f32], &[f32]),
-    mask: &[f32],
-    (b, l): (usize, usize),
+    seqs: Sequences,
     heads: Heads,
     dropout: Option<&Dropout>,
 ) -> Result<Vec<f32>> {
     let Heads { query, kv, dim } = heads;
     let (qw, kw) = (query * dim, kv * dim);
-    let mask_row_stride = check_shapes(q, k, v, mask, (b, l), heads, dropout)?;
+    check_shapes(q, k, v, seqs, heads, dropout)?;
     let group = query / kv;
-    let mut ctx = vec![0f32; b * l * qw];
+    let longest = seqs.longest();
+    let zeros = vec![0f32; longest];
+    let mut ctx = vec![0f32; q.len()];
     let out = SharedOut(ctx.as_mut_ptr());
-    (0..b * query).into_par_iter().for_each_init(
-        || vec![0f32; l * l],
-        |scores, task| {
+    (0..seqs.count() * query).into_par_iter().try_for_each_init(
+        || vec![0f32; longest * longest],
+        |scores, task| -> Result<()> {
             let (seq, head) = (task / query, task % query);
-            let q_at = seq * l * qw + head * dim;
-            let kv_at = seq * l * kw + (head / group) * dim;
-            let block = seq * l * mask_row_stride.max(1);
-            // SAFETY: rows seq*l..(seq+1)*l and the head's dim columns are within q, k and v
+            let (row, l) = seqs.span(seq);
+            let q_at = row * qw + head * dim;
+            let kv_at = row * kw + (head / group) * dim;
+            if l == 0 {
+                return Ok(());
+            }
+            let mask = seqs.mask(seq, &zeros)?;
+            let scores = &mut scores[..l * l];
+            // SAFETY: rows row..row+l and the head's dim columns are within q, k and v
             // (lengths checked above); scores is l x l. Each task writes only its own
             // (sequence, head) block of ctx, so writes never overlap.
             unsafe {
                 let q_h = Mat::new(q.as_ptr().add(q_at), qw);
                 let k_g = Mat::new(k.as_ptr().add(kv_at), kw);
-                probabilities(scores, q_h, k_g, (&mask[block..], mask_row_stride), (l, dim));
+                probabilities(scores, q_h, k_g, mask, (l, dim));
                 if let Some(dropout) = dropout {
-                    dropout.apply(scores, task);
+                    dropout.apply(scores, seqs.probs_at(seq, head, query));
                 }
                 // ctx_h = P V
                 let p = Mat::new(scores.as_ptr(), l);
                 let v_g = Mat::new(v.as_ptr().add(kv_at), kw);
                 product((out.ptr().add(q_at), qw), false, p, v_g, (l, dim, l), 1.0);
             }
+            Ok(())
         },
-    );
+    )?;
     Ok(ctx)
 }
 
@@ -210,33 +293,38 @@ fn softmax_rows_portable(scores: &mut [f32], mask: &[f32], l: usize, stride: usi
     }
 }
 
-/// Checks the operands of [`forward`]/[`backward`]; returns the mask's row stride: 0 for a mask
-/// per key `(b, l)`, `l` for one per query and key `(b, l, l)`.
+/// Checks the operands of [`forward`]/[`backward`]: Q, K and V as long as the sequences'
+/// rows, which stay within them, the heads, and the dropout mask's size.
 fn check_shapes(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    mask: &[f32],
-    (b, l): (usize, usize),
+    seqs: Sequences,
     heads: Heads,
     dropout: Option<&Dropout>,
-) -> Result<usize> {
+) -> Result<()> {
     let Heads { query, kv, dim } = heads;
-    let stride = match mask.len() {
-        n if n == b * l => 0,
-        n if n == b * l * l => l,
-        n => candle_core::bail!("attention: mask of {n} values for {b} x {l}"),
-    };
     if kv == 0 || query % kv != 0 {
         candle_core::bail!("attention: {query} query heads for {kv} key/value heads");
     }
-    if q.len() != b * l * query * dim || k.len() != b * l * kv * dim || v.len() != k.len() {
+    let rows = q.len() / (query * dim).max(1);
+    if q.len() != rows * query * dim || k.len() != rows * kv * dim || v.len() != k.len() {
         candle_core::bail!("attention: shapes do not match");
     }
-    if dropout.is_some_and(|d| d.keep.len() != b * query * l * l) {
-        candle_core::bail!("attention: dropout mask does not match {b} x {query} x {l} x {l}");
+    let within = match seqs {
+        Sequences::Padded { b, l, .. } => {
+            seqs.mask(0, &[])?; // the mask's size
+            b * l == rows
+        }
+        Sequences::Packed(spans) => spans.iter().all(|&(row, l)| row + l <= rows),
+    };
+    if !within {
+        candle_core::bail!("attention: sequences beyond the {rows} rows of Q, K and V");
     }
-    Ok(stride)
+    if dropout.is_some_and(|d| d.keep.len() != seqs.probs(query)) {
+        candle_core::bail!("attention: the dropout mask does not match the probabilities");
+    }
+    Ok(())
 }
 
 /// The gradients of [`forward`] for `q`, `k` and `v` (same layouts), given the gradient `dctx`
@@ -247,13 +335,12 @@ fn check_shapes(
 /// `v`: `dP` is `(dctx_h V^T) M` and `dV += P'^T dctx_h`.
 pub(in crate::backbone) fn backward(
     (q, k, v): (&[f32], &[f32], &[f32]),
-    mask: &[f32],
-    (b, l): (usize, usize),
+    seqs: Sequences,
     heads: Heads,
     dctx: &[f32],
     dropout: Option<&Dropout>,
 ) -> Result<[Vec<f32>; 3]> {
-    let mask_row_stride = check_shapes(q, k, v, mask, (b, l), heads, dropout)?;
+    check_shapes(q, k, v, seqs, heads, dropout)?;
     if dctx.len() != q.len() {
         candle_core::bail!("attention: gradient of {} values for {}", dctx.len(), q.len());
     }
@@ -261,18 +348,25 @@ pub(in crate::backbone) fn backward(
     let (qw, kw) = (query * dim, kv * dim);
     let group = query / kv;
     let scale = 1.0 / (dim as f32).sqrt();
+    let longest = seqs.longest();
+    let zeros = vec![0f32; longest];
     let (mut dq, mut dk, mut dv) = (vec![0f32; q.len()], vec![0f32; k.len()], vec![0f32; v.len()]);
     let (dq_out, dk_out, dv_out) =
         (SharedOut(dq.as_mut_ptr()), SharedOut(dk.as_mut_ptr()), SharedOut(dv.as_mut_ptr()));
-    (0..b * kv).into_par_iter().for_each_init(
-        || (vec![0f32; l * l], vec![0f32; l * l]),
-        |(probs, dprobs), task| {
+    (0..seqs.count() * kv).into_par_iter().try_for_each_init(
+        || (vec![0f32; longest * longest], vec![0f32; longest * longest]),
+        |(probs, dprobs), task| -> Result<()> {
             let (seq, g) = (task / kv, task % kv);
-            let kv_at = seq * l * kw + g * dim;
-            let block = seq * l * mask_row_stride.max(1);
+            let (row, l) = seqs.span(seq);
+            if l == 0 {
+                return Ok(());
+            }
+            let kv_at = row * kw + g * dim;
+            let mask = seqs.mask(seq, &zeros)?;
+            let (probs, dprobs) = (&mut probs[..l * l], &mut dprobs[..l * l]);
             for head in g * group..(g + 1) * group {
-                let q_at = seq * l * qw + head * dim;
-                let task = seq * query + head;
+                let q_at = row * qw + head * dim;
+                let at = seqs.probs_at(seq, head, query);
                 let first = head == g * group;
                 // SAFETY: every operand is the (sequence, head) block of a buffer whose length
                 // was checked; probs and dprobs are l x l. This task alone writes the query heads
@@ -283,15 +377,15 @@ pub(in crate::backbone) fn backward(
                     let (k_g, v_g) =
                         (Mat::new(k.as_ptr().add(kv_at), kw), Mat::new(v.as_ptr().add(kv_at), kw));
                     // P, as the forward pass had it.
-                    probabilities(probs, q_h, k_g, (&mask[block..], mask_row_stride), (l, dim));
+                    probabilities(probs, q_h, k_g, mask, (l, dim));
                     // dP = dctx_h V^T, then dS over it.
                     product((dprobs.as_mut_ptr(), l), false, dctx_h, v_g.t(), (l, l, dim), 1.0);
                     if let Some(dropout) = dropout {
-                        dropout.apply(dprobs, task);
+                        dropout.apply(dprobs, at);
                     }
                     softmax_backward_rows(probs, dprobs, l);
                     if let Some(dropout) = dropout {
-                        dropout.apply(probs, task);
+                        dropout.apply(probs, at);
                     }
                     let (p, ds) = (Mat::new(probs.as_ptr(), l), Mat::new(dprobs.as_ptr(), l));
                     // dq_h = dS K / sqrt(d)
@@ -302,8 +396,9 @@ pub(in crate::backbone) fn backward(
                     product((dv_out.ptr().add(kv_at), kw), !first, p.t(), dctx_h, (l, dim, l), 1.0);
                 }
             }
+            Ok(())
         },
-    );
+    )?;
     Ok([dq, dk, dv])
 }
 
@@ -324,6 +419,9 @@ struct Attention {
     mask: Tensor,
     heads: Heads,
     dropout: Option<AttentionDrop>,
+    /// Packed sequences (first row, length) over `(rows, heads, dim)` operands, which `mask`
+    /// then does not apply to (CPU only); `None` for a padded `(b, l, heads, dim)` batch.
+    packed: Option<Arc<[(usize, usize)]>>,
 }
 
 impl Attention {
@@ -333,15 +431,27 @@ impl Attention {
         Ok((b, l))
     }
 
-    /// The byte mask of the CPU's kernels, computed from the stream position if that is what
-    /// the op holds.
-    fn bytes(&self, (b, l): (usize, usize)) -> Option<std::borrow::Cow<'_, Dropout>> {
+    /// The sequences of operands shaped `q` for the CPU's kernels, and the context's shape.
+    fn sequences<'a>(&'a self, q: &Shape, mask: &'a [f32]) -> Result<(Sequences<'a>, Shape)> {
+        let width = self.heads.query * self.heads.dim;
+        Ok(match &self.packed {
+            Some(spans) => (Sequences::Packed(spans), Shape::from((q.dims3()?.0, width))),
+            None => {
+                let (b, l) = self.batch(q)?;
+                (Sequences::Padded { b, l, mask }, Shape::from((b, l, width)))
+            }
+        })
+    }
+
+    /// The byte mask of the CPU's kernels over `seqs`, computed from the stream position if
+    /// that is what the op holds.
+    fn bytes(&self, seqs: Sequences) -> Option<std::borrow::Cow<'_, Dropout>> {
         use std::borrow::Cow;
         match &self.dropout {
             None => None,
             Some(AttentionDrop::Bytes(d)) => Some(Cow::Borrowed(d)),
             Some(AttentionDrop::Stream(m)) => {
-                let keep = m.bytes(b * self.heads.query * l * l);
+                let keep = m.bytes(seqs.probs(self.heads.query));
                 Some(Cow::Owned(Dropout { keep, scale: m.scale() }))
             }
         }
@@ -353,6 +463,9 @@ impl Attention {
         &self,
         (b, l): (usize, usize),
     ) -> Result<(crate::backbone::train_ops::cuda::AttentionDims, Option<StreamMask>)> {
+        if self.packed.is_some() {
+            candle_core::bail!("train-attention: packed sequences on a GPU");
+        }
         let Heads { query, kv, dim } = self.heads;
         let dims = crate::backbone::train_ops::cuda::AttentionDims { b, l, query, kv, dim };
         match &self.dropout {
@@ -381,11 +494,11 @@ impl CustomOp3 for Attention {
         let q = contiguous_f32(s1, l1, "train-attention")?;
         let k = contiguous_f32(s2, l2, "train-attention")?;
         let v = contiguous_f32(s3, l3, "train-attention")?;
-        let (b, l) = self.batch(l1.shape())?;
         let mask = Data::of(&self.mask)?;
-        let dropout = self.bytes((b, l));
-        let ctx = forward((q, k, v), mask.slice(), (b, l), self.heads, dropout.as_deref())?;
-        Ok((CpuStorage::F32(ctx), Shape::from((b, l, self.heads.query * self.heads.dim))))
+        let (seqs, shape) = self.sequences(l1.shape(), mask.slice())?;
+        let dropout = self.bytes(seqs);
+        let ctx = forward((q, k, v), seqs, self.heads, dropout.as_deref())?;
+        Ok((CpuStorage::F32(ctx), shape))
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -414,11 +527,10 @@ impl CustomOp3 for Attention {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (b, l) = self.batch(q.shape())?;
         let grad = grad.contiguous()?;
         #[cfg(feature = "cuda")]
         if q.device().is_cuda() {
-            let (dims, dropout) = self.on_gpu((b, l))?;
+            let (dims, dropout) = self.on_gpu(self.batch(q.shape())?)?;
             let op =
                 GpuAttentionGrad { attention: self, dims, dropout, grad, ctx: res.contiguous()? };
             let all = q.apply_op3_no_bwd(k, v, &op)?;
@@ -433,11 +545,11 @@ impl CustomOp3 for Attention {
         let _ = res;
         let (qd, kd, vd, gd, mask) =
             (Data::of(q)?, Data::of(k)?, Data::of(v)?, Data::of(&grad)?, Data::of(&self.mask)?);
-        let dropout = self.bytes((b, l));
+        let (seqs, _) = self.sequences(q.shape(), mask.slice())?;
+        let dropout = self.bytes(seqs);
         let [dq, dk, dv] = backward(
             (qd.slice(), kd.slice(), vd.slice()),
-            mask.slice(),
-            (b, l),
+            seqs,
             self.heads,
             gd.slice(),
             dropout.as_deref(),
@@ -509,7 +621,34 @@ pub(in crate::backbone) fn attention(
 ) -> Result<Tensor> {
     let (_, _, query, dim) = q.dims4()?;
     let (_, _, kv, _) = k.dims4()?;
-    let op = Attention { mask: bias.contiguous()?, heads: Heads { query, kv, dim }, dropout };
+    let op = Attention {
+        mask: bias.contiguous()?,
+        heads: Heads { query, kv, dim },
+        dropout,
+        packed: None,
+    };
+    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+/// [`attention`] over packed sequences on the CPU (`unpad.rs`): `q` `(rows, query heads, d)`,
+/// `k` and `v` `(rows, kv heads, d)`, `spans` each sequence's first row and length (every key
+/// of a sequence visible to its queries), `dropout` drawn over [`Sequences::probs`]. Returns
+/// `(rows, query heads * d)`.
+pub(in crate::backbone) fn packed_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    spans: Arc<[(usize, usize)]>,
+    dropout: Option<Dropout>,
+) -> Result<Tensor> {
+    let (_, query, dim) = q.dims3()?;
+    let (_, kv, _) = k.dims3()?;
+    let op = Attention {
+        mask: Tensor::zeros(0, candle_core::DType::F32, q.device())?,
+        heads: Heads { query, kv, dim },
+        dropout: dropout.map(AttentionDrop::Bytes),
+        packed: Some(spans),
+    };
     q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
