@@ -236,9 +236,10 @@ tr one --device "$dev0" --disable_dropout --per_device_train_batch_size "$bs" --
 tr two --device "$dev0" --disable_dropout --per_device_train_batch_size $((bs / 2)) --max_steps $((steps / 3)) --nproc_per_node 2
 same_losses one "one process" two "two ranks" "two ranks do not train as one process with twice the batch"
 echo "-- dropout on, f32: the GPU draws the CPU's masks, so both train alike (3 steps of 8 groups)"
-# Every sequence cut at the same length (queries of 8 tokens, passages of 32), so that the CPU's
-# length split (docs/train.md, "Length buckets") keeps each side whole and in input order, as a
-# GPU does: only then are the masks drawn over the same rows.
+# Every sequence cut at the same length (queries of 8 tokens, passages of 32), so that the CPU
+# keeps each side whole and in input order, as a GPU does, for any model (a BERT-family one does
+# so anyway, docs/train.md "Real tokens only"; others split by length, "Length buckets"): only
+# then are the masks drawn over the same rows.
 ql=8 pl=32 tr dcpu --device cpu --per_device_train_batch_size 8 --max_steps 3
 ql=8 pl=32 tr dgpu --device "$dev0" --per_device_train_batch_size 8 --max_steps 3
 same_losses dcpu cpu dgpu gpu "GPU training with dropout differs from CPU training with the same seed"

@@ -351,12 +351,12 @@ pub const BUCKET_COST_TOKENS: usize = 32;
 /// the work is proportional to the tokens computed, padding included, the sequences are sorted
 /// by length and each chunk pads only to its own longest: with GradCache (`size`), chunks of
 /// `size` in that order; without it, the split of [`length_buckets`] (for InsuranceQA's questions
-/// and answers, about a fifth of the tokens fewer than one batch padded to its longest), unless
+/// and answers, about a fifth of the tokens fewer than one batch padded to its longest). Where
 /// the backbone computes only the real tokens of a padded batch (`packs`: BERT and DistilBERT
-/// training on the CPU in F32), where one chunk costs no more padding and runs larger
-/// products. On a GPU, where a batch's padding costs less than the launches of another
-/// forward, the input order: one chunk, or chunks of `size`. The representations are the same
-/// either way; the dropout masks are drawn per chunk.
+/// training on the CPU), and on a GPU, where a batch's padding costs less than the launches
+/// of another forward, the input order: one chunk, or chunks of `size`; so a packed CPU step
+/// and a GPU step draw the same dropout masks. The representations are the same either way;
+/// the dropout masks are drawn per chunk.
 fn split(
     seqs: &[Vec<u32>],
     size: Option<usize>,
@@ -370,7 +370,7 @@ fn split(
             length_buckets(&lens, opts.pad_to_multiple_of, BUCKET_COST_TOKENS)
         }
         _ => {
-            if device.is_cpu() {
+            if device.is_cpu() && !packs {
                 order.sort_by_key(|&i| (lens[i], i));
             }
             let size = size.unwrap_or(seqs.len()).max(1);
@@ -546,7 +546,7 @@ pub fn step(
     }
 
     // First pass: outputs without a graph, chunk by chunk. With checkpointing but no GradCache
-    // each part (a length bucket on the CPU) keeps its layer inputs, so backward need not run
+    // each part (a length bucket on the CPU, unless the backbone packs) keeps its layer inputs, so backward need not run
     // the forward again; otherwise nothing but the outputs is kept.
     let keep = opts.grad_cache.is_none() && opts.checkpointing;
     let mut passes = Vec::new();
@@ -642,8 +642,10 @@ mod tests {
         let buckets = split(&seqs, None, &o, cpu);
         assert_eq!(buckets, [vec![4, 1, 3], vec![2, 5, 0]]);
         assert_eq!(split(&seqs, Some(4), &o, cpu), [vec![4, 1, 3, 2], vec![5, 0]]);
-        // A backbone that computes only real tokens runs the whole side at once.
-        assert_eq!(split(&seqs, None, &o, (&Device::Cpu, true)), [vec![4, 1, 3, 2, 5, 0]]);
+        // A backbone that computes only real tokens keeps the input order, as a GPU does.
+        assert_eq!(split(&seqs, None, &o, (&Device::Cpu, true)), [vec![0, 1, 2, 3, 4, 5]]);
+        let packed = split(&seqs, Some(4), &o, (&Device::Cpu, true));
+        assert_eq!(packed, [vec![0, 1, 2, 3], vec![4, 5]]);
         let cycle = [vec![2], vec![0, 1]];
         let rows: Vec<f32> = [2.0, 0.0, 1.0].to_vec();
         let cat = Tensor::from_vec(rows, 3, &Device::Cpu).unwrap();

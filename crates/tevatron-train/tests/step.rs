@@ -127,7 +127,8 @@ fn f32_loss_and_grad_norm_match_pytorch() {
 
 fn f32_step_matches_pytorch(model: &str) {
     let f = fixture_of(model);
-    // The CPU step splits each side by length and puts the outputs back in order: the
+    // The CPU step of a model that does not pack (ModernBERT here; BERT runs each side whole on
+    // its real tokens) splits each side by length and puts the outputs back in order: the
     // fixture's passages must be split for that to be checked here.
     let lens: Vec<usize> = f.passages.iter().map(Vec::len).collect();
     let buckets = length_buckets(&lens, opts(1.0).pad_to_multiple_of, BUCKET_COST_TOKENS);
@@ -421,8 +422,10 @@ fn a_distillation_step_is_the_kl_of_its_representations() {
 /// With dropout on, the F32 CPU step (fused ops, byte masks drawn from the stream) and the F64
 /// step (composed candle ops, the counter masks every other device computes, a GPU's included)
 /// drop the same values: their losses and gradients agree. Both run on the CPU, so both split
-/// the batch alike; a GPU, which keeps it whole, draws the same masks where the split keeps
-/// one part in input order (`scripts/gpu-check.sh` compares such batches on a GPU).
+/// the batch alike (BERT: each side whole in input order, the F32 layers on the packed real
+/// tokens with the padded layout's masks; ModernBERT: length buckets); a GPU, which keeps it
+/// whole, draws the same masks where the CPU keeps one part in input order
+/// (`scripts/gpu-check.sh` compares such batches on a GPU).
 #[test]
 fn dropout_drops_the_same_values_on_every_path() {
     for model in MODELS {

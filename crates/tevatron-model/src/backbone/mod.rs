@@ -289,9 +289,10 @@ pub trait Backbone: Send + Sync {
     fn num_layers(&self) -> usize;
     /// Runs layer `i` on hidden states `x`.
     fn layer(&self, i: usize, x: &Tensor, bias: &Tensor, mode: Mode) -> Result<Tensor>;
-    /// Whether the layers compute a padded batch on its real tokens only in `mode` (`unpad.rs`),
-    /// so that a batch padded to its longest sequence costs no more than its real tokens: the
-    /// trainer then need not split it by length.
+    /// Whether the layers compute a padded F32 batch on the CPU on its real tokens only in
+    /// `mode` (`unpad.rs`), so that a batch padded to its longest sequence costs little more
+    /// than its real tokens: the trainer then need not split it by length. It does not look at
+    /// the model's device or dtype (the trainer asks only on the CPU).
     fn packs_padding(&self, _mode: Mode) -> bool {
         false
     }

@@ -10,14 +10,17 @@
 //! position's output is zero instead of the value transformers computes there, which no loss
 //! reads. Dropout draws its mask for the padded layout, as the padded layer does, and applies
 //! it to the real tokens' entries: the same values are dropped either way, so the CPU's packed
-//! step and every other path (F64, a GPU) agree under dropout too. (LoRA's dropout on a
-//! projection's input, drawn inside the fused LoRA op, is the exception: it is drawn for the
-//! packed rows.)
+//! step and every other path (F64, a GPU) agree under dropout too. LoRA's dropout on a
+//! projection's input (`--lora_dropout`, drawn inside the fused LoRA op) is the exception: it
+//! is drawn for the packed rows, which also moves every later draw of that layer, so with LoRA
+//! dropout a packed layer drops other values than a padded one (each run still replays
+//! itself exactly).
 //!
-//! It applies when training on the CPU in F32 where the fused attention kernel runs, with a
-//! padding mask (`(b, 1, 1, l)`, as [`super::attention::mask_bias`] makes it) that masks
-//! something; elsewhere (inference, which has its own kernels; a GPU; F64 gradient checks;
-//! autocast; the pair masks of decoders and ModernBERT) the layer runs padded.
+//! It applies when training on the CPU in F32 where the fused attention kernel runs (without
+//! autocast, or under `--bf16` on the CPU's bf16 kernels), with a padding mask (`(b, 1, 1, l)`,
+//! as [`super::attention::mask_bias`] makes it) that masks something and a real token in the
+//! batch; elsewhere (inference, which has its own kernels; a GPU; F64 gradient checks; autocast
+//! composed by candle; the pair masks of decoders and ModernBERT) the layer runs padded.
 
 use std::sync::Arc;
 
@@ -65,7 +68,7 @@ impl Packing {
         }
         let keep = bias.flatten_all()?.to_vec1::<f32>()?;
         let real: Vec<u32> = (0..b * l).filter(|&r| keep[r] == 0.0).map(|r| r as u32).collect();
-        if real.len() == b * l {
+        if real.len() == b * l || real.is_empty() {
             return Ok(Self(None));
         }
         let mut spans = Vec::with_capacity(b);
@@ -166,10 +169,12 @@ fn applies(operands: &[&Tensor], attention_dropout: f64, mode: Mode) -> bool {
         && fused_attention_applies(operands, 0, attention_dropout, mode)
 }
 
-/// Whether the layers of a backbone that packs (BERT, DistilBERT) run a padded batch on its
-/// real tokens only in `mode` (with attention dropout `attention_dropout`), so that the
+/// Whether the layers of a backbone that packs (BERT, DistilBERT) run an F32 batch on the CPU
+/// on its real tokens only in `mode` (with attention dropout `attention_dropout`), so that the
 /// trainer need not split a batch by length to spare padding
-/// ([`super::Backbone::packs_padding`]).
+/// ([`super::Backbone::packs_padding`]). It answers for F32 on the CPU whatever the model's
+/// dtype: an F64 model (gradient checks) is then split as the F32 one is and runs padded, so
+/// both draw the same dropout masks.
 pub(crate) fn packs(attention_dropout: f64, mode: Mode) -> bool {
     let probe = Tensor::zeros(0, candle_core::DType::F32, &candle_core::Device::Cpu);
     probe.is_ok_and(|t| applies(&[&t], attention_dropout, mode))
@@ -319,8 +324,13 @@ mod tests {
         assert!(packs(&x, &mask_bias(&full, DType::F32).unwrap(), train).is_none());
         let f64 = x.to_dtype(DType::F64).unwrap();
         assert!(packs(&f64, &bias.to_dtype(DType::F64).unwrap(), train).is_none());
-        let autocast = Training::new(Some(DType::BF16), 0);
-        assert!(packs(&x, &bias, Mode::Train(&autocast)).is_none());
+        // bf16 autocast composed by candle: padded; on the CPU's bf16 kernels (emulated here,
+        // so on any CPU), whose attention stays F32: packed.
+        let composed = Training::new(Some(DType::BF16), 0).with_cpu_bf16(None);
+        assert!(packs(&x, &bias, Mode::Train(&composed)).is_none());
+        let kernels = Training::new(Some(DType::BF16), 0)
+            .with_cpu_bf16(Some(crate::backbone::bf16::Bf16Kernels::emulated()));
+        assert!(packs(&x, &bias, Mode::Train(&kernels)).is_some());
         // A pair mask (b, 1, l, l), as decoders' causal masks are.
         let pairs = bias.broadcast_as((2, 1, 3, 3)).unwrap().contiguous().unwrap();
         assert!(packs(&x, &pairs, train).is_none());
@@ -373,9 +383,8 @@ mod tests {
         Ok(())
     }
 
-    /// With dropout the packed op draws one decision per probability of the real tokens
-    /// ([`Sequences::probs`]) from the training stream: the same seed the same context, another
-    /// seed another one.
+    /// With dropout the packed op draws its mask from the training stream: the same seed the
+    /// same context, another seed another one (which entries it drops is the test above).
     #[test]
     fn packed_attention_dropout_follows_the_stream() -> Result<()> {
         let dev = Device::Cpu;

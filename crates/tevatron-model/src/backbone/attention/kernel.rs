@@ -1,6 +1,8 @@
 //! Scaled dot-product attention on raw F32 buffers, forward and backward, one rayon task per
 //! (sequence, head): `softmax(q k^T / sqrt(d) + mask) v`, reading Q, K and V in place through
 //! strides (grouped-query heads included) and writing each head's slice of the result in place.
+//! The sequences are a padded batch under a mask, or packed without padding (`unpad.rs`: each
+//! sequence its own rows and length, every key visible).
 //!
 //! Why it exists: composed from candle ops, attention is a dozen graph nodes per layer (scale,
 //! transpose, one batched product per head pair with its own thread hand-off, softmax, the
@@ -28,7 +30,8 @@ use crate::rng::StreamMask;
 
 /// Dropout on the attention probabilities: `keep` holds one byte per probability, laid out
 /// `(b, query heads, l, l)` as the composed path's `(b, heads, l, l)` tensor (so the same stream
-/// draws the same mask); kept values are multiplied by `scale`.
+/// draws the same mask), or for packed sequences one `len x len` block per sequence and query
+/// head, in that order ([`Sequences::probs`]); kept values are multiplied by `scale`.
 #[derive(Clone)]
 pub(in crate::backbone) struct Dropout {
     pub keep: Vec<u8>,
@@ -316,10 +319,20 @@ fn check_shapes(
             seqs.mask(0, &[])?; // the mask's size
             b * l == rows
         }
-        Sequences::Packed(spans) => spans.iter().all(|&(row, l)| row + l <= rows),
+        // In order and disjoint (each task writes its own rows), within the buffers.
+        Sequences::Packed(spans) => {
+            let mut end = 0;
+            spans.iter().all(|&(row, l)| {
+                let fits = row >= end && row.checked_add(l).is_some_and(|e| e <= rows);
+                end = row.saturating_add(l);
+                fits
+            })
+        }
     };
     if !within {
-        candle_core::bail!("attention: sequences beyond the {rows} rows of Q, K and V");
+        candle_core::bail!(
+            "attention: sequences out of order, overlapping or beyond the {rows} rows of Q, K and V"
+        );
     }
     if dropout.is_some_and(|d| d.keep.len() != seqs.probs(query)) {
         candle_core::bail!("attention: the dropout mask does not match the probabilities");
@@ -655,6 +668,22 @@ pub(in crate::backbone) fn packed_attention(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Packed sequences must lie in order, apart and within Q, K and V: each task writes its own
+    /// rows, and the products read through raw pointers.
+    #[test]
+    fn packed_sequences_beyond_or_across_each_other_are_refused() {
+        let heads = Heads { query: 1, kv: 1, dim: 2 };
+        let x = vec![0.5f32; 6 * 2];
+        let run =
+            |spans: &[(usize, usize)]| forward((&x, &x, &x), Sequences::Packed(spans), heads, None);
+        assert!(run(&[(0, 3), (3, 3)]).is_ok());
+        assert!(run(&[(0, 2), (4, 0), (4, 2)]).is_ok());
+        for bad in [&[(0, 3), (2, 2)][..], &[(3, 3), (0, 3)], &[(4, 3)], &[(1, usize::MAX)]] {
+            let err = run(bad).unwrap_err().to_string();
+            assert!(err.contains("overlapping or beyond the 6 rows"), "{bad:?}: {err}");
+        }
+    }
     use crate::backbone::{layers, Mode, Training};
     use crate::testing::max_abs_diff;
     use candle_core::Var;
