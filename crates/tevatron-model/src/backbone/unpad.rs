@@ -124,12 +124,19 @@ impl Packing {
                 let (padded, scale) = draw_keep_mask(training, b * heads * l * l, dropout_p);
                 let mut keep = Vec::with_capacity(Sequences::Packed(&rows.spans).probs(heads));
                 for (seq, &(start, len)) in rows.spans.iter().enumerate() {
-                    let at = |i: usize| rows.real[start + i] as usize % l;
+                    // The sequence's real positions; one run of them (any padding on one side)
+                    // is copied a row at a time.
+                    let at: Vec<usize> =
+                        rows.real[start..start + len].iter().map(|&r| r as usize % l).collect();
+                    let run = at.first().filter(|&&a| at.last() == Some(&(a + len - 1)));
                     for head in 0..heads {
                         let block = (seq * heads + head) * l * l;
-                        for i in 0..len {
-                            let row = block + at(i) * l;
-                            keep.extend((0..len).map(|j| padded[row + at(j)]));
+                        for &i in &at {
+                            let row = &padded[block + i * l..][..l];
+                            match run {
+                                Some(&a) => keep.extend_from_slice(&row[a..a + len]),
+                                None => keep.extend(at.iter().map(|&j| row[j])),
+                            }
                         }
                     }
                 }
@@ -337,19 +344,20 @@ mod tests {
     }
 
     /// Attention over the packed real tokens equals the padded op on the real rows, values and
-    /// gradients, with two heads, sequences of 5, 2 and 4 real tokens (one unpadded) and an
-    /// output gradient on the real rows only (padding rows feed nothing downstream); with
+    /// gradients, with two heads, sequences of 5, 2 and 3 real tokens (unpadded, left-padded,
+    /// and with a hole) and an output gradient on the real rows only (padding rows feed nothing downstream); with
     /// dropout too, the same seed dropping the same probabilities, and the hidden states'
     /// dropout likewise.
     #[test]
     fn packed_attention_and_dropout_equal_the_padded_ops_on_real_tokens() -> Result<()> {
         let dev = Device::Cpu;
         let (b, l, heads, d) = (3, 5, 2, 4);
-        let mask = Tensor::new(&[[1u32, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]], &dev)?;
+        // Unpadded, left-padded, and with a hole (a masked key between real ones).
+        let mask = Tensor::new(&[[1u32, 1, 1, 1, 1], [0, 0, 0, 1, 1], [1, 0, 1, 1, 0]], &dev)?;
         let bias = mask_bias(&mask, DType::F32)?;
         let var = || Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, l, heads * d), &dev)?);
         let (q, k, v) = (var()?, var()?, var()?);
-        let g = Tensor::randn(0f32, 1.0, (11, heads * d), &dev)?;
+        let g = Tensor::randn(0f32, 1.0, (10, heads * d), &dev)?;
         for p in [0.0, 0.4] {
             let run = |packed: bool| -> Result<(Tensor, Vec<Tensor>)> {
                 let training = Training::new(None, 7);
@@ -368,7 +376,7 @@ mod tests {
             };
             let (packed, packed_grads) = run(true)?;
             let (padded, padded_grads) = run(false)?;
-            assert_eq!(packed.dims(), [11, heads * d]);
+            assert_eq!(packed.dims(), [10, heads * d]);
             assert!(max_abs_diff(&packed, &padded)? < 1e-5, "values (dropout {p})");
             let dropped =
                 packed.flatten_all()?.to_vec1::<f32>()?.iter().filter(|&&v| v == 0.0).count();
