@@ -14,7 +14,7 @@
 //! [`tevatron_model::collate::length_buckets`]), so that each part
 //! pads only to its own longest sequence: the same representations for fewer padded tokens;
 //! unless the backbone computes only the real tokens of a padded batch
-//! ([`tevatron_model::backbone::Backbone::packs_padding`]), which runs each side as one batch.
+//! ([`tevatron_model::backbone::Backbone::skips_padding`]), which runs each side as one batch.
 //!
 //! Dropout masks are drawn from a stream seeded by `(seed, kind, chunk, layer)` before every
 //! layer (and before a cross-encoder's head, as layer `L + 1`), so a recomputation (GradCache's second pass, a checkpointed layer) replays exactly the
@@ -250,14 +250,7 @@ impl<'a> Chunk<'a> {
         index: usize,
         opts: &StepOptions,
     ) -> Self {
-        Self {
-            batch,
-            seed,
-            side,
-            index,
-            training: Training::new(opts.autocast, seed)
-                .with_gpu_fused_attention(opts.gpu_fused_attention),
-        }
+        Self { batch, seed, side, index, training: training(opts, seed) }
     }
 
     /// Restarts dropout for the embeddings (layer 0), transformer layer `layer - 1`, or the
@@ -271,6 +264,12 @@ impl<'a> Chunk<'a> {
     fn mode(&self) -> Mode<'_> {
         Mode::Train(&self.training)
     }
+}
+
+/// The training context of a step's chunk: its mixed precision and attention kernels, the
+/// dropout stream at `seed`.
+fn training(opts: &StepOptions, seed: u64) -> Training {
+    Training::new(opts.autocast, seed).with_gpu_fused_attention(opts.gpu_fused_attention)
 }
 
 /// Runs the backbone in training mode, reseeding dropout before the embeddings and every
@@ -513,9 +512,7 @@ pub fn step(
         enc.check_token_ids(seqs).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     }
     // Whether the backbone runs a padded batch on its real tokens only (see `split`).
-    let training =
-        Training::new(opts.autocast, 0).with_gpu_fused_attention(opts.gpu_fused_attention);
-    let packs = device.is_cpu() && enc.backbone().packs_padding(Mode::Train(&training));
+    let packs = device.is_cpu() && enc.backbone().skips_padding(Mode::Train(&training(opts, 0)));
     if opts.grad_cache.is_none() && !opts.checkpointing {
         let mut collated = Vec::with_capacity(sides.len());
         for &(seqs, _, size) in &sides {
@@ -546,7 +543,8 @@ pub fn step(
     }
 
     // First pass: outputs without a graph, chunk by chunk. With checkpointing but no GradCache
-    // each part (a length bucket on the CPU, unless the backbone packs) keeps its layer inputs, so backward need not run
+    // each part (a length bucket on the CPU, unless the backbone packs) keeps its layer inputs,
+    // so backward need not run
     // the forward again; otherwise nothing but the outputs is kept.
     let keep = opts.grad_cache.is_none() && opts.checkpointing;
     let mut passes = Vec::new();

@@ -146,9 +146,11 @@ fn a_reranker_step_matches_pytorch() {
 #[test]
 fn grad_cache_and_checkpointing_give_the_plain_reranker_step() {
     let f = fixture("bert");
-    // On the CPU a model that does not pack splits the pairs by length and puts the scores back
-    // in query order; the fixture's pairs must be split (out of order) for that. BERT packs, so
-    // here each pass runs the pairs whole (the split is checked with ModernBERT in step.rs).
+    // BERT skips the padding on the CPU (`Backbone::skips_padding`, whatever the dtype), so the
+    // trainer keeps the pairs in query order here: the plain step runs them whole, GradCache in
+    // chunks in input order. The fixture's pairs have lengths a split by length would reorder,
+    // as a model that does not skip padding splits them (checked for the retriever with
+    // ModernBERT in step.rs).
     let lens: Vec<usize> = f.pairs.iter().map(Vec::len).collect();
     let buckets = length_buckets(&lens, opts().pad_to_multiple_of, BUCKET_COST_TOKENS);
     assert!(buckets.len() > 1, "the pairs are not split by length: {lens:?}");

@@ -127,9 +127,10 @@ fn f32_loss_and_grad_norm_match_pytorch() {
 
 fn f32_step_matches_pytorch(model: &str) {
     let f = fixture_of(model);
-    // The CPU step of a model that does not pack (ModernBERT here; BERT runs each side whole on
-    // its real tokens) splits each side by length and puts the outputs back in order: the
-    // fixture's passages must be split for that to be checked here.
+    // The CPU step of a model that does not skip padding (ModernBERT here) splits each side by
+    // length and puts the outputs back in order, and BERT's layers skip the padding: the
+    // fixture's passages must have lengths a split would reorder for the first, and padding
+    // for the second, to be checked here.
     let lens: Vec<usize> = f.passages.iter().map(Vec::len).collect();
     let buckets = length_buckets(&lens, opts(1.0).pad_to_multiple_of, BUCKET_COST_TOKENS);
     assert!(buckets.len() > 1, "{model}: the passages are not split by length: {lens:?}");
@@ -417,6 +418,19 @@ fn a_distillation_step_is_the_kl_of_its_representations() {
         let c = contrastive(&q, &p, 0.05).unwrap().to_scalar::<f64>().unwrap();
         assert!((out.loss - c).abs() <= 1e-10 * c);
     }
+}
+
+/// BERT-family layers skip the padding when training on the CPU (so the step runs each side
+/// whole and the step tests above go through the packed layers); ModernBERT's do not.
+#[test]
+fn bert_family_layers_skip_padding_when_training_on_the_cpu() {
+    let training = tevatron_model::backbone::Training::new(None, 0);
+    let train = tevatron_model::Mode::Train(&training);
+    let bert = encoder_of("bert", Pooling::Cls, true, DType::F32, true);
+    assert!(bert.backbone().skips_padding(train));
+    assert!(!bert.backbone().skips_padding(tevatron_model::Mode::Eval));
+    let modernbert = encoder_of("modernbert", Pooling::Cls, true, DType::F32, true);
+    assert!(!modernbert.backbone().skips_padding(train));
 }
 
 /// With dropout on, the F32 CPU step (fused ops, byte masks drawn from the stream) and the F64

@@ -201,7 +201,7 @@ impl Backbone for Bert {
         self.layers[i].forward(x, bias, &self.cfg, mode)
     }
 
-    fn packs_padding(&self, mode: Mode) -> bool {
+    fn skips_padding(&self, mode: Mode) -> bool {
         super::unpad::packs(self.cfg.attention_probs_dropout_prob, mode)
     }
 }

@@ -120,7 +120,7 @@ impl Backbone for DistilBert {
         self.layers.len()
     }
 
-    fn packs_padding(&self, mode: Mode) -> bool {
+    fn skips_padding(&self, mode: Mode) -> bool {
         super::unpad::packs(self.cfg.attention_dropout, mode)
     }
 

@@ -289,11 +289,12 @@ pub trait Backbone: Send + Sync {
     fn num_layers(&self) -> usize;
     /// Runs layer `i` on hidden states `x`.
     fn layer(&self, i: usize, x: &Tensor, bias: &Tensor, mode: Mode) -> Result<Tensor>;
-    /// Whether the layers compute a padded F32 batch on the CPU on its real tokens only in
-    /// `mode` (`unpad.rs`), so that a batch padded to its longest sequence costs little more
-    /// than its real tokens: the trainer then need not split it by length. It does not look at
-    /// the model's device or dtype (the trainer asks only on the CPU).
-    fn packs_padding(&self, _mode: Mode) -> bool {
+    /// Whether the layers skip a padded batch's padding in `mode`, computing its real tokens
+    /// only (`unpad.rs`; an F32 batch on the CPU), so that a batch padded to its longest
+    /// sequence costs little more than its real tokens: the trainer then need not split it by
+    /// length. It does not look at the model's device or dtype (the trainer asks only on the
+    /// CPU).
+    fn skips_padding(&self, _mode: Mode) -> bool {
         false
     }
     /// What follows the last layer (a decoder's final norm); nothing for BERT-style encoders.

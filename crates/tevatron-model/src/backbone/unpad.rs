@@ -8,7 +8,8 @@
 //! and moves the result back, zeros on the padding. The real tokens' values are those of the
 //! padded layout up to the order of float sums, and so are their gradients; a padding
 //! position's output is zero instead of the value transformers computes there, which no loss
-//! reads. Dropout draws its mask for the padded layout, as the padded layer does, and applies
+//! reads (but for a sequence without any real token, whose pooled output then comes from
+//! zeros). Dropout draws its mask for the padded layout, as the padded layer does, and applies
 //! it to the real tokens' entries: the same values are dropped either way, so the CPU's packed
 //! step and every other path (F64, a GPU) agree under dropout too. LoRA's dropout on a
 //! projection's input (`--lora_dropout`, drawn inside the fused LoRA op) is the exception: it
@@ -16,11 +17,12 @@
 //! dropout a packed layer drops other values than a padded one (each run still replays
 //! itself exactly).
 //!
-//! It applies when training on the CPU in F32 where the fused attention kernel runs (without
-//! autocast, or under `--bf16` on the CPU's bf16 kernels), with a padding mask (`(b, 1, 1, l)`,
-//! as [`super::attention::mask_bias`] makes it) that masks something and a real token in the
-//! batch; elsewhere (inference, which has its own kernels; a GPU; F64 gradient checks; autocast
-//! composed by candle; the pair masks of decoders and ModernBERT) the layer runs padded.
+//! The layers of BERT, RoBERTa, XLM-RoBERTa and DistilBERT use it (decoders and ModernBERT do
+//! not). It applies when training on the CPU in F32 where the fused attention kernel runs
+//! (without autocast, or under `--bf16` on the CPU's bf16 kernels), with a padding mask `(b, 1,
+//! 1, l)` (as [`super::attention::mask_bias`] makes it) that masks something and a real token in
+//! the batch; elsewhere (inference, which has its own kernels; a GPU; F64 gradient checks;
+//! autocast composed by candle) the layer runs padded.
 
 use std::sync::Arc;
 
@@ -51,8 +53,10 @@ struct Rows {
 
 impl Packing {
     /// The packing of hidden states `x` `(b, l, h)` under the additive mask `bias` (0 on real
-    /// tokens) with attention dropout `attention_dropout`: the real tokens where packing
-    /// applies (the module's doc) and the mask masks something, none otherwise.
+    /// tokens) for a layer with attention dropout `attention_dropout` running in `mode`: the
+    /// real tokens where packing applies (the module's doc: training, the fused attention
+    /// kernel, which also needs `attention_dropout < 1`) and the mask masks something, none
+    /// otherwise.
     pub(crate) fn of(
         x: &Tensor,
         bias: &Tensor,
@@ -179,7 +183,7 @@ fn applies(operands: &[&Tensor], attention_dropout: f64, mode: Mode) -> bool {
 /// Whether the layers of a backbone that packs (BERT, DistilBERT) run an F32 batch on the CPU
 /// on its real tokens only in `mode` (with attention dropout `attention_dropout`), so that the
 /// trainer need not split a batch by length to spare padding
-/// ([`super::Backbone::packs_padding`]). It answers for F32 on the CPU whatever the model's
+/// ([`super::Backbone::skips_padding`]). It answers for F32 on the CPU whatever the model's
 /// dtype: an F64 model (gradient checks) is then split as the F32 one is and runs padded, so
 /// both draw the same dropout masks.
 pub(crate) fn packs(attention_dropout: f64, mode: Mode) -> bool {
@@ -329,6 +333,9 @@ mod tests {
         assert!(packs(&x, &bias, Mode::Eval).is_none());
         let full = Tensor::ones((2, 3), DType::U32, &Device::Cpu).unwrap();
         assert!(packs(&x, &mask_bias(&full, DType::F32).unwrap(), train).is_none());
+        // No real token at all: nothing to pack, the layer runs padded.
+        let empty = Tensor::zeros((2, 3), DType::U32, &Device::Cpu).unwrap();
+        assert!(packs(&x, &mask_bias(&empty, DType::F32).unwrap(), train).is_none());
         let f64 = x.to_dtype(DType::F64).unwrap();
         assert!(packs(&f64, &bias.to_dtype(DType::F64).unwrap(), train).is_none());
         // bf16 autocast composed by candle: padded; on the CPU's bf16 kernels (emulated here,
@@ -344,8 +351,8 @@ mod tests {
     }
 
     /// Attention over the packed real tokens equals the padded op on the real rows, values and
-    /// gradients, with two heads, sequences of 5, 2 and 3 real tokens (unpadded, left-padded,
-    /// and with a hole) and an output gradient on the real rows only (padding rows feed nothing downstream); with
+    /// gradients, with two heads, sequences of 5, 2 and 3 real tokens (unpadded,
+    /// left-padded, and with a hole) and an output gradient on the real rows only (padding rows feed nothing downstream); with
     /// dropout too, the same seed dropping the same probabilities, and the hidden states'
     /// dropout likewise.
     #[test]

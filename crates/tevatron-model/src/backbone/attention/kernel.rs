@@ -669,6 +669,10 @@ pub(in crate::backbone) fn packed_attention(
 mod tests {
     use super::*;
 
+    use crate::backbone::{layers, Mode, Training};
+    use crate::testing::max_abs_diff;
+    use candle_core::Var;
+
     /// Packed sequences must lie in order, apart and within Q, K and V: each task writes its own
     /// rows, and the products read through raw pointers.
     #[test]
@@ -684,9 +688,6 @@ mod tests {
             assert!(err.contains("overlapping or beyond the 6 rows"), "{bad:?}: {err}");
         }
     }
-    use crate::backbone::{layers, Mode, Training};
-    use crate::testing::max_abs_diff;
-    use candle_core::Var;
 
     /// The fused op and its gradients for q, k and v equal candle's composed attention (key and
     /// value heads repeated for grouped-query attention), with a padding mask and with a causal
