@@ -352,9 +352,9 @@ mod tests {
 
     /// Attention over the packed real tokens equals the padded op on the real rows, values and
     /// gradients, with two heads, sequences of 5, 2 and 3 real tokens (unpadded,
-    /// left-padded, and with a hole) and an output gradient on the real rows only (padding rows feed nothing downstream); with
-    /// dropout too, the same seed dropping the same probabilities, and the hidden states'
-    /// dropout likewise.
+    /// left-padded, and with a hole) and an output gradient on the real rows only (padding
+    /// rows feed nothing downstream); with dropout too, the same seed dropping the same
+    /// probabilities, and the hidden states' dropout likewise.
     #[test]
     fn packed_attention_and_dropout_equal_the_padded_ops_on_real_tokens() -> Result<()> {
         let dev = Device::Cpu;
