@@ -71,16 +71,16 @@ impl Packing {
             return Ok(Self(None));
         }
         let keep = bias.flatten_all()?.to_vec1::<f32>()?;
-        let real: Vec<u32> = (0..b * l).filter(|&r| keep[r] == 0.0).map(|r| r as u32).collect();
+        // The real tokens' padded rows, and each sequence's share of them, in one pass.
+        let (mut real, mut spans) = (Vec::new(), Vec::with_capacity(b));
+        for (seq, mask) in keep.chunks(l.max(1)).take(b).enumerate() {
+            let start = real.len();
+            let rows = mask.iter().enumerate().filter(|&(_, &v)| v == 0.0);
+            real.extend(rows.map(|(i, _)| (seq * l + i) as u32));
+            spans.push((start, real.len() - start));
+        }
         if real.len() == b * l || real.is_empty() {
             return Ok(Self(None));
-        }
-        let mut spans = Vec::with_capacity(b);
-        let mut start = 0;
-        for seq in keep.chunks(l.max(1)).take(b) {
-            let len = seq.iter().filter(|&&v| v == 0.0).count();
-            spans.push((start, len));
-            start += len;
         }
         let rows = Rows { real: real.into(), spans: spans.into(), padded: b * l, dims: (b, l) };
         Ok(Self(Some(rows)))
@@ -159,11 +159,8 @@ impl Packing {
             (Some(rows), Mode::Train(training)) if p > 0.0 && p < 1.0 => {
                 let h = x.dims2()?.1;
                 let (padded, scale) = draw_keep_mask(training, rows.padded * h, p);
-                let mut keep = Vec::with_capacity(rows.real.len() * h);
-                for &r in rows.real.iter() {
-                    let r = r as usize;
-                    keep.extend_from_slice(&padded[r * h..(r + 1) * h]);
-                }
+                let real = &rows.real;
+                let keep = gather_rows(&padded, h, real.len(), |r| Some(real[r] as usize));
                 x.contiguous()?.apply_op1(ByteMask::new(keep, scale))
             }
             _ => layers::dropout(x, p, mode),
@@ -198,14 +195,15 @@ struct Pack(Rows);
 struct Unpack(Rows);
 
 /// Rows of `h` values gathered from `src` into a new buffer of `rows` rows: row `r` is
-/// `src`'s row `from(r)`, or zeros where that is `None`.
-fn gather_rows(
-    src: &[f32],
+/// `src`'s row `from(r)`, or zeros (the default value) where that is `None`: hidden states,
+/// and the dropout masks cut to the real tokens.
+fn gather_rows<T: Copy + Default + Send + Sync>(
+    src: &[T],
     h: usize,
     rows: usize,
     from: impl Fn(usize) -> Option<usize> + Sync,
-) -> Vec<f32> {
-    let mut out = vec![0f32; rows * h];
+) -> Vec<T> {
+    let mut out = vec![T::default(); rows * h];
     out.par_chunks_mut(h.max(1)).enumerate().for_each(|(r, o)| {
         if let Some(s) = from(r) {
             o.copy_from_slice(&src[s * h..(s + 1) * h]);
