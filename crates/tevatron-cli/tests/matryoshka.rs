@@ -150,6 +150,12 @@ fn matryoshka_training_is_recorded_and_truncation_cuts_and_renormalises() {
         search("q.safetensors", "cut.safetensors", "x.tsv", &["--truncate_dim", "20"]),
         "cut.safetensors: cannot be cut to 20 dimensions: its vectors have 16",
     );
+    // A width the query vectors cannot take is the error alone, with no warning about the
+    // model's widths before it (the warnings start "--truncate_dim K:").
+    let out = search("q.safetensors", "full.safetensors", "x.tsv", &["--truncate_dim", "40"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!err.contains("--truncate_dim 40:"), "{err}");
+    fails_with(out, "q.safetensors: cannot be cut to 40 dimensions: its vectors have 32");
 }
 
 /// Matryoshka with a LoRA decoder and the distillation loss in one run: it trains, the widths

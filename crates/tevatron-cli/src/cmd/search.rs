@@ -34,13 +34,18 @@ pub fn run(a: &SearchArgs) -> Result<()> {
                 .metadata()
                 .get("matryoshka_dims")
                 .map(|d| d.split(',').filter_map(|x| x.parse().ok()).collect::<Vec<usize>>());
-            let model = queries.metadata().get("model").cloned().unwrap_or_default();
-            let what = format!("the model {model:?}");
-            super::warn_untrained_width(k, queries.dim(), trained.as_deref(), &what);
             if a.compact_reps.is_some() {
                 bail!("--compact_reps were made from the full vectors: for --truncate_dim, encode with --truncate_dim and run tevatron index on those vectors");
             }
-            queries.truncated(k, normalized(&queries)).context("--truncate_dim")?
+            // Cut first, so that a width the vectors cannot take is an error without a warning
+            // about the model before it.
+            let cut = queries.truncated(k, normalized(&queries)).context("--truncate_dim")?;
+            let what = match queries.metadata().get("model") {
+                Some(model) => format!("the model {model:?}"),
+                None => format!("the model of {} (the file names none)", a.query_reps.display()),
+            };
+            super::warn_untrained_width(k, queries.dim(), trained.as_deref(), &what);
+            cut
         }
     };
     let q = check_queries(&queries)?;
