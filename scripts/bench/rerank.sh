@@ -15,6 +15,12 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
+# PRECISION: f32 (the default; fp32 also accepted) or bf16, as train.sh takes it.
+case ${PRECISION:-f32} in
+  f32 | fp32) precision=fp32; ours_precision=() ;;
+  bf16) precision=bf16; ours_precision=(--bf16) ;;
+  *) echo "PRECISION is f32 or bf16, not $PRECISION" >&2; exit 2 ;;
+esac
 work=$root/.cache/bench/rerank
 mkdir -p "$work"
 model=$(scripts/fetch-minilm.sh)
@@ -52,17 +58,11 @@ with open(f"{work}/pairs.jsonl", "w") as f:
             f.write(json.dumps({"query_id": q["query_id"], "query": q["query"], "docid": d, "title": "", "text": text[d]}) + "\n")
 PY
 n=$(wc -l < "$work/pairs.jsonl")
-# PRECISION: f32 (the default; fp32 also accepted) or bf16, as train.sh takes it.
-case ${PRECISION:-f32} in
-  f32 | fp32) precision=fp32; ours_precision=() ;;
-  bf16) precision=bf16; ours_precision=(--bf16) ;;
-  *) echo "PRECISION is f32 or bf16, not $PRECISION" >&2; exit 2 ;;
-esac
 start=$(date +%s.%N)
 RAYON_NUM_THREADS=2 target/release/tevatron rerank --model_name_or_path "$work/model" --dataset_path "$work/pairs.jsonl" \
   --pair_format pair --rerank_max_len 256 --per_device_eval_batch_size 32 --rerank_output_path "$work/ours.txt" --quiet \
   --device cpu \
-  "${ours_precision[@]}"
+  ${ours_precision[@]+"${ours_precision[@]}"}
 ours=$(echo "$(date +%s.%N) - $start" | bc)
 OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 "$py" - "$work" "$n" "$ours" "$precision" <<'PY'
 import json, sys, time
