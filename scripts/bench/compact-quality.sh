@@ -7,6 +7,7 @@
 # each evaluated with tevatron eval (nDCG@10, recall@100), timed, and compared with the exact
 # search's top 100 (the share of it each query keeps: recall@100 against exact search).
 #   scripts/bench/compact-quality.sh
+# BINARY_MULTS="1 4 6 10" sets the binary rescoring multipliers (default 1 4 10).
 # MODEL=path/to/model scores another model. The embeddings are kept in .cache/compact-quality.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -59,7 +60,7 @@ run "exact F32"
 for m in 1 2 4; do
   run "int8, rescore x$m" --quantize int8 --compact_reps "$work/idx/corpus.int8.safetensors" --rescore_multiplier $m
 done
-for m in 1 4 10; do
+for m in ${BINARY_MULTS:-1 4 10}; do
   run "binary, rescore x$m" --quantize binary --compact_reps "$work/idx/corpus.binary.safetensors" --rescore_multiplier $m
 done
 for dt in f32 bf16 i8; do
