@@ -25,8 +25,8 @@ use rayon::prelude::*;
 use crate::atomic::AtomicFile;
 use crate::fxhash::FxHasher;
 use crate::quantize::{
-    encode_binary, encode_int8, encode_query_int8, BinaryBlock, Calibration, Int8Block, Kernels,
-    Precision,
+    encode_binary, encode_int8, encode_query_int8, BinaryBlock, Calibration, Int8Block,
+    Int8Queries, Kernels, Precision,
 };
 use crate::search::{best_first, check_finite, check_query_rows, check_width, Selection, TopK};
 use crate::vectors::{Rows, Vectors};
@@ -322,7 +322,27 @@ struct Candidates {
 
 impl Candidates {
     fn new(m: usize) -> Self {
-        Self { best: Selection::new(m), floor: 0 }
+        Self::behind(m, 0)
+    }
+
+    /// Keeps the best `m` keys above `floor`.
+    fn behind(m: usize, floor: u64) -> Self {
+        Self { best: Selection::new(m), floor }
+    }
+
+    /// A floor that lets in only scores at or above the worst kept key's (the `m`-th best,
+    /// where `m` were offered), whatever their rows; 0 (no floor) with fewer than `m`.
+    fn starting_floor(mut self) -> u64 {
+        let m = self.best.k();
+        self.best.select(|a, b| b.cmp(a));
+        let kept = self.best.into_items();
+        match kept.iter().min() {
+            // The highest key of the score below: every key of the worst's score is above it.
+            Some(&worst) if m > 0 && kept.len() >= m => {
+                Self::key(Self::score_of(worst).saturating_sub(1), 0)
+            }
+            _ => 0,
+        }
     }
 
     #[inline]
@@ -343,7 +363,12 @@ impl Candidates {
     /// lower row).
     #[inline]
     fn floor_score(&self) -> i32 {
-        (((self.floor >> 32) as u32) ^ 0x8000_0000) as i32
+        Self::score_of(self.floor)
+    }
+
+    #[inline]
+    fn score_of(key: u64) -> i32 {
+        (((key >> 32) as u32) ^ 0x8000_0000) as i32
     }
 
     fn rows(mut self) -> Vec<u32> {
@@ -427,6 +452,201 @@ enum LaidOut<'a> {
     Binary(BinaryBlock<'a>),
 }
 
+/// How many of a part's best `m` rows the floor's sample is expected to hold.
+///
+/// Each part's candidates are kept behind a floor that rises as better rows arrive; scanned in
+/// row order, a part of `n` rows offers about `m (1 + ln(n / m))` of them, each tested, pushed
+/// and selected. At 1M rows and 1,000 candidates that is seven times `m`, and the candidates'
+/// handling took as long as the binary scan itself. So a sample of the part's blocks is scored
+/// first, and each query starts at the score of its sample's [`SAMPLE_RANK`]-th best: about
+/// the part's `m x SAMPLE_RANK / SAMPLE_EXPECTED`-th best, so that about twice `m` rows pass it.
+const SAMPLE_EXPECTED: usize = 16;
+
+/// The rank in the sample whose score is the starting floor: twice [`SAMPLE_EXPECTED`], so that
+/// a floor above the part's `m`-th best (32 or more of the best `m` in the sample, where 16 are
+/// expected: a Poisson tail of 0.03%) comes about once in 3,600 queries and parts; such a
+/// query's part offers fewer than `m` rows, which is seen, and the query is scanned again from
+/// no floor.
+const SAMPLE_RANK: usize = 2 * SAMPLE_EXPECTED;
+
+/// Each query's best `m` candidate rows (ascending) among `codes`' rows for the query codes of
+/// `batch` (whole rows of the codes' width), the threads each scanning a part of the blocks.
+/// With `sample`, each part starts from a floor estimated on a sample of its blocks
+/// ([`SAMPLE_EXPECTED`]); a query whose floor turned out too high in some part is scanned again
+/// without one, so the candidates are the same either way. Also returns how many queries were
+/// scanned again.
+fn candidate_rows(
+    compact: &CompactShard,
+    kernels: Kernels,
+    dim: usize,
+    batch: &[u8],
+    m: usize,
+    sample: bool,
+) -> (Vec<Vec<u32>>, usize) {
+    let width = compact.precision.row_bytes(dim);
+    let bq = batch.len() / width;
+    let all = blocks(compact.rows, SCAN_BLOCK);
+    let parts = rayon::current_num_threads().max(1);
+    let per_part = all.len().div_ceil(parts).max(1);
+    let scan = Scan {
+        codes: compact.bytes(),
+        dim,
+        width,
+        precision: compact.precision,
+        kernels,
+        batch,
+        // The int8 query chunks, laid out once for the kernels and shared by every block.
+        int8_queries: match compact.precision {
+            Precision::Int8 => {
+                batch.chunks(SCORED_QUERIES * width).map(|c| kernels.int8_queries(dim, c)).collect()
+            }
+            Precision::Binary => Vec::new(),
+        },
+    };
+    let (candidates, missed) = all
+        .par_chunks(per_part)
+        .map(|part| {
+            let mut buffers = ScanBuffers::new(bq);
+            let floors = match sample.then(|| sampled_blocks(part, m)).flatten() {
+                Some(sampled) => {
+                    let mut best: Vec<Candidates> =
+                        (0..bq).map(|_| Candidates::new(SAMPLE_RANK)).collect();
+                    for &block in &sampled {
+                        scan.block(block, &mut best, &mut buffers);
+                    }
+                    best.into_iter().map(Candidates::starting_floor).collect()
+                }
+                None => vec![0; bq],
+            };
+            let mut heaps: Vec<Candidates> =
+                floors.iter().map(|&floor| Candidates::behind(m, floor)).collect();
+            for &block in part {
+                scan.block(block, &mut heaps, &mut buffers);
+            }
+            // Fewer than `m` rows above a starting floor: the floor was too high.
+            let missed: Vec<bool> =
+                heaps.iter().zip(&floors).map(|(h, &f)| f != 0 && h.best.len() < m).collect();
+            (heaps, missed)
+        })
+        .reduce(
+            || (Vec::new(), Vec::new()),
+            |(mut a, mut ma), (b, mb)| {
+                if a.is_empty() {
+                    return (b, mb);
+                }
+                for (ha, hb) in a.iter_mut().zip(b) {
+                    for key in hb.best.into_items() {
+                        ha.push(key);
+                    }
+                }
+                for (x, y) in ma.iter_mut().zip(mb) {
+                    *x |= y;
+                }
+                (a, ma)
+            },
+        );
+    let mut rows: Vec<Vec<u32>> = candidates.into_par_iter().map(Candidates::rows).collect();
+    let again: Vec<usize> = (0..bq).filter(|&q| missed.get(q) == Some(&true)).collect();
+    let rescanned = again.len();
+    if !again.is_empty() {
+        let codes: Vec<u8> =
+            again.iter().flat_map(|&q| &batch[q * width..(q + 1) * width]).copied().collect();
+        let (found, _) = candidate_rows(compact, kernels, dim, &codes, m, false);
+        for (q, found) in again.into_iter().zip(found) {
+            rows[q] = found;
+        }
+    }
+    (rows, rescanned)
+}
+
+/// The blocks of `part` whose scores set each query's starting floor: evenly spaced, enough
+/// rows to hold about [`SAMPLE_EXPECTED`] of the part's best `m` (and at least `4 x`
+/// [`SAMPLE_RANK`] rows); none when that would be more than an eighth of the part, where the
+/// floor rises soon enough by itself.
+fn sampled_blocks(part: &[(usize, usize)], m: usize) -> Option<Vec<(usize, usize)>> {
+    let rows: usize = part.iter().map(|(s, e)| e - s).sum();
+    let wanted = (rows * SAMPLE_EXPECTED).div_ceil(m.max(1)).max(4 * SAMPLE_RANK);
+    let count = wanted.div_ceil(SCAN_BLOCK);
+    if m >= rows || count * 8 > part.len() {
+        return None;
+    }
+    Some((0..count).map(|i| part[i * part.len() / count]).collect())
+}
+
+/// What every block of a pass's scan shares: the codes, the pass's query codes and their int8
+/// layout.
+struct Scan<'a> {
+    codes: &'a [u8],
+    dim: usize,
+    width: usize,
+    precision: Precision,
+    kernels: Kernels,
+    batch: &'a [u8],
+    int8_queries: Vec<Int8Queries<'a>>,
+}
+
+/// A thread's scratch for [`Scan::block`]: a chunk's scores and the hits of one query.
+struct ScanBuffers {
+    scores: Vec<i32>,
+    hits: Vec<u32>,
+}
+
+impl ScanBuffers {
+    fn new(queries: usize) -> Self {
+        Self {
+            scores: vec![0i32; SCAN_BLOCK * queries.min(SCORED_QUERIES)],
+            hits: Vec::with_capacity(SCAN_BLOCK + 16),
+        }
+    }
+}
+
+impl Scan<'_> {
+    /// Scores the rows `start..end` for every query of the pass and offers each query's heap
+    /// the rows above its floor, in row order.
+    fn block(&self, (start, end): (usize, usize), heaps: &mut [Candidates], buf: &mut ScanBuffers) {
+        let (width, kernels) = (self.width, self.kernels);
+        let nb = end - start;
+        let block = &self.codes[start * width..end * width];
+        let laid_out = match self.precision {
+            Precision::Int8 => {
+                LaidOut::Int8(kernels.int8_block(self.dim, bytemuck::cast_slice(block)))
+            }
+            Precision::Binary => LaidOut::Binary(kernels.binary_block(width, block)),
+        };
+        // Most scores are below a query's floor: compared as scores (by the kernels, a vector
+        // at a time), a key built only for those that may enter. Within a heap's scan rows come
+        // in ascending order, so one equal to the floor has a higher row than every kept key
+        // and cannot enter either (binary scores tie often); a starting floor lets in only
+        // scores above it. The floor rises as keys enter: a hit found against the block's
+        // first floor is tested again against the current one. int8 scores carry the query
+        // offset, taken back out by each row's offset; binary has none.
+        let taken = match &laid_out {
+            LaidOut::Int8(b) => b.offsets(),
+            LaidOut::Binary(_) => &[],
+        };
+        let chunks = self.batch.chunks(SCORED_QUERIES * width);
+        for (c, (chunk, heaps)) in chunks.zip(heaps.chunks_mut(SCORED_QUERIES)).enumerate() {
+            let scores = &mut buf.scores[..nb * (chunk.len() / width)];
+            match &laid_out {
+                LaidOut::Int8(b) => b.scores(&self.int8_queries[c], scores),
+                LaidOut::Binary(b) => b.scores(chunk, scores),
+            }
+            for (heap, scores) in heaps.iter_mut().zip(scores.chunks(nb)) {
+                kernels.above(scores, taken, heap.floor_score(), &mut buf.hits);
+                let mut floor = heap.floor_score();
+                for &i in &buf.hits {
+                    let i = i as usize;
+                    let s = scores[i] - taken.get(i).copied().unwrap_or(0);
+                    if s > floor {
+                        heap.push(Candidates::key(s, (start + i) as u32));
+                        floor = heap.floor_score();
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// [`search_compact`]'s scan and rescoring, `pass` queries at a time: each query's best `k`
 /// of `m` candidates.
 fn scan_in_passes(
@@ -439,7 +659,6 @@ fn scan_in_passes(
     kernels: Kernels,
 ) -> Result<QueryHits> {
     // Whole rows of a width above 0: `search_compact` checked them.
-    let (nq, n) = (queries.len() / dim, shard.len());
     let width = compact.precision.row_bytes(dim);
     let query_codes: Vec<u8> = queries
         .chunks_exact(dim)
@@ -452,87 +671,12 @@ fn scan_in_passes(
             code
         })
         .collect();
-    let codes = compact.bytes();
     let batch_size = pass.max(1);
-    let all = blocks(n, SCAN_BLOCK);
-    let parts = rayon::current_num_threads().max(1);
-    let per_part = all.len().div_ceil(parts).max(1);
-    let mut out = Vec::with_capacity(nq);
+    let mut out = Vec::with_capacity(queries.len() / dim);
     for (b, batch) in query_codes.chunks(batch_size * width).enumerate() {
-        let bq = batch.len() / width;
-        // The pass's int8 query chunks, laid out once for the kernels and shared by every block.
-        let int8_queries: Vec<_> = match compact.precision {
-            Precision::Int8 => {
-                batch.chunks(SCORED_QUERIES * width).map(|c| kernels.int8_queries(dim, c)).collect()
-            }
-            Precision::Binary => Vec::new(),
-        };
-        let candidates = all
-            .par_chunks(per_part)
-            .map(|part| {
-                let mut heaps: Vec<Candidates> = (0..bq).map(|_| Candidates::new(m)).collect();
-                let mut scores = vec![0i32; SCAN_BLOCK * bq.min(SCORED_QUERIES)];
-                let mut hits = Vec::with_capacity(SCAN_BLOCK + 16);
-                for &(start, end) in part {
-                    let nb = end - start;
-                    let block = &codes[start * width..end * width];
-                    let laid_out = match compact.precision {
-                        Precision::Int8 => {
-                            LaidOut::Int8(kernels.int8_block(dim, bytemuck::cast_slice(block)))
-                        }
-                        Precision::Binary => LaidOut::Binary(kernels.binary_block(width, block)),
-                    };
-                    // Most scores are below a query's floor: compared as scores (by the
-                    // kernels, a vector at a time), a key built only for those that may enter.
-                    // Rows come in ascending order, so one equal to the floor has a higher row
-                    // than every kept key and cannot enter either (binary scores tie often).
-                    // The floor rises as keys enter: a hit found against the block's first
-                    // floor is tested again against the current one.
-                    // int8 scores carry the query offset, taken back out by each row's
-                    // offset; binary has none.
-                    let taken = match &laid_out {
-                        LaidOut::Int8(b) => b.offsets(),
-                        LaidOut::Binary(_) => &[],
-                    };
-                    let chunks = batch.chunks(SCORED_QUERIES * width);
-                    for (c, (chunk, heaps)) in
-                        chunks.zip(heaps.chunks_mut(SCORED_QUERIES)).enumerate()
-                    {
-                        let scores = &mut scores[..nb * (chunk.len() / width)];
-                        match &laid_out {
-                            LaidOut::Int8(b) => b.scores(&int8_queries[c], scores),
-                            LaidOut::Binary(b) => b.scores(chunk, scores),
-                        }
-                        for (heap, scores) in heaps.iter_mut().zip(scores.chunks(nb)) {
-                            kernels.above(scores, taken, heap.floor_score(), &mut hits);
-                            let mut floor = heap.floor_score();
-                            for &i in &hits {
-                                let i = i as usize;
-                                let s = scores[i] - taken.get(i).copied().unwrap_or(0);
-                                if s > floor {
-                                    heap.push(Candidates::key(s, (start + i) as u32));
-                                    floor = heap.floor_score();
-                                }
-                            }
-                        }
-                    }
-                }
-                heaps
-            })
-            .reduce(Vec::new, |mut a, b| {
-                if a.is_empty() {
-                    return b;
-                }
-                for (ha, hb) in a.iter_mut().zip(b) {
-                    for key in hb.best.into_items() {
-                        ha.push(key);
-                    }
-                }
-                a
-            });
+        let (rows, _) = candidate_rows(compact, kernels, dim, batch, m, true);
         let first = b * batch_size;
-        let rows = candidates.into_par_iter().map(Candidates::rows).collect();
-        let pass_queries = &queries[first * dim..(first + bq) * dim];
+        let pass_queries = &queries[first * dim..(first + rows.len()) * dim];
         out.extend(rescore_candidates(pass_queries, dim, rows, shard, k)?);
     }
     Ok(out)
@@ -733,6 +877,87 @@ mod tests {
                 }
             }
             prop_assert_eq!(merged.rows(), want);
+        }
+    }
+
+    /// Runs `f` on a pool of `threads` threads, as the scan's parts are made per thread.
+    fn on_threads<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
+        rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(f)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(12))]
+        /// A starting floor from a sample of the blocks changes no candidate list, whatever the
+        /// precision, kernels and threads, with the ties of small integer values (which often
+        /// leave fewer than `m` rows above the sample's floor, so that queries are scanned
+        /// again).
+        #[test]
+        fn a_sampled_floor_gives_the_same_candidates(
+            n in 4096usize..9000, nq in 1usize..5, dim in 8usize..80, more in 0usize..120,
+            seed in 0u64..1000,
+        ) {
+            // Enough candidates for a sample of at most two of the 16 or more blocks.
+            let m = n / 32 + 8 + more;
+            let mut next = lcg(seed);
+            let (docs, q) = (small_ints(&mut next, n * dim), small_ints(&mut next, nq * dim));
+            let dir = tempfile::tempdir().unwrap();
+            let v = write_vectors(dir.path(), "c", &docs, dim, VecDType::F32);
+            // One thread's part is every block: the sample is taken there.
+            prop_assert!(sampled_blocks(&blocks(n, SCAN_BLOCK), m).is_some());
+            for precision in [Precision::Int8, Precision::Binary] {
+                let compact = CompactShard::build(&v, precision, None).unwrap();
+                let width = precision.row_bytes(dim);
+                let codes: Vec<u8> = q.chunks(dim).flat_map(|r| {
+                    let mut code = vec![0u8; width];
+                    match precision {
+                        Precision::Int8 => encode_query_int8(r, &compact.scales, &mut code),
+                        Precision::Binary => encode_binary(r, &mut code),
+                    }
+                    code
+                }).collect();
+                for kernels in Kernels::available() {
+                    for threads in [1, 2] {
+                        let run = |sample| on_threads(threads, || candidate_rows(&compact, kernels, dim, &codes, m, sample));
+                        let (want, none) = run(false);
+                        prop_assert_eq!(none, 0);
+                        prop_assert_eq!(run(true).0, want, "{} {} {} threads", precision.name(), kernels.name(), threads);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A sample that holds a query's best rows gives a floor too high for the rest of the part:
+    /// fewer than `m` rows pass it, and the query is scanned again from no floor, to the same
+    /// candidates as without a sample.
+    #[test]
+    fn a_floor_set_too_high_by_the_sample_is_scanned_again() {
+        let (n, dim, m) = (4096, 64, 200);
+        let mut next = lcg(7);
+        let query: Vec<f32> = (0..dim).map(|_| (next() % 1000) as f32 - 499.5).collect();
+        let mut docs: Vec<f32> = (0..n * dim).map(|_| (next() % 1000) as f32 - 499.5).collect();
+        let sampled = sampled_blocks(&blocks(n, SCAN_BLOCK), m).unwrap();
+        // The first 40 rows of each sampled block are the query itself (Hamming distance 0):
+        // 32 or more of those in the sample, fewer than `m` in the part.
+        assert!(sampled.len() * 40 < m && sampled.len() * 40 >= SAMPLE_RANK);
+        for &(start, _) in &sampled {
+            for row in start..start + 40 {
+                docs[row * dim..(row + 1) * dim].copy_from_slice(&query);
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let v = write_vectors(dir.path(), "c", &docs, dim, VecDType::F32);
+        let compact = CompactShard::build(&v, Precision::Binary, None).unwrap();
+        let mut code = vec![0u8; Precision::Binary.row_bytes(dim)];
+        encode_binary(&query, &mut code);
+        for kernels in Kernels::available() {
+            let run =
+                |sample| on_threads(1, || candidate_rows(&compact, kernels, dim, &code, m, sample));
+            let (want, _) = run(false);
+            assert_eq!(want[0].len(), m);
+            let (got, rescanned) = run(true);
+            assert_eq!(rescanned, 1, "{}", kernels.name());
+            assert_eq!(got, want, "{}", kernels.name());
         }
     }
 

@@ -121,6 +121,16 @@ impl<T> Selection<T> {
         self.kept.last()
     }
 
+    /// How many best items it keeps.
+    pub(crate) fn k(&self) -> usize {
+        self.k
+    }
+
+    /// How many items it holds: at least `k` once `k` have been offered.
+    pub(crate) fn len(&self) -> usize {
+        self.kept.len()
+    }
+
     /// Everything still held, in no order: the best `k` after [`Selection::select`], else
     /// possibly more (which a merge into another selection can take as they are).
     pub(crate) fn into_items(self) -> Vec<T> {
