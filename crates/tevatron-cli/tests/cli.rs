@@ -113,24 +113,43 @@ fn encode_search_eval_end_to_end() {
         ],
     ));
     assert_eq!(out, out2);
-    // The safetensors ranking holds the same top hit.
-    ok(tevatron(
-        d,
-        &[
-            "search",
-            "--query_reps",
-            "emb/queries.safetensors",
-            "--passage_reps",
-            "emb/corpus*.safetensors",
-            "--depth",
-            "5",
-            "--save_ranking_to",
-            "run.safetensors",
-        ],
-    ));
+    // The safetensors ranking holds the same top hit, and the same search gives the same
+    // bytes: its header's keys in a fixed order.
+    let search_to = |out: &str| {
+        ok(tevatron(
+            d,
+            &[
+                "search",
+                "--query_reps",
+                "emb/queries.safetensors",
+                "--passage_reps",
+                "emb/corpus*.safetensors",
+                "--depth",
+                "5",
+                "--save_ranking_to",
+                out,
+            ],
+        ))
+    };
+    search_to("run.safetensors");
     let bytes = std::fs::read(d.join("run.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     assert_eq!(st.tensor("scores").unwrap().shape(), [3, 5]);
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = header.metadata().clone().unwrap();
+    assert_eq!(meta["format"], "tevatron-ranking-v1");
+    assert_eq!(meta["depth"], "5");
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    assert!(
+        std::str::from_utf8(&bytes[8..8 + header_len])
+            .unwrap()
+            .starts_with(r#"{"__metadata__":{"depth":"5","format":"tevatron-ranking-v1"},"#),
+        "the header's keys in a fixed order"
+    );
+    for again in ["run2.safetensors", "run3.safetensors"] {
+        search_to(again);
+        assert!(std::fs::read(d.join(again)).unwrap() == bytes, "{again} differs");
+    }
     let docids = String::from_utf8(st.tensor("docids").unwrap().data().to_vec()).unwrap();
     assert_eq!(
         docids.split('\n').next().unwrap(),

@@ -2,11 +2,8 @@
 //! shards (or, with `--quantize`, a scan of their compact codes rescored exactly), written as
 //! Tevatron's TSV or a safetensors file.
 
-use std::collections::BTreeMap;
-
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
-use safetensors::tensor::{Dtype, TensorView};
 use std::path::{Path, PathBuf};
 
 use tevatron_ir::compact::compact_path;
@@ -335,6 +332,19 @@ fn search_device(a: &SearchArgs) -> Result<Device> {
 
 /// `scores` `[Q, k]` F32, `docids` and `query_ids` as `\n`-joined UTF-8 (U8), k = min(depth, N).
 fn write_safetensors(a: &SearchArgs, qids: &Ids, ranking: &Ranking) -> Result<()> {
+    let bytes = ranking_bytes(qids, ranking);
+    let mut out = tevatron_ir::atomic::AtomicFile::create(&a.save_ranking_to)?;
+    std::io::Write::write_all(&mut out, &bytes).map_err(|e| out.err(e))?;
+    out.commit()?;
+    Ok(())
+}
+
+/// The ranking as a safetensors file: `scores` (F32, queries x depth), `docids` and
+/// `query_ids` (newline-joined UTF-8), `__metadata__` naming the format and depth. The header
+/// is written here, its keys in a fixed order, so that the same ranking gives the same bytes
+/// (the `safetensors` crate writes its metadata from a `HashMap`, whose order changed from
+/// run to run).
+fn ranking_bytes(qids: &Ids, ranking: &Ranking) -> Vec<u8> {
     let hits = &ranking.hits;
     let k = hits.iter().map(Vec::len).max().unwrap_or(0);
     let mut scores = Vec::with_capacity(qids.len() * k * 4);
@@ -349,17 +359,21 @@ fn write_safetensors(a: &SearchArgs, qids: &Ids, ranking: &Ranking) -> Result<()
         }
     }
     let qbytes = qids.iter().collect::<Vec<_>>().join("\n").into_bytes();
-    let tensors = [
-        ("scores", TensorView::new(Dtype::F32, vec![qids.len(), k], &scores)?),
-        ("docids", TensorView::new(Dtype::U8, vec![docids.len()], &docids)?),
-        ("query_ids", TensorView::new(Dtype::U8, vec![qbytes.len()], &qbytes)?),
-    ];
-    let mut meta = BTreeMap::new();
-    meta.insert("format".to_string(), "tevatron-ranking-v1".to_string());
-    meta.insert("depth".to_string(), k.to_string());
-    let bytes = safetensors::serialize(tensors, Some(meta.into_iter().collect()))?;
-    let mut out = tevatron_ir::atomic::AtomicFile::create(&a.save_ranking_to)?;
-    std::io::Write::write_all(&mut out, &bytes).map_err(|e| out.err(e))?;
-    out.commit()?;
-    Ok(())
+    let (s, d) = (scores.len(), docids.len());
+    let header = serde_json::json!({
+        "__metadata__": {"depth": k.to_string(), "format": "tevatron-ranking-v1"},
+        "scores": {"dtype": "F32", "shape": [qids.len(), k], "data_offsets": [0, s]},
+        "docids": {"dtype": "U8", "shape": [d], "data_offsets": [s, s + d]},
+        "query_ids": {"dtype": "U8", "shape": [qbytes.len()], "data_offsets": [s + d, s + d + qbytes.len()]},
+    });
+    let mut text = header.to_string();
+    // Padded with spaces to a multiple of 8, so that the scores start aligned.
+    text.extend(std::iter::repeat_n(' ', (8 - text.len() % 8) % 8));
+    let mut bytes = Vec::with_capacity(8 + text.len() + s + d + qbytes.len());
+    bytes.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(text.as_bytes());
+    bytes.extend_from_slice(&scores);
+    bytes.extend_from_slice(&docids);
+    bytes.extend_from_slice(&qbytes);
+    bytes
 }
