@@ -56,9 +56,8 @@ fn encode_search_eval_end_to_end() {
     let d = tmp.path();
     ok(encode(d, &toy("corpus.jsonl"), "emb/corpus.safetensors", &[]));
     ok(encode(d, &toy("queries.jsonl"), "emb/queries.safetensors", &["--encode_is_query"]));
-    ok(tevatron(
-        d,
-        &[
+    let search_to = |out: &str, extra: &[&str]| {
+        let mut args = vec![
             "search",
             "--query_reps",
             "emb/queries.safetensors",
@@ -67,10 +66,12 @@ fn encode_search_eval_end_to_end() {
             "--depth",
             "5",
             "--save_ranking_to",
-            "run.tsv",
-            "--save_text",
-        ],
-    ));
+            out,
+        ];
+        args.extend(extra);
+        ok(tevatron(d, &args))
+    };
+    search_to("run.tsv", &["--save_text"]);
     let run = std::fs::read_to_string(d.join("run.tsv")).unwrap();
     assert_eq!(run.lines().count(), 15, "3 queries x depth 5");
     let qids: Vec<&str> = run.lines().map(|l| l.split('\t').next().unwrap()).collect();
@@ -115,23 +116,7 @@ fn encode_search_eval_end_to_end() {
     assert_eq!(out, out2);
     // The safetensors ranking holds the same top hit, and the same search gives the same
     // bytes: its header's keys in a fixed order.
-    let search_to = |out: &str| {
-        ok(tevatron(
-            d,
-            &[
-                "search",
-                "--query_reps",
-                "emb/queries.safetensors",
-                "--passage_reps",
-                "emb/corpus*.safetensors",
-                "--depth",
-                "5",
-                "--save_ranking_to",
-                out,
-            ],
-        ))
-    };
-    search_to("run.safetensors");
+    search_to("run.safetensors", &[]);
     let bytes = std::fs::read(d.join("run.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     assert_eq!(st.tensor("scores").unwrap().shape(), [3, 5]);
@@ -147,7 +132,7 @@ fn encode_search_eval_end_to_end() {
         "the header's keys in a fixed order"
     );
     for again in ["run2.safetensors", "run3.safetensors"] {
-        search_to(again);
+        search_to(again, &[]);
         assert!(std::fs::read(d.join(again)).unwrap() == bytes, "{again} differs");
     }
     let docids = String::from_utf8(st.tensor("docids").unwrap().data().to_vec()).unwrap();
