@@ -452,21 +452,22 @@ enum LaidOut<'a> {
     Binary(BinaryBlock<'a>),
 }
 
-/// How many of a part's best `m` rows the floor's sample is expected to hold.
+/// How many of a part's best `m` rows the floor's sample is expected to hold, at least.
 ///
 /// Each part's candidates are kept behind a floor that rises as better rows arrive; scanned in
 /// row order, a part of `n` rows offers about `m (1 + ln(n / m))` of them, each tested, pushed
-/// and selected. At 1M rows and 1,000 candidates that is seven times `m`, and the candidates'
-/// handling took as long as the binary scan itself. So a sample of the part's blocks is scored
-/// first, and each query starts at the score of its sample's [`SAMPLE_RANK`]-th best: about
-/// the part's `m x SAMPLE_RANK / SAMPLE_EXPECTED`-th best, so that about twice `m` rows pass it.
+/// and selected. At 1M rows and 1,000 candidates that is seven times `m`, and their handling
+/// took about half as long as the binary scan itself. So a sample of the part's blocks is
+/// scored first, and each query starts at the score of its sample's best at twice the rank
+/// the part's `m`-th best is expected at in the sample ([`sampled_blocks`]): about the part's
+/// `2m`-th best, so that about twice `m` rows pass it.
 const SAMPLE_EXPECTED: usize = 16;
 
-/// The rank in the sample whose score is the starting floor: twice [`SAMPLE_EXPECTED`], so that
-/// a floor above the part's `m`-th best (32 or more of the best `m` in the sample, where 16 are
-/// expected: a Poisson tail of 0.03%) comes about once in 3,600 queries and parts; such a
-/// query's part offers fewer than `m` rows, which is seen, and the query is scanned again from
-/// no floor.
+/// The least rank in the sample whose score is the starting floor: twice [`SAMPLE_EXPECTED`].
+/// A floor above the part's `m`-th best (twice as many of the part's best `m` in the sample as
+/// expected: a Poisson tail of at most 0.03%, at 16 expected) comes about once in 3,600
+/// queries and parts, less often with more expected; such a query's part offers fewer than
+/// `m` rows, which is seen, and the query is scanned again from no floor.
 const SAMPLE_RANK: usize = 2 * SAMPLE_EXPECTED;
 
 /// Each query's best `m` candidate rows (ascending) among `codes`' rows for the query codes of
@@ -508,9 +509,9 @@ fn candidate_rows(
         .map(|part| {
             let mut buffers = ScanBuffers::new(bq);
             let floors = match sample.then(|| sampled_blocks(part, m)).flatten() {
-                Some(sampled) => {
+                Some((sampled, rank)) => {
                     let mut best: Vec<Candidates> =
-                        (0..bq).map(|_| Candidates::new(SAMPLE_RANK)).collect();
+                        (0..bq).map(|_| Candidates::new(rank)).collect();
                     for &block in &sampled {
                         scan.block(block, &mut best, &mut buffers);
                     }
@@ -559,18 +560,23 @@ fn candidate_rows(
     (rows, rescanned)
 }
 
-/// The blocks of `part` whose scores set each query's starting floor: evenly spaced, enough
-/// rows to hold about [`SAMPLE_EXPECTED`] of the part's best `m` (and at least `4 x`
-/// [`SAMPLE_RANK`] rows); none when that would be more than an eighth of the part, where the
-/// floor rises soon enough by itself.
-fn sampled_blocks(part: &[(usize, usize)], m: usize) -> Option<Vec<(usize, usize)>> {
+/// The blocks of `part` whose scores set each query's starting floor, and the rank in the
+/// sample whose score it is: the blocks evenly spaced, enough rows to hold about
+/// [`SAMPLE_EXPECTED`] of the part's best `m` (and at least `4 x` [`SAMPLE_RANK`] rows); the
+/// rank twice as many as the whole blocks taken are expected to hold (a single block of a
+/// small part can hold far more than 16), and at least [`SAMPLE_RANK`]. None when the sample
+/// would be more than an eighth of the part, where the floor rises soon enough by itself.
+fn sampled_blocks(part: &[(usize, usize)], m: usize) -> Option<(Vec<(usize, usize)>, usize)> {
     let rows: usize = part.iter().map(|(s, e)| e - s).sum();
     let wanted = (rows * SAMPLE_EXPECTED).div_ceil(m.max(1)).max(4 * SAMPLE_RANK);
     let count = wanted.div_ceil(SCAN_BLOCK);
     if m >= rows || count * 8 > part.len() {
         return None;
     }
-    Some((0..count).map(|i| part[i * part.len() / count]).collect())
+    let blocks: Vec<(usize, usize)> = (0..count).map(|i| part[i * part.len() / count]).collect();
+    let sampled: usize = blocks.iter().map(|(s, e)| e - s).sum();
+    let rank = (2 * sampled * m).div_ceil(rows).max(SAMPLE_RANK);
+    Some((blocks, rank))
 }
 
 /// What every block of a pass's scan shares: the codes, the pass's query codes and their int8
@@ -676,7 +682,7 @@ fn scan_in_passes(
     for (b, batch) in query_codes.chunks(batch_size * width).enumerate() {
         let (rows, _) = candidate_rows(compact, kernels, dim, batch, m, true);
         let first = b * batch_size;
-        let pass_queries = &queries[first * dim..(first + rows.len()) * dim];
+        let pass_queries = &queries[first * dim..(first + batch.len() / width) * dim];
         out.extend(rescore_candidates(pass_queries, dim, rows, shard, k)?);
     }
     Ok(out)
@@ -888,9 +894,7 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(12))]
         /// A starting floor from a sample of the blocks changes no candidate list, whatever the
-        /// precision, kernels and threads, with the ties of small integer values (which often
-        /// leave fewer than `m` rows above the sample's floor, so that queries are scanned
-        /// again).
+        /// precision, kernels and threads, with the ties of small integer values.
         #[test]
         fn a_sampled_floor_gives_the_same_candidates(
             n in 4096usize..9000, nq in 1usize..5, dim in 8usize..80, more in 0usize..120,
@@ -929,21 +933,25 @@ mod tests {
 
     /// A sample that holds a query's best rows gives a floor too high for the rest of the part:
     /// fewer than `m` rows pass it, and the query is scanned again from no floor, to the same
-    /// candidates as without a sample.
+    /// candidates as without a sample; with two threads only the second part's floor is too
+    /// high (the one merged into the first), and the query is still scanned again.
     #[test]
     fn a_floor_set_too_high_by_the_sample_is_scanned_again() {
-        let (n, dim, m) = (4096, 64, 200);
+        let (n, dim, m, planted) = (4096, 64, 200, 60);
         let mut next = lcg(7);
         let query: Vec<f32> = (0..dim).map(|_| (next() % 1000) as f32 - 499.5).collect();
         let mut docs: Vec<f32> = (0..n * dim).map(|_| (next() % 1000) as f32 - 499.5).collect();
-        let sampled = sampled_blocks(&blocks(n, SCAN_BLOCK), m).unwrap();
-        // The first 40 rows of each sampled block are the query itself (Hamming distance 0):
-        // 32 or more of those in the sample, fewer than `m` in the part.
-        assert!(sampled.len() * 40 < m && sampled.len() * 40 >= SAMPLE_RANK);
-        for &(start, _) in &sampled {
-            for row in start..start + 40 {
-                docs[row * dim..(row + 1) * dim].copy_from_slice(&query);
-            }
+        // The first rows of the middle block (sampled by one thread over every block, and by
+        // the second of two, whose first block it is) are the query itself (Hamming distance
+        // 0): at least the sample's rank, fewer than `m`.
+        let all = blocks(n, SCAN_BLOCK);
+        let middle = all[all.len() / 2];
+        for part in [&all[..], &all[all.len() / 2..]] {
+            let (sampled, rank) = sampled_blocks(part, m).unwrap();
+            assert!(sampled.contains(&middle) && rank <= planted && planted < m, "{rank}");
+        }
+        for row in middle.0..middle.0 + planted {
+            docs[row * dim..(row + 1) * dim].copy_from_slice(&query);
         }
         let dir = tempfile::tempdir().unwrap();
         let v = write_vectors(dir.path(), "c", &docs, dim, VecDType::F32);
@@ -951,13 +959,16 @@ mod tests {
         let mut code = vec![0u8; Precision::Binary.row_bytes(dim)];
         encode_binary(&query, &mut code);
         for kernels in Kernels::available() {
-            let run =
-                |sample| on_threads(1, || candidate_rows(&compact, kernels, dim, &code, m, sample));
-            let (want, _) = run(false);
-            assert_eq!(want[0].len(), m);
-            let (got, rescanned) = run(true);
-            assert_eq!(rescanned, 1, "{}", kernels.name());
-            assert_eq!(got, want, "{}", kernels.name());
+            for threads in [1, 2] {
+                let run = |sample| {
+                    on_threads(threads, || candidate_rows(&compact, kernels, dim, &code, m, sample))
+                };
+                let (want, _) = run(false);
+                assert_eq!(want[0].len(), m);
+                let (got, rescanned) = run(true);
+                assert_eq!(rescanned, 1, "{} {threads} threads", kernels.name());
+                assert_eq!(got, want, "{} {threads} threads", kernels.name());
+            }
         }
     }
 

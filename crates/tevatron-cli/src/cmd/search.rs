@@ -332,7 +332,7 @@ fn search_device(a: &SearchArgs) -> Result<Device> {
 
 /// `scores` `[Q, k]` F32, `docids` and `query_ids` as `\n`-joined UTF-8 (U8), k = min(depth, N).
 fn write_safetensors(a: &SearchArgs, qids: &Ids, ranking: &Ranking) -> Result<()> {
-    let bytes = ranking_bytes(qids, ranking);
+    let bytes = ranking_bytes(qids, ranking)?;
     let mut out = tevatron_ir::atomic::AtomicFile::create(&a.save_ranking_to)?;
     std::io::Write::write_all(&mut out, &bytes).map_err(|e| out.err(e))?;
     out.commit()?;
@@ -343,10 +343,19 @@ fn write_safetensors(a: &SearchArgs, qids: &Ids, ranking: &Ranking) -> Result<()
 /// `query_ids` (newline-joined UTF-8), `__metadata__` naming the format and depth. The header
 /// is written here, its keys in a fixed order, so that the same ranking gives the same bytes
 /// (the `safetensors` crate writes its metadata from a `HashMap`, whose order changed from
-/// run to run).
-fn ranking_bytes(qids: &Ids, ranking: &Ranking) -> Vec<u8> {
+/// run to run); serde_json sorts its keys.
+fn ranking_bytes(qids: &Ids, ranking: &Ranking) -> Result<Vec<u8>> {
     let hits = &ranking.hits;
     let k = hits.iter().map(Vec::len).max().unwrap_or(0);
+    // `scores` is a matrix: every query needs the same number of hits (an HNSW graph can
+    // return fewer for some).
+    if let Some((qid, hs)) = qids.iter().zip(hits).find(|(_, hs)| hs.len() != k) {
+        bail!(
+            "query {qid:?} has {} hits where others have {k}: the safetensors ranking holds the \
+             same number for every query; write a text run with --save_text",
+            hs.len()
+        );
+    }
     let mut scores = Vec::with_capacity(qids.len() * k * 4);
     let mut docids = Vec::new();
     for hs in hits {
@@ -375,5 +384,40 @@ fn ranking_bytes(qids: &Ids, ranking: &Ranking) -> Vec<u8> {
     bytes.extend_from_slice(&scores);
     bytes.extend_from_slice(&docids);
     bytes.extend_from_slice(&qbytes);
-    bytes
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tevatron_ir::vectors::{VecDType, VectorWriter};
+
+    fn vectors(dir: &Path, name: &str, ids: &[&str]) -> Vectors {
+        let path = dir.join(name);
+        let mut w = VectorWriter::create(&path, 2, VecDType::F32, Default::default()).unwrap();
+        w.push(&vec![0.5; 2 * ids.len()], ids).unwrap();
+        w.finish().unwrap();
+        Vectors::open(&path).unwrap()
+    }
+
+    /// A ranking whose queries have different numbers of hits cannot be the safetensors
+    /// matrix: a clear error naming the query, not a file no reader accepts.
+    #[test]
+    fn uneven_hits_are_refused_by_the_safetensors_ranking() {
+        let dir = tempfile::tempdir().unwrap();
+        let (shard, queries) =
+            (vectors(dir.path(), "c", &["d0", "d1"]), vectors(dir.path(), "q", &["q0", "q1"]));
+        let rank = |hits: Vec<Vec<(f32, u32)>>| {
+            merge_shards(2, [Ok(&shard)], 2, |_| Ok(hits.clone())).unwrap()
+        };
+        let even = rank(vec![vec![(1.0, 0), (0.5, 1)], vec![(0.7, 1), (0.2, 0)]]);
+        let bytes = ranking_bytes(queries.ids(), &even).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.tensor("scores").unwrap().shape(), [2, 2]);
+        assert_eq!(st.tensor("docids").unwrap().data(), b"d0\nd1\nd1\nd0");
+        assert_eq!(st.tensor("query_ids").unwrap().data(), b"q0\nq1");
+        let uneven = rank(vec![vec![(1.0, 0), (0.5, 1)], vec![(0.7, 1)]]);
+        let err = ranking_bytes(queries.ids(), &uneven).unwrap_err().to_string();
+        assert!(err.contains("query \"q1\" has 1 hits where others have 2"), "{err}");
+    }
 }
