@@ -332,3 +332,52 @@ fn hnsw_graphs_are_built_mapped_and_rescored() {
         "give one of --quantize int8|binary and --hnsw",
     );
 }
+
+/// A corpus whose best rows for the query sit together, where the scan samples its floor: the
+/// floor proves too high, the query is scanned again (the log says so), and the ranking is
+/// still the best rows.
+#[test]
+fn a_sampled_floor_that_proves_too_high_is_logged_and_scanned_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let (rows, dim) = (4096, 64);
+    let mut x = 5u64;
+    let mut next = || {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((x >> 33) % 1000) as f32 - 499.5
+    };
+    let query: Vec<f32> = (0..dim).map(|_| next()).collect();
+    let mut values: Vec<f32> = (0..rows * dim).map(|_| next()).collect();
+    // Rows 2048-2107 (the start of the middle block of 256, which one thread's scan samples)
+    // are the query: 60 rows at Hamming distance 0, at least the sample's rank (50 for 200
+    // candidates here) and fewer than the 200 candidates.
+    for r in 2048..2108 {
+        values[r * dim..(r + 1) * dim].copy_from_slice(&query);
+    }
+    let ids: Vec<String> = (0..rows).map(|i| format!("d{i}")).collect();
+    let mut w =
+        VectorWriter::create(&d.join("c.0.safetensors"), dim, VecDType::F32, BTreeMap::new())
+            .unwrap();
+    w.push(&values, &ids).unwrap();
+    w.finish().unwrap();
+    let mut w = VectorWriter::create(&d.join("q.safetensors"), dim, VecDType::F32, BTreeMap::new())
+        .unwrap();
+    w.push(&query, &["q"]).unwrap();
+    w.finish().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tevatron"))
+        .current_dir(d)
+        .env("RAYON_NUM_THREADS", "1")
+        .args(["search", "--query_reps", "q.safetensors", "--passage_reps", "c.0.safetensors"])
+        .args(["--depth", "20", "--quantize", "binary", "--rescore_multiplier", "10"])
+        .args(["--save_ranking_to", "run.tsv", "--save_text"])
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("1 query scans of a shard started from a floor sampled"), "{log}");
+    let run = std::fs::read_to_string(d.join("run.tsv")).unwrap();
+    let top: Vec<usize> =
+        run.lines().map(|l| l.split('\t').nth(1).unwrap()[1..].parse().unwrap()).collect();
+    assert_eq!(top.len(), 20);
+    assert!(top.iter().all(|r| (2048..2108).contains(r)), "{run}");
+}

@@ -390,6 +390,9 @@ pub struct ScanReport {
     pub candidates: usize,
     /// The kernels the scan used.
     pub kernels: Kernels,
+    /// Queries of this shard scanned a second time because the floor sampled from their
+    /// part's blocks proved too high (rare on data whose best rows are spread out).
+    pub rescanned: usize,
 }
 
 /// Each query's best `depth` `(score, row)` of `shard`, best first, with exact scores: the
@@ -428,7 +431,7 @@ pub fn search_compact(
     let n = shard.len();
     let k = depth.min(n);
     let m = ((k as f64 * multiplier).ceil() as usize).clamp(k, n);
-    let report = ScanReport { candidates: m, kernels };
+    let report = ScanReport { candidates: m, kernels, rescanned: 0 };
     if k == 0 {
         return Ok((vec![Vec::new(); nq], report));
     }
@@ -443,7 +446,8 @@ pub fn search_compact(
         m,
         parts,
     );
-    Ok((scan_in_passes(queries, dim, compact, shard, (k, m), pass, kernels)?, report))
+    let (hits, rescanned) = scan_in_passes(queries, dim, compact, shard, (k, m), pass, kernels)?;
+    Ok((hits, ScanReport { rescanned, ..report }))
 }
 
 /// A scan block's codes laid out for the kernels, once per pass.
@@ -654,7 +658,7 @@ impl Scan<'_> {
 }
 
 /// [`search_compact`]'s scan and rescoring, `pass` queries at a time: each query's best `k`
-/// of `m` candidates.
+/// of `m` candidates, and how many queries were scanned again ([`candidate_rows`]).
 fn scan_in_passes(
     queries: &[f32],
     dim: usize,
@@ -663,7 +667,7 @@ fn scan_in_passes(
     (k, m): (usize, usize),
     pass: usize,
     kernels: Kernels,
-) -> Result<QueryHits> {
+) -> Result<(QueryHits, usize)> {
     // Whole rows of a width above 0: `search_compact` checked them.
     let width = compact.precision.row_bytes(dim);
     let query_codes: Vec<u8> = queries
@@ -678,14 +682,15 @@ fn scan_in_passes(
         })
         .collect();
     let batch_size = pass.max(1);
-    let mut out = Vec::with_capacity(queries.len() / dim);
+    let (mut out, mut rescanned) = (Vec::with_capacity(queries.len() / dim), 0);
     for (b, batch) in query_codes.chunks(batch_size * width).enumerate() {
-        let (rows, _) = candidate_rows(compact, kernels, dim, batch, m, true);
+        let (rows, again) = candidate_rows(compact, kernels, dim, batch, m, true);
+        rescanned += again;
         let first = b * batch_size;
         let pass_queries = &queries[first * dim..(first + batch.len() / width) * dim];
         out.extend(rescore_candidates(pass_queries, dim, rows, shard, k)?);
     }
-    Ok(out)
+    Ok((out, rescanned))
 }
 
 /// Exact scores of each query's candidate rows (`candidates[q]`, ascending, distinct), each
@@ -849,7 +854,7 @@ mod tests {
                         prop_assert_eq!(&got, &want, "{} {}", precision.name(), kernels.name());
                         // Passes of `batch` queries, as a depth too large to widen them would run.
                         let k = depth.min(n);
-                        let passes = scan_in_passes(&q, dim, compact, &v, (k, n), batch.max(1), kernels).unwrap();
+                        let (passes, _) = scan_in_passes(&q, dim, compact, &v, (k, n), batch.max(1), kernels).unwrap();
                         prop_assert_eq!(&passes, &want, "{} {} in passes", precision.name(), kernels.name());
                     }
                 }
@@ -1109,7 +1114,7 @@ mod tests {
             let compact = CompactShard::build(&v, precision, None).unwrap();
             for kernels in Kernels::available() {
                 for pass in [nq, 100, 7] {
-                    let got =
+                    let (got, _) =
                         scan_in_passes(&q, dim, &compact, &v, (depth, n), pass, kernels).unwrap();
                     assert_eq!(got, want, "{} {} pass {pass}", precision.name(), kernels.name());
                 }

@@ -67,6 +67,8 @@ pub fn run(a: &SearchArgs) -> Result<()> {
     }
     // The last shard's scan report, with its HNSW graph's vector dtype when one was searched.
     let reported = std::cell::Cell::new(None);
+    // Queries scanned again over all shards (a compact scan's sampled floor too high).
+    let rescanned = std::cell::Cell::new(0usize);
     let search = |shard: &Vectors| {
         let cut;
         let shard = match a.truncate_dim {
@@ -82,7 +84,8 @@ pub fn run(a: &SearchArgs) -> Result<()> {
                 let graph = plan.graph_for(shard, ef)?;
                 let (hits, candidates) =
                     search_hnsw(&q, dim, &graph, shard, depth, rescore_multiplier(a))?;
-                reported.set(Some((ScanReport { candidates, kernels }, Some(graph.dtype()))));
+                let report = ScanReport { candidates, kernels, rescanned: 0 };
+                reported.set(Some((report, Some(graph.dtype()))));
                 return Ok(hits);
             }
             let codes = plan.codes_for(shard)?;
@@ -97,6 +100,7 @@ pub fn run(a: &SearchArgs) -> Result<()> {
                 kernels,
             )?;
             reported.set(Some((report, None)));
+            rescanned.set(rescanned.get() + report.rescanned);
             return Ok(hits);
         }
         match &device {
@@ -148,6 +152,14 @@ pub fn run(a: &SearchArgs) -> Result<()> {
             "{scanned}; rescored {} candidates per query (last shard) with the full-precision vectors",
             report.candidates
         );
+        if rescanned.get() > 0 {
+            tracing::info!(
+                "{} query scans of a shard started from a floor sampled from the codes that \
+                 proved too high, and were run again without one (the same results; frequent \
+                 when a query's best rows cluster in the corpus order)",
+                rescanned.get()
+            );
+        }
     }
     if !a.quiet {
         tracing::info!(
