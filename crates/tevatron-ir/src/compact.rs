@@ -28,9 +28,7 @@ use crate::quantize::{
     encode_binary, encode_int8, encode_query_int8, BinaryBlock, Calibration, Int8Block,
     Int8Queries, Kernels, Precision,
 };
-use crate::search::{
-    best_first, check_finite, check_query_rows, check_width, floor_sample, Selection, TopK,
-};
+use crate::search::{best_first, check_finite, check_query_rows, check_width, Selection, TopK};
 use crate::vectors::{Rows, Vectors};
 use crate::{Error, Result};
 
@@ -458,10 +456,28 @@ enum LaidOut<'a> {
     Binary(BinaryBlock<'a>),
 }
 
+/// How many of a part's best `m` rows the floor's sample is expected to hold, at least.
+///
+/// Each part's candidates are kept behind a floor that rises as better rows arrive; scanned in
+/// row order, a part of `n` rows offers about `m (1 + ln(n / m))` of them, each tested, pushed
+/// and selected. At 1M rows and 1,000 candidates that is seven times `m`, and their handling
+/// took about half as long as the binary scan itself. So a sample of the part's blocks is
+/// scored first, and each query starts at the score of its sample's best at twice the rank
+/// the part's `m`-th best is expected at in the sample ([`sampled_blocks`]): about the part's
+/// `2m`-th best, so that about twice `m` rows pass it.
+const SAMPLE_EXPECTED: usize = 16;
+
+/// The least rank in the sample whose score is the starting floor: twice [`SAMPLE_EXPECTED`].
+/// A floor above the part's `m`-th best (twice as many of the part's best `m` in the sample as
+/// expected: a Poisson tail of at most 0.03%, at 16 expected) comes about once in 3,600
+/// queries and parts, less often with more expected; such a query's part offers fewer than
+/// `m` rows, which is seen, and the query is scanned again from no floor.
+const SAMPLE_RANK: usize = 2 * SAMPLE_EXPECTED;
+
 /// Each query's best `m` candidate rows (ascending) among `codes`' rows for the query codes of
 /// `batch` (whole rows of the codes' width), the threads each scanning a part of the blocks.
 /// With `sample`, each part starts from a floor estimated on a sample of its blocks
-/// ([`floor_sample`]); a query whose floor turned out too high in some part is scanned again
+/// ([`SAMPLE_EXPECTED`]); a query whose floor turned out too high in some part is scanned again
 /// without one, so the candidates are the same either way. Also returns how many queries were
 /// scanned again.
 fn candidate_rows(
@@ -496,13 +512,12 @@ fn candidate_rows(
         .par_chunks(per_part)
         .map(|part| {
             let mut buffers = ScanBuffers::new(bq);
-            let lens: Vec<usize> = part.iter().map(|(s, e)| e - s).collect();
-            let floors = match sample.then(|| floor_sample(&lens, m)).flatten() {
+            let floors = match sample.then(|| sampled_blocks(part, m)).flatten() {
                 Some((sampled, rank)) => {
                     let mut best: Vec<Candidates> =
                         (0..bq).map(|_| Candidates::new(rank)).collect();
-                    for &i in &sampled {
-                        scan.block(part[i], &mut best, &mut buffers);
+                    for &block in &sampled {
+                        scan.block(block, &mut best, &mut buffers);
                     }
                     best.into_iter().map(Candidates::starting_floor).collect()
                 }
@@ -547,6 +562,25 @@ fn candidate_rows(
         }
     }
     (rows, rescanned)
+}
+
+/// The blocks of `part` whose scores set each query's starting floor, and the rank in the
+/// sample whose score it is: the blocks evenly spaced, enough rows to hold about
+/// [`SAMPLE_EXPECTED`] of the part's best `m` (and at least `4 x` [`SAMPLE_RANK`] rows); the
+/// rank twice as many as the whole blocks taken are expected to hold (a single block of a
+/// small part can hold far more than 16), and at least [`SAMPLE_RANK`]. None when the sample
+/// would be more than an eighth of the part, where the floor rises soon enough by itself.
+fn sampled_blocks(part: &[(usize, usize)], m: usize) -> Option<(Vec<(usize, usize)>, usize)> {
+    let rows: usize = part.iter().map(|(s, e)| e - s).sum();
+    let wanted = (rows * SAMPLE_EXPECTED).div_ceil(m.max(1)).max(4 * SAMPLE_RANK);
+    let count = wanted.div_ceil(SCAN_BLOCK);
+    if m >= rows || count * 8 > part.len() {
+        return None;
+    }
+    let blocks: Vec<(usize, usize)> = (0..count).map(|i| part[i * part.len() / count]).collect();
+    let sampled: usize = blocks.iter().map(|(s, e)| e - s).sum();
+    let rank = (2 * sampled * m).div_ceil(rows).max(SAMPLE_RANK);
+    Some((blocks, rank))
 }
 
 /// What every block of a pass's scan shares: the codes, the pass's query codes and their int8
@@ -855,13 +889,6 @@ mod tests {
             }
             prop_assert_eq!(merged.rows(), want);
         }
-    }
-
-    /// [`floor_sample`] of a part of the scan's blocks: the blocks sampled and the rank.
-    fn sampled_blocks(part: &[(usize, usize)], m: usize) -> Option<(Vec<(usize, usize)>, usize)> {
-        let lens: Vec<usize> = part.iter().map(|(s, e)| e - s).collect();
-        floor_sample(&lens, m)
-            .map(|(picked, rank)| (picked.iter().map(|&i| part[i]).collect(), rank))
     }
 
     /// Runs `f` on a pool of `threads` threads, as the scan's parts are made per thread.

@@ -40,46 +40,6 @@ fn splits_queries(queries: usize, threads: usize) -> bool {
     queries >= threads.max(1) * SPLIT_QUERIES_FROM
 }
 
-/// How many of a part's best `m` rows the sample that sets a starting floor is expected to
-/// hold, at least ([`floor_sample`]).
-///
-/// A scan that keeps each query's best `m` of a part's rows behind a floor that rises as better
-/// rows arrive is offered, in row order, about `m (1 + ln(n / m))` of its `n` rows, each pushed
-/// and selected: at 1M rows and 1,000 kept, seven times `m`. In the compact scan their handling
-/// took about half as long as the binary scan itself. So a sample of the part's blocks is
-/// scored first, and each query starts at the score of its sample's best at twice the rank the
-/// part's `m`-th best is expected at there: about the part's `2m`-th best, which about twice
-/// `m` rows pass.
-const SAMPLE_EXPECTED: usize = 16;
-
-/// The least rank in the sample whose score is the starting floor: twice [`SAMPLE_EXPECTED`].
-/// A floor above the part's `m`-th best (twice as many of the part's best `m` in the sample as
-/// expected: a Poisson tail of at most 0.03%, at 16 expected) comes about once in 3,600
-/// queries and parts, less often with more expected; such a query's part keeps fewer than `m`
-/// rows, which is seen, and the query is scanned again from no floor.
-const SAMPLE_RANK: usize = 2 * SAMPLE_EXPECTED;
-
-/// The blocks of a part (given by their row counts, `lens`) to score first for a starting floor
-/// of a best-`m` scan, as indices into the part, and the rank in the sample whose score is the
-/// floor: the blocks evenly spaced, enough rows to hold about [`SAMPLE_EXPECTED`] of the part's
-/// best `m` (and at least `4 x` [`SAMPLE_RANK`] rows); the rank twice as many as the whole
-/// blocks taken are expected to hold (a single block of a small part can hold far more than
-/// 16), and at least [`SAMPLE_RANK`]. None when the sample would be more than an eighth of the
-/// part's blocks, where the floor rises soon enough by itself, or `m` is 0 or the part's size.
-pub(crate) fn floor_sample(lens: &[usize], m: usize) -> Option<(Vec<usize>, usize)> {
-    let rows: usize = lens.iter().sum();
-    let block = lens.iter().copied().max().unwrap_or(0).max(1);
-    let wanted = (rows * SAMPLE_EXPECTED).div_ceil(m.max(1)).max(4 * SAMPLE_RANK);
-    let count = wanted.div_ceil(block);
-    if m == 0 || m >= rows || count * 8 > lens.len() {
-        return None;
-    }
-    let picked: Vec<usize> = (0..count).map(|i| i * lens.len() / count).collect();
-    let sampled: usize = picked.iter().map(|&i| lens[i]).sum();
-    let rank = (2 * sampled * m).div_ceil(rows).max(SAMPLE_RANK);
-    Some((picked, rank))
-}
-
 /// One retrieved document: its score and where it lives (shard and row), 12 bytes, so that a
 /// million hits do not cost a million strings; [`Ranking::docid`] gives its id.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -224,23 +184,7 @@ fn pair(key: u64) -> (f32, u32) {
 
 impl TopK {
     pub(crate) fn new(k: usize) -> Self {
-        Self::behind(k, f32::NEG_INFINITY)
-    }
-
-    /// Keeps the best `k` pairs scored at or above `floor`.
-    fn behind(k: usize, floor: f32) -> Self {
-        Self { best: Selection::new(k), floor }
-    }
-
-    /// The worst score of the best `k` (at or above it, at least `k` pairs were offered), or
-    /// NEG_INFINITY with fewer than `k` offered: a starting floor from a sample.
-    fn starting_floor(self, ids: &Ids) -> f32 {
-        let k = self.best.k;
-        let keys = self.into_kept_keys(ids);
-        match keys.iter().min() {
-            Some(&worst) if k > 0 && keys.len() >= k => pair(worst).0,
-            _ => f32::NEG_INFINITY,
-        }
+        Self { best: Selection::new(k), floor: f32::NEG_INFINITY }
     }
 
     #[inline]
@@ -383,7 +327,7 @@ pub fn search_shard(
     batch_size: usize,
 ) -> Result<Vec<Vec<(f32, u32)>>> {
     let pass = pass_for(batch_size, queries.len() / dim.max(1), depth.min(shard.len()));
-    scan_shard(queries, dim, shard, depth, pass, true, true)
+    scan_shard(queries, dim, shard, depth, pass, true)
 }
 
 /// [`search_shard`] for a shard already passed by [`check_shard_finite`]: a caller that
@@ -397,7 +341,7 @@ pub fn search_checked_shard(
     batch_size: usize,
 ) -> Result<Vec<Vec<(f32, u32)>>> {
     let pass = pass_for(batch_size, queries.len() / dim.max(1), depth.min(shard.len()));
-    scan_shard(queries, dim, shard, depth, pass, false, true)
+    scan_shard(queries, dim, shard, depth, pass, false)
 }
 
 /// [`queries_per_pass`] for a `--batch_size` (0: all) on this machine's threads.
@@ -423,7 +367,6 @@ fn scan_shard(
     depth: usize,
     batch_size: usize,
     check_passages: bool,
-    sample: bool,
 ) -> Result<Vec<Vec<(f32, u32)>>> {
     check_width(shard, dim)?;
     check_query_rows(queries, dim)?;
@@ -441,137 +384,87 @@ fn scan_shard(
     let parts = rayon::current_num_threads().max(1);
     let batch_size = queries_per_batch(batch_size, nq);
     let per_part = blocks.len().div_ceil(parts).max(1);
-    // Offers the rows of the block from `start` to each of `qs`' top-k buffers (`tops`), with
-    // the scratch for its scores and widened rows (`buf`).
-    let offer = |start: usize,
-                 qs: &[f32],
-                 tops: &mut [TopK],
-                 check: bool,
-                 (scores, widened): &mut (Vec<f32>, Vec<f32>)|
-     -> Result<()> {
+    // The best `k` of `qs`' queries among the rows of `part`'s blocks.
+    let score = |part: &[usize], qs: &[f32], check: bool| -> Result<Vec<TopK>> {
         let share = qs.len() / dim;
-        let end = (start + DOC_BLOCK).min(n);
-        let nb = end - start;
-        let block = rows.block(dim, start, end, widened);
-        if check {
-            check_finite(block, dim, start, shard.path())?;
-        }
-        // Queries in sub-blocks keep the score buffer at QUERY_BLOCK x DOC_BLOCK (1.5 MiB)
-        // whatever the batch size.
-        for q0 in (0..share).step_by(QUERY_BLOCK) {
-            let mq = QUERY_BLOCK.min(share - q0);
-            scores.resize(mq * nb, 0.0);
-            // SAFETY: dst is mq x nb row-major, lhs mq x dim row-major (rows q0..), rhs is the
-            // block viewed as dim x nb column-major; all slices have those lengths.
-            unsafe {
-                gemm::gemm(
-                    mq,
-                    nb,
-                    dim,
-                    scores.as_mut_ptr(),
-                    1,
-                    nb as isize,
-                    false,
-                    qs[q0 * dim..].as_ptr(),
-                    1,
-                    dim as isize,
-                    block.as_ptr(),
-                    dim as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-            for (q, top) in tops[q0..q0 + mq].iter_mut().enumerate() {
-                top.push_row(&scores[q * nb..(q + 1) * nb], start, ids);
-            }
-        }
-        Ok(())
-    };
-    // The best `k` of `qs`' queries among the rows of `part`'s blocks, and which queries kept
-    // fewer than `k` above a starting floor sampled from the part ([`floor_sample`], with
-    // `sample`): those must be scanned again without one.
-    let score = |part: &[usize], qs: &[f32], check: bool, sample: bool| {
-        let share = qs.len() / dim;
-        let mut buf = (Vec::new(), Vec::new());
-        let lens: Vec<usize> = part.iter().map(|&s| (s + DOC_BLOCK).min(n) - s).collect();
-        let floors = match sample.then(|| floor_sample(&lens, k)).flatten() {
-            Some((sampled, rank)) => {
-                let mut best: Vec<TopK> = (0..share).map(|_| TopK::new(rank)).collect();
-                for i in sampled {
-                    // Unchecked here: the scan below checks each block it reads.
-                    offer(part[i], qs, &mut best, false, &mut buf)?;
-                }
-                best.into_iter().map(|top| top.starting_floor(ids)).collect()
-            }
-            None => vec![f32::NEG_INFINITY; share],
-        };
-        let mut tops: Vec<TopK> = floors.iter().map(|&f| TopK::behind(k, f)).collect();
+        let mut tops: Vec<TopK> = (0..share).map(|_| TopK::new(k)).collect();
+        let mut scores = Vec::<f32>::new();
+        let mut widened = Vec::<f32>::new();
         for &start in part {
-            offer(start, qs, &mut tops, check, &mut buf)?;
+            let end = (start + DOC_BLOCK).min(n);
+            let nb = end - start;
+            let block = rows.block(dim, start, end, &mut widened);
+            if check {
+                check_finite(block, dim, start, shard.path())?;
+            }
+            // Queries in sub-blocks keep the score buffer at QUERY_BLOCK x DOC_BLOCK
+            // (1.5 MiB) whatever the batch size.
+            for q0 in (0..share).step_by(QUERY_BLOCK) {
+                let mq = QUERY_BLOCK.min(share - q0);
+                scores.resize(mq * nb, 0.0);
+                // SAFETY: dst is mq x nb row-major, lhs mq x dim row-major (rows q0..),
+                // rhs is the block viewed as dim x nb column-major; all slices have
+                // those lengths.
+                unsafe {
+                    gemm::gemm(
+                        mq,
+                        nb,
+                        dim,
+                        scores.as_mut_ptr(),
+                        1,
+                        nb as isize,
+                        false,
+                        qs[q0 * dim..].as_ptr(),
+                        1,
+                        dim as isize,
+                        block.as_ptr(),
+                        dim as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                for (q, top) in tops[q0..q0 + mq].iter_mut().enumerate() {
+                    top.push_row(&scores[q * nb..(q + 1) * nb], start, ids);
+                }
+            }
         }
-        let missed = tops
-            .iter()
-            .zip(&floors)
-            .map(|(top, &f)| f > f32::NEG_INFINITY && top.best.len() < k)
-            .collect::<Vec<bool>>();
-        Ok::<_, Error>((tops, missed))
-    };
-    // Every query of `qb`'s best `k` over the whole shard, and which must be scanned again.
-    let pass = |qb: &[f32], check: bool, sample: bool| -> Result<(Vec<TopK>, Vec<bool>)> {
-        let bq = qb.len() / dim;
-        if splits_queries(bq, parts) {
-            let per_thread = bq.div_ceil(parts);
-            // The first share checks every row for NaN; the others' results are dropped with
-            // its error.
-            let shares: Vec<(Vec<TopK>, Vec<bool>)> = qb
-                .par_chunks(per_thread * dim)
-                .enumerate()
-                .map(|(i, qs)| score(&blocks, qs, check && i == 0, sample))
-                .collect::<Result<_>>()?;
-            Ok(shares.into_iter().fold((Vec::new(), Vec::new()), |(mut t, mut m), (st, sm)| {
-                t.extend(st);
-                m.extend(sm);
-                (t, m)
-            }))
-        } else {
-            blocks.par_chunks(per_part).map(|part| score(part, qb, check, sample)).try_reduce(
-                || (Vec::new(), Vec::new()),
-                |(mut a, mut ma), (b, mb)| {
-                    if a.is_empty() {
-                        return Ok((b, mb));
-                    }
-                    for (ha, hb) in a.iter_mut().zip(b) {
-                        ha.merge(hb, ids);
-                    }
-                    for (x, y) in ma.iter_mut().zip(mb) {
-                        *x |= y;
-                    }
-                    Ok((a, ma))
-                },
-            )
-        }
+        Ok(tops)
     };
     for (batch_index, qb) in queries.chunks(batch_size * dim).enumerate() {
         let bq = qb.len() / dim;
         let check = check_passages && batch_index == 0;
-        let (mut tops, missed) = pass(qb, check, sample)?;
+        let tops = if splits_queries(bq, parts) {
+            let per_thread = bq.div_ceil(parts);
+            // The first share checks every row for NaN; the others' results are dropped with
+            // its error.
+            let shares: Vec<Vec<TopK>> = qb
+                .par_chunks(per_thread * dim)
+                .enumerate()
+                .map(|(i, qs)| score(&blocks, qs, check && i == 0))
+                .collect::<Result<_>>()?;
+            shares.into_iter().flatten().collect()
+        } else {
+            blocks.par_chunks(per_part).map(|part| score(part, qb, check)).try_reduce(
+                Vec::new,
+                |mut a, b| {
+                    if a.is_empty() {
+                        return Ok(b);
+                    }
+                    for (ha, hb) in a.iter_mut().zip(b) {
+                        ha.merge(hb, ids);
+                    }
+                    Ok(a)
+                },
+            )?
+        };
         if tops.is_empty() {
             out.extend((0..bq).map(|_| Vec::new()));
             continue;
-        }
-        let again: Vec<usize> = (0..bq).filter(|&q| missed[q]).collect();
-        if !again.is_empty() {
-            let qs: Vec<f32> =
-                again.iter().flat_map(|&q| &qb[q * dim..(q + 1) * dim]).copied().collect();
-            let (found, _) = pass(&qs, false, false)?;
-            for (q, top) in again.into_iter().zip(found) {
-                tops[q] = top;
-            }
         }
         // Each query's final sort on its own thread: serial, the sorts of 1,000 queries at depth
         // 1,000 were a tenth of a 100k-passage search's wall time on two threads.
@@ -856,7 +749,7 @@ mod tests {
             let got = named_rows(search_shard(&q, dim, &v, depth, batch).unwrap(), &v);
             same(&got, &brute(&q, &docs, &ids, dim, depth));
             // Passes of `batch` queries, as a top-k too large to widen them would run.
-            let passes = scan_shard(&q, dim, &v, depth, batch.max(1), true, true).unwrap();
+            let passes = scan_shard(&q, dim, &v, depth, batch.max(1), true).unwrap();
             same(&named_rows(passes, &v), &got);
             // Sharded in either order equals unsharded.
             let cut = n / 2;
@@ -983,103 +876,5 @@ mod tests {
             VecDType::F32,
         );
         assert_eq!(search_shard(&[1.0, 2.0], 2, &v, 1000, 0).unwrap()[0].len(), 2);
-    }
-}
-
-#[cfg(test)]
-mod sampled_floor_tests {
-    use super::*;
-    use crate::vectors::{VecDType, VectorWriter};
-    use proptest::prelude::*;
-
-    fn shard(dir: &std::path::Path, rows: &[f32], dim: usize) -> Vectors {
-        let path = dir.join("c");
-        // Ids in another order than the rows, so that score ties rank by id, not by row.
-        let ids: Vec<String> =
-            (0..rows.len() / dim).map(|i| format!("d{}", (i * 7919) % 10007)).collect();
-        let mut w = VectorWriter::create(&path, dim, VecDType::F32, Default::default()).unwrap();
-        w.push(rows, &ids).unwrap();
-        w.finish().unwrap();
-        Vectors::open(&path).unwrap()
-    }
-
-    fn on_threads<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
-        rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(f)
-    }
-
-    /// Each query's best `(score, row)` pairs.
-    type Hits = Vec<Vec<(f32, u32)>>;
-
-    /// The exact search of `q` with and without a sampled starting floor, on 1 and 2 threads.
-    fn both(q: &[f32], dim: usize, v: &Vectors, k: usize) -> Vec<[Hits; 2]> {
-        [1, 2]
-            .into_iter()
-            .map(|threads| {
-                on_threads(threads, || {
-                    let pass = pass_for(0, q.len() / dim, k);
-                    [true, false]
-                        .map(|sample| scan_shard(q, dim, v, k, pass, true, sample).unwrap())
-                })
-            })
-            .collect()
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(8))]
-        /// A starting floor sampled from the corpus blocks changes no ranking, with the ties of
-        /// small integer values (ranked by doc id), a few queries (the corpus split among the
-        /// threads) or many (the queries split).
-        #[test]
-        fn a_sampled_floor_gives_the_same_ranking(
-            n in 3072usize..8000, many in any::<bool>(), dim in 2usize..12, more in 0usize..100,
-            seed in 0u64..1000,
-        ) {
-            // Enough to keep for a sample of at most two of the 8 or more blocks.
-            let k = n / 24 + 8 + more;
-            let lens: Vec<usize> = (0..n).step_by(DOC_BLOCK).map(|s| (s + DOC_BLOCK).min(n) - s).collect();
-            prop_assert!(floor_sample(&lens, k).is_some());
-            let nq = if many { 600 } else { 3 };
-            let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-            let mut next = || {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((x >> 33) % 5) as f32 - 2.0
-            };
-            let docs: Vec<f32> = (0..n * dim).map(|_| next()).collect();
-            let q: Vec<f32> = (0..nq * dim).map(|_| next()).collect();
-            let dir = tempfile::tempdir().unwrap();
-            let v = shard(dir.path(), &docs, dim);
-            for [sampled, plain] in both(&q, dim, &v, k) {
-                prop_assert_eq!(sampled, plain);
-            }
-        }
-    }
-
-    /// Rows equal to the query in the middle block (sampled by one thread over every block, and
-    /// by the second of two, whose first block it is): a floor too high for the rest, so the
-    /// query is scanned again, to the ranking without a sample.
-    #[test]
-    fn a_floor_set_too_high_by_the_sample_is_scanned_again() {
-        let (n, dim, k, planted) = (16 * DOC_BLOCK, 8, 200, 60);
-        let mut x = 3u64;
-        let mut next = || {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((x >> 33) % 1000) as f32 - 499.5
-        };
-        let query: Vec<f32> = (0..dim).map(|_| next()).collect();
-        let mut docs: Vec<f32> = (0..n * dim).map(|_| next()).collect();
-        let lens = [DOC_BLOCK; 16];
-        for part in [&lens[..], &lens[8..]] {
-            let (sampled, rank) = floor_sample(part, k).unwrap();
-            assert!(sampled.contains(&(part.len() - 8)) && rank <= planted && planted < k);
-        }
-        for r in 8 * DOC_BLOCK..8 * DOC_BLOCK + planted {
-            docs[r * dim..(r + 1) * dim].copy_from_slice(&query);
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let v = shard(dir.path(), &docs, dim);
-        for [sampled, plain] in both(&query, dim, &v, k) {
-            assert_eq!(plain[0].len(), k);
-            assert_eq!(sampled, plain);
-        }
     }
 }
