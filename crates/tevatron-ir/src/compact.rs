@@ -331,7 +331,7 @@ impl Candidates {
     }
 
     /// A floor that lets in only scores at or above the worst kept key's (the `m`-th best,
-    /// where `m` were offered), whatever their rows; 0 (no floor) with fewer than `m`.
+    /// where at least `m` were offered), whatever their rows; 0 (no floor) with fewer than `m`.
     fn starting_floor(mut self) -> u64 {
         let m = self.best.k();
         self.best.select(|a, b| b.cmp(a));
@@ -569,7 +569,9 @@ fn candidate_rows(
 /// [`SAMPLE_EXPECTED`] of the part's best `m` (and at least `4 x` [`SAMPLE_RANK`] rows); the
 /// rank twice as many as the whole blocks taken are expected to hold (a single block of a
 /// small part can hold far more than 16), and at least [`SAMPLE_RANK`]. None when the sample
-/// would be more than an eighth of the part, where the floor rises soon enough by itself.
+/// would be more than an eighth of the part's blocks (which needs `m` of at least about 128,
+/// more on parts of few blocks), where the floor rises soon enough by itself, or when it has
+/// fewer rows than the rank (no floor would come of it).
 fn sampled_blocks(part: &[(usize, usize)], m: usize) -> Option<(Vec<(usize, usize)>, usize)> {
     let rows: usize = part.iter().map(|(s, e)| e - s).sum();
     let wanted = (rows * SAMPLE_EXPECTED).div_ceil(m.max(1)).max(4 * SAMPLE_RANK);
@@ -580,7 +582,7 @@ fn sampled_blocks(part: &[(usize, usize)], m: usize) -> Option<(Vec<(usize, usiz
     let blocks: Vec<(usize, usize)> = (0..count).map(|i| part[i * part.len() / count]).collect();
     let sampled: usize = blocks.iter().map(|(s, e)| e - s).sum();
     let rank = (2 * sampled * m).div_ceil(rows).max(SAMPLE_RANK);
-    Some((blocks, rank))
+    (rank <= sampled).then_some((blocks, rank))
 }
 
 /// What every block of a pass's scan shares: the codes, the pass's query codes and their int8
