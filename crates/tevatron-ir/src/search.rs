@@ -359,6 +359,35 @@ pub fn check_shard_finite(shard: &Vectors) -> Result<()> {
     })
 }
 
+/// The shape in which `mq` queries are scored against `nb` rows of `dim` values: theirs, or
+/// larger (the queries and rows padded with zeros, whose scores are dropped) where the `gemm`
+/// crate would take a path whose sums round otherwise than its blocked kernel does: a
+/// matrix-vector product for one query or one row, its small-matrix kernel for 256 scores or
+/// fewer, another split of the sums of more than 512 values for at most 64 by 64. So a query's
+/// scores do not depend, to the bit, on how many queries are searched with it (one query alone
+/// differed in the last bits, about 1e-7), nor a row's on the size of the block it ends.
+fn product_shape(mq: usize, nb: usize, dim: usize) -> (usize, usize) {
+    let (mut m, n) = (mq.max(2), nb.max(2));
+    if m * n <= 256 {
+        m = m.max(257usize.div_ceil(n));
+    }
+    if dim > 512 && m <= 64 && n <= 64 {
+        m = 65;
+    }
+    (m, n)
+}
+
+/// `values`, or a copy of them padded with zeros to `len` in `scratch` when they are shorter.
+fn padded<'a>(values: &'a [f32], len: usize, scratch: &'a mut Vec<f32>) -> &'a [f32] {
+    if values.len() >= len {
+        return values;
+    }
+    scratch.clear();
+    scratch.extend_from_slice(values);
+    scratch.resize(len, 0.0);
+    scratch
+}
+
 /// The search of one shard in passes of `batch_size` queries (0: all) over the corpus.
 fn scan_shard(
     queries: &[f32],
@@ -390,6 +419,8 @@ fn scan_shard(
         let mut tops: Vec<TopK> = (0..share).map(|_| TopK::new(k)).collect();
         let mut scores = Vec::<f32>::new();
         let mut widened = Vec::<f32>::new();
+        // Zero-padded copies of the queries and rows of a product too small for its shape.
+        let (mut padded_queries, mut padded_rows) = (Vec::<f32>::new(), Vec::<f32>::new());
         for &start in part {
             let end = (start + DOC_BLOCK).min(n);
             let nb = end - start;
@@ -401,23 +432,25 @@ fn scan_shard(
             // (1.5 MiB) whatever the batch size.
             for q0 in (0..share).step_by(QUERY_BLOCK) {
                 let mq = QUERY_BLOCK.min(share - q0);
-                scores.resize(mq * nb, 0.0);
-                // SAFETY: dst is mq x nb row-major, lhs mq x dim row-major (rows q0..),
-                // rhs is the block viewed as dim x nb column-major; all slices have
-                // those lengths.
+                let (pm, pn) = product_shape(mq, nb, dim);
+                let lhs = padded(&qs[q0 * dim..(q0 + mq) * dim], pm * dim, &mut padded_queries);
+                let rhs = padded(block, pn * dim, &mut padded_rows);
+                scores.resize(pm * pn, 0.0);
+                // SAFETY: dst is pm x pn row-major, lhs pm x dim row-major, rhs is pn rows
+                // viewed as dim x pn column-major; all slices have those lengths.
                 unsafe {
                     gemm::gemm(
-                        mq,
-                        nb,
+                        pm,
+                        pn,
                         dim,
                         scores.as_mut_ptr(),
                         1,
-                        nb as isize,
+                        pn as isize,
                         false,
-                        qs[q0 * dim..].as_ptr(),
+                        lhs.as_ptr(),
                         1,
                         dim as isize,
-                        block.as_ptr(),
+                        rhs.as_ptr(),
                         dim as isize,
                         1,
                         0.0,
@@ -429,7 +462,7 @@ fn scan_shard(
                     );
                 }
                 for (q, top) in tops[q0..q0 + mq].iter_mut().enumerate() {
-                    top.push_row(&scores[q * nb..(q + 1) * nb], start, ids);
+                    top.push_row(&scores[q * pn..q * pn + nb], start, ids);
                 }
             }
         }
@@ -876,5 +909,74 @@ mod tests {
             VecDType::F32,
         );
         assert_eq!(search_shard(&[1.0, 2.0], 2, &v, 1000, 0).unwrap()[0].len(), 2);
+    }
+}
+
+#[cfg(test)]
+mod product_shape_tests {
+    use super::*;
+    use crate::vectors::{VecDType, VectorWriter};
+
+    /// A query's scores, to the bit, do not depend on how many queries are searched with it:
+    /// real-valued vectors (whose sums round), one query alone against the same query among
+    /// others (1, 2, 3 and 70 queries), shards whose last block is 1 to 100 rows, widths under
+    /// and over 512; nor a row's on whether it ends a shard's last, short block.
+    #[test]
+    fn a_query_alone_scores_the_same_bits_as_among_others() {
+        let mut x = 9u64;
+        let mut next = || {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let dir = tempfile::tempdir().unwrap();
+        for (dim, last) in [(40, 1), (40, 5), (40, 100), (600, 1), (600, 40), (3, 7)] {
+            let n = 2 * DOC_BLOCK + last;
+            let docs: Vec<f32> = (0..n * dim).map(|_| next()).collect();
+            // 70 queries: together more than 64, alone 1 (the shapes whose paths differ).
+            let q: Vec<f32> = (0..70 * dim).map(|_| next()).collect();
+            let write = |name: &str, docs: &[f32]| {
+                let path = dir.path().join(format!("{name}{dim}-{last}"));
+                let ids: Vec<String> = (0..docs.len() / dim).map(|i| format!("d{i}")).collect();
+                let mut w =
+                    VectorWriter::create(&path, dim, VecDType::F32, Default::default()).unwrap();
+                w.push(docs, &ids).unwrap();
+                w.finish().unwrap();
+                Vectors::open(&path).unwrap()
+            };
+            let v = write("c", &docs);
+            let depth = n;
+            let bits = |hits: &[(f32, u32)]| -> Vec<(u32, u32)> {
+                hits.iter().map(|&(s, r)| (s.to_bits(), r)).collect()
+            };
+            let together = search_shard(&q, dim, &v, depth, 0).unwrap();
+            for i in [0, 1, 2, 69] {
+                let want = &together[i];
+                for group in [&q[i * dim..(i + 1) * dim], &q[..(i + 1) * dim]] {
+                    let got = search_shard(group, dim, &v, depth, 0).unwrap();
+                    assert_eq!(
+                        bits(got.last().unwrap()),
+                        bits(want),
+                        "dim {dim}, last block {last}, query {i}"
+                    );
+                }
+            }
+            // The same rows followed by 300 more: the last block's rows now sit in a full block.
+            let mut longer = docs.clone();
+            longer.extend((0..300 * dim).map(|_| next()));
+            let scores = |v: &Vectors| -> Vec<Vec<u32>> {
+                search_shard(&q, dim, v, v.len(), 0)
+                    .unwrap()
+                    .into_iter()
+                    .map(|hits| {
+                        let mut by_row = vec![0u32; n];
+                        for (s, r) in hits.into_iter().filter(|&(_, r)| (r as usize) < n) {
+                            by_row[r as usize] = s.to_bits();
+                        }
+                        by_row
+                    })
+                    .collect()
+            };
+            assert_eq!(scores(&v), scores(&write("l", &longer)), "dim {dim}, last block {last}");
+        }
     }
 }
