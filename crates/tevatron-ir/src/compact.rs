@@ -477,7 +477,7 @@ const SAMPLE_RANK: usize = 2 * SAMPLE_EXPECTED;
 /// Each query's best `m` candidate rows (ascending) among `codes`' rows for the query codes of
 /// `batch` (whole rows of the codes' width), the threads each scanning a part of the blocks.
 /// With `sample`, each part starts from a floor estimated on a sample of its blocks
-/// ([`SAMPLE_EXPECTED`]); a query whose floor turned out too high in some part is scanned again
+/// ([`sampled_blocks`]); a query whose floor turned out too high in some part is scanned again
 /// without one, so the candidates are the same either way. Also returns how many queries were
 /// scanned again.
 fn candidate_rows(
@@ -528,7 +528,7 @@ fn candidate_rows(
             for &block in part {
                 scan.block(block, &mut heaps, &mut buffers);
             }
-            // Fewer than `m` rows above a starting floor: the floor was too high.
+            // Fewer than `m` rows at or above a starting floor: the floor was too high.
             let missed: Vec<bool> =
                 heaps.iter().zip(&floors).map(|(h, &f)| f != 0 && h.best.len() < m).collect();
             (heaps, missed)
