@@ -363,9 +363,12 @@ pub fn check_shard_finite(shard: &Vectors) -> Result<()> {
 /// larger (the queries and rows padded with zeros, whose scores are dropped) where the `gemm`
 /// crate would take a path whose sums round otherwise than its blocked kernel does: a
 /// matrix-vector product for one query or one row, its small-matrix kernel for 256 scores or
-/// fewer, another split of the sums of more than 512 values for at most 64 by 64. So a query's
-/// scores do not depend, to the bit, on how many queries are searched with it (one query alone
-/// differed in the last bits, about 1e-7), nor a row's on the size of the block it ends.
+/// fewer (x86 with FMA or AVX-512), another split of the sums of more than 512 values for at
+/// most 64 by 64 (widths of 1 or 2 take one path, `gevv`, in every shape not small). So on one
+/// machine a query's scores do not depend, to the bit, on how many queries are searched with it
+/// (one query alone differed in the last bits, about 1e-7), nor a row's on the size of the
+/// block it ends. A one-query search pays for it: each block is scored as a product of two
+/// queries by the blocked kernel, not a matrix-vector product.
 fn product_shape(mq: usize, nb: usize, dim: usize) -> (usize, usize) {
     let (mut m, n) = (mq.max(2), nb.max(2));
     if m * n <= 256 {
@@ -929,7 +932,9 @@ mod product_shape_tests {
             (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
         };
         let dir = tempfile::tempdir().unwrap();
-        for (dim, last) in [(40, 1), (40, 5), (40, 100), (600, 1), (600, 40), (3, 7)] {
+        for (dim, last) in
+            [(40, 1), (40, 5), (40, 100), (600, 1), (600, 40), (3, 7), (1, 7), (2, 7)]
+        {
             let n = 2 * DOC_BLOCK + last;
             let docs: Vec<f32> = (0..n * dim).map(|_| next()).collect();
             // 70 queries: together more than 64, alone 1 (the shapes whose paths differ).
