@@ -21,9 +21,14 @@ fn write(dir: &Path, name: &str, rows: usize, dim: usize, seed: u64, prefix: &st
         ((x >> 33) % 7) as f32 - 3.0
     };
     let values: Vec<f32> = (0..rows * dim).map(|_| next()).collect();
-    let ids: Vec<String> = (0..rows).map(|i| format!("{prefix}{i}")).collect();
+    write_values(dir, name, &values, dim, prefix);
+}
+
+/// `values` (rows of `dim`) as F32 vectors with ids `{prefix}0`, `{prefix}1`, ...
+fn write_values(dir: &Path, name: &str, values: &[f32], dim: usize, prefix: &str) {
+    let ids: Vec<String> = (0..values.len() / dim).map(|i| format!("{prefix}{i}")).collect();
     let mut w = VectorWriter::create(&dir.join(name), dim, VecDType::F32, BTreeMap::new()).unwrap();
-    w.push(&values, &ids).unwrap();
+    w.push(values, &ids).unwrap();
     w.finish().unwrap();
 }
 
@@ -354,16 +359,8 @@ fn a_sampled_floor_that_proves_too_high_is_logged_and_scanned_again() {
     for r in 2048..2108 {
         values[r * dim..(r + 1) * dim].copy_from_slice(&query);
     }
-    let ids: Vec<String> = (0..rows).map(|i| format!("d{i}")).collect();
-    let mut w =
-        VectorWriter::create(&d.join("c.0.safetensors"), dim, VecDType::F32, BTreeMap::new())
-            .unwrap();
-    w.push(&values, &ids).unwrap();
-    w.finish().unwrap();
-    let mut w = VectorWriter::create(&d.join("q.safetensors"), dim, VecDType::F32, BTreeMap::new())
-        .unwrap();
-    w.push(&query, &["q"]).unwrap();
-    w.finish().unwrap();
+    write_values(d, "c.0.safetensors", &values, dim, "d");
+    write_values(d, "q.safetensors", &query, dim, "q");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tevatron"))
         .current_dir(d)
         .env("RAYON_NUM_THREADS", "1")

@@ -132,6 +132,23 @@ pub struct CompactShard {
 }
 
 impl CompactShard {
+    /// The codes the scan compares with this shard's for `queries` (whole rows of `dim`):
+    /// int8 against the shard's scales, or sign bits.
+    fn query_codes(&self, queries: &[f32], dim: usize) -> Vec<u8> {
+        let width = self.precision.row_bytes(dim);
+        queries
+            .chunks_exact(dim)
+            .flat_map(|q| {
+                let mut code = vec![0u8; width];
+                match self.precision {
+                    Precision::Int8 => encode_query_int8(q, &self.scales, &mut code),
+                    Precision::Binary => encode_binary(q, &mut code),
+                }
+                code
+            })
+            .collect()
+    }
+
     /// Quantizes `source` in memory; int8 uses `scales` when given, else calibrates on the shard.
     pub fn build(source: &Vectors, precision: Precision, scales: Option<Vec<f32>>) -> Result<Self> {
         let scales = match (precision, scales) {
@@ -672,17 +689,7 @@ fn scan_in_passes(
 ) -> Result<(QueryHits, usize)> {
     // Whole rows of a width above 0: `search_compact` checked them.
     let width = compact.precision.row_bytes(dim);
-    let query_codes: Vec<u8> = queries
-        .chunks_exact(dim)
-        .flat_map(|q| {
-            let mut code = vec![0u8; width];
-            match compact.precision {
-                Precision::Int8 => encode_query_int8(q, &compact.scales, &mut code),
-                Precision::Binary => encode_binary(q, &mut code),
-            }
-            code
-        })
-        .collect();
+    let query_codes = compact.query_codes(queries, dim);
     let batch_size = pass.max(1);
     let (mut out, mut rescanned) = (Vec::with_capacity(queries.len() / dim), 0);
     for (b, batch) in query_codes.chunks(batch_size * width).enumerate() {
@@ -917,15 +924,7 @@ mod tests {
             prop_assert!(sampled_blocks(&blocks(n, SCAN_BLOCK), m).is_some());
             for precision in [Precision::Int8, Precision::Binary] {
                 let compact = CompactShard::build(&v, precision, None).unwrap();
-                let width = precision.row_bytes(dim);
-                let codes: Vec<u8> = q.chunks(dim).flat_map(|r| {
-                    let mut code = vec![0u8; width];
-                    match precision {
-                        Precision::Int8 => encode_query_int8(r, &compact.scales, &mut code),
-                        Precision::Binary => encode_binary(r, &mut code),
-                    }
-                    code
-                }).collect();
+                let codes = compact.query_codes(&q, dim);
                 for kernels in Kernels::available() {
                     for threads in [1, 2] {
                         let run = |sample| on_threads(threads, || candidate_rows(&compact, kernels, dim, &codes, m, sample));
@@ -963,8 +962,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let v = write_vectors(dir.path(), "c", &docs, dim, VecDType::F32);
         let compact = CompactShard::build(&v, Precision::Binary, None).unwrap();
-        let mut code = vec![0u8; Precision::Binary.row_bytes(dim)];
-        encode_binary(&query, &mut code);
+        let code = compact.query_codes(&query, dim);
         for kernels in Kernels::available() {
             for threads in [1, 2] {
                 let run = |sample| {

@@ -913,12 +913,6 @@ mod tests {
         );
         assert_eq!(search_shard(&[1.0, 2.0], 2, &v, 1000, 0).unwrap()[0].len(), 2);
     }
-}
-
-#[cfg(test)]
-mod product_shape_tests {
-    use super::*;
-    use crate::vectors::{VecDType, VectorWriter};
 
     /// A query's scores, to the bit, do not depend on how many queries are searched with it:
     /// real-valued vectors (whose sums round), one query alone against the same query among
@@ -939,16 +933,11 @@ mod product_shape_tests {
             let docs: Vec<f32> = (0..n * dim).map(|_| next()).collect();
             // 70 queries: together more than 64, alone 1 (the shapes whose paths differ).
             let q: Vec<f32> = (0..70 * dim).map(|_| next()).collect();
-            let write = |name: &str, docs: &[f32]| {
-                let path = dir.path().join(format!("{name}{dim}-{last}"));
+            let shard = |name: &str, docs: &[f32]| {
                 let ids: Vec<String> = (0..docs.len() / dim).map(|i| format!("d{i}")).collect();
-                let mut w =
-                    VectorWriter::create(&path, dim, VecDType::F32, Default::default()).unwrap();
-                w.push(docs, &ids).unwrap();
-                w.finish().unwrap();
-                Vectors::open(&path).unwrap()
+                write(dir.path(), &format!("{name}{dim}-{last}"), docs, &ids, dim, VecDType::F32)
             };
-            let v = write("c", &docs);
+            let v = shard("c", &docs);
             let depth = n;
             let bits = |hits: &[(f32, u32)]| -> Vec<(u32, u32)> {
                 hits.iter().map(|&(s, r)| (s.to_bits(), r)).collect()
@@ -981,7 +970,7 @@ mod product_shape_tests {
                     })
                     .collect()
             };
-            assert_eq!(scores(&v), scores(&write("l", &longer)), "dim {dim}, last block {last}");
+            assert_eq!(scores(&v), scores(&shard("l", &longer)), "dim {dim}, last block {last}");
         }
     }
 }
