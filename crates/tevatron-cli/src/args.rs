@@ -1210,9 +1210,13 @@ pub enum PrepareDataset {
 }
 
 /// Tevatron's drivers accept a single `args.json` instead of flags: `tevatron encode args.json`.
-/// Keys become `--key value`; `true` becomes a bare `--key`, `false` and null are left out,
-/// lists become repeated values.
+/// Keys become `--key value`: `true` and `false` become `--key true` and `--key false` where the
+/// flag takes a value (most on/off flags here do, as Hugging Face's), and a bare `--key` or
+/// nothing where it is a plain switch; null is left out (Hugging Face's `None`, the default); a
+/// list becomes the flag's values, joined by its delimiter where it takes one comma-separated
+/// value (`"matryoshka_dims": [384, 96]`).
 pub fn expand_json_args(argv: Vec<OsString>) -> Result<Vec<OsString>> {
+    use clap::CommandFactory;
     let is_json = argv.len() == 3
         && argv[2].to_str().is_some_and(|s| s.ends_with(".json") && !s.starts_with('-'));
     if !is_json {
@@ -1223,26 +1227,50 @@ pub fn expand_json_args(argv: Vec<OsString>) -> Result<Vec<OsString>> {
         .with_context(|| format!("reading arguments {}", path.display()))?;
     let obj: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
         .with_context(|| format!("{}: arguments must be a JSON object", path.display()))?;
+    let mut cli = Cli::command();
+    // Built, so that every argument's count of values is filled in.
+    cli.build();
+    let command = argv[1].to_str().and_then(|name| cli.find_subcommand(name));
+    // How the command takes `--key`: (takes a value, the delimiter of its one value). An
+    // unknown key is passed on as it is, for clap to refuse with its own message.
+    let shape = |key: &str| {
+        let arg = command?.get_arguments().find(|a| a.get_long() == Some(key))?;
+        let takes_value = arg.get_num_args().is_none_or(|n| n.takes_values());
+        let one_value = arg.get_num_args().is_none_or(|n| n.max_values() <= 1);
+        Some((takes_value, arg.get_value_delimiter().filter(|_| one_value)))
+    };
+    let value = |v: serde_json::Value| -> OsString {
+        match v {
+            serde_json::Value::String(s) => s.into(),
+            other => other.to_string().into(),
+        }
+    };
     let mut out = vec![argv[0].clone(), argv[1].clone()];
     for (k, v) in obj {
         let flag = OsString::from(format!("--{k}"));
+        let (takes_value, delimiter) = shape(&k).unwrap_or((true, None));
         match v {
-            serde_json::Value::Bool(true) => out.push(flag),
-            serde_json::Value::Bool(false) | serde_json::Value::Null => {}
-            serde_json::Value::String(s) => out.extend([flag, s.into()]),
-            serde_json::Value::Number(n) => out.extend([flag, n.to_string().into()]),
+            serde_json::Value::Bool(b) if !takes_value => {
+                if b {
+                    out.push(flag)
+                }
+            }
+            serde_json::Value::Null => {}
             serde_json::Value::Array(items) => {
                 out.push(flag);
-                for i in items {
-                    out.push(match i {
-                        serde_json::Value::String(s) => s.into(),
-                        other => other.to_string().into(),
-                    });
+                match delimiter {
+                    Some(d) => {
+                        let items: Vec<String> =
+                            items.into_iter().map(|i| value(i).to_string_lossy().into()).collect();
+                        out.push(items.join(&d.to_string()).into());
+                    }
+                    None => out.extend(items.into_iter().map(value)),
                 }
             }
             serde_json::Value::Object(_) => {
                 bail!("{}: argument {k:?} is an object", path.display())
             }
+            other => out.extend([flag, value(other)]),
         }
     }
     Ok(out)
@@ -1306,25 +1334,50 @@ mod tests {
     fn json_argument_file_expands_to_flags() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("args.json");
-        std::fs::write(
-            &path,
-            r#"{"model_name_or_path": "m", "normalize": true, "fp16": false, "query_max_len": 16}"#,
-        )
-        .unwrap();
-        let argv = expand_json_args(vec!["tevatron".into(), "encode".into(), path.clone().into()])
-            .unwrap();
-        let argv: Vec<String> = argv.into_iter().map(|s| s.into_string().unwrap()).collect();
+        let expand = |command: &str, json: &str| -> Vec<String> {
+            std::fs::write(&path, json).unwrap();
+            let argv = expand_json_args(vec!["tevatron".into(), command.into(), (&path).into()]);
+            argv.unwrap().into_iter().map(|s| s.into_string().unwrap()).collect()
+        };
         assert_eq!(
-            argv,
+            expand(
+                "encode",
+                r#"{"model_name_or_path": "m", "normalize": true, "fp16": false,
+                   "add_special_tokens": false, "query_max_len": 16, "query_prefix": null}"#
+            ),
             [
                 "tevatron",
                 "encode",
+                "--add_special_tokens",
+                "false",
+                "--fp16",
+                "false",
                 "--model_name_or_path",
                 "m",
                 "--normalize",
+                "true",
                 "--query_max_len",
                 "16"
             ]
         );
+        // `false` reaches the parsed arguments (it was left out, so the default won).
+        let argv = expand(
+            "encode",
+            r#"{"model_name_or_path": "m", "encode_output_path": "e", "add_special_tokens": false}"#,
+        );
+        let cli = Cli::try_parse_from(argv).unwrap();
+        let Command::Encode(a) = cli.command else { panic!("encode") };
+        assert!(!a.encoding.add_special_tokens);
+        // A plain switch: present when true, absent when false.
+        assert_eq!(
+            expand("eval", r#"{"complete": true, "json": false}"#),
+            ["tevatron", "eval", "--complete"]
+        );
+        // A list: one comma-separated value where the flag takes one, repeated values where
+        // it takes several.
+        let argv = expand("train", r#"{"matryoshka_dims": [16, 8], "output_dir": "o"}"#);
+        assert_eq!(argv[2..], ["--matryoshka_dims", "16,8", "--output_dir", "o"]);
+        let argv = expand("fuse", r#"{"runs": ["a", "b"]}"#);
+        assert_eq!(argv[2..], ["--runs", "a", "b"]);
     }
 }

@@ -584,6 +584,19 @@ fn bad_search_and_eval_inputs_are_clear_errors() {
         tevatron(d, &["eval", "--qrels", &toy("qrels.txt"), "--run", "r.tsv", "-m", "bpref"]),
         "unknown measure \"bpref\"",
     );
+    // A score that is not a number: named with its line (eval's sort panicked on it).
+    std::fs::write(d.join("nan.run"), "q1 d1 1.0\nq1 d2 NaN\n").unwrap();
+    fails_with(
+        tevatron(d, &["eval", "--qrels", &toy("qrels.txt"), "--run", "nan.run"]),
+        "nan.run:2: score \"NaN\" is not a finite number",
+    );
+    // A run none of whose queries is judged: a warning, and with -c zeros without a sign.
+    std::fs::write(d.join("other.run"), "x1 d1 1.0\n").unwrap();
+    let out = tevatron(d, &["eval", "--qrels", &toy("qrels.txt"), "--run", "other.run", "-c"]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(stderr.contains("none of the 1 queries of other.run is judged"), "{stderr}");
+    let stdout = ok(out);
+    assert!(stdout.contains("all\t0.0000") && !stdout.contains("-0.0000"), "{stdout}");
 }
 
 fn write_vectors(path: &Path, dim: usize, rows: &[f32], ids: &[&str]) {

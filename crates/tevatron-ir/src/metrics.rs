@@ -212,7 +212,7 @@ pub fn evaluate(run: &Run, qrels: &Qrels, measures: &[Measure], complete: bool) 
         for (qid, j) in &qrels.queries {
             if !in_run.contains(qid.as_str()) {
                 let values: Vec<f64> =
-                    measures.iter().map(|m| measure_query(m.kind, &[], j)).collect();
+                    measures.iter().map(|m| measure_query(m.kind, &[], j) + 0.0).collect();
                 per_query.push((qid.clone(), values));
             }
         }

@@ -365,12 +365,17 @@ fn storable_id(r: TextRecord, kind: RecordKind, path: &Path, line: usize) -> Res
     })
 }
 
-/// Reads a whole file into memory, naming the path in the error.
+/// Reads a whole file into memory, naming the path in the error. A byte-order mark that some
+/// Windows editors put first is left out: it would otherwise become part of the first line's
+/// first field (a qrels' first query id, which then matched no query of a run).
 pub fn read_to_string(path: &Path) -> Result<String> {
     let mut s = String::new();
     File::open(path)
         .and_then(|mut f| f.read_to_string(&mut s))
         .map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
+    if s.starts_with('\u{feff}') {
+        s.drain(..'\u{feff}'.len_utf8());
+    }
     Ok(s)
 }
 

@@ -140,9 +140,11 @@ impl Run {
                     ));
                 }
             };
-            let score: f64 = score
-                .parse()
-                .map_err(|_| line_err(path, i + 1, format!("score {score:?} is not a number")))?;
+            // Not a finite number (NaN, inf): it has no place in a ranking, which sorts by it.
+            let score: f64 =
+                score.parse().ok().filter(|s: &f64| s.is_finite()).ok_or_else(|| {
+                    line_err(path, i + 1, format!("score {score:?} is not a finite number"))
+                })?;
             // Runs are grouped by query, so the current slot is almost always the one.
             let slot = match current {
                 Some((q, slot)) if q == qid => slot,
@@ -268,11 +270,28 @@ mod tests {
             "run.txt:2: run line needs 6 columns (qid Q0 docid rank score tag) or 3 (qid docid score), found 2"
         );
         let e = Run::parse_str("q1 d1 x\n", "run.txt").unwrap_err();
-        assert_eq!(e.to_string(), "run.txt:1: score \"x\" is not a number");
+        assert_eq!(e.to_string(), "run.txt:1: score \"x\" is not a finite number");
+        // NaN sorts nowhere (eval's sort panicked on it, rerank took it for the best); an
+        // infinity breaks the fusion's normalisation.
+        for bad in ["NaN", "nan", "inf", "-infinity"] {
+            let e = Run::parse_str(&format!("q1 d1 1\nq1 d2 {bad}\n"), "run.txt").unwrap_err();
+            assert_eq!(e.to_string(), format!("run.txt:2: score {bad:?} is not a finite number"));
+        }
         let e = Qrels::parse_str("q 0 d\n", "q.txt").unwrap_err();
         assert_eq!(e.to_string(), "q.txt:1: qrels line needs 4 columns, found 3");
         let e = Qrels::parse_str("q 0 d 1.5\n", "q.txt").unwrap_err();
         assert_eq!(e.to_string(), "q.txt:1: relevance \"1.5\" is not an integer");
+    }
+
+    /// A byte-order mark before the first line is not part of the first query id.
+    #[test]
+    fn a_byte_order_mark_is_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let (qrels, run) = (dir.path().join("qrels.txt"), dir.path().join("run.txt"));
+        std::fs::write(&qrels, "\u{feff}q1 0 d1 1\n").unwrap();
+        std::fs::write(&run, "\u{feff}q1 d1 2\n").unwrap();
+        assert_eq!(Qrels::read(&qrels).unwrap().queries[0].0, "q1");
+        assert_eq!(Run::read(&run).unwrap().queries[0].0, "q1");
     }
 
     #[test]

@@ -18,6 +18,17 @@ pub fn run(a: &EvalArgs) -> Result<()> {
     }
     let qrels = Qrels::read(&a.qrels).context("reading --qrels")?;
     let run = Run::read(&a.run).context("reading --run")?;
+    let judged: std::collections::HashSet<&str> =
+        qrels.queries.iter().map(|(q, _)| q.as_str()).collect();
+    if !run.queries.is_empty() && !run.queries.iter().any(|(q, _)| judged.contains(q.as_str())) {
+        // Every measure would be 0 (or nothing averaged): most often ids that differ in form.
+        tracing::warn!(
+            "none of the {} queries of {} is judged in {}: check that the two name queries alike",
+            run.queries.len(),
+            a.run.display(),
+            a.qrels.display()
+        );
+    }
     let result = evaluate(&run, &qrels, &measures, a.complete);
     let mut out = String::new();
     if a.json {
