@@ -334,6 +334,21 @@ fn a_resumed_run_keeps_the_best_metric_and_ends_as_an_uninterrupted_one() {
         e.into_iter().map(|(s, m)| (s, m["eval_ndcg@10"].clone())).collect()
     };
     assert_eq!(strip(evaluations(&resumed)), strip(evaluations(&whole)));
+    // Resumed with the output folder spelled otherwise (`./kept`): the limit of 1 still knows
+    // the best checkpoint (it was deleted, and the run failed loading it at the end).
+    let kept = [&flags[..], &["--save_total_limit", "1", "--load_best_model_at_end"]].concat();
+    ok(train(d, "kept", &kept));
+    std::fs::remove_dir_all(d.join("kept/checkpoint-6")).unwrap();
+    for f in ["model.safetensors", "trainer_state.json"] {
+        std::fs::remove_file(d.join("kept").join(f)).unwrap();
+    }
+    ok(train(d, "./kept", &kept));
+    let best = best.replace("whole/", "kept/");
+    assert_eq!(
+        std::fs::read(d.join("kept/model.safetensors")).unwrap(),
+        std::fs::read(d.join(&best).join("model.safetensors")).unwrap(),
+        "the resumed run ends on its best checkpoint, {best}"
+    );
 }
 
 /// The measures logged at the last step equal `tevatron eval` of the final model (1e-6).
@@ -550,28 +565,40 @@ fn validation_flags_are_checked_before_training() {
         train(d, "o2", &["--eval_strategy", "steps", "--metric_for_best_model", "eval_loss"]),
         "--metric_for_best_model \"loss\": validation here measures ndcg@10, mrr@10, recall@100",
     );
-    fails_with(
-        train(
-            d,
-            "o3",
-            &[
-                "--eval_strategy",
-                "steps",
-                "--eval_steps",
-                "2",
-                "--save_steps",
-                "3",
-                "--load_best_model_at_end",
-            ],
-        ),
-        "--save_steps (3) to be a multiple of the evaluation interval (2)",
+    // A best evaluation off the save interval is saved all the same, and is what the run ends
+    // on: evaluations at every step, checkpoints every fourth, lower nDCG@10 counted better so
+    // that the best comes before the first checkpoint (this run had been refused; Hugging
+    // Face's rule, which it met, lost such a best).
+    let every_step = ["--eval_strategy", "steps", "--eval_steps", "1", "--save_steps", "4"];
+    // A limit of 0 keeps every checkpoint, as Hugging Face's (it kept one and the best).
+    let lower =
+        ["--greater_is_better", "false", "--load_best_model_at_end", "--save_total_limit", "0"];
+    ok(train(d, "best", &[&every_step[..], &lower].concat()));
+    let st = state(&d.join("best"));
+    let evals: Vec<(u64, f64)> = evaluations(&st)
+        .iter()
+        .map(|(step, e)| (*step, e["eval_ndcg@10"].as_f64().unwrap()))
+        .collect();
+    assert_eq!(evals.len(), 6, "{evals:?}");
+    // The first of the lowest, as `best_metric` follows every evaluation.
+    let best = evals.iter().fold(evals[0], |b, &e| if e.1 < b.1 { e } else { b });
+    assert!(best.0 % 4 != 0, "the best should fall off the save interval: {evals:?}");
+    let checkpoint = format!("checkpoint-{}", best.0);
+    assert_eq!(st["best_model_checkpoint"].as_str(), Some(format!("best/{checkpoint}").as_str()));
+    assert_eq!(
+        std::fs::read(d.join("best/model.safetensors")).unwrap(),
+        std::fs::read(d.join("best").join(&checkpoint).join("model.safetensors")).unwrap()
     );
+    let saved = common::names(&d.join("best"));
+    for c in [checkpoint.as_str(), "checkpoint-4", "checkpoint-6"] {
+        assert!(saved.iter().any(|n| n == c), "{c} missing: {saved:?}");
+    }
     std::fs::write(d.join("bad.qrels"), "q0 0 p0\n").unwrap();
     fails_with(
         train(d, "o4", &["--eval_strategy", "steps", "--eval_qrels_path", "bad.qrels"]),
         "bad.qrels:1: qrels line needs 4 columns",
     );
-    for out in ["o", "o2", "o3", "o4"] {
+    for out in ["o", "o2", "o4"] {
         assert!(!d.join(out).exists(), "{out}: refused flags must not leave an output");
     }
 }

@@ -149,17 +149,19 @@ pub fn save(
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    if let Some(limit) = limit {
+    // A limit of 0 keeps every checkpoint, as Hugging Face's.
+    if let Some(limit) = limit.filter(|&l| l > 0) {
         // The oldest go first, but never the best checkpoint (Hugging Face keeps it too, so
-        // a limit of 1 may leave the best and the latest).
-        let best = state.best_model_checkpoint.as_deref().map(PathBuf::from);
+        // a limit of 1 may leave the best and the latest). The best is known by its folder's
+        // name: the path recorded may spell the output folder otherwise (`./out`, `out`).
+        let best = state.best_model_checkpoint.as_deref().and_then(|b| Path::new(b).file_name());
         let all = list(output_dir);
-        let mut excess = all.len().saturating_sub(limit.max(1));
+        let mut excess = all.len().saturating_sub(limit);
         for (_, dir) in all {
             if excess == 0 {
                 break;
             }
-            if best.as_deref() == Some(dir.as_path()) || dir == final_dir {
+            if best.is_some() && dir.file_name() == best || dir == final_dir {
                 continue;
             }
             std::fs::remove_dir_all(&dir).map_err(io(&dir))?;

@@ -585,7 +585,10 @@ pub fn train(
                     new_best = true;
                 }
             }
-            if due && group.is_main() {
+            // A new best the model is to end on is saved even off the save interval, so that
+            // it has a checkpoint to be loaded from (Hugging Face loses such a best).
+            let keep_best = new_best && validation.is_some_and(|v| v.load_best_model_at_end);
+            if (due || keep_best) && group.is_main() {
                 if new_best {
                     let dir = cfg.output_dir.join(format!("checkpoint-{}", state.global_step));
                     state.best_model_checkpoint = Some(dir.display().to_string());
@@ -619,13 +622,18 @@ pub fn train(
     if group.is_main() {
         let best = cfg.validation.as_deref().filter(|v| v.load_best_model_at_end);
         if let (Some(_), Some(dir)) = (best, &state.best_model_checkpoint) {
+            // In this run's output folder, however the run that saved it spelled that folder.
+            let dir = Path::new(dir)
+                .file_name()
+                .map_or(PathBuf::from(dir), |name| cfg.output_dir.join(name));
             tracing::info!(
-                "loading the best model, {dir} ({} {:?}), before writing the final one",
+                "loading the best model, {} ({} {:?}), before writing the final one",
+                dir.display(),
                 cfg.validation.as_deref().map_or("", |v| v.metric.as_str()),
                 state.best_metric
             );
             checkpoint::load_weights(
-                Path::new(dir),
+                &dir,
                 encoder.weights_file(),
                 encoder.config().weight_prefixes(),
                 &opt,

@@ -784,13 +784,6 @@ fn run_training(a: &TrainArgs, reranker: bool) -> Result<()> {
             StrategyArg::Epoch => plan.updates_per_epoch,
             _ => a.eval_steps.unwrap_or(a.logging_steps),
         };
-        if a.load_best_model_at_end && !cfg.save_steps.is_multiple_of(v.every.max(1)) {
-            bail!(
-                "--load_best_model_at_end needs --save_steps ({}) to be a multiple of the evaluation interval ({}), so that each best model has a checkpoint",
-                cfg.save_steps,
-                v.every
-            );
-        }
     }
     let device_name = format!("{:?}", encoder.device().location());
     if let Some(format) = pair_format {
