@@ -386,7 +386,61 @@ pub fn screen(argv: Vec<OsString>) -> Result<Screened> {
     if !refusals.is_empty() {
         bail!(refusals.join("; "));
     }
+    if command.starts_with("train") {
+        notes.extend(unused_settings(&out));
+    }
     Ok(Screened { argv: out, notes })
+}
+
+/// Settings of a feature another flag turns on, as (the flag, its settings, what happens
+/// without it): given without it they change nothing, which the log says (Hugging Face's and
+/// PEFT's parsers take them silently).
+const SETTINGS_OF: &[(&str, &[&str], &str)] = &[
+    (
+        "lora",
+        &["lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"],
+        "without --lora every weight is trained and no adapter is made",
+    ),
+    (
+        "grad_cache",
+        &["gc_q_chunk_size", "gc_p_chunk_size"],
+        "without --grad_cache each batch is encoded whole",
+    ),
+    (
+        "eval_strategy",
+        &["eval_steps", "metric_for_best_model", "greater_is_better"],
+        "without --eval_strategy steps or epoch nothing is evaluated",
+    ),
+];
+
+/// The notes for [`SETTINGS_OF`]'s settings given in `argv` (screened: the command's own flags)
+/// without the flag that turns their feature on.
+fn unused_settings(argv: &[OsString]) -> Vec<String> {
+    // Whether `--name` is given, and the value that follows it (or after `=`), if any.
+    let given = |name: &str| -> Option<Option<String>> {
+        let args: Vec<&str> = argv.iter().skip(2).filter_map(|a| a.to_str()).collect();
+        let at = args.iter().position(|a| {
+            a.strip_prefix("--").is_some_and(|f| f == name || f.starts_with(&format!("{name}=")))
+        })?;
+        let inline = args[at].split_once('=').map(|(_, v)| v.to_string());
+        let next = args.get(at + 1).filter(|v| !v.starts_with("--")).map(|v| v.to_string());
+        Some(inline.or(next))
+    };
+    let on = |flag: &str| match given(flag) {
+        None => false,
+        Some(value) if flag == "eval_strategy" => value.is_some_and(|v| v != "no"),
+        Some(value) => value.is_none_or(|v| parse_bool(&v).unwrap_or(true)),
+    };
+    let mut notes = Vec::new();
+    for (flag, settings, without) in SETTINGS_OF {
+        if on(flag) {
+            continue;
+        }
+        for setting in settings.iter().filter(|s| given(s).is_some()) {
+            notes.push(format!("--{setting} changes nothing here: {without}"));
+        }
+    }
+    notes
 }
 
 /// Tevatron's reranker reads `--positive_passage_no_shuffle` and `--negative_passage_no_shuffle`,
@@ -558,6 +612,30 @@ mod tests {
         assert_eq!(s.notes.len(), 7, "{:?}", s.notes);
         assert!(s.notes.iter().all(|n| n.contains("changes nothing here")), "{:?}", s.notes);
         assert!(s.notes[5].contains("--lora_name_or_path"), "{:?}", s.notes);
+    }
+
+    #[test]
+    fn settings_without_the_flag_that_turns_them_on_are_noted() {
+        let notes = |args: &[&str]| run(args).unwrap().notes;
+        let lora = notes(&["train", "--lora_r", "4", "--gc_q_chunk_size=2", "--eval_steps", "5"]);
+        assert_eq!(
+            lora,
+            [
+                "--lora_r changes nothing here: without --lora every weight is trained and no adapter is made",
+                "--gc_q_chunk_size changes nothing here: without --grad_cache each batch is encoded whole",
+                "--eval_steps changes nothing here: without --eval_strategy steps or epoch nothing is evaluated",
+            ]
+        );
+        let with = ["--lora", "--lora_r", "4", "--grad_cache", "true", "--gc_q_chunk_size", "2"];
+        assert!(notes(&[&["train"][..], &with].concat()).is_empty());
+        assert!(
+            notes(&["train-reranker", "--eval_strategy", "steps", "--eval_steps", "5"]).is_empty()
+        );
+        assert_eq!(notes(&["train", "--lora", "false", "--lora_alpha", "8"]).len(), 1);
+        assert_eq!(
+            notes(&["train", "--eval_strategy", "no", "--metric_for_best_model", "loss"]).len(),
+            1
+        );
     }
 
     #[test]

@@ -293,6 +293,15 @@ fn each_training_command_refuses_the_others_flags() {
     let mut args = reranker_args("x", &bert, &data);
     args.extend(["--add_special_tokens", "false"]);
     fails_with(run(dir.path(), &args), "--add_special_tokens false: a reranker's pairs");
+    // A group of one passage: a listwise loss of 0 at every step, nothing trained.
+    let mut args = reranker_args("x", &bert, &data);
+    let at = args.iter().position(|a| *a == "--train_group_size").unwrap();
+    args[at + 1] = "1";
+    fails_with(run(dir.path(), &args), "--train_group_size must be at least 2");
+    args[0] = "train";
+    args.retain(|a| !["--rerank_max_len", "48"].contains(a));
+    args.push("--distillation");
+    fails_with(run(dir.path(), &args), "--distillation's KL ranks each query's group");
     assert!(!dir.path().join("x").exists());
 }
 

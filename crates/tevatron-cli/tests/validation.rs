@@ -561,6 +561,16 @@ fn validation_flags_are_checked_before_training() {
         "need --eval_strategy steps or epoch",
     );
     fails_with(bare(&["--load_best_model_at_end"]), "--load_best_model_at_end needs validation");
+    // Intervals of 0 by steps: nothing would be logged, saved or evaluated, silently.
+    fails_with(bare(&["--logging_steps", "0"]), "--logging_strategy steps needs --logging_steps");
+    fails_with(
+        bare(&["--save_steps", "0"]),
+        "--save_strategy steps needs --save_steps of at least 1",
+    );
+    fails_with(
+        train(d, "o", &["--eval_strategy", "steps", "--logging_steps", "0"]),
+        "--eval_strategy steps with --logging_steps 0 needs --eval_steps",
+    );
     fails_with(
         train(d, "o2", &["--eval_strategy", "steps", "--metric_for_best_model", "eval_loss"]),
         "--metric_for_best_model \"loss\": validation here measures ndcg@10, mrr@10, recall@100",

@@ -311,7 +311,15 @@ impl TrainData {
             TrainRow {
                 query_id: text_of(v, &["query_id"])
                     .or_else(|| v.get("query_id").map(|x| x.to_string())),
-                query: text_of(v, &["query_text", "query"]).unwrap_or_default(),
+                // As the inline form: a row without its query's text is refused (it trained on
+                // an empty query).
+                query: text_of(v, &["query_text", "query"]).ok_or_else(|| {
+                    tevatron_ir::Error::MissingField {
+                        path: path.into(),
+                        line,
+                        field: "query_text".into(),
+                    }
+                })?,
                 positives: id_list(v, "positive_document_ids", path, line)?,
                 negatives: id_list(v, "negative_document_ids", path, line)?,
             }
@@ -707,5 +715,12 @@ mod tests {
             None,
         );
         assert!(e.contains("nocorpus.jsonl:1") && e.contains("--corpus_path"), "{e}");
+        let e = case(
+            "notext.jsonl",
+            "{\"query_id\":\"q1\",\"positive_document_ids\":[\"y\"]}\n",
+            1,
+            Some("{\"docid\":\"y\",\"text\":\"t\"}\n"),
+        );
+        assert!(e.contains("notext.jsonl:1") && e.contains("query_text"), "{e}");
     }
 }

@@ -350,12 +350,17 @@ pub fn train(
         .collect();
     let mut opt = AdamW::new(named, cfg.adam)?;
     let plan = Plan::new(data.len(), group.world_size(), cfg)?;
-    let schedule = LrSchedule {
-        kind: cfg.schedule,
-        base: cfg.learning_rate,
-        warmup: warmup_steps(plan.total_steps, cfg.warmup_steps, cfg.warmup_ratio),
-        total: plan.total_steps,
-    };
+    let mut warmup = warmup_steps(plan.total_steps, cfg.warmup_steps, cfg.warmup_ratio);
+    if cfg.schedule == ScheduleKind::Constant && warmup > 0 {
+        // Hugging Face's `constant` does not warm up; `constant_with_warmup` does.
+        tracing::warn!(
+            "--warmup_steps/--warmup_ratio change nothing under --lr_scheduler_type constant \
+             (constant_with_warmup warms up)"
+        );
+        warmup = 0;
+    }
+    let schedule =
+        LrSchedule { kind: cfg.schedule, base: cfg.learning_rate, warmup, total: plan.total_steps };
     let mut state = match resume {
         Some(dir) => {
             let s = checkpoint::load(

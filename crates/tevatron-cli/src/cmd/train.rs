@@ -167,6 +167,12 @@ fn check(a: &TrainArgs, reranker: bool) -> Result<()> {
     if a.train_group_size == 0 {
         bail!("--train_group_size must be at least 1");
     }
+    // Both losses are over each query's group alone: one passage leaves them nothing to rank
+    // (a loss of 0 at every step, an unchanged model).
+    if a.train_group_size < 2 && (reranker || a.distillation) {
+        let what = if reranker { "a reranker's listwise loss" } else { "--distillation's KL" };
+        bail!("{what} ranks each query's group of passages: --train_group_size must be at least 2");
+    }
     if a.temperature <= 0.0 || !a.temperature.is_finite() {
         bail!("--temperature must be positive, got {}", a.temperature);
     }
@@ -223,6 +229,18 @@ fn check(a: &TrainArgs, reranker: bool) -> Result<()> {
         }
         if a.eval_steps == Some(0) || a.per_device_eval_batch_size == 0 {
             bail!("--eval_steps and --per_device_eval_batch_size must be at least 1");
+        }
+        if a.eval_strategy == StrategyArg::Steps && a.eval_steps.is_none() && a.logging_steps == 0 {
+            // The interval would be 0: no evaluation would ever run.
+            bail!("--eval_strategy steps with --logging_steps 0 needs --eval_steps (at least 1)");
+        }
+    }
+    // As Hugging Face: a strategy by steps needs an interval (0 logged or saved nothing).
+    for (name, strategy, steps) in
+        [("logging", a.logging_strategy, a.logging_steps), ("save", a.save_strategy, a.save_steps)]
+    {
+        if strategy == StrategyArg::Steps && steps == 0 {
+            bail!("--{name}_strategy steps needs --{name}_steps of at least 1");
         }
     }
     if a.load_best_model_at_end && a.save_strategy != a.eval_strategy {
