@@ -603,6 +603,11 @@ fn validation_flags_are_checked_before_training() {
     for c in [checkpoint.as_str(), "checkpoint-4", "checkpoint-6"] {
         assert!(saved.iter().any(|n| n == c), "{c} missing: {saved:?}");
     }
+    std::fs::write(d.join("other.qrels"), "x0 0 p0 1\n").unwrap();
+    fails_with(
+        train(d, "o4", &["--eval_strategy", "steps", "--eval_qrels_path", "other.qrels"]),
+        "none of its queries is judged in --eval_qrels_path",
+    );
     std::fs::write(d.join("bad.qrels"), "q0 0 p0\n").unwrap();
     fails_with(
         train(d, "o4", &["--eval_strategy", "steps", "--eval_qrels_path", "bad.qrels"]),

@@ -102,7 +102,10 @@ impl Pooling {
             Pooling::Mean => {
                 let m = mask.to_dtype(hidden.dtype())?.unsqueeze(2)?; // (b, l, 1)
                 let sum = hidden.broadcast_mul(&m)?.sum(1)?; // (b, h)
-                let count = m.sum(1)?; // (b, 1)
+                                                             // A row without tokens (an empty text without special tokens) pools to zeros,
+                                                             // as sentence-transformers' clamped count gives, not 0 / 0 (NaN). Counts of real
+                                                             // rows are whole numbers of at least 1, which the bound leaves as they are.
+                let count = m.sum(1)?.maximum(1.0)?; // (b, 1)
                 sum.broadcast_div(&count)
             }
             Pooling::Last => {
@@ -154,7 +157,8 @@ impl Pooling {
                 acc.iter_mut().zip(row).for_each(|(a, v)| *a += v * m);
                 count += m;
             }
-            acc.iter_mut().for_each(|a| *a /= count);
+            // As the composed pooling: a row without tokens pools to zeros.
+            acc.iter_mut().for_each(|a| *a /= count.max(1.0));
         });
         Tensor::from_vec(out, (b, h), hidden.device())
     }
@@ -228,6 +232,12 @@ mod tests {
         assert_eq!(v(Pooling::Cls), [1.0, 4.0]);
         assert_eq!(v(Pooling::Mean), [1.5, 5.0]);
         assert_eq!(v(Pooling::Last), [2.0, 6.0]);
+        // A row without tokens: zeros, as sentence-transformers' clamped count (0 / 0 was NaN).
+        let empty = Tensor::new(&[[1u32, 1, 0], [0, 0, 0]], &dev).unwrap();
+        let mean = Pooling::Mean.pool(&h, &empty).unwrap().flatten_all().unwrap();
+        assert_eq!(mean.to_vec1::<f32>().unwrap(), [1.5, 0.0]);
+        let fused = Pooling::Mean.pool_inference(&h, &empty).unwrap().flatten_all().unwrap();
+        assert_eq!(fused.to_vec1::<f32>().unwrap(), [1.5, 0.0]);
         // left padding: last column is real everywhere -> take it
         let m = Tensor::new(&[[0u32, 1, 1], [1, 1, 1]], &dev).unwrap();
         assert_eq!(
@@ -237,7 +247,7 @@ mod tests {
     }
 
     /// Inference's mean pooling gives the bits of the composed one: random hidden states,
-    /// padded rows of both kinds, an all-padding row (0/0, NaN in both), NaN and infinite
+    /// padded rows of both kinds, an all-padding row (zeros in both), NaN and infinite
     /// values; the other poolings pass through.
     #[test]
     fn inference_pooling_gives_the_bits_of_the_composed_one() {

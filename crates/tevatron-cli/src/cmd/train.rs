@@ -331,8 +331,18 @@ fn validation(
                     a.matryoshka_dims.iter().copied().filter(|&k| k < width).collect();
                 widths.sort_unstable_by(|x, y| y.cmp(x));
                 widths.dedup();
+                let queries_read = read_records(queries, RecordKind::Query)?;
+                let judged: std::collections::HashSet<&str> =
+                    qrels.queries.iter().map(|(q, _)| q.as_str()).collect();
+                if !queries_read.iter().any(|q| judged.contains(q.id.as_str())) {
+                    // Every logged measure would be 0, as a reranker's validation refuses.
+                    bail!(
+                        "--eval_query_path {}: none of its queries is judged in --eval_qrels_path",
+                        queries.display()
+                    );
+                }
                 retrieval = Some(RetrievalData {
-                    queries: read_records(queries, RecordKind::Query)?,
+                    queries: queries_read,
                     corpus: read_records(corpus, RecordKind::Doc)?,
                     qrels,
                     widths,
@@ -584,6 +594,14 @@ fn resume_here(a: &TrainArgs) -> Result<Option<PathBuf>> {
             }
             std::fs::create_dir_all(&a.output_dir)
                 .with_context(|| format!("creating {}", a.output_dir.display()))?;
+            // As Hugging Face: the checkpoint named is resumed, and the output folder's own
+            // checkpoints are neither resumed nor removed.
+            let overwrite = if a.overwrite_output_dir {
+                " (--overwrite_output_dir changes nothing with it: no checkpoint is removed)"
+            } else {
+                ""
+            };
+            tracing::info!("resuming from {} (--resume_from_checkpoint){overwrite}", dir.display());
             Some(dir.clone())
         }
         None => prepare_output_dir(&a.output_dir, a.overwrite_output_dir)?,
