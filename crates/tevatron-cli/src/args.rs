@@ -343,7 +343,7 @@ pub struct EncodeArgs {
     /// --matryoshka_dims including N.
     #[arg(long)]
     pub truncate_dim: Option<usize>,
-    /// Accepted and unused, as in Tevatron's encode driver.
+    /// Accepted, as in Tevatron's encode driver; the log says it changes nothing.
     #[arg(long)]
     pub output_dir: Option<PathBuf>,
     /// No progress bar, warnings only.
@@ -463,7 +463,7 @@ pub struct RerankArgs {
     /// Output: `qid<TAB>docid<TAB>score`, each query's lines by descending score.
     #[arg(long)]
     pub rerank_output_path: PathBuf,
-    /// Accepted and unused, as in Tevatron's rerank driver.
+    /// Accepted, as in Tevatron's rerank driver; the log says it changes nothing.
     #[arg(long)]
     pub output_dir: Option<PathBuf>,
     /// No progress bar, warnings only.

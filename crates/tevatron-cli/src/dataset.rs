@@ -100,6 +100,17 @@ pub fn resolve(
     if let Some(pattern) = path {
         let base =
             if name != "json" && Path::new(name).is_dir() { Some(Path::new(name)) } else { None };
+        // The files given are read whole: what else names a dataset or a part of one is said
+        // to change nothing, rather than taken silently.
+        let p = flags.prefix();
+        let unused = [
+            (name != "json" && base.is_none()).then(|| format!("--{p}_name {name}")),
+            config.map(|c| format!("--{p}_config {c}")),
+            (split != "train").then(|| format!("--{p}_split {split}")),
+        ];
+        for flag in unused.into_iter().flatten() {
+            tracing::info!("{flag} changes nothing here: --{p}_path {pattern} is read whole");
+        }
         let pattern = match base {
             Some(b) if Path::new(pattern).is_relative() => {
                 b.join(pattern).to_string_lossy().into_owned()

@@ -599,6 +599,20 @@ fn bad_search_and_eval_inputs_are_clear_errors() {
     assert!(stdout.contains("all\t0.0000") && !stdout.contains("-0.0000"), "{stdout}");
 }
 
+/// Flags Tevatron's encode takes that change nothing here are said to in the log.
+#[test]
+fn flags_that_change_nothing_are_logged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let extra = ["--quiet", "false", "--output_dir", "unused", "--dataset_split", "test"];
+    let out = encode(d, &toy("corpus.jsonl"), "c.safetensors", &extra);
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
+    assert!(log.contains("--output_dir unused changes nothing here"), "{log}");
+    assert!(log.contains("--dataset_split test changes nothing here: --dataset_path"), "{log}");
+    assert!(!d.join("unused").exists());
+}
+
 fn write_vectors(path: &Path, dim: usize, rows: &[f32], ids: &[&str]) {
     let mut w = tevatron_ir::vectors::VectorWriter::create(
         path,

@@ -313,6 +313,11 @@ fn bad_inputs_name_their_file_line_and_id() {
         run(&["--dataset_path", "missing.jsonl"], &[]),
         "missing.jsonl:2: query \"q2\": document id \"zz\" is not in the corpus",
     );
+    // Settings that would mine nothing, or turn a filter off, without a word.
+    let train = ["--dataset_path", "train.jsonl"];
+    fails_with(run(&train, &["--num_negatives", "0"]), "--num_negatives must be at least 1");
+    fails_with(run(&train, &["--max_score", "NaN"]), "--max_score must be a finite number");
+    fails_with(run(&train, &["--absolute_margin", "inf"]), "--absolute_margin must be a finite");
     std::fs::write(d.join("bad.qrels"), "q1 0 d1 1\nq2 0 nowhere 1\n").unwrap();
     fails_with(
         run(&["--queries", "queries.jsonl", "--qrels", "bad.qrels"], &[]),

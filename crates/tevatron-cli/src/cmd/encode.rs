@@ -95,6 +95,12 @@ type Chunk = (Vec<String>, Vec<Vec<u32>>);
 
 pub fn run(a: &EncodeArgs) -> Result<()> {
     crate::tune_allocator();
+    if let Some(dir) = &a.output_dir {
+        tracing::info!(
+            "--output_dir {} changes nothing here: the embeddings go to --encode_output_path",
+            dir.display()
+        );
+    }
     if a.nproc_per_node == 0 {
         bail!("--nproc_per_node must be at least 1");
     }

@@ -60,6 +60,15 @@ fn options(a: &MineArgs) -> Result<MineOptions> {
     if a.relative_margin.is_some_and(|r| !(0.0..1.0).contains(&r)) {
         bail!("--relative_margin must be in [0, 1)");
     }
+    // A NaN bound would turn its filter off without a word (no score compares above NaN).
+    for (name, value) in [("max_score", a.max_score), ("absolute_margin", a.absolute_margin)] {
+        if value.is_some_and(|v| !v.is_finite()) {
+            bail!("--{name} must be a finite number");
+        }
+    }
+    if a.num_negatives == 0 {
+        bail!("--num_negatives must be at least 1");
+    }
     if a.drop_same_text && !a.corpus.given() {
         bail!("--drop_same_text needs the corpus texts: give --corpus_path (or --corpus_name)");
     }
@@ -237,6 +246,12 @@ fn embeddings(
             "using the embeddings {} and {p}; the encoding flags (lengths, prefixes, precision) change nothing here",
             q.display()
         );
+        if let Some(dir) = &a.embeddings_dir {
+            tracing::info!(
+                "--embeddings_dir {} changes nothing here: the embeddings are given",
+                dir.display()
+            );
+        }
         return Ok((q.clone(), p.clone(), None));
     }
     let Some(model) = &a.model_name_or_path else {

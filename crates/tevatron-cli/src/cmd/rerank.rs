@@ -230,6 +230,12 @@ pub(super) fn load_reranker(f: &CrossEncoderFlags) -> Result<(Encoder, BatchOpti
 /// Runs `tevatron rerank`.
 pub fn run(a: &RerankArgs) -> Result<()> {
     crate::tune_allocator();
+    if let Some(dir) = &a.output_dir {
+        tracing::info!(
+            "--output_dir {} changes nothing here: the scores go to --rerank_output_path",
+            dir.display()
+        );
+    }
     let (mut source, total) = input_pairs(a)?;
     if total == 0 {
         bail!("there are no pairs to rerank");
