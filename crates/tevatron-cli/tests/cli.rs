@@ -599,6 +599,37 @@ fn bad_search_and_eval_inputs_are_clear_errors() {
     assert!(stdout.contains("all\t0.0000") && !stdout.contains("-0.0000"), "{stdout}");
 }
 
+/// A docid given to two passages, and scores that overflow F32, are refused by search rather
+/// than written into a ranking.
+#[test]
+fn duplicate_docids_and_overflowing_scores_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    std::fs::create_dir(d.join("dup")).unwrap();
+    write_vectors(&d.join("q.safetensors"), 2, &[1.0, 0.0], &["q1"]);
+    write_vectors(&d.join("dup/a.safetensors"), 2, &[1.0, 0.0, 0.5, 0.5], &["d1", "d2"]);
+    write_vectors(&d.join("dup/b.safetensors"), 2, &[0.9, 0.1], &["d1"]);
+    let search = |passages: &str, queries: &str| {
+        let args = ["search", "--query_reps", queries, "--passage_reps", passages, "--depth", "3"];
+        let to = ["--save_text", "--save_ranking_to", "r.tsv"];
+        tevatron(d, &[&args[..], &to].concat())
+    };
+    ok(search("dup/a.safetensors", "q.safetensors"));
+    std::fs::remove_file(d.join("r.tsv")).unwrap();
+    let err = fails_with(
+        search("dup/*.safetensors", "q.safetensors"),
+        "docid \"d1\" is given to two passages",
+    );
+    assert!(err.contains("a.safetensors row 0") && err.contains("b.safetensors row 0"), "{err}");
+    write_vectors(&d.join("big.safetensors"), 2, &[1e30, 1e30], &["q1"]);
+    write_vectors(&d.join("huge.safetensors"), 2, &[1e30, 1e30, 1.0, 0.0], &["h1", "h2"]);
+    fails_with(
+        search("huge.safetensors", "big.safetensors"),
+        "its score with \"h1\" (huge.safetensors row 0) is inf",
+    );
+    assert!(!d.join("r.tsv").exists());
+}
+
 /// Flags Tevatron's encode takes that change nothing here are said to in the log.
 #[test]
 fn flags_that_change_nothing_are_logged() {

@@ -169,6 +169,7 @@ pub fn run(a: &SearchArgs) -> Result<()> {
             start.elapsed().as_secs_f64()
         );
     }
+    check_ranking(queries.ids(), &ranking, &files)?;
     if a.save_text {
         let ranking = &ranking;
         let rows = queries.ids().iter().zip(&ranking.hits).flat_map(|(qid, hs)| {
@@ -179,6 +180,42 @@ pub fn run(a: &SearchArgs) -> Result<()> {
         write_safetensors(a, queries.ids(), &ranking)?;
     }
     Ok(())
+}
+
+/// Refuses a ranking that names a document twice for one query (a docid given to two rows of
+/// the corpus: evaluation would count it twice) or holds a score that is not finite (vectors
+/// whose products overflow F32), naming the query, the document and the files.
+fn check_ranking(qids: &Ids, ranking: &Ranking, files: &[PathBuf]) -> Result<()> {
+    use rayon::prelude::*;
+    let file = |shard: u32| files.get(shard as usize).map_or(Path::new("?"), PathBuf::as_path);
+    ranking.hits.par_iter().enumerate().try_for_each(|(q, hits)| {
+        let mut seen = std::collections::HashMap::with_capacity(hits.len());
+        for h in hits {
+            let docid = ranking.docid(h);
+            if !h.score.is_finite() {
+                bail!(
+                    "query {:?}: its score with {docid:?} ({} row {}) is {}: the vectors' products \
+                     overflow F32",
+                    qids.get(q),
+                    file(h.shard).display(),
+                    h.row,
+                    h.score
+                );
+            }
+            if let Some(first) = seen.insert(docid, h) {
+                bail!(
+                    "docid {docid:?} is given to two passages ({} row {} and {} row {}), both \
+                     retrieved for query {:?}: a corpus's docids must be unique",
+                    file(first.shard).display(),
+                    first.row,
+                    file(h.shard).display(),
+                    h.row,
+                    qids.get(q)
+                );
+            }
+        }
+        Ok(())
+    })
 }
 
 /// What `--quantize` or `--hnsw` searches: each shard's codes or graph from `--compact_reps`
