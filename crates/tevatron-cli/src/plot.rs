@@ -229,14 +229,19 @@ fn register_font() -> Result<()> {
     Ok(())
 }
 
-/// A range with a margin, never empty (a constant learning rate still gets an axis).
-fn padded(values: impl Iterator<Item = f64> + Clone, from_zero: bool) -> Range<f64> {
+/// A range with a margin, never empty (a constant learning rate still gets an axis). Values
+/// whose range is beyond an `f64` (a loss of 1e308 beside one of -1e308) are refused: the axis
+/// would be infinite, and drawing its ticks never ended.
+fn padded(values: impl Iterator<Item = f64> + Clone, from_zero: bool) -> Result<Range<f64>> {
     let lo = values.clone().fold(f64::INFINITY, f64::min);
     let hi = values.fold(f64::NEG_INFINITY, f64::max);
     let lo = if from_zero { lo.min(0.0) } else { lo };
     let span = if hi > lo { hi - lo } else { hi.abs().max(1e-12) };
-    let lo = if from_zero { lo } else { lo - 0.05 * span };
-    lo..hi + 0.05 * span
+    let range = if from_zero { lo } else { lo - 0.05 * span }..hi + 0.05 * span;
+    if !(range.start.is_finite() && range.end.is_finite()) {
+        bail!("logged values from {lo:e} to {hi:e} are too far apart to draw");
+    }
+    Ok(range)
 }
 
 /// One panel of the picture: what it shows and how.
@@ -310,7 +315,7 @@ where
     };
     if let Some(area) = areas.get(2) {
         // Zoomed to the measures' own range, so that a change of 0.02 shows.
-        let values = padded(evals.iter().flat_map(|(_, p)| p.iter().map(|p| p.1)), false);
+        let values = padded(evals.iter().flat_map(|(_, p)| p.iter().map(|p| p.1)), false)?;
         let mut chart = panel_chart(area, "validation", steps.clone(), values, None)?;
         for ((measure, points), color) in evals.iter().zip(EVAL_COLORS.iter().cycle()) {
             let color = *color;
@@ -329,7 +334,7 @@ where
         let (value, color) = (panel.value, panel.color);
         let eval_values =
             eval_loss.filter(|_| panel.eval_loss).unwrap_or_default().iter().map(|p| p.1);
-        let values = padded(log.iter().map(value).chain(eval_values), panel.from_zero);
+        let values = padded(log.iter().map(value).chain(eval_values), panel.from_zero)?;
         let caption = panel.caption;
         let mut chart = panel_chart(area, caption, steps.clone(), values, Some(caption))?;
         let points: Vec<(f64, f64)> = log.iter().map(|l| (l.step, value(l))).collect();
@@ -395,7 +400,7 @@ where
     for (area, panel) in area.split_evenly((1, 2)).iter().zip(PANELS) {
         let value = panel.value;
         let values =
-            padded(runs.iter().flat_map(|(_, log)| log.iter().map(value)), panel.from_zero);
+            padded(runs.iter().flat_map(|(_, log)| log.iter().map(value)), panel.from_zero)?;
         let caption = panel.caption;
         let mut chart = panel_chart(area, caption, steps.clone(), values, Some(caption))?;
         for ((label, log), &color) in runs.iter().zip(RUN_COLORS.iter().cycle()) {
@@ -520,6 +525,24 @@ mod tests {
     fn write_state(dir: &Path, history: serde_json::Value) {
         let state = serde_json::json!({"global_step": 30, "log_history": history});
         std::fs::write(dir.join("trainer_state.json"), state.to_string()).unwrap();
+    }
+
+    /// Losses beyond any axis (1e308 and -1e308: their span is infinite) are refused, where
+    /// drawing them never ended; no picture is left behind.
+    #[test]
+    fn values_too_far_apart_to_draw_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        write_state(
+            dir.path(),
+            serde_json::json!([
+                {"step": 1, "loss": 1e308, "learning_rate": 2e-5},
+                {"step": 2, "loss": -1e308, "learning_rate": 1e-5}
+            ]),
+        );
+        let e = plot_training(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("too far apart to draw"), "{e}");
+        assert!(!dir.path().join("training_curves.png").exists());
+        assert_eq!(padded([0.5, 1.5].into_iter(), true).unwrap(), 0.0..1.575);
     }
 
     #[test]

@@ -473,6 +473,10 @@ pub struct Vectors {
     metadata: BTreeMap<String, String>,
 }
 
+/// The widest embeddings a file may hold: far beyond any model's (a few thousand), low enough
+/// that buffers sized by a width always fit in memory.
+pub const MAX_DIM: usize = 1 << 20;
+
 impl Vectors {
     /// Opens and validates an embeddings file written by `tevatron encode`.
     pub fn open(path: &Path) -> Result<Self> {
@@ -487,6 +491,13 @@ impl Vectors {
         };
         if dim == 0 {
             return Err(bad(format!("embeddings have width 0 (shape {:?})", emb.shape)));
+        }
+        // A header may claim any width when it holds no rows; buffers sized by it (an int8
+        // calibration, a query's scratch) would then fail to allocate.
+        if dim > MAX_DIM {
+            return Err(bad(format!(
+                "embeddings of width {dim}: more than {MAX_DIM} dimensions is not an embeddings file"
+            )));
         }
         let ids_info = meta.info("ids").ok_or_else(|| bad("no `ids` tensor".into()))?;
         if format!("{:?}", ids_info.dtype) != "U8" {
@@ -731,6 +742,24 @@ mod tests {
             assert_eq!(v.metadata()["pooling"], "mean");
             assert_eq!(v.metadata()["dtype"], dtype.name().to_lowercase());
         }
+    }
+
+    /// A file of no rows may claim any width: one beyond [`MAX_DIM`] is refused (an int8 index
+    /// of it failed to allocate its calibration and panicked).
+    #[test]
+    fn a_width_beyond_any_model_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wide.safetensors");
+        let w = VectorWriter::create(&path, MAX_DIM + 1, VecDType::F32, BTreeMap::new()).unwrap();
+        w.finish().unwrap();
+        let e = Vectors::open(&path).err().unwrap().to_string();
+        assert!(e.contains(&format!("width {}: more than", MAX_DIM + 1)), "{e}");
+        let path = dir.path().join("widest.safetensors");
+        VectorWriter::create(&path, MAX_DIM, VecDType::F32, BTreeMap::new())
+            .unwrap()
+            .finish()
+            .unwrap();
+        assert_eq!(Vectors::open(&path).unwrap().dim(), MAX_DIM);
     }
 
     #[test]
