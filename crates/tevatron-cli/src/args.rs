@@ -545,7 +545,7 @@ pub struct TrainArgs {
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
     pub normalize: Option<bool>,
     /// Scores are divided by this before the cross-entropy (also under --grad_cache).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1.0)]
     pub temperature: f64,
     /// Attention implementation (transformers' names; all compute exact attention). On a GPU,
     /// flash_attention_2 runs this tool's fused attention kernels (memory linear in the
@@ -592,15 +592,15 @@ pub struct TrainArgs {
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub distillation: bool,
     /// With --distillation: the student's scores are divided by this (default 0.02, Tevatron's).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub distil_temperature: Option<f64>,
     /// With --distillation: the teacher's scores are divided by this (default: the same as
     /// --distil_temperature, as in Tevatron).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub distil_teacher_temperature: Option<f64>,
     /// With --distillation: add this times the contrastive loss (default 0: pure distillation,
     /// as Tevatron's).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub distil_contrastive_weight: Option<f64>,
     /// Matryoshka training: the loss on each of these prefix widths of the representation
     /// (comma-separated, e.g. 384,192,96; sentence-transformers' MatryoshkaLoss), weighted and
@@ -613,11 +613,11 @@ pub struct TrainArgs {
     /// With --matryoshka_dims: each width narrower than the representation also learns the
     /// full width's in-batch score distribution, this weight times the KL divergence from it
     /// (default 0: off; docs/compact.md).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub matryoshka_kl_weight: Option<f64>,
     /// With --matryoshka_kl_weight: the temperature of both distributions (default:
     /// --temperature).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub matryoshka_kl_temperature: Option<f64>,
     /// Truncate to max_len-1 and append the EOS token.
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
@@ -638,25 +638,25 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 1)]
     pub gradient_accumulation_steps: usize,
     /// Peak learning rate.
-    #[arg(long, default_value_t = 5e-5)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 5e-5)]
     pub learning_rate: f64,
     /// AdamW decoupled weight decay (not applied to biases and LayerNorm weights).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.0)]
     pub weight_decay: f64,
     /// AdamW beta1.
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.9)]
     pub adam_beta1: f64,
     /// AdamW beta2.
-    #[arg(long, default_value_t = 0.999)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.999)]
     pub adam_beta2: f64,
     /// AdamW epsilon.
-    #[arg(long, default_value_t = 1e-8)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1e-8)]
     pub adam_epsilon: f64,
     /// Gradient clipping by global L2 norm (0 disables).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1.0)]
     pub max_grad_norm: f64,
     /// Epochs (fractions allowed).
-    #[arg(long, default_value_t = 3.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 3.0)]
     pub num_train_epochs: f64,
     /// Optimizer steps; overrides --num_train_epochs when positive.
     #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
@@ -665,7 +665,7 @@ pub struct TrainArgs {
     #[arg(long, default_value = "linear")]
     pub lr_scheduler_type: String,
     /// Warmup as a fraction of all steps (Tevatron's default 0.1).
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.1)]
     pub warmup_ratio: f64,
     /// Warmup steps; overrides --warmup_ratio when positive.
     #[arg(long, default_value_t = 0)]
@@ -799,10 +799,10 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 16)]
     pub lora_r: usize,
     /// LoRA scale numerator (the update is scaled by alpha / r).
-    #[arg(long, default_value_t = 64.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 64.0)]
     pub lora_alpha: f64,
     /// Dropout on the adapters' input.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.1)]
     pub lora_dropout: f64,
     /// Comma-separated module names that get adapters (PEFT's rule: a module matches when its
     /// name ends with one of them). BERT-family models name theirs `query,key,value,dense`.

@@ -259,6 +259,22 @@ fn bad_training_inputs_are_clear_errors() {
         run("o6", &data("tiny.jsonl"), &["--lr_scheduler_type", "polynomial"]),
         "linear, cosine",
     );
+    // Optimizer settings PyTorch refuses, and negative numbers read as values (clap took
+    // `-1` for a flag, so `--learning_rate -1` never reached its check).
+    let tiny = data("tiny.jsonl");
+    fails_with(run("o9", &tiny, &["--adam_beta1", "1.5"]), "--adam_beta1 must be in [0, 1)");
+    fails_with(run("o9", &tiny, &["--adam_epsilon", "0"]), "--adam_epsilon must be a positive");
+    fails_with(
+        run("o9", &tiny, &["--weight_decay", "-5"]),
+        "--weight_decay must be a non-negative",
+    );
+    fails_with(
+        run("o9", &tiny, &["--learning_rate", "-1"]),
+        "--learning_rate must be a non-negative",
+    );
+    fails_with(run("o9", &tiny, &["--lora_alpha", "nan"]), "--lora_alpha must be a finite");
+    assert!(!d.join("o9").exists());
+    ok(run("o10", &tiny, &["--max_grad_norm", "-1", "--max_steps", "1"]));
     // Another model's tokenizer (ids past the tiny BERT's 104 embedding rows).
     let roberta = repo().join("testdata/tiny/roberta").to_string_lossy().into_owned();
     fails_with(

@@ -185,6 +185,25 @@ fn check(a: &TrainArgs, reranker: bool) -> Result<()> {
     if a.learning_rate < 0.0 || !a.learning_rate.is_finite() {
         bail!("--learning_rate must be a non-negative number");
     }
+    // PyTorch's AdamW refuses these; an epsilon of 0 divides by zero where a moment is 0, and
+    // a LoRA scale that is not finite diverges at the first step.
+    for (name, beta) in [("adam_beta1", a.adam_beta1), ("adam_beta2", a.adam_beta2)] {
+        if !(0.0..1.0).contains(&beta) {
+            bail!("--{name} must be in [0, 1), not {beta}");
+        }
+    }
+    if !(a.adam_epsilon > 0.0 && a.adam_epsilon.is_finite()) {
+        bail!("--adam_epsilon must be a positive number, not {}", a.adam_epsilon);
+    }
+    if !(a.weight_decay >= 0.0 && a.weight_decay.is_finite()) {
+        bail!("--weight_decay must be a non-negative number, not {}", a.weight_decay);
+    }
+    if a.max_grad_norm.is_nan() {
+        bail!("--max_grad_norm must be a number (0 or less: no clipping)");
+    }
+    if !a.lora_alpha.is_finite() || !(0.0..1.0).contains(&a.lora_dropout) {
+        bail!("--lora_alpha must be a finite number and --lora_dropout in [0, 1)");
+    }
     if a.max_steps <= 0 && a.num_train_epochs <= 0.0 {
         bail!("give --num_train_epochs > 0 or --max_steps > 0");
     }
