@@ -174,7 +174,7 @@ fn bad_fusion_input_is_refused_and_writes_nothing() {
         (vec![&a, &b, "--method", "wsum", "--weights", "1", "inf"], "weight inf is not a finite"),
         (vec![&a, &b, "--rrf_k", "-2"], "the RRF constant k must be 0 or more, got -2"),
         (vec![&a, &b, "--depth", "0"], "--depth must be at least 1"),
-        (vec![&a, &nan], "nan.tsv: query q0, document d2: score NaN is not a finite number"),
+        (vec![&a, &nan], "nan.tsv:2: score \"nan\" is not a finite number"),
         (vec![&a, &broken], "broken.tsv:2: run line needs 6 columns"),
         (vec![&a, "missing.tsv"], "reading --runs missing.tsv"),
     ];

@@ -66,8 +66,8 @@ pub struct Coverage {
 /// Fuses `runs` (each with the file it was read from, named in errors) by `method`, keeping
 /// each query's best `depth` documents. Refuses fewer than two runs, a weight count other than
 /// the run count, a negative or non-finite `k`, a non-finite weight (negative weights are
-/// allowed), a score that is not a finite number (naming the file, query and document), and a
-/// fused score that overflows (scores near the largest f64, naming the query).
+/// allowed), and a fused score that overflows (scores near the largest f64, naming the query).
+/// A run's scores are finite: [`Run`]'s parser refuses any other, naming the file and line.
 pub fn fuse(runs: &[(&Path, &Run)], method: &Method, depth: usize) -> Result<(Fused, Coverage)> {
     if runs.len() < 2 {
         return Err(Error::Invalid(format!("fusion needs at least 2 runs, got {}", runs.len())));
@@ -89,16 +89,6 @@ pub fn fuse(runs: &[(&Path, &Run)], method: &Method, depth: usize) -> Result<(Fu
             }
         }
         Method::Rrf { .. } => {}
-    }
-    for (path, run) in runs {
-        for (q, (qid, _)) in run.queries.iter().enumerate() {
-            if let Some((docid, score)) = run.docs(q).find(|(_, s)| !s.is_finite()) {
-                return Err(Error::Invalid(format!(
-                    "{}: query {qid}, document {docid}: score {score} is not a finite number",
-                    path.display()
-                )));
-            }
-        }
     }
     // Where each query sits in each run, queries in first-seen order over the runs.
     let mut slots: FxHashMap<&str, usize> = FxHashMap::default();
@@ -249,16 +239,10 @@ mod tests {
     #[test]
     fn bad_input_is_refused_with_what_and_where() {
         let a = run("q d1 1\n");
-        let nan = run("q d1 1\nq d2 NaN\n");
         let one = [(Path::new("a.tsv"), &a)];
         let rrf = Method::Rrf { k: 60.0 };
         let msg = |r: Result<(Fused, Coverage)>| r.unwrap_err().to_string();
         assert_eq!(msg(fuse(&one, &rrf, 10)), "fusion needs at least 2 runs, got 1");
-        let two = [(Path::new("a.tsv"), &a), (Path::new("b.tsv"), &nan)];
-        assert_eq!(
-            msg(fuse(&two, &rrf, 10)),
-            "b.tsv: query q, document d2: score NaN is not a finite number"
-        );
         let ok = [(Path::new("a.tsv"), &a), (Path::new("c.tsv"), &a)];
         let weights =
             Method::WeightedSum { weights: vec![1.0], normalization: Normalization::None };
