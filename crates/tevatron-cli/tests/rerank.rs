@@ -180,6 +180,10 @@ fn bad_input_names_the_file_line_and_id_and_writes_nothing() {
     fails_with(rerank(dir.path(), &input, &[]), "run.tsv:2: document \"nope\" is not in");
     std::fs::write(&run, "q1\td1\t2\nq9\td1\t1\n").unwrap();
     fails_with(rerank(dir.path(), &input, &[]), "run.tsv:2: query \"q9\" is not in");
+    // Flags of a rerank input, which the run's texts do not come from (they were taken silently).
+    for flag in [["--dataset_split", "test"], ["--dataset_cache_dir", "cache"]] {
+        fails_with(rerank(dir.path(), &input, &flag), "name a rerank input; with --run_path");
+    }
     assert!(!dir.path().join("out.txt").exists());
     // A base model is not a reranker.
     std::fs::write(

@@ -65,6 +65,15 @@ fn line_err(path: &Path, line: usize, what: String) -> Error {
     Error::Line { path: path.to_path_buf(), line, what }
 }
 
+/// A run's score column: a finite number. NaN or an infinity has no place in a ranking, which
+/// sorts by it (eval's sort panicked on NaN, and rerank took it for the best).
+fn parse_score(text: &str, path: &Path, line: usize) -> Result<f64> {
+    text.parse()
+        .ok()
+        .filter(|s: &f64| s.is_finite())
+        .ok_or_else(|| line_err(path, line, format!("score {text:?} is not a finite number")))
+}
+
 impl Qrels {
     /// Reads a 4-column qrels file.
     pub fn read(path: &Path) -> Result<Self> {
@@ -140,11 +149,7 @@ impl Run {
                     ));
                 }
             };
-            // Not a finite number (NaN, inf): it has no place in a ranking, which sorts by it.
-            let score: f64 =
-                score.parse().ok().filter(|s: &f64| s.is_finite()).ok_or_else(|| {
-                    line_err(path, i + 1, format!("score {score:?} is not a finite number"))
-                })?;
+            let score = parse_score(score, path, i + 1)?;
             // Runs are grouped by query, so the current slot is almost always the one.
             let slot = match current {
                 Some((q, slot)) if q == qid => slot,
@@ -237,7 +242,11 @@ pub fn read_ranking_columns(path: &Path) -> Result<Vec<(String, String, String)>
         let cols: Vec<&str> = line.split_whitespace().collect();
         match cols[..] {
             [] => continue,
-            [q, d, s] => rows.push((q.to_string(), d.to_string(), s.to_string())),
+            // The score is checked, and written as it was given.
+            [q, d, s] => {
+                parse_score(s, path, i + 1)?;
+                rows.push((q.to_string(), d.to_string(), s.to_string()))
+            }
             _ => {
                 return Err(line_err(
                     path,
@@ -284,6 +293,18 @@ mod tests {
     }
 
     /// A byte-order mark before the first line is not part of the first query id.
+    /// The converters' reader checks the score column too (it wrote `abc` into a TREC run).
+    #[test]
+    fn ranking_columns_refuse_a_score_that_is_not_a_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.tsv");
+        std::fs::write(&path, "q1 d1 1e-3\nq1 d2 abc\n").unwrap();
+        let e = read_ranking_columns(&path).unwrap_err().to_string();
+        assert!(e.ends_with("r.tsv:2: score \"abc\" is not a finite number"), "{e}");
+        std::fs::write(&path, "q1 d1 1e-3\n").unwrap();
+        assert_eq!(read_ranking_columns(&path).unwrap()[0].2, "1e-3", "kept as written");
+    }
+
     #[test]
     fn a_byte_order_mark_is_left_out() {
         let dir = tempfile::tempdir().unwrap();

@@ -113,8 +113,13 @@ fn input_pairs(a: &RerankArgs) -> Result<(Source, usize)> {
             if depth == 0 {
                 bail!("--rerank_depth must be at least 1");
             }
-            if a.data.dataset_name != "json" || a.data.dataset_config.is_some() {
-                bail!("--dataset_name and --dataset_config name a rerank input; with --run_path the texts come from --query_path and --corpus_path");
+            let d = &a.data;
+            let input_flags = d.dataset_name != "json"
+                || d.dataset_config.is_some()
+                || d.dataset_split != "train"
+                || d.dataset_cache_dir.is_some();
+            if input_flags {
+                bail!("--dataset_name, --dataset_config, --dataset_split and --dataset_cache_dir name a rerank input; with --run_path the texts come from --query_path and --corpus_path");
             }
             let pairs = pairs_from_run(
                 run,
