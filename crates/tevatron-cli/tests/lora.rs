@@ -9,7 +9,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{fails_with, names, ok, repo, tevatron};
+use common::{copy_dir, fails_with, names, ok, repo, tevatron};
 
 fn path(p: &str) -> String {
     repo().join(p).to_string_lossy().into_owned()
@@ -223,6 +223,31 @@ fn merge_lora_writes_a_model_that_encodes_as_the_adapter_does() {
     let plain = run(&base, "base.safetensors", &[]);
     assert_eq!(merged, with_adapter);
     assert_ne!(merged, plain);
+    // A trailing separator names the same folder (its temporary folder went inside it, and
+    // nothing was written), and writing it again replaces it.
+    merge_lora(dir.path(), &base, &adapter, "merged/");
+    assert_eq!(names(&dir.path().join("merged")), files);
+    assert!(!names(dir.path()).iter().any(|n| n.ends_with(".tmp")));
+}
+
+/// `merge-lora` replaces its output folder whole: the current folder (`.` deleted everything in
+/// it before failing) and a folder holding the base or the adapter are refused, and kept.
+#[test]
+fn merge_lora_refuses_to_replace_the_current_folder_or_its_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = path("testdata/tiny/llama");
+    copy_dir(&repo().join("testdata/tiny/llama-lora"), &d.join("ada"));
+    std::fs::write(d.join("precious.txt"), "mine").unwrap();
+    let merge = |out: &str| {
+        let args = ["merge-lora", "--model_name_or_path", &base, "--lora_name_or_path", "ada"];
+        tevatron(d, &[&args[..], &["--output_dir", out]].concat())
+    };
+    fails_with(merge("."), "it is the current folder or holds it");
+    fails_with(merge(".."), "it is the current folder or holds it");
+    fails_with(merge("ada"), "it is or holds");
+    fails_with(merge("./ada/"), "it is or holds");
+    assert!(d.join("precious.txt").exists() && d.join("ada/adapter_config.json").exists());
 }
 
 /// LoRA on a sentence-transformers base with Dense modules: the Dense modules stay frozen and

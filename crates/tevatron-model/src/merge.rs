@@ -17,6 +17,7 @@ use crate::{st_modules, weights, Error, Result};
 /// sentence-transformers modules), which transformers, sentence-transformers and `tevatron
 /// encode` load without PEFT. Written in `out.tmp` and renamed.
 pub fn write_merged(base_dir: &Path, adapter_dir: &Path, out: &Path) -> Result<()> {
+    let out = &replaceable(out, &[base_dir, adapter_dir])?;
     let config = ModelConfig::read(&base_dir.join("config.json"))?;
     let adapter = Adapter::load(adapter_dir, &Device::Cpu)?;
     if !adapter.saved_modules.is_empty() {
@@ -27,9 +28,9 @@ pub fn write_merged(base_dir: &Path, adapter_dir: &Path, out: &Path) -> Result<(
     }
     let mut tensors = weights::load(base_dir, &[], &Device::Cpu)?;
     merge_into(&mut tensors, &adapter, config.weight_prefixes())?;
-    let mut tmp = out.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
+    // A sibling of `out`, so that `merged/` does not put it inside the folder it replaces.
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = out.with_file_name(format!(".{name}.tmp"));
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| Error::Write { path, source }
@@ -49,4 +50,48 @@ pub fn write_merged(base_dir: &Path, adapter_dir: &Path, out: &Path) -> Result<(
         std::fs::remove_dir_all(out).map_err(io(out))?;
     }
     std::fs::rename(&tmp, out).map_err(io(out))
+}
+
+/// `out` as the folder `write_merged` replaces whole: absolute, its `.` and `..` and trailing
+/// separators resolved. Refused when it is the current folder or one holding it (`--output_dir
+/// .` deleted everything in the current folder before failing), or when it is or holds one of
+/// `inputs` (the base model or the adapter, which replacing it would delete).
+fn replaceable(out: &Path, inputs: &[&Path]) -> Result<PathBuf> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Write { path, source }
+    };
+    let cwd = std::env::current_dir().map_err(io(out))?;
+    let mut resolved = PathBuf::new();
+    for part in cwd.join(out).components() {
+        match part {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                resolved.pop();
+            }
+            other => resolved.push(other),
+        }
+    }
+    // Through symbolic links, as the inputs are compared.
+    let real = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+    let resolved = match (resolved.parent(), resolved.file_name()) {
+        (Some(parent), Some(name)) => real(parent).join(name),
+        _ => resolved,
+    };
+    let refuse = |what: String| {
+        Err(Error::Invalid(format!(
+            "--output_dir {}: {what}; the merged model replaces the folder whole, so name a new one",
+            out.display()
+        )))
+    };
+    if resolved.file_name().is_none() || real(&cwd).starts_with(&resolved) {
+        return refuse("it is the current folder or holds it".into());
+    }
+    for input in inputs {
+        let input = real(input);
+        if input.starts_with(&resolved) {
+            return refuse(format!("it is or holds {}", input.display()));
+        }
+    }
+    Ok(resolved)
 }
