@@ -170,10 +170,8 @@ fn hub_dataset(id: &str, cache_dir: Option<&Path>) -> Result<PathBuf> {
         );
     }
     let download = || -> std::result::Result<PathBuf, String> {
-        let api = hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(cache.clone()))
-            .with_progress(false)
-            .build()
-            .map_err(|e| e.to_string())?;
+        // The models' client: the same endpoint (HF_ENDPOINT) and token.
+        let api = tevatron_model::hub::api(&cache)?;
         let repo = api.dataset(id.to_string());
         let info = repo.info().map_err(|e| e.to_string())?;
         let mut root = None;

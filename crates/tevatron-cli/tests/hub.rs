@@ -40,7 +40,7 @@ fn answer(stream: TcpStream, root: &Path) {
         if reader.read_line(&mut request).unwrap_or(0) == 0 {
             return;
         }
-        let mut range = None;
+        let (mut range, mut authorization) = (None, String::new());
         loop {
             let mut line = String::new();
             if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
@@ -50,8 +50,16 @@ fn answer(stream: TcpStream, root: &Path) {
             if name.eq_ignore_ascii_case("range") {
                 range = value.trim().strip_prefix("bytes=").map(str::to_string);
             }
+            if name.eq_ignore_ascii_case("authorization") {
+                authorization = value.trim().to_string();
+            }
         }
         let path = request.split_whitespace().nth(1).unwrap_or("/").to_string();
+        // Repositories under `gated/` answer only the token `hf_secret`, as a gated model does.
+        if path.starts_with("/gated/") && authorization != format!("Bearer {TOKEN}") {
+            let _ = out.write_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n");
+            continue;
+        }
         let file = path
             .trim_start_matches('/')
             .split_once("/resolve/")
@@ -102,25 +110,29 @@ fn encode(dir: &Path, model: &str, out: &str, env: &[(&str, &str)]) -> Output {
         .args(["--quiet"])
         .env_remove("HF_ENDPOINT")
         .env_remove("HF_HUB_OFFLINE")
-        .env_remove("HF_HOME");
+        .env_remove("HF_HOME")
+        .env_remove("HF_TOKEN")
+        .env_remove("HF_TOKEN_PATH");
     for (k, v) in env {
         cmd.env(k, v);
     }
     cmd.output().unwrap()
 }
 
-/// A hub with `acme/tiny-bert` (the tiny BERT's files) and `acme/no-weights` (its config and
-/// tokenizer only).
+/// The token gated repositories answer.
+const TOKEN: &str = "hf_secret";
+
+/// A hub with `acme/tiny-bert` (the tiny BERT's files), `gated/tiny-bert` (the same, for
+/// [`TOKEN`] only) and `acme/no-weights` (its config and tokenizer only).
 fn hub(dir: &Path) -> String {
     let bert = repo().join("testdata/tiny/bert");
-    for (name, files) in [
-        (
-            "tiny-bert",
-            &["config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"][..],
-        ),
-        ("no-weights", &["config.json", "tokenizer.json"][..]),
+    let all = &["config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"][..];
+    for (org, name, files) in [
+        ("acme", "tiny-bert", all),
+        ("gated", "tiny-bert", all),
+        ("acme", "no-weights", &["config.json", "tokenizer.json"][..]),
     ] {
-        let to = dir.join("acme").join(name);
+        let to = dir.join(org).join(name);
         std::fs::create_dir_all(&to).unwrap();
         for f in files {
             std::fs::copy(bert.join(f), to.join(f)).unwrap();
@@ -220,6 +232,35 @@ fn hub_failures_say_what_was_missing_and_where_the_cache_is() {
     let offline = [("HF_HUB_OFFLINE", "1"), ("HF_HUB_CACHE", cache.as_str())];
     fails_with(encode(d, "acme/tiny-bert", "x.safetensors", &offline), "HF_HUB_OFFLINE is set");
     assert!(!d.join("x.safetensors").exists());
+}
+
+/// A gated repository is fetched with the token of `HF_TOKEN`, or of `$HF_HOME/token` with the
+/// cache elsewhere (hf-hub alone read neither: only a token beside its cache folder), and
+/// without one the download fails with the reason.
+#[test]
+fn gated_repositories_take_the_token_from_hf_token_or_hf_home() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let endpoint = hub(&d.join("hub"));
+    let (cache, home) = (d.join("cache"), d.to_string_lossy().into_owned());
+    let cache_s = cache.to_string_lossy().into_owned();
+    let env = [("HF_ENDPOINT", endpoint.as_str()), ("HF_HUB_CACHE", &cache_s), ("HOME", &home)];
+    fails_with(encode(d, "gated/tiny-bert", "x.safetensors", &env), "downloading it failed");
+    let with_token = [&env[..], &[("HF_TOKEN", TOKEN)]].concat();
+    ok(encode(d, "gated/tiny-bert", "token.safetensors", &with_token));
+    std::fs::create_dir_all(d.join("hf")).unwrap();
+    std::fs::write(d.join("hf/token"), format!("{TOKEN}\n")).unwrap();
+    let other_cache = d.join("cache2").to_string_lossy().into_owned();
+    let hf_home = d.join("hf").to_string_lossy().into_owned();
+    let logged_in = [
+        ("HF_ENDPOINT", endpoint.as_str()),
+        ("HF_HUB_CACHE", &other_cache),
+        ("HOME", &home),
+        ("HF_HOME", &hf_home),
+    ];
+    ok(encode(d, "gated/tiny-bert", "home.safetensors", &logged_in));
+    let read = |f: &str| safetensors_embeddings(&d.join(f));
+    assert_eq!(read("token.safetensors"), read("home.safetensors"));
 }
 
 /// The `embeddings` tensor's bytes of an encode output.

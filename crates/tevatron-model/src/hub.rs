@@ -123,16 +123,39 @@ fn modules_cached(cached: &hf_hub::CacheRepo) -> bool {
     })
 }
 
-/// The hub client: files go to `cache_path` in the hub's cache layout; `HF_ENDPOINT` (a mirror
-/// or a private hub, as huggingface_hub reads it) replaces https://huggingface.co.
-fn api(cache_path: &Path) -> std::result::Result<hf_hub::api::sync::Api, String> {
+/// The hub client, for models and datasets alike: files go to `cache_path` in the hub's cache
+/// layout; `HF_ENDPOINT` (a mirror or a private hub, as huggingface_hub reads it) replaces
+/// https://huggingface.co; the token is [`token`]'s.
+pub fn api(cache_path: &Path) -> std::result::Result<hf_hub::api::sync::Api, String> {
     let mut builder =
         hf_hub::api::sync::ApiBuilder::from_cache(Cache::new(cache_path.to_path_buf()))
             .with_progress(false);
     if let Some(endpoint) = std::env::var("HF_ENDPOINT").ok().filter(|e| !e.trim().is_empty()) {
         builder = builder.with_endpoint(endpoint.trim().trim_end_matches('/').to_string());
     }
+    if let Some(token) = token() {
+        builder = builder.with_token(Some(token));
+    }
     builder.build().map_err(|e| e.to_string())
+}
+
+/// The access token for gated and private repositories, found as huggingface_hub finds it:
+/// `HF_TOKEN`, else the file `HF_TOKEN_PATH` names, else `$HF_HOME/token` (by default
+/// `~/.cache/huggingface/token`, where `huggingface-cli login` writes it). None when there is
+/// none, and the client then also looks beside its cache folder, as hf-hub does by itself
+/// (which alone missed `HF_TOKEN` and any cache outside `HF_HOME/hub`).
+fn token() -> Option<String> {
+    let set = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    if let Some(token) = set("HF_TOKEN") {
+        return Some(token.trim().to_string());
+    }
+    let file = match (set("HF_TOKEN_PATH"), set("HF_HOME")) {
+        (Some(path), _) => PathBuf::from(path),
+        (None, Some(home)) => Path::new(&home).join("token"),
+        (None, None) => Path::new(&set("HOME")?).join(".cache/huggingface/token"),
+    };
+    let text = std::fs::read_to_string(file).ok()?;
+    Some(text.trim().to_string()).filter(|t| !t.is_empty())
 }
 
 fn download(name: &str, repo: Repo, cache_path: &Path) -> std::result::Result<PathBuf, String> {
