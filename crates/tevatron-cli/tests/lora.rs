@@ -193,6 +193,53 @@ fn bad_adapters_are_clear_errors() {
     );
     fails_with(out, "--lora_r 1600000000000 is larger than the model's hidden size 32");
     assert!(!dir.path().join("x.safetensors").exists());
+    // PEFT settings this tool does not apply, each refused by name where they were ignored (a
+    // scale per module, a subset of layers, a regular expression, a module saved whole).
+    let llama = path("testdata/tiny/llama");
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(&llama_lora).join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    let edited = |key: &str, value: serde_json::Value| {
+        let ada = dir.path().join(format!("ada-{key}"));
+        copy_dir(Path::new(&llama_lora), &ada);
+        let mut c = config.clone();
+        c[key] = value;
+        std::fs::write(ada.join("adapter_config.json"), c.to_string()).unwrap();
+        ada.to_string_lossy().into_owned()
+    };
+    for (key, value, needle) in [
+        ("alpha_pattern", serde_json::json!({"q_proj": 32}), "alpha_pattern is not supported"),
+        ("rank_pattern", serde_json::json!({"q_proj": 2}), "rank_pattern is not supported"),
+        ("layers_to_transform", serde_json::json!([0]), "layers_to_transform is not supported"),
+        ("target_modules", serde_json::json!(".*proj"), "is a regular expression"),
+    ] {
+        let ada = edited(key, value);
+        let args = ["encode", "--model_name_or_path", &llama, "--lora_name_or_path", &ada];
+        let rest = ["--dataset_path", &corpus, "--encode_output_path", "x.safetensors"];
+        fails_with(tevatron(dir.path(), &[&args[..], &rest].concat()), needle);
+    }
+    // A module saved whole beside a retriever's LoRA weights (it was left out, silently).
+    let ada = edited("modules_to_save", serde_json::json!(["embed_tokens"]));
+    let weights = Path::new(&ada).join("adapter_model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let zeros = vec![0u8; 16];
+    let mut views: Vec<(String, safetensors::tensor::TensorView)> =
+        st.tensors().into_iter().collect();
+    let table = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 2], &zeros);
+    views.push(("base_model.model.embed_tokens.weight".into(), table.unwrap()));
+    safetensors::serialize_to_file(views, None, &weights).unwrap();
+    let args = ["encode", "--model_name_or_path", &llama, "--lora_name_or_path", &ada];
+    let rest = ["--dataset_path", &corpus, "--encode_output_path", "x.safetensors"];
+    fails_with(tevatron(dir.path(), &[&args[..], &rest].concat()), "PEFT's modules_to_save");
+    // No setting at all (an empty pattern, as PEFT writes by default) changes nothing.
+    let ada = edited("alpha_pattern", serde_json::json!({}));
+    let args = ["encode", "--model_name_or_path", &llama, "--lora_name_or_path", &ada];
+    let rest =
+        ["--dataset_path", &corpus, "--encode_output_path", "y.safetensors", "--pooling", "eos"];
+    ok(tevatron(dir.path(), &[&args[..], &rest].concat()));
+    assert!(!dir.path().join("x.safetensors").exists());
 }
 
 /// The `embeddings` tensor of an embeddings file, as raw bytes.

@@ -465,7 +465,17 @@ impl Encoder {
                 }
                 Some(plan_head(&config, &config_path, &mut tensors, head_opts, &opts.device)?)
             }
-            None => None,
+            None => {
+                // A retriever's adapter with whole modules saved beside it (PEFT's
+                // `modules_to_save`, an embedding table say): used without them it would encode
+                // otherwise than PEFT does, so it is refused by name.
+                if let Some(saved) = plan.as_ref().and_then(|p| p.saved_modules().keys().min()) {
+                    return Err(Error::Invalid(format!(
+                        "the adapter saves whole modules beside its LoRA weights ({saved}, PEFT's modules_to_save): a retriever's adapter with them is not supported"
+                    )));
+                }
+                None
+            }
         };
         // Training LoRA on a cross-encoder trains its score head whole, as PEFT's SEQ_CLS task
         // does (`modules_to_save`: `classifier`, `score`); the rest of the head stays frozen,

@@ -120,9 +120,32 @@ impl Adapter {
                 )));
             }
         }
+        // Settings that change which layers an adapter touches, or its scale per module: used
+        // without them the adapter would be merged otherwise than PEFT merges it.
+        let set = |key: &str| match raw.get(key) {
+            None | Some(serde_json::Value::Null) => false,
+            Some(serde_json::Value::Object(m)) => !m.is_empty(),
+            Some(serde_json::Value::Array(a)) => !a.is_empty(),
+            Some(_) => true,
+        };
+        for key in ["alpha_pattern", "rank_pattern", "layers_to_transform"] {
+            if set(key) {
+                return Err(Error::Invalid(format!(
+                    "{}: {key} is not supported (every targeted module takes lora_alpha / r, in every layer)",
+                    config_path.display()
+                )));
+            }
+        }
         let mut raw_targets = raw.get("target_modules").cloned().unwrap_or_default();
         if let Some(s) = raw_targets.as_str() {
-            // PEFT also allows one string (a regex); a plain name is the common case.
+            // PEFT also allows one string, a regular expression over whole module names; a
+            // plain name is the common case, and a pattern is refused rather than read as one.
+            if s.contains(|c: char| "\\.*+?[](){}|^$".contains(c)) {
+                return Err(Error::Invalid(format!(
+                    "{}: target_modules {s:?} is a regular expression, which is not supported: list the module names",
+                    config_path.display()
+                )));
+            }
             raw_targets = serde_json::json!([s]);
         }
         let mut fixed = raw.clone();

@@ -20,9 +20,9 @@ pub fn write_merged(base_dir: &Path, adapter_dir: &Path, out: &Path) -> Result<(
     let out = &replaceable(out, &[base_dir, adapter_dir])?;
     let config = ModelConfig::read(&base_dir.join("config.json"))?;
     let adapter = Adapter::load(adapter_dir, &Device::Cpu)?;
-    if !adapter.saved_modules.is_empty() {
+    if let Some(saved) = adapter.saved_modules.keys().min() {
         return Err(Error::Invalid(format!(
-            "{}: a cross-encoder's adapter (PEFT's SEQ_CLS, with its score head): tevatron rerank and annotate take it with --lora_name_or_path; merging it into a standalone folder is not supported",
+            "{}: the adapter saves whole modules beside its LoRA weights ({saved}, PEFT's modules_to_save), and merging them is not supported (a cross-encoder's adapter with its score head: tevatron rerank and annotate take it with --lora_name_or_path)",
             adapter_dir.display()
         )));
     }
