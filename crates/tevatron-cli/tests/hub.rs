@@ -138,6 +138,14 @@ fn hub(dir: &Path) -> String {
             std::fs::copy(bert.join(f), to.join(f)).unwrap();
         }
     }
+    // A checkpoint in two shards.
+    let sharded = repo().join("testdata/tiny/bert-sharded");
+    let to = dir.join("acme/sharded");
+    std::fs::create_dir_all(&to).unwrap();
+    for f in std::fs::read_dir(&sharded).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
+    }
     // A sentence-transformers model whose Dense modules live in sub-folders.
     let st = repo().join("testdata/tiny/bert-st-dense");
     for f in [
@@ -232,6 +240,31 @@ fn hub_failures_say_what_was_missing_and_where_the_cache_is() {
     let offline = [("HF_HUB_OFFLINE", "1"), ("HF_HUB_CACHE", cache.as_str())];
     fails_with(encode(d, "acme/tiny-bert", "x.safetensors", &offline), "HF_HUB_OFFLINE is set");
     assert!(!d.join("x.safetensors").exists());
+}
+
+/// A sharded checkpoint whose download stopped between shards is completed by the next run
+/// online (every later run failed on the missing shard), and named offline.
+#[test]
+fn a_sharded_download_cut_short_is_completed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let endpoint = hub(&d.join("hub"));
+    let cache = d.join("cache").to_string_lossy().into_owned();
+    let env = [("HF_ENDPOINT", endpoint.as_str()), ("HF_HUB_CACHE", cache.as_str())];
+    ok(encode(d, "acme/sharded", "whole.safetensors", &env));
+    let snapshot = d.join("cache/models--acme--sharded/snapshots").join(COMMIT);
+    let shard = std::fs::read_dir(&snapshot)
+        .unwrap()
+        .map(|f| f.unwrap().path())
+        .find(|p| p.to_string_lossy().contains("-of-"))
+        .unwrap();
+    std::fs::remove_file(&shard).unwrap();
+    let name = shard.file_name().unwrap().to_string_lossy().into_owned();
+    let offline = [("HF_HUB_OFFLINE", "1"), ("HF_HUB_CACHE", cache.as_str())];
+    fails_with(encode(d, "acme/sharded", "x.safetensors", &offline), &name);
+    ok(encode(d, "acme/sharded", "again.safetensors", &env));
+    let read = |f: &str| safetensors_embeddings(&d.join(f));
+    assert_eq!(read("again.safetensors"), read("whole.safetensors"));
 }
 
 /// A gated repository is fetched with the token of `HF_TOKEN`, or of `$HF_HOME/token` with the

@@ -81,12 +81,13 @@ pub fn resolve_model(name_or_path: &str, cache: Option<&Path>) -> Result<PathBuf
     if let (Some(config), Some(_)) = (cached.get("config.json"), cached.get("tokenizer.json")) {
         let snapshot = config.parent().expect("cached file has a folder").to_path_buf();
         if WEIGHT_FILES.iter().any(|w| cached.get(w).is_some()) {
-            if modules_cached(&cached) || offline() {
+            if (weights_cached(&cached) && modules_cached(&cached)) || offline() {
                 tracing::info!("using {name_or_path} from the hub cache at {}", snapshot.display());
                 return Ok(snapshot);
             }
-            // A cache filled by a build that fetched no module folders is completed, at the
-            // cached snapshot's revision (files of a newer one would land in another folder).
+            // A cache filled by a build that fetched no module folders, or by a download of
+            // a sharded model that stopped between shards, is completed, at the cached
+            // snapshot's revision (files of a newer one would land in another folder).
             if let Some(commit) = snapshot.file_name().and_then(|c| c.to_str()) {
                 repo =
                     Repo::with_revision(name_or_path.to_string(), RepoType::Model, commit.into());
@@ -106,6 +107,32 @@ pub fn resolve_model(name_or_path: &str, cache: Option<&Path>) -> Result<PathBuf
              and downloading it failed: {cause}",
             cache_path.display()
         ))
+    })
+}
+
+/// The shard files a `model.safetensors.index.json` names, each once.
+fn index_shards(index: &Path) -> std::result::Result<Vec<String>, String> {
+    let text = std::fs::read_to_string(index).map_err(|e| e.to_string())?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    let mut shards: Vec<String> = v["weight_map"]
+        .as_object()
+        .map(|m| m.values().filter_map(|x| x.as_str().map(str::to_owned)).collect())
+        .unwrap_or_default();
+    shards.sort_unstable();
+    shards.dedup();
+    Ok(shards)
+}
+
+/// Whether a cached model holds its weights: a weight file, and with a sharded checkpoint's
+/// index every shard it names (a download stopped between shards left the others out, and
+/// every later run failed on the first missing one).
+fn weights_cached(cached: &hf_hub::CacheRepo) -> bool {
+    WEIGHT_FILES.iter().any(|w| match cached.get(w) {
+        None => false,
+        Some(index) if *w == "model.safetensors.index.json" => {
+            index_shards(&index).is_ok_and(|shards| shards.iter().all(|s| cached.get(s).is_some()))
+        }
+        Some(_) => true,
     })
 }
 
@@ -185,17 +212,8 @@ fn download(name: &str, repo: Repo, cache_path: &Path) -> std::result::Result<Pa
         if let Ok(p) = api.get(w) {
             found = true;
             if *w == "model.safetensors.index.json" {
-                let text = std::fs::read_to_string(&p).map_err(|e| e.to_string())?;
-                let v: serde_json::Value =
-                    serde_json::from_str(&text).map_err(|e| e.to_string())?;
-                let mut shards: Vec<&str> = v["weight_map"]
-                    .as_object()
-                    .map(|m| m.values().filter_map(|x| x.as_str()).collect())
-                    .unwrap_or_default();
-                shards.sort_unstable();
-                shards.dedup();
-                for s in shards {
-                    api.get(s).map_err(|e| e.to_string())?;
+                for s in index_shards(&p)? {
+                    api.get(&s).map_err(|e| e.to_string())?;
                 }
             }
             break;
@@ -215,7 +233,9 @@ pub fn resolve_model_tokenizer(name_or_path: &str, cache: Option<&Path>) -> Resu
         cache,
         "tokenizer",
         &["tokenizer.json"],
-        &["tokenizer_config.json", "special_tokens_map.json"],
+        // `config.json` too: transformers' AutoTokenizer reads the model type from it (an
+        // XLM-R repository without a tokenizer_config.json is told apart by it alone).
+        &["tokenizer_config.json", "special_tokens_map.json", "config.json"],
     )
 }
 
