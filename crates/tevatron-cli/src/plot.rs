@@ -77,8 +77,11 @@ pub fn read_evals(dir: &Path) -> Vec<(String, Vec<(f64, f64)>)> {
     for e in state.get("log_history").and_then(|h| h.as_array()).into_iter().flatten() {
         let Some(step) = e.get("step").and_then(|v| v.as_f64()) else { continue };
         for (k, v) in e.as_object().into_iter().flatten() {
-            let measure =
-                k.strip_prefix("eval_").filter(|m| *m != "runtime" && !m.ends_with("_per_second"));
+            // Timings Hugging Face logs beside the measures are not measures (`runtime`,
+            // `samples_per_second`, `model_preparation_time`).
+            let measure = k.strip_prefix("eval_").filter(|m| {
+                *m != "runtime" && !m.ends_with("_per_second") && !m.ends_with("_time")
+            });
             if let (Some(m), Some(v)) = (measure, v.as_f64().filter(|v| v.is_finite())) {
                 by_measure.entry(m.to_string()).or_default().push((step, v));
             }
@@ -198,7 +201,7 @@ pub fn plot_rank_histogram(path: &Path, buckets: &[(String, usize)], depth: usiz
                 SegmentValue::CenterOf(i) => labels.get(*i).cloned().unwrap_or_default(),
                 _ => String::new(),
             })
-            .y_label_formatter(&|v| format!("{v:.0}"))
+            .y_label_formatter(&whole)
             .label_style(("sans-serif", 14))
             .draw()
             .map_err(|e| fail(&e))?;
@@ -227,6 +230,16 @@ fn register_font() -> Result<()> {
         bail!("the plot font compiled into this binary is not a valid font");
     }
     Ok(())
+}
+
+/// The label of a tick on an axis of whole numbers (steps, counts): the number where the tick
+/// is one, nothing between (rounded, a short range's ticks at 0.5 read "0" and "2").
+fn whole(v: &f64) -> String {
+    if v.fract() == 0.0 {
+        format!("{v:.0}")
+    } else {
+        String::new()
+    }
 }
 
 /// A range with a margin, never empty (a constant learning rate still gets an axis). Values
@@ -456,7 +469,7 @@ where
         .x_desc("step")
         .label_style(("sans-serif", 13))
         .axis_desc_style(("sans-serif", 15))
-        .x_label_formatter(&|v| format!("{v:.0}"));
+        .x_label_formatter(&whole);
     if let Some(desc) = y_desc {
         mesh.y_desc(desc).y_label_formatter(&short);
     }
@@ -545,6 +558,13 @@ mod tests {
         assert_eq!(padded([0.5, 1.5].into_iter(), true).unwrap(), 0.0..1.575);
     }
 
+    /// Axes of whole numbers label their whole ticks only (rounded, 0.5 read "0").
+    #[test]
+    fn whole_number_axes_label_whole_ticks() {
+        let labels: Vec<String> = [0.0, 0.5, 1.0, 1.5, 2.0, 1e6].iter().map(whole).collect();
+        assert_eq!(labels, ["0", "", "1", "", "2", "1000000"]);
+    }
+
     #[test]
     fn reads_logged_steps_and_skips_the_summary() {
         let dir = tempfile::tempdir().unwrap();
@@ -574,12 +594,14 @@ mod tests {
             .collect();
         for s in [2, 4, 6] {
             history.push(serde_json::json!({"step": s, "eval_ndcg@10": s as f64 / 10.0,
-                                            "eval_mrr@10": 0.1, "eval_runtime": 3.5}));
+                                            "eval_mrr@10": 0.1, "eval_runtime": 3.5,
+                                            "eval_model_preparation_time": 0.002,
+                                            "eval_samples_per_second": 9.0}));
         }
         write_state(dir.path(), serde_json::Value::Array(history));
         let evals = read_evals(dir.path());
         let names: Vec<&str> = evals.iter().map(|e| e.0.as_str()).collect();
-        assert_eq!(names, ["mrr@10", "ndcg@10"], "eval_runtime is not a measure");
+        assert_eq!(names, ["mrr@10", "ndcg@10"], "timings are not measures");
         assert_eq!(evals[1].1, [(2.0, 0.2), (4.0, 0.4), (6.0, 0.6)]);
         let files = plot_training(dir.path()).unwrap();
         let svg = std::fs::read_to_string(&files[1]).unwrap();

@@ -34,9 +34,19 @@ pub fn run(a: &SearchArgs) -> Result<()> {
             if a.compact_reps.is_some() {
                 bail!("--compact_reps were made from the full vectors: for --truncate_dim, encode with --truncate_dim and run tevatron index on those vectors");
             }
-            // Cut first, so that a width the vectors cannot take is an error without a warning
-            // about the model before it.
+            // Cut first, and check the passages' width, so that a width the vectors cannot take
+            // is an error without a warning about the model before it.
             let cut = queries.truncated(k, normalized(&queries)).context("--truncate_dim")?;
+            for file in expand_glob(&a.passage_reps).context("resolving --passage_reps")? {
+                let shard = Vectors::open(&file)?;
+                if shard.dim() < k {
+                    bail!(
+                        "{}: cannot be cut to {k} dimensions: its vectors have {}",
+                        file.display(),
+                        shard.dim()
+                    );
+                }
+            }
             let what = match queries.metadata().get("model") {
                 Some(model) => format!("the model {model:?}"),
                 None => format!("the model of {} (the file names none)", a.query_reps.display()),
