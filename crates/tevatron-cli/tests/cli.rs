@@ -584,6 +584,15 @@ fn bad_search_and_eval_inputs_are_clear_errors() {
         tevatron(d, &["eval", "--qrels", &toy("qrels.txt"), "--run", "r.tsv", "-m", "bpref"]),
         "unknown measure \"bpref\"",
     );
+    // search's default ranking (safetensors) where a text run is read: said so, with the flag
+    // that writes text (it was "stream did not contain valid UTF-8").
+    write_vectors(&d.join("one.safetensors"), 2, &[1.0, 0.0], &["q1"]);
+    let rank = ["--passage_reps", "one.safetensors", "--save_ranking_to", "rank.safetensors"];
+    ok(tevatron(d, &[&["search", "--query_reps", "one.safetensors"][..], &rank].concat()));
+    fails_with(
+        tevatron(d, &["eval", "--qrels", &toy("qrels.txt"), "--run", "rank.safetensors"]),
+        "rank.safetensors: a safetensors file, not text (tevatron search writes its ranking so unless given --save_text)",
+    );
     // A score that is not a number: named with its line (eval's sort panicked on it).
     std::fs::write(d.join("nan.run"), "q1 d1 1.0\nq1 d2 NaN\n").unwrap();
     fails_with(

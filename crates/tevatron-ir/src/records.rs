@@ -369,10 +369,24 @@ fn storable_id(r: TextRecord, kind: RecordKind, path: &Path, line: usize) -> Res
 /// Windows editors put first is left out: it would otherwise become part of the first line's
 /// first field (a qrels' first query id, which then matched no query of a run).
 pub fn read_to_string(path: &Path) -> Result<String> {
-    let mut s = String::new();
+    let mut bytes = Vec::new();
     File::open(path)
-        .and_then(|mut f| f.read_to_string(&mut s))
+        .and_then(|mut f| f.read_to_end(&mut bytes))
         .map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
+    // A safetensors file (an 8-byte length its header fits in, then the header's JSON): most
+    // often the ranking `tevatron search` writes by default, given where a text run is read.
+    let header = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+    if header.is_some_and(|h| h >= 2 && h <= bytes.len() as u64 - 8) && bytes[8..10] == *b"{\"" {
+        return Err(Error::Invalid(format!(
+            "{}: a safetensors file, not text (tevatron search writes its ranking so unless given \
+             --save_text)",
+            path.display()
+        )));
+    }
+    let mut s = String::from_utf8(bytes).map_err(|e| {
+        let source = std::io::Error::new(std::io::ErrorKind::InvalidData, e.utf8_error());
+        Error::Read { path: path.to_path_buf(), source }
+    })?;
     if s.starts_with('\u{feff}') {
         s.drain(..'\u{feff}'.len_utf8());
     }

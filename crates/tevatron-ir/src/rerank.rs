@@ -299,11 +299,12 @@ pub fn format_pair(
 /// Writes scored pairs as Tevatron's `rerank.py` does, atomically: the queries in the order
 /// they first appear in `scored`, each query's pairs by descending score (ties keep their
 /// order), one `qid<TAB>docid<TAB>score` line each, the score written as Python writes a float
-/// (`2.0`, `0.125`). A NaN score is an error naming the pair.
+/// (`2.0`, `0.125`). A score that is not finite (NaN, or an infinity from an fp16 overflow,
+/// which eval, fuse and rerank refuse to read back) is an error naming the pair.
 pub fn write_reranked(path: &Path, scored: &[(&str, &str, f32)]) -> Result<()> {
-    if let Some((qid, docid, _)) = scored.iter().find(|(_, _, s)| s.is_nan()) {
+    if let Some((qid, docid, score)) = scored.iter().find(|(_, _, s)| !s.is_finite()) {
         return Err(Error::Invalid(format!(
-            "{}: the score of query {qid}, passage {docid} is NaN",
+            "{}: the score of query {qid}, passage {docid} is {score}",
             path.display()
         )));
     }
@@ -479,6 +480,8 @@ mod tests {
         assert_eq!(text, "q2\tc\t2.0\nq2\ta\t0.5\nq1\tb\t1.0\nq1\td\t1.0\nq1\te\t-3.0\n");
         let e = write_reranked(&path, &[("q", "d", f32::NAN)]).unwrap_err().to_string();
         assert!(e.contains("NaN") && e.contains("query q"), "{e}");
+        let e = write_reranked(&path, &[("q", "d", f32::INFINITY)]).unwrap_err().to_string();
+        assert!(e.ends_with("the score of query q, passage d is inf"), "{e}");
         assert_eq!(
             std::fs::read_to_string(&path).unwrap(),
             text,
