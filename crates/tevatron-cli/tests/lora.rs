@@ -277,6 +277,19 @@ fn merge_lora_writes_a_model_that_encodes_as_the_adapter_does() {
     assert!(!names(dir.path()).iter().any(|n| n.ends_with(".tmp")));
 }
 
+/// An adapter as PEFT before 0.6 wrote it (`adapter_model.bin`, a PyTorch pickle; RepLLaMA's)
+/// encodes as the same adapter in safetensors does (it was refused: no adapter_model.safetensors).
+#[test]
+fn a_pickled_adapter_encodes_as_its_safetensors_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = path("testdata/tiny/llama");
+    let run = |adapter: &str, out: &str| {
+        encode(dir.path(), &base, out, &["--lora_name_or_path", &path(adapter)])
+    };
+    let pickled = run("testdata/tiny/llama-lora-bin", "bin.safetensors");
+    assert_eq!(pickled, run("testdata/tiny/llama-lora", "st.safetensors"));
+}
+
 /// `merge-lora` replaces its output folder whole: the current folder (`.` deleted everything in
 /// it before failing) and a folder holding the base or the adapter are refused, and kept.
 #[test]

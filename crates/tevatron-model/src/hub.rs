@@ -232,7 +232,7 @@ pub fn resolve_model_tokenizer(name_or_path: &str, cache: Option<&Path>) -> Resu
         name_or_path,
         cache,
         "tokenizer",
-        &["tokenizer.json"],
+        &[&["tokenizer.json"]],
         // `config.json` too: transformers' AutoTokenizer reads the model type from it (an
         // XLM-R repository without a tokenizer_config.json is told apart by it alone).
         &["tokenizer_config.json", "special_tokens_map.json", "config.json"],
@@ -240,24 +240,26 @@ pub fn resolve_model_tokenizer(name_or_path: &str, cache: Option<&Path>) -> Resu
 }
 
 /// Resolves `--lora_name_or_path`: a local adapter folder, or a hub id of which only the
-/// adapter files (`adapter_config.json`, `adapter_model.safetensors`) are needed.
+/// adapter files (`adapter_config.json`, and `adapter_model.safetensors` or the pickle older
+/// PEFT wrote, `adapter_model.bin`) are needed.
 pub fn resolve_adapter(name_or_path: &str, cache: Option<&Path>) -> Result<PathBuf> {
     resolve_files(
         name_or_path,
         cache,
         "adapter",
-        &["adapter_config.json", "adapter_model.safetensors"],
+        &[&["adapter_config.json"], &["adapter_model.safetensors", "adapter_model.bin"]],
         &[],
     )
 }
 
 /// A local folder, or the hub-cache (or freshly downloaded) snapshot of a repository holding
-/// the `required` files (and the `optional` ones when they exist).
+/// the `required` files, each requirement met by one of its alternatives (and the `optional`
+/// ones when they exist).
 fn resolve_files(
     name_or_path: &str,
     cache: Option<&Path>,
     what: &str,
-    required: &[&str],
+    required: &[&[&str]],
     optional: &[&str],
 ) -> Result<PathBuf> {
     let path = Path::new(name_or_path);
@@ -270,7 +272,9 @@ fn resolve_files(
     let cache_path = cache_dir(cache)?;
     let repo = Repo::new(name_or_path.to_string(), RepoType::Model);
     let cached = Cache::new(cache_path.clone()).repo(repo.clone());
-    let found: Option<Vec<PathBuf>> = required.iter().map(|f| cached.get(f)).collect();
+    // Each requirement is met by the first of its alternatives there is.
+    let found: Option<Vec<PathBuf>> =
+        required.iter().map(|any| any.iter().find_map(|f| cached.get(f))).collect();
     if let Some(first) = found.as_ref().and_then(|f| f.first()) {
         return Ok(first.parent().expect("cached file has a folder").to_path_buf());
     }
@@ -283,9 +287,15 @@ fn resolve_files(
     let fetch = || -> std::result::Result<PathBuf, String> {
         let api = api(&cache_path)?.repo(repo);
         let mut folder = None;
-        for f in required {
-            let got = api.get(f).map_err(|e| e.to_string())?;
-            folder = got.parent().map(Path::to_path_buf);
+        for any in required {
+            let mut got = Err(format!("none of {any:?}"));
+            for f in *any {
+                got = api.get(f).map_err(|e| e.to_string());
+                if got.is_ok() {
+                    break;
+                }
+            }
+            folder = got?.parent().map(Path::to_path_buf);
         }
         for f in optional {
             let _ = api.get(f);

@@ -152,10 +152,14 @@ impl Adapter {
         fixed.insert("target_modules".into(), raw_targets);
         let config: LoraConfig = serde_json::from_value(serde_json::Value::Object(fixed))
             .map_err(|source| Error::Json { path: config_path.clone(), source })?;
-        let weights = dir.join("adapter_model.safetensors");
+        // PEFT writes safetensors, and before 0.6 (RepLLaMA's adapters among them) a PyTorch
+        // pickle of the same tensors.
+        let (weights, pickle) =
+            (dir.join("adapter_model.safetensors"), dir.join("adapter_model.bin"));
+        let weights = if weights.is_file() || !pickle.is_file() { weights } else { pickle };
         if !weights.is_file() {
             return Err(Error::NotFound(format!(
-                "{}: no adapter_model.safetensors",
+                "{}: no adapter_model.safetensors (nor adapter_model.bin)",
                 dir.display()
             )));
         }
@@ -163,9 +167,15 @@ impl Adapter {
             path: weights.clone(),
             what: format!("cannot read ({e})"),
         };
-        tevatron_ir::safetensors_check::check_file(&weights).map_err(|e| cannot_read(&e))?;
-        let tensors =
-            candle_core::safetensors::load(&weights, device).map_err(|e| cannot_read(&e))?;
+        let tensors: HashMap<String, Tensor> = if weights.extension() == Some("bin".as_ref()) {
+            let read = candle_core::pickle::read_all(&weights).map_err(|e| cannot_read(&e))?;
+            read.into_iter()
+                .map(|(name, t)| Ok((name, t.to_device(device).map_err(|e| cannot_read(&e))?)))
+                .collect::<Result<_>>()?
+        } else {
+            tevatron_ir::safetensors_check::check_file(&weights).map_err(|e| cannot_read(&e))?;
+            candle_core::safetensors::load(&weights, device).map_err(|e| cannot_read(&e))?
+        };
         let to_save: Vec<String> = raw
             .get("modules_to_save")
             .and_then(|v| v.as_array())
