@@ -152,7 +152,8 @@ fn modules_cached(cached: &hf_hub::CacheRepo) -> bool {
 
 /// The hub client, for models and datasets alike: files go to `cache_path` in the hub's cache
 /// layout; `HF_ENDPOINT` (a mirror or a private hub, as huggingface_hub reads it) replaces
-/// https://huggingface.co; the token is [`token`]'s.
+/// `https://huggingface.co`; the token is found as huggingface_hub finds it (`HF_TOKEN`, then
+/// `HF_TOKEN_PATH`, then `$HF_HOME/token`).
 pub fn api(cache_path: &Path) -> std::result::Result<hf_hub::api::sync::Api, String> {
     let mut builder =
         hf_hub::api::sync::ApiBuilder::from_cache(Cache::new(cache_path.to_path_buf()))
