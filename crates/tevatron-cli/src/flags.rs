@@ -431,13 +431,17 @@ fn unused_settings(argv: &[OsString]) -> Vec<String> {
         Some(value) if flag == "eval_strategy" => value.is_some_and(|v| v != "no"),
         Some(value) => value.is_none_or(|v| parse_bool(&v).unwrap_or(true)),
     };
+    // An adapter to continue from turns LoRA on too, with its own settings.
+    let from_adapter = given("lora_name_or_path").is_some();
     let mut notes = Vec::new();
     for (flag, settings, without) in SETTINGS_OF {
-        if on(flag) {
-            continue;
-        }
+        let why = match *flag {
+            "lora" if from_adapter => "the adapter of --lora_name_or_path brings its own settings",
+            _ if on(flag) => continue,
+            _ => without,
+        };
         for setting in settings.iter().filter(|s| given(s).is_some()) {
-            notes.push(format!("--{setting} changes nothing here: {without}"));
+            notes.push(format!("--{setting} changes nothing here: {why}"));
         }
     }
     notes
@@ -632,6 +636,10 @@ mod tests {
             notes(&["train-reranker", "--eval_strategy", "steps", "--eval_steps", "5"]).is_empty()
         );
         assert_eq!(notes(&["train", "--lora", "false", "--lora_alpha", "8"]).len(), 1);
+        assert_eq!(
+            notes(&["train", "--lora", "--lora_name_or_path", "a", "--lora_r", "8"]),
+            ["--lora_r changes nothing here: the adapter of --lora_name_or_path brings its own settings"]
+        );
         assert_eq!(
             notes(&["train", "--eval_strategy", "no", "--metric_for_best_model", "loss"]).len(),
             1

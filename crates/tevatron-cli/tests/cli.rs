@@ -637,6 +637,13 @@ fn duplicate_docids_and_overflowing_scores_are_refused() {
         "its score with \"h1\" (huge.safetensors row 0) is inf",
     );
     assert!(!d.join("r.tsv").exists());
+    // A corpus of no rows: an empty ranking, and a warning (it was silent).
+    write_vectors(&d.join("none.safetensors"), 2, &[], &[]);
+    let out = search("none.safetensors", "q.safetensors");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains("none.safetensors hold no passage"), "{err}");
+    assert_eq!(ok(out), "");
+    assert_eq!(std::fs::read_to_string(d.join("r.tsv")).unwrap(), "");
 }
 
 /// Flags Tevatron's encode takes that change nothing here are said to in the log.

@@ -320,6 +320,16 @@ pub fn write_reranked(path: &Path, scored: &[(&str, &str, f32)]) -> Result<()> {
             })
             .push((docid, score));
     }
+    // A pair given twice would be written twice, and evaluation keeps one of its scores.
+    for (qid, docs) in &groups {
+        let mut seen = std::collections::HashSet::with_capacity(docs.len());
+        if let Some((docid, _)) = docs.iter().find(|(d, _)| !seen.insert(*d)) {
+            return Err(Error::Invalid(format!(
+                "{}: query {qid}, passage {docid} is given twice in the input: each pair once",
+                path.display()
+            )));
+        }
+    }
     let mut out = AtomicFile::create(path)?;
     for qid in order {
         let mut docs = groups.remove(qid).unwrap_or_default();
@@ -482,6 +492,12 @@ mod tests {
         assert!(e.contains("NaN") && e.contains("query q"), "{e}");
         let e = write_reranked(&path, &[("q", "d", f32::INFINITY)]).unwrap_err().to_string();
         assert!(e.ends_with("the score of query q, passage d is inf"), "{e}");
+        let twice = [("q", "d", 1.0), ("r", "d", 1.0), ("q", "d", 0.5)];
+        let e = write_reranked(&path, &twice).unwrap_err().to_string();
+        assert!(
+            e.ends_with("query q, passage d is given twice in the input: each pair once"),
+            "{e}"
+        );
         assert_eq!(
             std::fs::read_to_string(&path).unwrap(),
             text,

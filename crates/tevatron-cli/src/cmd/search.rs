@@ -180,6 +180,9 @@ pub fn run(a: &SearchArgs) -> Result<()> {
         );
     }
     check_ranking(queries.ids(), &ranking, &files)?;
+    if ranking.hits.iter().all(Vec::is_empty) {
+        tracing::warn!("{} hold no passage: every query's ranking is empty", a.passage_reps);
+    }
     if a.save_text {
         let ranking = &ranking;
         let rows = queries.ids().iter().zip(&ranking.hits).flat_map(|(qid, hs)| {
