@@ -1255,7 +1255,9 @@ pub fn expand_json_args(argv: Vec<OsString>) -> Result<Vec<OsString>> {
                     out.push(flag)
                 }
             }
+            // An empty list gives no value: the flag's default, as when it is not given.
             serde_json::Value::Null => {}
+            serde_json::Value::Array(items) if items.is_empty() => {}
             serde_json::Value::Array(items) => {
                 out.push(flag);
                 match delimiter {

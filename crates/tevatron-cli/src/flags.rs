@@ -447,6 +447,17 @@ fn unused_settings(argv: &[OsString]) -> Vec<String> {
     notes
 }
 
+/// The flags `command` (`train` or `train-reranker`) refuses because they are the other
+/// training command's own.
+pub fn refused_by(command: &str) -> impl Iterator<Item = &'static str> {
+    let own = match command {
+        "train" => NOT_FOR_RETRIEVERS,
+        "train-reranker" => NOT_FOR_RERANKERS,
+        _ => &[],
+    };
+    own.iter().map(|f| f.name)
+}
+
 /// Tevatron's reranker reads `--positive_passage_no_shuffle` and `--negative_passage_no_shuffle`,
 /// which its retriever ignores (and `train` says so): `train-reranker` refuses them, as it
 /// draws the group's passages by the retriever's rule.

@@ -275,6 +275,16 @@ fn bad_training_inputs_are_clear_errors() {
     fails_with(run("o9", &tiny, &["--lora_alpha", "nan"]), "--lora_alpha must be a finite");
     assert!(!d.join("o9").exists());
     ok(run("o10", &tiny, &["--max_grad_norm", "-1", "--max_steps", "1"]));
+    // A run's training_args.json is an arguments file for the same command (it held the
+    // reranker's flags, which train refuses), and gives the same arguments back.
+    let mut args = read_json(&d.join("o10/training_args.json"));
+    assert!(args.get("rerank_max_len").is_none(), "{args}");
+    args["output_dir"] = serde_json::json!(d.join("o11"));
+    std::fs::write(d.join("again.json"), args.to_string()).unwrap();
+    ok(tevatron(d, &["train", "again.json"]));
+    let mut again = read_json(&d.join("o11/training_args.json"));
+    again["output_dir"] = args["output_dir"].clone();
+    assert_eq!(again, args);
     // Another model's tokenizer (ids past the tiny BERT's 104 embedding rows).
     let roberta = repo().join("testdata/tiny/roberta").to_string_lossy().into_owned();
     fails_with(

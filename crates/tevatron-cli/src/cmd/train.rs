@@ -499,9 +499,17 @@ fn cpu_autocast_note(a: &TrainArgs, device: &candle_core::Device) -> Option<DTyp
     autocast
 }
 
-/// The flags as a JSON object, saved beside checkpoints (`training_args.json`).
-fn args_json(a: &TrainArgs) -> serde_json::Value {
-    serde_json::to_value(a).unwrap_or(serde_json::Value::Null)
+/// The flags as a JSON object, saved beside checkpoints (`training_args.json`): those of this
+/// command, so that the file can be given back as its arguments file (the flags of the other
+/// training command, which this one refuses, are left out).
+fn args_json(a: &TrainArgs, reranker: bool) -> serde_json::Value {
+    let mut args = serde_json::to_value(a).unwrap_or(serde_json::Value::Null);
+    if let Some(map) = args.as_object_mut() {
+        for name in crate::flags::refused_by(if reranker { "train-reranker" } else { "train" }) {
+            map.remove(name);
+        }
+    }
+    args
 }
 
 /// `--lora` and its settings; `--lora_name_or_path` alone also turns LoRA on (continuing from
@@ -740,7 +748,7 @@ fn run_training(a: &TrainArgs, reranker: bool) -> Result<()> {
             encoder.model_dir(),
         )
     });
-    let mut args = args_json(a);
+    let mut args = args_json(a, reranker);
     if let Some(format) = pair_format {
         encoder.set_pair_format(format);
         args["pair_format"] = format.name().into();
