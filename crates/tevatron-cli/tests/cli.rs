@@ -646,6 +646,48 @@ fn duplicate_docids_and_overflowing_scores_are_refused() {
     assert_eq!(std::fs::read_to_string(d.join("r.tsv")).unwrap(), "");
 }
 
+/// A length beyond the model's position table cuts texts at the table's end, with one warning,
+/// instead of failing at the first text that long (a training hours in): the same embeddings
+/// as asking for that length. RoBERTa's positions start after the padding id (64 of 66 here).
+#[test]
+fn lengths_beyond_the_positions_cut_at_the_model_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let long: String = (0..300).map(|i| format!("w{i} ")).collect();
+    std::fs::write(d.join("long.jsonl"), format!("{{\"docid\":\"d\",\"text\":\"{long}\"}}\n"))
+        .unwrap();
+    for (model, max) in [("bert", "64"), ("roberta", "64"), ("distilbert", "64")] {
+        let run = |out: &str, len: &str| {
+            let args = [
+                "encode",
+                "--model_name_or_path",
+                &tiny(model),
+                "--dataset_path",
+                "long.jsonl",
+                "--encode_output_path",
+                out,
+                "--passage_max_len",
+                len,
+                "--pooling",
+                "mean",
+            ];
+            tevatron(d, &args)
+        };
+        let out = run("long.safetensors", "500");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        ok(out);
+        let warning = format!("a length of 500 tokens is more than the model's {max} positions");
+        assert_eq!(err.matches(&warning).count(), 1, "{model}: {err}");
+        ok(run("max.safetensors", max));
+        let read = |f: &str| std::fs::read(d.join(f)).unwrap();
+        let embeddings = |b: Vec<u8>| {
+            let st = safetensors::SafeTensors::deserialize(&b).unwrap();
+            st.tensor("embeddings").unwrap().data().to_vec()
+        };
+        assert_eq!(embeddings(read("long.safetensors")), embeddings(read("max.safetensors")));
+    }
+}
+
 /// Flags Tevatron's encode takes that change nothing here are said to in the log.
 #[test]
 fn flags_that_change_nothing_are_logged() {

@@ -80,6 +80,12 @@ impl ModelConfig {
         self.arch.sequence_classification()
     }
 
+    /// The longest sequence the model takes, where its positions have an end
+    /// ([`Architecture::max_tokens`]): a length flag beyond it is refused before any work.
+    pub fn max_tokens(&self) -> Option<usize> {
+        self.arch.max_tokens()
+    }
+
     /// Builds the backbone from weights (already stripped of a prefix).
     pub fn build(&self, vb: VarBuilder, lin: &Linears) -> candle_core::Result<Box<dyn Backbone>> {
         self.arch.build(vb, lin)

@@ -408,7 +408,8 @@ impl Encoder {
                 model_dir.to_path_buf()
             }
         });
-        let tokenizer = TextTokenizer::load(&tok_dir)?;
+        let mut tokenizer = TextTokenizer::load(&tok_dir)?;
+        tokenizer.limit_to(config.max_tokens());
 
         // A retriever runs the folder's pipeline after the Transformer, so what of it cannot
         // run is refused; a cross-encoder's head replaces that pipeline.

@@ -43,6 +43,9 @@ pub struct TextTokenizer {
     pad_id: u32,
     /// Whether text pairs carry token types into the model (as transformers gives them).
     token_types: bool,
+    /// The longest sequence the model's positions hold, where they have an end
+    /// ([`TextTokenizer::limit_to`]).
+    max_tokens: Option<usize>,
 }
 
 fn token_name(v: &Value) -> Option<&str> {
@@ -203,7 +206,7 @@ impl TextTokenizer {
         let eos_id = eos.and_then(|t| tokenizer.token_to_id(&t));
         let pad_id =
             pad.and_then(|t| tokenizer.token_to_id(&t)).or(stored_pad).or(eos_id).unwrap_or(0);
-        Ok(Self { tokenizer, path, eos_id, pad_id, token_types })
+        Ok(Self { tokenizer, path, eos_id, pad_id, token_types, max_tokens: None })
     }
 
     /// The id used for padding.
@@ -216,8 +219,35 @@ impl TextTokenizer {
         self.eos_id
     }
 
+    /// Cuts every text at the model's `max_tokens` positions (learned absolute positions end
+    /// there), whatever length a flag asks for: a longer text stopped the run where it came (a
+    /// training hours in), as transformers' model does. The cut is logged once.
+    pub fn limit_to(&mut self, max_tokens: Option<usize>) {
+        self.max_tokens = max_tokens;
+    }
+
     /// A copy configured for one kind of text (truncation set once, not per call).
     pub fn prepare(&self, opts: &TextOptions) -> Result<PreparedTokenizer> {
+        let limited;
+        let opts = match self.max_tokens {
+            Some(max) if opts.max_len > max => {
+                static WARNED: std::sync::Mutex<Vec<(usize, usize)>> =
+                    std::sync::Mutex::new(Vec::new());
+                let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+                if !warned.contains(&(opts.max_len, max)) {
+                    warned.push((opts.max_len, max));
+                    tracing::warn!(
+                        "a length of {} tokens is more than the model's {max} positions: texts \
+                         are cut at {max} (--query_max_len, --passage_max_len or \
+                         --rerank_max_len)",
+                        opts.max_len
+                    );
+                }
+                limited = TextOptions { max_len: max, ..opts.clone() };
+                &limited
+            }
+            _ => opts,
+        };
         if opts.append_eos && self.eos_id.is_none() {
             return Err(Error::Invalid(format!(
                 "--append_eos_token needs an EOS token, and {} names none",

@@ -273,6 +273,13 @@ impl Architecture for BertArchitecture {
     fn sequence_classification(&self) -> Option<SequenceClassification> {
         Some(self.head)
     }
+    fn max_tokens(&self) -> Option<usize> {
+        let offset = match self.positions {
+            Positions::Absolute => 0,
+            Positions::AfterPadding => self.config.pad_token_id as usize + 1,
+        };
+        Some(self.config.max_position_embeddings.saturating_sub(offset))
+    }
 }
 
 fn parse(

@@ -174,6 +174,9 @@ impl Architecture for DistilBertArchitecture {
     fn weight_prefixes(&self) -> &'static [&'static str] {
         &["distilbert."]
     }
+    fn max_tokens(&self) -> Option<usize> {
+        Some(self.0.max_position_embeddings)
+    }
     fn build(&self, vb: VarBuilder, lin: &Linears) -> Result<Box<dyn Backbone>> {
         Ok(Box::new(DistilBert::load(vb, &self.0, lin)?))
     }

@@ -55,6 +55,11 @@ pub trait Architecture: std::fmt::Debug + Send + Sync {
     fn sequence_classification(&self) -> Option<SequenceClassification> {
         None
     }
+    /// The longest sequence the model's position table holds (learned absolute positions:
+    /// BERT's family, DistilBERT); `None` where positions are rotary and have no hard end.
+    fn max_tokens(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// The one-logit head a family's `*ForSequenceClassification` class puts on the backbone, by
