@@ -289,13 +289,24 @@ impl CorpusFlags {
         .map(Some)
     }
 
-    /// The same corpus as a dataset to encode.
+    /// The same corpus as a dataset to encode. With a `--corpus_path`, what else names a
+    /// dataset changes nothing (resolving the corpus flags said so, under their own names), so
+    /// it is not passed on to be said again under the dataset flags' names; a local folder the
+    /// path is relative to is.
     pub fn as_dataset(&self, cache_dir: Option<PathBuf>) -> DatasetFlags {
+        let name = self.corpus_name.clone().unwrap_or_else(|| "json".into());
+        let (name, config, split) = match &self.corpus_path {
+            Some(_) => {
+                let name = if std::path::Path::new(&name).is_dir() { name } else { "json".into() };
+                (name, None, "train".into())
+            }
+            None => (name, self.corpus_config.clone(), self.corpus_split.clone()),
+        };
         DatasetFlags {
-            dataset_name: self.corpus_name.clone().unwrap_or_else(|| "json".into()),
+            dataset_name: name,
             dataset_path: self.corpus_path.clone(),
-            dataset_config: self.corpus_config.clone(),
-            dataset_split: self.corpus_split.clone(),
+            dataset_config: config,
+            dataset_split: split,
             dataset_cache_dir: cache_dir,
         }
     }
@@ -686,7 +697,7 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value = "steps")]
     pub save_strategy: StrategyArg,
     /// Keep at most this many checkpoints (oldest removed first; the best one, with
-    /// validation, is always kept).
+    /// validation, is always kept); 0 keeps every checkpoint, as Hugging Face.
     #[arg(long)]
     pub save_total_limit: Option<usize>,
     /// When to validate: `steps` (every --eval_steps), `epoch` or `no`. Validation encodes

@@ -395,7 +395,7 @@ pub fn screen(argv: Vec<OsString>) -> Result<Screened> {
 /// Settings of a feature another flag turns on, as (the flag, its settings, what happens
 /// without it): given without it they change nothing, which the log says (Hugging Face's and
 /// PEFT's parsers take them silently).
-const SETTINGS_OF: &[(&str, &[&str], &str)] = &[
+pub const SETTINGS_OF: &[(&str, &[&str], &str)] = &[
     (
         "lora",
         &["lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"],
@@ -427,6 +427,10 @@ fn unused_settings(argv: &[OsString]) -> Vec<String> {
         Some(inline.or(next))
     };
     let on = |flag: &str| match given(flag) {
+        // Hugging Face's older spelling of the evaluation strategy, an alias here.
+        None if flag == "eval_strategy" => {
+            given("evaluation_strategy").is_some_and(|v| v.is_some_and(|v| v != "no"))
+        }
         None => false,
         Some(value) if flag == "eval_strategy" => value.is_some_and(|v| v != "no"),
         Some(value) => value.is_none_or(|v| parse_bool(&v).unwrap_or(true)),
@@ -646,6 +650,7 @@ mod tests {
         assert!(
             notes(&["train-reranker", "--eval_strategy", "steps", "--eval_steps", "5"]).is_empty()
         );
+        assert!(notes(&["train", "--evaluation_strategy", "steps", "--eval_steps", "5"]).is_empty());
         assert_eq!(notes(&["train", "--lora", "false", "--lora_alpha", "8"]).len(), 1);
         assert_eq!(
             notes(&["train", "--lora", "--lora_name_or_path", "a", "--lora_r", "8"]),

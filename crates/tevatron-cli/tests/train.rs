@@ -272,7 +272,10 @@ fn bad_training_inputs_are_clear_errors() {
         run("o9", &tiny, &["--learning_rate", "-1"]),
         "--learning_rate must be a non-negative",
     );
-    fails_with(run("o9", &tiny, &["--lora_alpha", "nan"]), "--lora_alpha must be a finite");
+    fails_with(
+        run("o9", &tiny, &["--lora", "--lora_alpha", "nan"]),
+        "--lora_alpha must be a finite",
+    );
     assert!(!d.join("o9").exists());
     ok(run("o10", &tiny, &["--max_grad_norm", "-1", "--max_steps", "1"]));
     // A run's training_args.json is an arguments file for the same command (it held the
@@ -280,8 +283,13 @@ fn bad_training_inputs_are_clear_errors() {
     let mut args = read_json(&d.join("o10/training_args.json"));
     assert!(args.get("rerank_max_len").is_none(), "{args}");
     args["output_dir"] = serde_json::json!(d.join("o11"));
+    args["quiet"] = serde_json::json!(false);
     std::fs::write(d.join("again.json"), args.to_string()).unwrap();
-    ok(tevatron(d, &["train", "again.json"]));
+    let out = tevatron(d, &["train", "again.json"]);
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
+    // Nor does it note its own settings as changing nothing (those of features left off).
+    assert!(!log.contains("changes nothing here"), "{log}");
     let mut again = read_json(&d.join("o11/training_args.json"));
     again["output_dir"] = args["output_dir"].clone();
     assert_eq!(again, args);

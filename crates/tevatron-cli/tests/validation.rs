@@ -343,6 +343,16 @@ fn a_resumed_run_keeps_the_best_metric_and_ends_as_an_uninterrupted_one() {
         std::fs::remove_file(d.join("kept").join(f)).unwrap();
     }
     ok(train(d, "./kept", &kept));
+    // Resumed from another folder's checkpoint, with no better evaluation after it: the best
+    // is loaded from where it was recorded (it was looked for in the new folder, and the run
+    // failed after training).
+    let elsewhere = [&kept[..], &["--resume_from_checkpoint", "whole/checkpoint-4"]].concat();
+    ok(train(d, "moved", &elsewhere));
+    assert_eq!(
+        std::fs::read(d.join("moved/model.safetensors")).unwrap(),
+        std::fs::read(d.join(&best).join("model.safetensors")).unwrap(),
+        "the run resumed elsewhere ends on the best checkpoint it was given, {best}"
+    );
     let best = best.replace("whole/", "kept/");
     assert_eq!(
         std::fs::read(d.join("kept/model.safetensors")).unwrap(),

@@ -108,12 +108,15 @@ pub fn pair_input(
 pub struct PairReader {
     files: std::vec::IntoIter<std::path::PathBuf>,
     current: Option<(std::path::PathBuf, crate::records::JsonlReader)>,
+    /// The (query, document) pairs read so far: a pair given twice would be scored and written
+    /// twice, and evaluation would keep one of its scores.
+    seen: std::collections::HashSet<(String, String)>,
 }
 
 impl PairReader {
     /// A reader over `files`, opened one after the other.
     pub fn new(files: Vec<std::path::PathBuf>) -> Self {
-        Self { files: files.into_iter(), current: None }
+        Self { files: files.into_iter(), current: None, seen: Default::default() }
     }
 
     /// The next `n` pairs (fewer at the end; none when all are read).
@@ -129,7 +132,18 @@ impl PairReader {
             match reader.next_object() {
                 Some(row) => {
                     let (line, obj) = row?;
-                    out.push(RerankPair::from_row(&obj, path, line)?);
+                    let pair = RerankPair::from_row(&obj, path, line)?;
+                    if !self.seen.insert((pair.query_id.clone(), pair.docid.clone())) {
+                        return Err(Error::Line {
+                            path: path.clone(),
+                            line,
+                            what: format!(
+                                "query {:?}, passage {:?} is given twice: each pair once",
+                                pair.query_id, pair.docid
+                            ),
+                        });
+                    }
+                    out.push(pair);
                 }
                 None => self.current = None,
             }
@@ -320,16 +334,6 @@ pub fn write_reranked(path: &Path, scored: &[(&str, &str, f32)]) -> Result<()> {
             })
             .push((docid, score));
     }
-    // A pair given twice would be written twice, and evaluation keeps one of its scores.
-    for (qid, docs) in &groups {
-        let mut seen = std::collections::HashSet::with_capacity(docs.len());
-        if let Some((docid, _)) = docs.iter().find(|(d, _)| !seen.insert(*d)) {
-            return Err(Error::Invalid(format!(
-                "{}: query {qid}, passage {docid} is given twice in the input: each pair once",
-                path.display()
-            )));
-        }
-    }
     let mut out = AtomicFile::create(path)?;
     for qid in order {
         let mut docs = groups.remove(qid).unwrap_or_default();
@@ -469,6 +473,14 @@ mod tests {
             .map(|_| reader.next_chunk(2).unwrap().into_iter().map(|p| p.docid).collect())
             .collect();
         assert_eq!(chunks, [vec!["a", "b"], vec!["c"], vec![]]);
+        // A pair given twice, across files (it was scored and written twice): its second line.
+        let twice = dir.path().join("twice.jsonl");
+        std::fs::write(&twice, "{\"query_id\": 2, \"query\": \"r\", \"docid\": \"b\", \"text\": \"z\"}\n{\"query_id\": 1, \"query\": \"q\", \"docid\": \"b\", \"text\": \"z\"}\n").unwrap();
+        let e = read_pairs(&[p.clone(), twice]).unwrap_err().to_string();
+        assert!(
+            e.ends_with("twice.jsonl:2: query \"1\", passage \"b\" is given twice: each pair once"),
+            "{e}"
+        );
         std::fs::write(&p, "{\"query_id\": 1, \"docid\": \"a\", \"text\": \"x\"}\n").unwrap();
         let e = read_pairs(&[p]).unwrap_err().to_string();
         assert!(e.contains("in.jsonl:1:") && e.contains("query"), "{e}");
@@ -492,12 +504,6 @@ mod tests {
         assert!(e.contains("NaN") && e.contains("query q"), "{e}");
         let e = write_reranked(&path, &[("q", "d", f32::INFINITY)]).unwrap_err().to_string();
         assert!(e.ends_with("the score of query q, passage d is inf"), "{e}");
-        let twice = [("q", "d", 1.0), ("r", "d", 1.0), ("q", "d", 0.5)];
-        let e = write_reranked(&path, &twice).unwrap_err().to_string();
-        assert!(
-            e.ends_with("query q, passage d is given twice in the input: each pair once"),
-            "{e}"
-        );
         assert_eq!(
             std::fs::read_to_string(&path).unwrap(),
             text,

@@ -292,7 +292,6 @@ mod tests {
         assert_eq!(e.to_string(), "q.txt:1: relevance \"1.5\" is not an integer");
     }
 
-    /// A byte-order mark before the first line is not part of the first query id.
     /// The converters' reader checks the score column too (it wrote `abc` into a TREC run).
     #[test]
     fn ranking_columns_refuse_a_score_that_is_not_a_number() {
@@ -305,6 +304,7 @@ mod tests {
         assert_eq!(read_ranking_columns(&path).unwrap()[0].2, "1e-3", "kept as written");
     }
 
+    /// A byte-order mark before the first line is not part of the first query id.
     #[test]
     fn a_byte_order_mark_is_left_out() {
         let dir = tempfile::tempdir().unwrap();

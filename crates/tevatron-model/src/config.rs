@@ -81,7 +81,7 @@ impl ModelConfig {
     }
 
     /// The longest sequence the model takes, where its positions have an end
-    /// ([`Architecture::max_tokens`]): a length flag beyond it is refused before any work.
+    /// ([`Architecture::max_tokens`]): texts are cut there whatever length a flag asks for.
     pub fn max_tokens(&self) -> Option<usize> {
         self.arch.max_tokens()
     }

@@ -15,7 +15,7 @@ use crate::{st_modules, weights, Error, Result};
 /// `base_dir` with the adapter of `adapter_dir` folded in (`config.json`, tokenizer files, one
 /// `model.safetensors` with the base checkpoint's tensor names and dtypes, and the base's
 /// sentence-transformers modules), which transformers, sentence-transformers and `tevatron
-/// encode` load without PEFT. Written in `out.tmp` and renamed.
+/// encode` load without PEFT. Written in a sibling folder `.NAME.tmp` and renamed.
 pub fn write_merged(base_dir: &Path, adapter_dir: &Path, out: &Path) -> Result<()> {
     let out = &replaceable(out, &[base_dir, adapter_dir])?;
     let config = ModelConfig::read(&base_dir.join("config.json"))?;

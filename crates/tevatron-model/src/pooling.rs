@@ -101,10 +101,10 @@ impl Pooling {
             Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1),
             Pooling::Mean => {
                 let m = mask.to_dtype(hidden.dtype())?.unsqueeze(2)?; // (b, l, 1)
+                                                                      // A row without tokens (an empty text without special tokens) pools to zeros,
+                                                                      // as sentence-transformers' clamped count gives, not 0 / 0 (NaN). Counts of
+                                                                      // real rows are whole numbers of at least 1, which the bound leaves as they are.
                 let sum = hidden.broadcast_mul(&m)?.sum(1)?; // (b, h)
-                                                             // A row without tokens (an empty text without special tokens) pools to zeros,
-                                                             // as sentence-transformers' clamped count gives, not 0 / 0 (NaN). Counts of real
-                                                             // rows are whole numbers of at least 1, which the bound leaves as they are.
                 let count = m.sum(1)?.maximum(1.0)?; // (b, 1)
                 sum.broadcast_div(&count)
             }

@@ -352,8 +352,9 @@ pub fn train(
     let plan = Plan::new(data.len(), group.world_size(), cfg)?;
     let mut warmup = warmup_steps(plan.total_steps, cfg.warmup_steps, cfg.warmup_ratio);
     if cfg.schedule == ScheduleKind::Constant && warmup > 0 {
-        // Hugging Face's `constant` does not warm up; `constant_with_warmup` does.
-        tracing::warn!(
+        // Hugging Face's `constant` does not warm up; `constant_with_warmup` does. (A note,
+        // not a warning: the default --warmup_ratio 0.1 is in force whenever none is given.)
+        tracing::info!(
             "--warmup_steps/--warmup_ratio change nothing under --lr_scheduler_type constant \
              (constant_with_warmup warms up)"
         );
@@ -627,10 +628,10 @@ pub fn train(
     if group.is_main() {
         let best = cfg.validation.as_deref().filter(|v| v.load_best_model_at_end);
         if let (Some(_), Some(dir)) = (best, &state.best_model_checkpoint) {
-            // In this run's output folder, however the run that saved it spelled that folder.
-            let dir = Path::new(dir)
-                .file_name()
-                .map_or(PathBuf::from(dir), |name| cfg.output_dir.join(name));
+            // In this run's output folder, however the run that saved it spelled that folder;
+            // else where it was recorded (a run resumed from another folder's checkpoint).
+            let here = Path::new(dir).file_name().map(|name| cfg.output_dir.join(name));
+            let dir = here.filter(|d| d.is_dir()).unwrap_or_else(|| PathBuf::from(dir));
             tracing::info!(
                 "loading the best model, {} ({} {:?}), before writing the final one",
                 dir.display(),

@@ -185,8 +185,7 @@ fn check(a: &TrainArgs, reranker: bool) -> Result<()> {
     if a.learning_rate < 0.0 || !a.learning_rate.is_finite() {
         bail!("--learning_rate must be a non-negative number");
     }
-    // PyTorch's AdamW refuses these; an epsilon of 0 divides by zero where a moment is 0, and
-    // a LoRA scale that is not finite diverges at the first step.
+    // PyTorch's AdamW refuses these; an epsilon of 0 divides by zero where a moment is 0.
     for (name, beta) in [("adam_beta1", a.adam_beta1), ("adam_beta2", a.adam_beta2)] {
         if !(0.0..1.0).contains(&beta) {
             bail!("--{name} must be in [0, 1), not {beta}");
@@ -200,9 +199,6 @@ fn check(a: &TrainArgs, reranker: bool) -> Result<()> {
     }
     if a.max_grad_norm.is_nan() {
         bail!("--max_grad_norm must be a number (0 or less: no clipping)");
-    }
-    if !a.lora_alpha.is_finite() || !(0.0..1.0).contains(&a.lora_dropout) {
-        bail!("--lora_alpha must be a finite number and --lora_dropout in [0, 1)");
     }
     if a.max_steps <= 0 && a.num_train_epochs <= 0.0 {
         bail!("give --num_train_epochs > 0 or --max_steps > 0");
@@ -508,6 +504,21 @@ fn args_json(a: &TrainArgs, reranker: bool) -> serde_json::Value {
         for name in crate::flags::refused_by(if reranker { "train-reranker" } else { "train" }) {
             map.remove(name);
         }
+        // Nor the settings of a feature that is off (given back, each would be noted as
+        // changing nothing); LoRA settings are the adapter's own when one is continued.
+        let off = |flag: &str| match flag {
+            "lora" => !a.lora || a.lora_name_or_path.is_some(),
+            "grad_cache" => !a.grad_cache,
+            "eval_strategy" => a.eval_strategy == StrategyArg::No,
+            _ => false,
+        };
+        for (flag, settings, _) in crate::flags::SETTINGS_OF {
+            if off(flag) {
+                for s in *settings {
+                    map.remove(*s);
+                }
+            }
+        }
     }
     args
 }
@@ -525,8 +536,13 @@ fn lora_options(a: &TrainArgs, device: &candle_core::Device) -> Result<Option<Lo
             AdapterSource::Saved(tevatron_model::hub::resolve_adapter(l, a.cache_dir.as_deref())?)
         }
         None => {
-            if !(0.0..1.0).contains(&a.lora_dropout) {
-                bail!("--lora_dropout must be in [0, 1), got {}", a.lora_dropout);
+            // A scale that is not finite diverges at the first step.
+            if !a.lora_alpha.is_finite() || !(0.0..1.0).contains(&a.lora_dropout) {
+                bail!(
+                    "--lora_alpha must be a finite number and --lora_dropout in [0, 1), not {} and {}",
+                    a.lora_alpha,
+                    a.lora_dropout
+                );
             }
             let target_modules: Vec<String> = (a.lora_target_modules.split(','))
                 .map(|t| t.trim().to_string())
