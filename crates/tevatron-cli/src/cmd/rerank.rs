@@ -79,7 +79,7 @@ pub(super) fn resolve_pair_format(
 /// Where the pairs come from, read a chunk at a time: rerank input rows (streamed from the
 /// files), or a run's pairs (each text held once).
 enum Source {
-    Rows(PairReader),
+    Rows(Box<PairReader>),
     Run(RunPairs, usize),
 }
 
@@ -137,7 +137,7 @@ fn input_pairs(a: &RerankArgs) -> Result<(Source, usize)> {
             }
             let files = a.data.files()?;
             let n = count_rows(&files).context("reading the rerank input")?;
-            Ok((Source::Rows(PairReader::new(files)), n))
+            Ok((Source::Rows(Box::new(PairReader::new(files))), n))
         }
     }
 }
