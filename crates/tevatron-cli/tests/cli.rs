@@ -686,6 +686,14 @@ fn lengths_beyond_the_positions_cut_at_the_model_end() {
         };
         assert_eq!(embeddings(read("long.safetensors")), embeddings(read("max.safetensors")));
     }
+    // Padded past the positions: the message names the padding, not the lengths it had named.
+    let args = ["encode", "--model_name_or_path", &tiny("bert"), "--dataset_path", "long.jsonl"];
+    let more = ["--encode_output_path", "x.safetensors", "--pad_to_multiple_of", "128"];
+    // (candle's errors carry a backtrace under RUST_BACKTRACE, after the message line)
+    let out = tevatron(d, &[&args[..], &more].concat());
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("positions: texts are cut there, so a batch padded past it comes of --pad_to_multiple_of"), "{err}");
 }
 
 /// Flags Tevatron's encode takes that change nothing here are said to in the log.

@@ -100,7 +100,7 @@ impl Backbone for DistilBert {
         let (b, l) = batch.input_ids.dims2()?;
         if l > self.cfg.max_position_embeddings {
             candle_core::bail!(
-                "sequence length {l} exceeds the model's {} positions; lower --query_max_len/--passage_max_len (--rerank_max_len for a reranker)",
+                "sequence length {l} exceeds the model's {} positions: texts are cut there, so a batch padded past it comes of --pad_to_multiple_of; lower it",
                 self.cfg.max_position_embeddings
             );
         }
