@@ -250,12 +250,26 @@ fn hnsw_graphs_are_built_mapped_and_rescored() {
     let flags = ["--hnsw", "--compact_reps", "g/*.hnsw.json", "--rescore_multiplier", "400"];
     ok(search(d, "h.tsv", &flags));
     assert_eq!(std::fs::read_to_string(d.join("h.tsv")).unwrap(), exact);
-    ok(search(
+    let out = search(
         d,
         "h4.tsv",
-        &["--hnsw", "--compact_reps", "g/*.hnsw.json", "--hnsw_ef_search", "32"],
-    ));
+        &[
+            "--hnsw",
+            "--compact_reps",
+            "g/*.hnsw.json",
+            "--hnsw_ef_search",
+            "32",
+            "--batch_size",
+            "8",
+            "--quiet",
+            "false",
+        ],
+    );
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
     assert_eq!(std::fs::read_to_string(d.join("h4.tsv")).unwrap().lines().count(), 35);
+    // Queries walk a graph one by one: a batch size is said to change nothing.
+    assert!(log.contains("--batch_size 8 changes nothing with --hnsw"), "{log}");
     // A graph of bf16 vectors: recorded in its description, smaller, searched the same way.
     let mut bf16 = vec!["index", "--passage_reps", "c.*.safetensors", "--hnsw", "--hnsw_m", "16"];
     bf16.extend(["--hnsw_dtype", "bf16", "--output_dir", "g16", "--quiet"]);

@@ -288,6 +288,13 @@ fn compact_plan(a: &SearchArgs, passages: &[PathBuf]) -> Result<Option<CompactPl
     if a.hnsw_ef_search == Some(0) {
         bail!("--hnsw_ef_search must be at least 1");
     }
+    if a.hnsw && a.batch_size != 128 {
+        // 128 is the default; any other value was given.
+        tracing::info!(
+            "--batch_size {} changes nothing with --hnsw: each query walks the graph alone",
+            a.batch_size
+        );
+    }
     if !a.hnsw && a.hnsw_ef_search.is_some() {
         bail!("--hnsw_ef_search is read by --hnsw, which is not given");
     }
