@@ -39,21 +39,30 @@ fn cache_dir_from(
     if let Some(p) = explicit {
         return Ok(p.to_path_buf());
     }
-    let set = |name: &str| var(name).filter(|v| !v.is_empty()).map(PathBuf::from);
-    if let Some(p) = set("HF_HUB_CACHE") {
-        return Ok(p);
+    if let Some(p) = var("HF_HUB_CACHE").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(p));
     }
-    if let Some(p) = set("HF_HOME") {
-        return Ok(p.join("hub"));
-    }
-    match home().filter(|h| !h.as_os_str().is_empty()) {
-        Some(h) => Ok(h.join(".cache").join("huggingface").join("hub")),
+    match hf_home(&var, home) {
+        Some(h) => Ok(h.join("hub")),
         None => Err(Error::NotFound(
             "no Hugging Face cache folder: HOME is unset or empty and the user has no home folder; \
              set HF_HOME or HF_HUB_CACHE, or pass --cache_dir"
                 .into(),
         )),
     }
+}
+
+/// huggingface_hub's own folder: `HF_HOME`, else `~/.cache/huggingface` (the cache's parent by
+/// default, and where `huggingface-cli login` writes the token).
+fn hf_home(
+    var: impl Fn(&str) -> Option<OsString>,
+    home: impl FnOnce() -> Option<PathBuf>,
+) -> Option<PathBuf> {
+    if let Some(p) = var("HF_HOME").filter(|v| !v.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    let home = home().filter(|h| !h.as_os_str().is_empty())?;
+    Some(home.join(".cache").join("huggingface"))
 }
 
 fn offline() -> bool {
@@ -177,10 +186,9 @@ fn token() -> Option<String> {
     if let Some(token) = set("HF_TOKEN") {
         return Some(token.trim().to_string());
     }
-    let file = match (set("HF_TOKEN_PATH"), set("HF_HOME")) {
-        (Some(path), _) => PathBuf::from(path),
-        (None, Some(home)) => Path::new(&home).join("token"),
-        (None, None) => Path::new(&set("HOME")?).join(".cache/huggingface/token"),
+    let file = match set("HF_TOKEN_PATH") {
+        Some(path) => PathBuf::from(path),
+        None => hf_home(|name| std::env::var_os(name), std::env::home_dir)?.join("token"),
     };
     let text = std::fs::read_to_string(file).ok()?;
     Some(text.trim().to_string()).filter(|t| !t.is_empty())
