@@ -416,9 +416,9 @@ pub const SETTINGS_OF: &[(&str, &[&str], &str)] = &[
 /// The notes for [`SETTINGS_OF`]'s settings given in `argv` (screened: the command's own flags)
 /// without the flag that turns their feature on.
 fn unused_settings(argv: &[OsString]) -> Vec<String> {
+    let args: Vec<&str> = argv.iter().skip(2).filter_map(|a| a.to_str()).collect();
     // Whether `--name` is given, and the value that follows it (or after `=`), if any.
     let given = |name: &str| -> Option<Option<String>> {
-        let args: Vec<&str> = argv.iter().skip(2).filter_map(|a| a.to_str()).collect();
         let at = args.iter().position(|a| {
             a.strip_prefix("--").is_some_and(|f| f == name || f.starts_with(&format!("{name}=")))
         })?;

@@ -286,17 +286,21 @@ impl TrainData {
         let r = self.rows.get(item)?;
         let (v, path, line) = (&r.value, r.path, r.line);
         let inline = v.get("positive_passages").is_some();
+        let query_id =
+            || text_of(v, &["query_id"]).or_else(|| v.get("query_id").map(|x| x.to_string()));
+        // The query's text, under the first of `fields` the row has; each form names its own
+        // field when none is there (a row without it trained on an empty query).
+        let query = |fields: &[&str]| {
+            text_of(v, fields).ok_or_else(|| tevatron_ir::Error::MissingField {
+                path: path.into(),
+                line,
+                field: fields[0].into(),
+            })
+        };
         let row = if inline {
             TrainRow {
-                query_id: text_of(v, &["query_id"])
-                    .or_else(|| v.get("query_id").map(|x| x.to_string())),
-                query: text_of(v, &["query", "query_text"]).ok_or_else(|| {
-                    tevatron_ir::Error::MissingField {
-                        path: path.into(),
-                        line,
-                        field: "query".into(),
-                    }
-                })?,
+                query_id: query_id(),
+                query: query(&["query", "query_text"])?,
                 positives: inline_passages(v, "positive_passages", path, line)?,
                 negatives: inline_passages(v, "negative_passages", path, line)?,
             }
@@ -309,17 +313,8 @@ impl TrainData {
                 ));
             }
             TrainRow {
-                query_id: text_of(v, &["query_id"])
-                    .or_else(|| v.get("query_id").map(|x| x.to_string())),
-                // As the inline form: a row without its query's text is refused (it trained on
-                // an empty query).
-                query: text_of(v, &["query_text", "query"]).ok_or_else(|| {
-                    tevatron_ir::Error::MissingField {
-                        path: path.into(),
-                        line,
-                        field: "query_text".into(),
-                    }
-                })?,
+                query_id: query_id(),
+                query: query(&["query_text", "query"])?,
                 positives: id_list(v, "positive_document_ids", path, line)?,
                 negatives: id_list(v, "negative_document_ids", path, line)?,
             }
