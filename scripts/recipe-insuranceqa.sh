@@ -418,7 +418,7 @@ if [ ! -f "$out/fused/eval/metrics.json" ]; then
     a=${weights% *}
     # shellcheck disable=SC2086  # two numbers, split on purpose
     TEVATRON_LOG=warn "$bin" fuse --runs "$v/rerank.tsv" "$v/run.tsv" --method wsum \
-      --normalization zmuv --weights $weights --depth 100 --output "$v/fused-$a.tsv"
+      --normalization zmuv --weights $weights --k 100 --output "$v/fused-$a.tsv"
     "$bin" eval --qrels "$d/valid.qrels.tsv" --run "$v/fused-$a.tsv" -m ndcg@10 --json \
       > "$v/fused-$a.json"
   done
@@ -436,7 +436,7 @@ w = json.load(open(sys.argv[1]))["reranker_weight"]
 print(w, round(1 - w, 10))' "$out/fused/weight.json")
   # shellcheck disable=SC2086  # two numbers, split on purpose
   TEVATRON_LOG=warn "$bin" fuse --runs "$out/rerank/eval/run.tsv" "$out/round2/eval/run.tsv" \
-    --method wsum --normalization zmuv --weights $weights --depth 100 \
+    --method wsum --normalization zmuv --weights $weights --k 100 \
     --output "$out/fused/eval/run.tsv"
   "$bin" eval --qrels "$d/eval.qrels.tsv" --run "$out/fused/eval/run.tsv" -m ndcg@10 -m mrr@10 \
     -m recall@100 --json > "$out/fused/eval/metrics.json.tmp"

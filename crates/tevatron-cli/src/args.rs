@@ -1152,9 +1152,14 @@ pub struct FuseArgs {
     /// as ranx).
     #[arg(long, value_enum)]
     pub normalization: Option<FuseNormalization>,
-    /// Documents kept per query in the fused run (pyserini's `--rrf.max_docs`).
-    #[arg(long, alias = "rrf.max_docs", default_value_t = 1000)]
+    /// Documents read from each run per query, its best first (pyserini's `--depth`, its
+    /// pool depth).
+    #[arg(long, default_value_t = 1000)]
     pub depth: usize,
+    /// Documents kept per query in the fused run (pyserini's `--k`; `--rrf.max_docs` is this
+    /// tool's older spelling).
+    #[arg(long, alias = "rrf.max_docs", default_value_t = 1000)]
+    pub k: usize,
     /// The fused run, written as Tevatron's `qid<TAB>docid<TAB>score`, each query's best first.
     #[arg(long)]
     pub output: PathBuf,

@@ -107,16 +107,23 @@ fn defaults_depth_and_the_runs_order_of_weights() {
             assert!((s - s1).abs() < 1e-12, "{q} {d}");
         }
     }
-    // --depth keeps each query's best documents of the full fusion; RRF's k defaults to 60.
+    // --k keeps each query's best documents of the full fusion; RRF's k defaults to 60.
     let full = fuse(dir.path(), &runs, &[]);
     assert_eq!(full, fuse(dir.path(), &runs, &["--method", "rrf", "--rrf.k", "60"]));
-    let top = fuse(dir.path(), &runs, &["--depth", "3"]);
+    let top = fuse(dir.path(), &runs, &["--k", "3"]);
     assert_eq!(full.len(), 8);
     for (q, docs) in &full {
         assert!(docs.len() > 3, "{q}");
         assert_eq!(top[q], docs[..3], "{q}");
     }
-    // pyserini's and the z-score spellings.
+    // --depth reads only each run's best documents: at depth 1 a query has at most one
+    // document a run.
+    let shallow = fuse(dir.path(), &runs, &["--depth", "1"]);
+    for (q, docs) in &shallow {
+        assert!(!docs.is_empty() && docs.len() <= runs.len(), "{q}: {docs:?}");
+    }
+    assert_ne!(shallow, full);
+    // The older spelling and the z-score spellings.
     assert_eq!(top, fuse(dir.path(), &runs, &["--rrf.max_docs", "3"]));
     let zmuv = ["--method", "wsum", "--normalization", "zmuv", "--weights", "1", "2", "3"];
     let zscore = ["--method", "wsum", "--normalization", "zscore", "--weights", "1", "2", "3"];
@@ -173,7 +180,7 @@ fn bad_fusion_input_is_refused_and_writes_nothing() {
         (vec![&a, &b, "--method", "wsum", "--weights", "1", "2", "3"], "3 weights for 2 runs"),
         (vec![&a, &b, "--method", "wsum", "--weights", "1", "inf"], "weight inf is not a finite"),
         (vec![&a, &b, "--rrf_k", "-2"], "the RRF constant k must be 0 or more, got -2"),
-        (vec![&a, &b, "--depth", "0"], "--depth must be at least 1"),
+        (vec![&a, &b, "--depth", "0"], "--depth and --k must be at least 1"),
         (vec![&a, &nan], "nan.tsv:2: score \"nan\" is not a finite number"),
         (vec![&a, &broken], "broken.tsv:2: run line needs 6 columns"),
         (vec![&a, "missing.tsv"], "reading --runs missing.tsv"),

@@ -131,6 +131,14 @@ fn each_filter_removes_what_it_says() {
     // Same text as the positive after folding white space and case: d3 dropped.
     let flags = ["--drop_same_text", "--corpus_path", "corpus.jsonl"];
     assert_eq!(q1(&mine(d, TRAIN, &flags)), ["d2", "d4", "d5"]);
+    // Without --drop_same_text a corpus beside given embeddings is read by nothing: said so.
+    let mut args = vec!["mine", "--query_reps", "q.safetensors", "--passage_reps", "p.safetensors"];
+    args.extend_from_slice(&["--output_path", "out/noted.jsonl", "--corpus_path", "corpus.jsonl"]);
+    args.extend_from_slice(&["--dataset_cache_dir", "cache", "--dataset_path", "train.jsonl"]);
+    let out = tevatron(d, &args);
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
+    assert!(log.contains("--corpus_name) changes nothing here"), "{log}");
     // The existing negatives are kept after the mined ones when asked.
     assert_eq!(q1(&mine(d, TRAIN, &["--keep_existing_negatives"])), ["d2", "d3", "d4", "d12"]);
     // The summary counts what each filter removed and where the positives ranked.

@@ -63,12 +63,18 @@ pub struct Coverage {
     pub partial: usize,
 }
 
-/// Fuses `runs` (each with the file it was read from, named in errors) by `method`, keeping
-/// each query's best `depth` documents. Refuses fewer than two runs, a weight count other than
+/// Fuses `runs` (each with the file it was read from, named in errors) by `method`, reading
+/// each run's best `depth` documents for a query and keeping the best `k` fused ones
+/// (pyserini's `--depth` and `--k`). Refuses fewer than two runs, a weight count other than
 /// the run count, a negative or non-finite `k`, a non-finite weight (negative weights are
 /// allowed), and a fused score that overflows (scores near the largest f64, naming the query).
 /// A run's scores are finite: [`Run`]'s parser refuses any other, naming the file and line.
-pub fn fuse(runs: &[(&Path, &Run)], method: &Method, depth: usize) -> Result<(Fused, Coverage)> {
+pub fn fuse(
+    runs: &[(&Path, &Run)],
+    method: &Method,
+    depth: usize,
+    k: usize,
+) -> Result<(Fused, Coverage)> {
     if runs.len() < 2 {
         return Err(Error::Invalid(format!("fusion needs at least 2 runs, got {}", runs.len())));
     }
@@ -111,7 +117,7 @@ pub fn fuse(runs: &[(&Path, &Run)], method: &Method, depth: usize) -> Result<(Fu
         let mut scores: FxHashMap<&str, f64> = FxHashMap::default();
         for (r, q) in at.iter().enumerate() {
             let Some(q) = *q else { continue };
-            for (docid, value) in contributions(runs[r].1, q, r, method) {
+            for (docid, value) in contributions(runs[r].1, q, r, method, depth) {
                 *scores.entry(docid).or_insert(0.0) += value;
             }
         }
@@ -124,23 +130,34 @@ pub fn fuse(runs: &[(&Path, &Run)], method: &Method, depth: usize) -> Result<(Fu
             )));
         }
         docs.sort_unstable_by(trec_order);
-        docs.truncate(depth);
+        docs.truncate(k);
         fused.push((qid.to_string(), docs.into_iter().map(|(d, s)| (d.to_string(), s)).collect()));
     }
     Ok((fused, coverage))
 }
 
-/// What run `r` adds to each document it retrieves for its query `q`.
-fn contributions<'a>(run: &'a Run, q: usize, r: usize, method: &Method) -> Vec<(&'a str, f64)> {
+/// What run `r` adds to each of its best `depth` documents for its query `q`. A weighted sum
+/// normalises over all the documents the run has for the query, as pyserini rescores a whole
+/// run before it cuts each to its depth.
+fn contributions<'a>(
+    run: &'a Run,
+    q: usize,
+    r: usize,
+    method: &Method,
+    depth: usize,
+) -> Vec<(&'a str, f64)> {
     let mut docs: Vec<(&str, f64)> = run.docs(q).collect();
+    docs.sort_unstable_by(trec_order);
     match method {
-        Method::Rrf { k } => {
-            docs.sort_unstable_by(trec_order);
-            docs.iter().enumerate().map(|(i, &(d, _))| (d, 1.0 / (k + (i + 1) as f64))).collect()
-        }
+        Method::Rrf { k } => docs
+            .iter()
+            .take(depth)
+            .enumerate()
+            .map(|(i, &(d, _))| (d, 1.0 / (k + (i + 1) as f64)))
+            .collect(),
         Method::WeightedSum { weights, normalization } => {
             normalize(&mut docs, *normalization);
-            docs.iter().map(|&(d, s)| (d, weights[r] * s)).collect()
+            docs.iter().take(depth).map(|&(d, s)| (d, weights[r] * s)).collect()
         }
     }
 }
@@ -175,9 +192,9 @@ mod tests {
         Run::parse_str(text, "run").unwrap()
     }
 
-    fn fused(runs: &[&Run], method: Method, depth: usize) -> Fused {
+    fn fused(runs: &[&Run], method: Method, k: usize) -> Fused {
         let named: Vec<(&Path, &Run)> = runs.iter().map(|r| (Path::new("r"), *r)).collect();
-        fuse(&named, &method, depth).unwrap().0
+        fuse(&named, &method, usize::MAX, k).unwrap().0
     }
 
     #[test]
@@ -229,11 +246,29 @@ mod tests {
         let a = run("q1 d1 1\nq1 d2 2\nq1 d3 3\n");
         let b = run("q2 d9 1\nq1 d1 5\n");
         let named = [(Path::new("a"), &a), (Path::new("b"), &b)];
-        let (got, coverage) = fuse(&named, &Method::Rrf { k: 60.0 }, 2).unwrap();
+        let (got, coverage) = fuse(&named, &Method::Rrf { k: 60.0 }, usize::MAX, 2).unwrap();
         assert_eq!(coverage, Coverage { queries: 2, partial: 1 });
         assert_eq!(got[0].0, "q1");
         assert_eq!(got[0].1.iter().map(|d| d.0.as_str()).collect::<Vec<_>>(), ["d1", "d3"]);
         assert_eq!(got[1], ("q2".to_string(), vec![("d9".to_string(), 1.0 / 61.0)]));
+    }
+
+    #[test]
+    fn depth_reads_each_runs_best_documents_only() {
+        // a ranks d3, d2, d1; b ranks d1. Depth 1 reads a's d3 and b's d1 only.
+        let a = run("q d1 1\nq d2 2\nq d3 3\n");
+        let b = run("q d1 5\n");
+        let named = [(Path::new("a"), &a), (Path::new("b"), &b)];
+        let (rrf, _) = fuse(&named, &Method::Rrf { k: 0.0 }, 1, 10).unwrap();
+        assert_eq!(rrf[0].1, [("d3".to_string(), 1.0), ("d1".to_string(), 1.0)]);
+        // A weighted sum normalises over the whole list, then reads the best `depth`: a's d3
+        // is 1 after min-max over d1..d3, and d2 (0.5) is not read.
+        let wsum =
+            Method::WeightedSum { weights: vec![1.0, 0.5], normalization: Normalization::MinMax };
+        let (got, _) = fuse(&named, &wsum, 1, 10).unwrap();
+        assert_eq!(got[0].1, [("d3".to_string(), 1.0), ("d1".to_string(), 0.0)]);
+        let (all, _) = fuse(&named, &wsum, usize::MAX, 10).unwrap();
+        assert_eq!(all[0].1.len(), 3);
     }
 
     #[test]
@@ -242,24 +277,27 @@ mod tests {
         let one = [(Path::new("a.tsv"), &a)];
         let rrf = Method::Rrf { k: 60.0 };
         let msg = |r: Result<(Fused, Coverage)>| r.unwrap_err().to_string();
-        assert_eq!(msg(fuse(&one, &rrf, 10)), "fusion needs at least 2 runs, got 1");
+        assert_eq!(msg(fuse(&one, &rrf, usize::MAX, 10)), "fusion needs at least 2 runs, got 1");
         let ok = [(Path::new("a.tsv"), &a), (Path::new("c.tsv"), &a)];
         let weights =
             Method::WeightedSum { weights: vec![1.0], normalization: Normalization::None };
-        assert_eq!(msg(fuse(&ok, &weights, 10)), "1 weights for 2 runs: give one weight per run");
         assert_eq!(
-            msg(fuse(&ok, &Method::Rrf { k: -1.0 }, 10)),
+            msg(fuse(&ok, &weights, usize::MAX, 10)),
+            "1 weights for 2 runs: give one weight per run"
+        );
+        assert_eq!(
+            msg(fuse(&ok, &Method::Rrf { k: -1.0 }, usize::MAX, 10)),
             "the RRF constant k must be 0 or more, got -1"
         );
         let weights = Method::WeightedSum {
             weights: vec![1.0, f64::NAN],
             normalization: Normalization::None,
         };
-        assert_eq!(msg(fuse(&ok, &weights, 10)), "weight NaN is not a finite number");
+        assert_eq!(msg(fuse(&ok, &weights, usize::MAX, 10)), "weight NaN is not a finite number");
         let huge = run("q d1 1e308\nq d2 -1e308\n");
         let two = [(Path::new("a.tsv"), &huge), (Path::new("b.tsv"), &a)];
         let min_max =
             Method::WeightedSum { weights: vec![1.0, 1.0], normalization: Normalization::MinMax };
-        assert!(msg(fuse(&two, &min_max, 10)).starts_with("query q, document d"));
+        assert!(msg(fuse(&two, &min_max, usize::MAX, 10)).starts_with("query q, document d"));
     }
 }

@@ -241,6 +241,21 @@ pub fn text_field<'a>(
     }
 }
 
+/// Reads a text field a row cannot do without (a passage's `text`): absent or null is an
+/// error naming the field, as Tevatron fails on both (it calls `.strip()` on the value).
+pub fn required_text<'a>(obj: &'a Value, field: &str, path: &Path, line: usize) -> Result<&'a str> {
+    match obj.get(field) {
+        None => Err(Error::MissingField { path: path.to_path_buf(), line, field: field.into() }),
+        Some(Value::Null) => Err(Error::FieldType {
+            path: path.to_path_buf(),
+            line,
+            field: field.into(),
+            expected: "a string, not null",
+        }),
+        Some(_) => Ok(text_field(obj, field, path, line)?.unwrap_or_default()),
+    }
+}
+
 /// Builds the record Tevatron's encode dataset would build from one JSON row.
 ///
 /// Queries: `query_text or query or ''` (a row with neither field is an error). Documents:
@@ -267,11 +282,7 @@ pub fn text_record(obj: &Value, kind: RecordKind, path: &Path, line: usize) -> R
         }
         RecordKind::Doc => {
             let id = id_field(obj, "docid", path, line)?;
-            let text = text_field(obj, "text", path, line)?.ok_or_else(|| Error::MissingField {
-                path: path.to_path_buf(),
-                line,
-                field: "text".into(),
-            })?;
+            let text = required_text(obj, "text", path, line)?;
             let text = match text_field(obj, "title", path, line)? {
                 Some(title) => py_strip(&format!("{title} {text}")).to_string(),
                 None => py_strip(text).to_string(),
@@ -438,6 +449,8 @@ mod tests {
         assert_eq!(e.to_string(), "f.jsonl:3: missing field `docid`");
         let e = rec(r#"{"docid":"1"}"#, RecordKind::Doc).unwrap_err();
         assert_eq!(e.to_string(), "f.jsonl:3: missing field `text`");
+        let e = rec(r#"{"docid":"1","title":null,"text":null}"#, RecordKind::Doc).unwrap_err();
+        assert_eq!(e.to_string(), "f.jsonl:3: field `text` must be a string, not null");
         let e = rec(r#"{"query_id":"1"}"#, RecordKind::Query).unwrap_err();
         assert_eq!(e.to_string(), "f.jsonl:3: missing field `query`");
         let e = rec(r#"{"docid":[1],"text":"x"}"#, RecordKind::Doc).unwrap_err();

@@ -11,7 +11,9 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::atomic::AtomicFile;
-use crate::records::{id_field, open_jsonl, py_strip, text_field, text_record, RecordKind};
+use crate::records::{
+    id_field, open_jsonl, py_strip, required_text, text_field, text_record, RecordKind,
+};
 use crate::trec::Run;
 use crate::{Error, Result};
 
@@ -35,9 +37,7 @@ impl RerankPair {
     /// `title` is empty (Tevatron requires the key).
     pub fn from_row(obj: &Value, path: &Path, line: usize) -> Result<Self> {
         let required = |field: &str| -> Result<String> {
-            text_field(obj, field, path, line)?.map(str::to_string).ok_or_else(|| {
-                Error::MissingField { path: path.to_path_buf(), line, field: field.into() }
-            })
+            Ok(required_text(obj, field, path, line)?.to_string())
         };
         Ok(Self {
             query_id: id_field(obj, "query_id", path, line)?,
@@ -246,9 +246,7 @@ pub fn pairs_from_run(
             if !wanted_d.contains(docid.as_str()) {
                 continue;
             }
-            let text = text_field(&obj, "text", path, line)?.ok_or_else(|| {
-                Error::MissingField { path: path.to_path_buf(), line, field: "text".into() }
-            })?;
+            let text = required_text(&obj, "text", path, line)?;
             let title = text_field(&obj, "title", path, line)?.unwrap_or_default();
             passages.insert(docid, (title.to_string(), text.to_string()));
         }

@@ -66,17 +66,8 @@ impl Corpus {
     /// in the corpus.
     pub fn passage(&self, docid: &str) -> Result<Option<(Option<String>, String)>> {
         let Some(r) = self.ids.get(&self.rows, docid)? else { return Ok(None) };
-        let text = match r.value.get("text") {
-            Some(Value::String(s)) => s.clone(),
-            Some(Value::Null) => String::new(),
-            _ => {
-                return Err(tevatron_ir::Error::MissingField {
-                    path: r.path.to_path_buf(),
-                    line: r.line,
-                    field: "text".into(),
-                })
-            }
-        };
+        let text =
+            tevatron_ir::records::required_text(&r.value, "text", r.path, r.line)?.to_string();
         let title = match r.value.get("title") {
             Some(Value::String(t)) => Some(t.clone()),
             _ => None,
@@ -188,12 +179,8 @@ fn inline_passages(v: &Value, field: &str, path: &Path, line: usize) -> Result<V
         .iter()
         .enumerate()
         .map(|(k, p)| {
-            let text = match p.get("text") {
-                Some(Value::String(s)) => s.as_str(),
-                Some(Value::Null) => "",
-                _ => {
-                    return Err(invalid(path, line, format!("`{field}[{k}]` has no string `text`")))
-                }
+            let Some(Value::String(text)) = p.get("text") else {
+                return Err(invalid(path, line, format!("`{field}[{k}]` has no string `text`")));
             };
             let title = match p.get("title") {
                 Some(Value::String(t)) => Some(t.clone()),
@@ -717,5 +704,16 @@ mod tests {
             Some("{\"docid\":\"y\",\"text\":\"t\"}\n"),
         );
         assert!(e.contains("notext.jsonl:1") && e.contains("query_text"), "{e}");
+        let e = case(
+            "nulltext.jsonl",
+            &format!("{ok}\n{{\"query\":\"q\",\"positive_passages\":[{{\"text\":null}}]}}\n"),
+            1,
+            None,
+        );
+        assert!(
+            e.contains("nulltext.jsonl:2")
+                && e.contains("`positive_passages[0]` has no string `text`"),
+            "{e}"
+        );
     }
 }

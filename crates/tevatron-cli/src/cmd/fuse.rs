@@ -10,15 +10,15 @@ use crate::args::{FuseArgs, FuseMethod, FuseNormalization};
 
 pub fn run(a: &FuseArgs) -> Result<()> {
     let method = method(a)?;
-    if a.depth == 0 {
-        bail!("--depth must be at least 1");
+    if a.depth == 0 || a.k == 0 {
+        bail!("--depth and --k must be at least 1");
     }
     let mut runs = Vec::with_capacity(a.runs.len());
     for path in &a.runs {
         runs.push(Run::read(path).with_context(|| format!("reading --runs {}", path.display()))?);
     }
     let named: Vec<(&Path, &Run)> = a.runs.iter().map(PathBuf::as_path).zip(&runs).collect();
-    let (fused, coverage) = fuse(&named, &method, a.depth)?;
+    let (fused, coverage) = fuse(&named, &method, a.depth, a.k)?;
     if coverage.partial > 0 {
         tracing::warn!(
             "{} of {} queries are missing from some runs; each is fused from the runs that have it",
@@ -35,12 +35,13 @@ pub fn run(a: &FuseArgs) -> Result<()> {
         false,
     )?;
     tracing::info!(
-        "fused {} runs by {} into {} ({} queries, at most {} documents each)",
+        "fused {} runs by {} into {} ({} queries, each run read to depth {}, at most {} documents each)",
         runs.len(),
         describe(&method),
         a.output.display(),
         coverage.queries,
-        a.depth
+        a.depth,
+        a.k
     );
     Ok(())
 }

@@ -252,6 +252,11 @@ fn embeddings(
                 dir.display()
             );
         }
+        if a.corpus.given() && !a.drop_same_text {
+            tracing::info!(
+                "the corpus (--corpus_path/--corpus_name) changes nothing here: the embeddings are given and only --drop_same_text reads its texts"
+            );
+        }
         return Ok((q.clone(), p.clone(), None));
     }
     let Some(model) = &a.model_name_or_path else {
