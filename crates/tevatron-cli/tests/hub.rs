@@ -101,6 +101,11 @@ fn answer(stream: TcpStream, root: &Path) {
 
 /// `tevatron encode` of the toy corpus with the given model and environment.
 fn encode(dir: &Path, model: &str, out: &str, env: &[(&str, &str)]) -> Output {
+    encode_with(dir, model, out, env, &[])
+}
+
+/// [`encode`] with more flags.
+fn encode_with(dir: &Path, model: &str, out: &str, env: &[(&str, &str)], extra: &[&str]) -> Output {
     let corpus = repo().join("testdata/toy/corpus.jsonl");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tevatron"));
     cmd.current_dir(dir)
@@ -108,6 +113,7 @@ fn encode(dir: &Path, model: &str, out: &str, env: &[(&str, &str)]) -> Output {
         .arg(corpus)
         .args(["--encode_output_path", out, "--passage_max_len", "12", "--pooling", "mean"])
         .args(["--quiet"])
+        .args(extra)
         .env_remove("HF_ENDPOINT")
         .env_remove("HF_HUB_OFFLINE")
         .env_remove("HF_HOME")
@@ -131,6 +137,7 @@ fn hub(dir: &Path) -> String {
         ("acme", "tiny-bert", all),
         ("gated", "tiny-bert", all),
         ("acme", "no-weights", &["config.json", "tokenizer.json"][..]),
+        ("acme", "no-tokenizer", &["config.json", "model.safetensors"][..]),
     ] {
         let to = dir.join(org).join(name);
         std::fs::create_dir_all(&to).unwrap();
@@ -165,8 +172,27 @@ fn hub(dir: &Path) -> String {
         std::fs::create_dir_all(to.parent().unwrap()).unwrap();
         std::fs::copy(st.join(f), to).unwrap();
     }
+    // A sentence-transformers model of the older layout: the Transformer in `0_Transformer/`.
+    let to = dir.join("acme/st-subfolder");
+    std::fs::create_dir_all(to.join("0_Transformer")).unwrap();
+    std::fs::create_dir_all(to.join("1_Pooling")).unwrap();
+    for f in all {
+        std::fs::copy(bert.join(f), to.join("0_Transformer").join(f)).unwrap();
+    }
+    std::fs::write(to.join("modules.json"), SUBFOLDER_MODULES).unwrap();
+    std::fs::write(to.join("1_Pooling/config.json"), MEAN_POOLING).unwrap();
     serve(dir.to_path_buf())
 }
+
+/// `modules.json` of a model whose Transformer lives in `0_Transformer/`.
+const SUBFOLDER_MODULES: &str = r#"[
+  {"idx": 0, "name": "0", "path": "0_Transformer", "type": "sentence_transformers.models.Transformer"},
+  {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}
+]"#;
+
+/// A Pooling module's config for the tiny BERT (width 32), mean pooling.
+const MEAN_POOLING: &str = r#"{"word_embedding_dimension": 32, "pooling_mode_cls_token": false,
+  "pooling_mode_mean_tokens": true, "pooling_mode_max_tokens": false}"#;
 
 #[test]
 fn a_hub_id_downloads_into_the_cache_then_loads_offline() {
@@ -220,6 +246,48 @@ fn a_hub_id_brings_its_sentence_transformers_modules() {
     fails_with(encode(d, "acme/st-dense", "x.safetensors", &offline), "3_Dense");
     ok(encode(d, "acme/st-dense", "again.safetensors", &env));
     assert_eq!(safetensors_embeddings(&d.join("again.safetensors")), hub);
+}
+
+/// A repository with the Transformer in `0_Transformer/` (sentence-transformers before 2)
+/// loads from the hub as its local folder does, and again offline from the cache.
+#[test]
+fn a_hub_id_with_the_transformer_in_a_sub_folder_loads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let endpoint = hub(&d.join("hub"));
+    let cache = d.join("cache").to_string_lossy().into_owned();
+    let env = [("HF_ENDPOINT", endpoint.as_str()), ("HF_HUB_CACHE", cache.as_str())];
+    ok(encode(d, "acme/st-subfolder", "hub.safetensors", &env));
+    let local = d.join("hub/acme/st-subfolder").to_string_lossy().into_owned();
+    ok(encode(d, &local, "local.safetensors", &[]));
+    let plain = repo().join("testdata/tiny/bert").to_string_lossy().into_owned();
+    ok(encode(d, &plain, "plain.safetensors", &[]));
+    let read = |f: &str| safetensors_embeddings(&d.join(f));
+    assert_eq!(read("hub.safetensors"), read("local.safetensors"));
+    assert_eq!(read("hub.safetensors"), read("plain.safetensors"));
+    let offline = [("HF_HUB_OFFLINE", "1"), ("HF_HUB_CACHE", cache.as_str())];
+    ok(encode(d, "acme/st-subfolder", "offline.safetensors", &offline));
+    assert_eq!(read("offline.safetensors"), read("local.safetensors"));
+}
+
+/// A repository without a tokenizer loads with `--tokenizer_name`, and without it the error
+/// says to give one.
+#[test]
+fn a_hub_id_without_a_tokenizer_takes_tokenizer_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let endpoint = hub(&d.join("hub"));
+    let cache = d.join("cache").to_string_lossy().into_owned();
+    let env = [("HF_ENDPOINT", endpoint.as_str()), ("HF_HUB_CACHE", cache.as_str())];
+    fails_with(encode(d, "acme/no-tokenizer", "x.safetensors", &env), "--tokenizer_name");
+    let tok = ["--tokenizer_name", "acme/tiny-bert"];
+    ok(encode_with(d, "acme/no-tokenizer", "hub.safetensors", &env, &tok));
+    ok(encode(d, "acme/tiny-bert", "whole.safetensors", &env));
+    let read = |f: &str| safetensors_embeddings(&d.join(f));
+    assert_eq!(read("hub.safetensors"), read("whole.safetensors"));
+    let offline = [("HF_HUB_OFFLINE", "1"), ("HF_HUB_CACHE", cache.as_str())];
+    ok(encode_with(d, "acme/no-tokenizer", "offline.safetensors", &offline, &tok));
+    assert_eq!(read("offline.safetensors"), read("whole.safetensors"));
 }
 
 #[test]

@@ -9,15 +9,8 @@ use hf_hub::{Cache, Repo, RepoType};
 
 use crate::{st_modules, Error, Result};
 
-/// Files a model folder may need; the first two are required.
-const MODEL_FILES: &[&str] = &[
-    "config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "modules.json",
-    "1_Pooling/config.json",
-];
+/// Files beside a model's `tokenizer.json` that shape its tokenizer, fetched when they exist.
+const TOKENIZER_FILES: &[&str] = &["tokenizer_config.json", "special_tokens_map.json"];
 const WEIGHT_FILES: &[&str] =
     &["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"];
 
@@ -74,8 +67,16 @@ fn looks_like_id(name: &str) -> bool {
     !name.is_empty() && !name.starts_with(['.', '/']) && name.split('/').count() <= 2
 }
 
-/// Resolves a model folder or hub id to a local folder holding its files.
-pub fn resolve_model(name_or_path: &str, cache: Option<&Path>) -> Result<PathBuf> {
+/// Resolves a model folder or hub id to a local folder holding its files. `needs_tokenizer`
+/// is false when the tokenizer comes from elsewhere (`--tokenizer_name`): a repository without
+/// a `tokenizer.json` is then fine. The config, tokenizer and weights are looked for in the
+/// folder sentence-transformers' `modules.json` puts the Transformer in (`0_Transformer/` in
+/// older models), as loading a local folder does.
+pub fn resolve_model(
+    name_or_path: &str,
+    cache: Option<&Path>,
+    needs_tokenizer: bool,
+) -> Result<PathBuf> {
     let path = Path::new(name_or_path);
     if path.is_dir() {
         return Ok(path.to_path_buf());
@@ -87,10 +88,15 @@ pub fn resolve_model(name_or_path: &str, cache: Option<&Path>) -> Result<PathBuf
     let repo = Repo::new(name_or_path.to_string(), RepoType::Model);
     let cached = Cache::new(cache_path.clone()).repo(repo.clone());
     let mut repo = repo;
-    if let (Some(config), Some(_)) = (cached.get("config.json"), cached.get("tokenizer.json")) {
-        let snapshot = config.parent().expect("cached file has a folder").to_path_buf();
-        if WEIGHT_FILES.iter().any(|w| cached.get(w).is_some()) {
-            if (weights_cached(&cached) && modules_cached(&cached)) || offline() {
+    let modules = cached.get("modules.json");
+    let t = modules.as_deref().map(transformer_prefix).unwrap_or_default();
+    let tokenizer_cached = !needs_tokenizer
+        || cached.get(&format!("{t}tokenizer.json")).is_some()
+        || cached.get("tokenizer.json").is_some();
+    if let (Some(config), true) = (cached.get(&format!("{t}config.json")), tokenizer_cached) {
+        let snapshot = snapshot_of(&config, modules.as_deref(), &t);
+        if WEIGHT_FILES.iter().any(|w| cached.get(&format!("{t}{w}")).is_some()) {
+            if (weights_cached(&cached, &t) && modules_cached(&cached)) || offline() {
                 tracing::info!("using {name_or_path} from the hub cache at {}", snapshot.display());
                 return Ok(snapshot);
             }
@@ -110,13 +116,31 @@ pub fn resolve_model(name_or_path: &str, cache: Option<&Path>) -> Result<PathBuf
             cache_path.display()
         )));
     }
-    download(name_or_path, repo, &cache_path).map_err(|cause| {
+    download(name_or_path, repo, &cache_path, needs_tokenizer).map_err(|cause| {
         Error::NotFound(format!(
             "model {name_or_path:?} is not a local folder and not in the Hugging Face cache at {}, \
              and downloading it failed: {cause}",
             cache_path.display()
         ))
     })
+}
+
+/// The Transformer's sub-folder (with its `/`) that a `modules.json` file names; `""` when it
+/// is the folder itself, or the file cannot be read (loading reports that).
+fn transformer_prefix(modules: &Path) -> String {
+    std::fs::read_to_string(modules)
+        .map(|text| st_modules::transformer_prefix(&text))
+        .unwrap_or_default()
+}
+
+/// The snapshot folder of a model whose config was found at `config`: its folder, or, for a
+/// Transformer in a sub-folder, the folder of the `modules.json` that named it.
+fn snapshot_of(config: &Path, modules: Option<&Path>, t: &str) -> PathBuf {
+    let file = match modules {
+        Some(m) if !t.is_empty() => m,
+        _ => config,
+    };
+    file.parent().expect("a cached file has a folder").to_path_buf()
 }
 
 /// The shard files a `model.safetensors.index.json` names, each once.
@@ -135,12 +159,11 @@ fn index_shards(index: &Path) -> std::result::Result<Vec<String>, String> {
 /// Whether a cached model holds its weights: a weight file, and with a sharded checkpoint's
 /// index every shard it names (a download stopped between shards left the others out, and
 /// every later run failed on the first missing one).
-fn weights_cached(cached: &hf_hub::CacheRepo) -> bool {
-    WEIGHT_FILES.iter().any(|w| match cached.get(w) {
+fn weights_cached(cached: &hf_hub::CacheRepo, t: &str) -> bool {
+    WEIGHT_FILES.iter().any(|w| match cached.get(&format!("{t}{w}")) {
         None => false,
-        Some(index) if *w == "model.safetensors.index.json" => {
-            index_shards(&index).is_ok_and(|shards| shards.iter().all(|s| cached.get(s).is_some()))
-        }
+        Some(index) if *w == "model.safetensors.index.json" => index_shards(&index)
+            .is_ok_and(|shards| shards.iter().all(|s| cached.get(&format!("{t}{s}")).is_some())),
         Some(_) => true,
     })
 }
@@ -194,22 +217,40 @@ fn token() -> Option<String> {
     Some(text.trim().to_string()).filter(|t| !t.is_empty())
 }
 
-fn download(name: &str, repo: Repo, cache_path: &Path) -> std::result::Result<PathBuf, String> {
+fn download(
+    name: &str,
+    repo: Repo,
+    cache_path: &Path,
+    needs_tokenizer: bool,
+) -> std::result::Result<PathBuf, String> {
     let api = api(cache_path)?.repo(repo);
-    let config = api.get("config.json").map_err(|e| e.to_string())?;
-    for f in &MODEL_FILES[1..] {
-        // Optional files: a 404 just means the model does not have them.
-        let got = api.get(f);
-        if *f == "tokenizer.json" {
-            got.map_err(|e| format!("{name} has no tokenizer.json ({e})"))?;
+    // Optional files: a 404 just means the model does not have them.
+    let modules = api.get("modules.json").ok();
+    let t = modules.as_deref().map(transformer_prefix).unwrap_or_default();
+    let config = api.get(&format!("{t}config.json")).map_err(|e| e.to_string())?;
+    // The tokenizer beside the config, else (a Transformer in a sub-folder) at the top.
+    let tokenizer = api.get(&format!("{t}tokenizer.json")).or_else(|e| match t.is_empty() {
+        true => Err(e),
+        false => api.get("tokenizer.json"),
+    });
+    match tokenizer {
+        Ok(found) => {
+            let prefix = if found.parent() == config.parent() { t.as_str() } else { "" };
+            for f in TOKENIZER_FILES {
+                let _ = api.get(&format!("{prefix}{f}"));
+            }
         }
+        Err(e) if needs_tokenizer => {
+            return Err(format!(
+                "{name} has no tokenizer.json ({e}); give one with --tokenizer_name"
+            ))
+        }
+        Err(_) => {}
     }
     // The sentence-transformers modules' folders: each one's config (a Normalize folder may
     // have none), and the files its kind needs (a Dense module's weights).
-    if let Some(modules) =
-        api.get("modules.json").ok().and_then(|p| std::fs::read_to_string(p).ok())
-    {
-        for (folder, kind) in st_modules::module_folders(&modules) {
+    if let Some(text) = modules.as_deref().and_then(|p| std::fs::read_to_string(p).ok()) {
+        for (folder, kind) in st_modules::module_folders(&text) {
             let _ = api.get(&format!("{folder}/config.json"));
             for alternatives in st_modules::required_files(kind) {
                 let _ = alternatives.iter().find(|f| api.get(&format!("{folder}/{f}")).is_ok());
@@ -218,11 +259,11 @@ fn download(name: &str, repo: Repo, cache_path: &Path) -> std::result::Result<Pa
     }
     let mut found = false;
     for w in WEIGHT_FILES {
-        if let Ok(p) = api.get(w) {
+        if let Ok(p) = api.get(&format!("{t}{w}")) {
             found = true;
             if *w == "model.safetensors.index.json" {
                 for s in index_shards(&p)? {
-                    api.get(&s).map_err(|e| e.to_string())?;
+                    api.get(&format!("{t}{s}")).map_err(|e| e.to_string())?;
                 }
             }
             break;
@@ -231,7 +272,7 @@ fn download(name: &str, repo: Repo, cache_path: &Path) -> std::result::Result<Pa
     if !found {
         return Err(format!("{name} has none of {WEIGHT_FILES:?}"));
     }
-    Ok(config.parent().expect("downloaded file has a folder").to_path_buf())
+    Ok(snapshot_of(&config, modules.as_deref(), &t))
 }
 
 /// Resolves `--tokenizer_name`: a local folder, or a hub id of which only the tokenizer files

@@ -6,7 +6,7 @@
 //! ```no_run
 //! use tevatron_model::{Encoder, EncoderOptions, TextOptions};
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let model = tevatron_model::hub::resolve_model("sentence-transformers/all-MiniLM-L6-v2", None)?;
+//! let model = tevatron_model::hub::resolve_model("sentence-transformers/all-MiniLM-L6-v2", None, true)?;
 //! let encoder = Encoder::load(&model, None, &EncoderOptions::default())?;
 //! let text = TextOptions { max_len: 32, ..TextOptions::default() };
 //! let reps = encoder.embed(&["what is a dense retriever?".to_string()], &text, 64)?;

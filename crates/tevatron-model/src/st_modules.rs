@@ -211,6 +211,18 @@ pub(crate) fn module_folders(modules_json: &str) -> Vec<(String, Option<Kind>)> 
         .collect()
 }
 
+/// The sub-folder a `modules.json` text puts the Transformer in, with a trailing `/` (`""` when
+/// it is the folder itself, as in every folder sentence-transformers 2 and later writes; older
+/// ones used `0_Transformer/`): where a hub download finds the model's config and weights.
+pub(crate) fn transformer_prefix(modules_json: &str) -> String {
+    entries(modules_json, Path::new("modules.json"))
+        .unwrap_or_default()
+        .into_iter()
+        .find(|(ty, sub)| Kind::of(ty) == Some(Kind::Transformer) && !sub.is_empty())
+        .map(|(_, sub)| format!("{}/", sub.trim_end_matches('/')))
+        .unwrap_or_default()
+}
+
 /// The files a module folder of `kind` must have, the weights as alternatives: a Pooling's and
 /// a Dense module's config, a Dense module's weights (what a hub cache must hold before it is
 /// used without downloading).

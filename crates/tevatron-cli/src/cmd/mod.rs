@@ -39,7 +39,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Prepare(a) => prepare::run(&a),
         Command::MergeLora(a) => {
             let cache = a.cache_dir.as_deref();
-            let base = tevatron_model::hub::resolve_model(&a.model_name_or_path, cache)?;
+            let base = tevatron_model::hub::resolve_model(&a.model_name_or_path, cache, true)?;
             let adapter = tevatron_model::hub::resolve_adapter(&a.lora_name_or_path, cache)?;
             tevatron_model::merge::write_merged(&base, &adapter, &a.output_dir).with_context(
                 || format!("merging {} into {}", adapter.display(), base.display()),
@@ -87,7 +87,7 @@ pub fn training_record(
 ) -> Option<(PathBuf, serde_json::Value)> {
     let dir = match adapter {
         Some(adapter) => tevatron_model::hub::resolve_adapter(adapter, cache_dir).ok()?,
-        None => tevatron_model::hub::resolve_model(model?, cache_dir).ok()?,
+        None => tevatron_model::hub::resolve_model(model?, cache_dir, false).ok()?,
     };
     let text = std::fs::read_to_string(dir.join("training_args.json")).ok()?;
     let args = serde_json::from_str(&text).unwrap_or_default();
@@ -216,7 +216,7 @@ pub fn load_encoder(
     cache_dir: Option<&Path>,
     opts: &EncoderOptions,
 ) -> Result<Encoder> {
-    let model_dir = tevatron_model::hub::resolve_model(model, cache_dir)?;
+    let model_dir = tevatron_model::hub::resolve_model(model, cache_dir, tokenizer.is_none())?;
     let tok_dir = tokenizer
         .map(|t| tevatron_model::hub::resolve_model_tokenizer(t, cache_dir))
         .transpose()?;
