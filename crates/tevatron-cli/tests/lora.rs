@@ -373,3 +373,28 @@ fn lora_on_a_sentence_transformers_base_keeps_its_dense_modules() {
     let rows = std::fs::read_to_string(repo().join("testdata/toy/corpus.jsonl")).unwrap();
     assert_eq!(merged.len(), rows.lines().count() * 12 * 4, "the last Dense module's width");
 }
+
+/// `add_eos_token` in `tokenizer_config.json` (transformers 4's Llama tokenizer appended an EOS
+/// for it; transformers 5, the reference, ignores it): the same embeddings as without it, and a
+/// warning that says so and names `--append_eos_token`.
+#[test]
+fn add_eos_token_in_the_tokenizer_config_is_reported_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    copy_dir(&repo().join("testdata/tiny/llama"), &d.join("llama"));
+    let config_path = d.join("llama/tokenizer_config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["add_eos_token"] = true.into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let flags = ["--pooling", "mean", "--quiet"];
+    let flagged = common::encode_toy(d, "llama", "flagged.safetensors", &flags);
+    let log = String::from_utf8_lossy(&flagged.stderr).into_owned();
+    ok(flagged);
+    assert!(log.contains("add_eos_token is set") && log.contains("--append_eos_token"), "{log}");
+    let plain = common::encode_toy(d, &path("testdata/tiny/llama"), "plain.safetensors", &flags);
+    assert!(!String::from_utf8_lossy(&plain.stderr).contains("add_eos_token"));
+    ok(plain);
+    let read = |f: &str| embeddings(&std::fs::read(d.join(f)).unwrap());
+    assert_eq!(read("flagged.safetensors"), read("plain.safetensors"));
+}

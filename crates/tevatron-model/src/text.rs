@@ -167,6 +167,18 @@ impl TextTokenizer {
             )));
         }
         let tokenizer_config = read_json(&dir.join("tokenizer_config.json"))?;
+        if tokenizer_config.as_ref().and_then(|c| c.get("add_eos_token"))
+            == Some(&Value::Bool(true))
+        {
+            // transformers 4's LlamaTokenizerFast rebuilt its post-processor from this flag;
+            // transformers 5 (the reference here) keeps tokenizer.json's, and so do we.
+            tracing::warn!(
+                "{}: add_eos_token is set, which transformers 5 ignores (4's Llama tokenizer \
+                 appended an EOS for it); no EOS is appended here unless --append_eos_token is \
+                 given, as Tevatron does",
+                dir.join("tokenizer_config.json").display()
+            );
+        }
         let text = std::fs::read_to_string(&path)
             .map_err(|source| Error::Read { path: path.clone(), source })?;
         let tokenizer_error = |message: String| Error::Tokenizer { path: path.clone(), message };
