@@ -195,6 +195,7 @@ fn a_killed_run_resumes_to_bit_identical_weights() {
     let out = train(dir.path(), &parts, &[]);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{err}");
+    assert!(!err.contains("with settings other than"), "{err}");
     let whole = PathBuf::from(whole);
     let parts = PathBuf::from(parts);
     assert_eq!(
@@ -208,6 +209,26 @@ fn a_killed_run_resumes_to_bit_identical_weights() {
         log
     };
     assert_eq!(logs(&whole), logs(&parts));
+}
+
+/// Resuming with a flag that shapes the batches changed is warned about, naming the flag with
+/// both values; flags that change only where and how often things are written are not named.
+#[test]
+fn resuming_with_other_settings_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("first").to_string_lossy().into_owned();
+    ok(train(dir.path(), &first, &["--max_steps", "1"]));
+    let from = Path::new(&first).join("checkpoint-1").to_string_lossy().into_owned();
+    let second = dir.path().join("second").to_string_lossy().into_owned();
+    let extra = ["--resume_from_checkpoint", &from, "--max_steps", "2"];
+    let out =
+        train(dir.path(), &second, &[&extra[..], &["--per_device_train_batch_size", "2"]].concat());
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("with settings other than the run that wrote it"), "{err}");
+    assert!(err.contains("per_device_train_batch_size: 4 -> 2"), "{err}");
+    assert!(err.contains("max_steps: 1 -> 2"), "{err}");
+    assert!(!err.contains("output_dir:"), "{err}");
 }
 
 #[test]

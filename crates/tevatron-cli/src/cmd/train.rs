@@ -651,6 +651,92 @@ fn resume_here(a: &TrainArgs) -> Result<Option<PathBuf>> {
     })
 }
 
+/// Flags that leave the batches, the model and the optimisation of a resumed run as they were:
+/// where things are written and read from, how often the run logs, saves and validates, and
+/// how a step is computed (the same numbers either way).
+const RESUME_NEUTRAL: &[&str] = &[
+    "output_dir",
+    "overwrite_output_dir",
+    "resume_from_checkpoint",
+    "cache_dir",
+    "dataset_cache_dir",
+    "quiet",
+    "disable_tqdm",
+    "report_to",
+    "run_name",
+    "do_train",
+    "local_rank",
+    "device",
+    "ddp_backend",
+    "ddp_timeout",
+    "dataloader_num_workers",
+    "logging_steps",
+    "logging_strategy",
+    "logging_first_step",
+    "save_steps",
+    "save_strategy",
+    "save_total_limit",
+    "eval_strategy",
+    "eval_steps",
+    "eval_dataset_path",
+    "eval_query_path",
+    "eval_corpus_path",
+    "eval_qrels_path",
+    "eval_run_path",
+    "eval_rerank_depth",
+    "per_device_eval_batch_size",
+    "metric_for_best_model",
+    "greater_is_better",
+    "load_best_model_at_end",
+    "gradient_checkpointing",
+    "grad_cache",
+    "gc_q_chunk_size",
+    "gc_p_chunk_size",
+    "attn_implementation",
+];
+
+/// The settings, other than [`RESUME_NEUTRAL`] ones, in which `now` differs from the
+/// `saved` flags of the run that wrote a checkpoint, each as `name: was -> now`.
+fn changed_settings(saved: &serde_json::Value, now: &serde_json::Value) -> Vec<String> {
+    let (Some(saved), Some(now)) = (saved.as_object(), now.as_object()) else { return vec![] };
+    let mut names: Vec<&String> = saved.keys().chain(now.keys()).collect();
+    names.sort();
+    names.dedup();
+    let shown = |v: Option<&serde_json::Value>| v.map_or("(not set)".into(), |v| v.to_string());
+    names
+        .into_iter()
+        .filter(|n| !RESUME_NEUTRAL.contains(&n.as_str()) && saved.get(*n) != now.get(*n))
+        .map(|n| format!("{n}: {} -> {}", shown(saved.get(n)), shown(now.get(n))))
+        .collect()
+}
+
+/// Warns when a run resumes with settings that change its batches, model or optimisation:
+/// a resumed run equals an uninterrupted one only with the flags that wrote the checkpoint
+/// (the seed alone is refused when it differs).
+fn warn_of_changed_settings(checkpoint: &Path, now: &serde_json::Value) {
+    let path = checkpoint.join("training_args.json");
+    let Some(saved) = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+    else {
+        tracing::warn!(
+            "{} is missing or unreadable: the settings of the run being resumed are unknown",
+            path.display()
+        );
+        return;
+    };
+    let changed = changed_settings(&saved, now);
+    if !changed.is_empty() {
+        tracing::warn!(
+            "resuming {} with settings other than the run that wrote it ({}): the run goes on \
+             with the new ones, so its batches or optimisation differ from a run that never \
+             stopped",
+            checkpoint.display(),
+            changed.join(", ")
+        );
+    }
+}
+
 /// Runs `tevatron train` (a retriever) or, with `reranker`, `tevatron train-reranker`. A run
 /// that fails leaves no empty output folder behind: the folder is made before the validation
 /// data and the model are read (the resume point decides what to load), so a refusal there
@@ -768,6 +854,9 @@ fn run_training(a: &TrainArgs, reranker: bool) -> Result<()> {
     if let Some(format) = pair_format {
         encoder.set_pair_format(format);
         args["pair_format"] = format.name().into();
+    }
+    if let Some(dir) = resume.as_deref().filter(|_| group.is_main()) {
+        warn_of_changed_settings(dir, &args);
     }
 
     let text = |max_len, prefix: &str| TextOptions {
@@ -931,4 +1020,26 @@ fn run_training(a: &TrainArgs, reranker: bool) -> Result<()> {
         Err(e) => tracing::warn!("no training curves: {e:#}"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changed_settings_name_what_shapes_the_run_only() {
+        let saved = serde_json::json!({"per_device_train_batch_size": 8, "logging_steps": 2,
+            "output_dir": "a", "query_prefix": null, "lora_r": 16});
+        let now = serde_json::json!({"per_device_train_batch_size": 16, "logging_steps": 5,
+            "output_dir": "b", "query_prefix": "q: "});
+        assert_eq!(
+            changed_settings(&saved, &now),
+            [
+                "lora_r: 16 -> (not set)",
+                "per_device_train_batch_size: 8 -> 16",
+                "query_prefix: null -> \"q: \""
+            ]
+        );
+        assert!(changed_settings(&saved, &saved).is_empty());
+    }
 }
