@@ -136,11 +136,16 @@ fn a_resumed_lora_run_ends_with_the_same_adapter() {
     assert!(names(&Path::new(&parts).join("checkpoint-2"))
         .contains(&"adapter_model.safetensors".to_string()));
     // Repeated flags take their last value: the same recipe without --overwrite_output_dir.
-    ok(mistral_recipe(
+    let out = mistral_recipe(
         dir.path(),
         &parts,
-        &[&flags[..], &["--overwrite_output_dir", "false"]].concat(),
-    ));
+        &[&flags[..], &["--overwrite_output_dir", "false", "--quiet", "false"]].concat(),
+    );
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
+    // It resumed (a run started afresh ends on the same adapter too): it saved after step 2 only.
+    let saved = common::saved_steps(&log);
+    assert!(log.contains("resuming from") && !saved.is_empty() && saved[0] > 2, "{log}");
     let read = |d: &str| std::fs::read(Path::new(d).join("adapter_model.safetensors")).unwrap();
     assert_eq!(read(&whole), read(&parts), "resumed adapter differs from the uninterrupted one");
 }

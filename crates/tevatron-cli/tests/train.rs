@@ -192,10 +192,15 @@ fn a_killed_run_resumes_to_bit_identical_weights() {
     }
     let k = killed_at.expect("the run was killed before its end in one of 20 attempts");
     eprintln!("killed after checkpoint-{k}");
-    let out = train(dir.path(), &parts, &[]);
+    let out = train(dir.path(), &parts, &["--quiet", "false"]);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{err}");
     assert!(!err.contains("with settings other than"), "{err}");
+    // It resumed (a run started afresh ends on the same weights too): its first save comes
+    // after the checkpoint it resumed from.
+    assert!(err.contains("resuming from"), "{err}");
+    let saved = common::saved_steps(&err);
+    assert!(!saved.is_empty() && saved[0] > k, "resumed after checkpoint-{k}, saved {saved:?}");
     let whole = PathBuf::from(whole);
     let parts = PathBuf::from(parts);
     assert_eq!(
@@ -573,13 +578,16 @@ fn attn_implementation_changes_nothing_on_the_cpu_and_says_so() {
 fn dense_modules_train_checkpoint_and_resume() {
     let dir = tempfile::tempdir().unwrap();
     let st = repo().join("testdata/tiny/bert-st-dense");
-    let run = |out: &Path, extra: &[&str]| {
+    let run = |out: &Path, extra: &[&str]| -> String {
         let out = out.to_string_lossy().into_owned();
-        let mut args = train_args(dir.path(), &out, extra);
+        let mut args = train_args(dir.path(), &out, &[extra, &["--quiet", "false"]].concat());
         let model = args.iter().position(|a| *a == tiny_bert()).unwrap();
         args[model] = st.to_string_lossy().into_owned();
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        ok(tevatron(dir.path(), &refs));
+        let out = tevatron(dir.path(), &refs);
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        ok(out);
+        log
     };
     let whole = dir.path().join("whole");
     run(&whole, &[]);
@@ -596,7 +604,9 @@ fn dense_modules_train_checkpoint_and_resume() {
     assert!(modules.contains("3_Dense") && modules.contains("4_Normalize"), "{modules}");
     let resumed = dir.path().join("resumed");
     let from = whole.join("checkpoint-6").to_string_lossy().into_owned();
-    run(&resumed, &["--resume_from_checkpoint", &from]);
+    let log = run(&resumed, &["--resume_from_checkpoint", &from]);
+    let saved = common::saved_steps(&log);
+    assert!(!saved.is_empty() && saved[0] > 6, "resumed after checkpoint-6, saved {saved:?}");
     for f in files {
         assert_eq!(
             std::fs::read(whole.join(f)).unwrap(),

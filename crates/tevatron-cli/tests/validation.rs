@@ -32,6 +32,16 @@ fn write_eval_data(d: &Path) {
             }
         }
     }
+    // Distractors past 100 passages, so that recall@100 is not 1 for any model: the first 40
+    // passages with their words reversed (close to the originals in a bag of words).
+    let passages: Vec<serde_json::Value> =
+        corpus.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(passages.len() < 100 && passages.len() + 40 > 100, "{}", passages.len());
+    for (i, p) in passages.iter().take(40).enumerate() {
+        let words: Vec<&str> = p["text"].as_str().unwrap().split(' ').rev().collect();
+        let text = words.join(" ");
+        corpus += &format!("{}\n", serde_json::json!({"docid": format!("r{i}"), "text": text}));
+    }
     std::fs::write(d.join("queries.jsonl"), queries).unwrap();
     std::fs::write(d.join("corpus.jsonl"), corpus).unwrap();
     std::fs::write(d.join("qrels.txt"), qrels).unwrap();
@@ -270,6 +280,11 @@ fn logged_metrics_equal_tevatron_eval_and_the_best_checkpoint_is_kept_and_loaded
     );
     assert!(best_step < 6, "training should raise nDCG@10 on its own queries: {evals:?}");
     assert_eq!(st["best_metric"].as_f64(), Some(best));
+    // The corpus is deeper than 100, so recall@100 says something (compared with eval below).
+    assert!(
+        evals.iter().any(|(_, e)| e["eval_recall@100"].as_f64().unwrap() < 1.0),
+        "recall@100 is 1 at every evaluation: {evals:?}"
+    );
     let best_dir = out.join(format!("checkpoint-{best_step}"));
     // As Hugging Face, the path is the output folder as given (relative here) joined with it.
     assert_eq!(
@@ -316,7 +331,12 @@ fn a_resumed_run_keeps_the_best_metric_and_ends_as_an_uninterrupted_one() {
     }
     let before = state(&part.join("checkpoint-4"));
     assert!(before["best_metric"].as_f64().is_some(), "{before}");
-    ok(train(d, "part", &flags));
+    let out = train(d, "part", &[&flags[..], &["--quiet", "false"]].concat());
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
+    // It resumed (a fresh run finds the same best again): it saved after step 4 only.
+    let saved = common::saved_steps(&log);
+    assert!(log.contains("resuming from") && saved == [6], "{log}");
     let (whole, resumed) = (state(&d.join("whole")), state(&part));
     let best = whole["best_model_checkpoint"].as_str().unwrap().to_string();
     assert!(!best.ends_with("-6"), "the best should be an early checkpoint: {best}");

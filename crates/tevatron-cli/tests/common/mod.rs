@@ -82,3 +82,15 @@ pub fn copy_dir(from: &Path, to: &Path) {
         std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
     }
 }
+
+/// The steps of the checkpoints a training log says it saved (`saved .../checkpoint-N`): a
+/// resumed run saves only after the step it resumed from, a run started afresh from step 1.
+pub fn saved_steps(log: &str) -> Vec<usize> {
+    log.lines()
+        .filter_map(|l| {
+            let at = l.find("saved ")?;
+            let name = l[at..].rsplit("checkpoint-").next()?;
+            name.trim().parse().ok()
+        })
+        .collect()
+}
