@@ -236,6 +236,28 @@ fn resuming_with_other_settings_is_warned_about() {
     assert!(!err.contains("output_dir:"), "{err}");
 }
 
+/// As Tevatron's driver, `--overwrite_output_dir` resumes the latest checkpoint and removes
+/// nothing (its recipes pass the flag, so a rerun after a crash goes on); a checkpoint at the
+/// run's last step leaves nothing to train, and the log says so.
+#[test]
+fn overwrite_output_dir_resumes_as_tevatron_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out").to_string_lossy().into_owned();
+    ok(train(dir.path(), &out, &["--max_steps", "2"]));
+    let again = ["--max_steps", "2", "--overwrite_output_dir", "--quiet", "false"];
+    let run = train(dir.path(), &out, &again);
+    let log = String::from_utf8_lossy(&run.stderr).into_owned();
+    ok(run);
+    assert!(log.contains("checkpoint-2 (step 2), as Tevatron does"), "{log}");
+    assert!(log.contains("nothing is left to train"), "{log}");
+    assert!(Path::new(&out).join("checkpoint-1").is_dir(), "nothing is removed");
+    let more = ["--max_steps", "3", "--overwrite_output_dir", "--quiet", "false"];
+    let run = train(dir.path(), &out, &more);
+    let log = String::from_utf8_lossy(&run.stderr).into_owned();
+    ok(run);
+    assert_eq!(common::saved_steps(&log), [3], "{log}");
+}
+
 #[test]
 fn bad_training_inputs_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();

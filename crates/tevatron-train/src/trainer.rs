@@ -275,39 +275,29 @@ fn rank_slice(
     &all[rank * per..(rank + 1) * per]
 }
 
-/// Prepares the output folder: resume from its latest checkpoint, start afresh, or refuse a
-/// non-empty folder without checkpoints (as Hugging Face refuses it). Returns the checkpoint
-/// to resume from.
+/// Prepares the output folder: resume from its latest checkpoint, or refuse a non-empty
+/// folder without checkpoints unless `overwrite` (as Hugging Face refuses it). As Tevatron's
+/// `driver.train`, the latest checkpoint is resumed with `overwrite` too (its recipes pass
+/// `--overwrite_output_dir`, so a rerun after a crash goes on from where it stopped); nothing
+/// is deleted. Returns the checkpoint to resume from.
 pub fn prepare_output_dir(output_dir: &Path, overwrite: bool) -> Result<Option<PathBuf>> {
     let io = |source| Error::Io { path: output_dir.to_path_buf(), source };
     if !output_dir.exists() {
         std::fs::create_dir_all(output_dir).map_err(io)?;
         return Ok(None);
     }
-    let checkpoints = checkpoint::list(output_dir);
-    if overwrite {
-        for (_, dir) in &checkpoints {
-            std::fs::remove_dir_all(dir)
-                .map_err(|source| Error::Io { path: dir.clone(), source })?;
-        }
-        if !checkpoints.is_empty() {
-            tracing::info!(
-                "--overwrite_output_dir: removed {} checkpoint(s) of {}",
-                checkpoints.len(),
-                output_dir.display()
-            );
-        }
-        return Ok(None);
-    }
-    if let Some((step, dir)) = checkpoints.last() {
+    if let Some((step, dir)) = checkpoint::list(output_dir).last() {
+        let flag =
+            if overwrite { ", as Tevatron does with --overwrite_output_dir too" } else { "" };
         tracing::info!(
-            "resuming from {} (step {step}); pass --overwrite_output_dir to start afresh",
+            "resuming from {} (step {step}){flag}; to start afresh, remove its checkpoint-* \
+             folders or give another --output_dir",
             dir.display()
         );
         return Ok(Some(dir.clone()));
     }
     let non_empty = std::fs::read_dir(output_dir).map_err(io)?.next().is_some();
-    if non_empty {
+    if non_empty && !overwrite {
         return Err(Error::Invalid(format!(
             "output directory {} already exists and is not empty (and holds no checkpoint-* to resume from); use --overwrite_output_dir to overcome",
             output_dir.display()
@@ -372,7 +362,7 @@ pub fn train(
             )?;
             if s.tevatron.seed != cfg.seed {
                 return Err(Error::Invalid(format!(
-                    "{} was trained with --seed {}, not {}; resume with the same seed or pass --overwrite_output_dir",
+                    "{} was trained with --seed {}, not {}; resume with the same seed, or start afresh in another --output_dir (or after removing its checkpoint-* folders)",
                     dir.display(),
                     s.tevatron.seed,
                     cfg.seed
@@ -387,6 +377,15 @@ pub fn train(
             ..TrainerState::default()
         },
     };
+    if resume.is_some() && state.global_step >= plan.total_steps {
+        tracing::warn!(
+            "the checkpoint resumed is at step {}, and this run has {} steps: nothing is left to \
+             train, and the model is written as it is; to train afresh, give another --output_dir \
+             (or remove its checkpoint-* folders)",
+            state.global_step,
+            plan.total_steps
+        );
+    }
     state.max_steps = plan.total_steps;
     state.logging_steps = cfg.logging_steps;
     state.save_steps = cfg.save_steps;

@@ -640,7 +640,7 @@ fn resume_here(a: &TrainArgs) -> Result<Option<PathBuf>> {
             // As Hugging Face: the checkpoint named is resumed, and the output folder's own
             // checkpoints are neither resumed nor removed.
             let overwrite = if a.overwrite_output_dir {
-                " (--overwrite_output_dir changes nothing with it: no checkpoint is removed)"
+                " (--overwrite_output_dir changes nothing with it: nothing is removed)"
             } else {
                 ""
             };
@@ -695,8 +695,9 @@ const RESUME_NEUTRAL: &[&str] = &[
     "attn_implementation",
 ];
 
-/// The settings, other than [`RESUME_NEUTRAL`] ones, in which `now` differs from the
-/// `saved` flags of the run that wrote a checkpoint, each as `name: was -> now`.
+/// The settings, other than [`RESUME_NEUTRAL`] ones and the seed (another seed is refused by
+/// the trainer), in which `now` differs from the `saved` flags of the run that wrote a
+/// checkpoint, each as `name: was -> now`.
 fn changed_settings(saved: &serde_json::Value, now: &serde_json::Value) -> Vec<String> {
     let (Some(saved), Some(now)) = (saved.as_object(), now.as_object()) else { return vec![] };
     let mut names: Vec<&String> = saved.keys().chain(now.keys()).collect();
@@ -705,7 +706,8 @@ fn changed_settings(saved: &serde_json::Value, now: &serde_json::Value) -> Vec<S
     let shown = |v: Option<&serde_json::Value>| v.map_or("(not set)".into(), |v| v.to_string());
     names
         .into_iter()
-        .filter(|n| !RESUME_NEUTRAL.contains(&n.as_str()) && saved.get(*n) != now.get(*n))
+        .filter(|n| *n != "seed" && !RESUME_NEUTRAL.contains(&n.as_str()))
+        .filter(|n| saved.get(*n) != now.get(*n))
         .map(|n| format!("{n}: {} -> {}", shown(saved.get(n)), shown(now.get(n))))
         .collect()
 }
@@ -1029,9 +1031,9 @@ mod tests {
     #[test]
     fn changed_settings_name_what_shapes_the_run_only() {
         let saved = serde_json::json!({"per_device_train_batch_size": 8, "logging_steps": 2,
-            "output_dir": "a", "query_prefix": null, "lora_r": 16});
+            "output_dir": "a", "query_prefix": null, "lora_r": 16, "seed": 1});
         let now = serde_json::json!({"per_device_train_batch_size": 16, "logging_steps": 5,
-            "output_dir": "b", "query_prefix": "q: "});
+            "output_dir": "b", "query_prefix": "q: ", "seed": 2});
         assert_eq!(
             changed_settings(&saved, &now),
             [
