@@ -675,9 +675,10 @@ pub struct TrainArgs {
     /// linear, cosine, constant or constant_with_warmup.
     #[arg(long, default_value = "linear")]
     pub lr_scheduler_type: String,
-    /// Warmup as a fraction of all steps (Tevatron's default 0.1).
-    #[arg(long, allow_negative_numbers = true, default_value_t = 0.1)]
-    pub warmup_ratio: f64,
+    /// Warmup as a fraction of all steps (default: 0.1 for `train`, Tevatron's; 0 for
+    /// `train-reranker`, as Tevatron's reranker driver takes Hugging Face's TrainingArguments).
+    #[arg(long, allow_negative_numbers = true)]
+    pub warmup_ratio: Option<f64>,
     /// Warmup steps; overrides --warmup_ratio when positive.
     #[arg(long, default_value_t = 0)]
     pub warmup_steps: usize,
@@ -806,9 +807,9 @@ pub struct TrainArgs {
     /// adapter_config.json sets r, alpha, dropout and targets).
     #[arg(long)]
     pub lora_name_or_path: Option<String>,
-    /// LoRA rank.
-    #[arg(long, default_value_t = 16)]
-    pub lora_r: usize,
+    /// LoRA rank (default: 16 for `train`, 8 for `train-reranker`, as Tevatron's two drivers).
+    #[arg(long)]
+    pub lora_r: Option<usize>,
     /// LoRA scale numerator (the update is scaled by alpha / r).
     #[arg(long, allow_negative_numbers = true, default_value_t = 64.0)]
     pub lora_alpha: f64,

@@ -56,7 +56,13 @@ fn a_base_model_trains_into_a_reranker_that_resumes_and_reranks() {
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
     ok(out);
     assert!(log.contains("classifier.weight") && log.contains("initialised"), "{log}");
+    // Tevatron's reranker driver takes Hugging Face's TrainingArguments: no warmup by default.
+    assert!(log.contains("4 optimizer steps (warmup 0)"), "{log}");
     let a = dir.path().join("a");
+    let args: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("training_args.json")).unwrap())
+            .unwrap();
+    assert_eq!(args["warmup_ratio"], 0.0, "{args}");
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(a.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["architectures"][0], "BertForSequenceClassification");

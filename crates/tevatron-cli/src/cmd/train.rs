@@ -56,6 +56,18 @@ fn prefixes(a: &TrainArgs, reranker: bool) -> (String, String) {
     )
 }
 
+/// `--warmup_ratio`, or each command's default: Tevatron's retriever arguments set 0.1, and its
+/// reranker driver takes Hugging Face's `TrainingArguments` (0).
+fn warmup_ratio(a: &TrainArgs, reranker: bool) -> f64 {
+    a.warmup_ratio.unwrap_or(if reranker { 0.0 } else { 0.1 })
+}
+
+/// `--lora_r`, or each command's default: 16 in Tevatron's retriever arguments, 8 in its
+/// reranker's.
+fn lora_rank(a: &TrainArgs, reranker: bool) -> usize {
+    a.lora_r.unwrap_or(if reranker { 8 } else { 16 })
+}
+
 /// `--matryoshka_dims`, `--matryoshka_weights` and the self-distillation flags
 /// (`--matryoshka_kl_weight`, `--matryoshka_kl_temperature`) for representations `width` wide.
 fn matryoshka(a: &TrainArgs, width: usize, normalize: bool) -> Result<Option<Matryoshka>> {
@@ -179,8 +191,8 @@ fn check(a: &TrainArgs, reranker: bool) -> Result<()> {
     if a.grad_cache && (a.gc_q_chunk_size == 0 || a.gc_p_chunk_size == 0) {
         bail!("--gc_q_chunk_size and --gc_p_chunk_size must be at least 1");
     }
-    if !(0.0..1.0).contains(&a.warmup_ratio) {
-        bail!("--warmup_ratio must be in [0, 1), got {}", a.warmup_ratio);
+    if a.warmup_ratio.is_some_and(|r| !(0.0..1.0).contains(&r)) {
+        bail!("--warmup_ratio must be in [0, 1), got {}", a.warmup_ratio.unwrap_or_default());
     }
     if a.learning_rate < 0.0 || !a.learning_rate.is_finite() {
         bail!("--learning_rate must be a non-negative number");
@@ -501,6 +513,9 @@ fn cpu_autocast_note(a: &TrainArgs, device: &candle_core::Device) -> Option<DTyp
 fn args_json(a: &TrainArgs, reranker: bool) -> serde_json::Value {
     let mut args = serde_json::to_value(a).unwrap_or(serde_json::Value::Null);
     if let Some(map) = args.as_object_mut() {
+        // The values in force, each command's default where none was given.
+        map.insert("warmup_ratio".into(), warmup_ratio(a, reranker).into());
+        map.insert("lora_r".into(), lora_rank(a, reranker).into());
         for name in crate::flags::refused_by(if reranker { "train-reranker" } else { "train" }) {
             map.remove(name);
         }
@@ -527,7 +542,11 @@ fn args_json(a: &TrainArgs, reranker: bool) -> serde_json::Value {
 /// that adapter, whose own settings then apply), as in Tevatron. On a GPU under `--bf16` or
 /// `--fp16` the frozen base is kept in that half precision, as Tevatron loads it there (half
 /// the memory of an F32 base; the products are in half precision either way).
-fn lora_options(a: &TrainArgs, device: &candle_core::Device) -> Result<Option<LoraOptions>> {
+fn lora_options(
+    a: &TrainArgs,
+    reranker: bool,
+    device: &candle_core::Device,
+) -> Result<Option<LoraOptions>> {
     if !a.lora && a.lora_name_or_path.is_none() {
         return Ok(None);
     }
@@ -552,7 +571,7 @@ fn lora_options(a: &TrainArgs, device: &candle_core::Device) -> Result<Option<Lo
                 bail!("--lora_target_modules names no module");
             }
             AdapterSource::Fresh(LoraConfig {
-                r: a.lora_r,
+                r: lora_rank(a, reranker),
                 lora_alpha: a.lora_alpha,
                 lora_dropout: a.lora_dropout,
                 target_modules,
@@ -816,7 +835,7 @@ fn run_training(a: &TrainArgs, reranker: bool) -> Result<()> {
             group.world_size()
         );
     }
-    let lora = lora_options(a, &device)?;
+    let lora = lora_options(a, reranker, &device)?;
     let mut encoder = super::load_encoder(
         &a.model_name_or_path,
         a.tokenizer_name.as_deref(),
@@ -880,7 +899,7 @@ fn run_training(a: &TrainArgs, reranker: bool) -> Result<()> {
         schedule,
         learning_rate: a.learning_rate,
         warmup_steps: a.warmup_steps,
-        warmup_ratio: a.warmup_ratio,
+        warmup_ratio: warmup_ratio(a, reranker),
         adam: AdamWConfig {
             beta1: a.adam_beta1,
             beta2: a.adam_beta2,
