@@ -474,6 +474,13 @@ pub struct RerankArgs {
     /// Output: `qid<TAB>docid<TAB>score`, each query's lines by descending score.
     #[arg(long)]
     pub rerank_output_path: PathBuf,
+    /// Split the pairs into this many contiguous shards (Hugging Face's rule, as Tevatron's
+    /// rerank dataset shards its rows) ...
+    #[arg(long, default_value_t = 1)]
+    pub dataset_number_of_shards: usize,
+    /// ... and rerank this one (0-based).
+    #[arg(long, default_value_t = 0)]
+    pub dataset_shard_index: usize,
     /// Accepted, as in Tevatron's rerank driver; the log says it changes nothing.
     #[arg(long)]
     pub output_dir: Option<PathBuf>,

@@ -2,7 +2,8 @@
 //! screened before clap sees the command line, so that a pasted Tevatron recipe runs.
 //!
 //! Python's drivers parse Tevatron's `ModelArguments`, `DataArguments` and
-//! `TevatronTrainingArguments` (a `TrainingArguments`) for `train` and `encode` alike. Every flag
+//! `TevatronTrainingArguments` (a `TrainingArguments`) for `train` and `encode` alike, and the
+//! reranker's for `reranker.driver.train` and `.rerank`. Every flag
 //! of those classes is therefore known here: implemented (a clap flag of the command), accepted
 //! with a log line saying it changes nothing here and why, or refused with the reason and what
 //! to do instead. Any other flag is an error that names every unknown flag at once.
@@ -74,6 +75,8 @@ const NO_EVAL: &str =
 const NO_TRACKER: &str = "no experiment tracker is used; the log is OUTPUT_DIR/trainer_state.json";
 const NO_HUB: &str = "nothing is uploaded to the Hugging Face hub";
 const NO_COMPILER: &str = "there is no graph compiler here; the hot operations are fused kernels";
+const TRAIN_UNSHARDED: &str =
+    "Tevatron's training drivers parse it and ignore it too: it shards encoding and reranking";
 const FALSE: &[&str] = &["false"];
 const NONE: &[&str] = &["", "none"];
 
@@ -99,6 +102,10 @@ pub const FOREIGN_TRAIN: &[Foreign] = &[
     no_effect("encode_image", Bool, "text is the only modality here"),
     no_effect("encode_audio", Bool, "text is the only modality here"),
     no_effect("encode_video", Bool, "text is the only modality here"),
+    no_effect("dataset_number_of_shards", One, TRAIN_UNSHARDED),
+    no_effect("dataset_shard_index", One, TRAIN_UNSHARDED),
+    no_effect("encode_is_query", Bool, "an encoding setting; Tevatron's training drivers parse it and ignore it too"),
+    no_effect("encode_output_path", One, "an encoding setting; Tevatron's training drivers parse it and ignore it too"),
     // TevatronTrainingArguments beyond Hugging Face's.
     no_effect("q_flops_loss_factor", One, "only Tevatron's SPLADE driver reads it"),
     no_effect("p_flops_loss_factor", One, "only Tevatron's SPLADE driver reads it"),
@@ -268,12 +275,15 @@ fn clap_flags(command: &str) -> Vec<(String, Arity)> {
     flags
 }
 
-/// Screens the flags of `train`, `encode` and `search` (see the module doc). Other commands
-/// pass through unchanged. `--flag-name` is read as `--flag_name`, as Hugging Face's parser
+/// Screens the flags of `train`, `train-reranker`, `encode`, `search`, `rerank` and
+/// `annotate` (see the module doc). Other commands pass through unchanged. `--flag-name` is read as `--flag_name`, as Hugging Face's parser
 /// accepts both.
 pub fn screen(argv: Vec<OsString>) -> Result<Screened> {
     let command = argv.get(1).and_then(|s| s.to_str()).unwrap_or_default().to_string();
-    if !matches!(command.as_str(), "train" | "train-reranker" | "encode" | "search") {
+    if !matches!(
+        command.as_str(),
+        "train" | "train-reranker" | "encode" | "search" | "rerank" | "annotate"
+    ) {
         return Ok(Screened { argv, notes: Vec::new() });
     }
     // `train` and `train-reranker` share their clap flags; each refuses the other's own.
@@ -284,7 +294,13 @@ pub fn screen(argv: Vec<OsString>) -> Result<Screened> {
     };
     let mut own = clap_flags(&command);
     own.retain(|(n, _)| !not_here.iter().any(|f| f.name == n));
-    let train = if command == "encode" { clap_flags("train") } else { Vec::new() };
+    // The training flags `encode` (Tevatron's encode driver parses the retriever's argument
+    // classes) and `rerank` and `annotate` (the reranker's) take as changing nothing.
+    let train = match command.as_str() {
+        "encode" => clap_flags("train"),
+        "rerank" | "annotate" => clap_flags("train-reranker"),
+        _ => Vec::new(),
+    };
     let mut out: Vec<OsString> = argv.iter().take(2).cloned().collect();
     let mut notes = Vec::new();
     let mut refusals = Vec::new();
@@ -328,7 +344,13 @@ pub fn screen(argv: Vec<OsString>) -> Result<Screened> {
                 .chain(FOREIGN_TRAIN.iter().filter(|f| matches!(f.rule, Rule::UseCpu)))
                 .find(|f| f.name == name)
                 .copied()
-                .or_else(|| encode_ignores(&train, &name)),
+                .or_else(|| inference_ignores(&train, &name)),
+            "rerank" | "annotate" => FOREIGN_TRAIN
+                .iter()
+                .filter(|f| matches!(f.rule, Rule::UseCpu))
+                .find(|f| f.name == name)
+                .copied()
+                .or_else(|| inference_ignores(&train, &name)),
             _ => None,
         };
         let Some(f) = foreign else {
@@ -367,10 +389,10 @@ pub fn screen(argv: Vec<OsString>) -> Result<Screened> {
         }
     }
     if !unknown.is_empty() {
-        let whose = if command == "search" {
-            "Tevatron's search driver"
-        } else {
-            "Tevatron or of Hugging Face's TrainingArguments"
+        let whose = match command.as_str() {
+            "search" => "Tevatron's search driver",
+            "rerank" | "annotate" => "Tevatron's reranker or of Hugging Face's TrainingArguments",
+            _ => "Tevatron or of Hugging Face's TrainingArguments",
         };
         let (s, are_not) = if unknown.len() == 1 { ("", "is not a") } else { ("s", "are not") };
         let mut msg = format!(
@@ -476,11 +498,11 @@ fn reranker_reads(command: &str, f: Foreign) -> Foreign {
     }
 }
 
-/// `encode` accepts every training flag, as Python's encode driver parses the same argument
-/// classes, and says that it changes nothing when encoding.
-fn encode_ignores(train: &[(String, Arity)], name: &str) -> Option<Foreign> {
-    const WHY: &str = "a training setting; encoding does not use it (Tevatron's encode driver \
-                       parses it and ignores it too)";
+/// `encode`, `rerank` and `annotate` accept every training flag, as Python's encode and
+/// rerank drivers parse the training argument classes, and say that it changes nothing here.
+fn inference_ignores(train: &[(String, Arity)], name: &str) -> Option<Foreign> {
+    const WHY: &str = "a training setting, or one whose effect this command has anyway: it \
+                       reads and scores the same way without it";
     let arity = train
         .iter()
         .find(|(n, _)| n == name)
@@ -631,6 +653,31 @@ mod tests {
         assert_eq!(s.notes.len(), 7, "{:?}", s.notes);
         assert!(s.notes.iter().all(|n| n.contains("changes nothing here")), "{:?}", s.notes);
         assert!(s.notes[5].contains("--lora_name_or_path"), "{:?}", s.notes);
+    }
+
+    /// Tevatron's rerank driver parses the reranker's training arguments: `rerank` and
+    /// `annotate` take them and say they change nothing, `--use_cpu` is `--device cpu`, and a
+    /// flag of no argument class is named.
+    #[test]
+    fn rerank_and_annotate_accept_training_flags_and_say_they_change_nothing() {
+        for command in ["rerank", "annotate"] {
+            let args = [command, "--model_name_or_path", "m", "--report_to", "none"];
+            let more = ["--dataloader_num_workers", "2", "--overwrite_output_dir", "--use_cpu"];
+            let s = run(&[&args[..], &more].concat()).unwrap();
+            assert_eq!(argv(&s), [command, "--model_name_or_path", "m", "--device", "cpu"]);
+            assert_eq!(s.notes.len(), 4, "{:?}", s.notes);
+            let e = run(&[command, "--bogus", "1"]).unwrap_err().to_string();
+            assert!(e.contains("--bogus") && e.contains("Tevatron's reranker"), "{e}");
+        }
+        // Training takes the encoding and reranking flags of Tevatron's DataArguments as changing
+        // nothing, as its drivers do.
+        let s = run(&["train", "--dataset_number_of_shards", "2", "--encode_is_query"]).unwrap();
+        assert_eq!(argv(&s), ["train"]);
+        assert!(
+            s.notes[0].starts_with("--dataset_number_of_shards 2 changes nothing"),
+            "{:?}",
+            s.notes
+        );
     }
 
     #[test]

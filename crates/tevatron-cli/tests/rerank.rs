@@ -151,6 +151,16 @@ fn a_runs_top_documents_are_rescored_as_each_pair_alone() {
     let first = std::fs::read_to_string(dir.path().join("out.txt")).unwrap();
     ok(rerank(dir.path(), &["--dataset_path", "input.jsonl"], &[]));
     assert_eq!(std::fs::read_to_string(dir.path().join("out.txt")).unwrap(), first);
+    // Two shards (Tevatron's --dataset_number_of_shards): q1's three pairs, then query 3's two.
+    let mut shards = String::new();
+    for index in ["0", "1"] {
+        let shard = ["--dataset_number_of_shards", "2", "--dataset_shard_index", index];
+        ok(rerank(dir.path(), &["--dataset_path", "input.jsonl"], &shard));
+        shards += &std::fs::read_to_string(dir.path().join("out.txt")).unwrap();
+    }
+    assert_eq!(shards, first);
+    let bad = ["--dataset_number_of_shards", "2", "--dataset_shard_index", "2"];
+    fails_with(rerank(dir.path(), &["--dataset_path", "input.jsonl"], &bad), "must be below");
 
     // The text-pair form scores (query, title text) with token types, as CrossEncoder does.
     ok(rerank(dir.path(), &["--dataset_path", "input.jsonl"], &["--pair_format", "pair"]));

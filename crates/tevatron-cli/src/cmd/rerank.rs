@@ -98,6 +98,38 @@ impl Source {
     }
 }
 
+/// The pairs of one shard (`--dataset_number_of_shards`, `--dataset_shard_index`): the
+/// positions `range` of the source's pairs, read a chunk at a time.
+struct Shard {
+    source: Source,
+    /// The position of the source's next pair.
+    at: usize,
+    range: std::ops::Range<usize>,
+}
+
+impl Shard {
+    /// The shard's next `n` pairs at most (none at its end); pairs before it are read and
+    /// dropped.
+    fn next_chunk(&mut self, n: usize) -> Result<Vec<RerankPair>> {
+        loop {
+            if self.at >= self.range.end {
+                return Ok(Vec::new());
+            }
+            let want = n.min(self.range.end - self.at);
+            let mut chunk = self.source.next_chunk(want)?;
+            let first = self.at;
+            self.at += chunk.len();
+            if chunk.is_empty() {
+                return Ok(chunk);
+            }
+            if self.at <= self.range.start {
+                continue;
+            }
+            return Ok(chunk.split_off(self.range.start.saturating_sub(first)));
+        }
+    }
+}
+
 /// The pairs the flags name, and how many there are: a rerank input, or a run with its
 /// queries and corpus.
 fn input_pairs(a: &RerankArgs) -> Result<(Source, usize)> {
@@ -241,10 +273,24 @@ pub fn run(a: &RerankArgs) -> Result<()> {
             dir.display()
         );
     }
-    let (mut source, total) = input_pairs(a)?;
-    if total == 0 {
+    let (shards, index) = (a.dataset_number_of_shards, a.dataset_shard_index);
+    if shards == 0 || index >= shards {
+        bail!("--dataset_shard_index {index} must be below --dataset_number_of_shards {shards}");
+    }
+    let (source, all) = input_pairs(a)?;
+    if all == 0 {
         bail!("there are no pairs to rerank");
     }
+    let range = tevatron_ir::records::shard_range(all, shards, index);
+    if shards > 1 {
+        tracing::info!(
+            "shard {index} of {shards}: pairs {}..{} of {all}",
+            range.start + 1,
+            range.end
+        );
+    }
+    let total = range.len();
+    let mut source = Shard { source, at: 0, range };
     let (enc, batches) = load_reranker(&a.model)?;
     let input = PairInput::new(&a.model, &enc)?;
     let bar = progress::bar(Some(total as u64), "pairs", a.quiet);
@@ -275,4 +321,40 @@ pub fn run(a: &RerankArgs) -> Result<()> {
         a.rerank_output_path.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A shard is its range of the pairs whatever the chunk size: pairs before it are read and
+    /// dropped, and reading stops at its end.
+    #[test]
+    fn a_shard_reads_its_range_of_the_pairs() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("in.jsonl");
+        let rows: String = (0..7)
+            .map(|i| {
+                format!(
+                    "{{\"query_id\":\"q\",\"query\":\"q\",\"docid\":\"d{i}\",\"text\":\"t\"}}\n"
+                )
+            })
+            .collect();
+        std::fs::write(&file, rows).unwrap();
+        for (range, n) in [(2..5, 2), (2..5, 1), (0..7, 3), (6..7, 4), (3..3, 2)] {
+            let source = Source::Rows(Box::new(PairReader::new(vec![file.clone()])));
+            let mut shard = Shard { source, at: 0, range: range.clone() };
+            let mut got = Vec::new();
+            loop {
+                let chunk = shard.next_chunk(n).unwrap();
+                if chunk.is_empty() {
+                    break;
+                }
+                assert!(chunk.len() <= n);
+                got.extend(chunk.into_iter().map(|p| p.docid));
+            }
+            let want: Vec<String> = range.clone().map(|i| format!("d{i}")).collect();
+            assert_eq!(got, want, "{range:?} in chunks of {n}");
+        }
+    }
 }
