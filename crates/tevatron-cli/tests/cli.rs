@@ -515,6 +515,10 @@ fn bad_search_and_eval_inputs_are_clear_errors() {
     fails_with(search("q.safetensors", "none*.safetensors", "5"), "no file matches");
     std::fs::write(d.join("junk.safetensors"), b"not a header").unwrap();
     fails_with(search("q.safetensors", "junk.safetensors", "5"), "not a readable safetensors file");
+    // Tevatron's encode output, pickle.dumps((reps, ids), protocol=4) in its first bytes.
+    std::fs::write(d.join("corpus.pkl"), b"\x80\x04\x95\x8b\x00\x00\x00\x00\x00\x00\x00\x8c")
+        .unwrap();
+    fails_with(search("q.safetensors", "corpus.pkl", "5"), "scripts/pickle-to-safetensors.py");
     // Depth beyond the corpus returns what exists.
     ok(search("q.safetensors", "c.safetensors", "100"));
     assert_eq!(std::fs::read_to_string(d.join("r.tsv")).unwrap().lines().count(), 3 * 7);

@@ -78,10 +78,27 @@ pub(crate) fn map(
         path: path.to_path_buf(),
         what: format!("not a readable {kind} ({e})"),
     };
+    if is_pickle(&map) {
+        return Err(crate::Error::Embeddings {
+            path: path.to_path_buf(),
+            what: "a Python pickle, not a safetensors file (Tevatron's encode pickles its \
+                   embeddings); convert it with scripts/pickle-to-safetensors.py, or encode with \
+                   tevatron encode"
+                .into(),
+        });
+    }
     check(&map, map.len() as u64).map_err(bad)?;
     let (header_len, meta) =
         safetensors::SafeTensors::read_metadata(&map).map_err(|e| bad(e.to_string()))?;
     Ok((map, 8 + header_len, meta))
+}
+
+/// Whether `bytes` start as a pickle of protocol 2 or later does (`PROTO` and its version),
+/// as Tevatron's and PyTorch's files do; a safetensors file starts with its header's length,
+/// whose first byte 0x80 would mean a header of at least 128 bytes followed by 2-5, 33 MB on.
+pub(crate) fn is_pickle(bytes: &[u8]) -> bool {
+    matches!(bytes, [0x80, 2..=5, ..])
+        && bytes.get(..8).is_none_or(|n| u64::from_le_bytes(n.try_into().expect("8")) > MAX_HEADER)
 }
 
 #[cfg(test)]
@@ -107,5 +124,20 @@ mod tests {
         assert_eq!(check(&file("{", 0), 9), Ok(()));
         assert_eq!(check(b"1234", 4), Ok(()));
         assert_eq!(check(&u64::MAX.to_le_bytes(), 8), Ok(()));
+    }
+
+    #[test]
+    fn pickles_are_told_from_safetensors() {
+        // pickle.dumps((1, ['a']), protocol=4)
+        let pickle =
+            b"\x80\x04\x95\x0e\x00\x00\x00\x00\x00\x00\x00K\x01]\x94\x8c\x01a\x94a\x86\x94.";
+        assert!(is_pickle(pickle));
+        assert!(is_pickle(b"\x80\x02K\x01."));
+        let ok = file(r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}"#, 4);
+        assert!(!is_pickle(&ok));
+        // A safetensors header of 0x0280 bytes starts with the same two bytes.
+        let mut long = (0x0280u64).to_le_bytes().to_vec();
+        long.resize(0x0280 + 8, b' ');
+        assert!(!is_pickle(&long));
     }
 }

@@ -104,6 +104,14 @@ pub fn run(a: &EncodeArgs) -> Result<()> {
     if a.nproc_per_node == 0 {
         bail!("--nproc_per_node must be at least 1");
     }
+    if a.encode_output_path.extension().is_some_and(|e| e == "pkl") {
+        tracing::warn!(
+            "{} is written as safetensors, not as the pickle Tevatron's encode writes: \
+             tevatron search reads it, Tevatron's search does not (numpy: \
+             safetensors.numpy.load_file)",
+            a.encode_output_path.display()
+        );
+    }
     let part = Part::of_this_process()?;
     if a.nproc_per_node > 1 && part.is_none() {
         validate(a, None)?; // bad flags stop here, not in every process
