@@ -257,6 +257,12 @@ fn annotated_scores_train_a_retriever_by_distillation() {
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
     ok(out);
     assert!(log.contains("KL at temperatures 0.5 (student) and 0.5 (teacher)"), "{log}");
+    // Scored rows without --distillation train contrastively, and the log says the scores
+    // change nothing (a train_distil recipe pasted without its flag).
+    let out = call(train("scored.jsonl", &["--output_dir", "plain"]));
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
+    assert!(log.contains("carry teacher scores") && log.contains("change nothing"), "{log}");
     // Unscored data, and distillation flags without --distillation, are refused.
     fails_with(
         call(train(&data, &["--distillation"])),

@@ -454,6 +454,17 @@ impl TrainData {
         Ok(())
     }
 
+    /// Whether the first row's passages carry teacher scores (`score`, as `tevatron annotate`
+    /// writes them): what a file for distillation looks like.
+    pub fn first_row_scored(&self) -> Result<bool> {
+        if self.rows.is_empty() {
+            return Ok(false);
+        }
+        let row = self.parse(0)?;
+        let scored = |p: &PassageRef| matches!(p, PassageRef::Inline(p) if p.score.is_some());
+        Ok(row.positives.iter().chain(&row.negatives).any(scored))
+    }
+
     /// The file and line of row `item` (for messages about it).
     pub fn location(&self, item: usize) -> (&Path, usize) {
         self.rows.location(item)

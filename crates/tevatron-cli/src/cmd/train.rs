@@ -815,6 +815,12 @@ fn run_training(a: &TrainArgs, reranker: bool) -> Result<()> {
     let data = TrainData::open(&files, corpus, &cache, a.train_group_size, a.seed)?;
     if distil.is_some() {
         data.check_scores().context("--distillation reads the teacher's score of every passage")?;
+    } else if data.first_row_scored()? {
+        let hint = if reranker { "tevatron train --distillation" } else { "--distillation" };
+        tracing::warn!(
+            "the training rows carry teacher scores (`score`, as tevatron annotate writes them), \
+             which only {hint} trains on (Tevatron's train_distil): here they change nothing"
+        );
     }
 
     // Each rank of a multi-GPU run takes the GPU of its local rank.
