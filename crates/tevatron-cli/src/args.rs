@@ -88,6 +88,23 @@ pub fn parse_bool(s: &str) -> Result<bool, String> {
     }
 }
 
+/// A count of optimizer steps (`--logging_steps`, `--save_steps`, `--eval_steps`,
+/// `--warmup_steps`). Hugging Face also reads a number below 1 as a fraction of the run's
+/// steps; that form is refused with what to give instead, not met with a parse error.
+pub fn parse_steps(s: &str) -> Result<usize, String> {
+    if let Ok(n) = s.parse::<usize>() {
+        return Ok(n);
+    }
+    match s.parse::<f64>() {
+        Ok(f) if f.fract() == 0.0 && f >= 0.0 && f < 1e15 => Ok(f as usize),
+        Ok(f) if f > 0.0 && f < 1.0 => Err(format!(
+            "{s} is a fraction of the run's steps (Hugging Face's form), which is not supported \
+             here: give a whole number of steps (for warmup, --warmup_ratio {s})"
+        )),
+        _ => Err(format!("{s:?} is not a whole number of steps")),
+    }
+}
+
 /// The longest `--pad_to_multiple_of` taken: longer than any model's position table, so a
 /// larger one could only pad past what a model reads (or overflow the batch's size).
 const MAX_PAD_MULTIPLE: usize = 1 << 20;
@@ -687,10 +704,10 @@ pub struct TrainArgs {
     #[arg(long, allow_negative_numbers = true)]
     pub warmup_ratio: Option<f64>,
     /// Warmup steps; overrides --warmup_ratio when positive.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = parse_steps)]
     pub warmup_steps: usize,
     /// Log loss, grad_norm and learning rate every this many steps.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 500, value_parser = parse_steps)]
     pub logging_steps: usize,
     /// When to log.
     #[arg(long, value_enum, default_value = "steps")]
@@ -699,7 +716,7 @@ pub struct TrainArgs {
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub logging_first_step: bool,
     /// Save a checkpoint every this many steps.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 500, value_parser = parse_steps)]
     pub save_steps: usize,
     /// When to save checkpoints.
     #[arg(long, value_enum, default_value = "steps")]
@@ -716,7 +733,7 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value = "no", alias = "evaluation_strategy")]
     pub eval_strategy: StrategyArg,
     /// Validate every this many steps (default: --logging_steps, as Hugging Face).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_steps)]
     pub eval_steps: Option<usize>,
     /// Validation queries (JSONL: `query_id`, `query`/`query_text`).
     #[arg(long)]
@@ -1310,6 +1327,19 @@ mod tests {
     #[test]
     fn cli_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn step_counts_take_whole_numbers_and_refuse_fractions_with_what_to_give() {
+        assert_eq!(parse_steps("500"), Ok(500));
+        assert_eq!(parse_steps("10.0"), Ok(10));
+        let e = parse_steps("0.1").unwrap_err();
+        assert!(
+            e.contains("fraction of the run's steps") && e.contains("--warmup_ratio 0.1"),
+            "{e}"
+        );
+        assert!(parse_steps("2.5").unwrap_err().contains("not a whole number"));
+        assert!(parse_steps("-1").unwrap_err().contains("not a whole number"));
     }
 
     #[test]
