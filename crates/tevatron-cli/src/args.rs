@@ -96,7 +96,7 @@ pub fn parse_steps(s: &str) -> Result<usize, String> {
         return Ok(n);
     }
     match s.parse::<f64>() {
-        Ok(f) if f.fract() == 0.0 && f >= 0.0 && f < 1e15 => Ok(f as usize),
+        Ok(f) if f.fract() == 0.0 && (0.0..1e15).contains(&f) => Ok(f as usize),
         Ok(f) if f > 0.0 && f < 1.0 => Err(format!(
             "{s} is a fraction of the run's steps (Hugging Face's form), which is not supported \
              here: give a whole number of steps (for warmup, --warmup_ratio {s})"
