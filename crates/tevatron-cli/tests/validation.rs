@@ -613,7 +613,11 @@ fn validation_flags_are_checked_before_training() {
     // A limit of 0 keeps every checkpoint, as Hugging Face's (it kept one and the best).
     let lower =
         ["--greater_is_better", "false", "--load_best_model_at_end", "--save_total_limit", "0"];
-    ok(train(d, "best", &[&every_step[..], &lower].concat()));
+    let out = train(d, "best", &[&every_step[..], &lower, &["--quiet", "false"]].concat());
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
+    assert!(log.contains("evaluations fall between saves (every 1 and 4 steps)"), "{log}");
+    assert!(!log.contains("Some("), "{log}");
     let st = state(&d.join("best"));
     let evals: Vec<(u64, f64)> = evaluations(&st)
         .iter()

@@ -632,10 +632,10 @@ pub fn train(
             let here = Path::new(dir).file_name().map(|name| cfg.output_dir.join(name));
             let dir = here.filter(|d| d.is_dir()).unwrap_or_else(|| PathBuf::from(dir));
             tracing::info!(
-                "loading the best model, {} ({} {:?}), before writing the final one",
+                "loading the best model, {} ({} {}), before writing the final one",
                 dir.display(),
                 cfg.validation.as_deref().map_or("", |v| v.metric.as_str()),
-                state.best_metric
+                state.best_metric.map_or("unknown".into(), |m| format!("{m:.4}"))
             );
             checkpoint::load_weights(
                 &dir,

@@ -277,6 +277,16 @@ fn check(a: &TrainArgs, reranker: bool) -> Result<()> {
             format!("{:?}", a.eval_strategy).to_lowercase()
         );
     }
+    let eval_steps = a.eval_steps.unwrap_or(a.logging_steps);
+    let by_steps = a.eval_strategy == StrategyArg::Steps && a.save_strategy == StrategyArg::Steps;
+    if a.load_best_model_at_end && by_steps && a.save_steps > 0 && eval_steps % a.save_steps != 0 {
+        tracing::info!(
+            "evaluations fall between saves (every {eval_steps} and {} steps): a new best \
+             evaluation between saves is saved as a checkpoint of its own, so that the run can \
+             end on it (Hugging Face would lose it)",
+            a.save_steps
+        );
+    }
     if let Some(attn) = &a.attn_implementation {
         if !["eager", "sdpa", "flash_attention_2"].contains(&attn.as_str()) {
             bail!("--attn_implementation {attn:?}: expected eager, sdpa or flash_attention_2");
