@@ -279,7 +279,11 @@ fn check(a: &TrainArgs, reranker: bool) -> Result<()> {
     }
     let eval_steps = a.eval_steps.unwrap_or(a.logging_steps);
     let by_steps = a.eval_strategy == StrategyArg::Steps && a.save_strategy == StrategyArg::Steps;
-    if a.load_best_model_at_end && by_steps && a.save_steps > 0 && eval_steps % a.save_steps != 0 {
+    if a.load_best_model_at_end
+        && by_steps
+        && a.save_steps > 0
+        && !eval_steps.is_multiple_of(a.save_steps)
+    {
         tracing::info!(
             "evaluations fall between saves (every {eval_steps} and {} steps): a new best \
              evaluation between saves is saved as a checkpoint of its own, so that the run can \
