@@ -66,7 +66,8 @@ pub enum Command {
     /// a rerank input file, or a run's top documents.
     Rerank(Box<RerankArgs>),
     /// Score every passage of a training file with a reranker and write the scores into it, for
-    /// distillation (Tevatron's `utils.annotate_with_teacher`).
+    /// distillation: the role of Tevatron's `utils.annotate_with_teacher`, in the form its
+    /// `DistilTrainDataset` reads (that script's flags and output differ: docs/rerankers.md).
     Annotate(Box<AnnotateArgs>),
     /// Mine hard negatives for a training file with a model (or its embeddings), with
     /// false-negative filters; writes Tevatron's ids form.
@@ -202,7 +203,8 @@ pub struct EncodingFlags {
     /// Pad each batch to its longest text rounded up to a multiple of this.
     #[arg(long, default_value_t = 16, value_parser = parse_pad_multiple)]
     pub pad_to_multiple_of: usize,
-    /// Texts per batch (batches of short texts may hold more, up to the same token count).
+    /// Texts per batch, at most (fewer in a batch of long texts on a CPU, whose padded tokens
+    /// are held to 4,096).
     #[arg(long, default_value_t = 8)]
     pub per_device_eval_batch_size: usize,
     /// Compute in float16.
@@ -444,7 +446,8 @@ pub struct CrossEncoderFlags {
     /// Pad each batch to its longest pair rounded up to a multiple of this.
     #[arg(long, default_value_t = 16, value_parser = parse_pad_multiple)]
     pub pad_to_multiple_of: usize,
-    /// Pairs per batch (batches of short pairs may hold more, up to the same token count).
+    /// Pairs per batch, at most (fewer in a batch of long pairs on a CPU, whose padded tokens
+    /// are held to 4,096).
     #[arg(long, default_value_t = 8)]
     pub per_device_eval_batch_size: usize,
     /// Compute in float16.
@@ -531,16 +534,17 @@ pub struct AnnotateArgs {
     pub quiet: bool,
 }
 
-/// `--save_strategy` / `--logging_strategy` values.
+/// `--save_strategy`, `--logging_strategy` and `--eval_strategy` values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StrategyArg {
-    /// Every `--save_steps` / `--logging_steps` optimizer steps.
+    /// Every `--save_steps`, `--logging_steps` or `--eval_steps` optimizer steps (the one of
+    /// the strategy's kind).
     Steps,
     /// At the end of every epoch.
     Epoch,
-    /// Never (a checkpoint is still written at the end of training, so the run can be resumed
-    /// and its final state inspected, only with `steps`/`epoch`; `no` writes none).
+    /// Never (for saving, `steps` and `epoch` also write a checkpoint at the end of training;
+    /// `no` writes none).
     No,
 }
 

@@ -281,7 +281,7 @@ fn bad_matryoshka_flags_are_refused() {
     );
     fails_with(
         train(d, "o", &bert, &["--matryoshka_dims", "0"]),
-        "--matryoshka_dims 0: each width must be between 1",
+        "--matryoshka_dims 0: each width must be at least 1",
     );
     let out = tevatron(
         d,

@@ -509,11 +509,18 @@ impl LoraPlan {
         }
         let names: BTreeSet<&str> =
             seen.iter().map(|m| m.rsplit('.').next().unwrap_or(m)).collect();
-        Err(Error::Invalid(format!(
-            "--lora_target_modules {} match no module of this model; its linear modules are: {}",
-            self.config.target_modules.join(","),
-            names.into_iter().collect::<Vec<_>>().join(", ")
-        )))
+        let names = names.into_iter().collect::<Vec<_>>().join(", ");
+        let targets = self.config.target_modules.join(",");
+        Err(Error::Invalid(if self.start.is_empty() {
+            format!(
+                "--lora_target_modules {targets} match no module of this model; its linear modules are: {names}"
+            )
+        } else {
+            // A saved adapter's targets come from its adapter_config.json, not from a flag.
+            format!(
+                "the adapter's target modules ({targets}, in its adapter_config.json) match no module of this model: it was trained on another base model; this model's linear modules are: {names}"
+            )
+        }))
     }
 
     /// Checks that every module of a loaded adapter exists in the model.

@@ -80,7 +80,10 @@ fn matryoshka(a: &TrainArgs, width: usize, normalize: bool) -> Result<Option<Mat
         }
         return Ok(None);
     }
-    if let Some(d) = a.matryoshka_dims.iter().find(|&&d| d == 0 || d > width) {
+    if a.matryoshka_dims.contains(&0) {
+        bail!("--matryoshka_dims 0: each width must be at least 1");
+    }
+    if let Some(d) = a.matryoshka_dims.iter().find(|&&d| d > width) {
         bail!("--matryoshka_dims {d}: each width must be between 1 and the model's {width}");
     }
     let weights = if a.matryoshka_weights.is_empty() {
