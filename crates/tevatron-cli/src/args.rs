@@ -9,7 +9,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Dense retrieval in one binary: train, encode, search and evaluate, with Tevatron's flags.
-/// A flag given twice takes its last value, as with Python's argparse.
+/// A flag of one value given twice takes its last value, as with Python's argparse; a flag
+/// of several values (`fuse --runs`) given twice takes them all.
 #[derive(Debug, Parser)]
 #[command(name = "tevatron", version, long_about = None, args_override_self = true)]
 pub struct Cli {
@@ -49,10 +50,11 @@ pub enum Command {
     TrainReranker(Box<TrainArgs>),
     /// Encode queries or a corpus into an embeddings file (safetensors).
     Encode(Box<EncodeArgs>),
-    /// Exact inner-product search of query embeddings over passage embeddings, or a scan of
-    /// their int8 or binary codes with exact rescoring (--quantize).
+    /// Exact inner-product search of query embeddings over passage embeddings, a scan of their
+    /// int8 or binary codes with exact rescoring (--quantize), or an HNSW graph (--hnsw).
     Search(SearchArgs),
-    /// Write the int8 or binary codes of passage embeddings, for `search --quantize`.
+    /// Write the int8 or binary codes of passage embeddings, for `search --quantize`, or their
+    /// HNSW graph, for `search --hnsw` (--hnsw).
     Index(IndexArgs),
     /// Evaluate a run against qrels with trec_eval's semantics.
     Eval(EvalArgs),
