@@ -223,7 +223,7 @@ fn several_processes_encode_what_one_does_and_resume_from_their_parts() {
     let (ids3, three) = read("three.safetensors");
     assert_eq!(ids3, ids);
     assert_eq!(ids.len(), 7);
-    let diff = one.iter().zip(&three).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let diff = tevatron_model::testing::max_abs_diff_of(&one, &three);
     assert!(diff < 1e-5, "three processes differ from one by {diff}");
     assert!(!d.join("three.safetensors.parts").exists(), "the parts were not removed");
 
@@ -292,7 +292,7 @@ fn several_processes_encode_what_one_does_and_resume_from_their_parts() {
     assert!(log.contains("holds parts made with other flags: cleared"), "{log}");
     let (ids_s, fresh) = read("stale.safetensors");
     assert_eq!(ids_s, ids);
-    let diff = one.iter().zip(&fresh).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let diff = tevatron_model::testing::max_abs_diff_of(&one, &fresh);
     assert!(diff < 1e-5, "stale parts were merged ({diff})");
     fails_with(
         encode(d, &corpus, "x.safetensors", &["--nproc_per_node", "0"]),

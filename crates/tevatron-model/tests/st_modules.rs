@@ -75,7 +75,7 @@ fn copy_files(from: &std::path::Path, to: &std::path::Path) {
 fn max_diff(got: &[f32], want: &Tensor) -> f32 {
     let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(got.len(), want.len());
-    got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max)
+    tevatron_model::testing::max_abs_diff_of(got, &want)
 }
 
 #[test]
@@ -119,7 +119,7 @@ fn dense_modules_take_a_first_token_pool() {
     let x = x.broadcast_add(&d2["linear.bias"]).unwrap().tanh().unwrap();
     let x = x.matmul(&d3["linear.weight"].t().unwrap()).unwrap();
     let want = x.broadcast_div(&x.sqr().unwrap().sum_keepdim(1).unwrap().sqrt().unwrap()).unwrap();
-    let d = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let d = tevatron_model::testing::max_abs_diff(&got, &want).unwrap();
     assert!(d < 1e-6, "{d}");
 }
 
@@ -175,7 +175,7 @@ fn dense_modules_train_and_are_saved_in_their_folders() {
     assert!(main.unwrap().keys().all(|k| !k.contains("Dense") && !k.contains("linear.")));
     let saved = Encoder::load(out.path(), None, &EncoderOptions::default()).unwrap();
     let again = embed(&saved, &texts);
-    let d = trained.iter().zip(&again).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    let d = tevatron_model::testing::max_abs_diff_of(&trained, &again);
     assert!(d < 1e-6, "{d}");
     let before =
         embed(&Encoder::load(&tiny_dir(FIXTURE), None, &Default::default()).unwrap(), &texts);

@@ -153,6 +153,8 @@ fn a_fresh_adapter_starts_as_the_base_model_and_saves_as_peft_does() {
         }
     }
     let trained = enc.encode(&b, Mode::Eval).unwrap();
+    let moved = max_abs_diff(&trained, &want).unwrap();
+    assert!(moved > 1e-3, "B's values should change the model (by {moved})");
     let dir = tempfile::tempdir().unwrap();
     enc.save_pretrained(dir.path()).unwrap();
     let mut files: Vec<String> = std::fs::read_dir(dir.path())
@@ -181,6 +183,13 @@ fn a_fresh_adapter_starts_as_the_base_model_and_saves_as_peft_does() {
     for name in written.keys() {
         assert!(peft.contains_key(name), "{name} is not a name PEFT writes");
         assert_eq!(written[name].dims(), peft[name].dims(), "{name}");
+    }
+    // Both halves of every target were written.
+    for target in ["q_proj", "v_proj", "down_proj"] {
+        for half in ["lora_A", "lora_B"] {
+            let n = written.keys().filter(|k| k.contains(target) && k.contains(half)).count();
+            assert!(n > 0, "no {target} {half} written: {:?}", written.keys());
+        }
     }
     for merge in [true, false] {
         let again = load("llama", Some(saved(dir.path().to_path_buf(), merge)), false, DType::F32);
@@ -224,7 +233,7 @@ fn a_bf16_base_trains_as_the_f32_base_under_autocast() {
     assert!(grads32.keys().eq(grads16.keys()), "the two runs train other variables");
     for ((name, a), (_, b)) in grads32.iter().zip(&grads16) {
         let scale = a.iter().fold(1f32, |m, v| m.max(v.abs()));
-        let d = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        let d = tevatron_model::testing::max_abs_diff_of(a, b);
         assert!(d <= 1e-6 * scale, "{name}: gradients differ by {d}");
     }
     let d = max_abs_diff(&hidden16, &hidden32).unwrap();

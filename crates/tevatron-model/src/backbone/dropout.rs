@@ -291,9 +291,7 @@ mod tests {
         let mask = Tensor::from_vec(mask, (3, 2, 5, 7), &dev).unwrap();
         let fused = x.as_tensor().apply_op1(ByteMask::new(keep, 2.0)).unwrap();
         let composed = (x.as_tensor() * &mask).unwrap();
-        let d = |a: &Tensor, b: &Tensor| {
-            (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
-        };
+        let d = |a: &Tensor, b: &Tensor| crate::testing::max_abs_diff(a, b).unwrap();
         assert_eq!(d(&fused, &composed), 0.0);
         let g = Tensor::arange(1f32, 211.0, &dev).unwrap().reshape((3, 2, 5, 7)).unwrap();
         let grad_of = |y: &Tensor| {
