@@ -13,15 +13,36 @@ fn is_data_file(p: &Path) -> bool {
     DATA_EXTS.iter().any(|e| name.ends_with(e))
 }
 
+/// A data file in a compression this tool does not read (`train.jsonl.xz`): refused by name
+/// rather than skipped, which would lose its rows in silence.
+fn unread_compression(p: &Path) -> Option<&'static str> {
+    let c = tevatron_ir::records::unread_compression(p)?;
+    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let inner = &name[..name.len() - c.len()];
+    DATA_EXTS.iter().any(|e| inner.ends_with(e)).then_some(c)
+}
+
+/// Whether a file or folder name is hidden (`.cache`, `.gitattributes`): Hugging Face's data
+/// file patterns leave those out.
+fn hidden(p: &Path) -> bool {
+    p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'))
+}
+
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     for entry in
         std::fs::read_dir(dir).with_context(|| format!("reading folder {}", dir.display()))?
     {
         let path = entry.with_context(|| format!("reading folder {}", dir.display()))?.path();
+        if hidden(&path) {
+            continue;
+        }
         if path.is_dir() {
-            if !path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')) {
-                walk(&path, out)?;
-            }
+            walk(&path, out)?;
+        } else if let Some(c) = unread_compression(&path) {
+            bail!(
+                "{}: {c} files are not read here (gzip is); decompress it, or gzip it",
+                path.display()
+            );
         } else if is_data_file(&path) {
             out.push(path);
         }
@@ -29,45 +50,142 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// Picks the files of one split (and configuration) from a dataset folder, the way Hugging Face
-/// data-file patterns do: files or folders named after the split (`dev.jsonl`,
-/// `data/dev-00000.parquet`), or, for `train`, everything when nothing names a split.
+/// Hugging Face's split keywords (`datasets.data_files.SPLIT_KEYWORDS`): a file or folder named
+/// with one of a group's words belongs to that split.
+const SPLIT_KEYWORDS: &[(&str, &[&str])] = &[
+    ("train", &["train", "training"]),
+    ("validation", &["validation", "valid", "dev", "val"]),
+    ("test", &["test", "testing", "eval", "evaluation"]),
+];
+
+/// What may stand beside a split keyword in a name (Hugging Face's `NON_WORDS_CHARS`).
+fn separator(c: char) -> bool {
+    "-._ ".contains(c) || c.is_ascii_digit()
+}
+
+/// Whether `name` holds `keyword` as a word: at its start or after a separator, and at its end
+/// or before one; at the very end only where `at_end` allows it (a folder `nq-dev/`, not a file
+/// `nq-dev`, which has an extension after it in Hugging Face's patterns).
+fn names_word(name: &str, keyword: &str, at_end: bool) -> bool {
+    name.match_indices(keyword).any(|(i, _)| {
+        let before = name[..i].chars().next_back();
+        let after = name[i + keyword.len()..].chars().next();
+        let starts = before.is_none_or(separator);
+        let ends = match after {
+            None => at_end,
+            Some(c) => separator(c),
+        };
+        starts && ends
+    })
+}
+
+/// The split a name asks for, as its group of keywords (`dev` is one of `validation`'s); a name
+/// of no group (`dl19`) is its own single keyword.
+fn split_keywords(split: &str) -> Vec<&str> {
+    SPLIT_KEYWORDS
+        .iter()
+        .find(|(name, words)| *name == split || words.contains(&split))
+        .map_or_else(|| vec![split], |(_, words)| words.to_vec())
+}
+
+/// A sharded split file as the hub writes them: `data/<split>-00000-of-00003.parquet`; the
+/// split's name, if so.
+fn sharded_split(rel: &Path) -> Option<String> {
+    if rel.parent()?.file_name()? != "data" {
+        return None;
+    }
+    let name = rel.file_name()?.to_str()?;
+    let (left, right) = name.split_once("-of-")?;
+    let (split, shard) = left.rsplit_once('-')?;
+    let digits = |s: &str| s.len() == 5 && s.bytes().all(|b| b.is_ascii_digit());
+    let whole = !split.is_empty() && digits(shard) && right.get(..5).is_some_and(digits);
+    whole.then(|| split.to_string())
+}
+
+/// Picks the files of one split (and configuration) from a dataset folder as Hugging Face's
+/// data-file patterns do (`datasets.data_files.get_data_patterns`): sharded files
+/// (`data/dev-00000-of-00001.parquet`, any split name) first; else folders named with a split
+/// keyword (`train/`, `nq-dev/`), else file names holding one (`train.jsonl`, `nq-dev.jsonl`,
+/// `eval.jsonl` for `test`); else every file is `train`. At each stage, once any file names a
+/// split, only named files count: a split none names is refused, naming those found.
 fn split_files(root: &Path, config: Option<&str>, split: &str) -> Result<Vec<PathBuf>> {
     let mut all = Vec::new();
     walk(root, &mut all)?;
+    let rel = |p: &PathBuf| p.strip_prefix(root).map(Path::to_path_buf).unwrap_or_default();
     if let Some(cfg) = config {
-        let in_cfg: Vec<PathBuf> = all
+        let named: Vec<PathBuf> = all
             .iter()
-            .filter(|p| {
-                p.strip_prefix(root).is_ok_and(|r| r.components().any(|c| c.as_os_str() == cfg))
-            })
+            .filter(|p| rel(p).components().any(|c| c.as_os_str() == cfg))
             .cloned()
             .collect();
-        if !in_cfg.is_empty() {
-            all = in_cfg;
+        // Hugging Face names the one configuration of a dataset without any `default`.
+        if !named.is_empty() || cfg != "default" {
+            all = named;
+        }
+        if all.is_empty() {
+            bail!(
+                "{}: no folder is named after --dataset_config {cfg:?}, so no file belongs to it",
+                root.display()
+            );
         }
     }
-    let names_split = |p: &Path, s: &str| {
-        p.strip_prefix(root).is_ok_and(|r| {
-            r.components().any(|c| {
-                let c = c.as_os_str().to_string_lossy();
-                c == s
-                    || c.starts_with(&format!("{s}."))
-                    || c.starts_with(&format!("{s}-"))
-                    || c.starts_with(&format!("{s}_"))
-            })
-        })
+    all.sort();
+    let sharded: Vec<(String, &PathBuf)> =
+        all.iter().filter_map(|p| Some((sharded_split(&rel(p))?, p))).collect();
+    let pick = |found: Vec<(&str, &PathBuf)>, how: &str| -> Result<Vec<PathBuf>> {
+        let wanted = split_keywords(split);
+        let files: Vec<PathBuf> =
+            found.iter().filter(|(s, _)| wanted.contains(s)).map(|(_, p)| (*p).clone()).collect();
+        if files.is_empty() {
+            let mut names: Vec<&str> = found.iter().map(|(s, _)| *s).collect();
+            names.sort_unstable();
+            names.dedup();
+            bail!(
+                "{}: no data files for split {split:?} (the splits its {how} name: {})",
+                root.display(),
+                names.join(", ")
+            );
+        }
+        Ok(files)
     };
-    let mut files: Vec<PathBuf> = all.iter().filter(|p| names_split(p, split)).cloned().collect();
-    if files.is_empty() && split == "train" {
-        let known = ["dev", "test", "validation", "valid"];
-        files = all.into_iter().filter(|p| !known.iter().any(|s| names_split(p, s))).collect();
+    if !sharded.is_empty() {
+        return pick(sharded.iter().map(|(s, p)| (s.as_str(), *p)).collect(), "sharded file names");
     }
-    files.sort();
-    if files.is_empty() {
-        bail!("{}: no data files for split {split:?}", root.display());
+    // Every keyword a file's folders, or else its name, hold, with the file.
+    let stage = |in_dirs: bool| -> Vec<(&str, &PathBuf)> {
+        let mut found = Vec::new();
+        let words = SPLIT_KEYWORDS.iter().flat_map(|(_, w)| w.iter().copied());
+        let words: Vec<&str> =
+            words.chain((split_keywords(split) == [split]).then_some(split)).collect();
+        for p in &all {
+            let r = rel(p);
+            let names: Vec<String> = if in_dirs {
+                r.parent()
+                    .into_iter()
+                    .flat_map(|d| d.components())
+                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                    .collect()
+            } else {
+                r.file_name().map(|n| n.to_string_lossy().into_owned()).into_iter().collect()
+            };
+            for w in &words {
+                if names.iter().any(|n| names_word(n, w, in_dirs)) {
+                    found.push((*w, p));
+                }
+            }
+        }
+        found
+    };
+    for (in_dirs, how) in [(true, "folder names"), (false, "file names")] {
+        let found = stage(in_dirs);
+        if !found.is_empty() {
+            return pick(found, how);
+        }
     }
-    Ok(files)
+    if split_keywords(split).contains(&"train") {
+        return Ok(all);
+    }
+    bail!("{}: no data files for split {split:?} (no file or folder names a split: every file is train)", root.display())
 }
 
 /// Which flags name the data, for messages.
@@ -97,12 +215,21 @@ pub fn resolve(
     split: &str,
     cache_dir: Option<&Path>,
 ) -> Result<Vec<PathBuf>> {
+    let p = flags.prefix();
+    if split.contains('[') {
+        bail!(
+            "--{p}_split {split}: split slices are not supported here; cut the file (head -n), \
+             or take a part with --dataset_number_of_shards and --dataset_shard_index"
+        );
+    }
+    if path.is_none() && name != "json" && Path::new(name).is_file() {
+        bail!("--{p}_name {name} is a file: give --{p}_name json --{p}_path {name}");
+    }
     if let Some(pattern) = path {
         let base =
             if name != "json" && Path::new(name).is_dir() { Some(Path::new(name)) } else { None };
         // The files given are read whole: what else names a dataset or a part of one is said
         // to change nothing, rather than taken silently.
-        let p = flags.prefix();
         let unused = [
             (name != "json" && base.is_none()).then(|| format!("--{p}_name {name}")),
             config.map(|c| format!("--{p}_config {c}")),
@@ -121,7 +248,6 @@ pub fn resolve(
             .with_context(|| format!("resolving --{}_path", flags.prefix()));
     }
     if name == "json" {
-        let p = flags.prefix();
         bail!("--{p}_name json needs --{p}_path (a file or a quoted glob)");
     }
     let dir = Path::new(name);
@@ -141,6 +267,11 @@ pub fn resolve(
             bail!("dataset {name:?} is neither a local folder nor a hub dataset id (org/name)");
         }
         let id = format!("{org}/{dataset}");
+        if split != "train" && split != v1_split {
+            bail!(
+                "{name} names split {v1_split} (Tevatron v1's form) and --{p}_split names {split}: give one"
+            );
+        }
         tracing::info!("reading {name} as dataset {id}, split {v1_split} (Tevatron v1's form)");
         let root = hub_dataset(&id, cache_dir)?;
         return split_files(&root, config, v1_split);
@@ -196,25 +327,89 @@ fn hub_dataset(id: &str, cache_dir: Option<&Path>) -> Result<PathBuf> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn folder_splits_follow_file_names() {
+    /// The files of each split of a folder holding `files` (relative paths, sorted), or the
+    /// error.
+    fn splits(files: &[&str], config: Option<&str>, split: &str) -> Result<Vec<String>> {
         let dir = tempfile::tempdir().unwrap();
-        for f in ["train.jsonl", "dev.jsonl", "data/test-00000.jsonl.gz", "README.md"] {
+        for f in files {
             let p = dir.path().join(f);
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
             std::fs::write(p, "").unwrap();
         }
-        let names = |split: &str| -> Vec<String> {
-            split_files(dir.path(), None, split)
-                .unwrap()
-                .iter()
-                .map(|p| p.strip_prefix(dir.path()).unwrap().to_string_lossy().into_owned())
-                .collect()
-        };
-        assert_eq!(names("dev"), ["dev.jsonl"]);
-        assert_eq!(names("test"), ["data/test-00000.jsonl.gz"]);
-        assert_eq!(names("train"), ["train.jsonl"]);
-        let e = split_files(dir.path(), None, "dl19").unwrap_err().to_string();
-        assert!(e.ends_with(": no data files for split \"dl19\""), "{e}");
+        Ok(split_files(dir.path(), config, split)?
+            .iter()
+            .map(|p| p.strip_prefix(dir.path()).unwrap().to_string_lossy().into_owned())
+            .collect())
+    }
+
+    /// Forms Hugging Face reads otherwise are refused with what to give instead: a split slice,
+    /// a file given as a dataset name, a v1 id's split beside another --dataset_split.
+    #[test]
+    fn forms_read_otherwise_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.jsonl");
+        std::fs::write(&file, "{}\n").unwrap();
+        let f = file.to_string_lossy().into_owned();
+        let e = resolve(Flags::Dataset, "json", Some(&f), None, "train[:100]", None).unwrap_err();
+        assert!(e.to_string().contains("split slices are not supported"), "{e}");
+        let e = resolve(Flags::Corpus, &f, None, None, "train", None).unwrap_err().to_string();
+        assert!(e.contains(&format!("give --corpus_name json --corpus_path {f}")), "{e}");
+        let e = resolve(Flags::Dataset, "Tevatron/wikipedia-nq/test", None, None, "dev", None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("names split test") && e.contains("names dev: give one"), "{e}");
+        assert_eq!(resolve(Flags::Dataset, "json", Some(&f), None, "train", None).unwrap(), [file]);
+    }
+
+    /// Hugging Face's data-file patterns: sharded names first, then folder names, then file
+    /// names (a keyword as a word anywhere, with its group's other words), else all is train.
+    #[test]
+    fn folder_splits_follow_hugging_face_patterns() {
+        let plain = ["train.jsonl", "dev.jsonl", "data/test-00000.jsonl.gz", "README.md"];
+        assert_eq!(splits(&plain, None, "dev").unwrap(), ["dev.jsonl"]);
+        assert_eq!(splits(&plain, None, "validation").unwrap(), ["dev.jsonl"]);
+        assert_eq!(splits(&plain, None, "test").unwrap(), ["data/test-00000.jsonl.gz"]);
+        assert_eq!(splits(&plain, None, "train").unwrap(), ["train.jsonl"]);
+        let e = splits(&plain, None, "dl19").unwrap_err().to_string();
+        assert!(e.contains("no data files for split \"dl19\""), "{e}");
+        // A keyword as a word anywhere in the name, not only at its start.
+        let nq = ["nq-train.jsonl", "nq-dev.jsonl"];
+        assert_eq!(splits(&nq, None, "train").unwrap(), ["nq-train.jsonl"]);
+        assert_eq!(splits(&nq, None, "dev").unwrap(), ["nq-dev.jsonl"]);
+        // The groups' other words: training is train, eval is test.
+        let words = ["training.jsonl", "eval.jsonl"];
+        assert_eq!(splits(&words, None, "train").unwrap(), ["training.jsonl"]);
+        assert_eq!(splits(&words, None, "test").unwrap(), ["eval.jsonl"]);
+        // Once a file names a split, a file that names none is no split's.
+        let e = splits(&["corpus.jsonl", "test.jsonl"], None, "train").unwrap_err().to_string();
+        assert!(e.contains("file names name: test"), "{e}");
+        // No keyword in a word's middle: "trainer" and "devices" name no split.
+        let none = ["trainer.jsonl", "devices.jsonl"];
+        assert_eq!(splits(&none, None, "train").unwrap(), ["devices.jsonl", "trainer.jsonl"]);
+        // Folder names before file names.
+        let dirs = ["train/a.jsonl", "dev/b.jsonl", "test.jsonl"];
+        assert_eq!(splits(&dirs, None, "train").unwrap(), ["train/a.jsonl"]);
+        assert!(splits(&dirs, None, "test").is_err(), "test.jsonl is not read at the folder stage");
+        // The hub's sharded names, any split name.
+        let sharded = [
+            "data/train-00000-of-00002.parquet",
+            "data/train-00001-of-00002.parquet",
+            "data/dl19-00000-of-00001-abc.parquet",
+        ];
+        assert_eq!(
+            splits(&sharded, None, "dl19").unwrap(),
+            ["data/dl19-00000-of-00001-abc.parquet"]
+        );
+        assert_eq!(splits(&sharded, None, "train").unwrap().len(), 2);
+        // Hidden files are no data; a configuration names a folder, and one that names none is
+        // refused.
+        let cfgs = ["scifact/test.jsonl", "nfcorpus/test.jsonl", ".cache/test.jsonl"];
+        assert_eq!(splits(&cfgs, Some("scifact"), "test").unwrap(), ["scifact/test.jsonl"]);
+        assert_eq!(splits(&cfgs, None, "test").unwrap().len(), 2);
+        let e = splits(&cfgs, Some("fiqa"), "test").unwrap_err().to_string();
+        assert!(e.contains("--dataset_config \"fiqa\""), "{e}");
+        // A compression not read here is refused by name, not skipped.
+        let e = splits(&["train-0.jsonl", "train-1.jsonl.xz"], None, "train").unwrap_err();
+        assert!(e.to_string().contains("train-1.jsonl.xz: .xz files are not read here"), "{e}");
     }
 }

@@ -82,8 +82,24 @@ fn open_parquet(
     opened.map_err(|m| bad(format!("corrupt file: {m}")))?.map_err(|e| bad(e.to_string()))
 }
 
+/// Compressions Hugging Face unpacks on the fly that are not read here: a file in one is
+/// refused by name (its bytes would read as text that is not UTF-8).
+const UNREAD_COMPRESSIONS: &[&str] = &[".xz", ".bz2", ".zst", ".lz4", ".zip"];
+
+/// The compression of `path` that is not read here (`.xz`, ...), if its name ends in one.
+pub fn unread_compression(path: &Path) -> Option<&'static str> {
+    let name = path.file_name()?.to_str()?;
+    UNREAD_COMPRESSIONS.iter().find(|c| name.ends_with(*c)).copied()
+}
+
 /// Opens a JSONL file; a name ending in `.gz` is decompressed on the fly.
 pub fn open_jsonl(path: &Path) -> Result<JsonlReader> {
+    if let Some(c) = unread_compression(path) {
+        return Err(Error::Invalid(format!(
+            "{}: {c} files are not read here (gzip is); decompress it, or gzip it",
+            path.display()
+        )));
+    }
     let file =
         File::open(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
     let reader: Box<dyn BufRead + Send> = if path.extension().is_some_and(|e| e == "gz") {
@@ -153,11 +169,14 @@ impl JsonlReader {
                     return Some(Err(Error::NotUtf8 { path: self.path.clone(), line: self.line }))
                 }
             };
-            if text.trim().is_empty() {
+            // Blank by the same rule the row counts use (a line of U+00A0 is a bad row).
+            if text.bytes().all(|b| b.is_ascii_whitespace()) {
                 continue;
             }
+            // A UTF-8 byte-order mark at the start of the file is no part of its first row.
+            let start = if self.line == 1 { bom_len(&self.buf) } else { 0 };
             // Re-borrow after the checks so the returned slice outlives the loop.
-            let text = std::str::from_utf8(&self.buf).expect("checked above");
+            let text = std::str::from_utf8(&self.buf[start..]).expect("checked above");
             return Some(Ok((self.line, text)));
         }
     }
@@ -168,22 +187,7 @@ impl JsonlReader {
             return self.next_parquet_row();
         }
         let path = self.path.clone();
-        Some(self.next_line()?.and_then(|(line, text)| {
-            let value: Value = serde_json::from_str(text).map_err(|source| Error::Json {
-                path: path.clone(),
-                line,
-                source,
-            })?;
-            if !value.is_object() {
-                return Err(Error::FieldType {
-                    path,
-                    line,
-                    field: "<row>".into(),
-                    expected: "a JSON object",
-                });
-            }
-            Ok((line, value))
-        }))
+        Some(self.next_line()?.and_then(|(line, text)| Ok((line, parse_row(text, &path, line)?))))
     }
 
     /// Counts the non-blank lines left in the file (used to shard without loading it); Parquet
@@ -201,6 +205,42 @@ impl JsonlReader {
                 Err(source) => return Err(Error::Read { path: self.path, source }),
             }
         }
+    }
+}
+
+/// The length of a UTF-8 byte-order mark at the start of `bytes` (3, or 0 without one).
+pub(crate) fn bom_len(bytes: &[u8]) -> usize {
+    if bytes.starts_with(b"\xEF\xBB\xBF") {
+        3
+    } else {
+        0
+    }
+}
+
+/// Parses one JSON-lines row: an object, else an error naming the file and line (a file holding
+/// one JSON array, which Hugging Face's json reader also takes, is named as such).
+pub(crate) fn parse_row(text: &str, path: &Path, line: usize) -> Result<Value> {
+    let array = || Error::Line {
+        path: path.to_path_buf(),
+        line,
+        what: "a JSON array: rows are read as JSON lines, one object per line (`jq -c '.[]'` \
+               writes an array's objects so)"
+            .into(),
+    };
+    let value: Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(_) if text.trim_start().starts_with('[') => return Err(array()),
+        Err(source) => return Err(Error::Json { path: path.to_path_buf(), line, source }),
+    };
+    match value {
+        Value::Object(_) => Ok(value),
+        Value::Array(_) => Err(array()),
+        _ => Err(Error::FieldType {
+            path: path.to_path_buf(),
+            line,
+            field: "<row>".into(),
+            expected: "a JSON object",
+        }),
     }
 }
 
@@ -464,6 +504,34 @@ mod tests {
         assert_eq!(shard_range(10, 3, 1), 4..7);
         assert_eq!(shard_range(10, 3, 2), 7..10);
         assert_eq!(shard_range(2, 4, 3), 2..2);
+    }
+
+    /// A byte-order mark before the first row is dropped (by the stream and the row store
+    /// alike); a line of Unicode white space is a bad row, as the row counts have it; a JSON
+    /// array file is named as one.
+    #[test]
+    fn a_bom_is_dropped_and_odd_lines_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let bom = dir.path().join("bom.jsonl");
+        std::fs::write(&bom, "\u{feff}{\"docid\": \"a\", \"text\": \"x\"}\n").unwrap();
+        let mut r = open_jsonl(&bom).unwrap();
+        assert_eq!(r.next_object().unwrap().unwrap().1["docid"], "a");
+        let store = crate::rows::RowStore::open(std::slice::from_ref(&bom), &dir.path().join("c")).unwrap();
+        assert_eq!(store.get(0).unwrap().value["docid"], "a");
+        let nbsp = dir.path().join("nbsp.jsonl");
+        std::fs::write(&nbsp, "{\"docid\": \"a\", \"text\": \"x\"}\n\u{a0}\n").unwrap();
+        let mut r = open_jsonl(&nbsp).unwrap();
+        assert!(r.next_object().unwrap().is_ok());
+        let e = r.next_object().unwrap().unwrap_err().to_string();
+        assert!(e.contains("nbsp.jsonl:2"), "{e}");
+        for (name, text) in
+            [("arr.json", "[\n  {\"docid\": \"a\"}\n]\n"), ("one.json", "[{\"docid\": \"a\"}]\n")]
+        {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            let e = open_jsonl(&p).unwrap().next_object().unwrap().unwrap_err().to_string();
+            assert!(e.contains(&format!("{name}:1: a JSON array")), "{e}");
+        }
     }
 
     #[test]

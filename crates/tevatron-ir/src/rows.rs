@@ -117,8 +117,10 @@ fn build_part(source: &Path, cache_root: &Path) -> Result<Part> {
         let mut index = Vec::new();
         if plain {
             if let Some(data) = map(source)? {
-                let mut offset = 0;
-                for (i, line) in data.split(|&b| b == b'\n').enumerate() {
+                // A UTF-8 byte-order mark before the first row is no part of it.
+                let bom = crate::records::bom_len(&data);
+                let mut offset = bom;
+                for (i, line) in data[bom..].split(|&b| b == b'\n').enumerate() {
                     if line.iter().any(|b| !b.is_ascii_whitespace()) {
                         push_entry(&mut index, offset, line.len(), i + 1);
                     }
@@ -212,20 +214,7 @@ impl RowStore {
     /// Row `row` parsed as a JSON object.
     pub fn get(&self, row: usize) -> Result<Row<'_>> {
         let (path, line) = self.location(row);
-        let text = self.text(row)?;
-        let value: Value = serde_json::from_str(text).map_err(|source| Error::Json {
-            path: path.to_path_buf(),
-            line,
-            source,
-        })?;
-        if !value.is_object() {
-            return Err(Error::FieldType {
-                path: path.to_path_buf(),
-                line,
-                field: "<row>".into(),
-                expected: "a JSON object",
-            });
-        }
+        let value = crate::records::parse_row(self.text(row)?, path, line)?;
         Ok(Row { value, path, line, row })
     }
 }

@@ -614,8 +614,11 @@ impl Vectors {
 
 /// Expands a glob into a sorted list of files, as Tevatron's `sorted(glob.glob(...))`.
 pub fn expand_glob(pattern: &str) -> Result<Vec<PathBuf>> {
-    let paths =
-        glob::glob(pattern).map_err(|e| Error::Glob(format!("invalid glob {pattern:?}: {e}")))?;
+    // As a shell (and Hugging Face's data-file patterns): `*` does not match a leading dot, so
+    // hidden files stay out.
+    let options = glob::MatchOptions { require_literal_leading_dot: true, ..Default::default() };
+    let paths = glob::glob_with(pattern, options)
+        .map_err(|e| Error::Glob(format!("invalid glob {pattern:?}: {e}")))?;
     let mut files = Vec::new();
     for p in paths {
         files.push(p.map_err(|e| Error::Glob(format!("reading glob {pattern:?}: {e}")))?);
@@ -630,6 +633,17 @@ pub fn expand_glob(pattern: &str) -> Result<Vec<PathBuf>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `*` leaves hidden files out, as Python's glob and a shell do.
+    #[test]
+    fn globs_skip_hidden_files() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["a.jsonl", ".h.jsonl"] {
+            std::fs::write(dir.path().join(f), "").unwrap();
+        }
+        let got = expand_glob(&format!("{}/*.jsonl", dir.path().display())).unwrap();
+        assert_eq!(got, [dir.path().join("a.jsonl")]);
+    }
 
     /// Row `r`'s dot with one query.
     fn dot(rows: &Rows, dim: usize, r: usize, query: &[f32]) -> f32 {
