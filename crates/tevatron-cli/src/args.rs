@@ -558,7 +558,9 @@ pub struct TrainArgs {
     /// Where checkpoints (`checkpoint-<step>/`), `trainer_state.json` and the final model go.
     #[arg(long)]
     pub output_dir: PathBuf,
-    /// Start afresh: remove existing checkpoints instead of resuming from the latest one.
+    /// Let a non-empty --output_dir without checkpoints be written into (Hugging Face's rule).
+    /// A folder with `checkpoint-*` folders resumes from the latest with or without it, as
+    /// Tevatron's driver does, and nothing is removed.
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub overwrite_output_dir: bool,
     /// Resume from this checkpoint folder instead of the latest `checkpoint-*` of --output_dir.

@@ -75,8 +75,8 @@ const NO_EVAL: &str =
 const NO_TRACKER: &str = "no experiment tracker is used; the log is OUTPUT_DIR/trainer_state.json";
 const NO_HUB: &str = "nothing is uploaded to the Hugging Face hub";
 const NO_COMPILER: &str = "there is no graph compiler here; the hot operations are fused kernels";
-const TRAIN_UNSHARDED: &str =
-    "Tevatron's training drivers parse it and ignore it too: it shards encoding and reranking";
+const TRAIN_UNSHARDED: &str = "it shards encoding and reranking; training reads every row \
+     (Tevatron's training datasets have no shards to take: given more than one, they fail)";
 const FALSE: &[&str] = &["false"];
 const NONE: &[&str] = &["", "none"];
 
@@ -249,6 +249,21 @@ const FOREIGN_ENCODE: &[Foreign] = &[no_effect(
     "encoding merges the adapter named by --lora_name_or_path; --lora alone changes nothing, as in Tevatron",
 )];
 
+/// Flags `annotate` refuses though `rerank` takes them: it writes one annotated training file,
+/// so a shard of it would silently be the whole.
+const FOREIGN_ANNOTATE: &[Foreign] = &[
+    refused(
+        "dataset_number_of_shards",
+        One,
+        "annotate scores every row of the training file; split the file to share the work",
+    ),
+    refused(
+        "dataset_shard_index",
+        One,
+        "annotate scores every row of the training file; split the file to share the work",
+    ),
+];
+
 /// The command line after screening, and the log lines the screening owes the user.
 #[derive(Debug)]
 pub struct Screened {
@@ -341,16 +356,17 @@ pub fn screen(argv: Vec<OsString>) -> Result<Screened> {
                 .map(|f| reranker_reads(&command, f)),
             "encode" => FOREIGN_ENCODE
                 .iter()
-                .chain(FOREIGN_TRAIN.iter().filter(|f| matches!(f.rule, Rule::UseCpu)))
+                .chain(FOREIGN_TRAIN.iter().filter(|f| applies_to_inference(f)))
                 .find(|f| f.name == name)
                 .copied()
-                .or_else(|| inference_ignores(&train, &name)),
-            "rerank" | "annotate" => FOREIGN_TRAIN
+                .or_else(|| inference_ignores(&train, &name, ENCODING_IGNORES)),
+            "rerank" | "annotate" => FOREIGN_ANNOTATE
                 .iter()
-                .filter(|f| matches!(f.rule, Rule::UseCpu))
+                .filter(|_| command == "annotate")
+                .chain(FOREIGN_TRAIN.iter().filter(|f| applies_to_inference(f)))
                 .find(|f| f.name == name)
                 .copied()
-                .or_else(|| inference_ignores(&train, &name)),
+                .or_else(|| inference_ignores(&train, &name, SCORING_IGNORES)),
             _ => None,
         };
         let Some(f) = foreign else {
@@ -498,18 +514,28 @@ fn reranker_reads(command: &str, f: Foreign) -> Foreign {
     }
 }
 
+/// Flags of [`FOREIGN_TRAIN`] whose rule holds for `encode`, `rerank` and `annotate` too: the
+/// device switch, and the model's revision (which model is loaded matters to any command).
+fn applies_to_inference(f: &Foreign) -> bool {
+    matches!(f.rule, Rule::UseCpu) || f.name == "model_revision"
+}
+
 /// `encode`, `rerank` and `annotate` accept every training flag, as Python's encode and
-/// rerank drivers parse the training argument classes, and say that it changes nothing here.
-fn inference_ignores(train: &[(String, Arity)], name: &str) -> Option<Foreign> {
-    const WHY: &str = "a training setting, or one whose effect this command has anyway: it \
-                       reads and scores the same way without it";
+/// rerank drivers parse the training argument classes, and say why it changes nothing here.
+fn inference_ignores(train: &[(String, Arity)], name: &str, why: &'static str) -> Option<Foreign> {
     let arity = train
         .iter()
         .find(|(n, _)| n == name)
         .map(|(_, a)| *a)
         .or_else(|| FOREIGN_TRAIN.iter().find(|f| f.name == name).map(|f| f.arity))?;
-    Some(no_effect("", arity, WHY))
+    Some(no_effect("", arity, why))
 }
+
+/// Why a training flag changes nothing for `encode`.
+const ENCODING_IGNORES: &str =
+    "not a setting of encoding here; the vectors are the same without it";
+/// Why a training flag changes nothing for `rerank` and `annotate`.
+const SCORING_IGNORES: &str = "not a setting of scoring here; the scores are the same without it";
 
 /// Takes a screened flag's values off the command line: the inline `=value`, else what its
 /// arity allows of the following arguments (a boolean takes the next one only when it reads as
@@ -668,7 +694,13 @@ mod tests {
             assert_eq!(s.notes.len(), 4, "{:?}", s.notes);
             let e = run(&[command, "--bogus", "1"]).unwrap_err().to_string();
             assert!(e.contains("--bogus") && e.contains("Tevatron's reranker"), "{e}");
+            // Which model is loaded matters here too.
+            let e = run(&[command, "--model_revision", "v2"]).unwrap_err().to_string();
+            assert!(e.contains("--model_revision v2 is not supported"), "{e}");
         }
+        // annotate writes one file: a shard of it would silently be the whole.
+        let e = run(&["annotate", "--dataset_number_of_shards", "2"]).unwrap_err().to_string();
+        assert!(e.contains("annotate scores every row"), "{e}");
         // Training takes the encoding and reranking flags of Tevatron's DataArguments as changing
         // nothing, as its drivers do.
         let s = run(&["train", "--dataset_number_of_shards", "2", "--encode_is_query"]).unwrap();

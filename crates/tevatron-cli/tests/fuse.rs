@@ -122,6 +122,8 @@ fn defaults_depth_and_the_runs_order_of_weights() {
     for (q, docs) in &shallow {
         assert!(!docs.is_empty() && docs.len() <= runs.len(), "{q}: {docs:?}");
     }
+    // ... and keeps every run's best: some query has more than one (the output is not cut).
+    assert!(shallow.values().any(|docs| docs.len() > 1), "{shallow:?}");
     assert_ne!(shallow, full);
     // The older spelling and the z-score spellings.
     assert_eq!(top, fuse(dir.path(), &runs, &["--rrf.max_docs", "3"]));

@@ -152,13 +152,26 @@ fn a_runs_top_documents_are_rescored_as_each_pair_alone() {
     ok(rerank(dir.path(), &["--dataset_path", "input.jsonl"], &[]));
     assert_eq!(std::fs::read_to_string(dir.path().join("out.txt")).unwrap(), first);
     // Two shards (Tevatron's --dataset_number_of_shards): q1's three pairs, then query 3's two.
-    let mut shards = String::new();
-    for index in ["0", "1"] {
-        let shard = ["--dataset_number_of_shards", "2", "--dataset_shard_index", index];
-        ok(rerank(dir.path(), &["--dataset_path", "input.jsonl"], &shard));
-        shards += &std::fs::read_to_string(dir.path().join("out.txt")).unwrap();
+    let shards = |n: usize| {
+        let mut all = String::new();
+        for index in 0..n {
+            let (n, index) = (n.to_string(), index.to_string());
+            let shard = ["--dataset_number_of_shards", &n, "--dataset_shard_index", &index];
+            ok(rerank(dir.path(), &["--dataset_path", "input.jsonl"], &shard));
+            all += &std::fs::read_to_string(dir.path().join("out.txt")).unwrap();
+        }
+        all
+    };
+    assert_eq!(shards(2), first);
+    // Three (2, 2, 1 pairs) cut q1's pairs: every line once, each shard sorted in itself; six
+    // leave one shard empty.
+    for n in [3, 6] {
+        let mut got: Vec<String> = shards(n).lines().map(String::from).collect();
+        let mut want: Vec<String> = first.lines().map(String::from).collect();
+        got.sort();
+        want.sort();
+        assert_eq!(got, want, "{n} shards");
     }
-    assert_eq!(shards, first);
     let bad = ["--dataset_number_of_shards", "2", "--dataset_shard_index", "2"];
     fails_with(rerank(dir.path(), &["--dataset_path", "input.jsonl"], &bad), "must be below");
 

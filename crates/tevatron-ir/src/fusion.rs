@@ -66,7 +66,7 @@ pub struct Coverage {
 /// Fuses `runs` (each with the file it was read from, named in errors) by `method`, reading
 /// each run's best `depth` documents for a query and keeping the best `k` fused ones
 /// (pyserini's `--depth` and `--k`). Refuses fewer than two runs, a weight count other than
-/// the run count, a negative or non-finite `k`, a non-finite weight (negative weights are
+/// the run count, a negative or non-finite RRF constant, a non-finite weight (negative weights are
 /// allowed), and a fused score that overflows (scores near the largest f64, naming the query).
 /// A run's scores are finite: [`Run`]'s parser refuses any other, naming the file and line.
 pub fn fuse(

@@ -281,8 +281,9 @@ pub fn text_field<'a>(
     }
 }
 
-/// Reads a text field a row cannot do without (a passage's `text`): absent or null is an
-/// error naming the field, as Tevatron fails on both (it calls `.strip()` on the value).
+/// Reads a text field a row cannot do without (a passage's `text`, a rerank pair's `query`):
+/// absent or null is an error naming the field. Tevatron's encode and training fail on both
+/// (they call `.strip()` on the value), and its reranker would score the word `None`.
 pub fn required_text<'a>(obj: &'a Value, field: &str, path: &Path, line: usize) -> Result<&'a str> {
     match obj.get(field) {
         None => Err(Error::MissingField { path: path.to_path_buf(), line, field: field.into() }),
@@ -516,7 +517,8 @@ mod tests {
         std::fs::write(&bom, "\u{feff}{\"docid\": \"a\", \"text\": \"x\"}\n").unwrap();
         let mut r = open_jsonl(&bom).unwrap();
         assert_eq!(r.next_object().unwrap().unwrap().1["docid"], "a");
-        let store = crate::rows::RowStore::open(std::slice::from_ref(&bom), &dir.path().join("c")).unwrap();
+        let store =
+            crate::rows::RowStore::open(std::slice::from_ref(&bom), &dir.path().join("c")).unwrap();
         assert_eq!(store.get(0).unwrap().value["docid"], "a");
         let nbsp = dir.path().join("nbsp.jsonl");
         std::fs::write(&nbsp, "{\"docid\": \"a\", \"text\": \"x\"}\n\u{a0}\n").unwrap();

@@ -79,12 +79,16 @@ pub(crate) fn map(
         what: format!("not a readable {kind} ({e})"),
     };
     if is_pickle(&map) {
+        // Embeddings are what users bring from Tevatron, whose encode pickles them.
+        let advice = if kind == "safetensors file" {
+            " (Tevatron's encode pickles its embeddings); convert it with \
+             scripts/pickle-to-safetensors.py, or encode with tevatron encode"
+        } else {
+            ""
+        };
         return Err(crate::Error::Embeddings {
             path: path.to_path_buf(),
-            what: "a Python pickle, not a safetensors file (Tevatron's encode pickles its \
-                   embeddings); convert it with scripts/pickle-to-safetensors.py, or encode with \
-                   tevatron encode"
-                .into(),
+            what: format!("a Python pickle, not a {kind}{advice}"),
         });
     }
     check(&map, map.len() as u64).map_err(bad)?;
@@ -93,9 +97,11 @@ pub(crate) fn map(
     Ok((map, 8 + header_len, meta))
 }
 
-/// Whether `bytes` start as a pickle of protocol 2 or later does (`PROTO` and its version),
-/// as Tevatron's and PyTorch's files do; a safetensors file starts with its header's length,
-/// whose first byte 0x80 would mean a header of at least 128 bytes followed by 2-5, 33 MB on.
+/// Whether `bytes` start as a pickle of protocol 2 or later does: the `PROTO` opcode (0x80) and
+/// its version (2 to 5), as Tevatron's and PyTorch's files do. A safetensors file starts with
+/// its header's length, a little-endian u64 that may begin with the same two bytes; read so,
+/// a pickle's first eight bytes give a length past the largest header `safetensors` accepts
+/// (or the file is shorter than eight bytes), which a safetensors file's never do.
 pub(crate) fn is_pickle(bytes: &[u8]) -> bool {
     matches!(bytes, [0x80, 2..=5, ..])
         && bytes.get(..8).is_none_or(|n| u64::from_le_bytes(n.try_into().expect("8")) > MAX_HEADER)

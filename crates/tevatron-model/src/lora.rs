@@ -342,6 +342,9 @@ pub struct LoraPlan {
     /// The settings in force (the adapter folder's, else the options').
     pub config: LoraConfig,
     merge: bool,
+    /// Whether the adapter is a saved one (its targets from its `adapter_config.json`), not one
+    /// made from the flags.
+    saved: bool,
     start: HashMap<String, (Tensor, Tensor)>,
     /// A loaded adapter's whole modules (a `SEQ_CLS` adapter's score head).
     saved_modules: HashMap<String, Tensor>,
@@ -419,6 +422,7 @@ impl LoraPlan {
         Ok(Self {
             config,
             merge: opts.merge,
+            saved: matches!(opts.source, AdapterSource::Saved(_)),
             start,
             saved_modules,
             seed: opts.seed,
@@ -511,7 +515,7 @@ impl LoraPlan {
             seen.iter().map(|m| m.rsplit('.').next().unwrap_or(m)).collect();
         let names = names.into_iter().collect::<Vec<_>>().join(", ");
         let targets = self.config.target_modules.join(",");
-        Err(Error::Invalid(if self.start.is_empty() {
+        Err(Error::Invalid(if !self.saved {
             format!(
                 "--lora_target_modules {targets} match no module of this model; its linear modules are: {names}"
             )

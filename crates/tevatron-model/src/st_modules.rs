@@ -499,6 +499,19 @@ mod tests {
             .unwrap();
     }
 
+    /// The Transformer's sub-folder as a prefix of its files: none for the folder itself, one
+    /// `/` whether or not the path ends in one, nested paths kept whole.
+    #[test]
+    fn the_transformer_prefix_names_its_folder() {
+        let t = "sentence_transformers.models.Transformer";
+        let modules = |path: &str| format!(r#"[{{"idx": 0, "path": "{path}", "type": "{t}"}}]"#);
+        assert_eq!(transformer_prefix(&modules("")), "");
+        assert_eq!(transformer_prefix(&modules("0_Transformer")), "0_Transformer/");
+        assert_eq!(transformer_prefix(&modules("0_Transformer/")), "0_Transformer/");
+        assert_eq!(transformer_prefix(&modules("a/b")), "a/b/");
+        assert_eq!(transformer_prefix("not json"), "");
+    }
+
     #[test]
     fn both_generations_of_module_names_are_read() {
         let dir = tempfile::tempdir().unwrap();

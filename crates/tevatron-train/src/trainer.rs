@@ -343,7 +343,8 @@ pub fn train(
     let mut warmup = warmup_steps(plan.total_steps, cfg.warmup_steps, cfg.warmup_ratio);
     if cfg.schedule == ScheduleKind::Constant && warmup > 0 {
         // Hugging Face's `constant` does not warm up; `constant_with_warmup` does. (A note,
-        // not a warning: the default --warmup_ratio 0.1 is in force whenever none is given.)
+        // not a warning: `train`'s default --warmup_ratio 0.1 is in force whenever none is
+        // given.)
         tracing::info!(
             "--warmup_steps/--warmup_ratio change nothing under --lr_scheduler_type constant \
              (constant_with_warmup warms up)"

@@ -424,8 +424,13 @@ pub fn run(a: &MineArgs) -> Result<()> {
             bail!("--queries and --qrels go together (or give a training file with --dataset_path)")
         }
     };
-    // The corpus files, resolved once for encoding and for --drop_same_text.
-    let corpus_files = a.corpus.files(a.data.dataset_cache_dir.as_deref())?;
+    // The corpus files, resolved once for encoding and for --drop_same_text, and only when one
+    // of them reads it (a hub corpus is not fetched to be said to change nothing).
+    let given = a.query_reps.is_some() && a.passage_reps.is_some();
+    let corpus_files = match a.drop_same_text || !given {
+        true => a.corpus.files(a.data.dataset_cache_dir.as_deref())?,
+        false => None,
+    };
     let (q_path, p_pattern, _temp) = embeddings(a, &queries, corpus_files.as_deref())?;
     let qv = Vectors::open(&q_path).context("reading the query embeddings")?;
     let shards = expand_glob(&p_pattern)

@@ -290,6 +290,11 @@ pub fn run(a: &RerankArgs) -> Result<()> {
         );
     }
     let total = range.len();
+    if total == 0 {
+        tracing::info!("shard {index} of {shards} holds no pair: writing an empty ranking");
+        write_reranked(&a.rerank_output_path, &[]).context("writing --rerank_output_path")?;
+        return Ok(());
+    }
     let mut source = Shard { source, at: 0, range };
     let (enc, batches) = load_reranker(&a.model)?;
     let input = PairInput::new(&a.model, &enc)?;

@@ -653,8 +653,8 @@ fn local_rank(a: &TrainArgs) -> Result<usize> {
     }
 }
 
-/// The checkpoint to resume from, decided by rank 0 (which may have cleared the folder for
-/// `--overwrite_output_dir`) and shared with every rank.
+/// The checkpoint to resume from, decided by rank 0 (which makes the output folder) and shared
+/// with every rank.
 fn resume_point(a: &TrainArgs, group: &Group) -> Result<Option<PathBuf>> {
     let mine = if group.is_main() { resume_here(a)? } else { None };
     let path = mine.as_deref().map(Path::to_string_lossy).unwrap_or_default();
