@@ -120,8 +120,9 @@ fn each_filter_removes_what_it_says() {
     assert!(!m["q2"].contains(&"e1".to_string()));
     // The text form gives the same output.
     assert_eq!(mine(d, &["--dataset_path", "train.text.jsonl"], &[]), m);
-    // Rank window: ranks 1-2 skipped (d1 and d2), up to rank 5.
-    assert_eq!(q1(&mine(d, TRAIN, &["--range_min", "2", "--range_max", "5"])), ["d3", "d4", "d5"]);
+    // Rank window, as sentence-transformers counts it: over the candidates left once the
+    // positive d1 is out (d2, d3, ...), the first 2 skipped, up to the 5th.
+    assert_eq!(q1(&mine(d, TRAIN, &["--range_min", "2", "--range_max", "5"])), ["d4", "d5", "d6"]);
     // Score ceiling 0.82 keeps d5 (0.8) and below.
     assert_eq!(q1(&mine(d, TRAIN, &["--max_score", "0.82"])), ["d5", "d6", "d7"]);
     // Absolute margin 0.12 below the positive's 1.0: d4 (0.85) is the first kept.
@@ -139,6 +140,39 @@ fn each_filter_removes_what_it_says() {
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
     ok(out);
     assert!(log.contains("--corpus_name) changes nothing here"), "{log}");
+    // A query in two rows (one positive each, as pair files have it): neither row's positive
+    // is mined as the other's negative, as sentence-transformers groups positives by anchor.
+    let pairs = [
+        serde_json::json!({"query_id": "q1", "query_text": "one", "positive_document_ids": ["d1"]}),
+        serde_json::json!({"query_id": "q1", "query_text": "one", "positive_document_ids": ["d2"]}),
+    ];
+    let text: String = pairs.iter().map(|r| format!("{r}\n")).collect();
+    std::fs::write(d.join("pairs.jsonl"), text).unwrap();
+    let out = tevatron(
+        d,
+        &[
+            "mine",
+            "--query_reps",
+            "q.safetensors",
+            "--passage_reps",
+            "p.safetensors",
+            "--output_path",
+            "out/pairs.jsonl",
+            "--num_negatives",
+            "3",
+            "--dataset_cache_dir",
+            "cache",
+            "--quiet",
+            "--dataset_path",
+            "pairs.jsonl",
+        ],
+    );
+    ok(out);
+    let rows = std::fs::read_to_string(d.join("out/pairs.jsonl")).unwrap();
+    for l in rows.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert_eq!(v["negative_document_ids"], serde_json::json!(["d3", "d4", "d5"]), "{v}");
+    }
     // The existing negatives are kept after the mined ones when asked.
     assert_eq!(q1(&mine(d, TRAIN, &["--keep_existing_negatives"])), ["d2", "d3", "d4", "d12"]);
     // The summary counts what each filter removed and where the positives ranked.
@@ -149,7 +183,7 @@ fn each_filter_removes_what_it_says() {
     .unwrap();
     assert_eq!(s["queries"], 2);
     assert_eq!(s["removed"]["judged"], 2, "{s}");
-    assert_eq!(s["removed"]["rank_window"], 2, "q1's d2 and q2's rank 2: {s}");
+    assert_eq!(s["removed"]["rank_window"], 4, "the two best left of each query: {s}");
     assert_eq!(s["positive_ranks"][0], serde_json::json!(["1", 2]), "{s}");
     assert_eq!(s["queries_left_out_without_negatives"], 0, "{s}");
     // Queries whose candidates are all removed (every score is at least 0) are left out of the

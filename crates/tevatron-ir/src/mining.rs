@@ -17,16 +17,19 @@ pub enum Sampling {
 /// The false-negative filters and the sampling, as `tevatron mine`'s flags set them.
 #[derive(Clone, Debug)]
 pub struct MineOptions {
-    /// Skip the `range_min` best-ranked documents (1-based ranks `<= range_min`): the closest
-    /// matches are the likeliest unjudged positives (sentence-transformers' `range_min`).
+    /// Skip the `range_min` best candidates the other filters leave: the closest matches are
+    /// the likeliest unjudged positives (sentence-transformers' `range_min`, which counts the
+    /// candidates left once positives, margins and `max_score` are removed).
     pub range_min: usize,
-    /// Consider only ranks `<= range_max` (sentence-transformers' `range_max`).
+    /// Consider only the first `range_max` candidates the other filters leave (those skipped by
+    /// `range_min` included), as sentence-transformers' `range_max`.
     pub range_max: Option<usize>,
     /// Drop candidates scoring above this: an absolute ceiling on similarity.
     pub max_score: Option<f32>,
     /// Keep a candidate only if `score <= positive_score - absolute_margin`.
     pub absolute_margin: Option<f32>,
-    /// Keep a candidate only if `score <= positive_score * (1 - relative_margin)`.
+    /// Keep a candidate only if `score <= positive_score - |positive_score| * relative_margin`
+    /// (sentence-transformers' rule, which holds for a negative positive score too).
     pub relative_margin: Option<f32>,
     /// Drop candidates whose text equals a positive's after folding white space and case
     /// (InsuranceQA repeats answers under other ids).
@@ -52,13 +55,12 @@ pub struct Candidate {
 }
 
 /// How many candidates each filter removed (each candidate is counted by the first filter
-/// that removes it, in the order of the fields).
+/// that removes it, in the order of the fields; the rank window applies to what the others
+/// leave).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct FilterCounts {
     /// Judged relevant for the query (always removed).
     pub judged: usize,
-    /// Outside `range_min`/`range_max`.
-    pub rank_window: usize,
     /// Above `max_score`.
     pub max_score: usize,
     /// Within `absolute_margin` of the positive's score.
@@ -67,6 +69,8 @@ pub struct FilterCounts {
     pub relative_margin: usize,
     /// Same text as a positive.
     pub same_text: usize,
+    /// Left by the filters above but outside `range_min`/`range_max` among them.
+    pub rank_window: usize,
 }
 
 impl FilterCounts {
@@ -110,13 +114,11 @@ pub fn select(
         };
         let removed_by = if judged.contains(&c.docid) {
             Some(&mut counts.judged)
-        } else if c.rank <= opts.range_min || opts.range_max.is_some_and(|m| c.rank > m) {
-            Some(&mut counts.rank_window)
         } else if opts.max_score.is_some_and(|m| c.score > m) {
             Some(&mut counts.max_score)
         } else if near(opts.absolute_margin, |p, m| p - m) {
             Some(&mut counts.absolute_margin)
-        } else if near(opts.relative_margin, |p, r| p * (1.0 - r)) {
+        } else if near(opts.relative_margin, |p, r| p - p.abs() * r) {
             Some(&mut counts.relative_margin)
         } else if opts.drop_same_text && same_text(&c.docid) {
             Some(&mut counts.same_text)
@@ -128,6 +130,12 @@ pub fn select(
             None => kept.push(c.clone()),
         }
     }
+    // The rank window, over the candidates the filters left (in rank order).
+    let end = opts.range_max.unwrap_or(usize::MAX).min(kept.len());
+    let start = opts.range_min.min(end);
+    counts.rank_window = kept.len() - (end - start);
+    kept.truncate(end);
+    kept.drain(..start);
     let chosen = match opts.sampling {
         Sampling::Top => kept.into_iter().take(opts.num_negatives).collect(),
         Sampling::Random => {
@@ -233,6 +241,27 @@ mod tests {
         let (got, counts) = select("q", &cands(), &judged(&[]), None, |_| false, &o);
         assert_eq!(ids(&got), ["d4", "d5", "d6"]);
         assert_eq!(counts.rank_window, 7);
+        // As sentence-transformers: the window counts the candidates the other filters leave
+        // (d1 and d2 judged, d3 above the ceiling), not raw ranks.
+        let o = MineOptions { range_min: 1, range_max: Some(4), max_score: Some(0.75), ..opts() };
+        let (got, counts) = select("q", &cands(), &judged(&["d1", "d2"]), None, |_| false, &o);
+        assert_eq!(ids(&got), ["d5", "d6", "d7"]);
+        assert_eq!((counts.judged, counts.max_score, counts.rank_window), (2, 1, 4));
+    }
+
+    /// sentence-transformers' relative margin, `p - |p| x r`: below a negative positive score
+    /// too (`p x (1 - r)` would keep candidates above it).
+    #[test]
+    fn the_relative_margin_holds_below_a_negative_positive_score() {
+        let c: Vec<Candidate> = [-0.46f32, -0.52, -0.56, -0.6]
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| Candidate { docid: format!("n{}", i + 1), score: s, rank: i + 1 })
+            .collect();
+        let o = MineOptions { relative_margin: Some(0.1), ..opts() };
+        let (got, counts) = select("q", &c, &judged(&[]), Some(-0.5), |_| false, &o);
+        assert_eq!(ids(&got), ["n3", "n4"]);
+        assert_eq!(counts.relative_margin, 2);
     }
 
     #[test]

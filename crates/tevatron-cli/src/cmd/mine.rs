@@ -167,6 +167,16 @@ fn training_queries(a: &MineArgs, cache: &Path) -> Result<Vec<MineQuery>> {
             source: (path.to_path_buf(), line),
         });
     }
+    // A query given in several rows (one positive a row, as pair files have it) is judged
+    // relevant to every positive of all its rows, as sentence-transformers groups positives by
+    // anchor: one row's positive is never mined as another's negative.
+    let mut by_id: HashMap<String, HashSet<String>> = HashMap::new();
+    for q in &out {
+        by_id.entry(q.id.clone()).or_default().extend(q.positives.iter().cloned());
+    }
+    for q in &mut out {
+        q.judged.clone_from(&by_id[&q.id]);
+    }
     Ok(out)
 }
 
@@ -524,10 +534,13 @@ pub fn run(a: &MineArgs) -> Result<()> {
                     rank: k + 1,
                 })
                 .collect();
+            // The margins' reference: the lowest score of any positive of the query.
             let mut positive_score = f32::INFINITY;
-            for p in &q.positives {
+            for p in &q.judged {
                 row_of(p, &mut buf);
                 positive_score = positive_score.min(dot(qvec, &buf));
+            }
+            for p in &q.positives {
                 let rank = candidates.iter().find(|c| c.docid == *p).map_or(usize::MAX, |c| c.rank);
                 let b = buckets
                     .iter()
@@ -536,11 +549,8 @@ pub fn run(a: &MineArgs) -> Result<()> {
                 histogram[b] += 1;
             }
             let same: HashSet<String> = if a.drop_same_text {
-                let positives: HashSet<String> = q
-                    .positives
-                    .iter()
-                    .filter_map(|p| folded(p).transpose())
-                    .collect::<Result<_>>()?;
+                let positives: HashSet<String> =
+                    q.judged.iter().filter_map(|p| folded(p).transpose()).collect::<Result<_>>()?;
                 let mut same = HashSet::new();
                 for c in &candidates {
                     if folded(&c.docid)?.is_some_and(|t| positives.contains(&t)) {
