@@ -34,12 +34,14 @@ fn fuse(dir: &Path, runs: &[String], flags: &[&str]) -> Scores {
     fused
 }
 
-/// Each query's documents come best first, ties by doc id descending (trec_eval's order).
+/// Each query's documents come best first, ties by doc id descending (trec_eval's order, which
+/// compares scores in single precision).
 fn assert_trec_order(fused: &Scores) {
     for (q, docs) in fused {
         for w in docs.windows(2) {
             let ((d0, s0), (d1, s1)) = (&w[0], &w[1]);
-            assert!(s0 > s1 || (s0 == s1 && d0 > d1), "{q}: {d0} {s0} before {d1} {s1}");
+            let (a, b) = (*s0 as f32, *s1 as f32);
+            assert!(a > b || (a == b && d0 > d1), "{q}: {d0} {s0} before {d1} {s1}");
         }
     }
 }

@@ -39,6 +39,9 @@ pub struct Measure {
     pub kind: MeasureKind,
 }
 
+/// trec_eval's cut-offs for a cut-off measure named without one (its `-m ndcg_cut`).
+const TREC_EVAL_CUTOFFS: [usize; 9] = [5, 10, 15, 20, 30, 100, 200, 500, 1000];
+
 fn cutoff(name: &str, k: &str) -> Result<usize> {
     match k.parse::<usize>() {
         Ok(k) if k > 0 => Ok(k),
@@ -73,18 +76,26 @@ impl Measure {
         let k = k.map(|k| cutoff(name, k)).transpose()?;
         let kind = match (base.to_ascii_lowercase().as_str(), k) {
             ("mrr" | "recip_rank", k) => MeasureKind::RecipRank(k),
-            ("ndcg" | "ndcg_cut", k) => MeasureKind::Ndcg(k),
+            ("ndcg", k) | ("ndcg_cut", k @ Some(_)) => MeasureKind::Ndcg(k),
             ("recall", Some(k)) => MeasureKind::Recall(k),
             ("p" | "precision", Some(k)) => MeasureKind::Precision(k),
-            ("map" | "map_cut", k) => MeasureKind::Map(k),
+            ("map", k) | ("map_cut", k @ Some(_)) => MeasureKind::Map(k),
             _ => return Err(unknown()),
         };
         Ok(Measure { name: name.to_string(), kind })
     }
 
     /// Parses a `-m` value, which may list several cut-offs as trec_eval allows
-    /// (`recall.5,100` gives `recall.5` and `recall.100`).
+    /// (`recall.5,100` gives `recall.5` and `recall.100`); a cut-off measure named bare
+    /// (`ndcg_cut`, `map_cut`, `P`, `recall`) takes trec_eval's default cut-offs, named as
+    /// trec_eval prints them (`ndcg_cut_5`, ...).
     pub fn parse_list(spec: &str) -> Result<Vec<Measure>> {
+        if ["ndcg_cut", "map_cut", "P", "recall"].contains(&spec) {
+            return TREC_EVAL_CUTOFFS
+                .iter()
+                .map(|k| Measure::parse(&format!("{spec}_{k}")))
+                .collect();
+        }
         let mut parts = spec.split(',');
         let first = parts.next().unwrap_or_default();
         let mut out = vec![Measure::parse(first)?];
@@ -107,9 +118,11 @@ impl Measure {
     }
 }
 
-/// trec_eval's order: score descending, then doc id descending.
+/// trec_eval's order: score descending, then doc id descending. trec_eval holds a score in
+/// single precision (`float sim`, as pytrec_eval passes it too), so scores equal as f32 tie.
 pub fn trec_order<S: AsRef<str>>(a: &(S, f64), b: &(S, f64)) -> Ordering {
-    b.1.partial_cmp(&a.1).unwrap_or(Ordering::Equal).then_with(|| b.0.as_ref().cmp(a.0.as_ref()))
+    let (a32, b32) = (a.1 as f32, b.1 as f32);
+    b32.partial_cmp(&a32).unwrap_or(Ordering::Equal).then_with(|| b.0.as_ref().cmp(a.0.as_ref()))
 }
 
 /// Computes one measure for one query, given relevance of the ranked list (best first) and the
@@ -263,6 +276,12 @@ mod tests {
         let names: Vec<String> =
             Measure::parse_list("recall.5,100").unwrap().into_iter().map(|m| m.name).collect();
         assert_eq!(names, ["recall.5", "recall.100"]);
+        // Named bare, trec_eval's default cut-offs (pytrec_eval's ndcg_cut_5 ... ndcg_cut_1000).
+        let bare = Measure::parse_list("ndcg_cut").unwrap();
+        assert_eq!(bare.len(), 9);
+        assert_eq!((bare[0].name.as_str(), bare[0].kind), ("ndcg_cut_5", Ndcg(Some(5))));
+        assert_eq!(bare[8].kind, Ndcg(Some(1000)));
+        assert_eq!(Measure::parse_list("P").unwrap()[1].kind, Precision(10));
     }
 
     #[test]
@@ -270,6 +289,9 @@ mod tests {
         // Both at score 1: d2 ranks before d10? No: "d2" > "d10" as strings, so d2 first.
         assert_eq!(eval1("q d10 1\nq d2 1\n", "q 0 d2 1\n", "mrr@1"), 1.0);
         assert_eq!(eval1("q d10 1\nq d2 1\n", "q 0 d10 1\n", "mrr@1"), 0.0);
+        // Scores equal in single precision tie, as trec_eval holds them (pytrec_eval gives 1).
+        assert_eq!(eval1("q a 0.300000001\nq b 0.3\n", "q 0 b 1\n", "mrr@1"), 1.0);
+        assert_eq!(eval1("q a 0.30001\nq b 0.3\n", "q 0 b 1\n", "mrr@1"), 0.0);
     }
 
     #[test]

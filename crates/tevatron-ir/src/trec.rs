@@ -99,9 +99,16 @@ impl Qrels {
                 ));
             }
             let [qid, _, docid, rel, ..] = cols;
-            let rel: i64 = rel.parse().map_err(|_| {
-                line_err(path, i + 1, format!("relevance {rel:?} is not an integer"))
-            })?;
+            // An integer, or one written with a fraction of zeros (`1.0`, which trec_eval's
+            // `atol` reads as 1); any other fraction is refused, not cut.
+            let whole =
+                |r: &str| r.parse::<f64>().ok().filter(|f| f.fract() == 0.0 && f.abs() < 1e15);
+            let rel: i64 = match rel.parse() {
+                Ok(r) => r,
+                Err(_) => whole(rel).map(|f| f as i64).ok_or_else(|| {
+                    line_err(path, i + 1, format!("relevance {rel:?} is not an integer"))
+                })?,
+            };
             let slot = *index.entry(qid).or_insert_with(|| {
                 qrels.queries.push((qid.to_string(), FxHashMap::default()));
                 qrels.queries.len() - 1
@@ -214,12 +221,14 @@ pub fn write_run<'a>(
     let mut last: Option<&str> = None;
     let mut rank = 0usize;
     for (qid, docid, score) in rows {
-        if remove_query && qid == docid {
-            continue;
-        }
+        // As Tevatron's converters: a change of query restarts the ranks even at a row that is
+        // then dropped (only ungrouped input tells the two orders apart).
         if last != Some(qid) {
             rank = 0;
             last = Some(qid);
+        }
+        if remove_query && qid == docid {
+            continue;
         }
         rank += 1;
         let w = out.writer();
@@ -263,6 +272,23 @@ pub fn read_ranking_columns(path: &Path) -> Result<Vec<(String, String, String)>
 mod tests {
     use super::*;
 
+    /// Tevatron's converters' ranks: restarted at each change of query, a dropped self-hit
+    /// consuming no rank, and a change of query at a dropped row restarting them too.
+    #[test]
+    fn converted_ranks_follow_tevatrons_converters() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("r.trec");
+        let rows = [("q1", "d1"), ("q1", "q1"), ("q1", "d2"), ("q2", "q2"), ("q1", "d9")];
+        let rows = rows.iter().map(|(q, d)| (*q, *d, "1".to_string()));
+        write_run(&out, rows, RunFormat::Trec, true).unwrap();
+        let ranks: Vec<String> = std::fs::read_to_string(&out)
+            .unwrap()
+            .lines()
+            .map(|l| l.split(' ').take(4).collect::<Vec<_>>().join(" "))
+            .collect();
+        assert_eq!(ranks, ["q1 Q0 d1 1", "q1 Q0 d2 2", "q1 Q0 d9 1"]);
+    }
+
     #[test]
     fn run_reads_both_formats_and_keeps_last_duplicate() {
         let run = Run::parse_str("q1 Q0 d1 1 2.5 t\nq1\td2\t-1\nq2 d1 0\nq1 d1 3\n", "r").unwrap();
@@ -290,6 +316,10 @@ mod tests {
         assert_eq!(e.to_string(), "q.txt:1: qrels line needs 4 columns, found 3");
         let e = Qrels::parse_str("q 0 d 1.5\n", "q.txt").unwrap_err();
         assert_eq!(e.to_string(), "q.txt:1: relevance \"1.5\" is not an integer");
+        // A whole number written with a fraction of zeros is that number, as trec_eval reads it.
+        let q = Qrels::parse_str("q 0 d 2.0\nq 0 e -1.00\n", "q.txt").unwrap();
+        assert_eq!(q.queries[0].1["d"], 2);
+        assert_eq!(q.queries[0].1["e"], -1);
     }
 
     /// The converters' reader checks the score column too (it wrote `abc` into a TREC run).
