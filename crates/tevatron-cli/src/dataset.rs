@@ -281,30 +281,62 @@ pub fn resolve(
 }
 
 /// A hub dataset's snapshot folder: from the cache, or downloaded (data files only).
+/// The file a download of this tool leaves beside a dataset's snapshots while it fetches a
+/// revision's data files (the revision's commit inside), removed once every file is in: a
+/// snapshot it names is incomplete (the download stopped).
+const PARTIAL: &str = "tevatron-partial";
+
+/// The cached snapshot of a dataset folder (`datasets--org--name`): the one `refs/main` names,
+/// else the newest; with whether a download of this tool stopped while filling it.
+fn cached_snapshot(folder: &Path) -> Option<(PathBuf, bool)> {
+    let snapshots = folder.join("snapshots");
+    let main = std::fs::read_to_string(folder.join("refs/main")).ok();
+    let snapshot = match main.map(|c| snapshots.join(c.trim())).filter(|s| s.is_dir()) {
+        Some(s) => s,
+        None => {
+            let entries = std::fs::read_dir(&snapshots).ok()?;
+            let mut snaps: Vec<PathBuf> =
+                entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+            snaps.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+            snaps.pop()?
+        }
+    };
+    let partial = std::fs::read_to_string(folder.join(PARTIAL))
+        .is_ok_and(|c| snapshot.file_name().is_some_and(|n| n.to_string_lossy() == c.trim()));
+    Some((snapshot, partial))
+}
+
 fn hub_dataset(id: &str, cache_dir: Option<&Path>) -> Result<PathBuf> {
     let cache = tevatron_model::hub::cache_dir(cache_dir)?;
     let folder = cache.join(format!("datasets--{}", id.replace('/', "--")));
-    let snapshots = folder.join("snapshots");
-    if let Ok(entries) = std::fs::read_dir(&snapshots) {
-        let mut snaps: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
-        snaps.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
-        if let Some(latest) = snaps.pop() {
-            tracing::info!("using dataset {id} from the hub cache at {}", latest.display());
-            return Ok(latest);
-        }
-    }
     let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0");
-    if offline {
-        bail!(
+    match cached_snapshot(&folder) {
+        Some((snapshot, false)) => {
+            tracing::info!("using dataset {id} from the hub cache at {}", snapshot.display());
+            return Ok(snapshot);
+        }
+        Some((snapshot, true)) if offline => bail!(
+            "dataset {id:?}: its cached snapshot {} is incomplete (a download stopped), and \
+             HF_HUB_OFFLINE is set; run once online to complete it",
+            snapshot.display()
+        ),
+        Some((snapshot, true)) => tracing::info!(
+            "dataset {id}: completing the snapshot {} (a download stopped)",
+            snapshot.display()
+        ),
+        None if offline => bail!(
             "dataset {id:?} is not a local folder and not in the Hugging Face cache at {} (HF_HUB_OFFLINE is set)",
             cache.display()
-        );
+        ),
+        None => {}
     }
     let download = || -> std::result::Result<PathBuf, String> {
         // The models' client: the same endpoint (HF_ENDPOINT) and token.
         let api = tevatron_model::hub::api(&cache)?;
         let repo = api.dataset(id.to_string());
         let info = repo.info().map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(&folder).map_err(|e| e.to_string())?;
+        std::fs::write(folder.join(PARTIAL), &info.sha).map_err(|e| e.to_string())?;
         let mut root = None;
         for s in info.siblings {
             if is_data_file(Path::new(&s.rfilename)) {
@@ -313,7 +345,9 @@ fn hub_dataset(id: &str, cache_dir: Option<&Path>) -> Result<PathBuf> {
                 root = local.ancestors().nth(depth).map(Path::to_path_buf);
             }
         }
-        root.ok_or_else(|| format!("{id} has no JSONL or Parquet data files"))
+        let root = root.ok_or_else(|| format!("{id} has no JSONL or Parquet data files"))?;
+        std::fs::remove_file(folder.join(PARTIAL)).map_err(|e| e.to_string())?;
+        Ok(root)
     };
     download().map_err(|cause| {
         anyhow::anyhow!(
@@ -340,6 +374,25 @@ mod tests {
             .iter()
             .map(|p| p.strip_prefix(dir.path()).unwrap().to_string_lossy().into_owned())
             .collect())
+    }
+
+    /// The cached snapshot is `refs/main`'s, else the newest; one a stopped download of this
+    /// tool named is marked incomplete.
+    #[test]
+    fn a_cached_snapshot_is_mains_and_a_stopped_download_is_known() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path();
+        assert!(cached_snapshot(folder).is_none());
+        for c in ["aaa", "bbb"] {
+            std::fs::create_dir_all(folder.join("snapshots").join(c)).unwrap();
+        }
+        std::fs::create_dir_all(folder.join("refs")).unwrap();
+        std::fs::write(folder.join("refs/main"), "aaa").unwrap();
+        assert_eq!(cached_snapshot(folder), Some((folder.join("snapshots/aaa"), false)));
+        std::fs::write(folder.join(PARTIAL), "aaa").unwrap();
+        assert_eq!(cached_snapshot(folder), Some((folder.join("snapshots/aaa"), true)));
+        std::fs::write(folder.join(PARTIAL), "bbb").unwrap();
+        assert_eq!(cached_snapshot(folder), Some((folder.join("snapshots/aaa"), false)));
     }
 
     /// Forms Hugging Face reads otherwise are refused with what to give instead: a split slice,

@@ -100,6 +100,12 @@ pub fn open_jsonl(path: &Path) -> Result<JsonlReader> {
             path.display()
         )));
     }
+    if path.extension().is_some_and(|e| e == "csv" || e == "tsv") {
+        return Err(Error::Invalid(format!(
+            "{}: CSV and TSV files are not read here; give JSON lines or Parquet",
+            path.display()
+        )));
+    }
     let file =
         File::open(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
     let reader: Box<dyn BufRead + Send> = if path.extension().is_some_and(|e| e == "gz") {
