@@ -30,8 +30,9 @@
 #   RERANKER_FROM=base ...                  # the reranker starts from the base model, not
 #                                           # from round 2's (the default)
 #   RERANKER_NEGATIVES=top ...              # the reranker's negatives are round 1's closest
-#                                           # (the 15 from rank 4 on), not a random draw from
-#                                           # its ranks 4-100 (the default); a folder whose
+#                                           # (the 15 after the 3 closest left by the
+#                                           # filters), not a random draw from the rest of
+#                                           # its top 100 (the default); a folder whose
 #                                           # reranker/mined.jsonl exists keeps it: give a new
 #                                           # RECIPE_OUT or remove reranker/
 #   RERANKER_EPOCHS=1 ...                   # the reranker's epochs over its mined groups
@@ -252,8 +253,8 @@ for l in open(sys.argv[1]):
   record_time "$stage (mining)" $((SECONDS - start))
 }
 
-# Round 2 on mined negatives: skip the 3 closest ranks (the likeliest unjudged positives) and
-# answers repeated under other ids. A margin below the positive's score is left out: where the
+# Round 2 on mined negatives: skip the 3 closest candidates the filters leave (the likeliest
+# unjudged positives) and answers repeated under other ids. A margin below the positive's score is left out: where the
 # model ranks a positive low, it removes every candidate above it and leaves the query without
 # negatives (with --relative_margin 0.05, 9,358 of 60,000 candidates and every negative of
 # some queries, in the quick run).
@@ -276,7 +277,7 @@ fi
 
 # A reranker and distillation: a cross-encoder trained from round 2's model (its score head
 # initialised; RERANKER_FROM=base starts it from the base MiniLM instead) on every training
-# question with negatives drawn at random from round 1's ranks 4-100 (round 2's filters;
+# question with negatives drawn at random from round 1's top 100 after the 3 closest (round 2's filters;
 # RERANKER_NEGATIVES=top takes the closest instead), Tevatron's reranker recipe (groups of 8,
 # the listwise loss), validated during training by reranking round 1's top 20 of the
 # validation questions, the best checkpoint kept; it rescores round 2's top 100 of every dev

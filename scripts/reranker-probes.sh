@@ -6,7 +6,7 @@
 #                                                 # keeps round 1's embeddings the mining reuses
 #   scripts/reranker-probes.sh NAME [train-reranker flags...]
 #   e.g. NEGATIVES=top LR=1e-4 scripts/reranker-probes.sh top-1e-4
-# The first ROWS (2000) training questions, negatives mined by round 1 from its ranks 4-100
+# The first ROWS (2000) training questions, negatives mined by round 1 from its top 100 after the 3 closest candidates the filters leave
 # (the recipe's filters) and drawn by NEGATIVES (random, the default, or top: the closest), one
 # epoch of 8 questions x group 8 (250 steps) at LR (1e-4) from INIT (round 2's model), bf16,
 # validated every EVERY (125) steps on round 1's top 20 of the validation questions as in the

@@ -1047,10 +1047,12 @@ pub struct MineArgs {
     /// Candidates per query from exact search.
     #[arg(long, default_value_t = 200)]
     pub depth: usize,
-    /// Skip the candidates ranked 1..=range_min (the likeliest unjudged positives).
+    /// Skip the range_min best candidates the other filters leave (the likeliest unjudged
+    /// positives), as sentence-transformers' range_min.
     #[arg(long, default_value_t = 0)]
     pub range_min: usize,
-    /// Consider candidates ranked up to this only (default: --depth).
+    /// Consider only the first range_max candidates the other filters leave (default: all
+    /// within --depth), as sentence-transformers' range_max.
     #[arg(long)]
     pub range_max: Option<usize>,
     /// Drop candidates scoring above this.
@@ -1059,7 +1061,8 @@ pub struct MineArgs {
     /// Keep a candidate only if its score <= the positive's score minus this.
     #[arg(long, allow_negative_numbers = true)]
     pub absolute_margin: Option<f32>,
-    /// Keep a candidate only if its score <= the positive's score times (1 - this).
+    /// Keep a candidate only if its score <= the positive's score minus |that score| times this
+    /// (sentence-transformers' relative margin).
     #[arg(long)]
     pub relative_margin: Option<f32>,
     /// Drop candidates whose text equals a positive's after folding white space and case

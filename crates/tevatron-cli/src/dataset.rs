@@ -8,9 +8,14 @@ use anyhow::{bail, Context, Result};
 
 const DATA_EXTS: &[&str] = &[".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet"];
 
+/// Files of a dataset folder that are no data whatever their extension (Hugging Face's
+/// `FILES_TO_IGNORE`): its cards and the `datasets` library's own records.
+const FILES_TO_IGNORE: &[&str] =
+    &["README.md", "config.json", "dataset_info.json", "dataset_infos.json", "dataset_dict.json"];
+
 fn is_data_file(p: &Path) -> bool {
     let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-    DATA_EXTS.iter().any(|e| name.ends_with(e))
+    DATA_EXTS.iter().any(|e| name.ends_with(e)) && !FILES_TO_IGNORE.contains(&name)
 }
 
 /// A data file in a compression this tool does not read (`train.jsonl.xz`): refused by name
@@ -22,10 +27,13 @@ fn unread_compression(p: &Path) -> Option<&'static str> {
     DATA_EXTS.iter().any(|e| inner.ends_with(e)).then_some(c)
 }
 
-/// Whether a file or folder name is hidden (`.cache`, `.gitattributes`): Hugging Face's data
-/// file patterns leave those out.
+/// Whether a file or folder name is hidden (`.cache`, `.gitattributes`) or a folder is
+/// private (`__pycache__`): Hugging Face's data-file patterns leave those out.
 fn hidden(p: &Path) -> bool {
-    p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'))
+    p.file_name().is_some_and(|n| {
+        let n = n.to_string_lossy();
+        n.starts_with('.') || (n.starts_with("__") && p.is_dir())
+    })
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
@@ -280,7 +288,6 @@ pub fn resolve(
     split_files(&root, config, split)
 }
 
-/// A hub dataset's snapshot folder: from the cache, or downloaded (data files only).
 /// The file a download of this tool leaves beside a dataset's snapshots while it fetches a
 /// revision's data files (the revision's commit inside), removed once every file is in: a
 /// snapshot it names is incomplete (the download stopped).
@@ -306,6 +313,7 @@ fn cached_snapshot(folder: &Path) -> Option<(PathBuf, bool)> {
     Some((snapshot, partial))
 }
 
+/// A hub dataset's snapshot folder: from the cache, or downloaded (data files only).
 fn hub_dataset(id: &str, cache_dir: Option<&Path>) -> Result<PathBuf> {
     let cache = tevatron_model::hub::cache_dir(cache_dir)?;
     let folder = cache.join(format!("datasets--{}", id.replace('/', "--")));
@@ -346,14 +354,25 @@ fn hub_dataset(id: &str, cache_dir: Option<&Path>) -> Result<PathBuf> {
             }
         }
         let root = root.ok_or_else(|| format!("{id} has no JSONL or Parquet data files"))?;
-        std::fs::remove_file(folder.join(PARTIAL)).map_err(|e| e.to_string())?;
+        // Another process fetching the same revision (shards of one encode) may have finished
+        // first and removed the marker, or started on a newer revision: only this download's
+        // marker is removed, and its absence is no failure.
+        let marker = folder.join(PARTIAL);
+        if std::fs::read_to_string(&marker).is_ok_and(|c| c.trim() == info.sha) {
+            let _ = std::fs::remove_file(&marker);
+        }
         Ok(root)
     };
-    download().map_err(|cause| {
-        anyhow::anyhow!(
+    download().map_err(|cause| match cached_snapshot(&folder) {
+        Some((snapshot, true)) => anyhow::anyhow!(
+            "dataset {id:?}: its cached snapshot {} is incomplete (a download stopped), and \
+             completing it failed: {cause}",
+            snapshot.display()
+        ),
+        _ => anyhow::anyhow!(
             "dataset {id:?} is not a local folder and not in the Hugging Face cache at {}, and downloading it failed: {cause}",
             cache.display()
-        )
+        ),
     })
 }
 
@@ -393,6 +412,11 @@ mod tests {
         assert_eq!(cached_snapshot(folder), Some((folder.join("snapshots/aaa"), true)));
         std::fs::write(folder.join(PARTIAL), "bbb").unwrap();
         assert_eq!(cached_snapshot(folder), Some((folder.join("snapshots/aaa"), false)));
+        // refs/main naming a folder that is not there: the newest snapshot.
+        std::fs::write(folder.join("refs/main"), "ccc").unwrap();
+        assert!(
+            cached_snapshot(folder).is_some_and(|(s, _)| s.starts_with(folder.join("snapshots")))
+        );
     }
 
     /// Forms Hugging Face reads otherwise are refused with what to give instead: a split slice,
@@ -461,6 +485,9 @@ mod tests {
         assert_eq!(splits(&cfgs, None, "test").unwrap().len(), 2);
         let e = splits(&cfgs, Some("fiqa"), "test").unwrap_err().to_string();
         assert!(e.contains("--dataset_config \"fiqa\""), "{e}");
+        // The datasets library's own records are no data.
+        let recorded = ["dataset_info.json", "config.json", "corpus.jsonl", "__x/a.jsonl"];
+        assert_eq!(splits(&recorded, None, "train").unwrap(), ["corpus.jsonl"]);
         // A compression not read here is refused by name, not skipped.
         let e = splits(&["train-0.jsonl", "train-1.jsonl.xz"], None, "train").unwrap_err();
         assert!(e.to_string().contains("train-1.jsonl.xz: .xz files are not read here"), "{e}");

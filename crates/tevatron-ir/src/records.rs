@@ -92,8 +92,10 @@ pub fn unread_compression(path: &Path) -> Option<&'static str> {
     UNREAD_COMPRESSIONS.iter().find(|c| name.ends_with(*c)).copied()
 }
 
-/// Opens a JSONL file; a name ending in `.gz` is decompressed on the fly.
-pub fn open_jsonl(path: &Path) -> Result<JsonlReader> {
+/// Refuses, by name, a file whose form is not read here: a compression other than gzip, CSV or
+/// TSV (their bytes would otherwise fail as text that is not UTF-8, or as malformed JSON). Every
+/// reader of data files calls it first.
+pub fn check_readable(path: &Path) -> Result<()> {
     if let Some(c) = unread_compression(path) {
         return Err(Error::Invalid(format!(
             "{}: {c} files are not read here (gzip is); decompress it, or gzip it",
@@ -106,6 +108,12 @@ pub fn open_jsonl(path: &Path) -> Result<JsonlReader> {
             path.display()
         )));
     }
+    Ok(())
+}
+
+/// Opens a JSONL file; a name ending in `.gz` is decompressed on the fly.
+pub fn open_jsonl(path: &Path) -> Result<JsonlReader> {
+    check_readable(path)?;
     let file =
         File::open(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
     let reader: Box<dyn BufRead + Send> = if path.extension().is_some_and(|e| e == "gz") {
@@ -169,18 +177,15 @@ impl JsonlReader {
                 Err(source) => return Some(Err(Error::Read { path: self.path.clone(), source })),
             }
             self.line += 1;
-            let text = match std::str::from_utf8(&self.buf) {
-                Ok(t) => t,
-                Err(_) => {
-                    return Some(Err(Error::NotUtf8 { path: self.path.clone(), line: self.line }))
-                }
-            };
-            // Blank by the same rule the row counts use (a line of U+00A0 is a bad row).
-            if text.bytes().all(|b| b.is_ascii_whitespace()) {
-                continue;
+            if std::str::from_utf8(&self.buf).is_err() {
+                return Some(Err(Error::NotUtf8 { path: self.path.clone(), line: self.line }));
             }
             // A UTF-8 byte-order mark at the start of the file is no part of its first row.
             let start = if self.line == 1 { bom_len(&self.buf) } else { 0 };
+            // Blank by the same rule the row counts use (a line of U+00A0 is a bad row).
+            if self.buf[start..].iter().all(|b| b.is_ascii_whitespace()) {
+                continue;
+            }
             // Re-borrow after the checks so the returned slice outlives the loop.
             let text = std::str::from_utf8(&self.buf[start..]).expect("checked above");
             return Some(Ok((self.line, text)));

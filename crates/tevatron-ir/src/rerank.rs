@@ -220,7 +220,7 @@ pub fn pairs_from_run(
     let mut top: Vec<(&str, Vec<&str>)> = Vec::with_capacity(run.queries.len());
     for (i, (qid, _)) in run.queries.iter().enumerate() {
         let mut docs: Vec<(&str, f64)> = run.docs(i).collect();
-        docs.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| b.0.cmp(a.0)));
+        docs.sort_by(crate::metrics::trec_order);
         top.push((qid, docs.into_iter().take(depth).map(|(d, _)| d).collect()));
     }
     let wanted_q: std::collections::HashSet<&str> = top.iter().map(|(q, _)| *q).collect();

@@ -107,6 +107,7 @@ fn push_entry(out: &mut Vec<u8>, offset: usize, len: usize, line: usize) {
 }
 
 fn build_part(source: &Path, cache_root: &Path) -> Result<Part> {
+    crate::records::check_readable(source)?;
     let dir = cache_root.join(cache_key(source)?);
     let index_path = dir.join("index.bin");
     let plain = !source.extension().is_some_and(|e| e == "gz" || e == "parquet");

@@ -100,15 +100,11 @@ impl Qrels {
             }
             let [qid, _, docid, rel, ..] = cols;
             // An integer, or one written with a fraction of zeros (`1.0`, which trec_eval's
-            // `atol` reads as 1); any other fraction is refused, not cut.
-            let whole =
-                |r: &str| r.parse::<f64>().ok().filter(|f| f.fract() == 0.0 && f.abs() < 1e15);
-            let rel: i64 = match rel.parse() {
-                Ok(r) => r,
-                Err(_) => whole(rel).map(|f| f as i64).ok_or_else(|| {
-                    line_err(path, i + 1, format!("relevance {rel:?} is not an integer"))
-                })?,
-            };
+            // `atol` reads as 1); any other fraction (or exponent) is refused, not cut.
+            let whole = rel.split_once('.').filter(|(_, f)| f.bytes().all(|b| b == b'0'));
+            let rel: i64 = whole.map_or(rel, |(w, _)| w).parse().map_err(|_| {
+                line_err(path, i + 1, format!("relevance {rel:?} is not an integer"))
+            })?;
             let slot = *index.entry(qid).or_insert_with(|| {
                 qrels.queries.push((qid.to_string(), FxHashMap::default()));
                 qrels.queries.len() - 1
@@ -320,6 +316,8 @@ mod tests {
         let q = Qrels::parse_str("q 0 d 2.0\nq 0 e -1.00\n", "q.txt").unwrap();
         assert_eq!(q.queries[0].1["d"], 2);
         assert_eq!(q.queries[0].1["e"], -1);
+        let e = Qrels::parse_str("q 0 d 1e3\n", "q.txt").unwrap_err();
+        assert_eq!(e.to_string(), "q.txt:1: relevance \"1e3\" is not an integer");
     }
 
     /// The converters' reader checks the score column too (it wrote `abc` into a TREC run).
