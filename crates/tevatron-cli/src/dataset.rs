@@ -252,6 +252,12 @@ pub fn resolve(
             }
             _ => pattern.to_string(),
         };
+        // `data/**` is every file below `data` to Hugging Face (fsspec's glob); the glob here
+        // reads a final `**` as folders only.
+        let pattern = match pattern.strip_suffix("**") {
+            Some(dir) if dir.is_empty() || dir.ends_with('/') => format!("{pattern}/*"),
+            _ => pattern,
+        };
         return tevatron_ir::vectors::expand_glob(&pattern)
             .with_context(|| format!("resolving --{}_path", flags.prefix()));
     }
@@ -436,6 +442,12 @@ mod tests {
             .to_string();
         assert!(e.contains("names split test") && e.contains("names dev: give one"), "{e}");
         assert_eq!(resolve(Flags::Dataset, "json", Some(&f), None, "train", None).unwrap(), [file]);
+        // `dir/**` is every file below it, as Hugging Face reads it.
+        std::fs::create_dir_all(dir.path().join("d/e")).unwrap();
+        std::fs::write(dir.path().join("d/e/x.jsonl"), "{}\n").unwrap();
+        let all = format!("{}/d/**", dir.path().display());
+        let got = resolve(Flags::Dataset, "json", Some(&all), None, "train", None).unwrap();
+        assert_eq!(got, [dir.path().join("d/e/x.jsonl")]);
     }
 
     /// Hugging Face's data-file patterns: sharded names first, then folder names, then file

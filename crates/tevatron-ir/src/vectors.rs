@@ -621,9 +621,18 @@ pub fn expand_glob(pattern: &str) -> Result<Vec<PathBuf>> {
         .map_err(|e| Error::Glob(format!("invalid glob {pattern:?}: {e}")))?;
     let mut files = Vec::new();
     for p in paths {
-        files.push(p.map_err(|e| Error::Glob(format!("reading glob {pattern:?}: {e}")))?);
+        let p = p.map_err(|e| Error::Glob(format!("reading glob {pattern:?}: {e}")))?;
+        // Files only: a pattern such as `data/**/*` matches the folders on the way too.
+        if !p.is_dir() {
+            files.push(p);
+        }
     }
     files.sort();
+    if files.is_empty() && Path::new(pattern).is_dir() {
+        return Err(Error::Glob(format!(
+            "{pattern:?} is a folder: give its files (a quoted glob such as '{pattern}/*')"
+        )));
+    }
     if files.is_empty() {
         return Err(Error::Glob(format!("no file matches {pattern:?}")));
     }
@@ -643,6 +652,9 @@ mod tests {
         }
         let got = expand_glob(&format!("{}/*.jsonl", dir.path().display())).unwrap();
         assert_eq!(got, [dir.path().join("a.jsonl")]);
+        // A folder is no file; given alone, the error says to give its files.
+        let e = expand_glob(&dir.path().display().to_string()).unwrap_err().to_string();
+        assert!(e.contains("is a folder: give its files"), "{e}");
     }
 
     /// Row `r`'s dot with one query.
