@@ -1227,9 +1227,13 @@ pub struct MergeLoraArgs {
     /// The PEFT adapter (folder or hub id).
     #[arg(long)]
     pub lora_name_or_path: String,
-    /// Where to write the merged model (replaced if it exists).
+    /// Where to write the merged model (a folder that exists and holds anything is refused
+    /// unless --overwrite_output_dir).
     #[arg(long)]
     pub output_dir: PathBuf,
+    /// Replace a non-empty --output_dir whole (everything in it is removed).
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub overwrite_output_dir: bool,
     /// Hugging Face cache folder for hub ids.
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,

@@ -548,6 +548,25 @@ fn bad_search_and_eval_inputs_are_clear_errors() {
     std::fs::write(d.join("corpus.pkl"), b"\x80\x04\x95\x8b\x00\x00\x00\x00\x00\x00\x00\x8c")
         .unwrap();
     fails_with(search("q.safetensors", "corpus.pkl", "5"), "scripts/pickle-to-safetensors.py");
+    // An output naming an input of another kind is refused, and the input kept.
+    let before = std::fs::read(d.join("q.safetensors")).unwrap();
+    let out = tevatron(
+        d,
+        &[
+            "search",
+            "--query_reps",
+            "q.safetensors",
+            "--passage_reps",
+            "c.safetensors",
+            "--depth",
+            "5",
+            "--save_ranking_to",
+            "q.safetensors",
+            "--save_text",
+        ],
+    );
+    fails_with(out, "is one of the inputs");
+    assert_eq!(std::fs::read(d.join("q.safetensors")).unwrap(), before);
     // Depth beyond the corpus returns what exists.
     ok(search("q.safetensors", "c.safetensors", "100"));
     assert_eq!(std::fs::read_to_string(d.join("r.tsv")).unwrap().lines().count(), 3 * 7);

@@ -275,9 +275,15 @@ fn merge_lora_writes_a_model_that_encodes_as_the_adapter_does() {
     let plain = run(&base, "base.safetensors", &[]);
     assert_eq!(merged, with_adapter);
     assert_ne!(merged, plain);
-    // A trailing separator names the same folder (its temporary folder went inside it, and
-    // nothing was written), and writing it again replaces it.
-    merge_lora(dir.path(), &base, &adapter, "merged/");
+    // Writing into it again is refused (it holds something), and replaces it whole with
+    // --overwrite_output_dir; a trailing separator names the same folder (its temporary folder
+    // went inside it, and nothing was written).
+    let again = ["merge-lora", "--model_name_or_path", &base, "--lora_name_or_path", &adapter];
+    let out = tevatron(dir.path(), &[&again[..], &["--output_dir", "merged"]].concat());
+    fails_with(out, "exists and is not empty: give --overwrite_output_dir");
+    std::fs::write(dir.path().join("merged/notes.txt"), "x").unwrap();
+    let replace = ["--output_dir", "merged/", "--overwrite_output_dir"];
+    ok(tevatron(dir.path(), &[&again[..], &replace].concat()));
     assert_eq!(names(&dir.path().join("merged")), files);
     assert!(!names(dir.path()).iter().any(|n| n.ends_with(".tmp")));
 }

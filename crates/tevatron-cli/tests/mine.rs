@@ -173,6 +173,17 @@ fn each_filter_removes_what_it_says() {
         let v: serde_json::Value = serde_json::from_str(l).unwrap();
         assert_eq!(v["negative_document_ids"], serde_json::json!(["d3", "d4", "d5"]), "{v}");
     }
+    // The corpus may not be written over by the mined rows.
+    let mut over = vec!["mine", "--query_reps", "q.safetensors", "--passage_reps", "p.safetensors"];
+    over.extend(["--output_path", "corpus.jsonl", "--corpus_path", "corpus.jsonl"]);
+    over.extend([
+        "--drop_same_text",
+        "--dataset_path",
+        "train.jsonl",
+        "--dataset_cache_dir",
+        "cache",
+    ]);
+    fails_with(tevatron(d, &over), "is one of the inputs");
     // The existing negatives are kept after the mined ones when asked.
     assert_eq!(q1(&mine(d, TRAIN, &["--keep_existing_negatives"])), ["d2", "d3", "d4", "d12"]);
     // The summary counts what each filter removed and where the positives ranked.

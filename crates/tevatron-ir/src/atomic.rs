@@ -13,6 +13,9 @@ pub struct AtomicFile {
     target: PathBuf,
     temp: PathBuf,
     writer: Option<BufWriter<File>>,
+    /// Set once the rename succeeded: until then, dropping removes the temporary file (a
+    /// failed sync or rename left the whole output there under its temporary name).
+    committed: bool,
 }
 
 impl AtomicFile {
@@ -24,6 +27,7 @@ impl AtomicFile {
             std::fs::create_dir_all(parent)
                 .map_err(|source| Error::Write { path: parent.to_path_buf(), source })?;
         }
+        remove_orphans(target);
         let mut name = target.file_name().map(|n| n.to_os_string()).unwrap_or_default();
         static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -35,6 +39,7 @@ impl AtomicFile {
             target: target.to_path_buf(),
             temp,
             writer: Some(BufWriter::with_capacity(1 << 20, file)),
+            committed: false,
         })
     }
 
@@ -60,6 +65,7 @@ impl AtomicFile {
         file.sync_all().map_err(|e| self.err(e))?;
         drop(file);
         std::fs::rename(&self.temp, &self.target).map_err(|e| self.err(e))?;
+        self.committed = true;
         Ok(())
     }
 }
@@ -75,8 +81,104 @@ impl Write for AtomicFile {
 
 impl Drop for AtomicFile {
     fn drop(&mut self) {
-        if self.writer.take().is_some() {
+        if !self.committed {
+            drop(self.writer.take());
             let _ = std::fs::remove_file(&self.temp);
         }
+    }
+}
+
+/// Removes the temporary files of `target` that processes which are no longer running left
+/// (killed before they could rename or remove them: `target.tmp.<pid>.<n>`). Where the
+/// running processes cannot be known (no `/proc`), nothing is removed.
+fn remove_orphans(target: &Path) {
+    let (Some(dir), Some(name)) = (target.parent(), target.file_name()) else { return };
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let prefix = format!("{}.tmp.", name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let file = file.to_string_lossy();
+        let Some(rest) = file.strip_prefix(&prefix) else { continue };
+        let Some((pid, n)) = rest.split_once('.') else { continue };
+        let ours = pid.parse::<u32>().is_ok() && n.bytes().all(|b| b.is_ascii_digit());
+        if ours && !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Refuses an output path that names one of the command's inputs of another kind (a corpus
+/// written over by its embeddings), which would destroy the input; inputs of the output's own
+/// kind, read whole before the output is written, may be replaced in place and are not passed.
+pub fn refuse_input_as_output(output: &Path, inputs: &[PathBuf], flag: &str) -> Result<()> {
+    let Ok(out) = output.canonicalize() else { return Ok(()) };
+    for input in inputs {
+        if input.canonicalize().is_ok_and(|i| i == out) {
+            return Err(Error::Invalid(format!(
+                "{flag} {} is one of the inputs ({}): writing it would destroy that input; \
+                 give another path",
+                output.display(),
+                input.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failed rename (the target is a folder) leaves no temporary file, and a temporary file
+    /// of a process that is gone is removed by the next write of the same target.
+    #[test]
+    fn temporary_files_do_not_outlive_their_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("out");
+        std::fs::create_dir(&folder).unwrap();
+        let mut f = AtomicFile::create(&folder).unwrap();
+        f.writer().write_all(b"x").unwrap();
+        assert!(f.commit().is_err());
+        let names = || -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names(), ["out"]);
+        // A pid no process has (beyond Linux's pid_max), and this process's own.
+        let target = dir.path().join("r.tsv");
+        std::fs::write(dir.path().join("r.tsv.tmp.4294967290.0"), "stale").unwrap();
+        let mine = format!("r.tsv.tmp.{}.999", std::process::id());
+        std::fs::write(dir.path().join(&mine), "live").unwrap();
+        let mut f = AtomicFile::create(&target).unwrap();
+        f.writer().write_all(b"new").unwrap();
+        f.commit().unwrap();
+        let want: Vec<String> = if Path::new("/proc/self").exists() {
+            vec!["out".into(), "r.tsv".into(), mine]
+        } else {
+            vec!["out".into(), "r.tsv".into(), "r.tsv.tmp.4294967290.0".into(), mine]
+        };
+        let mut want = want;
+        want.sort();
+        assert_eq!(names(), want);
+    }
+
+    #[test]
+    fn an_input_of_another_kind_is_not_written_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let corpus = dir.path().join("c.jsonl");
+        std::fs::write(&corpus, "{}\n").unwrap();
+        let spelled = dir.path().join(".").join("c.jsonl");
+        let e = refuse_input_as_output(&spelled, std::slice::from_ref(&corpus), "--out");
+        assert!(e.unwrap_err().to_string().contains("is one of the inputs"));
+        let other = dir.path().join("e.safetensors");
+        assert!(refuse_input_as_output(&other, &[corpus], "--out").is_ok());
     }
 }

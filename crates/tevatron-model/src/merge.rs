@@ -15,9 +15,19 @@ use crate::{st_modules, weights, Error, Result};
 /// `base_dir` with the adapter of `adapter_dir` folded in (`config.json`, tokenizer files, one
 /// `model.safetensors` with the base checkpoint's tensor names and dtypes, and the base's
 /// sentence-transformers modules), which transformers, sentence-transformers and `tevatron
-/// encode` load without PEFT. Written in a sibling folder `.NAME.tmp` and renamed.
-pub fn write_merged(base_dir: &Path, adapter_dir: &Path, out: &Path) -> Result<()> {
+/// encode` load without PEFT. Written in a sibling folder `.NAME.tmp` and renamed. An `out`
+/// that exists and holds anything is replaced whole only when `replace` says so (everything in
+/// it goes); otherwise it is refused, as a training output folder is.
+pub fn write_merged(base_dir: &Path, adapter_dir: &Path, out: &Path, replace: bool) -> Result<()> {
     let out = &replaceable(out, &[base_dir, adapter_dir])?;
+    let occupied = std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some());
+    if (occupied || out.is_file()) && !replace {
+        return Err(Error::Invalid(format!(
+            "{} exists and is not empty: give --overwrite_output_dir to replace it whole \
+             (everything in it is removed), or another folder",
+            out.display()
+        )));
+    }
     let config = ModelConfig::read(&base_dir.join("config.json"))?;
     let adapter = Adapter::load(adapter_dir, &Device::Cpu)?;
     if let Some(saved) = adapter.saved_modules.keys().min() {
@@ -38,18 +48,26 @@ pub fn write_merged(base_dir: &Path, adapter_dir: &Path, out: &Path) -> Result<(
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
-    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    std::fs::copy(base_dir.join("config.json"), tmp.join("config.json"))
-        .map_err(io(&tmp.join("config.json")))?;
-    copy_tokenizer_files(base_dir, &tmp)?;
-    // The base's sentence-transformers pipeline (pooling, Dense, Normalize), so that the merged
-    // folder embeds as the base with the adapter does.
-    st_modules::copy(base_dir, &tmp)?;
-    weights::save(&tmp.join("model.safetensors"), tensors.into_iter().collect())?;
-    if out.exists() {
-        std::fs::remove_dir_all(out).map_err(io(out))?;
+    let written = (|| {
+        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+        std::fs::copy(base_dir.join("config.json"), tmp.join("config.json"))
+            .map_err(io(&tmp.join("config.json")))?;
+        copy_tokenizer_files(base_dir, &tmp)?;
+        // The base's sentence-transformers pipeline (pooling, Dense, Normalize), so that the
+        // merged folder embeds as the base with the adapter does.
+        st_modules::copy(base_dir, &tmp)?;
+        weights::save(&tmp.join("model.safetensors"), tensors.into_iter().collect())?;
+        if out.is_dir() {
+            std::fs::remove_dir_all(out).map_err(io(out))?;
+        } else if out.exists() {
+            std::fs::remove_file(out).map_err(io(out))?;
+        }
+        std::fs::rename(&tmp, out).map_err(io(out))
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
     }
-    std::fs::rename(&tmp, out).map_err(io(out))
+    written
 }
 
 /// `out` as the folder `write_merged` replaces whole: absolute, its `.` and `..` and trailing

@@ -52,7 +52,11 @@ pub fn run(a: &AnnotateArgs) -> Result<()> {
     let files = a.data.files().context("resolving the training data")?;
     let cache = super::train::index_cache(a.data.dataset_cache_dir.as_deref());
     let corpus = match a.corpus.files(a.data.dataset_cache_dir.as_deref())? {
-        Some(files) => Some(std::sync::Arc::new(Corpus::open(&files, &cache)?)),
+        Some(files) => {
+            // The training file may be annotated in place; the corpus may not be written over.
+            tevatron_ir::atomic::refuse_input_as_output(&a.output_path, &files, "--output_path")?;
+            Some(std::sync::Arc::new(Corpus::open(&files, &cache)?))
+        }
         None => None,
     };
     // Group size 1: every row is read whole, negatives or not.

@@ -118,6 +118,11 @@ pub fn run(a: &EncodeArgs) -> Result<()> {
         return super::encode_parts::run(a);
     }
     let cfg = validate(a, part)?;
+    tevatron_ir::atomic::refuse_input_as_output(
+        &a.encode_output_path,
+        &cfg.files,
+        "--encode_output_path",
+    )?;
     let output =
         part.map_or_else(|| a.encode_output_path.clone(), |p| p.path(&a.encode_output_path));
     let quiet = a.quiet || part.is_some_and(|p| !p.shows_progress());

@@ -441,6 +441,14 @@ pub fn run(a: &MineArgs) -> Result<()> {
         true => a.corpus.files(a.data.dataset_cache_dir.as_deref())?,
         false => None,
     };
+    // The training file may be mined in place; the corpus and the embeddings may not be
+    // written over.
+    let mut inputs = corpus_files.clone().unwrap_or_default();
+    inputs.extend(a.query_reps.iter().cloned());
+    if let Some(p) = &a.passage_reps {
+        inputs.extend(expand_glob(p).unwrap_or_default());
+    }
+    tevatron_ir::atomic::refuse_input_as_output(&a.output_path, &inputs, "--output_path")?;
     let (q_path, p_pattern, _temp) = embeddings(a, &queries, corpus_files.as_deref())?;
     let qv = Vectors::open(&q_path).context("reading the query embeddings")?;
     let shards = expand_glob(&p_pattern)

@@ -41,9 +41,13 @@ pub fn run(cli: Cli) -> Result<()> {
             let cache = a.cache_dir.as_deref();
             let base = tevatron_model::hub::resolve_model(&a.model_name_or_path, cache, true)?;
             let adapter = tevatron_model::hub::resolve_adapter(&a.lora_name_or_path, cache)?;
-            tevatron_model::merge::write_merged(&base, &adapter, &a.output_dir).with_context(
-                || format!("merging {} into {}", adapter.display(), base.display()),
-            )?;
+            tevatron_model::merge::write_merged(
+                &base,
+                &adapter,
+                &a.output_dir,
+                a.overwrite_output_dir,
+            )
+            .with_context(|| format!("merging {} into {}", adapter.display(), base.display()))?;
             tracing::info!("merged model written to {}", a.output_dir.display());
             Ok(())
         }

@@ -277,6 +277,17 @@ pub fn run(a: &RerankArgs) -> Result<()> {
     if shards == 0 || index >= shards {
         bail!("--dataset_shard_index {index} must be below --dataset_number_of_shards {shards}");
     }
+    // The texts may not be written over by the scores (a run of the same form may).
+    let mut texts: Vec<std::path::PathBuf> =
+        a.query_path.iter().chain(&a.corpus_path).cloned().collect();
+    if a.run_path.is_none() && a.data.dataset_path.is_some() {
+        texts.extend(a.data.files()?);
+    }
+    tevatron_ir::atomic::refuse_input_as_output(
+        &a.rerank_output_path,
+        &texts,
+        "--rerank_output_path",
+    )?;
     let (source, all) = input_pairs(a)?;
     if all == 0 {
         bail!("there are no pairs to rerank");

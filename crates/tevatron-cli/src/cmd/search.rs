@@ -57,6 +57,9 @@ pub fn run(a: &SearchArgs) -> Result<()> {
     };
     let q = check_queries(&queries)?;
     let files = expand_glob(&a.passage_reps).context("resolving --passage_reps")?;
+    let inputs: Vec<std::path::PathBuf> =
+        std::iter::once(a.query_reps.clone()).chain(files.iter().cloned()).collect();
+    tevatron_ir::atomic::refuse_input_as_output(&a.save_ranking_to, &inputs, "--save_ranking_to")?;
     let batch = if a.batch_size <= 0 { 0 } else { a.batch_size as usize };
     let dim = queries.dim();
     let compact = compact_plan(a, &files)?;
