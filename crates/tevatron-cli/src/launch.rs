@@ -49,6 +49,30 @@ pub fn spawn_ranks(n: usize) -> Result<()> {
     spawn_some_ranks(n, &(0..n).collect::<Vec<_>>(), &[])
 }
 
+/// Makes a rank die with the launcher (Linux's parent-death signal): killed alone, the
+/// launcher left its ranks running, writing the files a rerun then cleared beneath them.
+fn die_with_launcher(command: &mut Command) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: `getpid` before the fork, and `prctl`/`getppid`/`_exit` after it, are
+        // async-signal-safe calls that allocate nothing.
+        let launcher = unsafe { libc::getpid() };
+        unsafe {
+            command.pre_exec(move || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                // The launcher may have died before the signal was asked for.
+                if libc::getppid() != launcher {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = command;
+}
+
 /// Runs ranks `ranks` of an `n`-rank run of this command (the others' work is done already: an
 /// encode resumed), with the variables `env` set in each besides the rendezvous ones, and
 /// waits for them.
@@ -69,7 +93,9 @@ pub fn spawn_some_ranks(n: usize, ranks: &[usize], env: &[(&str, &str)]) -> Resu
     tracing::info!("starting {} of {n} ranks (MASTER_ADDR={addr} MASTER_PORT={port})", ranks.len());
     let mut children: Vec<Option<Child>> = Vec::with_capacity(ranks.len());
     for &rank in ranks {
-        let child = Command::new(&exe)
+        let mut command = Command::new(&exe);
+        die_with_launcher(&mut command);
+        let child = command
             .args(&args)
             .env("RANK", rank.to_string())
             .env("LOCAL_RANK", rank.to_string())

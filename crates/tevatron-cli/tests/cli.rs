@@ -319,6 +319,12 @@ fn several_processes_encode_what_one_does_and_resume_from_their_parts() {
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
     ok(out);
     assert!(log.contains("holds parts made with other flags: cleared"), "{log}");
+    // A folder of that name this tool did not make is refused, and kept.
+    let foreign = d.join("foreign.safetensors.parts");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("notes.txt"), "mine").unwrap();
+    fails_with(run("foreign.safetensors"), "is not a parts folder of this tool");
+    assert!(foreign.join("notes.txt").exists());
     let (ids_s, fresh) = read("stale.safetensors");
     assert_eq!(ids_s, ids);
     let diff = tevatron_model::testing::max_abs_diff_of(&one, &fresh);

@@ -216,7 +216,9 @@ impl HnswShard {
             return Err(Error::Embeddings {
                 path: graph,
                 what: format!(
-                    "is {size} bytes where its description says {}: a partial copy?",
+                    "is {size} bytes where its description says {} (a partial copy, or an \
+                     index stopped between the graph and its description): run tevatron index \
+                     --hnsw again",
                     d["graph_bytes"]
                 ),
             });

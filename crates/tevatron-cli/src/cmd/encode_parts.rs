@@ -99,8 +99,17 @@ pub(super) fn run(a: &EncodeArgs) -> Result<()> {
     let (world, output) = (a.nproc_per_node, &a.encode_output_path);
     let dir = parts_dir(output);
     let cwd = std::env::current_dir().context("reading the current folder")?;
-    let flags = format!("{}\n{a:?}\n", cwd.display());
+    // The flags that shape the parts (`--quiet` does not: a rerun with it keeps them).
+    let shown = format!("{a:?}").replace(&format!("quiet: {}", a.quiet), "quiet: _");
+    let flags = format!("{}\n{shown}\n", cwd.display());
     let stamp = dir.join(STAMP);
+    if dir.exists() && !stamp.is_file() {
+        bail!(
+            "{} exists and is not a parts folder of this tool (it has no {STAMP}): remove it, or \
+             give another --encode_output_path",
+            dir.display()
+        );
+    }
     if dir.exists() && std::fs::read_to_string(&stamp).ok().as_deref() != Some(flags.as_str()) {
         tracing::info!("{} holds parts made with other flags: cleared", dir.display());
         std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
