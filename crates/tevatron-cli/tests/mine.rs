@@ -293,6 +293,37 @@ fn mined_negatives_train_with_tevatron_train() {
         ],
     ));
     assert_eq!(pooling_of(), "cls", "stale embeddings were reused");
+    // Without --embeddings_dir they go to a folder beside the output, removed at the end; one
+    // a killed run left (its pid no longer runs) is removed by the next run.
+    let stale = d.join("out/.m.jsonl.embeddings.4294967290.abc");
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::write(stale.join("corpus.safetensors"), "partial").unwrap();
+    ok(tevatron(
+        d,
+        &[
+            "mine",
+            "--model_name_or_path",
+            &model,
+            "--pooling",
+            "mean",
+            "--dataset_path",
+            &data,
+            "--corpus_path",
+            "corpus.jsonl",
+            "--dataset_cache_dir",
+            &cache,
+            "--num_negatives",
+            "4",
+            "--output_path",
+            "out/m.jsonl",
+            "--quiet",
+        ],
+    ));
+    let mut left = common::names(&d.join("out"));
+    left.retain(|n| !n.starts_with("m.jsonl"));
+    if std::path::Path::new("/proc/self").exists() {
+        assert!(left.is_empty(), "{left:?}");
+    }
     ok(tevatron(
         d,
         &[

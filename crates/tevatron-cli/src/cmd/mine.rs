@@ -88,6 +88,25 @@ fn options(a: &MineArgs) -> Result<MineOptions> {
     })
 }
 
+/// Removes the folders `<prefix><pid>.<random>` in `dir` whose process no longer runs (a
+/// killed `mine` left its temporary embeddings there). Where the running processes cannot be
+/// known (no `/proc`), nothing is removed.
+fn remove_orphan_folders(dir: &Path, prefix: &str) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix(prefix).and_then(|r| r.split('.').next()) else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 /// A string id field (`query_id`, `docid`): a JSON string or an integer.
 fn id_of(v: &Value) -> Option<String> {
     match v {
@@ -280,9 +299,20 @@ fn embeddings(
     let (dir, temp) = match &a.embeddings_dir {
         Some(d) => (d.clone(), None),
         None => {
+            // Beside the output, on its disk (a corpus's embeddings can outgrow /tmp), named
+            // with this process's id, so that what a killed run left is found and removed.
+            let parent = match a.output_path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            std::fs::create_dir_all(&parent)
+                .with_context(|| format!("could not create {}", parent.display()))?;
+            let name = a.output_path.file_name().unwrap_or_default().to_string_lossy();
+            let prefix = format!(".{name}.embeddings.");
+            remove_orphan_folders(&parent, &prefix);
             let t = tempfile::Builder::new()
-                .prefix("tevatron-mine")
-                .tempdir()
+                .prefix(&format!("{prefix}{}.", std::process::id()))
+                .tempdir_in(&parent)
                 .context("creating a temporary folder")?;
             (t.path().to_path_buf(), Some(t))
         }
