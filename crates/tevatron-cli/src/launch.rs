@@ -60,7 +60,7 @@ fn die_with_launcher(command: &mut Command) {
         let launcher = unsafe { libc::getpid() };
         unsafe {
             command.pre_exec(move || {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
                 // The launcher may have died before the signal was asked for.
                 if libc::getppid() != launcher {
                     libc::_exit(1);

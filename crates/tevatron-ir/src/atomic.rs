@@ -35,6 +35,10 @@ impl AtomicFile {
         let temp = target.with_file_name(name);
         let file = File::create(&temp)
             .map_err(|source| Error::Write { path: target.to_path_buf(), source })?;
+        // Held until the rename: another process (on another machine sharing the folder, whose
+        // pids this one cannot see) tells a live temporary file from an orphan by it. A file
+        // system without locks leaves the file unlocked, and the pid check still guards it.
+        let _ = file.try_lock();
         Ok(Self {
             target: target.to_path_buf(),
             temp,
@@ -63,9 +67,10 @@ impl AtomicFile {
         let writer = self.writer.take().expect("writer is present until commit");
         let file = writer.into_inner().map_err(|e| self.err(e.into_error()))?;
         file.sync_all().map_err(|e| self.err(e))?;
-        drop(file);
+        // Renamed while still open, so that its lock is held until it has its final name.
         std::fs::rename(&self.temp, &self.target).map_err(|e| self.err(e))?;
         self.committed = true;
+        drop(file);
         Ok(())
     }
 }
@@ -89,8 +94,10 @@ impl Drop for AtomicFile {
 }
 
 /// Removes the temporary files of `target` that processes which are no longer running left
-/// (killed before they could rename or remove them: `target.tmp.<pid>.<n>`). Where the
-/// running processes cannot be known (no `/proc`), nothing is removed.
+/// (killed before they could rename or remove them: `target.tmp.<pid>.<n>`): those whose pid
+/// no process of this machine has and whose lock no writer holds (a writer on another machine
+/// sharing the folder holds its file's lock). Where the running processes cannot be known (no
+/// `/proc`), nothing is removed.
 fn remove_orphans(target: &Path) {
     let (Some(dir), Some(name)) = (target.parent(), target.file_name()) else { return };
     let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
@@ -104,11 +111,18 @@ fn remove_orphans(target: &Path) {
         let file = file.to_string_lossy();
         let Some(rest) = file.strip_prefix(&prefix) else { continue };
         let Some((pid, n)) = rest.split_once('.') else { continue };
-        let ours = pid.parse::<u32>().is_ok() && n.bytes().all(|b| b.is_ascii_digit());
-        if ours && !Path::new("/proc").join(pid).exists() {
+        let ours =
+            pid.parse::<u32>().is_ok() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit());
+        if ours && !Path::new("/proc").join(pid).exists() && unlocked(&entry.path()) {
             let _ = std::fs::remove_file(entry.path());
         }
     }
+}
+
+/// Whether no process holds the lock of the file at `path` (and it can be opened): a writer
+/// holds its temporary file's lock until the rename.
+pub fn unlocked(path: &Path) -> bool {
+    File::open(path).is_ok_and(|f| f.try_lock().is_ok())
 }
 
 /// Refuses an output path that names one of the command's inputs of another kind (a corpus
@@ -157,13 +171,18 @@ mod tests {
         std::fs::write(dir.path().join("r.tsv.tmp.4294967290.0"), "stale").unwrap();
         let mine = format!("r.tsv.tmp.{}.999", std::process::id());
         std::fs::write(dir.path().join(&mine), "live").unwrap();
+        // A dead pid whose file a writer still locks (another machine's process) is kept.
+        let held = "r.tsv.tmp.4294967291.0".to_string();
+        let lock = File::create(dir.path().join(&held)).unwrap();
+        lock.try_lock().unwrap();
         let mut f = AtomicFile::create(&target).unwrap();
         f.writer().write_all(b"new").unwrap();
         f.commit().unwrap();
+        drop(lock);
         let want: Vec<String> = if Path::new("/proc/self").exists() {
-            vec!["out".into(), "r.tsv".into(), mine]
+            vec!["out".into(), "r.tsv".into(), held, mine]
         } else {
-            vec!["out".into(), "r.tsv".into(), "r.tsv.tmp.4294967290.0".into(), mine]
+            vec!["out".into(), "r.tsv".into(), "r.tsv.tmp.4294967290.0".into(), held, mine]
         };
         let mut want = want;
         want.sort();

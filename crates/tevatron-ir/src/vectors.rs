@@ -629,8 +629,10 @@ pub fn expand_glob(pattern: &str) -> Result<Vec<PathBuf>> {
     }
     files.sort();
     if files.is_empty() && Path::new(pattern).is_dir() {
+        let dir = pattern.trim_end_matches('/');
         return Err(Error::Glob(format!(
-            "{pattern:?} is a folder: give its files (a quoted glob such as '{pattern}/*')"
+            "{pattern:?} is a folder: give its files (a quoted glob such as '{dir}/*.jsonl' or \
+             '{dir}/*.safetensors')"
         )));
     }
     if files.is_empty() {

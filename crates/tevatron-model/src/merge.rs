@@ -56,18 +56,20 @@ pub fn write_merged(base_dir: &Path, adapter_dir: &Path, out: &Path, replace: bo
         // The base's sentence-transformers pipeline (pooling, Dense, Normalize), so that the
         // merged folder embeds as the base with the adapter does.
         st_modules::copy(base_dir, &tmp)?;
-        weights::save(&tmp.join("model.safetensors"), tensors.into_iter().collect())?;
-        if out.is_dir() {
-            std::fs::remove_dir_all(out).map_err(io(out))?;
-        } else if out.exists() {
-            std::fs::remove_file(out).map_err(io(out))?;
-        }
-        std::fs::rename(&tmp, out).map_err(io(out))
+        weights::save(&tmp.join("model.safetensors"), tensors.into_iter().collect())
     })();
     if written.is_err() {
+        // Nothing of the old folder is touched yet: only the half-written new one goes.
         let _ = std::fs::remove_dir_all(&tmp);
+        return written;
     }
-    written
+    // From here the new folder is whole: kept under its temporary name if the swap fails.
+    if out.is_dir() {
+        std::fs::remove_dir_all(out).map_err(io(out))?;
+    } else if out.exists() {
+        std::fs::remove_file(out).map_err(io(out))?;
+    }
+    std::fs::rename(&tmp, out).map_err(io(out))
 }
 
 /// `out` as the folder `write_merged` replaces whole: absolute, its `.` and `..` and trailing

@@ -37,6 +37,12 @@ fn validate(a: &EncodeArgs, part: Option<Part>) -> Result<EncodeConfig> {
         bail!("--per_device_eval_batch_size must be at least 1");
     }
     let files = a.data.files()?;
+    // Checked here, before any process of --nproc_per_node starts.
+    tevatron_ir::atomic::refuse_input_as_output(
+        &a.encode_output_path,
+        &files,
+        "--encode_output_path",
+    )?;
     let (kind, max_len, prefix) = if a.encode_is_query {
         (RecordKind::Query, a.encoding.query_max_len, a.encoding.query_prefix.clone())
     } else {
@@ -118,11 +124,6 @@ pub fn run(a: &EncodeArgs) -> Result<()> {
         return super::encode_parts::run(a);
     }
     let cfg = validate(a, part)?;
-    tevatron_ir::atomic::refuse_input_as_output(
-        &a.encode_output_path,
-        &cfg.files,
-        "--encode_output_path",
-    )?;
     let output =
         part.map_or_else(|| a.encode_output_path.clone(), |p| p.path(&a.encode_output_path));
     let quiet = a.quiet || part.is_some_and(|p| !p.shows_progress());

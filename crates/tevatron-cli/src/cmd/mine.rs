@@ -88,9 +88,16 @@ fn options(a: &MineArgs) -> Result<MineOptions> {
     })
 }
 
-/// Removes the folders `<prefix><pid>.<random>` in `dir` whose process no longer runs (a
-/// killed `mine` left its temporary embeddings there). Where the running processes cannot be
-/// known (no `/proc`), nothing is removed.
+/// A temporary embeddings folder and its held lock, removed when dropped.
+type TempEmbeddings = (tempfile::TempDir, std::fs::File);
+
+/// The lock file of a temporary embeddings folder, held by the run that made it.
+const LOCK: &str = ".lock";
+
+/// Removes the folders `<prefix><pid>.<random>` in `dir` (`random`: tempfile's six letters
+/// and digits) that a killed `mine` left: no process of this machine has the pid, and no
+/// process holds the folder's lock. Where the running processes cannot be known (no `/proc`),
+/// nothing is removed.
 fn remove_orphan_folders(dir: &Path, prefix: &str) {
     if !Path::new("/proc/self").exists() {
         return;
@@ -98,10 +105,15 @@ fn remove_orphan_folders(dir: &Path, prefix: &str) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.strip_prefix(prefix).and_then(|r| r.split('.').next()) else {
+        let Some((pid, random)) = name.strip_prefix(prefix).and_then(|r| r.split_once('.')) else {
             continue;
         };
-        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+        let ours = pid.parse::<u32>().is_ok()
+            && random.len() == 6
+            && random.bytes().all(|b| b.is_ascii_alphanumeric());
+        let lock = entry.path().join(LOCK);
+        let free = !lock.exists() || tevatron_ir::atomic::unlocked(&lock);
+        if ours && free && !Path::new("/proc").join(pid).exists() {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
@@ -269,7 +281,7 @@ fn embeddings(
     a: &MineArgs,
     queries: &[MineQuery],
     corpus_files: Option<&[PathBuf]>,
-) -> Result<(PathBuf, String, Option<tempfile::TempDir>)> {
+) -> Result<(PathBuf, String, Option<TempEmbeddings>)> {
     if let (Some(q), Some(p)) = (&a.query_reps, &a.passage_reps) {
         tracing::info!(
             "using the embeddings {} and {p}; the encoding flags (lengths, prefixes, precision) change nothing here",
@@ -314,7 +326,12 @@ fn embeddings(
                 .prefix(&format!("{prefix}{}.", std::process::id()))
                 .tempdir_in(&parent)
                 .context("creating a temporary folder")?;
-            (t.path().to_path_buf(), Some(t))
+            // Held for the run: another machine sharing the folder tells a live folder from an
+            // orphan by it (its pids are not this machine's).
+            let lock = std::fs::File::create(t.path().join(LOCK))
+                .with_context(|| format!("creating {}", t.path().join(LOCK).display()))?;
+            let _ = lock.try_lock();
+            (t.path().to_path_buf(), Some((t, lock)))
         }
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("could not create {}", dir.display()))?;
@@ -475,6 +492,7 @@ pub fn run(a: &MineArgs) -> Result<()> {
     // written over.
     let mut inputs = corpus_files.clone().unwrap_or_default();
     inputs.extend(a.query_reps.iter().cloned());
+    inputs.extend(a.queries.iter().chain(&a.qrels).cloned());
     if let Some(p) = &a.passage_reps {
         inputs.extend(expand_glob(p).unwrap_or_default());
     }
