@@ -236,31 +236,17 @@ fn mined_negatives_train_with_tevatron_train() {
     let model = repo().join("testdata/tiny/bert").to_string_lossy().into_owned();
     let data = repo().join("testdata/train/tiny.jsonl").to_string_lossy().into_owned();
     let cache = d.join("cache").to_string_lossy().into_owned();
-    ok(tevatron(
-        d,
-        &[
-            "mine",
-            "--model_name_or_path",
-            &model,
-            "--pooling",
-            "mean",
-            "--dataset_path",
-            &data,
-            "--corpus_path",
-            "corpus.jsonl",
-            "--dataset_cache_dir",
-            &cache,
-            "--depth",
-            "20",
-            "--num_negatives",
-            "4",
-            "--output_path",
-            "mined.jsonl",
-            "--embeddings_dir",
-            "emb",
-            "--quiet",
-        ],
-    ));
+    // `mine` encoding with the tiny model and `pooling` into `output`, `extra` flags after.
+    let mine_with_model = |pooling: &str, output: &str, extra: &[&str]| {
+        let mut args = vec!["mine", "--model_name_or_path", &model, "--pooling", pooling];
+        args.extend(["--dataset_path", &data, "--corpus_path", "corpus.jsonl"]);
+        args.extend(["--dataset_cache_dir", &cache, "--num_negatives", "4", "--quiet"]);
+        args.extend(["--output_path", output]);
+        args.extend_from_slice(extra);
+        ok(tevatron(d, &args));
+    };
+    let kept = ["--depth", "20", "--embeddings_dir", "emb"];
+    mine_with_model("mean", "mined.jsonl", &kept);
     let rows = std::fs::read_to_string(d.join("mined.jsonl")).unwrap();
     assert_eq!(rows.lines().count(), 24);
     assert!(d.join("emb/corpus.safetensors").is_file(), "the embeddings are kept when asked");
@@ -270,58 +256,14 @@ fn mined_negatives_train_with_tevatron_train() {
         v.metadata()["pooling"].clone()
     };
     assert_eq!(pooling_of(), "mean");
-    ok(tevatron(
-        d,
-        &[
-            "mine",
-            "--model_name_or_path",
-            &model,
-            "--pooling",
-            "cls",
-            "--dataset_path",
-            &data,
-            "--corpus_path",
-            "corpus.jsonl",
-            "--dataset_cache_dir",
-            &cache,
-            "--depth",
-            "20",
-            "--num_negatives",
-            "4",
-            "--output_path",
-            "mined.cls.jsonl",
-            "--embeddings_dir",
-            "emb",
-            "--quiet",
-        ],
-    ));
+    mine_with_model("cls", "mined.cls.jsonl", &kept);
     assert_eq!(pooling_of(), "cls", "stale embeddings were reused");
     // Without --embeddings_dir they go to a folder beside the output, removed at the end; one
     // a killed run left (its pid no longer runs) is removed by the next run.
     let stale = d.join("out/.m.jsonl.embeddings.4294967290.abc123");
     std::fs::create_dir_all(&stale).unwrap();
     std::fs::write(stale.join("corpus.safetensors"), "partial").unwrap();
-    ok(tevatron(
-        d,
-        &[
-            "mine",
-            "--model_name_or_path",
-            &model,
-            "--pooling",
-            "mean",
-            "--dataset_path",
-            &data,
-            "--corpus_path",
-            "corpus.jsonl",
-            "--dataset_cache_dir",
-            &cache,
-            "--num_negatives",
-            "4",
-            "--output_path",
-            "out/m.jsonl",
-            "--quiet",
-        ],
-    ));
+    mine_with_model("mean", "out/m.jsonl", &[]);
     let mut left = common::names(&d.join("out"));
     left.retain(|n| !n.starts_with("m.jsonl"));
     if std::path::Path::new("/proc/self").exists() {
