@@ -99,9 +99,20 @@ pub(super) fn run(a: &EncodeArgs) -> Result<()> {
     let (world, output) = (a.nproc_per_node, &a.encode_output_path);
     let dir = parts_dir(output);
     let cwd = std::env::current_dir().context("reading the current folder")?;
-    // The flags that shape the parts (`--quiet` does not: a rerun with it keeps them).
-    let shown = format!("{a:?}").replace(&format!("quiet: {}", a.quiet), "quiet: _");
-    let flags = format!("{}\n{shown}\n", cwd.display());
+    // Every flag that shapes the parts; not `--quiet`, `--disable_tqdm` or `--output_dir`,
+    // which change nothing in them (a rerun with one of them keeps the finished parts).
+    let shaping = (
+        &a.model_name_or_path,
+        &a.encoding,
+        &a.data,
+        a.nproc_per_node,
+        a.encode_is_query,
+        &a.encode_output_path,
+        (a.dataset_number_of_shards, a.dataset_shard_index),
+        &a.embedding_dtype,
+        a.truncate_dim,
+    );
+    let flags = format!("{}\n{shaping:?}\n", cwd.display());
     let stamp = dir.join(STAMP);
     if dir.exists() && !stamp.is_file() {
         bail!(
