@@ -119,6 +119,22 @@ fn remove_orphans(target: &Path) {
     }
 }
 
+/// Whether two files' metadata are of one file: the same device and inode where there are
+/// such (a hard link or another spelling of the path included).
+fn same_file(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        a.dev() == b.dev() && a.ino() == b.ino()
+    }
+    #[cfg(not(unix))]
+    {
+        a.len() == b.len()
+            && a.modified().ok() == b.modified().ok()
+            && a.created().ok() == b.created().ok()
+    }
+}
+
 /// Whether no process holds the lock of the file at `path` (and it can be opened): a writer
 /// holds its temporary file's lock until the rename.
 pub fn unlocked(path: &Path) -> bool {
@@ -129,9 +145,9 @@ pub fn unlocked(path: &Path) -> bool {
 /// written over by its embeddings), which would destroy the input; inputs of the output's own
 /// kind, read whole before the output is written, may be replaced in place and are not passed.
 pub fn refuse_input_as_output(output: &Path, inputs: &[PathBuf], flag: &str) -> Result<()> {
-    let Ok(out) = output.canonicalize() else { return Ok(()) };
+    let Ok(out) = std::fs::metadata(output) else { return Ok(()) };
     for input in inputs {
-        if input.canonicalize().is_ok_and(|i| i == out) {
+        if std::fs::metadata(input).is_ok_and(|i| same_file(&i, &out)) {
             return Err(Error::Invalid(format!(
                 "{flag} {} is one of the inputs ({}): writing it would destroy that input; \
                  give another path",
@@ -198,6 +214,10 @@ mod tests {
         let e = refuse_input_as_output(&spelled, std::slice::from_ref(&corpus), "--out");
         assert!(e.unwrap_err().to_string().contains("is one of the inputs"));
         let other = dir.path().join("e.safetensors");
-        assert!(refuse_input_as_output(&other, &[corpus], "--out").is_ok());
+        assert!(refuse_input_as_output(&other, std::slice::from_ref(&corpus), "--out").is_ok());
+        // A hard link of the input is the input.
+        let link = dir.path().join("link.jsonl");
+        std::fs::hard_link(&corpus, &link).unwrap();
+        assert!(refuse_input_as_output(&link, &[corpus], "--out").is_err());
     }
 }
