@@ -101,9 +101,6 @@ impl Drop for AtomicFile {
 fn remove_orphans(target: &Path) {
     let (Some(dir), Some(name)) = (target.parent(), target.file_name()) else { return };
     let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
-    if !Path::new("/proc/self").exists() {
-        return;
-    }
     let prefix = format!("{}.tmp.", name.to_string_lossy());
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for entry in entries.flatten() {
@@ -111,9 +108,8 @@ fn remove_orphans(target: &Path) {
         let file = file.to_string_lossy();
         let Some(rest) = file.strip_prefix(&prefix) else { continue };
         let Some((pid, n)) = rest.split_once('.') else { continue };
-        let ours =
-            pid.parse::<u32>().is_ok() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit());
-        if ours && !Path::new("/proc").join(pid).exists() && unlocked(&entry.path()) {
+        let ours = !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit());
+        if ours && orphaned(pid, &entry.path()) {
             let _ = std::fs::remove_file(entry.path());
         }
     }
@@ -135,10 +131,17 @@ fn same_file(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
     }
 }
 
-/// Whether no process holds the lock of the file at `path` (and it can be opened): a writer
-/// holds its temporary file's lock until the rename.
-pub fn unlocked(path: &Path) -> bool {
-    File::open(path).is_ok_and(|f| f.try_lock().is_ok())
+/// Whether a temporary file or folder that process `pid` made, locked by its `lock` file while
+/// in use, was left by a run that is gone: no process of this machine has the pid, and no
+/// process (of any machine sharing the folder, whose pids this one cannot see) holds the lock;
+/// a lock file that is not there is held by no one. False where the running processes cannot
+/// be known (no `/proc`), or `pid` is not one.
+pub fn orphaned(pid: &str, lock: &Path) -> bool {
+    let unlocked = |p: &Path| File::open(p).is_ok_and(|f| f.try_lock().is_ok());
+    Path::new("/proc/self").exists()
+        && pid.parse::<u32>().is_ok()
+        && !Path::new("/proc").join(pid).exists()
+        && (!lock.exists() || unlocked(lock))
 }
 
 /// Refuses an output path that names one of the command's inputs of another kind (a corpus

@@ -95,25 +95,17 @@ type TempEmbeddings = (tempfile::TempDir, std::fs::File);
 const LOCK: &str = ".lock";
 
 /// Removes the folders `<prefix><pid>.<random>` in `dir` (`random`: tempfile's six letters
-/// and digits) that a killed `mine` left: no process of this machine has the pid, and no
-/// process holds the folder's lock. Where the running processes cannot be known (no `/proc`),
-/// nothing is removed.
+/// and digits) that a killed `mine` left ([`tevatron_ir::atomic::orphaned`], by the folder's
+/// lock file).
 fn remove_orphan_folders(dir: &Path, prefix: &str) {
-    if !Path::new("/proc/self").exists() {
-        return;
-    }
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let Some((pid, random)) = name.strip_prefix(prefix).and_then(|r| r.split_once('.')) else {
             continue;
         };
-        let ours = pid.parse::<u32>().is_ok()
-            && random.len() == 6
-            && random.bytes().all(|b| b.is_ascii_alphanumeric());
-        let lock = entry.path().join(LOCK);
-        let free = !lock.exists() || tevatron_ir::atomic::unlocked(&lock);
-        if ours && free && !Path::new("/proc").join(pid).exists() {
+        let ours = random.len() == 6 && random.bytes().all(|b| b.is_ascii_alphanumeric());
+        if ours && tevatron_ir::atomic::orphaned(pid, &entry.path().join(LOCK)) {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
