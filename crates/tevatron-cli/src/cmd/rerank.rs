@@ -131,7 +131,8 @@ impl Shard {
 }
 
 /// The pairs the flags name, and how many there are: a rerank input, or a run with its
-/// queries and corpus.
+/// queries and corpus. The texts may not be written over by the scores (a run, of the
+/// output's own form, may), which is refused before they are read.
 fn input_pairs(a: &RerankArgs) -> Result<(Source, usize)> {
     match (&a.run_path, &a.data.dataset_path) {
         (Some(_), Some(_)) => {
@@ -153,6 +154,7 @@ fn input_pairs(a: &RerankArgs) -> Result<(Source, usize)> {
             if input_flags {
                 bail!("--dataset_name, --dataset_config, --dataset_split and --dataset_cache_dir name a rerank input; with --run_path the texts come from --query_path and --corpus_path");
             }
+            refuse_as_output(a, &[queries.clone(), corpus.clone()])?;
             let pairs = pairs_from_run(
                 run,
                 std::slice::from_ref(queries),
@@ -168,10 +170,17 @@ fn input_pairs(a: &RerankArgs) -> Result<(Source, usize)> {
                 bail!("--query_path, --corpus_path and --rerank_depth go with --run_path (a rerank input is scored whole)");
             }
             let files = a.data.files()?;
+            refuse_as_output(a, &files)?;
             let n = count_rows(&files).context("reading the rerank input")?;
             Ok((Source::Rows(Box::new(PairReader::new(files))), n))
         }
     }
+}
+
+/// Refuses a `--rerank_output_path` that names one of the `texts` files.
+fn refuse_as_output(a: &RerankArgs, texts: &[std::path::PathBuf]) -> Result<()> {
+    let flag = "--rerank_output_path";
+    Ok(tevatron_ir::atomic::refuse_input_as_output(&a.rerank_output_path, texts, flag)?)
 }
 
 /// How pairs become token ids: the format, Tevatron's prefixes, the length rules.
@@ -277,17 +286,6 @@ pub fn run(a: &RerankArgs) -> Result<()> {
     if shards == 0 || index >= shards {
         bail!("--dataset_shard_index {index} must be below --dataset_number_of_shards {shards}");
     }
-    // The texts may not be written over by the scores (a run of the same form may).
-    let mut texts: Vec<std::path::PathBuf> =
-        a.query_path.iter().chain(&a.corpus_path).cloned().collect();
-    if a.run_path.is_none() && a.data.dataset_path.is_some() {
-        texts.extend(a.data.files()?);
-    }
-    tevatron_ir::atomic::refuse_input_as_output(
-        &a.rerank_output_path,
-        &texts,
-        "--rerank_output_path",
-    )?;
     let (source, all) = input_pairs(a)?;
     if all == 0 {
         bail!("there are no pairs to rerank");
