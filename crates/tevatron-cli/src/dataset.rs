@@ -46,11 +46,9 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
         }
         if path.is_dir() {
             walk(&path, out)?;
-        } else if let Some(c) = unread_compression(&path) {
-            bail!(
-                "{}: {c} files are not read here (gzip is); decompress it, or gzip it",
-                path.display()
-            );
+        } else if unread_compression(&path).is_some() {
+            // Refused by name, with the readers' own message.
+            tevatron_ir::records::check_readable(&path)?;
         } else if is_data_file(&path) {
             out.push(path);
         }
@@ -323,7 +321,7 @@ fn cached_snapshot(folder: &Path) -> Option<(PathBuf, bool)> {
 fn hub_dataset(id: &str, cache_dir: Option<&Path>) -> Result<PathBuf> {
     let cache = tevatron_model::hub::cache_dir(cache_dir)?;
     let folder = cache.join(format!("datasets--{}", id.replace('/', "--")));
-    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0");
+    let offline = tevatron_model::hub::offline();
     match cached_snapshot(&folder) {
         Some((snapshot, false)) => {
             tracing::info!("using dataset {id} from the hub cache at {}", snapshot.display());

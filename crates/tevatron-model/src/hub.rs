@@ -58,7 +58,9 @@ fn hf_home(
     Some(home.join(".cache").join("huggingface"))
 }
 
-fn offline() -> bool {
+/// Whether `HF_HUB_OFFLINE` forbids downloads (set, and neither empty nor `0`), as
+/// huggingface_hub reads it; for models and datasets alike.
+pub fn offline() -> bool {
     std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0")
 }
 

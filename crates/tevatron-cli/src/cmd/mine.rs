@@ -180,7 +180,8 @@ fn training_queries(a: &MineArgs, cache: &Path) -> Result<Vec<MineQuery>> {
             bail!("{}:{line}: no positive document ids (`positive_document_ids` or `positive_passages`)", path.display());
         }
         let negatives = doc_ids(&r.value, "negative", path, line)?;
-        let judged = positives.iter().cloned().collect();
+        // Every positive of the query's rows: filled once all rows are read (below).
+        let judged = HashSet::new();
         out.push(MineQuery {
             id,
             text,
@@ -482,20 +483,22 @@ pub fn run(a: &MineArgs) -> Result<()> {
     };
     // The training file may be mined in place; the corpus and the embeddings may not be
     // written over.
+    let given_shards = match (&a.passage_reps, given) {
+        (Some(p), true) => Some(expand_glob(p).context("resolving the passage embeddings")?),
+        _ => None,
+    };
     let mut inputs = corpus_files.clone().unwrap_or_default();
     inputs.extend(a.query_reps.iter().cloned());
     inputs.extend(a.queries.iter().chain(&a.qrels).cloned());
-    if let Some(p) = &a.passage_reps {
-        inputs.extend(expand_glob(p).unwrap_or_default());
-    }
+    inputs.extend(given_shards.iter().flatten().cloned());
     tevatron_ir::atomic::refuse_input_as_output(&a.output_path, &inputs, "--output_path")?;
     let (q_path, p_pattern, _temp) = embeddings(a, &queries, corpus_files.as_deref())?;
     let qv = Vectors::open(&q_path).context("reading the query embeddings")?;
-    let shards = expand_glob(&p_pattern)
-        .context("resolving the passage embeddings")?
-        .iter()
-        .map(|f| Vectors::open(f))
-        .collect::<Result<Vec<_>, _>>()?;
+    let shard_files = match given_shards {
+        Some(files) => files,
+        None => expand_glob(&p_pattern).context("resolving the passage embeddings")?,
+    };
+    let shards = shard_files.iter().map(|f| Vectors::open(f)).collect::<Result<Vec<_>, _>>()?;
     for s in &shards {
         check_dims(&qv, s)?;
         check_shard_finite(s)?;
