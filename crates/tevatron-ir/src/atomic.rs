@@ -102,17 +102,35 @@ fn remove_orphans(target: &Path) {
     let (Some(dir), Some(name)) = (target.parent(), target.file_name()) else { return };
     let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
     let prefix = format!("{}.tmp.", name.to_string_lossy());
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
-    for entry in entries.flatten() {
-        let file = entry.file_name();
-        let file = file.to_string_lossy();
-        let Some(rest) = file.strip_prefix(&prefix) else { continue };
-        let Some((pid, n)) = rest.split_once('.') else { continue };
-        let ours = !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit());
-        if ours && orphaned(pid, &entry.path()) {
-            let _ = std::fs::remove_file(entry.path());
-        }
+    let counter = |n: &str| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit());
+    for file in orphans_in(dir, &prefix, counter, Path::to_path_buf) {
+        let _ = std::fs::remove_file(file);
     }
+}
+
+/// The entries of `dir` named `<prefix><pid>.<suffix>` (`suffix_ok` saying which suffixes are
+/// the maker's) that a run which is gone left: no process of this machine has the pid, and
+/// none holds the lock file `lock_of` names for the entry. The one rule for a killed run's
+/// temporary files and folders.
+pub fn orphans_in(
+    dir: &Path,
+    prefix: &str,
+    suffix_ok: impl Fn(&str) -> bool,
+    lock_of: impl Fn(&Path) -> PathBuf,
+) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    entries
+        .flatten()
+        .filter(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some((pid, suffix)) = name.strip_prefix(prefix).and_then(|r| r.split_once('.'))
+            else {
+                return false;
+            };
+            suffix_ok(suffix) && orphaned(pid, &lock_of(&entry.path()))
+        })
+        .map(|entry| entry.path())
+        .collect()
 }
 
 /// Whether two files' metadata are of one file: the same device and inode where there are
@@ -136,7 +154,7 @@ fn same_file(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
 /// process (of any machine sharing the folder, whose pids this one cannot see) holds the lock;
 /// a lock file that is not there is held by no one. False where the running processes cannot
 /// be known (no `/proc`), or `pid` is not one.
-pub fn orphaned(pid: &str, lock: &Path) -> bool {
+fn orphaned(pid: &str, lock: &Path) -> bool {
     let unlocked = |p: &Path| File::open(p).is_ok_and(|f| f.try_lock().is_ok());
     Path::new("/proc/self").exists()
         && pid.parse::<u32>().is_ok()

@@ -95,19 +95,12 @@ type TempEmbeddings = (tempfile::TempDir, std::fs::File);
 const LOCK: &str = ".lock";
 
 /// Removes the folders `<prefix><pid>.<random>` in `dir` (`random`: tempfile's six letters
-/// and digits) that a killed `mine` left ([`tevatron_ir::atomic::orphaned`], by the folder's
-/// lock file).
+/// and digits) that a killed `mine` left ([`tevatron_ir::atomic::orphans_in`], by the
+/// folder's lock file).
 fn remove_orphan_folders(dir: &Path, prefix: &str) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some((pid, random)) = name.strip_prefix(prefix).and_then(|r| r.split_once('.')) else {
-            continue;
-        };
-        let ours = random.len() == 6 && random.bytes().all(|b| b.is_ascii_alphanumeric());
-        if ours && tevatron_ir::atomic::orphaned(pid, &entry.path().join(LOCK)) {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
+    let random = |r: &str| r.len() == 6 && r.bytes().all(|b| b.is_ascii_alphanumeric());
+    for folder in tevatron_ir::atomic::orphans_in(dir, prefix, random, |f| f.join(LOCK)) {
+        let _ = std::fs::remove_dir_all(folder);
     }
 }
 
