@@ -91,14 +91,17 @@ pub fn resolve_model(
     let cached = Cache::new(cache_path.clone()).repo(repo.clone());
     let mut repo = repo;
     let modules = cached.get("modules.json");
-    let t = modules.as_deref().map(transformer_prefix).unwrap_or_default();
+    let modules_text = read_modules(modules.as_deref());
+    let t = modules_text.as_deref().map(st_modules::transformer_prefix).unwrap_or_default();
     let tokenizer_cached = !needs_tokenizer
         || cached.get(&format!("{t}tokenizer.json")).is_some()
         || cached.get("tokenizer.json").is_some();
     if let (Some(config), true) = (cached.get(&format!("{t}config.json")), tokenizer_cached) {
         let snapshot = snapshot_of(&config, modules.as_deref(), &t);
         if WEIGHT_FILES.iter().any(|w| cached.get(&format!("{t}{w}")).is_some()) {
-            if (weights_cached(&cached, &t) && modules_cached(&cached)) || offline() {
+            if (weights_cached(&cached, &t) && modules_cached(&cached, modules_text.as_deref()))
+                || offline()
+            {
                 tracing::info!("using {name_or_path} from the hub cache at {}", snapshot.display());
                 return Ok(snapshot);
             }
@@ -127,12 +130,10 @@ pub fn resolve_model(
     })
 }
 
-/// The Transformer's sub-folder (with its `/`) that a `modules.json` file names; `""` when it
-/// is the folder itself, or the file cannot be read (loading reports that).
-fn transformer_prefix(modules: &Path) -> String {
-    std::fs::read_to_string(modules)
-        .map(|text| st_modules::transformer_prefix(&text))
-        .unwrap_or_default()
+/// The text of a model's `modules.json`, read once for every use; `None` without one, or when
+/// it cannot be read (loading reports that).
+fn read_modules(modules: Option<&Path>) -> Option<String> {
+    std::fs::read_to_string(modules?).ok()
 }
 
 /// The snapshot folder of a model whose config was found at `config`: its folder, or, for a
@@ -170,14 +171,11 @@ fn weights_cached(cached: &hf_hub::CacheRepo, t: &str) -> bool {
     })
 }
 
-/// Whether a cached model holds the files its sentence-transformers modules need (true when it
-/// has no `modules.json`).
-fn modules_cached(cached: &hf_hub::CacheRepo) -> bool {
-    let Some(text) = cached.get("modules.json").and_then(|p| std::fs::read_to_string(p).ok())
-    else {
-        return true;
-    };
-    st_modules::module_folders(&text).into_iter().all(|(folder, kind)| {
+/// Whether a cached model holds the files its sentence-transformers modules (its
+/// `modules.json` text) need (true when it has none).
+fn modules_cached(cached: &hf_hub::CacheRepo, modules: Option<&str>) -> bool {
+    let Some(text) = modules else { return true };
+    st_modules::module_folders(text).into_iter().all(|(folder, kind)| {
         st_modules::required_files(kind).iter().all(|alternatives| {
             alternatives.iter().any(|f| cached.get(&format!("{folder}/{f}")).is_some())
         })
@@ -228,7 +226,8 @@ fn download(
     let api = api(cache_path)?.repo(repo);
     // Optional files: a 404 just means the model does not have them.
     let modules = api.get("modules.json").ok();
-    let t = modules.as_deref().map(transformer_prefix).unwrap_or_default();
+    let modules_text = read_modules(modules.as_deref());
+    let t = modules_text.as_deref().map(st_modules::transformer_prefix).unwrap_or_default();
     let config = api.get(&format!("{t}config.json")).map_err(|e| e.to_string())?;
     // The tokenizer beside the config, else (a Transformer in a sub-folder) at the top.
     let tokenizer = api.get(&format!("{t}tokenizer.json")).or_else(|e| match t.is_empty() {
@@ -251,8 +250,8 @@ fn download(
     }
     // The sentence-transformers modules' folders: each one's config (a Normalize folder may
     // have none), and the files its kind needs (a Dense module's weights).
-    if let Some(text) = modules.as_deref().and_then(|p| std::fs::read_to_string(p).ok()) {
-        for (folder, kind) in st_modules::module_folders(&text) {
+    if let Some(text) = &modules_text {
+        for (folder, kind) in st_modules::module_folders(text) {
             let _ = api.get(&format!("{folder}/config.json"));
             for alternatives in st_modules::required_files(kind) {
                 let _ = alternatives.iter().find(|f| api.get(&format!("{folder}/{f}")).is_ok());
