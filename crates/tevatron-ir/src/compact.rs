@@ -614,17 +614,21 @@ struct Scan<'a> {
     int8_queries: Vec<Int8Queries<'a>>,
 }
 
-/// A thread's scratch for [`Scan::block`]: a chunk's scores and the hits of one query.
+/// A thread's scratch for [`Scan::block`]: a chunk's scores, and its queries' floors and
+/// hits.
 struct ScanBuffers {
     scores: Vec<i32>,
-    hits: Vec<u32>,
+    floors: Vec<i32>,
+    hits: Vec<Vec<u32>>,
 }
 
 impl ScanBuffers {
     fn new(queries: usize) -> Self {
+        let chunk = queries.min(SCORED_QUERIES);
         Self {
-            scores: vec![0i32; SCAN_BLOCK * queries.min(SCORED_QUERIES)],
-            hits: Vec::with_capacity(SCAN_BLOCK + 16),
+            scores: vec![0i32; SCAN_BLOCK * chunk],
+            floors: Vec::with_capacity(chunk),
+            hits: (0..chunk).map(|_| Vec::with_capacity(SCAN_BLOCK + 16)).collect(),
         }
     }
 }
@@ -655,15 +659,25 @@ impl Scan<'_> {
         };
         let chunks = self.batch.chunks(SCORED_QUERIES * width);
         for (c, (chunk, heaps)) in chunks.zip(heaps.chunks_mut(SCORED_QUERIES)).enumerate() {
-            let scores = &mut buf.scores[..nb * (chunk.len() / width)];
+            let nq = chunk.len() / width;
+            let scores = &mut buf.scores[..nb * nq];
+            let hits = &mut buf.hits[..nq];
+            buf.floors.clear();
+            buf.floors.extend(heaps.iter().map(Candidates::floor_score));
             match &laid_out {
-                LaidOut::Int8(b) => b.scores(&self.int8_queries[c], scores),
-                LaidOut::Binary(b) => b.scores(chunk, scores),
+                LaidOut::Int8(b) => {
+                    b.scores(&self.int8_queries[c], scores);
+                    for ((hits, &floor), scores) in
+                        hits.iter_mut().zip(&buf.floors).zip(scores.chunks(nb))
+                    {
+                        kernels.above(scores, taken, floor, hits);
+                    }
+                }
+                LaidOut::Binary(b) => b.scores_above(chunk, &buf.floors, scores, hits),
             }
-            for (heap, scores) in heaps.iter_mut().zip(scores.chunks(nb)) {
-                kernels.above(scores, taken, heap.floor_score(), &mut buf.hits);
+            for ((heap, scores), hits) in heaps.iter_mut().zip(scores.chunks(nb)).zip(&*hits) {
                 let mut floor = heap.floor_score();
-                for &i in &buf.hits {
+                for &i in hits {
                     let i = i as usize;
                     let s = scores[i] - taken.get(i).copied().unwrap_or(0);
                     if s > floor {
