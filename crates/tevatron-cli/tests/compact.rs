@@ -356,6 +356,34 @@ fn hnsw_graphs_are_built_mapped_and_rescored() {
         search(d, "x.tsv", &["--hnsw", "--compact_reps", "swap/*.hnsw.json"]),
         "was made from other vectors than c.0.safetensors",
     );
+    // A graph damaged in place (its size unchanged) is refused before it is mapped: USearch
+    // follows the links as they are, and garbled ones crashed the search.
+    std::fs::create_dir(d.join("bad")).unwrap();
+    for shard in ["c.0", "c.1"] {
+        for ext in ["json", "usearch"] {
+            let name = format!("{shard}.hnsw.{ext}");
+            std::fs::copy(d.join("g").join(&name), d.join("bad").join(&name)).unwrap();
+        }
+    }
+    let graph = d.join("bad/c.1.hnsw.usearch");
+    let mut bytes = std::fs::read(&graph).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x40;
+    std::fs::write(&graph, &bytes).unwrap();
+    fails_with(
+        search(d, "x.tsv", &["--hnsw", "--compact_reps", "bad/*.hnsw.json"]),
+        "c.1.hnsw.usearch: does not match the checksum its description",
+    );
+    // A description from before the checksum is refused with what to do.
+    let json = d.join("bad/c.1.hnsw.json");
+    let mut description: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    description.as_object_mut().unwrap().remove("graph_checksum");
+    std::fs::write(&json, description.to_string()).unwrap();
+    fails_with(
+        search(d, "x.tsv", &["--hnsw", "--compact_reps", "bad/*.hnsw.json"]),
+        "names no graph_checksum",
+    );
     fails_with(
         tevatron(d, &["index", "--passage_reps", "c.*.safetensors", "--output_dir", "n"]),
         "give one of --quantize int8|binary and --hnsw",

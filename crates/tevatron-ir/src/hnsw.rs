@@ -9,8 +9,10 @@
 //! row number as key) and `<stem>.hnsw.json`, which says what it is: `format`
 //! (`tevatron-hnsw-v1`), the graph's settings and the scalars of its copy of the vectors
 //! (`dtype`), the USearch version, the byte size of the graph file and the fingerprint of the
-//! vectors it was built from. The size is checked before
-//! the graph is mapped, so a truncated graph is an error, not a crash.
+//! vectors it was built from, and a checksum of the graph file. The size and the checksum are
+//! checked before the graph is mapped, so a truncated or damaged graph is an error, not a
+//! crash: USearch follows the file's links as they are, and a garbled link made it read out of
+//! bounds.
 
 use std::path::{Path, PathBuf};
 
@@ -103,6 +105,37 @@ pub fn hnsw_paths(dir: &Path, shard: &Path) -> (PathBuf, PathBuf) {
     (dir.join(format!("{stem}.hnsw.usearch")), dir.join(format!("{stem}.hnsw.json")))
 }
 
+/// A checksum of the whole graph file: [`FxHasher`] over 4 MiB pieces on the rayon threads,
+/// their hashes combined in order (about a second's fraction for a graph of 100k rows; a
+/// search reads the pages anyway).
+///
+/// [`FxHasher`]: crate::fxhash::FxHasher
+fn graph_checksum(path: &Path) -> Result<String> {
+    use std::hash::Hasher;
+    let file = std::fs::File::open(path)
+        .map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
+    let len =
+        file.metadata().map_err(|source| Error::Read { path: path.to_path_buf(), source })?.len();
+    let mut h = crate::fxhash::FxHasher::default();
+    h.write_u64(len);
+    if len > 0 {
+        // SAFETY: read-only; a file changed while it is read gives a checksum that does not
+        // match, which is refused.
+        let map = unsafe { memmap2::Mmap::map(&file) }
+            .map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
+        let pieces: Vec<u64> = map
+            .par_chunks(1 << 22)
+            .map(|piece| {
+                let mut h = crate::fxhash::FxHasher::default();
+                h.write(piece);
+                h.finish()
+            })
+            .collect();
+        pieces.iter().for_each(|&p| h.write_u64(p));
+    }
+    Ok(format!("{:016x}", h.finish()))
+}
+
 fn usearch_err(path: &Path, what: &str, e: impl std::fmt::Display) -> Error {
     Error::Embeddings { path: path.to_path_buf(), what: format!("{what}: {e}") }
 }
@@ -149,8 +182,8 @@ pub fn build(dir: &Path, source: &Vectors, opts: &HnswOptions) -> Result<(PathBu
         .and_then(|()| {
             std::fs::metadata(&tmp).map_err(|source| Error::Read { path: tmp.clone(), source })
         });
-    let size = match saved {
-        Ok(m) => m.len(),
+    let (size, checksum) = match saved.and_then(|m| Ok((m.len(), graph_checksum(&tmp)?))) {
+        Ok(done) => done,
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
@@ -170,6 +203,7 @@ pub fn build(dir: &Path, source: &Vectors, opts: &HnswOptions) -> Result<(PathBu
         "dtype": opts.dtype.name(),
         "usearch_version": usearch::version(),
         "graph_bytes": size,
+        "graph_checksum": checksum,
     });
     let mut f = crate::atomic::AtomicFile::create(&json_path)?;
     std::io::Write::write_all(f.writer(), description.to_string().as_bytes())
@@ -222,6 +256,26 @@ impl HnswShard {
                     d["graph_bytes"]
                 ),
             });
+        }
+        match d["graph_checksum"].as_str() {
+            None => {
+                return Err(bad(
+                    "names no graph_checksum (graphs described before 2026-12-07 have none, and \
+                     a damaged one could crash the search): rebuild it with `tevatron index --hnsw`"
+                        .into(),
+                ))
+            }
+            Some(want) if want != graph_checksum(&graph)? => {
+                return Err(Error::Embeddings {
+                    path: graph,
+                    what: format!(
+                        "does not match the checksum its description {} records (a damaged or \
+                         changed copy): run tevatron index --hnsw again",
+                        json_path.display()
+                    ),
+                })
+            }
+            Some(_) => {}
         }
         // Graphs described before the field existed hold F32.
         let dtype = match d["dtype"].as_str() {
