@@ -229,7 +229,79 @@ fn bad_compact_inputs_are_refused() {
         search(d, "x.tsv", &["--quantize", "int8", "--compact_reps", "idx/*.int8.safetensors"]),
         "not a readable compact file",
     );
+    let last = fails_with(
+        search(d, "x.tsv", &["--quantize", "int8", "--compact_reps", "idx/*.int8.safetensors"]),
+        "rebuild it with `tevatron index`",
+    );
+    assert!(last.contains("c.1.int8.safetensors"), "{last}");
     assert!(!d.join("x.tsv").exists(), "no output is left by a failed search");
+    // A file the pairing leaves over is named.
+    std::fs::copy(
+        d.join("renamed/c.0.binary.safetensors"),
+        d.join("renamed/c.9.binary.safetensors"),
+    )
+    .unwrap();
+    fails_with(
+        search(d, "x.tsv", &["--quantize", "binary", "--compact_reps", "renamed/*"]),
+        "renamed/c.9.binary.safetensors belong to no shard given",
+    );
+    let index = |glob: &str, out: &str| {
+        tevatron(d, &["index", "--passage_reps", glob, "--quantize", "binary", "--output_dir", out])
+    };
+    // Outputs the passages' own glob would pick up next time.
+    fails_with(
+        index("c.*.safetensors", "."),
+        "c.0.binary.safetensors would match --passage_reps \"c.*.safetensors\"",
+    );
+    // Two shards of one name, both named; shards of two widths, both named.
+    std::fs::create_dir_all(d.join("s/a")).unwrap();
+    std::fs::create_dir_all(d.join("s/b")).unwrap();
+    write(d, "s/a/c.0.safetensors", 20, 40, 4, "x");
+    write(d, "s/b/c.0.safetensors", 20, 40, 5, "y");
+    fails_with(
+        index("s/*/c.0.safetensors", "o"),
+        "--passage_reps s/a/c.0.safetensors and s/b/c.0.safetensors have the same name",
+    );
+    write(d, "s/b/c.1.safetensors", 20, 8, 5, "y");
+    fails_with(
+        index("s/b/c.*.safetensors", "o"),
+        "s/b/c.1.safetensors holds vectors of 8 dimensions where s/b/c.0.safetensors holds 40",
+    );
+    // A later shard that fails takes the earlier shards' outputs with it.
+    let mut bad = vec![1.0f32; 20 * 40];
+    bad[3 * 40 + 7] = f32::NAN;
+    write_values(d, "s/a/c.1.safetensors", &bad, 40, "z");
+    let out = index("s/a/c.*.safetensors", "partial");
+    fails_with(out, "row 3 holds a NaN");
+    assert!(names(&d.join("partial")).is_empty(), "{:?}", names(&d.join("partial")));
+    // The flags are checked before the files are read.
+    fails_with(
+        tevatron(d, &["index", "--passage_reps", "nothing.*", "--output_dir", "o"]),
+        "give one of --quantize int8|binary and --hnsw",
+    );
+    // A query id given twice, and ids a text run cannot carry.
+    write_values(d, "dup.safetensors", &[1.0; 3 * 40], 40, "");
+    let ids: Vec<String> = ["q1", "q2", "q1"].map(String::from).to_vec();
+    let mut w =
+        VectorWriter::create(&d.join("dup.safetensors"), 40, VecDType::F32, BTreeMap::new())
+            .unwrap();
+    w.push(&[1.0; 3 * 40], &ids).unwrap();
+    w.finish().unwrap();
+    let mut w =
+        VectorWriter::create(&d.join("space.safetensors"), 40, VecDType::F32, BTreeMap::new())
+            .unwrap();
+    w.push(&[1.0; 40], &["q 1".to_string()]).unwrap();
+    w.finish().unwrap();
+    for (queries, needle) in [
+        ("dup.safetensors", "dup.safetensors: query id \"q1\" is given to rows 0 and 2"),
+        ("space.safetensors", "x.tsv: query id \"q 1\" is empty or holds whitespace"),
+    ] {
+        let args = ["search", "--query_reps", queries, "--passage_reps", "c.*.safetensors"];
+        let out =
+            tevatron(d, &[&args[..], &["--save_ranking_to", "x.tsv", "--save_text"]].concat());
+        fails_with(out, needle);
+        assert!(!d.join("x.tsv").exists(), "no output is left by a failed search");
+    }
 }
 
 #[test]
@@ -383,6 +455,27 @@ fn hnsw_graphs_are_built_mapped_and_rescored() {
     fails_with(
         search(d, "x.tsv", &["--hnsw", "--compact_reps", "bad/*.hnsw.json"]),
         "names no graph_checksum",
+    );
+    // A field of the wrong type is refused, not read as its default.
+    std::fs::copy(d.join("g/c.1.hnsw.json"), &json).unwrap();
+    std::fs::copy(d.join("g/c.1.hnsw.usearch"), &graph).unwrap();
+    let mut description: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    description["connectivity"] = serde_json::json!("abc");
+    std::fs::write(&json, description.to_string()).unwrap();
+    fails_with(
+        search(d, "x.tsv", &["--hnsw", "--compact_reps", "bad/*.hnsw.json"]),
+        "connectivity \"abc\" is not a whole number of at least 1",
+    );
+    // An ef_search beyond the rows examines them all (it asked USearch for memory it could
+    // not have): the ranking of a wide search.
+    let huge = ["--hnsw", "--compact_reps", "g/*.hnsw.json", "--hnsw_ef_search", "1000000000000"];
+    ok(search(d, "huge.tsv", &huge));
+    let wide = ["--hnsw", "--compact_reps", "g/*.hnsw.json", "--hnsw_ef_search", "1500"];
+    ok(search(d, "wide.tsv", &wide));
+    assert_eq!(
+        std::fs::read_to_string(d.join("huge.tsv")).unwrap(),
+        std::fs::read_to_string(d.join("wide.tsv")).unwrap()
     );
     fails_with(
         tevatron(d, &["index", "--passage_reps", "c.*.safetensors", "--output_dir", "n"]),

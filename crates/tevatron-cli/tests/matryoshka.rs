@@ -111,6 +111,26 @@ fn matryoshka_training_is_recorded_and_truncation_cuts_and_renormalises() {
     };
     ok(search("qcut.safetensors", "cut.safetensors", "a.tsv", &[]));
     ok(search("q.safetensors", "full.safetensors", "b.tsv", &["--truncate_dim", "16"]));
+    // Compact codes of passages encoded at the width: full-width queries are cut to them.
+    let mut index = vec!["index", "--passage_reps", "cut.safetensors", "--quantize", "int8"];
+    index.extend(["--output_dir", "codes", "--quiet"]);
+    ok(tevatron(d, &index));
+    let compact = ["--truncate_dim", "16", "--quantize", "int8", "--rescore_multiplier", "100"];
+    let codes = ["--compact_reps", "codes/*.safetensors"];
+    ok(search("q.safetensors", "cut.safetensors", "e.tsv", &[&compact[..], &codes].concat()));
+    // Codes of full vectors cannot serve a cut.
+    let mut index = vec!["index", "--passage_reps", "full.safetensors", "--quantize", "int8"];
+    index.extend(["--output_dir", "fullcodes", "--quiet"]);
+    ok(tevatron(d, &index));
+    fails_with(
+        search(
+            "q.safetensors",
+            "full.safetensors",
+            "x.tsv",
+            &[&compact[..], &["--compact_reps", "fullcodes/*.safetensors"]].concat(),
+        ),
+        "--compact_reps were made from the full vectors of full.safetensors (32 dimensions)",
+    );
     let docs = |f: &str| {
         let text = std::fs::read_to_string(d.join(f)).unwrap();
         text.lines()
@@ -118,8 +138,14 @@ fn matryoshka_training_is_recorded_and_truncation_cuts_and_renormalises() {
             .collect::<Vec<_>>()
     };
     assert_eq!(docs("a.tsv"), docs("b.tsv"));
+    assert_eq!(docs("a.tsv"), docs("e.tsv"), "every row rescored: the exact ranking");
     // A width the model was not trained for works, with a warning; too wide is an error.
     let out = encode(d, &model, "c4.safetensors", &["--truncate_dim", "4"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success() && err.contains("--matryoshka_dims [32, 16, 8], not 4"), "{err}");
+    // Queries encoded at a width no record names, against wider passages cut by search: the
+    // warning is about the passages' width, whatever the queries' own.
+    let out = search("c4.safetensors", "full.safetensors", "x.tsv", &["--truncate_dim", "4"]);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success() && err.contains("--matryoshka_dims [32, 16, 8], not 4"), "{err}");
     let out = encode(d, &bert, "b4.safetensors", &["--truncate_dim", "4"]);
@@ -282,6 +308,10 @@ fn bad_matryoshka_flags_are_refused() {
     fails_with(
         train(d, "o", &bert, &["--matryoshka_dims", "0"]),
         "--matryoshka_dims 0: each width must be at least 1",
+    );
+    fails_with(
+        train(d, "o", &bert, &["--matryoshka_dims", "16,8,16"]),
+        "--matryoshka_dims gives 16 twice (width 3 of 3)",
     );
     let out = tevatron(
         d,

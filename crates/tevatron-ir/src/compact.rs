@@ -173,7 +173,14 @@ impl CompactShard {
     /// Opens a compact file written by [`write()`] and checks it was made from `source`.
     pub fn open(path: &Path, source: &Vectors) -> Result<Self> {
         let bad = |what: String| Error::Embeddings { path: path.to_path_buf(), what };
-        let (map, data_start, meta) = crate::safetensors_check::map(path, "compact file")?;
+        let (map, data_start, meta) =
+            crate::safetensors_check::map(path, "compact file").map_err(|e| match e {
+                Error::Embeddings { path, what } => Error::Embeddings {
+                    path,
+                    what: format!("{what}: rebuild it with `tevatron index`"),
+                },
+                other => other,
+            })?;
         let md: BTreeMap<String, String> =
             meta.metadata().clone().unwrap_or_default().into_iter().collect();
         let field = |k: &str| md.get(k).cloned().unwrap_or_default();

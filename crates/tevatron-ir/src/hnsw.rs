@@ -277,18 +277,30 @@ impl HnswShard {
             }
             Some(_) => {}
         }
-        // Graphs described before the field existed hold F32.
-        let dtype = match d["dtype"].as_str() {
-            None => GraphDtype::F32,
-            Some(name) => GraphDtype::from_name(name).ok_or_else(|| {
+        // Graphs described before the field existed hold F32; a field of the wrong type is
+        // refused rather than read as its default.
+        let dtype = match &d["dtype"] {
+            serde_json::Value::Null => GraphDtype::F32,
+            serde_json::Value::String(name) => GraphDtype::from_name(name).ok_or_else(|| {
                 let names: Vec<_> = GraphDtype::ALL.iter().map(|d| d.name()).collect();
                 bad(format!("dtype {name:?} is none of {}", names.join(", ")))
             })?,
+            other => return Err(bad(format!("dtype {other} is not a name"))),
         };
+        let count = |field: &str| match &d[field] {
+            serde_json::Value::Null => Ok(None),
+            v => match v.as_u64() {
+                Some(n) if n > 0 => Ok(Some(n as usize)),
+                _ => Err(bad(format!("{field} {v} is not a whole number of at least 1"))),
+            },
+        };
+        let defaults = HnswOptions::default();
         let opts = HnswOptions {
-            connectivity: d["connectivity"].as_u64().unwrap_or(32) as usize,
-            expansion_add: d["expansion_add"].as_u64().unwrap_or(128) as usize,
-            expansion_search,
+            connectivity: count("connectivity")?.unwrap_or(defaults.connectivity),
+            expansion_add: count("expansion_add")?.unwrap_or(defaults.expansion_add),
+            // More than the rows examines every row, as the rows do: a huge value asked USearch
+            // for memory it could not have.
+            expansion_search: expansion_search.min(source.len().max(1)),
             dtype,
         };
         let index = new_index(source.dim(), &opts)

@@ -226,6 +226,16 @@ pub fn write_run<'a>(
         if remove_query && qid == docid {
             continue;
         }
+        for (what, id) in [("query id", qid), ("docid", docid)] {
+            if id.is_empty() || id.contains(char::is_whitespace) {
+                return Err(Error::Invalid(format!(
+                    "{}: {what} {id:?} is empty or holds whitespace, which a whitespace-separated \
+                     run cannot carry (its readers, ours and trec_eval alike, would split it): \
+                     rename the ids, or keep the ranking in safetensors",
+                    path.display()
+                )));
+            }
+        }
         rank += 1;
         let w = out.writer();
         let r = match format {

@@ -614,9 +614,7 @@ impl Vectors {
 
 /// Expands a glob into a sorted list of files, as Tevatron's `sorted(glob.glob(...))`.
 pub fn expand_glob(pattern: &str) -> Result<Vec<PathBuf>> {
-    // As a shell (and Hugging Face's data-file patterns): `*` does not match a leading dot, so
-    // hidden files stay out.
-    let options = glob::MatchOptions { require_literal_leading_dot: true, ..Default::default() };
+    let options = GLOB_OPTIONS;
     let paths = glob::glob_with(pattern, options)
         .map_err(|e| Error::Glob(format!("invalid glob {pattern:?}: {e}")))?;
     let mut files = Vec::new();
@@ -639,6 +637,30 @@ pub fn expand_glob(pattern: &str) -> Result<Vec<PathBuf>> {
         return Err(Error::Glob(format!("no file matches {pattern:?}")));
     }
     Ok(files)
+}
+
+/// As a shell (and Hugging Face's data-file patterns): `*` does not match a leading dot, so
+/// hidden files stay out.
+const GLOB_OPTIONS: glob::MatchOptions = glob::MatchOptions {
+    case_sensitive: true,
+    require_literal_separator: false,
+    require_literal_leading_dot: true,
+};
+
+/// Whether [`expand_glob`] would give `path` for `pattern` once the file exists: a command
+/// that writes beside its inputs checks that its outputs would not be read back as inputs
+/// by the same pattern. False for a pattern that is not a valid glob.
+pub fn glob_would_match(pattern: &str, path: &Path) -> bool {
+    // `expand_glob` walks the pattern a path component at a time, so `*` never crosses a `/`;
+    // `./` names the same files as nothing.
+    let options = glob::MatchOptions { require_literal_separator: true, ..GLOB_OPTIONS };
+    let mut pattern = pattern;
+    while let Some(rest) = pattern.strip_prefix("./") {
+        pattern = rest;
+    }
+    let path: PathBuf =
+        path.components().filter(|c| !matches!(c, std::path::Component::CurDir)).collect();
+    glob::Pattern::new(pattern).is_ok_and(|p| p.matches_path_with(&path, options))
 }
 
 #[cfg(test)]

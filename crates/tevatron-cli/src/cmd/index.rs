@@ -2,24 +2,18 @@
 //! shard, for `tevatron search --quantize` (the format is documented in `tevatron_ir::compact`),
 //! or an HNSW graph per shard for `tevatron search --hnsw` (`tevatron_ir::hnsw`).
 
-use std::collections::BTreeSet;
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use tevatron_ir::compact::{calibrate, compact_path, write};
 use tevatron_ir::hnsw::{build, hnsw_paths, GraphDtype, HnswOptions};
 use tevatron_ir::quantize::Precision;
-use tevatron_ir::search::check_width;
-use tevatron_ir::vectors::{expand_glob, Vectors};
+use tevatron_ir::vectors::{expand_glob, glob_would_match, Vectors};
 
 use crate::args::IndexArgs;
 
 pub fn run(a: &IndexArgs) -> Result<()> {
-    let files = expand_glob(&a.passage_reps).context("resolving --passage_reps")?;
-    let shards = files.iter().map(|f| Vectors::open(f)).collect::<Result<Vec<_>, _>>()?;
-    let dim = shards[0].dim();
-    for shard in &shards {
-        check_width(shard, dim)?;
-    }
+    // The flags first: a mistake in them is named before any file is read.
     let defaults = HnswOptions::default();
     let kind = match (a.quantize, a.hnsw) {
         (Some(q), false) => {
@@ -38,16 +32,53 @@ pub fn run(a: &IndexArgs) -> Result<()> {
         }),
         _ => bail!("give one of --quantize int8|binary and --hnsw"),
     };
-    let outputs: Vec<_> = files
+    if let Err(opts) = &kind {
+        if opts.connectivity < 2 || opts.expansion_add == 0 {
+            bail!("--hnsw_m must be at least 2 and --hnsw_ef_construction at least 1");
+        }
+    }
+    let files = expand_glob(&a.passage_reps).context("resolving --passage_reps")?;
+    let shards = files.iter().map(|f| Vectors::open(f)).collect::<Result<Vec<_>, _>>()?;
+    let dim = shards[0].dim();
+    for shard in &shards[1..] {
+        if shard.dim() != dim {
+            bail!(
+                "{} holds vectors of {} dimensions where {} holds {dim}: the shards of a corpus \
+                 must have one width",
+                shard.path().display(),
+                shard.dim(),
+                shards[0].path().display()
+            );
+        }
+    }
+    // Each shard's outputs: the compact file, or the graph's description and graph.
+    let outputs: Vec<Vec<PathBuf>> = files
         .iter()
         .map(|f| match &kind {
-            Ok(precision) => compact_path(&a.output_dir, f, *precision),
-            Err(_) => hnsw_paths(&a.output_dir, f).1,
+            Ok(precision) => vec![compact_path(&a.output_dir, f, *precision)],
+            Err(_) => {
+                let (graph, description) = hnsw_paths(&a.output_dir, f);
+                vec![description, graph]
+            }
         })
         .collect();
-    if outputs.iter().collect::<BTreeSet<_>>().len() != outputs.len() {
+    for (i, later) in outputs.iter().enumerate() {
+        if let Some(j) = outputs[..i].iter().position(|earlier| earlier[0] == later[0]) {
+            bail!(
+                "--passage_reps {} and {} have the same name: their outputs ({}) would overwrite \
+                 each other",
+                files[j].display(),
+                files[i].display(),
+                later[0].display()
+            );
+        }
+    }
+    if let Some(out) = outputs.iter().flatten().find(|o| glob_would_match(&a.passage_reps, o)) {
         bail!(
-            "two --passage_reps files have the same name; their codes would overwrite each other"
+            "{} would match --passage_reps {:?}: the next search or index would read it as a \
+             shard of passages; give another --output_dir",
+            out.display(),
+            a.passage_reps
         );
     }
     std::fs::create_dir_all(&a.output_dir)
@@ -60,8 +91,10 @@ pub fn run(a: &IndexArgs) -> Result<()> {
                 Precision::Int8 => calibrate(&shards)?,
                 Precision::Binary => Vec::new(),
             };
-            for (shard, out) in shards.iter().zip(&outputs) {
-                write(out, shard, precision, &scales)?;
+            for (i, (shard, out)) in shards.iter().zip(&outputs).enumerate() {
+                let out = &out[0];
+                write(out, shard, precision, &scales)
+                    .map_err(|e| remove_written(&outputs[..i], e.into()))?;
                 tracing::info!(
                     "{} codes of {} ({} x {dim}) written to {}",
                     precision.name(),
@@ -72,15 +105,13 @@ pub fn run(a: &IndexArgs) -> Result<()> {
             }
         }
         Err(opts) => {
-            if opts.connectivity < 2 || opts.expansion_add == 0 {
-                bail!("--hnsw_m must be at least 2 and --hnsw_ef_construction at least 1");
-            }
             tracing::info!("USearch kernels available: {}", tevatron_ir::hnsw::kernels());
             if opts.dtype == GraphDtype::I8 {
                 warn_unless_unit_length(&shards);
             }
-            for shard in &shards {
-                let (graph, _) = build(&a.output_dir, shard, &opts)?;
+            for (i, shard) in shards.iter().enumerate() {
+                let (graph, _) = build(&a.output_dir, shard, &opts)
+                    .map_err(|e| remove_written(&outputs[..i], e.into()))?;
                 tracing::info!(
                     "HNSW graph of {} ({} x {dim}, M {}, ef_construction {}, {} vectors) written to {}",
                     shard.path().display(),
@@ -95,6 +126,20 @@ pub fn run(a: &IndexArgs) -> Result<()> {
     }
     tracing::info!("indexed {} shard(s) in {:.2}s", shards.len(), start.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// A shard that fails (a NaN row, a full disk) after others were written: the earlier shards'
+/// outputs are removed, so that a failed run leaves no set that looks whole but is not
+/// (int8 codes also share one calibration over every shard).
+fn remove_written(written: &[Vec<PathBuf>], e: anyhow::Error) -> anyhow::Error {
+    let mut removed = 0;
+    for path in written.iter().flatten() {
+        removed += usize::from(std::fs::remove_file(path).is_ok());
+    }
+    if removed > 0 {
+        tracing::warn!("removed the {removed} file(s) this run had written for the shards before");
+    }
+    e
 }
 
 /// An i8 graph ranks by cosine (USearch scales each vector to unit length before rounding), so

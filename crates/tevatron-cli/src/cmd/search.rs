@@ -31,12 +31,12 @@ pub fn run(a: &SearchArgs) -> Result<()> {
                 .metadata()
                 .get("matryoshka_dims")
                 .map(|d| d.split(',').filter_map(|x| x.parse().ok()).collect::<Vec<usize>>());
-            if a.compact_reps.is_some() {
-                bail!("--compact_reps were made from the full vectors: for --truncate_dim, encode with --truncate_dim and run tevatron index on those vectors");
-            }
             // Cut first, and check the passages' width, so that a width the vectors cannot take
             // is an error without a warning about the model before it.
             let cut = queries.truncated(k, normalized(&queries)).context("--truncate_dim")?;
+            // The widest vectors cut: queries encoded at the width already may meet wider
+            // passages, and the warning is about those.
+            let mut widest = queries.dim();
             for file in expand_glob(&a.passage_reps).context("resolving --passage_reps")? {
                 let shard = Vectors::open(&file)?;
                 if shard.dim() < k {
@@ -46,16 +46,27 @@ pub fn run(a: &SearchArgs) -> Result<()> {
                         shard.dim()
                     );
                 }
+                if a.compact_reps.is_some() && shard.dim() != k {
+                    bail!(
+                        "--compact_reps were made from the full vectors of {} ({} dimensions): \
+                         for --truncate_dim {k}, encode with --truncate_dim and run tevatron \
+                         index on those vectors",
+                        file.display(),
+                        shard.dim()
+                    );
+                }
+                widest = widest.max(shard.dim());
             }
             let what = match queries.metadata().get("model") {
                 Some(model) => format!("the model {model:?}"),
                 None => format!("the model of {} (the file names none)", a.query_reps.display()),
             };
-            super::warn_untrained_width(k, queries.dim(), trained.as_deref(), &what);
+            super::warn_untrained_width(k, widest, trained.as_deref(), &what);
             cut
         }
     };
     let q = check_queries(&queries)?;
+    check_unique_query_ids(&queries)?;
     let files = expand_glob(&a.passage_reps).context("resolving --passage_reps")?;
     let inputs: Vec<std::path::PathBuf> =
         std::iter::once(a.query_reps.clone()).chain(files.iter().cloned()).collect();
@@ -198,6 +209,22 @@ pub fn run(a: &SearchArgs) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a query id given to two rows of the query file: their rankings would be written
+/// under one id, which evaluation and fusion read as one query with every hit twice.
+fn check_unique_query_ids(queries: &Vectors) -> Result<()> {
+    let mut seen = std::collections::HashMap::with_capacity(queries.len());
+    for (row, id) in queries.ids().iter().enumerate() {
+        if let Some(first) = seen.insert(id, row) {
+            bail!(
+                "{}: query id {id:?} is given to rows {first} and {row}: a query file's ids must \
+                 be unique",
+                queries.path().display()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Refuses a ranking that names a document twice for one query (a docid given to two rows of
 /// the corpus: evaluation would count it twice) or holds a score that is not finite (vectors
 /// whose products overflow F32), naming the query, the document and the files.
@@ -327,7 +354,7 @@ fn compact_plan(a: &SearchArgs, passages: &[PathBuf]) -> Result<Option<CompactPl
         );
     }
     if a.gpu_float32 {
-        tracing::info!("--gpu_float32 has no effect: --quantize searches on the CPU");
+        tracing::info!("--gpu_float32 has no effect: --quantize and --hnsw search on the CPU");
     }
     let files = match &a.compact_reps {
         None => {
@@ -355,10 +382,17 @@ fn compact_plan(a: &SearchArgs, passages: &[PathBuf]) -> Result<Option<CompactPl
                 pairs.push((p.clone(), c.clone()));
             }
             if codes.len() != passages.len() {
+                let unpaired: Vec<String> = codes
+                    .iter()
+                    .filter(|c| !pairs.iter().any(|(_, paired)| paired == *c))
+                    .map(|c| c.display().to_string())
+                    .collect();
                 bail!(
-                    "--compact_reps names {} file(s) for {} --passage_reps shard(s)",
+                    "--compact_reps names {} file(s) for {} --passage_reps shard(s): {} belong \
+                     to no shard given",
                     codes.len(),
-                    passages.len()
+                    passages.len(),
+                    unpaired.join(", ")
                 );
             }
             Some(pairs)

@@ -83,6 +83,16 @@ fn matryoshka(a: &TrainArgs, width: usize, normalize: bool) -> Result<Option<Mat
     if a.matryoshka_dims.contains(&0) {
         bail!("--matryoshka_dims 0: each width must be at least 1");
     }
+    if let Some((i, d)) =
+        a.matryoshka_dims.iter().enumerate().find(|(i, d)| a.matryoshka_dims[..*i].contains(d))
+    {
+        bail!(
+            "--matryoshka_dims gives {d} twice (width {} of {}): each width's loss would count \
+             twice; give each once, and weigh one with --matryoshka_weights",
+            i + 1,
+            a.matryoshka_dims.len()
+        );
+    }
     if let Some(d) = a.matryoshka_dims.iter().find(|&&d| d > width) {
         bail!("--matryoshka_dims {d}: each width must be between 1 and the model's {width}");
     }
