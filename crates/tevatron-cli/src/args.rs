@@ -1302,7 +1302,20 @@ pub fn expand_json_args(argv: Vec<OsString>) -> Result<Vec<OsString>> {
         }
     };
     let mut out = vec![argv[0].clone(), argv[1].clone()];
+    // `--key=value`, one argument, where there is one value: a value that starts with `-`
+    // (a path, a negative number) is then never read as a flag.
+    let with_value = |k: &str, v: OsString| {
+        let mut arg = OsString::from(format!("--{k}="));
+        arg.push(v);
+        arg
+    };
     for (k, v) in obj {
+        if k.is_empty() || k.starts_with('-') {
+            bail!(
+                "{}: argument {k:?} is not a flag's name (give names without dashes)",
+                path.display()
+            );
+        }
         let flag = OsString::from(format!("--{k}"));
         let (takes_value, delimiter) = shape(&k).unwrap_or((true, None));
         match v {
@@ -1314,20 +1327,21 @@ pub fn expand_json_args(argv: Vec<OsString>) -> Result<Vec<OsString>> {
             // An empty list gives no value: the flag's default, as when it is not given.
             serde_json::Value::Null => {}
             serde_json::Value::Array(items) if items.is_empty() => {}
-            serde_json::Value::Array(items) => {
-                out.push(flag);
-                match delimiter {
-                    Some(d) => {
-                        let items: Vec<String> =
-                            items.into_iter().map(|i| value(i).to_string_lossy().into()).collect();
-                        out.push(items.join(&d.to_string()).into());
-                    }
-                    None => out.extend(items.into_iter().map(value)),
+            serde_json::Value::Array(items) => match delimiter {
+                Some(d) => {
+                    let items: Vec<String> =
+                        items.into_iter().map(|i| value(i).to_string_lossy().into()).collect();
+                    out.push(with_value(&k, items.join(&d.to_string()).into()));
                 }
-            }
+                None => {
+                    out.push(flag);
+                    out.extend(items.into_iter().map(value));
+                }
+            },
             serde_json::Value::Object(_) => {
                 bail!("{}: argument {k:?} is an object", path.display())
             }
+            other if takes_value => out.push(with_value(&k, value(other))),
             other => out.extend([flag, value(other)]),
         }
     }
@@ -1419,18 +1433,23 @@ mod tests {
             [
                 "tevatron",
                 "encode",
-                "--add_special_tokens",
-                "false",
-                "--fp16",
-                "false",
-                "--model_name_or_path",
-                "m",
-                "--normalize",
-                "true",
-                "--query_max_len",
-                "16"
+                "--add_special_tokens=false",
+                "--fp16=false",
+                "--model_name_or_path=m",
+                "--normalize=true",
+                "--query_max_len=16"
             ]
         );
+        // A value that starts with a dash is a value, not a flag; a name that is no flag's is
+        // refused by name.
+        let argv = expand("eval", r#"{"run": "-run.tsv", "qrels": "q"}"#);
+        let cli = Cli::try_parse_from(argv).unwrap();
+        let Command::Eval(a) = cli.command else { panic!("eval") };
+        assert_eq!(a.run, std::path::PathBuf::from("-run.tsv"));
+        std::fs::write(&path, r#"{"": 1}"#).unwrap();
+        let argv = vec!["tevatron".into(), "eval".into(), (&path).into()];
+        let err = expand_json_args(argv).unwrap_err().to_string();
+        assert!(err.contains("argument \"\" is not a flag's name"), "{err}");
         // `false` reaches the parsed arguments (it was left out, so the default won).
         let argv = expand(
             "encode",
@@ -1447,7 +1466,7 @@ mod tests {
         // A list: one comma-separated value where the flag takes one, repeated values where
         // it takes several.
         let argv = expand("train", r#"{"matryoshka_dims": [16, 8], "output_dir": "o"}"#);
-        assert_eq!(argv[2..], ["--matryoshka_dims", "16,8", "--output_dir", "o"]);
+        assert_eq!(argv[2..], ["--matryoshka_dims=16,8", "--output_dir=o"]);
         let argv = expand("fuse", r#"{"runs": ["a", "b"]}"#);
         assert_eq!(argv[2..], ["--runs", "a", "b"]);
     }

@@ -80,6 +80,13 @@ fn main() -> ExitCode {
         // Before any thread exists: candle reads it when it first starts its workers.
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", CANDLE_SPIN_LIMIT);
     }
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // candle attaches a backtrace to its errors whenever RUST_BACKTRACE is set (as some
+        // machines set it for every process), and its text went into the one-line messages
+        // that quote them. RUST_LIB_BACKTRACE=0 keeps them out; RUST_BACKTRACE still gives
+        // panics theirs, and setting RUST_LIB_BACKTRACE=1 brings them back.
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
     let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let expanded = args::expand_json_args(raw.clone());
     // With a JSON arguments file, a flag error is the file's: say which file.

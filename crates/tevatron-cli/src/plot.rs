@@ -105,6 +105,7 @@ pub fn plot_training(dir: &Path) -> Result<Vec<PathBuf>> {
         |svg| draw(svg, &log, &evals, &title),
         |png| draw(png, &log, &evals, &title),
     )
+    .with_context(|| format!("drawing the curves of {}", dir.join("trainer_state.json").display()))
 }
 
 /// Draws one picture as `<stem>.svg` and `<stem>.png` (`draw_svg` and `draw_png` draw the same

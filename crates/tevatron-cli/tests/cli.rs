@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Output;
 
 mod common;
-use common::{fails_with, names, ok, repo, tevatron};
+use common::{copy_dir, fails_with, names, ok, repo, tevatron};
 
 fn toy(f: &str) -> String {
     repo().join("testdata/toy").join(f).to_string_lossy().into_owned()
@@ -471,6 +471,38 @@ fn bad_model_inputs_are_clear_errors() {
     std::fs::write(m.join("tokenizer.json"), tokenizer.to_string()).unwrap();
     let line = fails_with(run(m.to_str().unwrap()), "the tokenizer failed");
     assert!(line.contains("bad-normalizer/tokenizer.json"), "{line}");
+    assert!(!d.join("o.safetensors").exists());
+    // A config whose layer norm divides by the root of a negative number: the embeddings
+    // would be NaN, and were written (search refused them later, by row only).
+    let m = d.join("negative-eps");
+    std::fs::create_dir(&m).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json", "model.safetensors"] {
+        std::fs::copy(Path::new(&tiny_bert()).join(f), m.join(f)).unwrap();
+    }
+    let text = std::fs::read_to_string(Path::new(&tiny_bert()).join("config.json")).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&text).unwrap();
+    config["layer_norm_eps"] = serde_json::json!(-1e9);
+    std::fs::write(m.join("config.json"), config.to_string()).unwrap();
+    // A shape candle refuses, with RUST_BACKTRACE set (as some machines set it for every
+    // process): one line, without candle's backtrace spliced into it.
+    let heads = d.join("heads");
+    copy_dir(Path::new(&tiny_bert()), &heads);
+    let mut c = config.clone();
+    c["layer_norm_eps"] = serde_json::json!(1e-12);
+    c["num_attention_heads"] = serde_json::json!(5);
+    std::fs::write(heads.join("config.json"), c.to_string()).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tevatron"))
+        .current_dir(d)
+        .env("RUST_BACKTRACE", "1")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .args(["encode", "--model_name_or_path", "heads", "--dataset_path", &corpus])
+        .args(["--encode_output_path", "o.safetensors", "--quiet"])
+        .output()
+        .unwrap();
+    let line = fails_with(out, "hidden_size is not a multiple of num_attention_heads)");
+    assert!(!line.contains("candle_core"), "{line}");
+    let line = fails_with(run(m.to_str().unwrap()), "holds NaN: the forward pass of");
+    assert!(line.contains("the embedding of \"") && line.contains("negative-eps"), "{line}");
     assert!(!d.join("o.safetensors").exists());
 }
 

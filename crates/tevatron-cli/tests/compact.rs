@@ -523,3 +523,41 @@ fn a_sampled_floor_that_proves_too_high_is_logged_and_scanned_again() {
     assert_eq!(top.len(), 20);
     assert!(top.iter().all(|r| (2048..2108).contains(r)), "{run}");
 }
+
+/// `TEVATRON_KERNELS=portable` searches as a CPU without the vector instructions would: the
+/// log names the portable kernels and the rankings are the fastest kernels' (every set
+/// returns exact integers); a name this CPU cannot run, or no set's, is refused.
+#[test]
+fn the_portable_kernels_give_the_same_rankings() {
+    let tmp = setup();
+    let d = tmp.path();
+    let with_kernels = |kernels: Option<&str>, quantize: &str, out: &str| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tevatron"));
+        cmd.current_dir(d).env_remove("TEVATRON_KERNELS");
+        if let Some(k) = kernels {
+            cmd.env("TEVATRON_KERNELS", k);
+        }
+        cmd.args(["search", "--query_reps", "q.safetensors", "--passage_reps", "c.*.safetensors"])
+            .args(["--depth", "7", "--quantize", quantize, "--save_ranking_to", out])
+            .arg("--save_text")
+            .output()
+            .unwrap()
+    };
+    let mut fastest_log = String::new();
+    for quantize in ["int8", "binary"] {
+        let out = with_kernels(Some("portable"), quantize, "portable.tsv");
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{log}");
+        let said = format!("scanned {quantize} codes with the portable kernels");
+        assert!(log.contains(&said), "{log}");
+        let out = with_kernels(None, quantize, "fastest.tsv");
+        fastest_log += &String::from_utf8_lossy(&out.stderr);
+        ok(out);
+        let read = |f: &str| std::fs::read_to_string(d.join(f)).unwrap();
+        assert_eq!(read("portable.tsv"), read("fastest.tsv"), "{quantize}");
+    }
+    fails_with(with_kernels(Some("sse9"), "int8", "x.tsv"), "TEVATRON_KERNELS=sse9: give portable");
+    if !fastest_log.contains("AMX-INT8") {
+        fails_with(with_kernels(Some("amx"), "int8", "x.tsv"), "this CPU does not run them");
+    }
+}

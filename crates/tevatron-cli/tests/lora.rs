@@ -319,6 +319,35 @@ fn merge_lora_refuses_to_replace_the_current_folder_or_its_inputs() {
     fails_with(merge("ada"), "it is or holds");
     fails_with(merge("./ada/"), "it is or holds");
     assert!(d.join("precious.txt").exists() && d.join("ada/adapter_config.json").exists());
+    // An adapter holding a NaN, or a rank of 0: refused by name, nothing written (a NaN was
+    // merged into the weights and the model written).
+    copy_dir(&repo().join("testdata/tiny/llama-lora"), &d.join("nan"));
+    let weights = d.join("nan/adapter_model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let (name, at) = {
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let (name, view) = st.tensors().into_iter().find(|(n, _)| n.contains("lora_B")).unwrap();
+        assert_eq!(view.dtype(), safetensors::Dtype::F32);
+        (name, view.data().as_ptr() as usize - bytes.as_ptr() as usize)
+    };
+    bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&weights, &bytes).unwrap();
+    let merge_from = |adapter: &str| {
+        let args = ["merge-lora", "--model_name_or_path", &base, "--lora_name_or_path", adapter];
+        tevatron(d, &[&args[..], &["--output_dir", "out"]].concat())
+    };
+    // The module as the message names it: the tensor's name less PEFT's prefixes and `.weight`.
+    let module = name.rsplit("model.").next().unwrap().trim_end_matches(".weight").to_string();
+    let line = fails_with(merge_from("nan"), "holds NaN or infinite values");
+    assert!(line.contains(&module) && line.contains("adapter_model.safetensors"), "{line}");
+    copy_dir(&repo().join("testdata/tiny/llama-lora"), &d.join("r0"));
+    let config = d.join("r0/adapter_config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    c["r"] = serde_json::json!(0);
+    std::fs::write(&config, c.to_string()).unwrap();
+    fails_with(merge_from("r0"), "r0/adapter_config.json: r 0 and lora_alpha");
+    assert!(!d.join("out").exists());
 }
 
 /// LoRA on a sentence-transformers base with Dense modules: the Dense modules stay frozen and

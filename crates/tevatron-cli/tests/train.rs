@@ -324,6 +324,15 @@ fn bad_training_inputs_are_clear_errors() {
         run("o9", &tiny, &["--lora", "--lora_alpha", "nan"]),
         "--lora_alpha must be a finite",
     );
+    // An infinite or huge epoch count made a run of usize::MAX steps (it trained until killed).
+    fails_with(
+        run("o9", &tiny, &["--num_train_epochs", "inf"]),
+        "--num_train_epochs must be a finite number, not inf",
+    );
+    fails_with(
+        run("o9", &tiny, &["--num_train_epochs", "1e300"]),
+        "--num_train_epochs 1e300 makes 6e300 optimizer steps",
+    );
     assert!(!d.join("o9").exists());
     ok(run("o10", &tiny, &["--max_grad_norm", "-1", "--max_steps", "1"]));
     // A run's training_args.json is an arguments file for the same command (it held the

@@ -117,7 +117,15 @@ pub fn fuse(
         let mut scores: FxHashMap<&str, f64> = FxHashMap::default();
         for (r, q) in at.iter().enumerate() {
             let Some(q) = *q else { continue };
-            for (docid, value) in contributions(runs[r].1, q, r, method, depth) {
+            let (path, run) = runs[r];
+            let contributed = contributions(run, q, r, method, depth).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{}: query {qid}: its scores are too large to normalise (their mean or \
+                     spread overflows)",
+                    path.display()
+                ))
+            })?;
+            for (docid, value) in contributed {
                 *scores.entry(docid).or_insert(0.0) += value;
             }
         }
@@ -138,17 +146,17 @@ pub fn fuse(
 
 /// What run `r` adds to each of its best `depth` documents for its query `q`. A weighted sum
 /// normalises over all the documents the run has for the query, as pyserini rescores a whole
-/// run before it cuts each to its depth.
+/// run before it cuts each to its depth. None where the normalisation overflows.
 fn contributions<'a>(
     run: &'a Run,
     q: usize,
     r: usize,
     method: &Method,
     depth: usize,
-) -> Vec<(&'a str, f64)> {
+) -> Option<Vec<(&'a str, f64)>> {
     let mut docs: Vec<(&str, f64)> = run.docs(q).collect();
     docs.sort_unstable_by(trec_order);
-    match method {
+    Some(match method {
         Method::Rrf { k } => docs
             .iter()
             .take(depth)
@@ -156,17 +164,19 @@ fn contributions<'a>(
             .map(|(i, &(d, _))| (d, 1.0 / (k + (i + 1) as f64)))
             .collect(),
         Method::WeightedSum { weights, normalization } => {
-            normalize(&mut docs, *normalization);
+            normalize(&mut docs, *normalization)?;
             docs.iter().take(depth).map(|&(d, s)| (d, weights[r] * s)).collect()
         }
-    }
+    })
 }
 
-/// Normalises one query's scores in one run, as ranx does.
-fn normalize(docs: &mut [(&str, f64)], normalization: Normalization) {
+/// Normalises one query's scores in one run, as ranx does; None where the shift or spread
+/// overflows (scores near the largest f64: a spread of infinity made every score 0, and the
+/// fused ranking followed the doc ids).
+fn normalize(docs: &mut [(&str, f64)], normalization: Normalization) -> Option<()> {
     let n = docs.len() as f64;
     let (shift, spread) = match normalization {
-        Normalization::None => return,
+        Normalization::None => return Some(()),
         Normalization::MinMax => {
             let min = docs.iter().map(|d| d.1).fold(f64::INFINITY, f64::min);
             let max = docs.iter().map(|d| d.1).fold(f64::NEG_INFINITY, f64::max);
@@ -178,10 +188,14 @@ fn normalize(docs: &mut [(&str, f64)], normalization: Normalization) {
             (mean, var.sqrt())
         }
     };
+    if !(shift.is_finite() && spread.is_finite()) {
+        return None;
+    }
     let spread = spread.max(MIN_SPREAD);
     for d in docs.iter_mut() {
         d.1 = (d.1 - shift) / spread;
     }
+    Some(())
 }
 
 #[cfg(test)]
@@ -195,6 +209,20 @@ mod tests {
     fn fused(runs: &[&Run], method: Method, k: usize) -> Fused {
         let named: Vec<(&Path, &Run)> = runs.iter().map(|r| (Path::new("r"), *r)).collect();
         fuse(&named, &method, usize::MAX, k).unwrap().0
+    }
+
+    /// Scores whose spread overflows f64 are refused, naming the run and query, for both
+    /// normalisations (z-scores made every score 0 and ranked by doc id).
+    #[test]
+    fn scores_too_large_to_normalise_are_refused() {
+        let huge = run("q d1 1e308\nq d2 -1e308\n");
+        let other = run("q d1 1\nq d2 2\n");
+        let named = [(Path::new("huge.tsv"), &huge), (Path::new("other.tsv"), &other)];
+        for normalization in [Normalization::Zmuv, Normalization::MinMax] {
+            let method = Method::WeightedSum { weights: vec![1.0, 1.0], normalization };
+            let err = fuse(&named, &method, usize::MAX, 10).unwrap_err().to_string();
+            assert!(err.contains("huge.tsv: query q: its scores are too large"), "{err}");
+        }
     }
 
     #[test]
@@ -294,10 +322,10 @@ mod tests {
             normalization: Normalization::None,
         };
         assert_eq!(msg(fuse(&ok, &weights, usize::MAX, 10)), "weight NaN is not a finite number");
-        let huge = run("q d1 1e308\nq d2 -1e308\n");
-        let two = [(Path::new("a.tsv"), &huge), (Path::new("b.tsv"), &a)];
-        let min_max =
-            Method::WeightedSum { weights: vec![1.0, 1.0], normalization: Normalization::MinMax };
-        assert!(msg(fuse(&two, &min_max, usize::MAX, 10)).starts_with("query q, document d"));
+        let huge = run("q d1 1.7e308\n");
+        let two = [(Path::new("a.tsv"), &huge), (Path::new("b.tsv"), &huge)];
+        let sum =
+            Method::WeightedSum { weights: vec![1.0, 1.0], normalization: Normalization::None };
+        assert!(msg(fuse(&two, &sum, usize::MAX, 10)).starts_with("query q, document d1"));
     }
 }

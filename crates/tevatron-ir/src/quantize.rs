@@ -26,6 +26,7 @@
 //! precision matters; the rescoring pass makes up the rest.
 
 use crate::amx;
+use crate::{Error, Result};
 
 /// The largest query code: see the module docs.
 pub const QUERY_CODE_MAX: f32 = 63.0;
@@ -192,6 +193,36 @@ impl Kernels {
     /// The fastest kernels this CPU runs.
     pub fn detect() -> Self {
         *Self::available().last().expect("the portable set runs everywhere")
+    }
+
+    /// The kernels `TEVATRON_KERNELS` names (`portable`, `avx2`, `avx512` or `amx`, which this
+    /// CPU must run), else the fastest: a user can check that a slower path gives the same
+    /// ranking (every set returns exact integers), or search as a CPU without the instructions
+    /// would.
+    pub fn from_env() -> Result<Self> {
+        let Some(name) = std::env::var_os("TEVATRON_KERNELS") else {
+            return Ok(Self::detect());
+        };
+        let name = name.to_string_lossy().to_lowercase();
+        let set = match name.as_str() {
+            "portable" => Set::Portable,
+            "avx2" => Set::Avx2,
+            "avx512" => Set::Avx512Vnni,
+            "amx" => Set::Amx,
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "TEVATRON_KERNELS={name}: give portable, avx2, avx512 or amx"
+                )))
+            }
+        };
+        if !set.runs_here() {
+            let here: Vec<_> = Self::available().into_iter().map(Self::name).collect();
+            return Err(Error::Invalid(format!(
+                "TEVATRON_KERNELS={name}: this CPU does not run them (it runs: {})",
+                here.join(", ")
+            )));
+        }
+        Ok(Kernels(set))
     }
 
     /// Every kernel set this CPU can run, the portable one first (for tests).

@@ -447,8 +447,10 @@ pub fn read_to_string(path: &Path) -> Result<String> {
         )));
     }
     let mut s = String::from_utf8(bytes).map_err(|e| {
-        let source = std::io::Error::new(std::io::ErrorKind::InvalidData, e.utf8_error());
-        Error::Read { path: path.to_path_buf(), source }
+        // Named by line, as the JSONL readers do: the lines before the first bad byte, plus one.
+        let valid = e.utf8_error().valid_up_to();
+        let line = 1 + e.as_bytes()[..valid].iter().filter(|&&b| b == b'\n').count();
+        Error::NotUtf8 { path: path.to_path_buf(), line }
     })?;
     if s.starts_with('\u{feff}') {
         s.drain(..'\u{feff}'.len_utf8());
@@ -618,5 +620,10 @@ mod tests {
         let err =
             RecordStream::open(vec![path.clone()], RecordKind::Doc).next().unwrap().unwrap_err();
         assert_eq!(err.to_string(), format!("{}:1: text is not valid UTF-8", path.display()));
+        // A whole-file text (qrels, runs) names the line of its first bad byte too.
+        let qrels = dir.path().join("qrels.txt");
+        std::fs::write(&qrels, b"q1 0 d1 1\nq1 0 d2 1\nq2 0 d\xe93 1\n").unwrap();
+        let err = read_to_string(&qrels).unwrap_err().to_string();
+        assert_eq!(err, format!("{}:3: text is not valid UTF-8", qrels.display()));
     }
 }

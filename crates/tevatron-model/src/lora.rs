@@ -152,6 +152,15 @@ impl Adapter {
         fixed.insert("target_modules".into(), raw_targets);
         let config: LoraConfig = serde_json::from_value(serde_json::Value::Object(fixed))
             .map_err(|source| Error::Json { path: config_path.clone(), source })?;
+        if config.r == 0 || !config.lora_alpha.is_finite() {
+            return Err(Error::Invalid(format!(
+                "{}: r {} and lora_alpha {}: a LoRA rank must be at least 1 and its alpha a \
+                 finite number",
+                config_path.display(),
+                config.r,
+                config.lora_alpha
+            )));
+        }
         // PEFT writes safetensors, and before 0.6 (RepLLaMA's adapters among them) a PyTorch
         // pickle of the same tensors.
         let (weights, pickle) =
@@ -218,6 +227,22 @@ impl Adapter {
         for (module, pair) in halves {
             match pair {
                 (Some(a), Some(b)) => {
+                    // A NaN or infinity would be merged into every weight it touches, and the
+                    // model written (or encoded with) as if it were whole.
+                    for (half, t) in [("lora_A", &a), ("lora_B", &b)] {
+                        let finite = t
+                            .to_dtype(DType::F32)
+                            .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+                            .map_err(|e| cannot_read(&e))?
+                            .iter()
+                            .all(|x| x.is_finite());
+                        if !finite {
+                            return Err(Error::Weights {
+                                path: weights.clone(),
+                                what: format!("{module}.{half} holds NaN or infinite values"),
+                            });
+                        }
+                    }
                     modules.insert(module, (a, b));
                 }
                 _ => {

@@ -278,10 +278,21 @@ impl TrainData {
         // The query's text, under the first of `fields` the row has; each form names its own
         // field when none is there (a row without it trained on an empty query).
         let query = |fields: &[&str]| {
-            text_of(v, fields).ok_or_else(|| tevatron_ir::Error::MissingField {
-                path: path.into(),
-                line,
-                field: fields[0].into(),
+            text_of(v, fields).ok_or_else(|| {
+                // A field there but not text is named as such, not as missing.
+                match fields.iter().find(|f| v.get(**f).is_some()) {
+                    Some(field) => tevatron_ir::Error::FieldType {
+                        path: path.into(),
+                        line,
+                        field: (*field).into(),
+                        expected: "a string",
+                    },
+                    None => tevatron_ir::Error::MissingField {
+                        path: path.into(),
+                        line,
+                        field: fields[0].into(),
+                    },
+                }
             })
         };
         let row = if inline {
@@ -684,6 +695,13 @@ mod tests {
             None,
         );
         assert!(e.contains("nopos.jsonl:2") && e.contains("positive_passages"), "{e}");
+        let e = case(
+            "number.jsonl",
+            &format!("{ok}\n{{\"query\":5,\"positive_passages\":[{{\"text\":\"p\"}}]}}\n"),
+            1,
+            None,
+        );
+        assert!(e.contains("number.jsonl:2: field `query` must be a string"), "{e}");
         let e = case("malformed.jsonl", &format!("{ok}\n{{\"query\": \n"), 1, None);
         assert!(e.contains("malformed.jsonl:2") && e.contains("JSON"), "{e}");
         let e = case(

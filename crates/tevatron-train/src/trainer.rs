@@ -136,7 +136,18 @@ impl Plan {
         let updates_per_epoch = batches_per_epoch.div_ceil(cfg.grad_accum.max(1)).max(1);
         let total_steps = match cfg.max_steps {
             Some(m) => m,
-            None => (cfg.epochs * updates_per_epoch as f64).ceil() as usize,
+            None => {
+                let steps = (cfg.epochs * updates_per_epoch as f64).ceil();
+                // A float past any run's length saturated to usize::MAX steps: a run with no end.
+                if steps > u32::MAX as f64 {
+                    return Err(Error::Invalid(format!(
+                        "--num_train_epochs {:e} makes {steps:e} optimizer steps of {updates_per_epoch} \
+                         an epoch: give a number of epochs a run can finish",
+                        cfg.epochs
+                    )));
+                }
+                steps as usize
+            }
         };
         if total_steps == 0 {
             return Err(Error::Invalid(

@@ -225,6 +225,17 @@ pub fn run(a: &EncodeArgs) -> Result<()> {
         for msg in rx {
             let (ids, seqs) = msg?;
             let mut reps = encoder.embed_sequences(&seqs, &cfg.batch)?;
+            if let Some(at) = reps.iter().position(|x| !x.is_finite()) {
+                // Said here, by row, rather than by search's refusal of the whole file later.
+                bail!(
+                    "the embedding of {:?} holds {}: the forward pass of {} overflowed (its \
+                     weights or config, such as layer_norm_eps, hold values that cannot be \
+                     computed with); nothing was written",
+                    ids[at / width.max(1)],
+                    reps[at],
+                    a.model_name_or_path
+                );
+            }
             if out_width < width {
                 reps = truncate(&reps, width, out_width, encoder.normalize());
             }

@@ -78,7 +78,7 @@ pub fn run(a: &SearchArgs) -> Result<()> {
     let index_dtype = if a.gpu_float32 { DType::F32 } else { DType::F16 };
     let nq = queries.len();
     let depth = a.depth;
-    let kernels = Kernels::detect();
+    let kernels = Kernels::from_env()?;
     if compact.is_none() && matches!(device, Device::Cpu) {
         let (per_batch, per_pass) = (queries_per_batch(batch, nq), pass_for(batch, nq, depth));
         if per_pass > per_batch {

@@ -225,6 +225,9 @@ fn check(a: &TrainArgs, reranker: bool) -> Result<()> {
     if a.max_grad_norm.is_nan() {
         bail!("--max_grad_norm must be a number (0 or less: no clipping)");
     }
+    if !a.num_train_epochs.is_finite() {
+        bail!("--num_train_epochs must be a finite number, not {}", a.num_train_epochs);
+    }
     if a.max_steps <= 0 && a.num_train_epochs <= 0.0 {
         bail!("give --num_train_epochs > 0 or --max_steps > 0");
     }
