@@ -553,8 +553,9 @@ mod tests {
                 {"step": 2, "loss": -1e308, "learning_rate": 1e-5}
             ]),
         );
-        let e = plot_training(dir.path()).unwrap_err().to_string();
+        let e = format!("{:#}", plot_training(dir.path()).unwrap_err());
         assert!(e.contains("too far apart to draw"), "{e}");
+        assert!(e.contains("trainer_state.json"), "the file is named: {e}");
         assert!(!dir.path().join("training_curves.png").exists());
         assert_eq!(padded([0.5, 1.5].into_iter(), true).unwrap(), 0.0..1.575);
     }

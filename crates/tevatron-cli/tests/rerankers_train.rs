@@ -175,6 +175,18 @@ fn annotated_scores_train_a_retriever_by_distillation() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(rows.len(), 24);
+    // No negatives kept: said, and the rows keep their positives' scores only.
+    let none = ["--output_path", "none.jsonl", "--rerank_max_len", "24", "--max_negatives", "0"];
+    let out = run(
+        dir.path(),
+        &[&["annotate", "--model_name_or_path", &teacher, "--dataset_path", &data], &none[..]]
+            .concat(),
+    );
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success() && log.contains("--max_negatives 0 keeps no negative"), "{log}");
+    let first = std::fs::read_to_string(dir.path().join("none.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(first.lines().next().unwrap()).unwrap();
+    assert_eq!(first["negative_passages"], serde_json::json!([]), "{first}");
     let originals: Vec<serde_json::Value> = std::fs::read_to_string(&data)
         .unwrap()
         .lines()

@@ -63,6 +63,12 @@ pub fn run(a: &AnnotateArgs) -> Result<()> {
     let data = TrainData::open(&files, corpus, &cache, 1, 0)?;
     let input = PairInput::new(&a.model, &enc)?;
     let keep = a.max_negatives.unwrap_or(usize::MAX);
+    if keep == 0 {
+        tracing::warn!(
+            "--max_negatives 0 keeps no negative: each row is written with its positives' \
+             scores only, from which `train --distillation` learns nothing against negatives"
+        );
+    }
     let bar = progress::bar(Some(data.len() as u64), "rows", a.quiet);
     let mut log = progress::LogProgress::new(data.len(), "rows", a.quiet);
     let mut out = AtomicFile::create(&a.output_path)?;
