@@ -63,6 +63,12 @@ fn a_base_model_trains_into_a_reranker_that_resumes_and_reranks() {
         serde_json::from_str(&std::fs::read_to_string(a.join("training_args.json")).unwrap())
             .unwrap();
     assert_eq!(args["warmup_ratio"], 0.0, "{args}");
+    // The prefixes in force are recorded (null had said nothing of Tevatron's defaults).
+    assert_eq!(
+        (&args["query_prefix"], &args["passage_prefix"]),
+        (&"query:".into(), &"passage:".into())
+    );
+    assert!(log.contains("CrossEncoder.predict feeds text pairs, not this one string"), "{log}");
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(a.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["architectures"][0], "BertForSequenceClassification");
@@ -102,7 +108,15 @@ fn a_base_model_trains_into_a_reranker_that_resumes_and_reranks() {
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
     ok(out);
     assert!(log.contains("pairs in Tevatron's format"), "{log}");
+    assert!(!log.contains("was trained with"), "the same settings: {log}");
     assert!(std::fs::read_to_string(dir.path().join("r.txt")).unwrap().starts_with("1\ta\t"));
+    // Another query prefix than the training's: scored as asked, and said.
+    let mut other = vec!["rerank", "--model_name_or_path", "a", "--dataset_path", "in.jsonl"];
+    other.extend(["--rerank_output_path", "r2.txt", "--query_prefix", "q:"]);
+    let out = run(dir.path(), &other);
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
+    assert!(log.contains("was trained with --query_prefix \"query:\" (here \"q:\")"), "{log}");
 }
 
 /// A ModernBERT base becomes a `ModernBertForSequenceClassification`: its whole head
@@ -374,6 +388,26 @@ fn a_reranker_trains_on_text_pairs_and_reranks_them_alike() {
     let auto = rerank(None, "auto.txt");
     assert_eq!(auto, rerank(Some("pair"), "pair.txt"));
     assert_ne!(auto, rerank(Some("tevatron"), "tevatron.txt"));
+    // A CrossEncoder saved with a max_length (its tokenizer's model_max_length) cuts its
+    // pairs there, as CrossEncoder.predict does, unless --rerank_max_len says otherwise: at 6
+    // tokens both pairs lose text, and the scores move.
+    let tokenizer = dir.path().join("p/tokenizer_config.json");
+    let mut t: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&tokenizer).unwrap()).unwrap();
+    t["model_max_length"] = serde_json::json!(6);
+    std::fs::write(&tokenizer, t.to_string()).unwrap();
+    let mut args = vec!["rerank", "--model_name_or_path", "p", "--dataset_path", "in.jsonl"];
+    args.extend(["--rerank_output_path", "short.txt"]);
+    let out = run(dir.path(), &args);
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
+    assert!(log.contains("pairs cut at 6 tokens, the model_max_length of"), "{log}");
+    let short = std::fs::read_to_string(dir.path().join("short.txt")).unwrap();
+    assert_ne!(short, auto);
+    args.extend(["--rerank_max_len", "6"]);
+    args[6] = "six.txt";
+    ok(run(dir.path(), &args));
+    assert_eq!(short, std::fs::read_to_string(dir.path().join("six.txt")).unwrap());
 
     // Folders without a record: a CrossEncoder (sentence-transformers' key in its config, or a
     // sequence classifier with sentence-transformers' file beside it), a plain classifier, and

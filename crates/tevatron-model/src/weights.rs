@@ -159,10 +159,32 @@ pub fn save(path: &Path, tensors: Vec<(String, Tensor)>) -> Result<()> {
     cpu.sort_by(|x, y| x.0.cmp(&y.0));
     let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
     let views: Vec<(String, &Tensor)> = cpu.iter().map(|(k, t)| (k.clone(), t)).collect();
-    safetensors::tensor::serialize_to_file(views, Some(meta), path).map_err(|e| Error::Weights {
-        path: path.to_path_buf(),
-        what: format!("cannot write ({e})"),
-    })
+    safetensors::tensor::serialize_to_file(views, Some(meta), path).map_err(|e| {
+        Error::Weights { path: path.to_path_buf(), what: format!("cannot write ({e})") }
+    })?;
+    readable_as_created(path)
+}
+
+/// Gives `path` the permissions a newly created file gets (0666 less the umask): safetensors
+/// writes through a temporary file made readable by its owner only (0600) and renames it, so
+/// the weights were the one file of a saved folder another user (a serving account) could not
+/// read. The mode is that of a file created beside it, so no umask is read or changed.
+fn readable_as_created(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let write_err = |source| Error::Write { path: path.to_path_buf(), source };
+        let probe = path.with_extension(format!("mode.{}", std::process::id()));
+        let mode = std::fs::File::create(&probe)
+            .and_then(|f| f.metadata())
+            .map(|m| m.permissions().mode());
+        let _ = std::fs::remove_file(&probe);
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode.map_err(write_err)?))
+            .map_err(write_err)?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
 }
 
 /// A `VarBuilder` backend over loaded tensors that records which names the architecture asked
@@ -219,5 +241,29 @@ impl candle_nn::var_builder::SimpleBackend for TrackedWeights {
 
     fn contains_tensor(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+    use super::*;
+
+    /// Saved weights get the permissions of any file the process creates (safetensors' own
+    /// temporary file made them readable by their owner only).
+    #[cfg(unix)]
+    #[test]
+    fn saved_weights_are_as_readable_as_other_files() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let t = Tensor::new(&[1f32, 2.0], &Device::Cpu).unwrap();
+        let weights = dir.path().join("model.safetensors");
+        save(&weights, vec![("w".into(), t)]).unwrap();
+        let config = dir.path().join("config.json");
+        std::fs::write(&config, "{}").unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&weights), mode(&config));
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 2, "the probe file is removed");
     }
 }

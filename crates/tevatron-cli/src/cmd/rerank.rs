@@ -204,8 +204,9 @@ impl PairInput {
             enc.model_dir(),
         );
         log_format(format, query_prefix, passage_prefix);
+        warn_unlike_training(f, format);
         let text = TextOptions {
-            max_len: f.rerank_max_len,
+            max_len: pair_max_len(f, format, enc.model_dir()),
             // Tevatron's prefixes are inside its formatted string; a text pair takes none.
             prefix: String::new(),
             append_eos: f.append_eos_token,
@@ -221,6 +222,72 @@ impl PairInput {
         let prefixes = (self.query_prefix.as_str(), self.passage_prefix.as_str());
         let pairs = pairs.iter().map(|p| (p.query.as_str(), p.title.as_str(), p.text.as_str()));
         Ok(self.tokenizer.tokenize_cross(self.format, prefixes, pairs)?)
+    }
+}
+
+/// `--rerank_max_len`, except that for text pairs, when it is left at its default (512), a
+/// folder whose tokenizer says a shorter `model_max_length` (what sentence-transformers'
+/// `CrossEncoder` saves its `max_length` as, and cuts its pairs at) is read at that length, so
+/// that the scores are `CrossEncoder.predict`'s; the log says so.
+fn pair_max_len(f: &CrossEncoderFlags, format: PairFormat, model_dir: &Path) -> usize {
+    const DEFAULT: usize = 512;
+    if format != PairFormat::Pair || f.rerank_max_len != DEFAULT {
+        return f.rerank_max_len;
+    }
+    let config = model_dir.join("tokenizer_config.json");
+    let saved = std::fs::read_to_string(&config)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|c| c["model_max_length"].as_u64());
+    match saved {
+        Some(m) if (1..DEFAULT as u64).contains(&m) => {
+            tracing::info!(
+                "pairs cut at {m} tokens, the model_max_length of {} (CrossEncoder's max_length); \
+                 --rerank_max_len sets another",
+                config.display()
+            );
+            m as usize
+        }
+        _ => f.rerank_max_len,
+    }
+}
+
+/// Warns where the input settings in force differ from those the model (or adapter) was
+/// trained with, as its `training_args.json` records them: `--append_eos_token` and, in
+/// Tevatron's format, the prefixes change what the model reads, and scores move with them.
+/// Only the pair format is taken from the record; these stay the flags' (Tevatron's rerank
+/// driver reads them from its own flags too).
+fn warn_unlike_training(f: &CrossEncoderFlags, format: PairFormat) {
+    let record = super::training_record(
+        Some(&f.model_name_or_path),
+        f.lora_name_or_path.as_deref(),
+        f.cache_dir.as_deref(),
+    );
+    let Some((dir, args)) = record else { return };
+    let mut unlike = Vec::new();
+    if let Some(trained) = args["append_eos_token"].as_bool() {
+        if trained != f.append_eos_token {
+            unlike.push(format!("--append_eos_token {trained} (here {})", f.append_eos_token));
+        }
+    }
+    if format == PairFormat::Tevatron {
+        for (flag, given) in
+            [("query_prefix", &f.query_prefix), ("passage_prefix", &f.passage_prefix)]
+        {
+            // Records from before the values in force were written hold null: not compared.
+            if let Some(trained) = args[flag].as_str() {
+                if trained != given {
+                    unlike.push(format!("--{flag} {trained:?} (here {given:?})"));
+                }
+            }
+        }
+    }
+    if !unlike.is_empty() {
+        tracing::warn!(
+            "{} was trained with {}: give the same to score pairs as it learnt to read them",
+            dir.join("training_args.json").display(),
+            unlike.join(", ")
+        );
     }
 }
 

@@ -546,6 +546,9 @@ fn args_json(a: &TrainArgs, reranker: bool) -> serde_json::Value {
         // The values in force, each command's default where none was given.
         map.insert("warmup_ratio".into(), warmup_ratio(a, reranker).into());
         map.insert("lora_r".into(), lora_rank(a, reranker).into());
+        let (query_prefix, passage_prefix) = prefixes(a, reranker);
+        map.insert("query_prefix".into(), query_prefix.into());
+        map.insert("passage_prefix".into(), passage_prefix.into());
         for name in crate::flags::refused_by(if reranker { "train-reranker" } else { "train" }) {
             map.remove(name);
         }
@@ -1013,6 +1016,13 @@ fn run_training(a: &TrainArgs, reranker: bool) -> Result<()> {
     let device_name = format!("{:?}", encoder.device().location());
     if let Some(format) = pair_format {
         super::rerank::log_format(format, &query_prefix, &passage_prefix);
+        if format == PairFormat::Tevatron {
+            tracing::info!(
+                "the saved folders score with tevatron rerank and transformers; \
+                 sentence-transformers' CrossEncoder.predict feeds text pairs, not this one \
+                 string, so its scores will differ (train with --pair_format pair for it)"
+            );
+        }
         tracing::info!(
             "training the reranker {} (pairs of at most {} tokens, groups of {}) on {device_name}",
             a.model_name_or_path,
@@ -1070,11 +1080,15 @@ fn run_training(a: &TrainArgs, reranker: bool) -> Result<()> {
         tracing::info!("{summary}");
     }
     tracing::info!("model saved to {}", a.output_dir.display());
-    // The pictures are a view of trainer_state.json: a training run that cannot draw them (no
-    // logged step, a full disk) has still succeeded, so this only warns.
-    match crate::plot::plot_training(&a.output_dir) {
-        Ok(files) => tracing::info!("training curves in {}", files[0].display()),
-        Err(e) => tracing::warn!("no training curves: {e:#}"),
+    // The pictures are a view of trainer_state.json: a training run that cannot draw them has
+    // still succeeded. A short run that logged no step is said as information; a failure to
+    // draw or write them (a full disk) is a warning.
+    match crate::plot::read_log(&a.output_dir) {
+        Err(e) => tracing::info!("no training curves: {e:#}"),
+        Ok(_) => match crate::plot::plot_training(&a.output_dir) {
+            Ok(files) => tracing::info!("training curves in {}", files[0].display()),
+            Err(e) => tracing::warn!("no training curves: {e:#}"),
+        },
     }
     Ok(())
 }
