@@ -430,9 +430,10 @@ pub struct CrossEncoderFlags {
     /// Hugging Face hub cache folder.
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
-    /// Maximum tokens of a pair, special tokens (and an appended EOS) included.
-    #[arg(long, default_value_t = 512)]
-    pub rerank_max_len: usize,
+    /// Maximum tokens of a pair, special tokens (and an appended EOS) included (default 512;
+    /// for text pairs, a folder's shorter tokenizer `model_max_length`, as CrossEncoder cuts).
+    #[arg(long)]
+    pub rerank_max_len: Option<usize>,
     /// Put before the query (Tevatron's format only).
     #[arg(long, default_value = "query:")]
     pub query_prefix: String,
@@ -1266,11 +1267,14 @@ pub enum PrepareDataset {
 }
 
 /// Tevatron's drivers accept a single `args.json` instead of flags: `tevatron encode args.json`.
-/// Keys become `--key value`: `true` and `false` become `--key true` and `--key false` where the
-/// flag takes a value (most on/off flags here do, as Hugging Face's), and a bare `--key` or
-/// nothing where it is a plain switch; null is left out (Hugging Face's `None`, the default); a
-/// list becomes the flag's values, joined by its delimiter where it takes one comma-separated
-/// value (`"matryoshka_dims": [384, 96]`).
+/// Keys become `--key=value` (one argument, so that a value starting with `-` stays a value):
+/// `true` and `false` become `--key=true` and `--key=false` where the flag takes a value (most
+/// on/off flags here do, as Hugging Face's), and a bare `--key` or nothing where it is a plain
+/// switch; null is left out (Hugging Face's `None`, the default); a list becomes the flag's
+/// values: joined by its delimiter where it takes one comma-separated value
+/// (`"matryoshka_dims": [384, 96]`), one `--key=item` each where the flag is repeated with one
+/// value each time (`eval`'s `"metric": ["ndcg_cut.10", "recall.100"]`), else `--key` and the
+/// items after it (`fuse`'s `"runs"`).
 pub fn expand_json_args(argv: Vec<OsString>) -> Result<Vec<OsString>> {
     use clap::CommandFactory;
     let is_json = argv.len() == 3
@@ -1287,13 +1291,15 @@ pub fn expand_json_args(argv: Vec<OsString>) -> Result<Vec<OsString>> {
     // Built, so that every argument's count of values is filled in.
     cli.build();
     let command = argv[1].to_str().and_then(|name| cli.find_subcommand(name));
-    // How the command takes `--key`: (takes a value, the delimiter of its one value). An
-    // unknown key is passed on as it is, for clap to refuse with its own message.
+    // How the command takes `--key`: (takes a value, the delimiter of its one value, whether
+    // it is repeated with one value each time). An unknown key is passed on as it is, for clap
+    // to refuse with its own message.
     let shape = |key: &str| {
         let arg = command?.get_arguments().find(|a| a.get_long() == Some(key))?;
         let takes_value = arg.get_num_args().is_none_or(|n| n.takes_values());
         let one_value = arg.get_num_args().is_none_or(|n| n.max_values() <= 1);
-        Some((takes_value, arg.get_value_delimiter().filter(|_| one_value)))
+        let repeated = one_value && matches!(arg.get_action(), clap::ArgAction::Append);
+        Some((takes_value, arg.get_value_delimiter().filter(|_| one_value), repeated))
     };
     let value = |v: serde_json::Value| -> OsString {
         match v {
@@ -1317,7 +1323,7 @@ pub fn expand_json_args(argv: Vec<OsString>) -> Result<Vec<OsString>> {
             );
         }
         let flag = OsString::from(format!("--{k}"));
-        let (takes_value, delimiter) = shape(&k).unwrap_or((true, None));
+        let (takes_value, delimiter, repeated) = shape(&k).unwrap_or((true, None, false));
         match v {
             serde_json::Value::Bool(b) if !takes_value => {
                 if b {
@@ -1333,6 +1339,7 @@ pub fn expand_json_args(argv: Vec<OsString>) -> Result<Vec<OsString>> {
                         items.into_iter().map(|i| value(i).to_string_lossy().into()).collect();
                     out.push(with_value(&k, items.join(&d.to_string()).into()));
                 }
+                None if repeated => out.extend(items.into_iter().map(|i| with_value(&k, value(i)))),
                 None => {
                     out.push(flag);
                     out.extend(items.into_iter().map(value));
@@ -1469,5 +1476,15 @@ mod tests {
         assert_eq!(argv[2..], ["--matryoshka_dims=16,8", "--output_dir=o"]);
         let argv = expand("fuse", r#"{"runs": ["a", "b"]}"#);
         assert_eq!(argv[2..], ["--runs", "a", "b"]);
+        // A flag given once a value: one argument each (the second value was read as a stray
+        // argument).
+        let argv = expand(
+            "eval",
+            r#"{"metric": ["ndcg_cut.10", "recall.100"], "qrels": "q", "run": "r"}"#,
+        );
+        assert_eq!(argv[2..4], ["--metric=ndcg_cut.10", "--metric=recall.100"]);
+        let cli = Cli::try_parse_from(argv).unwrap();
+        let Command::Eval(a) = cli.command else { panic!("eval") };
+        assert_eq!(a.metric, ["ndcg_cut.10", "recall.100"]);
     }
 }

@@ -253,6 +253,8 @@ fn bad_compact_inputs_are_refused() {
         index("c.*.safetensors", "."),
         "c.0.binary.safetensors would match --passage_reps \"c.*.safetensors\"",
     );
+    // The same folder named from the root.
+    fails_with(index("c.*.safetensors", d.to_str().unwrap()), "would match --passage_reps");
     // Two shards of one name, both named; shards of two widths, both named.
     std::fs::create_dir_all(d.join("s/a")).unwrap();
     std::fs::create_dir_all(d.join("s/b")).unwrap();
@@ -280,7 +282,6 @@ fn bad_compact_inputs_are_refused() {
         "give one of --quantize int8|binary and --hnsw",
     );
     // A query id given twice, and ids a text run cannot carry.
-    write_values(d, "dup.safetensors", &[1.0; 3 * 40], 40, "");
     let ids: Vec<String> = ["q1", "q2", "q1"].map(String::from).to_vec();
     let mut w =
         VectorWriter::create(&d.join("dup.safetensors"), 40, VecDType::F32, BTreeMap::new())
@@ -294,7 +295,7 @@ fn bad_compact_inputs_are_refused() {
     w.finish().unwrap();
     for (queries, needle) in [
         ("dup.safetensors", "dup.safetensors: query id \"q1\" is given to rows 0 and 2"),
-        ("space.safetensors", "x.tsv: query id \"q 1\" is empty or holds whitespace"),
+        ("space.safetensors", "space.safetensors: query id \"q 1\" (row 0) is empty or holds"),
     ] {
         let args = ["search", "--query_reps", queries, "--passage_reps", "c.*.safetensors"];
         let out =
@@ -302,6 +303,22 @@ fn bad_compact_inputs_are_refused() {
         fails_with(out, needle);
         assert!(!d.join("x.tsv").exists(), "no output is left by a failed search");
     }
+    // A safetensors ranking keeps repeated query ids apart by row: warned about, written.
+    let args = ["search", "--query_reps", "dup.safetensors", "--passage_reps", "c.*.safetensors"];
+    let out = tevatron(d, &[&args[..], &["--save_ranking_to", "dup.ranking"]].concat());
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
+    assert!(log.contains("a text run of it would merge them"), "{log}");
+    // A passage id a text run cannot carry is refused when the run is written.
+    let mut w =
+        VectorWriter::create(&d.join("p.0.safetensors"), 40, VecDType::F32, BTreeMap::new())
+            .unwrap();
+    w.push(&[1.0; 40], &["d 1".to_string()]).unwrap();
+    w.finish().unwrap();
+    let args = ["search", "--query_reps", "q.safetensors", "--passage_reps", "p.0.safetensors"];
+    let out = tevatron(d, &[&args[..], &["--save_ranking_to", "x.tsv", "--save_text"]].concat());
+    fails_with(out, "x.tsv: docid \"d 1\" is empty or holds whitespace");
+    assert!(!d.join("x.tsv").exists(), "no output is left by a failed search");
 }
 
 #[test]
@@ -428,8 +445,9 @@ fn hnsw_graphs_are_built_mapped_and_rescored() {
         search(d, "x.tsv", &["--hnsw", "--compact_reps", "swap/*.hnsw.json"]),
         "was made from other vectors than c.0.safetensors",
     );
-    // A graph damaged in place (its size unchanged) is refused before it is mapped: USearch
-    // follows the links as they are, and garbled ones crashed the search.
+    // A graph whose links are damaged in place (its size unchanged) is refused before it is
+    // mapped: USearch follows the links as they are, and garbled ones crashed the search.
+    // (The links come last in USearch's file, after its copy of the vectors.)
     std::fs::create_dir(d.join("bad")).unwrap();
     for shard in ["c.0", "c.1"] {
         for ext in ["json", "usearch"] {
@@ -439,7 +457,7 @@ fn hnsw_graphs_are_built_mapped_and_rescored() {
     }
     let graph = d.join("bad/c.1.hnsw.usearch");
     let mut bytes = std::fs::read(&graph).unwrap();
-    let at = bytes.len() / 2;
+    let at = bytes.len() - 64;
     bytes[at] ^= 0x40;
     std::fs::write(&graph, &bytes).unwrap();
     fails_with(

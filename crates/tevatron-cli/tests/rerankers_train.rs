@@ -389,25 +389,49 @@ fn a_reranker_trains_on_text_pairs_and_reranks_them_alike() {
     assert_eq!(auto, rerank(Some("pair"), "pair.txt"));
     assert_ne!(auto, rerank(Some("tevatron"), "tevatron.txt"));
     // A CrossEncoder saved with a max_length (its tokenizer's model_max_length) cuts its
-    // pairs there, as CrossEncoder.predict does, unless --rerank_max_len says otherwise: at 6
-    // tokens both pairs lose text, and the scores move.
-    let tokenizer = dir.path().join("p/tokenizer_config.json");
-    let mut t: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&tokenizer).unwrap()).unwrap();
-    t["model_max_length"] = serde_json::json!(6);
-    std::fs::write(&tokenizer, t.to_string()).unwrap();
-    let mut args = vec!["rerank", "--model_name_or_path", "p", "--dataset_path", "in.jsonl"];
-    args.extend(["--rerank_output_path", "short.txt"]);
+    // pairs there, as CrossEncoder.predict does, unless --rerank_max_len is given: at 6
+    // tokens both pairs lose text, and the scores move. (The folder as sentence-transformers
+    // would save it: no record of ours, whose folders keep the length they were trained at.)
+    std::fs::create_dir(dir.path().join("ce")).unwrap();
+    for entry in std::fs::read_dir(dir.path().join("p")).unwrap() {
+        let entry = entry.unwrap().path();
+        if entry.is_file() {
+            std::fs::copy(&entry, dir.path().join("ce").join(entry.file_name().unwrap())).unwrap();
+        }
+    }
+    let edit = |file: &str, change: &dyn Fn(&mut serde_json::Value)| {
+        let path = dir.path().join("ce").join(file);
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        change(&mut v);
+        std::fs::write(&path, v.to_string()).unwrap();
+    };
+    edit("tokenizer_config.json", &|t| t["model_max_length"] = serde_json::json!(6));
+    let read = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap();
+    let mut args = vec!["rerank", "--model_name_or_path", "ce", "--dataset_path", "in.jsonl"];
+    args.extend(["--rerank_output_path", "ours.txt"]);
+    let out = run(dir.path(), &args);
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
+    assert!(!log.contains("pairs cut at"), "a folder of ours keeps its length: {log}");
+    assert_eq!(read("ours.txt"), auto);
+    edit("config.json", &|c| {
+        c.as_object_mut().unwrap().remove("tevatron_pair_format");
+    });
+    args[6] = "short.txt";
     let out = run(dir.path(), &args);
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
     ok(out);
     assert!(log.contains("pairs cut at 6 tokens, the model_max_length of"), "{log}");
-    let short = std::fs::read_to_string(dir.path().join("short.txt")).unwrap();
-    assert_ne!(short, auto);
+    assert_ne!(read("short.txt"), auto);
     args.extend(["--rerank_max_len", "6"]);
     args[6] = "six.txt";
     ok(run(dir.path(), &args));
-    assert_eq!(short, std::fs::read_to_string(dir.path().join("six.txt")).unwrap());
+    assert_eq!(read("short.txt"), read("six.txt"));
+    args[8] = "512";
+    args[6] = "long.txt";
+    ok(run(dir.path(), &args));
+    assert_eq!(read("long.txt"), auto, "an explicit 512 is 512");
 
     // Folders without a record: a CrossEncoder (sentence-transformers' key in its config, or a
     // sequence classifier with sentence-transformers' file beside it), a plain classifier, and

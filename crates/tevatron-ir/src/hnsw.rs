@@ -84,6 +84,15 @@ impl GraphDtype {
         Self::ALL.into_iter().find(|d| d.name() == name)
     }
 
+    /// Bytes of one scalar of the graph's copy of the vectors.
+    fn bytes(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::Bf16 | Self::F16 => 2,
+            Self::I8 => 1,
+        }
+    }
+
     fn scalar_kind(self) -> ScalarKind {
         match self {
             Self::F32 => ScalarKind::F32,
@@ -105,25 +114,39 @@ pub fn hnsw_paths(dir: &Path, shard: &Path) -> (PathBuf, PathBuf) {
     (dir.join(format!("{stem}.hnsw.usearch")), dir.join(format!("{stem}.hnsw.json")))
 }
 
-/// A checksum of the whole graph file: [`FxHasher`] over 4 MiB pieces on the rayon threads,
-/// their hashes combined in order (about a second's fraction for a graph of 100k rows; a
-/// search reads the pages anyway).
+/// A checksum of the graph file's links: [`FxHasher`] over 4 MiB pieces on the rayon threads,
+/// their hashes combined in order. USearch writes a graph as the row count and bytes a vector
+/// (two `u32`), its copy of the vectors, then its header and the links; damaged links made
+/// the search read out of bounds, while damaged vectors only change which candidates the
+/// graph proposes (rescored exactly). So where the file starts with this graph's
+/// `(rows, bytes_per_vector)` the vectors are left out (an f32 graph of 100k x 384 at M 32
+/// holds about 18 MB of links beside 154 MB of vectors); otherwise the whole file is hashed.
 ///
 /// [`FxHasher`]: crate::fxhash::FxHasher
-fn graph_checksum(path: &Path) -> Result<String> {
+fn graph_checksum(path: &Path, rows: usize, bytes_per_vector: usize) -> Result<String> {
     use std::hash::Hasher;
-    let file = std::fs::File::open(path)
-        .map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
-    let len =
-        file.metadata().map_err(|source| Error::Read { path: path.to_path_buf(), source })?.len();
+    let read_err = |source| Error::Read { path: path.to_path_buf(), source };
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    let len = file.metadata().map_err(read_err)?.len();
     let mut h = crate::fxhash::FxHasher::default();
     h.write_u64(len);
     if len > 0 {
         // SAFETY: read-only; a file changed while it is read gives a checksum that does not
         // match, which is refused.
-        let map = unsafe { memmap2::Mmap::map(&file) }
-            .map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
-        let pieces: Vec<u64> = map
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(read_err)?;
+        let vectors_end = 8 + rows as u64 * bytes_per_vector as u64;
+        let lead = map.get(..8).map(|b| {
+            let word = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
+            (word(0) as u64, word(4) as u64)
+        });
+        let from = match lead {
+            Some(lead) if lead == (rows as u64, bytes_per_vector as u64) && vectors_end <= len => {
+                h.write(&map[..8]);
+                vectors_end as usize
+            }
+            _ => 0,
+        };
+        let pieces: Vec<u64> = map[from..]
             .par_chunks(1 << 22)
             .map(|piece| {
                 let mut h = crate::fxhash::FxHasher::default();
@@ -182,7 +205,9 @@ pub fn build(dir: &Path, source: &Vectors, opts: &HnswOptions) -> Result<(PathBu
         .and_then(|()| {
             std::fs::metadata(&tmp).map_err(|source| Error::Read { path: tmp.clone(), source })
         });
-    let (size, checksum) = match saved.and_then(|m| Ok((m.len(), graph_checksum(&tmp)?))) {
+    let (size, checksum) = match saved
+        .and_then(|m| Ok((m.len(), graph_checksum(&tmp, source.len(), dim * opts.dtype.bytes())?)))
+    {
         Ok(done) => done,
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
@@ -257,6 +282,44 @@ impl HnswShard {
                 ),
             });
         }
+        // Graphs described before the field existed hold F32; a field of the wrong type is
+        // refused rather than read as its default.
+        let dtype = match &d["dtype"] {
+            serde_json::Value::Null => GraphDtype::F32,
+            serde_json::Value::String(name) => GraphDtype::from_name(name).ok_or_else(|| {
+                let names: Vec<_> = GraphDtype::ALL.iter().map(|d| d.name()).collect();
+                bad(format!("dtype {name:?} is none of {}", names.join(", ")))
+            })?,
+            other => return Err(bad(format!("dtype {other} is not a name"))),
+        };
+        // USearch's file starts with the row count and bytes a vector: a description whose
+        // dtype gives other bytes names the graph's own (the checksum, which leaves the
+        // vectors out by that size, would only say it does not match).
+        let mut lead = [0u8; 8];
+        if std::io::Read::read_exact(
+            &mut std::fs::File::open(&graph)
+                .map_err(|source| Error::Read { path: graph.clone(), source })?,
+            &mut lead,
+        )
+        .is_ok()
+        {
+            let bytes = u32::from_le_bytes(lead[4..].try_into().expect("4 bytes")) as usize;
+            let dim = source.dim().max(1);
+            if bytes != dim * dtype.bytes() && bytes.is_multiple_of(dim) {
+                let held = match bytes / dim {
+                    4 => "f32",
+                    2 => "bf16 or f16",
+                    1 => "i8",
+                    _ => "other",
+                };
+                return Err(bad(format!(
+                    "says its graph holds {} vectors, but {} holds {held}: rebuild it with \
+                     `tevatron index --hnsw`",
+                    dtype.name(),
+                    graph.display()
+                )));
+            }
+        }
         match d["graph_checksum"].as_str() {
             None => {
                 return Err(bad(
@@ -265,7 +328,7 @@ impl HnswShard {
                         .into(),
                 ))
             }
-            Some(want) if want != graph_checksum(&graph)? => {
+            Some(want) if want != graph_checksum(&graph, source.len(), source.dim() * dtype.bytes())? => {
                 return Err(Error::Embeddings {
                     path: graph,
                     what: format!(
@@ -277,16 +340,6 @@ impl HnswShard {
             }
             Some(_) => {}
         }
-        // Graphs described before the field existed hold F32; a field of the wrong type is
-        // refused rather than read as its default.
-        let dtype = match &d["dtype"] {
-            serde_json::Value::Null => GraphDtype::F32,
-            serde_json::Value::String(name) => GraphDtype::from_name(name).ok_or_else(|| {
-                let names: Vec<_> = GraphDtype::ALL.iter().map(|d| d.name()).collect();
-                bad(format!("dtype {name:?} is none of {}", names.join(", ")))
-            })?,
-            other => return Err(bad(format!("dtype {other} is not a name"))),
-        };
         let count = |field: &str| match &d[field] {
             serde_json::Value::Null => Ok(None),
             v => match v.as_u64() {
@@ -437,6 +490,41 @@ mod tests {
         w.push(rows, &ids).unwrap();
         w.finish().unwrap();
         Vectors::open(&path).unwrap()
+    }
+
+    /// The checksum covers the links and leaves out the vectors, as USearch lays them out (the
+    /// row count and bytes a vector, the vectors, then the header and links), for every dtype:
+    /// a byte of the vectors changed keeps it, one of the links changes it; a file that does
+    /// not start so is hashed whole.
+    #[test]
+    fn the_checksum_covers_the_links_not_the_vectors() {
+        let (n, dim) = (200, 8);
+        for dtype in GraphDtype::ALL {
+            let dir = tempfile::tempdir().unwrap();
+            let v = write(dir.path(), "c.safetensors", &gaussian(n * dim, 3), dim);
+            let opts = HnswOptions { dtype, ..HnswOptions::default() };
+            let (graph, _) = build(dir.path(), &v, &opts).unwrap();
+            let bpv = dim * dtype.bytes();
+            let sum = |bytes: &[u8]| {
+                std::fs::write(&graph, bytes).unwrap();
+                graph_checksum(&graph, n, bpv).unwrap()
+            };
+            let whole = std::fs::read(&graph).unwrap();
+            let lead: Vec<u32> =
+                whole[..8].chunks(4).map(|b| u32::from_le_bytes(b.try_into().unwrap())).collect();
+            assert_eq!(lead, [n as u32, bpv as u32], "{}", dtype.name());
+            let base = sum(&whole);
+            let mut vector = whole.clone();
+            vector[8 + n * bpv / 2] ^= 1;
+            assert_eq!(sum(&vector), base, "{}: a vector byte", dtype.name());
+            let mut link = whole.clone();
+            let end = link.len() - 1;
+            link[end] ^= 1;
+            assert_ne!(sum(&link), base, "{}: a link byte", dtype.name());
+            let mut count = whole.clone();
+            count[0] ^= 1;
+            assert_ne!(sum(&count), base, "{}: the row count", dtype.name());
+        }
     }
 
     /// The mapped graph's candidates, rescored, find nearly all of exact search's top 10, with

@@ -159,8 +159,8 @@ enum Set {
     Amx,
 }
 
-/// The kernels of one CPU. Only [`Kernels::detect`] and [`Kernels::available`] make one, so a
-/// value always names instructions this CPU has.
+/// The kernels of one CPU. Only [`Kernels::detect`], [`Kernels::from_env`] and
+/// [`Kernels::available`] make one, so a value always names instructions this CPU has.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Kernels(Set);
 
@@ -200,10 +200,11 @@ impl Kernels {
     /// ranking (every set returns exact integers), or search as a CPU without the instructions
     /// would.
     pub fn from_env() -> Result<Self> {
-        let Some(name) = std::env::var_os("TEVATRON_KERNELS") else {
+        let name = std::env::var_os("TEVATRON_KERNELS").unwrap_or_default();
+        let name = name.to_string_lossy().trim().to_lowercase();
+        if name.is_empty() {
             return Ok(Self::detect());
-        };
-        let name = name.to_string_lossy().to_lowercase();
+        }
         let set = match name.as_str() {
             "portable" => Set::Portable,
             "avx2" => Set::Avx2,
@@ -1217,8 +1218,8 @@ mod x86 {
     /// (see [`super::BinaryBlock::scores_above`]): for each query `n`, `hits[n]` (cleared
     /// first) gets every row of the packed groups whose score is above `floors[n]`, ascending,
     /// and `out` those rows' scores (and the rest of their groups'). Rows past the last group
-    /// are left to the caller. False, with nothing done, where the codes are not of a width
-    /// [`vpopcnt_fixed_scan`] takes in whole words.
+    /// are left to the caller. False, with no score written (the hits may have been cleared),
+    /// where the codes are not of a width [`vpopcnt_fixed_scan`] takes in whole words.
     ///
     /// # Safety
     /// The CPU runs AVX-512F and VPOPCNTDQ; `packed` is [`pack8_words`]' layout of the codes.

@@ -651,16 +651,17 @@ const GLOB_OPTIONS: glob::MatchOptions = glob::MatchOptions {
 /// that writes beside its inputs checks that its outputs would not be read back as inputs
 /// by the same pattern. False for a pattern that is not a valid glob.
 pub fn glob_would_match(pattern: &str, path: &Path) -> bool {
-    // `expand_glob` walks the pattern a path component at a time, so `*` never crosses a `/`;
-    // `./` names the same files as nothing.
+    // `expand_glob` walks the pattern a path component at a time, so `*` never crosses a `/`.
+    // Both are compared from the root (a relative path from the current folder, `.` dropped),
+    // so that `--output_dir "$PWD"` and a relative glob name the same files.
     let options = glob::MatchOptions { require_literal_separator: true, ..GLOB_OPTIONS };
-    let mut pattern = pattern;
-    while let Some(rest) = pattern.strip_prefix("./") {
-        pattern = rest;
-    }
-    let path: PathBuf =
-        path.components().filter(|c| !matches!(c, std::path::Component::CurDir)).collect();
-    glob::Pattern::new(pattern).is_ok_and(|p| p.matches_path_with(&path, options))
+    let cwd = std::env::current_dir().unwrap_or_default();
+    let absolute = |p: &Path| -> PathBuf {
+        cwd.join(p).components().filter(|c| !matches!(c, std::path::Component::CurDir)).collect()
+    };
+    let pattern = absolute(Path::new(pattern));
+    glob::Pattern::new(&pattern.to_string_lossy())
+        .is_ok_and(|p| p.matches_path_with(&absolute(path), options))
 }
 
 #[cfg(test)]

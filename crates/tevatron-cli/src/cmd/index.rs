@@ -94,7 +94,7 @@ pub fn run(a: &IndexArgs) -> Result<()> {
             for (i, (shard, out)) in shards.iter().zip(&outputs).enumerate() {
                 let out = &out[0];
                 write(out, shard, precision, &scales)
-                    .map_err(|e| remove_written(&outputs[..i], e.into()))?;
+                    .map_err(|e| remove_written(&outputs[..=i], e.into()))?;
                 tracing::info!(
                     "{} codes of {} ({} x {dim}) written to {}",
                     precision.name(),
@@ -111,7 +111,7 @@ pub fn run(a: &IndexArgs) -> Result<()> {
             }
             for (i, shard) in shards.iter().enumerate() {
                 let (graph, _) = build(&a.output_dir, shard, &opts)
-                    .map_err(|e| remove_written(&outputs[..i], e.into()))?;
+                    .map_err(|e| remove_written(&outputs[..=i], e.into()))?;
                 tracing::info!(
                     "HNSW graph of {} ({} x {dim}, M {}, ef_construction {}, {} vectors) written to {}",
                     shard.path().display(),
@@ -128,16 +128,17 @@ pub fn run(a: &IndexArgs) -> Result<()> {
     Ok(())
 }
 
-/// A shard that fails (a NaN row, a full disk) after others were written: the earlier shards'
-/// outputs are removed, so that a failed run leaves no set that looks whole but is not
-/// (int8 codes also share one calibration over every shard).
+/// A shard that fails (a NaN row, a full disk): the outputs of the shards before it and its
+/// own (a graph renamed into place before its description failed, or an earlier run's file)
+/// are removed, so that a failed run leaves no set that looks whole but is not (int8 codes
+/// also share one calibration over every shard).
 fn remove_written(written: &[Vec<PathBuf>], e: anyhow::Error) -> anyhow::Error {
     let mut removed = 0;
     for path in written.iter().flatten() {
         removed += usize::from(std::fs::remove_file(path).is_ok());
     }
     if removed > 0 {
-        tracing::warn!("removed the {removed} file(s) this run had written for the shards before");
+        tracing::warn!("removed {removed} file(s) of the shards up to the one that failed");
     }
     e
 }

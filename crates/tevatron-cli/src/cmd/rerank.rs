@@ -225,32 +225,40 @@ impl PairInput {
     }
 }
 
-/// `--rerank_max_len`, except that for text pairs, when it is left at its default (512), a
-/// folder whose tokenizer says a shorter `model_max_length` (what sentence-transformers'
+/// `--rerank_max_len`; when it is not given, 512 (Tevatron's), except that for text pairs a
+/// folder that does not record a format of ours (a CrossEncoder's, not one this tool
+/// trained) and whose tokenizer says a shorter `model_max_length` (what sentence-transformers'
 /// `CrossEncoder` saves its `max_length` as, and cuts its pairs at) is read at that length, so
 /// that the scores are `CrossEncoder.predict`'s; the log says so.
 fn pair_max_len(f: &CrossEncoderFlags, format: PairFormat, model_dir: &Path) -> usize {
-    const DEFAULT: usize = 512;
-    if format != PairFormat::Pair || f.rerank_max_len != DEFAULT {
-        return f.rerank_max_len;
+    if let Some(given) = f.rerank_max_len {
+        return given;
     }
-    let config = model_dir.join("tokenizer_config.json");
-    let saved = std::fs::read_to_string(&config)
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|c| c["model_max_length"].as_u64());
+    let read = |file: &str| -> serde_json::Value {
+        std::fs::read_to_string(model_dir.join(file))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default()
+    };
+    let ours = read("config.json").get("tevatron_pair_format").is_some();
+    let saved = read("tokenizer_config.json")["model_max_length"].as_u64();
     match saved {
-        Some(m) if (1..DEFAULT as u64).contains(&m) => {
+        Some(m)
+            if format == PairFormat::Pair && !ours && (1..DEFAULT_PAIR_LEN as u64).contains(&m) =>
+        {
             tracing::info!(
-                "pairs cut at {m} tokens, the model_max_length of {} (CrossEncoder's max_length); \
-                 --rerank_max_len sets another",
-                config.display()
+                "pairs cut at {m} tokens, the model_max_length of {} (CrossEncoder's \
+                 max_length); --rerank_max_len sets another",
+                model_dir.join("tokenizer_config.json").display()
             );
             m as usize
         }
-        _ => f.rerank_max_len,
+        _ => DEFAULT_PAIR_LEN,
     }
 }
+
+/// `--rerank_max_len` when neither the flag nor the folder says otherwise: Tevatron's.
+const DEFAULT_PAIR_LEN: usize = 512;
 
 /// Warns where the input settings in force differ from those the model (or adapter) was
 /// trained with, as its `training_args.json` records them: `--append_eos_token` and, in
@@ -332,7 +340,7 @@ pub(super) fn load_reranker(f: &CrossEncoderFlags) -> Result<(Encoder, BatchOpti
     )?;
     let batches = BatchOptions::for_encoding(
         f.per_device_eval_batch_size,
-        f.rerank_max_len,
+        f.rerank_max_len.unwrap_or(DEFAULT_PAIR_LEN),
         f.pad_to_multiple_of,
         PaddingSide::Right,
         &device,

@@ -66,7 +66,7 @@ pub fn run(a: &SearchArgs) -> Result<()> {
         }
     };
     let q = check_queries(&queries)?;
-    check_unique_query_ids(&queries)?;
+    check_query_ids(&queries, a.save_text)?;
     let files = expand_glob(&a.passage_reps).context("resolving --passage_reps")?;
     let inputs: Vec<std::path::PathBuf> =
         std::iter::once(a.query_reps.clone()).chain(files.iter().cloned()).collect();
@@ -79,6 +79,13 @@ pub fn run(a: &SearchArgs) -> Result<()> {
     let nq = queries.len();
     let depth = a.depth;
     let kernels = Kernels::from_env()?;
+    if compact.as_ref().is_none_or(|p| p.hnsw.is_some())
+        && std::env::var_os("TEVATRON_KERNELS").is_some_and(|k| !k.is_empty())
+    {
+        tracing::info!(
+            "TEVATRON_KERNELS changes nothing here: it picks the kernels of --quantize scans"
+        );
+    }
     if compact.is_none() && matches!(device, Device::Cpu) {
         let (per_batch, per_pass) = (queries_per_batch(batch, nq), pass_for(batch, nq, depth));
         if per_pass > per_batch {
@@ -209,17 +216,35 @@ pub fn run(a: &SearchArgs) -> Result<()> {
     Ok(())
 }
 
-/// Refuses a query id given to two rows of the query file: their rankings would be written
-/// under one id, which evaluation and fusion read as one query with every hit twice.
-fn check_unique_query_ids(queries: &Vectors) -> Result<()> {
+/// Checks the query ids before any search. For a text run (`--save_text`): refuses an id
+/// given to two rows (their rankings would be written under one id, which evaluation and
+/// fusion read as one query with every hit twice) and an id that is empty or holds whitespace
+/// (the run's readers split columns on it), so that a long search does not fail when it
+/// writes. A safetensors ranking keeps its queries by row, so a repeated id is only warned
+/// about there.
+fn check_query_ids(queries: &Vectors, text_run: bool) -> Result<()> {
     let mut seen = std::collections::HashMap::with_capacity(queries.len());
+    let file = queries.path().display();
     for (row, id) in queries.ids().iter().enumerate() {
-        if let Some(first) = seen.insert(id, row) {
+        if text_run && (id.is_empty() || id.contains(char::is_whitespace)) {
             bail!(
-                "{}: query id {id:?} is given to rows {first} and {row}: a query file's ids must \
-                 be unique",
-                queries.path().display()
+                "{file}: query id {id:?} (row {row}) is empty or holds whitespace, which a \
+                 text run cannot carry (its readers split columns on whitespace): rename the \
+                 ids, or keep the ranking in safetensors (no --save_text)"
             );
+        }
+        if let Some(first) = seen.insert(id, row) {
+            if text_run {
+                bail!(
+                    "{file}: query id {id:?} is given to rows {first} and {row}: a text run's \
+                     query ids must be unique"
+                );
+            }
+            tracing::warn!(
+                "{file}: query id {id:?} is given to rows {first} and {row} (the ranking keeps \
+                 them apart by row; a text run of it would merge them)"
+            );
+            return Ok(());
         }
     }
     Ok(())

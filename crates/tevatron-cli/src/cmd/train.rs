@@ -1081,14 +1081,13 @@ fn run_training(a: &TrainArgs, reranker: bool) -> Result<()> {
     }
     tracing::info!("model saved to {}", a.output_dir.display());
     // The pictures are a view of trainer_state.json: a training run that cannot draw them has
-    // still succeeded. A short run that logged no step is said as information; a failure to
-    // draw or write them (a full disk) is a warning.
-    match crate::plot::read_log(&a.output_dir) {
-        Err(e) => tracing::info!("no training curves: {e:#}"),
-        Ok(_) => match crate::plot::plot_training(&a.output_dir) {
-            Ok(files) => tracing::info!("training curves in {}", files[0].display()),
-            Err(e) => tracing::warn!("no training curves: {e:#}"),
-        },
+    // still succeeded. A short run that logged no loss at all is said as information; any
+    // other failure (losses that are not numbers, a full disk) is a warning.
+    let logged = state.log_history.iter().any(|e| e.get("loss").is_some());
+    match crate::plot::plot_training(&a.output_dir) {
+        Ok(files) => tracing::info!("training curves in {}", files[0].display()),
+        Err(e) if !logged => tracing::info!("no training curves: {e:#}"),
+        Err(e) => tracing::warn!("no training curves: {e:#}"),
     }
     Ok(())
 }
