@@ -146,7 +146,16 @@ pub(crate) fn read(dir: &Path) -> Result<Option<StModules>> {
         normalize: false,
         unsupported: None,
     };
-    for (i, (ty, sub)) in entries(&text, &path)?.into_iter().enumerate() {
+    let listed = entries(&text, &path)?;
+    if listed.is_empty() {
+        // sentence-transformers would run nothing: no embedding comes of such a folder.
+        st.unsupported = Some(format!(
+            "{}: lists no module (sentence-transformers would run nothing): remove the file, or \
+             list the Transformer and Pooling modules",
+            path.display()
+        ));
+    }
+    for (i, (ty, sub)) in listed.into_iter().enumerate() {
         let problem = |what: &str| format!("{}: module {i} ({ty}) {what}", path.display());
         let kind = Kind::of(&ty);
         let out_of_order = match kind {
@@ -604,6 +613,8 @@ mod tests {
             let why = unsupported(order);
             assert!(why.contains("out of the order"), "{why}");
         }
+        let why = unsupported(&[]);
+        assert!(why.contains("modules.json: lists no module"), "{why}");
     }
 
     /// A module folder the source lacks (an empty Normalize folder, which git and the hub do
