@@ -201,6 +201,38 @@ fn annotated_scores_train_a_retriever_by_distillation() {
     let first = std::fs::read_to_string(dir.path().join("none.jsonl")).unwrap();
     let first: serde_json::Value = serde_json::from_str(first.lines().next().unwrap()).unwrap();
     assert_eq!(first["negative_passages"], serde_json::json!([]), "{first}");
+    // Passages with and without a title in one file: every passage written has the key (an
+    // empty title where it had none), so that Hugging Face datasets reads one schema; a file
+    // without titles gets none.
+    let row = |title: Option<&str>| {
+        let mut pos = serde_json::json!({"docid": "p", "text": "a cafe"});
+        if let Some(t) = title {
+            pos["title"] = t.into();
+        }
+        serde_json::json!({"query": "cafe", "positive_passages": [pos],
+            "negative_passages": [{"docid": "n", "text": "a field"}]})
+        .to_string()
+    };
+    for (name, rows, titled) in [
+        ("mixed.jsonl", [row(Some("T")), row(None)], true),
+        ("plain.jsonl", [row(None), row(None)], false),
+    ] {
+        std::fs::write(dir.path().join(name), rows.join("\n") + "\n").unwrap();
+        let out = format!("scored-{name}");
+        let args = ["annotate", "--model_name_or_path", &teacher, "--dataset_path", name];
+        ok(run(
+            dir.path(),
+            &[&args[..], &["--output_path", &out, "--rerank_max_len", "24"]].concat(),
+        ));
+        for line in std::fs::read_to_string(dir.path().join(&out)).unwrap().lines() {
+            let r: serde_json::Value = serde_json::from_str(line).unwrap();
+            for key in ["positive_passages", "negative_passages"] {
+                for p in r[key].as_array().unwrap() {
+                    assert_eq!(p.get("title").is_some(), titled, "{name}: {p}");
+                }
+            }
+        }
+    }
     let originals: Vec<serde_json::Value> = std::fs::read_to_string(&data)
         .unwrap()
         .lines()

@@ -31,14 +31,23 @@ fn shortest(score: f32) -> Value {
         .map_or(Value::Null, Value::Number)
 }
 
-/// A passage as the annotated row holds it.
-fn passage_json(p: &Passage, score: f32) -> Value {
+/// A passage as the annotated row holds it; with `titled`, a passage without a title gets an
+/// empty one, so that every passage of the file has the same keys (Hugging Face `datasets`
+/// gives a missing key `None` when others have it, and Tevatron's distillation dataset then
+/// joins `None` to the text and fails).
+fn passage_json(p: &Passage, score: f32, titled: bool) -> Value {
     let mut m = Map::new();
     if let Some(d) = &p.docid {
         m.insert("docid".into(), d.clone().into());
     }
-    if let Some(t) = &p.title {
-        m.insert("title".into(), t.clone().into());
+    match &p.title {
+        Some(t) => {
+            m.insert("title".into(), t.clone().into());
+        }
+        None if titled => {
+            m.insert("title".into(), "".into());
+        }
+        None => {}
     }
     m.insert("text".into(), p.text.clone().into());
     m.insert("score".into(), shortest(score));
@@ -63,6 +72,16 @@ pub fn run(a: &AnnotateArgs) -> Result<()> {
     let data = TrainData::open(&files, corpus, &cache, 1, 0)?;
     let input = PairInput::new(&a.model, &enc)?;
     let keep = a.max_negatives.unwrap_or(usize::MAX);
+    // Whether any passage kept has a title: then every passage written gets the key.
+    let mut titled = false;
+    for i in 0..data.len() {
+        let r = data.full_row(i)?;
+        let kept = r.positives.iter().chain(r.negatives.iter().take(keep));
+        if kept.into_iter().any(|p| p.title.is_some()) {
+            titled = true;
+            break;
+        }
+    }
     if keep == 0 {
         tracing::warn!(
             "--max_negatives 0 keeps no negative: each row is written with its positives' \
@@ -107,7 +126,7 @@ pub fn run(a: &AnnotateArgs) -> Result<()> {
                                 path.display()
                             );
                         }
-                        Ok(passage_json(p, s))
+                        Ok(passage_json(p, s, titled))
                     })
                     .collect()
             };
