@@ -257,7 +257,9 @@ fn check_ranking(qids: &Ids, ranking: &Ranking, files: &[PathBuf]) -> Result<()>
     use rayon::prelude::*;
     let file = |shard: u32| files.get(shard as usize).map_or(Path::new("?"), PathBuf::as_path);
     ranking.hits.par_iter().enumerate().try_for_each(|(q, hits)| {
-        let mut seen = std::collections::HashMap::with_capacity(hits.len());
+        // FxHash: SipHash here was about 2% of a compact search's samples at 1M rows.
+        let mut seen = tevatron_ir::fxhash::FxHashMap::default();
+        seen.reserve(hits.len());
         for h in hits {
             let docid = ranking.docid(h);
             if !h.score.is_finite() {
