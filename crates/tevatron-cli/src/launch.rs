@@ -115,6 +115,8 @@ pub fn spawn_some_ranks(n: usize, ranks: &[usize], env: &[(&str, &str)]) -> Resu
             }
         }
     }
+    let mut failed: Vec<(usize, std::process::ExitStatus)> = Vec::new();
+    let mut since_failure = 0;
     loop {
         let mut running = 0;
         for (k, &rank) in ranks.iter().enumerate() {
@@ -124,16 +126,41 @@ pub fn spawn_some_ranks(n: usize, ranks: &[usize], env: &[(&str, &str)]) -> Resu
                 Some(status) if status.success() => children[k] = None,
                 Some(status) => {
                     children[k] = None;
-                    stop(&mut children);
-                    bail!("rank {rank} failed ({status}); the other ranks were stopped");
+                    failed.push((rank, status));
                 }
             }
         }
-        if running == 0 {
+        // After a failure the others are given a moment to end by themselves: a rank killed
+        // from outside (a signal, the OOM killer) makes its peers fail on the closed
+        // connection, and the one to name is the rank that failed first, not rank 0.
+        if !failed.is_empty() {
+            since_failure += 1;
+            if running == 0 || since_failure > 10 {
+                stop(&mut children);
+                return Err(ranks_failed(&failed));
+            }
+        } else if running == 0 {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The error of a launch whose ranks failed: each with its status, those ended by a signal
+/// first (no log of theirs says why), then in the order they were seen to end.
+fn ranks_failed(failed: &[(usize, std::process::ExitStatus)]) -> anyhow::Error {
+    #[cfg(unix)]
+    let by_signal = |s: &std::process::ExitStatus| {
+        use std::os::unix::process::ExitStatusExt;
+        s.signal().is_some()
+    };
+    #[cfg(not(unix))]
+    let by_signal = |_: &std::process::ExitStatus| false;
+    let mut order: Vec<&(usize, std::process::ExitStatus)> = failed.iter().collect();
+    order.sort_by_key(|(_, s)| !by_signal(s));
+    let said: Vec<String> =
+        order.iter().map(|(rank, status)| format!("rank {rank} ({status})")).collect();
+    anyhow::anyhow!("{} failed; the other ranks were stopped", said.join(", then "))
 }
 
 fn stop(children: &mut [Option<Child>]) {
@@ -146,6 +173,19 @@ fn stop(children: &mut [Option<Child>]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A rank killed by a signal is named first, whichever rank was seen to end first (its
+    /// peers then fail on the closed connection, rank 0 among them).
+    #[cfg(unix)]
+    #[test]
+    fn a_rank_killed_by_a_signal_is_named_first() {
+        use std::os::unix::process::ExitStatusExt;
+        let exit2 = std::process::ExitStatus::from_raw(2 << 8);
+        let killed = std::process::ExitStatus::from_raw(9);
+        let said = ranks_failed(&[(0, exit2), (1, killed)]).to_string();
+        assert!(said.starts_with("rank 1 (signal: 9"), "{said}");
+        assert!(said.contains("then rank 0 (exit status: 2)"), "{said}");
+    }
 
     #[test]
     fn the_launcher_flag_is_removed_in_both_spellings() {

@@ -344,6 +344,35 @@ fn several_processes_encode_what_one_does_and_resume_from_their_parts() {
         "--dataset_shard_index 5 must be below --dataset_number_of_shards 1",
     );
     assert!(!d.join("y.safetensors.parts").exists());
+    // Parts of an input file that changed since (same flags) are cleared, not merged with
+    // parts of the new one (they were: old rows kept, new rows missing).
+    std::fs::copy(&corpus, d.join("c.jsonl")).unwrap();
+    let run_on = |out: &str| {
+        let a = encode_args("c.jsonl", out, &procs);
+        let refs: Vec<&str> = a.iter().map(String::as_str).filter(|a| *a != "--quiet").collect();
+        tevatron(d, &refs)
+    };
+    std::fs::create_dir(d.join("changed.safetensors")).unwrap();
+    assert_eq!(run_on("changed.safetensors").status.code(), Some(2));
+    std::fs::remove_dir(d.join("changed.safetensors")).unwrap();
+    let mut text = std::fs::read_to_string(d.join("c.jsonl")).unwrap();
+    text.insert_str(0, "{\"docid\": \"new\", \"text\": \"a new first row\"}\n");
+    std::fs::write(d.join("c.jsonl"), text).unwrap();
+    let out = run_on("changed.safetensors");
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
+    assert!(log.contains("holds parts made with other flags: cleared"), "{log}");
+    let (ids_c, _) = read("changed.safetensors");
+    assert_eq!(ids_c.len(), 8, "{ids_c:?}");
+    assert_eq!(ids_c[0], "new");
+    // A model that does not exist is named once, before any process starts.
+    let mut a = encode_args("c.jsonl", "m.safetensors", &procs);
+    let at = a.iter().position(|x| x == "--model_name_or_path").unwrap();
+    a[at + 1] = "./no-such-model".into();
+    let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+    let line = fails_with(tevatron(d, &refs), "no-such-model");
+    assert!(!line.contains("rank"), "{line}");
+    assert!(!d.join("m.safetensors.parts").exists());
 }
 
 #[test]

@@ -301,6 +301,13 @@ fn bad_training_inputs_are_clear_errors() {
     std::fs::write(d.join("busy/notes.txt"), "mine").unwrap();
     fails_with(run("busy", &data("tiny.jsonl"), &[]), "--overwrite_output_dir");
     assert!(d.join("busy/notes.txt").exists());
+    // A folder holding only a save that was stopped (a run killed while it wrote its first
+    // checkpoint): the same command runs again, and the partial folder is gone.
+    std::fs::create_dir_all(d.join("stopped/.checkpoint-1.tmp")).unwrap();
+    std::fs::write(d.join("stopped/.checkpoint-1.tmp/scheduler.json.tmp.1.0"), "{").unwrap();
+    ok(run("stopped", &data("tiny.jsonl"), &["--max_steps", "1"]));
+    assert!(!names(&d.join("stopped")).iter().any(|n| n.ends_with(".tmp")));
+    assert!(d.join("stopped/model.safetensors").exists());
     // Flags we do not support are refused by name, with what to do instead.
     fails_with(run("o5", &data("tiny.jsonl"), &["--deepspeed", "ds.json"]), "drop --deepspeed");
     fails_with(
@@ -523,6 +530,22 @@ fn two_ranks_train_as_one_process_with_twice_the_batch() {
     }
     assert_eq!(names(&one), names(&two));
     assert!(names(&two).contains(&"checkpoint-6".to_string()));
+    // The record holds the ranks in force (the launcher takes the flag out of the ranks'
+    // arguments: they recorded 1), so a resume on another count is said.
+    let record = read_json(&two.join("training_args.json"));
+    assert_eq!(record["nproc_per_node"], 2, "{record}");
+    assert_eq!(read_json(&one.join("training_args.json"))["nproc_per_node"], 1);
+    let out = dir.path().join("resumed").to_string_lossy().into_owned();
+    let from = two.join("checkpoint-6").to_string_lossy().into_owned();
+    let mut args =
+        train_args(dir.path(), &out, &["--disable_dropout", "--resume_from_checkpoint", &from]);
+    let i = args.iter().position(|a| a == "--per_device_train_batch_size").unwrap();
+    args[i + 1] = "4".into();
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let run = tevatron(dir.path(), &refs);
+    let log = String::from_utf8_lossy(&run.stderr).into_owned();
+    ok(run);
+    assert!(log.contains("nproc_per_node: 2 -> 1"), "{log}");
 }
 
 /// A rank whose peers never come, or whose variables make no sense, stops with a message.
@@ -555,6 +578,10 @@ fn bad_rank_settings_are_clear_errors() {
     let mut no_port = env("0", "2");
     no_port.pop();
     fails_with(run("o4", &no_port), "needs MASTER_PORT");
+    // Port 0 (rank 0 would listen where the system picks; the others waited --ddp_timeout).
+    let mut zero = env("1", "2");
+    zero[3].1 = "0".into();
+    fails_with(run("o4", &zero), "MASTER_PORT=\"0\" is not a port number from 1 to 65535");
     // A backend that does not exist, or NCCL where it cannot work (CPU ranks).
     let train_with = |out: &str, extra: &[&str]| {
         let args = train_args(dir.path(), &dir.path().join(out).to_string_lossy(), extra);

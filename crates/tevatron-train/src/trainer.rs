@@ -290,12 +290,26 @@ fn rank_slice(
 /// folder without checkpoints unless `overwrite` (as Hugging Face refuses it). As Tevatron's
 /// `driver.train`, the latest checkpoint is resumed with `overwrite` too (its recipes pass
 /// `--overwrite_output_dir`, so a rerun after a crash goes on from where it stopped); nothing
-/// is deleted. Returns the checkpoint to resume from.
+/// is deleted but the temporary folders of a save that was stopped. Returns the checkpoint to
+/// resume from.
 pub fn prepare_output_dir(output_dir: &Path, overwrite: bool) -> Result<Option<PathBuf>> {
     let io = |source| Error::Io { path: output_dir.to_path_buf(), source };
     if !output_dir.exists() {
         std::fs::create_dir_all(output_dir).map_err(io)?;
         return Ok(None);
+    }
+    // A run killed while it wrote a checkpoint (or its final model) leaves that temporary
+    // folder: nothing can be resumed from it, so it is removed (a first checkpoint's made a
+    // rerun of the same command refuse the folder as not empty).
+    for entry in std::fs::read_dir(output_dir).map_err(io)? {
+        let path = entry.map_err(io)?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let partial = name == ".final.tmp"
+            || name.strip_prefix(".checkpoint-").and_then(|n| n.strip_suffix(".tmp")).is_some();
+        if partial && path.is_dir() {
+            tracing::info!("removing {}, left by a run stopped while it saved", path.display());
+            std::fs::remove_dir_all(&path).map_err(io)?;
+        }
     }
     if let Some((step, dir)) = checkpoint::list(output_dir).last() {
         let flag =

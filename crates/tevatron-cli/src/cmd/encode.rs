@@ -26,7 +26,10 @@ struct EncodeConfig {
 }
 
 fn validate(a: &EncodeArgs, part: Option<Part>) -> Result<EncodeConfig> {
-    if a.dataset_number_of_shards == 0 || a.dataset_shard_index >= a.dataset_number_of_shards {
+    if a.dataset_number_of_shards == 0 {
+        bail!("--dataset_number_of_shards must be at least 1");
+    }
+    if a.dataset_shard_index >= a.dataset_number_of_shards {
         bail!(
             "--dataset_shard_index {} must be below --dataset_number_of_shards {}",
             a.dataset_shard_index,

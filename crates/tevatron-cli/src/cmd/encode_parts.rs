@@ -93,6 +93,34 @@ fn parts_dir(output: &Path) -> PathBuf {
     output.with_file_name(name)
 }
 
+/// The regular files directly in `dir`, sorted.
+fn top_level_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries.filter_map(|e| Some(e.ok()?.path())).filter(|p| p.is_file()).collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+/// One line per file: its path, size and modification time (nanoseconds), as the parts'
+/// stamp records them.
+fn file_stamps(files: &[PathBuf]) -> String {
+    files
+        .iter()
+        .map(|f| {
+            let meta = std::fs::metadata(f).ok();
+            let size = meta.as_ref().map_or(0, |m| m.len());
+            let modified = meta
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            format!("{} {size} {modified}\n", f.display())
+        })
+        .collect()
+}
+
 /// Encodes `a`'s input in `a.nproc_per_node` processes, then merges their parts into
 /// `--encode_output_path`.
 pub(super) fn run(a: &EncodeArgs) -> Result<()> {
@@ -112,7 +140,18 @@ pub(super) fn run(a: &EncodeArgs) -> Result<()> {
         &a.embedding_dtype,
         a.truncate_dim,
     );
-    let flags = format!("{}\n{shaping:?}\n", cwd.display());
+    // And what the flags name: the data files and the model's (and adapter's) files, by size
+    // and modification time, so that parts made before one of them changed are cleared
+    // rather than merged with the new ones (resolving them here also names a missing model or
+    // data once, before any process starts).
+    let cache = a.encoding.cache_dir.as_deref();
+    let model = tevatron_model::hub::resolve_model(&a.model_name_or_path, cache, false)?;
+    let mut named = a.data.files().context("resolving the data")?;
+    named.extend(top_level_files(&model));
+    if let Some(adapter) = &a.encoding.lora_name_or_path {
+        named.extend(top_level_files(&tevatron_model::hub::resolve_adapter(adapter, cache)?));
+    }
+    let flags = format!("{}\n{shaping:?}\n{}", cwd.display(), file_stamps(&named));
     let stamp = dir.join(STAMP);
     if dir.exists() && !stamp.is_file() {
         bail!(

@@ -358,7 +358,10 @@ pub fn run(a: &RerankArgs) -> Result<()> {
         );
     }
     let (shards, index) = (a.dataset_number_of_shards, a.dataset_shard_index);
-    if shards == 0 || index >= shards {
+    if shards == 0 {
+        bail!("--dataset_number_of_shards must be at least 1");
+    }
+    if index >= shards {
         bail!("--dataset_shard_index {index} must be below --dataset_number_of_shards {shards}");
     }
     let (source, all) = input_pairs(a)?;

@@ -52,10 +52,11 @@ impl Rendezvous {
         let port = var("MASTER_PORT").ok_or_else(|| {
             Error::Invalid("WORLD_SIZE > 1 needs MASTER_PORT (a free port on rank 0's host)".into())
         })?;
-        let master_port = port
-            .trim()
-            .parse()
-            .map_err(|_| Error::Invalid(format!("MASTER_PORT={port:?} is not a port number")))?;
+        // 0 would let rank 0 listen on a port the system picks, which the other ranks cannot
+        // know: they would retry until --ddp_timeout.
+        let master_port = port.trim().parse::<u16>().ok().filter(|&p| p != 0).ok_or_else(|| {
+            Error::Invalid(format!("MASTER_PORT={port:?} is not a port number from 1 to 65535"))
+        })?;
         Ok(Some(Self { rank, world_size, master_addr, master_port, timeout }))
     }
 
