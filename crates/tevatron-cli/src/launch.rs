@@ -136,8 +136,8 @@ pub fn spawn_some_ranks(n: usize, ranks: &[usize], env: &[(&str, &str)]) -> Resu
         if !failed.is_empty() {
             since_failure += 1;
             if running == 0 || since_failure > 10 {
-                stop(&mut children);
-                return Err(ranks_failed(&failed));
+                let stopped = stop(&mut children);
+                return Err(ranks_failed(&failed, stopped));
             }
         } else if running == 0 {
             return Ok(());
@@ -147,8 +147,10 @@ pub fn spawn_some_ranks(n: usize, ranks: &[usize], env: &[(&str, &str)]) -> Resu
 }
 
 /// The error of a launch whose ranks failed: each with its status, those ended by a signal
-/// first (no log of theirs says why), then in the order they were seen to end.
-fn ranks_failed(failed: &[(usize, std::process::ExitStatus)]) -> anyhow::Error {
+/// first (no log of theirs says why), then in the order they were seen to end (by polls 0.1 s
+/// apart: ranks that ended within one are in rank order); and how many were still running and
+/// stopped.
+fn ranks_failed(failed: &[(usize, std::process::ExitStatus)], stopped: usize) -> anyhow::Error {
     #[cfg(unix)]
     let by_signal = |s: &std::process::ExitStatus| {
         use std::os::unix::process::ExitStatusExt;
@@ -160,14 +162,24 @@ fn ranks_failed(failed: &[(usize, std::process::ExitStatus)]) -> anyhow::Error {
     order.sort_by_key(|(_, s)| !by_signal(s));
     let said: Vec<String> =
         order.iter().map(|(rank, status)| format!("rank {rank} ({status})")).collect();
-    anyhow::anyhow!("{} failed; the other ranks were stopped", said.join(", then "))
+    let rest = match stopped {
+        0 => String::new(),
+        n => format!("; the {n} rank(s) still running were stopped"),
+    };
+    anyhow::anyhow!("{} failed{rest}", said.join(", then "))
 }
 
-fn stop(children: &mut [Option<Child>]) {
+/// Stops the children still running; returns how many were.
+fn stop(children: &mut [Option<Child>]) -> usize {
+    let mut stopped = 0;
     for child in children.iter_mut().flatten() {
+        if matches!(child.try_wait(), Ok(None)) {
+            stopped += 1;
+        }
         let _ = child.kill();
         let _ = child.wait();
     }
+    stopped
 }
 
 #[cfg(test)]
@@ -182,9 +194,11 @@ mod tests {
         use std::os::unix::process::ExitStatusExt;
         let exit2 = std::process::ExitStatus::from_raw(2 << 8);
         let killed = std::process::ExitStatus::from_raw(9);
-        let said = ranks_failed(&[(0, exit2), (1, killed)]).to_string();
+        let said = ranks_failed(&[(0, exit2), (1, killed)], 0).to_string();
         assert!(said.starts_with("rank 1 (signal: 9"), "{said}");
-        assert!(said.contains("then rank 0 (exit status: 2)"), "{said}");
+        assert!(said.ends_with("then rank 0 (exit status: 2) failed"), "{said}");
+        let said = ranks_failed(&[(0, exit2)], 3).to_string();
+        assert!(said.ends_with("failed; the 3 rank(s) still running were stopped"), "{said}");
     }
 
     #[test]

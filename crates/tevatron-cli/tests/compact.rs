@@ -253,8 +253,19 @@ fn bad_compact_inputs_are_refused() {
         index("c.*.safetensors", "."),
         "c.0.binary.safetensors would match --passage_reps \"c.*.safetensors\"",
     );
-    // The same folder named from the root.
+    // The same folder named from the root, through a symbolic link, and from a folder whose
+    // name holds glob characters (it read as a wildcard).
     fails_with(index("c.*.safetensors", d.to_str().unwrap()), "would match --passage_reps");
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink(d, d.join("link")).unwrap();
+        fails_with(index("c.*.safetensors", d.join("link").to_str().unwrap()), "would match");
+    }
+    let odd = d.join("g[1]");
+    std::fs::create_dir(&odd).unwrap();
+    std::fs::copy(d.join("c.0.safetensors"), odd.join("c.0.safetensors")).unwrap();
+    let args = ["index", "--passage_reps", "c.*.safetensors", "--quantize", "binary"];
+    fails_with(tevatron(&odd, &[&args[..], &["--output_dir", "."]].concat()), "would match");
     // Two shards of one name, both named; shards of two widths, both named.
     std::fs::create_dir_all(d.join("s/a")).unwrap();
     std::fs::create_dir_all(d.join("s/b")).unwrap();
@@ -468,11 +479,11 @@ fn hnsw_graphs_are_built_mapped_and_rescored() {
     let json = d.join("bad/c.1.hnsw.json");
     let mut description: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    description.as_object_mut().unwrap().remove("graph_checksum");
+    description.as_object_mut().unwrap().remove("links_checksum");
     std::fs::write(&json, description.to_string()).unwrap();
     fails_with(
         search(d, "x.tsv", &["--hnsw", "--compact_reps", "bad/*.hnsw.json"]),
-        "names no graph_checksum",
+        "names no links_checksum",
     );
     // A field of the wrong type is refused, not read as its default.
     std::fs::copy(d.join("g/c.1.hnsw.json"), &json).unwrap();

@@ -228,7 +228,7 @@ pub fn build(dir: &Path, source: &Vectors, opts: &HnswOptions) -> Result<(PathBu
         "dtype": opts.dtype.name(),
         "usearch_version": usearch::version(),
         "graph_bytes": size,
-        "graph_checksum": checksum,
+        "links_checksum": checksum,
     });
     let mut f = crate::atomic::AtomicFile::create(&json_path)?;
     std::io::Write::write_all(f.writer(), description.to_string().as_bytes())
@@ -305,13 +305,14 @@ impl HnswShard {
         {
             let bytes = u32::from_le_bytes(lead[4..].try_into().expect("4 bytes")) as usize;
             let dim = source.dim().max(1);
-            if bytes != dim * dtype.bytes() && bytes.is_multiple_of(dim) {
-                let held = match bytes / dim {
-                    4 => "f32",
-                    2 => "bf16 or f16",
-                    1 => "i8",
-                    _ => "other",
-                };
+            let held = match bytes.is_multiple_of(dim).then_some(bytes / dim) {
+                Some(4) => Some("f32"),
+                Some(2) => Some("bf16 or f16"),
+                Some(1) => Some("i8"),
+                // Not a width of a dtype: a damaged lead, which the checksum names.
+                _ => None,
+            };
+            if let Some(held) = held.filter(|_| bytes != dim * dtype.bytes()) {
                 return Err(bad(format!(
                     "says its graph holds {} vectors, but {} holds {held}: rebuild it with \
                      `tevatron index --hnsw`",
@@ -320,10 +321,10 @@ impl HnswShard {
                 )));
             }
         }
-        match d["graph_checksum"].as_str() {
+        match d["links_checksum"].as_str() {
             None => {
                 return Err(bad(
-                    "names no graph_checksum (graphs described before 2026-12-07 have none, and \
+                    "names no links_checksum (graphs described before 2026-12-07 have none, and \
                      a damaged one could crash the search): rebuild it with `tevatron index --hnsw`"
                         .into(),
                 ))

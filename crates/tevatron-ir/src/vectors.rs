@@ -652,16 +652,31 @@ const GLOB_OPTIONS: glob::MatchOptions = glob::MatchOptions {
 /// by the same pattern. False for a pattern that is not a valid glob.
 pub fn glob_would_match(pattern: &str, path: &Path) -> bool {
     // `expand_glob` walks the pattern a path component at a time, so `*` never crosses a `/`.
-    // Both are compared from the root (a relative path from the current folder, `.` dropped),
-    // so that `--output_dir "$PWD"` and a relative glob name the same files.
+    // Both are compared as real paths from the root: the pattern's leading folders without
+    // wildcards, and the path's folder, resolved (symbolic links, `.`; so `--output_dir "$PWD"`
+    // and a relative glob name the same files), the resolved part escaped (a folder named
+    // `g[1]` is not a wildcard).
     let options = glob::MatchOptions { require_literal_separator: true, ..GLOB_OPTIONS };
     let cwd = std::env::current_dir().unwrap_or_default();
-    let absolute = |p: &Path| -> PathBuf {
-        cwd.join(p).components().filter(|c| !matches!(c, std::path::Component::CurDir)).collect()
+    let real = |p: PathBuf| -> PathBuf {
+        p.canonicalize().unwrap_or_else(|_| {
+            p.components().filter(|c| !matches!(c, std::path::Component::CurDir)).collect()
+        })
     };
-    let pattern = absolute(Path::new(pattern));
-    glob::Pattern::new(&pattern.to_string_lossy())
-        .is_ok_and(|p| p.matches_path_with(&absolute(path), options))
+    let wild = |c: &std::path::Component| c.as_os_str().to_string_lossy().contains(['*', '?', '[']);
+    // The current folder is literal whatever its name; the pattern's own folders up to the
+    // first wildcard too.
+    let given = Path::new(pattern);
+    let literal = cwd.join(given.components().take_while(|c| !wild(c)).collect::<PathBuf>());
+    let rest: PathBuf = given.components().skip_while(|c| !wild(c)).collect();
+    let mut glob = glob::Pattern::escape(&real(literal).to_string_lossy());
+    if !rest.as_os_str().is_empty() {
+        glob = format!("{glob}/{}", rest.to_string_lossy());
+    }
+    let path = cwd.join(path);
+    let (Some(folder), Some(name)) = (path.parent(), path.file_name()) else { return false };
+    let path = real(folder.to_path_buf()).join(name);
+    glob::Pattern::new(&glob).is_ok_and(|p| p.matches_path_with(&path, options))
 }
 
 #[cfg(test)]

@@ -72,6 +72,10 @@ pub struct ResumeState {
     pub loss_scale: Option<f64>,
     /// Steps since the loss scale last changed.
     pub scale_growth_tracker: usize,
+    /// The ranks that trained it (none in checkpoints written before it was recorded): a run
+    /// resumed on another count has another global batch and data position.
+    #[serde(default)]
+    pub world_size: Option<usize>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {

@@ -394,6 +394,15 @@ pub fn train(
                     cfg.seed
                 )));
             }
+            match s.tevatron.world_size {
+                Some(saved) if saved != group.world_size() && group.is_main() => tracing::warn!(
+                    "{} was trained on {saved} rank(s), and this run has {}: the global batch \
+                     and the place in the data differ from a run that never stopped",
+                    dir.display(),
+                    group.world_size()
+                ),
+                _ => {}
+            }
             s
         }
         None => TrainerState {
@@ -403,6 +412,7 @@ pub fn train(
             ..TrainerState::default()
         },
     };
+    state.tevatron.world_size = Some(group.world_size());
     if resume.is_some() && state.global_step >= plan.total_steps {
         tracing::warn!(
             "the checkpoint resumed is at step {}, and this run has {} steps: nothing is left to \

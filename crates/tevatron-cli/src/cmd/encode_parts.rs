@@ -93,13 +93,24 @@ fn parts_dir(output: &Path) -> PathBuf {
     output.with_file_name(name)
 }
 
-/// The regular files directly in `dir`, sorted.
-fn top_level_files(dir: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|entries| {
-            entries.filter_map(|e| Some(e.ok()?.path())).filter(|p| p.is_file()).collect()
-        })
-        .unwrap_or_default();
+/// The regular files of a model folder and of its sub-folders (sentence-transformers'
+/// modules, `0_Transformer`, ...; not those of its `checkpoint-*` folders, which encoding does
+/// not read, nor below three levels), sorted.
+fn model_files(dir: &Path) -> Vec<PathBuf> {
+    fn walk(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for path in entries.filter_map(|e| Some(e.ok()?.path())) {
+            let name =
+                path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            if path.is_file() {
+                out.push(path);
+            } else if path.is_dir() && depth < 3 && !name.starts_with("checkpoint-") {
+                walk(&path, depth + 1, out);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(dir, 0, &mut files);
     files.sort();
     files
 }
@@ -145,11 +156,25 @@ pub(super) fn run(a: &EncodeArgs) -> Result<()> {
     // rather than merged with the new ones (resolving them here also names a missing model or
     // data once, before any process starts).
     let cache = a.encoding.cache_dir.as_deref();
-    let model = tevatron_model::hub::resolve_model(&a.model_name_or_path, cache, false)?;
+    let tokenizer = a.encoding.tokenizer_name.as_deref();
+    let model =
+        tevatron_model::hub::resolve_model(&a.model_name_or_path, cache, tokenizer.is_none())?;
     let mut named = a.data.files().context("resolving the data")?;
-    named.extend(top_level_files(&model));
+    // The output, its temporary files and its parts may sit inside the model folder: they
+    // are not the model.
+    let own = |p: &Path| {
+        let output_name = output.file_name().map(|n| n.to_string_lossy().into_owned());
+        let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+        p.starts_with(&dir)
+            || (p.parent() == output.parent()
+                && matches!((name, output_name), (Some(n), Some(o)) if n.starts_with(&o)))
+    };
+    named.extend(model_files(&model).into_iter().filter(|p| !own(p)));
+    if let Some(name) = tokenizer {
+        named.extend(model_files(&tevatron_model::hub::resolve_model_tokenizer(name, cache)?));
+    }
     if let Some(adapter) = &a.encoding.lora_name_or_path {
-        named.extend(top_level_files(&tevatron_model::hub::resolve_adapter(adapter, cache)?));
+        named.extend(model_files(&tevatron_model::hub::resolve_adapter(adapter, cache)?));
     }
     let flags = format!("{}\n{shaping:?}\n{}", cwd.display(), file_stamps(&named));
     let stamp = dir.join(STAMP);

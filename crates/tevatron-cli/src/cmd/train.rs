@@ -911,13 +911,6 @@ fn run_training(a: &TrainArgs, reranker: bool) -> Result<()> {
         )
     });
     let mut args = args_json(a, reranker);
-    // The ranks in force: the launcher takes --nproc_per_node out of its ranks' arguments, so
-    // they would record 1, and a resume on another count (which moves the data position and
-    // the global batch) would go unnoticed. Ranks started by torchrun's variables record
-    // the flags they were given.
-    if launch::is_launched_rank() || group.world_size() == 1 {
-        args["nproc_per_node"] = group.world_size().into();
-    }
     if let Some(format) = pair_format {
         encoder.set_pair_format(format);
         args["pair_format"] = format.name().into();
