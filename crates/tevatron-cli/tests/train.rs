@@ -575,6 +575,22 @@ fn bad_rank_settings_are_clear_errors() {
     fails_with(run("o2", &env("0", "2")), "rank(s) 1 did not connect");
     assert!(start.elapsed() < Duration::from_secs(60));
     fails_with(run("o3", &env("2", "2")), "RANK=2 is out of range for WORLD_SIZE=2");
+    // Ranks started by hand with another learning rate: the other rank names the flag, and
+    // neither trains (they trained apart, their weights drifting, only rank 0's saved).
+    let spawn = |rank: &str, extra: &[&str]| {
+        let out = dir.path().join("by-hand").to_string_lossy().into_owned();
+        let args = train_args(dir.path(), &out, extra);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tevatron"));
+        cmd.current_dir(dir.path()).args(&args).args(["--ddp_timeout", "20"]);
+        for (k, v) in env(rank, "2") {
+            cmd.env(k, v);
+        }
+        cmd.stderr(std::process::Stdio::piped()).spawn().unwrap()
+    };
+    let (zero, one) = (spawn("0", &[]), spawn("1", &["--learning_rate", "0.05"]));
+    let (zero, one) = (zero.wait_with_output().unwrap(), one.wait_with_output().unwrap());
+    assert!(!zero.status.success(), "{}", String::from_utf8_lossy(&zero.stderr));
+    fails_with(one, "rank 1: its flags differ from rank 0's (learning_rate:");
     let mut no_port = env("0", "2");
     no_port.pop();
     fails_with(run("o4", &no_port), "needs MASTER_PORT");

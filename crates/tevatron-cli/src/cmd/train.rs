@@ -669,6 +669,32 @@ fn local_rank(a: &TrainArgs) -> Result<usize> {
     }
 }
 
+/// Refuses, on each rank other than 0, flags that shape the run (those a resume compares, and
+/// the seed) other than rank 0's: ranks started by hand (torchrun's variables) with another
+/// learning rate trained apart without a word, their weights drifting, and only rank 0's saved.
+/// `--nproc_per_node` starts every rank with the same flags. The failing rank names the flags;
+/// rank 0 then sees it leave.
+fn same_flags_as_rank_0(a: &TrainArgs, reranker: bool, group: &Group) -> Result<()> {
+    if group.world_size() < 2 {
+        return Ok(());
+    }
+    let mine = args_json(a, reranker);
+    let shared = group.broadcast_bytes(mine.to_string().as_bytes())?;
+    let first: serde_json::Value = serde_json::from_slice(&shared).unwrap_or_default();
+    let mut differ = changed_settings(&first, &mine);
+    if first.get("seed") != mine.get("seed") {
+        differ.push(format!("seed: {} -> {}", first["seed"], mine["seed"]));
+    }
+    if !differ.is_empty() {
+        bail!(
+            "rank {}: its flags differ from rank 0's ({}): start every rank with the same flags",
+            group.rank(),
+            differ.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// The checkpoint to resume from, decided by rank 0 (which makes the output folder) and shared
 /// with every rank.
 fn resume_point(a: &TrainArgs, group: &Group) -> Result<Option<PathBuf>> {
@@ -827,6 +853,7 @@ fn run_training(a: &TrainArgs, reranker: bool) -> Result<()> {
         )
     })?;
     let group = join_group(a)?;
+    same_flags_as_rank_0(a, reranker, &group)?;
     let resume = resume_point(a, &group)?;
 
     let files = a.data.files().context("resolving the training data")?;
