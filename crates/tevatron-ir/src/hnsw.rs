@@ -135,12 +135,8 @@ fn graph_checksum(path: &Path, rows: usize, bytes_per_vector: usize) -> Result<S
         // match, which is refused.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(read_err)?;
         let vectors_end = 8 + rows as u64 * bytes_per_vector as u64;
-        let lead = map.get(..8).map(|b| {
-            let word = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
-            (word(0) as u64, word(4) as u64)
-        });
-        let from = match lead {
-            Some(lead) if lead == (rows as u64, bytes_per_vector as u64) && vectors_end <= len => {
+        let from = match usearch_lead(&map) {
+            Some(lead) if lead == (rows, bytes_per_vector) && vectors_end <= len => {
                 h.write(&map[..8]);
                 vectors_end as usize
             }
@@ -157,6 +153,15 @@ fn graph_checksum(path: &Path, rows: usize, bytes_per_vector: usize) -> Result<S
         pieces.iter().for_each(|&p| h.write_u64(p));
     }
     Ok(format!("{:016x}", h.finish()))
+}
+
+/// The row count and bytes a vector that a USearch graph file starts with (two little-endian
+/// `u32`), if it is that long.
+fn usearch_lead(file_start: &[u8]) -> Option<(usize, usize)> {
+    let word = |i: usize| {
+        Some(u32::from_le_bytes(file_start.get(i..i + 4)?.try_into().expect("4 bytes")) as usize)
+    };
+    Some((word(0)?, word(4)?))
 }
 
 fn usearch_err(path: &Path, what: &str, e: impl std::fmt::Display) -> Error {
@@ -295,15 +300,17 @@ impl HnswShard {
         // USearch's file starts with the row count and bytes a vector: a description whose
         // dtype gives other bytes names the graph's own (the checksum, which leaves the
         // vectors out by that size, would only say it does not match).
-        let mut lead = [0u8; 8];
-        if std::io::Read::read_exact(
-            &mut std::fs::File::open(&graph)
-                .map_err(|source| Error::Read { path: graph.clone(), source })?,
+        let mut lead = Vec::with_capacity(8);
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(
+                std::fs::File::open(&graph)
+                    .map_err(|source| Error::Read { path: graph.clone(), source })?,
+                8,
+            ),
             &mut lead,
         )
-        .is_ok()
-        {
-            let bytes = u32::from_le_bytes(lead[4..].try_into().expect("4 bytes")) as usize;
+        .map_err(|source| Error::Read { path: graph.clone(), source })?;
+        if let Some((_, bytes)) = usearch_lead(&lead) {
             let dim = source.dim().max(1);
             let held = match bytes.is_multiple_of(dim).then_some(bytes / dim) {
                 Some(4) => Some("f32"),
@@ -556,11 +563,7 @@ mod tests {
             );
             let bytes = std::fs::metadata(&graph).unwrap().len();
             // The graph's copy of the vectors shrinks by the scalars' bytes; its links stay.
-            let scalar = match dtype {
-                GraphDtype::F32 => 4,
-                GraphDtype::Bf16 | GraphDtype::F16 => 2,
-                GraphDtype::I8 => 1,
-            };
+            let scalar = dtype.bytes();
             if dtype == GraphDtype::F32 {
                 f32_bytes = bytes;
             }

@@ -1208,11 +1208,11 @@ mod x86 {
     ) {
         let args = (width, queries, packed, groups, rows);
         if !vpopcnt_fixed_scan(words, args, out, None) {
-            packed_query_groups!(vpopcnt_packed::<4>(
-                width, words, queries, packed, groups, rows, out
-            ))
+            vpopcnt_packed_scan(width, words, queries, packed, groups, rows, out)
         }
     }
+
+    group_scan!(vpopcnt_packed_scan, "avx512f,avx512vpopcntdq", vpopcnt_packed::<4>);
 
     /// The queries' rows that may score above their floors, the scan and the test in one pass
     /// (see [`super::BinaryBlock::scores_above`]): for each query `n`, `hits[n]` (cleared

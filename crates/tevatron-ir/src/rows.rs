@@ -62,7 +62,10 @@ pub struct Row<'a> {
     pub row: usize,
 }
 
-fn cache_key(path: &Path) -> Result<String> {
+/// A file's identity as a name: its stem and a hash of its real path, size and modification
+/// time, so that anything derived from the file (a row index, the parts of an encode) is
+/// known stale once the file changes.
+pub fn cache_key(path: &Path) -> Result<String> {
     use std::hash::{Hash, Hasher};
     let meta =
         std::fs::metadata(path).map_err(|source| Error::Read { path: path.into(), source })?;

@@ -204,6 +204,12 @@ pub enum RunFormat {
     Marco,
 }
 
+/// Whether a run file can carry `id`: not empty, and no whitespace (its readers, ours and
+/// trec_eval alike, split columns on it).
+pub fn fits_a_run(id: &str) -> bool {
+    !id.is_empty() && !id.contains(char::is_whitespace)
+}
+
 /// Writes a ranking file atomically. Ranks restart at 1 when the query id changes, as in
 /// Tevatron's converters; with `remove_query`, rows whose doc id equals the query id are dropped
 /// without consuming a rank.
@@ -227,7 +233,7 @@ pub fn write_run<'a>(
             continue;
         }
         for (what, id) in [("query id", qid), ("docid", docid)] {
-            if id.is_empty() || id.contains(char::is_whitespace) {
+            if !fits_a_run(id) {
                 return Err(Error::Invalid(format!(
                     "{}: {what} {id:?} is empty or holds whitespace, which a whitespace-separated \
                      run cannot carry (its readers, ours and trec_eval alike, would split it): \

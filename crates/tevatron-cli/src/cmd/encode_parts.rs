@@ -115,19 +115,15 @@ fn model_files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-/// One line per file: its path, size and modification time (nanoseconds), as the parts'
-/// stamp records them.
+/// One line per file: its path and its identity (path, size and modification time, as the
+/// row-index cache keys files: `tevatron_ir::rows::cache_key`), as the parts' stamp records
+/// them.
 fn file_stamps(files: &[PathBuf]) -> String {
     files
         .iter()
         .map(|f| {
-            let meta = std::fs::metadata(f).ok();
-            let size = meta.as_ref().map_or(0, |m| m.len());
-            let modified = meta
-                .and_then(|m| m.modified().ok())
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_nanos());
-            format!("{} {size} {modified}\n", f.display())
+            let key = tevatron_ir::rows::cache_key(f).unwrap_or_else(|_| "unreadable".into());
+            format!("{} {key}\n", f.display())
         })
         .collect()
 }

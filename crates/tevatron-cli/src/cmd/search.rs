@@ -226,7 +226,7 @@ fn check_query_ids(queries: &Vectors, text_run: bool) -> Result<()> {
     let mut seen = std::collections::HashMap::with_capacity(queries.len());
     let file = queries.path().display();
     for (row, id) in queries.ids().iter().enumerate() {
-        if text_run && (id.is_empty() || id.contains(char::is_whitespace)) {
+        if text_run && !tevatron_ir::trec::fits_a_run(id) {
             bail!(
                 "{file}: query id {id:?} (row {row}) is empty or holds whitespace, which a \
                  text run cannot carry (its readers split columns on whitespace): rename the \
